@@ -1,0 +1,189 @@
+"""pyfuse3 glue: decode requests, call ``Overlay``, encode replies. No overlay rules here.
+
+Caveats (as pyfuse3 offers them): no handlers for fallocate, lseek SEEK_DATA/SEEK_HOLE,
+copy_file_range, ioctl or file locks (the kernel keeps flock/POSIX locks locally);
+readdir is always READDIRPLUS.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+
+import pyfuse3
+
+from .entryattr import set_st_ino
+from .inodes import Node
+from .overlay import Caller, Overlay
+
+log = logging.getLogger(__name__)
+
+# Lowers never change while mounted and the upper changes only through us, so the
+# kernel may cache names and attributes for long (fuse-overlayfs does the same).
+TIMEOUT = 86400.0
+
+
+@contextlib.contextmanager
+def _errors(op: str):
+    """The one place where exceptions become FUSE replies. Anything unexpected is
+    logged and answered EIO: the server must never die under a container."""
+    try:
+        yield
+    except pyfuse3.FUSEError:
+        raise
+    except OSError as exc:
+        raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
+    except Exception:
+        log.exception("internal error in %s", op)
+        raise pyfuse3.FUSEError(errno.EIO) from None
+
+
+def _caller(ctx) -> Caller:
+    if ctx is None:
+        return Caller()
+    return Caller(ctx.uid, ctx.gid, ctx.pid, ctx.umask)
+
+
+class Operations(pyfuse3.Operations):
+    supports_dot_lookup = True
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(self, overlay: Overlay) -> None:
+        super().__init__()
+        self.ov = overlay
+        self.inodes = overlay.inodes
+
+    # --- helpers ------------------------------------------------------------------------
+
+    def _attrs(self, node: Node | None, st: os.stat_result, ino: int, nlink: int) -> pyfuse3.EntryAttributes:
+        e = pyfuse3.EntryAttributes()
+        set_st_ino(e, node.id if node is not None else 0, ino)
+        e.generation = 0
+        e.entry_timeout = TIMEOUT
+        e.attr_timeout = TIMEOUT
+        e.st_mode = st.st_mode
+        e.st_nlink = nlink
+        e.st_uid = st.st_uid
+        e.st_gid = st.st_gid
+        e.st_rdev = st.st_rdev
+        e.st_size = st.st_size
+        e.st_blksize = st.st_blksize
+        e.st_blocks = st.st_blocks
+        e.st_atime_ns = st.st_atime_ns
+        e.st_mtime_ns = st.st_mtime_ns
+        e.st_ctime_ns = st.st_ctime_ns
+        return e
+
+    def _node_attrs(self, node: Node, st: os.stat_result | None = None) -> pyfuse3.EntryAttributes:
+        if st is None:
+            st = self.ov.getattr(node)
+        return self._attrs(node, st, node.ino, self.ov.nlink(node, st))
+
+    def _node(self, inode: int) -> Node:
+        node = self.inodes.get(inode)
+        if node is None:
+            raise pyfuse3.FUSEError(errno.ESTALE)
+        return node
+
+    # --- lookup and attributes ----------------------------------------------------------
+
+    async def lookup(self, parent_inode, name, ctx=None):
+        log.debug("lookup %d %r", parent_inode, name)
+        parent = self._node(parent_inode)
+        if name == b".":
+            node, st = parent, None
+        elif name == b"..":
+            node, st = (parent.parent or parent), None
+        else:
+            try:
+                with _errors("lookup"):
+                    node, st = self.ov.lookup(parent, name)
+            except pyfuse3.FUSEError as exc:
+                if exc.errno == errno.ENOENT:
+                    # A negative entry the kernel may cache (node id 0).
+                    e = pyfuse3.EntryAttributes()
+                    e.st_ino = 0
+                    e.entry_timeout = TIMEOUT
+                    return e
+                raise
+        with _errors("lookup"):
+            attrs = self._node_attrs(node, st)
+        self.inodes.ref(node)
+        return attrs
+
+    async def forget(self, inode_list):
+        for inode, nlookup in inode_list:
+            self.inodes.forget(inode, nlookup)
+
+    async def getattr(self, inode, ctx=None):
+        with _errors("getattr"):
+            return self._node_attrs(self._node(inode))
+
+    async def readlink(self, inode, ctx):
+        with _errors("readlink"):
+            return self.ov.readlink(self._node(inode))
+
+    async def statfs(self, ctx):
+        with _errors("statfs"):
+            sv = self.ov.statfs()
+        s = pyfuse3.StatvfsData()
+        s.f_bsize = sv.f_bsize
+        s.f_frsize = sv.f_frsize
+        s.f_blocks = sv.f_blocks
+        s.f_bfree = sv.f_bfree
+        s.f_bavail = sv.f_bavail
+        s.f_files = sv.f_files
+        s.f_ffree = sv.f_ffree
+        s.f_favail = sv.f_favail
+        s.f_namemax = sv.f_namemax
+        return s
+
+    # --- files --------------------------------------------------------------------------
+
+    async def open(self, inode, flags, ctx):
+        log.debug("open %d %o", inode, flags)
+        with _errors("open"):
+            fh = self.ov.open(self._node(inode), flags, _caller(ctx))
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+
+    async def read(self, fh, off, size):
+        with _errors("read"):
+            return self.ov.read(fh, off, size)
+
+    async def release(self, fh):
+        with _errors("release"):
+            self.ov.release(fh)
+
+    # --- directories --------------------------------------------------------------------
+
+    async def opendir(self, inode, ctx):
+        with _errors("opendir"):
+            return self.ov.opendir(self._node(inode))
+
+    async def readdir(self, fh, start_id, token):
+        with _errors("readdir"):
+            for index, entry in self.ov.readdir(fh, start_id):
+                attrs = self._attrs(entry.node, entry.st, entry.ino, entry.nlink)
+                if not pyfuse3.readdir_reply(token, entry.name, attrs, index + 1):
+                    if entry.node is not None:
+                        self.inodes.maybe_drop(entry.node)
+                    return
+                if entry.node is not None:
+                    self.inodes.ref(entry.node)
+
+    async def releasedir(self, fh):
+        with _errors("releasedir"):
+            self.ov.release(fh)
+
+    # --- xattrs -------------------------------------------------------------------------
+
+    async def getxattr(self, inode, name, ctx):
+        with _errors("getxattr"):
+            return self.ov.getxattr(self._node(inode), os.fsdecode(name))
+
+    async def listxattr(self, inode, ctx):
+        with _errors("listxattr"):
+            return [os.fsencode(n) for n in self.ov.listxattr(self._node(inode), _caller(ctx))]

@@ -1,0 +1,183 @@
+"""Nodes of the merged tree and the table that owns them.
+
+A ``Node`` is one object the kernel knows by a FUSE node id. Node ids are ours
+(a counter); the ``st_ino`` a node reports is computed separately, the kernel's way
+(see ``Overlay._st_ino``). Identity follows the kernel's overlay inode hashing
+(fs/overlayfs/inode.c, ovl_hash_bylower): directories and lower non-directories are
+one node per merged path, so copying up one name of a lower hard-link set breaks the
+link as the kernel does with index=off; upper non-directories (and, on a read-only
+stack, lower ones) are one node per real inode, so hard links share page cache.
+
+``InodeTable`` is the only writer of node identity and of ``lookups``. Nodes live while
+the kernel holds a lookup reference or a child is alive; ``forget`` drops them, so a
+walk of a million-entry tree keeps memory bounded.
+"""
+
+from __future__ import annotations
+
+import logging
+import stat
+from typing import Iterator
+
+from .layers import Layer
+
+log = logging.getLogger(__name__)
+
+ROOT_ID = 1
+
+
+class Node:
+    """One object of the merged tree.
+
+    ``layer`` is the layer that serves the object (the topmost one); ``dirs`` are, for a
+    directory, every layer that contributes to it (top first). Only the copy-up code
+    may change ``layer``/``dirs`` of a live node.
+    """
+
+    __slots__ = ("id", "parent", "name", "mode", "layer", "dirs", "ino", "lookups",
+                 "children", "aliases", "key", "__weakref__")
+
+    def __init__(self, node_id: int, parent: "Node | None", name: bytes, mode: int,
+                 layer: Layer, dirs: tuple[Layer, ...], ino: int) -> None:
+        self.id = node_id
+        self.parent = parent
+        self.name = name
+        self.mode = mode  # S_IFMT bits (+ permission bits at lookup time; refreshed by getattr)
+        self.layer = layer
+        self.dirs = dirs
+        self.ino = ino  # the st_ino reported for this node
+        self.lookups = 0
+        self.children: dict[bytes, Node] = {}
+        self.aliases: list[tuple[Node, bytes]] = []  # further (parent, name) links of a shared inode
+        self.key: tuple | None = None
+
+    @property
+    def is_dir(self) -> bool:
+        return stat.S_ISDIR(self.mode)
+
+    @property
+    def is_merged(self) -> bool:
+        return len(self.dirs) > 1
+
+    def relpath(self) -> bytes:
+        """The path of this node inside every layer (b"" for the root)."""
+        parts = []
+        node = self
+        while node.parent is not None:
+            parts.append(node.name)
+            node = node.parent
+        return b"/".join(reversed(parts))
+
+    def __repr__(self) -> str:
+        return f"<Node {self.id} {self.relpath()!r} {self.layer.label}>"
+
+
+class InodeTable:
+    """Owns every live ``Node``: id allocation, the name tree, lookup counts and forgetting."""
+
+    def __init__(self, root_layer: Layer, root_dirs: tuple[Layer, ...], root_mode: int, root_ino: int) -> None:
+        self._next_id = ROOT_ID + 1
+        self.root = Node(ROOT_ID, None, b"", root_mode, root_layer, root_dirs, root_ino)
+        self.root.lookups = 1  # the kernel never forgets the root
+        self._nodes: dict[int, Node] = {ROOT_ID: self.root}
+        self._by_key: dict[tuple, Node] = {}
+
+    def __getitem__(self, node_id: int) -> Node:
+        return self._nodes[node_id]
+
+    def get(self, node_id: int) -> Node | None:
+        return self._nodes.get(node_id)
+
+    def __len__(self) -> int:
+        return len(self._nodes)
+
+    def __iter__(self) -> Iterator[Node]:
+        return iter(list(self._nodes.values()))
+
+    def child(self, parent: Node, name: bytes) -> Node | None:
+        return parent.children.get(name)
+
+    def by_key(self, key: tuple) -> Node | None:
+        return self._by_key.get(key)
+
+    def add(self, parent: Node, name: bytes, mode: int, layer: Layer, dirs: tuple[Layer, ...],
+            ino: int, key: tuple | None = None) -> Node:
+        """A new node for *name* in *parent* (lookup count 0: call ``ref`` once the kernel has it)."""
+        self.detach(parent, name)
+        node = Node(self._next_id, parent, name, mode, layer, dirs, ino)
+        self._next_id += 1
+        node.key = key
+        if key is not None:
+            self._by_key[key] = node
+        self._nodes[node.id] = node
+        parent.children[name] = node
+        return node
+
+    def add_alias(self, node: Node, parent: Node, name: bytes) -> None:
+        """Another name for a shared (hard-linked) node."""
+        self.detach(parent, name)
+        node.aliases.append((parent, name))
+        parent.children[name] = node
+
+    def detach(self, parent: Node, name: bytes) -> None:
+        """Forget that *name* in *parent* leads to its current node (it was removed or replaced).
+
+        The node itself stays alive while the kernel holds references to it.
+        """
+        node = parent.children.pop(name, None)
+        if node is None:
+            return
+        if node.parent is parent and node.name == name:
+            if node.aliases:
+                node.parent, node.name = node.aliases.pop(0)
+            else:
+                self._orphan(node)
+        else:
+            node.aliases = [(p, n) for (p, n) in node.aliases if not (p is parent and n == name)]
+        self._maybe_drop(node)
+
+    def _orphan(self, node: Node) -> None:
+        # Keep ``parent`` so that relpath() of an unlinked-but-open node stays computable for
+        # error messages; mark it unreachable by removing its key.
+        if node.key is not None and self._by_key.get(node.key) is node:
+            del self._by_key[node.key]
+        node.key = None
+
+    def ref(self, node: Node, n: int = 1) -> None:
+        node.lookups += n
+
+    def forget(self, node_id: int, n: int) -> None:
+        node = self._nodes.get(node_id)
+        if node is None or node.id == ROOT_ID:
+            return
+        node.lookups -= n
+        if node.lookups < 0:
+            log.error("lookup count of %r went negative", node)
+            node.lookups = 0
+        self._maybe_drop(node)
+
+    def maybe_drop(self, node: Node) -> None:
+        self._maybe_drop(node)
+
+    def _maybe_drop(self, node: Node) -> None:
+        while node is not None and node.id != ROOT_ID and node.lookups == 0 and not node.children:
+            if self._nodes.pop(node.id, None) is None:
+                return
+            parent = node.parent
+            if parent is not None and parent.children.get(node.name) is node:
+                del parent.children[node.name]
+            for (p, n) in node.aliases:
+                if p.children.get(n) is node:
+                    del p.children[n]
+                    self._maybe_drop(p)
+            node.aliases = []
+            if node.key is not None and self._by_key.get(node.key) is node:
+                del self._by_key[node.key]
+            node = parent
+
+    def rekey(self, node: Node, key: tuple | None) -> None:
+        if node.key is not None and self._by_key.get(node.key) is node:
+            del self._by_key[node.key]
+        node.key = key
+        if key is not None:
+            self._by_key[key] = node

@@ -1,0 +1,214 @@
+"""The layer stack: which layer serves a name, and what a merged directory lists.
+
+``LayerStack`` is opened once at mount and never changes shape. It owns the root fds
+of the layers and a bounded cache of directory fds inside them; it never writes.
+Precedence follows the kernel (fs/overlayfs/namei.c, ovl_lookup): walk the layers
+from the top; a whiteout ends the walk with "not found"; a non-directory is the
+answer and hides everything below; directories merge until an opaque one (or a
+non-directory below a directory) ends the merge.
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import logging
+import os
+import stat
+from dataclasses import dataclass
+
+from . import _sys
+from .whiteout import XattrNames, has_xwhiteouts, is_char_whiteout, is_opaque, is_whiteout_at, may_be_xwhiteout, opaque_value
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class Layer:
+    """One layer directory. ``index`` 0 is the topmost layer (the upper one, when there is one)."""
+
+    index: int
+    path: str
+    fd: int  # O_PATH fd of the layer root, open for the life of the mount
+    dev: int
+    is_upper: bool
+    fsid: int = 0  # index of this layer's filesystem among the stack's distinct filesystems
+    label: str = ""  # 'upper', 'lower1' (the top lower), 'lower2', ...
+
+
+@dataclass
+class Hit:
+    """A name found in one layer."""
+
+    layer: Layer
+    st: os.stat_result
+
+
+class DirFdCache:
+    """A bounded LRU of O_PATH fds for directories inside layers, keyed by (layer index, relpath).
+
+    Returned fds are only valid until the next call into the cache: use them at once.
+    """
+
+    def __init__(self, capacity: int = 2048) -> None:
+        self.capacity = capacity
+        self._fds: collections.OrderedDict[tuple[int, bytes], int] = collections.OrderedDict()
+
+    def get(self, layer: Layer, relpath: bytes) -> int:
+        if not relpath:
+            return layer.fd
+        key = (layer.index, relpath)
+        fd = self._fds.get(key)
+        if fd is not None:
+            self._fds.move_to_end(key)
+            return fd
+        fd = _sys.open_dir(layer.fd, relpath)
+        self._fds[key] = fd
+        if len(self._fds) > self.capacity:
+            _, old = self._fds.popitem(last=False)
+            os.close(old)
+        return fd
+
+    def forget(self, layer: Layer, relpath: bytes) -> None:
+        """Drop cached fds for *relpath* and everything below it (after a rename/rmdir in *layer*)."""
+        prefix = relpath + b"/"
+        for key in [k for k in self._fds if k[0] == layer.index and (k[1] == relpath or k[1].startswith(prefix))]:
+            os.close(self._fds.pop(key))
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+
+class LayerStack:
+    """The ordered layers of one mount: ``layers[0]`` is the upper (if any), then the lowers top to bottom."""
+
+    def __init__(self, lowerdirs: tuple[str, ...] | list[str], upperdir: str | None, names: XattrNames) -> None:
+        self.names = names
+        self.layers: list[Layer] = []
+        paths = ([upperdir] if upperdir else []) + list(lowerdirs)
+        devs: list[int] = []
+        try:
+            for i, p in enumerate(paths):
+                fd = os.open(p, _sys.DIR_FLAGS)
+                st = os.fstat(fd)
+                if st.st_dev not in devs:
+                    devs.append(st.st_dev)
+                is_upper = i == 0 and upperdir is not None
+                label = "upper" if is_upper else f"lower{i if upperdir else i + 1}"
+                self.layers.append(Layer(i, p, fd, st.st_dev, is_upper, devs.index(st.st_dev), label))
+        except OSError:
+            self.close()
+            raise
+        self.upper: Layer | None = self.layers[0] if upperdir else None
+        self.lowers = [l for l in self.layers if not l.is_upper]
+        self.samefs = len(devs) == 1
+        self.dirfds = DirFdCache()
+
+    def close(self) -> None:
+        if hasattr(self, "dirfds"):
+            self.dirfds.close()
+        for layer in self.layers:
+            os.close(layer.fd)
+        self.layers = []
+
+    # --- reading one layer ----------------------------------------------------------------
+
+    def dir_fd(self, layer: Layer, relpath: bytes) -> int:
+        return self.dirfds.get(layer, relpath)
+
+    def lstat(self, layer: Layer, relpath: bytes) -> os.stat_result:
+        """lstat of the object at *relpath* in *layer* (relpath b"" is the layer root)."""
+        if not relpath:
+            return os.fstat(layer.fd)
+        parent, _, name = relpath.rpartition(b"/")
+        return _sys.lstat_at(self.dir_fd(layer, parent), name)
+
+    def getxattr(self, layer: Layer, relpath: bytes, attr: str) -> bytes | None:
+        if not relpath:
+            return _sys.getxattr_at(layer.fd, None, attr)
+        parent, _, name = relpath.rpartition(b"/")
+        return _sys.getxattr_at(self.dir_fd(layer, parent), name, attr)
+
+    # --- precedence -----------------------------------------------------------------------
+
+    def resolve(self, dirs: tuple[Layer, ...], parent: bytes, name: bytes) -> list[Hit]:
+        """Find *name* in the merged directory *parent* whose contributing layers are *dirs*.
+
+        Returns [] when the name does not exist (or is whited out), a single Hit for a
+        non-directory, and one Hit per contributing layer (top first) for a directory.
+        """
+        hits: list[Hit] = []
+        last = len(dirs) - 1
+        for i, layer in enumerate(dirs):
+            dfd = self.dir_fd(layer, parent)
+            try:
+                st = _sys.lstat_at(dfd, name)
+            except FileNotFoundError:
+                continue
+            except NotADirectoryError:
+                continue
+            if not stat.S_ISDIR(st.st_mode):
+                if not hits and not is_whiteout_at(dfd, name, st, self.names):
+                    hits.append(Hit(layer, st))
+                break  # a whiteout or a non-directory ends the walk (and a dir merge)
+            hits.append(Hit(layer, st))
+            if i < last and is_opaque(opaque_value(dfd, name, self.names)):
+                break
+        return hits
+
+    def real_dir_filters_whiteouts(self, layer: Layer, relpath: bytes) -> bool:
+        """Whether a directory served by one layer alone still hides whiteouts in readdir.
+
+        The kernel iterates such a directory raw (whiteouts listed), unless it carries an
+        origin record (it was copied up and may hold whiteouts: ovl_get_inode, OVL_WHITEOUTS).
+        The root is always filtered.
+        """
+        if not relpath:
+            return True
+        return self.getxattr(layer, relpath, self.names.origin) is not None
+
+    def list_merged(self, dirs: tuple[Layer, ...], relpath: bytes, filter_whiteouts: bool) -> list[bytes]:
+        """The names of a merged directory, each once, top layer first.
+
+        With *filter_whiteouts* (a merged dir), whiteouts are neither listed nor let the
+        names they cover through; a zero-size file with the whiteout xattr counts as a
+        whiteout only in a lower directory marked ``opaque=x`` (as the kernel's readdir does).
+        """
+        seen: set[bytes] = set()
+        out: list[bytes] = []
+        for layer in dirs:
+            dfd = self.dir_fd(layer, relpath)
+            check_x = filter_whiteouts and not layer.is_upper and has_xwhiteouts(
+                opaque_value(dfd, None, self.names))
+            for name, kind in _sys.listdir_fd(dfd):
+                if name in seen:
+                    continue
+                seen.add(name)
+                if filter_whiteouts and kind in (0, stat.S_IFREG):
+                    if self._is_listing_whiteout(dfd, name, kind, check_x):
+                        continue
+                out.append(name)
+        return out
+
+    def _is_listing_whiteout(self, dfd: int, name: bytes, kind: int, check_x: bool) -> bool:
+        if kind == stat.S_IFREG and not check_x:
+            return False
+        try:
+            st = _sys.lstat_at(dfd, name)
+        except FileNotFoundError:
+            return True
+        if is_char_whiteout(st):
+            return True
+        if check_x and may_be_xwhiteout(st):
+            return _sys.getxattr_at(dfd, name, self.names.whiteout) is not None
+        return False
+
+    def statvfs(self) -> os.statvfs_result:
+        """statfs of the mount: the upper filesystem's, or the top lower's for a read-only stack."""
+        return os.statvfs(self.layers[0].fd)
+
+
+def is_enoent(exc: OSError) -> bool:
+    return exc.errno in (errno.ENOENT, errno.ENOTDIR)

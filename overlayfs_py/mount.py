@@ -1,0 +1,124 @@
+"""The mount lifecycle: prepare the workdir, mount, serve, unmount.
+
+``serve`` runs in the server process. It mounts (``pyfuse3.init``), reports
+readiness through an optional pipe fd, then serves until SIGTERM/SIGINT or until the
+mount vanishes (``fusermount3 -u`` / ``umount`` end the session and ``pyfuse3.main``
+returns). Teardown always runs in reverse order of setup.
+"""
+
+from __future__ import annotations
+
+import errno
+import faulthandler
+import logging
+import os
+import shutil
+import signal
+
+import pyfuse3
+import trio
+
+from . import _sys, state
+from .config import MountConfig
+from .fs import Operations
+from .layers import LayerStack
+from .overlay import Overlay
+from .whiteout import XattrNames
+
+log = logging.getLogger(__name__)
+
+WORK_SUBDIR = "work"  # like the kernel: <workdir>/work holds objects being built
+
+
+def prepare_workdir(cfg: MountConfig) -> None:
+    """Create the workdir (if it is the default one) and its ``work/`` dir, emptying leftovers
+    of an interrupted copy-up there (the kernel does the same with its ``work/`` dir)."""
+    if cfg.workdir is None or cfg.read_only:
+        return
+    os.makedirs(cfg.workdir, mode=0o755, exist_ok=True)
+    wfd = os.open(cfg.workdir, _sys.DIR_FLAGS)
+    try:
+        work = os.path.join(cfg.workdir, WORK_SUBDIR)
+        try:
+            st = os.lstat(work)
+        except FileNotFoundError:
+            os.mkdir(WORK_SUBDIR, 0o000, dir_fd=wfd)
+        else:
+            if not os.path.isdir(work) or os.path.islink(work):
+                raise OSError(errno.ENOTDIR, f"{work} is not a directory")
+            os.chmod(work, 0o000)
+            for name in os.listdir(work):
+                p = os.path.join(work, name)
+                if os.path.isdir(p) and not os.path.islink(p):
+                    shutil.rmtree(p)
+                else:
+                    os.unlink(p)
+            del st
+    finally:
+        os.close(wfd)
+
+
+def fuse_options(cfg: MountConfig) -> set[str]:
+    opts = set(pyfuse3.default_options)
+    opts.add(f"fsname={cfg.fsname}")
+    opts.add("subtype=pyoverlay")
+    if not cfg.default_permissions:
+        opts.discard("default_permissions")
+    if cfg.allow_other or os.geteuid() == 0:
+        # A kernel overlay is visible to every user; as root do the same (fuse-overlayfs too).
+        opts.add("allow_other")
+    if os.geteuid() == 0:
+        opts.update(("suid", "dev"))
+    if cfg.read_only:
+        opts.add("ro")
+    if cfg.debug:
+        opts.add("debug")
+    return opts
+
+
+def build_overlay(cfg: MountConfig) -> Overlay:
+    names = XattrNames(cfg.xattr_prefix)
+    stack = LayerStack(cfg.lowerdirs, None if cfg.read_only and cfg.upperdir is None else cfg.upperdir, names)
+    return Overlay(stack, names, read_only=cfg.read_only)
+
+
+async def _main(cfg: MountConfig) -> None:
+    async with trio.open_nursery() as nursery:
+        async def on_signal():
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
+                async for _ in sigs:
+                    log.info("signal received: unmounting %s", cfg.mountpoint)
+                    pyfuse3.terminate()
+                    return
+
+        nursery.start_soon(on_signal)
+        await pyfuse3.main()
+        nursery.cancel_scope.cancel()
+
+
+def serve(cfg: MountConfig, ready_fd: int | None = None) -> int:
+    """Mount *cfg* and serve it until unmounted. Returns an exit status."""
+    faulthandler.enable()
+    _sys.raise_nofile_limit()
+    prepare_workdir(cfg)
+    overlay = build_overlay(cfg)
+    ops = Operations(overlay)
+    try:
+        pyfuse3.init(ops, cfg.mountpoint, fuse_options(cfg))
+    except Exception:
+        overlay.destroy()
+        raise
+    unmount_clean = False
+    state.record(cfg.mountpoint, os.getpid(), cfg)
+    try:
+        if ready_fd is not None:
+            os.write(ready_fd, b"ok\n")
+            os.close(ready_fd)
+        trio.run(_main, cfg)
+        unmount_clean = True
+    finally:
+        pyfuse3.close(unmount=True)
+        overlay.destroy()
+        state.forget(cfg.mountpoint, os.getpid())
+        log.debug("server exiting (clean=%s)", unmount_clean)
+    return 0

@@ -1,0 +1,339 @@
+"""OverlayFS semantics, one method per operation, free of FUSE types.
+
+Methods take node ids / nodes and plain values, return plain values (``Node``,
+``os.stat_result``, ints, bytes) and raise ``OSError``. ``fs.py`` turns that into
+pyfuse3 replies. The write path (copy-up, whiteouts, rename) lives in ``copyup.py``
+and ``namespace.py`` and is reached through the same class.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+from dataclasses import dataclass
+
+from . import _sys
+from .handles import DirHandle, HandleTable, OpenFile
+from .inodes import InodeTable, Node
+from .layers import Hit, Layer, LayerStack
+from .whiteout import XattrNames, is_char_whiteout
+
+log = logging.getLogger(__name__)
+
+NAME_MAX = 255
+XINO_SHIFT = 56  # layers on several filesystems: the layer's fs index goes in the high bits
+_OPEN_PASS = (os.O_ACCMODE | os.O_APPEND | os.O_SYNC | os.O_DSYNC | os.O_TRUNC | os.O_NONBLOCK)
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who made a request (from the FUSE request context)."""
+
+    uid: int = 0
+    gid: int = 0
+    pid: int = 0
+    umask: int = 0o022
+
+
+@dataclass
+class Entry:
+    """A directory entry for readdir: the node (None when the kernel must not get one) and attrs."""
+
+    name: bytes
+    node: Node | None
+    st: os.stat_result
+    ino: int
+    nlink: int
+
+
+class Overlay:
+    """The merged filesystem. Owns the layer stack, the inode table and the handle table."""
+
+    def __init__(self, stack: LayerStack, names: XattrNames, read_only: bool = False) -> None:
+        self.stack = stack
+        self.names = names
+        self.read_only = read_only or stack.upper is None
+        top = stack.layers[0]
+        root_st = os.fstat(top.fd)
+        root_dirs = tuple(self._root_dirs())
+        self.inodes = InodeTable(top, root_dirs, root_st.st_mode, self._xino(top, root_st.st_ino))
+        self.handles = HandleTable()
+        self._can_open_by_handle = os.geteuid() == 0
+
+    def _root_dirs(self):
+        # The root merges every layer down to the first opaque one (the kernel checks the
+        # opaque xattr on each layer root except the last).
+        layers = self.stack.layers
+        for i, layer in enumerate(layers):
+            yield layer
+            if i < len(layers) - 1 and _sys.getxattr_at(layer.fd, None, self.names.opaque) == b"y":
+                return
+
+    def destroy(self) -> None:
+        self.handles.close_all()
+        self.stack.close()
+
+    # --- identity -------------------------------------------------------------------------
+
+    def _xino(self, layer: Layer, ino: int) -> int:
+        if self.stack.samefs or layer.fsid == 0:
+            return ino
+        return (layer.fsid << XINO_SHIFT) | (ino & ((1 << XINO_SHIFT) - 1))
+
+    def _st_ino(self, parent: Node, name: bytes, hits: list[Hit]) -> int:
+        """The st_ino the kernel reports (fs/overlayfs/inode.c, ovl_getattr, same-fs case):
+        the topmost object's inode, except that an upper object with a lower origin reports
+        the origin's: a merged dir its first lower dir, a copied-up file its lower file
+        (unless that file has other hard links, whose copy-up broke the link)."""
+        top = hits[0]
+        if not top.layer.is_upper:
+            return self._xino(top.layer, top.st.st_ino)
+        if stat.S_ISDIR(top.st.st_mode):
+            if len(hits) > 1:
+                return self._xino(hits[1].layer, hits[1].st.st_ino)
+            return top.st.st_ino
+        origin = self._origin_of(parent, name)
+        if origin is not None and origin[1].st_nlink == 1:
+            return self._xino(origin[0], origin[1].st_ino)
+        return top.st.st_ino
+
+    def _origin_of(self, parent: Node, name: bytes) -> tuple[Layer, os.stat_result] | None:
+        """The lower object an upper non-directory was copied up from, via its origin record."""
+        upper = self.stack.upper
+        assert upper is not None
+        prel = parent.relpath()
+        raw = _sys.getxattr_at(self.stack.dir_fd(upper, prel), name, self.names.origin)
+        if raw is None:
+            return None
+        fh = decode_origin(raw)
+        if fh is None:
+            return None
+        htype, handle = fh
+        # The common case: the origin still sits at the same path in a lower layer.
+        lower_dirs = tuple(l for l in parent.dirs if not l.is_upper)
+        for hit in self.stack.resolve(lower_dirs, prel, name)[:1]:
+            if stat.S_ISDIR(hit.st.st_mode):
+                break
+            try:
+                fd = _sys.open_beneath(self.stack.dir_fd(hit.layer, prel), name, _sys.O_PATH)
+            except OSError:
+                break
+            try:
+                if _sys.name_to_handle(fd) == (htype, handle):
+                    return hit.layer, hit.st
+            finally:
+                os.close(fd)
+        # Renamed since: decode the handle on each lower filesystem (needs CAP_DAC_READ_SEARCH).
+        if self._can_open_by_handle:
+            for layer in self.stack.lowers:
+                try:
+                    fd = _sys.open_by_handle(layer.fd, htype, handle)
+                except OSError:
+                    continue
+                try:
+                    st = os.fstat(fd)
+                finally:
+                    os.close(fd)
+                if st.st_dev == layer.dev:
+                    return layer, st
+        return None
+
+    # --- lookup ---------------------------------------------------------------------------
+
+    def lookup(self, parent: Node, name: bytes) -> tuple[Node, os.stat_result]:
+        """Resolve *name* in *parent*; the returned node is not yet referenced (call ``inodes.ref``)."""
+        if len(name) > NAME_MAX:
+            raise OSError(errno.ENAMETOOLONG, "name too long")
+        if not parent.is_dir:
+            raise OSError(errno.ENOTDIR, "not a directory")
+        hits = self.stack.resolve(parent.dirs, parent.relpath(), name)
+        if not hits:
+            raise OSError(errno.ENOENT, "no such entry")
+        return self._node_for(parent, name, hits), hits[0].st
+
+    def _node_for(self, parent: Node, name: bytes, hits: list[Hit]) -> Node:
+        top = hits[0]
+        mode = top.st.st_mode
+        is_dir = stat.S_ISDIR(mode)
+        dirs = tuple(h.layer for h in hits) if is_dir else ()
+        existing = parent.children.get(name)
+        if existing is not None and existing.layer is top.layer and existing.dirs == dirs \
+                and stat.S_IFMT(existing.mode) == stat.S_IFMT(mode):
+            existing.mode = mode
+            return existing
+        key = None
+        if not is_dir and (top.layer.is_upper or self.stack.upper is None):
+            key = ("real", top.st.st_dev, top.st.st_ino)
+            shared = self.inodes.by_key(key)
+            if shared is not None and shared is not existing:
+                self.inodes.add_alias(shared, parent, name)
+                shared.mode = mode
+                return shared
+        ino = self._st_ino(parent, name, hits)
+        return self.inodes.add(parent, name, mode, top.layer, dirs, ino, key)
+
+    # --- attributes -----------------------------------------------------------------------
+
+    def getattr(self, node: Node) -> os.stat_result:
+        try:
+            st = self.stack.lstat(node.layer, node.relpath())
+        except FileNotFoundError:
+            files = self.handles.files_of(node)
+            if not files:
+                raise
+            st = os.fstat(files[0].fd)
+        node.mode = st.st_mode
+        return st
+
+    def nlink(self, node: Node, st: os.stat_result) -> int:
+        # ovl_getattr: "nlink=1 seems to pacify 'find' and other utilities" for merge dirs.
+        if node.is_dir and node.is_merged:
+            return 1
+        return st.st_nlink
+
+    # --- reading --------------------------------------------------------------------------
+
+    def readlink(self, node: Node) -> bytes:
+        if not stat.S_ISLNK(node.mode):
+            raise OSError(errno.EINVAL, "not a symlink")
+        rel = node.relpath()
+        parent, _, name = rel.rpartition(b"/")
+        return _sys.readlink_at(self.stack.dir_fd(node.layer, parent), name)
+
+    def open(self, node: Node, flags: int, caller: Caller) -> int:
+        if node.is_dir:
+            raise OSError(errno.EISDIR, "is a directory")
+        if (flags & os.O_ACCMODE) != os.O_RDONLY or flags & os.O_TRUNC:
+            if self.read_only:
+                raise OSError(errno.EROFS, "read-only overlay")
+            if not node.layer.is_upper:
+                self.copy_up(node, caller, "open-for-write")
+        fd = self._open_real(node, flags & _OPEN_PASS)
+        return self.handles.add(OpenFile(fd, node, flags))
+
+    def _open_real(self, node: Node, flags: int) -> int:
+        rel = node.relpath()
+        parent, _, name = rel.rpartition(b"/")
+        dfd = self.stack.dir_fd(node.layer, parent)
+        # Like the kernel's ovl_open_realfile: real files are opened with O_NOATIME, so
+        # reading through the overlay does not touch a lower file's atime.
+        try:
+            return _sys.open_beneath(dfd, name, flags | os.O_NOATIME)
+        except PermissionError:
+            return _sys.open_beneath(dfd, name, flags)
+
+    def copy_up(self, node: Node, caller: Caller, reason: str) -> None:
+        raise OSError(errno.EROFS, "write path not implemented")
+
+    def read(self, fh: int, offset: int, size: int) -> bytes:
+        h = self.handles[fh]
+        assert isinstance(h, OpenFile)
+        return os.pread(h.fd, size, offset)
+
+    def release(self, fh: int) -> None:
+        h = self.handles.pop(fh)
+        if isinstance(h, OpenFile):
+            os.close(h.fd)
+
+    # --- directories ----------------------------------------------------------------------
+
+    def opendir(self, node: Node) -> int:
+        if not node.is_dir:
+            raise OSError(errno.ENOTDIR, "not a directory")
+        return self.handles.add(DirHandle(node))
+
+    def _listing(self, h: DirHandle) -> list[bytes]:
+        node = h.node
+        rel = node.relpath()
+        if node.is_merged:
+            filter_wo = True
+        else:
+            filter_wo = self.stack.real_dir_filters_whiteouts(node.layer, rel)
+        h.real = not filter_wo
+        return [b".", b".."] + self.stack.list_merged(node.dirs, rel, filter_wo)
+
+    def readdir(self, fh: int, start: int):
+        """Yield ``(index, Entry)`` from position *start*; the listing is built at start 0."""
+        h = self.handles[fh]
+        assert isinstance(h, DirHandle)
+        if start == 0 or h.names is None:
+            h.names = self._listing(h)
+        node = h.node
+        for i in range(start, len(h.names)):
+            name = h.names[i]
+            if name == b".":
+                st = self.getattr(node)
+                yield i, Entry(name, None, st, node.ino, self.nlink(node, st))
+            elif name == b"..":
+                p = node.parent or node
+                st = self.getattr(p)
+                yield i, Entry(name, None, st, p.ino, self.nlink(p, st))
+            else:
+                entry = self._dir_entry(node, name, h.real)
+                if entry is not None:
+                    yield i, entry
+
+    def _dir_entry(self, parent: Node, name: bytes, real: bool) -> Entry | None:
+        try:
+            child, st = self.lookup(parent, name)
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:
+                raise
+            if not real:
+                return None  # vanished meanwhile
+            # A raw listing shows whiteouts as the kernel does; they have no node.
+            layer = parent.layer
+            try:
+                st = _sys.lstat_at(self.stack.dir_fd(layer, parent.relpath()), name)
+            except FileNotFoundError:
+                return None
+            return Entry(name, None, st, self._xino(layer, st.st_ino), st.st_nlink)
+        return Entry(name, child, st, child.ino, self.nlink(child, st))
+
+    # --- xattrs -----------------------------------------------------------------------------
+
+    def _xattr_target(self, node: Node) -> tuple[int, bytes | None]:
+        rel = node.relpath()
+        if not rel:
+            return node.layer.fd, None
+        parent, _, name = rel.rpartition(b"/")
+        return self.stack.dir_fd(node.layer, parent), name
+
+    def getxattr(self, node: Node, name: str) -> bytes:
+        real = self.names.to_real(name)
+        dfd, n = self._xattr_target(node)
+        return _sys.getxattr_raw(dfd, n, real)
+
+    def listxattr(self, node: Node, caller: Caller) -> list[str]:
+        dfd, n = self._xattr_target(node)
+        out = []
+        for real in _sys.listxattr_at(dfd, n):
+            shown = self.names.to_user(real)
+            if shown is None:
+                continue
+            if shown.startswith("trusted.") and caller.uid != 0:
+                continue  # as ext4 lists trusted.* only to CAP_SYS_ADMIN
+            out.append(shown)
+        return out
+
+    def statfs(self) -> os.statvfs_result:
+        return self.stack.statvfs()
+
+
+def decode_origin(raw: bytes) -> tuple[int, bytes] | None:
+    """Parse the kernel's origin record (struct ovl_fb): version 0, magic 0xfb, len, flags,
+    type, 16-byte uuid, then the file handle. Returns (handle type, handle bytes)."""
+    if len(raw) < 21 or raw[0] != 0 or raw[1] != 0xFB or raw[2] != len(raw):
+        return None
+    return raw[4], raw[21:]
+
+
+def encode_origin(handle_type: int, handle: bytes, uuid: bytes | None) -> bytes:
+    """The kernel's origin record for a lower object (what ovl_encode_real_fh writes)."""
+    u = (uuid or b"\0" * 16)[:16].ljust(16, b"\0")
+    return bytes([0, 0xFB, 21 + len(handle), 0, handle_type]) + u + handle
+
+
+__all__ = ["Overlay", "Caller", "Entry", "decode_origin", "encode_origin", "is_char_whiteout"]
