@@ -73,10 +73,16 @@ def proc_path(fd: int, name: bytes | None = None) -> bytes:
     return p + b"/" + name if name else p
 
 
+def _xpath(fd: int, name: bytes | None) -> tuple[bytes, bool]:
+    # For the fd's own object the magic link must be followed; for a child it must not.
+    return proc_path(fd, name), name is None
+
+
 def getxattr_at(dir_fd: int, name: bytes | None, attr: str) -> bytes | None:
     """The xattr *attr* of *name* in *dir_fd* (or of the dir itself), or None if absent/unsupported."""
     try:
-        return os.getxattr(proc_path(dir_fd, name), attr, follow_symlinks=False)
+        p, follow = _xpath(dir_fd, name)
+        return os.getxattr(p, attr, follow_symlinks=follow)
     except OSError as exc:
         if exc.errno in (errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM, errno.EACCES):
             return None
@@ -85,7 +91,8 @@ def getxattr_at(dir_fd: int, name: bytes | None, attr: str) -> bytes | None:
 
 def listxattr_at(dir_fd: int, name: bytes | None) -> list[str]:
     try:
-        return os.listxattr(proc_path(dir_fd, name), follow_symlinks=False)
+        p, follow = _xpath(dir_fd, name)
+        return os.listxattr(p, follow_symlinks=follow)
     except OSError as exc:
         if exc.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):
             return []
@@ -167,7 +174,8 @@ def open_by_handle(mount_fd: int, handle_type: int, handle: bytes) -> int:
 
 
 def getxattr_raw(dir_fd: int, name: bytes | None, attr: str) -> bytes:
-    return os.getxattr(proc_path(dir_fd, name), attr, follow_symlinks=False)
+    p, follow = _xpath(dir_fd, name)
+    return os.getxattr(p, attr, follow_symlinks=follow)
 
 
 FS_IOC_GETFSUUID = 0x80111500  # _IOR(0x15, 0, struct fsuuid2 {u8 len; u8 uuid[16]})

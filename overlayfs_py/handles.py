@@ -23,7 +23,7 @@ class DirHandle:
     node: Node
     # The merged listing, built on the first readdir at offset 0 and kept while the handle
     # is open, so entries changed meanwhile are not seen (the kernel's readdir cache does the same).
-    names: list[bytes] | None = None
+    names: list | None = None  # [(name, layer listing it)]
     real: bool = False  # served by a single layer: listed raw, whiteouts included
     extra: dict = field(default_factory=dict)
 

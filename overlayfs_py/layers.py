@@ -169,15 +169,16 @@ class LayerStack:
             return True
         return self.getxattr(layer, relpath, self.names.origin) is not None
 
-    def list_merged(self, dirs: tuple[Layer, ...], relpath: bytes, filter_whiteouts: bool) -> list[bytes]:
-        """The names of a merged directory, each once, top layer first.
+    def list_merged(self, dirs: tuple[Layer, ...], relpath: bytes,
+                    filter_whiteouts: bool) -> list[tuple[bytes, Layer]]:
+        """The names of a merged directory, each once with the layer listing it, top layer first.
 
         With *filter_whiteouts* (a merged dir), whiteouts are neither listed nor let the
         names they cover through; a zero-size file with the whiteout xattr counts as a
         whiteout only in a lower directory marked ``opaque=x`` (as the kernel's readdir does).
         """
         seen: set[bytes] = set()
-        out: list[bytes] = []
+        out: list[tuple[bytes, Layer]] = []
         for layer in dirs:
             dfd = self.dir_fd(layer, relpath)
             check_x = filter_whiteouts and not layer.is_upper and has_xwhiteouts(
@@ -189,7 +190,7 @@ class LayerStack:
                 if filter_whiteouts and kind in (0, stat.S_IFREG):
                     if self._is_listing_whiteout(dfd, name, kind, check_x):
                         continue
-                out.append(name)
+                out.append((name, layer))
         return out
 
     def _is_listing_whiteout(self, dfd: int, name: bytes, kind: int, check_x: bool) -> bool:

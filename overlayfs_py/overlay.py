@@ -129,7 +129,12 @@ class Overlay:
         if self._can_open_by_handle:
             for layer in self.stack.lowers:
                 try:
-                    fd = _sys.open_by_handle(layer.fd, htype, handle)
+                    # open_by_handle_at wants a real (not O_PATH) fd on the filesystem.
+                    mfd = os.open(_sys.proc_path(layer.fd), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                    try:
+                        fd = _sys.open_by_handle(mfd, htype, handle)
+                    finally:
+                        os.close(mfd)
                 except OSError:
                     continue
                 try:
@@ -252,7 +257,7 @@ class Overlay:
         else:
             filter_wo = self.stack.real_dir_filters_whiteouts(node.layer, rel)
         h.real = not filter_wo
-        return [b".", b".."] + self.stack.list_merged(node.dirs, rel, filter_wo)
+        return [(b".", node.layer), (b"..", node.layer)] + self.stack.list_merged(node.dirs, rel, filter_wo)
 
     def readdir(self, fh: int, start: int):
         """Yield ``(index, Entry)`` from position *start*; the listing is built at start 0."""
@@ -262,33 +267,40 @@ class Overlay:
             h.names = self._listing(h)
         node = h.node
         for i in range(start, len(h.names)):
-            name = h.names[i]
+            name, layer = h.names[i]
             if name == b".":
                 st = self.getattr(node)
                 yield i, Entry(name, None, st, node.ino, self.nlink(node, st))
             elif name == b"..":
-                p = node.parent or node
-                st = self.getattr(p)
-                yield i, Entry(name, None, st, p.ino, self.nlink(p, st))
+                yield i, self._dotdot(node, h.real)
             else:
-                entry = self._dir_entry(node, name, h.real)
+                entry = self._dir_entry(node, name, layer)
                 if entry is not None:
                     yield i, entry
 
-    def _dir_entry(self, parent: Node, name: bytes, real: bool) -> Entry | None:
+    def _dotdot(self, node: Node, real: bool) -> Entry:
+        """``..`` as the kernel lists it (measured): a raw-listed directory whose parent is
+        merged, or a merge-listed one with an upper part, shows the overlay parent's st_ino
+        (ovl_iterate_real, ovl_calc_d_ino); otherwise the raw ``..`` entry of the topmost
+        layer shows through (always so for the root)."""
+        if node.parent is not None and (node.parent.is_merged if real else node.layer.is_upper):
+            st = self.getattr(node.parent)
+            return Entry(b"..", None, st, node.parent.ino, self.nlink(node.parent, st))
+        st = _sys.lstat_at(self.stack.dir_fd(node.layer, node.relpath()), b"..")
+        return Entry(b"..", None, st, self._xino(node.layer, st.st_ino), st.st_nlink)
+
+    def _dir_entry(self, parent: Node, name: bytes, layer: Layer) -> Entry | None:
         try:
             child, st = self.lookup(parent, name)
         except OSError as exc:
             if exc.errno != errno.ENOENT:
                 raise
-            if not real:
-                return None  # vanished meanwhile
-            # A raw listing shows whiteouts as the kernel does; they have no node.
-            layer = parent.layer
+            # Listed but not found: a whiteout the kernel's readdir shows too (in a raw
+            # listing, or an xattr whiteout outside an opaque=x dir). It gets no node.
             try:
                 st = _sys.lstat_at(self.stack.dir_fd(layer, parent.relpath()), name)
             except FileNotFoundError:
-                return None
+                return None  # vanished meanwhile
             return Entry(name, None, st, self._xino(layer, st.st_ino), st.st_nlink)
         return Entry(name, child, st, child.ino, self.nlink(child, st))
 

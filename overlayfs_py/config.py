@@ -1,0 +1,639 @@
+"""Mount configuration: parse, normalise and validate, before any side effect.
+
+This module owns :class:`MountConfig` and the rules that decide whether a
+layer layout can be mounted.  It never creates, modifies or mounts anything:
+it only reads (``stat``, ``listdir``, ``ismount``) to check the layout.  The
+mounter creates the default workdir and does the mount.
+
+Flow (bubblewrap's plan -> validate -> execute)::
+
+    cfg = build_config("l1:l2", "upper", "merged")   # parse + validate
+    # or: cfg = MountConfig(...); validate(cfg)
+
+Every user error is a :class:`ConfigError` with a one-line message that names
+the culprit path or option.  :func:`validate` collects *all* problems and
+raises with the first one; the full list is in ``ConfigError.problems``.
+
+Kernel facts this follows (docs/semantics.md section 1.1):
+
+* ``lowerdir=A:B:C`` - A is the top lower layer; ``\\:`` is a literal colon
+  and a backslash escapes the next character (kernel ``ovl_unescape``).
+* The kernel allows at most 500 lower layers.
+* workdir must be on the same filesystem as upperdir and the two must be
+  separate subtrees.
+
+Documented differences from the kernel:
+
+* A read-only mount with a single lower layer is accepted (the kernel needs
+  two lower layers when there is no upper layer).
+* Data-only lower layers (``::``) are refused.
+* Only the kernel's default behaviour is implemented, so ``redirect_dir``,
+  ``index``, ``metacopy``, ``nfs_export``, ``xino`` and ``verity`` are
+  accepted only in their off/default spellings, and ``volatile`` is refused.
+* Layouts that hang or deadlock a FUSE overlay are refused up front: the
+  mountpoint may not be, contain, or lie inside any layer or the workdir, and
+  it must be an empty directory that is not already a mount point.
+* A workdir without an upper layer is an error (the kernel ignores it).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+__all__ = [
+    "MAX_LAYERS",
+    "ConfigError",
+    "MountConfig",
+    "build_config",
+    "default_workdir",
+    "parse_options",
+    "split_lowerdir",
+    "validate",
+]
+
+#: The kernel's limit on the number of lower layers (``OVL_MAX_STACK``).
+MAX_LAYERS = 500
+
+#: Suffix of the default workdir, which lives beside the upper layer.
+WORKDIR_SUFFIX = ".pyoverlay-work"
+
+
+class ConfigError(Exception):
+    """A user error in the mount configuration.
+
+    ``str(exc)`` is a one-line, user-facing message naming the culprit path or
+    option.  ``exc.problems`` lists every problem found (the message is the
+    first of them); it has one element when only one problem was checked.
+    """
+
+    def __init__(self, message: str, problems: Sequence[str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.problems: list[str] = list(problems) if problems else [message]
+
+
+@dataclass(frozen=True)
+class MountConfig:
+    """Everything needed to mount one overlay.  Pure data.
+
+    Paths are absolute and normalised with :func:`os.path.realpath`
+    (:func:`build_config` does that).  ``lowerdirs[0]`` is the TOP lower
+    layer.  ``upperdir is None`` means a read-only mount; then ``workdir`` is
+    None too and ``read_only`` is forced to True.  ``read_only`` may also be
+    True with an upper layer (``-o ro``): the upper layer is then shown but
+    never written.
+    """
+
+    lowerdirs: tuple[str, ...]
+    upperdir: str | None
+    workdir: str | None
+    mountpoint: str
+    userxattr: bool = False
+    allow_other: bool = False
+    default_permissions: bool = True
+    read_only: bool = False
+    debug: bool = False
+    fsname: str = "pyoverlay"
+
+    def __post_init__(self) -> None:
+        # Accept any sequence but store an immutable tuple.
+        if not isinstance(self.lowerdirs, tuple):
+            object.__setattr__(self, "lowerdirs", tuple(self.lowerdirs))
+        # Without an upper layer the mount can only be read-only.
+        if self.upperdir is None and not self.read_only:
+            object.__setattr__(self, "read_only", True)
+
+    @property
+    def xattr_prefix(self) -> str:
+        """Namespace of overlay-private xattrs: ``user.overlay.`` or ``trusted.overlay.``."""
+        return "user.overlay." if self.userxattr else "trusted.overlay."
+
+
+# --------------------------------------------------------------------------
+# Parsing
+# --------------------------------------------------------------------------
+
+
+def _q(path: str) -> str:
+    """Quote a path for a one-line message."""
+    if path.isprintable():
+        return f"'{path}'"
+    return repr(path)  # escapes newlines and other control characters
+
+
+def _unescape(value: str, what: str) -> str:
+    """Kernel ``ovl_unescape``: a backslash makes the next character literal."""
+    out: list[str] = []
+    it = iter(value)
+    for ch in it:
+        if ch == "\\":
+            nxt = next(it, None)
+            if nxt is None:
+                raise ConfigError(f"{what} {_q(value)} ends with a lone backslash")
+            out.append(nxt)
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def split_lowerdir(spec: str) -> list[str]:
+    """Split a kernel-style lowerdir spec on ``:``, top layer first.
+
+    ``\\:`` is a literal colon and ``\\\\`` a literal backslash; like the
+    kernel, a backslash before any other character just makes that character
+    literal.  Empty components (``a::b``, a leading or trailing ``:``) raise
+    :class:`ConfigError`: data-only ``::`` layers are not supported.
+
+    >>> split_lowerdir(r"a\\:b:c")
+    ['a:b', 'c']
+    """
+    if spec == "":
+        raise ConfigError("empty lowerdir: give at least one lower layer")
+    parts: list[str] = []
+    cur: list[str] = []
+    i = 0
+    n = len(spec)
+    while i < n:
+        ch = spec[i]
+        if ch == "\\":
+            if i + 1 >= n:
+                raise ConfigError(f"lowerdir {_q(spec)} ends with a lone backslash")
+            cur.append(spec[i + 1])
+            i += 2
+            continue
+        if ch == ":":
+            parts.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+        i += 1
+    parts.append("".join(cur))
+    if any(p == "" for p in parts[1:-1]):
+        raise ConfigError(
+            f"empty lower layer in lowerdir {_q(spec)} (data-only '::' layers are not supported)"
+        )
+    if parts[0] == "" or parts[-1] == "":
+        raise ConfigError(f"empty lower layer in lowerdir {_q(spec)} (leading or trailing ':')")
+    return parts
+
+
+def _split_options(opt: str) -> list[str]:
+    """Split one ``-o`` string on unescaped commas (kernel ``ovl_next_opt``).
+
+    Backslashes are kept: values are unescaped later, per option.
+    """
+    items: list[str] = []
+    cur: list[str] = []
+    i = 0
+    n = len(opt)
+    while i < n:
+        ch = opt[i]
+        if ch == "\\" and i + 1 < n:
+            cur.append(opt[i : i + 2])
+            i += 2
+            continue
+        if ch == ",":
+            items.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+        i += 1
+    items.append("".join(cur))
+    return items
+
+
+# Options that carry a path or a name (value required).
+_VALUE_KEYS = ("lowerdir", "upperdir", "workdir", "fsname")
+# Our boolean options.
+_FLAG_KEYS = ("userxattr", "allow_other", "default_permissions")
+# FUSE / VFS generic flags: accepted and ignored.
+_IGNORED_FLAGS = frozenset(
+    {"suid", "dev", "nosuid", "nodev", "noatime", "relatime", "exec", "noexec"}
+)
+# Kernel overlay options: value -> accepted (and ignored) or not supported.
+_KERNEL_CHOICES: dict[str, tuple[frozenset[str], frozenset[str]]] = {
+    # key: (accepted values, known-but-unsupported values)
+    "redirect_dir": (frozenset({"off", "nofollow"}), frozenset({"on", "follow"})),
+    "index": (frozenset({"off"}), frozenset({"on"})),
+    "xino": (frozenset({"off", "auto"}), frozenset({"on"})),
+    "metacopy": (frozenset({"off"}), frozenset({"on"})),
+    "nfs_export": (frozenset({"off"}), frozenset({"on"})),
+    "uuid": (frozenset({"on", "off", "null", "auto"}), frozenset()),
+    "verity": (frozenset({"off"}), frozenset({"on", "require"})),
+}
+
+
+def parse_options(opts: Iterable[str]) -> dict[str, str | bool]:
+    """Parse ``-o`` strings (``'a=b,c,...'``) into a dict.
+
+    Options are split on unescaped commas; empty items (``a,,b``) are skipped
+    and a later option overrides an earlier one.  The result holds only the
+    options that matter to pyoverlay:
+
+    * ``lowerdir`` -> the raw spec, still escaped (pass it to
+      :func:`split_lowerdir`);
+    * ``upperdir``, ``workdir``, ``fsname`` -> the value, unescaped like the
+      kernel does (``\\,`` -> ``,``);
+    * ``ro`` -> True, ``rw`` -> ``'ro': False`` (the last one wins);
+    * ``userxattr``, ``allow_other``, ``default_permissions`` -> True.
+
+    Accepted and ignored (not in the result): the kernel options
+    ``redirect_dir=off|nofollow``, ``index=off``, ``xino=off|auto``,
+    ``metacopy=off``, ``nfs_export=off``, ``uuid=on|off|null|auto``,
+    ``verity=off`` and the generic flags suid, dev, nosuid, nodev, noatime,
+    relatime, exec, noexec.
+
+    Raises:
+        ConfigError: unknown option, a missing or unexpected value, an
+            unsupported kernel feature (``index=on``, ``volatile``, ...).
+    """
+    result: dict[str, str | bool] = {}
+    for opt in opts:
+        for item in _split_options(opt):
+            if item == "":
+                continue
+            key, eq, value = item.partition("=")
+            has_value = bool(eq)
+            if key in _VALUE_KEYS:
+                if not has_value or value == "":
+                    raise ConfigError(f"mount option '{key}' needs a value ({key}=...)")
+                result[key] = value if key == "lowerdir" else _unescape(value, key)
+            elif key in ("ro", "rw"):
+                if has_value:
+                    raise ConfigError(f"mount option '{key}' takes no value")
+                result["ro"] = key == "ro"
+            elif key in _FLAG_KEYS:
+                if has_value:
+                    raise ConfigError(f"mount option '{key}' takes no value")
+                result[key] = True
+            elif key in _IGNORED_FLAGS:
+                if has_value:
+                    raise ConfigError(f"mount option '{key}' takes no value")
+            elif key == "volatile":
+                raise ConfigError("volatile is not supported")
+            elif key in _KERNEL_CHOICES:
+                accepted, unsupported = _KERNEL_CHOICES[key]
+                if not has_value:
+                    raise ConfigError(f"mount option '{key}' needs a value ({key}=...)")
+                if value in unsupported:
+                    raise ConfigError(
+                        f"option '{key}={value}' is not supported"
+                        " (pyoverlay implements the kernel defaults)"
+                    )
+                if value not in accepted:
+                    choices = "|".join(sorted(accepted | unsupported))
+                    raise ConfigError(
+                        f"invalid value {_q(value)} for mount option '{key}' (expected {choices})"
+                    )
+            else:
+                raise ConfigError(f"unknown mount option {_q(key)}")
+    return result
+
+
+def default_workdir(upper: str) -> str:
+    """The workdir used when none is given: beside UPPER, never inside it.
+
+    ``/data/upper`` -> ``/data/.upper.pyoverlay-work``.  Being a sibling, it
+    is on the same filesystem as UPPER unless UPPER itself is a mount point
+    (:func:`validate` reports that case).  Only the path is computed.
+    """
+    upper = upper.rstrip("/") or "/"
+    return os.path.join(os.path.dirname(upper), "." + os.path.basename(upper) + WORKDIR_SUFFIX)
+
+
+def build_config(
+    layers: str | None,
+    upper: str | None,
+    merged: str,
+    *,
+    workdir: str | None = None,
+    options: Iterable[str] = (),
+    debug: bool = False,
+) -> MountConfig:
+    """Build and validate a :class:`MountConfig` from the command line.
+
+    ``pyoverlay mount LOWER1[:LOWER2...] [UPPER] MERGED`` gives ``layers`` and
+    ``upper``; ``pyoverlay mount -o lowerdir=..,upperdir=..,workdir=.. MERGED``
+    gives them through ``options`` (``layers``/``upper`` are None).  Giving the
+    lower layers (or the upper layer, or the workdir) both ways is an error.
+
+    ``-o ro`` with an upper layer keeps the upper layer and sets
+    ``read_only``.  Without a workdir the default one beside the upper layer
+    is used (:func:`default_workdir`); it may be missing, the mounter creates
+    it.  Relative paths are resolved against the current directory.
+
+    Raises:
+        ConfigError: the first problem (all in ``exc.problems``).
+    """
+    opts = parse_options(options)
+
+    o_lower = opts.get("lowerdir")
+    if layers is not None and o_lower is not None:
+        raise ConfigError("lower layers given twice: as an argument and as -o lowerdir")
+    spec = layers if layers is not None else o_lower
+    if spec is None:
+        raise ConfigError("no lower layer given (use LOWER1[:LOWER2...] or -o lowerdir=...)")
+    assert isinstance(spec, str)
+    lowers = tuple(os.path.realpath(p) for p in split_lowerdir(spec))
+
+    o_upper = opts.get("upperdir")
+    if upper is not None and o_upper is not None:
+        raise ConfigError("upper layer given twice: as an argument and as -o upperdir")
+    up = upper if upper is not None else o_upper
+    assert up is None or isinstance(up, str)
+    if up == "":
+        raise ConfigError("upper layer path is empty")
+
+    o_work = opts.get("workdir")
+    if workdir is not None and o_work is not None:
+        raise ConfigError("workdir given twice: as --workdir and as -o workdir")
+    work = workdir if workdir is not None else o_work
+    assert work is None or isinstance(work, str)
+    if work == "":
+        raise ConfigError("workdir path is empty")
+
+    if merged == "":
+        raise ConfigError("mountpoint path is empty")
+
+    upperdir = os.path.realpath(up) if up is not None else None
+    workdir_defaulted = False
+    if upperdir is None:
+        if work is not None:
+            raise ConfigError(f"workdir {_q(work)} given without an upper layer")
+        wd: str | None = None
+    elif work is None:
+        wd = default_workdir(upperdir)
+        workdir_defaulted = True
+    else:
+        wd = os.path.realpath(work)
+
+    fsname = opts.get("fsname", "pyoverlay")
+    assert isinstance(fsname, str)
+
+    cfg = MountConfig(
+        lowerdirs=lowers,
+        upperdir=upperdir,
+        workdir=wd,
+        mountpoint=os.path.realpath(merged),
+        userxattr=bool(opts.get("userxattr", False)),
+        allow_other=bool(opts.get("allow_other", False)),
+        default_permissions=bool(opts.get("default_permissions", True)),
+        read_only=bool(opts.get("ro", False)) or upperdir is None,
+        debug=debug,
+        fsname=fsname,
+    )
+    validate(cfg, workdir_may_be_missing=workdir_defaulted)
+    return cfg
+
+
+# --------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------
+
+
+@dataclass
+class _Layer:
+    role: str  # "lower layer", "upper layer", "workdir", "mountpoint"
+    path: str  # as given in the config (used in messages)
+    real: str  # realpath, for containment
+    st: os.stat_result | None = None  # None when missing / inaccessible
+    missing: bool = False  # ENOENT (or ENOTDIR on a parent)
+    # (st_dev, st_ino) of the strict ancestors of `real`, nearest first.
+    ancestors: list[tuple[int, int]] = field(default_factory=list)
+
+    @property
+    def ident(self) -> tuple[int, int] | None:
+        return (self.st.st_dev, self.st.st_ino) if self.st is not None else None
+
+    def label(self) -> str:
+        return f"{self.role} {_q(self.path)}"
+
+
+def _stat(lay: _Layer, problems: list[str], *, may_be_missing: bool = False) -> None:
+    """Stat a layer directory, recording missing / not-a-directory problems."""
+    try:
+        st = os.stat(lay.real)
+    except FileNotFoundError:
+        lay.missing = True
+        if not may_be_missing:
+            problems.append(f"{lay.label()} does not exist")
+        return
+    except NotADirectoryError:
+        lay.missing = True
+        problems.append(f"{lay.label()} is not a directory (a parent is not a directory)")
+        return
+    except OSError as e:
+        hint = ""
+        if e.errno == errno.ENOTCONN:
+            hint = f" (a dead FUSE mount? try 'pyoverlay umount {lay.path}')"
+        problems.append(f"{lay.label()} is not accessible: {os.strerror(e.errno or 0)}{hint}")
+        return
+    if not _isdir(st):
+        problems.append(f"{lay.label()} is not a directory")
+        return
+    lay.st = st
+
+
+def _isdir(st: os.stat_result) -> bool:
+    return stat.S_ISDIR(st.st_mode)
+
+
+def _ancestors(real: str) -> list[tuple[int, int]]:
+    """(st_dev, st_ino) of every existing strict ancestor of a realpath."""
+    out: list[tuple[int, int]] = []
+    cur = real
+    while True:
+        parent = os.path.dirname(cur)
+        if parent == cur:
+            break
+        cur = parent
+        try:
+            st = os.stat(cur)
+        except OSError:
+            continue
+        out.append((st.st_dev, st.st_ino))
+    return out
+
+
+def _inside(child: _Layer, parent: _Layer) -> bool:
+    """True if `child` lies strictly inside `parent` (by path or by identity)."""
+    if child.real != parent.real and os.path.commonpath([child.real, parent.real]) == parent.real:
+        return True
+    # Same directory reached through another path (bind mount).
+    pid = parent.ident
+    return pid is not None and pid in child.ancestors
+
+
+def _same(a: _Layer, b: _Layer) -> bool:
+    if a.real == b.real:
+        return True
+    return a.ident is not None and a.ident == b.ident
+
+
+def validate(cfg: MountConfig, *, workdir_may_be_missing: bool = False) -> None:
+    """Check a configuration before any side effect.
+
+    All problems are collected; :class:`ConfigError` is raised with the first
+    one and ``exc.problems`` holds them all.  Checks, in this order:
+
+    1. at least one and at most :data:`MAX_LAYERS` lower layers; upperdir and
+       workdir given together; a sane fsname;
+    2. every lower layer, the upper layer and the workdir exist and are
+       directories (with ``workdir_may_be_missing`` - the default workdir -
+       a missing workdir is fine when its parent is a directory on the upper
+       layer's filesystem);
+    3. no directory used twice among lowers, upper and workdir (compared by
+       realpath and by ``(st_dev, st_ino)``);
+    4. upper/workdir not inside a lower, no lower inside upper/workdir,
+       workdir and upper separate subtrees, workdir on upper's filesystem;
+    5. the mountpoint exists, is a directory, is not a layer or the workdir,
+       is not inside one and contains none; it is not already a mount point
+       and it is empty.
+
+    Containment uses realpaths and path components (never a string prefix),
+    plus the ancestors' identities to catch bind-mounted aliases.
+    """
+    problems: list[str] = []
+
+    # 1. Counts and shape.
+    nlow = len(cfg.lowerdirs)
+    if nlow == 0:
+        if cfg.upperdir is None:
+            problems.append("a read-only mount needs at least one lower layer")
+        else:
+            problems.append("no lower layer given: the kernel needs at least one lowerdir")
+    elif nlow > MAX_LAYERS:
+        problems.append(f"too many lower layers: {nlow} (the kernel allows {MAX_LAYERS})")
+    if cfg.upperdir is not None and cfg.workdir is None:
+        problems.append(f"upper layer {_q(cfg.upperdir)} needs a workdir")
+    if cfg.upperdir is None and cfg.workdir is not None:
+        problems.append(f"workdir {_q(cfg.workdir)} given without an upper layer")
+    if (
+        cfg.fsname == ""
+        or "," in cfg.fsname
+        or any(c.isspace() for c in cfg.fsname)
+        or not cfg.fsname.isprintable()
+    ):
+        problems.append(
+            f"fsname {_q(cfg.fsname)} must be a non-empty word without commas or whitespace"
+        )
+
+    # 2. Existence and type.
+    lowers = [_Layer("lower layer", p, os.path.realpath(p)) for p in cfg.lowerdirs]
+    for lay in lowers:
+        _stat(lay, problems)
+    upper: _Layer | None = None
+    if cfg.upperdir is not None:
+        upper = _Layer("upper layer", cfg.upperdir, os.path.realpath(cfg.upperdir))
+        _stat(upper, problems)
+    work: _Layer | None = None
+    work_parent_st: os.stat_result | None = None
+    if cfg.workdir is not None:
+        work = _Layer("workdir", cfg.workdir, os.path.realpath(cfg.workdir))
+        _stat(work, problems, may_be_missing=workdir_may_be_missing)
+        if work.missing and workdir_may_be_missing:
+            parent = os.path.dirname(work.real)
+            try:
+                work_parent_st = os.stat(parent)
+            except OSError as e:
+                problems.append(
+                    f"workdir {_q(cfg.workdir)} cannot be created: parent {_q(parent)}: "
+                    f"{os.strerror(e.errno or 0)}"
+                )
+            else:
+                if not _isdir(work_parent_st):
+                    problems.append(
+                        f"workdir {_q(cfg.workdir)} cannot be created: "
+                        f"parent {_q(parent)} is not a directory"
+                    )
+                    work_parent_st = None
+
+    layers: list[_Layer] = [*lowers]
+    if upper is not None:
+        layers.append(upper)
+    if work is not None:
+        layers.append(work)
+    for lay in layers:
+        lay.ancestors = _ancestors(lay.real)
+
+    # 3. The same directory twice (lower dups by identity in one pass).
+    seen: dict[object, _Layer] = {}
+    distinct: list[_Layer] = []
+    for lay in layers:
+        keys: list[object] = [("path", lay.real)]
+        if lay.ident is not None:
+            keys.append(("ident", lay.ident))
+        first = next((seen[k] for k in keys if k in seen), None)
+        if first is not None:
+            if first.role == lay.role and first.real == lay.real:
+                problems.append(f"{lay.label()} is given twice")
+            else:
+                problems.append(f"{lay.label()} is the same directory as {first.label()}")
+            continue
+        distinct.append(lay)
+        for k in keys:
+            seen[k] = lay
+
+    # 4. Nesting between lowers and upper/workdir, and upper vs workdir.
+    rw = [x for x in (upper, work) if x is not None]
+    for a in rw:
+        for low in lowers:
+            if _same(a, low):
+                continue  # already reported as a duplicate
+            if _inside(a, low):
+                problems.append(f"{a.label()} is inside {low.label()}")
+            elif _inside(low, a):
+                problems.append(f"{low.label()} is inside {a.label()}")
+    if upper is not None and work is not None and not _same(upper, work):
+        if _inside(work, upper):
+            problems.append(f"{work.label()} is inside {upper.label()}")
+        elif _inside(upper, work):
+            problems.append(f"{upper.label()} is inside {work.label()}")
+    if upper is not None and work is not None and upper.st is not None:
+        wdev: int | None = None
+        if work.st is not None:
+            wdev = work.st.st_dev
+        elif work_parent_st is not None:
+            wdev = work_parent_st.st_dev
+        if wdev is not None and wdev != upper.st.st_dev:
+            if work.st is not None:
+                problems.append(
+                    f"{work.label()} is not on the same filesystem as {upper.label()}"
+                )
+            else:
+                problems.append(
+                    f"{work.label()} would not be on the same filesystem as {upper.label()}"
+                    " (is the upper layer a mount point? pass --workdir)"
+                )
+
+    # 5. The mountpoint.
+    mp = _Layer("mountpoint", cfg.mountpoint, os.path.realpath(cfg.mountpoint))
+    _stat(mp, problems)
+    mp.ancestors = _ancestors(mp.real)
+    for lay in distinct:
+        if _same(mp, lay):
+            problems.append(f"{mp.label()} is the same directory as {lay.label()}")
+        elif _inside(mp, lay):
+            problems.append(f"{mp.label()} is inside {lay.label()}")
+        elif _inside(lay, mp):
+            problems.append(f"{lay.label()} is inside {mp.label()}")
+    if mp.st is not None:
+        if os.path.ismount(mp.real):
+            problems.append(f"{mp.label()} is already a mount point")
+        else:
+            try:
+                with os.scandir(mp.real) as it:
+                    nonempty = any(True for _ in it)
+            except OSError as e:
+                problems.append(f"{mp.label()} cannot be read: {os.strerror(e.errno or 0)}")
+            else:
+                if nonempty:
+                    problems.append(f"{mp.label()} is not empty")
+
+    if problems:
+        problems = list(dict.fromkeys(problems))  # drop repeats, keep order
+        raise ConfigError(problems[0], problems)
