@@ -146,8 +146,108 @@ class Operations(pyfuse3.Operations):
     async def open(self, inode, flags, ctx):
         log.debug("open %d %o", inode, flags)
         with _errors("open"):
-            fh = self.ov.open(self._node(inode), flags, _caller(ctx))
+            fh = await self.ov.open(self._node(inode), flags, _caller(ctx))
+        self._invalidate()
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+
+    def _invalidate(self) -> None:
+        """Drop cached attributes of nodes whose st_ino changed in a copy-up."""
+        cu = self.ov.copyup
+        while cu is not None and cu.ino_changed:
+            node_id = cu.ino_changed.pop()
+            try:
+                pyfuse3.invalidate_inode(node_id, attr_only=True)
+            except (OSError, pyfuse3.FUSEError):
+                pass  # the kernel no longer knows the node
+
+    def _entry(self, node: Node, st: os.stat_result) -> pyfuse3.EntryAttributes:
+        attrs = self._node_attrs(node, st)
+        self.inodes.ref(node)
+        return attrs
+
+    async def create(self, parent_inode, name, mode, flags, ctx):
+        log.debug("create %d %r %o", parent_inode, name, mode)
+        with _errors("create"):
+            node, st, fh = await self.ov.create(self._node(parent_inode), name, mode, flags, _caller(ctx))
+            return pyfuse3.FileInfo(fh=fh, keep_cache=True), self._entry(node, st)
+
+    async def mkdir(self, parent_inode, name, mode, ctx):
+        with _errors("mkdir"):
+            return self._entry(*self.ov.mkdir(self._node(parent_inode), name, mode, _caller(ctx)))
+
+    async def mknod(self, parent_inode, name, mode, rdev, ctx):
+        with _errors("mknod"):
+            return self._entry(*self.ov.mknod(self._node(parent_inode), name, mode, rdev, _caller(ctx)))
+
+    async def symlink(self, parent_inode, name, target, ctx):
+        with _errors("symlink"):
+            return self._entry(*self.ov.symlink(self._node(parent_inode), name, target, _caller(ctx)))
+
+    async def link(self, inode, new_parent_inode, new_name, ctx):
+        with _errors("link"):
+            node, st = await self.ov.link(self._node(inode), self._node(new_parent_inode), new_name, _caller(ctx))
+            attrs = self._entry(node, st)
+        self._invalidate()
+        return attrs
+
+    async def unlink(self, parent_inode, name, ctx):
+        with _errors("unlink"):
+            self.ov.remove(self._node(parent_inode), name, is_dir=False)
+
+    async def rmdir(self, parent_inode, name, ctx):
+        with _errors("rmdir"):
+            self.ov.remove(self._node(parent_inode), name, is_dir=True)
+
+    async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
+        with _errors("rename"):
+            await self.ov.rename(self._node(parent_inode_old), name_old, self._node(parent_inode_new),
+                                 name_new, flags)
+        self._invalidate()
+
+    async def setattr(self, inode, attr, fields, fh, ctx):
+        changes = {}
+        if fields.update_size:
+            changes["size"] = attr.st_size
+        if fields.update_mode:
+            changes["mode"] = attr.st_mode
+        if fields.update_uid:
+            changes["uid"] = attr.st_uid
+        if fields.update_gid:
+            changes["gid"] = attr.st_gid
+        if fields.update_atime:
+            changes["atime_ns"] = attr.st_atime_ns
+        if fields.update_mtime:
+            changes["mtime_ns"] = attr.st_mtime_ns
+        with _errors("setattr"):
+            node = self._node(inode)
+            st = await self.ov.setattr(node, changes, fh)
+            attrs = self._node_attrs(node, st)
+        self._invalidate()
+        return attrs
+
+    async def write(self, fh, off, buf):
+        with _errors("write"):
+            return self.ov.write(fh, off, buf)
+
+    async def flush(self, fh):
+        pass
+
+    async def fsync(self, fh, datasync):
+        with _errors("fsync"):
+            self.ov.fsync(fh, datasync)
+
+    async def fsyncdir(self, fh, datasync):
+        pass
+
+    async def setxattr(self, inode, name, value, ctx):
+        with _errors("setxattr"):
+            await self.ov.setxattr(self._node(inode), os.fsdecode(name), value)
+        self._invalidate()
+
+    async def removexattr(self, inode, name, ctx):
+        with _errors("removexattr"):
+            await self.ov.removexattr(self._node(inode), os.fsdecode(name))
+        self._invalidate()
 
     async def read(self, fh, off, size):
         with _errors("read"):

@@ -175,6 +175,27 @@ class InodeTable:
                 del self._by_key[node.key]
             node = parent
 
+    def _relink(self, node: Node, old: tuple[Node, bytes], new: tuple[Node, bytes]) -> None:
+        if node.parent is old[0] and node.name == old[1]:
+            node.parent, node.name = new
+        else:
+            node.aliases = [new if (p is old[0] and n == old[1]) else (p, n) for (p, n) in node.aliases]
+        new[0].children[new[1]] = node
+
+    def move(self, node: Node, parent: Node, name: bytes, newparent: Node, newname: bytes,
+             exchange: Node | None = None) -> None:
+        """A rename: *node* now lives at (newparent, newname); with *exchange*, that node
+        moves to (parent, name). A replaced target is detached (it lives on while open)."""
+        if exchange is None:
+            self.detach(newparent, newname)
+            if parent.children.get(name) is node:
+                del parent.children[name]
+            self._relink(node, (parent, name), (newparent, newname))
+            self._maybe_drop(parent)
+        else:
+            self._relink(node, (parent, name), (newparent, newname))
+            self._relink(exchange, (newparent, newname), (parent, name))
+
     def rekey(self, node: Node, key: tuple | None) -> None:
         if node.key is not None and self._by_key.get(node.key) is node:
             del self._by_key[node.key]

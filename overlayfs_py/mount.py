@@ -78,8 +78,11 @@ def fuse_options(cfg: MountConfig) -> set[str]:
 
 def build_overlay(cfg: MountConfig) -> Overlay:
     names = XattrNames(cfg.xattr_prefix)
-    stack = LayerStack(cfg.lowerdirs, None if cfg.read_only and cfg.upperdir is None else cfg.upperdir, names)
-    return Overlay(stack, names, read_only=cfg.read_only)
+    stack = LayerStack(cfg.lowerdirs, cfg.upperdir, names)
+    work_fd = None
+    if cfg.upperdir is not None and not cfg.read_only:
+        work_fd = os.open(os.path.join(cfg.workdir, WORK_SUBDIR), _sys.DIR_FLAGS)
+    return Overlay(stack, names, read_only=cfg.read_only, work_fd=work_fd)
 
 
 async def _main(cfg: MountConfig) -> None:
@@ -100,6 +103,7 @@ def serve(cfg: MountConfig, ready_fd: int | None = None) -> int:
     """Mount *cfg* and serve it until unmounted. Returns an exit status."""
     faulthandler.enable()
     _sys.raise_nofile_limit()
+    os.umask(0)  # modes of new objects are exactly what the caller asked for
     prepare_workdir(cfg)
     overlay = build_overlay(cfg)
     ops = Operations(overlay)

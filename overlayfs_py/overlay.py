@@ -15,10 +15,12 @@ import stat
 from dataclasses import dataclass
 
 from . import _sys
+from .copyup import CopyUp
 from .handles import DirHandle, HandleTable, OpenFile
 from .inodes import InodeTable, Node
 from .layers import Hit, Layer, LayerStack
 from .whiteout import XattrNames, is_char_whiteout
+from .write import WriteOps
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +50,11 @@ class Entry:
     nlink: int
 
 
-class Overlay:
+class Overlay(WriteOps):
     """The merged filesystem. Owns the layer stack, the inode table and the handle table."""
 
-    def __init__(self, stack: LayerStack, names: XattrNames, read_only: bool = False) -> None:
+    def __init__(self, stack: LayerStack, names: XattrNames, read_only: bool = False,
+                 work_fd: int | None = None) -> None:
         self.stack = stack
         self.names = names
         self.read_only = read_only or stack.upper is None
@@ -61,6 +64,9 @@ class Overlay:
         self.inodes = InodeTable(top, root_dirs, root_st.st_mode, self._xino(top, root_st.st_ino))
         self.handles = HandleTable()
         self._can_open_by_handle = os.geteuid() == 0
+        self.copyup: CopyUp | None = None
+        if not self.read_only and work_fd is not None:
+            self.copyup = CopyUp(stack, names, self.inodes, work_fd)
 
     def _root_dirs(self):
         # The root merges every layer down to the first opaque one (the kernel checks the
@@ -74,6 +80,8 @@ class Overlay:
     def destroy(self) -> None:
         self.handles.close_all()
         self.stack.close()
+        if self.copyup is not None:
+            os.close(self.copyup.work_fd)
 
     # --- identity -------------------------------------------------------------------------
 
@@ -207,14 +215,14 @@ class Overlay:
         parent, _, name = rel.rpartition(b"/")
         return _sys.readlink_at(self.stack.dir_fd(node.layer, parent), name)
 
-    def open(self, node: Node, flags: int, caller: Caller) -> int:
+    async def open(self, node: Node, flags: int, caller: Caller) -> int:
         if node.is_dir:
             raise OSError(errno.EISDIR, "is a directory")
-        if (flags & os.O_ACCMODE) != os.O_RDONLY or flags & os.O_TRUNC:
-            if self.read_only:
-                raise OSError(errno.EROFS, "read-only overlay")
-            if not node.layer.is_upper:
-                self.copy_up(node, caller, "open-for-write")
+        # ovl_open_need_copy_up: write access or O_TRUNC, and not a special file.
+        if ((flags & os.O_ACCMODE) != os.O_RDONLY or flags & os.O_TRUNC) and \
+                (stat.S_ISREG(node.mode) or stat.S_ISLNK(node.mode)):
+            self._writable()
+            await self.copyup.ensure_upper(node)
         fd = self._open_real(node, flags & _OPEN_PASS)
         return self.handles.add(OpenFile(fd, node, flags))
 
@@ -228,9 +236,6 @@ class Overlay:
             return _sys.open_beneath(dfd, name, flags | os.O_NOATIME)
         except PermissionError:
             return _sys.open_beneath(dfd, name, flags)
-
-    def copy_up(self, node: Node, caller: Caller, reason: str) -> None:
-        raise OSError(errno.EROFS, "write path not implemented")
 
     def read(self, fh: int, offset: int, size: int) -> bytes:
         h = self.handles[fh]

@@ -1,0 +1,239 @@
+"""Copy-up: bring a lower object into the upper layer, atomically, through the workdir.
+
+The object is built under a temporary name in ``<workdir>/work`` (data, owner, mode,
+xattrs, origin record, times) and renamed into place with RENAME_NOREPLACE, so a crash
+never leaves a partial object under its real name; leftovers in ``work/`` are removed
+at the next mount. Ancestors are copied up first. Large data is copied with
+``copy_file_range`` in a worker thread so the trio loop keeps serving others, and
+concurrent openers of one file wait for a single copy-up (a per-node ``trio.Lock``).
+
+This module is the only writer of ``Node.layer`` / ``Node.dirs`` after lookup.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import logging
+import os
+import stat
+
+import trio
+
+from . import _sys
+from .inodes import InodeTable, Node
+from .layers import LayerStack
+from .whiteout import XattrNames
+
+log = logging.getLogger(__name__)
+
+THREAD_THRESHOLD = 1 << 20  # copy data in a worker thread above this size
+
+
+def copy_data(src: int, dst: int, size: int) -> int:
+    """Copy *size* bytes from *src* to *dst* in the kernel (reflink where the fs can)."""
+    done = 0
+    try:
+        while done < size:
+            n = os.copy_file_range(src, dst, size - done, done, done)
+            if n == 0:
+                break
+            done += n
+        return done
+    except OSError as exc:
+        if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+            raise
+    while done < size:  # fall back to a plain copy
+        buf = os.pread(src, min(1 << 20, size - done), done)
+        if not buf:
+            break
+        os.pwrite(dst, buf, done)
+        done += len(buf)
+    return done
+
+
+class CopyUp:
+    """Owns ``work/`` and every copy-up into the upper layer."""
+
+    def __init__(self, stack: LayerStack, names: XattrNames, inodes: InodeTable, work_fd: int) -> None:
+        assert stack.upper is not None
+        self.stack = stack
+        self.upper = stack.upper
+        self.names = names
+        self.inodes = inodes
+        self.work_fd = work_fd
+        self._locks: dict[int, trio.Lock] = {}
+        self._seq = itertools.count(1)
+        self.uuid = _sys.fs_uuid(stack.lowers[0].fd) if stack.lowers else None
+        self.limiter = trio.CapacityLimiter(2)
+        self.ino_changed: list[int] = []  # node ids whose st_ino changed (the kernel's attr cache must drop them)
+
+    def tmpname(self) -> bytes:
+        return b"#%x" % next(self._seq)
+
+    async def ensure_upper(self, node: Node) -> bool:
+        """Make *node* an upper object. Returns True if this call copied it up."""
+        if node.layer.is_upper:
+            return False
+        lock = self._locks.setdefault(node.id, trio.Lock())
+        try:
+            async with lock:
+                if node.layer.is_upper:  # another task finished it while we waited
+                    return False
+                if node.parent is not None:
+                    await self.ensure_upper(node.parent)
+                await self._copy_up(node)
+                return True
+        finally:
+            if not lock.locked() and lock.statistics().tasks_waiting == 0:
+                self._locks.pop(node.id, None)
+
+    def ensure_upper_dir_sync(self, node: Node) -> None:
+        """Copy up a directory chain (no data, so no await is needed)."""
+        chain = []
+        n: Node | None = node
+        while n is not None and not n.layer.is_upper:
+            chain.append(n)
+            n = n.parent
+        for d in reversed(chain):
+            self._copy_up_dir(d)
+
+    async def _copy_up(self, node: Node) -> None:
+        if node.is_dir:
+            self._copy_up_dir(node)
+        else:
+            await self._copy_up_nondir(node)
+
+    def _lower_at(self, node: Node) -> tuple[int, bytes, os.stat_result]:
+        rel = node.relpath()
+        prel, _, name = rel.rpartition(b"/")
+        dfd = self.stack.dir_fd(node.layer, prel)
+        return dfd, name, _sys.lstat_at(dfd, name)
+
+    def _finish_meta(self, name: bytes, src_path: bytes, st: os.stat_result, origin_fd: int | None) -> None:
+        """Owner, mode, xattrs, origin and times on work/<name> (in that order: chown clears set-id bits)."""
+        wfd = self.work_fd
+        os.chown(name, st.st_uid, st.st_gid, dir_fd=wfd, follow_symlinks=False)
+        if not stat.S_ISLNK(st.st_mode):
+            os.chmod(name, stat.S_IMODE(st.st_mode), dir_fd=wfd)
+        dst = _sys.proc_path(wfd, name)
+        for attr in self._xattr_names(src_path):
+            try:
+                value = os.getxattr(src_path, attr, follow_symlinks=False)
+                os.setxattr(dst, attr, value, follow_symlinks=False)
+            except OSError as exc:  # like the kernel, skip what the upper fs refuses
+                if exc.errno not in (errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM, errno.ENODATA, errno.EINVAL):
+                    raise
+        if origin_fd is not None:
+            fh = _sys.name_to_handle(origin_fd)
+            if fh is not None:
+                from .overlay import encode_origin
+
+                try:
+                    os.setxattr(dst, self.names.origin, encode_origin(fh[0], fh[1], self.uuid),
+                                follow_symlinks=False)
+                except OSError as exc:
+                    if exc.errno not in (errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM):
+                        raise
+        os.utime(name, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=wfd, follow_symlinks=False)
+
+    def _xattr_names(self, src_path: bytes) -> list[str]:
+        try:
+            names = os.listxattr(src_path, follow_symlinks=False)
+        except OSError as exc:
+            if exc.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):
+                return []
+            raise
+        # The overlay's own records of the lower layer are not carried up; escaped
+        # user names (overlay.overlay.X) are.
+        return [n for n in names if self.names.to_user(n) is not None]
+
+    def _install(self, node: Node, tmp: bytes, lower_st: os.stat_result) -> None:
+        """Rename work/<tmp> to its real name in upper; then (only then) the node is upper."""
+        rel = node.relpath()
+        prel, _, name = rel.rpartition(b"/")
+        pfd = self.stack.dir_fd(self.upper, prel)
+        try:
+            _sys.renameat2(self.work_fd, tmp, pfd, name, _sys.RENAME_NOREPLACE)
+        except OSError:
+            self._discard(tmp)
+            raise
+        old_layer = node.layer
+        node.layer = self.upper
+        if node.is_dir:
+            node.dirs = (self.upper,) + node.dirs
+        else:
+            st = _sys.lstat_at(pfd, name)
+            self.inodes.rekey(node, ("real", st.st_dev, st.st_ino))
+            if lower_st.st_nlink > 1:
+                # The copy-up broke a lower hard link: the kernel then reports the upper inode.
+                node.ino = st.st_ino
+                self.ino_changed.append(node.id)
+        log.debug("copied up %r from %s", rel, old_layer.label)
+
+    def _discard(self, tmp: bytes) -> None:
+        try:
+            st = _sys.lstat_at(self.work_fd, tmp)
+        except FileNotFoundError:
+            return
+        if stat.S_ISDIR(st.st_mode):
+            os.rmdir(tmp, dir_fd=self.work_fd)
+        else:
+            os.unlink(tmp, dir_fd=self.work_fd)
+
+    def _copy_up_dir(self, node: Node) -> None:
+        dfd, name, st = self._lower_at(node)
+        src_path = _sys.proc_path(dfd, name)
+        tmp = self.tmpname()
+        os.mkdir(tmp, 0o700, dir_fd=self.work_fd)
+        try:
+            ofd = _sys.open_beneath(dfd, name, _sys.O_PATH | os.O_DIRECTORY)
+            try:
+                self._finish_meta(tmp, src_path, st, ofd)
+            finally:
+                os.close(ofd)
+        except BaseException:
+            self._discard(tmp)
+            raise
+        self._install(node, tmp, st)
+
+    async def _copy_up_nondir(self, node: Node) -> None:
+        dfd, name, st = self._lower_at(node)
+        src_path = _sys.proc_path(dfd, name)
+        tmp = self.tmpname()
+        wfd = self.work_fd
+        mode = st.st_mode
+        try:
+            if stat.S_ISREG(mode):
+                src = _sys.open_beneath(dfd, name, os.O_RDONLY)
+                try:
+                    dst = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600, dir_fd=wfd)
+                    try:
+                        if st.st_size > THREAD_THRESHOLD:
+                            await trio.to_thread.run_sync(copy_data, src, dst, st.st_size, limiter=self.limiter)
+                        else:
+                            copy_data(src, dst, st.st_size)
+                        os.fsync(dst)
+                    finally:
+                        os.close(dst)
+                    self._finish_meta(tmp, src_path, st, src)
+                finally:
+                    os.close(src)
+            elif stat.S_ISLNK(mode):
+                os.symlink(_sys.readlink_at(dfd, name), tmp, dir_fd=wfd)
+                ofd = _sys.open_beneath(dfd, name, _sys.O_PATH)
+                try:
+                    self._finish_meta(tmp, src_path, st, ofd)
+                finally:
+                    os.close(ofd)
+            else:  # fifo, socket, char or block device: the same type, no data
+                os.mknod(tmp, stat.S_IFMT(mode) | 0o600, st.st_rdev, dir_fd=wfd)
+                ofd = _sys.open_beneath(dfd, name, _sys.O_PATH)
+                try:
+                    self._finish_meta(tmp, src_path, st, ofd)
+                finally:
+                    os.close(ofd)
+        except BaseException:
+            self._discard(tmp)
+            raise
+        self._install(node, tmp, st)

@@ -1,0 +1,319 @@
+"""The write path of ``Overlay``: namespace changes, attribute changes, xattrs, data.
+
+Every change lands in the upper layer; lower layers are never written. Rules follow the
+kernel (fs/overlayfs/dir.c, inode.c, xattrs.c) with its default options: a name removed
+while a lower layer still has it leaves a char 0/0 whiteout; a name re-created over a
+whiteout replaces it atomically (RENAME_EXCHANGE through the workdir), a directory made
+that way is opaque; a directory with lower content cannot be renamed (EXDEV).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from typing import TYPE_CHECKING
+
+from . import _sys
+from .handles import OpenFile
+from .inodes import Node
+from .whiteout import is_char_whiteout, may_be_xwhiteout
+
+if TYPE_CHECKING:
+    from .overlay import Caller, Overlay
+
+_OPEN_PASS = (os.O_ACCMODE | os.O_APPEND | os.O_SYNC | os.O_DSYNC | os.O_TRUNC | os.O_NONBLOCK)
+
+
+class WriteOps:
+    """Mixed into ``Overlay``; uses its ``stack``, ``inodes``, ``handles``, ``copyup``."""
+
+    # --- helpers ----------------------------------------------------------------------------
+
+    def _writable(self: "Overlay") -> None:
+        if self.read_only or self.copyup is None:
+            raise OSError(errno.EROFS, "read-only overlay")
+
+    def _upper_dir(self: "Overlay", node: Node) -> int:
+        """The upper dir fd of directory *node*, copying it (and its ancestors) up first."""
+        self.copyup.ensure_upper_dir_sync(node)
+        return self.stack.dir_fd(self.stack.upper, node.relpath())
+
+    def _lower_has(self: "Overlay", parent: Node, name: bytes) -> bool:
+        """Whether a lower layer below *parent*'s upper still shows *name* (a whiteout is needed)."""
+        lowers = tuple(l for l in parent.dirs if not l.is_upper)
+        return bool(lowers) and bool(self.stack.resolve(lowers, parent.relpath(), name))
+
+    def _upper_entry(self: "Overlay", pfd: int, name: bytes) -> os.stat_result | None:
+        try:
+            return _sys.lstat_at(pfd, name)
+        except FileNotFoundError:
+            return None
+
+    def _is_upper_whiteout(self: "Overlay", pfd: int, name: bytes, st: os.stat_result | None) -> bool:
+        if st is None:
+            return False
+        if is_char_whiteout(st):
+            return True
+        return may_be_xwhiteout(st) and _sys.getxattr_at(pfd, name, self.names.whiteout) is not None
+
+    def _exists(self: "Overlay", parent: Node, name: bytes) -> Node | None:
+        try:
+            node, _ = self.lookup(parent, name)
+            return node
+        except FileNotFoundError:
+            return None
+
+    def _owner(self: "Overlay", pfd: int, caller: "Caller") -> tuple[int, int]:
+        pst = os.fstat(pfd)
+        gid = pst.st_gid if pst.st_mode & stat.S_ISGID else caller.gid
+        return caller.uid, gid
+
+    def _place_new(self: "Overlay", parent: Node, name: bytes, make, caller: "Caller",
+                   opaque: bool = False) -> tuple[Node, os.stat_result]:
+        """Create a new object with ``make(dir_fd, name)`` in upper, over a whiteout if there is one."""
+        self._writable()
+        if len(name) > 255:
+            raise OSError(errno.ENAMETOOLONG, "name too long")
+        if self._exists(parent, name) is not None:
+            raise OSError(errno.EEXIST, "exists")
+        pfd = self._upper_dir(parent)
+        uid, gid = self._owner(pfd, caller)
+        ust = self._upper_entry(pfd, name)
+        wfd = self.copyup.work_fd
+        if self._is_upper_whiteout(pfd, name, ust):
+            # Build it in work/, swap it with the whiteout, then drop the whiteout.
+            tmp = self.copyup.tmpname()
+            make(wfd, tmp)
+            try:
+                os.chown(tmp, uid, gid, dir_fd=wfd, follow_symlinks=False)
+                if opaque:
+                    os.setxattr(_sys.proc_path(wfd, tmp), self.names.opaque, b"y", follow_symlinks=False)
+                _sys.renameat2(wfd, tmp, pfd, name, _sys.RENAME_EXCHANGE)
+            except BaseException:
+                self.copyup._discard(tmp)
+                raise
+            os.unlink(tmp, dir_fd=wfd)
+        elif ust is not None:
+            raise OSError(errno.EEXIST, "exists in upper")
+        else:
+            make(pfd, name)
+            os.chown(name, uid, gid, dir_fd=pfd, follow_symlinks=False)
+        self.stack.dirfds.forget(self.stack.upper, parent.relpath() + b"/" + name if parent.parent else name)
+        return self.lookup(parent, name)
+
+    # --- namespace ----------------------------------------------------------------------------
+
+    async def create(self: "Overlay", parent: Node, name: bytes, mode: int, flags: int,
+                     caller: "Caller") -> tuple[Node, os.stat_result, int]:
+        box = {}
+
+        def make(dfd: int, n: bytes) -> None:
+            fd = os.open(n, (flags & _OPEN_PASS) | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW,
+                         stat.S_IMODE(mode) & ~caller.umask, dir_fd=dfd)
+            box["fd"] = fd
+
+        try:
+            node, st = self._place_new(parent, name, make, caller)
+        except BaseException:
+            if "fd" in box:
+                os.close(box["fd"])
+            raise
+        return node, st, self.handles.add(OpenFile(box["fd"], node, flags))
+
+    def mkdir(self: "Overlay", parent: Node, name: bytes, mode: int, caller: "Caller"):
+        return self._place_new(parent, name, lambda dfd, n: os.mkdir(n, stat.S_IMODE(mode) & ~caller.umask, dir_fd=dfd),
+                               caller, opaque=True)
+
+    def mknod(self: "Overlay", parent: Node, name: bytes, mode: int, rdev: int, caller: "Caller"):
+        if stat.S_ISCHR(mode) and rdev == 0:
+            raise OSError(errno.EPERM, "a whiteout cannot be created through the overlay")
+        perm = stat.S_IMODE(mode) & ~caller.umask
+        return self._place_new(parent, name, lambda dfd, n: os.mknod(n, stat.S_IFMT(mode) | perm, rdev, dir_fd=dfd),
+                               caller)
+
+    def symlink(self: "Overlay", parent: Node, name: bytes, target: bytes, caller: "Caller"):
+        return self._place_new(parent, name, lambda dfd, n: os.symlink(target, n, dir_fd=dfd), caller)
+
+    async def link(self: "Overlay", node: Node, parent: Node, name: bytes, caller: "Caller"):
+        self._writable()
+        if node.is_dir:
+            raise OSError(errno.EPERM, "hard link to a directory")
+        await self.copyup.ensure_upper(node)
+        rel = node.relpath()
+        sp, _, sn = rel.rpartition(b"/")
+        sfd = self.stack.dir_fd(self.stack.upper, sp)
+        src_path = _sys.proc_path(sfd, sn)
+
+        def make(dfd: int, n: bytes) -> None:
+            os.link(src_path, n, dst_dir_fd=dfd, follow_symlinks=False)
+
+        # _place_new chowns the new name: keep the file's own owner.
+        st0 = _sys.lstat_at(sfd, sn)
+        from .overlay import Caller as _C
+
+        return self._place_new(parent, name, make, _C(st0.st_uid, st0.st_gid, caller.pid, caller.umask))
+
+    def _clear_whiteouts(self: "Overlay", dfd_parent: int, name: bytes) -> None:
+        """Remove the whiteouts left in an upper dir that is about to go (it holds nothing else)."""
+        fd = _sys.open_beneath(dfd_parent, name, _sys.O_PATH | os.O_DIRECTORY)
+        try:
+            for child, _kind in _sys.listdir_fd(fd):
+                os.unlink(child, dir_fd=fd)
+        finally:
+            os.close(fd)
+
+    def remove(self: "Overlay", parent: Node, name: bytes, is_dir: bool) -> None:
+        """unlink (is_dir False) or rmdir (True)."""
+        self._writable()
+        node, st = self.lookup(parent, name)
+        if is_dir:
+            if not node.is_dir:
+                raise OSError(errno.ENOTDIR, "not a directory")
+            listing = self.stack.list_merged(node.dirs, node.relpath(), True)
+            if listing:
+                raise OSError(errno.ENOTEMPTY, "directory not empty")
+        elif node.is_dir:
+            raise OSError(errno.EISDIR, "is a directory")
+        need_whiteout = self._lower_has(parent, name)
+        pfd = self._upper_dir(parent)
+        rel = node.relpath()
+        wfd = self.copyup.work_fd
+        in_upper = node.layer.is_upper
+        if need_whiteout:
+            tmp = self.copyup.tmpname()
+            os.mknod(tmp, stat.S_IFCHR | 0o000, 0, dir_fd=wfd)
+            try:
+                if in_upper:
+                    _sys.renameat2(wfd, tmp, pfd, name, _sys.RENAME_EXCHANGE)
+                else:
+                    _sys.renameat2(wfd, tmp, pfd, name, _sys.RENAME_NOREPLACE)
+            except BaseException:
+                self.copyup._discard(tmp)
+                raise
+            if in_upper:  # the old upper object now sits in work/ under tmp
+                if is_dir:
+                    self._clear_whiteouts(wfd, tmp)
+                    os.rmdir(tmp, dir_fd=wfd)
+                else:
+                    os.unlink(tmp, dir_fd=wfd)
+        elif in_upper:
+            if is_dir:
+                self._clear_whiteouts(pfd, name)
+                os.rmdir(name, dir_fd=pfd)
+            else:
+                os.unlink(name, dir_fd=pfd)
+        if is_dir:
+            self.stack.dirfds.forget(self.stack.upper, rel)
+        self.inodes.detach(parent, name)
+
+    async def rename(self: "Overlay", parent: Node, name: bytes, newparent: Node, newname: bytes,
+                     flags: int) -> None:
+        self._writable()
+        if flags & ~(_sys.RENAME_NOREPLACE | _sys.RENAME_EXCHANGE) or \
+                (flags & _sys.RENAME_NOREPLACE and flags & _sys.RENAME_EXCHANGE):
+            raise OSError(errno.EINVAL, "unsupported rename flags")
+        src, _ = self.lookup(parent, name)
+        dst = self._exists(newparent, newname)
+        if len(newname) > 255:
+            raise OSError(errno.ENAMETOOLONG, "name too long")
+        if src is dst:
+            return
+        exchange = bool(flags & _sys.RENAME_EXCHANGE)
+        if flags & _sys.RENAME_NOREPLACE and dst is not None:
+            raise OSError(errno.EEXIST, "target exists")
+        if exchange and dst is None:
+            raise OSError(errno.ENOENT, "no target to exchange with")
+        # The kernel without redirect_dir: a directory with lower content cannot move (EXDEV).
+        for n in (src, dst if exchange else None):
+            if n is not None and n.is_dir and (n.is_merged or not n.layer.is_upper):
+                raise OSError(errno.EXDEV, "directory has lower content")
+        if dst is not None and not exchange:
+            if src.is_dir and not dst.is_dir:
+                raise OSError(errno.ENOTDIR, "target is not a directory")
+            if not src.is_dir and dst.is_dir:
+                raise OSError(errno.EISDIR, "target is a directory")
+            if dst.is_dir and self.stack.list_merged(dst.dirs, dst.relpath(), True):
+                raise OSError(errno.ENOTEMPTY, "target not empty")
+        await self.copyup.ensure_upper(src)
+        if exchange:
+            await self.copyup.ensure_upper(dst)
+        opfd = self._upper_dir(parent)
+        old_needs_wo = not exchange and self._lower_has(parent, name)
+        npfd = self._upper_dir(newparent)
+        opfd = self.stack.dir_fd(self.stack.upper, parent.relpath())
+        real_flags = _sys.RENAME_EXCHANGE if exchange else 0
+        if old_needs_wo:
+            real_flags |= _sys.RENAME_WHITEOUT
+        nst = self._upper_entry(npfd, newname)
+        if not exchange and src.is_dir and self._lower_has(newparent, newname):
+            # The moved directory now covers lower content of that name: make it opaque.
+            os.setxattr(_sys.proc_path(opfd, name), self.names.opaque, b"y", follow_symlinks=False)
+        if not exchange and nst is not None and stat.S_ISDIR(nst.st_mode):
+            self._clear_whiteouts(npfd, newname)
+        _sys.renameat2(opfd, name, npfd, newname, real_flags)
+        old_rel = src.relpath()
+        if src.is_dir:
+            self.stack.dirfds.forget(self.stack.upper, old_rel)
+        if dst is not None and dst.is_dir:
+            self.stack.dirfds.forget(self.stack.upper, dst.relpath())
+        self.inodes.move(src, parent, name, newparent, newname, exchange=dst if exchange else None)
+
+    # --- attributes and data ------------------------------------------------------------------
+
+    async def setattr(self: "Overlay", node: Node, changes: dict, fh: int | None) -> os.stat_result:
+        self._writable()
+        await self.copyup.ensure_upper(node)
+        rel = node.relpath()
+        prel, _, name = rel.rpartition(b"/")
+        pfd = self.stack.dir_fd(self.stack.upper, prel) if rel else None
+        target = (pfd, name) if rel else (self.stack.upper.fd, None)
+        path = _sys.proc_path(*target)
+        follow = not rel
+        if "size" in changes:
+            h = self.handles[fh] if fh is not None else None
+            if isinstance(h, OpenFile) and h.node is node and (h.flags & os.O_ACCMODE) != os.O_RDONLY:
+                os.ftruncate(h.fd, changes["size"])
+            else:
+                fd = _sys.open_beneath(pfd, name, os.O_WRONLY)
+                try:
+                    os.ftruncate(fd, changes["size"])
+                finally:
+                    os.close(fd)
+        if "uid" in changes or "gid" in changes:
+            os.chown(path, changes.get("uid", -1), changes.get("gid", -1), follow_symlinks=follow)
+        if "mode" in changes:
+            os.chmod(path, stat.S_IMODE(changes["mode"]), follow_symlinks=True)
+        if "atime_ns" in changes or "mtime_ns" in changes:
+            cur = os.stat(path, follow_symlinks=follow)
+            os.utime(path, ns=(changes.get("atime_ns", cur.st_atime_ns), changes.get("mtime_ns", cur.st_mtime_ns)),
+                     follow_symlinks=follow)
+        return self.getattr(node)
+
+    def write(self: "Overlay", fh: int, offset: int, data: bytes) -> int:
+        h = self.handles[fh]
+        assert isinstance(h, OpenFile)
+        if h.flags & os.O_APPEND:
+            return os.write(h.fd, data)
+        return os.pwrite(h.fd, data, offset)
+
+    def fsync(self: "Overlay", fh: int, datasync: bool) -> None:
+        h = self.handles[fh]
+        if isinstance(h, OpenFile):
+            (os.fdatasync if datasync else os.fsync)(h.fd)
+
+    # --- xattrs -------------------------------------------------------------------------------
+
+    async def setxattr(self: "Overlay", node: Node, name: str, value: bytes) -> None:
+        self._writable()
+        await self.copyup.ensure_upper(node)
+        dfd, n = self._xattr_target(node)
+        p, follow = _sys.proc_path(dfd, n), n is None
+        os.setxattr(p, self.names.to_real(name), value, follow_symlinks=follow)
+
+    async def removexattr(self: "Overlay", node: Node, name: str) -> None:
+        self._writable()
+        self.getxattr(node, name)  # ENODATA before any copy-up, as the kernel does
+        await self.copyup.ensure_upper(node)
+        dfd, n = self._xattr_target(node)
+        os.removexattr(_sys.proc_path(dfd, n), self.names.to_real(name), follow_symlinks=n is None)
