@@ -66,6 +66,7 @@ class CopyUp:
         self._seq = itertools.count(1)
         self.uuid = _sys.fs_uuid(stack.lowers[0].fd) if stack.lowers else None
         self.limiter = trio.CapacityLimiter(2)
+        self.on_installed = None  # called with a node right after it became upper
         self.ino_changed: list[int] = []  # node ids whose st_ino changed (the kernel's attr cache must drop them)
 
     def tmpname(self) -> bytes:
@@ -153,11 +154,15 @@ class CopyUp:
         rel = node.relpath()
         prel, _, name = rel.rpartition(b"/")
         pfd = self.stack.dir_fd(self.upper, prel)
+        pst = os.fstat(pfd)
         try:
             _sys.renameat2(self.work_fd, tmp, pfd, name, _sys.RENAME_NOREPLACE)
         except OSError:
             self._discard(tmp)
             raise
+        # A copy-up changes nothing in the merged view: give the parent its times back
+        # (the kernel does the same: ovl_set_timestamps on the upper parent).
+        os.utime(_sys.proc_path(pfd), ns=(pst.st_atime_ns, pst.st_mtime_ns))
         old_layer = node.layer
         node.layer = self.upper
         if node.is_dir:
@@ -170,6 +175,8 @@ class CopyUp:
                 node.ino = st.st_ino
                 self.ino_changed.append(node.id)
         log.debug("copied up %r from %s", rel, old_layer.label)
+        if self.on_installed is not None:
+            self.on_installed(node)
 
     def _discard(self, tmp: bytes) -> None:
         try:

@@ -67,6 +67,7 @@ class Overlay(WriteOps):
         self.copyup: CopyUp | None = None
         if not self.read_only and work_fd is not None:
             self.copyup = CopyUp(stack, names, self.inodes, work_fd)
+            self.copyup.on_installed = self._repoint_handles
 
     def _root_dirs(self):
         # The root merges every layer down to the first opaque one (the kernel checks the
@@ -225,6 +226,19 @@ class Overlay(WriteOps):
             await self.copyup.ensure_upper(node)
         fd = self._open_real(node, flags & _OPEN_PASS)
         return self.handles.add(OpenFile(fd, node, flags))
+
+    def _repoint_handles(self, node: Node) -> None:
+        """After a copy-up, files opened read-only on the lower object read the upper one
+        (the kernel shows the new data to such fds too, see docs/semantics.md)."""
+        for h in self.handles.files_of(node):
+            if node.is_dir:
+                continue
+            try:
+                fd = self._open_real(node, h.flags & _OPEN_PASS & ~os.O_TRUNC)
+            except OSError:
+                continue
+            os.dup2(fd, h.fd, inheritable=False)
+            os.close(fd)
 
     def _open_real(self, node: Node, flags: int) -> int:
         rel = node.relpath()
