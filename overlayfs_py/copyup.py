@@ -125,7 +125,8 @@ class CopyUp:
             except OSError as exc:  # like the kernel, skip what the upper fs refuses
                 if exc.errno not in (errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM, errno.ENODATA, errno.EINVAL):
                     raise
-        if origin_fd is not None:
+        # No origin when the copy-up breaks a lower hard link (ovl_copy_up_metadata).
+        if origin_fd is not None and (stat.S_ISDIR(st.st_mode) or st.st_nlink == 1):
             fh = _sys.name_to_handle(origin_fd)
             if fh is not None:
                 from .overlay import encode_origin

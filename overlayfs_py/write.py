@@ -69,6 +69,15 @@ class WriteOps:
         gid = pst.st_gid if pst.st_mode & stat.S_ISGID else caller.gid
         return caller.uid, gid
 
+    def _chown_keep_mode(self: "Overlay", dfd: int, name: bytes, uid: int, gid: int) -> None:
+        """chown a new object to its creator; chown drops set-id bits, so put the mode back."""
+        st = _sys.lstat_at(dfd, name)
+        if (st.st_uid, st.st_gid) == (uid, gid):
+            return
+        os.chown(name, uid, gid, dir_fd=dfd, follow_symlinks=False)
+        if not stat.S_ISLNK(st.st_mode) and st.st_mode & (stat.S_ISUID | stat.S_ISGID):
+            os.chmod(name, stat.S_IMODE(st.st_mode), dir_fd=dfd)
+
     def _place_new(self: "Overlay", parent: Node, name: bytes, make, caller: "Caller",
                    opaque: bool = False) -> tuple[Node, os.stat_result]:
         """Create a new object with ``make(dir_fd, name)`` in upper, over a whiteout if there is one."""
@@ -86,7 +95,7 @@ class WriteOps:
             tmp = self.copyup.tmpname()
             make(wfd, tmp)
             try:
-                os.chown(tmp, uid, gid, dir_fd=wfd, follow_symlinks=False)
+                self._chown_keep_mode(wfd, tmp, uid, gid)
                 if opaque:
                     os.setxattr(_sys.proc_path(wfd, tmp), self.names.opaque, b"y", follow_symlinks=False)
                 _sys.renameat2(wfd, tmp, pfd, name, _sys.RENAME_EXCHANGE)
@@ -98,7 +107,7 @@ class WriteOps:
             raise OSError(errno.EEXIST, "exists in upper")
         else:
             make(pfd, name)
-            os.chown(name, uid, gid, dir_fd=pfd, follow_symlinks=False)
+            self._chown_keep_mode(pfd, name, uid, gid)
         self.stack.dirfds.forget(self.stack.upper, parent.relpath() + b"/" + name if parent.parent else name)
         return self.lookup(parent, name)
 
@@ -246,8 +255,10 @@ class WriteOps:
         if old_needs_wo:
             real_flags |= _sys.RENAME_WHITEOUT
         nst = self._upper_entry(npfd, newname)
-        if not exchange and src.is_dir and self._lower_has(newparent, newname):
-            # The moved directory now covers lower content of that name: make it opaque.
+        if not exchange and src.is_dir and (self._lower_has(newparent, newname) or
+                                            (parent is not newparent and newparent.is_merged)):
+            # A pure-upper directory moved into another, merged directory (or over lower
+            # content) becomes opaque, as the kernel's ovl_rename makes it.
             os.setxattr(_sys.proc_path(opfd, name), self.names.opaque, b"y", follow_symlinks=False)
         if not exchange and nst is not None and stat.S_ISDIR(nst.st_mode):
             self._clear_whiteouts(npfd, newname)
