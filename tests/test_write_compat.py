@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import time
 
 import pytest
 
 from helpers.snapshot import diff_snapshots, format_diff
 from helpers.stacks import FIFO, OPQ, T0, T1, WH, D, F, H, L
-from helpers.writeops import Recorder, Side, subject_label, workdir_problems
+from helpers.writeops import run_start, Recorder, Side, subject_label, workdir_problems
 
 pytestmark = [pytest.mark.kernel, pytest.mark.fuse]
 
@@ -106,7 +105,7 @@ def _result_diff(kres, sres, sname):
 @pytest.fixture(scope="module")
 def sides(tmp_path_factory):
     base = tmp_path_factory.mktemp("compat")
-    t0 = time.time_ns()
+    t0 = run_start()
     return Side(base / "kernel", _layers(), t0), Side(base / "subject", _layers(), t0)
 
 
@@ -133,7 +132,7 @@ def test_kernel_written_upper_mounted_by_subject(tmp_path_factory):
     subject (fresh workdir): the subject shows the kernel's view, and a
     later kernel mount still does."""
     base = tmp_path_factory.mktemp("compat_rev")
-    t0 = time.time_ns()
+    t0 = run_start()
     side = Side(base / "k", _layers(), t0)
     sname = subject_label()
     _, kview = _write(side, "kernel")

@@ -27,7 +27,7 @@ import pytest
 from helpers import mounts
 from helpers.writeops import errname, subject_label, workdir_problems
 
-pytestmark = [pytest.mark.kernel, pytest.mark.fuse, pytest.mark.slow]
+pytestmark = [pytest.mark.kernel, pytest.mark.fuse]
 
 SIZE_MB = int(os.environ.get("PYOVERLAY_CRASH_MB", "300"))
 CHUNK = 1 << 20

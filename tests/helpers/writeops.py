@@ -63,6 +63,18 @@ from .stacks import T_UPPER, build_layer, set_root_attrs
 #: explicit time (parent dirs, layer roots, ...)
 T_BUILD = 1_400_000_000_111_111_111
 
+#: file systems stamp times from a coarse clock that lags ``time.time_ns()``
+#: by up to a few ms: a run's "start" is taken this much before now
+START_SLACK_NS = 2_000_000_000
+
+
+def run_start() -> int:
+    """The ``t_start`` of a run: every time stamp at or after it is
+    ``<recent>``; objects built after it without an explicit time get
+    ``T_BUILD``."""
+    return time.time_ns() - START_SLACK_NS
+
+
 RECENT = "<recent>"
 PRESENT = "<present>"
 
@@ -653,7 +665,7 @@ def run_pair(base: Path, layers, ops, *, remount: bool = False, options=(),
     the uppers, check the workdirs; optionally remount each with the same
     implementation.  Subject failures are stored and re-raised by the
     assertions that need the missing data."""
-    t_start = time.time_ns()
+    t_start = run_start()
     ks = Side(Path(base) / "kernel", layers, t_start, options)
     ss = Side(Path(base) / "subject", layers, t_start, options)
     k = SideRun("kernel", ks)
