@@ -78,16 +78,18 @@ class WriteOps:
         if not stat.S_ISLNK(st.st_mode) and st.st_mode & (stat.S_ISUID | stat.S_ISGID):
             os.chmod(name, stat.S_IMODE(st.st_mode), dir_fd=dfd)
 
-    def _place_new(self: "Overlay", parent: Node, name: bytes, make, caller: "Caller",
+    def _place_new(self: "Overlay", parent: Node, name: bytes, make, caller: "Caller | None",
                    opaque: bool = False) -> tuple[Node, os.stat_result]:
-        """Create a new object with ``make(dir_fd, name)`` in upper, over a whiteout if there is one."""
+        """Create a new object with ``make(dir_fd, name)`` in upper, over a whiteout if there is one.
+
+        The object is given to *caller* (None: a hard link, which keeps its inode's owner)."""
         self._writable()
         if len(name) > 255:
             raise OSError(errno.ENAMETOOLONG, "name too long")
         if self._exists(parent, name) is not None:
             raise OSError(errno.EEXIST, "exists")
         pfd = self._upper_dir(parent)
-        uid, gid = self._owner(pfd, caller)
+        owner = self._owner(pfd, caller) if caller is not None else None
         ust = self._upper_entry(pfd, name)
         wfd = self.copyup.work_fd
         if self._is_upper_whiteout(pfd, name, ust):
@@ -95,9 +97,10 @@ class WriteOps:
             tmp = self.copyup.tmpname()
             make(wfd, tmp)
             try:
-                self._chown_keep_mode(wfd, tmp, uid, gid)
+                if owner is not None:
+                    self._chown_keep_mode(wfd, tmp, *owner)
                 if opaque:
-                    os.setxattr(_sys.proc_path(wfd, tmp), self.names.opaque, b"y", follow_symlinks=False)
+                    self._make_opaque(wfd, tmp)
                 _sys.renameat2(wfd, tmp, pfd, name, _sys.RENAME_EXCHANGE)
             except BaseException:
                 self.copyup._discard(tmp)
@@ -107,7 +110,8 @@ class WriteOps:
             raise OSError(errno.EEXIST, "exists in upper")
         else:
             make(pfd, name)
-            self._chown_keep_mode(pfd, name, uid, gid)
+            if owner is not None:
+                self._chown_keep_mode(pfd, name, *owner)
         self.stack.dirfds.forget(self.stack.upper, parent.relpath() + b"/" + name if parent.parent else name)
         return self.lookup(parent, name)
 
@@ -157,18 +161,19 @@ class WriteOps:
         def make(dfd: int, n: bytes) -> None:
             os.link(src_path, n, dst_dir_fd=dfd, follow_symlinks=False)
 
-        # _place_new chowns the new name: keep the file's own owner.
-        st0 = _sys.lstat_at(sfd, sn)
-        from .overlay import Caller as _C
+        return self._place_new(parent, name, make, None)
 
-        return self._place_new(parent, name, make, _C(st0.st_uid, st0.st_gid, caller.pid, caller.umask))
+    def _make_opaque(self: "Overlay", dfd: int, name: bytes) -> None:
+        if _sys.getxattr_at(dfd, name, self.names.opaque) != b"y":
+            os.setxattr(_sys.proc_path(dfd, name), self.names.opaque, b"y", follow_symlinks=False)
 
     def _clear_whiteouts(self: "Overlay", dfd_parent: int, name: bytes) -> None:
         """Remove the whiteouts left in an upper dir that is about to go (it holds nothing else)."""
         fd = _sys.open_beneath(dfd_parent, name, _sys.O_PATH | os.O_DIRECTORY)
         try:
             for child, _kind in _sys.listdir_fd(fd):
-                os.unlink(child, dir_fd=fd)
+                if is_char_whiteout(_sys.lstat_at(fd, child)):
+                    os.unlink(child, dir_fd=fd)
         finally:
             os.close(fd)
 
@@ -229,6 +234,7 @@ class WriteOps:
         if src is dst:
             return
         exchange = bool(flags & _sys.RENAME_EXCHANGE)
+        dst_pure = False
         if flags & _sys.RENAME_NOREPLACE and dst is not None:
             raise OSError(errno.EEXIST, "target exists")
         if exchange and dst is None:
@@ -242,7 +248,10 @@ class WriteOps:
                 raise OSError(errno.ENOTDIR, "target is not a directory")
             if not src.is_dir and dst.is_dir:
                 raise OSError(errno.EISDIR, "target is a directory")
-            if dst.is_dir and self.stack.list_merged(dst.dirs, dst.relpath(), True):
+            # A target with lower content must be empty in the merged view; a pure-upper
+            # one is left to the real rename (after the opaque marking below, as the kernel).
+            dst_pure = dst.layer.is_upper and not dst.is_merged
+            if dst.is_dir and not dst_pure and self.stack.list_merged(dst.dirs, dst.relpath(), True):
                 raise OSError(errno.ENOTEMPTY, "target not empty")
         await self.copyup.ensure_upper(src)
         if exchange:
@@ -251,18 +260,29 @@ class WriteOps:
         old_needs_wo = not exchange and self._lower_has(parent, name)
         npfd = self._upper_dir(newparent)
         opfd = self.stack.dir_fd(self.stack.upper, parent.relpath())
-        real_flags = _sys.RENAME_EXCHANGE if exchange else 0
-        if old_needs_wo:
-            real_flags |= _sys.RENAME_WHITEOUT
         nst = self._upper_entry(npfd, newname)
-        if not exchange and src.is_dir and (self._lower_has(newparent, newname) or
-                                            (parent is not newparent and newparent.is_merged)):
-            # A pure-upper directory moved into another, merged directory (or over lower
-            # content) becomes opaque, as the kernel's ovl_rename makes it.
-            os.setxattr(_sys.proc_path(opfd, name), self.names.opaque, b"y", follow_symlinks=False)
-        if not exchange and nst is not None and stat.S_ISDIR(nst.st_mode):
-            self._clear_whiteouts(npfd, newname)
+        # ovl_rename's flags: the old name keeps a whiteout when a lower still has it
+        # (RENAME_WHITEOUT, or by swapping with a whiteout already at the new name); a
+        # directory cannot replace a whiteout, so it swaps with it and the whiteout goes.
+        real_flags = _sys.RENAME_EXCHANGE if exchange else 0
+        cleanup_whiteout = False
+        if not exchange:
+            new_is_whiteout = self._is_upper_whiteout(npfd, newname, nst)
+            if old_needs_wo:
+                real_flags = _sys.RENAME_EXCHANGE if new_is_whiteout else _sys.RENAME_WHITEOUT
+            elif src.is_dir and new_is_whiteout:
+                real_flags, cleanup_whiteout = _sys.RENAME_EXCHANGE, True
+        # ovl_rename: a (pure-upper) directory that lands in a merged directory is made
+        # opaque, so that lower content of its new name can never merge into it.
+        if src.is_dir and newparent.is_merged:
+            self._make_opaque(opfd, name)
+        if exchange and dst.is_dir and parent.is_merged:
+            self._make_opaque(npfd, newname)
+        if not exchange and nst is not None and stat.S_ISDIR(nst.st_mode) and not dst_pure:
+            self._clear_whiteouts(npfd, newname)  # the upper part of an empty merged dir
         _sys.renameat2(opfd, name, npfd, newname, real_flags)
+        if cleanup_whiteout:
+            os.unlink(name, dir_fd=opfd)
         old_rel = src.relpath()
         if src.is_dir:
             self.stack.dirfds.forget(self.stack.upper, old_rel)

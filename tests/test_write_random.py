@@ -26,7 +26,6 @@ import stat
 
 import pytest
 
-from helpers import mounts
 from helpers.snapshot import diff_snapshots, format_diff
 from helpers.stacks import FIFO, OPQ, T0, T1, T2, WH, D, F, H, L
 from helpers.writeops import run_start, Side, errname, subject_label, workdir_problems
@@ -242,21 +241,7 @@ def _diff(a, b, an, bn, limit=40):
 
 # --------------------------------------------------------------------------
 
-# Known divergences, open in issue 3 (the write path); strict: they must fail until fixed.
-KNOWN_DIVERGENT = {
-    1: "pyoverlay does not yet mark every renamed pure-upper dir opaque where the kernel does",
-    2: "gid of some objects differs from the kernel after chown/link sequences: first seen "
-       "after op #235 link('b/z', 'h2') (b/z: lower l1 file, lchown'ed 0:1000, chmod'ed, "
-       "appended, linked earlier; h2 a whiteout in upper): kernel gid 1000, pyoverlay 0 "
-       "for every name of that inode",
-}
-
-
-@pytest.mark.parametrize("seed", [
-    pytest.param(s, marks=pytest.mark.xfail(reason=KNOWN_DIVERGENT[s], strict=True))
-    if s in KNOWN_DIVERGENT and "PYOVERLAY_SEED" not in os.environ
-    and mounts.subject_name() == "pyoverlay" else s
-    for s in SEEDS])
+@pytest.mark.parametrize("seed", SEEDS)
 def test_random_ops(tmp_path, seed):
     sname = subject_label()
     t0 = run_start()
