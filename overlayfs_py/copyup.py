@@ -31,7 +31,14 @@ THREAD_THRESHOLD = 1 << 20  # copy data in a worker thread above this size
 
 
 def copy_data(src: int, dst: int, size: int) -> int:
-    """Copy *size* bytes from *src* to *dst* in the kernel (reflink where the fs can)."""
+    """Copy *size* bytes from *src* to *dst* in the kernel (reflink where the fs can), then
+    fsync *dst*. Blocking: large files go through a worker thread."""
+    done = _copy(src, dst, size)
+    os.fsync(dst)
+    return done
+
+
+def _copy(src: int, dst: int, size: int) -> int:
     done = 0
     try:
         while done < size:
@@ -110,6 +117,14 @@ class CopyUp:
         prel, _, name = rel.rpartition(b"/")
         dfd = self.stack.dir_fd(node.layer, prel)
         return dfd, name, _sys.lstat_at(dfd, name)
+
+    def _finish_meta_of(self, dfd: int, name: bytes, tmp: bytes, st: os.stat_result) -> None:
+        """``_finish_meta`` with the lower object *name* in *dfd* as the source (no data to copy)."""
+        ofd = _sys.open_beneath(dfd, name, _sys.O_PATH)
+        try:
+            self._finish_meta(tmp, _sys.proc_path(dfd, name), st, ofd)
+        finally:
+            os.close(ofd)
 
     def _finish_meta(self, name: bytes, src_path: bytes, st: os.stat_result, origin_fd: int | None) -> None:
         """Owner, mode, xattrs, origin and times on work/<name> (in that order: chown clears set-id bits)."""
@@ -191,15 +206,10 @@ class CopyUp:
 
     def _copy_up_dir(self, node: Node) -> None:
         dfd, name, st = self._lower_at(node)
-        src_path = _sys.proc_path(dfd, name)
         tmp = self.tmpname()
         os.mkdir(tmp, 0o700, dir_fd=self.work_fd)
         try:
-            ofd = _sys.open_beneath(dfd, name, _sys.O_PATH | os.O_DIRECTORY)
-            try:
-                self._finish_meta(tmp, src_path, st, ofd)
-            finally:
-                os.close(ofd)
+            self._finish_meta_of(dfd, name, tmp, st)
         except BaseException:
             self._discard(tmp)
             raise
@@ -221,26 +231,17 @@ class CopyUp:
                             await trio.to_thread.run_sync(copy_data, src, dst, st.st_size, limiter=self.limiter)
                         else:
                             copy_data(src, dst, st.st_size)
-                        os.fsync(dst)
                     finally:
                         os.close(dst)
                     self._finish_meta(tmp, src_path, st, src)
                 finally:
                     os.close(src)
-            elif stat.S_ISLNK(mode):
-                os.symlink(_sys.readlink_at(dfd, name), tmp, dir_fd=wfd)
-                ofd = _sys.open_beneath(dfd, name, _sys.O_PATH)
-                try:
-                    self._finish_meta(tmp, src_path, st, ofd)
-                finally:
-                    os.close(ofd)
-            else:  # fifo, socket, char or block device: the same type, no data
-                os.mknod(tmp, stat.S_IFMT(mode) | 0o600, st.st_rdev, dir_fd=wfd)
-                ofd = _sys.open_beneath(dfd, name, _sys.O_PATH)
-                try:
-                    self._finish_meta(tmp, src_path, st, ofd)
-                finally:
-                    os.close(ofd)
+            else:
+                if stat.S_ISLNK(mode):
+                    os.symlink(_sys.readlink_at(dfd, name), tmp, dir_fd=wfd)
+                else:  # fifo, socket, char or block device: the same type, no data
+                    os.mknod(tmp, stat.S_IFMT(mode) | 0o600, st.st_rdev, dir_fd=wfd)
+                self._finish_meta_of(dfd, name, tmp, st)
         except BaseException:
             self._discard(tmp)
             raise

@@ -6,7 +6,7 @@ The table only stores; ``Overlay`` decides what an fd points at.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .inodes import Node
 
@@ -25,7 +25,6 @@ class DirHandle:
     # is open, so entries changed meanwhile are not seen (the kernel's readdir cache does the same).
     names: list | None = None  # [(name, layer listing it)]
     real: bool = False  # served by a single layer: listed raw, whiteouts included
-    extra: dict = field(default_factory=dict)
 
 
 class HandleTable:

@@ -11,7 +11,6 @@ non-directory below a directory) ends the merge.
 from __future__ import annotations
 
 import collections
-import errno
 import logging
 import os
 import stat
@@ -210,6 +209,3 @@ class LayerStack:
         """statfs of the mount: the upper filesystem's, or the top lower's for a read-only stack."""
         return os.statvfs(self.layers[0].fd)
 
-
-def is_enoent(exc: OSError) -> bool:
-    return exc.errno in (errno.ENOENT, errno.ENOTDIR)

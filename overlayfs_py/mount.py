@@ -40,12 +40,10 @@ def prepare_workdir(cfg: MountConfig) -> None:
     try:
         work = os.path.join(cfg.workdir, WORK_SUBDIR)
         try:
-            st = os.lstat(work)
-        except FileNotFoundError:
             os.mkdir(WORK_SUBDIR, 0o000, dir_fd=wfd)
-        else:
+        except FileExistsError:
             if not os.path.isdir(work) or os.path.islink(work):
-                raise OSError(errno.ENOTDIR, f"{work} is not a directory")
+                raise OSError(errno.ENOTDIR, f"{work} is not a directory") from None
             os.chmod(work, 0o000)
             for name in os.listdir(work):
                 p = os.path.join(work, name)
@@ -53,7 +51,6 @@ def prepare_workdir(cfg: MountConfig) -> None:
                     shutil.rmtree(p)
                 else:
                     os.unlink(p)
-            del st
     finally:
         os.close(wfd)
 

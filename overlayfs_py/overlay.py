@@ -19,14 +19,13 @@ from .copyup import CopyUp
 from .handles import DirHandle, HandleTable, OpenFile
 from .inodes import InodeTable, Node
 from .layers import Hit, Layer, LayerStack
-from .whiteout import XattrNames, is_char_whiteout
-from .write import WriteOps
+from .whiteout import XattrNames
+from .write import OPEN_PASS, WriteOps
 
 log = logging.getLogger(__name__)
 
 NAME_MAX = 255
 XINO_SHIFT = 56  # layers on several filesystems: the layer's fs index goes in the high bits
-_OPEN_PASS = (os.O_ACCMODE | os.O_APPEND | os.O_SYNC | os.O_DSYNC | os.O_TRUNC | os.O_NONBLOCK)
 
 
 @dataclass(frozen=True)
@@ -224,7 +223,7 @@ class Overlay(WriteOps):
                 (stat.S_ISREG(node.mode) or stat.S_ISLNK(node.mode)):
             self._writable()
             await self.copyup.ensure_upper(node)
-        fd = self._open_real(node, flags & _OPEN_PASS)
+        fd = self._open_real(node, flags & OPEN_PASS)
         return self.handles.add(OpenFile(fd, node, flags))
 
     def _repoint_handles(self, node: Node) -> None:
@@ -234,7 +233,7 @@ class Overlay(WriteOps):
             if node.is_dir:
                 continue
             try:
-                fd = self._open_real(node, h.flags & _OPEN_PASS & ~os.O_TRUNC)
+                fd = self._open_real(node, h.flags & OPEN_PASS & ~os.O_TRUNC)
             except OSError:
                 continue
             os.dup2(fd, h.fd, inheritable=False)
@@ -366,5 +365,3 @@ def encode_origin(handle_type: int, handle: bytes, uuid: bytes | None) -> bytes:
     u = (uuid or b"\0" * 16)[:16].ljust(16, b"\0")
     return bytes([0, 0xFB, 21 + len(handle), 0, handle_type]) + u + handle
 
-
-__all__ = ["Overlay", "Caller", "Entry", "decode_origin", "encode_origin", "is_char_whiteout"]

@@ -22,7 +22,8 @@ from .whiteout import is_char_whiteout, may_be_xwhiteout
 if TYPE_CHECKING:
     from .overlay import Caller, Overlay
 
-_OPEN_PASS = (os.O_ACCMODE | os.O_APPEND | os.O_SYNC | os.O_DSYNC | os.O_TRUNC | os.O_NONBLOCK)
+# Open flags passed on to the real file (O_DIRECT, O_NOATIME, O_CREAT... are not).
+OPEN_PASS = (os.O_ACCMODE | os.O_APPEND | os.O_SYNC | os.O_DSYNC | os.O_TRUNC | os.O_NONBLOCK)
 
 
 class WriteOps:
@@ -122,7 +123,7 @@ class WriteOps:
         box = {}
 
         def make(dfd: int, n: bytes) -> None:
-            fd = os.open(n, (flags & _OPEN_PASS) | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW,
+            fd = os.open(n, (flags & OPEN_PASS) | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW,
                          stat.S_IMODE(mode) & ~caller.umask, dir_fd=dfd)
             box["fd"] = fd
 
@@ -162,6 +163,14 @@ class WriteOps:
             os.link(src_path, n, dst_dir_fd=dfd, follow_symlinks=False)
 
         return self._place_new(parent, name, make, None)
+
+    def _remove_real(self: "Overlay", dfd: int, name: bytes, is_dir: bool) -> None:
+        """Remove an upper object; a directory may still hold whiteouts (nothing else)."""
+        if is_dir:
+            self._clear_whiteouts(dfd, name)
+            os.rmdir(name, dir_fd=dfd)
+        else:
+            os.unlink(name, dir_fd=dfd)
 
     def _make_opaque(self: "Overlay", dfd: int, name: bytes) -> None:
         if _sys.getxattr_at(dfd, name, self.names.opaque) != b"y":
@@ -206,17 +215,9 @@ class WriteOps:
                 self.copyup._discard(tmp)
                 raise
             if in_upper:  # the old upper object now sits in work/ under tmp
-                if is_dir:
-                    self._clear_whiteouts(wfd, tmp)
-                    os.rmdir(tmp, dir_fd=wfd)
-                else:
-                    os.unlink(tmp, dir_fd=wfd)
+                self._remove_real(wfd, tmp, is_dir)
         elif in_upper:
-            if is_dir:
-                self._clear_whiteouts(pfd, name)
-                os.rmdir(name, dir_fd=pfd)
-            else:
-                os.unlink(name, dir_fd=pfd)
+            self._remove_real(pfd, name, is_dir)
         if is_dir:
             self.stack.dirfds.forget(self.stack.upper, rel)
         self.inodes.detach(parent, name)

@@ -1,0 +1,113 @@
+"""Copy-up and concurrency: a large copy-up does not stall other requests, and
+concurrent openers of one lower file share a single copy-up.
+
+These are pyoverlay-only properties (the kernel has no server loop to stall), so
+there is no kernel side; they are checked by what is observable, never by time.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import pytest
+
+from helpers import mounts
+
+pytestmark = [pytest.mark.fuse]
+
+CHUNK = 1 << 20
+BIG_MB = int(os.environ.get("PYOVERLAY_CONCURRENCY_MB", "512"))
+
+
+def _stack(tmp_path, big_mb=0):
+    lower, upper, work, mnt = (tmp_path / n for n in ("lower", "upper", "work", "mnt"))
+    for d in (lower, upper, work, mnt):
+        d.mkdir()
+    (lower / "d").mkdir()
+    (lower / "d" / "small").write_bytes(b"small file\n")
+    (lower / "shared").write_bytes(b"0" * 8192)
+    if big_mb:
+        buf = os.urandom(CHUNK)
+        with open(lower / "big", "wb") as f:
+            for _ in range(big_mb):
+                f.write(buf)
+    return lower, upper, work, mnt
+
+
+def _work_entries(work):
+    return os.listdir(work / "work")
+
+
+def test_large_copy_up_does_not_stall_other_requests(tmp_path):
+    """While a 512 MiB copy-up is in progress (its temp object sits in work/), other
+    processes' lookups, reads, readdirs and writes through the same mount complete."""
+    lower, upper, work, mnt = _stack(tmp_path, BIG_MB)
+    with mounts.PyoverlayMount([lower], mnt, upper, work, log_path=tmp_path / "server.log"):
+        done = threading.Event()
+        errors = []
+
+        def opener():
+            try:
+                fd = os.open(mnt / "big", os.O_WRONLY)  # copy-up happens inside this open
+                os.close(fd)
+            except OSError as exc:  # pragma: no cover - reported below
+                errors.append(exc)
+            finally:
+                done.set()
+
+        t = threading.Thread(target=opener)
+        t.start()
+        try:
+            # wait until the copy-up has started: its object appears in work/
+            while not _work_entries(work) and not done.is_set():
+                pass
+            assert not done.is_set(), "the copy-up finished before it could be observed"
+            # other requests, from this process, while the copy-up runs
+            assert os.stat(mnt / "d" / "small").st_size == 11
+            assert (mnt / "d" / "small").read_bytes() == b"small file\n"
+            assert sorted(os.listdir(mnt / "d")) == ["small"]
+            (mnt / "new").write_bytes(b"written meanwhile\n")
+            still_copying = bool(_work_entries(work)) and not done.is_set()
+        finally:
+            t.join()
+        assert not errors, errors
+        assert still_copying, "requests were only answered after the copy-up had finished"
+        assert (upper / "big").stat().st_size == BIG_MB * CHUNK
+        assert (upper / "new").read_bytes() == b"written meanwhile\n"
+        assert _work_entries(work) == []
+
+
+def test_concurrent_openers_share_one_copy_up(tmp_path):
+    """Eight threads open the same lower file for writing at once and each writes its own
+    block: all opens succeed (a second copy-up would fail its RENAME_NOREPLACE) and every
+    block lands in the one upper file."""
+    lower, upper, work, mnt = _stack(tmp_path)
+    n = 8
+    barrier = threading.Barrier(n)
+    errors = []
+
+    def writer(i):
+        try:
+            barrier.wait()
+            fd = os.open(mnt / "shared", os.O_WRONLY)
+            try:
+                os.pwrite(fd, bytes([ord("a") + i]) * 1024, i * 1024)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            errors.append(exc)
+
+    with mounts.PyoverlayMount([lower], mnt, upper, work, log_path=tmp_path / "server.log"):
+        threads = [threading.Thread(target=writer, args=(i,)) for i in range(n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        merged = (mnt / "shared").read_bytes()
+    assert not errors, errors
+    expected = b"".join(bytes([ord("a") + i]) * 1024 for i in range(n))
+    assert merged == expected
+    assert (upper / "shared").read_bytes() == expected
+    assert (lower / "shared").read_bytes() == b"0" * 8192
+    assert _work_entries(work) == []
