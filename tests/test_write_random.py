@@ -241,12 +241,16 @@ def _diff(a, b, an, bn, limit=40):
 
 # --------------------------------------------------------------------------
 
-@pytest.mark.parametrize("seed", SEEDS)
-def test_random_ops(tmp_path, seed):
+CASES = [(seed, ()) for seed in SEEDS] + [(SEEDS[-1], ("userxattr",))]
+
+
+@pytest.mark.parametrize("seed,options", CASES, ids=[f"{s}{'-' + ','.join(o) if o else ''}" for s, o in CASES])
+def test_random_ops(tmp_path, seed, options):
+    """With ``-o userxattr`` both sides keep their private xattrs under user.overlay.*."""
     sname = subject_label()
     t0 = run_start()
-    ks = Side(tmp_path / "kernel", _layers(), t0)
-    ss = Side(tmp_path / "subject", _layers(), t0)
+    ks = Side(tmp_path / "kernel", _layers(), t0, options)
+    ss = Side(tmp_path / "subject", _layers(), t0, options)
     rng = random.Random(seed)
     mismatches = []
     checkpoint_diff = None

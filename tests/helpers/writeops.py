@@ -14,9 +14,9 @@ OWN, separately built but identical layer stack, then three comparisons:
     st_blocks is dropped (it counts ext4's external xattr blocks, so it
     depends on the size of the private origin xattr);
 (c) the UPPER layer on disk after unmount (``snapshot`` of the raw dir): the
-    same normalization, plus: ``trusted.overlay.origin`` values become
-    ``<present>``, ``trusted.overlay.impure`` is dropped, so is
-    ``trusted.overlay.uuid`` on the upper root; char 0/0 whiteouts lose ino
+    same normalization, plus (in the trusted.* and, for userxattr mounts, user.*
+    namespace): ``overlay.origin`` values become ``<present>``, ``overlay.impure``
+    is dropped, so is ``overlay.uuid`` on the upper root; char 0/0 whiteouts lose ino
     and nlink (the kernel hard-links all its whiteouts to one shared inode)
     and leave the hard-link groups; everything else (type, mode, uid/gid,
     size, sha256, symlink target, rdev, ``trusted.overlay.opaque``, escaped
@@ -229,11 +229,12 @@ def normalize_upper(snap: dict, t_start: int) -> dict:
             rec["mtime_ns"] = norm_time(rec["mtime_ns"], t_start)
         x = rec.get("xattrs")
         if isinstance(x, dict):
-            x.pop("trusted.overlay.impure", None)
-            if "trusted.overlay.origin" in x:
-                x["trusted.overlay.origin"] = PRESENT
-            if p == ".":
-                x.pop("trusted.overlay.uuid", None)
+            for ns in ("trusted.overlay.", "user.overlay."):  # userxattr mounts use user.*
+                x.pop(ns + "impure", None)
+                if ns + "origin" in x:
+                    x[ns + "origin"] = PRESENT
+                if p == ".":
+                    x.pop(ns + "uuid", None)
     groups = []
     for g in snap["hardlinks"]:
         g = tuple(x for x in g if x not in whiteouts)
