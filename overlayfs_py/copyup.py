@@ -113,8 +113,7 @@ class CopyUp:
             await self._copy_up_nondir(node)
 
     def _lower_at(self, node: Node) -> tuple[int, bytes, os.stat_result]:
-        rel = node.relpath()
-        prel, _, name = rel.rpartition(b"/")
+        prel, _, name = node.path_in(node.layer).rpartition(b"/")
         dfd = self.stack.dir_fd(node.layer, prel)
         return dfd, name, _sys.lstat_at(dfd, name)
 

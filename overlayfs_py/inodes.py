@@ -34,7 +34,7 @@ class Node:
     may change ``layer``/``dirs`` of a live node.
     """
 
-    __slots__ = ("id", "parent", "name", "mode", "layer", "dirs", "ino", "lookups",
+    __slots__ = ("id", "parent", "name", "mode", "layer", "dirs", "lpaths", "ino", "lookups",
                  "children", "aliases", "key", "__weakref__")
 
     def __init__(self, node_id: int, parent: "Node | None", name: bytes, mode: int,
@@ -45,6 +45,9 @@ class Node:
         self.mode = mode  # S_IFMT bits (+ permission bits at lookup time; refreshed by getattr)
         self.layer = layer
         self.dirs = dirs
+        # Where the object sits inside each *lower* layer that serves it (layer index ->
+        # path); a redirect makes it differ from relpath(). Upper paths are always relpath().
+        self.lpaths: dict[int, bytes] = {}
         self.ino = ino  # the st_ino reported for this node
         self.lookups = 0
         self.children: dict[bytes, Node] = {}
@@ -67,6 +70,16 @@ class Node:
             parts.append(node.name)
             node = node.parent
         return b"/".join(reversed(parts))
+
+    def path_in(self, layer: Layer) -> bytes:
+        """The path of this object inside *layer* (one of ``layer`` / ``dirs``)."""
+        if layer.is_upper:
+            return self.relpath()
+        return self.lpaths.get(layer.index, b"") if self.parent is not None else b""
+
+    def layer_dirs(self) -> list[tuple[Layer, bytes]]:
+        """(layer, path in layer) for every layer contributing to this directory, top first."""
+        return [(l, self.path_in(l)) for l in self.dirs]
 
     def __repr__(self) -> str:
         return f"<Node {self.id} {self.relpath()!r} {self.layer.label}>"

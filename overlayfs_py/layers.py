@@ -15,6 +15,7 @@ import logging
 import os
 import stat
 from dataclasses import dataclass
+from typing import Sequence
 
 from . import _sys
 from .whiteout import XattrNames, has_xwhiteouts, is_char_whiteout, is_opaque, is_whiteout_at, may_be_xwhiteout, opaque_value
@@ -37,10 +38,15 @@ class Layer:
 
 @dataclass
 class Hit:
-    """A name found in one layer."""
+    """A name found in one layer, at *path* inside it (redirects make it differ from the merged path)."""
 
     layer: Layer
     st: os.stat_result
+    path: bytes
+
+
+def join(parent: bytes, name: bytes) -> bytes:
+    return parent + b"/" + name if parent else name
 
 
 class DirFdCache:
@@ -104,6 +110,7 @@ class LayerStack:
         self.lowers = [l for l in self.layers if not l.is_upper]
         self.samefs = len(devs) == 1
         self.dirfds = DirFdCache()
+        self.root_lowers: tuple[Layer, ...] = tuple(self.lowers)  # narrowed by an opaque lower root
 
     def close(self) -> None:
         if hasattr(self, "dirfds"):
@@ -132,30 +139,48 @@ class LayerStack:
 
     # --- precedence -----------------------------------------------------------------------
 
-    def resolve(self, dirs: tuple[Layer, ...], parent: bytes, name: bytes) -> list[Hit]:
-        """Find *name* in the merged directory *parent* whose contributing layers are *dirs*.
+    def resolve(self, parents: Sequence[tuple[Layer, bytes]], name: bytes) -> list[Hit]:
+        """Find *name* in a merged directory given as its (layer, path in layer) pairs, top first.
 
         Returns [] when the name does not exist (or is whited out), a single Hit for a
         non-directory, and one Hit per contributing layer (top first) for a directory.
+        A directory's ``overlay.redirect`` changes where the layers below it are looked
+        at (the kernel follows redirects by default): a relative one names a sibling, an
+        absolute one a path from the root of each lower layer below.
         """
         hits: list[Hit] = []
-        last = len(dirs) - 1
-        for i, layer in enumerate(dirs):
-            dfd = self.dir_fd(layer, parent)
+        cands = [(layer, join(ppath, name)) for layer, ppath in parents]
+        i = 0
+        while i < len(cands):
+            layer, path = cands[i]
+            pdir, _, base = path.rpartition(b"/")
             try:
-                st = _sys.lstat_at(dfd, name)
-            except FileNotFoundError:
-                continue
-            except NotADirectoryError:
+                dfd = self.dir_fd(layer, pdir)
+                st = _sys.lstat_at(dfd, base)
+            except (FileNotFoundError, NotADirectoryError):
+                i += 1
                 continue
             if not stat.S_ISDIR(st.st_mode):
-                if not hits and not is_whiteout_at(dfd, name, st, self.names):
-                    hits.append(Hit(layer, st))
+                if not hits and not is_whiteout_at(dfd, base, st, self.names):
+                    hits.append(Hit(layer, st, path))
                 break  # a whiteout or a non-directory ends the walk (and a dir merge)
-            hits.append(Hit(layer, st))
-            if i < last and is_opaque(opaque_value(dfd, name, self.names)):
+            hits.append(Hit(layer, st, path))
+            if layer.index == self.layers[-1].index or is_opaque(opaque_value(dfd, base, self.names)):
                 break
+            # An absolute redirect continues in the root's lower layers even where the
+            # parent has none left (ovl_lookup switches to the root's lower stack).
+            redirect = _sys.getxattr_at(dfd, base, self.names.redirect)
+            if redirect:
+                cands[i + 1:] = self._redirected(cands[i + 1:], layer, redirect)
+            i += 1
         return hits
+
+    def _redirected(self, rest: list[tuple[Layer, bytes]], layer: Layer,
+                    redirect: bytes) -> list[tuple[Layer, bytes]]:
+        if redirect.startswith(b"/"):
+            target = redirect.strip(b"/")
+            return [(l, target) for l in self.root_lowers if l.index > layer.index]
+        return [(l, join(p.rpartition(b"/")[0], redirect)) for l, p in rest]
 
     def real_dir_filters_whiteouts(self, layer: Layer, relpath: bytes) -> bool:
         """Whether a directory served by one layer alone still hides whiteouts in readdir.
@@ -168,7 +193,7 @@ class LayerStack:
             return True
         return self.getxattr(layer, relpath, self.names.origin) is not None
 
-    def list_merged(self, dirs: tuple[Layer, ...], relpath: bytes,
+    def list_merged(self, dirs: Sequence[tuple[Layer, bytes]],
                     filter_whiteouts: bool) -> list[tuple[bytes, Layer]]:
         """The names of a merged directory, each once with the layer listing it, top layer first.
 
@@ -178,8 +203,8 @@ class LayerStack:
         """
         seen: set[bytes] = set()
         out: list[tuple[bytes, Layer]] = []
-        for layer in dirs:
-            dfd = self.dir_fd(layer, relpath)
+        for layer, path in dirs:
+            dfd = self.dir_fd(layer, path)
             check_x = filter_whiteouts and not layer.is_upper and has_xwhiteouts(
                 opaque_value(dfd, None, self.names))
             for name, kind in _sys.listdir_fd(dfd):

@@ -60,6 +60,7 @@ class Overlay(WriteOps):
         top = stack.layers[0]
         root_st = os.fstat(top.fd)
         root_dirs = tuple(self._root_dirs())
+        stack.root_lowers = tuple(l for l in root_dirs if not l.is_upper)
         self.inodes = InodeTable(top, root_dirs, root_st.st_mode, self._xino(top, root_st.st_ino))
         self.handles = HandleTable()
         self._can_open_by_handle = os.geteuid() == 0
@@ -111,8 +112,7 @@ class Overlay(WriteOps):
         """The lower object an upper non-directory was copied up from, via its origin record."""
         upper = self.stack.upper
         assert upper is not None
-        prel = parent.relpath()
-        raw = _sys.getxattr_at(self.stack.dir_fd(upper, prel), name, self.names.origin)
+        raw = _sys.getxattr_at(self.stack.dir_fd(upper, parent.relpath()), name, self.names.origin)
         if raw is None:
             return None
         fh = decode_origin(raw)
@@ -120,12 +120,11 @@ class Overlay(WriteOps):
             return None
         htype, handle = fh
         # The common case: the origin still sits at the same path in a lower layer.
-        lower_dirs = tuple(l for l in parent.dirs if not l.is_upper)
-        for hit in self.stack.resolve(lower_dirs, prel, name)[:1]:
+        for hit in self.stack.resolve(parent.layer_dirs()[1:], name)[:1]:
             if stat.S_ISDIR(hit.st.st_mode):
                 break
             try:
-                fd = _sys.open_beneath(self.stack.dir_fd(hit.layer, prel), name, _sys.O_PATH)
+                fd = _sys.open_beneath(hit.layer.fd, hit.path, _sys.O_PATH)
             except OSError:
                 break
             try:
@@ -161,7 +160,7 @@ class Overlay(WriteOps):
             raise OSError(errno.ENAMETOOLONG, "name too long")
         if not parent.is_dir:
             raise OSError(errno.ENOTDIR, "not a directory")
-        hits = self.stack.resolve(parent.dirs, parent.relpath(), name)
+        hits = self.stack.resolve(parent.layer_dirs(), name)
         if not hits:
             raise OSError(errno.ENOENT, "no such entry")
         return self._node_for(parent, name, hits), hits[0].st
@@ -185,13 +184,15 @@ class Overlay(WriteOps):
                 shared.mode = mode
                 return shared
         ino = self._st_ino(parent, name, hits)
-        return self.inodes.add(parent, name, mode, top.layer, dirs, ino, key)
+        node = self.inodes.add(parent, name, mode, top.layer, dirs, ino, key)
+        node.lpaths = {h.layer.index: h.path for h in hits if not h.layer.is_upper}
+        return node
 
     # --- attributes -----------------------------------------------------------------------
 
     def getattr(self, node: Node) -> os.stat_result:
         try:
-            st = self.stack.lstat(node.layer, node.relpath())
+            st = self.stack.lstat(node.layer, node.path_in(node.layer))
         except FileNotFoundError:
             files = self.handles.files_of(node)
             if not files:
@@ -211,9 +212,8 @@ class Overlay(WriteOps):
     def readlink(self, node: Node) -> bytes:
         if not stat.S_ISLNK(node.mode):
             raise OSError(errno.EINVAL, "not a symlink")
-        rel = node.relpath()
-        parent, _, name = rel.rpartition(b"/")
-        return _sys.readlink_at(self.stack.dir_fd(node.layer, parent), name)
+        dfd, name = self._at(node)
+        return _sys.readlink_at(dfd, name)
 
     async def open(self, node: Node, flags: int, caller: Caller) -> int:
         if node.is_dir:
@@ -240,9 +240,7 @@ class Overlay(WriteOps):
             os.close(fd)
 
     def _open_real(self, node: Node, flags: int) -> int:
-        rel = node.relpath()
-        parent, _, name = rel.rpartition(b"/")
-        dfd = self.stack.dir_fd(node.layer, parent)
+        dfd, name = self._at(node)
         # Like the kernel's ovl_open_realfile: real files are opened with O_NOATIME, so
         # reading through the overlay does not touch a lower file's atime.
         try:
@@ -269,13 +267,12 @@ class Overlay(WriteOps):
 
     def _listing(self, h: DirHandle) -> list[bytes]:
         node = h.node
-        rel = node.relpath()
         if node.is_merged:
             filter_wo = True
         else:
-            filter_wo = self.stack.real_dir_filters_whiteouts(node.layer, rel)
+            filter_wo = self.stack.real_dir_filters_whiteouts(node.layer, node.path_in(node.layer))
         h.real = not filter_wo
-        return [(b".", node.layer), (b"..", node.layer)] + self.stack.list_merged(node.dirs, rel, filter_wo)
+        return [(b".", node.layer), (b"..", node.layer)] + self.stack.list_merged(node.layer_dirs(), filter_wo)
 
     def readdir(self, fh: int, start: int):
         """Yield ``(index, Entry)`` from position *start*; the listing is built at start 0."""
@@ -304,7 +301,7 @@ class Overlay(WriteOps):
         if node.parent is not None and (node.parent.is_merged if real else node.layer.is_upper):
             st = self.getattr(node.parent)
             return Entry(b"..", None, st, node.parent.ino, self.nlink(node.parent, st))
-        st = _sys.lstat_at(self.stack.dir_fd(node.layer, node.relpath()), b"..")
+        st = _sys.lstat_at(self.stack.dir_fd(node.layer, node.path_in(node.layer)), b"..")
         return Entry(b"..", None, st, self._xino(node.layer, st.st_ino), st.st_nlink)
 
     def _dir_entry(self, parent: Node, name: bytes, layer: Layer) -> Entry | None:
@@ -316,7 +313,7 @@ class Overlay(WriteOps):
             # Listed but not found: a whiteout the kernel's readdir shows too (in a raw
             # listing, or an xattr whiteout outside an opaque=x dir). It gets no node.
             try:
-                st = _sys.lstat_at(self.stack.dir_fd(layer, parent.relpath()), name)
+                st = _sys.lstat_at(self.stack.dir_fd(layer, parent.path_in(layer)), name)
             except FileNotFoundError:
                 return None  # vanished meanwhile
             return Entry(name, None, st, self._xino(layer, st.st_ino), st.st_nlink)
@@ -324,20 +321,21 @@ class Overlay(WriteOps):
 
     # --- xattrs -----------------------------------------------------------------------------
 
-    def _xattr_target(self, node: Node) -> tuple[int, bytes | None]:
-        rel = node.relpath()
-        if not rel:
+    def _at(self, node: Node) -> tuple[int, bytes | None]:
+        """(dir fd, name) of the object serving *node* in its layer; (root fd, None) for the root."""
+        path = node.path_in(node.layer)
+        if not path:
             return node.layer.fd, None
-        parent, _, name = rel.rpartition(b"/")
+        parent, _, name = path.rpartition(b"/")
         return self.stack.dir_fd(node.layer, parent), name
 
     def getxattr(self, node: Node, name: str) -> bytes:
         real = self.names.to_real(name)
-        dfd, n = self._xattr_target(node)
+        dfd, n = self._at(node)
         return _sys.getxattr_raw(dfd, n, real)
 
     def listxattr(self, node: Node, caller: Caller) -> list[str]:
-        dfd, n = self._xattr_target(node)
+        dfd, n = self._at(node)
         out = []
         for real in _sys.listxattr_at(dfd, n):
             shown = self.names.to_user(real)

@@ -42,8 +42,8 @@ class WriteOps:
 
     def _lower_has(self: "Overlay", parent: Node, name: bytes) -> bool:
         """Whether a lower layer below *parent*'s upper still shows *name* (a whiteout is needed)."""
-        lowers = tuple(l for l in parent.dirs if not l.is_upper)
-        return bool(lowers) and bool(self.stack.resolve(lowers, parent.relpath(), name))
+        lowers = [(l, p) for l, p in parent.layer_dirs() if not l.is_upper]
+        return bool(lowers) and bool(self.stack.resolve(lowers, name))
 
     def _upper_entry(self: "Overlay", pfd: int, name: bytes) -> os.stat_result | None:
         try:
@@ -193,7 +193,7 @@ class WriteOps:
         if is_dir:
             if not node.is_dir:
                 raise OSError(errno.ENOTDIR, "not a directory")
-            listing = self.stack.list_merged(node.dirs, node.relpath(), True)
+            listing = self.stack.list_merged(node.layer_dirs(), True)
             if listing:
                 raise OSError(errno.ENOTEMPTY, "directory not empty")
         elif node.is_dir:
@@ -252,7 +252,7 @@ class WriteOps:
             # A target with lower content must be empty in the merged view; a pure-upper
             # one is left to the real rename (after the opaque marking below, as the kernel).
             dst_pure = dst.layer.is_upper and not dst.is_merged
-            if dst.is_dir and not dst_pure and self.stack.list_merged(dst.dirs, dst.relpath(), True):
+            if dst.is_dir and not dst_pure and self.stack.list_merged(dst.layer_dirs(), True):
                 raise OSError(errno.ENOTEMPTY, "target not empty")
         await self.copyup.ensure_upper(src)
         if exchange:
@@ -339,7 +339,7 @@ class WriteOps:
     async def setxattr(self: "Overlay", node: Node, name: str, value: bytes) -> None:
         self._writable()
         await self.copyup.ensure_upper(node)
-        dfd, n = self._xattr_target(node)
+        dfd, n = self._at(node)
         p, follow = _sys.proc_path(dfd, n), n is None
         os.setxattr(p, self.names.to_real(name), value, follow_symlinks=follow)
 
@@ -347,5 +347,5 @@ class WriteOps:
         self._writable()
         self.getxattr(node, name)  # ENODATA before any copy-up, as the kernel does
         await self.copyup.ensure_upper(node)
-        dfd, n = self._xattr_target(node)
+        dfd, n = self._at(node)
         os.removexattr(_sys.proc_path(dfd, n), self.names.to_real(name), follow_symlinks=n is None)
