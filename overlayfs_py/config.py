@@ -153,25 +153,10 @@ def split_lowerdir(spec: str) -> list[str]:
     """
     if spec == "":
         raise ConfigError("empty lowerdir: give at least one lower layer")
-    parts: list[str] = []
-    cur: list[str] = []
-    i = 0
-    n = len(spec)
-    while i < n:
-        ch = spec[i]
-        if ch == "\\":
-            if i + 1 >= n:
-                raise ConfigError(f"lowerdir {_q(spec)} ends with a lone backslash")
-            cur.append(spec[i + 1])
-            i += 2
-            continue
-        if ch == ":":
-            parts.append("".join(cur))
-            cur = []
-        else:
-            cur.append(ch)
-        i += 1
-    parts.append("".join(cur))
+    try:
+        parts = _split_escaped(spec, ":", unescape=True)
+    except ValueError:
+        raise ConfigError(f"lowerdir {_q(spec)} ends with a lone backslash") from None
     if any(p == "" for p in parts[1:-1]):
         raise ConfigError(
             f"empty lower layer in lowerdir {_q(spec)} (data-only '::' layers are not supported)"
@@ -186,24 +171,33 @@ def _split_options(opt: str) -> list[str]:
 
     Backslashes are kept: values are unescaped later, per option.
     """
-    items: list[str] = []
+    return _split_escaped(opt, ",", unescape=False)
+
+
+def _split_escaped(text: str, sep: str, *, unescape: bool) -> list[str]:
+    """Split *text* on *sep* where a backslash escapes the next character. With
+    *unescape* the backslashes are removed (a trailing lone one: ValueError); without,
+    escape pairs are kept as they are."""
+    parts: list[str] = []
     cur: list[str] = []
-    i = 0
-    n = len(opt)
+    i, n = 0, len(text)
     while i < n:
-        ch = opt[i]
-        if ch == "\\" and i + 1 < n:
-            cur.append(opt[i : i + 2])
-            i += 2
-            continue
-        if ch == ",":
-            items.append("".join(cur))
+        ch = text[i]
+        if ch == "\\":
+            if i + 1 < n:
+                cur.append(text[i + 1] if unescape else text[i : i + 2])
+                i += 2
+                continue
+            if unescape:
+                raise ValueError("lone backslash")
+        if ch == sep:
+            parts.append("".join(cur))
             cur = []
         else:
             cur.append(ch)
         i += 1
-    items.append("".join(cur))
-    return items
+    parts.append("".join(cur))
+    return parts
 
 
 # Options that carry a path or a name (value required).
