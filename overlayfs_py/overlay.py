@@ -176,14 +176,20 @@ class Overlay(WriteOps):
             existing.mode = mode
             return existing
         key = None
+        ino = self._st_ino(parent, name, hits)
         if not is_dir and (top.layer.is_upper or self.stack.upper is None):
             key = ("real", top.st.st_dev, top.st.st_ino)
             shared = self.inodes.by_key(key)
             if shared is not None and shared is not existing:
-                self.inodes.add_alias(shared, parent, name)
-                shared.mode = mode
-                return shared
-        ino = self._st_ino(parent, name, hits)
+                # One inode for every name of a real inode, as the kernel hashes by it, unless
+                # the names report different st_ino: the kernel then has two overlay inodes
+                # too (an upper object copied up without an origin record, as with userxattr
+                # on a symlink or fifo, keeps its lower st_ino only under its first name).
+                if shared.ino == ino:
+                    self.inodes.add_alias(shared, parent, name)
+                    shared.mode = mode
+                    return shared
+                key = None
         node = self.inodes.add(parent, name, mode, top.layer, dirs, ino, key)
         node.lpaths = {h.layer.index: h.path for h in hits if not h.layer.is_upper}
         return node
