@@ -206,3 +206,15 @@ def raise_nofile_limit() -> None:
             pass
 
 
+
+
+def close_fds_except(*keep: int | None) -> None:
+    """Close every fd above stderr but *keep*: a forked process that will not exec
+    (a server, an init) must not hold its parent's pipes open."""
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd > 2 and fd not in keep:
+            try:
+                os.close(fd)
+            except OSError:
+                pass

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import shutil
 import subprocess
@@ -12,15 +11,8 @@ import time
 import click
 
 from .config import ConfigError, build_config
-
-
-def _setup_logging(debug: bool, logfile: str | None = None) -> None:
-    handler: logging.Handler
-    handler = logging.FileHandler(logfile) if logfile else logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(process)d %(name)s %(levelname)s: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(logging.DEBUG if debug else logging.INFO)
+from .logs import one_line as _one_line
+from .logs import setup_logging as _setup_logging
 
 
 def _fail(msg: str, code: int = 1) -> None:
@@ -28,16 +20,29 @@ def _fail(msg: str, code: int = 1) -> None:
     sys.exit(code)
 
 
-def _one_line(exc: BaseException) -> str:
-    if isinstance(exc, OSError) and exc.strerror:
-        where = f" ({exc.filename})" if exc.filename else ""
-        return f"{exc.strerror}{where}"
-    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+class _Main(click.Group):
+    """Runner commands exit with 125 on a usage error (docker's code for its own errors)."""
+
+    def main(self, args=None, prog_name=None, **extra):
+        from runner.cli import USAGE_125
+
+        extra.pop("standalone_mode", None)
+        try:
+            rv = super().main(args, prog_name, standalone_mode=False, **extra)
+        except click.ClickException as e:
+            e.show()
+            ctx = getattr(e, "ctx", None)
+            name = ctx.command.name if ctx is not None else None
+            sys.exit(125 if name in USAGE_125 else e.exit_code)
+        except click.exceptions.Abort:
+            click.echo("Aborted!", err=True)
+            sys.exit(1)
+        sys.exit(rv if isinstance(rv, int) else 0)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
-    """pyoverlay: OverlayFS in userspace."""
+    """pyoverlay: OverlayFS in userspace, and containers on it."""
 
 
 @main.command("mount")
@@ -78,44 +83,13 @@ def mount_cmd(args, workdir, options, foreground, debug, logfile):
 
 
 def _mount_background(cfg, debug: bool, logfile: str | None) -> None:
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the server
-        os.close(r)
-        try:
-            os.setsid()
-            devnull = os.open(os.devnull, os.O_RDWR)
-            os.dup2(devnull, 0)
-            os.dup2(devnull, 1)
-            if not logfile:
-                os.dup2(devnull, 2)
-            os.close(devnull)
-            os.chdir("/")
-            _setup_logging(debug, logfile)
-            from .mount import serve
+    from .mount import MountFailed, start_background
 
-            rc = serve(cfg, ready_fd=w)
-        except BaseException as exc:  # report to the waiting parent, then die
-            try:
-                os.write(w, f"error: {_one_line(exc)}\n".encode())
-            except OSError:
-                pass
-            logging.getLogger(__name__).exception("server failed")
-            os._exit(1)
-        os._exit(rc)
-    os.close(w)
-    chunks = []
-    while True:
-        b = os.read(r, 4096)
-        if not b:
-            break
-        chunks.append(b)
-    os.close(r)
-    msg = b"".join(chunks).decode(errors="replace").strip()
-    if msg.startswith("ok"):
-        sys.exit(0)
-    os.waitpid(pid, 0)
-    _fail(f"cannot mount {cfg.mountpoint}: {msg.removeprefix('error: ') or 'server exited'}")
+    try:
+        start_background(cfg, debug=debug, logfile=logfile)
+    except MountFailed as exc:
+        _fail(f"cannot mount {cfg.mountpoint}: {exc}")
+    sys.exit(0)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -149,6 +123,14 @@ def umount_cmd(merged, timeout):
                 _fail(f"server {info['pid']} of {merged} did not exit within {timeout:g}s")
             time.sleep(0.02)
 
+
+def _register_runner() -> None:
+    from runner.cli import register
+
+    register(main)
+
+
+_register_runner()
 
 if __name__ == "__main__":  # pragma: no cover
     main()

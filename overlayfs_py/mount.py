@@ -22,6 +22,7 @@ from . import _sys, state
 from .config import MountConfig
 from .fs import Operations
 from .layers import LayerStack
+from .logs import one_line, setup_logging
 from .overlay import Overlay
 from .whiteout import XattrNames
 
@@ -94,6 +95,60 @@ async def _main(cfg: MountConfig) -> None:
         nursery.start_soon(on_signal)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
+
+
+class MountFailed(Exception):
+    """The server could not mount (one line, from the server)."""
+
+
+def start_background(cfg: MountConfig, *, debug: bool = False, logfile: str | None = None,
+                     parent_death_signal: int | None = None) -> int:
+    """Fork a server for *cfg* and return its pid once the mount is live.
+
+    The server gets its own session and /dev/null for stdio (its log goes to
+    *logfile*). With *parent_death_signal* it receives that signal when the calling
+    process dies (the runner uses SIGTERM: a killed monitor leaves no mount behind).
+    Raises MountFailed with the server's reason; nothing is mounted then.
+    """
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the server
+        os.close(r)
+        try:
+            if parent_death_signal:
+                import ctypes
+
+                ctypes.CDLL(None).prctl(1, parent_death_signal, 0, 0, 0)  # PR_SET_PDEATHSIG
+            os.setsid()
+            _sys.close_fds_except(w)
+            devnull = os.open(os.devnull, os.O_RDWR)
+            for fd in (0, 1) if logfile else (0, 1, 2):
+                os.dup2(devnull, fd)
+            os.close(devnull)
+            os.chdir("/")
+            setup_logging(debug, logfile)
+            rc = serve(cfg, ready_fd=w)
+        except BaseException as exc:  # report to the waiting parent, then die
+            try:
+                os.write(w, f"error: {one_line(exc)}\n".encode())
+            except OSError:
+                pass
+            log.exception("server failed")
+            os._exit(1)
+        os._exit(rc)
+    os.close(w)
+    chunks = []
+    while True:
+        b = os.read(r, 4096)
+        if not b:
+            break
+        chunks.append(b)
+    os.close(r)
+    msg = b"".join(chunks).decode(errors="replace").strip()
+    if msg.startswith("ok"):
+        return pid
+    os.waitpid(pid, 0)
+    raise MountFailed(msg.removeprefix("error: ") or "server exited")
 
 
 def serve(cfg: MountConfig, ready_fd: int | None = None) -> int:

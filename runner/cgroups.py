@@ -1,0 +1,294 @@
+"""Cgroups for containers: memory, pids and cpu limits, membership, cleanup.
+
+Linux offers cgroups in three layouts, all read from /proc/self/mountinfo:
+
+* v1: one ``cgroup`` mount per hierarchy, each holding one or more
+  controllers, named in the mount's super options (``rw,memory``; cpu is
+  often co-mounted with cpuacct: ``rw,cpu,cpuacct``).  A container gets a
+  directory in every hierarchy it uses, and the limit files are
+  per-controller (``memory.limit_in_bytes``, ``pids.max``,
+  ``cpu.cfs_quota_us``).
+* v2: a single ``cgroup2`` mount; one directory per container.  A controller
+  must be listed in the parent's ``cgroup.subtree_control`` before its files
+  (``memory.max``, ``pids.max``, ``cpu.max``) appear in the children.
+* hybrid: v1 hierarchies plus a cgroup2 mount (usually
+  /sys/fs/cgroup/unified) that holds whatever controllers v1 did not claim.
+  A controller lives in exactly one of them; v1 is used when it has it.
+
+The container's cgroup is ``<hierarchy>/<parent>/<name>`` (like docker's
+/docker/<id>), never nested under the caller's own cgroup: the caller may
+sit in a cgroup with its own limits, be moved by a service manager, or be a
+v2 cgroup holding processes (a v2 cgroup with processes may not enable
+controllers for children).  A container must outlive and not be charged to
+whoever launched it.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import signal
+import time
+from dataclasses import dataclass
+from fractions import Fraction
+
+PERIOD = 100000                  # cpu period in microseconds, as docker
+CONTROLLERS = ("memory", "pids", "cpu")
+_MOUNT_FLAGS = {"rw", "ro", "noprefix", "clone_children", "xattr", "cpuset_v2_mode",
+                "favordynmods", "nsdelegate", "memory_recursiveprot"}
+_UNLIMITED = 1 << 62             # v1 reports "no memory limit" as ~2**63
+
+
+class CgroupError(Exception):
+    """A cgroup could not be set up, used or removed (one-line message)."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    memory: int | None = None    # bytes
+    pids: int | None = None
+    cpus: float | None = None    # 0.5 -> 50000us every 100000us
+
+    def __post_init__(self):
+        for field in ("memory", "pids", "cpus"):
+            value = getattr(self, field)
+            if value is not None and not 0 < value < float("inf"):
+                raise ValueError(f"{field} limit must be positive, not {value!r}")
+        if self.cpus is not None and int(self.cpus * PERIOD) < 1000:
+            raise ValueError(f"cpus limit must be at least 0.01, not {self.cpus!r}")
+
+    def any(self) -> bool:
+        return any(v is not None for v in (self.memory, self.pids, self.cpus))
+
+
+def parse_size(text: str) -> int:
+    """Docker's size spelling: "1024", "10b", "512k", "64m", "1g", "1.5g", "64MiB" (any case)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(?:([kmgt])(?:i?b)?|b)?\s*", text, re.IGNORECASE)
+    if not m:
+        raise ValueError(f"invalid size {text!r}: expected a number with an optional "
+                         "unit b, k, m, g or t (e.g. 64m)")
+    value = int(Fraction(m[1]) * 1024 ** " kmgt".index((m[2] or " ").lower()))
+    if value <= 0:
+        raise ValueError(f"invalid size {text!r}: must be at least 1 byte")
+    return value
+
+
+@dataclass(frozen=True)
+class Layout:
+    mode: str                         # "v1" | "v2" | "hybrid" | "none"
+    v1: dict[str, str]                # controller -> mount point of its hierarchy
+    v2_root: str | None               # cgroup2 mount point
+    v2_controllers: frozenset[str]    # from <v2_root>/cgroup.controllers
+
+    def describe(self) -> str:
+        v1 = ", ".join(sorted(self.v1)) or "none"
+        v2 = (f"cgroup2 at {self.v2_root} offers: {', '.join(sorted(self.v2_controllers)) or 'none'}"
+              if self.v2_root else "no cgroup2 mount")
+        return f"v1 controllers: {v1}; {v2}"
+
+
+def _unescape(field: str) -> str:
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), field)
+
+
+def detect(mountinfo: str | None = None) -> Layout:
+    """The cgroup layout described by /proc/self/mountinfo (or the given text)."""
+    if mountinfo is None:
+        with open("/proc/self/mountinfo") as f:
+            mountinfo = f.read()
+    v1: dict[str, str] = {}
+    v2_root = None
+    for line in mountinfo.splitlines():
+        pre, sep, post = line.partition(" - ")
+        if not sep or len(pre.split()) < 5 or len(post.split()) < 3:
+            continue
+        mount_point = _unescape(pre.split()[4])
+        fstype, _source, options = post.split()[:3]
+        if fstype == "cgroup2" and v2_root is None:
+            v2_root = mount_point
+        elif fstype == "cgroup":
+            for opt in options.split(","):
+                if opt not in _MOUNT_FLAGS and "=" not in opt:
+                    v1.setdefault(opt, mount_point)
+    controllers: frozenset[str] = frozenset()
+    if v2_root is not None:
+        try:
+            with open(os.path.join(v2_root, "cgroup.controllers")) as f:
+                controllers = frozenset(f.read().split())
+        except OSError:
+            pass
+    mode = ("hybrid" if v1 and v2_root else "v1" if v1 else "v2" if v2_root else "none")
+    return Layout(mode, v1, v2_root, controllers)
+
+
+def _check_component(what: str, value: str) -> None:
+    if not value or "/" in value or "\0" in value or value in (".", ".."):
+        raise ValueError(f"invalid cgroup {what} {value!r}: must be a single path component")
+
+
+def _write(path: str, text: str) -> None:
+    try:
+        with open(path, "w") as f:
+            f.write(text)
+    except OSError as e:
+        raise CgroupError(f"cannot write {text!r} to {path}: {e.strerror}") from None
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+@dataclass
+class Cgroup:
+    name: str
+    paths: dict[str, str]     # "memory"/"pids"/"cpu"/"unified" -> directory
+
+    @classmethod
+    def create(cls, name: str, limits: Limits, layout: Layout | None = None,
+               parent: str = "pyoverlay") -> "Cgroup":
+        _check_component("name", name)
+        _check_component("parent", parent)
+        layout = layout or detect()
+        unified = os.path.join(layout.v2_root, parent, name) if layout.v2_root else None
+        paths, v2_used = {}, []
+        for ctrl in CONTROLLERS:
+            if ctrl in layout.v1:
+                paths[ctrl] = os.path.join(layout.v1[ctrl], parent, name)
+            elif ctrl in layout.v2_controllers:
+                paths[ctrl] = unified
+                v2_used.append(ctrl)
+            elif getattr(limits, "cpus" if ctrl == "cpu" else ctrl) is not None:
+                raise CgroupError(f"cannot limit {ctrl}: no {ctrl} controller in "
+                                  f"/proc/self/mountinfo (cgroup v1 or v2); {layout.describe()}")
+        if unified and (v2_used or layout.mode == "v2"):
+            paths["unified"] = unified
+        if not paths:
+            raise CgroupError(f"cannot create cgroup {name}: no cgroup hierarchy with "
+                              f"memory, pids or cpu; {layout.describe()}")
+        cg, created = cls(name, paths), []
+        try:
+            if v2_used:
+                enable = " ".join("+" + c for c in v2_used)
+                _write(os.path.join(layout.v2_root, "cgroup.subtree_control"), enable)
+            for d in cg._dirs():
+                os.makedirs(os.path.dirname(d), exist_ok=True)
+                if v2_used and d == unified:
+                    _write(os.path.join(os.path.dirname(d), "cgroup.subtree_control"), enable)
+                try:
+                    os.mkdir(d)
+                except FileExistsError:
+                    raise CgroupError(f"cgroup {d} already exists (another container "
+                                      "with this name, or a leftover: rmdir it)") from None
+                created.append(d)
+            cg._write_limits(limits)
+        except (OSError, CgroupError) as e:
+            for d in reversed(created):       # cgroupfs rmdir ignores the control files
+                try:
+                    os.rmdir(d)
+                except OSError:
+                    pass
+            if isinstance(e, CgroupError):
+                raise
+            raise CgroupError(f"cannot create cgroup {e.filename}: {e.strerror}") from None
+        return cg
+
+    def _write_limits(self, limits: Limits) -> None:
+        v2 = {c: self.paths.get(c) == self.paths.get("unified") for c in CONTROLLERS}
+        if limits.memory is not None:
+            f = "memory.max" if v2["memory"] else "memory.limit_in_bytes"
+            _write(os.path.join(self.paths["memory"], f), str(limits.memory))
+        if limits.pids is not None:
+            _write(os.path.join(self.paths["pids"], "pids.max"), str(limits.pids))
+        if limits.cpus is not None:
+            quota, d = int(limits.cpus * PERIOD), self.paths["cpu"]
+            if v2["cpu"]:
+                _write(os.path.join(d, "cpu.max"), f"{quota} {PERIOD}")
+            else:
+                _write(os.path.join(d, "cpu.cfs_period_us"), str(PERIOD))
+                _write(os.path.join(d, "cpu.cfs_quota_us"), str(quota))
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Cgroup":
+        paths = d.get("paths") if isinstance(d, dict) else None
+        if (not isinstance(paths, dict) or not isinstance(d.get("name"), str)
+                or not all(isinstance(k, str) and isinstance(v, str) for k, v in paths.items())):
+            raise CgroupError(f"invalid saved cgroup state: {d!r}")
+        return cls(d["name"], dict(paths))
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "paths": dict(self.paths)}
+
+    def _dirs(self) -> list[str]:
+        return list(dict.fromkeys(self.paths.values()))     # unique, in order
+
+    def add(self, pid: int) -> None:
+        for d in self._dirs():
+            _write(os.path.join(d, "cgroup.procs"), str(pid))
+
+    def procs(self) -> list[int]:
+        pids: set[int] = set()
+        for d in self._dirs():
+            pids.update(int(p) for p in (_read(os.path.join(d, "cgroup.procs")) or "").split())
+        return sorted(pids)
+
+    def _read_file(self, ctrl: str, v1_file: str, v2_file: str) -> str:
+        d = self.paths.get(ctrl)
+        if d is None:
+            return ""
+        return _read(os.path.join(d, v2_file if d == self.paths.get("unified") else v1_file)) or ""
+
+    def oom_killed(self) -> bool:
+        for line in self._read_file("memory", "memory.oom_control", "memory.events").splitlines():
+            key, _, value = line.partition(" ")
+            if key == "oom_kill":
+                return int(value) > 0
+        return False
+
+    def stats(self) -> dict:
+        """Best effort; None where unknown or unlimited."""
+        def number(*where: str) -> int | None:
+            text = self._read_file(*where).strip()
+            return int(text) if text.isdigit() and int(text) < _UNLIMITED else None
+        return {"memory_bytes": number("memory", "memory.usage_in_bytes", "memory.current"),
+                "memory_limit": number("memory", "memory.limit_in_bytes", "memory.max"),
+                "pids": number("pids", "pids.current", "pids.current"),
+                "pids_limit": number("pids", "pids.max", "pids.max")}
+
+    def kill_all(self, sig: int = signal.SIGKILL) -> None:
+        """Signal every process; for SIGKILL, repeat until none is left (~2 s at most)."""
+        unified = self.paths.get("unified")
+        if sig == signal.SIGKILL and unified and os.path.exists(os.path.join(unified, "cgroup.kill")):
+            _write(os.path.join(unified, "cgroup.kill"), "1")
+        deadline = time.monotonic() + 2.0
+        while pids := self.procs():
+            for pid in pids:
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+            if sig != signal.SIGKILL or time.monotonic() > deadline:
+                return
+            time.sleep(0.01)
+
+    def remove(self, timeout: float = 5.0) -> None:
+        """rmdir every directory, retrying while busy; missing ones are fine."""
+        deadline = time.monotonic() + timeout
+        for d in self._dirs():
+            while True:
+                try:
+                    os.rmdir(d)
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError as e:
+                    if e.errno == errno.EBUSY and time.monotonic() < deadline:
+                        time.sleep(0.01)
+                        continue
+                    left = _read(os.path.join(d, "cgroup.procs"))
+                    procs = f" (processes: {' '.join(left.split())})" if left and left.split() else ""
+                    raise CgroupError(f"cannot remove cgroup {d}: {e.strerror}{procs}") from None

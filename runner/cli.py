@@ -1,0 +1,259 @@
+"""``pyoverlay run | ps | exec | stop | kill | top | rm | logs``: docker's spellings.
+
+Options become a :class:`runner.spec.RunSpec` here; the work is in
+:mod:`runner.monitor` (run), :mod:`runner.nsexec` (exec) and :mod:`runner.control`
+(ps, stop, kill, top, rm).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import click
+
+from . import container, control, state
+from .cgroups import Limits, parse_size
+from .spec import (RunSpec, SpecError, check_name, check_workdir, parse_caps, parse_env,
+                   parse_network, parse_volume)
+
+EXIT_RUNNER = container.EXIT_RUNNER
+
+
+def _fail(msg: str, code: int = EXIT_RUNNER):
+    click.echo(f"pyoverlay: {msg}", err=True)
+    sys.exit(code)
+
+
+#: usage errors of these exit with 125, the runner's own error, as docker's do
+USAGE_125 = frozenset({"run", "exec"})
+
+
+def _layers(spec: str) -> tuple[str, ...]:
+    from overlayfs_py.config import ConfigError, split_lowerdir
+
+    try:
+        parts = split_lowerdir(spec)
+    except ConfigError as e:
+        raise SpecError(str(e)) from None
+    out = []
+    for p in parts:
+        real = os.path.realpath(p)
+        if not os.path.isdir(real):
+            what = "does not exist" if not os.path.exists(real) else "is not a directory"
+            raise SpecError(f"lower layer {p!r} {what}")
+        out.append(real)
+    return tuple(out)
+
+
+def register(main: click.Group) -> None:
+    for cmd in (run_cmd, ps_cmd, exec_cmd, stop_cmd, kill_cmd, top_cmd, rm_cmd, logs_cmd):
+        main.add_command(cmd)
+
+
+@click.command("run", context_settings={"help_option_names": ["--help"],
+                                        "allow_interspersed_args": False})
+@click.argument("layers")
+@click.argument("argv", nargs=-1, required=True)
+@click.option("--name", help="Container name (unique).")
+@click.option("--rm", "remove", is_flag=True, help="Remove the container and its upper layer when it exits.")
+@click.option("--upper", metavar="DIR", help="Keep the upper layer in DIR (default: a fresh one).")
+@click.option("-d", "--detach", is_flag=True, help="Run in the background and print the container id.")
+@click.option("-i", "--interactive", is_flag=True, help="Keep stdin attached.")
+@click.option("-t", "--tty", is_flag=True, help="Allocate a terminal inside the container.")
+@click.option("--init", is_flag=True, help="Run a small init as PID 1 that reaps zombies and forwards signals.")
+@click.option("-e", "--env", multiple=True, metavar="KEY=VAL", help="Set an environment variable.")
+@click.option("-w", "--workdir", default="/", metavar="DIR", help="Working directory inside.")
+@click.option("-u", "--user", metavar="UID[:GID]", help="User (name or id) and group inside.")
+@click.option("-h", "--hostname", help="Hostname (default: the short container id).")
+@click.option("--net", "--network", "network", default="none", show_default=True,
+              help="none (only lo) or host.")
+@click.option("-v", "--volume", "volumes", multiple=True, metavar="HOST:CTR[:ro]", help="Bind mount.")
+@click.option("--read-only", is_flag=True, help="Mount the container's root read-only.")
+@click.option("-m", "--memory", metavar="SIZE", help="Memory limit (e.g. 64m, 1g).")
+@click.option("--pids-limit", type=int, metavar="N", help="Maximum number of processes.")
+@click.option("--cpus", type=float, metavar="N", help="CPU quota in CPUs (e.g. 0.5).")
+@click.option("--privileged", is_flag=True, help="Keep all capabilities and skip no_new_privs and masking.")
+@click.option("--cap-add", multiple=True, metavar="CAP", help="Keep a capability beyond docker's default set.")
+@click.option("--cap-drop", multiple=True, metavar="CAP", help="Drop a capability (ALL for all).")
+@click.option("--stop-timeout", type=float, default=10.0, show_default=True,
+              help="Seconds between SIGTERM and SIGKILL when the runner is stopped.")
+def run_cmd(layers, argv, name, remove, upper, detach, interactive, tty, init, env, workdir, user,
+            hostname, network, volumes, read_only, memory, pids_limit, cpus, privileged,
+            cap_add, cap_drop, stop_timeout):
+    """Run CMD in new namespaces on LOWER1[:LOWER2...] (LOWER1 on top) plus an upper layer.
+
+    \b
+    pyoverlay run [OPTIONS] LOWER1[:LOWER2...] [--] CMD [ARGS...]
+    Exit status: CMD's; 128+N if a signal N killed it; 125 for pyoverlay's own
+    errors, 126 if CMD cannot be executed, 127 if it is not found.
+    """
+    try:
+        spec = RunSpec(
+            layers=_layers(layers), argv=list(argv), name=check_name(name) if name else None,
+            upper=os.path.realpath(upper) if upper else None, remove=remove, detach=detach,
+            interactive=interactive, tty=tty, init=init, env=parse_env(list(env)),
+            workdir=check_workdir(workdir), user=user, hostname=hostname,
+            network=parse_network(network), volumes=[parse_volume(v) for v in volumes],
+            read_only=read_only,
+            limits=Limits(memory=parse_size(memory) if memory else None, pids=pids_limit, cpus=cpus),
+            privileged=privileged, cap_add=parse_caps(list(cap_add)),
+            cap_drop=parse_caps(list(cap_drop)), stop_timeout=stop_timeout)
+    except (SpecError, ValueError) as e:
+        _fail(str(e))
+    if os.geteuid() != 0:
+        _fail("pyoverlay run needs root for now (rootless runs are not implemented yet)")
+    from .monitor import Monitor
+
+    if detach:
+        sys.exit(_run_detached(spec))
+    sys.exit(Monitor(spec).run())
+
+
+def _run_detached(spec: RunSpec) -> int:
+    from .monitor import Monitor
+
+    r, w = os.pipe()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        os.setsid()
+        code = EXIT_RUNNER
+        try:
+            code = Monitor(spec, notify_fd=w).run()
+        finally:
+            os._exit(code)
+    os.close(w)
+    msg = b""  # one line: other processes of the monitor may hold the pipe open
+    while b"\n" not in msg and (chunk := os.read(r, 4096)):
+        msg += chunk
+    text = msg.decode(errors="replace").strip()
+    if text.startswith("ok "):
+        click.echo(text[3:])
+        return 0
+    if text.startswith("err "):
+        _, code, detail = text.split(" ", 2)
+        click.echo(f"pyoverlay: {detail}", err=True)
+        return int(code)
+    click.echo("pyoverlay: the container monitor exited before starting the container", err=True)
+    return EXIT_RUNNER
+
+
+def _find(ref: str) -> dict:
+    try:
+        return state.resolve(ref)
+    except state.StateError as e:
+        _fail(str(e))
+
+
+@click.command("ps")
+@click.option("-a", "--all", "show_all", is_flag=True, help="Also exited and dead containers.")
+@click.option("-q", "--quiet", is_flag=True, help="Only ids.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def ps_cmd(show_all, quiet, as_json):
+    """List containers."""
+    rows = [control.summary(r) for r in state.all_records()]
+    if not show_all:
+        rows = [r for r in rows if r["status"] == "running"]
+    if as_json:
+        click.echo(json.dumps(rows, indent=1))
+    elif quiet:
+        for r in rows:
+            click.echo(r["id"][:12])
+    else:
+        click.echo(control.ps_table(rows, time.time()))
+
+
+@click.command("exec", context_settings={"help_option_names": ["--help"],
+                                         "allow_interspersed_args": False})
+@click.argument("ref")
+@click.argument("argv", nargs=-1, required=True)
+@click.option("-i", "--interactive", is_flag=True)
+@click.option("-t", "--tty", is_flag=True)
+@click.option("-e", "--env", multiple=True, metavar="KEY=VAL")
+@click.option("-u", "--user", metavar="UID[:GID]")
+@click.option("-w", "--workdir", metavar="DIR")
+def exec_cmd(ref, argv, interactive, tty, env, user, workdir):
+    """Run CMD in a running container (ID, unique id prefix or name)."""
+    from .nsexec import ExecError, exec_in
+
+    rec = _find(ref)
+    try:
+        env_list = parse_env(list(env))
+        wd = check_workdir(workdir) if workdir else None
+        sys.exit(exec_in(rec, list(argv), env=env_list, user=user, workdir=wd, tty=tty,
+                         interactive=interactive))
+    except (ExecError, SpecError) as e:
+        _fail(str(e))
+    except container.ContainerError as e:
+        _fail(str(e), e.code)
+
+
+@click.command("stop")
+@click.argument("refs", nargs=-1, required=True)
+@click.option("-t", "--time", "timeout", type=float, default=10.0, show_default=True,
+              help="Seconds to wait after SIGTERM before SIGKILL.")
+def stop_cmd(refs, timeout):
+    """Stop containers: SIGTERM, then SIGKILL after the timeout; waits for the cleanup."""
+    _each(refs, lambda rec: control.stop(rec, timeout))
+
+
+@click.command("kill")
+@click.argument("refs", nargs=-1, required=True)
+@click.option("-s", "--signal", "sig", default="KILL", show_default=True, help="Signal name or number.")
+def kill_cmd(refs, sig):
+    """Send a signal to containers' PID 1."""
+    try:
+        signum = control.parse_signal(sig)
+    except ValueError as e:
+        _fail(str(e))
+    _each(refs, lambda rec: control.kill(rec, signum))
+
+
+@click.command("top")
+@click.argument("ref")
+def top_cmd(ref):
+    """The processes of a container, with their host and container PIDs."""
+    try:
+        click.echo(control.top_table(_find(ref)))
+    except control.ControlError as e:
+        _fail(str(e))
+
+
+@click.command("rm")
+@click.argument("refs", nargs=-1, required=True)
+@click.option("-f", "--force", is_flag=True, help="Stop a running container first (SIGKILL).")
+def rm_cmd(refs, force):
+    """Remove containers (their record and generated upper layer)."""
+    _each(refs, lambda rec: control.remove(rec, force))
+
+
+@click.command("logs")
+@click.argument("ref")
+def logs_cmd(ref):
+    """Output of a container started with -d."""
+    rec = _find(ref)
+    path = os.path.join(rec.get("data_dir", ""), "output.log")
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(65536):
+                sys.stdout.buffer.write(chunk)
+    except FileNotFoundError:
+        pass
+
+
+def _each(refs, action) -> None:
+    failed = False
+    for ref in refs:
+        try:
+            action(state.resolve(ref))
+            click.echo(ref)
+        except (state.StateError, control.ControlError) as e:
+            click.echo(f"pyoverlay: {e}", err=True)
+            failed = True
+    if failed:
+        sys.exit(1)

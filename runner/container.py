@@ -1,0 +1,228 @@
+"""The container side: what PID 1 does between ``fork`` and ``execve``.
+
+Runs in a child of the monitor that is already PID 1 of a new pid namespace (the
+monitor unshared CLONE_NEWPID for its children). Steps, in order (docs/runner.md):
+
+1. die with the monitor (PR_SET_PDEATHSIG) and wait for "go" (the monitor has put
+   us in the cgroup by then, so everything we start is counted);
+2. unshare mount, uts, ipc (and net) namespaces;
+3. build the root (:mod:`runner.rootfs`) and ``pivot_root`` into it;
+4. hostname, ``lo`` up;
+5. with ``--init``: fork CMD as PID 2 and become the reaper (:mod:`runner.init`);
+6. terminal (a pty from the container's own devpts, master sent to the monitor),
+   capabilities, no_new_privs, user, working directory;
+7. ``execve`` CMD, looked up in the container's PATH.
+
+Any failure is written as one JSON line to the error pipe (close-on-exec: a
+successful ``execve`` closes it with nothing written) and ends the process with
+125 (our error), 126 (cannot execute) or 127 (not found), docker's codes.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import signal
+import socket
+import struct
+import termios
+from dataclasses import dataclass
+
+from overlayfs_py import _sys
+
+from . import _linux as L
+from . import init as pid1
+from . import rootfs
+from .spec import RunSpec, build_env, resolve_user
+
+EXIT_RUNNER, EXIT_CANNOT_EXEC, EXIT_NOT_FOUND = 125, 126, 127
+
+
+class ContainerError(Exception):
+    def __init__(self, msg: str, code: int = EXIT_RUNNER):
+        super().__init__(msg)
+        self.code = code
+
+
+@dataclass
+class Launch:
+    """Everything PID 1 needs, prepared by the monitor before the fork."""
+
+    spec: RunSpec
+    merged: str
+    hostname: str
+    etc_files: dict[str, str]     # "etc/hosts" -> host file to bind there
+    go_fd: int
+    err_fd: int
+    tty_sock: int | None
+    winsize: bytes | None
+
+
+def report(err_fd: int, code: int, msg: str) -> None:
+    try:
+        os.write(err_fd, (json.dumps({"code": code, "msg": msg}) + "\n").encode())
+    except OSError:
+        pass
+
+
+def main(launch: Launch) -> None:
+    """Never returns."""
+    code = EXIT_RUNNER
+    try:
+        _setup_and_exec(launch)
+    except ContainerError as e:
+        code = e.code
+        report(launch.err_fd, code, str(e))
+    except BaseException as e:  # noqa: BLE001 - say what failed, whatever it was
+        report(launch.err_fd, code, f"container setup failed: {describe(e)}")
+    os._exit(code)
+
+
+def describe(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror + (f": {e.filename}" if e.filename else "")
+    return f"{type(e).__name__}: {e}"
+
+
+def _setup_and_exec(launch: Launch) -> None:
+    spec = launch.spec
+    L.prctl(L.PR_SET_PDEATHSIG, signal.SIGKILL)
+    _sys.close_fds_except(launch.go_fd, launch.err_fd, launch.tty_sock)
+    if os.read(launch.go_fd, 2) != b"go":
+        os._exit(EXIT_RUNNER)  # the monitor gave up before starting us
+    os.close(launch.go_fd)
+
+    flags = L.CLONE_NEWNS | L.CLONE_NEWUTS | L.CLONE_NEWIPC
+    if spec.network == "none":
+        flags |= L.CLONE_NEWNET
+    L.unshare(flags)
+
+    rootfs.make_private()
+    rootfs.bind_root(launch.merged)
+    root_fd = os.open(launch.merged, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        rootfs.mount_proc(root_fd, spec.privileged)
+        rootfs.mount_dev(root_fd)
+        rootfs.mount_sys(root_fd)
+        for target, source in launch.etc_files.items():
+            rootfs.bind(root_fd, source, target, False, must_exist=False)
+        rootfs.mount_volumes(root_fd, spec.volumes)
+        if not spec.privileged:
+            rootfs.mask_paths(root_fd)
+    finally:
+        os.close(root_fd)
+    rootfs.pivot(launch.merged)
+    if spec.read_only:
+        rootfs.remount_root_read_only()
+
+    socket.sethostname(launch.hostname)
+    if spec.network == "none":
+        rootfs.loopback_up()
+    os.umask(0o022)
+
+    ids = resolve_user(spec.user, _read("/etc/passwd"), _read("/etc/group"))
+    env = build_env(spec.env, launch.hostname, ids.home, spec.tty)
+    if spec.workdir != "/":
+        rootfs.ensure_dir(spec.workdir)
+
+    if spec.init:
+        signal.pthread_sigmask(signal.SIG_BLOCK, pid1.SIGNALS)
+        child = os.fork()
+        if child:
+            os.close(launch.err_fd)
+            if launch.tty_sock is not None:
+                os.close(launch.tty_sock)
+            L.set_comm("init")
+            pid1.reap_and_forward(child)  # never returns
+    become(ids, env, spec.argv, spec.workdir, spec.caps(), not spec.privileged,
+           launch.err_fd, tty_sock=launch.tty_sock, winsize=launch.winsize,
+           stdin_null=not spec.interactive)
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path, errors="replace") as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+def become(ids, env: list[str], argv: list[str], workdir: str, caps, no_new_privs: bool,
+           err_fd: int, *, tty_sock: int | None, winsize: bytes | None, stdin_null: bool) -> None:
+    """The last steps, shared with ``pyoverlay exec``: terminal, privileges, exec."""
+    if tty_sock is not None:
+        master, slave = os.openpty()
+        if winsize:
+            fcntl.ioctl(slave, termios.TIOCSWINSZ, winsize)
+        socket.send_fds(socket.socket(fileno=tty_sock), [b"m"], [master])
+        os.close(master)
+        os.login_tty(slave)
+    elif stdin_null:
+        fd = os.open("/dev/null", os.O_RDONLY)
+        os.dup2(fd, 0)
+        os.close(fd)
+    if caps is not None:
+        L.drop_bounding_caps(set(caps))
+    if no_new_privs:
+        L.set_no_new_privs()
+    os.setgroups(list(ids.groups))
+    os.setresgid(ids.gid, ids.gid, ids.gid)
+    os.setresuid(ids.uid, ids.uid, ids.uid)
+    try:
+        os.chdir(workdir)
+    except OSError as e:
+        raise ContainerError(f"cannot enter working directory {workdir}: {e.strerror}") from None
+    for sig in range(1, signal.NSIG):  # ignored signals would stay ignored across execve
+        if sig not in (signal.SIGKILL, signal.SIGSTOP):
+            try:
+                signal.signal(sig, signal.SIG_DFL)
+            except (OSError, ValueError):
+                pass
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+    execvpe(argv, env)
+
+
+def execvpe(argv: list[str], env: list[str]) -> None:
+    """``execve`` *argv[0]* looked up in the container's PATH; on failure raise
+    ContainerError with docker's 126/127 and its wording."""
+    cmd = argv[0]
+    envmap = _envmap(env)
+    if "/" in cmd:
+        candidates = [cmd]
+    else:
+        candidates = [os.path.join(d or ".", cmd) for d in envmap.get("PATH", "").split(":")]
+    denied = None
+    for path in candidates:
+        try:
+            os.execve(path, argv, envmap)
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        except PermissionError:
+            denied = path
+            continue
+        except OSError as e:
+            if e.errno == errno.ENOEXEC:
+                raise ContainerError(f"exec {path}: exec format error", EXIT_CANNOT_EXEC) from None
+            raise ContainerError(f"exec {path}: {e.strerror}", EXIT_CANNOT_EXEC) from None
+    if denied:
+        raise ContainerError(f"exec: {denied!r}: permission denied", EXIT_CANNOT_EXEC)
+    if "/" in cmd:
+        raise ContainerError(f"exec: {cmd!r}: no such file or directory", EXIT_NOT_FOUND)
+    raise ContainerError(f"exec: {cmd!r}: executable file not found in $PATH", EXIT_NOT_FOUND)
+
+
+def _envmap(env: list[str]) -> dict[str, str]:
+    out = {}
+    for e in env:
+        k, _, v = e.partition("=")
+        out[k] = v
+    return out
+
+
+def winsize_of(fd: int) -> bytes | None:
+    try:
+        return fcntl.ioctl(fd, termios.TIOCGWINSZ, struct.pack("HHHH", 0, 0, 0, 0))
+    except OSError:
+        return None

@@ -1,0 +1,212 @@
+"""Acting on containers from outside: ps, stop, kill, top, rm, and cleaning up dead ones.
+
+Signals go through a pidfd opened after checking the recorded pid *and* its start
+time, so a recycled pid is never signalled. A container is *dead* when its monitor
+vanished without recording an exit (SIGKILL, a crash): ``stop`` and ``rm`` then do
+the monitor's teardown themselves -- kill what is left of the container, unmount its
+root, remove its cgroup.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import shlex
+import shutil
+import signal
+import subprocess
+import time
+
+from . import _linux as L
+from . import state
+from .cgroups import Cgroup, CgroupError
+
+
+class ControlError(Exception):
+    pass
+
+
+def summary(rec: dict) -> dict:
+    return {
+        "id": rec["id"], "name": rec.get("name"), "command": rec.get("command", []),
+        "status": state.status(rec), "exit_code": rec.get("exit_code"),
+        "oom_killed": rec.get("oom_killed", False), "pid": rec.get("pid"),
+        "layers": rec.get("layers", []), "upper": rec.get("upper"), "merged": rec.get("merged"),
+        "created": rec.get("created"), "finished": rec.get("finished"),
+        "hostname": rec.get("hostname"),
+    }
+
+
+def _ago(seconds: float) -> str:
+    for unit, n in (("day", 86400), ("hour", 3600), ("minute", 60)):
+        if seconds >= n:
+            k = int(seconds // n)
+            return f"{k} {unit}{'s' if k > 1 else ''}"
+    k = int(seconds)
+    return "Less than a second" if k < 1 else f"{k} second{'s' if k > 1 else ''}"
+
+
+def status_text(row: dict, now: float) -> str:
+    st = row["status"]
+    if st == "running":
+        return f"Up {_ago(now - (row['created'] or now))}"
+    if st == "exited":
+        oom = " (OOM killed)" if row.get("oom_killed") else ""
+        return f"Exited ({row['exit_code']}) {_ago(now - (row['finished'] or now))} ago{oom}"
+    return st.capitalize()
+
+
+def ps_table(rows: list[dict], now: float) -> str:
+    head = ("CONTAINER ID", "NAME", "COMMAND", "STATUS", "PID", "LAYERS", "UPPER")
+    lines = [head]
+    for r in rows:
+        cmd = shlex.join(r["command"])
+        cmd = cmd if len(cmd) <= 24 else cmd[:21] + "..."
+        lines.append((r["id"][:12], r["name"] or "", f'"{cmd}"', status_text(r, now),
+                      str(r["pid"] or "") if r["status"] == "running" else "-",
+                      str(len(r["layers"])), r["upper"] or ""))
+    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines)
+
+
+def parse_signal(text: str) -> int:
+    t = text.upper()
+    if t.isdigit():
+        return int(t)
+    name = t if t.startswith("SIG") else "SIG" + t
+    try:
+        return int(getattr(signal, name))
+    except AttributeError:
+        raise ValueError(f"unknown signal {text!r}") from None
+
+
+def _pidfd(rec: dict) -> int | None:
+    """A pidfd on the container's PID 1, or None if it is gone."""
+    pid = rec.get("pid")
+    if not L.alive(pid, rec.get("pid_start")):
+        return None
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return None
+    if not L.alive(pid, rec.get("pid_start")):  # recycled between the check and the open
+        os.close(fd)
+        return None
+    return fd
+
+
+def kill(rec: dict, sig: int) -> None:
+    if state.status(rec) != "running":
+        raise ControlError(f"container {rec['name']} is not running")
+    fd = _pidfd(rec)
+    if fd is None:
+        raise ControlError(f"container {rec['name']} is not running")
+    try:
+        signal.pidfd_send_signal(fd, sig)
+    finally:
+        os.close(fd)
+
+
+def _wait_fd(fd: int, timeout: float) -> bool:
+    return bool(select.select([fd], [], [], timeout)[0])
+
+
+def stop(rec: dict, timeout: float) -> None:
+    """SIGTERM, SIGKILL after *timeout*, then wait until the monitor has cleaned up."""
+    st = state.status(rec)
+    if st == "dead":
+        cleanup_dead(rec)
+        return
+    if st != "running":
+        return
+    fd = _pidfd(rec)
+    if fd is not None:
+        try:
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(fd, signal.SIGTERM)
+            if not _wait_fd(fd, timeout):
+                with contextlib.suppress(ProcessLookupError):
+                    signal.pidfd_send_signal(fd, signal.SIGKILL)
+                _wait_fd(fd, 10)
+        finally:
+            os.close(fd)
+    _wait_monitor(rec)
+
+
+def _wait_monitor(rec: dict, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        cur = state.load(rec["id"])
+        if cur is None or state.status(cur) != "running":
+            if cur is not None and state.status(cur) == "dead":
+                cleanup_dead(cur)
+            return
+        time.sleep(0.02)
+    raise ControlError(f"container {rec['name']} did not finish within {timeout:g}s")
+
+
+def cleanup_dead(rec: dict) -> None:
+    """Do what the vanished monitor would have done."""
+    fd = _pidfd(rec)
+    if fd is not None:
+        with contextlib.suppress(ProcessLookupError):
+            signal.pidfd_send_signal(fd, signal.SIGKILL)
+        _wait_fd(fd, 10)
+        os.close(fd)
+    merged = rec.get("merged")
+    if merged and state.mounts_under(merged):
+        tool = shutil.which("fusermount3")
+        subprocess.run([tool, "-u", "-z", merged] if tool else ["umount", "-l", merged],
+                       capture_output=True)
+    server, start = rec.get("server_pid"), rec.get("server_start")
+    deadline = time.monotonic() + 10
+    while L.alive(server, start) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    if L.alive(server, start):
+        os.kill(server, signal.SIGKILL)
+    if rec.get("cgroup"):
+        with contextlib.suppress(CgroupError, OSError):
+            cg = Cgroup.from_dict(rec["cgroup"])
+            cg.kill_all()
+            cg.remove()
+    rec.update(status="exited", exit_code=rec.get("exit_code"), finished=time.time(), dead=True)
+    if rec.get("spec", {}).get("remove"):
+        state.remove(rec)
+    else:
+        state.save(rec)
+
+
+def remove(rec: dict, force: bool) -> None:
+    st = state.status(rec)
+    if st == "running":
+        if not force:
+            raise ControlError(f"container {rec['name']} is running: stop it first or use rm -f")
+        stop(rec, 0)
+    elif st == "dead":
+        cleanup_dead(rec)
+    rec = state.load(rec["id"]) or rec
+    try:
+        state.remove(rec)
+    except state.StateError as e:
+        raise ControlError(str(e)) from None
+
+
+def top_table(rec: dict) -> str:
+    if state.status(rec) != "running" or not L.alive(rec.get("pid"), rec.get("pid_start")):
+        raise ControlError(f"container {rec['name']} is not running")
+    lines = [("PID", "CPID", "PPID", "UID", "CMD")]
+    for pid in L.pids_in_pid_ns(rec["pidns"]):
+        ns = L.nspid(pid)
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().rstrip(b"\0").replace(b"\0", b" ").decode(errors="replace")
+            with open(f"/proc/{pid}/stat") as f:
+                ppid = f.read().rsplit(")", 1)[1].split()[1]
+            uid = str(os.stat(f"/proc/{pid}").st_uid)
+        except OSError:
+            continue  # exited meanwhile
+        lines.append((str(pid), str(ns[-1]) if ns else "?", ppid, uid, cmd))
+    widths = [max(len(line[i]) for line in lines) for i in range(4)]
+    return "\n".join("  ".join(c.rjust(w) for c, w in zip(line[:4], widths)) + "  " + line[4]
+                     for line in lines)

@@ -1,0 +1,122 @@
+"""The init layer: mount points the image lacks, supplied without touching the upper layer.
+
+A container needs ``/proc``, ``/dev``, ``/sys``, ``/etc/hostname``, ``/etc/hosts``,
+``/etc/resolv.conf`` and every volume target to exist before it can mount on them.
+Creating them through the merged mount would write into the upper layer (and show up
+in ``pyoverlay diff`` and the trace). Docker's answer is an extra read-only layer
+between the image and the container layer (``<id>-init``); this is ours: it becomes
+the top lower layer of the container's mount.
+
+The image is read through :class:`overlayfs_py.layers.LayerStack`, so its whiteouts,
+opaque directories and redirects count and no symlink in a layer is ever followed.
+Only what is missing is created. A directory that exists in the image but must hold
+a new mount point is created here with the image's mode, owner and times, so the
+merged view of it is unchanged.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass
+
+from overlayfs_py.layers import LayerStack
+from overlayfs_py.whiteout import XattrNames
+
+#: What every container mounts on (kind "dir" or "file").
+BASE_MOUNTPOINTS = (("proc", "dir"), ("dev", "dir"), ("sys", "dir"),
+                    ("etc/hostname", "file"), ("etc/hosts", "file"), ("etc/resolv.conf", "file"))
+
+
+class InitLayerError(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class Needed:
+    path: str       # relative to the root, no leading slash
+    kind: str       # "dir" | "file"
+    required: bool  # False: skip quietly when the image blocks it (e.g. /etc is a file)
+
+
+def _lookup(stack: LayerStack, path: str):
+    """Walk *path* in the merged view. Returns (stats of each existing component,
+    index of the first missing one or None, blocked) where *blocked* means a
+    component that must be a directory is something else (a symlink, a file)."""
+    parents = [(stack.layers[0], b"")] if stack.upper else []
+    parents += [(l, b"") for l in stack.root_lowers]
+    found: list[os.stat_result] = []
+    comps = path.split("/")
+    for i, name in enumerate(comps):
+        hits = stack.resolve(parents, os.fsencode(name))
+        if not hits:
+            return found, i, False
+        found.append(hits[0].st)
+        if i < len(comps) - 1 and not stat.S_ISDIR(hits[0].st.st_mode):
+            return found, None, True
+        parents = [(h.layer, h.path) for h in hits]
+    return found, None, False
+
+
+def build(init_dir: str, layers: tuple[str, ...], upper: str | None, userxattr: bool,
+          needed: list[Needed]) -> list[str]:
+    """Create *init_dir* with what *needed* lacks in the merged view of *layers* (+
+    *upper*). Returns the paths of *needed* that could be provided or already exist."""
+    os.makedirs(init_dir, mode=0o755, exist_ok=True)
+    stack = LayerStack(layers, upper, XattrNames("user.overlay." if userxattr else "trusted.overlay."))
+    usable = []
+    try:
+        root_fd = os.open(init_dir, os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            for need in needed:
+                found, missing, blocked = _lookup(stack, need.path)
+                if blocked:
+                    if need.required:
+                        raise InitLayerError(
+                            f"cannot mount on /{need.path}: a parent in the image is not a directory")
+                    continue
+                if missing is None:
+                    usable.append(need.path)
+                    continue
+                _create(root_fd, need, found, missing)
+                usable.append(need.path)
+        finally:
+            os.close(root_fd)
+    finally:
+        stack.close()
+    return usable
+
+
+def _create(root_fd: int, need: Needed, found: list[os.stat_result], missing: int) -> None:
+    comps = need.path.split("/")
+    dfd = os.dup(root_fd)
+    try:
+        for i, name in enumerate(comps):
+            last = i == len(comps) - 1
+            try:
+                st = os.lstat(name, dir_fd=dfd)
+            except FileNotFoundError:
+                st = None
+            if st is None:
+                if last and need.kind == "file":
+                    fd = os.open(name, os.O_CREAT | os.O_WRONLY | os.O_EXCL | os.O_CLOEXEC,
+                                 0o644, dir_fd=dfd)
+                    os.close(fd)
+                else:
+                    os.mkdir(name, 0o755, dir_fd=dfd)
+                if i < missing:  # exists in the image: look the same as it does there
+                    img = found[i]
+                    os.chown(name, img.st_uid, img.st_gid, dir_fd=dfd, follow_symlinks=False)
+                    os.chmod(name, stat.S_IMODE(img.st_mode), dir_fd=dfd)
+            if last:
+                break
+            nfd = os.open(name, os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+            os.close(dfd)
+            dfd = nfd
+    finally:
+        os.close(dfd)
+    # times last (creating children changed them), deepest first
+    for i in range(min(missing, len(comps)) - 1, -1, -1):
+        img = found[i]
+        os.utime("/".join(comps[: i + 1]), ns=(img.st_atime_ns, img.st_mtime_ns), dir_fd=root_fd,
+                 follow_symlinks=False)

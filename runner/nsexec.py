@@ -1,0 +1,121 @@
+"""``pyoverlay exec``: run a process inside a running container.
+
+The caller keeps its own namespaces except its pid namespace *for children*:
+
+1. check PID 1 is still the recorded process (pid + start time), open its
+   ``/proc/PID/ns/*`` fds;
+2. ``setns`` the pid namespace (applies to children only), fork;
+3. the child joins the container's cgroup (host paths still visible), then ipc, uts,
+   net and, last, mnt (its root and cwd become the container's);
+4. then the same final steps as PID 1 (:func:`runner.container.become`): terminal,
+   capabilities, no_new_privs, user, working directory, ``execve``.
+
+The parent relays the terminal and signals and returns the child's exit status.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+
+from . import _linux as L
+from . import container, state
+from .cgroups import Cgroup
+from .init import exit_code
+from .spec import build_env, resolve_user
+from .supervise import supervise
+from .tty import PtyRelay, recv_master
+
+
+class ExecError(Exception):
+    pass
+
+
+def exec_in(rec: dict, argv: list[str], *, env: list[str], user: str | None, workdir: str | None,
+            tty: bool, interactive: bool) -> int:
+    if state.status(rec) != "running" or not L.alive(rec.get("pid"), rec.get("pid_start")):
+        raise ExecError(f"container {rec['name']} is not running")
+    pid1 = rec["pid"]
+    sp = rec.get("spec", {})
+    fds = {}
+    try:
+        for ns, _ in L.NAMESPACES:
+            fds[ns] = os.open(f"/proc/{pid1}/ns/{ns}", os.O_RDONLY | os.O_CLOEXEC)
+        if not L.alive(pid1, rec.get("pid_start")):  # it may have died while we opened
+            raise ExecError(f"container {rec['name']} is not running")
+        cg = Cgroup.from_dict(rec["cgroup"]) if rec.get("cgroup") else None
+        err_r, err_w = os.pipe()
+        tty_parent = tty_child = None
+        if tty:
+            tty_parent, tty_child = socket.socketpair()
+        own = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+        L.setns(fds["pid"], L.CLONE_NEWPID)
+        try:
+            child = os.fork()
+            if child == 0:
+                _child(fds, cg, rec, sp, argv, env, user, workdir, tty, interactive, err_w,
+                       tty_child.fileno() if tty_child else None)
+        finally:
+            L.setns(own, L.CLONE_NEWPID)
+            os.close(own)
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+    os.close(err_w)
+    if tty_child:
+        tty_child.close()
+    msg = _read_all(err_r)
+    os.close(err_r)
+    if msg:
+        os.waitpid(child, 0)
+        err = json.loads(msg.splitlines()[0])
+        raise container.ContainerError(err["msg"], err["code"])
+    relay = None
+    if tty:
+        relay = PtyRelay(recv_master(tty_parent), 0 if interactive else None, 1)
+        tty_parent.close()
+    try:
+        return exit_code(supervise(child, relay))
+    finally:
+        if relay:
+            relay.close()
+
+
+def _child(fds, cg, rec, sp, argv, env, user, workdir, tty, interactive, err_w, tty_sock) -> None:
+    code = container.EXIT_RUNNER
+    try:
+        if cg is not None:
+            cg.add(os.getpid())
+        for ns, flag in L.NAMESPACES:
+            if ns != "pid":
+                L.setns(fds[ns], flag)
+        ids = resolve_user(user if user is not None else sp.get("user"),
+                           _read("/etc/passwd"), _read("/etc/group"))
+        full_env = build_env(list(sp.get("env", [])) + env, rec.get("hostname", ""), ids.home, tty)
+        caps = sp.get("caps")
+        container.become(ids, full_env, argv, workdir or sp.get("workdir", "/"),
+                         frozenset(caps) if caps is not None else None, sp.get("no_new_privs", True),
+                         err_w, tty_sock=tty_sock, winsize=container.winsize_of(0) if tty else None,
+                         stdin_null=not interactive)
+    except container.ContainerError as e:
+        code = e.code
+        container.report(err_w, code, str(e))
+    except BaseException as e:  # noqa: BLE001
+        container.report(err_w, code, f"exec failed: {container.describe(e)}")
+    os._exit(code)
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path, errors="replace") as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+def _read_all(fd: int) -> str:
+    chunks = []
+    while b := os.read(fd, 4096):
+        chunks.append(b)
+    return b"".join(chunks).decode(errors="replace")

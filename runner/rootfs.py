@@ -1,0 +1,196 @@
+"""Inside the container's new mount namespace: build the root and pivot into it.
+
+Runs in the container's PID 1 before ``execve`` (docs/runner.md, steps 6-8). Order
+matters: ``/proc`` must be mounted while the host's proc is still visible, every mount
+happens under the new root before ``pivot_root``, and ``pivot_root(".", ".")`` needs
+no scratch directory in the merged root (one would land in the upper layer).
+
+Mount targets are resolved with ``openat2(RESOLVE_IN_ROOT)`` against the new root and
+mounted through ``/proc/self/fd/N``: a symlink in the image (``/etc/hosts -> /x``)
+resolves inside the container, never onto the host (what runc's securejoin does).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+
+from overlayfs_py import _sys
+
+from . import _linux as L
+from .spec import Volume
+
+RESOLVE_IN_ROOT = 0x10
+
+_NOSUID_NODEV_NOEXEC = L.MS_NOSUID | L.MS_NODEV | L.MS_NOEXEC
+
+DEVICES = (("null", 1, 3), ("zero", 1, 5), ("full", 1, 7), ("random", 1, 8),
+           ("urandom", 1, 9), ("tty", 5, 0))
+DEV_LINKS = (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
+             ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2"),
+             ("ptmx", "pts/ptmx"))
+#: docker's maskedPaths / readonlyPaths (moby oci/defaults.go)
+MASKED = ("proc/asound", "proc/acpi", "proc/kcore", "proc/keys", "proc/latency_stats",
+          "proc/timer_list", "proc/timer_stats", "proc/sched_debug", "proc/scsi",
+          "sys/firmware", "sys/devices/virtual/powercap")
+READ_ONLY = ("proc/bus", "proc/fs", "proc/irq", "proc/sys", "proc/sysrq-trigger")
+
+
+class Target:
+    """An O_PATH fd on a mount target inside the new root, used as /proc/self/fd/N."""
+
+    def __init__(self, root_fd: int, path: str, must_exist: bool = True):
+        self.fd = -1
+        try:
+            self.fd = _sys.openat2(root_fd, os.fsencode(path.lstrip("/") or "."),
+                                   _sys.O_PATH | os.O_CLOEXEC, 0,
+                                   RESOLVE_IN_ROOT | _sys.RESOLVE_NO_MAGICLINKS)
+        except OSError:
+            if must_exist:
+                raise
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.fd >= 0:
+            os.close(self.fd)
+
+    @property
+    def ok(self) -> bool:
+        return self.fd >= 0
+
+    @property
+    def path(self) -> str:
+        return f"/proc/self/fd/{self.fd}"
+
+    def is_dir(self) -> bool:
+        return stat.S_ISDIR(os.fstat(self.fd).st_mode)
+
+
+def make_private() -> None:
+    L.mount(None, "/", None, L.MS_REC | L.MS_PRIVATE)
+
+
+def bind_root(root: str) -> None:
+    """The merged mount, bound onto itself: the container's own root mount (so a
+    read-only remount of it leaves the host's mount alone)."""
+    L.mount(root, root, None, L.MS_BIND | L.MS_REC)
+
+
+def mount_proc(root_fd: int, privileged: bool) -> None:
+    with Target(root_fd, "proc") as t:
+        L.mount("proc", t.path, "proc", _NOSUID_NODEV_NOEXEC)
+
+
+def mount_dev(root_fd: int) -> None:
+    with Target(root_fd, "dev") as t:
+        L.mount("tmpfs", t.path, "tmpfs", L.MS_NOSUID | L.MS_STRICTATIME, "mode=755,size=65536k")
+    # resolve again: the old fd names the directory the tmpfs now covers
+    dev = Target(root_fd, "dev").fd
+    try:
+        for name, major, minor in DEVICES:
+            os.mknod(name, stat.S_IFCHR | 0o666, os.makedev(major, minor), dir_fd=dev)
+            os.chmod(name, 0o666, dir_fd=dev)
+        for name, target in DEV_LINKS:
+            os.symlink(target, name, dir_fd=dev)
+        for name, mode in (("pts", 0o755), ("shm", 0o1777), ("mqueue", 0o755)):
+            os.mkdir(name, mode, dir_fd=dev)
+        base = f"/proc/self/fd/{dev}"
+        L.mount("devpts", f"{base}/pts", "devpts", L.MS_NOSUID | L.MS_NOEXEC,
+                "newinstance,ptmxmode=0666,mode=0620,gid=5")
+        L.mount("shm", f"{base}/shm", "tmpfs", _NOSUID_NODEV_NOEXEC, "mode=1777,size=65536k")
+        try:
+            L.mount("mqueue", f"{base}/mqueue", "mqueue", _NOSUID_NODEV_NOEXEC)
+        except OSError:
+            pass  # no mqueue support in this kernel: docker's /dev/mqueue is optional too
+    finally:
+        os.close(dev)
+
+
+def mount_sys(root_fd: int) -> None:
+    with Target(root_fd, "sys") as t:
+        try:
+            L.mount("sysfs", t.path, "sysfs", _NOSUID_NODEV_NOEXEC | L.MS_RDONLY)
+        except PermissionError:  # sharing the host's net ns without owning it: bind it
+            L.mount("/sys", t.path, None, L.MS_BIND | L.MS_REC)
+            _remount_ro(root_fd, "sys", _NOSUID_NODEV_NOEXEC)
+
+
+def bind(root_fd: int, source: str, target: str, read_only: bool, *, must_exist: bool = True) -> bool:
+    with Target(root_fd, target, must_exist) as t:
+        if not t.ok:
+            return False
+        L.mount(source, t.path, None, L.MS_BIND | L.MS_REC)
+    if read_only:
+        _remount_ro(root_fd, target)
+    return True
+
+
+def _remount_ro(root_fd: int, path: str, extra: int = 0) -> None:
+    # a fresh lookup: an fd opened before the bind names the covered directory, not the mount
+    # and keep nosuid/nodev/noexec (in a user namespace dropping them is EPERM)
+    with Target(root_fd, path) as t:
+        keep = os.statvfs(t.path).f_flag & _NOSUID_NODEV_NOEXEC
+        L.mount(None, t.path, None, L.MS_REMOUNT | L.MS_BIND | L.MS_RDONLY | keep | extra)
+
+
+def mount_volumes(root_fd: int, volumes: list[Volume]) -> None:
+    for v in sorted(volumes, key=lambda v: v.target.count("/")):  # parents before children
+        bind(root_fd, v.host, v.target, v.read_only)
+
+
+def mask_paths(root_fd: int) -> None:
+    """docker's defaults: hide kernel interfaces a container has no business with."""
+    for path in MASKED:
+        with Target(root_fd, path, must_exist=False) as t:
+            if not t.ok:
+                continue
+            if t.is_dir():
+                L.mount("tmpfs", t.path, "tmpfs", L.MS_RDONLY)
+            else:
+                with Target(root_fd, "dev/null") as null:  # the container's own
+                    L.mount(null.path, t.path, None, L.MS_BIND)
+    for path in READ_ONLY:
+        with Target(root_fd, path, must_exist=False) as t:
+            if t.ok:
+                L.mount(t.path, t.path, None, L.MS_BIND | L.MS_REC)
+        if t.ok:
+            _remount_ro(root_fd, path)
+
+
+def pivot(root: str) -> None:
+    """``pivot_root(".", ".")``: the old root ends up stacked on the new one; detach it.
+    After this the host's tree is unreachable."""
+    os.chdir(root)
+    L.pivot_root(".", ".")
+    L.umount2(".", L.MNT_DETACH)
+    os.chdir("/")
+
+
+def remount_root_read_only() -> None:
+    keep = os.statvfs("/").f_flag & _NOSUID_NODEV_NOEXEC
+    L.mount(None, "/", None, L.MS_REMOUNT | L.MS_BIND | L.MS_RDONLY | keep)
+
+
+def loopback_up() -> None:
+    """Bring ``lo`` up in the new network namespace (docker does; ping 127.0.0.1 works)."""
+    import fcntl
+    import socket
+    import struct
+
+    SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        ifr = fcntl.ioctl(s, SIOCGIFFLAGS, struct.pack("16sH14x", b"lo", 0))
+        flags = struct.unpack("16sH14x", ifr)[1]
+        fcntl.ioctl(s, SIOCSIFFLAGS, struct.pack("16sH14x", b"lo", flags | IFF_UP))
+
+
+def ensure_dir(path: str) -> None:
+    """``-w DIR`` that does not exist is created, as docker does (it lands in upper)."""
+    try:
+        os.makedirs(path, 0o755, exist_ok=True)
+    except OSError as e:
+        if e.errno != errno.EEXIST:
+            raise
