@@ -104,8 +104,10 @@ def parse_volume(text: str) -> Volume:
         raise SpecError(f"invalid volume {text!r}: empty path")
     if not target.startswith("/"):
         raise SpecError(f"invalid volume {text!r}: the container path must be absolute")
+    if ".." in target.split("/"):
+        raise SpecError(f"invalid volume {text!r}: bad container path {target!r}")
     target = os.path.normpath(target)
-    if target == "/" or ".." in target.split("/"):
+    if target == "/":
         raise SpecError(f"invalid volume {text!r}: bad container path {target!r}")
     real = os.path.realpath(host)
     if not os.path.exists(real):
