@@ -75,6 +75,8 @@ def main(launch: Launch) -> None:
     except ContainerError as e:
         code = e.code
         report(launch.err_fd, code, str(e))
+    except rootfs.MountError as e:
+        report(launch.err_fd, code, str(e))
     except BaseException as e:  # noqa: BLE001 - say what failed, whatever it was
         report(launch.err_fd, code, f"container setup failed: {describe(e)}")
     os._exit(code)

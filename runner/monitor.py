@@ -132,7 +132,7 @@ class Monitor:
         etc = _etc_files(data, hostname, spec.network)
         needed = [initlayer.Needed(p, k, k == "dir") for p, k in initlayer.BASE_MOUNTPOINTS]
         needed += [initlayer.Needed(v.target.lstrip("/"), "dir" if os.path.isdir(v.host) else "file", True)
-                   for v in spec.volumes]
+                   for v in spec.volumes if not v.target.startswith("/dev/")]  # /dev is a tmpfs
         usable = initlayer.build(init, spec.layers, upper, False, needed)
         etc = {k: v for k, v in etc.items() if k in usable}
 

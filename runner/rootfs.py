@@ -136,9 +136,30 @@ def _remount_ro(root_fd: int, path: str, extra: int = 0) -> None:
         L.mount(None, t.path, None, L.MS_REMOUNT | L.MS_BIND | L.MS_RDONLY | keep | extra)
 
 
+class MountError(Exception):
+    pass
+
+
 def mount_volumes(root_fd: int, volumes: list[Volume]) -> None:
     for v in sorted(volumes, key=lambda v: v.target.count("/")):  # parents before children
-        bind(root_fd, v.host, v.target, v.read_only)
+        try:
+            if v.target.startswith("/dev/"):  # on the container's tmpfs, not in any layer
+                _make_mountpoint(root_fd, v.target, os.path.isdir(v.host))
+            bind(root_fd, v.host, v.target, v.read_only)
+        except OSError as e:
+            raise MountError(f"cannot mount volume {v.host} on {v.target}: {e.strerror}") from None
+
+
+def _make_mountpoint(root_fd: int, path: str, is_dir: bool) -> None:
+    parent, name = os.path.split(path)
+    with Target(root_fd, parent) as t:
+        try:
+            if is_dir:
+                os.mkdir(name, 0o755, dir_fd=t.fd)
+            else:
+                os.close(os.open(name, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644, dir_fd=t.fd))
+        except FileExistsError:
+            pass
 
 
 def mask_paths(root_fd: int) -> None:

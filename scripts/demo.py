@@ -1,21 +1,37 @@
-"""pyoverlay demo: mount two built-in lower layers plus an empty upper layer and look around.
+"""pyoverlay demo, in two parts.  Run it through ``scripts/demo`` (which installs everything first).
 
-Run it through ``scripts/demo`` (which installs everything first).  Everything
-happens under a temporary directory that is unmounted and removed at the end.
+Part 1, a mount: two built-in lower layers plus an empty upper layer are mounted
+with ``pyoverlay mount``; the demo shows where each merged entry comes from, how
+whiteouts and opaque directories hide lower entries, and how writes are copied up.
+
+Part 2, a container on a two-layer image (root only): a busybox ``base`` layer and
+an ``app`` layer on top (one file of base whited out) run as a container with
+``pyoverlay run``: its own PID 1, hostname, process list, network (only lo) and
+capabilities; it changes its root, and the demo shows that every change landed in
+the upper layer while both image layers stay byte-for-byte the same.  Then a
+detached container is inspected and stopped with ``run -d``, ``ps``, ``exec``, ``top``,
+``stop`` and ``rm``.
+
+Everything happens under a temporary directory (container records and data
+included) that is unmounted and removed at the end, whatever happens.
 """
 
 from __future__ import annotations
 
 import errno
+import glob
+import hashlib
 import os
 import re
+import shlex
 import shutil
 import stat
 import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -72,20 +88,31 @@ def run(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
         return subprocess.CompletedProcess(args, 124, "", f"timed out after {CMD_TIMEOUT}s")
 
 
+def mountinfo() -> Iterator[tuple[str, str, str]]:
+    """(mountpoint, major:minor, fstype) of every mount, from /proc/self/mountinfo."""
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            mp = _OCTAL.sub(lambda m: chr(int(m.group(1), 8)), fields[4])  # \040 -> " "
+            yield mp, fields[2], fields[fields.index("-") + 1]
+
+
 def mount_entry(path: Path) -> tuple[str, str] | None:
     """(major:minor, fstype) of the mount at *path*, from /proc/self/mountinfo.
 
     Never stats the mountpoint, so a hung FUSE server cannot hang the demo here.
     """
     target = os.path.realpath(path.parent) + "/" + path.name
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            mp = _OCTAL.sub(lambda m: chr(int(m.group(1), 8)), fields[4])  # \040 -> " "
-            if mp == target:
-                sep = fields.index("-")
-                return fields[2], fields[sep + 1]
+    for mp, dev, fstype in mountinfo():
+        if mp == target:
+            return dev, fstype
     return None
+
+
+def mounts_under(path: Path) -> list[str]:
+    """Mountpoints at or below *path* (already resolved), deepest first."""
+    found = [mp for mp, _, _ in mountinfo() if mp == str(path) or mp.startswith(f"{path}/")]
+    return sorted(found, key=len, reverse=True)
 
 
 def is_mounted(path: Path) -> bool:
@@ -249,34 +276,6 @@ def demo(base: Path) -> int:
     heading("The upper layer now holds")
     show_tree(base / "upper")
     return 0
-
-
-def main() -> int:
-    base = Path(os.path.realpath(tempfile.mkdtemp(prefix="pyoverlay-demo-")))
-    rc = 1
-
-    def watchdog() -> None:
-        say(f"\n!! the demo did not finish within {DEMO_TIMEOUT}s: aborting the mount")
-        abort_fuse(base / "merged")
-
-    timer = threading.Timer(DEMO_TIMEOUT, watchdog)
-    timer.daemon = True
-    timer.start()
-    try:
-        rc = demo(base)
-    finally:
-        timer.cancel()
-        if is_mounted(base / "merged"):
-            heading("Unmounting: pyoverlay umount merged")
-            if unmount(base):
-                say("  unmounted.")
-        if is_mounted(base / "merged"):
-            say(f"  could not unmount {base / 'merged'}; leaving {base} in place")
-            rc = rc or 1
-        else:
-            shutil.rmtree(base, ignore_errors=True)
-            say(f"  removed {base}")
-    return rc
 
 
 if __name__ == "__main__":
