@@ -48,6 +48,16 @@ def _layers(spec: str) -> tuple[str, ...]:
     return tuple(out)
 
 
+def _command(argv: tuple[str, ...]) -> list[str]:
+    """CMD [ARGS...]; a ``--`` before it is ours (click keeps it once positionals began)."""
+    args = list(argv)
+    if args and args[0] == "--":
+        args = args[1:]
+    if not args:
+        raise SpecError("no command given: ... [--] CMD [ARGS...]")
+    return args
+
+
 def register(main: click.Group) -> None:
     for cmd in (run_cmd, ps_cmd, exec_cmd, stop_cmd, kill_cmd, top_cmd, rm_cmd, logs_cmd):
         main.add_command(cmd)
@@ -92,7 +102,7 @@ def run_cmd(layers, argv, name, remove, upper, detach, interactive, tty, init, e
     """
     try:
         spec = RunSpec(
-            layers=_layers(layers), argv=list(argv), name=check_name(name) if name else None,
+            layers=_layers(layers), argv=_command(argv), name=check_name(name) if name else None,
             upper=os.path.realpath(upper) if upper else None, remove=remove, detach=detach,
             interactive=interactive, tty=tty, init=init, env=parse_env(list(env)),
             workdir=check_workdir(workdir), user=user, hostname=hostname,
@@ -183,6 +193,7 @@ def exec_cmd(ref, argv, interactive, tty, env, user, workdir):
 
     rec = _find(ref)
     try:
+        argv = _command(argv)
         env_list = parse_env(list(env))
         wd = check_workdir(workdir) if workdir else None
         sys.exit(exec_in(rec, list(argv), env=env_list, user=user, workdir=wd, tty=tty,

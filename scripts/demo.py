@@ -278,5 +278,337 @@ def demo(base: Path) -> int:
     return 0
 
 
+def mount_part(base: Path) -> int:
+    """Part 1, with a watchdog that aborts a hung mount; merged/ is unmounted on the way out."""
+    rc = 1
+
+    def watchdog() -> None:
+        say(f"\n!! the demo did not finish within {DEMO_TIMEOUT}s: aborting the mount")
+        abort_fuse(base / "merged")
+
+    timer = threading.Timer(DEMO_TIMEOUT, watchdog)
+    timer.daemon = True
+    timer.start()
+    try:
+        rc = demo(base)
+    finally:
+        timer.cancel()
+        if is_mounted(base / "merged"):
+            heading("Unmounting: pyoverlay umount merged")
+            if unmount(base):
+                say("  unmounted.")
+    return rc
+
+
+# --------------------------------------------------------------------------------------
+# Part 2: a container on a two-layer image
+# --------------------------------------------------------------------------------------
+
+BUSYBOX = Path("/bin/busybox")  # static, from the busybox-static package (scripts/setup)
+RUN_TIMEOUT = 60                # seconds for a whole `pyoverlay run`
+MOTD = "Welcome to the pyoverlay demo image.\n"
+#: Supplied by the runner's init layer: none of them may appear in the upper layer.
+NOT_IN_UPPER = ("proc", "dev", "sys", "etc/hostname", "etc/hosts", "etc/resolv.conf")
+#: What the first container writes, as found in its upper layer (None: a whiteout).
+EXPECTED_UPPER = {"bin/ls": None, "app/new.txt": "new\n", "etc/motd": MOTD + "more\n",
+                  "var/log/app.log": "x\n"}
+#: Run by the first container's sh -c.  stderr is shown together with stdout.
+CONTAINER_SCRIPT = """\
+echo "my pid: $$"
+echo "hostname: $(hostname)"
+ps -o pid,ppid,user,comm
+echo "network interfaces: $(ip -o link | awk -F': ' '{print $2}' | xargs)"
+grep CapBnd /proc/self/status
+echo "cgroup: $(grep -m1 -o '/pyoverlay/.*' /proc/self/cgroup || echo none)"
+echo "/etc/motd: $(cat /etc/motd)"
+echo "/app/hello.txt: $(cat /app/hello.txt)"
+ls /bin/vi || true
+while read -r change; do
+    echo "# $change"
+    eval "$change" || exit 1
+done <<'EOF'
+rm /bin/ls
+echo new > /app/new.txt
+echo more >> /etc/motd
+mkdir -p /var/log && echo x > /var/log/app.log
+EOF
+"""
+
+FAILURES: list[str] = []
+
+
+def failed(what: str) -> None:
+    say(f"  FAILED: {what}")
+    FAILURES.append(what)
+
+
+def indent(text: str, prefix: str = "    ") -> None:
+    for line in text.rstrip("\n").splitlines():
+        say(prefix + line)
+
+
+def build_image(work: Path) -> bool:
+    """Layer base: a busybox rootfs; layer app on top: files of its own and a whiteout."""
+    if not BUSYBOX.is_file():
+        failed(f"{BUSYBOX} is missing (the busybox-static package; scripts/setup installs it)")
+        return False
+    base = work / "base"
+    for d in ("bin", "usr/bin", "sbin", "usr/sbin", "etc", "root", "tmp"):
+        (base / d).mkdir(parents=True)
+    (base / "tmp").chmod(0o1777)
+    shutil.copy2(BUSYBOX, base / "bin/busybox")
+    r = subprocess.run(["chroot", str(base), "/bin/busybox", "--install", "-s"],
+                       capture_output=True, text=True, timeout=CMD_TIMEOUT)
+    if r.returncode != 0:
+        failed(f"chroot base /bin/busybox --install -s: {r.stderr.strip() or r.returncode}")
+        return False
+    write(base / "etc/passwd", "root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000::/home/app:/bin/sh\n")
+    write(base / "etc/group", "root:x:0:\napp:x:1000:\n")
+
+    app = work / "app"
+    write(app / "app/hello.txt", "hello from the app layer\n")
+    write(app / "etc/motd", MOTD)
+    (app / "bin").mkdir()
+    os.mknod(app / "bin/vi", stat.S_IFCHR | 0o000, os.makedev(0, 0))  # whiteout: hides base's bin/vi
+    (work / "upper").mkdir()
+    return True
+
+
+def snapshot(layer: Path) -> tuple[int, str]:
+    """(entries, sha256) over everything in *layer*: paths, types and modes, owners, sizes,
+    device numbers, mtimes, contents, symlink targets and xattrs."""
+    h = hashlib.sha256()
+    paths = [layer] + [Path(d, n) for d, dirs, files in os.walk(layer) for n in dirs + files]
+    for p in sorted(paths, key=lambda q: q.relative_to(layer).parts):
+        st = os.lstat(p)
+        h.update(f"{p.relative_to(layer)}\0{st.st_mode:o} {st.st_uid}:{st.st_gid} {st.st_size} "
+                 f"{st.st_rdev} {st.st_mtime_ns}\0".encode())
+        if stat.S_ISREG(st.st_mode):
+            h.update(hashlib.sha256(p.read_bytes()).digest())
+        elif stat.S_ISLNK(st.st_mode):
+            h.update(os.fsencode(os.readlink(p)))
+        for name in sorted(os.listxattr(p, follow_symlinks=False)):
+            h.update(f"\0{name}=".encode() + os.getxattr(p, name, follow_symlinks=False))
+    return len(paths), h.hexdigest()
+
+
+def runner(work: Path, *args: str, timeout: float = CMD_TIMEOUT) -> subprocess.CompletedProcess[str]:
+    """``pyoverlay ARGS`` in *work*, with the container records and data kept in *work*.
+
+    stderr is merged into stdout.  On a timeout the command gets SIGTERM (a monitor
+    forwards it to its container and cleans up), then SIGKILL.
+    """
+    env = {**os.environ, "PYOVERLAY_STATE_DIR": str(work / "state"),
+           "PYOVERLAY_DATA_DIR": str(work / "data")}
+    proc = subprocess.Popen(pyoverlay(*args), cwd=work, env=env, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+        return subprocess.CompletedProcess(proc.args, proc.returncode, out)
+    except subprocess.TimeoutExpired:
+        out = ""
+        for stop, grace in ((proc.terminate, 15), (proc.kill, 5)):
+            stop()
+            try:
+                out, _ = proc.communicate(timeout=grace)
+                break
+            except subprocess.TimeoutExpired:
+                pass
+        return subprocess.CompletedProcess(proc.args, 124, out + f"(timed out after {timeout:g}s)\n")
+
+
+def show_cmd(work: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run ``pyoverlay ARGS``, print the command and its output; a non-zero exit status fails."""
+    say(f"  $ pyoverlay {shlex.join(args)}")
+    r = runner(work, *args)
+    indent(r.stdout or "(no output)")
+    if r.returncode != 0:
+        failed(f"pyoverlay {args[0]} exited with {r.returncode}")
+    return r
+
+
+def host_interfaces() -> list[str]:
+    with open("/proc/net/dev") as f:
+        return [line.split(":")[0].strip() for line in f.readlines()[2:]]
+
+
+def host_process_count() -> int:
+    return sum(name.isdigit() for name in os.listdir("/proc"))
+
+
+def describe_caps(mask: int) -> str:
+    try:
+        from runner.spec import CAPS  # capability numbers of linux/capability.h
+    except ImportError:
+        return f"{bin(mask).count('1')} capabilities"
+    names = sorted(n.lower() for n, bit in CAPS.items() if mask >> bit & 1)
+    return f"{len(names)} capabilities: {', '.join(names)}"
+
+
+def first_run(work: Path, cids: list[str]) -> bool:
+    """Run the demo script in a container; True if it succeeded.  Its id (read from its
+    cgroup) goes to *cids*."""
+    args = ["run", "--rm", "--upper", "upper", "--hostname", "demo", "app:base", "sh", "-c"]
+    heading(f"Running a container: pyoverlay {shlex.join(args)} SCRIPT")
+    say("  SCRIPT:")
+    indent(CONTAINER_SCRIPT, "    > ")
+    started = time.monotonic()
+    r = runner(work, *args, CONTAINER_SCRIPT, timeout=RUN_TIMEOUT)
+    say(f"  output (in {time.monotonic() - started:.1f}s):")
+    indent(r.stdout or "(no output)")
+    say(f"  exit code: {r.returncode}")
+    if m := re.search(r"^cgroup: /pyoverlay/(\w+)$", r.stdout, re.M):
+        cids.append(m[1])
+    if r.returncode != 0:
+        failed(f"the container exited with {r.returncode}")
+        return False
+    if not re.search(r"^my pid: 1$", r.stdout, re.M):
+        failed("the container's shell is not PID 1")
+    if not re.search(r"^hostname: demo$", r.stdout, re.M):
+        failed("the container's hostname is not 'demo'")
+    say(f"  for comparison, the host has {host_process_count()} processes and network "
+        f"interfaces {' '.join(host_interfaces())}")
+    if m := re.search(r"^CapBnd:\s*([0-9a-f]+)$", r.stdout, re.M):
+        say(f"  CapBnd {m[1]} = {describe_caps(int(m[1], 16))}")
+    return True
+
+
+def check_upper(work: Path) -> None:
+    """Show the first container's upper layer and check what it must and must not hold."""
+    upper = work / "upper"
+    heading("What the container changed: its upper layer (the image layers are read-only)")
+    show_tree(upper)
+    for rel, text in EXPECTED_UPPER.items():
+        p = upper / rel
+        if text is None:
+            ok = os.path.lexists(p) and stat.S_ISCHR(os.lstat(p).st_mode) and os.lstat(p).st_rdev == 0
+        else:
+            ok = p.is_file() and p.read_text() == text
+        if not ok:
+            failed(f"upper/{rel} is not " + ("a whiteout" if text is None else repr(text)))
+    present = [rel for rel in NOT_IN_UPPER if os.path.lexists(upper / rel)]
+    if present:
+        failed(f"the runner's mount points leaked into the upper layer: {', '.join(present)}")
+    else:
+        say(f"  none of {', '.join(NOT_IN_UPPER)} is in upper (the runner's init layer supplies them)")
+
+
+def detached(work: Path, cids: list[str]) -> None:
+    """run -d, then ps, exec, top, stop, rm.  The container's id goes to *cids*."""
+    heading("A detached container: ps, exec, top, stop, rm")
+    r = show_cmd(work, "run", "-d", "--name", "demo-web", "app:base", "sleep", "1000")
+    if r.returncode != 0:
+        return
+    cids.append(r.stdout.strip().splitlines()[-1])
+    show_cmd(work, "ps")
+    r = show_cmd(work, "exec", "demo-web", "ps")
+    if not re.search(r"^\s*1\s+\S+\s+sleep 1000$", r.stdout, re.M):
+        failed("exec: PID 1 in the container is not 'sleep 1000'")
+    r = show_cmd(work, "top", "demo-web")
+    if m := re.search(r"^\s*(\d+)\s+1\s+\d+\s+\d+\s+sleep 1000$", r.stdout, re.M):
+        say(f"  PID is the host's PID, CPID the PID inside the container.  On the host,"
+            f" /proc/{m[1]}/status says")
+        with open(f"/proc/{m[1]}/status") as f:
+            indent("".join(line for line in f if line.startswith("NSpid:")))
+    else:
+        failed("top: no 'sleep 1000' with container PID 1")
+    started = time.monotonic()
+    show_cmd(work, "stop", "-t", "1", "demo-web")
+    say(f"  stopped in {time.monotonic() - started:.1f}s: as PID 1, sleep ignores SIGTERM,"
+        " so SIGKILL followed after 1s")
+    show_cmd(work, "ps", "-a")
+    show_cmd(work, "rm", "demo-web")
+    r = show_cmd(work, "ps", "-a")
+    if len(r.stdout.strip().splitlines()) != 1:
+        failed("containers are left after rm")
+
+
+def check_layers(before: dict[str, tuple[int, str]], work: Path) -> None:
+    heading("The image layers after both containers")
+    for layer, (count, digest) in before.items():
+        after = snapshot(work / layer)
+        if after == (count, digest):
+            say(f"  {layer}: unchanged, byte for byte ({count} entries, sha256 {digest[:16]}...)")
+        else:
+            failed(f"layer {layer} changed: {count} entries {digest[:16]}... ->"
+                   f" {after[0]} entries {after[1][:16]}...")
+
+
+def remove_containers(work: Path) -> None:
+    """pyoverlay rm -f whatever containers are still recorded in *work*."""
+    records = work / "state" / "containers"
+    ids = [d.name for d in records.iterdir() if d.is_dir()] if records.is_dir() else []
+    if ids:
+        say(f"  removing containers left behind: {', '.join(i[:12] for i in ids)}")
+        r = runner(work, "rm", "-f", *ids)
+        if r.returncode != 0:
+            failed(f"pyoverlay rm -f: {r.stdout.strip()}")
+
+
+def cgroups_left(cids: list[str]) -> list[str]:
+    return [d for cid in cids for pattern in ("/sys/fs/cgroup/*/pyoverlay/", "/sys/fs/cgroup/pyoverlay/")
+            for d in glob.glob(pattern + cid)]
+
+
+def container_part(base: Path) -> int:
+    """Part 2 (root only).  Whatever happens, no container of it is left running."""
+    say()
+    if not ROOT:
+        say("#### Part 2, a container on a two-layer image, needs root: skipped.")
+        return 0
+    say("#### Part 2: a container on a two-layer image")
+    work = base / "container"
+    cids: list[str] = []
+    try:
+        heading(f"Building a two-layer busybox image in {work}")
+        if not build_image(work):
+            return 1
+        applets = sum(1 for d in ("bin", "sbin", "usr/bin", "usr/sbin")
+                      for p in (work / "base" / d).iterdir() if p.is_symlink())
+        say(f"  base: bin/busybox and {applets} applet symlinks, etc/passwd (root, app), etc/group")
+        say("  app, on top of base:")
+        show_tree(work / "app")
+        before = {layer: snapshot(work / layer) for layer in ("base", "app")}
+        if first_run(work, cids):
+            check_upper(work)
+        detached(work, cids)
+        check_layers(before, work)
+    finally:
+        remove_containers(work)
+        if left := cgroups_left(cids):
+            failed(f"cgroups left behind: {', '.join(left)}")
+        elif cids:
+            say(f"  no cgroup left for container {' or '.join(c[:12] for c in cids)}")
+    return 1 if FAILURES else 0
+
+
+def release_mounts(base: Path) -> bool:
+    """Abort and lazily unmount anything still mounted under *base*; True if nothing is."""
+    for mp in mounts_under(base):
+        say(f"  {mp} is still mounted: aborting and detaching it")
+        abort_fuse(Path(mp))
+    return not mounts_under(base)
+
+
+def main() -> int:
+    base = Path(os.path.realpath(tempfile.mkdtemp(prefix="pyoverlay-demo-")))
+    rc = 1
+    try:
+        say("#### Part 1: mounting layers")
+        rc = mount_part(base)
+        rc = container_part(base) or rc
+    finally:
+        heading("Cleaning up")
+        if release_mounts(base):
+            shutil.rmtree(base, ignore_errors=True)
+            say(f"  nothing mounted; removed {base}")
+        else:
+            say(f"  could not unmount everything under {base}; leaving it in place")
+            rc = rc or 1
+        if FAILURES:
+            say(f"  {len(FAILURES)} step(s) failed: {'; '.join(FAILURES)}")
+    return rc
+
+
 if __name__ == "__main__":
     sys.exit(main())
