@@ -29,9 +29,11 @@ class _Main(click.Group):
         extra.pop("standalone_mode", None)
         try:
             rv = super().main(args, prog_name, standalone_mode=False, **extra)
-        except click.ClickException as e:
-            e.show()
+        except click.ClickException as e:  # one line, like every other error
             ctx = getattr(e, "ctx", None)
+            where = ctx.command_path if ctx is not None else "pyoverlay"
+            hint = f" (see '{where} --help')" if isinstance(e, click.UsageError) else ""
+            click.echo(f"pyoverlay: {e.format_message()}{hint}", err=True)
             name = ctx.command.name if ctx is not None else None
             sys.exit(125 if name in USAGE_125 else e.exit_code)
         except click.exceptions.Abort:

@@ -35,11 +35,12 @@ def raw_mode(fd: int):
         yield
         return
     saved = termios.tcgetattr(fd)
-    tty.setraw(fd)
+    tty.setraw(fd, termios.TCSANOW)  # not TCSAFLUSH: keep what was typed ahead
     try:
         yield
     finally:
-        termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+        with contextlib.suppress(termios.error, OSError):  # EIO: the terminal hung up
+            termios.tcsetattr(fd, termios.TCSADRAIN, saved)
 
 
 class PtyRelay:
