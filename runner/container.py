@@ -124,7 +124,7 @@ def _setup_and_exec(launch: Launch) -> None:
         rootfs.loopback_up()
     os.umask(0o022)
 
-    ids = resolve_user(spec.user, _read("/etc/passwd"), _read("/etc/group"))
+    ids = resolve_user(spec.user, read_text("/etc/passwd"), read_text("/etc/group"))
     env = build_env(spec.env, launch.hostname, ids.home, spec.tty)
     if spec.workdir != "/":
         rootfs.ensure_dir(spec.workdir)
@@ -143,7 +143,7 @@ def _setup_and_exec(launch: Launch) -> None:
            stdin_null=not spec.interactive)
 
 
-def _read(path: str) -> str:
+def read_text(path: str) -> str:
     try:
         with open(path, errors="replace") as f:
             return f.read()

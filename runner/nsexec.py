@@ -91,7 +91,7 @@ def _child(fds, cg, rec, sp, argv, env, user, workdir, tty, interactive, err_w, 
             if ns != "pid":
                 L.setns(fds[ns], flag)
         ids = resolve_user(user if user is not None else sp.get("user"),
-                           _read("/etc/passwd"), _read("/etc/group"))
+                           container.read_text("/etc/passwd"), container.read_text("/etc/group"))
         full_env = build_env(list(sp.get("env", [])) + env, rec.get("hostname", ""), ids.home, tty)
         caps = sp.get("caps")
         container.become(ids, full_env, argv, workdir or sp.get("workdir", "/"),
@@ -104,14 +104,6 @@ def _child(fds, cg, rec, sp, argv, env, user, workdir, tty, interactive, err_w, 
     except BaseException as e:  # noqa: BLE001
         container.report(err_w, code, f"exec failed: {container.describe(e)}")
     os._exit(code)
-
-
-def _read(path: str) -> str:
-    try:
-        with open(path, errors="replace") as f:
-            return f.read()
-    except OSError:
-        return ""
 
 
 def _read_all(fd: int) -> str:

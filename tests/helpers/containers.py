@@ -439,3 +439,4 @@ def status_map(text: str) -> dict[str, str]:
         if sep:
             out[k.strip()] = v.strip()
     return out
+

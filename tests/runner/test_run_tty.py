@@ -21,33 +21,14 @@ import time
 
 import pytest
 
-from helpers import containers, rootfs
+from helpers import containers
 from helpers.containers import describe
 
-pytestmark = [pytest.mark.fuse, pytest.mark.needs_root]
+pytestmark = [pytest.mark.fuse, pytest.mark.needs_root, pytest.mark.usefixtures("_no_leftovers")]
 
 ROWS, COLS = 33, 101
 
 
-@pytest.fixture(scope="session")
-def images(tmp_path_factory) -> rootfs.Images:
-    return rootfs.images(tmp_path_factory)
-
-
-@pytest.fixture
-def img(images) -> rootfs.Image:
-    return images.bare
-
-
-@pytest.fixture
-def rt(tmp_path) -> containers.Runtime:
-    return containers.Runtime(tmp_path / "rt")
-
-
-@pytest.fixture(autouse=True)
-def _no_leftovers(rt):
-    with containers.leftover_check(rt):
-        yield
 
 
 class PtySession:

@@ -22,28 +22,9 @@ from helpers import containers, mounts, rootfs
 from helpers.containers import DEFAULT_PATH, DOCKER_CAPBND, describe, status_map
 from helpers.snapshot import diff_snapshots, format_diff, snapshot
 
-pytestmark = [pytest.mark.fuse, pytest.mark.needs_root]
+pytestmark = [pytest.mark.fuse, pytest.mark.needs_root, pytest.mark.usefixtures("_no_leftovers")]
 
 
-@pytest.fixture(scope="session")
-def images(tmp_path_factory) -> rootfs.Images:
-    return rootfs.images(tmp_path_factory)
-
-
-@pytest.fixture
-def img(images) -> rootfs.Image:
-    return images.bare
-
-
-@pytest.fixture
-def rt(tmp_path) -> containers.Runtime:
-    return containers.Runtime(tmp_path / "rt")
-
-
-@pytest.fixture(autouse=True)
-def _no_leftovers(rt):
-    with containers.leftover_check(rt):
-        yield
 
 
 def sh(rt, image, script, *opts, **kw):

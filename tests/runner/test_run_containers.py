@@ -17,34 +17,15 @@ from pathlib import Path
 
 import pytest
 
-from helpers import containers, mounts, rootfs
+from helpers import containers, mounts
 from helpers.containers import DEFAULT_PATH, DOCKER_CAPBND, alive, describe, status_map
 
-pytestmark = [pytest.mark.fuse, pytest.mark.needs_root]
+pytestmark = [pytest.mark.fuse, pytest.mark.needs_root, pytest.mark.usefixtures("_no_leftovers")]
 
 PS_KEYS = {"id", "name", "command", "status", "exit_code", "pid", "layers", "upper",
            "merged", "created"}
 
 
-@pytest.fixture(scope="session")
-def images(tmp_path_factory) -> rootfs.Images:
-    return rootfs.images(tmp_path_factory)
-
-
-@pytest.fixture
-def img(images) -> rootfs.Image:
-    return images.bare
-
-
-@pytest.fixture
-def rt(tmp_path) -> containers.Runtime:
-    return containers.Runtime(tmp_path / "rt")
-
-
-@pytest.fixture(autouse=True)
-def _no_leftovers(rt):
-    with containers.leftover_check(rt):
-        yield
 
 
 @pytest.fixture
