@@ -55,7 +55,9 @@ def main() -> None:
 @click.option("-f", "--foreground", is_flag=True, help="Stay attached; Ctrl-C/SIGTERM unmounts.")
 @click.option("-d", "--debug", is_flag=True, help="Log every request.")
 @click.option("--log", "logfile", metavar="FILE", help="Server log file (background mode).")
-def mount_cmd(args, workdir, options, foreground, debug, logfile):
+@click.option("--trace", "trace_file", metavar="FILE",
+              help="Write every copy-up, whiteout and opaque-dir event to FILE (JSON lines).")
+def mount_cmd(args, workdir, options, foreground, debug, logfile, trace_file):
     """Mount LOWER1[:LOWER2...] [UPPER] MERGED (LOWER1 is the top lower layer).
 
     Without UPPER the mount is read-only. `-o lowerdir=...,upperdir=...,workdir=... MERGED`
@@ -70,7 +72,8 @@ def mount_cmd(args, workdir, options, foreground, debug, logfile):
     else:
         _fail("usage: pyoverlay mount LOWER1[:LOWER2...] [UPPER] MERGED", 2)
     try:
-        cfg = build_config(layers, upper, merged, workdir=workdir, options=options, debug=debug)
+        cfg = build_config(layers, upper, merged, workdir=workdir, options=options, debug=debug,
+                           trace_file=trace_file)
     except ConfigError as exc:
         _fail(str(exc), 2)
     if foreground:
@@ -126,13 +129,19 @@ def umount_cmd(merged, timeout):
             time.sleep(0.02)
 
 
-def _register_runner() -> None:
-    from runner.cli import register
+def _register_commands() -> None:
+    """The commands that live in their own modules: the runner's, trace, diff, explain."""
+    from runner.cli import register as register_runner
 
-    register(main)
+    from .inspect_cli import register as register_inspect
+    from .trace_cli import register as register_trace
+
+    register_runner(main)
+    register_trace(main)
+    register_inspect(main)
 
 
-_register_runner()
+_register_commands()
 
 if __name__ == "__main__":  # pragma: no cover
     main()

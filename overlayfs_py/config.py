@@ -98,6 +98,8 @@ class MountConfig:
     read_only: bool = False
     debug: bool = False
     fsname: str = "pyoverlay"
+    trace_file: str | None = None     # --trace FILE: every trace event as a JSON line
+    container: str | None = None      # the container this mount is the root of (for the trace)
 
     def __post_init__(self) -> None:
         # Accept any sequence but store an immutable tuple.
@@ -307,6 +309,7 @@ def build_config(
     workdir: str | None = None,
     options: Iterable[str] = (),
     debug: bool = False,
+    trace_file: str | None = None,
 ) -> MountConfig:
     """Build and validate a :class:`MountConfig` from the command line.
 
@@ -379,9 +382,24 @@ def build_config(
         read_only=bool(opts.get("ro", False)) or upperdir is None,
         debug=debug,
         fsname=fsname,
+        trace_file=check_trace_file(trace_file, os.path.realpath(merged)) if trace_file else None,
     )
     validate(cfg, workdir_may_be_missing=workdir_defaulted)
     return cfg
+
+
+def check_trace_file(path: str, mountpoint: str) -> str:
+    """``--trace FILE``: its directory must exist, and it must not be inside the mount
+    (the server would write to itself)."""
+    real = os.path.realpath(path)
+    parent = os.path.dirname(real)
+    if not os.path.isdir(parent):
+        raise ConfigError(f"trace file {_q(path)}: directory {_q(parent)} does not exist")
+    if real == mountpoint or real.startswith(mountpoint.rstrip("/") + "/"):
+        raise ConfigError(f"trace file {_q(path)} is inside the mountpoint {_q(mountpoint)}")
+    if os.path.isdir(real):
+        raise ConfigError(f"trace file {_q(path)} is a directory")
+    return real
 
 
 # --------------------------------------------------------------------------

@@ -17,12 +17,14 @@ import itertools
 import logging
 import os
 import stat
+import time
 
 import trio
 
 from . import _sys
 from .inodes import InodeTable, Node
 from .layers import LayerStack
+from .trace import Tracer, display
 from .whiteout import XattrNames
 
 log = logging.getLogger(__name__)
@@ -62,8 +64,10 @@ def _copy(src: int, dst: int, size: int) -> int:
 class CopyUp:
     """Owns ``work/`` and every copy-up into the upper layer."""
 
-    def __init__(self, stack: LayerStack, names: XattrNames, inodes: InodeTable, work_fd: int) -> None:
+    def __init__(self, stack: LayerStack, names: XattrNames, inodes: InodeTable, work_fd: int,
+                 tracer: Tracer) -> None:
         assert stack.upper is not None
+        self.trace = tracer
         self.stack = stack
         self.upper = stack.upper
         self.names = names
@@ -79,8 +83,9 @@ class CopyUp:
     def tmpname(self) -> bytes:
         return b"#%x" % next(self._seq)
 
-    async def ensure_upper(self, node: Node) -> bool:
-        """Make *node* an upper object. Returns True if this call copied it up."""
+    async def ensure_upper(self, node: Node, reason: str) -> bool:
+        """Make *node* an upper object. Returns True if this call copied it up.
+        *reason* says why, for the trace (open-for-write, chmod, rename, ...)."""
         if node.layer.is_upper:
             return False
         lock = self._locks.setdefault(node.id, trio.Lock())
@@ -89,14 +94,23 @@ class CopyUp:
                 if node.layer.is_upper:  # another task finished it while we waited
                     return False
                 if node.parent is not None:
-                    await self.ensure_upper(node.parent)
-                await self._copy_up(node)
+                    await self.ensure_upper(node.parent, "parent")
+                if node.is_dir:
+                    self._traced(node, reason, self._copy_up_dir)
+                else:
+                    ev = self._traced_start(node, reason)
+                    try:
+                        await self._copy_up_nondir(node)
+                    except BaseException as exc:
+                        self._traced_end(ev, exc)
+                        raise
+                    self._traced_end(ev, None)
                 return True
         finally:
             if not lock.locked() and lock.statistics().tasks_waiting == 0:
                 self._locks.pop(node.id, None)
 
-    def ensure_upper_dir_sync(self, node: Node) -> None:
+    def ensure_upper_dir_sync(self, node: Node, reason: str) -> None:
         """Copy up a directory chain (no data, so no await is needed)."""
         chain = []
         n: Node | None = node
@@ -104,13 +118,39 @@ class CopyUp:
             chain.append(n)
             n = n.parent
         for d in reversed(chain):
-            self._copy_up_dir(d)
+            self._traced(d, reason if d is node else "parent", self._copy_up_dir)
 
-    async def _copy_up(self, node: Node) -> None:
-        if node.is_dir:
-            self._copy_up_dir(node)
+    # --- trace events ---------------------------------------------------------------------------
+
+    def _traced_start(self, node: Node, reason: str) -> dict:
+        """Emit copy_up_start; returns what copy_up_done/failed will need."""
+        try:
+            st = self._lower_at(node)[2]
+            size = st.st_size if stat.S_ISREG(st.st_mode) else 0
+        except OSError:
+            size = 0
+        ev = {"path": display(node.relpath()), "layer": node.layer.label, "size": size, "reason": reason}
+        self.trace.emit("copy_up_start", **ev)
+        ev["t0"] = time.monotonic()
+        return ev
+
+    def _traced_end(self, ev: dict, exc: BaseException | None) -> None:
+        t0 = ev.pop("t0")
+        if exc is None:
+            self.trace.emit("copy_up_done", **ev, bytes=ev["size"],
+                            duration_ms=round((time.monotonic() - t0) * 1000, 3))
         else:
-            await self._copy_up_nondir(node)
+            err = os.strerror(exc.errno) if isinstance(exc, OSError) and exc.errno else type(exc).__name__
+            self.trace.emit("copy_up_failed", **ev, error=err)
+
+    def _traced(self, node: Node, reason: str, copy) -> None:
+        ev = self._traced_start(node, reason)
+        try:
+            copy(node)
+        except BaseException as exc:
+            self._traced_end(ev, exc)
+            raise
+        self._traced_end(ev, None)
 
     def _lower_at(self, node: Node) -> tuple[int, bytes, os.stat_result]:
         prel, _, name = node.path_in(node.layer).rpartition(b"/")

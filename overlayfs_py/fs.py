@@ -14,6 +14,7 @@ import os
 
 import pyfuse3
 
+from . import trace
 from .entryattr import set_st_ino
 from .inodes import Node
 from .overlay import Caller, Overlay
@@ -23,21 +24,6 @@ log = logging.getLogger(__name__)
 # Lowers never change while mounted and the upper changes only through us, so the
 # kernel may cache names and attributes for long (fuse-overlayfs does the same).
 TIMEOUT = 86400.0
-
-
-@contextlib.contextmanager
-def _errors(op: str):
-    """The one place where exceptions become FUSE replies. Anything unexpected is
-    logged and answered EIO: the server must never die under a container."""
-    try:
-        yield
-    except pyfuse3.FUSEError:
-        raise
-    except OSError as exc:
-        raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
-    except Exception:
-        log.exception("internal error in %s", op)
-        raise pyfuse3.FUSEError(errno.EIO) from None
 
 
 def _caller(ctx) -> Caller:
@@ -57,6 +43,26 @@ class Operations(pyfuse3.Operations):
         self.inodes = overlay.inodes
 
     # --- helpers ------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _errors(self, op: str, ctx=None):
+        """The one place where exceptions become FUSE replies. Anything unexpected is
+        logged, traced and answered EIO: the server must never die under a container.
+        With *ctx*, the request's process is recorded for trace events while it runs."""
+        token = trace.request(ctx.pid, ctx.uid, ctx.gid) if ctx is not None else None
+        try:
+            yield
+        except pyfuse3.FUSEError:
+            raise
+        except OSError as exc:
+            raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
+        except Exception as exc:
+            log.exception("internal error in %s", op)
+            self.ov.trace.emit("error", op=op, error=f"{type(exc).__name__}: {exc}")
+            raise pyfuse3.FUSEError(errno.EIO) from None
+        finally:
+            if token is not None:
+                trace.done(token)
 
     def _attrs(self, node: Node | None, st: os.stat_result, ino: int, nlink: int) -> pyfuse3.EntryAttributes:
         e = pyfuse3.EntryAttributes()
@@ -99,7 +105,7 @@ class Operations(pyfuse3.Operations):
             node, st = (parent.parent or parent), None
         else:
             try:
-                with _errors("lookup"):
+                with self._errors("lookup"):
                     node, st = self.ov.lookup(parent, name)
             except pyfuse3.FUSEError as exc:
                 if exc.errno == errno.ENOENT:
@@ -109,7 +115,7 @@ class Operations(pyfuse3.Operations):
                     e.entry_timeout = TIMEOUT
                     return e
                 raise
-        with _errors("lookup"):
+        with self._errors("lookup"):
             attrs = self._node_attrs(node, st)
         self.inodes.ref(node)
         return attrs
@@ -119,15 +125,15 @@ class Operations(pyfuse3.Operations):
             self.inodes.forget(inode, nlookup)
 
     async def getattr(self, inode, ctx=None):
-        with _errors("getattr"):
+        with self._errors("getattr"):
             return self._node_attrs(self._node(inode))
 
     async def readlink(self, inode, ctx):
-        with _errors("readlink"):
+        with self._errors("readlink"):
             return self.ov.readlink(self._node(inode))
 
     async def statfs(self, ctx):
-        with _errors("statfs"):
+        with self._errors("statfs"):
             sv = self.ov.statfs()
         s = pyfuse3.StatvfsData()
         s.f_bsize = sv.f_bsize
@@ -145,7 +151,7 @@ class Operations(pyfuse3.Operations):
 
     async def open(self, inode, flags, ctx):
         log.debug("open %d %o", inode, flags)
-        with _errors("open"):
+        with self._errors("open", ctx):
             fh = await self.ov.open(self._node(inode), flags, _caller(ctx))
         self._invalidate()
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
@@ -167,39 +173,39 @@ class Operations(pyfuse3.Operations):
 
     async def create(self, parent_inode, name, mode, flags, ctx):
         log.debug("create %d %r %o", parent_inode, name, mode)
-        with _errors("create"):
+        with self._errors("create", ctx):
             node, st, fh = await self.ov.create(self._node(parent_inode), name, mode, flags, _caller(ctx))
             return pyfuse3.FileInfo(fh=fh, keep_cache=True), self._entry(node, st)
 
     async def mkdir(self, parent_inode, name, mode, ctx):
-        with _errors("mkdir"):
+        with self._errors("mkdir", ctx):
             return self._entry(*self.ov.mkdir(self._node(parent_inode), name, mode, _caller(ctx)))
 
     async def mknod(self, parent_inode, name, mode, rdev, ctx):
-        with _errors("mknod"):
+        with self._errors("mknod", ctx):
             return self._entry(*self.ov.mknod(self._node(parent_inode), name, mode, rdev, _caller(ctx)))
 
     async def symlink(self, parent_inode, name, target, ctx):
-        with _errors("symlink"):
+        with self._errors("symlink", ctx):
             return self._entry(*self.ov.symlink(self._node(parent_inode), name, target, _caller(ctx)))
 
     async def link(self, inode, new_parent_inode, new_name, ctx):
-        with _errors("link"):
+        with self._errors("link", ctx):
             node, st = await self.ov.link(self._node(inode), self._node(new_parent_inode), new_name, _caller(ctx))
             attrs = self._entry(node, st)
         self._invalidate()
         return attrs
 
     async def unlink(self, parent_inode, name, ctx):
-        with _errors("unlink"):
+        with self._errors("unlink", ctx):
             self.ov.remove(self._node(parent_inode), name, is_dir=False)
 
     async def rmdir(self, parent_inode, name, ctx):
-        with _errors("rmdir"):
+        with self._errors("rmdir", ctx):
             self.ov.remove(self._node(parent_inode), name, is_dir=True)
 
     async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
-        with _errors("rename"):
+        with self._errors("rename", ctx):
             await self.ov.rename(self._node(parent_inode_old), name_old, self._node(parent_inode_new),
                                  name_new, flags)
         self._invalidate()
@@ -218,7 +224,7 @@ class Operations(pyfuse3.Operations):
             changes["atime_ns"] = attr.st_atime_ns
         if fields.update_mtime:
             changes["mtime_ns"] = attr.st_mtime_ns
-        with _errors("setattr"):
+        with self._errors("setattr", ctx):
             node = self._node(inode)
             st = await self.ov.setattr(node, changes, fh)
             attrs = self._node_attrs(node, st)
@@ -226,45 +232,45 @@ class Operations(pyfuse3.Operations):
         return attrs
 
     async def write(self, fh, off, buf):
-        with _errors("write"):
+        with self._errors("write"):
             return self.ov.write(fh, off, buf)
 
     async def flush(self, fh):
         pass
 
     async def fsync(self, fh, datasync):
-        with _errors("fsync"):
+        with self._errors("fsync"):
             self.ov.fsync(fh, datasync)
 
     async def fsyncdir(self, fh, datasync):
         pass
 
     async def setxattr(self, inode, name, value, ctx):
-        with _errors("setxattr"):
+        with self._errors("setxattr", ctx):
             await self.ov.setxattr(self._node(inode), os.fsdecode(name), value)
         self._invalidate()
 
     async def removexattr(self, inode, name, ctx):
-        with _errors("removexattr"):
+        with self._errors("removexattr", ctx):
             await self.ov.removexattr(self._node(inode), os.fsdecode(name))
         self._invalidate()
 
     async def read(self, fh, off, size):
-        with _errors("read"):
+        with self._errors("read"):
             return self.ov.read(fh, off, size)
 
     async def release(self, fh):
-        with _errors("release"):
+        with self._errors("release"):
             self.ov.release(fh)
 
     # --- directories --------------------------------------------------------------------
 
     async def opendir(self, inode, ctx):
-        with _errors("opendir"):
+        with self._errors("opendir"):
             return self.ov.opendir(self._node(inode))
 
     async def readdir(self, fh, start_id, token):
-        with _errors("readdir"):
+        with self._errors("readdir"):
             for index, entry in self.ov.readdir(fh, start_id):
                 attrs = self._attrs(entry.node, entry.st, entry.ino, entry.nlink)
                 if not pyfuse3.readdir_reply(token, entry.name, attrs, index + 1):
@@ -275,15 +281,15 @@ class Operations(pyfuse3.Operations):
                     self.inodes.ref(entry.node)
 
     async def releasedir(self, fh):
-        with _errors("releasedir"):
+        with self._errors("releasedir"):
             self.ov.release(fh)
 
     # --- xattrs -------------------------------------------------------------------------
 
     async def getxattr(self, inode, name, ctx):
-        with _errors("getxattr"):
+        with self._errors("getxattr"):
             return self.ov.getxattr(self._node(inode), os.fsdecode(name))
 
     async def listxattr(self, inode, ctx):
-        with _errors("listxattr"):
+        with self._errors("listxattr"):
             return [os.fsencode(n) for n in self.ov.listxattr(self._node(inode), _caller(ctx))]

@@ -16,6 +16,9 @@ class OpenFile:
     fd: int
     node: Node
     flags: int
+    # (who opened it, size) while a copy-up made for this open has not been used:
+    # cleared by a write or truncate; still set at release -> a copy_up_unused event
+    unused_copy_up: tuple | None = None
 
 
 @dataclass(eq=False)

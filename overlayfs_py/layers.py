@@ -89,7 +89,10 @@ class DirFdCache:
 class LayerStack:
     """The ordered layers of one mount: ``layers[0]`` is the upper (if any), then the lowers top to bottom."""
 
-    def __init__(self, lowerdirs: tuple[str, ...] | list[str], upperdir: str | None, names: XattrNames) -> None:
+    def __init__(self, lowerdirs: tuple[str, ...] | list[str], upperdir: str | None, names: XattrNames,
+                 init_layer: bool = False) -> None:
+        """*init_layer*: the top lower is a runner's init layer: label it ``init`` and
+        number the image's layers from ``lower1`` below it."""
         self.names = names
         self.layers: list[Layer] = []
         paths = ([upperdir] if upperdir else []) + list(lowerdirs)
@@ -101,7 +104,8 @@ class LayerStack:
                 if st.st_dev not in devs:
                     devs.append(st.st_dev)
                 is_upper = i == 0 and upperdir is not None
-                label = "upper" if is_upper else f"lower{i if upperdir else i + 1}"
+                n = (i if upperdir else i + 1) - (1 if init_layer else 0)
+                label = "upper" if is_upper else ("init" if n == 0 else f"lower{n}")
                 self.layers.append(Layer(i, p, fd, st.st_dev, is_upper, devs.index(st.st_dev), label))
         except OSError:
             self.close()

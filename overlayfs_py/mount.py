@@ -24,6 +24,8 @@ from .fs import Operations
 from .layers import LayerStack
 from .logs import one_line, setup_logging
 from .overlay import Overlay
+from .trace import Tracer
+from .tracesink import TraceSink
 from .whiteout import XattrNames
 
 log = logging.getLogger(__name__)
@@ -76,15 +78,19 @@ def fuse_options(cfg: MountConfig) -> set[str]:
 
 def build_overlay(cfg: MountConfig) -> Overlay:
     names = XattrNames(cfg.xattr_prefix)
-    stack = LayerStack(cfg.lowerdirs, cfg.upperdir, names)
+    stack = LayerStack(cfg.lowerdirs, cfg.upperdir, names, init_layer=cfg.container is not None)
     work_fd = None
     if cfg.upperdir is not None and not cfg.read_only:
         work_fd = os.open(os.path.join(cfg.workdir, WORK_SUBDIR), _sys.DIR_FLAGS)
-    return Overlay(stack, names, read_only=cfg.read_only, work_fd=work_fd)
+    return Overlay(stack, names, read_only=cfg.read_only, work_fd=work_fd,
+                   tracer=Tracer(container=cfg.container))
 
 
-async def _main(cfg: MountConfig) -> None:
+async def _main(cfg: MountConfig, overlay: Overlay) -> None:
+    sink = TraceSink(overlay.trace, cfg.trace_file, state.trace_socket(cfg.mountpoint))
     async with trio.open_nursery() as nursery:
+        await nursery.start(sink.run)
+
         async def on_signal():
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
                 async for _ in sigs:
@@ -93,7 +99,13 @@ async def _main(cfg: MountConfig) -> None:
                     return
 
         nursery.start_soon(on_signal)
-        await pyfuse3.main()
+        try:
+            await pyfuse3.main()
+        finally:
+            overlay.trace.close()  # the sink writes the end record and returns
+        with trio.move_on_after(5):
+            while sink.running:
+                await trio.sleep(0.01)
         nursery.cancel_scope.cancel()
 
 
@@ -170,7 +182,7 @@ def serve(cfg: MountConfig, ready_fd: int | None = None) -> int:
         if ready_fd is not None:
             os.write(ready_fd, b"ok\n")
             os.close(ready_fd)
-        trio.run(_main, cfg)
+        trio.run(_main, cfg, overlay)
         unmount_clean = True
     finally:
         pyfuse3.close(unmount=True)

@@ -19,6 +19,8 @@ from .copyup import CopyUp
 from .handles import DirHandle, HandleTable, OpenFile
 from .inodes import InodeTable, Node
 from .layers import Hit, Layer, LayerStack
+from . import trace
+from .trace import Tracer, display
 from .whiteout import XattrNames
 from .write import OPEN_PASS, WriteOps
 
@@ -53,8 +55,9 @@ class Overlay(WriteOps):
     """The merged filesystem. Owns the layer stack, the inode table and the handle table."""
 
     def __init__(self, stack: LayerStack, names: XattrNames, read_only: bool = False,
-                 work_fd: int | None = None) -> None:
+                 work_fd: int | None = None, tracer: Tracer | None = None) -> None:
         self.stack = stack
+        self.trace = tracer if tracer is not None else Tracer()
         self.names = names
         self.read_only = read_only or stack.upper is None
         top = stack.layers[0]
@@ -66,7 +69,7 @@ class Overlay(WriteOps):
         self._can_open_by_handle = os.geteuid() == 0
         self.copyup: CopyUp | None = None
         if not self.read_only and work_fd is not None:
-            self.copyup = CopyUp(stack, names, self.inodes, work_fd)
+            self.copyup = CopyUp(stack, names, self.inodes, work_fd, self.trace)
             self.copyup.on_installed = self._repoint_handles
 
     def _root_dirs(self):
@@ -228,9 +231,15 @@ class Overlay(WriteOps):
         if ((flags & os.O_ACCMODE) != os.O_RDONLY or flags & os.O_TRUNC) and \
                 (stat.S_ISREG(node.mode) or stat.S_ISLNK(node.mode)):
             self._writable()
-            await self.copyup.ensure_upper(node)
+            reason = "truncate" if flags & os.O_TRUNC else "open-for-write"
+            copied = await self.copyup.ensure_upper(node, reason)
+        else:
+            copied = False
         fd = self._open_real(node, flags & OPEN_PASS)
-        return self.handles.add(OpenFile(fd, node, flags))
+        h = OpenFile(fd, node, flags)
+        if copied and not flags & os.O_TRUNC:  # watch for a copy-up nobody needed
+            h.unused_copy_up = (trace.current(), os.fstat(fd).st_size)
+        return self.handles.add(h)
 
     def _repoint_handles(self, node: Node) -> None:
         """After a copy-up, files opened read-only on the lower object read the upper one
@@ -263,6 +272,9 @@ class Overlay(WriteOps):
         h = self.handles.pop(fh)
         if isinstance(h, OpenFile):
             os.close(h.fd)
+            if h.unused_copy_up is not None:  # opened for write, closed unchanged
+                who, size = h.unused_copy_up
+                self.trace.emit("copy_up_unused", who=who, path=display(h.node.relpath()), bytes=size)
 
     # --- directories ----------------------------------------------------------------------
 

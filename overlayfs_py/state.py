@@ -33,8 +33,14 @@ def _path(mountpoint: str) -> str:
     return os.path.join(state_dir(), f"mount-{h}.json")
 
 
+def trace_socket(mountpoint: str) -> str:
+    """Where the server of *mountpoint* serves its live trace (see tracesink.py)."""
+    return _path(mountpoint)[: -len(".json")] + ".trace.sock"
+
+
 def record(mountpoint: str, pid: int, cfg) -> None:
-    data = {"mountpoint": mountpoint, "pid": pid, "config": asdict(cfg)}
+    data = {"mountpoint": mountpoint, "pid": pid, "config": asdict(cfg),
+            "trace_socket": trace_socket(mountpoint)}
     tmp = _path(mountpoint) + f".{pid}.tmp"
     with open(tmp, "w") as f:
         json.dump(data, f)

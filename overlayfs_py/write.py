@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 from . import _sys
 from .handles import OpenFile
 from .inodes import Node
+from .trace import display
 from .whiteout import is_char_whiteout, may_be_xwhiteout
 
 if TYPE_CHECKING:
@@ -35,9 +36,9 @@ class WriteOps:
         if self.read_only or self.copyup is None:
             raise OSError(errno.EROFS, "read-only overlay")
 
-    def _upper_dir(self: "Overlay", node: Node) -> int:
+    def _upper_dir(self: "Overlay", node: Node, reason: str) -> int:
         """The upper dir fd of directory *node*, copying it (and its ancestors) up first."""
-        self.copyup.ensure_upper_dir_sync(node)
+        self.copyup.ensure_upper_dir_sync(node, reason)
         return self.stack.dir_fd(self.stack.upper, node.relpath())
 
     def _lower_has(self: "Overlay", parent: Node, name: bytes) -> bool:
@@ -89,10 +90,11 @@ class WriteOps:
             raise OSError(errno.ENAMETOOLONG, "name too long")
         if self._exists(parent, name) is not None:
             raise OSError(errno.EEXIST, "exists")
-        pfd = self._upper_dir(parent)
+        pfd = self._upper_dir(parent, "create")
         owner = self._owner(pfd, caller) if caller is not None else None
         ust = self._upper_entry(pfd, name)
         wfd = self.copyup.work_fd
+        path = display(_child(parent, name))
         if self._is_upper_whiteout(pfd, name, ust):
             # Build it in work/, swap it with the whiteout, then drop the whiteout.
             tmp = self.copyup.tmpname()
@@ -101,20 +103,23 @@ class WriteOps:
                 if owner is not None:
                     self._chown_keep_mode(wfd, tmp, *owner)
                 if opaque:
-                    self._make_opaque(wfd, tmp)
+                    self._make_opaque(wfd, tmp, path)
                 _sys.renameat2(wfd, tmp, pfd, name, _sys.RENAME_EXCHANGE)
             except BaseException:
                 self.copyup._discard(tmp)
                 raise
             os.unlink(tmp, dir_fd=wfd)
+            self.trace.emit("whiteout_remove", path=path)
         elif ust is not None:
             raise OSError(errno.EEXIST, "exists in upper")
         else:
             make(pfd, name)
             if owner is not None:
                 self._chown_keep_mode(pfd, name, *owner)
-        self.stack.dirfds.forget(self.stack.upper, parent.relpath() + b"/" + name if parent.parent else name)
-        return self.lookup(parent, name)
+        self.stack.dirfds.forget(self.stack.upper, _child(parent, name))
+        node, st = self.lookup(parent, name)
+        self.trace.emit("create", path=path, kind="link" if caller is None else _kind(st.st_mode))
+        return node, st
 
     # --- namespace ----------------------------------------------------------------------------
 
@@ -153,7 +158,7 @@ class WriteOps:
         self._writable()
         if node.is_dir:
             raise OSError(errno.EPERM, "hard link to a directory")
-        await self.copyup.ensure_upper(node)
+        await self.copyup.ensure_upper(node, "link")
         rel = node.relpath()
         sp, _, sn = rel.rpartition(b"/")
         sfd = self.stack.dir_fd(self.stack.upper, sp)
@@ -172,9 +177,10 @@ class WriteOps:
         else:
             os.unlink(name, dir_fd=dfd)
 
-    def _make_opaque(self: "Overlay", dfd: int, name: bytes) -> None:
+    def _make_opaque(self: "Overlay", dfd: int, name: bytes, path: str) -> None:
         if _sys.getxattr_at(dfd, name, self.names.opaque) != b"y":
             os.setxattr(_sys.proc_path(dfd, name), self.names.opaque, b"y", follow_symlinks=False)
+            self.trace.emit("opaque_dir", path=path)
 
     def _clear_whiteouts(self: "Overlay", dfd_parent: int, name: bytes) -> None:
         """Remove the whiteouts left in an upper dir that is about to go (it holds nothing else)."""
@@ -199,7 +205,7 @@ class WriteOps:
         elif node.is_dir:
             raise OSError(errno.EISDIR, "is a directory")
         need_whiteout = self._lower_has(parent, name)
-        pfd = self._upper_dir(parent)
+        pfd = self._upper_dir(parent, "remove")
         rel = node.relpath()
         wfd = self.copyup.work_fd
         in_upper = node.layer.is_upper
@@ -216,6 +222,7 @@ class WriteOps:
                 raise
             if in_upper:  # the old upper object now sits in work/ under tmp
                 self._remove_real(wfd, tmp, is_dir)
+            self.trace.emit("whiteout_create", path=display(rel))
         elif in_upper:
             self._remove_real(pfd, name, is_dir)
         if is_dir:
@@ -243,6 +250,9 @@ class WriteOps:
         # The kernel without redirect_dir: a directory with lower content cannot move (EXDEV).
         for n in (src, dst if exchange else None):
             if n is not None and n.is_dir and (n.is_merged or not n.layer.is_upper):
+                self.trace.emit("rename_exdev", path=display(n.relpath()),
+                                target=display(_child(newparent if n is src else parent,
+                                                      newname if n is src else name)))
                 raise OSError(errno.EXDEV, "directory has lower content")
         if dst is not None and not exchange:
             if src.is_dir and not dst.is_dir:
@@ -254,12 +264,12 @@ class WriteOps:
             dst_pure = dst.layer.is_upper and not dst.is_merged
             if dst.is_dir and not dst_pure and self.stack.list_merged(dst.layer_dirs(), True):
                 raise OSError(errno.ENOTEMPTY, "target not empty")
-        await self.copyup.ensure_upper(src)
+        await self.copyup.ensure_upper(src, "rename")
         if exchange:
-            await self.copyup.ensure_upper(dst)
-        opfd = self._upper_dir(parent)
+            await self.copyup.ensure_upper(dst, "rename")
+        opfd = self._upper_dir(parent, "rename")
         old_needs_wo = not exchange and self._lower_has(parent, name)
-        npfd = self._upper_dir(newparent)
+        npfd = self._upper_dir(newparent, "rename")
         opfd = self.stack.dir_fd(self.stack.upper, parent.relpath())
         nst = self._upper_entry(npfd, newname)
         # ovl_rename's flags: the old name keeps a whiteout when a lower still has it
@@ -275,15 +285,22 @@ class WriteOps:
                 real_flags, cleanup_whiteout = _sys.RENAME_EXCHANGE, True
         # ovl_rename: a (pure-upper) directory that lands in a merged directory is made
         # opaque, so that lower content of its new name can never merge into it.
+        old_path, new_path = display(_child(parent, name)), display(_child(newparent, newname))
         if src.is_dir and newparent.is_merged:
-            self._make_opaque(opfd, name)
+            self._make_opaque(opfd, name, new_path)
         if exchange and dst.is_dir and parent.is_merged:
-            self._make_opaque(npfd, newname)
+            self._make_opaque(npfd, newname, old_path)
         if not exchange and nst is not None and stat.S_ISDIR(nst.st_mode) and not dst_pure:
             self._clear_whiteouts(npfd, newname)  # the upper part of an empty merged dir
         _sys.renameat2(opfd, name, npfd, newname, real_flags)
         if cleanup_whiteout:
             os.unlink(name, dir_fd=opfd)
+        if real_flags == _sys.RENAME_WHITEOUT:
+            self.trace.emit("whiteout_create", path=old_path)
+        elif not exchange and real_flags == _sys.RENAME_EXCHANGE:  # a whiteout was at the new name
+            self.trace.emit("whiteout_remove", path=new_path)
+            if not cleanup_whiteout:
+                self.trace.emit("whiteout_create", path=old_path)
         old_rel = src.relpath()
         if src.is_dir:
             self.stack.dirfds.forget(self.stack.upper, old_rel)
@@ -295,13 +312,15 @@ class WriteOps:
 
     async def setattr(self: "Overlay", node: Node, changes: dict, fh: int | None) -> os.stat_result:
         self._writable()
-        await self.copyup.ensure_upper(node)
+        await self.copyup.ensure_upper(node, _setattr_reason(changes))
         rel = node.relpath()
         prel, _, name = rel.rpartition(b"/")
         pfd = self.stack.dir_fd(self.stack.upper, prel) if rel else None
         target = (pfd, name) if rel else (self.stack.upper.fd, None)
         path = _sys.proc_path(*target)
         follow = not rel
+        for other in self.handles.files_of(node):  # a copy-up made for an open was needed
+            other.unused_copy_up = None
         if "size" in changes:
             h = self.handles[fh] if fh is not None else None
             if isinstance(h, OpenFile) and h.node is node and (h.flags & os.O_ACCMODE) != os.O_RDONLY:
@@ -325,6 +344,8 @@ class WriteOps:
     def write(self: "Overlay", fh: int, offset: int, data: bytes) -> int:
         h = self.handles[fh]
         assert isinstance(h, OpenFile)
+        if h.unused_copy_up is not None:
+            h.unused_copy_up = None
         if h.flags & os.O_APPEND:
             return os.write(h.fd, data)
         return os.pwrite(h.fd, data, offset)
@@ -338,7 +359,9 @@ class WriteOps:
 
     async def setxattr(self: "Overlay", node: Node, name: str, value: bytes) -> None:
         self._writable()
-        await self.copyup.ensure_upper(node)
+        await self.copyup.ensure_upper(node, "setxattr")
+        for h in self.handles.files_of(node):
+            h.unused_copy_up = None
         dfd, n = self._at(node)
         p, follow = _sys.proc_path(dfd, n), n is None
         os.setxattr(p, self.names.to_real(name), value, follow_symlinks=follow)
@@ -346,6 +369,29 @@ class WriteOps:
     async def removexattr(self: "Overlay", node: Node, name: str) -> None:
         self._writable()
         self.getxattr(node, name)  # ENODATA before any copy-up, as the kernel does
-        await self.copyup.ensure_upper(node)
+        await self.copyup.ensure_upper(node, "removexattr")
+        for h in self.handles.files_of(node):
+            h.unused_copy_up = None
         dfd, n = self._at(node)
         os.removexattr(_sys.proc_path(dfd, n), self.names.to_real(name), follow_symlinks=n is None)
+
+
+def _child(parent: Node, name: bytes) -> bytes:
+    rel = parent.relpath()
+    return rel + b"/" + name if rel else name
+
+
+_KINDS = {stat.S_IFREG: "file", stat.S_IFDIR: "dir", stat.S_IFLNK: "symlink", stat.S_IFIFO: "fifo",
+          stat.S_IFSOCK: "socket", stat.S_IFCHR: "chr", stat.S_IFBLK: "blk"}
+
+
+def _kind(mode: int) -> str:
+    return _KINDS.get(stat.S_IFMT(mode), "other")
+
+
+def _setattr_reason(changes: dict) -> str:
+    for key, reason in (("size", "truncate"), ("uid", "chown"), ("gid", "chown"), ("mode", "chmod"),
+                        ("atime_ns", "utimes"), ("mtime_ns", "utimes")):
+        if key in changes:
+            return reason
+    return "setattr"

@@ -48,6 +48,15 @@ def _layers(spec: str) -> tuple[str, ...]:
     return tuple(out)
 
 
+def _trace_file(path: str | None) -> str | None:
+    if path is None:
+        return None
+    real = os.path.realpath(path)
+    if not os.path.isdir(os.path.dirname(real)) or os.path.isdir(real):
+        raise SpecError(f"trace file {path!r}: not a file in an existing directory")
+    return real
+
+
 def _command(argv: tuple[str, ...]) -> list[str]:
     """CMD [ARGS...]; a ``--`` before it is ours (click keeps it once positionals began)."""
     args = list(argv)
@@ -90,9 +99,13 @@ def register(main: click.Group) -> None:
 @click.option("--cap-drop", multiple=True, metavar="CAP", help="Drop a capability (ALL for all).")
 @click.option("--stop-timeout", type=float, default=10.0, show_default=True,
               help="Seconds between SIGTERM and SIGKILL when the runner is stopped.")
+@click.option("--trace", "trace_file", metavar="FILE",
+              help="Write every copy-up, whiteout and opaque-dir event to FILE (JSON lines).")
+@click.option("--trace-summary", is_flag=True,
+              help="When the container exits, print what it copied up and who did (stderr).")
 def run_cmd(layers, argv, name, remove, upper, detach, interactive, tty, init, env, workdir, user,
             hostname, network, volumes, read_only, memory, pids_limit, cpus, privileged,
-            cap_add, cap_drop, stop_timeout):
+            cap_add, cap_drop, stop_timeout, trace_file, trace_summary):
     """Run CMD in new namespaces on LOWER1[:LOWER2...] (LOWER1 on top) plus an upper layer.
 
     \b
@@ -110,7 +123,8 @@ def run_cmd(layers, argv, name, remove, upper, detach, interactive, tty, init, e
             read_only=read_only,
             limits=Limits(memory=parse_size(memory) if memory else None, pids=pids_limit, cpus=cpus),
             privileged=privileged, cap_add=parse_caps(list(cap_add)),
-            cap_drop=parse_caps(list(cap_drop)), stop_timeout=stop_timeout)
+            cap_drop=parse_caps(list(cap_drop)), stop_timeout=stop_timeout,
+            trace_file=_trace_file(trace_file), trace_summary=trace_summary)
     except (SpecError, ValueError) as e:
         _fail(str(e))
     if os.geteuid() != 0:

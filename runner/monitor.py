@@ -82,7 +82,9 @@ class Monitor:
             self._notify(f"ok {self.rec['id']}")
             code = self._wait(pid, relay)
             self.rec.update(exit_code=code, finished=time.time())
-        # the ExitStack has unmounted and removed the cgroup by now
+        # the ExitStack has unmounted (the trace file is complete) and removed the cgroup
+        if self.spec.trace_summary:
+            _print_summary(self.rec.get("trace_file"))
         self.rec["status"] = "exited"
         if self.spec.remove:
             state.remove(self.rec)
@@ -136,8 +138,10 @@ class Monitor:
         usable = initlayer.build(init, spec.layers, upper, False, needed)
         etc = {k: v for k, v in etc.items() if k in usable}
 
+        trace_file = spec.trace_file or (os.path.join(data, "trace.jsonl") if spec.trace_summary else None)
         cfg = MountConfig(lowerdirs=(init, *spec.layers), upperdir=upper, workdir=workdir,
-                          mountpoint=merged, fsname=f"pyoverlay-{cid[:12]}")
+                          mountpoint=merged, fsname=f"pyoverlay-{cid[:12]}",
+                          trace_file=trace_file, container=cid)
         validate(cfg, workdir_may_be_missing=True)
         from overlayfs_py.mount import MountFailed, start_background
 
@@ -147,7 +151,7 @@ class Monitor:
         except MountFailed as e:
             raise RunError(f"cannot mount the container's root: {e}") from None
         undo.callback(_unmount, merged, server)
-        self.rec.update(upper=upper, workdir=workdir, merged=merged, init_layer=init,
+        self.rec.update(upper=upper, workdir=workdir, merged=merged, init_layer=init, trace_file=trace_file,
                         server_pid=server, server_start=L.process_start_time(server),
                         hostname=hostname)
 
@@ -249,6 +253,20 @@ class Monitor:
                 os.write(self.notify_fd, (msg + "\n").encode())
                 os.close(self.notify_fd)
             self.notify_fd = None
+
+
+def _print_summary(path: str | None) -> None:
+    from overlayfs_py.trace_cli import events_from_file
+    from overlayfs_py.tracesummary import Summary
+
+    total = Summary()
+    try:
+        for ev in events_from_file(path):
+            total.add(ev)
+    except (OSError, ValueError, TypeError) as e:
+        print(f"pyoverlay: no trace summary: {e}", file=sys.stderr)
+        return
+    print("\n-- pyoverlay trace summary --\n" + total.text(), file=sys.stderr)
 
 
 def _spec_record(spec: RunSpec) -> dict:

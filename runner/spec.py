@@ -71,6 +71,8 @@ class RunSpec:
     cap_add: frozenset[int] = frozenset()
     cap_drop: frozenset[int] = frozenset()
     stop_timeout: float = 10.0
+    trace_file: str | None = None         # --trace FILE
+    trace_summary: bool = False           # --trace-summary
 
     def caps(self) -> frozenset[int] | None:
         """Capabilities to keep in the bounding set; None keeps them all."""

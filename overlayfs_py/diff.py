@@ -1,0 +1,244 @@
+"""What an upper layer changed, in ``docker diff`` form (A added, C changed, D deleted).
+
+Pure: reads the layer directories only (no FUSE, no mount). The rules are moby's
+``changes()`` for the overlay2 driver (pkg/archive/changes.go, ``overlayDeletedFile``),
+applied while walking the upper layer top-down:
+
+* a whiteout (a char device 0/0, or a zero-size regular file carrying
+  ``overlay.whiteout`` in a directory marked ``overlay.opaque=x``) is ``D path``;
+* a directory marked ``overlay.opaque=y`` whose path exists in the lower view is
+  ``D path`` (it replaced the lower directory; what it holds is then judged on its own);
+* otherwise a path that exists in the lower view is ``C path``, except a directory over a
+  directory with the same size, mode and mtime (moby's ``sameFsTime``: equal, or the same
+  second with either side at 0 ns), which is not reported;
+* otherwise ``A path``;
+* for each A or D, the parent directory is reported as C once, unless it was reported
+  already (every directory walked and not skipped as unchanged counts) or is the root.
+
+Differences from moby, on purpose:
+
+* the *lower view* is the merged view of the lower layers alone, computed with
+  :class:`~overlayfs_py.layers.LayerStack` component by component, so whiteouts and
+  opaque directories in the lowers count and no symlink in a layer is followed; moby
+  ``os.Stat``\\s the path in each lower directory separately (following symlinks, and
+  seeing names a higher lower layer has whited out);
+* moby reports every opaque directory as deleted; here one that has nothing below it in
+  the lower view (e.g. a new directory renamed into a merged one) is an ordinary A;
+* moby knows only ``trusted.overlay.``; an upper written with ``userxattr`` (its private
+  xattrs are ``user.overlay.*``) is read with that prefix.
+
+``ignore_identical`` additionally leaves out C entries for regular files whose content,
+mode, uid and gid equal the lower view's file (copied up, e.g. by ``touch``, but
+unchanged).
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from typing import NamedTuple, Sequence
+
+from . import _sys
+from .layers import Layer, LayerStack
+from .whiteout import TRUSTED_PREFIX, USER_PREFIX, XattrNames, has_xwhiteouts, is_char_whiteout, is_opaque, may_be_xwhiteout
+
+_CHUNK = 1 << 20
+
+
+class Change(NamedTuple):
+    """One line of ``docker diff``: *kind* is "A", "C" or "D"; *path* starts with "/"."""
+
+    kind: str
+    path: str
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.path}"
+
+
+def detect_userxattr(upper: str) -> bool | None:
+    """Whether *upper* was written with ``-o userxattr``: the first private xattr found
+    (root first, then breadth-first) decides; None when there is none at all."""
+    root = os.open(upper, _sys.DIR_FLAGS)
+    try:
+        queue: list[bytes] = [b""]
+        while queue:
+            rel = queue.pop(0)
+            dfd = _sys.open_dir(root, rel) if rel else os.dup(root)
+            try:
+                if rel == b"":
+                    found = _private_prefix(_sys.listxattr_at(dfd, None))
+                    if found:
+                        return found == USER_PREFIX
+                for name, kind in sorted(_sys.listdir_fd(dfd)):
+                    found = _private_prefix(_sys.listxattr_at(dfd, name))
+                    if found:
+                        return found == USER_PREFIX
+                    if kind == stat.S_IFDIR:
+                        queue.append(rel + b"/" + name if rel else name)
+            finally:
+                os.close(dfd)
+    finally:
+        os.close(root)
+    return None
+
+
+def _private_prefix(names: list[str]) -> str | None:
+    for n in names:
+        for prefix in (TRUSTED_PREFIX, USER_PREFIX):
+            if n.startswith(prefix):
+                return prefix
+    return None
+
+
+def diff(upper: str, lowers: Sequence[str], *, userxattr: bool | None = None,
+         ignore_identical: bool = False) -> list[Change]:
+    """The changes *upper* makes over *lowers* (top lower first), sorted by path.
+
+    *userxattr* None: detected from the upper's xattrs (``trusted.overlay.`` when none).
+    """
+    if userxattr is None:
+        userxattr = bool(detect_userxattr(upper))
+    names = XattrNames(USER_PREFIX if userxattr else TRUSTED_PREFIX)
+    stack = LayerStack(tuple(lowers), None, names) if lowers else None
+    try:
+        return _Walk(upper, stack, names, ignore_identical).run()
+    finally:
+        if stack is not None:
+            stack.close()
+
+
+Dirs = list[tuple[Layer, bytes]]  # a directory of the lower view: (layer, path in it), top first
+
+
+class _Walk:
+    """One pre-order walk of the upper layer, carrying each directory's lower-view dirs."""
+
+    def __init__(self, upper: str, stack: LayerStack | None, names: XattrNames,
+                 ignore_identical: bool) -> None:
+        self.upper = upper
+        self.stack = stack
+        self.names = names
+        self.ignore_identical = ignore_identical
+        self.changes: list[Change] = []
+        self.changed_dirs: set[bytes] = set()
+
+    def run(self) -> list[Change]:
+        self.root = os.open(self.upper, _sys.DIR_FLAGS)
+        try:
+            todo: list[tuple[bytes, Dirs | None]] = [(b"", self._root_dirs())]
+            while todo:
+                rel, lower_dirs = todo.pop()
+                todo.extend(reversed(self._dir(rel, lower_dirs)))
+        finally:
+            os.close(self.root)
+        return sorted(self.changes, key=lambda c: os.fsencode(c.path))
+
+    def _root_dirs(self) -> Dirs | None:
+        if self.stack is None:
+            return None
+        dirs: Dirs = []
+        for i, layer in enumerate(self.stack.lowers):  # the roots merge until an opaque one
+            dirs.append((layer, b""))
+            if i < len(self.stack.lowers) - 1 and is_opaque(
+                    _sys.getxattr_at(layer.fd, None, self.names.opaque)):
+                break
+        self.stack.root_lowers = tuple(l for l, _ in dirs)
+        return dirs
+
+    def _dir(self, rel: bytes, lower_dirs: Dirs | None) -> list[tuple[bytes, Dirs | None]]:
+        """Judge every entry of the upper directory *rel*; return its subdirectories."""
+        dfd = _sys.open_dir(self.root, rel) if rel else os.dup(self.root)
+        try:
+            xwhiteouts = has_xwhiteouts(_sys.getxattr_at(dfd, None, self.names.opaque))
+            subdirs = []
+            for name, _kind in sorted(_sys.listdir_fd(dfd)):
+                path = rel + b"/" + name if rel else name
+                st = _sys.lstat_at(dfd, name)
+                hits = self.stack.resolve(lower_dirs, name) if lower_dirs else []
+                self._entry(dfd, name, path, st, hits, xwhiteouts)
+                if stat.S_ISDIR(st.st_mode):
+                    lower_dir = hits and stat.S_ISDIR(hits[0].st.st_mode)
+                    subdirs.append((path, [(h.layer, h.path) for h in hits] if lower_dir else None))
+            return subdirs
+        finally:
+            os.close(dfd)
+
+    def _entry(self, dfd: int, name: bytes, path: bytes, st: os.stat_result, hits: list,
+               xwhiteouts: bool) -> None:
+        if self._is_whiteout(dfd, name, st, xwhiteouts):
+            kind = "D"
+        elif hits and stat.S_ISDIR(st.st_mode) and is_opaque(_sys.getxattr_at(dfd, name, self.names.opaque)):
+            kind = "D"
+        elif hits:
+            low = hits[0].st
+            if stat.S_ISDIR(st.st_mode) and stat.S_ISDIR(low.st_mode) and _same_dir(st, low):
+                return  # unchanged directory: not recorded, so a child's A/D reports it
+            if self.ignore_identical and self._identical(path, st, hits[0]):
+                kind = ""
+            else:
+                kind = "C"
+        else:
+            kind = "A"
+        if stat.S_ISDIR(st.st_mode):
+            self.changed_dirs.add(path)
+        if kind in ("A", "D"):
+            parent = path.rpartition(b"/")[0]
+            if parent and parent not in self.changed_dirs:
+                self.changes.append(Change("C", "/" + os.fsdecode(parent)))
+                self.changed_dirs.add(parent)
+        if kind:
+            self.changes.append(Change(kind, "/" + os.fsdecode(path)))
+
+    def _is_whiteout(self, dfd: int, name: bytes, st: os.stat_result, xwhiteouts: bool) -> bool:
+        if is_char_whiteout(st):
+            return True
+        return xwhiteouts and may_be_xwhiteout(st) and \
+            _sys.getxattr_at(dfd, name, self.names.whiteout) is not None
+
+    def _identical(self, path: bytes, st: os.stat_result, hit) -> bool:
+        """A regular file equal to the lower view's in content, mode, uid and gid."""
+        low = hit.st
+        if not (stat.S_ISREG(st.st_mode) and stat.S_ISREG(low.st_mode)):
+            return False
+        if (st.st_mode, st.st_uid, st.st_gid, st.st_size) != (low.st_mode, low.st_uid, low.st_gid, low.st_size):
+            return False
+        a = _sys.open_beneath(self.root, path, os.O_RDONLY)
+        try:
+            b = _sys.open_beneath(hit.layer.fd, hit.path, os.O_RDONLY)
+            try:
+                return _same_content(a, b)
+            finally:
+                os.close(b)
+        finally:
+            os.close(a)
+
+
+def _same_dir(a: os.stat_result, b: os.stat_result) -> bool:
+    """moby: same size, same mode, and ``sameFsTime`` mtimes."""
+    if a.st_size != b.st_size or a.st_mode != b.st_mode:
+        return False
+    if a.st_mtime_ns == b.st_mtime_ns:
+        return True
+    (sa, na), (sb, nb) = divmod(a.st_mtime_ns, 10**9), divmod(b.st_mtime_ns, 10**9)
+    return sa == sb and (na == 0 or nb == 0)
+
+
+def _same_content(a: int, b: int) -> bool:
+    while True:
+        x, y = _read_full(a), _read_full(b)
+        if x != y:
+            return False
+        if not x:
+            return True
+
+
+def _read_full(fd: int) -> bytes:
+    """Up to ``_CHUNK`` bytes; fewer only at end of file."""
+    parts, n = [], 0
+    while n < _CHUNK:
+        data = os.read(fd, _CHUNK - n)
+        if not data:
+            break
+        parts.append(data)
+        n += len(data)
+    return b"".join(parts)

@@ -1,0 +1,370 @@
+"""Why a path in a merged view looks the way it does, from the layer directories alone.
+
+Pure: it never touches a mount. Given the layers (an upper or None, the lowers top
+first, with labels) and a path, :func:`explain` walks the path one component at a time
+in every layer (through :class:`~overlayfs_py.layers.LayerStack`: ``openat2`` beneath
+the layer root, no symlink followed) and applies the kernel's precedence: a whiteout
+ends the walk, a non-directory is the answer and hides what is below it, directories
+merge until an opaque one. The result says which layer serves the path (or why it
+does not exist), and for every other layer that has something at that path, why it
+is not seen:
+
+* ``higher``: a higher layer has something at the same path that wins over it;
+* ``whiteout``: a whiteout at the path, or at an ancestor, in a higher layer;
+* ``opaque``: an opaque directory at the path, or at an ancestor, in a higher layer;
+* ``nondir``: a non-directory at an ancestor in a higher layer (nothing merges below it).
+
+Each hidden object names the *nearest* higher layer that hides it (the one that would
+hide it if the layers above were gone), so a chain reads top-down.
+
+Redirects (``overlay.redirect``) are not followed: every layer is looked at under the
+same path, and a note says so when a directory on the way carries one.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import posixpath
+import stat
+from dataclasses import asdict, dataclass, field
+from typing import Sequence
+
+from . import _sys
+from .layers import Layer, LayerStack
+from .whiteout import TRUSTED_PREFIX, USER_PREFIX, XattrNames, is_opaque, is_whiteout_at, opaque_value
+
+#: how a hidden object is hidden (see the module docstring)
+HOW = ("higher", "whiteout", "opaque", "nondir")
+
+
+@dataclass
+class LayerObject:
+    """What one layer has at the path, and its part in the merged view.
+
+    *role*: ``serves`` (the merged object), ``merges`` (a lower part of a merged
+    directory), ``whiteout`` (the whiteout that makes the path not exist) or ``hidden``
+    (then *hidden_by* is a layer label, *how* one of :data:`HOW`, *at* the merged path
+    of the hiding object: the path itself or an ancestor).
+    """
+
+    label: str
+    real_path: str
+    kind: str  # file dir symlink whiteout fifo socket chardev blockdev
+    size: int | None = None
+    target: str | None = None  # symlink
+    rdev: str | None = None  # devices, "major:minor"
+    opaque: bool = False
+    xattr_whiteout: bool = False
+    origin: bool = False  # carries an overlay.origin record (it was copied up)
+    role: str = "hidden"
+    hidden_by: str | None = None
+    how: str | None = None
+    at: str | None = None
+
+
+@dataclass
+class Explanation:
+    """:func:`explain`'s answer. *served* is the layer object seen through the mount
+    (None when the path does not exist: then *missing* says why, as
+    ``{"how": "whiteout"|"nondir"|"opaque"|"absent", "at": path, "layer": label, ...}``)."""
+
+    path: str
+    exists: bool
+    served: LayerObject | None
+    missing: dict | None
+    copied_up: bool = False
+    copied_up_from: str | None = None
+    merges: list[str] = field(default_factory=list)  # directories: contributing layers, top first
+    layers: list[LayerObject] = field(default_factory=list)  # every layer with an object, top first
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def explain(upper: str | None, lowers: Sequence[str], path: str, *,
+            labels: Sequence[str] | None = None, userxattr: bool = False) -> Explanation:
+    """Explain *path* (a path in the merged view; "/" is the root) over these layers.
+
+    *labels* name the layers, upper first when there is one (default: ``upper``,
+    ``lower1``, ``lower2``, ...).
+    """
+    names = XattrNames(USER_PREFIX if userxattr else TRUSTED_PREFIX)
+    stack = LayerStack(tuple(lowers), upper, names)
+    try:
+        if labels is not None:
+            if len(labels) != len(stack.layers):
+                raise ValueError(f"{len(labels)} labels for {len(stack.layers)} layers")
+            for layer, label in zip(stack.layers, labels):
+                layer.label = label
+        return _Explainer(stack, names).run(normalize(path))
+    finally:
+        stack.close()
+
+
+def normalize(path: str) -> str:
+    """The merged path as "/a/b" (".." taken lexically: nothing is resolved)."""
+    return posixpath.normpath("/" + path.lstrip("/")) if path.strip("/") else "/"
+
+
+class _Explainer:
+    def __init__(self, stack: LayerStack, names: XattrNames) -> None:
+        self.stack = stack
+        self.names = names
+        self.notes: list[str] = []
+
+    def run(self, path: str) -> Explanation:
+        layers = self.stack.layers
+        roots = [self._object(l, b"") for l in layers]
+        live: list[Layer] = []
+        for i, (layer, obj) in enumerate(zip(layers, roots)):
+            live.append(layer)
+            if i < len(layers) - 1 and obj.opaque:
+                break
+        cut = {l.index: ("opaque", live[-1].label, "/") for l in layers if l not in live}
+        comps = [os.fsencode(c) for c in path.split("/") if c]
+        if not comps:
+            return self._root(roots, live, cut)
+        missing = None
+        for i in range(len(comps)):
+            rel = b"/".join(comps[: i + 1])
+            at = "/" + os.fsdecode(rel)
+            found, served, merging = self._level(live, cut, rel, at)
+            seen = [o for _, o in found]
+            if i == len(comps) - 1:
+                return self._answer(path, seen, served, merging, missing)
+            if missing is None and (served is None or served.kind != "dir"):
+                missing = self._missing(seen, served, at)
+            live = [l for l, o in found if any(o is m for m in merging)]
+            for layer, obj in found:  # a directory not merged here hides nothing further down
+                if obj.kind == "dir" and layer not in live and layer.index not in cut:
+                    cut[layer.index] = ("nondir" if obj.how == "higher" else obj.how, obj.hidden_by, obj.at)
+        raise AssertionError("unreachable")
+
+    # --- one level ------------------------------------------------------------------------
+
+    def _level(self, live: list[Layer], cut: dict, rel: bytes, at: str):
+        """Classify what every layer has at *rel*: ([(layer, object)] top first, the served
+        object, the merging directories)."""
+        found: list[tuple[Layer, LayerObject]] = []
+        merging: list[LayerObject] = []
+        served = prev = None
+        stopped = False
+        for layer in self.stack.layers:
+            obj = self._object(layer, rel)
+            if obj is None:
+                continue
+            found.append((layer, obj))
+            redirect = self._xattr(layer, rel, self.names.redirect) if obj.kind == "dir" else None
+            if redirect is not None:
+                self.notes.append(f"{at} in {layer.label} has a redirect ({os.fsdecode(redirect)!r}); "
+                                  "redirects are not followed here, the mount may merge other lower directories")
+            if layer not in live:
+                obj.how, obj.hidden_by, obj.at = cut.get(layer.index, ("higher", None, at))
+                continue
+            if stopped:
+                self._hide(obj, prev, at)
+            elif obj.kind == "whiteout":
+                stopped = True
+                if merging:
+                    self._hide(obj, prev, at)
+                else:
+                    obj.role = "whiteout"
+            elif obj.kind != "dir":
+                stopped = True
+                if merging:
+                    self._hide(obj, prev, at)
+                else:
+                    obj.role, served = "serves", obj
+            else:
+                obj.role = "merges" if merging else "serves"
+                served = served or obj
+                merging.append(obj)
+                stopped = obj.opaque and layer is not self.stack.layers[-1]
+            prev = obj
+        return found, served, merging
+
+    @staticmethod
+    def _hide(obj: LayerObject, prev: LayerObject, at: str) -> None:
+        """*obj* is hidden: name the nearest higher object that hides it."""
+        if prev.kind == "whiteout":
+            obj.how, obj.hidden_by, obj.at = "whiteout", prev.label, at
+        elif prev.kind == "dir" and obj.kind == "dir" and prev.opaque:
+            obj.how, obj.hidden_by, obj.at = "opaque", prev.label, at
+        elif prev.kind == "dir" and obj.kind == "dir" and prev.how is not None:
+            obj.how, obj.hidden_by, obj.at = prev.how, prev.hidden_by, prev.at  # both hidden alike
+        else:
+            obj.how, obj.hidden_by, obj.at = "higher", prev.label, at
+
+    # --- the answer -----------------------------------------------------------------------
+
+    def _root(self, roots, live, cut) -> Explanation:
+        for layer, obj in zip(self.stack.layers, roots):
+            if layer in live:
+                obj.role = "serves" if layer is live[0] else "merges"
+            else:
+                obj.how, obj.hidden_by, obj.at = cut[layer.index]
+        merging = [o for o in roots if o.role != "hidden"]
+        return self._answer("/", roots, roots[0], merging, None)
+
+    def _answer(self, path, seen, served, merging, missing) -> Explanation:
+        if missing is None and served is None:
+            missing = self._missing(seen, None, path)
+        if missing is not None:
+            return Explanation(path, False, None, missing, layers=seen, notes=self.notes)
+        ex = Explanation(path, True, served, None, layers=seen, notes=self.notes)
+        if served.kind == "dir":
+            ex.merges = [o.label for o in merging]
+        upper = self.stack.upper
+        if upper is not None and served.label == upper.label and path != "/":
+            ex.copied_up_from = self._copied_from(seen, served, merging)
+            ex.copied_up = served.origin or ex.copied_up_from is not None
+        return ex
+
+    @staticmethod
+    def _copied_from(seen, served, merging) -> str | None:
+        """The lower object this upper one was copied from: the first lower part of a merged
+        directory, or a same-type object hidden directly by it (not cut off above)."""
+        if served.kind == "dir":
+            return merging[1].label if len(merging) > 1 else None
+        below = next((o for o in seen if o is not served), None)
+        if below is not None and below.how == "higher" and below.hidden_by == served.label \
+                and below.kind == served.kind:
+            return below.label
+        return None
+
+    def _missing(self, seen, served, at) -> dict:
+        """Why nothing is served at *at*: a non-directory where a directory is needed, a
+        whiteout, an opaque directory above every layer that has it, or no layer has it."""
+        if served is not None:
+            return {"how": "nondir", "at": at, "layer": served.label, "real_path": served.real_path,
+                    "kind": served.kind}
+        for o in seen:
+            if o.role == "whiteout":
+                return {"how": "whiteout", "at": at, "layer": o.label, "real_path": o.real_path}
+        if seen and seen[0].how == "opaque":  # every layer that has it is cut off above
+            layer = next(l for l in self.stack.layers if l.label == seen[0].hidden_by)
+            real = os.path.join(layer.path, seen[0].at.lstrip("/")) if seen[0].at != "/" else layer.path
+            return {"how": "opaque", "at": seen[0].at, "layer": layer.label, "real_path": real}
+        return {"how": "absent", "at": at}
+
+    # --- reading a layer ------------------------------------------------------------------
+
+    def _object(self, layer: Layer, rel: bytes) -> LayerObject | None:
+        """What *layer* has at *rel* (lstat; None when nothing, or a component on the way is
+        not a directory: symlinks in a layer are never followed)."""
+        real = os.path.join(layer.path, os.fsdecode(rel)) if rel else layer.path
+        parent, _, name = rel.rpartition(b"/")
+        try:
+            if not rel:
+                st, dfd = os.fstat(layer.fd), None
+            else:
+                dfd = self.stack.dir_fd(layer, parent)
+                st = _sys.lstat_at(dfd, name)
+        except OSError as exc:
+            if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.EXDEV):
+                return None
+            raise
+        obj = LayerObject(layer.label, real, _kind(st))
+        if dfd is not None and obj.kind in ("chardev", "file") and is_whiteout_at(dfd, name, st, self.names):
+            obj.xattr_whiteout = obj.kind == "file"
+            obj.kind = "whiteout"
+        elif obj.kind == "file":
+            obj.size = st.st_size
+        elif obj.kind == "symlink":
+            obj.target = os.fsdecode(_sys.readlink_at(dfd, name))
+        elif obj.kind in ("chardev", "blockdev"):
+            obj.rdev = f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
+        elif obj.kind == "dir":
+            obj.opaque = is_opaque(opaque_value(layer.fd, None, self.names) if dfd is None
+                                   else opaque_value(dfd, name, self.names))
+        if layer.is_upper and obj.kind != "whiteout":
+            obj.origin = self._xattr(layer, rel, self.names.origin) is not None
+        return obj
+
+    def _xattr(self, layer: Layer, rel: bytes, attr: str) -> bytes | None:
+        if not rel:
+            return _sys.getxattr_at(layer.fd, None, attr)
+        parent, _, name = rel.rpartition(b"/")
+        return _sys.getxattr_at(self.stack.dir_fd(layer, parent), name, attr)
+
+
+def _kind(st: os.stat_result) -> str:
+    m = st.st_mode
+    for test, kind in ((stat.S_ISREG, "file"), (stat.S_ISDIR, "dir"), (stat.S_ISLNK, "symlink"),
+                       (stat.S_ISFIFO, "fifo"), (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "chardev"),
+                       (stat.S_ISBLK, "blockdev")):
+        if test(m):
+            return kind
+    return "unknown"
+
+
+# --- human output -----------------------------------------------------------------------
+
+def describe(obj: LayerObject) -> str:
+    """"regular file, 42 bytes", "directory (opaque)", "symlink -> /bin/busybox", ..."""
+    if obj.kind == "file":
+        return f"regular file, {obj.size} byte{'' if obj.size == 1 else 's'}"
+    if obj.kind == "dir":
+        return "directory (opaque)" if obj.opaque else "directory"
+    if obj.kind == "symlink":
+        return f"symlink -> {obj.target}"
+    if obj.kind == "whiteout":
+        return "whiteout (xattr)" if obj.xattr_whiteout else "whiteout"
+    if obj.kind in ("chardev", "blockdev"):
+        return f"{'char' if obj.kind == 'chardev' else 'block'} device {obj.rdev}"
+    return obj.kind
+
+
+def _hidden_phrase(obj: LayerObject, path: str) -> str:
+    here = obj.at == path
+    if obj.how == "whiteout":
+        return f"hidden by the whiteout in {obj.hidden_by}" if here else \
+            f"hidden by the whiteout at {obj.at} in {obj.hidden_by}"
+    if obj.how == "opaque":
+        return f"hidden by the opaque directory in {obj.hidden_by}" if here else \
+            f"hidden by the opaque directory {obj.at} in {obj.hidden_by}"
+    if obj.how == "nondir":
+        return f"hidden by the non-directory at {obj.at} in {obj.hidden_by}"
+    return f"hidden by {obj.hidden_by}"
+
+
+_KIND_NAMES = {"file": "a regular file", "symlink": "a symlink", "fifo": "a fifo", "socket": "a socket",
+               "chardev": "a char device", "blockdev": "a block device"}
+
+
+def format_text(ex: Explanation) -> str:
+    """The human form: a headline, then one indented line per other layer, then notes."""
+    if ex.exists:
+        s = ex.served
+        head = f"{ex.path}: served by {s.label} ({s.real_path}), {describe(s)}"
+        extra = []
+        if ex.copied_up:
+            extra.append(f"copied up from {ex.copied_up_from}" if ex.copied_up_from else "copied up")
+        if len(ex.merges) > 1:
+            extra.append("merges " + ", ".join(ex.merges))
+        if extra:
+            head += " — " + "; ".join(extra)
+    else:
+        m = ex.missing
+        if m["how"] == "whiteout":
+            where = "" if m["at"] == ex.path else f" at {m['at']}"
+            head = f"{ex.path}: does not exist — whiteout{where} in {m['layer']} ({m['real_path']})"
+        elif m["how"] == "nondir":
+            what = _KIND_NAMES.get(m["kind"], m["kind"])
+            head = (f"{ex.path}: does not exist — {m['at']} is {what} in {m['layer']} "
+                    f"({m['real_path']}), not a directory")
+        elif m["how"] == "opaque":
+            head = (f"{ex.path}: does not exist — hidden by the opaque directory {m['at']} in {m['layer']} "
+                    f"({m['real_path']})")
+        else:
+            head = f"{ex.path}: does not exist — no layer has " + ("it" if m["at"] == ex.path else m["at"])
+    lines = [head]
+    for o in ex.layers:
+        if o is ex.served or o.role == "whiteout":
+            continue  # the headline is about it
+        state = "merged" if o.role == "merges" else "whiteout" if o.role == "whiteout" else _hidden_phrase(o, ex.path)
+        lines.append(f"  {o.label} ({o.real_path}): {describe(o)}, {state}")
+    lines += [f"  note: {n}" for n in ex.notes]
+    return "\n".join(lines)

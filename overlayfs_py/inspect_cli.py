@@ -1,0 +1,201 @@
+"""``pyoverlay diff`` and ``pyoverlay explain``: looking at layers without a mount.
+
+The work is in :mod:`overlayfs_py.diff` and :mod:`overlayfs_py.explain`; this module
+finds the layers. A container is found through :mod:`runner.state` (imported lazily:
+the overlay package does not depend on the runner otherwise), a live mount through its
+record in :mod:`overlayfs_py.state`. Nothing here stats a path through a merged mount.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import sys
+
+import click
+
+from . import state
+
+
+class InspectError(Exception):
+    """A one-line user error; *code* is the exit status."""
+
+    def __init__(self, msg: str, code: int = 1) -> None:
+        super().__init__(msg)
+        self.code = code
+
+
+def _fail(exc: object, code: int = 1) -> None:
+    click.echo(f"pyoverlay: {exc}", err=True)
+    sys.exit(getattr(exc, "code", code))
+
+
+def register(main: click.Group) -> None:
+    main.add_command(diff_cmd)
+    main.add_command(explain_cmd)
+
+
+# --- finding layers ---------------------------------------------------------------------
+
+def _container(ref: str) -> dict | None:
+    from runner import state as rstate
+
+    try:
+        return rstate.resolve(ref)
+    except rstate.StateError:
+        return None
+
+
+def _container_layers(rec: dict) -> tuple[str, list[str], list[str]]:
+    """(upper, lowers top first, labels upper first): the init layer is the top lower."""
+    upper = rec.get("upper")
+    if not upper:
+        raise InspectError(f"container {rec.get('name') or rec['id']} has no upper layer yet")
+    lowers = list(rec.get("layers", []))
+    labels = ["upper"] + [f"lower{i + 1}" for i in range(len(lowers))]
+    init = rec.get("init_layer")
+    if init and os.path.isdir(init):
+        lowers.insert(0, init)
+        labels.insert(1, "init")
+    return upper, lowers, labels
+
+
+def _mount_records() -> list[dict]:
+    out = []
+    for p in sorted(glob.glob(os.path.join(state.state_dir(), "mount-*.json"))):
+        try:
+            with open(p) as f:
+                out.append(json.load(f))
+        except (OSError, ValueError):
+            continue
+    return out
+
+
+def _lowers_of_upper(upper: str) -> tuple[list[str], bool | None]:
+    """The lowers of a live mount or a container whose upper layer is *upper* (a realpath)."""
+    for rec in _mount_records():
+        cfg = rec.get("config") or {}
+        if cfg.get("upperdir") and os.path.realpath(cfg["upperdir"]) == upper:
+            return list(cfg.get("lowerdirs", [])), bool(cfg.get("userxattr"))
+    from runner import state as rstate
+
+    for rec in rstate.all_records():
+        if rec.get("upper") and os.path.realpath(rec["upper"]) == upper:
+            return _container_layers(rec)[1], None
+    raise InspectError(f"no mount or container uses {upper} as its upper layer: "
+                       "give its lower layers with --lower L1:L2...", 2)
+
+
+def _parse_lowers(spec: str) -> list[str]:
+    from .config import ConfigError, split_lowerdir
+
+    try:
+        parts = split_lowerdir(spec)
+    except ConfigError as e:
+        raise InspectError(str(e), 2) from None
+    out = []
+    for p in parts:
+        if not os.path.isdir(p):
+            raise InspectError(f"lower layer {p!r} is not a directory", 2)
+        out.append(os.path.realpath(p))
+    return out
+
+
+def _no_touch_realpath(path: str) -> str:
+    """The resolved path of *path* without stat'ing its last component (a mountpoint)."""
+    a = os.path.abspath(path)
+    head, tail = os.path.split(a)
+    return os.path.join(os.path.realpath(head), tail) if tail else a
+
+
+# --- diff -------------------------------------------------------------------------------
+
+@click.command("diff")
+@click.argument("target", metavar="UPPER|ID")
+@click.option("--lower", "lower", metavar="L1:L2...", help="The lower layers, top first (default: "
+              "those of the mount or container using UPPER).")
+@click.option("--ignore-identical", is_flag=True, help="Leave out files copied up but unchanged.")
+@click.option("--userxattr", is_flag=True, default=None,
+              help="The upper's private xattrs are user.overlay.* (default: detected).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def diff_cmd(target, lower, ignore_identical, userxattr, as_json):
+    """What the upper layer UPPER (or container ID's) changed, as `docker diff` shows it:
+    A added, C changed, D deleted. A live pyoverlay mountpoint stands for its upper layer."""
+    from .diff import diff
+
+    try:
+        upper, lowers, xattr_mode = _diff_layers(target, lower)
+        changes = diff(upper, lowers, userxattr=True if userxattr else xattr_mode, ignore_identical=ignore_identical)
+    except InspectError as e:
+        _fail(e)
+    except OSError as e:
+        _fail(f"cannot read the layers: {e}")
+    if as_json:
+        click.echo(json.dumps([{"kind": c.kind, "path": c.path} for c in changes]))
+    else:
+        for c in changes:
+            click.echo(os.fsencode(str(c)) + b"\n", nl=False)
+
+
+def _diff_layers(target: str, lower: str | None) -> tuple[str, list[str], bool | None]:
+    rec = state.lookup(_no_touch_realpath(target))
+    if rec is not None:  # a live mountpoint: never walk it, take its layers
+        cfg = rec["config"]
+        if not cfg.get("upperdir"):
+            raise InspectError(f"{target} is a read-only mount: it has no upper layer", 2)
+        lowers = _parse_lowers(lower) if lower is not None else list(cfg["lowerdirs"])
+        return cfg["upperdir"], lowers, bool(cfg.get("userxattr"))
+    if os.path.isdir(target):
+        upper = os.path.realpath(target)
+        if lower is not None:
+            return upper, _parse_lowers(lower), None
+        lowers, userxattr = _lowers_of_upper(upper)
+        return upper, lowers, userxattr
+    rec = _container(target)
+    if rec is None:
+        raise InspectError(f"{target}: no such directory or container")
+    upper, lowers, _labels = _container_layers(rec)
+    return upper, (_parse_lowers(lower) if lower is not None else lowers), None
+
+
+# --- explain ----------------------------------------------------------------------------
+
+@click.command("explain")
+@click.argument("target", metavar="MERGED|ID")
+@click.argument("path")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def explain_cmd(target, path, as_json):
+    """Why PATH looks the way it does in the mount MERGED (or container ID's root): which
+    layer serves it, and what every other layer has there. Reads the layers, never the mount."""
+    from .explain import explain, format_text
+
+    try:
+        upper, lowers, labels, userxattr = _explain_layers(target)
+        ex = explain(upper, lowers, path, labels=labels, userxattr=userxattr)
+    except InspectError as e:
+        _fail(e)
+    except OSError as e:
+        _fail(f"cannot read the layers: {e}")
+    if as_json:
+        click.echo(json.dumps(ex.to_dict(), indent=1))
+    else:
+        click.echo(os.fsencode(format_text(ex)) + b"\n", nl=False)
+
+
+def _explain_layers(target: str):
+    """(upper, lowers, labels, userxattr) of a live pyoverlay mount or a container."""
+    mp = _no_touch_realpath(target)
+    rec = state.lookup(mp)
+    if rec is not None:
+        from runner import state as rstate
+
+        for c in rstate.all_records():  # a container's root: label its init layer
+            if c.get("merged") and os.path.realpath(c["merged"]) == mp and c.get("upper"):
+                return (*_container_layers(c), False)
+        cfg = rec["config"]
+        return cfg.get("upperdir"), list(cfg["lowerdirs"]), None, bool(cfg.get("userxattr"))
+    c = _container(target)
+    if c is None:
+        raise InspectError(f"{target} is neither a pyoverlay mountpoint nor a container")
+    return (*_container_layers(c), False)

@@ -1,0 +1,151 @@
+"""Trace events: what the overlay did to its upper layer, and which process made it.
+
+Every copy-up, whiteout, opaque directory, EXDEV and new upper object becomes one
+event (schema in docs/tracing.md). ``Tracer.emit`` is called from the filesystem's
+request handlers, in the trio thread, while the requesting process is still blocked
+in its system call -- so its pid, command and namespaces can be read from /proc right
+then. It never blocks and never raises: events go into a bounded channel, and when
+that is full they are counted as dropped (reported in the stream's ``end`` event)
+instead of stalling the filesystem. :mod:`overlayfs_py.tracesink` drains the channel
+into a JSON-lines file and to live readers.
+
+The requesting process comes from a context variable that the FUSE glue sets for each
+request (:func:`request`); code that emits does not need to pass it around.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import os
+import time
+from dataclasses import dataclass
+
+import trio
+
+SCHEMA_VERSION = 1
+
+#: event name -> the fields it carries besides the common ones (docs/tracing.md)
+EVENTS = {
+    "copy_up_start": ("path", "layer", "size", "reason"),
+    "copy_up_done": ("path", "layer", "size", "bytes", "duration_ms", "reason"),
+    "copy_up_failed": ("path", "layer", "size", "reason", "error"),
+    "copy_up_unused": ("path", "bytes"),
+    "whiteout_create": ("path",),
+    "whiteout_remove": ("path",),
+    "opaque_dir": ("path",),
+    "rename_exdev": ("path", "target"),
+    "create": ("path", "kind"),
+    "error": ("op", "error"),
+}
+#: stream records that are not filesystem events
+CONTROL = ("dropped", "end")
+
+
+@dataclass(frozen=True)
+class Request:
+    pid: int
+    uid: int
+    gid: int
+
+
+_current: contextvars.ContextVar[Request | None] = contextvars.ContextVar("request", default=None)
+
+
+def request(pid: int, uid: int, gid: int) -> contextvars.Token:
+    """Record who made the request being served (the FUSE glue; undo with :func:`done`)."""
+    return _current.set(Request(pid, uid, gid))
+
+
+def done(token: contextvars.Token) -> None:
+    _current.reset(token)
+
+
+def current() -> Request | None:
+    return _current.get()
+
+
+class ProcessInfo:
+    """pid -> (command, pid namespace inode, pid inside that namespace), cached briefly."""
+
+    TTL = 2.0
+
+    def __init__(self) -> None:
+        self._own_pidns = _pidns(os.getpid())
+        self._cache: dict[int, tuple[float, str, int | None, int | None]] = {}
+
+    def of(self, pid: int) -> tuple[str, int | None, int | None]:
+        now = time.monotonic()
+        hit = self._cache.get(pid)
+        if hit is not None and now - hit[0] < self.TTL:
+            return hit[1:]
+        comm = _read(f"/proc/{pid}/comm").strip() or "?"
+        ns = _pidns(pid)
+        cpid = None
+        if ns is not None and ns != self._own_pidns:
+            for line in _read(f"/proc/{pid}/status").splitlines():
+                if line.startswith("NSpid:"):
+                    cpid = int(line.split()[-1])
+        if len(self._cache) > 4096:
+            self._cache.clear()
+        self._cache[pid] = (now, comm, ns, cpid)
+        return comm, ns, cpid
+
+    def foreign(self, ns: int | None) -> bool:
+        return ns is not None and ns != self._own_pidns
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path, errors="replace") as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+def _pidns(pid: int) -> int | None:
+    try:
+        return os.stat(f"/proc/{pid}/ns/pid").st_ino
+    except OSError:
+        return None
+
+
+def display(relpath: bytes) -> str:
+    return "/" + os.fsdecode(relpath) if relpath else "/"
+
+
+class Tracer:
+    """The producer side. ``container``: the id of the container this mount is the root
+    of (processes in another pid namespace than the server's are attributed to it)."""
+
+    def __init__(self, capacity: int = 8192, container: str | None = None) -> None:
+        self.send, self.receive = trio.open_memory_channel(capacity)
+        self.container = container
+        self.procs = ProcessInfo()
+        self.seq = 0
+        self.dropped = 0
+        self.closed = False
+
+    def emit(self, event: str, who: Request | None = None, **fields) -> None:
+        """Queue one event; *who* overrides the current request's process."""
+        if self.closed:
+            return
+        self.seq += 1
+        rec = {"v": SCHEMA_VERSION, "seq": self.seq, "ts": round(time.time(), 6), "event": event}
+        rec.update(fields)
+        req = who if who is not None else _current.get()
+        if req is not None:
+            comm, ns, cpid = self.procs.of(req.pid)
+            rec.update(pid=req.pid, comm=comm, uid=req.uid, gid=req.gid,
+                       container=self.container if self.procs.foreign(ns) else None, cpid=cpid)
+        else:
+            rec.update(pid=None, comm=None, uid=None, gid=None, container=None, cpid=None)
+        try:
+            self.send.send_nowait(rec)
+        except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
+            self.dropped += 1
+
+    def close(self) -> None:
+        """No more events; the sink drains what is queued and writes the ``end`` record."""
+        if not self.closed:
+            self.closed = True
+            self.send.close()

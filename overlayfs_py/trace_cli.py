@@ -1,0 +1,99 @@
+"""``pyoverlay trace MERGED|ID``: follow the live trace of a mount or container.
+
+Reads the server's trace socket (or, with ``--file``, a JSON-lines file written by
+``--trace FILE``), filters, and prints a table, JSON lines, or a summary at the end
+(when the mount goes away, at EOF of a file, or on Ctrl-C).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+
+import click
+
+from . import state
+from .tracesummary import HEADER, Filter, Summary, row
+
+
+def socket_of(target: str) -> str:
+    """The live trace socket of a mountpoint, or of a container's root mount."""
+    info = state.lookup(os.path.realpath(target)) if os.path.isdir(target) else None
+    if info is None:
+        try:
+            from runner import state as containers
+
+            rec = containers.resolve(target)
+        except Exception as e:  # noqa: BLE001 - not a container either
+            raise click.ClickException(f"{target} is neither a pyoverlay mountpoint nor a container ({e})")
+        if containers.status(rec) != "running" or not rec.get("merged"):
+            raise click.ClickException(f"container {rec.get('name')} is not running")
+        info = state.lookup(rec["merged"])
+        if info is None:
+            raise click.ClickException(f"container {rec.get('name')} has no live mount")
+    path = info.get("trace_socket") or state.trace_socket(info["mountpoint"])
+    if not os.path.exists(path):
+        raise click.ClickException(f"the server of {info['mountpoint']} offers no live trace")
+    return path
+
+
+def events_from_socket(path: str, history: bool):
+    from .tracesink import connect_unix
+
+    sock = connect_unix(path)
+    try:
+        sock.sendall(json.dumps({"history": history}).encode() + b"\n")
+        f = sock.makefile("rb")
+        for line in f:
+            yield json.loads(line)
+    finally:
+        sock.close()
+
+
+def events_from_file(path: str):
+    with open(path, "rb") as f:
+        for line in f:
+            if line.strip():
+                yield json.loads(line)
+
+
+@click.command("trace")
+@click.argument("target", required=False)
+@click.option("--file", "from_file", metavar="FILE", help="Read a trace file written by --trace instead.")
+@click.option("--pid", "pids", type=int, multiple=True, help="Only this process (host or container pid).")
+@click.option("--path", "path_glob", metavar="GLOB", help="Only paths matching GLOB (a directory: all below).")
+@click.option("--event", "events", multiple=True, metavar="NAME", help="Only these events (copy_up_done, ...).")
+@click.option("--json", "as_json", is_flag=True, help="JSON lines, as the server sends them.")
+@click.option("--summary", is_flag=True, help="Print only a summary at the end (or on Ctrl-C).")
+@click.option("--history", is_flag=True, help="Start with the server's last 1000 events.")
+def trace_cmd(target, from_file, pids, path_glob, events, as_json, summary, history):
+    """Follow what a mount (MERGED) or a container (ID) does to its upper layer."""
+    if bool(target) == bool(from_file):
+        raise click.UsageError("give MERGED or ID, or --file FILE")
+    source = events_from_file(from_file) if from_file else events_from_socket(socket_of(target), history)
+    keep = Filter(frozenset(pids), path_glob, frozenset(events))
+    total = Summary()
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        if not as_json and not summary:
+            click.echo(HEADER)
+        for ev in source:
+            if not keep(ev):
+                continue
+            total.add(ev)
+            if summary:
+                continue
+            click.echo(json.dumps(ev) if as_json else row(ev))
+            sys.stdout.flush()
+    except KeyboardInterrupt:
+        pass
+    except BrokenPipeError:
+        return
+    if summary:
+        click.echo(json.dumps(total.as_dict(), indent=1) if as_json else total.text())
+
+
+def register(main: click.Group) -> None:
+    main.add_command(trace_cmd)
