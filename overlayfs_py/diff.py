@@ -7,7 +7,8 @@ applied while walking the upper layer top-down:
 * a whiteout (a char device 0/0, or a zero-size regular file carrying
   ``overlay.whiteout`` in a directory marked ``overlay.opaque=x``) is ``D path``;
 * a directory marked ``overlay.opaque=y`` whose path exists in the lower view is
-  ``D path`` (it replaced the lower directory; what it holds is then judged on its own);
+  ``D path`` (it replaced the lower directory); what it holds is still compared with
+  the lower view at the same paths, as moby does (a file re-created there is ``C``);
 * otherwise a path that exists in the lower view is ``C path``, except a directory over a
   directory with the same size, mode and mtime (moby's ``sameFsTime``: equal, or the same
   second with either side at 0 ns), which is not reported;
@@ -29,7 +30,7 @@ Differences from moby, on purpose:
 
 ``ignore_identical`` additionally leaves out C entries for regular files whose content,
 mode, uid and gid equal the lower view's file (copied up, e.g. by ``touch``, but
-unchanged).
+unchanged) -- never a file below an opaque directory: that one is new, whatever it holds.
 """
 
 from __future__ import annotations
@@ -119,6 +120,7 @@ class _Walk:
         self.stack = stack
         self.names = names
         self.ignore_identical = ignore_identical
+        self.opaque_dirs: set[bytes] = set()  # opaque dirs that replaced a lower dir
         self.changes: list[Change] = []
         self.changed_dirs: set[bytes] = set()
 
@@ -169,11 +171,13 @@ class _Walk:
             kind = "D"
         elif hits and stat.S_ISDIR(st.st_mode) and is_opaque(_sys.getxattr_at(dfd, name, self.names.opaque)):
             kind = "D"
+            self.opaque_dirs.add(path)
         elif hits:
             low = hits[0].st
             if stat.S_ISDIR(st.st_mode) and stat.S_ISDIR(low.st_mode) and _same_dir(st, low):
                 return  # unchanged directory: not recorded, so a child's A/D reports it
-            if self.ignore_identical and self._identical(path, st, hits[0]):
+            if self.ignore_identical and not self._below_opaque(path) and \
+                    self._identical(path, st, hits[0]):
                 kind = ""
             else:
                 kind = "C"
@@ -194,6 +198,14 @@ class _Walk:
             return True
         return xwhiteouts and may_be_xwhiteout(st) and \
             _sys.getxattr_at(dfd, name, self.names.whiteout) is not None
+
+    def _below_opaque(self, path: bytes) -> bool:
+        parent = path.rpartition(b"/")[0]
+        while parent:
+            if parent in self.opaque_dirs:
+                return True
+            parent = parent.rpartition(b"/")[0]
+        return False
 
     def _identical(self, path: bytes, st: os.stat_result, hit) -> bool:
         """A regular file equal to the lower view's in content, mode, uid and gid."""

@@ -236,14 +236,18 @@ class Operations(pyfuse3.Operations):
             return self.ov.write(fh, off, buf)
 
     async def flush(self, fh):
-        pass
+        # Nothing to flush (writes go straight to the real file). ENOSYS makes the kernel
+        # stop sending FLUSH at all (fc->no_flush): one request less for every close().
+        raise pyfuse3.FUSEError(errno.ENOSYS)
 
     async def fsync(self, fh, datasync):
         with self._errors("fsync"):
             self.ov.fsync(fh, datasync)
 
     async def fsyncdir(self, fh, datasync):
-        pass
+        # Directory changes are made with *at() calls on the real dirs; ENOSYS: the kernel
+        # then treats fsync of a directory as done and stops asking (fc->no_fsyncdir).
+        raise pyfuse3.FUSEError(errno.ENOSYS)
 
     async def setxattr(self, inode, name, value, ctx):
         with self._errors("setxattr", ctx):

@@ -28,6 +28,7 @@ class DirHandle:
     # is open, so entries changed meanwhile are not seen (the kernel's readdir cache does the same).
     names: list | None = None  # [(name, layer listing it)]
     real: bool = False  # served by a single layer: listed raw, whiteouts included
+    lower_st: dict | None = None  # the shared listing's lstat results of lower non-dirs
 
 
 class HandleTable:

@@ -16,12 +16,13 @@ from dataclasses import dataclass
 
 from . import _sys
 from .copyup import CopyUp
+from .dircache import Listing, ListingCache
 from .handles import DirHandle, HandleTable, OpenFile
 from .inodes import InodeTable, Node
 from .layers import Hit, Layer, LayerStack
 from . import trace
 from .trace import Tracer, display
-from .whiteout import XattrNames
+from .whiteout import XattrNames, is_char_whiteout, may_be_xwhiteout
 from .write import OPEN_PASS, WriteOps
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,7 @@ class Overlay(WriteOps):
         stack.root_lowers = tuple(l for l in root_dirs if not l.is_upper)
         self.inodes = InodeTable(top, root_dirs, root_st.st_mode, self._xino(top, root_st.st_ino))
         self.handles = HandleTable()
+        self.listings = ListingCache()
         self._can_open_by_handle = os.geteuid() == 0
         self.copyup: CopyUp | None = None
         if not self.read_only and work_fd is not None:
@@ -244,6 +246,7 @@ class Overlay(WriteOps):
     def _repoint_handles(self, node: Node) -> None:
         """After a copy-up, files opened read-only on the lower object read the upper one
         (the kernel shows the new data to such fds too, see docs/semantics.md)."""
+        self.listings.changed()
         for h in self.handles.files_of(node):
             if node.is_dir:
                 continue
@@ -293,11 +296,17 @@ class Overlay(WriteOps):
         return [(b".", node.layer), (b"..", node.layer)] + self.stack.list_merged(node.layer_dirs(), filter_wo)
 
     def readdir(self, fh: int, start: int):
-        """Yield ``(index, Entry)`` from position *start*; the listing is built at start 0."""
+        """Yield ``(index, Entry)`` from position *start*; the listing is taken at start 0
+        (from the listing cache while nothing changed, else merged anew)."""
         h = self.handles[fh]
         assert isinstance(h, DirHandle)
         if start == 0 or h.names is None:
-            h.names = self._listing(h)
+            listing = self.listings.get(h.node.id)
+            if listing is None:
+                names = self._listing(h)
+                listing = Listing(names, h.real)
+                self.listings.put(h.node.id, listing)
+            h.names, h.real, h.lower_st = listing.names, listing.real, listing.lower_st
         node = h.node
         for i in range(start, len(h.names)):
             name, layer = h.names[i]
@@ -307,7 +316,7 @@ class Overlay(WriteOps):
             elif name == b"..":
                 yield i, self._dotdot(node, h.real)
             else:
-                entry = self._dir_entry(node, name, layer)
+                entry = self._dir_entry(node, name, layer, h.lower_st)
                 if entry is not None:
                     yield i, entry
 
@@ -322,7 +331,11 @@ class Overlay(WriteOps):
         st = _sys.lstat_at(self.stack.dir_fd(node.layer, node.path_in(node.layer)), b"..")
         return Entry(b"..", None, st, self._xino(node.layer, st.st_ino), st.st_nlink)
 
-    def _dir_entry(self, parent: Node, name: bytes, layer: Layer) -> Entry | None:
+    def _dir_entry(self, parent: Node, name: bytes, layer: Layer,
+                   lower_st: dict | None = None) -> Entry | None:
+        fast = self._listed_nondir(parent, name, layer, lower_st)
+        if fast is not None:
+            return fast
         try:
             child, st = self.lookup(parent, name)
         except OSError as exc:
@@ -336,6 +349,28 @@ class Overlay(WriteOps):
                 return None  # vanished meanwhile
             return Entry(name, None, st, self._xino(layer, st.st_ino), st.st_nlink)
         return Entry(name, child, st, child.ino, self.nlink(child, st))
+
+    def _listed_nondir(self, parent: Node, name: bytes, layer: Layer,
+                       lower_st: dict | None) -> Entry | None:
+        """The fast path of a listing: the merge already found *name* topmost in *layer*
+        and not whited out, so a non-directory there is the answer (a full lookup would
+        stat every layer again). Directories, whiteouts and possible xattr whiteouts
+        (the kernel's readdir/lookup quirks) take the full lookup: None."""
+        ppath = parent.path_in(layer)
+        st = lower_st.get(name) if lower_st is not None else None
+        if st is None:
+            try:
+                dfd = self.stack.dir_fd(layer, ppath)
+                st = _sys.lstat_at(dfd, name)
+            except (FileNotFoundError, NotADirectoryError):
+                return None
+            if stat.S_ISDIR(st.st_mode) or is_char_whiteout(st) or \
+                    (may_be_xwhiteout(st) and _sys.getxattr_at(dfd, name, self.names.whiteout) is not None):
+                return None
+            if lower_st is not None and not layer.is_upper:
+                lower_st[name] = st  # a lower object never changes while mounted
+        node = self._node_for(parent, name, [Hit(layer, st, ppath + b"/" + name if ppath else name)])
+        return Entry(name, node, st, node.ino, self.nlink(node, st))
 
     # --- xattrs -----------------------------------------------------------------------------
 

@@ -34,6 +34,7 @@ EVENTS = {
     "whiteout_remove": ("path",),
     "opaque_dir": ("path",),
     "rename_exdev": ("path", "target"),
+    "rename": ("path", "target", "exchange"),
     "create": ("path", "kind"),
     "error": ("op", "error"),
 }

@@ -123,7 +123,10 @@ class TraceSink:
         self.readers_closed = False
 
     async def run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        out = open(self.file_path, "wb") if self.file_path else None
+        out = None
+        if self.file_path:  # 0600: events name processes and paths (the server's umask is 0)
+            fd = os.open(self.file_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            out = os.fdopen(fd, "wb")
         listener = None
         if self.socket_path:
             try:

@@ -67,15 +67,15 @@ def row(ev: dict) -> str:
         extra = "  (" + ", ".join(bits) + ")" if bits else ""
     elif kind == "create":
         extra = f"  ({ev.get('kind')})"
-    elif kind == "rename_exdev":
+    elif kind in ("rename_exdev", "rename"):
         extra = f"  -> {ev.get('target')}"
     elif kind == "error":
         extra = f"  {ev.get('op')}: {ev.get('error')}"
     size = human(ev.get("bytes", ev.get("size"))) if kind.startswith("copy_up") else ""
-    return f"{t}  {who(ev):<28} {kind:<16} {ev.get('path', ''):<40} {size:>9}{extra}"
+    return f"{t}  {who(ev):<34} {kind:<16} {ev.get('path', ''):<40} {size:>9}{extra}".rstrip()
 
 
-HEADER = f"{'TIME':<12}  {'PROCESS':<28} {'EVENT':<16} {'PATH':<40} {'BYTES':>9}"
+HEADER = f"{'TIME':<12}  {'PROCESS':<34} {'EVENT':<16} {'PATH':<40} {'BYTES':>9}"
 
 
 @dataclass

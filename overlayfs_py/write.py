@@ -86,6 +86,7 @@ class WriteOps:
 
         The object is given to *caller* (None: a hard link, which keeps its inode's owner)."""
         self._writable()
+        self.listings.changed()
         if len(name) > 255:
             raise OSError(errno.ENAMETOOLONG, "name too long")
         if self._exists(parent, name) is not None:
@@ -195,6 +196,7 @@ class WriteOps:
     def remove(self: "Overlay", parent: Node, name: bytes, is_dir: bool) -> None:
         """unlink (is_dir False) or rmdir (True)."""
         self._writable()
+        self.listings.changed()
         node, st = self.lookup(parent, name)
         if is_dir:
             if not node.is_dir:
@@ -232,6 +234,7 @@ class WriteOps:
     async def rename(self: "Overlay", parent: Node, name: bytes, newparent: Node, newname: bytes,
                      flags: int) -> None:
         self._writable()
+        self.listings.changed()
         if flags & ~(_sys.RENAME_NOREPLACE | _sys.RENAME_EXCHANGE) or \
                 (flags & _sys.RENAME_NOREPLACE and flags & _sys.RENAME_EXCHANGE):
             raise OSError(errno.EINVAL, "unsupported rename flags")
@@ -295,6 +298,7 @@ class WriteOps:
         _sys.renameat2(opfd, name, npfd, newname, real_flags)
         if cleanup_whiteout:
             os.unlink(name, dir_fd=opfd)
+        self.trace.emit("rename", path=old_path, target=new_path, exchange=exchange)
         if real_flags == _sys.RENAME_WHITEOUT:
             self.trace.emit("whiteout_create", path=old_path)
         elif not exchange and real_flags == _sys.RENAME_EXCHANGE:  # a whiteout was at the new name

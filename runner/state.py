@@ -31,7 +31,8 @@ class StateError(Exception):
     pass
 
 
-def data_dir() -> str:
+def data_root() -> str:
+    """``$PYOVERLAY_DATA_DIR``, else /var/lib/pyoverlay (root) or ~/.local/share/pyoverlay."""
     d = os.environ.get("PYOVERLAY_DATA_DIR")
     if not d:
         if os.geteuid() == 0:
@@ -39,7 +40,11 @@ def data_dir() -> str:
         else:
             base = os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share")
             d = os.path.join(base, "pyoverlay")
-    return os.path.join(d, "containers")
+    return d
+
+
+def data_dir() -> str:
+    return os.path.join(data_root(), "containers")
 
 
 def records_dir() -> str:

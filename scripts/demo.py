@@ -10,7 +10,10 @@ an ``app`` layer on top (one file of base whited out) run as a container with
 capabilities; it changes its root, and the demo shows that every change landed in
 the upper layer while both image layers stay byte-for-byte the same.  Then a
 detached container is inspected and stopped with ``run -d``, ``ps``, ``exec``, ``top``,
-``stop`` and ``rm``.
+``stop`` and ``rm``; while ``exec`` changes its files, ``pyoverlay trace`` shows each
+copy-up, whiteout and opaque directory live, with the process that caused it, and
+after ``stop`` the demo summarises the trace file and shows ``pyoverlay diff`` and
+``pyoverlay explain``.
 
 Everything happens under a temporary directory (container records and data
 included) that is unmounted and removed at the end, whatever happens.
@@ -21,6 +24,7 @@ from __future__ import annotations
 import errno
 import glob
 import hashlib
+import json
 import os
 import re
 import shlex
@@ -29,6 +33,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import textwrap
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -48,8 +53,12 @@ DEMO_TIMEOUT = 90  # seconds before a hung mount is aborted
 _OCTAL = re.compile(r"\\([0-7]{3})")  # mountinfo escapes space, tab, newline, backslash
 
 
+_SAY = threading.Lock()  # the live trace reader prints from its own thread
+
+
 def say(text: str = "") -> None:
-    print(text, flush=True)
+    with _SAY:
+        print(text, flush=True)
 
 
 def heading(text: str) -> None:
@@ -392,15 +401,19 @@ def snapshot(layer: Path) -> tuple[int, str]:
     return len(paths), h.hexdigest()
 
 
+def runner_env(work: Path) -> dict[str, str]:
+    """The environment of every pyoverlay command of part 2: records and data in *work*."""
+    return {**os.environ, "PYOVERLAY_STATE_DIR": str(work / "state"),
+            "PYOVERLAY_DATA_DIR": str(work / "data")}
+
+
 def runner(work: Path, *args: str, timeout: float = CMD_TIMEOUT) -> subprocess.CompletedProcess[str]:
     """``pyoverlay ARGS`` in *work*, with the container records and data kept in *work*.
 
     stderr is merged into stdout.  On a timeout the command gets SIGTERM (a monitor
     forwards it to its container and cleans up), then SIGKILL.
     """
-    env = {**os.environ, "PYOVERLAY_STATE_DIR": str(work / "state"),
-           "PYOVERLAY_DATA_DIR": str(work / "data")}
-    proc = subprocess.Popen(pyoverlay(*args), cwd=work, env=env, stdin=subprocess.DEVNULL,
+    proc = subprocess.Popen(pyoverlay(*args), cwd=work, env=runner_env(work), stdin=subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         out, _ = proc.communicate(timeout=timeout)
@@ -493,29 +506,238 @@ def check_upper(work: Path) -> None:
         say(f"  none of {', '.join(NOT_IN_UPPER)} is in upper (the runner's init layer supplies them)")
 
 
+TRACE_FILE = "web-trace.jsonl"  # in part 2's work directory (the commands run there)
+LIVE_PREFIX = "  [live trace] "
+LIVE_WAIT = 10.0                # seconds for an exec's events to reach the live reader
+LIVE_QUIET = 0.3                # then until the live trace has been quiet this long
+#: What exec changes in the detached container while the live trace runs: (what to look
+#: at, the command, and the event the live trace must show: (process name, event, path)).
+CHANGES = (
+    ("sh appends to /etc/motd, a file of the app layer: copy-up (open-for-write), after its"
+     " parent /etc (from the runner's init layer)",
+     ("sh", "-c", "echo hello >> /etc/motd"), ("sh", "copy_up_done", "/etc/motd")),
+    ("chmod on a file of the app layer: copy-up (chmod), after its parent directory",
+     ("chmod", "600", "/app/hello.txt"), ("chmod", "copy_up_done", "/app/hello.txt")),
+    ("rm of a file of the base layer: a whiteout in upper hides it",
+     ("rm", "/bin/ls"), ("rm", "whiteout_create", "/bin/ls")),
+    ("a directory of the image removed by rm, then made again by mkdir: whiteouts, then an"
+     " opaque directory that hides the image's /app",
+     ("sh", "-c", "rm -r /app && mkdir /app"), ("mkdir", "opaque_dir", "/app")),
+    ("sh opens /etc/passwd (base layer) for writing and closes it unchanged: a copy-up nobody"
+     " needed (copy_up_unused)",
+     ("sh", "-c", "exec 3>>/etc/passwd"), ("sh", "copy_up_unused", "/etc/passwd")),
+    ("rename of a directory of the image: EXDEV, as with the kernel's overlayfs; mv then"
+     " copies it and removes the original",
+     ("mv", "/root", "/home"), ("mv", "rename_exdev", "/root")),
+)
+#: In `pyoverlay diff demo-web` after CHANGES (and nothing else the demo does).
+EXPECTED_DIFF = ("D /app", "C /bin", "D /bin/ls", "C /etc/motd", "C /etc/passwd", "A /home", "D /root")
+UNNEEDED = "C /etc/passwd"  # what --ignore-identical leaves out
+_EVENT_ROW = re.compile(r"^\d\d:\d\d:\d\d\.\d{3}  (?!--)")  # a row of `pyoverlay trace`, not a notice
+
+
+class LiveTrace:
+    """``pyoverlay ARGS`` (a ``trace``) in the background: a thread prints each line of
+    its output the moment it comes, prefixed with ``[live trace]``."""
+
+    def __init__(self, work: Path, *args: str) -> None:
+        self.lines: list[str] = []
+        self.done = False
+        self.last = time.monotonic()
+        self.news = threading.Condition()
+        self.proc = subprocess.Popen(pyoverlay(*args), cwd=work, env=runner_env(work),
+                                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True)
+        self.thread = threading.Thread(target=self._read, name="live-trace", daemon=True)
+        self.thread.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        try:
+            for line in iter(self.proc.stdout.readline, ""):
+                line = line.rstrip()
+                say(LIVE_PREFIX + line)
+                with self.news:
+                    self.lines.append(line)
+                    self.last = time.monotonic()
+                    self.news.notify_all()
+        finally:
+            with self.news:
+                self.done = True
+                self.news.notify_all()
+
+    def wait_for(self, pattern: re.Pattern[str], seen: int) -> int | None:
+        """Wait until a line after the first *seen* matches *pattern*, then until the stream
+        has been quiet for LIVE_QUIET (so the next command's events start a new block).
+        Returns the number of lines read by then, or None if none matched in LIVE_WAIT."""
+        deadline = time.monotonic() + LIVE_WAIT
+        with self.news:
+            while not any(pattern.search(line) for line in self.lines[seen:]):
+                if self.done or time.monotonic() >= deadline:
+                    return None
+                self.news.wait(deadline - time.monotonic())
+            while not self.done and (quiet := time.monotonic() - self.last) < LIVE_QUIET:
+                self.news.wait(LIVE_QUIET - quiet)
+            return len(self.lines)
+
+    def finish(self, timeout: float) -> int | None:
+        """Wait for the reader to exit by itself; its exit status, None if it did not."""
+        self.thread.join(timeout)
+        if self.thread.is_alive():
+            return None
+        try:
+            return self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def close(self) -> None:
+        """Kill the reader if it is still running; never leaves a process behind."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                say(f"  the live trace reader (pid {self.proc.pid}) did not die")
+        self.thread.join(5)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+
+def quiet_cmd(work: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """Like show_cmd, but says nothing when the command prints nothing."""
+    say(f"  $ pyoverlay {shlex.join(args)}")
+    r = runner(work, *args)
+    if r.stdout.strip():
+        indent(r.stdout)
+    if r.returncode != 0:
+        failed(f"pyoverlay {shlex.join(args)} exited with {r.returncode}")
+    return r
+
+
+def watch_changes(work: Path, cid: str, live: LiveTrace) -> None:
+    """exec the CHANGES one at a time; each must show up in the live trace, named."""
+    heading("Changing its files with exec, while the live trace runs")
+    say("  Watch the [live trace] lines: each copy-up, whiteout and opaque directory appears as")
+    say("  it happens, named by the process that caused it: COMMAND(host pid) [container:pid inside].")
+    seen = len(live.lines)
+    for why, argv, (comm, event, path) in CHANGES:
+        say()
+        for line in textwrap.wrap(why, 96):
+            say(f"  # {line}")
+        quiet_cmd(work, "exec", "demo-web", *argv)
+        pattern = re.compile(rf"\s{re.escape(comm)}\(\d+\) \[{cid[:12]}:\d+\]\s+{event}\s+"
+                             rf"{re.escape(path)}(\s|$)")
+        got = live.wait_for(pattern, seen)
+        if got is None:
+            failed(f"the live trace did not show {event} {path} by {comm} in the container")
+        else:
+            seen = got
+
+
+def trace_summary(work: Path, live: LiveTrace) -> None:
+    heading(f"The whole run in sum: pyoverlay trace --file {TRACE_FILE} --summary")
+    say(f"  run --trace {TRACE_FILE} kept the same events in a file.  Look at the copy-ups per")
+    say("  process and per directory, and at the unnecessary copy-up of /etc/passwd.")
+    r = show_cmd(work, "trace", "--file", TRACE_FILE, "--summary")
+    if "/etc/passwd" not in r.stdout.partition("unnecessary copy-ups")[2]:
+        failed("the summary does not list /etc/passwd as an unnecessary copy-up")
+    try:
+        with open(work / TRACE_FILE) as f:
+            events = [json.loads(line) for line in f if line.strip()]
+    except (OSError, ValueError) as e:
+        failed(f"cannot read {TRACE_FILE}: {e}")
+        return
+    in_file = sum(ev.get("event") not in ("end", "dropped") for ev in events)
+    in_live = sum(bool(_EVENT_ROW.match(line)) for line in live.lines)
+    if in_file != in_live:
+        failed(f"the live trace showed {in_live} events, the trace file has {in_file}")
+    elif not events or events[-1].get("event") != "end":
+        failed(f"{TRACE_FILE} does not end with an end record")
+    else:
+        say(f"  the live reader showed all {in_file} events of the file")
+
+
+def diff_and_explain(work: Path) -> None:
+    heading("What it changed: pyoverlay diff demo-web")
+    say("  As docker diff shows it: A added, C changed, D deleted (a whiteout, or a directory")
+    say("  replaced by an opaque one, like /app).  /etc/passwd is C, though only copied up.")
+    r = show_cmd(work, "diff", "demo-web")
+    lines = r.stdout.splitlines()
+    if missing := [c for c in EXPECTED_DIFF if c not in lines]:
+        failed(f"pyoverlay diff does not list {', '.join(missing)}")
+    say()
+    say("  --ignore-identical leaves out the copy-ups that changed nothing: /etc/passwd is gone.")
+    r = show_cmd(work, "diff", "--ignore-identical", "demo-web")
+    if r.returncode == 0 and r.stdout.splitlines() != [c for c in lines if c != UNNEEDED]:
+        failed(f"diff --ignore-identical is not diff without {UNNEEDED}")
+
+    heading("Why a path looks the way it does: pyoverlay explain")
+    say("  Layers, top first: upper, init (the runner's), lower1 = app, lower2 = base.")
+    say("  /etc/motd: served by upper, copied up from the app layer, which it now hides.")
+    r = show_cmd(work, "explain", "demo-web", "/etc/motd")
+    if not re.search(r"served by upper .*copied up from lower1", r.stdout):
+        failed("explain /etc/motd: not served by upper, copied up from lower1")
+    say()
+    say("  /bin/ls: still in the base layer, but hidden by the whiteout rm left in upper.")
+    r = show_cmd(work, "explain", "demo-web", "/bin/ls")
+    if not re.search(r"does not exist .*whiteout in upper", r.stdout):
+        failed("explain /bin/ls: not hidden by a whiteout in upper")
+
+
 def detached(work: Path, cids: list[str]) -> None:
-    """run -d, then ps, exec, top, stop, rm.  The container's id goes to *cids*."""
+    """run -d, then ps, a live trace, exec, top, stop, a trace summary, diff, explain, rm.
+    The container's id goes to *cids*."""
     heading("A detached container: ps, exec, top, stop, rm")
-    r = show_cmd(work, "run", "-d", "--name", "demo-web", "app:base", "sleep", "1000")
+    say(f"  --trace {TRACE_FILE}: every change to its upper layer is also written to a file.")
+    r = show_cmd(work, "run", "-d", "--name", "demo-web", "--trace", TRACE_FILE, "app:base",
+                 "sleep", "1000")
     if r.returncode != 0:
         return
-    cids.append(r.stdout.strip().splitlines()[-1])
+    cid = r.stdout.strip().splitlines()[-1]
+    cids.append(cid)
     show_cmd(work, "ps")
-    r = show_cmd(work, "exec", "demo-web", "ps")
-    if not re.search(r"^\s*1\s+\S+\s+sleep 1000$", r.stdout, re.M):
-        failed("exec: PID 1 in the container is not 'sleep 1000'")
-    r = show_cmd(work, "top", "demo-web")
-    if m := re.search(r"^\s*(\d+)\s+1\s+\d+\s+\d+\s+sleep 1000$", r.stdout, re.M):
-        say(f"  PID is the host's PID, CPID the PID inside the container.  On the host,"
-            f" /proc/{m[1]}/status says")
-        with open(f"/proc/{m[1]}/status") as f:
-            indent("".join(line for line in f if line.startswith("NSpid:")))
-    else:
-        failed("top: no 'sleep 1000' with container PID 1")
-    started = time.monotonic()
-    show_cmd(work, "stop", "-t", "1", "demo-web")
-    say(f"  stopped in {time.monotonic() - started:.1f}s: as PID 1, sleep ignores SIGTERM,"
-        " so SIGKILL followed after 1s")
+    say()
+    say("  Follow it live, in the background (--history: nothing is missed if it attaches late).")
+    say("  Its lines start with [live trace]; it ends by itself when the container stops.")
+    say("  $ pyoverlay trace --history demo-web &")
+    live = LiveTrace(work, "trace", "--history", "demo-web")
+    try:
+        if live.wait_for(re.compile(r"^TIME\s+PROCESS\s"), 0) is None:  # its header: it is up
+            failed("pyoverlay trace printed no header")
+        r = show_cmd(work, "exec", "demo-web", "ps")
+        if not re.search(r"^\s*1\s+\S+\s+sleep 1000$", r.stdout, re.M):
+            failed("exec: PID 1 in the container is not 'sleep 1000'")
+        r = show_cmd(work, "top", "demo-web")
+        if m := re.search(r"^\s*(\d+)\s+1\s+\d+\s+\d+\s+sleep 1000$", r.stdout, re.M):
+            say(f"  PID is the host's PID, CPID the PID inside the container.  On the host,"
+                f" /proc/{m[1]}/status says")
+            with open(f"/proc/{m[1]}/status") as f:
+                indent("".join(line for line in f if line.startswith("NSpid:")))
+        else:
+            failed("top: no 'sleep 1000' with container PID 1")
+        watch_changes(work, cid, live)
+
+        heading("Stopping it: the live trace ends")
+        say("  Stopping the container unmounts its root: the live trace gets the end record and exits.")
+        started = time.monotonic()
+        show_cmd(work, "stop", "-t", "1", "demo-web")
+        say(f"  stopped in {time.monotonic() - started:.1f}s: as PID 1, sleep ignores SIGTERM,"
+            " so SIGKILL followed after 1s")
+        rc = live.finish(CMD_TIMEOUT)
+        if rc is None:
+            failed(f"the live trace did not end within {CMD_TIMEOUT}s of the stop")
+        elif rc != 0:
+            failed(f"pyoverlay trace exited with {rc}")
+        elif not any("end of trace" in line for line in live.lines):
+            failed("the live trace ended without its end record")
+        else:
+            say("  the live trace reader exited after the end record")
+    finally:
+        live.close()
+    trace_summary(work, live)
+    diff_and_explain(work)
+
+    heading("Removing it")
     show_cmd(work, "ps", "-a")
     show_cmd(work, "rm", "demo-web")
     r = show_cmd(work, "ps", "-a")

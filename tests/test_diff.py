@@ -162,6 +162,16 @@ def test_lower_view_corners(tmp_path):
     ]
 
 
+def test_a_file_recreated_in_an_opaque_dir_is_never_identical(tmp_path):
+    """rm -r /app; mkdir /app; re-create /app/f with the old bytes: moby says C (it
+    stats the lower path), but it is a new file, so --ignore-identical keeps it."""
+    l1, u = tmp_path / "l1", tmp_path / "u"
+    build_layer(l1, {"app": D(mtime_ns=T0), "app/f": F(b"same\n"), "k": F(b"k\n")})
+    build_layer(u, {"app": OPQ(mtime_ns=T0), "app/f": F(b"same\n"), "k": F(b"k\n")})
+    assert diff(str(u), [str(l1)]) == [("D", "/app"), ("C", "/app/f"), ("C", "/k")]
+    assert diff(str(u), [str(l1)], ignore_identical=True) == [("D", "/app"), ("C", "/app/f")]
+
+
 def test_unchanged_dir_reported_once_for_several_children(tmp_path):
     l1, u = tmp_path / "l1", tmp_path / "u"
     build_layer(l1, {"d": D(mtime_ns=T0), "d/x": F(b"x"), "d/y": F(b"y")})

@@ -91,7 +91,7 @@ SCENARIOS = {
         ("copy_up_start", "/e/h", "chmod"), ("copy_up_done", "/e/h", "chmod")]),
     "rename": (["mv", "top.txt", "moved.txt"], [
         ("copy_up_start", "/top.txt", "rename"), ("copy_up_done", "/top.txt", "rename"),
-        ("whiteout_create", "/top.txt", None)]),
+        ("rename", "/top.txt", "/moved.txt"), ("whiteout_create", "/top.txt", None)]),
     "rm_r_mkdir": (["sh", "-c", "rm -r d && mkdir d"], [
         ("copy_up_start", "/d", "remove"), ("copy_up_done", "/d", "remove"),
         ("whiteout_create", "/d/f", None),
