@@ -26,7 +26,7 @@ class Listing:
 
 
 class ListingCache:
-    def __init__(self, max_entries: int = 65536) -> None:
+    def __init__(self, max_entries: int = 20000) -> None:
         self.max_entries = max_entries
         self._lists: collections.OrderedDict[int, Listing] = collections.OrderedDict()
         self._total = 0

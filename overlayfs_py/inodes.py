@@ -45,13 +45,15 @@ class Node:
         self.mode = mode  # S_IFMT bits (+ permission bits at lookup time; refreshed by getattr)
         self.layer = layer
         self.dirs = dirs
-        # Where the object sits inside each *lower* layer that serves it (layer index ->
-        # path); a redirect makes it differ from relpath(). Upper paths are always relpath().
-        self.lpaths: dict[int, bytes] = {}
+        # Where the object sits inside a *lower* layer that serves it, when a redirect makes
+        # that differ from relpath() (layer index -> path); None: relpath() everywhere.
+        # The three containers are made only when needed: a walk creates one node per
+        # entry, and most are plain files (memory, docs/performance.md).
+        self.lpaths: dict[int, bytes] | None = None
         self.ino = ino  # the st_ino reported for this node
         self.lookups = 0
-        self.children: dict[bytes, Node] = {}
-        self.aliases: list[tuple[Node, bytes]] = []  # further (parent, name) links of a shared inode
+        self.children: dict[bytes, Node] | None = None
+        self.aliases: list[tuple[Node, bytes]] | None = None  # further (parent, name) links of a shared inode
         self.key: tuple | None = None
 
     @property
@@ -73,9 +75,35 @@ class Node:
 
     def path_in(self, layer: Layer) -> bytes:
         """The path of this object inside *layer* (one of ``layer`` / ``dirs``)."""
-        if layer.is_upper:
-            return self.relpath()
-        return self.lpaths.get(layer.index, b"") if self.parent is not None else b""
+        if self.parent is None:
+            return b""
+        if not layer.is_upper and self.lpaths is not None:
+            path = self.lpaths.get(layer.index)
+            if path is not None:
+                return path
+        return self.relpath()
+
+    def child(self, name: bytes) -> "Node | None":
+        children = self.children
+        return children.get(name) if children else None
+
+    def _link_child(self, name: bytes, node: "Node") -> None:
+        if self.children is None:
+            self.children = {}
+        self.children[name] = node
+
+    def _unlink_child(self, name: bytes, node: "Node | None" = None) -> "Node | None":
+        """Remove *name* (only if it leads to *node*, when given); returns what was there."""
+        children = self.children
+        if not children:
+            return None
+        found = children.get(name)
+        if found is None or (node is not None and found is not node):
+            return None
+        del children[name]
+        if not children:
+            self.children = None
+        return found
 
     def layer_dirs(self) -> list[tuple[Layer, bytes]]:
         """(layer, path in layer) for every layer contributing to this directory, top first."""
@@ -108,7 +136,7 @@ class InodeTable:
         return iter(list(self._nodes.values()))
 
     def child(self, parent: Node, name: bytes) -> Node | None:
-        return parent.children.get(name)
+        return parent.child(name)
 
     def by_key(self, key: tuple) -> Node | None:
         return self._by_key.get(key)
@@ -123,21 +151,23 @@ class InodeTable:
         if key is not None:
             self._by_key[key] = node
         self._nodes[node.id] = node
-        parent.children[name] = node
+        parent._link_child(name, node)
         return node
 
     def add_alias(self, node: Node, parent: Node, name: bytes) -> None:
         """Another name for a shared (hard-linked) node."""
         self.detach(parent, name)
+        if node.aliases is None:
+            node.aliases = []
         node.aliases.append((parent, name))
-        parent.children[name] = node
+        parent._link_child(name, node)
 
     def detach(self, parent: Node, name: bytes) -> None:
         """Forget that *name* in *parent* leads to its current node (it was removed or replaced).
 
         The node itself stays alive while the kernel holds references to it.
         """
-        node = parent.children.pop(name, None)
+        node = parent._unlink_child(name)
         if node is None:
             return
         if node.parent is parent and node.name == name:
@@ -146,7 +176,7 @@ class InodeTable:
             else:
                 self._orphan(node)
         else:
-            node.aliases = [(p, n) for (p, n) in node.aliases if not (p is parent and n == name)]
+            node.aliases = [(p, n) for (p, n) in node.aliases or () if not (p is parent and n == name)] or None
         self._maybe_drop(node)
 
     def _orphan(self, node: Node) -> None:
@@ -177,13 +207,12 @@ class InodeTable:
             if self._nodes.pop(node.id, None) is None:
                 return
             parent = node.parent
-            if parent is not None and parent.children.get(node.name) is node:
-                del parent.children[node.name]
-            for (p, n) in node.aliases:
-                if p.children.get(n) is node:
-                    del p.children[n]
+            if parent is not None:
+                parent._unlink_child(node.name, node)
+            for (p, n) in node.aliases or ():
+                if p._unlink_child(n, node) is not None:
                     self._maybe_drop(p)
-            node.aliases = []
+            node.aliases = None
             if node.key is not None and self._by_key.get(node.key) is node:
                 del self._by_key[node.key]
             node = parent
@@ -192,17 +221,20 @@ class InodeTable:
         if node.parent is old[0] and node.name == old[1]:
             node.parent, node.name = new
         else:
-            node.aliases = [new if (p is old[0] and n == old[1]) else (p, n) for (p, n) in node.aliases]
-        new[0].children[new[1]] = node
+            node.aliases = [new if (p is old[0] and n == old[1]) else (p, n) for (p, n) in node.aliases or ()]
+        new[0]._link_child(new[1], node)
 
     def move(self, node: Node, parent: Node, name: bytes, newparent: Node, newname: bytes,
              exchange: Node | None = None) -> None:
         """A rename: *node* now lives at (newparent, newname); with *exchange*, that node
         moves to (parent, name). A replaced target is detached (it lives on while open)."""
+        for n in (node, exchange):  # lower paths are where they were, whatever the new name
+            if n is not None and n.lpaths is None and any(not l.is_upper for l in (n.layer, *n.dirs)):
+                old = n.relpath()
+                n.lpaths = {l.index: old for l in (n.layer, *n.dirs) if not l.is_upper}
         if exchange is None:
             self.detach(newparent, newname)
-            if parent.children.get(name) is node:
-                del parent.children[name]
+            parent._unlink_child(name, node)
             self._relink(node, (parent, name), (newparent, newname))
             self._maybe_drop(parent)
         else:

@@ -175,7 +175,7 @@ class Overlay(WriteOps):
         mode = top.st.st_mode
         is_dir = stat.S_ISDIR(mode)
         dirs = tuple(h.layer for h in hits) if is_dir else ()
-        existing = parent.children.get(name)
+        existing = parent.child(name)
         if existing is not None and existing.layer is top.layer and existing.dirs == dirs \
                 and stat.S_IFMT(existing.mode) == stat.S_IFMT(mode):
             existing.mode = mode
@@ -196,7 +196,15 @@ class Overlay(WriteOps):
                     return shared
                 key = None
         node = self.inodes.add(parent, name, mode, top.layer, dirs, ino, key)
-        node.lpaths = {h.layer.index: h.path for h in hits if not h.layer.is_upper}
+        rel = None
+        for h in hits:
+            if not h.layer.is_upper:
+                if rel is None:
+                    prel = parent.relpath()
+                    rel = prel + b"/" + name if prel else name
+                if h.path != rel:  # a redirect: remember where it really is
+                    node.lpaths = {x.layer.index: x.path for x in hits if not x.layer.is_upper}
+                    break
         return node
 
     # --- attributes -----------------------------------------------------------------------
