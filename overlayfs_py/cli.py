@@ -57,13 +57,22 @@ def main() -> None:
 @click.option("--log", "logfile", metavar="FILE", help="Server log file (background mode).")
 @click.option("--trace", "trace_file", metavar="FILE",
               help="Write every copy-up, whiteout and opaque-dir event to FILE (JSON lines).")
-def mount_cmd(args, workdir, options, foreground, debug, logfile, trace_file):
+@click.option("--image", metavar="REF",
+              help="The lower layers are the image REF's (then the arguments are [UPPER] MERGED).")
+@click.option("--docker-root", metavar="DIR",
+              help="Docker's data root for --image (default $PYOVERLAY_DOCKER_ROOT or /var/lib/docker).")
+def mount_cmd(args, workdir, options, foreground, debug, logfile, trace_file, image, docker_root):
     """Mount LOWER1[:LOWER2...] [UPPER] MERGED (LOWER1 is the top lower layer).
 
     Without UPPER the mount is read-only. `-o lowerdir=...,upperdir=...,workdir=... MERGED`
-    is accepted as with the kernel's overlayfs.
+    is accepted as with the kernel's overlayfs. `--image REF [UPPER] MERGED` takes the
+    lower layers from an image (docs/images.md).
     """
-    if len(args) == 1:
+    if image is not None:
+        layers, upper, merged = _image_args(image, docker_root, args, options)
+    elif docker_root is not None:
+        _fail("--docker-root needs --image", 2)
+    elif len(args) == 1:
         layers, upper, merged = None, None, args[0]
     elif len(args) == 2:
         layers, upper, merged = args[0], None, args[1]
@@ -85,6 +94,25 @@ def mount_cmd(args, workdir, options, foreground, debug, logfile, trace_file):
         except Exception as exc:  # mount failed: nothing is mounted
             _fail(f"cannot mount {cfg.mountpoint}: {_one_line(exc)}")
     _mount_background(cfg, debug, logfile)
+
+
+def _image_args(ref: str, docker_root: str | None, args: tuple[str, ...], options):
+    """``mount --image REF [UPPER] MERGED``: (lowerdir spec, upper, merged); exits 2 on error."""
+    from runner.images import ImageError
+    from runner.images.cli import find_image, lowerdir_spec
+
+    if len(args) not in (1, 2):
+        _fail("usage: pyoverlay mount --image REF [UPPER] MERGED", 2)
+    if any(o.startswith("lowerdir=") or ",lowerdir=" in o for o in options):
+        _fail("--image and -o lowerdir= both give the lower layers", 2)
+    try:
+        img = find_image(ref, docker_root)
+    except ImageError as exc:
+        _fail(str(exc), 2)
+    if not img.layers:
+        _fail(f"image {ref} has no layers", 2)
+    upper, merged = (None, args[0]) if len(args) == 1 else args
+    return lowerdir_spec(img.layers), upper, merged
 
 
 def _mount_background(cfg, debug: bool, logfile: str | None) -> None:
@@ -132,6 +160,8 @@ def umount_cmd(merged, timeout):
 def _register_commands() -> None:
     """The commands that live in their own modules: the runner's, trace, diff, explain."""
     from runner.cli import register as register_runner
+    from runner.images.cli import register as register_images
+    from runner.images.store_cli import register as register_store
 
     from .inspect_cli import register as register_inspect
     from .trace_cli import register as register_trace
@@ -139,6 +169,8 @@ def _register_commands() -> None:
     register_runner(main)
     register_trace(main)
     register_inspect(main)
+    register_images(main)
+    register_store(main)
 
 
 _register_commands()

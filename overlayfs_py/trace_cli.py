@@ -19,20 +19,26 @@ from .tracesummary import HEADER, Filter, Summary, row
 
 
 def socket_of(target: str) -> str:
-    """The live trace socket of a mountpoint, or of a container's root mount."""
-    info = state.lookup(os.path.realpath(target)) if os.path.isdir(target) else None
-    if info is None:
-        try:
-            from runner import state as containers
+    """The live trace socket of a container (a bare name or id is tried as one first, as
+    docker's commands take names) or of a mountpoint."""
+    from runner import state as containers
 
+    rec = None
+    if "/" not in target and target not in (".", ".."):
+        try:
             rec = containers.resolve(target)
-        except Exception as e:  # noqa: BLE001 - not a container either
-            raise click.ClickException(f"{target} is neither a pyoverlay mountpoint nor a container ({e})")
+        except containers.StateError:
+            rec = None
+    if rec is not None:
         if containers.status(rec) != "running" or not rec.get("merged"):
             raise click.ClickException(f"container {rec.get('name')} is not running")
         info = state.lookup(rec["merged"])
         if info is None:
             raise click.ClickException(f"container {rec.get('name')} has no live mount")
+    else:
+        info = state.lookup(os.path.realpath(target)) if os.path.isdir(target) else None
+        if info is None:
+            raise click.ClickException(f"{target} is neither a pyoverlay mountpoint nor a container")
     path = info.get("trace_socket") or state.trace_socket(info["mountpoint"])
     if not os.path.exists(path):
         raise click.ClickException(f"the server of {info['mountpoint']} offers no live trace")

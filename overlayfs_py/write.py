@@ -103,6 +103,10 @@ class WriteOps:
             try:
                 if owner is not None:
                     self._chown_keep_mode(wfd, tmp, *owner)
+                tst = _sys.lstat_at(wfd, tmp)
+                if stat.S_ISDIR(tst.st_mode) and os.fstat(pfd).st_mode & stat.S_ISGID:
+                    # made in work/, it did not inherit the parent's setgid bit as mkdir there would
+                    os.chmod(tmp, stat.S_IMODE(tst.st_mode) | stat.S_ISGID, dir_fd=wfd)
                 if opaque:
                     self._make_opaque(wfd, tmp, path)
                 _sys.renameat2(wfd, tmp, pfd, name, _sys.RENAME_EXCHANGE)

@@ -16,8 +16,8 @@ import click
 
 from . import container, control, state
 from .cgroups import Limits, parse_size
-from .spec import (RunSpec, SpecError, check_name, check_workdir, parse_caps, parse_env,
-                   parse_network, parse_volume)
+from .spec import (RunSpec, SpecError, apply_image, check_name, check_workdir, parse_caps,
+                   parse_env, parse_network, parse_volume)
 
 EXIT_RUNNER = container.EXIT_RUNNER
 
@@ -67,6 +67,23 @@ def _command(argv: tuple[str, ...]) -> list[str]:
     return args
 
 
+def _from_image(ref, docker_root, args, env, workdir, user):
+    """``run --image``: the image's layers, and its config merged with CMD/-e/-w/-u."""
+    from .images import ImageError
+    from .images.cli import find_image
+
+    try:
+        img = find_image(ref, docker_root)
+    except ImageError as e:
+        raise SpecError(str(e)) from None
+    if not img.layers:
+        raise SpecError(f"image {ref} has no layers")
+    cmd = list(args[1:] if args and args[0] == "--" else args)
+    argv, env_list, wd, user = apply_image(img.run_config(), cmd, parse_env(list(env)), workdir, user)
+    record = {"ref": ref, "id": img.id, "source": img.source}
+    return tuple(img.layers), argv, env_list, wd, user, record
+
+
 def register(main: click.Group) -> None:
     for cmd in (run_cmd, ps_cmd, exec_cmd, stop_cmd, kill_cmd, top_cmd, rm_cmd, logs_cmd):
         main.add_command(cmd)
@@ -74,8 +91,12 @@ def register(main: click.Group) -> None:
 
 @click.command("run", context_settings={"help_option_names": ["--help"],
                                         "allow_interspersed_args": False})
-@click.argument("layers")
-@click.argument("argv", nargs=-1, required=True)
+@click.argument("args", nargs=-1, metavar="LOWER1[:LOWER2...] CMD [ARGS]... | --image REF [CMD [ARGS]...]")
+@click.option("--image", metavar="REF",
+              help="Run the image REF (name[:tag], name@sha256:..., id or prefix): its layers "
+                   "are the lowers and its config gives the default command, env, workdir, user.")
+@click.option("--docker-root", metavar="DIR",
+              help="Docker's data root for --image (default $PYOVERLAY_DOCKER_ROOT or /var/lib/docker).")
 @click.option("--name", help="Container name (unique).")
 @click.option("--rm", "remove", is_flag=True, help="Remove the container and its upper layer when it exits.")
 @click.option("--upper", metavar="DIR", help="Keep the upper layer in DIR (default: a fresh one).")
@@ -84,7 +105,8 @@ def register(main: click.Group) -> None:
 @click.option("-t", "--tty", is_flag=True, help="Allocate a terminal inside the container.")
 @click.option("--init", is_flag=True, help="Run a small init as PID 1 that reaps zombies and forwards signals.")
 @click.option("-e", "--env", multiple=True, metavar="KEY=VAL", help="Set an environment variable.")
-@click.option("-w", "--workdir", default="/", metavar="DIR", help="Working directory inside.")
+@click.option("-w", "--workdir", metavar="DIR",
+              help="Working directory inside (default: the image's WorkingDir, else /).")
 @click.option("-u", "--user", metavar="UID[:GID]", help="User (name or id) and group inside.")
 @click.option("-h", "--hostname", help="Hostname (default: the short container id).")
 @click.option("--net", "--network", "network", default="none", show_default=True,
@@ -103,22 +125,34 @@ def register(main: click.Group) -> None:
               help="Write every copy-up, whiteout and opaque-dir event to FILE (JSON lines).")
 @click.option("--trace-summary", is_flag=True,
               help="When the container exits, print what it copied up and who did (stderr).")
-def run_cmd(layers, argv, name, remove, upper, detach, interactive, tty, init, env, workdir, user,
+def run_cmd(args, image, docker_root, name, remove, upper, detach, interactive, tty, init, env, workdir, user,
             hostname, network, volumes, read_only, memory, pids_limit, cpus, privileged,
             cap_add, cap_drop, stop_timeout, trace_file, trace_summary):
     """Run CMD in new namespaces on LOWER1[:LOWER2...] (LOWER1 on top) plus an upper layer.
 
     \b
     pyoverlay run [OPTIONS] LOWER1[:LOWER2...] [--] CMD [ARGS...]
+    pyoverlay run [OPTIONS] --image REF [[--] CMD [ARGS...]]
     Exit status: CMD's; 128+N if a signal N killed it; 125 for pyoverlay's own
     errors, 126 if CMD cannot be executed, 127 if it is not found.
     """
     try:
+        if image is not None:
+            layers, argv, env_list, wd, user, img = _from_image(image, docker_root, args, env,
+                                                                workdir, user)
+        else:
+            if docker_root is not None:
+                raise SpecError("--docker-root needs --image")
+            if not args:
+                raise SpecError("no layers given: run [OPTIONS] LOWER1[:LOWER2...] [--] CMD "
+                                "[ARGS...] or run [OPTIONS] --image REF [CMD [ARGS...]]")
+            layers, argv, img = _layers(args[0]), _command(args[1:]), None
+            env_list, wd = parse_env(list(env)), check_workdir(workdir or "/")
         spec = RunSpec(
-            layers=_layers(layers), argv=_command(argv), name=check_name(name) if name else None,
+            layers=layers, argv=argv, name=check_name(name) if name else None,
             upper=os.path.realpath(upper) if upper else None, remove=remove, detach=detach,
-            interactive=interactive, tty=tty, init=init, env=parse_env(list(env)),
-            workdir=check_workdir(workdir), user=user, hostname=hostname,
+            interactive=interactive, tty=tty, init=init, env=env_list,
+            workdir=wd, user=user, hostname=hostname, image=img,
             network=parse_network(network), volumes=[parse_volume(v) for v in volumes],
             read_only=read_only,
             limits=Limits(memory=parse_size(memory) if memory else None, pids=pids_limit, cpus=cpus),

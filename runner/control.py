@@ -34,7 +34,7 @@ def summary(rec: dict) -> dict:
         "oom_killed": rec.get("oom_killed", False), "pid": rec.get("pid"),
         "layers": rec.get("layers", []), "upper": rec.get("upper"), "merged": rec.get("merged"),
         "created": rec.get("created"), "finished": rec.get("finished"),
-        "hostname": rec.get("hostname"),
+        "hostname": rec.get("hostname"), "image": rec.get("image"),
     }
 
 

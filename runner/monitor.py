@@ -106,7 +106,7 @@ class Monitor:
                 "id": cid, "name": name, "command": spec.argv, "layers": list(spec.layers),
                 "created": time.time(), "status": "created", "data_dir": data,
                 "monitor_pid": os.getpid(), "monitor_start": L.process_start_time(os.getpid()),
-                "spec": _spec_record(spec),
+                "spec": _spec_record(spec), "image": spec.image,
             }
             state.save(self.rec)
         undo.callback(self._forget_if_failed)

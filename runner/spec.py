@@ -73,6 +73,7 @@ class RunSpec:
     stop_timeout: float = 10.0
     trace_file: str | None = None         # --trace FILE
     trace_summary: bool = False           # --trace-summary
+    image: dict | None = None             # --image: {"ref", "id", "source"}
 
     def caps(self) -> frozenset[int] | None:
         """Capabilities to keep in the bounding set; None keeps them all."""
@@ -160,6 +161,28 @@ def check_workdir(path: str) -> str:
     if not path.startswith("/"):
         raise SpecError(f"the working directory {path!r} is invalid: it must be absolute")
     return os.path.normpath(path)
+
+
+def _strs(v) -> list[str]:
+    """A Cmd/Entrypoint/Env value: a list, ``null``, or (old configs) one string."""
+    if v is None:
+        return []
+    return [v] if isinstance(v, str) else [str(x) for x in v]
+
+
+def apply_image(run_config: dict, argv: list[str], env: list[str], workdir: str | None,
+                user: str | None) -> tuple[list[str], list[str], str, str | None]:
+    """Docker's merge of an image config (:meth:`runner.images.Image.run_config`) with
+    run's own CMD, ``-e``, ``-w`` and ``-u``: argv = Entrypoint + (CMD if given, else the
+    image's Cmd); the image's Env first, then ``-e`` (a later value wins); the image's
+    WorkingDir unless ``-w``; its User unless ``-u``."""
+    full = _strs(run_config.get("Entrypoint")) + (list(argv) or _strs(run_config.get("Cmd")))
+    if not full:
+        raise SpecError("no command specified: the image has no Cmd or Entrypoint "
+                        "(give one: run --image REF CMD [ARGS...])")
+    merged_env = _strs(run_config.get("Env")) + list(env)
+    wd = check_workdir(workdir or run_config.get("WorkingDir") or "/")
+    return full, merged_env, wd, user or run_config.get("User") or None
 
 
 def build_env(spec_env: list[str], hostname: str, home: str, tty: bool) -> list[str]:

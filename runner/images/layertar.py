@@ -1,0 +1,188 @@
+"""Write a layer directory in the kernel's overlay format (an upper, or any lower) as an
+OCI layer tar: the inverse of :mod:`.unpack`.
+
+* a whiteout (char device 0/0, or a zero-size file carrying ``overlay.whiteout``) becomes
+  an empty regular file ``DIR/.wh.NAME`` (mode 0600, the whiteout's owner and mtime);
+* a directory with ``overlay.opaque="y"`` becomes its own entry followed by an empty
+  ``DIR/.wh..wh..opq`` (the directory's permission bits, owner and mtime);
+* everything else is written as it is: directories, regular files (a second name of an
+  inode already written in this layer becomes a hard link entry to the first name),
+  symlinks (always as symlinks, never as hard links), character and block devices,
+  FIFOs; sockets have no tar form and are left out (with a warning);
+* owner (numeric; no user or group names), permission bits with setuid/setgid/sticky,
+  mtime to the nanosecond (a PAX ``mtime`` record when not whole seconds), xattrs as PAX
+  ``SCHILY.xattr.*``. The overlay's private xattrs (``trusted.overlay.*`` and
+  ``user.overlay.*``: opaque, origin, impure, ...) are left out; a user's own
+  ``overlay.X`` xattr, stored escaped as ``overlay.overlay.X``, is written as ``overlay.X``;
+* the layer root is the first entry, ``./``, so the merged root keeps its mode and times;
+* deterministic: entries in byte order of their names, depth first, a directory before
+  its contents, PAX format, no atime/ctime, so the same tree gives the same digest.
+
+An upper that uses ``redirect`` or ``metacopy`` xattrs (kernel options redirect_dir=on,
+metacopy=on) cannot be expressed in a layer tar and is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+import sys
+import tarfile
+from typing import BinaryIO
+
+from overlayfs_py import _sys
+from overlayfs_py.whiteout import TRUSTED_PREFIX, USER_PREFIX, XattrNames, is_char_whiteout, may_be_xwhiteout
+
+from . import ImageError
+from .tarformat import OPAQUE, WH, set_mtime, set_xattr
+
+
+class _Counting:
+    """A write-only file that hashes and counts what goes through to *f*."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self.f = f
+        self.hash = hashlib.sha256()
+        self.count = 0
+
+    def write(self, data) -> int:
+        self.hash.update(data)
+        self.count += len(data)
+        self.f.write(data)
+        return len(data)
+
+    def tell(self) -> int:
+        return self.count
+
+
+def write_layer(src: str, out: BinaryIO, names: XattrNames | None = None) -> tuple[str, int]:
+    """Write the layer directory *src* to *out* as a tar; returns ``(diff_id, bytes)``.
+    *names*: the private xattr names of the layer (default: detected, ``trusted.``)."""
+    if names is None:
+        from overlayfs_py.diff import detect_userxattr
+
+        names = XattrNames(USER_PREFIX if detect_userxattr(src) else TRUSTED_PREFIX)
+    sink = _Counting(out)
+    root = os.open(src, _sys.DIR_FLAGS)
+    try:
+        with tarfile.open(fileobj=sink, mode="w|", format=tarfile.PAX_FORMAT,
+                          encoding="utf-8", errors="surrogateescape") as tf:
+            _Writer(tf, root, names).run()
+    except OSError as e:
+        raise ImageError(f"cannot read the layer {src}: {e}") from None
+    finally:
+        os.close(root)
+    return "sha256:" + sink.hash.hexdigest(), sink.count
+
+
+class _Writer:
+    def __init__(self, tf: tarfile.TarFile, root: int, names: XattrNames) -> None:
+        self.tf = tf
+        self.root = root
+        self.names = names
+        self.seen: dict[tuple[int, int], str] = {}   # (dev, ino) -> first name, for hard links
+        self.sockets = 0
+
+    def run(self) -> None:
+        self.tf.addfile(self._info(".", tarfile.DIRTYPE, os.fstat(self.root), self.root, None))
+        stack = [(b"", os.dup(self.root))]
+        names = [iter(sorted(n for n, _ in _sys.listdir_fd(self.root)))]
+        try:
+            while stack:  # pre-order: each directory's contents right after it
+                rel, dfd = stack[-1]
+                name = next(names[-1], None)
+                if name is None:
+                    os.close(dfd)
+                    stack.pop()
+                    names.pop()
+                    continue
+                sub = self._entry(dfd, rel, name)
+                if sub is not None:
+                    sfd = _sys.open_dir(dfd, name)
+                    stack.append((sub, sfd))
+                    names.append(iter(sorted(n for n, _ in _sys.listdir_fd(sfd))))
+        finally:
+            for _, fd in stack:
+                os.close(fd)
+        if self.sockets:
+            print(f"pyoverlay: warning: {self.sockets} sockets left out of the layer (tar has no socket entries)",
+                  file=sys.stderr)
+
+    def _entry(self, dfd: int, rel: bytes, name: bytes) -> bytes | None:
+        """Write one entry; return its path when it is a directory to descend into."""
+        path = rel + b"/" + name if rel else name
+        st = _sys.lstat_at(dfd, name)
+        if self._is_whiteout(dfd, name, st):
+            info = self._bare(_join(rel, WH + name), tarfile.REGTYPE, st, 0o600)
+            self.tf.addfile(info)
+            return None
+        mode = st.st_mode
+        if stat.S_ISDIR(mode):
+            self.tf.addfile(self._info(os.fsdecode(path), tarfile.DIRTYPE, st, dfd, name))
+            if _sys.getxattr_at(dfd, name, self.names.opaque) == b"y":
+                self.tf.addfile(self._bare(_join(path, OPAQUE), tarfile.REGTYPE, st, mode & 0o777))
+            return path
+        if stat.S_ISSOCK(mode):
+            self.sockets += 1
+            return None
+        key = (st.st_dev, st.st_ino)
+        if st.st_nlink > 1 and not stat.S_ISLNK(mode) and key in self.seen:
+            info = self._bare(os.fsdecode(path), tarfile.LNKTYPE, st, stat.S_IMODE(mode))
+            info.linkname = self.seen[key]
+            self.tf.addfile(info)
+            return None
+        self.seen[key] = os.fsdecode(path)
+        if stat.S_ISREG(mode):
+            info = self._info(os.fsdecode(path), tarfile.REGTYPE, st, dfd, name)
+            fd = _sys.open_beneath(dfd, name, os.O_RDONLY)
+            with os.fdopen(fd, "rb") as f:
+                if os.fstat(fd).st_size != st.st_size:
+                    raise ImageError(f"{os.fsdecode(path)} changed while being read")
+                info.size = st.st_size
+                self.tf.addfile(info, f)
+            return None
+        kind = {stat.S_IFLNK: tarfile.SYMTYPE, stat.S_IFCHR: tarfile.CHRTYPE,
+                stat.S_IFBLK: tarfile.BLKTYPE, stat.S_IFIFO: tarfile.FIFOTYPE}[stat.S_IFMT(mode)]
+        info = self._info(os.fsdecode(path), kind, st, dfd, name)
+        if kind == tarfile.SYMTYPE:
+            info.linkname = os.fsdecode(_sys.readlink_at(dfd, name))
+        elif kind in (tarfile.CHRTYPE, tarfile.BLKTYPE):
+            info.devmajor, info.devminor = os.major(st.st_rdev), os.minor(st.st_rdev)
+        self.tf.addfile(info)
+        return None
+
+    def _is_whiteout(self, dfd: int, name: bytes, st: os.stat_result) -> bool:
+        if is_char_whiteout(st):
+            return True
+        return may_be_xwhiteout(st) and _sys.getxattr_at(dfd, name, self.names.whiteout) is not None
+
+    @staticmethod
+    def _bare(name: str, kind: bytes, st: os.stat_result, mode: int) -> tarfile.TarInfo:
+        info = tarfile.TarInfo(name)
+        info.type = kind
+        info.mode = mode
+        info.uid, info.gid = st.st_uid, st.st_gid
+        info.uname = info.gname = ""
+        set_mtime(info, st.st_mtime_ns)
+        return info
+
+    def _info(self, name: str, kind: bytes, st: os.stat_result, dfd: int, base: bytes | None) -> tarfile.TarInfo:
+        """A header with the object's owner, mode, mtime and (user-visible) xattrs."""
+        info = self._bare(name, kind, st, stat.S_IMODE(st.st_mode))
+        for real in sorted(_sys.listxattr_at(dfd, base)):
+            if real.startswith((self.names.prefix + "redirect", self.names.prefix + "metacopy")):
+                raise ImageError(f"{name}: the upper uses overlay {real} (redirect_dir/metacopy); "
+                                 "that cannot be written as a layer tar")
+            shown = self.names.to_user(real)
+            if shown is None or (shown == real and shown.startswith((TRUSTED_PREFIX, USER_PREFIX))):
+                continue  # private (of this overlay, or of the other namespace)
+            value = _sys.getxattr_at(dfd, base, real)
+            if value is not None:
+                set_xattr(info, shown, value)
+        return info
+
+
+def _join(parent: bytes | str, name: bytes) -> str:
+    parent = os.fsencode(parent)
+    return os.fsdecode(parent + b"/" + name if parent else name)
