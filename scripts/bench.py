@@ -1,0 +1,257 @@
+"""pyoverlay's benchmark: pyoverlay against the kernel's overlayfs, fuse-overlayfs and no
+overlay at all, all mounted at once, workload by workload, round robin.
+
+    scripts/bench [--quick|--full] [--reps N] [--json FILE] [--only W1,W2]
+                  [--impl pyoverlay,kernel,fuse-overlayfs,native] [--workdir DIR] [--tmpfs] [--keep]
+    scripts/bench --memwalk N        # server peak RSS while walking N entries
+
+Method and results: docs/performance.md. Needs root (kernel overlay mounts).
+Everything it mounts is unmounted and everything it built is deleted (unless --keep)
+whatever happens, Ctrl-C included.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from benchlib import impls as impls_mod  # noqa: E402
+from benchlib import report  # noqa: E402
+from benchlib.layers import PRESETS, prepare_layers  # noqa: E402
+from benchlib.machine import machine, versions  # noqa: E402
+from benchlib.memwalk import run_memwalk, table as memwalk_table  # noqa: E402
+from benchlib.runner import Results, run_all  # noqa: E402
+from benchlib.util import BenchError, SanityError, force_unmount, fmt_value, mounts_under, rmtree  # noqa: E402
+from benchlib.workloads import ALL as WORKLOADS  # noqa: E402
+from benchlib.workloads import Ctx  # noqa: E402
+
+T0 = time.monotonic()
+
+
+def log(msg: str) -> None:
+    print(f"[{time.monotonic() - T0:6.1f}s] {msg}", file=sys.stderr, flush=True)
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="scripts/bench", description=__doc__.split("\n\n")[0])
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_const", dest="mode", const="quick",
+                      help="small layers (4k small files, 64 MiB big files): about 2 minutes")
+    mode.add_argument("--full", action="store_const", dest="mode", const="full",
+                      help="default sizes (20k small files, 512 MiB sequential file): about 7 minutes")
+    mode.add_argument("--smoke", action="store_const", dest="mode", const="smoke",
+                      help="tiny sizes, one repetition: checks the harness itself")
+    p.add_argument("--reps", type=int, help="repetitions per workload (default 3; 1 for --smoke)")
+    p.add_argument("--json", metavar="FILE", help="where to write the JSON result "
+                   "(default /tmp/pyoverlay-bench-MODE-TIME.json)")
+    p.add_argument("--only", metavar="W1,W2", help="run only these workloads: "
+                   + ", ".join(w.name for w in WORKLOADS))
+    p.add_argument("--impl", metavar="I1,I2", help="implementations (default all: "
+                   + ",".join(impls_mod.ALL) + ")")
+    p.add_argument("--workdir", metavar="DIR", default="/tmp/pyoverlay-bench",
+                   help="where layers and mounts go (default %(default)s)")
+    p.add_argument("--tmpfs", action="store_true", help="put layers and uppers on a tmpfs "
+                   "mounted under --workdir (no disk, no ext4 allocator effects)")
+    p.add_argument("--keep", action="store_true",
+                   help="keep the layers for the next run (reused while their spec matches)")
+    p.add_argument("--memwalk", type=int, metavar="N",
+                   help="separate mode: walk N entries through pyoverlay (and fuse-overlayfs "
+                   "if given with --impl), report the server's peak RSS")
+    a = p.parse_args(argv)
+    a.mode = a.mode or "full"
+    names = {w.name for w in WORKLOADS}
+    a.only = [s for s in (a.only or "").split(",") if s] or None
+    bad = [w for w in a.only or [] if w not in names]
+    if bad:
+        p.error(f"unknown workload(s): {', '.join(bad)}")
+    a.impl = [s for s in (a.impl or "").split(",") if s] or None
+    bad = [i for i in a.impl or [] if i not in impls_mod.ALL]
+    if bad:
+        p.error(f"unknown implementation(s): {', '.join(bad)}")
+    if a.reps is not None and a.reps < 1:
+        p.error("--reps must be at least 1")
+    if a.memwalk is not None and a.memwalk < 1:
+        p.error("--memwalk needs a positive number of entries")
+    return a
+
+
+class Session:
+    """Owns everything the run creates, and takes it all down again."""
+
+    def __init__(self, args):
+        self.args = args
+        self.root = os.path.abspath(args.workdir)
+        self.tmpfs = None
+        self.impls: list = []
+        self.layers = None
+        self.run_dir = None
+
+    def setup_base(self) -> str:
+        os.makedirs(self.root, exist_ok=True)
+        if not self.args.tmpfs:
+            return self.root
+        self.tmpfs = os.path.join(self.root, f"tmpfs-{os.getpid()}")
+        os.makedirs(self.tmpfs)
+        mem_kib = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 1024
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={mem_kib * 7 // 10}k,mode=0755",
+                        "bench", self.tmpfs], check=True)
+        return self.tmpfs
+
+    def cleanup(self) -> None:
+        for impl in reversed(self.impls):
+            try:
+                impl.unmount()
+            except Exception as exc:  # keep going: everything else must go too
+                log(f"cleanup: {impl.name}: {exc}")
+        if self.run_dir:
+            for mp in sorted(mounts_under(self.run_dir), key=len, reverse=True):
+                log(f"cleanup: forcing unmount of {mp}")
+                force_unmount(mp)
+            if not mounts_under(self.run_dir):
+                rmtree(self.run_dir)
+        if self.layers is not None and not self.args.keep:
+            rmtree(self.layers.root)
+        if self.tmpfs:
+            force_unmount(self.tmpfs)
+            if not mounts_under(self.tmpfs):
+                os.rmdir(self.tmpfs)
+        try:
+            os.rmdir(self.root)   # only if empty
+        except OSError:
+            pass
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv=None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if os.geteuid() != 0:
+        print("scripts/bench: needs root (kernel overlay mounts, fresh FUSE mounts)", file=sys.stderr)
+        return 2
+    sizes = dataclasses.replace(PRESETS[args.mode])
+    if args.reps:
+        sizes.reps = args.reps
+    # SIGINT too: a shell's background job starts with it ignored
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _raise_interrupt)
+    os.chdir("/")   # never hold a mount busy
+    sess = Session(args)
+    started = datetime.datetime.now().astimezone()
+    out = {"tool": "pyoverlay scripts/bench", "command": ["scripts/bench"] + (argv or sys.argv[1:]),
+           "mode": "memwalk" if args.memwalk else args.mode, "started": started.isoformat(),
+           "tmpfs": args.tmpfs, "error": None}
+    res = None
+    rc = 0
+    try:
+        base = sess.setup_base()
+        out["machine"], out["versions"] = machine(base), versions()
+        sess.run_dir = os.path.join(base, f"run-{os.getpid()}")
+        os.makedirs(sess.run_dir)
+        if args.memwalk:
+            names = [i for i in (args.impl or ["pyoverlay"]) if i in ("pyoverlay", "fuse-overlayfs")]
+            out["memwalk"] = run_memwalk(base, sess.run_dir, args.memwalk, names, args.keep, log,
+                                         sess.impls.append)
+        else:
+            res = bench(args, sizes, sess, out)
+    except KeyboardInterrupt:
+        log("interrupted: cleaning up")
+        out["error"], rc = "interrupted", 130
+    except (BenchError, OSError, subprocess.SubprocessError) as exc:
+        kind = "WRONG RESULT" if isinstance(exc, SanityError) else "failed"
+        log(f"{kind}: {exc}")
+        out["error"], rc = f"{kind}: {exc}", 1
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):   # nothing stops the cleanup
+            signal.signal(sig, signal.SIG_IGN)
+        sess.cleanup()
+    out["duration_s"] = round(time.monotonic() - T0, 1)
+    res = res or out.get("_results")   # partial results of a failed or interrupted run
+    if res is not None:
+        finish(res, out)
+    if out.get("memwalk"):
+        print(memwalk_table(out["memwalk"]), flush=True)
+    path = args.json or f"/tmp/pyoverlay-bench-{out['mode']}-{started:%Y%m%d-%H%M%S}.json"
+    with open(path, "w") as f:
+        json.dump(out, f, indent=1)
+    log(f"done in {out['duration_s']:.0f} s; JSON result: {path}")
+    return rc
+
+
+def bench(args, sizes, sess: Session, out: dict) -> Results:
+    names = args.impl or impls_mod.ALL
+    for n in list(names):
+        why = impls_mod.available(n)
+        if why:
+            log(f"skipping {n}: {why}")
+            out.setdefault("notes_setup", []).append(f"{n} not run: {why}")
+            names = [x for x in names if x != n]
+    workloads = [w for w in WORKLOADS if not args.only or w.name in args.only]
+    out["sizes"] = dataclasses.asdict(sizes)
+    log(f"mode {args.mode}: building/reusing layers under {os.path.dirname(sess.run_dir)}")
+    sess.layers = prepare_layers(os.path.dirname(sess.run_dir), sizes, keep=args.keep, log=log)
+    out["layers"] = {k: v for k, v in sess.layers.meta.items() if k != "spec"}
+    ctx = Ctx(sess.layers, log)
+    if not ctx.fio:
+        out.setdefault("notes_setup", []).append("fio is not installed: randread_4k skipped")
+    res = Results(names, workloads)
+    out["_results"] = res
+    for impl in impls_mod.make(names, sess.layers, sess.run_dir, log):
+        sess.impls.append(impl)
+        impl.mount()
+    log(f"mounted: {', '.join(names)}; {len(workloads)} workloads x {sizes.reps} reps")
+    try:
+        run_all(ctx, sess.impls, workloads, res, log, fmt_value)
+    except BaseException as exc:
+        res.error = str(exc)
+        raise
+    finally:
+        for impl in sess.impls:
+            impl.unmount()
+        for impl in sess.impls:
+            if impl.rss_peaks_kib:
+                res.rss.setdefault(impl.name, {})["peak_over_all_mounts_kib"] = max(impl.rss_peaks_kib)
+    return res
+
+
+def finish(res: Results, out: dict) -> None:
+    """Medians, ratios, geomeans, targets into *out*; the tables to stdout."""
+    out.pop("_results", None)
+    med = report.medians(res)
+    rat = {ref: report.ratios(res, med, ref) for ref in report.REFS}
+    geo = {ref: report.geomeans(res, rat[ref]) for ref in report.REFS}
+    tg = report.targets(res, med, rat, geo)
+    out.update(impls=res.impls,
+               workloads=[{"name": w.name, "unit": w.unit, "group": w.group} for w in res.workloads],
+               samples=res.samples, sample_seconds=res.seconds, medians=med, ratios=rat,
+               geomeans=geo, skipped=res.skipped, rss_kib=res.rss, targets=tg,
+               notes=out.pop("notes_setup", []) + res.notes)
+    if res.error:
+        out["error"] = out.get("error") or res.error
+    text = [report.tables(res, med, rat, geo)]
+    if out.get("error"):
+        text.insert(0, f"**INCOMPLETE RUN ({out['error']}): partial results**\n")
+    text += ["", *report.rss_lines(res)]
+    if tg:
+        text += ["", report.targets_table(tg)]
+    if out["notes"]:
+        text += ["", "Notes:", *(f"* {n}" for n in out["notes"])]
+    skipped = sorted({f"{w}: {i} ({why})" for w, d in res.skipped.items() for i, why in d.items()})
+    if skipped:
+        text += ["", "Skipped: " + "; ".join(skipped)]
+    out["tables_md"] = "\n".join(text)
+    print(out["tables_md"], flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,139 @@
+"""Medians, slowdown ratios (only ever inside one run), geometric means, the markdown
+tables and pyoverlay's targets."""
+
+from __future__ import annotations
+
+import math
+import statistics
+
+from .util import fmt_ratio, fmt_value
+
+REFS = ("kernel", "fuse-overlayfs")
+
+# pyoverlay's goals (the performance issue): (reference, max slowdown, how it is said)
+DEFAULT_TARGET = ("fuse-overlayfs", 2.0, "<= 2.0x fuse-overlayfs")
+TARGETS = {
+    "readdir_big": ("kernel", 10.0, "<= 10x kernel"),
+    "seqread_first": ("fuse-overlayfs", 4.0, ">= 25% of fuse-overlayfs throughput"),
+    "seqread_again": ("kernel", 1.2, "<= 1.2x kernel (and <= 2.0x fuse-overlayfs)"),
+    "copyup_big": ("fuse-overlayfs", 1.2, "<= 1.2x fuse-overlayfs"),
+}
+GEOMEAN_TARGET = 1.2
+RSS_TARGET_MIB = 150
+
+
+def medians(res) -> dict:
+    return {w.name: {i: statistics.median(v) for i, v in res.samples[w.name].items() if v}
+            for w in res.workloads}
+
+
+def slowdown(unit: str, value: float, ref: float) -> float | None:
+    """>1 = slower than *ref*: time ratio, or the inverse for MiB/s and IOPS."""
+    if not value or not ref:
+        return None
+    return value / ref if unit == "s" else ref / value
+
+
+def ratios(res, med: dict, ref: str) -> dict:
+    out = {}
+    for w in res.workloads:
+        m = med[w.name]
+        if ref in m:
+            out[w.name] = {i: slowdown(w.unit, v, m[ref]) for i, v in m.items()}
+    return out
+
+
+def _geo(xs: list[float]) -> float | None:
+    xs = [x for x in xs if x]
+    return math.exp(sum(map(math.log, xs)) / len(xs)) if xs else None
+
+
+def geomeans(res, rat: dict) -> dict:
+    out = {}
+    for impl in res.impls:
+        by = {"read": [], "write": []}
+        for w in res.workloads:
+            r = rat.get(w.name, {}).get(impl)
+            if r:
+                by[w.group].append(r)
+        out[impl] = {"all": _geo(by["read"] + by["write"]), "reads": _geo(by["read"]),
+                     "writes": _geo(by["write"]), "n": len(by["read"]) + len(by["write"])}
+    return out
+
+
+def _table(header: list[str], rows: list[list[str]], align: str = "") -> str:
+    align = align or "l" + "r" * (len(header) - 1)
+    lines = ["| " + " | ".join(header) + " |",
+             "|" + "".join("---:|" if a == "r" else "---|" for a in align)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def tables(res, med: dict, rat: dict, geo: dict) -> str:
+    impls = res.impls
+    out = ["**median (time: lower is better; MiB/s, IOPS: higher is better)**", "",
+           _table(["workload"] + impls,
+                  [[w.name] + [fmt_value(med[w.name].get(i), w.unit) for i in impls]
+                   for w in res.workloads])]
+    for ref in REFS:
+        if not any(rat.get(ref, {}).values()):
+            continue
+        out += ["", f"**slowdown vs {ref} (impl time / {ref} time; >1 = slower)**", "",
+                _table(["workload"] + impls,
+                       [[w.name] + [fmt_ratio(rat[ref].get(w.name, {}).get(i)) for i in impls]
+                        for w in res.workloads])]
+    rows = []
+    for ref in REFS:
+        if not any(rat.get(ref, {}).values()):
+            continue
+        g = geo[ref]
+        rows.append([f"vs {ref}: reads / writes / **all**"] +
+                    [f"{fmt_ratio(g[i]['reads'])} / {fmt_ratio(g[i]['writes'])} / "
+                     f"**{fmt_ratio(g[i]['all'])}** ({g[i]['n']})" for i in impls])
+    if rows:
+        out += ["", "**geometric mean of the slowdowns over the workloads each one runs "
+                "(number of workloads in brackets)**", "", _table(["geomean"] + impls, rows)]
+    return "\n".join(out)
+
+
+def targets(res, med: dict, rat: dict, geo: dict, impl: str = "pyoverlay") -> list[dict]:
+    """pyoverlay's goals, each with the measured value and whether it is met."""
+    out = []
+    if impl not in res.impls:
+        return out
+    g = geo.get("fuse-overlayfs", {}).get(impl, {}).get("all")
+    if g is not None:
+        out.append({"what": "geomean vs fuse-overlayfs, all workloads", "target": "<= 1.2x (aim < 1.0x)",
+                    "measured": g, "ok": g <= GEOMEAN_TARGET})
+    for w in res.workloads:
+        ref, limit, text = TARGETS.get(w.name, DEFAULT_TARGET)
+        r = rat.get(ref, {}).get(w.name, {}).get(impl)
+        if r is None:
+            continue
+        ok = r <= limit
+        if w.name == "seqread_again":
+            rf = rat.get("fuse-overlayfs", {}).get(w.name, {}).get(impl)
+            ok = ok and (rf is None or rf <= 2.0)
+        out.append({"what": w.name, "target": text, "measured": r, "vs": ref, "ok": ok})
+    return out
+
+
+def targets_table(tg: list[dict]) -> str:
+    rows = [[t["what"], t["target"], fmt_ratio(t["measured"]) + (f" vs {t['vs']}" if "vs" in t else ""),
+             "ok" if t["ok"] else "**MISSED**"] for t in tg]
+    return _table(["pyoverlay goal", "target", "measured", ""], rows, "llrl")
+
+
+def rss_lines(res) -> list[str]:
+    out = []
+    for impl, d in res.rss.items():
+        parts = []
+        for key in ("after_walks", "end"):
+            if key in d and d[key].get("VmHWM"):
+                parts.append(f"{key.replace('_', ' ')}: peak {d[key]['VmHWM'] / 1024:.1f} MiB, "
+                             f"now {(d[key].get('VmRSS') or 0) / 1024:.1f} MiB")
+        if d.get("peak_over_all_mounts_kib"):
+            parts.append(f"highest peak of all its mounts {d['peak_over_all_mounts_kib'] / 1024:.1f} MiB")
+        if parts:
+            out.append(f"* {impl} server RSS: " + "; ".join(parts))
+    return out

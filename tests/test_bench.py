@@ -1,0 +1,65 @@
+"""The benchmark harness itself (scripts/bench.py): a --smoke run (tiny layers, one
+repetition) mounts every implementation, runs every workload, passes its own sanity
+checks, writes a complete JSON result and leaves nothing behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.fuse, pytest.mark.needs_root]
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "scripts"))
+
+from benchlib.workloads import ALL as WORKLOADS  # noqa: E402
+
+
+def test_smoke_run_gives_every_impl_and_workload(tmp_path):
+    work, result = tmp_path / "work", tmp_path / "result.json"
+    r = subprocess.run([sys.executable, str(REPO / "scripts" / "bench.py"), "--smoke",
+                        "--workdir", str(work), "--json", str(result)],
+                       capture_output=True, text=True, timeout=170, stdin=subprocess.DEVNULL)
+    assert r.returncode == 0, r.stderr[-3000:]
+    d = json.loads(result.read_text())
+    assert d["error"] is None
+    want = {"native", "kernel", "pyoverlay"} | ({"fuse-overlayfs"} if shutil.which("fuse-overlayfs") else set())
+    assert want <= set(d["impls"])
+    names = [w.name for w in WORKLOADS]
+    assert [w["name"] for w in d["workloads"]] == names
+    for w in names:
+        for impl in d["impls"]:
+            skipped = d["skipped"][w].get(impl)
+            if skipped:
+                assert (impl == "native" and w.startswith("copyup")) or \
+                       (w == "randread_4k" and shutil.which("fio") is None), (w, impl, skipped)
+                continue
+            samples = d["samples"][w][impl]
+            assert len(samples) == 1 and samples[0] > 0, (w, impl, samples)
+            assert d["medians"][w][impl] == samples[0]
+    # ratios are taken inside the run, against both references
+    assert d["ratios"]["kernel"]["walk_cold"]["kernel"] == pytest.approx(1.0)
+    assert d["geomeans"]["fuse-overlayfs"]["pyoverlay"]["all"] > 0
+    assert any(t["what"].startswith("geomean") for t in d["targets"])
+    # the server's memory, from its mount record
+    assert d["rss_kib"]["pyoverlay"]["after_walks"]["VmHWM"] > 0
+    assert d["machine"]["cpus"] >= 1 and d["versions"]["python"]
+    # the tables went to stdout
+    assert "| walk_cold |" in r.stdout and "slowdown vs fuse-overlayfs" in r.stdout
+    # nothing left: no mounts, no layers, no run dir
+    with open("/proc/self/mountinfo") as f:
+        assert str(work) not in f.read()
+    assert not work.exists() or not any(work.iterdir())
+
+
+def test_bad_arguments_are_refused():
+    r = subprocess.run([sys.executable, str(REPO / "scripts" / "bench.py"), "--only", "nope"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "unknown workload" in r.stderr
+    assert os.path.exists(REPO / "scripts" / "bench")
