@@ -7,7 +7,6 @@ readdir is always READDIRPLUS.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import logging
 import os
@@ -24,6 +23,36 @@ log = logging.getLogger(__name__)
 # Lowers never change while mounted and the upper changes only through us, so the
 # kernel may cache names and attributes for long (fuse-overlayfs does the same).
 TIMEOUT = 86400.0
+
+
+class _Errors:
+    """Anything unexpected is logged, traced and answered EIO: the server must never die
+    under a container. With a request context, the requesting process is recorded for
+    trace events while the request runs. A plain class, not a generator context
+    manager: it wraps every request, and this is several microseconds cheaper."""
+
+    __slots__ = ("ov", "op", "token")
+
+    def __init__(self, ov: Overlay, op: str, ctx) -> None:
+        self.ov = ov
+        self.op = op
+        self.token = trace.request(ctx.pid, ctx.uid, ctx.gid) if ctx is not None else None
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, et, exc, tb) -> bool:
+        if self.token is not None:
+            trace.done(self.token)
+        if exc is None or isinstance(exc, pyfuse3.FUSEError):
+            return False
+        if isinstance(exc, OSError):
+            raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
+        if not isinstance(exc, Exception):
+            return False  # KeyboardInterrupt, cancellation: not ours to answer
+        log.error("internal error in %s", self.op, exc_info=(et, exc, tb))
+        self.ov.trace.emit("error", op=self.op, error=f"{type(exc).__name__}: {exc}")
+        raise pyfuse3.FUSEError(errno.EIO) from None
 
 
 def _caller(ctx) -> Caller:
@@ -44,25 +73,9 @@ class Operations(pyfuse3.Operations):
 
     # --- helpers ------------------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def _errors(self, op: str, ctx=None):
-        """The one place where exceptions become FUSE replies. Anything unexpected is
-        logged, traced and answered EIO: the server must never die under a container.
-        With *ctx*, the request's process is recorded for trace events while it runs."""
-        token = trace.request(ctx.pid, ctx.uid, ctx.gid) if ctx is not None else None
-        try:
-            yield
-        except pyfuse3.FUSEError:
-            raise
-        except OSError as exc:
-            raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
-        except Exception as exc:
-            log.exception("internal error in %s", op)
-            self.ov.trace.emit("error", op=op, error=f"{type(exc).__name__}: {exc}")
-            raise pyfuse3.FUSEError(errno.EIO) from None
-        finally:
-            if token is not None:
-                trace.done(token)
+    def _errors(self, op: str, ctx=None) -> "_Errors":
+        """The one place where exceptions become FUSE replies (a ``with`` block)."""
+        return _Errors(self.ov, op, ctx)
 
     def _attrs(self, node: Node | None, st: os.stat_result, ino: int, nlink: int) -> pyfuse3.EntryAttributes:
         e = pyfuse3.EntryAttributes()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import faulthandler
+import gc
 import logging
 import os
 import shutil
@@ -163,9 +164,18 @@ def start_background(cfg: MountConfig, *, debug: bool = False, logfile: str | No
     raise MountFailed(msg.removeprefix("error: ") or "server exited")
 
 
+def _tune_gc() -> None:
+    """The server allocates a node per name it has seen (a walk of a big tree: millions).
+    The cyclic collector would rescan all of them again and again; the few cycles the
+    server makes are collected rarely instead (see docs/performance.md)."""
+    gc.freeze()
+    gc.set_threshold(100_000, 50, 1000)
+
+
 def serve(cfg: MountConfig, ready_fd: int | None = None) -> int:
     """Mount *cfg* and serve it until unmounted. Returns an exit status."""
     faulthandler.enable()
+    _tune_gc()
     _sys.raise_nofile_limit()
     os.umask(0)  # modes of new objects are exactly what the caller asked for
     prepare_workdir(cfg)
