@@ -22,6 +22,7 @@ import json
 import os
 import shutil
 
+from overlayfs_py.mountinfo import mounts_under
 from overlayfs_py.state import state_dir
 
 from . import _linux
@@ -131,18 +132,6 @@ def remove(rec: dict) -> None:
     if data and os.path.dirname(data) == data_dir():
         remove_tree(data)
     shutil.rmtree(os.path.join(records_dir(), rec["id"]), ignore_errors=True)
-
-
-def mounts_under(path: str) -> list[str]:
-    """Mountpoints at or below *path*, from /proc/self/mountinfo (never touches them)."""
-    prefix = path.rstrip("/") + "/"
-    out = []
-    with open("/proc/self/mountinfo", errors="surrogateescape") as f:
-        for line in f:
-            mp = line.split()[4].encode().decode("unicode_escape", errors="replace")
-            if mp == path or mp.startswith(prefix):
-                out.append(mp)
-    return out
 
 
 def remove_tree(path: str) -> None:

@@ -8,6 +8,8 @@ import subprocess
 import tempfile
 import time
 
+from overlayfs_py.mountinfo import unescape
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -35,18 +37,6 @@ def run(argv, *, check=True, timeout=None, env=None, capture=True) -> subprocess
     return r
 
 
-def _unescape(s: str) -> str:
-    out, i = [], 0
-    while i < len(s):
-        if s[i] == "\\" and s[i + 1:i + 4].isdigit() and len(s[i + 1:i + 4]) == 3:
-            out.append(chr(int(s[i + 1:i + 4], 8)))
-            i += 4
-        else:
-            out.append(s[i])
-            i += 1
-    return "".join(out)
-
-
 def mount_rows() -> list[tuple[str, str, str]]:
     """(mountpoint, fstype, devno) of every mount, from /proc/self/mountinfo (never
     touching a mount, which could hang on a dead FUSE server)."""
@@ -55,7 +45,7 @@ def mount_rows() -> list[tuple[str, str, str]]:
         for line in f:
             parts = line.split()
             sep = parts.index("-")
-            rows.append((_unescape(parts[4]), parts[sep + 1], parts[2]))
+            rows.append((unescape(parts[4]), parts[sep + 1], parts[2]))
     return rows
 
 

@@ -37,17 +37,7 @@ class MountError(AssertionError):
 # mountinfo
 # --------------------------------------------------------------------------
 
-def _unescape_mountinfo(s: str) -> str:
-    # mountinfo escapes space, tab, newline and backslash as \ooo
-    out, i = [], 0
-    while i < len(s):
-        if s[i] == "\\" and len(s[i + 1:i + 4]) == 3 and s[i + 1:i + 4].isdigit():
-            out.append(chr(int(s[i + 1:i + 4], 8)))
-            i += 4
-        else:
-            out.append(s[i])
-            i += 1
-    return "".join(out)
+from overlayfs_py.mountinfo import unescape as _unescape_mountinfo  # noqa: E402
 
 
 def mount_table() -> list[dict]:

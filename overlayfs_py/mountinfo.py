@@ -1,0 +1,43 @@
+"""``/proc/self/mountinfo``, read without ever touching a mount (a hung FUSE server
+cannot hang the reader). One parser for the server, the runner, the benchmark and the
+tests."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+_OCTAL = re.compile(r"\\([0-7]{3})")
+
+
+def unescape(field: str) -> str:
+    """mountinfo writes space, tab, newline and backslash as ``\\ooo``."""
+    return _OCTAL.sub(lambda m: chr(int(m.group(1), 8)), field)
+
+
+@dataclass(frozen=True)
+class Mount:
+    devno: str          # "major:minor"
+    mountpoint: str
+    options: str
+    fstype: str
+    source: str
+    super_options: str
+
+
+def mounts(path: str = "/proc/self/mountinfo") -> list[Mount]:
+    out = []
+    with open(path, errors="surrogateescape") as f:
+        for line in f:
+            parts = line.split()
+            sep = parts.index("-")
+            out.append(Mount(parts[2], unescape(parts[4]), parts[5], parts[sep + 1],
+                             unescape(parts[sep + 2]) if len(parts) > sep + 2 else "",
+                             parts[sep + 3] if len(parts) > sep + 3 else ""))
+    return out
+
+
+def mounts_under(path: str) -> list[str]:
+    """Mountpoints at or below *path* (an absolute, resolved path)."""
+    prefix = path.rstrip("/") + "/"
+    return [m.mountpoint for m in mounts() if m.mountpoint == path or m.mountpoint.startswith(prefix)]
