@@ -138,14 +138,14 @@ def diff_cmd(target, lower, ignore_identical, userxattr, as_json):
             click.echo(os.fsencode(str(c)) + b"\n", nl=False)
 
 
-def _bare_name(target: str) -> bool:
+def bare_name(target: str) -> bool:
     """A word like ``web`` or an id is a container before it is a directory of the current
     directory (docker's commands take names); ``./web`` or ``/x/web`` is a path."""
     return "/" not in target and target not in (".", "..")
 
 
 def _diff_layers(target: str, lower: str | None) -> tuple[str, list[str], bool | None]:
-    rec = _container(target) if _bare_name(target) else None
+    rec = _container(target) if bare_name(target) else None
     if rec is not None:
         upper, lowers, _labels = _container_layers(rec)
         return upper, (_parse_lowers(lower) if lower is not None else lowers), None
@@ -195,7 +195,7 @@ def explain_cmd(target, path, as_json):
 
 def _explain_layers(target: str):
     """(upper, lowers, labels, userxattr) of a live pyoverlay mount or a container."""
-    c = _container(target) if _bare_name(target) else None
+    c = _container(target) if bare_name(target) else None
     if c is not None:
         return (*_container_layers(c), False)
     mp = _no_touch_realpath(target)

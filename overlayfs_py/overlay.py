@@ -72,7 +72,7 @@ class Overlay(WriteOps):
         self.copyup: CopyUp | None = None
         if not self.read_only and work_fd is not None:
             self.copyup = CopyUp(stack, names, self.inodes, work_fd, self.trace)
-            self.copyup.on_installed = self._repoint_handles
+            self.copyup.on_installed = self._copied_up
 
     def _root_dirs(self):
         # The root merges every layer down to the first opaque one (the kernel checks the
@@ -170,7 +170,9 @@ class Overlay(WriteOps):
             raise OSError(errno.ENOENT, "no such entry")
         return self._node_for(parent, name, hits), hits[0].st
 
-    def _node_for(self, parent: Node, name: bytes, hits: list[Hit]) -> Node:
+    def _node_for(self, parent: Node, name: bytes, hits: list[Hit], prel: bytes | None = None) -> Node:
+        """The node for *name* in *parent* found as *hits*; *prel*: the parent's relpath, if
+        the caller has it."""
         top = hits[0]
         mode = top.st.st_mode
         is_dir = stat.S_ISDIR(mode)
@@ -200,7 +202,8 @@ class Overlay(WriteOps):
         for h in hits:
             if not h.layer.is_upper:
                 if rel is None:
-                    prel = parent.relpath()
+                    if prel is None:
+                        prel = parent.relpath()
                     rel = prel + b"/" + name if prel else name
                 if h.path != rel:  # a redirect: remember where it really is
                     node.lpaths = {x.layer.index: x.path for x in hits if not x.layer.is_upper}
@@ -251,10 +254,15 @@ class Overlay(WriteOps):
             h.unused_copy_up = (trace.current(), os.fstat(fd).st_size)
         return self.handles.add(h)
 
+    def _copied_up(self, node: Node) -> None:
+        """A node has just become upper: its parent's listing changed (the name is now served
+        by upper), and open fds must follow."""
+        self.listings.changed()
+        self._repoint_handles(node)
+
     def _repoint_handles(self, node: Node) -> None:
         """After a copy-up, files opened read-only on the lower object read the upper one
         (the kernel shows the new data to such fds too, see docs/semantics.md)."""
-        self.listings.changed()
         for h in self.handles.files_of(node):
             if node.is_dir:
                 continue
@@ -377,7 +385,9 @@ class Overlay(WriteOps):
                 return None
             if lower_st is not None and not layer.is_upper:
                 lower_st[name] = st  # a lower object never changes while mounted
-        node = self._node_for(parent, name, [Hit(layer, st, ppath + b"/" + name if ppath else name)])
+        # without a redirect above it, ppath is the parent's relpath: _node_for need not walk it again
+        node = self._node_for(parent, name, [Hit(layer, st, ppath + b"/" + name if ppath else name)],
+                              prel=ppath if parent.lpaths is None else None)
         return Entry(name, node, st, node.ino, self.nlink(node, st))
 
     # --- xattrs -----------------------------------------------------------------------------

@@ -15,6 +15,7 @@ import sys
 import click
 
 from . import state
+from .trace import CONTROL, EVENTS
 from .tracesummary import HEADER, Filter, Summary, row
 
 
@@ -23,8 +24,10 @@ def socket_of(target: str) -> str:
     docker's commands take names) or of a mountpoint."""
     from runner import state as containers
 
+    from .inspect_cli import bare_name
+
     rec = None
-    if "/" not in target and target not in (".", ".."):
+    if bare_name(target):
         try:
             rec = containers.resolve(target)
         except containers.StateError:
@@ -35,7 +38,7 @@ def socket_of(target: str) -> str:
         info = state.lookup(rec["merged"])
         if info is None:
             raise click.ClickException(f"container {rec.get('name')} has no live mount")
-    else:
+    else:  # a path
         info = state.lookup(os.path.realpath(target)) if os.path.isdir(target) else None
         if info is None:
             raise click.ClickException(f"{target} is neither a pyoverlay mountpoint nor a container")
@@ -78,6 +81,9 @@ def trace_cmd(target, from_file, pids, path_glob, events, as_json, summary, hist
     """Follow what a mount (MERGED) or a container (ID) does to its upper layer."""
     if bool(target) == bool(from_file):
         raise click.UsageError("give MERGED or ID, or --file FILE")
+    unknown = sorted(set(events) - set(EVENTS) - set(CONTROL))
+    if unknown:
+        raise click.UsageError(f"unknown event {unknown[0]!r} (one of: {', '.join(EVENTS)})")
     source = events_from_file(from_file) if from_file else events_from_socket(socket_of(target), history)
     keep = Filter(frozenset(pids), path_glob, frozenset(events))
     total = Summary()

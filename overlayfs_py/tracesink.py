@@ -118,7 +118,6 @@ class TraceSink:
         self.socket_path = socket_path
         self.readers: set[_Reader] = set()
         self.history: collections.deque[bytes] = collections.deque(maxlen=HISTORY)
-        self.written = 0
         self.running = False
         self.readers_closed = False
 
@@ -178,7 +177,6 @@ class TraceSink:
         if to_readers:
             for r in list(self.readers):
                 r.offer(line)
-        self.written += 1
         return out
 
     async def _accept(self, listener, nursery) -> None:

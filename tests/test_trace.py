@@ -297,7 +297,7 @@ def test_trace_command_follows_a_mount(layers, traced):
 
 
 def test_trace_file_summary(layers, traced):
-    run("sh", "-c", "exec 3>>top.txt; chmod 600 e/h", cwd=traced.path)
+    sh = run("sh", "-c", "exec 3>>top.txt; chmod 600 e/h", cwd=traced.path)
     traced.finish()
     r = _cli("trace", "--file", str(traced.trace_file), "--summary")
     assert r.returncode == 0, r.stderr
@@ -308,6 +308,13 @@ def test_trace_file_summary(layers, traced):
     assert [u["path"] for u in data["unnecessary"]] == ["/top.txt"]
     r = _cli("trace", "--file", str(traced.trace_file), "--event", "copy_up_unused")
     assert r.returncode == 0 and r.stdout.count("copy_up_unused") == 1
+    # --pid: only the shell's own events (its chmod child has another pid)
+    r = _cli("trace", "--file", str(traced.trace_file), "--json", "--pid", str(sh))
+    mine = [json.loads(l) for l in r.stdout.splitlines()]
+    assert {e["path"] for e in mine if e["event"] != "end"} == {"/top.txt"}
+    assert {e["pid"] for e in mine if e["event"] != "end"} == {sh}
+    r = _cli("trace", "--file", str(traced.trace_file), "--event", "copyup")
+    assert r.returncode != 0 and "unknown event 'copyup'" in r.stderr
 
 
 def test_trace_errors_are_one_line(tmp_path):
