@@ -63,6 +63,9 @@ def parse_args(argv):
                    "mounted under --workdir (no disk, no ext4 allocator effects)")
     p.add_argument("--keep", action="store_true",
                    help="keep the layers for the next run (reused while their spec matches)")
+    p.add_argument("--profile", metavar="DIR",
+                   help="py-spy the pyoverlay server during its samples: collapsed stacks per "
+                        "workload into DIR and a summary (timings are then perturbed)")
     p.add_argument("--memwalk", type=int, metavar="N",
                    help="separate mode: walk N entries through pyoverlay (and fuse-overlayfs "
                    "if given with --impl), report the server's peak RSS")
@@ -202,6 +205,10 @@ def bench(args, sizes, sess: Session, out: dict) -> Results:
     sess.layers = prepare_layers(os.path.dirname(sess.run_dir), sizes, keep=args.keep, log=log)
     out["layers"] = {k: v for k, v in sess.layers.meta.items() if k != "spec"}
     ctx = Ctx(sess.layers, log)
+    if args.profile:
+        from benchlib.profile import Profiler
+        ctx.profiler = Profiler(os.path.abspath(args.profile), log)
+        out["profile_dir"] = os.path.abspath(args.profile)
     if not ctx.fio:
         out.setdefault("notes_setup", []).append("fio is not installed: randread_4k skipped")
     res = Results(names, workloads)
@@ -216,6 +223,8 @@ def bench(args, sizes, sess: Session, out: dict) -> Results:
         res.error = str(exc)
         raise
     finally:
+        if ctx.profiler is not None:
+            out["profile"] = ctx.profiler.summary()
         for impl in sess.impls:
             impl.unmount()
         for impl in sess.impls:
@@ -238,12 +247,19 @@ def finish(res: Results, out: dict) -> None:
                notes=out.pop("notes_setup", []) + res.notes)
     if res.error:
         out["error"] = out.get("error") or res.error
+    if out.get("profile"):
+        from benchlib.profile import table as profile_table
+        text_profile = ["", "**profile of the pyoverlay server (py-spy, busy time only; "
+                        "timings of this run are perturbed)**", "", profile_table(out["profile"])]
+    else:
+        text_profile = []
     text = [report.tables(res, med, rat, geo)]
     if out.get("error"):
         text.insert(0, f"**INCOMPLETE RUN ({out['error']}): partial results**\n")
     text += ["", *report.rss_lines(res)]
     if tg:
         text += ["", report.targets_table(tg)]
+    text += text_profile
     if out["notes"]:
         text += ["", "Notes:", *(f"* {n}" for n in out["notes"])]
     skipped = sorted({f"{w}: {i} ({why})" for w, d in res.skipped.items() for i, why in d.items()})

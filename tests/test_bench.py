@@ -63,3 +63,25 @@ def test_bad_arguments_are_refused():
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "unknown workload" in r.stderr
     assert os.path.exists(REPO / "scripts" / "bench")
+
+
+@pytest.mark.skipif(not (REPO / ".venv" / "bin" / "py-spy").exists() and shutil.which("py-spy") is None,
+                    reason="needs py-spy (scripts/bench --profile installs it into .venv)")
+def test_profile_samples_the_server_and_splits_own_code(tmp_path):
+    """--profile: py-spy attached to pyoverlay's server during its samples gives, per
+    workload, collapsed stacks and the share in pyoverlay's own code."""
+    work, result, prof = tmp_path / "work", tmp_path / "result.json", tmp_path / "prof"
+    r = subprocess.run([sys.executable, str(REPO / "scripts" / "bench.py"), "--smoke",
+                        "--impl", "pyoverlay", "--only", "walk_warm,untar",
+                        "--workdir", str(work), "--json", str(result), "--profile", str(prof)],
+                       capture_output=True, text=True, timeout=170, stdin=subprocess.DEVNULL)
+    assert r.returncode == 0, r.stderr[-3000:]
+    d = json.loads(result.read_text())
+    assert set(d["profile"]) == {"walk_warm", "untar"}
+    untar = d["profile"]["untar"]
+    assert untar["samples"] > 0 and 0 < untar["own_code_pct"] < 100
+    # creating files shows up in pyoverlay's write path
+    stacks = Path(untar["stacks_file"]).read_text()
+    assert "overlayfs_py/write.py" in stacks and "trio/_core" in stacks
+    assert "| untar |" in r.stdout and "in pyoverlay's code" in r.stdout
+    assert not list(prof.glob(".*.raw"))   # per-sample files merged and removed

@@ -28,6 +28,7 @@ class Ctx:
         self.small = [f for leaf in self.leaves for f in leaf_files(leaf)]
         self.state: dict[tuple, object] = {}
         self.primed: dict[tuple, tuple] = {}
+        self.profiler = None   # benchlib.profile.Profiler with --profile
 
     def prime_once(self, key: tuple, fn) -> None:
         """Run *fn* (re-read lower data) once per *key*, and again whenever the host

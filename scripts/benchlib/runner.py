@@ -40,10 +40,16 @@ def _sample(ctx: Ctx, w: Workload, impl: Impl, rep: int, res: Results, log) -> N
         timer = threading.Timer(SAMPLE_TIMEOUT, _hung, (impl, w, log))
         timer.daemon = True
         timer.start()
+        prof = ctx.profiler if impl.name == "pyoverlay" else None
+        pid = impl.server_pid() if prof else None
+        if pid:
+            prof.start(w.name, pid)
         try:
             value, secs = w.run(ctx, impl, rep)
         finally:
             timer.cancel()
+            if pid:
+                prof.stop()
         dropped = cache_drops() != before
         w.check(ctx, impl, rep, value)
         w.after(ctx, impl, rep)
