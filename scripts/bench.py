@@ -4,6 +4,7 @@ overlay at all, all mounted at once, workload by workload, round robin.
     scripts/bench [--quick|--full] [--reps N] [--json FILE] [--only W1,W2]
                   [--impl pyoverlay,kernel,fuse-overlayfs,native] [--workdir DIR] [--tmpfs] [--keep]
     scripts/bench --memwalk N        # server peak RSS while walking N entries
+    scripts/bench --transport        # microseconds per FUSE request, and where they go
 
 Method and results: docs/performance.md. Needs root (kernel overlay mounts).
 Everything it mounts is unmounted and everything it built is deleted (unless --keep)
@@ -66,6 +67,9 @@ def parse_args(argv):
     p.add_argument("--profile", metavar="DIR",
                    help="py-spy the pyoverlay server during its samples: collapsed stacks per "
                         "workload into DIR and a summary (timings are then perturbed)")
+    p.add_argument("--transport", action="store_true",
+                   help="separate mode: microseconds per FUSE request (getxattr, open+close) on "
+                        "the kernel, fuse-overlayfs, pyoverlay and a do-nothing pyfuse3 server")
     p.add_argument("--memwalk", type=int, metavar="N",
                    help="separate mode: walk N entries through pyoverlay (and fuse-overlayfs "
                    "if given with --impl), report the server's peak RSS")
@@ -77,13 +81,16 @@ def parse_args(argv):
     if bad:
         p.error(f"unknown workload(s): {', '.join(bad)}")
     a.impl = [s for s in (a.impl or "").split(",") if s] or None
-    bad = [i for i in a.impl or [] if i not in impls_mod.ALL]
+    known = impls_mod.ALL + (["pyfuse3-null"] if a.transport else [])
+    bad = [i for i in a.impl or [] if i not in known]
     if bad:
         p.error(f"unknown implementation(s): {', '.join(bad)}")
     if a.reps is not None and a.reps < 1:
         p.error("--reps must be at least 1")
     if a.memwalk is not None and a.memwalk < 1:
         p.error("--memwalk needs a positive number of entries")
+    if a.transport and a.memwalk is not None:
+        p.error("--transport and --memwalk are separate runs")
     return a
 
 
@@ -152,7 +159,7 @@ def main(argv=None) -> int:
     sess = Session(args)
     started = datetime.datetime.now().astimezone()
     out = {"tool": "pyoverlay scripts/bench", "command": ["scripts/bench"] + (argv or sys.argv[1:]),
-           "mode": "memwalk" if args.memwalk else args.mode, "started": started.isoformat(),
+           "mode": "memwalk" if args.memwalk else "transport" if args.transport else args.mode, "started": started.isoformat(),
            "tmpfs": args.tmpfs, "error": None}
     res = None
     rc = 0
@@ -165,6 +172,11 @@ def main(argv=None) -> int:
             names = [i for i in (args.impl or ["pyoverlay"]) if i in ("pyoverlay", "fuse-overlayfs")]
             out["memwalk"] = run_memwalk(base, sess.run_dir, args.memwalk, names, args.keep, log,
                                          sess.impls.append)
+        elif args.transport:
+            from benchlib.transport import run_transport
+            names = [i for i in (args.impl or ["kernel", "fuse-overlayfs", "pyoverlay", "pyfuse3-null"])
+                     if i != "native" and not impls_mod.available(i)]
+            out["transport"] = run_transport(sess.run_dir, names, args.reps or 5, log, sess.impls.append)
         else:
             res = bench(args, sizes, sess, out)
     except KeyboardInterrupt:
@@ -184,6 +196,9 @@ def main(argv=None) -> int:
         finish(res, out)
     if out.get("memwalk"):
         print(memwalk_table(out["memwalk"]), flush=True)
+    if out.get("transport"):
+        from benchlib.transport import table as transport_table
+        print(transport_table(out["transport"]), flush=True)
     path = args.json or f"/tmp/pyoverlay-bench-{out['mode']}-{started:%Y%m%d-%H%M%S}.json"
     with open(path, "w") as f:
         json.dump(out, f, indent=1)

@@ -85,3 +85,25 @@ def test_profile_samples_the_server_and_splits_own_code(tmp_path):
     assert "overlayfs_py/write.py" in stacks and "trio/_core" in stacks
     assert "| untar |" in r.stdout and "in pyoverlay's code" in r.stdout
     assert not list(prof.glob(".*.raw"))   # per-sample files merged and removed
+
+
+def test_transport_mode_times_requests_and_leaves_nothing(tmp_path):
+    """--transport: microseconds per getxattr and open+close on each implementation,
+    including the do-nothing pyfuse3 server, and how pyoverlay's time splits."""
+    work, result = tmp_path / "work", tmp_path / "result.json"
+    r = subprocess.run([sys.executable, str(REPO / "scripts" / "bench.py"), "--transport", "--reps", "1",
+                        "--impl", "kernel,pyoverlay,pyfuse3-null",
+                        "--workdir", str(work), "--json", str(result)],
+                       capture_output=True, text=True, timeout=170, stdin=subprocess.DEVNULL)
+    assert r.returncode == 0, r.stderr[-3000:]
+    d = json.loads(result.read_text())
+    med = d["transport"]["median_us"]
+    assert set(med) == {"kernel", "pyoverlay", "pyfuse3-null"}
+    for name, ops in med.items():
+        assert set(ops) == {"getxattr", "open+close"} and all(v > 0 for v in ops.values()), name
+    # a FUSE round trip costs more than the kernel overlay's in-kernel call
+    assert med["pyfuse3-null"]["getxattr"] > med["kernel"]["getxattr"]
+    assert "| pyfuse3-null |" in r.stdout and "pyoverlay's handlers" in r.stdout
+    with open("/proc/self/mountinfo") as f:
+        assert str(work) not in f.read()
+    assert not work.exists() or not any(work.iterdir())
