@@ -51,7 +51,7 @@ def main() -> None:
 @click.argument("args", nargs=-1, required=True)
 @click.option("--workdir", "workdir", metavar="DIR", help="Work directory (same filesystem as UPPER).")
 @click.option("-o", "options", multiple=True, metavar="OPTS",
-              help="Kernel-style options: lowerdir=,upperdir=,workdir=,ro,userxattr,allow_other,...")
+              help="Kernel-style options: lowerdir=,upperdir=,workdir=,ro,userxattr,nouserxattr,allow_other,...")
 @click.option("-f", "--foreground", is_flag=True, help="Stay attached; Ctrl-C/SIGTERM unmounts.")
 @click.option("-d", "--debug", is_flag=True, help="Log every request.")
 @click.option("--log", "logfile", metavar="FILE", help="Server log file (background mode).")
@@ -61,7 +61,11 @@ def main() -> None:
               help="The lower layers are the image REF's (then the arguments are [UPPER] MERGED).")
 @click.option("--docker-root", metavar="DIR",
               help="Docker's data root for --image (default $PYOVERLAY_DOCKER_ROOT or /var/lib/docker).")
-def mount_cmd(args, workdir, options, foreground, debug, logfile, trace_file, image, docker_root):
+@click.option("--uidmap", "uidmap", multiple=True, metavar="S:P:N",
+              help="Show stored uids S..S+N-1 as P..P+N-1 (repeatable; docs/rootless.md).")
+@click.option("--gidmap", "gidmap", multiple=True, metavar="S:P:N", help="The same for gids.")
+def mount_cmd(args, workdir, options, foreground, debug, logfile, trace_file, image, docker_root,
+              uidmap, gidmap):
     """Mount LOWER1[:LOWER2...] [UPPER] MERGED (LOWER1 is the top lower layer).
 
     Without UPPER the mount is read-only. `-o lowerdir=...,upperdir=...,workdir=... MERGED`
@@ -82,7 +86,10 @@ def mount_cmd(args, workdir, options, foreground, debug, logfile, trace_file, im
         _fail("usage: pyoverlay mount LOWER1[:LOWER2...] [UPPER] MERGED", 2)
     try:
         cfg = build_config(layers, upper, merged, workdir=workdir, options=options, debug=debug,
-                           trace_file=trace_file)
+                           trace_file=trace_file, uidmap=uidmap, gidmap=gidmap)
+        from .privilege import check_fuse_access
+
+        check_fuse_access(cfg)  # /dev/fuse, fusermount3, allow_other: before anything is forked
     except ConfigError as exc:
         _fail(str(exc), 2)
     if foreground:

@@ -44,6 +44,8 @@ import stat
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+from .idmap import IdMapError, check_ranges, parse_ranges
+
 __all__ = [
     "MAX_LAYERS",
     "ConfigError",
@@ -86,13 +88,20 @@ class MountConfig:
     None too and ``read_only`` is forced to True.  ``read_only`` may also be
     True with an upper layer (``-o ro``): the upper layer is then shown but
     never written.
+
+    ``userxattr``: True stores private xattrs as ``user.overlay.*``, False as
+    ``trusted.overlay.*``, None decides at mount (the upper's recorded form, else
+    ``user.*`` unless privileged; see userxattr.py).  ``fuse_fd``: an open /dev/fuse
+    fd a caller has already mounted on ``mountpoint`` (mount(2) with ``fd=N``, e.g.
+    inside a user namespace); the server then serves it and neither mounts nor
+    unmounts (``mountpoint`` stays the real path, for records and messages).
     """
 
     lowerdirs: tuple[str, ...]
     upperdir: str | None
     workdir: str | None
     mountpoint: str
-    userxattr: bool = False
+    userxattr: bool | None = None     # None: chosen at mount (userxattr.py)
     allow_other: bool = False
     default_permissions: bool = True
     read_only: bool = False
@@ -100,11 +109,19 @@ class MountConfig:
     fsname: str = "pyoverlay"
     trace_file: str | None = None     # --trace FILE: every trace event as a JSON line
     container: str | None = None      # the container this mount is the root of (for the trace)
+    fuse_fd: int | None = None        # serve this already-mounted /dev/fuse fd (no mount/unmount)
+    # Ownership maps, ranges (stored, presented, count): a stored id S+i is shown as P+i
+    # (fuse-overlayfs's uidmapping/gidmapping; docs/rootless.md, "Uid and gid mapping").
+    uidmap: tuple[tuple[int, int, int], ...] = ()
+    gidmap: tuple[tuple[int, int, int], ...] = ()
+    max_nodes: int = 200_000          # -o max_nodes=N: node budget (0: none); docs/performance.md
 
     def __post_init__(self) -> None:
         # Accept any sequence but store an immutable tuple.
         if not isinstance(self.lowerdirs, tuple):
             object.__setattr__(self, "lowerdirs", tuple(self.lowerdirs))
+        for name in ("uidmap", "gidmap"):  # lists (JSON, callers) become tuples of triples
+            object.__setattr__(self, name, tuple(tuple(r) for r in getattr(self, name)))
         # Without an upper layer the mount can only be read-only.
         if self.upperdir is None and not self.read_only:
             object.__setattr__(self, "read_only", True)
@@ -203,7 +220,7 @@ def _split_escaped(text: str, sep: str, *, unescape: bool) -> list[str]:
 
 
 # Options that carry a path or a name (value required).
-_VALUE_KEYS = ("lowerdir", "upperdir", "workdir", "fsname")
+_VALUE_KEYS = ("lowerdir", "upperdir", "workdir", "fsname", "uidmapping", "gidmapping", "max_nodes")
 # Our boolean options.
 _FLAG_KEYS = ("userxattr", "allow_other", "default_permissions")
 # FUSE / VFS generic flags: accepted and ignored.
@@ -233,9 +250,11 @@ def parse_options(opts: Iterable[str]) -> dict[str, str | bool]:
     * ``lowerdir`` -> the raw spec, still escaped (pass it to
       :func:`split_lowerdir`);
     * ``upperdir``, ``workdir``, ``fsname`` -> the value, unescaped like the
-      kernel does (``\\,`` -> ``,``);
+      kernel does (``\\,`` -> ``,``); ``uidmapping``, ``gidmapping`` likewise
+      (fuse-overlayfs's ``S:P:N[:S:P:N...]``, parsed by :func:`build_config`);
     * ``ro`` -> True, ``rw`` -> ``'ro': False`` (the last one wins);
-    * ``userxattr``, ``allow_other``, ``default_permissions`` -> True.
+    * ``userxattr``, ``allow_other``, ``default_permissions`` -> True;
+      ``nouserxattr`` -> ``'userxattr': False`` (the last one wins).
 
     Accepted and ignored (not in the result): the kernel options
     ``redirect_dir=off|nofollow``, ``index=off``, ``xino=off|auto``,
@@ -258,6 +277,10 @@ def parse_options(opts: Iterable[str]) -> dict[str, str | bool]:
                 if not has_value or value == "":
                     raise ConfigError(f"mount option '{key}' needs a value ({key}=...)")
                 result[key] = value if key == "lowerdir" else _unescape(value, key)
+            elif key == "nouserxattr":  # pyoverlay's: ask for trusted.overlay.* explicitly
+                if has_value:
+                    raise ConfigError(f"mount option '{key}' takes no value")
+                result["userxattr"] = False
             elif key in ("ro", "rw"):
                 if has_value:
                     raise ConfigError(f"mount option '{key}' takes no value")
@@ -310,6 +333,8 @@ def build_config(
     options: Iterable[str] = (),
     debug: bool = False,
     trace_file: str | None = None,
+    uidmap: Sequence[str] = (),
+    gidmap: Sequence[str] = (),
 ) -> MountConfig:
     """Build and validate a :class:`MountConfig` from the command line.
 
@@ -376,16 +401,50 @@ def build_config(
         upperdir=upperdir,
         workdir=wd,
         mountpoint=os.path.realpath(merged),
-        userxattr=bool(opts.get("userxattr", False)),
+        userxattr=opts.get("userxattr"),  # type: ignore[arg-type]
         allow_other=bool(opts.get("allow_other", False)),
         default_permissions=bool(opts.get("default_permissions", True)),
         read_only=bool(opts.get("ro", False)) or upperdir is None,
         debug=debug,
         fsname=fsname,
         trace_file=check_trace_file(trace_file, os.path.realpath(merged)) if trace_file else None,
+        uidmap=_idmap(opts.get("uidmapping"), uidmap, "uid"),
+        gidmap=_idmap(opts.get("gidmapping"), gidmap, "gid"),
+        max_nodes=_max_nodes(opts.get("max_nodes")),
     )
     validate(cfg, workdir_may_be_missing=workdir_defaulted)
-    return cfg
+    from .privilege import privileged
+    from .userxattr import resolve
+
+    return resolve(cfg, privileged())
+
+
+def _max_nodes(option) -> int:
+    """``-o max_nodes=N``: how many nodes the server keeps before asking the kernel to drop
+    the oldest file entries (0: no budget)."""
+    if option is None:
+        return MountConfig.max_nodes
+    try:
+        n = int(str(option), 10)
+    except ValueError:
+        n = -1
+    if n < 0 or (0 < n < 1000):
+        raise ConfigError(f"mount option 'max_nodes' must be 0 (no budget) or at least 1000, not {option!r}")
+    return n
+
+
+def _idmap(option, specs: Sequence[str], kind: str) -> tuple[tuple[int, int, int], ...]:
+    """``-o {kind}mapping=S:P:N[:S:P:N...]`` and ``--{kind}map S:P:N`` (repeatable): one map."""
+    try:
+        ranges: list[tuple[int, int, int]] = []
+        if option is not None:
+            ranges += parse_ranges(str(option), f"{kind}mapping")
+        for spec in specs:
+            ranges += parse_ranges(spec, f"--{kind}map")
+        check_ranges(ranges, f"{kind} map")
+    except IdMapError as exc:
+        raise ConfigError(str(exc)) from None
+    return tuple(ranges)
 
 
 def check_trace_file(path: str, mountpoint: str) -> str:
@@ -486,6 +545,17 @@ def _same(a: _Layer, b: _Layer) -> bool:
     return a.ident is not None and a.ident == b.ident
 
 
+def _check_fuse_fd(fd: int, problems: list[str]) -> None:
+    """``fuse_fd`` must be an open /dev/fuse descriptor (char device 10:229)."""
+    try:
+        st = os.fstat(fd)
+    except (OSError, TypeError, ValueError):
+        problems.append(f"fuse_fd {fd!r} is not an open file descriptor")
+        return
+    if not stat.S_ISCHR(st.st_mode) or st.st_rdev != os.makedev(10, 229):
+        problems.append(f"fuse_fd {fd} is not an open /dev/fuse descriptor")
+
+
 def validate(cfg: MountConfig, *, workdir_may_be_missing: bool = False) -> None:
     """Check a configuration before any side effect.
 
@@ -504,7 +574,8 @@ def validate(cfg: MountConfig, *, workdir_may_be_missing: bool = False) -> None:
        workdir and upper separate subtrees, workdir on upper's filesystem;
     5. the mountpoint exists, is a directory, is not a layer or the workdir,
        is not inside one and contains none; it is not already a mount point
-       and it is empty.
+       and it is empty (with ``fuse_fd`` it is mounted already: only the fd is
+       checked, the mountpoint is never touched).
 
     Containment uses realpaths and path components (never a string prefix),
     plus the ancestors' identities to catch bind-mounted aliases.
@@ -524,6 +595,11 @@ def validate(cfg: MountConfig, *, workdir_may_be_missing: bool = False) -> None:
         problems.append(f"upper layer {_q(cfg.upperdir)} needs a workdir")
     if cfg.upperdir is None and cfg.workdir is not None:
         problems.append(f"workdir {_q(cfg.workdir)} given without an upper layer")
+    for kind, ranges in (("uid", cfg.uidmap), ("gid", cfg.gidmap)):
+        try:
+            check_ranges(ranges, f"{kind} map")
+        except (IdMapError, TypeError, ValueError) as exc:
+            problems.append(str(exc) if isinstance(exc, IdMapError) else f"{kind} map {ranges!r}: {exc}")
     if (
         cfg.fsname == ""
         or "," in cfg.fsname
@@ -623,8 +699,13 @@ def validate(cfg: MountConfig, *, workdir_may_be_missing: bool = False) -> None:
                 )
 
     # 5. The mountpoint.
-    mp = _Layer("mountpoint", cfg.mountpoint, os.path.realpath(cfg.mountpoint))
-    _stat(mp, problems)
+    mp_real = os.path.realpath(cfg.mountpoint) if cfg.fuse_fd is None else os.path.join(
+        os.path.realpath(os.path.dirname(cfg.mountpoint)), os.path.basename(cfg.mountpoint))
+    mp = _Layer("mountpoint", cfg.mountpoint, mp_real)
+    if cfg.fuse_fd is None:
+        _stat(mp, problems)
+    else:  # already mounted by the caller: never stat it (nobody serves it yet)
+        _check_fuse_fd(cfg.fuse_fd, problems)
     mp.ancestors = _ancestors(mp.real)
     for lay in distinct:
         if _same(mp, lay):

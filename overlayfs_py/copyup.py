@@ -22,6 +22,7 @@ import time
 import trio
 
 from . import _sys
+from .idmap import OVERRIDE_XATTR
 from .inodes import InodeTable, Node
 from .layers import LayerStack
 from .trace import Tracer, display
@@ -78,6 +79,7 @@ class CopyUp:
         self.uuid = _sys.fs_uuid(stack.lowers[0].fd) if stack.lowers else None
         self.limiter = trio.CapacityLimiter(2)
         self.on_installed = None  # called with a node right after it became upper
+        self.owners = None  # the mount's ownership.Owners (set by Overlay)
         self.ino_changed: list[int] = []  # node ids whose st_ino changed (the kernel's attr cache must drop them)
 
     def tmpname(self) -> bytes:
@@ -157,21 +159,25 @@ class CopyUp:
         dfd = self.stack.dir_fd(node.layer, prel)
         return dfd, name, _sys.lstat_at(dfd, name)
 
-    def _finish_meta_of(self, dfd: int, name: bytes, tmp: bytes, st: os.stat_result) -> None:
+    def _finish_meta_of(self, dfd: int, name: bytes, tmp: bytes, st: os.stat_result, layer=None) -> None:
         """``_finish_meta`` with the lower object *name* in *dfd* as the source (no data to copy)."""
         ofd = _sys.open_beneath(dfd, name, _sys.O_PATH)
         try:
-            self._finish_meta(tmp, _sys.proc_path(dfd, name), st, ofd)
+            self._finish_meta(tmp, _sys.proc_path(dfd, name), st, ofd, layer)
         finally:
             os.close(ofd)
 
-    def _finish_meta(self, name: bytes, src_path: bytes, st: os.stat_result, origin_fd: int | None) -> None:
-        """Owner, mode, xattrs, origin and times on work/<name> (in that order: chown clears set-id bits)."""
+    def _finish_meta(self, name: bytes, src_path: bytes, st: os.stat_result, origin_fd: int | None,
+                     layer=None) -> None:
+        """Mode, stored owner, xattrs, origin and times on work/<name>. The stored owner (and
+        mode) of the source in *layer* carries over: chown, or the override xattr when the
+        server cannot chown (ownership.Owners.set_owner keeps the set-id bits)."""
         wfd = self.work_fd
-        os.chown(name, st.st_uid, st.st_gid, dir_fd=wfd, follow_symlinks=False)
+        uid, gid, mode = self.owners.stored(src_path, False, st, layer)
         if not stat.S_ISLNK(st.st_mode):
-            os.chmod(name, stat.S_IMODE(st.st_mode), dir_fd=wfd)
+            os.chmod(name, stat.S_IMODE(mode), dir_fd=wfd)
         dst = _sys.proc_path(wfd, name)
+        self.owners.set_owner(dst, False, uid, gid, fresh=True)
         for attr in self._xattr_names(src_path):
             try:
                 value = os.getxattr(src_path, attr, follow_symlinks=False)
@@ -202,7 +208,7 @@ class CopyUp:
             raise
         # The overlay's own records of the lower layer are not carried up; escaped
         # user names (overlay.overlay.X) are.
-        return [n for n in names if self.names.to_user(n) is not None]
+        return [n for n in names if self.names.to_user(n) is not None and n != OVERRIDE_XATTR]
 
     def _install(self, node: Node, tmp: bytes, lower_st: os.stat_result) -> None:
         """Rename work/<tmp> to its real name in upper; then (only then) the node is upper."""
@@ -248,7 +254,7 @@ class CopyUp:
         tmp = self.tmpname()
         os.mkdir(tmp, 0o700, dir_fd=self.work_fd)
         try:
-            self._finish_meta_of(dfd, name, tmp, st)
+            self._finish_meta_of(dfd, name, tmp, st, node.layer)
         except BaseException:
             self._discard(tmp)
             raise
@@ -272,7 +278,7 @@ class CopyUp:
                             copy_data(src, dst, st.st_size)
                     finally:
                         os.close(dst)
-                    self._finish_meta(tmp, src_path, st, src)
+                    self._finish_meta(tmp, src_path, st, src, node.layer)
                 finally:
                     os.close(src)
             else:
@@ -280,7 +286,7 @@ class CopyUp:
                     os.symlink(_sys.readlink_at(dfd, name), tmp, dir_fd=wfd)
                 else:  # fifo, socket, char or block device: the same type, no data
                     os.mknod(tmp, stat.S_IFMT(mode) | 0o600, st.st_rdev, dir_fd=wfd)
-                self._finish_meta_of(dfd, name, tmp, st)
+                self._finish_meta_of(dfd, name, tmp, st, node.layer)
         except BaseException:
             self._discard(tmp)
             raise

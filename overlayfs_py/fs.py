@@ -66,10 +66,21 @@ class Operations(pyfuse3.Operations):
     enable_writeback_cache = False
     enable_acl = False
 
-    def __init__(self, overlay: Overlay) -> None:
+    def __init__(self, overlay: Overlay, max_nodes: int = 0) -> None:
         super().__init__()
         self.ov = overlay
         self.inodes = overlay.inodes
+        # Node budget: beyond it the kernel is asked to drop the oldest file entries.
+        self.max_nodes = max_nodes or 0
+        self._shed_at = self.max_nodes
+        # Owners other than the disk's (uid/gid maps, override xattrs): a slower _attrs,
+        # bound only when needed, so a plain mount pays nothing (docs/rootless.md).
+        if overlay.owners.presenting:
+            self._start_presenting()
+        overlay.owners.on_presenting = self._start_presenting
+
+    def _start_presenting(self) -> None:
+        self._attrs = self._attrs_presented
 
     # --- helpers ------------------------------------------------------------------------
 
@@ -94,6 +105,11 @@ class Operations(pyfuse3.Operations):
         e.st_atime_ns = st.st_atime_ns
         e.st_mtime_ns = st.st_mtime_ns
         e.st_ctime_ns = st.st_ctime_ns
+        return e
+
+    def _attrs_presented(self, node: Node | None, st: os.stat_result, ino: int, nlink: int) -> pyfuse3.EntryAttributes:
+        e = Operations._attrs(self, node, st, ino, nlink)
+        e.st_uid, e.st_gid, e.st_mode = self.ov.presented_owner(node, st)
         return e
 
     def _node_attrs(self, node: Node, st: os.stat_result | None = None) -> pyfuse3.EntryAttributes:
@@ -131,7 +147,28 @@ class Operations(pyfuse3.Operations):
         with self._errors("lookup"):
             attrs = self._node_attrs(node, st)
         self.inodes.ref(node)
+        if self.max_nodes:
+            self._budget()
         return attrs
+
+    def _budget(self) -> None:
+        n = len(self.inodes)
+        if n > self._shed_at:
+            self._shed()
+        elif n < self.max_nodes:
+            self._shed_at = self.max_nodes   # the kernel's FORGETs came: watch the budget again
+
+    def _shed(self) -> None:
+        """Over the node budget: ask the kernel (asynchronously: never from inside a
+        request) to drop the oldest file entries down to 80 % of it; their FORGETs free
+        the nodes. Not again before the table has grown by another 20 %."""
+        keep = self.max_nodes * 4 // 5
+        drops = self.inodes.shed(keep)
+        for parent_id, name in drops:
+            pyfuse3.invalidate_entry_async(parent_id, name, ignore_enoent=True)
+        self._shed_at = max(self.max_nodes, len(self.inodes) + self.max_nodes - keep)
+        log.info("node budget %d: %d live nodes, asked the kernel to drop %d entries",
+                 self.max_nodes, len(self.inodes), len(drops))
 
     async def forget(self, inode_list):
         for inode, nlookup in inode_list:
@@ -287,6 +324,8 @@ class Operations(pyfuse3.Operations):
             return self.ov.opendir(self._node(inode))
 
     async def readdir(self, fh, start_id, token):
+        if self.max_nodes:
+            self._budget()   # READDIRPLUS makes a node per entry
         with self._errors("readdir"):
             for index, entry in self.ov.readdir(fh, start_id):
                 attrs = self._attrs(entry.node, entry.st, entry.ino, entry.nlink)

@@ -15,6 +15,7 @@ walk of a million-entry tree keeps memory bounded.
 
 from __future__ import annotations
 
+import collections
 import logging
 import stat
 from typing import Iterator
@@ -24,6 +25,7 @@ from .layers import Layer
 log = logging.getLogger(__name__)
 
 ROOT_ID = 1
+_MODES: dict[int, int] = {}
 
 
 class Node:
@@ -35,14 +37,16 @@ class Node:
     """
 
     __slots__ = ("id", "parent", "name", "mode", "layer", "dirs", "lpaths", "ino", "lookups",
-                 "children", "aliases", "key", "__weakref__")
+                 "children", "aliases", "key")
 
     def __init__(self, node_id: int, parent: "Node | None", name: bytes, mode: int,
                  layer: Layer, dirs: tuple[Layer, ...], ino: int) -> None:
         self.id = node_id
         self.parent = parent
         self.name = name
-        self.mode = mode  # S_IFMT bits (+ permission bits at lookup time; refreshed by getattr)
+        # S_IFMT bits (+ permission bits at lookup time; refreshed by getattr). Interned: a
+        # tree has few distinct modes, and an int object per node is 32 bytes.
+        self.mode = _MODES.setdefault(mode, mode)
         self.layer = layer
         self.dirs = dirs
         # Where the object sits inside a *lower* layer that serves it, when a redirect makes
@@ -122,6 +126,8 @@ class InodeTable:
         self.root.lookups = 1  # the kernel never forgets the root
         self._nodes: dict[int, Node] = {ROOT_ID: self.root}
         self._by_key: dict[tuple, Node] = {}
+        # Ids of non-directory nodes, oldest first: the candidates of shed().
+        self._age: collections.deque[int] = collections.deque()
 
     def __getitem__(self, node_id: int) -> Node:
         return self._nodes[node_id]
@@ -152,7 +158,29 @@ class InodeTable:
             self._by_key[key] = node
         self._nodes[node.id] = node
         parent._link_child(name, node)
+        if not stat.S_ISDIR(mode):
+            self._age.append(node.id)
         return node
+
+    def shed(self, keep: int) -> list[tuple[int, bytes]]:
+        """``(parent id, name)`` of the oldest non-directory nodes beyond *keep* live nodes.
+
+        The kernel keeps every inode it learned of until memory gets short, and the server
+        must keep a node for each; asking the kernel to drop these entries (FUSE
+        notify_inval_entry) makes it FORGET them once unused, so the table stays near
+        *keep* nodes. Each node is offered once; directories are never offered (dropping
+        one prunes its subtree). Only cache is lost: a later lookup makes a new node
+        with the same ``st_ino``."""
+        out = []
+        excess = len(self._nodes) - keep
+        age, nodes = self._age, self._nodes
+        while excess > 0 and age:
+            node = nodes.get(age.popleft())
+            if node is None or node.parent is None or node.parent.child(node.name) is not node:
+                continue  # gone already, or unlinked but open: nothing to drop
+            out.append((node.parent.id, node.name))
+            excess -= 1
+        return out
 
     def add_alias(self, node: Node, parent: Node, name: bytes) -> None:
         """Another name for a shared (hard-linked) node."""

@@ -15,16 +15,18 @@ import logging
 import os
 import shutil
 import signal
+import stat
 
 import pyfuse3
 import trio
 
-from . import _sys, state
+from . import _sys, state, userxattr
 from .config import MountConfig
 from .fs import Operations
 from .layers import LayerStack
 from .logs import one_line, setup_logging
 from .overlay import Overlay
+from .privilege import privileged
 from .trace import Tracer
 from .tracesink import TraceSink
 from .whiteout import XattrNames
@@ -40,21 +42,42 @@ def prepare_workdir(cfg: MountConfig) -> None:
     if cfg.workdir is None or cfg.read_only:
         return
     os.makedirs(cfg.workdir, mode=0o755, exist_ok=True)
+    # mode 000 like the kernel's; a server without root needs access itself: 0700
+    work_mode = 0o000 if os.geteuid() == 0 else 0o700
     wfd = os.open(cfg.workdir, _sys.DIR_FLAGS)
     try:
         work = os.path.join(cfg.workdir, WORK_SUBDIR)
         try:
-            os.mkdir(WORK_SUBDIR, 0o000, dir_fd=wfd)
+            os.mkdir(WORK_SUBDIR, work_mode, dir_fd=wfd)
         except FileExistsError:
             if not os.path.isdir(work) or os.path.islink(work):
                 raise OSError(errno.ENOTDIR, f"{work} is not a directory") from None
-            os.chmod(work, 0o000)
+            os.chmod(work, work_mode)
             for name in os.listdir(work):
                 p = os.path.join(work, name)
                 if os.path.isdir(p) and not os.path.islink(p):
                     shutil.rmtree(p)
                 else:
                     os.unlink(p)
+    finally:
+        os.close(wfd)
+
+
+def check_whiteouts(cfg: MountConfig) -> None:
+    """Without privilege, make sure a whiteout (char 0/0) can be created in the upper's
+    filesystem (Linux >= 5.8 allows it to anyone); refuse the mount otherwise. The kernel
+    hides an xattr whiteout of an *upper* layer on lookup but still lists it in readdir
+    (Linux 6.18), so falling back to that form would break the kernel's view."""
+    if cfg.workdir is None or cfg.read_only or privileged():
+        return
+    wfd = os.open(os.path.join(cfg.workdir, WORK_SUBDIR), _sys.DIR_FLAGS)
+    try:
+        os.mknod("#whiteout-probe", stat.S_IFCHR | 0o000, 0, dir_fd=wfd)
+        os.unlink("#whiteout-probe", dir_fd=wfd)
+    except OSError as exc:
+        raise MountFailed(
+            f"cannot create whiteouts (char 0/0 devices) in {cfg.workdir}: {exc.strerror};"
+            " without root this needs Linux 5.8 or later and a filesystem that allows it") from None
     finally:
         os.close(wfd)
 
@@ -84,7 +107,7 @@ def build_overlay(cfg: MountConfig) -> Overlay:
     if cfg.upperdir is not None and not cfg.read_only:
         work_fd = os.open(os.path.join(cfg.workdir, WORK_SUBDIR), _sys.DIR_FLAGS)
     return Overlay(stack, names, read_only=cfg.read_only, work_fd=work_fd,
-                   tracer=Tracer(container=cfg.container))
+                   tracer=Tracer(container=cfg.container), uidmap=cfg.uidmap, gidmap=cfg.gidmap)
 
 
 async def _main(cfg: MountConfig, overlay: Overlay) -> None:
@@ -133,11 +156,16 @@ def start_background(cfg: MountConfig, *, debug: bool = False, logfile: str | No
 
                 ctypes.CDLL(None).prctl(1, parent_death_signal, 0, 0, 0)  # PR_SET_PDEATHSIG
             os.setsid()
-            _sys.close_fds_except(w)
+            _sys.close_fds_except(w, cfg.fuse_fd)  # a caller's mounted /dev/fuse fd stays open
             devnull = os.open(os.devnull, os.O_RDWR)
-            for fd in (0, 1) if logfile else (0, 1, 2):
+            for fd in (0, 1, 2):
                 os.dup2(devnull, fd)
             os.close(devnull)
+            if logfile:  # stderr (faulthandler, C-level messages) goes to the log too, never
+                # to the caller's stderr: a caller capturing it would wait for the server's exit
+                err = os.open(logfile, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                os.dup2(err, 2)
+                os.close(err)
             os.chdir("/")
             setup_logging(debug, logfile)
             rc = serve(cfg, ready_fd=w)
@@ -178,24 +206,30 @@ def serve(cfg: MountConfig, ready_fd: int | None = None) -> int:
     _tune_gc()
     _sys.raise_nofile_limit()
     os.umask(0)  # modes of new objects are exactly what the caller asked for
+    if cfg.userxattr is None:  # build_config decided it already; MountConfig callers may not
+        cfg = userxattr.resolve(cfg, privileged())
     prepare_workdir(cfg)
+    check_whiteouts(cfg)
     overlay = build_overlay(cfg)
-    ops = Operations(overlay)
+    ops = Operations(overlay, max_nodes=cfg.max_nodes)
+    # libfuse >= 3.3 takes /dev/fd/N as "already mounted, serve fd N" (and never unmounts it)
+    target = cfg.mountpoint if cfg.fuse_fd is None else f"/dev/fd/{cfg.fuse_fd}"
     try:
-        pyfuse3.init(ops, cfg.mountpoint, fuse_options(cfg))
+        pyfuse3.init(ops, target, fuse_options(cfg))
     except Exception:
         overlay.destroy()
         raise
     unmount_clean = False
     state.record(cfg.mountpoint, os.getpid(), cfg)
     try:
+        userxattr.record(cfg)
         if ready_fd is not None:
             os.write(ready_fd, b"ok\n")
             os.close(ready_fd)
         trio.run(_main, cfg, overlay)
         unmount_clean = True
     finally:
-        pyfuse3.close(unmount=True)
+        pyfuse3.close(unmount=cfg.fuse_fd is None)
         overlay.destroy()
         state.forget(cfg.mountpoint, os.getpid())
         log.debug("server exiting (clean=%s)", unmount_clean)

@@ -18,8 +18,10 @@ from . import _sys
 from .copyup import CopyUp
 from .dircache import Listing, ListingCache
 from .handles import DirHandle, HandleTable, OpenFile
+from .idmap import OVERRIDE_XATTR, carries_override
 from .inodes import InodeTable, Node
 from .layers import Hit, Layer, LayerStack
+from .ownership import Owners
 from . import trace
 from .trace import Tracer, display
 from .whiteout import XattrNames, is_char_whiteout, may_be_xwhiteout
@@ -56,7 +58,8 @@ class Overlay(WriteOps):
     """The merged filesystem. Owns the layer stack, the inode table and the handle table."""
 
     def __init__(self, stack: LayerStack, names: XattrNames, read_only: bool = False,
-                 work_fd: int | None = None, tracer: Tracer | None = None) -> None:
+                 work_fd: int | None = None, tracer: Tracer | None = None,
+                 uidmap=(), gidmap=()) -> None:
         self.stack = stack
         self.trace = tracer if tracer is not None else Tracer()
         self.names = names
@@ -69,10 +72,12 @@ class Overlay(WriteOps):
         self.handles = HandleTable()
         self.listings = ListingCache()
         self._can_open_by_handle = os.geteuid() == 0
+        self.owners = Owners(uidmap, gidmap, stack.layers, stack.upper)
         self.copyup: CopyUp | None = None
         if not self.read_only and work_fd is not None:
             self.copyup = CopyUp(stack, names, self.inodes, work_fd, self.trace)
             self.copyup.on_installed = self._copied_up
+            self.copyup.owners = self.owners
 
     def _root_dirs(self):
         # The root merges every layer down to the first opaque one (the kernel checks the
@@ -222,6 +227,17 @@ class Overlay(WriteOps):
             st = os.fstat(files[0].fd)
         node.mode = st.st_mode
         return st
+
+    def presented_owner(self, node: Node | None, st: os.stat_result) -> tuple[int, int, int]:
+        """(uid, gid, mode) a reply shows for *node* (lstat *st*): its stored owner (the
+        override, where its layer honours one) through the mount's maps."""
+        if node is None or not (self.owners.honours(node.layer) and carries_override(st.st_mode)):
+            return self.owners.presented(None, False, st, None)
+        try:
+            dfd, n = self._at(node)
+        except OSError:  # gone from its layer (an unlinked open file): the disk owner stands
+            return self.owners.presented(None, False, st, None)
+        return self.owners.presented(_sys.proc_path(dfd, n), n is None, st, node.layer)
 
     def nlink(self, node: Node, st: os.stat_result) -> int:
         # ovl_getattr: "nlink=1 seems to pacify 'find' and other utilities" for merge dirs.
@@ -401,6 +417,8 @@ class Overlay(WriteOps):
         return self.stack.dir_fd(node.layer, parent), name
 
     def getxattr(self, node: Node, name: str) -> bytes:
+        if name == OVERRIDE_XATTR:  # the stored owner is the overlay's, never the user's
+            raise OSError(errno.ENODATA, "reserved")
         real = self.names.to_real(name)
         dfd, n = self._at(node)
         return _sys.getxattr_raw(dfd, n, real)
@@ -410,7 +428,7 @@ class Overlay(WriteOps):
         out = []
         for real in _sys.listxattr_at(dfd, n):
             shown = self.names.to_user(real)
-            if shown is None:
+            if shown is None or shown == OVERRIDE_XATTR:
                 continue
             if shown.startswith("trusted.") and caller.uid != 0:
                 continue  # as ext4 lists trusted.* only to CAP_SYS_ADMIN

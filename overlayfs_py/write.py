@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from . import _sys
 from .handles import OpenFile
+from .idmap import OVERRIDE_XATTR
 from .inodes import Node
 from .trace import display
 from .whiteout import is_char_whiteout, may_be_xwhiteout
@@ -67,18 +68,18 @@ class WriteOps:
             return None
 
     def _owner(self: "Overlay", pfd: int, caller: "Caller") -> tuple[int, int]:
+        """The stored owner of a new object: the caller's (presented) ids mapped back (EINVAL
+        when unmapped); in a setgid directory, the directory's stored group."""
+        uid, gid = self.owners.store_ids(caller.uid, caller.gid)
         pst = os.fstat(pfd)
-        gid = pst.st_gid if pst.st_mode & stat.S_ISGID else caller.gid
-        return caller.uid, gid
+        if pst.st_mode & stat.S_ISGID:
+            gid = self.owners.stored(_sys.proc_path(pfd), True, pst, self.stack.upper)[1]
+        return uid, gid
 
     def _chown_keep_mode(self: "Overlay", dfd: int, name: bytes, uid: int, gid: int) -> None:
-        """chown a new object to its creator; chown drops set-id bits, so put the mode back."""
-        st = _sys.lstat_at(dfd, name)
-        if (st.st_uid, st.st_gid) == (uid, gid):
-            return
-        os.chown(name, uid, gid, dir_fd=dfd, follow_symlinks=False)
-        if not stat.S_ISLNK(st.st_mode) and st.st_mode & (stat.S_ISUID | stat.S_ISGID):
-            os.chmod(name, stat.S_IMODE(st.st_mode), dir_fd=dfd)
+        """Give a new object its stored owner (chown, or the override xattr when the server
+        cannot chown); the set-id bits its creator chose stay."""
+        self.owners.set_owner(_sys.proc_path(dfd, name), False, uid, gid, fresh=True)
 
     def _place_new(self: "Overlay", parent: Node, name: bytes, make, caller: "Caller | None",
                    opaque: bool = False) -> tuple[Node, os.stat_result]:
@@ -339,10 +340,12 @@ class WriteOps:
                     os.ftruncate(fd, changes["size"])
                 finally:
                     os.close(fd)
-        if "uid" in changes or "gid" in changes:
-            os.chown(path, changes.get("uid", -1), changes.get("gid", -1), follow_symlinks=follow)
+        if "uid" in changes or "gid" in changes:  # presented ids: to stored ones (EINVAL if unmapped)
+            uid, gid = self.owners.store_ids(changes.get("uid"), changes.get("gid"))
+            self.owners.set_owner(path, follow, uid, gid)
         if "mode" in changes:
             os.chmod(path, stat.S_IMODE(changes["mode"]), follow_symlinks=True)
+            self.owners.after_chmod(path, follow, changes["mode"])
         if "atime_ns" in changes or "mtime_ns" in changes:
             cur = os.stat(path, follow_symlinks=follow)
             os.utime(path, ns=(changes.get("atime_ns", cur.st_atime_ns), changes.get("mtime_ns", cur.st_mtime_ns)),
@@ -367,6 +370,8 @@ class WriteOps:
 
     async def setxattr(self: "Overlay", node: Node, name: str, value: bytes) -> None:
         self._writable()
+        if name == OVERRIDE_XATTR:
+            raise OSError(errno.EPERM, "the stored owner is set by chown, not by its xattr")
         await self.copyup.ensure_upper(node, "setxattr")
         for h in self.handles.files_of(node):
             h.unused_copy_up = None

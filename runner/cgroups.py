@@ -292,3 +292,56 @@ class Cgroup:
                     left = _read(os.path.join(d, "cgroup.procs"))
                     procs = f" (processes: {' '.join(left.split())})" if left and left.split() else ""
                     raise CgroupError(f"cannot remove cgroup {d}: {e.strerror}{procs}") from None
+
+
+def _own_cgroup_v2() -> str | None:
+    """The caller's cgroup in the v2 hierarchy ("0::/path" in /proc/self/cgroup)."""
+    for line in (_read("/proc/self/cgroup") or "").splitlines():
+        if line.startswith("0::"):
+            return line[3:]
+    return None
+
+
+def create_rootless(name: str | None, limits: Limits, layout: Layout | None = None,
+                    dry_run: bool = False) -> "Cgroup":
+    """A cgroup for a rootless container, with limits: only in a cgroup v2 subtree
+    delegated to the user (systemd's ``user@UID.service``: the parent of the caller's own
+    cgroup, writable by the user, with the controllers enabled for it). The cgroup is
+    ``<that parent>/pyoverlay-<name>``. On cgroup v1 (or hybrid, where the controllers are
+    v1's) an ordinary user cannot be given a cgroup: refused, naming what to change.
+    *dry_run*: only check (raise CgroupError), create nothing."""
+    layout = layout or detect()
+    wanted = [c for c, v in (("memory", limits.memory), ("pids", limits.pids), ("cpu", limits.cpus))
+              if v is not None]
+    flags = {"memory": "--memory", "pids": "--pids-limit", "cpu": "--cpus"}
+    opts = "/".join(flags[c] for c in wanted)
+    v1 = [c for c in wanted if c in layout.v1]
+    if v1 or layout.v2_root is None:
+        raise CgroupError(f"{opts} cannot be used without root here: cgroup v1 ({', '.join(v1) or 'no cgroup2'}) "
+                          "cannot be delegated to an ordinary user (run as root, or boot with cgroup v2 "
+                          "and a delegated subtree: systemd.unified_cgroup_hierarchy=1)")
+    own = _own_cgroup_v2()
+    base = os.path.dirname(os.path.join(layout.v2_root, (own or "/").lstrip("/")).rstrip("/"))
+    base_ctrls = (_read(os.path.join(base, "cgroup.controllers")) or "").split()
+    missing = [c for c in wanted if c not in base_ctrls]
+    if own is None or not os.access(os.path.join(base, "cgroup.subtree_control"), os.W_OK) or missing:
+        why = (f"controllers {', '.join(missing)} are not delegated to {base}" if missing and own
+               else f"{base} is not a cgroup v2 subtree delegated to this user")
+        raise CgroupError(f"{opts} cannot be used without root here: {why} (with systemd: "
+                          "Delegate=yes in user@.service, or run as root)")
+    if dry_run:
+        return None  # type: ignore[return-value]
+    _check_component("name", name)
+    d = os.path.join(base, f"pyoverlay-{name}")
+    _write(os.path.join(base, "cgroup.subtree_control"), " ".join("+" + c for c in wanted))
+    try:
+        os.mkdir(d)
+    except OSError as e:
+        raise CgroupError(f"cannot create cgroup {d}: {e.strerror}") from None
+    cg = Cgroup(name, {**{c: d for c in wanted}, "unified": d})
+    try:
+        cg._write_limits(limits)
+    except CgroupError:
+        cg.remove()
+        raise
+    return cg

@@ -125,9 +125,13 @@ def register(main: click.Group) -> None:
               help="Write every copy-up, whiteout and opaque-dir event to FILE (JSON lines).")
 @click.option("--trace-summary", is_flag=True,
               help="When the container exits, print what it copied up and who did (stderr).")
+@click.option("--userns-map", type=click.Choice(["auto", "subid", "single"]), default=None,
+              help="Rootless runs: map /etc/subuid ranges with newuidmap (subid), only the "
+                   "user as root (single), or subid when possible (auto; default "
+                   "$PYOVERLAY_USERNS_MAP or auto).")
 def run_cmd(args, image, docker_root, name, remove, upper, detach, interactive, tty, init, env, workdir, user,
             hostname, network, volumes, read_only, memory, pids_limit, cpus, privileged,
-            cap_add, cap_drop, stop_timeout, trace_file, trace_summary):
+            cap_add, cap_drop, stop_timeout, trace_file, trace_summary, userns_map):
     """Run CMD in new namespaces on LOWER1[:LOWER2...] (LOWER1 on top) plus an upper layer.
 
     \b
@@ -158,16 +162,35 @@ def run_cmd(args, image, docker_root, name, remove, upper, detach, interactive, 
             limits=Limits(memory=parse_size(memory) if memory else None, pids=pids_limit, cpus=cpus),
             privileged=privileged, cap_add=parse_caps(list(cap_add)),
             cap_drop=parse_caps(list(cap_drop)), stop_timeout=stop_timeout,
-            trace_file=_trace_file(trace_file), trace_summary=trace_summary)
+            trace_file=_trace_file(trace_file), trace_summary=trace_summary,
+            userns_map=userns_map or _userns_map_default())
     except (SpecError, ValueError) as e:
         _fail(str(e))
     if os.geteuid() != 0:
-        _fail("pyoverlay run needs root for now (rootless runs are not implemented yet)")
+        _pin_dirs()
     from .monitor import Monitor
 
     if detach:
         sys.exit(_run_detached(spec))
     sys.exit(Monitor(spec).run())
+
+
+def _userns_map_default() -> str:
+    from .userns import MAP_ENV, MAP_MODES, default_mode
+
+    mode = default_mode()
+    if mode not in MAP_MODES:
+        raise SpecError(f"invalid ${MAP_ENV} {mode!r}: expected one of {', '.join(MAP_MODES)}")
+    return mode
+
+
+def _pin_dirs() -> None:
+    """Rootless: the monitor becomes root of the container's user namespace (its euid reads
+    0 there), so the user's state and data dirs are fixed now, while it still is the user."""
+    from overlayfs_py.state import state_dir
+
+    os.environ["PYOVERLAY_STATE_DIR"] = state_dir()
+    os.environ["PYOVERLAY_DATA_DIR"] = state.data_root()
 
 
 def _run_detached(spec: RunSpec) -> int:
@@ -239,6 +262,8 @@ def exec_cmd(ref, argv, interactive, tty, env, user, workdir):
     """Run CMD in a running container (ID, unique id prefix or name)."""
     from .nsexec import ExecError, exec_in
 
+    if os.geteuid() != 0:
+        _pin_dirs()  # exec joins the container's user namespace (its euid reads 0 there)
     rec = _find(ref)
     try:
         argv = _command(argv)

@@ -36,6 +36,7 @@ from . import _linux as L
 from . import init as pid1
 from . import rootfs
 from .spec import RunSpec, build_env, resolve_user
+from .userns import setgroups_allowed  # imported now: exec calls it inside the container
 
 EXIT_RUNNER, EXIT_CANNOT_EXEC, EXIT_NOT_FOUND = 125, 126, 127
 
@@ -58,6 +59,7 @@ class Launch:
     err_fd: int
     tty_sock: int | None
     winsize: bytes | None
+    rootless: bool = False        # in a user namespace: bind the host's devices (no mknod)
 
 
 def report(err_fd: int, code: int, msg: str) -> None:
@@ -106,7 +108,7 @@ def _setup_and_exec(launch: Launch) -> None:
     root_fd = os.open(launch.merged, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         rootfs.mount_proc(root_fd, spec.privileged)
-        rootfs.mount_dev(root_fd)
+        rootfs.mount_dev(root_fd, bind_devices=launch.rootless)
         rootfs.mount_sys(root_fd)
         for target, source in launch.etc_files.items():
             rootfs.bind(root_fd, source, target, False, must_exist=False)
@@ -169,9 +171,7 @@ def become(ids, env: list[str], argv: list[str], workdir: str, caps, no_new_priv
         L.drop_bounding_caps(set(caps))
     if no_new_privs:
         L.set_no_new_privs()
-    os.setgroups(list(ids.groups))
-    os.setresgid(ids.gid, ids.gid, ids.gid)
-    os.setresuid(ids.uid, ids.uid, ids.uid)
+    set_ids(ids)
     try:
         os.chdir(workdir)
     except OSError as e:
@@ -184,6 +184,22 @@ def become(ids, env: list[str], argv: list[str], workdir: str, caps, no_new_priv
                 pass
     signal.pthread_sigmask(signal.SIG_SETMASK, [])
     execvpe(argv, env)
+
+
+def set_ids(ids) -> None:
+    """setgroups, setresgid, setresuid. In a user namespace an id outside its map is
+    EINVAL, and a single-id map denies setgroups (the groups stay as they are)."""
+    try:
+        if setgroups_allowed():
+            os.setgroups(list(ids.groups))
+        os.setresgid(ids.gid, ids.gid, ids.gid)
+        os.setresuid(ids.uid, ids.uid, ids.uid)
+    except OSError as e:
+        if e.errno != errno.EINVAL:
+            raise
+        raise ContainerError(
+            f"cannot run as uid {ids.uid} gid {ids.gid}: not mapped in the container's user "
+            "namespace (rootless with a single-id map only has root; see --userns-map)") from None
 
 
 def execvpe(argv: list[str], env: list[str]) -> None:

@@ -59,9 +59,13 @@ def _lookup(stack: LayerStack, path: str):
 
 
 def build(init_dir: str, layers: tuple[str, ...], upper: str | None, userxattr: bool,
-          needed: list[Needed]) -> list[str]:
+          needed: list[Needed], new_owner: tuple[int, int] | None = None) -> list[str]:
     """Create *init_dir* with what *needed* lacks in the merged view of *layers* (+
-    *upper*). Returns the paths of *needed* that could be provided or already exist."""
+    *upper*). Returns the paths of *needed* that could be provided or already exist.
+
+    Rootless (*new_owner* given: the stored owner of what the image lacks, the one the
+    container sees as root): an owner the user cannot ``chown`` to is recorded in the
+    override xattr (``user.containers.override_stat``) the server reads."""
     os.makedirs(init_dir, mode=0o755, exist_ok=True)
     stack = LayerStack(layers, upper, XattrNames("user.overlay." if userxattr else "trusted.overlay."))
     usable = []
@@ -78,7 +82,7 @@ def build(init_dir: str, layers: tuple[str, ...], upper: str | None, userxattr: 
                 if missing is None:
                     usable.append(need.path)
                     continue
-                _create(root_fd, need, found, missing)
+                _create(root_fd, need, found, missing, new_owner)
                 usable.append(need.path)
         finally:
             os.close(root_fd)
@@ -87,7 +91,33 @@ def build(init_dir: str, layers: tuple[str, ...], upper: str | None, userxattr: 
     return usable
 
 
-def _create(root_fd: int, need: Needed, found: list[os.stat_result], missing: int) -> None:
+def _own(root_fd: int, dfd: int, name: str, uid: int, gid: int, mode: int) -> None:
+    """chown, or (rootless, not permitted) the override xattr with the intended owner. A
+    layer honours overrides when its root carries one too (fuse-overlayfs's rule): the
+    root then records its own disk owner, as the server marks an upper layer."""
+    try:
+        os.chown(name, uid, gid, dir_fd=dfd, follow_symlinks=False)
+        return
+    except PermissionError:
+        st = os.lstat(name, dir_fd=dfd)
+        if (st.st_uid, st.st_gid) == (uid, gid):
+            return
+    from overlayfs_py.idmap import OVERRIDE_XATTR, encode_override
+
+    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+    try:
+        os.setxattr(fd, OVERRIDE_XATTR, encode_override(uid, gid, mode))
+    finally:
+        os.close(fd)
+    try:
+        os.getxattr(root_fd, OVERRIDE_XATTR)
+    except OSError:
+        rst = os.fstat(root_fd)
+        os.setxattr(root_fd, OVERRIDE_XATTR, encode_override(rst.st_uid, rst.st_gid, rst.st_mode))
+
+
+def _create(root_fd: int, need: Needed, found: list[os.stat_result], missing: int,
+            new_owner: tuple[int, int] | None = None) -> None:
     comps = need.path.split("/")
     dfd = os.dup(root_fd)
     try:
@@ -106,8 +136,11 @@ def _create(root_fd: int, need: Needed, found: list[os.stat_result], missing: in
                     os.mkdir(name, 0o755, dir_fd=dfd)
                 if i < missing:  # exists in the image: look the same as it does there
                     img = found[i]
-                    os.chown(name, img.st_uid, img.st_gid, dir_fd=dfd, follow_symlinks=False)
+                    _own(root_fd, dfd, name, img.st_uid, img.st_gid, img.st_mode)
                     os.chmod(name, stat.S_IMODE(img.st_mode), dir_fd=dfd)
+                elif new_owner is not None:
+                    mode = 0o644 if last and need.kind == "file" else 0o755
+                    _own(root_fd, dfd, name, *new_owner, mode)
             if last:
                 break
             nfd = os.open(name, os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)

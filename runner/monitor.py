@@ -13,11 +13,19 @@ never serves FUSE and never enters the container's namespaces itself:
 
 Every step that creates something registers its undo on an ExitStack, so an error at
 any point (or a signal) unwinds exactly what was done, in reverse order.
+
+Rootless (an ordinary user, docs/runner.md "Rootless"): a holder process makes the
+container's user namespace and the FUSE mount inside it (runner/userns.py); the server
+is forked on that fd in the host's namespaces; then the monitor joins the holder's user
+and mount namespaces, unshares the pid namespace there and forks PID 1. It stays in that
+user namespace (there is no way back) and forks nothing else; teardown detaches its copy
+of the mount instead of running fusermount3.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import secrets
@@ -32,8 +40,8 @@ from overlayfs_py.config import ConfigError, MountConfig, default_workdir, valid
 from overlayfs_py.logs import one_line
 
 from . import _linux as L
-from . import container, initlayer, state
-from .cgroups import Cgroup, CgroupError
+from . import container, initlayer, state, userns
+from .cgroups import Cgroup, CgroupError, create_rootless
 from .init import exit_code
 from .spec import RunSpec, SpecError, new_id
 from .supervise import catch_signals, supervise
@@ -67,6 +75,8 @@ class Monitor:
         self.started = False            # CMD was executed: from here on the exit is recorded
         self.rec: dict = {}
         self.pending: list[int] = []    # signals that arrived before the wait loop
+        self.rootless = os.geteuid() != 0
+        self.ns_fds: list[int] = []     # rootless: the container's user and mount namespaces
 
     # --- public ------------------------------------------------------------------------
 
@@ -75,7 +85,8 @@ class Monitor:
         with contextlib.ExitStack() as undo:
             try:
                 pid, relay = self._start(undo)
-            except (RunError, SpecError, ConfigError, CgroupError, initlayer.InitLayerError) as e:
+            except (RunError, SpecError, ConfigError, CgroupError, initlayer.InitLayerError,
+                    userns.UsernsError) as e:
                 return self._failed(getattr(e, "code", container.EXIT_RUNNER), str(e))
             except OSError as e:
                 return self._failed(container.EXIT_RUNNER, one_line(e))
@@ -96,6 +107,12 @@ class Monitor:
 
     def _start(self, undo: contextlib.ExitStack):
         spec = self.spec
+        plan = note = None
+        if self.rootless:
+            userns.check_machine()
+            plan, note = userns.plan(spec.userns_map)
+            if spec.limits.any():  # refused before anything is created
+                create_rootless(None, spec.limits, dry_run=True)
         cid = new_id()
         with state.locked():
             if spec.name and state.name_taken(spec.name):
@@ -135,7 +152,14 @@ class Monitor:
         needed = [initlayer.Needed(p, k, k == "dir") for p, k in initlayer.BASE_MOUNTPOINTS]
         needed += [initlayer.Needed(v.target.lstrip("/"), "dir" if os.path.isdir(v.host) else "file", True)
                    for v in spec.volumes if not v.target.startswith("/dev/")]  # /dev is a tmpfs
-        usable = initlayer.build(init, spec.layers, upper, False, needed)
+        users_image = new_owner = None
+        if self.rootless:
+            # the user's own image (built or imported by the user) shows the user as root;
+            # any other (root's) is shown as it is (runner/userns.py, Plan.storage_map)
+            users_image = os.stat(spec.layers[0]).st_uid == os.getuid()
+            new_owner = (os.getuid(), os.getgid()) if users_image else (0, 0)
+            _own_root(upper, new_owner)
+        usable = initlayer.build(init, spec.layers, upper, self.rootless, needed, new_owner)
         etc = {k: v for k, v in etc.items() if k in usable}
 
         trace_file = spec.trace_file or (os.path.join(data, "trace.jsonl") if spec.trace_summary else None)
@@ -145,19 +169,42 @@ class Monitor:
         validate(cfg, workdir_may_be_missing=True)
         from overlayfs_py.mount import MountFailed, start_background
 
+        holder = None
+        if self.rootless:
+            holder, fuse_fd, plan, note = self._userns_mount(undo, plan, note, merged)
+            if note:
+                print(f"pyoverlay: note: {note}", file=sys.stderr)
+            cfg = dataclasses.replace(cfg, fuse_fd=fuse_fd,
+                                      uidmap=plan.storage_map("uid", users_image),
+                                      gidmap=plan.storage_map("gid", users_image))
         try:
-            server = start_background(cfg, logfile=os.path.join(data, "server.log"),
-                                      parent_death_signal=signal.SIGTERM)
+            try:
+                server = start_background(cfg, logfile=os.path.join(data, "server.log"),
+                                          parent_death_signal=signal.SIGTERM)
+            finally:
+                if holder is not None:
+                    os.close(cfg.fuse_fd)
         except MountFailed as e:
             raise RunError(f"cannot mount the container's root: {e}") from None
-        undo.callback(_unmount, merged, server)
+        if holder is None:
+            undo.callback(_unmount, merged, server)
+        else:
+            undo.callback(self._teardown_rootless, holder, merged, server)
+            self.ns_fds = list(holder.namespaces())
+            holder.release()
+            self.rec["rootless"] = {
+                "map": plan.mode, "uid_map": plan.kernel_lines("uid"), "gid_map": plan.kernel_lines("gid"),
+                "storage_uidmap": cfg.uidmap, "storage_gidmap": cfg.gidmap}
         self.rec.update(upper=upper, workdir=workdir, merged=merged, init_layer=init, trace_file=trace_file,
                         server_pid=server, server_start=L.process_start_time(server),
                         hostname=hostname)
 
         cg = None
         try:
-            cg = Cgroup.create(cid, spec.limits)
+            if self.rootless:  # without limits, no cgroup (an ordinary user rarely may create one)
+                cg = create_rootless(cid, spec.limits) if spec.limits.any() else None
+            else:
+                cg = Cgroup.create(cid, spec.limits)
         except CgroupError:
             if spec.limits.any():
                 raise
@@ -178,18 +225,34 @@ class Monitor:
         launch = container.Launch(
             spec=spec, merged=merged, hostname=hostname, etc_files=etc, go_fd=go_r,
             err_fd=err_w, tty_sock=tty_child.fileno() if tty_child else None,
-            winsize=container.winsize_of(0) if spec.tty else None)
-        own_pidns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
-        L.unshare(L.CLONE_NEWPID)
-        try:
+            winsize=container.winsize_of(0) if spec.tty else None, rootless=self.rootless)
+        if self.rootless:
+            # Become root of the container's user namespace, in the mount namespace that
+            # holds its root: the pid namespace unshared next is owned by that user
+            # namespace (PID 1 can mount proc). No way back: the monitor forks nothing else.
+            user_fd, mnt_fd = self.ns_fds
+            try:
+                userns.join(user_fd, mnt_fd)
+            finally:
+                self._close_ns_fds()
+            L.unshare(L.CLONE_NEWPID)
             pid = os.fork()
             if pid == 0:
                 os.close(go_w)
                 os.close(err_r)
                 container.main(launch)  # never returns
-        finally:
-            L.setns(own_pidns, L.CLONE_NEWPID)  # later children (fusermount3...) stay on the host
-            os.close(own_pidns)
+        else:
+            own_pidns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+            L.unshare(L.CLONE_NEWPID)
+            try:
+                pid = os.fork()
+                if pid == 0:
+                    os.close(go_w)
+                    os.close(err_r)
+                    container.main(launch)  # never returns
+            finally:
+                L.setns(own_pidns, L.CLONE_NEWPID)  # later children (fusermount3...) stay on the host
+                os.close(own_pidns)
         os.close(go_r)
         os.close(err_w)
         if tty_child:
@@ -221,6 +284,41 @@ class Monitor:
             relay = PtyRelay(master, stdin, 1)
             undo.callback(relay.close)
         return pid, relay
+
+    # --- rootless ----------------------------------------------------------------------------
+
+    def _userns_mount(self, undo, plan, note, merged):
+        """The holder (runner/userns.py): the container's user namespace and its FUSE mount.
+        With ``--userns-map auto``, a failing newuidmap falls back to a single-id map."""
+        holder = userns.Holder(plan)
+        undo.callback(holder.kill)
+        try:
+            return holder, holder.mount(merged), plan, note
+        except userns.MapFailed as e:
+            holder.kill()
+            if self.spec.userns_map != "auto":
+                raise RunError(str(e)) from None
+            note = f"{e}; using a single-id map (only root inside the container)"
+        plan = userns.Plan("single", plan.uid, plan.gid)
+        holder = userns.Holder(plan)
+        undo.callback(holder.kill)
+        return holder, holder.mount(merged), plan, note
+
+    def _close_ns_fds(self) -> None:
+        for fd in self.ns_fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.ns_fds = []
+
+    def _teardown_rootless(self, holder, merged: str, server: int) -> None:
+        """The mount lives only in namespaces of the container: once PID 1 is gone and the
+        holder too, the monitor's own copy is the last one; detach it and the server sees
+        the connection end."""
+        holder.kill()
+        self._close_ns_fds()
+        with contextlib.suppress(OSError):
+            L.umount2(merged, L.MNT_DETACH)  # EINVAL if the monitor never joined
+        _wait_server(server, first=5.0)
 
     # --- wait ------------------------------------------------------------------------------
 
@@ -341,6 +439,22 @@ def _reap(pid: int) -> None:
             os.waitpid(pid, 0)
 
 
+def _own_root(upper: str, owner: tuple[int, int]) -> None:
+    """Rootless: the merged root shows the upper root's owner. When it is not the owner the
+    container's root should see (root's image: 0:0), record that one in the override."""
+    from overlayfs_py.idmap import OVERRIDE_XATTR, encode_override
+
+    st = os.stat(upper)
+    if (st.st_uid, st.st_gid) == owner:
+        return
+    try:
+        os.getxattr(upper, OVERRIDE_XATTR)
+        return  # already recorded (a kept --upper)
+    except OSError:
+        pass
+    os.setxattr(upper, OVERRIDE_XATTR, encode_override(*owner, st.st_mode))
+
+
 def _unmount(merged: str, server: int, timeout: float = 20.0) -> None:
     """Unmount the container's root and wait for its server (our child) to exit."""
     tool = shutil.which("fusermount3")
@@ -349,6 +463,12 @@ def _unmount(merged: str, server: int, timeout: float = 20.0) -> None:
     if res.returncode != 0 and state.mounts_under(merged):
         subprocess.run(cmd[:-1] + ["-z", merged] if tool else ["umount", "-l", merged],
                        capture_output=True)
+    _wait_server(server, timeout)
+
+
+def _wait_server(server: int, first: float = 20.0) -> None:
+    """Wait for the server (our child); SIGTERM after *first* seconds, SIGKILL 5 s later."""
+    timeout = first
     deadline = time.monotonic() + timeout
     sent = None
     while True:

@@ -40,7 +40,8 @@ def exec_in(rec: dict, argv: list[str], *, env: list[str], user: str | None, wor
     sp = rec.get("spec", {})
     fds = {}
     try:
-        for ns, _ in L.NAMESPACES:
+        names = [ns for ns, _ in L.NAMESPACES] + (["user"] if rec.get("rootless") else [])
+        for ns in names:
             fds[ns] = os.open(f"/proc/{pid1}/ns/{ns}", os.O_RDONLY | os.O_CLOEXEC)
         if not L.alive(pid1, rec.get("pid_start")):  # it may have died while we opened
             raise ExecError(f"container {rec['name']} is not running")
@@ -49,7 +50,18 @@ def exec_in(rec: dict, argv: list[str], *, env: list[str], user: str | None, wor
         tty_parent = tty_child = None
         if tty:
             tty_parent, tty_child = socket.socketpair()
-        own = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+        rootless = bool(rec.get("rootless"))
+        if rootless:
+            # first the container's user namespace (its owner gets every capability there,
+            # which joining the others needs); there is no way back, and this process
+            # forks nothing else, so its pid namespace stays the container's too
+            try:
+                L.setns(fds["user"], L.CLONE_NEWUSER)
+            except OSError as e:
+                raise ExecError(f"cannot join the user namespace of {rec['name']}: {e.strerror}") from None
+            own = None
+        else:
+            own = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
         L.setns(fds["pid"], L.CLONE_NEWPID)
         try:
             child = os.fork()
@@ -57,8 +69,9 @@ def exec_in(rec: dict, argv: list[str], *, env: list[str], user: str | None, wor
                 _child(fds, cg, rec, sp, argv, env, user, workdir, tty, interactive, err_w,
                        tty_child.fileno() if tty_child else None)
         finally:
-            L.setns(own, L.CLONE_NEWPID)
-            os.close(own)
+            if own is not None:
+                L.setns(own, L.CLONE_NEWPID)
+                os.close(own)
     finally:
         for fd in fds.values():
             os.close(fd)

@@ -84,22 +84,31 @@ def mount_proc(root_fd: int, privileged: bool) -> None:
         L.mount("proc", t.path, "proc", _NOSUID_NODEV_NOEXEC)
 
 
-def mount_dev(root_fd: int) -> None:
+def mount_dev(root_fd: int, bind_devices: bool = False) -> None:
+    """A tmpfs ``/dev`` with the usual devices. *bind_devices* (a user namespace, where
+    ``mknod`` is refused): bind the host's device nodes onto empty files instead."""
     with Target(root_fd, "dev") as t:
         L.mount("tmpfs", t.path, "tmpfs", L.MS_NOSUID | L.MS_STRICTATIME, "mode=755,size=65536k")
     # resolve again: the old fd names the directory the tmpfs now covers
     dev = Target(root_fd, "dev").fd
     try:
+        base = f"/proc/self/fd/{dev}"
         for name, major, minor in DEVICES:
+            if bind_devices:
+                os.close(os.open(name, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o666,
+                                 dir_fd=dev))
+                L.mount(f"/dev/{name}", f"{base}/{name}", None, L.MS_BIND)
+                continue
             os.mknod(name, stat.S_IFCHR | 0o666, os.makedev(major, minor), dir_fd=dev)
             os.chmod(name, 0o666, dir_fd=dev)
         for name, target in DEV_LINKS:
             os.symlink(target, name, dir_fd=dev)
         for name, mode in (("pts", 0o755), ("shm", 0o1777), ("mqueue", 0o755)):
             os.mkdir(name, mode, dir_fd=dev)
-        base = f"/proc/self/fd/{dev}"
+        # gid=5 (tty) must exist in the user namespace's map (a single-id map has only 0)
+        tty_gid = ",gid=5" if not bind_devices or _gid_mapped(5) else ""
         L.mount("devpts", f"{base}/pts", "devpts", L.MS_NOSUID | L.MS_NOEXEC,
-                "newinstance,ptmxmode=0666,mode=0620,gid=5")
+                "newinstance,ptmxmode=0666,mode=0620" + tty_gid)
         L.mount("shm", f"{base}/shm", "tmpfs", _NOSUID_NODEV_NOEXEC, "mode=1777,size=65536k")
         try:
             L.mount("mqueue", f"{base}/mqueue", "mqueue", _NOSUID_NODEV_NOEXEC)
@@ -107,6 +116,15 @@ def mount_dev(root_fd: int) -> None:
             pass  # no mqueue support in this kernel: docker's /dev/mqueue is optional too
     finally:
         os.close(dev)
+
+
+def _gid_mapped(gid: int) -> bool:
+    try:
+        with open("/proc/self/gid_map") as f:
+            lines = [line.split() for line in f]
+    except OSError:
+        return True
+    return any(len(p) == 3 and int(p[0]) <= gid < int(p[0]) + int(p[2]) for p in lines)
 
 
 def mount_sys(root_fd: int) -> None:

@@ -74,6 +74,7 @@ class RunSpec:
     trace_file: str | None = None         # --trace FILE
     trace_summary: bool = False           # --trace-summary
     image: dict | None = None             # --image: {"ref", "id", "source"}
+    userns_map: str = "auto"              # rootless: auto | subid | single (runner/userns.py)
 
     def caps(self) -> frozenset[int] | None:
         """Capabilities to keep in the bounding set; None keeps them all."""

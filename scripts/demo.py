@@ -1,4 +1,4 @@
-"""pyoverlay demo, in two parts.  Run it through ``scripts/demo`` (which installs everything first).
+"""pyoverlay demo, in three parts.  Run it through ``scripts/demo`` (which installs everything first).
 
 Part 1, a mount: two built-in lower layers plus an empty upper layer are mounted
 with ``pyoverlay mount``; the demo shows where each merged entry comes from, how
@@ -14,6 +14,9 @@ detached container is inspected and stopped with ``run -d``, ``ps``, ``exec``, `
 copy-up, whiteout and opaque directory live, with the process that caused it, and
 after ``stop`` the demo summarises the trace file and shows ``pyoverlay diff`` and
 ``pyoverlay explain``.
+
+Part 3, the same image run by an ordinary user (scripts/demo_rootless.py): root inside,
+the user's files in the upper layer, and the kernel's overlay reading that upper.
 
 Everything happens under a temporary directory (container records and data
 included) that is unmounted and removed at the end, whatever happens.
@@ -819,6 +822,8 @@ def main() -> int:
         say("#### Part 1: mounting layers")
         rc = mount_part(base)
         rc = container_part(base) or rc
+        import demo_rootless
+        rc = demo_rootless.part(sys.modules[__name__], base) or rc
     finally:
         heading("Cleaning up")
         if release_mounts(base):

@@ -334,6 +334,7 @@ def test_build_config_positional(layout: dict[str, str]) -> None:
         workdir=layout["w"],
         mountpoint=layout["m"],
         debug=True,
+        userxattr=False,  # decided at build time: root, fresh upper -> trusted.overlay.*
     )
     assert cfg.read_only is False
     assert cfg.xattr_prefix == "trusted.overlay."

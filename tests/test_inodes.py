@@ -69,3 +69,33 @@ def test_readdir_entry_not_taken_is_dropped(tmp_path):
         assert len(ov.inodes) == 1
     finally:
         ov.destroy()
+
+
+def test_shed_offers_the_oldest_files_once_never_dirs(tmp_path):
+    """Over the node budget, the oldest file nodes are offered for the kernel to drop,
+    each once; directories (dropping one prunes its subtree) and unlinked-but-open
+    nodes never; nothing is freed until the kernel's FORGET."""
+    ov = _overlay(tmp_path)
+    try:
+        root = ov.inodes.root
+        d0, _ = ov.lookup(root, b"d0")
+        ov.inodes.ref(d0)
+        files = []
+        for i in range(10):
+            n, _ = ov.lookup(d0, f"f{i}".encode())
+            ov.inodes.ref(n)
+            files.append(n)
+        assert len(ov.inodes) == 12
+        drops = ov.inodes.shed(keep=8)
+        assert drops == [(d0.id, f"f{i}".encode()) for i in range(4)]   # oldest first, files only
+        assert len(ov.inodes) == 12                                      # only the kernel frees
+        assert ov.inodes.shed(keep=8)[:1] == [(d0.id, b"f4")]            # each offered once
+        # a name removed from the tree (unlinked, still open) is not offered
+        ov.inodes.detach(d0, b"f6")
+        assert (d0.id, b"f6") not in ov.inodes.shed(keep=0)
+        assert all(p != root.id for p, _ in ov.inodes.shed(keep=0))      # d0 itself never
+        for n in files:
+            ov.inodes.forget(n.id, 1)
+        assert len(ov.inodes) == 2
+    finally:
+        ov.destroy()

@@ -231,3 +231,32 @@ def test_big_dir_kernel(lab):
     s, _ = ksnap(lab, "big_dir", "ro")
     names = [p for p in s["entries"] if p.startswith("big/")]
     assert len(names) == 99_900
+
+
+def test_upper_xattr_whiteouts_are_listed_and_workdir_extras_kept(tmp_path):
+    """Why a rootless mount never falls back to xattr whiteouts in its upper (docs/rootless.md):
+    in an UPPER layer the kernel hides an ``overlay.whiteout`` file on lookup but readdir
+    still lists it, even in a directory marked ``opaque=x``. And why the xattr form can be
+    recorded in the workdir: the kernel leaves entries other than work/ alone."""
+    from helpers.mounts import KernelOverlay
+
+    lo, up, wk = tmp_path / "lo", tmp_path / "up", tmp_path / "wk"
+    for d in (lo / "d", up / "d", wk):
+        d.mkdir(parents=True)
+    for p in (lo / "a", lo / "d" / "c"):
+        p.write_text("lower\n")
+    for p in (up / "a", up / "d" / "c"):
+        p.touch()
+        os.setxattr(p, "user.overlay.whiteout", b"y")
+    os.setxattr(up / "d", "user.overlay.opaque", b"x")
+    (wk / "pyoverlay.json").write_text('{"userxattr": true}\n')
+    mnt = tmp_path / "mnt"
+    with KernelOverlay([lo], mnt, upper=up, workdir=wk, options=["userxattr"]):
+        assert sorted(os.listdir(mnt)) == ["a", "d"]              # readdir: listed
+        assert os.listdir(mnt / "d") == ["c"]
+        for name in ("a", "d/c"):
+            assert not os.path.lexists(mnt / name), name        # lookup: hidden
+        # (listed again after the lookups: "a" is then hidden, "d/c" still shown)
+        assert sorted(os.listdir(mnt)) == ["d"] and os.listdir(mnt / "d") == ["c"]
+    assert sorted(os.listdir(wk)) == ["pyoverlay.json", "work"]
+    assert (wk / "pyoverlay.json").read_text() == '{"userxattr": true}\n'

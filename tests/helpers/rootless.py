@@ -57,6 +57,11 @@ class User:
         os.chown(self.dir, self.uid, self.gid)
         self.state_dir = self.dir / "state"
         self.data_dir = self.dir / "data"
+        # Every process this test starts carries the tag in its environment, or descends
+        # from one that does (a container's processes get a fresh environment): so the
+        # leftover check sees this test's processes only, not another test's running
+        # as the same user at the same time.
+        self.tag = f"PYOVERLAY_TEST_TAG={self.dir.name}".encode()
 
     # -- running things as the user ---------------------------------------------------------
     def env(self, extra: dict | None = None) -> dict:
@@ -64,7 +69,8 @@ class User:
                "PATH": f"{VENV_BIN}:/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin",
                "LANG": "C.UTF-8",
                "PYOVERLAY_STATE_DIR": str(self.state_dir),
-               "PYOVERLAY_DATA_DIR": str(self.data_dir)}
+               "PYOVERLAY_DATA_DIR": str(self.data_dir),
+               "PYOVERLAY_TEST_TAG": self.dir.name}
         env.update(extra or {})
         return env
 
@@ -122,17 +128,32 @@ class User:
         return host_uid == self.uid or any(s <= host_uid < s + n for s, n in self.subuid_ranges())
 
     def processes(self) -> list[int]:
-        """Pids of processes running as the user or one of its subordinate ids (host view)."""
+        """Pids of this test's live processes: running as the user or one of its
+        subordinate ids (host view), tagged or descending from a tagged one."""
         out = []
         for d in os.listdir("/proc"):
             if not d.isdigit():
                 continue
             try:
-                if self.owns(os.stat(f"/proc/{d}").st_uid) and not _zombie(d):
+                if self.owns(os.stat(f"/proc/{d}").st_uid) and not _zombie(d) and self._ours(int(d)):
                     out.append(int(d))
             except OSError:
                 pass
         return out
+
+    def _ours(self, pid: int) -> bool:
+        for _ in range(64):   # up the parent chain
+            try:
+                with open(f"/proc/{pid}/environ", "rb") as f:
+                    if self.tag in f.read().split(b"\0"):
+                        return True
+                with open(f"/proc/{pid}/stat") as f:
+                    pid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                return False
+            if pid <= 1:
+                return False
+        return False
 
     def cleanup(self) -> list[str]:
         """Unmount and kill what is left (returns a description of it), remove the dir."""
@@ -172,3 +193,15 @@ def _rmtree(path: Path) -> None:
                 os.chmod(p, 0o755)
             func(p)
     shutil.rmtree(path, onerror=onerror)
+
+
+def busybox_image(user: User, name: str, owned_by_user: bool) -> Path:
+    """A busybox rootfs (tests/helpers/rootfs.py) in the user's directory, readable by the
+    user: owned by root as an image pulled by root is, or by the user (an image the user
+    built or imported)."""
+    from .rootfs import build_busybox_rootfs
+
+    root = build_busybox_rootfs(user.dir / name)
+    if owned_by_user:
+        user.chown_tree(root)
+    return root

@@ -286,13 +286,13 @@ def fix_kernel_stale_d_ino(snap: dict) -> dict:
 def workdir_problems(workdir: Path) -> list[str]:
     """What is wrong with a workdir after unmount: it must hold only
     ``work/``, holding nothing but char 0/0 whiteouts (the kernel's shared
-    whiteout)."""
+    whiteout), and pyoverlay's record of the xattr form (``pyoverlay.json``)."""
     out = []
     try:
         names = sorted(os.listdir(workdir))
     except OSError as e:
         return [f"cannot list workdir {workdir}: {errname(e)}"]
-    if names != ["work"]:
+    if [n for n in names if n != "pyoverlay.json"] != ["work"]:
         out.append(f"workdir holds {names}, want only ['work']")
     w = workdir / "work"
     if not w.is_dir() or w.is_symlink():

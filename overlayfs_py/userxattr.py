@@ -1,0 +1,119 @@
+"""Which namespace holds the overlay's private xattrs: ``trusted.overlay.*`` or
+``user.overlay.*`` (the kernel's ``-o userxattr``), chosen and recorded per upper layer.
+
+Only CAP_SYS_ADMIN in the initial user namespace may use ``trusted.*`` (privilege.py), so
+a mount by anyone else uses ``user.overlay.*`` without being asked. Once an upper layer has
+been written in one form it must be read in that form, so the form is *recorded*:
+
+* in ``<workdir>/pyoverlay.json`` (``{"userxattr": true}``), written at every read-write
+  mount; the kernel leaves entries of the workdir other than ``work/`` and ``index/``
+  alone (checked on Linux 6.18), so the record survives kernel mounts of the same layers;
+* without a record, the upper's existing private xattrs decide (diff.detect_userxattr:
+  the first one found); an upper without any is fresh.
+
+Rules (``choose``): a recorded form wins when no form is asked for; asking for the other
+one (``-o userxattr`` / ``-o nouserxattr``) is an error; so is ``trusted.*`` asked for or
+recorded when the mounter is not privileged (it could neither read nor write them).
+Otherwise: ``user.*`` when asked for or when not privileged, else ``trusted.*``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+from .config import ConfigError, MountConfig
+
+RECORD = "pyoverlay.json"
+
+
+def option(userxattr: bool) -> str:
+    return "userxattr" if userxattr else "nouserxattr"
+
+
+def prefix(userxattr: bool) -> str:
+    return "user.overlay." if userxattr else "trusted.overlay."
+
+
+def choose(requested: bool | None, recorded: bool | None, privileged: bool, *,
+           upper: str = "", where: str = "") -> bool:
+    """The form to use (True: ``user.overlay.*``). Pure; raises ConfigError on a conflict.
+    *upper* and *where* (how the form was recorded) only word the messages."""
+    if recorded is not None:
+        if requested is not None and requested != recorded:
+            raise ConfigError(
+                f"upper layer '{upper}' has {prefix(recorded)}* private xattrs ({where}):"
+                f" -o {option(requested)} conflicts with it (drop the option)")
+        if not recorded and not privileged:
+            raise ConfigError(
+                f"upper layer '{upper}' has trusted.overlay.* private xattrs ({where}), which only"
+                " root (CAP_SYS_ADMIN in the initial user namespace) can use: mount it as root")
+        return recorded
+    if requested is False and not privileged:
+        raise ConfigError(
+            "-o nouserxattr (trusted.overlay.* private xattrs) needs root (CAP_SYS_ADMIN in the"
+            " initial user namespace): drop it, pyoverlay then uses user.overlay.*")
+    return True if requested else not privileged
+
+
+def recorded(cfg: MountConfig) -> tuple[bool | None, str]:
+    """The form the upper layer of *cfg* was written with, and how that is known."""
+    if cfg.upperdir is None:
+        return None, ""
+    if cfg.workdir is not None:
+        path = os.path.join(cfg.workdir, RECORD)
+        try:
+            data = _load(path)
+        except FileNotFoundError:
+            data = {}
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"cannot read '{path}': {exc}") from None
+        value = data.get("userxattr") if isinstance(data, dict) else "?"
+        if isinstance(value, bool):
+            return value, f"recorded in '{path}'"
+        if value is not None:
+            raise ConfigError(f"'{path}' has a bad userxattr record (want true or false): remove it")
+    from .diff import detect_userxattr
+
+    try:
+        found = detect_userxattr(cfg.upperdir)
+    except OSError:
+        return None, ""  # validation reports an unreadable upper
+    return found, "found on its files"
+
+
+def _load(path: str):
+    """The record's JSON (a symlink in its place is not followed: ELOOP)."""
+    with os.fdopen(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)) as f:
+        return json.load(f)
+
+
+def resolve(cfg: MountConfig, privileged: bool) -> MountConfig:
+    """*cfg* with ``userxattr`` decided (True/False, never None)."""
+    rec, where = recorded(cfg)
+    value = choose(cfg.userxattr, rec, privileged, upper=cfg.upperdir or "", where=where)
+    return cfg if value is cfg.userxattr else dataclasses.replace(cfg, userxattr=value)
+
+
+def record(cfg: MountConfig) -> None:
+    """Write the form of a read-write mount into its workdir (atomically; other keys are kept)."""
+    if cfg.workdir is None or cfg.read_only:
+        return
+    path = os.path.join(cfg.workdir, RECORD)
+    data: dict = {}
+    try:
+        data = _load(path)
+    except (OSError, ValueError):
+        pass
+    if not isinstance(data, dict):
+        data = {}
+    if data.get("userxattr") is bool(cfg.userxattr):
+        return
+    data["userxattr"] = bool(cfg.userxattr)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
+    with os.fdopen(os.open(tmp, flags, 0o644), "w") as f:
+        json.dump(data, f)
+        f.write("\n")
+    os.replace(tmp, path)
