@@ -48,13 +48,13 @@ def part(demo, base: Path) -> int:
     try:
         if not demo.build_image(work):   # root's image: root-owned layers app:base
             return 1
-        for d in ("upper", "state", "data"):
-            (work / d).mkdir(exist_ok=True)
-            os.chown(work / d, pw.pw_uid, pw.pw_gid)
-        args = ["run", "--rm", "--upper", "upper", "app:base", "sh", "-c", SCRIPT]
+        home = work / "home"   # the user's: its upper (and workdir beside it), records, data
+        home.mkdir()
+        os.chown(home, pw.pw_uid, pw.pw_gid)
+        args = ["run", "--rm", "--upper", "upper", f"{work}/app:{work}/base", "sh", "-c", SCRIPT]
         demo.heading(f"As {USER} (uid {pw.pw_uid}): pyoverlay {shlex.join(args[:-1])} SCRIPT")
         demo.indent(SCRIPT, "    > ")
-        r = _as_user(pw, work, [str(demo.PYOVERLAY), *args])
+        r = _as_user(pw, home, [str(demo.PYOVERLAY), *args])
         demo.say(f"  output (exit code {r.returncode}):")
         demo.indent(r.stdout or "(no output)")
         if r.returncode != 0:
@@ -62,8 +62,8 @@ def part(demo, base: Path) -> int:
             return 1
         if "uid=0(root) gid=0(root)" not in r.stdout or "my pid: 1" not in r.stdout:
             demo.failed("inside the rootless container the shell is not root, PID 1")
-        _show_upper(demo, work / "upper", pw.pw_uid)
-        _kernel_reads_it(demo, work)
+        _show_upper(demo, home / "upper", pw.pw_uid)
+        _kernel_reads_it(demo, work, home / "upper")
         left = _processes(pw.pw_uid)
         if left:
             demo.failed(f"processes of {USER} left behind: {left}")
@@ -88,11 +88,11 @@ def _cannot(demo) -> str | None:
     return None
 
 
-def _as_user(pw, work: Path, argv: list[str]) -> subprocess.CompletedProcess[str]:
-    env = {"HOME": str(work), "PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8",
-           "PYOVERLAY_STATE_DIR": str(work / "state"), "PYOVERLAY_DATA_DIR": str(work / "data")}
+def _as_user(pw, home: Path, argv: list[str]) -> subprocess.CompletedProcess[str]:
+    env = {"HOME": str(home), "PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8",
+           "PYOVERLAY_STATE_DIR": str(home / "state"), "PYOVERLAY_DATA_DIR": str(home / "data")}
     return subprocess.run(["setpriv", f"--reuid={pw.pw_uid}", f"--regid={pw.pw_gid}", "--init-groups",
-                           "--", *argv], cwd=work, env=env, stdin=subprocess.DEVNULL,
+                           "--", *argv], cwd=home, env=env, stdin=subprocess.DEVNULL,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=120)
 
 
@@ -132,12 +132,12 @@ def _show_upper(demo, upper: Path, uid: int) -> None:
     demo.say(f"  could not are kept in {OVERRIDE} (fuse-overlayfs's format)")
 
 
-def _kernel_reads_it(demo, work: Path) -> None:
+def _kernel_reads_it(demo, work: Path, upper: Path) -> None:
     demo.heading("The kernel's overlay reads the same upper (mount -t overlay -o userxattr, as root)")
     merged, kwork = work / "kernel-merged", work / "kernel-work"
     merged.mkdir()
     kwork.mkdir()
-    opts = f"userxattr,lowerdir={work / 'app'}:{work / 'base'},upperdir={work / 'upper'},workdir={kwork}"
+    opts = f"userxattr,lowerdir={work / 'app'}:{work / 'base'},upperdir={upper},workdir={kwork}"
     r = subprocess.run(["mount", "-t", "overlay", "overlay", "-o", opts, str(merged)],
                        capture_output=True, text=True)
     if r.returncode != 0:
