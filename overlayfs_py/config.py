@@ -29,7 +29,7 @@ Documented differences from the kernel:
 * Data-only lower layers (``::``) are refused.
 * Only the kernel's default behaviour is implemented, so ``redirect_dir``,
   ``index``, ``metacopy``, ``nfs_export``, ``xino`` and ``verity`` are
-  accepted only in their off/default spellings, and ``volatile`` is refused.
+  accepted only in their off/default spellings. ``volatile`` is the kernel's.
 * Layouts that hang or deadlock a FUSE overlay are refused up front: the
   mountpoint may not be, contain, or lie inside any layer or the workdir, and
   it must be an empty directory that is not already a mount point.
@@ -114,6 +114,7 @@ class MountConfig:
     # (fuse-overlayfs's uidmapping/gidmapping; docs/rootless.md, "Uid and gid mapping").
     uidmap: tuple[tuple[int, int, int], ...] = ()
     gidmap: tuple[tuple[int, int, int], ...] = ()
+    volatile: bool = False            # -o volatile: copy-ups and fsync not synced (the kernel's)
     max_nodes: int = 200_000          # -o max_nodes=N: node budget (0: none); docs/performance.md
 
     def __post_init__(self) -> None:
@@ -222,7 +223,7 @@ def _split_escaped(text: str, sep: str, *, unescape: bool) -> list[str]:
 # Options that carry a path or a name (value required).
 _VALUE_KEYS = ("lowerdir", "upperdir", "workdir", "fsname", "uidmapping", "gidmapping", "max_nodes")
 # Our boolean options.
-_FLAG_KEYS = ("userxattr", "allow_other", "default_permissions")
+_FLAG_KEYS = ("userxattr", "allow_other", "default_permissions", "volatile")
 # FUSE / VFS generic flags: accepted and ignored.
 _IGNORED_FLAGS = frozenset(
     {"suid", "dev", "nosuid", "nodev", "noatime", "relatime", "exec", "noexec"}
@@ -264,7 +265,7 @@ def parse_options(opts: Iterable[str]) -> dict[str, str | bool]:
 
     Raises:
         ConfigError: unknown option, a missing or unexpected value, an
-            unsupported kernel feature (``index=on``, ``volatile``, ...).
+            unsupported kernel feature (``index=on``, ...).
     """
     result: dict[str, str | bool] = {}
     for opt in opts:
@@ -292,8 +293,6 @@ def parse_options(opts: Iterable[str]) -> dict[str, str | bool]:
             elif key in _IGNORED_FLAGS:
                 if has_value:
                     raise ConfigError(f"mount option '{key}' takes no value")
-            elif key == "volatile":
-                raise ConfigError("volatile is not supported")
             elif key in _KERNEL_CHOICES:
                 accepted, unsupported = _KERNEL_CHOICES[key]
                 if not has_value:
@@ -411,6 +410,7 @@ def build_config(
         uidmap=_idmap(opts.get("uidmapping"), uidmap, "uid"),
         gidmap=_idmap(opts.get("gidmapping"), gidmap, "gid"),
         max_nodes=_max_nodes(opts.get("max_nodes")),
+        volatile=bool(opts.get("volatile", False)),
     )
     validate(cfg, workdir_may_be_missing=workdir_defaulted)
     from .privilege import privileged

@@ -33,11 +33,12 @@ log = logging.getLogger(__name__)
 THREAD_THRESHOLD = 1 << 20  # copy data in a worker thread above this size
 
 
-def copy_data(src: int, dst: int, size: int) -> int:
+def copy_data(src: int, dst: int, size: int, sync: bool = True) -> int:
     """Copy *size* bytes from *src* to *dst* in the kernel (reflink where the fs can), then
-    fsync *dst*. Blocking: large files go through a worker thread."""
+    fsync *dst* (not with ``volatile``). Blocking: large files go through a worker thread."""
     done = _copy(src, dst, size)
-    os.fsync(dst)
+    if sync:
+        os.fsync(dst)
     return done
 
 
@@ -78,6 +79,7 @@ class CopyUp:
         self._seq = itertools.count(1)
         self.uuid = _sys.fs_uuid(stack.lowers[0].fd) if stack.lowers else None
         self.limiter = trio.CapacityLimiter(2)
+        self.sync = True   # False with -o volatile: copies are not fsync'ed (the kernel's ovl_should_sync)
         self.on_installed = None  # called with a node right after it became upper
         self.owners = None  # the mount's ownership.Owners (set by Overlay)
         self.ino_changed: list[int] = []  # node ids whose st_ino changed (the kernel's attr cache must drop them)
@@ -273,9 +275,10 @@ class CopyUp:
                     dst = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600, dir_fd=wfd)
                     try:
                         if st.st_size > THREAD_THRESHOLD:
-                            await trio.to_thread.run_sync(copy_data, src, dst, st.st_size, limiter=self.limiter)
+                            await trio.to_thread.run_sync(copy_data, src, dst, st.st_size, self.sync,
+                                                          limiter=self.limiter)
                         else:
-                            copy_data(src, dst, st.st_size)
+                            copy_data(src, dst, st.st_size, self.sync)
                     finally:
                         os.close(dst)
                     self._finish_meta(tmp, src_path, st, src, node.layer)

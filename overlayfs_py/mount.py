@@ -34,6 +34,7 @@ from .whiteout import XattrNames
 log = logging.getLogger(__name__)
 
 WORK_SUBDIR = "work"  # like the kernel: <workdir>/work holds objects being built
+VOLATILE = "incompat/volatile"  # in work/: made by a volatile mount, refused by any later one
 
 
 def prepare_workdir(cfg: MountConfig) -> None:
@@ -47,6 +48,11 @@ def prepare_workdir(cfg: MountConfig) -> None:
     wfd = os.open(cfg.workdir, _sys.DIR_FLAGS)
     try:
         work = os.path.join(cfg.workdir, WORK_SUBDIR)
+        if os.path.lexists(os.path.join(work, VOLATILE)):
+            # the kernel refuses it too ("overlay with incompat feature 'volatile' cannot be
+            # mounted"): after a volatile mount the upper may be incomplete
+            raise MountFailed(f"{work}/{VOLATILE} exists: the upper was used by a 'volatile' mount and "
+                              f"may be incomplete after a crash; remove {work}/incompat to mount it anyway")
         try:
             os.mkdir(WORK_SUBDIR, work_mode, dir_fd=wfd)
         except FileExistsError:
@@ -59,6 +65,10 @@ def prepare_workdir(cfg: MountConfig) -> None:
                     shutil.rmtree(p)
                 else:
                     os.unlink(p)
+        if cfg.volatile:   # the kernel's marker, so that no later mount trusts this upper blindly
+            os.makedirs(os.path.join(work, VOLATILE), mode=work_mode)
+            os.close(os.open(os.path.join(work, VOLATILE, "dirty"), os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC,
+                             work_mode & 0o600))
     finally:
         os.close(wfd)
 
@@ -107,7 +117,8 @@ def build_overlay(cfg: MountConfig) -> Overlay:
     if cfg.upperdir is not None and not cfg.read_only:
         work_fd = os.open(os.path.join(cfg.workdir, WORK_SUBDIR), _sys.DIR_FLAGS)
     return Overlay(stack, names, read_only=cfg.read_only, work_fd=work_fd,
-                   tracer=Tracer(container=cfg.container), uidmap=cfg.uidmap, gidmap=cfg.gidmap)
+                   tracer=Tracer(container=cfg.container), uidmap=cfg.uidmap, gidmap=cfg.gidmap,
+                   volatile=cfg.volatile)
 
 
 async def _main(cfg: MountConfig, overlay: Overlay) -> None:

@@ -59,8 +59,9 @@ class Overlay(WriteOps):
 
     def __init__(self, stack: LayerStack, names: XattrNames, read_only: bool = False,
                  work_fd: int | None = None, tracer: Tracer | None = None,
-                 uidmap=(), gidmap=()) -> None:
+                 uidmap=(), gidmap=(), volatile: bool = False) -> None:
         self.stack = stack
+        self.volatile = volatile   # -o volatile: no fsync of copy-ups nor of files (kernel's)
         self.trace = tracer if tracer is not None else Tracer()
         self.names = names
         self.read_only = read_only or stack.upper is None
@@ -78,6 +79,7 @@ class Overlay(WriteOps):
             self.copyup = CopyUp(stack, names, self.inodes, work_fd, self.trace)
             self.copyup.on_installed = self._copied_up
             self.copyup.owners = self.owners
+            self.copyup.sync = not volatile
 
     def _root_dirs(self):
         # The root merges every layer down to the first opaque one (the kernel checks the

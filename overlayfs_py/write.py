@@ -363,7 +363,7 @@ class WriteOps:
 
     def fsync(self: "Overlay", fh: int, datasync: bool) -> None:
         h = self.handles[fh]
-        if isinstance(h, OpenFile):
+        if isinstance(h, OpenFile) and not self.volatile:   # volatile: fsync is a no-op, as ovl_fsync
             (os.fdatasync if datasync else os.fsync)(h.fd)
 
     # --- xattrs -------------------------------------------------------------------------------

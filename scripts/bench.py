@@ -67,6 +67,9 @@ def parse_args(argv):
     p.add_argument("--profile", metavar="DIR",
                    help="py-spy the pyoverlay server during its samples: collapsed stacks per "
                         "workload into DIR and a summary (timings are then perturbed)")
+    p.add_argument("--pyoverlay-options", metavar="OPTS",
+                   help="extra -o options for pyoverlay's mounts, e.g. volatile (results are then "
+                        "not those of a default mount: say so when quoting them)")
     p.add_argument("--transport", action="store_true",
                    help="separate mode: microseconds per FUSE request (getxattr, open+close) on "
                         "the kernel, fuse-overlayfs, pyoverlay and a do-nothing pyfuse3 server")
@@ -220,6 +223,9 @@ def bench(args, sizes, sess: Session, out: dict) -> Results:
     sess.layers = prepare_layers(os.path.dirname(sess.run_dir), sizes, keep=args.keep, log=log)
     out["layers"] = {k: v for k, v in sess.layers.meta.items() if k != "spec"}
     ctx = Ctx(sess.layers, log)
+    if args.pyoverlay_options:
+        impls_mod.Pyoverlay.options = [o for o in args.pyoverlay_options.split(",") if o]
+        out["pyoverlay_options"] = impls_mod.Pyoverlay.options
     if args.profile:
         from benchlib.profile import Profiler
         ctx.profiler = Profiler(os.path.abspath(args.profile), log)

@@ -155,6 +155,7 @@ class FuseOverlayfs(Impl):
 
 class Pyoverlay(Impl):
     name = "pyoverlay"
+    options: list[str] = []   # extra -o options (scripts/bench --pyoverlay-options)
 
     def __init__(self, layers, base, log):
         super().__init__(layers, base, log)
@@ -173,6 +174,12 @@ class Pyoverlay(Impl):
     def _mount(self) -> None:
         argv = self.cli() + ["mount", self.lowerdir, self.upper, self.merged,
                              "--workdir", self.work, "--log", self.logfile]
+        if self.options:
+            argv += ["-o", ",".join(self.options)]
+            if "volatile" in self.options:
+                # the previous mount of this run was unmounted cleanly: its upper is whole,
+                # so the kernel's volatile marker may go (what its docs tell users to do)
+                shutil.rmtree(os.path.join(self.work, "work", "incompat"), ignore_errors=True)
         run(argv, env=self.env(), timeout=60)
         self._pid = server_pid_from_state(self.state_dir, self.merged)
         if self._pid is None:
