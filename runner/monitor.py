@@ -226,6 +226,16 @@ class Monitor:
             spec=spec, merged=merged, hostname=hostname, etc_files=etc, go_fd=go_r,
             err_fd=err_w, tty_sock=tty_child.fileno() if tty_child else None,
             winsize=container.winsize_of(0) if spec.tty else None, rootless=self.rootless)
+
+        def fork_pid1() -> int:
+            L.unshare(L.CLONE_NEWPID)
+            child = os.fork()
+            if child == 0:
+                os.close(go_w)
+                os.close(err_r)
+                container.main(launch)  # never returns
+            return child
+
         if self.rootless:
             # Become root of the container's user namespace, in the mount namespace that
             # holds its root: the pid namespace unshared next is owned by that user
@@ -235,21 +245,11 @@ class Monitor:
                 userns.join(user_fd, mnt_fd)
             finally:
                 self._close_ns_fds()
-            L.unshare(L.CLONE_NEWPID)
-            pid = os.fork()
-            if pid == 0:
-                os.close(go_w)
-                os.close(err_r)
-                container.main(launch)  # never returns
+            pid = fork_pid1()
         else:
             own_pidns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
-            L.unshare(L.CLONE_NEWPID)
             try:
-                pid = os.fork()
-                if pid == 0:
-                    os.close(go_w)
-                    os.close(err_r)
-                    container.main(launch)  # never returns
+                pid = fork_pid1()
             finally:
                 L.setns(own_pidns, L.CLONE_NEWPID)  # later children (fusermount3...) stay on the host
                 os.close(own_pidns)
