@@ -179,7 +179,8 @@ class CopyUp:
         if not stat.S_ISLNK(st.st_mode):
             os.chmod(name, stat.S_IMODE(mode), dir_fd=wfd)
         dst = _sys.proc_path(wfd, name)
-        self.owners.set_owner(dst, False, uid, gid, fresh=True)
+        self.owners.set_owner(dst, False, uid, gid, fresh=True,
+                              st=os.stat(name, dir_fd=wfd, follow_symlinks=False))
         for attr in self._xattr_names(src_path):
             try:
                 value = os.getxattr(src_path, attr, follow_symlinks=False)

@@ -71,7 +71,7 @@ class Operations(pyfuse3.Operations):
         self.ov = overlay
         self.inodes = overlay.inodes
         # Node budget: beyond it the kernel is asked to drop the oldest file entries.
-        self.max_nodes = max_nodes or 0
+        self.max_nodes = max_nodes
         self._shed_at = self.max_nodes
         # Owners other than the disk's (uid/gid maps, override xattrs): a slower _attrs,
         # bound only when needed, so a plain mount pays nothing (docs/rootless.md).

@@ -2,7 +2,9 @@
 
 Which layers honour the override xattr is fuse-overlayfs's rule: a layer whose root
 directory carries ``user.containers.override_stat`` (``direct_load_data_source``, its
-STAT_OVERRIDE_CONTAINERS mode). The first override written into the upper layer marks the
+STAT_OVERRIDE_CONTAINERS mode), here only if that root belongs to root or to the server's
+own user (fuse-overlayfs believes any layer: a user could then show a set-uid root file
+to a root mount of its upper). The first override written into the upper layer marks the
 upper root with its own stored owner, so that layer honours overrides from then on, here
 and under fuse-overlayfs alike.
 
@@ -22,13 +24,14 @@ from .idmap import OVERRIDE_XATTR, IdMap, carries_override, decode_override, enc
 
 
 class Owners:
-    def __init__(self, uidmap=(), gidmap=(), layers=(), upper=None) -> None:
+    def __init__(self, uidmap=(), gidmap=(), layers=(), upper=None, euid: int | None = None) -> None:
         self.uids = IdMap(uidmap, overflow_id("uid"))
         self.gids = IdMap(gidmap, overflow_id("gid"))
         self.identity = self.uids.identity and self.gids.identity
         self.upper = upper
-        self.override_layers: set[int] = {l.index for l in layers if _sys.getxattr_at(l.fd, None, OVERRIDE_XATTR)}
-        self.euid, self.egid = os.geteuid(), os.getegid()
+        self.euid, self.egid = os.geteuid() if euid is None else euid, os.getegid()
+        self.override_layers: set[int] = {l.index for l in layers if self.trusts(l) and
+                                          _sys.getxattr_at(l.fd, None, OVERRIDE_XATTR)}
         self.groups = {self.egid, *os.getgroups()}
         self.on_presenting = None  # called once when presenting turns on at run time
 
@@ -36,6 +39,12 @@ class Owners:
     def presenting(self) -> bool:
         """Whether replies need more than the disk's uid/gid/mode."""
         return not self.identity or bool(self.override_layers)
+
+    def trusts(self, layer) -> bool:
+        """Whether the layer's overrides may be believed: its root belongs to root or to the
+        server's own user. Whoever owns a layer can write any override into it (a file of
+        theirs shown as a set-uid root one): a server honours only its own and root's."""
+        return os.fstat(layer.fd).st_uid in (0, self.euid)
 
     def honours(self, layer) -> bool:
         return layer.index in self.override_layers
@@ -77,20 +86,25 @@ class Owners:
     def _can_chown(self, uid: int, gid: int) -> bool:
         return self.euid == 0 or (uid == self.euid and gid in self.groups)
 
-    def set_owner(self, path: bytes, follow: bool, uid: int | None, gid: int | None, fresh: bool = False) -> None:
-        """Give the upper object at *path* the stored owner (uid, gid) (None: keep that one).
+    def set_owner(self, path: bytes, follow: bool, uid: int | None, gid: int | None, fresh: bool = False,
+                  st: os.stat_result | None = None) -> None:
+        """Give the upper object at *path* (whose stat is *st*, if the caller has it) the
+        stored owner (uid, gid) (None: keep that one).
 
         chown when the server can (then any override goes); otherwise the disk owner stays
-        the server's and the override records the owner. *fresh*: a new object (it has no
-        override yet, and chown must not drop the set-id bits its creator chose)."""
-        st = os.stat(path, follow_symlinks=follow)
+        the server's and the override records the owner. A chown(2) through the mount is
+        always passed on, even to the same owner: the kernel updates ctime and drops set-id
+        bits then too. *fresh*: a new object (it has no override yet, a chown to the owner
+        it has is skipped, and chown must not drop the set-id bits its creator chose)."""
+        if st is None:
+            st = os.stat(path, follow_symlinks=follow)
         ov = None if fresh or not self.upper_honours() else self.read_override(path, follow)
         cur_uid, cur_gid, perm = (ov if ov is not None else (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)))
         uid = cur_uid if uid is None else uid
         gid = cur_gid if gid is None else gid
         if self._can_chown(uid, gid):
             try:
-                chowned = (st.st_uid, st.st_gid) != (uid, gid)
+                chowned = not fresh or (st.st_uid, st.st_gid) != (uid, gid)
                 if chowned:
                     os.chown(path, uid, gid, follow_symlinks=follow)
                 if ov is not None:
@@ -124,6 +138,8 @@ class Owners:
         """Make the upper layer honour overrides: its root records its own (disk) owner."""
         if self.upper is None or self.upper_honours():
             return
+        if not self.trusts(self.upper):  # a later mount would not believe it either
+            raise OSError(errno.EPERM, "the upper belongs to another user: its overrides are not honoured")
         root = _sys.proc_path(self.upper.fd)
         st = os.stat(root)
         if _sys.getxattr_at(self.upper.fd, None, OVERRIDE_XATTR) is None:

@@ -16,9 +16,12 @@ import os
 import pwd
 import shlex
 import shutil
+import stat
 import subprocess
 import tempfile
 from pathlib import Path
+
+from runner._linux import process_start_time
 
 USER = "pyoverlay-test"
 SCRIPT = """\
@@ -111,8 +114,8 @@ def _show_upper(demo, upper: Path, uid: int) -> None:
         for name in sorted(dirs + files):
             p = Path(dirpath, name)
             st = os.lstat(p)
-            kind = ("whiteout" if os.path.stat.S_ISCHR(st.st_mode) and st.st_rdev == 0 else
-                    "dir" if os.path.stat.S_ISDIR(st.st_mode) else "file")
+            kind = ("whiteout" if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0 else
+                    "dir" if stat.S_ISDIR(st.st_mode) else "file")
             demo.say(f"  {str(p.relative_to(upper)):26s} {kind:9s} {f'{st.st_uid}:{st.st_gid}':14s} "
                      f"{_override(p)}")
     hello = upper / "root/hello.txt"
@@ -158,10 +161,8 @@ def _processes(uid: int) -> list[int]:
     for d in os.listdir("/proc"):
         if d.isdigit():
             try:
-                with open(f"/proc/{d}/stat") as f:
-                    zombie = f.read().rsplit(")", 1)[1].split()[0] == "Z"
-                if os.stat(f"/proc/{d}").st_uid == uid and not zombie:
-                    out.append(int(d))
-            except (OSError, IndexError):
+                if os.stat(f"/proc/{d}").st_uid == uid and process_start_time(int(d)) is not None:
+                    out.append(int(d))   # alive, not a zombie
+            except OSError:
                 pass
     return out

@@ -239,8 +239,8 @@ def test_owners_switch_to_presenting_when_the_upper_is_marked(upper):
     own.set_owner(os.fsencode(f), False, 7, 8, fresh=True)
     assert own.presenting and switched == [True]
     assert own.stored(os.fsencode(f), False, f.stat(), layer)[:2] == (7, 8)
-    # a later mount sees the marked root
-    again = Owners(layers=[layer], upper=layer)
+    # a later mount (by the same user) sees the marked root
+    again = Owners(layers=[layer], upper=layer, euid=1001)
     assert again.presenting and again.honours(layer)
 
 
@@ -263,3 +263,15 @@ def test_cli_bad_map_is_one_line_exit_2(layout):
     assert r.returncode == 2
     assert r.stderr == ("pyoverlay: --gidmap '0:1': expected "
                         "STORED:PRESENTED:COUNT[:STORED:PRESENTED:COUNT...]\n")
+
+
+def test_a_users_layer_is_not_believed_by_root(upper):
+    """Overrides are believed only in a layer whose root is root's or the server's own."""
+    up, layer = upper
+    os.setxattr(up, OVERRIDE_XATTR, b"1001:1001:0755")
+    assert Owners(layers=[layer], upper=layer, euid=1001).honours(layer)
+    root = Owners(layers=[layer], upper=layer, euid=0)
+    assert not root.honours(layer) and not root.presenting
+    with pytest.raises(OSError) as exc:   # no override root's own later mounts would ignore
+        root.mark_upper()
+    assert exc.value.errno == errno.EPERM

@@ -20,6 +20,8 @@ import time
 import uuid
 from pathlib import Path
 
+from runner._linux import process_start_time
+
 from . import mounts
 
 USER = "pyoverlay-test"
@@ -135,7 +137,7 @@ class User:
             if not d.isdigit():
                 continue
             try:
-                if self.owns(os.stat(f"/proc/{d}").st_uid) and not _zombie(d) and self._ours(int(d)):
+                if self.owns(os.stat(f"/proc/{d}").st_uid) and not _gone(int(d)) and self._ours(int(d)):
                     out.append(int(d))
             except OSError:
                 pass
@@ -175,13 +177,9 @@ class User:
         return left
 
 
-def _zombie(pid: str) -> bool:
-    """A zombie is gone for our purposes (its parent reaps it)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
-    except (OSError, IndexError):
-        return True
+def _gone(pid: int) -> bool:
+    """Exited, or a zombie (its parent reaps it)."""
+    return process_start_time(pid) is None
 
 
 def _rmtree(path: Path) -> None:

@@ -114,6 +114,30 @@ def test_root_mount_honours_a_lower_override(tmp_path: Path):
         assert _owner(m.path / "f") == (7, 8)
 
 
+def test_root_mount_ignores_overrides_in_a_users_layer(tmp_path: Path):
+    """A layer owned by another user is not believed: its owner could otherwise show a
+    file of theirs as a set-uid root program to a root mount. Once root owns the layer's
+    root (root vouches for it), the same override is honoured."""
+    lower, upper = tmp_path / "lower", tmp_path / "upper"
+    lower.mkdir()
+    upper.mkdir()
+    f = lower / "prog"
+    f.write_bytes(b"#!/bin/sh\n")
+    os.chmod(f, 0o4755)
+    os.chown(f, 1001, 1001)
+    os.chmod(f, 0o4755)
+    os.setxattr(f, OVERRIDE, b"0:0:04755")
+    os.setxattr(lower, OVERRIDE, b"0:0:0755")
+    os.chown(lower, 1001, 1001)
+    with mounts.PyoverlayMount([lower], tmp_path / "m", upper=upper) as m:
+        st = os.lstat(m.path / "prog")
+        assert (st.st_uid, st.st_gid, st.st_mode & 0o7777) == (1001, 1001, 0o4755)  # the disk's
+    os.chown(lower, 0, 0)
+    with mounts.PyoverlayMount([lower], tmp_path / "m2", upper=upper) as m:
+        st = os.lstat(m.path / "prog")
+        assert (st.st_uid, st.st_gid, st.st_mode & 0o7777) == (0, 0, 0o4755)
+
+
 # --- as the ordinary user (the issue's case) -----------------------------------------------------
 
 

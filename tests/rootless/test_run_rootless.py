@@ -16,6 +16,7 @@ import time
 import pytest
 
 from helpers.rootless import busybox_image
+from runner._linux import process_start_time
 
 OVERRIDE = "user.containers.override_stat"
 MAPS = ("subid", "single")
@@ -179,21 +180,13 @@ def test_killed_monitor_leaves_nothing(user):
         rec = json.load(f)
     os.kill(rec["monitor_pid"], 9)
     deadline = time.monotonic() + 10
-    while any(os.path.exists(f"/proc/{p}") and not _gone(p) for p in (rec["pid"], rec["server_pid"])):
+    while any(process_start_time(p) is not None for p in (rec["pid"], rec["server_pid"])):
         assert time.monotonic() < deadline, "PID 1 or the server outlived the monitor"
         time.sleep(0.05)
     (row,) = json.loads(user.pyoverlay("ps", "-a", "--json", check=True).stdout)
     assert row["status"] == "dead"
     assert user.pyoverlay("rm", cid).returncode == 0
     _nothing_recorded(user)
-
-
-def _gone(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
-    except OSError:
-        return True
 
 
 def test_error_hints(monkeypatch):
