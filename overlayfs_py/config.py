@@ -449,13 +449,18 @@ def _idmap(option, specs: Sequence[str], kind: str) -> tuple[tuple[int, int, int
 
 def check_trace_file(path: str, mountpoint: str) -> str:
     """``--trace FILE``: its directory must exist, and it must not be inside the mount
-    (the server would write to itself)."""
-    real = os.path.realpath(path)
-    parent = os.path.dirname(real)
+    (the server would write to itself). Only the directory is resolved: a symlink at the
+    name itself is refused, never followed (the server may be root, writing where a
+    user could have planted one; the server opens the name with O_NOFOLLOW too)."""
+    head, base = os.path.split(os.path.abspath(path))
+    parent = os.path.realpath(head)
     if not os.path.isdir(parent):
         raise ConfigError(f"trace file {_q(path)}: directory {_q(parent)} does not exist")
+    real = os.path.join(parent, base)
     if real == mountpoint or real.startswith(mountpoint.rstrip("/") + "/"):
         raise ConfigError(f"trace file {_q(path)} is inside the mountpoint {_q(mountpoint)}")
+    if os.path.islink(real):
+        raise ConfigError(f"trace file {_q(path)} is a symbolic link")
     if os.path.isdir(real):
         raise ConfigError(f"trace file {_q(path)} is a directory")
     return real

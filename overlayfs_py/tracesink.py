@@ -40,13 +40,17 @@ def _via_dir_fd(path: str):
 
 
 def bind_unix(path: str) -> socket.socket:
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     short, dfd = _via_dir_fd(path)
+    base = os.path.basename(path)
     try:
+        # A stale socket of an earlier mount goes; unlinkat never follows a symlink, and the
+        # mode is set on the name just bound (AT_SYMLINK_NOFOLLOW), both relative to the
+        # directory fd: nothing is resolved again through the path.
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(base, dir_fd=dfd)
         sock.bind(short)
-        os.chmod(path, 0o600)
+        os.chmod(base, 0o600, dir_fd=dfd, follow_symlinks=False)
     except BaseException:
         sock.close()
         raise
@@ -124,7 +128,9 @@ class TraceSink:
     async def run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
         out = None
         if self.file_path:  # 0600: events name processes and paths (the server's umask is 0)
-            fd = os.open(self.file_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            # O_NOFOLLOW: a symlink planted at the name is refused, never written through.
+            fd = os.open(self.file_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW,
+                         0o600)
             out = os.fdopen(fd, "wb")
         listener = None
         if self.socket_path:

@@ -332,6 +332,40 @@ def test_trace_file_must_not_be_inside_the_mount(layers):
     assert not mounts.is_mounted(layers / "mnt")
 
 
+def test_trace_file_that_is_a_symlink_is_refused_not_followed(layers):
+    """A symlink planted at the trace file's name (in /tmp, say) must not make a root
+    server truncate and write the file it points at: f323dfb resolved the name and wrote
+    through it."""
+    (layers / "mnt").mkdir()
+    victim = layers / "victim"
+    victim.write_text("precious\n")
+    (layers / "t.jsonl").symlink_to(victim)
+    r = _cli("mount", "--trace", str(layers / "t.jsonl"), f"{layers}/l1:{layers}/l2",
+             str(layers / "upper"), str(layers / "mnt"))
+    assert r.returncode == 2 and "symbolic link" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert victim.read_text() == "precious\n"
+    assert not mounts.is_mounted(layers / "mnt")
+
+
+def test_trace_sink_never_writes_through_a_symlink(tmp_path):
+    """The server's own open (after validation, a name swapped for a symlink) is O_NOFOLLOW."""
+    import trio
+
+    from overlayfs_py.trace import Tracer
+    from overlayfs_py.tracesink import TraceSink
+
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    (tmp_path / "t.jsonl").symlink_to(victim)
+    tracer = Tracer()
+    tracer.close()  # no events: a sink that opens the file writes the end record and returns
+    sink = TraceSink(tracer, str(tmp_path / "t.jsonl"), None)
+    with pytest.raises(OSError):
+        trio.run(sink.run)
+    assert victim.read_text() == "precious\n"
+
+
 def test_whiteout_file_on_disk_matches_the_events(layers, traced):
     run("sh", "-c", "rm d/f; mv top.txt t2; mkdir -p new/deep", cwd=traced.path)
     traced.finish()
