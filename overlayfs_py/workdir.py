@@ -223,11 +223,22 @@ class Work:
             if name is None:
                 _sys.link_fd(fd, new_dir, new_name)
             else:
+                # the name must still be the object the server built (never expected otherwise:
+                # work/ is the server's own; this keeps a swapped entry out of the upper)
+                cur, st = _sys.lstat_at(self.fd, name), os.fstat(fd)
+                if (cur.st_dev, cur.st_ino) != (st.st_dev, st.st_ino):
+                    raise Replaced(errno.EIO, "a copy-up temporary was replaced", os.fsdecode(name))
                 _sys.renameat2(self.fd, name, new_dir, new_name, _sys.RENAME_NOREPLACE)
         except BaseException:
             if name is not None:
                 self.discard(name, os.fstat(fd))
             raise
+        if name is not None:
+            # and what now has the real name is that object (else a swap won the race between
+            # the check and the rename: fail rather than call a stranger's object ours)
+            cur = _sys.lstat_at(new_dir, new_name)
+            if (cur.st_dev, cur.st_ino) != (st.st_dev, st.st_ino):
+                raise Replaced(errno.EIO, "a copy-up temporary was replaced", os.fsdecode(new_name))
 
     def discard(self, name: bytes, st: os.stat_result | None = None) -> None:
         """Remove the temporary work/<name> (if *st* is given: only if the name is still that
