@@ -1,11 +1,17 @@
 """Copy-up: bring a lower object into the upper layer, atomically, through the workdir.
 
-The object is built under a temporary name in ``<workdir>/work`` (data, owner, mode,
-xattrs, origin record, times) and renamed into place with RENAME_NOREPLACE, so a crash
-never leaves a partial object under its real name; leftovers in ``work/`` are removed
-at the next mount. Ancestors are copied up first. Large data is copied with
-``copy_file_range`` in a worker thread so the trio loop keeps serving others, and
-concurrent openers of one file wait for a single copy-up (a per-node ``trio.Lock``).
+The object is built where no other user can reach it and only then given its real name
+in upper, so a crash never leaves a partial object under its real name: a regular file
+as an unnamed ``O_TMPFILE`` file on the upper's filesystem, linked into place (the
+kernel's ``ovl_copy_up_tmpfile``); a directory, symlink or special file under a
+temporary name in ``<workdir>/work``, renamed into place with RENAME_NOREPLACE (leftovers
+there are removed at the next mount). Every step after creating the temporary acts on an
+fd of it (mode, owner, xattrs, origin record, times), and everything read from the
+source comes from one O_PATH fd of the lower object opened without following symlinks:
+no name is looked up twice (workdir.py has the rules for ``work/``). Ancestors are
+copied up first. Large data is copied with ``copy_file_range`` in a worker thread so the
+trio loop keeps serving others, and concurrent openers of one file wait for a single
+copy-up (a per-node ``trio.Lock``).
 
 This module is the only writer of ``Node.layer`` / ``Node.dirs`` after lookup.
 """
@@ -13,7 +19,6 @@ This module is the only writer of ``Node.layer`` / ``Node.dirs`` after lookup.
 from __future__ import annotations
 
 import errno
-import itertools
 import logging
 import os
 import stat
@@ -27,6 +32,7 @@ from .inodes import InodeTable, Node
 from .layers import LayerStack
 from .trace import Tracer, display
 from .whiteout import XattrNames
+from .workdir import Work
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +81,8 @@ class CopyUp:
         self.names = names
         self.inodes = inodes
         self.work_fd = work_fd
+        self.work = Work(work_fd)  # temporaries in work/: names, creation, install, discard
         self._locks: dict[int, trio.Lock] = {}
-        self._seq = itertools.count(1)
         self.uuid = _sys.fs_uuid(stack.lowers[0].fd) if stack.lowers else None
         self.limiter = trio.CapacityLimiter(2)
         self.sync = True   # False with -o volatile: copies are not fsync'ed (the kernel's ovl_should_sync)
@@ -85,7 +91,8 @@ class CopyUp:
         self.ino_changed: list[int] = []  # node ids whose st_ino changed (the kernel's attr cache must drop them)
 
     def tmpname(self) -> bytes:
-        return b"#%x" % next(self._seq)
+        """A fresh name in work/ (write.py builds whiteouts and new objects there too)."""
+        return self.work.tmpname()
 
     async def ensure_upper(self, node: Node, reason: str) -> bool:
         """Make *node* an upper object. Returns True if this call copied it up.
@@ -161,50 +168,59 @@ class CopyUp:
         dfd = self.stack.dir_fd(node.layer, prel)
         return dfd, name, _sys.lstat_at(dfd, name)
 
-    def _finish_meta_of(self, dfd: int, name: bytes, tmp: bytes, st: os.stat_result, layer=None) -> None:
-        """``_finish_meta`` with the lower object *name* in *dfd* as the source (no data to copy)."""
-        ofd = _sys.open_beneath(dfd, name, _sys.O_PATH)
+    def _open_source(self, node: Node) -> tuple[int, os.stat_result]:
+        """An O_PATH fd of the lower object (never following a symlink, beneath its layer)
+        and its fstat: everything the copy reads about the source comes from this fd."""
+        prel, _, name = node.path_in(node.layer).rpartition(b"/")
+        dfd = self.stack.dir_fd(node.layer, prel)
+        fd = _sys.open_beneath(dfd, name, _sys.O_PATH)
         try:
-            self._finish_meta(tmp, _sys.proc_path(dfd, name), st, ofd, layer)
-        finally:
-            os.close(ofd)
+            st = os.fstat(fd)
+            if stat.S_ISDIR(st.st_mode) != node.is_dir:  # the lower changed under the mount
+                raise OSError(errno.ESTALE, "lower object changed type", display(node.relpath()))
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd, st
 
-    def _finish_meta(self, name: bytes, src_path: bytes, st: os.stat_result, origin_fd: int | None,
-                     layer=None) -> None:
-        """Mode, stored owner, xattrs, origin and times on work/<name>. The stored owner (and
-        mode) of the source in *layer* carries over: chown, or the override xattr when the
-        server cannot chown (ownership.Owners.set_owner keeps the set-id bits)."""
-        wfd = self.work_fd
-        uid, gid, mode = self.owners.stored(src_path, False, st, layer)
+    def _finish_meta(self, tfd: int, sfd: int, st: os.stat_result, layer=None) -> None:
+        """Mode, stored owner, xattrs, origin and times on the temporary *tfd*, read from the
+        source *sfd* (whose fstat is *st*); both are fds this copy-up holds, reached through
+        their magic links only (a name in work/ or in the lower is never looked up again).
+        The stored owner (and mode) of the source in *layer* carries over: chown, or the
+        override xattr when the server cannot chown (ownership.Owners.set_owner keeps the
+        set-id bits)."""
+        src = _sys.proc_path(sfd)
+        dst = _sys.proc_path(tfd)
+        uid, gid, mode = self.owners.stored(src, True, st, layer)
         if not stat.S_ISLNK(st.st_mode):
-            os.chmod(name, stat.S_IMODE(mode), dir_fd=wfd)
-        dst = _sys.proc_path(wfd, name)
-        self.owners.set_owner(dst, False, uid, gid, fresh=True,
-                              st=os.stat(name, dir_fd=wfd, follow_symlinks=False))
-        for attr in self._xattr_names(src_path):
+            _sys.chmod_fd(tfd, stat.S_IMODE(mode))
+        self.owners.set_owner(dst, True, uid, gid, fresh=True, st=os.fstat(tfd))
+        for attr in self._xattr_names(src):
             try:
-                value = os.getxattr(src_path, attr, follow_symlinks=False)
-                os.setxattr(dst, attr, value, follow_symlinks=False)
+                value = os.getxattr(src, attr, follow_symlinks=True)
+                os.setxattr(dst, attr, value, follow_symlinks=True)
             except OSError as exc:  # like the kernel, skip what the upper fs refuses
                 if exc.errno not in (errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM, errno.ENODATA, errno.EINVAL):
                     raise
         # No origin when the copy-up breaks a lower hard link (ovl_copy_up_metadata).
-        if origin_fd is not None and (stat.S_ISDIR(st.st_mode) or st.st_nlink == 1):
-            fh = _sys.name_to_handle(origin_fd)
+        if stat.S_ISDIR(st.st_mode) or st.st_nlink == 1:
+            fh = _sys.name_to_handle(sfd)
             if fh is not None:
                 from .overlay import encode_origin
 
                 try:
                     os.setxattr(dst, self.names.origin, encode_origin(fh[0], fh[1], self.uuid),
-                                follow_symlinks=False)
+                                follow_symlinks=True)
                 except OSError as exc:
                     if exc.errno not in (errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM):
                         raise
-        os.utime(name, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=wfd, follow_symlinks=False)
+        _sys.utime_fd(tfd, st.st_atime_ns, st.st_mtime_ns)
 
     def _xattr_names(self, src_path: bytes) -> list[str]:
+        """Names to carry up from *src_path* (an fd's magic link: followed to the fd's object)."""
         try:
-            names = os.listxattr(src_path, follow_symlinks=False)
+            names = os.listxattr(src_path, follow_symlinks=True)
         except OSError as exc:
             if exc.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):
                 return []
@@ -213,26 +229,23 @@ class CopyUp:
         # user names (overlay.overlay.X) are.
         return [n for n in names if self.names.to_user(n) is not None and n != OVERRIDE_XATTR]
 
-    def _install(self, node: Node, tmp: bytes, lower_st: os.stat_result) -> None:
-        """Rename work/<tmp> to its real name in upper; then (only then) the node is upper."""
+    def _install(self, node: Node, tmp: bytes | None, tfd: int, lower_st: os.stat_result) -> None:
+        """Give the temporary (work/<tmp>, or the unnamed file *tfd* when *tmp* is None) its
+        real name in upper, never replacing one; then (only then) the node is upper."""
         rel = node.relpath()
         prel, _, name = rel.rpartition(b"/")
         pfd = self.stack.dir_fd(self.upper, prel)
         pst = os.fstat(pfd)
-        try:
-            _sys.renameat2(self.work_fd, tmp, pfd, name, _sys.RENAME_NOREPLACE)
-        except OSError:
-            self._discard(tmp)
-            raise
+        self.work.install(tmp, tfd, pfd, name)
         # A copy-up changes nothing in the merged view: give the parent its times back
         # (the kernel does the same: ovl_set_timestamps on the upper parent).
-        os.utime(_sys.proc_path(pfd), ns=(pst.st_atime_ns, pst.st_mtime_ns))
+        _sys.utime_fd(pfd, pst.st_atime_ns, pst.st_mtime_ns)
         old_layer = node.layer
         node.layer = self.upper
         if node.is_dir:
             node.dirs = (self.upper,) + node.dirs
         else:
-            st = _sys.lstat_at(pfd, name)
+            st = os.fstat(tfd)  # the object installed, whatever the name in upper holds by now
             self.inodes.rekey(node, ("real", st.st_dev, st.st_ino))
             if lower_st.st_nlink > 1:
                 # The copy-up broke a lower hard link: the kernel then reports the upper inode.
@@ -242,56 +255,66 @@ class CopyUp:
         if self.on_installed is not None:
             self.on_installed(node)
 
-    def _discard(self, tmp: bytes) -> None:
-        try:
-            st = _sys.lstat_at(self.work_fd, tmp)
-        except FileNotFoundError:
-            return
-        if stat.S_ISDIR(st.st_mode):
-            os.rmdir(tmp, dir_fd=self.work_fd)
-        else:
-            os.unlink(tmp, dir_fd=self.work_fd)
+    def _discard(self, tmp: bytes, st: os.stat_result | None = None) -> None:
+        """Remove work/<tmp> (with *st*: only while the name is that object)."""
+        self.work.discard(tmp, st)
 
     def _copy_up_dir(self, node: Node) -> None:
-        dfd, name, st = self._lower_at(node)
-        tmp = self.tmpname()
-        os.mkdir(tmp, 0o700, dir_fd=self.work_fd)
+        sfd, st = self._open_source(node)
         try:
-            self._finish_meta_of(dfd, name, tmp, st, node.layer)
-        except BaseException:
-            self._discard(tmp)
-            raise
-        self._install(node, tmp, st)
+            self._copy_up_special(node, sfd, st, None)
+        finally:
+            os.close(sfd)
+
+    def _copy_up_special(self, node: Node, sfd: int, st: os.stat_result, target: bytes | None) -> None:
+        """A directory, symlink or special file: made by name in work/, then used only
+        through an O_PATH fd checked to be what was made."""
+        tmp, tfd, tst = self.work.create(st, target)
+        try:
+            try:
+                self._finish_meta(tfd, sfd, st, node.layer)
+            except BaseException:
+                self._discard(tmp, tst)
+                raise
+            self._install(node, tmp, tfd, st)
+        finally:
+            os.close(tfd)
 
     async def _copy_up_nondir(self, node: Node) -> None:
-        dfd, name, st = self._lower_at(node)
-        src_path = _sys.proc_path(dfd, name)
-        tmp = self.tmpname()
-        wfd = self.work_fd
-        mode = st.st_mode
+        sfd, st = self._open_source(node)
         try:
-            if stat.S_ISREG(mode):
-                src = _sys.open_beneath(dfd, name, os.O_RDONLY)
-                try:
-                    dst = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600, dir_fd=wfd)
-                    try:
-                        if st.st_size > THREAD_THRESHOLD:
-                            await trio.to_thread.run_sync(copy_data, src, dst, st.st_size, self.sync,
-                                                          limiter=self.limiter)
-                        else:
-                            copy_data(src, dst, st.st_size, self.sync)
-                    finally:
-                        os.close(dst)
-                    self._finish_meta(tmp, src_path, st, src, node.layer)
-                finally:
-                    os.close(src)
+            if stat.S_ISREG(st.st_mode):
+                await self._copy_up_file(node, sfd, st)
             else:
-                if stat.S_ISLNK(mode):
-                    os.symlink(_sys.readlink_at(dfd, name), tmp, dir_fd=wfd)
-                else:  # fifo, socket, char or block device: the same type, no data
-                    os.mknod(tmp, stat.S_IFMT(mode) | 0o600, st.st_rdev, dir_fd=wfd)
-                self._finish_meta_of(dfd, name, tmp, st, node.layer)
-        except BaseException:
-            self._discard(tmp)
-            raise
-        self._install(node, tmp, st)
+                target = _sys.readlink_fd(sfd) if stat.S_ISLNK(st.st_mode) else None
+                self._copy_up_special(node, sfd, st, target)
+        finally:
+            os.close(sfd)
+
+    async def _copy_up_file(self, node: Node, sfd: int, st: os.stat_result) -> None:
+        """A regular file: data and metadata into an O_TMPFILE file (no name in work/ at
+        all, as the kernel's ovl_copy_up_tmpfile), linked into place; where the upper's
+        filesystem has no O_TMPFILE, a file made O_CREAT|O_EXCL in work/ and renamed."""
+        src = _sys.reopen(sfd, os.O_RDONLY)  # the inode fstat'ed, not the name again
+        try:
+            tmp = None
+            dst = self.work.tmpfile()
+            if dst is None:
+                tmp, dst = self.work.create_file()
+            try:
+                try:
+                    if st.st_size > THREAD_THRESHOLD:
+                        await trio.to_thread.run_sync(copy_data, src, dst, st.st_size, self.sync,
+                                                      limiter=self.limiter)
+                    else:
+                        copy_data(src, dst, st.st_size, self.sync)
+                    self._finish_meta(dst, sfd, st, node.layer)
+                except BaseException:
+                    if tmp is not None:
+                        self._discard(tmp, os.fstat(dst))
+                    raise
+                self._install(node, tmp, dst, st)
+            finally:
+                os.close(dst)
+        finally:
+            os.close(src)

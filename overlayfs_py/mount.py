@@ -8,12 +8,10 @@ returns). Teardown always runs in reverse order of setup.
 
 from __future__ import annotations
 
-import errno
 import faulthandler
 import gc
 import logging
 import os
-import shutil
 import signal
 import stat
 
@@ -30,6 +28,7 @@ from .privilege import privileged
 from .trace import Tracer
 from .tracesink import TraceSink
 from .whiteout import XattrNames
+from .workdir import WorkDir
 
 log = logging.getLogger(__name__)
 
@@ -37,59 +36,30 @@ WORK_SUBDIR = "work"  # like the kernel: <workdir>/work holds objects being buil
 VOLATILE = "incompat/volatile"  # in work/: made by a volatile mount, refused by any later one
 
 
-def prepare_workdir(cfg: MountConfig) -> None:
-    """Create the workdir (if it is the default one) and its ``work/`` dir, emptying leftovers
-    of an interrupted copy-up there (the kernel does the same with its ``work/`` dir)."""
+def prepare_workdir(cfg: MountConfig) -> WorkDir | None:
+    """Open (creating the default one if missing) the workdir and its ``work/`` dir, refusing
+    either unless it is a directory of the server's own user (checked on the opened fds),
+    and empty ``work/`` of an interrupted copy-up's leftovers (the kernel does the same).
+    None for a mount without an upper. The caller closes what it returns."""
     if cfg.workdir is None or cfg.read_only:
-        return
-    os.makedirs(cfg.workdir, mode=0o755, exist_ok=True)
-    # mode 000 like the kernel's; a server without root needs access itself: 0700
-    work_mode = 0o000 if os.geteuid() == 0 else 0o700
-    wfd = os.open(cfg.workdir, _sys.DIR_FLAGS)
-    try:
-        work = os.path.join(cfg.workdir, WORK_SUBDIR)
-        if os.path.lexists(os.path.join(work, VOLATILE)):
-            # the kernel refuses it too ("overlay with incompat feature 'volatile' cannot be
-            # mounted"): after a volatile mount the upper may be incomplete
-            raise MountFailed(f"{work}/{VOLATILE} exists: the upper was used by a 'volatile' mount and "
-                              f"may be incomplete after a crash; remove {work}/incompat to mount it anyway")
-        try:
-            os.mkdir(WORK_SUBDIR, work_mode, dir_fd=wfd)
-        except FileExistsError:
-            if not os.path.isdir(work) or os.path.islink(work):
-                raise OSError(errno.ENOTDIR, f"{work} is not a directory") from None
-            os.chmod(work, work_mode)
-            for name in os.listdir(work):
-                p = os.path.join(work, name)
-                if os.path.isdir(p) and not os.path.islink(p):
-                    shutil.rmtree(p)
-                else:
-                    os.unlink(p)
-        if cfg.volatile:   # the kernel's marker, so that no later mount trusts this upper blindly
-            os.makedirs(os.path.join(work, VOLATILE), mode=work_mode)
-            os.close(os.open(os.path.join(work, VOLATILE, "dirty"), os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC,
-                             work_mode & 0o600))
-    finally:
-        os.close(wfd)
+        return None
+    return WorkDir.prepare(cfg.workdir, volatile=cfg.volatile)
 
 
-def check_whiteouts(cfg: MountConfig) -> None:
+def check_whiteouts(cfg: MountConfig, wd: WorkDir | None) -> None:
     """Without privilege, make sure a whiteout (char 0/0) can be created in the upper's
     filesystem (Linux >= 5.8 allows it to anyone); refuse the mount otherwise. The kernel
     hides an xattr whiteout of an *upper* layer on lookup but still lists it in readdir
     (Linux 6.18), so falling back to that form would break the kernel's view."""
-    if cfg.workdir is None or cfg.read_only or privileged():
+    if wd is None or privileged():
         return
-    wfd = os.open(os.path.join(cfg.workdir, WORK_SUBDIR), _sys.DIR_FLAGS)
     try:
-        os.mknod("#whiteout-probe", stat.S_IFCHR | 0o000, 0, dir_fd=wfd)
-        os.unlink("#whiteout-probe", dir_fd=wfd)
+        os.mknod("#whiteout-probe", stat.S_IFCHR | 0o000, 0, dir_fd=wd.work_fd)
+        os.unlink("#whiteout-probe", dir_fd=wd.work_fd)
     except OSError as exc:
         raise MountFailed(
             f"cannot create whiteouts (char 0/0 devices) in {cfg.workdir}: {exc.strerror};"
             " without root this needs Linux 5.8 or later and a filesystem that allows it") from None
-    finally:
-        os.close(wfd)
 
 
 def fuse_options(cfg: MountConfig) -> set[str]:
@@ -110,12 +80,15 @@ def fuse_options(cfg: MountConfig) -> set[str]:
     return opts
 
 
-def build_overlay(cfg: MountConfig) -> Overlay:
+def build_overlay(cfg: MountConfig, wd: WorkDir | None) -> Overlay:
+    """The overlay of *cfg*; a read-write one uses (a dup of) the checked ``work/`` fd of *wd*."""
     names = XattrNames(cfg.xattr_prefix)
     stack = LayerStack(cfg.lowerdirs, cfg.upperdir, names, init_layer=cfg.container is not None)
     work_fd = None
     if cfg.upperdir is not None and not cfg.read_only:
-        work_fd = os.open(os.path.join(cfg.workdir, WORK_SUBDIR), _sys.DIR_FLAGS)
+        if wd is None:
+            raise ValueError("a read-write mount needs its prepared workdir")
+        work_fd = os.dup(wd.work_fd)
     return Overlay(stack, names, read_only=cfg.read_only, work_fd=work_fd,
                    tracer=Tracer(container=cfg.container), uidmap=cfg.uidmap, gidmap=cfg.gidmap,
                    volatile=cfg.volatile)
@@ -219,9 +192,14 @@ def serve(cfg: MountConfig, ready_fd: int | None = None) -> int:
     os.umask(0)  # modes of new objects are exactly what the caller asked for
     if cfg.userxattr is None:  # build_config decided it already; MountConfig callers may not
         cfg = userxattr.resolve(cfg, privileged())
-    prepare_workdir(cfg)
-    check_whiteouts(cfg)
-    overlay = build_overlay(cfg)
+    wd = prepare_workdir(cfg)
+    try:
+        check_whiteouts(cfg, wd)
+        overlay = build_overlay(cfg, wd)
+    except BaseException:
+        if wd is not None:
+            wd.close()
+        raise
     ops = Operations(overlay, max_nodes=cfg.max_nodes)
     # libfuse >= 3.3 takes /dev/fd/N as "already mounted, serve fd N" (and never unmounts it)
     target = cfg.mountpoint if cfg.fuse_fd is None else f"/dev/fd/{cfg.fuse_fd}"
@@ -229,11 +207,17 @@ def serve(cfg: MountConfig, ready_fd: int | None = None) -> int:
         pyfuse3.init(ops, target, fuse_options(cfg))
     except Exception:
         overlay.destroy()
+        if wd is not None:
+            wd.close()
         raise
     unmount_clean = False
     state.record(cfg.mountpoint, os.getpid(), cfg)
     try:
-        userxattr.record(cfg)
+        try:
+            userxattr.record(cfg, wd.fd if wd is not None else None)
+        finally:
+            if wd is not None:
+                wd.close()  # the overlay holds its own work/ fd
         if ready_fd is not None:
             os.write(ready_fd, b"ok\n")
             os.close(ready_fd)

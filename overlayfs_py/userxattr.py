@@ -20,8 +20,10 @@ Otherwise: ``user.*`` when asked for or when not privileged, else ``trusted.*``.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
+import stat
 
 from .config import ConfigError, MountConfig
 
@@ -83,10 +85,18 @@ def recorded(cfg: MountConfig) -> tuple[bool | None, str]:
     return found, "found on its files"
 
 
-def _load(path: str):
-    """The record's JSON (a symlink in its place is not followed: ELOOP)."""
-    with os.fdopen(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)) as f:
-        return json.load(f)
+MAX_RECORD = 1 << 16  # a record is a few bytes; never read more than this of one
+
+
+def _load(path: str, dir_fd: int | None = None):
+    """The record's JSON: *path* (relative to *dir_fd* if given). Neither a symlink in its
+    place is followed (ELOOP) nor anything but a regular file read (a FIFO or a device
+    planted there would block or do harm: EINVAL)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", path)
+        return json.loads(f.read(MAX_RECORD))
 
 
 def resolve(cfg: MountConfig, privileged: bool) -> MountConfig:
@@ -96,24 +106,40 @@ def resolve(cfg: MountConfig, privileged: bool) -> MountConfig:
     return cfg if value is cfg.userxattr else dataclasses.replace(cfg, userxattr=value)
 
 
-def record(cfg: MountConfig) -> None:
-    """Write the form of a read-write mount into its workdir (atomically; other keys are kept)."""
+def record(cfg: MountConfig, dir_fd: int | None = None) -> None:
+    """Write the form of a read-write mount into its workdir (atomically; other keys are kept).
+    *dir_fd*: the workdir, opened and checked by the server (workdir.WorkDir); every name is
+    then relative to it and never followed. Without it the workdir path is opened here."""
     if cfg.workdir is None or cfg.read_only:
         return
-    path = os.path.join(cfg.workdir, RECORD)
+    own = dir_fd is None
+    if own:
+        dir_fd = os.open(cfg.workdir, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        _record_at(dir_fd, bool(cfg.userxattr))
+    finally:
+        if own:
+            os.close(dir_fd)
+
+
+def _record_at(dir_fd: int, value: bool) -> None:
     data: dict = {}
     try:
-        data = _load(path)
+        data = _load(RECORD, dir_fd)
     except (OSError, ValueError):
         pass
     if not isinstance(data, dict):
         data = {}
-    if data.get("userxattr") is bool(cfg.userxattr):
+    if data.get("userxattr") is value:
         return
-    data["userxattr"] = bool(cfg.userxattr)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
-    with os.fdopen(os.open(tmp, flags, 0o644), "w") as f:
+    data["userxattr"] = value
+    tmp = f"{RECORD}.{os.getpid()}.tmp"
+    try:
+        os.unlink(tmp, dir_fd=dir_fd)  # a leftover of a crashed server with this pid
+    except FileNotFoundError:
+        pass
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    with os.fdopen(os.open(tmp, flags, 0o644, dir_fd=dir_fd), "w") as f:
         json.dump(data, f)
         f.write("\n")
-    os.replace(tmp, path)
+    os.replace(tmp, RECORD, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)

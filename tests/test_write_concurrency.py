@@ -39,11 +39,27 @@ def _work_entries(work):
     return os.listdir(work / "work")
 
 
+def _copying(work, pid) -> bool:
+    """A copy-up is in progress: an entry in work/, or (a regular file is built as an
+    unnamed O_TMPFILE file there, as the kernel does) a server fd open on one."""
+    if _work_entries(work):
+        return True
+    prefix = str(work / "work") + "/"
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}").startswith(prefix):
+                return True
+        except OSError:
+            continue
+    return False
+
+
 def test_large_copy_up_does_not_stall_other_requests(tmp_path):
     """While a 512 MiB copy-up is in progress (its temp object sits in work/), other
     processes' lookups, reads, readdirs and writes through the same mount complete."""
     lower, upper, work, mnt = _stack(tmp_path, BIG_MB)
-    with mounts.PyoverlayMount([lower], mnt, upper, work, log_path=tmp_path / "server.log"):
+    with mounts.PyoverlayMount([lower], mnt, upper, work, log_path=tmp_path / "server.log") as m:
+        pid = m.proc.pid
         done = threading.Event()
         errors = []
 
@@ -60,7 +76,7 @@ def test_large_copy_up_does_not_stall_other_requests(tmp_path):
         t.start()
         try:
             # wait until the copy-up has started: its object appears in work/
-            while not _work_entries(work) and not done.is_set():
+            while not _copying(work, pid) and not done.is_set():
                 pass
             assert not done.is_set(), "the copy-up finished before it could be observed"
             # other requests, from this process, while the copy-up runs
@@ -68,7 +84,7 @@ def test_large_copy_up_does_not_stall_other_requests(tmp_path):
             assert (mnt / "d" / "small").read_bytes() == b"small file\n"
             assert sorted(os.listdir(mnt / "d")) == ["small"]
             (mnt / "new").write_bytes(b"written meanwhile\n")
-            still_copying = bool(_work_entries(work)) and not done.is_set()
+            still_copying = _copying(work, pid) and not done.is_set()
         finally:
             t.join()
         assert not errors, errors

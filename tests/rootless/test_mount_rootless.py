@@ -144,7 +144,18 @@ def test_root_reads_a_user_upper_in_the_recorded_form(user, tmp_path):
                        capture_output=True, text=True, env=env)
     _one_line_error(r, f"upper layer '{up}' has user.overlay.* private xattrs",
                     "-o nouserxattr conflicts with it")
+    # the user's workdir is refused to root (its work/ would be the user's to swap entries
+    # in while root builds objects there: docs/rootless.md, "Security model")
+    before = sorted(os.listdir(wk))
     r = subprocess.run([*cli, "mount", lo, up, mnt, "--workdir", wk], capture_output=True, text=True,
+                       env=env)
+    assert r.returncode != 0 and r.stderr.count("\n") == 1, r.stderr
+    assert f"workdir '{wk}' belongs to uid {user.uid}, not to the mounting user (uid 0)" in r.stderr
+    assert not mounts.is_mounted(mnt) and sorted(os.listdir(wk)) == before
+    # a workdir of root's beside the user's upper: the form is found on the upper's files
+    rwk = user.dir / "rootwk"
+    rwk.mkdir()
+    r = subprocess.run([*cli, "mount", lo, up, mnt, "--workdir", rwk], capture_output=True, text=True,
                        env=env)
     assert r.returncode == 0, r.stderr
     try:
@@ -152,8 +163,9 @@ def test_root_reads_a_user_upper_in_the_recorded_form(user, tmp_path):
     finally:
         r = subprocess.run([*cli, "umount", mnt], capture_output=True, text=True, env=env)
         assert r.returncode == 0, r.stderr
+    assert json.loads((rwk / "pyoverlay.json").read_text()) == {"userxattr": True}
     assert json.loads((wk / "pyoverlay.json").read_text()) == {"userxattr": True}
-    # the work dir root used is still usable by the user
+    # the user's workdir is still usable by the user
     _mount(user, lo, up, mnt, "--workdir", wk)
     _umount(user, mnt)
 
