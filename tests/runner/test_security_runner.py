@@ -312,3 +312,25 @@ def test_exec_clears_inherited_caps(rt, c1):
     assert r.returncode == 0, describe(r)
     caps = _caps(r.stdout)
     assert caps == {**caps, "CapInh": 0, "CapPrm": 0, "CapEff": 0, "CapAmb": 0}, caps
+
+
+def test_root_container_refused_without_device_restrictions(rt, img):
+    """No writable cgroup (as when pyoverlay itself runs where cgroupfs is read-only):
+    a root container must not start without device rules; --privileged may."""
+    from runner.cgroups import detect
+
+    layout = detect()
+    mps = sorted(set(layout.v1.values()) | ({layout.v2_root} if layout.v2_root else set()))
+    ro = "; ".join(f"mount -o remount,bind,ro {m}" for m in mps)
+    def run_ro(*args):
+        script = f'{ro} && exec "$@"'
+        return subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script,
+                               "sh", *rt.argv("run", "--rm", *args)],
+                              stdin=subprocess.DEVNULL, capture_output=True, text=True, env=rt.env,
+                              cwd=mounts.REPO_ROOT, timeout=60)
+    r = run_ro(img.spec, "echo", "started")
+    assert r.returncode == 125 and "started" not in r.stdout, describe(r)
+    err = lines(r.stderr)
+    assert len(err) == 1 and "device restrictions" in err[0], describe(r)
+    r = run_ro("--privileged", img.spec, "echo", "started")
+    assert r.returncode == 0 and r.stdout == "started\n", describe(r)
