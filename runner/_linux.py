@@ -285,21 +285,30 @@ def _bpf(cmd: int, attr: ctypes.Array) -> int:
 def attach_device_filter(cgroup_dir: str, rules) -> None:
     """Load the device program for *rules* and attach it to the cgroup v2 directory
     (the attachment lives as long as the cgroup; no fd is kept)."""
+    import contextlib
     import struct
 
     code = device_filter_program(rules)
     insns = ctypes.create_string_buffer(code, len(code))
     license = ctypes.create_string_buffer(b"GPL")
     log = ctypes.create_string_buffer(1 << 16)
-    attr = ctypes.create_string_buffer(120)
-    struct.pack_into("=IIQQIIQII", attr, 0, _BPF_PROG_TYPE_CGROUP_DEVICE, len(code) // 8,
-                     ctypes.addressof(insns), ctypes.addressof(license),
-                     1, len(log), ctypes.addressof(log), 0, 0)
+
+    def load(log_level: int) -> int:
+        attr = ctypes.create_string_buffer(120)
+        struct.pack_into("=IIQQIIQII", attr, 0, _BPF_PROG_TYPE_CGROUP_DEVICE, len(code) // 8,
+                         ctypes.addressof(insns), ctypes.addressof(license), log_level,
+                         len(log) if log_level else 0, ctypes.addressof(log) if log_level else 0,
+                         0, 0)
+        return _bpf(_BPF_PROG_LOAD, attr)
+
     try:
-        prog = _bpf(_BPF_PROG_LOAD, attr)
+        prog = load(0)
     except OSError as e:
-        detail = log.value.decode(errors="replace").strip().splitlines()
-        raise OSError(e.errno, f"bpf: cannot load the device program: {e.strerror}"
+        with contextlib.suppress(OSError):  # again, for the verifier's reason
+            os.close(load(1))
+        detail = [line for line in log.value.decode(errors="replace").strip().splitlines()
+                  if line and not line.startswith("processed ")]
+        raise OSError(e.errno, f"bpf: cannot load the device program: {os.strerror(e.errno)}"
                       + (f" ({detail[-1]})" if detail else "")) from None
     try:
         cg = os.open(cgroup_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)

@@ -33,6 +33,8 @@ import time
 from dataclasses import dataclass
 from fractions import Fraction
 
+from . import _linux as L
+
 PERIOD = 100000                  # cpu period in microseconds, as docker
 CONTROLLERS = ("memory", "pids", "cpu")
 _MOUNT_FLAGS = {"rw", "ro", "noprefix", "clone_children", "xattr", "cpuset_v2_mode",
@@ -250,7 +252,6 @@ class Cgroup:
             for rule in DEVICE_RULES:
                 _write(os.path.join(d, "devices.allow"), device_rule_text(rule))
             return
-        from . import _linux as L
         try:
             L.attach_device_filter(self.paths["unified"], DEVICE_RULES)
         except OSError as e:
