@@ -159,7 +159,9 @@ def test_bpf_device_program_on_cgroup_v2(tmp_path):
             out = []
             try:
                 cg.add(os.getpid())
-                for name_, kind, dev in (("lp", stat.S_IFBLK, (7, 0)), ("null", stat.S_IFCHR, (1, 3))):
+                for name_, kind, dev in (("lp", stat.S_IFBLK, (7, 0)), ("null", stat.S_IFCHR, (1, 3)),
+                                         ("fuse", stat.S_IFCHR, (10, 229)),
+                                         ("zero", stat.S_IFCHR, (1, 5))):
                     p = str(tmp_path / name_)
                     os.mknod(p, kind | 0o600, os.makedev(*dev))
                     out.append(f"{name_} mknod-ok")
@@ -176,7 +178,8 @@ def test_bpf_device_program_on_cgroup_v2(tmp_path):
         got = os.read(r, 4096).decode().splitlines()
         os.close(r)
         os.waitpid(pid, 0)
-        assert got == ["lp mknod-ok", "lp open-errno-1", "null mknod-ok", "null open-ok"], got
+        assert got == ["lp mknod-ok", "lp open-errno-1", "null mknod-ok", "null open-ok",
+                       "fuse mknod-ok", "fuse open-errno-1", "zero mknod-ok", "zero open-ok"], got
     finally:
         cg.remove()
     assert not os.path.exists(cg.paths["unified"])
