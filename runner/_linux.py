@@ -160,3 +160,163 @@ def pids_in_pid_ns(ns_ino: int) -> list[int]:
         if name.isdigit() and ns_inode(name, "pid") == ns_ino:
             out.append(int(name))
     return sorted(out)
+
+
+# --- capabilities: the inheritable and ambient sets ------------------------------------
+
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
+                ("inheritable", ctypes.c_uint32)]
+
+
+def clear_inheritable_caps() -> None:
+    """Empty the inheritable and ambient sets, keeping effective and permitted.
+
+    For uid 0, ``execve`` gives permitted = bounding | inheritable: an inheritable set
+    handed down by whoever started pyoverlay (``capsh --inh=cap_sys_admin``) would
+    survive the bounding-set drop and reach the container. runc and docker (since
+    CVE-2022-24769) start every container process with both sets empty."""
+    _libc.prctl(PR_CAP_AMBIENT, ctypes.c_ulong(PR_CAP_AMBIENT_CLEAR_ALL), 0, 0, 0)
+    hdr = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
+    data = (_CapData * 2)()
+    _check(_libc.capget(ctypes.byref(hdr), data), "capget")
+    for d in data:
+        d.inheritable = 0
+    _check(_libc.capset(ctypes.byref(hdr), data), "capset")
+
+
+# --- closing inherited file descriptors ----------------------------------------------------
+
+_SYS_CLOSE_RANGE = 436  # the same number on every architecture (new syscall table)
+
+
+def close_fds_from(first: int, keep=()) -> None:
+    """Close every fd >= *first* except those in *keep* (close_range(2) between them,
+    a /proc/self/fd walk where the kernel lacks it)."""
+    keep = sorted({fd for fd in keep if fd is not None and fd >= first})
+    lo = first
+    for k in keep + [None]:
+        hi = (k - 1) if k is not None else 0xFFFFFFFF
+        if lo <= hi:
+            res = _libc.syscall(ctypes.c_long(_SYS_CLOSE_RANGE), ctypes.c_uint(lo), ctypes.c_uint(hi),
+                                ctypes.c_uint(0))
+            if res < 0:
+                for name in os.listdir("/proc/self/fd"):
+                    fd = int(name)
+                    if lo <= fd <= hi:
+                        try:
+                            os.close(fd)
+                        except OSError:
+                            pass
+        if k is not None:
+            lo = k + 1
+
+
+# --- device cgroup (v2): a BPF_PROG_TYPE_CGROUP_DEVICE program --------------------------
+
+_SYS_BPF = {"x86_64": 321, "aarch64": 280, "riscv64": 280, "ppc64le": 361, "s390x": 351}
+_BPF_PROG_LOAD = 5
+_BPF_PROG_ATTACH = 8
+_BPF_PROG_TYPE_CGROUP_DEVICE = 15
+_BPF_CGROUP_DEVICE = 6
+_BPF_F_ALLOW_MULTI = 2
+_DEV_TYPE = {"b": 1, "c": 2}                    # BPF_DEVCG_DEV_BLOCK / _CHAR
+_DEV_ACCESS = {"m": 1, "r": 2, "w": 4}          # BPF_DEVCG_ACC_MKNOD / _READ / _WRITE
+
+
+def _insn(code: int, dst: int = 0, src: int = 0, off: int = 0, imm: int = 0) -> bytes:
+    import struct
+    import sys
+
+    regs = (src << 4 | dst) if sys.byteorder == "little" else (dst << 4 | src)
+    return struct.pack("=BBhi", code, regs, off, imm)
+
+
+def device_filter_program(rules) -> bytes:
+    """An eBPF program allowing exactly the *rules* (``(type, major, minor, access)``:
+    type "a", "b" or "c", major/minor None for any, access a subset of "rwm") and
+    denying everything else, as runc's devicefilter does for an allow list.
+
+    The context is ``struct bpf_cgroup_dev_ctx {u32 access_type; u32 major; u32
+    minor;}`` with the device type in the low 16 bits of access_type and the access
+    bits in the high 16; the program returns 1 (allow) or 0 (EPERM)."""
+    LDXW, MOV_REG, MOV_IMM, AND_IMM, RSH_IMM, JNE_IMM, EXIT = 0x61, 0xbf, 0xb7, 0x57, 0x77, 0x55, 0x95
+    out = [_insn(LDXW, 2, 1, 0), _insn(MOV_REG, 3, 2), _insn(AND_IMM, 3, imm=0xFFFF),
+           _insn(MOV_REG, 4, 2), _insn(RSH_IMM, 4, imm=16),
+           _insn(LDXW, 5, 1, 4), _insn(LDXW, 6, 1, 8)]
+    for kind, major, minor, access in rules:
+        checks = []
+        if kind != "a":
+            checks.append((3, _DEV_TYPE[kind]))
+        if major is not None:
+            checks.append((5, major))
+        if minor is not None:
+            checks.append((6, minor))
+        mask = sum(_DEV_ACCESS[a] for a in access)
+        # block: one JNE per check (to the next block), r7 = access & ~mask,
+        # JNE r7 0 (next block), r0 = 1, exit; a jump's offset counts from the next insn
+        length = len(checks) + 4
+        block = []
+        for i, (reg, value) in enumerate(checks):
+            block.append(_insn(JNE_IMM, reg, off=length - i, imm=value))
+        block += [_insn(MOV_REG, 7, 4), _insn(AND_IMM, 7, imm=~mask & 0xFFFF),
+                  _insn(JNE_IMM, 7, off=2, imm=0), _insn(MOV_IMM, 0, imm=1), _insn(EXIT)]
+        assert len(block) == length + 1
+        out += block
+    out += [_insn(MOV_IMM, 0, imm=0), _insn(EXIT)]
+    return b"".join(out)
+
+
+def _bpf(cmd: int, attr: ctypes.Array) -> int:
+    nr = _SYS_BPF.get(platform.machine())
+    if nr is None:
+        raise OSError(38, f"bpf: unknown syscall number on {platform.machine()}")
+    return _check(_libc.syscall(ctypes.c_long(nr), ctypes.c_int(cmd), attr,
+                                ctypes.c_uint(ctypes.sizeof(attr))), "bpf")
+
+
+def attach_device_filter(cgroup_dir: str, rules) -> None:
+    """Load the device program for *rules* and attach it to the cgroup v2 directory
+    (the attachment lives as long as the cgroup; no fd is kept)."""
+    import contextlib
+    import struct
+
+    code = device_filter_program(rules)
+    insns = ctypes.create_string_buffer(code, len(code))
+    license = ctypes.create_string_buffer(b"GPL")
+    log = ctypes.create_string_buffer(1 << 16)
+
+    def load(log_level: int) -> int:
+        attr = ctypes.create_string_buffer(120)
+        struct.pack_into("=IIQQIIQII", attr, 0, _BPF_PROG_TYPE_CGROUP_DEVICE, len(code) // 8,
+                         ctypes.addressof(insns), ctypes.addressof(license), log_level,
+                         len(log) if log_level else 0, ctypes.addressof(log) if log_level else 0,
+                         0, 0)
+        return _bpf(_BPF_PROG_LOAD, attr)
+
+    try:
+        prog = load(0)
+    except OSError as e:
+        with contextlib.suppress(OSError):  # again, for the verifier's reason
+            os.close(load(1))
+        detail = [line for line in log.value.decode(errors="replace").strip().splitlines()
+                  if line and not line.startswith("processed ")]
+        raise OSError(e.errno, f"bpf: cannot load the device program: {os.strerror(e.errno)}"
+                      + (f" ({detail[-1]})" if detail else "")) from None
+    try:
+        cg = os.open(cgroup_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            attach = ctypes.create_string_buffer(20)
+            struct.pack_into("=IIII", attach, 0, cg, prog, _BPF_CGROUP_DEVICE, _BPF_F_ALLOW_MULTI)
+            _bpf(_BPF_PROG_ATTACH, attach)
+        finally:
+            os.close(cg)
+    finally:
+        os.close(prog)

@@ -33,11 +33,32 @@ import time
 from dataclasses import dataclass
 from fractions import Fraction
 
+from . import _linux as L
+
 PERIOD = 100000                  # cpu period in microseconds, as docker
 CONTROLLERS = ("memory", "pids", "cpu")
 _MOUNT_FLAGS = {"rw", "ro", "noprefix", "clone_children", "xattr", "cpuset_v2_mode",
                 "favordynmods", "nsdelegate", "memory_recursiveprot"}
 _UNLIMITED = 1 << 62             # v1 reports "no memory limit" as ~2**63
+
+#: docker's default device rules (moby oci/defaults.go ``deny a`` plus its allow list,
+#: and runc's specconv.AllowedDevices appended to it): everything else is EPERM, on
+#: mknod as on open. ``(type, major, minor, access)``, None for "*".
+DEVICE_RULES = (
+    ("c", None, None, "m"), ("b", None, None, "m"),        # mknod of any node; no open
+    ("c", 1, 3, "rwm"), ("c", 1, 5, "rwm"), ("c", 1, 7, "rwm"),   # null zero full
+    ("c", 1, 8, "rwm"), ("c", 1, 9, "rwm"),                 # random urandom
+    ("c", 5, 0, "rwm"), ("c", 5, 1, "rwm"), ("c", 5, 2, "rwm"),   # tty console ptmx
+    ("c", 136, None, "rwm"),                                # /dev/pts/*
+    ("c", 10, 200, "rwm"),                                  # /dev/net/tun
+)
+
+
+def device_rule_text(rule) -> str:
+    """A rule in the v1 ``devices.allow`` spelling: ``c 1:3 rwm``, ``b *:* m``."""
+    kind, major, minor, access = rule
+    star = lambda n: "*" if n is None else str(n)  # noqa: E731
+    return f"{kind} {star(major)}:{star(minor)} {access}"
 
 
 class CgroupError(Exception):
@@ -150,11 +171,18 @@ class Cgroup:
 
     @classmethod
     def create(cls, name: str, limits: Limits, layout: Layout | None = None,
-               parent: str = "pyoverlay") -> "Cgroup":
+               parent: str = "pyoverlay", devices: bool = False) -> "Cgroup":
+        """*devices*: restrict device access to DEVICE_RULES (docker's defaults): the v1
+        ``devices`` controller where there is one, else a BPF device program on the
+        cgroup v2 directory; CgroupError if neither can be set up."""
         _check_component("name", name)
         _check_component("parent", parent)
         layout = layout or detect()
         unified = os.path.join(layout.v2_root, parent, name) if layout.v2_root else None
+        bpf_devices = devices and "devices" not in layout.v1
+        if bpf_devices and unified is None:
+            raise CgroupError("cannot restrict device access: no devices controller (cgroup v1) "
+                              f"and no cgroup2 mount for a BPF device program; {layout.describe()}")
         paths, v2_used = {}, []
         for ctrl in CONTROLLERS:
             if ctrl in layout.v1:
@@ -165,7 +193,9 @@ class Cgroup:
             elif getattr(limits, "cpus" if ctrl == "cpu" else ctrl) is not None:
                 raise CgroupError(f"cannot limit {ctrl}: no {ctrl} controller in "
                                   f"/proc/self/mountinfo (cgroup v1 or v2); {layout.describe()}")
-        if unified and (v2_used or layout.mode == "v2"):
+        if devices and not bpf_devices:
+            paths["devices"] = os.path.join(layout.v1["devices"], parent, name)
+        if unified and (v2_used or layout.mode == "v2" or bpf_devices):
             paths["unified"] = unified
         if not paths:
             raise CgroupError(f"cannot create cgroup {name}: no cgroup hierarchy with "
@@ -186,6 +216,8 @@ class Cgroup:
                                       "with this name, or a leftover: rmdir it)") from None
                 created.append(d)
             cg._write_limits(limits)
+            if devices:
+                cg._restrict_devices()
         except (OSError, CgroupError) as e:
             for d in reversed(created):       # cgroupfs rmdir ignores the control files
                 try:
@@ -211,6 +243,21 @@ class Cgroup:
             else:
                 _write(os.path.join(d, "cpu.cfs_period_us"), str(PERIOD))
                 _write(os.path.join(d, "cpu.cfs_quota_us"), str(quota))
+
+    def _restrict_devices(self) -> None:
+        """Before any process joins: deny everything, then allow DEVICE_RULES."""
+        if "devices" in self.paths:
+            d = self.paths["devices"]
+            _write(os.path.join(d, "devices.deny"), "a")
+            for rule in DEVICE_RULES:
+                _write(os.path.join(d, "devices.allow"), device_rule_text(rule))
+            return
+        try:
+            L.attach_device_filter(self.paths["unified"], DEVICE_RULES)
+        except OSError as e:
+            raise CgroupError(f"cannot restrict device access on {self.paths['unified']}: "
+                              f"{e.strerror} (no v1 devices controller; the cgroup v2 BPF device "
+                              "program could not be attached)") from None
 
     @classmethod
     def from_dict(cls, d: dict) -> "Cgroup":

@@ -107,6 +107,9 @@ class Monitor:
 
     def _start(self, undo: contextlib.ExitStack):
         spec = self.spec
+        # inheritable/ambient capabilities handed down by our caller must not reach the
+        # container (root's execve adds the inheritable set to the permitted one)
+        L.clear_inheritable_caps()
         plan = note = None
         if self.rootless:
             userns.check_machine()
@@ -203,11 +206,15 @@ class Monitor:
         try:
             if self.rootless:  # without limits, no cgroup (an ordinary user rarely may create one)
                 cg = create_rootless(cid, spec.limits) if spec.limits.any() else None
-            else:
-                cg = Cgroup.create(cid, spec.limits)
-        except CgroupError:
+            else:  # docker's device rules, unless --privileged (every device, as docker)
+                cg = Cgroup.create(cid, spec.limits, devices=not spec.privileged)
+        except CgroupError as e:
             if spec.limits.any():
                 raise
+            if not self.rootless and not spec.privileged:
+                # root in the container could mknod and open any host device
+                raise RunError(f"{e}; a root container needs device restrictions "
+                               "(--privileged runs without them)") from None
         if cg is not None:
             undo.callback(cg.remove)
             self.rec["cgroup"] = cg.to_dict()

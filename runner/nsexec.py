@@ -98,11 +98,18 @@ def exec_in(rec: dict, argv: list[str], *, env: list[str], user: str | None, wor
 def _child(fds, cg, rec, sp, argv, env, user, workdir, tty, interactive, err_w, tty_sock) -> None:
     code = container.EXIT_RUNNER
     try:
+        # before anything of the container is joined: the caller's own descriptors (a
+        # shell's `exec 5</etc`) would let the process reach the host's tree (runc does
+        # the same); only stdio, the error pipe, the tty socket and the ns fds stay
+        L.close_fds_from(3, keep=[err_w, tty_sock, *fds.values()])
+        L.clear_inheritable_caps()
         if cg is not None:
             cg.add(os.getpid())
         for ns, flag in L.NAMESPACES:
             if ns != "pid":
                 L.setns(fds[ns], flag)
+        for fd in fds.values():
+            os.close(fd)
         ids = resolve_user(user if user is not None else sp.get("user"),
                            container.read_text("/etc/passwd"), container.read_text("/etc/group"))
         full_env = build_env(list(sp.get("env", [])) + env, rec.get("hostname", ""), ids.home, tty)

@@ -88,7 +88,10 @@ def mount_dev(root_fd: int, bind_devices: bool = False) -> None:
     """A tmpfs ``/dev`` with the usual devices. *bind_devices* (a user namespace, where
     ``mknod`` is refused): bind the host's device nodes onto empty files instead."""
     with Target(root_fd, "dev") as t:
-        L.mount("tmpfs", t.path, "tmpfs", L.MS_NOSUID | L.MS_STRICTATIME, "mode=755,size=65536k")
+        # nosuid,noexec (docker: nosuid only); not nodev: the nodes below must work.
+        # What may be opened is up to the device cgroup (runner/cgroups.py DEVICE_RULES)
+        L.mount("tmpfs", t.path, "tmpfs", L.MS_NOSUID | L.MS_NOEXEC | L.MS_STRICTATIME,
+                "mode=755,size=65536k")
     # resolve again: the old fd names the directory the tmpfs now covers
     dev = Target(root_fd, "dev").fd
     try:
