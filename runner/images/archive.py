@@ -378,6 +378,8 @@ class Archive:
         digest = desc.get("digest") or ""
         if not isinstance(digest, str):
             raise ImageError(f"{self.path}: a descriptor's digest is not a string: {digest!r}"[:200])
+        if desc.get("annotations") is not None:
+            _obj(desc["annotations"], f"{self.path}: the annotations of descriptor {digest}")
         raw = self.read(self._blob(digest), digest)
         try:
             doc = json.loads(raw)

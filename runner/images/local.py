@@ -122,7 +122,7 @@ class LocalStore:
             return []
         except (OSError, ValueError) as e:
             raise ImageError(f"local image store {self.root}: unreadable index.json ({e})") from None
-        manifests = data.get("manifests") if isinstance(data, dict) else None
+        manifests = data.get("manifests") if isinstance(data, dict) else 0
         if not isinstance(manifests, list | None):
             raise ImageError(f"local image store {self.root}: index.json is not an OCI image index")
         return [d for d in manifests or [] if isinstance(d, dict) and is_digest(d.get("digest"))]
