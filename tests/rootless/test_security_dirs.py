@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 import time
 import uuid
 from pathlib import Path
@@ -112,7 +113,7 @@ def _plant(state: Path, user) -> None:
     d.mkdir(parents=True)
     rec = {"id": CID, "name": "bait", "command": ["true"], "status": "exited", "exit_code": 0,
            "created": time.time(), "finished": time.time(), "layers": [],
-           "data_dir": f"{user.data_dir}/containers/../images"}
+           "data_dir": f"{user.data_dir}/containers/.."}
     (d / "state.json").write_text(json.dumps(rec))
     for p in (state, state / "containers", d, d / "state.json"):
         os.chown(p, ATTACKER, ATTACKER)
@@ -132,21 +133,34 @@ def test_planted_state_dir_is_refused(user):
 
 @pytest.mark.needs_root
 def test_planted_default_state_dir_in_tmp_is_refused(user):
-    """The default rootless state dir, /tmp/pyoverlay-<uid>, pre-created by another user."""
+    """The default rootless state dir, /tmp/pyoverlay-<uid>, pre-created by another user.
+    When that path exists already (the user's real one), the planted dir is bound over it
+    in a private mount namespace of the victim's commands only (gone when they exit)."""
     default = Path(f"/tmp/pyoverlay-{user.uid}")
-    if os.path.lexists(default):
-        pytest.skip(f"{default} exists (not ours to replace)")
     keep = _victim_store(user)
+    pyoverlay = ["env", "-u", "PYOVERLAY_STATE_DIR", "-u", "XDG_RUNTIME_DIR", str(VENV_BIN / "pyoverlay")]
+    existed = os.path.lexists(default)
+    planted = user.dir / "planted-default" if existed else default
     try:
-        _plant(default, user)
-        argv = ["env", "-u", "PYOVERLAY_STATE_DIR", "-u", "XDG_RUNTIME_DIR", VENV_BIN / "pyoverlay"]
-        r = user.run([*argv, "rm", CID])
+        _plant(planted, user)
+
+        def victim(*args):
+            argv = [str(a) for a in user.argv([*pyoverlay, *args])]
+            if existed:
+                script = 'mount --bind "$0" "$1" && shift && exec "$@"'
+                argv = ["unshare", "--mount", "--propagation", "private", "sh", "-c", script,
+                        str(planted), str(default), *argv]
+            return subprocess.run(argv, capture_output=True, text=True, env=user.env(),
+                                  cwd=user.dir, timeout=60)
+
+        r = victim("rm", CID)
         one_line_error(r, 1, str(default), f"uid {ATTACKER}")
-        r = user.run([*argv, "ps"])
+        r = victim("ps")
         one_line_error(r, 1, str(default))
         assert keep.read_text() == "mine\n", "the victim's rm deleted the victim's image store"
     finally:
-        shutil.rmtree(default, ignore_errors=True)
+        if not existed:
+            shutil.rmtree(default, ignore_errors=True)
 
 
 @pytest.mark.needs_root
