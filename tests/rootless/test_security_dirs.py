@@ -101,8 +101,10 @@ def test_other_user_cannot_plant_files_in_image_layers(user, root_base, tmp_path
 # --------------------------------------------------------------------------
 
 def _victim_store(user) -> Path:
-    """The victim's data dir and image store, made by the victim (0700 as pyoverlay makes it)."""
-    r = user.sh(f"mkdir -p -m 700 {user.data_dir}/images/blobs && echo mine > {user.data_dir}/images/blobs/keep")
+    """The victim's data dir (with containers/, there after any run) and image store, made
+    by the victim (0700 as pyoverlay makes them)."""
+    r = user.sh(f"mkdir -p -m 700 {user.data_dir}/images/blobs {user.data_dir}/containers && "
+                f"echo mine > {user.data_dir}/images/blobs/keep")
     assert r.returncode == 0, describe(r)
     return user.data_dir / "images" / "blobs" / "keep"
 
