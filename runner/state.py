@@ -245,77 +245,105 @@ def remove_container_data(cid: str) -> None:
         os.close(fd)
 
 
-def remove_tree(path: str) -> None:
-    """rm -r of a directory path (kept for callers outside): the same fd-based removal."""
-    path = os.path.abspath(path)
-    left = mounts_under(os.path.realpath(path))
-    if left:
-        raise StateError(f"{left[0]} is still mounted; not removing {path}")
-    fd = os.open(os.path.dirname(path), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        rmtree_at(fd, os.path.basename(path))
-    finally:
-        os.close(fd)
-
-
 def rmtree_at(parent_fd: int, name: str) -> None:
     """Remove *name* in the directory *parent_fd* and everything below it, best effort
     (like ``rm -rf``): every step is relative to a directory fd opened with O_NOFOLLOW, so
     a symlink anywhere is removed, never followed; a directory on another filesystem (a
-    mount) stops it with StateError. Directories made read-only (an image's) are opened
-    up first when they are ours."""
-    try:
-        fd = os.open(name, _O_DIR, dir_fd=parent_fd)
-    except FileNotFoundError:
+    mount) stops it with StateError. Directories made unreadable or read-only (an image's,
+    a container's) are opened up first when they are ours. Iterative: a deep tree costs
+    one fd per level, never Python's recursion limit."""
+    dev = os.fstat(parent_fd).st_dev
+    top = _open_child(parent_fd, name, dev)
+    if top is None:
         return
-    except OSError as e:
-        if e.errno in (errno.ENOTDIR, errno.ELOOP):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(name, dir_fd=parent_fd)
-            return
-        raise
+    stack = [(parent_fd, name, top, iter(_names(top)), False)]
     try:
-        if os.fstat(fd).st_dev != os.fstat(parent_fd).st_dev:
-            raise StateError(f"{name}: another filesystem is mounted there; not removing it")
-        with contextlib.suppress(OSError):
-            _empty(fd)
+        while stack:
+            pfd, dname, fd, names, opened = stack[-1]
+            n = next(names, None)
+            if n is None:
+                stack.pop()
+                os.close(fd)
+                with contextlib.suppress(OSError):
+                    os.rmdir(dname, dir_fd=pfd)
+                continue
+            for _ in range(2):
+                try:
+                    os.unlink(n, dir_fd=fd)
+                except FileNotFoundError:
+                    pass
+                except PermissionError:
+                    if not opened:  # a read-only directory of ours: open it up, once
+                        stack[-1] = (pfd, dname, fd, names, True)
+                        opened = True
+                        with contextlib.suppress(OSError):
+                            _open_up(fd)
+                        continue
+                except OSError as e:
+                    if e.errno == errno.EISDIR:
+                        child = _open_child(fd, n, dev)
+                        if child is not None:
+                            stack.append((fd, n, child, iter(_names(child)), False))
+                break
     finally:
-        os.close(fd)
-    with contextlib.suppress(OSError):
-        os.rmdir(name, dir_fd=parent_fd)
+        for _pfd, _n, fd, _names_it, _o in stack:
+            os.close(fd)
 
 
-def _empty(fd: int) -> None:
-    try:
-        names = os.listdir(fd)
-    except PermissionError:
-        _open_up(fd)
-        names = os.listdir(fd)
-    _empty_names(fd, names)
-
-
-def _empty_names(fd: int, names: list[str]) -> None:
-    opened = False
-    for n in names:
-        for _ in range(2):
-            try:
-                os.unlink(n, dir_fd=fd)
-            except IsADirectoryError:
-                rmtree_at(fd, n)
-            except FileNotFoundError:
-                pass
-            except PermissionError:
-                if not opened:
-                    opened = True
-                    with contextlib.suppress(OSError):
-                        _open_up(fd)
-                    continue
-            except OSError as e:
-                if e.errno == errno.EISDIR:
-                    rmtree_at(fd, n)
+def _open_child(parent_fd: int, name: str, dev: int) -> int | None:
+    """An fd on the directory *name* (None: gone, unusable, or not a directory, which is
+    then unlinked); StateError if it is on another filesystem."""
+    fd = None
+    for _ in range(2):
+        try:
+            fd = os.open(name, _O_DIR, dir_fd=parent_fd)
             break
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            if e.errno in (errno.ENOTDIR, errno.ELOOP):
+                with contextlib.suppress(OSError):
+                    os.unlink(name, dir_fd=parent_fd)
+                return None
+            if e.errno != errno.EACCES or not _open_up_at(parent_fd, name):
+                return None
+    if fd is None:
+        return None
+    if os.fstat(fd).st_dev != dev:
+        os.close(fd)
+        raise StateError(f"{name}: another filesystem is mounted there; not removing it")
+    return fd
+
+
+def _names(fd: int) -> list[str]:
+    try:
+        return os.listdir(fd)
+    except PermissionError:
+        with contextlib.suppress(OSError):
+            _open_up(fd)
+            return os.listdir(fd)
+    except OSError:
+        pass
+    return []
 
 
 def _open_up(fd: int) -> None:
     st = os.fstat(fd)
     os.fchmod(fd, stat.S_IMODE(st.st_mode) | 0o700)
+
+
+def _open_up_at(parent_fd: int, name: str) -> bool:
+    """chmod u+rwx a directory we cannot open, through an O_PATH fd on it (the directory
+    itself, never a symlink): True if that worked."""
+    try:
+        fd = os.open(name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent_fd)
+    except OSError:
+        return False
+    try:
+        st = os.fstat(fd)
+        os.chmod(f"/proc/self/fd/{fd}", stat.S_IMODE(st.st_mode) | 0o700)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
