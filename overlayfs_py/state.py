@@ -126,7 +126,7 @@ def record(mountpoint: str, pid: int, cfg) -> None:
     data = {"mountpoint": mountpoint, "pid": pid, "config": asdict(cfg),
             "trace_socket": trace_socket(mountpoint)}
     tmp = _path(mountpoint) + f".{pid}.tmp"
-    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600), "w") as f:
+    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600), "w") as f:
         json.dump(data, f)
     os.replace(tmp, _path(mountpoint))
 
