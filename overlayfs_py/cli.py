@@ -98,6 +98,12 @@ def mount_cmd(args, workdir, options, foreground, debug, logfile, trace_file, im
         check_fuse_access(cfg)  # /dev/fuse, fusermount3, allow_other: before anything is forked
     except ConfigError as exc:
         _fail(str(exc), 2)
+    from .state import StateDirError, state_dir
+
+    try:
+        state_dir()  # the user's own (0700) before anything is mounted: the server records there
+    except StateDirError as exc:
+        _fail(str(exc))
     if foreground:
         _setup_logging(debug, logfile)
         from .mount import serve

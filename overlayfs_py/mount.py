@@ -231,8 +231,8 @@ def serve(cfg: MountConfig, ready_fd: int | None = None) -> int:
         overlay.destroy()
         raise
     unmount_clean = False
-    state.record(cfg.mountpoint, os.getpid(), cfg)
     try:
+        state.record(cfg.mountpoint, os.getpid(), cfg)  # an unusable state dir: unmounted below
         userxattr.record(cfg)
         if ready_fd is not None:
             os.write(ready_fd, b"ok\n")

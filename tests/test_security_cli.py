@@ -241,3 +241,30 @@ def test_lower_with_a_backslash_in_its_name(how, tmp_path):
     finally:
         u = cli("umount", merged)
         assert u.returncode == 0, describe(u)
+
+
+# --------------------------------------------------------------------------
+# an unusable state dir: one line, and nothing left mounted
+# --------------------------------------------------------------------------
+
+@pytest.mark.fuse
+@pytest.mark.parametrize("kind", ["file", "world-writable"])
+def test_mount_with_an_unusable_state_dir(kind, tmp_path):
+    """f323dfb mounted first, then failed to record the mount (a traceback in the server)
+    and left the mount behind; a world-writable state dir was used as it was."""
+    bad = tmp_path / "state"
+    if kind == "file":
+        bad.write_text("")
+    else:
+        bad.mkdir()
+        os.chmod(bad, 0o777)
+    lower, merged = tmp_path / "l", tmp_path / "m"
+    lower.mkdir()
+    merged.mkdir()
+    r = cli("mount", lower, merged, env={"PYOVERLAY_STATE_DIR": str(bad)})
+    try:
+        assert not _mounted(merged), "a mount was left behind\n" + describe(r)
+        assert_one_line_error(r, 1, str(bad))
+    finally:
+        while _mounted(merged):
+            subprocess.run(["fusermount3", "-u", str(merged)], check=True)
