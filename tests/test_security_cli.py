@@ -268,3 +268,18 @@ def test_mount_with_an_unusable_state_dir(kind, tmp_path):
     finally:
         while _mounted(merged):
             subprocess.run(["fusermount3", "-u", str(merged)], check=True)
+
+
+@pytest.mark.parametrize("spec,want", [
+    ("a\\b", ["a\\b"]),                 # a backslash is literal
+    ("a\\b:c", ["a\\b", "c"]),
+    ("a\\\\b", ["a\\\\b"]),             # two backslashes stay two
+    ("a\\:b:c", ["a:b", "c"]),          # the one escape: a colon in a name
+    ("x\\", ["x\\"]),                   # a trailing backslash is a name's last character
+])
+def test_positional_lowers_split(spec, want):
+    from overlayfs_py.config import split_lowerdir, split_positional_lowers
+
+    assert split_positional_lowers(spec) == want
+    if spec == "a\\b":
+        assert split_lowerdir(spec) == ["ab"], "the -o lowerdir= form keeps the kernel's escapes"
