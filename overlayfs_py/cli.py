@@ -26,9 +26,15 @@ class _Main(click.Group):
     def main(self, args=None, prog_name=None, **extra):
         from runner.cli import USAGE_125
 
+        from .state import StateDirError
+
         extra.pop("standalone_mode", None)
+        argv = list(sys.argv[1:] if args is None else args)
         try:
-            rv = super().main(args, prog_name, standalone_mode=False, **extra)
+            rv = super().main(argv, prog_name, standalone_mode=False, **extra)
+        except StateDirError as e:  # a state or data dir that is not the user's own
+            click.echo(f"pyoverlay: {e}", err=True)
+            sys.exit(125 if argv and argv[0] in USAGE_125 else 1)
         except click.ClickException as e:  # one line, like every other error
             ctx = getattr(e, "ctx", None)
             where = ctx.command_path if ctx is not None else "pyoverlay"
@@ -92,6 +98,12 @@ def mount_cmd(args, workdir, options, foreground, debug, logfile, trace_file, im
         check_fuse_access(cfg)  # /dev/fuse, fusermount3, allow_other: before anything is forked
     except ConfigError as exc:
         _fail(str(exc), 2)
+    from .state import StateDirError, state_dir
+
+    try:
+        state_dir()  # the user's own (0700) before anything is mounted: the server records there
+    except StateDirError as exc:
+        _fail(str(exc))
     if foreground:
         _setup_logging(debug, logfile)
         from .mount import serve
@@ -106,7 +118,7 @@ def mount_cmd(args, workdir, options, foreground, debug, logfile, trace_file, im
 def _image_args(ref: str, docker_root: str | None, args: tuple[str, ...], options):
     """``mount --image REF [UPPER] MERGED``: (lowerdir spec, upper, merged); exits 2 on error."""
     from runner.images import ImageError
-    from runner.images.cli import find_image, lowerdir_spec
+    from runner.images.cli import find_image
 
     if len(args) not in (1, 2):
         _fail("usage: pyoverlay mount --image REF [UPPER] MERGED", 2)
@@ -119,7 +131,7 @@ def _image_args(ref: str, docker_root: str | None, args: tuple[str, ...], option
     if not img.layers:
         _fail(f"image {ref} has no layers", 2)
     upper, merged = (None, args[0]) if len(args) == 1 else args
-    return lowerdir_spec(img.layers), upper, merged
+    return list(img.layers), upper, merged
 
 
 def _mount_background(cfg, debug: bool, logfile: str | None) -> None:
@@ -140,16 +152,37 @@ def _pid_alive(pid: int) -> bool:
         return False
 
 
+#: the filesystem type of a pyoverlay mount in /proc/self/mountinfo (fuse, subtype pyoverlay)
+PYOVERLAY_FSTYPE = "fuse.pyoverlay"
+
+
+def _mountpoint_path(path: str) -> str:
+    """The absolute, resolved *path* without stat'ing its last component (a mountpoint whose
+    server hangs would hang us)."""
+    a = os.path.abspath(path)
+    head, tail = os.path.split(a)
+    return os.path.join(os.path.realpath(head), tail) if tail else a
+
+
 @main.command("umount")
 @click.argument("merged")
 @click.option("--timeout", default=30.0, show_default=True, help="Seconds to wait for the server to exit.")
 def umount_cmd(merged, timeout):
-    """Unmount MERGED and wait for its server to exit."""
+    """Unmount MERGED (a pyoverlay mount) and wait for its server to exit."""
     from . import state
+    from .mountinfo import mounts
 
-    mp = os.path.realpath(merged)
-    if not os.path.ismount(mp):
+    mp = _mountpoint_path(merged)
+    try:
+        here = [m for m in mounts() if m.mountpoint == mp]
+    except OSError as e:
+        _fail(f"cannot read /proc/self/mountinfo: {e.strerror}")
+    if not here:
         _fail(f"{merged} is not mounted")
+    top = here[-1]  # the mount on top at that point is the one umount(2) would remove
+    if top.fstype != PYOVERLAY_FSTYPE:
+        _fail(f"{merged} is not a pyoverlay mount (it is {top.fstype} from {top.source or 'none'}); "
+              "not unmounting it")
     info = state.lookup(mp)
     tool = shutil.which("fusermount3")
     cmd = [tool, "-u", mp] if tool else ["umount", mp]

@@ -54,6 +54,7 @@ __all__ = [
     "default_workdir",
     "parse_options",
     "split_lowerdir",
+    "split_positional_lowers",
     "validate",
 ]
 
@@ -183,6 +184,39 @@ def split_lowerdir(spec: str) -> list[str]:
         )
     if parts[0] == "" or parts[-1] == "":
         raise ConfigError(f"empty lower layer in lowerdir {_q(spec)} (leading or trailing ':')")
+    return parts
+
+
+def split_positional_lowers(spec: str) -> list[str]:
+    """Split the positional ``LOWER1[:LOWER2...]`` argument (``mount``, ``run``), top first.
+
+    Unlike ``-o lowerdir=`` (the kernel's escapes, :func:`split_lowerdir`), a backslash is
+    taken literally here: a directory named ``a\\b`` is just that. The one escape is ``\\:``
+    for a colon inside a name; a name with a backslash right before a colon is given with
+    ``-o lowerdir=`` instead. Empty components raise :class:`ConfigError`.
+
+    >>> split_positional_lowers(r"a\\b:c\\:d")
+    ['a\\\\b', 'c:d']
+    """
+    if spec == "":
+        raise ConfigError("empty lower layer list: give at least one lower layer")
+    parts: list[str] = []
+    cur: list[str] = []
+    i, n = 0, len(spec)
+    while i < n:
+        if spec.startswith("\\:", i):
+            cur.append(":")
+            i += 2
+            continue
+        if spec[i] == ":":
+            parts.append("".join(cur))
+            cur = []
+        else:
+            cur.append(spec[i])
+        i += 1
+    parts.append("".join(cur))
+    if any(p == "" for p in parts):
+        raise ConfigError(f"empty lower layer in {_q(spec)} (leading, trailing or doubled ':')")
     return parts
 
 
@@ -324,7 +358,7 @@ def default_workdir(upper: str) -> str:
 
 
 def build_config(
-    layers: str | None,
+    layers: str | Sequence[str] | None,
     upper: str | None,
     merged: str,
     *,
@@ -341,6 +375,9 @@ def build_config(
     ``upper``; ``pyoverlay mount -o lowerdir=..,upperdir=..,workdir=.. MERGED``
     gives them through ``options`` (``layers``/``upper`` are None).  Giving the
     lower layers (or the upper layer, or the workdir) both ways is an error.
+    A positional ``layers`` string is split by :func:`split_positional_lowers` (a
+    backslash is literal), ``-o lowerdir=`` by :func:`split_lowerdir` (the kernel's
+    escapes); a sequence is taken as the list of layers (``--image``).
 
     ``-o ro`` with an upper layer keeps the upper layer and sets
     ``read_only``.  Without a workdir the default one beside the upper layer
@@ -355,11 +392,18 @@ def build_config(
     o_lower = opts.get("lowerdir")
     if layers is not None and o_lower is not None:
         raise ConfigError("lower layers given twice: as an argument and as -o lowerdir")
-    spec = layers if layers is not None else o_lower
-    if spec is None:
+    if layers is None and o_lower is None:
         raise ConfigError("no lower layer given (use LOWER1[:LOWER2...] or -o lowerdir=...)")
-    assert isinstance(spec, str)
-    lowers = tuple(os.path.realpath(p) for p in split_lowerdir(spec))
+    if layers is None:
+        assert isinstance(o_lower, str)
+        parts = split_lowerdir(o_lower)
+    elif isinstance(layers, str):
+        parts = split_positional_lowers(layers)
+    else:
+        parts = list(layers)
+        if not parts or any(not isinstance(p, str) or p == "" for p in parts):
+            raise ConfigError("empty lower layer list")
+    lowers = tuple(os.path.realpath(p) for p in parts)
 
     o_upper = opts.get("upperdir")
     if upper is not None and o_upper is not None:

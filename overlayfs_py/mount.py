@@ -211,9 +211,9 @@ def serve(cfg: MountConfig, ready_fd: int | None = None) -> int:
             wd.close()
         raise
     unmount_clean = False
-    state.record(cfg.mountpoint, os.getpid(), cfg)
     try:
         try:
+            state.record(cfg.mountpoint, os.getpid(), cfg)  # an unusable state dir: unmounted below
             userxattr.record(cfg, wd.fd if wd is not None else None)
         finally:
             if wd is not None:

@@ -2,15 +2,100 @@
 
 ``pyoverlay umount`` uses it to find the server to wait for; later tools (trace,
 ps) will use it to find a mount's server. Directory: ``$PYOVERLAY_STATE_DIR``, else
-``/run/pyoverlay`` for root, else ``$XDG_RUNTIME_DIR/pyoverlay`` or ``/tmp/pyoverlay-$UID``.
+``/run/pyoverlay`` for root, else ``$XDG_RUNTIME_DIR/pyoverlay`` (when that directory is
+the user's own and 0700) or ``/tmp/pyoverlay-$UID``.
+
+The state dir is trusted (its records name pids to signal, mounts to unmount, trees to
+remove), so it must be the user's: :func:`private_dir` creates it 0700 and refuses one
+that is a symlink, belongs to someone else or is writable by others (another user may
+pre-create ``/tmp/pyoverlay-$UID``: issue 13 item 8).
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import stat
 from dataclasses import asdict
+
+
+class StateDirError(OSError):
+    """A state or data dir that is not safe to use (one line, for the user)."""
+
+    def __init__(self, msg: str) -> None:
+        super().__init__(msg)
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+
+def _open_dir(path: str) -> int:
+    return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+
+
+def private_dir(path: str, what: str = "state dir") -> str:
+    """*path*, created 0700 if missing, once it is known to be the effective user's own
+    directory: not a symlink, owned by the user, not writable by anyone else. One the
+    user owns that others may only read or traverse is made 0700; anything else is
+    refused with :class:`StateDirError`. The checks are made on an fd opened with
+    O_NOFOLLOW (what is checked is what is there)."""
+    try:
+        try:
+            os.mkdir(path, 0o700)
+        except FileNotFoundError:
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    except OSError as e:
+        raise StateDirError(f"cannot create the {what} {path}: {e.strerror}") from None
+    try:
+        fd = _open_dir(path)
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.ENOTDIR):
+            why = "a symlink" if os.path.islink(path) else "not a directory"
+            raise StateDirError(f"the {what} {path} is {why}; refusing to use it") from None
+        raise StateDirError(f"cannot open the {what} {path}: {e.strerror}") from None
+    try:
+        check_private_fd(fd, path, what)
+    finally:
+        os.close(fd)
+    return path
+
+
+def check_private_fd(fd: int, path: str, what: str) -> None:
+    """The checks of :func:`private_dir` on an open directory."""
+    st = os.fstat(fd)
+    me = os.geteuid()
+    if st.st_uid != me:
+        raise StateDirError(f"the {what} {path} belongs to uid {st.st_uid}, not to you (uid {me}); "
+                            "refusing to use it")
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & 0o022:
+        raise StateDirError(f"the {what} {path} is writable by other users (mode {mode:04o}); "
+                            "refusing to use it")
+    if mode != 0o700:
+        os.fchmod(fd, 0o700)
+
+
+def _xdg_runtime_dir() -> str | None:
+    """``$XDG_RUNTIME_DIR`` if it is set and is the user's own 0700 directory."""
+    d = os.environ.get("XDG_RUNTIME_DIR")
+    if not d or not os.path.isabs(d):
+        return None
+    try:
+        fd = _open_dir(d)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+    finally:
+        os.close(fd)
+    if st.st_uid != os.geteuid() or stat.S_IMODE(st.st_mode) & 0o077:
+        return None
+    return d
 
 
 def state_dir() -> str:
@@ -18,12 +103,11 @@ def state_dir() -> str:
     if not d:
         if os.geteuid() == 0:
             d = "/run/pyoverlay"
-        elif os.environ.get("XDG_RUNTIME_DIR"):
-            d = os.path.join(os.environ["XDG_RUNTIME_DIR"], "pyoverlay")
+        elif (xdg := _xdg_runtime_dir()) is not None:
+            d = os.path.join(xdg, "pyoverlay")
         else:
             d = f"/tmp/pyoverlay-{os.geteuid()}"
-    os.makedirs(d, mode=0o700, exist_ok=True)
-    return d
+    return private_dir(d, "state dir")
 
 
 def _path(mountpoint: str) -> str:
@@ -42,17 +126,23 @@ def record(mountpoint: str, pid: int, cfg) -> None:
     data = {"mountpoint": mountpoint, "pid": pid, "config": asdict(cfg),
             "trace_socket": trace_socket(mountpoint)}
     tmp = _path(mountpoint) + f".{pid}.tmp"
-    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600), "w") as f:
+    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600), "w") as f:
         json.dump(data, f)
     os.replace(tmp, _path(mountpoint))
 
 
 def lookup(mountpoint: str) -> dict | None:
+    """The record of *mountpoint*, or None (none, unreadable, or not a record's shape).
+    An unsafe state dir raises :class:`StateDirError`."""
+    path = _path(mountpoint)
     try:
-        with open(_path(mountpoint)) as f:
-            return json.load(f)
+        with open(path) as f:
+            data = json.load(f)
     except (OSError, ValueError):
         return None
+    if not isinstance(data, dict) or type(data.get("pid")) is not int or data["pid"] <= 0:
+        return None
+    return data
 
 
 def forget(mountpoint: str, pid: int) -> None:

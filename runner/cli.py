@@ -32,10 +32,10 @@ USAGE_125 = frozenset({"run", "exec"})
 
 
 def _layers(spec: str) -> tuple[str, ...]:
-    from overlayfs_py.config import ConfigError, split_lowerdir
+    from overlayfs_py.config import ConfigError, split_positional_lowers
 
     try:
-        parts = split_lowerdir(spec)
+        parts = split_positional_lowers(spec)
     except ConfigError as e:
         raise SpecError(str(e)) from None
     out = []
@@ -166,6 +166,7 @@ def run_cmd(args, image, docker_root, name, remove, upper, detach, interactive, 
             userns_map=userns_map or _userns_map_default())
     except (SpecError, ValueError) as e:
         _fail(str(e))
+    _check_dirs()
     if os.geteuid() != 0:
         _pin_dirs()
     from .monitor import Monitor
@@ -182,6 +183,17 @@ def _userns_map_default() -> str:
     if mode not in MAP_MODES:
         raise SpecError(f"invalid ${MAP_ENV} {mode!r}: expected one of {', '.join(MAP_MODES)}")
     return mode
+
+
+def _check_dirs() -> None:
+    """The state and data dirs are the user's own (0700) before a monitor is started."""
+    from overlayfs_py.state import StateDirError
+
+    try:
+        state.records_dir()
+        state.data_dir()
+    except StateDirError as e:
+        _fail(str(e))
 
 
 def _pin_dirs() -> None:
@@ -237,7 +249,10 @@ def _find(ref: str) -> dict:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def ps_cmd(show_all, quiet, as_json):
     """List containers."""
-    rows = [control.summary(r) for r in state.all_records()]
+    try:
+        rows = [control.summary(r) for r in state.all_records()]
+    except state.StateError as e:
+        _fail(str(e), 1)
     if not show_all:
         rows = [r for r in rows if r["status"] == "running"]
     if as_json:
@@ -321,13 +336,17 @@ def rm_cmd(refs, force):
 def logs_cmd(ref):
     """Output of a container started with -d."""
     rec = _find(ref)
-    path = os.path.join(rec.get("data_dir", ""), "output.log")
+    if not rec.get("data_dir"):
+        return
+    path = os.path.join(state.container_dir(rec["id"]), "output.log")
     try:
-        with open(path, "rb") as f:
+        with open(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC), "rb") as f:
             while chunk := f.read(65536):
                 sys.stdout.buffer.write(chunk)
     except FileNotFoundError:
         pass
+    except OSError as e:
+        _fail(f"cannot read {path}: {e.strerror}", 1)
 
 
 def _each(refs, action) -> None:

@@ -35,7 +35,7 @@ from overlayfs_py import _sys
 from . import _linux as L
 from . import init as pid1
 from . import rootfs
-from .spec import RunSpec, build_env, resolve_user
+from .spec import RunSpec, SpecError, build_env, resolve_user
 from .userns import setgroups_allowed  # imported now: exec calls it inside the container
 
 EXIT_RUNNER, EXIT_CANNOT_EXEC, EXIT_NOT_FOUND = 125, 126, 127
@@ -77,7 +77,7 @@ def main(launch: Launch) -> None:
     except ContainerError as e:
         code = e.code
         report(launch.err_fd, code, str(e))
-    except rootfs.MountError as e:
+    except (rootfs.MountError, SpecError) as e:  # e.g. -u nosuch: docker's wording, no class name
         report(launch.err_fd, code, str(e))
     except BaseException as e:  # noqa: BLE001 - say what failed, whatever it was
         report(launch.err_fd, code, f"container setup failed: {describe(e)}")
@@ -85,6 +85,8 @@ def main(launch: Launch) -> None:
 
 
 def describe(e: BaseException) -> str:
+    if isinstance(e, SpecError):  # a user error (-u nosuch): its message is the whole story
+        return str(e)
     if isinstance(e, OSError) and e.strerror:
         return e.strerror + (f": {e.filename}" if e.filename else "")
     return f"{type(e).__name__}: {e}"

@@ -155,7 +155,9 @@ def cleanup_dead(rec: dict) -> None:
         _wait_fd(fd, 10)
         os.close(fd)
     merged = rec.get("merged")
-    if merged and state.mounts_under(merged):
+    # only the container's own mountpoint (a record's paths are checked by state.load too)
+    if merged and merged == os.path.join(state.container_dir(rec["id"]), "merged") \
+            and state.mounts_under(merged):
         tool = shutil.which("fusermount3")
         subprocess.run([tool, "-u", "-z", merged] if tool else ["umount", "-l", merged],
                        capture_output=True)

@@ -12,18 +12,29 @@ The monitor process of a container is the only writer of its record while it liv
 A record says "running" but its monitor is gone (killed, machine crashed): that is a
 *dead* container, found by checking the recorded pids together with their start
 times (a recycled pid is never mistaken for ours).
+
+Both directories are the user's own and closed to everyone else (0700, created so and
+checked on every use: :func:`overlayfs_py.state.private_dir`), as docker keeps
+/var/lib/docker: a container's merged mount (``allow_other`` for a root container), its
+upper layer and the image store beneath the data dir cannot be reached by other host
+users. A record is trusted only in its expected shape: its id names its directory, and
+every path it holds that pyoverlay made is exactly where pyoverlay puts it
+(``<data dir>/containers/<id>/...``); ``rm`` removes through directory fds opened
+beneath the data dir, never following a symlink (issue 13 items 5 and 8).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
-import shutil
+import re
+import stat
 
 from overlayfs_py.mountinfo import mounts_under
-from overlayfs_py.state import state_dir
+from overlayfs_py.state import private_dir, state_dir
 
 from . import _linux
 
@@ -32,8 +43,17 @@ class StateError(Exception):
     pass
 
 
+_ID = re.compile(r"^[0-9a-f]{64}$")
+_O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def valid_id(cid) -> bool:
+    return isinstance(cid, str) and bool(_ID.match(cid))
+
+
 def data_root() -> str:
-    """``$PYOVERLAY_DATA_DIR``, else /var/lib/pyoverlay (root) or ~/.local/share/pyoverlay."""
+    """``$PYOVERLAY_DATA_DIR``, else /var/lib/pyoverlay (root) or ~/.local/share/pyoverlay.
+    Only the path: :func:`data_dir` and the image store check it before use."""
     d = os.environ.get("PYOVERLAY_DATA_DIR")
     if not d:
         if os.geteuid() == 0:
@@ -41,23 +61,33 @@ def data_root() -> str:
         else:
             base = os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share")
             d = os.path.join(base, "pyoverlay")
-    return d
+    return os.path.abspath(d)
+
+
+def private_data_root() -> str:
+    """The data root, created 0700 and checked to be the user's own (or StateDirError)."""
+    return private_dir(data_root(), "data dir")
 
 
 def data_dir() -> str:
-    return os.path.join(data_root(), "containers")
+    """``<data root>/containers``, private like the data root (created if missing)."""
+    return private_dir(os.path.join(private_data_root(), "containers"), "data dir")
+
+
+def container_dir(cid: str) -> str:
+    """Where the data of container *cid* lives (only the path)."""
+    return os.path.join(data_root(), "containers", cid)
 
 
 def records_dir() -> str:
-    d = os.path.join(state_dir(), "containers")
-    os.makedirs(d, mode=0o700, exist_ok=True)
-    return d
+    return private_dir(os.path.join(state_dir(), "containers"), "state dir")
 
 
 @contextlib.contextmanager
 def locked():
     """Serialise record creation and removal (name uniqueness)."""
-    fd = os.open(os.path.join(records_dir(), ".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fd = os.open(os.path.join(records_dir(), ".lock"),
+                 os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
@@ -70,10 +100,14 @@ def _file(cid: str) -> str:
 
 
 def save(rec: dict) -> None:
+    if not valid_id(rec.get("id")):
+        raise StateError(f"invalid container id {rec.get('id')!r}")
     d = os.path.join(records_dir(), rec["id"])
-    os.makedirs(d, mode=0o700, exist_ok=True)
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(d, 0o700)
     tmp = os.path.join(d, f".state.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    with open(fd, "w") as f:
         json.dump(rec, f, indent=1)
         f.flush()
         os.fsync(f.fileno())
@@ -81,20 +115,73 @@ def save(rec: dict) -> None:
 
 
 def load(cid: str) -> dict | None:
+    """The record of *cid*; None if there is none or it is not a record pyoverlay wrote
+    (unreadable, not JSON, another shape, or paths that are not where pyoverlay puts
+    them: :func:`check_record`)."""
+    if not valid_id(cid):
+        return None
+    path = _file(cid)
     try:
-        with open(_file(cid)) as f:
-            return json.load(f)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        with open(fd) as f:
+            rec = json.load(f)
     except (OSError, ValueError):
         return None
+    try:
+        check_record(rec, cid)
+    except StateError:
+        return None
+    return rec
+
+
+#: record fields naming a path pyoverlay made in the container's data dir
+_DATA_PATHS = {"merged": "merged", "init_layer": "init"}
+
+
+def check_record(rec, cid: str | None = None) -> None:
+    """StateError unless *rec* has a record's shape: a dict whose id is *cid*, whose
+    ``data_dir`` is exactly ``<data root>/containers/<id>`` and whose merged, init layer,
+    (generated) upper and workdir are exactly where the monitor puts them. Paths are
+    compared as strings after checking they are absolute and have no ``.``/``..``
+    component (no resolution: symlinks are refused when the tree is opened)."""
+    if not isinstance(rec, dict) or not valid_id(rec.get("id")) or (cid is not None and rec["id"] != cid):
+        raise StateError("not a container record")
+    data = rec.get("data_dir")
+    if data is None:
+        return
+    want = container_dir(rec["id"])
+    if data != want:
+        raise StateError(f"container {rec['id'][:12]}: its data dir {data!r} is not {want}")
+    spec = rec.get("spec") if isinstance(rec.get("spec"), dict) else {}
+    expect = dict(_DATA_PATHS)
+    if not spec.get("upper_given"):
+        expect.update(upper="upper", workdir="work")
+    for key, value in rec.items():
+        if key in expect and value is not None and value != os.path.join(want, expect[key]):
+            raise StateError(f"container {rec['id'][:12]}: its {key} {value!r} is not in its data dir")
+    for key in ("upper", "workdir", "trace_file"):
+        v = rec.get(key)
+        if v is not None and not _clean_abs(v):
+            raise StateError(f"container {rec['id'][:12]}: its {key} {v!r} is not a clean absolute path")
+
+
+def _clean_abs(path) -> bool:
+    return isinstance(path, str) and path.startswith("/") and "\0" not in path and \
+        not any(p in (".", "..") for p in path.split("/"))
 
 
 def all_records() -> list[dict]:
+    d = records_dir()
+    try:
+        names = os.listdir(d)
+    except OSError as e:
+        raise StateError(f"cannot read the state dir {d}: {e.strerror}") from None
     out = []
-    for cid in os.listdir(records_dir()):
+    for cid in names:
         rec = load(cid)
         if rec is not None:
             out.append(rec)
-    return sorted(out, key=lambda r: r.get("created", 0))
+    return sorted(out, key=lambda r: r.get("created", 0) if isinstance(r.get("created", 0), (int, float)) else 0)
 
 
 def status(rec: dict) -> str:
@@ -127,16 +214,136 @@ def name_taken(name: str) -> str | None:
 
 
 def remove(rec: dict) -> None:
-    """Delete the record and the container's data dir (never a user-given --upper)."""
-    data = rec.get("data_dir")
-    if data and os.path.dirname(data) == data_dir():
-        remove_tree(data)
-    shutil.rmtree(os.path.join(records_dir(), rec["id"]), ignore_errors=True)
+    """Delete the record and the container's data dir (never a user-given --upper). Only
+    a record of the right shape (:func:`check_record`) gets its data dir removed, and
+    only ``<data root>/containers/<id>``, through fds opened beneath the data dir."""
+    check_record(rec)
+    if rec.get("data_dir"):
+        remove_container_data(rec["id"])
+    rd = records_dir()
+    fd = os.open(rd, _O_DIR)
+    try:
+        rmtree_at(fd, rec["id"])
+    finally:
+        os.close(fd)
 
 
-def remove_tree(path: str) -> None:
-    """rm -r, refused while anything is mounted below (it would empty the mounted tree)."""
-    left = mounts_under(os.path.realpath(path))
+def remove_container_data(cid: str) -> None:
+    """rm -r ``<data root>/containers/<cid>``, refused while anything is mounted below
+    (it would empty the mounted tree)."""
+    if not valid_id(cid):
+        raise StateError(f"invalid container id {cid!r}")
+    parent = data_dir()
+    path = os.path.join(parent, cid)
+    left = mounts_under(os.path.join(os.path.realpath(parent), cid))
     if left:
         raise StateError(f"{left[0]} is still mounted; not removing {path}")
-    shutil.rmtree(path, ignore_errors=True)
+    fd = os.open(parent, _O_DIR)
+    try:
+        rmtree_at(fd, cid)
+    finally:
+        os.close(fd)
+
+
+def rmtree_at(parent_fd: int, name: str) -> None:
+    """Remove *name* in the directory *parent_fd* and everything below it, best effort
+    (like ``rm -rf``): every step is relative to a directory fd opened with O_NOFOLLOW, so
+    a symlink anywhere is removed, never followed; a directory on another filesystem (a
+    mount) stops it with StateError. Directories made unreadable or read-only (an image's,
+    a container's) are opened up first when they are ours. Iterative: a deep tree costs
+    one fd per level, never Python's recursion limit."""
+    dev = os.fstat(parent_fd).st_dev
+    top = _open_child(parent_fd, name, dev)
+    if top is None:
+        return
+    stack = [(parent_fd, name, top, iter(_names(top)), False)]
+    try:
+        while stack:
+            pfd, dname, fd, names, opened = stack[-1]
+            n = next(names, None)
+            if n is None:
+                stack.pop()
+                os.close(fd)
+                with contextlib.suppress(OSError):
+                    os.rmdir(dname, dir_fd=pfd)
+                continue
+            for _ in range(2):
+                try:
+                    os.unlink(n, dir_fd=fd)
+                except FileNotFoundError:
+                    pass
+                except PermissionError:
+                    if not opened:  # a read-only directory of ours: open it up, once
+                        stack[-1] = (pfd, dname, fd, names, True)
+                        opened = True
+                        with contextlib.suppress(OSError):
+                            _open_up(fd)
+                        continue
+                except OSError as e:
+                    if e.errno == errno.EISDIR:
+                        child = _open_child(fd, n, dev)
+                        if child is not None:
+                            stack.append((fd, n, child, iter(_names(child)), False))
+                break
+    finally:
+        for _pfd, _n, fd, _names_it, _o in stack:
+            os.close(fd)
+
+
+def _open_child(parent_fd: int, name: str, dev: int) -> int | None:
+    """An fd on the directory *name* (None: gone, unusable, or not a directory, which is
+    then unlinked); StateError if it is on another filesystem."""
+    fd = None
+    for _ in range(2):
+        try:
+            fd = os.open(name, _O_DIR, dir_fd=parent_fd)
+            break
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            if e.errno in (errno.ENOTDIR, errno.ELOOP):
+                with contextlib.suppress(OSError):
+                    os.unlink(name, dir_fd=parent_fd)
+                return None
+            if e.errno != errno.EACCES or not _open_up_at(parent_fd, name):
+                return None
+    if fd is None:
+        return None
+    if os.fstat(fd).st_dev != dev:
+        os.close(fd)
+        raise StateError(f"{name}: another filesystem is mounted there; not removing it")
+    return fd
+
+
+def _names(fd: int) -> list[str]:
+    try:
+        return os.listdir(fd)
+    except PermissionError:
+        with contextlib.suppress(OSError):
+            _open_up(fd)
+            return os.listdir(fd)
+    except OSError:
+        pass
+    return []
+
+
+def _open_up(fd: int) -> None:
+    st = os.fstat(fd)
+    os.fchmod(fd, stat.S_IMODE(st.st_mode) | 0o700)
+
+
+def _open_up_at(parent_fd: int, name: str) -> bool:
+    """chmod u+rwx a directory we cannot open, through an O_PATH fd on it (the directory
+    itself, never a symlink): True if that worked."""
+    try:
+        fd = os.open(name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent_fd)
+    except OSError:
+        return False
+    try:
+        st = os.fstat(fd)
+        os.chmod(f"/proc/self/fd/{fd}", stat.S_IMODE(st.st_mode) | 0o700)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)

@@ -30,11 +30,6 @@ def find_image(ref: str, docker: str | None = None) -> Image:
     return resolve(ref, docker)
 
 
-def lowerdir_spec(layers: list[str]) -> str:
-    """``LOWER1:LOWER2...`` with ``\\`` and ``:`` escaped the kernel's way."""
-    return ":".join(p.replace("\\", "\\\\").replace(":", "\\:") for p in layers)
-
-
 def human_size(n: int) -> str:
     """Docker's SIZE column: decimal units, 3 significant digits (``1.98MB``)."""
     size, units = float(n), ("B", "kB", "MB", "GB", "TB", "PB")

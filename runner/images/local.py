@@ -12,6 +12,12 @@
     <root>/tmp/                      work in progress of the writer; emptied by the next writer
     <root>/.lock                     writers hold an exclusive flock on it
 
+The store is the user's own and closed to everyone else, as docker keeps
+/var/lib/docker: its root is created 0700 (a store the user owns that others may read
+is made 0700 when opened; one owned by someone else or writable by others is refused).
+Layer directories keep the modes of the image (``/tmp`` in a layer is 1777): it is the
+closed root that keeps other host users out of them (issue 13 item 5).
+
 Rules that make readers lock-free: a writer takes the lock, builds everything in
 ``tmp/`` and renames it into place (blobs and layers are never modified once in place;
 ``index.json`` is replaced by rename), layers and blobs before the index that refers to
@@ -50,6 +56,28 @@ class LocalStore:
     def __init__(self, root: str) -> None:
         self.root = root
         self.problems: list[str] = []
+        self._checked = False
+
+    def _private(self, create: bool) -> bool:
+        """Check (and create, with *create*) the store root: the user's own, 0700 (an
+        existing one others could only read is made so). False: no store yet."""
+        from overlayfs_py.state import StateDirError, private_dir
+
+        from ..state import data_root
+
+        if self._checked:
+            return True
+        if not create and not os.path.lexists(self.root):
+            return False
+        try:
+            if os.path.dirname(os.path.abspath(self.root)) == data_root() and \
+                    (create or os.path.lexists(data_root())):
+                private_dir(data_root(), "data dir")
+            private_dir(self.root, "local image store")
+        except StateDirError as e:
+            raise ImageError(str(e)) from None
+        self._checked = True
+        return True
 
     # ---- reading (no lock) ------------------------------------------------------------
 
@@ -71,11 +99,22 @@ class LocalStore:
 
     def read_json(self, digest: str) -> dict:
         try:
-            return json.loads(self.read_blob(digest))
+            doc = json.loads(self.read_blob(digest))
         except ValueError:
             raise ImageError(f"local image store {self.root}: blob {digest} is not JSON") from None
+        if not isinstance(doc, dict):
+            raise ImageError(f"local image store {self.root}: blob {digest} is not a JSON object")
+        return doc
+
+    def _config_digest(self, manifest: dict, digest: str) -> str:
+        cfg = manifest.get("config")
+        if not isinstance(cfg, dict) or not is_digest(cfg.get("digest")):
+            raise ImageError(f"local image store {self.root} is damaged: manifest {digest} has no config digest")
+        return cfg["digest"]
 
     def index(self) -> list[dict]:
+        if not self._private(create=False):
+            return []
         try:
             with open(os.path.join(self.root, "index.json"), "rb") as f:
                 data = json.load(f)
@@ -83,10 +122,13 @@ class LocalStore:
             return []
         except (OSError, ValueError) as e:
             raise ImageError(f"local image store {self.root}: unreadable index.json ({e})") from None
-        return [d for d in data.get("manifests") or [] if is_digest(d.get("digest"))]
+        manifests = data.get("manifests") if isinstance(data, dict) else 0
+        if not isinstance(manifests, list | None):
+            raise ImageError(f"local image store {self.root}: index.json is not an OCI image index")
+        return [d for d in manifests or [] if isinstance(d, dict) and is_digest(d.get("digest"))]
 
     def config_of(self, manifest_digest: str) -> str:
-        return self.read_json(manifest_digest)["config"]["digest"]
+        return self._config_digest(self.read_json(manifest_digest), manifest_digest)
 
     def _groups(self) -> dict[str, tuple[str, list[str]]]:
         """config digest -> (manifest digest, names), in index order (a later, named
@@ -105,7 +147,7 @@ class LocalStore:
 
     def image(self, manifest_digest: str, names: list[str]) -> Image:
         manifest = self.read_json(manifest_digest)
-        cfg_digest = manifest["config"]["digest"]
+        cfg_digest = self._config_digest(manifest, manifest_digest)
         config = self.read_json(cfg_digest)
         diff_ids = list((config.get("rootfs") or {}).get("diff_ids") or [])
         layers = [self.layer_dir(d) for d in reversed(diff_ids)]
@@ -147,7 +189,7 @@ class LocalStore:
         """The layer blob descriptor some manifest in the store uses for *diff_id*."""
         for m, _ in self._groups().values():
             manifest = self.read_json(m)
-            ids = self.read_json(manifest["config"]["digest"]).get("rootfs", {}).get("diff_ids") or []
+            ids = self.read_json(self._config_digest(manifest, m)).get("rootfs", {}).get("diff_ids") or []
             for d, desc in zip(ids, manifest.get("layers") or []):
                 if d == diff_id and os.path.exists(self.blob_path(desc["digest"])):
                     return {k: desc[k] for k in ("mediaType", "digest", "size")}
@@ -156,8 +198,10 @@ class LocalStore:
     @contextlib.contextmanager
     def writer(self):
         """The only way to change the store: ``with store.writer() as w: ...``."""
-        for d in ("", "blobs/sha256", "layers"):
-            os.makedirs(os.path.join(self.root, d), mode=0o755, exist_ok=True)
+        self._private(create=True)
+        for d in ("blobs", "blobs/sha256", "layers"):
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(os.path.join(self.root, d), 0o700)
         fd = os.open(os.path.join(self.root, ".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
@@ -203,6 +247,10 @@ class Writer:
 
     def has_layer(self, diff_id: str) -> bool:
         return os.path.isdir(self.store.layer_dir(diff_id))
+
+    def needs_read(self, diff_id: str, digest: str | None = None) -> bool:
+        """False when :meth:`add_layer` would not read the blob (layer and blob are stored)."""
+        return not (self.has_layer(diff_id) and os.path.exists(self.store.blob_path(digest or diff_id)))
 
     def add_layer(self, f, *, diff_id: str, digest: str | None = None, media_type: str | None = None,
                   size: int | None = None, label: str = "layer") -> tuple[dict, bool]:

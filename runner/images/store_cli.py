@@ -23,7 +23,8 @@ def register(main: click.Group) -> None:
 
 def import_archive(path: str, store: LocalStore, tag: str | None = None, log=None) -> list[Image]:
     """Import every image of the archive (or layout directory) *path*; a layer whose diff
-    id is in the store already is neither read nor unpacked again."""
+    id is in the store already is neither read nor unpacked again. Layers are read in the
+    order the archive stores them (a compressed archive is read once, front to back)."""
     from .commit import new_name
 
     log = log or (lambda msg: print(msg, file=sys.stderr))
@@ -35,18 +36,38 @@ def import_archive(path: str, store: LocalStore, tag: str | None = None, log=Non
             raise ImageError(f"{path}: no images in it")
         if names and len(found) > 1:
             raise ImageError(f"{path} holds {len(found)} images; --tag needs exactly one")
-        for img in found:
-            descs = []
-            for i, layer in enumerate(img.layers, 1):
-                label = f"{img.id[7:19]} layer {i}/{len(img.layers)}"
-                f, size = ar.open(layer.path)
-                with f:
-                    desc, fresh = w.add_layer(f, diff_id=layer.diff_id, digest=layer.digest,
-                                              media_type=layer.media_type, size=layer.size or size, label=label)
-                log(f"{label}: {layer.diff_id} ({'unpacked' if fresh else 'already present'})")
-                descs.append(desc)
-            same_blobs = [d["digest"] for d in descs] == [l.digest for l in img.layers]
-            out.append(w.add_image(img.config, descs, names or img.names,
+        refs: dict[str, list[tuple[int, int]]] = {}   # layer path -> (image, layer) using it
+        for i, img in enumerate(found):
+            for j, layer in enumerate(img.layers):
+                refs.setdefault(layer.path, []).append((i, j))
+        descs: dict[tuple[int, int], tuple[dict, bool]] = {}
+
+        def add(i: int, j: int, f, size: int | None) -> None:
+            img, layer = found[i], found[i].layers[j]
+            label = f"{img.id[7:19]} layer {j + 1}/{len(img.layers)}"
+            descs[i, j] = w.add_layer(f, diff_id=layer.diff_id, digest=layer.digest,
+                                      media_type=layer.media_type, size=layer.size or size, label=label)
+
+        todo = []
+        for rel, users in refs.items():   # a layer already stored is not read at all
+            for i, j in users:
+                if not w.needs_read(found[i].layers[j].diff_id, found[i].layers[j].digest):
+                    add(i, j, None, None)
+            if any((i, j) not in descs for i, j in users):
+                todo.append(rel)
+        for rel, f, size in ar.layers(todo):
+            for i, j in refs[rel]:
+                if (i, j) not in descs:
+                    add(i, j, f, size)
+        for i, img in enumerate(found):
+            layer_descs = []
+            for j, layer in enumerate(img.layers):
+                desc, fresh = descs[i, j]
+                log(f"{img.id[7:19]} layer {j + 1}/{len(img.layers)}: {layer.diff_id} "
+                    f"({'unpacked' if fresh else 'already present'})")
+                layer_descs.append(desc)
+            same_blobs = [d["digest"] for d in layer_descs] == [l.digest for l in img.layers]
+            out.append(w.add_image(img.config, layer_descs, names or img.names,
                                    img.manifest if same_blobs else None))
     return out
 
