@@ -44,6 +44,7 @@ import stat
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+from .errors import PyoverlayError
 from .idmap import IdMapError, check_ranges, parse_ranges
 
 __all__ = [
@@ -65,17 +66,18 @@ MAX_LAYERS = 500
 WORKDIR_SUFFIX = ".pyoverlay-work"
 
 
-class ConfigError(Exception):
-    """A user error in the mount configuration.
+class ConfigError(PyoverlayError):
+    """A user error in the mount configuration (exit status 2, a usage error).
 
     ``str(exc)`` is a one-line, user-facing message naming the culprit path or
     option.  ``exc.problems`` lists every problem found (the message is the
     first of them); it has one element when only one problem was checked.
     """
 
+    exit_code = 2
+
     def __init__(self, message: str, problems: Sequence[str] | None = None) -> None:
         super().__init__(message)
-        self.message = message
         self.problems: list[str] = list(problems) if problems else [message]
 
 

@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import stat
 
+from .errors import PyoverlayError
+
 OVERRIDE_XATTR = "user.containers.override_stat"
 MAX_ID = (1 << 32) - 2  # (uid_t)-1 means "no change" to chown: never an owner
 DEFAULT_OVERFLOW = 65534
@@ -35,7 +37,7 @@ DEFAULT_OVERFLOW = 65534
 Range = tuple[int, int, int]  # (stored, presented, count)
 
 
-class IdMapError(ValueError):
+class IdMapError(PyoverlayError, ValueError):
     """A bad map spec; ``str()`` is one line naming the spec."""
 
 

@@ -20,6 +20,7 @@ import trio
 
 from . import _sys, state, userxattr
 from .config import MountConfig
+from .errors import PyoverlayError
 from .fs import Operations
 from .layers import LayerStack
 from .logs import one_line, setup_logging
@@ -117,7 +118,7 @@ async def _main(cfg: MountConfig, overlay: Overlay) -> None:
         nursery.cancel_scope.cancel()
 
 
-class MountFailed(Exception):
+class MountFailed(PyoverlayError):
     """The server could not mount (one line, from the server)."""
 
 

@@ -20,15 +20,12 @@ import os
 import stat
 from dataclasses import asdict
 
+from .errors import PyoverlayError
 
-class StateDirError(OSError):
-    """A state or data dir that is not safe to use (one line, for the user)."""
 
-    def __init__(self, msg: str) -> None:
-        super().__init__(msg)
-
-    def __str__(self) -> str:
-        return self.args[0]
+class StateDirError(PyoverlayError, OSError):
+    """A state or data dir that is not safe to use (one line, for the user; an OSError too,
+    for the callers that catch those)."""
 
 
 def _open_dir(path: str) -> int:

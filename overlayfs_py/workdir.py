@@ -23,12 +23,13 @@ import os
 import stat
 
 from . import _sys
+from .errors import PyoverlayError
 
 WORK_SUBDIR = b"work"  # like the kernel: <workdir>/work holds objects being built
 VOLATILE = b"incompat/volatile"  # in work/: made by a volatile mount, refused by any later one
 
 
-class WorkdirError(Exception):
+class WorkdirError(PyoverlayError):
     """A workdir the server must not use (one line)."""
 
 

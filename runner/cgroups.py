@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 
 from . import _linux as L
+from .errors import RunnerError
 
 PERIOD = 100000                  # cpu period in microseconds, as docker
 CONTROLLERS = ("memory", "pids", "cpu")
@@ -61,7 +62,7 @@ def device_rule_text(rule) -> str:
     return f"{kind} {star(major)}:{star(minor)} {access}"
 
 
-class CgroupError(Exception):
+class CgroupError(RunnerError):
     """A cgroup could not be set up, used or removed (one-line message)."""
 
 

@@ -37,11 +37,12 @@ from . import init as pid1
 from . import rootfs
 from .spec import RunSpec, SpecError, build_env, resolve_user
 from .userns import setgroups_allowed  # imported now: exec calls it inside the container
+from .errors import RunnerError
 
 EXIT_RUNNER, EXIT_CANNOT_EXEC, EXIT_NOT_FOUND = 125, 126, 127
 
 
-class ContainerError(Exception):
+class ContainerError(RunnerError):
     def __init__(self, msg: str, code: int = EXIT_RUNNER):
         super().__init__(msg)
         self.code = code

@@ -21,9 +21,10 @@ import time
 from . import _linux as L
 from . import state
 from .cgroups import Cgroup, CgroupError
+from .errors import RunnerError
 
 
-class ControlError(Exception):
+class ControlError(RunnerError):
     pass
 
 

@@ -22,13 +22,14 @@ from dataclasses import dataclass
 
 from overlayfs_py.layers import LayerStack
 from overlayfs_py.whiteout import XattrNames
+from .errors import RunnerError
 
 #: What every container mounts on (kind "dir" or "file").
 BASE_MOUNTPOINTS = (("proc", "dir"), ("dev", "dir"), ("sys", "dir"),
                     ("etc/hostname", "file"), ("etc/hosts", "file"), ("etc/resolv.conf", "file"))
 
 
-class InitLayerError(Exception):
+class InitLayerError(RunnerError):
     pass
 
 

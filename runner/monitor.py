@@ -46,9 +46,10 @@ from .init import exit_code
 from .spec import RunSpec, SpecError, new_id
 from .supervise import catch_signals, supervise
 from .tty import PtyRelay, recv_master
+from .errors import RunnerError
 
 
-class RunError(Exception):
+class RunError(RunnerError):
     def __init__(self, msg: str, code: int = container.EXIT_RUNNER):
         super().__init__(msg)
         self.code = code

@@ -26,9 +26,10 @@ from .init import exit_code
 from .spec import build_env, resolve_user
 from .supervise import supervise
 from .tty import PtyRelay, recv_master
+from .errors import RunnerError
 
 
-class ExecError(Exception):
+class ExecError(RunnerError):
     pass
 
 

@@ -20,6 +20,7 @@ from overlayfs_py import _sys
 
 from . import _linux as L
 from .spec import Volume
+from .errors import RunnerError
 
 RESOLVE_IN_ROOT = 0x10
 
@@ -157,7 +158,7 @@ def _remount_ro(root_fd: int, path: str, extra: int = 0) -> None:
         L.mount(None, t.path, None, L.MS_REMOUNT | L.MS_BIND | L.MS_RDONLY | keep | extra)
 
 
-class MountError(Exception):
+class MountError(RunnerError):
     pass
 
 

@@ -13,6 +13,7 @@ import secrets
 from dataclasses import dataclass, field
 
 from .cgroups import Limits
+from .errors import RunnerError
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
@@ -37,7 +38,7 @@ _NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]*$")
 _ENV_KEY_RE = re.compile(r"^[^=\0]+$")
 
 
-class SpecError(Exception):
+class SpecError(RunnerError):
     """A user error in the run options (one line)."""
 
 

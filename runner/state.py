@@ -37,9 +37,10 @@ from overlayfs_py.mountinfo import mounts_under
 from overlayfs_py.state import private_dir, state_dir
 
 from . import _linux
+from .errors import RunnerError
 
 
-class StateError(Exception):
+class StateError(RunnerError):
     pass
 
 

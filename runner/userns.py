@@ -33,6 +33,7 @@ import subprocess
 from dataclasses import dataclass
 
 from . import _linux as L
+from .errors import RunnerError
 
 #: ``run --userns-map``'s choices; the environment variable gives the default.
 MAP_MODES = ("auto", "subid", "single")
@@ -41,7 +42,7 @@ MAP_ENV = "PYOVERLAY_USERNS_MAP"
 FUSE_OPTIONS = "rootmode=40000,user_id=0,group_id=0,allow_other,default_permissions"
 
 
-class UsernsError(Exception):
+class UsernsError(RunnerError):
     pass
 
 

@@ -23,8 +23,10 @@ import os
 import re
 from dataclasses import dataclass, field
 
+from overlayfs_py.errors import PyoverlayError
 
-class ImageError(Exception):
+
+class ImageError(PyoverlayError):
     """One line, for the user: not found, ambiguous, a damaged store, a refused archive."""
 
 
