@@ -1,59 +1,78 @@
-"""The ``pyoverlay`` command line. Options become a ``MountConfig``; nothing else lives here."""
+"""The filesystem's commands: ``pyoverlay mount``, ``umount`` (here), ``trace``
+(trace_cli.py), ``diff`` and ``explain`` (inspect_cli.py). Options become a ``MountConfig``.
+
+:func:`new_group` builds a command group of them; the top-level ``pyoverlay`` command
+(:mod:`pyoverlay_cli`) adds the runner's and the image store's commands to one and passes
+the runner's container and image look-ups (:class:`overlayfs_py.resolvers.Resolvers`).
+``main`` here is the filesystem alone (``python -m overlayfs_py``). This package never
+imports the runner.
+"""
 
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
 import sys
 import time
 
 import click
 
-from .config import ConfigError, build_config
+from .config import build_config
+from .errors import PyoverlayError, fail
 from .logs import one_line as _one_line
 from .logs import setup_logging as _setup_logging
+from .resolvers import Resolvers, current
 
 
-def _fail(msg: str, code: int = 1) -> None:
-    click.echo(f"pyoverlay: {msg}", err=True)
-    sys.exit(code)
+def own_error_code(cmd: click.Command | None, default: int) -> int:
+    """The exit status of a command's own errors (usage errors included): a command may
+    carry ``own_error_code`` (the runner's ``run`` and ``exec``: 125, as docker's)."""
+    return getattr(cmd, "own_error_code", None) or default
 
 
 class _Main(click.Group):
-    """Runner commands exit with 125 on a usage error (docker's code for its own errors)."""
+    """Every error is one line; a PyoverlayError that reaches here exits with its status."""
 
     def main(self, args=None, prog_name=None, **extra):
-        from runner.cli import USAGE_125
-
-        from .state import StateDirError
-
         extra.pop("standalone_mode", None)
         argv = list(sys.argv[1:] if args is None else args)
         try:
             rv = super().main(argv, prog_name, standalone_mode=False, **extra)
-        except StateDirError as e:  # a state or data dir that is not the user's own
-            click.echo(f"pyoverlay: {e}", err=True)
-            sys.exit(125 if argv and argv[0] in USAGE_125 else 1)
+        except PyoverlayError as e:  # e.g. a state or data dir that is not the user's own
+            cmd = self.commands.get(argv[0]) if argv else None
+            fail(e, own_error_code(cmd, e.exit_code))
         except click.ClickException as e:  # one line, like every other error
             ctx = getattr(e, "ctx", None)
             where = ctx.command_path if ctx is not None else "pyoverlay"
             hint = f" (see '{where} --help')" if isinstance(e, click.UsageError) else ""
-            click.echo(f"pyoverlay: {e.format_message()}{hint}", err=True)
-            name = ctx.command.name if ctx is not None else None
-            sys.exit(125 if name in USAGE_125 else e.exit_code)
+            fail(f"{e.format_message()}{hint}", own_error_code(ctx.command if ctx else None, e.exit_code))
         except click.exceptions.Abort:
             click.echo("Aborted!", err=True)
             sys.exit(1)
         sys.exit(rv if isinstance(rv, int) else 0)
 
 
-@click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"]})
-def main() -> None:
-    """pyoverlay: OverlayFS in userspace, and containers on it."""
+def new_group(resolvers: Resolvers | None = None,
+              help: str = "pyoverlay: OverlayFS in userspace, and containers on it.") -> click.Group:
+    """A ``pyoverlay`` command group with the filesystem's commands; *resolvers* are the
+    container and image look-ups its commands may use (the click context's ``obj``)."""
+    from .inspect_cli import register as register_inspect
+    from .trace_cli import register as register_trace
+
+    @click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"],
+                                              "obj": resolvers or Resolvers()})
+    def group() -> None:
+        pass
+
+    group.name = "pyoverlay"
+    group.help = help
+    group.add_command(mount_cmd)
+    group.add_command(umount_cmd)
+    register_trace(group)
+    register_inspect(group)
+    return group
 
 
-@main.command("mount")
+@click.command("mount")
 @click.argument("args", nargs=-1, required=True)
 @click.option("--workdir", "workdir", metavar="DIR", help="Work directory (same filesystem as UPPER).")
 @click.option("-o", "options", multiple=True, metavar="OPTS",
@@ -81,7 +100,7 @@ def mount_cmd(args, workdir, options, foreground, debug, logfile, trace_file, im
     if image is not None:
         layers, upper, merged = _image_args(image, docker_root, args, options)
     elif docker_root is not None:
-        _fail("--docker-root needs --image", 2)
+        fail("--docker-root needs --image", 2)
     elif len(args) == 1:
         layers, upper, merged = None, None, args[0]
     elif len(args) == 2:
@@ -89,21 +108,19 @@ def mount_cmd(args, workdir, options, foreground, debug, logfile, trace_file, im
     elif len(args) == 3:
         layers, upper, merged = args
     else:
-        _fail("usage: pyoverlay mount LOWER1[:LOWER2...] [UPPER] MERGED", 2)
+        fail("usage: pyoverlay mount LOWER1[:LOWER2...] [UPPER] MERGED", 2)
+    from .privilege import check_fuse_access
+    from .state import state_dir
+    from .userxattr import plan
+
     try:
         cfg = build_config(layers, upper, merged, workdir=workdir, options=options, debug=debug,
                            trace_file=trace_file, uidmap=uidmap, gidmap=gidmap)
-        from .privilege import check_fuse_access
-
+        cfg = plan(cfg)  # the private xattr namespace: decided once, before the fork
         check_fuse_access(cfg)  # /dev/fuse, fusermount3, allow_other: before anything is forked
-    except ConfigError as exc:
-        _fail(str(exc), 2)
-    from .state import StateDirError, state_dir
-
-    try:
         state_dir()  # the user's own (0700) before anything is mounted: the server records there
-    except StateDirError as exc:
-        _fail(str(exc))
+    except PyoverlayError as exc:
+        fail(exc)
     if foreground:
         _setup_logging(debug, logfile)
         from .mount import serve
@@ -111,27 +128,28 @@ def mount_cmd(args, workdir, options, foreground, debug, logfile, trace_file, im
         try:
             sys.exit(serve(cfg))
         except Exception as exc:  # mount failed: nothing is mounted
-            _fail(f"cannot mount {cfg.mountpoint}: {_one_line(exc)}")
+            fail(f"cannot mount {cfg.mountpoint}: {_one_line(exc)}")
     _mount_background(cfg, debug, logfile)
 
 
 def _image_args(ref: str, docker_root: str | None, args: tuple[str, ...], options):
-    """``mount --image REF [UPPER] MERGED``: (lowerdir spec, upper, merged); exits 2 on error."""
-    from runner.images import ImageError
-    from runner.images.cli import find_image
-
+    """``mount --image REF [UPPER] MERGED``: (lower layers, upper, merged); exits 2 on error.
+    The image is looked up by the resolver the top-level command passed (the runner's)."""
+    find_image = current().find_image
+    if find_image is None:
+        fail("--image needs the image store: use the pyoverlay command", 2)
     if len(args) not in (1, 2):
-        _fail("usage: pyoverlay mount --image REF [UPPER] MERGED", 2)
+        fail("usage: pyoverlay mount --image REF [UPPER] MERGED", 2)
     if any(o.startswith("lowerdir=") or ",lowerdir=" in o for o in options):
-        _fail("--image and -o lowerdir= both give the lower layers", 2)
+        fail("--image and -o lowerdir= both give the lower layers", 2)
     try:
-        img = find_image(ref, docker_root)
-    except ImageError as exc:
-        _fail(str(exc), 2)
-    if not img.layers:
-        _fail(f"image {ref} has no layers", 2)
+        layers = find_image(ref, docker_root)
+    except PyoverlayError as exc:
+        fail(exc, 2)
+    if not layers:
+        fail(f"image {ref} has no layers", 2)
     upper, merged = (None, args[0]) if len(args) == 1 else args
-    return list(img.layers), upper, merged
+    return list(layers), upper, merged
 
 
 def _mount_background(cfg, debug: bool, logfile: str | None) -> None:
@@ -140,7 +158,7 @@ def _mount_background(cfg, debug: bool, logfile: str | None) -> None:
     try:
         start_background(cfg, debug=debug, logfile=logfile)
     except MountFailed as exc:
-        _fail(f"cannot mount {cfg.mountpoint}: {exc}")
+        fail(f"cannot mount {cfg.mountpoint}: {exc}")
     sys.exit(0)
 
 
@@ -164,56 +182,41 @@ def _mountpoint_path(path: str) -> str:
     return os.path.join(os.path.realpath(head), tail) if tail else a
 
 
-@main.command("umount")
+@click.command("umount")
 @click.argument("merged")
 @click.option("--timeout", default=30.0, show_default=True, help="Seconds to wait for the server to exit.")
 def umount_cmd(merged, timeout):
     """Unmount MERGED (a pyoverlay mount) and wait for its server to exit."""
     from . import state
     from .mountinfo import mounts
+    from .unmount import UnmountError, unmount
 
     mp = _mountpoint_path(merged)
     try:
         here = [m for m in mounts() if m.mountpoint == mp]
     except OSError as e:
-        _fail(f"cannot read /proc/self/mountinfo: {e.strerror}")
+        fail(f"cannot read /proc/self/mountinfo: {e.strerror}")
     if not here:
-        _fail(f"{merged} is not mounted")
+        fail(f"{merged} is not mounted")
     top = here[-1]  # the mount on top at that point is the one umount(2) would remove
     if top.fstype != PYOVERLAY_FSTYPE:
-        _fail(f"{merged} is not a pyoverlay mount (it is {top.fstype} from {top.source or 'none'}); "
-              "not unmounting it")
+        fail(f"{merged} is not a pyoverlay mount (it is {top.fstype} from {top.source or 'none'}); "
+             "not unmounting it")
     info = state.lookup(mp)
-    tool = shutil.which("fusermount3")
-    cmd = [tool, "-u", mp] if tool else ["umount", mp]
-    res = subprocess.run(cmd, capture_output=True, text=True)
-    if res.returncode != 0:
-        _fail(f"cannot unmount {merged}: {res.stderr.strip() or 'failed'}")
+    try:
+        unmount(mp)
+    except UnmountError as e:
+        fail(f"cannot unmount {merged}: {e}")
     if info is not None:
         deadline = time.monotonic() + timeout
         while _pid_alive(info["pid"]):
             if time.monotonic() > deadline:
-                _fail(f"server {info['pid']} of {merged} did not exit within {timeout:g}s")
+                fail(f"server {info['pid']} of {merged} did not exit within {timeout:g}s")
             time.sleep(0.02)
 
 
-def _register_commands() -> None:
-    """The commands that live in their own modules: the runner's, trace, diff, explain."""
-    from runner.cli import register as register_runner
-    from runner.images.cli import register as register_images
-    from runner.images.store_cli import register as register_store
-
-    from .inspect_cli import register as register_inspect
-    from .trace_cli import register as register_trace
-
-    register_runner(main)
-    register_trace(main)
-    register_inspect(main)
-    register_images(main)
-    register_store(main)
-
-
-_register_commands()
+#: the filesystem alone: ``python -m overlayfs_py`` (no containers, no images)
+main = new_group(help="pyoverlay's filesystem commands (`pyoverlay` has the runner's too).")
 
 if __name__ == "__main__":  # pragma: no cover
     main()

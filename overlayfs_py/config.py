@@ -7,8 +7,14 @@ mounter creates the default workdir and does the mount.
 
 Flow (bubblewrap's plan -> validate -> execute)::
 
-    cfg = build_config("l1:l2", "upper", "merged")   # parse + validate
+    cfg = build_config("l1:l2", "upper", "merged")   # parse + validate (pure)
     # or: cfg = MountConfig(...); validate(cfg)
+    cfg = userxattr.plan(cfg)                        # plan: the private xattr namespace
+    mount.start_background(cfg)                      # execute
+
+This module neither asks what the process may do (privilege.py) nor reads the layers'
+xattrs or the workdir's record: choosing the private xattr namespace is the planning
+step of userxattr.py, done once before the server is forked.
 
 Every user error is a :class:`ConfigError` with a one-line message that names
 the culprit path or option.  :func:`validate` collects *all* problems and
@@ -93,8 +99,8 @@ class MountConfig:
     never written.
 
     ``userxattr``: True stores private xattrs as ``user.overlay.*``, False as
-    ``trusted.overlay.*``, None decides at mount (the upper's recorded form, else
-    ``user.*`` unless privileged; see userxattr.py).  ``fuse_fd``: an open /dev/fuse
+    ``trusted.overlay.*``, None: not asked for, decided by the planning step
+    (``userxattr.plan``: the upper's recorded form, else ``user.*`` unless privileged).  ``fuse_fd``: an open /dev/fuse
     fd a caller has already mounted on ``mountpoint`` (mount(2) with ``fd=N``, e.g.
     inside a user namespace); the server then serves it and neither mounts nor
     unmounts (``mountpoint`` stays the real path, for records and messages).
@@ -104,7 +110,7 @@ class MountConfig:
     upperdir: str | None
     workdir: str | None
     mountpoint: str
-    userxattr: bool | None = None     # None: chosen at mount (userxattr.py)
+    userxattr: bool | None = None     # None: chosen by userxattr.plan before the fork
     allow_other: bool = False
     default_permissions: bool = True
     read_only: bool = False
@@ -459,10 +465,7 @@ def build_config(
         volatile=bool(opts.get("volatile", False)),
     )
     validate(cfg, workdir_may_be_missing=workdir_defaulted)
-    from .privilege import privileged
-    from .userxattr import resolve
-
-    return resolve(cfg, privileged())
+    return cfg
 
 
 def _max_nodes(option) -> int:
@@ -632,8 +635,18 @@ def validate(cfg: MountConfig, *, workdir_may_be_missing: bool = False) -> None:
     plus the ancestors' identities to catch bind-mounted aliases.
     """
     problems: list[str] = []
+    _check_shape(cfg, problems)
+    lowers, upper, work, work_parent_st = _check_layers(cfg, problems, workdir_may_be_missing)
+    distinct = _check_duplicates([*lowers, *(x for x in (upper, work) if x is not None)], problems)
+    _check_nesting(lowers, upper, work, work_parent_st, problems)
+    _check_mountpoint(cfg, distinct, problems)
+    if problems:
+        problems = list(dict.fromkeys(problems))  # drop repeats, keep order
+        raise ConfigError(problems[0], problems)
 
-    # 1. Counts and shape.
+
+def _check_shape(cfg: MountConfig, problems: list[str]) -> None:
+    """Phase 1: counts and shape (nothing is read from disk)."""
     nlow = len(cfg.lowerdirs)
     if nlow == 0:
         if cfg.upperdir is None:
@@ -661,7 +674,13 @@ def validate(cfg: MountConfig, *, workdir_may_be_missing: bool = False) -> None:
             f"fsname {_q(cfg.fsname)} must be a non-empty word without commas or whitespace"
         )
 
-    # 2. Existence and type.
+
+def _check_layers(
+    cfg: MountConfig, problems: list[str], workdir_may_be_missing: bool
+) -> tuple[list[_Layer], _Layer | None, _Layer | None, os.stat_result | None]:
+    """Phase 2: every layer and the workdir exist and are directories. Returns (lowers,
+    upper, workdir, the stat of a missing default workdir's parent), their ancestors
+    recorded for the containment checks."""
     lowers = [_Layer("lower layer", p, os.path.realpath(p)) for p in cfg.lowerdirs]
     for lay in lowers:
         _stat(lay, problems)
@@ -690,16 +709,14 @@ def validate(cfg: MountConfig, *, workdir_may_be_missing: bool = False) -> None:
                         f"parent {_q(parent)} is not a directory"
                     )
                     work_parent_st = None
-
-    layers: list[_Layer] = [*lowers]
-    if upper is not None:
-        layers.append(upper)
-    if work is not None:
-        layers.append(work)
-    for lay in layers:
+    for lay in [*lowers, *(x for x in (upper, work) if x is not None)]:
         lay.ancestors = _ancestors(lay.real)
+    return lowers, upper, work, work_parent_st
 
-    # 3. The same directory twice (lower dups by identity in one pass).
+
+def _check_duplicates(layers: list[_Layer], problems: list[str]) -> list[_Layer]:
+    """Phase 3: the same directory twice (by realpath and by identity). Returns the
+    layers that are distinct."""
     seen: dict[object, _Layer] = {}
     distinct: list[_Layer] = []
     for lay in layers:
@@ -716,8 +733,13 @@ def validate(cfg: MountConfig, *, workdir_may_be_missing: bool = False) -> None:
         distinct.append(lay)
         for k in keys:
             seen[k] = lay
+    return distinct
 
-    # 4. Nesting between lowers and upper/workdir, and upper vs workdir.
+
+def _check_nesting(lowers: list[_Layer], upper: _Layer | None, work: _Layer | None,
+                   work_parent_st: os.stat_result | None, problems: list[str]) -> None:
+    """Phase 4: nesting between lowers and upper/workdir, upper vs workdir, and the
+    workdir on the upper's filesystem."""
     rw = [x for x in (upper, work) if x is not None]
     for a in rw:
         for low in lowers:
@@ -749,7 +771,9 @@ def validate(cfg: MountConfig, *, workdir_may_be_missing: bool = False) -> None:
                     " (is the upper layer a mount point? pass --workdir)"
                 )
 
-    # 5. The mountpoint.
+
+def _check_mountpoint(cfg: MountConfig, distinct: list[_Layer], problems: list[str]) -> None:
+    """Phase 5: the mountpoint (with ``fuse_fd`` only the fd: it is mounted already)."""
     mp_real = os.path.realpath(cfg.mountpoint) if cfg.fuse_fd is None else os.path.join(
         os.path.realpath(os.path.dirname(cfg.mountpoint)), os.path.basename(cfg.mountpoint))
     mp = _Layer("mountpoint", cfg.mountpoint, mp_real)
@@ -777,7 +801,3 @@ def validate(cfg: MountConfig, *, workdir_may_be_missing: bool = False) -> None:
             else:
                 if nonempty:
                     problems.append(f"{mp.label()} is not empty")
-
-    if problems:
-        problems = list(dict.fromkeys(problems))  # drop repeats, keep order
-        raise ConfigError(problems[0], problems)

@@ -1,8 +1,8 @@
 """``pyoverlay diff`` and ``pyoverlay explain``: looking at layers without a mount.
 
 The work is in :mod:`overlayfs_py.diff` and :mod:`overlayfs_py.explain`; this module
-finds the layers. A container is found through :mod:`runner.state` (imported lazily:
-the overlay package does not depend on the runner otherwise), a live mount through its
+finds the layers. A container is found through the container resolver the top-level
+command passes (:mod:`overlayfs_py.resolvers`; the runner's), a live mount through its
 record in :mod:`overlayfs_py.state`. Nothing here stats a path through a merged mount.
 """
 
@@ -11,24 +11,16 @@ from __future__ import annotations
 import glob
 import json
 import os
-import sys
 
 import click
 
 from . import state
+from .errors import PyoverlayError, fail
+from .resolvers import ContainerView, current
 
 
-class InspectError(Exception):
-    """A one-line user error; *code* is the exit status."""
-
-    def __init__(self, msg: str, code: int = 1) -> None:
-        super().__init__(msg)
-        self.code = code
-
-
-def _fail(exc: object, code: int = 1) -> None:
-    click.echo(f"pyoverlay: {exc}", err=True)
-    sys.exit(getattr(exc, "code", code))
+class InspectError(PyoverlayError):
+    """A one-line user error (exit status 1 unless given)."""
 
 
 def register(main: click.Group) -> None:
@@ -38,23 +30,18 @@ def register(main: click.Group) -> None:
 
 # --- finding layers ---------------------------------------------------------------------
 
-def _container(ref: str) -> dict | None:
-    from runner import state as rstate
-
-    try:
-        return rstate.resolve(ref)
-    except rstate.StateError:
-        return None
+def _container(ref: str) -> ContainerView | None:
+    return current().find_container(ref)
 
 
-def _container_layers(rec: dict) -> tuple[str, list[str], list[str]]:
+def _container_layers(c: ContainerView) -> tuple[str, list[str], list[str]]:
     """(upper, lowers top first, labels upper first): the init layer is the top lower."""
-    upper = rec.get("upper")
+    upper = c.upper
     if not upper:
-        raise InspectError(f"container {rec.get('name') or rec['id']} has no upper layer yet")
-    lowers = list(rec.get("layers", []))
+        raise InspectError(f"container {c.name or c.id} has no upper layer yet")
+    lowers = list(c.lowers)
     labels = ["upper"] + [f"lower{i + 1}" for i in range(len(lowers))]
-    init = rec.get("init_layer")
+    init = c.init_layer
     if init and os.path.isdir(init):
         lowers.insert(0, init)
         labels.insert(1, "init")
@@ -78,13 +65,11 @@ def _lowers_of_upper(upper: str) -> tuple[list[str], bool | None]:
         cfg = rec.get("config") or {}
         if cfg.get("upperdir") and os.path.realpath(cfg["upperdir"]) == upper:
             return list(cfg.get("lowerdirs", [])), bool(cfg.get("userxattr"))
-    from runner import state as rstate
-
-    for rec in rstate.all_records():
-        if rec.get("upper") and os.path.realpath(rec["upper"]) == upper:
-            return _container_layers(rec)[1], None
+    for c in current().all_containers():
+        if c.upper and os.path.realpath(c.upper) == upper:
+            return _container_layers(c)[1], None
     raise InspectError(f"no mount or container uses {upper} as its upper layer: "
-                       "give its lower layers with --lower L1:L2...", 2)
+                       "give its lower layers with --lower L1:L2...", exit_code=2)
 
 
 def _parse_lowers(spec: str) -> list[str]:
@@ -93,11 +78,11 @@ def _parse_lowers(spec: str) -> list[str]:
     try:
         parts = split_lowerdir(spec)
     except ConfigError as e:
-        raise InspectError(str(e), 2) from None
+        raise InspectError(str(e), exit_code=2) from None
     out = []
     for p in parts:
         if not os.path.isdir(p):
-            raise InspectError(f"lower layer {p!r} is not a directory", 2)
+            raise InspectError(f"lower layer {p!r} is not a directory", exit_code=2)
         out.append(os.path.realpath(p))
     return out
 
@@ -128,9 +113,9 @@ def diff_cmd(target, lower, ignore_identical, userxattr, as_json):
         upper, lowers, xattr_mode = _diff_layers(target, lower)
         changes = diff(upper, lowers, userxattr=True if userxattr else xattr_mode, ignore_identical=ignore_identical)
     except InspectError as e:
-        _fail(e)
+        fail(e)
     except OSError as e:
-        _fail(f"cannot read the layers: {e}")
+        fail(f"cannot read the layers: {e}")
     if as_json:
         click.echo(json.dumps([{"kind": c.kind, "path": c.path} for c in changes]))
     else:
@@ -153,7 +138,7 @@ def _diff_layers(target: str, lower: str | None) -> tuple[str, list[str], bool |
     if rec is not None:  # a live mountpoint: never walk it, take its layers
         cfg = rec["config"]
         if not cfg.get("upperdir"):
-            raise InspectError(f"{target} is a read-only mount: it has no upper layer", 2)
+            raise InspectError(f"{target} is a read-only mount: it has no upper layer", exit_code=2)
         lowers = _parse_lowers(lower) if lower is not None else list(cfg["lowerdirs"])
         return cfg["upperdir"], lowers, bool(cfg.get("userxattr"))
     if os.path.isdir(target):
@@ -184,9 +169,9 @@ def explain_cmd(target, path, as_json):
         upper, lowers, labels, userxattr = _explain_layers(target)
         ex = explain(upper, lowers, path, labels=labels, userxattr=userxattr)
     except InspectError as e:
-        _fail(e)
+        fail(e)
     except OSError as e:
-        _fail(f"cannot read the layers: {e}")
+        fail(f"cannot read the layers: {e}")
     if as_json:
         click.echo(json.dumps(ex.to_dict(), indent=1))
     else:
@@ -201,10 +186,8 @@ def _explain_layers(target: str):
     mp = _no_touch_realpath(target)
     rec = state.lookup(mp)
     if rec is not None:
-        from runner import state as rstate
-
-        for c in rstate.all_records():  # a container's root: label its init layer
-            if c.get("merged") and os.path.realpath(c["merged"]) == mp and c.get("upper"):
+        for c in current().all_containers():  # a container's root: label its init layer
+            if c.merged and os.path.realpath(c.merged) == mp and c.upper:
                 return (*_container_layers(c), False)
         cfg = rec["config"]
         return cfg.get("upperdir"), list(cfg["lowerdirs"]), None, bool(cfg.get("userxattr"))

@@ -129,8 +129,12 @@ def start_background(cfg: MountConfig, *, debug: bool = False, logfile: str | No
     The server gets its own session and /dev/null for stdio (its log goes to
     *logfile*). With *parent_death_signal* it receives that signal when the calling
     process dies (the runner uses SIGTERM: a killed monitor leaves no mount behind).
-    Raises MountFailed with the server's reason; nothing is mounted then.
+    Raises MountFailed with the server's reason; nothing is mounted then. A configuration
+    whose private xattr namespace is not decided yet is planned here, before the fork
+    (``userxattr.plan``; ConfigError on a conflict).
     """
+    if cfg.userxattr is None:
+        cfg = userxattr.plan(cfg)
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:  # the server
@@ -191,8 +195,8 @@ def serve(cfg: MountConfig, ready_fd: int | None = None) -> int:
     _tune_gc()
     _sys.raise_nofile_limit()
     os.umask(0)  # modes of new objects are exactly what the caller asked for
-    if cfg.userxattr is None:  # build_config decided it already; MountConfig callers may not
-        cfg = userxattr.resolve(cfg, privileged())
+    if cfg.userxattr is None:
+        raise ValueError("the mount is not planned: run userxattr.plan(cfg) before serving it")
     wd = prepare_workdir(cfg)
     try:
         check_whiteouts(cfg, wd)

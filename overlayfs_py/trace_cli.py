@@ -22,22 +22,16 @@ from .tracesummary import HEADER, Filter, Summary, row
 def socket_of(target: str) -> str:
     """The live trace socket of a container (a bare name or id is tried as one first, as
     docker's commands take names) or of a mountpoint."""
-    from runner import state as containers
-
     from .inspect_cli import bare_name
+    from .resolvers import current
 
-    rec = None
-    if bare_name(target):
-        try:
-            rec = containers.resolve(target)
-        except containers.StateError:
-            rec = None
-    if rec is not None:
-        if containers.status(rec) != "running" or not rec.get("merged"):
-            raise click.ClickException(f"container {rec.get('name')} is not running")
-        info = state.lookup(rec["merged"])
+    c = current().find_container(target) if bare_name(target) else None
+    if c is not None:
+        if not c.running or not c.merged:
+            raise click.ClickException(f"container {c.name} is not running")
+        info = state.lookup(c.merged)
         if info is None:
-            raise click.ClickException(f"container {rec.get('name')} has no live mount")
+            raise click.ClickException(f"container {c.name} has no live mount")
     else:  # a path
         info = state.lookup(os.path.realpath(target)) if os.path.isdir(target) else None
         if info is None:

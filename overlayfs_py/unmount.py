@@ -44,16 +44,16 @@ def unmount(path: str, *, lazy: bool = False, timeout: float | None = None) -> N
     raise UnmountError(first or "failed")
 
 
-def unmount_or_detach(path: str, *, timeout: float | None = None) -> bool:
-    """Unmount *path*, or detach it lazily when a normal unmount fails (busy). True if
-    either worked."""
+def try_unmount(path: str, *, lazy: bool = False, timeout: float | None = None) -> bool:
+    """:func:`unmount`, quietly: True if it worked."""
     try:
-        unmount(path, timeout=timeout)
-        return True
-    except UnmountError:
-        pass
-    try:
-        unmount(path, lazy=True, timeout=timeout)
+        unmount(path, lazy=lazy, timeout=timeout)
         return True
     except UnmountError:
         return False
+
+
+def unmount_or_detach(path: str, *, timeout: float | None = None) -> bool:
+    """Unmount *path*, or detach it lazily when a normal unmount fails (busy). True if
+    either worked."""
+    return try_unmount(path, timeout=timeout) or try_unmount(path, lazy=True, timeout=timeout)

@@ -11,6 +11,12 @@ been written in one form it must be read in that form, so the form is *recorded*
 * without a record, the upper's existing private xattrs decide (diff.detect_userxattr:
   the first one found); an upper without any is fresh.
 
+``plan(cfg)`` is the planning step between parsing (config.py, pure) and the fork of the
+server: it asks privilege.py, reads the record and may scan the upper, and returns the
+configuration with ``userxattr`` decided. ``pyoverlay mount`` calls it, and
+``mount.start_background`` for a configuration that arrives undecided (the runner's);
+the server only checks that it was done.
+
 Rules (``choose``): a recorded form wins when no form is asked for; asking for the other
 one (``-o userxattr`` / ``-o nouserxattr``) is an error; so is ``trusted.*`` asked for or
 recorded when the mounter is not privileged (it could neither read nor write them).
@@ -104,6 +110,15 @@ def resolve(cfg: MountConfig, privileged: bool) -> MountConfig:
     rec, where = recorded(cfg)
     value = choose(cfg.userxattr, rec, privileged, upper=cfg.upperdir or "", where=where)
     return cfg if value is cfg.userxattr else dataclasses.replace(cfg, userxattr=value)
+
+
+def plan(cfg: MountConfig) -> MountConfig:
+    """The planning step: *cfg* (parsed and validated) with the private xattr namespace
+    decided for this process (its privilege, the workdir's record, the upper's xattrs).
+    Raises ConfigError on a conflict. Run it once, before forking the server."""
+    from .privilege import privileged
+
+    return resolve(cfg, privileged())
 
 
 def record(cfg: MountConfig, dir_fd: int | None = None) -> None:

@@ -2,7 +2,9 @@
 
 Options become a :class:`runner.spec.RunSpec` here; the work is in
 :mod:`runner.monitor` (run), :mod:`runner.nsexec` (exec) and :mod:`runner.control`
-(ps, stop, kill, top, rm).
+(ps, stop, kill, top, rm). :func:`resolvers` is how the filesystem's commands (diff,
+explain, trace, mount --image) find containers and images: the top-level command
+(:mod:`pyoverlay_cli`) passes it to them.
 """
 
 from __future__ import annotations
@@ -14,21 +16,50 @@ import time
 
 import click
 
+from overlayfs_py.errors import fail
+from overlayfs_py.resolvers import ContainerView, Resolvers
+
 from . import container, control, state
 from .cgroups import Limits, parse_size
+from .errors import EXIT_RUNNER
 from .spec import (RunSpec, SpecError, apply_image, check_name, check_workdir, parse_caps,
                    parse_env, parse_network, parse_volume)
-
-EXIT_RUNNER = container.EXIT_RUNNER
-
-
-def _fail(msg: str, code: int = EXIT_RUNNER):
-    click.echo(f"pyoverlay: {msg}", err=True)
-    sys.exit(code)
 
 
 #: usage errors of these exit with 125, the runner's own error, as docker's do
 USAGE_125 = frozenset({"run", "exec"})
+
+
+# --- what the filesystem's commands may ask of the runner ---------------------------------
+
+def container_view(rec: dict) -> ContainerView:
+    """A container record as the filesystem's commands see it."""
+    return ContainerView(id=rec["id"], name=rec.get("name"), upper=rec.get("upper"),
+                         lowers=tuple(rec.get("layers", [])), init_layer=rec.get("init_layer"),
+                         merged=rec.get("merged"), running=state.status(rec) == "running")
+
+
+def _find_container(ref: str) -> ContainerView | None:
+    try:
+        return container_view(state.resolve(ref))
+    except state.StateError:
+        return None
+
+
+def _all_containers() -> list[ContainerView]:
+    return [container_view(r) for r in state.all_records()]
+
+
+def _image_layers(ref: str, docker_root: str | None) -> list[str]:
+    from .images.cli import find_image
+
+    return list(find_image(ref, docker_root).layers)
+
+
+def resolvers() -> Resolvers:
+    """The container and image look-ups of this runner, for the filesystem's commands."""
+    return Resolvers(find_container=_find_container, all_containers=_all_containers,
+                     find_image=_image_layers)
 
 
 def _layers(spec: str) -> tuple[str, ...]:
@@ -86,6 +117,8 @@ def _from_image(ref, docker_root, args, env, workdir, user):
 
 def register(main: click.Group) -> None:
     for cmd in (run_cmd, ps_cmd, exec_cmd, stop_cmd, kill_cmd, top_cmd, rm_cmd, logs_cmd):
+        if cmd.name in USAGE_125:
+            cmd.own_error_code = EXIT_RUNNER  # type: ignore[attr-defined]  # see overlayfs_py.cli
         main.add_command(cmd)
 
 
@@ -165,7 +198,7 @@ def run_cmd(args, image, docker_root, name, remove, upper, detach, interactive, 
             trace_file=_trace_file(trace_file), trace_summary=trace_summary,
             userns_map=userns_map or _userns_map_default())
     except (SpecError, ValueError) as e:
-        _fail(str(e))
+        fail(e, EXIT_RUNNER)
     _check_dirs()
     if os.geteuid() != 0:
         _pin_dirs()
@@ -193,7 +226,7 @@ def _check_dirs() -> None:
         state.records_dir()
         state.data_dir()
     except StateDirError as e:
-        _fail(str(e))
+        fail(e, EXIT_RUNNER)
 
 
 def _pin_dirs() -> None:
@@ -240,7 +273,7 @@ def _find(ref: str) -> dict:
     try:
         return state.resolve(ref)
     except state.StateError as e:
-        _fail(str(e))
+        fail(e, EXIT_RUNNER)
 
 
 @click.command("ps")
@@ -252,7 +285,7 @@ def ps_cmd(show_all, quiet, as_json):
     try:
         rows = [control.summary(r) for r in state.all_records()]
     except state.StateError as e:
-        _fail(str(e), 1)
+        fail(e, 1)
     if not show_all:
         rows = [r for r in rows if r["status"] == "running"]
     if as_json:
@@ -287,9 +320,9 @@ def exec_cmd(ref, argv, interactive, tty, env, user, workdir):
         sys.exit(exec_in(rec, list(argv), env=env_list, user=user, workdir=wd, tty=tty,
                          interactive=interactive))
     except (ExecError, SpecError) as e:
-        _fail(str(e))
+        fail(e, EXIT_RUNNER)
     except container.ContainerError as e:
-        _fail(str(e), e.code)
+        fail(e)
 
 
 @click.command("stop")
@@ -309,7 +342,7 @@ def kill_cmd(refs, sig):
     try:
         signum = control.parse_signal(sig)
     except ValueError as e:
-        _fail(str(e))
+        fail(e, EXIT_RUNNER)
     _each(refs, lambda rec: control.kill(rec, signum))
 
 
@@ -320,7 +353,7 @@ def top_cmd(ref):
     try:
         click.echo(control.top_table(_find(ref)))
     except control.ControlError as e:
-        _fail(str(e))
+        fail(e, EXIT_RUNNER)
 
 
 @click.command("rm")
@@ -346,7 +379,7 @@ def logs_cmd(ref):
     except FileNotFoundError:
         pass
     except OSError as e:
-        _fail(f"cannot read {path}: {e.strerror}", 1)
+        fail(f"cannot read {path}: {e.strerror}", 1)
 
 
 def _each(refs, action) -> None:

@@ -13,10 +13,10 @@ import contextlib
 import os
 import select
 import shlex
-import shutil
 import signal
-import subprocess
 import time
+
+from overlayfs_py.unmount import try_unmount
 
 from . import _linux as L
 from . import state
@@ -159,9 +159,7 @@ def cleanup_dead(rec: dict) -> None:
     # only the container's own mountpoint (a record's paths are checked by state.load too)
     if merged and merged == os.path.join(state.container_dir(rec["id"]), "merged") \
             and state.mounts_under(merged):
-        tool = shutil.which("fusermount3")
-        subprocess.run([tool, "-u", "-z", merged] if tool else ["umount", "-l", merged],
-                       capture_output=True)
+        try_unmount(merged, lazy=True)
     server, start = rec.get("server_pid"), rec.get("server_start")
     deadline = time.monotonic() + 10
     while L.alive(server, start) and time.monotonic() < deadline:

@@ -29,10 +29,8 @@ import dataclasses
 import json
 import os
 import secrets
-import shutil
 import signal
 import socket
-import subprocess
 import sys
 import time
 
@@ -465,12 +463,9 @@ def _own_root(upper: str, owner: tuple[int, int]) -> None:
 
 def _unmount(merged: str, server: int, timeout: float = 20.0) -> None:
     """Unmount the container's root and wait for its server (our child) to exit."""
-    tool = shutil.which("fusermount3")
-    cmd = [tool, "-u", merged] if tool else ["umount", merged]
-    res = subprocess.run(cmd, capture_output=True)
-    if res.returncode != 0 and state.mounts_under(merged):
-        subprocess.run(cmd[:-1] + ["-z", merged] if tool else ["umount", "-l", merged],
-                       capture_output=True)
+    from overlayfs_py.unmount import unmount_or_detach
+
+    unmount_or_detach(merged)  # a busy mount is detached
     _wait_server(server, timeout)
 
 

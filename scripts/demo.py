@@ -140,13 +140,15 @@ def abort_fuse(path: Path) -> None:
             Path(f"/sys/fs/fuse/connections/{minor}/abort").write_text("1")
         except OSError:
             pass  # fusectl not mounted or not allowed: the lazy unmount below still detaches it
-    subprocess.run(["fusermount3", "-u", "-z", str(path)], capture_output=True, timeout=CMD_TIMEOUT)
+    from overlayfs_py.unmount import try_unmount
+
+    try_unmount(str(path), lazy=True, timeout=CMD_TIMEOUT)
 
 
 def pyoverlay(*args: str) -> list[str]:
     if PYOVERLAY.exists():
         return [str(PYOVERLAY), *args]
-    return [sys.executable, "-m", "overlayfs_py", *args]
+    return [sys.executable, "-m", "pyoverlay_cli", *args]
 
 
 def is_opaque(path: Path) -> bool:

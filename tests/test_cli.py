@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from helpers import mounts
+from overlayfs_py.unmount import try_unmount
 
 pytestmark = [pytest.mark.fuse]
 
@@ -19,7 +20,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def _cli(*args, check=True):
-    return subprocess.run([sys.executable, "-m", "overlayfs_py", *map(str, args)], cwd=REPO,
+    return subprocess.run([sys.executable, "-m", "pyoverlay_cli", *map(str, args)], cwd=REPO,
                           env=mounts.pyoverlay_env(), capture_output=True, text=True, timeout=60,
                           check=check)
 
@@ -66,7 +67,7 @@ def test_debug_logs_requests(tmp_path):
             time.sleep(0.05)
         os.stat(mnt / "f")
     finally:
-        subprocess.run(["fusermount3", "-u", str(mnt)], check=False)
+        try_unmount(str(mnt))
         p.wait(timeout=20)
     text = (tmp_path / "debug.log").read_text()
     assert "lookup" in text and "b'f'" in text, text[-2000:]

@@ -26,6 +26,7 @@ from overlayfs_py.config import (
     split_lowerdir,
     validate,
 )
+from overlayfs_py.userxattr import plan
 
 # --------------------------------------------------------------------------
 # helpers
@@ -334,9 +335,11 @@ def test_build_config_positional(layout: dict[str, str]) -> None:
         workdir=layout["w"],
         mountpoint=layout["m"],
         debug=True,
-        userxattr=False,  # decided at build time: root, fresh upper -> trusted.overlay.*
+        userxattr=None,  # parsing is pure: the namespace is not asked for, not decided yet
     )
     assert cfg.read_only is False
+    cfg = plan(cfg)  # the planning step decides it: root, fresh upper -> trusted.overlay.*
+    assert cfg.userxattr is False
     assert cfg.xattr_prefix == "trusted.overlay."
 
 

@@ -184,7 +184,7 @@ def test_unchanged_dir_reported_once_for_several_children(tmp_path):
 def _cli(*args, env=None):
     e = mounts.pyoverlay_env()
     e.update(env or {})
-    return subprocess.run([sys.executable, "-m", "overlayfs_py", *map(str, args)], cwd=REPO, env=e,
+    return subprocess.run([sys.executable, "-m", "pyoverlay_cli", *map(str, args)], cwd=REPO, env=e,
                           capture_output=True, text=True, timeout=60)
 
 

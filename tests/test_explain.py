@@ -286,7 +286,7 @@ def test_copy_up_by_the_kernel(tmp_path):
 # --- the command line -----------------------------------------------------------------------
 
 def _cli(*args, timeout=60):
-    return subprocess.run([sys.executable, "-m", "overlayfs_py", *map(str, args)], cwd=REPO,
+    return subprocess.run([sys.executable, "-m", "pyoverlay_cli", *map(str, args)], cwd=REPO,
                           env=mounts.pyoverlay_env(), capture_output=True, text=True, timeout=timeout)
 
 

@@ -148,7 +148,7 @@ def test_background_mount_and_umount(tmp_path):
         assert mounts.is_mounted(mnt), "mount returned 0 but the mount is not live"
         assert sorted(os.listdir(mnt)) == ["a", "b"]
         pids = _server_pids(mnt)
-        r = subprocess.run([sys.executable, "-m", "overlayfs_py", "umount", str(mnt)],
+        r = subprocess.run([sys.executable, "-m", "pyoverlay_cli", "umount", str(mnt)],
                            cwd=mounts.REPO_ROOT, env=mounts.pyoverlay_env(),
                            capture_output=True, text=True, timeout=60)
         assert r.returncode == 0, f"umount exited {r.returncode}: {r.stderr}"

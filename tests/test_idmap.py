@@ -256,7 +256,7 @@ def test_cli_bad_map_is_one_line_exit_2(layout):
     import subprocess
     import sys
 
-    r = subprocess.run([sys.executable, "-m", "overlayfs_py", "mount", "--uidmap", "0:1000:1",
+    r = subprocess.run([sys.executable, "-m", "pyoverlay_cli", "mount", "--uidmap", "0:1000:1",
                         "--gidmap", "0:1", str(layout / "lower"), str(layout / "upper"),
                         str(layout / "merged")], capture_output=True, text=True,
                        cwd=Path(__file__).resolve().parent.parent)

@@ -92,7 +92,7 @@ def test_bad_budgets_are_refused(tmp_path, value):
     mnt.mkdir()
     import subprocess
     import sys
-    r = subprocess.run([sys.executable, "-m", "overlayfs_py", "mount", "-o", f"max_nodes={value}",
+    r = subprocess.run([sys.executable, "-m", "pyoverlay_cli", "mount", "-o", f"max_nodes={value}",
                         str(lo), str(mnt)], capture_output=True, text=True, env=mounts.pyoverlay_env(),
                        cwd=mounts.REPO_ROOT)
     assert r.returncode != 0

@@ -22,6 +22,7 @@ import pytest
 from helpers import archives as A
 from helpers.containers import describe, pyoverlay_cmd
 from helpers.mounts import mounts_under, pyoverlay_env
+from overlayfs_py.unmount import unmount
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (mount, import as root)")
 
@@ -267,7 +268,7 @@ def test_mount_with_an_unusable_state_dir(kind, tmp_path):
         assert_one_line_error(r, 1, str(bad))
     finally:
         while _mounted(merged):
-            subprocess.run(["fusermount3", "-u", str(merged)], check=True)
+            unmount(str(merged))
 
 
 @pytest.mark.parametrize("spec,want", [

@@ -32,7 +32,7 @@ from helpers import mounts
 
 pytestmark = [pytest.mark.fuse, pytest.mark.needs_root]
 
-CLI = [sys.executable, "-m", "overlayfs_py"]
+CLI = [sys.executable, "-m", "pyoverlay_cli"]
 OTHER = 4242  # a uid that is not root's
 
 

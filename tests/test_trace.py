@@ -271,14 +271,14 @@ def test_a_paused_reader_never_stalls_the_filesystem(layers, traced):
 # --- the trace command ------------------------------------------------------------------------
 
 def _cli(*args, **kw):
-    return subprocess.run([sys.executable, "-m", "overlayfs_py", *args], cwd=mounts.REPO_ROOT,
+    return subprocess.run([sys.executable, "-m", "pyoverlay_cli", *args], cwd=mounts.REPO_ROOT,
                           env=mounts.pyoverlay_env(), capture_output=True, text=True, timeout=60, **kw)
 
 
 def test_trace_command_follows_a_mount(layers, traced):
-    p = subprocess.Popen([sys.executable, "-m", "overlayfs_py", "trace", "--json", str(traced.path)],
+    p = subprocess.Popen([sys.executable, "-m", "pyoverlay_cli", "trace", "--json", str(traced.path)],
                          cwd=mounts.REPO_ROOT, env=mounts.pyoverlay_env(), stdout=subprocess.PIPE, text=True)
-    q = subprocess.Popen([sys.executable, "-m", "overlayfs_py", "trace", "--summary", "--path", "/e",
+    q = subprocess.Popen([sys.executable, "-m", "pyoverlay_cli", "trace", "--summary", "--path", "/e",
                           str(traced.path)], cwd=mounts.REPO_ROOT, env=mounts.pyoverlay_env(),
                          stdout=subprocess.PIPE, text=True)
     time.sleep(1.5)

@@ -13,6 +13,11 @@ from overlayfs_py import privilege, userxattr
 from overlayfs_py.config import ConfigError, MountConfig, build_config, parse_options
 
 
+def _planned(*args, **kw):
+    """Parse (pure) then plan: the configuration with its private xattr namespace decided."""
+    return userxattr.plan(build_config(*args, **kw))
+
+
 def test_choose_fresh_upper():
     assert userxattr.choose(None, None, privileged=True) is False
     assert userxattr.choose(None, None, privileged=False) is True
@@ -56,18 +61,18 @@ def test_record_round_trip_and_other_keys_kept(tmp_path):
     assert json.loads(rec.read_text()) == {"other": 1, "userxattr": True}
     assert userxattr.recorded(cfg) == (True, f"recorded in '{rec}'")
     # as root, without options, the recorded form is used
-    assert build_config(lo, up, mnt, workdir=wk).userxattr is True
+    assert _planned(lo, up, mnt, workdir=wk).userxattr is True
     with pytest.raises(ConfigError, match="conflicts with it"):
-        build_config(lo, up, mnt, workdir=wk, options=["nouserxattr"])
+        _planned(lo, up, mnt, workdir=wk, options=["nouserxattr"])
 
 
 def test_bad_record_is_a_one_line_error(tmp_path):
     lo, up, wk, mnt = _layout(tmp_path)
     (tmp_path / "wk" / userxattr.RECORD).write_text('{"userxattr": "yes"}')
     with pytest.raises(ConfigError, match=r"has a bad userxattr record \(want true or false\): remove it"):
-        build_config(lo, up, mnt, workdir=wk)
+        _planned(lo, up, mnt, workdir=wk)
     (tmp_path / "wk" / userxattr.RECORD).write_text('{"other": 1}')   # no record of the form
-    assert build_config(lo, up, mnt, workdir=wk).userxattr is (os.geteuid() != 0)
+    assert _planned(lo, up, mnt, workdir=wk).userxattr is (os.geteuid() != 0)
 
 
 @pytest.mark.needs_root
@@ -75,12 +80,12 @@ def test_without_record_the_upper_xattrs_decide(tmp_path):
     lo, up, wk, mnt = _layout(tmp_path)
     os.mkdir(os.path.join(up, "d"))
     os.setxattr(os.path.join(up, "d"), "user.overlay.opaque", b"y")
-    assert build_config(lo, up, mnt, workdir=wk).userxattr is True
+    assert _planned(lo, up, mnt, workdir=wk).userxattr is True
     os.removexattr(os.path.join(up, "d"), "user.overlay.opaque")
     os.setxattr(os.path.join(up, "d"), "trusted.overlay.opaque", b"y")
-    assert build_config(lo, up, mnt, workdir=wk).userxattr is False
+    assert _planned(lo, up, mnt, workdir=wk).userxattr is False
     with pytest.raises(ConfigError, match=r"has trusted.overlay.\* private xattrs \(found on its files\)"):
-        build_config(lo, up, mnt, workdir=wk, options=["userxattr"])
+        _planned(lo, up, mnt, workdir=wk, options=["userxattr"])
 
 
 def test_privilege_facts():

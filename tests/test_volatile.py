@@ -24,7 +24,7 @@ def _layout(tmp_path):
 
 
 def _mount_cli(lo, up, wk, mnt, *opts):
-    argv = [sys.executable, "-m", "overlayfs_py", "mount", "--workdir", str(wk)]
+    argv = [sys.executable, "-m", "pyoverlay_cli", "mount", "--workdir", str(wk)]
     if opts:
         argv += ["-o", ",".join(opts)]
     return subprocess.run(argv + [str(lo), str(up), str(mnt)], capture_output=True, text=True,
@@ -76,5 +76,5 @@ def test_a_later_mount_is_refused_until_the_marker_goes(tmp_path):
     try:
         assert (pmnt / "f").read_text() == "lower\n"
     finally:
-        subprocess.run([sys.executable, "-m", "overlayfs_py", "umount", str(pmnt)], env=mounts.pyoverlay_env(),
+        subprocess.run([sys.executable, "-m", "pyoverlay_cli", "umount", str(pmnt)], env=mounts.pyoverlay_env(),
                        cwd=mounts.REPO_ROOT, check=True)

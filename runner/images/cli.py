@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 import click
+
+from overlayfs_py.errors import fail
 
 from . import Image, ImageError
 
@@ -82,8 +83,7 @@ def images_cmd(json_out, quiet, given):
             for p in getattr(src, "problems", []):
                 click.echo(f"pyoverlay: warning: {p}", err=True)
     except ImageError as e:
-        click.echo(f"pyoverlay: {e}", err=True)
-        sys.exit(1)
+        fail(e, 1)
     if json_out:
         click.echo(json.dumps([as_json(i) for i in found], indent=1))
     elif quiet:

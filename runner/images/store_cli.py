@@ -11,6 +11,8 @@ import sys
 
 import click
 
+from overlayfs_py.errors import fail
+
 from . import Image, ImageError, local_root
 from .archive import open_archive
 from .local import LocalStore
@@ -72,11 +74,6 @@ def import_archive(path: str, store: LocalStore, tag: str | None = None, log=Non
     return out
 
 
-def _fail(msg: str, code: int = 1):
-    click.echo(f"pyoverlay: {msg}", err=True)
-    sys.exit(code)
-
-
 @click.command("import")
 @click.argument("archive", metavar="ARCHIVE|DIR")
 @click.option("--tag", "-t", metavar="NAME:TAG", help="Store the (single) image under this name "
@@ -88,9 +85,9 @@ def import_cmd(archive, tag):
         for img in import_archive(archive, LocalStore(local_root()), tag):
             click.echo(" ".join([img.id, *img.names]))
     except (ImageError, OSError) as e:
-        _fail(str(e))
+        fail(e, 1)
     except KeyboardInterrupt:
-        _fail("interrupted; nothing was imported", 130)
+        fail("interrupted; nothing was imported", 130)
 
 
 @click.command("commit")
@@ -104,7 +101,7 @@ def commit_cmd(target, output, image, parent, docker_root):
     from . import commit
 
     if not output and not image:
-        _fail("nothing to do: give -o FILE and/or --image NAME[:TAG]", 2)
+        fail("nothing to do: give -o FILE and/or --image NAME[:TAG]", 2)
     try:
         upper, rec = commit.find_upper(target)
         if output:
@@ -116,9 +113,9 @@ def commit_cmd(target, output, image, parent, docker_root):
             img = commit.commit_image(upper, rec, name, base, LocalStore(local_root()))
             click.echo(" ".join([img.id, *img.names]))
     except (ImageError, OSError) as e:
-        _fail(str(e))
+        fail(e, 1)
     except KeyboardInterrupt:
-        _fail("interrupted; nothing was stored", 130)
+        fail("interrupted; nothing was stored", 130)
 
 
 def _parent(ref: str | None, rec: dict | None, docker_root: str | None) -> Image | None:

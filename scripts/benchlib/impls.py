@@ -17,8 +17,11 @@ import json
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import time
+
+from overlayfs_py.unmount import UnmountError, unmount
 
 from .layers import Layers, build_native
 from .util import (REPO, BenchError, find_server_pid, force_unmount, is_mounted, proc_status_kib,
@@ -166,7 +169,7 @@ class Pyoverlay(Impl):
 
     def cli(self) -> list[str]:
         exe = os.path.join(REPO, ".venv", "bin", "pyoverlay")
-        return [exe] if os.access(exe, os.X_OK) else [sys.executable, "-m", "overlayfs_py"]
+        return [exe] if os.access(exe, os.X_OK) else [sys.executable, "-m", "pyoverlay_cli"]
 
     def env(self) -> dict:
         return dict(os.environ, PYOVERLAY_STATE_DIR=self.state_dir)
@@ -192,9 +195,13 @@ class Pyoverlay(Impl):
         # what `pyoverlay umount` does (fusermount3 -u, wait for the server), minus a
         # Python start-up per remount
         self._note_peak()
-        r = run(["fusermount3", "-u", self.merged], check=False, timeout=90)
-        if r.returncode != 0 or is_mounted(self.merged):
-            self.log(f"pyoverlay: fusermount3 -u failed ({(r.stderr or '').strip()}); forcing")
+        try:
+            unmount(self.merged, timeout=90)
+            failed = "still mounted" if is_mounted(self.merged) else None
+        except (UnmountError, subprocess.TimeoutExpired) as e:
+            failed = str(e)
+        if failed:
+            self.log(f"pyoverlay: unmount failed ({failed}); forcing")
             force_unmount(self.merged)
         _reap(self._pid, self.name)
         self._pid = None

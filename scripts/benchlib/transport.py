@@ -22,6 +22,8 @@ import sys
 import time
 import types
 
+from overlayfs_py.unmount import try_unmount
+
 from .impls import FuseOverlayfs, Impl, Kernel, Pyoverlay
 from .util import BenchError, is_mounted
 
@@ -49,7 +51,7 @@ class PyfuseNull(Impl):
         return self._proc.pid if self._proc else None
 
     def _unmount(self) -> None:
-        subprocess.run(["fusermount3", "-u", self.merged], capture_output=True)
+        try_unmount(self.merged)
         try:
             self._proc.wait(timeout=10)
         except subprocess.TimeoutExpired:

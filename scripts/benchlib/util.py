@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import tempfile
 import time
 
 from overlayfs_py.mountinfo import unescape
+from overlayfs_py.unmount import try_unmount
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -75,15 +75,11 @@ def abort_fuse(path: str) -> None:
 
 def force_unmount(path: str) -> None:
     """Unmount *path* whatever it takes: normal, then abort FUSE + lazy."""
-    fm = shutil.which("fusermount3")
-    for argv in ([fm, "-u", path] if fm else None, ["umount", path]):
-        if argv and is_mounted(path):
-            subprocess.run(argv, capture_output=True, timeout=60)
+    if is_mounted(path):
+        try_unmount(path, timeout=60)
     if is_mounted(path):
         abort_fuse(path)
-        for argv in ([fm, "-uz", path] if fm else None, ["umount", "-l", path]):
-            if argv and is_mounted(path):
-                subprocess.run(argv, capture_output=True, timeout=60)
+        try_unmount(path, lazy=True, timeout=60)
 
 
 def pid_alive(pid: int) -> bool:

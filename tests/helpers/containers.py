@@ -40,11 +40,11 @@ ID_RE = re.compile(r"^[0-9a-f]{64}$")
 
 def pyoverlay_cmd() -> list[str]:
     """The console script next to our interpreter (the way users run it);
-    ``python -m overlayfs_py`` if it is not installed."""
+    ``python -m pyoverlay_cli`` if it is not installed."""
     script = Path(sys.executable).parent / "pyoverlay"
     if script.exists():
         return [str(script)]
-    return [sys.executable, "-m", "overlayfs_py"]
+    return [sys.executable, "-m", "pyoverlay_cli"]
 
 
 def describe(r) -> str:

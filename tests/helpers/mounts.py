@@ -38,6 +38,7 @@ class MountError(AssertionError):
 # --------------------------------------------------------------------------
 
 from overlayfs_py.mountinfo import unescape as _unescape_mountinfo  # noqa: E402
+from overlayfs_py.unmount import UnmountError, try_unmount, unmount  # noqa: E402
 
 
 def mount_table() -> list[dict]:
@@ -100,10 +101,8 @@ def abort_fuse_connection(path) -> bool:
 
 def force_unmount(path) -> None:
     """Best effort: lazily detach whatever is mounted at ``path``."""
-    for cmd in ([FUSERMOUNT, "-uz", str(path)], ["umount", "-l", str(path)]):
-        if not is_mounted(path):
-            return
-        subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    if is_mounted(path):
+        try_unmount(str(path), lazy=True)
 
 
 def _check_layer_path(p) -> str:
@@ -128,7 +127,7 @@ def _tail(path: Path, n: int = 60) -> str:
 
 def pyoverlay_argv(lowers, mountpoint, upper=None, workdir=None, options=(),
                    foreground=True) -> list[str]:
-    argv = [sys.executable, "-m", "overlayfs_py", "mount"]
+    argv = [sys.executable, "-m", "pyoverlay_cli", "mount"]
     if foreground:
         argv.append("--foreground")
     if workdir is not None:
@@ -152,7 +151,7 @@ def pyoverlay_env() -> dict:
 class PyoverlayMount(contextlib.AbstractContextManager):
     """``with PyoverlayMount(lowers, mnt, upper, workdir, log_path=...) as m:``
 
-    Starts ``python -m overlayfs_py mount --foreground ...`` (cwd = repo root,
+    Starts ``python -m pyoverlay_cli mount --foreground ...`` (cwd = repo root,
     PYTHONPATH = repo root), waits until the mount shows up in mountinfo
     (fails with the server's log tail if the server exits first or the
     timeout expires), and on exit always unmounts (fusermount3 -u, fallback
@@ -251,23 +250,16 @@ class PyoverlayMount(contextlib.AbstractContextManager):
         """Unmount now (what ``__exit__`` does); idempotent."""
         self._stop()
 
-    def _run(self, argv, timeout=20):
-        try:
-            return subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.teardown_notes.append(f"{' '.join(argv)} timed out; aborting the connection")
-            abort_fuse_connection(self.mountpoint)
-            return subprocess.CompletedProcess(argv, 1, "", "timed out")
-
     def _stop(self) -> None:
         self._done.set()
         if is_mounted(self.mountpoint):
-            r = self._run([FUSERMOUNT, "-u", str(self.mountpoint)])
-            if r.returncode != 0 and is_mounted(self.mountpoint):
-                self.teardown_notes.append(f"fusermount3 -u failed: {r.stderr.strip()}")
-                r = self._run(["umount", str(self.mountpoint)])
-                if r.returncode != 0:
-                    self.teardown_notes.append(f"umount failed: {r.stderr.strip()}")
+            try:  # fusermount3 -u, then umount (overlayfs_py.unmount)
+                unmount(str(self.mountpoint), timeout=20)
+            except UnmountError as e:
+                self.teardown_notes.append(f"unmount failed: {e}")
+            except subprocess.TimeoutExpired as e:
+                self.teardown_notes.append(f"{' '.join(e.cmd)} timed out; aborting the connection")
+                abort_fuse_connection(self.mountpoint)
         if self.proc is not None and self.returncode is None:
             try:
                 self.returncode = self.proc.wait(self.exit_timeout)

@@ -139,7 +139,7 @@ def test_root_reads_a_user_upper_in_the_recorded_form(user, tmp_path):
     _umount(user, mnt)
 
     env = mounts.pyoverlay_env() | {"PYOVERLAY_STATE_DIR": str(tmp_path / "state")}
-    cli = [sys.executable, "-m", "overlayfs_py"]
+    cli = [sys.executable, "-m", "pyoverlay_cli"]
     r = subprocess.run([*cli, "mount", "-o", "nouserxattr", lo, up, mnt, "--workdir", wk],
                        capture_output=True, text=True, env=env)
     _one_line_error(r, f"upper layer '{up}' has user.overlay.* private xattrs",

@@ -22,7 +22,7 @@ import pytest
 from helpers import mounts
 from helpers.rootless import VENV_BIN
 
-CLI = [sys.executable, "-m", "overlayfs_py"]
+CLI = [sys.executable, "-m", "pyoverlay_cli"]
 
 SWAPPER = r"""
 import os, sys

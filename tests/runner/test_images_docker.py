@@ -294,7 +294,7 @@ class ImageMount(mounts.PyoverlayMount):
         self.ref, self.docker_root = ref, docker_root
 
     def argv(self) -> list[str]:
-        argv = [sys.executable, "-m", "overlayfs_py", "mount", "--foreground",
+        argv = [sys.executable, "-m", "pyoverlay_cli", "mount", "--foreground",
                 "--image", self.ref, "--docker-root", str(self.docker_root)]
         return argv + ([str(self.upper)] if self.upper else []) + [str(self.mountpoint)]
 
