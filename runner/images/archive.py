@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 
 from overlayfs_py import _sys
 
-from . import ImageError, parse_reference
+from .core import ImageError, parse_reference
 from .streams import decompress, hex_of, sha256_digest
 
 _MAX_JSON = 64 << 20

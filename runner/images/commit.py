@@ -25,7 +25,7 @@ import os
 import platform
 import sys
 
-from . import Image, ImageError, parse_reference
+from .core import Image, ImageError, parse_reference
 from .layertar import write_layer
 from .local import LocalStore, dumps
 from .streams import MEDIA_TAR

@@ -27,7 +27,7 @@ import stat
 
 from overlayfs_py import _sys
 
-from . import Image, ImageError, NotFound, docker_root, parse_reference
+from .core import Image, ImageError, NotFound, docker_root, parse_reference
 
 IMAGE_DIR = "image/overlay2"
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")

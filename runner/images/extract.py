@@ -36,7 +36,7 @@ import tarfile
 from overlayfs_py import _sys
 from overlayfs_py.whiteout import XattrNames
 
-from . import ImageError
+from .core import ImageError
 from .tarformat import OPAQUE, WH, escapes, mtime_ns, split_name, xattrs_of
 
 _OPEN_DIR = _sys.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC

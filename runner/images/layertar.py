@@ -34,7 +34,7 @@ from typing import BinaryIO
 from overlayfs_py import _sys
 from overlayfs_py.whiteout import TRUSTED_PREFIX, USER_PREFIX, XattrNames, is_char_whiteout, may_be_xwhiteout
 
-from . import ImageError
+from .core import ImageError
 from .tarformat import OPAQUE, WH, set_mtime, set_xattr
 
 

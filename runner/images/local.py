@@ -37,7 +37,7 @@ import json
 import os
 import uuid
 
-from . import Image, ImageError, NotFound, parse_reference
+from .core import Image, ImageError, NotFound, parse_reference
 from .streams import MEDIA_TAR, MEDIA_TYPES, force_rmtree, fsync_dir, hex_of, is_digest, sha256_digest
 from .unpack import unpack
 

@@ -22,7 +22,7 @@ import sys
 import time
 from typing import BinaryIO
 
-from . import ImageError
+from .core import ImageError
 
 GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"

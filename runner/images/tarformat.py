@@ -18,7 +18,7 @@ import os
 import posixpath
 import tarfile
 
-from . import ImageError
+from .core import ImageError
 
 WH = b".wh."
 OPAQUE = b".wh..wh..opq"

@@ -22,7 +22,7 @@ from typing import BinaryIO, NamedTuple
 
 from overlayfs_py.whiteout import TRUSTED_PREFIX, USER_PREFIX, XattrNames
 
-from . import ImageError
+from .core import ImageError
 from .extract import extract
 from .streams import Digesting, Progress, check, decompress, force_rmtree
 
