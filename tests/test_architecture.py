@@ -294,3 +294,32 @@ def test_the_module_list_is_complete():
             assert info.name in names
     assert {"overlayfs_py.cli", "runner.images.core", "pyoverlay_cli"} <= names
     assert os.path.basename(module_files(REPO)["runner.images"]) == "__init__.py"
+
+
+# --- configuration is pure; the plan decides the xattr namespace once ---------------------
+
+def test_parsing_reads_no_record_and_asks_no_privilege(tmp_path):
+    """build_config only parses and validates: a damaged workdir record is the planning
+    step's business (userxattr.plan), and an undecided namespace stays undecided."""
+    from overlayfs_py import userxattr
+    from overlayfs_py.config import ConfigError, build_config
+
+    for d in ("lo", "up", "wk", "mnt"):
+        (tmp_path / d).mkdir()
+    (tmp_path / "wk" / userxattr.RECORD).write_text('{"userxattr": "yes"}')
+    cfg = build_config(str(tmp_path / "lo"), str(tmp_path / "up"), str(tmp_path / "mnt"),
+                       workdir=str(tmp_path / "wk"))
+    assert cfg.userxattr is None
+    with pytest.raises(ConfigError, match="bad userxattr record"):
+        userxattr.plan(cfg)
+    (tmp_path / "wk" / userxattr.RECORD).write_text('{"userxattr": true}')
+    assert userxattr.plan(cfg).userxattr is True
+    config_imports = import_graph(REPO)["overlayfs_py.config"]
+    assert not config_imports & {"overlayfs_py.privilege", "overlayfs_py.userxattr", "overlayfs_py.diff"}
+
+
+def test_the_filesystem_command_refuses_image_in_one_line(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "overlayfs_py", "mount", "--image", "busybox",
+                        str(tmp_path / "m")], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2
+    assert r.stderr == "pyoverlay: --image needs the image store: use the pyoverlay command\n"
