@@ -19,9 +19,9 @@ import click
 from overlayfs_py.errors import fail
 from overlayfs_py.resolvers import ContainerView, Resolvers
 
-from . import container, control, state
+from . import control, state
 from .cgroups import Limits, parse_size
-from .errors import EXIT_RUNNER
+from .errors import EXIT_RUNNER, RunnerError
 from .spec import (RunSpec, SpecError, apply_image, check_name, check_workdir, parse_caps,
                    parse_env, parse_network, parse_volume)
 
@@ -308,7 +308,7 @@ def ps_cmd(show_all, quiet, as_json):
 @click.option("-w", "--workdir", metavar="DIR")
 def exec_cmd(ref, argv, interactive, tty, env, user, workdir):
     """Run CMD in a running container (ID, unique id prefix or name)."""
-    from .nsexec import ExecError, exec_in
+    from .nsexec import exec_in
 
     if os.geteuid() != 0:
         _pin_dirs()  # exec joins the container's user namespace (its euid reads 0 there)
@@ -319,9 +319,7 @@ def exec_cmd(ref, argv, interactive, tty, env, user, workdir):
         wd = check_workdir(workdir) if workdir else None
         sys.exit(exec_in(rec, list(argv), env=env_list, user=user, workdir=wd, tty=tty,
                          interactive=interactive))
-    except (ExecError, SpecError) as e:
-        fail(e, EXIT_RUNNER)
-    except container.ContainerError as e:
+    except RunnerError as e:  # ExecError, SpecError (125), ContainerError (its own status)
         fail(e)
 
 
