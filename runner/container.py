@@ -70,8 +70,8 @@ def step(name: str):
     step and the path inside the container (``mounting volume /data: Not a directory``)."""
     try:
         yield
-    except OSError as e:
-        raise ContainerError(f"{name}: {e.strerror or e}") from None
+    except OSError as e:  # the kernel's reason; its filename would be /proc/self/fd/N
+        raise ContainerError(f"{name}: {os.strerror(e.errno) if e.errno else e}") from None
 
 
 def report(err_fd: int, code: int, msg: str) -> None:
