@@ -274,8 +274,11 @@ def _cgroup(spec: RunSpec, cid: str, rootless: bool) -> tuple[CgroupPlan | None,
         if spec.limits.any():
             create_rootless(None, spec.limits, dry_run=True)  # CgroupError on cgroup v1
         return None, not spec.limits.any()
+    # --privileged without limits: no device rules and nothing to limit, so a cgroup that
+    # cannot be made (read-only cgroupfs) is done without
+    optional = spec.privileged and not spec.limits.any()
     try:  # docker's device rules, unless --privileged (every device, as docker)
-        return Cgroup.plan(cid, spec.limits, devices=not spec.privileged), False
+        return Cgroup.plan(cid, spec.limits, devices=not spec.privileged), optional
     except CgroupError as e:
         if spec.limits.any():
             raise
