@@ -218,7 +218,7 @@ def test_upper_inside_a_lower_is_refused_before_it_is_made(rt, tmp_path):
     lower = tmp_path / "img"
     rootfs.build_busybox_rootfs(lower)
     up = lower / "new-upper"
-    _runner_error(rt, rt.run("--rm", "--upper", up, lower, "true"), "overlap")
+    _runner_error(rt, rt.run("--rm", "--upper", up, lower, "true"), "inside")
     assert not up.exists(), "the refused run created its upper layer inside the image"
     assert not (lower / ".new-upper.pyoverlay-work").exists()
 
