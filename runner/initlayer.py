@@ -103,6 +103,54 @@ def plan(layers: tuple[str, ...], upper: str | None, userxattr: bool,
     return InitPlan(tuple(usable), tuple(todo))
 
 
+#: the most of an image file :func:`read_files` reads (an /etc/passwd is far smaller)
+READ_LIMIT = 4 << 20
+
+
+def read_files(layers: tuple[str, ...], upper: str | None, userxattr: bool,
+               paths: list[str]) -> dict[str, str | None]:
+    """The text of each of *paths* (relative, e.g. ``etc/passwd``) in the merged view of
+    *layers* (+ *upper*): "" when it does not exist, None when it cannot be told without
+    the container (a symlink, not a regular file, too big, unreadable). Reads only; a
+    symlink is never followed."""
+    from overlayfs_py import _sys
+
+    stack = LayerStack(layers, upper, XattrNames("user.overlay." if userxattr else "trusted.overlay."))
+    out: dict[str, str | None] = {}
+    try:
+        for path in paths:
+            parents = [(stack.layers[0], b"")] if stack.upper else []
+            parents += [(l, b"") for l in stack.root_lowers]
+            comps = path.split("/")
+            text: str | None = ""
+            for i, name in enumerate(comps):
+                hits = stack.resolve(parents, os.fsencode(name))
+                if not hits:
+                    break  # missing: read as empty, as PID 1 does
+                last = i == len(comps) - 1
+                if not last:
+                    if not stat.S_ISDIR(hits[0].st.st_mode):
+                        text = None if stat.S_ISLNK(hits[0].st.st_mode) else ""
+                        break
+                    parents = [(h.layer, h.path) for h in hits]
+                    continue
+                hit = hits[0]
+                if not stat.S_ISREG(hit.st.st_mode) or hit.st.st_size > READ_LIMIT:
+                    text = None
+                    break
+                try:
+                    fd = _sys.openat2(hit.layer.fd, hit.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                                      0, _sys.RESOLVE_NO_SYMLINKS | _sys.RESOLVE_BENEATH)
+                    with open(fd, "rb") as f:
+                        text = f.read(READ_LIMIT).decode(errors="replace")
+                except OSError:
+                    text = None
+            out[path] = text
+    finally:
+        stack.close()
+    return out
+
+
 def build(init_dir: str, layers: tuple[str, ...], upper: str | None, userxattr: bool,
           needed: list[Needed], new_owner: tuple[int, int] | None = None) -> list[str]:
     """:func:`plan` then :meth:`InitPlan.create`: create *init_dir* with what *needed*

@@ -29,7 +29,7 @@ from overlayfs_py.config import MountConfig, default_workdir
 
 from . import initlayer, state, userns
 from .cgroups import Cgroup, CgroupError, CgroupPlan, create_rootless
-from .spec import RunSpec, SpecError, new_id
+from .spec import RunSpec, SpecError, new_id, resolve_user
 
 #: sethostname(2) refuses longer names (HOST_NAME_MAX)
 HOST_NAME_MAX = 64
@@ -169,6 +169,9 @@ def build(spec: RunSpec, *, detach: bool = False, cid: str | None = None,
     etc = tuple(EtcFile("/" + rel, os.path.join(paths.data, os.path.basename(rel)), text)
                 for rel, text in _etc_texts(hostname, spec.network).items() if rel in init.usable)
 
+    if spec.user is not None:
+        _check_user(spec, upper_now, rootless, volumes, users)
+
     cfg = MountConfig(lowerdirs=(paths.init, *spec.layers), upperdir=paths.upper,
                       workdir=paths.workdir, mountpoint=paths.merged, fsname=f"pyoverlay-{cid[:12]}",
                       trace_file=paths.trace_file, container=cid)
@@ -201,6 +204,32 @@ def generate_name() -> str:
         name = f"{secrets.choice(_ADJ)}_{secrets.choice(_NOUN)}_{secrets.randbelow(100)}"
         if state.name_taken(name) is None:
             return name
+
+
+def _check_user(spec: RunSpec, upper: str | None, rootless: bool,
+                volumes: tuple[VolumeMount, ...], users: UsernsPlan | None) -> None:
+    """``-u`` looked up in the image's /etc/passwd and /etc/group now, as PID 1 will (it
+    resolves it again in the container): an unknown name, or an id a rootless container's
+    user namespace does not map, is refused before anything is created. Skipped when the
+    image's files cannot be read without the container (a symlinked /etc/passwd) or a
+    volume covers them."""
+    if any(v.target in ("/etc", "/etc/passwd", "/etc/group") for v in volumes):
+        return
+    files = initlayer.read_files(spec.layers, upper, rootless, ["etc/passwd", "etc/group"])
+    if files["etc/passwd"] is None or files["etc/group"] is None:
+        return
+    ids = resolve_user(spec.user, files["etc/passwd"], files["etc/group"])
+    if users is None:
+        return
+    size = users.maps.size
+    groups = ids.groups if users.maps.mode != "single" else ()   # single: setgroups denied
+    if ids.uid >= size or ids.gid >= size or any(g >= size for g in groups):
+        raise PlanError(f"cannot run as uid {ids.uid} gid {ids.gid}: not mapped in the container's "
+                        "user namespace (rootless with a single-id map only has root; see --userns-map)"
+                        if users.maps.mode == "single" else
+                        f"cannot run as uid {ids.uid} gid {ids.gid}"
+                        f"{' groups ' + ','.join(map(str, groups)) if groups else ''}: not mapped in the "
+                        f"container's user namespace (ids 0..{size - 1})")
 
 
 def _paths(spec: RunSpec, cid: str, detach: bool) -> Paths:

@@ -181,6 +181,38 @@ def test_bad_input_raises_while_planning_and_creates_nothing(dirs, case):
     assert [n for n in os.listdir(dirs / "state" / "containers") if not n.startswith(".")] == []
 
 
+def test_users_are_looked_up_in_the_image_while_planning(dirs):
+    """``-u NAME`` is resolved in the image's /etc/passwd now, not after mounting; a known
+    name, a numeric id (docker runs an unknown one with gid 0) and root plan fine."""
+    from runner.spec import SpecError
+
+    before = snapshot(dirs)
+    with pytest.raises(SpecError, match="unable to find user nosuch: no matching entries in passwd file"):
+        plan_of(spec_of(dirs, user="nosuch"))
+    with pytest.raises(SpecError, match="unable to find group nogroup"):
+        plan_of(spec_of(dirs, user="root:nogroup"))
+    assert snapshot(dirs) == before
+    for user in ("root", "0", "1234", "1234:5"):
+        plan_of(spec_of(dirs, user=user))
+    # a volume on /etc/passwd: only the container can tell
+    plan_of(spec_of(dirs, user="nosuch", volumes=[Volume(str(dirs / "afile"), "/etc/passwd")]))
+    # a symlinked /etc/passwd: only the container can tell (it resolves it inside)
+    os.unlink(dirs / "image" / "etc" / "passwd")
+    os.symlink("/elsewhere/passwd", dirs / "image" / "etc" / "passwd")
+    plan_of(spec_of(dirs, user="nosuch"))
+
+
+def test_rootless_single_map_refuses_an_unmapped_user_while_planning(dirs):
+    """With a single-id user namespace only root exists inside: ``-u 1234`` is refused by
+    the plan (f323dfb found it in PID 1, after mounting)."""
+    spec = spec_of(dirs, user="1234", userns_map="single")
+    before = snapshot(dirs)
+    with pytest.raises(PlanError, match="cannot run as uid 1234 gid 0: not mapped"):
+        build(spec, rootless=True)
+    assert snapshot(dirs) == before
+    build(spec_of(dirs, user="root", userns_map="single"), rootless=True)
+
+
 def test_a_name_in_use_is_found_while_planning(dirs):
     state.save({"id": "a" * 64, "name": "taken", "created": 1.0, "status": "exited"})
     before = snapshot(dirs)
