@@ -27,9 +27,10 @@ from dataclasses import dataclass
 
 from overlayfs_py.config import MountConfig, default_workdir
 
+from . import _linux as L
 from . import initlayer, state, userns
 from .cgroups import Cgroup, CgroupError, CgroupPlan, create_rootless
-from .spec import RunSpec, SpecError, new_id, resolve_user
+from .spec import RunSpec, new_id, resolve_user
 
 #: sethostname(2) refuses longer names (HOST_NAME_MAX)
 HOST_NAME_MAX = 64
@@ -112,7 +113,7 @@ class RunPlan:
         return state.Record(
             id=self.cid, name=self.name, command=list(spec.argv), layers=list(spec.layers),
             created=time.time(), status="created", data_dir=self.paths.data,
-            monitor_pid=os.getpid(), monitor_start=_start_time(os.getpid()), image=spec.image,
+            monitor_pid=os.getpid(), monitor_start=L.process_start_time(os.getpid()), image=spec.image,
             spec=state.ExecDefaults(
                 env=list(spec.env), workdir=spec.workdir, user=spec.user, tty=spec.tty,
                 caps=sorted(caps) if caps is not None else None, no_new_privs=not spec.privileged,
@@ -121,12 +122,6 @@ class RunPlan:
                 volumes=[f"{v.source}:{v.target}:{'ro' if v.read_only else 'rw'}" for v in self.volumes],
                 limits={"memory": spec.limits.memory, "pids": spec.limits.pids, "cpus": spec.limits.cpus},
                 remove=spec.remove, stop_timeout=spec.stop_timeout))
-
-
-def _start_time(pid: int):
-    from . import _linux
-
-    return _linux.process_start_time(pid)
 
 
 def build(spec: RunSpec, *, detach: bool = False, cid: str | None = None,
@@ -319,6 +314,3 @@ def _cgroup(spec: RunSpec, cid: str, rootless: bool) -> tuple[CgroupPlan | None,
 def device_rules_needed(e: Exception) -> str:
     # root in the container could mknod and open any host device
     return f"{e}; a root container needs device restrictions (--privileged runs without them)"
-
-
-__all__ = ["PlanError", "RunPlan", "build", "SpecError"]
