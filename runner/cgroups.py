@@ -171,11 +171,13 @@ class Cgroup:
     paths: dict[str, str]     # "memory"/"pids"/"cpu"/"unified" -> directory
 
     @classmethod
-    def create(cls, name: str, limits: Limits, layout: Layout | None = None,
-               parent: str = "pyoverlay", devices: bool = False) -> "Cgroup":
-        """*devices*: restrict device access to DEVICE_RULES (docker's defaults): the v1
-        ``devices`` controller where there is one, else a BPF device program on the
-        cgroup v2 directory; CgroupError if neither can be set up."""
+    def plan(cls, name: str, limits: Limits, layout: Layout | None = None,
+             parent: str = "pyoverlay", devices: bool = False) -> "CgroupPlan":
+        """Decide the cgroup's directories without creating anything: CgroupError (or
+        ValueError for a bad name) when the layout cannot give what is asked. *devices*:
+        restrict device access to DEVICE_RULES (docker's defaults): the v1 ``devices``
+        controller where there is one, else a BPF device program on the cgroup v2
+        directory."""
         _check_component("name", name)
         _check_component("parent", parent)
         layout = layout or detect()
@@ -201,34 +203,13 @@ class Cgroup:
         if not paths:
             raise CgroupError(f"cannot create cgroup {name}: no cgroup hierarchy with "
                               f"memory, pids or cpu; {layout.describe()}")
-        cg, created = cls(name, paths), []
-        try:
-            if v2_used:
-                enable = " ".join("+" + c for c in v2_used)
-                _write(os.path.join(layout.v2_root, "cgroup.subtree_control"), enable)
-            for d in cg._dirs():
-                os.makedirs(os.path.dirname(d), exist_ok=True)
-                if v2_used and d == unified:
-                    _write(os.path.join(os.path.dirname(d), "cgroup.subtree_control"), enable)
-                try:
-                    os.mkdir(d)
-                except FileExistsError:
-                    raise CgroupError(f"cgroup {d} already exists (another container "
-                                      "with this name, or a leftover: rmdir it)") from None
-                created.append(d)
-            cg._write_limits(limits)
-            if devices:
-                cg._restrict_devices()
-        except (OSError, CgroupError) as e:
-            for d in reversed(created):       # cgroupfs rmdir ignores the control files
-                try:
-                    os.rmdir(d)
-                except OSError:
-                    pass
-            if isinstance(e, CgroupError):
-                raise
-            raise CgroupError(f"cannot create cgroup {e.filename}: {e.strerror}") from None
-        return cg
+        return CgroupPlan(name, paths, limits, devices, tuple(v2_used), layout.v2_root)
+
+    @classmethod
+    def create(cls, name: str, limits: Limits, layout: Layout | None = None,
+               parent: str = "pyoverlay", devices: bool = False) -> "Cgroup":
+        """:meth:`plan`, then :meth:`CgroupPlan.create`; CgroupError if either fails."""
+        return cls.plan(name, limits, layout, parent, devices).create()
 
     def _write_limits(self, limits: Limits) -> None:
         v2 = {c: self.paths.get(c) == self.paths.get("unified") for c in CONTROLLERS}
@@ -340,6 +321,51 @@ class Cgroup:
                     left = _read(os.path.join(d, "cgroup.procs"))
                     procs = f" (processes: {' '.join(left.split())})" if left and left.split() else ""
                     raise CgroupError(f"cannot remove cgroup {d}: {e.strerror}{procs}") from None
+
+
+@dataclass(frozen=True)
+class CgroupPlan:
+    """A container's cgroup as decided by :meth:`Cgroup.plan`, not created yet."""
+
+    name: str
+    paths: dict[str, str]         # as Cgroup.paths
+    limits: Limits
+    devices: bool                 # restrict device access (DEVICE_RULES)
+    v2_enable: tuple[str, ...]    # controllers to enable in cgroup.subtree_control
+    v2_root: str | None
+
+    def create(self) -> Cgroup:
+        """mkdir every directory, write the limits and the device rules; on failure
+        remove what was made and raise CgroupError."""
+        cg, created = Cgroup(self.name, dict(self.paths)), []
+        unified = self.paths.get("unified")
+        enable = " ".join("+" + c for c in self.v2_enable)
+        try:
+            if self.v2_enable:
+                _write(os.path.join(self.v2_root, "cgroup.subtree_control"), enable)
+            for d in cg._dirs():
+                os.makedirs(os.path.dirname(d), exist_ok=True)
+                if self.v2_enable and d == unified:
+                    _write(os.path.join(os.path.dirname(d), "cgroup.subtree_control"), enable)
+                try:
+                    os.mkdir(d)
+                except FileExistsError:
+                    raise CgroupError(f"cgroup {d} already exists (another container "
+                                      "with this name, or a leftover: rmdir it)") from None
+                created.append(d)
+            cg._write_limits(self.limits)
+            if self.devices:
+                cg._restrict_devices()
+        except (OSError, CgroupError) as e:
+            for d in reversed(created):       # cgroupfs rmdir ignores the control files
+                try:
+                    os.rmdir(d)
+                except OSError:
+                    pass
+            if isinstance(e, CgroupError):
+                raise
+            raise CgroupError(f"cannot create cgroup {e.filename}: {e.strerror}") from None
+        return cg
 
 
 def _own_cgroup_v2() -> str | None:

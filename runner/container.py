@@ -20,6 +20,7 @@ successful ``execve`` closes it with nothing written) and ends the process with
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -29,15 +30,19 @@ import socket
 import struct
 import termios
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from overlayfs_py import _sys
 
 from . import _linux as L
 from . import init as pid1
 from . import rootfs
-from .spec import RunSpec, SpecError, build_env, resolve_user
+from .spec import SpecError, build_env, resolve_user
 from .userns import setgroups_allowed  # imported now: exec calls it inside the container
 from .errors import RunnerError
+
+if TYPE_CHECKING:
+    from .plan import RunPlan
 
 EXIT_RUNNER, EXIT_CANNOT_EXEC, EXIT_NOT_FOUND = 125, 126, 127
 
@@ -50,17 +55,24 @@ class ContainerError(RunnerError):
 
 @dataclass
 class Launch:
-    """Everything PID 1 needs, prepared by the monitor before the fork."""
+    """Everything PID 1 needs: the plan (made by the monitor before anything was created)
+    and the descriptors it shares with the monitor."""
 
-    spec: RunSpec
-    merged: str
-    hostname: str
-    etc_files: dict[str, str]     # "etc/hosts" -> host file to bind there
+    plan: RunPlan
     go_fd: int
     err_fd: int
     tty_sock: int | None
     winsize: bytes | None
-    rootless: bool = False        # in a user namespace: bind the host's devices (no mknod)
+
+
+@contextlib.contextmanager
+def step(name: str):
+    """A named step of PID 1's setup: an OSError in it becomes a ContainerError naming the
+    step and the path inside the container (``mounting volume /data: Not a directory``)."""
+    try:
+        yield
+    except OSError as e:  # the kernel's reason; its filename would be /proc/self/fd/N
+        raise ContainerError(f"{name}: {os.strerror(e.errno) if e.errno else e}") from None
 
 
 def report(err_fd: int, code: int, msg: str) -> None:
@@ -94,7 +106,8 @@ def describe(e: BaseException) -> str:
 
 
 def _setup_and_exec(launch: Launch) -> None:
-    spec = launch.spec
+    plan = launch.plan
+    spec = plan.spec
     L.prctl(L.PR_SET_PDEATHSIG, signal.SIGKILL)
     _sys.close_fds_except(launch.go_fd, launch.err_fd, launch.tty_sock)
     if os.read(launch.go_fd, 2) != b"go":
@@ -104,35 +117,49 @@ def _setup_and_exec(launch: Launch) -> None:
     flags = L.CLONE_NEWNS | L.CLONE_NEWUTS | L.CLONE_NEWIPC
     if spec.network == "none":
         flags |= L.CLONE_NEWNET
-    L.unshare(flags)
+    with step("creating the namespaces"):
+        L.unshare(flags)
 
-    rootfs.make_private()
-    rootfs.bind_root(launch.merged)
-    root_fd = os.open(launch.merged, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    merged = plan.paths.merged
+    with step("binding the container's root"):
+        rootfs.make_private()
+        rootfs.bind_root(merged)
+        root_fd = os.open(merged, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        rootfs.mount_proc(root_fd, spec.privileged)
-        rootfs.mount_dev(root_fd, bind_devices=launch.rootless)
-        rootfs.mount_sys(root_fd)
-        for target, source in launch.etc_files.items():
-            rootfs.bind(root_fd, source, target, False, must_exist=False)
-        rootfs.mount_volumes(root_fd, spec.volumes)
+        with step("mounting /proc"):
+            rootfs.mount_proc(root_fd, spec.privileged)
+        with step("mounting /dev"):
+            rootfs.mount_dev(root_fd, bind_devices=plan.rootless)
+        with step("mounting /sys"):
+            rootfs.mount_sys(root_fd)
+        for f in plan.etc_files:
+            with step(f"mounting {f.target}"):
+                rootfs.bind(root_fd, f.source, f.target, False, must_exist=False)
+        for v in plan.volumes:  # parents first
+            with step(f"mounting volume {v.target}"):
+                rootfs.mount_volume(root_fd, v)
         if not spec.privileged:
             rootfs.mask_paths(root_fd)
     finally:
         os.close(root_fd)
-    rootfs.pivot(launch.merged)
+    with step("pivot_root into the container's root"):
+        rootfs.pivot(merged)
     if spec.read_only:
-        rootfs.remount_root_read_only()
+        with step("remounting / read-only"):
+            rootfs.remount_root_read_only()
 
-    socket.sethostname(launch.hostname)
+    with step(f"setting the hostname {plan.hostname}"):
+        socket.sethostname(plan.hostname)
     if spec.network == "none":
-        rootfs.loopback_up()
+        with step("bringing lo up"):
+            rootfs.loopback_up()
     os.umask(0o022)
 
     ids = resolve_user(spec.user, read_text("/etc/passwd"), read_text("/etc/group"))
-    env = build_env(spec.env, launch.hostname, ids.home, spec.tty)
+    env = build_env(spec.env, plan.hostname, ids.home, spec.tty)
     if spec.workdir != "/":
-        rootfs.ensure_dir(spec.workdir)
+        with step(f"creating the working directory {spec.workdir}"):
+            rootfs.ensure_dir(spec.workdir)
 
     if spec.init:
         signal.pthread_sigmask(signal.SIG_BLOCK, pid1.SIGNALS)

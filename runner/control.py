@@ -28,14 +28,14 @@ class ControlError(RunnerError):
     pass
 
 
-def summary(rec: dict) -> dict:
+def summary(rec: state.Record | dict) -> dict:
+    """What ``ps`` shows of a record (``ps --json``'s keys)."""
+    r = state.Record.of(rec)
     return {
-        "id": rec["id"], "name": rec.get("name"), "command": rec.get("command", []),
-        "status": state.status(rec), "exit_code": rec.get("exit_code"),
-        "oom_killed": rec.get("oom_killed", False), "pid": rec.get("pid"),
-        "layers": rec.get("layers", []), "upper": rec.get("upper"), "merged": rec.get("merged"),
-        "created": rec.get("created"), "finished": rec.get("finished"),
-        "hostname": rec.get("hostname"), "image": rec.get("image"),
+        "id": r.id, "name": r.name, "command": r.command, "status": state.status(r),
+        "exit_code": r.exit_code, "oom_killed": bool(r.oom_killed), "pid": r.pid,
+        "layers": r.layers, "upper": r.upper, "merged": r.merged, "created": r.created,
+        "finished": r.finished, "hostname": r.hostname, "image": r.image,
     }
 
 
@@ -82,27 +82,28 @@ def parse_signal(text: str) -> int:
         raise ValueError(f"unknown signal {text!r}") from None
 
 
-def _pidfd(rec: dict) -> int | None:
+def _pidfd(rec: state.Record) -> int | None:
     """A pidfd on the container's PID 1, or None if it is gone."""
-    pid = rec.get("pid")
-    if not L.alive(pid, rec.get("pid_start")):
+    pid = rec.pid
+    if not L.alive(pid, rec.pid_start):
         return None
     try:
         fd = os.pidfd_open(pid)
     except ProcessLookupError:
         return None
-    if not L.alive(pid, rec.get("pid_start")):  # recycled between the check and the open
+    if not L.alive(pid, rec.pid_start):  # recycled between the check and the open
         os.close(fd)
         return None
     return fd
 
 
-def kill(rec: dict, sig: int) -> None:
+def kill(rec: state.Record | dict, sig: int) -> None:
+    rec = state.Record.of(rec)
     if state.status(rec) != "running":
-        raise ControlError(f"container {rec['name']} is not running")
+        raise ControlError(f"container {rec.name} is not running")
     fd = _pidfd(rec)
     if fd is None:
-        raise ControlError(f"container {rec['name']} is not running")
+        raise ControlError(f"container {rec.name} is not running")
     try:
         signal.pidfd_send_signal(fd, sig)
     finally:
@@ -113,8 +114,9 @@ def _wait_fd(fd: int, timeout: float) -> bool:
     return bool(select.select([fd], [], [], timeout)[0])
 
 
-def stop(rec: dict, timeout: float) -> None:
+def stop(rec: state.Record | dict, timeout: float) -> None:
     """SIGTERM, SIGKILL after *timeout*, then wait until the monitor has cleaned up."""
+    rec = state.Record.of(rec)
     st = state.status(rec)
     if st == "dead":
         cleanup_dead(rec)
@@ -135,69 +137,72 @@ def stop(rec: dict, timeout: float) -> None:
     _wait_monitor(rec)
 
 
-def _wait_monitor(rec: dict, timeout: float = 60.0) -> None:
+def _wait_monitor(rec: state.Record, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        cur = state.load(rec["id"])
+        cur = state.load_record(rec.id)
         if cur is None or state.status(cur) != "running":
             if cur is not None and state.status(cur) == "dead":
                 cleanup_dead(cur)
             return
         time.sleep(0.02)
-    raise ControlError(f"container {rec['name']} did not finish within {timeout:g}s")
+    raise ControlError(f"container {rec.name} did not finish within {timeout:g}s")
 
 
-def cleanup_dead(rec: dict) -> None:
+def cleanup_dead(rec: state.Record | dict) -> None:
     """Do what the vanished monitor would have done."""
+    rec = state.Record.of(rec)
     fd = _pidfd(rec)
     if fd is not None:
         with contextlib.suppress(ProcessLookupError):
             signal.pidfd_send_signal(fd, signal.SIGKILL)
         _wait_fd(fd, 10)
         os.close(fd)
-    merged = rec.get("merged")
+    merged = rec.merged
     # only the container's own mountpoint (a record's paths are checked by state.load too)
-    if merged and merged == os.path.join(state.container_dir(rec["id"]), "merged") \
+    if merged and merged == os.path.join(state.container_dir(rec.id), "merged") \
             and state.mounts_under(merged):
         try_unmount(merged, lazy=True)
-    server, start = rec.get("server_pid"), rec.get("server_start")
+    server, start = rec.server_pid, rec.server_start
     deadline = time.monotonic() + 10
     while L.alive(server, start) and time.monotonic() < deadline:
         time.sleep(0.02)
     if L.alive(server, start):
         os.kill(server, signal.SIGKILL)
-    if rec.get("cgroup"):
+    if rec.cgroup:
         with contextlib.suppress(CgroupError, OSError):
-            cg = Cgroup.from_dict(rec["cgroup"])
+            cg = Cgroup.from_dict(rec.cgroup)
             cg.kill_all()
             cg.remove()
-    rec.update(status="exited", exit_code=rec.get("exit_code"), finished=time.time(), dead=True)
-    if rec.get("spec", {}).get("remove"):
+    rec.status, rec.finished, rec.dead = "exited", time.time(), True
+    if rec.spec is not None and rec.spec.remove:
         state.remove(rec)
     else:
         state.save(rec)
 
 
-def remove(rec: dict, force: bool) -> None:
+def remove(rec: state.Record | dict, force: bool) -> None:
+    rec = state.Record.of(rec)
     st = state.status(rec)
     if st == "running":
         if not force:
-            raise ControlError(f"container {rec['name']} is running: stop it first or use rm -f")
+            raise ControlError(f"container {rec.name} is running: stop it first or use rm -f")
         stop(rec, 0)
     elif st == "dead":
         cleanup_dead(rec)
-    rec = state.load(rec["id"]) or rec
+    rec = state.load_record(rec.id) or rec
     try:
         state.remove(rec)
     except state.StateError as e:
         raise ControlError(str(e)) from None
 
 
-def top_table(rec: dict) -> str:
-    if state.status(rec) != "running" or not L.alive(rec.get("pid"), rec.get("pid_start")):
-        raise ControlError(f"container {rec['name']} is not running")
+def top_table(rec: state.Record | dict) -> str:
+    rec = state.Record.of(rec)
+    if state.status(rec) != "running" or not L.alive(rec.pid, rec.pid_start):
+        raise ControlError(f"container {rec.name} is not running")
     lines = [("PID", "CPID", "PPID", "UID", "CMD")]
-    for pid in L.pids_in_pid_ns(rec["pidns"]):
+    for pid in L.pids_in_pid_ns(rec.pidns):
         ns = L.nspid(pid)
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:

@@ -59,37 +59,107 @@ def _lookup(stack: LayerStack, path: str):
     return found, None, False
 
 
-def build(init_dir: str, layers: tuple[str, ...], upper: str | None, userxattr: bool,
-          needed: list[Needed], new_owner: tuple[int, int] | None = None) -> list[str]:
-    """Create *init_dir* with what *needed* lacks in the merged view of *layers* (+
-    *upper*). Returns the paths of *needed* that could be provided or already exist.
+@dataclass(frozen=True)
+class InitPlan:
+    """What the init layer must hold, found by reading the image (nothing created yet)."""
 
-    Rootless (*new_owner* given: the stored owner of what the image lacks, the one the
-    container sees as root): an owner the user cannot ``chown`` to is recorded in the
-    override xattr (``user.containers.override_stat``) the server reads."""
-    os.makedirs(init_dir, mode=0o755, exist_ok=True)
-    stack = LayerStack(layers, upper, XattrNames("user.overlay." if userxattr else "trusted.overlay."))
-    usable = []
-    try:
+    usable: tuple[str, ...]       # paths of the Needed that exist or will be created
+    todo: tuple[tuple[Needed, tuple[os.stat_result, ...], int], ...]  # (need, found, first missing)
+
+    def create(self, init_dir: str, new_owner: tuple[int, int] | None = None) -> None:
+        """Create *init_dir* with what :attr:`todo` lists.
+
+        Rootless (*new_owner* given: the stored owner of what the image lacks, the one the
+        container sees as root): an owner the user cannot ``chown`` to is recorded in the
+        override xattr (``user.containers.override_stat``) the server reads."""
+        os.makedirs(init_dir, mode=0o755, exist_ok=True)
         root_fd = os.open(init_dir, os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
-            for need in needed:
-                found, missing, blocked = _lookup(stack, need.path)
-                if blocked:
-                    if need.required:
-                        raise InitLayerError(
-                            f"cannot mount on /{need.path}: a parent in the image is not a directory")
-                    continue
-                if missing is None:
-                    usable.append(need.path)
-                    continue
-                _create(root_fd, need, found, missing, new_owner)
-                usable.append(need.path)
+            for need, found, missing in self.todo:
+                _create(root_fd, need, list(found), missing, new_owner)
         finally:
             os.close(root_fd)
+
+
+def plan(layers: tuple[str, ...], upper: str | None, userxattr: bool,
+         needed: list[Needed]) -> InitPlan:
+    """Look up *needed* in the merged view of *layers* (+ *upper*, an existing one) and
+    say what is missing; InitLayerError when a required path cannot be provided (a parent
+    in the image is not a directory). Reads only."""
+    stack = LayerStack(layers, upper, XattrNames("user.overlay." if userxattr else "trusted.overlay."))
+    usable, todo = [], []
+    try:
+        for need in needed:
+            found, missing, blocked = _lookup(stack, need.path)
+            if blocked:
+                if need.required:
+                    raise InitLayerError(
+                        f"cannot mount on /{need.path}: a parent in the image is not a directory")
+                continue
+            usable.append(need.path)
+            if missing is not None:
+                todo.append((need, tuple(found), missing))
     finally:
         stack.close()
-    return usable
+    return InitPlan(tuple(usable), tuple(todo))
+
+
+#: the most of an image file :func:`read_files` reads (an /etc/passwd is far smaller)
+READ_LIMIT = 4 << 20
+
+
+def read_files(layers: tuple[str, ...], upper: str | None, userxattr: bool,
+               paths: list[str]) -> dict[str, str | None]:
+    """The text of each of *paths* (relative, e.g. ``etc/passwd``) in the merged view of
+    *layers* (+ *upper*): "" when it does not exist, None when it cannot be told without
+    the container (a symlink, not a regular file, too big, unreadable). Reads only; a
+    symlink is never followed."""
+    from overlayfs_py import _sys
+
+    stack = LayerStack(layers, upper, XattrNames("user.overlay." if userxattr else "trusted.overlay."))
+    out: dict[str, str | None] = {}
+    try:
+        for path in paths:
+            parents = [(stack.layers[0], b"")] if stack.upper else []
+            parents += [(l, b"") for l in stack.root_lowers]
+            comps = path.split("/")
+            text: str | None = ""
+            for i, name in enumerate(comps):
+                hits = stack.resolve(parents, os.fsencode(name))
+                if not hits:
+                    break  # missing: read as empty, as PID 1 does
+                last = i == len(comps) - 1
+                if not last:
+                    if not stat.S_ISDIR(hits[0].st.st_mode):
+                        text = None if stat.S_ISLNK(hits[0].st.st_mode) else ""
+                        break
+                    parents = [(h.layer, h.path) for h in hits]
+                    continue
+                hit = hits[0]
+                if not stat.S_ISREG(hit.st.st_mode) or hit.st.st_size > READ_LIMIT:
+                    text = None
+                    break
+                try:
+                    fd = _sys.openat2(hit.layer.fd, hit.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                                      0, _sys.RESOLVE_NO_SYMLINKS | _sys.RESOLVE_BENEATH)
+                    with open(fd, "rb") as f:
+                        text = f.read(READ_LIMIT).decode(errors="replace")
+                except OSError:
+                    text = None
+            out[path] = text
+    finally:
+        stack.close()
+    return out
+
+
+def build(init_dir: str, layers: tuple[str, ...], upper: str | None, userxattr: bool,
+          needed: list[Needed], new_owner: tuple[int, int] | None = None) -> list[str]:
+    """:func:`plan` then :meth:`InitPlan.create`: create *init_dir* with what *needed*
+    lacks in the merged view of *layers* (+ *upper*). Returns the paths of *needed* that
+    could be provided or already exist."""
+    p = plan(layers, upper, userxattr, needed)
+    p.create(init_dir, new_owner)
+    return list(p.usable)
 
 
 def _own(root_fd: int, dfd: int, name: str, uid: int, gid: int, mode: int) -> None:

@@ -28,23 +28,27 @@ import contextlib
 import dataclasses
 import json
 import os
-import secrets
 import signal
 import socket
 import sys
 import time
 
-from overlayfs_py.config import ConfigError, MountConfig, default_workdir, validate
+from overlayfs_py.config import validate
+from overlayfs_py.errors import PyoverlayError
 from overlayfs_py.logs import one_line
 
 from . import _linux as L
-from . import container, initlayer, state, userns
+from . import container, state, userns
 from .cgroups import Cgroup, CgroupError, create_rootless
 from .init import exit_code
-from .spec import RunSpec, SpecError, new_id
+from .plan import RunPlan, device_rules_needed, generate_name, with_storage_maps
+from .plan import build as build_plan
+from .spec import RunSpec
 from .supervise import catch_signals, supervise
 from .tty import PtyRelay, recv_master
 from .errors import RunnerError
+
+__all__ = ["Monitor", "RunError", "generate_name"]
 
 
 class RunError(RunnerError):
@@ -53,17 +57,29 @@ class RunError(RunnerError):
         self.code = code
 
 
-_ADJ = ("brave", "calm", "eager", "fancy", "gentle", "happy", "jolly", "keen", "lucid",
-        "merry", "nimble", "quiet", "sharp", "swift", "tidy", "vivid", "witty", "zesty")
-_NOUN = ("badger", "bee", "crane", "dingo", "eel", "falcon", "gecko", "heron", "ibis", "koala",
-         "lemur", "mole", "newt", "otter", "panda", "quail", "raven", "seal", "tern", "wren")
+#: the one-line errors of planning and of the steps: every project error
+_ERRORS = PyoverlayError
 
 
-def generate_name() -> str:
-    while True:
-        name = f"{secrets.choice(_ADJ)}_{secrets.choice(_NOUN)}_{secrets.randbelow(100)}"
-        if state.name_taken(name) is None:
-            return name
+def _code(e: PyoverlayError) -> int:
+    """A runner error's own status (125, or 126/127 ...); any other project error (a
+    ConfigError's own status is the mount command's 2) ends a run with 125."""
+    return e.exit_code if isinstance(e, RunnerError) else container.EXIT_RUNNER
+
+
+@contextlib.contextmanager
+def step(name: str):
+    """One named step of the setup: any error in it becomes a RunError that names the
+    step (``mounting the container's root: ...``); a RunError passes as it is (it already
+    says what failed)."""
+    try:
+        yield
+    except RunError:
+        raise
+    except _ERRORS as e:
+        raise RunError(f"{name}: {e}", _code(e)) from None
+    except OSError as e:
+        raise RunError(f"{name}: {one_line(e)}") from None
 
 
 class Monitor:
@@ -72,7 +88,7 @@ class Monitor:
         self.notify_fd = notify_fd      # run -d: tell the waiting CLI "ok ID" / "err CODE MSG"
         self.detach = notify_fd is not None
         self.started = False            # CMD was executed: from here on the exit is recorded
-        self.rec: dict = {}
+        self.rec: state.Record | None = None   # saved from the step "reserving the name" on
         self.pending: list[int] = []    # signals that arrived before the wait loop
         self.rootless = os.geteuid() != 0
         self.ns_fds: list[int] = []     # rootless: the container's user and mount namespaces
@@ -81,147 +97,124 @@ class Monitor:
 
     def run(self) -> int:
         catch_signals(self.pending)
+        try:  # decide everything and check everything; nothing is created yet
+            plan = build_plan(self.spec, detach=self.detach, rootless=self.rootless)
+        except _ERRORS as e:
+            return self._failed(_code(e), str(e))
+        except OSError as e:
+            return self._failed(container.EXIT_RUNNER, one_line(e))
         with contextlib.ExitStack() as undo:
             try:
-                pid, relay = self._start(undo)
-            except (RunError, SpecError, ConfigError, CgroupError, initlayer.InitLayerError,
-                    userns.UsernsError) as e:
-                return self._failed(getattr(e, "code", container.EXIT_RUNNER), str(e))
+                pid, relay = self._execute(plan, undo)
+            except _ERRORS as e:
+                return self._failed(_code(e), str(e))
             except OSError as e:
                 return self._failed(container.EXIT_RUNNER, one_line(e))
-            self._notify(f"ok {self.rec['id']}")
+            self._notify(f"ok {plan.cid}")
             code = self._wait(pid, relay)
-            self.rec.update(exit_code=code, finished=time.time())
+            self.rec.exit_code, self.rec.finished = code, time.time()
         # the ExitStack has unmounted (the trace file is complete) and removed the cgroup
         if self.spec.trace_summary:
-            _print_summary(self.rec.get("trace_file"))
-        self.rec["status"] = "exited"
+            _print_summary(self.rec.trace_file)
+        self.rec.status = "exited"
         if self.spec.remove:
             state.remove(self.rec)
         else:
             state.save(self.rec)
         return code
 
-    # --- start ---------------------------------------------------------------------------
+    # --- start: the plan's steps, each undone by the ExitStack ---------------------------------
 
-    def _start(self, undo: contextlib.ExitStack):
-        spec = self.spec
-        # inheritable/ambient capabilities handed down by our caller must not reach the
-        # container (root's execve adds the inheritable set to the permitted one)
-        L.clear_inheritable_caps()
-        plan = note = None
-        if self.rootless:
-            userns.check_machine()
-            plan, note = userns.plan(spec.userns_map)
-            if spec.limits.any():  # refused before anything is created
-                create_rootless(None, spec.limits, dry_run=True)
-        cid = new_id()
-        with state.locked():
-            if spec.name and state.name_taken(spec.name):
-                raise RunError(f"the container name {spec.name!r} is already in use")
-            name = spec.name or generate_name()
-            data = os.path.join(state.data_dir(), cid)
-            self.rec = {
-                "id": cid, "name": name, "command": spec.argv, "layers": list(spec.layers),
-                "created": time.time(), "status": "created", "data_dir": data,
-                "monitor_pid": os.getpid(), "monitor_start": L.process_start_time(os.getpid()),
-                "spec": _spec_record(spec), "image": spec.image,
-            }
+    def _execute(self, plan: RunPlan, undo: contextlib.ExitStack):
+        paths = plan.paths
+        with step("clearing inherited capabilities"):
+            # inheritable/ambient capabilities handed down by our caller must not reach the
+            # container (root's execve adds the inheritable set to the permitted one)
+            L.clear_inheritable_caps()
+        with step("reserving the name"), state.locked():
+            if state.name_taken(plan.name):
+                raise RunError(f"the container name {plan.name!r} is already in use")
+            self.rec = plan.record()
             state.save(self.rec)
         undo.callback(self._forget_if_failed)
-        os.makedirs(data, mode=0o711)
-        if self.notify_fd is not None:  # run -d: output goes to the container's log
-            out = os.open(os.path.join(data, "output.log"), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
-            null = os.open(os.devnull, os.O_RDONLY)
-            os.dup2(null, 0)
-            os.dup2(out, 1)
-            os.dup2(out, 2)
-            os.close(out)
-            os.close(null)
-
-        hostname = spec.hostname or (socket.gethostname() if spec.network == "host" else cid[:12])
-        upper = spec.upper or os.path.join(data, "upper")
-        workdir = default_workdir(upper) if spec.upper else os.path.join(data, "work")
-        merged = os.path.join(data, "merged")
-        init = os.path.join(data, "init")
-        for d in ([upper] if not spec.upper else []) + [merged]:
-            os.makedirs(d, mode=0o755, exist_ok=True)
-        if spec.upper:
-            os.makedirs(upper, mode=0o755, exist_ok=True)
-            os.makedirs(workdir, mode=0o755, exist_ok=True)
-            undo.enter_context(_exclusive(workdir, upper))
-        etc = _etc_files(data, hostname, spec.network)
-        needed = [initlayer.Needed(p, k, k == "dir") for p, k in initlayer.BASE_MOUNTPOINTS]
-        needed += [initlayer.Needed(v.target.lstrip("/"), "dir" if os.path.isdir(v.host) else "file", True)
-                   for v in spec.volumes if not v.target.startswith("/dev/")]  # /dev is a tmpfs
-        users_image = new_owner = None
-        if self.rootless:
-            # the user's own image (built or imported by the user) shows the user as root;
-            # any other (root's) is shown as it is (runner/userns.py, Plan.storage_map)
-            users_image = os.stat(spec.layers[0]).st_uid == os.getuid()
-            new_owner = (os.getuid(), os.getgid()) if users_image else (0, 0)
-            _own_root(upper, new_owner)
-        usable = initlayer.build(init, spec.layers, upper, self.rootless, needed, new_owner)
-        etc = {k: v for k, v in etc.items() if k in usable}
-
-        trace_file = spec.trace_file or (os.path.join(data, "trace.jsonl") if spec.trace_summary else None)
-        cfg = MountConfig(lowerdirs=(init, *spec.layers), upperdir=upper, workdir=workdir,
-                          mountpoint=merged, fsname=f"pyoverlay-{cid[:12]}",
-                          trace_file=trace_file, container=cid)
-        validate(cfg, workdir_may_be_missing=True)
-        from overlayfs_py.mount import MountFailed, start_background
+        with step(f"creating the data directory {paths.data}"):
+            state.data_dir()  # <data root>/containers, private
+            os.makedirs(paths.data, mode=0o711)
+        if paths.output_log is not None:
+            with step("redirecting output to the container's log"):
+                _redirect_output(paths.output_log)
+        with step(f"creating the upper layer {paths.upper}"):
+            os.makedirs(paths.upper, mode=0o755, exist_ok=True)
+            if paths.upper_given:
+                os.makedirs(paths.workdir, mode=0o755, exist_ok=True)
+                undo.enter_context(_exclusive(paths.workdir, paths.upper))
+            os.makedirs(paths.merged, mode=0o755, exist_ok=True)
+        with step("writing /etc/hostname, /etc/hosts and /etc/resolv.conf"):
+            for f in plan.etc_files:
+                with open(f.source, "w") as out:
+                    out.write(f.text)
+        new_owner = plan.userns.new_owner if plan.userns is not None else None
+        if new_owner is not None:
+            with step("giving the upper layer's root its owner"):
+                # the user's own image shows the user as root; any other (root's) is shown
+                # as it is (runner/userns.py, Plan.storage_map)
+                _own_root(paths.upper, new_owner)
+        with step(f"building the init layer {paths.init}"):
+            plan.init_layer.create(paths.init, new_owner)
+        cfg = plan.mount
+        with step("checking the mount configuration"):
+            validate(cfg, workdir_may_be_missing=True)
 
         holder = None
-        if self.rootless:
-            holder, fuse_fd, plan, note = self._userns_mount(undo, plan, note, merged)
-            if note:
-                print(f"pyoverlay: note: {note}", file=sys.stderr)
-            cfg = dataclasses.replace(cfg, fuse_fd=fuse_fd,
-                                      uidmap=plan.storage_map("uid", users_image),
-                                      gidmap=plan.storage_map("gid", users_image))
-        try:
-            try:
-                server = start_background(cfg, logfile=os.path.join(data, "server.log"),
-                                          parent_death_signal=signal.SIGTERM)
-            finally:
-                if holder is not None:
-                    os.close(cfg.fuse_fd)
-        except MountFailed as e:
-            raise RunError(f"cannot mount the container's root: {e}") from None
+        if plan.userns is not None:
+            with step("creating the user namespace"):
+                holder, fuse_fd, users = self._userns_mount(undo, plan, paths.merged)
+            if users.note:
+                print(f"pyoverlay: note: {users.note}", file=sys.stderr)
+            cfg = dataclasses.replace(with_storage_maps(cfg, users), fuse_fd=fuse_fd)
+        with step("mounting the container's root"):
+            server = _start_server(cfg, paths.server_log, holder is not None)
         if holder is None:
-            undo.callback(_unmount, merged, server)
+            undo.callback(_unmount, paths.merged, server)
         else:
-            undo.callback(self._teardown_rootless, holder, merged, server)
-            self.ns_fds = list(holder.namespaces())
+            undo.callback(self._teardown_rootless, holder, paths.merged, server)
+            with step("joining the user namespace"):
+                self.ns_fds = list(holder.namespaces())
             holder.release()
-            self.rec["rootless"] = {
-                "map": plan.mode, "uid_map": plan.kernel_lines("uid"), "gid_map": plan.kernel_lines("gid"),
-                "storage_uidmap": cfg.uidmap, "storage_gidmap": cfg.gidmap}
-        self.rec.update(upper=upper, workdir=workdir, merged=merged, init_layer=init, trace_file=trace_file,
-                        server_pid=server, server_start=L.process_start_time(server),
-                        hostname=hostname)
+            self.rec.rootless = state.RootlessInfo(
+                map=users.maps.mode, uid_map=users.maps.kernel_lines("uid"),
+                gid_map=users.maps.kernel_lines("gid"),
+                storage_uidmap=list(cfg.uidmap), storage_gidmap=list(cfg.gidmap))
+        r = self.rec
+        r.upper, r.workdir, r.merged, r.init_layer = paths.upper, paths.workdir, paths.merged, paths.init
+        r.trace_file, r.hostname = paths.trace_file, plan.hostname
+        r.server_pid, r.server_start = server, L.process_start_time(server)
 
-        cg = None
-        try:
-            if self.rootless:  # without limits, no cgroup (an ordinary user rarely may create one)
-                cg = create_rootless(cid, spec.limits) if spec.limits.any() else None
-            else:  # docker's device rules, unless --privileged (every device, as docker)
-                cg = Cgroup.create(cid, spec.limits, devices=not spec.privileged)
-        except CgroupError as e:
-            if spec.limits.any():
-                raise
-            if not self.rootless and not spec.privileged:
-                # root in the container could mknod and open any host device
-                raise RunError(f"{e}; a root container needs device restrictions "
-                               "(--privileged runs without them)") from None
+        with step("creating the cgroup"):
+            cg = self._cgroup(plan)
         if cg is not None:
             undo.callback(cg.remove)
-            self.rec["cgroup"] = cg.to_dict()
+            self.rec.cgroup = cg.to_dict()
 
-        pid, relay = self._spawn(undo, merged, hostname, etc, cg)
-        return pid, relay
+        with step("starting the container"):
+            return self._spawn(undo, plan, cg)
 
-    def _spawn(self, undo, merged, hostname, etc, cg):
+    def _cgroup(self, plan: RunPlan):
+        limits = self.spec.limits
+        if plan.rootless:  # without limits, no cgroup (an ordinary user rarely may create one)
+            return create_rootless(plan.cid, limits) if limits.any() else None
+        if plan.cgroup is None:
+            return None
+        try:
+            return plan.cgroup.create()
+        except CgroupError as e:
+            if plan.cgroup_optional:
+                return None
+            if plan.cgroup.devices and not limits.any():
+                raise RunError(device_rules_needed(e)) from None
+            raise
+
+    def _spawn(self, undo: contextlib.ExitStack, plan: RunPlan, cg):
         spec = self.spec
         go_r, go_w = os.pipe()
         err_r, err_w = os.pipe()
@@ -229,9 +222,8 @@ class Monitor:
         if spec.tty:
             tty_parent, tty_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         launch = container.Launch(
-            spec=spec, merged=merged, hostname=hostname, etc_files=etc, go_fd=go_r,
-            err_fd=err_w, tty_sock=tty_child.fileno() if tty_child else None,
-            winsize=container.winsize_of(0) if spec.tty else None, rootless=self.rootless)
+            plan=plan, go_fd=go_r, err_fd=err_w, tty_sock=tty_child.fileno() if tty_child else None,
+            winsize=container.winsize_of(0) if spec.tty else None)
 
         def fork_pid1() -> int:
             L.unshare(L.CLONE_NEWPID)
@@ -264,8 +256,9 @@ class Monitor:
         if tty_child:
             tty_child.close()
         undo.callback(_reap, pid)
-        self.rec.update(pid=pid, pid_start=L.process_start_time(pid),
-                        pidns=L.ns_inode(pid, "pid"), status="running")
+        r = self.rec
+        r.pid, r.pid_start, r.pidns = pid, L.process_start_time(pid), L.ns_inode(pid, "pid")
+        r.status = "running"
         try:
             if cg is not None:
                 cg.add(pid)
@@ -293,22 +286,24 @@ class Monitor:
 
     # --- rootless ----------------------------------------------------------------------------
 
-    def _userns_mount(self, undo, plan, note, merged):
+    def _userns_mount(self, undo: contextlib.ExitStack, plan: RunPlan, merged: str):
         """The holder (runner/userns.py): the container's user namespace and its FUSE mount.
-        With ``--userns-map auto``, a failing newuidmap falls back to a single-id map."""
-        holder = userns.Holder(plan)
+        With ``--userns-map auto``, a failing newuidmap falls back to a single-id map.
+        Returns the holder, the /dev/fuse fd and the user namespace used."""
+        users = plan.userns
+        holder = userns.Holder(users.maps)
         undo.callback(holder.kill)
         try:
-            return holder, holder.mount(merged), plan, note
+            return holder, holder.mount(merged), users
         except userns.MapFailed as e:
             holder.kill()
             if self.spec.userns_map != "auto":
                 raise RunError(str(e)) from None
             note = f"{e}; using a single-id map (only root inside the container)"
-        plan = userns.Plan("single", plan.uid, plan.gid)
-        holder = userns.Holder(plan)
+        users = users.with_maps(userns.Plan("single", users.maps.uid, users.maps.gid), note)
+        holder = userns.Holder(users.maps)
         undo.callback(holder.kill)
-        return holder, holder.mount(merged), plan, note
+        return holder, holder.mount(merged), users
 
     def _close_ns_fds(self) -> None:
         for fd in self.ns_fds:
@@ -330,11 +325,10 @@ class Monitor:
 
     def _wait(self, pid: int, relay: PtyRelay | None) -> int:
         status = supervise(pid, relay, pending=self.pending, stop_timeout=self.spec.stop_timeout)
-        self.rec["pid_reaped"] = True
-        cg = self.rec.get("cgroup")
-        if cg:
+        self.rec.pid_reaped = True
+        if self.rec.cgroup:
             with contextlib.suppress(OSError, CgroupError):
-                self.rec["oom_killed"] = Cgroup.from_dict(cg).oom_killed()
+                self.rec.oom_killed = Cgroup.from_dict(self.rec.cgroup).oom_killed()
         return exit_code(status)
 
     # --- endings -----------------------------------------------------------------------------
@@ -347,7 +341,7 @@ class Monitor:
         return code
 
     def _forget_if_failed(self) -> None:
-        if not self.started:  # never ran: leave no trace (record, data dir)
+        if not self.started and self.rec is not None:  # never ran: leave no trace (record, data dir)
             with contextlib.suppress(OSError, state.StateError):
                 state.remove(self.rec)
 
@@ -373,41 +367,29 @@ def _print_summary(path: str | None) -> None:
     print("\n-- pyoverlay trace summary --\n" + total.text(), file=sys.stderr)
 
 
-def _spec_record(spec: RunSpec) -> dict:
-    """What ``exec`` needs to run a process the way the container's PID 1 was run."""
-    caps = spec.caps()
-    return {"env": spec.env, "workdir": spec.workdir, "user": spec.user, "tty": spec.tty,
-            "caps": sorted(caps) if caps is not None else None,
-            "no_new_privs": not spec.privileged, "network": spec.network,
-            "read_only": spec.read_only, "init": spec.init, "upper_given": spec.upper is not None,
-            "volumes": [f"{v.host}:{v.target}:{'ro' if v.read_only else 'rw'}" for v in spec.volumes],
-            "limits": {"memory": spec.limits.memory, "pids": spec.limits.pids, "cpus": spec.limits.cpus},
-            "remove": spec.remove, "stop_timeout": spec.stop_timeout}
+def _redirect_output(log: str) -> None:
+    """run -d: stdin from /dev/null, stdout and stderr to the container's log."""
+    out = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
+    null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    os.dup2(null, 0)
+    os.dup2(out, 1)
+    os.dup2(out, 2)
+    os.close(out)
+    os.close(null)
 
 
-def _etc_files(data: str, hostname: str, network: str) -> dict[str, str]:
-    files = {"etc/hostname": f"{hostname}\n"}
-    if network == "host":
-        files["etc/hosts"] = _host_file("/etc/hosts")
-    else:
-        files["etc/hosts"] = (f"127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
-                              f"127.0.0.1\t{hostname}\n")
-    files["etc/resolv.conf"] = _host_file("/etc/resolv.conf")
-    out = {}
-    for rel, text in files.items():
-        path = os.path.join(data, os.path.basename(rel))
-        with open(path, "w") as f:
-            f.write(text)
-        out[rel] = path
-    return out
+def _start_server(cfg, logfile: str, fd_given: bool) -> int:
+    """Fork the FUSE server on *cfg* (overlayfs_py.mount.start_background); its pid.
+    *fd_given*: cfg.fuse_fd is ours to close once the server has it."""
+    from overlayfs_py.mount import MountFailed, start_background
 
-
-def _host_file(path: str) -> str:
     try:
-        with open(path) as f:
-            return f.read()
-    except OSError:
-        return ""
+        return start_background(cfg, logfile=logfile, parent_death_signal=signal.SIGTERM)
+    except MountFailed as e:
+        raise RunError(f"mounting the container's root: {e}") from None
+    finally:
+        if fd_given:
+            os.close(cfg.fuse_fd)
 
 
 @contextlib.contextmanager

@@ -33,25 +33,26 @@ class ExecError(RunnerError):
     pass
 
 
-def exec_in(rec: dict, argv: list[str], *, env: list[str], user: str | None, workdir: str | None,
-            tty: bool, interactive: bool) -> int:
-    if state.status(rec) != "running" or not L.alive(rec.get("pid"), rec.get("pid_start")):
-        raise ExecError(f"container {rec['name']} is not running")
-    pid1 = rec["pid"]
-    sp = rec.get("spec", {})
+def exec_in(rec: state.Record | dict, argv: list[str], *, env: list[str], user: str | None,
+            workdir: str | None, tty: bool, interactive: bool) -> int:
+    rec = state.Record.of(rec)
+    if state.status(rec) != "running" or not L.alive(rec.pid, rec.pid_start):
+        raise ExecError(f"container {rec.name} is not running")
+    pid1 = rec.pid
+    sp = rec.spec or state.ExecDefaults()
     fds = {}
     try:
-        names = [ns for ns, _ in L.NAMESPACES] + (["user"] if rec.get("rootless") else [])
+        names = [ns for ns, _ in L.NAMESPACES] + (["user"] if rec.rootless else [])
         for ns in names:
             fds[ns] = os.open(f"/proc/{pid1}/ns/{ns}", os.O_RDONLY | os.O_CLOEXEC)
-        if not L.alive(pid1, rec.get("pid_start")):  # it may have died while we opened
-            raise ExecError(f"container {rec['name']} is not running")
-        cg = Cgroup.from_dict(rec["cgroup"]) if rec.get("cgroup") else None
+        if not L.alive(pid1, rec.pid_start):  # it may have died while we opened
+            raise ExecError(f"container {rec.name} is not running")
+        cg = Cgroup.from_dict(rec.cgroup) if rec.cgroup else None
         err_r, err_w = os.pipe()
         tty_parent = tty_child = None
         if tty:
             tty_parent, tty_child = socket.socketpair()
-        rootless = bool(rec.get("rootless"))
+        rootless = rec.rootless is not None
         if rootless:
             # first the container's user namespace (its owner gets every capability there,
             # which joining the others needs); there is no way back, and this process
@@ -59,7 +60,7 @@ def exec_in(rec: dict, argv: list[str], *, env: list[str], user: str | None, wor
             try:
                 L.setns(fds["user"], L.CLONE_NEWUSER)
             except OSError as e:
-                raise ExecError(f"cannot join the user namespace of {rec['name']}: {e.strerror}") from None
+                raise ExecError(f"cannot join the user namespace of {rec.name}: {e.strerror}") from None
             own = None
         else:
             own = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
@@ -111,12 +112,12 @@ def _child(fds, cg, rec, sp, argv, env, user, workdir, tty, interactive, err_w, 
                 L.setns(fds[ns], flag)
         for fd in fds.values():
             os.close(fd)
-        ids = resolve_user(user if user is not None else sp.get("user"),
+        ids = resolve_user(user if user is not None else sp.user,
                            container.read_text("/etc/passwd"), container.read_text("/etc/group"))
-        full_env = build_env(list(sp.get("env", [])) + env, rec.get("hostname", ""), ids.home, tty)
-        caps = sp.get("caps")
-        container.become(ids, full_env, argv, workdir or sp.get("workdir", "/"),
-                         frozenset(caps) if caps is not None else None, sp.get("no_new_privs", True),
+        full_env = build_env(list(sp.env) + env, rec.hostname or "", ids.home, tty)
+        caps = sp.caps
+        container.become(ids, full_env, argv, workdir or sp.workdir,
+                         frozenset(caps) if caps is not None else None, sp.no_new_privs,
                          err_w, tty_sock=tty_sock, winsize=container.winsize_of(0) if tty else None,
                          stdin_null=not interactive)
     except container.ContainerError as e:

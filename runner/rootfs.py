@@ -7,7 +7,10 @@ no scratch directory in the merged root (one would land in the upper layer).
 
 Mount targets are resolved with ``openat2(RESOLVE_IN_ROOT)`` against the new root and
 mounted through ``/proc/self/fd/N``: a symlink in the image (``/etc/hosts -> /x``)
-resolves inside the container, never onto the host (what runc's securejoin does).
+resolves inside the container, never onto the host (what runc's securejoin does). So a
+failing ``mount(2)`` would name ``/proc/self/fd/N``: the callers name the step and the
+path inside the container instead (:func:`runner.container.step`, ``mounting volume
+/data: ...``), as bubblewrap does.
 """
 
 from __future__ import annotations
@@ -15,12 +18,15 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from typing import TYPE_CHECKING
 
 from overlayfs_py import _sys
 
 from . import _linux as L
-from .spec import Volume
 from .errors import RunnerError
+
+if TYPE_CHECKING:
+    from .plan import VolumeMount
 
 RESOLVE_IN_ROOT = 0x10
 
@@ -162,14 +168,12 @@ class MountError(RunnerError):
     pass
 
 
-def mount_volumes(root_fd: int, volumes: list[Volume]) -> None:
-    for v in sorted(volumes, key=lambda v: v.target.count("/")):  # parents before children
-        try:
-            if v.target.startswith("/dev/"):  # on the container's tmpfs, not in any layer
-                _make_mountpoint(root_fd, v.target, os.path.isdir(v.host))
-            bind(root_fd, v.host, v.target, v.read_only)
-        except OSError as e:
-            raise MountError(f"cannot mount volume {v.host} on {v.target}: {e.strerror}") from None
+def mount_volume(root_fd: int, v: VolumeMount) -> None:
+    """Bind the volume *v* (its mount point exists: the init layer has it, or, on the
+    /dev tmpfs, it is made here as the plan says: a directory or a file)."""
+    if v.on_dev:  # on the container's tmpfs, not in any layer
+        _make_mountpoint(root_fd, v.target, v.is_dir)
+    bind(root_fd, v.source, v.target, v.read_only)
 
 
 def _make_mountpoint(root_fd: int, path: str, is_dir: bool) -> None:
@@ -185,22 +189,33 @@ def _make_mountpoint(root_fd: int, path: str, is_dir: bool) -> None:
 
 
 def mask_paths(root_fd: int) -> None:
-    """docker's defaults: hide kernel interfaces a container has no business with."""
+    """docker's defaults: hide kernel interfaces a container has no business with.
+    MountError names the path that could not be masked."""
     for path in MASKED:
-        with Target(root_fd, path, must_exist=False) as t:
-            if not t.ok:
-                continue
-            if t.is_dir():
-                L.mount("tmpfs", t.path, "tmpfs", L.MS_RDONLY)
-            else:
-                with Target(root_fd, "dev/null") as null:  # the container's own
-                    L.mount(null.path, t.path, None, L.MS_BIND)
+        try:
+            _mask(root_fd, path)
+        except OSError as e:
+            raise MountError(f"masking /{path}: {e.strerror}") from None
     for path in READ_ONLY:
-        with Target(root_fd, path, must_exist=False) as t:
+        try:
+            with Target(root_fd, path, must_exist=False) as t:
+                if t.ok:
+                    L.mount(t.path, t.path, None, L.MS_BIND | L.MS_REC)
             if t.ok:
-                L.mount(t.path, t.path, None, L.MS_BIND | L.MS_REC)
-        if t.ok:
-            _remount_ro(root_fd, path)
+                _remount_ro(root_fd, path)
+        except OSError as e:
+            raise MountError(f"making /{path} read-only: {e.strerror}") from None
+
+
+def _mask(root_fd: int, path: str) -> None:
+    with Target(root_fd, path, must_exist=False) as t:
+        if not t.ok:
+            return
+        if t.is_dir():
+            L.mount("tmpfs", t.path, "tmpfs", L.MS_RDONLY)
+        else:
+            with Target(root_fd, "dev/null") as null:  # the container's own
+                L.mount(null.path, t.path, None, L.MS_BIND)
 
 
 def pivot(root: str) -> None:

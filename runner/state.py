@@ -32,6 +32,8 @@ import json
 import os
 import re
 import stat
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 from overlayfs_py.mountinfo import mounts_under
 from overlayfs_py.state import private_dir, state_dir
@@ -42,6 +44,142 @@ from .errors import RunnerError
 
 class StateError(RunnerError):
     pass
+
+
+# --- the record ------------------------------------------------------------------------------
+
+#: JSON types a record's fields may hold (None is always allowed: not known yet)
+_NUM = (int, float)
+
+
+@dataclass
+class ExecDefaults:
+    """What ``exec`` needs to run a process the way PID 1 was run (the record's ``spec``)."""
+
+    env: list[str] = field(default_factory=list)
+    workdir: str = "/"
+    user: str | None = None
+    tty: bool = False
+    caps: list[int] | None = None          # bounding set kept; None: all (--privileged)
+    no_new_privs: bool = True
+    network: str = "none"
+    read_only: bool = False
+    init: bool = False
+    upper_given: bool = False
+    volumes: list[str] = field(default_factory=list)    # "HOST:CTR:ro|rw"
+    limits: dict = field(default_factory=dict)          # memory, pids, cpus
+    remove: bool = False
+    stop_timeout: float = 10.0
+
+
+@dataclass
+class RootlessInfo:
+    """The user namespace of a rootless container (the record's ``rootless``)."""
+
+    map: str                                # "subid" | "single"
+    uid_map: list                           # kernel lines (inside, outside, count)
+    gid_map: list
+    storage_uidmap: list                    # the server's (stored, presented, count)
+    storage_gidmap: list
+
+
+_TYPES: dict[str, Any] = {
+    "id": str, "name": str, "command": list, "layers": list, "created": _NUM, "status": str,
+    "data_dir": str, "monitor_pid": int, "monitor_start": _NUM, "spec": dict, "image": dict,
+    "upper": str, "workdir": str, "merged": str, "init_layer": str, "trace_file": str,
+    "hostname": str, "server_pid": int, "server_start": _NUM, "cgroup": dict, "rootless": dict,
+    "pid": int, "pid_start": _NUM, "pidns": int, "exit_code": int, "finished": _NUM,
+    "pid_reaped": bool, "oom_killed": bool, "dead": bool,
+}
+
+
+@dataclass
+class Record:
+    """A container's record: ``state.json``, one JSON object with these keys (None values
+    are left out; keys this version does not know are kept in :attr:`extra`).
+
+    Written by the container's monitor only (:func:`save`); read back with
+    :func:`load_record` / :func:`find`, or as a plain dict with :func:`load` /
+    :func:`resolve` / :func:`all_records` (what ``pyoverlay diff`` and friends use)."""
+
+    id: str
+    name: str | None = None
+    command: list[str] = field(default_factory=list)
+    layers: list[str] = field(default_factory=list)      # lower layers, top first
+    created: float | None = None
+    status: str = "created"                               # created | running | exited
+    data_dir: str | None = None                           # <data root>/containers/<id>
+    monitor_pid: int | None = None
+    monitor_start: float | None = None                    # /proc/PID/stat start time
+    spec: ExecDefaults | None = None
+    image: dict | None = None                             # run --image: ref, id, source
+    upper: str | None = None
+    workdir: str | None = None
+    merged: str | None = None
+    init_layer: str | None = None
+    trace_file: str | None = None
+    hostname: str | None = None
+    server_pid: int | None = None
+    server_start: float | None = None
+    cgroup: dict | None = None                            # runner.cgroups.Cgroup.to_dict()
+    rootless: RootlessInfo | None = None
+    pid: int | None = None                                # PID 1, on the host
+    pid_start: float | None = None
+    pidns: int | None = None
+    exit_code: int | None = None
+    finished: float | None = None
+    pid_reaped: bool | None = None
+    oom_killed: bool | None = None
+    dead: bool | None = None                              # cleaned up after its monitor died
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        out: dict = {}
+        for f in fields(self):
+            if f.name == "extra":
+                continue
+            v = getattr(self, f.name)
+            if v is None:
+                continue
+            if isinstance(v, (ExecDefaults, RootlessInfo)):
+                v = {g.name: getattr(v, g.name) for g in fields(v)}
+            out[f.name] = v
+        return {**self.extra, **out}
+
+    @classmethod
+    def from_dict(cls, d) -> "Record":
+        """StateError unless *d* is a record's shape (field types; not its paths, which
+        :func:`check_record` checks)."""
+        if not isinstance(d, dict) or not valid_id(d.get("id")):
+            raise StateError("not a container record")
+        known, extra = {}, {}
+        for k, v in d.items():
+            if k not in _TYPES:
+                extra[k] = v
+                continue
+            want = _TYPES[k]
+            if v is not None and (not isinstance(v, want) or (want is int and isinstance(v, bool))):
+                raise StateError(f"container {d['id'][:12]}: its {k} {v!r} has the wrong type")
+            known[k] = v
+        try:
+            if known.get("spec") is not None:
+                spec = known["spec"]
+                names = {g.name for g in fields(ExecDefaults)}
+                known["spec"] = ExecDefaults(**{k: v for k, v in spec.items() if k in names})
+            if known.get("rootless") is not None:
+                known["rootless"] = RootlessInfo(**known["rootless"])
+        except TypeError as e:
+            raise StateError(f"container {d['id'][:12]}: {e}") from None
+        return cls(**known, extra=extra)
+
+    @classmethod
+    def of(cls, rec: "Record | dict") -> "Record":
+        """*rec* as a Record (a dict from :func:`load`/:func:`resolve` is converted)."""
+        return rec if isinstance(rec, Record) else cls.from_dict(rec)
+
+    @property
+    def label(self) -> str:
+        return self.name or self.id[:12]
 
 
 _ID = re.compile(r"^[0-9a-f]{64}$")
@@ -100,7 +238,10 @@ def _file(cid: str) -> str:
     return os.path.join(records_dir(), cid, "state.json")
 
 
-def save(rec: dict) -> None:
+def save(rec: Record | dict) -> None:
+    """Write *rec* atomically (temp file, fsync, rename)."""
+    if isinstance(rec, Record):
+        rec = rec.to_dict()
     if not valid_id(rec.get("id")):
         raise StateError(f"invalid container id {rec.get('id')!r}")
     d = os.path.join(records_dir(), rec["id"])
@@ -130,9 +271,26 @@ def load(cid: str) -> dict | None:
         return None
     try:
         check_record(rec, cid)
+        Record.from_dict(rec)  # the field types
     except StateError:
         return None
     return rec
+
+
+def load_record(cid: str) -> Record | None:
+    """:func:`load` as a :class:`Record`."""
+    rec = load(cid)
+    if rec is None:
+        return None
+    try:
+        return Record.from_dict(rec)
+    except StateError:
+        return None
+
+
+def find(ref: str) -> Record:
+    """:func:`resolve` as a :class:`Record` (StateError if there is none)."""
+    return Record.from_dict(resolve(ref))
 
 
 #: record fields naming a path pyoverlay made in the container's data dir
@@ -185,8 +343,10 @@ def all_records() -> list[dict]:
     return sorted(out, key=lambda r: r.get("created", 0) if isinstance(r.get("created", 0), (int, float)) else 0)
 
 
-def status(rec: dict) -> str:
+def status(rec: Record | dict) -> str:
     """created | running | exited | dead (its monitor is gone without recording an exit)."""
+    if isinstance(rec, Record):
+        rec = rec.to_dict()
     st = rec.get("status", "created")
     if st in ("created", "running") and not _linux.alive(rec.get("monitor_pid"), rec.get("monitor_start")):
         return "dead"
@@ -214,10 +374,12 @@ def name_taken(name: str) -> str | None:
     return None
 
 
-def remove(rec: dict) -> None:
+def remove(rec: Record | dict) -> None:
     """Delete the record and the container's data dir (never a user-given --upper). Only
     a record of the right shape (:func:`check_record`) gets its data dir removed, and
     only ``<data root>/containers/<id>``, through fds opened beneath the data dir."""
+    if isinstance(rec, Record):
+        rec = rec.to_dict()
     check_record(rec)
     if rec.get("data_dir"):
         remove_container_data(rec["id"])
