@@ -13,7 +13,7 @@ import os
 
 import pyfuse3
 
-from . import trace
+from . import _sys, trace
 from .entryattr import set_st_ino
 from .inodes import Node
 from .overlay import Caller, Overlay
@@ -70,8 +70,10 @@ class Operations(pyfuse3.Operations):
         super().__init__()
         self.ov = overlay
         self.inodes = overlay.inodes
-        # Node budget: beyond it the kernel is asked to drop the oldest file entries.
-        self.max_nodes = max_nodes
+        # Node budget: beyond it the kernel is asked to drop the oldest file entries. Every
+        # node holds an fd, so the budget is clamped to what RLIMIT_NOFILE lets nodes have.
+        self.fd_limit = _sys.raise_nofile_limit()
+        self.max_nodes = clamp_node_budget(max_nodes, self.fd_limit, overlay.stack.dirfds)
         self._shed_at = self.max_nodes
         # Owners other than the disk's (uid/gid maps, override xattrs): a slower _attrs,
         # bound only when needed, so a plain mount pays nothing (docs/rootless.md).
@@ -327,7 +329,20 @@ class Operations(pyfuse3.Operations):
         if self.max_nodes:
             self._budget()   # READDIRPLUS makes a node per entry
         with self._errors("readdir"):
-            for index, entry in self.ov.readdir(fh, start_id):
+            entries = self.ov.readdir(fh, start_id)
+            replied = False
+            while True:
+                try:
+                    index, entry = next(entries)
+                except StopIteration:
+                    return
+                except OSError as exc:
+                    # Out of fds for new nodes mid-listing: end this reply here (the kernel
+                    # asks again from the next offset); an error only if nothing was given.
+                    if replied and exc.errno in (errno.EMFILE, errno.ENFILE):
+                        return
+                    raise
+                replied = True
                 attrs = self._attrs(entry.node, entry.st, entry.ino, entry.nlink)
                 if not pyfuse3.readdir_reply(token, entry.name, attrs, index + 1):
                     if entry.node is not None:
@@ -349,3 +364,34 @@ class Operations(pyfuse3.Operations):
     async def listxattr(self, inode, ctx):
         with self._errors("listxattr"):
             return [os.fsencode(n) for n in self.ov.listxattr(self._node(inode), _caller(ctx))]
+
+
+# Descriptors kept free of nodes: open files, the trace sink's clients, trio's and pyfuse3's
+# own (the directory fd cache is counted apart).
+FD_HEADROOM = 1024
+
+
+def clamp_node_budget(max_nodes: int, fd_limit: int, dirfds=None) -> int:
+    """The node budget that fits in *fd_limit* descriptors (every node holds one).
+
+    The directory fd cache is shrunk to an eighth of the limit at most; another eighth (at
+    most FD_HEADROOM) stays free for open files and the server's own; the nodes get three
+    quarters of the rest, since the table overshoots its budget by up to a quarter before
+    the kernel's FORGETs come (``_shed``). *max_nodes* 0 (no budget) becomes that much.
+    Directories are never dropped by the budget: a tree with more live directories than
+    descriptors gets EMFILE for lookups beyond them (docs/performance.md)."""
+    if dirfds is not None:
+        dirfds.capacity = max(16, min(dirfds.capacity, fd_limit // 8))
+        cache = dirfds.capacity
+    else:
+        cache = min(2048, fd_limit // 8)
+    room = fd_limit - cache - min(FD_HEADROOM, fd_limit // 8)
+    fit = max(64, room * 3 // 4)
+    budget = fit if max_nodes <= 0 else min(max_nodes, fit)
+    if budget != max_nodes:
+        log.info("node budget %d (asked: %s): RLIMIT_NOFILE is %d and every node holds a "
+                 "descriptor (%d kept for the directory fd cache, %d for open files)",
+                 budget, max_nodes or "none", fd_limit, cache, min(FD_HEADROOM, fd_limit // 8))
+    else:
+        log.debug("node budget %d, RLIMIT_NOFILE %d", budget, fd_limit)
+    return budget
