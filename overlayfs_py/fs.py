@@ -10,8 +10,10 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import time
 
 import pyfuse3
+import trio
 
 from . import _sys, trace
 from .entryattr import set_st_ino
@@ -74,7 +76,10 @@ class Operations(pyfuse3.Operations):
         # node holds an fd, so the budget is clamped to what RLIMIT_NOFILE lets nodes have.
         self.fd_limit = _sys.raise_nofile_limit()
         self.max_nodes = clamp_node_budget(max_nodes, self.fd_limit, overlay.stack.dirfds)
+        self.inodes.fd_cap = node_fd_cap(self.fd_limit, overlay.stack.dirfds.capacity)
         self._shed_at = self.max_nodes
+        overlay.on_out_of_fds = self._out_of_fds
+        self._last_emergency = 0.0
         # Owners other than the disk's (uid/gid maps, override xattrs): a slower _attrs,
         # bound only when needed, so a plain mount pays nothing (docs/rootless.md).
         if overlay.owners.presenting:
@@ -135,17 +140,26 @@ class Operations(pyfuse3.Operations):
         elif name == b"..":
             node, st = (parent.parent or parent), None
         else:
-            try:
-                with self._errors("lookup"):
-                    node, st = self.ov.lookup(parent, name)
-            except pyfuse3.FUSEError as exc:
-                if exc.errno == errno.ENOENT:
-                    # A negative entry the kernel may cache (node id 0).
-                    e = pyfuse3.EntryAttributes()
-                    e.st_ino = 0
-                    e.entry_timeout = TIMEOUT
-                    return e
-                raise
+            waited = 0.0
+            while True:
+                try:
+                    with self._errors("lookup"):
+                        node, st = self.ov.lookup(parent, name)
+                    break
+                except pyfuse3.FUSEError as exc:
+                    if exc.errno == errno.ENOENT:
+                        # A negative entry the kernel may cache (node id 0).
+                        e = pyfuse3.EntryAttributes()
+                        e.st_ino = 0
+                        e.entry_timeout = TIMEOUT
+                        return e
+                    if exc.errno in (errno.EMFILE, errno.ENFILE) and waited < FD_WAIT:
+                        # Out of descriptors for nodes: the kernel was asked to drop some
+                        # entries; their FORGETs come as other requests meanwhile.
+                        await trio.sleep(0.02)
+                        waited += 0.02
+                        continue
+                    raise
         with self._errors("lookup"):
             attrs = self._node_attrs(node, st)
         self.inodes.ref(node)
@@ -171,6 +185,23 @@ class Operations(pyfuse3.Operations):
         self._shed_at = max(self.max_nodes, len(self.inodes) + self.max_nodes - keep)
         log.info("node budget %d: %d live nodes, asked the kernel to drop %d entries",
                  self.max_nodes, len(self.inodes), len(drops))
+
+    def _out_of_fds(self) -> None:
+        """A node could not get its fd: ask the kernel to drop file entries beyond 80 % of
+        the budget and, since directories can fill the descriptors on their own, some
+        directories with no live children too (at most once a second)."""
+        keep = self.max_nodes * 4 // 5
+        drops = self.inodes.shed(keep)   # each file node is offered once: cheap to repeat
+        now = time.monotonic()
+        if now - self._last_emergency >= 1.0:
+            self._last_emergency = now
+            drops += self.inodes.shed_dirs(max(16, len(self.inodes) - len(drops) - keep))
+        if not drops:
+            return
+        for parent_id, name in drops:
+            pyfuse3.invalidate_entry_async(parent_id, name, ignore_enoent=True)
+        log.warning("out of descriptors: %d live nodes, asked the kernel to drop %d entries",
+                    len(self.inodes), len(drops))
 
     async def forget(self, inode_list):
         for inode, nlookup in inode_list:
@@ -369,6 +400,14 @@ class Operations(pyfuse3.Operations):
 # Descriptors kept free of nodes: open files, the trace sink's clients, trio's and pyfuse3's
 # own (the directory fd cache is counted apart).
 FD_HEADROOM = 1024
+# How long a lookup waits for the kernel's FORGETs when nodes have no descriptor left.
+FD_WAIT = 2.0
+
+
+def node_fd_cap(fd_limit: int, cache: int) -> int:
+    """Live nodes allowed at most, whatever the budget: past it a new node is refused with
+    EMFILE, so that listings, open files and the server's own descriptors never run out."""
+    return max(32, fd_limit - cache - min(FD_HEADROOM, fd_limit // 8))
 
 
 def clamp_node_budget(max_nodes: int, fd_limit: int, dirfds=None) -> int:

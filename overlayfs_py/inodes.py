@@ -139,6 +139,9 @@ class InodeTable:
         self.root.lookups = 1  # the kernel never forgets the root
         self._nodes: dict[int, Node] = {ROOT_ID: self.root}
         self._by_key: dict[tuple, Node] = {}
+        # Live nodes (each holding an fd) allowed at most: the rest of RLIMIT_NOFILE is kept
+        # for listings, open files and the server's own (set by fs.Operations).
+        self.fd_cap = 1 << 62
         # Ids of non-directory nodes, oldest first: the candidates of shed().
         self._age: collections.deque[int] = collections.deque()
 
@@ -212,6 +215,21 @@ class InodeTable:
                 continue  # gone already, or unlinked but open: nothing to drop
             out.append((node.parent.id, node.name))
             excess -= 1
+        return out
+
+    def shed_dirs(self, count: int) -> list[tuple[int, bytes]]:
+        """``(parent id, name)`` of up to *count* directories with no live child node: what
+        can still be given back when the server runs out of descriptors (every node holds
+        one, and the budget never drops directories). Only cache is lost: the kernel
+        forgets them once unused (a process inside one keeps it)."""
+        out = []
+        for node in self._nodes.values():
+            if len(out) >= count:
+                break
+            if node.children or not node.is_dir or node.parent is None or \
+                    node.parent.child(node.name) is not node:
+                continue
+            out.append((node.parent.id, node.name))
         return out
 
     def add_alias(self, node: Node, parent: Node, name: bytes) -> None:

@@ -76,6 +76,8 @@ class Overlay(WriteOps):
         self._can_open_by_handle = os.geteuid() == 0
         self.owners = Owners(uidmap, gidmap, stack.layers, stack.upper)
         self.copyup: CopyUp | None = None
+        self.on_out_of_fds = None   # called when a node cannot get its fd (fs.py sheds nodes)
+        self._warned_fds = False
         if not self.read_only and work_fd is not None:
             self.copyup = CopyUp(stack, names, self.inodes, work_fd, self.trace)
             self.copyup.on_installed = self._copied_up
@@ -227,6 +229,10 @@ class Overlay(WriteOps):
     def _node_fd(self, layer: Layer, path: bytes, st: os.stat_result) -> int:
         """A new node's fd: O_PATH|O_NOFOLLOW of the object at *path* in *layer*, which must be
         the object the lookup found (*st*); ESTALE if the name changed in between."""
+        if len(self.inodes) >= self.inodes.fd_cap:
+            # Never let nodes take the descriptors kept for listings and open files.
+            self._out_of_fds()
+            raise OSError(errno.EMFILE, "too many live nodes for the descriptor limit")
         if not path:
             fd = os.dup(layer.fd)
         else:
@@ -245,11 +251,13 @@ class Overlay(WriteOps):
         return fd
 
     def _out_of_fds(self) -> None:
-        if not getattr(self, "_warned_fds", False):
+        if not self._warned_fds:
             self._warned_fds = True
             log.warning("out of file descriptors (%d live nodes, each holds one): lookups fail "
                         "with EMFILE until the kernel forgets some (see docs/performance.md)",
                         len(self.inodes))
+        if self.on_out_of_fds is not None:
+            self.on_out_of_fds()
 
     def _same_object(self, node: Node, top: Hit) -> bool:
         """Whether an existing node still serves the object *top* found. Lower layers never
@@ -443,6 +451,8 @@ class Overlay(WriteOps):
         try:
             child, st = self.lookup(parent, name)
         except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE):
+                return self._nodeless_entry(parent, name, layer)
             if exc.errno != errno.ENOENT:
                 raise
             # Listed but not found: a whiteout the kernel's readdir shows too (in a raw
@@ -474,9 +484,24 @@ class Overlay(WriteOps):
             if lower_st is not None and not layer.is_upper:
                 lower_st[name] = st  # a lower object never changes while mounted
         # without a redirect above it, ppath is the parent's relpath: _node_for need not walk it again
-        node = self._node_for(parent, name, [Hit(layer, st, ppath + b"/" + name if ppath else name)],
-                              prel=ppath if parent.lpaths is None else None)
+        try:
+            node = self._node_for(parent, name, [Hit(layer, st, ppath + b"/" + name if ppath else name)],
+                                  prel=ppath if parent.lpaths is None else None)
+        except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE):
+                return self._nodeless_entry(parent, name, layer)
+            raise
         return Entry(name, node, st, node.ino, self.nlink(node, st))
+
+    def _nodeless_entry(self, parent: Node, name: bytes, layer: Layer) -> Entry | None:
+        """Out of descriptors for a new node: the entry is listed without one (READDIRPLUS
+        then gives the kernel no inode; a later lookup makes it). Its d_ino is the layer
+        object's own (not the origin's an upper copy reports)."""
+        try:
+            st = _sys.lstat_at(self.stack.dir_fd(layer, parent.path_in(layer)), name)
+        except FileNotFoundError:
+            return None
+        return Entry(name, None, st, self._xino(layer, st.st_ino), st.st_nlink)
 
     # --- xattrs -----------------------------------------------------------------------------
 
