@@ -92,9 +92,13 @@ class WriteOps:
 
     def _chown_keep_mode(self: "Overlay", dfd: int, name: bytes, uid: int, gid: int) -> None:
         """Give a new object its stored owner (chown, or the override xattr when the server
-        cannot chown); the set-id bits its creator chose stay."""
-        self.owners.set_owner(_sys.proc_path(dfd, name), False, uid, gid, fresh=True,
-                              st=_sys.lstat_at(dfd, name))
+        cannot chown); the set-id bits its creator chose stay. Done on an O_PATH fd of the
+        object (its magic link, followed to the object only), never on its name again."""
+        fd = _sys.open_node(dfd, name)
+        try:
+            self.owners.set_owner(*_sys.fd_xattr_path(fd), uid, gid, fresh=True, st=os.fstat(fd))
+        finally:
+            os.close(fd)
 
     def _place_new(self: "Overlay", parent: Node, name: bytes, make, caller: "Caller | None",
                    opaque: bool = False) -> tuple[Node, os.stat_result]:
