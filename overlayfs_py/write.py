@@ -206,9 +206,11 @@ class WriteOps:
         else:
             os.unlink(name, dir_fd=dfd)
 
-    def _make_opaque(self: "Overlay", dfd: int, name: bytes, path: str) -> None:
+    def _make_opaque(self: "Overlay", dfd: int, name: bytes | None, path: str) -> None:
+        """Mark directory *name* in *dfd* opaque (name None: *dfd* is the directory's own fd,
+        reached through its magic link; a name is never followed)."""
         if _sys.getxattr_at(dfd, name, self.names.opaque) != b"y":
-            os.setxattr(_sys.proc_path(dfd, name), self.names.opaque, b"y", follow_symlinks=False)
+            os.setxattr(_sys.proc_path(dfd, name), self.names.opaque, b"y", follow_symlinks=name is None)
             self.trace.emit("opaque_dir", path=path)
 
     def _clear_whiteouts(self: "Overlay", dfd_parent: int, name: bytes) -> None:
@@ -318,9 +320,9 @@ class WriteOps:
         # opaque, so that lower content of its new name can never merge into it.
         old_path, new_path = display(_child(parent, name)), display(_child(newparent, newname))
         if src.is_dir and newparent.is_merged:
-            self._make_opaque(opfd, name, new_path)
+            self._make_opaque(src.fd, None, new_path)       # the directory itself, via its fd
         if exchange and dst.is_dir and parent.is_merged:
-            self._make_opaque(npfd, newname, old_path)
+            self._make_opaque(dst.fd, None, old_path)
         if not exchange and nst is not None and stat.S_ISDIR(nst.st_mode) and not dst_pure:
             self._clear_whiteouts(npfd, newname)  # the upper part of an empty merged dir
         _sys.renameat2(opfd, name, npfd, newname, real_flags)
