@@ -261,7 +261,10 @@ class Overlay(WriteOps):
 
     def _same_object(self, node: Node, top: Hit) -> bool:
         """Whether an existing node still serves the object *top* found. Lower layers never
-        change; an upper non-directory is known by its inode (its key)."""
+        change; an upper non-directory is known by its inode (its key). A node left without
+        an fd (a failed copy-up refresh) is replaced."""
+        if node.fd < 0:
+            return False
         if not top.layer.is_upper or node.is_dir:
             return True
         if node.key is not None:

@@ -103,3 +103,50 @@ def test_clamp_arithmetic():
     cache = DirFdCache()
     b = clamp_node_budget(0, 1024, cache)   # 0: as many as fit
     assert 0 < b and b * 5 // 4 + cache.capacity <= 1024 - 64
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_node_fds_live_and_die_with_their_nodes(tmp_path):
+    """Without FUSE: every node holds one fd of its own object (checked by inode), the
+    table closes it when the node is dropped, and destroy closes the rest."""
+    from overlayfs_py.layers import LayerStack
+    from overlayfs_py.overlay import Overlay
+    from overlayfs_py.whiteout import XattrNames
+
+    l1, l2 = tmp_path / "l1", tmp_path / "l2"
+    for layer, n in ((l1, 30), (l2, 50)):
+        (layer / "d").mkdir(parents=True)
+        for i in range(n):
+            (layer / "d" / f"f{i}").write_text(layer.name)
+    os.symlink("/etc/passwd", l1 / "d" / "ln")
+    base = _open_fds()
+    names = XattrNames()
+    ov = Overlay(LayerStack([str(l1), str(l2)], None, names), names, read_only=True)
+    try:
+        with_stack = _open_fds()
+        d, _ = ov.lookup(ov.inodes.root, b"d")
+        ov.inodes.ref(d)
+        seen = []
+        fh = ov.opendir(d)
+        for _, entry in ov.readdir(fh, 0):
+            if entry.node is not None:
+                ov.inodes.ref(entry.node)
+                seen.append(entry.node)
+        ov.release(fh)
+        assert len(seen) == 51
+        for node in seen:
+            real = (l1 if node.name in {f"f{i}".encode() for i in range(30)} | {b"ln"} else l2) / "d" / os.fsdecode(node.name)
+            st, lst = os.fstat(node.fd), os.lstat(real)
+            assert (st.st_dev, st.st_ino) == (lst.st_dev, lst.st_ino)
+        assert ov.readlink(next(n for n in seen if n.name == b"ln")) == b"/etc/passwd"
+        assert _open_fds() >= with_stack + 52   # the nodes' fds (and the dir-fd cache's)
+        for node in seen + [d]:
+            ov.inodes.forget(node.id, 1)
+        assert len(ov.inodes) == 1
+        assert _open_fds() <= with_stack + 2    # at most the dir-fd cache's
+    finally:
+        ov.destroy()
+    assert _open_fds() == base
