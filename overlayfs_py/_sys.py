@@ -255,7 +255,7 @@ def reopen(fd: int, flags: int) -> int:
     """Open the very object of O_PATH *fd* (through its magic link: no name is looked up,
     so an object put at its name since is never reached). The caller has checked its type:
     a node fd of a regular file stays one."""
-    return os.open(proc_path(fd), (flags & ~os.O_CREAT) | os.O_CLOEXEC)
+    return os.open(proc_path(fd), (flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW)) | os.O_CLOEXEC)
 
 
 def fchown_fd(fd: int, uid: int, gid: int) -> None:
