@@ -34,6 +34,9 @@ from .layers import Layer
 log = logging.getLogger(__name__)
 
 ROOT_ID = 1
+# The key of a directory that was removed or replaced (a dead directory): nothing is found
+# or made in it any more, whatever is at its old name now.
+DEAD = ("dead",)
 _MODES: dict[int, int] = {}
 
 
@@ -75,6 +78,10 @@ class Node:
     @property
     def is_dir(self) -> bool:
         return stat.S_ISDIR(self.mode)
+
+    @property
+    def dead(self) -> bool:
+        return self.key is DEAD
 
     @property
     def is_merged(self) -> bool:
@@ -260,13 +267,11 @@ class InodeTable:
     def _orphan(self, node: Node) -> None:
         # Keep ``parent`` so that relpath() of an unlinked-but-open node stays computable for
         # error messages; mark it unreachable by removing its key. Its fd still reaches its
-        # object. A removed directory has no layers left: nothing is found or made in it
-        # (its old name may lead to another directory now).
+        # object. A removed directory is marked dead: nothing is found or made in it (its
+        # old name may lead to another directory now).
         if node.key is not None and self._by_key.get(node.key) is node:
             del self._by_key[node.key]
-        node.key = None
-        if node.is_dir:
-            node.dirs = ()
+        node.key = DEAD if node.is_dir else None
 
     def set_fd(self, node: Node, fd: int) -> None:
         """Give *node* a new fd of its real object (after a copy-up); the old one is closed."""

@@ -19,7 +19,7 @@ from .copyup import CopyUp
 from .dircache import Listing, ListingCache
 from .handles import DirHandle, HandleTable, OpenFile
 from .idmap import OVERRIDE_XATTR, carries_override
-from .inodes import InodeTable, Node
+from .inodes import DEAD, InodeTable, Node
 from .layers import Hit, Layer, LayerStack
 from .ownership import Owners
 from . import trace
@@ -176,6 +176,8 @@ class Overlay(WriteOps):
             raise OSError(errno.ENAMETOOLONG, "name too long")
         if not parent.is_dir:
             raise OSError(errno.ENOTDIR, "not a directory")
+        if parent.key is DEAD:   # removed while a process holds it: empty, like the kernel's
+            raise OSError(errno.ENOENT, "directory was removed")
         hits = self.stack.resolve(parent.layer_dirs(), name)
         if not hits:
             raise OSError(errno.ENOENT, "no such entry")
@@ -403,6 +405,8 @@ class Overlay(WriteOps):
 
     def _listing(self, h: DirHandle) -> list[bytes]:
         node = h.node
+        if node.dead:
+            return [(b".", node.layer), (b"..", node.layer)]
         if node.is_merged:
             filter_wo = True
         else:

@@ -41,7 +41,7 @@ class WriteOps:
         """The upper dir fd of directory *node* (its own fd: the directory itself, never
         whatever sits at its name now), copying it (and its ancestors) up first. A removed
         directory takes no new entries (ENOENT, as the kernel's dead directory)."""
-        if node.is_dir and not node.dirs:
+        if node.dead:
             raise OSError(errno.ENOENT, "directory was removed")
         self.copyup.ensure_upper_dir_sync(node, reason)
         if node.fd < 0:

@@ -150,3 +150,56 @@ def test_node_fds_live_and_die_with_their_nodes(tmp_path):
     finally:
         ov.destroy()
     assert _open_fds() == base
+
+
+_DEAD_DIR = r'''
+import errno, json, os, sys
+os.chdir(sys.argv[1])
+os.mkdir("d"); os.mkdir("lowerdir/sub") if False else None
+out = {}
+for which in ("d", "ld"):           # ld: a directory of the lower layer
+    fd = os.open(which, os.O_RDONLY | os.O_DIRECTORY)
+    if which == "ld":
+        for n in os.listdir(which):
+            os.unlink(os.path.join(which, n))
+    os.rmdir(which)
+    os.mkdir(which)                 # a new directory takes the name
+    with open(os.path.join(which, "inside-new"), "w"):
+        pass
+    r = {}
+    for op in ("list", "create", "mkdir", "stat"):
+        try:
+            if op == "list":
+                r[op] = sorted(os.listdir(fd))
+            elif op == "create":
+                os.close(os.open("x", os.O_CREAT | os.O_WRONLY, 0o644, dir_fd=fd)); r[op] = "ok"
+            elif op == "mkdir":
+                os.mkdir("y", dir_fd=fd); r[op] = "ok"
+            else:
+                r[op] = os.fstat(fd).st_nlink
+        except OSError as e:
+            r[op] = errno.errorcode[e.errno]
+    r["new"] = sorted(os.listdir(which))
+    out[which] = r
+print(json.dumps(out))
+'''
+
+
+def test_removed_directory_takes_no_entries(tmp_path):
+    """A directory removed (and its name reused) while a process holds it: nothing is
+    made in or listed from the new directory through the old one (the kernel's answers)."""
+    import subprocess
+    import sys
+
+    got = {}
+    for kind in ("kernel", "pyoverlay"):
+        lo, up, wk = build_layers(tmp_path, kind)
+        (lo / "ld").mkdir()
+        (lo / "ld" / "f").write_text("x")
+        cls = mounts.KernelOverlay if kind == "kernel" else mounts.PyoverlayMount
+        with cls([lo], tmp_path / f"{kind}-m", up, wk) as m:
+            r = subprocess.run([sys.executable, "-c", _DEAD_DIR, str(m.path)], capture_output=True,
+                               text=True, timeout=60)
+            assert r.returncode == 0, r.stderr
+            got[kind] = r.stdout
+    assert got["pyoverlay"] == got["kernel"]
