@@ -55,6 +55,21 @@ def test_user_acts_through_fd_of_a_replaced_name(user, op):
     assert out["pyoverlay"] == out["kernel"]
 
 
+def test_issue_sequence_does_not_make_a_host_file_setuid(user):
+    """The issue's exact sequence, in sh: `cd merged/tmp; echo x > g; ln -s /some/root/file s;
+    exec 3<g; mv -f s g; python3 -c 'import os; os.fchmod(3, 0o4755)'`."""
+    host = user.dir / "rootfile"
+    before = make_host_file(host)
+    lo, up, wk = build_layers(user.dir, "x")
+    with mounts.PyoverlayMount([lo], user.dir / "m", up, wk, watchdog=60) as m:
+        script = (f"cd {m.path}/tmp; echo x > g; ln -s {host} s; exec 3<g; mv -f s g; "
+                  "python3 -c 'import os; os.fchmod(3, 0o4755); print(oct(os.fstat(3).st_mode))'")
+        out = run_bounded(user.argv(["sh", "-c", script + " | sed 's/^/{\"mode\": \"/; s/$/\"}/'"]),
+                          m, timeout=20, env=user.env())
+    assert host_state(host) == before, "the root-owned file was changed through the mount"
+    assert out == {"mode": "0o104755"}   # the user's own, unlinked g got the mode (as the kernel)
+
+
 def _walk(user, mnt) -> subprocess.CompletedProcess:
     script = ("import os, sys\n"
               "n = e = 0\n"
