@@ -136,7 +136,10 @@ def run_bounded(argv, mount, timeout: float = 20.0, **kw) -> dict:
         return {"result": "hung"}
     if proc.returncode != 0:
         return {"result": f"exit {proc.returncode}", "stderr": err.strip().splitlines()[-1:]}
-    return json.loads(out)
+    try:
+        return json.loads(out)
+    except ValueError:
+        return {"result": "no JSON", "stdout": out, "stderr": err.strip().splitlines()[-1:]}
 
 
 def attack_argv(op: str, host, where: str) -> list[str]:
