@@ -128,7 +128,10 @@ class Overlay(WriteOps):
         """The lower object an upper non-directory was copied up from, via its origin record."""
         upper = self.stack.upper
         assert upper is not None
-        raw = _sys.getxattr_at(self.stack.dir_fd(upper, parent.relpath()), name, self.names.origin)
+        # the parent serves an upper child, so its own fd is its upper directory
+        pfd = parent.fd if parent.layer.is_upper and parent.fd >= 0 else \
+            self.stack.dir_fd(upper, parent.relpath())
+        raw = _sys.getxattr_at(pfd, name, self.names.origin)
         if raw is None:
             return None
         fh = decode_origin(raw)
