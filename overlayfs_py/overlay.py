@@ -213,7 +213,10 @@ class Overlay(WriteOps):
                     shared.mode = mode
                     return shared
                 key = None
-        fd = self._node_fd(top.layer, top.path, top.st)
+        # The first hit is in the parent's own layer at the parent's own path (no redirect
+        # applies before a first hit): open it in the parent's own fd, no path walk.
+        pfd = parent.fd if top.layer is parent.layer and parent.fd >= 0 else None
+        fd = self._node_fd(top.layer, top.path, top.st, pfd, name)
         try:
             node = self.inodes.add(parent, name, mode, top.layer, dirs, ino, key, fd)
         except BaseException:
@@ -231,9 +234,11 @@ class Overlay(WriteOps):
                     break
         return node
 
-    def _node_fd(self, layer: Layer, path: bytes, st: os.stat_result) -> int:
-        """A new node's fd: O_PATH|O_NOFOLLOW of the object at *path* in *layer*, which must be
-        the object the lookup found (*st*); ESTALE if the name changed in between."""
+    def _node_fd(self, layer: Layer, path: bytes, st: os.stat_result, pfd: int | None = None,
+                 name: bytes | None = None) -> int:
+        """A new node's fd: O_PATH|O_NOFOLLOW of the object at *path* in *layer* (or of *name*
+        in directory fd *pfd*), which must be the object the lookup found (*st*); ESTALE if
+        the name changed in between."""
         if len(self.inodes) >= self.inodes.fd_cap:
             # Never let nodes take the descriptors kept for listings and open files.
             self._out_of_fds()
@@ -241,9 +246,11 @@ class Overlay(WriteOps):
         if not path:
             fd = os.dup(layer.fd)
         else:
-            pdir, _, base = path.rpartition(b"/")
+            if pfd is None:
+                pdir, _, name = path.rpartition(b"/")
+                pfd = self.stack.dir_fd(layer, pdir)
             try:
-                fd = _sys.open_node(self.stack.dir_fd(layer, pdir), base)
+                fd = _sys.open_node(pfd, name)
             except OSError as exc:
                 if exc.errno in (errno.EMFILE, errno.ENFILE):
                     self._out_of_fds()
