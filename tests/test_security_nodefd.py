@@ -52,7 +52,9 @@ def test_op_through_fd_of_a_replaced_name_acts_on_the_open_file(tmp_path, op):
 def test_lower_file_replaced_while_open(tmp_path, op):
     """The open file is a lower one (not copied up): a FIFO or a symlink renamed over its
     name. Reading it through /proc/self/fd reads the original (the kernel's answer), never
-    blocks the server; a change through it fails as the kernel's (the name is taken)."""
+    blocks the server; a change through it fails as the kernel's (the name is taken).
+    f323dfb passes these too (it re-opened the name in the lower layer, which never
+    changes): they guard the node-fd path for lower files, against the kernel."""
     host = tmp_path / "host"
     before = make_host_file(host)
     want = _run(tmp_path, "kernel", op, "lower", host)
