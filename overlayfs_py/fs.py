@@ -153,6 +153,9 @@ class Operations(pyfuse3.Operations):
                         e.st_ino = 0
                         e.entry_timeout = TIMEOUT
                         return e
+                    if exc.errno == errno.ESTALE and waited == 0.0:
+                        waited = -1.0   # the name changed under the lookup: once more
+                        continue
                     if exc.errno in (errno.EMFILE, errno.ENFILE) and waited < FD_WAIT:
                         # Out of descriptors for nodes: the kernel was asked to drop some
                         # entries; their FORGETs come as other requests meanwhile.
