@@ -194,16 +194,111 @@ def fs_uuid(fd: int) -> bytes | None:
     return bytes(buf[1 : 1 + n]) if n else None
 
 
-def raise_nofile_limit() -> None:
-    """Use the hard RLIMIT_NOFILE: a server caches directory fds."""
+def raise_nofile_limit() -> int:
+    """Raise RLIMIT_NOFILE as far as this process may (every node holds an fd): the soft
+    limit to the hard one, and as root the hard one to ``/proc/sys/fs/nr_open``. Returns
+    the soft limit now in force."""
     import resource
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
+    want = hard
+    try:
+        with open("/proc/sys/fs/nr_open") as f:
+            nr_open = int(f.read())
+        if hard == resource.RLIM_INFINITY or nr_open > hard:
+            want = nr_open   # only root (CAP_SYS_RESOURCE) may raise the hard limit
+    except (OSError, ValueError):
+        pass
+    for target in ((want, want), (hard, hard)):
+        if target[0] <= soft and target[1] <= hard:
+            break
         try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            resource.setrlimit(resource.RLIMIT_NOFILE, target)
+            break
         except (ValueError, OSError):
-            pass
+            continue
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+# --- a node's own fd ---------------------------------------------------------------------
+# Every node holds an O_PATH|O_NOFOLLOW fd of the real object serving it; an operation on
+# an existing object goes through that fd (an *at(fd, "", AT_EMPTY_PATH) call, or the
+# /proc/self/fd/N magic link, whose following stops at the object itself: a symlink's
+# fd reaches the symlink, never its target). A name is never resolved again for it.
+
+AT_FDCWD = -100
+AT_SYMLINK_NOFOLLOW = 0x100
+AT_SYMLINK_FOLLOW = 0x400
+NODE_FLAGS = O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
+UTIME_OMIT = (1 << 30) - 2
+
+_libc.fchownat.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint, ctypes.c_uint, ctypes.c_int]
+_libc.linkat.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
+
+
+class _Timespec(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+
+def _check(r: int, what: bytes | str | None = None) -> None:
+    if r != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), os.fsdecode(what) if what is not None else None)
+
+
+def open_node(dir_fd: int, name: bytes) -> int:
+    """The node fd of *name* (one component) in *dir_fd*: O_PATH, never following a symlink."""
+    return os.open(name, NODE_FLAGS, dir_fd=dir_fd)
+
+
+def reopen(fd: int, flags: int) -> int:
+    """Open the very object of O_PATH *fd* (through its magic link: no name is looked up,
+    so an object put at its name since is never reached). The caller has checked its type:
+    a node fd of a regular file stays one."""
+    return os.open(proc_path(fd), (flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW)) | os.O_CLOEXEC)
+
+
+def fchown_fd(fd: int, uid: int, gid: int) -> None:
+    """``fchownat(fd, "", uid, gid, AT_EMPTY_PATH|AT_SYMLINK_NOFOLLOW)`` (-1: unchanged)."""
+    _check(_libc.fchownat(fd, b"", uid & 0xFFFFFFFF, gid & 0xFFFFFFFF,
+                          AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW))
+
+
+def fchmod_fd(fd: int, mode: int) -> None:
+    """chmod of the object of O_PATH *fd* (fchmod refuses O_PATH fds, fchmodat has no
+    AT_EMPTY_PATH before fchmodat2): through the magic link, which stops at the object."""
+    os.chmod(proc_path(fd), mode)
+
+
+def futimens_fd(fd: int, atime_ns: int | None, mtime_ns: int | None) -> None:
+    """``utimensat(fd, "", times, AT_EMPTY_PATH)``; None leaves that time alone."""
+    def ts(ns):
+        return _Timespec(0, UTIME_OMIT) if ns is None else _Timespec(ns // 1_000_000_000, ns % 1_000_000_000)
+
+    times = (_Timespec * 2)(ts(atime_ns), ts(mtime_ns))
+    r = _libc.utimensat(fd, b"", times, AT_EMPTY_PATH)
+    if r != 0 and ctypes.get_errno() == errno.EINVAL:  # a kernel before 5.8: the magic link
+        cur = os.fstat(fd)
+        os.utime(proc_path(fd), ns=(cur.st_atime_ns if atime_ns is None else atime_ns,
+                                    cur.st_mtime_ns if mtime_ns is None else mtime_ns))
+        return
+    _check(r)
+
+
+def readlink_fd(fd: int) -> bytes:
+    """``readlinkat(fd, "")`` of an O_PATH fd of a symlink."""
+    return os.readlink(b"", dir_fd=fd)
+
+
+def link_fd(fd: int, dir_fd: int, name: bytes) -> None:
+    """A new name *name* in *dir_fd* for the object of *fd*: ``linkat`` of its magic link
+    with AT_SYMLINK_FOLLOW (AT_EMPTY_PATH would need CAP_DAC_READ_SEARCH)."""
+    _check(_libc.linkat(AT_FDCWD, proc_path(fd), dir_fd, name, AT_SYMLINK_FOLLOW), name)
+
+
+def fd_xattr_path(fd: int) -> tuple[bytes, bool]:
+    """(path, follow) for an xattr call on the object of O_PATH *fd* (the magic link)."""
+    return proc_path(fd), True
 
 
 

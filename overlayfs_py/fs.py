@@ -10,10 +10,12 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import time
 
 import pyfuse3
+import trio
 
-from . import trace
+from . import _sys, trace
 from .entryattr import set_st_ino
 from .inodes import Node
 from .overlay import Caller, Overlay
@@ -70,9 +72,14 @@ class Operations(pyfuse3.Operations):
         super().__init__()
         self.ov = overlay
         self.inodes = overlay.inodes
-        # Node budget: beyond it the kernel is asked to drop the oldest file entries.
-        self.max_nodes = max_nodes
+        # Node budget: beyond it the kernel is asked to drop the oldest file entries. Every
+        # node holds an fd, so the budget is clamped to what RLIMIT_NOFILE lets nodes have.
+        self.fd_limit = _sys.raise_nofile_limit()
+        self.max_nodes = clamp_node_budget(max_nodes, self.fd_limit, overlay.stack.dirfds)
+        self.inodes.fd_cap = node_fd_cap(self.fd_limit, overlay.stack.dirfds.capacity)
         self._shed_at = self.max_nodes
+        overlay.on_out_of_fds = self._out_of_fds
+        self._last_emergency = 0.0
         # Owners other than the disk's (uid/gid maps, override xattrs): a slower _attrs,
         # bound only when needed, so a plain mount pays nothing (docs/rootless.md).
         if overlay.owners.presenting:
@@ -133,17 +140,29 @@ class Operations(pyfuse3.Operations):
         elif name == b"..":
             node, st = (parent.parent or parent), None
         else:
-            try:
-                with self._errors("lookup"):
-                    node, st = self.ov.lookup(parent, name)
-            except pyfuse3.FUSEError as exc:
-                if exc.errno == errno.ENOENT:
-                    # A negative entry the kernel may cache (node id 0).
-                    e = pyfuse3.EntryAttributes()
-                    e.st_ino = 0
-                    e.entry_timeout = TIMEOUT
-                    return e
-                raise
+            waited = 0.0
+            while True:
+                try:
+                    with self._errors("lookup"):
+                        node, st = self.ov.lookup(parent, name)
+                    break
+                except pyfuse3.FUSEError as exc:
+                    if exc.errno == errno.ENOENT:
+                        # A negative entry the kernel may cache (node id 0).
+                        e = pyfuse3.EntryAttributes()
+                        e.st_ino = 0
+                        e.entry_timeout = TIMEOUT
+                        return e
+                    if exc.errno == errno.ESTALE and waited == 0.0:
+                        waited = -1.0   # the name changed under the lookup: once more
+                        continue
+                    if exc.errno in (errno.EMFILE, errno.ENFILE) and waited < FD_WAIT:
+                        # Out of descriptors for nodes: the kernel was asked to drop some
+                        # entries; their FORGETs come as other requests meanwhile.
+                        await trio.sleep(0.02)
+                        waited += 0.02
+                        continue
+                    raise
         with self._errors("lookup"):
             attrs = self._node_attrs(node, st)
         self.inodes.ref(node)
@@ -169,6 +188,23 @@ class Operations(pyfuse3.Operations):
         self._shed_at = max(self.max_nodes, len(self.inodes) + self.max_nodes - keep)
         log.info("node budget %d: %d live nodes, asked the kernel to drop %d entries",
                  self.max_nodes, len(self.inodes), len(drops))
+
+    def _out_of_fds(self) -> None:
+        """A node could not get its fd: ask the kernel to drop file entries beyond 80 % of
+        the budget and, since directories can fill the descriptors on their own, some
+        directories with no live children too (at most once a second)."""
+        keep = self.max_nodes * 4 // 5
+        drops = self.inodes.shed(keep)   # each file node is offered once: cheap to repeat
+        now = time.monotonic()
+        if now - self._last_emergency >= 1.0:
+            self._last_emergency = now
+            drops += self.inodes.shed_dirs(max(16, len(self.inodes) - len(drops) - keep))
+        if not drops:
+            return
+        for parent_id, name in drops:
+            pyfuse3.invalidate_entry_async(parent_id, name, ignore_enoent=True)
+        log.warning("out of descriptors: %d live nodes, asked the kernel to drop %d entries",
+                    len(self.inodes), len(drops))
 
     async def forget(self, inode_list):
         for inode, nlookup in inode_list:
@@ -327,7 +363,20 @@ class Operations(pyfuse3.Operations):
         if self.max_nodes:
             self._budget()   # READDIRPLUS makes a node per entry
         with self._errors("readdir"):
-            for index, entry in self.ov.readdir(fh, start_id):
+            entries = self.ov.readdir(fh, start_id)
+            replied = False
+            while True:
+                try:
+                    index, entry = next(entries)
+                except StopIteration:
+                    return
+                except OSError as exc:
+                    # Out of fds for new nodes mid-listing: end this reply here (the kernel
+                    # asks again from the next offset); an error only if nothing was given.
+                    if replied and exc.errno in (errno.EMFILE, errno.ENFILE):
+                        return
+                    raise
+                replied = True
                 attrs = self._attrs(entry.node, entry.st, entry.ino, entry.nlink)
                 if not pyfuse3.readdir_reply(token, entry.name, attrs, index + 1):
                     if entry.node is not None:
@@ -349,3 +398,42 @@ class Operations(pyfuse3.Operations):
     async def listxattr(self, inode, ctx):
         with self._errors("listxattr"):
             return [os.fsencode(n) for n in self.ov.listxattr(self._node(inode), _caller(ctx))]
+
+
+# Descriptors kept free of nodes: open files, the trace sink's clients, trio's and pyfuse3's
+# own (the directory fd cache is counted apart).
+FD_HEADROOM = 1024
+# How long a lookup waits for the kernel's FORGETs when nodes have no descriptor left.
+FD_WAIT = 2.0
+
+
+def node_fd_cap(fd_limit: int, cache: int) -> int:
+    """Live nodes allowed at most, whatever the budget: past it a new node is refused with
+    EMFILE, so that listings, open files and the server's own descriptors never run out."""
+    return max(32, fd_limit - cache - min(FD_HEADROOM, fd_limit // 8))
+
+
+def clamp_node_budget(max_nodes: int, fd_limit: int, dirfds=None) -> int:
+    """The node budget that fits in *fd_limit* descriptors (every node holds one).
+
+    The directory fd cache is shrunk to an eighth of the limit at most; another eighth (at
+    most FD_HEADROOM) stays free for open files and the server's own; the nodes get three
+    quarters of the rest, since the table overshoots its budget by up to a quarter before
+    the kernel's FORGETs come (``_shed``). *max_nodes* 0 (no budget) becomes that much.
+    Directories are never dropped by the budget: a tree with more live directories than
+    descriptors gets EMFILE for lookups beyond them (docs/performance.md)."""
+    if dirfds is not None:
+        dirfds.capacity = max(16, min(dirfds.capacity, fd_limit // 8))
+        cache = dirfds.capacity
+    else:
+        cache = min(2048, fd_limit // 8)
+    room = fd_limit - cache - min(FD_HEADROOM, fd_limit // 8)
+    fit = max(64, room * 3 // 4)
+    budget = fit if max_nodes <= 0 else min(max_nodes, fit)
+    if budget != max_nodes:
+        log.info("node budget %d (asked: %s): RLIMIT_NOFILE is %d and every node holds a "
+                 "descriptor (%d kept for the directory fd cache, %d for open files)",
+                 budget, max_nodes or "none", fd_limit, cache, min(FD_HEADROOM, fd_limit // 8))
+    else:
+        log.debug("node budget %d, RLIMIT_NOFILE %d", budget, fd_limit)
+    return budget

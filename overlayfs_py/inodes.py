@@ -8,15 +8,24 @@ one node per merged path, so copying up one name of a lower hard-link set breaks
 link as the kernel does with index=off; upper non-directories (and, on a read-only
 stack, lower ones) are one node per real inode, so hard links share page cache.
 
-``InodeTable`` is the only writer of node identity and of ``lookups``. Nodes live while
-the kernel holds a lookup reference or a child is alive; ``forget`` drops them, so a
-walk of a million-entry tree keeps memory bounded.
+``InodeTable`` is the only writer of node identity and of ``lookups``, and the only owner
+of node lifetime. Nodes live while the kernel holds a lookup reference or a child is
+alive; ``forget`` drops them, so a walk of a million-entry tree keeps memory bounded.
+
+Each node holds ``fd``, an O_PATH|O_NOFOLLOW fd of the real object that serves it, opened
+when the node is made (relative to its parent directory's fd in that layer, and checked to
+be the object the lookup found) and moved to the upper object by a copy-up. Every
+operation on an existing object goes through it, never through its name again: a name
+renamed over or unlinked while open keeps acting on its own inode, as the kernel's
+overlay does, and a symlink or FIFO put at the name since is never reached. The table
+closes the fd when it drops the node.
 """
 
 from __future__ import annotations
 
 import collections
 import logging
+import os
 import stat
 from typing import Iterator
 
@@ -25,6 +34,9 @@ from .layers import Layer
 log = logging.getLogger(__name__)
 
 ROOT_ID = 1
+# The key of a directory that was removed or replaced (a dead directory): nothing is found
+# or made in it any more, whatever is at its old name now.
+DEAD = ("dead",)
 _MODES: dict[int, int] = {}
 
 
@@ -37,11 +49,14 @@ class Node:
     """
 
     __slots__ = ("id", "parent", "name", "mode", "layer", "dirs", "lpaths", "ino", "lookups",
-                 "children", "aliases", "key")
+                 "children", "aliases", "key", "fd")
 
     def __init__(self, node_id: int, parent: "Node | None", name: bytes, mode: int,
-                 layer: Layer, dirs: tuple[Layer, ...], ino: int) -> None:
+                 layer: Layer, dirs: tuple[Layer, ...], ino: int, fd: int = -1) -> None:
         self.id = node_id
+        # O_PATH|O_NOFOLLOW fd of the real object serving this node (in ``layer``); owned
+        # by the InodeTable (-1: none, only for tables built without one).
+        self.fd = fd
         self.parent = parent
         self.name = name
         # S_IFMT bits (+ permission bits at lookup time; refreshed by getattr). Interned: a
@@ -63,6 +78,10 @@ class Node:
     @property
     def is_dir(self) -> bool:
         return stat.S_ISDIR(self.mode)
+
+    @property
+    def dead(self) -> bool:
+        return self.key is DEAD
 
     @property
     def is_merged(self) -> bool:
@@ -120,12 +139,16 @@ class Node:
 class InodeTable:
     """Owns every live ``Node``: id allocation, the name tree, lookup counts and forgetting."""
 
-    def __init__(self, root_layer: Layer, root_dirs: tuple[Layer, ...], root_mode: int, root_ino: int) -> None:
+    def __init__(self, root_layer: Layer, root_dirs: tuple[Layer, ...], root_mode: int, root_ino: int,
+                 root_fd: int = -1) -> None:
         self._next_id = ROOT_ID + 1
-        self.root = Node(ROOT_ID, None, b"", root_mode, root_layer, root_dirs, root_ino)
+        self.root = Node(ROOT_ID, None, b"", root_mode, root_layer, root_dirs, root_ino, root_fd)
         self.root.lookups = 1  # the kernel never forgets the root
         self._nodes: dict[int, Node] = {ROOT_ID: self.root}
         self._by_key: dict[tuple, Node] = {}
+        # Live nodes (each holding an fd) allowed at most: the rest of RLIMIT_NOFILE is kept
+        # for listings, open files and the server's own (set by fs.Operations).
+        self.fd_cap = 1 << 62
         # Ids of non-directory nodes, oldest first: the candidates of shed().
         self._age: collections.deque[int] = collections.deque()
 
@@ -144,14 +167,33 @@ class InodeTable:
     def child(self, parent: Node, name: bytes) -> Node | None:
         return parent.child(name)
 
+    def reachable(self, node: Node) -> bool:
+        """Whether *node* is still reached by a name (no ancestor was removed or replaced)."""
+        while node.parent is not None:
+            if node.parent.child(node.name) is not node:
+                return False
+            node = node.parent
+        return True
+
+    def close(self) -> None:
+        """Close every node's fd (the mount is going away)."""
+        for node in self._nodes.values():
+            if node.fd >= 0:
+                try:
+                    os.close(node.fd)
+                except OSError:
+                    pass
+                node.fd = -1
+
     def by_key(self, key: tuple) -> Node | None:
         return self._by_key.get(key)
 
     def add(self, parent: Node, name: bytes, mode: int, layer: Layer, dirs: tuple[Layer, ...],
-            ino: int, key: tuple | None = None) -> Node:
-        """A new node for *name* in *parent* (lookup count 0: call ``ref`` once the kernel has it)."""
+            ino: int, key: tuple | None = None, fd: int = -1) -> Node:
+        """A new node for *name* in *parent* (lookup count 0: call ``ref`` once the kernel has it).
+        *fd*: the node's O_PATH fd of its real object; the table owns it from now on."""
         self.detach(parent, name)
-        node = Node(self._next_id, parent, name, mode, layer, dirs, ino)
+        node = Node(self._next_id, parent, name, mode, layer, dirs, ino, fd)
         self._next_id += 1
         node.key = key
         if key is not None:
@@ -182,6 +224,21 @@ class InodeTable:
             excess -= 1
         return out
 
+    def shed_dirs(self, count: int) -> list[tuple[int, bytes]]:
+        """``(parent id, name)`` of up to *count* directories with no live child node: what
+        can still be given back when the server runs out of descriptors (every node holds
+        one, and the budget never drops directories). Only cache is lost: the kernel
+        forgets them once unused (a process inside one keeps it)."""
+        out = []
+        for node in self._nodes.values():
+            if len(out) >= count:
+                break
+            if node.children or not node.is_dir or node.parent is None or \
+                    node.parent.child(node.name) is not node:
+                continue
+            out.append((node.parent.id, node.name))
+        return out
+
     def add_alias(self, node: Node, parent: Node, name: bytes) -> None:
         """Another name for a shared (hard-linked) node."""
         self.detach(parent, name)
@@ -209,10 +266,18 @@ class InodeTable:
 
     def _orphan(self, node: Node) -> None:
         # Keep ``parent`` so that relpath() of an unlinked-but-open node stays computable for
-        # error messages; mark it unreachable by removing its key.
+        # error messages; mark it unreachable by removing its key. Its fd still reaches its
+        # object. A removed directory is marked dead: nothing is found or made in it (its
+        # old name may lead to another directory now).
         if node.key is not None and self._by_key.get(node.key) is node:
             del self._by_key[node.key]
-        node.key = None
+        node.key = DEAD if node.is_dir else None
+
+    def set_fd(self, node: Node, fd: int) -> None:
+        """Give *node* a new fd of its real object (after a copy-up); the old one is closed."""
+        old, node.fd = node.fd, fd
+        if old >= 0 and old != fd:
+            os.close(old)
 
     def ref(self, node: Node, n: int = 1) -> None:
         node.lookups += n
@@ -243,6 +308,9 @@ class InodeTable:
             node.aliases = None
             if node.key is not None and self._by_key.get(node.key) is node:
                 del self._by_key[node.key]
+            if node.fd >= 0:
+                os.close(node.fd)
+                node.fd = -1
             node = parent
 
     def _relink(self, node: Node, old: tuple[Node, bytes], new: tuple[Node, bytes]) -> None:

@@ -19,7 +19,7 @@ from .copyup import CopyUp
 from .dircache import Listing, ListingCache
 from .handles import DirHandle, HandleTable, OpenFile
 from .idmap import OVERRIDE_XATTR, carries_override
-from .inodes import InodeTable, Node
+from .inodes import DEAD, InodeTable, Node
 from .layers import Hit, Layer, LayerStack
 from .ownership import Owners
 from . import trace
@@ -69,12 +69,15 @@ class Overlay(WriteOps):
         root_st = os.fstat(top.fd)
         root_dirs = tuple(self._root_dirs())
         stack.root_lowers = tuple(l for l in root_dirs if not l.is_upper)
-        self.inodes = InodeTable(top, root_dirs, root_st.st_mode, self._xino(top, root_st.st_ino))
+        self.inodes = InodeTable(top, root_dirs, root_st.st_mode, self._xino(top, root_st.st_ino),
+                                 root_fd=os.dup(top.fd))
         self.handles = HandleTable()
         self.listings = ListingCache()
         self._can_open_by_handle = os.geteuid() == 0
         self.owners = Owners(uidmap, gidmap, stack.layers, stack.upper)
         self.copyup: CopyUp | None = None
+        self.on_out_of_fds = None   # called when a node cannot get its fd (fs.py sheds nodes)
+        self._warned_fds = False
         if not self.read_only and work_fd is not None:
             self.copyup = CopyUp(stack, names, self.inodes, work_fd, self.trace)
             self.copyup.on_installed = self._copied_up
@@ -92,6 +95,7 @@ class Overlay(WriteOps):
 
     def destroy(self) -> None:
         self.handles.close_all()
+        self.inodes.close()
         self.stack.close()
         if self.copyup is not None:
             os.close(self.copyup.work_fd)
@@ -124,7 +128,10 @@ class Overlay(WriteOps):
         """The lower object an upper non-directory was copied up from, via its origin record."""
         upper = self.stack.upper
         assert upper is not None
-        raw = _sys.getxattr_at(self.stack.dir_fd(upper, parent.relpath()), name, self.names.origin)
+        # the parent serves an upper child, so its own fd is its upper directory
+        pfd = parent.fd if parent.layer.is_upper and parent.fd >= 0 else \
+            self.stack.dir_fd(upper, parent.relpath())
+        raw = _sys.getxattr_at(pfd, name, self.names.origin)
         if raw is None:
             return None
         fh = decode_origin(raw)
@@ -172,6 +179,8 @@ class Overlay(WriteOps):
             raise OSError(errno.ENAMETOOLONG, "name too long")
         if not parent.is_dir:
             raise OSError(errno.ENOTDIR, "not a directory")
+        if parent.key is DEAD:   # removed while a process holds it: empty, like the kernel's
+            raise OSError(errno.ENOENT, "directory was removed")
         hits = self.stack.resolve(parent.layer_dirs(), name)
         if not hits:
             raise OSError(errno.ENOENT, "no such entry")
@@ -186,7 +195,7 @@ class Overlay(WriteOps):
         dirs = tuple(h.layer for h in hits) if is_dir else ()
         existing = parent.child(name)
         if existing is not None and existing.layer is top.layer and existing.dirs == dirs \
-                and stat.S_IFMT(existing.mode) == stat.S_IFMT(mode):
+                and stat.S_IFMT(existing.mode) == stat.S_IFMT(mode) and self._same_object(existing, top):
             existing.mode = mode
             return existing
         key = None
@@ -204,7 +213,15 @@ class Overlay(WriteOps):
                     shared.mode = mode
                     return shared
                 key = None
-        node = self.inodes.add(parent, name, mode, top.layer, dirs, ino, key)
+        # The first hit is in the parent's own layer at the parent's own path (no redirect
+        # applies before a first hit): open it in the parent's own fd, no path walk.
+        pfd = parent.fd if top.layer is parent.layer and parent.fd >= 0 else None
+        fd = self._node_fd(top.layer, top.path, top.st, pfd, name)
+        try:
+            node = self.inodes.add(parent, name, mode, top.layer, dirs, ino, key, fd)
+        except BaseException:
+            os.close(fd)
+            raise
         rel = None
         for h in hits:
             if not h.layer.is_upper:
@@ -217,29 +234,73 @@ class Overlay(WriteOps):
                     break
         return node
 
+    def _node_fd(self, layer: Layer, path: bytes, st: os.stat_result, pfd: int | None = None,
+                 name: bytes | None = None) -> int:
+        """A new node's fd: O_PATH|O_NOFOLLOW of the object at *path* in *layer* (or of *name*
+        in directory fd *pfd*), which must be the object the lookup found (*st*); ESTALE if
+        the name changed in between."""
+        if len(self.inodes) >= self.inodes.fd_cap:
+            # Never let nodes take the descriptors kept for listings and open files.
+            self._out_of_fds()
+            raise OSError(errno.EMFILE, "too many live nodes for the descriptor limit")
+        if not path:
+            fd = os.dup(layer.fd)
+        else:
+            if pfd is None:
+                pdir, _, name = path.rpartition(b"/")
+                pfd = self.stack.dir_fd(layer, pdir)
+            try:
+                fd = _sys.open_node(pfd, name)
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE):
+                    self._out_of_fds()
+                raise
+        fst = os.fstat(fd)
+        if fst.st_ino != st.st_ino or fst.st_dev != st.st_dev or \
+                stat.S_IFMT(fst.st_mode) != stat.S_IFMT(st.st_mode):
+            os.close(fd)
+            raise OSError(errno.ESTALE, "the object changed during its lookup")
+        return fd
+
+    def _out_of_fds(self) -> None:
+        if not self._warned_fds:
+            self._warned_fds = True
+            log.warning("out of file descriptors (%d live nodes, each holds one): lookups fail "
+                        "with EMFILE until the kernel forgets some (see docs/performance.md)",
+                        len(self.inodes))
+        if self.on_out_of_fds is not None:
+            self.on_out_of_fds()
+
+    def _same_object(self, node: Node, top: Hit) -> bool:
+        """Whether an existing node still serves the object *top* found. Lower layers never
+        change; an upper non-directory is known by its inode (its key). A node left without
+        an fd (a failed copy-up refresh) is replaced."""
+        if node.fd < 0:
+            return False
+        if not top.layer.is_upper or node.is_dir:
+            return True
+        if node.key is not None:
+            return node.key[1] == top.st.st_dev and node.key[2] == top.st.st_ino
+        try:
+            fst = os.fstat(node.fd)
+        except OSError:
+            return False
+        return fst.st_ino == top.st.st_ino and fst.st_dev == top.st.st_dev
+
     # --- attributes -----------------------------------------------------------------------
 
     def getattr(self, node: Node) -> os.stat_result:
-        try:
-            st = self.stack.lstat(node.layer, node.path_in(node.layer))
-        except FileNotFoundError:
-            files = self.handles.files_of(node)
-            if not files:
-                raise
-            st = os.fstat(files[0].fd)
+        """fstat of the node's own fd: its object even when unlinked or renamed over."""
+        st = os.fstat(node.fd)
         node.mode = st.st_mode
         return st
 
     def presented_owner(self, node: Node | None, st: os.stat_result) -> tuple[int, int, int]:
         """(uid, gid, mode) a reply shows for *node* (lstat *st*): its stored owner (the
         override, where its layer honours one) through the mount's maps."""
-        if node is None or not (self.owners.honours(node.layer) and carries_override(st.st_mode)):
+        if node is None or node.fd < 0 or not (self.owners.honours(node.layer) and carries_override(st.st_mode)):
             return self.owners.presented(None, False, st, None)
-        try:
-            dfd, n = self._at(node)
-        except OSError:  # gone from its layer (an unlinked open file): the disk owner stands
-            return self.owners.presented(None, False, st, None)
-        return self.owners.presented(_sys.proc_path(dfd, n), n is None, st, node.layer)
+        return self.owners.presented(*_sys.fd_xattr_path(node.fd), st, node.layer)
 
     def nlink(self, node: Node, st: os.stat_result) -> int:
         # ovl_getattr: "nlink=1 seems to pacify 'find' and other utilities" for merge dirs.
@@ -252,8 +313,7 @@ class Overlay(WriteOps):
     def readlink(self, node: Node) -> bytes:
         if not stat.S_ISLNK(node.mode):
             raise OSError(errno.EINVAL, "not a symlink")
-        dfd, name = self._at(node)
-        return _sys.readlink_at(dfd, name)
+        return _sys.readlink_fd(node.fd)
 
     async def open(self, node: Node, flags: int, caller: Caller) -> int:
         if node.is_dir:
@@ -263,7 +323,7 @@ class Overlay(WriteOps):
                 (stat.S_ISREG(node.mode) or stat.S_ISLNK(node.mode)):
             self._writable()
             reason = "truncate" if flags & os.O_TRUNC else "open-for-write"
-            copied = await self.copyup.ensure_upper(node, reason)
+            copied = await self._copy_up(node, reason)
         else:
             copied = False
         fd = self._open_real(node, flags & OPEN_PASS)
@@ -273,10 +333,38 @@ class Overlay(WriteOps):
         return self.handles.add(h)
 
     def _copied_up(self, node: Node) -> None:
-        """A node has just become upper: its parent's listing changed (the name is now served
-        by upper), and open fds must follow."""
+        """A node has just become upper: its fd moves to the upper object, its parent's
+        listing changed (the name is now served by upper), and open fds must follow."""
         self.listings.changed()
+        self._refresh_fd(node)
         self._repoint_handles(node)
+
+    def _refresh_fd(self, node: Node) -> None:
+        """Point the node's fd at its new upper object, opened in the upper parent's fd (the
+        parent was copied up first) and checked to be that object. A node must never keep
+        its lower fd once upper (a change through it would reach the lower layer): if no
+        fd can be had, it gets none and its operations fail (EBADF)."""
+        parent = node.parent
+        pfd = parent.fd if parent is not None and parent.layer.is_upper else \
+            self.stack.dir_fd(self.stack.upper, parent.relpath() if parent is not None else b"")
+        for attempt in range(2):
+            try:
+                fd = _sys.open_node(pfd, node.name)
+                break
+            except OSError as exc:
+                if attempt or exc.errno not in (errno.EMFILE, errno.ENFILE):
+                    self.inodes.set_fd(node, -1)
+                    log.error("copy-up of %r: cannot open the upper object: %s", node, exc)
+                    return
+                self.inodes.set_fd(node, -1)   # frees a descriptor for the retry
+        fst = os.fstat(fd)
+        ok = stat.S_IFMT(fst.st_mode) == stat.S_IFMT(node.mode) and \
+            (node.key is None or (fst.st_dev, fst.st_ino) == node.key[1:])
+        if not ok:
+            os.close(fd)
+            fd = -1
+            log.error("copy-up of %r: the upper object changed under the server", node)
+        self.inodes.set_fd(node, fd)
 
     def _repoint_handles(self, node: Node) -> None:
         """After a copy-up, files opened read-only on the lower object read the upper one
@@ -292,13 +380,18 @@ class Overlay(WriteOps):
             os.close(fd)
 
     def _open_real(self, node: Node, flags: int) -> int:
-        dfd, name = self._at(node)
+        """Open the node's own object through its fd (never its name: a FIFO or device put
+        there since is never opened). The kernel sends no OPEN for special files (it opens
+        them itself), so a node opened here is a regular file; anything else is opened
+        non-blocking, never waiting for a FIFO's other end."""
+        if not stat.S_ISREG(node.mode):
+            flags |= os.O_NONBLOCK
         # Like the kernel's ovl_open_realfile: real files are opened with O_NOATIME, so
         # reading through the overlay does not touch a lower file's atime.
         try:
-            return _sys.open_beneath(dfd, name, flags | os.O_NOATIME)
+            return _sys.reopen(node.fd, flags | os.O_NOATIME)
         except PermissionError:
-            return _sys.open_beneath(dfd, name, flags)
+            return _sys.reopen(node.fd, flags)
 
     def read(self, fh: int, offset: int, size: int) -> bytes:
         h = self.handles[fh]
@@ -322,6 +415,8 @@ class Overlay(WriteOps):
 
     def _listing(self, h: DirHandle) -> list[bytes]:
         node = h.node
+        if node.dead:
+            return [(b".", node.layer), (b"..", node.layer)]
         if node.is_merged:
             filter_wo = True
         else:
@@ -373,6 +468,8 @@ class Overlay(WriteOps):
         try:
             child, st = self.lookup(parent, name)
         except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE):
+                return self._nodeless_entry(parent, name, layer)
             if exc.errno != errno.ENOENT:
                 raise
             # Listed but not found: a whiteout the kernel's readdir shows too (in a raw
@@ -404,31 +501,36 @@ class Overlay(WriteOps):
             if lower_st is not None and not layer.is_upper:
                 lower_st[name] = st  # a lower object never changes while mounted
         # without a redirect above it, ppath is the parent's relpath: _node_for need not walk it again
-        node = self._node_for(parent, name, [Hit(layer, st, ppath + b"/" + name if ppath else name)],
-                              prel=ppath if parent.lpaths is None else None)
+        try:
+            node = self._node_for(parent, name, [Hit(layer, st, ppath + b"/" + name if ppath else name)],
+                                  prel=ppath if parent.lpaths is None else None)
+        except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE):
+                return self._nodeless_entry(parent, name, layer)
+            raise
         return Entry(name, node, st, node.ino, self.nlink(node, st))
 
-    # --- xattrs -----------------------------------------------------------------------------
+    def _nodeless_entry(self, parent: Node, name: bytes, layer: Layer) -> Entry | None:
+        """Out of descriptors for a new node: the entry is listed without one (READDIRPLUS
+        then gives the kernel no inode; a later lookup makes it). Its d_ino is the layer
+        object's own (not the origin's an upper copy reports)."""
+        try:
+            st = _sys.lstat_at(self.stack.dir_fd(layer, parent.path_in(layer)), name)
+        except FileNotFoundError:
+            return None
+        return Entry(name, None, st, self._xino(layer, st.st_ino), st.st_nlink)
 
-    def _at(self, node: Node) -> tuple[int, bytes | None]:
-        """(dir fd, name) of the object serving *node* in its layer; (root fd, None) for the root."""
-        path = node.path_in(node.layer)
-        if not path:
-            return node.layer.fd, None
-        parent, _, name = path.rpartition(b"/")
-        return self.stack.dir_fd(node.layer, parent), name
+    # --- xattrs -----------------------------------------------------------------------------
 
     def getxattr(self, node: Node, name: str) -> bytes:
         if name == OVERRIDE_XATTR:  # the stored owner is the overlay's, never the user's
             raise OSError(errno.ENODATA, "reserved")
         real = self.names.to_real(name)
-        dfd, n = self._at(node)
-        return _sys.getxattr_raw(dfd, n, real)
+        return _sys.getxattr_raw(node.fd, None, real)   # the node's own object, via its fd
 
     def listxattr(self, node: Node, caller: Caller) -> list[str]:
-        dfd, n = self._at(node)
         out = []
-        for real in _sys.listxattr_at(dfd, n):
+        for real in _sys.listxattr_at(node.fd, None):
             shown = self.names.to_user(real)
             if shown is None or shown == OVERRIDE_XATTR:
                 continue

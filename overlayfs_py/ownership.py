@@ -23,6 +23,15 @@ from . import _sys
 from .idmap import OVERRIDE_XATTR, IdMap, carries_override, decode_override, encode_override, overflow_id
 
 
+def _target(path: bytes, follow: bool) -> tuple[bytes, bool]:
+    """(path, follow) to use: only a bare /proc/self/fd/N magic link is followed (it reaches
+    its fd's object itself, a symlink included); any other path is never followed, so a
+    symlink is never followed to its target, whatever a caller asks."""
+    if follow and not (path.startswith(b"/proc/self/fd/") and path[14:].isdigit()):
+        return path, False
+    return path, follow
+
+
 class Owners:
     def __init__(self, uidmap=(), gidmap=(), layers=(), upper=None, euid: int | None = None) -> None:
         self.uids = IdMap(uidmap, overflow_id("uid"))
@@ -53,6 +62,7 @@ class Owners:
 
     def read_override(self, path: bytes, follow: bool) -> tuple[int, int, int] | None:
         try:
+            path, follow = _target(path, follow)
             return decode_override(os.getxattr(path, OVERRIDE_XATTR, follow_symlinks=follow))
         except OSError:
             return None  # absent, unsupported, unreadable, or gone: the disk owner stands
@@ -96,6 +106,7 @@ class Owners:
         always passed on, even to the same owner: the kernel updates ctime and drops set-id
         bits then too. *fresh*: a new object (it has no override yet, a chown to the owner
         it has is skipped, and chown must not drop the set-id bits its creator chose)."""
+        path, follow = _target(path, follow)
         if st is None:
             st = os.stat(path, follow_symlinks=follow)
         ov = None if fresh or not self.upper_honours() else self.read_override(path, follow)
@@ -127,6 +138,7 @@ class Owners:
         """Keep an override's mode in step with a chmod of the disk inode."""
         if not self.upper_honours():
             return
+        path, follow = _target(path, follow)
         ov = self.read_override(path, follow)
         if ov is not None and ov[2] != stat.S_IMODE(mode):
             os.setxattr(path, OVERRIDE_XATTR, encode_override(ov[0], ov[1], mode), follow_symlinks=follow)

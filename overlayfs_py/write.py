@@ -38,9 +38,23 @@ class WriteOps:
             raise OSError(errno.EROFS, "read-only overlay")
 
     def _upper_dir(self: "Overlay", node: Node, reason: str) -> int:
-        """The upper dir fd of directory *node*, copying it (and its ancestors) up first."""
+        """The upper dir fd of directory *node* (its own fd: the directory itself, never
+        whatever sits at its name now), copying it (and its ancestors) up first. A removed
+        directory takes no new entries (ENOENT, as the kernel's dead directory)."""
+        if node.dead:
+            raise OSError(errno.ENOENT, "directory was removed")
         self.copyup.ensure_upper_dir_sync(node, reason)
-        return self.stack.dir_fd(self.stack.upper, node.relpath())
+        if node.fd < 0:
+            raise OSError(errno.EBADF, "no upper object")
+        return node.fd
+
+    async def _copy_up(self: "Overlay", node: Node, reason: str) -> bool:
+        """``ensure_upper`` for an existing object. A lower object no name leads to any more
+        (unlinked or renamed over while open) cannot be copied up: its name is taken by a
+        whiteout or another object, and the kernel fails the same way (EEXIST)."""
+        if not node.layer.is_upper and not self.inodes.reachable(node):
+            raise OSError(errno.EEXIST, "the object's name was removed or replaced")
+        return await self.copyup.ensure_upper(node, reason)
 
     def _lower_has(self: "Overlay", parent: Node, name: bytes) -> bool:
         """Whether a lower layer below *parent*'s upper still shows *name* (a whiteout is needed)."""
@@ -78,9 +92,13 @@ class WriteOps:
 
     def _chown_keep_mode(self: "Overlay", dfd: int, name: bytes, uid: int, gid: int) -> None:
         """Give a new object its stored owner (chown, or the override xattr when the server
-        cannot chown); the set-id bits its creator chose stay."""
-        self.owners.set_owner(_sys.proc_path(dfd, name), False, uid, gid, fresh=True,
-                              st=_sys.lstat_at(dfd, name))
+        cannot chown); the set-id bits its creator chose stay. Done on an O_PATH fd of the
+        object (its magic link, followed to the object only), never on its name again."""
+        fd = _sys.open_node(dfd, name)
+        try:
+            self.owners.set_owner(*_sys.fd_xattr_path(fd), uid, gid, fresh=True, st=os.fstat(fd))
+        finally:
+            os.close(fd)
 
     def _place_new(self: "Overlay", parent: Node, name: bytes, make, caller: "Caller | None",
                    opaque: bool = False) -> tuple[Node, os.stat_result]:
@@ -107,8 +125,16 @@ class WriteOps:
                     self._chown_keep_mode(wfd, tmp, *owner)
                 tst = _sys.lstat_at(wfd, tmp)
                 if stat.S_ISDIR(tst.st_mode) and os.fstat(pfd).st_mode & stat.S_ISGID:
-                    # made in work/, it did not inherit the parent's setgid bit as mkdir there would
-                    os.chmod(tmp, stat.S_IMODE(tst.st_mode) | stat.S_ISGID, dir_fd=wfd)
+                    # made in work/, it did not inherit the parent's setgid bit as mkdir there
+                    # would: chmod on an fd of that very directory (never a name in work/)
+                    dfd = _sys.open_node(wfd, tmp)
+                    try:
+                        dst = os.fstat(dfd)
+                        if not stat.S_ISDIR(dst.st_mode) or dst.st_ino != tst.st_ino:
+                            raise OSError(errno.ESTALE, "work/ changed under the server")
+                        _sys.fchmod_fd(dfd, stat.S_IMODE(dst.st_mode) | stat.S_ISGID)
+                    finally:
+                        os.close(dfd)
                 if opaque:
                     self._make_opaque(wfd, tmp, path)
                 _sys.renameat2(wfd, tmp, pfd, name, _sys.RENAME_EXCHANGE)
@@ -165,14 +191,10 @@ class WriteOps:
         self._writable()
         if node.is_dir:
             raise OSError(errno.EPERM, "hard link to a directory")
-        await self.copyup.ensure_upper(node, "link")
-        rel = node.relpath()
-        sp, _, sn = rel.rpartition(b"/")
-        sfd = self.stack.dir_fd(self.stack.upper, sp)
-        src_path = _sys.proc_path(sfd, sn)
+        await self._copy_up(node, "link")
 
         def make(dfd: int, n: bytes) -> None:
-            os.link(src_path, n, dst_dir_fd=dfd, follow_symlinks=False)
+            _sys.link_fd(node.fd, dfd, n)   # the node's own inode, never its name
 
         return self._place_new(parent, name, make, None)
 
@@ -184,9 +206,11 @@ class WriteOps:
         else:
             os.unlink(name, dir_fd=dfd)
 
-    def _make_opaque(self: "Overlay", dfd: int, name: bytes, path: str) -> None:
+    def _make_opaque(self: "Overlay", dfd: int, name: bytes | None, path: str) -> None:
+        """Mark directory *name* in *dfd* opaque (name None: *dfd* is the directory's own fd,
+        reached through its magic link; a name is never followed)."""
         if _sys.getxattr_at(dfd, name, self.names.opaque) != b"y":
-            os.setxattr(_sys.proc_path(dfd, name), self.names.opaque, b"y", follow_symlinks=False)
+            os.setxattr(_sys.proc_path(dfd, name), self.names.opaque, b"y", follow_symlinks=name is None)
             self.trace.emit("opaque_dir", path=path)
 
     def _clear_whiteouts(self: "Overlay", dfd_parent: int, name: bytes) -> None:
@@ -279,7 +303,7 @@ class WriteOps:
         opfd = self._upper_dir(parent, "rename")
         old_needs_wo = not exchange and self._lower_has(parent, name)
         npfd = self._upper_dir(newparent, "rename")
-        opfd = self.stack.dir_fd(self.stack.upper, parent.relpath())
+        opfd = parent.fd   # already upper: copying newparent up cannot have moved it
         nst = self._upper_entry(npfd, newname)
         # ovl_rename's flags: the old name keeps a whiteout when a lower still has it
         # (RENAME_WHITEOUT, or by swapping with a whiteout already at the new name); a
@@ -296,9 +320,9 @@ class WriteOps:
         # opaque, so that lower content of its new name can never merge into it.
         old_path, new_path = display(_child(parent, name)), display(_child(newparent, newname))
         if src.is_dir and newparent.is_merged:
-            self._make_opaque(opfd, name, new_path)
+            self._make_opaque(src.fd, None, new_path)       # the directory itself, via its fd
         if exchange and dst.is_dir and parent.is_merged:
-            self._make_opaque(npfd, newname, old_path)
+            self._make_opaque(dst.fd, None, old_path)
         if not exchange and nst is not None and stat.S_ISDIR(nst.st_mode) and not dst_pure:
             self._clear_whiteouts(npfd, newname)  # the upper part of an empty merged dir
         _sys.renameat2(opfd, name, npfd, newname, real_flags)
@@ -321,14 +345,15 @@ class WriteOps:
     # --- attributes and data ------------------------------------------------------------------
 
     async def setattr(self: "Overlay", node: Node, changes: dict, fh: int | None) -> os.stat_result:
+        """Every change goes to the node's own object through its fd: an object renamed
+        over or unlinked while open is changed itself (the kernel's overlay does the
+        same), never what its name leads to now, and a symlink is never followed."""
         self._writable()
-        await self.copyup.ensure_upper(node, _setattr_reason(changes))
-        rel = node.relpath()
-        prel, _, name = rel.rpartition(b"/")
-        pfd = self.stack.dir_fd(self.stack.upper, prel) if rel else None
-        target = (pfd, name) if rel else (self.stack.upper.fd, None)
-        path = _sys.proc_path(*target)
-        follow = not rel
+        await self._copy_up(node, _setattr_reason(changes))
+        fd = node.fd
+        if fd < 0:
+            raise OSError(errno.EBADF, "no upper object")
+        path, follow = _sys.fd_xattr_path(fd)   # the magic link: followed to the object only
         for other in self.handles.files_of(node):  # a copy-up made for an open was needed
             other.unused_copy_up = None
         if "size" in changes:
@@ -336,21 +361,23 @@ class WriteOps:
             if isinstance(h, OpenFile) and h.node is node and (h.flags & os.O_ACCMODE) != os.O_RDONLY:
                 os.ftruncate(h.fd, changes["size"])
             else:
-                fd = _sys.open_beneath(pfd, name, os.O_WRONLY)
+                if node.is_dir:
+                    raise OSError(errno.EISDIR, "is a directory")
+                if not stat.S_ISREG(node.mode):
+                    raise OSError(errno.EINVAL, "not a regular file")
+                wfd = _sys.reopen(fd, os.O_WRONLY | os.O_NONBLOCK)
                 try:
-                    os.ftruncate(fd, changes["size"])
+                    os.ftruncate(wfd, changes["size"])
                 finally:
-                    os.close(fd)
+                    os.close(wfd)
         if "uid" in changes or "gid" in changes:  # presented ids: to stored ones (EINVAL if unmapped)
             uid, gid = self.owners.store_ids(changes.get("uid"), changes.get("gid"))
             self.owners.set_owner(path, follow, uid, gid)
         if "mode" in changes:
-            os.chmod(path, stat.S_IMODE(changes["mode"]), follow_symlinks=True)
+            _sys.fchmod_fd(fd, stat.S_IMODE(changes["mode"]))
             self.owners.after_chmod(path, follow, changes["mode"])
         if "atime_ns" in changes or "mtime_ns" in changes:
-            cur = os.stat(path, follow_symlinks=follow)
-            os.utime(path, ns=(changes.get("atime_ns", cur.st_atime_ns), changes.get("mtime_ns", cur.st_mtime_ns)),
-                     follow_symlinks=follow)
+            _sys.futimens_fd(fd, changes.get("atime_ns"), changes.get("mtime_ns"))
         return self.getattr(node)
 
     def write(self: "Overlay", fh: int, offset: int, data: bytes) -> int:
@@ -373,21 +400,20 @@ class WriteOps:
         self._writable()
         if name == OVERRIDE_XATTR:
             raise OSError(errno.EPERM, "the stored owner is set by chown, not by its xattr")
-        await self.copyup.ensure_upper(node, "setxattr")
+        await self._copy_up(node, "setxattr")
         for h in self.handles.files_of(node):
             h.unused_copy_up = None
-        dfd, n = self._at(node)
-        p, follow = _sys.proc_path(dfd, n), n is None
+        p, follow = _sys.fd_xattr_path(node.fd)
         os.setxattr(p, self.names.to_real(name), value, follow_symlinks=follow)
 
     async def removexattr(self: "Overlay", node: Node, name: str) -> None:
         self._writable()
         self.getxattr(node, name)  # ENODATA before any copy-up, as the kernel does
-        await self.copyup.ensure_upper(node, "removexattr")
+        await self._copy_up(node, "removexattr")
         for h in self.handles.files_of(node):
             h.unused_copy_up = None
-        dfd, n = self._at(node)
-        os.removexattr(_sys.proc_path(dfd, n), self.names.to_real(name), follow_symlinks=n is None)
+        p, follow = _sys.fd_xattr_path(node.fd)
+        os.removexattr(p, self.names.to_real(name), follow_symlinks=follow)
 
 
 def _child(parent: Node, name: bytes) -> bytes:
