@@ -318,43 +318,6 @@ def close_fds_except(*keep: int | None) -> None:
 # --- fd-only operations on one object (copy-up temporaries, the workdir) -----------------
 
 O_TMPFILE = getattr(os, "O_TMPFILE", 0o20200000)
-AT_SYMLINK_FOLLOW = 0x400
-UTIME_OMIT = (1 << 30) - 2
-
-
-class _Timespec(ctypes.Structure):
-    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
-
-
-def utime_fd(fd: int, atime_ns: int | None, mtime_ns: int | None) -> None:
-    """``utimensat(fd, "", times, AT_EMPTY_PATH)``: the times of the object *fd* refers to
-    (an O_PATH fd too, a symlink's included; None leaves that time as it is)."""
-    def ts(ns):
-        return _Timespec(0, UTIME_OMIT) if ns is None else _Timespec(*divmod(ns, 1_000_000_000))
-    times = (_Timespec * 2)(ts(atime_ns), ts(mtime_ns))
-    if _libc.utimensat(fd, b"", times, AT_EMPTY_PATH) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-
-
-def chmod_fd(fd: int, mode: int) -> None:
-    """chmod of the object *fd* refers to (O_PATH fds too: through its magic link, which
-    leads to the fd's own inode whatever its name is now). Not for symlinks."""
-    os.chmod(proc_path(fd), mode)
-
-
-def reopen(fd: int, flags: int) -> int:
-    """A new open file description of the object an (O_PATH) fd refers to, through its magic
-    link: the same inode, never a name looked up again."""
-    return os.open(proc_path(fd), flags | os.O_CLOEXEC)
-
-
-def link_fd(fd: int, new_dir: int, new_name: bytes) -> None:
-    """Give the object *fd* refers to (an O_TMPFILE file) the name *new_name* in *new_dir*:
-    ``linkat(AT_FDCWD, "/proc/self/fd/N", new_dir, new_name, AT_SYMLINK_FOLLOW)``, as open(2)
-    shows for O_TMPFILE (AT_EMPTY_PATH would need CAP_DAC_READ_SEARCH). Fails with EEXIST
-    when the name exists (never replaces)."""
-    os.link(proc_path(fd), new_name, dst_dir_fd=new_dir, follow_symlinks=True)
 
 
 def remove_tree_at(dir_fd: int, name: bytes) -> None:
@@ -372,9 +335,3 @@ def remove_tree_at(dir_fd: int, name: bytes) -> None:
     finally:
         os.close(fd)
     os.rmdir(name, dir_fd=dir_fd)
-
-
-def readlink_fd(fd: int) -> bytes:
-    """The target of the symlink an ``O_PATH | O_NOFOLLOW`` fd refers to:
-    ``readlinkat(fd, "")`` (the magic link's own readlink would give its path instead)."""
-    return os.readlink(b"", dir_fd=fd)

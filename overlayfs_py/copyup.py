@@ -194,7 +194,7 @@ class CopyUp:
         dst = _sys.proc_path(tfd)
         uid, gid, mode = self.owners.stored(src, True, st, layer)
         if not stat.S_ISLNK(st.st_mode):
-            _sys.chmod_fd(tfd, stat.S_IMODE(mode))
+            _sys.fchmod_fd(tfd, stat.S_IMODE(mode))
         self.owners.set_owner(dst, True, uid, gid, fresh=True, st=os.fstat(tfd))
         for attr in self._xattr_names(src):
             try:
@@ -215,7 +215,7 @@ class CopyUp:
                 except OSError as exc:
                     if exc.errno not in (errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM):
                         raise
-        _sys.utime_fd(tfd, st.st_atime_ns, st.st_mtime_ns)
+        _sys.futimens_fd(tfd, st.st_atime_ns, st.st_mtime_ns)
 
     def _xattr_names(self, src_path: bytes) -> list[str]:
         """Names to carry up from *src_path* (an fd's magic link: followed to the fd's object)."""
@@ -239,7 +239,7 @@ class CopyUp:
         self.work.install(tmp, tfd, pfd, name)
         # A copy-up changes nothing in the merged view: give the parent its times back
         # (the kernel does the same: ovl_set_timestamps on the upper parent).
-        _sys.utime_fd(pfd, pst.st_atime_ns, pst.st_mtime_ns)
+        _sys.futimens_fd(pfd, pst.st_atime_ns, pst.st_mtime_ns)
         old_layer = node.layer
         node.layer = self.upper
         if node.is_dir:

@@ -111,7 +111,7 @@ class WorkDir:
                 raise WorkdirError(f"{work}/{VOLATILE.decode()} exists: the upper was used by a 'volatile'"
                                    f" mount and may be incomplete after a crash; remove {work}/incompat"
                                    " to mount it anyway")
-            _sys.chmod_fd(kfd, work_mode)
+            _sys.fchmod_fd(kfd, work_mode)
             for name, _kind in _sys.listdir_fd(kfd):
                 _sys.remove_tree_at(kfd, name)
             if volatile:  # the kernel's marker, so that no later mount trusts this upper blindly
