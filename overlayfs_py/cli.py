@@ -10,6 +10,7 @@ import time
 
 import click
 
+from . import procfs
 from .config import ConfigError, build_config
 from .logs import one_line as _one_line
 from .logs import setup_logging as _setup_logging
@@ -144,14 +145,6 @@ def _mount_background(cfg, debug: bool, logfile: str | None) -> None:
     sys.exit(0)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
-
-
 #: the filesystem type of a pyoverlay mount in /proc/self/mountinfo (fuse, subtype pyoverlay)
 PYOVERLAY_FSTYPE = "fuse.pyoverlay"
 
@@ -191,7 +184,7 @@ def umount_cmd(merged, timeout):
         _fail(f"cannot unmount {merged}: {res.stderr.strip() or 'failed'}")
     if info is not None:
         deadline = time.monotonic() + timeout
-        while _pid_alive(info["pid"]):
+        while procfs.alive(info["pid"]):
             if time.monotonic() > deadline:
                 _fail(f"server {info['pid']} of {merged} did not exit within {timeout:g}s")
             time.sleep(0.02)

@@ -45,6 +45,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from .idmap import IdMapError, check_ranges, parse_ranges
+from .whiteout import prefix_for
 
 __all__ = [
     "MAX_LAYERS",
@@ -131,7 +132,7 @@ class MountConfig:
     @property
     def xattr_prefix(self) -> str:
         """Namespace of overlay-private xattrs: ``user.overlay.`` or ``trusted.overlay.``."""
-        return "user.overlay." if self.userxattr else "trusted.overlay."
+        return prefix_for(self.userxattr)
 
 
 # --------------------------------------------------------------------------

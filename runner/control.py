@@ -18,6 +18,8 @@ import signal
 import subprocess
 import time
 
+from overlayfs_py import procfs
+
 from . import _linux as L
 from . import state
 from .cgroups import Cgroup, CgroupError
@@ -203,8 +205,7 @@ def top_table(rec: dict) -> str:
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
                 cmd = f.read().rstrip(b"\0").replace(b"\0", b" ").decode(errors="replace")
-            with open(f"/proc/{pid}/stat") as f:
-                ppid = f.read().rsplit(")", 1)[1].split()[1]
+            ppid = str(procfs.stat(pid).ppid)
             uid = str(os.stat(f"/proc/{pid}").st_uid)
         except OSError:
             continue  # exited meanwhile

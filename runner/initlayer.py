@@ -67,7 +67,7 @@ def build(init_dir: str, layers: tuple[str, ...], upper: str | None, userxattr: 
     container sees as root): an owner the user cannot ``chown`` to is recorded in the
     override xattr (``user.containers.override_stat``) the server reads."""
     os.makedirs(init_dir, mode=0o755, exist_ok=True)
-    stack = LayerStack(layers, upper, XattrNames("user.overlay." if userxattr else "trusted.overlay."))
+    stack = LayerStack(layers, upper, XattrNames.for_userxattr(userxattr))
     usable = []
     try:
         root_fd = os.open(init_dir, os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)

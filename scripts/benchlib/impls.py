@@ -20,8 +20,10 @@ import signal
 import sys
 import time
 
+from overlayfs_py.mountinfo import is_mounted
+
 from .layers import Layers, build_native
-from .util import (REPO, BenchError, find_server_pid, force_unmount, is_mounted, proc_status_kib,
+from .util import (REPO, BenchError, find_server_pid, force_unmount, proc_status_kib,
                    run, wait_pid_gone)
 
 ALL = ["native", "kernel", "fuse-overlayfs", "pyoverlay"]
