@@ -33,6 +33,7 @@ import time
 from dataclasses import dataclass
 from fractions import Fraction
 
+from overlayfs_py.mountinfo import mounts
 from overlayfs_py.mountinfo import parse as parse_mountinfo
 
 from . import _linux as L
@@ -113,12 +114,9 @@ class Layout:
 
 def detect(mountinfo: str | None = None) -> Layout:
     """The cgroup layout described by /proc/self/mountinfo (or the given text)."""
-    if mountinfo is None:
-        with open("/proc/self/mountinfo") as f:
-            mountinfo = f.read()
     v1: dict[str, str] = {}
     v2_root = None
-    for m in parse_mountinfo(mountinfo):
+    for m in mounts() if mountinfo is None else parse_mountinfo(mountinfo):
         if m.fstype == "cgroup2" and v2_root is None:
             v2_root = m.mountpoint
         elif m.fstype == "cgroup":
