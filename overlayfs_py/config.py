@@ -132,7 +132,7 @@ class MountConfig:
     @property
     def xattr_prefix(self) -> str:
         """Namespace of overlay-private xattrs: ``user.overlay.`` or ``trusted.overlay.``."""
-        return prefix_for(self.userxattr)
+        return prefix_for(bool(self.userxattr))
 
 
 # --------------------------------------------------------------------------

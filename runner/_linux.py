@@ -10,6 +10,7 @@ Python 3.11 has no ``os.unshare``/``os.setns`` and no Python has ``mount`` or
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 
 from overlayfs_py import _syscalls
@@ -112,7 +113,7 @@ def set_no_new_privs() -> None:
 
 
 def alive(pid: int | None, start_time: int | None) -> bool:
-    return bool(pid) and start_time is not None and process_start_time(pid) == start_time
+    return bool(pid and start_time is not None and process_start_time(pid) == start_time)
 
 
 def ns_inode(pid: int | str, ns: str) -> int | None:
@@ -283,7 +284,8 @@ def attach_device_filter(cgroup_dir: str, rules) -> None:
             os.close(load(1))
         detail = [line for line in log.value.decode(errors="replace").strip().splitlines()
                   if line and not line.startswith("processed ")]
-        raise OSError(e.errno, f"bpf: cannot load the device program: {os.strerror(e.errno)}"
+        err = e.errno or errno.EINVAL   # _check always sets it
+        raise OSError(err, f"bpf: cannot load the device program: {os.strerror(err)}"
                       + (f" ({detail[-1]})" if detail else "")) from None
     try:
         cg = os.open(cgroup_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
