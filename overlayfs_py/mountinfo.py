@@ -17,7 +17,7 @@ def unescape(field: str) -> str:
 
 @dataclass(frozen=True)
 class Mount:
-    devno: str          # "major:minor"
+    devno: str  # "major:minor"
     mountpoint: str
     options: str
     fstype: str
@@ -37,9 +37,9 @@ def parse(text: str) -> list[Mount]:
             continue
         if len(parts) <= sep + 1:
             continue
-        out.append(Mount(parts[2], unescape(parts[4]), parts[5], parts[sep + 1],
-                         unescape(parts[sep + 2]) if len(parts) > sep + 2 else "",
-                         parts[sep + 3] if len(parts) > sep + 3 else ""))
+        source = unescape(parts[sep + 2]) if len(parts) > sep + 2 else ""
+        super_options = parts[sep + 3] if len(parts) > sep + 3 else ""
+        out.append(Mount(parts[2], unescape(parts[4]), parts[5], parts[sep + 1], source, super_options))
     return out
 
 

@@ -11,10 +11,10 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Stat:
-    comm: str          # field 2, without the parentheses
-    state: str         # field 3: R, S, D, Z, X, ...
-    ppid: int          # field 4
-    start_time: int    # field 22: clock ticks since boot
+    comm: str  # field 2, without the parentheses
+    state: str  # field 3: R, S, D, Z, X, ...
+    ppid: int  # field 4
+    start_time: int  # field 22: clock ticks since boot
 
     @property
     def running(self) -> bool:

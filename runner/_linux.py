@@ -9,13 +9,13 @@ Python 3.11 has no ``os.unshare``/``os.setns`` and no Python has ``mount`` or
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
 
 from overlayfs_py import _syscalls
-# the filesystem's edge has these; the runner uses them under the same names
-from overlayfs_py._sys import PR_SET_PDEATHSIG as PR_SET_PDEATHSIG
+from overlayfs_py._sys import PR_SET_PDEATHSIG as PR_SET_PDEATHSIG  # the filesystem's, used here by name
 from overlayfs_py._sys import prctl as prctl
 from overlayfs_py.procfs import process_start_time as process_start_time
 
@@ -191,10 +191,8 @@ def close_fds_from(first: int, keep=()) -> None:
                 for name in os.listdir("/proc/self/fd"):
                     fd = int(name)
                     if lo <= fd <= hi:
-                        try:
+                        with contextlib.suppress(OSError):
                             os.close(fd)
-                        except OSError:
-                            pass
         if k is not None:
             lo = k + 1
 
@@ -261,7 +259,6 @@ def _bpf(cmd: int, attr: ctypes.Array) -> int:
 def attach_device_filter(cgroup_dir: str, rules) -> None:
     """Load the device program for *rules* and attach it to the cgroup v2 directory
     (the attachment lives as long as the cgroup; no fd is kept)."""
-    import contextlib
     import struct
 
     code = device_filter_program(rules)

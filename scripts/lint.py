@@ -37,7 +37,7 @@ def key(path: str, msg: str) -> str:
 def mypy_errors() -> tuple[list[tuple[str, str]], str]:
     """(key, the error as mypy printed it) of every error, and mypy's summary line."""
     r = run([os.path.join(BIN, "mypy"), "--no-color-output", "--no-error-summary", "--show-error-codes"])
-    if r.returncode not in (0, 1):   # 2: mypy itself failed
+    if r.returncode not in (0, 1):  # 2: mypy itself failed
         sys.exit(f"lint: mypy failed (exit {r.returncode}): {(r.stderr or r.stdout).strip()[-2000:]}")
     out = []
     for line in r.stdout.splitlines():
@@ -111,8 +111,10 @@ def main() -> int:
         print("\n".join(new))
         failed.append(f"mypy: {len(new)} errors not in the baseline")
     if gone:
-        print(f"lint: {len(gone)} baseline entries are fixed; shrink the baseline with"
-              " scripts/lint --shrink-baseline and commit it:")
+        print(
+            f"lint: {len(gone)} baseline entries are fixed; shrink the baseline with"
+            " scripts/lint --shrink-baseline and commit it:"
+        )
         for entry in gone:
             print(f"  {entry}")
     print(f"lint: {summary}, {sum(baseline.values())} in the baseline")

@@ -23,15 +23,18 @@ def _errors(*lines: str) -> list[tuple[str, str]]:
 
 
 def test_keys_drop_line_numbers_also_inside_messages():
-    (k1, _), (k2, _) = _errors('a/b.py:10: error: Name "x" already defined on line 3  [no-redef]',
-                               'a/b.py:99: error: Name "x" already defined on line 70  [no-redef]')
+    (k1, _), (k2, _) = _errors(
+        'a/b.py:10: error: Name "x" already defined on line 3  [no-redef]',
+        'a/b.py:99: error: Name "x" already defined on line 70  [no-redef]',
+    )
     assert k1 == k2 == 'a/b.py: error: Name "x" already defined on line N  [no-redef]'
 
 
 def test_compare_counts_each_error_and_reports_fixed_entries():
     base = collections.Counter({"a.py: error: one  [c]": 2, "a.py: error: fixed  [c]": 1})
-    errs = _errors("a.py:1: error: one  [c]", "a.py:5: error: one  [c]", "a.py:9: error: one  [c]",
-                   "b.py:2: error: one  [c]")
+    errs = _errors(
+        "a.py:1: error: one  [c]", "a.py:5: error: one  [c]", "a.py:9: error: one  [c]", "b.py:2: error: one  [c]"
+    )
     new, gone = lint.compare(errs, base)
     # a third "one" in a.py is new, as is the same message in another file
     assert new == ["a.py:9: error: one  [c]", "b.py:2: error: one  [c]"]

@@ -42,8 +42,13 @@ def test_mountinfo_parse_unescapes_and_finds_the_separator_after_optional_fields
     rows = mountinfo.parse(SAMPLE)
     assert [r.mountpoint for r in rows] == ["/", "/tmp/a b\tc\nd\\e", "/mnt/nosuper"]
     tmp = rows[1]
-    assert (tmp.devno, tmp.options, tmp.fstype, tmp.source, tmp.super_options) == \
-        ("0:35", "rw,nosuid", "tmpfs", "my src", "rw,size=10k")
+    assert (tmp.devno, tmp.options, tmp.fstype, tmp.source, tmp.super_options) == (
+        "0:35",
+        "rw,nosuid",
+        "tmpfs",
+        "my src",
+        "rw,size=10k",
+    )
     assert rows[2].super_options == "" and rows[2].fstype == "fusectl"
 
 
@@ -60,7 +65,7 @@ def test_mountinfo_sees_a_real_mount_with_awkward_characters(tmp_path):
         assert m.devno == f"{os.major(os.stat(mp).st_dev)}:{os.minor(os.stat(mp).st_dev)}"
         assert mountinfo.is_mounted(str(mp))
         assert mountinfo.mounts_under(str(tmp_path)) == [str(mp)]
-        assert mountinfo.mounts_under(str(tmp_path) + "/a") == []   # a prefix of a name is not a parent
+        assert mountinfo.mounts_under(str(tmp_path) + "/a") == []  # a prefix of a name is not a parent
     finally:
         subprocess.run(["umount", str(mp)], check=True)
     assert not mountinfo.is_mounted(str(mp))
@@ -70,12 +75,14 @@ def test_mountinfo_sees_a_real_mount_with_awkward_characters(tmp_path):
 # /proc/PID/stat
 # --------------------------------------------------------------------------
 
-AWKWARD_COMM = "a) b (c) d"   # 10 bytes: within the kernel's 15
+AWKWARD_COMM = "a) b (c) d"  # 10 bytes: within the kernel's 15
 
 
 def _child_with_comm(comm: str) -> subprocess.Popen:
-    code = ("import ctypes, sys, time; ctypes.CDLL(None).prctl(15, sys.argv[1].encode(), 0, 0, 0); "
-            "print('ready', flush=True); time.sleep(60)")
+    code = (
+        "import ctypes, sys, time; ctypes.CDLL(None).prctl(15, sys.argv[1].encode(), 0, 0, 0); "
+        "print('ready', flush=True); time.sleep(60)"
+    )
     p = subprocess.Popen([sys.executable, "-c", code, comm], stdout=subprocess.PIPE, text=True)
     assert p.stdout.readline() == "ready\n"
     return p
@@ -133,8 +140,10 @@ def test_the_table_numbers_are_this_kernels(tmp_path):
     (tmp_path / "b").write_text("b")
     # renameat2(AT_FDCWD, a, AT_FDCWD, b, RENAME_NOREPLACE): EEXIST, and nothing renamed
     at = ctypes.c_int(-100)
-    assert _raw("renameat2", at, bytes(tmp_path / "a"), at, bytes(tmp_path / "b"),
-                ctypes.c_uint(_sys.RENAME_NOREPLACE)) == errno.EEXIST
+    assert (
+        _raw("renameat2", at, bytes(tmp_path / "a"), at, bytes(tmp_path / "b"), ctypes.c_uint(_sys.RENAME_NOREPLACE))
+        == errno.EEXIST
+    )
     assert (tmp_path / "a").read_text() == "a"
     # close_range on a range with no open fd: success
     assert _raw("close_range", ctypes.c_uint(1 << 20), ctypes.c_uint((1 << 20) + 1), ctypes.c_uint(0)) == 0
@@ -153,7 +162,7 @@ def test_the_table_numbers_are_this_kernels(tmp_path):
 
 def test_an_unknown_machine_gets_enosys_from_the_kernel():
     assert _syscalls.number("renameat2", machine="pdp11") == -1
-    assert _syscalls.number("openat2", machine="pdp11") == 437   # the unified table
+    assert _syscalls.number("openat2", machine="pdp11") == 437  # the unified table
     ctypes.set_errno(0)
     assert _libc.syscall(ctypes.c_long(-1)) == -1 and ctypes.get_errno() == errno.ENOSYS
 
@@ -163,9 +172,11 @@ def test_prctl_is_the_filesystems():
     with pytest.raises(OSError) as e:
         _sys.prctl(-1)
     assert e.value.errno == errno.EINVAL
-    code = ("import ctypes, signal; from overlayfs_py import _sys; "
-            "_sys.set_parent_death_signal(signal.SIGUSR1); v = ctypes.c_int(); "
-            "ctypes.CDLL(None).prctl(2, ctypes.byref(v), 0, 0, 0); print(v.value)")
+    code = (
+        "import ctypes, signal; from overlayfs_py import _sys; "
+        "_sys.set_parent_death_signal(signal.SIGUSR1); v = ctypes.c_int(); "
+        "ctypes.CDLL(None).prctl(2, ctypes.byref(v), 0, 0, 0); print(v.value)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert int(out) == signal.SIGUSR1
 
@@ -173,6 +184,7 @@ def test_prctl_is_the_filesystems():
 # --------------------------------------------------------------------------
 # the private xattr prefix
 # --------------------------------------------------------------------------
+
 
 def test_prefix_for():
     assert prefix_for(False) == TRUSTED_PREFIX == "trusted.overlay."
@@ -184,6 +196,7 @@ def test_prefix_for():
 # --------------------------------------------------------------------------
 # no second copy
 # --------------------------------------------------------------------------
+
 
 def _sources():
     for top in ("overlayfs_py", "runner", "scripts", "tests"):
@@ -198,13 +211,20 @@ def _sources():
 #: xattr names out themselves: they state the on-disk format independently of the code.
 SECOND_COPIES = [
     ("mountinfo reading", re.compile(r"open\([^)\n]*mountinfo"), "overlayfs_py/mountinfo.py", ""),
-    ("mountinfo field splitting", re.compile(r"index\(\"-\"\)|partition\(\" - \"\)"),
-     "overlayfs_py/mountinfo.py", ""),
-    ("/proc/PID/stat reading", re.compile(r"/proc/\{[^}]*\}/stat[\"']|/proc/self/stat[\"']"),
-     "overlayfs_py/procfs.py", ""),
+    ("mountinfo field splitting", re.compile(r"index\(\"-\"\)|partition\(\" - \"\)"), "overlayfs_py/mountinfo.py", ""),
+    (
+        "/proc/PID/stat reading",
+        re.compile(r"/proc/\{[^}]*\}/stat[\"']|/proc/self/stat[\"']"),
+        "overlayfs_py/procfs.py",
+        "",
+    ),
     ("a syscall number", re.compile(r"\b_?SYS_\w+\s*=\s*\d|\{\"x86_64\":\s*\d"), "overlayfs_py/_syscalls.py", ""),
-    ("the private xattr prefix", re.compile(r"[\"'](trusted|user)\.overlay\.[\"']"), "overlayfs_py/whiteout.py",
-     "tests/"),
+    (
+        "the private xattr prefix",
+        re.compile(r"[\"'](trusted|user)\.overlay\.[\"']"),
+        "overlayfs_py/whiteout.py",
+        "tests/",
+    ),
 ]
 
 
