@@ -16,11 +16,13 @@ import ctypes.util
 import errno
 import os
 
+from . import _syscalls
+
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _libc.syscall.restype = ctypes.c_long
 
-SYS_openat2 = 437  # same number on x86_64 and aarch64 (asm-generic)
-SYS_renameat2 = 316 if os.uname().machine == "x86_64" else 276
+SYS_openat2 = _syscalls.number("openat2")
+SYS_renameat2 = _syscalls.number("renameat2")
 
 RESOLVE_NO_XDEV = 0x01
 RESOLVE_NO_MAGICLINKS = 0x02
@@ -301,6 +303,22 @@ def fd_xattr_path(fd: int) -> tuple[bytes, bool]:
     return proc_path(fd), True
 
 
+PR_SET_PDEATHSIG = 1
+
+
+def prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 0) -> int:
+    """``prctl(2)`` with integer arguments; OSError on failure."""
+    res = _libc.prctl(ctypes.c_int(option), ctypes.c_ulong(arg2), ctypes.c_ulong(arg3),
+                      ctypes.c_ulong(arg4), ctypes.c_ulong(arg5))
+    if res < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"prctl: {os.strerror(err)}")
+    return res
+
+
+def set_parent_death_signal(sig: int) -> None:
+    """``PR_SET_PDEATHSIG``: *sig* is sent to this process when its parent (thread) dies."""
+    prctl(PR_SET_PDEATHSIG, sig)
 
 
 def close_fds_except(*keep: int | None) -> None:

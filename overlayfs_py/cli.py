@@ -16,6 +16,7 @@ import time
 
 import click
 
+from . import procfs
 from .config import build_config
 from .errors import PyoverlayError, fail
 from .logs import one_line as _one_line
@@ -162,14 +163,6 @@ def _mount_background(cfg, debug: bool, logfile: str | None) -> None:
     sys.exit(0)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
-
-
 #: the filesystem type of a pyoverlay mount in /proc/self/mountinfo (fuse, subtype pyoverlay)
 PYOVERLAY_FSTYPE = "fuse.pyoverlay"
 
@@ -209,7 +202,7 @@ def umount_cmd(merged, timeout):
         fail(f"cannot unmount {merged}: {e}")
     if info is not None:
         deadline = time.monotonic() + timeout
-        while _pid_alive(info["pid"]):
+        while procfs.alive(info["pid"]):
             if time.monotonic() > deadline:
                 fail(f"server {info['pid']} of {merged} did not exit within {timeout:g}s")
             time.sleep(0.02)

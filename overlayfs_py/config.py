@@ -52,6 +52,7 @@ from dataclasses import dataclass, field
 
 from .errors import PyoverlayError
 from .idmap import IdMapError, check_ranges, parse_ranges
+from .whiteout import prefix_for
 
 __all__ = [
     "MAX_LAYERS",
@@ -140,7 +141,7 @@ class MountConfig:
     @property
     def xattr_prefix(self) -> str:
         """Namespace of overlay-private xattrs: ``user.overlay.`` or ``trusted.overlay.``."""
-        return "user.overlay." if self.userxattr else "trusted.overlay."
+        return prefix_for(bool(self.userxattr))
 
 
 # --------------------------------------------------------------------------

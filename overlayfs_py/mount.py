@@ -141,9 +141,7 @@ def start_background(cfg: MountConfig, *, debug: bool = False, logfile: str | No
         os.close(r)
         try:
             if parent_death_signal:
-                import ctypes
-
-                ctypes.CDLL(None).prctl(1, parent_death_signal, 0, 0, 0)  # PR_SET_PDEATHSIG
+                _sys.set_parent_death_signal(parent_death_signal)
             os.setsid()
             _sys.close_fds_except(w, cfg.fuse_fd)  # a caller's mounted /dev/fuse fd stays open
             devnull = os.open(os.devnull, os.O_RDWR)

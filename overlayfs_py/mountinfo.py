@@ -17,7 +17,7 @@ def unescape(field: str) -> str:
 
 @dataclass(frozen=True)
 class Mount:
-    devno: str          # "major:minor"
+    devno: str  # "major:minor"
     mountpoint: str
     options: str
     fstype: str
@@ -25,16 +25,41 @@ class Mount:
     super_options: str
 
 
-def mounts(path: str = "/proc/self/mountinfo") -> list[Mount]:
+def parse(text: str) -> list[Mount]:
+    """The rows of a mountinfo text (proc(5)); a line without the ``-`` separator or with
+    too few fields is skipped."""
     out = []
-    with open(path, errors="surrogateescape") as f:
-        for line in f:
-            parts = line.split()
-            sep = parts.index("-")
-            out.append(Mount(parts[2], unescape(parts[4]), parts[5], parts[sep + 1],
-                             unescape(parts[sep + 2]) if len(parts) > sep + 2 else "",
-                             parts[sep + 3] if len(parts) > sep + 3 else ""))
+    for line in text.splitlines():
+        parts = line.split()
+        try:
+            sep = parts.index("-", 6)
+        except ValueError:
+            continue
+        if len(parts) <= sep + 1:
+            continue
+        source = unescape(parts[sep + 2]) if len(parts) > sep + 2 else ""
+        super_options = parts[sep + 3] if len(parts) > sep + 3 else ""
+        out.append(Mount(parts[2], unescape(parts[4]), parts[5], parts[sep + 1], source, super_options))
     return out
+
+
+def mounts(path: str = "/proc/self/mountinfo") -> list[Mount]:
+    with open(path, errors="surrogateescape") as f:
+        return parse(f.read())
+
+
+def mount_at(path: str) -> Mount | None:
+    """The topmost mount whose mountpoint is exactly *path* (an absolute, resolved path)."""
+    found = None
+    for m in mounts():
+        if m.mountpoint == path:
+            found = m
+    return found
+
+
+def is_mounted(path: str) -> bool:
+    """Something is mounted at *path* (an absolute, resolved path)."""
+    return mount_at(path) is not None
 
 
 def mounts_under(path: str) -> list[str]:

@@ -87,12 +87,10 @@ class Summary:
     unused: list = field(default_factory=list)            # (path, bytes, who)
     dropped_server: int = 0
     dropped_reader: int = 0
-    ended: bool = False
 
     def add(self, ev: dict) -> None:
         kind = ev.get("event")
         if kind == "end":
-            self.ended = True
             self.dropped_server = ev.get("dropped", 0)
             return
         if kind == "dropped":

@@ -32,16 +32,13 @@ import os
 import stat
 
 from .config import ConfigError, MountConfig
+from .whiteout import prefix_for
 
 RECORD = "pyoverlay.json"
 
 
 def option(userxattr: bool) -> str:
     return "userxattr" if userxattr else "nouserxattr"
-
-
-def prefix(userxattr: bool) -> str:
-    return "user.overlay." if userxattr else "trusted.overlay."
 
 
 def choose(requested: bool | None, recorded: bool | None, privileged: bool, *,
@@ -51,7 +48,7 @@ def choose(requested: bool | None, recorded: bool | None, privileged: bool, *,
     if recorded is not None:
         if requested is not None and requested != recorded:
             raise ConfigError(
-                f"upper layer '{upper}' has {prefix(recorded)}* private xattrs ({where}):"
+                f"upper layer '{upper}' has {prefix_for(recorded)}* private xattrs ({where}):"
                 f" -o {option(requested)} conflicts with it (drop the option)")
         if not recorded and not privileged:
             raise ConfigError(

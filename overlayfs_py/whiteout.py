@@ -18,8 +18,17 @@ USER_PREFIX = "user.overlay."
 ESCAPE = "overlay."
 
 
+def prefix_for(userxattr: bool) -> str:
+    """The private xattr prefix: ``user.overlay.`` with ``-o userxattr``, else ``trusted.overlay.``."""
+    return USER_PREFIX if userxattr else TRUSTED_PREFIX
+
+
 class XattrNames:
     """The private xattr names of one mount (``trusted.overlay.*`` or ``user.overlay.*``)."""
+
+    @classmethod
+    def for_userxattr(cls, userxattr: bool) -> XattrNames:
+        return cls(prefix_for(userxattr))
 
     def __init__(self, prefix: str = TRUSTED_PREFIX) -> None:
         self.prefix = prefix

@@ -1,19 +1,27 @@
 """The runner's syscall edge: namespaces, mounts, pivot_root, prctl, capabilities.
 
+Syscall numbers come from ``overlayfs_py._syscalls`` (the one table); ``prctl`` and the
+/proc/PID/stat reader are the filesystem's (``_sys``, ``procfs``), used here by name.
+
 Python 3.11 has no ``os.unshare``/``os.setns`` and no Python has ``mount`` or
 ``pivot_root``; these are thin ctypes wrappers that raise ``OSError`` with errno.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import errno
 import os
-import platform
+
+from overlayfs_py import _syscalls
+from overlayfs_py._sys import PR_SET_PDEATHSIG as PR_SET_PDEATHSIG  # the filesystem's, used here by name
+from overlayfs_py._sys import prctl as prctl
+from overlayfs_py.procfs import process_start_time as process_start_time
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
 CLONE_NEWNS = 0x00020000
-CLONE_NEWCGROUP = 0x02000000
 CLONE_NEWUTS = 0x04000000
 CLONE_NEWIPC = 0x08000000
 CLONE_NEWUSER = 0x10000000
@@ -28,21 +36,15 @@ MS_REMOUNT = 32
 MS_BIND = 4096
 MS_REC = 16384
 MS_PRIVATE = 1 << 18
-MS_SLAVE = 1 << 19
-MS_RELATIME = 1 << 21
 MS_STRICTATIME = 1 << 24
 MNT_DETACH = 2
 
-PR_SET_PDEATHSIG = 1
 PR_CAPBSET_READ = 23
 PR_CAPBSET_DROP = 24
 PR_SET_NO_NEW_PRIVS = 38
 PR_SET_NAME = 15
 PR_CAP_AMBIENT = 47
 PR_CAP_AMBIENT_CLEAR_ALL = 4
-PR_SET_CHILD_SUBREAPER = 36
-
-_SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "riscv64": 41, "ppc64le": 203, "s390x": 217}
 
 #: Namespaces a container gets, in the order ``exec`` joins them (mnt last: after
 #: it, paths resolve inside the container).
@@ -79,16 +81,9 @@ def umount2(target: str, flags: int = 0) -> None:
 
 
 def pivot_root(new_root: str, put_old: str) -> None:
-    nr = _SYS_PIVOT_ROOT.get(platform.machine())
-    if nr is None:
-        raise OSError(38, f"pivot_root: unknown syscall number on {platform.machine()}")
-    _check(_libc.syscall(ctypes.c_long(nr), os.fsencode(new_root), os.fsencode(put_old)),
+    _check(_libc.syscall(ctypes.c_long(_syscalls.number("pivot_root")), os.fsencode(new_root),
+                         os.fsencode(put_old)),
            "pivot_root", new_root)
-
-
-def prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 0) -> int:
-    return _check(_libc.prctl(ctypes.c_int(option), ctypes.c_ulong(arg2), ctypes.c_ulong(arg3),
-                              ctypes.c_ulong(arg4), ctypes.c_ulong(arg5)), "prctl")
 
 
 def set_comm(name: str) -> None:
@@ -117,21 +112,8 @@ def set_no_new_privs() -> None:
     prctl(PR_SET_NO_NEW_PRIVS, 1)
 
 
-def process_start_time(pid: int) -> int | None:
-    """Field 22 of /proc/PID/stat (clock ticks since boot): with the pid it names one
-    process for good, so a recycled pid is never mistaken for ours. None if gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            rest = f.read().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    if rest[0] in ("Z", "X"):
-        return None
-    return int(rest[19])
-
-
 def alive(pid: int | None, start_time: int | None) -> bool:
-    return bool(pid) and start_time is not None and process_start_time(pid) == start_time
+    return bool(pid and start_time is not None and process_start_time(pid) == start_time)
 
 
 def ns_inode(pid: int | str, ns: str) -> int | None:
@@ -194,8 +176,6 @@ def clear_inheritable_caps() -> None:
 
 # --- closing inherited file descriptors ----------------------------------------------------
 
-_SYS_CLOSE_RANGE = 436  # the same number on every architecture (new syscall table)
-
 
 def close_fds_from(first: int, keep=()) -> None:
     """Close every fd >= *first* except those in *keep* (close_range(2) between them,
@@ -205,23 +185,20 @@ def close_fds_from(first: int, keep=()) -> None:
     for k in keep + [None]:
         hi = (k - 1) if k is not None else 0xFFFFFFFF
         if lo <= hi:
-            res = _libc.syscall(ctypes.c_long(_SYS_CLOSE_RANGE), ctypes.c_uint(lo), ctypes.c_uint(hi),
+            res = _libc.syscall(ctypes.c_long(_syscalls.number("close_range")), ctypes.c_uint(lo), ctypes.c_uint(hi),
                                 ctypes.c_uint(0))
             if res < 0:
                 for name in os.listdir("/proc/self/fd"):
                     fd = int(name)
                     if lo <= fd <= hi:
-                        try:
+                        with contextlib.suppress(OSError):
                             os.close(fd)
-                        except OSError:
-                            pass
         if k is not None:
             lo = k + 1
 
 
 # --- device cgroup (v2): a BPF_PROG_TYPE_CGROUP_DEVICE program --------------------------
 
-_SYS_BPF = {"x86_64": 321, "aarch64": 280, "riscv64": 280, "ppc64le": 361, "s390x": 351}
 _BPF_PROG_LOAD = 5
 _BPF_PROG_ATTACH = 8
 _BPF_PROG_TYPE_CGROUP_DEVICE = 15
@@ -275,17 +252,13 @@ def device_filter_program(rules) -> bytes:
 
 
 def _bpf(cmd: int, attr: ctypes.Array) -> int:
-    nr = _SYS_BPF.get(platform.machine())
-    if nr is None:
-        raise OSError(38, f"bpf: unknown syscall number on {platform.machine()}")
-    return _check(_libc.syscall(ctypes.c_long(nr), ctypes.c_int(cmd), attr,
+    return _check(_libc.syscall(ctypes.c_long(_syscalls.number("bpf")), ctypes.c_int(cmd), attr,
                                 ctypes.c_uint(ctypes.sizeof(attr))), "bpf")
 
 
 def attach_device_filter(cgroup_dir: str, rules) -> None:
     """Load the device program for *rules* and attach it to the cgroup v2 directory
     (the attachment lives as long as the cgroup; no fd is kept)."""
-    import contextlib
     import struct
 
     code = device_filter_program(rules)
@@ -308,7 +281,8 @@ def attach_device_filter(cgroup_dir: str, rules) -> None:
             os.close(load(1))
         detail = [line for line in log.value.decode(errors="replace").strip().splitlines()
                   if line and not line.startswith("processed ")]
-        raise OSError(e.errno, f"bpf: cannot load the device program: {os.strerror(e.errno)}"
+        err = e.errno or errno.EINVAL   # _check always sets it
+        raise OSError(err, f"bpf: cannot load the device program: {os.strerror(err)}"
                       + (f" ({detail[-1]})" if detail else "")) from None
     try:
         cg = os.open(cgroup_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)

@@ -33,6 +33,9 @@ import time
 from dataclasses import dataclass
 from fractions import Fraction
 
+from overlayfs_py.mountinfo import mounts
+from overlayfs_py.mountinfo import parse as parse_mountinfo
+
 from . import _linux as L
 from .errors import RunnerError
 
@@ -110,29 +113,17 @@ class Layout:
         return f"v1 controllers: {v1}; {v2}"
 
 
-def _unescape(field: str) -> str:
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), field)
-
-
 def detect(mountinfo: str | None = None) -> Layout:
     """The cgroup layout described by /proc/self/mountinfo (or the given text)."""
-    if mountinfo is None:
-        with open("/proc/self/mountinfo") as f:
-            mountinfo = f.read()
     v1: dict[str, str] = {}
     v2_root = None
-    for line in mountinfo.splitlines():
-        pre, sep, post = line.partition(" - ")
-        if not sep or len(pre.split()) < 5 or len(post.split()) < 3:
-            continue
-        mount_point = _unescape(pre.split()[4])
-        fstype, _source, options = post.split()[:3]
-        if fstype == "cgroup2" and v2_root is None:
-            v2_root = mount_point
-        elif fstype == "cgroup":
-            for opt in options.split(","):
-                if opt not in _MOUNT_FLAGS and "=" not in opt:
-                    v1.setdefault(opt, mount_point)
+    for m in mounts() if mountinfo is None else parse_mountinfo(mountinfo):
+        if m.fstype == "cgroup2" and v2_root is None:
+            v2_root = m.mountpoint
+        elif m.fstype == "cgroup":
+            for opt in m.super_options.split(","):
+                if opt and opt not in _MOUNT_FLAGS and "=" not in opt:
+                    v1.setdefault(opt, m.mountpoint)
     controllers: frozenset[str] = frozenset()
     if v2_root is not None:
         try:

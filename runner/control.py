@@ -16,6 +16,7 @@ import shlex
 import signal
 import time
 
+from overlayfs_py import procfs
 from overlayfs_py.unmount import try_unmount
 
 from . import _linux as L
@@ -207,8 +208,7 @@ def top_table(rec: state.Record | dict) -> str:
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
                 cmd = f.read().rstrip(b"\0").replace(b"\0", b" ").decode(errors="replace")
-            with open(f"/proc/{pid}/stat") as f:
-                ppid = f.read().rsplit(")", 1)[1].split()[1]
+            ppid = str(procfs.stat(pid).ppid)
             uid = str(os.stat(f"/proc/{pid}").st_uid)
         except OSError:
             continue  # exited meanwhile

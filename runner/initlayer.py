@@ -86,7 +86,7 @@ def plan(layers: tuple[str, ...], upper: str | None, userxattr: bool,
     """Look up *needed* in the merged view of *layers* (+ *upper*, an existing one) and
     say what is missing; InitLayerError when a required path cannot be provided (a parent
     in the image is not a directory). Reads only."""
-    stack = LayerStack(layers, upper, XattrNames("user.overlay." if userxattr else "trusted.overlay."))
+    stack = LayerStack(layers, upper, XattrNames.for_userxattr(userxattr))
     usable, todo = [], []
     try:
         for need in needed:
@@ -116,7 +116,7 @@ def read_files(layers: tuple[str, ...], upper: str | None, userxattr: bool,
     symlink is never followed."""
     from overlayfs_py import _sys
 
-    stack = LayerStack(layers, upper, XattrNames("user.overlay." if userxattr else "trusted.overlay."))
+    stack = LayerStack(layers, upper, XattrNames.for_userxattr(userxattr))
     out: dict[str, str | None] = {}
     try:
         for path in paths:

@@ -322,12 +322,3 @@ def setgroups_allowed() -> bool:
     """False in a user namespace whose ``setgroups`` is "deny" (a single-id map)."""
     return _read("/proc/self/setgroups") != "deny"
 
-
-def id_mapped(kind: str, ident: int) -> bool:
-    """Whether *ident* exists in the current user namespace's uid or gid map."""
-    text = _read(f"/proc/self/{kind}_map") or ""
-    for line in text.splitlines():
-        parts = line.split()
-        if len(parts) == 3 and int(parts[0]) <= ident < int(parts[0]) + int(parts[2]):
-            return True
-    return False

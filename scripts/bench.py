@@ -31,9 +31,10 @@ from benchlib.layers import PRESETS, prepare_layers  # noqa: E402
 from benchlib.machine import machine, versions  # noqa: E402
 from benchlib.memwalk import run_memwalk, table as memwalk_table  # noqa: E402
 from benchlib.runner import Results, run_all  # noqa: E402
-from benchlib.util import BenchError, SanityError, force_unmount, fmt_value, mounts_under, rmtree  # noqa: E402
+from benchlib.util import BenchError, SanityError, force_unmount, fmt_value, rmtree  # noqa: E402
 from benchlib.workloads import ALL as WORKLOADS  # noqa: E402
 from benchlib.workloads import Ctx  # noqa: E402
+from overlayfs_py.mountinfo import mounts_under  # noqa: E402
 
 T0 = time.monotonic()
 

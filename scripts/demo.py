@@ -39,8 +39,11 @@ import tempfile
 import textwrap
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
+
+from overlayfs_py import mountinfo
+from overlayfs_py.whiteout import prefix_for
 
 REPO = Path(__file__).resolve().parent.parent
 PYOVERLAY = REPO / ".venv" / "bin" / "pyoverlay"
@@ -49,11 +52,10 @@ LAYERS = ("upper", "lower1", "lower2")  # top to bottom
 # As root the overlay-private xattrs are trusted.overlay.*; otherwise the
 # demo mounts with -o userxattr and uses user.overlay.*.
 ROOT = os.geteuid() == 0
-XATTR_PREFIX = "trusted.overlay." if ROOT else "user.overlay."
+XATTR_PREFIX = prefix_for(userxattr=not ROOT)
 NOT_YET = (errno.EROFS, errno.ENOSYS, errno.EPERM, errno.EOPNOTSUPP)
 CMD_TIMEOUT = 30  # seconds for pyoverlay mount / umount
 DEMO_TIMEOUT = 90  # seconds before a hung mount is aborted
-_OCTAL = re.compile(r"\\([0-7]{3})")  # mountinfo escapes space, tab, newline, backslash
 
 
 _SAY = threading.Lock()  # the live trace reader prints from its own thread
@@ -100,31 +102,17 @@ def run(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
         return subprocess.CompletedProcess(args, 124, "", f"timed out after {CMD_TIMEOUT}s")
 
 
-def mountinfo() -> Iterator[tuple[str, str, str]]:
-    """(mountpoint, major:minor, fstype) of every mount, from /proc/self/mountinfo."""
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            mp = _OCTAL.sub(lambda m: chr(int(m.group(1), 8)), fields[4])  # \040 -> " "
-            yield mp, fields[2], fields[fields.index("-") + 1]
-
-
-def mount_entry(path: Path) -> tuple[str, str] | None:
-    """(major:minor, fstype) of the mount at *path*, from /proc/self/mountinfo.
+def mount_entry(path: Path) -> mountinfo.Mount | None:
+    """The mount at *path*, from /proc/self/mountinfo.
 
     Never stats the mountpoint, so a hung FUSE server cannot hang the demo here.
     """
-    target = os.path.realpath(path.parent) + "/" + path.name
-    for mp, dev, fstype in mountinfo():
-        if mp == target:
-            return dev, fstype
-    return None
+    return mountinfo.mount_at(os.path.realpath(path.parent) + "/" + path.name)
 
 
 def mounts_under(path: Path) -> list[str]:
     """Mountpoints at or below *path* (already resolved), deepest first."""
-    found = [mp for mp, _, _ in mountinfo() if mp == str(path) or mp.startswith(f"{path}/")]
-    return sorted(found, key=len, reverse=True)
+    return sorted(mountinfo.mounts_under(str(path)), key=len, reverse=True)
 
 
 def is_mounted(path: Path) -> bool:
@@ -135,7 +123,7 @@ def abort_fuse(path: Path) -> None:
     """Abort the FUSE connection behind *path* (unblocks anything waiting on it), then detach it."""
     entry = mount_entry(path)
     if entry is not None:
-        minor = entry[0].split(":")[1]
+        minor = entry.devno.split(":")[1]
         try:
             Path(f"/sys/fs/fuse/connections/{minor}/abort").write_text("1")
         except OSError:
@@ -259,7 +247,7 @@ def demo(base: Path) -> int:
     if entry is None:
         say("  pyoverlay returned but merged/ is not a mount point")
         return 1
-    say(f"  mounted ({entry[1]}).")
+    say(f"  mounted ({entry.fstype}).")
 
     heading("What the merged view shows")
     show_merged(base)

@@ -21,7 +21,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from runner._linux import process_start_time
+from overlayfs_py.procfs import process_start_time
 
 USER = "pyoverlay-test"
 SCRIPT = """\

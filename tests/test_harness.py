@@ -13,6 +13,7 @@ import time
 import pytest
 
 from helpers import mounts
+from overlayfs_py import procfs
 from helpers.snapshot import diff_snapshots, raw_readdir, snapshot
 from helpers.stacks import CHR, D, F, FIFO, H, L, OPQ, WH, XWH, build_layer, T0
 
@@ -153,8 +154,7 @@ def test_background_mount_and_umount(tmp_path):
                            capture_output=True, text=True, timeout=60)
         assert r.returncode == 0, f"umount exited {r.returncode}: {r.stderr}"
         assert not mounts.is_mounted(mnt)
-        alive = [p for p in pids if os.path.exists(f"/proc/{p}")
-                 and open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"]
+        alive = [p for p in pids if procfs.alive(p)]
         assert not alive, f"server(s) {alive} still running after umount returned"
     finally:
         if mounts.is_mounted(mnt):

@@ -85,7 +85,7 @@ def test_serves_a_mounted_fd_and_exits_on_umount(layout, tmp_path):
         assert sorted(os.listdir(mnt)) == ["a", "d"] and os.listdir(mnt / "d") == []
         assert (up / "a").read_text() == "upper\n"
         assert os.stat(up / "d" / "b").st_rdev == 0
-        assert mounts.mount_entry(mnt)["fstype"] == "fuse.pyoverlay"
+        assert mounts.mount_entry(mnt).fstype == "fuse.pyoverlay"
     finally:
         _umount(str(mnt))
     assert _wait_exit(pid) == 0

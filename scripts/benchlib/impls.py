@@ -21,10 +21,11 @@ import subprocess
 import sys
 import time
 
+from overlayfs_py.mountinfo import is_mounted
 from overlayfs_py.unmount import UnmountError, unmount
 
 from .layers import Layers, build_native
-from .util import (REPO, BenchError, find_server_pid, force_unmount, is_mounted, proc_status_kib,
+from .util import (REPO, BenchError, find_server_pid, force_unmount, proc_status_kib,
                    run, wait_pid_gone)
 
 ALL = ["native", "kernel", "fuse-overlayfs", "pyoverlay"]

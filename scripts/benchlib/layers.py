@@ -113,10 +113,6 @@ def leaf_files(leaf: str) -> list[str]:
     return [f"{leaf}/f{i:03d}" for i in range(PER_LEAF)]
 
 
-def shadowed(name_index: int) -> bool:
-    return 40 <= name_index < 60
-
-
 class Layers:
     """Built layers on disk: ``root/{lower1,lower2,data}`` and ``root/meta.json``."""
 

@@ -22,10 +22,11 @@ import sys
 import time
 import types
 
+from overlayfs_py.mountinfo import is_mounted
 from overlayfs_py.unmount import try_unmount
 
 from .impls import FuseOverlayfs, Impl, Kernel, Pyoverlay
-from .util import BenchError, is_mounted
+from .util import BenchError
 
 CALLS = {"getxattr": 20000, "open+close": 5000}
 NULLFS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "nullfs.py")

@@ -1,4 +1,7 @@
-"""Small helpers: commands, mountinfo, /proc, host cache-drop counters, formatting."""
+"""Small helpers: commands, unmounting, /proc, host cache-drop counters, formatting.
+
+Mounts are read with ``overlayfs_py.mountinfo`` (never touching a mount, which could hang
+on a dead FUSE server); ``is_mounted`` and ``mounts_under`` are its."""
 
 from __future__ import annotations
 
@@ -7,7 +10,8 @@ import subprocess
 import tempfile
 import time
 
-from overlayfs_py.mountinfo import unescape
+from overlayfs_py import mountinfo, procfs
+from overlayfs_py.mountinfo import is_mounted
 from overlayfs_py.unmount import try_unmount
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -37,32 +41,11 @@ def run(argv, *, check=True, timeout=None, env=None, capture=True) -> subprocess
     return r
 
 
-def mount_rows() -> list[tuple[str, str, str]]:
-    """(mountpoint, fstype, devno) of every mount, from /proc/self/mountinfo (never
-    touching a mount, which could hang on a dead FUSE server)."""
-    rows = []
-    with open("/proc/self/mountinfo", errors="surrogateescape") as f:
-        for line in f:
-            parts = line.split()
-            sep = parts.index("-")
-            rows.append((unescape(parts[4]), parts[sep + 1], parts[2]))
-    return rows
-
-
-def is_mounted(path: str) -> bool:
-    return any(mp == path for mp, _, _ in mount_rows())
-
-
-def mounts_under(prefix: str) -> list[str]:
-    p = prefix.rstrip("/") + "/"
-    return [mp for mp, _, _ in mount_rows() if (mp + "/").startswith(p)]
-
-
 def abort_fuse(path: str) -> None:
     """Abort the FUSE connection of the mount at *path* (a hung server can't block us)."""
-    for mp, fstype, devno in mount_rows():
-        if mp == path and fstype.startswith("fuse"):
-            ctl = f"/sys/fs/fuse/connections/{devno.split(':')[1]}/abort"
+    for m in mountinfo.mounts():
+        if m.mountpoint == path and m.fstype.startswith("fuse"):
+            ctl = f"/sys/fs/fuse/connections/{m.devno.split(':')[1]}/abort"
             if not os.path.exists(os.path.dirname(ctl)):
                 subprocess.run(["mount", "-t", "fusectl", "none", "/sys/fs/fuse/connections"],
                                capture_output=True)
@@ -82,17 +65,9 @@ def force_unmount(path: str) -> None:
         try_unmount(path, lazy=True, timeout=60)
 
 
-def pid_alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
-
-
 def wait_pid_gone(pid: int, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
-    while pid_alive(pid):
+    while procfs.alive(pid):
         if time.monotonic() > deadline:
             return False
         time.sleep(0.02)

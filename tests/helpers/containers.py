@@ -27,6 +27,8 @@ import sys
 import time
 from pathlib import Path
 
+from overlayfs_py import procfs
+
 from . import mounts
 
 #: seconds any single CLI call may take before the test fails (a hang fails,
@@ -206,21 +208,15 @@ def pidns_of(pid: int) -> str | None:
         return None
 
 
-def proc_stat(pid: int) -> dict | None:
-    """state, ppid, starttime of a process (None if gone)."""
+def proc_stat(pid: int) -> procfs.Stat | None:
+    """comm, state, ppid, start_time of a process (None if gone)."""
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            s = f.read()
+        return procfs.stat(pid)
     except OSError:
         return None
-    comm = s[s.index("(") + 1:s.rindex(")")]
-    rest = s[s.rindex(")") + 2:].split()
-    return {"comm": comm, "state": rest[0], "ppid": int(rest[1]), "starttime": int(rest[19])}
 
 
-def alive(pid: int) -> bool:
-    st = proc_stat(pid)
-    return st is not None and st["state"] not in ("Z", "X")
+alive = procfs.alive
 
 
 def status_field(pid: int, key: str) -> str | None:
@@ -247,10 +243,6 @@ def all_pids() -> list[int]:
     return [int(p) for p in os.listdir("/proc") if p.isdigit()]
 
 
-def children_of(pid: int) -> list[int]:
-    return [p for p in all_pids() if (proc_stat(p) or {}).get("ppid") == pid]
-
-
 def foreign_pidns_procs() -> dict[tuple[int, int], str]:
     """(pid, starttime) -> pid-ns link of every process NOT in our pid ns."""
     ours = host_pidns()
@@ -260,7 +252,7 @@ def foreign_pidns_procs() -> dict[tuple[int, int], str]:
         st = proc_stat(pid)
         if ns is None or st is None or ns == ours:
             continue
-        out[(pid, st["starttime"])] = ns
+        out[(pid, st.start_time)] = ns
     return out
 
 
@@ -294,8 +286,10 @@ def procs_rooted_under(path) -> list[int]:
 
 
 def describe_pid(pid: int) -> str:
-    st = proc_stat(pid) or {}
-    return f"pid {pid} ({st.get('state', '?')}, ppid {st.get('ppid', '?')}): {cmdline(pid) or st.get('comm')}"
+    st = proc_stat(pid)
+    if st is None:
+        return f"pid {pid} (gone): {cmdline(pid)}"
+    return f"pid {pid} ({st.state}, ppid {st.ppid}): {cmdline(pid) or st.comm}"
 
 
 def wait_gone(pid: int, timeout: float = 10) -> bool:

@@ -17,6 +17,8 @@ import threading
 import time
 from pathlib import Path
 
+from overlayfs_py import mountinfo
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 #: log files of every pyoverlay server started in this process, in start
@@ -37,35 +39,17 @@ class MountError(AssertionError):
 # mountinfo
 # --------------------------------------------------------------------------
 
-from overlayfs_py.mountinfo import unescape as _unescape_mountinfo  # noqa: E402
 from overlayfs_py.unmount import UnmountError, try_unmount, unmount  # noqa: E402
 
+# overlayfs_py.mountinfo is the parser; these take any path (resolved here).
 
-def mount_table() -> list[dict]:
-    rows = []
-    with open("/proc/self/mountinfo", "r", errors="surrogateescape") as f:
-        for line in f:
-            parts = line.split()
-            sep = parts.index("-")
-            rows.append({
-                "devno": parts[2],
-                "mountpoint": _unescape_mountinfo(parts[4]),
-                "options": parts[5],
-                "fstype": parts[sep + 1],
-                "source": _unescape_mountinfo(parts[sep + 2]),
-                "super_options": parts[sep + 3] if len(parts) > sep + 3 else "",
-            })
-    return rows
+def mount_table() -> list[mountinfo.Mount]:
+    return mountinfo.mounts()
 
 
-def mount_entry(path) -> dict | None:
+def mount_entry(path) -> mountinfo.Mount | None:
     """The topmost mountinfo row whose mountpoint is exactly ``path``."""
-    p = os.path.realpath(path)
-    found = None
-    for row in mount_table():
-        if row["mountpoint"] == p:
-            found = row
-    return found
+    return mountinfo.mount_at(os.path.realpath(path))
 
 
 def is_mounted(path) -> bool:
@@ -73,9 +57,7 @@ def is_mounted(path) -> bool:
 
 
 def mounts_under(prefix) -> list[str]:
-    p = os.path.realpath(prefix).rstrip("/") + "/"
-    return [r["mountpoint"] for r in mount_table()
-            if (r["mountpoint"] + "/").startswith(p)]
+    return mountinfo.mounts_under(os.path.realpath(prefix))
 
 
 FUSECTL = Path("/sys/fs/fuse/connections")
@@ -87,9 +69,9 @@ def abort_fuse_connection(path) -> bool:
     row = mount_entry(path)
     if row is None:
         return False
-    minor = row["devno"].split(":")[1]
+    minor = row.devno.split(":")[1]
     if not (FUSECTL / minor).exists():
-        if not any(r["fstype"] == "fusectl" for r in mount_table()):
+        if not any(r.fstype == "fusectl" for r in mount_table()):
             subprocess.run(["mount", "-t", "fusectl", "none", str(FUSECTL)],
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

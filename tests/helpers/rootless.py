@@ -20,7 +20,7 @@ import time
 import uuid
 from pathlib import Path
 
-from runner._linux import process_start_time
+from overlayfs_py.procfs import process_start_time, stat as proc_stat
 
 from . import mounts
 
@@ -149,9 +149,8 @@ class User:
                 with open(f"/proc/{pid}/environ", "rb") as f:
                     if self.tag in f.read().split(b"\0"):
                         return True
-                with open(f"/proc/{pid}/stat") as f:
-                    pid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
+                pid = proc_stat(pid).ppid
+            except (OSError, ValueError):
                 return False
             if pid <= 1:
                 return False

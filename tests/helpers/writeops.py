@@ -55,6 +55,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from overlayfs_py import _syscalls
+from overlayfs_py._sys import RENAME_EXCHANGE as RENAME_EXCHANGE
+from overlayfs_py._sys import RENAME_NOREPLACE as RENAME_NOREPLACE
+from overlayfs_py._sys import RENAME_WHITEOUT as RENAME_WHITEOUT
+
 from . import mounts
 from .snapshot import diff_snapshots, format_diff, snapshot
 from .stacks import T_UPPER, build_layer, set_root_attrs
@@ -79,10 +84,7 @@ RECENT = "<recent>"
 PRESENT = "<present>"
 
 AT_FDCWD = -100
-RENAME_NOREPLACE = 1
-RENAME_EXCHANGE = 2
-RENAME_WHITEOUT = 4
-SYS_renameat2 = 316          # x86_64
+SYS_renameat2 = _syscalls.number("renameat2")
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long

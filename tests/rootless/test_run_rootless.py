@@ -16,7 +16,7 @@ import time
 import pytest
 
 from helpers.rootless import busybox_image
-from runner._linux import process_start_time
+from overlayfs_py.procfs import process_start_time
 
 OVERRIDE = "user.containers.override_stat"
 MAPS = ("subid", "single")

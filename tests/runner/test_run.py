@@ -21,6 +21,7 @@ import pytest
 from helpers import containers, mounts, rootfs
 from helpers.containers import DEFAULT_PATH, DOCKER_CAPBND, describe, status_map
 from helpers.snapshot import diff_snapshots, format_diff, snapshot
+from overlayfs_py.mountinfo import parse as parse_mountinfo
 
 pytestmark = [pytest.mark.fuse, pytest.mark.needs_root, pytest.mark.usefixtures("_no_leftovers")]
 
@@ -137,7 +138,7 @@ def test_host_root_is_unreachable(rt, img):
     host_only = set(os.listdir("/")) - image_top
     assert not set(listing.split()) & host_only, \
         f"host root entries visible in the container's /: {set(listing.split()) & host_only}"
-    mps = [l.split()[4] for l in lines(mountinfo)]
+    mps = [m.mountpoint for m in parse_mountinfo(mountinfo)]
     assert "/" in mps, mountinfo
     bad = [m for m in mps if not (m == "/" or m.split("/")[1] in ("proc", "dev", "sys", "etc"))]
     assert not bad, f"mounts outside the container's own tree (old root?): {bad}\n{mountinfo}"

@@ -302,7 +302,7 @@ def test_dead_container_is_detected_and_removed(rt, img):
     cid = rt.detach("--name", "victim", img.spec, "sleep", "1000")
     c = wait_running(rt, cid)
     pid = c["pid"]
-    monitor = containers.proc_stat(pid)["ppid"]
+    monitor = containers.proc_stat(pid).ppid
     assert monitor in containers.procs_with_env(rt.env_marker), \
         f"the parent of the container's PID 1 is not a runner process: " \
         f"{containers.describe_pid(monitor)}"
@@ -360,7 +360,7 @@ def test_signal_to_foreground_runner(rt, img, tmp_path, sig, init, codes):
             assert elapsed >= 1.5, "SIGKILL came before --stop-timeout"
         assert not alive(c["pid"])
         assert rt.mounts() == [], rt.mounts()
-        assert not any(r["mountpoint"] == os.path.realpath(c["merged"])
+        assert not any(r.mountpoint == os.path.realpath(c["merged"])
                        for r in mounts.mount_table())
         assert containers.procs_rooted_under(c["merged"]) == []
         assert containers.cgroups_of(c["id"]) == []

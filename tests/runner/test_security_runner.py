@@ -26,6 +26,7 @@ import pytest
 
 from helpers import containers, mounts
 from helpers.containers import DOCKER_CAPBND, describe, status_map
+from overlayfs_py.mountinfo import parse as parse_mountinfo
 
 pytestmark = [pytest.mark.fuse, pytest.mark.needs_root, pytest.mark.usefixtures("_no_leftovers")]
 
@@ -88,9 +89,9 @@ def test_allowed_device_nodes_still_work(rt, img):
 def test_dev_is_nosuid_noexec(rt, img):
     r = sh(rt, img, "cat /proc/self/mountinfo")
     assert r.returncode == 0, describe(r)
-    dev = [l.split() for l in lines(r.stdout) if l.split()[4] == "/dev"]
+    dev = [m for m in parse_mountinfo(r.stdout) if m.mountpoint == "/dev"]
     assert dev, r.stdout
-    opts = set(dev[-1][5].split(","))
+    opts = set(dev[-1].options.split(","))
     assert {"nosuid", "noexec"} <= opts, dev[-1]
     assert "nodev" not in opts, dev[-1]   # the allowed nodes must work
 
@@ -126,7 +127,7 @@ def test_device_cgroup_gone_after_monitor_sigkill(rt, img):
     cid = rt.detach(img.spec, "sleep", "1000")
     c = rt.wait_status(cid, ("running",), 30)
     assert containers.cgroups_of(cid), "no cgroup for a root container"
-    monitor = containers.proc_stat(c["pid"])["ppid"]
+    monitor = containers.proc_stat(c["pid"]).ppid
     os.kill(monitor, signal.SIGKILL)
     os.kill(c["pid"], signal.SIGKILL)
     assert containers.wait_gone(monitor) and containers.wait_gone(c["pid"])
