@@ -139,7 +139,7 @@ class Monitor:
         undo.callback(self._forget_if_failed)
         with step(f"creating the data directory {paths.data}"):
             state.data_dir()  # <data root>/containers, private
-            os.makedirs(paths.data, mode=0o711)
+            os.mkdir(paths.data, 0o700)  # private, as its parents (docs/runner.md, "Security model")
         if paths.output_log is not None:
             with step("redirecting output to the container's log"):
                 _redirect_output(paths.output_log)
