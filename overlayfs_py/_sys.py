@@ -142,9 +142,9 @@ def renameat2(olddir: int, oldname: bytes, newdir: int, newname: bytes, flags: i
 
 # --- file handles (the kernel's trusted.overlay.origin encoding) ------------------------
 
+
 class _FileHandle(ctypes.Structure):
-    _fields_ = [("handle_bytes", ctypes.c_uint), ("handle_type", ctypes.c_int),
-                ("f_handle", ctypes.c_ubyte * 128)]
+    _fields_ = [("handle_bytes", ctypes.c_uint), ("handle_type", ctypes.c_int), ("f_handle", ctypes.c_ubyte * 128)]
 
 
 AT_EMPTY_PATH = 0x1000
@@ -208,7 +208,7 @@ def raise_nofile_limit() -> int:
         with open("/proc/sys/fs/nr_open") as f:
             nr_open = int(f.read())
         if hard == resource.RLIM_INFINITY or nr_open > hard:
-            want = nr_open   # only root (CAP_SYS_RESOURCE) may raise the hard limit
+            want = nr_open  # only root (CAP_SYS_RESOURCE) may raise the hard limit
     except (OSError, ValueError):
         pass
     for target in ((want, want), (hard, hard)):
@@ -262,8 +262,7 @@ def reopen(fd: int, flags: int) -> int:
 
 def fchown_fd(fd: int, uid: int, gid: int) -> None:
     """``fchownat(fd, "", uid, gid, AT_EMPTY_PATH|AT_SYMLINK_NOFOLLOW)`` (-1: unchanged)."""
-    _check(_libc.fchownat(fd, b"", uid & 0xFFFFFFFF, gid & 0xFFFFFFFF,
-                          AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW))
+    _check(_libc.fchownat(fd, b"", uid & 0xFFFFFFFF, gid & 0xFFFFFFFF, AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW))
 
 
 def fchmod_fd(fd: int, mode: int) -> None:
@@ -274,6 +273,7 @@ def fchmod_fd(fd: int, mode: int) -> None:
 
 def futimens_fd(fd: int, atime_ns: int | None, mtime_ns: int | None) -> None:
     """``utimensat(fd, "", times, AT_EMPTY_PATH)``; None leaves that time alone."""
+
     def ts(ns):
         return _Timespec(0, UTIME_OMIT) if ns is None else _Timespec(ns // 1_000_000_000, ns % 1_000_000_000)
 
@@ -281,8 +281,10 @@ def futimens_fd(fd: int, atime_ns: int | None, mtime_ns: int | None) -> None:
     r = _libc.utimensat(fd, b"", times, AT_EMPTY_PATH)
     if r != 0 and ctypes.get_errno() == errno.EINVAL:  # a kernel before 5.8: the magic link
         cur = os.fstat(fd)
-        os.utime(proc_path(fd), ns=(cur.st_atime_ns if atime_ns is None else atime_ns,
-                                    cur.st_mtime_ns if mtime_ns is None else mtime_ns))
+        os.utime(
+            proc_path(fd),
+            ns=(cur.st_atime_ns if atime_ns is None else atime_ns, cur.st_mtime_ns if mtime_ns is None else mtime_ns),
+        )
         return
     _check(r)
 
@@ -308,8 +310,9 @@ PR_SET_PDEATHSIG = 1
 
 def prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 0) -> int:
     """``prctl(2)`` with integer arguments; OSError on failure."""
-    res = _libc.prctl(ctypes.c_int(option), ctypes.c_ulong(arg2), ctypes.c_ulong(arg3),
-                      ctypes.c_ulong(arg4), ctypes.c_ulong(arg5))
+    res = _libc.prctl(
+        ctypes.c_int(option), ctypes.c_ulong(arg2), ctypes.c_ulong(arg3), ctypes.c_ulong(arg4), ctypes.c_ulong(arg5)
+    )
     if res < 0:
         err = ctypes.get_errno()
         raise OSError(err, f"prctl: {os.strerror(err)}")

@@ -52,15 +52,15 @@ class _Main(click.Group):
         sys.exit(rv if isinstance(rv, int) else 0)
 
 
-def new_group(resolvers: Resolvers | None = None,
-              help: str = "pyoverlay: OverlayFS in userspace, and containers on it.") -> click.Group:
+def new_group(
+    resolvers: Resolvers | None = None, help: str = "pyoverlay: OverlayFS in userspace, and containers on it."
+) -> click.Group:
     """A ``pyoverlay`` command group with the filesystem's commands; *resolvers* are the
     container and image look-ups its commands may use (the click context's ``obj``)."""
     from .inspect_cli import register as register_inspect
     from .trace_cli import register as register_trace
 
-    @click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"],
-                                              "obj": resolvers or Resolvers()})
+    @click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"], "obj": resolvers or Resolvers()})
     def group() -> None:
         pass
 
@@ -76,22 +76,39 @@ def new_group(resolvers: Resolvers | None = None,
 @click.command("mount")
 @click.argument("args", nargs=-1, required=True)
 @click.option("--workdir", "workdir", metavar="DIR", help="Work directory (same filesystem as UPPER).")
-@click.option("-o", "options", multiple=True, metavar="OPTS",
-              help="Kernel-style options: lowerdir=,upperdir=,workdir=,ro,userxattr,nouserxattr,allow_other,...")
+@click.option(
+    "-o",
+    "options",
+    multiple=True,
+    metavar="OPTS",
+    help="Kernel-style options: lowerdir=,upperdir=,workdir=,ro,userxattr,nouserxattr,allow_other,...",
+)
 @click.option("-f", "--foreground", is_flag=True, help="Stay attached; Ctrl-C/SIGTERM unmounts.")
 @click.option("-d", "--debug", is_flag=True, help="Log every request.")
 @click.option("--log", "logfile", metavar="FILE", help="Server log file (background mode).")
-@click.option("--trace", "trace_file", metavar="FILE",
-              help="Write every copy-up, whiteout and opaque-dir event to FILE (JSON lines).")
-@click.option("--image", metavar="REF",
-              help="The lower layers are the image REF's (then the arguments are [UPPER] MERGED).")
-@click.option("--docker-root", metavar="DIR",
-              help="Docker's data root for --image (default $PYOVERLAY_DOCKER_ROOT or /var/lib/docker).")
-@click.option("--uidmap", "uidmap", multiple=True, metavar="S:P:N",
-              help="Show stored uids S..S+N-1 as P..P+N-1 (repeatable; docs/rootless.md).")
+@click.option(
+    "--trace",
+    "trace_file",
+    metavar="FILE",
+    help="Write every copy-up, whiteout and opaque-dir event to FILE (JSON lines).",
+)
+@click.option(
+    "--image", metavar="REF", help="The lower layers are the image REF's (then the arguments are [UPPER] MERGED)."
+)
+@click.option(
+    "--docker-root",
+    metavar="DIR",
+    help="Docker's data root for --image (default $PYOVERLAY_DOCKER_ROOT or /var/lib/docker).",
+)
+@click.option(
+    "--uidmap",
+    "uidmap",
+    multiple=True,
+    metavar="S:P:N",
+    help="Show stored uids S..S+N-1 as P..P+N-1 (repeatable; docs/rootless.md).",
+)
 @click.option("--gidmap", "gidmap", multiple=True, metavar="S:P:N", help="The same for gids.")
-def mount_cmd(args, workdir, options, foreground, debug, logfile, trace_file, image, docker_root,
-              uidmap, gidmap):
+def mount_cmd(args, workdir, options, foreground, debug, logfile, trace_file, image, docker_root, uidmap, gidmap):
     """Mount LOWER1[:LOWER2...] [UPPER] MERGED (LOWER1 is the top lower layer).
 
     Without UPPER the mount is read-only. `-o lowerdir=...,upperdir=...,workdir=... MERGED`
@@ -115,8 +132,17 @@ def mount_cmd(args, workdir, options, foreground, debug, logfile, trace_file, im
     from .userxattr import plan
 
     try:
-        cfg = build_config(layers, upper, merged, workdir=workdir, options=options, debug=debug,
-                           trace_file=trace_file, uidmap=uidmap, gidmap=gidmap)
+        cfg = build_config(
+            layers,
+            upper,
+            merged,
+            workdir=workdir,
+            options=options,
+            debug=debug,
+            trace_file=trace_file,
+            uidmap=uidmap,
+            gidmap=gidmap,
+        )
         cfg = plan(cfg)  # the private xattr namespace: decided once, before the fork
         check_fuse_access(cfg)  # /dev/fuse, fusermount3, allow_other: before anything is forked
         state_dir()  # the user's own (0700) before anything is mounted: the server records there
@@ -193,8 +219,7 @@ def umount_cmd(merged, timeout):
         fail(f"{merged} is not mounted")
     top = here[-1]  # the mount on top at that point is the one umount(2) would remove
     if top.fstype != PYOVERLAY_FSTYPE:
-        fail(f"{merged} is not a pyoverlay mount (it is {top.fstype} from {top.source or 'none'}); "
-             "not unmounting it")
+        fail(f"{merged} is not a pyoverlay mount (it is {top.fstype} from {top.source or 'none'}); not unmounting it")
     info = state.lookup(mp)
     try:
         unmount(mp)

@@ -111,22 +111,22 @@ class MountConfig:
     upperdir: str | None
     workdir: str | None
     mountpoint: str
-    userxattr: bool | None = None     # None: chosen by userxattr.plan before the fork
+    userxattr: bool | None = None  # None: chosen by userxattr.plan before the fork
     allow_other: bool = False
     default_permissions: bool = True
     read_only: bool = False
     debug: bool = False
     fsname: str = "pyoverlay"
-    trace_file: str | None = None     # --trace FILE: every trace event as a JSON line
-    container: str | None = None      # the container this mount is the root of (for the trace)
-    fuse_fd: int | None = None        # serve this already-mounted /dev/fuse fd (no mount/unmount)
+    trace_file: str | None = None  # --trace FILE: every trace event as a JSON line
+    container: str | None = None  # the container this mount is the root of (for the trace)
+    fuse_fd: int | None = None  # serve this already-mounted /dev/fuse fd (no mount/unmount)
     # Ownership maps, ranges (stored, presented, count): a stored id S+i is shown as P+i
     # (fuse-overlayfs's uidmapping/gidmapping; docs/rootless.md, "Uid and gid mapping").
     uidmap: tuple[tuple[int, int, int], ...] = ()
     gidmap: tuple[tuple[int, int, int], ...] = ()
-    volatile: bool = False            # -o volatile: copy-ups and fsync not synced (the kernel's)
-    max_nodes: int = 200_000          # -o max_nodes=N: node budget (0: as many as RLIMIT_NOFILE allows;
-                                      # always clamped to it, fs.clamp_node_budget); docs/performance.md
+    volatile: bool = False  # -o volatile: copy-ups and fsync not synced (the kernel's)
+    max_nodes: int = 200_000  # -o max_nodes=N: node budget (0: as many as RLIMIT_NOFILE allows;
+    # always clamped to it, fs.clamp_node_budget); docs/performance.md
 
     def __post_init__(self) -> None:
         # Accept any sequence but store an immutable tuple.
@@ -189,9 +189,7 @@ def split_lowerdir(spec: str) -> list[str]:
     except ValueError:
         raise ConfigError(f"lowerdir {_q(spec)} ends with a lone backslash") from None
     if any(p == "" for p in parts[1:-1]):
-        raise ConfigError(
-            f"empty lower layer in lowerdir {_q(spec)} (data-only '::' layers are not supported)"
-        )
+        raise ConfigError(f"empty lower layer in lowerdir {_q(spec)} (data-only '::' layers are not supported)")
     if parts[0] == "" or parts[-1] == "":
         raise ConfigError(f"empty lower layer in lowerdir {_q(spec)} (leading or trailing ':')")
     return parts
@@ -269,9 +267,7 @@ _VALUE_KEYS = ("lowerdir", "upperdir", "workdir", "fsname", "uidmapping", "gidma
 # Our boolean options.
 _FLAG_KEYS = ("userxattr", "allow_other", "default_permissions", "volatile")
 # FUSE / VFS generic flags: accepted and ignored.
-_IGNORED_FLAGS = frozenset(
-    {"suid", "dev", "nosuid", "nodev", "noatime", "relatime", "exec", "noexec"}
-)
+_IGNORED_FLAGS = frozenset({"suid", "dev", "nosuid", "nodev", "noatime", "relatime", "exec", "noexec"})
 # Kernel overlay options: value -> accepted (and ignored) or not supported.
 _KERNEL_CHOICES: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     # key: (accepted values, known-but-unsupported values)
@@ -343,14 +339,11 @@ def parse_options(opts: Iterable[str]) -> dict[str, str | bool]:
                     raise ConfigError(f"mount option '{key}' needs a value ({key}=...)")
                 if value in unsupported:
                     raise ConfigError(
-                        f"option '{key}={value}' is not supported"
-                        " (pyoverlay implements the kernel defaults)"
+                        f"option '{key}={value}' is not supported (pyoverlay implements the kernel defaults)"
                     )
                 if value not in accepted:
                     choices = "|".join(sorted(accepted | unsupported))
-                    raise ConfigError(
-                        f"invalid value {_q(value)} for mount option '{key}' (expected {choices})"
-                    )
+                    raise ConfigError(f"invalid value {_q(value)} for mount option '{key}' (expected {choices})")
             else:
                 raise ConfigError(f"unknown mount option {_q(key)}")
     return result
@@ -480,8 +473,9 @@ def _max_nodes(option) -> int:
     except ValueError:
         n = -1
     if n < 0 or (0 < n < 1000):
-        raise ConfigError(f"mount option 'max_nodes' must be 0 (as many as the fd limit allows) or at least 1000, "
-                          f"not {option!r}")
+        raise ConfigError(
+            f"mount option 'max_nodes' must be 0 (as many as the fd limit allows) or at least 1000, not {option!r}"
+        )
     return n
 
 
@@ -667,15 +661,8 @@ def _check_shape(cfg: MountConfig, problems: list[str]) -> None:
             check_ranges(ranges, f"{kind} map")
         except (IdMapError, TypeError, ValueError) as exc:
             problems.append(str(exc) if isinstance(exc, IdMapError) else f"{kind} map {ranges!r}: {exc}")
-    if (
-        cfg.fsname == ""
-        or "," in cfg.fsname
-        or any(c.isspace() for c in cfg.fsname)
-        or not cfg.fsname.isprintable()
-    ):
-        problems.append(
-            f"fsname {_q(cfg.fsname)} must be a non-empty word without commas or whitespace"
-        )
+    if cfg.fsname == "" or "," in cfg.fsname or any(c.isspace() for c in cfg.fsname) or not cfg.fsname.isprintable():
+        problems.append(f"fsname {_q(cfg.fsname)} must be a non-empty word without commas or whitespace")
 
 
 def _check_layers(
@@ -702,14 +689,12 @@ def _check_layers(
                 work_parent_st = os.stat(parent)
             except OSError as e:
                 problems.append(
-                    f"workdir {_q(cfg.workdir)} cannot be created: parent {_q(parent)}: "
-                    f"{os.strerror(e.errno or 0)}"
+                    f"workdir {_q(cfg.workdir)} cannot be created: parent {_q(parent)}: {os.strerror(e.errno or 0)}"
                 )
             else:
                 if not _isdir(work_parent_st):
                     problems.append(
-                        f"workdir {_q(cfg.workdir)} cannot be created: "
-                        f"parent {_q(parent)} is not a directory"
+                        f"workdir {_q(cfg.workdir)} cannot be created: parent {_q(parent)} is not a directory"
                     )
                     work_parent_st = None
     for lay in [*lowers, *(x for x in (upper, work) if x is not None)]:
@@ -739,8 +724,13 @@ def _check_duplicates(layers: list[_Layer], problems: list[str]) -> list[_Layer]
     return distinct
 
 
-def _check_nesting(lowers: list[_Layer], upper: _Layer | None, work: _Layer | None,
-                   work_parent_st: os.stat_result | None, problems: list[str]) -> None:
+def _check_nesting(
+    lowers: list[_Layer],
+    upper: _Layer | None,
+    work: _Layer | None,
+    work_parent_st: os.stat_result | None,
+    problems: list[str],
+) -> None:
     """Phase 4: nesting between lowers and upper/workdir, upper vs workdir, and the
     workdir on the upper's filesystem."""
     rw = [x for x in (upper, work) if x is not None]
@@ -765,9 +755,7 @@ def _check_nesting(lowers: list[_Layer], upper: _Layer | None, work: _Layer | No
             wdev = work_parent_st.st_dev
         if wdev is not None and wdev != upper.st.st_dev:
             if work.st is not None:
-                problems.append(
-                    f"{work.label()} is not on the same filesystem as {upper.label()}"
-                )
+                problems.append(f"{work.label()} is not on the same filesystem as {upper.label()}")
             else:
                 problems.append(
                     f"{work.label()} would not be on the same filesystem as {upper.label()}"
@@ -777,8 +765,11 @@ def _check_nesting(lowers: list[_Layer], upper: _Layer | None, work: _Layer | No
 
 def _check_mountpoint(cfg: MountConfig, distinct: list[_Layer], problems: list[str]) -> None:
     """Phase 5: the mountpoint (with ``fuse_fd`` only the fd: it is mounted already)."""
-    mp_real = os.path.realpath(cfg.mountpoint) if cfg.fuse_fd is None else os.path.join(
-        os.path.realpath(os.path.dirname(cfg.mountpoint)), os.path.basename(cfg.mountpoint))
+    mp_real = (
+        os.path.realpath(cfg.mountpoint)
+        if cfg.fuse_fd is None
+        else os.path.join(os.path.realpath(os.path.dirname(cfg.mountpoint)), os.path.basename(cfg.mountpoint))
+    )
     mp = _Layer("mountpoint", cfg.mountpoint, mp_real)
     if cfg.fuse_fd is None:
         _stat(mp, problems)

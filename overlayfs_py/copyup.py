@@ -72,8 +72,7 @@ def _copy(src: int, dst: int, size: int) -> int:
 class CopyUp:
     """Owns ``work/`` and every copy-up into the upper layer."""
 
-    def __init__(self, stack: LayerStack, names: XattrNames, inodes: InodeTable, work_fd: int,
-                 tracer: Tracer) -> None:
+    def __init__(self, stack: LayerStack, names: XattrNames, inodes: InodeTable, work_fd: int, tracer: Tracer) -> None:
         assert stack.upper is not None
         self.trace = tracer
         self.stack = stack
@@ -85,7 +84,7 @@ class CopyUp:
         self._locks: dict[int, trio.Lock] = {}
         self.uuid = _sys.fs_uuid(stack.lowers[0].fd) if stack.lowers else None
         self.limiter = trio.CapacityLimiter(2)
-        self.sync = True   # False with -o volatile: copies are not fsync'ed (the kernel's ovl_should_sync)
+        self.sync = True  # False with -o volatile: copies are not fsync'ed (the kernel's ovl_should_sync)
         self.on_installed = None  # called with a node right after it became upper
         self.owners = None  # the mount's ownership.Owners (set by Overlay)
         self.ino_changed: list[int] = []  # node ids whose st_ino changed (the kernel's attr cache must drop them)
@@ -148,8 +147,9 @@ class CopyUp:
     def _traced_end(self, ev: dict, exc: BaseException | None) -> None:
         t0 = ev.pop("t0")
         if exc is None:
-            self.trace.emit("copy_up_done", **ev, bytes=ev["size"],
-                            duration_ms=round((time.monotonic() - t0) * 1000, 3))
+            self.trace.emit(
+                "copy_up_done", **ev, bytes=ev["size"], duration_ms=round((time.monotonic() - t0) * 1000, 3)
+            )
         else:
             err = os.strerror(exc.errno) if isinstance(exc, OSError) and exc.errno else type(exc).__name__
             self.trace.emit("copy_up_failed", **ev, error=err)
@@ -210,8 +210,7 @@ class CopyUp:
                 from .overlay import encode_origin
 
                 try:
-                    os.setxattr(dst, self.names.origin, encode_origin(fh[0], fh[1], self.uuid),
-                                follow_symlinks=True)
+                    os.setxattr(dst, self.names.origin, encode_origin(fh[0], fh[1], self.uuid), follow_symlinks=True)
                 except OSError as exc:
                     if exc.errno not in (errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM):
                         raise
@@ -304,8 +303,7 @@ class CopyUp:
             try:
                 try:
                     if st.st_size > THREAD_THRESHOLD:
-                        await trio.to_thread.run_sync(copy_data, src, dst, st.st_size, self.sync,
-                                                      limiter=self.limiter)
+                        await trio.to_thread.run_sync(copy_data, src, dst, st.st_size, self.sync, limiter=self.limiter)
                     else:
                         copy_data(src, dst, st.st_size, self.sync)
                     self._finish_meta(dst, sfd, st, node.layer)

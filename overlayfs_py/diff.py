@@ -37,11 +37,20 @@ from __future__ import annotations
 
 import os
 import stat
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 from . import _sys
 from .layers import Layer, LayerStack
-from .whiteout import TRUSTED_PREFIX, USER_PREFIX, XattrNames, has_xwhiteouts, is_char_whiteout, is_opaque, may_be_xwhiteout
+from .whiteout import (
+    TRUSTED_PREFIX,
+    USER_PREFIX,
+    XattrNames,
+    has_xwhiteouts,
+    is_char_whiteout,
+    is_opaque,
+    may_be_xwhiteout,
+)
 
 _CHUNK = 1 << 20
 
@@ -91,8 +100,9 @@ def _private_prefix(names: list[str]) -> str | None:
     return None
 
 
-def diff(upper: str, lowers: Sequence[str], *, userxattr: bool | None = None,
-         ignore_identical: bool = False) -> list[Change]:
+def diff(
+    upper: str, lowers: Sequence[str], *, userxattr: bool | None = None, ignore_identical: bool = False
+) -> list[Change]:
     """The changes *upper* makes over *lowers* (top lower first), sorted by path.
 
     *userxattr* None: detected from the upper's xattrs (``trusted.overlay.`` when none).
@@ -114,8 +124,7 @@ Dirs = list[tuple[Layer, bytes]]  # a directory of the lower view: (layer, path 
 class _Walk:
     """One pre-order walk of the upper layer, carrying each directory's lower-view dirs."""
 
-    def __init__(self, upper: str, stack: LayerStack | None, names: XattrNames,
-                 ignore_identical: bool) -> None:
+    def __init__(self, upper: str, stack: LayerStack | None, names: XattrNames, ignore_identical: bool) -> None:
         self.upper = upper
         self.stack = stack
         self.names = names
@@ -141,8 +150,7 @@ class _Walk:
         dirs: Dirs = []
         for i, layer in enumerate(self.stack.lowers):  # the roots merge until an opaque one
             dirs.append((layer, b""))
-            if i < len(self.stack.lowers) - 1 and is_opaque(
-                    _sys.getxattr_at(layer.fd, None, self.names.opaque)):
+            if i < len(self.stack.lowers) - 1 and is_opaque(_sys.getxattr_at(layer.fd, None, self.names.opaque)):
                 break
         self.stack.root_lowers = tuple(l for l, _ in dirs)
         return dirs
@@ -165,8 +173,7 @@ class _Walk:
         finally:
             os.close(dfd)
 
-    def _entry(self, dfd: int, name: bytes, path: bytes, st: os.stat_result, hits: list,
-               xwhiteouts: bool) -> None:
+    def _entry(self, dfd: int, name: bytes, path: bytes, st: os.stat_result, hits: list, xwhiteouts: bool) -> None:
         if self._is_whiteout(dfd, name, st, xwhiteouts):
             kind = "D"
         elif hits and stat.S_ISDIR(st.st_mode) and is_opaque(_sys.getxattr_at(dfd, name, self.names.opaque)):
@@ -176,8 +183,7 @@ class _Walk:
             low = hits[0].st
             if stat.S_ISDIR(st.st_mode) and stat.S_ISDIR(low.st_mode) and _same_dir(st, low):
                 return  # unchanged directory: not recorded, so a child's A/D reports it
-            if self.ignore_identical and not self._below_opaque(path) and \
-                    self._identical(path, st, hits[0]):
+            if self.ignore_identical and not self._below_opaque(path) and self._identical(path, st, hits[0]):
                 kind = ""
             else:
                 kind = "C"
@@ -196,8 +202,7 @@ class _Walk:
     def _is_whiteout(self, dfd: int, name: bytes, st: os.stat_result, xwhiteouts: bool) -> bool:
         if is_char_whiteout(st):
             return True
-        return xwhiteouts and may_be_xwhiteout(st) and \
-            _sys.getxattr_at(dfd, name, self.names.whiteout) is not None
+        return xwhiteouts and may_be_xwhiteout(st) and _sys.getxattr_at(dfd, name, self.names.whiteout) is not None
 
     def _below_opaque(self, path: bytes) -> bool:
         parent = path.rpartition(b"/")[0]

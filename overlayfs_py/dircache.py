@@ -20,9 +20,9 @@ class Listing:
     __slots__ = ("names", "real", "lower_st")
 
     def __init__(self, names: list, real: bool) -> None:
-        self.names = names          # [(name, layer listing it)], "." and ".." first
-        self.real = real            # served raw by a single layer (whiteouts listed)
-        self.lower_st: dict[bytes, os.stat_result] = {}   # lower non-dirs seen by readdir
+        self.names = names  # [(name, layer listing it)], "." and ".." first
+        self.real = real  # served raw by a single layer (whiteouts listed)
+        self.lower_st: dict[bytes, os.stat_result] = {}  # lower non-dirs seen by readdir
 
 
 class ListingCache:

@@ -36,7 +36,7 @@ def _probe() -> int | None:
     e.st_ino = 7
     ctypes.c_uint64.from_address(id(e) + offset).value = 9
     raw = ctypes.string_at(id(e), 256)
-    if e.st_ino != 7 or raw[offset:offset + 8] != struct.pack("=Q", 9):
+    if e.st_ino != 7 or raw[offset : offset + 8] != struct.pack("=Q", 9):
         return None
     return offset
 

@@ -27,8 +27,8 @@ import errno
 import os
 import posixpath
 import stat
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Sequence
 
 from . import _sys
 from .layers import Layer, LayerStack
@@ -83,8 +83,9 @@ class Explanation:
         return asdict(self)
 
 
-def explain(upper: str | None, lowers: Sequence[str], path: str, *,
-            labels: Sequence[str] | None = None, userxattr: bool = False) -> Explanation:
+def explain(
+    upper: str | None, lowers: Sequence[str], path: str, *, labels: Sequence[str] | None = None, userxattr: bool = False
+) -> Explanation:
     """Explain *path* (a path in the merged view; "/" is the root) over these layers.
 
     *labels* name the layers, upper first when there is one (default: ``upper``,
@@ -158,8 +159,10 @@ class _Explainer:
             found.append((layer, obj))
             redirect = self._xattr(layer, rel, self.names.redirect) if obj.kind == "dir" else None
             if redirect is not None:
-                self.notes.append(f"{at} in {layer.label} has a redirect ({os.fsdecode(redirect)!r}); "
-                                  "redirects are not followed here, the mount may merge other lower directories")
+                self.notes.append(
+                    f"{at} in {layer.label} has a redirect ({os.fsdecode(redirect)!r}); "
+                    "redirects are not followed here, the mount may merge other lower directories"
+                )
             if layer not in live:
                 obj.how, obj.hidden_by, obj.at = cut.get(layer.index, ("higher", None, at))
                 continue
@@ -229,8 +232,12 @@ class _Explainer:
         if served.kind == "dir":
             return merging[1].label if len(merging) > 1 else None
         below = next((o for o in seen if o is not served), None)
-        if below is not None and below.how == "higher" and below.hidden_by == served.label \
-                and below.kind == served.kind:
+        if (
+            below is not None
+            and below.how == "higher"
+            and below.hidden_by == served.label
+            and below.kind == served.kind
+        ):
             return below.label
         return None
 
@@ -238,8 +245,13 @@ class _Explainer:
         """Why nothing is served at *at*: a non-directory where a directory is needed, a
         whiteout, an opaque directory above every layer that has it, or no layer has it."""
         if served is not None:
-            return {"how": "nondir", "at": at, "layer": served.label, "real_path": served.real_path,
-                    "kind": served.kind}
+            return {
+                "how": "nondir",
+                "at": at,
+                "layer": served.label,
+                "real_path": served.real_path,
+                "kind": served.kind,
+            }
         for o in seen:
             if o.role == "whiteout":
                 return {"how": "whiteout", "at": at, "layer": o.label, "real_path": o.real_path}
@@ -277,8 +289,9 @@ class _Explainer:
         elif obj.kind in ("chardev", "blockdev"):
             obj.rdev = f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
         elif obj.kind == "dir":
-            obj.opaque = is_opaque(opaque_value(layer.fd, None, self.names) if dfd is None
-                                   else opaque_value(dfd, name, self.names))
+            obj.opaque = is_opaque(
+                opaque_value(layer.fd, None, self.names) if dfd is None else opaque_value(dfd, name, self.names)
+            )
         if layer.is_upper and obj.kind != "whiteout":
             obj.origin = self._xattr(layer, rel, self.names.origin) is not None
         return obj
@@ -292,9 +305,15 @@ class _Explainer:
 
 def _kind(st: os.stat_result) -> str:
     m = st.st_mode
-    for test, kind in ((stat.S_ISREG, "file"), (stat.S_ISDIR, "dir"), (stat.S_ISLNK, "symlink"),
-                       (stat.S_ISFIFO, "fifo"), (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "chardev"),
-                       (stat.S_ISBLK, "blockdev")):
+    for test, kind in (
+        (stat.S_ISREG, "file"),
+        (stat.S_ISDIR, "dir"),
+        (stat.S_ISLNK, "symlink"),
+        (stat.S_ISFIFO, "fifo"),
+        (stat.S_ISSOCK, "socket"),
+        (stat.S_ISCHR, "chardev"),
+        (stat.S_ISBLK, "blockdev"),
+    ):
         if test(m):
             return kind
     return "unknown"
@@ -302,8 +321,9 @@ def _kind(st: os.stat_result) -> str:
 
 # --- human output -----------------------------------------------------------------------
 
+
 def describe(obj: LayerObject) -> str:
-    """"regular file, 42 bytes", "directory (opaque)", "symlink -> /bin/busybox", ..."""
+    """ "regular file, 42 bytes", "directory (opaque)", "symlink -> /bin/busybox", ..."""
     if obj.kind == "file":
         return f"regular file, {obj.size} byte{'' if obj.size == 1 else 's'}"
     if obj.kind == "dir":
@@ -320,18 +340,30 @@ def describe(obj: LayerObject) -> str:
 def _hidden_phrase(obj: LayerObject, path: str) -> str:
     here = obj.at == path
     if obj.how == "whiteout":
-        return f"hidden by the whiteout in {obj.hidden_by}" if here else \
-            f"hidden by the whiteout at {obj.at} in {obj.hidden_by}"
+        return (
+            f"hidden by the whiteout in {obj.hidden_by}"
+            if here
+            else f"hidden by the whiteout at {obj.at} in {obj.hidden_by}"
+        )
     if obj.how == "opaque":
-        return f"hidden by the opaque directory in {obj.hidden_by}" if here else \
-            f"hidden by the opaque directory {obj.at} in {obj.hidden_by}"
+        return (
+            f"hidden by the opaque directory in {obj.hidden_by}"
+            if here
+            else f"hidden by the opaque directory {obj.at} in {obj.hidden_by}"
+        )
     if obj.how == "nondir":
         return f"hidden by the non-directory at {obj.at} in {obj.hidden_by}"
     return f"hidden by {obj.hidden_by}"
 
 
-_KIND_NAMES = {"file": "a regular file", "symlink": "a symlink", "fifo": "a fifo", "socket": "a socket",
-               "chardev": "a char device", "blockdev": "a block device"}
+_KIND_NAMES = {
+    "file": "a regular file",
+    "symlink": "a symlink",
+    "fifo": "a fifo",
+    "socket": "a socket",
+    "chardev": "a char device",
+    "blockdev": "a block device",
+}
 
 
 def format_text(ex: Explanation) -> str:
@@ -353,11 +385,14 @@ def format_text(ex: Explanation) -> str:
             head = f"{ex.path}: does not exist — whiteout{where} in {m['layer']} ({m['real_path']})"
         elif m["how"] == "nondir":
             what = _KIND_NAMES.get(m["kind"], m["kind"])
-            head = (f"{ex.path}: does not exist — {m['at']} is {what} in {m['layer']} "
-                    f"({m['real_path']}), not a directory")
+            head = (
+                f"{ex.path}: does not exist — {m['at']} is {what} in {m['layer']} ({m['real_path']}), not a directory"
+            )
         elif m["how"] == "opaque":
-            head = (f"{ex.path}: does not exist — hidden by the opaque directory {m['at']} in {m['layer']} "
-                    f"({m['real_path']})")
+            head = (
+                f"{ex.path}: does not exist — hidden by the opaque directory {m['at']} in {m['layer']} "
+                f"({m['real_path']})"
+            )
         else:
             head = f"{ex.path}: does not exist — no layer has " + ("it" if m["at"] == ex.path else m["at"])
     lines = [head]

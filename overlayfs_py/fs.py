@@ -91,7 +91,7 @@ class Operations(pyfuse3.Operations):
 
     # --- helpers ------------------------------------------------------------------------
 
-    def _errors(self, op: str, ctx=None) -> "_Errors":
+    def _errors(self, op: str, ctx=None) -> _Errors:
         """The one place where exceptions become FUSE replies (a ``with`` block)."""
         return _Errors(self.ov, op, ctx)
 
@@ -154,7 +154,7 @@ class Operations(pyfuse3.Operations):
                         e.entry_timeout = TIMEOUT
                         return e
                     if exc.errno == errno.ESTALE and waited == 0.0:
-                        waited = -1.0   # the name changed under the lookup: once more
+                        waited = -1.0  # the name changed under the lookup: once more
                         continue
                     if exc.errno in (errno.EMFILE, errno.ENFILE) and waited < FD_WAIT:
                         # Out of descriptors for nodes: the kernel was asked to drop some
@@ -175,7 +175,7 @@ class Operations(pyfuse3.Operations):
         if n > self._shed_at:
             self._shed()
         elif n < self.max_nodes:
-            self._shed_at = self.max_nodes   # the kernel's FORGETs came: watch the budget again
+            self._shed_at = self.max_nodes  # the kernel's FORGETs came: watch the budget again
 
     def _shed(self) -> None:
         """Over the node budget: ask the kernel (asynchronously: never from inside a
@@ -186,15 +186,19 @@ class Operations(pyfuse3.Operations):
         for parent_id, name in drops:
             pyfuse3.invalidate_entry_async(parent_id, name, ignore_enoent=True)
         self._shed_at = max(self.max_nodes, len(self.inodes) + self.max_nodes - keep)
-        log.info("node budget %d: %d live nodes, asked the kernel to drop %d entries",
-                 self.max_nodes, len(self.inodes), len(drops))
+        log.info(
+            "node budget %d: %d live nodes, asked the kernel to drop %d entries",
+            self.max_nodes,
+            len(self.inodes),
+            len(drops),
+        )
 
     def _out_of_fds(self) -> None:
         """A node could not get its fd: ask the kernel to drop file entries beyond 80 % of
         the budget and, since directories can fill the descriptors on their own, some
         directories with no live children too (at most once a second)."""
         keep = self.max_nodes * 4 // 5
-        drops = self.inodes.shed(keep)   # each file node is offered once: cheap to repeat
+        drops = self.inodes.shed(keep)  # each file node is offered once: cheap to repeat
         now = time.monotonic()
         if now - self._last_emergency >= 1.0:
             self._last_emergency = now
@@ -203,8 +207,9 @@ class Operations(pyfuse3.Operations):
             return
         for parent_id, name in drops:
             pyfuse3.invalidate_entry_async(parent_id, name, ignore_enoent=True)
-        log.warning("out of descriptors: %d live nodes, asked the kernel to drop %d entries",
-                    len(self.inodes), len(drops))
+        log.warning(
+            "out of descriptors: %d live nodes, asked the kernel to drop %d entries", len(self.inodes), len(drops)
+        )
 
     async def forget(self, inode_list):
         for inode, nlookup in inode_list:
@@ -292,8 +297,7 @@ class Operations(pyfuse3.Operations):
 
     async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
         with self._errors("rename", ctx):
-            await self.ov.rename(self._node(parent_inode_old), name_old, self._node(parent_inode_new),
-                                 name_new, flags)
+            await self.ov.rename(self._node(parent_inode_old), name_old, self._node(parent_inode_new), name_new, flags)
         self._invalidate()
 
     async def setattr(self, inode, attr, fields, fh, ctx):
@@ -361,7 +365,7 @@ class Operations(pyfuse3.Operations):
 
     async def readdir(self, fh, start_id, token):
         if self.max_nodes:
-            self._budget()   # READDIRPLUS makes a node per entry
+            self._budget()  # READDIRPLUS makes a node per entry
         with self._errors("readdir"):
             entries = self.ov.readdir(fh, start_id)
             replied = False
@@ -431,9 +435,15 @@ def clamp_node_budget(max_nodes: int, fd_limit: int, dirfds=None) -> int:
     fit = max(64, room * 3 // 4)
     budget = fit if max_nodes <= 0 else min(max_nodes, fit)
     if budget != max_nodes:
-        log.info("node budget %d (asked: %s): RLIMIT_NOFILE is %d and every node holds a "
-                 "descriptor (%d kept for the directory fd cache, %d for open files)",
-                 budget, max_nodes or "none", fd_limit, cache, min(FD_HEADROOM, fd_limit // 8))
+        log.info(
+            "node budget %d (asked: %s): RLIMIT_NOFILE is %d and every node holds a "
+            "descriptor (%d kept for the directory fd cache, %d for open files)",
+            budget,
+            max_nodes or "none",
+            fd_limit,
+            cache,
+            min(FD_HEADROOM, fd_limit // 8),
+        )
     else:
         log.debug("node budget %d, RLIMIT_NOFILE %d", budget, fd_limit)
     return budget

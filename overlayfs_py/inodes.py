@@ -27,7 +27,7 @@ import collections
 import logging
 import os
 import stat
-from typing import Iterator
+from collections.abc import Iterator
 
 from .layers import Layer
 
@@ -48,11 +48,33 @@ class Node:
     may change ``layer``/``dirs`` of a live node.
     """
 
-    __slots__ = ("id", "parent", "name", "mode", "layer", "dirs", "lpaths", "ino", "lookups",
-                 "children", "aliases", "key", "fd")
+    __slots__ = (
+        "id",
+        "parent",
+        "name",
+        "mode",
+        "layer",
+        "dirs",
+        "lpaths",
+        "ino",
+        "lookups",
+        "children",
+        "aliases",
+        "key",
+        "fd",
+    )
 
-    def __init__(self, node_id: int, parent: "Node | None", name: bytes, mode: int,
-                 layer: Layer, dirs: tuple[Layer, ...], ino: int, fd: int = -1) -> None:
+    def __init__(
+        self,
+        node_id: int,
+        parent: Node | None,
+        name: bytes,
+        mode: int,
+        layer: Layer,
+        dirs: tuple[Layer, ...],
+        ino: int,
+        fd: int = -1,
+    ) -> None:
         self.id = node_id
         # O_PATH|O_NOFOLLOW fd of the real object serving this node (in ``layer``); owned
         # by the InodeTable (-1: none, only for tables built without one).
@@ -106,16 +128,16 @@ class Node:
                 return path
         return self.relpath()
 
-    def child(self, name: bytes) -> "Node | None":
+    def child(self, name: bytes) -> Node | None:
         children = self.children
         return children.get(name) if children else None
 
-    def _link_child(self, name: bytes, node: "Node") -> None:
+    def _link_child(self, name: bytes, node: Node) -> None:
         if self.children is None:
             self.children = {}
         self.children[name] = node
 
-    def _unlink_child(self, name: bytes, node: "Node | None" = None) -> "Node | None":
+    def _unlink_child(self, name: bytes, node: Node | None = None) -> Node | None:
         """Remove *name* (only if it leads to *node*, when given); returns what was there."""
         children = self.children
         if not children:
@@ -139,8 +161,9 @@ class Node:
 class InodeTable:
     """Owns every live ``Node``: id allocation, the name tree, lookup counts and forgetting."""
 
-    def __init__(self, root_layer: Layer, root_dirs: tuple[Layer, ...], root_mode: int, root_ino: int,
-                 root_fd: int = -1) -> None:
+    def __init__(
+        self, root_layer: Layer, root_dirs: tuple[Layer, ...], root_mode: int, root_ino: int, root_fd: int = -1
+    ) -> None:
         self._next_id = ROOT_ID + 1
         self.root = Node(ROOT_ID, None, b"", root_mode, root_layer, root_dirs, root_ino, root_fd)
         self.root.lookups = 1  # the kernel never forgets the root
@@ -188,8 +211,17 @@ class InodeTable:
     def by_key(self, key: tuple) -> Node | None:
         return self._by_key.get(key)
 
-    def add(self, parent: Node, name: bytes, mode: int, layer: Layer, dirs: tuple[Layer, ...],
-            ino: int, key: tuple | None = None, fd: int = -1) -> Node:
+    def add(
+        self,
+        parent: Node,
+        name: bytes,
+        mode: int,
+        layer: Layer,
+        dirs: tuple[Layer, ...],
+        ino: int,
+        key: tuple | None = None,
+        fd: int = -1,
+    ) -> Node:
         """A new node for *name* in *parent* (lookup count 0: call ``ref`` once the kernel has it).
         *fd*: the node's O_PATH fd of its real object; the table owns it from now on."""
         self.detach(parent, name)
@@ -233,8 +265,7 @@ class InodeTable:
         for node in self._nodes.values():
             if len(out) >= count:
                 break
-            if node.children or not node.is_dir or node.parent is None or \
-                    node.parent.child(node.name) is not node:
+            if node.children or not node.is_dir or node.parent is None or node.parent.child(node.name) is not node:
                 continue
             out.append((node.parent.id, node.name))
         return out
@@ -302,7 +333,7 @@ class InodeTable:
             parent = node.parent
             if parent is not None:
                 parent._unlink_child(node.name, node)
-            for (p, n) in node.aliases or ():
+            for p, n in node.aliases or ():
                 if p._unlink_child(n, node) is not None:
                     self._maybe_drop(p)
             node.aliases = None
@@ -320,8 +351,9 @@ class InodeTable:
             node.aliases = [new if (p is old[0] and n == old[1]) else (p, n) for (p, n) in node.aliases or ()]
         new[0]._link_child(new[1], node)
 
-    def move(self, node: Node, parent: Node, name: bytes, newparent: Node, newname: bytes,
-             exchange: Node | None = None) -> None:
+    def move(
+        self, node: Node, parent: Node, name: bytes, newparent: Node, newname: bytes, exchange: Node | None = None
+    ) -> None:
         """A rename: *node* now lives at (newparent, newname); with *exchange*, that node
         moves to (parent, name). A replaced target is detached (it lives on while open)."""
         for n in (node, exchange):  # lower paths are where they were, whatever the new name

@@ -30,6 +30,7 @@ def register(main: click.Group) -> None:
 
 # --- finding layers ---------------------------------------------------------------------
 
+
 def _container(ref: str) -> ContainerView | None:
     return current().find_container(ref)
 
@@ -68,8 +69,10 @@ def _lowers_of_upper(upper: str) -> tuple[list[str], bool | None]:
     for c in current().all_containers():
         if c.upper and os.path.realpath(c.upper) == upper:
             return _container_layers(c)[1], None
-    raise InspectError(f"no mount or container uses {upper} as its upper layer: "
-                       "give its lower layers with --lower L1:L2...", exit_code=2)
+    raise InspectError(
+        f"no mount or container uses {upper} as its upper layer: give its lower layers with --lower L1:L2...",
+        exit_code=2,
+    )
 
 
 def _parse_lowers(spec: str) -> list[str]:
@@ -96,13 +99,19 @@ def _no_touch_realpath(path: str) -> str:
 
 # --- diff -------------------------------------------------------------------------------
 
+
 @click.command("diff")
 @click.argument("target", metavar="UPPER|ID")
-@click.option("--lower", "lower", metavar="L1:L2...", help="The lower layers, top first (default: "
-              "those of the mount or container using UPPER).")
+@click.option(
+    "--lower",
+    "lower",
+    metavar="L1:L2...",
+    help="The lower layers, top first (default: those of the mount or container using UPPER).",
+)
 @click.option("--ignore-identical", is_flag=True, help="Leave out files copied up but unchanged.")
-@click.option("--userxattr", is_flag=True, default=None,
-              help="The upper's private xattrs are user.overlay.* (default: detected).")
+@click.option(
+    "--userxattr", is_flag=True, default=None, help="The upper's private xattrs are user.overlay.* (default: detected)."
+)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def diff_cmd(target, lower, ignore_identical, userxattr, as_json):
     """What the upper layer UPPER (or container ID's) changed, as `docker diff` shows it:
@@ -155,6 +164,7 @@ def _diff_layers(target: str, lower: str | None) -> tuple[str, list[str], bool |
 
 
 # --- explain ----------------------------------------------------------------------------
+
 
 @click.command("explain")
 @click.argument("target", metavar="MERGED|ID")

@@ -14,11 +14,19 @@ import collections
 import logging
 import os
 import stat
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from . import _sys
-from .whiteout import XattrNames, has_xwhiteouts, is_char_whiteout, is_opaque, is_whiteout_at, may_be_xwhiteout, opaque_value
+from .whiteout import (
+    XattrNames,
+    has_xwhiteouts,
+    is_char_whiteout,
+    is_opaque,
+    is_whiteout_at,
+    may_be_xwhiteout,
+    opaque_value,
+)
 
 log = logging.getLogger(__name__)
 
@@ -89,8 +97,9 @@ class DirFdCache:
 class LayerStack:
     """The ordered layers of one mount: ``layers[0]`` is the upper (if any), then the lowers top to bottom."""
 
-    def __init__(self, lowerdirs: tuple[str, ...] | list[str], upperdir: str | None, names: XattrNames,
-                 init_layer: bool = False) -> None:
+    def __init__(
+        self, lowerdirs: tuple[str, ...] | list[str], upperdir: str | None, names: XattrNames, init_layer: bool = False
+    ) -> None:
         """*init_layer*: the top lower is a runner's init layer: label it ``init`` and
         number the image's layers from ``lower1`` below it."""
         self.names = names
@@ -175,12 +184,11 @@ class LayerStack:
             # parent has none left (ovl_lookup switches to the root's lower stack).
             redirect = _sys.getxattr_at(dfd, base, self.names.redirect)
             if redirect:
-                cands[i + 1:] = self._redirected(cands[i + 1:], layer, redirect)
+                cands[i + 1 :] = self._redirected(cands[i + 1 :], layer, redirect)
             i += 1
         return hits
 
-    def _redirected(self, rest: list[tuple[Layer, bytes]], layer: Layer,
-                    redirect: bytes) -> list[tuple[Layer, bytes]]:
+    def _redirected(self, rest: list[tuple[Layer, bytes]], layer: Layer, redirect: bytes) -> list[tuple[Layer, bytes]]:
         if redirect.startswith(b"/"):
             target = redirect.strip(b"/")
             return [(l, target) for l in self.root_lowers if l.index > layer.index]
@@ -197,8 +205,7 @@ class LayerStack:
             return True
         return self.getxattr(layer, relpath, self.names.origin) is not None
 
-    def list_merged(self, dirs: Sequence[tuple[Layer, bytes]],
-                    filter_whiteouts: bool) -> list[tuple[bytes, Layer]]:
+    def list_merged(self, dirs: Sequence[tuple[Layer, bytes]], filter_whiteouts: bool) -> list[tuple[bytes, Layer]]:
         """The names of a merged directory, each once with the layer listing it, top layer first.
 
         With *filter_whiteouts* (a merged dir), whiteouts are neither listed nor let the
@@ -209,8 +216,7 @@ class LayerStack:
         out: list[tuple[bytes, Layer]] = []
         for layer, path in dirs:
             dfd = self.dir_fd(layer, path)
-            check_x = filter_whiteouts and not layer.is_upper and has_xwhiteouts(
-                opaque_value(dfd, None, self.names))
+            check_x = filter_whiteouts and not layer.is_upper and has_xwhiteouts(opaque_value(dfd, None, self.names))
             for name, kind in _sys.listdir_fd(dfd):
                 if name in seen:
                     continue
@@ -237,4 +243,3 @@ class LayerStack:
     def statvfs(self) -> os.statvfs_result:
         """statfs of the mount: the upper filesystem's, or the top lower's for a read-only stack."""
         return os.statvfs(self.layers[0].fd)
-

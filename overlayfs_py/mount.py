@@ -60,7 +60,8 @@ def check_whiteouts(cfg: MountConfig, wd: WorkDir | None) -> None:
     except OSError as exc:
         raise MountFailed(
             f"cannot create whiteouts (char 0/0 devices) in {cfg.workdir}: {exc.strerror};"
-            " without root this needs Linux 5.8 or later and a filesystem that allows it") from None
+            " without root this needs Linux 5.8 or later and a filesystem that allows it"
+        ) from None
 
 
 def fuse_options(cfg: MountConfig) -> set[str]:
@@ -90,9 +91,16 @@ def build_overlay(cfg: MountConfig, wd: WorkDir | None) -> Overlay:
         if wd is None:
             raise ValueError("a read-write mount needs its prepared workdir")
         work_fd = os.dup(wd.work_fd)
-    return Overlay(stack, names, read_only=cfg.read_only, work_fd=work_fd,
-                   tracer=Tracer(container=cfg.container), uidmap=cfg.uidmap, gidmap=cfg.gidmap,
-                   volatile=cfg.volatile)
+    return Overlay(
+        stack,
+        names,
+        read_only=cfg.read_only,
+        work_fd=work_fd,
+        tracer=Tracer(container=cfg.container),
+        uidmap=cfg.uidmap,
+        gidmap=cfg.gidmap,
+        volatile=cfg.volatile,
+    )
 
 
 async def _main(cfg: MountConfig, overlay: Overlay) -> None:
@@ -122,8 +130,9 @@ class MountFailed(PyoverlayError):
     """The server could not mount (one line, from the server)."""
 
 
-def start_background(cfg: MountConfig, *, debug: bool = False, logfile: str | None = None,
-                     parent_death_signal: int | None = None) -> int:
+def start_background(
+    cfg: MountConfig, *, debug: bool = False, logfile: str | None = None, parent_death_signal: int | None = None
+) -> int:
     """Fork a server for *cfg* and return its pid once the mount is live.
 
     The server gets its own session and /dev/null for stdio (its log goes to

@@ -14,7 +14,7 @@ import os
 import stat
 from dataclasses import dataclass
 
-from . import _sys
+from . import _sys, trace
 from .copyup import CopyUp
 from .dircache import Listing, ListingCache
 from .handles import DirHandle, HandleTable, OpenFile
@@ -22,7 +22,6 @@ from .idmap import OVERRIDE_XATTR, carries_override
 from .inodes import DEAD, InodeTable, Node
 from .layers import Hit, Layer, LayerStack
 from .ownership import Owners
-from . import trace
 from .trace import Tracer, display
 from .whiteout import XattrNames, is_char_whiteout, may_be_xwhiteout
 from .write import OPEN_PASS, WriteOps
@@ -57,11 +56,19 @@ class Entry:
 class Overlay(WriteOps):
     """The merged filesystem. Owns the layer stack, the inode table and the handle table."""
 
-    def __init__(self, stack: LayerStack, names: XattrNames, read_only: bool = False,
-                 work_fd: int | None = None, tracer: Tracer | None = None,
-                 uidmap=(), gidmap=(), volatile: bool = False) -> None:
+    def __init__(
+        self,
+        stack: LayerStack,
+        names: XattrNames,
+        read_only: bool = False,
+        work_fd: int | None = None,
+        tracer: Tracer | None = None,
+        uidmap=(),
+        gidmap=(),
+        volatile: bool = False,
+    ) -> None:
         self.stack = stack
-        self.volatile = volatile   # -o volatile: no fsync of copy-ups nor of files (kernel's)
+        self.volatile = volatile  # -o volatile: no fsync of copy-ups nor of files (kernel's)
         self.trace = tracer if tracer is not None else Tracer()
         self.names = names
         self.read_only = read_only or stack.upper is None
@@ -69,14 +76,15 @@ class Overlay(WriteOps):
         root_st = os.fstat(top.fd)
         root_dirs = tuple(self._root_dirs())
         stack.root_lowers = tuple(l for l in root_dirs if not l.is_upper)
-        self.inodes = InodeTable(top, root_dirs, root_st.st_mode, self._xino(top, root_st.st_ino),
-                                 root_fd=os.dup(top.fd))
+        self.inodes = InodeTable(
+            top, root_dirs, root_st.st_mode, self._xino(top, root_st.st_ino), root_fd=os.dup(top.fd)
+        )
         self.handles = HandleTable()
         self.listings = ListingCache()
         self._can_open_by_handle = os.geteuid() == 0
         self.owners = Owners(uidmap, gidmap, stack.layers, stack.upper)
         self.copyup: CopyUp | None = None
-        self.on_out_of_fds = None   # called when a node cannot get its fd (fs.py sheds nodes)
+        self.on_out_of_fds = None  # called when a node cannot get its fd (fs.py sheds nodes)
         self._warned_fds = False
         if not self.read_only and work_fd is not None:
             self.copyup = CopyUp(stack, names, self.inodes, work_fd, self.trace)
@@ -129,8 +137,7 @@ class Overlay(WriteOps):
         upper = self.stack.upper
         assert upper is not None
         # the parent serves an upper child, so its own fd is its upper directory
-        pfd = parent.fd if parent.layer.is_upper and parent.fd >= 0 else \
-            self.stack.dir_fd(upper, parent.relpath())
+        pfd = parent.fd if parent.layer.is_upper and parent.fd >= 0 else self.stack.dir_fd(upper, parent.relpath())
         raw = _sys.getxattr_at(pfd, name, self.names.origin)
         if raw is None:
             return None
@@ -179,7 +186,7 @@ class Overlay(WriteOps):
             raise OSError(errno.ENAMETOOLONG, "name too long")
         if not parent.is_dir:
             raise OSError(errno.ENOTDIR, "not a directory")
-        if parent.key is DEAD:   # removed while a process holds it: empty, like the kernel's
+        if parent.key is DEAD:  # removed while a process holds it: empty, like the kernel's
             raise OSError(errno.ENOENT, "directory was removed")
         hits = self.stack.resolve(parent.layer_dirs(), name)
         if not hits:
@@ -194,8 +201,13 @@ class Overlay(WriteOps):
         is_dir = stat.S_ISDIR(mode)
         dirs = tuple(h.layer for h in hits) if is_dir else ()
         existing = parent.child(name)
-        if existing is not None and existing.layer is top.layer and existing.dirs == dirs \
-                and stat.S_IFMT(existing.mode) == stat.S_IFMT(mode) and self._same_object(existing, top):
+        if (
+            existing is not None
+            and existing.layer is top.layer
+            and existing.dirs == dirs
+            and stat.S_IFMT(existing.mode) == stat.S_IFMT(mode)
+            and self._same_object(existing, top)
+        ):
             existing.mode = mode
             return existing
         key = None
@@ -234,8 +246,9 @@ class Overlay(WriteOps):
                     break
         return node
 
-    def _node_fd(self, layer: Layer, path: bytes, st: os.stat_result, pfd: int | None = None,
-                 name: bytes | None = None) -> int:
+    def _node_fd(
+        self, layer: Layer, path: bytes, st: os.stat_result, pfd: int | None = None, name: bytes | None = None
+    ) -> int:
         """A new node's fd: O_PATH|O_NOFOLLOW of the object at *path* in *layer* (or of *name*
         in directory fd *pfd*), which must be the object the lookup found (*st*); ESTALE if
         the name changed in between."""
@@ -256,8 +269,7 @@ class Overlay(WriteOps):
                     self._out_of_fds()
                 raise
         fst = os.fstat(fd)
-        if fst.st_ino != st.st_ino or fst.st_dev != st.st_dev or \
-                stat.S_IFMT(fst.st_mode) != stat.S_IFMT(st.st_mode):
+        if fst.st_ino != st.st_ino or fst.st_dev != st.st_dev or stat.S_IFMT(fst.st_mode) != stat.S_IFMT(st.st_mode):
             os.close(fd)
             raise OSError(errno.ESTALE, "the object changed during its lookup")
         return fd
@@ -265,9 +277,11 @@ class Overlay(WriteOps):
     def _out_of_fds(self) -> None:
         if not self._warned_fds:
             self._warned_fds = True
-            log.warning("out of file descriptors (%d live nodes, each holds one): lookups fail "
-                        "with EMFILE until the kernel forgets some (see docs/performance.md)",
-                        len(self.inodes))
+            log.warning(
+                "out of file descriptors (%d live nodes, each holds one): lookups fail "
+                "with EMFILE until the kernel forgets some (see docs/performance.md)",
+                len(self.inodes),
+            )
         if self.on_out_of_fds is not None:
             self.on_out_of_fds()
 
@@ -319,8 +333,9 @@ class Overlay(WriteOps):
         if node.is_dir:
             raise OSError(errno.EISDIR, "is a directory")
         # ovl_open_need_copy_up: write access or O_TRUNC, and not a special file.
-        if ((flags & os.O_ACCMODE) != os.O_RDONLY or flags & os.O_TRUNC) and \
-                (stat.S_ISREG(node.mode) or stat.S_ISLNK(node.mode)):
+        if ((flags & os.O_ACCMODE) != os.O_RDONLY or flags & os.O_TRUNC) and (
+            stat.S_ISREG(node.mode) or stat.S_ISLNK(node.mode)
+        ):
             self._writable()
             reason = "truncate" if flags & os.O_TRUNC else "open-for-write"
             copied = await self._copy_up(node, reason)
@@ -345,8 +360,11 @@ class Overlay(WriteOps):
         its lower fd once upper (a change through it would reach the lower layer): if no
         fd can be had, it gets none and its operations fail (EBADF)."""
         parent = node.parent
-        pfd = parent.fd if parent is not None and parent.layer.is_upper else \
-            self.stack.dir_fd(self.stack.upper, parent.relpath() if parent is not None else b"")
+        pfd = (
+            parent.fd
+            if parent is not None and parent.layer.is_upper
+            else self.stack.dir_fd(self.stack.upper, parent.relpath() if parent is not None else b"")
+        )
         for attempt in range(2):
             try:
                 fd = _sys.open_node(pfd, node.name)
@@ -356,10 +374,11 @@ class Overlay(WriteOps):
                     self.inodes.set_fd(node, -1)
                     log.error("copy-up of %r: cannot open the upper object: %s", node, exc)
                     return
-                self.inodes.set_fd(node, -1)   # frees a descriptor for the retry
+                self.inodes.set_fd(node, -1)  # frees a descriptor for the retry
         fst = os.fstat(fd)
-        ok = stat.S_IFMT(fst.st_mode) == stat.S_IFMT(node.mode) and \
-            (node.key is None or (fst.st_dev, fst.st_ino) == node.key[1:])
+        ok = stat.S_IFMT(fst.st_mode) == stat.S_IFMT(node.mode) and (
+            node.key is None or (fst.st_dev, fst.st_ino) == node.key[1:]
+        )
         if not ok:
             os.close(fd)
             fd = -1
@@ -460,8 +479,7 @@ class Overlay(WriteOps):
         st = _sys.lstat_at(self.stack.dir_fd(node.layer, node.path_in(node.layer)), b"..")
         return Entry(b"..", None, st, self._xino(node.layer, st.st_ino), st.st_nlink)
 
-    def _dir_entry(self, parent: Node, name: bytes, layer: Layer,
-                   lower_st: dict | None = None) -> Entry | None:
+    def _dir_entry(self, parent: Node, name: bytes, layer: Layer, lower_st: dict | None = None) -> Entry | None:
         fast = self._listed_nondir(parent, name, layer, lower_st)
         if fast is not None:
             return fast
@@ -481,8 +499,7 @@ class Overlay(WriteOps):
             return Entry(name, None, st, self._xino(layer, st.st_ino), st.st_nlink)
         return Entry(name, child, st, child.ino, self.nlink(child, st))
 
-    def _listed_nondir(self, parent: Node, name: bytes, layer: Layer,
-                       lower_st: dict | None) -> Entry | None:
+    def _listed_nondir(self, parent: Node, name: bytes, layer: Layer, lower_st: dict | None) -> Entry | None:
         """The fast path of a listing: the merge already found *name* topmost in *layer*
         and not whited out, so a non-directory there is the answer (a full lookup would
         stat every layer again). Directories, whiteouts and possible xattr whiteouts
@@ -495,15 +512,22 @@ class Overlay(WriteOps):
                 st = _sys.lstat_at(dfd, name)
             except (FileNotFoundError, NotADirectoryError):
                 return None
-            if stat.S_ISDIR(st.st_mode) or is_char_whiteout(st) or \
-                    (may_be_xwhiteout(st) and _sys.getxattr_at(dfd, name, self.names.whiteout) is not None):
+            if (
+                stat.S_ISDIR(st.st_mode)
+                or is_char_whiteout(st)
+                or (may_be_xwhiteout(st) and _sys.getxattr_at(dfd, name, self.names.whiteout) is not None)
+            ):
                 return None
             if lower_st is not None and not layer.is_upper:
                 lower_st[name] = st  # a lower object never changes while mounted
         # without a redirect above it, ppath is the parent's relpath: _node_for need not walk it again
         try:
-            node = self._node_for(parent, name, [Hit(layer, st, ppath + b"/" + name if ppath else name)],
-                                  prel=ppath if parent.lpaths is None else None)
+            node = self._node_for(
+                parent,
+                name,
+                [Hit(layer, st, ppath + b"/" + name if ppath else name)],
+                prel=ppath if parent.lpaths is None else None,
+            )
         except OSError as exc:
             if exc.errno in (errno.EMFILE, errno.ENFILE):
                 return self._nodeless_entry(parent, name, layer)
@@ -526,7 +550,7 @@ class Overlay(WriteOps):
         if name == OVERRIDE_XATTR:  # the stored owner is the overlay's, never the user's
             raise OSError(errno.ENODATA, "reserved")
         real = self.names.to_real(name)
-        return _sys.getxattr_raw(node.fd, None, real)   # the node's own object, via its fd
+        return _sys.getxattr_raw(node.fd, None, real)  # the node's own object, via its fd
 
     def listxattr(self, node: Node, caller: Caller) -> list[str]:
         out = []
@@ -555,4 +579,3 @@ def encode_origin(handle_type: int, handle: bytes, uuid: bytes | None) -> bytes:
     """The kernel's origin record for a lower object (what ovl_encode_real_fh writes)."""
     u = (uuid or b"\0" * 16)[:16].ljust(16, b"\0")
     return bytes([0, 0xFB, 21 + len(handle), 0, handle_type]) + u + handle
-

@@ -39,8 +39,9 @@ class Owners:
         self.identity = self.uids.identity and self.gids.identity
         self.upper = upper
         self.euid, self.egid = os.geteuid() if euid is None else euid, os.getegid()
-        self.override_layers: set[int] = {l.index for l in layers if self.trusts(l) and
-                                          _sys.getxattr_at(l.fd, None, OVERRIDE_XATTR)}
+        self.override_layers: set[int] = {
+            l.index for l in layers if self.trusts(l) and _sys.getxattr_at(l.fd, None, OVERRIDE_XATTR)
+        }
         self.groups = {self.egid, *os.getgroups()}
         self.on_presenting = None  # called once when presenting turns on at run time
 
@@ -96,8 +97,15 @@ class Owners:
     def _can_chown(self, uid: int, gid: int) -> bool:
         return self.euid == 0 or (uid == self.euid and gid in self.groups)
 
-    def set_owner(self, path: bytes, follow: bool, uid: int | None, gid: int | None, fresh: bool = False,
-                  st: os.stat_result | None = None) -> None:
+    def set_owner(
+        self,
+        path: bytes,
+        follow: bool,
+        uid: int | None,
+        gid: int | None,
+        fresh: bool = False,
+        st: os.stat_result | None = None,
+    ) -> None:
         """Give the upper object at *path* (whose stat is *st*, if the caller has it) the
         stored owner (uid, gid) (None: keep that one).
 
@@ -110,7 +118,7 @@ class Owners:
         if st is None:
             st = os.stat(path, follow_symlinks=follow)
         ov = None if fresh or not self.upper_honours() else self.read_override(path, follow)
-        cur_uid, cur_gid, perm = (ov if ov is not None else (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)))
+        cur_uid, cur_gid, perm = ov if ov is not None else (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode))
         uid = cur_uid if uid is None else uid
         gid = cur_gid if gid is None else gid
         if self._can_chown(uid, gid):
@@ -120,8 +128,9 @@ class Owners:
                     os.chown(path, uid, gid, follow_symlinks=follow)
                 if ov is not None:
                     os.removexattr(path, OVERRIDE_XATTR, follow_symlinks=follow)
-                if not stat.S_ISLNK(st.st_mode) and (perm != stat.S_IMODE(st.st_mode) or
-                                                     (chowned and fresh and perm & (stat.S_ISUID | stat.S_ISGID))):
+                if not stat.S_ISLNK(st.st_mode) and (
+                    perm != stat.S_IMODE(st.st_mode) or (chowned and fresh and perm & (stat.S_ISUID | stat.S_ISGID))
+                ):
                     os.chmod(path, perm, follow_symlinks=follow)
                 return
             except OSError as exc:

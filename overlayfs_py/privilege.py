@@ -68,14 +68,17 @@ def check_fuse_access(cfg: MountConfig) -> None:
     try:
         st = os.stat(DEV_FUSE)
     except OSError:
-        raise ConfigError(f"{DEV_FUSE} is missing: load the fuse module (modprobe fuse)"
-                          " or, in a container, pass the device (--device /dev/fuse)") from None
+        raise ConfigError(
+            f"{DEV_FUSE} is missing: load the fuse module (modprobe fuse)"
+            " or, in a container, pass the device (--device /dev/fuse)"
+        ) from None
     if not stat.S_ISCHR(st.st_mode):
         raise ConfigError(f"{DEV_FUSE} is not a character device")
     if not os.access(DEV_FUSE, os.R_OK | os.W_OK, effective_ids=os.access in os.supports_effective_ids):
         raise ConfigError(
             f"{DEV_FUSE} is not accessible to uid {uid} (mode {stat.S_IMODE(st.st_mode):04o}):"
-            " distributions ship it 0666 (udev rule KERNEL==\"fuse\", MODE=\"0666\")")
+            ' distributions ship it 0666 (udev rule KERNEL=="fuse", MODE="0666")'
+        )
     if can_mount():
         return
     tool = fusermount_path()
@@ -83,11 +86,12 @@ def check_fuse_access(cfg: MountConfig) -> None:
         raise ConfigError(f"{FUSERMOUNT} is missing: install fuse3 (mounting without root needs it)")
     tst = os.stat(tool)
     if tst.st_uid != 0 or not tst.st_mode & stat.S_ISUID:
-        raise ConfigError(f"{tool} is not setuid root (mounting without root needs it):"
-                          f" chown root {tool} && chmod u+s {tool}, as the fuse3 package installs it")
+        raise ConfigError(
+            f"{tool} is not setuid root (mounting without root needs it):"
+            f" chown root {tool} && chmod u+s {tool}, as the fuse3 package installs it"
+        )
     if cfg.allow_other and not user_allow_other():
-        raise ConfigError(f"allow_other without root needs 'user_allow_other' in {FUSE_CONF}"
-                          " (or drop -o allow_other)")
+        raise ConfigError(f"allow_other without root needs 'user_allow_other' in {FUSE_CONF} (or drop -o allow_other)")
 
 
 def fusermount_path() -> str | None:

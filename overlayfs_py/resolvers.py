@@ -20,10 +20,10 @@ class ContainerView:
 
     id: str
     name: str | None
-    upper: str | None             # its upper layer (None before the monitor made it)
-    lowers: tuple[str, ...]       # the image's layers, top first (the init layer is not one)
-    init_layer: str | None        # the init layer, the top lower of the mount
-    merged: str | None            # its root's mountpoint
+    upper: str | None  # its upper layer (None before the monitor made it)
+    lowers: tuple[str, ...]  # the image's layers, top first (the init layer is not one)
+    init_layer: str | None  # the init layer, the top lower of the mount
+    merged: str | None  # its root's mountpoint
     running: bool
 
 

@@ -67,12 +67,10 @@ def check_private_fd(fd: int, path: str, what: str) -> None:
     st = os.fstat(fd)
     me = os.geteuid()
     if st.st_uid != me:
-        raise StateDirError(f"the {what} {path} belongs to uid {st.st_uid}, not to you (uid {me}); "
-                            "refusing to use it")
+        raise StateDirError(f"the {what} {path} belongs to uid {st.st_uid}, not to you (uid {me}); refusing to use it")
     mode = stat.S_IMODE(st.st_mode)
     if mode & 0o022:
-        raise StateDirError(f"the {what} {path} is writable by other users (mode {mode:04o}); "
-                            "refusing to use it")
+        raise StateDirError(f"the {what} {path} is writable by other users (mode {mode:04o}); refusing to use it")
     if mode != 0o700:
         os.fchmod(fd, 0o700)
 
@@ -120,8 +118,7 @@ def trace_socket(mountpoint: str) -> str:
 
 
 def record(mountpoint: str, pid: int, cfg) -> None:
-    data = {"mountpoint": mountpoint, "pid": pid, "config": asdict(cfg),
-            "trace_socket": trace_socket(mountpoint)}
+    data = {"mountpoint": mountpoint, "pid": pid, "config": asdict(cfg), "trace_socket": trace_socket(mountpoint)}
     tmp = _path(mountpoint) + f".{pid}.tmp"
     with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600), "w") as f:
         json.dump(data, f)

@@ -136,8 +136,14 @@ class Tracer:
         req = who if who is not None else _current.get()
         if req is not None:
             comm, ns, cpid = self.procs.of(req.pid)
-            rec.update(pid=req.pid, comm=comm, uid=req.uid, gid=req.gid,
-                       container=self.container if self.procs.foreign(ns) else None, cpid=cpid)
+            rec.update(
+                pid=req.pid,
+                comm=comm,
+                uid=req.uid,
+                gid=req.gid,
+                container=self.container if self.procs.foreign(ns) else None,
+                cpid=cpid,
+            )
         else:
             rec.update(pid=None, comm=None, uid=None, gid=None, container=None, cpid=None)
         try:

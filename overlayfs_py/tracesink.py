@@ -86,8 +86,12 @@ class _Reader:
     def finish(self, end_line: bytes) -> None:
         """The last records: what this reader lost, then the end. Never dropped."""
         if self.dropped:
-            notice = json.dumps({"v": SCHEMA_VERSION, "event": "dropped", "count": self.dropped,
-                                 "ts": round(time.time(), 6)}) + "\n"
+            notice = (
+                json.dumps(
+                    {"v": SCHEMA_VERSION, "event": "dropped", "count": self.dropped, "ts": round(time.time(), 6)}
+                )
+                + "\n"
+            )
             self.send.send_nowait(notice.encode())
         self.send.send_nowait(end_line)
         self.send.close()
@@ -97,8 +101,12 @@ class _Reader:
             self.dropped += 1
             return
         if self.dropped:
-            notice = json.dumps({"v": SCHEMA_VERSION, "event": "dropped", "count": self.dropped,
-                                 "ts": round(time.time(), 6)}) + "\n"
+            notice = (
+                json.dumps(
+                    {"v": SCHEMA_VERSION, "event": "dropped", "count": self.dropped, "ts": round(time.time(), 6)}
+                )
+                + "\n"
+            )
             self.send.send_nowait(notice.encode())
             self.dropped = 0
             if not self._room():
@@ -129,8 +137,7 @@ class TraceSink:
         out = None
         if self.file_path:  # 0600: events name processes and paths (the server's umask is 0)
             # O_NOFOLLOW: a symlink planted at the name is refused, never written through.
-            fd = os.open(self.file_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW,
-                         0o600)
+            fd = os.open(self.file_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
             out = os.fdopen(fd, "wb")
         listener = None
         if self.socket_path:
@@ -148,8 +155,13 @@ class TraceSink:
                 async with self.tracer.receive:
                     async for rec in self.tracer.receive:
                         out = self._deliver(rec, out)
-                end = {"v": SCHEMA_VERSION, "event": "end", "ts": round(time.time(), 6),
-                       "emitted": self.tracer.seq, "dropped": self.tracer.dropped}
+                end = {
+                    "v": SCHEMA_VERSION,
+                    "event": "end",
+                    "ts": round(time.time(), 6),
+                    "emitted": self.tracer.seq,
+                    "dropped": self.tracer.dropped,
+                }
                 readers, self.readers_closed = list(self.readers), True
                 out = self._deliver(end, out, to_readers=False)
                 if self.tracer.dropped:

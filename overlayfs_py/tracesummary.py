@@ -35,8 +35,10 @@ class Filter:
             return False
         if self.path_glob:
             path = ev.get("path") or ""
-            if not (fnmatch.fnmatchcase(path, self.path_glob) or
-                    fnmatch.fnmatchcase(path, self.path_glob.rstrip("/") + "/*")):
+            if not (
+                fnmatch.fnmatchcase(path, self.path_glob)
+                or fnmatch.fnmatchcase(path, self.path_glob.rstrip("/") + "/*")
+            ):
                 return False
         return True
 
@@ -83,8 +85,8 @@ class Summary:
     counts: collections.Counter = field(default_factory=collections.Counter)
     by_process: dict = field(default_factory=lambda: collections.defaultdict(lambda: [0, 0]))
     by_dir: dict = field(default_factory=lambda: collections.defaultdict(lambda: [0, 0]))
-    copy_ups: list = field(default_factory=list)          # (bytes, path, who)
-    unused: list = field(default_factory=list)            # (path, bytes, who)
+    copy_ups: list = field(default_factory=list)  # (bytes, path, who)
+    unused: list = field(default_factory=list)  # (path, bytes, who)
     dropped_server: int = 0
     dropped_reader: int = 0
 
@@ -99,8 +101,7 @@ class Summary:
         self.counts[kind] += 1
         if kind == "copy_up_done":
             n = ev.get("bytes", 0)
-            for table, key in ((self.by_process, who(ev)),
-                               (self.by_dir, os.path.dirname(ev.get("path", "/")) or "/")):
+            for table, key in ((self.by_process, who(ev)), (self.by_dir, os.path.dirname(ev.get("path", "/")) or "/")):
                 table[key][0] += 1
                 table[key][1] += n
             self.copy_ups.append((n, ev.get("path", ""), who(ev)))
@@ -124,13 +125,14 @@ class Summary:
     def text(self) -> str:
         c = self.counts
         total = sum(b for b, _, _ in self.copy_ups)
-        out = [f"copy-ups: {c['copy_up_done']} ({human(total)}), failed: {c['copy_up_failed']}; "
-               f"whiteouts: {c['whiteout_create']} created, {c['whiteout_remove']} removed; "
-               f"opaque dirs: {c['opaque_dir']}; EXDEV renames: {c['rename_exdev']}; "
-               f"new objects: {c['create']}; errors: {c['error']}"]
+        out = [
+            f"copy-ups: {c['copy_up_done']} ({human(total)}), failed: {c['copy_up_failed']}; "
+            f"whiteouts: {c['whiteout_create']} created, {c['whiteout_remove']} removed; "
+            f"opaque dirs: {c['opaque_dir']}; EXDEV renames: {c['rename_exdev']}; "
+            f"new objects: {c['create']}; errors: {c['error']}"
+        ]
         if self.dropped_server or self.dropped_reader:
-            out.append(f"dropped events: {self.dropped_server} by the server, "
-                       f"{self.dropped_reader} by this reader")
+            out.append(f"dropped events: {self.dropped_server} by the server, {self.dropped_reader} by this reader")
 
         def table(title, rows, head):
             if rows:
@@ -140,13 +142,23 @@ class Summary:
                 out.extend("  " + r for r in rows)
 
         procs = sorted(self.by_process.items(), key=lambda kv: -kv[1][1])
-        table("copy-ups by process:", [f"{n:>8} {human(b):>10}  {k}" for k, (n, b) in procs],
-              f"{'COPY-UPS':>8} {'BYTES':>10}  PROCESS")
+        table(
+            "copy-ups by process:",
+            [f"{n:>8} {human(b):>10}  {k}" for k, (n, b) in procs],
+            f"{'COPY-UPS':>8} {'BYTES':>10}  PROCESS",
+        )
         dirs = sorted(self.by_dir.items(), key=lambda kv: -kv[1][1])[:20]
-        table("copy-ups by directory:", [f"{n:>8} {human(b):>10}  {k}" for k, (n, b) in dirs],
-              f"{'COPY-UPS':>8} {'BYTES':>10}  DIRECTORY")
-        table("largest copy-ups:", [f"{human(b):>10}  {p}  by {w}" for b, p, w in self.largest()],
-              f"{'BYTES':>10}  PATH")
-        table("unnecessary copy-ups (opened for writing, closed unchanged):",
-              [f"{human(b):>10}  {p}  by {w}" for p, b, w in self.unused], f"{'BYTES':>10}  PATH")
+        table(
+            "copy-ups by directory:",
+            [f"{n:>8} {human(b):>10}  {k}" for k, (n, b) in dirs],
+            f"{'COPY-UPS':>8} {'BYTES':>10}  DIRECTORY",
+        )
+        table(
+            "largest copy-ups:", [f"{human(b):>10}  {p}  by {w}" for b, p, w in self.largest()], f"{'BYTES':>10}  PATH"
+        )
+        table(
+            "unnecessary copy-ups (opened for writing, closed unchanged):",
+            [f"{human(b):>10}  {p}  by {w}" for p, b, w in self.unused],
+            f"{'BYTES':>10}  PATH",
+        )
         return "\n".join(out)

@@ -41,24 +41,28 @@ def option(userxattr: bool) -> str:
     return "userxattr" if userxattr else "nouserxattr"
 
 
-def choose(requested: bool | None, recorded: bool | None, privileged: bool, *,
-           upper: str = "", where: str = "") -> bool:
+def choose(
+    requested: bool | None, recorded: bool | None, privileged: bool, *, upper: str = "", where: str = ""
+) -> bool:
     """The form to use (True: ``user.overlay.*``). Pure; raises ConfigError on a conflict.
     *upper* and *where* (how the form was recorded) only word the messages."""
     if recorded is not None:
         if requested is not None and requested != recorded:
             raise ConfigError(
                 f"upper layer '{upper}' has {prefix_for(recorded)}* private xattrs ({where}):"
-                f" -o {option(requested)} conflicts with it (drop the option)")
+                f" -o {option(requested)} conflicts with it (drop the option)"
+            )
         if not recorded and not privileged:
             raise ConfigError(
                 f"upper layer '{upper}' has trusted.overlay.* private xattrs ({where}), which only"
-                " root (CAP_SYS_ADMIN in the initial user namespace) can use: mount it as root")
+                " root (CAP_SYS_ADMIN in the initial user namespace) can use: mount it as root"
+            )
         return recorded
     if requested is False and not privileged:
         raise ConfigError(
             "-o nouserxattr (trusted.overlay.* private xattrs) needs root (CAP_SYS_ADMIN in the"
-            " initial user namespace): drop it, pyoverlay then uses user.overlay.*")
+            " initial user namespace): drop it, pyoverlay then uses user.overlay.*"
+        )
     return True if requested else not privileged
 
 

@@ -46,13 +46,13 @@ class XattrNames:
         if not real.startswith(self.prefix):
             return real
         if real.startswith(self.escaped_prefix):
-            return self.prefix + real[len(self.escaped_prefix):]
+            return self.prefix + real[len(self.escaped_prefix) :]
         return None
 
     def to_real(self, user: str) -> str:
         """The name under which a user's xattr is stored in a layer."""
         if user.startswith(self.prefix):
-            return self.escaped_prefix + user[len(self.prefix):]
+            return self.escaped_prefix + user[len(self.prefix) :]
         return user
 
 

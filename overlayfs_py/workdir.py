@@ -45,8 +45,10 @@ def _open_dir_nofollow(dir_fd: int, name: bytes, what: str, shown: str) -> int:
     if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
         os.close(fd)
         kind = "a symlink" if stat.S_ISLNK(st.st_mode) else "not a directory"
-        raise WorkdirError(f"{what} '{shown}' is {kind}: give a directory"
-                           + (" (remove it, the mount makes it)" if what == "work dir" else ""))
+        raise WorkdirError(
+            f"{what} '{shown}' is {kind}: give a directory"
+            + (" (remove it, the mount makes it)" if what == "work dir" else "")
+        )
     return fd
 
 
@@ -57,7 +59,8 @@ def _check_owner(fd: int, what: str, shown: str) -> None:
         raise WorkdirError(
             f"{what} '{shown}' belongs to uid {st.st_uid}, not to the mounting user (uid {euid}):"
             " only the mounter may write in it; give a workdir the mounting user owns"
-            " (the upper layer may stay another user's)")
+            " (the upper layer may stay another user's)"
+        )
 
 
 class WorkDir:
@@ -70,7 +73,7 @@ class WorkDir:
         self.work_fd = work_fd
 
     @classmethod
-    def prepare(cls, path: str, *, volatile: bool = False) -> "WorkDir":
+    def prepare(cls, path: str, *, volatile: bool = False) -> WorkDir:
         """Open (creating if missing) the workdir and its ``work/``, refuse either if it is not
         the server's own directory (a symlink, not a directory, another user's), refuse a
         volatile marker, then empty ``work/`` of an interrupted mount's leftovers (the kernel
@@ -98,8 +101,12 @@ class WorkDir:
         try:
             _check_owner(kfd, "work dir", work)
             try:
-                _sys.openat2(kfd, VOLATILE, _sys.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC,
-                             resolve=_sys.RESOLVE_NO_SYMLINKS | _sys.RESOLVE_BENEATH)
+                _sys.openat2(
+                    kfd,
+                    VOLATILE,
+                    _sys.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC,
+                    resolve=_sys.RESOLVE_NO_SYMLINKS | _sys.RESOLVE_BENEATH,
+                )
                 marked = True
             except FileNotFoundError:
                 marked = False
@@ -108,9 +115,11 @@ class WorkDir:
             if marked:
                 # the kernel refuses it too ("overlay with incompat feature 'volatile' cannot be
                 # mounted"): after a volatile mount the upper may be incomplete
-                raise WorkdirError(f"{work}/{VOLATILE.decode()} exists: the upper was used by a 'volatile'"
-                                   f" mount and may be incomplete after a crash; remove {work}/incompat"
-                                   " to mount it anyway")
+                raise WorkdirError(
+                    f"{work}/{VOLATILE.decode()} exists: the upper was used by a 'volatile'"
+                    f" mount and may be incomplete after a crash; remove {work}/incompat"
+                    " to mount it anyway"
+                )
             _sys.fchmod_fd(kfd, work_mode)
             for name, _kind in _sys.listdir_fd(kfd):
                 _sys.remove_tree_at(kfd, name)
@@ -142,8 +151,11 @@ def _make_marker(work_fd: int, mode: int) -> None:
             os.mkdir(part, mode, dir_fd=fd)
             fd = _sys.openat2(fd, part, _sys.DIR_FLAGS)
             opened.append(fd)
-        os.close(os.open(b"dirty", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                         mode & 0o600, dir_fd=fd))
+        os.close(
+            os.open(
+                b"dirty", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode & 0o600, dir_fd=fd
+            )
+        )
     finally:
         for o in opened:
             os.close(o)
@@ -182,8 +194,7 @@ class Work:
         """A new named regular file in work/: (name, O_RDWR fd). O_CREAT|O_EXCL: the fd is the
         file this call made (no symlink is followed, nothing existing is opened)."""
         name = self.tmpname()
-        fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
-                     dir_fd=self.fd)
+        fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=self.fd)
         return name, fd
 
     def create(self, st: os.stat_result, target: bytes | None = None) -> tuple[bytes, int, os.stat_result]:
@@ -205,10 +216,13 @@ class Work:
             raise
         try:
             tst = os.fstat(fd)
-            ok = (stat.S_IFMT(tst.st_mode) == fmt and tst.st_uid == os.geteuid()
-                  and tst.st_nlink == (2 if fmt == stat.S_IFDIR else 1)
-                  and (fmt not in (stat.S_IFCHR, stat.S_IFBLK) or tst.st_rdev == st.st_rdev)
-                  and (fmt != stat.S_IFLNK or _sys.readlink_fd(fd) == target))
+            ok = (
+                stat.S_IFMT(tst.st_mode) == fmt
+                and tst.st_uid == os.geteuid()
+                and tst.st_nlink == (2 if fmt == stat.S_IFDIR else 1)
+                and (fmt not in (stat.S_IFCHR, stat.S_IFBLK) or tst.st_rdev == st.st_rdev)
+                and (fmt != stat.S_IFLNK or _sys.readlink_fd(fd) == target)
+            )
             if not ok:
                 raise Replaced(errno.EIO, "a copy-up temporary was replaced", os.fsdecode(name))
         except BaseException:

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from .overlay import Caller, Overlay
 
 # Open flags passed on to the real file (O_DIRECT, O_NOATIME, O_CREAT... are not).
-OPEN_PASS = (os.O_ACCMODE | os.O_APPEND | os.O_SYNC | os.O_DSYNC | os.O_TRUNC | os.O_NONBLOCK)
+OPEN_PASS = os.O_ACCMODE | os.O_APPEND | os.O_SYNC | os.O_DSYNC | os.O_TRUNC | os.O_NONBLOCK
 
 
 class WriteOps:
@@ -33,11 +33,11 @@ class WriteOps:
 
     # --- helpers ----------------------------------------------------------------------------
 
-    def _writable(self: "Overlay") -> None:
+    def _writable(self: Overlay) -> None:
         if self.read_only or self.copyup is None:
             raise OSError(errno.EROFS, "read-only overlay")
 
-    def _upper_dir(self: "Overlay", node: Node, reason: str) -> int:
+    def _upper_dir(self: Overlay, node: Node, reason: str) -> int:
         """The upper dir fd of directory *node* (its own fd: the directory itself, never
         whatever sits at its name now), copying it (and its ancestors) up first. A removed
         directory takes no new entries (ENOENT, as the kernel's dead directory)."""
@@ -48,7 +48,7 @@ class WriteOps:
             raise OSError(errno.EBADF, "no upper object")
         return node.fd
 
-    async def _copy_up(self: "Overlay", node: Node, reason: str) -> bool:
+    async def _copy_up(self: Overlay, node: Node, reason: str) -> bool:
         """``ensure_upper`` for an existing object. A lower object no name leads to any more
         (unlinked or renamed over while open) cannot be copied up: its name is taken by a
         whiteout or another object, and the kernel fails the same way (EEXIST)."""
@@ -56,32 +56,32 @@ class WriteOps:
             raise OSError(errno.EEXIST, "the object's name was removed or replaced")
         return await self.copyup.ensure_upper(node, reason)
 
-    def _lower_has(self: "Overlay", parent: Node, name: bytes) -> bool:
+    def _lower_has(self: Overlay, parent: Node, name: bytes) -> bool:
         """Whether a lower layer below *parent*'s upper still shows *name* (a whiteout is needed)."""
         lowers = [(l, p) for l, p in parent.layer_dirs() if not l.is_upper]
         return bool(lowers) and bool(self.stack.resolve(lowers, name))
 
-    def _upper_entry(self: "Overlay", pfd: int, name: bytes) -> os.stat_result | None:
+    def _upper_entry(self: Overlay, pfd: int, name: bytes) -> os.stat_result | None:
         try:
             return _sys.lstat_at(pfd, name)
         except FileNotFoundError:
             return None
 
-    def _is_upper_whiteout(self: "Overlay", pfd: int, name: bytes, st: os.stat_result | None) -> bool:
+    def _is_upper_whiteout(self: Overlay, pfd: int, name: bytes, st: os.stat_result | None) -> bool:
         if st is None:
             return False
         if is_char_whiteout(st):
             return True
         return may_be_xwhiteout(st) and _sys.getxattr_at(pfd, name, self.names.whiteout) is not None
 
-    def _exists(self: "Overlay", parent: Node, name: bytes) -> Node | None:
+    def _exists(self: Overlay, parent: Node, name: bytes) -> Node | None:
         try:
             node, _ = self.lookup(parent, name)
             return node
         except FileNotFoundError:
             return None
 
-    def _owner(self: "Overlay", pfd: int, caller: "Caller") -> tuple[int, int]:
+    def _owner(self: Overlay, pfd: int, caller: Caller) -> tuple[int, int]:
         """The stored owner of a new object: the caller's (presented) ids mapped back (EINVAL
         when unmapped); in a setgid directory, the directory's stored group."""
         uid, gid = self.owners.store_ids(caller.uid, caller.gid)
@@ -90,7 +90,7 @@ class WriteOps:
             gid = self.owners.stored(_sys.proc_path(pfd), True, pst, self.stack.upper)[1]
         return uid, gid
 
-    def _chown_keep_mode(self: "Overlay", dfd: int, name: bytes, uid: int, gid: int) -> None:
+    def _chown_keep_mode(self: Overlay, dfd: int, name: bytes, uid: int, gid: int) -> None:
         """Give a new object its stored owner (chown, or the override xattr when the server
         cannot chown); the set-id bits its creator chose stay. Done on an O_PATH fd of the
         object (its magic link, followed to the object only), never on its name again."""
@@ -100,8 +100,9 @@ class WriteOps:
         finally:
             os.close(fd)
 
-    def _place_new(self: "Overlay", parent: Node, name: bytes, make, caller: "Caller | None",
-                   opaque: bool = False) -> tuple[Node, os.stat_result]:
+    def _place_new(
+        self: Overlay, parent: Node, name: bytes, make, caller: Caller | None, opaque: bool = False
+    ) -> tuple[Node, os.stat_result]:
         """Create a new object with ``make(dir_fd, name)`` in upper, over a whiteout if there is one.
 
         The object is given to *caller* (None: a hard link, which keeps its inode's owner)."""
@@ -156,13 +157,18 @@ class WriteOps:
 
     # --- namespace ----------------------------------------------------------------------------
 
-    async def create(self: "Overlay", parent: Node, name: bytes, mode: int, flags: int,
-                     caller: "Caller") -> tuple[Node, os.stat_result, int]:
+    async def create(
+        self: Overlay, parent: Node, name: bytes, mode: int, flags: int, caller: Caller
+    ) -> tuple[Node, os.stat_result, int]:
         box = {}
 
         def make(dfd: int, n: bytes) -> None:
-            fd = os.open(n, (flags & OPEN_PASS) | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW,
-                         stat.S_IMODE(mode) & ~caller.umask, dir_fd=dfd)
+            fd = os.open(
+                n,
+                (flags & OPEN_PASS) | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW,
+                stat.S_IMODE(mode) & ~caller.umask,
+                dir_fd=dfd,
+            )
             box["fd"] = fd
 
         try:
@@ -173,32 +179,38 @@ class WriteOps:
             raise
         return node, st, self.handles.add(OpenFile(box["fd"], node, flags))
 
-    def mkdir(self: "Overlay", parent: Node, name: bytes, mode: int, caller: "Caller"):
-        return self._place_new(parent, name, lambda dfd, n: os.mkdir(n, stat.S_IMODE(mode) & ~caller.umask, dir_fd=dfd),
-                               caller, opaque=True)
+    def mkdir(self: Overlay, parent: Node, name: bytes, mode: int, caller: Caller):
+        return self._place_new(
+            parent,
+            name,
+            lambda dfd, n: os.mkdir(n, stat.S_IMODE(mode) & ~caller.umask, dir_fd=dfd),
+            caller,
+            opaque=True,
+        )
 
-    def mknod(self: "Overlay", parent: Node, name: bytes, mode: int, rdev: int, caller: "Caller"):
+    def mknod(self: Overlay, parent: Node, name: bytes, mode: int, rdev: int, caller: Caller):
         if stat.S_ISCHR(mode) and rdev == 0:
             raise OSError(errno.EPERM, "a whiteout cannot be created through the overlay")
         perm = stat.S_IMODE(mode) & ~caller.umask
-        return self._place_new(parent, name, lambda dfd, n: os.mknod(n, stat.S_IFMT(mode) | perm, rdev, dir_fd=dfd),
-                               caller)
+        return self._place_new(
+            parent, name, lambda dfd, n: os.mknod(n, stat.S_IFMT(mode) | perm, rdev, dir_fd=dfd), caller
+        )
 
-    def symlink(self: "Overlay", parent: Node, name: bytes, target: bytes, caller: "Caller"):
+    def symlink(self: Overlay, parent: Node, name: bytes, target: bytes, caller: Caller):
         return self._place_new(parent, name, lambda dfd, n: os.symlink(target, n, dir_fd=dfd), caller)
 
-    async def link(self: "Overlay", node: Node, parent: Node, name: bytes, caller: "Caller"):
+    async def link(self: Overlay, node: Node, parent: Node, name: bytes, caller: Caller):
         self._writable()
         if node.is_dir:
             raise OSError(errno.EPERM, "hard link to a directory")
         await self._copy_up(node, "link")
 
         def make(dfd: int, n: bytes) -> None:
-            _sys.link_fd(node.fd, dfd, n)   # the node's own inode, never its name
+            _sys.link_fd(node.fd, dfd, n)  # the node's own inode, never its name
 
         return self._place_new(parent, name, make, None)
 
-    def _remove_real(self: "Overlay", dfd: int, name: bytes, is_dir: bool) -> None:
+    def _remove_real(self: Overlay, dfd: int, name: bytes, is_dir: bool) -> None:
         """Remove an upper object; a directory may still hold whiteouts (nothing else)."""
         if is_dir:
             self._clear_whiteouts(dfd, name)
@@ -206,14 +218,14 @@ class WriteOps:
         else:
             os.unlink(name, dir_fd=dfd)
 
-    def _make_opaque(self: "Overlay", dfd: int, name: bytes | None, path: str) -> None:
+    def _make_opaque(self: Overlay, dfd: int, name: bytes | None, path: str) -> None:
         """Mark directory *name* in *dfd* opaque (name None: *dfd* is the directory's own fd,
         reached through its magic link; a name is never followed)."""
         if _sys.getxattr_at(dfd, name, self.names.opaque) != b"y":
             os.setxattr(_sys.proc_path(dfd, name), self.names.opaque, b"y", follow_symlinks=name is None)
             self.trace.emit("opaque_dir", path=path)
 
-    def _clear_whiteouts(self: "Overlay", dfd_parent: int, name: bytes) -> None:
+    def _clear_whiteouts(self: Overlay, dfd_parent: int, name: bytes) -> None:
         """Remove the whiteouts left in an upper dir that is about to go (it holds nothing else)."""
         fd = _sys.open_beneath(dfd_parent, name, _sys.O_PATH | os.O_DIRECTORY)
         try:
@@ -223,7 +235,7 @@ class WriteOps:
         finally:
             os.close(fd)
 
-    def remove(self: "Overlay", parent: Node, name: bytes, is_dir: bool) -> None:
+    def remove(self: Overlay, parent: Node, name: bytes, is_dir: bool) -> None:
         """unlink (is_dir False) or rmdir (True)."""
         self._writable()
         self.listings.changed()
@@ -261,12 +273,12 @@ class WriteOps:
             self.stack.dirfds.forget(self.stack.upper, rel)
         self.inodes.detach(parent, name)
 
-    async def rename(self: "Overlay", parent: Node, name: bytes, newparent: Node, newname: bytes,
-                     flags: int) -> None:
+    async def rename(self: Overlay, parent: Node, name: bytes, newparent: Node, newname: bytes, flags: int) -> None:
         self._writable()
         self.listings.changed()
-        if flags & ~(_sys.RENAME_NOREPLACE | _sys.RENAME_EXCHANGE) or \
-                (flags & _sys.RENAME_NOREPLACE and flags & _sys.RENAME_EXCHANGE):
+        if flags & ~(_sys.RENAME_NOREPLACE | _sys.RENAME_EXCHANGE) or (
+            flags & _sys.RENAME_NOREPLACE and flags & _sys.RENAME_EXCHANGE
+        ):
             raise OSError(errno.EINVAL, "unsupported rename flags")
         src, _ = self.lookup(parent, name)
         dst = self._exists(newparent, newname)
@@ -283,9 +295,11 @@ class WriteOps:
         # The kernel without redirect_dir: a directory with lower content cannot move (EXDEV).
         for n in (src, dst if exchange else None):
             if n is not None and n.is_dir and (n.is_merged or not n.layer.is_upper):
-                self.trace.emit("rename_exdev", path=display(n.relpath()),
-                                target=display(_child(newparent if n is src else parent,
-                                                      newname if n is src else name)))
+                self.trace.emit(
+                    "rename_exdev",
+                    path=display(n.relpath()),
+                    target=display(_child(newparent if n is src else parent, newname if n is src else name)),
+                )
                 raise OSError(errno.EXDEV, "directory has lower content")
         if dst is not None and not exchange:
             if src.is_dir and not dst.is_dir:
@@ -303,7 +317,7 @@ class WriteOps:
         opfd = self._upper_dir(parent, "rename")
         old_needs_wo = not exchange and self._lower_has(parent, name)
         npfd = self._upper_dir(newparent, "rename")
-        opfd = parent.fd   # already upper: copying newparent up cannot have moved it
+        opfd = parent.fd  # already upper: copying newparent up cannot have moved it
         nst = self._upper_entry(npfd, newname)
         # ovl_rename's flags: the old name keeps a whiteout when a lower still has it
         # (RENAME_WHITEOUT, or by swapping with a whiteout already at the new name); a
@@ -320,7 +334,7 @@ class WriteOps:
         # opaque, so that lower content of its new name can never merge into it.
         old_path, new_path = display(_child(parent, name)), display(_child(newparent, newname))
         if src.is_dir and newparent.is_merged:
-            self._make_opaque(src.fd, None, new_path)       # the directory itself, via its fd
+            self._make_opaque(src.fd, None, new_path)  # the directory itself, via its fd
         if exchange and dst.is_dir and parent.is_merged:
             self._make_opaque(dst.fd, None, old_path)
         if not exchange and nst is not None and stat.S_ISDIR(nst.st_mode) and not dst_pure:
@@ -344,7 +358,7 @@ class WriteOps:
 
     # --- attributes and data ------------------------------------------------------------------
 
-    async def setattr(self: "Overlay", node: Node, changes: dict, fh: int | None) -> os.stat_result:
+    async def setattr(self: Overlay, node: Node, changes: dict, fh: int | None) -> os.stat_result:
         """Every change goes to the node's own object through its fd: an object renamed
         over or unlinked while open is changed itself (the kernel's overlay does the
         same), never what its name leads to now, and a symlink is never followed."""
@@ -353,7 +367,7 @@ class WriteOps:
         fd = node.fd
         if fd < 0:
             raise OSError(errno.EBADF, "no upper object")
-        path, follow = _sys.fd_xattr_path(fd)   # the magic link: followed to the object only
+        path, follow = _sys.fd_xattr_path(fd)  # the magic link: followed to the object only
         for other in self.handles.files_of(node):  # a copy-up made for an open was needed
             other.unused_copy_up = None
         if "size" in changes:
@@ -380,7 +394,7 @@ class WriteOps:
             _sys.futimens_fd(fd, changes.get("atime_ns"), changes.get("mtime_ns"))
         return self.getattr(node)
 
-    def write(self: "Overlay", fh: int, offset: int, data: bytes) -> int:
+    def write(self: Overlay, fh: int, offset: int, data: bytes) -> int:
         h = self.handles[fh]
         assert isinstance(h, OpenFile)
         if h.unused_copy_up is not None:
@@ -389,14 +403,14 @@ class WriteOps:
             return os.write(h.fd, data)
         return os.pwrite(h.fd, data, offset)
 
-    def fsync(self: "Overlay", fh: int, datasync: bool) -> None:
+    def fsync(self: Overlay, fh: int, datasync: bool) -> None:
         h = self.handles[fh]
-        if isinstance(h, OpenFile) and not self.volatile:   # volatile: fsync is a no-op, as ovl_fsync
+        if isinstance(h, OpenFile) and not self.volatile:  # volatile: fsync is a no-op, as ovl_fsync
             (os.fdatasync if datasync else os.fsync)(h.fd)
 
     # --- xattrs -------------------------------------------------------------------------------
 
-    async def setxattr(self: "Overlay", node: Node, name: str, value: bytes) -> None:
+    async def setxattr(self: Overlay, node: Node, name: str, value: bytes) -> None:
         self._writable()
         if name == OVERRIDE_XATTR:
             raise OSError(errno.EPERM, "the stored owner is set by chown, not by its xattr")
@@ -406,7 +420,7 @@ class WriteOps:
         p, follow = _sys.fd_xattr_path(node.fd)
         os.setxattr(p, self.names.to_real(name), value, follow_symlinks=follow)
 
-    async def removexattr(self: "Overlay", node: Node, name: str) -> None:
+    async def removexattr(self: Overlay, node: Node, name: str) -> None:
         self._writable()
         self.getxattr(node, name)  # ENODATA before any copy-up, as the kernel does
         await self._copy_up(node, "removexattr")
@@ -421,8 +435,15 @@ def _child(parent: Node, name: bytes) -> bytes:
     return rel + b"/" + name if rel else name
 
 
-_KINDS = {stat.S_IFREG: "file", stat.S_IFDIR: "dir", stat.S_IFLNK: "symlink", stat.S_IFIFO: "fifo",
-          stat.S_IFSOCK: "socket", stat.S_IFCHR: "chr", stat.S_IFBLK: "blk"}
+_KINDS = {
+    stat.S_IFREG: "file",
+    stat.S_IFDIR: "dir",
+    stat.S_IFLNK: "symlink",
+    stat.S_IFIFO: "fifo",
+    stat.S_IFSOCK: "socket",
+    stat.S_IFCHR: "chr",
+    stat.S_IFBLK: "blk",
+}
 
 
 def _kind(mode: int) -> str:
@@ -430,8 +451,14 @@ def _kind(mode: int) -> str:
 
 
 def _setattr_reason(changes: dict) -> str:
-    for key, reason in (("size", "truncate"), ("uid", "chown"), ("gid", "chown"), ("mode", "chmod"),
-                        ("atime_ns", "utimes"), ("mtime_ns", "utimes")):
+    for key, reason in (
+        ("size", "truncate"),
+        ("uid", "chown"),
+        ("gid", "chown"),
+        ("mode", "chmod"),
+        ("atime_ns", "utimes"),
+        ("mtime_ns", "utimes"),
+    ):
         if key in changes:
             return reason
     return "setattr"

@@ -48,8 +48,13 @@ PR_CAP_AMBIENT_CLEAR_ALL = 4
 
 #: Namespaces a container gets, in the order ``exec`` joins them (mnt last: after
 #: it, paths resolve inside the container).
-NAMESPACES = (("ipc", CLONE_NEWIPC), ("uts", CLONE_NEWUTS), ("net", CLONE_NEWNET),
-              ("pid", CLONE_NEWPID), ("mnt", CLONE_NEWNS))
+NAMESPACES = (
+    ("ipc", CLONE_NEWIPC),
+    ("uts", CLONE_NEWUTS),
+    ("net", CLONE_NEWNET),
+    ("pid", CLONE_NEWPID),
+    ("mnt", CLONE_NEWNS),
+)
 
 
 def _check(res: int, what: str, path: str | None = None) -> int:
@@ -67,8 +72,7 @@ def setns(fd: int, nstype: int = 0) -> None:
     _check(_libc.setns(ctypes.c_int(fd), ctypes.c_int(nstype)), "setns")
 
 
-def mount(source: str | None, target: str, fstype: str | None, flags: int = 0,
-          data: str | None = None) -> None:
+def mount(source: str | None, target: str, fstype: str | None, flags: int = 0, data: str | None = None) -> None:
     def b(s):
         return None if s is None else os.fsencode(s)
 
@@ -81,9 +85,11 @@ def umount2(target: str, flags: int = 0) -> None:
 
 
 def pivot_root(new_root: str, put_old: str) -> None:
-    _check(_libc.syscall(ctypes.c_long(_syscalls.number("pivot_root")), os.fsencode(new_root),
-                         os.fsencode(put_old)),
-           "pivot_root", new_root)
+    _check(
+        _libc.syscall(ctypes.c_long(_syscalls.number("pivot_root")), os.fsencode(new_root), os.fsencode(put_old)),
+        "pivot_root",
+        new_root,
+    )
 
 
 def set_comm(name: str) -> None:
@@ -154,8 +160,7 @@ class _CapHeader(ctypes.Structure):
 
 
 class _CapData(ctypes.Structure):
-    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
-                ("inheritable", ctypes.c_uint32)]
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
 
 
 def clear_inheritable_caps() -> None:
@@ -185,8 +190,9 @@ def close_fds_from(first: int, keep=()) -> None:
     for k in keep + [None]:
         hi = (k - 1) if k is not None else 0xFFFFFFFF
         if lo <= hi:
-            res = _libc.syscall(ctypes.c_long(_syscalls.number("close_range")), ctypes.c_uint(lo), ctypes.c_uint(hi),
-                                ctypes.c_uint(0))
+            res = _libc.syscall(
+                ctypes.c_long(_syscalls.number("close_range")), ctypes.c_uint(lo), ctypes.c_uint(hi), ctypes.c_uint(0)
+            )
             if res < 0:
                 for name in os.listdir("/proc/self/fd"):
                     fd = int(name)
@@ -204,8 +210,8 @@ _BPF_PROG_ATTACH = 8
 _BPF_PROG_TYPE_CGROUP_DEVICE = 15
 _BPF_CGROUP_DEVICE = 6
 _BPF_F_ALLOW_MULTI = 2
-_DEV_TYPE = {"b": 1, "c": 2}                    # BPF_DEVCG_DEV_BLOCK / _CHAR
-_DEV_ACCESS = {"m": 1, "r": 2, "w": 4}          # BPF_DEVCG_ACC_MKNOD / _READ / _WRITE
+_DEV_TYPE = {"b": 1, "c": 2}  # BPF_DEVCG_DEV_BLOCK / _CHAR
+_DEV_ACCESS = {"m": 1, "r": 2, "w": 4}  # BPF_DEVCG_ACC_MKNOD / _READ / _WRITE
 
 
 def _insn(code: int, dst: int = 0, src: int = 0, off: int = 0, imm: int = 0) -> bytes:
@@ -224,10 +230,16 @@ def device_filter_program(rules) -> bytes:
     The context is ``struct bpf_cgroup_dev_ctx {u32 access_type; u32 major; u32
     minor;}`` with the device type in the low 16 bits of access_type and the access
     bits in the high 16; the program returns 1 (allow) or 0 (EPERM)."""
-    LDXW, MOV_REG, MOV_IMM, AND_IMM, RSH_IMM, JNE_IMM, EXIT = 0x61, 0xbf, 0xb7, 0x57, 0x77, 0x55, 0x95
-    out = [_insn(LDXW, 2, 1, 0), _insn(MOV_REG, 3, 2), _insn(AND_IMM, 3, imm=0xFFFF),
-           _insn(MOV_REG, 4, 2), _insn(RSH_IMM, 4, imm=16),
-           _insn(LDXW, 5, 1, 4), _insn(LDXW, 6, 1, 8)]
+    LDXW, MOV_REG, MOV_IMM, AND_IMM, RSH_IMM, JNE_IMM, EXIT = 0x61, 0xBF, 0xB7, 0x57, 0x77, 0x55, 0x95
+    out = [
+        _insn(LDXW, 2, 1, 0),
+        _insn(MOV_REG, 3, 2),
+        _insn(AND_IMM, 3, imm=0xFFFF),
+        _insn(MOV_REG, 4, 2),
+        _insn(RSH_IMM, 4, imm=16),
+        _insn(LDXW, 5, 1, 4),
+        _insn(LDXW, 6, 1, 8),
+    ]
     for kind, major, minor, access in rules:
         checks = []
         if kind != "a":
@@ -243,8 +255,13 @@ def device_filter_program(rules) -> bytes:
         block = []
         for i, (reg, value) in enumerate(checks):
             block.append(_insn(JNE_IMM, reg, off=length - i, imm=value))
-        block += [_insn(MOV_REG, 7, 4), _insn(AND_IMM, 7, imm=~mask & 0xFFFF),
-                  _insn(JNE_IMM, 7, off=2, imm=0), _insn(MOV_IMM, 0, imm=1), _insn(EXIT)]
+        block += [
+            _insn(MOV_REG, 7, 4),
+            _insn(AND_IMM, 7, imm=~mask & 0xFFFF),
+            _insn(JNE_IMM, 7, off=2, imm=0),
+            _insn(MOV_IMM, 0, imm=1),
+            _insn(EXIT),
+        ]
         assert len(block) == length + 1
         out += block
     out += [_insn(MOV_IMM, 0, imm=0), _insn(EXIT)]
@@ -252,8 +269,12 @@ def device_filter_program(rules) -> bytes:
 
 
 def _bpf(cmd: int, attr: ctypes.Array) -> int:
-    return _check(_libc.syscall(ctypes.c_long(_syscalls.number("bpf")), ctypes.c_int(cmd), attr,
-                                ctypes.c_uint(ctypes.sizeof(attr))), "bpf")
+    return _check(
+        _libc.syscall(
+            ctypes.c_long(_syscalls.number("bpf")), ctypes.c_int(cmd), attr, ctypes.c_uint(ctypes.sizeof(attr))
+        ),
+        "bpf",
+    )
 
 
 def attach_device_filter(cgroup_dir: str, rules) -> None:
@@ -268,10 +289,20 @@ def attach_device_filter(cgroup_dir: str, rules) -> None:
 
     def load(log_level: int) -> int:
         attr = ctypes.create_string_buffer(120)
-        struct.pack_into("=IIQQIIQII", attr, 0, _BPF_PROG_TYPE_CGROUP_DEVICE, len(code) // 8,
-                         ctypes.addressof(insns), ctypes.addressof(license), log_level,
-                         len(log) if log_level else 0, ctypes.addressof(log) if log_level else 0,
-                         0, 0)
+        struct.pack_into(
+            "=IIQQIIQII",
+            attr,
+            0,
+            _BPF_PROG_TYPE_CGROUP_DEVICE,
+            len(code) // 8,
+            ctypes.addressof(insns),
+            ctypes.addressof(license),
+            log_level,
+            len(log) if log_level else 0,
+            ctypes.addressof(log) if log_level else 0,
+            0,
+            0,
+        )
         return _bpf(_BPF_PROG_LOAD, attr)
 
     try:
@@ -279,11 +310,15 @@ def attach_device_filter(cgroup_dir: str, rules) -> None:
     except OSError as e:
         with contextlib.suppress(OSError):  # again, for the verifier's reason
             os.close(load(1))
-        detail = [line for line in log.value.decode(errors="replace").strip().splitlines()
-                  if line and not line.startswith("processed ")]
-        err = e.errno or errno.EINVAL   # _check always sets it
-        raise OSError(err, f"bpf: cannot load the device program: {os.strerror(err)}"
-                      + (f" ({detail[-1]})" if detail else "")) from None
+        detail = [
+            line
+            for line in log.value.decode(errors="replace").strip().splitlines()
+            if line and not line.startswith("processed ")
+        ]
+        err = e.errno or errno.EINVAL  # _check always sets it
+        raise OSError(
+            err, f"bpf: cannot load the device program: {os.strerror(err)}" + (f" ({detail[-1]})" if detail else "")
+        ) from None
     try:
         cg = os.open(cgroup_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:

@@ -39,22 +39,37 @@ from overlayfs_py.mountinfo import parse as parse_mountinfo
 from . import _linux as L
 from .errors import RunnerError
 
-PERIOD = 100000                  # cpu period in microseconds, as docker
+PERIOD = 100000  # cpu period in microseconds, as docker
 CONTROLLERS = ("memory", "pids", "cpu")
-_MOUNT_FLAGS = {"rw", "ro", "noprefix", "clone_children", "xattr", "cpuset_v2_mode",
-                "favordynmods", "nsdelegate", "memory_recursiveprot"}
-_UNLIMITED = 1 << 62             # v1 reports "no memory limit" as ~2**63
+_MOUNT_FLAGS = {
+    "rw",
+    "ro",
+    "noprefix",
+    "clone_children",
+    "xattr",
+    "cpuset_v2_mode",
+    "favordynmods",
+    "nsdelegate",
+    "memory_recursiveprot",
+}
+_UNLIMITED = 1 << 62  # v1 reports "no memory limit" as ~2**63
 
 #: docker's default device rules (moby oci/defaults.go ``deny a`` plus its allow list,
 #: and runc's specconv.AllowedDevices appended to it): everything else is EPERM, on
 #: mknod as on open. ``(type, major, minor, access)``, None for "*".
 DEVICE_RULES = (
-    ("c", None, None, "m"), ("b", None, None, "m"),        # mknod of any node; no open
-    ("c", 1, 3, "rwm"), ("c", 1, 5, "rwm"), ("c", 1, 7, "rwm"),   # null zero full
-    ("c", 1, 8, "rwm"), ("c", 1, 9, "rwm"),                 # random urandom
-    ("c", 5, 0, "rwm"), ("c", 5, 1, "rwm"), ("c", 5, 2, "rwm"),   # tty console ptmx
-    ("c", 136, None, "rwm"),                                # /dev/pts/*
-    ("c", 10, 200, "rwm"),                                  # /dev/net/tun
+    ("c", None, None, "m"),
+    ("b", None, None, "m"),  # mknod of any node; no open
+    ("c", 1, 3, "rwm"),
+    ("c", 1, 5, "rwm"),
+    ("c", 1, 7, "rwm"),  # null zero full
+    ("c", 1, 8, "rwm"),
+    ("c", 1, 9, "rwm"),  # random urandom
+    ("c", 5, 0, "rwm"),
+    ("c", 5, 1, "rwm"),
+    ("c", 5, 2, "rwm"),  # tty console ptmx
+    ("c", 136, None, "rwm"),  # /dev/pts/*
+    ("c", 10, 200, "rwm"),  # /dev/net/tun
 )
 
 
@@ -71,9 +86,9 @@ class CgroupError(RunnerError):
 
 @dataclass(frozen=True)
 class Limits:
-    memory: int | None = None    # bytes
+    memory: int | None = None  # bytes
     pids: int | None = None
-    cpus: float | None = None    # 0.5 -> 50000us every 100000us
+    cpus: float | None = None  # 0.5 -> 50000us every 100000us
 
     def __post_init__(self):
         for field in ("memory", "pids", "cpus"):
@@ -91,8 +106,7 @@ def parse_size(text: str) -> int:
     """Docker's size spelling: "1024", "10b", "512k", "64m", "1g", "1.5g", "64MiB" (any case)."""
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(?:([kmgt])(?:i?b)?|b)?\s*", text, re.IGNORECASE)
     if not m:
-        raise ValueError(f"invalid size {text!r}: expected a number with an optional "
-                         "unit b, k, m, g or t (e.g. 64m)")
+        raise ValueError(f"invalid size {text!r}: expected a number with an optional unit b, k, m, g or t (e.g. 64m)")
     value = int(Fraction(m[1]) * 1024 ** " kmgt".index((m[2] or " ").lower()))
     if value <= 0:
         raise ValueError(f"invalid size {text!r}: must be at least 1 byte")
@@ -101,15 +115,18 @@ def parse_size(text: str) -> int:
 
 @dataclass(frozen=True)
 class Layout:
-    mode: str                         # "v1" | "v2" | "hybrid" | "none"
-    v1: dict[str, str]                # controller -> mount point of its hierarchy
-    v2_root: str | None               # cgroup2 mount point
-    v2_controllers: frozenset[str]    # from <v2_root>/cgroup.controllers
+    mode: str  # "v1" | "v2" | "hybrid" | "none"
+    v1: dict[str, str]  # controller -> mount point of its hierarchy
+    v2_root: str | None  # cgroup2 mount point
+    v2_controllers: frozenset[str]  # from <v2_root>/cgroup.controllers
 
     def describe(self) -> str:
         v1 = ", ".join(sorted(self.v1)) or "none"
-        v2 = (f"cgroup2 at {self.v2_root} offers: {', '.join(sorted(self.v2_controllers)) or 'none'}"
-              if self.v2_root else "no cgroup2 mount")
+        v2 = (
+            f"cgroup2 at {self.v2_root} offers: {', '.join(sorted(self.v2_controllers)) or 'none'}"
+            if self.v2_root
+            else "no cgroup2 mount"
+        )
         return f"v1 controllers: {v1}; {v2}"
 
 
@@ -131,7 +148,7 @@ def detect(mountinfo: str | None = None) -> Layout:
                 controllers = frozenset(f.read().split())
         except OSError:
             pass
-    mode = ("hybrid" if v1 and v2_root else "v1" if v1 else "v2" if v2_root else "none")
+    mode = "hybrid" if v1 and v2_root else "v1" if v1 else "v2" if v2_root else "none"
     return Layout(mode, v1, v2_root, controllers)
 
 
@@ -159,11 +176,12 @@ def _read(path: str) -> str | None:
 @dataclass
 class Cgroup:
     name: str
-    paths: dict[str, str]     # "memory"/"pids"/"cpu"/"unified" -> directory
+    paths: dict[str, str]  # "memory"/"pids"/"cpu"/"unified" -> directory
 
     @classmethod
-    def plan(cls, name: str, limits: Limits, layout: Layout | None = None,
-             parent: str = "pyoverlay", devices: bool = False) -> "CgroupPlan":
+    def plan(
+        cls, name: str, limits: Limits, layout: Layout | None = None, parent: str = "pyoverlay", devices: bool = False
+    ) -> CgroupPlan:
         """Decide the cgroup's directories without creating anything: CgroupError (or
         ValueError for a bad name) when the layout cannot give what is asked. *devices*:
         restrict device access to DEVICE_RULES (docker's defaults): the v1 ``devices``
@@ -175,8 +193,10 @@ class Cgroup:
         unified = os.path.join(layout.v2_root, parent, name) if layout.v2_root else None
         bpf_devices = devices and "devices" not in layout.v1
         if bpf_devices and unified is None:
-            raise CgroupError("cannot restrict device access: no devices controller (cgroup v1) "
-                              f"and no cgroup2 mount for a BPF device program; {layout.describe()}")
+            raise CgroupError(
+                "cannot restrict device access: no devices controller (cgroup v1) "
+                f"and no cgroup2 mount for a BPF device program; {layout.describe()}"
+            )
         paths, v2_used = {}, []
         for ctrl in CONTROLLERS:
             if ctrl in layout.v1:
@@ -185,20 +205,24 @@ class Cgroup:
                 paths[ctrl] = unified
                 v2_used.append(ctrl)
             elif getattr(limits, "cpus" if ctrl == "cpu" else ctrl) is not None:
-                raise CgroupError(f"cannot limit {ctrl}: no {ctrl} controller in "
-                                  f"/proc/self/mountinfo (cgroup v1 or v2); {layout.describe()}")
+                raise CgroupError(
+                    f"cannot limit {ctrl}: no {ctrl} controller in "
+                    f"/proc/self/mountinfo (cgroup v1 or v2); {layout.describe()}"
+                )
         if devices and not bpf_devices:
             paths["devices"] = os.path.join(layout.v1["devices"], parent, name)
         if unified and (v2_used or layout.mode == "v2" or bpf_devices):
             paths["unified"] = unified
         if not paths:
-            raise CgroupError(f"cannot create cgroup {name}: no cgroup hierarchy with "
-                              f"memory, pids or cpu; {layout.describe()}")
+            raise CgroupError(
+                f"cannot create cgroup {name}: no cgroup hierarchy with memory, pids or cpu; {layout.describe()}"
+            )
         return CgroupPlan(name, paths, limits, devices, tuple(v2_used), layout.v2_root)
 
     @classmethod
-    def create(cls, name: str, limits: Limits, layout: Layout | None = None,
-               parent: str = "pyoverlay", devices: bool = False) -> "Cgroup":
+    def create(
+        cls, name: str, limits: Limits, layout: Layout | None = None, parent: str = "pyoverlay", devices: bool = False
+    ) -> Cgroup:
         """:meth:`plan`, then :meth:`CgroupPlan.create`; CgroupError if either fails."""
         return cls.plan(name, limits, layout, parent, devices).create()
 
@@ -228,15 +252,20 @@ class Cgroup:
         try:
             L.attach_device_filter(self.paths["unified"], DEVICE_RULES)
         except OSError as e:
-            raise CgroupError(f"cannot restrict device access on {self.paths['unified']}: "
-                              f"{e.strerror} (no v1 devices controller; the cgroup v2 BPF device "
-                              "program could not be attached)") from None
+            raise CgroupError(
+                f"cannot restrict device access on {self.paths['unified']}: "
+                f"{e.strerror} (no v1 devices controller; the cgroup v2 BPF device "
+                "program could not be attached)"
+            ) from None
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Cgroup":
+    def from_dict(cls, d: dict) -> Cgroup:
         paths = d.get("paths") if isinstance(d, dict) else None
-        if (not isinstance(paths, dict) or not isinstance(d.get("name"), str)
-                or not all(isinstance(k, str) and isinstance(v, str) for k, v in paths.items())):
+        if (
+            not isinstance(paths, dict)
+            or not isinstance(d.get("name"), str)
+            or not all(isinstance(k, str) and isinstance(v, str) for k, v in paths.items())
+        ):
             raise CgroupError(f"invalid saved cgroup state: {d!r}")
         return cls(d["name"], dict(paths))
 
@@ -244,7 +273,7 @@ class Cgroup:
         return {"name": self.name, "paths": dict(self.paths)}
 
     def _dirs(self) -> list[str]:
-        return list(dict.fromkeys(self.paths.values()))     # unique, in order
+        return list(dict.fromkeys(self.paths.values()))  # unique, in order
 
     def add(self, pid: int) -> None:
         for d in self._dirs():
@@ -271,13 +300,17 @@ class Cgroup:
 
     def stats(self) -> dict:
         """Best effort; None where unknown or unlimited."""
+
         def number(*where: str) -> int | None:
             text = self._read_file(*where).strip()
             return int(text) if text.isdigit() and int(text) < _UNLIMITED else None
-        return {"memory_bytes": number("memory", "memory.usage_in_bytes", "memory.current"),
-                "memory_limit": number("memory", "memory.limit_in_bytes", "memory.max"),
-                "pids": number("pids", "pids.current", "pids.current"),
-                "pids_limit": number("pids", "pids.max", "pids.max")}
+
+        return {
+            "memory_bytes": number("memory", "memory.usage_in_bytes", "memory.current"),
+            "memory_limit": number("memory", "memory.limit_in_bytes", "memory.max"),
+            "pids": number("pids", "pids.current", "pids.current"),
+            "pids_limit": number("pids", "pids.max", "pids.max"),
+        }
 
     def kill_all(self, sig: int = signal.SIGKILL) -> None:
         """Signal every process; for SIGKILL, repeat until none is left (~2 s at most)."""
@@ -319,10 +352,10 @@ class CgroupPlan:
     """A container's cgroup as decided by :meth:`Cgroup.plan`, not created yet."""
 
     name: str
-    paths: dict[str, str]         # as Cgroup.paths
+    paths: dict[str, str]  # as Cgroup.paths
     limits: Limits
-    devices: bool                 # restrict device access (DEVICE_RULES)
-    v2_enable: tuple[str, ...]    # controllers to enable in cgroup.subtree_control
+    devices: bool  # restrict device access (DEVICE_RULES)
+    v2_enable: tuple[str, ...]  # controllers to enable in cgroup.subtree_control
     v2_root: str | None
 
     def create(self) -> Cgroup:
@@ -341,14 +374,15 @@ class CgroupPlan:
                 try:
                     os.mkdir(d)
                 except FileExistsError:
-                    raise CgroupError(f"cgroup {d} already exists (another container "
-                                      "with this name, or a leftover: rmdir it)") from None
+                    raise CgroupError(
+                        f"cgroup {d} already exists (another container with this name, or a leftover: rmdir it)"
+                    ) from None
                 created.append(d)
             cg._write_limits(self.limits)
             if self.devices:
                 cg._restrict_devices()
         except (OSError, CgroupError) as e:
-            for d in reversed(created):       # cgroupfs rmdir ignores the control files
+            for d in reversed(created):  # cgroupfs rmdir ignores the control files
                 try:
                     os.rmdir(d)
                 except OSError:
@@ -367,8 +401,7 @@ def _own_cgroup_v2() -> str | None:
     return None
 
 
-def create_rootless(name: str | None, limits: Limits, layout: Layout | None = None,
-                    dry_run: bool = False) -> "Cgroup":
+def create_rootless(name: str | None, limits: Limits, layout: Layout | None = None, dry_run: bool = False) -> Cgroup:
     """A cgroup for a rootless container, with limits: only in a cgroup v2 subtree
     delegated to the user (systemd's ``user@UID.service``: the parent of the caller's own
     cgroup, writable by the user, with the controllers enabled for it). The cgroup is
@@ -376,24 +409,30 @@ def create_rootless(name: str | None, limits: Limits, layout: Layout | None = No
     v1's) an ordinary user cannot be given a cgroup: refused, naming what to change.
     *dry_run*: only check (raise CgroupError), create nothing."""
     layout = layout or detect()
-    wanted = [c for c, v in (("memory", limits.memory), ("pids", limits.pids), ("cpu", limits.cpus))
-              if v is not None]
+    wanted = [c for c, v in (("memory", limits.memory), ("pids", limits.pids), ("cpu", limits.cpus)) if v is not None]
     flags = {"memory": "--memory", "pids": "--pids-limit", "cpu": "--cpus"}
     opts = "/".join(flags[c] for c in wanted)
     v1 = [c for c in wanted if c in layout.v1]
     if v1 or layout.v2_root is None:
-        raise CgroupError(f"{opts} cannot be used without root here: cgroup v1 ({', '.join(v1) or 'no cgroup2'}) "
-                          "cannot be delegated to an ordinary user (run as root, or boot with cgroup v2 "
-                          "and a delegated subtree: systemd.unified_cgroup_hierarchy=1)")
+        raise CgroupError(
+            f"{opts} cannot be used without root here: cgroup v1 ({', '.join(v1) or 'no cgroup2'}) "
+            "cannot be delegated to an ordinary user (run as root, or boot with cgroup v2 "
+            "and a delegated subtree: systemd.unified_cgroup_hierarchy=1)"
+        )
     own = _own_cgroup_v2()
     base = os.path.dirname(os.path.join(layout.v2_root, (own or "/").lstrip("/")).rstrip("/"))
     base_ctrls = (_read(os.path.join(base, "cgroup.controllers")) or "").split()
     missing = [c for c in wanted if c not in base_ctrls]
     if own is None or not os.access(os.path.join(base, "cgroup.subtree_control"), os.W_OK) or missing:
-        why = (f"controllers {', '.join(missing)} are not delegated to {base}" if missing and own
-               else f"{base} is not a cgroup v2 subtree delegated to this user")
-        raise CgroupError(f"{opts} cannot be used without root here: {why} (with systemd: "
-                          "Delegate=yes in user@.service, or run as root)")
+        why = (
+            f"controllers {', '.join(missing)} are not delegated to {base}"
+            if missing and own
+            else f"{base} is not a cgroup v2 subtree delegated to this user"
+        )
+        raise CgroupError(
+            f"{opts} cannot be used without root here: {why} (with systemd: "
+            "Delegate=yes in user@.service, or run as root)"
+        )
     if dry_run:
         return None  # type: ignore[return-value]
     _check_component("name", name)

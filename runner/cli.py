@@ -22,9 +22,17 @@ from overlayfs_py.resolvers import ContainerView, Resolvers
 from . import control, state
 from .cgroups import Limits, parse_size
 from .errors import EXIT_RUNNER, RunnerError
-from .spec import (RunSpec, SpecError, apply_image, check_name, check_workdir, parse_caps,
-                   parse_env, parse_network, parse_volume)
-
+from .spec import (
+    RunSpec,
+    SpecError,
+    apply_image,
+    check_name,
+    check_workdir,
+    parse_caps,
+    parse_env,
+    parse_network,
+    parse_volume,
+)
 
 #: usage errors of these exit with 125, the runner's own error, as docker's do
 USAGE_125 = frozenset({"run", "exec"})
@@ -32,11 +40,18 @@ USAGE_125 = frozenset({"run", "exec"})
 
 # --- what the filesystem's commands may ask of the runner ---------------------------------
 
+
 def container_view(rec: dict) -> ContainerView:
     """A container record as the filesystem's commands see it."""
-    return ContainerView(id=rec["id"], name=rec.get("name"), upper=rec.get("upper"),
-                         lowers=tuple(rec.get("layers", [])), init_layer=rec.get("init_layer"),
-                         merged=rec.get("merged"), running=state.status(rec) == "running")
+    return ContainerView(
+        id=rec["id"],
+        name=rec.get("name"),
+        upper=rec.get("upper"),
+        lowers=tuple(rec.get("layers", [])),
+        init_layer=rec.get("init_layer"),
+        merged=rec.get("merged"),
+        running=state.status(rec) == "running",
+    )
 
 
 def _find_container(ref: str) -> ContainerView | None:
@@ -58,8 +73,7 @@ def _image_layers(ref: str, docker_root: str | None) -> list[str]:
 
 def resolvers() -> Resolvers:
     """The container and image look-ups of this runner, for the filesystem's commands."""
-    return Resolvers(find_container=_find_container, all_containers=_all_containers,
-                     find_image=_image_layers)
+    return Resolvers(find_container=_find_container, all_containers=_all_containers, find_image=_image_layers)
 
 
 def _layers(spec: str) -> tuple[str, ...]:
@@ -122,14 +136,19 @@ def register(main: click.Group) -> None:
         main.add_command(cmd)
 
 
-@click.command("run", context_settings={"help_option_names": ["--help"],
-                                        "allow_interspersed_args": False})
+@click.command("run", context_settings={"help_option_names": ["--help"], "allow_interspersed_args": False})
 @click.argument("args", nargs=-1, metavar="LOWER1[:LOWER2...] CMD [ARGS]... | --image REF [CMD [ARGS]...]")
-@click.option("--image", metavar="REF",
-              help="Run the image REF (name[:tag], name@sha256:..., id or prefix): its layers "
-                   "are the lowers and its config gives the default command, env, workdir, user.")
-@click.option("--docker-root", metavar="DIR",
-              help="Docker's data root for --image (default $PYOVERLAY_DOCKER_ROOT or /var/lib/docker).")
+@click.option(
+    "--image",
+    metavar="REF",
+    help="Run the image REF (name[:tag], name@sha256:..., id or prefix): its layers "
+    "are the lowers and its config gives the default command, env, workdir, user.",
+)
+@click.option(
+    "--docker-root",
+    metavar="DIR",
+    help="Docker's data root for --image (default $PYOVERLAY_DOCKER_ROOT or /var/lib/docker).",
+)
 @click.option("--name", help="Container name (unique).")
 @click.option("--rm", "remove", is_flag=True, help="Remove the container and its upper layer when it exits.")
 @click.option("--upper", metavar="DIR", help="Keep the upper layer in DIR (default: a fresh one).")
@@ -138,12 +157,12 @@ def register(main: click.Group) -> None:
 @click.option("-t", "--tty", is_flag=True, help="Allocate a terminal inside the container.")
 @click.option("--init", is_flag=True, help="Run a small init as PID 1 that reaps zombies and forwards signals.")
 @click.option("-e", "--env", multiple=True, metavar="KEY=VAL", help="Set an environment variable.")
-@click.option("-w", "--workdir", metavar="DIR",
-              help="Working directory inside (default: the image's WorkingDir, else /).")
+@click.option(
+    "-w", "--workdir", metavar="DIR", help="Working directory inside (default: the image's WorkingDir, else /)."
+)
 @click.option("-u", "--user", metavar="UID[:GID]", help="User (name or id) and group inside.")
 @click.option("-h", "--hostname", help="Hostname (default: the short container id).")
-@click.option("--net", "--network", "network", default="none", show_default=True,
-              help="none (only lo) or host.")
+@click.option("--net", "--network", "network", default="none", show_default=True, help="none (only lo) or host.")
 @click.option("-v", "--volume", "volumes", multiple=True, metavar="HOST:CTR[:ro]", help="Bind mount.")
 @click.option("--read-only", is_flag=True, help="Mount the container's root read-only.")
 @click.option("-m", "--memory", metavar="SIZE", help="Memory limit (e.g. 64m, 1g).")
@@ -152,19 +171,59 @@ def register(main: click.Group) -> None:
 @click.option("--privileged", is_flag=True, help="Keep all capabilities and skip no_new_privs and masking.")
 @click.option("--cap-add", multiple=True, metavar="CAP", help="Keep a capability beyond docker's default set.")
 @click.option("--cap-drop", multiple=True, metavar="CAP", help="Drop a capability (ALL for all).")
-@click.option("--stop-timeout", type=float, default=10.0, show_default=True,
-              help="Seconds between SIGTERM and SIGKILL when the runner is stopped.")
-@click.option("--trace", "trace_file", metavar="FILE",
-              help="Write every copy-up, whiteout and opaque-dir event to FILE (JSON lines).")
-@click.option("--trace-summary", is_flag=True,
-              help="When the container exits, print what it copied up and who did (stderr).")
-@click.option("--userns-map", type=click.Choice(["auto", "subid", "single"]), default=None,
-              help="Rootless runs: map /etc/subuid ranges with newuidmap (subid), only the "
-                   "user as root (single), or subid when possible (auto; default "
-                   "$PYOVERLAY_USERNS_MAP or auto).")
-def run_cmd(args, image, docker_root, name, remove, upper, detach, interactive, tty, init, env, workdir, user,
-            hostname, network, volumes, read_only, memory, pids_limit, cpus, privileged,
-            cap_add, cap_drop, stop_timeout, trace_file, trace_summary, userns_map):
+@click.option(
+    "--stop-timeout",
+    type=float,
+    default=10.0,
+    show_default=True,
+    help="Seconds between SIGTERM and SIGKILL when the runner is stopped.",
+)
+@click.option(
+    "--trace",
+    "trace_file",
+    metavar="FILE",
+    help="Write every copy-up, whiteout and opaque-dir event to FILE (JSON lines).",
+)
+@click.option(
+    "--trace-summary", is_flag=True, help="When the container exits, print what it copied up and who did (stderr)."
+)
+@click.option(
+    "--userns-map",
+    type=click.Choice(["auto", "subid", "single"]),
+    default=None,
+    help="Rootless runs: map /etc/subuid ranges with newuidmap (subid), only the "
+    "user as root (single), or subid when possible (auto; default "
+    "$PYOVERLAY_USERNS_MAP or auto).",
+)
+def run_cmd(
+    args,
+    image,
+    docker_root,
+    name,
+    remove,
+    upper,
+    detach,
+    interactive,
+    tty,
+    init,
+    env,
+    workdir,
+    user,
+    hostname,
+    network,
+    volumes,
+    read_only,
+    memory,
+    pids_limit,
+    cpus,
+    privileged,
+    cap_add,
+    cap_drop,
+    stop_timeout,
+    trace_file,
+    trace_summary,
+    userns_map,
+):
     """Run CMD in new namespaces on LOWER1[:LOWER2...] (LOWER1 on top) plus an upper layer.
 
     \b
@@ -175,28 +234,44 @@ def run_cmd(args, image, docker_root, name, remove, upper, detach, interactive, 
     """
     try:
         if image is not None:
-            layers, argv, env_list, wd, user, img = _from_image(image, docker_root, args, env,
-                                                                workdir, user)
+            layers, argv, env_list, wd, user, img = _from_image(image, docker_root, args, env, workdir, user)
         else:
             if docker_root is not None:
                 raise SpecError("--docker-root needs --image")
             if not args:
-                raise SpecError("no layers given: run [OPTIONS] LOWER1[:LOWER2...] [--] CMD "
-                                "[ARGS...] or run [OPTIONS] --image REF [CMD [ARGS...]]")
+                raise SpecError(
+                    "no layers given: run [OPTIONS] LOWER1[:LOWER2...] [--] CMD "
+                    "[ARGS...] or run [OPTIONS] --image REF [CMD [ARGS...]]"
+                )
             layers, argv, img = _layers(args[0]), _command(args[1:]), None
             env_list, wd = parse_env(list(env)), check_workdir(workdir or "/")
         spec = RunSpec(
-            layers=layers, argv=argv, name=check_name(name) if name else None,
-            upper=os.path.realpath(upper) if upper else None, remove=remove, detach=detach,
-            interactive=interactive, tty=tty, init=init, env=env_list,
-            workdir=wd, user=user, hostname=hostname, image=img,
-            network=parse_network(network), volumes=[parse_volume(v) for v in volumes],
+            layers=layers,
+            argv=argv,
+            name=check_name(name) if name else None,
+            upper=os.path.realpath(upper) if upper else None,
+            remove=remove,
+            detach=detach,
+            interactive=interactive,
+            tty=tty,
+            init=init,
+            env=env_list,
+            workdir=wd,
+            user=user,
+            hostname=hostname,
+            image=img,
+            network=parse_network(network),
+            volumes=[parse_volume(v) for v in volumes],
             read_only=read_only,
             limits=Limits(memory=parse_size(memory) if memory else None, pids=pids_limit, cpus=cpus),
-            privileged=privileged, cap_add=parse_caps(list(cap_add)),
-            cap_drop=parse_caps(list(cap_drop)), stop_timeout=stop_timeout,
-            trace_file=_trace_file(trace_file), trace_summary=trace_summary,
-            userns_map=userns_map or _userns_map_default())
+            privileged=privileged,
+            cap_add=parse_caps(list(cap_add)),
+            cap_drop=parse_caps(list(cap_drop)),
+            stop_timeout=stop_timeout,
+            trace_file=_trace_file(trace_file),
+            trace_summary=trace_summary,
+            userns_map=userns_map or _userns_map_default(),
+        )
     except (SpecError, ValueError) as e:
         fail(e, EXIT_RUNNER)
     _check_dirs()
@@ -297,8 +372,7 @@ def ps_cmd(show_all, quiet, as_json):
         click.echo(control.ps_table(rows, time.time()))
 
 
-@click.command("exec", context_settings={"help_option_names": ["--help"],
-                                         "allow_interspersed_args": False})
+@click.command("exec", context_settings={"help_option_names": ["--help"], "allow_interspersed_args": False})
 @click.argument("ref")
 @click.argument("argv", nargs=-1, required=True)
 @click.option("-i", "--interactive", is_flag=True)
@@ -317,16 +391,22 @@ def exec_cmd(ref, argv, interactive, tty, env, user, workdir):
         argv = _command(argv)
         env_list = parse_env(list(env))
         wd = check_workdir(workdir) if workdir else None
-        sys.exit(exec_in(rec, list(argv), env=env_list, user=user, workdir=wd, tty=tty,
-                         interactive=interactive))
+        sys.exit(exec_in(rec, list(argv), env=env_list, user=user, workdir=wd, tty=tty, interactive=interactive))
     except RunnerError as e:  # ExecError, SpecError (125), ContainerError (its own status)
         fail(e)
 
 
 @click.command("stop")
 @click.argument("refs", nargs=-1, required=True)
-@click.option("-t", "--time", "timeout", type=float, default=10.0, show_default=True,
-              help="Seconds to wait after SIGTERM before SIGKILL.")
+@click.option(
+    "-t",
+    "--time",
+    "timeout",
+    type=float,
+    default=10.0,
+    show_default=True,
+    help="Seconds to wait after SIGTERM before SIGKILL.",
+)
 def stop_cmd(refs, timeout):
     """Stop containers: SIGTERM, then SIGKILL after the timeout; waits for the cleanup."""
     _each(refs, lambda rec: control.stop(rec, timeout))

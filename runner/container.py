@@ -37,9 +37,9 @@ from overlayfs_py import _sys
 from . import _linux as L
 from . import init as pid1
 from . import rootfs
+from .errors import RunnerError
 from .spec import SpecError, build_env, resolve_user
 from .userns import setgroups_allowed  # imported now: exec calls it inside the container
-from .errors import RunnerError
 
 if TYPE_CHECKING:
     from .plan import RunPlan
@@ -170,9 +170,18 @@ def _setup_and_exec(launch: Launch) -> None:
                 os.close(launch.tty_sock)
             L.set_comm("init")
             pid1.reap_and_forward(child)  # never returns
-    become(ids, env, spec.argv, spec.workdir, spec.caps(), not spec.privileged,
-           launch.err_fd, tty_sock=launch.tty_sock, winsize=launch.winsize,
-           stdin_null=not spec.interactive)
+    become(
+        ids,
+        env,
+        spec.argv,
+        spec.workdir,
+        spec.caps(),
+        not spec.privileged,
+        launch.err_fd,
+        tty_sock=launch.tty_sock,
+        winsize=launch.winsize,
+        stdin_null=not spec.interactive,
+    )
 
 
 def read_text(path: str) -> str:
@@ -183,8 +192,19 @@ def read_text(path: str) -> str:
         return ""
 
 
-def become(ids, env: list[str], argv: list[str], workdir: str, caps, no_new_privs: bool,
-           err_fd: int, *, tty_sock: int | None, winsize: bytes | None, stdin_null: bool) -> None:
+def become(
+    ids,
+    env: list[str],
+    argv: list[str],
+    workdir: str,
+    caps,
+    no_new_privs: bool,
+    err_fd: int,
+    *,
+    tty_sock: int | None,
+    winsize: bytes | None,
+    stdin_null: bool,
+) -> None:
     """The last steps, shared with ``pyoverlay exec``: terminal, privileges, exec."""
     if tty_sock is not None:
         master, slave = os.openpty()
@@ -229,7 +249,8 @@ def set_ids(ids) -> None:
             raise
         raise ContainerError(
             f"cannot run as uid {ids.uid} gid {ids.gid}: not mapped in the container's user "
-            "namespace (rootless with a single-id map only has root; see --userns-map)") from None
+            "namespace (rootless with a single-id map only has root; see --userns-map)"
+        ) from None
 
 
 def execvpe(argv: list[str], env: list[str]) -> None:

@@ -33,10 +33,20 @@ def summary(rec: state.Record | dict) -> dict:
     """What ``ps`` shows of a record (``ps --json``'s keys)."""
     r = state.Record.of(rec)
     return {
-        "id": r.id, "name": r.name, "command": r.command, "status": state.status(r),
-        "exit_code": r.exit_code, "oom_killed": bool(r.oom_killed), "pid": r.pid,
-        "layers": r.layers, "upper": r.upper, "merged": r.merged, "created": r.created,
-        "finished": r.finished, "hostname": r.hostname, "image": r.image,
+        "id": r.id,
+        "name": r.name,
+        "command": r.command,
+        "status": state.status(r),
+        "exit_code": r.exit_code,
+        "oom_killed": bool(r.oom_killed),
+        "pid": r.pid,
+        "layers": r.layers,
+        "upper": r.upper,
+        "merged": r.merged,
+        "created": r.created,
+        "finished": r.finished,
+        "hostname": r.hostname,
+        "image": r.image,
     }
 
 
@@ -65,9 +75,17 @@ def ps_table(rows: list[dict], now: float) -> str:
     for r in rows:
         cmd = shlex.join(r["command"])
         cmd = cmd if len(cmd) <= 24 else cmd[:21] + "..."
-        lines.append((r["id"][:12], r["name"] or "", f'"{cmd}"', status_text(r, now),
-                      str(r["pid"] or "") if r["status"] == "running" else "-",
-                      str(len(r["layers"])), r["upper"] or ""))
+        lines.append(
+            (
+                r["id"][:12],
+                r["name"] or "",
+                f'"{cmd}"',
+                status_text(r, now),
+                str(r["pid"] or "") if r["status"] == "running" else "-",
+                str(len(r["layers"])),
+                r["upper"] or "",
+            )
+        )
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines)
 
@@ -161,8 +179,7 @@ def cleanup_dead(rec: state.Record | dict) -> None:
         os.close(fd)
     merged = rec.merged
     # only the container's own mountpoint (a record's paths are checked by state.load too)
-    if merged and merged == os.path.join(state.container_dir(rec.id), "merged") \
-            and state.mounts_under(merged):
+    if merged and merged == os.path.join(state.container_dir(rec.id), "merged") and state.mounts_under(merged):
         try_unmount(merged, lazy=True)
     server, start = rec.server_pid, rec.server_start
     deadline = time.monotonic() + 10
@@ -214,5 +231,4 @@ def top_table(rec: state.Record | dict) -> str:
             continue  # exited meanwhile
         lines.append((str(pid), str(ns[-1]) if ns else "?", ppid, uid, cmd))
     widths = [max(len(line[i]) for line in lines) for i in range(4)]
-    return "\n".join("  ".join(c.rjust(w) for c, w in zip(line[:4], widths)) + "  " + line[4]
-                     for line in lines)
+    return "\n".join("  ".join(c.rjust(w) for c, w in zip(line[:4], widths)) + "  " + line[4] for line in lines)

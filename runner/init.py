@@ -17,8 +17,18 @@ import os
 import signal
 
 #: forwarded to CMD (tini's list: every signal but the synchronous/job-control ones)
-FORWARDED = {signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGTERM, signal.SIGUSR1,
-             signal.SIGUSR2, signal.SIGWINCH, signal.SIGALRM, signal.SIGCONT, signal.SIGPIPE}
+FORWARDED = {
+    signal.SIGHUP,
+    signal.SIGINT,
+    signal.SIGQUIT,
+    signal.SIGTERM,
+    signal.SIGUSR1,
+    signal.SIGUSR2,
+    signal.SIGWINCH,
+    signal.SIGALRM,
+    signal.SIGCONT,
+    signal.SIGPIPE,
+}
 SIGNALS = FORWARDED | {signal.SIGCHLD}
 
 

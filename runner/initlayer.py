@@ -22,11 +22,18 @@ from dataclasses import dataclass
 
 from overlayfs_py.layers import LayerStack
 from overlayfs_py.whiteout import XattrNames
+
 from .errors import RunnerError
 
 #: What every container mounts on (kind "dir" or "file").
-BASE_MOUNTPOINTS = (("proc", "dir"), ("dev", "dir"), ("sys", "dir"),
-                    ("etc/hostname", "file"), ("etc/hosts", "file"), ("etc/resolv.conf", "file"))
+BASE_MOUNTPOINTS = (
+    ("proc", "dir"),
+    ("dev", "dir"),
+    ("sys", "dir"),
+    ("etc/hostname", "file"),
+    ("etc/hosts", "file"),
+    ("etc/resolv.conf", "file"),
+)
 
 
 class InitLayerError(RunnerError):
@@ -35,8 +42,8 @@ class InitLayerError(RunnerError):
 
 @dataclass(frozen=True)
 class Needed:
-    path: str       # relative to the root, no leading slash
-    kind: str       # "dir" | "file"
+    path: str  # relative to the root, no leading slash
+    kind: str  # "dir" | "file"
     required: bool  # False: skip quietly when the image blocks it (e.g. /etc is a file)
 
 
@@ -63,7 +70,7 @@ def _lookup(stack: LayerStack, path: str):
 class InitPlan:
     """What the init layer must hold, found by reading the image (nothing created yet)."""
 
-    usable: tuple[str, ...]       # paths of the Needed that exist or will be created
+    usable: tuple[str, ...]  # paths of the Needed that exist or will be created
     todo: tuple[tuple[Needed, tuple[os.stat_result, ...], int], ...]  # (need, found, first missing)
 
     def create(self, init_dir: str, new_owner: tuple[int, int] | None = None) -> None:
@@ -81,8 +88,7 @@ class InitPlan:
             os.close(root_fd)
 
 
-def plan(layers: tuple[str, ...], upper: str | None, userxattr: bool,
-         needed: list[Needed]) -> InitPlan:
+def plan(layers: tuple[str, ...], upper: str | None, userxattr: bool, needed: list[Needed]) -> InitPlan:
     """Look up *needed* in the merged view of *layers* (+ *upper*, an existing one) and
     say what is missing; InitLayerError when a required path cannot be provided (a parent
     in the image is not a directory). Reads only."""
@@ -93,8 +99,7 @@ def plan(layers: tuple[str, ...], upper: str | None, userxattr: bool,
             found, missing, blocked = _lookup(stack, need.path)
             if blocked:
                 if need.required:
-                    raise InitLayerError(
-                        f"cannot mount on /{need.path}: a parent in the image is not a directory")
+                    raise InitLayerError(f"cannot mount on /{need.path}: a parent in the image is not a directory")
                 continue
             usable.append(need.path)
             if missing is not None:
@@ -108,8 +113,7 @@ def plan(layers: tuple[str, ...], upper: str | None, userxattr: bool,
 READ_LIMIT = 4 << 20
 
 
-def read_files(layers: tuple[str, ...], upper: str | None, userxattr: bool,
-               paths: list[str]) -> dict[str, str | None]:
+def read_files(layers: tuple[str, ...], upper: str | None, userxattr: bool, paths: list[str]) -> dict[str, str | None]:
     """The text of each of *paths* (relative, e.g. ``etc/passwd``) in the merged view of
     *layers* (+ *upper*): "" when it does not exist, None when it cannot be told without
     the container (a symlink, not a regular file, too big, unreadable). Reads only; a
@@ -140,8 +144,13 @@ def read_files(layers: tuple[str, ...], upper: str | None, userxattr: bool,
                     text = None
                     break
                 try:
-                    fd = _sys.openat2(hit.layer.fd, hit.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                                      0, _sys.RESOLVE_NO_SYMLINKS | _sys.RESOLVE_BENEATH)
+                    fd = _sys.openat2(
+                        hit.layer.fd,
+                        hit.path,
+                        os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                        0,
+                        _sys.RESOLVE_NO_SYMLINKS | _sys.RESOLVE_BENEATH,
+                    )
                     with open(fd, "rb") as f:
                         text = f.read(READ_LIMIT).decode(errors="replace")
                 except OSError:
@@ -152,8 +161,14 @@ def read_files(layers: tuple[str, ...], upper: str | None, userxattr: bool,
     return out
 
 
-def build(init_dir: str, layers: tuple[str, ...], upper: str | None, userxattr: bool,
-          needed: list[Needed], new_owner: tuple[int, int] | None = None) -> list[str]:
+def build(
+    init_dir: str,
+    layers: tuple[str, ...],
+    upper: str | None,
+    userxattr: bool,
+    needed: list[Needed],
+    new_owner: tuple[int, int] | None = None,
+) -> list[str]:
     """:func:`plan` then :meth:`InitPlan.create`: create *init_dir* with what *needed*
     lacks in the merged view of *layers* (+ *upper*). Returns the paths of *needed* that
     could be provided or already exist."""
@@ -187,8 +202,9 @@ def _own(root_fd: int, dfd: int, name: str, uid: int, gid: int, mode: int) -> No
         os.setxattr(root_fd, OVERRIDE_XATTR, encode_override(rst.st_uid, rst.st_gid, rst.st_mode))
 
 
-def _create(root_fd: int, need: Needed, found: list[os.stat_result], missing: int,
-            new_owner: tuple[int, int] | None = None) -> None:
+def _create(
+    root_fd: int, need: Needed, found: list[os.stat_result], missing: int, new_owner: tuple[int, int] | None = None
+) -> None:
     comps = need.path.split("/")
     dfd = os.dup(root_fd)
     try:
@@ -200,8 +216,7 @@ def _create(root_fd: int, need: Needed, found: list[os.stat_result], missing: in
                 st = None
             if st is None:
                 if last and need.kind == "file":
-                    fd = os.open(name, os.O_CREAT | os.O_WRONLY | os.O_EXCL | os.O_CLOEXEC,
-                                 0o644, dir_fd=dfd)
+                    fd = os.open(name, os.O_CREAT | os.O_WRONLY | os.O_EXCL | os.O_CLOEXEC, 0o644, dir_fd=dfd)
                     os.close(fd)
                 else:
                     os.mkdir(name, 0o755, dir_fd=dfd)
@@ -222,5 +237,4 @@ def _create(root_fd: int, need: Needed, found: list[os.stat_result], missing: in
     # times last (creating children changed them), deepest first
     for i in range(min(missing, len(comps)) - 1, -1, -1):
         img = found[i]
-        os.utime("/".join(comps[: i + 1]), ns=(img.st_atime_ns, img.st_mtime_ns), dir_fd=root_fd,
-                 follow_symlinks=False)
+        os.utime("/".join(comps[: i + 1]), ns=(img.st_atime_ns, img.st_mtime_ns), dir_fd=root_fd, follow_symlinks=False)

@@ -40,13 +40,13 @@ from overlayfs_py.logs import one_line
 from . import _linux as L
 from . import container, state, userns
 from .cgroups import Cgroup, CgroupError, create_rootless
+from .errors import RunnerError
 from .init import exit_code
 from .plan import RunPlan, device_rules_needed, generate_name, with_storage_maps
 from .plan import build as build_plan
 from .spec import RunSpec
 from .supervise import catch_signals, supervise
 from .tty import PtyRelay, recv_master
-from .errors import RunnerError
 
 __all__ = ["Monitor", "RunError", "generate_name"]
 
@@ -85,13 +85,13 @@ def step(name: str):
 class Monitor:
     def __init__(self, spec: RunSpec, notify_fd: int | None = None):
         self.spec = spec
-        self.notify_fd = notify_fd      # run -d: tell the waiting CLI "ok ID" / "err CODE MSG"
+        self.notify_fd = notify_fd  # run -d: tell the waiting CLI "ok ID" / "err CODE MSG"
         self.detach = notify_fd is not None
-        self.started = False            # CMD was executed: from here on the exit is recorded
-        self.rec: state.Record | None = None   # saved from the step "reserving the name" on
-        self.pending: list[int] = []    # signals that arrived before the wait loop
+        self.started = False  # CMD was executed: from here on the exit is recorded
+        self.rec: state.Record | None = None  # saved from the step "reserving the name" on
+        self.pending: list[int] = []  # signals that arrived before the wait loop
         self.rootless = os.geteuid() != 0
-        self.ns_fds: list[int] = []     # rootless: the container's user and mount namespaces
+        self.ns_fds: list[int] = []  # rootless: the container's user and mount namespaces
 
     # --- public ------------------------------------------------------------------------
 
@@ -182,9 +182,12 @@ class Monitor:
                 self.ns_fds = list(holder.namespaces())
             holder.release()
             self.rec.rootless = state.RootlessInfo(
-                map=users.maps.mode, uid_map=users.maps.kernel_lines("uid"),
+                map=users.maps.mode,
+                uid_map=users.maps.kernel_lines("uid"),
                 gid_map=users.maps.kernel_lines("gid"),
-                storage_uidmap=list(cfg.uidmap), storage_gidmap=list(cfg.gidmap))
+                storage_uidmap=list(cfg.uidmap),
+                storage_gidmap=list(cfg.gidmap),
+            )
         r = self.rec
         r.upper, r.workdir, r.merged, r.init_layer = paths.upper, paths.workdir, paths.merged, paths.init
         r.trace_file, r.hostname = paths.trace_file, plan.hostname
@@ -222,8 +225,12 @@ class Monitor:
         if spec.tty:
             tty_parent, tty_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         launch = container.Launch(
-            plan=plan, go_fd=go_r, err_fd=err_w, tty_sock=tty_child.fileno() if tty_child else None,
-            winsize=container.winsize_of(0) if spec.tty else None)
+            plan=plan,
+            go_fd=go_r,
+            err_fd=err_w,
+            tty_sock=tty_child.fileno() if tty_child else None,
+            winsize=container.winsize_of(0) if spec.tty else None,
+        )
 
         def fork_pid1() -> int:
             L.unshare(L.CLONE_NEWPID)

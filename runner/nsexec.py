@@ -22,19 +22,27 @@ import socket
 from . import _linux as L
 from . import container, state
 from .cgroups import Cgroup
+from .errors import RunnerError
 from .init import exit_code
 from .spec import build_env, resolve_user
 from .supervise import supervise
 from .tty import PtyRelay, recv_master
-from .errors import RunnerError
 
 
 class ExecError(RunnerError):
     pass
 
 
-def exec_in(rec: state.Record | dict, argv: list[str], *, env: list[str], user: str | None,
-            workdir: str | None, tty: bool, interactive: bool) -> int:
+def exec_in(
+    rec: state.Record | dict,
+    argv: list[str],
+    *,
+    env: list[str],
+    user: str | None,
+    workdir: str | None,
+    tty: bool,
+    interactive: bool,
+) -> int:
     rec = state.Record.of(rec)
     if state.status(rec) != "running" or not L.alive(rec.pid, rec.pid_start):
         raise ExecError(f"container {rec.name} is not running")
@@ -68,8 +76,20 @@ def exec_in(rec: state.Record | dict, argv: list[str], *, env: list[str], user: 
         try:
             child = os.fork()
             if child == 0:
-                _child(fds, cg, rec, sp, argv, env, user, workdir, tty, interactive, err_w,
-                       tty_child.fileno() if tty_child else None)
+                _child(
+                    fds,
+                    cg,
+                    rec,
+                    sp,
+                    argv,
+                    env,
+                    user,
+                    workdir,
+                    tty,
+                    interactive,
+                    err_w,
+                    tty_child.fileno() if tty_child else None,
+                )
         finally:
             if own is not None:
                 L.setns(own, L.CLONE_NEWPID)
@@ -112,14 +132,23 @@ def _child(fds, cg, rec, sp, argv, env, user, workdir, tty, interactive, err_w, 
                 L.setns(fds[ns], flag)
         for fd in fds.values():
             os.close(fd)
-        ids = resolve_user(user if user is not None else sp.user,
-                           container.read_text("/etc/passwd"), container.read_text("/etc/group"))
+        ids = resolve_user(
+            user if user is not None else sp.user, container.read_text("/etc/passwd"), container.read_text("/etc/group")
+        )
         full_env = build_env(list(sp.env) + env, rec.hostname or "", ids.home, tty)
         caps = sp.caps
-        container.become(ids, full_env, argv, workdir or sp.workdir,
-                         frozenset(caps) if caps is not None else None, sp.no_new_privs,
-                         err_w, tty_sock=tty_sock, winsize=container.winsize_of(0) if tty else None,
-                         stdin_null=not interactive)
+        container.become(
+            ids,
+            full_env,
+            argv,
+            workdir or sp.workdir,
+            frozenset(caps) if caps is not None else None,
+            sp.no_new_privs,
+            err_w,
+            tty_sock=tty_sock,
+            winsize=container.winsize_of(0) if tty else None,
+            stdin_null=not interactive,
+        )
     except container.ContainerError as e:
         code = e.code
         container.report(err_w, code, str(e))

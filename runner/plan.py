@@ -43,17 +43,17 @@ class PlanError(RunnerError):
 
 @dataclass(frozen=True)
 class EtcFile:
-    target: str     # inside the container: "/etc/hosts"
-    source: str     # the host file bound there, in the container's data dir
+    target: str  # inside the container: "/etc/hosts"
+    source: str  # the host file bound there, in the container's data dir
     text: str
 
 
 @dataclass(frozen=True)
 class VolumeMount:
-    source: str     # host path (resolved)
-    target: str     # inside the container, absolute and normalised
+    source: str  # host path (resolved)
+    target: str  # inside the container, absolute and normalised
     read_only: bool
-    is_dir: bool    # what the source was when planned (the mount point made to match)
+    is_dir: bool  # what the source was when planned (the mount point made to match)
 
     @property
     def on_dev(self) -> bool:
@@ -63,14 +63,14 @@ class VolumeMount:
 
 @dataclass(frozen=True)
 class Paths:
-    data: str                   # <data root>/containers/<id>
+    data: str  # <data root>/containers/<id>
     upper: str
     workdir: str
-    upper_given: bool           # --upper: the user's directory (kept, locked while in use)
-    merged: str                 # the overlay's mountpoint: the container's root
-    init: str                   # the init layer
+    upper_given: bool  # --upper: the user's directory (kept, locked while in use)
+    merged: str  # the overlay's mountpoint: the container's root
+    init: str  # the init layer
     server_log: str
-    output_log: str | None      # run -d: stdout and stderr of the monitor and the container
+    output_log: str | None  # run -d: stdout and stderr of the monitor and the container
     trace_file: str | None
 
 
@@ -79,8 +79,8 @@ class UsernsPlan:
     """Rootless: the container's user namespace."""
 
     maps: userns.Plan
-    note: str | None            # auto fell back to a single-id map: said on stderr
-    users_image: bool           # the top layer is the user's own (built or imported by the user)
+    note: str | None  # auto fell back to a single-id map: said on stderr
+    users_image: bool  # the top layer is the user's own (built or imported by the user)
 
     @property
     def new_owner(self) -> tuple[int, int]:
@@ -99,34 +99,49 @@ class RunPlan:
     hostname: str
     rootless: bool
     paths: Paths
-    etc_files: tuple[EtcFile, ...]          # those the image can take (not under a symlinked /etc)
+    etc_files: tuple[EtcFile, ...]  # those the image can take (not under a symlinked /etc)
     init_layer: initlayer.InitPlan
-    volumes: tuple[VolumeMount, ...]        # parents before children
-    mount: MountConfig                      # the overlay (rootless: fuse_fd added when mounted)
+    volumes: tuple[VolumeMount, ...]  # parents before children
+    mount: MountConfig  # the overlay (rootless: fuse_fd added when mounted)
     userns: UsernsPlan | None
-    cgroup: CgroupPlan | None               # root: what Cgroup.plan decided (rootless: None)
-    cgroup_optional: bool                   # no limits and no device rules to hold: none is fine
+    cgroup: CgroupPlan | None  # root: what Cgroup.plan decided (rootless: None)
+    cgroup_optional: bool  # no limits and no device rules to hold: none is fine
 
     def record(self) -> state.Record:
         """The container's record as first saved (status "created")."""
         spec = self.spec
         caps = spec.caps()
         return state.Record(
-            id=self.cid, name=self.name, command=list(spec.argv), layers=list(spec.layers),
-            created=time.time(), status="created", data_dir=self.paths.data,
-            monitor_pid=os.getpid(), monitor_start=L.process_start_time(os.getpid()), image=spec.image,
+            id=self.cid,
+            name=self.name,
+            command=list(spec.argv),
+            layers=list(spec.layers),
+            created=time.time(),
+            status="created",
+            data_dir=self.paths.data,
+            monitor_pid=os.getpid(),
+            monitor_start=L.process_start_time(os.getpid()),
+            image=spec.image,
             spec=state.ExecDefaults(
-                env=list(spec.env), workdir=spec.workdir, user=spec.user, tty=spec.tty,
-                caps=sorted(caps) if caps is not None else None, no_new_privs=not spec.privileged,
-                network=spec.network, read_only=spec.read_only, init=spec.init,
+                env=list(spec.env),
+                workdir=spec.workdir,
+                user=spec.user,
+                tty=spec.tty,
+                caps=sorted(caps) if caps is not None else None,
+                no_new_privs=not spec.privileged,
+                network=spec.network,
+                read_only=spec.read_only,
+                init=spec.init,
                 upper_given=self.paths.upper_given,
                 volumes=[f"{v.source}:{v.target}:{'ro' if v.read_only else 'rw'}" for v in self.volumes],
                 limits={"memory": spec.limits.memory, "pids": spec.limits.pids, "cpus": spec.limits.cpus},
-                remove=spec.remove, stop_timeout=spec.stop_timeout))
+                remove=spec.remove,
+                stop_timeout=spec.stop_timeout,
+            ),
+        )
 
 
-def build(spec: RunSpec, *, detach: bool = False, cid: str | None = None,
-          rootless: bool | None = None) -> RunPlan:
+def build(spec: RunSpec, *, detach: bool = False, cid: str | None = None, rootless: bool | None = None) -> RunPlan:
     """Plan a run of *spec*. Reads only; PlanError, SpecError, CgroupError,
     InitLayerError or UsernsError (all one line, exit status 125) for what cannot be
     done."""
@@ -158,40 +173,103 @@ def build(spec: RunSpec, *, detach: bool = False, cid: str | None = None,
     # the init layer: every mount point the image lacks (read from the image: its
     # whiteouts and opaque dirs count, no symlink is followed); blocked ones are errors
     needed = [initlayer.Needed(p, k, k == "dir") for p, k in initlayer.BASE_MOUNTPOINTS]
-    needed += [initlayer.Needed(v.target.lstrip("/"), "dir" if v.is_dir else "file", True)
-               for v in volumes if not v.on_dev]  # /dev is a tmpfs
+    needed += [
+        initlayer.Needed(v.target.lstrip("/"), "dir" if v.is_dir else "file", True) for v in volumes if not v.on_dev
+    ]  # /dev is a tmpfs
     upper_now = paths.upper if paths.upper_given and os.path.isdir(paths.upper) else None
     init = initlayer.plan(spec.layers, upper_now, rootless, needed)
-    etc = tuple(EtcFile("/" + rel, os.path.join(paths.data, os.path.basename(rel)), text)
-                for rel, text in _etc_texts(hostname, spec.network).items() if rel in init.usable)
+    etc = tuple(
+        EtcFile("/" + rel, os.path.join(paths.data, os.path.basename(rel)), text)
+        for rel, text in _etc_texts(hostname, spec.network).items()
+        if rel in init.usable
+    )
 
     if spec.user is not None:
         _check_user(spec, upper_now, rootless, volumes, users)
 
-    cfg = MountConfig(lowerdirs=(paths.init, *spec.layers), upperdir=paths.upper,
-                      workdir=paths.workdir, mountpoint=paths.merged, fsname=f"pyoverlay-{cid[:12]}",
-                      trace_file=paths.trace_file, container=cid)
+    cfg = MountConfig(
+        lowerdirs=(paths.init, *spec.layers),
+        upperdir=paths.upper,
+        workdir=paths.workdir,
+        mountpoint=paths.merged,
+        fsname=f"pyoverlay-{cid[:12]}",
+        trace_file=paths.trace_file,
+        container=cid,
+    )
     if users is not None:
         cfg = with_storage_maps(cfg, users)
 
     cg, optional = _cgroup(spec, cid, rootless)
-    return RunPlan(spec=spec, cid=cid, name=name, hostname=hostname, rootless=rootless,
-                   paths=paths, etc_files=etc, init_layer=init, volumes=volumes, mount=cfg,
-                   userns=users, cgroup=cg, cgroup_optional=optional)
+    return RunPlan(
+        spec=spec,
+        cid=cid,
+        name=name,
+        hostname=hostname,
+        rootless=rootless,
+        paths=paths,
+        etc_files=etc,
+        init_layer=init,
+        volumes=volumes,
+        mount=cfg,
+        userns=users,
+        cgroup=cg,
+        cgroup_optional=optional,
+    )
 
 
 def with_storage_maps(cfg: MountConfig, users: UsernsPlan) -> MountConfig:
     """The server's id maps for the user namespace *users* (runner/userns.py, Plan.storage_map)."""
     import dataclasses
 
-    return dataclasses.replace(cfg, uidmap=users.maps.storage_map("uid", users.users_image),
-                               gidmap=users.maps.storage_map("gid", users.users_image))
+    return dataclasses.replace(
+        cfg,
+        uidmap=users.maps.storage_map("uid", users.users_image),
+        gidmap=users.maps.storage_map("gid", users.users_image),
+    )
 
 
-_ADJ = ("brave", "calm", "eager", "fancy", "gentle", "happy", "jolly", "keen", "lucid",
-        "merry", "nimble", "quiet", "sharp", "swift", "tidy", "vivid", "witty", "zesty")
-_NOUN = ("badger", "bee", "crane", "dingo", "eel", "falcon", "gecko", "heron", "ibis", "koala",
-         "lemur", "mole", "newt", "otter", "panda", "quail", "raven", "seal", "tern", "wren")
+_ADJ = (
+    "brave",
+    "calm",
+    "eager",
+    "fancy",
+    "gentle",
+    "happy",
+    "jolly",
+    "keen",
+    "lucid",
+    "merry",
+    "nimble",
+    "quiet",
+    "sharp",
+    "swift",
+    "tidy",
+    "vivid",
+    "witty",
+    "zesty",
+)
+_NOUN = (
+    "badger",
+    "bee",
+    "crane",
+    "dingo",
+    "eel",
+    "falcon",
+    "gecko",
+    "heron",
+    "ibis",
+    "koala",
+    "lemur",
+    "mole",
+    "newt",
+    "otter",
+    "panda",
+    "quail",
+    "raven",
+    "seal",
+    "tern",
+    "wren",
+)
 
 
 def generate_name() -> str:
@@ -202,8 +280,9 @@ def generate_name() -> str:
             return name
 
 
-def _check_user(spec: RunSpec, upper: str | None, rootless: bool,
-                volumes: tuple[VolumeMount, ...], users: UsernsPlan | None) -> None:
+def _check_user(
+    spec: RunSpec, upper: str | None, rootless: bool, volumes: tuple[VolumeMount, ...], users: UsernsPlan | None
+) -> None:
     """``-u`` looked up in the image's /etc/passwd and /etc/group now, as PID 1 will (it
     resolves it again in the container): an unknown name, or an id a rootless container's
     user namespace does not map, is refused before anything is created. Skipped when the
@@ -218,14 +297,16 @@ def _check_user(spec: RunSpec, upper: str | None, rootless: bool,
     if users is None:
         return
     size = users.maps.size
-    groups = ids.groups if users.maps.mode != "single" else ()   # single: setgroups denied
+    groups = ids.groups if users.maps.mode != "single" else ()  # single: setgroups denied
     if ids.uid >= size or ids.gid >= size or any(g >= size for g in groups):
-        raise PlanError(f"cannot run as uid {ids.uid} gid {ids.gid}: not mapped in the container's "
-                        "user namespace (rootless with a single-id map only has root; see --userns-map)"
-                        if users.maps.mode == "single" else
-                        f"cannot run as uid {ids.uid} gid {ids.gid}"
-                        f"{' groups ' + ','.join(map(str, groups)) if groups else ''}: not mapped in the "
-                        f"container's user namespace (ids 0..{size - 1})")
+        raise PlanError(
+            f"cannot run as uid {ids.uid} gid {ids.gid}: not mapped in the container's "
+            "user namespace (rootless with a single-id map only has root; see --userns-map)"
+            if users.maps.mode == "single"
+            else f"cannot run as uid {ids.uid} gid {ids.gid}"
+            f"{' groups ' + ','.join(map(str, groups)) if groups else ''}: not mapped in the "
+            f"container's user namespace (ids 0..{size - 1})"
+        )
 
 
 def _paths(spec: RunSpec, cid: str, detach: bool) -> Paths:
@@ -242,15 +323,21 @@ def _paths(spec: RunSpec, cid: str, detach: bool) -> Paths:
             for layer in spec.layers:
                 lay = os.path.realpath(layer)
                 if _within(real, lay) or _within(lay, real):
-                    raise PlanError(f"{what} {p} and lower layer {layer} overlap: "
-                                    "one may not be inside the other")
+                    raise PlanError(f"{what} {p} and lower layer {layer} overlap: one may not be inside the other")
     else:
         upper, workdir = os.path.join(data, "upper"), os.path.join(data, "work")
     trace = spec.trace_file or (os.path.join(data, "trace.jsonl") if spec.trace_summary else None)
-    return Paths(data=data, upper=upper, workdir=workdir, upper_given=spec.upper is not None,
-                 merged=os.path.join(data, "merged"), init=os.path.join(data, "init"),
-                 server_log=os.path.join(data, "server.log"),
-                 output_log=os.path.join(data, "output.log") if detach else None, trace_file=trace)
+    return Paths(
+        data=data,
+        upper=upper,
+        workdir=workdir,
+        upper_given=spec.upper is not None,
+        merged=os.path.join(data, "merged"),
+        init=os.path.join(data, "init"),
+        server_log=os.path.join(data, "server.log"),
+        output_log=os.path.join(data, "output.log") if detach else None,
+        trace_file=trace,
+    )
 
 
 def _within(path: str, top: str) -> bool:
@@ -279,8 +366,7 @@ def _etc_texts(hostname: str, network: str) -> dict[str, str]:
     if network == "host":
         files["etc/hosts"] = _host_file("/etc/hosts")
     else:
-        files["etc/hosts"] = (f"127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
-                              f"127.0.0.1\t{hostname}\n")
+        files["etc/hosts"] = f"127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.0.1\t{hostname}\n"
     files["etc/resolv.conf"] = _host_file("/etc/resolv.conf")
     return files
 

@@ -32,15 +32,28 @@ RESOLVE_IN_ROOT = 0x10
 
 _NOSUID_NODEV_NOEXEC = L.MS_NOSUID | L.MS_NODEV | L.MS_NOEXEC
 
-DEVICES = (("null", 1, 3), ("zero", 1, 5), ("full", 1, 7), ("random", 1, 8),
-           ("urandom", 1, 9), ("tty", 5, 0))
-DEV_LINKS = (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
-             ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2"),
-             ("ptmx", "pts/ptmx"))
+DEVICES = (("null", 1, 3), ("zero", 1, 5), ("full", 1, 7), ("random", 1, 8), ("urandom", 1, 9), ("tty", 5, 0))
+DEV_LINKS = (
+    ("fd", "/proc/self/fd"),
+    ("stdin", "/proc/self/fd/0"),
+    ("stdout", "/proc/self/fd/1"),
+    ("stderr", "/proc/self/fd/2"),
+    ("ptmx", "pts/ptmx"),
+)
 #: docker's maskedPaths / readonlyPaths (moby oci/defaults.go)
-MASKED = ("proc/asound", "proc/acpi", "proc/kcore", "proc/keys", "proc/latency_stats",
-          "proc/timer_list", "proc/timer_stats", "proc/sched_debug", "proc/scsi",
-          "sys/firmware", "sys/devices/virtual/powercap")
+MASKED = (
+    "proc/asound",
+    "proc/acpi",
+    "proc/kcore",
+    "proc/keys",
+    "proc/latency_stats",
+    "proc/timer_list",
+    "proc/timer_stats",
+    "proc/sched_debug",
+    "proc/scsi",
+    "sys/firmware",
+    "sys/devices/virtual/powercap",
+)
 READ_ONLY = ("proc/bus", "proc/fs", "proc/irq", "proc/sys", "proc/sysrq-trigger")
 
 
@@ -50,9 +63,13 @@ class Target:
     def __init__(self, root_fd: int, path: str, must_exist: bool = True):
         self.fd = -1
         try:
-            self.fd = _sys.openat2(root_fd, os.fsencode(path.lstrip("/") or "."),
-                                   _sys.O_PATH | os.O_CLOEXEC, 0,
-                                   RESOLVE_IN_ROOT | _sys.RESOLVE_NO_MAGICLINKS)
+            self.fd = _sys.openat2(
+                root_fd,
+                os.fsencode(path.lstrip("/") or "."),
+                _sys.O_PATH | os.O_CLOEXEC,
+                0,
+                RESOLVE_IN_ROOT | _sys.RESOLVE_NO_MAGICLINKS,
+            )
         except OSError:
             if must_exist:
                 raise
@@ -97,16 +114,14 @@ def mount_dev(root_fd: int, bind_devices: bool = False) -> None:
     with Target(root_fd, "dev") as t:
         # nosuid,noexec (docker: nosuid only); not nodev: the nodes below must work.
         # What may be opened is up to the device cgroup (runner/cgroups.py DEVICE_RULES)
-        L.mount("tmpfs", t.path, "tmpfs", L.MS_NOSUID | L.MS_NOEXEC | L.MS_STRICTATIME,
-                "mode=755,size=65536k")
+        L.mount("tmpfs", t.path, "tmpfs", L.MS_NOSUID | L.MS_NOEXEC | L.MS_STRICTATIME, "mode=755,size=65536k")
     # resolve again: the old fd names the directory the tmpfs now covers
     dev = Target(root_fd, "dev").fd
     try:
         base = f"/proc/self/fd/{dev}"
         for name, major, minor in DEVICES:
             if bind_devices:
-                os.close(os.open(name, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o666,
-                                 dir_fd=dev))
+                os.close(os.open(name, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o666, dir_fd=dev))
                 L.mount(f"/dev/{name}", f"{base}/{name}", None, L.MS_BIND)
                 continue
             os.mknod(name, stat.S_IFCHR | 0o666, os.makedev(major, minor), dir_fd=dev)
@@ -117,8 +132,13 @@ def mount_dev(root_fd: int, bind_devices: bool = False) -> None:
             os.mkdir(name, mode, dir_fd=dev)
         # gid=5 (tty) must exist in the user namespace's map (a single-id map has only 0)
         tty_gid = ",gid=5" if not bind_devices or _gid_mapped(5) else ""
-        L.mount("devpts", f"{base}/pts", "devpts", L.MS_NOSUID | L.MS_NOEXEC,
-                "newinstance,ptmxmode=0666,mode=0620" + tty_gid)
+        L.mount(
+            "devpts",
+            f"{base}/pts",
+            "devpts",
+            L.MS_NOSUID | L.MS_NOEXEC,
+            "newinstance,ptmxmode=0666,mode=0620" + tty_gid,
+        )
         L.mount("shm", f"{base}/shm", "tmpfs", _NOSUID_NODEV_NOEXEC, "mode=1777,size=65536k")
         try:
             L.mount("mqueue", f"{base}/mqueue", "mqueue", _NOSUID_NODEV_NOEXEC)

@@ -19,20 +19,69 @@ DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 #: Linux capability numbers (linux/capability.h).
 CAPS = {
-    "CHOWN": 0, "DAC_OVERRIDE": 1, "DAC_READ_SEARCH": 2, "FOWNER": 3, "FSETID": 4, "KILL": 5,
-    "SETGID": 6, "SETUID": 7, "SETPCAP": 8, "LINUX_IMMUTABLE": 9, "NET_BIND_SERVICE": 10,
-    "NET_BROADCAST": 11, "NET_ADMIN": 12, "NET_RAW": 13, "IPC_LOCK": 14, "IPC_OWNER": 15,
-    "SYS_MODULE": 16, "SYS_RAWIO": 17, "SYS_CHROOT": 18, "SYS_PTRACE": 19, "SYS_PACCT": 20,
-    "SYS_ADMIN": 21, "SYS_BOOT": 22, "SYS_NICE": 23, "SYS_RESOURCE": 24, "SYS_TIME": 25,
-    "SYS_TTY_CONFIG": 26, "MKNOD": 27, "LEASE": 28, "AUDIT_WRITE": 29, "AUDIT_CONTROL": 30,
-    "SETFCAP": 31, "MAC_OVERRIDE": 32, "MAC_ADMIN": 33, "SYSLOG": 34, "WAKE_ALARM": 35,
-    "BLOCK_SUSPEND": 36, "AUDIT_READ": 37, "PERFMON": 38, "BPF": 39, "CHECKPOINT_RESTORE": 40,
+    "CHOWN": 0,
+    "DAC_OVERRIDE": 1,
+    "DAC_READ_SEARCH": 2,
+    "FOWNER": 3,
+    "FSETID": 4,
+    "KILL": 5,
+    "SETGID": 6,
+    "SETUID": 7,
+    "SETPCAP": 8,
+    "LINUX_IMMUTABLE": 9,
+    "NET_BIND_SERVICE": 10,
+    "NET_BROADCAST": 11,
+    "NET_ADMIN": 12,
+    "NET_RAW": 13,
+    "IPC_LOCK": 14,
+    "IPC_OWNER": 15,
+    "SYS_MODULE": 16,
+    "SYS_RAWIO": 17,
+    "SYS_CHROOT": 18,
+    "SYS_PTRACE": 19,
+    "SYS_PACCT": 20,
+    "SYS_ADMIN": 21,
+    "SYS_BOOT": 22,
+    "SYS_NICE": 23,
+    "SYS_RESOURCE": 24,
+    "SYS_TIME": 25,
+    "SYS_TTY_CONFIG": 26,
+    "MKNOD": 27,
+    "LEASE": 28,
+    "AUDIT_WRITE": 29,
+    "AUDIT_CONTROL": 30,
+    "SETFCAP": 31,
+    "MAC_OVERRIDE": 32,
+    "MAC_ADMIN": 33,
+    "SYSLOG": 34,
+    "WAKE_ALARM": 35,
+    "BLOCK_SUSPEND": 36,
+    "AUDIT_READ": 37,
+    "PERFMON": 38,
+    "BPF": 39,
+    "CHECKPOINT_RESTORE": 40,
 }
 
 #: Docker's default capability set (moby oci/caps/defaults.go): bounding mask 0xa80425fb.
-DOCKER_DEFAULT_CAPS = frozenset(CAPS[n] for n in (
-    "CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID", "KILL", "SETGID", "SETUID", "SETPCAP",
-    "NET_BIND_SERVICE", "NET_RAW", "SYS_CHROOT", "MKNOD", "AUDIT_WRITE", "SETFCAP"))
+DOCKER_DEFAULT_CAPS = frozenset(
+    CAPS[n]
+    for n in (
+        "CHOWN",
+        "DAC_OVERRIDE",
+        "FOWNER",
+        "FSETID",
+        "KILL",
+        "SETGID",
+        "SETUID",
+        "SETPCAP",
+        "NET_BIND_SERVICE",
+        "NET_RAW",
+        "SYS_CHROOT",
+        "MKNOD",
+        "AUDIT_WRITE",
+        "SETFCAP",
+    )
+)
 
 _NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]*$")
 _ENV_KEY_RE = re.compile(r"^[^=\0]+$")
@@ -44,23 +93,23 @@ class SpecError(RunnerError):
 
 @dataclass(frozen=True)
 class Volume:
-    host: str       # absolute, resolved host path
-    target: str     # absolute path inside the container
+    host: str  # absolute, resolved host path
+    target: str  # absolute path inside the container
     read_only: bool = False
 
 
 @dataclass
 class RunSpec:
-    layers: tuple[str, ...]               # lower layers, top first, resolved
+    layers: tuple[str, ...]  # lower layers, top first, resolved
     argv: list[str]
     name: str | None = None
-    upper: str | None = None              # keep the upper here (else a fresh one)
-    remove: bool = False                  # --rm
+    upper: str | None = None  # keep the upper here (else a fresh one)
+    remove: bool = False  # --rm
     detach: bool = False
     interactive: bool = False
     tty: bool = False
     init: bool = False
-    env: list[str] = field(default_factory=list)   # KEY=VAL, -e order
+    env: list[str] = field(default_factory=list)  # KEY=VAL, -e order
     workdir: str = "/"
     user: str | None = None
     hostname: str | None = None
@@ -72,10 +121,10 @@ class RunSpec:
     cap_add: frozenset[int] = frozenset()
     cap_drop: frozenset[int] = frozenset()
     stop_timeout: float = 10.0
-    trace_file: str | None = None         # --trace FILE
-    trace_summary: bool = False           # --trace-summary
-    image: dict | None = None             # --image: {"ref", "id", "source"}
-    userns_map: str = "auto"              # rootless: auto | subid | single (runner/userns.py)
+    trace_file: str | None = None  # --trace FILE
+    trace_summary: bool = False  # --trace-summary
+    image: dict | None = None  # --image: {"ref", "id", "source"}
+    userns_map: str = "auto"  # rootless: auto | subid | single (runner/userns.py)
 
     def caps(self) -> frozenset[int] | None:
         """Capabilities to keep in the bounding set; None keeps them all."""
@@ -172,16 +221,18 @@ def _strs(v) -> list[str]:
     return [v] if isinstance(v, str) else [str(x) for x in v]
 
 
-def apply_image(run_config: dict, argv: list[str], env: list[str], workdir: str | None,
-                user: str | None) -> tuple[list[str], list[str], str, str | None]:
+def apply_image(
+    run_config: dict, argv: list[str], env: list[str], workdir: str | None, user: str | None
+) -> tuple[list[str], list[str], str, str | None]:
     """Docker's merge of an image config (:meth:`runner.images.Image.run_config`) with
     run's own CMD, ``-e``, ``-w`` and ``-u``: argv = Entrypoint + (CMD if given, else the
     image's Cmd); the image's Env first, then ``-e`` (a later value wins); the image's
     WorkingDir unless ``-w``; its User unless ``-u``."""
     full = _strs(run_config.get("Entrypoint")) + (list(argv) or _strs(run_config.get("Cmd")))
     if not full:
-        raise SpecError("no command specified: the image has no Cmd or Entrypoint "
-                        "(give one: run --image REF CMD [ARGS...])")
+        raise SpecError(
+            "no command specified: the image has no Cmd or Entrypoint (give one: run --image REF CMD [ARGS...])"
+        )
     merged_env = _strs(run_config.get("Env")) + list(env)
     wd = check_workdir(workdir or run_config.get("WorkingDir") or "/")
     return full, merged_env, wd, user or run_config.get("User") or None
@@ -232,8 +283,9 @@ def resolve_user(user: str | None, passwd: str, group: str) -> Ids:
             gid = int(g)
         else:
             raise SpecError(f"unable to find group {g}: no matching entries in group file")
-    supp = tuple(int(e[2]) for e in groups
-                 if uname and uname in e[3].split(",") and e[2].isdigit() and int(e[2]) != gid)
+    supp = tuple(
+        int(e[2]) for e in groups if uname and uname in e[3].split(",") and e[2].isdigit() and int(e[2]) != gid
+    )
     if uid == 0 and entry is None:
         home = "/root"
     return Ids(uid, gid, supp, home)

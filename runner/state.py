@@ -60,14 +60,14 @@ class ExecDefaults:
     workdir: str = "/"
     user: str | None = None
     tty: bool = False
-    caps: list[int] | None = None          # bounding set kept; None: all (--privileged)
+    caps: list[int] | None = None  # bounding set kept; None: all (--privileged)
     no_new_privs: bool = True
     network: str = "none"
     read_only: bool = False
     init: bool = False
     upper_given: bool = False
-    volumes: list[str] = field(default_factory=list)    # "HOST:CTR:ro|rw"
-    limits: dict = field(default_factory=dict)          # memory, pids, cpus
+    volumes: list[str] = field(default_factory=list)  # "HOST:CTR:ro|rw"
+    limits: dict = field(default_factory=dict)  # memory, pids, cpus
     remove: bool = False
     stop_timeout: float = 10.0
 
@@ -76,20 +76,43 @@ class ExecDefaults:
 class RootlessInfo:
     """The user namespace of a rootless container (the record's ``rootless``)."""
 
-    map: str                                # "subid" | "single"
-    uid_map: list                           # kernel lines (inside, outside, count)
+    map: str  # "subid" | "single"
+    uid_map: list  # kernel lines (inside, outside, count)
     gid_map: list
-    storage_uidmap: list                    # the server's (stored, presented, count)
+    storage_uidmap: list  # the server's (stored, presented, count)
     storage_gidmap: list
 
 
 _TYPES: dict[str, Any] = {
-    "id": str, "name": str, "command": list, "layers": list, "created": _NUM, "status": str,
-    "data_dir": str, "monitor_pid": int, "monitor_start": _NUM, "spec": dict, "image": dict,
-    "upper": str, "workdir": str, "merged": str, "init_layer": str, "trace_file": str,
-    "hostname": str, "server_pid": int, "server_start": _NUM, "cgroup": dict, "rootless": dict,
-    "pid": int, "pid_start": _NUM, "pidns": int, "exit_code": int, "finished": _NUM,
-    "pid_reaped": bool, "oom_killed": bool, "dead": bool,
+    "id": str,
+    "name": str,
+    "command": list,
+    "layers": list,
+    "created": _NUM,
+    "status": str,
+    "data_dir": str,
+    "monitor_pid": int,
+    "monitor_start": _NUM,
+    "spec": dict,
+    "image": dict,
+    "upper": str,
+    "workdir": str,
+    "merged": str,
+    "init_layer": str,
+    "trace_file": str,
+    "hostname": str,
+    "server_pid": int,
+    "server_start": _NUM,
+    "cgroup": dict,
+    "rootless": dict,
+    "pid": int,
+    "pid_start": _NUM,
+    "pidns": int,
+    "exit_code": int,
+    "finished": _NUM,
+    "pid_reaped": bool,
+    "oom_killed": bool,
+    "dead": bool,
 }
 
 
@@ -105,14 +128,14 @@ class Record:
     id: str
     name: str | None = None
     command: list[str] = field(default_factory=list)
-    layers: list[str] = field(default_factory=list)      # lower layers, top first
+    layers: list[str] = field(default_factory=list)  # lower layers, top first
     created: float | None = None
-    status: str = "created"                               # created | running | exited
-    data_dir: str | None = None                           # <data root>/containers/<id>
+    status: str = "created"  # created | running | exited
+    data_dir: str | None = None  # <data root>/containers/<id>
     monitor_pid: int | None = None
-    monitor_start: float | None = None                    # /proc/PID/stat start time
+    monitor_start: float | None = None  # /proc/PID/stat start time
     spec: ExecDefaults | None = None
-    image: dict | None = None                             # run --image: ref, id, source
+    image: dict | None = None  # run --image: ref, id, source
     upper: str | None = None
     workdir: str | None = None
     merged: str | None = None
@@ -121,16 +144,16 @@ class Record:
     hostname: str | None = None
     server_pid: int | None = None
     server_start: float | None = None
-    cgroup: dict | None = None                            # runner.cgroups.Cgroup.to_dict()
+    cgroup: dict | None = None  # runner.cgroups.Cgroup.to_dict()
     rootless: RootlessInfo | None = None
-    pid: int | None = None                                # PID 1, on the host
+    pid: int | None = None  # PID 1, on the host
     pid_start: float | None = None
     pidns: int | None = None
     exit_code: int | None = None
     finished: float | None = None
     pid_reaped: bool | None = None
     oom_killed: bool | None = None
-    dead: bool | None = None                              # cleaned up after its monitor died
+    dead: bool | None = None  # cleaned up after its monitor died
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -147,7 +170,7 @@ class Record:
         return {**self.extra, **out}
 
     @classmethod
-    def from_dict(cls, d) -> "Record":
+    def from_dict(cls, d) -> Record:
         """StateError unless *d* is a record's shape (field types; not its paths, which
         :func:`check_record` checks)."""
         if not isinstance(d, dict) or not valid_id(d.get("id")):
@@ -173,7 +196,7 @@ class Record:
         return cls(**known, extra=extra)
 
     @classmethod
-    def of(cls, rec: "Record | dict") -> "Record":
+    def of(cls, rec: Record | dict) -> Record:
         """*rec* as a Record (a dict from :func:`load`/:func:`resolve` is converted)."""
         return rec if isinstance(rec, Record) else cls.from_dict(rec)
 
@@ -225,8 +248,7 @@ def records_dir() -> str:
 @contextlib.contextmanager
 def locked():
     """Serialise record creation and removal (name uniqueness)."""
-    fd = os.open(os.path.join(records_dir(), ".lock"),
-                 os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    fd = os.open(os.path.join(records_dir(), ".lock"), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
@@ -325,8 +347,12 @@ def check_record(rec, cid: str | None = None) -> None:
 
 
 def _clean_abs(path) -> bool:
-    return isinstance(path, str) and path.startswith("/") and "\0" not in path and \
-        not any(p in (".", "..") for p in path.split("/"))
+    return (
+        isinstance(path, str)
+        and path.startswith("/")
+        and "\0" not in path
+        and not any(p in (".", "..") for p in path.split("/"))
+    )
 
 
 def all_records() -> list[dict]:

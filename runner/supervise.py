@@ -17,8 +17,15 @@ import time
 
 from .tty import PtyRelay, raw_mode
 
-FORWARD = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1,
-           signal.SIGUSR2, signal.SIGWINCH)
+FORWARD = (
+    signal.SIGINT,
+    signal.SIGTERM,
+    signal.SIGHUP,
+    signal.SIGQUIT,
+    signal.SIGUSR1,
+    signal.SIGUSR2,
+    signal.SIGWINCH,
+)
 STOPPING = (signal.SIGTERM, signal.SIGHUP)
 
 
@@ -28,8 +35,9 @@ def catch_signals(pending: list[int]) -> None:
         signal.signal(sig, lambda s, f: pending.append(s))
 
 
-def supervise(pid: int, relay: PtyRelay | None, *, pending: list[int] | None = None,
-              stop_timeout: float | None = None) -> int:
+def supervise(
+    pid: int, relay: PtyRelay | None, *, pending: list[int] | None = None, stop_timeout: float | None = None
+) -> int:
     """Wait for our child *pid*; return its raw wait status."""
     pidfd = os.pidfd_open(pid)
     rsig, wsig = os.pipe()

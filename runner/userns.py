@@ -48,14 +48,15 @@ class UsernsError(RunnerError):
 
 # --- the maps ---------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Plan:
     """How the container's ids map to the user's: ``mode`` "subid" or "single"."""
 
     mode: str
-    uid: int                      # the user's host uid and gid (root inside)
+    uid: int  # the user's host uid and gid (root inside)
     gid: int
-    subuid: tuple[int, int] | None = None   # (start, count) from /etc/subuid
+    subuid: tuple[int, int] | None = None  # (start, count) from /etc/subuid
     subgid: tuple[int, int] | None = None
 
     @property
@@ -82,8 +83,9 @@ class Plan:
     def describe(self) -> str:
         if self.mode == "single":
             return f"single id: {self.uid} is root, no other uid inside"
-        return (f"subid: {self.uid} is root, uids 1..{self.size - 1} are "
-                f"{self.subuid[0]}..{self.subuid[0] + self.size - 2}")
+        return (
+            f"subid: {self.uid} is root, uids 1..{self.size - 1} are {self.subuid[0]}..{self.subuid[0] + self.size - 2}"
+        )
 
 
 def _subids(path: str, name: str, uid: int) -> tuple[int, int] | None:
@@ -91,8 +93,13 @@ def _subids(path: str, name: str, uid: int) -> tuple[int, int] | None:
     with contextlib.suppress(OSError), open(path) as f:
         for line in f:
             parts = line.strip().split(":")
-            if len(parts) == 3 and parts[0] in (name, str(uid)) and parts[1].isdigit() \
-                    and parts[2].isdigit() and int(parts[2]) > 0:
+            if (
+                len(parts) == 3
+                and parts[0] in (name, str(uid))
+                and parts[1].isdigit()
+                and parts[2].isdigit()
+                and int(parts[2]) > 0
+            ):
                 return int(parts[1]), int(parts[2])
     return None
 
@@ -105,8 +112,9 @@ def plan(mode: str) -> tuple[Plan, str | None]:
     """The map to use for *mode* (auto|subid|single); with auto, a note when it falls
     back to a single id. UsernsError when subid is asked for but impossible."""
     if mode not in MAP_MODES:
-        raise UsernsError(f"invalid user namespace map {mode!r}: expected one of {', '.join(MAP_MODES)} "
-                          f"(--userns-map or ${MAP_ENV})")
+        raise UsernsError(
+            f"invalid user namespace map {mode!r}: expected one of {', '.join(MAP_MODES)} (--userns-map or ${MAP_ENV})"
+        )
     uid, gid = os.getuid(), os.getgid()
     try:
         name = pwd.getpwuid(uid).pw_name
@@ -133,6 +141,7 @@ def plan(mode: str) -> tuple[Plan, str | None]:
 
 # --- machine checks ----------------------------------------------------------------------
 
+
 def _read(path: str) -> str | None:
     try:
         with open(path) as f:
@@ -146,12 +155,13 @@ def userns_hint() -> str:
     if _read("/proc/sys/user/max_user_namespaces") == "0":
         return "user namespaces are disabled: sysctl user.max_user_namespaces is 0 (set it to e.g. 28633)"
     if _read("/proc/sys/kernel/unprivileged_userns_clone") == "0":
-        return ("unprivileged user namespaces are disabled: "
-                "sysctl kernel.unprivileged_userns_clone is 0 (set it to 1)")
+        return "unprivileged user namespaces are disabled: sysctl kernel.unprivileged_userns_clone is 0 (set it to 1)"
     if _read("/proc/sys/kernel/apparmor_restrict_unprivileged_userns") == "1":
-        return ("AppArmor restricts unprivileged user namespaces: sysctl "
-                "kernel.apparmor_restrict_unprivileged_userns is 1 (set it to 0, or give "
-                "pyoverlay an AppArmor profile that allows userns)")
+        return (
+            "AppArmor restricts unprivileged user namespaces: sysctl "
+            "kernel.apparmor_restrict_unprivileged_userns is 1 (set it to 0, or give "
+            "pyoverlay an AppArmor profile that allows userns)"
+        )
     return ""
 
 
@@ -163,11 +173,14 @@ def check_machine() -> None:
     if not os.path.exists("/dev/fuse"):
         raise UsernsError("cannot run rootless: /dev/fuse is missing (modprobe fuse)")
     if not os.access("/dev/fuse", os.R_OK | os.W_OK):
-        raise UsernsError("cannot run rootless: no access to /dev/fuse (a distribution makes it "
-                          "mode 0666: chmod 0666 /dev/fuse, or a udev rule)")
+        raise UsernsError(
+            "cannot run rootless: no access to /dev/fuse (a distribution makes it "
+            "mode 0666: chmod 0666 /dev/fuse, or a udev rule)"
+        )
 
 
 # --- the holder ---------------------------------------------------------------------------
+
 
 class Holder:
     """The process that owns the container's user namespace until the monitor joins it."""
@@ -193,8 +206,7 @@ class Holder:
         parent.sendall(b"mapped\n")
         data, fds, _flags, _addr = socket.recv_fds(parent, 4096, 1)
         if not fds:
-            raise UsernsError(self._error(data.decode(errors="replace").strip(),
-                                          "cannot mount the container's root"))
+            raise UsernsError(self._error(data.decode(errors="replace").strip(), "cannot mount the container's root"))
         return fds[0]
 
     def _error(self, msg: str, what: str) -> str:
@@ -268,8 +280,9 @@ def _write_maps(pid: int, plan: Plan) -> None:
             f.write(f"0 {plan.gid} 1\n")
     except OSError as e:
         hint = userns_hint()
-        raise UsernsError(f"cannot write the user namespace's id map: {e.strerror}"
-                          + (f" ({hint})" if hint else "")) from None
+        raise UsernsError(
+            f"cannot write the user namespace's id map: {e.strerror}" + (f" ({hint})" if hint else "")
+        ) from None
 
 
 class MapFailed(UsernsError):
@@ -297,8 +310,7 @@ def _holder_main(sock: socket.socket, merged: str) -> None:
         step = "open /dev/fuse"
         fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
         step = f"mount fuse on {merged}"
-        L.mount("pyoverlay", merged, "fuse.pyoverlay", L.MS_NOSUID | L.MS_NODEV,
-                f"fd={fd},{FUSE_OPTIONS}")
+        L.mount("pyoverlay", merged, "fuse.pyoverlay", L.MS_NOSUID | L.MS_NODEV, f"fd={fd},{FUSE_OPTIONS}")
         socket.send_fds(sock, [b"fd"], [fd])
         os.close(fd)
         sock.recv(1)  # EOF: the monitor has what it needs (its ns fds), or died
@@ -321,4 +333,3 @@ def join(user_fd: int, mnt_fd: int) -> None:
 def setgroups_allowed() -> bool:
     """False in a user namespace whose ``setgroups`` is "deny" (a single-id map)."""
     return _read("/proc/self/setgroups") != "deny"
-

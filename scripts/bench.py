@@ -29,9 +29,10 @@ from benchlib import impls as impls_mod  # noqa: E402
 from benchlib import report  # noqa: E402
 from benchlib.layers import PRESETS, prepare_layers  # noqa: E402
 from benchlib.machine import machine, versions  # noqa: E402
-from benchlib.memwalk import run_memwalk, table as memwalk_table  # noqa: E402
+from benchlib.memwalk import run_memwalk  # noqa: E402
+from benchlib.memwalk import table as memwalk_table
 from benchlib.runner import Results, run_all  # noqa: E402
-from benchlib.util import BenchError, SanityError, force_unmount, fmt_value, rmtree  # noqa: E402
+from benchlib.util import BenchError, SanityError, fmt_value, force_unmount, rmtree  # noqa: E402
 from benchlib.workloads import ALL as WORKLOADS  # noqa: E402
 from benchlib.workloads import Ctx  # noqa: E402
 from overlayfs_py.mountinfo import mounts_under  # noqa: E402
@@ -46,37 +47,72 @@ def log(msg: str) -> None:
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="scripts/bench", description=__doc__.split("\n\n")[0])
     mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_const", dest="mode", const="quick",
-                      help="small layers (4k small files, 64 MiB big files): about 2 minutes")
-    mode.add_argument("--full", action="store_const", dest="mode", const="full",
-                      help="default sizes (20k small files, 512 MiB sequential file): about 7 minutes")
-    mode.add_argument("--smoke", action="store_const", dest="mode", const="smoke",
-                      help="tiny sizes, one repetition: checks the harness itself")
+    mode.add_argument(
+        "--quick",
+        action="store_const",
+        dest="mode",
+        const="quick",
+        help="small layers (4k small files, 64 MiB big files): about 2 minutes",
+    )
+    mode.add_argument(
+        "--full",
+        action="store_const",
+        dest="mode",
+        const="full",
+        help="default sizes (20k small files, 512 MiB sequential file): about 7 minutes",
+    )
+    mode.add_argument(
+        "--smoke",
+        action="store_const",
+        dest="mode",
+        const="smoke",
+        help="tiny sizes, one repetition: checks the harness itself",
+    )
     p.add_argument("--reps", type=int, help="repetitions per workload (default 3; 1 for --smoke)")
-    p.add_argument("--json", metavar="FILE", help="where to write the JSON result "
-                   "(default /tmp/pyoverlay-bench-MODE-TIME.json)")
-    p.add_argument("--only", metavar="W1,W2", help="run only these workloads: "
-                   + ", ".join(w.name for w in WORKLOADS))
-    p.add_argument("--impl", metavar="I1,I2", help="implementations (default all: "
-                   + ",".join(impls_mod.ALL) + ")")
-    p.add_argument("--workdir", metavar="DIR", default="/tmp/pyoverlay-bench",
-                   help="where layers and mounts go (default %(default)s)")
-    p.add_argument("--tmpfs", action="store_true", help="put layers and uppers on a tmpfs "
-                   "mounted under --workdir (no disk, no ext4 allocator effects)")
-    p.add_argument("--keep", action="store_true",
-                   help="keep the layers for the next run (reused while their spec matches)")
-    p.add_argument("--profile", metavar="DIR",
-                   help="py-spy the pyoverlay server during its samples: collapsed stacks per "
-                        "workload into DIR and a summary (timings are then perturbed)")
-    p.add_argument("--pyoverlay-options", metavar="OPTS",
-                   help="extra -o options for pyoverlay's mounts, e.g. volatile (results are then "
-                        "not those of a default mount: say so when quoting them)")
-    p.add_argument("--transport", action="store_true",
-                   help="separate mode: microseconds per FUSE request (getxattr, open+close) on "
-                        "the kernel, fuse-overlayfs, pyoverlay and a do-nothing pyfuse3 server")
-    p.add_argument("--memwalk", type=int, metavar="N",
-                   help="separate mode: walk N entries through pyoverlay (and fuse-overlayfs "
-                   "if given with --impl), report the server's peak RSS")
+    p.add_argument(
+        "--json", metavar="FILE", help="where to write the JSON result (default /tmp/pyoverlay-bench-MODE-TIME.json)"
+    )
+    p.add_argument("--only", metavar="W1,W2", help="run only these workloads: " + ", ".join(w.name for w in WORKLOADS))
+    p.add_argument("--impl", metavar="I1,I2", help="implementations (default all: " + ",".join(impls_mod.ALL) + ")")
+    p.add_argument(
+        "--workdir",
+        metavar="DIR",
+        default="/tmp/pyoverlay-bench",
+        help="where layers and mounts go (default %(default)s)",
+    )
+    p.add_argument(
+        "--tmpfs",
+        action="store_true",
+        help="put layers and uppers on a tmpfs mounted under --workdir (no disk, no ext4 allocator effects)",
+    )
+    p.add_argument(
+        "--keep", action="store_true", help="keep the layers for the next run (reused while their spec matches)"
+    )
+    p.add_argument(
+        "--profile",
+        metavar="DIR",
+        help="py-spy the pyoverlay server during its samples: collapsed stacks per "
+        "workload into DIR and a summary (timings are then perturbed)",
+    )
+    p.add_argument(
+        "--pyoverlay-options",
+        metavar="OPTS",
+        help="extra -o options for pyoverlay's mounts, e.g. volatile (results are then "
+        "not those of a default mount: say so when quoting them)",
+    )
+    p.add_argument(
+        "--transport",
+        action="store_true",
+        help="separate mode: microseconds per FUSE request (getxattr, open+close) on "
+        "the kernel, fuse-overlayfs, pyoverlay and a do-nothing pyfuse3 server",
+    )
+    p.add_argument(
+        "--memwalk",
+        type=int,
+        metavar="N",
+        help="separate mode: walk N entries through pyoverlay (and fuse-overlayfs "
+        "if given with --impl), report the server's peak RSS",
+    )
     a = p.parse_args(argv)
     a.mode = a.mode or "full"
     names = {w.name for w in WORKLOADS}
@@ -116,8 +152,9 @@ class Session:
         self.tmpfs = os.path.join(self.root, f"tmpfs-{os.getpid()}")
         os.makedirs(self.tmpfs)
         mem_kib = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 1024
-        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={mem_kib * 7 // 10}k,mode=0755",
-                        "bench", self.tmpfs], check=True)
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={mem_kib * 7 // 10}k,mode=0755", "bench", self.tmpfs], check=True
+        )
         return self.tmpfs
 
     def cleanup(self) -> None:
@@ -139,7 +176,7 @@ class Session:
             if not mounts_under(self.tmpfs):
                 os.rmdir(self.tmpfs)
         try:
-            os.rmdir(self.root)   # only if empty
+            os.rmdir(self.root)  # only if empty
         except OSError:
             pass
 
@@ -159,12 +196,17 @@ def main(argv=None) -> int:
     # SIGINT too: a shell's background job starts with it ignored
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _raise_interrupt)
-    os.chdir("/")   # never hold a mount busy
+    os.chdir("/")  # never hold a mount busy
     sess = Session(args)
     started = datetime.datetime.now().astimezone()
-    out = {"tool": "pyoverlay scripts/bench", "command": ["scripts/bench"] + (argv or sys.argv[1:]),
-           "mode": "memwalk" if args.memwalk else "transport" if args.transport else args.mode, "started": started.isoformat(),
-           "tmpfs": args.tmpfs, "error": None}
+    out = {
+        "tool": "pyoverlay scripts/bench",
+        "command": ["scripts/bench"] + (argv or sys.argv[1:]),
+        "mode": "memwalk" if args.memwalk else "transport" if args.transport else args.mode,
+        "started": started.isoformat(),
+        "tmpfs": args.tmpfs,
+        "error": None,
+    }
     res = None
     rc = 0
     try:
@@ -174,12 +216,15 @@ def main(argv=None) -> int:
         os.makedirs(sess.run_dir)
         if args.memwalk:
             names = [i for i in (args.impl or ["pyoverlay"]) if i in ("pyoverlay", "fuse-overlayfs")]
-            out["memwalk"] = run_memwalk(base, sess.run_dir, args.memwalk, names, args.keep, log,
-                                         sess.impls.append)
+            out["memwalk"] = run_memwalk(base, sess.run_dir, args.memwalk, names, args.keep, log, sess.impls.append)
         elif args.transport:
             from benchlib.transport import run_transport
-            names = [i for i in (args.impl or ["kernel", "fuse-overlayfs", "pyoverlay", "pyfuse3-null"])
-                     if i != "native" and not impls_mod.available(i)]
+
+            names = [
+                i
+                for i in (args.impl or ["kernel", "fuse-overlayfs", "pyoverlay", "pyfuse3-null"])
+                if i != "native" and not impls_mod.available(i)
+            ]
             out["transport"] = run_transport(sess.run_dir, names, args.reps or 5, log, sess.impls.append)
         else:
             res = bench(args, sizes, sess, out)
@@ -191,17 +236,18 @@ def main(argv=None) -> int:
         log(f"{kind}: {exc}")
         out["error"], rc = f"{kind}: {exc}", 1
     finally:
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):   # nothing stops the cleanup
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # nothing stops the cleanup
             signal.signal(sig, signal.SIG_IGN)
         sess.cleanup()
     out["duration_s"] = round(time.monotonic() - T0, 1)
-    res = res or out.get("_results")   # partial results of a failed or interrupted run
+    res = res or out.get("_results")  # partial results of a failed or interrupted run
     if res is not None:
         finish(res, out)
     if out.get("memwalk"):
         print(memwalk_table(out["memwalk"]), flush=True)
     if out.get("transport"):
         from benchlib.transport import table as transport_table
+
         print(transport_table(out["transport"]), flush=True)
     path = args.json or f"/tmp/pyoverlay-bench-{out['mode']}-{started:%Y%m%d-%H%M%S}.json"
     with open(path, "w") as f:
@@ -229,6 +275,7 @@ def bench(args, sizes, sess: Session, out: dict) -> Results:
         out["pyoverlay_options"] = impls_mod.Pyoverlay.options
     if args.profile:
         from benchlib.profile import Profiler
+
         ctx.profiler = Profiler(os.path.abspath(args.profile), log)
         out["profile_dir"] = os.path.abspath(args.profile)
     if not ctx.fio:
@@ -262,17 +309,30 @@ def finish(res: Results, out: dict) -> None:
     rat = {ref: report.ratios(res, med, ref) for ref in report.REFS}
     geo = {ref: report.geomeans(res, rat[ref]) for ref in report.REFS}
     tg = report.targets(res, med, rat, geo)
-    out.update(impls=res.impls,
-               workloads=[{"name": w.name, "unit": w.unit, "group": w.group} for w in res.workloads],
-               samples=res.samples, sample_seconds=res.seconds, medians=med, ratios=rat,
-               geomeans=geo, skipped=res.skipped, rss_kib=res.rss, targets=tg,
-               notes=out.pop("notes_setup", []) + res.notes)
+    out.update(
+        impls=res.impls,
+        workloads=[{"name": w.name, "unit": w.unit, "group": w.group} for w in res.workloads],
+        samples=res.samples,
+        sample_seconds=res.seconds,
+        medians=med,
+        ratios=rat,
+        geomeans=geo,
+        skipped=res.skipped,
+        rss_kib=res.rss,
+        targets=tg,
+        notes=out.pop("notes_setup", []) + res.notes,
+    )
     if res.error:
         out["error"] = out.get("error") or res.error
     if out.get("profile"):
         from benchlib.profile import table as profile_table
-        text_profile = ["", "**profile of the pyoverlay server (py-spy, busy time only; "
-                        "timings of this run are perturbed)**", "", profile_table(out["profile"])]
+
+        text_profile = [
+            "",
+            "**profile of the pyoverlay server (py-spy, busy time only; timings of this run are perturbed)**",
+            "",
+            profile_table(out["profile"]),
+        ]
     else:
         text_profile = []
     text = [report.tables(res, med, rat, geo)]

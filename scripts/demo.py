@@ -256,8 +256,7 @@ def demo(base: Path) -> int:
     secret_hidden = not os.path.lexists(base / "merged/secret")
     say("  lower2/secret exists; lower1/secret is a whiteout (char device 0/0)")
     say(f"  merged/secret -> {'hidden (ENOENT)' if secret_hidden else 'VISIBLE (unexpected)'}")
-    say(f"  lower2/old/ has {sorted(os.listdir(base / 'lower2/old'))};"
-        f" lower1/old/ is opaque ({XATTR_PREFIX}opaque=y)")
+    say(f"  lower2/old/ has {sorted(os.listdir(base / 'lower2/old'))}; lower1/old/ is opaque ({XATTR_PREFIX}opaque=y)")
     say(f"  merged/old/ -> {sorted(os.listdir(base / 'merged/old'))}")
 
     heading("Writing through the mount (copy-on-write)")
@@ -307,13 +306,12 @@ def mount_part(base: Path) -> int:
 # --------------------------------------------------------------------------------------
 
 BUSYBOX = Path("/bin/busybox")  # static, from the busybox-static package (scripts/setup)
-RUN_TIMEOUT = 60                # seconds for a whole `pyoverlay run`
+RUN_TIMEOUT = 60  # seconds for a whole `pyoverlay run`
 MOTD = "Welcome to the pyoverlay demo image.\n"
 #: Supplied by the runner's init layer: none of them may appear in the upper layer.
 NOT_IN_UPPER = ("proc", "dev", "sys", "etc/hostname", "etc/hosts", "etc/resolv.conf")
 #: What the first container writes, as found in its upper layer (None: a whiteout).
-EXPECTED_UPPER = {"bin/ls": None, "app/new.txt": "new\n", "etc/motd": MOTD + "more\n",
-                  "var/log/app.log": "x\n"}
+EXPECTED_UPPER = {"bin/ls": None, "app/new.txt": "new\n", "etc/motd": MOTD + "more\n", "var/log/app.log": "x\n"}
 #: Run by the first container's sh -c.  stderr is shown together with stdout.
 CONTAINER_SCRIPT = """\
 echo "my pid: $$"
@@ -359,8 +357,9 @@ def build_image(work: Path) -> bool:
         (base / d).mkdir(parents=True)
     (base / "tmp").chmod(0o1777)
     shutil.copy2(BUSYBOX, base / "bin/busybox")
-    r = subprocess.run(["chroot", str(base), "/bin/busybox", "--install", "-s"],
-                       capture_output=True, text=True, timeout=CMD_TIMEOUT)
+    r = subprocess.run(
+        ["chroot", str(base), "/bin/busybox", "--install", "-s"], capture_output=True, text=True, timeout=CMD_TIMEOUT
+    )
     if r.returncode != 0:
         failed(f"chroot base /bin/busybox --install -s: {r.stderr.strip() or r.returncode}")
         return False
@@ -383,8 +382,10 @@ def snapshot(layer: Path) -> tuple[int, str]:
     paths = [layer] + [Path(d, n) for d, dirs, files in os.walk(layer) for n in dirs + files]
     for p in sorted(paths, key=lambda q: q.relative_to(layer).parts):
         st = os.lstat(p)
-        h.update(f"{p.relative_to(layer)}\0{st.st_mode:o} {st.st_uid}:{st.st_gid} {st.st_size} "
-                 f"{st.st_rdev} {st.st_mtime_ns}\0".encode())
+        h.update(
+            f"{p.relative_to(layer)}\0{st.st_mode:o} {st.st_uid}:{st.st_gid} {st.st_size} "
+            f"{st.st_rdev} {st.st_mtime_ns}\0".encode()
+        )
         if stat.S_ISREG(st.st_mode):
             h.update(hashlib.sha256(p.read_bytes()).digest())
         elif stat.S_ISLNK(st.st_mode):
@@ -396,8 +397,7 @@ def snapshot(layer: Path) -> tuple[int, str]:
 
 def runner_env(work: Path) -> dict[str, str]:
     """The environment of every pyoverlay command of part 2: records and data in *work*."""
-    return {**os.environ, "PYOVERLAY_STATE_DIR": str(work / "state"),
-            "PYOVERLAY_DATA_DIR": str(work / "data")}
+    return {**os.environ, "PYOVERLAY_STATE_DIR": str(work / "state"), "PYOVERLAY_DATA_DIR": str(work / "data")}
 
 
 def runner(work: Path, *args: str, timeout: float = CMD_TIMEOUT) -> subprocess.CompletedProcess[str]:
@@ -406,8 +406,15 @@ def runner(work: Path, *args: str, timeout: float = CMD_TIMEOUT) -> subprocess.C
     stderr is merged into stdout.  On a timeout the command gets SIGTERM (a monitor
     forwards it to its container and cleans up), then SIGKILL.
     """
-    proc = subprocess.Popen(pyoverlay(*args), cwd=work, env=runner_env(work), stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        pyoverlay(*args),
+        cwd=work,
+        env=runner_env(work),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         out, _ = proc.communicate(timeout=timeout)
         return subprocess.CompletedProcess(proc.args, proc.returncode, out)
@@ -472,8 +479,10 @@ def first_run(work: Path, cids: list[str]) -> bool:
         failed("the container's shell is not PID 1")
     if not re.search(r"^hostname: demo$", r.stdout, re.M):
         failed("the container's hostname is not 'demo'")
-    say(f"  for comparison, the host has {host_process_count()} processes and network "
-        f"interfaces {' '.join(host_interfaces())}")
+    say(
+        f"  for comparison, the host has {host_process_count()} processes and network "
+        f"interfaces {' '.join(host_interfaces())}"
+    )
     if m := re.search(r"^CapBnd:\s*([0-9a-f]+)$", r.stdout, re.M):
         say(f"  CapBnd {m[1]} = {describe_caps(int(m[1], 16))}")
     return True
@@ -501,27 +510,45 @@ def check_upper(work: Path) -> None:
 
 TRACE_FILE = "web-trace.jsonl"  # in part 2's work directory (the commands run there)
 LIVE_PREFIX = "  [live trace] "
-LIVE_WAIT = 10.0                # seconds for an exec's events to reach the live reader
-LIVE_QUIET = 0.3                # then until the live trace has been quiet this long
+LIVE_WAIT = 10.0  # seconds for an exec's events to reach the live reader
+LIVE_QUIET = 0.3  # then until the live trace has been quiet this long
 #: What exec changes in the detached container while the live trace runs: (what to look
 #: at, the command, and the event the live trace must show: (process name, event, path)).
 CHANGES = (
-    ("sh appends to /etc/motd, a file of the app layer: copy-up (open-for-write), after its"
-     " parent /etc (from the runner's init layer)",
-     ("sh", "-c", "echo hello >> /etc/motd"), ("sh", "copy_up_done", "/etc/motd")),
-    ("chmod on a file of the app layer: copy-up (chmod), after its parent directory",
-     ("chmod", "600", "/app/hello.txt"), ("chmod", "copy_up_done", "/app/hello.txt")),
-    ("rm of a file of the base layer: a whiteout in upper hides it",
-     ("rm", "/bin/ls"), ("rm", "whiteout_create", "/bin/ls")),
-    ("a directory of the image removed by rm, then made again by mkdir: whiteouts, then an"
-     " opaque directory that hides the image's /app",
-     ("sh", "-c", "rm -r /app && mkdir /app"), ("mkdir", "opaque_dir", "/app")),
-    ("sh opens /etc/passwd (base layer) for writing and closes it unchanged: a copy-up nobody"
-     " needed (copy_up_unused)",
-     ("sh", "-c", "exec 3>>/etc/passwd"), ("sh", "copy_up_unused", "/etc/passwd")),
-    ("rename of a directory of the image: EXDEV, as with the kernel's overlayfs; mv then"
-     " copies it and removes the original",
-     ("mv", "/root", "/home"), ("mv", "rename_exdev", "/root")),
+    (
+        "sh appends to /etc/motd, a file of the app layer: copy-up (open-for-write), after its"
+        " parent /etc (from the runner's init layer)",
+        ("sh", "-c", "echo hello >> /etc/motd"),
+        ("sh", "copy_up_done", "/etc/motd"),
+    ),
+    (
+        "chmod on a file of the app layer: copy-up (chmod), after its parent directory",
+        ("chmod", "600", "/app/hello.txt"),
+        ("chmod", "copy_up_done", "/app/hello.txt"),
+    ),
+    (
+        "rm of a file of the base layer: a whiteout in upper hides it",
+        ("rm", "/bin/ls"),
+        ("rm", "whiteout_create", "/bin/ls"),
+    ),
+    (
+        "a directory of the image removed by rm, then made again by mkdir: whiteouts, then an"
+        " opaque directory that hides the image's /app",
+        ("sh", "-c", "rm -r /app && mkdir /app"),
+        ("mkdir", "opaque_dir", "/app"),
+    ),
+    (
+        "sh opens /etc/passwd (base layer) for writing and closes it unchanged: a copy-up nobody"
+        " needed (copy_up_unused)",
+        ("sh", "-c", "exec 3>>/etc/passwd"),
+        ("sh", "copy_up_unused", "/etc/passwd"),
+    ),
+    (
+        "rename of a directory of the image: EXDEV, as with the kernel's overlayfs; mv then"
+        " copies it and removes the original",
+        ("mv", "/root", "/home"),
+        ("mv", "rename_exdev", "/root"),
+    ),
 )
 #: In `pyoverlay diff demo-web` after CHANGES (and nothing else the demo does).
 EXPECTED_DIFF = ("D /app", "C /bin", "D /bin/ls", "C /etc/motd", "C /etc/passwd", "A /home", "D /root")
@@ -538,9 +565,15 @@ class LiveTrace:
         self.done = False
         self.last = time.monotonic()
         self.news = threading.Condition()
-        self.proc = subprocess.Popen(pyoverlay(*args), cwd=work, env=runner_env(work),
-                                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True)
+        self.proc = subprocess.Popen(
+            pyoverlay(*args),
+            cwd=work,
+            env=runner_env(work),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         self.thread = threading.Thread(target=self._read, name="live-trace", daemon=True)
         self.thread.start()
 
@@ -618,8 +651,10 @@ def watch_changes(work: Path, cid: str, live: LiveTrace) -> None:
         for line in textwrap.wrap(why, 96):
             say(f"  # {line}")
         quiet_cmd(work, "exec", "demo-web", *argv)
-        pattern = re.compile(rf"\s{re.escape(comm)}\(\d+\) \[{cid[:12]}:\d+\]\s+{event}\s+"
-                             rf"{re.escape(path)}(\s|$)")
+        pattern = re.compile(
+            rf"\s{re.escape(comm)}\(\d+\) \[{cid[:12]}:\d+\]\s+{event}\s+"
+            rf"{re.escape(path)}(\s|$)"
+        )
         got = live.wait_for(pattern, seen)
         if got is None:
             failed(f"the live trace did not show {event} {path} by {comm} in the container")
@@ -682,8 +717,7 @@ def detached(work: Path, cids: list[str]) -> None:
     The container's id goes to *cids*."""
     heading("A detached container: ps, exec, top, stop, rm")
     say(f"  --trace {TRACE_FILE}: every change to its upper layer is also written to a file.")
-    r = show_cmd(work, "run", "-d", "--name", "demo-web", "--trace", TRACE_FILE, "app:base",
-                 "sleep", "1000")
+    r = show_cmd(work, "run", "-d", "--name", "demo-web", "--trace", TRACE_FILE, "app:base", "sleep", "1000")
     if r.returncode != 0:
         return
     cid = r.stdout.strip().splitlines()[-1]
@@ -702,8 +736,7 @@ def detached(work: Path, cids: list[str]) -> None:
             failed("exec: PID 1 in the container is not 'sleep 1000'")
         r = show_cmd(work, "top", "demo-web")
         if m := re.search(r"^\s*(\d+)\s+1\s+\d+\s+\d+\s+sleep 1000$", r.stdout, re.M):
-            say(f"  PID is the host's PID, CPID the PID inside the container.  On the host,"
-                f" /proc/{m[1]}/status says")
+            say(f"  PID is the host's PID, CPID the PID inside the container.  On the host, /proc/{m[1]}/status says")
             with open(f"/proc/{m[1]}/status") as f:
                 indent("".join(line for line in f if line.startswith("NSpid:")))
         else:
@@ -714,8 +747,10 @@ def detached(work: Path, cids: list[str]) -> None:
         say("  Stopping the container unmounts its root: the live trace gets the end record and exits.")
         started = time.monotonic()
         show_cmd(work, "stop", "-t", "1", "demo-web")
-        say(f"  stopped in {time.monotonic() - started:.1f}s: as PID 1, sleep ignores SIGTERM,"
-            " so SIGKILL followed after 1s")
+        say(
+            f"  stopped in {time.monotonic() - started:.1f}s: as PID 1, sleep ignores SIGTERM,"
+            " so SIGKILL followed after 1s"
+        )
         rc = live.finish(CMD_TIMEOUT)
         if rc is None:
             failed(f"the live trace did not end within {CMD_TIMEOUT}s of the stop")
@@ -745,8 +780,7 @@ def check_layers(before: dict[str, tuple[int, str]], work: Path) -> None:
         if after == (count, digest):
             say(f"  {layer}: unchanged, byte for byte ({count} entries, sha256 {digest[:16]}...)")
         else:
-            failed(f"layer {layer} changed: {count} entries {digest[:16]}... ->"
-                   f" {after[0]} entries {after[1][:16]}...")
+            failed(f"layer {layer} changed: {count} entries {digest[:16]}... -> {after[0]} entries {after[1][:16]}...")
 
 
 def remove_containers(work: Path) -> None:
@@ -761,8 +795,12 @@ def remove_containers(work: Path) -> None:
 
 
 def cgroups_left(cids: list[str]) -> list[str]:
-    return [d for cid in cids for pattern in ("/sys/fs/cgroup/*/pyoverlay/", "/sys/fs/cgroup/pyoverlay/")
-            for d in glob.glob(pattern + cid)]
+    return [
+        d
+        for cid in cids
+        for pattern in ("/sys/fs/cgroup/*/pyoverlay/", "/sys/fs/cgroup/pyoverlay/")
+        for d in glob.glob(pattern + cid)
+    ]
 
 
 def container_part(base: Path) -> int:
@@ -778,8 +816,9 @@ def container_part(base: Path) -> int:
         heading(f"Building a two-layer busybox image in {work}")
         if not build_image(work):
             return 1
-        applets = sum(1 for d in ("bin", "sbin", "usr/bin", "usr/sbin")
-                      for p in (work / "base" / d).iterdir() if p.is_symlink())
+        applets = sum(
+            1 for d in ("bin", "sbin", "usr/bin", "usr/sbin") for p in (work / "base" / d).iterdir() if p.is_symlink()
+        )
         say(f"  base: bin/busybox and {applets} applet symlinks, etc/passwd (root, app), etc/group")
         say("  app, on top of base:")
         show_tree(work / "app")
@@ -813,6 +852,7 @@ def main() -> int:
         rc = mount_part(base)
         rc = container_part(base) or rc
         import demo_rootless
+
         rc = demo_rootless.part(sys.modules[__name__], base) or rc
     finally:
         heading("Cleaning up")

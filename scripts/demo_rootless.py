@@ -46,12 +46,12 @@ def part(demo, base: Path) -> int:
     demo.say(f"#### Part 3: the same image, run by the ordinary user {USER}")
     pw = pwd.getpwnam(USER)
     work = Path(tempfile.mkdtemp(prefix="rootless-", dir=base))
-    os.chmod(base, 0o755)   # the user must reach its directory
+    os.chmod(base, 0o755)  # the user must reach its directory
     os.chmod(work, 0o755)
     try:
-        if not demo.build_image(work):   # root's image: root-owned layers app:base
+        if not demo.build_image(work):  # root's image: root-owned layers app:base
             return 1
-        home = work / "home"   # the user's: its upper (and workdir beside it), records, data
+        home = work / "home"  # the user's: its upper (and workdir beside it), records, data
         home.mkdir()
         os.chown(home, pw.pw_uid, pw.pw_gid)
         args = ["run", "--rm", "--upper", "upper", f"{work}/app:{work}/base", "sh", "-c", SCRIPT]
@@ -92,11 +92,23 @@ def _cannot(demo) -> str | None:
 
 
 def _as_user(pw, home: Path, argv: list[str]) -> subprocess.CompletedProcess[str]:
-    env = {"HOME": str(home), "PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8",
-           "PYOVERLAY_STATE_DIR": str(home / "state"), "PYOVERLAY_DATA_DIR": str(home / "data")}
-    return subprocess.run(["setpriv", f"--reuid={pw.pw_uid}", f"--regid={pw.pw_gid}", "--init-groups",
-                           "--", *argv], cwd=home, env=env, stdin=subprocess.DEVNULL,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=120)
+    env = {
+        "HOME": str(home),
+        "PATH": "/usr/local/bin:/usr/bin:/bin",
+        "LANG": "C.UTF-8",
+        "PYOVERLAY_STATE_DIR": str(home / "state"),
+        "PYOVERLAY_DATA_DIR": str(home / "data"),
+    }
+    return subprocess.run(
+        ["setpriv", f"--reuid={pw.pw_uid}", f"--regid={pw.pw_gid}", "--init-groups", "--", *argv],
+        cwd=home,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=120,
+    )
 
 
 def _override(p: Path) -> str:
@@ -114,10 +126,14 @@ def _show_upper(demo, upper: Path, uid: int) -> None:
         for name in sorted(dirs + files):
             p = Path(dirpath, name)
             st = os.lstat(p)
-            kind = ("whiteout" if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0 else
-                    "dir" if stat.S_ISDIR(st.st_mode) else "file")
-            demo.say(f"  {str(p.relative_to(upper)):26s} {kind:9s} {f'{st.st_uid}:{st.st_gid}':14s} "
-                     f"{_override(p)}")
+            kind = (
+                "whiteout"
+                if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
+                else "dir"
+                if stat.S_ISDIR(st.st_mode)
+                else "file"
+            )
+            demo.say(f"  {str(p.relative_to(upper)):26s} {kind:9s} {f'{st.st_uid}:{st.st_gid}':14s} {_override(p)}")
     hello = upper / "root/hello.txt"
     if not hello.is_file() or os.stat(hello).st_uid != uid or _override(hello) != "0:0:0644":
         demo.failed("root/hello.txt is not the user's file recorded as root's (0:0:0644)")
@@ -127,10 +143,13 @@ def _show_upper(demo, upper: Path, uid: int) -> None:
     mine = upper / "srv/data/owned-by-1"
     if os.path.lexists(mine) and not _override(mine).startswith(("100000:100000:", "1:1:")):
         demo.say("  (srv/data/owned-by-1: the chown was refused: no /etc/subuid range)")
-    private = {n for p in [upper, *upper.rglob("*")] for n in os.listxattr(p, follow_symlinks=False)
-               if ".overlay." in n}
-    demo.say(f"  overlay-private xattrs in this upper: {', '.join(sorted(private)) or 'none'}"
-             " (an ordinary user cannot set trusted.*)")
+    private = {
+        n for p in [upper, *upper.rglob("*")] for n in os.listxattr(p, follow_symlinks=False) if ".overlay." in n
+    }
+    demo.say(
+        f"  overlay-private xattrs in this upper: {', '.join(sorted(private)) or 'none'}"
+        " (an ordinary user cannot set trusted.*)"
+    )
     demo.say("  every file is the user's on disk; the owners the container gave and the user")
     demo.say(f"  could not are kept in {OVERRIDE} (fuse-overlayfs's format)")
 
@@ -141,8 +160,7 @@ def _kernel_reads_it(demo, work: Path, upper: Path) -> None:
     merged.mkdir()
     kwork.mkdir()
     opts = f"userxattr,lowerdir={work / 'app'}:{work / 'base'},upperdir={upper},workdir={kwork}"
-    r = subprocess.run(["mount", "-t", "overlay", "overlay", "-o", opts, str(merged)],
-                       capture_output=True, text=True)
+    r = subprocess.run(["mount", "-t", "overlay", "overlay", "-o", opts, str(merged)], capture_output=True, text=True)
     if r.returncode != 0:
         demo.failed(f"kernel overlay mount: {r.stderr.strip()}")
         return
@@ -162,7 +180,7 @@ def _processes(uid: int) -> list[int]:
         if d.isdigit():
             try:
                 if os.stat(f"/proc/{d}").st_uid == uid and process_start_time(int(d)) is not None:
-                    out.append(int(d))   # alive, not a zombie
+                    out.append(int(d))  # alive, not a zombie
             except OSError:
                 pass
     return out

@@ -64,13 +64,13 @@ def pytest_collection_modifyitems(config, items):
 
 
 def pytest_report_header(config):
-    return (f"pyoverlay harness: subject = {mounts.subject_name()} "
-            f"(PYOVERLAY_TEST_SUBJECT), repo = {mounts.REPO_ROOT}")
+    return f"pyoverlay harness: subject = {mounts.subject_name()} (PYOVERLAY_TEST_SUBJECT), repo = {mounts.REPO_ROOT}"
 
 
 # --------------------------------------------------------------------------
 # leftover-mount checks
 # --------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="session", autouse=True)
 def _no_leftover_mounts_session(tmp_path_factory):
@@ -81,8 +81,10 @@ def _no_leftover_mounts_session(tmp_path_factory):
         for m in sorted(left, key=len, reverse=True):
             mounts.abort_fuse_connection(m)
             mounts.force_unmount(m)
-        pytest.fail("TEST HARNESS BUG: mounts were left behind under the test tmp dir "
-                    f"(lazily unmounted now): {left}", pytrace=False)
+        pytest.fail(
+            f"TEST HARNESS BUG: mounts were left behind under the test tmp dir (lazily unmounted now): {left}",
+            pytrace=False,
+        )
 
 
 @pytest.fixture(autouse=True)
@@ -97,8 +99,7 @@ def _no_leftover_mounts_test(request, tmp_path_factory):
         for m in sorted(left, key=len, reverse=True):
             mounts.abort_fuse_connection(m)
             mounts.force_unmount(m)
-        pytest.fail(f"test left mounts behind (lazily unmounted now): {sorted(left)}",
-                    pytrace=False)
+        pytest.fail(f"test left mounts behind (lazily unmounted now): {sorted(left)}", pytrace=False)
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -119,6 +120,7 @@ def pytest_runtest_makereport(item, call):
 # --------------------------------------------------------------------------
 # fixtures
 # --------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="session")
 def lab(tmp_path_factory) -> Lab:

@@ -49,6 +49,7 @@ NOT_USER_ERRORS = {"overlayfs_py.workdir.Replaced"}
 
 # --- the module graph ---------------------------------------------------------------------
 
+
 def module_files(root: Path, packages=PACKAGES) -> dict[str, Path]:
     """Dotted module name -> file, for every module of *packages* under *root*."""
     out: dict[str, Path] = {}
@@ -76,15 +77,19 @@ def imported_names(name: str, path: Path, known: dict[str, Path]) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             if node.level:
                 parts = pkg.split(".")
-                base = ".".join(parts[:len(parts) - node.level + 1])
+                base = ".".join(parts[: len(parts) - node.level + 1])
                 mod = f"{base}.{node.module}" if node.module else base
             else:
                 mod = node.module or ""
             for a in node.names:
                 sub = f"{mod}.{a.name}"
                 found.add(sub if sub in known else mod)
-        elif isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant) \
-                and isinstance(node.args[0].value, str):
+        elif (
+            isinstance(node, ast.Call)
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+            and isinstance(node.args[0].value, str)
+        ):
             fn = node.func
             called = fn.attr if isinstance(fn, ast.Attribute) else getattr(fn, "id", "")
             if called in ("import_module", "__import__"):
@@ -152,17 +157,22 @@ def cycles(graph: dict[str, set[str]]) -> set[frozenset[str]]:
 
 
 def forbidden_imports(graph: dict[str, set[str]], source: str, banned: tuple[str, ...]) -> list[str]:
-    return sorted(f"{m} imports {t}" for m, ts in graph.items() if m.split(".")[0] == source
-                  for t in ts if t.split(".")[0] in banned)
+    return sorted(
+        f"{m} imports {t}"
+        for m, ts in graph.items()
+        if m.split(".")[0] == source
+        for t in ts
+        if t.split(".")[0] in banned
+    )
 
 
 def within(graph: dict[str, set[str]], pkg: str) -> dict[str, set[str]]:
     """The subgraph of the modules of *pkg*."""
-    return {m: {t for t in ts if t.split(".")[0] == pkg} for m, ts in graph.items()
-            if m.split(".")[0] == pkg}
+    return {m: {t for t in ts if t.split(".")[0] == pkg} for m, ts in graph.items() if m.split(".")[0] == pkg}
 
 
 # --- the rules ----------------------------------------------------------------------------
+
 
 def test_overlayfs_py_never_imports_the_runner():
     graph = import_graph(REPO)
@@ -173,10 +183,12 @@ def test_overlayfs_py_never_imports_the_runner():
 def test_importing_any_filesystem_module_loads_no_runner_module():
     """In a fresh interpreter: import every module of overlayfs_py, then look."""
     names = sorted(m for m in module_files(REPO, ("overlayfs_py",)) if not m.endswith("__main__"))
-    code = ("import importlib, json, sys\n"
-            f"for n in {names!r}: importlib.import_module(n)\n"
-            "print(json.dumps(sorted(m for m in sys.modules"
-            " if m.split('.')[0] in ('runner', 'pyoverlay_cli'))))\n")
+    code = (
+        "import importlib, json, sys\n"
+        f"for n in {names!r}: importlib.import_module(n)\n"
+        "print(json.dumps(sorted(m for m in sys.modules"
+        " if m.split('.')[0] in ('runner', 'pyoverlay_cli'))))\n"
+    )
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout) == []
@@ -185,10 +197,12 @@ def test_importing_any_filesystem_module_loads_no_runner_module():
 
 def test_the_filesystem_command_runs_without_the_runner():
     """``python -m overlayfs_py``: the filesystem's commands only, no runner module loaded."""
-    code = ("import sys\nsys.argv = ['overlayfs_py', '--help']\n"
-            "try:\n    import runpy; runpy.run_module('overlayfs_py', run_name='__main__')\n"
-            "except SystemExit:\n    pass\n"
-            "print('LOADED', sorted(m for m in sys.modules if m.split('.')[0] == 'runner'))\n")
+    code = (
+        "import sys\nsys.argv = ['overlayfs_py', '--help']\n"
+        "try:\n    import runpy; runpy.run_module('overlayfs_py', run_name='__main__')\n"
+        "except SystemExit:\n    pass\n"
+        "print('LOADED', sorted(m for m in sys.modules if m.split('.')[0] == 'runner'))\n"
+    )
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert "LOADED []" in r.stdout, r.stdout + r.stderr
     listed = r.stdout.split("Commands:")[1].split()
@@ -217,8 +231,13 @@ def test_every_error_extends_the_one_base_class():
             continue
         m = importlib.import_module(mod)
         for name, cls in vars(m).items():
-            if inspect.isclass(cls) and issubclass(cls, BaseException) and cls.__module__ == mod \
-                    and f"{mod}.{name}" not in NOT_USER_ERRORS and not issubclass(cls, PyoverlayError):
+            if (
+                inspect.isclass(cls)
+                and issubclass(cls, BaseException)
+                and cls.__module__ == mod
+                and f"{mod}.{name}" not in NOT_USER_ERRORS
+                and not issubclass(cls, PyoverlayError)
+            ):
                 bad.append(f"{mod}.{name}")
     assert bad == []
 
@@ -233,7 +252,7 @@ def test_the_base_class_carries_message_and_exit_code():
     assert (e.message, str(e), e.exit_code) == ("bad option", "bad option", 2)
     s = StateDirError("not yours")
     assert isinstance(s, OSError) and (str(s), s.exit_code) == ("not yours", 1)
-    assert SpecError("x").exit_code == 125                    # the runner's own errors: 125
+    assert SpecError("x").exit_code == 125  # the runner's own errors: 125
     c = ContainerError("not found", 127)
     assert (c.exit_code, c.code, c.message) == (127, 127, "not found")
 
@@ -249,13 +268,17 @@ def test_fusermount3_is_run_in_one_place():
                 continue
             for node in ast.walk(ast.parse(path.read_text(), str(path))):
                 words = [e.value for e in getattr(node, "elts", []) if isinstance(e, ast.Constant)]
-                if isinstance(node, ast.List) and "fusermount3" in words \
-                        and any(isinstance(w, str) and w.startswith("-u") for w in words):
+                if (
+                    isinstance(node, ast.List)
+                    and "fusermount3" in words
+                    and any(isinstance(w, str) and w.startswith("-u") for w in words)
+                ):
                     offenders.append(f"{path.relative_to(REPO)}:{node.lineno}")
     assert offenders == []
 
 
 # --- the checker can fail -----------------------------------------------------------------
+
 
 def _write(root: Path, files: dict[str, str]) -> None:
     for rel, text in files.items():
@@ -265,24 +288,28 @@ def _write(root: Path, files: dict[str, str]) -> None:
 
 
 def test_the_checker_finds_function_level_circles_and_imports(tmp_path):
-    _write(tmp_path, {
-        "overlayfs_py/__init__.py": "",
-        "overlayfs_py/a.py": "from . import b\n",
-        "overlayfs_py/b.py": "def f():\n    from .c import X\n",
-        "overlayfs_py/c.py": "def g():\n    import overlayfs_py.a\n    from runner import state\n",
-        "overlayfs_py/d.py": "import importlib\nimportlib.import_module('runner.cli')\n",
-        "overlayfs_py/e.py": "from .a import *\n",
-        "runner/__init__.py": "",
-        "runner/state.py": "from overlayfs_py import a\n",
-        "runner/cli.py": "",
-    })
+    _write(
+        tmp_path,
+        {
+            "overlayfs_py/__init__.py": "",
+            "overlayfs_py/a.py": "from . import b\n",
+            "overlayfs_py/b.py": "def f():\n    from .c import X\n",
+            "overlayfs_py/c.py": "def g():\n    import overlayfs_py.a\n    from runner import state\n",
+            "overlayfs_py/d.py": "import importlib\nimportlib.import_module('runner.cli')\n",
+            "overlayfs_py/e.py": "from .a import *\n",
+            "runner/__init__.py": "",
+            "runner/state.py": "from overlayfs_py import a\n",
+            "runner/cli.py": "",
+        },
+    )
     graph = import_graph(tmp_path, ("overlayfs_py", "runner"))
     assert graph["overlayfs_py.b"] == {"overlayfs_py.c"}
-    assert cycles(within(graph, "overlayfs_py")) == {
-        frozenset({"overlayfs_py.a", "overlayfs_py.b", "overlayfs_py.c"})}
+    assert cycles(within(graph, "overlayfs_py")) == {frozenset({"overlayfs_py.a", "overlayfs_py.b", "overlayfs_py.c"})}
     assert cycles(within(graph, "runner")) == set()
     assert forbidden_imports(graph, "overlayfs_py", ("runner",)) == [
-        "overlayfs_py.c imports runner.state", "overlayfs_py.d imports runner.cli"]
+        "overlayfs_py.c imports runner.state",
+        "overlayfs_py.d imports runner.cli",
+    ]
     assert forbidden_imports(graph, "runner", ("pyoverlay_cli",)) == []
 
 
@@ -298,6 +325,7 @@ def test_the_module_list_is_complete():
 
 # --- configuration is pure; the plan decides the xattr namespace once ---------------------
 
+
 def test_parsing_reads_no_record_and_asks_no_privilege(tmp_path):
     """build_config only parses and validates: a damaged workdir record is the planning
     step's business (userxattr.plan), and an undecided namespace stays undecided."""
@@ -307,8 +335,7 @@ def test_parsing_reads_no_record_and_asks_no_privilege(tmp_path):
     for d in ("lo", "up", "wk", "mnt"):
         (tmp_path / d).mkdir()
     (tmp_path / "wk" / userxattr.RECORD).write_text('{"userxattr": "yes"}')
-    cfg = build_config(str(tmp_path / "lo"), str(tmp_path / "up"), str(tmp_path / "mnt"),
-                       workdir=str(tmp_path / "wk"))
+    cfg = build_config(str(tmp_path / "lo"), str(tmp_path / "up"), str(tmp_path / "mnt"), workdir=str(tmp_path / "wk"))
     assert cfg.userxattr is None
     with pytest.raises(ConfigError, match="bad userxattr record"):
         userxattr.plan(cfg)
@@ -319,7 +346,12 @@ def test_parsing_reads_no_record_and_asks_no_privilege(tmp_path):
 
 
 def test_the_filesystem_command_refuses_image_in_one_line(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "overlayfs_py", "mount", "--image", "busybox",
-                        str(tmp_path / "m")], cwd=REPO, capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-m", "overlayfs_py", "mount", "--image", "busybox", str(tmp_path / "m")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 2
     assert r.stderr == "pyoverlay: --image needs the image store: use the pyoverlay command\n"

@@ -25,9 +25,13 @@ from benchlib.workloads import ALL as WORKLOADS  # noqa: E402
 
 def test_smoke_run_gives_every_impl_and_workload(tmp_path):
     work, result = tmp_path / "work", tmp_path / "result.json"
-    r = subprocess.run([sys.executable, str(REPO / "scripts" / "bench.py"), "--smoke",
-                        "--workdir", str(work), "--json", str(result)],
-                       capture_output=True, text=True, timeout=170, stdin=subprocess.DEVNULL)
+    r = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "bench.py"), "--smoke", "--workdir", str(work), "--json", str(result)],
+        capture_output=True,
+        text=True,
+        timeout=170,
+        stdin=subprocess.DEVNULL,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     d = json.loads(result.read_text())
     assert d["error"] is None
@@ -39,8 +43,9 @@ def test_smoke_run_gives_every_impl_and_workload(tmp_path):
         for impl in d["impls"]:
             skipped = d["skipped"][w].get(impl)
             if skipped:
-                assert (impl == "native" and w.startswith("copyup")) or \
-                       (w == "randread_4k" and shutil.which("fio") is None), (w, impl, skipped)
+                assert (impl == "native" and w.startswith("copyup")) or (
+                    w == "randread_4k" and shutil.which("fio") is None
+                ), (w, impl, skipped)
                 continue
             samples = d["samples"][w][impl]
             assert len(samples) == 1 and samples[0] > 0, (w, impl, samples)
@@ -60,22 +65,45 @@ def test_smoke_run_gives_every_impl_and_workload(tmp_path):
 
 
 def test_bad_arguments_are_refused():
-    r = subprocess.run([sys.executable, str(REPO / "scripts" / "bench.py"), "--only", "nope"],
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "bench.py"), "--only", "nope"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 2 and "unknown workload" in r.stderr
     assert os.path.exists(REPO / "scripts" / "bench")
 
 
-@pytest.mark.skipif(not (REPO / ".venv" / "bin" / "py-spy").exists() and shutil.which("py-spy") is None,
-                    reason="needs py-spy (scripts/bench --profile installs it into .venv)")
+@pytest.mark.skipif(
+    not (REPO / ".venv" / "bin" / "py-spy").exists() and shutil.which("py-spy") is None,
+    reason="needs py-spy (scripts/bench --profile installs it into .venv)",
+)
 def test_profile_samples_the_server_and_splits_own_code(tmp_path):
     """--profile: py-spy attached to pyoverlay's server during its samples gives, per
     workload, collapsed stacks and the share in pyoverlay's own code."""
     work, result, prof = tmp_path / "work", tmp_path / "result.json", tmp_path / "prof"
-    r = subprocess.run([sys.executable, str(REPO / "scripts" / "bench.py"), "--smoke",
-                        "--impl", "pyoverlay", "--only", "walk_warm,untar",
-                        "--workdir", str(work), "--json", str(result), "--profile", str(prof)],
-                       capture_output=True, text=True, timeout=170, stdin=subprocess.DEVNULL)
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "scripts" / "bench.py"),
+            "--smoke",
+            "--impl",
+            "pyoverlay",
+            "--only",
+            "walk_warm,untar",
+            "--workdir",
+            str(work),
+            "--json",
+            str(result),
+            "--profile",
+            str(prof),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=170,
+        stdin=subprocess.DEVNULL,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     d = json.loads(result.read_text())
     assert set(d["profile"]) == {"walk_warm", "untar"}
@@ -85,17 +113,32 @@ def test_profile_samples_the_server_and_splits_own_code(tmp_path):
     stacks = Path(untar["stacks_file"]).read_text()
     assert "overlayfs_py/write.py" in stacks and "trio/_core" in stacks
     assert "| untar |" in r.stdout and "in pyoverlay's code" in r.stdout
-    assert not list(prof.glob(".*.raw"))   # per-sample files merged and removed
+    assert not list(prof.glob(".*.raw"))  # per-sample files merged and removed
 
 
 def test_transport_mode_times_requests_and_leaves_nothing(tmp_path):
     """--transport: microseconds per getxattr and open+close on each implementation,
     including the do-nothing pyfuse3 server, and how pyoverlay's time splits."""
     work, result = tmp_path / "work", tmp_path / "result.json"
-    r = subprocess.run([sys.executable, str(REPO / "scripts" / "bench.py"), "--transport", "--reps", "1",
-                        "--impl", "kernel,pyoverlay,pyfuse3-null",
-                        "--workdir", str(work), "--json", str(result)],
-                       capture_output=True, text=True, timeout=170, stdin=subprocess.DEVNULL)
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "scripts" / "bench.py"),
+            "--transport",
+            "--reps",
+            "1",
+            "--impl",
+            "kernel,pyoverlay,pyfuse3-null",
+            "--workdir",
+            str(work),
+            "--json",
+            str(result),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=170,
+        stdin=subprocess.DEVNULL,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     d = json.loads(result.read_text())
     med = d["transport"]["median_us"]

@@ -20,9 +20,15 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def _cli(*args, check=True):
-    return subprocess.run([sys.executable, "-m", "pyoverlay_cli", *map(str, args)], cwd=REPO,
-                          env=mounts.pyoverlay_env(), capture_output=True, text=True, timeout=60,
-                          check=check)
+    return subprocess.run(
+        [sys.executable, "-m", "pyoverlay_cli", *map(str, args)],
+        cwd=REPO,
+        env=mounts.pyoverlay_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=check,
+    )
 
 
 def _layers(tmp_path):
@@ -53,8 +59,14 @@ def test_kernel_option_spelling_background_mount_and_umount(tmp_path):
 def test_debug_logs_requests(tmp_path):
     lower, upper, work, mnt = _layers(tmp_path)
     log = tmp_path / "server.log"
-    with mounts.PyoverlayMount([lower], mnt, upper, work, options=(), log_path=log,
-                               ) as m:
+    with mounts.PyoverlayMount(
+        [lower],
+        mnt,
+        upper,
+        work,
+        options=(),
+        log_path=log,
+    ) as m:
         pass
     quiet = log.read_text()
     argv = mounts.pyoverlay_argv([lower], mnt, upper, work) + ["--debug"]
@@ -77,8 +89,9 @@ def test_debug_logs_requests(tmp_path):
 def test_server_exits_when_its_mount_vanishes(tmp_path):
     lower, upper, work, mnt = _layers(tmp_path)
     argv = mounts.pyoverlay_argv([lower], mnt, upper, work)
-    p = subprocess.Popen(argv, cwd=REPO, env=mounts.pyoverlay_env(),
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    p = subprocess.Popen(
+        argv, cwd=REPO, env=mounts.pyoverlay_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
         deadline = time.monotonic() + 20
         while not mounts.is_mounted(mnt):

@@ -233,9 +233,7 @@ def test_parse_options_accepted_and_ignored(opt: str) -> None:
 def test_parse_options_unsupported_kernel_features(opt: str) -> None:
     with pytest.raises(ConfigError) as ei:
         parse_options([f"lowerdir=/a,{opt}"])
-    assert str(ei.value) == (
-        f"option '{opt}' is not supported (pyoverlay implements the kernel defaults)"
-    )
+    assert str(ei.value) == (f"option '{opt}' is not supported (pyoverlay implements the kernel defaults)")
 
 
 def test_parse_options_volatile() -> None:
@@ -302,14 +300,11 @@ def test_default_workdir_parent_must_exist(root: Path, layout: dict[str, str]) -
     missing_parent = str(root / "nope" / ".u.pyoverlay-work")
     e = rejected(cfg_of(layout, workdir=missing_parent), workdir_may_be_missing=True)
     assert str(e) == (
-        f"workdir '{missing_parent}' cannot be created: parent '{root / 'nope'}': "
-        "No such file or directory"
+        f"workdir '{missing_parent}' cannot be created: parent '{root / 'nope'}': No such file or directory"
     )
 
 
-def test_default_workdir_beside_an_upper_mount_point(
-    root: Path, layout: dict[str, str], mount: MountFn
-) -> None:
+def test_default_workdir_beside_an_upper_mount_point(root: Path, layout: dict[str, str], mount: MountFn) -> None:
     # upper is itself a mount point, so its sibling is on another filesystem.
     mount("-t", "tmpfs", "tmpfs", target=layout["u"])
     with pytest.raises(ConfigError) as ei:
@@ -326,9 +321,7 @@ def test_default_workdir_beside_an_upper_mount_point(
 
 
 def test_build_config_positional(layout: dict[str, str]) -> None:
-    cfg = build_config(
-        f"{layout['l1']}:{layout['l2']}", layout["u"], layout["m"], workdir=layout["w"], debug=True
-    )
+    cfg = build_config(f"{layout['l1']}:{layout['l2']}", layout["u"], layout["m"], workdir=layout["w"], debug=True)
     assert cfg == MountConfig(
         lowerdirs=(layout["l1"], layout["l2"]),
         upperdir=layout["u"],
@@ -396,9 +389,7 @@ def test_build_config_lower_given_twice(layout: dict[str, str]) -> None:
 
 def test_build_config_upper_given_twice(layout: dict[str, str]) -> None:
     with pytest.raises(ConfigError) as ei:
-        build_config(
-            layout["l1"], layout["u"], layout["m"], options=[f"upperdir={layout['u']}"]
-        )
+        build_config(layout["l1"], layout["u"], layout["m"], options=[f"upperdir={layout['u']}"])
     assert str(ei.value) == "upper layer given twice: as an argument and as -o upperdir"
 
 
@@ -416,9 +407,7 @@ def test_build_config_workdir_given_twice(layout: dict[str, str]) -> None:
 
 def test_build_config_mixed_forms(layout: dict[str, str]) -> None:
     # Positional lowers with -o upperdir/workdir do not conflict.
-    cfg = build_config(
-        layout["l1"], None, layout["m"], options=[f"upperdir={layout['u']},workdir={layout['w']}"]
-    )
+    cfg = build_config(layout["l1"], None, layout["m"], options=[f"upperdir={layout['u']},workdir={layout['w']}"])
     assert (cfg.upperdir, cfg.workdir) == (layout["u"], layout["w"])
 
 
@@ -571,9 +560,7 @@ def test_nested_lowers_are_allowed(layout: dict[str, str]) -> None:
     validate(cfg_of(layout, lowerdirs=(layout["l1"], inner)))
 
 
-def test_upper_inside_lower_through_a_bind_mount(
-    root: Path, layout: dict[str, str], mount: MountFn
-) -> None:
+def test_upper_inside_lower_through_a_bind_mount(root: Path, layout: dict[str, str], mount: MountFn) -> None:
     (alias,) = mkdirs(root, "alias")
     mount("--bind", layout["l1"], target=alias)
     (u,) = mkdirs(Path(alias), "u")
@@ -603,9 +590,7 @@ def test_workdir_on_another_filesystem(layout: dict[str, str], mount: MountFn) -
     mount("-t", "tmpfs", "tmpfs", target=layout["w"])
     assert os.stat(layout["w"]).st_dev != os.stat(layout["u"]).st_dev
     e = rejected(cfg_of(layout))
-    assert str(e) == (
-        f"workdir '{layout['w']}' is not on the same filesystem as upper layer '{layout['u']}'"
-    )
+    assert str(e) == (f"workdir '{layout['w']}' is not on the same filesystem as upper layer '{layout['u']}'")
 
 
 def test_mountpoint_missing(root: Path, layout: dict[str, str]) -> None:
@@ -622,16 +607,12 @@ def test_mountpoint_not_a_directory(root: Path, layout: dict[str, str]) -> None:
 
 def test_mountpoint_is_a_lower(layout: dict[str, str]) -> None:
     e = rejected(cfg_of(layout, mountpoint=layout["l2"]))
-    assert str(e) == (
-        f"mountpoint '{layout['l2']}' is the same directory as lower layer '{layout['l2']}'"
-    )
+    assert str(e) == (f"mountpoint '{layout['l2']}' is the same directory as lower layer '{layout['l2']}'")
 
 
 def test_mountpoint_is_the_upper(layout: dict[str, str]) -> None:
     e = rejected(cfg_of(layout, mountpoint=layout["u"]))
-    assert str(e) == (
-        f"mountpoint '{layout['u']}' is the same directory as upper layer '{layout['u']}'"
-    )
+    assert str(e) == (f"mountpoint '{layout['u']}' is the same directory as upper layer '{layout['u']}'")
 
 
 def test_mountpoint_inside_lower(layout: dict[str, str]) -> None:

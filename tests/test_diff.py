@@ -20,7 +20,6 @@ import pytest
 
 from helpers import mounts
 from helpers.stacks import OPQ, T0, WH, XWH, D, F, L, build_layer
-
 from overlayfs_py.diff import Change, detect_userxattr, diff
 
 REPO = Path(__file__).resolve().parent.parent
@@ -30,41 +29,45 @@ pytestmark = [pytest.mark.needs_root]
 
 def _lowers(base: Path) -> tuple[Path, Path]:
     l1, l2 = base / "l1", base / "l2"
-    dirs = {p: D(mtime_ns=T0) for p in ("etc", "usr", "usr/share", "usr/share/doc", "var", "var/log",
-                                          "srv", "srv/data")}
+    dirs = {
+        p: D(mtime_ns=T0) for p in ("etc", "usr", "usr/share", "usr/share/doc", "var", "var/log", "srv", "srv/data")
+    }
     build_layer(l1, {**dirs, "etc/motd": F(b"hello\n"), "usr/share/doc/c": F(b"c\n")})
-    build_layer(l2, {
-        **dirs,
-        "etc/hosts": F(b"127.0.0.1 localhost\n"),
-        "etc/chm": F(b"chmod me\n", mode=0o644),
-        "etc/gone": F(b"to be removed\n"),
-        "usr/share/doc/a": F(b"a\n"),
-        "usr/share/doc/b": F(b"b\n"),
-        "var/log/same": F(b"touched\n"),
-        "var/log/rewrite": F(b"rewritten with the same bytes\n"),
-        "srv/data/old": F(b"old\n"),
-    })
+    build_layer(
+        l2,
+        {
+            **dirs,
+            "etc/hosts": F(b"127.0.0.1 localhost\n"),
+            "etc/chm": F(b"chmod me\n", mode=0o644),
+            "etc/gone": F(b"to be removed\n"),
+            "usr/share/doc/a": F(b"a\n"),
+            "usr/share/doc/b": F(b"b\n"),
+            "var/log/same": F(b"touched\n"),
+            "var/log/rewrite": F(b"rewritten with the same bytes\n"),
+            "srv/data/old": F(b"old\n"),
+        },
+    )
     return l1, l2
 
 
 def _ops(m: Path) -> None:
     """The container's work, through the mount."""
-    (m / "etc/new").write_bytes(b"new\n")                  # add a file
-    with open(m / "etc/motd", "ab") as f:                  # modify a lower file
+    (m / "etc/new").write_bytes(b"new\n")  # add a file
+    with open(m / "etc/motd", "ab") as f:  # modify a lower file
         f.write(b"more\n")
-    os.chmod(m / "etc/chm", 0o600)                         # chmod one
-    os.unlink(m / "etc/gone")                              # rm a lower file
-    shutil.rmtree(m / "usr/share/doc")                     # rm -r a lower dir, mkdir it again
+    os.chmod(m / "etc/chm", 0o600)  # chmod one
+    os.unlink(m / "etc/gone")  # rm a lower file
+    shutil.rmtree(m / "usr/share/doc")  # rm -r a lower dir, mkdir it again
     os.mkdir(m / "usr/share/doc")
-    (m / "usr/share/doc/a").write_bytes(b"a, again\n")     # ... a name the lower had
-    (m / "usr/share/doc/z").write_bytes(b"z\n")            # ... and a new one
-    os.makedirs(m / "opt/app")                             # a new dir with files
+    (m / "usr/share/doc/a").write_bytes(b"a, again\n")  # ... a name the lower had
+    (m / "usr/share/doc/z").write_bytes(b"z\n")  # ... and a new one
+    os.makedirs(m / "opt/app")  # a new dir with files
     (m / "opt/app/f").write_bytes(b"f\n")
     (m / "opt/app/g").write_bytes(b"g\n")
-    os.utime(m / "var/log/same")                           # touch: copy-up, content unchanged
+    os.utime(m / "var/log/same")  # touch: copy-up, content unchanged
     (m / "var/log/rewrite").write_bytes(b"rewritten with the same bytes\n")
-    (m / "srv/data/new").write_bytes(b"n\n")               # a new file in a dir whose
-    os.utime(m / "srv/data", ns=(T0, T0))                  # times are then put back
+    (m / "srv/data/new").write_bytes(b"n\n")  # a new file in a dir whose
+    os.utime(m / "srv/data", ns=(T0, T0))  # times are then put back
 
 
 # By moby's rules: /usr, /var, /var/log, /srv keep the lower dirs' size, mode and mtime
@@ -103,8 +106,7 @@ def _written_upper(tmp_path: Path, mounter, options=()) -> tuple[Path, Path, Pat
     upper, work = tmp_path / "upper", tmp_path / "work"
     upper.mkdir()
     work.mkdir()
-    with mounter([l1, l2], tmp_path / "mnt", upper=upper, workdir=work,
-                 options=options) as m:
+    with mounter([l1, l2], tmp_path / "mnt", upper=upper, workdir=work, options=options) as m:
         _ops(m.path)
     return upper, l1, l2
 
@@ -131,34 +133,58 @@ def test_lower_view_corners(tmp_path):
     """Whiteouts and opaque dirs in the lowers count; symlinks in lowers are not followed;
     xattr whiteouts count only in an opaque=x dir; an opaque dir over nothing is an add."""
     l1, l2, u = tmp_path / "l1", tmp_path / "l2", tmp_path / "u"
-    build_layer(l2, {
-        "etc": D(mtime_ns=T0), "etc/hosts": F(b"h\n"),
-        "hid": D(mtime_ns=T0), "hid/x": F(b"x\n"),
-        "real": D(mtime_ns=T0), "real/r": F(b"r\n"),
-        "xw": D(mtime_ns=T0), "xw/gone": F(b"g\n"), "xw/kept": F(b"k\n"),
-    })
-    build_layer(l1, {
-        "etc": D(mtime_ns=T0), "etc/hosts": WH(),          # lower1 removed /etc/hosts
-        "hid": OPQ(mtime_ns=T0),                           # lower1 emptied /hid
-        "sl": L("real"),                                   # a symlink to a dir
-    })
-    build_layer(u, {
-        "etc": D(mtime_ns=T0), "etc/hosts": F(b"again\n"),  # not in the lower view: A
-        "hid": D(mtime_ns=T0), "hid/x": F(b"x\n"),          # /hid/x is whited out below: A
-        "sl": D(mtime_ns=T0), "sl/r": F(b"r\n"),            # moby would stat through the link
-        "newopq": OPQ(mtime_ns=T0), "newopq/f": F(b"f\n"),  # opaque, nothing below: A
-        "xw": OPQ(value=b"x", mtime_ns=T0),
-        "xw/gone": XWH(),                                   # xattr whiteout: D
-        "stray": XWH(),                                     # not in an opaque=x dir: a file
-    })
+    build_layer(
+        l2,
+        {
+            "etc": D(mtime_ns=T0),
+            "etc/hosts": F(b"h\n"),
+            "hid": D(mtime_ns=T0),
+            "hid/x": F(b"x\n"),
+            "real": D(mtime_ns=T0),
+            "real/r": F(b"r\n"),
+            "xw": D(mtime_ns=T0),
+            "xw/gone": F(b"g\n"),
+            "xw/kept": F(b"k\n"),
+        },
+    )
+    build_layer(
+        l1,
+        {
+            "etc": D(mtime_ns=T0),
+            "etc/hosts": WH(),  # lower1 removed /etc/hosts
+            "hid": OPQ(mtime_ns=T0),  # lower1 emptied /hid
+            "sl": L("real"),  # a symlink to a dir
+        },
+    )
+    build_layer(
+        u,
+        {
+            "etc": D(mtime_ns=T0),
+            "etc/hosts": F(b"again\n"),  # not in the lower view: A
+            "hid": D(mtime_ns=T0),
+            "hid/x": F(b"x\n"),  # /hid/x is whited out below: A
+            "sl": D(mtime_ns=T0),
+            "sl/r": F(b"r\n"),  # moby would stat through the link
+            "newopq": OPQ(mtime_ns=T0),
+            "newopq/f": F(b"f\n"),  # opaque, nothing below: A
+            "xw": OPQ(value=b"x", mtime_ns=T0),
+            "xw/gone": XWH(),  # xattr whiteout: D
+            "stray": XWH(),  # not in an opaque=x dir: a file
+        },
+    )
     got = diff(str(u), [str(l1), str(l2)])
     assert got == [
-        ("C", "/etc"), ("A", "/etc/hosts"),
-        ("C", "/hid"), ("A", "/hid/x"),
-        ("A", "/newopq"), ("A", "/newopq/f"),
-        ("C", "/sl"), ("A", "/sl/r"),
+        ("C", "/etc"),
+        ("A", "/etc/hosts"),
+        ("C", "/hid"),
+        ("A", "/hid/x"),
+        ("A", "/newopq"),
+        ("A", "/newopq/f"),
+        ("C", "/sl"),
+        ("A", "/sl/r"),
         ("A", "/stray"),
-        ("C", "/xw"), ("D", "/xw/gone"),
+        ("C", "/xw"),
+        ("D", "/xw/gone"),
     ]
 
 
@@ -181,11 +207,18 @@ def test_unchanged_dir_reported_once_for_several_children(tmp_path):
 
 # --- the command line -------------------------------------------------------------------
 
+
 def _cli(*args, env=None):
     e = mounts.pyoverlay_env()
     e.update(env or {})
-    return subprocess.run([sys.executable, "-m", "pyoverlay_cli", *map(str, args)], cwd=REPO, env=e,
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "pyoverlay_cli", *map(str, args)],
+        cwd=REPO,
+        env=e,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 @pytest.fixture
@@ -203,8 +236,7 @@ def test_cli_lower_json_and_missing_lowers(tmp_path, state_dir):
     assert r.stdout.splitlines() == [f"{k} {p}" for k, p in EXPECTED]
     r = _cli("diff", "--json", "--ignore-identical", "--lower", f"{l1}:{l2}", upper)
     assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout) == [{"kind": k, "path": p} for k, p in EXPECTED
-                                    if (k, p) not in COPIED_UNCHANGED]
+    assert json.loads(r.stdout) == [{"kind": k, "path": p} for k, p in EXPECTED if (k, p) not in COPIED_UNCHANGED]
     r = _cli("diff", upper)
     assert r.returncode == 2
     assert r.stdout == ""
@@ -235,8 +267,15 @@ def _container_stack(tmp_path: Path) -> dict:
     build_layer(image, {"etc": D(mtime_ns=T0), "etc/passwd": F(b"root:x:0:0::/root:/bin/sh\n")})
     build_layer(init, {"etc": D(mtime_ns=T0), "etc/hostname": F(b""), "proc": D(mtime_ns=T0)})
     build_layer(upper, {"etc": D(mtime_ns=T0), "etc/hostname": F(b"box\n"), "etc/new": F(b"n\n")})
-    return {"id": "4f1e2d3c" + "0" * 56, "name": "web", "layers": [str(image)], "upper": str(upper),
-            "init_layer": str(init), "created": 1.0, "status": "exited"}
+    return {
+        "id": "4f1e2d3c" + "0" * 56,
+        "name": "web",
+        "layers": [str(image)],
+        "upper": str(upper),
+        "init_layer": str(init),
+        "created": 1.0,
+        "status": "exited",
+    }
 
 
 def test_cli_container_id(tmp_path, state_dir):

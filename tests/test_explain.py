@@ -24,7 +24,6 @@ import pytest
 
 from helpers import mounts
 from helpers.stacks import OPQ, T0, WH, XWH, D, F, L, build_layer
-
 from overlayfs_py.explain import explain, format_text
 
 REPO = Path(__file__).resolve().parent.parent
@@ -34,35 +33,51 @@ pytestmark = [pytest.mark.needs_root]
 
 def _stack(base: Path) -> tuple[Path, list[Path]]:
     up, l1, l2, l3 = (base / n for n in ("upper", "l1", "l2", "l3"))
-    build_layer(l3, {
-        "a/x": F(b"x3\n"), "a/y": F(b"y3\n"),
-        "etc/motd": F(b"base motd\n"),
-        "bin/vi": L("/bin/busybox"), "bin/sh": L("/bin/busybox"),
-        "opq/old": F(b"old\n"),
-        "f": F(b"three\n"),
-        "t/inner": F(b"inner\n"),
-        "gone/deep": F(b"deep\n"),
-        "xw": F(b"hidden by an xattr whiteout\n"),
-    })
-    build_layer(l2, {
-        "a/z": F(b"z2\n"),
-        "etc/motd": F(b"app motd\n"),
-        "opq/mid": F(b"mid\n"),
-        "f": F(b"two\n"),
-    })
-    build_layer(l1, {
-        "a/w": F(b"w1\n"),
-        "opq": OPQ(mtime_ns=T0), "opq/new": F(b"new\n"),
-        "f": F(b"one\n"),
-        "xw": XWH(),
-    })
-    build_layer(up, {
-        "a": D(mtime_ns=T0), "a/u": F(b"u\n"),
-        "bin/vi": WH(),
-        "etc/motd": F(b"upper motd\n"),
-        "t": F(b"a file over a directory\n"),
-        "gone": WH(),
-    })
+    build_layer(
+        l3,
+        {
+            "a/x": F(b"x3\n"),
+            "a/y": F(b"y3\n"),
+            "etc/motd": F(b"base motd\n"),
+            "bin/vi": L("/bin/busybox"),
+            "bin/sh": L("/bin/busybox"),
+            "opq/old": F(b"old\n"),
+            "f": F(b"three\n"),
+            "t/inner": F(b"inner\n"),
+            "gone/deep": F(b"deep\n"),
+            "xw": F(b"hidden by an xattr whiteout\n"),
+        },
+    )
+    build_layer(
+        l2,
+        {
+            "a/z": F(b"z2\n"),
+            "etc/motd": F(b"app motd\n"),
+            "opq/mid": F(b"mid\n"),
+            "f": F(b"two\n"),
+        },
+    )
+    build_layer(
+        l1,
+        {
+            "a/w": F(b"w1\n"),
+            "opq": OPQ(mtime_ns=T0),
+            "opq/new": F(b"new\n"),
+            "f": F(b"one\n"),
+            "xw": XWH(),
+        },
+    )
+    build_layer(
+        up,
+        {
+            "a": D(mtime_ns=T0),
+            "a/u": F(b"u\n"),
+            "bin/vi": WH(),
+            "etc/motd": F(b"upper motd\n"),
+            "t": F(b"a file over a directory\n"),
+            "gone": WH(),
+        },
+    )
     return up, [l1, l2, l3]
 
 
@@ -87,8 +102,8 @@ def test_dir_merged_over_every_layer(stack):
     assert ex.merges == ["upper", "lower1", "lower2", "lower3"]
     assert ex.copied_up and ex.copied_up_from == "lower1"
     assert format_text(ex).splitlines()[0] == (
-        f"/a: served by upper ({up}/a), directory — copied up from lower1; "
-        "merges upper, lower1, lower2, lower3")
+        f"/a: served by upper ({up}/a), directory — copied up from lower1; merges upper, lower1, lower2, lower3"
+    )
     ex = _ex(up, lowers, "a/x")  # no leading slash: same path
     assert ex.path == "/a/x" and ex.served.label == "lower3" and ex.served.size == 3
     assert not ex.copied_up
@@ -98,13 +113,12 @@ def test_whiteout(stack):
     up, lowers = stack
     ex = _ex(up, lowers, "/bin/vi")
     assert not ex.exists
-    assert ex.missing == {"how": "whiteout", "at": "/bin/vi", "layer": "upper",
-                          "real_path": str(up / "bin/vi")}
-    assert _roles(ex) == [("upper", "whiteout", None, None, None),
-                          ("lower3", "hidden", "whiteout", "upper", "/bin/vi")]
+    assert ex.missing == {"how": "whiteout", "at": "/bin/vi", "layer": "upper", "real_path": str(up / "bin/vi")}
+    assert _roles(ex) == [("upper", "whiteout", None, None, None), ("lower3", "hidden", "whiteout", "upper", "/bin/vi")]
     assert format_text(ex) == (
         f"/bin/vi: does not exist — whiteout in upper ({up}/bin/vi)\n"
-        f"  lower3 ({lowers[2]}/bin/vi): symlink -> /bin/busybox, hidden by the whiteout in upper")
+        f"  lower3 ({lowers[2]}/bin/vi): symlink -> /bin/busybox, hidden by the whiteout in upper"
+    )
     ex = _ex(up, lowers, "/gone/deep")  # a whiteout at an ancestor
     assert ex.missing["how"] == "whiteout" and ex.missing["at"] == "/gone"
     assert _roles(ex) == [("lower3", "hidden", "whiteout", "upper", "/gone")]
@@ -119,18 +133,19 @@ def test_opaque_dir(stack):
     up, lowers = stack
     ex = _ex(up, lowers, "/opq")
     assert ex.served.label == "lower1" and ex.served.opaque and ex.merges == ["lower1"]
-    assert _roles(ex) == [("lower1", "serves", None, None, None),
-                          ("lower2", "hidden", "opaque", "lower1", "/opq"),
-                          ("lower3", "hidden", "opaque", "lower1", "/opq")]
-    assert "lower2 ({}/opq): directory, hidden by the opaque directory in lower1".format(lowers[1]) \
-        in format_text(ex)
+    assert _roles(ex) == [
+        ("lower1", "serves", None, None, None),
+        ("lower2", "hidden", "opaque", "lower1", "/opq"),
+        ("lower3", "hidden", "opaque", "lower1", "/opq"),
+    ]
+    assert f"lower2 ({lowers[1]}/opq): directory, hidden by the opaque directory in lower1" in format_text(ex)
     ex = _ex(up, lowers, "/opq/old")
     assert not ex.exists
     assert ex.missing == {"how": "opaque", "at": "/opq", "layer": "lower1", "real_path": str(lowers[0] / "opq")}
     assert format_text(ex).splitlines() == [
         f"/opq/old: does not exist — hidden by the opaque directory /opq in lower1 ({lowers[0]}/opq)",
-        f"  lower3 ({lowers[2]}/opq/old): regular file, 4 bytes, "
-        "hidden by the opaque directory /opq in lower1"]
+        f"  lower3 ({lowers[2]}/opq/old): regular file, 4 bytes, hidden by the opaque directory /opq in lower1",
+    ]
     assert _ex(up, lowers, "/opq/new").served.label == "lower1"
 
 
@@ -138,8 +153,10 @@ def test_file_hidden_by_higher_files(stack):
     up, lowers = stack
     ex = _ex(up, lowers, "/f")
     assert ex.served.label == "lower1" and not ex.copied_up
-    assert _roles(ex)[1:] == [("lower2", "hidden", "higher", "lower1", "/f"),
-                              ("lower3", "hidden", "higher", "lower2", "/f")]
+    assert _roles(ex)[1:] == [
+        ("lower2", "hidden", "higher", "lower1", "/f"),
+        ("lower3", "hidden", "higher", "lower2", "/f"),
+    ]
     ex = _ex(up, lowers, "/etc/motd")
     assert format_text(ex).splitlines() == [
         f"/etc/motd: served by upper ({up}/etc/motd), regular file, 11 bytes — copied up from lower2",
@@ -160,7 +177,8 @@ def test_type_conflicts_and_non_directories_on_the_way(stack):
     assert _roles(ex) == [("lower3", "hidden", "nondir", "upper", "/t")]
     assert format_text(ex).splitlines() == [
         f"/t/inner: does not exist — /t is a regular file in upper ({up}/t), not a directory",
-        f"  lower3 ({lowers[2]}/t/inner): regular file, 6 bytes, hidden by the non-directory at /t in upper"]
+        f"  lower3 ({lowers[2]}/t/inner): regular file, 6 bytes, hidden by the non-directory at /t in upper",
+    ]
     ex = _ex(up, lowers, "/bin/sh/x")  # a symlink is never followed
     assert ex.missing["how"] == "nondir" and ex.missing["kind"] == "symlink"
     assert _ex(up, lowers, "/nothing/here").missing == {"how": "absent", "at": "/nothing"}
@@ -191,6 +209,7 @@ def test_redirect_is_noted(tmp_path):
 
 # --- the kernel as the oracle of the verdicts ---------------------------------------------
 
+
 def _all_paths(layers) -> set[str]:
     out = set()
     for root in layers:
@@ -215,9 +234,19 @@ def _lstat_no_follow(root: str, path: str) -> os.stat_result | None:
     return st
 
 
-ORACLE_STACKS = ["precedence", "type_conflicts", "char_whiteouts", "opaque_dirs", "xattr_whiteouts",
-                 "xattr_whiteouts_userxattr", "symlinks", "files_and_specials", "kernel_upper_as_lower",
-                 "kernel_upper", "handmade_upper"]
+ORACLE_STACKS = [
+    "precedence",
+    "type_conflicts",
+    "char_whiteouts",
+    "opaque_dirs",
+    "xattr_whiteouts",
+    "xattr_whiteouts_userxattr",
+    "symlinks",
+    "files_and_specials",
+    "kernel_upper_as_lower",
+    "kernel_upper",
+    "handmade_upper",
+]
 
 
 @pytest.mark.kernel
@@ -258,7 +287,7 @@ def test_verdicts_match_the_kernel(tmp_path, name):
                 assert ex.merges and ex.merges[0] == ex.served.label
                 names = set()
                 for label in ex.merges:
-                    names |= set(os.listdir(str(layers[int(label[len("lower"):]) - 1]) + path))
+                    names |= set(os.listdir(str(layers[int(label[len("lower") :]) - 1]) + path))
                 assert set(os.listdir(merged)) <= names, path
 
 
@@ -285,9 +314,16 @@ def test_copy_up_by_the_kernel(tmp_path):
 
 # --- the command line -----------------------------------------------------------------------
 
+
 def _cli(*args, timeout=60):
-    return subprocess.run([sys.executable, "-m", "pyoverlay_cli", *map(str, args)], cwd=REPO,
-                          env=mounts.pyoverlay_env(), capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "pyoverlay_cli", *map(str, args)],
+        cwd=REPO,
+        env=mounts.pyoverlay_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @pytest.fixture
@@ -339,9 +375,18 @@ def test_cli_container_ref_labels_the_init_layer(tmp_path, state_dir):
     build_layer(image, {"etc/hostname": F(b"image\n"), "bin/sh": L("busybox")})
     build_layer(init, {"etc/hostname": F(b""), "proc": D()})
     build_layer(upper, {"etc/new": F(b"n\n")})
-    rstate.save({"id": "9a8b7c" + "0" * 58, "name": "db", "layers": [str(image)], "upper": str(upper),
-                 "init_layer": str(init), "merged": str(tmp_path / "merged"), "created": 1.0,
-                 "status": "exited"})
+    rstate.save(
+        {
+            "id": "9a8b7c" + "0" * 58,
+            "name": "db",
+            "layers": [str(image)],
+            "upper": str(upper),
+            "init_layer": str(init),
+            "merged": str(tmp_path / "merged"),
+            "created": 1.0,
+            "status": "exited",
+        }
+    )
     r = _cli("explain", "db", "/etc/hostname")
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines() == [

@@ -13,9 +13,9 @@ import time
 import pytest
 
 from helpers import mounts
-from overlayfs_py import procfs
 from helpers.snapshot import diff_snapshots, raw_readdir, snapshot
-from helpers.stacks import CHR, D, F, FIFO, H, L, OPQ, WH, XWH, build_layer, T0
+from helpers.stacks import CHR, FIFO, OPQ, T0, WH, XWH, D, F, H, L, build_layer
+from overlayfs_py import procfs
 
 pytestmark = [pytest.mark.needs_root]
 
@@ -50,9 +50,13 @@ def test_snapshot_records_and_diff_reports(tmp_path):
     spec2["f"] = F(b"DATA", mode=0o600, uid=12, gid=34, mtime_ns=T0, xattrs={"user.k": b"w"})
     spec2["new"] = F(b"")
     b = build_layer(tmp_path / "b", spec2)
-    d = diff_snapshots(snapshot(a), snapshot(b), a_name="A", b_name="B",
-                       ignore_keys=("ino", "d_ino", "ctime_ns", "dot_d_ino", "dotdot_d_ino",
-                                    "mtime_ns"))
+    d = diff_snapshots(
+        snapshot(a),
+        snapshot(b),
+        a_name="A",
+        b_name="B",
+        ignore_keys=("ino", "d_ino", "ctime_ns", "dot_d_ino", "dotdot_d_ino", "mtime_ns"),
+    )
     text = "\n".join(d)
     assert "only in B: 'new'" in text
     assert "'f': mode: A=0o100640 B=0o100600" in text
@@ -82,6 +86,7 @@ def test_deep_layer_builder(tmp_path):
 # --------------------------------------------------------------------------
 # the CLI contract the harness relies on (pyoverlay only)
 
+
 def _need_pyoverlay():
     if mounts.subject_name() != "pyoverlay":
         pytest.skip("CLI contract tests need PYOVERLAY_TEST_SUBJECT=pyoverlay")
@@ -106,8 +111,13 @@ def _wait(cond, timeout):
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_foreground_server_unmounts_on_signal(tmp_path, sig):
     _need_pyoverlay()
-    m = mounts.PyoverlayMount(_layers(tmp_path), tmp_path / "mnt", upper=tmp_path / "u",
-                              workdir=tmp_path / "w", log_path=tmp_path / "server.log")
+    m = mounts.PyoverlayMount(
+        _layers(tmp_path),
+        tmp_path / "mnt",
+        upper=tmp_path / "u",
+        workdir=tmp_path / "w",
+        log_path=tmp_path / "server.log",
+    )
     (tmp_path / "u").mkdir()
     (tmp_path / "w").mkdir()
     with m:
@@ -143,15 +153,27 @@ def test_background_mount_and_umount(tmp_path):
     mnt.mkdir()
     argv = mounts.pyoverlay_argv(lowers, mnt, foreground=False)
     try:
-        r = subprocess.run(argv, cwd=mounts.REPO_ROOT, env=mounts.pyoverlay_env(),
-                           capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
+        r = subprocess.run(
+            argv,
+            cwd=mounts.REPO_ROOT,
+            env=mounts.pyoverlay_env(),
+            capture_output=True,
+            text=True,
+            timeout=30,
+            stdin=subprocess.DEVNULL,
+        )
         assert r.returncode == 0, f"mount exited {r.returncode}: {r.stderr}"
         assert mounts.is_mounted(mnt), "mount returned 0 but the mount is not live"
         assert sorted(os.listdir(mnt)) == ["a", "b"]
         pids = _server_pids(mnt)
-        r = subprocess.run([sys.executable, "-m", "pyoverlay_cli", "umount", str(mnt)],
-                           cwd=mounts.REPO_ROOT, env=mounts.pyoverlay_env(),
-                           capture_output=True, text=True, timeout=60)
+        r = subprocess.run(
+            [sys.executable, "-m", "pyoverlay_cli", "umount", str(mnt)],
+            cwd=mounts.REPO_ROOT,
+            env=mounts.pyoverlay_env(),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert r.returncode == 0, f"umount exited {r.returncode}: {r.stderr}"
         assert not mounts.is_mounted(mnt)
         alive = [p for p in pids if procfs.alive(p)]
@@ -160,7 +182,7 @@ def test_background_mount_and_umount(tmp_path):
         if mounts.is_mounted(mnt):
             mounts.abort_fuse_connection(mnt)
             mounts.force_unmount(mnt)
-        for pid in _server_pids(mnt):      # the daemon this test started
+        for pid in _server_pids(mnt):  # the daemon this test started
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
@@ -170,11 +192,14 @@ def test_background_mount_and_umount(tmp_path):
 @pytest.mark.fuse
 def test_mount_failure_is_reported(tmp_path):
     _need_pyoverlay()
-    m = mounts.PyoverlayMount([tmp_path / "missing1", tmp_path / "missing2"], tmp_path / "mnt",
-                              log_path=tmp_path / "server.log", start_timeout=20)
-    with pytest.raises(mounts.MountError) as ei:
-        with m:
-            pass
+    m = mounts.PyoverlayMount(
+        [tmp_path / "missing1", tmp_path / "missing2"],
+        tmp_path / "mnt",
+        log_path=tmp_path / "server.log",
+        start_timeout=20,
+    )
+    with pytest.raises(mounts.MountError) as ei, m:
+        pass
     assert "exited with status" in str(ei.value), str(ei.value)
     assert m.proc.returncode not in (0, None)
     assert not mounts.is_mounted(tmp_path / "mnt")

@@ -28,28 +28,34 @@ from overlayfs_py.ownership import Owners
 # --- parsing ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("spec, ranges", [
-    ("0:1000:1", ((0, 1000, 1),)),
-    ("0:1000:1:1:100000:65536", ((0, 1000, 1), (1, 100000, 65536))),
-    ("4294967294:0:1", ((4294967294, 0, 1),)),
-])
+@pytest.mark.parametrize(
+    "spec, ranges",
+    [
+        ("0:1000:1", ((0, 1000, 1),)),
+        ("0:1000:1:1:100000:65536", ((0, 1000, 1), (1, 100000, 65536))),
+        ("4294967294:0:1", ((4294967294, 0, 1),)),
+    ],
+)
 def test_parse_ranges(spec, ranges):
     assert parse_ranges(spec) == ranges
 
 
-@pytest.mark.parametrize("spec, fragment", [
-    ("", "expected STORED:PRESENTED:COUNT"),
-    ("0:1000", "expected STORED:PRESENTED:COUNT"),
-    ("0:1000:1:5", "expected STORED:PRESENTED:COUNT"),
-    ("0:x:1", "'x' is not a number"),
-    ("-1:0:1", "'-1' is not a number"),
-    ("0: 1:1", "' 1' is not a number"),
-    ("0:1000:0", "count must be at least 1"),
-    ("0:4294967295:1", "goes beyond id 4294967294"),
-    ("4294967290:0:10", "goes beyond id 4294967294"),
-    ("0:1000:10:5:2000:1", "stored ranges overlap at id 5"),
-    ("0:1000:10:20:1005:1", "presented ranges overlap at id 1005"),
-])
+@pytest.mark.parametrize(
+    "spec, fragment",
+    [
+        ("", "expected STORED:PRESENTED:COUNT"),
+        ("0:1000", "expected STORED:PRESENTED:COUNT"),
+        ("0:1000:1:5", "expected STORED:PRESENTED:COUNT"),
+        ("0:x:1", "'x' is not a number"),
+        ("-1:0:1", "'-1' is not a number"),
+        ("0: 1:1", "' 1' is not a number"),
+        ("0:1000:0", "count must be at least 1"),
+        ("0:4294967295:1", "goes beyond id 4294967294"),
+        ("4294967290:0:10", "goes beyond id 4294967294"),
+        ("0:1000:10:5:2000:1", "stored ranges overlap at id 5"),
+        ("0:1000:10:20:1005:1", "presented ranges overlap at id 1005"),
+    ],
+)
 def test_parse_ranges_rejects(spec, fragment):
     with pytest.raises(IdMapError) as exc:
         parse_ranges(spec, "uidmapping")
@@ -99,6 +105,7 @@ def test_override_format():
 
 def test_carries_override():
     import stat
+
     assert carries_override(stat.S_IFREG | 0o644) and carries_override(stat.S_IFDIR | 0o755)
     assert not carries_override(stat.S_IFLNK | 0o777) and not carries_override(stat.S_IFIFO | 0o644)
 
@@ -114,22 +121,30 @@ def layout(tmp_path: Path):
 
 
 def test_config_maps(layout):
-    cfg = build_config(str(layout / "lower"), str(layout / "upper"), str(layout / "merged"),
-                       options=["uidmapping=0:1000:1:1:100000:65536"],
-                       uidmap=["65537:200000:1"], gidmap=["0:1000:1", "1:100000:65536"])
+    cfg = build_config(
+        str(layout / "lower"),
+        str(layout / "upper"),
+        str(layout / "merged"),
+        options=["uidmapping=0:1000:1:1:100000:65536"],
+        uidmap=["65537:200000:1"],
+        gidmap=["0:1000:1", "1:100000:65536"],
+    )
     assert cfg.uidmap == ((0, 1000, 1), (1, 100000, 65536), (65537, 200000, 1))
     assert cfg.gidmap == ((0, 1000, 1), (1, 100000, 65536))
     plain = build_config(str(layout / "lower"), None, str(layout / "merged"))
     assert plain.uidmap == () and plain.gidmap == ()
 
 
-@pytest.mark.parametrize("kw, fragment", [
-    ({"uidmap": ["0:1000"]}, "--uidmap '0:1000': expected"),
-    ({"gidmap": ["0:1000:0"]}, "--gidmap '0:1000:0': count must be at least 1"),
-    ({"options": ["gidmapping=0:x:1"]}, "gidmapping '0:x:1': 'x' is not a number"),
-    ({"options": ["uidmapping=0:1000:10"], "uidmap": ["5:2000:1"]}, "uid map: stored ranges overlap at id 5"),
-    ({"options": ["uidmapping"]}, "mount option 'uidmapping' needs a value"),
-])
+@pytest.mark.parametrize(
+    "kw, fragment",
+    [
+        ({"uidmap": ["0:1000"]}, "--uidmap '0:1000': expected"),
+        ({"gidmap": ["0:1000:0"]}, "--gidmap '0:1000:0': count must be at least 1"),
+        ({"options": ["gidmapping=0:x:1"]}, "gidmapping '0:x:1': 'x' is not a number"),
+        ({"options": ["uidmapping=0:1000:10"], "uidmap": ["5:2000:1"]}, "uid map: stored ranges overlap at id 5"),
+        ({"options": ["uidmapping"]}, "mount option 'uidmapping' needs a value"),
+    ],
+)
 def test_config_rejects_bad_maps(layout, kw, fragment):
     with pytest.raises(ConfigError) as exc:
         build_config(str(layout / "lower"), str(layout / "upper"), str(layout / "merged"), **kw)
@@ -141,12 +156,23 @@ def test_parse_options_keeps_mapping_spec():
 
 
 def test_mountconfig_by_field_and_validate(layout):
-    cfg = MountConfig(lowerdirs=[str(layout / "lower")], upperdir=None, workdir=None,
-                      mountpoint=str(layout / "merged"), uidmap=[[0, 1000, 1]], gidmap=[(0, 1000, 1)])
+    cfg = MountConfig(
+        lowerdirs=[str(layout / "lower")],
+        upperdir=None,
+        workdir=None,
+        mountpoint=str(layout / "merged"),
+        uidmap=[[0, 1000, 1]],
+        gidmap=[(0, 1000, 1)],
+    )
     assert cfg.uidmap == ((0, 1000, 1),) and cfg.gidmap == ((0, 1000, 1),)
     validate(cfg)
-    bad = MountConfig(lowerdirs=[str(layout / "lower")], upperdir=None, workdir=None,
-                      mountpoint=str(layout / "merged"), gidmap=((0, 1000, 1), (0, 2000, 1)))
+    bad = MountConfig(
+        lowerdirs=[str(layout / "lower")],
+        upperdir=None,
+        workdir=None,
+        mountpoint=str(layout / "merged"),
+        gidmap=((0, 1000, 1), (0, 2000, 1)),
+    )
     with pytest.raises(ConfigError, match="gid map: stored ranges overlap at id 0"):
         validate(bad)
 
@@ -256,13 +282,26 @@ def test_cli_bad_map_is_one_line_exit_2(layout):
     import subprocess
     import sys
 
-    r = subprocess.run([sys.executable, "-m", "pyoverlay_cli", "mount", "--uidmap", "0:1000:1",
-                        "--gidmap", "0:1", str(layout / "lower"), str(layout / "upper"),
-                        str(layout / "merged")], capture_output=True, text=True,
-                       cwd=Path(__file__).resolve().parent.parent)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pyoverlay_cli",
+            "mount",
+            "--uidmap",
+            "0:1000:1",
+            "--gidmap",
+            "0:1",
+            str(layout / "lower"),
+            str(layout / "upper"),
+            str(layout / "merged"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
     assert r.returncode == 2
-    assert r.stderr == ("pyoverlay: --gidmap '0:1': expected "
-                        "STORED:PRESENTED:COUNT[:STORED:PRESENTED:COUNT...]\n")
+    assert r.stderr == ("pyoverlay: --gidmap '0:1': expected STORED:PRESENTED:COUNT[:STORED:PRESENTED:COUNT...]\n")
 
 
 def test_a_users_layer_is_not_believed_by_root(upper):
@@ -272,6 +311,6 @@ def test_a_users_layer_is_not_believed_by_root(upper):
     assert Owners(layers=[layer], upper=layer, euid=1001).honours(layer)
     root = Owners(layers=[layer], upper=layer, euid=0)
     assert not root.honours(layer) and not root.presenting
-    with pytest.raises(OSError) as exc:   # no override root's own later mounts would ignore
+    with pytest.raises(OSError) as exc:  # no override root's own later mounts would ignore
         root.mark_upper()
     assert exc.value.errno == errno.EPERM

@@ -87,13 +87,13 @@ def test_shed_offers_the_oldest_files_once_never_dirs(tmp_path):
             files.append(n)
         assert len(ov.inodes) == 12
         drops = ov.inodes.shed(keep=8)
-        assert drops == [(d0.id, f"f{i}".encode()) for i in range(4)]   # oldest first, files only
-        assert len(ov.inodes) == 12                                      # only the kernel frees
-        assert ov.inodes.shed(keep=8)[:1] == [(d0.id, b"f4")]            # each offered once
+        assert drops == [(d0.id, f"f{i}".encode()) for i in range(4)]  # oldest first, files only
+        assert len(ov.inodes) == 12  # only the kernel frees
+        assert ov.inodes.shed(keep=8)[:1] == [(d0.id, b"f4")]  # each offered once
         # a name removed from the tree (unlinked, still open) is not offered
         ov.inodes.detach(d0, b"f6")
         assert (d0.id, b"f6") not in ov.inodes.shed(keep=0)
-        assert all(p != root.id for p, _ in ov.inodes.shed(keep=0))      # d0 itself never
+        assert all(p != root.id for p, _ in ov.inodes.shed(keep=0))  # d0 itself never
         for n in files:
             ov.inodes.forget(n.id, 1)
         assert len(ov.inodes) == 2

@@ -51,12 +51,14 @@ def test_whiteouts_listed_only_in_non_merged_dirs(lab, mode):
     s, _ = ksnap(lab, "char_whiteouts", mode)
     e = s["entries"]
     # merged dirs: whiteouts are hidden (and hide what is below)
-    for p in ("wh_file", "wh_dir", "wh_nothing_below", "mid_wh", "d/wh_in_merged",
-              "d/mid_dir_wh", "d2/x", "wh_of_wh"):
+    for p in ("wh_file", "wh_dir", "wh_nothing_below", "mid_wh", "d/wh_in_merged", "d/mid_dir_wh", "d2/x", "wh_of_wh"):
         assert p not in e, p
     # a dir only one layer contributes to: whiteouts are LISTED but lstat ENOENT
-    assert e["pure1/wh_in_pure"] == {"type": "listed-but-missing", "d_ino": e[
-        "pure1/wh_in_pure"]["d_ino"], "d_type": "chr"}
+    assert e["pure1/wh_in_pure"] == {
+        "type": "listed-but-missing",
+        "d_ino": e["pure1/wh_in_pure"]["d_ino"],
+        "d_type": "chr",
+    }
     assert e["pure2/wh_alone"]["type"] == "listed-but-missing"
     # a whiteout in a middle layer cuts the dir merge below it
     assert "revive/new" in e and "revive/old" not in e and e["revive"]["nlink"] == 2
@@ -69,9 +71,9 @@ def test_opaque_dirs(lab, mode):
     e = s["entries"]
     assert {"od/top", "od/mid", "od/sub/t"} <= set(e) and "od/hidden" not in e
     assert "od/sub/hidden_sub" not in e
-    assert e["od"]["nlink"] == 1                        # l1 + l2 merged
-    assert e["od2"]["nlink"] == 2                       # only the opaque l2 dir
-    assert e["od3/x"]["type"] == "listed-but-missing"   # whiteout in an opaque dir
+    assert e["od"]["nlink"] == 1  # l1 + l2 merged
+    assert e["od2"]["nlink"] == 2  # only the opaque l2 dir
+    assert e["od3/x"]["type"] == "listed-but-missing"  # whiteout in an opaque dir
     assert "od_top/b" not in e and "od_bottom/v" in e
     assert e["opq_file"]["sha256"] and e["opq_file"]["xattrs"] == {}
     # only "y" makes a dir opaque
@@ -84,7 +86,7 @@ def test_xattr_whiteouts(lab, name):
     e = s["entries"]
     # opaque=x merged dir: the xattr whiteout is filtered and hides below
     assert "xd/gone" not in e and "xd/gone_dir" not in e and "xd/keep" in e
-    assert "xd/bottom" in e                            # opaque=x is not opaque
+    assert "xd/bottom" in e  # opaque=x is not opaque
     # a whiteout xattr on a NON-empty file: an ordinary file, xattr hidden
     assert e["xd/not_a_whiteout"]["type"] == "file"
     assert e["xd/not_a_whiteout"]["xattrs"] == {}
@@ -101,8 +103,11 @@ def test_xattr_whiteouts(lab, name):
         # trusted.overlay.* means nothing with userxattr, and is not hidden
         assert "tyd/b" in e and e["tyd"]["xattrs"] == {"trusted.overlay.opaque": b"y"}
         assert e["twh"]["type"] == "file"
-        assert e["esc"]["xattrs"] == {"trusted.overlay.overlay.t": b"not escaped here",
-                                      "user.overlay.esc": b"v", "user.plain": b"p"}
+        assert e["esc"]["xattrs"] == {
+            "trusted.overlay.overlay.t": b"not escaped here",
+            "user.overlay.esc": b"v",
+            "user.plain": b"p",
+        }
 
 
 def test_escaped_xattrs(lab):
@@ -111,13 +116,11 @@ def test_escaped_xattrs(lab):
     assert x["trusted.overlay.esc"] == b"escaped"
     assert x["trusted.overlay.overlay.x"] == b"double"
     assert "trusted.overlay.overlay.esc" not in x
-    assert x["user.overlay.opaque"] == b"y"            # not private without userxattr
+    assert x["user.overlay.opaque"] == b"y"  # not private without userxattr
     assert x["trusted.overlayfoo"] == b"not private"
     assert "user.lower" not in x
-    assert s["entries"]["s"]["xattrs"] == {"trusted.overlay.s": b"esc-s",
-                                           "trusted.sym": b"on a symlink"}
-    assert s["entries"]["d"]["xattrs"] == {"trusted.d": b"td", "trusted.overlay.d": b"esc-d",
-                                           "user.d": b"top"}
+    assert s["entries"]["s"]["xattrs"] == {"trusted.overlay.s": b"esc-s", "trusted.sym": b"on a symlink"}
+    assert s["entries"]["d"]["xattrs"] == {"trusted.d": b"td", "trusted.overlay.d": b"esc-d", "user.d": b"top"}
 
 
 def test_dotdot_quirk_in_merged_dirs(lab):
@@ -126,8 +129,8 @@ def test_dotdot_quirk_in_merged_dirs(lab):
     s, st = ksnap(lab, "kernel_upper_as_lower", "ro")
     e = s["entries"]
     top, ku = st.lowers[0], st.lowers[1]
-    assert e["cd"]["nlink"] == 1                       # merged (ku + b1 + b2)
-    assert e["cd"]["dotdot_d_ino"] == real_ino(ku)     # ku root, not top root
+    assert e["cd"]["nlink"] == 1  # merged (ku + b1 + b2)
+    assert e["cd"]["dotdot_d_ino"] == real_ino(ku)  # ku root, not top root
     assert e["."]["ino"] == real_ino(top)
     # pure lower dirs read straight from a layer: '..' is the merged parent
     s2, st2 = ksnap(lab, "precedence", "ro")
@@ -176,7 +179,7 @@ def test_kernel_upper_as_upper(lab):
     assert e["d/g"]["ino"] == real_ino(b2 / "d/g") != real_ino(ku / "d/g")
     assert e["mv2"]["ino"] == real_ino(b2 / "mv")
     assert e["cd"]["ino"] == real_ino(b1 / "cd") and e["cd"]["nlink"] == 1
-    assert e["h1"]["ino"] == real_ino(ku / "h1")        # lower had nlink 2
+    assert e["h1"]["ino"] == real_ino(ku / "h1")  # lower had nlink 2
     assert e["h2"]["ino"] == real_ino(b2 / "h2") and e["h2"]["nlink"] == 2
     assert e["rmr"]["ino"] == real_ino(ku / "rmr") and e["rmr"]["nlink"] == 2
     assert e["newd"]["ino"] == real_ino(ku / "newd")
@@ -192,7 +195,7 @@ def test_handmade_upper(lab):
     e = s["entries"]
     up, l1 = st.upper, st.lowers[0]
     assert "d/a" not in e and {"d/b", "d/c", "d/u"} <= set(e)
-    assert e["od/wh_inside"]["type"] == "listed-but-missing"   # opaque upper dir: straight
+    assert e["od/wh_inside"]["type"] == "listed-but-missing"  # opaque upper dir: straight
     assert "od/hidden" not in e
     # an xattr whiteout in an UPPER opaque=x dir hides the lower entry on lookup
     # but is still LISTED (readdir filters xattr whiteouts only in lower layers)
@@ -252,10 +255,10 @@ def test_upper_xattr_whiteouts_are_listed_and_workdir_extras_kept(tmp_path):
     (wk / "pyoverlay.json").write_text('{"userxattr": true}\n')
     mnt = tmp_path / "mnt"
     with KernelOverlay([lo], mnt, upper=up, workdir=wk, options=["userxattr"]):
-        assert sorted(os.listdir(mnt)) == ["a", "d"]              # readdir: listed
+        assert sorted(os.listdir(mnt)) == ["a", "d"]  # readdir: listed
         assert os.listdir(mnt / "d") == ["c"]
         for name in ("a", "d/c"):
-            assert not os.path.lexists(mnt / name), name        # lookup: hidden
+            assert not os.path.lexists(mnt / name), name  # lookup: hidden
         # (listed again after the lookups: "a" is then hidden, "d/c" still shown)
         assert sorted(os.listdir(mnt)) == ["d"] and os.listdir(mnt / "d") == ["c"]
     assert sorted(os.listdir(wk)) == ["pyoverlay.json", "work"]

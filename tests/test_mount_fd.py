@@ -66,8 +66,7 @@ def _start(lo, up, wk, mnt, tmp_path):
     fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)  # the fork keeps it; no exec
     try:
         _mount_fuse(fd, str(mnt))
-        cfg = MountConfig(lowerdirs=(str(lo),), upperdir=str(up), workdir=str(wk),
-                          mountpoint=str(mnt), fuse_fd=fd)
+        cfg = MountConfig(lowerdirs=(str(lo),), upperdir=str(up), workdir=str(wk), mountpoint=str(mnt), fuse_fd=fd)
         validate(cfg)  # must not stat the mountpoint: nobody serves it yet
         pid = start_background(cfg, logfile=str(tmp_path / "server.log"))
     finally:
@@ -80,8 +79,8 @@ def test_serves_a_mounted_fd_and_exits_on_umount(layout, tmp_path):
     pid = _start(lo, up, wk, mnt, tmp_path)
     try:
         assert (mnt / "a").read_text() == "lower\n"
-        (mnt / "a").write_text("upper\n")           # copy-up
-        os.unlink(mnt / "d" / "b")                  # whiteout
+        (mnt / "a").write_text("upper\n")  # copy-up
+        os.unlink(mnt / "d" / "b")  # whiteout
         assert sorted(os.listdir(mnt)) == ["a", "d"] and os.listdir(mnt / "d") == []
         assert (up / "a").read_text() == "upper\n"
         assert os.stat(up / "d" / "b").st_rdev == 0
@@ -113,8 +112,9 @@ def test_a_fuse_fd_must_be_dev_fuse(tmp_path):
     try:
         for d in ("lo", "mnt"):
             (tmp_path / d).mkdir()
-        cfg = MountConfig(lowerdirs=(str(tmp_path / "lo"),), upperdir=None, workdir=None,
-                          mountpoint=str(tmp_path / "mnt"), fuse_fd=r)
+        cfg = MountConfig(
+            lowerdirs=(str(tmp_path / "lo"),), upperdir=None, workdir=None, mountpoint=str(tmp_path / "mnt"), fuse_fd=r
+        )
         with pytest.raises(ConfigError, match=f"fuse_fd {r} is not an open /dev/fuse descriptor"):
             validate(cfg)
     finally:

@@ -26,7 +26,7 @@ def _layers(tmp_path):
             p.mkdir(parents=True)
             for i in files:
                 (p / f"f{i:03d}").write_text(f"{layer.name} {d} {i}\n")
-    os.mknod(l1 / "d0" / "f000", stat.S_IFCHR | 0o000, 0)   # a whiteout over l2's file
+    os.mknod(l1 / "d0" / "f000", stat.S_IFCHR | 0o000, 0)  # a whiteout over l2's file
     return [l1, l2]
 
 
@@ -39,9 +39,8 @@ def test_views_equal_the_kernel_while_entries_are_dropped(tmp_path):
     with mounts.KernelOverlay(lowers, tmp_path / "k") as k:
         want = snapshot(k.path)
     log = tmp_path / "server.log"
-    with mounts.PyoverlayMount(lowers, tmp_path / "p", options=[f"max_nodes={BUDGET}"],
-                               log_path=log) as p:
-        for round_ in range(3):   # 2,700 entries through a 1,000-node budget, three times
+    with mounts.PyoverlayMount(lowers, tmp_path / "p", options=[f"max_nodes={BUDGET}"], log_path=log) as p:
+        for round_ in range(3):  # 2,700 entries through a 1,000-node budget, three times
             got = snapshot(p.path)
             diff = diff_snapshots(want, got, a_name="kernel", b_name="pyoverlay")
             assert not diff, format_diff(diff, f"round {round_}")
@@ -63,25 +62,27 @@ def test_writes_survive_their_names_being_dropped(tmp_path):
         extra = {} if kind == "kernel" else {"options": [f"max_nodes={BUDGET}"], "log_path": log}
         with cls(lowers, base / "m", upper, work, **extra) as m:
             root = m.path
-            with open(root / "d1" / "f500", "a") as f:   # copy-up of a file in both lowers
+            with open(root / "d1" / "f500", "a") as f:  # copy-up of a file in both lowers
                 f.write("appended\n")
             (root / "d2" / "new").write_text("new\n")
-            os.unlink(root / "d2" / "f010")               # whiteout
-            for _ in range(2):                            # push them out of the budget
+            os.unlink(root / "d2" / "f010")  # whiteout
+            for _ in range(2):  # push them out of the budget
                 for dirpath, _, files in os.walk(root):
                     for name in files:
                         os.lstat(os.path.join(dirpath, name))
             views[kind] = snapshot(root)
-        views[kind + "-upper"] = sorted(os.path.relpath(os.path.join(dp, n), upper)
-                                        for dp, ds, fs in os.walk(upper) for n in ds + fs)
+        views[kind + "-upper"] = sorted(
+            os.path.relpath(os.path.join(dp, n), upper) for dp, ds, fs in os.walk(upper) for n in ds + fs
+        )
     assert _served(log)
     assert views["pyoverlay"]["entries"]["d1/f500"]["sha256"] == views["kernel"]["entries"]["d1/f500"]["sha256"]
     assert "d2/f010" not in views["pyoverlay"]["entries"] and "d2/new" in views["pyoverlay"]["entries"]
     assert views["pyoverlay-upper"] == views["kernel-upper"]
     # two uppers made at different times: compare what does not depend on when or where
     keys = ("type", "mode", "uid", "gid", "nlink", "size", "sha256", "target")
-    view = {k: {p: {f: r.get(f) for f in keys} for p, r in views[k]["entries"].items()}
-            for k in ("kernel", "pyoverlay")}
+    view = {
+        k: {p: {f: r.get(f) for f in keys} for p, r in views[k]["entries"].items()} for k in ("kernel", "pyoverlay")
+    }
     assert view["pyoverlay"] == view["kernel"]
 
 
@@ -92,9 +93,14 @@ def test_bad_budgets_are_refused(tmp_path, value):
     mnt.mkdir()
     import subprocess
     import sys
-    r = subprocess.run([sys.executable, "-m", "pyoverlay_cli", "mount", "-o", f"max_nodes={value}",
-                        str(lo), str(mnt)], capture_output=True, text=True, env=mounts.pyoverlay_env(),
-                       cwd=mounts.REPO_ROOT)
+
+    r = subprocess.run(
+        [sys.executable, "-m", "pyoverlay_cli", "mount", "-o", f"max_nodes={value}", str(lo), str(mnt)],
+        capture_output=True,
+        text=True,
+        env=mounts.pyoverlay_env(),
+        cwd=mounts.REPO_ROOT,
+    )
     assert r.returncode != 0
     assert len(r.stderr.strip().splitlines()) == 1 and "max_nodes" in r.stderr
     assert not mounts.is_mounted(mnt)

@@ -38,15 +38,12 @@ def test_names_longer_than_255_bytes(lab, mode):
         for where in ("", "d/"):
             name = where + "n" * n
             probes[f"lstat {where}{n}"] = lambda p, name=name: os.lstat(p / name)
-            probes[f"open {where}{n}"] = lambda p, name=name: os.close(os.open(p / name,
-                                                                         os.O_RDONLY))
-            probes[f"listxattr {where}{n}"] = lambda p, name=name: os.listxattr(
-                p / name, follow_symlinks=False)
+            probes[f"open {where}{n}"] = lambda p, name=name: os.close(os.open(p / name, os.O_RDONLY))
+            probes[f"listxattr {where}{n}"] = lambda p, name=name: os.listxattr(p / name, follow_symlinks=False)
     if mode == "rw":
         for n in (256, 300, 1100):
             nm = "c" * n
-            probes[f"create {n}"] = lambda p, nm=nm: os.close(
-                os.open(p / nm, os.O_CREAT | os.O_WRONLY, 0o644))
+            probes[f"create {n}"] = lambda p, nm=nm: os.close(os.open(p / nm, os.O_CREAT | os.O_WRONLY, 0o644))
             probes[f"mkdir {n}"] = lambda p, nm=nm: os.mkdir(p / nm)
             probes[f"symlink {n}"] = lambda p, nm=nm: os.symlink("x", p / nm)
             probes[f"mknod fifo {n}"] = lambda p, nm=nm: os.mkfifo(p / nm)
@@ -63,11 +60,10 @@ def test_names_longer_than_255_bytes(lab, mode):
         kres = run(kv)
     with lab.view(stack, mode, "subject") as sv:
         sres = run(sv)
-    for k, v in kres.items():   # documents the oracle
+    for k, v in kres.items():  # documents the oracle
         n = int(k.split()[-1].rsplit("/", 1)[-1])
         assert v == ("ENOENT" if n == 255 else "ENAMETOOLONG"), (k, v)
-    bad = [f"{k}: kernel={kres[k]} {mounts.subject_name()}={sres[k]}"
-           for k in kres if kres[k] != sres[k]]
+    bad = [f"{k}: kernel={kres[k]} {mounts.subject_name()}={sres[k]}" for k in kres if kres[k] != sres[k]]
     assert not bad, "\n".join(bad)
 
 
@@ -118,8 +114,7 @@ def test_statvfs_reports_the_upper_or_top_layer_fs(tmp_path, mode):
                 cm = mounts.KernelOverlay(lowers, mnt, upper=upper, workdir=workdir)
                 who = "kernel"
             else:
-                cm = mounts.subject_mount(lowers, mnt, upper=upper, workdir=workdir,
-                                          log_path=tmp_path / "server.log")
+                cm = mounts.subject_mount(lowers, mnt, upper=upper, workdir=workdir, log_path=tmp_path / "server.log")
                 who = mounts.subject_name()
             with cm as m:
                 view = View(who, mode, mnt, upper, m)
@@ -133,6 +128,7 @@ def test_statvfs_reports_the_upper_or_top_layer_fs(tmp_path, mode):
 
 
 # --------------------------------------------------------------------------
+
 
 def test_readonly_mount_refuses_changes(lab):
     """A read-only mount (lowers only) refuses every change like the kernel
@@ -156,7 +152,8 @@ def test_readonly_mount_refuses_changes(lab):
         "removexattr": lambda p: os.removexattr(p / "same", "user.nothing"),
         "mkfifo": lambda p: os.mkfifo(p / "fifo"),
     }
-    from helpers.snapshot import snapshot, diff_snapshots, format_diff
+    from helpers.snapshot import diff_snapshots, format_diff, snapshot
+
     before = [snapshot(l) for l in stack.lowers]
 
     def run(view):
@@ -168,11 +165,10 @@ def test_readonly_mount_refuses_changes(lab):
         kres = run(kv)
     with lab.view(stack, "ro", "subject") as sv:
         sres = run(sv)
-    bad = [f"{k}: kernel={kres[k]} {mounts.subject_name()}={sres[k]}"
-           for k in kres if kres[k] != sres[k]]
+    bad = [f"{k}: kernel={kres[k]} {mounts.subject_name()}={sres[k]}" for k in kres if kres[k] != sres[k]]
     for l, b in zip(stack.lowers, before):
         d = diff_snapshots(b, snapshot(l), ignore_keys=("ctime_ns",))
         if d:
             bad.append(format_diff(d, f"lower {l} changed:"))
-    assert all(v == "EROFS" for v in kres.values()), kres   # documents the oracle
+    assert all(v == "EROFS" for v in kres.values()), kres  # documents the oracle
     assert not bad, "\n".join(bad)

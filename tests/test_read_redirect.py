@@ -34,8 +34,7 @@ def _kernel_generation(base, lowers, name, ops):
     upper, work, mnt = base / name, base / f"{name}.work", base / f"{name}.mnt"
     for d in (upper, work, mnt):
         d.mkdir()
-    opts = "lowerdir=%s,upperdir=%s,workdir=%s,redirect_dir=on" % (
-        ":".join(str(l) for l in lowers), upper, work)
+    opts = "lowerdir=%s,upperdir=%s,workdir=%s,redirect_dir=on" % (":".join(str(l) for l in lowers), upper, work)
     subprocess.run(["mount", "-t", "overlay", "overlay", "-o", opts, str(mnt)], check=True)
     try:
         ops(mnt)
@@ -53,10 +52,10 @@ def _build(base):
     _write(l0 / "keep" / "k", b"k\n")
 
     def gen1(m):
-        os.rename(m / "ld", m / "ld2")                 # relative redirect "ld"
+        os.rename(m / "ld", m / "ld2")  # relative redirect "ld"
         os.rename(m / "ld2" / "sub", m / "ld2" / "sub2")
         os.mkdir(m / "nd")
-        os.rename(m / "other" / "deep", m / "nd" / "deep2")   # absolute "/other/deep"
+        os.rename(m / "other" / "deep", m / "nd" / "deep2")  # absolute "/other/deep"
         os.rename(m / "chain", m / "chain1")
         (m / "ld2" / "added").write_bytes(b"added in gen1\n")
 

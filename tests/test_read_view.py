@@ -73,6 +73,7 @@ def _children(snap) -> dict[str, set]:
 
 # --------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("name,mode", ALL_CASES)
 def test_view_matches_kernel(lab, name, mode):
     """Full read view (stat, st_ino, nlink, listings, whiteouts listed-but-
@@ -80,8 +81,10 @@ def test_view_matches_kernel(lab, name, mode):
     ks, ss = _snaps(lab, name, mode)
     diff = diff_snapshots(ks, ss, a_name="kernel", b_name=_subject(), ignore_keys=DOT_KEYS)
     assert not diff, format_diff(
-        diff, f"stack {name!r} mode {mode!r}: {_subject()} differs from the kernel overlay "
-              f"(kernel = oracle; {len(ks['entries'])} kernel entries):")
+        diff,
+        f"stack {name!r} mode {mode!r}: {_subject()} differs from the kernel overlay "
+        f"(kernel = oracle; {len(ks['entries'])} kernel entries):",
+    )
 
 
 @pytest.mark.parametrize("name,mode", ALL_CASES)
@@ -126,14 +129,13 @@ def test_dot_entries_match_kernel(lab, name, mode):
         parent = p.rpartition("/")[0] or "."
         ctx = {
             "dot_d_ino": f"the dir's st_ino: kernel={kr.get('ino')!r}",
-            "dotdot_d_ino": (f"the merged parent's st_ino: kernel="
-                             f"{ks['entries'][parent].get('ino')!r}") if p != "." else
-                            "root: want the inode of the top layer dir's real parent",
+            "dotdot_d_ino": (f"the merged parent's st_ino: kernel={ks['entries'][parent].get('ino')!r}")
+            if p != "."
+            else "root: want the inode of the top layer dir's real parent",
         }
         for k in DOT_KEYS:
             if kr.get(k) != sr.get(k):
-                bad.append(f"{p!r}: {k}: kernel={kr.get(k)!r} {_subject()}={sr.get(k)!r} "
-                           f"({ctx[k]})")
+                bad.append(f"{p!r}: {k}: kernel={kr.get(k)!r} {_subject()}={sr.get(k)!r} ({ctx[k]})")
     assert not bad, format_diff(bad[:60], f"{name} [{mode}]: '.'/'..' d_ino differ:")
 
 
@@ -150,8 +152,7 @@ def test_d_ino_equals_st_ino(lab, name, mode):
 # --------------------------------------------------------------------------
 # private xattrs
 
-PRIVATE = ("opaque", "whiteout", "origin", "impure", "redirect", "metacopy", "nlink",
-           "upper", "uuid", "protattr")
+PRIVATE = ("opaque", "whiteout", "origin", "impure", "redirect", "metacopy", "nlink", "upper", "uuid", "protattr")
 
 
 def _getxattr_results(view, paths, names):
@@ -167,8 +168,7 @@ def _getxattr_results(view, paths, names):
     return out
 
 
-PRIVATE_XATTR_CASES = _cases(stacks=[n for n in STACK_MODES if n not in SLOW_STACKS
-                                     and n not in ("deep_paths",)])
+PRIVATE_XATTR_CASES = _cases(stacks=[n for n in STACK_MODES if n not in SLOW_STACKS and n not in ("deep_paths",)])
 
 
 @pytest.mark.parametrize("name,mode", PRIVATE_XATTR_CASES)
@@ -180,8 +180,7 @@ def test_overlay_private_xattrs_hidden(lab, name, mode):
     ks, _ = _snaps(lab, name, mode)
     paths = [p for p, r in ks["entries"].items() if r["type"] != "listed-but-missing"]
     ns = "user" if "userxattr" in stack.options else "trusted"
-    names = [f"{ns}.overlay.{x}" for x in PRIVATE] + [f"{ns}.overlay.overlay.{x}" for x in
-                                                       ("opaque", "esc")]
+    names = [f"{ns}.overlay.{x}" for x in PRIVATE] + [f"{ns}.overlay.overlay.{x}" for x in ("opaque", "esc")]
     with lab.view(stack, mode, "kernel") as kv:
         kres = _getxattr_results(kv, paths, names)
     with lab.view(stack, mode, "subject") as sv:
@@ -190,13 +189,17 @@ def test_overlay_private_xattrs_hidden(lab, name, mode):
     for (p, n), v in kres.items():
         if ".overlay.overlay." not in n:
             assert v == "ENODATA", f"kernel exposes {n} on {p!r}: {v!r}"
-    bad = [f"{p!r} {n}: kernel={kres[(p, n)]!r} {_subject()}={sres[(p, n)]!r}"
-           for (p, n) in kres if kres[(p, n)] != sres[(p, n)]]
+    bad = [
+        f"{p!r} {n}: kernel={kres[(p, n)]!r} {_subject()}={sres[(p, n)]!r}"
+        for (p, n) in kres
+        if kres[(p, n)] != sres[(p, n)]
+    ]
     assert not bad, format_diff(bad[:60], f"{name} [{mode}]: private xattr lookups differ:")
 
 
 # --------------------------------------------------------------------------
 # hard links, inode stability
+
 
 @pytest.mark.parametrize("name,mode", _cases(stacks=["hardlinks"]))
 def test_hardlinked_lower_files_share_ino(lab, name, mode):
@@ -216,10 +219,19 @@ def test_hardlinked_lower_files_share_ino(lab, name, mode):
     assert ks["hardlinks"] == ss["hardlinks"], (ks["hardlinks"], ss["hardlinks"])
 
 
-REMOUNT_CASES = _cases(stacks=["precedence", "hardlinks", "kernel_upper", "handmade_upper",
-                               "kernel_upper_userxattr",
-                               "kernel_upper_as_lower", "merged_dir_attrs", "char_whiteouts"],
-                       modes=["ro", "upper"])
+REMOUNT_CASES = _cases(
+    stacks=[
+        "precedence",
+        "hardlinks",
+        "kernel_upper",
+        "handmade_upper",
+        "kernel_upper_userxattr",
+        "kernel_upper_as_lower",
+        "merged_dir_attrs",
+        "char_whiteouts",
+    ],
+    modes=["ro", "upper"],
+)
 
 
 def _inos(snap):
@@ -233,50 +245,54 @@ def test_st_ino_stable_across_remount(lab, name, mode):
         first = _inos(v.snapshot(content=False, xattrs=False))
     with lab.view(stack, mode, "subject") as v:
         second = _inos(v.snapshot(content=False, xattrs=False))
-    bad = [f"{p!r}: (st_ino, d_ino) first={first.get(p)} second={second.get(p)}"
-           for p in sorted(set(first) | set(second)) if first.get(p) != second.get(p)]
+    bad = [
+        f"{p!r}: (st_ino, d_ino) first={first.get(p)} second={second.get(p)}"
+        for p in sorted(set(first) | set(second))
+        if first.get(p) != second.get(p)
+    ]
     assert not bad, format_diff(bad[:60], f"{name} [{mode}]: inode numbers changed on remount:")
     ks, _ = _snaps(lab, name, mode)
     kin = _inos(ks)
-    bad = [f"{p!r}: kernel={kin[p]} {_subject()}={first.get(p)}" for p in kin
-           if kin[p] != first.get(p)]
+    bad = [f"{p!r}: kernel={kin[p]} {_subject()}={first.get(p)}" for p in kin if kin[p] != first.get(p)]
     assert not bad, format_diff(bad[:60], f"{name} [{mode}]: inode numbers differ from kernel:")
 
 
 # --------------------------------------------------------------------------
 # the subject must not write to a prepared upper while only reading
 
-@pytest.mark.parametrize("name,mode", _cases(stacks=["kernel_upper", "kernel_upper_userxattr",
-                                                    "handmade_upper"]))
+
+@pytest.mark.parametrize("name,mode", _cases(stacks=["kernel_upper", "kernel_upper_userxattr", "handmade_upper"]))
 def test_read_walk_does_not_modify_upper(lab, name, mode):
     """Reading the whole tree must not write to the upper dir.  Compared with
     the raw upper as left by the priming kernel mount (so a write by an
     earlier test's mount shows up here too)."""
     from helpers.snapshot import snapshot
+
     stack = lab.stack(name)
     pristine = stack.notes["pristine_upper"]
     with lab.view(stack, mode, "kernel") as kv:
         kv.snapshot()
     after_kernel = snapshot(stack.upper)
     # documents the oracle: a primed upper is not touched by a kernel walk
-    kd = diff_snapshots(pristine, after_kernel, a_name="pristine", b_name="after kernel walk",
-                        ignore_keys=("ctime_ns",))
+    kd = diff_snapshots(
+        pristine, after_kernel, a_name="pristine", b_name="after kernel walk", ignore_keys=("ctime_ns",)
+    )
     with lab.view(stack, mode, "subject") as sv:
         sv.snapshot()
     after = snapshot(stack.upper)
-    d = diff_snapshots(pristine, after, a_name="pristine", b_name=f"after {_subject()} walk",
-                       ignore_keys=("ctime_ns",))
-    assert not d, format_diff(d, f"{_subject()} modified the upper dir (during this or an "
-                                 f"earlier read-only walk):")
+    d = diff_snapshots(pristine, after, a_name="pristine", b_name=f"after {_subject()} walk", ignore_keys=("ctime_ns",))
+    assert not d, format_diff(d, f"{_subject()} modified the upper dir (during this or an earlier read-only walk):")
     assert not kd, format_diff(kd, "kernel modified the (primed) upper:")
 
 
 # --------------------------------------------------------------------------
 # file contents with random access
 
+
 @pytest.mark.parametrize("name,mode", _cases(stacks=["files_and_specials"]))
 def test_file_contents_random_access(lab, name, mode):
     import mmap
+
     stack = lab.stack(name)
     files = stack.notes["large_files"]
     sources = {}
@@ -285,8 +301,9 @@ def test_file_contents_random_access(lab, name, mode):
             if (layer / f).exists():
                 sources[f] = (layer / f).read_bytes()
                 break
-    offsets = lambda n: sorted({0, 1, 4095, 4096, 4097, 65535, 131072, 1 << 20,
-                                (1 << 20) + 3, n // 2, n - 4097, n - 1, n, n + 10} - {-1})
+    offsets = lambda n: sorted(
+        {0, 1, 4095, 4096, 4097, 65535, 131072, 1 << 20, (1 << 20) + 3, n // 2, n - 4097, n - 1, n, n + 10} - {-1}
+    )
     sizes = [1, 100, 4096, 65537, 131072, 1 << 20, 3 << 20]
     with lab.view(stack, mode, "subject") as v:
         bad = []
@@ -298,9 +315,11 @@ def test_file_contents_random_access(lab, name, mode):
                         continue
                     for size in sizes:
                         got = os.pread(fd, size, off)
-                        if got != data[off:off + size]:
-                            bad.append(f"{f}: pread({size}, {off}) returned {len(got)} bytes, "
-                                       f"content differs from the layer file")
+                        if got != data[off : off + size]:
+                            bad.append(
+                                f"{f}: pread({size}, {off}) returned {len(got)} bytes, "
+                                f"content differs from the layer file"
+                            )
                             break
                 # sequential reads with an odd chunk size
                 os.lseek(fd, 0, os.SEEK_SET)
@@ -325,9 +344,12 @@ def test_file_contents_random_access(lab, name, mode):
 # --------------------------------------------------------------------------
 # readdir positions: telldir/seekdir/rewinddir on a dir needing many getdents
 
+
 def _dir_walk_with_seeks(path) -> dict:
-    from helpers.snapshot import _libc, _readdir
     import ctypes
+
+    from helpers.snapshot import _libc, _readdir
+
     _libc.opendir.argtypes = [ctypes.c_char_p]
     _libc.opendir.restype = ctypes.c_void_p
     _libc.telldir.argtypes = [ctypes.c_void_p]
@@ -374,8 +396,7 @@ def test_readdir_seekdir_and_rewind(lab, name, mode):
     for impl, r in results.items():
         who = "kernel" if impl == "kernel" else _subject()
         if r["after"] != r["again"]:
-            bad.append(f"{who}: after seekdir(telldir()) got {r['again'][:3]}... "
-                       f"instead of {r['after'][:3]}...")
+            bad.append(f"{who}: after seekdir(telldir()) got {r['again'][:3]}... instead of {r['after'][:3]}...")
         once = r["first"] + r["after"] + r["rest"]
         for label, names in (("first pass", once), ("after rewinddir", r["full"])):
             dups = len(names) - len(set(names))

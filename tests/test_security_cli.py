@@ -30,8 +30,9 @@ needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (mount, im
 def cli(*args, env=None, timeout=120) -> subprocess.CompletedProcess:
     e = pyoverlay_env()
     e.update(env or {})
-    return subprocess.run(pyoverlay_cmd() + [str(a) for a in args], env=e, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        pyoverlay_cmd() + [str(a) for a in args], env=e, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def assert_one_line_error(r, code=1, *words):
@@ -46,6 +47,7 @@ def assert_one_line_error(r, code=1, *words):
 # --------------------------------------------------------------------------
 # JSON of the wrong shape in an archive
 # --------------------------------------------------------------------------
+
 
 def _digest(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
@@ -70,9 +72,11 @@ def _oci(index=None, manifest=None, config=CONFIG) -> dict[str, bytes]:
     layer = put(LAYER)
     cfg = put(config)
     if manifest is None:
-        manifest = {"schemaVersion": 2, "config": {"digest": cfg, "size": len(config)},
-                    "layers": [{"digest": layer, "size": len(LAYER),
-                                "mediaType": "application/vnd.oci.image.layer.v1.tar"}]}
+        manifest = {
+            "schemaVersion": 2,
+            "config": {"digest": cfg, "size": len(config)},
+            "layers": [{"digest": layer, "size": len(LAYER), "mediaType": "application/vnd.oci.image.layer.v1.tar"}],
+        }
     m = json.dumps(manifest).encode()
     md = put(m)
     if index is None:
@@ -94,8 +98,7 @@ BAD_ARCHIVES = {
     "index-list": _oci(index=[]),
     "index-manifests-int": _oci(index={"manifests": 5}),
     "index-manifests-of-int": _oci(index={"manifests": [5]}),
-    "index-annotations-int": _oci(index=lambda d, n: {"manifests": [{"digest": d, "size": n,
-                                                                     "annotations": 5}]}),
+    "index-annotations-int": _oci(index=lambda d, n: {"manifests": [{"digest": d, "size": n, "annotations": 5}]}),
     "index-digest-int": _oci(index={"manifests": [{"digest": 5}]}),
     "blob-config-int": _oci(manifest={"config": 5, "layers": []}),
     "blob-layers-of-int": _oci(manifest={"config": {"digest": _digest(CONFIG)}, "layers": [5]}),
@@ -147,6 +150,7 @@ def test_wrong_json_shape_in_the_store_is_one_line_error(tmp_path):
 # a compressed archive is streamed
 # --------------------------------------------------------------------------
 
+
 @needs_root
 def test_compressed_archive_is_not_copied_into_tmp(tmp_path):
     """A 24 MiB layer in a gzip'd docker save archive, imported into a store on a 56 MiB
@@ -191,6 +195,7 @@ def test_compressed_docker_save_with_shared_layers(tmp_path):
 # umount: only pyoverlay's mounts
 # --------------------------------------------------------------------------
 
+
 def _mounted(path: Path) -> bool:
     return str(path) in mounts_under(str(path))
 
@@ -205,9 +210,15 @@ def test_umount_refuses_a_mount_that_is_not_pyoverlays(kind, tmp_path):
     else:
         for d in ("lower", "upper", "work"):
             (tmp_path / d).mkdir()
-        cmd = ["mount", "-t", "overlay", "overlay", "-o",
-               f"lowerdir={tmp_path / 'lower'},upperdir={tmp_path / 'upper'},workdir={tmp_path / 'work'}",
-               str(target)]
+        cmd = [
+            "mount",
+            "-t",
+            "overlay",
+            "overlay",
+            "-o",
+            f"lowerdir={tmp_path / 'lower'},upperdir={tmp_path / 'upper'},workdir={tmp_path / 'work'}",
+            str(target),
+        ]
     subprocess.run(cmd, check=True)
     try:
         r = cli("umount", target)
@@ -222,13 +233,14 @@ def test_umount_refuses_a_mount_that_is_not_pyoverlays(kind, tmp_path):
 # a positional lower with a backslash in its name
 # --------------------------------------------------------------------------
 
+
 @pytest.mark.fuse
 @pytest.mark.parametrize("how", ["positional", "-o lowerdir"])
 def test_lower_with_a_backslash_in_its_name(how, tmp_path):
-    lower = tmp_path / "a\\b"      # a directory named  a\b
+    lower = tmp_path / "a\\b"  # a directory named  a\b
     lower.mkdir()
     (lower / "marker").write_text("literal\n")
-    (tmp_path / "ab").mkdir()      # what an escape would read it as
+    (tmp_path / "ab").mkdir()  # what an escape would read it as
     (tmp_path / "ab" / "marker").write_text("escaped\n")
     merged = tmp_path / "m"
     merged.mkdir()
@@ -247,6 +259,7 @@ def test_lower_with_a_backslash_in_its_name(how, tmp_path):
 # --------------------------------------------------------------------------
 # an unusable state dir: one line, and nothing left mounted
 # --------------------------------------------------------------------------
+
 
 @pytest.mark.fuse
 @pytest.mark.parametrize("kind", ["file", "world-writable"])
@@ -271,13 +284,16 @@ def test_mount_with_an_unusable_state_dir(kind, tmp_path):
             unmount(str(merged))
 
 
-@pytest.mark.parametrize("spec,want", [
-    ("a\\b", ["a\\b"]),                 # a backslash is literal
-    ("a\\b:c", ["a\\b", "c"]),
-    ("a\\\\b", ["a\\\\b"]),             # two backslashes stay two
-    ("a\\:b:c", ["a:b", "c"]),          # the one escape: a colon in a name
-    ("x\\", ["x\\"]),                   # a trailing backslash is a name's last character
-])
+@pytest.mark.parametrize(
+    "spec,want",
+    [
+        ("a\\b", ["a\\b"]),  # a backslash is literal
+        ("a\\b:c", ["a\\b", "c"]),
+        ("a\\\\b", ["a\\\\b"]),  # two backslashes stay two
+        ("a\\:b:c", ["a:b", "c"]),  # the one escape: a colon in a name
+        ("x\\", ["x\\"]),  # a trailing backslash is a name's last character
+    ],
+)
 def test_positional_lowers_split(spec, want):
     from overlayfs_py.config import split_lowerdir, split_positional_lowers
 

@@ -22,8 +22,19 @@ from helpers.nodefd import attack_argv, build_layers, host_state, make_host_file
 
 pytestmark = [pytest.mark.fuse, pytest.mark.kernel]
 
-OPS = ["fchmod", "fchown", "ftruncate", "truncate_opath", "setxattr", "removexattr", "utimes",
-       "reopen", "unlinked", "other", "fifo"]
+OPS = [
+    "fchmod",
+    "fchown",
+    "ftruncate",
+    "truncate_opath",
+    "setxattr",
+    "removexattr",
+    "utimes",
+    "reopen",
+    "unlinked",
+    "other",
+    "fifo",
+]
 
 
 def _run(tmp_path, kind: str, op: str, where: str, host) -> dict:
@@ -67,8 +78,7 @@ def test_fifo_swapped_in_does_not_hang_the_server(tmp_path):
     """Item 6 on its own: `exec 3<f; mkfifo p; mv -f p f; cat /proc/self/fd/3` reads f."""
     lo, up, wk = build_layers(tmp_path, "p")
     with mounts.PyoverlayMount([lo], tmp_path / "m", up, wk, watchdog=60) as m:
-        out = run_bounded(attack_argv("fifo", tmp_path / "none", "upper"), m, timeout=15,
-                          cwd=m.path / "tmp")
+        out = run_bounded(attack_argv("fifo", tmp_path / "none", "upper"), m, timeout=15, cwd=m.path / "tmp")
         assert out["result"] == "ok" and out["read"] == "orig\n", out
         # and later requests are served
         assert sorted(os.listdir(m.path / "tmp")) == ["g", "lf"]
@@ -103,8 +113,8 @@ def test_clamp_arithmetic():
     b = clamp_node_budget(200_000, 20_000, cache)
     assert b + cache.capacity + 1024 <= 20_000 and b * 5 // 4 + cache.capacity + 1024 <= 20_000
     cache = DirFdCache()
-    b = clamp_node_budget(0, 1024, cache)   # 0: as many as fit
-    assert 0 < b and b * 5 // 4 + cache.capacity <= 1024 - 64
+    b = clamp_node_budget(0, 1024, cache)  # 0: as many as fit
+    assert b > 0 and b * 5 // 4 + cache.capacity <= 1024 - 64
 
 
 def _open_fds() -> int:
@@ -140,21 +150,25 @@ def test_node_fds_live_and_die_with_their_nodes(tmp_path):
         ov.release(fh)
         assert len(seen) == 51
         for node in seen:
-            real = (l1 if node.name in {f"f{i}".encode() for i in range(30)} | {b"ln"} else l2) / "d" / os.fsdecode(node.name)
+            real = (
+                (l1 if node.name in {f"f{i}".encode() for i in range(30)} | {b"ln"} else l2)
+                / "d"
+                / os.fsdecode(node.name)
+            )
             st, lst = os.fstat(node.fd), os.lstat(real)
             assert (st.st_dev, st.st_ino) == (lst.st_dev, lst.st_ino)
         assert ov.readlink(next(n for n in seen if n.name == b"ln")) == b"/etc/passwd"
-        assert _open_fds() >= with_stack + 52   # the nodes' fds (and the dir-fd cache's)
+        assert _open_fds() >= with_stack + 52  # the nodes' fds (and the dir-fd cache's)
         for node in seen + [d]:
             ov.inodes.forget(node.id, 1)
         assert len(ov.inodes) == 1
-        assert _open_fds() <= with_stack + 2    # at most the dir-fd cache's
+        assert _open_fds() <= with_stack + 2  # at most the dir-fd cache's
     finally:
         ov.destroy()
     assert _open_fds() == base
 
 
-_DEAD_DIR = r'''
+_DEAD_DIR = r"""
 import errno, json, os, sys
 os.chdir(sys.argv[1])
 os.mkdir("d"); os.mkdir("lowerdir/sub") if False else None
@@ -184,7 +198,7 @@ for which in ("d", "ld"):           # ld: a directory of the lower layer
     r["new"] = sorted(os.listdir(which))
     out[which] = r
 print(json.dumps(out))
-'''
+"""
 
 
 def test_removed_directory_takes_no_entries(tmp_path):
@@ -200,8 +214,9 @@ def test_removed_directory_takes_no_entries(tmp_path):
         (lo / "ld" / "f").write_text("x")
         cls = mounts.KernelOverlay if kind == "kernel" else mounts.PyoverlayMount
         with cls([lo], tmp_path / f"{kind}-m", up, wk) as m:
-            r = subprocess.run([sys.executable, "-c", _DEAD_DIR, str(m.path)], capture_output=True,
-                               text=True, timeout=60)
+            r = subprocess.run(
+                [sys.executable, "-c", _DEAD_DIR, str(m.path)], capture_output=True, text=True, timeout=60
+            )
             assert r.returncode == 0, r.stderr
             got[kind] = r.stdout
     assert got["pyoverlay"] == got["kernel"]

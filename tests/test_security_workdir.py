@@ -37,13 +37,19 @@ OTHER = 4242  # a uid that is not root's
 
 
 def _mount_cli(lower, upper, work, mnt) -> subprocess.CompletedProcess:
-    return subprocess.run([*CLI, "mount", "--workdir", str(work), str(lower), str(upper), str(mnt)],
-                          capture_output=True, text=True, env=mounts.pyoverlay_env(), timeout=60)
+    return subprocess.run(
+        [*CLI, "mount", "--workdir", str(work), str(lower), str(upper), str(mnt)],
+        capture_output=True,
+        text=True,
+        env=mounts.pyoverlay_env(),
+        timeout=60,
+    )
 
 
 def _umount_cli(mnt) -> None:
-    r = subprocess.run([*CLI, "umount", str(mnt)], capture_output=True, text=True,
-                       env=mounts.pyoverlay_env(), timeout=60)
+    r = subprocess.run(
+        [*CLI, "umount", str(mnt)], capture_output=True, text=True, env=mounts.pyoverlay_env(), timeout=60
+    )
     assert r.returncode == 0, r.stderr
 
 
@@ -72,8 +78,12 @@ def test_workdir_of_another_user_is_refused(tmp_path):
     os.chown(upper, OTHER, OTHER)
     os.chown(work, OTHER, OTHER)
     r = _mount_cli(lower, upper, work, mnt)
-    _refused(r, mnt, f"workdir '{work}' belongs to uid {OTHER}, not to the mounting user (uid 0)",
-             "give a workdir the mounting user owns")
+    _refused(
+        r,
+        mnt,
+        f"workdir '{work}' belongs to uid {OTHER}, not to the mounting user (uid 0)",
+        "give a workdir the mounting user owns",
+    )
     assert os.listdir(work) == [] and os.listdir(upper) == []
 
     # a workdir of root's is fine with the other user's upper
@@ -128,8 +138,13 @@ def test_default_workdir_planted_as_symlink_is_refused(tmp_path):
     (target / "work" / "precious").write_text("p\n")
     link = tmp_path / ".upper.pyoverlay-work"
     link.symlink_to(target)
-    r = subprocess.run([*CLI, "mount", str(lower), str(upper), str(mnt)],
-                       capture_output=True, text=True, env=mounts.pyoverlay_env(), timeout=60)
+    r = subprocess.run(
+        [*CLI, "mount", str(lower), str(upper), str(mnt)],
+        capture_output=True,
+        text=True,
+        env=mounts.pyoverlay_env(),
+        timeout=60,
+    )
     _refused(r, mnt, f"workdir '{link}' is a symlink")
     assert (target / "work" / "precious").read_text() == "p\n"
     assert os.listdir(target) == ["work"] and os.path.islink(link)
@@ -243,9 +258,12 @@ def test_swapping_work_entries_during_copy_up_touches_nothing_outside(tmp_path):
                 swapper.join()
             swapped += swapper.swapped
             st = os.lstat(victim)
-            assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_mtime_ns) == \
-                (0o644, vst.st_uid, vst.st_gid, vst.st_mtime_ns), \
-                f"round {rnd}: the victim was changed: mode {oct(st.st_mode)}, owner {st.st_uid}:{st.st_gid}"
+            assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_mtime_ns) == (
+                0o644,
+                vst.st_uid,
+                vst.st_gid,
+                vst.st_mtime_ns,
+            ), f"round {rnd}: the victim was changed: mode {oct(st.st_mode)}, owner {st.st_uid}:{st.st_gid}"
             assert os.listxattr(victim) == []
             # regular files are built with no name in work/: nothing to swap, all succeed
             assert not {n: e for n, e in errors.items() if not n.startswith("d")}, errors

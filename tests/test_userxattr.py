@@ -28,10 +28,13 @@ def test_choose_fresh_upper():
 
 
 def test_choose_recorded_form_wins_and_conflicts_are_errors():
-    assert userxattr.choose(None, True, privileged=True) is True     # root reads a user upper
+    assert userxattr.choose(None, True, privileged=True) is True  # root reads a user upper
     assert userxattr.choose(True, True, privileged=False) is True
-    with pytest.raises(ConfigError, match=r"has user.overlay.\* private xattrs \(recorded in 'w'\):"
-                                          r" -o nouserxattr conflicts"):
+    with pytest.raises(
+        ConfigError,
+        match=r"has user.overlay.\* private xattrs \(recorded in 'w'\):"
+        r" -o nouserxattr conflicts",
+    ):
         userxattr.choose(False, True, privileged=True, upper="u", where="recorded in 'w'")
     with pytest.raises(ConfigError, match=r"-o userxattr conflicts"):
         userxattr.choose(True, False, privileged=True)
@@ -71,7 +74,7 @@ def test_bad_record_is_a_one_line_error(tmp_path):
     (tmp_path / "wk" / userxattr.RECORD).write_text('{"userxattr": "yes"}')
     with pytest.raises(ConfigError, match=r"has a bad userxattr record \(want true or false\): remove it"):
         _planned(lo, up, mnt, workdir=wk)
-    (tmp_path / "wk" / userxattr.RECORD).write_text('{"other": 1}')   # no record of the form
+    (tmp_path / "wk" / userxattr.RECORD).write_text('{"other": 1}')  # no record of the form
     assert _planned(lo, up, mnt, workdir=wk).userxattr is (os.geteuid() != 0)
 
 

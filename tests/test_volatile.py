@@ -27,8 +27,14 @@ def _mount_cli(lo, up, wk, mnt, *opts):
     argv = [sys.executable, "-m", "pyoverlay_cli", "mount", "--workdir", str(wk)]
     if opts:
         argv += ["-o", ",".join(opts)]
-    return subprocess.run(argv + [str(lo), str(up), str(mnt)], capture_output=True, text=True,
-                          env=mounts.pyoverlay_env(), cwd=mounts.REPO_ROOT, timeout=60)
+    return subprocess.run(
+        argv + [str(lo), str(up), str(mnt)],
+        capture_output=True,
+        text=True,
+        env=mounts.pyoverlay_env(),
+        cwd=mounts.REPO_ROOT,
+        timeout=60,
+    )
 
 
 def _kernel_mount(lo, up, wk, mnt, *opts):
@@ -45,7 +51,7 @@ def test_volatile_mount_leaves_the_kernels_marker_and_copies_up(tmp_path):
             os.fsync(f.fileno())
         assert (m.path / "f").read_text() == "lower\nappended\n"
     assert (up / "f").read_text() == "lower\nappended\n"
-    assert (wk / "work/incompat/volatile/dirty").is_file()   # what the kernel makes (checked below)
+    assert (wk / "work/incompat/volatile/dirty").is_file()  # what the kernel makes (checked below)
     kmnt = tmp_path / "k"
     kmnt.mkdir()
     # the kernel refuses our marker ...
@@ -76,5 +82,9 @@ def test_a_later_mount_is_refused_until_the_marker_goes(tmp_path):
     try:
         assert (pmnt / "f").read_text() == "lower\n"
     finally:
-        subprocess.run([sys.executable, "-m", "pyoverlay_cli", "umount", str(pmnt)], env=mounts.pyoverlay_env(),
-                       cwd=mounts.REPO_ROOT, check=True)
+        subprocess.run(
+            [sys.executable, "-m", "pyoverlay_cli", "umount", str(pmnt)],
+            env=mounts.pyoverlay_env(),
+            cwd=mounts.REPO_ROOT,
+            check=True,
+        )

@@ -25,7 +25,7 @@ CASES = [  # (name, initial mode, initial owner, chown args)
 def _results(root) -> dict:
     out = {}
     before = {name: os.stat(root / name).st_ctime_ns for name, *_ in CASES}
-    time.sleep(0.05)   # ctime granularity
+    time.sleep(0.05)  # ctime granularity
     for name, _, _, (uid, gid) in CASES:
         os.chown(root / name, uid, gid)
         st = os.stat(root / name)
@@ -46,7 +46,7 @@ def test_chown_matches_the_kernel(tmp_path):
         (base / "upper").mkdir(parents=True)
         (base / "work").mkdir()
         with cls([lower], base / "m", base / "upper", base / "work") as m:
-            for name, *_ in CASES:   # copy them up first: the chown itself is what is compared
+            for name, *_ in CASES:  # copy them up first: the chown itself is what is compared
                 os.utime(m.path / name)
             got[kind] = _results(m.path)
     assert got["pyoverlay"] == got["kernel"]

@@ -20,7 +20,7 @@ import pytest
 
 from helpers.snapshot import diff_snapshots, format_diff
 from helpers.stacks import FIFO, OPQ, T0, T1, WH, D, F, H, L
-from helpers.writeops import run_start, Recorder, Side, subject_label, workdir_problems
+from helpers.writeops import Recorder, Side, run_start, subject_label, workdir_problems
 
 pytestmark = [pytest.mark.kernel, pytest.mark.fuse]
 
@@ -98,8 +98,7 @@ def _read(side: Side, impl: str):
 
 
 def _result_diff(kres, sres, sname):
-    return [f"op {k!r}: kernel={kres[k]!r} {sname}={sres.get(k)!r}"
-            for k in kres if kres[k] != sres.get(k)]
+    return [f"op {k!r}: kernel={kres[k]!r} {sname}={sres.get(k)!r}" for k in kres if kres[k] != sres.get(k)]
 
 
 @pytest.fixture(scope="module")
@@ -120,8 +119,7 @@ def test_subject_written_upper_mounted_by_kernel(sides):
     assert not d, format_diff(d, "writes through the subject differ from the kernel's:")
     assert not workdir_problems(ss.workdir), workdir_problems(ss.workdir)
     k_of_s = _read(ss, "kernel")
-    d = diff_snapshots(sview, k_of_s, a_name=f"{sname}-before-unmount",
-                       b_name="kernel-mounting-its-upper")
+    d = diff_snapshots(sview, k_of_s, a_name=f"{sname}-before-unmount", b_name="kernel-mounting-its-upper")
     assert not d, format_diff(d, f"the kernel reads the {sname}-written upper differently:")
     d = diff_snapshots(kview, k_of_s, a_name="kernel-written", b_name=f"{sname}-written")
     assert not d, format_diff(d, "kernel views of the two uppers differ:")
@@ -137,8 +135,7 @@ def test_kernel_written_upper_mounted_by_subject(tmp_path_factory):
     sname = subject_label()
     _, kview = _write(side, "kernel")
     s_of_k = _read(side, "subject")
-    d = diff_snapshots(kview, s_of_k, a_name="kernel-before-unmount",
-                       b_name=f"{sname}-mounting-it")
+    d = diff_snapshots(kview, s_of_k, a_name="kernel-before-unmount", b_name=f"{sname}-mounting-it")
     assert not d, format_diff(d, f"{sname} reads the kernel-written upper differently:")
     again = _read(side, "kernel")
     d = diff_snapshots(kview, again, a_name="kernel-before", b_name=f"kernel-after-{sname}")

@@ -89,8 +89,9 @@ def _layers():
         "deep/a/b/c/file": F(b"deep file\n", **OWNED),
         "deep/a/b/c/sibling": F(b"not copied up\n"),
         "deep/a/other/x": F(b"x\n"),
-        "pres/file": F(b"keep all of me\n" * 100, mode=0o4750,
-                       xattrs={"user.one": b"1", "user.two": b"\x00\xff" * 50}, **OWNED),
+        "pres/file": F(
+            b"keep all of me\n" * 100, mode=0o4750, xattrs={"user.one": b"1", "user.two": b"\x00\xff" * 50}, **OWNED
+        ),
         "pres/sym": L("some/where/../target", uid=1234, gid=5678, mtime_ns=T0, atime_ns=T1),
         "sp/fifo": FIFO(mode=0o640, **OWNED),
         "sp/null": CHR(1, 3, mode=0o666, **OWNED),
@@ -98,17 +99,14 @@ def _layers():
     }
     for name in TRIGGERS:
         if name in SYMLINK_OPS:
-            l2[f"t/{name}"] = L("target/of/the/link", uid=1234, gid=5678, mtime_ns=T0,
-                                atime_ns=T1)
+            l2[f"t/{name}"] = L("target/of/the/link", uid=1234, gid=5678, mtime_ns=T0, atime_ns=T1)
         else:
-            l2[f"t/{name}"] = F(f"trigger {name}\n".encode(), mode=0o644,
-                                xattrs={"user.t": b"lower"}, **OWNED)
+            l2[f"t/{name}"] = F(f"trigger {name}\n".encode(), mode=0o644, xattrs={"user.t": b"lower"}, **OWNED)
     for name in NON_TRIGGERS:
         if name in SYMLINK_OPS:
             l2[f"n/{name}"] = L("n/target", uid=1234, gid=5678, mtime_ns=T0)
         else:
-            l2[f"n/{name}"] = F(f"no copy-up {name}\n".encode(), mode=0o644,
-                                xattrs={"user.t": b"lower"}, **OWNED)
+            l2[f"n/{name}"] = F(f"no copy-up {name}\n".encode(), mode=0o644, xattrs={"user.t": b"lower"}, **OWNED)
     l1 = {
         # the top lower contributes to the merged dir t and hides nothing
         "t/top_only": F(b"t\n", mtime_ns=T1),
@@ -147,8 +145,7 @@ def _ops(m, rec):
     rec.do("pres lchown", os.chown, m / "pres/sym", 1234, 5678, follow_symlinks=False)
     rec.do("pres stat file", stat_with_atime, m / "pres/file", t0)
     rec.do("pres stat sym", stat_with_atime, m / "pres/sym", t0)
-    rec.do("pres xattrs", lambda: {n: os.getxattr(m / "pres/file", n)
-                                   for n in sorted(os.listxattr(m / "pres/file"))})
+    rec.do("pres xattrs", lambda: {n: os.getxattr(m / "pres/file", n) for n in sorted(os.listxattr(m / "pres/file"))})
     rec.do("pres readlink", os.readlink, m / "pres/sym")
     rec.do("chmod fifo", os.chmod, m / "sp/fifo", 0o600)
     rec.do("chmod chr", os.chmod, m / "sp/null", 0o600)
@@ -170,8 +167,7 @@ def _origin_via_mount(m, sr):
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    return run_pair(tmp_path_factory.mktemp("copyup"), _layers(), _ops, remount=True,
-                    after=_origin_via_mount)
+    return run_pair(tmp_path_factory.mktemp("copyup"), _layers(), _ops, remount=True, after=_origin_via_mount)
 
 
 def _copied_path(name):
@@ -188,8 +184,11 @@ def test_copy_up_trigger(run, name):
     assert ku is not None, f"kernel did not copy up {p}"
     assert ku["xattrs"].get("trusted.overlay.origin") == PRESENT
     run.assert_results(f"trigger {name}", f"after {name}")
-    paths = [p] + ([f"t/{name}.newlink"] if name == "link_source" else []) + \
-        ([f"t/{name}"] if name == "rename_source" else [])
+    paths = (
+        [p]
+        + ([f"t/{name}.newlink"] if name == "link_source" else [])
+        + ([f"t/{name}"] if name == "rename_source" else [])
+    )
     run.assert_view(*paths)
     run.assert_upper(*paths)
 
@@ -207,13 +206,14 @@ def test_no_copy_up(run, name):
 def test_copy_up_creates_ancestors_with_lower_metadata(run):
     """Copy-up of deep/a/b/c/file creates deep, deep/a, deep/a/b, deep/a/b/c
     in upper with the lower dirs' mode/owner/mtime (and nothing else)."""
-    for d, (mode, uid, gid, mt) in {"deep": (0o750, 1234, 5678, T0),
-                                    "deep/a": (0o711, 2000, 2001, T1),
-                                    "deep/a/b": (0o1777, 3000, 3001, T2),
-                                    "deep/a/b/c": (0o2755, 0, 50, T0)}.items():
+    for d, (mode, uid, gid, mt) in {
+        "deep": (0o750, 1234, 5678, T0),
+        "deep/a": (0o711, 2000, 2001, T1),
+        "deep/a/b": (0o1777, 3000, 3001, T2),
+        "deep/a/b/c": (0o2755, 0, 50, T0),
+    }.items():
         k = run.kupper(d)
-        assert (k["type"], k["mode"] & 0o7777, k["uid"], k["gid"], k["mtime_ns"]) == \
-            ("dir", mode, uid, gid, mt), d
+        assert (k["type"], k["mode"] & 0o7777, k["uid"], k["gid"], k["mtime_ns"]) == ("dir", mode, uid, gid, mt), d
     assert run.kupper("deep/a/b/c/sibling") is None and run.kupper("deep/a/other") is None
     run.assert_results("deep chmod")
     run.assert_upper("deep")
@@ -231,8 +231,7 @@ def test_copy_up_preserves_metadata(run):
     assert ku["mtime_ns"] == T0 and ku["uid"] == 1234 and ku["gid"] == 5678
     assert ku["xattrs"]["user.two"] == b"\x00\xff" * 50
     assert run.kupper("pres/sym")["target"] == b"some/where/../target"
-    run.assert_results("pres open", "pres lchown", "pres stat file", "pres stat sym",
-                       "pres xattrs", "pres readlink")
+    run.assert_results("pres open", "pres lchown", "pres stat file", "pres stat sym", "pres xattrs", "pres readlink")
     run.assert_view("pres")
     run.assert_upper("pres")
 
@@ -260,6 +259,7 @@ def test_fd_opened_before_copy_up_sees_new_data(run):
 def test_private_xattrs_hidden_through_mount(run):
     """getxattr trusted.overlay.origin through the mount -> ENODATA."""
     import errno
+
     assert set(run.k.extra["origin_via_mount"].values()) == {errno.ENODATA}
     run._need(run.s, "the xattrs")
     assert run.s.extra["origin_via_mount"] == run.k.extra["origin_via_mount"]

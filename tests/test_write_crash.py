@@ -43,7 +43,7 @@ def _make_big(path) -> str:
             view = memoryview(base)
             h.update(view)
             while view:
-                view = view[os.write(fd, view):]
+                view = view[os.write(fd, view) :]
     finally:
         os.close(fd)
     return h.hexdigest()
@@ -97,8 +97,9 @@ def test_sigkill_during_copy_up(tmp_path):
         result = {}
         seen = None
         killed_after = None
-        with mounts.subject_mount([lower], tmp_path / "mnt", upper=upper, workdir=workdir,
-                                  log_path=tmp_path / "server1.log") as m:
+        with mounts.subject_mount(
+            [lower], tmp_path / "mnt", upper=upper, workdir=workdir, log_path=tmp_path / "server1.log"
+        ) as m:
             pid = getattr(getattr(m, "proc", None), "pid", None)
 
             def opener():
@@ -117,7 +118,7 @@ def test_sigkill_during_copy_up(tmp_path):
             if kernel_mode:
                 time.sleep(0.05)
                 seen = "kernel: O_TMPFILE copy-up, not observable"
-                mounts.force_unmount(m.path)          # umount -l while in flight
+                mounts.force_unmount(m.path)  # umount -l while in flight
             else:
                 deadline = t0 + 30
                 while time.monotonic() < deadline and th.is_alive():
@@ -129,7 +130,7 @@ def test_sigkill_during_copy_up(tmp_path):
                 if pid is not None:
                     os.kill(pid, signal.SIGKILL)
                     m.proc.wait(10)
-                mounts.force_unmount(m.path)          # lazily detach the dead mount
+                mounts.force_unmount(m.path)  # lazily detach the dead mount
             th.join(30)
             assert not th.is_alive(), "the opener thread is still blocked after the kill"
         # on disk, after the crash: the real name is absent or complete
@@ -140,15 +141,19 @@ def test_sigkill_during_copy_up(tmp_path):
             state = f"present, size {st.st_size}"
             assert st.st_size == size and _sha256(real) == digest, (
                 f"{sname} left a PARTIAL copy under the real name upper/big after SIGKILL "
-                f"during copy-up: size {st.st_size} of {size}")
-        assert seen, (f"no copy-up in progress was ever visible in workdir/work (nor via a "
-                      f"server fd into it) within {killed_after:.1f}s; the open finished: "
-                      f"{result} -- upper/big is {state}.  Does the copy-up go through the "
-                      "workdir?")
+                f"during copy-up: size {st.st_size} of {size}"
+            )
+        assert seen, (
+            f"no copy-up in progress was ever visible in workdir/work (nor via a "
+            f"server fd into it) within {killed_after:.1f}s; the open finished: "
+            f"{result} -- upper/big is {state}.  Does the copy-up go through the "
+            "workdir?"
+        )
         print(f"crash: seen={seen!r} killed_after={killed_after} open={result} upper/big {state}")
         # a new mount: work/ cleaned, the file intact
-        with mounts.subject_mount([lower], tmp_path / "mnt2", upper=upper, workdir=workdir,
-                                  log_path=tmp_path / "server2.log") as m2:
+        with mounts.subject_mount(
+            [lower], tmp_path / "mnt2", upper=upper, workdir=workdir, log_path=tmp_path / "server2.log"
+        ) as m2:
             left = sorted(os.listdir(workdir / "work"))
             st = os.stat(m2.path / "big")
             got = _sha256(m2.path / "big")

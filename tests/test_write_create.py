@@ -39,6 +39,7 @@ def _layers():
 def _create(name, mode, flags=os.O_CREAT | os.O_WRONLY | os.O_EXCL):
     def f():
         os.close(os.open(name, flags, mode))
+
     return f
 
 
@@ -52,13 +53,10 @@ def _ops(m, rec):
     rec.child("user symlink", lambda: os.symlink("file", "pub/sym"), **user)
     rec.child("user link own lower", lambda: os.link("pub/own", "pub/own.link"), **user)
     rec.child("user link new", lambda: os.link("pub/file", "pub/file.link"), **user)
-    rec.child("user mknod chr", lambda: os.mknod("pub/chr", stat.S_IFCHR | 0o600,
-                                                 os.makedev(1, 3)), **user)
+    rec.child("user mknod chr", lambda: os.mknod("pub/chr", stat.S_IFCHR | 0o600, os.makedev(1, 3)), **user)
     rec.child("user chown away", lambda: os.chown("pub/file", 0, 0), **user)
-    rec.child("user unlink root file in sticky dir",
-              lambda: os.unlink("pub/lower_root_file"), **user)
-    rec.child("user create umask 077", _create("pub/private", 0o666),
-              **dict(user, umask=0o077))
+    rec.child("user unlink root file in sticky dir", lambda: os.unlink("pub/lower_root_file"), **user)
+    rec.child("user create umask 077", _create("pub/private", 0o666), **dict(user, umask=0o077))
     rec.child("user create sgid mode in sg", _create("sg/ufile", 0o2777), **user)
     rec.child("user mkdir in sg", lambda: os.mkdir("sg/udir", 0o777), **user)
     rec.child("user mkfifo in sg", lambda: os.mkfifo("sg/ufifo", 0o644), **user)
@@ -67,8 +65,9 @@ def _ops(m, rec):
     rec.child("umask 027 create", _create("um/f", 0o666), umask=0o027, **root)
     rec.child("umask 027 mkdir", lambda: os.mkdir("um/d", 0o777), umask=0o027, **root)
     rec.child("umask 027 mkfifo", lambda: os.mkfifo("um/p", 0o666), umask=0o027, **root)
-    rec.child("umask 027 mknod chr", lambda: os.mknod("um/n", stat.S_IFCHR | 0o666,
-                                                      os.makedev(1, 3)), umask=0o027, **root)
+    rec.child(
+        "umask 027 mknod chr", lambda: os.mknod("um/n", stat.S_IFCHR | 0o666, os.makedev(1, 3)), umask=0o027, **root
+    )
     rec.child("umask 0 create 7777", _create("um/all", 0o7777), umask=0, **root)
     rec.child("umask 0 mkdir 7777", lambda: os.mkdir("um/alld", 0o7777), umask=0, **root)
     rec.child("umask 0 symlink", lambda: os.symlink("nowhere", "um/s"), umask=0, **root)
@@ -77,20 +76,42 @@ def _ops(m, rec):
     rec.child("sg create", _create("sg/file", 0o644), umask=0o022, **root)
     rec.child("sg mkfifo", lambda: os.mkfifo("sg/fifo", 0o644), umask=0o022, **root)
     rec.child("sg symlink", lambda: os.symlink("x", "sg/sym"), umask=0o022, **root)
-    rec.child("sg nested mkdir", lambda: os.mkdir("sg/sub/nested", 0o700), umask=0o022,
-              **root)
+    rec.child("sg nested mkdir", lambda: os.mkdir("sg/sub/nested", 0o700), umask=0o022, **root)
     rec.child("sg nested create", _create("sg/sub/nested/f", 0o600), umask=0o022, **root)
     # root in a dir owned by someone else (no setgid): root:root
-    rec.child("root create in foreign dir", _create("rootdir/f", 0o644), umask=0o022,
-              **root)
+    rec.child("root create in foreign dir", _create("rootdir/f", 0o644), umask=0o022, **root)
     # what everything looks like afterwards
-    for p in ("pub/file", "pub/dir", "pub/fifo", "pub/sym", "pub/own", "pub/own.link",
-              "pub/file.link", "pub/private", "sg/ufile", "sg/udir", "sg/ufifo", "um/f",
-              "um/d", "um/p", "um/n", "um/all", "um/alld", "um/s", "sg/sub", "sg/file",
-              "sg/fifo", "sg/sym", "sg/sub/nested", "sg/sub/nested/f", "rootdir/f"):
+    for p in (
+        "pub/file",
+        "pub/dir",
+        "pub/fifo",
+        "pub/sym",
+        "pub/own",
+        "pub/own.link",
+        "pub/file.link",
+        "pub/private",
+        "sg/ufile",
+        "sg/udir",
+        "sg/ufifo",
+        "um/f",
+        "um/d",
+        "um/p",
+        "um/n",
+        "um/all",
+        "um/alld",
+        "um/s",
+        "sg/sub",
+        "sg/file",
+        "sg/fifo",
+        "sg/sym",
+        "sg/sub/nested",
+        "sg/sub/nested/f",
+        "rootdir/f",
+    ):
         rec.do(f"lstat {p}", os.lstat, m / p)
-    rec.do("same ino pub/own pub/own.link",
-           lambda: os.lstat(m / "pub/own").st_ino == os.lstat(m / "pub/own.link").st_ino)
+    rec.do(
+        "same ino pub/own pub/own.link", lambda: os.lstat(m / "pub/own").st_ino == os.lstat(m / "pub/own.link").st_ino
+    )
 
 
 @pytest.fixture(scope="module")
@@ -130,8 +151,7 @@ def test_user_denied_ops(run):
     assert k["user mknod chr"] == "ERR:EPERM" and k["user chown away"] == "ERR:EPERM"
     assert k["user unlink root file in sticky dir"] == "ERR:EPERM"
     assert run.kupper("pub/lower_root_file") is None
-    run.assert_results("user mknod chr", "user chown away",
-                       "user unlink root file in sticky dir")
+    run.assert_results("user mknod chr", "user chown away", "user unlink root file in sticky dir")
     run.assert_view("pub/chr", "pub/lower_root_file")
     run.assert_upper("pub/chr", "pub/lower_root_file")
 
@@ -141,8 +161,7 @@ def test_umask_respected(run):
     assert _k(run, "um/f")["mode"] == oct(0o640) and _k(run, "um/d")["mode"] == oct(0o750)
     assert _k(run, "um/all")["mode"] == oct(0o7777)
     assert _k(run, "pub/private")["mode"] == oct(0o600)
-    labels = [lb for lb in run.k.results if "umask" in lb or lb.startswith("lstat um/")
-              or lb == "lstat pub/private"]
+    labels = [lb for lb in run.k.results if "umask" in lb or lb.startswith("lstat um/") or lb == "lstat pub/private"]
     run.assert_results(*labels)
     run.assert_view("um", "pub/private")
     run.assert_upper("um", "pub/private")
@@ -156,8 +175,7 @@ def test_setgid_dir_inheritance(run):
     assert _k(run, "sg/sub/nested/f")["gid"] == 5678
     assert _k(run, "sg/udir")["gid"] == 5678 and _k(run, "sg/udir")["uid"] == USER
     assert _k(run, "sg/ufile")["mode"] == oct(0o755)
-    labels = [lb for lb in run.k.results if lb.startswith(("sg ", "lstat sg/"))
-              or "in sg" in lb]
+    labels = [lb for lb in run.k.results if lb.startswith(("sg ", "lstat sg/")) or "in sg" in lb]
     run.assert_results(*labels)
     run.assert_view("sg")
     run.assert_upper("sg")

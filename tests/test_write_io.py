@@ -44,12 +44,11 @@ def _read(p):
 def _write_ops(m):
     fd = os.open(m / "w", os.O_RDWR)
     try:
-        out = [os.pwrite(fd, b"AB", 3), os.pwrite(fd, b"tail", 200),
-               os.pread(fd, 300, 0), os.fstat(fd).st_size]
+        out = [os.pwrite(fd, b"AB", 3), os.pwrite(fd, b"tail", 200), os.pread(fd, 300, 0), os.fstat(fd).st_size]
         os.lseek(fd, 0, os.SEEK_SET)
         out.append(os.write(fd, b"xyz"))
         out.append(os.lseek(fd, 0, os.SEEK_CUR))
-        out.append(os.write(fd, b"\0" * (1 << 20)))     # 1 MiB in one call
+        out.append(os.write(fd, b"\0" * (1 << 20)))  # 1 MiB in one call
         out.append(os.fstat(fd).st_size)
         return out
     finally:
@@ -99,7 +98,7 @@ def _append_ops(m):
         os.write(a, b"a1\n")
         os.write(b, b"b1\n")
         os.lseek(a, 0, os.SEEK_SET)
-        os.write(a, b"a2\n")                       # O_APPEND ignores the offset
+        os.write(a, b"a2\n")  # O_APPEND ignores the offset
         pos = os.lseek(a, 0, os.SEEK_CUR)
     finally:
         os.close(a)
@@ -131,9 +130,9 @@ def _mmap_ops(m):
         mm = mmap.mmap(fd, 0, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         try:
             mm[0:5] = b"MMAP!"
-            mm[4096 + 10:4096 + 13] = b"XYZ"
+            mm[4096 + 10 : 4096 + 13] = b"XYZ"
             mm[-3:] = b"END"
-            mm.flush()                                # msync(MS_SYNC)
+            mm.flush()  # msync(MS_SYNC)
         finally:
             mm.close()
     finally:
@@ -211,27 +210,45 @@ def _lock_ops(m, rec):
     fd = os.open(m / "lock", os.O_RDWR)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
-        rec.child("flock: second process LOCK_EX|LOCK_NB while held",
-                  lambda: _try_flock("lock", fcntl.LOCK_EX | fcntl.LOCK_NB), cwd=m)
-        rec.child("flock: second process LOCK_SH|LOCK_NB while held",
-                  lambda: _try_flock("lock", fcntl.LOCK_SH | fcntl.LOCK_NB), cwd=m)
+        rec.child(
+            "flock: second process LOCK_EX|LOCK_NB while held",
+            lambda: _try_flock("lock", fcntl.LOCK_EX | fcntl.LOCK_NB),
+            cwd=m,
+        )
+        rec.child(
+            "flock: second process LOCK_SH|LOCK_NB while held",
+            lambda: _try_flock("lock", fcntl.LOCK_SH | fcntl.LOCK_NB),
+            cwd=m,
+        )
         fcntl.flock(fd, fcntl.LOCK_UN)
-        rec.child("flock: second process LOCK_EX|LOCK_NB after unlock",
-                  lambda: _try_flock("lock", fcntl.LOCK_EX | fcntl.LOCK_NB), cwd=m)
+        rec.child(
+            "flock: second process LOCK_EX|LOCK_NB after unlock",
+            lambda: _try_flock("lock", fcntl.LOCK_EX | fcntl.LOCK_NB),
+            cwd=m,
+        )
     finally:
         os.close(fd)
     fd = os.open(m / "plock", os.O_RDWR)
     try:
-        fcntl.lockf(fd, fcntl.LOCK_EX, 5, 0)         # bytes 0..4
-        rec.child("posix: second process overlapping LOCK_EX|LOCK_NB",
-                  lambda: _try_lockf("plock", fcntl.LOCK_EX | fcntl.LOCK_NB), cwd=m)
-        rec.child("posix: second process disjoint range",
-                  lambda: (_l := os.open("plock", os.O_RDWR),
-                           fcntl.lockf(_l, fcntl.LOCK_EX | fcntl.LOCK_NB, 5, 5),
-                           os.close(_l))[-1], cwd=m)
+        fcntl.lockf(fd, fcntl.LOCK_EX, 5, 0)  # bytes 0..4
+        rec.child(
+            "posix: second process overlapping LOCK_EX|LOCK_NB",
+            lambda: _try_lockf("plock", fcntl.LOCK_EX | fcntl.LOCK_NB),
+            cwd=m,
+        )
+        rec.child(
+            "posix: second process disjoint range",
+            lambda: (
+                _l := os.open("plock", os.O_RDWR),
+                fcntl.lockf(_l, fcntl.LOCK_EX | fcntl.LOCK_NB, 5, 5),
+                os.close(_l),
+            )[-1],
+            cwd=m,
+        )
         fcntl.lockf(fd, fcntl.LOCK_UN, 5, 0)
-        rec.child("posix: second process after unlock",
-                  lambda: _try_lockf("plock", fcntl.LOCK_EX | fcntl.LOCK_NB), cwd=m)
+        rec.child(
+            "posix: second process after unlock", lambda: _try_lockf("plock", fcntl.LOCK_EX | fcntl.LOCK_NB), cwd=m
+        )
     finally:
         os.close(fd)
 
@@ -302,6 +319,7 @@ def test_copy_file_range(run):
 
 def test_ebadf(run):
     import errno
+
     assert run.k.results["EBADF"] == [errno.EBADF, errno.EBADF]
     _check(run, ["EBADF"], ["ro", "newwo"])
 
@@ -315,8 +333,7 @@ def test_flock_between_processes(run):
 
 def test_posix_locks_between_processes(run):
     k = run.k.results
-    assert k["posix: second process overlapping LOCK_EX|LOCK_NB"] in ("ERR:EAGAIN",
-                                                                       "ERR:EACCES")
+    assert k["posix: second process overlapping LOCK_EX|LOCK_NB"] in ("ERR:EAGAIN", "ERR:EACCES")
     assert k["posix: second process disjoint range"] == "OK"
     assert k["posix: second process after unlock"] == "locked"
     run.assert_results(*[lb for lb in k if lb.startswith("posix:")])

@@ -28,17 +28,15 @@ import pytest
 
 from helpers.snapshot import diff_snapshots, format_diff
 from helpers.stacks import FIFO, OPQ, T0, T1, T2, WH, D, F, H, L
-from helpers.writeops import run_start, Side, errname, subject_label, workdir_problems
+from helpers.writeops import Side, errname, run_start, subject_label, workdir_problems
 
 pytestmark = [pytest.mark.kernel, pytest.mark.fuse]
 
 N_OPS = int(os.environ.get("PYOVERLAY_RANDOM_OPS", "300"))
 CHECKPOINT = 50
-SEEDS = ([int(s) for s in os.environ["PYOVERLAY_SEED"].split(",")]
-         if os.environ.get("PYOVERLAY_SEED") else [1, 2, 3])
+SEEDS = [int(s) for s in os.environ["PYOVERLAY_SEED"].split(",")] if os.environ.get("PYOVERLAY_SEED") else [1, 2, 3]
 
-NAMES = ["a", "b", "c", "d", "x", "y", "z", "m", "od", "wd", "hidden", "gone", "new",
-         "n1", "n2", "s", "p", "h1", "h2"]
+NAMES = ["a", "b", "c", "d", "x", "y", "z", "m", "od", "wd", "hidden", "gone", "new", "n1", "n2", "s", "p", "h1", "h2"]
 MODES = [0o644, 0o600, 0o755, 0o700, 0o444, 0o2755, 0o1777, 0o000, 0o640]
 TIMES = [T0, T1, T2, 1_000_000_000_000_000_000]
 
@@ -83,6 +81,7 @@ def _layers():
 # op generation (from the kernel's tree) and application
 # --------------------------------------------------------------------------
 
+
 def _tree(root) -> dict[str, str]:
     """relpath -> type ("dir", "file", "symlink", "fifo", ...), never
     following symlinks; the root is ""."""
@@ -96,10 +95,18 @@ def _tree(root) -> dict[str, str]:
                 try:
                     mode = e.stat(follow_symlinks=False).st_mode
                 except OSError:
-                    continue            # listed but missing (whiteout in a pure dir)
-                t = ("dir" if stat.S_ISDIR(mode) else "file" if stat.S_ISREG(mode)
-                     else "symlink" if stat.S_ISLNK(mode) else "fifo"
-                     if stat.S_ISFIFO(mode) else "other")
+                    continue  # listed but missing (whiteout in a pure dir)
+                t = (
+                    "dir"
+                    if stat.S_ISDIR(mode)
+                    else "file"
+                    if stat.S_ISREG(mode)
+                    else "symlink"
+                    if stat.S_ISLNK(mode)
+                    else "fifo"
+                    if stat.S_ISFIFO(mode)
+                    else "other"
+                )
                 out[r] = t
                 if t == "dir":
                     stack.append(r)
@@ -124,9 +131,26 @@ def _gen(rng: random.Random, tree: dict[str, str]):
         return rng.choice(pool)
 
     kind = rng.choices(
-        ["create", "write", "append", "truncate", "unlink", "mkdir", "rmdir", "rename_file",
-         "rename_dir", "symlink", "link", "chmod", "chown", "utime", "setxattr", "mkfifo"],
-        weights=[10, 8, 6, 5, 8, 7, 5, 8, 5, 4, 5, 5, 4, 4, 5, 3])[0]
+        [
+            "create",
+            "write",
+            "append",
+            "truncate",
+            "unlink",
+            "mkdir",
+            "rmdir",
+            "rename_file",
+            "rename_dir",
+            "symlink",
+            "link",
+            "chmod",
+            "chown",
+            "utime",
+            "setxattr",
+            "mkfifo",
+        ],
+        weights=[10, 8, 6, 5, 8, 7, 5, 8, 5, 4, 5, 5, 4, 4, 5, 3],
+    )[0]
     if kind == "create":
         p = some(files, 0.6)
         flags = ["O_CREAT"]
@@ -136,8 +160,7 @@ def _gen(rng: random.Random, tree: dict[str, str]):
             flags.append("O_TRUNC")
         return ("create", p, tuple(flags), rng.choice(MODES), rng.randbytes(rng.randrange(3000)))
     if kind in ("write", "append"):
-        return (kind, some(files, 0.05), rng.randrange(5000),
-                rng.randbytes(rng.randrange(1, 3000)))
+        return (kind, some(files, 0.05), rng.randrange(5000), rng.randbytes(rng.randrange(1, 3000)))
     if kind == "truncate":
         return ("truncate", some(files, 0.05), rng.randrange(5000))
     if kind == "unlink":
@@ -159,18 +182,15 @@ def _gen(rng: random.Random, tree: dict[str, str]):
     if kind == "link":
         return ("link", some(nondirs, 0.05), new())
     if kind == "chmod":
-        return ("chmod", some([p for p in paths if tree[p] != "symlink"] + [""], 0.05),
-                rng.choice(MODES))
+        return ("chmod", some([p for p in paths if tree[p] != "symlink"] + [""], 0.05), rng.choice(MODES))
     if kind == "chown":
-        return ("lchown", some(paths, 0.05), rng.choice([0, 1000, 1234, -1]),
-                rng.choice([0, 1000, 5678, -1]))
+        return ("lchown", some(paths, 0.05), rng.choice([0, 1000, 1234, -1]), rng.choice([0, 1000, 5678, -1]))
     if kind == "utime":
         return ("lutime", some(paths, 0.05), rng.choice(TIMES), rng.choice(TIMES))
     if kind == "setxattr":
         if rng.random() < 0.2:
             return ("removexattr", some(paths, 0.05), f"user.k{rng.randrange(3)}")
-        return ("setxattr", some(paths, 0.05), f"user.k{rng.randrange(3)}",
-                rng.randbytes(rng.randrange(1, 40)))
+        return ("setxattr", some(paths, 0.05), f"user.k{rng.randrange(3)}", rng.randbytes(rng.randrange(1, 40)))
     return ("mkfifo", new(), rng.choice(MODES[:4]))
 
 
@@ -231,8 +251,7 @@ def _apply(m, op):
 
 
 def _show(op) -> str:
-    return repr(tuple(x if not isinstance(x, bytes) or len(x) < 20 else f"<{len(x)} bytes>"
-                      for x in op))
+    return repr(tuple(x if not isinstance(x, bytes) or len(x) < 20 else f"<{len(x)} bytes>" for x in op))
 
 
 def _diff(a, b, an, bn, limit=40):
@@ -266,20 +285,24 @@ def test_random_ops(tmp_path, seed, options):
             if checkpoint_diff is None and not mismatches and (i + 1) % CHECKPOINT == 0:
                 d = _diff(ks.view(km), ss.view(sm), "kernel", sname)
                 if d:
-                    checkpoint_diff = (f"views diverged between op #{i + 1 - CHECKPOINT} "
-                                       f"and op #{i} (all op results equal so far):", d)
+                    checkpoint_diff = (
+                        f"views diverged between op #{i + 1 - CHECKPOINT} and op #{i} (all op results equal so far):",
+                        d,
+                    )
         sm.check_alive()
         kview, sview = ks.view(km), ss.view(sm)
     final = _diff(kview, sview, "kernel", sname)
     if mismatches:
-        pytest.fail(f"seed {seed}: {len(mismatches)} of {N_OPS} ops differ; first "
-                    f"mismatch: {mismatches[0]}\n"
-                    + format_diff(mismatches[1:10], "next ones:")
-                    + "\n" + format_diff(final[:20], "view differences at the end:"),
-                    pytrace=False)
+        pytest.fail(
+            f"seed {seed}: {len(mismatches)} of {N_OPS} ops differ; first "
+            f"mismatch: {mismatches[0]}\n"
+            + format_diff(mismatches[1:10], "next ones:")
+            + "\n"
+            + format_diff(final[:20], "view differences at the end:"),
+            pytrace=False,
+        )
     if checkpoint_diff:
-        pytest.fail(f"seed {seed}: " + format_diff(checkpoint_diff[1], checkpoint_diff[0]),
-                    pytrace=False)
+        pytest.fail(f"seed {seed}: " + format_diff(checkpoint_diff[1], checkpoint_diff[0]), pytrace=False)
     assert not final, format_diff(final, f"seed {seed}: final views differ:")
 
     # after unmount: uppers and workdirs
@@ -293,8 +316,7 @@ def test_random_ops(tmp_path, seed, options):
     with ss.mount("kernel", workdir=ss.fresh_workdir()) as m:
         k_of_s = ss.view(m)
     d = _diff(kview, k_of_s, "kernel-written (kernel view)", f"{sname}-written (kernel view)")
-    assert not d, format_diff(d, f"seed {seed}: the kernel reads the {sname}-written upper "
-                                 "differently from its own:")
+    assert not d, format_diff(d, f"seed {seed}: the kernel reads the {sname}-written upper differently from its own:")
 
     # and remounted by the subject again
     with ss.mount("subject") as m:

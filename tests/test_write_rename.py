@@ -13,8 +13,7 @@ import subprocess
 import pytest
 
 from helpers.stacks import T0, T1, T2, D, F, L
-from helpers.writeops import (PRESENT, RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT,
-                              renameat2, run_pair)
+from helpers.writeops import PRESENT, RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, renameat2, run_pair
 
 pytestmark = [pytest.mark.kernel, pytest.mark.fuse]
 
@@ -23,7 +22,7 @@ OWN = dict(uid=1234, gid=5678, mtime_ns=T0)
 
 def _layers():
     l1 = {
-        "md": D(mtime_ns=T1),                       # merged dir (l1 + l2)
+        "md": D(mtime_ns=T1),  # merged dir (l1 + l2)
         "md/top": F(b"top\n"),
         "r/over_top": F(b"in the top lower\n", mtime_ns=T1),
     }
@@ -46,8 +45,7 @@ def _layers():
         "ld/sym": L("f", mtime_ns=T1),
         "md/bottom": F(b"bottom\n"),
         "mvd": D(mode=0o751, uid=1234, gid=5678, mtime_ns=T1),
-        "mvd/f": F(b"moved by mv\n", mode=0o640, uid=1234, gid=5678, mtime_ns=T0,
-                   xattrs={"user.mv": b"kept"}),
+        "mvd/f": F(b"moved by mv\n", mode=0o640, uid=1234, gid=5678, mtime_ns=T0, xattrs={"user.mv": b"kept"}),
         "mvd/sub": D(mode=0o700, mtime_ns=T2),
         "mvd/sub/g": F(b"g\n", mtime_ns=T1),
         "mvd/link": L("f", mtime_ns=T0),
@@ -92,14 +90,14 @@ def _ops(m, rec):
     rec.do("rename lower dir", os.rename, m / "ld", m / "ld2")
     rec.do("rename lower dir NOREPLACE", renameat2, m / "ld", m / "ld3", RENAME_NOREPLACE)
     rec.do("rename merged dir", os.rename, m / "md", m / "md2")
-    rec.do("rename lower dir over empty upper dir",
-           lambda: (os.mkdir(m / "empty"), os.rename(m / "ld", m / "empty")))
+    rec.do("rename lower dir over empty upper dir", lambda: (os.mkdir(m / "empty"), os.rename(m / "ld", m / "empty")))
     rec.do("rename upper dir over lower dir", os.rename, m / "empty", m / "ld")
     rec.do("rename file over dir", os.rename, r / "c", m / "sub")
     rec.do("rename dir over file", os.rename, m / "sub", r / "c")
     rec.do("listdir ld", lambda: sorted(os.listdir(m / "ld")))
-    rec.do("mv lower dir", lambda: subprocess.run(
-        ["mv", str(m / "mvd"), str(m / "mvd2")], capture_output=True).returncode)
+    rec.do(
+        "mv lower dir", lambda: subprocess.run(["mv", str(m / "mvd"), str(m / "mvd2")], capture_output=True).returncode
+    )
     rec.do("listdir mvd2", lambda: sorted(os.listdir(m / "mvd2")))
     rec.do("stat mvd", os.lstat, m / "mvd")
 
@@ -117,19 +115,24 @@ def _wh(run, p):
 def test_rename_lower_file(run):
     """Copy-up (origin, metadata kept) + whiteout at the old name."""
     assert _wh(run, "r/a")
-    assert run.kupper("sub/deep/a3")["xattrs"] == {"trusted.overlay.origin": PRESENT,
-                                                   "user.a": b"1"}
+    assert run.kupper("sub/deep/a3")["xattrs"] == {"trusted.overlay.origin": PRESENT, "user.a": b"1"}
     assert run.kupper("sub/deep/a3")["mtime_ns"] == T0
-    run.assert_results("rename lower file", "read a2", "stat a2", "stat a",
-                       "rename into a lower dir", "stat a3", "rename lower symlink")
+    run.assert_results(
+        "rename lower file",
+        "read a2",
+        "stat a2",
+        "stat a",
+        "rename into a lower dir",
+        "stat a3",
+        "rename lower symlink",
+    )
     run.assert_view("r/a", "r/a2", "sub/deep", "r/s", "r/s2")
     run.assert_upper("r/a", "r/a2", "sub/deep", "r/s", "r/s2")
 
 
 def test_rename_over_existing_lower_file(run):
     assert _wh(run, "r/b") and run.k.results["read c"] == b"b: renamed over c\n"
-    run.assert_results("rename over lower file", "read c", "stat b",
-                       "rename over top-lower file")
+    run.assert_results("rename over lower file", "read c", "stat b", "rename over top-lower file")
     run.assert_view("r/b", "r/over_top", "r/w")
     run.assert_upper("r/b", "r/over_top", "r/w")
 
@@ -148,8 +151,7 @@ def test_rename_exchange_two_lower_files(run):
     assert k["RENAME_EXCHANGE"] == "OK" and k["read x1"] == b"x2: exchanged\n"
     for p in ("r/x1", "r/x2"):
         assert run.kupper(p)["xattrs"].get("trusted.overlay.origin") == PRESENT
-    run.assert_results("RENAME_EXCHANGE", "read x1", "read x2", "stat x1", "stat x2",
-                       "RENAME_EXCHANGE with missing")
+    run.assert_results("RENAME_EXCHANGE", "read x1", "read x2", "stat x1", "stat x2", "RENAME_EXCHANGE with missing")
     run.assert_view("r/x1", "r/x2")
     run.assert_upper("r/x1", "r/x2")
 
@@ -163,23 +165,38 @@ def test_rename_pure_upper_dir(run):
     k = run.k.results
     assert k["rename pure upper dir"] == "OK"
     assert k["rename pure upper dir into lower dir"] == "OK"
-    run.assert_results("mkdir pure upper dir", "mkdir pure upper child",
-                       "create in pure upper dir", "rename pure upper dir",
-                       "listdir ud2/child", "rename pure upper dir into lower dir")
+    run.assert_results(
+        "mkdir pure upper dir",
+        "mkdir pure upper child",
+        "create in pure upper dir",
+        "rename pure upper dir",
+        "listdir ud2/child",
+        "rename pure upper dir into lower dir",
+    )
     run.assert_view("ud", "ud2", "sub/ud3")
     run.assert_upper("ud", "ud2", "sub/ud3")
 
 
 def test_rename_lower_or_merged_dir_exdev(run):
     k = run.k.results
-    for lb in ("rename lower dir", "rename lower dir NOREPLACE", "rename merged dir",
-               "rename lower dir over empty upper dir"):
+    for lb in (
+        "rename lower dir",
+        "rename lower dir NOREPLACE",
+        "rename merged dir",
+        "rename lower dir over empty upper dir",
+    ):
         assert k[lb] == "ERR:EXDEV", lb
     assert k["rename upper dir over lower dir"] == "ERR:ENOTEMPTY"
-    run.assert_results("rename lower dir", "rename lower dir NOREPLACE", "rename merged dir",
-                       "rename lower dir over empty upper dir",
-                       "rename upper dir over lower dir", "rename file over dir",
-                       "rename dir over file", "listdir ld")
+    run.assert_results(
+        "rename lower dir",
+        "rename lower dir NOREPLACE",
+        "rename merged dir",
+        "rename lower dir over empty upper dir",
+        "rename upper dir over lower dir",
+        "rename file over dir",
+        "rename dir over file",
+        "listdir ld",
+    )
     run.assert_view("ld", "ld2", "md", "md2", "empty")
     run.assert_upper("ld", "ld2", "md", "md2", "empty")
 

@@ -19,13 +19,13 @@ pytestmark = [pytest.mark.kernel, pytest.mark.fuse]
 
 def _layers():
     l1 = {
-        "em": D(mode=0o750, mtime_ns=T1),           # merged with l2/em
+        "em": D(mode=0o750, mtime_ns=T1),  # merged with l2/em
         "em/top": F(b"top\n"),
         "ne": D(mtime_ns=T1),
         "ne/top": F(b"t\n"),
-        "whd/gone": WH(),                            # hides l2/whd/gone
+        "whd/gone": WH(),  # hides l2/whd/gone
         "whd/keep": F(b"keep\n"),
-        "od": OPQ(mtime_ns=T0),                      # hides l2/od/*
+        "od": OPQ(mtime_ns=T0),  # hides l2/od/*
         "od/top": F(b"t\n"),
         "rmr": D(mtime_ns=T0),
         "rmr/top/t": F(b"t\n"),
@@ -34,8 +34,8 @@ def _layers():
     l2 = {
         "f": F(b"lower file\n", mtime_ns=T0),
         "sym": L("f"),
-        "ld": D(mode=0o700, mtime_ns=T0),            # lower-only empty dir
-        "lnd/x": F(b"x\n"),                          # lower-only non-empty dir
+        "ld": D(mode=0o700, mtime_ns=T0),  # lower-only empty dir
+        "lnd/x": F(b"x\n"),  # lower-only non-empty dir
         "em/bottom": F(b"b\n"),
         "em/sub/s": F(b"s\n"),
         "ne/bottom": F(b"b\n"),
@@ -111,8 +111,9 @@ def _wh(run, p):
 def test_unlink_lower_leaves_whiteout(run):
     assert _wh(run, "f") and _wh(run, "sym")
     assert run.k.results["stat unlinked"] == "ERR:ENOENT"
-    run.assert_results("unlink lower file", "unlink lower symlink", "stat unlinked",
-                       "unlink unlinked", "unlink whited-out name")
+    run.assert_results(
+        "unlink lower file", "unlink lower symlink", "stat unlinked", "unlink unlinked", "unlink whited-out name"
+    )
     run.assert_view("f", "sym", "whd")
     run.assert_upper("f", "sym", "whd")
 
@@ -127,9 +128,15 @@ def test_rmdir_lower_dir_leaves_whiteout(run):
 
 def test_pure_upper_removal_leaves_nothing(run):
     assert run.kupper("pu") is None and run.kupper("pud") is None
-    run.assert_results("create pure upper", "unlink pure upper", "mkdir pure upper",
-                       "mkdir pure upper child", "rmdir pure upper non-empty",
-                       "rmdir pure upper child", "rmdir pure upper")
+    run.assert_results(
+        "create pure upper",
+        "unlink pure upper",
+        "mkdir pure upper",
+        "mkdir pure upper child",
+        "rmdir pure upper non-empty",
+        "rmdir pure upper child",
+        "rmdir pure upper",
+    )
     run.assert_upper("pu", "pud")
 
 
@@ -140,8 +147,9 @@ def test_rmdir_merged_dir_holding_only_whiteouts(run):
     assert k["rmdir em/sub (only whiteouts)"] == "OK" and k["rmdir em (only whiteouts)"] == "OK"
     assert k["rmdir em/sub non-empty"] == "ERR:ENOTEMPTY"
     assert _wh(run, "em") and run.kupper("em/top") is None
-    run.assert_results(*[lb for lb in k if "em" in lb.split()[-1] or lb.startswith(
-        ("unlink em", "rmdir em", "listdir em"))])
+    run.assert_results(
+        *[lb for lb in k if "em" in lb.split()[-1] or lb.startswith(("unlink em", "rmdir em", "listdir em"))]
+    )
     run.assert_view("em")
     run.assert_upper("em")
 
@@ -173,8 +181,9 @@ def test_rm_r_then_mkdir_is_opaque(run):
         assert ku["type"] == "dir" and ku["xattrs"] == {"trusted.overlay.opaque": b"y"}, ku
         assert not [p for p in run.k.upper["entries"] if p.startswith(d + "/")]
     assert run.k.results["listdir rmr"] == [] and run.k.results["listdir redir"] == []
-    run.assert_results("rm -r rmr", "mkdir rmr", "listdir rmr", "rmtree redir",
-                       "mkdir over whited-out dir redir", "listdir redir")
+    run.assert_results(
+        "rm -r rmr", "mkdir rmr", "listdir rmr", "rmtree redir", "mkdir over whited-out dir redir", "listdir redir"
+    )
     run.assert_view("rmr", "redir")
     run.assert_upper("rmr", "redir")
     run.assert_remount_stable()

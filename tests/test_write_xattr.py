@@ -32,8 +32,7 @@ def _layers():
         "rm_missing": F(b"r\n", mtime_ns=T0),
         "create_existing": F(b"c\n", mtime_ns=T0, xattrs={"user.a": b"1"}),
         "replace_missing": F(b"c\n", mtime_ns=T0),
-        "esc": F(b"e\n", mtime_ns=T0, xattrs={"trusted.overlay.overlay.esc": b"escaped",
-                                              "trusted.plain": b"p"}),
+        "esc": F(b"e\n", mtime_ns=T0, xattrs={"trusted.overlay.overlay.esc": b"escaped", "trusted.plain": b"p"}),
         "esc_set": F(b"e\n", mtime_ns=T0),
         "sym": L("set", mtime_ns=T0),
         "fifo": FIFO(mtime_ns=T0),
@@ -48,8 +47,7 @@ def _layers():
 
 
 def _xattrs(p):
-    return {n: os.getxattr(p, n, follow_symlinks=False)
-            for n in sorted(os.listxattr(p, follow_symlinks=False))}
+    return {n: os.getxattr(p, n, follow_symlinks=False) for n in sorted(os.listxattr(p, follow_symlinks=False))}
 
 
 def _ops(m, rec):
@@ -58,24 +56,24 @@ def _ops(m, rec):
     rec.do("removexattr user.a", os.removexattr, m / "rm", "user.a")
     rec.do("xattrs rm", _xattrs, m / "rm")
     rec.do("removexattr missing", os.removexattr, m / "rm_missing", "user.none")
-    rec.do("XATTR_CREATE existing", os.setxattr, m / "create_existing", "user.a", b"2",
-           os.XATTR_CREATE)
-    rec.do("XATTR_REPLACE missing", os.setxattr, m / "replace_missing", "user.a", b"2",
-           os.XATTR_REPLACE)
-    rec.do("setxattr user.* on symlink", os.setxattr, m / "sym", "user.x", b"1",
-           follow_symlinks=False)
-    rec.do("setxattr trusted.* on symlink", os.setxattr, m / "sym", "trusted.x", b"1",
-           follow_symlinks=False)
+    rec.do("XATTR_CREATE existing", os.setxattr, m / "create_existing", "user.a", b"2", os.XATTR_CREATE)
+    rec.do("XATTR_REPLACE missing", os.setxattr, m / "replace_missing", "user.a", b"2", os.XATTR_REPLACE)
+    rec.do("setxattr user.* on symlink", os.setxattr, m / "sym", "user.x", b"1", follow_symlinks=False)
+    rec.do("setxattr trusted.* on symlink", os.setxattr, m / "sym", "trusted.x", b"1", follow_symlinks=False)
     rec.do("setxattr user.* on fifo", os.setxattr, m / "fifo", "user.x", b"1")
     rec.do("setxattr trusted.* on chr", os.setxattr, m / "chr", "trusted.x", b"1")
     rec.do("chmod esc", os.chmod, m / "esc", 0o600)
     rec.do("xattrs esc", _xattrs, m / "esc")
-    rec.do("setxattr trusted.overlay.foo", os.setxattr, m / "esc_set", "trusted.overlay.foo",
-           b"bar")
+    rec.do("setxattr trusted.overlay.foo", os.setxattr, m / "esc_set", "trusted.overlay.foo", b"bar")
     rec.do("xattrs esc_set", _xattrs, m / "esc_set")
-    rec.do("setfattr trusted.overlay.opaque on lower dir", lambda: subprocess.run(
-        ["setfattr", "-n", "trusted.overlay.opaque", "-v", "y", str(m / "ldir")],
-        capture_output=True).returncode)
+    rec.do(
+        "setfattr trusted.overlay.opaque on lower dir",
+        lambda: (
+            subprocess.run(
+                ["setfattr", "-n", "trusted.overlay.opaque", "-v", "y", str(m / "ldir")], capture_output=True
+            ).returncode
+        ),
+    )
     rec.do("ls ldir", lambda: sorted(os.listdir(m / "ldir")))
     rec.do("xattrs ldir", _xattrs, m / "ldir")
     rec.do("setxattr user.d on lower dir", os.setxattr, m / "udir", "user.d", b"dir")
@@ -84,10 +82,8 @@ def _ops(m, rec):
         rec.do(f"getxattr origin {p}", os.getxattr, m / p, "trusted.overlay.origin")
         rec.do(f"getxattr impure {p}", os.getxattr, m / p, "trusted.overlay.impure")
     rec.do("getxattr opaque ldir", os.getxattr, m / "ldir", "trusted.overlay.opaque")
-    rec.do("removexattr trusted.overlay.opaque ldir", os.removexattr, m / "ldir",
-           "trusted.overlay.opaque")
-    rec.do("setxattr trusted.overlay.opaque again", os.setxattr, m / "ldir",
-           "trusted.overlay.opaque", b"y")
+    rec.do("removexattr trusted.overlay.opaque ldir", os.removexattr, m / "ldir", "trusted.overlay.opaque")
+    rec.do("setxattr trusted.overlay.opaque again", os.setxattr, m / "ldir", "trusted.overlay.opaque", b"y")
 
 
 @pytest.fixture(scope="module")
@@ -96,8 +92,7 @@ def run(tmp_path_factory):
 
 
 def test_setxattr_copies_up(run):
-    assert run.kupper("set")["xattrs"] == {"trusted.overlay.origin": PRESENT,
-                                           "user.old": b"o", "user.x": b"new"}
+    assert run.kupper("set")["xattrs"] == {"trusted.overlay.origin": PRESENT, "user.old": b"o", "user.x": b"new"}
     assert run.kupper("set")["mtime_ns"] == T0
     run.assert_results("setxattr user.x", "xattrs set")
     run.assert_view("set")
@@ -111,9 +106,13 @@ def test_removexattr_copies_up(run):
     run.assert_upper("rm")
 
 
-@pytest.mark.xfail(ON_PYOVERLAY, strict=True, reason="pyfuse3 checks XATTR_CREATE/XATTR_REPLACE itself before calling "
-                   "the filesystem, so a failing flagged setxattr never triggers the copy-up the kernel "
-                   "does (docs/semantics.md)")
+@pytest.mark.xfail(
+    ON_PYOVERLAY,
+    strict=True,
+    reason="pyfuse3 checks XATTR_CREATE/XATTR_REPLACE itself before calling "
+    "the filesystem, so a failing flagged setxattr never triggers the copy-up the kernel "
+    "does (docs/semantics.md)",
+)
 def test_failing_xattr_ops(run):
     """Observed: removexattr of a missing name -> ENODATA WITHOUT copy-up;
     XATTR_CREATE on an existing name -> EEXIST and XATTR_REPLACE of a missing
@@ -128,13 +127,17 @@ def test_failing_xattr_ops(run):
     assert k["setxattr user.* on fifo"] == "ERR:EPERM" and run.kupper("fifo") is None
     assert run.kupper("create_existing")["xattrs"]["trusted.overlay.origin"] == PRESENT
     assert run.kupper("replace_missing") is not None
-    assert run.kupper("sym")["xattrs"] == {"trusted.overlay.origin": PRESENT,
-                                           "trusted.x": b"1"}
+    assert run.kupper("sym")["xattrs"] == {"trusted.overlay.origin": PRESENT, "trusted.x": b"1"}
     names = ("rm_missing", "create_existing", "replace_missing", "sym", "fifo", "chr")
-    run.assert_results("removexattr missing", "XATTR_CREATE existing",
-                       "XATTR_REPLACE missing", "setxattr user.* on symlink",
-                       "setxattr trusted.* on symlink", "setxattr user.* on fifo",
-                       "setxattr trusted.* on chr")
+    run.assert_results(
+        "removexattr missing",
+        "XATTR_CREATE existing",
+        "XATTR_REPLACE missing",
+        "setxattr user.* on symlink",
+        "setxattr trusted.* on symlink",
+        "setxattr user.* on fifo",
+        "setxattr trusted.* on chr",
+    )
     run.assert_view(*names)
     run.assert_upper(*names)
 
@@ -143,13 +146,10 @@ def test_escaped_private_xattrs(run):
     """A lower trusted.overlay.overlay.esc shows as trusted.overlay.esc and
     stays escaped in upper after copy-up; setting trusted.overlay.foo stores
     trusted.overlay.overlay.foo."""
-    assert run.k.results["xattrs esc"] == {"trusted.overlay.esc": b"escaped",
-                                           "trusted.plain": b"p"}
+    assert run.k.results["xattrs esc"] == {"trusted.overlay.esc": b"escaped", "trusted.plain": b"p"}
     assert run.kupper("esc")["xattrs"]["trusted.overlay.overlay.esc"] == b"escaped"
-    assert run.kupper("esc_set")["xattrs"] == {"trusted.overlay.origin": PRESENT,
-                                               "trusted.overlay.overlay.foo": b"bar"}
-    run.assert_results("chmod esc", "xattrs esc", "setxattr trusted.overlay.foo",
-                       "xattrs esc_set")
+    assert run.kupper("esc_set")["xattrs"] == {"trusted.overlay.origin": PRESENT, "trusted.overlay.overlay.foo": b"bar"}
+    run.assert_results("chmod esc", "xattrs esc", "setxattr trusted.overlay.foo", "xattrs esc_set")
     run.assert_view("esc", "esc_set")
     run.assert_upper("esc", "esc_set")
 
@@ -163,17 +163,20 @@ def test_setfattr_overlay_opaque_is_escaped(run):
     assert k["ls ldir"] == ["a", "sub", "top"]
     x = run.kupper("ldir")["xattrs"]
     assert x["trusted.overlay.overlay.opaque"] == b"y" and "trusted.overlay.opaque" not in x
-    run.assert_results("setfattr trusted.overlay.opaque on lower dir", "ls ldir",
-                       "xattrs ldir", "getxattr opaque ldir",
-                       "removexattr trusted.overlay.opaque ldir",
-                       "setxattr trusted.overlay.opaque again")
+    run.assert_results(
+        "setfattr trusted.overlay.opaque on lower dir",
+        "ls ldir",
+        "xattrs ldir",
+        "getxattr opaque ldir",
+        "removexattr trusted.overlay.opaque ldir",
+        "setxattr trusted.overlay.opaque again",
+    )
     run.assert_view("ldir")
     run.assert_upper("ldir")
 
 
 def test_dir_xattr_copies_up_dir_only(run):
-    assert run.kupper("udir")["xattrs"] == {"trusted.overlay.origin": PRESENT,
-                                            "user.d": b"dir"}
+    assert run.kupper("udir")["xattrs"] == {"trusted.overlay.origin": PRESENT, "user.d": b"dir"}
     assert run.kupper("udir/x") is None
     run.assert_results("setxattr user.d on lower dir", "xattrs udir")
     run.assert_view("udir")
@@ -187,9 +190,13 @@ def test_private_xattrs_invisible(run):
     run.assert_results(*labels)
 
 
-@pytest.mark.xfail(ON_PYOVERLAY, strict=True, reason="pyfuse3 checks XATTR_CREATE/XATTR_REPLACE itself before calling "
-                   "the filesystem, so a failing flagged setxattr never triggers the copy-up the kernel "
-                   "does (docs/semantics.md)")
+@pytest.mark.xfail(
+    ON_PYOVERLAY,
+    strict=True,
+    reason="pyfuse3 checks XATTR_CREATE/XATTR_REPLACE itself before calling "
+    "the filesystem, so a failing flagged setxattr never triggers the copy-up the kernel "
+    "does (docs/semantics.md)",
+)
 def test_whole_tree_workdir_and_remount(run):
     run.assert_all()
     run.assert_remount_stable()

@@ -21,11 +21,19 @@ from __future__ import annotations
 
 import os
 
-from .core import (Image, ImageError, NotFound, Reference, docker_root, local_root,
-                   parse_reference)
+from .core import Image, ImageError, NotFound, Reference, docker_root, local_root, parse_reference
 
-__all__ = ["Image", "ImageError", "NotFound", "Reference", "docker_root", "local_root",
-           "parse_reference", "resolve", "sources"]
+__all__ = [
+    "Image",
+    "ImageError",
+    "NotFound",
+    "Reference",
+    "docker_root",
+    "local_root",
+    "parse_reference",
+    "resolve",
+    "sources",
+]
 
 
 def sources(docker: str | None = None) -> list:

@@ -52,16 +52,16 @@ from .core import ImageError, parse_reference
 from .streams import decompress, hex_of, sha256_digest
 
 _MAX_JSON = 64 << 20
-_SMALL = 1 << 20            # members up to this size are kept from the listing pass...
-_SMALL_TOTAL = 256 << 20    # ...up to this much in all (then they are read again when asked for)
+_SMALL = 1 << 20  # members up to this size are kept from the listing pass...
+_SMALL_TOTAL = 256 << 20  # ...up to this much in all (then they are read again when asked for)
 _ARCH = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "i686": "386"}
 
 
 @dataclass
 class LayerRef:
-    path: str                   # inside the archive
-    diff_id: str                # from the config
-    digest: str | None = None   # blob digest (None: legacy, the tar as is)
+    path: str  # inside the archive
+    diff_id: str  # from the config
+    digest: str | None = None  # blob digest (None: legacy, the tar as is)
     media_type: str | None = None
     size: int | None = None
 
@@ -69,9 +69,9 @@ class LayerRef:
 @dataclass
 class ArchiveImage:
     config: bytes
-    layers: list[LayerRef]      # bottom first
+    layers: list[LayerRef]  # bottom first
     names: list[str] = field(default_factory=list)
-    manifest: bytes | None = None   # the OCI manifest as found (None: legacy)
+    manifest: bytes | None = None  # the OCI manifest as found (None: legacy)
 
     @property
     def id(self) -> str:
@@ -83,8 +83,12 @@ class _DirSource:
         self.fd = os.open(path, _sys.DIR_FLAGS)
 
     def open(self, rel: str):
-        fd = _sys.openat2(self.fd, os.fsencode(rel), os.O_RDONLY | os.O_CLOEXEC,
-                          resolve=_sys.RESOLVE_BENEATH | _sys.RESOLVE_NO_MAGICLINKS)
+        fd = _sys.openat2(
+            self.fd,
+            os.fsencode(rel),
+            os.O_RDONLY | os.O_CLOEXEC,
+            resolve=_sys.RESOLVE_BENEATH | _sys.RESOLVE_NO_MAGICLINKS,
+        )
         f = os.fdopen(fd, "rb")
         return f, os.fstat(fd).st_size
 
@@ -232,8 +236,7 @@ class _StreamTarSource(_TarSource):
 
 def _read_error(e: BaseException) -> bool:
     """An error of a damaged or truncated (compressed) tar stream."""
-    return isinstance(e, (tarfile.TarError, OSError, EOFError, zlib.error)) or \
-        type(e).__name__ == "ZstdError"
+    return isinstance(e, (tarfile.TarError, OSError, EOFError, zlib.error)) or type(e).__name__ == "ZstdError"
 
 
 def _norm(name: str) -> str:
@@ -321,8 +324,9 @@ class Archive:
             return self._oci()
         if self.exists("manifest.json"):
             return self._legacy()
-        raise ImageError(f"{self.path}: neither a docker save archive (manifest.json) "
-                         "nor an OCI image layout (index.json)")
+        raise ImageError(
+            f"{self.path}: neither a docker save archive (manifest.json) nor an OCI image layout (index.json)"
+        )
 
     # ---- docker save, legacy --------------------------------------------------------
 
@@ -331,15 +335,16 @@ class Archive:
         for e in self._manifest_json():
             cfg_path = e.get("Config") or ""
             if not cfg_path:
-                raise ImageError(f"{self.path}: manifest.json: an entry without a \"Config\"")
+                raise ImageError(f'{self.path}: manifest.json: an entry without a "Config"')
             m = re.search(r"([0-9a-f]{64})(\.json)?$", cfg_path)
             config = self.read(cfg_path, "sha256:" + m.group(1) if m else None)
             diff_ids = _diff_ids(config, cfg_path)
             paths = e.get("Layers") or []
             if len(paths) != len(diff_ids):
                 raise ImageError(f"{self.path}: {cfg_path}: {len(paths)} layers but {len(diff_ids)} diff ids")
-            out.append(ArchiveImage(config, [LayerRef(p, d) for p, d in zip(paths, diff_ids)],
-                                    _names(e.get("RepoTags") or [])))
+            out.append(
+                ArchiveImage(config, [LayerRef(p, d) for p, d in zip(paths, diff_ids)], _names(e.get("RepoTags") or []))
+            )
         return out
 
     def _manifest_json(self) -> list[dict]:
@@ -410,8 +415,10 @@ class Archive:
                 raise ImageError(f"{where}: layer {i}: size is not a byte count")
         if len(blobs) != len(diff_ids):
             raise ImageError(f"{self.path}: manifest {digest}: {len(blobs)} layers but {len(diff_ids)} diff ids")
-        layers = [LayerRef(self._blob(b.get("digest") or ""), d, b["digest"], b.get("mediaType"), b.get("size"))
-                  for b, d in zip(blobs, diff_ids)]
+        layers = [
+            LayerRef(self._blob(b.get("digest") or ""), d, b["digest"], b.get("mediaType"), b.get("size"))
+            for b, d in zip(blobs, diff_ids)
+        ]
         names = tags.get(cfg["digest"]) or names
         img = found.setdefault(digest, ArchiveImage(config, layers, [], raw))
         img.names += [n for n in names if n not in img.names]
@@ -492,12 +499,16 @@ def _pick_platform(manifests: list[dict], where: str) -> list[dict]:
         v = m.get(key)
         return v if isinstance(v, dict) else {}
 
-    images = [m for m in manifests
-              if field(m, "annotations").get("vnd.docker.reference.type") != "attestation-manifest"]
+    images = [
+        m for m in manifests if field(m, "annotations").get("vnd.docker.reference.type") != "attestation-manifest"
+    ]
     if len(images) == 1:
         return images
-    hits = [m for m in images if field(m, "platform").get("os") == "linux"
-            and field(m, "platform").get("architecture") == arch]
+    hits = [
+        m
+        for m in images
+        if field(m, "platform").get("os") == "linux" and field(m, "platform").get("architecture") == arch
+    ]
     if not hits:
         raise ImageError(f"{where}: no image for linux/{arch} in an image index")
     return hits[:1]

@@ -19,8 +19,9 @@ def register(main: click.Group) -> None:
 def check_docker_root(given: str | None) -> None:
     """An explicit ``--docker-root`` must be a Docker data root (the default may be absent)."""
     if given is not None and not os.path.isdir(os.path.join(given, "image", "overlay2")):
-        raise ImageError(f"--docker-root {given}: not a Docker data root with an overlay2 "
-                         f"image store (no image/overlay2 in it)")
+        raise ImageError(
+            f"--docker-root {given}: not a Docker data root with an overlay2 image store (no image/overlay2 in it)"
+        )
 
 
 def find_image(ref: str, docker: str | None = None) -> Image:
@@ -46,31 +47,47 @@ def image_rows(images: list[Image]) -> list[dict]:
     rows = []
     for img in images:
         for name in img.names or ["<none>:<none>"]:
-            rows.append({"name": name, "id": img.short_id, "layers": len(img.layers),
-                         "size": human_size(img.size), "source": img.source})
+            rows.append(
+                {
+                    "name": name,
+                    "id": img.short_id,
+                    "layers": len(img.layers),
+                    "size": human_size(img.size),
+                    "source": img.source,
+                }
+            )
     return rows
 
 
 def table(rows: list[dict]) -> str:
-    head = {"name": "REPOSITORY:TAG", "id": "IMAGE ID", "layers": "LAYERS", "size": "SIZE",
-            "source": "SOURCE"}
+    head = {"name": "REPOSITORY:TAG", "id": "IMAGE ID", "layers": "LAYERS", "size": "SIZE", "source": "SOURCE"}
     cols = list(head)
     width = {c: max(len(str(r[c])) for r in [head, *rows]) for c in cols}
-    return "\n".join("   ".join(str(r[c]).ljust(width[c]) for c in cols).rstrip()
-                     for r in [head, *rows])
+    return "\n".join("   ".join(str(r[c]).ljust(width[c]) for c in cols).rstrip() for r in [head, *rows])
 
 
 def as_json(img: Image) -> dict:
-    return {"id": img.id, "short_id": img.short_id, "names": img.names, "source": img.source,
-            "size": img.size, "layers": img.layers, "diff_ids": img.diff_ids,
-            "config": img.run_config()}
+    return {
+        "id": img.id,
+        "short_id": img.short_id,
+        "names": img.names,
+        "source": img.source,
+        "size": img.size,
+        "layers": img.layers,
+        "diff_ids": img.diff_ids,
+        "config": img.run_config(),
+    }
 
 
 @click.command("images")
 @click.option("--json", "json_out", is_flag=True, help="Machine-readable output (one object per image).")
 @click.option("-q", "--quiet", is_flag=True, help="Only image ids (12 digits).")
-@click.option("--docker-root", "given", metavar="DIR",
-              help="Docker's data root (default $PYOVERLAY_DOCKER_ROOT or /var/lib/docker).")
+@click.option(
+    "--docker-root",
+    "given",
+    metavar="DIR",
+    help="Docker's data root (default $PYOVERLAY_DOCKER_ROOT or /var/lib/docker).",
+)
 def images_cmd(json_out, quiet, given):
     """List the images of the local store and of Docker's image store."""
     from . import sources

@@ -47,8 +47,11 @@ def find_upper(target: str) -> tuple[str, dict | None]:
     if not upper or not os.path.isdir(upper):
         raise ImageError(f"container {rec.get('name') or rec['id']} has no upper layer (never started?)")
     if state.status(rec) == "running":
-        print(f"pyoverlay: warning: {rec.get('name') or rec['id'][:12]} is running; "
-              "files changing meanwhile may be captured half-written", file=sys.stderr)
+        print(
+            f"pyoverlay: warning: {rec.get('name') or rec['id'][:12]} is running; "
+            "files changing meanwhile may be captured half-written",
+            file=sys.stderr,
+        )
     return upper, rec
 
 
@@ -86,11 +89,10 @@ def new_name(ref: str) -> str:
     return f"{familiar_name(r.name)}:{r.tag}"
 
 
-def commit_image(upper: str, rec: dict | None, name: str, parent: Image | None,
-                 store: LocalStore, log=None) -> Image:
+def commit_image(upper: str, rec: dict | None, name: str, parent: Image | None, store: LocalStore, log=None) -> Image:
     """Store the image "parent (or the container's lowers) + *upper*" as *name*."""
     log = log or (lambda msg: print(msg, file=sys.stderr))
-    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
     with store.writer() as w:
         descs, diff_ids = [], []
 
@@ -99,8 +101,9 @@ def commit_image(upper: str, rec: dict | None, name: str, parent: Image | None,
             with open(tmp, "wb") as f:
                 diff_id, size = write_layer(path, f)
             with open(tmp, "rb") as f:
-                desc, fresh = w.add_layer(f, diff_id=diff_id, digest=diff_id, media_type=MEDIA_TAR,
-                                          size=size, label=what)
+                desc, fresh = w.add_layer(
+                    f, diff_id=diff_id, digest=diff_id, media_type=MEDIA_TAR, size=size, label=what
+                )
             os.unlink(tmp)
             log(f"{what}: {diff_id} ({'stored' if fresh else 'already present'})")
             descs.append(desc)

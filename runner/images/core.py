@@ -24,13 +24,13 @@ class NotFound(ImageError):
 
 @dataclass
 class Image:
-    id: str                     # "sha256:<64 hex>": the digest of the image config
-    names: list[str]            # ["busybox:latest", ...] (may be empty)
-    layers: list[str]           # unpacked layer dirs, TOP FIRST (ready for lowerdir)
-    config: dict                # the image config JSON (keys "config", "rootfs", "history", ...)
-    source: str                 # "local" | "docker"
-    size: int = 0               # bytes of layer content, best effort
-    diff_ids: list[str] = field(default_factory=list)   # bottom first, as in rootfs.diff_ids
+    id: str  # "sha256:<64 hex>": the digest of the image config
+    names: list[str]  # ["busybox:latest", ...] (may be empty)
+    layers: list[str]  # unpacked layer dirs, TOP FIRST (ready for lowerdir)
+    config: dict  # the image config JSON (keys "config", "rootfs", "history", ...)
+    source: str  # "local" | "docker"
+    size: int = 0  # bytes of layer content, best effort
+    diff_ids: list[str] = field(default_factory=list)  # bottom first, as in rootfs.diff_ids
 
     @property
     def short_id(self) -> str:
@@ -39,9 +39,13 @@ class Image:
     def run_config(self) -> dict:
         """The parts of the image config ``run`` uses: Cmd, Entrypoint, Env, WorkingDir, User."""
         c = self.config.get("config") or self.config.get("container_config") or {}
-        return {"Cmd": c.get("Cmd") or [], "Entrypoint": c.get("Entrypoint") or [],
-                "Env": c.get("Env") or [], "WorkingDir": c.get("WorkingDir") or "",
-                "User": c.get("User") or ""}
+        return {
+            "Cmd": c.get("Cmd") or [],
+            "Entrypoint": c.get("Entrypoint") or [],
+            "Env": c.get("Env") or [],
+            "WorkingDir": c.get("WorkingDir") or "",
+            "User": c.get("User") or "",
+        }
 
 
 _HEX = re.compile(r"^(sha256:)?([0-9a-f]{4,64})$")
@@ -50,9 +54,9 @@ _DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
 
 @dataclass(frozen=True)
 class Reference:
-    name: str | None = None     # "busybox", "library/busybox", "localhost:5000/x/y"
-    tag: str | None = None      # "latest" when a name is given without tag or digest
-    digest: str | None = None   # "sha256:<hex>" after '@'
+    name: str | None = None  # "busybox", "library/busybox", "localhost:5000/x/y"
+    tag: str | None = None  # "latest" when a name is given without tag or digest
+    digest: str | None = None  # "sha256:<hex>" after '@'
     id_prefix: str | None = None  # hex (no "sha256:") when the reference may be an id
 
     def __str__(self) -> str:

@@ -41,8 +41,7 @@ def chain_ids(diff_ids: list[str]) -> list[str]:
     """Docker's chain ids of a layer stack given bottom first (``rootfs.diff_ids``)."""
     out: list[str] = []
     for d in diff_ids:
-        out.append(d if not out else
-                   "sha256:" + hashlib.sha256(f"{out[-1]} {d}".encode()).hexdigest())
+        out.append(d if not out else "sha256:" + hashlib.sha256(f"{out[-1]} {d}".encode()).hexdigest())
     return out
 
 
@@ -51,10 +50,10 @@ def familiar_name(name: str) -> str:
     and ``library/busybox`` are ``busybox``; ``docker.io/x/y`` is ``x/y``."""
     for prefix in ("docker.io/", "index.docker.io/"):
         if name.startswith(prefix):
-            name = name[len(prefix):]
+            name = name[len(prefix) :]
             break
     if name.startswith("library/") and name.count("/") == 1:
-        name = name[len("library/"):]
+        name = name[len("library/") :]
     return name
 
 
@@ -80,14 +79,12 @@ class _Tree:
     def _open(self, rel: str, flags: int) -> int | None:
         """An fd, or None if *rel* does not exist; ImageError for a symlink or worse."""
         try:
-            return _sys.openat2(self.fd, os.fsencode(rel), flags | os.O_CLOEXEC | os.O_NOFOLLOW,
-                                resolve=_RESOLVE)
+            return _sys.openat2(self.fd, os.fsencode(rel), flags | os.O_CLOEXEC | os.O_NOFOLLOW, resolve=_RESOLVE)
         except OSError as e:
             if e.errno in (errno.ENOENT, errno.ENOTDIR):
                 return None
             if e.errno == errno.ELOOP:
-                raise ImageError(f"damaged Docker store: {self.path(rel)}: a symlink on the "
-                                 f"way (refused)") from None
+                raise ImageError(f"damaged Docker store: {self.path(rel)}: a symlink on the way (refused)") from None
             raise ImageError(f"cannot read {self.path(rel)}: {e.strerror}") from None
 
     def read(self, rel: str) -> bytes | None:
@@ -98,8 +95,9 @@ class _Tree:
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode) or st.st_size > _MAX_FILE:
-                raise ImageError(f"damaged Docker store: {self.path(rel)} is not a regular "
-                                 f"file of at most {_MAX_FILE} bytes")
+                raise ImageError(
+                    f"damaged Docker store: {self.path(rel)} is not a regular file of at most {_MAX_FILE} bytes"
+                )
             chunks = []
             while chunk := os.read(fd, 1 << 20):
                 chunks.append(chunk)
@@ -137,7 +135,7 @@ class DockerStore:
 
     def __init__(self, root: str | None = None):
         self.root = os.path.realpath(docker_root(root))
-        self.problems: list[str] = []   # damaged images skipped by the last list()
+        self.problems: list[str] = []  # damaged images skipped by the last list()
 
     def __repr__(self) -> str:
         return f"DockerStore({self.root!r})"
@@ -162,8 +160,10 @@ class DockerStore:
                 except ImageError as e:
                     self.problems.append(str(e))
             for hexid in sorted(set(repos.values()) - set(ids)):
-                self.problems.append(f"damaged Docker store: {', '.join(_names_of(repos, hexid))} "
-                                     f"-> {t.path(_config_rel(hexid))} is missing")
+                self.problems.append(
+                    f"damaged Docker store: {', '.join(_names_of(repos, hexid))} "
+                    f"-> {t.path(_config_rel(hexid))} is missing"
+                )
         return sorted(out, key=lambda i: (not i.names, i.names, i.id))
 
     def resolve(self, ref: str) -> Image:
@@ -182,8 +182,9 @@ class DockerStore:
                 found = [i for i in self._image_ids(t) if i.startswith(r.id_prefix)]
                 if len(found) > 1:
                     shown = ", ".join(i[:12] for i in found[:5]) + (", ..." if len(found) > 5 else "")
-                    raise ImageError(f"ambiguous image id prefix {r.id_prefix!r}: {len(found)} "
-                                     f"images in {self.root} ({shown})")
+                    raise ImageError(
+                        f"ambiguous image id prefix {r.id_prefix!r}: {len(found)} images in {self.root} ({shown})"
+                    )
                 if found:
                     return self._load(t, found[0], _names_of(repos, found[0]))
         raise NotFound(f"no such image: {r} in the Docker store {self.root}")
@@ -203,8 +204,7 @@ class DockerStore:
             raise ImageError(f"damaged Docker store: {t.path(rel)}: not Docker's JSON ({e})") from None
         for k, v in flat.items():
             if not isinstance(v, str) or not _DIGEST.match(v):
-                raise ImageError(f"damaged Docker store: {t.path(rel)}: {k!r} maps to {v!r}, "
-                                 f"not an image id")
+                raise ImageError(f"damaged Docker store: {t.path(rel)}: {k!r} maps to {v!r}, not an image id")
         return {k: v.removeprefix("sha256:") for k, v in flat.items()}
 
     def _image_ids(self, t: _Tree) -> list[str]:
@@ -223,40 +223,46 @@ class DockerStore:
         data = t.need(rel)
         got = hashlib.sha256(data).hexdigest()
         if got != hexid:
-            raise ImageError(f"damaged Docker store: {t.path(rel)}: its sha256 is {got[:12]}..., "
-                             f"not its name")
+            raise ImageError(f"damaged Docker store: {t.path(rel)}: its sha256 is {got[:12]}..., not its name")
         try:
             config = json.loads(data)
             rootfs = config["rootfs"]
             diff_ids = list(rootfs["diff_ids"] or [])
         except (ValueError, KeyError, TypeError) as e:
             raise ImageError(f"damaged Docker store: {t.path(rel)}: not an image config ({e})") from None
-        if rootfs.get("type") != "layers" or not all(isinstance(d, str) and _DIGEST.match(d)
-                                                     for d in diff_ids):
+        if rootfs.get("type") != "layers" or not all(isinstance(d, str) and _DIGEST.match(d) for d in diff_ids):
             raise ImageError(f"damaged Docker store: {t.path(rel)}: bad rootfs.diff_ids")
         layers, size = [], 0
         for chain, diff in zip(chain_ids(diff_ids), diff_ids):
             diff_dir, layer_size = self._layer(t, chain, diff)
             layers.append(os.path.join(self.root, diff_dir))
             size += layer_size
-        return Image(id=f"sha256:{hexid}", names=names, layers=layers[::-1], config=config,
-                     source="docker", size=size, diff_ids=diff_ids)
+        return Image(
+            id=f"sha256:{hexid}",
+            names=names,
+            layers=layers[::-1],
+            config=config,
+            source="docker",
+            size=size,
+            diff_ids=diff_ids,
+        )
 
     def _layer(self, t: _Tree, chain: str, diff: str) -> tuple[str, int]:
         """``overlay2/<cache-id>/diff`` (relative to the root) and the size of one layer."""
         ldir = f"{IMAGE_DIR}/layerdb/sha256/{chain.removeprefix('sha256:')}"
         stored = t.need(f"{ldir}/diff").decode(errors="replace").strip()
         if stored != diff:
-            raise ImageError(f"damaged Docker store: {t.path(ldir + '/diff')} says {stored[:19]}..., "
-                             f"the image config {diff[:19]}...")
+            raise ImageError(
+                f"damaged Docker store: {t.path(ldir + '/diff')} says {stored[:19]}..., the image config {diff[:19]}..."
+            )
         cache_id = t.need(f"{ldir}/cache-id").decode(errors="replace").strip()
         if not _CACHE_ID.match(cache_id):
-            raise ImageError(f"damaged Docker store: {t.path(ldir + '/cache-id')}: bad cache id "
-                             f"{cache_id[:80]!r}")
+            raise ImageError(f"damaged Docker store: {t.path(ldir + '/cache-id')}: bad cache id {cache_id[:80]!r}")
         diff_dir = f"overlay2/{cache_id}/diff"
         if not t.is_dir(diff_dir):
-            raise ImageError(f"damaged Docker store: {t.path(diff_dir)} (layer {chain[:19]}...) "
-                             f"is missing or not a directory")
+            raise ImageError(
+                f"damaged Docker store: {t.path(diff_dir)} (layer {chain[:19]}...) is missing or not a directory"
+            )
         try:
             size = int((t.read(f"{ldir}/size") or b"0").strip() or 0)
         except ValueError:
@@ -272,5 +278,4 @@ def _names_of(repos: dict[str, str], hexid: str) -> list[str]:
     """The tags of an image; a ``name@digest`` only for a repository it has no tag in."""
     tags = [k for k, v in repos.items() if v == hexid and "@" not in k]
     tagged = {k.rsplit(":", 1)[0] for k in tags}
-    return tags + [k for k, v in repos.items()
-                   if v == hexid and "@" in k and k.split("@", 1)[0] not in tagged]
+    return tags + [k for k, v in repos.items() if v == hexid and "@" in k and k.split("@", 1)[0] not in tagged]

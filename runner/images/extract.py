@@ -47,8 +47,7 @@ def extract(stream, dest: str, names: XattrNames) -> None:
     root = os.open(dest, _OPEN_DIR)
     try:
         ex = _Extractor(root, names)
-        with tarfile.open(fileobj=stream, mode="r|", bufsize=1 << 20, encoding="utf-8",
-                          errors="surrogateescape") as tf:
+        with tarfile.open(fileobj=stream, mode="r|", bufsize=1 << 20, encoding="utf-8", errors="surrogateescape") as tf:
             for m in tf:
                 ex.entry(tf, m)
         ex.finish()
@@ -61,7 +60,7 @@ class _Extractor:
         self.root = root
         self.names = names
         self.as_root = os.geteuid() == 0
-        self.dirs: dict[bytes, tarfile.TarInfo] = {}   # mode and mtime applied at the end
+        self.dirs: dict[bytes, tarfile.TarInfo] = {}  # mode and mtime applied at the end
         self.skipped_xattrs = 0
 
     # ---- paths ---------------------------------------------------------------------
@@ -156,8 +155,7 @@ class _Extractor:
             return self._hardlink(m, pfd, base, st)
         self._remove(pfd, base, st)
         if m.isreg():
-            fd = os.open(base, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
-                         dir_fd=pfd)
+            fd = os.open(base, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=pfd)
             try:
                 src = tf.extractfile(m)
                 while data := src.read(1 << 20):
@@ -183,7 +181,7 @@ class _Extractor:
             return self._set_opaque(pfd, None)
         if base.startswith(WH + WH):
             return  # aufs metadata (.wh..wh.plnk, .wh..wh.aufs)
-        target = base[len(WH):]
+        target = base[len(WH) :]
         if target in (b"", b".", b".."):
             raise ImageError(f"layer entry {m.name!r}: whiteout of {os.fsdecode(target)!r} refused")
         st = self._lstat(pfd, target)
@@ -219,8 +217,9 @@ class _Extractor:
 
     # ---- metadata ------------------------------------------------------------------
 
-    def _meta(self, pfd: int, base: bytes | None, m: tarfile.TarInfo, fd: int | None = None,
-              times: bool = False) -> None:
+    def _meta(
+        self, pfd: int, base: bytes | None, m: tarfile.TarInfo, fd: int | None = None, times: bool = False
+    ) -> None:
         """Owner, then mode (chown clears setuid), xattrs, times (directories: mode and times
         in :meth:`finish`); closes *fd*. Without *fd* the object is reached as
         ``/proc/self/fd/<parent>/<base>`` without following a symlink at the end (the
@@ -267,8 +266,7 @@ class _Extractor:
             finally:
                 os.close(fd)
         if self.skipped_xattrs:
-            print(f"pyoverlay: warning: {self.skipped_xattrs} xattrs of the layer could not be set",
-                  file=sys.stderr)
+            print(f"pyoverlay: warning: {self.skipped_xattrs} xattrs of the layer could not be set", file=sys.stderr)
 
 
 def _is_whiteout(st: os.stat_result) -> bool:
@@ -278,4 +276,4 @@ def _is_whiteout(st: os.stat_result) -> bool:
 def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
-        view = view[os.write(fd, view):]
+        view = view[os.write(fd, view) :]

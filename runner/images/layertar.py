@@ -66,8 +66,9 @@ def write_layer(src: str, out: BinaryIO, names: XattrNames | None = None) -> tup
     sink = _Counting(out)
     root = os.open(src, _sys.DIR_FLAGS)
     try:
-        with tarfile.open(fileobj=sink, mode="w|", format=tarfile.PAX_FORMAT,
-                          encoding="utf-8", errors="surrogateescape") as tf:
+        with tarfile.open(
+            fileobj=sink, mode="w|", format=tarfile.PAX_FORMAT, encoding="utf-8", errors="surrogateescape"
+        ) as tf:
             _Writer(tf, root, names).run()
     except OSError as e:
         raise ImageError(f"cannot read the layer {src}: {e}") from None
@@ -81,7 +82,7 @@ class _Writer:
         self.tf = tf
         self.root = root
         self.names = names
-        self.seen: dict[tuple[int, int], str] = {}   # (dev, ino) -> first name, for hard links
+        self.seen: dict[tuple[int, int], str] = {}  # (dev, ino) -> first name, for hard links
         self.sockets = 0
 
     def run(self) -> None:
@@ -106,8 +107,10 @@ class _Writer:
             for _, fd in stack:
                 os.close(fd)
         if self.sockets:
-            print(f"pyoverlay: warning: {self.sockets} sockets left out of the layer (tar has no socket entries)",
-                  file=sys.stderr)
+            print(
+                f"pyoverlay: warning: {self.sockets} sockets left out of the layer (tar has no socket entries)",
+                file=sys.stderr,
+            )
 
     def _entry(self, dfd: int, rel: bytes, name: bytes) -> bytes | None:
         """Write one entry; return its path when it is a directory to descend into."""
@@ -142,8 +145,12 @@ class _Writer:
                 info.size = st.st_size
                 self.tf.addfile(info, f)
             return None
-        kind = {stat.S_IFLNK: tarfile.SYMTYPE, stat.S_IFCHR: tarfile.CHRTYPE,
-                stat.S_IFBLK: tarfile.BLKTYPE, stat.S_IFIFO: tarfile.FIFOTYPE}[stat.S_IFMT(mode)]
+        kind = {
+            stat.S_IFLNK: tarfile.SYMTYPE,
+            stat.S_IFCHR: tarfile.CHRTYPE,
+            stat.S_IFBLK: tarfile.BLKTYPE,
+            stat.S_IFIFO: tarfile.FIFOTYPE,
+        }[stat.S_IFMT(mode)]
         info = self._info(os.fsdecode(path), kind, st, dfd, name)
         if kind == tarfile.SYMTYPE:
             info.linkname = os.fsdecode(_sys.readlink_at(dfd, name))
@@ -172,8 +179,10 @@ class _Writer:
         info = self._bare(name, kind, st, stat.S_IMODE(st.st_mode))
         for real in sorted(_sys.listxattr_at(dfd, base)):
             if real.startswith((self.names.prefix + "redirect", self.names.prefix + "metacopy")):
-                raise ImageError(f"{name}: the upper uses overlay {real} (redirect_dir/metacopy); "
-                                 "that cannot be written as a layer tar")
+                raise ImageError(
+                    f"{name}: the upper uses overlay {real} (redirect_dir/metacopy); "
+                    "that cannot be written as a layer tar"
+                )
             shown = self.names.to_user(real)
             if shown is None or (shown == real and shown.startswith((TRUSTED_PREFIX, USER_PREFIX))):
                 continue  # private (of this overlay, or of the other namespace)

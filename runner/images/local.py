@@ -70,8 +70,7 @@ class LocalStore:
         if not create and not os.path.lexists(self.root):
             return False
         try:
-            if os.path.dirname(os.path.abspath(self.root)) == data_root() and \
-                    (create or os.path.lexists(data_root())):
+            if os.path.dirname(os.path.abspath(self.root)) == data_root() and (create or os.path.lexists(data_root())):
                 private_dir(data_root(), "data dir")
             private_dir(self.root, "local image store")
         except StateDirError as e:
@@ -153,11 +152,14 @@ class LocalStore:
         layers = [self.layer_dir(d) for d in reversed(diff_ids)]
         for d, path in zip(reversed(diff_ids), layers):
             if not os.path.isdir(path):
-                raise ImageError(f"local image store {self.root} is damaged: layer {d} of "
-                                 f"{names[0] if names else cfg_digest} is missing")
+                raise ImageError(
+                    f"local image store {self.root} is damaged: layer {d} of "
+                    f"{names[0] if names else cfg_digest} is missing"
+                )
         size = sum(int(l.get("size") or 0) for l in manifest.get("layers") or [])
-        return Image(id=cfg_digest, names=list(names), layers=layers, config=config, source="local",
-                     size=size, diff_ids=diff_ids)
+        return Image(
+            id=cfg_digest, names=list(names), layers=layers, config=config, source="local", size=size, diff_ids=diff_ids
+        )
 
     def list(self) -> list[Image]:
         """Every image; a damaged one is left out and described in :attr:`problems`."""
@@ -252,15 +254,26 @@ class Writer:
         """False when :meth:`add_layer` would not read the blob (layer and blob are stored)."""
         return not (self.has_layer(diff_id) and os.path.exists(self.store.blob_path(digest or diff_id)))
 
-    def add_layer(self, f, *, diff_id: str, digest: str | None = None, media_type: str | None = None,
-                  size: int | None = None, label: str = "layer") -> tuple[dict, bool]:
+    def add_layer(
+        self,
+        f,
+        *,
+        diff_id: str,
+        digest: str | None = None,
+        media_type: str | None = None,
+        size: int | None = None,
+        label: str = "layer",
+    ) -> tuple[dict, bool]:
         """Store the layer blob read from *f*: ``(descriptor, unpacked now)``. A diff id
         already present is not unpacked again (nor read, when its blob is there too)."""
         have = self.has_layer(diff_id)
         blob = digest or diff_id  # no digest given (docker save legacy): an uncompressed tar
         if have and os.path.exists(self.store.blob_path(blob)):
-            return {"mediaType": media_type or MEDIA_TAR, "digest": blob,
-                    "size": os.path.getsize(self.store.blob_path(blob))}, False
+            return {
+                "mediaType": media_type or MEDIA_TAR,
+                "digest": blob,
+                "size": os.path.getsize(self.store.blob_path(blob)),
+            }, False
         tmp_blob, dest = self.mktemp("blob"), None if have else self.mktemp("layer")
         with open(tmp_blob, "wb") as out:
             u = unpack(f, dest, digest=digest, diff_id=diff_id, tee=out, size=size, label=label)
@@ -285,14 +298,19 @@ class Writer:
         finally:
             os.close(fd)
 
-    def add_image(self, config: bytes, layers: list[dict], names: list[str],
-                  manifest: bytes | None = None) -> Image:
+    def add_image(self, config: bytes, layers: list[dict], names: list[str], manifest: bytes | None = None) -> Image:
         """Store the config, the manifest (*manifest* as given, else a new OCI one) and
         point *names* at it; return the image."""
         cfg = self.put_blob(config)
         if manifest is None:
-            manifest = dumps({"schemaVersion": 2, "mediaType": MANIFEST_MEDIA,
-                              "config": {"mediaType": CONFIG_MEDIA, **cfg}, "layers": layers})
+            manifest = dumps(
+                {
+                    "schemaVersion": 2,
+                    "mediaType": MANIFEST_MEDIA,
+                    "config": {"mediaType": CONFIG_MEDIA, **cfg},
+                    "layers": layers,
+                }
+            )
         desc = {"mediaType": json.loads(manifest).get("mediaType") or MANIFEST_MEDIA, **self.put_blob(manifest)}
         self.tag(desc, names)
         return self.store.image(desc["digest"], names)

@@ -38,7 +38,7 @@ def import_archive(path: str, store: LocalStore, tag: str | None = None, log=Non
             raise ImageError(f"{path}: no images in it")
         if names and len(found) > 1:
             raise ImageError(f"{path} holds {len(found)} images; --tag needs exactly one")
-        refs: dict[str, list[tuple[int, int]]] = {}   # layer path -> (image, layer) using it
+        refs: dict[str, list[tuple[int, int]]] = {}  # layer path -> (image, layer) using it
         for i, img in enumerate(found):
             for j, layer in enumerate(img.layers):
                 refs.setdefault(layer.path, []).append((i, j))
@@ -47,11 +47,17 @@ def import_archive(path: str, store: LocalStore, tag: str | None = None, log=Non
         def add(i: int, j: int, f, size: int | None) -> None:
             img, layer = found[i], found[i].layers[j]
             label = f"{img.id[7:19]} layer {j + 1}/{len(img.layers)}"
-            descs[i, j] = w.add_layer(f, diff_id=layer.diff_id, digest=layer.digest,
-                                      media_type=layer.media_type, size=layer.size or size, label=label)
+            descs[i, j] = w.add_layer(
+                f,
+                diff_id=layer.diff_id,
+                digest=layer.digest,
+                media_type=layer.media_type,
+                size=layer.size or size,
+                label=label,
+            )
 
         todo = []
-        for rel, users in refs.items():   # a layer already stored is not read at all
+        for rel, users in refs.items():  # a layer already stored is not read at all
             for i, j in users:
                 if not w.needs_read(found[i].layers[j].diff_id, found[i].layers[j].digest):
                     add(i, j, None, None)
@@ -65,19 +71,24 @@ def import_archive(path: str, store: LocalStore, tag: str | None = None, log=Non
             layer_descs = []
             for j, layer in enumerate(img.layers):
                 desc, fresh = descs[i, j]
-                log(f"{img.id[7:19]} layer {j + 1}/{len(img.layers)}: {layer.diff_id} "
-                    f"({'unpacked' if fresh else 'already present'})")
+                log(
+                    f"{img.id[7:19]} layer {j + 1}/{len(img.layers)}: {layer.diff_id} "
+                    f"({'unpacked' if fresh else 'already present'})"
+                )
                 layer_descs.append(desc)
             same_blobs = [d["digest"] for d in layer_descs] == [l.digest for l in img.layers]
-            out.append(w.add_image(img.config, layer_descs, names or img.names,
-                                   img.manifest if same_blobs else None))
+            out.append(w.add_image(img.config, layer_descs, names or img.names, img.manifest if same_blobs else None))
     return out
 
 
 @click.command("import")
 @click.argument("archive", metavar="ARCHIVE|DIR")
-@click.option("--tag", "-t", metavar="NAME:TAG", help="Store the (single) image under this name "
-              "instead of the names in the archive.")
+@click.option(
+    "--tag",
+    "-t",
+    metavar="NAME:TAG",
+    help="Store the (single) image under this name instead of the names in the archive.",
+)
 def import_cmd(archive, tag):
     """Import the images of a `docker save` archive or an OCI image layout (a tar file,
     possibly gzip'd, or a directory) into the local image store."""

@@ -26,7 +26,7 @@ from .core import ImageError
 
 GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
-PROGRESS_MIN = 8 << 20      # layers above this size get a progress bar (on a tty)
+PROGRESS_MIN = 8 << 20  # layers above this size get a progress bar (on a tty)
 CHUNK = 1 << 20
 
 MEDIA_TAR = "application/vnd.oci.image.layer.v1.tar"
@@ -54,12 +54,10 @@ class Progress:
         self.last = time.monotonic()
         frac = min(done / self.total, 1.0)
         bar = "#" * int(frac * 30)
-        self.stream.write(f"\r{self.label} [{bar:<30}] {frac:4.0%} "
-                          f"{done / 2**20:.1f}/{self.total / 2**20:.1f} MiB")
+        self.stream.write(f"\r{self.label} [{bar:<30}] {frac:4.0%} {done / 2**20:.1f}/{self.total / 2**20:.1f} MiB")
         if final:
             self.stream.write("\n")
         self.stream.flush()
-
 
     def abort(self) -> None:
         if self.on and self.last:
@@ -146,8 +144,9 @@ def check(what: str, want: str | None, got: str) -> None:
 
 
 def is_digest(s) -> bool:
-    return isinstance(s, str) and s.startswith("sha256:") and len(s) == 71 and \
-        all(c in "0123456789abcdef" for c in s[7:])
+    return (
+        isinstance(s, str) and s.startswith("sha256:") and len(s) == 71 and all(c in "0123456789abcdef" for c in s[7:])
+    )
 
 
 def hex_of(digest: str) -> str:
@@ -166,6 +165,7 @@ def fsync_dir(path: str) -> None:
 
 def force_rmtree(path: str) -> None:
     """``rm -rf`` that also gets through directories a layer made read-only (non-root)."""
+
     def retry(func, p, _exc):
         try:
             parent = os.path.dirname(p)
@@ -177,5 +177,6 @@ def force_rmtree(path: str) -> None:
                 func(p)
         except OSError:
             pass
+
     if os.path.lexists(path):
         shutil.rmtree(path, onerror=retry)

@@ -66,8 +66,9 @@ def set_mtime(info: tarfile.TarInfo, ns: int) -> None:
 
 
 def xattrs_of(m: tarfile.TarInfo) -> dict[str, bytes]:
-    return {k[len(XATTR):]: v.encode("utf-8", "surrogateescape")
-            for k, v in m.pax_headers.items() if k.startswith(XATTR)}
+    return {
+        k[len(XATTR) :]: v.encode("utf-8", "surrogateescape") for k, v in m.pax_headers.items() if k.startswith(XATTR)
+    }
 
 
 def set_xattr(info: tarfile.TarInfo, name: str, value: bytes) -> None:

@@ -28,10 +28,10 @@ from .streams import Digesting, Progress, check, decompress, force_rmtree
 
 
 class Unpacked(NamedTuple):
-    digest: str         # sha256 of the blob as read
-    diff_id: str        # sha256 of the uncompressed tar
-    size: int           # bytes of the blob
-    compression: str    # "", "gzip" or "zstd"
+    digest: str  # sha256 of the blob as read
+    diff_id: str  # sha256 of the uncompressed tar
+    size: int  # bytes of the blob
+    compression: str  # "", "gzip" or "zstd"
 
 
 def default_names() -> XattrNames:
@@ -39,9 +39,17 @@ def default_names() -> XattrNames:
     return XattrNames(TRUSTED_PREFIX if os.geteuid() == 0 else USER_PREFIX)
 
 
-def unpack(blob: BinaryIO, dest: str | None, *, digest: str | None = None, diff_id: str | None = None,
-           names: XattrNames | None = None, tee: BinaryIO | None = None, size: int | None = None,
-           label: str = "layer") -> Unpacked:
+def unpack(
+    blob: BinaryIO,
+    dest: str | None,
+    *,
+    digest: str | None = None,
+    diff_id: str | None = None,
+    names: XattrNames | None = None,
+    tee: BinaryIO | None = None,
+    size: int | None = None,
+    label: str = "layer",
+) -> Unpacked:
     """Read the layer blob *blob* to its end, extracting it into the new directory *dest*
     (None: only digests). *digest*/*diff_id*, when given, must match. *tee* receives a copy
     of the blob bytes. On any error *dest* is removed and :class:`ImageError` raised."""

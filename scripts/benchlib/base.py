@@ -28,7 +28,7 @@ class Ctx:
         self.small = [f for leaf in self.leaves for f in leaf_files(leaf)]
         self.state: dict[tuple, object] = {}
         self.primed: dict[tuple, tuple] = {}
-        self.profiler = None   # benchlib.profile.Profiler with --profile
+        self.profiler = None  # benchlib.profile.Profiler with --profile
 
     def prime_once(self, key: tuple, fn) -> None:
         """Run *fn* (re-read lower data) once per *key*, and again whenever the host
@@ -40,13 +40,13 @@ class Ctx:
 
 class Workload:
     name = "?"
-    unit = "s"            # "s" (lower is better), "MiB/s" or "IOPS" (higher is better)
-    group = "read"        # "read" (read/metadata) or "write"
-    copyup = False        # skipped for native (would change the lowers through hard links)
-    cold = False          # remount the overlay and prime the lower data before each sample
-    warm_key = None       # the cache this workload warms (cold) or needs warm (warm)
-    redoable = True       # may be repeated after a host cache drop
-    depends = None        # the workload whose leftovers this one consumes (same rep)
+    unit = "s"  # "s" (lower is better), "MiB/s" or "IOPS" (higher is better)
+    group = "read"  # "read" (read/metadata) or "write"
+    copyup = False  # skipped for native (would change the lowers through hard links)
+    cold = False  # remount the overlay and prime the lower data before each sample
+    warm_key = None  # the cache this workload warms (cold) or needs warm (warm)
+    redoable = True  # may be repeated after a host cache drop
+    depends = None  # the workload whose leftovers this one consumes (same rep)
 
     def reps(self, ctx: Ctx) -> int:
         return ctx.sizes.reps
@@ -64,7 +64,7 @@ class Workload:
             impl.remount()
             ctx.prime_once((self.name, rep), lambda: self.prime(ctx))
         elif self.warm_key and self.warm_key not in impl.warm:
-            self.run(ctx, impl, rep)   # one untimed pass warms the caches
+            self.run(ctx, impl, rep)  # one untimed pass warms the caches
         if self.warm_key:
             impl.warm.add(self.warm_key)
 

@@ -25,8 +25,7 @@ from overlayfs_py.mountinfo import is_mounted
 from overlayfs_py.unmount import UnmountError, unmount
 
 from .layers import Layers, build_native
-from .util import (REPO, BenchError, find_server_pid, force_unmount, proc_status_kib,
-                   run, wait_pid_gone)
+from .util import REPO, BenchError, find_server_pid, force_unmount, proc_status_kib, run, wait_pid_gone
 
 ALL = ["native", "kernel", "fuse-overlayfs", "pyoverlay"]
 
@@ -56,7 +55,7 @@ class Impl:
         self.upper = os.path.join(self.base, "upper")
         self.work = os.path.join(self.base, "work")
         self.merged = os.path.join(self.base, "merged")
-        self.warm: set[str] = set()        # what was read since the last (re)mount
+        self.warm: set[str] = set()  # what was read since the last (re)mount
         self.mounted = False
         self.rss_peaks_kib: list[int] = []  # VmHWM of each server at its unmount
         for d in (self.upper, self.work, self.merged):
@@ -90,8 +89,7 @@ class Impl:
         pid = self.server_pid()
         if pid is None:
             return None
-        return {"pid": pid, "VmHWM": proc_status_kib(pid, "VmHWM"),
-                "VmRSS": proc_status_kib(pid, "VmRSS")}
+        return {"pid": pid, "VmHWM": proc_status_kib(pid, "VmHWM"), "VmRSS": proc_status_kib(pid, "VmRSS")}
 
     def _note_peak(self) -> None:
         r = self.rss_kib()
@@ -116,7 +114,7 @@ class Native(Impl):
     def _unmount(self) -> None:
         pass
 
-    def remount(self) -> None:   # nothing cached at the overlay level: nothing to drop
+    def remount(self) -> None:  # nothing cached at the overlay level: nothing to drop
         pass
 
 
@@ -159,7 +157,7 @@ class FuseOverlayfs(Impl):
 
 class Pyoverlay(Impl):
     name = "pyoverlay"
-    options: list[str] = []   # extra -o options (scripts/bench --pyoverlay-options)
+    options: list[str] = []  # extra -o options (scripts/bench --pyoverlay-options)
 
     def __init__(self, layers, base, log):
         super().__init__(layers, base, log)
@@ -176,8 +174,16 @@ class Pyoverlay(Impl):
         return dict(os.environ, PYOVERLAY_STATE_DIR=self.state_dir)
 
     def _mount(self) -> None:
-        argv = self.cli() + ["mount", self.lowerdir, self.upper, self.merged,
-                             "--workdir", self.work, "--log", self.logfile]
+        argv = self.cli() + [
+            "mount",
+            self.lowerdir,
+            self.upper,
+            self.merged,
+            "--workdir",
+            self.work,
+            "--log",
+            self.logfile,
+        ]
         if self.options:
             argv += ["-o", ",".join(self.options)]
             if "volatile" in self.options:

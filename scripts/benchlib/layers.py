@@ -33,19 +33,19 @@ PER_LEAF = 100
 
 @dataclasses.dataclass
 class Sizes:
-    tops: int               # tree/dNN
-    subs: int               # tree/dNN/sNN
-    bigdir: int             # merged entries of bigdir/
+    tops: int  # tree/dNN
+    subs: int  # tree/dNN/sNN
+    bigdir: int  # merged entries of bigdir/
     seq_mib: int
     rand_mib: int
     cu_mib: int
-    create_n: int           # create_10k / unlink_10k
-    whiteout_n: int         # whiteout_1k
-    copyup_n: int           # copyup_small_1k
+    create_n: int  # create_10k / unlink_10k
+    whiteout_n: int  # whiteout_1k
+    copyup_n: int  # copyup_small_1k
     seqwrite_mib: int
     reps: int
-    cap_s: float            # a workload stops repeating after this many seconds on one impl
-    tar_limit: int = 0      # untar: only the first N stdlib files (0: all)
+    cap_s: float  # a workload stops repeating after this many seconds on one impl
+    tar_limit: int = 0  # untar: only the first N stdlib files (0: all)
 
     @property
     def small_files(self) -> int:
@@ -63,15 +63,50 @@ class Sizes:
 
 
 PRESETS = {
-    "full": Sizes(tops=20, subs=10, bigdir=10_000, seq_mib=512, rand_mib=256, cu_mib=256,
-                  create_n=10_000, whiteout_n=1_000, copyup_n=1_000, seqwrite_mib=1024,
-                  reps=3, cap_s=40),
-    "quick": Sizes(tops=8, subs=5, bigdir=10_000, seq_mib=64, rand_mib=64, cu_mib=64,
-                   create_n=1_000, whiteout_n=200, copyup_n=200, seqwrite_mib=128,
-                   reps=3, cap_s=5, tar_limit=400),
-    "smoke": Sizes(tops=2, subs=2, bigdir=500, seq_mib=4, rand_mib=4, cu_mib=4,
-                   create_n=100, whiteout_n=50, copyup_n=50, seqwrite_mib=4,
-                   reps=1, cap_s=5, tar_limit=150),
+    "full": Sizes(
+        tops=20,
+        subs=10,
+        bigdir=10_000,
+        seq_mib=512,
+        rand_mib=256,
+        cu_mib=256,
+        create_n=10_000,
+        whiteout_n=1_000,
+        copyup_n=1_000,
+        seqwrite_mib=1024,
+        reps=3,
+        cap_s=40,
+    ),
+    "quick": Sizes(
+        tops=8,
+        subs=5,
+        bigdir=10_000,
+        seq_mib=64,
+        rand_mib=64,
+        cu_mib=64,
+        create_n=1_000,
+        whiteout_n=200,
+        copyup_n=200,
+        seqwrite_mib=128,
+        reps=3,
+        cap_s=5,
+        tar_limit=400,
+    ),
+    "smoke": Sizes(
+        tops=2,
+        subs=2,
+        bigdir=500,
+        seq_mib=4,
+        rand_mib=4,
+        cu_mib=4,
+        create_n=100,
+        whiteout_n=50,
+        copyup_n=50,
+        seqwrite_mib=4,
+        reps=1,
+        cap_s=5,
+        tar_limit=150,
+    ),
 }
 
 
@@ -79,8 +114,11 @@ def stdlib_source() -> str:
     base = getattr(sys, "_base_executable", sys.executable)
     prefix = sys.base_prefix
     ver = f"python{sys.version_info.major}.{sys.version_info.minor}"
-    return os.path.join(prefix, "lib", ver) if os.path.isdir(os.path.join(prefix, "lib", ver)) \
+    return (
+        os.path.join(prefix, "lib", ver)
+        if os.path.isdir(os.path.join(prefix, "lib", ver))
         else os.path.join(os.path.dirname(os.path.dirname(os.path.realpath(base))), "lib", ver)
+    )
 
 
 def base_python() -> str:
@@ -120,7 +158,7 @@ class Layers:
         self.root, self.sizes, self.meta = root, sizes, meta
         self.lower1 = os.path.join(root, "lower1")
         self.lower2 = os.path.join(root, "lower2")
-        self.lowers = [self.lower1, self.lower2]       # top first
+        self.lowers = [self.lower1, self.lower2]  # top first
         self.tarball = os.path.join(root, "data", "stdlib.tar")
 
     def lower_paths(self, rel: str) -> list[str]:
@@ -138,7 +176,7 @@ def _write_big(path: str, mib: int, seed: int) -> None:
     try:
         for i in range(mib):
             off = (i * 7919 % 3) * MIB
-            chunk = i.to_bytes(8, "little") + block[off + 8:off + MIB]
+            chunk = i.to_bytes(8, "little") + block[off + 8 : off + MIB]
             os.write(fd, chunk)
     finally:
         os.close(fd)
@@ -186,11 +224,11 @@ def _build(root: str, sz: Sizes, log) -> dict:
             fo.write(fi.read())
         st = os.stat(p)
         os.chmod(dst, st.st_mode & 0o777)
-        os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))   # keeps the .pyc files valid
+        os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))  # keeps the .pyc files valid
     for layer in (l1, l2):
         os.makedirs(os.path.join(layer, "pyhome", "lib", ver), exist_ok=True)
     os.makedirs(os.path.join(root, "data"))
-    tar_files = files[:sz.tar_limit] if sz.tar_limit else files
+    tar_files = files[: sz.tar_limit] if sz.tar_limit else files
     with tarfile.open(os.path.join(root, "data", "stdlib.tar"), "w") as tf:
         for rel, p in tar_files:
             tf.add(p, arcname=f"{ver}/{rel}", recursive=False)
@@ -207,11 +245,17 @@ def _build(root: str, sz: Sizes, log) -> dict:
         for i in range(PER_LEAF):
             top = l1 if i >= 40 else l2
             small_bytes += os.stat(os.path.join(top, leaf, f"f{i:03d}")).st_size
-    return {"entries": len(entries),
-            "files": sum(1 for e in entries if not os.path.isdir(os.path.join(l1, e))
-                         and not os.path.isdir(os.path.join(l2, e))),
-            "small_bytes": small_bytes, "stdlib_files": len(files), "tar_files": len(tar_files),
-            "pyversion": ver, "python": base_python()}
+    return {
+        "entries": len(entries),
+        "files": sum(
+            1 for e in entries if not os.path.isdir(os.path.join(l1, e)) and not os.path.isdir(os.path.join(l2, e))
+        ),
+        "small_bytes": small_bytes,
+        "stdlib_files": len(files),
+        "tar_files": len(tar_files),
+        "pyversion": ver,
+        "python": base_python(),
+    }
 
 
 def prepare_layers(base: str, sz: Sizes, *, keep: bool, log) -> Layers:

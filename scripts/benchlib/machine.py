@@ -26,11 +26,19 @@ def machine(workroot: str) -> dict:
         for line in f:
             if line.startswith("MemTotal:"):
                 mem = int(line.split()[1]) // 1024
-    fs = subprocess.run(["findmnt", "-n", "-o", "FSTYPE,SOURCE", "-T", workroot],
-                        capture_output=True, text=True).stdout.strip()
+    fs = subprocess.run(
+        ["findmnt", "-n", "-o", "FSTYPE,SOURCE", "-T", workroot], capture_output=True, text=True
+    ).stdout.strip()
     virt = tool_version(["systemd-detect-virt"]) if shutil.which("systemd-detect-virt") else None
-    return {"kernel": platform.release(), "cpus": os.cpu_count(), "cpu": cpu, "mem_mib": mem,
-            "virt": virt, "work_root": workroot, "work_fs": " ".join(fs.split())}
+    return {
+        "kernel": platform.release(),
+        "cpus": os.cpu_count(),
+        "cpu": cpu,
+        "mem_mib": mem,
+        "virt": virt,
+        "work_root": workroot,
+        "work_fs": " ".join(fs.split()),
+    }
 
 
 def versions() -> dict:
@@ -38,6 +46,7 @@ def versions() -> dict:
     for mod in ("pyfuse3", "trio"):
         try:
             from importlib.metadata import version
+
             out[mod] = version(mod)
         except Exception:
             out[mod] = None
@@ -45,7 +54,6 @@ def versions() -> dict:
     out["fusermount3"] = tool_version(["fusermount3", "--version"])
     out["fio"] = tool_version(["fio", "--version"]) if shutil.which("fio") else None
     out["tar"] = (tool_version(["tar", "--version"]) or "").split(" / ")[0] or None
-    git = subprocess.run(["git", "-C", REPO, "describe", "--always", "--dirty"],
-                         capture_output=True, text=True)
+    git = subprocess.run(["git", "-C", REPO, "describe", "--always", "--dirty"], capture_output=True, text=True)
     out["pyoverlay"] = git.stdout.strip() or None
     return out

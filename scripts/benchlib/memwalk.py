@@ -13,10 +13,10 @@ import stat
 import time
 import types
 
+from .base import _walk
 from .impls import FuseOverlayfs, Pyoverlay
 from .report import RSS_TARGET_MIB
 from .util import SanityError, rmtree
-from .base import _walk
 
 PER_DIR, DIRS_PER_TOP = 1000, 50
 
@@ -58,8 +58,7 @@ def prepare_tree(base: str, n: int, keep: bool, log) -> str:
     return root
 
 
-def run_memwalk(base: str, run_dir: str, n: int, impl_names: list[str], keep: bool, log,
-                register) -> dict:
+def run_memwalk(base: str, run_dir: str, n: int, impl_names: list[str], keep: bool, log, register) -> dict:
     """Walk the tree through each implementation (pyoverlay by default); *register* is
     told every implementation so the caller can always unmount it."""
     root = prepare_tree(base, n, keep, log)
@@ -80,27 +79,36 @@ def run_memwalk(base: str, run_dir: str, n: int, impl_names: list[str], keep: bo
         if seen != n:
             raise SanityError(f"{name}: memwalk saw {seen} entries, expected {n}")
         peak = rss["VmHWM"] / 1024
-        r = {"walk_s": secs, "peak_rss_mib": peak, "rss_after_walk_mib": rss["VmRSS"] / 1024,
-             "rss_after_mount_mib": rss0["VmRSS"] / 1024 if rss0 and rss0["VmRSS"] else None}
+        r = {
+            "walk_s": secs,
+            "peak_rss_mib": peak,
+            "rss_after_walk_mib": rss["VmRSS"] / 1024,
+            "rss_after_mount_mib": rss0["VmRSS"] / 1024 if rss0 and rss0["VmRSS"] else None,
+        }
         if name == "pyoverlay":
             r["ok"] = peak < RSS_TARGET_MIB
         out["impls"][name] = r
-        log(f"memwalk {name}: {n} entries walked in {secs:.1f} s, server peak RSS {peak:.1f} MiB"
-            + (f" (target < {RSS_TARGET_MIB} MiB: {'ok' if r.get('ok') else 'MISSED'})"
-               if name == "pyoverlay" else ""))
+        log(
+            f"memwalk {name}: {n} entries walked in {secs:.1f} s, server peak RSS {peak:.1f} MiB"
+            + (f" (target < {RSS_TARGET_MIB} MiB: {'ok' if r.get('ok') else 'MISSED'})" if name == "pyoverlay" else "")
+        )
     if not keep:
         rmtree(root)
     return out
 
 
 def table(mw: dict) -> str:
-    lines = [f"**memwalk: os.walk + lstat of {mw['entries']:,} entries (one lower, fresh upper)**", "",
-             "| implementation | walk | server RSS after mount | after walk | peak (VmHWM) | target |",
-             "|---|---:|---:|---:|---:|---|"]
+    lines = [
+        f"**memwalk: os.walk + lstat of {mw['entries']:,} entries (one lower, fresh upper)**",
+        "",
+        "| implementation | walk | server RSS after mount | after walk | peak (VmHWM) | target |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
     for name, r in mw["impls"].items():
         after_mount = f"{r['rss_after_mount_mib']:.1f} MiB" if r.get("rss_after_mount_mib") else "-"
-        target = ("" if "ok" not in r else
-                  f"< {mw['target_mib']} MiB: {'ok' if r['ok'] else '**MISSED**'}")
-        lines.append(f"| {name} | {r['walk_s']:.1f} s | {after_mount} | {r['rss_after_walk_mib']:.1f} MiB "
-                     f"| {r['peak_rss_mib']:.1f} MiB | {target} |")
+        target = "" if "ok" not in r else f"< {mw['target_mib']} MiB: {'ok' if r['ok'] else '**MISSED**'}"
+        lines.append(
+            f"| {name} | {r['walk_s']:.1f} s | {after_mount} | {r['rss_after_walk_mib']:.1f} MiB "
+            f"| {r['peak_rss_mib']:.1f} MiB | {target} |"
+        )
     return "\n".join(lines)

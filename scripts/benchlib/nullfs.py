@@ -46,7 +46,7 @@ class NullFs(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=inode, keep_cache=True)
 
     async def read(self, fh, off, size):
-        return DATA[off:off + size]
+        return DATA[off : off + size]
 
     async def flush(self, fh):
         raise pyfuse3.FUSEError(errno.ENOSYS)

@@ -21,13 +21,12 @@ import subprocess
 import time
 
 OWN_CODE = "overlayfs_py/"
-LOOP = "unrolled_run (trio/"   # frames below it are the server's start-up (cli, mount.serve)
-RATE = 997   # Hz; prime, so it does not beat with periodic work
+LOOP = "unrolled_run (trio/"  # frames below it are the server's start-up (cli, mount.serve)
+RATE = 997  # Hz; prime, so it does not beat with periodic work
 
 
 def find_pyspy() -> str | None:
-    venv = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..",
-                        ".venv", "bin", "py-spy")
+    venv = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", ".venv", "bin", "py-spy")
     return os.path.realpath(venv) if os.access(venv, os.X_OK) else shutil.which("py-spy")
 
 
@@ -46,16 +45,29 @@ class Profiler:
         self._raw = os.path.join(self.outdir, f".{workload}.{time.monotonic_ns()}.raw")
         self._workload = workload
         self._proc = subprocess.Popen(
-            [self.exe, "record", "--pid", str(pid), "--rate", str(RATE), "--nonblocking",
-             "--format", "raw", "--output", self._raw],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(0.5)   # attached (py-spy has no readiness signal)
+            [
+                self.exe,
+                "record",
+                "--pid",
+                str(pid),
+                "--rate",
+                str(RATE),
+                "--nonblocking",
+                "--format",
+                "raw",
+                "--output",
+                self._raw,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        time.sleep(0.5)  # attached (py-spy has no readiness signal)
 
     def stop(self) -> None:
         proc, self._proc = self._proc, None
         if proc is None:
             return
-        proc.send_signal(signal.SIGINT)   # py-spy writes its output on SIGINT
+        proc.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
         try:
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
@@ -84,10 +96,12 @@ class Profiler:
             selfs: collections.Counter = collections.Counter()
             for s, n in counter.items():
                 selfs[_short(s.rsplit(";", 1)[-1])] += n
-            out[w] = {"samples": total,
-                      "own_code_pct": round(100 * own / total, 1) if total else None,
-                      "top_self": [[f, round(100 * n / total, 1)] for f, n in selfs.most_common(top)],
-                      "stacks_file": os.path.join(self.outdir, f"{w}.txt")}
+            out[w] = {
+                "samples": total,
+                "own_code_pct": round(100 * own / total, 1) if total else None,
+                "top_self": [[f, round(100 * n / total, 1)] for f, n in selfs.most_common(top)],
+                "stacks_file": os.path.join(self.outdir, f"{w}.txt"),
+            }
         return out
 
 
@@ -96,7 +110,7 @@ def _in_own_code(stack: str) -> bool:
     loop (or anywhere in a worker thread's stack)."""
     frames = stack.split(";")
     loop = max((i for i, f in enumerate(frames) if f.startswith(LOOP)), default=-1)
-    return any(OWN_CODE in f for f in frames[loop + 1:])
+    return any(OWN_CODE in f for f in frames[loop + 1 :])
 
 
 def _short(frame: str) -> str:
@@ -108,8 +122,7 @@ def _short(frame: str) -> str:
 
 
 def table(summary: dict) -> str:
-    rows = ["| workload | busy samples | in pyoverlay's code | top functions by own samples |",
-            "|---|---:|---:|---|"]
+    rows = ["| workload | busy samples | in pyoverlay's code | top functions by own samples |", "|---|---:|---:|---|"]
     for w, s in summary.items():
         tops = "; ".join(f"{f} {p}%" for f, p in s["top_self"][:4])
         own = "-" if s["own_code_pct"] is None else f"{s['own_code_pct']}%"

@@ -11,20 +11,122 @@ from .base import Workload, _expect, _timed, _walk
 from .layers import MIB
 from .util import read_file, read_tree, run
 
-IMPORT_MODULES = (
-    "abc argparse ast asyncio base64 bisect bz2 calendar cmd code codecs collections "
-    "colorsys concurrent.futures configparser contextlib contextvars copy csv ctypes "
-    "dataclasses datetime decimal difflib dis email email.mime.text email.parser enum "
-    "filecmp fnmatch fractions ftplib functools getopt getpass gettext glob graphlib gzip "
-    "hashlib heapq hmac html html.parser http.client http.cookies http.server imaplib "
-    "inspect io ipaddress json logging logging.handlers lzma mailbox mimetypes "
-    "multiprocessing numbers operator optparse pathlib pickle pkgutil platform plistlib "
-    "poplib pprint pstats queue quopri random re sched secrets selectors shelve shlex "
-    "shutil signal smtplib socket socketserver sqlite3 ssl statistics string stringprep "
-    "struct subprocess tarfile tempfile textwrap threading timeit tokenize tomllib trace "
-    "traceback typing unittest unittest.mock urllib.parse urllib.request uuid warnings "
-    "wave weakref xml.dom.minidom xml.etree.ElementTree xml.sax zipfile zoneinfo"
-).split()
+IMPORT_MODULES = [
+    "abc",
+    "argparse",
+    "ast",
+    "asyncio",
+    "base64",
+    "bisect",
+    "bz2",
+    "calendar",
+    "cmd",
+    "code",
+    "codecs",
+    "collections",
+    "colorsys",
+    "concurrent.futures",
+    "configparser",
+    "contextlib",
+    "contextvars",
+    "copy",
+    "csv",
+    "ctypes",
+    "dataclasses",
+    "datetime",
+    "decimal",
+    "difflib",
+    "dis",
+    "email",
+    "email.mime.text",
+    "email.parser",
+    "enum",
+    "filecmp",
+    "fnmatch",
+    "fractions",
+    "ftplib",
+    "functools",
+    "getopt",
+    "getpass",
+    "gettext",
+    "glob",
+    "graphlib",
+    "gzip",
+    "hashlib",
+    "heapq",
+    "hmac",
+    "html",
+    "html.parser",
+    "http.client",
+    "http.cookies",
+    "http.server",
+    "imaplib",
+    "inspect",
+    "io",
+    "ipaddress",
+    "json",
+    "logging",
+    "logging.handlers",
+    "lzma",
+    "mailbox",
+    "mimetypes",
+    "multiprocessing",
+    "numbers",
+    "operator",
+    "optparse",
+    "pathlib",
+    "pickle",
+    "pkgutil",
+    "platform",
+    "plistlib",
+    "poplib",
+    "pprint",
+    "pstats",
+    "queue",
+    "quopri",
+    "random",
+    "re",
+    "sched",
+    "secrets",
+    "selectors",
+    "shelve",
+    "shlex",
+    "shutil",
+    "signal",
+    "smtplib",
+    "socket",
+    "socketserver",
+    "sqlite3",
+    "ssl",
+    "statistics",
+    "string",
+    "stringprep",
+    "struct",
+    "subprocess",
+    "tarfile",
+    "tempfile",
+    "textwrap",
+    "threading",
+    "timeit",
+    "tokenize",
+    "tomllib",
+    "trace",
+    "traceback",
+    "typing",
+    "unittest",
+    "unittest.mock",
+    "urllib.parse",
+    "urllib.request",
+    "uuid",
+    "warnings",
+    "wave",
+    "weakref",
+    "xml.dom.minidom",
+    "xml.etree.ElementTree",
+    "xml.sax",
+    "zipfile",
+    "zoneinfo",
+]
 
 _IMPORT_CODE = """
 import sys
@@ -71,8 +173,11 @@ class ReaddirBig(Workload):
                 os.lstat(os.path.join(d, n))
         secs = time.perf_counter() - t0
         n = ctx.sizes.bigdir
-        _expect(len(names) == n and len(set(names)) == n, impl,
-                f"bigdir listed {len(names)} names ({len(set(names))} distinct), expected {n}")
+        _expect(
+            len(names) == n and len(set(names)) == n,
+            impl,
+            f"bigdir listed {len(names)} names ({len(set(names))} distinct), expected {n}",
+        )
         return secs, secs
 
 
@@ -99,16 +204,21 @@ class SmallRead(Workload):
     def run(self, ctx, impl, rep):
         paths = [os.path.join(impl.merged, f) for f in ctx.small]
         total, secs = _timed(_smallread, paths)
-        _expect(total == ctx.meta["small_bytes"], impl,
-                f"small files gave {total} bytes, expected {ctx.meta['small_bytes']}")
+        _expect(
+            total == ctx.meta["small_bytes"],
+            impl,
+            f"small files gave {total} bytes, expected {ctx.meta['small_bytes']}",
+        )
         return secs, secs
 
     def check(self, ctx, impl, rep, result):
         for leaf in ctx.leaves[:3]:
-            for i in (40, 50, 59):   # shadowed: LOWER1's content wins
+            for i in (40, 50, 59):  # shadowed: LOWER1's content wins
                 rel = f"{leaf}/f{i:03d}"
-                with open(os.path.join(impl.merged, rel), "rb") as a, \
-                        open(os.path.join(ctx.layers.lower1, rel), "rb") as b:
+                with (
+                    open(os.path.join(impl.merged, rel), "rb") as a,
+                    open(os.path.join(ctx.layers.lower1, rel), "rb") as b,
+                ):
                     _expect(a.read() == b.read(), impl, f"{rel} does not show LOWER1's content")
 
 
@@ -132,8 +242,10 @@ class SeqRead(Workload):
         return n / MIB / secs, secs
 
     def check(self, ctx, impl, rep, result):
-        with open(os.path.join(impl.merged, "big", "seq.bin"), "rb") as a, \
-                open(os.path.join(ctx.layers.lower1, "big", "seq.bin"), "rb") as b:
+        with (
+            open(os.path.join(impl.merged, "big", "seq.bin"), "rb") as a,
+            open(os.path.join(ctx.layers.lower1, "big", "seq.bin"), "rb") as b,
+        ):
             for off in (0, (ctx.sizes.seq_mib - 1) * MIB):
                 a.seek(off)
                 b.seek(off)
@@ -162,11 +274,20 @@ class RandRead(Workload):
         # the FUSE page cache of the merged file does not serve it
         parts = max(3, ctx.sizes.reps)
         part = ctx.sizes.rand_mib * MIB // parts // 4096 * 4096
-        argv = [ctx.fio, "--name=randread", "--filename=" + os.path.join(impl.merged, "big", "rand.bin"),
-                "--rw=randread", "--bs=4k", "--ioengine=psync", "--invalidate=0",
-                f"--offset={rep % parts * part}", f"--size={part}", "--output-format=json"]
+        argv = [
+            ctx.fio,
+            "--name=randread",
+            "--filename=" + os.path.join(impl.merged, "big", "rand.bin"),
+            "--rw=randread",
+            "--bs=4k",
+            "--ioengine=psync",
+            "--invalidate=0",
+            f"--offset={rep % parts * part}",
+            f"--size={part}",
+            "--output-format=json",
+        ]
         r, secs = _timed(run, argv)
-        doc, _ = json.JSONDecoder().raw_decode(r.stdout[r.stdout.index("{"):])
+        doc, _ = json.JSONDecoder().raw_decode(r.stdout[r.stdout.index("{") :])
         job = doc["jobs"][0]["read"]
         _expect(job["io_bytes"] == part, impl, f"fio read {job['io_bytes']} bytes, wanted {part}")
         return job["iops"], secs

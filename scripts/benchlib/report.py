@@ -23,8 +23,7 @@ RSS_TARGET_MIB = 150
 
 
 def medians(res) -> dict:
-    return {w.name: {i: statistics.median(v) for i, v in res.samples[w.name].items() if v}
-            for w in res.workloads}
+    return {w.name: {i: statistics.median(v) for i, v in res.samples[w.name].items() if v} for w in res.workloads}
 
 
 def slowdown(unit: str, value: float, ref: float) -> float | None:
@@ -56,43 +55,63 @@ def geomeans(res, rat: dict) -> dict:
             r = rat.get(w.name, {}).get(impl)
             if r:
                 by[w.group].append(r)
-        out[impl] = {"all": _geo(by["read"] + by["write"]), "reads": _geo(by["read"]),
-                     "writes": _geo(by["write"]), "n": len(by["read"]) + len(by["write"])}
+        out[impl] = {
+            "all": _geo(by["read"] + by["write"]),
+            "reads": _geo(by["read"]),
+            "writes": _geo(by["write"]),
+            "n": len(by["read"]) + len(by["write"]),
+        }
     return out
 
 
 def _table(header: list[str], rows: list[list[str]], align: str = "") -> str:
     align = align or "l" + "r" * (len(header) - 1)
-    lines = ["| " + " | ".join(header) + " |",
-             "|" + "".join("---:|" if a == "r" else "---|" for a in align)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "".join("---:|" if a == "r" else "---|" for a in align)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines)
 
 
 def tables(res, med: dict, rat: dict, geo: dict) -> str:
     impls = res.impls
-    out = ["**median (time: lower is better; MiB/s, IOPS: higher is better)**", "",
-           _table(["workload"] + impls,
-                  [[w.name] + [fmt_value(med[w.name].get(i), w.unit) for i in impls]
-                   for w in res.workloads])]
+    out = [
+        "**median (time: lower is better; MiB/s, IOPS: higher is better)**",
+        "",
+        _table(
+            ["workload"] + impls,
+            [[w.name] + [fmt_value(med[w.name].get(i), w.unit) for i in impls] for w in res.workloads],
+        ),
+    ]
     for ref in REFS:
         if not any(rat.get(ref, {}).values()):
             continue
-        out += ["", f"**slowdown vs {ref} (impl time / {ref} time; >1 = slower)**", "",
-                _table(["workload"] + impls,
-                       [[w.name] + [fmt_ratio(rat[ref].get(w.name, {}).get(i)) for i in impls]
-                        for w in res.workloads])]
+        out += [
+            "",
+            f"**slowdown vs {ref} (impl time / {ref} time; >1 = slower)**",
+            "",
+            _table(
+                ["workload"] + impls,
+                [[w.name] + [fmt_ratio(rat[ref].get(w.name, {}).get(i)) for i in impls] for w in res.workloads],
+            ),
+        ]
     rows = []
     for ref in REFS:
         if not any(rat.get(ref, {}).values()):
             continue
         g = geo[ref]
-        rows.append([f"vs {ref}: reads / writes / **all**"] +
-                    [f"{fmt_ratio(g[i]['reads'])} / {fmt_ratio(g[i]['writes'])} / "
-                     f"**{fmt_ratio(g[i]['all'])}** ({g[i]['n']})" for i in impls])
+        rows.append(
+            [f"vs {ref}: reads / writes / **all**"]
+            + [
+                f"{fmt_ratio(g[i]['reads'])} / {fmt_ratio(g[i]['writes'])} / **{fmt_ratio(g[i]['all'])}** ({g[i]['n']})"
+                for i in impls
+            ]
+        )
     if rows:
-        out += ["", "**geometric mean of the slowdowns over the workloads each one runs "
-                "(number of workloads in brackets)**", "", _table(["geomean"] + impls, rows)]
+        out += [
+            "",
+            "**geometric mean of the slowdowns over the workloads each one runs (number of workloads in brackets)**",
+            "",
+            _table(["geomean"] + impls, rows),
+        ]
     return "\n".join(out)
 
 
@@ -103,8 +122,14 @@ def targets(res, med: dict, rat: dict, geo: dict, impl: str = "pyoverlay") -> li
         return out
     g = geo.get("fuse-overlayfs", {}).get(impl, {}).get("all")
     if g is not None:
-        out.append({"what": "geomean vs fuse-overlayfs, all workloads", "target": "<= 1.2x (aim < 1.0x)",
-                    "measured": g, "ok": g <= GEOMEAN_TARGET})
+        out.append(
+            {
+                "what": "geomean vs fuse-overlayfs, all workloads",
+                "target": "<= 1.2x (aim < 1.0x)",
+                "measured": g,
+                "ok": g <= GEOMEAN_TARGET,
+            }
+        )
     for w in res.workloads:
         ref, limit, text = TARGETS.get(w.name, DEFAULT_TARGET)
         r = rat.get(ref, {}).get(w.name, {}).get(impl)
@@ -119,8 +144,15 @@ def targets(res, med: dict, rat: dict, geo: dict, impl: str = "pyoverlay") -> li
 
 
 def targets_table(tg: list[dict]) -> str:
-    rows = [[t["what"], t["target"], fmt_ratio(t["measured"]) + (f" vs {t['vs']}" if "vs" in t else ""),
-             "ok" if t["ok"] else "**MISSED**"] for t in tg]
+    rows = [
+        [
+            t["what"],
+            t["target"],
+            fmt_ratio(t["measured"]) + (f" vs {t['vs']}" if "vs" in t else ""),
+            "ok" if t["ok"] else "**MISSED**",
+        ]
+        for t in tg
+    ]
     return _table(["pyoverlay goal", "target", "measured", ""], rows, "llrl")
 
 
@@ -130,8 +162,10 @@ def rss_lines(res) -> list[str]:
         parts = []
         for key in ("after_walks", "end"):
             if key in d and d[key].get("VmHWM"):
-                parts.append(f"{key.replace('_', ' ')}: peak {d[key]['VmHWM'] / 1024:.1f} MiB, "
-                             f"now {(d[key].get('VmRSS') or 0) / 1024:.1f} MiB")
+                parts.append(
+                    f"{key.replace('_', ' ')}: peak {d[key]['VmHWM'] / 1024:.1f} MiB, "
+                    f"now {(d[key].get('VmRSS') or 0) / 1024:.1f} MiB"
+                )
         if d.get("peak_over_all_mounts_kib"):
             parts.append(f"highest peak of all its mounts {d['peak_over_all_mounts_kib'] / 1024:.1f} MiB")
         if parts:

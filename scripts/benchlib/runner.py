@@ -13,7 +13,7 @@ from .util import SanityError, abort_fuse, cache_drops
 from .workloads import Ctx, Workload
 
 MAX_REDO = 2
-SAMPLE_TIMEOUT = 900   # a sample taking longer means a hung server: abort its FUSE connection
+SAMPLE_TIMEOUT = 900  # a sample taking longer means a hung server: abort its FUSE connection
 
 
 class Results:
@@ -56,12 +56,13 @@ def _sample(ctx: Ctx, w: Workload, impl: Impl, rep: int, res: Results, log) -> N
         if not dropped:
             break
         if not w.redoable or attempt == MAX_REDO:
-            res.notes.append(f"{w.name} rep {rep + 1} {impl.name}: host dropped caches during "
-                             "the sample (kept: cannot be redone)")
+            res.notes.append(
+                f"{w.name} rep {rep + 1} {impl.name}: host dropped caches during the sample (kept: cannot be redone)"
+            )
             break
         log(f"  {w.name} {impl.name}: host dropped caches during the sample, redoing it")
         if w.warm_key and not w.cold:
-            impl.warm.discard(w.warm_key)   # warm it again before the redo
+            impl.warm.discard(w.warm_key)  # warm it again before the redo
     res.add(w.name, impl.name, value, secs)
 
 
@@ -77,8 +78,7 @@ def record_rss(impls: list[Impl], res: Results, key: str) -> None:
             res.rss.setdefault(impl.name, {})[key] = r
 
 
-def run_all(ctx: Ctx, impls: list[Impl], workloads: list[Workload], res: Results, log,
-            fmt) -> None:
+def run_all(ctx: Ctx, impls: list[Impl], workloads: list[Workload], res: Results, log, fmt) -> None:
     for wi, w in enumerate(workloads):
         active = []
         for impl in impls:
@@ -90,7 +90,7 @@ def run_all(ctx: Ctx, impls: list[Impl], workloads: list[Workload], res: Results
         reps = w.reps(ctx)
         if reps < ctx.sizes.reps:
             res.notes.append(f"{w.name}: {reps} repetitions only (the layers have room for no more)")
-        if w.depends in res.samples:   # consumes what that one left: as many reps, no more
+        if w.depends in res.samples:  # consumes what that one left: as many reps, no more
             done = [len(v) for v in res.samples[w.depends].values()]
             if done and min(done) < reps:
                 reps = min(done)
@@ -106,16 +106,21 @@ def run_all(ctx: Ctx, impls: list[Impl], workloads: list[Workload], res: Results
                     _sample(ctx, w, impl, rep, res, log)
                 except SanityError:
                     raise
-                except Exception as exc:   # an implementation failed the operation itself
+                except Exception as exc:  # an implementation failed the operation itself
                     raise SanityError(f"{impl.name}: {w.name} failed: {exc!r}") from exc
                 if len(res.samples[w.name].get(impl.name, [])) > n:
                     used[impl.name] += res.seconds[w.name][impl.name][-1]
-            line = "  ".join(f"{i.name} {fmt(res.samples[w.name][i.name][-1], w.unit)}"
-                             for i in active if res.samples[w.name].get(i.name))
+            line = "  ".join(
+                f"{i.name} {fmt(res.samples[w.name][i.name][-1], w.unit)}"
+                for i in active
+                if res.samples[w.name].get(i.name)
+            )
             log(f"{w.name:17s} rep {rep + 1}/{reps}: {line}")
             if rep + 1 < reps and max(used.values(), default=0) >= ctx.sizes.cap_s:
-                res.notes.append(f"{w.name}: stopped after {rep + 1} repetition{'s' if rep else ''} "
-                                 f"({max(used.values()):.0f} s on one implementation)")
+                res.notes.append(
+                    f"{w.name}: stopped after {rep + 1} repetition{'s' if rep else ''} "
+                    f"({max(used.values()):.0f} s on one implementation)"
+                )
                 break
         log(f"{'':17s} ({time.monotonic() - t_w:.1f} s)")
         if w.name in ("walk_cold", "walk_warm"):

@@ -38,8 +38,12 @@ class PyfuseNull(Impl):
 
     def _mount(self) -> None:
         r, w = os.pipe()
-        self._proc = subprocess.Popen([sys.executable, NULLFS, self.merged, str(w)], pass_fds=(w,),
-                                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+        self._proc = subprocess.Popen(
+            [sys.executable, NULLFS, self.merged, str(w)],
+            pass_fds=(w,),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+        )
         os.close(w)
         with os.fdopen(r) as f:
             ok = f.read()
@@ -85,8 +89,7 @@ def run_transport(run_dir: str, names: list[str], reps: int, log, register) -> d
     with open(os.path.join(lower, "f"), "wb") as f:
         f.write(b"hello\n")
     layers = types.SimpleNamespace(lowers=[lower])
-    classes = {"kernel": Kernel, "fuse-overlayfs": FuseOverlayfs, "pyoverlay": Pyoverlay,
-               "pyfuse3-null": PyfuseNull}
+    classes = {"kernel": Kernel, "fuse-overlayfs": FuseOverlayfs, "pyoverlay": Pyoverlay, "pyfuse3-null": PyfuseNull}
     impls = []
     for n in names:
         impl = classes[n](layers, run_dir, log)
@@ -95,30 +98,42 @@ def run_transport(run_dir: str, names: list[str], reps: int, log, register) -> d
         impls.append(impl)
     samples = {i.name: {op: [] for op in CALLS} for i in impls}
     for rep in range(reps):
-        order = impls[rep % len(impls):] + impls[:rep % len(impls)]
+        order = impls[rep % len(impls) :] + impls[: rep % len(impls)]
         for impl in order:
             path = os.path.join(impl.merged, "f")
-            with open(path, "rb") as f:   # lookup, attributes, page cache: warm
+            with open(path, "rb") as f:  # lookup, attributes, page cache: warm
                 if f.read() != b"hello\n":
                     raise BenchError(f"{impl.name}: wrong content")
             for op in CALLS:
                 samples[impl.name][op].append(_time_op(path, op))
-        log(f"transport rep {rep + 1}/{reps}: " + "  ".join(
-            f"{i.name} {samples[i.name]['getxattr'][-1] * 1e6:.0f}/{samples[i.name]['open+close'][-1] * 1e6:.0f} us"
-            for i in impls))
+        log(
+            f"transport rep {rep + 1}/{reps}: "
+            + "  ".join(
+                f"{i.name} {samples[i.name]['getxattr'][-1] * 1e6:.0f}/{samples[i.name]['open+close'][-1] * 1e6:.0f} us"
+                for i in impls
+            )
+        )
     for impl in impls:
         impl.unmount()
     med = {n: {op: statistics.median(v) * 1e6 for op, v in d.items()} for n, d in samples.items()}
-    return {"calls": CALLS, "reps": reps, "median_us": med,
-            "samples_us": {n: {op: [x * 1e6 for x in v] for op, v in d.items()} for n, d in samples.items()}}
+    return {
+        "calls": CALLS,
+        "reps": reps,
+        "median_us": med,
+        "samples_us": {n: {op: [x * 1e6 for x in v] for op, v in d.items()} for n, d in samples.items()},
+    }
 
 
 def table(tr: dict) -> str:
     med = tr["median_us"]
     ref = med.get("fuse-overlayfs")
-    lines = ["**transport: microseconds per call (median of "
-             f"{tr['reps']} repetitions; ratio to fuse-overlayfs in brackets)**", "",
-             "| implementation | " + " | ".join(CALLS) + " |", "|---|" + "---:|" * len(CALLS)]
+    lines = [
+        "**transport: microseconds per call (median of "
+        f"{tr['reps']} repetitions; ratio to fuse-overlayfs in brackets)**",
+        "",
+        "| implementation | " + " | ".join(CALLS) + " |",
+        "|---|" + "---:|" * len(CALLS),
+    ]
     for name, d in med.items():
         cells = []
         for op in CALLS:

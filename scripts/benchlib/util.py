@@ -29,9 +29,15 @@ def run(argv, *, check=True, timeout=None, env=None, capture=True) -> subprocess
     """Run *argv*; its output is captured through a temporary file, not a pipe, so a
     daemon that keeps the inherited stderr open cannot make us wait for it."""
     with tempfile.TemporaryFile("w+") as out:
-        r = subprocess.run([str(a) for a in argv], stdout=out if capture else None,
-                           stderr=subprocess.STDOUT if capture else None, text=True,
-                           timeout=timeout, env=env, stdin=subprocess.DEVNULL)
+        r = subprocess.run(
+            [str(a) for a in argv],
+            stdout=out if capture else None,
+            stderr=subprocess.STDOUT if capture else None,
+            text=True,
+            timeout=timeout,
+            env=env,
+            stdin=subprocess.DEVNULL,
+        )
         out.seek(0)
         r.stdout = out.read() if capture else None
         r.stderr = r.stdout
@@ -47,8 +53,7 @@ def abort_fuse(path: str) -> None:
         if m.mountpoint == path and m.fstype.startswith("fuse"):
             ctl = f"/sys/fs/fuse/connections/{m.devno.split(':')[1]}/abort"
             if not os.path.exists(os.path.dirname(ctl)):
-                subprocess.run(["mount", "-t", "fusectl", "none", "/sys/fs/fuse/connections"],
-                               capture_output=True)
+                subprocess.run(["mount", "-t", "fusectl", "none", "/sys/fs/fuse/connections"], capture_output=True)
             try:
                 with open(ctl, "w") as f:
                     f.write("1")

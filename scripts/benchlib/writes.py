@@ -97,8 +97,8 @@ class _LowerFiles(Workload):
     def files(self, ctx, rep) -> list[str]:
         k = self.leaves_per_rep(ctx)
         start = self.first_leaf * (len(ctx.leaves) // 2) + rep * k
-        files = [f for leaf in ctx.leaves[start:start + k] for f in leaf_files(leaf)]
-        return files[:getattr(ctx.sizes, self.count_attr)]
+        files = [f for leaf in ctx.leaves[start : start + k] for f in leaf_files(leaf)]
+        return files[: getattr(ctx.sizes, self.count_attr)]
 
     def prepare(self, ctx, impl, rep):
         ctx.state[("lowers", self.name, impl.name, rep)] = _lower_snapshot(ctx, self.files(ctx, rep))
@@ -176,14 +176,20 @@ class CopyupBig(Workload):
 
     def check(self, ctx, impl, rep, result):
         rel = f"big/cu{rep}.bin"
-        _expect(_lower_snapshot(ctx, [rel]) == ctx.state.pop(("lowers", self.name, impl.name, rep)),
-                impl, "copy-up changed the lower file")
-        _expect(os.lstat(os.path.join(impl.merged, rel)).st_size == ctx.sizes.cu_mib * MIB + 1,
-                impl, f"{rel} has the wrong size after append")
+        _expect(
+            _lower_snapshot(ctx, [rel]) == ctx.state.pop(("lowers", self.name, impl.name, rep)),
+            impl,
+            "copy-up changed the lower file",
+        )
+        _expect(
+            os.lstat(os.path.join(impl.merged, rel)).st_size == ctx.sizes.cu_mib * MIB + 1,
+            impl,
+            f"{rel} has the wrong size after append",
+        )
         _check_appended(ctx, impl, [rel])
 
     def after(self, ctx, impl, rep):
-        os.unlink(os.path.join(impl.merged, f"big/cu{rep}.bin"))   # frees the upper copy
+        os.unlink(os.path.join(impl.merged, f"big/cu{rep}.bin"))  # frees the upper copy
 
 
 class SeqWrite(Workload):

@@ -33,7 +33,7 @@ import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-T0 = 1_600_000_000 * 10**9   # mtimes in ns
+T0 = 1_600_000_000 * 10**9  # mtimes in ns
 
 #: snapshot keys that differ between two copies of the same tree
 IGNORE = ("ino", "ctime_ns", "d_ino", "dot_d_ino", "dotdot_d_ino", "blocks", "blksize", "dev_is_root_dev")
@@ -46,8 +46,9 @@ def store_cli(store, *args, timeout=120) -> subprocess.CompletedProcess:
 
     env = pyoverlay_env()
     env["PYOVERLAY_IMAGES_DIR"] = str(store)
-    return subprocess.run(pyoverlay_cmd() + [str(a) for a in args], env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        pyoverlay_cmd() + [str(a) for a in args], env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def store_ok(store, *args) -> subprocess.CompletedProcess:
@@ -60,10 +61,10 @@ def store_ok(store, *args) -> subprocess.CompletedProcess:
 
 @dataclass
 class E:
-    kind: str                   # D F L H C P W O
+    kind: str  # D F L H C P W O
     path: str
     data: bytes = b""
-    target: str = ""            # L: symlink target, H: hard link target
+    target: str = ""  # L: symlink target, H: hard link target
     mode: int = 0o644
     uid: int = 0
     gid: int = 0
@@ -144,13 +145,14 @@ TOP = [
     F("etc/hostname", b"demo\n"),
 ]
 
-DEMO = [BASE, MIDDLE, TOP]      # bottom first
+DEMO = [BASE, MIDDLE, TOP]  # bottom first
 DEMO_TAG = "demo:1"
 
 
 # ---------------------------------------------------------------------------
 # the layer tar
 # ---------------------------------------------------------------------------
+
 
 def _info(e: E, name: str, kind) -> tarfile.TarInfo:
     ti = tarfile.TarInfo(name)
@@ -181,8 +183,13 @@ def layer_tar(entries: list[E]) -> bytes:
                 ti.size = len(e.data)
                 tf.addfile(ti, io.BytesIO(e.data))
             else:
-                kind = {"D": tarfile.DIRTYPE, "L": tarfile.SYMTYPE, "H": tarfile.LNKTYPE,
-                        "C": tarfile.CHRTYPE, "P": tarfile.FIFOTYPE}[e.kind]
+                kind = {
+                    "D": tarfile.DIRTYPE,
+                    "L": tarfile.SYMTYPE,
+                    "H": tarfile.LNKTYPE,
+                    "C": tarfile.CHRTYPE,
+                    "P": tarfile.FIFOTYPE,
+                }[e.kind]
                 ti = _info(e, e.path, kind)
                 ti.linkname = e.target
                 ti.devmajor, ti.devminor = e.rdev
@@ -234,16 +241,20 @@ def sha256(data: bytes) -> str:
 
 
 def config_for(tars: list[bytes], cmd=("/bin/sh",)) -> bytes:
-    cfg = {"architecture": "amd64", "os": "linux",
-           "config": {"Cmd": list(cmd), "Env": ["PATH=/bin", "DEMO=1"], "WorkingDir": "/"},
-           "rootfs": {"type": "layers", "diff_ids": [sha256(t) for t in tars]},
-           "history": [{"created_by": f"layer {i}"} for i in range(len(tars))]}
+    cfg = {
+        "architecture": "amd64",
+        "os": "linux",
+        "config": {"Cmd": list(cmd), "Env": ["PATH=/bin", "DEMO=1"], "WorkingDir": "/"},
+        "rootfs": {"type": "layers", "diff_ids": [sha256(t) for t in tars]},
+        "history": [{"created_by": f"layer {i}"} for i in range(len(tars))],
+    }
     return json.dumps(cfg, sort_keys=True).encode()
 
 
 # ---------------------------------------------------------------------------
 # archives
 # ---------------------------------------------------------------------------
+
 
 def _add(tf: tarfile.TarFile, name: str, data: bytes) -> None:
     ti = tarfile.TarInfo(name)
@@ -252,8 +263,7 @@ def _add(tf: tarfile.TarFile, name: str, data: bytes) -> None:
     tf.addfile(ti, io.BytesIO(data))
 
 
-def write_docker_save(path, images: list[tuple[list[bytes], list[str]]], configs=None,
-                      layer_path=None) -> Path:
+def write_docker_save(path, images: list[tuple[list[bytes], list[str]]], configs=None, layer_path=None) -> Path:
     """A legacy ``docker save`` tar of *images* = [(layer tars bottom first, tags)]. A layer
     already written for an earlier image becomes a symlink to it (as Docker does)."""
     path = Path(path)
@@ -296,13 +306,21 @@ def compress(data: bytes, how: str) -> bytes:
     return data
 
 
-MEDIA = {"gzip": "application/vnd.oci.image.layer.v1.tar+gzip",
-         "zstd": "application/vnd.oci.image.layer.v1.tar+zstd",
-         "": "application/vnd.oci.image.layer.v1.tar"}
+MEDIA = {
+    "gzip": "application/vnd.oci.image.layer.v1.tar+gzip",
+    "zstd": "application/vnd.oci.image.layer.v1.tar+zstd",
+    "": "application/vnd.oci.image.layer.v1.tar",
+}
 
 
-def write_oci_layout(dest, tars: list[bytes], compression: str = "gzip", tag: str = DEMO_TAG,
-                     config: bytes | None = None, corrupt_blob: int | None = None) -> Path:
+def write_oci_layout(
+    dest,
+    tars: list[bytes],
+    compression: str = "gzip",
+    tag: str = DEMO_TAG,
+    config: bytes | None = None,
+    corrupt_blob: int | None = None,
+) -> Path:
     """An OCI image layout directory with one image (annotated ``ref.name`` = *tag*)."""
     dest = Path(dest)
     blobs = dest / "blobs" / "sha256"
@@ -320,12 +338,24 @@ def write_oci_layout(dest, tars: list[bytes], compression: str = "gzip", tag: st
         if corrupt_blob == i:  # the blob on disk differs from its digest
             (blobs / desc["digest"][7:]).write_bytes(blob[:-1] + bytes([blob[-1] ^ 1]))
         layers.append(desc)
-    manifest = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
-                           "config": {"mediaType": "application/vnd.oci.image.config.v1+json", **put(config)},
-                           "layers": layers}).encode()
-    index = {"schemaVersion": 2, "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json",
-                                                **put(manifest),
-                                                "annotations": {"org.opencontainers.image.ref.name": tag}}]}
+    manifest = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", **put(config)},
+            "layers": layers,
+        }
+    ).encode()
+    index = {
+        "schemaVersion": 2,
+        "manifests": [
+            {
+                "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                **put(manifest),
+                "annotations": {"org.opencontainers.image.ref.name": tag},
+            }
+        ],
+    }
     (dest / "index.json").write_text(json.dumps(index))
     (dest / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
     return dest
@@ -344,8 +374,16 @@ def tar_tree(src, out, gzipped: bool = False) -> Path:
 # malicious layers
 # ---------------------------------------------------------------------------
 
-EVIL_KINDS = ("dotdot", "absolute", "symlink_parent", "hardlink_out", "hardlink_symlink",
-              "whiteout_dotdot", "hardlink_missing", "hardlink_dir_symlink")
+EVIL_KINDS = (
+    "dotdot",
+    "absolute",
+    "symlink_parent",
+    "hardlink_out",
+    "hardlink_symlink",
+    "whiteout_dotdot",
+    "hardlink_missing",
+    "hardlink_dir_symlink",
+)
 
 
 def evil_layer(kind: str, outside: str) -> bytes:

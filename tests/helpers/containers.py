@@ -36,7 +36,7 @@ from . import mounts
 CLI_TIMEOUT = float(os.environ.get("PYOVERLAY_RUN_TIMEOUT", "60"))
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-DOCKER_CAPBND = 0x00000000a80425fb
+DOCKER_CAPBND = 0x00000000A80425FB
 ID_RE = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -52,8 +52,10 @@ def pyoverlay_cmd() -> list[str]:
 def describe(r) -> str:
     """A CompletedProcess as text for assertion messages."""
     argv = r.args if isinstance(r.args, list) else [r.args]
-    return (f"$ {' '.join(map(str, argv))}\nexit status {r.returncode}\n"
-            f"--- stdout ---\n{_text(r.stdout)}\n--- stderr ---\n{_text(r.stderr)}")
+    return (
+        f"$ {' '.join(map(str, argv))}\nexit status {r.returncode}\n"
+        f"--- stdout ---\n{_text(r.stdout)}\n--- stderr ---\n{_text(r.stderr)}"
+    )
 
 
 def _text(x) -> str:
@@ -88,8 +90,9 @@ class Runtime:
     def argv(self, *args) -> list[str]:
         return pyoverlay_cmd() + [os.fspath(a) for a in args]
 
-    def cli(self, *args, timeout: float = CLI_TIMEOUT, input=None, stdin=None,
-            env: dict | None = None, text: bool = True) -> subprocess.CompletedProcess:
+    def cli(
+        self, *args, timeout: float = CLI_TIMEOUT, input=None, stdin=None, env: dict | None = None, text: bool = True
+    ) -> subprocess.CompletedProcess:
         """``pyoverlay ARGS...`` with captured output.  stdin is /dev/null
         unless ``input`` or ``stdin`` is given.  A call that outlives
         ``timeout`` is killed and fails the test (CLIHang)."""
@@ -100,13 +103,23 @@ class Runtime:
         if input is None and stdin is None:
             stdin = subprocess.DEVNULL
         try:
-            return subprocess.run(argv, input=input, stdin=stdin, capture_output=True,
-                                  text=text, env=e, cwd=mounts.REPO_ROOT, timeout=timeout,
-                                  errors="replace" if text else None)
+            return subprocess.run(
+                argv,
+                input=input,
+                stdin=stdin,
+                capture_output=True,
+                text=text,
+                env=e,
+                cwd=mounts.REPO_ROOT,
+                timeout=timeout,
+                errors="replace" if text else None,
+            )
         except subprocess.TimeoutExpired as ex:
-            raise CLIHang(f"$ {' '.join(argv)}\ndid not finish within {timeout}s\n"
-                          f"--- stdout ---\n{_text(ex.stdout)}\n"
-                          f"--- stderr ---\n{_text(ex.stderr)}") from None
+            raise CLIHang(
+                f"$ {' '.join(argv)}\ndid not finish within {timeout}s\n"
+                f"--- stdout ---\n{_text(ex.stdout)}\n"
+                f"--- stderr ---\n{_text(ex.stderr)}"
+            ) from None
 
     def run(self, *args, **kw) -> subprocess.CompletedProcess:
         """``pyoverlay run ARGS...``"""
@@ -156,21 +169,18 @@ class Runtime:
             if c is not None and c.get("status") in want:
                 return c
             if time.monotonic() > deadline:
-                raise AssertionError(f"container {ref} did not reach status {want} within "
-                                     f"{timeout}s: {c}")
+                raise AssertionError(f"container {ref} did not reach status {want} within {timeout}s: {c}")
             time.sleep(0.1)
 
     # ---- what is on disk ----------------------------------------------------
 
     def state_entries(self) -> list[str]:
         d = self.state / "containers"
-        return sorted(p.name for p in d.iterdir() if not p.name.startswith(".")) \
-            if d.is_dir() else []
+        return sorted(p.name for p in d.iterdir() if not p.name.startswith(".")) if d.is_dir() else []
 
     def data_entries(self) -> list[str]:
         d = self.data / "containers"
-        return sorted(p.name for p in d.iterdir() if not p.name.startswith(".")) \
-            if d.is_dir() else []
+        return sorted(p.name for p in d.iterdir() if not p.name.startswith(".")) if d.is_dir() else []
 
     def mounts(self) -> list[str]:
         return mounts.mounts_under(self.base)
@@ -196,6 +206,7 @@ class Runtime:
 # --------------------------------------------------------------------------
 # processes
 # --------------------------------------------------------------------------
+
 
 def host_pidns() -> str:
     return os.readlink("/proc/self/ns/pid")
@@ -322,8 +333,7 @@ def cgroups_of(cid: str) -> list[str]:
 
 def read_cgroup_file(cid: str, controller: str, name: str) -> str | None:
     """``name`` of the container's cgroup (v1 controller dir, else v2)."""
-    for p in (f"/sys/fs/cgroup/{controller}/pyoverlay/{cid}/{name}",
-              f"/sys/fs/cgroup/pyoverlay/{cid}/{name}"):
+    for p in (f"/sys/fs/cgroup/{controller}/pyoverlay/{cid}/{name}", f"/sys/fs/cgroup/pyoverlay/{cid}/{name}"):
         try:
             return Path(p).read_text().strip()
         except OSError:
@@ -352,6 +362,7 @@ def _remove_cgroup(path: str) -> None:
 # leftovers
 # --------------------------------------------------------------------------
 
+
 def find_leftovers(rt: Runtime, procs_before, cgroups_before) -> list[str]:
     """What the test left behind (empty list: nothing)."""
     problems = []
@@ -360,7 +371,7 @@ def find_leftovers(rt: Runtime, procs_before, cgroups_before) -> list[str]:
     cg = sorted(pyoverlay_cgroups() - cgroups_before)
     for c in cg:
         problems.append(f"cgroup left: {c}")
-    for (pid, _start) in sorted(set(foreign_pidns_procs()) - set(procs_before)):
+    for pid, _start in sorted(set(foreign_pidns_procs()) - set(procs_before)):
         if alive(pid):
             problems.append(f"container process left: {describe_pid(pid)}")
     for pid in procs_with_env(rt.env_marker):
@@ -386,7 +397,7 @@ def leftover_check(rt: Runtime, grace: float = 5.0):
     for pid in procs_with_env(rt.env_marker):
         with contextlib.suppress(OSError):
             os.kill(pid, signal.SIGKILL)
-    for (pid, _start) in set(foreign_pidns_procs()) - set(procs_before):
+    for pid, _start in set(foreign_pidns_procs()) - set(procs_before):
         with contextlib.suppress(OSError):
             os.kill(pid, signal.SIGKILL)
     for c in pyoverlay_cgroups() - cgroups_before:
@@ -395,13 +406,13 @@ def leftover_check(rt: Runtime, grace: float = 5.0):
         mounts.abort_fuse_connection(m)
         mounts.force_unmount(m)
     if problems:
-        raise AssertionError("the test left things behind (cleaned up now):\n  "
-                             + "\n  ".join(problems))
+        raise AssertionError("the test left things behind (cleaned up now):\n  " + "\n  ".join(problems))
 
 
 # --------------------------------------------------------------------------
 # parsing command output
 # --------------------------------------------------------------------------
+
 
 def ps_table(text: str) -> list[dict]:
     """Rows of a ``ps``/``top``-style table: dicts keyed by the header words;
@@ -433,4 +444,3 @@ def status_map(text: str) -> dict[str, str]:
         if sep:
             out[k.strip()] = v.strip()
     return out
-

@@ -27,8 +27,7 @@ from pathlib import Path
 from . import containers, mounts
 
 #: created by the daemons outside their private dirs; removed if new (and empty)
-OUTSIDE = ("/etc/docker/key.json", "/run/containerd/s", "/run/containerd",
-           "/run/docker/plugins", "/run/docker")
+OUTSIDE = ("/etc/docker/key.json", "/run/containerd/s", "/run/containerd", "/run/docker/plugins", "/run/docker")
 
 
 class Unavailable(Exception):
@@ -41,8 +40,7 @@ def docker_client() -> str | None:
 
 
 def missing_binaries() -> list[str]:
-    out = [b for b in ("dockerd", "containerd", "runc", "containerd-shim-runc-v2")
-           if shutil.which(b) is None]
+    out = [b for b in ("dockerd", "containerd", "runc", "containerd-shim-runc-v2") if shutil.which(b) is None]
     if docker_client() is None:
         out.append("docker")
     return out
@@ -56,19 +54,20 @@ class LiveDocker(contextlib.AbstractContextManager):
         self.csock = self.base / "containerd.sock"
         self.start_timeout = start_timeout
         self.procs: dict[str, subprocess.Popen] = {}
-        self.env = dict(os.environ, DOCKER_HOST=f"unix://{self.sock}",
-                        DOCKER_CONFIG=str(self.base / "client"), DOCKER_BUILDKIT="0")
+        self.env = dict(
+            os.environ, DOCKER_HOST=f"unix://{self.sock}", DOCKER_CONFIG=str(self.base / "client"), DOCKER_BUILDKIT="0"
+        )
         self._existed = {p: os.path.lexists(p) for p in OUTSIDE}
-        self._cgroups_before = set(glob.glob("/sys/fs/cgroup/*/docker") +
-                                   glob.glob("/sys/fs/cgroup/docker"))
+        self._cgroups_before = set(glob.glob("/sys/fs/cgroup/*/docker") + glob.glob("/sys/fs/cgroup/docker"))
 
     # --- start --------------------------------------------------------------------------
 
     def __enter__(self):
         missing = missing_binaries()
         if missing:
-            raise Unavailable(f"docker is not installed here (missing: {', '.join(missing)}; "
-                              f"apt-get install docker.io)")
+            raise Unavailable(
+                f"docker is not installed here (missing: {', '.join(missing)}; apt-get install docker.io)"
+            )
         try:
             self._start_containerd()
             self._start_dockerd()
@@ -80,8 +79,9 @@ class LiveDocker(contextlib.AbstractContextManager):
     def _spawn(self, name: str, argv: list[str]) -> None:
         log = open(self.base / f"{name}.log", "wb")
         try:
-            self.procs[name] = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log,
-                                                stderr=subprocess.STDOUT, start_new_session=True)
+            self.procs[name] = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
         finally:
             log.close()
 
@@ -89,33 +89,66 @@ class LiveDocker(contextlib.AbstractContextManager):
         deadline = time.monotonic() + self.start_timeout
         while not ready():
             if self.procs[name].poll() is not None or time.monotonic() > deadline:
-                why = ("exited with status %s" % self.procs[name].returncode
-                       if self.procs[name].poll() is not None
-                       else f"not ready after {self.start_timeout:g}s")
+                why = (
+                    "exited with status %s" % self.procs[name].returncode
+                    if self.procs[name].poll() is not None
+                    else f"not ready after {self.start_timeout:g}s"
+                )
                 raise Unavailable(f"{name} did not start ({why}); log tail:\n{self.log_tail(name)}")
             time.sleep(0.05)
 
     def _start_containerd(self) -> None:
         c = self.base / "containerd"
         cfg = self.base / "containerd.toml"
-        cfg.write_text(f'version = 2\nroot = "{c}/root"\nstate = "{c}/state"\n'
-                       f'disabled_plugins = ["io.containerd.grpc.v1.cri"]\n'
-                       f'[grpc]\n  address = "{self.csock}"\n'
-                       f'[plugins."io.containerd.internal.v1.opt"]\n  path = "{c}/opt"\n')
-        self._spawn("containerd", ["containerd", "--config", str(cfg), "--root", f"{c}/root",
-                                   "--state", f"{c}/state", "--address", str(self.csock)])
+        cfg.write_text(
+            f'version = 2\nroot = "{c}/root"\nstate = "{c}/state"\n'
+            f'disabled_plugins = ["io.containerd.grpc.v1.cri"]\n'
+            f'[grpc]\n  address = "{self.csock}"\n'
+            f'[plugins."io.containerd.internal.v1.opt"]\n  path = "{c}/opt"\n'
+        )
+        self._spawn(
+            "containerd",
+            [
+                "containerd",
+                "--config",
+                str(cfg),
+                "--root",
+                f"{c}/root",
+                "--state",
+                f"{c}/state",
+                "--address",
+                str(self.csock),
+            ],
+        )
         self._wait("containerd", self.csock.is_socket)
 
     def _start_dockerd(self) -> None:
         (self.base / "daemon.json").write_text("{}\n")
-        self._spawn("dockerd", [
-            "dockerd", "--config-file", str(self.base / "daemon.json"),
-            "--data-root", str(self.data_root), "--exec-root", str(self.base / "exec"),
-            "--pidfile", str(self.base / "dockerd.pid"), "-H", f"unix://{self.sock}",
-            "--containerd", str(self.csock), "--iptables=false", "--ip-masq=false",
-            "--bridge=none", "--storage-driver=overlay2"])
-        self._wait("dockerd", lambda: self.sock.is_socket() and self.docker(
-            "info", check=False, timeout=10).returncode == 0)
+        self._spawn(
+            "dockerd",
+            [
+                "dockerd",
+                "--config-file",
+                str(self.base / "daemon.json"),
+                "--data-root",
+                str(self.data_root),
+                "--exec-root",
+                str(self.base / "exec"),
+                "--pidfile",
+                str(self.base / "dockerd.pid"),
+                "-H",
+                f"unix://{self.sock}",
+                "--containerd",
+                str(self.csock),
+                "--iptables=false",
+                "--ip-masq=false",
+                "--bridge=none",
+                "--storage-driver=overlay2",
+            ],
+        )
+        self._wait(
+            "dockerd", lambda: self.sock.is_socket() and self.docker("info", check=False, timeout=10).returncode == 0
+        )
 
     def log_tail(self, name: str, n: int = 15) -> str:
         try:
@@ -127,12 +160,15 @@ class LiveDocker(contextlib.AbstractContextManager):
     # --- use ------------------------------------------------------------------------------
 
     def docker(self, *args, input=None, check=True, timeout=60) -> subprocess.CompletedProcess:
-        r = subprocess.run([docker_client(), *map(str, args)], input=input, capture_output=True,
-                           env=self.env, timeout=timeout)
+        r = subprocess.run(
+            [docker_client(), *map(str, args)], input=input, capture_output=True, env=self.env, timeout=timeout
+        )
         if check and r.returncode != 0:
-            raise AssertionError(f"docker {' '.join(map(str, args))} failed ({r.returncode}):\n"
-                                 f"{r.stderr.decode(errors='replace')}\n--- dockerd log ---\n"
-                                 f"{self.log_tail('dockerd')}")
+            raise AssertionError(
+                f"docker {' '.join(map(str, args))} failed ({r.returncode}):\n"
+                f"{r.stderr.decode(errors='replace')}\n--- dockerd log ---\n"
+                f"{self.log_tail('dockerd')}"
+            )
         return r
 
     # --- stop -----------------------------------------------------------------------------

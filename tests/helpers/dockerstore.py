@@ -30,9 +30,9 @@ import os
 import secrets
 import stat
 import tarfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from . import rootfs
 
@@ -44,12 +44,12 @@ OPAQUE = "trusted.overlay.opaque"
 # digests
 # --------------------------------------------------------------------------
 
+
 def chain_ids(diff_ids: list[str]) -> list[str]:
     """Docker's algorithm, written independently of runner.images.docker."""
     out = []
     for i, d in enumerate(diff_ids):
-        out.append(d if i == 0 else
-                   "sha256:" + hashlib.sha256((out[-1] + " " + d).encode()).hexdigest())
+        out.append(d if i == 0 else "sha256:" + hashlib.sha256((out[-1] + " " + d).encode()).hexdigest())
     return out
 
 
@@ -122,21 +122,22 @@ def tree_size(diff: Path) -> int:
 # the store
 # --------------------------------------------------------------------------
 
+
 @dataclass
 class Layer:
     chain_id: str
     diff_id: str
     cache_id: str
     link: str
-    diff: Path            # overlay2/<cache-id>/diff
+    diff: Path  # overlay2/<cache-id>/diff
     parent: Layer | None = None
 
 
 @dataclass
 class StoredImage:
-    id: str                                   # "sha256:<hex>"
+    id: str  # "sha256:<hex>"
     config: dict
-    layers: list[Layer]                       # bottom first
+    layers: list[Layer]  # bottom first
     names: list[str] = field(default_factory=list)
 
     @property
@@ -155,10 +156,14 @@ class StoreBuilder:
         self.ovl = self.root / "overlay2"
         self.layers: dict[str, Layer] = {}
         self.repos: dict[str, dict[str, str]] = {}
-        for d in (self.img / "imagedb" / "content" / "sha256",
-                  self.img / "imagedb" / "metadata" / "sha256",
-                  self.img / "layerdb" / "sha256", self.img / "layerdb" / "tmp",
-                  self.img / "distribution", self.ovl / "l"):
+        for d in (
+            self.img / "imagedb" / "content" / "sha256",
+            self.img / "imagedb" / "metadata" / "sha256",
+            self.img / "layerdb" / "sha256",
+            self.img / "layerdb" / "tmp",
+            self.img / "distribution",
+            self.ovl / "l",
+        ):
             d.mkdir(parents=True, exist_ok=True)
         os.chmod(self.ovl, 0o710)
         os.chmod(self.ovl / "l", 0o700)
@@ -197,8 +202,9 @@ class StoreBuilder:
         self.layers[chain] = layer
         return layer
 
-    def image(self, top: Layer, config: dict, parent: StoredImage | None = None,
-              prefix: str | None = None) -> StoredImage:
+    def image(
+        self, top: Layer, config: dict, parent: StoredImage | None = None, prefix: str | None = None
+    ) -> StoredImage:
         """An image whose layers are *top* and its parents. With *prefix*, a label
         is varied until the image id starts with it (to make ambiguous prefixes)."""
         stack, l = [], top
@@ -229,16 +235,25 @@ class StoreBuilder:
             self.repos.setdefault(repo, {})[ref] = image.id
             image.names.append(ref)
         (self.img / "imagedb" / "metadata" / "sha256" / image.hex / "lastUpdated").write_text(
-            "2024-01-01T00:00:00.000000000Z")
-        (self.img / "repositories.json").write_text(
-            json.dumps({"Repositories": self.repos}, separators=(",", ":")))
+            "2024-01-01T00:00:00.000000000Z"
+        )
+        (self.img / "repositories.json").write_text(json.dumps({"Repositories": self.repos}, separators=(",", ":")))
 
 
 def config_of(env=(), cmd=None, entrypoint=None, workdir="", user="", history=()) -> dict:
-    return {"architecture": "amd64", "os": "linux",
-            "config": {"Env": [PATH_ENV, *env], "Cmd": cmd, "Entrypoint": entrypoint,
-                       "WorkingDir": workdir, "User": user, "Labels": None},
-            "history": [{"created_by": h} for h in history]}
+    return {
+        "architecture": "amd64",
+        "os": "linux",
+        "config": {
+            "Env": [PATH_ENV, *env],
+            "Cmd": cmd,
+            "Entrypoint": entrypoint,
+            "WorkingDir": workdir,
+            "User": user,
+            "Labels": None,
+        },
+        "history": [{"created_by": h} for h in history],
+    }
 
 
 # --------------------------------------------------------------------------
@@ -319,12 +334,23 @@ def build_test_store(root: Path) -> TestStore:
     web_layer = b.layer(base, _fill_web)
     busybox = b.image(base, config_of(history=["imported"]))
     mid = b.image(middle, config_of(history=["imported", "RUN middle"]), parent=busybox)
-    app = b.image(top, config_of(env=["FOO=bar", "GREETING=hello"], cmd=APP_CMD, workdir="/data",
-                                 user="app", history=["imported", "RUN middle", "RUN top"]),
-                  parent=mid)
-    web = b.image(web_layer, config_of(cmd=["default-arg"], entrypoint=["/bin/echo", "entry"],
-                                       history=["imported", "COPY www"]),
-                  parent=busybox, prefix=app.hex[:4])
+    app = b.image(
+        top,
+        config_of(
+            env=["FOO=bar", "GREETING=hello"],
+            cmd=APP_CMD,
+            workdir="/data",
+            user="app",
+            history=["imported", "RUN middle", "RUN top"],
+        ),
+        parent=mid,
+    )
+    web = b.image(
+        web_layer,
+        config_of(cmd=["default-arg"], entrypoint=["/bin/echo", "entry"], history=["imported", "COPY www"]),
+        parent=busybox,
+        prefix=app.hex[:4],
+    )
     digest = "sha256:" + hashlib.sha256(b"the manifest of app:latest").hexdigest()
     b.tag(busybox, "busybox:latest")
     b.tag(app, "app:latest", f"app@{digest}")

@@ -43,6 +43,7 @@ from overlayfs_py.unmount import UnmountError, try_unmount, unmount  # noqa: E40
 
 # overlayfs_py.mountinfo is the parser; these take any path (resolved here).
 
+
 def mount_table() -> list[mountinfo.Mount]:
     return mountinfo.mounts()
 
@@ -72,8 +73,9 @@ def abort_fuse_connection(path) -> bool:
     minor = row.devno.split(":")[1]
     if not (FUSECTL / minor).exists():
         if not any(r.fstype == "fusectl" for r in mount_table()):
-            subprocess.run(["mount", "-t", "fusectl", "none", str(FUSECTL)],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            subprocess.run(
+                ["mount", "-t", "fusectl", "none", str(FUSECTL)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            )
     try:
         (FUSECTL / minor / "abort").write_text("1")
         return True
@@ -107,8 +109,8 @@ def _tail(path: Path, n: int = 60) -> str:
 # pyoverlay (the product), via its CLI contract
 # --------------------------------------------------------------------------
 
-def pyoverlay_argv(lowers, mountpoint, upper=None, workdir=None, options=(),
-                   foreground=True) -> list[str]:
+
+def pyoverlay_argv(lowers, mountpoint, upper=None, workdir=None, options=(), foreground=True) -> list[str]:
     argv = [sys.executable, "-m", "pyoverlay_cli", "mount"]
     if foreground:
         argv.append("--foreground")
@@ -143,16 +145,26 @@ class PyoverlayMount(contextlib.AbstractContextManager):
 
     kind = "pyoverlay"
 
-    def __init__(self, lowers, mountpoint, upper=None, workdir=None, options=(),
-                 log_path=None, start_timeout: float = 20.0, exit_timeout: float = 15.0,
-                 watchdog: float | None = None):
+    def __init__(
+        self,
+        lowers,
+        mountpoint,
+        upper=None,
+        workdir=None,
+        options=(),
+        log_path=None,
+        start_timeout: float = 20.0,
+        exit_timeout: float = 15.0,
+        watchdog: float | None = None,
+    ):
         self.lowers = [Path(l) for l in lowers]
         self.mountpoint = Path(mountpoint)
         self.upper = Path(upper) if upper is not None else None
         self.workdir = Path(workdir) if workdir is not None else None
         self.options = list(options)
-        self.log_path = Path(log_path) if log_path else self.mountpoint.parent / (
-            self.mountpoint.name + ".pyoverlay.log")
+        self.log_path = (
+            Path(log_path) if log_path else self.mountpoint.parent / (self.mountpoint.name + ".pyoverlay.log")
+        )
         self.start_timeout = start_timeout
         self.exit_timeout = exit_timeout
         self.proc: subprocess.Popen | None = None
@@ -175,11 +187,13 @@ class PyoverlayMount(contextlib.AbstractContextManager):
             raise MountError(
                 f"watchdog: {self.kind} at {self.mountpoint} did not finish within "
                 f"{self.watchdog}s; the FUSE connection was aborted (server hung?)\n"
-                f"--- log tail ({self.log_path}) ---\n{self.log_tail()}")
+                f"--- log tail ({self.log_path}) ---\n{self.log_tail()}"
+            )
         if self.proc is not None and self.proc.poll() is not None:
             raise MountError(
                 f"{self.kind} server exited with status {self.proc.returncode} while "
-                f"mounted\n--- log tail ({self.log_path}) ---\n{self.log_tail()}")
+                f"mounted\n--- log tail ({self.log_path}) ---\n{self.log_tail()}"
+            )
 
     def _watch(self) -> None:
         if not self._done.wait(self.watchdog):
@@ -187,8 +201,7 @@ class PyoverlayMount(contextlib.AbstractContextManager):
             abort_fuse_connection(self.mountpoint)
 
     def argv(self) -> list[str]:
-        return pyoverlay_argv(self.lowers, self.mountpoint, self.upper, self.workdir,
-                              self.options, foreground=True)
+        return pyoverlay_argv(self.lowers, self.mountpoint, self.upper, self.workdir, self.options, foreground=True)
 
     def log_tail(self, n: int = 60) -> str:
         return _tail(self.log_path, n)
@@ -203,9 +216,14 @@ class PyoverlayMount(contextlib.AbstractContextManager):
         logf.flush()
         SERVER_LOGS.append(self.log_path)
         try:
-            self.proc = subprocess.Popen(argv, cwd=REPO_ROOT, env=pyoverlay_env(),
-                                         stdin=subprocess.DEVNULL, stdout=logf,
-                                         stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(
+                argv,
+                cwd=REPO_ROOT,
+                env=pyoverlay_env(),
+                stdin=subprocess.DEVNULL,
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+            )
         finally:
             logf.close()
         deadline = time.monotonic() + self.start_timeout
@@ -219,13 +237,15 @@ class PyoverlayMount(contextlib.AbstractContextManager):
                 raise MountError(
                     f"pyoverlay server exited with status {rc} before {self.mountpoint} "
                     f"was mounted\n$ {' '.join(argv)}\n--- log tail ({self.log_path}) ---\n"
-                    f"{self.log_tail()}")
+                    f"{self.log_tail()}"
+                )
             if time.monotonic() > deadline:
                 self._stop()
                 raise MountError(
                     f"pyoverlay did not mount {self.mountpoint} within {self.start_timeout}s"
                     f"\n$ {' '.join(argv)}\n--- log tail ({self.log_path}) ---\n"
-                    f"{self.log_tail()}")
+                    f"{self.log_tail()}"
+                )
             time.sleep(0.05)
 
     def unmount(self) -> None:
@@ -268,6 +288,7 @@ class PyoverlayMount(contextlib.AbstractContextManager):
 # the kernel's overlayfs (oracle)
 # --------------------------------------------------------------------------
 
+
 class KernelOverlay(contextlib.AbstractContextManager):
     """``mount -t overlay``; always unmounted on exit.  Without ``upper`` it
     is a read-only overlay, for which the kernel needs >= 2 lowers."""
@@ -299,21 +320,22 @@ class KernelOverlay(contextlib.AbstractContextManager):
     def optstring(self) -> str:
         opts = ["lowerdir=" + ":".join(_check_layer_path(l) for l in self.lowers)]
         if self.upper is not None:
-            opts += [f"upperdir={_check_layer_path(self.upper)}",
-                     f"workdir={_check_layer_path(self.workdir)}"]
+            opts += [f"upperdir={_check_layer_path(self.upper)}", f"workdir={_check_layer_path(self.workdir)}"]
         return ",".join(opts + self.options)
 
     def __enter__(self):
         self.mountpoint.mkdir(parents=True, exist_ok=True)
         if self.workdir is not None:
             self.workdir.mkdir(parents=True, exist_ok=True)
-        r = subprocess.run(["mount", "-t", "overlay", "overlay", "-o", self.optstring(),
-                            str(self.mountpoint)], capture_output=True, text=True)
+        r = subprocess.run(
+            ["mount", "-t", "overlay", "overlay", "-o", self.optstring(), str(self.mountpoint)],
+            capture_output=True,
+            text=True,
+        )
         if r.returncode != 0:
             dmesg = subprocess.run(["dmesg"], capture_output=True, text=True).stdout
             tail = "\n".join(l for l in dmesg.splitlines()[-10:] if "overlay" in l)
-            raise MountError(f"kernel overlay mount failed: {r.stderr.strip()}\n"
-                             f"options: {self.optstring()}\n{tail}")
+            raise MountError(f"kernel overlay mount failed: {r.stderr.strip()}\noptions: {self.optstring()}\n{tail}")
         return self
 
     def unmount(self) -> None:
@@ -333,6 +355,7 @@ class KernelOverlay(contextlib.AbstractContextManager):
 # one lowerdir is enough for read-only, no ST_RDONLY)
 # --------------------------------------------------------------------------
 
+
 class FuseOverlayfsMount(PyoverlayMount):
     kind = "fuse-overlayfs"
 
@@ -342,8 +365,7 @@ class FuseOverlayfsMount(PyoverlayMount):
             wd = self.workdir or self.mountpoint.parent / (self.mountpoint.name + ".fwork")
             wd.mkdir(parents=True, exist_ok=True)
             opts += [f"upperdir={self.upper}", f"workdir={wd}"]
-        return ["fuse-overlayfs", "-f", "-o", ",".join(opts + self.options),
-                str(self.mountpoint)]
+        return ["fuse-overlayfs", "-f", "-o", ",".join(opts + self.options), str(self.mountpoint)]
 
 
 class TmpfsMount(contextlib.AbstractContextManager):
@@ -357,8 +379,7 @@ class TmpfsMount(contextlib.AbstractContextManager):
 
     def __enter__(self):
         self.mountpoint.mkdir(parents=True, exist_ok=True)
-        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={self.size}", "tmpfs",
-                        str(self.mountpoint)], check=True)
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={self.size}", "tmpfs", str(self.mountpoint)], check=True)
         return self
 
     def __exit__(self, *exc):
@@ -391,10 +412,8 @@ def subject_name() -> str:
     return name
 
 
-def subject_mount(lowers, mountpoint, upper=None, workdir=None, options=(), log_path=None,
-                  watchdog=None):
+def subject_mount(lowers, mountpoint, upper=None, workdir=None, options=(), log_path=None, watchdog=None):
     """A mount of the implementation under test (pyoverlay unless overridden
     for harness self-tests)."""
     cls = SUBJECTS[subject_name()]
-    return cls(lowers, mountpoint, upper=upper, workdir=workdir, options=options,
-               log_path=log_path, watchdog=watchdog)
+    return cls(lowers, mountpoint, upper=upper, workdir=workdir, options=options, log_path=log_path, watchdog=watchdog)

@@ -21,7 +21,7 @@ import sys
 
 from . import mounts
 
-ATTACK = r'''
+ATTACK = r"""
 import errno, json, os, stat, sys
 op, host, where = sys.argv[1], sys.argv[2], sys.argv[3]
 root = os.geteuid() == 0
@@ -92,7 +92,7 @@ if stat.S_ISREG(lst.st_mode):
     with open(name) as f:
         out["name"] += ":" + f.read()
 print(json.dumps(out))
-'''
+"""
 
 
 def build_layers(base, tag: str) -> tuple:
@@ -118,9 +118,15 @@ def make_host_file(path) -> dict:
 
 def host_state(path) -> dict:
     st = os.lstat(path)
-    return {"mode": oct(st.st_mode), "uid": st.st_uid, "gid": st.st_gid, "size": st.st_size,
-            "mtime": st.st_mtime_ns, "data": path.read_text(),
-            "xattrs": {x: os.getxattr(path, x) for x in os.listxattr(path)}}
+    return {
+        "mode": oct(st.st_mode),
+        "uid": st.st_uid,
+        "gid": st.st_gid,
+        "size": st.st_size,
+        "mtime": st.st_mtime_ns,
+        "data": path.read_text(),
+        "xattrs": {x: os.getxattr(path, x) for x in os.listxattr(path)},
+    }
 
 
 def run_bounded(argv, mount, timeout: float = 20.0, **kw) -> dict:

@@ -31,11 +31,11 @@ UPPER_ROOT_CTIME = "<ctime of this mount's upper root>"
 
 @dataclass
 class View:
-    kind: str                 # "kernel" or the subject's name
+    kind: str  # "kernel" or the subject's name
     mode: str
-    path: Path                # the mountpoint
+    path: Path  # the mountpoint
     upper: Path | None
-    mount: object             # the mount context manager object
+    mount: object  # the mount context manager object
 
     def check_alive(self):
         self.mount.check_alive()
@@ -44,24 +44,27 @@ class View:
         try:
             snap = snapshot(self.path, **kw)
         except OSError:
-            self.check_alive()      # a hung/dead server explains the error better
+            self.check_alive()  # a hung/dead server explains the error better
             raise
         self.check_alive()
-        broken = [p for p, r in snap["entries"].items()
-                  if any(isinstance(v, str) and ("ENOTCONN" in v or "ECONNABORTED" in v)
-                         for v in r.values())]
+        broken = [
+            p
+            for p, r in snap["entries"].items()
+            if any(isinstance(v, str) and ("ENOTCONN" in v or "ECONNABORTED" in v) for v in r.values())
+        ]
         if broken:
             proc = getattr(self.mount, "proc", None)
             if proc is not None:
                 try:
-                    proc.wait(3)     # let a crashing server finish writing its log
+                    proc.wait(3)  # let a crashing server finish writing its log
                 except Exception:  # noqa: BLE001
                     pass
             tail = self.mount.log_tail() if hasattr(self.mount, "log_tail") else ""
             raise mounts.MountError(
                 f"the FUSE connection of {self.kind} at {self.path} broke during the walk "
                 f"(ENOTCONN/ECONNABORTED on {len(broken)} entries, first {broken[0]!r}); "
-                f"server crashed or aborted?\n--- log tail ---\n{tail}")
+                f"server crashed or aborted?\n--- log tail ---\n{tail}"
+            )
         return self.normalize(snap)
 
     def normalize(self, snap: dict) -> dict:
@@ -88,7 +91,7 @@ class Lab:
         self._cache: dict = {}
         self._counter = itertools.count(1)
         self._uppers_in_use: set[Path] = set()
-        self._hung: dict[str, str] = {}     # stack name -> watchdog message
+        self._hung: dict[str, str] = {}  # stack name -> watchdog message
 
     def stack(self, name: str) -> Stack:
         if name not in self._stacks:
@@ -106,8 +109,7 @@ class Lab:
         return p
 
     @contextlib.contextmanager
-    def view(self, stack: Stack, mode: str, impl: str = "subject", *, extra_options=(),
-             watchdog=None):
+    def view(self, stack: Stack, mode: str, impl: str = "subject", *, extra_options=(), watchdog=None):
         """Mount ``stack`` in ``mode`` with ``impl`` ("kernel" or "subject");
         yields a ``View``; always unmounts."""
         if mode not in stack.modes and not (mode == "rw" and stack.upper is None):
@@ -116,7 +118,8 @@ class Lab:
             raise mounts.MountError(
                 f"not mounting stack {stack.name!r} again: the subject hung on it earlier in "
                 f"this session (fail fast instead of waiting for the watchdog again):\n"
-                f"{self._hung[stack.name]}")
+                f"{self._hung[stack.name]}"
+            )
         tag = "k" if impl == "kernel" else "s"
         scratch = self.scratch(f"{stack.name}-{mode}-{tag}")
         mnt = scratch / "mnt"
@@ -139,21 +142,25 @@ class Lab:
             self._uppers_in_use.add(upper)
         try:
             if impl == "kernel":
-                cm = mounts.KernelOverlay(stack.lowers, mnt, upper=upper, workdir=workdir,
-                                          options=options)
+                cm = mounts.KernelOverlay(stack.lowers, mnt, upper=upper, workdir=workdir, options=options)
                 kind = "kernel"
             else:
-                cm = mounts.subject_mount(stack.lowers, mnt, upper=upper, workdir=workdir,
-                                          options=options, log_path=scratch / "server.log",
-                                          watchdog=watchdog)
+                cm = mounts.subject_mount(
+                    stack.lowers,
+                    mnt,
+                    upper=upper,
+                    workdir=workdir,
+                    options=options,
+                    log_path=scratch / "server.log",
+                    watchdog=watchdog,
+                )
                 kind = mounts.subject_name()
             with cm as m:
                 try:
                     yield View(kind, mode, mnt, upper, m)
                 finally:
                     if getattr(m, "aborted", False):
-                        self._hung[stack.name] = (f"watchdog aborted {kind} on {stack.name} "
-                                                  f"[{mode}]; log: {m.log_path}")
+                        self._hung[stack.name] = f"watchdog aborted {kind} on {stack.name} [{mode}]; log: {m.log_path}"
         finally:
             if upper is not None:
                 self._uppers_in_use.discard(upper)

@@ -26,8 +26,7 @@ from helpers.oracle import Lab  # noqa: E402
 from helpers.snapshot import diff_snapshots, format_diff  # noqa: E402
 from helpers.stacks import STACK_MODES, STACKS  # noqa: E402
 
-SHOW = ("type", "mode", "nlink", "ino", "d_ino", "d_type", "size", "target", "xattrs",
-        "dot_d_ino", "dotdot_d_ino")
+SHOW = ("type", "mode", "nlink", "ino", "d_ino", "d_type", "size", "target", "xattrs", "dot_d_ino", "dotdot_d_ino")
 
 
 def show(snap: dict, limit: int) -> None:
@@ -38,8 +37,7 @@ def show(snap: dict, limit: int) -> None:
         fields = []
         for k in SHOW:
             if k in r and r[k] not in (None, {}):
-                v = f"{r[k]:#o}" if k == "mode" else repr(r[k]) if k in ("target", "xattrs") \
-                    else str(r[k])
+                v = f"{r[k]:#o}" if k == "mode" else repr(r[k]) if k in ("target", "xattrs") else str(r[k])
                 fields.append(f"{k}={v}")
         shown = p if len(p) < 100 else p[:40] + f"...<{len(p)}>..." + p[-40:]
         print(f"{shown!r:50} " + " ".join(fields))
@@ -48,14 +46,15 @@ def show(snap: dict, limit: int) -> None:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("stack", nargs="?")
     ap.add_argument("mode", nargs="?")
     ap.add_argument("--list", action="store_true", help="list stacks and their modes")
-    ap.add_argument("--compare", action="store_true",
-                    help="also mount the subject (PYOVERLAY_TEST_SUBJECT, default pyoverlay) "
-                         "and print the differences")
+    ap.add_argument(
+        "--compare",
+        action="store_true",
+        help="also mount the subject (PYOVERLAY_TEST_SUBJECT, default pyoverlay) and print the differences",
+    )
     ap.add_argument("--keep", action="store_true", help="keep the temp dir")
     ap.add_argument("--limit", type=int, default=200, help="max entries to print")
     a = ap.parse_args()
@@ -69,8 +68,10 @@ def main() -> int:
         lab = Lab(base)
         stack = lab.stack(a.stack)
         print(f"# {stack.name}: {stack.description}")
-        print(f"# lowers (top first): {[str(l) for l in stack.lowers]}  upper: {stack.upper}  "
-              f"options: {stack.options}  mode: {mode}")
+        print(
+            f"# lowers (top first): {[str(l) for l in stack.lowers]}  upper: {stack.upper}  "
+            f"options: {stack.options}  mode: {mode}"
+        )
         with lab.view(stack, mode, "kernel") as kv:
             ks = kv.snapshot()
         show(ks, a.limit)
@@ -78,8 +79,11 @@ def main() -> int:
             with lab.view(stack, mode, "subject") as sv:
                 ss = sv.snapshot()
             d = diff_snapshots(ks, ss, a_name="kernel", b_name=mounts.subject_name(), limit=500)
-            print(format_diff(d, f"# {len(d)} differences kernel vs {mounts.subject_name()}:")
-                  if d else "# no differences")
+            print(
+                format_diff(d, f"# {len(d)} differences kernel vs {mounts.subject_name()}:")
+                if d
+                else "# no differences"
+            )
     finally:
         left = mounts.mounts_under(base)
         for m in left:

@@ -43,9 +43,37 @@ APP_MOTD = b"motd of the app layer\n"
 HELLO = b"hello from the app layer\n"
 
 #: what every busybox image must provide (the tests rely on these applets)
-APPLETS = ("sh", "ps", "cat", "ls", "id", "env", "hostname", "sleep", "kill", "tty",
-           "stty", "touch", "rm", "echo", "dd", "xargs", "readlink", "stat", "seq",
-           "grep", "ip", "head", "tr", "wc", "vi", "pwd", "true", "false", "mkdir")
+APPLETS = (
+    "sh",
+    "ps",
+    "cat",
+    "ls",
+    "id",
+    "env",
+    "hostname",
+    "sleep",
+    "kill",
+    "tty",
+    "stty",
+    "touch",
+    "rm",
+    "echo",
+    "dd",
+    "xargs",
+    "readlink",
+    "stat",
+    "seq",
+    "grep",
+    "ip",
+    "head",
+    "tr",
+    "wc",
+    "vi",
+    "pwd",
+    "true",
+    "false",
+    "mkdir",
+)
 
 
 def _busybox_available() -> str | None:
@@ -59,7 +87,7 @@ def _busybox_available() -> str | None:
 
 def _has_interpreter(path: Path) -> bool:
     """True if the (64-bit little-endian) ELF file has a PT_INTERP header."""
-    data = Path(path).read_bytes()[:1 << 16]
+    data = Path(path).read_bytes()[: 1 << 16]
     if data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
         return False  # not ELF64 LE: let the chroot step decide
     phoff = int.from_bytes(data[32:40], "little")
@@ -67,7 +95,7 @@ def _has_interpreter(path: Path) -> bool:
     phnum = int.from_bytes(data[56:58], "little")
     for i in range(phnum):
         off = phoff + i * phentsize
-        if int.from_bytes(data[off:off + 4], "little") == 3:  # PT_INTERP
+        if int.from_bytes(data[off : off + 4], "little") == 3:  # PT_INTERP
             return True
     return False
 
@@ -81,11 +109,9 @@ def build_busybox_rootfs(root: Path, mountpoints: bool = False) -> Path:
         (root / d).mkdir(parents=True, exist_ok=True)
     shutil.copy2(BUSYBOX, root / "bin" / "busybox")
     os.chmod(root / "bin" / "busybox", 0o755)
-    subprocess.run(["chroot", str(root), "/bin/busybox", "--install", "-s"], check=True,
-                   capture_output=True)
+    subprocess.run(["chroot", str(root), "/bin/busybox", "--install", "-s"], check=True, capture_output=True)
     for applet in APPLETS:
-        found = [d for d in ("bin", "sbin", "usr/bin", "usr/sbin")
-                 if os.path.lexists(root / d / applet)]
+        found = [d for d in ("bin", "sbin", "usr/bin", "usr/sbin") if os.path.lexists(root / d / applet)]
         if not found:
             os.symlink("/bin/busybox", root / "bin" / applet)
     if not os.path.lexists(root / "bin" / "vi"):  # the app layer whites out bin/vi
@@ -137,9 +163,9 @@ class Image:
 
 @dataclass
 class Images:
-    bare: Image          # busybox, NO proc/dev/sys directories
-    full: Image          # busybox with empty proc/dev/sys directories
-    two_layer: Image     # app layer on top of bare busybox (with a whiteout)
+    bare: Image  # busybox, NO proc/dev/sys directories
+    full: Image  # busybox with empty proc/dev/sys directories
+    two_layer: Image  # app layer on top of bare busybox (with a whiteout)
 
     def by_name(self, name: str) -> Image:
         return getattr(self, name)
@@ -156,8 +182,9 @@ def images(tmp_path_factory) -> Images:
         bare = build_busybox_rootfs(base / "busybox")
         full = build_busybox_rootfs(base / "busybox-mountpoints", mountpoints=True)
         app = build_app_layer(base / "app")
-        _CACHE[key] = Images(bare=Image("bare", [bare]), full=Image("full", [full]),
-                             two_layer=Image("two_layer", [app, bare]))
+        _CACHE[key] = Images(
+            bare=Image("bare", [bare]), full=Image("full", [full]), two_layer=Image("two_layer", [app, bare])
+        )
     return _CACHE[key]
 
 

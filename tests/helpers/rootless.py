@@ -20,7 +20,8 @@ import time
 import uuid
 from pathlib import Path
 
-from overlayfs_py.procfs import process_start_time, stat as proc_stat
+from overlayfs_py.procfs import process_start_time
+from overlayfs_py.procfs import stat as proc_stat
 
 from . import mounts
 
@@ -67,27 +68,38 @@ class User:
 
     # -- running things as the user ---------------------------------------------------------
     def env(self, extra: dict | None = None) -> dict:
-        env = {"HOME": self.home, "USER": self.name, "LOGNAME": self.name,
-               "PATH": f"{VENV_BIN}:/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin",
-               "LANG": "C.UTF-8",
-               "PYOVERLAY_STATE_DIR": str(self.state_dir),
-               "PYOVERLAY_DATA_DIR": str(self.data_dir),
-               "PYOVERLAY_TEST_TAG": self.dir.name}
+        env = {
+            "HOME": self.home,
+            "USER": self.name,
+            "LOGNAME": self.name,
+            "PATH": f"{VENV_BIN}:/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin",
+            "LANG": "C.UTF-8",
+            "PYOVERLAY_STATE_DIR": str(self.state_dir),
+            "PYOVERLAY_DATA_DIR": str(self.data_dir),
+            "PYOVERLAY_TEST_TAG": self.dir.name,
+        }
         env.update(extra or {})
         return env
 
     def argv(self, args) -> list[str]:
-        return ["setpriv", f"--reuid={self.uid}", f"--regid={self.gid}", "--init-groups",
-                "--inh-caps=-all", "--", *map(str, args)]
+        return [
+            "setpriv",
+            f"--reuid={self.uid}",
+            f"--regid={self.gid}",
+            "--init-groups",
+            "--inh-caps=-all",
+            "--",
+            *map(str, args),
+        ]
 
-    def run(self, args, *, check: bool = False, timeout: float = 120, env: dict | None = None,
-            **kw) -> subprocess.CompletedProcess:
+    def run(
+        self, args, *, check: bool = False, timeout: float = 120, env: dict | None = None, **kw
+    ) -> subprocess.CompletedProcess:
         """Run *args* as the user (cwd: the user's directory); text output captured."""
         kw.setdefault("capture_output", True)
         kw.setdefault("text", True)
         kw.setdefault("cwd", self.dir)
-        return subprocess.run(self.argv(args), check=check, timeout=timeout,
-                              env=self.env(env), **kw)
+        return subprocess.run(self.argv(args), check=check, timeout=timeout, env=self.env(env), **kw)
 
     def sh(self, script: str, **kw) -> subprocess.CompletedProcess:
         return self.run(["sh", "-ec", script], **kw)
@@ -107,8 +119,7 @@ class User:
 
     def chown_tree(self, path: Path) -> None:
         for root, dirs, files in os.walk(path):
-            for n in [root, *(os.path.join(root, d) for d in dirs),
-                      *(os.path.join(root, f) for f in files)]:
+            for n in [root, *(os.path.join(root, d) for d in dirs), *(os.path.join(root, f) for f in files)]:
                 os.lchown(n, self.uid, self.gid)
 
     # -- what the user left behind ------------------------------------------------------------
@@ -144,7 +155,7 @@ class User:
         return out
 
     def _ours(self, pid: int) -> bool:
-        for _ in range(64):   # up the parent chain
+        for _ in range(64):  # up the parent chain
             try:
                 with open(f"/proc/{pid}/environ", "rb") as f:
                     if self.tag in f.read().split(b"\0"):
@@ -189,6 +200,7 @@ def _rmtree(path: Path) -> None:
             if stat.S_ISDIR(st.st_mode):
                 os.chmod(p, 0o755)
             func(p)
+
     shutil.rmtree(path, onerror=onerror)
 
 

@@ -41,8 +41,15 @@ __all__ = [
 # --------------------------------------------------------------------------
 
 DT_NAMES = {
-    0: "unknown", 1: "fifo", 2: "chr", 4: "dir", 6: "blk", 8: "file",
-    10: "symlink", 12: "sock", 14: "wht",
+    0: "unknown",
+    1: "fifo",
+    2: "chr",
+    4: "dir",
+    6: "blk",
+    8: "file",
+    10: "symlink",
+    12: "sock",
+    14: "wht",
 }
 
 
@@ -98,13 +105,16 @@ def raw_readdir(dirfd: int) -> list[tuple[bytes, int, int]]:
 # --------------------------------------------------------------------------
 
 _TYPES = [
-    (stat.S_ISDIR, "dir"), (stat.S_ISREG, "file"), (stat.S_ISLNK, "symlink"),
-    (stat.S_ISFIFO, "fifo"), (stat.S_ISCHR, "chr"), (stat.S_ISBLK, "blk"),
+    (stat.S_ISDIR, "dir"),
+    (stat.S_ISREG, "file"),
+    (stat.S_ISLNK, "symlink"),
+    (stat.S_ISFIFO, "fifo"),
+    (stat.S_ISCHR, "chr"),
+    (stat.S_ISBLK, "blk"),
     (stat.S_ISSOCK, "sock"),
 ]
 
-_DT_FOR_TYPE = {"dir": 4, "file": 8, "symlink": 10, "fifo": 1, "chr": 2,
-                "blk": 6, "sock": 12}
+_DT_FOR_TYPE = {"dir": 4, "file": 8, "symlink": 10, "fifo": 1, "chr": 2, "blk": 6, "sock": 12}
 
 
 def _ftype(mode: int) -> str:
@@ -138,8 +148,7 @@ def _xattrs(path, follow: bool, ignore_prefixes) -> dict | str:
 
 def _sha256_at(dirfd: int, name: bytes) -> str:
     try:
-        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY,
-                     dir_fd=dirfd)
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY, dir_fd=dirfd)
     except OSError as e:
         return "error:open:" + _errname(e)
     h = hashlib.sha256()
@@ -184,8 +193,7 @@ def _join(parent: str, name: bytes) -> str:
     return n if parent == "." else parent + "/" + n
 
 
-def snapshot(root, *, content: bool = True, xattrs: bool = True,
-             ignore_xattr_prefixes=("security.",)) -> dict:
+def snapshot(root, *, content: bool = True, xattrs: bool = True, ignore_xattr_prefixes=("security.",)) -> dict:
     """Walk the tree at ``root`` (no symlink following) and return a snapshot
     dict (see the module docstring)."""
     entries: dict[str, dict] = {}
@@ -199,8 +207,7 @@ def snapshot(root, *, content: bool = True, xattrs: bool = True,
         if xattrs:
             rec["xattrs"] = _xattrs(rootfd, True, ignore_xattr_prefixes)
         entries["."] = rec
-        _walk_dir(rootfd, ".", rst, rst.st_dev, entries, problems,
-                  content, xattrs, ignore_xattr_prefixes)
+        _walk_dir(rootfd, ".", rst, rst.st_dev, entries, problems, content, xattrs, ignore_xattr_prefixes)
     finally:
         os.close(rootfd)
         sys.setrecursionlimit(old_limit)
@@ -213,8 +220,7 @@ def snapshot(root, *, content: bool = True, xattrs: bool = True,
     return {"entries": entries, "hardlinks": hardlinks, "problems": problems}
 
 
-def _walk_dir(dfd, rel, dst, root_dev, entries, problems,
-              content, xattrs, ignore):
+def _walk_dir(dfd, rel, dst, root_dev, entries, problems, content, xattrs, ignore):
     try:
         listing = raw_readdir(dfd)
     except OSError as e:
@@ -228,8 +234,9 @@ def _walk_dir(dfd, rel, dst, root_dev, entries, problems,
     rec["dot_d_ino"] = dots.get(b".")
     rec["dotdot_d_ino"] = dots.get(b"..")
     if names.count(b".") != 1 or names.count(b"..") != 1:
-        problems.append(f"{rel!r}: readdir lists '.' x{names.count(b'.')} and "
-                        f"'..' x{names.count(b'..')} (want exactly once each)")
+        problems.append(
+            f"{rel!r}: readdir lists '.' x{names.count(b'.')} and '..' x{names.count(b'..')} (want exactly once each)"
+        )
     if b"." in dots and dots[b"."] != dst.st_ino:
         problems.append(f"{rel!r}: d_ino of '.' is {dots[b'.']} but st_ino is {dst.st_ino}")
     seen = set()
@@ -253,8 +260,7 @@ def _walk_dir(dfd, rel, dst, root_dev, entries, problems,
         if d_ino != st.st_ino:
             problems.append(f"{path!r}: d_ino {d_ino} != st_ino {st.st_ino}")
         if d_type != 0 and _DT_FOR_TYPE.get(r["type"]) != d_type:
-            problems.append(f"{path!r}: d_type {DT_NAMES.get(d_type, d_type)} but lstat "
-                            f"says {r['type']}")
+            problems.append(f"{path!r}: d_type {DT_NAMES.get(d_type, d_type)} but lstat says {r['type']}")
         t = r["type"]
         if t == "symlink":
             try:
@@ -273,8 +279,7 @@ def _walk_dir(dfd, rel, dst, root_dev, entries, problems,
                 r["readdir"] = "error:open:" + _errname(e)
                 continue
             try:
-                _walk_dir(cfd, path, st, root_dev, entries, problems,
-                          content, xattrs, ignore)
+                _walk_dir(cfd, path, st, root_dev, entries, problems, content, xattrs, ignore)
             finally:
                 os.close(cfd)
 
@@ -283,10 +288,11 @@ def _walk_dir(dfd, rel, dst, root_dev, entries, problems,
 # diff
 # --------------------------------------------------------------------------
 
+
 def _short(p: str, limit: int = 120) -> str:
     r = repr(p)
     if len(r) > limit:
-        r = r[: limit // 2] + f"...<{len(r)} chars>..." + r[-limit // 2:]
+        r = r[: limit // 2] + f"...<{len(r)} chars>..." + r[-limit // 2 :]
     return r
 
 
@@ -300,8 +306,9 @@ def _fmt(key, v):
     return repr(v)
 
 
-def diff_snapshots(a: dict, b: dict, *, a_name: str = "expected",
-                   b_name: str = "actual", ignore_keys=(), limit: int = 60) -> list[str]:
+def diff_snapshots(
+    a: dict, b: dict, *, a_name: str = "expected", b_name: str = "actual", ignore_keys=(), limit: int = 60
+) -> list[str]:
     """Differences between two snapshots as readable lines (at most ``limit``
     lines plus a summary line).  ``a`` is the oracle (kernel)."""
     out: list[str] = []
@@ -324,8 +331,7 @@ def diff_snapshots(a: dict, b: dict, *, a_name: str = "expected",
                 for xn in sorted(set(va) | set(vb)):
                     xa, xb = va.get(xn, "<absent>"), vb.get(xn, "<absent>")
                     if xa != xb:
-                        out.append(f"{_short(p)}: xattr {xn!r}: {a_name}={_fmt(None, xa)} "
-                                   f"{b_name}={_fmt(None, xb)}")
+                        out.append(f"{_short(p)}: xattr {xn!r}: {a_name}={_fmt(None, xa)} {b_name}={_fmt(None, xb)}")
                 continue
             out.append(f"{_short(p)}: {k}: {a_name}={_fmt(k, va)} {b_name}={_fmt(k, vb)}")
     if a["hardlinks"] != b["hardlinks"]:

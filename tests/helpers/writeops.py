@@ -91,9 +91,14 @@ _libc.syscall.restype = ctypes.c_long
 
 
 def renameat2(src, dst, flags: int) -> None:
-    r = _libc.syscall(ctypes.c_long(SYS_renameat2), ctypes.c_int(AT_FDCWD),
-                      ctypes.c_char_p(os.fsencode(src)), ctypes.c_int(AT_FDCWD),
-                      ctypes.c_char_p(os.fsencode(dst)), ctypes.c_uint(flags))
+    r = _libc.syscall(
+        ctypes.c_long(SYS_renameat2),
+        ctypes.c_int(AT_FDCWD),
+        ctypes.c_char_p(os.fsencode(src)),
+        ctypes.c_int(AT_FDCWD),
+        ctypes.c_char_p(os.fsencode(dst)),
+        ctypes.c_uint(flags),
+    )
     if r != 0:
         e = ctypes.get_errno()
         raise OSError(e, os.strerror(e), os.fspath(src))
@@ -106,6 +111,7 @@ def errname(e: OSError) -> str:
 # --------------------------------------------------------------------------
 # building layers
 # --------------------------------------------------------------------------
+
 
 def walk_nofollow(root):
     """(relpath, lstat) of every object below ``root``, children after
@@ -129,8 +135,7 @@ def _fix_times(root: Path, cutoff_ns: int, value_ns: int = T_BUILD) -> None:
     items = sorted(walk_nofollow(root), key=lambda it: -it[0].count(os.sep))
     for rel, st in items:
         if st.st_mtime_ns >= cutoff_ns:
-            os.utime(os.path.join(root, rel), ns=(value_ns, value_ns),
-                     follow_symlinks=False)
+            os.utime(os.path.join(root, rel), ns=(value_ns, value_ns), follow_symlinks=False)
     st = os.lstat(root)
     if st.st_mtime_ns >= cutoff_ns:
         os.utime(root, ns=(value_ns, value_ns))
@@ -168,6 +173,7 @@ def inode_map(lowers: list[Path]) -> dict[int, str]:
 # normalization
 # --------------------------------------------------------------------------
 
+
 def norm_time(ns, t_start: int):
     if isinstance(ns, int) and ns >= t_start:
         return RECENT
@@ -190,6 +196,7 @@ def _sub_problem_numbers(problems, tokens):
     def rep(m):
         n = int(m.group(0))
         return tokens.get(n, m.group(0))
+
     return sorted(re.sub(r"\b\d{4,}\b", rep, p) for p in problems)
 
 
@@ -274,8 +281,7 @@ def fix_kernel_stale_d_ino(snap: dict) -> dict:
     snap = copy.deepcopy(snap)
     stale = []
     for p, rec in snap["entries"].items():
-        if isinstance(rec.get("d_ino"), int) and isinstance(rec.get("ino"), int) \
-                and rec["d_ino"] != rec["ino"]:
+        if isinstance(rec.get("d_ino"), int) and isinstance(rec.get("ino"), int) and rec["d_ino"] != rec["ino"]:
             rec["d_ino"] = rec["ino"]
             stale.append(p)
     if stale:
@@ -312,9 +318,15 @@ def workdir_problems(workdir: Path) -> list[str]:
 # results of operations
 # --------------------------------------------------------------------------
 
-_FT = [(stat.S_ISDIR, "dir"), (stat.S_ISREG, "file"), (stat.S_ISLNK, "symlink"),
-       (stat.S_ISFIFO, "fifo"), (stat.S_ISCHR, "chr"), (stat.S_ISBLK, "blk"),
-       (stat.S_ISSOCK, "sock")]
+_FT = [
+    (stat.S_ISDIR, "dir"),
+    (stat.S_ISREG, "file"),
+    (stat.S_ISLNK, "symlink"),
+    (stat.S_ISFIFO, "fifo"),
+    (stat.S_ISCHR, "chr"),
+    (stat.S_ISBLK, "blk"),
+    (stat.S_ISSOCK, "sock"),
+]
 
 
 def ftype(mode: int) -> str:
@@ -330,9 +342,14 @@ def norm(v, t_start: int):
         return "OK"
     if isinstance(v, os.stat_result):
         t = ftype(v.st_mode)
-        d = {"type": t, "mode": oct(stat.S_IMODE(v.st_mode)), "uid": v.st_uid,
-             "gid": v.st_gid, "nlink": v.st_nlink,
-             "mtime": norm_time(v.st_mtime_ns, t_start)}
+        d = {
+            "type": t,
+            "mode": oct(stat.S_IMODE(v.st_mode)),
+            "uid": v.st_uid,
+            "gid": v.st_gid,
+            "nlink": v.st_nlink,
+            "mtime": norm_time(v.st_mtime_ns, t_start),
+        }
         if t != "dir":
             d["size"] = v.st_size
         if t in ("chr", "blk"):
@@ -344,6 +361,7 @@ def norm(v, t_start: int):
         v = bytes(v)
         if len(v) > 256:
             import hashlib
+
             return f"<{len(v)} bytes sha256 {hashlib.sha256(v).hexdigest()[:16]}>"
         return v
     if isinstance(v, dict):
@@ -388,8 +406,7 @@ class Recorder:
         return v
 
 
-def in_child(fn, *, uid=None, gid=None, umask=None, cwd=None, t_start: int = 0,
-             timeout: float = 30.0):
+def in_child(fn, *, uid=None, gid=None, umask=None, cwd=None, t_start: int = 0, timeout: float = 30.0):
     """Run ``fn()`` in a forked child, optionally after ``chdir(cwd)`` (done
     first, while still root: pytest's tmp dirs are 0700, so another user
     reaches the mount only through relative paths),
@@ -422,7 +439,7 @@ def in_child(fn, *, uid=None, gid=None, umask=None, cwd=None, t_start: int = 0,
             try:
                 view = memoryview(data)
                 while view:
-                    view = view[os.write(w, view):]
+                    view = view[os.write(w, view) :]
             finally:
                 os._exit(0)
     os.close(w)
@@ -451,6 +468,7 @@ def in_child(fn, *, uid=None, gid=None, umask=None, cwd=None, t_start: int = 0,
 # --------------------------------------------------------------------------
 # one side = one separately built stack (lowers + upper + workdir)
 # --------------------------------------------------------------------------
+
 
 class Side:
     """A stack built under ``root`` from ``layers``: lowers ``l1..lN`` (top
@@ -484,13 +502,17 @@ class Side:
         mnt = self.root / f"mnt{n}-{impl}"
         wd = workdir or self.workdir
         if impl == "kernel":
-            cm = mounts.KernelOverlay(self.lowers, mnt, upper=self.upper, workdir=wd,
-                                      options=self.options)
+            cm = mounts.KernelOverlay(self.lowers, mnt, upper=self.upper, workdir=wd, options=self.options)
         else:
-            cm = mounts.subject_mount(self.lowers, mnt, upper=self.upper, workdir=wd,
-                                      options=self.options,
-                                      log_path=self.root / f"mnt{n}-{impl}.log",
-                                      watchdog=watchdog)
+            cm = mounts.subject_mount(
+                self.lowers,
+                mnt,
+                upper=self.upper,
+                workdir=wd,
+                options=self.options,
+                log_path=self.root / f"mnt{n}-{impl}.log",
+                watchdog=watchdog,
+            )
         with cm as m:
             yield m
 
@@ -522,6 +544,7 @@ def subject_label() -> str:
 # --------------------------------------------------------------------------
 # the differential run
 # --------------------------------------------------------------------------
+
 
 @dataclass
 class SideRun:
@@ -559,8 +582,8 @@ def _run_side(sr: SideRun, ops, *, remount: bool, after=None) -> None:
                 again = side.raw_view(m)
                 sr.remount_view = side.norm_view(again)
                 sr.remount_diff = diff_snapshots(
-                    sr.raw_view, again, a_name="before-unmount", b_name="after-remount",
-                    ignore_keys=("ctime_ns",))
+                    sr.raw_view, again, a_name="before-unmount", b_name="after-remount", ignore_keys=("ctime_ns",)
+                )
     except Exception as e:  # noqa: BLE001 - reported by the tests that need it
         sr.results = sr.results or rec.results
         sr.error = e
@@ -579,8 +602,9 @@ class PairRun:
             log = ""
             if sr.log and Path(sr.log).exists():
                 log = "\n--- server log tail ---\n" + mounts._tail(sr.log, 40)
-            raise AssertionError(f"{sr.impl} side failed before {what} could be compared: "
-                                 f"{sr.error!r}{log}") from sr.error
+            raise AssertionError(
+                f"{sr.impl} side failed before {what} could be compared: {sr.error!r}{log}"
+            ) from sr.error
 
     def kupper(self, path: str) -> dict | None:
         self._need(self.k, "the upper")
@@ -634,8 +658,7 @@ class PairRun:
         self._need(self.k, "the workdir")
         self._need(self.s, "the workdir")
         assert not self.k.work_problems, f"kernel (oracle) workdir: {self.k.work_problems}"
-        assert not self.s.work_problems, (f"{self.sname} workdir after unmount: "
-                                          f"{self.s.work_problems}")
+        assert not self.s.work_problems, f"{self.sname} workdir after unmount: {self.s.work_problems}"
 
     def assert_remount_stable(self):
         """Each side's view after unmount + remount equals its view before
@@ -644,12 +667,11 @@ class PairRun:
         self._need(self.k, "the remount")
         self._need(self.s, "the remount")
         assert self.k.remount_diff is not None, "run_pair(remount=True) needed"
-        assert not self.k.remount_diff, format_diff(self.k.remount_diff,
-                                                    "KERNEL (oracle) not stable on remount:")
+        assert not self.k.remount_diff, format_diff(self.k.remount_diff, "KERNEL (oracle) not stable on remount:")
         assert not self.s.remount_diff, format_diff(
-            self.s.remount_diff, f"{self.sname}: view after remount differs from before:")
-        d = diff_snapshots(self.k.remount_view, self.s.remount_view, a_name="kernel",
-                           b_name=self.sname)
+            self.s.remount_diff, f"{self.sname}: view after remount differs from before:"
+        )
+        d = diff_snapshots(self.k.remount_view, self.s.remount_view, a_name="kernel", b_name=self.sname)
         assert not d, format_diff(d, "views after remount differ:")
 
     def assert_all(self):
@@ -659,8 +681,7 @@ class PairRun:
         self.assert_workdirs()
 
 
-def run_pair(base: Path, layers, ops, *, remount: bool = False, options=(),
-             after=None) -> PairRun:
+def run_pair(base: Path, layers, ops, *, remount: bool = False, options=(), after=None) -> PairRun:
     """Build ``layers`` twice (``base/kernel``, ``base/subject``), run
     ``ops(mountpoint, recorder)`` on a kernel mount of the first and on a
     subject mount of the second (one after the other), snapshot the views
@@ -674,8 +695,7 @@ def run_pair(base: Path, layers, ops, *, remount: bool = False, options=(),
     k = SideRun("kernel", ks)
     _run_side(k, ops, remount=remount, after=after)
     if k.error is not None:
-        raise AssertionError(f"harness/oracle failure on the kernel side: {k.error!r}") \
-            from k.error
+        raise AssertionError(f"harness/oracle failure on the kernel side: {k.error!r}") from k.error
     s = SideRun("subject", ss)
     _run_side(s, ops, remount=remount, after=after)
     return PairRun(k, s)

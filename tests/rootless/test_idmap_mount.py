@@ -66,8 +66,12 @@ def test_root_mount_presents_mapped_owners(root_stack):
         assert _owner(m / "root_file") == (1000, 2000)
         assert _owner(m / "u5") == (1005, 2006)
         assert _owner(m / "u50") == (65534, 65534)  # stored ids outside every range: overflow
-        assert {e.name: (e.stat(follow_symlinks=False).st_uid) for e in os.scandir(m)} == \
-            {"root_file": 1000, "u5": 1005, "u50": 65534, "shared": 1000}
+        assert {e.name: (e.stat(follow_symlinks=False).st_uid) for e in os.scandir(m)} == {
+            "root_file": 1000,
+            "u5": 1005,
+            "u50": 65534,
+            "shared": 1000,
+        }
         # requests carry presented ids: chown writes stored ones, as root really (no override)
         os.chown(m / "root_file", 1003, 2004)
         assert _owner(m / "root_file") == (1003, 2004)
@@ -78,9 +82,12 @@ def test_root_mount_presents_mapped_owners(root_stack):
         assert _errno(os.mkdir, m / "shared" / "byroot") == errno.EINVAL
         fd = os.open(m / "shared", os.O_PATH | os.O_DIRECTORY)  # tmp_path is root's alone
         try:
-            r = subprocess.run(["setpriv", "--reuid=1002", "--regid=2002", "--clear-groups", "--",
-                                "touch", f"/proc/self/fd/{fd}/new"], capture_output=True, text=True,
-                               pass_fds=(fd,))
+            r = subprocess.run(
+                ["setpriv", "--reuid=1002", "--regid=2002", "--clear-groups", "--", "touch", f"/proc/self/fd/{fd}/new"],
+                capture_output=True,
+                text=True,
+                pass_fds=(fd,),
+            )
         finally:
             os.close(fd)
         assert r.returncode == 0, r.stderr
@@ -180,12 +187,15 @@ def test_rootless_map_shows_root_owned_image_as_root(user_stack):
 
     _mount(user, "--uidmap", umap, "--gidmap", gmap, lower, upper, merged)
     try:
-        out = _in_userns(user, f"""
+        out = _in_userns(
+            user,
+            f"""
             cd {merged}
             stat -c '%u %g' file dir dir/sub
             echo hi > dir/new; mkdir dir/newdir; echo more >> file; chmod 0640 dir/new
             stat -c '%u %g %a' dir/new dir/newdir file
-        """)
+        """,
+        )
         assert out.splitlines() == ["0 0", "0 0", "0 0", "0 0 640", "0 0 755", "0 0 644"]
         assert _in_userns(user, f"id -u; stat -c '%u' {merged}/dir/new").split() == ["0", "0"]
     finally:
@@ -208,8 +218,14 @@ def test_rootless_map_shows_root_owned_image_as_root(user_stack):
     if shutil.which("fuse-overlayfs") is None:
         pytest.skip("fuse-overlayfs not installed")
     fwork, fmnt = user.mkdirs("fwork", "fmnt")
-    r = user.run(["fuse-overlayfs", "-o", f"lowerdir={lower},upperdir={upper},workdir={fwork},"
-                  f"uidmapping={umap},gidmapping={gmap}", str(fmnt)])
+    r = user.run(
+        [
+            "fuse-overlayfs",
+            "-o",
+            f"lowerdir={lower},upperdir={upper},workdir={fwork},uidmapping={umap},gidmapping={gmap}",
+            str(fmnt),
+        ]
+    )
     assert r.returncode == 0, r.stderr
     try:
         fout = _in_userns(user, f"cd {fmnt}; stat -c '%n %u %g %a' dir/new dir/newdir file dir")

@@ -28,7 +28,7 @@ KEYS = ("type", "mode", "uid", "gid", "size", "sha256", "target", "rdev", "xattr
 
 _SNAPSHOT = f"""
 import json, sys
-sys.path.insert(0, {str(mounts.REPO_ROOT / 'tests')!r})
+sys.path.insert(0, {str(mounts.REPO_ROOT / "tests")!r})
 from helpers.snapshot import snapshot
 print(json.dumps(snapshot(sys.argv[1]), default=lambda o: o.decode("utf-8", "surrogateescape")))
 """
@@ -73,30 +73,33 @@ def _one_line_error(r: subprocess.CompletedProcess, *parts: str) -> None:
 def _user_layout(user):
     """A lower layer made by the user; empty upper, workdir and mountpoint of the user's."""
     lo, up, wk, mnt = user.mkdirs("lo", "up", "wk", "mnt")
-    r = user.sh("mkdir -p lo/d/sub lo/keep && echo a > lo/a && echo b > lo/d/b && echo c > lo/d/sub/c"
-                " && echo old > lo/old && echo x > lo/x && chmod 640 lo/x && ln -s a lo/ln"
-                " && echo k > lo/keep/k && setfattr -n user.tag -v lower lo/x"
-                " && touch -d 2001-01-01 lo/x")
+    r = user.sh(
+        "mkdir -p lo/d/sub lo/keep && echo a > lo/a && echo b > lo/d/b && echo c > lo/d/sub/c"
+        " && echo old > lo/old && echo x > lo/x && chmod 640 lo/x && ln -s a lo/ln"
+        " && echo k > lo/keep/k && setfattr -n user.tag -v lower lo/x"
+        " && touch -d 2001-01-01 lo/x"
+    )
     assert r.returncode == 0, r.stderr
     return lo, up, wk, mnt
 
 
 def _xattrs(path: Path) -> dict:
-    return {n: os.getxattr(path, n, follow_symlinks=False)
-            for n in os.listxattr(path, follow_symlinks=False)}
+    return {n: os.getxattr(path, n, follow_symlinks=False) for n in os.listxattr(path, follow_symlinks=False)}
 
 
 def test_write_as_user_then_kernel_userxattr_reads_the_same(user, tmp_path):
     lo, up, wk, mnt = _user_layout(user)
     _mount(user, lo, up, mnt, "--workdir", wk)
-    r = user.sh("test \"$(cat mnt/a)\" = a"
-                " && rm mnt/a"                                   # whiteout over a lower file
-                " && rm -r mnt/d && mkdir mnt/d && echo fresh > mnt/d/f"  # opaque directory
-                " && mv mnt/old mnt/renamed"                     # rename over a lower name
-                " && echo more >> mnt/keep/k"                    # copy-up of a file and its dir
-                " && setfattr -n user.note -v hi mnt/x && chmod 600 mnt/x"  # copy-up keeps xattrs, times
-                " && echo new > mnt/new && mkdir mnt/newdir && ln -s new mnt/newln"
-                " && ls mnt")
+    r = user.sh(
+        'test "$(cat mnt/a)" = a'
+        " && rm mnt/a"  # whiteout over a lower file
+        " && rm -r mnt/d && mkdir mnt/d && echo fresh > mnt/d/f"  # opaque directory
+        " && mv mnt/old mnt/renamed"  # rename over a lower name
+        " && echo more >> mnt/keep/k"  # copy-up of a file and its dir
+        " && setfattr -n user.note -v hi mnt/x && chmod 600 mnt/x"  # copy-up keeps xattrs, times
+        " && echo new > mnt/new && mkdir mnt/newdir && ln -s new mnt/newln"
+        " && ls mnt"
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["d", "keep", "ln", "new", "newdir", "newln", "renamed", "x"]
     first = _user_view(user, mnt)
@@ -140,23 +143,21 @@ def test_root_reads_a_user_upper_in_the_recorded_form(user, tmp_path):
 
     env = mounts.pyoverlay_env() | {"PYOVERLAY_STATE_DIR": str(tmp_path / "state")}
     cli = [sys.executable, "-m", "pyoverlay_cli"]
-    r = subprocess.run([*cli, "mount", "-o", "nouserxattr", lo, up, mnt, "--workdir", wk],
-                       capture_output=True, text=True, env=env)
-    _one_line_error(r, f"upper layer '{up}' has user.overlay.* private xattrs",
-                    "-o nouserxattr conflicts with it")
+    r = subprocess.run(
+        [*cli, "mount", "-o", "nouserxattr", lo, up, mnt, "--workdir", wk], capture_output=True, text=True, env=env
+    )
+    _one_line_error(r, f"upper layer '{up}' has user.overlay.* private xattrs", "-o nouserxattr conflicts with it")
     # the user's workdir is refused to root (its work/ would be the user's to swap entries
     # in while root builds objects there: docs/rootless.md, "Security model")
     before = sorted(os.listdir(wk))
-    r = subprocess.run([*cli, "mount", lo, up, mnt, "--workdir", wk], capture_output=True, text=True,
-                       env=env)
+    r = subprocess.run([*cli, "mount", lo, up, mnt, "--workdir", wk], capture_output=True, text=True, env=env)
     assert r.returncode != 0 and r.stderr.count("\n") == 1, r.stderr
     assert f"workdir '{wk}' belongs to uid {user.uid}, not to the mounting user (uid 0)" in r.stderr
     assert not mounts.is_mounted(mnt) and sorted(os.listdir(wk)) == before
     # a workdir of root's beside the user's upper: the form is found on the upper's files
     rwk = user.dir / "rootwk"
     rwk.mkdir()
-    r = subprocess.run([*cli, "mount", lo, up, mnt, "--workdir", rwk], capture_output=True, text=True,
-                       env=env)
+    r = subprocess.run([*cli, "mount", lo, up, mnt, "--workdir", rwk], capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr
     try:
         _same(view, _view(snapshot(mnt)), "pyoverlay as root without -o userxattr")
@@ -176,8 +177,11 @@ def test_recorded_trusted_form_and_nouserxattr_are_refused(user):
     _one_line_error(r, "-o nouserxattr", "needs root")
     (wk / "pyoverlay.json").write_text('{"userxattr": false}\n')
     r = user.pyoverlay("mount", lo, up, mnt, "--workdir", wk)
-    _one_line_error(r, f"upper layer '{up}' has trusted.overlay.* private xattrs (recorded in "
-                       f"'{wk}/pyoverlay.json')", "mount it as root")
+    _one_line_error(
+        r,
+        f"upper layer '{up}' has trusted.overlay.* private xattrs (recorded in '{wk}/pyoverlay.json')",
+        "mount it as root",
+    )
     assert not mounts.is_mounted(mnt) and os.listdir(wk) == ["pyoverlay.json"]
 
 
@@ -206,7 +210,7 @@ def test_allow_other_without_user_allow_other(user):
 
 
 def test_lower_files_the_user_may_not_read_stay_unreadable(user):
-    lo = user.dir / "rootlo"          # made by root
+    lo = user.dir / "rootlo"  # made by root
     lo.mkdir()
     (lo / "secret").write_text("root only\n")
     os.chmod(lo / "secret", 0o600)
@@ -246,10 +250,18 @@ def test_fusermount3_not_setuid(user, tmp_path):
     copy.write_bytes(Path(tool).read_bytes())
     copy.chmod(0o755)
     lo, up, _wk, mnt = _user_layout(user)
-    argv = ["unshare", "-m", "--propagation", "private", "sh", "-c",
-            'mount --bind "$0" "$1" && shift && exec "$@"', copy, tool,
-            *user.argv([VENV_BIN / "pyoverlay", "mount", lo, up, mnt])]
-    r = subprocess.run(list(map(str, argv)), capture_output=True, text=True, cwd=user.dir,
-                       env=user.env(), timeout=60)
+    argv = [
+        "unshare",
+        "-m",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        'mount --bind "$0" "$1" && shift && exec "$@"',
+        copy,
+        tool,
+        *user.argv([VENV_BIN / "pyoverlay", "mount", lo, up, mnt]),
+    ]
+    r = subprocess.run(list(map(str, argv)), capture_output=True, text=True, cwd=user.dir, env=user.env(), timeout=60)
     _one_line_error(r, f"{tool} is not setuid root", "chmod u+s")
     assert not mounts.is_mounted(mnt) and not (user.dir / ".up.pyoverlay-work").exists()

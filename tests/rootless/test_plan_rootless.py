@@ -43,8 +43,8 @@ def test_rootless_plan_is_built_by_the_user_and_creates_nothing(user):
     assert _walk(user.dir) == before, "planning created something"
     p = json.loads(r.stdout)
     assert p["rootless"] and p["mode"] == "single" and p["users_image"]
-    assert p["new_owner"] == [user.uid, user.gid]     # the user's files are root's inside
-    assert p["uidmap"] == [[user.uid, 0, 1]]           # the server's map: stored UID shown as 0
+    assert p["new_owner"] == [user.uid, user.gid]  # the user's files are root's inside
+    assert p["uidmap"] == [[user.uid, 0, 1]]  # the server's map: stored UID shown as 0
     assert not p["cgroup"] and p["hostname"] == "box" and not p["data_exists"]
     assert "data" in p["todo"] and "proc" in p["todo"]
 
@@ -56,8 +56,9 @@ def test_unmapped_user_is_refused_before_anything_is_made(user):
     r = user.pyoverlay("run", "--rm", "--userns-map", "single", "-u", "1000", img, "true")
     assert r.returncode == 125, r.stderr
     err = r.stderr.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("pyoverlay: cannot run as uid 1000 gid ") and "not mapped" in err[0], r.stderr
+    assert len(err) == 1 and err[0].startswith("pyoverlay: cannot run as uid 1000 gid ") and "not mapped" in err[0], (
+        r.stderr
+    )
     for d in (user.state_dir / "containers", user.data_dir / "containers"):
         assert not d.exists() or [n for n in os.listdir(d) if not n.startswith(".")] == [], os.listdir(d)
-    assert not (user.data_dir / "containers").exists() or not any(
-        (user.data_dir / "containers").iterdir())
+    assert not (user.data_dir / "containers").exists() or not any((user.data_dir / "containers").iterdir())

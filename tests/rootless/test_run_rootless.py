@@ -62,9 +62,18 @@ def test_run_root_image(user, mode):
     the user with 0:0 recorded, image files can be changed and deleted (whiteouts)."""
     img = busybox_image(user, "busybox", owned_by_user=False)
     (upper,) = user.mkdirs("upper")
-    r = _run(user, "--rm", "--upper", upper, img, "sh", "-c",
-             "id; ps -o pid,user,comm; echo new > /created; echo more >> /etc/motd; rm /etc/passwd;"
-             " stat -c '%u:%g' / /bin/busybox /created", mode=mode)
+    r = _run(
+        user,
+        "--rm",
+        "--upper",
+        upper,
+        img,
+        "sh",
+        "-c",
+        "id; ps -o pid,user,comm; echo new > /created; echo more >> /etc/motd; rm /etc/passwd;"
+        " stat -c '%u:%g' / /bin/busybox /created",
+        mode=mode,
+    )
     assert r.returncode == 0, r.stderr
     out = r.stdout.splitlines()
     assert out[0].startswith("uid=0(root) gid=0(root)"), r.stdout
@@ -86,11 +95,19 @@ def test_run_user_image_chown_subid(user):
     subordinate id, recorded in the override (the server cannot chown to it)."""
     img = busybox_image(user, "busybox", owned_by_user=True)
     (upper,) = user.mkdirs("upper")
-    r = _run(user, "--rm", "--upper", upper, img, "sh", "-c",
-             "touch /mine /f && chown 1:1 /f && stat -c '%u:%g' / /bin/busybox /mine /f")
+    r = _run(
+        user,
+        "--rm",
+        "--upper",
+        upper,
+        img,
+        "sh",
+        "-c",
+        "touch /mine /f && chown 1:1 /f && stat -c '%u:%g' / /bin/busybox /mine /f",
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["0:0", "0:0", "0:0", "1:1"]
-    (start, _n), = user.subuid_ranges()
+    ((start, _n),) = user.subuid_ranges()
     assert _stored_owner(upper / "mine") == (user.uid, user.gid)
     assert _stored_owner(upper / "f") == (start, start)
 

@@ -62,6 +62,7 @@ def one_line_error(r, code: int, *words) -> None:
 # item 5
 # --------------------------------------------------------------------------
 
+
 @pytest.mark.needs_root
 @pytest.mark.fuse
 def test_other_user_cannot_write_into_a_running_container(user, root_base, bare_image):
@@ -100,11 +101,14 @@ def test_other_user_cannot_plant_files_in_image_layers(user, root_base, tmp_path
 # item 8
 # --------------------------------------------------------------------------
 
+
 def _victim_store(user) -> Path:
     """The victim's data dir (with containers/, there after any run) and image store, made
     by the victim (0700 as pyoverlay makes them)."""
-    r = user.sh(f"mkdir -p -m 700 {user.data_dir}/images/blobs {user.data_dir}/containers && "
-                f"echo mine > {user.data_dir}/images/blobs/keep")
+    r = user.sh(
+        f"mkdir -p -m 700 {user.data_dir}/images/blobs {user.data_dir}/containers && "
+        f"echo mine > {user.data_dir}/images/blobs/keep"
+    )
     assert r.returncode == 0, describe(r)
     return user.data_dir / "images" / "blobs" / "keep"
 
@@ -113,9 +117,17 @@ def _plant(state: Path, user) -> None:
     """Another user's state dir with a record whose data dir leads to the victim's store."""
     d = state / "containers" / CID
     d.mkdir(parents=True)
-    rec = {"id": CID, "name": "bait", "command": ["true"], "status": "exited", "exit_code": 0,
-           "created": time.time(), "finished": time.time(), "layers": [],
-           "data_dir": f"{user.data_dir}/containers/.."}
+    rec = {
+        "id": CID,
+        "name": "bait",
+        "command": ["true"],
+        "status": "exited",
+        "exit_code": 0,
+        "created": time.time(),
+        "finished": time.time(),
+        "layers": [],
+        "data_dir": f"{user.data_dir}/containers/..",
+    }
     (d / "state.json").write_text(json.dumps(rec))
     for p in (state, state / "containers", d, d / "state.json"):
         os.chown(p, ATTACKER, ATTACKER)
@@ -150,10 +162,19 @@ def test_planted_default_state_dir_in_tmp_is_refused(user):
             argv = [str(a) for a in user.argv([*pyoverlay, *args])]
             if existed:
                 script = 'mount --bind "$0" "$1" && shift && exec "$@"'
-                argv = ["unshare", "--mount", "--propagation", "private", "sh", "-c", script,
-                        str(planted), str(default), *argv]
-            return subprocess.run(argv, capture_output=True, text=True, env=user.env(),
-                                  cwd=user.dir, timeout=60)
+                argv = [
+                    "unshare",
+                    "--mount",
+                    "--propagation",
+                    "private",
+                    "sh",
+                    "-c",
+                    script,
+                    str(planted),
+                    str(default),
+                    *argv,
+                ]
+            return subprocess.run(argv, capture_output=True, text=True, env=user.env(), cwd=user.dir, timeout=60)
 
         r = victim("rm", CID)
         assert keep.exists(), "the victim's rm deleted the victim's image store\n" + describe(r)

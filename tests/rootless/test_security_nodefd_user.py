@@ -25,8 +25,19 @@ from helpers.rootless import VENV_BIN
 
 pytestmark = [pytest.mark.fuse, pytest.mark.kernel]
 
-OPS = ["fchmod", "fchown", "ftruncate", "truncate_opath", "setxattr", "removexattr", "utimes",
-       "reopen", "unlinked", "other", "fifo"]
+OPS = [
+    "fchmod",
+    "fchown",
+    "ftruncate",
+    "truncate_opath",
+    "setxattr",
+    "removexattr",
+    "utimes",
+    "reopen",
+    "unlinked",
+    "other",
+    "fifo",
+]
 
 
 def _as_user(user, mount, op: str, host) -> dict:
@@ -36,7 +47,7 @@ def _as_user(user, mount, op: str, host) -> dict:
 
 @pytest.mark.parametrize("op", OPS)
 def test_user_acts_through_fd_of_a_replaced_name(user, op):
-    host = user.dir / "rootfile"      # root's, 0644: the user may not change it
+    host = user.dir / "rootfile"  # root's, 0644: the user may not change it
     before = make_host_file(host)
     out = {}
     for kind in ("kernel", "pyoverlay"):
@@ -49,7 +60,7 @@ def test_user_acts_through_fd_of_a_replaced_name(user, op):
             out[kind] = _as_user(user, m, op, host)
             if kind == "pyoverlay":
                 assert out[kind]["result"] != "hung", "the server hung"
-                assert os.path.isdir(m.path / "tmp")   # and still answers
+                assert os.path.isdir(m.path / "tmp")  # and still answers
     after = host_state(host)
     assert after == before, f"the root-owned file was changed through the mount: {before} -> {after}"
     assert out["pyoverlay"] == out["kernel"]
@@ -62,24 +73,29 @@ def test_issue_sequence_does_not_make_a_host_file_setuid(user):
     before = make_host_file(host)
     lo, up, wk = build_layers(user.dir, "x")
     with mounts.PyoverlayMount([lo], user.dir / "m", up, wk, watchdog=60) as m:
-        script = (f"cd {m.path}/tmp; echo x > g; ln -s {host} s; exec 3<g; mv -f s g; "
-                  "python3 -c 'import os; os.fchmod(3, 0o4755); print(oct(os.fstat(3).st_mode))'")
-        out = run_bounded(user.argv(["sh", "-c", script + " | sed 's/^/{\"mode\": \"/; s/$/\"}/'"]),
-                          m, timeout=20, env=user.env())
+        script = (
+            f"cd {m.path}/tmp; echo x > g; ln -s {host} s; exec 3<g; mv -f s g; "
+            "python3 -c 'import os; os.fchmod(3, 0o4755); print(oct(os.fstat(3).st_mode))'"
+        )
+        out = run_bounded(
+            user.argv(["sh", "-c", script + ' | sed \'s/^/{"mode": "/; s/$/"}/\'']), m, timeout=20, env=user.env()
+        )
     assert host_state(host) == before, "the root-owned file was changed through the mount"
-    assert out == {"mode": "0o104755"}   # the user's own, unlinked g got the mode (as the kernel)
+    assert out == {"mode": "0o104755"}  # the user's own, unlinked g got the mode (as the kernel)
 
 
 def _walk(user, mnt) -> subprocess.CompletedProcess:
-    script = ("import os, sys\n"
-              "n = e = 0\n"
-              "for dp, ds, fs in os.walk(sys.argv[1], onerror=lambda exc: print(exc, file=sys.stderr)):\n"
-              "    for f in fs:\n"
-              "        try:\n"
-              "            os.lstat(os.path.join(dp, f)); n += 1\n"
-              "        except OSError as exc:\n"
-              "            e += 1; print(exc, file=sys.stderr)\n"
-              "print(n, e)\n")
+    script = (
+        "import os, sys\n"
+        "n = e = 0\n"
+        "for dp, ds, fs in os.walk(sys.argv[1], onerror=lambda exc: print(exc, file=sys.stderr)):\n"
+        "    for f in fs:\n"
+        "        try:\n"
+        "            os.lstat(os.path.join(dp, f)); n += 1\n"
+        "        except OSError as exc:\n"
+        "            e += 1; print(exc, file=sys.stderr)\n"
+        "print(n, e)\n"
+    )
     return user.run(["/usr/bin/python3", "-c", script, mnt], timeout=120)
 
 
@@ -90,12 +106,28 @@ def test_fd_limit_clamps_the_budget_and_a_huge_dir_tree_fails_cleanly(user):
     beyond the limit fail with EMFILE, never crash the server, which then gets the kernel
     to forget directories, still serves and unmounts cleanly."""
     lo, up, wk, mnt = user.mkdirs("lo", "up", "wk", "mnt")
-    r = user.sh("for d in 0 1 2 3 4 5; do mkdir lo/f$d; (cd lo/f$d && seq 1 500 | xargs touch); done;"
-                " mkdir lo/dirs && cd lo/dirs && seq 1 1500 | xargs mkdir && echo keep > 1/file")
+    r = user.sh(
+        "for d in 0 1 2 3 4 5; do mkdir lo/f$d; (cd lo/f$d && seq 1 500 | xargs touch); done;"
+        " mkdir lo/dirs && cd lo/dirs && seq 1 1500 | xargs mkdir && echo keep > 1/file"
+    )
     assert r.returncode == 0, r.stderr
     log = user.dir / "server.log"
-    r = user.run(["prlimit", "--nofile=1024:1024", "--", VENV_BIN / "pyoverlay", "mount", "--log", log,
-                  "--workdir", wk, lo, up, mnt])
+    r = user.run(
+        [
+            "prlimit",
+            "--nofile=1024:1024",
+            "--",
+            VENV_BIN / "pyoverlay",
+            "mount",
+            "--log",
+            log,
+            "--workdir",
+            wk,
+            lo,
+            up,
+            mnt,
+        ]
+    )
     assert r.returncode == 0, r.stderr
     try:
         text = log.read_text()

@@ -49,17 +49,23 @@ while not os.path.exists(stop):
 
 def _attack(user, lower, mnt, work, victim) -> None:
     """The user's swap loop on work/ while root copies files up through the mount."""
-    grave, = user.mkdirs("grave")
+    (grave,) = user.mkdirs("grave")
     stop = user.dir / "stop"
-    proc = subprocess.Popen(user.argv([VENV_BIN / "python", "-c", SWAPPER, work, victim, grave, stop]),
-                            cwd=user.dir, env=user.env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        user.argv([VENV_BIN / "python", "-c", SWAPPER, work, victim, grave, stop]),
+        cwd=user.dir,
+        env=user.env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
+
         def trigger(name):
             try:
                 os.close(os.open(mnt / name, os.O_WRONLY))
             except OSError:
                 pass
+
         threads = [threading.Thread(target=trigger, args=(p.name,)) for p in lower.iterdir()]
         for t in threads:
             t.start()
@@ -73,35 +79,42 @@ def _attack(user, lower, mnt, work, victim) -> None:
 
 def test_root_refuses_the_users_workdir_and_the_race_is_gone(user):
     up, wk, mnt = user.mkdirs("up", "wk", "mnt")
-    work, = user.mkdirs("wk/work")          # the user's own work/ (it made it before the mount)
+    (work,) = user.mkdirs("wk/work")  # the user's own work/ (it made it before the mount)
     os.chmod(work, 0o700)
-    lower = user.dir / "rootlower"          # root's layer: set-uid root programs
+    lower = user.dir / "rootlower"  # root's layer: set-uid root programs
     lower.mkdir()
     for i in range(16):
         p = lower / f"prog{i}"
         p.write_bytes(b"#!/bin/sh\necho hi\n" * 50000)  # ~1 MB: the copy-up takes a while
         os.chmod(p, 0o4755)
-    rootbin = user.dir / "rootbin"          # a root file the user wants set-uid
+    rootbin = user.dir / "rootbin"  # a root file the user wants set-uid
     rootbin.mkdir()
     victim = rootbin / "victim"
     victim.write_bytes(b"#!/bin/sh\nid\n")
     os.chmod(victim, 0o755)
 
     env = mounts.pyoverlay_env() | {"PYOVERLAY_STATE_DIR": str(user.dir / "rootstate")}
-    r = subprocess.run([*CLI, "mount", "--workdir", str(wk), str(lower), str(up), str(mnt)],
-                       capture_output=True, text=True, env=env, timeout=60)
+    r = subprocess.run(
+        [*CLI, "mount", "--workdir", str(wk), str(lower), str(up), str(mnt)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
     if r.returncode == 0:  # f323dfb: mounted. Show what the user can then do with it.
         try:
             _attack(user, lower, mnt, work, victim)
         finally:
             subprocess.run([*CLI, "umount", str(mnt)], capture_output=True, env=env, timeout=60)
         st = os.stat(victim)
-        pytest.fail(f"root mounted the user's workdir; after the user's swaps in work/ the root-owned "
-                    f"victim has mode {oct(stat.S_IMODE(st.st_mode))} (was 0o755), owner {st.st_uid}")
+        pytest.fail(
+            f"root mounted the user's workdir; after the user's swaps in work/ the root-owned "
+            f"victim has mode {oct(stat.S_IMODE(st.st_mode))} (was 0o755), owner {st.st_uid}"
+        )
     assert r.stderr.count("\n") == 1 and r.stderr.startswith("pyoverlay: "), r.stderr
     assert f"workdir '{wk}' belongs to uid {user.uid}, not to the mounting user (uid 0)" in r.stderr
     assert not mounts.is_mounted(mnt)
     assert os.listdir(wk) == ["work"] and os.listdir(work) == [] and os.listdir(up) == []
     st = os.stat(work)
-    assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (user.uid, 0o700)   # not even chmod'ed
+    assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (user.uid, 0o700)  # not even chmod'ed
     assert stat.S_IMODE(os.stat(victim).st_mode) == 0o755

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from runner.cgroups import CgroupError, Cgroup, Layout, Limits, detect, parse_size
+from runner.cgroups import Cgroup, CgroupError, Layout, Limits, detect, parse_size
 
 PARENT = "pyoverlay-test"
 MiB = 1 << 20
@@ -47,25 +47,44 @@ HYBRID_MOUNTINFO = """\
 
 
 def v2_mountinfo(root) -> str:
-    return ("24 1 0:22 / /proc rw,nosuid - proc proc rw\n"
-            f"30 23 0:26 / {root} rw,nosuid,nodev,noexec,relatime shared:4 - cgroup2 cgroup2 "
-            "rw,nsdelegate,memory_recursiveprot\n")
+    return (
+        "24 1 0:22 / /proc rw,nosuid - proc proc rw\n"
+        f"30 23 0:26 / {root} rw,nosuid,nodev,noexec,relatime shared:4 - cgroup2 cgroup2 "
+        "rw,nsdelegate,memory_recursiveprot\n"
+    )
 
 
 # --------------------------------------------------------------------------
 # pure
 # --------------------------------------------------------------------------
 
-@pytest.mark.parametrize("text, value", [
-    ("1024", 1024), ("10b", 10), ("512k", 512 << 10), ("64m", 64 * MiB), ("64M", 64 * MiB),
-    ("1g", 1 << 30), ("2G", 2 << 30), ("1", 1), ("1.5g", 3 << 29), ("64mb", 64 * MiB),
-    ("64MiB", 64 * MiB), ("1t", 1 << 40), (" 8 k ", 8 << 10), (str(1 << 60), 1 << 60),
-])
+
+@pytest.mark.parametrize(
+    "text, value",
+    [
+        ("1024", 1024),
+        ("10b", 10),
+        ("512k", 512 << 10),
+        ("64m", 64 * MiB),
+        ("64M", 64 * MiB),
+        ("1g", 1 << 30),
+        ("2G", 2 << 30),
+        ("1", 1),
+        ("1.5g", 3 << 29),
+        ("64mb", 64 * MiB),
+        ("64MiB", 64 * MiB),
+        ("1t", 1 << 40),
+        (" 8 k ", 8 << 10),
+        (str(1 << 60), 1 << 60),
+    ],
+)
 def test_parse_size(text, value):
     assert parse_size(text) == value
 
 
-@pytest.mark.parametrize("text", ["", "m", "0", "0m", "0.0001k", "-1", "1e6", "1p", "64mib2", "ten", "1 g 2", "ib", "5i"])
+@pytest.mark.parametrize(
+    "text", ["", "m", "0", "0m", "0.0001k", "-1", "1e6", "1p", "64mib2", "ten", "1 g 2", "ib", "5i"]
+)
 def test_parse_size_rejects(text):
     with pytest.raises(ValueError, match="invalid size"):
         parse_size(text)
@@ -74,8 +93,7 @@ def test_parse_size_rejects(text):
 def test_limits():
     assert not Limits().any()
     assert Limits(memory=1).any() and Limits(pids=1).any() and Limits(cpus=0.5).any()
-    for bad in (dict(memory=0), dict(pids=-1), dict(cpus=0), dict(cpus=0.001),
-                dict(cpus=float("inf"))):
+    for bad in (dict(memory=0), dict(pids=-1), dict(cpus=0), dict(cpus=0.001), dict(cpus=float("inf"))):
         with pytest.raises(ValueError):
             Limits(**bad)
 
@@ -84,9 +102,13 @@ def test_detect_v1_comounted():
     layout = detect(V1_MOUNTINFO)
     assert layout.mode == "v1"
     assert layout.v2_root is None and layout.v2_controllers == frozenset()
-    assert layout.v1 == {"cpu": "/sys/fs/cgroup/cpu,cpuacct", "cpuacct": "/sys/fs/cgroup/cpu,cpuacct",
-                         "cpuset": "/sys/fs/cgroup/cpuset", "memory": "/sys/fs/cgroup/memory",
-                         "pids": "/sys/fs/cgroup/pids"}
+    assert layout.v1 == {
+        "cpu": "/sys/fs/cgroup/cpu,cpuacct",
+        "cpuacct": "/sys/fs/cgroup/cpu,cpuacct",
+        "cpuset": "/sys/fs/cgroup/cpuset",
+        "memory": "/sys/fs/cgroup/memory",
+        "pids": "/sys/fs/cgroup/pids",
+    }
 
 
 def test_detect_v2(tmp_path):
@@ -97,15 +119,14 @@ def test_detect_v2(tmp_path):
 
 
 def test_detect_hybrid(tmp_path):
-    unified = tmp_path / "uni\\040fied"          # mountinfo escapes spaces as \040
+    unified = tmp_path / "uni\\040fied"  # mountinfo escapes spaces as \040
     (tmp_path / "uni fied").mkdir()
     (tmp_path / "uni fied" / "cgroup.controllers").write_text("hugetlb\n")
     layout = detect(HYBRID_MOUNTINFO.format(unified=unified))
     assert layout.mode == "hybrid"
     assert layout.v2_root == str(tmp_path / "uni fied")
     assert layout.v2_controllers == {"hugetlb"}
-    assert set(layout.v1) == {"cpu", "cpuacct", "cpuset", "memory", "devices", "freezer",
-                              "blkio", "pids"}
+    assert set(layout.v1) == {"cpu", "cpuacct", "cpuset", "memory", "devices", "freezer", "blkio", "pids"}
     assert layout.v1["cpu"] == "/sys/fs/cgroup/cpu"
 
 
@@ -128,6 +149,7 @@ def test_from_dict_rejects_garbage():
 # --------------------------------------------------------------------------
 # fake trees in tmp_path (plain directories, not cgroupfs)
 # --------------------------------------------------------------------------
+
 
 def fake_v2(tmp_path, controllers="cpuset cpu io memory pids") -> Layout:
     root = tmp_path / "cgroup2"
@@ -154,8 +176,8 @@ def test_fake_v2_create_writes_limits_and_remove(tmp_path):
     for f in ("memory.max", "pids.max", "cpu.max"):
         (d / f).unlink()
     cg.remove()
-    assert not d.exists() and (root / PARENT).is_dir()    # the shared parent stays
-    cg.remove()                                            # idempotent
+    assert not d.exists() and (root / PARENT).is_dir()  # the shared parent stays
+    cg.remove()  # idempotent
 
 
 def test_fake_v2_without_limits_or_controllers(tmp_path):
@@ -173,14 +195,13 @@ def test_fake_v2_missing_controller(tmp_path):
     layout = fake_v2(tmp_path, controllers="cpu pids")
     with pytest.raises(CgroupError, match=r"cannot limit memory: no memory controller.*offers: cpu, pids"):
         Cgroup.create("c3", Limits(memory=MiB), layout, parent=PARENT)
-    assert not (Path(layout.v2_root) / PARENT).exists()   # nothing created
+    assert not (Path(layout.v2_root) / PARENT).exists()  # nothing created
 
 
 def test_fake_hybrid_uses_v2_only_for_what_v1_lacks(tmp_path):
     layout = fake_v2(tmp_path, controllers="pids hugetlb")
     (tmp_path / "memory").mkdir()
-    layout = Layout("hybrid", {"memory": str(tmp_path / "memory")}, layout.v2_root,
-                    layout.v2_controllers)
+    layout = Layout("hybrid", {"memory": str(tmp_path / "memory")}, layout.v2_root, layout.v2_controllers)
     cg = Cgroup.create("c6", Limits(memory=64 * MiB, pids=5), layout, parent=PARENT)
     mem, uni = tmp_path / "memory" / PARENT / "c6", Path(layout.v2_root) / PARENT / "c6"
     assert cg.paths == {"memory": str(mem), "pids": str(uni), "unified": str(uni)}
@@ -198,8 +219,12 @@ def test_fake_v1_half_way_failure_is_undone(tmp_path):
     for h in ("memory", "pids", "cpu,cpuacct"):
         (tmp_path / h).mkdir()
     (tmp_path / "pids" / PARENT).write_text("not a directory")
-    layout = Layout("v1", {"memory": str(tmp_path / "memory"), "pids": str(tmp_path / "pids"),
-                           "cpu": str(tmp_path / "cpu,cpuacct")}, None, frozenset())
+    layout = Layout(
+        "v1",
+        {"memory": str(tmp_path / "memory"), "pids": str(tmp_path / "pids"), "cpu": str(tmp_path / "cpu,cpuacct")},
+        None,
+        frozenset(),
+    )
     with pytest.raises(CgroupError, match="cannot create cgroup"):
         Cgroup.create("c4", Limits(), layout, parent=PARENT)
     assert not (tmp_path / "memory" / PARENT / "c4").exists()
@@ -218,6 +243,7 @@ def test_fake_existing_cgroup_is_an_error_and_kept(tmp_path):
 # real cgroups (root)
 # --------------------------------------------------------------------------
 
+
 @pytest.fixture
 def real_layout():
     if os.geteuid() != 0:
@@ -234,7 +260,7 @@ def _remove_test_parents():
         try:
             os.rmdir(os.path.join(mount, PARENT))
         except OSError:
-            pass                        # absent, or still in use
+            pass  # absent, or still in use
 
 
 @pytest.fixture
@@ -260,8 +286,7 @@ def spawn():
     children = []
 
     def start(argv, **kw):
-        p = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, **kw)
+        p = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw)
         children.append(p)
         return p
 
@@ -279,7 +304,7 @@ def go(p, timeout=60):
 
 WAIT = "import sys; sys.stdin.read(1); "
 HOG = WAIT + "b = bytearray(64 << 20); b[::4096] = b'x' * len(range(0, len(b), 4096)); print('survived')"
-FORK_40 = 'read x; i=0; while [ $i -lt 40 ]; do sleep 30 >/dev/null 2>&1 & i=$((i+1)); done; echo started'
+FORK_40 = "read x; i=0; while [ $i -lt 40 ]; do sleep 30 >/dev/null 2>&1 & i=$((i+1)); done; echo started"
 
 
 def need_v1(layout, *controllers):
@@ -345,7 +370,7 @@ def test_real_v1_pids_limit_stops_forks(real_layout, make_cgroup, spawn):
     assert p.returncode != 0 and "started" not in out
     assert "fork" in err.lower(), err
     left = cg.procs()
-    assert 0 < len(left) <= 20                     # the sleeps that did start
+    assert 0 < len(left) <= 20  # the sleeps that did start
     cg.kill_all()
     assert cg.procs() == []
     cg.remove()
@@ -387,7 +412,7 @@ def test_real_v2_membership_and_cgroup_kill(real_layout, make_cgroup, spawn):
     cg.add(p.pid)
     assert cg.procs() == [p.pid]
     assert f"0::/{PARENT}/{cg.name}\n" in Path(f"/proc/{p.pid}/cgroup").read_text()
-    cg.kill_all()                                  # through cgroup.kill when the kernel has it
+    cg.kill_all()  # through cgroup.kill when the kernel has it
     assert p.wait(timeout=10) == -signal.SIGKILL
     cg.remove()
     assert not os.path.exists(d)

@@ -20,7 +20,6 @@ from helpers import archives as A
 from helpers import snapshot as S
 from helpers.containers import describe
 from helpers.mounts import KernelOverlay, PyoverlayMount
-
 from runner.images.local import LocalStore
 
 IGNORE = A.IGNORE
@@ -66,9 +65,9 @@ EXPECTED = [
     ("./", DIR, 0o755, 0, 0, 0, "", []),
     ("bin/", DIR, 0o755, 0, 0, 0, "", []),
     ("bin/.wh.tool-again", R, 0o600, 0, 0, 0, "", []),
-    ("data/", DIR, 0o2775, 0, 100, 0, "", []),   # copied up from the middle layer
+    ("data/", DIR, 0o2775, 0, 100, 0, "", []),  # copied up from the middle layer
     ("data/.wh.a.txt", R, 0o600, 0, 0, 0, "", []),
-    ("data/sub/", DIR, 0o2755, 0, 100, 0, "", []),        # setgid inherited from data/
+    ("data/sub/", DIR, 0o2755, 0, 100, 0, "", []),  # setgid inherited from data/
     ("data/sub/.wh..wh..opq", R, 0o755, 0, 100, 0, "", []),
     ("data/sub/fresh.txt", R, 0o644, 0, 100, 6, "", []),
     ("etc/", DIR, 0o755, 0, 0, 0, "", []),
@@ -94,8 +93,6 @@ def tar_entries(path: Path) -> list[tuple]:
     return out
 
 
-
-
 def check_tar(path: Path, loose=frozenset()) -> None:
     got = tar_entries(path)
     assert [g[0] for g in got] == [w[0] for w in EXPECTED]
@@ -106,16 +103,16 @@ def check_tar(path: Path, loose=frozenset()) -> None:
     with tarfile.open(path) as tf:
         for m in tf:
             for k in m.pax_headers:
-                assert not k.startswith(("SCHILY.xattr.trusted.overlay.o", "SCHILY.xattr.trusted.overlay.i",
-                                         "SCHILY.xattr.user.overlay.")), (m.name, k)
+                assert not k.startswith(
+                    ("SCHILY.xattr.trusted.overlay.o", "SCHILY.xattr.trusted.overlay.i", "SCHILY.xattr.user.overlay.")
+                ), (m.name, k)
 
 
 MOUNTS = {"kernel": KernelOverlay, "pyoverlay": PyoverlayMount}
 
 
 @pytest.mark.kernel
-@pytest.mark.parametrize("kind", [
-    "kernel", pytest.param("pyoverlay", marks=pytest.mark.fuse)])
+@pytest.mark.parametrize("kind", ["kernel", pytest.param("pyoverlay", marks=pytest.mark.fuse)])
 def test_commit_tar_and_image_round_trip(store, tmp_path, kind):
     img = LocalStore(str(store)).resolve(A.DEMO_TAG)
     upper, work = tmp_path / "upper", tmp_path / "work"
@@ -154,7 +151,14 @@ def test_commit_plain_upper_without_parent(tmp_path):
     diff = S.diff_snapshots(S.snapshot(upper), S.snapshot(img.layers[0]), ignore_keys=IGNORE)
     assert not diff, S.format_diff(diff)
     assert [e[0] for e in tar_entries(tmp_path / "l.tar")] == [
-        "./", "data/", "data/sub/", "data/sub/.wh..wh..opq", "data/sub/c.txt", "etc/", "etc/.wh.motd"]
+        "./",
+        "data/",
+        "data/sub/",
+        "data/sub/.wh..wh..opq",
+        "data/sub/c.txt",
+        "etc/",
+        "etc/.wh.motd",
+    ]
 
 
 def test_commit_errors(store, tmp_path):
@@ -174,6 +178,7 @@ def test_commit_errors(store, tmp_path):
 # --------------------------------------------------------------------------
 # real containers
 # --------------------------------------------------------------------------
+
 
 def _busybox_archive(images, tmp_path) -> Path:
     tars = [A.dir_tar(l) for l in reversed(images.two_layer.layers)]
@@ -215,8 +220,16 @@ def test_commit_container_with_parent(rt, images, tmp_path):
 def test_commit_container_on_plain_dirs(rt, images, tmp_path):
     """No image: the container's lower dirs become the image's base layers."""
     upper = tmp_path / "upper"
-    r = rt.run("--name", "c2", "--upper", upper, images.two_layer.spec, "sh", "-c",
-               "echo changed > /changed && rm -r /app && mkdir /app && echo n > /app/n")
+    r = rt.run(
+        "--name",
+        "c2",
+        "--upper",
+        upper,
+        images.two_layer.spec,
+        "sh",
+        "-c",
+        "echo changed > /changed && rm -r /app && mkdir /app && echo n > /app/n",
+    )
     assert r.returncode == 0, describe(r)
     r = rt.ok("commit", "c2", "--image", "plain:1")
     img = LocalStore(str(rt.data / "images")).resolve("plain:1")
@@ -230,4 +243,3 @@ def test_commit_container_on_plain_dirs(rt, images, tmp_path):
     assert r.returncode == 0, describe(r)
     assert r.stdout.split() == ["changed", "n", "no-vi"], describe(r)
     rt.ok("rm", "c2")
-

@@ -24,7 +24,6 @@ import pytest
 from helpers import dockerd, dockerstore, mounts, rootfs
 from helpers.containers import describe
 from helpers.snapshot import diff_snapshots, format_diff, snapshot
-
 from runner.images import Image, ImageError, NotFound
 from runner.images.docker import DockerStore, chain_ids
 from runner.spec import SpecError, apply_image
@@ -37,6 +36,7 @@ DOT_KEYS = ("dot_d_ino", "dotdot_d_ino")
 # --------------------------------------------------------------------------
 # fixtures
 # --------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> dockerstore.TestStore:
@@ -65,51 +65,71 @@ def one_line_error(r, code: int, *words: str) -> str:
 # resolution (in process)
 # --------------------------------------------------------------------------
 
+
 def test_chain_ids_of_a_real_dockerd_build():
     """Diff ids and chain ids as dockerd 20.10 recorded them for a 3-layer build."""
-    diffs = ["sha256:6601644591dd5f8f287d6a98a0f458f226c2d0d0f777325aeaf7d6d2eeccf26c",
-             "sha256:572b073349ca1df21371ef1174099505a7a23294fa4c943e154abf83991ad57b",
-             "sha256:06941a73054865f042652063f403c497771ef294698238d11bcdab7362ce474c"]
+    diffs = [
+        "sha256:6601644591dd5f8f287d6a98a0f458f226c2d0d0f777325aeaf7d6d2eeccf26c",
+        "sha256:572b073349ca1df21371ef1174099505a7a23294fa4c943e154abf83991ad57b",
+        "sha256:06941a73054865f042652063f403c497771ef294698238d11bcdab7362ce474c",
+    ]
     assert chain_ids(diffs) == [
         "sha256:6601644591dd5f8f287d6a98a0f458f226c2d0d0f777325aeaf7d6d2eeccf26c",
         "sha256:470c310536fc0695a3f12f9d741207ed34e2d8b27c44ecbcb9016faea55eba6e",
-        "sha256:fb8f55c15cb81c972b45876cd06f241c4bb650462c8831b48f5cbd0d5a2d7bf3"]
+        "sha256:fb8f55c15cb81c972b45876cd06f241c4bb650462c8831b48f5cbd0d5a2d7bf3",
+    ]
     assert chain_ids(diffs) == dockerstore.chain_ids(diffs)
 
 
 def test_apply_image_is_dockers_merge():
-    rc = {"Cmd": ["sh", "-c", "x"], "Entrypoint": None, "Env": ["A=1", "B=2"],
-          "WorkingDir": "/srv", "User": "app"}
+    rc = {"Cmd": ["sh", "-c", "x"], "Entrypoint": None, "Env": ["A=1", "B=2"], "WorkingDir": "/srv", "User": "app"}
     assert apply_image(rc, [], [], None, None) == (["sh", "-c", "x"], ["A=1", "B=2"], "/srv", "app")
     assert apply_image(rc, ["ls"], ["B=3"], "/tmp", "0") == (["ls"], ["A=1", "B=2", "B=3"], "/tmp", "0")
     rc.update(Entrypoint=["/init"], Cmd="old-style string", WorkingDir="", User="")
     assert apply_image(rc, [], [], None, None) == (["/init", "old-style string"], ["A=1", "B=2"], "/", None)
     assert apply_image(rc, ["a"], [], None, None)[0] == ["/init", "a"]
     with pytest.raises(SpecError, match="no command specified"):
-        apply_image({"Cmd": [], "Entrypoint": None, "Env": [], "WorkingDir": "", "User": ""},
-                     [], [], None, None)
+        apply_image({"Cmd": [], "Entrypoint": None, "Env": [], "WorkingDir": "", "User": ""}, [], [], None, None)
 
 
-APP_FORMS = ["app", "app:latest", "docker.io/library/app:latest", "library/app",
-             "index.docker.io/library/app", "@DIGEST", "sha256:@ID", "@ID", "@PREFIX",
-             "sha256:@PREFIX", "@ID12"]
+APP_FORMS = [
+    "app",
+    "app:latest",
+    "docker.io/library/app:latest",
+    "library/app",
+    "index.docker.io/library/app",
+    "@DIGEST",
+    "sha256:@ID",
+    "@ID",
+    "@PREFIX",
+    "sha256:@PREFIX",
+    "@ID12",
+]
 
 
 @pytest.mark.parametrize("form", APP_FORMS)
 def test_every_reference_form_resolves(ds, form):
-    ref = (form.replace("@DIGEST", f"app@{ds.app_digest}").replace("@ID12", ds.app.hex[:12])
-           .replace("@ID", ds.app.hex).replace("@PREFIX", ds.unique_prefix(ds.app)))
+    ref = (
+        form.replace("@DIGEST", f"app@{ds.app_digest}")
+        .replace("@ID12", ds.app.hex[:12])
+        .replace("@ID", ds.app.hex)
+        .replace("@PREFIX", ds.unique_prefix(ds.app))
+    )
     img = DockerStore(str(ds.root)).resolve(ref)
     assert isinstance(img, Image)
     assert img.id == ds.app.id
-    assert img.layers == ds.app.diff_dirs_top_first          # TOP first
+    assert img.layers == ds.app.diff_dirs_top_first  # TOP first
     assert img.diff_ids == [l.diff_id for l in ds.app.layers]  # bottom first
     assert img.names == ["app:latest"]
     assert img.source == "docker"
     assert img.size == sum(dockerstore.tree_size(l.diff) for l in ds.app.layers)
-    assert img.run_config() == {"Cmd": dockerstore.APP_CMD, "Entrypoint": [],
-                                "Env": [dockerstore.PATH_ENV, "FOO=bar", "GREETING=hello"],
-                                "WorkingDir": "/data", "User": "app"}
+    assert img.run_config() == {
+        "Cmd": dockerstore.APP_CMD,
+        "Entrypoint": [],
+        "Env": [dockerstore.PATH_ENV, "FOO=bar", "GREETING=hello"],
+        "WorkingDir": "/data",
+        "User": "app",
+    }
 
 
 def test_tags_of_one_image_and_an_untagged_parent(ds):
@@ -117,13 +137,15 @@ def test_tags_of_one_image_and_an_untagged_parent(ds):
     a, b = s.resolve("web:1.0"), s.resolve("web")
     assert a.id == b.id == ds.web.id and a.names == ["web:1.0", "web:latest"]
     assert a.layers == ds.web.diff_dirs_top_first and len(a.layers) == 2
-    assert a.layers[-1] == s.resolve("busybox").layers[0]   # the shared base layer
+    assert a.layers[-1] == s.resolve("busybox").layers[0]  # the shared base layer
     mid = s.resolve(ds.unique_prefix(ds.mid))
     assert mid.id == ds.mid.id and mid.names == [] and len(mid.layers) == 2
 
 
-@pytest.mark.parametrize("ref", ["nope", "app:nope", "busybox:1", "ffff0000", "sha256:ffff0000",
-                                 "app@sha256:" + "0" * 64, "sha256:" + "f" * 64])
+@pytest.mark.parametrize(
+    "ref",
+    ["nope", "app:nope", "busybox:1", "ffff0000", "sha256:ffff0000", "app@sha256:" + "0" * 64, "sha256:" + "f" * 64],
+)
 def test_unknown_is_not_found(ds, ref):
     with pytest.raises(NotFound) as e:
         DockerStore(str(ds.root)).resolve(ref)
@@ -173,13 +195,13 @@ def test_concurrent_readers(ds):
     for t in threads:
         t.join()
     assert not errors
-    assert {tuple(x) for x in got} == {tuple(ds.app.diff_dirs_top_first),
-                                       tuple(ds.web.diff_dirs_top_first)}
+    assert {tuple(x) for x in got} == {tuple(ds.app.diff_dirs_top_first), tuple(ds.web.diff_dirs_top_first)}
 
 
 # --------------------------------------------------------------------------
 # a damaged store: ImageError naming the file, never NotFound, never a traceback
 # --------------------------------------------------------------------------
+
 
 def _damage(store, root: Path, how: str) -> str:
     """Damage the copy at *root*; returns the path the message must name."""
@@ -221,8 +243,17 @@ def _damage(store, root: Path, how: str) -> str:
     raise AssertionError(how)
 
 
-DAMAGES = ["no-cache-id", "bad-cache-id", "config-digest", "no-config", "no-diff-dir",
-           "diff-symlink", "layerdb-diff", "repositories-symlink", "layerdb-symlink"]
+DAMAGES = [
+    "no-cache-id",
+    "bad-cache-id",
+    "config-digest",
+    "no-config",
+    "no-diff-dir",
+    "diff-symlink",
+    "layerdb-diff",
+    "repositories-symlink",
+    "layerdb-symlink",
+]
 
 
 @pytest.mark.parametrize("how", DAMAGES)
@@ -250,6 +281,7 @@ def test_damaged_store(ds, tmp_path, how):
 # pyoverlay images
 # --------------------------------------------------------------------------
 
+
 def _table(text: str) -> list[list[str]]:
     rows = [l.split() for l in text.splitlines() if l.strip()]
     assert rows[0] == ["REPOSITORY:TAG", "IMAGE", "ID", "LAYERS", "SIZE", "SOURCE"], text
@@ -258,8 +290,9 @@ def _table(text: str) -> list[list[str]]:
 
 @pytest.mark.parametrize("how", ["option", "env"])
 def test_images_command(ds, rt, how):
-    args, env = (["--docker-root", str(ds.root)], None) if how == "option" else \
-        ([], {"PYOVERLAY_DOCKER_ROOT": str(ds.root)})
+    args, env = (
+        (["--docker-root", str(ds.root)], None) if how == "option" else ([], {"PYOVERLAY_DOCKER_ROOT": str(ds.root)})
+    )
     r = rt.ok("images", *args, env=env)
     rows = {row[0]: row[1:] for row in _table(r.stdout)}
     assert set(rows) == {"busybox:latest", "app:latest", "web:1.0", "web:latest"}, r.stdout
@@ -286,6 +319,7 @@ def test_images_bad_docker_root(ds, rt, tmp_path):
 # pyoverlay mount --image
 # --------------------------------------------------------------------------
 
+
 class ImageMount(mounts.PyoverlayMount):
     """``pyoverlay mount --foreground --image REF --docker-root ROOT [UPPER] MERGED``."""
 
@@ -294,8 +328,17 @@ class ImageMount(mounts.PyoverlayMount):
         self.ref, self.docker_root = ref, docker_root
 
     def argv(self) -> list[str]:
-        argv = [sys.executable, "-m", "pyoverlay_cli", "mount", "--foreground",
-                "--image", self.ref, "--docker-root", str(self.docker_root)]
+        argv = [
+            sys.executable,
+            "-m",
+            "pyoverlay_cli",
+            "mount",
+            "--foreground",
+            "--image",
+            self.ref,
+            "--docker-root",
+            str(self.docker_root),
+        ]
         return argv + ([str(self.upper)] if self.upper else []) + [str(self.mountpoint)]
 
 
@@ -318,7 +361,7 @@ def test_mount_image_equals_kernel_overlay(ds, tmp_path, name):
     img = getattr(ds, name)
     entries = assert_same_as_kernel(img.diff_dirs_top_first, f"{name}:latest", ds.root, tmp_path)
     if name == "app":
-        assert "bin/vi" not in entries and "bin/sh" in entries        # whiteout (middle)
+        assert "bin/vi" not in entries and "bin/sh" in entries  # whiteout (middle)
         assert "data/a.txt" not in entries and "data/keep.txt" in entries  # whiteout (top)
         assert sorted(p for p in entries if p.startswith("data/sub/")) == ["data/sub/c.txt"]
         assert "app/run.sh" in entries and "srv" not in entries
@@ -335,16 +378,19 @@ def test_mount_image_with_upper(ds, tmp_path):
         os.unlink(m / "etc" / "motd")
         assert sorted(os.listdir(m / "data" / "sub")) == ["c.txt"]
     assert (upper / "data" / "new.txt").read_text() == "x\n"
-    assert os.stat(upper / "etc" / "motd").st_rdev == 0   # a whiteout, in OUR upper
+    assert os.stat(upper / "etc" / "motd").st_rdev == 0  # a whiteout, in OUR upper
 
 
-@pytest.mark.parametrize("args,words", [
-    (["--image", "nope", "{m}"], ["no such image", "nope"]),
-    (["--image", "@AMBIGUOUS", "{m}"], ["ambiguous"]),
-    (["--image", "app", "a", "b", "{m}"], ["usage"]),
-    (["--docker-root", "{root}", "{m}"], ["--docker-root needs --image"]),
-    (["--image", "app", "-o", "lowerdir=/tmp", "{m}"], ["lowerdir"]),
-])
+@pytest.mark.parametrize(
+    "args,words",
+    [
+        (["--image", "nope", "{m}"], ["no such image", "nope"]),
+        (["--image", "@AMBIGUOUS", "{m}"], ["ambiguous"]),
+        (["--image", "app", "a", "b", "{m}"], ["usage"]),
+        (["--docker-root", "{root}", "{m}"], ["--docker-root needs --image"]),
+        (["--image", "app", "-o", "lowerdir=/tmp", "{m}"], ["lowerdir"]),
+    ],
+)
 def test_mount_image_errors(ds, rt, tmp_path, args, words):
     (tmp_path / "m").mkdir()
     fill = {"{m}": str(tmp_path / "m"), "{root}": str(ds.root), "@AMBIGUOUS": ds.app.hex[:4]}
@@ -358,6 +404,7 @@ def test_mount_image_errors(ds, rt, tmp_path, args, words):
 # --------------------------------------------------------------------------
 # pyoverlay run --image
 # --------------------------------------------------------------------------
+
 
 def run_out(rt, ds, *args) -> str:
     r = rt.run("--rm", "--docker-root", ds.root, *args)
@@ -380,11 +427,12 @@ def test_run_image_defaults(ds, rt):
 @pytest.mark.fuse
 def test_run_image_overrides(ds, rt):
     script = 'echo "$FOO $GREETING $(pwd) $(id -u) $PATH"'
-    assert run_out(rt, ds, "-e", "FOO=baz", "-w", "/tmp", "-u", "0", "--image", "app",
-                   "sh", "-c", script) == f"baz hello /tmp 0 {dockerstore.PATH_ENV[5:]}"
+    assert (
+        run_out(rt, ds, "-e", "FOO=baz", "-w", "/tmp", "-u", "0", "--image", "app", "sh", "-c", script)
+        == f"baz hello /tmp 0 {dockerstore.PATH_ENV[5:]}"
+    )
     # a CMD replaces the image's Cmd; Env/WorkingDir/User still come from the image
-    assert run_out(rt, ds, "--image", "app", "sh", "-c", script) == \
-        f"bar hello /data 1000 {dockerstore.PATH_ENV[5:]}"
+    assert run_out(rt, ds, "--image", "app", "sh", "-c", script) == f"bar hello /data 1000 {dockerstore.PATH_ENV[5:]}"
     assert run_out(rt, ds, "--image", "busybox", "echo", "hi") == "hi"
 
 
@@ -400,12 +448,15 @@ def test_run_image_is_recorded(ds, rt):
 
 
 @pytest.mark.usefixtures("_no_leftovers")
-@pytest.mark.parametrize("args,words", [
-    (["--image", "nope"], ["no such image"]),
-    (["--image", "@AMBIGUOUS", "true"], ["ambiguous"]),
-    (["--image", "busybox"], ["no command specified"]),
-    (["--image", "app", "-w", "relative"], ["working directory"]),
-])
+@pytest.mark.parametrize(
+    "args,words",
+    [
+        (["--image", "nope"], ["no such image"]),
+        (["--image", "@AMBIGUOUS", "true"], ["ambiguous"]),
+        (["--image", "busybox"], ["no command specified"]),
+        (["--image", "app", "-w", "relative"], ["working directory"]),
+    ],
+)
 def test_run_image_errors_are_125(ds, rt, args, words):
     argv = [ds.app.hex[:4] if a == "@AMBIGUOUS" else a for a in args]
     one_line_error(rt.run("--rm", "--docker-root", ds.root, *argv), 125, *words)
@@ -413,8 +464,7 @@ def test_run_image_errors_are_125(ds, rt, args, words):
 
 
 def test_run_docker_root_without_image_is_125(ds, rt, images):
-    one_line_error(rt.run("--docker-root", ds.root, images.bare.spec, "true"), 125,
-                   "--docker-root needs --image")
+    one_line_error(rt.run("--docker-root", ds.root, images.bare.spec, "true"), 125, "--docker-root needs --image")
     one_line_error(rt.run("--rm"), 125, "no layers given")
 
 
@@ -445,8 +495,7 @@ def test_real_dockerd_store(rt, tmp_path):
     DockerStore mounts like the kernel overlay of its diffs and runs with its config."""
     missing = dockerd.missing_binaries()
     if missing:
-        pytest.skip(f"docker is not installed here (missing: {', '.join(missing)}; "
-                    f"scripts/setup installs docker.io)")
+        pytest.skip(f"docker is not installed here (missing: {', '.join(missing)}; scripts/setup installs docker.io)")
     t0 = time.monotonic()
     base = tmp_path / "d"
     base.mkdir()
@@ -457,12 +506,10 @@ def test_real_dockerd_store(rt, tmp_path):
     try:
         with dockerd.LiveDocker(base) as d:
             timings["start"] = time.monotonic() - t0
-            tar = subprocess.run(["tar", "-C", str(base / "rootfs"), "-c", "."], check=True,
-                                 capture_output=True).stdout
+            tar = subprocess.run(["tar", "-C", str(base / "rootfs"), "-c", "."], check=True, capture_output=True).stdout
             d.docker("import", "-c", 'CMD ["/bin/sh"]', "-", "pyo-busybox:test", input=tar)
             d.docker("build", "-q", "--network", "none", "-t", "pyo-layered:test", base / "ctx")
-            want_id = d.docker("image", "inspect", "-f", "{{.Id}}", "pyo-layered:test"
-                               ).stdout.decode().strip()
+            want_id = d.docker("image", "inspect", "-f", "{{.Id}}", "pyo-layered:test").stdout.decode().strip()
             timings["build"] = time.monotonic() - t0 - timings["start"]
             t1 = time.monotonic()
         timings["stop"] = time.monotonic() - t1
@@ -477,7 +524,7 @@ def test_real_dockerd_store(rt, tmp_path):
     with open(root / "image/overlay2/imagedb/content/sha256" / want_id[7:], "rb") as f:
         assert hashlib.sha256(f.read()).hexdigest() == want_id[7:]
     top, middle, _base = (Path(p) for p in img.layers)
-    assert os.stat(middle / "bin" / "vi", follow_symlinks=False).st_rdev == 0   # real whiteout
+    assert os.stat(middle / "bin" / "vi", follow_symlinks=False).st_rdev == 0  # real whiteout
     assert os.getxattr(top / "data" / "sub", "trusted.overlay.opaque") == b"y"  # real opaque dir
 
     entries = assert_same_as_kernel(img.layers, "pyo-layered:test", root, tmp_path)

@@ -26,7 +26,6 @@ from helpers import archives as A
 from helpers import snapshot as S
 from helpers.containers import describe, pyoverlay_cmd
 from helpers.mounts import KernelOverlay, pyoverlay_env
-
 from runner.images import ImageError, NotFound
 from runner.images.local import LocalStore
 from runner.images.unpack import unpack
@@ -50,14 +49,21 @@ def demo(tmp_path_factory):
     """The archives, and the expected layer dirs (bottom first)."""
     base = tmp_path_factory.mktemp("demo")
     tars = [A.layer_tar(l) for l in A.DEMO]
-    forms = {"docker-save": A.write_docker_save(base / "legacy.tar", [(tars, [A.DEMO_TAG])]),
-             "oci-gzip-dir": A.write_oci_layout(base / "oci-gz", tars, "gzip")}
+    forms = {
+        "docker-save": A.write_docker_save(base / "legacy.tar", [(tars, [A.DEMO_TAG])]),
+        "oci-gzip-dir": A.write_oci_layout(base / "oci-gz", tars, "gzip"),
+    }
     A.write_oci_layout(base / "oci-zst", tars, "zstd")
     forms["oci-zstd-tar"] = A.tar_tree(base / "oci-zst", base / "oci-zst.tar")
     forms["oci-zstd-tar.gz"] = A.tar_tree(base / "oci-zst", base / "oci-zst.tar.gz", gzipped=True)
     expected = [A.build_layer_dir(l, base / f"expected{i}") for i, l in enumerate(A.DEMO)]
-    return {"tars": tars, "forms": forms, "expected": expected,
-            "diff_ids": [A.sha256(t) for t in tars], "id": A.sha256(A.config_for(tars))}
+    return {
+        "tars": tars,
+        "forms": forms,
+        "expected": expected,
+        "diff_ids": [A.sha256(t) for t in tars],
+        "id": A.sha256(A.config_for(tars)),
+    }
 
 
 @pytest.mark.kernel
@@ -84,8 +90,10 @@ def test_import_gives_kernel_format_layers(demo, form, tmp_path):
         diff = same_tree(exp, got, root_times=(i == 0))
         assert not diff, S.format_diff(diff, f"layer {i} of {form}")
     # and the kernel's overlay of them shows the expected tree
-    with KernelOverlay(list(reversed(demo["expected"])), tmp_path / "want") as want, \
-            KernelOverlay(img.layers, tmp_path / "got") as got:
+    with (
+        KernelOverlay(list(reversed(demo["expected"])), tmp_path / "want") as want,
+        KernelOverlay(img.layers, tmp_path / "got") as got,
+    ):
         diff = same_tree(want.path, got.path, root_times=False)
         assert not diff, S.format_diff(diff, f"merged view of {form}")
         assert (got.path / "app" / "hello.txt").read_bytes() == b"hello\n" * 1000
@@ -170,8 +178,7 @@ def test_digest_mismatch_refused(demo, tmp_path):
     # a config whose diff id does not match the layer tar (legacy: checked while unpacking)
     cfg = json.loads(A.config_for(tars))
     cfg["rootfs"]["diff_ids"][1] = A.sha256(b"something else")
-    bad = A.write_docker_save(tmp_path / "bad.tar", [(tars, ["bad:1"])],
-                              configs=[json.dumps(cfg).encode()])
+    bad = A.write_docker_save(tmp_path / "bad.tar", [(tars, ["bad:1"])], configs=[json.dumps(cfg).encode()])
     store = tmp_path / "store"
     r = cli(store, "import", bad)
     assert r.returncode == 1 and "digest mismatch" in r.stderr, describe(r)
@@ -216,12 +223,20 @@ def test_malicious_layer_refused(kind, tmp_path):
 def test_unpack_rules(tmp_path):
     """Same-layer whiteout + directory, later entries replacing earlier ones, implicit
     parent directories, hard links to earlier entries."""
-    entries = [A.W("d"), A.D("d"), A.F("d/x", b"1"),            # .wh.d then d/: d opaque
-               A.D("e"), A.F("e/y", b"1"), A.W("e"),            # e/ then .wh.e: e opaque, kept
-               A.F("f", b"old"), A.F("f", b"new"),              # replaced
-               A.D("g"), A.F("g", b"file over dir"),            # a dir replaced by a file
-               A.F("deep/er/z", b"implicit parents"),
-               A.H("z2", "deep/er/z")]
+    entries = [
+        A.W("d"),
+        A.D("d"),
+        A.F("d/x", b"1"),  # .wh.d then d/: d opaque
+        A.D("e"),
+        A.F("e/y", b"1"),
+        A.W("e"),  # e/ then .wh.e: e opaque, kept
+        A.F("f", b"old"),
+        A.F("f", b"new"),  # replaced
+        A.D("g"),
+        A.F("g", b"file over dir"),  # a dir replaced by a file
+        A.F("deep/er/z", b"implicit parents"),
+        A.H("z2", "deep/er/z"),
+    ]
     tar = A.layer_tar(entries)
     u = unpack(io.BytesIO(tar), str(tmp_path / "l"), diff_id=A.sha256(tar))
     l = tmp_path / "l"
@@ -255,8 +270,11 @@ def big_archive(tmp_path_factory) -> Path:
     with tarfile.open(base / "big.tar", "w") as tf:
         tf.add(layer, "l1/layer.tar")
         A._add(tf, f"{cid}.json", cfg)
-        A._add(tf, "manifest.json", json.dumps([{"Config": f"{cid}.json", "RepoTags": ["big:1"],
-                                                   "Layers": ["l1/layer.tar"]}]).encode())
+        A._add(
+            tf,
+            "manifest.json",
+            json.dumps([{"Config": f"{cid}.json", "RepoTags": ["big:1"], "Layers": ["l1/layer.tar"]}]).encode(),
+        )
     layer.unlink()
     return base / "big.tar"
 
@@ -265,8 +283,9 @@ def _interrupt_import(store: Path, archive: Path, sig: int) -> subprocess.Comple
     """Start an import, send *sig* once the layer is partly unpacked."""
     env = pyoverlay_env()
     env["PYOVERLAY_IMAGES_DIR"] = str(store)
-    p = subprocess.Popen(pyoverlay_cmd() + ["import", str(archive)], env=env, text=True,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p = subprocess.Popen(
+        pyoverlay_cmd() + ["import", str(archive)], env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and p.poll() is None:
         if len(list((store / "tmp").glob("layer-*/f*")) if (store / "tmp").exists() else []) >= 20:
@@ -306,9 +325,16 @@ def test_concurrent_imports_serialize(demo, tmp_path):
     store = tmp_path / "store"
     env = pyoverlay_env()
     env["PYOVERLAY_IMAGES_DIR"] = str(store)
-    procs = [subprocess.Popen(pyoverlay_cmd() + ["import", str(demo["forms"][f])], env=env, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-             for f in ("docker-save", "oci-gzip-dir", "oci-zstd-tar", "docker-save")]
+    procs = [
+        subprocess.Popen(
+            pyoverlay_cmd() + ["import", str(demo["forms"][f])],
+            env=env,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for f in ("docker-save", "oci-gzip-dir", "oci-zstd-tar", "docker-save")
+    ]
     outs = [p.communicate(timeout=120) for p in procs]
     assert all(p.returncode == 0 for p in procs), outs
     assert sum(err.count("unpacked") for _, err in outs) == 3, outs
@@ -324,23 +350,44 @@ def test_oci_index_platforms_and_docker_save_names(demo, tmp_path):
     index = json.loads((lay / "index.json").read_text())
     mdesc = index["manifests"][0]
     mdesc.pop("annotations")
-    nested = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
-                         "manifests": [{**mdesc, "digest": A.sha256(b"missing"), "platform":
-                                        {"os": "linux", "architecture": other}},
-                                       {**mdesc, "platform": {"os": "linux", "architecture": arch}}]}).encode()
+    nested = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.index.v1+json",
+            "manifests": [
+                {**mdesc, "digest": A.sha256(b"missing"), "platform": {"os": "linux", "architecture": other}},
+                {**mdesc, "platform": {"os": "linux", "architecture": arch}},
+            ],
+        }
+    ).encode()
     (lay / "blobs/sha256" / A.sha256(nested)[7:]).write_bytes(nested)
-    index["manifests"] = [{"mediaType": "application/vnd.oci.image.index.v1+json",
-                           "digest": A.sha256(nested), "size": len(nested),
-                           "annotations": {"io.containerd.image.name": "docker.io/library/multi:3",
-                                           "org.opencontainers.image.ref.name": "3"}}]
+    index["manifests"] = [
+        {
+            "mediaType": "application/vnd.oci.image.index.v1+json",
+            "digest": A.sha256(nested),
+            "size": len(nested),
+            "annotations": {
+                "io.containerd.image.name": "docker.io/library/multi:3",
+                "org.opencontainers.image.ref.name": "3",
+            },
+        }
+    ]
     (lay / "index.json").write_text(json.dumps(index))
     store = tmp_path / "store"
     r = ok(store, "import", lay)
     assert r.stdout.split() == [demo["id"], "multi:3"]
     manifest = json.loads((lay / "blobs/sha256" / mdesc["digest"][7:]).read_text())
-    (lay / "manifest.json").write_text(json.dumps([{
-        "Config": "blobs/sha256/" + manifest["config"]["digest"][7:], "RepoTags": ["saved:25"],
-        "Layers": ["blobs/sha256/" + l["digest"][7:] for l in manifest["layers"]]}]))
+    (lay / "manifest.json").write_text(
+        json.dumps(
+            [
+                {
+                    "Config": "blobs/sha256/" + manifest["config"]["digest"][7:],
+                    "RepoTags": ["saved:25"],
+                    "Layers": ["blobs/sha256/" + l["digest"][7:] for l in manifest["layers"]],
+                }
+            ]
+        )
+    )
     r = ok(store, "import", lay)
     assert r.stdout.split() == [demo["id"], "saved:25"]
     assert sorted(LocalStore(str(store)).resolve("saved:25").names) == ["multi:3", "saved:25"]

@@ -68,13 +68,22 @@ def plan_of(spec: RunSpec, **kw) -> RunPlan:
 # a plan is built without side effects, and says everything
 # --------------------------------------------------------------------------
 
+
 def test_plan_holds_every_decision_and_creates_nothing(dirs):
     before = snapshot(dirs)
-    spec = spec_of(dirs, name="web", hostname="box", read_only=True, user="root",
-                   volumes=[Volume(str(dirs / "vol" / "inner"), "/srv/data/inner"),
-                            Volume(str(dirs / "vol"), "/srv/data", read_only=True),
-                            Volume(str(dirs / "afile"), "/etc/extra.conf")],
-                   limits=Limits(pids=50))
+    spec = spec_of(
+        dirs,
+        name="web",
+        hostname="box",
+        read_only=True,
+        user="root",
+        volumes=[
+            Volume(str(dirs / "vol" / "inner"), "/srv/data/inner"),
+            Volume(str(dirs / "vol"), "/srv/data", read_only=True),
+            Volume(str(dirs / "afile"), "/etc/extra.conf"),
+        ],
+        limits=Limits(pids=50),
+    )
     plan = plan_of(spec, detach=True)
     assert snapshot(dirs) == before, "planning created something"
     assert not os.path.exists(plan.paths.data)
@@ -82,8 +91,9 @@ def test_plan_holds_every_decision_and_creates_nothing(dirs):
     assert (plan.name, plan.hostname, plan.rootless) == ("web", "box", False)
     data = os.path.join(dirs, "data", "containers", plan.cid)
     assert plan.paths.data == data
-    assert (plan.paths.upper, plan.paths.workdir, plan.paths.merged, plan.paths.init) == \
-        tuple(os.path.join(data, n) for n in ("upper", "work", "merged", "init"))
+    assert (plan.paths.upper, plan.paths.workdir, plan.paths.merged, plan.paths.init) == tuple(
+        os.path.join(data, n) for n in ("upper", "work", "merged", "init")
+    )
     assert plan.paths.output_log == os.path.join(data, "output.log") and not plan.paths.upper_given
     # the /etc files, with their text, bound from the data dir
     etc = {f.target: f for f in plan.etc_files}
@@ -92,11 +102,23 @@ def test_plan_holds_every_decision_and_creates_nothing(dirs):
     assert "127.0.0.1\tbox\n" in etc["/etc/hosts"].text
     # volumes: parents before children, kinds fixed
     assert [(v.target, v.is_dir, v.read_only) for v in plan.volumes] == [
-        ("/srv/data", True, True), ("/etc/extra.conf", False, False), ("/srv/data/inner", True, False)]
+        ("/srv/data", True, True),
+        ("/etc/extra.conf", False, False),
+        ("/srv/data/inner", True, False),
+    ]
     # the init layer: what the image lacks (proc, dev, sys, the /etc files, the volume targets)
     todo = sorted(need.path for need, _found, _missing in plan.init_layer.todo)
-    assert todo == ["dev", "etc/extra.conf", "etc/hostname", "etc/hosts", "etc/resolv.conf",
-                    "proc", "srv/data", "srv/data/inner", "sys"]
+    assert todo == [
+        "dev",
+        "etc/extra.conf",
+        "etc/hostname",
+        "etc/hosts",
+        "etc/resolv.conf",
+        "proc",
+        "srv/data",
+        "srv/data/inner",
+        "sys",
+    ]
     # the overlay: the init layer on top of the image, the generated upper
     cfg = plan.mount
     assert cfg.lowerdirs == (plan.paths.init, str(dirs / "image"))
@@ -113,17 +135,38 @@ def test_plan_holds_every_decision_and_creates_nothing(dirs):
 
 def test_plan_record_is_the_record_format(dirs):
     """The record the first step saves: a dataclass with today's JSON keys."""
-    spec = spec_of(dirs, name="db", env=["A=1"], workdir="/srv", user="1:2", read_only=True,
-                   volumes=[Volume(str(dirs / "vol"), "/data", read_only=True)])
+    spec = spec_of(
+        dirs,
+        name="db",
+        env=["A=1"],
+        workdir="/srv",
+        user="1:2",
+        read_only=True,
+        volumes=[Volume(str(dirs / "vol"), "/data", read_only=True)],
+    )
     plan = plan_of(spec)
     rec = plan.record()
     d = rec.to_dict()
-    assert {"id", "name", "command", "layers", "created", "status", "data_dir", "monitor_pid",
-            "monitor_start", "spec"} <= set(d)
+    assert {
+        "id",
+        "name",
+        "command",
+        "layers",
+        "created",
+        "status",
+        "data_dir",
+        "monitor_pid",
+        "monitor_start",
+        "spec",
+    } <= set(d)
     assert d["status"] == "created" and d["id"] == plan.cid and d["data_dir"] == plan.paths.data
     assert d["spec"]["volumes"] == [f"{dirs / 'vol'}:/data:ro"]
-    assert (d["spec"]["user"], d["spec"]["workdir"], d["spec"]["read_only"], d["spec"]["env"]) == \
-        ("1:2", "/srv", True, ["A=1"])
+    assert (d["spec"]["user"], d["spec"]["workdir"], d["spec"]["read_only"], d["spec"]["env"]) == (
+        "1:2",
+        "/srv",
+        True,
+        ["A=1"],
+    )
     assert None not in d.values(), "unknown fields are left out, as before"
     again = state.Record.from_dict(json.loads(json.dumps(d)))
     assert again.to_dict() == d
@@ -146,31 +189,43 @@ def test_a_given_upper_is_planned_not_made(dirs, tmp_path):
 # bad input: raised while planning, nothing created
 # --------------------------------------------------------------------------
 
+
 def _bad_specs(base: Path) -> dict:
     gone = base / "gone"
     gone.mkdir()
     spec_gone = spec_of(base, volumes=[Volume(str(gone), "/data")])
-    gone.rmdir()   # vanished after the options were parsed
+    gone.rmdir()  # vanished after the options were parsed
     return {
-        "upper inside a lower": (spec_of(base, upper=str(base / "image" / "srv" / "up")),
-                                 PlanError, "overlap"),
+        "upper inside a lower": (spec_of(base, upper=str(base / "image" / "srv" / "up")), PlanError, "overlap"),
         "lower inside the upper": (spec_of(base, upper=str(base)), PlanError, "overlap"),
         "hostname too long": (spec_of(base, hostname="h" * 65), PlanError, "invalid hostname"),
-        "duplicate volume target": (spec_of(base, volumes=[Volume(str(base / "vol"), "/data"),
-                                                           Volume(str(base / "afile"), "/data")]),
-                                    PlanError, "duplicate mount point /data"),
+        "duplicate volume target": (
+            spec_of(base, volumes=[Volume(str(base / "vol"), "/data"), Volume(str(base / "afile"), "/data")]),
+            PlanError,
+            "duplicate mount point /data",
+        ),
         "volume source gone": (spec_gone, PlanError, "volume source"),
         "volume under a file of the image": (
             spec_of(base, volumes=[Volume(str(base / "vol"), "/bin/sh/x")]),
-            initlayer.InitLayerError, "cannot mount on /bin/sh/x"),
-        "missing layer": (RunSpec(layers=(str(base / "nope"),), argv=["true"]), PlanError,
-                          "not a directory"),
+            initlayer.InitLayerError,
+            "cannot mount on /bin/sh/x",
+        ),
+        "missing layer": (RunSpec(layers=(str(base / "nope"),), argv=["true"]), PlanError, "not a directory"),
     }
 
 
-@pytest.mark.parametrize("case", ["upper inside a lower", "lower inside the upper", "hostname too long",
-                                  "duplicate volume target", "volume source gone",
-                                  "volume under a file of the image", "missing layer"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "upper inside a lower",
+        "lower inside the upper",
+        "hostname too long",
+        "duplicate volume target",
+        "volume source gone",
+        "volume under a file of the image",
+        "missing layer",
+    ],
+)
 def test_bad_input_raises_while_planning_and_creates_nothing(dirs, case):
     spec, exc, words = _bad_specs(dirs)[case]
     before = snapshot(dirs)

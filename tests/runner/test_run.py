@@ -26,8 +26,6 @@ from overlayfs_py.mountinfo import parse as parse_mountinfo
 pytestmark = [pytest.mark.fuse, pytest.mark.needs_root, pytest.mark.usefixtures("_no_leftovers")]
 
 
-
-
 def sh(rt, image, script, *opts, **kw):
     """``pyoverlay run --rm OPTS... IMAGE sh -c SCRIPT``"""
     return rt.run("--rm", *opts, image.spec, "sh", "-c", script, **kw)
@@ -46,6 +44,7 @@ def lines(text: str) -> list[str]:
 # --------------------------------------------------------------------------
 # pid namespace and /proc
 # --------------------------------------------------------------------------
+
 
 def test_command_is_pid_1(rt, img):
     assert ok_sh(rt, img, "echo $$").strip() == "1"
@@ -78,18 +77,21 @@ def test_init_makes_the_command_pid_2(rt, img):
 # images and layers
 # --------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("name", ["bare", "full", "two_layer"])
 def test_every_image_variant_runs(rt, images, name):
-    out = ok_sh(rt, images.by_name(name),
-                "test -d /proc/1 && test -c /dev/null && test -d /sys/class && echo ok")
+    out = ok_sh(rt, images.by_name(name), "test -d /proc/1 && test -c /dev/null && test -d /sys/class && echo ok")
     assert out.strip() == "ok"
 
 
 def test_two_layer_image_top_layer_first_with_whiteout(rt, images):
-    out = ok_sh(rt, images.two_layer,
-                "cat /etc/motd /app/hello.txt; "
-                "if [ -e /bin/vi ] || [ -L /bin/vi ]; then echo vi-present; else echo vi-gone; fi; "
-                "/app/run.sh arg")
+    out = ok_sh(
+        rt,
+        images.two_layer,
+        "cat /etc/motd /app/hello.txt; "
+        "if [ -e /bin/vi ] || [ -L /bin/vi ]; then echo vi-present; else echo vi-gone; fi; "
+        "/app/run.sh arg",
+    )
     assert out == (rootfs.APP_MOTD + rootfs.HELLO).decode() + "vi-gone\nrun.sh says arg\n"
 
 
@@ -113,16 +115,17 @@ def test_seed_exercise_whiteout_and_new_file(rt, img, tmp_path):
     r = rt.run("--rm", "--upper", upper, img.spec, "sh", "-c", "rm /bin/vi; echo hi > /newfile")
     assert r.returncode == 0, describe(r)
     vi = os.lstat(upper / "bin" / "vi")
-    assert stat.S_ISCHR(vi.st_mode) and vi.st_rdev == os.makedev(0, 0), \
+    assert stat.S_ISCHR(vi.st_mode) and vi.st_rdev == os.makedev(0, 0), (
         f"UPPER/bin/vi must be a char 0/0 whiteout: {vi}"
+    )
     assert (upper / "newfile").read_bytes() == b"hi\n"
-    assert rootfs.tree_listing(upper) == ["bin/", "bin/vi%c 0:0", "newfile"], \
+    assert rootfs.tree_listing(upper) == ["bin/", "bin/vi%c 0:0", "newfile"], (
         "the runner wrote something else into the upper (proc/dev/sys, etc/hosts ...?)"
+    )
     diff = diff_snapshots(before, snapshot(lower), a_name="before", b_name="after")
     assert not diff, format_diff(diff, "the lower layer changed")
     # the kept upper is used again by the next run
-    out = ok_sh(rt, img, "cat /newfile; [ -e /bin/vi ] || [ -L /bin/vi ] || echo vi-gone",
-                "--upper", upper)
+    out = ok_sh(rt, img, "cat /newfile; [ -e /bin/vi ] || [ -L /bin/vi ] || echo vi-gone", "--upper", upper)
     assert out == "hi\nvi-gone\n"
 
 
@@ -130,14 +133,14 @@ def test_host_root_is_unreachable(rt, img):
     # /work/main (this checkout) exists on the host, not in the image
     assert Path(mounts.REPO_ROOT, "pyproject.toml").exists()
     probe = os.path.join(mounts.REPO_ROOT, "pyproject.toml")
-    out = ok_sh(rt, img, f"test -e {probe} && echo host-visible; ls -a /; echo ==; "
-                "cat /proc/self/mountinfo")
+    out = ok_sh(rt, img, f"test -e {probe} && echo host-visible; ls -a /; echo ==; cat /proc/self/mountinfo")
     assert "host-visible" not in out
     listing, _, mountinfo = out.partition("==\n")
     image_top = set(os.listdir(img.layers[0])) | {".", "..", "proc", "dev", "sys"}
     host_only = set(os.listdir("/")) - image_top
-    assert not set(listing.split()) & host_only, \
+    assert not set(listing.split()) & host_only, (
         f"host root entries visible in the container's /: {set(listing.split()) & host_only}"
+    )
     mps = [m.mountpoint for m in parse_mountinfo(mountinfo)]
     assert "/" in mps, mountinfo
     bad = [m for m in mps if not (m == "/" or m.split("/")[1] in ("proc", "dev", "sys", "etc"))]
@@ -148,20 +151,21 @@ def test_host_root_is_unreachable(rt, img):
 # /dev and /sys
 # --------------------------------------------------------------------------
 
-DEVICES = {"null": (1, 3), "zero": (1, 5), "full": (1, 7), "random": (1, 8),
-           "urandom": (1, 9), "tty": (5, 0)}
+DEVICES = {"null": (1, 3), "zero": (1, 5), "full": (1, 7), "random": (1, 8), "urandom": (1, 9), "tty": (5, 0)}
 
 
 def test_dev_contents(rt, img):
-    script = ("for d in null zero full random urandom tty; do "
-              "  stat -c '%n %F %t %T' /dev/$d; done; "
-              "echo ==; for l in fd stdin stdout stderr; do echo $l $(readlink /dev/$l); done; "
-              "echo ==; test -d /dev/pts && echo pts-dir; test -d /dev/shm && echo shm-dir; "
-              "test -c /dev/pts/ptmx && echo pts-ptmx; "
-              "test -c /dev/ptmx -o -L /dev/ptmx && echo ptmx; "
-              "echo x > /dev/shm/t && echo shm-writable; echo x > /dev/null && echo null-writable; "
-              "echo ==; find /dev -type b; test -e /dev/mem && echo has-mem; "
-              "test -e /dev/fuse && echo has-fuse; true")
+    script = (
+        "for d in null zero full random urandom tty; do "
+        "  stat -c '%n %F %t %T' /dev/$d; done; "
+        "echo ==; for l in fd stdin stdout stderr; do echo $l $(readlink /dev/$l); done; "
+        "echo ==; test -d /dev/pts && echo pts-dir; test -d /dev/shm && echo shm-dir; "
+        "test -c /dev/pts/ptmx && echo pts-ptmx; "
+        "test -c /dev/ptmx -o -L /dev/ptmx && echo ptmx; "
+        "echo x > /dev/shm/t && echo shm-writable; echo x > /dev/null && echo null-writable; "
+        "echo ==; find /dev -type b; test -e /dev/mem && echo has-mem; "
+        "test -e /dev/fuse && echo has-fuse; true"
+    )
     devs, links, flags, extra = ok_sh(rt, img, script).split("==\n")
     seen = {}
     for l in lines(devs):
@@ -170,16 +174,18 @@ def test_dev_contents(rt, img):
         seen[name.removeprefix("/dev/")] = (kind, int(major, 16), int(minor, 16))
     for d, (ma, mi) in DEVICES.items():
         assert seen.get(d) == ("character special file", ma, mi), f"/dev/{d}: {seen.get(d)}"
-    assert lines(links) == ["fd /proc/self/fd", "stdin /proc/self/fd/0",
-                            "stdout /proc/self/fd/1", "stderr /proc/self/fd/2"]
-    assert set(lines(flags)) >= {"pts-dir", "shm-dir", "pts-ptmx", "ptmx", "shm-writable",
-                                 "null-writable"}, flags
+    assert lines(links) == [
+        "fd /proc/self/fd",
+        "stdin /proc/self/fd/0",
+        "stdout /proc/self/fd/1",
+        "stderr /proc/self/fd/2",
+    ]
+    assert set(lines(flags)) >= {"pts-dir", "shm-dir", "pts-ptmx", "ptmx", "shm-writable", "null-writable"}, flags
     assert lines(extra) == [], f"host devices in the container's /dev: {extra}"
 
 
 def test_sys_is_read_only(rt, img):
-    out = ok_sh(rt, img, "grep ' /sys ' /proc/mounts; "
-                "echo 1 > /sys/kernel/mm/ksm/run 2>/dev/null && echo WROTE; true")
+    out = ok_sh(rt, img, "grep ' /sys ' /proc/mounts; echo 1 > /sys/kernel/mm/ksm/run 2>/dev/null && echo WROTE; true")
     sys_lines = [l for l in lines(out) if " /sys " in l]
     assert sys_lines, out
     opts = sys_lines[-1].split()[3].split(",")
@@ -190,6 +196,7 @@ def test_sys_is_read_only(rt, img):
 # --------------------------------------------------------------------------
 # hostname and network
 # --------------------------------------------------------------------------
+
 
 def test_default_hostname_is_the_short_id(rt, img):
     r = rt.run("--name", "hn", img.spec, "sh", "-c", "hostname; echo $HOSTNAME")
@@ -231,9 +238,16 @@ def test_network_host_sees_the_hosts_interfaces(rt, img):
 # exit codes
 # --------------------------------------------------------------------------
 
-@pytest.mark.parametrize("cmd, code", [
-    (["true"], 0), (["false"], 1), (["sh", "-c", "exit 7"], 7), (["sh", "-c", "exit 255"], 255),
-])
+
+@pytest.mark.parametrize(
+    "cmd, code",
+    [
+        (["true"], 0),
+        (["false"], 1),
+        (["sh", "-c", "exit 7"], 7),
+        (["sh", "-c", "exit 255"], 255),
+    ],
+)
 def test_exit_code_is_the_commands(rt, img, cmd, code):
     r = rt.run("--rm", img.spec, *cmd)
     assert r.returncode == code, describe(r)
@@ -246,8 +260,7 @@ def test_missing_command_is_127(rt, img, cmd):
     assert rt.state_entries() == [] and rt.data_entries() == []
 
 
-@pytest.mark.parametrize("image_name, cmd", [("bare", "/etc/motd"), ("two_layer", "/app/hello.txt"),
-                                             ("bare", "/tmp")])
+@pytest.mark.parametrize("image_name, cmd", [("bare", "/etc/motd"), ("two_layer", "/app/hello.txt"), ("bare", "/tmp")])
 def test_not_executable_is_126(rt, images, image_name, cmd):
     r = rt.run("--rm", images.by_name(image_name).spec, cmd)
     assert r.returncode == 126, describe(r)
@@ -256,8 +269,9 @@ def test_not_executable_is_126(rt, images, image_name, cmd):
 def _assert_runner_error(rt, r):
     assert r.returncode == 125, describe(r)
     err = lines(r.stderr)
-    assert len(err) == 1 and err[0].startswith("pyoverlay: "), \
+    assert len(err) == 1 and err[0].startswith("pyoverlay: "), (
         f"want one 'pyoverlay: ...' line on stderr:\n{describe(r)}"
+    )
     assert rt.state_entries() == [], f"state left: {rt.state_entries()}"
     assert rt.data_entries() == [], f"data left: {rt.data_entries()}"
     assert rt.mounts() == []
@@ -271,11 +285,21 @@ def test_missing_layer_is_125_and_leaves_nothing(rt, img, tmp_path, layers):
     _assert_runner_error(rt, rt.run(spec, "true"))  # also without --rm
 
 
-@pytest.mark.parametrize("opts", [
-    ["--bogus-option"], ["--net", "bridge"], ["-m", "lots"], ["--pids-limit", "x"],
-    ["--cpus", "many"], ["--cap-add", "NOT_A_CAP"], ["-v", "/nonexistent-host-dir:/data"],
-    ["-v", "/tmp:relative"], ["-u", "nosuchuser"], ["--name", "bad/name"],
-])
+@pytest.mark.parametrize(
+    "opts",
+    [
+        ["--bogus-option"],
+        ["--net", "bridge"],
+        ["-m", "lots"],
+        ["--pids-limit", "x"],
+        ["--cpus", "many"],
+        ["--cap-add", "NOT_A_CAP"],
+        ["-v", "/nonexistent-host-dir:/data"],
+        ["-v", "/tmp:relative"],
+        ["-u", "nosuchuser"],
+        ["--name", "bad/name"],
+    ],
+)
 def test_bad_option_is_125_and_leaves_nothing(rt, img, opts):
     _assert_runner_error(rt, rt.run(*opts, img.spec, "true"))
 
@@ -327,8 +351,7 @@ def test_without_pids_limit_40_children_fit(rt, img):
 
 # The orphan "sleep 0.1" is reparented to PID 1.  PID 1 is exec'd into xargs,
 # which waits for its own child only (ash as PID 1 would reap everything).
-ZOMBIE = ("(sleep 0.1 &); "
-          "exec xargs sh -c 'sleep 1; ps -o pid,stat,comm' </dev/null")
+ZOMBIE = "(sleep 0.1 &); exec xargs sh -c 'sleep 1; ps -o pid,stat,comm' </dev/null"
 
 
 def test_zombies_stay_without_init(rt, img):
@@ -349,6 +372,7 @@ def test_init_reaps_zombies(rt, img):
 # volumes and read-only root
 # --------------------------------------------------------------------------
 
+
 @pytest.fixture
 def hostdir(tmp_path) -> Path:
     d = tmp_path / "hostdir"
@@ -360,8 +384,15 @@ def hostdir(tmp_path) -> Path:
 @pytest.mark.parametrize("suffix", ["", ":rw"])
 def test_volume_rw(rt, img, hostdir, tmp_path, suffix):
     upper = tmp_path / "upper"
-    out = ok_sh(rt, img, "cat /data/in.txt; echo from-container > /data/out.txt",
-                "--upper", upper, "-v", f"{hostdir}:/data{suffix}")
+    out = ok_sh(
+        rt,
+        img,
+        "cat /data/in.txt; echo from-container > /data/out.txt",
+        "--upper",
+        upper,
+        "-v",
+        f"{hostdir}:/data{suffix}",
+    )
     assert out == "from the host\n"
     assert (hostdir / "out.txt").read_text() == "from-container\n"
     # /data is missing in the image: the init layer supplied it, not the upper
@@ -379,8 +410,15 @@ def test_file_volume(rt, img, tmp_path):
     conf = tmp_path / "app.conf"
     conf.write_text("key=value\n")
     upper = tmp_path / "upper"
-    out = ok_sh(rt, img, "cat /etc/app.conf; echo key=new > /etc/app.conf; cat /etc/app.conf",
-                "--upper", upper, "-v", f"{conf}:/etc/app.conf")
+    out = ok_sh(
+        rt,
+        img,
+        "cat /etc/app.conf; echo key=new > /etc/app.conf; cat /etc/app.conf",
+        "--upper",
+        upper,
+        "-v",
+        f"{conf}:/etc/app.conf",
+    )
     assert out == "key=value\nkey=new\n"
     assert conf.read_text() == "key=new\n"
     assert rootfs.tree_listing(upper) == []
@@ -405,6 +443,7 @@ def test_read_only_root(rt, img, hostdir, tmp_path):
 # capabilities
 # --------------------------------------------------------------------------
 
+
 def _caps(rt, img, *opts) -> dict[str, str]:
     return status_map(ok_sh(rt, img, "cat /proc/self/status", *opts))
 
@@ -423,12 +462,15 @@ def test_privileged_keeps_the_hosts_capabilities(rt, img):
     assert st["NoNewPrivs"] == "0"
 
 
-@pytest.mark.parametrize("opts, mask", [
-    (["--cap-drop", "NET_RAW"], DOCKER_CAPBND & ~(1 << 13)),
-    (["--cap-add", "SYS_ADMIN"], DOCKER_CAPBND | (1 << 21)),
-    (["--cap-add", "CAP_NET_ADMIN"], DOCKER_CAPBND | (1 << 12)),
-    (["--cap-drop", "CHOWN", "--cap-drop", "KILL"], DOCKER_CAPBND & ~1 & ~(1 << 5)),
-])
+@pytest.mark.parametrize(
+    "opts, mask",
+    [
+        (["--cap-drop", "NET_RAW"], DOCKER_CAPBND & ~(1 << 13)),
+        (["--cap-add", "SYS_ADMIN"], DOCKER_CAPBND | (1 << 21)),
+        (["--cap-add", "CAP_NET_ADMIN"], DOCKER_CAPBND | (1 << 12)),
+        (["--cap-drop", "CHOWN", "--cap-drop", "KILL"], DOCKER_CAPBND & ~1 & ~(1 << 5)),
+    ],
+)
 def test_cap_add_and_drop(rt, img, opts, mask):
     st = _caps(rt, img, *opts)
     assert int(st["CapBnd"], 16) == mask, (st["CapBnd"], hex(mask))
@@ -443,6 +485,7 @@ def test_non_root_user_has_no_effective_caps(rt, img):
 # environment, workdir, user, stdin
 # --------------------------------------------------------------------------
 
+
 def test_default_environment(rt, img):
     out = ok_sh(rt, img, "env", "--hostname", "envbox")
     env = dict(l.split("=", 1) for l in lines(out))
@@ -454,9 +497,24 @@ def test_default_environment(rt, img):
 
 
 def test_env_options(rt, img):
-    out = ok_sh(rt, img, "env", "-e", "FOO=bar", "--env", "SPACED=a b c", "-e", "EMPTY=",
-                "-e", "FROM_HOST", "-e", "UNSET_ON_HOST", "-e", "HOME=/elsewhere",
-                env={"FROM_HOST": "host-value"})
+    out = ok_sh(
+        rt,
+        img,
+        "env",
+        "-e",
+        "FOO=bar",
+        "--env",
+        "SPACED=a b c",
+        "-e",
+        "EMPTY=",
+        "-e",
+        "FROM_HOST",
+        "-e",
+        "UNSET_ON_HOST",
+        "-e",
+        "HOME=/elsewhere",
+        env={"FROM_HOST": "host-value"},
+    )
     env = dict(l.split("=", 1) for l in out.splitlines() if "=" in l)
     assert env["FOO"] == "bar"
     assert env["SPACED"] == "a b c"
@@ -468,39 +526,38 @@ def test_env_options(rt, img):
 
 def test_workdir(rt, images):
     assert ok_sh(rt, images.bare, "pwd", "-w", "/tmp") == "/tmp\n"
-    assert ok_sh(rt, images.two_layer, "pwd; cat hello.txt", "--workdir", "/app") == \
-        "/app\n" + rootfs.HELLO.decode()
+    assert ok_sh(rt, images.two_layer, "pwd; cat hello.txt", "--workdir", "/app") == "/app\n" + rootfs.HELLO.decode()
     assert ok_sh(rt, images.bare, "pwd") == "/\n"
 
 
-@pytest.mark.parametrize("user, want", [
-    ("1000:1000", ["1000", "1000", "app"]),
-    ("app", ["1000", "1000", "app"]),
-    ("1000", ["1000", "1000", "app"]),
-    ("app:root", ["1000", "0", "app"]),
-    ("0:0", ["0", "0", "root"]),
-])
+@pytest.mark.parametrize(
+    "user, want",
+    [
+        ("1000:1000", ["1000", "1000", "app"]),
+        ("app", ["1000", "1000", "app"]),
+        ("1000", ["1000", "1000", "app"]),
+        ("app:root", ["1000", "0", "app"]),
+        ("0:0", ["0", "0", "root"]),
+    ],
+)
 def test_user(rt, img, user, want):
     out = ok_sh(rt, img, "id -u; id -g; id -un", "-u", user)
     assert lines(out) == want
 
 
 def test_user_option_spellings_and_home(rt, img):
-    out = ok_sh(rt, img, "id -u; echo $HOME; touch /etc/x 2>/dev/null || echo denied",
-                "--user", "app")
+    out = ok_sh(rt, img, "id -u; echo $HOME; touch /etc/x 2>/dev/null || echo denied", "--user", "app")
     assert lines(out) == ["1000", "/home/app", "denied"]
 
 
 def test_stdin_is_dev_null_without_i(rt, img):
-    r = rt.run("--rm", img.spec, "sh", "-c", "readlink /proc/self/fd/0; cat",
-               input="should not arrive\n")
+    r = rt.run("--rm", img.spec, "sh", "-c", "readlink /proc/self/fd/0; cat", input="should not arrive\n")
     assert r.returncode == 0, describe(r)
     assert r.stdout == "/dev/null\n"
 
 
 def test_interactive_attaches_stdin(rt, img):
-    r = rt.run("--rm", "-i", img.spec, "sh", "-c", "cat; echo done",
-               input="line one\nline two\n")
+    r = rt.run("--rm", "-i", img.spec, "sh", "-c", "cat; echo done", input="line one\nline two\n")
     assert r.returncode == 0, describe(r)
     assert r.stdout == "line one\nline two\ndone\n"
 
@@ -514,6 +571,7 @@ def test_stdout_and_stderr_stay_apart(rt, img):
 # --------------------------------------------------------------------------
 # command line parsing, --rm
 # --------------------------------------------------------------------------
+
 
 def test_options_after_the_image_belong_to_the_command(rt, img):
     r = rt.run("--rm", img.spec, "echo", "--name", "x", "-e", "y", "-d")

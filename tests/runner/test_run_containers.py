@@ -22,10 +22,7 @@ from helpers.containers import DEFAULT_PATH, DOCKER_CAPBND, alive, describe, sta
 
 pytestmark = [pytest.mark.fuse, pytest.mark.needs_root, pytest.mark.usefixtures("_no_leftovers")]
 
-PS_KEYS = {"id", "name", "command", "status", "exit_code", "pid", "layers", "upper",
-           "merged", "created"}
-
-
+PS_KEYS = {"id", "name", "command", "status", "exit_code", "pid", "layers", "upper", "merged", "created"}
 
 
 @pytest.fixture
@@ -51,14 +48,14 @@ def wait_running(rt, ref, timeout=30) -> dict:
 # run -d and ps
 # --------------------------------------------------------------------------
 
+
 def test_detach_and_ps_json(rt, images, web):
     c = wait_running(rt, web)
-    assert PS_KEYS <= set(c), f"ps --json keys: {sorted(c)}"
+    assert set(c) >= PS_KEYS, f"ps --json keys: {sorted(c)}"
     assert c["id"] == web and c["name"] == "web"
     assert c["command"] == ["sleep", "1000"]
     assert c["exit_code"] is None, c
-    assert [os.path.realpath(l) for l in c["layers"]] == \
-        [os.path.realpath(l) for l in images.bare.layers]
+    assert [os.path.realpath(l) for l in c["layers"]] == [os.path.realpath(l) for l in images.bare.layers]
     pid = c["pid"]
     assert alive(pid)
     nspid = containers.status_field(pid, "NSpid").split()
@@ -67,8 +64,9 @@ def test_detach_and_ps_json(rt, images, web):
     assert mounts.is_mounted(c["merged"]), c["merged"]
     assert Path(c["merged"]).resolve().is_relative_to(rt.base.resolve()), c["merged"]
     assert Path(c["upper"]).is_dir()
-    assert Path(c["upper"]).resolve().is_relative_to((rt.data / "containers" / web).resolve()), \
+    assert Path(c["upper"]).resolve().is_relative_to((rt.data / "containers" / web).resolve()), (
         "the generated upper belongs in $PYOVERLAY_DATA_DIR/containers/<id>/"
+    )
     assert (rt.state / "containers" / web).is_dir()
     assert c["created"], c
     # without -a: running containers only
@@ -108,6 +106,7 @@ def test_duplicate_name_is_125(rt, img, web):
 # exec
 # --------------------------------------------------------------------------
 
+
 def test_exec_sees_the_containers_pid_namespace(rt, web):
     r = rt.ok("exec", "web", "ps", "-o", "pid,comm")
     rows = containers.ps_table(r.stdout)
@@ -131,8 +130,7 @@ def test_exec_options(rt, web):
     assert env["FOO"] == "bar" and env["PATH"] == DEFAULT_PATH, env
     assert env["HOSTNAME"] == web[:12], env
     assert rt.ok("exec", "-w", "/tmp", "web", "pwd").stdout == "/tmp\n"
-    assert lines(rt.ok("exec", "-u", "1000:1000", "web", "sh", "-c", "id -u; id -g").stdout) == \
-        ["1000", "1000"]
+    assert lines(rt.ok("exec", "-u", "1000:1000", "web", "sh", "-c", "id -u; id -g").stdout) == ["1000", "1000"]
     assert rt.ok("exec", "-u", "app", "web", "id", "-un").stdout == "app\n"
     r = rt.cli("exec", "-i", "web", "cat", input="via stdin\n")
     assert r.returncode == 0 and r.stdout == "via stdin\n", describe(r)
@@ -166,6 +164,7 @@ def test_exec_into_missing_or_stopped_container_is_125(rt, img):
 # --------------------------------------------------------------------------
 # top, stop, kill, rm, logs
 # --------------------------------------------------------------------------
+
 
 def test_top(rt, web):
     c = wait_running(rt, web)
@@ -217,10 +216,16 @@ def test_stop_several(rt, img):
     assert rt.ps() == []
 
 
-@pytest.mark.parametrize("sig, init, code", [
-    ("KILL", False, 137), ("SIGKILL", False, 137), ("9", False, 137),
-    ("TERM", True, 143), ("SIGHUP", True, 129),
-])
+@pytest.mark.parametrize(
+    "sig, init, code",
+    [
+        ("KILL", False, 137),
+        ("SIGKILL", False, 137),
+        ("9", False, 137),
+        ("TERM", True, 143),
+        ("SIGHUP", True, 129),
+    ],
+)
 def test_kill(rt, img, sig, init, code):
     cid = rt.detach(*(["--init"] if init else []), img.spec, "sleep", "1000")
     c = wait_running(rt, cid)
@@ -270,13 +275,15 @@ def test_upper_of_a_detached_container(rt, web):
 # cgroups
 # --------------------------------------------------------------------------
 
+
 def test_cgroup_limits(rt, img):
     cid = rt.detach("-m", "64m", "--pids-limit", "20", "--cpus", "0.5", img.spec, "sleep", "1000")
     c = wait_running(rt, cid)
     dirs = containers.cgroups_of(cid)
     assert dirs, "no cgroup dir under /sys/fs/cgroup/*/pyoverlay/<id>"
-    mem = containers.read_cgroup_file(cid, "memory", "memory.limit_in_bytes") \
-        or containers.read_cgroup_file(cid, "memory", "memory.max")
+    mem = containers.read_cgroup_file(cid, "memory", "memory.limit_in_bytes") or containers.read_cgroup_file(
+        cid, "memory", "memory.max"
+    )
     assert mem == str(64 << 20), mem
     assert containers.read_cgroup_file(cid, "pids", "pids.max") == "20"
     quota = containers.read_cgroup_file(cid, "cpu", "cpu.cfs_quota_us")
@@ -298,14 +305,15 @@ def test_cgroup_limits(rt, img):
 # a monitor killed by SIGKILL: the container is "dead"
 # --------------------------------------------------------------------------
 
+
 def test_dead_container_is_detected_and_removed(rt, img):
     cid = rt.detach("--name", "victim", img.spec, "sleep", "1000")
     c = wait_running(rt, cid)
     pid = c["pid"]
     monitor = containers.proc_stat(pid).ppid
-    assert monitor in containers.procs_with_env(rt.env_marker), \
-        f"the parent of the container's PID 1 is not a runner process: " \
-        f"{containers.describe_pid(monitor)}"
+    assert monitor in containers.procs_with_env(rt.env_marker), (
+        f"the parent of the container's PID 1 is not a runner process: {containers.describe_pid(monitor)}"
+    )
     os.kill(monitor, signal.SIGKILL)
     os.kill(pid, signal.SIGKILL)
     assert containers.wait_gone(monitor) and containers.wait_gone(pid)
@@ -318,8 +326,7 @@ def test_dead_container_is_detected_and_removed(rt, img):
     assert rt.mounts() == [], rt.mounts()
     assert containers.cgroups_of(cid) == []
     assert rt.state_entries() == [] and rt.data_entries() == []
-    left = [containers.describe_pid(p) for p in containers.procs_with_env(rt.env_marker)
-            if alive(p)]
+    left = [containers.describe_pid(p) for p in containers.procs_with_env(rt.env_marker) if alive(p)]
     assert not left, f"runner processes survive rm -f: {left}"
 
 
@@ -327,16 +334,32 @@ def test_dead_container_is_detected_and_removed(rt, img):
 # SIGTERM / SIGHUP to a foreground runner
 # --------------------------------------------------------------------------
 
-@pytest.mark.parametrize("sig, init, codes", [
-    (signal.SIGTERM, False, (137,)),
-    (signal.SIGTERM, True, (143,)),
-    (signal.SIGHUP, False, (137,)),
-])
+
+@pytest.mark.parametrize(
+    "sig, init, codes",
+    [
+        (signal.SIGTERM, False, (137,)),
+        (signal.SIGTERM, True, (143,)),
+        (signal.SIGHUP, False, (137,)),
+    ],
+)
 def test_signal_to_foreground_runner(rt, img, tmp_path, sig, init, codes):
     err = open(tmp_path / "runner.err", "w+")
-    p = rt.popen("run", "--rm", "--name", "fg", "--stop-timeout", "2",
-                 *(["--init"] if init else []), img.spec, "sleep", "1000",
-                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
+    p = rt.popen(
+        "run",
+        "--rm",
+        "--name",
+        "fg",
+        "--stop-timeout",
+        "2",
+        *(["--init"] if init else []),
+        img.spec,
+        "sleep",
+        "1000",
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=err,
+    )
     try:
         deadline = time.monotonic() + 30
         while True:
@@ -360,8 +383,7 @@ def test_signal_to_foreground_runner(rt, img, tmp_path, sig, init, codes):
             assert elapsed >= 1.5, "SIGKILL came before --stop-timeout"
         assert not alive(c["pid"])
         assert rt.mounts() == [], rt.mounts()
-        assert not any(r.mountpoint == os.path.realpath(c["merged"])
-                       for r in mounts.mount_table())
+        assert not any(r.mountpoint == os.path.realpath(c["merged"]) for r in mounts.mount_table())
         assert containers.procs_rooted_under(c["merged"]) == []
         assert containers.cgroups_of(c["id"]) == []
         assert rt.state_entries() == [] and rt.data_entries() == []

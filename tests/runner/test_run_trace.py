@@ -22,8 +22,16 @@ def events_of(path) -> list[dict]:
 
 def test_events_name_the_container_and_the_pid_inside(rt, images, tmp_path):
     trace = tmp_path / "t.jsonl"
-    r = rt.run("--name", "tr", "--trace", trace, images.two_layer.spec, "sh", "-c",
-               "echo more >> /etc/motd; rm /bin/ls; sh -c 'mkdir /newdir; exit 0'")
+    r = rt.run(
+        "--name",
+        "tr",
+        "--trace",
+        trace,
+        images.two_layer.spec,
+        "sh",
+        "-c",
+        "echo more >> /etc/motd; rm /bin/ls; sh -c 'mkdir /newdir; exit 0'",
+    )
     assert r.returncode == 0, describe(r)
     cid = rt.find("tr")["id"]
     events = events_of(trace)
@@ -45,8 +53,7 @@ def test_events_name_the_container_and_the_pid_inside(rt, images, tmp_path):
 
 
 def test_trace_summary_at_exit(rt, img):
-    r = rt.run("--rm", "--trace-summary", img.spec, "sh", "-c",
-               "echo x >> /etc/passwd; exec 3>>/etc/group; rm /bin/vi")
+    r = rt.run("--rm", "--trace-summary", img.spec, "sh", "-c", "echo x >> /etc/passwd; exec 3>>/etc/group; rm /bin/vi")
     assert r.returncode == 0, describe(r)
     assert "pyoverlay trace summary" in r.stderr
     assert "copy-ups:" in r.stderr and "whiteouts: 1 created" in r.stderr
@@ -102,22 +109,30 @@ def _walk_upper(upper) -> dict[str, str]:
 
 def test_diff_of_a_container_matches_its_upper_on_disk(rt, images, tmp_path):
     upper = tmp_path / "upper"
-    r = rt.run("--name", "changed", "--upper", upper, images.two_layer.spec, "sh", "-c",
-               "echo new > /app/new.txt; echo more >> /etc/motd; rm /bin/ls; "
-               "rm -r /app && mkdir /app && echo again > /app/again; mkdir -p /var/log/x")
+    r = rt.run(
+        "--name",
+        "changed",
+        "--upper",
+        upper,
+        images.two_layer.spec,
+        "sh",
+        "-c",
+        "echo new > /app/new.txt; echo more >> /etc/motd; rm /bin/ls; "
+        "rm -r /app && mkdir /app && echo again > /app/again; mkdir -p /var/log/x",
+    )
     assert r.returncode == 0, describe(r)
     d = rt.ok("diff", "changed")
     got = [tuple(l.split(" ", 1)) for l in d.stdout.splitlines()]
     on_disk = _walk_upper(upper)
     # every entry of the upper is in the diff; whiteouts and opaque dirs as deletions
     listed = {p for _, p in got}
-    assert set(on_disk) <= listed | {"/etc", "/bin"} , (on_disk, got)
+    assert set(on_disk) <= listed | {"/etc", "/bin"}, (on_disk, got)
     for path, kind in on_disk.items():
         entry = dict((p, k) for k, p in got).get(path)
         if kind == "whiteout":
             assert entry == "D", (path, got)
         elif kind == "opaque":
-            assert entry == "D", (path, got)      # docker: an opaque dir replaced a lower one
+            assert entry == "D", (path, got)  # docker: an opaque dir replaced a lower one
     assert ("C", "/etc/motd") in got and ("D", "/bin/ls") in got
     assert ("A", "/app/again") in got and ("A", "/var") in got
     j = json.loads(rt.ok("diff", "--json", "changed").stdout)

@@ -29,8 +29,6 @@ pytestmark = [pytest.mark.fuse, pytest.mark.needs_root, pytest.mark.usefixtures(
 ROWS, COLS = 33, 101
 
 
-
-
 class PtySession:
     """The runner on a pty whose master the test holds."""
 
@@ -43,9 +41,16 @@ class PtySession:
             fcntl.ioctl(0, termios.TIOCSCTTY, 0)
 
         try:
-            self.proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave,
-                                         env=env, cwd=cwd, start_new_session=True,
-                                         preexec_fn=make_controlling_tty)
+            self.proc = subprocess.Popen(
+                argv,
+                stdin=slave,
+                stdout=slave,
+                stderr=slave,
+                env=env,
+                cwd=cwd,
+                start_new_session=True,
+                preexec_fn=make_controlling_tty,
+            )
         finally:
             os.close(slave)
         self.buf = b""
@@ -78,13 +83,14 @@ class PtySession:
         while True:
             m = rx.search(self.buf)
             if m:
-                self.buf = self.buf[m.end():]
+                self.buf = self.buf[m.end() :]
                 return m
             left = deadline - time.monotonic()
             if left <= 0 or self.eof:
                 raise AssertionError(
                     f"did not see {pattern!r} within {timeout}s (eof={self.eof}, "
-                    f"runner status={self.proc.poll()}); output so far:\n{self.buf[-3000:]!r}")
+                    f"runner status={self.proc.poll()}); output so far:\n{self.buf[-3000:]!r}"
+                )
             self._read(min(left, 0.5))
 
     def wait_prompt(self, timeout: float = 60) -> None:
@@ -95,8 +101,7 @@ class PtySession:
         deadline = time.monotonic() + timeout
         while self.proc.poll() is None:
             if time.monotonic() > deadline:
-                raise AssertionError(f"runner did not exit within {timeout}s; output:\n"
-                                     f"{self.buf[-3000:]!r}")
+                raise AssertionError(f"runner did not exit within {timeout}s; output:\n{self.buf[-3000:]!r}")
             self._read(0.2)  # keep draining the master
         return self.proc.returncode
 
@@ -117,7 +122,7 @@ class PtySession:
 def container_sleeps(before) -> list[int]:
     """Host pids of ``sleep 100`` processes in a foreign pid ns, new since ``before``."""
     out = []
-    for (pid, start) in set(containers.foreign_pidns_procs()) - set(before):
+    for pid, start in set(containers.foreign_pidns_procs()) - set(before):
         if containers.cmdline(pid) == ["sleep", "100"] and containers.alive(pid):
             out.append(pid)
     return out
@@ -178,8 +183,7 @@ def test_typeahead_is_not_lost(rt, img):
 
 def test_hangup_cleans_up(rt, img):
     """Closing the terminal (SIGHUP to the runner) stops and removes the container."""
-    s = PtySession(rt.argv("run", "--rm", "--stop-timeout", "2", "-it", img.spec, "sh"),
-                   rt.env, str(rt.base))
+    s = PtySession(rt.argv("run", "--rm", "--stop-timeout", "2", "-it", img.spec, "sh"), rt.env, str(rt.base))
     try:
         s.wait_prompt()
         s.send(b"echo UP$((1+1))\n")
@@ -187,13 +191,13 @@ def test_hangup_cleans_up(rt, img):
     finally:
         s.close()
     assert s.proc.returncode is not None
-    assert rt.state_entries() == [] and rt.data_entries() == [], \
+    assert rt.state_entries() == [] and rt.data_entries() == [], (
         f"runner exit status {s.proc.returncode}; --rm container left: {rt.ps()}"
+    )
 
 
 def test_tty_exit_code_of_sh_c(rt, img):
-    s = PtySession(rt.argv("run", "--rm", "-it", img.spec, "sh", "-c", "exit 42"),
-                   rt.env, str(rt.base))
+    s = PtySession(rt.argv("run", "--rm", "-it", img.spec, "sh", "-c", "exit 42"), rt.env, str(rt.base))
     try:
         assert s.wait(60) == 42
     finally:

@@ -15,23 +15,29 @@ from runner import control, initlayer, spec, state
 from runner.init import exit_code
 from runner.spec import SpecError
 
-
 # --- options ----------------------------------------------------------------------------
+
 
 def test_parse_volume(tmp_path):
     v = spec.parse_volume(f"{tmp_path}:/data")
     assert (v.host, v.target, v.read_only) == (str(tmp_path), "/data", False)
     assert spec.parse_volume(f"{tmp_path}:/a/b/:ro") == spec.Volume(str(tmp_path), "/a/b", True)
-    for bad in ("x", f"{tmp_path}:rel", f"{tmp_path}:/", f"{tmp_path}:/a:rx",
-                f"{tmp_path}:/a/../b", f"{tmp_path}/missing:/a", f"{tmp_path}:/a:ro:x"):
+    for bad in (
+        "x",
+        f"{tmp_path}:rel",
+        f"{tmp_path}:/",
+        f"{tmp_path}:/a:rx",
+        f"{tmp_path}:/a/../b",
+        f"{tmp_path}/missing:/a",
+        f"{tmp_path}:/a:ro:x",
+    ):
         with pytest.raises(SpecError):
             spec.parse_volume(bad)
 
 
 def test_parse_env_takes_bare_names_from_the_caller():
     env = {"HOME": "/h", "EMPTY": ""}
-    assert spec.parse_env(["A=1", "HOME", "UNSET", "EMPTY", "B=x=y"], env) == \
-        ["A=1", "HOME=/h", "EMPTY=", "B=x=y"]
+    assert spec.parse_env(["A=1", "HOME", "UNSET", "EMPTY", "B=x=y"], env) == ["A=1", "HOME=/h", "EMPTY=", "B=x=y"]
     with pytest.raises(SpecError):
         spec.parse_env(["=x"], env)
 
@@ -44,8 +50,9 @@ def test_build_env_order_and_overrides():
 
 def test_caps():
     assert spec.caps_mask(spec.DOCKER_DEFAULT_CAPS) == 0xA80425FB  # docker's CapBnd
-    s = spec.RunSpec(layers=("/",), argv=["sh"], cap_add=spec.parse_caps(["sys_admin"]),
-                     cap_drop=spec.parse_caps(["CAP_NET_RAW"]))
+    s = spec.RunSpec(
+        layers=("/",), argv=["sh"], cap_add=spec.parse_caps(["sys_admin"]), cap_drop=spec.parse_caps(["CAP_NET_RAW"])
+    )
     caps = s.caps()
     assert spec.CAPS["SYS_ADMIN"] in caps and spec.CAPS["NET_RAW"] not in caps
     assert spec.RunSpec(layers=("/",), argv=["sh"], privileged=True).caps() is None
@@ -71,15 +78,18 @@ PASSWD = "root:x:0:0:root:/root:/bin/sh\napp:x:1000:1001::/home/app:/bin/sh\n"
 GROUP = "root:x:0:\nusers:x:100:app,bob\napp:x:1001:\nstaff:x:50:\n"
 
 
-@pytest.mark.parametrize("user, expect", [
-    (None, (0, 0, (), "/root")),
-    ("app", (1000, 1001, (100,), "/home/app")),
-    ("1000", (1000, 1001, (100,), "/home/app")),      # a known uid finds its entry
-    ("2000", (2000, 0, (), "/")),                     # unknown uid: gid 0, as docker
-    ("app:staff", (1000, 50, (100,), "/home/app")),
-    ("2000:77", (2000, 77, (), "/")),
-    ("0", (0, 0, (), "/root")),
-])
+@pytest.mark.parametrize(
+    "user, expect",
+    [
+        (None, (0, 0, (), "/root")),
+        ("app", (1000, 1001, (100,), "/home/app")),
+        ("1000", (1000, 1001, (100,), "/home/app")),  # a known uid finds its entry
+        ("2000", (2000, 0, (), "/")),  # unknown uid: gid 0, as docker
+        ("app:staff", (1000, 50, (100,), "/home/app")),
+        ("2000:77", (2000, 77, (), "/")),
+        ("0", (0, 0, (), "/root")),
+    ],
+)
 def test_resolve_user(user, expect):
     ids = spec.resolve_user(user, PASSWD, GROUP)
     assert (ids.uid, ids.gid, ids.groups, ids.home) == expect
@@ -126,15 +136,20 @@ def test_init_layer_supplies_only_what_is_missing(tmp_path):
     os.utime(base / "etc", ns=(1_000_000_000, 2_000_000_000))
     top.mkdir()
     os.mknod(top / "data", stat.S_IFCHR, 0)  # the top layer whites out /data
-    needed = _needs(("proc", "dir", True), ("dev", "dir", True), ("etc/hostname", "file", False),
-                    ("etc/hosts", "file", False), ("data/x", "dir", True))
+    needed = _needs(
+        ("proc", "dir", True),
+        ("dev", "dir", True),
+        ("etc/hostname", "file", False),
+        ("etc/hosts", "file", False),
+        ("data/x", "dir", True),
+    )
     usable = initlayer.build(str(init), (str(top), str(base)), None, False, needed)
     assert sorted(usable) == sorted(["proc", "dev", "etc/hostname", "etc/hosts", "data/x"])
-    assert sorted(os.listdir(init)) == ["data", "dev", "etc"]       # proc exists in the image
-    assert os.listdir(init / "etc") == ["hostname"]                  # hosts exists too
-    st = os.lstat(init / "etc")                                       # looks like the image's /etc
+    assert sorted(os.listdir(init)) == ["data", "dev", "etc"]  # proc exists in the image
+    assert os.listdir(init / "etc") == ["hostname"]  # hosts exists too
+    st = os.lstat(init / "etc")  # looks like the image's /etc
     assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_mtime_ns) == (0o750, 12, 34, 2_000_000_000)
-    assert os.path.isdir(init / "data" / "x")                          # /data is whited out: all new
+    assert os.path.isdir(init / "data" / "x")  # /data is whited out: all new
     assert stat.S_IMODE(os.lstat(init / "data").st_mode) == 0o755
 
 
@@ -143,17 +158,18 @@ def test_init_layer_never_follows_a_symlink_in_the_image(tmp_path):
     base, init, outside = tmp_path / "base", tmp_path / "init", tmp_path / "outside"
     base.mkdir()
     outside.mkdir()
-    os.symlink(str(outside), base / "etc")   # absolute symlink out of the image
+    os.symlink(str(outside), base / "etc")  # absolute symlink out of the image
     os.symlink("/", base / "sys")
     needed = _needs(("etc/hosts", "file", False), ("sys", "dir", True))
     usable = initlayer.build(str(init), (str(base),), None, False, needed)
-    assert usable == ["sys"]              # exists (as a symlink: the mount resolves it in the root)
+    assert usable == ["sys"]  # exists (as a symlink: the mount resolves it in the root)
     assert os.listdir(outside) == [] and not (init / "etc").exists()
     with pytest.raises(initlayer.InitLayerError, match="not a directory"):
         initlayer.build(str(init), (str(base),), None, False, _needs(("etc/x", "dir", True)))
 
 
 # --- records --------------------------------------------------------------------------------
+
 
 @pytest.fixture
 def store(tmp_path, monkeypatch):
@@ -183,10 +199,9 @@ def test_a_running_record_whose_monitor_is_gone_is_dead(store):
 
     p = subprocess.Popen(["sleep", "30"])
     try:
-        rec = _rec("f" * 64, "x", status="running", monitor_pid=p.pid,
-                   monitor_start=_linux.process_start_time(p.pid))
+        rec = _rec("f" * 64, "x", status="running", monitor_pid=p.pid, monitor_start=_linux.process_start_time(p.pid))
         assert state.status(rec) == "running"
-        rec["monitor_start"] += 1          # same pid, another process: a recycled pid
+        rec["monitor_start"] += 1  # same pid, another process: a recycled pid
         assert state.status(rec) == "dead"
     finally:
         p.kill()
@@ -217,10 +232,31 @@ def test_remove_refuses_while_something_is_mounted_below(store):
 
 def test_ps_table_statuses():
     rows = [
-        dict(id="a" * 64, name="up", command=["sleep", "1000"], status="running", pid=42,
-             layers=["/l1", "/l2"], upper="/u", created=100.0, finished=None, exit_code=None),
-        dict(id="b" * 64, name="gone", command=["sh", "-c", "x" * 40], status="exited", pid=7,
-             layers=["/l"], upper="/u2", created=0.0, finished=40.0, exit_code=137, oom_killed=True),
+        dict(
+            id="a" * 64,
+            name="up",
+            command=["sleep", "1000"],
+            status="running",
+            pid=42,
+            layers=["/l1", "/l2"],
+            upper="/u",
+            created=100.0,
+            finished=None,
+            exit_code=None,
+        ),
+        dict(
+            id="b" * 64,
+            name="gone",
+            command=["sh", "-c", "x" * 40],
+            status="exited",
+            pid=7,
+            layers=["/l"],
+            upper="/u2",
+            created=0.0,
+            finished=40.0,
+            exit_code=137,
+            oom_killed=True,
+        ),
     ]
     text = control.ps_table(rows, 220.0)
     lines = text.splitlines()

@@ -20,7 +20,6 @@ import os
 import signal
 import stat
 import subprocess
-from pathlib import Path
 
 import pytest
 
@@ -55,11 +54,13 @@ def c1(rt, img):
 # item 3: devices
 # --------------------------------------------------------------------------
 
-OPEN_LOOP = ("mknod /lp b 7 0 && echo mknod-ok; "
-             "(: < /lp) 2>&1 && echo read-open-ok; "
-             "(: <> /lp) 2>&1 && echo rw-open-ok; "
-             "mknod /dev/lp1 b 7 1 && (: < /dev/lp1) 2>&1 && echo dev-open-ok; "
-             "rm -f /lp /dev/lp1; true")
+OPEN_LOOP = (
+    "mknod /lp b 7 0 && echo mknod-ok; "
+    "(: < /lp) 2>&1 && echo read-open-ok; "
+    "(: <> /lp) 2>&1 && echo rw-open-ok; "
+    "mknod /dev/lp1 b 7 1 && (: < /dev/lp1) 2>&1 && echo dev-open-ok; "
+    "rm -f /lp /dev/lp1; true"
+)
 
 
 def test_root_container_cannot_open_a_block_device_it_made(rt, img):
@@ -73,10 +74,12 @@ def test_root_container_cannot_open_a_block_device_it_made(rt, img):
 
 
 def test_allowed_device_nodes_still_work(rt, img):
-    script = ("mknod /tmp/n c 1 3 && echo x > /tmp/n && echo null-ok; "
-              "head -c 4 /dev/zero | wc -c; head -c 4 /dev/urandom | wc -c; "
-              "echo x > /dev/null && echo devnull-ok; (echo x > /dev/full) 2>&1; "
-              "test -c /dev/pts/ptmx && echo ptmx-ok; true")
+    script = (
+        "mknod /tmp/n c 1 3 && echo x > /tmp/n && echo null-ok; "
+        "head -c 4 /dev/zero | wc -c; head -c 4 /dev/urandom | wc -c; "
+        "echo x > /dev/null && echo devnull-ok; (echo x > /dev/full) 2>&1; "
+        "test -c /dev/pts/ptmx && echo ptmx-ok; true"
+    )
     r = sh(rt, img, script)
     assert r.returncode == 0, describe(r)
     out = lines(r.stdout)
@@ -93,7 +96,7 @@ def test_dev_is_nosuid_noexec(rt, img):
     assert dev, r.stdout
     opts = set(dev[-1].options.split(","))
     assert {"nosuid", "noexec"} <= opts, dev[-1]
-    assert "nodev" not in opts, dev[-1]   # the allowed nodes must work
+    assert "nodev" not in opts, dev[-1]  # the allowed nodes must work
 
 
 def test_privileged_keeps_every_device(rt, img):
@@ -109,8 +112,20 @@ def test_device_rules_in_the_cgroup_and_removed_with_it(rt, img, c1):
         pytest.skip("no cgroup v1 devices controller here (the BPF path is tested below)")
     listing = containers.read_cgroup_file(c1, "devices", "devices.list")
     assert listing is not None, f"no devices cgroup for {c1}: {containers.cgroups_of(c1)}"
-    want = {"c *:* m", "b *:* m", "c 1:3 rwm", "c 1:5 rwm", "c 1:7 rwm", "c 1:8 rwm",
-            "c 1:9 rwm", "c 5:0 rwm", "c 5:1 rwm", "c 5:2 rwm", "c 136:* rwm", "c 10:200 rwm"}
+    want = {
+        "c *:* m",
+        "b *:* m",
+        "c 1:3 rwm",
+        "c 1:5 rwm",
+        "c 1:7 rwm",
+        "c 1:8 rwm",
+        "c 1:9 rwm",
+        "c 5:0 rwm",
+        "c 5:1 rwm",
+        "c 5:2 rwm",
+        "c 136:* rwm",
+        "c 10:200 rwm",
+    }
     assert set(lines(listing)) == want, listing
     pid = rt.find(c1)["pid"]
     assert str(pid) in containers.read_cgroup_file(c1, "devices", "cgroup.procs").split()
@@ -144,8 +159,7 @@ def test_bpf_device_program_on_cgroup_v2(tmp_path):
     real = detect()
     if real.v2_root is None:
         pytest.skip("no cgroup2 mount")
-    layout = Layout(real.mode, {k: v for k, v in real.v1.items() if k != "devices"},
-                    real.v2_root, real.v2_controllers)
+    layout = Layout(real.mode, {k: v for k, v in real.v1.items() if k != "devices"}, real.v2_root, real.v2_controllers)
     name = f"sectest-{os.getpid()}"
     try:
         cg = Cgroup.create(name, Limits(), layout, devices=True)
@@ -160,9 +174,12 @@ def test_bpf_device_program_on_cgroup_v2(tmp_path):
             out = []
             try:
                 cg.add(os.getpid())
-                for name_, kind, dev in (("lp", stat.S_IFBLK, (7, 0)), ("null", stat.S_IFCHR, (1, 3)),
-                                         ("fuse", stat.S_IFCHR, (10, 229)),
-                                         ("zero", stat.S_IFCHR, (1, 5))):
+                for name_, kind, dev in (
+                    ("lp", stat.S_IFBLK, (7, 0)),
+                    ("null", stat.S_IFCHR, (1, 3)),
+                    ("fuse", stat.S_IFCHR, (10, 229)),
+                    ("zero", stat.S_IFCHR, (1, 5)),
+                ):
                     p = str(tmp_path / name_)
                     os.mknod(p, kind | 0o600, os.makedev(*dev))
                     out.append(f"{name_} mknod-ok")
@@ -179,8 +196,16 @@ def test_bpf_device_program_on_cgroup_v2(tmp_path):
         got = os.read(r, 4096).decode().splitlines()
         os.close(r)
         os.waitpid(pid, 0)
-        assert got == ["lp mknod-ok", "lp open-errno-1", "null mknod-ok", "null open-ok",
-                       "fuse mknod-ok", "fuse open-errno-1", "zero mknod-ok", "zero open-ok"], got
+        assert got == [
+            "lp mknod-ok",
+            "lp open-errno-1",
+            "null mknod-ok",
+            "null open-ok",
+            "fuse mknod-ok",
+            "fuse open-errno-1",
+            "zero mknod-ok",
+            "zero open-ok",
+        ], got
     finally:
         cg.remove()
     assert not os.path.exists(cg.paths["unified"])
@@ -199,6 +224,7 @@ def test_no_device_restriction_available_is_an_error(tmp_path):
 # item 4: descriptors of the caller
 # --------------------------------------------------------------------------
 
+
 @pytest.fixture
 def leaked_dir(tmp_path):
     """A host directory holding a secret, open (inheritable): its fd."""
@@ -212,9 +238,17 @@ def leaked_dir(tmp_path):
 
 
 def cli_with_fd(rt, fd, *args, preexec_fn=None):
-    return subprocess.run(rt.argv(*args), stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                          env=rt.env, cwd=mounts.REPO_ROOT, pass_fds=(fd,), timeout=60,
-                          preexec_fn=preexec_fn)
+    return subprocess.run(
+        rt.argv(*args),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        env=rt.env,
+        cwd=mounts.REPO_ROOT,
+        pass_fds=(fd,),
+        timeout=60,
+        preexec_fn=preexec_fn,
+    )
 
 
 def test_exec_does_not_pass_the_callers_fds(rt, c1, leaked_dir):
@@ -228,8 +262,9 @@ def test_exec_does_not_pass_the_callers_fds(rt, c1, leaked_dir):
 
 
 def test_run_does_not_pass_the_callers_fds(rt, img, leaked_dir):
-    r = cli_with_fd(rt, leaked_dir, "run", "--rm", img.spec, "sh", "-c",
-                    f"cat /proc/self/fd/{leaked_dir}/secret; ls /proc/self/fd")
+    r = cli_with_fd(
+        rt, leaked_dir, "run", "--rm", img.spec, "sh", "-c", f"cat /proc/self/fd/{leaked_dir}/secret; ls /proc/self/fd"
+    )
     assert "host-secret" not in r.stdout, "run leaked a host directory fd:\n" + describe(r)
     assert sorted(int(x) for x in r.stdout.split()) == [0, 1, 2, 3], describe(r)
 
@@ -238,13 +273,13 @@ def test_run_does_not_pass_the_callers_fds(rt, img, leaked_dir):
 # item 7: inherited capabilities
 # --------------------------------------------------------------------------
 
+
 class _Hdr(ctypes.Structure):
     _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
 
 
 class _Data(ctypes.Structure):
-    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
-                ("inheritable", ctypes.c_uint32)]
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
 
 
 def _raise_inheritable_and_ambient() -> None:
@@ -258,7 +293,7 @@ def _raise_inheritable_and_ambient() -> None:
         d.inheritable = d.permitted
     if libc.capset(ctypes.byref(hdr), data) != 0:
         os._exit(91)
-    if libc.prctl(47, 2, CAP_SYS_ADMIN, 0, 0) != 0:   # PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE
+    if libc.prctl(47, 2, CAP_SYS_ADMIN, 0, 0) != 0:  # PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE
         os._exit(92)
 
 
@@ -269,8 +304,9 @@ def _caps(status: str) -> dict:
 
 def test_preexec_really_hands_down_caps():
     """The test's own premise: a process started this way has the sets raised."""
-    r = subprocess.run(["cat", "/proc/self/status"], capture_output=True, text=True,
-                       preexec_fn=_raise_inheritable_and_ambient)
+    r = subprocess.run(
+        ["cat", "/proc/self/status"], capture_output=True, text=True, preexec_fn=_raise_inheritable_and_ambient
+    )
     assert r.returncode == 0, r.stderr
     caps = _caps(r.stdout)
     assert caps["CapInh"] & (1 << CAP_SYS_ADMIN) and caps["CapAmb"] == 1 << CAP_SYS_ADMIN, caps
@@ -282,37 +318,63 @@ def _check_container_caps(r, privileged=False):
     caps = _caps(status)
     assert caps["CapInh"] == 0 and caps["CapAmb"] == 0, {k: hex(v) for k, v in caps.items()}
     if not privileged:
-        assert caps["CapEff"] == caps["CapPrm"] == caps["CapBnd"] == DOCKER_CAPBND, \
-            {k: hex(v) for k, v in caps.items()}
+        assert caps["CapEff"] == caps["CapPrm"] == caps["CapBnd"] == DOCKER_CAPBND, {k: hex(v) for k, v in caps.items()}
         assert "mounted" not in mount_out and "permission denied" in mount_out, describe(r)
 
 
-SCRIPT = ("cat /proc/self/status; echo ==; mkdir -p /mnt; "
-          "mount -t tmpfs none /mnt 2>&1 && echo mounted; true")
+SCRIPT = "cat /proc/self/status; echo ==; mkdir -p /mnt; mount -t tmpfs none /mnt 2>&1 && echo mounted; true"
 
 
 def test_run_clears_inherited_caps(rt, img):
-    r = subprocess.run(rt.argv("run", "--rm", img.spec, "sh", "-c", SCRIPT), stdin=subprocess.DEVNULL,
-                       capture_output=True, text=True, env=rt.env, cwd=mounts.REPO_ROOT, timeout=60,
-                       preexec_fn=_raise_inheritable_and_ambient)
+    r = subprocess.run(
+        rt.argv("run", "--rm", img.spec, "sh", "-c", SCRIPT),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        env=rt.env,
+        cwd=mounts.REPO_ROOT,
+        timeout=60,
+        preexec_fn=_raise_inheritable_and_ambient,
+    )
     _check_container_caps(r)
 
 
 def test_run_privileged_clears_inherited_caps(rt, img):
-    r = subprocess.run(rt.argv("run", "--rm", "--privileged", img.spec, "sh", "-c", SCRIPT),
-                       stdin=subprocess.DEVNULL, capture_output=True, text=True, env=rt.env,
-                       cwd=mounts.REPO_ROOT, timeout=60, preexec_fn=_raise_inheritable_and_ambient)
+    r = subprocess.run(
+        rt.argv("run", "--rm", "--privileged", img.spec, "sh", "-c", SCRIPT),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        env=rt.env,
+        cwd=mounts.REPO_ROOT,
+        timeout=60,
+        preexec_fn=_raise_inheritable_and_ambient,
+    )
     _check_container_caps(r, privileged=True)
 
 
 def test_exec_clears_inherited_caps(rt, c1):
-    r = subprocess.run(rt.argv("exec", c1, "sh", "-c", SCRIPT), stdin=subprocess.DEVNULL,
-                       capture_output=True, text=True, env=rt.env, cwd=mounts.REPO_ROOT, timeout=60,
-                       preexec_fn=_raise_inheritable_and_ambient)
+    r = subprocess.run(
+        rt.argv("exec", c1, "sh", "-c", SCRIPT),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        env=rt.env,
+        cwd=mounts.REPO_ROOT,
+        timeout=60,
+        preexec_fn=_raise_inheritable_and_ambient,
+    )
     _check_container_caps(r)
-    r = subprocess.run(rt.argv("exec", "-u", "1000", c1, "cat", "/proc/self/status"),
-                       stdin=subprocess.DEVNULL, capture_output=True, text=True, env=rt.env,
-                       cwd=mounts.REPO_ROOT, timeout=60, preexec_fn=_raise_inheritable_and_ambient)
+    r = subprocess.run(
+        rt.argv("exec", "-u", "1000", c1, "cat", "/proc/self/status"),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        env=rt.env,
+        cwd=mounts.REPO_ROOT,
+        timeout=60,
+        preexec_fn=_raise_inheritable_and_ambient,
+    )
     assert r.returncode == 0, describe(r)
     caps = _caps(r.stdout)
     assert caps == {**caps, "CapInh": 0, "CapPrm": 0, "CapEff": 0, "CapAmb": 0}, caps
@@ -326,12 +388,29 @@ def test_root_container_refused_without_device_restrictions(rt, img):
     layout = detect()
     mps = sorted(set(layout.v1.values()) | ({layout.v2_root} if layout.v2_root else set()))
     ro = "; ".join(f"mount -o remount,bind,ro {m}" for m in mps)
+
     def run_ro(*args):
         script = f'{ro} && exec "$@"'
-        return subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script,
-                               "sh", *rt.argv("run", "--rm", *args)],
-                              stdin=subprocess.DEVNULL, capture_output=True, text=True, env=rt.env,
-                              cwd=mounts.REPO_ROOT, timeout=60)
+        return subprocess.run(
+            [
+                "unshare",
+                "--mount",
+                "--propagation",
+                "private",
+                "sh",
+                "-c",
+                script,
+                "sh",
+                *rt.argv("run", "--rm", *args),
+            ],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            env=rt.env,
+            cwd=mounts.REPO_ROOT,
+            timeout=60,
+        )
+
     r = run_ro(img.spec, "echo", "started")
     assert r.returncode == 125 and "started" not in r.stdout, describe(r)
     err = lines(r.stderr)

@@ -21,7 +21,7 @@ from helpers.containers import describe
 
 pytestmark = [pytest.mark.needs_root, pytest.mark.usefixtures("_no_leftovers")]
 
-OTHER_UID = 65534   # "another user" (nobody): root can give it a directory
+OTHER_UID = 65534  # "another user" (nobody): root can give it a directory
 
 
 def mode(p) -> int:
@@ -40,8 +40,17 @@ def one_line_error(r, code: int, *words) -> None:
 def plant_record(rt, cid: str, **fields) -> Path:
     d = rt.state / "containers" / cid
     d.mkdir(parents=True, exist_ok=True)
-    rec = {"id": cid, "name": "planted", "command": ["true"], "status": "exited", "exit_code": 0,
-           "created": time.time(), "finished": time.time(), "layers": [], **fields}
+    rec = {
+        "id": cid,
+        "name": "planted",
+        "command": ["true"],
+        "status": "exited",
+        "exit_code": 0,
+        "created": time.time(),
+        "finished": time.time(),
+        "layers": [],
+        **fields,
+    }
     (d / "state.json").write_text(json.dumps(rec))
     return d
 
@@ -56,6 +65,7 @@ def make_store(rt) -> Path:
 # --------------------------------------------------------------------------
 # records: rm never leaves the container's data dir
 # --------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("how", ["dotdot", "symlink", "other-id"])
 def test_rm_does_not_follow_a_record_out_of_the_data_dir(rt, how):
@@ -98,6 +108,7 @@ def test_rm_removes_a_real_container_through_fds(rt, img):
 # --------------------------------------------------------------------------
 # private dirs
 # --------------------------------------------------------------------------
+
 
 def test_state_and_data_dirs_are_made_private(rt, img):
     """Made 0700 (docker keeps /var/lib/docker 0710); an existing one we own that others
@@ -146,6 +157,7 @@ def test_unsafe_data_dir_is_refused(rt, img):
 # the image store
 # --------------------------------------------------------------------------
 
+
 def _archive(tmp_path) -> Path:
     layer = A.layer_tar([A.D("tmp", mode=0o1777), A.F("etc/motd", b"hi\n")])
     return A.write_docker_save(tmp_path / "img.tar", [([layer], ["sec:1"])])
@@ -178,6 +190,7 @@ def test_image_store_is_private(rt, tmp_path):
 # --------------------------------------------------------------------------
 # -u nosuch
 # --------------------------------------------------------------------------
+
 
 def test_unknown_user_in_dockers_words(rt, img):
     r = rt.run("--rm", "-u", "nosuch", img.spec, "true")
