@@ -11,10 +11,12 @@ Functions raise plain :class:`OSError`; callers decide what an errno means.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import errno
 import os
+import stat
 
 from . import _syscalls
 
@@ -330,10 +332,8 @@ def close_fds_except(*keep: int | None) -> None:
     for name in os.listdir("/proc/self/fd"):
         fd = int(name)
         if fd > 2 and fd not in keep:
-            try:
+            with contextlib.suppress(OSError):
                 os.close(fd)
-            except OSError:
-                pass
 
 
 # --- fd-only operations on one object (copy-up temporaries, the workdir) -----------------
@@ -346,7 +346,7 @@ def remove_tree_at(dir_fd: int, name: bytes) -> None:
     a symlink and without opening anything but directories (O_PATH), so a FIFO or device
     planted in the tree is only unlinked."""
     st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-    if not (st.st_mode & 0o170000 == 0o040000):
+    if not stat.S_ISDIR(st.st_mode):
         os.unlink(name, dir_fd=dir_fd)
         return
     fd = openat2(dir_fd, name, DIR_FLAGS)

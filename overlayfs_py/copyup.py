@@ -13,7 +13,13 @@ copied up first. Large data is copied with ``copy_file_range`` in a worker threa
 trio loop keeps serving others, and concurrent openers of one file wait for a single
 copy-up (a per-node ``trio.Lock``).
 
-This module is the only writer of ``Node.layer`` / ``Node.dirs`` after lookup.
+This module is the only writer of ``Node.layer`` / ``Node.dirs`` after lookup, and moves a
+copied-up node's fd to its upper object. ``CopyUp`` receives everything it uses in its
+constructor: the layer stack, the inode table, the ``Work`` of ``work/``, the tracer, the
+mount's ``Owners``, and two callbacks: ``on_copied_up(node)`` (the listings and open files
+follow) and ``on_ino_changed(node id)`` (the st_ino a node reports changed: the engine
+drops the kernel's cached attributes). A read-only overlay has no ``CopyUp``:
+:func:`writable` turns its absence into EROFS.
 """
 
 from __future__ import annotations
@@ -23,15 +29,18 @@ import logging
 import os
 import stat
 import time
+from collections.abc import Callable
+from typing import Any
 
 import trio
 
 from . import _sys
 from .idmap import OVERRIDE_XATTR
 from .inodes import InodeTable, Node
-from .layers import LayerStack
+from .layers import Layer, LayerStack
+from .ownership import Owners
 from .trace import Tracer, display
-from .whiteout import XattrNames
+from .whiteout import XattrNames, encode_origin
 from .workdir import Work
 
 log = logging.getLogger(__name__)
@@ -69,29 +78,67 @@ def _copy(src: int, dst: int, size: int) -> int:
     return done
 
 
-class CopyUp:
-    """Owns ``work/`` and every copy-up into the upper layer."""
+def _nothing(_arg: Any) -> None:
+    return None
 
-    def __init__(self, stack: LayerStack, names: XattrNames, inodes: InodeTable, work_fd: int, tracer: Tracer) -> None:
-        assert stack.upper is not None
+
+def writable(copyup: CopyUp | None) -> CopyUp:
+    """The copy-up of a writable overlay; EROFS for a read-only one (no upper, ``-o ro``)."""
+    if copyup is None:
+        raise OSError(errno.EROFS, "read-only overlay")
+    return copyup
+
+
+class CopyUp:
+    """Every copy-up into the upper layer (temporaries in ``work/`` through *work*)."""
+
+    def __init__(
+        self,
+        stack: LayerStack,
+        names: XattrNames,
+        inodes: InodeTable,
+        work: Work,
+        tracer: Tracer,
+        owners: Owners,
+        *,
+        sync: bool = True,
+        on_copied_up: Callable[[Node], None] = _nothing,
+        on_ino_changed: Callable[[int], None] = _nothing,
+    ) -> None:
+        if stack.upper is None:
+            raise ValueError("a copy-up needs an upper layer")
         self.trace = tracer
         self.stack = stack
-        self.upper = stack.upper
+        self.upper: Layer = stack.upper
         self.names = names
         self.inodes = inodes
-        self.work_fd = work_fd
-        self.work = Work(work_fd)  # temporaries in work/: names, creation, install, discard
+        self.work = work  # temporaries in work/: names, creation, install, discard
+        self.owners = owners
         self._locks: dict[int, trio.Lock] = {}
         self.uuid = _sys.fs_uuid(stack.lowers[0].fd) if stack.lowers else None
         self.limiter = trio.CapacityLimiter(2)
-        self.sync = True  # False with -o volatile: copies are not fsync'ed (the kernel's ovl_should_sync)
-        self.on_installed = None  # called with a node right after it became upper
-        self.owners = None  # the mount's ownership.Owners (set by Overlay)
-        self.ino_changed: list[int] = []  # node ids whose st_ino changed (the kernel's attr cache must drop them)
+        self.sync = sync  # False with -o volatile: copies are not fsync'ed (the kernel's ovl_should_sync)
+        self.on_copied_up = on_copied_up  # called with a node right after it became upper
+        self.on_ino_changed = on_ino_changed  # called with a node id whose st_ino changed
 
-    def tmpname(self) -> bytes:
-        """A fresh name in work/ (write.py builds whiteouts and new objects there too)."""
-        return self.work.tmpname()
+    async def copy_up(self, node: Node, reason: str) -> bool:
+        """``ensure_upper`` for an existing object. A lower object no name leads to any more
+        (unlinked or renamed over while open) cannot be copied up: its name is taken by a
+        whiteout or another object, and the kernel fails the same way (EEXIST)."""
+        if not node.layer.is_upper and not self.inodes.reachable(node):
+            raise OSError(errno.EEXIST, "the object's name was removed or replaced")
+        return await self.ensure_upper(node, reason)
+
+    def upper_dir(self, node: Node, reason: str) -> int:
+        """The upper dir fd of directory *node* (its own fd: the directory itself, never
+        whatever sits at its name now), copying it (and its ancestors) up first. A removed
+        directory takes no new entries (ENOENT, as the kernel's dead directory)."""
+        if node.dead:
+            raise OSError(errno.ENOENT, "directory was removed")
+        self.ensure_upper_dir_sync(node, reason)
+        if node.fd < 0:
+            raise OSError(errno.EBADF, "no upper object")
+        return node.fd
 
     async def ensure_upper(self, node: Node, reason: str) -> bool:
         """Make *node* an upper object. Returns True if this call copied it up.
@@ -132,19 +179,20 @@ class CopyUp:
 
     # --- trace events ---------------------------------------------------------------------------
 
-    def _traced_start(self, node: Node, reason: str) -> dict:
+    def _traced_start(self, node: Node, reason: str) -> dict[str, Any]:
         """Emit copy_up_start; returns what copy_up_done/failed will need."""
         try:
             st = self._lower_at(node)[2]
             size = st.st_size if stat.S_ISREG(st.st_mode) else 0
         except OSError:
             size = 0
-        ev = {"path": display(node.relpath()), "layer": node.layer.label, "size": size, "reason": reason}
-        self.trace.emit("copy_up_start", **ev)
+        ev: dict[str, Any] = {"path": display(node.relpath()), "layer": node.layer.label, "size": size}
+        self.trace.emit("copy_up_start", **ev, reason=reason)
+        ev["reason"] = reason
         ev["t0"] = time.monotonic()
         return ev
 
-    def _traced_end(self, ev: dict, exc: BaseException | None) -> None:
+    def _traced_end(self, ev: dict[str, Any], exc: BaseException | None) -> None:
         t0 = ev.pop("t0")
         if exc is None:
             self.trace.emit(
@@ -154,7 +202,7 @@ class CopyUp:
             err = os.strerror(exc.errno) if isinstance(exc, OSError) and exc.errno else type(exc).__name__
             self.trace.emit("copy_up_failed", **ev, error=err)
 
-    def _traced(self, node: Node, reason: str, copy) -> None:
+    def _traced(self, node: Node, reason: str, copy: Callable[[Node], None]) -> None:
         ev = self._traced_start(node, reason)
         try:
             copy(node)
@@ -183,7 +231,7 @@ class CopyUp:
             raise
         return fd, st
 
-    def _finish_meta(self, tfd: int, sfd: int, st: os.stat_result, layer=None) -> None:
+    def _finish_meta(self, tfd: int, sfd: int, st: os.stat_result, layer: Layer | None = None) -> None:
         """Mode, stored owner, xattrs, origin and times on the temporary *tfd*, read from the
         source *sfd* (whose fstat is *st*); both are fds this copy-up holds, reached through
         their magic links only (a name in work/ or in the lower is never looked up again).
@@ -207,8 +255,6 @@ class CopyUp:
         if stat.S_ISDIR(st.st_mode) or st.st_nlink == 1:
             fh = _sys.name_to_handle(sfd)
             if fh is not None:
-                from .overlay import encode_origin
-
                 try:
                     os.setxattr(dst, self.names.origin, encode_origin(fh[0], fh[1], self.uuid), follow_symlinks=True)
                 except OSError as exc:
@@ -240,6 +286,7 @@ class CopyUp:
         # (the kernel does the same: ovl_set_timestamps on the upper parent).
         _sys.futimens_fd(pfd, pst.st_atime_ns, pst.st_mtime_ns)
         old_layer = node.layer
+        ino_changed = False
         node.layer = self.upper
         if node.is_dir:
             node.dirs = (self.upper,) + node.dirs
@@ -249,14 +296,43 @@ class CopyUp:
             if lower_st.st_nlink > 1:
                 # The copy-up broke a lower hard link: the kernel then reports the upper inode.
                 node.ino = st.st_ino
-                self.ino_changed.append(node.id)
+                ino_changed = True
         log.debug("copied up %r from %s", rel, old_layer.label)
-        if self.on_installed is not None:
-            self.on_installed(node)
+        self._refresh_fd(node)
+        if ino_changed:
+            self.on_ino_changed(node.id)
+        self.on_copied_up(node)
 
-    def _discard(self, tmp: bytes, st: os.stat_result | None = None) -> None:
-        """Remove work/<tmp> (with *st*: only while the name is that object)."""
-        self.work.discard(tmp, st)
+    def _refresh_fd(self, node: Node) -> None:
+        """Point the node's fd at its new upper object, opened in the upper parent's fd (the
+        parent was copied up first) and checked to be that object. A node must never keep
+        its lower fd once upper (a change through it would reach the lower layer): if no
+        fd can be had, it gets none and its operations fail (EBADF)."""
+        parent = node.parent
+        pfd = (
+            parent.fd
+            if parent is not None and parent.layer.is_upper
+            else self.stack.dir_fd(self.upper, parent.relpath() if parent is not None else b"")
+        )
+        for attempt in range(2):
+            try:
+                fd = _sys.open_node(pfd, node.name)
+                break
+            except OSError as exc:
+                if attempt or exc.errno not in (errno.EMFILE, errno.ENFILE):
+                    self.inodes.set_fd(node, -1)
+                    log.error("copy-up of %r: cannot open the upper object: %s", node, exc)
+                    return
+                self.inodes.set_fd(node, -1)  # frees a descriptor for the retry
+        fst = os.fstat(fd)
+        ok = stat.S_IFMT(fst.st_mode) == stat.S_IFMT(node.mode) and (
+            node.key is None or (fst.st_dev, fst.st_ino) == node.key[1:]
+        )
+        if not ok:
+            os.close(fd)
+            fd = -1
+            log.error("copy-up of %r: the upper object changed under the server", node)
+        self.inodes.set_fd(node, fd)
 
     def _copy_up_dir(self, node: Node) -> None:
         sfd, st = self._open_source(node)
@@ -273,7 +349,7 @@ class CopyUp:
             try:
                 self._finish_meta(tfd, sfd, st, node.layer)
             except BaseException:
-                self._discard(tmp, tst)
+                self.work.discard(tmp, tst)
                 raise
             self._install(node, tmp, tfd, st)
         finally:
@@ -309,7 +385,7 @@ class CopyUp:
                     self._finish_meta(dst, sfd, st, node.layer)
                 except BaseException:
                     if tmp is not None:
-                        self._discard(tmp, os.fstat(dst))
+                        self.work.discard(tmp, os.fstat(dst))
                     raise
                 self._install(node, tmp, dst, st)
             finally:

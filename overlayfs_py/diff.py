@@ -47,9 +47,8 @@ from .whiteout import (
     USER_PREFIX,
     XattrNames,
     has_xwhiteouts,
-    is_char_whiteout,
     is_opaque,
-    may_be_xwhiteout,
+    is_whiteout_at,
 )
 
 _CHUNK = 1 << 20
@@ -152,7 +151,7 @@ class _Walk:
             dirs.append((layer, b""))
             if i < len(self.stack.lowers) - 1 and is_opaque(_sys.getxattr_at(layer.fd, None, self.names.opaque)):
                 break
-        self.stack.root_lowers = tuple(l for l, _ in dirs)
+        self.stack.root_lowers = tuple(layer for layer, _ in dirs)
         return dirs
 
     def _dir(self, rel: bytes, lower_dirs: Dirs | None) -> list[tuple[bytes, Dirs | None]]:
@@ -200,9 +199,7 @@ class _Walk:
             self.changes.append(Change(kind, "/" + os.fsdecode(path)))
 
     def _is_whiteout(self, dfd: int, name: bytes, st: os.stat_result, xwhiteouts: bool) -> bool:
-        if is_char_whiteout(st):
-            return True
-        return xwhiteouts and may_be_xwhiteout(st) and _sys.getxattr_at(dfd, name, self.names.whiteout) is not None
+        return is_whiteout_at(dfd, name, st, self.names, xattr=xwhiteouts)
 
     def _below_opaque(self, path: bytes) -> bool:
         parent = path.rpartition(b"/")[0]

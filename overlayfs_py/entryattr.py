@@ -50,5 +50,5 @@ if not SEPARATE_INO:  # pragma: no cover - depends on the pyfuse3 build
 def set_st_ino(entry: pyfuse3.EntryAttributes, node_id: int, st_ino: int) -> None:
     """Set the node id (0 = no inode for the kernel) and, where possible, a separate st_ino."""
     entry.st_ino = node_id
-    if SEPARATE_INO:
+    if _ATTR_INO_OFFSET is not None:
         ctypes.c_uint64.from_address(id(entry) + _ATTR_INO_OFFSET).value = st_ino

@@ -1,4 +1,9 @@
-"""pyfuse3 glue: decode requests, call ``Overlay``, encode replies. No overlay rules here.
+"""pyfuse3 glue: decode requests, call the core, encode replies. No overlay rules here.
+
+The engine sees the core (``core.Core``: the read side ``Overlay``, the write path
+``WritePath``, the ``NodeBudget``) and nothing of its insides; the core tells the kernel's
+caches what changed through two engine functions given to ``mount.build_overlay``:
+:func:`drop_entries` and :func:`attr_changed`. Another engine replaces this module.
 
 Caveats (as pyfuse3 offers them): no handlers for fallocate, lseek SEEK_DATA/SEEK_HOLE,
 copy_file_range, ioctl or file locks (the kernel keeps flock/POSIX locks locally);
@@ -7,18 +12,39 @@ readdir is always READDIRPLUS.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
-import time
+from collections.abc import Sequence
+from types import TracebackType
 
 import pyfuse3
 import trio
+from pyfuse3 import (
+    EntryAttributes,
+    FileHandleT,
+    FileInfo,
+    FileNameT,
+    FlagT,
+    InodeT,
+    ModeT,
+    ReaddirToken,
+    RequestContext,
+    SetattrFields,
+    StatvfsData,
+    XAttrNameT,
+)
 
-from . import _sys, trace
+from . import trace
+from .budget import FD_WAIT, clamp_node_budget, node_fd_cap
+from .core import Core
 from .entryattr import set_st_ino
 from .inodes import Node
-from .overlay import Caller, Overlay
+from .overlay import Caller
+from .trace import Tracer
+
+__all__ = ["FD_WAIT", "Operations", "attr_changed", "clamp_node_budget", "drop_entries", "node_fd_cap"]
 
 log = logging.getLogger(__name__)
 
@@ -27,37 +53,50 @@ log = logging.getLogger(__name__)
 TIMEOUT = 86400.0
 
 
+def drop_entries(drops: list[tuple[int, bytes]]) -> None:
+    """Ask the kernel to drop these ``(parent node id, name)`` entries (asynchronously:
+    never from inside a request); its FORGETs then free the nodes."""
+    for parent_id, name in drops:
+        pyfuse3.invalidate_entry_async(parent_id, name, ignore_enoent=True)
+
+
+def attr_changed(node_id: int) -> None:
+    """Drop the kernel's cached attributes of a node (its st_ino changed in a copy-up)."""
+    with contextlib.suppress(OSError, pyfuse3.FUSEError):  # the kernel no longer knows the node
+        pyfuse3.invalidate_inode(node_id, attr_only=True)
+
+
 class _Errors:
     """Anything unexpected is logged, traced and answered EIO: the server must never die
     under a container. With a request context, the requesting process is recorded for
     trace events while the request runs. A plain class, not a generator context
     manager: it wraps every request, and this is several microseconds cheaper."""
 
-    __slots__ = ("ov", "op", "token")
+    __slots__ = ("tracer", "op", "token")
 
-    def __init__(self, ov: Overlay, op: str, ctx) -> None:
-        self.ov = ov
+    def __init__(self, tracer: Tracer, op: str, ctx: RequestContext | None) -> None:
+        self.tracer = tracer
         self.op = op
         self.token = trace.request(ctx.pid, ctx.uid, ctx.gid) if ctx is not None else None
 
     def __enter__(self) -> None:
         return None
 
-    def __exit__(self, et, exc, tb) -> bool:
+    def __exit__(self, et: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         if self.token is not None:
             trace.done(self.token)
         if exc is None or isinstance(exc, pyfuse3.FUSEError):
-            return False
+            return
         if isinstance(exc, OSError):
             raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
         if not isinstance(exc, Exception):
-            return False  # KeyboardInterrupt, cancellation: not ours to answer
-        log.error("internal error in %s", self.op, exc_info=(et, exc, tb))
-        self.ov.trace.emit("error", op=self.op, error=f"{type(exc).__name__}: {exc}")
+            return  # KeyboardInterrupt, cancellation: not ours to answer
+        log.error("internal error in %s", self.op, exc_info=(et or type(exc), exc, tb))
+        self.tracer.emit("error", op=self.op, error=f"{type(exc).__name__}: {exc}")
         raise pyfuse3.FUSEError(errno.EIO) from None
 
 
-def _caller(ctx) -> Caller:
+def _caller(ctx: RequestContext | None) -> Caller:
     if ctx is None:
         return Caller()
     return Caller(ctx.uid, ctx.gid, ctx.pid, ctx.umask)
@@ -68,35 +107,23 @@ class Operations(pyfuse3.Operations):
     enable_writeback_cache = False
     enable_acl = False
 
-    def __init__(self, overlay: Overlay, max_nodes: int = 0) -> None:
+    def __init__(self, core: Core) -> None:
         super().__init__()
-        self.ov = overlay
-        self.inodes = overlay.inodes
-        # Node budget: beyond it the kernel is asked to drop the oldest file entries. Every
-        # node holds an fd, so the budget is clamped to what RLIMIT_NOFILE lets nodes have.
-        self.fd_limit = _sys.raise_nofile_limit()
-        self.max_nodes = clamp_node_budget(max_nodes, self.fd_limit, overlay.stack.dirfds)
-        self.inodes.fd_cap = node_fd_cap(self.fd_limit, overlay.stack.dirfds.capacity)
-        self._shed_at = self.max_nodes
-        overlay.on_out_of_fds = self._out_of_fds
-        self._last_emergency = 0.0
-        # Owners other than the disk's (uid/gid maps, override xattrs): a slower _attrs,
-        # bound only when needed, so a plain mount pays nothing (docs/rootless.md).
-        if overlay.owners.presenting:
-            self._start_presenting()
-        overlay.owners.on_presenting = self._start_presenting
-
-    def _start_presenting(self) -> None:
-        self._attrs = self._attrs_presented
+        self.ov = core.view
+        self.writes = core.writes
+        self.budget = core.budget
+        self.inodes = core.view.inodes
+        self.owners = core.view.owners
+        self.tracer = core.view.trace
 
     # --- helpers ------------------------------------------------------------------------
 
-    def _errors(self, op: str, ctx=None) -> _Errors:
+    def _errors(self, op: str, ctx: RequestContext | None = None) -> _Errors:
         """The one place where exceptions become FUSE replies (a ``with`` block)."""
-        return _Errors(self.ov, op, ctx)
+        return _Errors(self.tracer, op, ctx)
 
-    def _attrs(self, node: Node | None, st: os.stat_result, ino: int, nlink: int) -> pyfuse3.EntryAttributes:
-        e = pyfuse3.EntryAttributes()
+    def _attrs(self, node: Node | None, st: os.stat_result, ino: int, nlink: int) -> EntryAttributes:
+        e = EntryAttributes()
         set_st_ino(e, node.id if node is not None else 0, ino)
         e.generation = 0
         e.entry_timeout = TIMEOUT
@@ -112,14 +139,13 @@ class Operations(pyfuse3.Operations):
         e.st_atime_ns = st.st_atime_ns
         e.st_mtime_ns = st.st_mtime_ns
         e.st_ctime_ns = st.st_ctime_ns
+        # Owners other than the disk's (uid/gid maps, override xattrs): looked up only
+        # then, so a plain mount pays one attribute test (docs/rootless.md).
+        if self.owners.presenting:
+            e.st_uid, e.st_gid, e.st_mode = self.ov.presented_owner(node, st)
         return e
 
-    def _attrs_presented(self, node: Node | None, st: os.stat_result, ino: int, nlink: int) -> pyfuse3.EntryAttributes:
-        e = Operations._attrs(self, node, st, ino, nlink)
-        e.st_uid, e.st_gid, e.st_mode = self.ov.presented_owner(node, st)
-        return e
-
-    def _node_attrs(self, node: Node, st: os.stat_result | None = None) -> pyfuse3.EntryAttributes:
+    def _node_attrs(self, node: Node, st: os.stat_result | None = None) -> EntryAttributes:
         if st is None:
             st = self.ov.getattr(node)
         return self._attrs(node, st, node.ino, self.ov.nlink(node, st))
@@ -132,9 +158,10 @@ class Operations(pyfuse3.Operations):
 
     # --- lookup and attributes ----------------------------------------------------------
 
-    async def lookup(self, parent_inode, name, ctx=None):
+    async def lookup(self, parent_inode: InodeT, name: FileNameT, ctx: RequestContext | None = None) -> EntryAttributes:
         log.debug("lookup %d %r", parent_inode, name)
         parent = self._node(parent_inode)
+        st: os.stat_result | None
         if name == b".":
             node, st = parent, None
         elif name == b"..":
@@ -149,7 +176,7 @@ class Operations(pyfuse3.Operations):
                 except pyfuse3.FUSEError as exc:
                     if exc.errno == errno.ENOENT:
                         # A negative entry the kernel may cache (node id 0).
-                        e = pyfuse3.EntryAttributes()
+                        e = EntryAttributes()
                         e.st_ino = 0
                         e.entry_timeout = TIMEOUT
                         return e
@@ -166,67 +193,25 @@ class Operations(pyfuse3.Operations):
         with self._errors("lookup"):
             attrs = self._node_attrs(node, st)
         self.inodes.ref(node)
-        if self.max_nodes:
-            self._budget()
+        self.budget.check()
         return attrs
 
-    def _budget(self) -> None:
-        n = len(self.inodes)
-        if n > self._shed_at:
-            self._shed()
-        elif n < self.max_nodes:
-            self._shed_at = self.max_nodes  # the kernel's FORGETs came: watch the budget again
-
-    def _shed(self) -> None:
-        """Over the node budget: ask the kernel (asynchronously: never from inside a
-        request) to drop the oldest file entries down to 80 % of it; their FORGETs free
-        the nodes. Not again before the table has grown by another 20 %."""
-        keep = self.max_nodes * 4 // 5
-        drops = self.inodes.shed(keep)
-        for parent_id, name in drops:
-            pyfuse3.invalidate_entry_async(parent_id, name, ignore_enoent=True)
-        self._shed_at = max(self.max_nodes, len(self.inodes) + self.max_nodes - keep)
-        log.info(
-            "node budget %d: %d live nodes, asked the kernel to drop %d entries",
-            self.max_nodes,
-            len(self.inodes),
-            len(drops),
-        )
-
-    def _out_of_fds(self) -> None:
-        """A node could not get its fd: ask the kernel to drop file entries beyond 80 % of
-        the budget and, since directories can fill the descriptors on their own, some
-        directories with no live children too (at most once a second)."""
-        keep = self.max_nodes * 4 // 5
-        drops = self.inodes.shed(keep)  # each file node is offered once: cheap to repeat
-        now = time.monotonic()
-        if now - self._last_emergency >= 1.0:
-            self._last_emergency = now
-            drops += self.inodes.shed_dirs(max(16, len(self.inodes) - len(drops) - keep))
-        if not drops:
-            return
-        for parent_id, name in drops:
-            pyfuse3.invalidate_entry_async(parent_id, name, ignore_enoent=True)
-        log.warning(
-            "out of descriptors: %d live nodes, asked the kernel to drop %d entries", len(self.inodes), len(drops)
-        )
-
-    async def forget(self, inode_list):
+    async def forget(self, inode_list: Sequence[tuple[InodeT, int]]) -> None:
         for inode, nlookup in inode_list:
             self.inodes.forget(inode, nlookup)
 
-    async def getattr(self, inode, ctx=None):
+    async def getattr(self, inode: InodeT, ctx: RequestContext | None = None) -> EntryAttributes:
         with self._errors("getattr"):
             return self._node_attrs(self._node(inode))
 
-    async def readlink(self, inode, ctx):
+    async def readlink(self, inode: InodeT, ctx: RequestContext) -> FileNameT:
         with self._errors("readlink"):
             return self.ov.readlink(self._node(inode))
 
-    async def statfs(self, ctx):
+    async def statfs(self, ctx: RequestContext) -> StatvfsData:
         with self._errors("statfs"):
             sv = self.ov.statfs()
-        s = pyfuse3.StatvfsData()
+        s = StatvfsData()
         s.f_bsize = sv.f_bsize
         s.f_frsize = sv.f_frsize
         s.f_blocks = sv.f_blocks
@@ -240,68 +225,74 @@ class Operations(pyfuse3.Operations):
 
     # --- files --------------------------------------------------------------------------
 
-    async def open(self, inode, flags, ctx):
+    async def open(self, inode: InodeT, flags: FlagT, ctx: RequestContext) -> FileInfo:
         log.debug("open %d %o", inode, flags)
         with self._errors("open", ctx):
             fh = await self.ov.open(self._node(inode), flags, _caller(ctx))
-        self._invalidate()
-        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+        return FileInfo(fh=fh, keep_cache=True)
 
-    def _invalidate(self) -> None:
-        """Drop cached attributes of nodes whose st_ino changed in a copy-up."""
-        cu = self.ov.copyup
-        while cu is not None and cu.ino_changed:
-            node_id = cu.ino_changed.pop()
-            try:
-                pyfuse3.invalidate_inode(node_id, attr_only=True)
-            except (OSError, pyfuse3.FUSEError):
-                pass  # the kernel no longer knows the node
-
-    def _entry(self, node: Node, st: os.stat_result) -> pyfuse3.EntryAttributes:
+    def _entry(self, node: Node, st: os.stat_result) -> EntryAttributes:
         attrs = self._node_attrs(node, st)
         self.inodes.ref(node)
         return attrs
 
-    async def create(self, parent_inode, name, mode, flags, ctx):
+    async def create(
+        self, parent_inode: InodeT, name: FileNameT, mode: ModeT, flags: FlagT, ctx: RequestContext
+    ) -> tuple[FileInfo, EntryAttributes]:
         log.debug("create %d %r %o", parent_inode, name, mode)
         with self._errors("create", ctx):
-            node, st, fh = await self.ov.create(self._node(parent_inode), name, mode, flags, _caller(ctx))
-            return pyfuse3.FileInfo(fh=fh, keep_cache=True), self._entry(node, st)
+            node, st, fh = await self.writes.create(self._node(parent_inode), name, mode, flags, _caller(ctx))
+            return FileInfo(fh=fh, keep_cache=True), self._entry(node, st)
 
-    async def mkdir(self, parent_inode, name, mode, ctx):
+    async def mkdir(self, parent_inode: InodeT, name: FileNameT, mode: ModeT, ctx: RequestContext) -> EntryAttributes:
         with self._errors("mkdir", ctx):
-            return self._entry(*self.ov.mkdir(self._node(parent_inode), name, mode, _caller(ctx)))
+            return self._entry(*self.writes.mkdir(self._node(parent_inode), name, mode, _caller(ctx)))
 
-    async def mknod(self, parent_inode, name, mode, rdev, ctx):
+    async def mknod(
+        self, parent_inode: InodeT, name: FileNameT, mode: ModeT, rdev: int, ctx: RequestContext
+    ) -> EntryAttributes:
         with self._errors("mknod", ctx):
-            return self._entry(*self.ov.mknod(self._node(parent_inode), name, mode, rdev, _caller(ctx)))
+            return self._entry(*self.writes.mknod(self._node(parent_inode), name, mode, rdev, _caller(ctx)))
 
-    async def symlink(self, parent_inode, name, target, ctx):
+    async def symlink(
+        self, parent_inode: InodeT, name: FileNameT, target: FileNameT, ctx: RequestContext
+    ) -> EntryAttributes:
         with self._errors("symlink", ctx):
-            return self._entry(*self.ov.symlink(self._node(parent_inode), name, target, _caller(ctx)))
+            return self._entry(*self.writes.symlink(self._node(parent_inode), name, target, _caller(ctx)))
 
-    async def link(self, inode, new_parent_inode, new_name, ctx):
+    async def link(
+        self, inode: InodeT, new_parent_inode: InodeT, new_name: FileNameT, ctx: RequestContext
+    ) -> EntryAttributes:
         with self._errors("link", ctx):
-            node, st = await self.ov.link(self._node(inode), self._node(new_parent_inode), new_name, _caller(ctx))
-            attrs = self._entry(node, st)
-        self._invalidate()
-        return attrs
+            node, st = await self.writes.link(self._node(inode), self._node(new_parent_inode), new_name, _caller(ctx))
+            return self._entry(node, st)
 
-    async def unlink(self, parent_inode, name, ctx):
+    async def unlink(self, parent_inode: InodeT, name: FileNameT, ctx: RequestContext) -> None:
         with self._errors("unlink", ctx):
-            self.ov.remove(self._node(parent_inode), name, is_dir=False)
+            self.writes.remove(self._node(parent_inode), name, is_dir=False)
 
-    async def rmdir(self, parent_inode, name, ctx):
+    async def rmdir(self, parent_inode: InodeT, name: FileNameT, ctx: RequestContext) -> None:
         with self._errors("rmdir", ctx):
-            self.ov.remove(self._node(parent_inode), name, is_dir=True)
+            self.writes.remove(self._node(parent_inode), name, is_dir=True)
 
-    async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
+    async def rename(
+        self,
+        parent_inode_old: InodeT,
+        name_old: FileNameT,
+        parent_inode_new: InodeT,
+        name_new: FileNameT,
+        flags: FlagT,
+        ctx: RequestContext,
+    ) -> None:
         with self._errors("rename", ctx):
-            await self.ov.rename(self._node(parent_inode_old), name_old, self._node(parent_inode_new), name_new, flags)
-        self._invalidate()
+            await self.writes.rename(
+                self._node(parent_inode_old), name_old, self._node(parent_inode_new), name_new, flags
+            )
 
-    async def setattr(self, inode, attr, fields, fh, ctx):
-        changes = {}
+    async def setattr(
+        self, inode: InodeT, attr: EntryAttributes, fields: SetattrFields, fh: FileHandleT | None, ctx: RequestContext
+    ) -> EntryAttributes:
+        changes: dict[str, int] = {}
         if fields.update_size:
             changes["size"] = attr.st_size
         if fields.update_mode:
@@ -316,56 +307,51 @@ class Operations(pyfuse3.Operations):
             changes["mtime_ns"] = attr.st_mtime_ns
         with self._errors("setattr", ctx):
             node = self._node(inode)
-            st = await self.ov.setattr(node, changes, fh)
-            attrs = self._node_attrs(node, st)
-        self._invalidate()
-        return attrs
+            st = await self.writes.setattr(node, changes, fh)
+            return self._node_attrs(node, st)
 
-    async def write(self, fh, off, buf):
+    async def write(self, fh: FileHandleT, off: int, buf: bytes) -> int:
         with self._errors("write"):
-            return self.ov.write(fh, off, buf)
+            return self.writes.write(fh, off, buf)
 
-    async def flush(self, fh):
+    async def flush(self, fh: FileHandleT) -> None:
         # Nothing to flush (writes go straight to the real file). ENOSYS makes the kernel
         # stop sending FLUSH at all (fc->no_flush): one request less for every close().
         raise pyfuse3.FUSEError(errno.ENOSYS)
 
-    async def fsync(self, fh, datasync):
+    async def fsync(self, fh: FileHandleT, datasync: bool) -> None:
         with self._errors("fsync"):
-            self.ov.fsync(fh, datasync)
+            self.writes.fsync(fh, datasync)
 
-    async def fsyncdir(self, fh, datasync):
+    async def fsyncdir(self, fh: FileHandleT, datasync: bool) -> None:
         # Directory changes are made with *at() calls on the real dirs; ENOSYS: the kernel
         # then treats fsync of a directory as done and stops asking (fc->no_fsyncdir).
         raise pyfuse3.FUSEError(errno.ENOSYS)
 
-    async def setxattr(self, inode, name, value, ctx):
+    async def setxattr(self, inode: InodeT, name: XAttrNameT, value: bytes, ctx: RequestContext) -> None:
         with self._errors("setxattr", ctx):
-            await self.ov.setxattr(self._node(inode), os.fsdecode(name), value)
-        self._invalidate()
+            await self.writes.setxattr(self._node(inode), os.fsdecode(name), value)
 
-    async def removexattr(self, inode, name, ctx):
+    async def removexattr(self, inode: InodeT, name: XAttrNameT, ctx: RequestContext) -> None:
         with self._errors("removexattr", ctx):
-            await self.ov.removexattr(self._node(inode), os.fsdecode(name))
-        self._invalidate()
+            await self.writes.removexattr(self._node(inode), os.fsdecode(name))
 
-    async def read(self, fh, off, size):
+    async def read(self, fh: FileHandleT, off: int, size: int) -> bytes:
         with self._errors("read"):
             return self.ov.read(fh, off, size)
 
-    async def release(self, fh):
+    async def release(self, fh: FileHandleT) -> None:
         with self._errors("release"):
             self.ov.release(fh)
 
     # --- directories --------------------------------------------------------------------
 
-    async def opendir(self, inode, ctx):
+    async def opendir(self, inode: InodeT, ctx: RequestContext) -> FileHandleT:
         with self._errors("opendir"):
             return self.ov.opendir(self._node(inode))
 
-    async def readdir(self, fh, start_id, token):
-        if self.max_nodes:
-            self._budget()  # READDIRPLUS makes a node per entry
+    async def readdir(self, fh: FileHandleT, start_id: int, token: ReaddirToken) -> None:
+        self.budget.check()  # READDIRPLUS makes a node per entry
         with self._errors("readdir"):
             entries = self.ov.readdir(fh, start_id)
             replied = False
@@ -389,61 +375,16 @@ class Operations(pyfuse3.Operations):
                 if entry.node is not None:
                     self.inodes.ref(entry.node)
 
-    async def releasedir(self, fh):
+    async def releasedir(self, fh: FileHandleT) -> None:
         with self._errors("releasedir"):
             self.ov.release(fh)
 
     # --- xattrs -------------------------------------------------------------------------
 
-    async def getxattr(self, inode, name, ctx):
+    async def getxattr(self, inode: InodeT, name: XAttrNameT, ctx: RequestContext) -> bytes:
         with self._errors("getxattr"):
             return self.ov.getxattr(self._node(inode), os.fsdecode(name))
 
-    async def listxattr(self, inode, ctx):
+    async def listxattr(self, inode: InodeT, ctx: RequestContext) -> Sequence[XAttrNameT]:
         with self._errors("listxattr"):
             return [os.fsencode(n) for n in self.ov.listxattr(self._node(inode), _caller(ctx))]
-
-
-# Descriptors kept free of nodes: open files, the trace sink's clients, trio's and pyfuse3's
-# own (the directory fd cache is counted apart).
-FD_HEADROOM = 1024
-# How long a lookup waits for the kernel's FORGETs when nodes have no descriptor left.
-FD_WAIT = 2.0
-
-
-def node_fd_cap(fd_limit: int, cache: int) -> int:
-    """Live nodes allowed at most, whatever the budget: past it a new node is refused with
-    EMFILE, so that listings, open files and the server's own descriptors never run out."""
-    return max(32, fd_limit - cache - min(FD_HEADROOM, fd_limit // 8))
-
-
-def clamp_node_budget(max_nodes: int, fd_limit: int, dirfds=None) -> int:
-    """The node budget that fits in *fd_limit* descriptors (every node holds one).
-
-    The directory fd cache is shrunk to an eighth of the limit at most; another eighth (at
-    most FD_HEADROOM) stays free for open files and the server's own; the nodes get three
-    quarters of the rest, since the table overshoots its budget by up to a quarter before
-    the kernel's FORGETs come (``_shed``). *max_nodes* 0 (no budget) becomes that much.
-    Directories are never dropped by the budget: a tree with more live directories than
-    descriptors gets EMFILE for lookups beyond them (docs/performance.md)."""
-    if dirfds is not None:
-        dirfds.capacity = max(16, min(dirfds.capacity, fd_limit // 8))
-        cache = dirfds.capacity
-    else:
-        cache = min(2048, fd_limit // 8)
-    room = fd_limit - cache - min(FD_HEADROOM, fd_limit // 8)
-    fit = max(64, room * 3 // 4)
-    budget = fit if max_nodes <= 0 else min(max_nodes, fit)
-    if budget != max_nodes:
-        log.info(
-            "node budget %d (asked: %s): RLIMIT_NOFILE is %d and every node holds a "
-            "descriptor (%d kept for the directory fd cache, %d for open files)",
-            budget,
-            max_nodes or "none",
-            fd_limit,
-            cache,
-            min(FD_HEADROOM, fd_limit // 8),
-        )
-    else:
-        log.debug("node budget %d, RLIMIT_NOFILE %d", budget, fd_limit)
-    return budget

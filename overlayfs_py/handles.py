@@ -1,14 +1,39 @@
 """Open file and directory handles: ``fh -> OpenFile | DirHandle``.
 
-The table only stores; ``Overlay`` decides what an fd points at.
+The table stores them and, after a copy-up, points the open files of the node at its
+new upper object (``follow_copy_up``); ``Overlay`` decides what an fd points at when
+opening (``open_real``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import stat
 from dataclasses import dataclass
 
+from . import _sys
 from .inodes import Node
+from .layers import Layer
+from .trace import Request
+
+# Open flags passed on to the real file (O_DIRECT, O_NOATIME, O_CREAT... are not).
+OPEN_PASS = os.O_ACCMODE | os.O_APPEND | os.O_SYNC | os.O_DSYNC | os.O_TRUNC | os.O_NONBLOCK
+
+
+def open_real(node: Node, flags: int) -> int:
+    """Open the node's own object through its fd (never its name: a FIFO or device put
+    there since is never opened). The kernel sends no OPEN for special files (it opens
+    them itself), so a node opened here is a regular file; anything else is opened
+    non-blocking, never waiting for a FIFO's other end."""
+    if not stat.S_ISREG(node.mode):
+        flags |= os.O_NONBLOCK
+    # Like the kernel's ovl_open_realfile: real files are opened with O_NOATIME, so
+    # reading through the overlay does not touch a lower file's atime.
+    try:
+        return _sys.reopen(node.fd, flags | os.O_NOATIME)
+    except PermissionError:
+        return _sys.reopen(node.fd, flags)
 
 
 @dataclass(eq=False)
@@ -18,7 +43,7 @@ class OpenFile:
     flags: int
     # (who opened it, size) while a copy-up made for this open has not been used:
     # cleared by a write or truncate; still set at release -> a copy_up_unused event
-    unused_copy_up: tuple | None = None
+    unused_copy_up: tuple[Request | None, int] | None = None
 
 
 @dataclass(eq=False)
@@ -26,9 +51,9 @@ class DirHandle:
     node: Node
     # The merged listing, built on the first readdir at offset 0 and kept while the handle
     # is open, so entries changed meanwhile are not seen (the kernel's readdir cache does the same).
-    names: list | None = None  # [(name, layer listing it)]
+    names: list[tuple[bytes, Layer]] | None = None  # [(name, layer listing it)]
     real: bool = False  # served by a single layer: listed raw, whiteouts included
-    lower_st: dict | None = None  # the shared listing's lstat results of lower non-dirs
+    lower_st: dict[bytes, os.stat_result] | None = None  # the shared listing's lstat results of lower non-dirs
 
 
 class HandleTable:
@@ -59,7 +84,25 @@ class HandleTable:
         return h
 
     def files_of(self, node: Node) -> list[OpenFile]:
-        return [self._handles[fh] for fh in self._open_by_node.get(node.id, ())]  # type: ignore[misc]
+        out = []
+        for fh in self._open_by_node.get(node.id, ()):
+            h = self._handles[fh]
+            assert isinstance(h, OpenFile)
+            out.append(h)
+        return out
+
+    def follow_copy_up(self, node: Node) -> None:
+        """After a copy-up, files opened read-only on the lower object read the upper one
+        (the kernel shows the new data to such fds too, see docs/semantics.md)."""
+        if node.is_dir:
+            return
+        for h in self.files_of(node):
+            try:
+                fd = open_real(node, h.flags & OPEN_PASS & ~os.O_TRUNC)
+            except OSError:
+                continue
+            os.dup2(fd, h.fd, inheritable=False)
+            os.close(fd)
 
     def __len__(self) -> int:
         return len(self._handles)
@@ -68,7 +111,5 @@ class HandleTable:
         for fh in list(self._handles):
             h = self.pop(fh)
             if isinstance(h, OpenFile):
-                try:
+                with contextlib.suppress(OSError):
                     os.close(h.fd)
-                except OSError:
-                    pass

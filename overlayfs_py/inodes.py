@@ -24,6 +24,7 @@ closes the fd when it drops the node.
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import os
 import stat
@@ -152,7 +153,7 @@ class Node:
 
     def layer_dirs(self) -> list[tuple[Layer, bytes]]:
         """(layer, path in layer) for every layer contributing to this directory, top first."""
-        return [(l, self.path_in(l)) for l in self.dirs]
+        return [(layer, self.path_in(layer)) for layer in self.dirs]
 
     def __repr__(self) -> str:
         return f"<Node {self.id} {self.relpath()!r} {self.layer.label}>"
@@ -162,7 +163,13 @@ class InodeTable:
     """Owns every live ``Node``: id allocation, the name tree, lookup counts and forgetting."""
 
     def __init__(
-        self, root_layer: Layer, root_dirs: tuple[Layer, ...], root_mode: int, root_ino: int, root_fd: int = -1
+        self,
+        root_layer: Layer,
+        root_dirs: tuple[Layer, ...],
+        root_mode: int,
+        root_ino: int,
+        root_fd: int = -1,
+        fd_cap: int = 1 << 62,
     ) -> None:
         self._next_id = ROOT_ID + 1
         self.root = Node(ROOT_ID, None, b"", root_mode, root_layer, root_dirs, root_ino, root_fd)
@@ -170,8 +177,8 @@ class InodeTable:
         self._nodes: dict[int, Node] = {ROOT_ID: self.root}
         self._by_key: dict[tuple, Node] = {}
         # Live nodes (each holding an fd) allowed at most: the rest of RLIMIT_NOFILE is kept
-        # for listings, open files and the server's own (set by fs.Operations).
-        self.fd_cap = 1 << 62
+        # for listings, open files and the server's own (budget.node_fd_cap).
+        self.fd_cap = fd_cap
         # Ids of non-directory nodes, oldest first: the candidates of shed().
         self._age: collections.deque[int] = collections.deque()
 
@@ -187,9 +194,6 @@ class InodeTable:
     def __iter__(self) -> Iterator[Node]:
         return iter(list(self._nodes.values()))
 
-    def child(self, parent: Node, name: bytes) -> Node | None:
-        return parent.child(name)
-
     def reachable(self, node: Node) -> bool:
         """Whether *node* is still reached by a name (no ancestor was removed or replaced)."""
         while node.parent is not None:
@@ -202,10 +206,8 @@ class InodeTable:
         """Close every node's fd (the mount is going away)."""
         for node in self._nodes.values():
             if node.fd >= 0:
-                try:
+                with contextlib.suppress(OSError):
                     os.close(node.fd)
-                except OSError:
-                    pass
                 node.fd = -1
 
     def by_key(self, key: tuple) -> Node | None:
@@ -245,7 +247,7 @@ class InodeTable:
         *keep* nodes. Each node is offered once; directories are never offered (dropping
         one prunes its subtree). Only cache is lost: a later lookup makes a new node
         with the same ``st_ino``."""
-        out = []
+        out: list[tuple[int, bytes]] = []
         excess = len(self._nodes) - keep
         age, nodes = self._age, self._nodes
         while excess > 0 and age:
@@ -261,7 +263,7 @@ class InodeTable:
         can still be given back when the server runs out of descriptors (every node holds
         one, and the budget never drops directories). Only cache is lost: the kernel
         forgets them once unused (a process inside one keeps it)."""
-        out = []
+        out: list[tuple[int, bytes]] = []
         for node in self._nodes.values():
             if len(out) >= count:
                 break
@@ -326,7 +328,8 @@ class InodeTable:
     def maybe_drop(self, node: Node) -> None:
         self._maybe_drop(node)
 
-    def _maybe_drop(self, node: Node) -> None:
+    def _maybe_drop(self, start: Node) -> None:
+        node: Node | None = start
         while node is not None and node.id != ROOT_ID and node.lookups == 0 and not node.children:
             if self._nodes.pop(node.id, None) is None:
                 return
@@ -357,9 +360,9 @@ class InodeTable:
         """A rename: *node* now lives at (newparent, newname); with *exchange*, that node
         moves to (parent, name). A replaced target is detached (it lives on while open)."""
         for n in (node, exchange):  # lower paths are where they were, whatever the new name
-            if n is not None and n.lpaths is None and any(not l.is_upper for l in (n.layer, *n.dirs)):
+            if n is not None and n.lpaths is None and any(not x.is_upper for x in (n.layer, *n.dirs)):
                 old = n.relpath()
-                n.lpaths = {l.index: old for l in (n.layer, *n.dirs) if not l.is_upper}
+                n.lpaths = {x.index: old for x in (n.layer, *n.dirs) if not x.is_upper}
         if exchange is None:
             self.detach(newparent, newname)
             parent._unlink_child(name, node)

@@ -18,17 +18,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from . import _sys
-from .whiteout import (
-    XattrNames,
-    has_xwhiteouts,
-    is_char_whiteout,
-    is_opaque,
-    is_whiteout_at,
-    may_be_xwhiteout,
-    opaque_value,
-)
+from .whiteout import XattrNames, has_xwhiteouts, is_opaque, is_whiteout_at, opaque_value, redirect_at
 
 log = logging.getLogger(__name__)
+
+XINO_SHIFT = 56  # layers on several filesystems: the layer's fs index goes in the high bits
 
 
 @dataclass(eq=False)
@@ -120,7 +114,7 @@ class LayerStack:
             self.close()
             raise
         self.upper: Layer | None = self.layers[0] if upperdir else None
-        self.lowers = [l for l in self.layers if not l.is_upper]
+        self.lowers = [layer for layer in self.layers if not layer.is_upper]
         self.samefs = len(devs) == 1
         self.dirfds = DirFdCache()
         self.root_lowers: tuple[Layer, ...] = tuple(self.lowers)  # narrowed by an opaque lower root
@@ -131,6 +125,25 @@ class LayerStack:
         for layer in self.layers:
             os.close(layer.fd)
         self.layers = []
+
+    def merge_root(self) -> tuple[Layer, ...]:
+        """The layers the merged root is made of: every layer down to the first opaque one
+        (the kernel checks the opaque xattr on each layer root except the last). Narrows
+        ``root_lowers`` (where absolute redirects continue) to them."""
+        dirs: list[Layer] = []
+        for i, layer in enumerate(self.layers):
+            dirs.append(layer)
+            if i < len(self.layers) - 1 and is_opaque(opaque_value(layer.fd, None, self.names)):
+                break
+        self.root_lowers = tuple(layer for layer in dirs if not layer.is_upper)
+        return tuple(dirs)
+
+    def xino(self, layer: Layer, ino: int) -> int:
+        """The st_ino the overlay reports for inode *ino* of *layer* (with layers on several
+        filesystems, the layer's filesystem index goes in the high bits)."""
+        if self.samefs or layer.fsid == 0:
+            return ino
+        return (layer.fsid << XINO_SHIFT) | (ino & ((1 << XINO_SHIFT) - 1))
 
     # --- reading one layer ----------------------------------------------------------------
 
@@ -182,7 +195,7 @@ class LayerStack:
                 break
             # An absolute redirect continues in the root's lower layers even where the
             # parent has none left (ovl_lookup switches to the root's lower stack).
-            redirect = _sys.getxattr_at(dfd, base, self.names.redirect)
+            redirect = redirect_at(dfd, base, self.names)
             if redirect:
                 cands[i + 1 :] = self._redirected(cands[i + 1 :], layer, redirect)
             i += 1
@@ -191,8 +204,8 @@ class LayerStack:
     def _redirected(self, rest: list[tuple[Layer, bytes]], layer: Layer, redirect: bytes) -> list[tuple[Layer, bytes]]:
         if redirect.startswith(b"/"):
             target = redirect.strip(b"/")
-            return [(l, target) for l in self.root_lowers if l.index > layer.index]
-        return [(l, join(p.rpartition(b"/")[0], redirect)) for l, p in rest]
+            return [(low, target) for low in self.root_lowers if low.index > layer.index]
+        return [(low, join(p.rpartition(b"/")[0], redirect)) for low, p in rest]
 
     def real_dir_filters_whiteouts(self, layer: Layer, relpath: bytes) -> bool:
         """Whether a directory served by one layer alone still hides whiteouts in readdir.
@@ -221,9 +234,12 @@ class LayerStack:
                 if name in seen:
                     continue
                 seen.add(name)
-                if filter_whiteouts and kind in (0, stat.S_IFREG):
-                    if self._is_listing_whiteout(dfd, name, kind, check_x):
-                        continue
+                if (
+                    filter_whiteouts
+                    and kind in (0, stat.S_IFREG)
+                    and self._is_listing_whiteout(dfd, name, kind, check_x)
+                ):
+                    continue
                 out.append((name, layer))
         return out
 
@@ -234,11 +250,7 @@ class LayerStack:
             st = _sys.lstat_at(dfd, name)
         except FileNotFoundError:
             return True
-        if is_char_whiteout(st):
-            return True
-        if check_x and may_be_xwhiteout(st):
-            return _sys.getxattr_at(dfd, name, self.names.whiteout) is not None
-        return False
+        return is_whiteout_at(dfd, name, st, self.names, xattr=check_x)
 
     def statvfs(self) -> os.statvfs_result:
         """statfs of the mount: the upper filesystem's, or the top lower's for a read-only stack."""

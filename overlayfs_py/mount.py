@@ -8,33 +8,39 @@ returns). Teardown always runs in reverse order of setup.
 
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import gc
 import logging
 import os
 import signal
 import stat
+from collections.abc import Callable
 
 import pyfuse3
 import trio
 
-from . import _sys, state, userxattr
+from . import _sys, fs, state, userxattr
+from .budget import DropEntries, NodeBudget, clamp_node_budget, node_fd_cap
 from .config import MountConfig
+from .copyup import CopyUp
+from .core import Core
+from .dircache import ListingCache
 from .errors import PyoverlayError
-from .fs import Operations
+from .handles import HandleTable
+from .inodes import Node
 from .layers import LayerStack
 from .logs import one_line, setup_logging
-from .overlay import Overlay
+from .overlay import Overlay, new_inode_table
+from .ownership import Owners
 from .privilege import privileged
 from .trace import Tracer
 from .tracesink import TraceSink
 from .whiteout import XattrNames
 from .workdir import WorkDir
+from .write import WritePath
 
 log = logging.getLogger(__name__)
-
-WORK_SUBDIR = "work"  # like the kernel: <workdir>/work holds objects being built
-VOLATILE = "incompat/volatile"  # in work/: made by a volatile mount, refused by any later one
 
 
 def prepare_workdir(cfg: MountConfig) -> WorkDir | None:
@@ -82,25 +88,63 @@ def fuse_options(cfg: MountConfig) -> set[str]:
     return opts
 
 
-def build_overlay(cfg: MountConfig, wd: WorkDir | None) -> Overlay:
-    """The overlay of *cfg*; a read-write one uses (a dup of) the checked ``work/`` fd of *wd*."""
+def _no_drops(drops: list[tuple[int, bytes]]) -> None:
+    return None
+
+
+def _no_attr_change(node_id: int) -> None:
+    return None
+
+
+def build_overlay(
+    cfg: MountConfig,
+    wd: WorkDir | None,
+    *,
+    drop_entries: DropEntries = _no_drops,
+    attr_changed: Callable[[int], None] = _no_attr_change,
+) -> Core:
+    """The filesystem core of *cfg*, every object given its collaborators here (and only
+    here). A read-write one uses a ``Work`` on (a dup of) the checked ``work/`` fd of *wd*.
+    The engine's two ways of telling the kernel's caches are *drop_entries* (the node
+    budget's, ``fs.drop_entries``) and *attr_changed* (a node's st_ino changed in a copy-up,
+    ``fs.attr_changed``); the defaults do nothing (the core used without a kernel)."""
     names = XattrNames(cfg.xattr_prefix)
     stack = LayerStack(cfg.lowerdirs, cfg.upperdir, names, init_layer=cfg.container is not None)
-    work_fd = None
+    # Every node holds a descriptor: the budget and the table's cap fit RLIMIT_NOFILE.
+    fd_limit = _sys.raise_nofile_limit()
+    max_nodes = clamp_node_budget(cfg.max_nodes, fd_limit, stack.dirfds)
+    inodes = new_inode_table(stack, node_fd_cap(fd_limit, stack.dirfds.capacity))
+    budget = NodeBudget(inodes, max_nodes, drop_entries)
+    tracer = Tracer(container=cfg.container)
+    handles = HandleTable()
+    listings = ListingCache()
+    owners = Owners(cfg.uidmap, cfg.gidmap, stack.layers, stack.upper)
+    work = copyup = None
     if cfg.upperdir is not None and not cfg.read_only:
         if wd is None:
             raise ValueError("a read-write mount needs its prepared workdir")
-        work_fd = os.dup(wd.work_fd)
-    return Overlay(
-        stack,
-        names,
-        read_only=cfg.read_only,
-        work_fd=work_fd,
-        tracer=Tracer(container=cfg.container),
-        uidmap=cfg.uidmap,
-        gidmap=cfg.gidmap,
-        volatile=cfg.volatile,
+        work = wd.work()
+
+        def copied_up(node: Node) -> None:
+            listings.changed()  # the name is served by upper now
+            handles.follow_copy_up(node)  # files open on the lower object read the upper one
+
+        copyup = CopyUp(
+            stack,
+            names,
+            inodes,
+            work,
+            tracer,
+            owners,
+            sync=not cfg.volatile,
+            on_copied_up=copied_up,
+            on_ino_changed=attr_changed,
+        )
+    view = Overlay(stack, names, inodes, handles, listings, owners, tracer, copyup, on_out_of_fds=budget.out_of_fds)
+    writes = WritePath(
+        view, stack, inodes, handles, listings, copyup, owners, names, tracer, work, volatile=cfg.volatile
     )
+    return Core(view, writes, budget, work)
 
 
 async def _main(cfg: MountConfig, overlay: Overlay) -> None:
@@ -166,10 +210,8 @@ def start_background(
             setup_logging(debug, logfile)
             rc = serve(cfg, ready_fd=w)
         except BaseException as exc:  # report to the waiting parent, then die
-            try:
+            with contextlib.suppress(OSError):
                 os.write(w, f"error: {one_line(exc)}\n".encode())
-            except OSError:
-                pass
             log.exception("server failed")
             os._exit(1)
         os._exit(rc)
@@ -207,18 +249,18 @@ def serve(cfg: MountConfig, ready_fd: int | None = None) -> int:
     wd = prepare_workdir(cfg)
     try:
         check_whiteouts(cfg, wd)
-        overlay = build_overlay(cfg, wd)
+        core = build_overlay(cfg, wd, drop_entries=fs.drop_entries, attr_changed=fs.attr_changed)
     except BaseException:
         if wd is not None:
             wd.close()
         raise
-    ops = Operations(overlay, max_nodes=cfg.max_nodes)
+    ops = fs.Operations(core)
     # libfuse >= 3.3 takes /dev/fd/N as "already mounted, serve fd N" (and never unmounts it)
     target = cfg.mountpoint if cfg.fuse_fd is None else f"/dev/fd/{cfg.fuse_fd}"
     try:
         pyfuse3.init(ops, target, fuse_options(cfg))
     except Exception:
-        overlay.destroy()
+        core.destroy()
         if wd is not None:
             wd.close()
         raise
@@ -233,11 +275,11 @@ def serve(cfg: MountConfig, ready_fd: int | None = None) -> int:
         if ready_fd is not None:
             os.write(ready_fd, b"ok\n")
             os.close(ready_fd)
-        trio.run(_main, cfg, overlay)
+        trio.run(_main, cfg, core.view)
         unmount_clean = True
     finally:
         pyfuse3.close(unmount=cfg.fuse_fd is None)
-        overlay.destroy()
+        core.destroy()
         state.forget(cfg.mountpoint, os.getpid())
         log.debug("server exiting (clean=%s)", unmount_clean)
     return 0

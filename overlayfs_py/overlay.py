@@ -1,9 +1,12 @@
-"""OverlayFS semantics, one method per operation, free of FUSE types.
+"""OverlayFS semantics of the read side, one method per operation, free of FUSE types.
 
-Methods take node ids / nodes and plain values, return plain values (``Node``,
-``os.stat_result``, ints, bytes) and raise ``OSError``. ``fs.py`` turns that into
-pyfuse3 replies. The write path (copy-up, whiteouts, rename) lives in ``copyup.py``
-and ``namespace.py`` and is reached through the same class.
+Methods take nodes and plain values, return plain values (``Node``, ``os.stat_result``,
+ints, bytes) and raise ``OSError``; an engine (``fs.py`` for pyfuse3) turns that into
+replies. ``Overlay`` resolves names to nodes, lists directories, reads attributes, data and
+xattrs, and opens files (an open for writing copies up first). The write path is
+``write.WritePath``, a separate class that uses this one for lookups. Both receive their
+collaborators (layer stack, inode table, handle table, listings, owners, tracer, copy-up)
+in their constructors; ``mount.build_overlay`` wires them together.
 """
 
 from __future__ import annotations
@@ -12,29 +15,28 @@ import errno
 import logging
 import os
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from . import _sys, trace
-from .copyup import CopyUp
+from .copyup import CopyUp, writable
 from .dircache import Listing, ListingCache
-from .handles import DirHandle, HandleTable, OpenFile
+from .handles import OPEN_PASS, DirHandle, HandleTable, OpenFile, open_real
 from .idmap import OVERRIDE_XATTR, carries_override
 from .inodes import DEAD, InodeTable, Node
 from .layers import Hit, Layer, LayerStack
 from .ownership import Owners
 from .trace import Tracer, display
-from .whiteout import XattrNames, is_char_whiteout, may_be_xwhiteout
-from .write import OPEN_PASS, WriteOps
+from .whiteout import XattrNames, decode_origin, is_whiteout_at
 
 log = logging.getLogger(__name__)
 
 NAME_MAX = 255
-XINO_SHIFT = 56  # layers on several filesystems: the layer's fs index goes in the high bits
 
 
 @dataclass(frozen=True)
 class Caller:
-    """Who made a request (from the FUSE request context)."""
+    """Who made a request (from the engine's request context)."""
 
     uid: int = 0
     gid: int = 0
@@ -53,67 +55,70 @@ class Entry:
     nlink: int
 
 
-class Overlay(WriteOps):
-    """The merged filesystem. Owns the layer stack, the inode table and the handle table."""
+def new_inode_table(stack: LayerStack, fd_cap: int = 1 << 62) -> InodeTable:
+    """The inode table of *stack*: its root merges ``stack.merge_root()`` and holds a dup of
+    the top layer's fd."""
+    top = stack.layers[0]
+    root_st = os.fstat(top.fd)
+    return InodeTable(
+        top,
+        stack.merge_root(),
+        root_st.st_mode,
+        stack.xino(top, root_st.st_ino),
+        root_fd=os.dup(top.fd),
+        fd_cap=fd_cap,
+    )
+
+
+def _nothing() -> None:
+    return None
+
+
+class Overlay:
+    """The merged filesystem's read side: lookups, attributes, listings, data, xattrs."""
 
     def __init__(
         self,
         stack: LayerStack,
         names: XattrNames,
-        read_only: bool = False,
-        work_fd: int | None = None,
-        tracer: Tracer | None = None,
-        uidmap=(),
-        gidmap=(),
-        volatile: bool = False,
+        inodes: InodeTable,
+        handles: HandleTable,
+        listings: ListingCache,
+        owners: Owners,
+        tracer: Tracer,
+        copyup: CopyUp | None = None,
+        *,
+        on_out_of_fds: Callable[[], None] = _nothing,
     ) -> None:
+        """*copyup*: None for a read-only overlay. *on_out_of_fds*: called when a node
+        cannot get its descriptor (the node budget asks the kernel to drop entries)."""
         self.stack = stack
-        self.volatile = volatile  # -o volatile: no fsync of copy-ups nor of files (kernel's)
-        self.trace = tracer if tracer is not None else Tracer()
         self.names = names
-        self.read_only = read_only or stack.upper is None
-        top = stack.layers[0]
-        root_st = os.fstat(top.fd)
-        root_dirs = tuple(self._root_dirs())
-        stack.root_lowers = tuple(l for l in root_dirs if not l.is_upper)
-        self.inodes = InodeTable(
-            top, root_dirs, root_st.st_mode, self._xino(top, root_st.st_ino), root_fd=os.dup(top.fd)
-        )
-        self.handles = HandleTable()
-        self.listings = ListingCache()
+        self.inodes = inodes
+        self.handles = handles
+        self.listings = listings
+        self.owners = owners
+        self.trace = tracer
+        self._copyup = copyup
+        self._on_out_of_fds = on_out_of_fds
         self._can_open_by_handle = os.geteuid() == 0
-        self.owners = Owners(uidmap, gidmap, stack.layers, stack.upper)
-        self.copyup: CopyUp | None = None
-        self.on_out_of_fds = None  # called when a node cannot get its fd (fs.py sheds nodes)
         self._warned_fds = False
-        if not self.read_only and work_fd is not None:
-            self.copyup = CopyUp(stack, names, self.inodes, work_fd, self.trace)
-            self.copyup.on_installed = self._copied_up
-            self.copyup.owners = self.owners
-            self.copyup.sync = not volatile
 
-    def _root_dirs(self):
-        # The root merges every layer down to the first opaque one (the kernel checks the
-        # opaque xattr on each layer root except the last).
-        layers = self.stack.layers
-        for i, layer in enumerate(layers):
-            yield layer
-            if i < len(layers) - 1 and _sys.getxattr_at(layer.fd, None, self.names.opaque) == b"y":
-                return
+    @property
+    def read_only(self) -> bool:
+        return self._copyup is None
+
+    @property
+    def writable(self) -> CopyUp:
+        """The copy-up of a writable overlay; OSError EROFS on a read-only one."""
+        return writable(self._copyup)
 
     def destroy(self) -> None:
         self.handles.close_all()
         self.inodes.close()
         self.stack.close()
-        if self.copyup is not None:
-            os.close(self.copyup.work_fd)
 
     # --- identity -------------------------------------------------------------------------
-
-    def _xino(self, layer: Layer, ino: int) -> int:
-        if self.stack.samefs or layer.fsid == 0:
-            return ino
-        return (layer.fsid << XINO_SHIFT) | (ino & ((1 << XINO_SHIFT) - 1))
 
     def _st_ino(self, parent: Node, name: bytes, hits: list[Hit]) -> int:
         """The st_ino the kernel reports (fs/overlayfs/inode.c, ovl_getattr, same-fs case):
@@ -122,14 +127,14 @@ class Overlay(WriteOps):
         (unless that file has other hard links, whose copy-up broke the link)."""
         top = hits[0]
         if not top.layer.is_upper:
-            return self._xino(top.layer, top.st.st_ino)
+            return self.stack.xino(top.layer, top.st.st_ino)
         if stat.S_ISDIR(top.st.st_mode):
             if len(hits) > 1:
-                return self._xino(hits[1].layer, hits[1].st.st_ino)
+                return self.stack.xino(hits[1].layer, hits[1].st.st_ino)
             return top.st.st_ino
         origin = self._origin_of(parent, name)
         if origin is not None and origin[1].st_nlink == 1:
-            return self._xino(origin[0], origin[1].st_ino)
+            return self.stack.xino(origin[0], origin[1].st_ino)
         return top.st.st_ino
 
     def _origin_of(self, parent: Node, name: bytes) -> tuple[Layer, os.stat_result] | None:
@@ -259,7 +264,7 @@ class Overlay(WriteOps):
         if not path:
             fd = os.dup(layer.fd)
         else:
-            if pfd is None:
+            if pfd is None or name is None:
                 pdir, _, name = path.rpartition(b"/")
                 pfd = self.stack.dir_fd(layer, pdir)
             try:
@@ -282,8 +287,7 @@ class Overlay(WriteOps):
                 "with EMFILE until the kernel forgets some (see docs/performance.md)",
                 len(self.inodes),
             )
-        if self.on_out_of_fds is not None:
-            self.on_out_of_fds()
+        self._on_out_of_fds()
 
     def _same_object(self, node: Node, top: Hit) -> bool:
         """Whether an existing node still serves the object *top* found. Lower layers never
@@ -336,81 +340,15 @@ class Overlay(WriteOps):
         if ((flags & os.O_ACCMODE) != os.O_RDONLY or flags & os.O_TRUNC) and (
             stat.S_ISREG(node.mode) or stat.S_ISLNK(node.mode)
         ):
-            self._writable()
             reason = "truncate" if flags & os.O_TRUNC else "open-for-write"
-            copied = await self._copy_up(node, reason)
+            copied = await self.writable.copy_up(node, reason)
         else:
             copied = False
-        fd = self._open_real(node, flags & OPEN_PASS)
+        fd = open_real(node, flags & OPEN_PASS)
         h = OpenFile(fd, node, flags)
         if copied and not flags & os.O_TRUNC:  # watch for a copy-up nobody needed
             h.unused_copy_up = (trace.current(), os.fstat(fd).st_size)
         return self.handles.add(h)
-
-    def _copied_up(self, node: Node) -> None:
-        """A node has just become upper: its fd moves to the upper object, its parent's
-        listing changed (the name is now served by upper), and open fds must follow."""
-        self.listings.changed()
-        self._refresh_fd(node)
-        self._repoint_handles(node)
-
-    def _refresh_fd(self, node: Node) -> None:
-        """Point the node's fd at its new upper object, opened in the upper parent's fd (the
-        parent was copied up first) and checked to be that object. A node must never keep
-        its lower fd once upper (a change through it would reach the lower layer): if no
-        fd can be had, it gets none and its operations fail (EBADF)."""
-        parent = node.parent
-        pfd = (
-            parent.fd
-            if parent is not None and parent.layer.is_upper
-            else self.stack.dir_fd(self.stack.upper, parent.relpath() if parent is not None else b"")
-        )
-        for attempt in range(2):
-            try:
-                fd = _sys.open_node(pfd, node.name)
-                break
-            except OSError as exc:
-                if attempt or exc.errno not in (errno.EMFILE, errno.ENFILE):
-                    self.inodes.set_fd(node, -1)
-                    log.error("copy-up of %r: cannot open the upper object: %s", node, exc)
-                    return
-                self.inodes.set_fd(node, -1)  # frees a descriptor for the retry
-        fst = os.fstat(fd)
-        ok = stat.S_IFMT(fst.st_mode) == stat.S_IFMT(node.mode) and (
-            node.key is None or (fst.st_dev, fst.st_ino) == node.key[1:]
-        )
-        if not ok:
-            os.close(fd)
-            fd = -1
-            log.error("copy-up of %r: the upper object changed under the server", node)
-        self.inodes.set_fd(node, fd)
-
-    def _repoint_handles(self, node: Node) -> None:
-        """After a copy-up, files opened read-only on the lower object read the upper one
-        (the kernel shows the new data to such fds too, see docs/semantics.md)."""
-        for h in self.handles.files_of(node):
-            if node.is_dir:
-                continue
-            try:
-                fd = self._open_real(node, h.flags & OPEN_PASS & ~os.O_TRUNC)
-            except OSError:
-                continue
-            os.dup2(fd, h.fd, inheritable=False)
-            os.close(fd)
-
-    def _open_real(self, node: Node, flags: int) -> int:
-        """Open the node's own object through its fd (never its name: a FIFO or device put
-        there since is never opened). The kernel sends no OPEN for special files (it opens
-        them itself), so a node opened here is a regular file; anything else is opened
-        non-blocking, never waiting for a FIFO's other end."""
-        if not stat.S_ISREG(node.mode):
-            flags |= os.O_NONBLOCK
-        # Like the kernel's ovl_open_realfile: real files are opened with O_NOATIME, so
-        # reading through the overlay does not touch a lower file's atime.
-        try:
-            return _sys.reopen(node.fd, flags | os.O_NOATIME)
-        except PermissionError:
-            return _sys.reopen(node.fd, flags)
 
     def read(self, fh: int, offset: int, size: int) -> bytes:
         h = self.handles[fh]
@@ -432,7 +370,7 @@ class Overlay(WriteOps):
             raise OSError(errno.ENOTDIR, "not a directory")
         return self.handles.add(DirHandle(node))
 
-    def _listing(self, h: DirHandle) -> list[bytes]:
+    def _listing(self, h: DirHandle) -> list[tuple[bytes, Layer]]:
         node = h.node
         if node.dead:
             return [(b".", node.layer), (b"..", node.layer)]
@@ -477,7 +415,7 @@ class Overlay(WriteOps):
             st = self.getattr(node.parent)
             return Entry(b"..", None, st, node.parent.ino, self.nlink(node.parent, st))
         st = _sys.lstat_at(self.stack.dir_fd(node.layer, node.path_in(node.layer)), b"..")
-        return Entry(b"..", None, st, self._xino(node.layer, st.st_ino), st.st_nlink)
+        return Entry(b"..", None, st, self.stack.xino(node.layer, st.st_ino), st.st_nlink)
 
     def _dir_entry(self, parent: Node, name: bytes, layer: Layer, lower_st: dict | None = None) -> Entry | None:
         fast = self._listed_nondir(parent, name, layer, lower_st)
@@ -496,7 +434,7 @@ class Overlay(WriteOps):
                 st = _sys.lstat_at(self.stack.dir_fd(layer, parent.path_in(layer)), name)
             except FileNotFoundError:
                 return None  # vanished meanwhile
-            return Entry(name, None, st, self._xino(layer, st.st_ino), st.st_nlink)
+            return Entry(name, None, st, self.stack.xino(layer, st.st_ino), st.st_nlink)
         return Entry(name, child, st, child.ino, self.nlink(child, st))
 
     def _listed_nondir(self, parent: Node, name: bytes, layer: Layer, lower_st: dict | None) -> Entry | None:
@@ -512,11 +450,7 @@ class Overlay(WriteOps):
                 st = _sys.lstat_at(dfd, name)
             except (FileNotFoundError, NotADirectoryError):
                 return None
-            if (
-                stat.S_ISDIR(st.st_mode)
-                or is_char_whiteout(st)
-                or (may_be_xwhiteout(st) and _sys.getxattr_at(dfd, name, self.names.whiteout) is not None)
-            ):
+            if stat.S_ISDIR(st.st_mode) or is_whiteout_at(dfd, name, st, self.names):
                 return None
             if lower_st is not None and not layer.is_upper:
                 lower_st[name] = st  # a lower object never changes while mounted
@@ -542,7 +476,7 @@ class Overlay(WriteOps):
             st = _sys.lstat_at(self.stack.dir_fd(layer, parent.path_in(layer)), name)
         except FileNotFoundError:
             return None
-        return Entry(name, None, st, self._xino(layer, st.st_ino), st.st_nlink)
+        return Entry(name, None, st, self.stack.xino(layer, st.st_ino), st.st_nlink)
 
     # --- xattrs -----------------------------------------------------------------------------
 
@@ -565,17 +499,3 @@ class Overlay(WriteOps):
 
     def statfs(self) -> os.statvfs_result:
         return self.stack.statvfs()
-
-
-def decode_origin(raw: bytes) -> tuple[int, bytes] | None:
-    """Parse the kernel's origin record (struct ovl_fb): version 0, magic 0xfb, len, flags,
-    type, 16-byte uuid, then the file handle. Returns (handle type, handle bytes)."""
-    if len(raw) < 21 or raw[0] != 0 or raw[1] != 0xFB or raw[2] != len(raw):
-        return None
-    return raw[4], raw[21:]
-
-
-def encode_origin(handle_type: int, handle: bytes, uuid: bytes | None) -> bytes:
-    """The kernel's origin record for a lower object (what ovl_encode_real_fh writes)."""
-    u = (uuid or b"\0" * 16)[:16].ljust(16, b"\0")
-    return bytes([0, 0xFB, 21 + len(handle), 0, handle_type]) + u + handle

@@ -9,8 +9,8 @@ upper root with its own stored owner, so that layer honours overrides from then 
 and under fuse-overlayfs alike.
 
 With identity maps and no layer honouring overrides, nothing here runs per request
-(``presenting`` is False and fs.py keeps its plain attribute path); the server switches
-to the presenting path the moment it marks the upper root (``on_presenting``).
+(``presenting`` is False and an engine keeps the disk's owners); it turns True the moment
+the server marks the upper root (and calls ``on_presenting``, a constructor argument).
 """
 
 from __future__ import annotations
@@ -18,9 +18,11 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from collections.abc import Callable, Iterable
 
 from . import _sys
 from .idmap import OVERRIDE_XATTR, IdMap, carries_override, decode_override, encode_override, overflow_id
+from .layers import Layer
 
 
 def _target(path: bytes, follow: bool) -> tuple[bytes, bool]:
@@ -33,30 +35,38 @@ def _target(path: bytes, follow: bool) -> tuple[bytes, bool]:
 
 
 class Owners:
-    def __init__(self, uidmap=(), gidmap=(), layers=(), upper=None, euid: int | None = None) -> None:
+    def __init__(
+        self,
+        uidmap: Iterable[tuple[int, int, int]] = (),
+        gidmap: Iterable[tuple[int, int, int]] = (),
+        layers: Iterable[Layer] = (),
+        upper: Layer | None = None,
+        euid: int | None = None,
+        on_presenting: Callable[[], None] | None = None,
+    ) -> None:
         self.uids = IdMap(uidmap, overflow_id("uid"))
         self.gids = IdMap(gidmap, overflow_id("gid"))
         self.identity = self.uids.identity and self.gids.identity
         self.upper = upper
         self.euid, self.egid = os.geteuid() if euid is None else euid, os.getegid()
         self.override_layers: set[int] = {
-            l.index for l in layers if self.trusts(l) and _sys.getxattr_at(l.fd, None, OVERRIDE_XATTR)
+            layer.index for layer in layers if self.trusts(layer) and _sys.getxattr_at(layer.fd, None, OVERRIDE_XATTR)
         }
         self.groups = {self.egid, *os.getgroups()}
-        self.on_presenting = None  # called once when presenting turns on at run time
+        self.on_presenting = on_presenting  # called once when presenting turns on at run time
 
     @property
     def presenting(self) -> bool:
         """Whether replies need more than the disk's uid/gid/mode."""
         return not self.identity or bool(self.override_layers)
 
-    def trusts(self, layer) -> bool:
+    def trusts(self, layer: Layer) -> bool:
         """Whether the layer's overrides may be believed: its root belongs to root or to the
         server's own user. Whoever owns a layer can write any override into it (a file of
         theirs shown as a set-uid root one): a server honours only its own and root's."""
         return os.fstat(layer.fd).st_uid in (0, self.euid)
 
-    def honours(self, layer) -> bool:
+    def honours(self, layer: Layer) -> bool:
         return layer.index in self.override_layers
 
     # --- reading ---------------------------------------------------------------------------------
@@ -68,7 +78,7 @@ class Owners:
         except OSError:
             return None  # absent, unsupported, unreadable, or gone: the disk owner stands
 
-    def stored(self, path: bytes, follow: bool, st: os.stat_result, layer) -> tuple[int, int, int]:
+    def stored(self, path: bytes, follow: bool, st: os.stat_result, layer: Layer | None) -> tuple[int, int, int]:
         """(uid, gid, mode) stored for the object at *path* in *layer* (whose lstat is *st*)."""
         if layer is not None and self.honours(layer) and carries_override(st.st_mode):
             ov = self.read_override(path, follow)
@@ -76,7 +86,9 @@ class Owners:
                 return ov[0], ov[1], stat.S_IFMT(st.st_mode) | ov[2]
         return st.st_uid, st.st_gid, st.st_mode
 
-    def presented(self, path: bytes | None, follow: bool, st: os.stat_result, layer) -> tuple[int, int, int]:
+    def presented(
+        self, path: bytes | None, follow: bool, st: os.stat_result, layer: Layer | None
+    ) -> tuple[int, int, int]:
         """(uid, gid, mode) a reply shows (*path* None: no override is looked for)."""
         if path is None:
             uid, gid, mode = st.st_uid, st.st_gid, st.st_mode

@@ -1,9 +1,13 @@
-"""The on-disk encoding of OverlayFS metadata: whiteouts, opaque dirs, private xattrs.
+"""The on-disk encoding of OverlayFS metadata, in one place: whiteouts (the test and
+their creation), opaque directories, origin records, redirects and the private xattr
+names.
 
-Pure rules over stat results and xattr values, plus thin readers on top of ``_sys``.
-The names follow the kernel: private xattrs live under ``trusted.overlay.`` (or
-``user.overlay.`` with ``-o userxattr``); a user's own ``trusted.overlay.X`` is
-stored escaped as ``trusted.overlay.overlay.X``.
+Pure rules over stat results and xattr values, plus thin readers and writers on top of
+``_sys``. The names follow the kernel: private xattrs live under ``trusted.overlay.`` (or
+``user.overlay.`` with ``-o userxattr``); a user's own ``trusted.overlay.X`` is stored
+escaped as ``trusted.overlay.overlay.X``. Every module that asks "is this a whiteout?"
+(the lookup, the listing, the write path, ``diff``, the image store's layer tar and
+extraction) asks :func:`is_whiteout_at` or :func:`is_char_whiteout`.
 """
 
 from __future__ import annotations
@@ -66,14 +70,26 @@ def may_be_xwhiteout(st: os.stat_result) -> bool:
     return stat.S_ISREG(st.st_mode) and st.st_size == 0
 
 
-def is_whiteout_at(dir_fd: int, name: bytes, st: os.stat_result, names: XattrNames) -> bool:
-    """Lookup's whiteout test. The kernel honours an xattr whiteout on lookup in any
-    directory (ovl_path_is_whiteout), with or without the parent's ``opaque=x`` marker."""
+def is_whiteout_at(dir_fd: int, name: bytes, st: os.stat_result, names: XattrNames | None, xattr: bool = True) -> bool:
+    """The whiteout test: *name* in *dir_fd*, whose lstat is *st*, is a char 0/0 device or
+    (with *xattr* and *names*) a zero-size regular file carrying ``overlay.whiteout``.
+
+    Lookup honours an xattr whiteout in any directory (the kernel's ovl_path_is_whiteout,
+    with or without the parent's ``opaque=x`` marker); readdir only in a lower directory
+    marked ``opaque=x`` (the caller passes *xattr* accordingly)."""
     if is_char_whiteout(st):
         return True
-    if may_be_xwhiteout(st):
+    if xattr and names is not None and may_be_xwhiteout(st):
         return _sys.getxattr_at(dir_fd, name, names.whiteout) is not None
     return False
+
+
+WHITEOUT_MODE = stat.S_IFCHR | 0o000  # the kernel's whiteout: a char device 0/0, mode 0
+
+
+def make_whiteout(dir_fd: int, name: bytes) -> None:
+    """Create the classic whiteout *name* in *dir_fd* (what ovl_whiteout makes)."""
+    os.mknod(name, WHITEOUT_MODE, 0, dir_fd=dir_fd)
 
 
 def opaque_value(dir_fd: int, name: bytes | None, names: XattrNames) -> bytes | None:
@@ -85,5 +101,39 @@ def is_opaque(value: bytes | None) -> bool:
     return value == b"y"
 
 
+def set_opaque(dir_fd: int, name: bytes | None, names: XattrNames) -> bool:
+    """Mark directory *name* in *dir_fd* opaque (name None: *dir_fd* is the directory's own
+    fd, reached through its magic link; a name is never followed). False if it already was."""
+    if is_opaque(opaque_value(dir_fd, name, names)):
+        return False
+    os.setxattr(_sys.proc_path(dir_fd, name), names.opaque, b"y", follow_symlinks=name is None)
+    return True
+
+
 def has_xwhiteouts(value: bytes | None) -> bool:
     return value == b"x"
+
+
+def redirect_at(dir_fd: int, name: bytes, names: XattrNames) -> bytes | None:
+    """The ``overlay.redirect`` of directory *name* in *dir_fd*: where the layers below
+    continue (relative: a sibling; absolute: a path from the lower roots)."""
+    return _sys.getxattr_at(dir_fd, name, names.redirect)
+
+
+# --- origin records (struct ovl_fb) ---------------------------------------------------------
+
+ORIGIN_HEADER = 21  # version, magic, len, flags, type, 16-byte uuid
+
+
+def decode_origin(raw: bytes) -> tuple[int, bytes] | None:
+    """Parse the kernel's origin record (struct ovl_fb): version 0, magic 0xfb, len, flags,
+    type, 16-byte uuid, then the file handle. Returns (handle type, handle bytes)."""
+    if len(raw) < ORIGIN_HEADER or raw[0] != 0 or raw[1] != 0xFB or raw[2] != len(raw):
+        return None
+    return raw[4], raw[ORIGIN_HEADER:]
+
+
+def encode_origin(handle_type: int, handle: bytes, uuid: bytes | None) -> bytes:
+    """The kernel's origin record for a lower object (what ovl_encode_real_fh writes)."""
+    u = (uuid or b"\0" * 16)[:16].ljust(16, b"\0")
+    return bytes([0, 0xFB, ORIGIN_HEADER + len(handle), 0, handle_type]) + u + handle

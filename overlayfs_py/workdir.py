@@ -8,22 +8,27 @@ mounter's credentials). ``WorkDir.prepare`` refuses anything else with one line,
 the opened fds (fstat), never a path looked up again; from then on both are used only
 through those fds.
 
-``Work`` owns ``work/`` for the copy-up: temporary names, creating a temporary and
-checking that the fd it then uses is what was created, installing it (``renameat2``
-with ``RENAME_NOREPLACE``, or ``linkat`` of an ``O_TMPFILE`` file, which has no name in
-``work/`` at all, as the kernel's ``ovl_copy_up_tmpfile``), and discarding one by a name
-checked against the object's identity.
+``Work`` owns ``work/`` for every user of it (the copy-up and the write path alike):
+temporary names, creating a temporary and checking that the fd it then uses is what was
+created, installing it (``renameat2`` with ``RENAME_NOREPLACE``, or ``linkat`` of an
+``O_TMPFILE`` file, which has no name in ``work/`` at all, as the kernel's
+``ovl_copy_up_tmpfile``), swapping a new object with a whiteout (``RENAME_EXCHANGE``),
+putting a whiteout in place of a removed name, and discarding a temporary by a name
+checked against the object's identity. ``WorkDir.work()`` hands one out.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import itertools
 import os
 import stat
+from collections.abc import Callable
 
 from . import _sys
 from .errors import PyoverlayError
+from .whiteout import make_whiteout
 
 WORK_SUBDIR = b"work"  # like the kernel: <workdir>/work holds objects being built
 VOLATILE = b"incompat/volatile"  # in work/: made by a volatile mount, refused by any later one
@@ -90,10 +95,8 @@ class WorkDir:
         work = os.path.join(path, os.fsdecode(WORK_SUBDIR))
         try:
             _check_owner(wfd, "workdir", path)
-            try:
+            with contextlib.suppress(FileExistsError):
                 os.mkdir(WORK_SUBDIR, work_mode, dir_fd=wfd)
-            except FileExistsError:
-                pass
             kfd = _open_dir_nofollow(wfd, WORK_SUBDIR, "work dir", work)
         except BaseException:
             os.close(wfd)
@@ -131,12 +134,15 @@ class WorkDir:
             raise
         return cls(path, wfd, kfd)
 
+    def work(self) -> Work:
+        """A ``Work`` on its own dup of the ``work/`` fd (the overlay outlives this object,
+        which the server closes once mounted); ``Work.close`` closes it."""
+        return Work(os.dup(self.work_fd))
+
     def close(self) -> None:
         for fd in (self.work_fd, self.fd):
-            try:
+            with contextlib.suppress(OSError):
                 os.close(fd)
-            except OSError:
-                pass
 
 
 _AT_FDCWD = -100
@@ -167,15 +173,52 @@ class Replaced(OSError):
 
 
 class Work:
-    """The copy-up's use of ``work/`` (an O_PATH fd the caller owns)."""
+    """``work/`` (an O_PATH fd this object owns: ``close`` closes it)."""
 
     def __init__(self, work_fd: int) -> None:
         self.fd = work_fd
         self._seq = itertools.count(1)
         self.tmpfile_ok = True  # O_TMPFILE until the upper's filesystem refuses it
 
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
     def tmpname(self) -> bytes:
         return b"#%x" % next(self._seq)
+
+    def make(self, make: Callable[[int, bytes], None]) -> bytes:
+        """A new object built by ``make(work fd, name)`` under a fresh name; returns the name."""
+        name = self.tmpname()
+        make(self.fd, name)
+        return name
+
+    def swap_with_whiteout(self, name: bytes, new_dir: int, new_name: bytes) -> None:
+        """Put work/<name> in place of the whiteout *new_name* in *new_dir* atomically
+        (``RENAME_EXCHANGE``), then drop the whiteout, which the exchange left in work/.
+        On failure work/<name> is discarded."""
+        try:
+            _sys.renameat2(self.fd, name, new_dir, new_name, _sys.RENAME_EXCHANGE)
+        except BaseException:
+            self.discard(name)
+            raise
+        if not stat.S_ISDIR(_sys.lstat_at(self.fd, name).st_mode):  # the whiteout (checked by the caller)
+            os.unlink(name, dir_fd=self.fd)
+
+    def whiteout(self, new_dir: int, new_name: bytes, replace: bool) -> bytes | None:
+        """Put a whiteout at *new_name* in *new_dir*, made in work/ and renamed into place:
+        over nothing (``RENAME_NOREPLACE``), or (*replace*) in exchange for the upper object
+        there, which is then left in work/ under the returned name for the caller to remove."""
+        name = self.tmpname()
+        make_whiteout(self.fd, name)
+        try:
+            flags = _sys.RENAME_EXCHANGE if replace else _sys.RENAME_NOREPLACE
+            _sys.renameat2(self.fd, name, new_dir, new_name, flags)
+        except BaseException:
+            self.discard(name)
+            raise
+        return name if replace else None
 
     def tmpfile(self) -> int | None:
         """An unnamed regular file (O_TMPFILE, mode 0600, O_RDWR) on the upper's filesystem,
@@ -206,6 +249,8 @@ class Work:
         if fmt == stat.S_IFDIR:
             os.mkdir(name, 0o700, dir_fd=self.fd)
         elif fmt == stat.S_IFLNK:
+            if target is None:
+                raise ValueError("a symlink needs its target")
             os.symlink(target, name, dir_fd=self.fd)
         else:  # fifo, socket, char or block device: the same type, no data
             os.mknod(name, fmt | 0o600, st.st_rdev, dir_fd=self.fd)

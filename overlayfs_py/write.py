@@ -1,10 +1,16 @@
-"""The write path of ``Overlay``: namespace changes, attribute changes, xattrs, data.
+"""The write path: namespace changes, attribute changes, xattrs, data.
 
 Every change lands in the upper layer; lower layers are never written. Rules follow the
 kernel (fs/overlayfs/dir.c, inode.c, xattrs.c) with its default options: a name removed
 while a lower layer still has it leaves a char 0/0 whiteout; a name re-created over a
 whiteout replaces it atomically (RENAME_EXCHANGE through the workdir), a directory made
 that way is opaque; a directory with lower content cannot be renamed (EXDEV).
+
+``WritePath`` receives its collaborators in its constructor: the read side (``Overlay``,
+for lookups), the layer stack, the inode table, the handle table, the listings, the
+copy-up (None: read-only, every change fails EROFS), the owners, the tracer and the
+``Work`` of ``work/``, where whiteouts and objects created over a whiteout are built.
+The on-disk encodings (whiteout, opaque) come from ``whiteout.py``.
 """
 
 from __future__ import annotations
@@ -12,85 +18,105 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import Any
 
 from . import _sys
-from .handles import OpenFile
+from .copyup import CopyUp, writable
+from .dircache import ListingCache
+from .handles import OPEN_PASS, HandleTable, OpenFile
 from .idmap import OVERRIDE_XATTR
-from .inodes import Node
-from .trace import display
-from .whiteout import is_char_whiteout, may_be_xwhiteout
+from .inodes import InodeTable, Node
+from .layers import Layer, LayerStack
+from .overlay import Caller, Overlay
+from .ownership import Owners
+from .trace import Tracer, display
+from .whiteout import XattrNames, is_whiteout_at, set_opaque
+from .workdir import Work
 
-if TYPE_CHECKING:
-    from .overlay import Caller, Overlay
-
-# Open flags passed on to the real file (O_DIRECT, O_NOATIME, O_CREAT... are not).
-OPEN_PASS = os.O_ACCMODE | os.O_APPEND | os.O_SYNC | os.O_DSYNC | os.O_TRUNC | os.O_NONBLOCK
+MAX_NAME = 255
 
 
-class WriteOps:
-    """Mixed into ``Overlay``; uses its ``stack``, ``inodes``, ``handles``, ``copyup``."""
+class WritePath:
+    """Every change to the merged filesystem."""
+
+    def __init__(
+        self,
+        view: Overlay,
+        stack: LayerStack,
+        inodes: InodeTable,
+        handles: HandleTable,
+        listings: ListingCache,
+        copyup: CopyUp | None,
+        owners: Owners,
+        names: XattrNames,
+        tracer: Tracer,
+        work: Work | None,
+        *,
+        volatile: bool = False,
+    ) -> None:
+        if (copyup is None) != (work is None):
+            raise ValueError("a writable overlay needs both its copy-up and its work/")
+        self.view = view
+        self.stack = stack
+        self.inodes = inodes
+        self.handles = handles
+        self.listings = listings
+        self._copyup = copyup
+        self.owners = owners
+        self.names = names
+        self.trace = tracer
+        self._work = work
+        self.volatile = volatile  # -o volatile: fsync is a no-op (the kernel's ovl_fsync)
 
     # --- helpers ----------------------------------------------------------------------------
 
-    def _writable(self: Overlay) -> None:
-        if self.read_only or self.copyup is None:
+    @property
+    def copy(self) -> CopyUp:
+        """The copy-up; EROFS on a read-only overlay."""
+        return writable(self._copyup)
+
+    @property
+    def work(self) -> Work:
+        if self._work is None:
             raise OSError(errno.EROFS, "read-only overlay")
+        return self._work
 
-    def _upper_dir(self: Overlay, node: Node, reason: str) -> int:
-        """The upper dir fd of directory *node* (its own fd: the directory itself, never
-        whatever sits at its name now), copying it (and its ancestors) up first. A removed
-        directory takes no new entries (ENOENT, as the kernel's dead directory)."""
-        if node.dead:
-            raise OSError(errno.ENOENT, "directory was removed")
-        self.copyup.ensure_upper_dir_sync(node, reason)
-        if node.fd < 0:
-            raise OSError(errno.EBADF, "no upper object")
-        return node.fd
+    @property
+    def upper(self) -> Layer:
+        return self.copy.upper
 
-    async def _copy_up(self: Overlay, node: Node, reason: str) -> bool:
-        """``ensure_upper`` for an existing object. A lower object no name leads to any more
-        (unlinked or renamed over while open) cannot be copied up: its name is taken by a
-        whiteout or another object, and the kernel fails the same way (EEXIST)."""
-        if not node.layer.is_upper and not self.inodes.reachable(node):
-            raise OSError(errno.EEXIST, "the object's name was removed or replaced")
-        return await self.copyup.ensure_upper(node, reason)
-
-    def _lower_has(self: Overlay, parent: Node, name: bytes) -> bool:
+    def _lower_has(self, parent: Node, name: bytes) -> bool:
         """Whether a lower layer below *parent*'s upper still shows *name* (a whiteout is needed)."""
-        lowers = [(l, p) for l, p in parent.layer_dirs() if not l.is_upper]
+        lowers = [(layer, p) for layer, p in parent.layer_dirs() if not layer.is_upper]
         return bool(lowers) and bool(self.stack.resolve(lowers, name))
 
-    def _upper_entry(self: Overlay, pfd: int, name: bytes) -> os.stat_result | None:
+    def _upper_entry(self, pfd: int, name: bytes) -> os.stat_result | None:
         try:
             return _sys.lstat_at(pfd, name)
         except FileNotFoundError:
             return None
 
-    def _is_upper_whiteout(self: Overlay, pfd: int, name: bytes, st: os.stat_result | None) -> bool:
-        if st is None:
-            return False
-        if is_char_whiteout(st):
-            return True
-        return may_be_xwhiteout(st) and _sys.getxattr_at(pfd, name, self.names.whiteout) is not None
+    def _is_upper_whiteout(self, pfd: int, name: bytes, st: os.stat_result | None) -> bool:
+        return st is not None and is_whiteout_at(pfd, name, st, self.names)
 
-    def _exists(self: Overlay, parent: Node, name: bytes) -> Node | None:
+    def _exists(self, parent: Node, name: bytes) -> Node | None:
         try:
-            node, _ = self.lookup(parent, name)
+            node, _ = self.view.lookup(parent, name)
             return node
         except FileNotFoundError:
             return None
 
-    def _owner(self: Overlay, pfd: int, caller: Caller) -> tuple[int, int]:
+    def _owner(self, pfd: int, caller: Caller) -> tuple[int | None, int | None]:
         """The stored owner of a new object: the caller's (presented) ids mapped back (EINVAL
         when unmapped); in a setgid directory, the directory's stored group."""
         uid, gid = self.owners.store_ids(caller.uid, caller.gid)
         pst = os.fstat(pfd)
         if pst.st_mode & stat.S_ISGID:
-            gid = self.owners.stored(_sys.proc_path(pfd), True, pst, self.stack.upper)[1]
+            gid = self.owners.stored(_sys.proc_path(pfd), True, pst, self.upper)[1]
         return uid, gid
 
-    def _chown_keep_mode(self: Overlay, dfd: int, name: bytes, uid: int, gid: int) -> None:
+    def _chown_keep_mode(self, dfd: int, name: bytes, uid: int | None, gid: int | None) -> None:
         """Give a new object its stored owner (chown, or the override xattr when the server
         cannot chown); the set-id bits its creator chose stay. Done on an O_PATH fd of the
         object (its magic link, followed to the object only), never on its name again."""
@@ -101,26 +127,30 @@ class WriteOps:
             os.close(fd)
 
     def _place_new(
-        self: Overlay, parent: Node, name: bytes, make, caller: Caller | None, opaque: bool = False
+        self,
+        parent: Node,
+        name: bytes,
+        make: Callable[[int, bytes], None],
+        caller: Caller | None,
+        opaque: bool = False,
     ) -> tuple[Node, os.stat_result]:
         """Create a new object with ``make(dir_fd, name)`` in upper, over a whiteout if there is one.
 
         The object is given to *caller* (None: a hard link, which keeps its inode's owner)."""
-        self._writable()
+        copy, work = self.copy, self.work
         self.listings.changed()
-        if len(name) > 255:
+        if len(name) > MAX_NAME:
             raise OSError(errno.ENAMETOOLONG, "name too long")
         if self._exists(parent, name) is not None:
             raise OSError(errno.EEXIST, "exists")
-        pfd = self._upper_dir(parent, "create")
+        pfd = copy.upper_dir(parent, "create")
         owner = self._owner(pfd, caller) if caller is not None else None
         ust = self._upper_entry(pfd, name)
-        wfd = self.copyup.work_fd
         path = display(_child(parent, name))
         if self._is_upper_whiteout(pfd, name, ust):
             # Build it in work/, swap it with the whiteout, then drop the whiteout.
-            tmp = self.copyup.tmpname()
-            make(wfd, tmp)
+            wfd = work.fd
+            tmp = work.make(make)
             try:
                 if owner is not None:
                     self._chown_keep_mode(wfd, tmp, *owner)
@@ -138,11 +168,10 @@ class WriteOps:
                         os.close(dfd)
                 if opaque:
                     self._make_opaque(wfd, tmp, path)
-                _sys.renameat2(wfd, tmp, pfd, name, _sys.RENAME_EXCHANGE)
             except BaseException:
-                self.copyup._discard(tmp)
+                work.discard(tmp)
                 raise
-            os.unlink(tmp, dir_fd=wfd)
+            work.swap_with_whiteout(tmp, pfd, name)
             self.trace.emit("whiteout_remove", path=path)
         elif ust is not None:
             raise OSError(errno.EEXIST, "exists in upper")
@@ -150,17 +179,17 @@ class WriteOps:
             make(pfd, name)
             if owner is not None:
                 self._chown_keep_mode(pfd, name, *owner)
-        self.stack.dirfds.forget(self.stack.upper, _child(parent, name))
-        node, st = self.lookup(parent, name)
+        self.stack.dirfds.forget(copy.upper, _child(parent, name))
+        node, st = self.view.lookup(parent, name)
         self.trace.emit("create", path=path, kind="link" if caller is None else _kind(st.st_mode))
         return node, st
 
     # --- namespace ----------------------------------------------------------------------------
 
     async def create(
-        self: Overlay, parent: Node, name: bytes, mode: int, flags: int, caller: Caller
+        self, parent: Node, name: bytes, mode: int, flags: int, caller: Caller
     ) -> tuple[Node, os.stat_result, int]:
-        box = {}
+        box: dict[str, int] = {}
 
         def make(dfd: int, n: bytes) -> None:
             fd = os.open(
@@ -179,7 +208,7 @@ class WriteOps:
             raise
         return node, st, self.handles.add(OpenFile(box["fd"], node, flags))
 
-    def mkdir(self: Overlay, parent: Node, name: bytes, mode: int, caller: Caller):
+    def mkdir(self, parent: Node, name: bytes, mode: int, caller: Caller) -> tuple[Node, os.stat_result]:
         return self._place_new(
             parent,
             name,
@@ -188,7 +217,7 @@ class WriteOps:
             opaque=True,
         )
 
-    def mknod(self: Overlay, parent: Node, name: bytes, mode: int, rdev: int, caller: Caller):
+    def mknod(self, parent: Node, name: bytes, mode: int, rdev: int, caller: Caller) -> tuple[Node, os.stat_result]:
         if stat.S_ISCHR(mode) and rdev == 0:
             raise OSError(errno.EPERM, "a whiteout cannot be created through the overlay")
         perm = stat.S_IMODE(mode) & ~caller.umask
@@ -196,21 +225,21 @@ class WriteOps:
             parent, name, lambda dfd, n: os.mknod(n, stat.S_IFMT(mode) | perm, rdev, dir_fd=dfd), caller
         )
 
-    def symlink(self: Overlay, parent: Node, name: bytes, target: bytes, caller: Caller):
+    def symlink(self, parent: Node, name: bytes, target: bytes, caller: Caller) -> tuple[Node, os.stat_result]:
         return self._place_new(parent, name, lambda dfd, n: os.symlink(target, n, dir_fd=dfd), caller)
 
-    async def link(self: Overlay, node: Node, parent: Node, name: bytes, caller: Caller):
-        self._writable()
+    async def link(self, node: Node, parent: Node, name: bytes, caller: Caller) -> tuple[Node, os.stat_result]:
+        copy = self.copy
         if node.is_dir:
             raise OSError(errno.EPERM, "hard link to a directory")
-        await self._copy_up(node, "link")
+        await copy.copy_up(node, "link")
 
         def make(dfd: int, n: bytes) -> None:
             _sys.link_fd(node.fd, dfd, n)  # the node's own inode, never its name
 
         return self._place_new(parent, name, make, None)
 
-    def _remove_real(self: Overlay, dfd: int, name: bytes, is_dir: bool) -> None:
+    def _remove_real(self, dfd: int, name: bytes, is_dir: bool) -> None:
         """Remove an upper object; a directory may still hold whiteouts (nothing else)."""
         if is_dir:
             self._clear_whiteouts(dfd, name)
@@ -218,28 +247,27 @@ class WriteOps:
         else:
             os.unlink(name, dir_fd=dfd)
 
-    def _make_opaque(self: Overlay, dfd: int, name: bytes | None, path: str) -> None:
+    def _make_opaque(self, dfd: int, name: bytes | None, path: str) -> None:
         """Mark directory *name* in *dfd* opaque (name None: *dfd* is the directory's own fd,
         reached through its magic link; a name is never followed)."""
-        if _sys.getxattr_at(dfd, name, self.names.opaque) != b"y":
-            os.setxattr(_sys.proc_path(dfd, name), self.names.opaque, b"y", follow_symlinks=name is None)
+        if set_opaque(dfd, name, self.names):
             self.trace.emit("opaque_dir", path=path)
 
-    def _clear_whiteouts(self: Overlay, dfd_parent: int, name: bytes) -> None:
+    def _clear_whiteouts(self, dfd_parent: int, name: bytes) -> None:
         """Remove the whiteouts left in an upper dir that is about to go (it holds nothing else)."""
         fd = _sys.open_beneath(dfd_parent, name, _sys.O_PATH | os.O_DIRECTORY)
         try:
             for child, _kind in _sys.listdir_fd(fd):
-                if is_char_whiteout(_sys.lstat_at(fd, child)):
+                if is_whiteout_at(fd, child, _sys.lstat_at(fd, child), None):  # an upper dir: char 0/0 only
                     os.unlink(child, dir_fd=fd)
         finally:
             os.close(fd)
 
-    def remove(self: Overlay, parent: Node, name: bytes, is_dir: bool) -> None:
+    def remove(self, parent: Node, name: bytes, is_dir: bool) -> None:
         """unlink (is_dir False) or rmdir (True)."""
-        self._writable()
+        copy, work = self.copy, self.work
         self.listings.changed()
-        node, st = self.lookup(parent, name)
+        node, st = self.view.lookup(parent, name)
         if is_dir:
             if not node.is_dir:
                 raise OSError(errno.ENOTDIR, "not a directory")
@@ -249,40 +277,30 @@ class WriteOps:
         elif node.is_dir:
             raise OSError(errno.EISDIR, "is a directory")
         need_whiteout = self._lower_has(parent, name)
-        pfd = self._upper_dir(parent, "remove")
+        pfd = copy.upper_dir(parent, "remove")
         rel = node.relpath()
-        wfd = self.copyup.work_fd
         in_upper = node.layer.is_upper
         if need_whiteout:
-            tmp = self.copyup.tmpname()
-            os.mknod(tmp, stat.S_IFCHR | 0o000, 0, dir_fd=wfd)
-            try:
-                if in_upper:
-                    _sys.renameat2(wfd, tmp, pfd, name, _sys.RENAME_EXCHANGE)
-                else:
-                    _sys.renameat2(wfd, tmp, pfd, name, _sys.RENAME_NOREPLACE)
-            except BaseException:
-                self.copyup._discard(tmp)
-                raise
-            if in_upper:  # the old upper object now sits in work/ under tmp
-                self._remove_real(wfd, tmp, is_dir)
+            old = work.whiteout(pfd, name, replace=in_upper)
+            if old is not None:  # the old upper object now sits in work/ under that name
+                self._remove_real(work.fd, old, is_dir)
             self.trace.emit("whiteout_create", path=display(rel))
         elif in_upper:
             self._remove_real(pfd, name, is_dir)
         if is_dir:
-            self.stack.dirfds.forget(self.stack.upper, rel)
+            self.stack.dirfds.forget(copy.upper, rel)
         self.inodes.detach(parent, name)
 
-    async def rename(self: Overlay, parent: Node, name: bytes, newparent: Node, newname: bytes, flags: int) -> None:
-        self._writable()
+    async def rename(self, parent: Node, name: bytes, newparent: Node, newname: bytes, flags: int) -> None:
+        copy = self.copy
         self.listings.changed()
         if flags & ~(_sys.RENAME_NOREPLACE | _sys.RENAME_EXCHANGE) or (
             flags & _sys.RENAME_NOREPLACE and flags & _sys.RENAME_EXCHANGE
         ):
             raise OSError(errno.EINVAL, "unsupported rename flags")
-        src, _ = self.lookup(parent, name)
+        src, _ = self.view.lookup(parent, name)
         dst = self._exists(newparent, newname)
-        if len(newname) > 255:
+        if len(newname) > MAX_NAME:
             raise OSError(errno.ENAMETOOLONG, "name too long")
         if src is dst:
             return
@@ -311,12 +329,13 @@ class WriteOps:
             dst_pure = dst.layer.is_upper and not dst.is_merged
             if dst.is_dir and not dst_pure and self.stack.list_merged(dst.layer_dirs(), True):
                 raise OSError(errno.ENOTEMPTY, "target not empty")
-        await self.copyup.ensure_upper(src, "rename")
+        await copy.ensure_upper(src, "rename")
         if exchange:
-            await self.copyup.ensure_upper(dst, "rename")
-        opfd = self._upper_dir(parent, "rename")
+            assert dst is not None
+            await copy.ensure_upper(dst, "rename")
+        opfd = copy.upper_dir(parent, "rename")
         old_needs_wo = not exchange and self._lower_has(parent, name)
-        npfd = self._upper_dir(newparent, "rename")
+        npfd = copy.upper_dir(newparent, "rename")
         opfd = parent.fd  # already upper: copying newparent up cannot have moved it
         nst = self._upper_entry(npfd, newname)
         # ovl_rename's flags: the old name keeps a whiteout when a lower still has it
@@ -335,7 +354,7 @@ class WriteOps:
         old_path, new_path = display(_child(parent, name)), display(_child(newparent, newname))
         if src.is_dir and newparent.is_merged:
             self._make_opaque(src.fd, None, new_path)  # the directory itself, via its fd
-        if exchange and dst.is_dir and parent.is_merged:
+        if exchange and dst is not None and dst.is_dir and parent.is_merged:
             self._make_opaque(dst.fd, None, old_path)
         if not exchange and nst is not None and stat.S_ISDIR(nst.st_mode) and not dst_pure:
             self._clear_whiteouts(npfd, newname)  # the upper part of an empty merged dir
@@ -351,19 +370,18 @@ class WriteOps:
                 self.trace.emit("whiteout_create", path=old_path)
         old_rel = src.relpath()
         if src.is_dir:
-            self.stack.dirfds.forget(self.stack.upper, old_rel)
+            self.stack.dirfds.forget(copy.upper, old_rel)
         if dst is not None and dst.is_dir:
-            self.stack.dirfds.forget(self.stack.upper, dst.relpath())
+            self.stack.dirfds.forget(copy.upper, dst.relpath())
         self.inodes.move(src, parent, name, newparent, newname, exchange=dst if exchange else None)
 
     # --- attributes and data ------------------------------------------------------------------
 
-    async def setattr(self: Overlay, node: Node, changes: dict, fh: int | None) -> os.stat_result:
+    async def setattr(self, node: Node, changes: dict[str, Any], fh: int | None) -> os.stat_result:
         """Every change goes to the node's own object through its fd: an object renamed
         over or unlinked while open is changed itself (the kernel's overlay does the
         same), never what its name leads to now, and a symlink is never followed."""
-        self._writable()
-        await self._copy_up(node, _setattr_reason(changes))
+        await self.copy.copy_up(node, _setattr_reason(changes))
         fd = node.fd
         if fd < 0:
             raise OSError(errno.EBADF, "no upper object")
@@ -392,9 +410,9 @@ class WriteOps:
             self.owners.after_chmod(path, follow, changes["mode"])
         if "atime_ns" in changes or "mtime_ns" in changes:
             _sys.futimens_fd(fd, changes.get("atime_ns"), changes.get("mtime_ns"))
-        return self.getattr(node)
+        return self.view.getattr(node)
 
-    def write(self: Overlay, fh: int, offset: int, data: bytes) -> int:
+    def write(self, fh: int, offset: int, data: bytes) -> int:
         h = self.handles[fh]
         assert isinstance(h, OpenFile)
         if h.unused_copy_up is not None:
@@ -403,27 +421,27 @@ class WriteOps:
             return os.write(h.fd, data)
         return os.pwrite(h.fd, data, offset)
 
-    def fsync(self: Overlay, fh: int, datasync: bool) -> None:
+    def fsync(self, fh: int, datasync: bool) -> None:
         h = self.handles[fh]
         if isinstance(h, OpenFile) and not self.volatile:  # volatile: fsync is a no-op, as ovl_fsync
             (os.fdatasync if datasync else os.fsync)(h.fd)
 
     # --- xattrs -------------------------------------------------------------------------------
 
-    async def setxattr(self: Overlay, node: Node, name: str, value: bytes) -> None:
-        self._writable()
+    async def setxattr(self, node: Node, name: str, value: bytes) -> None:
+        copy = self.copy
         if name == OVERRIDE_XATTR:
             raise OSError(errno.EPERM, "the stored owner is set by chown, not by its xattr")
-        await self._copy_up(node, "setxattr")
+        await copy.copy_up(node, "setxattr")
         for h in self.handles.files_of(node):
             h.unused_copy_up = None
         p, follow = _sys.fd_xattr_path(node.fd)
         os.setxattr(p, self.names.to_real(name), value, follow_symlinks=follow)
 
-    async def removexattr(self: Overlay, node: Node, name: str) -> None:
-        self._writable()
-        self.getxattr(node, name)  # ENODATA before any copy-up, as the kernel does
-        await self._copy_up(node, "removexattr")
+    async def removexattr(self, node: Node, name: str) -> None:
+        copy = self.copy
+        self.view.getxattr(node, name)  # ENODATA before any copy-up, as the kernel does
+        await copy.copy_up(node, "removexattr")
         for h in self.handles.files_of(node):
             h.unused_copy_up = None
         p, follow = _sys.fd_xattr_path(node.fd)
@@ -450,7 +468,7 @@ def _kind(mode: int) -> str:
     return _KINDS.get(stat.S_IFMT(mode), "other")
 
 
-def _setattr_reason(changes: dict) -> str:
+def _setattr_reason(changes: dict[str, Any]) -> str:
     for key, reason in (
         ("size", "truncate"),
         ("uid", "chown"),

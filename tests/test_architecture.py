@@ -35,12 +35,7 @@ PACKAGES = ("overlayfs_py", "runner", "pyoverlay_cli")
 #: Import circles that exist today and are being removed. Each entry must be an exact
 #: strongly connected component of the graph; an entry that no longer exists fails the
 #: test too (remove it: this list only shrinks).
-ALLOWED_CYCLES: set[frozenset[str]] = {
-    # helper A (issue 14, "core by composition") breaks this one: `class Overlay(WriteOps)`
-    # cut across overlay.py and write.py, and copyup.py importing the origin encoding from
-    # overlay.py inside a function. The lead empties this entry once that work has landed.
-    frozenset({"overlayfs_py.overlay", "overlayfs_py.copyup", "overlayfs_py.write"}),
-}
+ALLOWED_CYCLES: set[frozenset[str]] = set()
 
 #: Exception classes that are not user-facing errors: an OSError that carries an errno
 #: back to a FUSE reply (never printed as a message).

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import os
 
-from overlayfs_py.layers import LayerStack
-from overlayfs_py.overlay import Overlay
-from overlayfs_py.whiteout import XattrNames
+from helpers.core import build_core
 
 
 def _tree(root, dirs=20, files=50):
@@ -25,8 +23,7 @@ def _overlay(tmp_path):
     l1, l2 = tmp_path / "l1", tmp_path / "l2"
     _tree(l1)
     _tree(l2, dirs=10, files=80)
-    names = XattrNames()
-    return Overlay(LayerStack([str(l1), str(l2)], None, names), names, read_only=True)
+    return build_core([l1, l2]).view
 
 
 def test_forget_frees_every_node_of_a_walk(tmp_path):

@@ -124,9 +124,7 @@ def _open_fds() -> int:
 def test_node_fds_live_and_die_with_their_nodes(tmp_path):
     """Without FUSE: every node holds one fd of its own object (checked by inode), the
     table closes it when the node is dropped, and destroy closes the rest."""
-    from overlayfs_py.layers import LayerStack
-    from overlayfs_py.overlay import Overlay
-    from overlayfs_py.whiteout import XattrNames
+    from helpers.core import build_core
 
     l1, l2 = tmp_path / "l1", tmp_path / "l2"
     for layer, n in ((l1, 30), (l2, 50)):
@@ -135,8 +133,7 @@ def test_node_fds_live_and_die_with_their_nodes(tmp_path):
             (layer / "d" / f"f{i}").write_text(layer.name)
     os.symlink("/etc/passwd", l1 / "d" / "ln")
     base = _open_fds()
-    names = XattrNames()
-    ov = Overlay(LayerStack([str(l1), str(l2)], None, names), names, read_only=True)
+    ov = build_core([l1, l2]).view
     try:
         with_stack = _open_fds()
         d, _ = ov.lookup(ov.inodes.root, b"d")

@@ -26,6 +26,7 @@ calls and ``O_NOFOLLOW``.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import shutil
@@ -34,7 +35,7 @@ import sys
 import tarfile
 
 from overlayfs_py import _sys
-from overlayfs_py.whiteout import XattrNames
+from overlayfs_py.whiteout import XattrNames, is_char_whiteout
 
 from .core import ImageError
 from .tarformat import OPAQUE, WH, escapes, mtime_ns, split_name, xattrs_of
@@ -75,10 +76,8 @@ class _Extractor:
         fd = os.dup(self.root)
         try:
             for p in parts:
-                try:
+                with contextlib.suppress(FileExistsError):
                     os.mkdir(p, 0o755, dir_fd=fd)
-                except FileExistsError:
-                    pass
                 try:
                     nfd = os.open(p, _OPEN_DIR, dir_fd=fd)
                 except OSError as e:
@@ -141,7 +140,7 @@ class _Extractor:
         if base.startswith(WH):
             return self._whiteout(m, base, pfd)
         st = self._lstat(pfd, base)
-        whited = st is not None and _is_whiteout(st)
+        whited = st is not None and is_char_whiteout(st)
         if m.isdir():
             if st is None or not stat.S_ISDIR(st.st_mode):
                 self._remove(pfd, base, st)
@@ -202,7 +201,7 @@ class _Extractor:
         tfd = self._dir(tparts[:-1], m.name, create=False)
         try:
             tst = self._lstat(tfd, tparts[-1])
-            if tst is None or _is_whiteout(tst):
+            if tst is None or is_char_whiteout(tst):
                 raise ImageError(f"layer entry {m.name!r}: hard link target {m.linkname!r} is not in the layer (yet)")
             if stat.S_ISDIR(tst.st_mode):
                 raise ImageError(f"layer entry {m.name!r}: hard link to a directory refused")
@@ -267,10 +266,6 @@ class _Extractor:
                 os.close(fd)
         if self.skipped_xattrs:
             print(f"pyoverlay: warning: {self.skipped_xattrs} xattrs of the layer could not be set", file=sys.stderr)
-
-
-def _is_whiteout(st: os.stat_result) -> bool:
-    return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
 
 
 def _write_all(fd: int, data: bytes) -> None:

@@ -32,7 +32,7 @@ import tarfile
 from typing import BinaryIO
 
 from overlayfs_py import _sys
-from overlayfs_py.whiteout import TRUSTED_PREFIX, USER_PREFIX, XattrNames, is_char_whiteout, may_be_xwhiteout
+from overlayfs_py.whiteout import TRUSTED_PREFIX, USER_PREFIX, XattrNames, is_whiteout_at
 
 from .core import ImageError
 from .tarformat import OPAQUE, WH, set_mtime, set_xattr
@@ -160,9 +160,7 @@ class _Writer:
         return None
 
     def _is_whiteout(self, dfd: int, name: bytes, st: os.stat_result) -> bool:
-        if is_char_whiteout(st):
-            return True
-        return may_be_xwhiteout(st) and _sys.getxattr_at(dfd, name, self.names.whiteout) is not None
+        return is_whiteout_at(dfd, name, st, self.names)
 
     @staticmethod
     def _bare(name: str, kind: bytes, st: os.stat_result, mode: int) -> tarfile.TarInfo:

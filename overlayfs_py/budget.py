@@ -1,0 +1,125 @@
+"""The node budget: how many nodes (each holding a descriptor) the server keeps.
+
+Every node holds an O_PATH fd of its object, so the number of live nodes is bounded by
+RLIMIT_NOFILE; beyond a budget the kernel is asked to drop the oldest file entries (its
+FORGETs then free the nodes), and when descriptors run out anyway some directories too.
+The policy is the engine's business only in one respect: how the kernel is told to drop
+an entry. That is the ``drop_entries`` callback (a FUSE engine sends notify_inval_entry
+for each); everything else is here, engine-independent.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+from .inodes import InodeTable
+from .layers import DirFdCache
+
+log = logging.getLogger(__name__)
+
+# Descriptors kept free of nodes: open files, the trace sink's clients, trio's and pyfuse3's
+# own (the directory fd cache is counted apart).
+FD_HEADROOM = 1024
+# How long a lookup waits for the kernel's FORGETs when nodes have no descriptor left.
+FD_WAIT = 2.0
+
+DropEntries = Callable[[list[tuple[int, bytes]]], None]
+
+
+def node_fd_cap(fd_limit: int, cache: int) -> int:
+    """Live nodes allowed at most, whatever the budget: past it a new node is refused with
+    EMFILE, so that listings, open files and the server's own descriptors never run out."""
+    return max(32, fd_limit - cache - min(FD_HEADROOM, fd_limit // 8))
+
+
+def clamp_node_budget(max_nodes: int, fd_limit: int, dirfds: DirFdCache | None = None) -> int:
+    """The node budget that fits in *fd_limit* descriptors (every node holds one).
+
+    The directory fd cache is shrunk to an eighth of the limit at most; another eighth (at
+    most FD_HEADROOM) stays free for open files and the server's own; the nodes get three
+    quarters of the rest, since the table overshoots its budget by up to a quarter before
+    the kernel's FORGETs come (``NodeBudget.check``). *max_nodes* 0 (no budget) becomes that
+    much. Directories are never dropped by the budget: a tree with more live directories
+    than descriptors gets EMFILE for lookups beyond them (docs/performance.md)."""
+    if dirfds is not None:
+        dirfds.capacity = max(16, min(dirfds.capacity, fd_limit // 8))
+        cache = dirfds.capacity
+    else:
+        cache = min(2048, fd_limit // 8)
+    room = fd_limit - cache - min(FD_HEADROOM, fd_limit // 8)
+    fit = max(64, room * 3 // 4)
+    budget = fit if max_nodes <= 0 else min(max_nodes, fit)
+    if budget != max_nodes:
+        log.info(
+            "node budget %d (asked: %s): RLIMIT_NOFILE is %d and every node holds a "
+            "descriptor (%d kept for the directory fd cache, %d for open files)",
+            budget,
+            max_nodes or "none",
+            fd_limit,
+            cache,
+            min(FD_HEADROOM, fd_limit // 8),
+        )
+    else:
+        log.debug("node budget %d, RLIMIT_NOFILE %d", budget, fd_limit)
+    return budget
+
+
+def _no_drops(drops: list[tuple[int, bytes]]) -> None:
+    return None
+
+
+class NodeBudget:
+    """Keeps the inode table near its budget by asking the kernel to drop entries
+    (*drop_entries*, the engine's): ``check`` after requests that make nodes,
+    ``out_of_fds`` when a node could not get its descriptor."""
+
+    def __init__(self, inodes: InodeTable, max_nodes: int, drop_entries: DropEntries = _no_drops) -> None:
+        self.inodes = inodes
+        self.max_nodes = max_nodes
+        self.drop_entries = drop_entries
+        self._shed_at = max_nodes
+        self._last_emergency = 0.0
+
+    def check(self) -> None:
+        """After a lookup or a listing: over the budget, shed; back under it, watch again."""
+        if not self.max_nodes:
+            return
+        n = len(self.inodes)
+        if n > self._shed_at:
+            self._shed()
+        elif n < self.max_nodes:
+            self._shed_at = self.max_nodes  # the kernel's FORGETs came: watch the budget again
+
+    def _shed(self) -> None:
+        """Over the node budget: ask the kernel (asynchronously: never from inside a
+        request) to drop the oldest file entries down to 80 % of it; their FORGETs free
+        the nodes. Not again before the table has grown by another 20 %."""
+        keep = self.max_nodes * 4 // 5
+        drops = self.inodes.shed(keep)
+        self.drop_entries(drops)
+        self._shed_at = max(self.max_nodes, len(self.inodes) + self.max_nodes - keep)
+        log.info(
+            "node budget %d: %d live nodes, asked the kernel to drop %d entries",
+            self.max_nodes,
+            len(self.inodes),
+            len(drops),
+        )
+
+    def out_of_fds(self) -> None:
+        """A node could not get its fd: ask the kernel to drop file entries beyond 80 % of
+        the budget and, since directories can fill the descriptors on their own, some
+        directories with no live children too (at most once a second)."""
+        keep = self.max_nodes * 4 // 5
+        drops = self.inodes.shed(keep)  # each file node is offered once: cheap to repeat
+        now = time.monotonic()
+        if now - self._last_emergency >= 1.0:
+            self._last_emergency = now
+            drops += self.inodes.shed_dirs(max(16, len(self.inodes) - len(drops) - keep))
+        if not drops:
+            return
+        self.drop_entries(drops)
+        log.warning(
+            "out of descriptors: %d live nodes, asked the kernel to drop %d entries", len(self.inodes), len(drops)
+        )

@@ -1,0 +1,43 @@
+"""The filesystem core on tmp dirs, wired exactly as a mount wires it
+(``mount.build_overlay``), with no FUSE and no kernel: for in-process tests."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from overlayfs_py.config import MountConfig
+from overlayfs_py.core import Core
+from overlayfs_py.mount import build_overlay
+from overlayfs_py.workdir import WorkDir
+
+
+def build_core(
+    lowers: list[Path],
+    upper: Path | None = None,
+    workdir: Path | None = None,
+    *,
+    userxattr: bool | None = None,
+    read_only: bool = False,
+    **options: object,
+) -> Core:
+    """The core of an overlay of *lowers* (top first) and *upper*; a writable one prepares
+    *workdir* as a mount does. *userxattr* None: ``user.overlay.*`` unless root (as the
+    planning step decides). Call ``destroy()`` on the result."""
+    if userxattr is None:
+        userxattr = os.geteuid() != 0
+    cfg = MountConfig(
+        lowerdirs=tuple(str(p) for p in lowers),
+        upperdir=str(upper) if upper is not None else None,
+        workdir=str(workdir) if workdir is not None else None,
+        mountpoint="/nonexistent-in-process",
+        userxattr=userxattr,
+        read_only=read_only,
+        **options,  # type: ignore[arg-type]
+    )
+    wd = WorkDir.prepare(cfg.workdir, volatile=cfg.volatile) if cfg.workdir and not cfg.read_only else None
+    try:
+        return build_overlay(cfg, wd)
+    finally:
+        if wd is not None:
+            wd.close()  # the core holds its own work/ fd, as after a mount

@@ -1,0 +1,387 @@
+"""The filesystem core in process: no FUSE, no kernel overlay, no root needed.
+
+The core is built on tmp dirs exactly as a mount builds it (``mount.build_overlay``, via
+``helpers.core.build_core``) and its methods are called directly, the way
+tests/test_inodes.py works. The expectations are the kernel's, as the FUSE+kernel
+comparisons established them (tests/test_write_rename.py, tests/test_write_whiteout.py):
+the rename flag matrix (plain, RENAME_NOREPLACE, RENAME_EXCHANGE, across lower, upper and
+merged directories, onto whiteouts, EXDEV for directories with lower content), whiteouts
+(unlink and rmdir of lower names leave char 0/0 whiteouts; a create over a whiteout
+replaces it) and opaque directories (mkdir over a whiteout; a pure-upper directory renamed
+into a merged one). Cases the VFS decides before a filesystem is asked (a file renamed
+over a directory, say) are not the core's and are left to the kernel tests.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from pathlib import Path
+
+import pytest
+import trio
+
+from helpers.core import build_core
+from overlayfs_py import _sys
+from overlayfs_py.core import Core
+from overlayfs_py.inodes import Node
+from overlayfs_py.overlay import Caller
+
+CALLER = Caller(uid=os.geteuid(), gid=os.getegid(), pid=os.getpid(), umask=0o022)
+
+
+class Mount:
+    """A writable core over two lower layers, with path helpers."""
+
+    def __init__(self, core: Core, root: Path) -> None:
+        self.core = core
+        self.ov = core.view
+        self.w = core.writes
+        self.upper = root / "upper"
+        self.work = root / "wd" / "work"
+        self.names = core.view.names
+
+    def node(self, path: str) -> Node:
+        """Look *path* up component by component, referencing each node as the kernel would."""
+        node = self.ov.inodes.root
+        for part in [p for p in path.split("/") if p]:
+            node, _ = self.ov.lookup(node, part.encode())
+            self.ov.inodes.ref(node)
+        return node
+
+    def split(self, path: str) -> tuple[Node, bytes]:
+        parent, _, name = path.rpartition("/")
+        return self.node(parent), name.encode()
+
+    def exists(self, path: str) -> bool:
+        try:
+            self.node(path)
+        except FileNotFoundError:
+            return False
+        return True
+
+    def read(self, path: str) -> bytes:
+        fh = trio.run(self.ov.open, self.node(path), os.O_RDONLY, CALLER)
+        try:
+            return self.ov.read(fh, 0, 1 << 16)
+        finally:
+            self.ov.release(fh)
+
+    def listdir(self, path: str) -> list[str]:
+        fh = self.ov.opendir(self.node(path))
+        try:
+            return sorted(e.name.decode() for _, e in self.ov.readdir(fh, 0) if e.name not in (b".", b".."))
+        finally:
+            self.ov.release(fh)
+
+    def rename(self, old: str, new: str, flags: int = 0) -> None:
+        p, n = self.split(old)
+        np, nn = self.split(new)
+        trio.run(self.w.rename, p, n, np, nn, flags)
+
+    def remove(self, path: str, is_dir: bool = False) -> None:
+        self.w.remove(*self.split(path), is_dir=is_dir)
+
+    def create(self, path: str, data: bytes = b"") -> None:
+        p, n = self.split(path)
+        _node, _st, fh = trio.run(self.w.create, p, n, 0o644, os.O_WRONLY | os.O_CREAT | os.O_EXCL, CALLER)
+        try:
+            self.w.write(fh, 0, data)
+        finally:
+            self.ov.release(fh)
+
+    def mkdir(self, path: str) -> None:
+        self.w.mkdir(*self.split(path), 0o755, CALLER)
+
+    # --- the upper layer, as the kernel would leave it ------------------------------------
+
+    def is_whiteout(self, path: str) -> bool:
+        try:
+            st = os.lstat(self.upper / path)
+        except FileNotFoundError:
+            return False
+        return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
+
+    def in_upper(self, path: str) -> bool:
+        return os.path.lexists(self.upper / path)
+
+    def opaque(self, path: str) -> bytes | None:
+        try:
+            return os.getxattr(self.upper / path, self.names.opaque, follow_symlinks=False)
+        except OSError:
+            return None
+
+    def origin(self, path: str) -> bool:
+        try:
+            os.getxattr(self.upper / path, self.names.origin, follow_symlinks=False)
+        except OSError:
+            return False
+        return True
+
+
+def _write(root: Path, files: dict[str, bytes | None]) -> None:
+    """*files*: path -> content (None: a directory)."""
+    for rel, data in files.items():
+        p = root / rel
+        if data is None:
+            p.mkdir(parents=True, exist_ok=True)
+        else:
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_bytes(data)
+
+
+L1 = {  # the top lower
+    "md/top": b"top\n",  # md: merged (l1 + l2)
+    "r/over_top": b"in the top lower\n",
+}
+L2 = {
+    "r/a": b"a\n",
+    "r/b": b"b\n",
+    "r/c": b"c\n",
+    "r/d": b"d\n",
+    "r/e": b"e\n",
+    "r/x1": b"x1\n",
+    "r/x2": b"x2\n",
+    "r/w": b"w\n",
+    "r/over_top": b"hidden\n",
+    "sub/deep": None,
+    "ld/f": b"in lower dir\n",
+    "ld/sub/g": b"g\n",
+    "ld2": None,
+    "md/bottom": b"bottom\n",
+    "em/bottom": b"b\n",
+    "em/sub/s": b"s\n",
+    "ne/bottom": b"b\n",
+    "f": b"lower file\n",
+    "re": b"to be deleted and re-created\n",
+    "redir/old": b"old\n",
+}
+
+
+@pytest.fixture
+def m(tmp_path):
+    for d, files in (("l1", L1), ("l2", L2)):
+        (tmp_path / d).mkdir()
+        _write(tmp_path / d, files)
+    (tmp_path / "upper").mkdir()
+    core = build_core([tmp_path / "l1", tmp_path / "l2"], tmp_path / "upper", tmp_path / "wd")
+    mount = Mount(core, tmp_path)
+    try:
+        yield mount
+        assert os.listdir(mount.work) == [], "work/ keeps no temporary"
+    finally:
+        core.destroy()
+
+
+def _err(fn, *args, **kw) -> int:
+    with pytest.raises(OSError) as exc:
+        fn(*args, **kw)
+    return exc.value.errno
+
+
+# --- rename: files ------------------------------------------------------------------------
+
+
+def test_rename_lower_file_copies_up_and_leaves_a_whiteout(m):
+    m.rename("r/a", "r/a2")
+    assert m.read("r/a2") == b"a\n" and not m.exists("r/a")
+    assert m.is_whiteout("r/a") and m.origin("r/a2")  # the copy-up records its lower origin
+    m.rename("r/a2", "sub/deep/a3")  # into a lower-only dir: copied up on the way
+    assert m.read("sub/deep/a3") == b"a\n" and not m.exists("r/a2")
+    assert not m.in_upper("r/a2")  # a pure-upper name leaves nothing behind
+
+
+def test_rename_over_a_lower_file(m):
+    m.rename("r/b", "r/c")
+    assert m.read("r/c") == b"b\n" and m.is_whiteout("r/b")
+    m.rename("r/w", "r/over_top")  # over a name the top lower serves
+    assert m.read("r/over_top") == b"w\n" and m.is_whiteout("r/w")
+
+
+def test_rename_noreplace(m):
+    assert _err(m.rename, "r/d", "r/e", _sys.RENAME_NOREPLACE) == errno.EEXIST
+    assert m.read("r/d") == b"d\n" and m.read("r/e") == b"e\n"
+    assert not m.in_upper("r/d") and not m.in_upper("r/e")  # nothing copied up
+    m.rename("r/d", "r/d2", _sys.RENAME_NOREPLACE)
+    assert m.read("r/d2") == b"d\n" and m.is_whiteout("r/d")
+
+
+def test_rename_exchange_two_lower_files(m):
+    m.rename("r/x1", "r/x2", _sys.RENAME_EXCHANGE)
+    assert m.read("r/x1") == b"x2\n" and m.read("r/x2") == b"x1\n"
+    for p in ("r/x1", "r/x2"):  # both copied up and swapped: no whiteout
+        st = os.lstat(m.upper / p)
+        assert stat.S_ISREG(st.st_mode)
+    assert _err(m.rename, "r/x1", "r/nope", _sys.RENAME_EXCHANGE) == errno.ENOENT
+
+
+def test_rename_flags_refused(m):
+    assert _err(m.rename, "r/e", "r/e2", _sys.RENAME_WHITEOUT) == errno.EINVAL
+    both = _sys.RENAME_NOREPLACE | _sys.RENAME_EXCHANGE
+    assert _err(m.rename, "r/e", "r/e2", both) == errno.EINVAL
+    assert not m.in_upper("r/e")
+
+
+def test_rename_onto_a_whiteout(m):
+    """A pure-upper file replaces a whiteout; a lower file swaps with it (its old name
+    keeps a whiteout); a pure-upper dir swaps with it and the whiteout goes."""
+    m.remove("f")
+    assert m.is_whiteout("f")
+    m.create("pu", b"pure upper\n")
+    m.rename("pu", "f")
+    assert m.read("f") == b"pure upper\n" and not m.is_whiteout("f")
+    assert not m.in_upper("pu")
+    m.remove("r/c")
+    m.rename("r/b", "r/c")  # lower onto a whiteout: RENAME_EXCHANGE with it
+    assert m.read("r/c") == b"b\n" and m.is_whiteout("r/b")
+    m.remove("redir/old")
+    m.remove("redir", is_dir=True)
+    m.mkdir("ud")
+    m.rename("ud", "redir")
+    assert stat.S_ISDIR(os.lstat(m.upper / "redir").st_mode) and not m.in_upper("ud")
+    assert m.listdir("redir") == []
+
+
+# --- rename: directories ------------------------------------------------------------------
+
+
+def test_rename_pure_upper_dir(m):
+    m.mkdir("ud")
+    m.mkdir("ud/child")
+    m.create("ud/child/f")
+    m.rename("ud/child", "ud/child2")  # within a pure-upper dir: stays a plain dir
+    assert m.opaque("ud/child2") is None and m.listdir("ud/child2") == ["f"]
+    m.rename("ud/child2", "ud/child")
+    m.rename("ud", "ud2")  # the root merges upper and lowers: made opaque (ovl_rename)
+    assert m.listdir("ud2/child") == ["f"] and not m.exists("ud")
+    assert m.opaque("ud2") == b"y" and m.opaque("ud2/child") is None
+    m.rename("ud2", "md/ud3")  # into another merged dir
+    assert m.opaque("md/ud3") == b"y" and m.listdir("md/ud3") == ["child"]
+
+
+def test_rename_into_the_root_merged_dir_is_opaque(m):
+    m.mkdir("sub/ud")  # sub: copied up, served by upper and l2 (merged)
+    assert m.opaque("sub/ud") is None
+    m.rename("sub/ud", "ud")
+    assert m.opaque("ud") == b"y"
+
+
+def test_rename_dirs_with_lower_content_exdev(m):
+    assert _err(m.rename, "ld", "ld3") == errno.EXDEV
+    assert _err(m.rename, "ld", "ld3", _sys.RENAME_NOREPLACE) == errno.EXDEV
+    assert _err(m.rename, "md", "md2") == errno.EXDEV
+    m.mkdir("empty")
+    assert _err(m.rename, "ld", "empty") == errno.EXDEV
+    assert _err(m.rename, "empty", "ld") == errno.ENOTEMPTY  # the target shows lower content
+    m.mkdir("ux")
+    assert _err(m.rename, "ux", "md", _sys.RENAME_EXCHANGE) == errno.EXDEV
+    assert m.listdir("ld") == ["f", "sub"] and m.exists("empty") and m.exists("ux")
+
+
+def test_rename_upper_dir_over_an_empty_lower_dir(m):
+    """An empty lower-only dir can be replaced: its name keeps no lower content."""
+    m.mkdir("ud")
+    m.create("ud/f", b"x")
+    m.rename("ud", "ld2")
+    assert m.listdir("ld2") == ["f"] and not m.exists("ud")
+    assert m.opaque("ld2") == b"y"  # the root is merged: the dir is made opaque
+
+
+# --- whiteouts ----------------------------------------------------------------------------
+
+
+def test_unlink_and_rmdir_of_lower_names_leave_whiteouts(m):
+    m.remove("f")
+    assert m.is_whiteout("f") and not m.exists("f")
+    assert _err(m.remove, "f") == errno.ENOENT
+    assert "f" not in m.listdir("")
+    assert _err(m.remove, "ld", is_dir=True) == errno.ENOTEMPTY
+    m.remove("ld/sub/g")
+    m.remove("ld/sub", is_dir=True)
+    assert m.is_whiteout("ld/sub")
+    assert m.listdir("ld") == ["f"]
+
+
+def test_pure_upper_removal_leaves_nothing(m):
+    m.create("pu", b"x")
+    m.remove("pu")
+    assert not m.in_upper("pu")
+    m.mkdir("pud")
+    m.mkdir("pud/c")
+    assert _err(m.remove, "pud", is_dir=True) == errno.ENOTEMPTY
+    m.remove("pud/c", is_dir=True)
+    m.remove("pud", is_dir=True)
+    assert not m.in_upper("pud")
+
+
+def test_rmdir_of_a_merged_dir_holding_only_whiteouts(m):
+    assert _err(m.remove, "ne", is_dir=True) == errno.ENOTEMPTY
+    m.remove("em/bottom")
+    assert _err(m.remove, "em/sub", is_dir=True) == errno.ENOTEMPTY
+    m.remove("em/sub/s")
+    m.remove("em/sub", is_dir=True)
+    assert m.listdir("em") == []
+    m.remove("em", is_dir=True)
+    assert m.is_whiteout("em") and not m.exists("em")
+
+
+def test_create_over_a_whiteout(m):
+    m.remove("re")
+    assert m.is_whiteout("re")
+    m.create("re", b"new\n")
+    st = os.lstat(m.upper / "re")
+    assert stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o644 & ~CALLER.umask
+    assert m.read("re") == b"new\n" and "re" in m.listdir("")
+    assert _err(m.create, "re") == errno.EEXIST
+
+
+def test_a_whiteout_cannot_be_made_through_the_overlay(m):
+    p, n = m.split("wh")
+    assert _err(m.w.mknod, p, n, stat.S_IFCHR | 0o600, 0, CALLER) == errno.EPERM
+
+
+# --- opaque directories -------------------------------------------------------------------
+
+
+def test_mkdir_over_a_whiteout_is_opaque(m):
+    m.remove("redir/old")
+    m.remove("redir", is_dir=True)
+    assert m.is_whiteout("redir")
+    m.mkdir("redir")
+    assert m.opaque("redir") == b"y" and m.listdir("redir") == []
+    m.mkdir("fresh")  # no whiteout there: a plain new dir
+    assert m.opaque("fresh") is None
+
+
+def test_rm_r_then_mkdir_hides_the_lower_content(m):
+    m.remove("ld/sub/g")
+    m.remove("ld/sub", is_dir=True)
+    m.remove("ld/f")
+    m.remove("ld", is_dir=True)
+    m.mkdir("ld")
+    assert m.listdir("ld") == [] and m.opaque("ld") == b"y"
+    assert not m.exists("ld/f")
+
+
+# --- read-only ----------------------------------------------------------------------------
+
+
+def test_a_read_only_core_refuses_every_change(tmp_path):
+    (tmp_path / "l1").mkdir()
+    _write(tmp_path / "l1", {"f": b"x", "d": None})
+    core = build_core([tmp_path / "l1"])
+    try:
+        ov, w = core.view, core.writes
+        root = ov.inodes.root
+        f, _ = ov.lookup(root, b"f")
+        assert _err(lambda: ov.writable) == errno.EROFS
+        assert _err(w.mkdir, root, b"n", 0o755, CALLER) == errno.EROFS
+        assert _err(w.remove, root, b"f", False) == errno.EROFS
+        assert _err(trio.run, w.rename, root, b"f", root, b"g", 0) == errno.EROFS
+        assert _err(trio.run, ov.open, f, os.O_WRONLY, CALLER) == errno.EROFS
+        fh = trio.run(ov.open, f, os.O_RDONLY, CALLER)
+        assert ov.read(fh, 0, 10) == b"x"
+        ov.release(fh)
+    finally:
+        core.destroy()
