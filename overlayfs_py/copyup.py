@@ -186,9 +186,13 @@ class CopyUp:
             size = st.st_size if stat.S_ISREG(st.st_mode) else 0
         except OSError:
             size = 0
-        ev: dict[str, Any] = {"path": display(node.relpath()), "layer": node.layer.label, "size": size}
-        self.trace.emit("copy_up_start", **ev, reason=reason)
-        ev["reason"] = reason
+        ev: dict[str, Any] = {
+            "path": display(node.relpath()),
+            "layer": node.layer.label,
+            "size": size,
+            "reason": reason,
+        }
+        self.trace.emit("copy_up_start", **ev)
         ev["t0"] = time.monotonic()
         return ev
 

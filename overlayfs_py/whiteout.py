@@ -60,9 +60,14 @@ class XattrNames:
         return user
 
 
+def is_whiteout_kind(mode: int, rdev: int) -> bool:
+    """Whether an object of *mode* and device *rdev* is the classic whiteout (char 0/0)."""
+    return stat.S_ISCHR(mode) and rdev == 0
+
+
 def is_char_whiteout(st: os.stat_result) -> bool:
     """The classic whiteout: a character device 0/0."""
-    return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
+    return is_whiteout_kind(st.st_mode, st.st_rdev)
 
 
 def may_be_xwhiteout(st: os.stat_result) -> bool:

@@ -28,13 +28,11 @@ from .handles import OPEN_PASS, HandleTable, OpenFile
 from .idmap import OVERRIDE_XATTR
 from .inodes import InodeTable, Node
 from .layers import Layer, LayerStack
-from .overlay import Caller, Overlay
+from .overlay import NAME_MAX, Caller, Overlay
 from .ownership import Owners
 from .trace import Tracer, display
-from .whiteout import XattrNames, is_whiteout_at, set_opaque
+from .whiteout import XattrNames, is_whiteout_at, is_whiteout_kind, set_opaque
 from .workdir import Work
-
-MAX_NAME = 255
 
 
 class WritePath:
@@ -139,7 +137,7 @@ class WritePath:
         The object is given to *caller* (None: a hard link, which keeps its inode's owner)."""
         copy, work = self.copy, self.work
         self.listings.changed()
-        if len(name) > MAX_NAME:
+        if len(name) > NAME_MAX:
             raise OSError(errno.ENAMETOOLONG, "name too long")
         if self._exists(parent, name) is not None:
             raise OSError(errno.EEXIST, "exists")
@@ -218,7 +216,7 @@ class WritePath:
         )
 
     def mknod(self, parent: Node, name: bytes, mode: int, rdev: int, caller: Caller) -> tuple[Node, os.stat_result]:
-        if stat.S_ISCHR(mode) and rdev == 0:
+        if is_whiteout_kind(mode, rdev):
             raise OSError(errno.EPERM, "a whiteout cannot be created through the overlay")
         perm = stat.S_IMODE(mode) & ~caller.umask
         return self._place_new(
@@ -300,7 +298,7 @@ class WritePath:
             raise OSError(errno.EINVAL, "unsupported rename flags")
         src, _ = self.view.lookup(parent, name)
         dst = self._exists(newparent, newname)
-        if len(newname) > MAX_NAME:
+        if len(newname) > NAME_MAX:
             raise OSError(errno.ENAMETOOLONG, "name too long")
         if src is dst:
             return

@@ -24,6 +24,7 @@ included) that is unmounted and removed at the end, whatever happens.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import glob
 import hashlib
@@ -43,7 +44,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from overlayfs_py import mountinfo
-from overlayfs_py.whiteout import prefix_for
+from overlayfs_py.whiteout import is_char_whiteout, prefix_for
 
 REPO = Path(__file__).resolve().parent.parent
 PYOVERLAY = REPO / ".venv" / "bin" / "pyoverlay"
@@ -124,10 +125,9 @@ def abort_fuse(path: Path) -> None:
     entry = mount_entry(path)
     if entry is not None:
         minor = entry.devno.split(":")[1]
-        try:
+        # fusectl not mounted or not allowed: the lazy unmount below still detaches it
+        with contextlib.suppress(OSError):
             Path(f"/sys/fs/fuse/connections/{minor}/abort").write_text("1")
-        except OSError:
-            pass  # fusectl not mounted or not allowed: the lazy unmount below still detaches it
     from overlayfs_py.unmount import try_unmount
 
     try_unmount(str(path), lazy=True, timeout=CMD_TIMEOUT)
@@ -196,7 +196,7 @@ def show_tree(root: Path) -> None:
     for p in sorted(paths, key=lambda q: q.relative_to(root).parts):
         st = os.lstat(p)
         rel = p.relative_to(root)
-        if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
+        if is_char_whiteout(st):
             say(f"  {rel}  (whiteout: char 0/0)")
         elif stat.S_ISDIR(st.st_mode):
             say(f"  {rel}/" + ("  (opaque)" if is_opaque(p) else ""))
@@ -496,7 +496,7 @@ def check_upper(work: Path) -> None:
     for rel, text in EXPECTED_UPPER.items():
         p = upper / rel
         if text is None:
-            ok = os.path.lexists(p) and stat.S_ISCHR(os.lstat(p).st_mode) and os.lstat(p).st_rdev == 0
+            ok = os.path.lexists(p) and is_char_whiteout(os.lstat(p))
         else:
             ok = p.is_file() and p.read_text() == text
         if not ok:

@@ -22,6 +22,7 @@ import tempfile
 from pathlib import Path
 
 from overlayfs_py.procfs import process_start_time
+from overlayfs_py.whiteout import is_char_whiteout
 
 USER = "pyoverlay-test"
 SCRIPT = """\
@@ -126,19 +127,13 @@ def _show_upper(demo, upper: Path, uid: int) -> None:
         for name in sorted(dirs + files):
             p = Path(dirpath, name)
             st = os.lstat(p)
-            kind = (
-                "whiteout"
-                if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
-                else "dir"
-                if stat.S_ISDIR(st.st_mode)
-                else "file"
-            )
+            kind = "whiteout" if is_char_whiteout(st) else "dir" if stat.S_ISDIR(st.st_mode) else "file"
             demo.say(f"  {str(p.relative_to(upper)):26s} {kind:9s} {f'{st.st_uid}:{st.st_gid}':14s} {_override(p)}")
     hello = upper / "root/hello.txt"
     if not hello.is_file() or os.stat(hello).st_uid != uid or _override(hello) != "0:0:0644":
         demo.failed("root/hello.txt is not the user's file recorded as root's (0:0:0644)")
     motd = upper / "etc/motd"
-    if not (os.path.lexists(motd) and os.lstat(motd).st_rdev == 0):
+    if not (os.path.lexists(motd) and is_char_whiteout(os.lstat(motd))):
         demo.failed("etc/motd is not a whiteout")
     mine = upper / "srv/data/owned-by-1"
     if os.path.lexists(mine) and not _override(mine).startswith(("100000:100000:", "1:1:")):

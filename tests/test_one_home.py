@@ -220,6 +220,12 @@ SECOND_COPIES = [
     ),
     ("a syscall number", re.compile(r"\b_?SYS_\w+\s*=\s*\d|\{\"x86_64\":\s*\d"), "overlayfs_py/_syscalls.py", ""),
     (
+        "the whiteout test",
+        re.compile(r"\bst_rdev\s*==\s*0|S_ISCHR\([^)]*\)\s*and\s*\w*\s*==\s*0|\.whiteout\b\)? is not None"),
+        "overlayfs_py/whiteout.py",
+        "tests/",
+    ),
+    (
         "the private xattr prefix",
         re.compile(r"[\"'](trusted|user)\.overlay\.[\"']"),
         "overlayfs_py/whiteout.py",
