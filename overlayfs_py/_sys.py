@@ -231,12 +231,10 @@ def raise_nofile_limit() -> int:
 # fd reaches the symlink, never its target). A name is never resolved again for it.
 
 AT_FDCWD = -100
-AT_SYMLINK_NOFOLLOW = 0x100
 AT_SYMLINK_FOLLOW = 0x400
 NODE_FLAGS = O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 UTIME_OMIT = (1 << 30) - 2
 
-_libc.fchownat.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint, ctypes.c_uint, ctypes.c_int]
 _libc.linkat.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
 
 
@@ -260,11 +258,6 @@ def reopen(fd: int, flags: int) -> int:
     so an object put at its name since is never reached). The caller has checked its type:
     a node fd of a regular file stays one."""
     return os.open(proc_path(fd), (flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW)) | os.O_CLOEXEC)
-
-
-def fchown_fd(fd: int, uid: int, gid: int) -> None:
-    """``fchownat(fd, "", uid, gid, AT_EMPTY_PATH|AT_SYMLINK_NOFOLLOW)`` (-1: unchanged)."""
-    _check(_libc.fchownat(fd, b"", uid & 0xFFFFFFFF, gid & 0xFFFFFFFF, AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW))
 
 
 def fchmod_fd(fd: int, mode: int) -> None:

@@ -364,6 +364,60 @@ def test_rm_r_then_mkdir_hides_the_lower_content(m):
     assert not m.exists("ld/f")
 
 
+# --- the callbacks wired by build_overlay ----------------------------------------------------
+
+
+def test_copy_up_of_a_hard_link_tells_the_engine_its_st_ino_changed(tmp_path):
+    """Copying up one name of a lower hard-link set breaks the link, and the kernel then
+    reports the upper inode: the engine's attr_changed hears of that node (and only then);
+    a file opened read-only before a copy-up reads the upper data (on_copied_up)."""
+    for d in ("l1", "upper"):
+        (tmp_path / d).mkdir()
+    (tmp_path / "l1" / "a").write_bytes(b"lower\n")
+    os.link(tmp_path / "l1" / "a", tmp_path / "l1" / "b")
+    (tmp_path / "l1" / "single").write_bytes(b"one\n")
+    changed: list[int] = []
+    core = build_core([tmp_path / "l1"], tmp_path / "upper", tmp_path / "wd", attr_changed=changed.append)
+    try:
+        m = Mount(core, tmp_path)
+        single = m.node("single")
+        trio.run(m.w.setattr, single, {"mode": 0o600}, None)
+        assert changed == []  # one link: the st_ino stays the lower one (origin)
+        a = m.node("a")
+        before = a.ino
+        reader = trio.run(m.ov.open, a, os.O_RDONLY, CALLER)
+        writer = trio.run(m.ov.open, a, os.O_WRONLY, CALLER)
+        assert changed == [a.id] and a.ino != before == m.node("b").ino
+        m.w.write(writer, 0, b"UPPER\n")
+        assert m.ov.read(reader, 0, 100) == b"UPPER\n"  # the read-only fd followed the copy-up
+        assert (tmp_path / "l1" / "a").read_bytes() == b"lower\n"
+        m.ov.release(reader)
+        m.ov.release(writer)
+    finally:
+        core.destroy()
+
+
+def test_the_node_budget_asks_the_engine_to_drop_entries(tmp_path):
+    (tmp_path / "l1").mkdir()
+    for i in range(100):
+        (tmp_path / "l1" / f"f{i}").write_bytes(b"")
+    drops: list[list[tuple[int, bytes]]] = []
+    core = build_core([tmp_path / "l1"], drop_entries=drops.append, max_nodes=64)
+    try:
+        ov, budget = core.view, core.budget
+        assert budget.max_nodes == 64
+        for i in range(80):
+            node, _ = ov.lookup(ov.inodes.root, f"f{i}".encode())
+            ov.inodes.ref(node)
+            budget.check()
+        assert drops, "over the budget, the engine was asked to drop entries"
+        first = drops[0]
+        assert first[0] == (ov.inodes.root.id, b"f0")  # the oldest file entries first
+        assert len(first) == 65 - 64 * 4 // 5  # down to 80 % of the budget
+    finally:
+        core.destroy()
+
+
 # --- read-only ----------------------------------------------------------------------------
 
 

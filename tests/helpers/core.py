@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from overlayfs_py.config import MountConfig
@@ -19,11 +20,19 @@ def build_core(
     *,
     userxattr: bool | None = None,
     read_only: bool = False,
+    drop_entries: Callable[[list[tuple[int, bytes]]], None] | None = None,
+    attr_changed: Callable[[int], None] | None = None,
     **options: object,
 ) -> Core:
     """The core of an overlay of *lowers* (top first) and *upper*; a writable one prepares
     *workdir* as a mount does. *userxattr* None: ``user.overlay.*`` unless root (as the
-    planning step decides). Call ``destroy()`` on the result."""
+    planning step decides). *drop_entries*, *attr_changed*: the engine's callbacks (a test
+    records them). Call ``destroy()`` on the result."""
+    hooks: dict[str, Callable] = {}
+    if drop_entries is not None:
+        hooks["drop_entries"] = drop_entries
+    if attr_changed is not None:
+        hooks["attr_changed"] = attr_changed
     if userxattr is None:
         userxattr = os.geteuid() != 0
     cfg = MountConfig(
@@ -37,7 +46,7 @@ def build_core(
     )
     wd = WorkDir.prepare(cfg.workdir, volatile=cfg.volatile) if cfg.workdir and not cfg.read_only else None
     try:
-        return build_overlay(cfg, wd)
+        return build_overlay(cfg, wd, **hooks)
     finally:
         if wd is not None:
             wd.close()  # the core holds its own work/ fd, as after a mount
