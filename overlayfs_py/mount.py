@@ -14,7 +14,6 @@ import gc
 import logging
 import os
 import signal
-import stat
 from collections.abc import Callable
 
 import pyfuse3
@@ -36,7 +35,7 @@ from .ownership import Owners
 from .privilege import privileged
 from .trace import Tracer
 from .tracesink import TraceSink
-from .whiteout import XattrNames
+from .whiteout import XattrNames, make_whiteout
 from .workdir import WorkDir
 from .write import WritePath
 
@@ -61,7 +60,7 @@ def check_whiteouts(cfg: MountConfig, wd: WorkDir | None) -> None:
     if wd is None or privileged():
         return
     try:
-        os.mknod("#whiteout-probe", stat.S_IFCHR | 0o000, 0, dir_fd=wd.work_fd)
+        make_whiteout(wd.work_fd, b"#whiteout-probe")
         os.unlink("#whiteout-probe", dir_fd=wd.work_fd)
     except OSError as exc:
         raise MountFailed(

@@ -105,10 +105,6 @@ class Overlay:
         self._warned_fds = False
 
     @property
-    def read_only(self) -> bool:
-        return self._copyup is None
-
-    @property
     def writable(self) -> CopyUp:
         """The copy-up of a writable overlay; OSError EROFS on a read-only one."""
         return writable(self._copyup)

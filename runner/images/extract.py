@@ -35,7 +35,7 @@ import sys
 import tarfile
 
 from overlayfs_py import _sys
-from overlayfs_py.whiteout import XattrNames, is_char_whiteout
+from overlayfs_py.whiteout import XattrNames, is_char_whiteout, make_whiteout
 
 from .core import ImageError
 from .tarformat import OPAQUE, WH, escapes, mtime_ns, split_name, xattrs_of
@@ -188,7 +188,7 @@ class _Extractor:
             if stat.S_ISDIR(st.st_mode):
                 self._set_opaque(pfd, target)
             return
-        os.mknod(target, stat.S_IFCHR | 0o000, 0, dir_fd=pfd)
+        make_whiteout(pfd, target)
         path = _sys.proc_path(pfd, target)
         if self.as_root:
             os.chown(path, m.uid, m.gid, follow_symlinks=False)
