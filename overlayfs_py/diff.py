@@ -152,7 +152,7 @@ class _Walk:
             dirs.append((layer, b""))
             if i < len(self.stack.lowers) - 1 and is_opaque(_sys.getxattr_at(layer.fd, None, self.names.opaque)):
                 break
-        self.stack.root_lowers = tuple(l for l, _ in dirs)
+        self.stack.root_lowers = tuple(layer for layer, _ in dirs)
         return dirs
 
     def _dir(self, rel: bytes, lower_dirs: Dirs | None) -> list[tuple[bytes, Dirs | None]]:

@@ -97,7 +97,7 @@ def explain(
         if labels is not None:
             if len(labels) != len(stack.layers):
                 raise ValueError(f"{len(labels)} labels for {len(stack.layers)} layers")
-            for layer, label in zip(stack.layers, labels):
+            for layer, label in zip(stack.layers, labels, strict=True):
                 layer.label = label
         return _Explainer(stack, names).run(normalize(path))
     finally:
@@ -117,13 +117,13 @@ class _Explainer:
 
     def run(self, path: str) -> Explanation:
         layers = self.stack.layers
-        roots = [self._object(l, b"") for l in layers]
+        roots = [self._object(layer, b"") for layer in layers]
         live: list[Layer] = []
-        for i, (layer, obj) in enumerate(zip(layers, roots)):
+        for i, (layer, obj) in enumerate(zip(layers, roots, strict=True)):
             live.append(layer)
             if i < len(layers) - 1 and obj.opaque:
                 break
-        cut = {l.index: ("opaque", live[-1].label, "/") for l in layers if l not in live}
+        cut = {layer.index: ("opaque", live[-1].label, "/") for layer in layers if layer not in live}
         comps = [os.fsencode(c) for c in path.split("/") if c]
         if not comps:
             return self._root(roots, live, cut)
@@ -137,7 +137,7 @@ class _Explainer:
                 return self._answer(path, seen, served, merging, missing)
             if missing is None and (served is None or served.kind != "dir"):
                 missing = self._missing(seen, served, at)
-            live = [l for l, o in found if any(o is m for m in merging)]
+            live = [layer for layer, o in found if any(o is m for m in merging)]
             for layer, obj in found:  # a directory not merged here hides nothing further down
                 if obj.kind == "dir" and layer not in live and layer.index not in cut:
                     cut[layer.index] = ("nondir" if obj.how == "higher" else obj.how, obj.hidden_by, obj.at)
@@ -203,7 +203,7 @@ class _Explainer:
     # --- the answer -----------------------------------------------------------------------
 
     def _root(self, roots, live, cut) -> Explanation:
-        for layer, obj in zip(self.stack.layers, roots):
+        for layer, obj in zip(self.stack.layers, roots, strict=True):
             if layer in live:
                 obj.role = "serves" if layer is live[0] else "merges"
             else:
@@ -256,7 +256,7 @@ class _Explainer:
             if o.role == "whiteout":
                 return {"how": "whiteout", "at": at, "layer": o.label, "real_path": o.real_path}
         if seen and seen[0].how == "opaque":  # every layer that has it is cut off above
-            layer = next(l for l in self.stack.layers if l.label == seen[0].hidden_by)
+            layer = next(lay for lay in self.stack.layers if lay.label == seen[0].hidden_by)
             real = os.path.join(layer.path, seen[0].at.lstrip("/")) if seen[0].at != "/" else layer.path
             return {"how": "opaque", "at": seen[0].at, "layer": layer.label, "real_path": real}
         return {"how": "absent", "at": at}

@@ -258,10 +258,7 @@ def execvpe(argv: list[str], env: list[str]) -> None:
     ContainerError with docker's 126/127 and its wording."""
     cmd = argv[0]
     envmap = _envmap(env)
-    if "/" in cmd:
-        candidates = [cmd]
-    else:
-        candidates = [os.path.join(d or ".", cmd) for d in envmap.get("PATH", "").split(":")]
+    candidates = [cmd] if "/" in cmd else [os.path.join(d or ".", cmd) for d in envmap.get("PATH", "").split(":")]
     denied = None
     for path in candidates:
         try:

@@ -87,7 +87,7 @@ def ps_table(rows: list[dict], now: float) -> str:
             )
         )
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines)
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in lines)
 
 
 def parse_signal(text: str) -> int:
@@ -231,4 +231,6 @@ def top_table(rec: state.Record | dict) -> str:
             continue  # exited meanwhile
         lines.append((str(pid), str(ns[-1]) if ns else "?", ppid, uid, cmd))
     widths = [max(len(line[i]) for line in lines) for i in range(4)]
-    return "\n".join("  ".join(c.rjust(w) for c, w in zip(line[:4], widths)) + "  " + line[4] for line in lines)
+    return "\n".join(
+        "  ".join(c.rjust(w) for c, w in zip(line[:4], widths, strict=True)) + "  " + line[4] for line in lines
+    )

@@ -263,8 +263,8 @@ def resolve_user(user: str | None, passwd: str, group: str) -> Ids:
     """``-u`` (``uid``, ``name``, ``uid:gid``, ``name:group``) against the container's
     /etc/passwd and /etc/group text, as docker does: a numeric uid need not exist
     (then gid 0, HOME /); supplementary groups come from /etc/group."""
-    users = [l.split(":") for l in passwd.splitlines() if l.count(":") >= 6]
-    groups = [l.split(":") for l in group.splitlines() if l.count(":") >= 3]
+    users = [line.split(":") for line in passwd.splitlines() if line.count(":") >= 6]
+    groups = [line.split(":") for line in group.splitlines() if line.count(":") >= 3]
     u, _, g = (user or "0").partition(":")
     entry = next((e for e in users if e[0] == u), None)
     if entry is None and u.isdigit():

@@ -233,7 +233,7 @@ class DockerStore:
         if rootfs.get("type") != "layers" or not all(isinstance(d, str) and _DIGEST.match(d) for d in diff_ids):
             raise ImageError(f"damaged Docker store: {t.path(rel)}: bad rootfs.diff_ids")
         layers, size = [], 0
-        for chain, diff in zip(chain_ids(diff_ids), diff_ids):
+        for chain, diff in zip(chain_ids(diff_ids), diff_ids, strict=True):
             diff_dir, layer_size = self._layer(t, chain, diff)
             layers.append(os.path.join(self.root, diff_dir))
             size += layer_size
