@@ -117,7 +117,7 @@ class _Explainer:
 
     def run(self, path: str) -> Explanation:
         layers = self.stack.layers
-        roots = [self._object(layer, b"") for layer in layers]
+        roots = [self._root_object(layer) for layer in layers]
         live: list[Layer] = []
         for i, (layer, obj) in enumerate(zip(layers, roots, strict=True)):
             live.append(layer)
@@ -150,7 +150,8 @@ class _Explainer:
         object, the merging directories)."""
         found: list[tuple[Layer, LayerObject]] = []
         merging: list[LayerObject] = []
-        served = prev = None
+        served: LayerObject | None = None
+        prev: LayerObject | None = None
         stopped = False
         for layer in self.stack.layers:
             obj = self._object(layer, rel)
@@ -166,20 +167,16 @@ class _Explainer:
             if layer not in live:
                 obj.how, obj.hidden_by, obj.at = cut.get(layer.index, ("higher", None, at))
                 continue
-            if stopped:
+            if stopped or (merging and obj.kind != "dir"):
+                assert prev is not None  # the walk was stopped, or the merge started, by a higher object
+                stopped = True
                 self._hide(obj, prev, at)
             elif obj.kind == "whiteout":
                 stopped = True
-                if merging:
-                    self._hide(obj, prev, at)
-                else:
-                    obj.role = "whiteout"
+                obj.role = "whiteout"
             elif obj.kind != "dir":
                 stopped = True
-                if merging:
-                    self._hide(obj, prev, at)
-                else:
-                    obj.role, served = "serves", obj
+                obj.role, served = "serves", obj
             else:
                 obj.role = "merges" if merging else "serves"
                 served = served or obj
@@ -263,6 +260,13 @@ class _Explainer:
 
     # --- reading a layer ------------------------------------------------------------------
 
+    def _root_object(self, layer: Layer) -> LayerObject:
+        """What *layer* has at its root: always a directory (the layer's open fd)."""
+        obj = self._object(layer, b"")
+        if obj is None:  # only a failed lookup below the root gives None
+            raise AssertionError(f"layer root {layer.path} vanished")
+        return obj
+
     def _object(self, layer: Layer, rel: bytes) -> LayerObject | None:
         """What *layer* has at *rel* (lstat; None when nothing, or a component on the way is
         not a directory: symlinks in a layer are never followed)."""
@@ -284,7 +288,7 @@ class _Explainer:
             obj.kind = "whiteout"
         elif obj.kind == "file":
             obj.size = st.st_size
-        elif obj.kind == "symlink":
+        elif obj.kind == "symlink" and dfd is not None:  # a layer root is a directory
             obj.target = os.fsdecode(_sys.readlink_at(dfd, name))
         elif obj.kind in ("chardev", "blockdev"):
             obj.rdev = f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
@@ -368,8 +372,8 @@ _KIND_NAMES = {
 
 def format_text(ex: Explanation) -> str:
     """The human form: a headline, then one indented line per other layer, then notes."""
-    if ex.exists:
-        s = ex.served
+    s = ex.served
+    if s is not None:  # ex.exists
         head = f"{ex.path}: served by {s.label} ({s.real_path}), {describe(s)}"
         extra = []
         if ex.copied_up:
@@ -379,7 +383,7 @@ def format_text(ex: Explanation) -> str:
         if extra:
             head += " — " + "; ".join(extra)
     else:
-        m = ex.missing
+        m = ex.missing or {"how": "absent", "at": ex.path}
         if m["how"] == "whiteout":
             where = "" if m["at"] == ex.path else f" at {m['at']}"
             head = f"{ex.path}: does not exist — whiteout{where} in {m['layer']} ({m['real_path']})"
