@@ -337,9 +337,9 @@ def _run_detached(spec: RunSpec) -> int:
         click.echo(text[3:])
         return 0
     if text.startswith("err "):
-        _, code, detail = text.split(" ", 2)
+        _, status, detail = text.split(" ", 2)
         click.echo(f"pyoverlay: {detail}", err=True)
-        return int(code)
+        return int(status)
     click.echo("pyoverlay: the container monitor exited before starting the container", err=True)
     return EXIT_RUNNER
 

@@ -217,10 +217,11 @@ def remove(rec: state.Record | dict, force: bool) -> None:
 
 def top_table(rec: state.Record | dict) -> str:
     rec = state.Record.of(rec)
-    if state.status(rec) != "running" or not L.alive(rec.pid, rec.pid_start):
+    pidns = rec.pidns
+    if state.status(rec) != "running" or not L.alive(rec.pid, rec.pid_start) or pidns is None:
         raise ControlError(f"container {rec.name} is not running")
     lines = [("PID", "CPID", "PPID", "UID", "CMD")]
-    for pid in L.pids_in_pid_ns(rec.pidns):
+    for pid in L.pids_in_pid_ns(pidns):
         ns = L.nspid(pid)
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:

@@ -107,7 +107,7 @@ def exec_in(
         err = json.loads(msg.splitlines()[0])
         raise container.ContainerError(err["msg"], err["code"])
     relay = None
-    if tty:
+    if tty_parent is not None:  # tty
         relay = PtyRelay(recv_master(tty_parent), 0 if interactive else None, 1)
         tty_parent.close()
     try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import secrets
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from .cgroups import Limits
@@ -169,10 +170,10 @@ def parse_volume(text: str) -> Volume:
     return Volume(real, target, mode == "ro")
 
 
-def parse_env(items: list[str], environ: dict[str, str] | None = None) -> list[str]:
+def parse_env(items: list[str], environ: Mapping[str, str] | None = None) -> list[str]:
     """``-e KEY=VAL`` as given; ``-e KEY`` takes KEY from the caller's environment
     (and is dropped when unset), as docker does."""
-    environ = os.environ if environ is None else environ
+    env: Mapping[str, str] = os.environ if environ is None else environ
     out = []
     for item in items:
         key, eq, _ = item.partition("=")
@@ -180,8 +181,8 @@ def parse_env(items: list[str], environ: dict[str, str] | None = None) -> list[s
             raise SpecError(f"invalid environment variable {item!r}")
         if eq:
             out.append(item)
-        elif key in environ:
-            out.append(f"{key}={environ[key]}")
+        elif key in env:
+            out.append(f"{key}={env[key]}")
     return out
 
 

@@ -248,6 +248,7 @@ def open_archive(path: str, tmpdir: str):
     from its decompressor (:class:`_StreamTarSource`); only one that cannot be read twice
     (a pipe, a device) is first decompressed into *tmpdir*."""
     tmp = None
+    src: _DirSource | _TarSource
     if os.path.isdir(path):
         src = _DirSource(path)
     else:
@@ -271,7 +272,7 @@ def open_archive(path: str, tmpdir: str):
 
 
 class Archive:
-    def __init__(self, src, path: str) -> None:
+    def __init__(self, src: _DirSource | _TarSource, path: str) -> None:
         self.src = src
         self.path = path
 
