@@ -466,7 +466,7 @@ def _each(refs, action) -> None:
         try:
             action(state.resolve(ref))
             click.echo(ref)
-        except (state.StateError, control.ControlError) as e:
+        except RunnerError as e:  # this one failed; go on with the others
             click.echo(f"pyoverlay: {e}", err=True)
             failed = True
     if failed:

@@ -52,9 +52,7 @@ __all__ = ["Monitor", "RunError", "generate_name"]
 
 
 class RunError(RunnerError):
-    def __init__(self, msg: str, code: int = container.EXIT_RUNNER):
-        super().__init__(msg)
-        self.code = code
+    """A run failed before its command ran: 125, or PID 1's status (``exit_code=``)."""
 
 
 #: the one-line errors of planning and of the steps: every project error
@@ -77,7 +75,7 @@ def step(name: str):
     except RunError:
         raise
     except _ERRORS as e:
-        raise RunError(f"{name}: {e}", _code(e)) from None
+        raise RunError(f"{name}: {e}", exit_code=_code(e)) from None
     except OSError as e:
         raise RunError(f"{name}: {one_line(e)}") from None
 
@@ -288,7 +286,7 @@ class Monitor:
                 err = json.loads(msg.splitlines()[0])
             except ValueError:
                 err = {"code": container.EXIT_RUNNER, "msg": msg.strip()}
-            raise RunError(err["msg"], err["code"])
+            raise RunError(err["msg"], exit_code=err["code"])
         self.started = True
         relay = None
         if tty_parent is not None:  # spec.tty
