@@ -76,10 +76,12 @@ def _lowers_of_upper(upper: str) -> tuple[list[str], bool | None]:
 
 
 def _parse_lowers(spec: str) -> list[str]:
-    from .config import ConfigError, split_lowerdir
+    """``--lower L1:L2...``, split as ``mount`` and ``run`` split their positional layers
+    (a backslash is literal; ``\\:`` is a colon in a name)."""
+    from .config import ConfigError, split_positional_lowers
 
     try:
-        parts = split_lowerdir(spec)
+        parts = split_positional_lowers(spec)
     except ConfigError as e:
         raise InspectError(str(e), exit_code=2) from None
     out = []

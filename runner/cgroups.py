@@ -52,7 +52,6 @@ _MOUNT_FLAGS = {
     "nsdelegate",
     "memory_recursiveprot",
 }
-_UNLIMITED = 1 << 62  # v1 reports "no memory limit" as ~2**63
 
 #: docker's default device rules (moby oci/defaults.go ``deny a`` plus its allow list,
 #: and runc's specconv.AllowedDevices appended to it): everything else is EPERM, on
@@ -298,20 +297,6 @@ class Cgroup:
             if key == "oom_kill":
                 return int(value) > 0
         return False
-
-    def stats(self) -> dict:
-        """Best effort; None where unknown or unlimited."""
-
-        def number(*where: str) -> int | None:
-            text = self._read_file(*where).strip()
-            return int(text) if text.isdigit() and int(text) < _UNLIMITED else None
-
-        return {
-            "memory_bytes": number("memory", "memory.usage_in_bytes", "memory.current"),
-            "memory_limit": number("memory", "memory.limit_in_bytes", "memory.max"),
-            "pids": number("pids", "pids.current", "pids.current"),
-            "pids_limit": number("pids", "pids.max", "pids.max"),
-        }
 
     def kill_all(self, sig: int = signal.SIGKILL) -> None:
         """Signal every process; for SIGKILL, repeat until none is left (~2 s at most)."""

@@ -199,10 +199,6 @@ def parse_caps(names: list[str]) -> frozenset[int]:
     return frozenset(parse_cap(n) for n in names)
 
 
-def caps_mask(caps: frozenset[int] | set[int]) -> int:
-    return sum(1 << c for c in caps)
-
-
 def parse_network(net: str) -> str:
     if net in ("none", "host"):
         return net
