@@ -13,6 +13,8 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections.abc import Sequence
+from typing import Any, NoReturn
 
 import click
 
@@ -33,11 +35,17 @@ def own_error_code(cmd: click.Command | None, default: int) -> int:
 class _Main(click.Group):
     """Every error is one line; a PyoverlayError that reaches here exits with its status."""
 
-    def main(self, args=None, prog_name=None, **extra):
-        extra.pop("standalone_mode", None)
+    def main(  # always exits, whatever standalone_mode says
+        self,
+        args: Sequence[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> NoReturn:
         argv = list(sys.argv[1:] if args is None else args)
         try:
-            rv = super().main(argv, prog_name, standalone_mode=False, **extra)
+            rv = super().main(argv, prog_name, complete_var, standalone_mode=False, **extra)
         except PyoverlayError as e:  # e.g. a state or data dir that is not the user's own
             cmd = self.commands.get(argv[0]) if argv else None
             fail(e, own_error_code(cmd, e.exit_code))

@@ -163,7 +163,7 @@ class _Walk:
             for name, _kind in sorted(_sys.listdir_fd(dfd)):
                 path = rel + b"/" + name if rel else name
                 st = _sys.lstat_at(dfd, name)
-                hits = self.stack.resolve(lower_dirs, name) if lower_dirs else []
+                hits = self.stack.resolve(lower_dirs, name) if lower_dirs and self.stack is not None else []
                 self._entry(dfd, name, path, st, hits, xwhiteouts)
                 if stat.S_ISDIR(st.st_mode):
                     lower_dir = hits and stat.S_ISDIR(hits[0].st.st_mode)

@@ -97,7 +97,7 @@ def explain(
         if labels is not None:
             if len(labels) != len(stack.layers):
                 raise ValueError(f"{len(labels)} labels for {len(stack.layers)} layers")
-            for layer, label in zip(stack.layers, labels):
+            for layer, label in zip(stack.layers, labels, strict=True):
                 layer.label = label
         return _Explainer(stack, names).run(normalize(path))
     finally:
@@ -117,13 +117,13 @@ class _Explainer:
 
     def run(self, path: str) -> Explanation:
         layers = self.stack.layers
-        roots = [self._object(l, b"") for l in layers]
+        roots = [self._root_object(layer) for layer in layers]
         live: list[Layer] = []
-        for i, (layer, obj) in enumerate(zip(layers, roots)):
+        for i, (layer, obj) in enumerate(zip(layers, roots, strict=True)):
             live.append(layer)
             if i < len(layers) - 1 and obj.opaque:
                 break
-        cut = {l.index: ("opaque", live[-1].label, "/") for l in layers if l not in live}
+        cut = {layer.index: ("opaque", live[-1].label, "/") for layer in layers if layer not in live}
         comps = [os.fsencode(c) for c in path.split("/") if c]
         if not comps:
             return self._root(roots, live, cut)
@@ -137,7 +137,7 @@ class _Explainer:
                 return self._answer(path, seen, served, merging, missing)
             if missing is None and (served is None or served.kind != "dir"):
                 missing = self._missing(seen, served, at)
-            live = [l for l, o in found if any(o is m for m in merging)]
+            live = [layer for layer, o in found if any(o is m for m in merging)]
             for layer, obj in found:  # a directory not merged here hides nothing further down
                 if obj.kind == "dir" and layer not in live and layer.index not in cut:
                     cut[layer.index] = ("nondir" if obj.how == "higher" else obj.how, obj.hidden_by, obj.at)
@@ -150,7 +150,8 @@ class _Explainer:
         object, the merging directories)."""
         found: list[tuple[Layer, LayerObject]] = []
         merging: list[LayerObject] = []
-        served = prev = None
+        served: LayerObject | None = None
+        prev: LayerObject | None = None
         stopped = False
         for layer in self.stack.layers:
             obj = self._object(layer, rel)
@@ -166,20 +167,16 @@ class _Explainer:
             if layer not in live:
                 obj.how, obj.hidden_by, obj.at = cut.get(layer.index, ("higher", None, at))
                 continue
-            if stopped:
+            if stopped or (merging and obj.kind != "dir"):
+                assert prev is not None  # the walk was stopped, or the merge started, by a higher object
+                stopped = True
                 self._hide(obj, prev, at)
             elif obj.kind == "whiteout":
                 stopped = True
-                if merging:
-                    self._hide(obj, prev, at)
-                else:
-                    obj.role = "whiteout"
+                obj.role = "whiteout"
             elif obj.kind != "dir":
                 stopped = True
-                if merging:
-                    self._hide(obj, prev, at)
-                else:
-                    obj.role, served = "serves", obj
+                obj.role, served = "serves", obj
             else:
                 obj.role = "merges" if merging else "serves"
                 served = served or obj
@@ -203,7 +200,7 @@ class _Explainer:
     # --- the answer -----------------------------------------------------------------------
 
     def _root(self, roots, live, cut) -> Explanation:
-        for layer, obj in zip(self.stack.layers, roots):
+        for layer, obj in zip(self.stack.layers, roots, strict=True):
             if layer in live:
                 obj.role = "serves" if layer is live[0] else "merges"
             else:
@@ -256,12 +253,19 @@ class _Explainer:
             if o.role == "whiteout":
                 return {"how": "whiteout", "at": at, "layer": o.label, "real_path": o.real_path}
         if seen and seen[0].how == "opaque":  # every layer that has it is cut off above
-            layer = next(l for l in self.stack.layers if l.label == seen[0].hidden_by)
+            layer = next(lay for lay in self.stack.layers if lay.label == seen[0].hidden_by)
             real = os.path.join(layer.path, seen[0].at.lstrip("/")) if seen[0].at != "/" else layer.path
             return {"how": "opaque", "at": seen[0].at, "layer": layer.label, "real_path": real}
         return {"how": "absent", "at": at}
 
     # --- reading a layer ------------------------------------------------------------------
+
+    def _root_object(self, layer: Layer) -> LayerObject:
+        """What *layer* has at its root: always a directory (the layer's open fd)."""
+        obj = self._object(layer, b"")
+        if obj is None:  # only a failed lookup below the root gives None
+            raise AssertionError(f"layer root {layer.path} vanished")
+        return obj
 
     def _object(self, layer: Layer, rel: bytes) -> LayerObject | None:
         """What *layer* has at *rel* (lstat; None when nothing, or a component on the way is
@@ -284,7 +288,7 @@ class _Explainer:
             obj.kind = "whiteout"
         elif obj.kind == "file":
             obj.size = st.st_size
-        elif obj.kind == "symlink":
+        elif obj.kind == "symlink" and dfd is not None:  # a layer root is a directory
             obj.target = os.fsdecode(_sys.readlink_at(dfd, name))
         elif obj.kind in ("chardev", "blockdev"):
             obj.rdev = f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
@@ -368,8 +372,8 @@ _KIND_NAMES = {
 
 def format_text(ex: Explanation) -> str:
     """The human form: a headline, then one indented line per other layer, then notes."""
-    if ex.exists:
-        s = ex.served
+    s = ex.served
+    if s is not None:  # ex.exists
         head = f"{ex.path}: served by {s.label} ({s.real_path}), {describe(s)}"
         extra = []
         if ex.copied_up:
@@ -379,7 +383,7 @@ def format_text(ex: Explanation) -> str:
         if extra:
             head += " — " + "; ".join(extra)
     else:
-        m = ex.missing
+        m = ex.missing or {"how": "absent", "at": ex.path}
         if m["how"] == "whiteout":
             where = "" if m["at"] == ex.path else f" at {m['at']}"
             head = f"{ex.path}: does not exist — whiteout{where} in {m['layer']} ({m['real_path']})"

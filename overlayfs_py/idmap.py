@@ -26,6 +26,7 @@ trailing fields are ignored on reading, as sscanf does.
 
 from __future__ import annotations
 
+import itertools
 import stat
 
 from .errors import PyoverlayError
@@ -78,7 +79,7 @@ def check_ranges(ranges, what: str = "uidmap", spec: str | None = None) -> None:
             raise IdMapError(f"{label}: {s}:{p}:{n} goes beyond id {MAX_ID} (ids are 32-bit, -1 is reserved)")
     for side, name in ((0, "stored"), (1, "presented")):
         spans = sorted((r[side], r[side] + r[2]) for r in ranges)
-        for (a0, a1), (b0, _b1) in zip(spans, spans[1:]):
+        for (_a0, a1), (b0, _b1) in itertools.pairwise(spans):
             if b0 < a1:
                 raise IdMapError(f"{label}: {name} ranges overlap at id {b0}")
 

@@ -76,10 +76,12 @@ def _lowers_of_upper(upper: str) -> tuple[list[str], bool | None]:
 
 
 def _parse_lowers(spec: str) -> list[str]:
-    from .config import ConfigError, split_lowerdir
+    """``--lower L1:L2...``, split as ``mount`` and ``run`` split their positional layers
+    (a backslash is literal; ``\\:`` is a colon in a name)."""
+    from .config import ConfigError, split_positional_lowers
 
     try:
-        parts = split_lowerdir(spec)
+        parts = split_positional_lowers(spec)
     except ConfigError as e:
         raise InspectError(str(e), exit_code=2) from None
     out = []
@@ -143,9 +145,9 @@ def _diff_layers(target: str, lower: str | None) -> tuple[str, list[str], bool |
     if rec is not None:
         upper, lowers, _labels = _container_layers(rec)
         return upper, (_parse_lowers(lower) if lower is not None else lowers), None
-    rec = state.lookup(_no_touch_realpath(target))
-    if rec is not None:  # a live mountpoint: never walk it, take its layers
-        cfg = rec["config"]
+    mount_rec = state.lookup(_no_touch_realpath(target))
+    if mount_rec is not None:  # a live mountpoint: never walk it, take its layers
+        cfg = mount_rec["config"]
         if not cfg.get("upperdir"):
             raise InspectError(f"{target} is a read-only mount: it has no upper layer", exit_code=2)
         lowers = _parse_lowers(lower) if lower is not None else list(cfg["lowerdirs"])

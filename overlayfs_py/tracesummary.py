@@ -13,11 +13,14 @@ from dataclasses import dataclass, field
 def human(n: int | None) -> str:
     if n is None:
         return ""
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
+    if n < 1024:
+        return f"{n} B"
+    size = float(n)
+    for unit in ("KiB", "MiB", "GiB"):
+        size /= 1024
+        if size < 1024 or unit == "GiB":
+            break
+    return f"{size:.1f} {unit}"
 
 
 @dataclass
@@ -60,13 +63,13 @@ def row(ev: dict) -> str:
         return f"{t}  -- {ev.get('count', 0)} events dropped (this reader was too slow)"
     extra = ""
     if kind.startswith("copy_up"):
-        bits = [ev.get("reason"), f"from {ev['layer']}" if ev.get("layer") else None]
+        bits: list[str | None] = [ev.get("reason"), f"from {ev['layer']}" if ev.get("layer") else None]
         if ev.get("duration_ms") is not None:
             bits.append(f"{ev['duration_ms']:.1f} ms")
         if ev.get("error"):
             bits.append(ev["error"])
-        bits = [b for b in bits if b]
-        extra = "  (" + ", ".join(bits) + ")" if bits else ""
+        shown = [b for b in bits if b]
+        extra = "  (" + ", ".join(shown) + ")" if shown else ""
     elif kind == "create":
         extra = f"  ({ev.get('kind')})"
     elif kind in ("rename_exdev", "rename"):

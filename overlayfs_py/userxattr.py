@@ -128,14 +128,14 @@ def record(cfg: MountConfig, dir_fd: int | None = None) -> None:
     then relative to it and never followed. Without it the workdir path is opened here."""
     if cfg.workdir is None or cfg.read_only:
         return
-    own = dir_fd is None
-    if own:
-        dir_fd = os.open(cfg.workdir, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    try:
+    if dir_fd is not None:
         _record_at(dir_fd, bool(cfg.userxattr))
+        return
+    fd = os.open(cfg.workdir, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        _record_at(fd, bool(cfg.userxattr))
     finally:
-        if own:
-            os.close(dir_fd)
+        os.close(fd)
 
 
 def _record_at(dir_fd: int, value: bool) -> None:

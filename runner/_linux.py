@@ -13,6 +13,7 @@ import contextlib
 import ctypes
 import errno
 import os
+from typing import TypeGuard
 
 from overlayfs_py import _syscalls
 from overlayfs_py._sys import PR_SET_PDEATHSIG as PR_SET_PDEATHSIG  # the filesystem's, used here by name
@@ -118,7 +119,8 @@ def set_no_new_privs() -> None:
     prctl(PR_SET_NO_NEW_PRIVS, 1)
 
 
-def alive(pid: int | None, start_time: int | None) -> bool:
+def alive(pid: int | None, start_time: int | None) -> TypeGuard[int]:
+    """*pid* is the process that started at *start_time* (not a recycled pid) and runs."""
     return bool(pid and start_time is not None and process_start_time(pid) == start_time)
 
 

@@ -52,7 +52,6 @@ _MOUNT_FLAGS = {
     "nsdelegate",
     "memory_recursiveprot",
 }
-_UNLIMITED = 1 << 62  # v1 reports "no memory limit" as ~2**63
 
 #: docker's default device rules (moby oci/defaults.go ``deny a`` plus its allow list,
 #: and runc's specconv.AllowedDevices appended to it): everything else is EPERM, on
@@ -197,11 +196,12 @@ class Cgroup:
                 "cannot restrict device access: no devices controller (cgroup v1) "
                 f"and no cgroup2 mount for a BPF device program; {layout.describe()}"
             )
-        paths, v2_used = {}, []
+        paths: dict[str, str] = {}
+        v2_used: list[str] = []
         for ctrl in CONTROLLERS:
             if ctrl in layout.v1:
                 paths[ctrl] = os.path.join(layout.v1[ctrl], parent, name)
-            elif ctrl in layout.v2_controllers:
+            elif ctrl in layout.v2_controllers and unified is not None:  # read from v2_root
                 paths[ctrl] = unified
                 v2_used.append(ctrl)
             elif getattr(limits, "cpus" if ctrl == "cpu" else ctrl) is not None:
@@ -298,20 +298,6 @@ class Cgroup:
                 return int(value) > 0
         return False
 
-    def stats(self) -> dict:
-        """Best effort; None where unknown or unlimited."""
-
-        def number(*where: str) -> int | None:
-            text = self._read_file(*where).strip()
-            return int(text) if text.isdigit() and int(text) < _UNLIMITED else None
-
-        return {
-            "memory_bytes": number("memory", "memory.usage_in_bytes", "memory.current"),
-            "memory_limit": number("memory", "memory.limit_in_bytes", "memory.max"),
-            "pids": number("pids", "pids.current", "pids.current"),
-            "pids_limit": number("pids", "pids.max", "pids.max"),
-        }
-
     def kill_all(self, sig: int = signal.SIGKILL) -> None:
         """Signal every process; for SIGKILL, repeat until none is left (~2 s at most)."""
         unified = self.paths.get("unified")
@@ -365,7 +351,7 @@ class CgroupPlan:
         unified = self.paths.get("unified")
         enable = " ".join("+" + c for c in self.v2_enable)
         try:
-            if self.v2_enable:
+            if self.v2_enable and self.v2_root is not None:  # v2 controllers come with a v2 root
                 _write(os.path.join(self.v2_root, "cgroup.subtree_control"), enable)
             for d in cg._dirs():
                 os.makedirs(os.path.dirname(d), exist_ok=True)
@@ -401,13 +387,14 @@ def _own_cgroup_v2() -> str | None:
     return None
 
 
-def create_rootless(name: str | None, limits: Limits, layout: Layout | None = None, dry_run: bool = False) -> Cgroup:
-    """A cgroup for a rootless container, with limits: only in a cgroup v2 subtree
+def check_rootless(limits: Limits, layout: Layout | None = None) -> tuple[str, list[str]]:
+    """Whether a rootless container can have a cgroup with limits: only in a cgroup v2 subtree
     delegated to the user (systemd's ``user@UID.service``: the parent of the caller's own
     cgroup, writable by the user, with the controllers enabled for it). The cgroup is
     ``<that parent>/pyoverlay-<name>``. On cgroup v1 (or hybrid, where the controllers are
     v1's) an ordinary user cannot be given a cgroup: refused, naming what to change.
-    *dry_run*: only check (raise CgroupError), create nothing."""
+    This checks (CgroupError) and returns the delegated parent and the controllers wanted;
+    :func:`create_rootless` creates the cgroup."""
     layout = layout or detect()
     wanted = [c for c, v in (("memory", limits.memory), ("pids", limits.pids), ("cpu", limits.cpus)) if v is not None]
     flags = {"memory": "--memory", "pids": "--pids-limit", "cpu": "--cpus"}
@@ -433,8 +420,12 @@ def create_rootless(name: str | None, limits: Limits, layout: Layout | None = No
             f"{opts} cannot be used without root here: {why} (with systemd: "
             "Delegate=yes in user@.service, or run as root)"
         )
-    if dry_run:
-        return None  # type: ignore[return-value]
+    return base, wanted
+
+
+def create_rootless(name: str, limits: Limits, layout: Layout | None = None) -> Cgroup:
+    """:func:`check_rootless`, then make ``<delegated parent>/pyoverlay-<name>`` with the limits."""
+    base, wanted = check_rootless(limits, layout)
     _check_component("name", name)
     d = os.path.join(base, f"pyoverlay-{name}")
     _write(os.path.join(base, "cgroup.subtree_control"), " ".join("+" + c for c in wanted))

@@ -337,9 +337,9 @@ def _run_detached(spec: RunSpec) -> int:
         click.echo(text[3:])
         return 0
     if text.startswith("err "):
-        _, code, detail = text.split(" ", 2)
+        _, status, detail = text.split(" ", 2)
         click.echo(f"pyoverlay: {detail}", err=True)
-        return int(code)
+        return int(status)
     click.echo("pyoverlay: the container monitor exited before starting the container", err=True)
     return EXIT_RUNNER
 
@@ -466,7 +466,7 @@ def _each(refs, action) -> None:
         try:
             action(state.resolve(ref))
             click.echo(ref)
-        except (state.StateError, control.ControlError) as e:
+        except RunnerError as e:  # this one failed; go on with the others
             click.echo(f"pyoverlay: {e}", err=True)
             failed = True
     if failed:

@@ -48,9 +48,7 @@ EXIT_RUNNER, EXIT_CANNOT_EXEC, EXIT_NOT_FOUND = 125, 126, 127
 
 
 class ContainerError(RunnerError):
-    def __init__(self, msg: str, code: int = EXIT_RUNNER):
-        super().__init__(msg)
-        self.code = code
+    """PID 1's setup or exec failed: 125, or docker's 126/127 (``exit_code=``)."""
 
 
 @dataclass
@@ -87,10 +85,8 @@ def main(launch: Launch) -> None:
     code = EXIT_RUNNER
     try:
         _setup_and_exec(launch)
-    except ContainerError as e:
-        code = e.code
-        report(launch.err_fd, code, str(e))
-    except (rootfs.MountError, SpecError) as e:  # e.g. -u nosuch: docker's wording, no class name
+    except RunnerError as e:  # its one line (-u nosuch: docker's wording) and its status
+        code = e.exit_code
         report(launch.err_fd, code, str(e))
     except BaseException as e:  # noqa: BLE001 - say what failed, whatever it was
         report(launch.err_fd, code, f"container setup failed: {describe(e)}")
@@ -258,10 +254,7 @@ def execvpe(argv: list[str], env: list[str]) -> None:
     ContainerError with docker's 126/127 and its wording."""
     cmd = argv[0]
     envmap = _envmap(env)
-    if "/" in cmd:
-        candidates = [cmd]
-    else:
-        candidates = [os.path.join(d or ".", cmd) for d in envmap.get("PATH", "").split(":")]
+    candidates = [cmd] if "/" in cmd else [os.path.join(d or ".", cmd) for d in envmap.get("PATH", "").split(":")]
     denied = None
     for path in candidates:
         try:
@@ -273,13 +266,13 @@ def execvpe(argv: list[str], env: list[str]) -> None:
             continue
         except OSError as e:
             if e.errno == errno.ENOEXEC:
-                raise ContainerError(f"exec {path}: exec format error", EXIT_CANNOT_EXEC) from None
-            raise ContainerError(f"exec {path}: {e.strerror}", EXIT_CANNOT_EXEC) from None
+                raise ContainerError(f"exec {path}: exec format error", exit_code=EXIT_CANNOT_EXEC) from None
+            raise ContainerError(f"exec {path}: {e.strerror}", exit_code=EXIT_CANNOT_EXEC) from None
     if denied:
-        raise ContainerError(f"exec: {denied!r}: permission denied", EXIT_CANNOT_EXEC)
+        raise ContainerError(f"exec: {denied!r}: permission denied", exit_code=EXIT_CANNOT_EXEC)
     if "/" in cmd:
-        raise ContainerError(f"exec: {cmd!r}: no such file or directory", EXIT_NOT_FOUND)
-    raise ContainerError(f"exec: {cmd!r}: executable file not found in $PATH", EXIT_NOT_FOUND)
+        raise ContainerError(f"exec: {cmd!r}: no such file or directory", exit_code=EXIT_NOT_FOUND)
+    raise ContainerError(f"exec: {cmd!r}: executable file not found in $PATH", exit_code=EXIT_NOT_FOUND)
 
 
 def _envmap(env: list[str]) -> dict[str, str]:

@@ -87,7 +87,7 @@ def ps_table(rows: list[dict], now: float) -> str:
             )
         )
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines)
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in lines)
 
 
 def parse_signal(text: str) -> int:
@@ -217,10 +217,11 @@ def remove(rec: state.Record | dict, force: bool) -> None:
 
 def top_table(rec: state.Record | dict) -> str:
     rec = state.Record.of(rec)
-    if state.status(rec) != "running" or not L.alive(rec.pid, rec.pid_start):
+    pidns = rec.pidns
+    if state.status(rec) != "running" or not L.alive(rec.pid, rec.pid_start) or pidns is None:
         raise ControlError(f"container {rec.name} is not running")
     lines = [("PID", "CPID", "PPID", "UID", "CMD")]
-    for pid in L.pids_in_pid_ns(rec.pidns):
+    for pid in L.pids_in_pid_ns(pidns):
         ns = L.nspid(pid)
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
@@ -231,4 +232,6 @@ def top_table(rec: state.Record | dict) -> str:
             continue  # exited meanwhile
         lines.append((str(pid), str(ns[-1]) if ns else "?", ppid, uid, cmd))
     widths = [max(len(line[i]) for line in lines) for i in range(4)]
-    return "\n".join("  ".join(c.rjust(w) for c, w in zip(line[:4], widths)) + "  " + line[4] for line in lines)
+    return "\n".join(
+        "  ".join(c.rjust(w) for c, w in zip(line[:4], widths, strict=True)) + "  " + line[4] for line in lines
+    )

@@ -1,8 +1,7 @@
 """The runner's errors: :class:`RunnerError` is pyoverlay's one error base class
 (:class:`overlayfs_py.errors.PyoverlayError`) with the runner's own exit status, 125
 (docker's code for its own errors: 126 and 127 are the command's "cannot execute" and
-"not found", set per error). ``code`` is another name for ``exit_code`` (older callers
-read and set it)."""
+"not found", given per error as ``exit_code=``)."""
 
 from __future__ import annotations
 
@@ -15,11 +14,3 @@ class RunnerError(PyoverlayError):
     """A one-line error of the runner; exits 125 unless another status is given."""
 
     exit_code = EXIT_RUNNER
-
-    @property
-    def code(self) -> int:
-        return self.exit_code
-
-    @code.setter
-    def code(self, value: int) -> None:
-        self.exit_code = value

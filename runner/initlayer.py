@@ -52,7 +52,7 @@ def _lookup(stack: LayerStack, path: str):
     index of the first missing one or None, blocked) where *blocked* means a
     component that must be a directory is something else (a symlink, a file)."""
     parents = [(stack.layers[0], b"")] if stack.upper else []
-    parents += [(l, b"") for l in stack.root_lowers]
+    parents += [(layer, b"") for layer in stack.root_lowers]
     found: list[os.stat_result] = []
     comps = path.split("/")
     for i, name in enumerate(comps):
@@ -125,7 +125,7 @@ def read_files(layers: tuple[str, ...], upper: str | None, userxattr: bool, path
     try:
         for path in paths:
             parents = [(stack.layers[0], b"")] if stack.upper else []
-            parents += [(l, b"") for l in stack.root_lowers]
+            parents += [(layer, b"") for layer in stack.root_lowers]
             comps = path.split("/")
             text: str | None = ""
             for i, name in enumerate(comps):

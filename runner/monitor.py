@@ -42,7 +42,7 @@ from . import container, state, userns
 from .cgroups import Cgroup, CgroupError, create_rootless
 from .errors import RunnerError
 from .init import exit_code
-from .plan import RunPlan, device_rules_needed, generate_name, with_storage_maps
+from .plan import RunPlan, UsernsPlan, device_rules_needed, generate_name, with_storage_maps
 from .plan import build as build_plan
 from .spec import RunSpec
 from .supervise import catch_signals, supervise
@@ -52,9 +52,7 @@ __all__ = ["Monitor", "RunError", "generate_name"]
 
 
 class RunError(RunnerError):
-    def __init__(self, msg: str, code: int = container.EXIT_RUNNER):
-        super().__init__(msg)
-        self.code = code
+    """A run failed before its command ran: 125, or PID 1's status (``exit_code=``)."""
 
 
 #: the one-line errors of planning and of the steps: every project error
@@ -77,7 +75,7 @@ def step(name: str):
     except RunError:
         raise
     except _ERRORS as e:
-        raise RunError(f"{name}: {e}", _code(e)) from None
+        raise RunError(f"{name}: {e}", exit_code=_code(e)) from None
     except OSError as e:
         raise RunError(f"{name}: {one_line(e)}") from None
 
@@ -92,6 +90,13 @@ class Monitor:
         self.pending: list[int] = []  # signals that arrived before the wait loop
         self.rootless = os.geteuid() != 0
         self.ns_fds: list[int] = []  # rootless: the container's user and mount namespaces
+
+    @property
+    def record(self) -> state.Record:
+        """The container's record, once the step "reserving the name" has saved it."""
+        if self.rec is None:
+            raise AssertionError("the container has no record before its name is reserved")
+        return self.rec
 
     # --- public ------------------------------------------------------------------------
 
@@ -112,15 +117,16 @@ class Monitor:
                 return self._failed(container.EXIT_RUNNER, one_line(e))
             self._notify(f"ok {plan.cid}")
             code = self._wait(pid, relay)
-            self.rec.exit_code, self.rec.finished = code, time.time()
+            rec = self.record
+            rec.exit_code, rec.finished = code, time.time()
         # the ExitStack has unmounted (the trace file is complete) and removed the cgroup
         if self.spec.trace_summary:
-            _print_summary(self.rec.trace_file)
-        self.rec.status = "exited"
+            _print_summary(rec.trace_file)
+        rec.status = "exited"
         if self.spec.remove:
-            state.remove(self.rec)
+            state.remove(rec)
         else:
-            state.save(self.rec)
+            state.save(rec)
         return code
 
     # --- start: the plan's steps, each undone by the ExitStack ---------------------------------
@@ -168,7 +174,7 @@ class Monitor:
         holder = None
         if plan.userns is not None:
             with step("creating the user namespace"):
-                holder, fuse_fd, users = self._userns_mount(undo, plan, paths.merged)
+                holder, fuse_fd, users = self._userns_mount(undo, plan.userns, paths.merged)
             if users.note:
                 print(f"pyoverlay: note: {users.note}", file=sys.stderr)
             cfg = dataclasses.replace(with_storage_maps(cfg, users), fuse_fd=fuse_fd)
@@ -181,14 +187,14 @@ class Monitor:
             with step("joining the user namespace"):
                 self.ns_fds = list(holder.namespaces())
             holder.release()
-            self.rec.rootless = state.RootlessInfo(
+            self.record.rootless = state.RootlessInfo(
                 map=users.maps.mode,
                 uid_map=users.maps.kernel_lines("uid"),
                 gid_map=users.maps.kernel_lines("gid"),
                 storage_uidmap=list(cfg.uidmap),
                 storage_gidmap=list(cfg.gidmap),
             )
-        r = self.rec
+        r = self.record
         r.upper, r.workdir, r.merged, r.init_layer = paths.upper, paths.workdir, paths.merged, paths.init
         r.trace_file, r.hostname = paths.trace_file, plan.hostname
         r.server_pid, r.server_start = server, L.process_start_time(server)
@@ -197,7 +203,7 @@ class Monitor:
             cg = self._cgroup(plan)
         if cg is not None:
             undo.callback(cg.remove)
-            self.rec.cgroup = cg.to_dict()
+            self.record.cgroup = cg.to_dict()
 
         with step("starting the container"):
             return self._spawn(undo, plan, cg)
@@ -263,13 +269,13 @@ class Monitor:
         if tty_child:
             tty_child.close()
         undo.callback(_reap, pid)
-        r = self.rec
+        r = self.record
         r.pid, r.pid_start, r.pidns = pid, L.process_start_time(pid), L.ns_inode(pid, "pid")
         r.status = "running"
         try:
             if cg is not None:
                 cg.add(pid)
-            state.save(self.rec)
+            state.save(r)
             os.write(go_w, b"go")
         finally:
             os.close(go_w)
@@ -280,10 +286,10 @@ class Monitor:
                 err = json.loads(msg.splitlines()[0])
             except ValueError:
                 err = {"code": container.EXIT_RUNNER, "msg": msg.strip()}
-            raise RunError(err["msg"], err["code"])
+            raise RunError(err["msg"], exit_code=err["code"])
         self.started = True
         relay = None
-        if spec.tty:
+        if tty_parent is not None:  # spec.tty
             master = recv_master(tty_parent)
             tty_parent.close()
             stdin = 0 if spec.interactive and not self.detach else None
@@ -293,11 +299,11 @@ class Monitor:
 
     # --- rootless ----------------------------------------------------------------------------
 
-    def _userns_mount(self, undo: contextlib.ExitStack, plan: RunPlan, merged: str):
-        """The holder (runner/userns.py): the container's user namespace and its FUSE mount.
-        With ``--userns-map auto``, a failing newuidmap falls back to a single-id map.
-        Returns the holder, the /dev/fuse fd and the user namespace used."""
-        users = plan.userns
+    def _userns_mount(self, undo: contextlib.ExitStack, users: UsernsPlan, merged: str):
+        """The holder (runner/userns.py): the container's user namespace (as *users*
+        plans it) and its FUSE mount. With ``--userns-map auto``, a failing newuidmap
+        falls back to a single-id map. Returns the holder, the /dev/fuse fd and the user
+        namespace used."""
         holder = userns.Holder(users.maps)
         undo.callback(holder.kill)
         try:
@@ -332,10 +338,11 @@ class Monitor:
 
     def _wait(self, pid: int, relay: PtyRelay | None) -> int:
         status = supervise(pid, relay, pending=self.pending, stop_timeout=self.spec.stop_timeout)
-        self.rec.pid_reaped = True
-        if self.rec.cgroup:
+        rec = self.record
+        rec.pid_reaped = True
+        if rec.cgroup:
             with contextlib.suppress(OSError, CgroupError):
-                self.rec.oom_killed = Cgroup.from_dict(self.rec.cgroup).oom_killed()
+                rec.oom_killed = Cgroup.from_dict(rec.cgroup).oom_killed()
         return exit_code(status)
 
     # --- endings -----------------------------------------------------------------------------
@@ -364,6 +371,9 @@ def _print_summary(path: str | None) -> None:
     from overlayfs_py.trace_cli import events_from_file
     from overlayfs_py.tracesummary import Summary
 
+    if path is None:
+        print("pyoverlay: no trace summary: the container has no trace file", file=sys.stderr)
+        return
     total = Summary()
     try:
         for ev in events_from_file(path):
@@ -417,7 +427,7 @@ def _exclusive(workdir: str, upper: str):
 
 
 def _read_all(fd: int) -> str:
-    chunks = []
+    chunks: list[bytes] = []
     while True:
         b = os.read(fd, 4096)
         if not b:

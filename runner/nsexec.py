@@ -105,9 +105,9 @@ def exec_in(
     if msg:
         os.waitpid(child, 0)
         err = json.loads(msg.splitlines()[0])
-        raise container.ContainerError(err["msg"], err["code"])
+        raise container.ContainerError(err["msg"], exit_code=err["code"])
     relay = None
-    if tty:
+    if tty_parent is not None:  # tty
         relay = PtyRelay(recv_master(tty_parent), 0 if interactive else None, 1)
         tty_parent.close()
     try:
@@ -149,8 +149,8 @@ def _child(fds, cg, rec, sp, argv, env, user, workdir, tty, interactive, err_w, 
             winsize=container.winsize_of(0) if tty else None,
             stdin_null=not interactive,
         )
-    except container.ContainerError as e:
-        code = e.code
+    except RunnerError as e:  # its one line (-u nosuch: docker's wording) and its status
+        code = e.exit_code
         container.report(err_w, code, str(e))
     except BaseException as e:  # noqa: BLE001
         container.report(err_w, code, f"exec failed: {container.describe(e)}")

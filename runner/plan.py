@@ -29,7 +29,7 @@ from overlayfs_py.config import MountConfig, default_workdir
 
 from . import _linux as L
 from . import initlayer, state, userns
-from .cgroups import Cgroup, CgroupError, CgroupPlan, create_rootless
+from .cgroups import Cgroup, CgroupError, CgroupPlan, check_rootless
 from .errors import RunnerError
 from .spec import RunSpec, new_id, resolve_user
 
@@ -383,7 +383,7 @@ def _cgroup(spec: RunSpec, cid: str, rootless: bool) -> tuple[CgroupPlan | None,
     """The cgroup to create, and whether failing to create it is acceptable."""
     if rootless:  # made by the step, with limits only (an ordinary user rarely may)
         if spec.limits.any():
-            create_rootless(None, spec.limits, dry_run=True)  # CgroupError on cgroup v1
+            check_rootless(spec.limits)  # CgroupError on cgroup v1
         return None, not spec.limits.any()
     # --privileged without limits: no device rules and nothing to limit, so a cgroup that
     # cannot be made (read-only cgroupfs) is done without

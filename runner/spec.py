@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import secrets
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from .cgroups import Limits
@@ -169,10 +170,10 @@ def parse_volume(text: str) -> Volume:
     return Volume(real, target, mode == "ro")
 
 
-def parse_env(items: list[str], environ: dict[str, str] | None = None) -> list[str]:
+def parse_env(items: list[str], environ: Mapping[str, str] | None = None) -> list[str]:
     """``-e KEY=VAL`` as given; ``-e KEY`` takes KEY from the caller's environment
     (and is dropped when unset), as docker does."""
-    environ = os.environ if environ is None else environ
+    env: Mapping[str, str] = os.environ if environ is None else environ
     out = []
     for item in items:
         key, eq, _ = item.partition("=")
@@ -180,8 +181,8 @@ def parse_env(items: list[str], environ: dict[str, str] | None = None) -> list[s
             raise SpecError(f"invalid environment variable {item!r}")
         if eq:
             out.append(item)
-        elif key in environ:
-            out.append(f"{key}={environ[key]}")
+        elif key in env:
+            out.append(f"{key}={env[key]}")
     return out
 
 
@@ -196,10 +197,6 @@ def parse_caps(names: list[str]) -> frozenset[int]:
     if any(n.upper() == "ALL" for n in names):
         return frozenset(CAPS.values())
     return frozenset(parse_cap(n) for n in names)
-
-
-def caps_mask(caps: frozenset[int] | set[int]) -> int:
-    return sum(1 << c for c in caps)
 
 
 def parse_network(net: str) -> str:
@@ -263,8 +260,8 @@ def resolve_user(user: str | None, passwd: str, group: str) -> Ids:
     """``-u`` (``uid``, ``name``, ``uid:gid``, ``name:group``) against the container's
     /etc/passwd and /etc/group text, as docker does: a numeric uid need not exist
     (then gid 0, HOME /); supplementary groups come from /etc/group."""
-    users = [l.split(":") for l in passwd.splitlines() if l.count(":") >= 6]
-    groups = [l.split(":") for l in group.splitlines() if l.count(":") >= 3]
+    users = [line.split(":") for line in passwd.splitlines() if line.count(":") >= 6]
+    groups = [line.split(":") for line in group.splitlines() if line.count(":") >= 3]
     u, _, g = (user or "0").partition(":")
     entry = next((e for e in users if e[0] == u), None)
     if entry is None and u.isdigit():

@@ -92,7 +92,7 @@ _TYPES: dict[str, Any] = {
     "status": str,
     "data_dir": str,
     "monitor_pid": int,
-    "monitor_start": _NUM,
+    "monitor_start": int,  # clock ticks (procfs.process_start_time)
     "spec": dict,
     "image": dict,
     "upper": str,
@@ -102,11 +102,11 @@ _TYPES: dict[str, Any] = {
     "trace_file": str,
     "hostname": str,
     "server_pid": int,
-    "server_start": _NUM,
+    "server_start": int,  # clock ticks (procfs.process_start_time)
     "cgroup": dict,
     "rootless": dict,
     "pid": int,
-    "pid_start": _NUM,
+    "pid_start": int,  # clock ticks (procfs.process_start_time)
     "pidns": int,
     "exit_code": int,
     "finished": _NUM,
@@ -133,7 +133,7 @@ class Record:
     status: str = "created"  # created | running | exited
     data_dir: str | None = None  # <data root>/containers/<id>
     monitor_pid: int | None = None
-    monitor_start: float | None = None  # /proc/PID/stat start time
+    monitor_start: int | None = None  # /proc/PID/stat start time
     spec: ExecDefaults | None = None
     image: dict | None = None  # run --image: ref, id, source
     upper: str | None = None
@@ -143,11 +143,11 @@ class Record:
     trace_file: str | None = None
     hostname: str | None = None
     server_pid: int | None = None
-    server_start: float | None = None
+    server_start: int | None = None
     cgroup: dict | None = None  # runner.cgroups.Cgroup.to_dict()
     rootless: RootlessInfo | None = None
     pid: int | None = None  # PID 1, on the host
-    pid_start: float | None = None
+    pid_start: int | None = None
     pidns: int | None = None
     exit_code: int | None = None
     finished: float | None = None
@@ -175,7 +175,8 @@ class Record:
         :func:`check_record` checks)."""
         if not isinstance(d, dict) or not valid_id(d.get("id")):
             raise StateError("not a container record")
-        known, extra = {}, {}
+        known: dict[str, Any] = {}
+        extra: dict[str, Any] = {}
         for k, v in d.items():
             if k not in _TYPES:
                 extra[k] = v
@@ -333,7 +334,9 @@ def check_record(rec, cid: str | None = None) -> None:
     want = container_dir(rec["id"])
     if data != want:
         raise StateError(f"container {rec['id'][:12]}: its data dir {data!r} is not {want}")
-    spec = rec.get("spec") if isinstance(rec.get("spec"), dict) else {}
+    spec = rec.get("spec")
+    if not isinstance(spec, dict):
+        spec = {}
     expect = dict(_DATA_PATHS)
     if not spec.get("upper_given"):
         expect.update(upper="upper", workdir="work")

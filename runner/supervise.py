@@ -80,7 +80,7 @@ def supervise(
                         done = True
                     elif key.data == "signal":
                         signals = list(os.read(rsig, 64))
-                    else:
+                    elif relay is not None:  # "tty": registered only with a relay
                         relay.readable(key.fd)
                         if key.fd not in relay.fds():
                             sel.unregister(key.fd)

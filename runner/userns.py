@@ -59,16 +59,28 @@ class Plan:
     subuid: tuple[int, int] | None = None  # (start, count) from /etc/subuid
     subgid: tuple[int, int] | None = None
 
+    def __post_init__(self) -> None:
+        if self.mode == "subid" and (self.subuid is None or self.subgid is None):
+            raise ValueError("a subid plan needs a subuid and a subgid range")
+
+    def _ranges(self) -> tuple[tuple[int, int], tuple[int, int]] | None:
+        """The (subuid, subgid) ranges of a "subid" plan; None for "single"."""
+        if self.mode != "subid" or self.subuid is None or self.subgid is None:
+            return None
+        return self.subuid, self.subgid
+
     @property
     def size(self) -> int:
         """Number of container ids: 0 (the user) and 1..N (the subordinate range)."""
-        return 1 + (min(self.subuid[1], self.subgid[1]) if self.mode == "subid" else 0)
+        ranges = self._ranges()
+        return 1 + (min(ranges[0][1], ranges[1][1]) if ranges else 0)
 
     def kernel_lines(self, kind: str) -> list[tuple[int, int, int]]:
         """``/proc/PID/{uid,gid}_map`` lines: (inside, outside, count)."""
-        own, sub = (self.uid, self.subuid) if kind == "uid" else (self.gid, self.subgid)
-        lines = [(0, own, 1)]
-        if self.mode == "subid":
+        lines = [(0, self.uid if kind == "uid" else self.gid, 1)]
+        ranges = self._ranges()
+        if ranges is not None:
+            sub = ranges[0] if kind == "uid" else ranges[1]
             lines.append((1, sub[0], self.size - 1))
         return lines
 
@@ -81,11 +93,11 @@ class Plan:
         return ((0, 0, self.size),)
 
     def describe(self) -> str:
-        if self.mode == "single":
+        ranges = self._ranges()
+        if ranges is None:
             return f"single id: {self.uid} is root, no other uid inside"
-        return (
-            f"subid: {self.uid} is root, uids 1..{self.size - 1} are {self.subuid[0]}..{self.subuid[0] + self.size - 2}"
-        )
+        start = ranges[0][0]
+        return f"subid: {self.uid} is root, uids 1..{self.size - 1} are {start}..{start + self.size - 2}"
 
 
 def _subids(path: str, name: str, uid: int) -> tuple[int, int] | None:

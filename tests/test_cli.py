@@ -66,7 +66,7 @@ def test_debug_logs_requests(tmp_path):
         work,
         options=(),
         log_path=log,
-    ) as m:
+    ):
         pass
     quiet = log.read_text()
     argv = mounts.pyoverlay_argv([lower], mnt, upper, work) + ["--debug"]

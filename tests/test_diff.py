@@ -248,6 +248,21 @@ def test_cli_lower_json_and_missing_lowers(tmp_path, state_dir):
     assert r.returncode == 2 and r.stderr.startswith("pyoverlay: ")
 
 
+def test_cli_lower_splits_like_mount_and_run(tmp_path, state_dir):
+    """``--lower L1:L2`` is split as ``mount`` and ``run`` split their layers: a backslash
+    is part of a name, ``\\:`` is a colon in one (f323dfb applied the kernel's lowerdir
+    escapes: ``we\\ird`` became ``weird``, not a directory)."""
+    l1, l2, u = tmp_path / "we\\ird", tmp_path / "c:d", tmp_path / "u"
+    build_layer(l2, {"x": F(b"x\n"), "y": F(b"y\n")})
+    build_layer(l1, {"z": F(b"z\n")})
+    build_layer(u, {"x": WH(), "z": F(b"changed\n"), "n": F(b"")})
+    r = _cli("diff", "--lower", f"{l1}:" + str(l2).replace(":", "\\:"), u)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == ["A /n", "D /x", "C /z"]
+    r = _cli("diff", "--lower", f"{l1}::{l2}", u)  # an empty layer: one line, status 2
+    assert r.returncode == 2 and r.stderr.startswith("pyoverlay: ") and len(r.stderr.splitlines()) == 1
+
+
 @pytest.mark.fuse
 def test_cli_finds_lowers_of_a_live_mount(tmp_path, state_dir):
     l1, l2 = _lowers(tmp_path)

@@ -82,7 +82,7 @@ def _stack(base: Path) -> tuple[Path, list[Path]]:
 
 
 def _ex(up, lowers, path):
-    return explain(str(up), [str(l) for l in lowers], path)
+    return explain(str(up), [str(layer) for layer in lowers], path)
 
 
 def _roles(ex):
@@ -269,7 +269,7 @@ def test_verdicts_match_the_kernel(tmp_path, name):
     assert len(paths) > 20
     with mounts.KernelOverlay(layers, tmp_path / "mnt", options=options) as k:
         for path in paths:
-            ex = explain(None, [str(l) for l in layers], path, userxattr="userxattr" in options)
+            ex = explain(None, [str(layer) for layer in layers], path, userxattr="userxattr" in options)
             merged = str(k.path) + path
             st = _lstat_no_follow(str(k.path), path)
             if st is None:

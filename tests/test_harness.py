@@ -137,7 +137,8 @@ def _server_pids(mountpoint) -> list[int]:
         if not d.isdigit():
             continue
         try:
-            cmd = open(f"/proc/{d}/cmdline", "rb").read().split(b"\0")
+            with open(f"/proc/{d}/cmdline", "rb") as f:
+                cmd = f.read().split(b"\0")
         except OSError:
             continue
         if b"overlayfs_py" in cmd and os.fsencode(str(mountpoint)) in cmd:

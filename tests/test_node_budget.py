@@ -31,7 +31,7 @@ def _layers(tmp_path):
 
 
 def _served(log) -> list[str]:
-    return [l for l in log.read_text().splitlines() if "node budget" in l]
+    return [line for line in log.read_text().splitlines() if "node budget" in line]
 
 
 def test_views_equal_the_kernel_while_entries_are_dropped(tmp_path):

@@ -154,7 +154,7 @@ def test_readonly_mount_refuses_changes(lab):
     }
     from helpers.snapshot import diff_snapshots, format_diff, snapshot
 
-    before = [snapshot(l) for l in stack.lowers]
+    before = [snapshot(lower) for lower in stack.lowers]
 
     def run(view):
         res = {k: _errno_of(lambda f=f: f(view.path)) for k, f in ops.items()}
@@ -166,9 +166,9 @@ def test_readonly_mount_refuses_changes(lab):
     with lab.view(stack, "ro", "subject") as sv:
         sres = run(sv)
     bad = [f"{k}: kernel={kres[k]} {mounts.subject_name()}={sres[k]}" for k in kres if kres[k] != sres[k]]
-    for l, b in zip(stack.lowers, before):
-        d = diff_snapshots(b, snapshot(l), ignore_keys=("ctime_ns",))
+    for lower, b in zip(stack.lowers, before, strict=True):
+        d = diff_snapshots(b, snapshot(lower), ignore_keys=("ctime_ns",))
         if d:
-            bad.append(format_diff(d, f"lower {l} changed:"))
+            bad.append(format_diff(d, f"lower {lower} changed:"))
     assert all(v == "EROFS" for v in kres.values()), kres  # documents the oracle
     assert not bad, "\n".join(bad)

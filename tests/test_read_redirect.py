@@ -34,7 +34,8 @@ def _kernel_generation(base, lowers, name, ops):
     upper, work, mnt = base / name, base / f"{name}.work", base / f"{name}.mnt"
     for d in (upper, work, mnt):
         d.mkdir()
-    opts = "lowerdir=%s,upperdir=%s,workdir=%s,redirect_dir=on" % (":".join(str(l) for l in lowers), upper, work)
+    lowerdir = ":".join(str(lower) for lower in lowers)
+    opts = f"lowerdir={lowerdir},upperdir={upper},workdir={work},redirect_dir=on"
     subprocess.run(["mount", "-t", "overlay", "overlay", "-o", opts, str(mnt)], check=True)
     try:
         ops(mnt)

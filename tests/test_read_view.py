@@ -301,9 +301,12 @@ def test_file_contents_random_access(lab, name, mode):
             if (layer / f).exists():
                 sources[f] = (layer / f).read_bytes()
                 break
-    offsets = lambda n: sorted(
-        {0, 1, 4095, 4096, 4097, 65535, 131072, 1 << 20, (1 << 20) + 3, n // 2, n - 4097, n - 1, n, n + 10} - {-1}
-    )
+
+    def offsets(n):
+        return sorted(
+            {0, 1, 4095, 4096, 4097, 65535, 131072, 1 << 20, (1 << 20) + 3, n // 2, n - 4097, n - 1, n, n + 10} - {-1}
+        )
+
     sizes = [1, 100, 4096, 65537, 131072, 1 << 20, 3 << 20]
     with lab.view(stack, mode, "subject") as v:
         bad = []

@@ -30,7 +30,7 @@ class TracedMount(mounts.PyoverlayMount):
         """Unmount (the server writes the end record) and load the trace file."""
         if mounts.is_mounted(self.mountpoint):
             self.__exit__(None, None, None)
-        self.events = [json.loads(l) for l in self.trace_file.read_text().splitlines()]
+        self.events = [json.loads(line) for line in self.trace_file.read_text().splitlines()]
         return self.events
 
     def argv(self):
@@ -239,7 +239,7 @@ def _read_all(sock, timeout=30):
         if not chunk:
             break
         buf += chunk
-    return [json.loads(l) for l in buf.splitlines()]
+    return [json.loads(line) for line in buf.splitlines()]
 
 
 def test_live_reader_gets_events_and_the_end(layers, traced):
@@ -341,7 +341,7 @@ def test_trace_command_follows_a_mount(layers, traced):
     run("sh", "-c", "exec 3>>top.txt", cwd=traced.path)
     traced.finish()
     out, _ = p.communicate(timeout=30)
-    events = [json.loads(l) for l in out.splitlines()]
+    events = [json.loads(line) for line in out.splitlines()]
     assert [e["event"] for e in events][-1] == "end"
     assert shape(events, pid) == [
         ("copy_up_start", "/e", "parent"),
@@ -369,7 +369,7 @@ def test_trace_file_summary(layers, traced):
     assert r.returncode == 0 and r.stdout.count("copy_up_unused") == 1
     # --pid: only the shell's own events (its chmod child has another pid)
     r = _cli("trace", "--file", str(traced.trace_file), "--json", "--pid", str(sh))
-    mine = [json.loads(l) for l in r.stdout.splitlines()]
+    mine = [json.loads(line) for line in r.stdout.splitlines()]
     assert {e["path"] for e in mine if e["event"] != "end"} == {"/top.txt"}
     assert {e["pid"] for e in mine if e["event"] != "end"} == {sh}
     r = _cli("trace", "--file", str(traced.trace_file), "--event", "copyup")

@@ -57,6 +57,11 @@ def _layers():
     return [l1, l2]
 
 
+def _append(path, data: bytes) -> int:
+    with open(path, "ab") as f:
+        return f.write(data)
+
+
 def _ops(m, rec: Recorder):
     rec.do("unlink f", os.unlink, m / "f")
     rec.do("rm -r rmr", shutil.rmtree, m / "rmr")
@@ -65,7 +70,7 @@ def _ops(m, rec: Recorder):
     rec.do("rm -r md", shutil.rmtree, m / "md")
     rec.do("chmod d/sub/g", os.chmod, m / "d/sub/g", 0o600)
     rec.do("chmod cd", os.chmod, m / "cd", 0o700)
-    rec.do("append h1", lambda: open(m / "h1", "ab").write(b"more\n"))
+    rec.do("append h1", _append, m / "h1", b"more\n")
     rec.do("rename mv", os.rename, m / "mv", m / "mv2")
     rec.do("mkdir newd", os.mkdir, m / "newd", 0o750)
     rec.do("create newd/n", lambda: (m / "newd/n").write_bytes(b"n\n"))

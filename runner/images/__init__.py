@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import os
 
-from .core import Image, ImageError, NotFound, Reference, docker_root, local_root, parse_reference
+from .core import Image, ImageError, ImageSource, NotFound, Reference, docker_root, local_root, parse_reference
 
 __all__ = [
     "Image",
     "ImageError",
+    "ImageSource",
     "NotFound",
     "Reference",
     "docker_root",
@@ -36,12 +37,12 @@ __all__ = [
 ]
 
 
-def sources(docker: str | None = None) -> list:
+def sources(docker: str | None = None) -> list[ImageSource]:
     """The configured image sources, local first."""
     from .docker import DockerStore
     from .local import LocalStore
 
-    out = [LocalStore(local_root())]
+    out: list[ImageSource] = [LocalStore(local_root())]
     root = docker_root(docker)
     if os.path.isdir(os.path.join(root, "image", "overlay2")):
         out.append(DockerStore(root))

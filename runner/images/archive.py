@@ -105,7 +105,8 @@ class _DirSource:
 class _TarSource:
     def __init__(self, path: str) -> None:
         try:
-            self.tf = tarfile.open(path, "r:", encoding="utf-8", errors="surrogateescape")
+            # held open for the source's lifetime; close() closes it
+            self.tf = tarfile.open(path, "r:", encoding="utf-8", errors="surrogateescape")  # noqa: SIM115
             self.members = {_norm(m.name): m for m in self.tf.getmembers()}
         except (tarfile.TarError, OSError) as e:
             raise ImageError(f"{path}: not an image archive (tar) or directory: {e}") from None
@@ -171,11 +172,8 @@ class _StreamTarSource(_TarSource):
     def _stream(self):
         with open(self.path, "rb") as raw:
             _, reader = decompress(raw)
-            tf = tarfile.open(fileobj=reader, mode="r|", encoding="utf-8", errors="surrogateescape")
-            try:
+            with tarfile.open(fileobj=reader, mode="r|", encoding="utf-8", errors="surrogateescape") as tf:
                 yield tf
-            finally:
-                tf.close()
 
     def open(self, rel: str):
         m = self._member(rel)
@@ -250,6 +248,7 @@ def open_archive(path: str, tmpdir: str):
     from its decompressor (:class:`_StreamTarSource`); only one that cannot be read twice
     (a pipe, a device) is first decompressed into *tmpdir*."""
     tmp = None
+    src: _DirSource | _TarSource
     if os.path.isdir(path):
         src = _DirSource(path)
     else:
@@ -263,10 +262,7 @@ def open_archive(path: str, tmpdir: str):
                         shutil.copyfileobj(reader, out, 1 << 20)
         except OSError as e:
             raise ImageError(f"cannot read {path}: {e}") from None
-        if kind and regular:
-            src = _StreamTarSource(path)
-        else:
-            src = _TarSource(tmp or path)
+        src = _StreamTarSource(path) if kind and regular else _TarSource(tmp or path)
     try:
         yield Archive(src, path)
     finally:
@@ -276,7 +272,7 @@ def open_archive(path: str, tmpdir: str):
 
 
 class Archive:
-    def __init__(self, src, path: str) -> None:
+    def __init__(self, src: _DirSource | _TarSource, path: str) -> None:
         self.src = src
         self.path = path
 
@@ -343,7 +339,11 @@ class Archive:
             if len(paths) != len(diff_ids):
                 raise ImageError(f"{self.path}: {cfg_path}: {len(paths)} layers but {len(diff_ids)} diff ids")
             out.append(
-                ArchiveImage(config, [LayerRef(p, d) for p, d in zip(paths, diff_ids)], _names(e.get("RepoTags") or []))
+                ArchiveImage(
+                    config,
+                    [LayerRef(p, d) for p, d in zip(paths, diff_ids, strict=True)],
+                    _names(e.get("RepoTags") or []),
+                )
             )
         return out
 
@@ -417,7 +417,7 @@ class Archive:
             raise ImageError(f"{self.path}: manifest {digest}: {len(blobs)} layers but {len(diff_ids)} diff ids")
         layers = [
             LayerRef(self._blob(b.get("digest") or ""), d, b["digest"], b.get("mediaType"), b.get("size"))
-            for b, d in zip(blobs, diff_ids)
+            for b, d in zip(blobs, diff_ids, strict=True)
         ]
         names = tags.get(cfg["digest"]) or names
         img = found.setdefault(digest, ArchiveImage(config, layers, [], raw))

@@ -112,7 +112,7 @@ def commit_image(upper: str, rec: dict | None, name: str, parent: Image | None, 
         if parent is not None:
             config = copy.deepcopy(parent.config)
             history = list(config.get("history") or [])
-            for d, path in zip(parent.diff_ids, reversed(parent.layers)):
+            for d, path in zip(parent.diff_ids, reversed(parent.layers), strict=True):
                 desc = store.descriptor_for(d) if w.has_layer(d) else None
                 if desc is None:
                     add_dir(path, f"parent layer {d[:19]}")

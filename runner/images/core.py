@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from overlayfs_py.errors import PyoverlayError
 
@@ -20,6 +21,16 @@ class ImageError(PyoverlayError):
 
 class NotFound(ImageError):
     """This source has no such image (the next source is asked)."""
+
+
+class ImageSource(Protocol):
+    """The one interface of the sources (the local store, a Docker store)."""
+
+    root: str
+
+    def list(self) -> list[Image]: ...
+
+    def resolve(self, ref: str) -> Image: ...
 
 
 @dataclass

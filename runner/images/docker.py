@@ -18,6 +18,7 @@ readers (and a running dockerd, which replaces files by rename) can share a stor
 
 from __future__ import annotations
 
+import builtins  # DockerStore.list shadows list in the class body
 import errno
 import hashlib
 import json
@@ -207,7 +208,7 @@ class DockerStore:
                 raise ImageError(f"damaged Docker store: {t.path(rel)}: {k!r} maps to {v!r}, not an image id")
         return {k: v.removeprefix("sha256:") for k, v in flat.items()}
 
-    def _image_ids(self, t: _Tree) -> list[str]:
+    def _image_ids(self, t: _Tree) -> builtins.list[str]:
         return [n for n in t.listdir(f"{IMAGE_DIR}/imagedb/content/sha256") if _HEX64.match(n)]
 
     def _parent(self, t: _Tree, hexid: str) -> str | None:
@@ -217,7 +218,7 @@ class DockerStore:
             return None
         return data.decode(errors="replace").strip().removeprefix("sha256:") if data else None
 
-    def _load(self, t: _Tree, hexid: str, names: list[str]) -> Image:
+    def _load(self, t: _Tree, hexid: str, names: builtins.list[str]) -> Image:
         """The image with config ``imagedb/content/sha256/<hexid>``, its layers checked."""
         rel = _config_rel(hexid)
         data = t.need(rel)
@@ -233,7 +234,7 @@ class DockerStore:
         if rootfs.get("type") != "layers" or not all(isinstance(d, str) and _DIGEST.match(d) for d in diff_ids):
             raise ImageError(f"damaged Docker store: {t.path(rel)}: bad rootfs.diff_ids")
         layers, size = [], 0
-        for chain, diff in zip(chain_ids(diff_ids), diff_ids):
+        for chain, diff in zip(chain_ids(diff_ids), diff_ids, strict=True):
             diff_dir, layer_size = self._layer(t, chain, diff)
             layers.append(os.path.join(self.root, diff_dir))
             size += layer_size

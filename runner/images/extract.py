@@ -100,7 +100,7 @@ class _Extractor:
                 return "its path goes through a symlink (refused)"
             if not stat.S_ISDIR(st.st_mode):
                 return "its path goes through a non-directory"
-        return e.strerror
+        return e.strerror or str(e)
 
     @staticmethod
     def _lstat(pfd: int, base: bytes) -> os.stat_result | None:
@@ -224,24 +224,26 @@ class _Extractor:
         ``/proc/self/fd/<parent>/<base>`` without following a symlink at the end (the
         parent itself when *base* is None)."""
         path = _sys.proc_path(pfd, base)
-        target, kw = (fd, {}) if fd is not None else (path, {"follow_symlinks": base is None})
+        # an fd is the object itself (follow_symlinks must stay True with one)
+        target: int | bytes = fd if fd is not None else path
+        follow = fd is not None or base is None
         try:
             if self.as_root:
-                os.chown(target, m.uid, m.gid, **kw)
+                os.chown(target, m.uid, m.gid, follow_symlinks=follow)
             if not m.issym() and not m.isdir():
                 os.chmod(target, stat.S_IMODE(m.mode))  # a device or file we just made
             for name, value in xattrs_of(m).items():
-                self._setxattr(target, kw, name, value)
+                self._setxattr(target, follow, name, value)
             if times:
                 ns = mtime_ns(m)
-                os.utime(target, ns=(ns, ns), **kw)
+                os.utime(target, ns=(ns, ns), follow_symlinks=follow)
         finally:
             if fd is not None:
                 os.close(fd)
 
-    def _setxattr(self, target, kw: dict, name: str, value: bytes) -> None:
+    def _setxattr(self, target: int | bytes, follow: bool, name: str, value: bytes) -> None:
         try:
-            os.setxattr(target, self.names.to_real(name), value, **kw)
+            os.setxattr(target, self.names.to_real(name), value, follow_symlinks=follow)
         except OSError as e:
             if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EACCES):
                 raise

@@ -25,6 +25,7 @@ metacopy=on) cannot be expressed in a layer tar and is refused.
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import stat
 import sys
@@ -38,15 +39,19 @@ from .core import ImageError
 from .tarformat import OPAQUE, WH, set_mtime, set_xattr
 
 
-class _Counting:
+class _Counting(io.BufferedIOBase):
     """A write-only file that hashes and counts what goes through to *f*."""
 
     def __init__(self, f: BinaryIO) -> None:
+        super().__init__()
         self.f = f
         self.hash = hashlib.sha256()
         self.count = 0
 
-    def write(self, data) -> int:
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data, /) -> int:
         self.hash.update(data)
         self.count += len(data)
         self.f.write(data)

@@ -150,13 +150,13 @@ class LocalStore:
         config = self.read_json(cfg_digest)
         diff_ids = list((config.get("rootfs") or {}).get("diff_ids") or [])
         layers = [self.layer_dir(d) for d in reversed(diff_ids)]
-        for d, path in zip(reversed(diff_ids), layers):
+        for d, path in zip(reversed(diff_ids), layers, strict=True):
             if not os.path.isdir(path):
                 raise ImageError(
                     f"local image store {self.root} is damaged: layer {d} of "
                     f"{names[0] if names else cfg_digest} is missing"
                 )
-        size = sum(int(l.get("size") or 0) for l in manifest.get("layers") or [])
+        size = sum(int(desc.get("size") or 0) for desc in manifest.get("layers") or [])
         return Image(
             id=cfg_digest, names=list(names), layers=layers, config=config, source="local", size=size, diff_ids=diff_ids
         )
@@ -192,7 +192,10 @@ class LocalStore:
         for m, _ in self._groups().values():
             manifest = self.read_json(m)
             ids = self.read_json(self._config_digest(manifest, m)).get("rootfs", {}).get("diff_ids") or []
-            for d, desc in zip(ids, manifest.get("layers") or []):
+            descs = manifest.get("layers") or []
+            if len(ids) != len(descs):
+                continue  # a damaged manifest pairs nothing reliably
+            for d, desc in zip(ids, descs, strict=True):
                 if d == diff_id and os.path.exists(self.blob_path(desc["digest"])):
                     return {k: desc[k] for k in ("mediaType", "digest", "size")}
         return None

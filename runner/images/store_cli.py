@@ -76,7 +76,7 @@ def import_archive(path: str, store: LocalStore, tag: str | None = None, log=Non
                     f"({'unpacked' if fresh else 'already present'})"
                 )
                 layer_descs.append(desc)
-            same_blobs = [d["digest"] for d in layer_descs] == [l.digest for l in img.layers]
+            same_blobs = [d["digest"] for d in layer_descs] == [layer.digest for layer in img.layers]
             out.append(w.add_image(img.config, layer_descs, names or img.names, img.manifest if same_blobs else None))
     return out
 

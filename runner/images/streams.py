@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import io
 import os
 import shutil
 import stat
 import sys
 import time
-from typing import BinaryIO
+from typing import BinaryIO, Protocol, TypeGuard, cast
 
 from .core import ImageError
 
@@ -31,6 +32,16 @@ CHUNK = 1 << 20
 
 MEDIA_TAR = "application/vnd.oci.image.layer.v1.tar"
 MEDIA_TYPES = {"": MEDIA_TAR, "gzip": MEDIA_TAR + "+gzip", "zstd": MEDIA_TAR + "+zstd"}
+
+
+class Readable(Protocol):
+    """What a blob is read through: ``read(n)``, front to back."""
+
+    def read(self, n: int = -1, /) -> bytes: ...
+
+
+#: a decompressed layer stream (a file object: tarfile and gzip take it as one)
+LayerStream = io.BufferedIOBase | BinaryIO
 
 
 def sha256_digest(data: bytes) -> str:
@@ -68,7 +79,7 @@ class Progress:
 class Digesting:
     """A reader that hashes every byte it passes on; *tee* gets a copy of them."""
 
-    def __init__(self, f: BinaryIO, tee: BinaryIO | None = None, progress: Progress | None = None) -> None:
+    def __init__(self, f: Readable, tee: BinaryIO | None = None, progress: Progress | None = None) -> None:
         self.f = f
         self.tee = tee
         self.progress = progress
@@ -96,24 +107,29 @@ class Digesting:
         return "sha256:" + self.hash.hexdigest()
 
 
-class _Peeked:
-    """Puts the magic bytes back in front of the stream they were read from."""
+class _Peeked(io.BufferedIOBase):
+    """Puts the magic bytes back in front of the stream they were read from: a read-only,
+    non-seekable file object (as a pipe's)."""
 
-    def __init__(self, head: bytes, f) -> None:
+    def __init__(self, head: bytes, f: Readable) -> None:
+        super().__init__()
         self.head = head
         self.f = f
 
-    def read(self, n: int = -1) -> bytes:
+    def readable(self) -> bool:
+        return True
+
+    def read(self, n: int | None = -1, /) -> bytes:
         if self.head:
             if n is None or n < 0:
                 data, self.head = self.head + self.f.read(), b""
                 return data
             data, self.head = self.head[:n], self.head[n:]
             return data
-        return self.f.read(n)
+        return self.f.read(-1 if n is None else n)
 
 
-def _read_exact(f, n: int) -> bytes:
+def _read_exact(f: Readable, n: int) -> bytes:
     out = b""
     while len(out) < n:
         data = f.read(n - len(out))
@@ -123,7 +139,7 @@ def _read_exact(f, n: int) -> bytes:
     return out
 
 
-def decompress(f) -> tuple[str, object]:
+def decompress(f: Readable) -> tuple[str, LayerStream]:
     """``(kind, reader)``: kind "" (plain tar), "gzip" or "zstd", from the magic bytes."""
     head = _read_exact(f, 4)
     src = _Peeked(head, f)
@@ -132,7 +148,8 @@ def decompress(f) -> tuple[str, object]:
     if head.startswith(ZSTD_MAGIC):
         import zstandard
 
-        return "zstd", zstandard.ZstdDecompressor().stream_reader(src, read_across_frames=True)
+        # zstandard's stub asks for IO[bytes]; stream_reader calls read() only
+        return "zstd", zstandard.ZstdDecompressor().stream_reader(cast(BinaryIO, src), read_across_frames=True)
     if head[:3] in (b"BZh", b"\xfd7z"):
         raise ImageError("unsupported layer compression (bzip2/xz); only gzip and zstd are read")
     return "", src
@@ -143,13 +160,13 @@ def check(what: str, want: str | None, got: str) -> None:
         raise ImageError(f"{what} digest mismatch: expected {want}, got {got}")
 
 
-def is_digest(s) -> bool:
+def is_digest(s: object) -> TypeGuard[str]:
     return (
         isinstance(s, str) and s.startswith("sha256:") and len(s) == 71 and all(c in "0123456789abcdef" for c in s[7:])
     )
 
 
-def hex_of(digest: str) -> str:
+def hex_of(digest: object) -> str:
     if not is_digest(digest):
         raise ImageError(f"not a sha256 digest: {digest!r}")
     return digest[7:]

@@ -62,7 +62,7 @@ def set_mtime(info: tarfile.TarInfo, ns: int) -> None:
     sec, frac = divmod(ns, 10**9)
     info.mtime = sec
     if frac:
-        info.pax_headers["mtime"] = f"{sec}.{frac:09d}"
+        info.pax_headers = {**info.pax_headers, "mtime": f"{sec}.{frac:09d}"}  # typed a Mapping
 
 
 def xattrs_of(m: tarfile.TarInfo) -> dict[str, bytes]:
@@ -72,4 +72,4 @@ def xattrs_of(m: tarfile.TarInfo) -> dict[str, bytes]:
 
 
 def set_xattr(info: tarfile.TarInfo, name: str, value: bytes) -> None:
-    info.pax_headers[XATTR + name] = value.decode("utf-8", "surrogateescape")
+    info.pax_headers = {**info.pax_headers, XATTR + name: value.decode("utf-8", "surrogateescape")}

@@ -163,7 +163,7 @@ class Layers:
 
     def lower_paths(self, rel: str) -> list[str]:
         """The lower files for merged path *rel*, top first (those that exist)."""
-        return [p for p in (os.path.join(l, rel) for l in self.lowers) if os.path.lexists(p)]
+        return [p for p in (os.path.join(lower, rel) for lower in self.lowers) if os.path.lexists(p)]
 
 
 def _block(seed: int) -> bytes:
@@ -292,7 +292,7 @@ def build_native(layers: Layers, dst: str) -> None:
     if os.stat(layers.root).st_dev != os.stat(os.path.dirname(dst)).st_dev:
         raise BenchError("native copy must be on the layers' filesystem")
     for layer in reversed(layers.lowers):
-        for r, dirs, files in os.walk(layer):
+        for r, _dirs, files in os.walk(layer):
             out = os.path.normpath(os.path.join(dst, os.path.relpath(r, layer)))
             os.makedirs(out, exist_ok=True)
             for name in files:

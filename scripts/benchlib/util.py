@@ -176,5 +176,5 @@ def tool_version(argv: list[str]) -> str | None:
     except (OSError, subprocess.TimeoutExpired):
         return None
     out = (r.stdout + r.stderr).strip().splitlines()
-    out = [l for l in out if "unknown argument" not in l]
+    out = [line for line in out if "unknown argument" not in line]
     return " / ".join(out[:2]) if out else None

@@ -417,14 +417,14 @@ def leftover_check(rt: Runtime, grace: float = 5.0):
 def ps_table(text: str) -> list[dict]:
     """Rows of a ``ps``/``top``-style table: dicts keyed by the header words;
     the last column takes the rest of the line."""
-    lines = [l for l in text.replace("\r", "").splitlines() if l.strip()]
+    lines = [line for line in text.replace("\r", "").splitlines() if line.strip()]
     if not lines:
         return []
     header = lines[0].split()
     rows = []
-    for l in lines[1:]:
-        parts = l.split(None, len(header) - 1)
-        rows.append(dict(zip(header, parts)))
+    for line in lines[1:]:
+        parts = line.split(None, len(header) - 1)
+        rows.append(dict(zip(header, parts, strict=False)))  # empty trailing columns: fewer parts
     return rows
 
 

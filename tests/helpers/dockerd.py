@@ -77,20 +77,17 @@ class LiveDocker(contextlib.AbstractContextManager):
         return self
 
     def _spawn(self, name: str, argv: list[str]) -> None:
-        log = open(self.base / f"{name}.log", "wb")
-        try:
+        with open(self.base / f"{name}.log", "wb") as log:
             self.procs[name] = subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
             )
-        finally:
-            log.close()
 
     def _wait(self, name: str, ready) -> None:
         deadline = time.monotonic() + self.start_timeout
         while not ready():
             if self.procs[name].poll() is not None or time.monotonic() > deadline:
                 why = (
-                    "exited with status %s" % self.procs[name].returncode
+                    f"exited with status {self.procs[name].returncode}"
                     if self.procs[name].poll() is not None
                     else f"not ready after {self.start_timeout:g}s"
                 )

@@ -146,7 +146,7 @@ class StoredImage:
 
     @property
     def diff_dirs_top_first(self) -> list[str]:
-        return [str(l.diff) for l in reversed(self.layers)]
+        return [str(layer.diff) for layer in reversed(self.layers)]
 
 
 class StoreBuilder:
@@ -207,12 +207,12 @@ class StoreBuilder:
     ) -> StoredImage:
         """An image whose layers are *top* and its parents. With *prefix*, a label
         is varied until the image id starts with it (to make ambiguous prefixes)."""
-        stack, l = [], top
-        while l is not None:
-            stack.append(l)
-            l = l.parent
+        stack, layer = [], top
+        while layer is not None:
+            stack.append(layer)
+            layer = layer.parent
         stack.reverse()
-        config = dict(config, rootfs={"type": "layers", "diff_ids": [l.diff_id for l in stack]})
+        config = dict(config, rootfs={"type": "layers", "diff_ids": [lay.diff_id for lay in stack]})
         n = 0
         while True:
             data = json.dumps(config, separators=(",", ":")).encode()

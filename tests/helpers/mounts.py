@@ -71,11 +71,10 @@ def abort_fuse_connection(path) -> bool:
     if row is None:
         return False
     minor = row.devno.split(":")[1]
-    if not (FUSECTL / minor).exists():
-        if not any(r.fstype == "fusectl" for r in mount_table()):
-            subprocess.run(
-                ["mount", "-t", "fusectl", "none", str(FUSECTL)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-            )
+    if not (FUSECTL / minor).exists() and not any(r.fstype == "fusectl" for r in mount_table()):
+        subprocess.run(
+            ["mount", "-t", "fusectl", "none", str(FUSECTL)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
     try:
         (FUSECTL / minor / "abort").write_text("1")
         return True
@@ -118,7 +117,7 @@ def pyoverlay_argv(lowers, mountpoint, upper=None, workdir=None, options=(), for
         argv += ["--workdir", os.fspath(workdir)]
     if options:
         argv += ["-o", ",".join(options)]
-    argv.append(":".join(_check_layer_path(l) for l in lowers))
+    argv.append(":".join(_check_layer_path(lower) for lower in lowers))
     if upper is not None:
         argv.append(_check_layer_path(upper))
     argv.append(os.fspath(mountpoint))
@@ -157,7 +156,7 @@ class PyoverlayMount(contextlib.AbstractContextManager):
         exit_timeout: float = 15.0,
         watchdog: float | None = None,
     ):
-        self.lowers = [Path(l) for l in lowers]
+        self.lowers = [Path(lower) for lower in lowers]
         self.mountpoint = Path(mountpoint)
         self.upper = Path(upper) if upper is not None else None
         self.workdir = Path(workdir) if workdir is not None else None
@@ -297,7 +296,7 @@ class KernelOverlay(contextlib.AbstractContextManager):
 
     def __init__(self, lowers, mountpoint, upper=None, workdir=None, options=(), **_ignored):
         self.log_path = None
-        self.lowers = [Path(l) for l in lowers]
+        self.lowers = [Path(lower) for lower in lowers]
         self.mountpoint = Path(mountpoint)
         self.upper = Path(upper) if upper is not None else None
         self.workdir = Path(workdir) if workdir is not None else None
@@ -318,7 +317,7 @@ class KernelOverlay(contextlib.AbstractContextManager):
         pass
 
     def optstring(self) -> str:
-        opts = ["lowerdir=" + ":".join(_check_layer_path(l) for l in self.lowers)]
+        opts = ["lowerdir=" + ":".join(_check_layer_path(lower) for lower in self.lowers)]
         if self.upper is not None:
             opts += [f"upperdir={_check_layer_path(self.upper)}", f"workdir={_check_layer_path(self.workdir)}"]
         return ",".join(opts + self.options)
@@ -334,7 +333,7 @@ class KernelOverlay(contextlib.AbstractContextManager):
         )
         if r.returncode != 0:
             dmesg = subprocess.run(["dmesg"], capture_output=True, text=True).stdout
-            tail = "\n".join(l for l in dmesg.splitlines()[-10:] if "overlay" in l)
+            tail = "\n".join(line for line in dmesg.splitlines()[-10:] if "overlay" in line)
             raise MountError(f"kernel overlay mount failed: {r.stderr.strip()}\noptions: {self.optstring()}\n{tail}")
         return self
 
@@ -360,7 +359,7 @@ class FuseOverlayfsMount(PyoverlayMount):
     kind = "fuse-overlayfs"
 
     def argv(self) -> list[str]:
-        opts = ["lowerdir=" + ":".join(_check_layer_path(l) for l in self.lowers)]
+        opts = ["lowerdir=" + ":".join(_check_layer_path(lower) for lower in self.lowers)]
         if self.upper is not None:
             wd = self.workdir or self.mountpoint.parent / (self.mountpoint.name + ".fwork")
             wd.mkdir(parents=True, exist_ok=True)

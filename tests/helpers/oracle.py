@@ -71,7 +71,7 @@ class View:
         if self.mode != "rw" or self.upper is None:
             return snap
         st = os.lstat(self.upper)
-        for p, rec in snap["entries"].items():
+        for rec in snap["entries"].values():
             for k in ("ino", "d_ino", "dot_d_ino", "dotdot_d_ino"):
                 if rec.get(k) == st.st_ino:
                     rec[k] = UPPER_ROOT_INO

@@ -69,7 +69,7 @@ def main() -> int:
         stack = lab.stack(a.stack)
         print(f"# {stack.name}: {stack.description}")
         print(
-            f"# lowers (top first): {[str(l) for l in stack.lowers]}  upper: {stack.upper}  "
+            f"# lowers (top first): {[str(lower) for lower in stack.lowers]}  upper: {stack.upper}  "
             f"options: {stack.options}  mode: {mode}"
         )
         with lab.view(stack, mode, "kernel") as kv:

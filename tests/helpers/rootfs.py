@@ -155,10 +155,10 @@ class Image:
     @property
     def spec(self) -> str:
         """The LOWER1[:LOWER2...] argument of ``pyoverlay run``."""
-        for l in self.layers:
-            if ":" in str(l) or "," in str(l):
-                raise ValueError(f"layer path {l} contains ':' or ','")
-        return ":".join(str(l) for l in self.layers)
+        for layer in self.layers:
+            if ":" in str(layer) or "," in str(layer):
+                raise ValueError(f"layer path {layer} contains ':' or ','")
+        return ":".join(str(layer) for layer in self.layers)
 
 
 @dataclass

@@ -352,4 +352,4 @@ def diff_snapshots(
 
 
 def format_diff(lines: list[str], header: str = "") -> str:
-    return (header + "\n" if header else "") + "\n".join("  " + l for l in lines)
+    return (header + "\n" if header else "") + "\n".join("  " + line for line in lines)

@@ -813,7 +813,10 @@ def stack_deep_paths(base: Path) -> Stack:
 
 def stack_long_names(base: Path) -> Stack:
     l1, l2 = _layers(base, 2)
-    n255 = lambda c: c * NAME_MAX
+
+    def n255(c: bytes) -> bytes:
+        return c * NAME_MAX
+
     build_layer(
         l1,
         {

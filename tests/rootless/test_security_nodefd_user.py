@@ -139,8 +139,8 @@ def test_fd_limit_clamps_the_budget_and_a_huge_dir_tree_fails_cleanly(user):
             assert w.returncode == 0 and w.stdout.split() == ["500", "0"], (w.stdout, w.stderr[-500:])
         w = _walk(user, mnt / "dirs")
         assert w.returncode == 0, w.stderr[-1000:]
-        errors = [l for l in w.stderr.splitlines() if l.strip()]
-        assert errors and all("Too many open files" in l for l in errors), errors[:5]
+        errors = [line for line in w.stderr.splitlines() if line.strip()]
+        assert errors and all("Too many open files" in line for line in errors), errors[:5]
         # the server survived and still answers (once the kernel forgot some directories)
         assert mounts.is_mounted(mnt)
         for _ in range(50):

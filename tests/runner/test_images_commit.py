@@ -31,7 +31,7 @@ pytestmark = [pytest.mark.needs_root]
 @pytest.fixture
 def store(tmp_path) -> Path:
     """A store holding the demo image as demo:1."""
-    tars = [A.layer_tar(l) for l in A.DEMO]
+    tars = [A.layer_tar(layer) for layer in A.DEMO]
     store = tmp_path / "store"
     ok(store, "import", A.write_docker_save(tmp_path / "demo.tar", [(tars, [A.DEMO_TAG])]))
     return store
@@ -96,7 +96,7 @@ def tar_entries(path: Path) -> list[tuple]:
 def check_tar(path: Path, loose=frozenset()) -> None:
     got = tar_entries(path)
     assert [g[0] for g in got] == [w[0] for w in EXPECTED]
-    for w, g in zip(EXPECTED, got):
+    for w, g in zip(EXPECTED, got, strict=True):
         w = tuple(g[i] if (w[0], i) in loose else v for i, v in enumerate(w))
         assert g == w, f"entry {g[0]}: got {g}, want {w}"
     # and no overlay-private xattr anywhere
@@ -181,7 +181,7 @@ def test_commit_errors(store, tmp_path):
 
 
 def _busybox_archive(images, tmp_path) -> Path:
-    tars = [A.dir_tar(l) for l in reversed(images.two_layer.layers)]
+    tars = [A.dir_tar(layer) for layer in reversed(images.two_layer.layers)]
     return A.write_docker_save(tmp_path / "bb.tar", [(tars, ["bb:1"])])
 
 
@@ -235,7 +235,7 @@ def test_commit_container_on_plain_dirs(rt, images, tmp_path):
     img = LocalStore(str(rt.data / "images")).resolve("plain:1")
     assert len(img.layers) == 3
     assert img.config["config"]["Cmd"][:2] == ["sh", "-c"]
-    for mine, lower in zip(img.layers[1:], images.two_layer.layers):
+    for mine, lower in zip(img.layers[1:], images.two_layer.layers, strict=True):
         diff = S.diff_snapshots(S.snapshot(lower), S.snapshot(mine), ignore_keys=IGNORE)
         assert not diff, S.format_diff(diff, f"{lower} as a layer")
     run = ["--image", "plain:1"] if _has_image_option(rt) else [":".join(img.layers)]

@@ -54,7 +54,7 @@ def ds(store):
 
 def one_line_error(r, code: int, *words: str) -> str:
     assert r.returncode == code, describe(r)
-    err = [l for l in r.stderr.splitlines() if l.strip()]
+    err = [line for line in r.stderr.splitlines() if line.strip()]
     assert len(err) == 1 and err[0].startswith("pyoverlay: "), describe(r)
     for w in words:
         assert w in err[0], f"{w!r} not in the message\n{describe(r)}"
@@ -119,10 +119,10 @@ def test_every_reference_form_resolves(ds, form):
     assert isinstance(img, Image)
     assert img.id == ds.app.id
     assert img.layers == ds.app.diff_dirs_top_first  # TOP first
-    assert img.diff_ids == [l.diff_id for l in ds.app.layers]  # bottom first
+    assert img.diff_ids == [layer.diff_id for layer in ds.app.layers]  # bottom first
     assert img.names == ["app:latest"]
     assert img.source == "docker"
-    assert img.size == sum(dockerstore.tree_size(l.diff) for l in ds.app.layers)
+    assert img.size == sum(dockerstore.tree_size(layer.diff) for layer in ds.app.layers)
     assert img.run_config() == {
         "Cmd": dockerstore.APP_CMD,
         "Entrypoint": [],
@@ -283,7 +283,7 @@ def test_damaged_store(ds, tmp_path, how):
 
 
 def _table(text: str) -> list[list[str]]:
-    rows = [l.split() for l in text.splitlines() if l.strip()]
+    rows = [line.split() for line in text.splitlines() if line.strip()]
     assert rows[0] == ["REPOSITORY:TAG", "IMAGE", "ID", "LAYERS", "SIZE", "SOURCE"], text
     return rows[1:]
 

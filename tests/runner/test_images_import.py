@@ -48,7 +48,7 @@ def same_tree(a, b, root_times: bool = True) -> list[str]:
 def demo(tmp_path_factory):
     """The archives, and the expected layer dirs (bottom first)."""
     base = tmp_path_factory.mktemp("demo")
-    tars = [A.layer_tar(l) for l in A.DEMO]
+    tars = [A.layer_tar(layer) for layer in A.DEMO]
     forms = {
         "docker-save": A.write_docker_save(base / "legacy.tar", [(tars, [A.DEMO_TAG])]),
         "oci-gzip-dir": A.write_oci_layout(base / "oci-gz", tars, "gzip"),
@@ -56,7 +56,7 @@ def demo(tmp_path_factory):
     A.write_oci_layout(base / "oci-zst", tars, "zstd")
     forms["oci-zstd-tar"] = A.tar_tree(base / "oci-zst", base / "oci-zst.tar")
     forms["oci-zstd-tar.gz"] = A.tar_tree(base / "oci-zst", base / "oci-zst.tar.gz", gzipped=True)
-    expected = [A.build_layer_dir(l, base / f"expected{i}") for i, l in enumerate(A.DEMO)]
+    expected = [A.build_layer_dir(layer, base / f"expected{i}") for i, layer in enumerate(A.DEMO)]
     return {
         "tars": tars,
         "forms": forms,
@@ -86,7 +86,7 @@ def test_import_gives_kernel_format_layers(demo, form, tmp_path):
     assert os.stat(base / "bin" / "su").st_mode & 0o7777 == 0o4755
     assert os.getxattr(base / "data" / "sub" / "b.txt", "trusted.overlay.overlay.mine") == b"escaped"
     # every layer equals the one built directly in the kernel's format
-    for i, (exp, got) in enumerate(zip(demo["expected"], reversed(img.layers))):
+    for i, (exp, got) in enumerate(zip(demo["expected"], reversed(img.layers), strict=True)):
         diff = same_tree(exp, got, root_times=(i == 0))
         assert not diff, S.format_diff(diff, f"layer {i} of {form}")
     # and the kernel's overlay of them shows the expected tree
@@ -157,8 +157,8 @@ def test_multi_image_archive_symlinked_layer(demo, tmp_path):
     arch = A.write_docker_save(tmp_path / "two.tar", [(tars, [A.DEMO_TAG]), (tars[:1], ["base:1"])])
     store = tmp_path / "store"
     r = ok(store, "import", arch)
-    lines = [l.split() for l in r.stdout.splitlines()]
-    assert [l[1:] for l in lines] == [[A.DEMO_TAG], ["base:1"]]
+    lines = [line.split() for line in r.stdout.splitlines()]
+    assert [row[1:] for row in lines] == [[A.DEMO_TAG], ["base:1"]]
     assert r.stderr.count("unpacked") == 3 and r.stderr.count("already present") == 1
     s = LocalStore(str(store))
     assert s.resolve("base:1").layers == s.resolve(A.DEMO_TAG).layers[2:]
@@ -239,13 +239,13 @@ def test_unpack_rules(tmp_path):
     ]
     tar = A.layer_tar(entries)
     u = unpack(io.BytesIO(tar), str(tmp_path / "l"), diff_id=A.sha256(tar))
-    l = tmp_path / "l"
+    ldir = tmp_path / "l"
     assert u.diff_id == u.digest == A.sha256(tar) and u.compression == ""
-    assert os.getxattr(l / "d", "trusted.overlay.opaque") == b"y" and (l / "d/x").read_bytes() == b"1"
-    assert os.getxattr(l / "e", "trusted.overlay.opaque") == b"y" and (l / "e/y").exists()
-    assert (l / "f").read_bytes() == b"new" and (l / "g").read_bytes() == b"file over dir"
-    assert os.stat(l / "deep/er").st_mode & 0o777 == 0o755
-    assert os.stat(l / "z2").st_ino == os.stat(l / "deep/er/z").st_ino
+    assert os.getxattr(ldir / "d", "trusted.overlay.opaque") == b"y" and (ldir / "d/x").read_bytes() == b"1"
+    assert os.getxattr(ldir / "e", "trusted.overlay.opaque") == b"y" and (ldir / "e/y").exists()
+    assert (ldir / "f").read_bytes() == b"new" and (ldir / "g").read_bytes() == b"file over dir"
+    assert os.stat(ldir / "deep/er").st_mode & 0o777 == 0o755
+    assert os.stat(ldir / "z2").st_ino == os.stat(ldir / "deep/er/z").st_ino
     with pytest.raises(ImageError, match="diff id"):
         unpack(io.BytesIO(tar), str(tmp_path / "m"), diff_id=A.sha256(b"x"))
     assert not (tmp_path / "m").exists()
@@ -383,7 +383,7 @@ def test_oci_index_platforms_and_docker_save_names(demo, tmp_path):
                 {
                     "Config": "blobs/sha256/" + manifest["config"]["digest"][7:],
                     "RepoTags": ["saved:25"],
-                    "Layers": ["blobs/sha256/" + l["digest"][7:] for l in manifest["layers"]],
+                    "Layers": ["blobs/sha256/" + desc["digest"][7:] for desc in manifest["layers"]],
                 }
             ]
         )

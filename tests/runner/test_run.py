@@ -38,7 +38,7 @@ def ok_sh(rt, image, script, *opts, **kw) -> str:
 
 
 def lines(text: str) -> list[str]:
-    return [l for l in text.replace("\r", "").splitlines() if l.strip()]
+    return [line for line in text.replace("\r", "").splitlines() if line.strip()]
 
 
 # --------------------------------------------------------------------------
@@ -168,8 +168,8 @@ def test_dev_contents(rt, img):
     )
     devs, links, flags, extra = ok_sh(rt, img, script).split("==\n")
     seen = {}
-    for l in lines(devs):
-        name, rest = l.split(" ", 1)
+    for line in lines(devs):
+        name, rest = line.split(" ", 1)
         kind, major, minor = rest.rsplit(" ", 2)
         seen[name.removeprefix("/dev/")] = (kind, int(major, 16), int(minor, 16))
     for d, (ma, mi) in DEVICES.items():
@@ -186,7 +186,7 @@ def test_dev_contents(rt, img):
 
 def test_sys_is_read_only(rt, img):
     out = ok_sh(rt, img, "grep ' /sys ' /proc/mounts; echo 1 > /sys/kernel/mm/ksm/run 2>/dev/null && echo WROTE; true")
-    sys_lines = [l for l in lines(out) if " /sys " in l]
+    sys_lines = [line for line in lines(out) if " /sys " in line]
     assert sys_lines, out
     opts = sys_lines[-1].split()[3].split(",")
     assert "ro" in opts, out
@@ -339,7 +339,7 @@ FORK_40 = "n=0; for i in $(seq 40); do sleep 10 & n=$((n+1)); echo started $n; d
 
 def test_pids_limit_makes_fork_fail(rt, img):
     r = sh(rt, img, FORK_40, "--pids-limit", "20")
-    started = len([l for l in lines(r.stdout) if l.startswith("started")])
+    started = len([line for line in lines(r.stdout) if line.startswith("started")])
     assert "loop-done" not in r.stdout and started < 20, describe(r)
     assert "fork" in r.stderr or "Resource temporarily unavailable" in r.stderr, describe(r)
 
@@ -488,7 +488,7 @@ def test_non_root_user_has_no_effective_caps(rt, img):
 
 def test_default_environment(rt, img):
     out = ok_sh(rt, img, "env", "--hostname", "envbox")
-    env = dict(l.split("=", 1) for l in lines(out))
+    env = dict(line.split("=", 1) for line in lines(out))
     assert env["PATH"] == DEFAULT_PATH
     assert env["HOSTNAME"] == "envbox"
     assert env["HOME"] == "/root"
@@ -515,7 +515,7 @@ def test_env_options(rt, img):
         "HOME=/elsewhere",
         env={"FROM_HOST": "host-value"},
     )
-    env = dict(l.split("=", 1) for l in out.splitlines() if "=" in l)
+    env = dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
     assert env["FOO"] == "bar"
     assert env["SPACED"] == "a b c"
     assert env["EMPTY"] == ""

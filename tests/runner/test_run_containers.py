@@ -35,7 +35,7 @@ def web(rt, img):
 
 
 def lines(text: str) -> list[str]:
-    return [l for l in text.replace("\r", "").splitlines() if l.strip()]
+    return [line for line in text.replace("\r", "").splitlines() if line.strip()]
 
 
 def wait_running(rt, ref, timeout=30) -> dict:
@@ -55,7 +55,8 @@ def test_detach_and_ps_json(rt, images, web):
     assert c["id"] == web and c["name"] == "web"
     assert c["command"] == ["sleep", "1000"]
     assert c["exit_code"] is None, c
-    assert [os.path.realpath(l) for l in c["layers"]] == [os.path.realpath(l) for l in images.bare.layers]
+    real = [os.path.realpath(layer) for layer in images.bare.layers]
+    assert [os.path.realpath(layer) for layer in c["layers"]] == real
     pid = c["pid"]
     assert alive(pid)
     nspid = containers.status_field(pid, "NSpid").split()
@@ -126,7 +127,7 @@ def test_exec_relays_the_exit_code(rt, web):
 
 
 def test_exec_options(rt, web):
-    env = dict(l.split("=", 1) for l in lines(rt.ok("exec", "-e", "FOO=bar", "web", "env").stdout))
+    env = dict(line.split("=", 1) for line in lines(rt.ok("exec", "-e", "FOO=bar", "web", "env").stdout))
     assert env["FOO"] == "bar" and env["PATH"] == DEFAULT_PATH, env
     assert env["HOSTNAME"] == web[:12], env
     assert rt.ok("exec", "-w", "/tmp", "web", "pwd").stdout == "/tmp\n"
@@ -344,54 +345,53 @@ def test_dead_container_is_detected_and_removed(rt, img):
     ],
 )
 def test_signal_to_foreground_runner(rt, img, tmp_path, sig, init, codes):
-    err = open(tmp_path / "runner.err", "w+")
-    p = rt.popen(
-        "run",
-        "--rm",
-        "--name",
-        "fg",
-        "--stop-timeout",
-        "2",
-        *(["--init"] if init else []),
-        img.spec,
-        "sleep",
-        "1000",
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=err,
-    )
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            c = rt.find("fg")
-            if c is not None and c["status"] == "running" and c.get("pid"):
-                break
-            assert p.poll() is None, f"runner exited early: {p.returncode}"
-            assert time.monotonic() < deadline, f"container never ran: {c}"
-            time.sleep(0.1)
-        t0 = time.monotonic()
-        p.send_signal(sig)
+    with open(tmp_path / "runner.err", "w+") as err:
+        p = rt.popen(
+            "run",
+            "--rm",
+            "--name",
+            "fg",
+            "--stop-timeout",
+            "2",
+            *(["--init"] if init else []),
+            img.spec,
+            "sleep",
+            "1000",
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        )
         try:
-            rc = p.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"the runner ignored {sig.name} for 20 s")
-        elapsed = time.monotonic() - t0
-        err.seek(0)
-        assert rc in codes, f"exit status {rc}, stderr: {err.read()}"
-        assert elapsed < 12, f"took {elapsed:.1f}s"
-        if not init:
-            assert elapsed >= 1.5, "SIGKILL came before --stop-timeout"
-        assert not alive(c["pid"])
-        assert rt.mounts() == [], rt.mounts()
-        assert not any(r.mountpoint == os.path.realpath(c["merged"]) for r in mounts.mount_table())
-        assert containers.procs_rooted_under(c["merged"]) == []
-        assert containers.cgroups_of(c["id"]) == []
-        assert rt.state_entries() == [] and rt.data_entries() == []
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
-        err.close()
+            deadline = time.monotonic() + 30
+            while True:
+                c = rt.find("fg")
+                if c is not None and c["status"] == "running" and c.get("pid"):
+                    break
+                assert p.poll() is None, f"runner exited early: {p.returncode}"
+                assert time.monotonic() < deadline, f"container never ran: {c}"
+                time.sleep(0.1)
+            t0 = time.monotonic()
+            p.send_signal(sig)
+            try:
+                rc = p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"the runner ignored {sig.name} for 20 s")
+            elapsed = time.monotonic() - t0
+            err.seek(0)
+            assert rc in codes, f"exit status {rc}, stderr: {err.read()}"
+            assert elapsed < 12, f"took {elapsed:.1f}s"
+            if not init:
+                assert elapsed >= 1.5, "SIGKILL came before --stop-timeout"
+            assert not alive(c["pid"])
+            assert rt.mounts() == [], rt.mounts()
+            assert not any(r.mountpoint == os.path.realpath(c["merged"]) for r in mounts.mount_table())
+            assert containers.procs_rooted_under(c["merged"]) == []
+            assert containers.cgroups_of(c["id"]) == []
+            assert rt.state_entries() == [] and rt.data_entries() == []
+        finally:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
 
 
 def test_ps_json_is_valid_with_no_containers(rt):

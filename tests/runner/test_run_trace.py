@@ -17,7 +17,7 @@ pytestmark = [pytest.mark.fuse, pytest.mark.needs_root, pytest.mark.usefixtures(
 
 
 def events_of(path) -> list[dict]:
-    return [json.loads(l) for l in open(path)]
+    return [json.loads(line) for line in open(path)]
 
 
 def test_events_name_the_container_and_the_pid_inside(rt, images, tmp_path):
@@ -68,7 +68,7 @@ def test_trace_a_running_container_live(rt, img):
     rt.ok("exec", "live", "sh", "-c", "echo hi > /root/new; chmod 700 /bin")
     rt.ok("stop", "-t", "1", "live")
     out, _ = reader.communicate(timeout=60)
-    events = [json.loads(l) for l in out.splitlines()]
+    events = [json.loads(line) for line in out.splitlines()]
     assert events[-1]["event"] == "end"
     kinds = [(e["event"], e.get("path")) for e in events[:-1]]
     assert ("create", "/root/new") in kinds and ("copy_up_done", "/bin") in kinds
@@ -122,7 +122,7 @@ def test_diff_of_a_container_matches_its_upper_on_disk(rt, images, tmp_path):
     )
     assert r.returncode == 0, describe(r)
     d = rt.ok("diff", "changed")
-    got = [tuple(l.split(" ", 1)) for l in d.stdout.splitlines()]
+    got = [tuple(line.split(" ", 1)) for line in d.stdout.splitlines()]
     on_disk = _walk_upper(upper)
     # every entry of the upper is in the diff; whiteouts and opaque dirs as deletions
     listed = {p for _, p in got}

@@ -122,7 +122,7 @@ class PtySession:
 def container_sleeps(before) -> list[int]:
     """Host pids of ``sleep 100`` processes in a foreign pid ns, new since ``before``."""
     out = []
-    for pid, start in set(containers.foreign_pidns_procs()) - set(before):
+    for pid, _start in set(containers.foreign_pidns_procs()) - set(before):
         if containers.cmdline(pid) == ["sleep", "100"] and containers.alive(pid):
             out.append(pid)
     return out

@@ -38,7 +38,7 @@ def sh(rt, img, script, *opts):
 
 
 def lines(text: str) -> list[str]:
-    return [l for l in text.replace("\r", "").splitlines() if l.strip()]
+    return [line for line in text.replace("\r", "").splitlines() if line.strip()]
 
 
 @pytest.fixture
@@ -70,7 +70,7 @@ def test_root_container_cannot_open_a_block_device_it_made(rt, img):
     # docker (runc's "b *:* m") lets mknod through and answers EPERM on the open
     assert "mknod-ok" in out, describe(r)
     assert not {"read-open-ok", "rw-open-ok", "dev-open-ok"} & set(out), describe(r)
-    assert sum(EPERM_TEXT in l for l in out) == 3, describe(r)
+    assert sum(EPERM_TEXT in line for line in out) == 3, describe(r)
 
 
 def test_allowed_device_nodes_still_work(rt, img):
@@ -84,7 +84,7 @@ def test_allowed_device_nodes_still_work(rt, img):
     assert r.returncode == 0, describe(r)
     out = lines(r.stdout)
     assert out[:4] == ["null-ok", "4", "4", "devnull-ok"], describe(r)
-    assert any("No space left on device" in l for l in out), describe(r)  # /dev/full opened
+    assert any("No space left on device" in line for line in out), describe(r)  # /dev/full opened
     assert "ptmx-ok" in out, describe(r)
     assert EPERM_TEXT not in r.stdout + r.stderr, describe(r)
 
