@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections
 import importlib.util
+import os
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -43,8 +44,8 @@ def test_compare_counts_each_error_and_reports_fixed_entries():
 
 
 def test_the_committed_baseline_is_well_formed():
-    entries = lint.read_baseline()
-    assert entries, "scripts/mypy-baseline.txt is missing or empty"
+    assert os.path.isfile(lint.BASELINE), "scripts/mypy-baseline.txt is missing"
+    entries = lint.read_baseline()  # empty now: overlayfs_py and runner type-check cleanly
     for entry in entries:
         assert entry.split(":")[0].startswith(("overlayfs_py/", "runner/")), entry
         assert ": error: " in entry and not any(c.isdigit() for c in entry.split(":")[1]), entry
