@@ -289,9 +289,10 @@ class Overlay:
         if not self._warned_fds:
             self._warned_fds = True
             log.warning(
-                "out of file descriptors (%d live nodes, each holds one): lookups fail "
-                "with EMFILE until the kernel forgets some (see docs/performance.md)",
+                "out of file descriptors (%d live nodes, %d node fds held, none could be given up): "
+                "lookups fail with EMFILE until the kernel forgets some (see docs/performance.md)",
                 len(self.inodes),
+                self.inodes.held,
             )
         self._on_out_of_fds()
 
