@@ -1,8 +1,9 @@
-"""The node budget: how many nodes (each holding a descriptor) the server keeps.
+"""The node budget: how many nodes the server keeps, and how many of their fds.
 
-Every node holds an O_PATH fd of its object, so the number of live nodes is bounded by
-RLIMIT_NOFILE; beyond a budget the kernel is asked to drop the oldest file entries (its
-FORGETs then free the nodes), and when descriptors run out anyway some directories too.
+Beyond a budget the kernel is asked to drop the oldest file entries (its FORGETs then free
+the nodes), so memory stays bounded on any walk. Node fds are a cache inside the inode
+table (``InodeTable.fd_cap``, least recently used given up first), sized here to what
+RLIMIT_NOFILE leaves; when descriptors run out anyway, some directories are dropped too.
 The policy is the engine's business only in one respect: how the kernel is told to drop
 an entry. That is the ``drop_entries`` callback (a FUSE engine sends notify_inval_entry
 for each); everything else is here, engine-independent.
@@ -29,41 +30,30 @@ DropEntries = Callable[[list[tuple[int, bytes]]], None]
 
 
 def node_fd_cap(fd_limit: int, cache: int) -> int:
-    """Live nodes allowed at most, whatever the budget: past it a new node is refused with
-    EMFILE, so that listings, open files and the server's own descriptors never run out."""
-    return max(32, fd_limit - cache - min(FD_HEADROOM, fd_limit // 8))
+    """Node fds held at most (the inode table gives the least recently used up beyond it),
+    so that listings, open files and the server's own descriptors never run out."""
+    return max(256, fd_limit - cache - min(FD_HEADROOM, fd_limit // 8))
 
 
 def clamp_node_budget(max_nodes: int, fd_limit: int, dirfds: DirFdCache | None = None) -> int:
-    """The node budget that fits in *fd_limit* descriptors (every node holds one).
+    """The node budget for *fd_limit* descriptors, and the directory fd cache's size.
 
-    The directory fd cache is shrunk to an eighth of the limit at most; another eighth (at
-    most FD_HEADROOM) stays free for open files and the server's own; the nodes get three
-    quarters of the rest, since the table overshoots its budget by up to a quarter before
-    the kernel's FORGETs come (``NodeBudget.check``). *max_nodes* 0 (no budget) becomes that
-    much. Directories are never dropped by the budget: a tree with more live directories
-    than descriptors gets EMFILE for lookups beyond them (docs/performance.md)."""
+    The budget is *max_nodes* (0: none): nodes do not each need a descriptor, their fds
+    being a cache (``node_fd_cap``). The directory fd cache is shrunk to an eighth of the
+    limit at most, so that node fds, open files and the server's own keep the rest."""
     if dirfds is not None:
         dirfds.capacity = max(16, min(dirfds.capacity, fd_limit // 8))
         cache = dirfds.capacity
     else:
         cache = min(2048, fd_limit // 8)
-    room = fd_limit - cache - min(FD_HEADROOM, fd_limit // 8)
-    fit = max(64, room * 3 // 4)
-    budget = fit if max_nodes <= 0 else min(max_nodes, fit)
-    if budget != max_nodes:
-        log.info(
-            "node budget %d (asked: %s): RLIMIT_NOFILE is %d and every node holds a "
-            "descriptor (%d kept for the directory fd cache, %d for open files)",
-            budget,
-            max_nodes or "none",
-            fd_limit,
-            cache,
-            min(FD_HEADROOM, fd_limit // 8),
-        )
-    else:
-        log.debug("node budget %d, RLIMIT_NOFILE %d", budget, fd_limit)
-    return budget
+    log.debug(
+        "node budget %s, RLIMIT_NOFILE %d: %d node fds held at most, %d in the directory fd cache",
+        max_nodes or "none",
+        fd_limit,
+        node_fd_cap(fd_limit, cache),
+        cache,
+    )
+    return max_nodes
 
 
 def _no_drops(drops: list[tuple[int, bytes]]) -> None:

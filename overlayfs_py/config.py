@@ -125,8 +125,7 @@ class MountConfig:
     uidmap: tuple[tuple[int, int, int], ...] = ()
     gidmap: tuple[tuple[int, int, int], ...] = ()
     volatile: bool = False  # -o volatile: copy-ups and fsync not synced (the kernel's)
-    max_nodes: int = 200_000  # -o max_nodes=N: node budget (0: as many as RLIMIT_NOFILE allows;
-    # always clamped to it, fs.clamp_node_budget); docs/performance.md
+    max_nodes: int = 200_000  # -o max_nodes=N: node budget (0: none); docs/performance.md
 
     def __post_init__(self) -> None:
         # Accept any sequence but store an immutable tuple.
@@ -465,7 +464,7 @@ def build_config(
 
 def _max_nodes(option) -> int:
     """``-o max_nodes=N``: how many nodes the server keeps before asking the kernel to drop
-    the oldest file entries (0: as many as fit; the server clamps it to its fd limit)."""
+    the oldest file entries (0: no budget)."""
     if option is None:
         return MountConfig.max_nodes
     try:
@@ -473,9 +472,7 @@ def _max_nodes(option) -> int:
     except ValueError:
         n = -1
     if n < 0 or (0 < n < 1000):
-        raise ConfigError(
-            f"mount option 'max_nodes' must be 0 (as many as the fd limit allows) or at least 1000, not {option!r}"
-        )
+        raise ConfigError(f"mount option 'max_nodes' must be 0 (no budget) or at least 1000, not {option!r}")
     return n
 
 

@@ -12,24 +12,35 @@ stack, lower ones) are one node per real inode, so hard links share page cache.
 of node lifetime. Nodes live while the kernel holds a lookup reference or a child is
 alive; ``forget`` drops them, so a walk of a million-entry tree keeps memory bounded.
 
-Each node holds ``fd``, an O_PATH|O_NOFOLLOW fd of the real object that serves it, opened
+Each node has ``fd``, an O_PATH|O_NOFOLLOW fd of the real object that serves it, opened
 when the node is made (relative to its parent directory's fd in that layer, and checked to
 be the object the lookup found) and moved to the upper object by a copy-up. Every
-operation on an existing object goes through it, never through its name again: a name
-renamed over or unlinked while open keeps acting on its own inode, as the kernel's
-overlay does, and a symlink or FIFO put at the name since is never reached. The table
-closes the fd when it drops the node.
+operation on an existing object goes through it, never through its name: a name renamed
+over or unlinked while open keeps acting on its own inode, as the kernel's overlay does,
+and a symlink or FIFO put at the name since is never reached.
+
+The descriptors are a cache, not one per live node: RLIMIT_NOFILE may be far below the
+number of nodes the kernel keeps (20,000 on some machines, where a warm walk of a larger
+tree would otherwise thrash). The table holds at most ``fd_cap`` of them, least recently
+used first out. A node that gives its fd up records what it was (device, inode, type and
+file handle, which carries the inode's generation); when it is needed again it is opened
+at the node's name, as the server knows it (every rename and removal goes through the
+server), and used only if it is that same object: a name changed behind the server's back
+gives EBADF (no fd), never another object. A node no name leads to any more (unlinked or
+renamed over while in use) never gives its fd up: it is all that reaches its object.
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import errno
 import logging
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
+from . import _sys
 from .layers import Layer
 
 log = logging.getLogger(__name__)
@@ -62,7 +73,9 @@ class Node:
         "children",
         "aliases",
         "key",
-        "fd",
+        "_fd",
+        "gone",
+        "table",
     )
 
     def __init__(
@@ -77,9 +90,12 @@ class Node:
         fd: int = -1,
     ) -> None:
         self.id = node_id
-        # O_PATH|O_NOFOLLOW fd of the real object serving this node (in ``layer``); owned
-        # by the InodeTable (-1: none, only for tables built without one).
-        self.fd = fd
+        # O_PATH|O_NOFOLLOW fd of the real object serving this node (in ``layer``), held
+        # while in the table's fd cache (-1: not held now; see ``fd``).
+        self._fd = fd
+        # What the object was when the fd was given up: (st_dev, st_ino, S_IFMT, handle).
+        self.gone: tuple | None = None
+        self.table: InodeTable | None = None
         self.parent = parent
         self.name = name
         # S_IFMT bits (+ permission bits at lookup time; refreshed by getattr). Interned: a
@@ -97,6 +113,23 @@ class Node:
         self.children: dict[bytes, Node] | None = None
         self.aliases: list[tuple[Node, bytes]] | None = None  # further (parent, name) links of a shared inode
         self.key: tuple | None = None
+
+    @property
+    def fd(self) -> int:
+        """The fd of the node's object: held, or opened again and checked to be that same
+        object (-1 when that cannot be: its name no longer leads to it)."""
+        fd = self._fd
+        table = self.table
+        if table is None:
+            return fd
+        if fd >= 0:
+            table.touch(self)
+            return fd
+        return table.reopen(self)
+
+    @property
+    def holds_fd(self) -> bool:
+        return self._fd >= 0
 
     @property
     def is_dir(self) -> bool:
@@ -170,15 +203,21 @@ class InodeTable:
         root_ino: int,
         root_fd: int = -1,
         fd_cap: int = 1 << 62,
+        opener: Callable[[Node], int] | None = None,
     ) -> None:
+        """*fd_cap*: node fds held at most (the rest of RLIMIT_NOFILE is kept for listings,
+        open files and the server's own); *opener*: opens a node's object at its name
+        (O_PATH|O_NOFOLLOW; the table checks it is the object the node had)."""
         self._next_id = ROOT_ID + 1
         self.root = Node(ROOT_ID, None, b"", root_mode, root_layer, root_dirs, root_ino, root_fd)
         self.root.lookups = 1  # the kernel never forgets the root
         self._nodes: dict[int, Node] = {ROOT_ID: self.root}
         self._by_key: dict[tuple, Node] = {}
-        # Live nodes (each holding an fd) allowed at most: the rest of RLIMIT_NOFILE is kept
-        # for listings, open files and the server's own (budget.node_fd_cap).
+        # Nodes holding an fd, least recently used first (the root is never given up).
+        self._held: collections.OrderedDict[int, Node] = collections.OrderedDict()
         self.fd_cap = fd_cap
+        self._opener = opener
+        self.root.table = self
         # Ids of non-directory nodes, oldest first: the candidates of shed().
         self._age: collections.deque[int] = collections.deque()
 
@@ -205,10 +244,98 @@ class InodeTable:
     def close(self) -> None:
         """Close every node's fd (the mount is going away)."""
         for node in self._nodes.values():
-            if node.fd >= 0:
+            if node._fd >= 0:
                 with contextlib.suppress(OSError):
-                    os.close(node.fd)
-                node.fd = -1
+                    os.close(node._fd)
+                node._fd = -1
+            node.table = None
+        self._held.clear()
+
+    # --- the fd cache ---------------------------------------------------------------------
+
+    @property
+    def held(self) -> int:
+        """How many node fds are held now."""
+        return len(self._held)
+
+    def touch(self, node: Node) -> None:
+        if node.parent is not None:
+            held = self._held
+            if node.id in held:
+                held.move_to_end(node.id)
+
+    def _hold(self, node: Node, fd: int) -> None:
+        node._fd = fd
+        node.gone = None
+        if node.parent is None:
+            return  # the root: always held
+        self._held[node.id] = node
+        self._held.move_to_end(node.id)
+        if len(self._held) > self.fd_cap:
+            self.evict(len(self._held) - self.fd_cap)
+
+    def _release(self, node: Node) -> None:
+        fd, node._fd = node._fd, -1
+        self._held.pop(node.id, None)
+        if fd >= 0:
+            os.close(fd)
+
+    def evict(self, count: int = 1) -> int:
+        """Give up the fds of up to *count* nodes, least recently used first, that a name
+        still leads to (an unreachable node keeps its fd: nothing else reaches its object).
+        Returns how many were given up."""
+        done = 0
+        held = self._held
+        for _ in range(len(held)):
+            if done >= count or not held:
+                break
+            node_id, node = next(iter(held.items()))
+            if node.dead or not self.reachable(node):
+                held.move_to_end(node_id)  # kept: scanned again only after the others
+                continue
+            fd = node._fd
+            try:
+                st = os.fstat(fd)
+                handle = _sys.name_to_handle(fd)
+            except OSError:
+                st, handle = None, None
+            if st is None:
+                self._release(node)
+                continue
+            node.gone = (st.st_dev, st.st_ino, stat.S_IFMT(st.st_mode), handle)
+            self._release(node)
+            done += 1
+        return done
+
+    def reopen(self, node: Node) -> int:
+        """The fd of a node that gave its up: opened at its name and checked to be the same
+        object (device, inode, type, file handle); -1 if it cannot be had that way."""
+        if self._opener is None or node.gone is None or node.dead or not self.reachable(node):
+            return -1
+        try:
+            fd = self._opener(node)
+        except OSError as exc:
+            if exc.errno not in (errno.EMFILE, errno.ENFILE) or not self.evict(16):
+                log.debug("%r: cannot open its object again: %s", node, exc)
+                return -1
+            try:
+                fd = self._opener(node)
+            except OSError:
+                return -1
+        dev, ino, fmt, handle = node.gone
+        try:
+            st = os.fstat(fd)
+            same = (st.st_dev, st.st_ino, stat.S_IFMT(st.st_mode)) == (dev, ino, fmt) and (
+                handle is None or _sys.name_to_handle(fd) == handle
+            )
+        except OSError:
+            same = False
+        if not same:
+            os.close(fd)
+            log.warning("%r: the object at its name is not the node's any more (changed outside the mount)", node)
+            return -1
+        self._hold(node, fd)
+        return fd
 
     def by_key(self, key: tuple) -> Node | None:
         return self._by_key.get(key)
@@ -227,7 +354,10 @@ class InodeTable:
         """A new node for *name* in *parent* (lookup count 0: call ``ref`` once the kernel has it).
         *fd*: the node's O_PATH fd of its real object; the table owns it from now on."""
         self.detach(parent, name)
-        node = Node(self._next_id, parent, name, mode, layer, dirs, ino, fd)
+        node = Node(self._next_id, parent, name, mode, layer, dirs, ino)
+        node.table = self
+        if fd >= 0:
+            self._hold(node, fd)
         self._next_id += 1
         node.key = key
         if key is not None:
@@ -307,10 +437,13 @@ class InodeTable:
         node.key = DEAD if node.is_dir else None
 
     def set_fd(self, node: Node, fd: int) -> None:
-        """Give *node* a new fd of its real object (after a copy-up); the old one is closed."""
-        old, node.fd = node.fd, fd
-        if old >= 0 and old != fd:
-            os.close(old)
+        """Give *node* a new fd of its real object (after a copy-up); the old one is closed.
+        -1: none (the node's operations then fail with EBADF)."""
+        if node._fd != fd:
+            self._release(node)
+        node.gone = None
+        if fd >= 0:
+            self._hold(node, fd)
 
     def ref(self, node: Node, n: int = 1) -> None:
         node.lookups += n
@@ -342,9 +475,8 @@ class InodeTable:
             node.aliases = None
             if node.key is not None and self._by_key.get(node.key) is node:
                 del self._by_key[node.key]
-            if node.fd >= 0:
-                os.close(node.fd)
-                node.fd = -1
+            self._release(node)
+            node.table = None
             node = parent
 
     def _relink(self, node: Node, old: tuple[Node, bytes], new: tuple[Node, bytes]) -> None:

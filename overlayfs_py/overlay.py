@@ -57,7 +57,16 @@ class Entry:
 
 def new_inode_table(stack: LayerStack, fd_cap: int = 1 << 62) -> InodeTable:
     """The inode table of *stack*: its root merges ``stack.merge_root()`` and holds a dup of
-    the top layer's fd."""
+    the top layer's fd; at most *fd_cap* other node fds are held at once."""
+
+    def opener(node: Node) -> int:
+        """A node's object opened again at its name in its layer (never followed)."""
+        path = node.path_in(node.layer)
+        if not path:
+            return os.dup(node.layer.fd)
+        pdir, _, name = path.rpartition(b"/")
+        return _sys.open_node(stack.dir_fd(node.layer, pdir), name)
+
     top = stack.layers[0]
     root_st = os.fstat(top.fd)
     return InodeTable(
@@ -67,6 +76,7 @@ def new_inode_table(stack: LayerStack, fd_cap: int = 1 << 62) -> InodeTable:
         stack.xino(top, root_st.st_ino),
         root_fd=os.dup(top.fd),
         fd_cap=fd_cap,
+        opener=opener,
     )
 
 
@@ -253,10 +263,6 @@ class Overlay:
         """A new node's fd: O_PATH|O_NOFOLLOW of the object at *path* in *layer* (or of *name*
         in directory fd *pfd*), which must be the object the lookup found (*st*); ESTALE if
         the name changed in between."""
-        if len(self.inodes) >= self.inodes.fd_cap:
-            # Never let nodes take the descriptors kept for listings and open files.
-            self._out_of_fds()
-            raise OSError(errno.EMFILE, "too many live nodes for the descriptor limit")
         if not path:
             fd = os.dup(layer.fd)
         else:
@@ -266,9 +272,13 @@ class Overlay:
             try:
                 fd = _sys.open_node(pfd, name)
             except OSError as exc:
-                if exc.errno in (errno.EMFILE, errno.ENFILE):
-                    self._out_of_fds()
-                raise
+                # out of descriptors (the table's cap is above what is left): give some
+                # node fds up and try once more
+                if exc.errno not in (errno.EMFILE, errno.ENFILE) or not self.inodes.evict(64):
+                    if exc.errno in (errno.EMFILE, errno.ENFILE):
+                        self._out_of_fds()
+                    raise
+                fd = _sys.open_node(pfd, name)
         fst = os.fstat(fd)
         if fst.st_ino != st.st_ino or fst.st_dev != st.st_dev or stat.S_IFMT(fst.st_mode) != stat.S_IFMT(st.st_mode):
             os.close(fd)
@@ -279,9 +289,10 @@ class Overlay:
         if not self._warned_fds:
             self._warned_fds = True
             log.warning(
-                "out of file descriptors (%d live nodes, each holds one): lookups fail "
-                "with EMFILE until the kernel forgets some (see docs/performance.md)",
+                "out of file descriptors (%d live nodes, %d node fds held, none could be given up): "
+                "lookups fail with EMFILE until the kernel forgets some (see docs/performance.md)",
                 len(self.inodes),
+                self.inodes.held,
             )
         self._on_out_of_fds()
 

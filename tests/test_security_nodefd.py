@@ -12,8 +12,8 @@ Also: the node budget is clamped to the fd limit (every node holds an fd).
 
 from __future__ import annotations
 
+import errno
 import os
-import re
 
 import pytest
 
@@ -85,36 +85,91 @@ def test_fifo_swapped_in_does_not_hang_the_server(tmp_path):
         assert (m.path / "tmp" / "lf").read_text() == "orig\n"
 
 
-def test_node_budget_is_clamped_to_the_fd_limit(tmp_path):
-    """A budget beyond what RLIMIT_NOFILE allows is clamped (every node holds an fd), and
-    the server says so in its log."""
-    import resource
-
-    lo = tmp_path / "lo"
-    lo.mkdir()
-    log = tmp_path / "server.log"
-    with mounts.PyoverlayMount([lo], tmp_path / "m", options=["max_nodes=100000000"], log_path=log) as m:
-        os.listdir(m.path)
-    text = log.read_text()
-    found = re.search(r"node budget (\d+) \(asked: 100000000\): RLIMIT_NOFILE is (\d+)", text)
-    assert found, text[-2000:]
-    budget, limit = int(found.group(1)), int(found.group(2))
-    assert limit >= resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    assert 0 < budget < limit
-
-
-def test_clamp_arithmetic():
+def test_budget_and_fd_cache_sizes():
+    """The budget is what was asked (nodes do not each need a descriptor); the node fd cache
+    and the directory fd cache fit RLIMIT_NOFILE with room for open files."""
+    from overlayfs_py.budget import node_fd_cap
     from overlayfs_py.fs import clamp_node_budget
     from overlayfs_py.layers import DirFdCache
 
     cache = DirFdCache()
     assert clamp_node_budget(200_000, 1_048_576, cache) == 200_000 and cache.capacity == 2048
     cache = DirFdCache()
-    b = clamp_node_budget(200_000, 20_000, cache)
-    assert b + cache.capacity + 1024 <= 20_000 and b * 5 // 4 + cache.capacity + 1024 <= 20_000
+    assert clamp_node_budget(200_000, 20_000, cache) == 200_000
+    assert node_fd_cap(20_000, cache.capacity) + cache.capacity + 1024 <= 20_000
     cache = DirFdCache()
-    b = clamp_node_budget(0, 1024, cache)  # 0: as many as fit
-    assert b > 0 and b * 5 // 4 + cache.capacity <= 1024 - 64
+    assert clamp_node_budget(0, 1024, cache) == 0  # 0: no budget
+    assert 0 < node_fd_cap(1024, cache.capacity) + cache.capacity <= 1024 - 64
+
+
+def _ident(path) -> tuple[int, int]:
+    st = os.lstat(path)
+    return st.st_dev, st.st_ino
+
+
+def test_node_fds_are_a_cache_and_a_swapped_object_is_never_reached(tmp_path):
+    """Without FUSE, with room for 40 node fds: lookups of 320 files keep at most 40 held;
+    every node still reaches its own object (a given-up fd is opened again at the name and
+    checked); a node whose object was replaced behind the server's back (another file put
+    at its name in the upper layer, as the upper's owner could) gets no fd (EBADF for its
+    operations), never the other object; and a node renamed over while held keeps its fd
+    (nothing else reaches its object), however many others come and go."""
+    from helpers.core import build_core
+
+    lo, up, wk = tmp_path / "lo", tmp_path / "up", tmp_path / "wk"
+    (lo / "d").mkdir(parents=True)
+    for i in range(300):
+        (lo / "d" / f"f{i}").write_text(f"lower {i}\n")
+    (up / "u").mkdir(parents=True)
+    for i in range(20):
+        (up / "u" / f"g{i}").write_text(f"upper {i}\n")
+    wk.mkdir()
+    core = build_core([lo], up, wk)
+    ov, inodes = core.view, core.view.inodes
+    inodes.fd_cap = 40
+    try:
+        nodes = {}
+        for sub, names in ((b"d", [f"f{i}" for i in range(300)]), (b"u", [f"g{i}" for i in range(20)])):
+            dnode, _ = ov.lookup(inodes.root, sub)
+            inodes.ref(dnode)
+            for name in names:
+                node, _ = ov.lookup(dnode, name.encode())
+                inodes.ref(node)
+                nodes[name] = node
+                assert inodes.held <= 40
+        assert sum(n.holds_fd for n in nodes.values()) <= 40
+        for i in (0, 7, 150, 299):  # given up long ago: opened again, checked, the right object
+            node = nodes[f"f{i}"]
+            st = os.fstat(node.fd)
+            assert (st.st_dev, st.st_ino) == _ident(lo / "d" / f"f{i}")
+            fd = os.open(f"/proc/self/fd/{node.fd}", os.O_RDONLY)
+            try:
+                assert os.read(fd, 100) == f"lower {i}\n".encode()
+            finally:
+                os.close(fd)
+        # g0 is used no more: others push its fd out; then its object is replaced
+        # outside the mount, and the node must not reach the new file
+        victim = nodes["g0"]
+        for i in range(200, 260):
+            assert nodes[f"f{i}"].fd >= 0
+        assert not victim.holds_fd
+        os.unlink(up / "u" / "g0")
+        (up / "u" / "g0").write_text("planted\n")
+        assert victim.fd == -1
+        with pytest.raises(OSError) as e:
+            ov.getattr(victim)
+        assert e.value.errno == errno.EBADF
+        # a node no name leads to (renamed over, as the server's rename detaches it)
+        # keeps its fd and its object, however many others come and go
+        kept = nodes["g5"]
+        assert kept.fd >= 0
+        os.rename(up / "u" / "g6", up / "u" / "g5")
+        inodes.detach(kept.parent, kept.name)
+        for i in range(300):
+            assert nodes[f"f{i}"].fd >= 0
+        assert kept.holds_fd and os.fstat(kept.fd).st_size == len("upper 5\n")
+    finally:
+        core.destroy()
 
 
 def _open_fds() -> int:

@@ -5,15 +5,14 @@ through the fd. The kernel's overlay acts on the open file; so must pyoverlay, a
 host file must stay exactly as it was (on f323dfb fchmod made it set-uid root, fchown
 gave it to the user, and the FIFO hung the server).
 
-And the fd limit as an ordinary user cannot raise it: the node budget is clamped to what
-fits, a tree of more directories than descriptors fails cleanly (EMFILE for the lookups
-beyond it) and the server survives.
+And the fd limit an ordinary user cannot raise: node fds are a cache below it (the least
+recently used given up, opened again and checked when needed), so a tree of more
+directories than descriptors walks cleanly and the server survives.
 """
 
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import time
 
@@ -99,12 +98,12 @@ def _walk(user, mnt) -> subprocess.CompletedProcess:
     return user.run(["/usr/bin/python3", "-c", script, mnt], timeout=120)
 
 
-def test_fd_limit_clamps_the_budget_and_a_huge_dir_tree_fails_cleanly(user):
-    """RLIMIT_NOFILE 1024 (the user cannot raise it): the budget is clamped below it; 3,000
-    files in 6 directories walk cleanly (file nodes are dropped as the budget asks); 1,500
-    directories (each a node that holds an fd, never dropped by the budget) make lookups
-    beyond the limit fail with EMFILE, never crash the server, which then gets the kernel
-    to forget directories, still serves and unmounts cleanly."""
+def test_fd_limit_caps_node_fds_and_a_huge_dir_tree_walks(user):
+    """RLIMIT_NOFILE 1024 (the user cannot raise it): 3,000 files in 6 directories and
+    1,500 directories (more live nodes than descriptors: the kernel keeps directories) walk
+    cleanly, twice, because node fds are a cache below the limit; the server still serves
+    and unmounts cleanly. (Before node fds were a cache, the directories beyond the limit
+    failed with EMFILE.)"""
     lo, up, wk, mnt = user.mkdirs("lo", "up", "wk", "mnt")
     r = user.sh(
         "for d in 0 1 2 3 4 5; do mkdir lo/f$d; (cd lo/f$d && seq 1 500 | xargs touch); done;"
@@ -130,17 +129,12 @@ def test_fd_limit_clamps_the_budget_and_a_huge_dir_tree_fails_cleanly(user):
     )
     assert r.returncode == 0, r.stderr
     try:
-        text = log.read_text()
-        found = re.search(r"node budget (\d+) \(asked: 200000\): RLIMIT_NOFILE is 1024", text)
-        assert found, text[-2000:]
-        assert int(found.group(1)) < 1024
         for d in range(6):
             w = _walk(user, mnt / f"f{d}")
             assert w.returncode == 0 and w.stdout.split() == ["500", "0"], (w.stdout, w.stderr[-500:])
-        w = _walk(user, mnt / "dirs")
-        assert w.returncode == 0, w.stderr[-1000:]
-        errors = [line for line in w.stderr.splitlines() if line.strip()]
-        assert errors and all("Too many open files" in line for line in errors), errors[:5]
+        for _ in range(2):  # cold, then warm
+            w = _walk(user, mnt / "dirs")
+            assert w.returncode == 0 and not w.stderr.strip(), w.stderr[-1000:]
         # the server survived and still answers (once the kernel forgot some directories)
         assert mounts.is_mounted(mnt)
         for _ in range(50):
