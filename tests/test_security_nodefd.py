@@ -18,23 +18,9 @@ import os
 import pytest
 
 from helpers import mounts
-from helpers.nodefd import attack_argv, build_layers, host_state, make_host_file, run_bounded
+from helpers.nodefd import OPS, attack_argv, build_layers, host_state, make_host_file, run_bounded
 
 pytestmark = [pytest.mark.fuse, pytest.mark.kernel]
-
-OPS = [
-    "fchmod",
-    "fchown",
-    "ftruncate",
-    "truncate_opath",
-    "setxattr",
-    "removexattr",
-    "utimes",
-    "reopen",
-    "unlinked",
-    "other",
-    "fifo",
-]
 
 
 def _run(tmp_path, kind: str, op: str, where: str, host) -> dict:

@@ -21,6 +21,22 @@ import sys
 
 from . import mounts
 
+# the operations each attack acts through (tests/test_security_nodefd.py, the rootless one)
+OPS = [
+    "fchmod",
+    "fchown",
+    "ftruncate",
+    "truncate_opath",
+    "setxattr",
+    "removexattr",
+    "utimes",
+    "reopen",
+    "unlinked",
+    "other",
+    "fifo",
+]
+
+
 ATTACK = r"""
 import errno, json, os, stat, sys
 op, host, where = sys.argv[1], sys.argv[2], sys.argv[3]

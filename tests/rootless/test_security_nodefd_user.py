@@ -19,24 +19,10 @@ import time
 import pytest
 
 from helpers import mounts
-from helpers.nodefd import ATTACK, build_layers, host_state, make_host_file, run_bounded
+from helpers.nodefd import ATTACK, OPS, build_layers, host_state, make_host_file, run_bounded
 from helpers.rootless import VENV_BIN
 
 pytestmark = [pytest.mark.fuse, pytest.mark.kernel]
-
-OPS = [
-    "fchmod",
-    "fchown",
-    "ftruncate",
-    "truncate_opath",
-    "setxattr",
-    "removexattr",
-    "utimes",
-    "reopen",
-    "unlinked",
-    "other",
-    "fifo",
-]
 
 
 def _as_user(user, mount, op: str, host) -> dict:
