@@ -126,6 +126,7 @@ class MountConfig:
     gidmap: tuple[tuple[int, int, int], ...] = ()
     volatile: bool = False  # -o volatile: copy-ups and fsync not synced (the kernel's)
     max_nodes: int = 200_000  # -o max_nodes=N: node budget (0: none); docs/performance.md
+    engine: str = "pyfuse3"  # -o engine=pyfuse3|direct: who speaks FUSE (overlayfs_py/fuse/: direct)
 
     def __post_init__(self) -> None:
         # Accept any sequence but store an immutable tuple.
@@ -262,7 +263,7 @@ def _split_escaped(text: str, sep: str, *, unescape: bool) -> list[str]:
 
 
 # Options that carry a path or a name (value required).
-_VALUE_KEYS = ("lowerdir", "upperdir", "workdir", "fsname", "uidmapping", "gidmapping", "max_nodes")
+_VALUE_KEYS = ("lowerdir", "upperdir", "workdir", "fsname", "uidmapping", "gidmapping", "max_nodes", "engine")
 # Our boolean options.
 _FLAG_KEYS = ("userxattr", "allow_other", "default_permissions", "volatile")
 # FUSE / VFS generic flags: accepted and ignored.
@@ -457,9 +458,23 @@ def build_config(
         gidmap=_idmap(opts.get("gidmapping"), gidmap, "gid"),
         max_nodes=_max_nodes(opts.get("max_nodes")),
         volatile=bool(opts.get("volatile", False)),
+        engine=_engine(opts.get("engine")),
     )
     validate(cfg, workdir_may_be_missing=workdir_defaulted)
     return cfg
+
+
+ENGINES = ("pyfuse3", "direct")
+
+
+def _engine(option) -> str:
+    """``-o engine=pyfuse3|direct``: libfuse through pyfuse3 (the default) or pyoverlay's own
+    FUSE engine (``overlayfs_py/fuse/``)."""
+    if option is None:
+        return MountConfig.engine
+    if option not in ENGINES:
+        raise ConfigError(f"mount option 'engine' must be one of {', '.join(ENGINES)}, not {option!r}")
+    return str(option)
 
 
 def _max_nodes(option) -> int:

@@ -14,7 +14,7 @@ import gc
 import logging
 import os
 import signal
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import pyfuse3
 import trio
@@ -26,6 +26,8 @@ from .copyup import CopyUp
 from .core import Core
 from .dircache import ListingCache
 from .errors import PyoverlayError
+from .fuse import ops as direct_ops
+from .fuse import session as direct
 from .handles import HandleTable
 from .inodes import Node
 from .layers import LayerStack
@@ -146,7 +148,14 @@ def build_overlay(
     return Core(view, writes, budget, work)
 
 
-async def _main(cfg: MountConfig, overlay: Overlay) -> None:
+async def _main(
+    cfg: MountConfig,
+    overlay: Overlay,
+    run: Callable[[], Awaitable[None]] = pyfuse3.main,
+    stop: Callable[[], None] = pyfuse3.terminate,
+) -> None:
+    """Serve (*run*: the engine's loop) beside the trace sink until unmounted or signalled
+    (*stop* ends the engine's loop)."""
     sink = TraceSink(overlay.trace, cfg.trace_file, state.trace_socket(cfg.mountpoint))
     async with trio.open_nursery() as nursery:
         await nursery.start(sink.run)
@@ -155,12 +164,12 @@ async def _main(cfg: MountConfig, overlay: Overlay) -> None:
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
                 async for _ in sigs:
                     log.info("signal received: unmounting %s", cfg.mountpoint)
-                    pyfuse3.terminate()
+                    stop()
                     return
 
         nursery.start_soon(on_signal)
         try:
-            await pyfuse3.main()
+            await run()
         finally:
             overlay.trace.close()  # the sink writes the end record and returns
         with trio.move_on_after(5):
@@ -245,6 +254,8 @@ def serve(cfg: MountConfig, ready_fd: int | None = None) -> int:
     os.umask(0)  # modes of new objects are exactly what the caller asked for
     if cfg.userxattr is None:
         raise ValueError("the mount is not planned: run userxattr.plan(cfg) before serving it")
+    if cfg.engine == "direct":
+        return _serve_direct(cfg, ready_fd)
     wd = prepare_workdir(cfg)
     try:
         check_whiteouts(cfg, wd)
@@ -278,6 +289,64 @@ def serve(cfg: MountConfig, ready_fd: int | None = None) -> int:
         unmount_clean = True
     finally:
         pyfuse3.close(unmount=cfg.fuse_fd is None)
+        core.destroy()
+        state.forget(cfg.mountpoint, os.getpid())
+        log.debug("server exiting (clean=%s)", unmount_clean)
+    return 0
+
+
+def _serve_direct(cfg: MountConfig, ready_fd: int | None) -> int:
+    """``serve`` with pyoverlay's own FUSE engine (``-o engine=direct``, overlayfs_py/fuse/)."""
+    wd = prepare_workdir(cfg)
+    notifier = direct.Notifier()
+    try:
+        check_whiteouts(cfg, wd)
+        core = build_overlay(cfg, wd, drop_entries=notifier.drop_entries, attr_changed=notifier.attr_changed)
+    except BaseException:
+        if wd is not None:
+            wd.close()
+        raise
+    mounted = cfg.fuse_fd is None
+    try:
+        fd = direct.mount_fuse(cfg) if mounted else cfg.fuse_fd
+    except BaseException:
+        core.destroy()
+        if wd is not None:
+            wd.close()
+        raise
+    assert fd is not None
+    notifier.start(fd)
+    session = direct.Session(fd, direct_ops.Ops(core), core.view.trace)
+    unmount_clean = False
+    cancel: list[trio.CancelScope] = []
+
+    async def run() -> None:
+        with trio.CancelScope() as scope:
+            cancel.append(scope)
+            await session.run()
+
+    def stop() -> None:
+        for scope in cancel:
+            scope.cancel()
+
+    try:
+        try:
+            state.record(cfg.mountpoint, os.getpid(), cfg)
+            userxattr.record(cfg, wd.fd if wd is not None else None)
+        finally:
+            if wd is not None:
+                wd.close()
+        if ready_fd is not None:
+            os.write(ready_fd, b"ok\n")
+            os.close(ready_fd)
+        trio.run(_main, cfg, core.view, run, stop)
+        unmount_clean = True
+    finally:
+        if mounted and not session.ended_by_kernel:
+            direct.unmount_fuse(cfg.mountpoint)
+        notifier.stop()
+        if mounted:
+            os.close(fd)
         core.destroy()
         state.forget(cfg.mountpoint, os.getpid())
         log.debug("server exiting (clean=%s)", unmount_clean)

@@ -27,6 +27,10 @@ SERVER_LOGS: list[Path] = []
 
 FUSERMOUNT = "fusermount3"
 
+#: ``PYOVERLAY_TEST_ENGINE=direct|pyfuse3``: every pyoverlay mount of the tests gets
+#: ``-o engine=...`` (unless it names one itself); unset: the default engine.
+ENGINE_ENV = "PYOVERLAY_TEST_ENGINE"
+
 #: seconds a pyoverlay mount may stay in use before the watchdog aborts it
 DEFAULT_WATCHDOG = float(os.environ.get("PYOVERLAY_TEST_WATCHDOG", "120"))
 
@@ -161,6 +165,9 @@ class PyoverlayMount(contextlib.AbstractContextManager):
         self.upper = Path(upper) if upper is not None else None
         self.workdir = Path(workdir) if workdir is not None else None
         self.options = list(options)
+        engine = os.environ.get(ENGINE_ENV)
+        if engine and not any(o.startswith("engine=") for o in self.options):
+            self.options.append(f"engine={engine}")
         self.log_path = (
             Path(log_path) if log_path else self.mountpoint.parent / (self.mountpoint.name + ".pyoverlay.log")
         )

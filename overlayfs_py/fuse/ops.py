@@ -1,0 +1,368 @@
+"""Requests of the direct engine translated to calls on the core (``core.Core``): the same
+translation ``fs.py`` makes for pyfuse3, on raw ``fuse.h`` structures.
+
+A handler takes the request (``Request``: the header's fields and the body) and returns the
+reply's payload, or raises ``OSError``; ``session.Session`` turns errors into replies (the
+one place). Handlers in ``SYNC`` run inline in the request loop; those in ``ASYNC`` (the core's
+awaitable calls: opens, copy-ups, renames) each run in a task of their own.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import trio
+
+from ..budget import FD_WAIT
+from ..core import Core
+from ..inodes import Node
+from ..overlay import Caller
+from . import proto as p
+
+#: lowers never change while mounted and the upper only through us (fs.TIMEOUT)
+TIMEOUT = 86400
+
+
+@dataclass(slots=True)
+class Request:
+    opcode: int
+    unique: int
+    nodeid: int
+    uid: int
+    gid: int
+    pid: int
+    body: memoryview
+
+
+def _name(body: memoryview, start: int = 0) -> bytes:
+    """A NUL-terminated name at *start* of the body."""
+    raw = bytes(body[start:])
+    end = raw.find(b"\0")
+    return raw if end < 0 else raw[:end]
+
+
+def _two_names(body: memoryview, start: int = 0) -> tuple[bytes, bytes]:
+    raw = bytes(body[start:])
+    first, _, rest = raw.partition(b"\0")
+    return first, rest.partition(b"\0")[0]
+
+
+class Ops:
+    def __init__(self, core: Core) -> None:
+        self.ov = core.view
+        self.writes = core.writes
+        self.budget = core.budget
+        self.inodes = core.view.inodes
+        self.owners = core.view.owners
+        self.sync: dict[int, Callable[[Request], bytes]] = {
+            p.LOOKUP: self.lookup,
+            p.GETATTR: self.getattr,
+            p.READLINK: self.readlink,
+            p.STATFS: self.statfs,
+            p.READ: self.read,
+            p.WRITE: self.write,
+            p.RELEASE: self.release,
+            p.OPENDIR: self.opendir,
+            p.READDIR: self.readdir,
+            p.READDIRPLUS: self.readdirplus,
+            p.RELEASEDIR: self.releasedir,
+            p.GETXATTR: self.getxattr,
+            p.LISTXATTR: self.listxattr,
+            p.ACCESS: self.access,
+            p.MKDIR: self.mkdir,
+            p.MKNOD: self.mknod,
+            p.SYMLINK: self.symlink,
+            p.UNLINK: self.unlink,
+            p.RMDIR: self.rmdir,
+            p.FSYNC: self.fsync,
+        }
+        self.asyncs: dict[int, Callable[[Request], Awaitable[bytes]]] = {
+            p.OPEN: self.open,
+            p.CREATE: self.create,
+            p.LINK: self.link,
+            p.RENAME: self.rename,
+            p.RENAME2: self.rename2,
+            p.SETATTR: self.setattr,
+            p.SETXATTR: self.setxattr,
+            p.REMOVEXATTR: self.removexattr,
+        }
+
+    # --- helpers ------------------------------------------------------------------------
+
+    def _node(self, node_id: int) -> Node:
+        node = self.inodes.get(node_id)
+        if node is None:
+            raise OSError(errno.ESTALE, "no such node")
+        return node
+
+    def _attr(self, node: Node | None, st: os.stat_result, ino: int, nlink: int) -> tuple[int, ...]:
+        mode, uid, gid = st.st_mode, st.st_uid, st.st_gid
+        if self.owners.presenting:
+            uid, gid, mode = self.ov.presented_owner(node, st)
+        return p.pack_attr_fields(
+            ino, mode, nlink, uid, gid, st.st_rdev, st.st_size, st.st_blocks, st.st_blksize,
+            st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns,
+        )  # fmt: skip
+
+    def _entry_out(self, node: Node | None, st: os.stat_result, ino: int, nlink: int) -> bytes:
+        node_id = node.id if node is not None else 0
+        return p.ENTRY_OUT.pack(node_id, 0, TIMEOUT, TIMEOUT, 0, 0, *self._attr(node, st, ino, nlink))
+
+    def _node_entry(self, node: Node, st: os.stat_result | None = None) -> bytes:
+        if st is None:
+            st = self.ov.getattr(node)
+        return self._entry_out(node, st, node.ino, self.ov.nlink(node, st))
+
+    def _new_entry(self, node: Node, st: os.stat_result) -> bytes:
+        out = self._node_entry(node, st)
+        self.inodes.ref(node)
+        return out
+
+    def _node_attr_out(self, node: Node, st: os.stat_result | None = None) -> bytes:
+        if st is None:
+            st = self.ov.getattr(node)
+        return p.ATTR_OUT.pack(TIMEOUT, 0, 0, *self._attr(node, st, node.ino, self.ov.nlink(node, st)))
+
+    @staticmethod
+    def caller(req: Request, umask: int = 0) -> Caller:
+        return Caller(req.uid, req.gid, req.pid, umask)
+
+    # --- lookup and attributes ----------------------------------------------------------
+
+    def _lookup_once(self, parent: Node, name: bytes) -> bytes:
+        st: os.stat_result | None
+        if name == b".":
+            node, st = parent, None
+        elif name == b"..":
+            node, st = (parent.parent or parent), None
+        else:
+            try:
+                node, st = self.ov.lookup(parent, name)
+            except OSError as exc:
+                if exc.errno == errno.ESTALE:  # the name changed under the lookup: once more
+                    node, st = self.ov.lookup(parent, name)
+                else:
+                    raise
+        out = self._node_entry(node, st)
+        self.inodes.ref(node)
+        self.budget.check()
+        return out
+
+    def lookup(self, req: Request) -> bytes:
+        try:
+            return self._lookup_once(self._node(req.nodeid), _name(req.body))
+        except OSError as exc:
+            if exc.errno == errno.ENOENT:  # a negative entry the kernel may cache
+                return p.ENTRY_OUT.pack(0, 0, TIMEOUT, 0, 0, 0, *([0] * 16))
+            raise
+
+    async def lookup_waiting(self, req: Request) -> bytes:
+        """LOOKUP out of descriptors for nodes: the kernel was asked to drop some entries;
+        their FORGETs come as other requests meanwhile (the session retries here)."""
+        waited = 0.0
+        while True:
+            try:
+                return self.lookup(req)
+            except OSError as exc:
+                if exc.errno not in (errno.EMFILE, errno.ENFILE) or waited >= FD_WAIT:
+                    raise
+            await trio.sleep(0.02)
+            waited += 0.02
+
+    def forget(self, node_id: int, nlookup: int) -> None:
+        self.inodes.forget(node_id, nlookup)
+
+    def getattr(self, req: Request) -> bytes:
+        return self._node_attr_out(self._node(req.nodeid))
+
+    def readlink(self, req: Request) -> bytes:
+        return self.ov.readlink(self._node(req.nodeid))
+
+    def statfs(self, req: Request) -> bytes:
+        sv = self.ov.statfs()
+        return p.STATFS_OUT.pack(
+            sv.f_blocks, sv.f_bfree, sv.f_bavail, sv.f_files, sv.f_ffree, sv.f_bsize, sv.f_namemax, sv.f_frsize, 0
+        )
+
+    def access(self, req: Request) -> bytes:
+        return b""  # the kernel checks permissions (default_permissions); else allowed
+
+    async def setattr(self, req: Request) -> bytes:
+        (valid, _pad, fh, size, _lo, atime, mtime, _ct, atimensec, mtimensec, _ctn, mode, _u4, uid, gid, _u5) = (
+            p.SETATTR_IN.unpack_from(req.body)
+        )
+        changes: dict[str, int] = {}
+        if valid & p.FATTR_SIZE:
+            changes["size"] = size
+        if valid & p.FATTR_MODE:
+            changes["mode"] = mode
+        if valid & p.FATTR_UID:
+            changes["uid"] = uid
+        if valid & p.FATTR_GID:
+            changes["gid"] = gid
+        if valid & p.FATTR_ATIME:  # with ATIME_NOW too: the kernel filled in its time
+            changes["atime_ns"] = atime * 1_000_000_000 + atimensec
+        if valid & p.FATTR_MTIME:
+            changes["mtime_ns"] = mtime * 1_000_000_000 + mtimensec
+        node = self._node(req.nodeid)
+        st = await self.writes.setattr(node, changes, fh if valid & p.FATTR_FH else None)
+        return self._node_attr_out(node, st)
+
+    # --- files --------------------------------------------------------------------------
+
+    async def open(self, req: Request) -> bytes:
+        flags, _open_flags = p.OPEN_IN.unpack_from(req.body)
+        fh = await self.ov.open(self._node(req.nodeid), flags, self.caller(req))
+        return p.OPEN_OUT.pack(fh, p.FOPEN_KEEP_CACHE | p.FOPEN_NOFLUSH, 0)
+
+    async def create(self, req: Request) -> bytes:
+        flags, mode, umask, _open_flags = p.CREATE_IN.unpack_from(req.body)
+        name = _name(req.body, p.CREATE_IN.size)
+        node, st, fh = await self.writes.create(self._node(req.nodeid), name, mode, flags, self.caller(req, umask))
+        entry = self._new_entry(node, st)
+        return entry + p.OPEN_OUT.pack(fh, p.FOPEN_KEEP_CACHE | p.FOPEN_NOFLUSH, 0)
+
+    def mkdir(self, req: Request) -> bytes:
+        mode, umask = p.MKDIR_IN.unpack_from(req.body)
+        name = _name(req.body, p.MKDIR_IN.size)
+        return self._new_entry(*self.writes.mkdir(self._node(req.nodeid), name, mode, self.caller(req, umask)))
+
+    def mknod(self, req: Request) -> bytes:
+        mode, rdev, umask, _pad = p.MKNOD_IN.unpack_from(req.body)
+        name = _name(req.body, p.MKNOD_IN.size)
+        return self._new_entry(*self.writes.mknod(self._node(req.nodeid), name, mode, rdev, self.caller(req, umask)))
+
+    def symlink(self, req: Request) -> bytes:
+        name, target = _two_names(req.body)
+        return self._new_entry(*self.writes.symlink(self._node(req.nodeid), name, target, self.caller(req)))
+
+    async def link(self, req: Request) -> bytes:
+        (old,) = p.LINK_IN.unpack_from(req.body)
+        name = _name(req.body, p.LINK_IN.size)
+        node, st = await self.writes.link(self._node(old), self._node(req.nodeid), name, self.caller(req))
+        return self._new_entry(node, st)
+
+    def unlink(self, req: Request) -> bytes:
+        self.writes.remove(self._node(req.nodeid), _name(req.body), is_dir=False)
+        return b""
+
+    def rmdir(self, req: Request) -> bytes:
+        self.writes.remove(self._node(req.nodeid), _name(req.body), is_dir=True)
+        return b""
+
+    async def _rename(self, req: Request, newdir: int, flags: int, start: int) -> bytes:
+        old, new = _two_names(req.body, start)
+        await self.writes.rename(self._node(req.nodeid), old, self._node(newdir), new, flags)
+        return b""
+
+    async def rename(self, req: Request) -> bytes:
+        (newdir,) = p.RENAME_IN.unpack_from(req.body)
+        return await self._rename(req, newdir, 0, p.RENAME_IN.size)
+
+    async def rename2(self, req: Request) -> bytes:
+        newdir, flags, _pad = p.RENAME2_IN.unpack_from(req.body)
+        return await self._rename(req, newdir, flags, p.RENAME2_IN.size)
+
+    def read(self, req: Request) -> bytes:
+        fh, off, size, *_ = p.READ_IN.unpack_from(req.body)
+        return self.ov.read(fh, off, size)
+
+    def write(self, req: Request) -> bytes:
+        fh, off, size, *_ = p.WRITE_IN.unpack_from(req.body)
+        data = req.body[p.WRITE_IN.size : p.WRITE_IN.size + size]
+        return p.WRITE_OUT.pack(self.writes.write(fh, off, bytes(data)), 0)
+
+    def fsync(self, req: Request) -> bytes:
+        fh, fsync_flags, _pad = p.FSYNC_IN.unpack_from(req.body)
+        self.writes.fsync(fh, bool(fsync_flags & 1))
+        return b""
+
+    def release(self, req: Request) -> bytes:
+        (fh, *_) = p.RELEASE_IN.unpack_from(req.body)
+        self.ov.release(fh)
+        return b""
+
+    # --- directories --------------------------------------------------------------------
+
+    def opendir(self, req: Request) -> bytes:
+        fh = self.ov.opendir(self._node(req.nodeid))
+        return p.OPEN_OUT.pack(fh, 0, 0)
+
+    def releasedir(self, req: Request) -> bytes:
+        return self.release(req)
+
+    def _listing(self, req: Request, plus: bool) -> bytes:
+        fh, off, size, *_ = p.READ_IN.unpack_from(req.body)
+        if plus:
+            self.budget.check()  # READDIRPLUS makes a node per entry
+        entries = self.ov.readdir(fh, off)
+        out: list[bytes] = []
+        used = 0
+        while True:
+            try:
+                index, entry = next(entries)
+            except StopIteration:
+                break
+            except OSError as exc:
+                # Out of fds for new nodes mid-listing: end this reply here (the kernel
+                # asks again from the next offset); an error only if nothing was given.
+                if out and exc.errno in (errno.EMFILE, errno.ENFILE):
+                    break
+                raise
+            typ = stat.S_IFMT(entry.st.st_mode) >> 12
+            dent = p.dirent(entry.ino, index + 1, typ, entry.name)
+            if plus:
+                dent = self._entry_out(entry.node, entry.st, entry.ino, entry.nlink) + dent
+            if used + len(dent) > size:
+                if entry.node is not None:
+                    self.inodes.maybe_drop(entry.node)
+                break
+            if entry.node is not None:
+                if plus:
+                    self.inodes.ref(entry.node)
+                else:
+                    self.inodes.maybe_drop(entry.node)
+            out.append(dent)
+            used += len(dent)
+        return b"".join(out)
+
+    def readdir(self, req: Request) -> bytes:
+        return self._listing(req, plus=False)
+
+    def readdirplus(self, req: Request) -> bytes:
+        return self._listing(req, plus=True)
+
+    # --- xattrs -------------------------------------------------------------------------
+
+    @staticmethod
+    def _sized(value: bytes, size: int) -> bytes:
+        if size == 0:
+            return p.GETXATTR_OUT.pack(len(value), 0)
+        if len(value) > size:
+            raise OSError(errno.ERANGE, "buffer too small")
+        return value
+
+    def getxattr(self, req: Request) -> bytes:
+        size, _pad = p.GETXATTR_IN.unpack_from(req.body)
+        name = _name(req.body, p.GETXATTR_IN.size)
+        return self._sized(self.ov.getxattr(self._node(req.nodeid), os.fsdecode(name)), size)
+
+    def listxattr(self, req: Request) -> bytes:
+        size, _pad = p.GETXATTR_IN.unpack_from(req.body)
+        names = self.ov.listxattr(self._node(req.nodeid), self.caller(req))
+        return self._sized(b"".join(os.fsencode(n) + b"\0" for n in names), size)
+
+    async def setxattr(self, req: Request) -> bytes:
+        size, _flags = p.SETXATTR_IN.unpack_from(req.body)
+        raw = bytes(req.body[p.SETXATTR_IN.size :])
+        name, _, rest = raw.partition(b"\0")
+        await self.writes.setxattr(self._node(req.nodeid), os.fsdecode(name), rest[:size])
+        return b""
+
+    async def removexattr(self, req: Request) -> bytes:
+        await self.writes.removexattr(self._node(req.nodeid), os.fsdecode(_name(req.body)))
+        return b""

@@ -1,0 +1,318 @@
+"""The direct engine's mount and request loop: /dev/fuse read and written by this process.
+
+``mount_fuse`` mounts with mount(2) and ``fd=N`` (as root; the setuid fusermount3 path is
+not done yet). ``Session.run`` reads requests (the fd non-blocking, trio waiting for it),
+answers the synchronous core calls inline and runs each awaitable one (opens, copy-ups,
+renames) in a task of its own. Errors become replies here and only here. Notifications that
+take the kernel's directory locks (inval_entry) are written from a thread of their own: a
+request being answered may hold the lock they wait for.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import logging
+import os
+import queue
+import stat
+import threading
+
+import trio
+
+from .. import trace
+from ..config import MountConfig
+from ..errors import PyoverlayError
+from ..trace import Tracer
+from . import proto as p
+from .ops import Ops, Request
+
+log = logging.getLogger(__name__)
+
+MAX_WRITE = 1 << 20
+MAX_PAGES = 256
+#: a request is at most max_write + its headers (the kernel wants room for both)
+BUFFER_SIZE = MAX_WRITE + 64 * 1024
+
+#: what we ask for in INIT (granted: the part the kernel offers)
+WANT = (
+    p.ASYNC_READ
+    | p.ATOMIC_O_TRUNC
+    | p.EXPORT_SUPPORT
+    | p.BIG_WRITES
+    | p.HAS_IOCTL_DIR
+    | p.AUTO_INVAL_DATA
+    | p.DO_READDIRPLUS
+    | p.ASYNC_DIO
+    | p.PARALLEL_DIROPS
+    | p.MAX_PAGES
+    | p.INIT_EXT
+)
+
+#: requests made on behalf of a process the trace records (fs.py passes ctx for these)
+_TRACED = frozenset(
+    (p.OPEN, p.CREATE, p.MKDIR, p.MKNOD, p.SYMLINK, p.LINK, p.UNLINK, p.RMDIR, p.RENAME, p.RENAME2)
+    + (p.SETATTR, p.SETXATTR, p.REMOVEXATTR)
+)
+
+#: answered ENOSYS on purpose: the kernel then stops sending them (fc->no_flush, ...)
+_NOT_NEEDED = frozenset((p.FLUSH, p.FSYNCDIR))
+
+MS_RDONLY = 1
+MS_NOSUID = 2
+MS_NODEV = 4
+MNT_DETACH = 2
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+
+class DirectMountFailed(PyoverlayError):
+    """The direct engine could not mount."""
+
+
+def mount_options(cfg: MountConfig, fd: int, root_mode: int) -> tuple[int, str]:
+    """mount(2) flags and data for *cfg* on /dev/fuse *fd* (the options fs.fuse_options gives
+    libfuse)."""
+    opts = [f"fd={fd}", f"rootmode={stat.S_IFMT(root_mode):o}", f"user_id={os.geteuid()}", f"group_id={os.getegid()}"]
+    if cfg.default_permissions:
+        opts.append("default_permissions")
+    root = os.geteuid() == 0
+    if cfg.allow_other or root:  # a kernel overlay is visible to every user (fs.fuse_options)
+        opts.append("allow_other")
+    flags = 0 if root else MS_NOSUID | MS_NODEV
+    if cfg.read_only:
+        flags |= MS_RDONLY
+    return flags, ",".join(opts)
+
+
+def mount_fuse(cfg: MountConfig) -> int:
+    """Open /dev/fuse and mount it on ``cfg.mountpoint``; returns the fd."""
+    fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
+    try:
+        flags, data = mount_options(cfg, fd, os.stat(cfg.mountpoint).st_mode)
+        r = _libc.mount(os.fsencode(cfg.fsname), os.fsencode(cfg.mountpoint), b"fuse.pyoverlay", flags, data.encode())
+        if r != 0:
+            err = ctypes.get_errno()
+            hint = " (the direct engine mounts with mount(2): it needs root for now)" if err == errno.EPERM else ""
+            raise DirectMountFailed(f"cannot mount {cfg.mountpoint}: {os.strerror(err)}{hint}")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def unmount_fuse(mountpoint: str) -> None:
+    """Detach the mount (lazily, as libfuse does); no error if it is gone already."""
+    _libc.umount2(os.fsencode(mountpoint), MNT_DETACH)
+
+
+class Notifier:
+    """The engine's two ways of telling the kernel's caches (``mount.build_overlay``'s
+    *drop_entries* and *attr_changed*). Works once ``start`` gave it the fd."""
+
+    def __init__(self) -> None:
+        self.fd: int | None = None
+        self._queue: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    def start(self, fd: int) -> None:
+        self.fd = fd
+        self._thread = threading.Thread(target=self._writer, name="fuse-notify", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join(5)
+            self._thread = None
+
+    def _writer(self) -> None:
+        while True:
+            msg = self._queue.get()
+            if msg is None or self.fd is None:
+                return
+            try:
+                os.write(self.fd, msg)
+            except OSError as exc:  # ENOENT: the kernel no longer knows it; ENODEV: gone
+                if exc.errno == errno.ENODEV:
+                    return
+
+    def drop_entries(self, drops: list[tuple[int, bytes]]) -> None:
+        """Asynchronously (never from inside a request: the kernel takes the parent's lock)."""
+        if self.fd is None:
+            return
+        for parent_id, name in drops:
+            self._queue.put(p.notify_inval_entry(parent_id, name))
+
+    def attr_changed(self, node_id: int) -> None:
+        """Drop the kernel's cached attributes of a node (takes no lock the kernel holds)."""
+        if self.fd is None:
+            return
+        try:
+            os.write(self.fd, p.notify_inval_inode(node_id))
+        except OSError:
+            pass  # the kernel no longer knows the node
+
+
+class Session:
+    def __init__(self, fd: int, ops: Ops, tracer: Tracer) -> None:
+        self.fd = fd
+        self.ops = ops
+        self.tracer = tracer
+        self.initialized = False
+        self.proto_minor = 0
+        self._nursery: trio.Nursery | None = None
+        self.ended_by_kernel = False
+        self._spawned = False  # a task was started: the loop yields to it
+
+    # --- replies ------------------------------------------------------------------------
+
+    def _write(self, parts: list[bytes]) -> None:
+        try:
+            os.writev(self.fd, parts)
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:  # ENOENT: the request was interrupted meanwhile
+                raise
+
+    def reply(self, unique: int, payload: bytes) -> None:
+        self._write([p.out_header(unique, 0, len(payload)), payload])
+
+    def reply_error(self, unique: int, err: int) -> None:
+        self._write([p.out_header(unique, -err, 0)])
+
+    def _errno(self, exc: BaseException, opcode: int) -> int:
+        """The one place where exceptions become FUSE replies."""
+        if isinstance(exc, OSError):
+            return exc.errno or errno.EIO
+        log.error("internal error in opcode %d", opcode, exc_info=exc)
+        self.tracer.emit("error", op=str(opcode), error=f"{type(exc).__name__}: {exc}")
+        return errno.EIO
+
+    # --- the loop -----------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Serve until the kernel ends the connection (unmount, abort) or DESTROY."""
+        os.set_blocking(self.fd, False)
+        buf = bytearray(BUFFER_SIZE)
+        view = memoryview(buf)
+        served = 0
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            while True:
+                try:
+                    n = os.readv(self.fd, [buf])
+                except BlockingIOError:
+                    await trio.lowlevel.wait_readable(self.fd)
+                    continue
+                except InterruptedError:
+                    continue
+                except OSError as exc:
+                    if exc.errno == errno.ENOENT:  # an interrupted request: gone already
+                        continue
+                    if exc.errno in (errno.ENODEV, errno.ECONNABORTED):  # unmounted or aborted
+                        self.ended_by_kernel = True
+                        break
+                    raise
+                if not self._handle(view[:n]):
+                    break
+                served += 1
+                if self._spawned or served % 32 == 0:  # let started tasks run under load too
+                    self._spawned = False
+                    await trio.lowlevel.checkpoint()
+            nursery.cancel_scope.cancel()
+
+    def _handle(self, data: memoryview) -> bool:
+        """Answer (or start answering) one request; False ends the session."""
+        _len, opcode, unique, nodeid, uid, gid, pid, _ext, _pad = p.IN_HEADER.unpack_from(data)
+        body = data[p.IN_HEADER.size :]
+        ops = self.ops
+        handler = ops.sync.get(opcode)
+        if handler is not None:
+            req = Request(opcode, unique, nodeid, uid, gid, pid, body)
+            token = trace.request(pid, uid, gid) if opcode in _TRACED else None
+            try:
+                payload = handler(req)
+            except BaseException as exc:
+                err = self._errno(exc, opcode)
+                if opcode == p.LOOKUP and err in (errno.EMFILE, errno.ENFILE) and self._nursery is not None:
+                    req.body = memoryview(bytes(body))
+                    self._nursery.start_soon(self._run_async, ops.lookup_waiting, req)
+                    self._spawned = True
+                else:
+                    self.reply_error(unique, err)
+                return True
+            finally:
+                if token is not None:
+                    trace.done(token)
+            self.reply(unique, payload)
+            return True
+        ahandler = ops.asyncs.get(opcode)
+        if ahandler is not None and self._nursery is not None:
+            req = Request(opcode, unique, nodeid, uid, gid, pid, memoryview(bytes(body)))
+            self._nursery.start_soon(self._run_async, ahandler, req)
+            self._spawned = True
+            return True
+        if opcode == p.FORGET:
+            (nlookup,) = p.FORGET_IN.unpack_from(body)
+            ops.forget(nodeid, nlookup)
+        elif opcode == p.BATCH_FORGET:
+            count, _dummy = p.BATCH_FORGET_IN.unpack_from(body)
+            off = p.BATCH_FORGET_IN.size
+            for _ in range(count):
+                node_id, nlookup = p.FORGET_ONE.unpack_from(body, off)
+                off += p.FORGET_ONE.size
+                ops.forget(node_id, nlookup)
+        elif opcode == p.INTERRUPT:
+            pass  # requests finish quickly; the kernel gets their reply
+        elif opcode == p.INIT:
+            self._init(unique, body)
+        elif opcode == p.DESTROY:
+            self.reply(unique, b"")
+            return False
+        else:  # FLUSH, FSYNCDIR on purpose (_NOT_NEEDED); the rest: not served
+            self.reply_error(unique, errno.ENOSYS)
+        return True
+
+    async def _run_async(self, handler: object, req: Request) -> None:
+        token = trace.request(req.pid, req.uid, req.gid) if req.opcode in _TRACED else None
+        try:
+            payload = await handler(req)  # type: ignore[operator]
+        except trio.Cancelled:
+            raise
+        except BaseException as exc:
+            self.reply_error(req.unique, self._errno(exc, req.opcode))
+            return
+        finally:
+            if token is not None:
+                trace.done(token)
+        self.reply(req.unique, payload)
+
+    def _init(self, unique: int, body: memoryview) -> None:
+        major, minor, max_readahead, flags = p.INIT_IN_OLD.unpack_from(body)
+        if major != p.KERNEL_VERSION or minor < 31:
+            log.error("FUSE protocol %d.%d not supported (need 7.31 or later)", major, minor)
+            self.reply_error(unique, errno.EPROTO)
+            return
+        flags2 = p.INIT_IN.unpack_from(body)[4] if flags & p.INIT_EXT and len(body) >= p.INIT_IN.size else 0
+        offered = flags | (flags2 << 32)
+        granted = offered & WANT
+        self.proto_minor = min(minor, p.KERNEL_MINOR_VERSION)
+        out = p.INIT_OUT.pack(
+            p.KERNEL_VERSION,
+            self.proto_minor,
+            max_readahead,
+            granted & 0xFFFF_FFFF,
+            64,  # max_background
+            48,  # congestion_threshold
+            MAX_WRITE,
+            1,  # time_gran: nanoseconds
+            MAX_PAGES,
+            0,
+            granted >> 32,
+            0,
+            0,
+        )
+        log.debug("INIT: kernel 7.%d offers %#x; granted %#x", minor, offered, granted)
+        self.initialized = True
+        self.reply(unique, out)
