@@ -39,7 +39,8 @@ ALLOWED_CYCLES: set[frozenset[str]] = set()
 
 #: Exception classes that are not user-facing errors: an OSError that carries an errno
 #: back to a FUSE reply (never printed as a message).
-NOT_USER_ERRORS = {"overlayfs_py.workdir.Replaced"}
+#: The direct engine's NeedsTask: a synchronous handler's "serve this in a task" signal.
+NOT_USER_ERRORS = {"overlayfs_py.workdir.Replaced", "overlayfs_py.fuse.ops.NeedsTask"}
 
 
 # --- the module graph ---------------------------------------------------------------------

@@ -27,6 +27,11 @@ from . import proto as p
 TIMEOUT = 86400
 
 
+class NeedsTask(Exception):
+    """Raised by a synchronous handler before doing anything: this request must be served
+    by the handler of the same opcode in ``Ops.asyncs``, in a task of its own."""
+
+
 @dataclass(slots=True)
 class Request:
     opcode: int
@@ -79,6 +84,7 @@ class Ops:
             p.UNLINK: self.unlink,
             p.RMDIR: self.rmdir,
             p.FSYNC: self.fsync,
+            p.OPEN: self.open_now,
         }
         self.asyncs: dict[int, Callable[[Request], Awaitable[bytes]]] = {
             p.OPEN: self.open,
@@ -213,6 +219,20 @@ class Ops:
         return self._node_attr_out(node, st)
 
     # --- files --------------------------------------------------------------------------
+
+    def open_now(self, req: Request) -> bytes:
+        """OPEN without a task when it cannot copy up (read-only, no O_TRUNC: the kernel's
+        ovl_open_need_copy_up is false and ``Overlay.open`` never awaits)."""
+        flags, _open_flags = p.OPEN_IN.unpack_from(req.body)
+        if (flags & os.O_ACCMODE) != os.O_RDONLY or flags & os.O_TRUNC:
+            raise NeedsTask
+        coro = self.ov.open(self._node(req.nodeid), flags, self.caller(req))
+        try:
+            coro.send(None)
+        except StopIteration as done:
+            return p.OPEN_OUT.pack(done.value, p.FOPEN_KEEP_CACHE | p.FOPEN_NOFLUSH, 0)
+        coro.close()
+        raise RuntimeError("a read-only open awaited")
 
     async def open(self, req: Request) -> bytes:
         flags, _open_flags = p.OPEN_IN.unpack_from(req.body)

@@ -26,7 +26,7 @@ from ..config import MountConfig
 from ..errors import PyoverlayError
 from ..trace import Tracer
 from . import proto as p
-from .ops import Ops, Request
+from .ops import NeedsTask, Ops, Request
 
 log = logging.getLogger(__name__)
 
@@ -233,6 +233,13 @@ class Session:
             token = trace.request(pid, uid, gid) if opcode in _TRACED else None
             try:
                 payload = handler(req)
+            except NeedsTask:
+                task = ops.asyncs[opcode]
+                if self._nursery is not None:
+                    req.body = memoryview(bytes(body))
+                    self._nursery.start_soon(self._run_async, task, req)
+                    self._spawned = True
+                return True
             except BaseException as exc:
                 err = self._errno(exc, opcode)
                 if opcode == p.LOOKUP and err in (errno.EMFILE, errno.ENFILE) and self._nursery is not None:
