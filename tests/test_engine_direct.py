@@ -235,3 +235,25 @@ def test_existing_comparisons_on_direct_engine(module, tmp_path):
         cwd=mounts.REPO_ROOT,
     )
     assert r.returncode == 0, f"{module} on the direct engine:\n" + "\n".join(r.stdout.splitlines()[-40:])
+
+
+@pytest.mark.kernel
+@pytest.mark.fuse
+def test_setxattr_create_and_replace_flags(tmp_path, monkeypatch):
+    monkeypatch.setenv(mounts.ENGINE_ENV, "direct")
+    lo, up, wd, mnt = (tmp_path / n for n in ("lo", "up", "wd", "mnt"))
+    for d in (lo, up, wd, mnt):
+        d.mkdir()
+    (lo / "f").write_bytes(b"x")
+    os.setxattr(lo / "f", "user.k", b"v")
+    with mounts.PyoverlayMount([lo], mnt, up, wd, log_path=tmp_path / "log") as m:
+        f = m.path / "f"
+        with pytest.raises(OSError) as ei:
+            os.setxattr(f, "user.k", b"w", os.XATTR_CREATE)
+        assert ei.value.errno == errno.EEXIST
+        with pytest.raises(OSError) as ei:
+            os.setxattr(f, "user.new", b"w", os.XATTR_REPLACE)
+        assert ei.value.errno == errno.ENODATA
+        os.setxattr(f, "user.k", b"w", os.XATTR_REPLACE)
+        os.setxattr(f, "user.new", b"n", os.XATTR_CREATE)
+        assert (os.getxattr(f, "user.k"), os.getxattr(f, "user.new")) == (b"w", b"n")

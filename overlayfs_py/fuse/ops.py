@@ -377,10 +377,24 @@ class Ops:
         return self._sized(b"".join(os.fsencode(n) + b"\0" for n in names), size)
 
     async def setxattr(self, req: Request) -> bytes:
-        size, _flags = p.SETXATTR_IN.unpack_from(req.body)
+        size, flags = p.SETXATTR_IN.unpack_from(req.body)
         raw = bytes(req.body[p.SETXATTR_IN.size :])
         name, _, rest = raw.partition(b"\0")
-        await self.writes.setxattr(self._node(req.nodeid), os.fsdecode(name), rest[:size])
+        node = self._node(req.nodeid)
+        if flags & (os.XATTR_CREATE | os.XATTR_REPLACE):
+            # checked before the core, as pyfuse3 does (the write path takes no flags)
+            try:
+                self.ov.getxattr(node, os.fsdecode(name))
+                exists = True
+            except OSError as exc:
+                if exc.errno != errno.ENODATA:
+                    raise
+                exists = False
+            if flags & os.XATTR_CREATE and exists:
+                raise OSError(errno.EEXIST, "attribute exists")
+            if flags & os.XATTR_REPLACE and not exists:
+                raise OSError(errno.ENODATA, "no such attribute")
+        await self.writes.setxattr(node, os.fsdecode(name), rest[:size])
         return b""
 
     async def removexattr(self, req: Request) -> bytes:
