@@ -94,8 +94,8 @@ def mount_fuse(cfg: MountConfig) -> int:
         r = _libc.mount(os.fsencode(cfg.fsname), os.fsencode(cfg.mountpoint), b"fuse.pyoverlay", flags, data.encode())
         if r != 0:
             err = ctypes.get_errno()
-            hint = " (the direct engine mounts with mount(2): it needs root for now)" if err == errno.EPERM else ""
-            raise DirectMountFailed(f"cannot mount {cfg.mountpoint}: {os.strerror(err)}{hint}")
+            hint = " (the direct engine needs root for now: no fusermount3 yet)" if err == errno.EPERM else ""
+            raise DirectMountFailed(f"mount(2): {os.strerror(err)}{hint}")
     except BaseException:
         os.close(fd)
         raise
