@@ -216,6 +216,8 @@ def test_direct_mount_serves_and_unmounts(tmp_path, monkeypatch):
         assert (m.path / "f").read_bytes() == b"lower\nmore\n"
         assert (up / "f").read_bytes() == b"lower\nmore\n"
     assert not mounts.is_mounted(mnt)
+    # the direct engine served it (pyfuse3 would pass every check above too)
+    assert "direct engine: INIT" in (tmp_path / "log").read_text()
 
 
 @pytest.mark.kernel
@@ -257,3 +259,4 @@ def test_setxattr_create_and_replace_flags(tmp_path, monkeypatch):
         os.setxattr(f, "user.k", b"w", os.XATTR_REPLACE)
         os.setxattr(f, "user.new", b"n", os.XATTR_CREATE)
         assert (os.getxattr(f, "user.k"), os.getxattr(f, "user.new")) == (b"w", b"n")
+    assert "direct engine: INIT" in (tmp_path / "log").read_text()

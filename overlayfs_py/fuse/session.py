@@ -320,6 +320,6 @@ class Session:
             0,
             0,
         )
-        log.debug("INIT: kernel 7.%d offers %#x; granted %#x", minor, offered, granted)
+        log.info("direct engine: INIT, kernel 7.%d offers %#x; granted %#x", minor, offered, granted)
         self.initialized = True
         self.reply(unique, out)
