@@ -126,7 +126,7 @@ class MountConfig:
     gidmap: tuple[tuple[int, int, int], ...] = ()
     volatile: bool = False  # -o volatile: copy-ups and fsync not synced (the kernel's)
     max_nodes: int = 200_000  # -o max_nodes=N: node budget (0: none); docs/performance.md
-    engine: str = "pyfuse3"  # -o engine=pyfuse3|direct: who speaks FUSE (overlayfs_py/fuse/: direct)
+    engine: str = "direct"  # -o engine=pyfuse3|direct: who speaks FUSE (overlayfs_py/fuse/: direct)
 
     def __post_init__(self) -> None:
         # Accept any sequence but store an immutable tuple.

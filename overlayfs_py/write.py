@@ -426,7 +426,9 @@ class WritePath:
 
     # --- xattrs -------------------------------------------------------------------------------
 
-    async def setxattr(self, node: Node, name: str, value: bytes) -> None:
+    async def setxattr(self, node: Node, name: str, value: bytes, flags: int = 0) -> None:
+        """Copy up, then set: a flagged set (XATTR_CREATE/XATTR_REPLACE) that fails does so
+        after the copy-up, as the kernel's ovl_xattr_set."""
         copy = self.copy
         if name == OVERRIDE_XATTR:
             raise OSError(errno.EPERM, "the stored owner is set by chown, not by its xattr")
@@ -434,7 +436,7 @@ class WritePath:
         for h in self.handles.files_of(node):
             h.unused_copy_up = None
         p, follow = _sys.fd_xattr_path(node.fd)
-        os.setxattr(p, self.names.to_real(name), value, follow_symlinks=follow)
+        os.setxattr(p, self.names.to_real(name), value, flags, follow_symlinks=follow)
 
     async def removexattr(self, node: Node, name: str) -> None:
         copy = self.copy

@@ -381,20 +381,7 @@ class Ops:
         raw = bytes(req.body[p.SETXATTR_IN.size :])
         name, _, rest = raw.partition(b"\0")
         node = self._node(req.nodeid)
-        if flags & (os.XATTR_CREATE | os.XATTR_REPLACE):
-            # checked before the core, as pyfuse3 does (the write path takes no flags)
-            try:
-                self.ov.getxattr(node, os.fsdecode(name))
-                exists = True
-            except OSError as exc:
-                if exc.errno != errno.ENODATA:
-                    raise
-                exists = False
-            if flags & os.XATTR_CREATE and exists:
-                raise OSError(errno.EEXIST, "attribute exists")
-            if flags & os.XATTR_REPLACE and not exists:
-                raise OSError(errno.ENODATA, "no such attribute")
-        await self.writes.setxattr(node, os.fsdecode(name), rest[:size])
+        await self.writes.setxattr(node, os.fsdecode(name), rest[:size], flags & (os.XATTR_CREATE | os.XATTR_REPLACE))
         return b""
 
     async def removexattr(self, req: Request) -> bytes:

@@ -65,6 +65,58 @@ TMPFILE = 51
 STATX = 52
 
 # --- notification codes (in the error field of an out header with unique 0) -----------
+#: opcode -> its fuse.h name in lower case (the debug log's words)
+OPCODE_NAMES = {
+    LOOKUP: "lookup",
+    FORGET: "forget",
+    GETATTR: "getattr",
+    SETATTR: "setattr",
+    READLINK: "readlink",
+    SYMLINK: "symlink",
+    MKNOD: "mknod",
+    MKDIR: "mkdir",
+    UNLINK: "unlink",
+    RMDIR: "rmdir",
+    RENAME: "rename",
+    LINK: "link",
+    OPEN: "open",
+    READ: "read",
+    WRITE: "write",
+    STATFS: "statfs",
+    RELEASE: "release",
+    FSYNC: "fsync",
+    SETXATTR: "setxattr",
+    GETXATTR: "getxattr",
+    LISTXATTR: "listxattr",
+    REMOVEXATTR: "removexattr",
+    FLUSH: "flush",
+    INIT: "init",
+    OPENDIR: "opendir",
+    READDIR: "readdir",
+    RELEASEDIR: "releasedir",
+    FSYNCDIR: "fsyncdir",
+    GETLK: "getlk",
+    SETLK: "setlk",
+    SETLKW: "setlkw",
+    ACCESS: "access",
+    CREATE: "create",
+    INTERRUPT: "interrupt",
+    BMAP: "bmap",
+    DESTROY: "destroy",
+    IOCTL: "ioctl",
+    POLL: "poll",
+    NOTIFY_REPLY: "notify_reply",
+    BATCH_FORGET: "batch_forget",
+    FALLOCATE: "fallocate",
+    READDIRPLUS: "readdirplus",
+    RENAME2: "rename2",
+    LSEEK: "lseek",
+    COPY_FILE_RANGE: "copy_file_range",
+    SYNCFS: "syncfs",
+    TMPFILE: "tmpfile",
+    STATX: "statx",
+}
+
 NOTIFY_INVAL_INODE = 2
 NOTIFY_INVAL_ENTRY = 3
 

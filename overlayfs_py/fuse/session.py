@@ -155,6 +155,16 @@ class Notifier:
             pass  # the kernel no longer knows the node
 
 
+def _log_request(opcode: int, nodeid: int, pid: int, body: memoryview) -> None:
+    """``--debug``: the request, and the name it carries when it carries one."""
+    name = bytes(body[:256]).split(b"\0", 1)[0] if opcode in _NAMED else b""
+    log.debug("%s node %d pid %d%s", p.OPCODE_NAMES.get(opcode, str(opcode)), nodeid, pid, f" {name!r}" if name else "")
+
+
+#: requests whose body starts with a name
+_NAMED = frozenset((p.LOOKUP, p.UNLINK, p.RMDIR, p.SYMLINK))
+
+
 class Session:
     def __init__(self, fd: int, ops: Ops, tracer: Tracer) -> None:
         self.fd = fd
@@ -165,6 +175,7 @@ class Session:
         self._nursery: trio.Nursery | None = None
         self.ended_by_kernel = False
         self._spawned = False  # a task was started: the loop yields to it
+        self.debug = log.isEnabledFor(logging.DEBUG)  # --debug: one line per request
 
     # --- replies ------------------------------------------------------------------------
 
@@ -226,6 +237,8 @@ class Session:
         """Answer (or start answering) one request; False ends the session."""
         _len, opcode, unique, nodeid, uid, gid, pid, _ext, _pad = p.IN_HEADER.unpack_from(data)
         body = data[p.IN_HEADER.size :]
+        if self.debug:
+            _log_request(opcode, nodeid, pid, body)
         ops = self.ops
         handler = ops.sync.get(opcode)
         if handler is not None:

@@ -411,6 +411,14 @@ SUBJECTS = {
 }
 
 
+def engine_name() -> str:
+    """The FUSE engine pyoverlay's mounts in this test run use (``PYOVERLAY_TEST_ENGINE``,
+    else the default)."""
+    from overlayfs_py.config import MountConfig
+
+    return os.environ.get(ENGINE_ENV) or MountConfig.engine
+
+
 def subject_name() -> str:
     name = os.environ.get("PYOVERLAY_TEST_SUBJECT", "pyoverlay")
     if name not in SUBJECTS:
