@@ -321,7 +321,7 @@ class Operations(pyfuse3.Operations):
 
     async def fsync(self, fh: FileHandleT, datasync: bool) -> None:
         with self._errors("fsync"):
-            self.writes.fsync(fh, datasync)
+            await self.writes.fsync(fh, datasync)
 
     async def fsyncdir(self, fh: FileHandleT, datasync: bool) -> None:
         # Directory changes are made with *at() calls on the real dirs; ENOSYS: the kernel

@@ -21,6 +21,8 @@ import stat
 from collections.abc import Callable
 from typing import Any
 
+import trio
+
 from . import _sys
 from .copyup import CopyUp, writable
 from .dircache import ListingCache
@@ -419,10 +421,12 @@ class WritePath:
             return os.write(h.fd, data)
         return os.pwrite(h.fd, data, offset)
 
-    def fsync(self, fh: int, datasync: bool) -> None:
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        """In a worker thread: syncing a large dirty file takes seconds, and other requests
+        go on meanwhile (the kernel keeps the file, so its handle, until fsync returns)."""
         h = self.handles[fh]
         if isinstance(h, OpenFile) and not self.volatile:  # volatile: fsync is a no-op, as ovl_fsync
-            (os.fdatasync if datasync else os.fsync)(h.fd)
+            await trio.to_thread.run_sync(os.fdatasync if datasync else os.fsync, h.fd)
 
     # --- xattrs -------------------------------------------------------------------------------
 

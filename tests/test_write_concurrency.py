@@ -127,3 +127,56 @@ def test_concurrent_openers_share_one_copy_up(tmp_path):
     assert (upper / "shared").read_bytes() == expected
     assert (lower / "shared").read_bytes() == b"0" * 8192
     assert _work_entries(work) == []
+
+
+def _server_syncing(pid) -> bool:
+    """One of the server's threads is inside fsync(2) or fdatasync(2) (x86-64: 74, 75)."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/syscall") as f:
+                if f.read().split(" ", 1)[0] in ("74", "75"):
+                    return True
+        except OSError:
+            continue
+    return False
+
+
+def test_fsync_does_not_stall_other_requests(tmp_path):
+    """While the server syncs a large dirty file for one process's fsync, other processes'
+    lookups, reads, readdirs and writes through the same mount complete."""
+    lower, upper, work, mnt = _stack(tmp_path)
+    with mounts.PyoverlayMount([lower], mnt, upper, work, log_path=tmp_path / "server.log") as m:
+        pid = m.proc.pid
+        fd = os.open(mnt / "dirty", os.O_WRONLY | os.O_CREAT, 0o644)
+        buf = os.urandom(CHUNK)
+        for _ in range(BIG_MB):
+            os.write(fd, buf)  # dirty pages of the upper file, in the server's page cache
+        done = threading.Event()
+        errors = []
+
+        def syncer():
+            try:
+                os.fsync(fd)
+            except OSError as exc:  # pragma: no cover - reported below
+                errors.append(exc)
+            finally:
+                done.set()
+
+        t = threading.Thread(target=syncer)
+        t.start()
+        try:
+            while not _server_syncing(pid) and not done.is_set():
+                pass
+            assert not done.is_set(), "the fsync finished before it could be observed"
+            assert os.stat(mnt / "d" / "small").st_size == 11
+            assert (mnt / "d" / "small").read_bytes() == b"small file\n"
+            assert sorted(os.listdir(mnt / "d")) == ["small"]
+            (mnt / "new").write_bytes(b"written meanwhile\n")
+            still_syncing = _server_syncing(pid) and not done.is_set()
+        finally:
+            t.join()
+            os.close(fd)
+        assert not errors, errors
+        assert still_syncing, "requests were only answered after the fsync had finished"
+        assert (upper / "dirty").stat().st_size == BIG_MB * CHUNK
+        assert (upper / "new").read_bytes() == b"written meanwhile\n"

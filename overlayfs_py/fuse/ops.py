@@ -83,7 +83,6 @@ class Ops:
             p.SYMLINK: self.symlink,
             p.UNLINK: self.unlink,
             p.RMDIR: self.rmdir,
-            p.FSYNC: self.fsync,
             p.OPEN: self.open_now,
         }
         self.asyncs: dict[int, Callable[[Request], Awaitable[bytes]]] = {
@@ -93,6 +92,7 @@ class Ops:
             p.RENAME: self.rename,
             p.RENAME2: self.rename2,
             p.SETATTR: self.setattr,
+            p.FSYNC: self.fsync,
             p.SETXATTR: self.setxattr,
             p.REMOVEXATTR: self.removexattr,
         }
@@ -296,9 +296,9 @@ class Ops:
         data = req.body[p.WRITE_IN.size : p.WRITE_IN.size + size]
         return p.WRITE_OUT.pack(self.writes.write(fh, off, bytes(data)), 0)
 
-    def fsync(self, req: Request) -> bytes:
+    async def fsync(self, req: Request) -> bytes:
         fh, fsync_flags, _pad = p.FSYNC_IN.unpack_from(req.body)
-        self.writes.fsync(fh, bool(fsync_flags & 1))
+        await self.writes.fsync(fh, bool(fsync_flags & 1))
         return b""
 
     def release(self, req: Request) -> bytes:
