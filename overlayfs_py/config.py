@@ -465,13 +465,20 @@ def build_config(
 
 
 ENGINES = ("pyfuse3", "direct")
+#: the engine of mounts that do not say ``-o engine=`` (the runner's, mount.fuse.pyoverlay's ...)
+ENGINE_ENV = "PYOVERLAY_ENGINE"
 
 
 def _engine(option) -> str:
-    """``-o engine=pyfuse3|direct``: libfuse through pyfuse3 (the default) or pyoverlay's own
-    FUSE engine (``overlayfs_py/fuse/``)."""
+    """``-o engine=direct|pyfuse3``: pyoverlay's own FUSE engine (``overlayfs_py/fuse/``, the
+    default) or libfuse through pyfuse3; without the option, ``$PYOVERLAY_ENGINE`` if set."""
     if option is None:
-        return MountConfig.engine
+        env = os.environ.get(ENGINE_ENV)
+        if not env:
+            return MountConfig.engine
+        if env not in ENGINES:
+            raise ConfigError(f"{ENGINE_ENV} must be one of {', '.join(ENGINES)}, not {env!r}")
+        return env
     if option not in ENGINES:
         raise ConfigError(f"mount option 'engine' must be one of {', '.join(ENGINES)}, not {option!r}")
     return str(option)

@@ -3,12 +3,10 @@
 * The protocol layouts (overlayfs_py/fuse/proto.py) against the sizes and offsets of the
   kernel's ``include/uapi/linux/fuse.h``; INIT negotiation and the answers of the request
   loop, on a pipe (no kernel).
-* ``-o engine=`` in the configuration: the default stays pyfuse3; an unknown engine is
-  refused in one line.
-* Existing kernel-comparison modules (ON_DIRECT) run with every pyoverlay mount on the
-  direct engine (``PYOVERLAY_TEST_ENGINE``, tests/helpers/mounts.py), each in a pytest of its
-  own (their slow cases excluded). The whole suite runs on it with
-  ``PYOVERLAY_TEST_ENGINE=direct scripts/test``.
+* ``-o engine=`` and ``$PYOVERLAY_ENGINE`` in the configuration: the default is the direct
+  engine; an unknown engine is refused in one line.
+* The whole suite runs on each engine: scripts/test runs it once with the default engine and
+  once with ``PYOVERLAY_ENGINE=pyfuse3`` (tests/helpers/mounts.py passes it to every mount).
 """
 
 from __future__ import annotations
@@ -24,22 +22,6 @@ import pytest
 from helpers import mounts
 from overlayfs_py.fuse import proto as p
 from overlayfs_py.fuse.session import MAX_WRITE, Session
-
-#: existing kernel-comparison modules run on the direct engine (each in a pytest of its own:
-#: their module fixtures share names, so they cannot be imported into one module)
-ON_DIRECT = (
-    "test_read_view.py",
-    "test_read_misc.py",
-    "test_read_redirect.py",
-    "test_write_copyup.py",
-    "test_write_create.py",
-    "test_write_io.py",
-    "test_write_links.py",
-    "test_write_rename.py",
-    "test_write_whiteout.py",
-    "test_write_xattr.py",
-)
-
 
 # --- the protocol ---------------------------------------------------------------------------
 
@@ -168,10 +150,17 @@ def test_unknown_and_unneeded_opcodes_answer_enosys_and_destroy_ends():
 # --- configuration ------------------------------------------------------------------------
 
 
-def test_engine_option_default_and_unknown(tmp_path):
-    from overlayfs_py.config import ConfigError, MountConfig, _engine
+def test_engine_option_default_and_unknown(tmp_path, monkeypatch):
+    from overlayfs_py.config import ENGINE_ENV, ConfigError, MountConfig, _engine
 
-    assert MountConfig.engine == "pyfuse3" and _engine(None) == "pyfuse3" and _engine("direct") == "direct"
+    monkeypatch.delenv(ENGINE_ENV, raising=False)
+    assert MountConfig.engine == "direct" and _engine(None) == "direct" and _engine("pyfuse3") == "pyfuse3"
+    monkeypatch.setenv(ENGINE_ENV, "pyfuse3")
+    assert _engine(None) == "pyfuse3" and _engine("direct") == "direct"
+    monkeypatch.setenv(ENGINE_ENV, "bogus")
+    with pytest.raises(ConfigError, match=ENGINE_ENV):
+        _engine(None)
+    monkeypatch.delenv(ENGINE_ENV)
     with pytest.raises(ConfigError):
         _engine("bogus")
     lo, mnt = tmp_path / "lo", tmp_path / "mnt"
@@ -218,25 +207,6 @@ def test_direct_mount_serves_and_unmounts(tmp_path, monkeypatch):
     assert not mounts.is_mounted(mnt)
     # the direct engine served it (pyfuse3 would pass every check above too)
     assert "direct engine: INIT" in (tmp_path / "log").read_text()
-
-
-@pytest.mark.kernel
-@pytest.mark.fuse
-@pytest.mark.timeout(1800)
-@pytest.mark.parametrize("module", ON_DIRECT)
-def test_existing_comparisons_on_direct_engine(module, tmp_path):
-    env = dict(os.environ)
-    env[mounts.ENGINE_ENV] = "direct"
-    tests = mounts.REPO_ROOT / "tests"
-    r = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-m", "not slow", "-p", "no:cacheprovider", str(tests / module)]
-        + ["--basetemp", str(tmp_path / "t")],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=mounts.REPO_ROOT,
-    )
-    assert r.returncode == 0, f"{module} on the direct engine:\n" + "\n".join(r.stdout.splitlines()[-40:])
 
 
 @pytest.mark.kernel

@@ -27,9 +27,10 @@ SERVER_LOGS: list[Path] = []
 
 FUSERMOUNT = "fusermount3"
 
-#: ``PYOVERLAY_TEST_ENGINE=direct|pyfuse3``: every pyoverlay mount of the tests gets
-#: ``-o engine=...`` (unless it names one itself); unset: the default engine.
-ENGINE_ENV = "PYOVERLAY_TEST_ENGINE"
+#: ``PYOVERLAY_ENGINE=direct|pyfuse3`` (the product's own variable, config.ENGINE_ENV): every
+#: pyoverlay mount of the tests gets ``-o engine=...`` (unless it names one itself), and the
+#: runner's mounts inherit it; unset: the default engine. scripts/test runs the suite on each.
+ENGINE_ENV = "PYOVERLAY_ENGINE"
 
 #: seconds a pyoverlay mount may stay in use before the watchdog aborts it
 DEFAULT_WATCHDOG = float(os.environ.get("PYOVERLAY_TEST_WATCHDOG", "120"))
@@ -412,7 +413,7 @@ SUBJECTS = {
 
 
 def engine_name() -> str:
-    """The FUSE engine pyoverlay's mounts in this test run use (``PYOVERLAY_TEST_ENGINE``,
+    """The FUSE engine pyoverlay's mounts in this test run use (``PYOVERLAY_ENGINE``,
     else the default)."""
     from overlayfs_py.config import MountConfig
 

@@ -168,7 +168,7 @@ class Lab:
     def snapshots(self, name: str, mode: str, watchdog=None) -> tuple[dict, dict]:
         """(kernel snapshot, subject snapshot) of a stack; cached, including a
         failure of the subject (re-raised for every test that asks)."""
-        key = (name, mode, os.environ.get(mounts.ENGINE_ENV))  # the engine under test counts
+        key = (name, mode, mounts.engine_name())  # the engine under test counts
         if key not in self._cache:
             stack = self.stack(name)
             try:

@@ -78,6 +78,8 @@ class User:
             "PYOVERLAY_DATA_DIR": str(self.data_dir),
             "PYOVERLAY_TEST_TAG": self.dir.name,
         }
+        if os.environ.get(mounts.ENGINE_ENV):  # the engine under test, as for root's mounts
+            env[mounts.ENGINE_ENV] = os.environ[mounts.ENGINE_ENV]
         env.update(extra or {})
         return env
 
