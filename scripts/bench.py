@@ -107,6 +107,13 @@ def parse_args(argv):
         "the kernel, fuse-overlayfs, pyoverlay and a do-nothing pyfuse3 server",
     )
     p.add_argument(
+        "--as-user",
+        metavar="USER",
+        help="rootless run: the whole bench (mounts, servers, workloads) as this ordinary user, "
+        "started by root with setpriv; the kernel overlay cannot take part, FUSE servers mount "
+        "with fusermount3 and pyoverlay cannot use passthrough",
+    )
+    p.add_argument(
         "--memwalk",
         type=int,
         metavar="N",
@@ -185,10 +192,61 @@ def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+#: set by --as-user for the unprivileged run it starts
+ROOTLESS_ENV = "PYOVERLAY_BENCH_ROOTLESS"
+
+
+def as_user(args, argv: list[str]) -> int:
+    """Run this bench again as *args.as_user* (root starts it; the user owns its workdir)."""
+    import pwd
+
+    if os.geteuid() != 0:
+        print("scripts/bench: --as-user needs root (it starts the run as that user)", file=sys.stderr)
+        return 2
+    try:
+        pw = pwd.getpwnam(args.as_user)
+    except KeyError:
+        print(f"scripts/bench: no user {args.as_user!r}", file=sys.stderr)
+        return 2
+    if pw.pw_uid == 0:
+        print("scripts/bench: --as-user wants an ordinary user", file=sys.stderr)
+        return 2
+    if args.tmpfs:
+        print("scripts/bench: --tmpfs needs root; not with --as-user", file=sys.stderr)
+        return 2
+    given = any(a == "--workdir" or a.startswith("--workdir=") for a in argv)
+    workdir = args.workdir if given else f"/tmp/pyoverlay-bench-{pw.pw_name}"
+    os.makedirs(workdir, exist_ok=True)
+    os.chown(workdir, pw.pw_uid, pw.pw_gid)
+    rest, skip = [], False
+    for a in argv:  # the same arguments, without --as-user and --workdir (given again below)
+        if skip:
+            skip = False
+        elif a in ("--as-user", "--workdir"):
+            skip = True
+        elif not a.startswith(("--as-user=", "--workdir=")):
+            rest.append(a)
+    env = {
+        "HOME": workdir,
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "LANG": "C.UTF-8",
+        ROOTLESS_ENV: "1",
+        "XDG_RUNTIME_DIR": workdir,
+    }
+    for key in ("PYOVERLAY_ENGINE",):
+        if key in os.environ:
+            env[key] = os.environ[key]
+    exe = [sys.executable, os.path.abspath(__file__)]
+    cmd = ["setpriv", f"--reuid={pw.pw_uid}", f"--regid={pw.pw_gid}", "--init-groups", "--"]
+    return subprocess.run(cmd + exe + rest + ["--workdir", workdir], env=env, cwd="/").returncode
+
+
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    if os.geteuid() != 0:
-        print("scripts/bench: needs root (kernel overlay mounts, fresh FUSE mounts)", file=sys.stderr)
+    if args.as_user:
+        return as_user(args, sys.argv[1:] if argv is None else argv)
+    if os.geteuid() != 0 and not os.environ.get(ROOTLESS_ENV):
+        print("scripts/bench: needs root (kernel overlay mounts; --as-user USER for a rootless run)", file=sys.stderr)
         return 2
     sizes = dataclasses.replace(PRESETS[args.mode])
     if args.reps:
@@ -205,6 +263,7 @@ def main(argv=None) -> int:
         "mode": "memwalk" if args.memwalk else "transport" if args.transport else args.mode,
         "started": started.isoformat(),
         "tmpfs": args.tmpfs,
+        "rootless": os.geteuid() != 0,
         "error": None,
     }
     res = None
