@@ -13,7 +13,8 @@ chooses (``fuse_kern_mount``):
 * **fusermount3**: an ordinary user (or mount(2) refused with EPERM, as libfuse falls
   back): the setuid ``fusermount3 -o OPTS -- MOUNTPOINT`` with ``_FUSE_COMMFD`` naming
   one end of a socketpair; fusermount3 opens /dev/fuse, mounts it (forcing nosuid,nodev)
-  and sends the fd back over SCM_RIGHTS (libfuse's ``fuse_mount_fusermount``).
+  and sends the fd back over SCM_RIGHTS (libfuse's ``fuse_mount_fusermount``). Its
+  unmount, ``fusermount3 -uz``, is unmount.py's (the one place that runs it).
 
 ``unmount_fuse`` undoes only what the engine mounted, and only while the kernel still
 serves the connection: once the kernel has ended it (an unmount, DESTROY, or a fusectl
@@ -36,6 +37,7 @@ from dataclasses import dataclass
 from .. import _sys, mountinfo, privilege
 from ..config import MountConfig
 from ..errors import PyoverlayError
+from ..unmount import try_unmount
 
 log = logging.getLogger(__name__)
 
@@ -208,20 +210,8 @@ def unmount_fuse(m: FuseMount, ended_by_kernel: bool) -> None:
         if exc.errno not in (errno.EPERM, errno.EACCES) or m.how != FUSERMOUNT:
             log.warning("direct engine: umount2(%s): %s", m.mountpoint, exc.strerror)
             return
-    tool = privilege.fusermount_path()  # an ordinary user: fusermount3 may unmount it
-    if tool is None:
-        log.warning("direct engine: cannot unmount %s: no %s", m.mountpoint, FUSERMOUNT)
-        return
-    res = subprocess.run(
-        [tool, "-u", "-q", "-z", "--", m.mountpoint],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        check=False,
-    )
-    if res.returncode != 0:
-        log.warning("direct engine: %s -u %s: %s", FUSERMOUNT, m.mountpoint, res.stderr.strip() or res.returncode)
+    if not try_unmount(m.mountpoint, lazy=True):  # an ordinary user: fusermount3 -uz (unmount.py)
+        log.warning("direct engine: could not unmount %s (%s -uz)", m.mountpoint, FUSERMOUNT)
 
 
 def _log_end(m: FuseMount) -> None:

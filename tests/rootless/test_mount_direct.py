@@ -21,6 +21,7 @@ import time
 
 from helpers import mounts
 from helpers.rootless import VENV_BIN
+from overlayfs_py.procfs import process_start_time
 
 
 def _layout(user):
@@ -33,13 +34,10 @@ def _layout(user):
 
 
 def _wait_gone(pid: int, timeout: float = 20) -> bool:
+    """Whether *pid* exits (or is a zombie) within *timeout* seconds."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
-                    return True
-        except FileNotFoundError:
+        if process_start_time(pid) is None:
             return True
         time.sleep(0.02)
     return False
@@ -96,7 +94,8 @@ def test_fusermount3_refusal_is_one_line(user):
 #: os.unshare), become root there, mount with the direct engine, use the mount, report,
 #: wait for the test's go, unmount, wait for the server's exit
 _IN_USERNS = r"""
-import ctypes, json, os, subprocess, sys, time
+import ctypes, json, os, subprocess, sys
+from overlayfs_py.mountinfo import is_mounted
 libc = ctypes.CDLL(None, use_errno=True)
 CLONE_NEWUSER, CLONE_NEWNS, MS_REC, MS_PRIVATE = 0x10000000, 0x00020000, 0x4000, 1 << 18
 uid, gid = os.getuid(), os.getgid()
@@ -121,13 +120,13 @@ rec = [n for n in os.listdir(os.environ["PYOVERLAY_STATE_DIR"]) if n.endswith(".
 with open(os.path.join(os.environ["PYOVERLAY_STATE_DIR"], rec[0])) as f:
     pid = json.load(f)["pid"]
 print(json.dumps({"a": a, "d": os.listdir(os.path.join(mnt, "d")), "pid": pid,
-                  "euid": os.geteuid(), "mounted": any(l.split()[4] == mnt for l in open("/proc/self/mountinfo"))}),
+                  "euid": os.geteuid(), "mounted": is_mounted(mnt)}),
       flush=True)
 sys.stdin.readline()
 r = subprocess.run([pyoverlay, "umount", mnt], capture_output=True, text=True)
 if r.returncode != 0:
     sys.exit("umount: " + r.stderr)
-print(json.dumps({"mounted": any(l.split()[4] == mnt for l in open("/proc/self/mountinfo")),
+print(json.dumps({"mounted": is_mounted(mnt),
                   "server_alive": os.path.exists(f"/proc/{pid}")}), flush=True)
 """
 
