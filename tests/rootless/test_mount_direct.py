@@ -7,8 +7,9 @@
   program rootless): mount(2) with ``fd=N`` directly, no fusermount3; the mount lives in
   that mount namespace only and its server runs in that user namespace.
 
-The other rootless mount tests run on the direct engine with ``PYOVERLAY_TEST_ENGINE=direct``
-(tests/helpers/rootless.py adds ``-o engine=`` to the user's ``pyoverlay mount``).
+The other rootless mount tests (ON_DIRECT) run on the direct engine too, in a pytest of
+their own with ``PYOVERLAY_TEST_ENGINE=direct`` (tests/helpers/rootless.py adds ``-o engine=``
+to the user's ``pyoverlay mount``).
 """
 
 from __future__ import annotations
@@ -17,11 +18,22 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
+
+import pytest
 
 from helpers import mounts
 from helpers.rootless import VENV_BIN
 from overlayfs_py.procfs import process_start_time
+
+#: the rootless mount tests (no containers) run again on the direct engine
+ON_DIRECT = (
+    "test_mount_rootless.py",
+    "test_idmap_mount.py",
+    "test_security_nodefd_user.py",
+    "test_security_workdir_rootless.py",
+)
 
 
 def _layout(user):
@@ -171,3 +183,21 @@ def test_user_namespace_root_mounts_with_mount2(user):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@pytest.mark.parametrize("module", ON_DIRECT)
+def test_rootless_mount_tests_on_the_direct_engine(module, tmp_path):
+    if os.environ.get(mounts.ENGINE_ENV) == "direct":
+        pytest.skip(f"the whole run is on the direct engine: {module} runs on it anyway")
+    env = dict(os.environ)
+    env[mounts.ENGINE_ENV] = "direct"
+    r = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"tests/rootless/{module}"]
+        + ["--basetemp", str(tmp_path / "t")],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=mounts.REPO_ROOT,
+        timeout=900,
+    )
+    assert r.returncode == 0, f"{module} on the direct engine:\n" + "\n".join(r.stdout.splitlines()[-40:])
