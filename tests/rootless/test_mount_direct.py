@@ -201,3 +201,111 @@ def test_rootless_mount_tests_on_the_direct_engine(module, tmp_path):
         timeout=900,
     )
     assert r.returncode == 0, f"{module} on the direct engine:\n" + "\n".join(r.stdout.splitlines()[-40:])
+
+
+#: run as the user: a holder child unshares a user and a mount namespace, mounts FUSE
+#: there with mount(2) and hands the fd out (the rootless runner's arrangement); the
+#: server, started here outside both namespaces, serves the fd; the holder uses the mount,
+#: then exits without unmounting: its mount namespace goes, and the server must end
+_HANDED_IN = r"""
+import ctypes, json, os, socket, sys, time
+from overlayfs_py.config import MountConfig
+from overlayfs_py.mount import start_background
+libc = ctypes.CDLL(None, use_errno=True)
+CLONE_NEWUSER, CLONE_NEWNS, MS_REC, MS_PRIVATE, MS_NOSUID, MS_NODEV = 0x10000000, 0x20000, 0x4000, 1 << 18, 2, 4
+lo, up, wk, mnt, log = sys.argv[1:6]
+ours, theirs = socket.socketpair()
+uid, gid = os.getuid(), os.getgid()
+holder = os.fork()
+if holder == 0:
+    ours.close()
+    try:
+        if libc.unshare(CLONE_NEWUSER | CLONE_NEWNS) != 0:
+            raise OSError(ctypes.get_errno(), "unshare")
+        for name, text in (("setgroups", "deny"), ("uid_map", f"0 {uid} 1"), ("gid_map", f"0 {gid} 1")):
+            with open(f"/proc/self/{name}", "w") as f:
+                f.write(text)
+        if libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None) != 0:
+            raise OSError(ctypes.get_errno(), "make-rprivate")
+        fd = os.open("/dev/fuse", os.O_RDWR)
+        opts = f"fd={fd},rootmode=40000,user_id=0,group_id=0,allow_other,default_permissions"
+        if libc.mount(b"pyoverlay", mnt.encode(), b"fuse.pyoverlay", MS_NOSUID | MS_NODEV, opts.encode()) != 0:
+            raise OSError(ctypes.get_errno(), "mount")
+        socket.send_fds(theirs, [b"fd"], [fd])
+        os.close(fd)
+        theirs.recv(3)  # "use"
+        with open(os.path.join(mnt, "a")) as f:
+            a = f.read()
+        with open(os.path.join(mnt, "new"), "w") as f:
+            f.write("new\n")
+        os.unlink(os.path.join(mnt, "d", "b"))
+        theirs.sendall(json.dumps({"a": a, "d": os.listdir(os.path.join(mnt, "d"))}).encode() + b"\n")
+        theirs.recv(4)  # "exit": leave without unmounting
+    except BaseException as e:
+        theirs.sendall(json.dumps({"error": repr(e)}).encode() + b"\n")
+    os._exit(0)
+theirs.close()
+_msg, fds, _f, _a = socket.recv_fds(ours, 16, 1)
+if not fds:
+    sys.exit("the holder failed: " + _msg.decode(errors="replace"))
+# the user's files are root's in the namespace (stored uid, presented 0), as the runner maps them
+maps = {"uidmap": ((uid, 0, 1),), "gidmap": ((gid, 0, 1),)}
+cfg = MountConfig(lowerdirs=(lo,), upperdir=up, workdir=wk, mountpoint=mnt, fuse_fd=fds[0], engine="direct", **maps)
+server = start_background(cfg, logfile=log)
+os.close(fds[0])
+ours.sendall(b"use")
+seen = json.loads(ours.makefile().readline())
+print(json.dumps({"seen": seen, "server": server, "holder": holder}), flush=True)
+sys.stdin.readline()
+ours.sendall(b"exit")
+os.waitpid(holder, 0)
+deadline = time.monotonic() + 20
+status = None
+while time.monotonic() < deadline:
+    done, st = os.waitpid(server, os.WNOHANG)
+    if done:
+        status = os.waitstatus_to_exitcode(st)
+        break
+    time.sleep(0.02)
+print(json.dumps({"server_exit": status}), flush=True)
+"""
+
+
+def test_a_fd_mounted_in_a_user_namespace_is_served_from_outside(user):
+    lo, up, wk, mnt = _layout(user)
+    log = user.dir / "server.log"
+    script = user.dir / "handed_in.py"
+    script.write_text(_HANDED_IN)
+    argv = user.argv([VENV_BIN / "python", script, lo, up, wk, mnt, log])
+    proc = subprocess.Popen(
+        argv,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=user.dir,
+        env=user.env(),
+    )
+    try:
+        line = proc.stdout.readline()
+        assert line, f"the script failed: {proc.stderr.read()}"
+        out = json.loads(line)
+        assert out["seen"] == {"a": "lower\n", "d": []}, out
+        assert (up / "new").read_text() == "new\n" and os.stat(up / "d" / "b").st_rdev == 0
+        server, holder = out["server"], out["holder"]
+        # the mount is the holder's (its namespaces); the server runs outside them, here
+        assert os.readlink(f"/proc/{holder}/ns/user") != os.readlink("/proc/self/ns/user")
+        assert os.readlink(f"/proc/{server}/ns/user") == os.readlink("/proc/self/ns/user")
+        assert os.readlink(f"/proc/{server}/ns/mnt") == os.readlink("/proc/self/ns/mnt")
+        assert not mounts.is_mounted(mnt)
+        assert "direct engine: INIT" in log.read_text()
+        rest, err = proc.communicate("go\n", timeout=60)
+        assert proc.returncode == 0, err
+        # the holder left without unmounting: its mount went with its namespace, and the
+        # server ended by itself (exit 0), having unmounted nothing
+        assert json.loads(rest.strip().splitlines()[-1]) == {"server_exit": 0}, log.read_text()
+        assert "the kernel ended the connection" in log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
