@@ -349,3 +349,25 @@ def remove_tree_at(dir_fd: int, name: bytes) -> None:
     finally:
         os.close(fd)
     os.rmdir(name, dir_fd=dir_fd)
+
+
+# --- mounts (the direct FUSE engine's mount(2) and umount2(2)) ---------------------------
+
+MS_RDONLY = 1
+MS_NOSUID = 2
+MS_NODEV = 4
+MNT_DETACH = 2
+
+_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
+_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+
+
+def mount(source: str, target: str, fstype: str, flags: int, data: str) -> None:
+    """``mount(2)``; OSError (with *target*) on failure."""
+    r = _libc.mount(os.fsencode(source), os.fsencode(target), os.fsencode(fstype), flags, os.fsencode(data))
+    _check(r, target)
+
+
+def umount2(target: str, flags: int = 0) -> None:
+    """``umount2(2)``; OSError (with *target*) on failure."""
+    _check(_libc.umount2(os.fsencode(target), flags), target)

@@ -26,6 +26,7 @@ from .copyup import CopyUp
 from .core import Core
 from .dircache import ListingCache
 from .errors import PyoverlayError
+from .fuse import mounting as direct_mounting
 from .fuse import ops as direct_ops
 from .fuse import session as direct
 from .handles import HandleTable
@@ -87,6 +88,11 @@ def fuse_options(cfg: MountConfig) -> set[str]:
     if cfg.debug:
         opts.add("debug")
     return opts
+
+
+#: the signals that unmount. A caller may send one as soon as the mount is live, before
+#: _main's receiver is installed: serve blocks them (in every thread it starts) until then
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 def _no_drops(drops: list[tuple[int, bytes]]) -> None:
@@ -161,7 +167,8 @@ async def _main(
         await nursery.start(sink.run)
 
         async def on_signal():
-            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
+            with trio.open_signal_receiver(*STOP_SIGNALS) as sigs:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # held since serve began
                 async for _ in sigs:
                     log.info("signal received: unmounting %s", cfg.mountpoint)
                     stop()
@@ -249,6 +256,7 @@ def _tune_gc() -> None:
 def serve(cfg: MountConfig, ready_fd: int | None = None) -> int:
     """Mount *cfg* and serve it until unmounted. Returns an exit status."""
     faulthandler.enable()
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # before any thread; until _main's receiver
     _tune_gc()
     _sys.raise_nofile_limit()
     os.umask(0)  # modes of new objects are exactly what the caller asked for
@@ -306,15 +314,14 @@ def _serve_direct(cfg: MountConfig, ready_fd: int | None) -> int:
         if wd is not None:
             wd.close()
         raise
-    mounted = cfg.fuse_fd is None
     try:
-        fd = direct.mount_fuse(cfg) if mounted else cfg.fuse_fd
+        fm = direct_mounting.mount_fuse(cfg)  # or the fd handed in (cfg.fuse_fd)
     except BaseException:
         core.destroy()
         if wd is not None:
             wd.close()
         raise
-    assert fd is not None
+    fd = fm.fd
     notifier.start(fd)
     session = direct.Session(fd, direct_ops.Ops(core), core.view.trace)
     unmount_clean = False
@@ -342,10 +349,9 @@ def _serve_direct(cfg: MountConfig, ready_fd: int | None) -> int:
         trio.run(_main, cfg, core.view, run, stop)
         unmount_clean = True
     finally:
-        if mounted and not session.ended_by_kernel:
-            direct.unmount_fuse(cfg.mountpoint)
+        direct_mounting.unmount_fuse(fm, session.ended_by_kernel)
         notifier.stop()
-        if mounted:
+        if fm.owned:
             os.close(fd)
         core.destroy()
         state.forget(cfg.mountpoint, os.getpid())

@@ -55,7 +55,10 @@ def privileged() -> bool:
 
 
 def can_mount() -> bool:
-    """Whether libfuse can call mount(2) itself (else it runs the setuid fusermount3)."""
+    """Whether mount(2) of FUSE may be tried (libfuse, and the direct engine's
+    fuse/mounting.py): CAP_SYS_ADMIN in this process's user namespace, so root, or root of
+    a user namespace (which needs a mount namespace of its own there). Otherwise, or when
+    mount(2) answers EPERM, both run the setuid fusermount3."""
     return bool(effective_caps() & (1 << CAP_SYS_ADMIN))
 
 

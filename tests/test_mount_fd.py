@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import dataclasses
 import errno
 import os
 import signal
@@ -67,6 +68,9 @@ def _start(lo, up, wk, mnt, tmp_path):
     try:
         _mount_fuse(fd, str(mnt))
         cfg = MountConfig(lowerdirs=(str(lo),), upperdir=str(up), workdir=str(wk), mountpoint=str(mnt), fuse_fd=fd)
+        engine = os.environ.get(mounts.ENGINE_ENV)  # PYOVERLAY_TEST_ENGINE, as for the CLI's mounts
+        if engine:
+            cfg = dataclasses.replace(cfg, engine=engine)
         validate(cfg)  # must not stat the mountpoint: nobody serves it yet
         pid = start_background(cfg, logfile=str(tmp_path / "server.log"))
     finally:

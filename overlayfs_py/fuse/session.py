@@ -1,29 +1,25 @@
-"""The direct engine's mount and request loop: /dev/fuse read and written by this process.
+"""The direct engine's request loop: /dev/fuse read and written by this process.
 
-``mount_fuse`` mounts with mount(2) and ``fd=N`` (as root; the setuid fusermount3 path is
-not done yet). ``Session.run`` reads requests (the fd non-blocking, trio waiting for it),
-answers the synchronous core calls inline and runs each awaitable one (opens, copy-ups,
-renames) in a task of its own. Errors become replies here and only here. Notifications that
-take the kernel's directory locks (inval_entry) are written from a thread of their own: a
-request being answered may hold the lock they wait for.
+Mounting is mounting.py's (mount(2), fusermount3, or an fd handed in). ``Session.run``
+reads requests (the fd non-blocking, trio waiting for it), answers the synchronous core
+calls inline and runs each awaitable one (opens, copy-ups, renames) in a task of its own.
+Errors become replies here and only here. Notifications that take the kernel's directory
+locks (inval_entry) are written from a thread of their own: a request being answered may
+hold the lock they wait for. The loop ends when the kernel ends the connection (an
+unmount, DESTROY, a fusectl abort) or when the server cancels it (a signal).
 """
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import errno
 import logging
 import os
 import queue
-import stat
 import threading
 
 import trio
 
 from .. import trace
-from ..config import MountConfig
-from ..errors import PyoverlayError
 from ..trace import Tracer
 from . import proto as p
 from .ops import NeedsTask, Ops, Request
@@ -58,53 +54,6 @@ _TRACED = frozenset(
 
 #: answered ENOSYS on purpose: the kernel then stops sending them (fc->no_flush, ...)
 _NOT_NEEDED = frozenset((p.FLUSH, p.FSYNCDIR))
-
-MS_RDONLY = 1
-MS_NOSUID = 2
-MS_NODEV = 4
-MNT_DETACH = 2
-
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-
-
-class DirectMountFailed(PyoverlayError):
-    """The direct engine could not mount."""
-
-
-def mount_options(cfg: MountConfig, fd: int, root_mode: int) -> tuple[int, str]:
-    """mount(2) flags and data for *cfg* on /dev/fuse *fd* (the options fs.fuse_options gives
-    libfuse)."""
-    opts = [f"fd={fd}", f"rootmode={stat.S_IFMT(root_mode):o}", f"user_id={os.geteuid()}", f"group_id={os.getegid()}"]
-    if cfg.default_permissions:
-        opts.append("default_permissions")
-    root = os.geteuid() == 0
-    if cfg.allow_other or root:  # a kernel overlay is visible to every user (fs.fuse_options)
-        opts.append("allow_other")
-    flags = 0 if root else MS_NOSUID | MS_NODEV
-    if cfg.read_only:
-        flags |= MS_RDONLY
-    return flags, ",".join(opts)
-
-
-def mount_fuse(cfg: MountConfig) -> int:
-    """Open /dev/fuse and mount it on ``cfg.mountpoint``; returns the fd."""
-    fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
-    try:
-        flags, data = mount_options(cfg, fd, os.stat(cfg.mountpoint).st_mode)
-        r = _libc.mount(os.fsencode(cfg.fsname), os.fsencode(cfg.mountpoint), b"fuse.pyoverlay", flags, data.encode())
-        if r != 0:
-            err = ctypes.get_errno()
-            hint = " (the direct engine needs root for now: no fusermount3 yet)" if err == errno.EPERM else ""
-            raise DirectMountFailed(f"mount(2): {os.strerror(err)}{hint}")
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
-def unmount_fuse(mountpoint: str) -> None:
-    """Detach the mount (lazily, as libfuse does); no error if it is gone already."""
-    _libc.umount2(os.fsencode(mountpoint), MNT_DETACH)
 
 
 class Notifier:
@@ -174,6 +123,10 @@ class Session:
         self.proto_minor = 0
         self._nursery: trio.Nursery | None = None
         self.ended_by_kernel = False
+        #: why serving ended: "disconnected" (ENODEV: unmounted, or a fusectl abort),
+        #: "aborted" (ECONNABORTED: an abort with FUSE_ABORT_ERROR granted), "destroy"
+        #: (DESTROY), None (stopped by the server: a signal)
+        self.end_reason: str | None = None
         self._spawned = False  # a task was started: the loop yields to it
         self.debug = log.isEnabledFor(logging.DEBUG)  # --debug: one line per request
 
@@ -221,17 +174,25 @@ class Session:
                 except OSError as exc:
                     if exc.errno == errno.ENOENT:  # an interrupted request: gone already
                         continue
-                    if exc.errno in (errno.ENODEV, errno.ECONNABORTED):  # unmounted or aborted
-                        self.ended_by_kernel = True
+                    if exc.errno in (errno.ENODEV, errno.ECONNABORTED):
+                        self._ended("disconnected" if exc.errno == errno.ENODEV else "aborted")
                         break
                     raise
                 if not self._handle(view[:n]):
+                    self._ended("destroy")  # the kernel tears the superblock down
                     break
                 served += 1
                 if self._spawned or served % 32 == 0:  # let started tasks run under load too
                     self._spawned = False
                     await trio.lowlevel.checkpoint()
             nursery.cancel_scope.cancel()
+
+    def _ended(self, reason: str) -> None:
+        """The kernel ended the connection: nothing is left to unmount (mounting.py tells
+        an unmount from an abort and logs it)."""
+        self.ended_by_kernel = True
+        self.end_reason = reason
+        log.debug("direct engine: the kernel ended the connection (%s)", reason)
 
     def _handle(self, data: memoryview) -> bool:
         """Answer (or start answering) one request; False ends the session."""
@@ -284,7 +245,7 @@ class Session:
                 off += p.FORGET_ONE.size
                 ops.forget(node_id, nlookup)
         elif opcode == p.INTERRUPT:
-            pass  # requests finish quickly; the kernel gets their reply
+            pass  # never interrupted: each request (a copy-up too) finishes and is answered
         elif opcode == p.INIT:
             self._init(unique, body)
         elif opcode == p.DESTROY:

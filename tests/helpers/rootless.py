@@ -47,6 +47,18 @@ def skip_reason() -> str | None:
     return None
 
 
+def with_test_engine(argv: list[str]) -> list[str]:
+    """*argv* with ``-o engine=E`` after a pyoverlay ``mount`` when ``PYOVERLAY_TEST_ENGINE``
+    names one (as ``mounts.PyoverlayMount`` does for root's mounts), unless it names its own."""
+    engine = os.environ.get(mounts.ENGINE_ENV)
+    if not engine or any("engine=" in a for a in argv):
+        return argv
+    for i, arg in enumerate(argv[:-1]):
+        if os.path.basename(arg) in ("pyoverlay", "pyoverlay_cli") and argv[i + 1] == "mount":
+            return [*argv[: i + 2], "-o", f"engine={engine}", *argv[i + 2 :]]
+    return argv
+
+
 class User:
     """The test user, with a fresh directory of its own (``self.dir``)."""
 
@@ -91,7 +103,7 @@ class User:
             "--init-groups",
             "--inh-caps=-all",
             "--",
-            *map(str, args),
+            *with_test_engine(list(map(str, args))),
         ]
 
     def run(
