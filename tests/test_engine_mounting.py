@@ -177,24 +177,3 @@ def test_a_given_fd_is_never_unmounted(tmp_path):
     finally:
         subprocess.run(["umount", str(tmp_path)], check=True)
     assert mounts.mount_entry(tmp_path) == before
-
-
-@pytest.mark.kernel
-@pytest.mark.fuse
-def test_a_given_fd_on_the_direct_engine(tmp_path):
-    """tests/test_mount_fd.py (an fd the caller mounted: served, never unmounted, the server
-    ends when the caller's mount goes away) with the direct engine serving it."""
-    if os.environ.get(mounts.ENGINE_ENV) == "direct":
-        pytest.skip("the whole run is on the direct engine: test_mount_fd.py runs on it anyway")
-    env = dict(os.environ)
-    env[mounts.ENGINE_ENV] = "direct"
-    r = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_mount_fd.py"]
-        + ["--basetemp", str(tmp_path / "t")],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=mounts.REPO_ROOT,
-        timeout=600,
-    )
-    assert r.returncode == 0, "test_mount_fd.py on the direct engine:\n" + "\n".join(r.stdout.splitlines()[-40:])

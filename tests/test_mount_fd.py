@@ -68,7 +68,7 @@ def _start(lo, up, wk, mnt, tmp_path):
     try:
         _mount_fuse(fd, str(mnt))
         cfg = MountConfig(lowerdirs=(str(lo),), upperdir=str(up), workdir=str(wk), mountpoint=str(mnt), fuse_fd=fd)
-        engine = os.environ.get(mounts.ENGINE_ENV)  # PYOVERLAY_TEST_ENGINE, as for the CLI's mounts
+        engine = os.environ.get(mounts.ENGINE_ENV)  # PYOVERLAY_ENGINE, as for the CLI's mounts
         if engine:
             cfg = dataclasses.replace(cfg, engine=engine)
         validate(cfg)  # must not stat the mountpoint: nobody serves it yet

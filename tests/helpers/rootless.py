@@ -48,7 +48,7 @@ def skip_reason() -> str | None:
 
 
 def with_test_engine(argv: list[str]) -> list[str]:
-    """*argv* with ``-o engine=E`` after a pyoverlay ``mount`` when ``PYOVERLAY_TEST_ENGINE``
+    """*argv* with ``-o engine=E`` after a pyoverlay ``mount`` when ``PYOVERLAY_ENGINE``
     names one (as ``mounts.PyoverlayMount`` does for root's mounts), unless it names its own."""
     engine = os.environ.get(mounts.ENGINE_ENV)
     if not engine or any("engine=" in a for a in argv):

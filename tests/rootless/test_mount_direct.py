@@ -7,9 +7,8 @@
   program rootless): mount(2) with ``fd=N`` directly, no fusermount3; the mount lives in
   that mount namespace only and its server runs in that user namespace.
 
-The other rootless mount tests (ON_DIRECT) run on the direct engine too, in a pytest of
-their own with ``PYOVERLAY_TEST_ENGINE=direct`` (tests/helpers/rootless.py adds ``-o engine=``
-to the user's ``pyoverlay mount``).
+The other rootless mount tests run on both engines: scripts/test runs the suite once per
+engine (``PYOVERLAY_ENGINE``; tests/helpers/rootless.py passes it to the user's commands).
 """
 
 from __future__ import annotations
@@ -18,22 +17,13 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
-
-import pytest
 
 from helpers import mounts
 from helpers.rootless import VENV_BIN
 from overlayfs_py.procfs import process_start_time
 
 #: the rootless mount tests (no containers) run again on the direct engine
-ON_DIRECT = (
-    "test_mount_rootless.py",
-    "test_idmap_mount.py",
-    "test_security_nodefd_user.py",
-    "test_security_workdir_rootless.py",
-)
 
 
 def _layout(user):
@@ -183,24 +173,6 @@ def test_user_namespace_root_mounts_with_mount2(user):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-
-
-@pytest.mark.parametrize("module", ON_DIRECT)
-def test_rootless_mount_tests_on_the_direct_engine(module, tmp_path):
-    if os.environ.get(mounts.ENGINE_ENV) == "direct":
-        pytest.skip(f"the whole run is on the direct engine: {module} runs on it anyway")
-    env = dict(os.environ)
-    env[mounts.ENGINE_ENV] = "direct"
-    r = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"tests/rootless/{module}"]
-        + ["--basetemp", str(tmp_path / "t")],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=mounts.REPO_ROOT,
-        timeout=900,
-    )
-    assert r.returncode == 0, f"{module} on the direct engine:\n" + "\n".join(r.stdout.splitlines()[-40:])
 
 
 #: run as the user: a holder child unshares a user and a mount namespace, mounts FUSE
