@@ -21,6 +21,8 @@ import stat
 from collections.abc import Callable
 from typing import Any
 
+import trio
+
 from . import _sys
 from .copyup import CopyUp, writable
 from .dircache import ListingCache
@@ -418,6 +420,31 @@ class WritePath:
         if h.flags & os.O_APPEND:
             return os.write(h.fd, data)
         return os.pwrite(h.fd, data, offset)
+
+    def _data_handle(self, fh: int) -> OpenFile:
+        h = self.handles[fh]
+        if not isinstance(h, OpenFile):
+            raise OSError(errno.EBADF, "not an open file")
+        return h
+
+    async def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:
+        """fallocate(2) with any mode on the handle's real file. A handle that may write
+        was copied up when it was opened (as for a write), so this is always an upper
+        file; a read-only one fails EBADF on the real fd, as the kernel's does. Run in a
+        thread: preallocating or zeroing a large range must not stall other requests."""
+        h = self._data_handle(fh)
+        h.unused_copy_up = None
+        await trio.to_thread.run_sync(_sys.fallocate, h.fd, mode, offset, length)
+
+    async def copy_file_range(self, fh_in: int, off_in: int, fh_out: int, off_out: int, length: int, flags: int) -> int:
+        """copy_file_range(2) between two handles of this mount: the source may be a lower
+        file opened read-only, the destination is an upper one (opened for writing, so
+        copied up). Both real files are used at explicit offsets, in a thread."""
+        if flags:
+            raise OSError(errno.EINVAL, "copy_file_range takes no flags")
+        src, dst = self._data_handle(fh_in), self._data_handle(fh_out)
+        dst.unused_copy_up = None
+        return await trio.to_thread.run_sync(_sys.copy_range, src.fd, off_in, dst.fd, off_out, length)
 
     def fsync(self, fh: int, datasync: bool) -> None:
         h = self.handles[fh]

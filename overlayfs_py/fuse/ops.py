@@ -85,6 +85,7 @@ class Ops:
             p.RMDIR: self.rmdir,
             p.FSYNC: self.fsync,
             p.OPEN: self.open_now,
+            p.LSEEK: self.lseek,
         }
         self.asyncs: dict[int, Callable[[Request], Awaitable[bytes]]] = {
             p.OPEN: self.open,
@@ -95,6 +96,8 @@ class Ops:
             p.SETATTR: self.setattr,
             p.SETXATTR: self.setxattr,
             p.REMOVEXATTR: self.removexattr,
+            p.FALLOCATE: self.fallocate,
+            p.COPY_FILE_RANGE: self.copy_file_range,
         }
 
     # --- helpers ------------------------------------------------------------------------
@@ -400,3 +403,20 @@ class Ops:
     async def removexattr(self, req: Request) -> bytes:
         await self.writes.removexattr(self._node(req.nodeid), os.fsdecode(_name(req.body)))
         return b""
+
+    # --- data operations on open files (fallocate, lseek, copy_file_range) ----------------
+
+    async def fallocate(self, req: Request) -> bytes:
+        fh, offset, length, mode, _pad = p.FALLOCATE_IN.unpack_from(req.body)
+        await self.writes.fallocate(fh, mode, offset, length)
+        return b""
+
+    def lseek(self, req: Request) -> bytes:
+        fh, offset, whence, _pad = p.LSEEK_IN.unpack_from(req.body)
+        return p.LSEEK_OUT.pack(self.ov.lseek(fh, offset, whence))
+
+    async def copy_file_range(self, req: Request) -> bytes:
+        fh_in, off_in, _node_out, fh_out, off_out, length, flags = p.COPY_FILE_RANGE_IN.unpack_from(req.body)
+        # the reply's size is 32 bits: the kernel asks again for the rest
+        done = await self.writes.copy_file_range(fh_in, off_in, fh_out, off_out, min(length, 1 << 30), flags)
+        return p.WRITE_OUT.pack(done, 0)
