@@ -237,7 +237,36 @@ class WritePath:
         def make(dfd: int, n: bytes) -> None:
             _sys.link_fd(node.fd, dfd, n)  # the node's own inode, never its name
 
-        return self._place_new(parent, name, make, None)
+        out = self._place_new(parent, name, make, None)
+        self.inodes.named(node)  # an O_TMPFILE file's first name
+        return out
+
+    def tmpfile(self, parent: Node, mode: int, flags: int, caller: Caller) -> tuple[Node, os.stat_result, int]:
+        """open(dir, O_TMPFILE): an unnamed file in the upper directory of *parent* (copied
+        up first), as the kernel's ovl_tmpfile makes it; ``link`` may name it later (unless
+        O_EXCL). Returns its node (unnamed: see ``InodeTable.add_unnamed``), stat and handle."""
+        copy = self.copy
+        if not parent.is_dir:
+            raise OSError(errno.ENOTDIR, "not a directory")
+        pfd = copy.upper_dir(parent, "create")
+        owner = self._owner(pfd, caller)
+        want = (flags & OPEN_PASS & ~os.O_TRUNC) | (flags & os.O_EXCL) | _sys.O_TMPFILE | os.O_CLOEXEC
+        fd = os.open(b".", want, stat.S_IMODE(mode) & ~caller.umask, dir_fd=pfd)
+        try:
+            nfd = _sys.reopen(fd, _sys.O_PATH)  # the node's O_PATH fd of that very file
+            try:
+                st = os.fstat(fd)
+                self.owners.set_owner(*_sys.fd_xattr_path(nfd), *owner, fresh=True, st=st)
+                st = os.fstat(fd)
+                ino = self.stack.xino(self.upper, st.st_ino)
+                node = self.inodes.add_unnamed(parent, st.st_mode, self.upper, ino, ("real", st.st_dev, st.st_ino), nfd)
+            except BaseException:
+                os.close(nfd)
+                raise
+        except BaseException:
+            os.close(fd)
+            raise
+        return node, st, self.handles.add(OpenFile(fd, node, flags))
 
     def _remove_real(self, dfd: int, name: bytes, is_dir: bool) -> None:
         """Remove an upper object; a directory may still hold whiteouts (nothing else)."""

@@ -164,3 +164,34 @@ def test_copy_range_across_file_systems_copies_by_hand(tmp_path):
     finally:
         src_path.unlink()
     assert (tmp_path / "dst").read_bytes() == bytes(3) + (b"0123456789" * 1000)[5:9005]
+
+
+def test_tmpfile_is_unnamed_until_a_link_names_it(core, tmp_path):
+    (tmp_path / "l1" / "dir").mkdir()
+    inodes = core.view.inodes
+    parent, _ = core.view.lookup(inodes.root, b"dir")
+    inodes.ref(parent)
+    node, st, fh = core.writes.tmpfile(parent, 0o100666, os.O_RDWR, CALLER)
+    inodes.ref(node)
+    try:
+        assert st.st_nlink == 0 and st.st_mode & 0o777 == 0o644  # the caller's umask
+        assert (tmp_path / "upper" / "dir").is_dir() and os.listdir(tmp_path / "upper" / "dir") == []
+        assert not inodes.reachable(node) and inodes.get(node.id) is node
+        core.writes.write(fh, 0, b"unnamed")
+        named, _ = trio.run(core.writes.link, node, parent, b"name", CALLER)
+        assert named is node and inodes.reachable(node) and node.name == b"name" and not node.aliases
+        assert core.view.lookup(parent, b"name")[0] is node
+    finally:
+        core.view.release(fh)
+    assert (tmp_path / "upper" / "dir" / "name").read_bytes() == b"unnamed"
+    assert not (tmp_path / "l1" / "dir" / "name").exists()
+
+
+def test_tmpfile_never_named_leaves_nothing(core, tmp_path):
+    inodes = core.view.inodes
+    node, _st, fh = core.writes.tmpfile(inodes.root, 0o100600, os.O_WRONLY | os.O_EXCL, CALLER)
+    inodes.ref(node)
+    core.view.release(fh)
+    inodes.forget(node.id, 1)
+    assert inodes.get(node.id) is None
+    assert sorted(os.listdir(tmp_path / "upper")) == []

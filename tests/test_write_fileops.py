@@ -5,18 +5,22 @@ fallocate on a lower file opens it for writing first, which copies it up (as a w
 would); on a file made through the mount it acts on the upper file. SEEK_DATA / SEEK_HOLE
 run on sparse lower files (read-only fds), sparse upper files and a sparse file copied up.
 copy_file_range: lower -> upper, upper -> upper, within one file (overlapping: EINVAL as
-the kernel), from a read-only fd opened before its file was copied up.
+the kernel), from a read-only fd opened before its file was copied up. O_TMPFILE in a
+lower directory and in the root, named by linkat (AT_EMPTY_PATH and the /proc link), O_EXCL,
+over a lower name and over its whiteout.
 
-Only the direct engine serves them: pyfuse3 3.5 has no handler for fallocate or lseek
-(the kernel then answers EOPNOTSUPP, resp. treats the whole file as data), so those
-checks are skipped there with that reason; copy_file_range falls back to the kernel's
-splice copy there and is compared on both engines. The FUSE kernel module itself refuses
+Only the direct engine serves them: pyfuse3 3.5 has no handler for fallocate, lseek or
+tmpfile (the kernel then answers EOPNOTSUPP, treats the whole file as data, resp. fails
+open(O_TMPFILE) with EOPNOTSUPP), so those checks are skipped there with that reason;
+copy_file_range falls back to the kernel's splice copy there and is compared on both
+engines. The FUSE kernel module itself refuses
 FALLOC_FL_COLLAPSE_RANGE and FALLOC_FL_INSERT_RANGE before asking any server
 (fs/fuse/file.c): that difference from the kernel overlay is asserted as such.
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import hashlib
 import os
@@ -24,7 +28,7 @@ import os
 import pytest
 
 from helpers import mounts
-from helpers.stacks import BIG, SPARSE, T0
+from helpers.stacks import BIG, SPARSE, T0, F
 from helpers.writeops import run_pair
 from overlayfs_py import _sys
 from overlayfs_py.config import MountConfig
@@ -75,6 +79,8 @@ def _layers():
     lower["src"] = BIG(300 * KiB, seed=11, mtime_ns=T0)
     lower["same"] = BIG(20 * KiB, seed=12, mtime_ns=T0)
     lower["follow"] = BIG(16 * KiB, seed=13, mtime_ns=T0)
+    lower["td/f"] = F(b"lower file\n", mtime_ns=T0)
+    lower["td/g"] = F(b"lower g\n", mtime_ns=T0)
     return [lower]
 
 
@@ -230,7 +236,71 @@ def _copy_from_fd_opened_before_copy_up(m):
         os.close(ro)
 
 
+_libc = ctypes.CDLL(None, use_errno=True)
+AT_FDCWD, AT_EMPTY_PATH, AT_SYMLINK_FOLLOW = -100, 0x1000, 0x400
+
+
+def _linkat(fd: int, path, how: str) -> None:
+    """Name an O_TMPFILE file: linkat(fd, "", AT_EMPTY_PATH) or through its /proc link."""
+    if how == "empty":
+        r = _libc.linkat(fd, b"", AT_FDCWD, os.fsencode(path), AT_EMPTY_PATH)
+    else:
+        r = _libc.linkat(AT_FDCWD, b"/proc/self/fd/%d" % fd, AT_FDCWD, os.fsencode(path), AT_SYMLINK_FOLLOW)
+    if r != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e), os.fspath(path))
+
+
+def _tmpfile_link(m, d, name, how, mode=0o640):
+    fd = os.open(m / d if d else m, os.O_TMPFILE | os.O_RDWR, mode)
+    try:
+        os.write(fd, b"made unnamed\n")
+        before = os.fstat(fd)
+        _linkat(fd, m / d / name, how)
+        after = os.fstat(fd)
+        named = os.stat(m / d / name)
+        os.pwrite(fd, b"MADE", 0)  # the same file under its new name
+        return [before.st_nlink, oct(before.st_mode), after.st_nlink, named.st_ino == before.st_ino]
+    finally:
+        os.close(fd)
+
+
+def _tmpfile_rules(m):
+    out: list = []
+    fd = os.open(m / "td", os.O_TMPFILE | os.O_WRONLY | os.O_EXCL, 0o600)
+    try:
+        _linkat(fd, m / "td" / "excl", "empty")
+        out.append("linked")
+    except OSError as exc:
+        out.append("ERR:" + errno.errorcode[exc.errno])
+    finally:
+        os.close(fd)
+    fd = os.open(m / "td", os.O_TMPFILE | os.O_RDWR, 0o666)  # umask 022 applies
+    try:
+        os.ftruncate(fd, 5000)
+        os.fchmod(fd, 0o604)
+        out.append([oct(os.fstat(fd).st_mode), os.fstat(fd).st_size])
+        try:
+            _linkat(fd, m / "td" / "f", "empty")  # a lower name
+            out.append("linked")
+        except OSError as exc:
+            out.append("ERR:" + errno.errorcode[exc.errno])
+        os.unlink(m / "td" / "f")  # now a whiteout in upper: the link replaces it
+        _linkat(fd, m / "td" / "f", "empty")
+        out.append(sorted(os.listdir(m / "td")))
+    finally:
+        os.close(fd)
+    fd = os.open(m, os.O_TMPFILE | os.O_RDWR, 0o600)  # never named: nothing is left
+    os.write(fd, b"gone\n")
+    os.close(fd)
+    return out
+
+
 def _ops(m, rec):
+    rec.do("tmpfile in a lower dir, AT_EMPTY_PATH", _tmpfile_link, m, "td", "named-empty", "empty")
+    rec.do("tmpfile in a lower dir, /proc link", _tmpfile_link, m, "td", "named-proc", "proc")
+    rec.do("tmpfile in the root", _tmpfile_link, m, "", "root-tmp", "empty", 0o600)
+    rec.do("tmpfile O_EXCL, mode, over a lower name", _tmpfile_rules, m)
     for label, mode, off, length in FALLOCATE_CASES + FUSE_REFUSED:
         rec.do(f"fallocate lower {label}", _fallocate, m / f"fa-{label}", mode, off, length)
         rec.do(f"fallocate upper {label}", _fallocate, m / f"new-{label}", mode, off, length, create=True)
@@ -332,6 +402,36 @@ def test_copy_file_range_from_an_fd_opened_before_copy_up(run):
     run.assert_results("copy from fd opened before copy-up")
     run.assert_view("follow", "dst-follow")
     run.assert_upper("follow", "dst-follow")
+
+
+TMPFILE_LABELS = [
+    "tmpfile in a lower dir, AT_EMPTY_PATH",
+    "tmpfile in a lower dir, /proc link",
+    "tmpfile in the root",
+]
+
+
+@pytest.mark.parametrize("label", TMPFILE_LABELS)
+def test_o_tmpfile_and_linkat(run, label):
+    _pyfuse3_skip("tmpfile")
+    k = run.k.results[label]
+    assert k[0] == 0 and k[2] == 1 and k[3] is True, k
+    run.assert_results(label)
+
+
+def test_o_tmpfile_rules(run):
+    _pyfuse3_skip("tmpfile")
+    k = run.k.results["tmpfile O_EXCL, mode, over a lower name"]
+    assert k[0] == "ERR:ENOENT" and k[2] == "ERR:EEXIST", k
+    run.assert_results("tmpfile O_EXCL, mode, over a lower name")
+
+
+def test_o_tmpfile_files(run):
+    _pyfuse3_skip("tmpfile")
+    paths = ["td", "td/f", "td/g", "td/named-empty", "td/named-proc", "root-tmp"]
+    run.assert_view(*paths)
+    run.assert_upper(*paths)
+    run.assert_workdirs()
 
 
 def test_whole_tree_and_workdir(run):

@@ -86,6 +86,7 @@ class Ops:
             p.FSYNC: self.fsync,
             p.OPEN: self.open_now,
             p.LSEEK: self.lseek,
+            p.TMPFILE: self.tmpfile,
         }
         self.asyncs: dict[int, Callable[[Request], Awaitable[bytes]]] = {
             p.OPEN: self.open,
@@ -420,3 +421,9 @@ class Ops:
         # the reply's size is 32 bits: the kernel asks again for the rest
         done = await self.writes.copy_file_range(fh_in, off_in, fh_out, off_out, min(length, 1 << 30), flags)
         return p.WRITE_OUT.pack(done, 0)
+
+    def tmpfile(self, req: Request) -> bytes:
+        """open(dir, O_TMPFILE): a CREATE without a name (the kernel sends "/")."""
+        flags, mode, umask, _open_flags = p.CREATE_IN.unpack_from(req.body)
+        node, st, fh = self.writes.tmpfile(self._node(req.nodeid), mode, flags, self.caller(req, umask))
+        return self._new_entry(node, st) + p.OPEN_OUT.pack(fh, p.FOPEN_KEEP_CACHE | p.FOPEN_NOFLUSH, 0)
