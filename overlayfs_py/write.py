@@ -36,6 +36,10 @@ from .trace import Tracer, display
 from .whiteout import XattrNames, is_whiteout_at, is_whiteout_kind, set_opaque
 from .workdir import Work
 
+#: fallocate and copy_file_range ranges up to this many bytes are served inline by an
+#: engine (a thread hand-off costs more than they do); larger ones in a thread
+INLINE_MAX = 1 << 20
+
 
 class WritePath:
     """Every change to the merged filesystem."""
@@ -456,24 +460,34 @@ class WritePath:
             raise OSError(errno.EBADF, "not an open file")
         return h
 
-    async def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:
+    def fallocate_now(self, fh: int, mode: int, offset: int, length: int) -> None:
         """fallocate(2) with any mode on the handle's real file. A handle that may write
         was copied up when it was opened (as for a write), so this is always an upper
-        file; a read-only one fails EBADF on the real fd, as the kernel's does. Run in a
-        thread: preallocating or zeroing a large range must not stall other requests."""
+        file; a read-only one fails EBADF on the real fd, as the kernel's does. Blocks:
+        for ranges up to ``INLINE_MAX`` (an engine awaits ``fallocate`` for larger ones)."""
         h = self._data_handle(fh)
         h.unused_copy_up = None
-        await trio.to_thread.run_sync(_sys.fallocate, h.fd, mode, offset, length)
+        _sys.fallocate(h.fd, mode, offset, length)
 
-    async def copy_file_range(self, fh_in: int, off_in: int, fh_out: int, off_out: int, length: int, flags: int) -> int:
+    async def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:
+        """``fallocate_now`` in a thread: preallocating or zeroing a large range (on a slow
+        disk, say) must not stall other requests."""
+        await trio.to_thread.run_sync(self.fallocate_now, fh, mode, offset, length)
+
+    def copy_file_range_now(self, fh_in: int, off_in: int, fh_out: int, off_out: int, length: int, flags: int) -> int:
         """copy_file_range(2) between two handles of this mount: the source may be a lower
         file opened read-only, the destination is an upper one (opened for writing, so
-        copied up). Both real files are used at explicit offsets, in a thread."""
+        copied up). Both real files are used at explicit offsets. Blocks: for lengths up
+        to ``INLINE_MAX`` (an engine awaits ``copy_file_range`` for longer ones)."""
         if flags:
             raise OSError(errno.EINVAL, "copy_file_range takes no flags")
         src, dst = self._data_handle(fh_in), self._data_handle(fh_out)
         dst.unused_copy_up = None
-        return await trio.to_thread.run_sync(_sys.copy_range, src.fd, off_in, dst.fd, off_out, length)
+        return _sys.copy_range(src.fd, off_in, dst.fd, off_out, length)
+
+    async def copy_file_range(self, fh_in: int, off_in: int, fh_out: int, off_out: int, length: int, flags: int) -> int:
+        """``copy_file_range_now`` in a thread: a large copy must not stall other requests."""
+        return await trio.to_thread.run_sync(self.copy_file_range_now, fh_in, off_in, fh_out, off_out, length, flags)
 
     def fsync(self, fh: int, datasync: bool) -> None:
         h = self.handles[fh]

@@ -21,6 +21,7 @@ from ..budget import FD_WAIT
 from ..core import Core
 from ..inodes import Node
 from ..overlay import Caller
+from ..write import INLINE_MAX
 from . import proto as p
 
 #: lowers never change while mounted and the upper only through us (fs.TIMEOUT)
@@ -87,6 +88,8 @@ class Ops:
             p.OPEN: self.open_now,
             p.LSEEK: self.lseek,
             p.TMPFILE: self.tmpfile,
+            p.FALLOCATE: self.fallocate_now,
+            p.COPY_FILE_RANGE: self.copy_file_range_now,
         }
         self.asyncs: dict[int, Callable[[Request], Awaitable[bytes]]] = {
             p.OPEN: self.open,
@@ -407,6 +410,14 @@ class Ops:
 
     # --- data operations on open files (fallocate, lseek, copy_file_range) ----------------
 
+    def fallocate_now(self, req: Request) -> bytes:
+        """A small range inline; a large one in a task (``fallocate``)."""
+        fh, offset, length, mode, _pad = p.FALLOCATE_IN.unpack_from(req.body)
+        if length > INLINE_MAX:
+            raise NeedsTask
+        self.writes.fallocate_now(fh, mode, offset, length)
+        return b""
+
     async def fallocate(self, req: Request) -> bytes:
         fh, offset, length, mode, _pad = p.FALLOCATE_IN.unpack_from(req.body)
         await self.writes.fallocate(fh, mode, offset, length)
@@ -415,6 +426,14 @@ class Ops:
     def lseek(self, req: Request) -> bytes:
         fh, offset, whence, _pad = p.LSEEK_IN.unpack_from(req.body)
         return p.LSEEK_OUT.pack(self.ov.lseek(fh, offset, whence))
+
+    def copy_file_range_now(self, req: Request) -> bytes:
+        """A short copy inline; a long one in a task (``copy_file_range``)."""
+        fh_in, off_in, _node_out, fh_out, off_out, length, flags = p.COPY_FILE_RANGE_IN.unpack_from(req.body)
+        if length > INLINE_MAX:
+            raise NeedsTask
+        done = self.writes.copy_file_range_now(fh_in, off_in, fh_out, off_out, length, flags)
+        return p.WRITE_OUT.pack(done, 0)
 
     async def copy_file_range(self, req: Request) -> bytes:
         fh_in, off_in, _node_out, fh_out, off_out, length, flags = p.COPY_FILE_RANGE_IN.unpack_from(req.body)
