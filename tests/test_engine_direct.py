@@ -38,6 +38,8 @@ ON_DIRECT = (
     "test_write_rename.py",
     "test_write_whiteout.py",
     "test_write_xattr.py",
+    "test_write_fileops.py",  # fallocate, SEEK_DATA/HOLE, copy_file_range, O_TMPFILE: direct only
+    "test_write_fsx.py",
 )
 
 
