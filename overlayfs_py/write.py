@@ -262,8 +262,10 @@ class WritePath:
                 st = os.fstat(fd)
                 self.owners.set_owner(*_sys.fd_xattr_path(nfd), *owner, fresh=True, st=st)
                 st = os.fstat(fd)
-                ino = self.stack.xino(self.upper, st.st_ino)
-                node = self.inodes.add_unnamed(parent, st.st_mode, self.upper, ino, ("real", st.st_dev, st.st_ino), nfd)
+                # the st_ino a lookup of its name will report (Overlay._st_ino: an upper
+                # object without an origin shows its own), so the link finds this node
+                key = ("real", st.st_dev, st.st_ino)
+                node = self.inodes.add_unnamed(parent, st.st_mode, self.upper, st.st_ino, key, nfd)
             except BaseException:
                 os.close(nfd)
                 raise
