@@ -195,3 +195,15 @@ def test_tmpfile_never_named_leaves_nothing(core, tmp_path):
     inodes.forget(node.id, 1)
     assert inodes.get(node.id) is None
     assert sorted(os.listdir(tmp_path / "upper")) == []
+
+
+def test_tmpfile_on_a_read_only_overlay_is_erofs(tmp_path):
+    lower = tmp_path / "lo"
+    lower.mkdir()
+    c = build_core([lower], read_only=True)
+    try:
+        with pytest.raises(OSError) as ei:
+            c.writes.tmpfile(c.view.inodes.root, 0o100600, os.O_RDWR, CALLER)
+        assert ei.value.errno == errno.EROFS
+    finally:
+        c.destroy()
