@@ -371,3 +371,51 @@ def mount(source: str, target: str, fstype: str, flags: int, data: str) -> None:
 def umount2(target: str, flags: int = 0) -> None:
     """``umount2(2)``; OSError (with *target*) on failure."""
     _check(_libc.umount2(os.fsencode(target), flags), target)
+
+
+# --- data operations on an open file (fallocate, copy_file_range, lseek) ----------------
+
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_COLLAPSE_RANGE = 0x08
+FALLOC_FL_ZERO_RANGE = 0x10
+FALLOC_FL_INSERT_RANGE = 0x20
+#: the modes passed on to the real file (the kernel's FUSE module sends only some of them)
+FALLOC_MODES = FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE
+FALLOC_MODES |= FALLOC_FL_COLLAPSE_RANGE | FALLOC_FL_INSERT_RANGE
+SEEK_DATA = getattr(os, "SEEK_DATA", 3)
+SEEK_HOLE = getattr(os, "SEEK_HOLE", 4)
+
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+_libc.fallocate.restype = ctypes.c_int
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    """``fallocate(2)`` with any *mode* (``os.posix_fallocate`` knows only mode 0, and
+    glibc's falls back to writing zeros where the file system says EOPNOTSUPP)."""
+    if mode & ~FALLOC_MODES:
+        raise OSError(errno.EOPNOTSUPP, "unsupported fallocate mode")
+    while True:
+        if _libc.fallocate(fd, mode, offset, length) == 0:
+            return
+        err = ctypes.get_errno()
+        if err != errno.EINTR:
+            raise OSError(err, os.strerror(err))
+
+
+def copy_range(src: int, off_in: int, dst: int, off_out: int, length: int) -> int:
+    """``copy_file_range(2)`` between two open files at explicit offsets (their file
+    positions untouched); the real files may sit on two file systems: where the kernel
+    refuses (EXDEV, EOPNOTSUPP, EINVAL across types) the bytes are copied by hand."""
+    try:
+        return os.copy_file_range(src, dst, length, off_in, off_out)
+    except OSError as exc:
+        if exc.errno not in (errno.EXDEV, errno.EOPNOTSUPP, errno.ENOSYS):
+            raise
+    done = 0
+    while done < length:
+        chunk = os.pread(src, min(length - done, 1 << 20), off_in + done)
+        if not chunk:
+            break
+        done += os.pwrite(dst, chunk, off_out + done)
+    return done

@@ -5,9 +5,11 @@ The engine sees the core (``core.Core``: the read side ``Overlay``, the write pa
 caches what changed through two engine functions given to ``mount.build_overlay``:
 :func:`drop_entries` and :func:`attr_changed`. Another engine replaces this module.
 
-Caveats (as pyfuse3 offers them): no handlers for fallocate, lseek SEEK_DATA/SEEK_HOLE,
-copy_file_range, ioctl or file locks (the kernel keeps flock/POSIX locks locally);
-readdir is always READDIRPLUS.
+Caveats (as pyfuse3 3.5 offers them: its ``Operations`` has no such methods): no handlers
+for fallocate, lseek SEEK_DATA/SEEK_HOLE, copy_file_range, O_TMPFILE, ioctl or file locks
+(the kernel keeps flock/POSIX locks locally); readdir is always READDIRPLUS. The core
+serves the first four (``WritePath.fallocate``, ``Overlay.lseek``,
+``WritePath.copy_file_range``, ``WritePath.tmpfile``) to the direct engine (docs/semantics.md).
 """
 
 from __future__ import annotations

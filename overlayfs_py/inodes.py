@@ -50,6 +50,8 @@ ROOT_ID = 1
 # or made in it any more, whatever is at its old name now.
 DEAD = ("dead",)
 _MODES: dict[int, int] = {}
+#: the name of a node no name leads to yet (an O_TMPFILE file): never a real name
+UNNAMED = b"/"
 
 
 class Node:
@@ -401,6 +403,19 @@ class InodeTable:
                 continue
             out.append((node.parent.id, node.name))
         return out
+
+    def add_unnamed(self, parent: Node, mode: int, layer: Layer, ino: int, key: tuple | None, fd: int) -> Node:
+        """A node no name leads to yet (an O_TMPFILE file made in *parent*): known by its id
+        and its key only; unreachable, so its fd is never given up. A link names it."""
+        node = self.add(parent, UNNAMED, mode, layer, (), ino, key, fd)
+        parent._unlink_child(UNNAMED, node)
+        return node
+
+    def named(self, node: Node) -> None:
+        """After a link gave an unnamed node a name (as an alias): that name is its own now."""
+        if node.name == UNNAMED and node.aliases and node.parent is not None and node.parent.child(UNNAMED) is not node:
+            node.parent, node.name = node.aliases.pop(0)
+            node.aliases = node.aliases or None
 
     def add_alias(self, node: Node, parent: Node, name: bytes) -> None:
         """Another name for a shared (hard-linked) node."""

@@ -362,6 +362,17 @@ class Overlay:
         assert isinstance(h, OpenFile)
         return os.pread(h.fd, size, offset)
 
+    def lseek(self, fh: int, offset: int, whence: int) -> int:
+        """SEEK_DATA / SEEK_HOLE on the real file (the kernel's ovl_llseek asks the real
+        file too): a sparse file's holes show through, in any layer. The handle's own fd
+        position is never used for data (pread/pwrite), so moving it does no harm."""
+        h = self.handles[fh]
+        if not isinstance(h, OpenFile):
+            raise OSError(errno.EBADF, "not an open file")
+        if whence not in (_sys.SEEK_DATA, _sys.SEEK_HOLE):
+            raise OSError(errno.EINVAL, "only SEEK_DATA and SEEK_HOLE reach the server")
+        return os.lseek(h.fd, offset, whence)
+
     def release(self, fh: int) -> None:
         h = self.handles.pop(fh)
         if isinstance(h, OpenFile):

@@ -36,6 +36,10 @@ from .trace import Tracer, display
 from .whiteout import XattrNames, is_whiteout_at, is_whiteout_kind, set_opaque
 from .workdir import Work
 
+#: fallocate and copy_file_range ranges up to this many bytes are served inline by an
+#: engine (a thread hand-off costs more than they do); larger ones in a thread
+INLINE_MAX = 1 << 20
+
 
 class WritePath:
     """Every change to the merged filesystem."""
@@ -237,7 +241,38 @@ class WritePath:
         def make(dfd: int, n: bytes) -> None:
             _sys.link_fd(node.fd, dfd, n)  # the node's own inode, never its name
 
-        return self._place_new(parent, name, make, None)
+        out = self._place_new(parent, name, make, None)
+        self.inodes.named(node)  # an O_TMPFILE file's first name
+        return out
+
+    def tmpfile(self, parent: Node, mode: int, flags: int, caller: Caller) -> tuple[Node, os.stat_result, int]:
+        """open(dir, O_TMPFILE): an unnamed file in the upper directory of *parent* (copied
+        up first), as the kernel's ovl_tmpfile makes it; ``link`` may name it later (unless
+        O_EXCL). Returns its node (unnamed: see ``InodeTable.add_unnamed``), stat and handle."""
+        copy = self.copy
+        if not parent.is_dir:
+            raise OSError(errno.ENOTDIR, "not a directory")
+        pfd = copy.upper_dir(parent, "create")
+        owner = self._owner(pfd, caller)
+        want = (flags & OPEN_PASS & ~os.O_TRUNC) | (flags & os.O_EXCL) | _sys.O_TMPFILE | os.O_CLOEXEC
+        fd = os.open(b".", want, stat.S_IMODE(mode) & ~caller.umask, dir_fd=pfd)
+        try:
+            nfd = _sys.reopen(fd, _sys.O_PATH)  # the node's O_PATH fd of that very file
+            try:
+                st = os.fstat(fd)
+                self.owners.set_owner(*_sys.fd_xattr_path(nfd), *owner, fresh=True, st=st)
+                st = os.fstat(fd)
+                # the st_ino a lookup of its name will report (Overlay._st_ino: an upper
+                # object without an origin shows its own), so the link finds this node
+                key = ("real", st.st_dev, st.st_ino)
+                node = self.inodes.add_unnamed(parent, st.st_mode, self.upper, st.st_ino, key, nfd)
+            except BaseException:
+                os.close(nfd)
+                raise
+        except BaseException:
+            os.close(fd)
+            raise
+        return node, st, self.handles.add(OpenFile(fd, node, flags))
 
     def _remove_real(self, dfd: int, name: bytes, is_dir: bool) -> None:
         """Remove an upper object; a directory may still hold whiteouts (nothing else)."""
@@ -420,6 +455,41 @@ class WritePath:
         if h.flags & os.O_APPEND:
             return os.write(h.fd, data)
         return os.pwrite(h.fd, data, offset)
+
+    def _data_handle(self, fh: int) -> OpenFile:
+        h = self.handles[fh]
+        if not isinstance(h, OpenFile):
+            raise OSError(errno.EBADF, "not an open file")
+        return h
+
+    def fallocate_now(self, fh: int, mode: int, offset: int, length: int) -> None:
+        """fallocate(2) with any mode on the handle's real file. A handle that may write
+        was copied up when it was opened (as for a write), so this is always an upper
+        file; a read-only one fails EBADF on the real fd, as the kernel's does. Blocks:
+        for ranges up to ``INLINE_MAX`` (an engine awaits ``fallocate`` for larger ones)."""
+        h = self._data_handle(fh)
+        h.unused_copy_up = None
+        _sys.fallocate(h.fd, mode, offset, length)
+
+    async def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:
+        """``fallocate_now`` in a thread: preallocating or zeroing a large range (on a slow
+        disk, say) must not stall other requests."""
+        await trio.to_thread.run_sync(self.fallocate_now, fh, mode, offset, length)
+
+    def copy_file_range_now(self, fh_in: int, off_in: int, fh_out: int, off_out: int, length: int, flags: int) -> int:
+        """copy_file_range(2) between two handles of this mount: the source may be a lower
+        file opened read-only, the destination is an upper one (opened for writing, so
+        copied up). Both real files are used at explicit offsets. Blocks: for lengths up
+        to ``INLINE_MAX`` (an engine awaits ``copy_file_range`` for longer ones)."""
+        if flags:
+            raise OSError(errno.EINVAL, "copy_file_range takes no flags")
+        src, dst = self._data_handle(fh_in), self._data_handle(fh_out)
+        dst.unused_copy_up = None
+        return _sys.copy_range(src.fd, off_in, dst.fd, off_out, length)
+
+    async def copy_file_range(self, fh_in: int, off_in: int, fh_out: int, off_out: int, length: int, flags: int) -> int:
+        """``copy_file_range_now`` in a thread: a large copy must not stall other requests."""
+        return await trio.to_thread.run_sync(self.copy_file_range_now, fh_in, off_in, fh_out, off_out, length, flags)
 
     async def fsync(self, fh: int, datasync: bool) -> None:
         """In a worker thread: syncing a large dirty file takes seconds, and other requests

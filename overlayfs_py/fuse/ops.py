@@ -21,6 +21,7 @@ from ..budget import FD_WAIT
 from ..core import Core
 from ..inodes import Node
 from ..overlay import Caller
+from ..write import INLINE_MAX
 from . import proto as p
 
 #: lowers never change while mounted and the upper only through us (fs.TIMEOUT)
@@ -84,6 +85,10 @@ class Ops:
             p.UNLINK: self.unlink,
             p.RMDIR: self.rmdir,
             p.OPEN: self.open_now,
+            p.LSEEK: self.lseek,
+            p.TMPFILE: self.tmpfile,
+            p.FALLOCATE: self.fallocate_now,
+            p.COPY_FILE_RANGE: self.copy_file_range_now,
         }
         self.asyncs: dict[int, Callable[[Request], Awaitable[bytes]]] = {
             p.OPEN: self.open,
@@ -95,6 +100,8 @@ class Ops:
             p.FSYNC: self.fsync,
             p.SETXATTR: self.setxattr,
             p.REMOVEXATTR: self.removexattr,
+            p.FALLOCATE: self.fallocate,
+            p.COPY_FILE_RANGE: self.copy_file_range,
         }
 
     # --- helpers ------------------------------------------------------------------------
@@ -387,3 +394,42 @@ class Ops:
     async def removexattr(self, req: Request) -> bytes:
         await self.writes.removexattr(self._node(req.nodeid), os.fsdecode(_name(req.body)))
         return b""
+
+    # --- data operations on open files (fallocate, lseek, copy_file_range) ----------------
+
+    def fallocate_now(self, req: Request) -> bytes:
+        """A small range inline; a large one in a task (``fallocate``)."""
+        fh, offset, length, mode, _pad = p.FALLOCATE_IN.unpack_from(req.body)
+        if length > INLINE_MAX:
+            raise NeedsTask
+        self.writes.fallocate_now(fh, mode, offset, length)
+        return b""
+
+    async def fallocate(self, req: Request) -> bytes:
+        fh, offset, length, mode, _pad = p.FALLOCATE_IN.unpack_from(req.body)
+        await self.writes.fallocate(fh, mode, offset, length)
+        return b""
+
+    def lseek(self, req: Request) -> bytes:
+        fh, offset, whence, _pad = p.LSEEK_IN.unpack_from(req.body)
+        return p.LSEEK_OUT.pack(self.ov.lseek(fh, offset, whence))
+
+    def copy_file_range_now(self, req: Request) -> bytes:
+        """A short copy inline; a long one in a task (``copy_file_range``)."""
+        fh_in, off_in, _node_out, fh_out, off_out, length, flags = p.COPY_FILE_RANGE_IN.unpack_from(req.body)
+        if length > INLINE_MAX:
+            raise NeedsTask
+        done = self.writes.copy_file_range_now(fh_in, off_in, fh_out, off_out, length, flags)
+        return p.WRITE_OUT.pack(done, 0)
+
+    async def copy_file_range(self, req: Request) -> bytes:
+        fh_in, off_in, _node_out, fh_out, off_out, length, flags = p.COPY_FILE_RANGE_IN.unpack_from(req.body)
+        # the reply's size is 32 bits: the kernel asks again for the rest
+        done = await self.writes.copy_file_range(fh_in, off_in, fh_out, off_out, min(length, 1 << 30), flags)
+        return p.WRITE_OUT.pack(done, 0)
+
+    def tmpfile(self, req: Request) -> bytes:
+        """open(dir, O_TMPFILE): a CREATE without a name (the kernel sends "/")."""
+        flags, mode, umask, _open_flags = p.CREATE_IN.unpack_from(req.body)
+        node, st, fh = self.writes.tmpfile(self._node(req.nodeid), mode, flags, self.caller(req, umask))
+        return self._new_entry(node, st) + p.OPEN_OUT.pack(fh, p.FOPEN_KEEP_CACHE | p.FOPEN_NOFLUSH, 0)

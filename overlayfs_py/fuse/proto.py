@@ -209,12 +209,18 @@ INTERRUPT_IN = struct.Struct("=Q")  # unique
 # blocks bfree bavail files ffree bsize namelen frsize padding spare[6]
 STATFS_OUT = struct.Struct("=QQQQQIIII24x")
 DIRENT = struct.Struct("=QQII")  # ino off namelen type (then the name, padded to 8)
+FALLOCATE_IN = struct.Struct("=QQQII")  # fh offset length mode padding
+LSEEK_IN = struct.Struct("=QQII")  # fh offset whence padding
+LSEEK_OUT = struct.Struct("=Q")  # offset
+# fh_in off_in nodeid_out fh_out off_out len flags (the reply: WRITE_OUT)
+COPY_FILE_RANGE_IN = struct.Struct("=QQQQQQQ")
 NOTIFY_INVAL_INODE_OUT = struct.Struct("=Qqq")  # ino off len
 NOTIFY_INVAL_ENTRY_OUT = struct.Struct("=QII")  # parent namelen flags (then name and NUL)
 
 assert IN_HEADER.size == 40 and OUT_HEADER.size == 16 and ATTR.size == 88
 assert ENTRY_OUT.size == 128 and ATTR_OUT.size == 104 and INIT_OUT.size == 64
 assert SETATTR_IN.size == 88 and READ_IN.size == 40 and STATFS_OUT.size == 80
+assert FALLOCATE_IN.size == 32 and LSEEK_IN.size == 24 and COPY_FILE_RANGE_IN.size == 56
 
 
 def pack_attr_fields(

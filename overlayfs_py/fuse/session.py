@@ -49,7 +49,7 @@ WANT = (
 #: requests made on behalf of a process the trace records (fs.py passes ctx for these)
 _TRACED = frozenset(
     (p.OPEN, p.CREATE, p.MKDIR, p.MKNOD, p.SYMLINK, p.LINK, p.UNLINK, p.RMDIR, p.RENAME, p.RENAME2)
-    + (p.SETATTR, p.SETXATTR, p.REMOVEXATTR)
+    + (p.SETATTR, p.SETXATTR, p.REMOVEXATTR, p.TMPFILE, p.FALLOCATE, p.COPY_FILE_RANGE)
 )
 
 #: answered ENOSYS on purpose: the kernel then stops sending them (fc->no_flush, ...)
