@@ -27,6 +27,7 @@ from .core import Core
 from .dircache import ListingCache
 from .errors import PyoverlayError
 from .fuse import ops as direct_ops
+from .fuse import passthrough as direct_passthrough
 from .fuse import session as direct
 from .handles import HandleTable
 from .inodes import Node
@@ -297,6 +298,7 @@ def serve(cfg: MountConfig, ready_fd: int | None = None) -> int:
 
 def _serve_direct(cfg: MountConfig, ready_fd: int | None) -> int:
     """``serve`` with pyoverlay's own FUSE engine (``-o engine=direct``, overlayfs_py/fuse/)."""
+    direct_passthrough.refuse_if_impossible(cfg.passthrough)
     wd = prepare_workdir(cfg)
     notifier = direct.Notifier()
     try:
@@ -316,7 +318,7 @@ def _serve_direct(cfg: MountConfig, ready_fd: int | None) -> int:
         raise
     assert fd is not None
     notifier.start(fd)
-    session = direct.Session(fd, direct_ops.Ops(core), core.view.trace)
+    session = direct.Session(fd, direct_ops.Ops(core, direct_passthrough.Passthrough(cfg.passthrough)), core.view.trace)
     unmount_clean = False
     cancel: list[trio.CancelScope] = []
 

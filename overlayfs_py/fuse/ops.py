@@ -10,6 +10,7 @@ awaitable calls: opens, copy-ups, renames) each run in a task of their own.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import stat
 from collections.abc import Awaitable, Callable
@@ -22,6 +23,9 @@ from ..core import Core
 from ..inodes import Node
 from ..overlay import Caller
 from . import proto as p
+from .passthrough import NodeBacking, Passthrough
+
+log = logging.getLogger(__name__)
 
 #: lowers never change while mounted and the upper only through us (fs.TIMEOUT)
 TIMEOUT = 86400
@@ -56,8 +60,17 @@ def _two_names(body: memoryview, start: int = 0) -> tuple[bytes, bytes]:
     return first, rest.partition(b"\0")[0]
 
 
+#: a plain open: the kernel keeps cached pages across opens (pyoverlay owns every change of
+#: the upper layer) and sends no FLUSH
+PLAIN_OPEN = p.FOPEN_KEEP_CACHE | p.FOPEN_NOFLUSH
+
+
 class Ops:
-    def __init__(self, core: Core) -> None:
+    def __init__(self, core: Core, passthrough: Passthrough | None = None) -> None:
+        self.passthrough = passthrough if passthrough is not None else Passthrough("off")
+        # node id -> the backing file the kernel has bound to it; fh -> its node id
+        self._backing: dict[int, NodeBacking] = {}
+        self._backed_fh: dict[int, int] = {}
         self.ov = core.view
         self.writes = core.writes
         self.budget = core.budget
@@ -220,31 +233,69 @@ class Ops:
 
     # --- files --------------------------------------------------------------------------
 
+    def _opened(self, node: Node, fh: int) -> tuple[int, int]:
+        """The FOPEN flags and backing id for *fh* just opened on *node*: passthrough to its
+        real file when the kernel allows it, else a plain open (docs/semantics.md)."""
+        pt = self.passthrough
+        if not pt.active or not stat.S_ISREG(node.mode):
+            return PLAIN_OPEN, 0
+        h = self.ov.handles[fh]
+        fd = h.fd  # type: ignore[union-attr]
+        st = os.fstat(fd)
+        obj = (st.st_dev, st.st_ino)
+        bound = self._backing.get(node.id)
+        if bound is None:
+            try:
+                backing_id = pt.register(fd)
+            except OSError as exc:
+                if exc.errno != errno.EPERM:
+                    log.debug("no passthrough for %r: %s", node, exc.strerror)
+                return PLAIN_OPEN, 0
+            bound = self._backing[node.id] = NodeBacking(backing_id, obj)
+        elif bound.obj != obj:
+            # A copy-up while passthrough files of the lower object are open: the kernel keeps
+            # this inode bound to the lower file, so no open of the upper one can be answered
+            # on it. Its names lead to a new node from now on; ESTALE makes the kernel look
+            # the name up again (LOOKUP_REVAL) and open that node.
+            self.ov.handles[fh].unused_copy_up = None  # type: ignore[union-attr]
+            self.ov.release(fh)
+            self.inodes.unhash(node)
+            raise OSError(errno.ESTALE, "the node was copied up under open passthrough files")
+        bound.opens += 1
+        self._backed_fh[fh] = node.id
+        return p.FOPEN_PASSTHROUGH | p.FOPEN_NOFLUSH, bound.backing_id
+
+    def _open_out(self, node: Node, fh: int) -> bytes:
+        flags, backing_id = self._opened(node, fh)
+        return p.OPEN_OUT.pack(fh, flags, backing_id)
+
     def open_now(self, req: Request) -> bytes:
         """OPEN without a task when it cannot copy up (read-only, no O_TRUNC: the kernel's
         ovl_open_need_copy_up is false and ``Overlay.open`` never awaits)."""
         flags, _open_flags = p.OPEN_IN.unpack_from(req.body)
         if (flags & os.O_ACCMODE) != os.O_RDONLY or flags & os.O_TRUNC:
             raise NeedsTask
-        coro = self.ov.open(self._node(req.nodeid), flags, self.caller(req))
+        node = self._node(req.nodeid)
+        coro = self.ov.open(node, flags, self.caller(req))
         try:
             coro.send(None)
         except StopIteration as done:
-            return p.OPEN_OUT.pack(done.value, p.FOPEN_KEEP_CACHE | p.FOPEN_NOFLUSH, 0)
+            return self._open_out(node, done.value)
         coro.close()
         raise RuntimeError("a read-only open awaited")
 
     async def open(self, req: Request) -> bytes:
         flags, _open_flags = p.OPEN_IN.unpack_from(req.body)
-        fh = await self.ov.open(self._node(req.nodeid), flags, self.caller(req))
-        return p.OPEN_OUT.pack(fh, p.FOPEN_KEEP_CACHE | p.FOPEN_NOFLUSH, 0)
+        node = self._node(req.nodeid)
+        fh = await self.ov.open(node, flags, self.caller(req))
+        return self._open_out(node, fh)
 
     async def create(self, req: Request) -> bytes:
         flags, mode, umask, _open_flags = p.CREATE_IN.unpack_from(req.body)
         name = _name(req.body, p.CREATE_IN.size)
         node, st, fh = await self.writes.create(self._node(req.nodeid), name, mode, flags, self.caller(req, umask))
-        entry = self._new_entry(node, st)
-        return entry + p.OPEN_OUT.pack(fh, p.FOPEN_KEEP_CACHE | p.FOPEN_NOFLUSH, 0)
+        opened = self._open_out(node, fh)
+        return self._new_entry(node, st) + opened
 
     def mkdir(self, req: Request) -> bytes:
         mode, umask = p.MKDIR_IN.unpack_from(req.body)
@@ -304,6 +355,20 @@ class Ops:
     def release(self, req: Request) -> bytes:
         (fh, *_) = p.RELEASE_IN.unpack_from(req.body)
         self.ov.release(fh)
+        node_id = self._backed_fh.pop(fh, None)
+        if node_id is not None:
+            # The kernel let go of the inode's backing before sending this (iomode.c): with
+            # the last passthrough file gone, the node may be bound to another real file.
+            bound = self._backing[node_id]
+            bound.opens -= 1
+            if bound.opens == 0:
+                del self._backing[node_id]
+                self.passthrough.close(bound.backing_id)
+        return b""
+
+    def releasedir(self, req: Request) -> bytes:
+        (fh, *_) = p.RELEASE_IN.unpack_from(req.body)
+        self.ov.release(fh)
         return b""
 
     # --- directories --------------------------------------------------------------------
@@ -311,9 +376,6 @@ class Ops:
     def opendir(self, req: Request) -> bytes:
         fh = self.ov.opendir(self._node(req.nodeid))
         return p.OPEN_OUT.pack(fh, 0, 0)
-
-    def releasedir(self, req: Request) -> bytes:
-        return self.release(req)
 
     def _listing(self, req: Request, plus: bool) -> bytes:
         fh, off, size, *_ = p.READ_IN.unpack_from(req.body)
