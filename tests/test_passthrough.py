@@ -318,6 +318,22 @@ def test_passthrough_off_reads_through_the_server(tmp_path):
     assert waiting >= 1 and out == str(3 << 20)
 
 
+@needs_passthrough
+def test_passthrough_reads_leave_the_lower_atime(tmp_path):
+    """Reading a lower file does not change its atime (semantics.md, "Reading"): the
+    kernel opens passthrough backing files with the FUSE file's flags, not the O_NOATIME
+    of the server's real files."""
+    old = 1_000_000_000
+    lower = build_layer(tmp_path / "lower", {"f": BIG(1 << 20, seed=3, atime_ns=old * 10**9)})
+    upper, work, mnt = tmp_path / "upper", tmp_path / "work", tmp_path / "mnt"
+    upper.mkdir()
+    work.mkdir()
+    with mounts.PyoverlayMount([lower], mnt, upper, work, options=["engine=direct", "passthrough=on"]):
+        for _ in range(2):  # the second open reuses the node's registered backing file
+            assert len((mnt / "f").read_bytes()) == 1 << 20
+    assert os.stat(lower / "f").st_atime_ns == old * 10**9
+
+
 # --- the node budget --------------------------------------------------------------------------
 
 

@@ -9,6 +9,7 @@ awaitable calls: opens, copy-ups, renames) each run in a task of their own.
 
 from __future__ import annotations
 
+import collections
 import errno
 import logging
 import os
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 
 import trio
 
+from .. import _sys
 from ..budget import FD_WAIT
 from ..core import Core
 from ..inodes import Node
@@ -60,6 +62,9 @@ def _two_names(body: memoryview, start: int = 0) -> tuple[bytes, bytes]:
     return first, rest.partition(b"\0")[0]
 
 
+#: backing files kept registered for nodes with no open file (least recently used closed first)
+IDLE_BACKINGS = 1024
+
 #: a plain open: the kernel keeps cached pages across opens (pyoverlay owns every change of
 #: the upper layer) and sends no FLUSH
 PLAIN_OPEN = p.FOPEN_KEEP_CACHE | p.FOPEN_NOFLUSH
@@ -70,6 +75,7 @@ class Ops:
         self.passthrough = passthrough if passthrough is not None else Passthrough("off")
         # node id -> the backing file the kernel has bound to it; fh -> its node id
         self._backing: dict[int, NodeBacking] = {}
+        self._idle: collections.OrderedDict[int, None] = collections.OrderedDict()  # registered, no open file
         self._backed_fh: dict[int, int] = {}
         self.ov = core.view
         self.writes = core.writes
@@ -194,6 +200,9 @@ class Ops:
 
     def forget(self, node_id: int, nlookup: int) -> None:
         self.inodes.forget(node_id, nlookup)
+        if node_id in self._idle and self.inodes.get(node_id) is None:  # the node is gone
+            del self._idle[node_id]
+            self._unregister(node_id)
 
     def getattr(self, req: Request) -> bytes:
         return self._node_attr_out(self._node(req.nodeid))
@@ -244,9 +253,14 @@ class Ops:
         st = os.fstat(fd)
         obj = (st.st_dev, st.st_ino)
         bound = self._backing.get(node.id)
+        if bound is not None and bound.opens == 0:  # registered, but bound to no inode now
+            del self._idle[node.id]
+            if bound.obj != obj:  # copied up since: the kernel may take the new file
+                self._unregister(node.id)
+                bound = None
         if bound is None:
             try:
-                backing_id = pt.register(fd)
+                backing_id = self._register(fd)
             except OSError as exc:
                 if exc.errno != errno.EPERM:
                     log.debug("no passthrough for %r: %s", node, exc.strerror)
@@ -264,6 +278,22 @@ class Ops:
         bound.opens += 1
         self._backed_fh[fh] = node.id
         return p.FOPEN_PASSTHROUGH | p.FOPEN_NOFLUSH, bound.backing_id
+
+    def _register(self, fd: int) -> int:
+        """A backing id for the real file open as *fd*. The kernel opens each passthrough
+        file's backing file on the registered file's path with the FUSE file's flags, not
+        with the ``O_NOATIME`` of real files (``handles.open_real``, as the kernel's
+        overlay): registered through a noatime bind mount of the file, reads leave the
+        layer's atime alone as they do through the kernel's overlay."""
+        try:
+            bfd = _sys.reopen_noatime(fd, os.O_RDONLY)
+        except OSError as exc:
+            log.debug("no noatime mount for a backing file (%s): reads update its atime", exc.strerror)
+            return self.passthrough.register(fd)
+        try:
+            return self.passthrough.register(bfd)
+        finally:
+            os.close(bfd)
 
     def _open_out(self, node: Node, fh: int) -> bytes:
         flags, backing_id = self._opened(node, fh)
@@ -359,12 +389,19 @@ class Ops:
         if node_id is not None:
             # The kernel let go of the inode's backing before sending this (iomode.c): with
             # the last passthrough file gone, the node may be bound to another real file.
+            # The registration is kept for the next open (registering costs more than an
+            # open), up to IDLE_BACKINGS of them; FORGET of the node closes it.
             bound = self._backing[node_id]
             bound.opens -= 1
             if bound.opens == 0:
-                del self._backing[node_id]
-                self.passthrough.close(bound.backing_id)
+                self._idle[node_id] = None
+                if len(self._idle) > IDLE_BACKINGS:
+                    self._unregister(self._idle.popitem(last=False)[0])
         return b""
+
+    def _unregister(self, node_id: int) -> None:
+        bound = self._backing.pop(node_id)
+        self.passthrough.close(bound.backing_id)
 
     def releasedir(self, req: Request) -> bytes:
         (fh, *_) = p.RELEASE_IN.unpack_from(req.body)
