@@ -334,6 +334,34 @@ def test_passthrough_reads_leave_the_lower_atime(tmp_path):
     assert os.stat(lower / "f").st_atime_ns == old * 10**9
 
 
+@needs_passthrough
+def test_layer_on_a_stacked_filesystem_falls_back(tmp_path):
+    """A lower layer on an overlay mount cannot back passthrough files (the kernel's
+    stacking depth: ELOOP): its files get plain opens, and passthrough files already open
+    on upper files go on being opened with passthrough (a plain open of an inode bound to a
+    backing file fails with EIO)."""
+    base = build_layer(tmp_path / "base", {"low": F(b"from a stacked layer\n")})
+    (tmp_path / "ku").mkdir()
+    upper, work, mnt = tmp_path / "upper", tmp_path / "work", tmp_path / "mnt"
+    upper.mkdir()
+    work.mkdir()
+    with mounts.KernelOverlay([base], tmp_path / "stacked", tmp_path / "ku", tmp_path / "kw") as stacked:
+        opts = ["engine=direct", "passthrough=on"]
+        with mounts.PyoverlayMount([stacked.path], mnt, upper, work, options=opts):
+            fd = os.open(mnt / "new", os.O_RDWR | os.O_CREAT, 0o644)  # on ext4: passthrough
+            try:
+                os.write(fd, b"upper file\n")
+                assert (mnt / "low").read_bytes() == b"from a stacked layer\n"  # plain
+                assert (mnt / "new").read_bytes() == b"upper file\n"  # while fd is open
+                os.pwrite(fd, b"UPPER", 0)
+            finally:
+                os.close(fd)
+            assert (mnt / "new").read_bytes() == b"UPPER file\n"
+            with open(mnt / "low", "r+b") as f:  # copy-up to ext4, a plain open now
+                f.write(b"FROM")
+            assert (mnt / "low").read_bytes() == b"FROM a stacked layer\n"
+
+
 # --- the node budget --------------------------------------------------------------------------
 
 
@@ -434,7 +462,7 @@ def test_init_asks_for_passthrough_unless_off(mode):
         assert s._handle(memoryview(head + body))
         raw = os.read(r, 4096)
         *_, flags, _bg, _ct, _mw, _gran, _pages, _al, flags2, depth, _timeout = p.INIT_OUT.unpack_from(raw, 16)
-        asked = mode != "off"
+        asked = mode == "on" or (mode == "auto" and why_not_possible() is None)
         assert bool(flags2 << 32 & p.PASSTHROUGH) == asked and bool(flags & p.INIT_EXT)
         assert depth == (PASSTHROUGH_STACK_DEPTH if asked else 0)
         assert _Ops.passthrough.active == asked

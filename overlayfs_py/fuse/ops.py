@@ -246,7 +246,7 @@ class Ops:
         """The FOPEN flags and backing id for *fh* just opened on *node*: passthrough to its
         real file when the kernel allows it, else a plain open (docs/semantics.md)."""
         pt = self.passthrough
-        if not pt.active or not stat.S_ISREG(node.mode):
+        if not (pt.active or self._backing) or not stat.S_ISREG(node.mode):
             return PLAIN_OPEN, 0
         h = self.ov.handles[fh]
         fd = h.fd  # type: ignore[union-attr]
@@ -255,15 +255,16 @@ class Ops:
         bound = self._backing.get(node.id)
         if bound is not None and bound.opens == 0:  # registered, but bound to no inode now
             del self._idle[node.id]
-            if bound.obj != obj:  # copied up since: the kernel may take the new file
+            if bound.obj != obj or not pt.active:  # copied up since: the kernel may take the new file
                 self._unregister(node.id)
                 bound = None
         if bound is None:
+            if not pt.active:  # refused since (a layer on a stacked filesystem): plain opens
+                return PLAIN_OPEN, 0
             try:
                 backing_id = self._register(fd)
-            except OSError as exc:
-                if exc.errno != errno.EPERM:
-                    log.debug("no passthrough for %r: %s", node, exc.strerror)
+            except OSError as exc:  # a plain open (Passthrough.register logs a refusal)
+                log.debug("no passthrough for %r: %s", node, exc.strerror)
                 return PLAIN_OPEN, 0
             bound = self._backing[node.id] = NodeBacking(backing_id, obj)
         elif bound.obj != obj:

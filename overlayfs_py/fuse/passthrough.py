@@ -41,6 +41,9 @@ BACKING_CLOSE = (_IOC_WRITE << 30) | (4 << 16) | (229 << 8) | 2
 INIT_USER_NS_INO = 0xEFFFFFFD
 CAP_SYS_ADMIN = 21
 MODES = ("auto", "on", "off")
+#: refusals that hold for every file of the mount: no CAP_SYS_ADMIN (EPERM), a layer on a
+#: stacked filesystem (ELOOP: an overlay or FUSE mount below), no passthrough (EINVAL)
+_MOUNT_WIDE = frozenset((errno.EPERM, errno.ELOOP, errno.EINVAL, errno.EOPNOTSUPP))
 
 
 class PassthroughUnavailable(PyoverlayError):
@@ -94,9 +97,17 @@ class Passthrough:
         self.mode = mode
         self.fd = -1
         self.active = False  # asked for, granted in INIT, not refused (EPERM) since
+        self._why_not: str | None = None
 
     def wanted(self) -> bool:
-        return self.mode != "off"
+        """Whether INIT asks for passthrough: ``auto`` only where the server may register
+        backing files (asking sets the mount's stacking depth, which would keep another
+        overlay from stacking on it, for nothing)."""
+        if self.mode == "auto" and self._why_not is None:
+            self._why_not = why_not_possible() or ""
+            if self._why_not:
+                log.debug("no FUSE passthrough: %s", self._why_not)
+        return self.mode == "on" or (self.mode == "auto" and not self._why_not)
 
     def granted(self, fd: int, ok: bool) -> None:
         """INIT answered: *ok* if the kernel offered passthrough and we asked for it."""
@@ -113,9 +124,9 @@ class Passthrough:
         try:
             return fcntl.ioctl(self.fd, BACKING_OPEN, buf)
         except OSError as exc:
-            if exc.errno == errno.EPERM:
+            if exc.errno in _MOUNT_WIDE:
                 self.active = False
-                log.debug("FUSE passthrough refused by the kernel (EPERM): plain reads and writes")
+                log.debug("FUSE passthrough refused by the kernel (%s): plain reads and writes", exc.strerror)
             raise
 
     def close(self, backing_id: int) -> None:
