@@ -76,7 +76,7 @@ class Ops:
         # node id -> the backing file the kernel has bound to it; fh -> its node id
         self._backing: dict[int, NodeBacking] = {}
         self._idle: collections.OrderedDict[int, None] = collections.OrderedDict()  # registered, no open file
-        self._backed_fh: dict[int, int] = {}
+        self._backed_fh: dict[int, tuple[int, int | None]] = {}  # fh -> (node id, ctime at open)
         self.ov = core.view
         self.writes = core.writes
         self.budget = core.budget
@@ -277,7 +277,9 @@ class Ops:
             self.inodes.unhash(node)
             raise OSError(errno.ESTALE, "the node was copied up under open passthrough files")
         bound.opens += 1
-        self._backed_fh[fh] = node.id
+        # Writes through passthrough never reach the core, which watches for copy-ups made
+        # for an open and never used (``OpenFile.unused_copy_up``): release compares ctimes.
+        self._backed_fh[fh] = (node.id, st.st_ctime_ns if h.unused_copy_up is not None else None)  # type: ignore[union-attr]
         return p.FOPEN_PASSTHROUGH | p.FOPEN_NOFLUSH, bound.backing_id
 
     def _register(self, fd: int) -> int:
@@ -385,9 +387,14 @@ class Ops:
 
     def release(self, req: Request) -> bytes:
         (fh, *_) = p.RELEASE_IN.unpack_from(req.body)
+        backed = self._backed_fh.pop(fh, None)
+        if backed is not None and backed[1] is not None:
+            h = self.ov.handles[fh]
+            if os.fstat(h.fd).st_ctime_ns != backed[1]:  # type: ignore[union-attr]
+                h.unused_copy_up = None  # type: ignore[union-attr]  # written through passthrough
         self.ov.release(fh)
-        node_id = self._backed_fh.pop(fh, None)
-        if node_id is not None:
+        if backed is not None:
+            node_id = backed[0]
             # The kernel let go of the inode's backing before sending this (iomode.c): with
             # the last passthrough file gone, the node may be bound to another real file.
             # The registration is kept for the next open (registering costs more than an
