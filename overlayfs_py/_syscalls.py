@@ -21,7 +21,7 @@ _TABLE: dict[str, dict[str, int]] = {
 }
 
 #: the unified table (Linux 5.1+, asm-generic numbering on every architecture)
-_UNIFIED = {"close_range": 436, "openat2": 437}
+_UNIFIED = {"open_tree": 428, "close_range": 436, "openat2": 437, "mount_setattr": 442}
 
 
 def number(name: str, machine: str = MACHINE) -> int:

@@ -127,6 +127,9 @@ class MountConfig:
     volatile: bool = False  # -o volatile: copy-ups and fsync not synced (the kernel's)
     max_nodes: int = 200_000  # -o max_nodes=N: node budget (0: none); docs/performance.md
     engine: str = "direct"  # -o engine=pyfuse3|direct: who speaks FUSE (overlayfs_py/fuse/: direct)
+    # -o passthrough=auto|on|off: FUSE passthrough of regular files (direct engine; auto: when
+    # the kernel lets the server use it; docs/semantics.md, "FUSE passthrough")
+    passthrough: str = "auto"
 
     def __post_init__(self) -> None:
         # Accept any sequence but store an immutable tuple.
@@ -263,7 +266,17 @@ def _split_escaped(text: str, sep: str, *, unescape: bool) -> list[str]:
 
 
 # Options that carry a path or a name (value required).
-_VALUE_KEYS = ("lowerdir", "upperdir", "workdir", "fsname", "uidmapping", "gidmapping", "max_nodes", "engine")
+_VALUE_KEYS = (
+    "lowerdir",
+    "upperdir",
+    "workdir",
+    "fsname",
+    "uidmapping",
+    "gidmapping",
+    "max_nodes",
+    "engine",
+    "passthrough",
+)
 # Our boolean options.
 _FLAG_KEYS = ("userxattr", "allow_other", "default_permissions", "volatile")
 # FUSE / VFS generic flags: accepted and ignored.
@@ -459,6 +472,7 @@ def build_config(
         max_nodes=_max_nodes(opts.get("max_nodes")),
         volatile=bool(opts.get("volatile", False)),
         engine=_engine(opts.get("engine")),
+        passthrough=_passthrough(opts.get("passthrough"), opts.get("engine")),
     )
     validate(cfg, workdir_may_be_missing=workdir_defaulted)
     return cfg
@@ -481,6 +495,20 @@ def _engine(option) -> str:
         return env
     if option not in ENGINES:
         raise ConfigError(f"mount option 'engine' must be one of {', '.join(ENGINES)}, not {option!r}")
+    return str(option)
+
+
+PASSTHROUGH_MODES = ("auto", "on", "off")
+
+
+def _passthrough(option, engine) -> str:
+    """``-o passthrough=auto|on|off`` (the direct engine's; ``on`` with pyfuse3 is refused)."""
+    if option is None:
+        return MountConfig.passthrough
+    if option not in PASSTHROUGH_MODES:
+        raise ConfigError(f"mount option 'passthrough' must be one of {', '.join(PASSTHROUGH_MODES)}, not {option!r}")
+    if option == "on" and _engine(engine) != "direct":
+        raise ConfigError("mount option 'passthrough=on' needs 'engine=direct'")
     return str(option)
 
 

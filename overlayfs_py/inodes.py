@@ -442,6 +442,17 @@ class InodeTable:
             node.aliases = [(p, n) for (p, n) in node.aliases or () if not (p is parent and n == name)] or None
         self._maybe_drop(node)
 
+    def unhash(self, node: Node) -> None:
+        """Every name of *node* leads to a new node from the next lookup on (same object, same
+        ``st_ino``); this one lives on for the kernel's open files of it (the direct engine's
+        passthrough after a copy-up, docs/semantics.md)."""
+        for parent, name in [(node.parent, node.name), *(node.aliases or ())]:
+            if parent is not None and parent.child(name) is node:
+                self.detach(parent, name)
+        if node.key is not None and self._by_key.get(node.key) is node:
+            del self._by_key[node.key]
+        node.key = None
+
     def _orphan(self, node: Node) -> None:
         # Keep ``parent`` so that relpath() of an unlinked-but-open node stays computable for
         # error messages; mark it unreachable by removing its key. Its fd still reaches its

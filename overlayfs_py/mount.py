@@ -28,6 +28,7 @@ from .dircache import ListingCache
 from .errors import PyoverlayError
 from .fuse import mounting as direct_mounting
 from .fuse import ops as direct_ops
+from .fuse import passthrough as direct_passthrough
 from .fuse import session as direct
 from .handles import HandleTable
 from .inodes import Node
@@ -305,6 +306,7 @@ def serve(cfg: MountConfig, ready_fd: int | None = None) -> int:
 
 def _serve_direct(cfg: MountConfig, ready_fd: int | None) -> int:
     """``serve`` with pyoverlay's own FUSE engine (``-o engine=direct``, overlayfs_py/fuse/)."""
+    direct_passthrough.refuse_if_impossible(cfg.passthrough)
     wd = prepare_workdir(cfg)
     notifier = direct.Notifier()
     try:
@@ -323,7 +325,7 @@ def _serve_direct(cfg: MountConfig, ready_fd: int | None) -> int:
         raise
     fd = fm.fd
     notifier.start(fd)
-    session = direct.Session(fd, direct_ops.Ops(core), core.view.trace)
+    session = direct.Session(fd, direct_ops.Ops(core, direct_passthrough.Passthrough(cfg.passthrough)), core.view.trace)
     unmount_clean = False
     cancel: list[trio.CancelScope] = []
 

@@ -9,7 +9,9 @@ awaitable calls: opens, copy-ups, renames) each run in a task of their own.
 
 from __future__ import annotations
 
+import collections
 import errno
+import logging
 import os
 import stat
 from collections.abc import Awaitable, Callable
@@ -17,12 +19,16 @@ from dataclasses import dataclass
 
 import trio
 
+from .. import _sys
 from ..budget import FD_WAIT
 from ..core import Core
 from ..inodes import Node
 from ..overlay import Caller
 from ..write import INLINE_MAX
 from . import proto as p
+from .passthrough import NodeBacking, Passthrough
+
+log = logging.getLogger(__name__)
 
 #: lowers never change while mounted and the upper only through us (fs.TIMEOUT)
 TIMEOUT = 86400
@@ -57,8 +63,21 @@ def _two_names(body: memoryview, start: int = 0) -> tuple[bytes, bytes]:
     return first, rest.partition(b"\0")[0]
 
 
+#: backing files kept registered for nodes with no open file (least recently used closed first)
+IDLE_BACKINGS = 1024
+
+#: a plain open: the kernel keeps cached pages across opens (pyoverlay owns every change of
+#: the upper layer) and sends no FLUSH
+PLAIN_OPEN = p.FOPEN_KEEP_CACHE | p.FOPEN_NOFLUSH
+
+
 class Ops:
-    def __init__(self, core: Core) -> None:
+    def __init__(self, core: Core, passthrough: Passthrough | None = None) -> None:
+        self.passthrough = passthrough if passthrough is not None else Passthrough("off")
+        # node id -> the backing file the kernel has bound to it; fh -> its node id
+        self._backing: dict[int, NodeBacking] = {}
+        self._idle: collections.OrderedDict[int, None] = collections.OrderedDict()  # registered, no open file
+        self._backed_fh: dict[int, tuple[int, int | None]] = {}  # fh -> (node id, ctime at open)
         self.ov = core.view
         self.writes = core.writes
         self.budget = core.budget
@@ -188,6 +207,9 @@ class Ops:
 
     def forget(self, node_id: int, nlookup: int) -> None:
         self.inodes.forget(node_id, nlookup)
+        if node_id in self._idle and self.inodes.get(node_id) is None:  # the node is gone
+            del self._idle[node_id]
+            self._unregister(node_id)
 
     def getattr(self, req: Request) -> bytes:
         return self._node_attr_out(self._node(req.nodeid))
@@ -227,31 +249,93 @@ class Ops:
 
     # --- files --------------------------------------------------------------------------
 
+    def _opened(self, node: Node, fh: int) -> tuple[int, int]:
+        """The FOPEN flags and backing id for *fh* just opened on *node*: passthrough to its
+        real file when the kernel allows it, else a plain open (docs/semantics.md)."""
+        pt = self.passthrough
+        if not (pt.active or self._backing) or not stat.S_ISREG(node.mode):
+            return PLAIN_OPEN, 0
+        h = self.ov.handles[fh]
+        fd = h.fd  # type: ignore[union-attr]
+        st = os.fstat(fd)
+        obj = (st.st_dev, st.st_ino)
+        bound = self._backing.get(node.id)
+        if bound is not None and bound.opens == 0:  # registered, but bound to no inode now
+            del self._idle[node.id]
+            if bound.obj != obj or not pt.active:  # copied up since: the kernel may take the new file
+                self._unregister(node.id)
+                bound = None
+        if bound is None:
+            if not pt.active:  # refused since (a layer on a stacked filesystem): plain opens
+                return PLAIN_OPEN, 0
+            try:
+                backing_id = self._register(fd)
+            except OSError as exc:  # a plain open (Passthrough.register logs a refusal)
+                log.debug("no passthrough for %r: %s", node, exc.strerror)
+                return PLAIN_OPEN, 0
+            bound = self._backing[node.id] = NodeBacking(backing_id, obj)
+        elif bound.obj != obj:
+            # A copy-up while passthrough files of the lower object are open: the kernel keeps
+            # this inode bound to the lower file, so no open of the upper one can be answered
+            # on it. Its names lead to a new node from now on; ESTALE makes the kernel look
+            # the name up again (LOOKUP_REVAL) and open that node.
+            self.ov.handles[fh].unused_copy_up = None  # type: ignore[union-attr]
+            self.ov.release(fh)
+            self.inodes.unhash(node)
+            raise OSError(errno.ESTALE, "the node was copied up under open passthrough files")
+        bound.opens += 1
+        # Writes through passthrough never reach the core, which watches for copy-ups made
+        # for an open and never used (``OpenFile.unused_copy_up``): release compares ctimes.
+        self._backed_fh[fh] = (node.id, st.st_ctime_ns if h.unused_copy_up is not None else None)  # type: ignore[union-attr]
+        return p.FOPEN_PASSTHROUGH | p.FOPEN_NOFLUSH, bound.backing_id
+
+    def _register(self, fd: int) -> int:
+        """A backing id for the real file open as *fd*. The kernel opens each passthrough
+        file's backing file on the registered file's path with the FUSE file's flags, not
+        with the ``O_NOATIME`` of real files (``handles.open_real``, as the kernel's
+        overlay): registered through a noatime bind mount of the file, reads leave the
+        layer's atime alone as they do through the kernel's overlay."""
+        try:
+            bfd = _sys.reopen_noatime(fd, os.O_RDONLY)
+        except OSError as exc:
+            log.debug("no noatime mount for a backing file (%s): reads update its atime", exc.strerror)
+            return self.passthrough.register(fd)
+        try:
+            return self.passthrough.register(bfd)
+        finally:
+            os.close(bfd)
+
+    def _open_out(self, node: Node, fh: int) -> bytes:
+        flags, backing_id = self._opened(node, fh)
+        return p.OPEN_OUT.pack(fh, flags, backing_id)
+
     def open_now(self, req: Request) -> bytes:
         """OPEN without a task when it cannot copy up (read-only, no O_TRUNC: the kernel's
         ovl_open_need_copy_up is false and ``Overlay.open`` never awaits)."""
         flags, _open_flags = p.OPEN_IN.unpack_from(req.body)
         if (flags & os.O_ACCMODE) != os.O_RDONLY or flags & os.O_TRUNC:
             raise NeedsTask
-        coro = self.ov.open(self._node(req.nodeid), flags, self.caller(req))
+        node = self._node(req.nodeid)
+        coro = self.ov.open(node, flags, self.caller(req))
         try:
             coro.send(None)
         except StopIteration as done:
-            return p.OPEN_OUT.pack(done.value, p.FOPEN_KEEP_CACHE | p.FOPEN_NOFLUSH, 0)
+            return self._open_out(node, done.value)
         coro.close()
         raise RuntimeError("a read-only open awaited")
 
     async def open(self, req: Request) -> bytes:
         flags, _open_flags = p.OPEN_IN.unpack_from(req.body)
-        fh = await self.ov.open(self._node(req.nodeid), flags, self.caller(req))
-        return p.OPEN_OUT.pack(fh, p.FOPEN_KEEP_CACHE | p.FOPEN_NOFLUSH, 0)
+        node = self._node(req.nodeid)
+        fh = await self.ov.open(node, flags, self.caller(req))
+        return self._open_out(node, fh)
 
     async def create(self, req: Request) -> bytes:
         flags, mode, umask, _open_flags = p.CREATE_IN.unpack_from(req.body)
         name = _name(req.body, p.CREATE_IN.size)
         node, st, fh = await self.writes.create(self._node(req.nodeid), name, mode, flags, self.caller(req, umask))
-        entry = self._new_entry(node, st)
-        return entry + p.OPEN_OUT.pack(fh, p.FOPEN_KEEP_CACHE | p.FOPEN_NOFLUSH, 0)
+        opened = self._open_out(node, fh)
+        return self._new_entry(node, st) + opened
 
     def mkdir(self, req: Request) -> bytes:
         mode, umask = p.MKDIR_IN.unpack_from(req.body)
@@ -310,6 +394,32 @@ class Ops:
 
     def release(self, req: Request) -> bytes:
         (fh, *_) = p.RELEASE_IN.unpack_from(req.body)
+        backed = self._backed_fh.pop(fh, None)
+        if backed is not None and backed[1] is not None:
+            h = self.ov.handles[fh]
+            if os.fstat(h.fd).st_ctime_ns != backed[1]:  # type: ignore[union-attr]
+                h.unused_copy_up = None  # type: ignore[union-attr]  # written through passthrough
+        self.ov.release(fh)
+        if backed is not None:
+            node_id = backed[0]
+            # The kernel let go of the inode's backing before sending this (iomode.c): with
+            # the last passthrough file gone, the node may be bound to another real file.
+            # The registration is kept for the next open (registering costs more than an
+            # open), up to IDLE_BACKINGS of them; FORGET of the node closes it.
+            bound = self._backing[node_id]
+            bound.opens -= 1
+            if bound.opens == 0:
+                self._idle[node_id] = None
+                if len(self._idle) > IDLE_BACKINGS:
+                    self._unregister(self._idle.popitem(last=False)[0])
+        return b""
+
+    def _unregister(self, node_id: int) -> None:
+        bound = self._backing.pop(node_id)
+        self.passthrough.close(bound.backing_id)
+
+    def releasedir(self, req: Request) -> bytes:
+        (fh, *_) = p.RELEASE_IN.unpack_from(req.body)
         self.ov.release(fh)
         return b""
 
@@ -318,9 +428,6 @@ class Ops:
     def opendir(self, req: Request) -> bytes:
         fh = self.ov.opendir(self._node(req.nodeid))
         return p.OPEN_OUT.pack(fh, 0, 0)
-
-    def releasedir(self, req: Request) -> bytes:
-        return self.release(req)
 
     def _listing(self, req: Request, plus: bool) -> bytes:
         fh, off, size, *_ = p.READ_IN.unpack_from(req.body)

@@ -23,6 +23,7 @@ from .. import trace
 from ..trace import Tracer
 from . import proto as p
 from .ops import NeedsTask, Ops, Request
+from .passthrough import Passthrough
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,9 @@ WANT = (
     | p.MAX_PAGES
     | p.INIT_EXT
 )
+
+#: max_stack_depth with passthrough: backing files on a filesystem that stacks on none
+PASSTHROUGH_STACK_DEPTH = 1
 
 #: requests made on behalf of a process the trace records (fs.py passes ctx for these)
 _TRACED = frozenset(
@@ -119,6 +123,7 @@ class Session:
         self.fd = fd
         self.ops = ops
         self.tracer = tracer
+        self.passthrough: Passthrough = getattr(ops, "passthrough", None) or Passthrough("off")
         self.initialized = False
         self.proto_minor = 0
         self._nursery: trio.Nursery | None = None
@@ -277,7 +282,11 @@ class Session:
             return
         flags2 = p.INIT_IN.unpack_from(body)[4] if flags & p.INIT_EXT and len(body) >= p.INIT_IN.size else 0
         offered = flags | (flags2 << 32)
-        granted = offered & WANT
+        pt = self.passthrough
+        # Passthrough (7.40): backing files of at most one stacking level below (a layer on
+        # ext4 or xfs; not on another overlay or FUSE mount), never with the writeback cache.
+        granted = offered & (WANT | p.PASSTHROUGH if pt.wanted() and minor >= 40 else WANT)
+        pt.granted(self.fd, bool(granted & p.PASSTHROUGH))
         self.proto_minor = min(minor, p.KERNEL_MINOR_VERSION)
         out = p.INIT_OUT.pack(
             p.KERNEL_VERSION,
@@ -291,7 +300,7 @@ class Session:
             MAX_PAGES,
             0,
             granted >> 32,
-            0,
+            PASSTHROUGH_STACK_DEPTH if granted & p.PASSTHROUGH else 0,  # max_stack_depth
             0,
         )
         log.info("direct engine: INIT, kernel 7.%d offers %#x; granted %#x", minor, offered, granted)

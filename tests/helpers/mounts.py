@@ -32,6 +32,10 @@ FUSERMOUNT = "fusermount3"
 #: runner's mounts inherit it; unset: the default engine. scripts/test runs the suite on each.
 ENGINE_ENV = "PYOVERLAY_ENGINE"
 
+#: ``PYOVERLAY_TEST_PASSTHROUGH=auto|on|off``: every pyoverlay mount gets ``-o passthrough=...``
+#: (unless it names it itself); unset: the default.
+PASSTHROUGH_ENV = "PYOVERLAY_TEST_PASSTHROUGH"
+
 #: seconds a pyoverlay mount may stay in use before the watchdog aborts it
 DEFAULT_WATCHDOG = float(os.environ.get("PYOVERLAY_TEST_WATCHDOG", "120"))
 
@@ -169,6 +173,9 @@ class PyoverlayMount(contextlib.AbstractContextManager):
         engine = os.environ.get(ENGINE_ENV)
         if engine and not any(o.startswith("engine=") for o in self.options):
             self.options.append(f"engine={engine}")
+        passthrough = os.environ.get(PASSTHROUGH_ENV)
+        if passthrough and not any(o.startswith("passthrough=") for o in self.options):
+            self.options.append(f"passthrough={passthrough}")
         self.log_path = (
             Path(log_path) if log_path else self.mountpoint.parent / (self.mountpoint.name + ".pyoverlay.log")
         )
