@@ -13,14 +13,15 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import errno
 import os
 import stat
 
 from . import _syscalls
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+# the process's own symbols (libc among them): ctypes.util.find_library would run
+# ``ldconfig -p`` at import, a few ms on every start (docs/performance.md, Startup)
+_libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
 
 SYS_openat2 = _syscalls.number("openat2")
@@ -349,3 +350,25 @@ def remove_tree_at(dir_fd: int, name: bytes) -> None:
     finally:
         os.close(fd)
     os.rmdir(name, dir_fd=dir_fd)
+
+
+# --- mounts (the direct FUSE engine's mount(2) and umount2(2)) ---------------------------
+
+MS_RDONLY = 1
+MS_NOSUID = 2
+MS_NODEV = 4
+MNT_DETACH = 2
+
+_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
+_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+
+
+def mount(source: str, target: str, fstype: str, flags: int, data: str) -> None:
+    """``mount(2)``; OSError (with *target*) on failure."""
+    r = _libc.mount(os.fsencode(source), os.fsencode(target), os.fsencode(fstype), flags, os.fsencode(data))
+    _check(r, target)
+
+
+def umount2(target: str, flags: int = 0) -> None:
+    """``umount2(2)``; OSError (with *target*) on failure."""
+    _check(_libc.umount2(os.fsencode(target), flags), target)
