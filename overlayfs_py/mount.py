@@ -377,28 +377,28 @@ def _serve_direct(cfg: MountConfig, ready_fd: int | None) -> int:
             wd.close()
         raise
     # the caller has returned: from here on a failure is logged, unmounted and exit status 1
-    import trio
-
-    from .fuse import ops as direct_ops
-    from .fuse import session
-
-    notifier = session.Notifier()
-    sess: session.Session | None = None
-    unmount_clean = False
-    cancel: list[trio.CancelScope] = []
-
-    async def run() -> None:
-        with trio.CancelScope() as scope:
-            cancel.append(scope)
-            assert sess is not None
-            await sess.run()
-
-    def stop() -> None:
-        for scope in cancel:
-            scope.cancel()
-
+    notifier: Any = None
+    sess: Any = None
     core: Core | None = None
+    unmount_clean = False
     try:
+        import trio
+
+        from .fuse import ops as direct_ops
+        from .fuse import session
+
+        notifier = session.Notifier()
+        cancel: list[trio.CancelScope] = []
+
+        async def run() -> None:
+            with trio.CancelScope() as scope:
+                cancel.append(scope)
+                await sess.run()
+
+        def stop() -> None:
+            for scope in cancel:
+                scope.cancel()
+
         try:
             core = build_overlay(cfg, wd, drop_entries=notifier.drop_entries, attr_changed=notifier.attr_changed)
         finally:
@@ -411,7 +411,8 @@ def _serve_direct(cfg: MountConfig, ready_fd: int | None) -> int:
     finally:
         if mounted and (sess is None or not sess.ended_by_kernel):
             direct.unmount_fuse(cfg.mountpoint)
-        notifier.stop()
+        if notifier is not None:
+            notifier.stop()
         if mounted:
             os.close(fd)
         if core is not None:
