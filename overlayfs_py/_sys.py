@@ -13,14 +13,15 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import errno
 import os
 import stat
 
 from . import _syscalls
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+# the process's own symbols (libc among them): ctypes.util.find_library would run
+# ``ldconfig -p`` at import, a few ms on every start (docs/performance.md, Startup)
+_libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
 
 SYS_openat2 = _syscalls.number("openat2")

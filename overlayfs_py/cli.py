@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 import click
@@ -32,8 +32,36 @@ def own_error_code(cmd: click.Command | None, default: int) -> int:
     return getattr(cmd, "own_error_code", None) or default
 
 
+#: adds commands to a group when one of them is first needed (see ``_Main.lazy``)
+Registrar = Callable[[click.Group], None]
+
+
 class _Main(click.Group):
-    """Every error is one line; a PyoverlayError that reaches here exits with its status."""
+    """Every error is one line; a PyoverlayError that reaches here exits with its status.
+
+    Commands other than ``mount`` and ``umount`` are registered lazily: ``lazy`` holds
+    registrars run the first time a command the group does not have yet is asked for (or
+    the list of all of them, for ``--help``). ``pyoverlay mount``/``umount`` so never import
+    the trace tools, trio, the runner or the image store (docs/performance.md, Startup)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.lazy: list[Registrar] = []
+
+    def _register_all(self) -> None:
+        while self.lazy:
+            self.lazy.pop(0)(self)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        cmd = super().get_command(ctx, cmd_name)
+        if cmd is None and self.lazy:
+            self._register_all()
+            cmd = super().get_command(ctx, cmd_name)
+        return cmd
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        self._register_all()
+        return super().list_commands(ctx)
 
     def main(  # always exits, whatever standalone_mode says
         self,
@@ -60,13 +88,27 @@ class _Main(click.Group):
         sys.exit(rv if isinstance(rv, int) else 0)
 
 
+def _register_trace(group: click.Group) -> None:
+    from .trace_cli import register
+
+    register(group)
+
+
+def _register_inspect(group: click.Group) -> None:
+    from .inspect_cli import register
+
+    register(group)
+
+
 def new_group(
-    resolvers: Resolvers | None = None, help: str = "pyoverlay: OverlayFS in userspace, and containers on it."
+    resolvers: Resolvers | None = None,
+    help: str = "pyoverlay: OverlayFS in userspace, and containers on it.",
+    more: Sequence[Registrar] = (),
 ) -> click.Group:
     """A ``pyoverlay`` command group with the filesystem's commands; *resolvers* are the
-    container and image look-ups its commands may use (the click context's ``obj``)."""
-    from .inspect_cli import register as register_inspect
-    from .trace_cli import register as register_trace
+    container and image look-ups its commands may use (the click context's ``obj``).
+    *more* registers further commands (the runner's), lazily as trace and diff/explain
+    are: only when one of them is asked for."""
 
     @click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"], "obj": resolvers or Resolvers()})
     def group() -> None:
@@ -76,8 +118,8 @@ def new_group(
     group.help = help
     group.add_command(mount_cmd)
     group.add_command(umount_cmd)
-    register_trace(group)
-    register_inspect(group)
+    assert isinstance(group, _Main)
+    group.lazy.extend((_register_trace, _register_inspect, *more))
     return group
 
 
@@ -194,7 +236,15 @@ def _mount_background(cfg, debug: bool, logfile: str | None) -> None:
         start_background(cfg, debug=debug, logfile=logfile)
     except MountFailed as exc:
         fail(f"cannot mount {cfg.mountpoint}: {exc}")
-    sys.exit(0)
+    _done()
+
+
+def _done() -> NoReturn:
+    """Exit 0 at once: ``mount`` and ``umount`` have nothing left to clean up, and the
+    interpreter's own teardown would add a good part of their run time."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 #: the filesystem type of a pyoverlay mount in /proc/self/mountinfo (fuse, subtype pyoverlay)
@@ -233,12 +283,39 @@ def umount_cmd(merged, timeout):
         unmount(mp)
     except UnmountError as e:
         fail(f"cannot unmount {merged}: {e}")
-    if info is not None:
-        deadline = time.monotonic() + timeout
-        while procfs.alive(info["pid"]):
-            if time.monotonic() > deadline:
-                fail(f"server {info['pid']} of {merged} did not exit within {timeout:g}s")
-            time.sleep(0.02)
+    if info is not None and not _wait_exit(info["pid"], timeout):
+        fail(f"server {info['pid']} of {merged} did not exit within {timeout:g}s")
+    _done()
+
+
+def _wait_exit(pid: int, timeout: float) -> bool:
+    """Wait until process *pid* has exited (a zombie counts: it is no one's child of ours);
+    False after *timeout* seconds. A pidfd wakes us the moment it exits; without one
+    (ESRCH: gone already; ENOSYS: Linux < 5.3) /proc is polled."""
+    import select
+
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:
+        pidfd = None
+    deadline = time.monotonic() + timeout
+    try:
+        poller = None
+        if pidfd is not None:
+            poller = select.poll()
+            poller.register(pidfd, select.POLLIN)
+        while procfs.alive(pid):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            if poller is not None:
+                poller.poll(min(left, 1.0) * 1000)  # readable once the process has exited
+            else:
+                time.sleep(min(left, 0.005))
+        return True
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
 
 
 #: the filesystem alone: ``python -m overlayfs_py`` (no containers, no images)

@@ -16,7 +16,10 @@ def setup_logging(debug: bool, logfile: str | None = None) -> None:
 
 
 def one_line(exc: BaseException) -> str:
-    """An exception as a one-line message: ``strerror (path)`` for OSError."""
+    """An exception as a one-line message: ``strerror (path)`` for OSError; a group of one
+    (trio's nurseries wrap what a task raised) is its exception."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
     if isinstance(exc, OSError) and exc.strerror:
         where = f" ({exc.filename})" if exc.filename else ""
         return f"{exc.strerror}{where}"

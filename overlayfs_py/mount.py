@@ -1,9 +1,15 @@
 """The mount lifecycle: prepare the workdir, mount, serve, unmount.
 
-``serve`` runs in the server process. It mounts (``pyfuse3.init``), reports
-readiness through an optional pipe fd, then serves until SIGTERM/SIGINT or until the
-mount vanishes (``fusermount3 -u`` / ``umount`` end the session and ``pyfuse3.main``
-returns). Teardown always runs in reverse order of setup.
+``serve`` runs in the server process. It mounts, reports readiness through an optional
+pipe fd, then serves until SIGTERM/SIGINT or until the mount vanishes (``fusermount3 -u`` /
+``umount`` end the session). Teardown always runs in reverse order of setup.
+
+Startup (docs/architecture.md, "The mount lifecycle"): this module imports only what the
+checks before the mount need; the engines (pyfuse3, trio, the core) are imported by the
+server when it gets to them. The direct engine mounts right after the workdir checks and
+reports readiness at once: the kernel queues requests until INIT is answered, so the
+caller goes on while the server imports and builds the overlay. A failure after that is
+logged, the mount is removed and the server exits 1.
 """
 
 from __future__ import annotations
@@ -15,33 +21,20 @@ import logging
 import os
 import signal
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
 
-import pyfuse3
-import trio
-
-from . import _sys, fs, state, userxattr
-from .budget import DropEntries, NodeBudget, clamp_node_budget, node_fd_cap
+from . import _sys, state, userxattr
 from .config import MountConfig
-from .copyup import CopyUp
-from .core import Core
-from .dircache import ListingCache
 from .errors import PyoverlayError
-from .fuse import mounting as direct_mounting
-from .fuse import ops as direct_ops
-from .fuse import passthrough as direct_passthrough
-from .fuse import session as direct
-from .handles import HandleTable
-from .inodes import Node
-from .layers import LayerStack
 from .logs import one_line, setup_logging
-from .overlay import Overlay, new_inode_table
-from .ownership import Owners
 from .privilege import privileged
-from .trace import Tracer
-from .tracesink import TraceSink
-from .whiteout import XattrNames, make_whiteout
+from .whiteout import make_whiteout
 from .workdir import WorkDir
-from .write import WritePath
+
+if TYPE_CHECKING:
+    from .budget import DropEntries
+    from .core import Core
+    from .overlay import Overlay
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +67,8 @@ def check_whiteouts(cfg: MountConfig, wd: WorkDir | None) -> None:
 
 
 def fuse_options(cfg: MountConfig) -> set[str]:
+    import pyfuse3
+
     opts = set(pyfuse3.default_options)
     opts.add(f"fsname={cfg.fsname}")
     opts.add("subtype=pyoverlay")
@@ -116,6 +111,19 @@ def build_overlay(
     The engine's two ways of telling the kernel's caches are *drop_entries* (the node
     budget's, ``fs.drop_entries``) and *attr_changed* (a node's st_ino changed in a copy-up,
     ``fs.attr_changed``); the defaults do nothing (the core used without a kernel)."""
+    from .budget import NodeBudget, clamp_node_budget, node_fd_cap
+    from .copyup import CopyUp
+    from .core import Core
+    from .dircache import ListingCache
+    from .handles import HandleTable
+    from .inodes import Node
+    from .layers import LayerStack
+    from .overlay import Overlay, new_inode_table
+    from .ownership import Owners
+    from .trace import Tracer
+    from .whiteout import XattrNames
+    from .write import WritePath
+
     names = XattrNames(cfg.xattr_prefix)
     stack = LayerStack(cfg.lowerdirs, cfg.upperdir, names, init_layer=cfg.container is not None)
     # Every node holds a descriptor: the budget and the table's cap fit RLIMIT_NOFILE.
@@ -158,11 +166,15 @@ def build_overlay(
 async def _main(
     cfg: MountConfig,
     overlay: Overlay,
-    run: Callable[[], Awaitable[None]] = pyfuse3.main,
-    stop: Callable[[], None] = pyfuse3.terminate,
+    run: Callable[[], Awaitable[None]],
+    stop: Callable[[], None],
 ) -> None:
     """Serve (*run*: the engine's loop) beside the trace sink until unmounted or signalled
     (*stop* ends the engine's loop)."""
+    import trio
+
+    from .tracesink import TraceSink
+
     sink = TraceSink(overlay.trace, cfg.trace_file, state.trace_socket(cfg.mountpoint))
     async with trio.open_nursery() as nursery:
         await nursery.start(sink.run)
@@ -181,8 +193,8 @@ async def _main(
         finally:
             overlay.trace.close()  # the sink writes the end record and returns
         with trio.move_on_after(5):
-            while sink.running:
-                await trio.sleep(0.01)
+            while sink.running:  # it ends within a pass or two: `pyoverlay umount` waits for us
+                await trio.sleep(0.001)
         nursery.cancel_scope.cancel()
 
 
@@ -225,10 +237,11 @@ def start_background(
             os.chdir("/")
             setup_logging(debug, logfile)
             rc = serve(cfg, ready_fd=w)
-        except BaseException as exc:  # report to the waiting parent, then die
+        except BaseException as exc:  # report to the parent if it still waits, then die
             with contextlib.suppress(OSError):
                 os.write(w, f"error: {one_line(exc)}\n".encode())
-            log.exception("server failed")
+            log.error("server failed: %s", one_line(exc))  # one line; the traceback with --debug
+            log.debug("server failed", exc_info=True)
             os._exit(1)
         os._exit(rc)
     os.close(w)
@@ -265,6 +278,32 @@ def serve(cfg: MountConfig, ready_fd: int | None = None) -> int:
         raise ValueError("the mount is not planned: run userxattr.plan(cfg) before serving it")
     if cfg.engine == "direct":
         return _serve_direct(cfg, ready_fd)
+    return _serve_pyfuse3(cfg, ready_fd)
+
+
+def _ready(cfg: MountConfig, wd: WorkDir | None, ready_fd: int | None) -> None:
+    """The mount is live: record it (``pyoverlay umount`` finds the server there), record
+    the workdir's xattr namespace and tell the waiting caller. An unusable state dir
+    raises: the caller unmounts."""
+    state.record(cfg.mountpoint, os.getpid(), cfg)
+    userxattr.record(cfg, wd.fd if wd is not None else None)
+    if ready_fd is not None:
+        os.write(ready_fd, b"ok\n")
+        # the caller reads to EOF: end the pipe, but leave its number on /dev/null, so that a
+        # later error report (start_background) can never land in a file opened since
+        null = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+        os.dup2(null, ready_fd, inheritable=False)
+        os.close(null)
+
+
+def _serve_pyfuse3(cfg: MountConfig, ready_fd: int | None) -> int:
+    """``serve`` with pyfuse3 (libfuse mounts; ``pyfuse3.init`` needs the operations, so the
+    overlay is built before the mount)."""
+    import pyfuse3
+    import trio
+
+    from . import fs
+
     wd = prepare_workdir(cfg)
     try:
         check_whiteouts(cfg, wd)
@@ -286,15 +325,11 @@ def serve(cfg: MountConfig, ready_fd: int | None = None) -> int:
     unmount_clean = False
     try:
         try:
-            state.record(cfg.mountpoint, os.getpid(), cfg)  # an unusable state dir: unmounted below
-            userxattr.record(cfg, wd.fd if wd is not None else None)
+            _ready(cfg, wd, ready_fd)
         finally:
             if wd is not None:
                 wd.close()  # the overlay holds its own work/ fd
-        if ready_fd is not None:
-            os.write(ready_fd, b"ok\n")
-            os.close(ready_fd)
-        trio.run(_main, cfg, core.view)
+        trio.run(_main, cfg, core.view, pyfuse3.main, pyfuse3.terminate)
         unmount_clean = True
     finally:
         pyfuse3.close(unmount=cfg.fuse_fd is None)
@@ -305,57 +340,74 @@ def serve(cfg: MountConfig, ready_fd: int | None = None) -> int:
 
 
 def _serve_direct(cfg: MountConfig, ready_fd: int | None) -> int:
-    """``serve`` with pyoverlay's own FUSE engine (``-o engine=direct``, overlayfs_py/fuse/)."""
+    """``serve`` with pyoverlay's own FUSE engine (``-o engine=direct``, overlayfs_py/fuse/).
+
+    Mounts as soon as the workdir is checked and reports readiness then; the engine and the
+    core are imported and built afterwards (the kernel holds requests until INIT is
+    answered). If that fails, the mount is removed before the error propagates."""
+    from .fuse import mounting as direct
+    from .fuse import passthrough as direct_passthrough
+
     direct_passthrough.refuse_if_impossible(cfg.passthrough)
     wd = prepare_workdir(cfg)
-    notifier = direct.Notifier()
     try:
         check_whiteouts(cfg, wd)
-        core = build_overlay(cfg, wd, drop_entries=notifier.drop_entries, attr_changed=notifier.attr_changed)
+        fm = direct.mount_fuse(cfg)  # or the fd handed in (cfg.fuse_fd)
     except BaseException:
-        if wd is not None:
-            wd.close()
-        raise
-    try:
-        fm = direct_mounting.mount_fuse(cfg)  # or the fd handed in (cfg.fuse_fd)
-    except BaseException:
-        core.destroy()
         if wd is not None:
             wd.close()
         raise
     fd = fm.fd
-    notifier.start(fd)
-    session = direct.Session(fd, direct_ops.Ops(core, direct_passthrough.Passthrough(cfg.passthrough)), core.view.trace)
-    unmount_clean = False
-    cancel: list[trio.CancelScope] = []
-
-    async def run() -> None:
-        with trio.CancelScope() as scope:
-            cancel.append(scope)
-            await session.run()
-
-    def stop() -> None:
-        for scope in cancel:
-            scope.cancel()
-
     try:
+        _ready(cfg, wd, ready_fd)
+    except BaseException:
+        direct.unmount_fuse(fm, False)
+        if fm.owned:
+            os.close(fd)
+        if wd is not None:
+            wd.close()
+        raise
+    # the caller has returned: from here on a failure is logged, unmounted and exit status 1
+    notifier: Any = None
+    sess: Any = None
+    core: Core | None = None
+    unmount_clean = False
+    try:
+        import trio
+
+        from .fuse import ops as direct_ops
+        from .fuse import session
+
+        notifier = session.Notifier()
+        cancel: list[trio.CancelScope] = []
+
+        async def run() -> None:
+            with trio.CancelScope() as scope:
+                cancel.append(scope)
+                await sess.run()
+
+        def stop() -> None:
+            for scope in cancel:
+                scope.cancel()
+
         try:
-            state.record(cfg.mountpoint, os.getpid(), cfg)
-            userxattr.record(cfg, wd.fd if wd is not None else None)
+            core = build_overlay(cfg, wd, drop_entries=notifier.drop_entries, attr_changed=notifier.attr_changed)
         finally:
             if wd is not None:
-                wd.close()
-        if ready_fd is not None:
-            os.write(ready_fd, b"ok\n")
-            os.close(ready_fd)
+                wd.close()  # the overlay holds its own work/ fd
+        notifier.start(fd)
+        ops = direct_ops.Ops(core, direct_passthrough.Passthrough(cfg.passthrough))
+        sess = session.Session(fd, ops, core.view.trace)
         trio.run(_main, cfg, core.view, run, stop)
         unmount_clean = True
     finally:
-        direct_mounting.unmount_fuse(fm, session.ended_by_kernel)
-        notifier.stop()
+        direct.unmount_fuse(fm, sess is not None and sess.ended_by_kernel)
+        if notifier is not None:
+            notifier.stop()
         if fm.owned:
             os.close(fd)
-        core.destroy()
+        if core is not None:
+            core.destroy()
         state.forget(cfg.mountpoint, os.getpid())
         log.debug("server exiting (clean=%s)", unmount_clean)
     return 0

@@ -14,7 +14,6 @@ this user and, when mount(2) is not permitted, libfuse mounts through the setuid
 from __future__ import annotations
 
 import os
-import shutil
 import stat
 
 from .config import ConfigError, MountConfig
@@ -102,6 +101,8 @@ def fusermount_path() -> str | None:
     first = os.path.join(FUSERMOUNT_DIR, FUSERMOUNT)
     if os.access(first, os.X_OK):
         return first
+    import shutil
+
     return shutil.which(FUSERMOUNT)
 
 

@@ -14,13 +14,17 @@ pre-create ``/tmp/pyoverlay-$UID``: issue 13 item 8).
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import stat
 from dataclasses import asdict
 
 from .errors import PyoverlayError
+
+try:  # CPython's own sha256: hashlib would load OpenSSL (a few ms on every start)
+    from _sha256 import sha256  # type: ignore[import-not-found,unused-ignore]
+except ImportError:  # pragma: no cover - another Python
+    from hashlib import sha256
 
 
 class StateDirError(PyoverlayError, OSError):
@@ -108,7 +112,7 @@ def state_dir() -> str:
 def _path(mountpoint: str) -> str:
     # *mountpoint* must already be absolute and resolved: never stat a live mountpoint
     # from the server itself (the request would come back to us and deadlock).
-    h = hashlib.sha256(os.fsencode(mountpoint)).hexdigest()[:24]
+    h = sha256(os.fsencode(mountpoint)).hexdigest()[:24]
     return os.path.join(state_dir(), f"mount-{h}.json")
 
 

@@ -5,13 +5,17 @@ benchmark scripts. ``fusermount3`` is how an ordinary user unmounts a FUSE mount
 is missing, or fails where ``umount`` may work (root, a mount fusermount3 does not know
 of), ``umount`` is tried next. With ``lazy`` the mount is detached even if busy
 (``-z`` / ``-l``). Nothing here stats the mountpoint (a hung server would hang us).
+
+As root (also root of a user namespace) ``umount2(2)`` is tried first, in this process:
+what ``umount`` would do, without a fork and exec (docs/performance.md, Startup). When it
+fails the tools run as before, so their messages are the ones reported.
 """
 
 from __future__ import annotations
 
-import shutil
-import subprocess
+import os
 
+from . import _sys
 from .errors import PyoverlayError
 
 FUSERMOUNT = "fusermount3"
@@ -22,7 +26,9 @@ class UnmountError(PyoverlayError):
 
 
 def commands(path: str, lazy: bool = False) -> list[list[str]]:
-    """The commands :func:`unmount` tries, in order."""
+    """The commands :func:`unmount` tries, in order (after umount2(2) as root)."""
+    import shutil
+
     tool = shutil.which(FUSERMOUNT)
     out = [[tool, "-uz" if lazy else "-u", path]] if tool else []
     out.append(["umount", "-l", path] if lazy else ["umount", path])
@@ -34,6 +40,14 @@ def unmount(path: str, *, lazy: bool = False, timeout: float | None = None) -> N
     that fails or fusermount3 is missing. Raises UnmountError with the first failure's
     message; ``subprocess.TimeoutExpired`` if a tool hangs longer than *timeout* seconds
     (nothing more is tried then: the caller may abort the FUSE connection)."""
+    import subprocess
+
+    if os.geteuid() == 0:
+        try:
+            _sys.umount2(path, _sys.MNT_DETACH if lazy else 0)
+            return
+        except OSError:
+            pass  # the tools say why (their messages), or manage where umount2 may not
     first = None
     for argv in commands(path, lazy):
         res = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)

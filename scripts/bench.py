@@ -5,6 +5,7 @@ overlay at all, all mounted at once, workload by workload, round robin.
                   [--impl pyoverlay,kernel,fuse-overlayfs,native] [--workdir DIR] [--tmpfs] [--keep]
     scripts/bench --memwalk N        # server peak RSS while walking N entries
     scripts/bench --transport        # microseconds per FUSE request, and where they go
+    scripts/bench --mount-times      # mount/umount wall times (median of 10), all engines
 
 Method and results: docs/performance.md. Needs root (kernel overlay mounts).
 Everything it mounts is unmounted and everything it built is deleted (unless --keep)
@@ -26,6 +27,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from benchlib import impls as impls_mod  # noqa: E402
+from benchlib import mounttime as mounttime_mod  # noqa: E402
 from benchlib import report  # noqa: E402
 from benchlib.layers import PRESETS, prepare_layers  # noqa: E402
 from benchlib.machine import machine, versions  # noqa: E402
@@ -114,6 +116,12 @@ def parse_args(argv):
         "with fusermount3 and pyoverlay cannot use passthrough",
     )
     p.add_argument(
+        "--mount-times",
+        action="store_true",
+        help="separate mode: mount and umount times (median of --reps, default 10) of the "
+        "kernel, fuse-overlayfs and pyoverlay's two engines (also part of a normal run)",
+    )
+    p.add_argument(
         "--memwalk",
         type=int,
         metavar="N",
@@ -128,7 +136,7 @@ def parse_args(argv):
     if bad:
         p.error(f"unknown workload(s): {', '.join(bad)}")
     a.impl = [s for s in (a.impl or "").split(",") if s] or None
-    known = impls_mod.ALL + (["pyfuse3-null"] if a.transport else [])
+    known = impls_mod.ALL + (["pyfuse3-null"] if a.transport else []) + (mounttime_mod.ALL if a.mount_times else [])
     bad = [i for i in a.impl or [] if i not in known]
     if bad:
         p.error(f"unknown implementation(s): {', '.join(bad)}")
@@ -260,7 +268,13 @@ def main(argv=None) -> int:
     out = {
         "tool": "pyoverlay scripts/bench",
         "command": ["scripts/bench"] + (argv or sys.argv[1:]),
-        "mode": "memwalk" if args.memwalk else "transport" if args.transport else args.mode,
+        "mode": "memwalk"
+        if args.memwalk
+        else "transport"
+        if args.transport
+        else "mount-times"
+        if args.mount_times
+        else args.mode,
         "started": started.isoformat(),
         "tmpfs": args.tmpfs,
         "rootless": os.geteuid() != 0,
@@ -285,8 +299,15 @@ def main(argv=None) -> int:
                 if i != "native" and not impls_mod.available(i)
             ]
             out["transport"] = run_transport(sess.run_dir, names, args.reps or 5, log, sess.impls.append)
+        elif args.mount_times:
+            names = mounttime_mod.main_names(args.impl, log)
+            out["mount_times"] = mounttime_mod.run_mounttimes(sess.run_dir, names, args.reps or mounttime_mod.REPS, log)
         else:
             res = bench(args, sizes, sess, out)
+            if not args.only:  # the Startup figures, on their own small layers
+                reps = 2 if args.mode == "smoke" else mounttime_mod.REPS
+                names = mounttime_mod.main_names(None, log)
+                out["mount_times"] = mounttime_mod.run_mounttimes(sess.run_dir, names, reps, log)
     except KeyboardInterrupt:
         log("interrupted: cleaning up")
         out["error"], rc = "interrupted", 130
@@ -304,6 +325,8 @@ def main(argv=None) -> int:
         finish(res, out)
     if out.get("memwalk"):
         print(memwalk_table(out["memwalk"]), flush=True)
+    if out.get("mount_times"):
+        print(mounttime_mod.table(out["mount_times"]), flush=True)
     if out.get("transport"):
         from benchlib.transport import table as transport_table
 

@@ -150,3 +150,26 @@ def test_transport_mode_times_requests_and_leaves_nothing(tmp_path):
     assert "| pyfuse3-null |" in r.stdout and "pyoverlay's handlers" in r.stdout
     assert not mountinfo.mounts_under(os.path.realpath(work))
     assert not work.exists() or not any(work.iterdir())
+
+
+def test_mount_times_mode_times_every_engine_and_leaves_nothing(tmp_path):
+    """--mount-times: mount and umount of the kernel overlay, fuse-overlayfs and both of
+    pyoverlay's engines, interleaved; medians in the JSON and a table on stdout."""
+    work, result = tmp_path / "work", tmp_path / "result.json"
+    impls = ["kernel", "pyoverlay-direct", "pyoverlay-pyfuse3"] + (
+        ["fuse-overlayfs"] if shutil.which("fuse-overlayfs") else []
+    )
+    argv = [sys.executable, str(REPO / "scripts" / "bench.py"), "--mount-times", "--reps", "2"]
+    argv += ["--impl", ",".join(impls), "--workdir", str(work), "--json", str(result)]
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=170, stdin=subprocess.DEVNULL)
+    assert r.returncode == 0, r.stderr[-3000:]
+    d = json.loads(result.read_text())
+    assert d["mode"] == "mount-times"
+    med = d["mount_times"]["median_ms"]
+    assert set(med) == set(impls)
+    for name, cols in med.items():
+        assert cols["mount"] > 0 and cols["umount"] > 0, name
+        assert len(d["mount_times"]["samples_ms"][name]["mount"]) == 2
+    assert "| pyoverlay-direct |" in r.stdout and "server exit after umount" in r.stdout
+    assert not mountinfo.mounts_under(os.path.realpath(work))
+    assert not work.exists() or not any(work.iterdir())
