@@ -283,8 +283,10 @@ def umount_cmd(merged, timeout):
         unmount(mp)
     except UnmountError as e:
         fail(f"cannot unmount {merged}: {e}")
-    if info is not None and not _wait_exit(info["pid"], timeout):
-        fail(f"server {info['pid']} of {merged} did not exit within {timeout:g}s")
+    if info is not None:
+        if not _wait_exit(info["pid"], timeout):
+            fail(f"server {info['pid']} of {merged} did not exit within {timeout:g}s")
+        state.forget(mp, info["pid"])  # a killed server could not remove its record itself
     _done()
 
 

@@ -144,9 +144,12 @@ def lookup(mountpoint: str) -> dict | None:
 
 
 def forget(mountpoint: str, pid: int) -> None:
+    """Remove the record of *pid*'s mount of *mountpoint*, and its trace socket (a server
+    killed with SIGKILL left both: ``pyoverlay umount`` forgets them for it)."""
     data = lookup(mountpoint)
     if data is not None and data.get("pid") == pid:
-        try:
-            os.unlink(_path(mountpoint))
-        except FileNotFoundError:
-            pass
+        for path in (_path(mountpoint), trace_socket(mountpoint)):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass

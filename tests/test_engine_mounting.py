@@ -98,12 +98,16 @@ def test_sigkill_leaves_a_dead_mount_that_umount_removes(engine, tmp_path, monke
     lo, up, wk, mnt = _layout(tmp_path)
     with mounts.PyoverlayMount([lo], mnt, up, wk, options=[f"engine={engine}"], log_path=tmp_path / "log") as m:
         assert (mnt / "a").read_text() == "lower\n"
+        records = list((tmp_path / "state").iterdir())
+        assert records, "the mount has no record"
         m.proc.kill()
         m.proc.wait(20)
         assert mounts.is_mounted(mnt) and _dead(mnt / "a")
         r = _cli("umount", mnt)
         assert r.returncode == 0, r.stderr
         assert not mounts.is_mounted(mnt)
+        # the killed server's record went with its mount
+        assert not any(p.exists() for p in records), records
 
 
 @pytest.mark.kernel

@@ -267,15 +267,35 @@ def test_a_late_reader_can_ask_for_history(layers, traced):
 N_FILES = 12000
 
 
-def test_a_paused_reader_never_stalls_the_filesystem(layers, traced):
+#: a reader that keeps up, in a process of its own (a thread of the test would share the
+#: GIL with the writer and could fall behind a fast server): prints "ready" once connected
+_ACTIVE_READER = """
+import json, sys
+from overlayfs_py.tracesink import connect_unix
+s = connect_unix(sys.argv[1])
+s.sendall(json.dumps({"history": True}).encode() + b"\\n")
+print("ready", flush=True)
+with open(sys.argv[2], "wb") as out:
+    while chunk := s.recv(1 << 20):
+        out.write(chunk)
+"""
+
+
+def test_a_paused_reader_never_stalls_the_filesystem(layers, traced, tmp_path):
     """A reader that stops reading: the writer must still finish (a stall would hang it:
     the join below fails); once it reads again it learns how many events it lost; the
     trace file and a reader that keeps up miss nothing."""
-    paused = _reader(traced.path)
-    active = _reader(traced.path)
-    active_events = []
-    t_active = threading.Thread(target=lambda: active_events.extend(_read_all(active, 120)))
-    t_active.start()
+    # both ask for the history: the server registers a reader a little after it connects,
+    # and the events of that moment come to it as history instead of being missed
+    paused = _reader(traced.path, history=True)
+    got = tmp_path / "active.jsonl"
+    active = subprocess.Popen(
+        [sys.executable, "-c", _ACTIVE_READER, _socket_of(traced.path), str(got)],
+        env=mounts.pyoverlay_env(),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert active.stdout is not None and active.stdout.readline().strip() == "ready"
     d = traced.path / "many"
     d.mkdir()
 
@@ -293,7 +313,8 @@ def test_a_paused_reader_never_stalls_the_filesystem(layers, traced):
     time.sleep(1)
     run("chmod", "600", "top.txt", cwd=traced.path)  # one more event after the gap
     traced.finish()
-    t_active.join(60)
+    assert active.wait(60) == 0
+    active_events = [json.loads(line) for line in got.read_bytes().splitlines()]
     t_paused.join(60)
     total = len(traced.events) - 1
     assert traced.events[-1]["event"] == "end" and traced.events[-1]["dropped"] == 0
