@@ -78,6 +78,7 @@ class Ops:
         self._backing: dict[int, NodeBacking] = {}
         self._idle: collections.OrderedDict[int, None] = collections.OrderedDict()  # registered, no open file
         self._backed_fh: dict[int, tuple[int, int | None]] = {}  # fh -> (node id, ctime at open)
+        self._clones: dict[int, int] = {}  # layer index -> fd of its noatime clone (-1: none)
         self.ov = core.view
         self.writes = core.writes
         self.budget = core.budget
@@ -269,7 +270,7 @@ class Ops:
             if not pt.active:  # refused since (a layer on a stacked filesystem): plain opens
                 return PLAIN_OPEN, 0
             try:
-                backing_id = self._register(fd)
+                backing_id = self._register(node, fd)
             except OSError as exc:  # a plain open (Passthrough.register logs a refusal)
                 log.debug("no passthrough for %r: %s", node, exc.strerror)
                 return PLAIN_OPEN, 0
@@ -289,17 +290,34 @@ class Ops:
         self._backed_fh[fh] = (node.id, st.st_ctime_ns if h.unused_copy_up is not None else None)  # type: ignore[union-attr]
         return p.FOPEN_PASSTHROUGH | p.FOPEN_NOFLUSH, bound.backing_id
 
-    def _register(self, fd: int) -> int:
+    def _register(self, node: Node, fd: int) -> int:
         """A backing id for the real file open as *fd*. The kernel opens each passthrough
         file's backing file on the registered file's path with the FUSE file's flags, not
         with the ``O_NOATIME`` of real files (``handles.open_real``, as the kernel's
-        overlay): registered through a noatime bind mount of the file, reads leave the
-        layer's atime alone as they do through the kernel's overlay."""
-        try:
-            bfd = _sys.reopen_noatime(fd, os.O_RDONLY)
-        except OSError as exc:
-            log.debug("no noatime mount for a backing file (%s): reads update its atime", exc.strerror)
-            return self.passthrough.register(fd)
+        overlay): registered through a noatime clone of the layer's mount (one per layer,
+        made once; the file reached by its handle), reads leave the layer's atime alone as
+        they do through the kernel's overlay. Where that fails, a noatime bind mount of the
+        file alone (slower: about 50 us), else the file itself."""
+        bfd = -1
+        clone = self._clones.get(node.layer.index)
+        if clone is None:
+            try:
+                clone = _sys.noatime_clone(node.layer.fd)
+            except OSError as exc:
+                log.debug("no noatime clone of %s (%s)", node.layer.label, exc.strerror)
+                clone = -1
+            self._clones[node.layer.index] = clone
+        if clone >= 0:
+            try:
+                bfd = _sys.reopen_in(clone, fd, os.O_RDONLY)
+            except OSError:
+                bfd = -1
+        if bfd < 0:
+            try:
+                bfd = _sys.reopen_noatime(fd, os.O_RDONLY)
+            except OSError as exc:
+                log.debug("no noatime mount for a backing file (%s): reads update its atime", exc.strerror)
+                return self.passthrough.register(fd)
         try:
             return self.passthrough.register(bfd)
         finally:
