@@ -64,7 +64,7 @@ def _two_names(body: memoryview, start: int = 0) -> tuple[bytes, bytes]:
 
 
 #: backing files kept registered for nodes with no open file (least recently used closed first)
-IDLE_BACKINGS = 1024
+IDLE_BACKINGS = 8192
 
 #: a plain open: the kernel keeps cached pages across opens (pyoverlay owns every change of
 #: the upper layer) and sends no FLUSH
