@@ -25,6 +25,7 @@ from . import proto as p
 
 #: lowers never change while mounted and the upper only through us (fs.TIMEOUT)
 TIMEOUT = 86400
+_RENAME_EXCHANGE = 2
 
 
 class NeedsTask(Exception):
@@ -276,7 +277,13 @@ class Ops:
 
     async def _rename(self, req: Request, newdir: int, flags: int, start: int) -> bytes:
         old, new = _two_names(req.body, start)
-        await self.writes.rename(self._node(req.nodeid), old, self._node(newdir), new, flags)
+        parent, newparent = self._node(req.nodeid), self._node(newdir)
+        moved = [parent.child(old)] + ([newparent.child(new)] if flags & _RENAME_EXCHANGE else [])
+        await self.writes.rename(parent, old, newparent, new, flags)
+        if parent is not newparent:  # a moved directory's ".." changed
+            for node in moved:
+                if node is not None:
+                    self.ov.listings.moved(node)
         return b""
 
     async def rename(self, req: Request) -> bytes:
@@ -310,7 +317,10 @@ class Ops:
 
     def opendir(self, req: Request) -> bytes:
         fh = self.ov.opendir(self._node(req.nodeid))
-        return p.OPEN_OUT.pack(fh, 0, 0)
+        # The kernel keeps the listing in the directory's pages and serves getdents from
+        # them until it changes the directory itself or the server says otherwise
+        # (dircache.ListingCache.kernel_stale); KEEP_CACHE: an opendir does not drop it.
+        return p.OPEN_OUT.pack(fh, p.FOPEN_CACHE_DIR | p.FOPEN_KEEP_CACHE, 0)
 
     def releasedir(self, req: Request) -> bytes:
         return self.release(req)

@@ -44,6 +44,7 @@ WANT = (
     | p.HAS_IOCTL_DIR
     | p.AUTO_INVAL_DATA
     | p.DO_READDIRPLUS
+    | p.READDIRPLUS_AUTO
     | p.ASYNC_DIO
     | p.PARALLEL_DIROPS
     | p.MAX_PAGES
@@ -144,6 +145,18 @@ class Notifier:
             return
         for parent_id, name in drops:
             self._queue.put(p.notify_inval_entry(parent_id, name))
+
+    def listing_changed(self, node_id: int) -> None:
+        """Drop the kernel's cached listing of a directory (FOPEN_CACHE_DIR keeps it in the
+        directory's pages: offset 0 drops them) and its attributes. Synchronous, so that
+        no readdir after the request that changed it sees the old one: a directory's pages
+        are locked only while the kernel copies entries in or out, never across a request."""
+        if self.fd is None:
+            return
+        try:
+            os.write(self.fd, p.notify_inval_inode(node_id, 0, 0))
+        except OSError:
+            pass  # the kernel no longer knows the node (or never cached it)
 
     def attr_changed(self, node_id: int) -> None:
         """Drop the kernel's cached attributes of a node (takes no lock the kernel holds)."""
