@@ -218,19 +218,20 @@ class Session:
         view = memoryview(buf)
         served = 0
         # The next request is usually not there yet when a reply is written (a caller
-        # waits for it): waiting in poll(2) here costs one syscall, where trio's
-        # wait_readable costs an epoll round and a pass of its scheduler (~10 us each).
+        # waits for it): waiting in poll(2) first costs one syscall, where a read that
+        # fails with EAGAIN and trio's wait_readable cost a raised exception, an epoll
+        # round and a pass of trio's scheduler (~10 us in all).
         poller = select.poll()
         poller.register(self.fd, select.POLLIN)
         poll = poller.poll
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             while True:
+                if not self._tasks and not poll(IDLE_POLL_MS):
+                    await trio.lowlevel.wait_readable(self.fd)
                 try:
                     n = os.readv(self.fd, [buf])
                 except BlockingIOError:
-                    if not self._tasks and poll(IDLE_POLL_MS):
-                        continue
                     await trio.lowlevel.wait_readable(self.fd)
                     continue
                 except InterruptedError:
