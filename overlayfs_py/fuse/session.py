@@ -44,8 +44,7 @@ WANT = (
     | p.BIG_WRITES
     | p.HAS_IOCTL_DIR
     | p.AUTO_INVAL_DATA
-    | p.DO_READDIRPLUS
-    | p.READDIRPLUS_AUTO
+    | p.DO_READDIRPLUS  # always: READDIRPLUS_AUTO measured slower (docs/performance.md)
     | p.ASYNC_DIO
     | p.PARALLEL_DIROPS
     | p.MAX_PAGES
