@@ -65,6 +65,11 @@ _NOT_NEEDED = frozenset((p.FLUSH, p.FSYNCDIR))
 #: signal handling, run then; under load they run every 32 requests)
 IDLE_POLL_MS = 20
 
+_pack_out = p.OUT_HEADER.pack
+_OUT_SIZE = p.OUT_HEADER.size
+_unpack_in = p.IN_HEADER.unpack_from
+_IN_SIZE = p.IN_HEADER.size
+
 MS_RDONLY = 1
 MS_NOSUID = 2
 MS_NODEV = 4
@@ -195,10 +200,19 @@ class Session:
                 raise
 
     def reply(self, unique: int, payload: bytes) -> None:
-        self._write([p.out_header(unique, 0, len(payload)), payload])
+        # the hot path of every request: the header packed here, no helper calls
+        try:
+            os.writev(self.fd, (_pack_out(_OUT_SIZE + len(payload), 0, unique), payload))
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:  # ENOENT: the request was interrupted meanwhile
+                raise
 
     def reply_error(self, unique: int, err: int) -> None:
-        self._write([p.out_header(unique, -err, 0)])
+        try:
+            os.write(self.fd, _pack_out(_OUT_SIZE, -err, unique))
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:
+                raise
 
     def _errno(self, exc: BaseException, opcode: int) -> int:
         """The one place where exceptions become FUSE replies."""
@@ -252,8 +266,8 @@ class Session:
 
     def _handle(self, data: memoryview) -> bool:
         """Answer (or start answering) one request; False ends the session."""
-        _len, opcode, unique, nodeid, uid, gid, pid, _ext, _pad = p.IN_HEADER.unpack_from(data)
-        body = data[p.IN_HEADER.size :]
+        _len, opcode, unique, nodeid, uid, gid, pid, _ext, _pad = _unpack_in(data)
+        body = data[_IN_SIZE:]
         ops = self.ops
         handler = ops.sync.get(opcode)
         if handler is not None:
