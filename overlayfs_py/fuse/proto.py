@@ -179,10 +179,20 @@ def pack_attr_fields(
     )  # fmt: skip
 
 
+_DIRENT_BY_LEN: dict[int, struct.Struct] = {}
+
+
+def _dirent_struct(namelen: int) -> struct.Struct:
+    st = _DIRENT_BY_LEN[namelen] = struct.Struct(f"=QQII{namelen}s{-(DIRENT.size + namelen) % 8}x")
+    return st
+
+
 def dirent(ino: int, off: int, typ: int, name: bytes) -> bytes:
-    """One ``fuse_dirent`` with its name, padded to 8 bytes."""
-    raw = DIRENT.pack(ino, off, len(name), typ) + name
-    return raw + b"\0" * (-len(raw) % 8)
+    """One ``fuse_dirent`` with its name, padded to 8 bytes (one ``pack`` per entry: a
+    layout per name length, made once)."""
+    n = len(name)
+    st = _DIRENT_BY_LEN.get(n) or _dirent_struct(n)
+    return st.pack(ino, off, n, typ, name)
 
 
 def out_header(unique: int, error: int, payload_len: int) -> bytes:
