@@ -295,6 +295,7 @@ def bench(args, sizes, sess: Session, out: dict) -> Results:
     for impl in impls_mod.make(names, sess.layers, sess.run_dir, log):
         sess.impls.append(impl)
         impl.mount()
+    out["engines"] = {i.name: i.served_engine for i in sess.impls if getattr(i, "served_engine", None)}
     log(f"mounted: {', '.join(names)}; {len(workloads)} workloads x {sizes.reps} reps")
     try:
         run_all(ctx, sess.impls, workloads, res, log, fmt_value)

@@ -176,6 +176,7 @@ class Pyoverlay(Impl):
         os.makedirs(self.state_dir, exist_ok=True)
         self.logfile = os.path.join(os.path.dirname(self.base), f"{self.name}-server.log")
         self._pid: int | None = None
+        self.served_engine: str | None = None  # from the server's mount record
 
     def cli(self) -> list[str]:
         exe = os.path.join(REPO, ".venv", "bin", "pyoverlay")
@@ -203,9 +204,13 @@ class Pyoverlay(Impl):
                 # so the kernel's volatile marker may go (what its docs tell users to do)
                 shutil.rmtree(os.path.join(self.work, "work", "incompat"), ignore_errors=True)
         run(argv, env=self.env(), timeout=60)
-        self._pid = server_pid_from_state(self.state_dir, self.merged)
+        rec = mount_record(self.state_dir, self.merged)
+        self._pid = rec["pid"] if rec else None
         if self._pid is None:
             raise BenchError(f"no pyoverlay mount record for {self.merged} in {self.state_dir}")
+        self.served_engine = (rec.get("config") or {}).get("engine")
+        if self.engine and self.served_engine != self.engine:
+            raise BenchError(f"{self.name}: the server runs engine {self.served_engine!r}, not {self.engine!r}")
 
     def server_pid(self) -> int | None:
         return self._pid
@@ -226,8 +231,9 @@ class Pyoverlay(Impl):
         self._pid = None
 
 
-def server_pid_from_state(state_dir: str, merged: str) -> int | None:
-    """The server pid from pyoverlay's mount record (``mount-*.json``, see overlayfs_py/state.py)."""
+def mount_record(state_dir: str, merged: str) -> dict | None:
+    """pyoverlay's mount record of *merged* (``mount-*.json``, see overlayfs_py/state.py):
+    the server's pid and its configuration."""
     mp = os.path.realpath(merged)
     for path in glob.glob(os.path.join(state_dir, "mount-*.json")):
         try:
@@ -236,7 +242,7 @@ def server_pid_from_state(state_dir: str, merged: str) -> int | None:
         except (OSError, ValueError):
             continue
         if data.get("mountpoint") == mp and isinstance(data.get("pid"), int):
-            return data["pid"]
+            return data
     return None
 
 

@@ -98,6 +98,7 @@ def run_transport(run_dir: str, names: list[str], reps: int, log, register) -> d
         register(impl)
         impl.mount()
         impls.append(impl)
+    engines = {i.name: i.served_engine for i in impls if getattr(i, "served_engine", None)}
     samples = {i.name: {op: [] for op in CALLS} for i in impls}
     for rep in range(reps):
         order = impls[rep % len(impls) :] + impls[: rep % len(impls)]
@@ -121,6 +122,7 @@ def run_transport(run_dir: str, names: list[str], reps: int, log, register) -> d
     return {
         "calls": CALLS,
         "reps": reps,
+        "engines": engines,  # the engine each pyoverlay server reported in its mount record
         "median_us": med,
         "samples_us": {n: {op: [x * 1e6 for x in v] for op, v in d.items()} for n, d in samples.items()},
     }
