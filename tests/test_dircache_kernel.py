@@ -7,7 +7,8 @@ from the kernel's copy until the kernel changes that directory itself or the ser
 it otherwise. So every directory is listed to its end first, then changed, then listed
 again, and each listing is compared with the kernel's: names, d_type, and d_ino as the
 relation the kernel gives it (equal to the entry's st_ino; ``..`` equal to the parent's).
-The kinds of change: create (copying the parent up), unlink of a lower entry (whiteout),
+The kinds of change: create (copying the parent up; beside and inside a lower-only
+subdirectory, whose ``..`` may follow its parent's copy-up), unlink of a lower entry (whiteout),
 rename across directories, rmdir and mkdir (an opaque directory), a hard link, a copy-up
 that changes an entry's d_ino (a lower file with two names), a directory moved to another
 parent (its ``..``), and a directory larger than one page (READDIRPLUS for the first
@@ -50,6 +51,7 @@ def _layers():
         "hl/a": F(b"two names\n"),
         "hl/b": H("hl/a"),
         "hl/other": F(b"other\n"),
+        "deep/sub/x": F(b"x\n"),  # a lower-only directory under one that gets copied up
         "ln": D(),
         "ln/src": F(b"linked\n"),
         **{f"big/e{i:04d}-{'n' * 20}": F(b"") for i in range(BIG)},
@@ -93,6 +95,8 @@ def _ops(m: Path, rec) -> None:
         _list_all(m, rec, "after " + label)
 
     step("create in a lower dir", (m / "ld/new").write_bytes, b"new\n")
+    step("create beside a lower subdir", (m / "deep/new").write_bytes, b"new\n")
+    step("create in a lower subdir", (m / "deep/sub/new").write_bytes, b"new\n")
     step("unlink a lower file", os.unlink, m / "md/gone")
     step("rename across dirs", os.rename, m / "ld/f", m / "md/f")
     for name in ("od/sub/b", "od/a"):
