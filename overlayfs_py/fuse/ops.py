@@ -344,9 +344,19 @@ class Ops:
                     break
                 raise
             typ = stat.S_IFMT(entry.st.st_mode) >> 12
-            dent = p.dirent(entry.ino, index + 1, typ, entry.name)
             if plus:
-                dent = self._entry_out(entry.node, entry.st, entry.ino, entry.nlink) + dent
+                node = entry.node
+                dent = p.direntplus(
+                    node.id if node is not None else 0,
+                    TIMEOUT,
+                    self._attr(node, entry.st, entry.ino, entry.nlink),
+                    entry.ino,
+                    index + 1,
+                    typ,
+                    entry.name,
+                )
+            else:
+                dent = p.dirent(entry.ino, index + 1, typ, entry.name)
             if used + len(dent) > size:
                 if entry.node is not None:
                     self.inodes.maybe_drop(entry.node)
