@@ -25,6 +25,9 @@ from . import proto as p
 
 #: lowers never change while mounted and the upper only through us (fs.TIMEOUT)
 TIMEOUT = 86400
+#: getxattr answers of lower objects kept at most (``Ops.getxattr``)
+LOWER_XATTRS_MAX = 4096
+_NO_XATTR = b"\0no xattr"  # a miss, kept (identity-compared: no value is this object)
 _RENAME_EXCHANGE = 2
 
 
@@ -64,6 +67,7 @@ class Ops:
         self.budget = core.budget
         self.inodes = core.view.inodes
         self.owners = core.view.owners
+        self._lower_xattrs: dict[tuple[int, bytes], bytes] = {}
         self.sync: dict[int, Callable[[Request], bytes]] = {
             p.LOOKUP: self.lookup,
             p.GETATTR: self.getattr,
@@ -389,7 +393,27 @@ class Ops:
     def getxattr(self, req: Request) -> bytes:
         size, _pad = p.GETXATTR_IN.unpack_from(req.body)
         name = _name(req.body, p.GETXATTR_IN.size)
-        return self._sized(self.ov.getxattr(self._node(req.nodeid), os.fsdecode(name)), size)
+        node = self._node(req.nodeid)
+        if node.layer.is_upper:
+            return self._sized(self.ov.getxattr(node, os.fsdecode(name)), size)
+        # A lower object's xattrs never change while mounted (a change copies it up first,
+        # and the node then serves the upper one): its answers are kept, misses too (the
+        # kernel asks security.capability before every write, tools ask ACLs per file).
+        key = (node.id, name)
+        value = self._lower_xattrs.get(key)
+        if value is None:
+            try:
+                value = self.ov.getxattr(node, os.fsdecode(name))
+            except OSError as exc:
+                if exc.errno != errno.ENODATA:
+                    raise
+                value = _NO_XATTR
+            if len(self._lower_xattrs) >= LOWER_XATTRS_MAX:
+                self._lower_xattrs.clear()
+            self._lower_xattrs[key] = value
+        if value is _NO_XATTR:
+            raise OSError(errno.ENODATA, "no such attribute")
+        return self._sized(value, size)
 
     def listxattr(self, req: Request) -> bytes:
         size, _pad = p.GETXATTR_IN.unpack_from(req.body)
