@@ -8,12 +8,29 @@ listing is dropped (simple and safe: changes are rare next to reads). The ``lsta
 results of lower non-directories are kept too -- they cannot change.
 
 Bounded: at most ``max_entries`` names in all, least recently used dirs go first.
+
+The kernel keeps listings too when the engine lets it (the direct engine opens
+directories with FOPEN_CACHE_DIR): it drops a directory's cached listing itself after
+the creates, removals, renames and links it sends into that directory, but it cannot
+see a listing change that the server makes as a side effect. Those go to *kernel_stale*
+(the engine's: ``notify_inval_inode`` on the directory with its pages): a copy-up (the
+parent's entry may show another d_ino, a copied-up directory's ``..`` and whiteout
+filtering may change) and a directory moved to another parent (its ``..``).
 """
 
 from __future__ import annotations
 
 import collections
 import os
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .inodes import Node
+
+
+def _nothing(node_id: int) -> None:
+    return None
 
 
 class Listing:
@@ -26,8 +43,11 @@ class Listing:
 
 
 class ListingCache:
-    def __init__(self, max_entries: int = 20000) -> None:
+    def __init__(self, max_entries: int = 20000, kernel_stale: Callable[[int], None] = _nothing) -> None:
+        """*kernel_stale(node id)*: the kernel's cached listing of that directory (if it
+        keeps one) is no longer right."""
         self.max_entries = max_entries
+        self.kernel_stale = kernel_stale
         self._lists: collections.OrderedDict[int, Listing] = collections.OrderedDict()
         self._total = 0
 
@@ -54,3 +74,19 @@ class ListingCache:
         if self._lists:
             self._lists.clear()
             self._total = 0
+
+    def copied_up(self, node: Node) -> None:
+        """*node* became upper: every listing here goes, and the kernel's listing of its
+        parent (the entry's d_ino) and, for a directory, its own (``..``, whiteouts)."""
+        self.changed()
+        if node.parent is not None:
+            self.kernel_stale(node.parent.id)
+        if node.is_dir:
+            self.kernel_stale(node.id)
+
+    def moved(self, node: Node) -> None:
+        """Directory *node* got another parent: its ``..`` entry changed (the kernel saw the
+        rename in both parents, not in the directory itself)."""
+        self.changed()
+        if node.is_dir:
+            self.kernel_stale(node.id)

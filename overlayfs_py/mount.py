@@ -105,12 +105,15 @@ def build_overlay(
     *,
     drop_entries: DropEntries = _no_drops,
     attr_changed: Callable[[int], None] = _no_attr_change,
+    listing_changed: Callable[[int], None] = _no_attr_change,
 ) -> Core:
     """The filesystem core of *cfg*, every object given its collaborators here (and only
     here). A read-write one uses a ``Work`` on (a dup of) the checked ``work/`` fd of *wd*.
     The engine's two ways of telling the kernel's caches are *drop_entries* (the node
     budget's, ``fs.drop_entries``) and *attr_changed* (a node's st_ino changed in a copy-up,
-    ``fs.attr_changed``); the defaults do nothing (the core used without a kernel)."""
+    ``fs.attr_changed``), and *listing_changed* (a directory's listing changed behind
+    the kernel's back: ``dircache.ListingCache``); the defaults do nothing (the core used
+    without a kernel)."""
     from .budget import NodeBudget, clamp_node_budget, node_fd_cap
     from .copyup import CopyUp
     from .core import Core
@@ -133,7 +136,7 @@ def build_overlay(
     budget = NodeBudget(inodes, max_nodes, drop_entries)
     tracer = Tracer(container=cfg.container)
     handles = HandleTable()
-    listings = ListingCache()
+    listings = ListingCache(kernel_stale=listing_changed)
     owners = Owners(cfg.uidmap, cfg.gidmap, stack.layers, stack.upper)
     work = copyup = None
     if cfg.upperdir is not None and not cfg.read_only:
@@ -142,7 +145,7 @@ def build_overlay(
         work = wd.work()
 
         def copied_up(node: Node) -> None:
-            listings.changed()  # the name is served by upper now
+            listings.copied_up(node)  # the name is served by upper now
             handles.follow_copy_up(node)  # files open on the lower object read the upper one
 
         copyup = CopyUp(
@@ -391,7 +394,13 @@ def _serve_direct(cfg: MountConfig, ready_fd: int | None) -> int:
                 scope.cancel()
 
         try:
-            core = build_overlay(cfg, wd, drop_entries=notifier.drop_entries, attr_changed=notifier.attr_changed)
+            core = build_overlay(
+                cfg,
+                wd,
+                drop_entries=notifier.drop_entries,
+                attr_changed=notifier.attr_changed,
+                listing_changed=notifier.listing_changed,
+            )
         finally:
             if wd is not None:
                 wd.close()  # the overlay holds its own work/ fd

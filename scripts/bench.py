@@ -75,7 +75,15 @@ def parse_args(argv):
         "--json", metavar="FILE", help="where to write the JSON result (default /tmp/pyoverlay-bench-MODE-TIME.json)"
     )
     p.add_argument("--only", metavar="W1,W2", help="run only these workloads: " + ", ".join(w.name for w in WORKLOADS))
-    p.add_argument("--impl", metavar="I1,I2", help="implementations (default all: " + ",".join(impls_mod.ALL) + ")")
+    p.add_argument(
+        "--impl",
+        metavar="I1,I2",
+        help="implementations (default: "
+        + ",".join(impls_mod.ALL)
+        + "; also "
+        + ",".join(impls_mod.ENGINES)
+        + ": pyoverlay on a named engine)",
+    )
     p.add_argument(
         "--workdir",
         metavar="DIR",
@@ -106,7 +114,7 @@ def parse_args(argv):
         "--transport",
         action="store_true",
         help="separate mode: microseconds per FUSE request (getxattr, open+close) on "
-        "the kernel, fuse-overlayfs, pyoverlay and a do-nothing pyfuse3 server",
+        "the kernel, fuse-overlayfs, pyoverlay on each engine and a do-nothing pyfuse3 server",
     )
     p.add_argument(
         "--as-user",
@@ -136,7 +144,7 @@ def parse_args(argv):
     if bad:
         p.error(f"unknown workload(s): {', '.join(bad)}")
     a.impl = [s for s in (a.impl or "").split(",") if s] or None
-    known = impls_mod.ALL + (["pyfuse3-null"] if a.transport else []) + (mounttime_mod.ALL if a.mount_times else [])
+    known = impls_mod.KNOWN + (["pyfuse3-null"] if a.transport else []) + (mounttime_mod.ALL if a.mount_times else [])
     bad = [i for i in a.impl or [] if i not in known]
     if bad:
         p.error(f"unknown implementation(s): {', '.join(bad)}")
@@ -288,14 +296,16 @@ def main(argv=None) -> int:
         sess.run_dir = os.path.join(base, f"run-{os.getpid()}")
         os.makedirs(sess.run_dir)
         if args.memwalk:
-            names = [i for i in (args.impl or ["pyoverlay"]) if i in ("pyoverlay", "fuse-overlayfs")]
+            names = [i for i in (args.impl or ["pyoverlay"]) if impls_mod.is_pyoverlay(i) or i == "fuse-overlayfs"]
             out["memwalk"] = run_memwalk(base, sess.run_dir, args.memwalk, names, args.keep, log, sess.impls.append)
         elif args.transport:
             from benchlib.transport import run_transport
 
             names = [
                 i
-                for i in (args.impl or ["kernel", "fuse-overlayfs", "pyoverlay", "pyfuse3-null"])
+                for i in (
+                    args.impl or ["kernel", "fuse-overlayfs", "pyoverlay-direct", "pyoverlay-pyfuse3", "pyfuse3-null"]
+                )
                 if i != "native" and not impls_mod.available(i)
             ]
             out["transport"] = run_transport(sess.run_dir, names, args.reps or 5, log, sess.impls.append)
@@ -367,6 +377,7 @@ def bench(args, sizes, sess: Session, out: dict) -> Results:
     for impl in impls_mod.make(names, sess.layers, sess.run_dir, log):
         sess.impls.append(impl)
         impl.mount()
+    out["engines"] = {i.name: i.served_engine for i in sess.impls if getattr(i, "served_engine", None)}
     log(f"mounted: {', '.join(names)}; {len(workloads)} workloads x {sizes.reps} reps")
     try:
         run_all(ctx, sess.impls, workloads, res, log, fmt_value)
@@ -390,7 +401,7 @@ def finish(res: Results, out: dict) -> None:
     med = report.medians(res)
     rat = {ref: report.ratios(res, med, ref) for ref in report.REFS}
     geo = {ref: report.geomeans(res, rat[ref]) for ref in report.REFS}
-    tg = report.targets(res, med, rat, geo)
+    tg = [t for name in res.impls if impls_mod.is_pyoverlay(name) for t in report.targets(res, med, rat, geo, name)]
     out.update(
         impls=res.impls,
         workloads=[{"name": w.name, "unit": w.unit, "group": w.group} for w in res.workloads],

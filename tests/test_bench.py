@@ -173,3 +173,35 @@ def test_mount_times_mode_times_every_engine_and_leaves_nothing(tmp_path):
     assert "| pyoverlay-direct |" in r.stdout and "server exit after umount" in r.stdout
     assert not mountinfo.mounts_under(os.path.realpath(work))
     assert not work.exists() or not any(work.iterdir())
+
+
+def test_transport_runs_pyoverlay_on_both_engines_side_by_side(tmp_path):
+    """--impl pyoverlay-direct,pyoverlay-pyfuse3: one run times pyoverlay on each engine,
+    and each server's mount record says it ran the engine its name asks for."""
+    work, result = tmp_path / "work", tmp_path / "result.json"
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "scripts" / "bench.py"),
+            "--transport",
+            "--reps",
+            "1",
+            "--impl",
+            "pyoverlay-direct,pyoverlay-pyfuse3,pyfuse3-null",
+            "--workdir",
+            str(work),
+            "--json",
+            str(result),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=170,
+        stdin=subprocess.DEVNULL,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    tr = json.loads(result.read_text())["transport"]
+    assert set(tr["median_us"]) == {"pyoverlay-direct", "pyoverlay-pyfuse3", "pyfuse3-null"}
+    assert all(v > 0 for ops in tr["median_us"].values() for v in ops.values())
+    assert tr["engines"] == {"pyoverlay-direct": "direct", "pyoverlay-pyfuse3": "pyfuse3"}
+    assert "| pyoverlay-direct |" in r.stdout and "pyoverlay's handlers (pyoverlay-pyfuse3)" in r.stdout
+    assert not mountinfo.mounts_under(os.path.realpath(work))

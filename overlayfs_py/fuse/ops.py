@@ -32,6 +32,10 @@ log = logging.getLogger(__name__)
 
 #: lowers never change while mounted and the upper only through us (fs.TIMEOUT)
 TIMEOUT = 86400
+#: getxattr answers of lower objects kept at most (``Ops.getxattr``)
+LOWER_XATTRS_MAX = 4096
+_NO_XATTR = b"\0no xattr"  # a miss, kept (identity-compared: no value is this object)
+_RENAME_EXCHANGE = 2
 
 
 class NeedsTask(Exception):
@@ -84,6 +88,7 @@ class Ops:
         self.budget = core.budget
         self.inodes = core.view.inodes
         self.owners = core.view.owners
+        self._lower_xattrs: dict[tuple[int, bytes], bytes] = {}
         self.sync: dict[int, Callable[[Request], bytes]] = {
             p.LOOKUP: self.lookup,
             p.GETATTR: self.getattr,
@@ -385,7 +390,13 @@ class Ops:
 
     async def _rename(self, req: Request, newdir: int, flags: int, start: int) -> bytes:
         old, new = _two_names(req.body, start)
-        await self.writes.rename(self._node(req.nodeid), old, self._node(newdir), new, flags)
+        parent, newparent = self._node(req.nodeid), self._node(newdir)
+        moved = [parent.child(old)] + ([newparent.child(new)] if flags & _RENAME_EXCHANGE else [])
+        await self.writes.rename(parent, old, newparent, new, flags)
+        if parent is not newparent:  # a moved directory's ".." changed
+            for node in moved:
+                if node is not None:
+                    self.ov.listings.moved(node)
         return b""
 
     async def rename(self, req: Request) -> bytes:
@@ -445,7 +456,10 @@ class Ops:
 
     def opendir(self, req: Request) -> bytes:
         fh = self.ov.opendir(self._node(req.nodeid))
-        return p.OPEN_OUT.pack(fh, 0, 0)
+        # The kernel keeps the listing in the directory's pages and serves getdents from
+        # them until it changes the directory itself or the server says otherwise
+        # (dircache.ListingCache.kernel_stale); KEEP_CACHE: an opendir does not drop it.
+        return p.OPEN_OUT.pack(fh, p.FOPEN_CACHE_DIR | p.FOPEN_KEEP_CACHE, 0)
 
     def _listing(self, req: Request, plus: bool) -> bytes:
         fh, off, size, *_ = p.READ_IN.unpack_from(req.body)
@@ -466,9 +480,19 @@ class Ops:
                     break
                 raise
             typ = stat.S_IFMT(entry.st.st_mode) >> 12
-            dent = p.dirent(entry.ino, index + 1, typ, entry.name)
             if plus:
-                dent = self._entry_out(entry.node, entry.st, entry.ino, entry.nlink) + dent
+                node = entry.node
+                dent = p.direntplus(
+                    node.id if node is not None else 0,
+                    TIMEOUT,
+                    self._attr(node, entry.st, entry.ino, entry.nlink),
+                    entry.ino,
+                    index + 1,
+                    typ,
+                    entry.name,
+                )
+            else:
+                dent = p.dirent(entry.ino, index + 1, typ, entry.name)
             if used + len(dent) > size:
                 if entry.node is not None:
                     self.inodes.maybe_drop(entry.node)
@@ -501,7 +525,27 @@ class Ops:
     def getxattr(self, req: Request) -> bytes:
         size, _pad = p.GETXATTR_IN.unpack_from(req.body)
         name = _name(req.body, p.GETXATTR_IN.size)
-        return self._sized(self.ov.getxattr(self._node(req.nodeid), os.fsdecode(name)), size)
+        node = self._node(req.nodeid)
+        if node.layer.is_upper:
+            return self._sized(self.ov.getxattr(node, os.fsdecode(name)), size)
+        # A lower object's xattrs never change while mounted (a change copies it up first,
+        # and the node then serves the upper one): its answers are kept, misses too (the
+        # kernel asks security.capability before every write, tools ask ACLs per file).
+        key = (node.id, name)
+        value = self._lower_xattrs.get(key)
+        if value is None:
+            try:
+                value = self.ov.getxattr(node, os.fsdecode(name))
+            except OSError as exc:
+                if exc.errno != errno.ENODATA:
+                    raise
+                value = _NO_XATTR
+            if len(self._lower_xattrs) >= LOWER_XATTRS_MAX:
+                self._lower_xattrs.clear()
+            self._lower_xattrs[key] = value
+        if value is _NO_XATTR:
+            raise OSError(errno.ENODATA, "no such attribute")
+        return self._sized(value, size)
 
     def listxattr(self, req: Request) -> bytes:
         size, _pad = p.GETXATTR_IN.unpack_from(req.body)

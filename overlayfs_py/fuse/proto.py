@@ -237,10 +237,38 @@ def pack_attr_fields(
     )  # fmt: skip
 
 
+_DIRENT_BY_LEN: dict[int, struct.Struct] = {}
+
+
+def _dirent_struct(namelen: int) -> struct.Struct:
+    st = _DIRENT_BY_LEN[namelen] = struct.Struct(f"=QQII{namelen}s{-(DIRENT.size + namelen) % 8}x")
+    return st
+
+
+_DIRENTPLUS_BY_LEN: dict[int, struct.Struct] = {}
+
+
+def _direntplus_struct(namelen: int) -> struct.Struct:
+    st = _DIRENTPLUS_BY_LEN[namelen] = struct.Struct(f"=QQQQII{ATTR_FMT}QQII{namelen}s{-(DIRENT.size + namelen) % 8}x")
+    return st
+
+
+def direntplus(
+    node_id: int, entry_valid: int, attr: tuple[int, ...], ino: int, off: int, typ: int, name: bytes
+) -> bytes:
+    """One ``fuse_direntplus``: the entry (``ENTRY_OUT``, *attr* from ``pack_attr_fields``,
+    attributes valid as long as the entry) and its dirent, in one ``pack``."""
+    n = len(name)
+    st = _DIRENTPLUS_BY_LEN.get(n) or _direntplus_struct(n)
+    return st.pack(node_id, 0, entry_valid, entry_valid, 0, 0, *attr, ino, off, n, typ, name)
+
+
 def dirent(ino: int, off: int, typ: int, name: bytes) -> bytes:
-    """One ``fuse_dirent`` with its name, padded to 8 bytes."""
-    raw = DIRENT.pack(ino, off, len(name), typ) + name
-    return raw + b"\0" * (-len(raw) % 8)
+    """One ``fuse_dirent`` with its name, padded to 8 bytes (one ``pack`` per entry: a
+    layout per name length, made once)."""
+    n = len(name)
+    st = _DIRENT_BY_LEN.get(n) or _dirent_struct(n)
+    return st.pack(ino, off, n, typ, name)
 
 
 def out_header(unique: int, error: int, payload_len: int) -> bytes:

@@ -15,6 +15,7 @@ import errno
 import logging
 import os
 import queue
+import select
 import threading
 
 import trio
@@ -40,7 +41,7 @@ WANT = (
     | p.BIG_WRITES
     | p.HAS_IOCTL_DIR
     | p.AUTO_INVAL_DATA
-    | p.DO_READDIRPLUS
+    | p.DO_READDIRPLUS  # always: READDIRPLUS_AUTO measured slower (docs/performance.md)
     | p.ASYNC_DIO
     | p.PARALLEL_DIROPS
     | p.MAX_PAGES
@@ -58,6 +59,16 @@ _TRACED = frozenset(
 
 #: answered ENOSYS on purpose: the kernel then stops sending them (fc->no_flush, ...)
 _NOT_NEEDED = frozenset((p.FLUSH, p.FSYNCDIR))
+
+#: how long the loop waits for a request in poll(2) itself, while no task of its own is
+#: running, before it hands the wait to trio (trio's other tasks, the trace sink and the
+#: signal handling, run then; under load they run every 32 requests)
+IDLE_POLL_MS = 20
+
+_pack_out = p.OUT_HEADER.pack
+_OUT_SIZE = p.OUT_HEADER.size
+_unpack_in = p.IN_HEADER.unpack_from
+_IN_SIZE = p.IN_HEADER.size
 
 
 class Notifier:
@@ -98,6 +109,18 @@ class Notifier:
         for parent_id, name in drops:
             self._queue.put(p.notify_inval_entry(parent_id, name))
 
+    def listing_changed(self, node_id: int) -> None:
+        """Drop the kernel's cached listing of a directory (FOPEN_CACHE_DIR keeps it in the
+        directory's pages: offset 0 drops them) and its attributes. Synchronous, so that
+        no readdir after the request that changed it sees the old one: a directory's pages
+        are locked only while the kernel copies entries in or out, never across a request."""
+        if self.fd is None:
+            return
+        try:
+            os.write(self.fd, p.notify_inval_inode(node_id, 0, 0))
+        except OSError:
+            pass  # the kernel no longer knows the node (or never cached it)
+
     def attr_changed(self, node_id: int) -> None:
         """Drop the kernel's cached attributes of a node (takes no lock the kernel holds)."""
         if self.fd is None:
@@ -134,6 +157,7 @@ class Session:
         self.end_reason: str | None = None
         self._spawned = False  # a task was started: the loop yields to it
         self.debug = log.isEnabledFor(logging.DEBUG)  # --debug: one line per request
+        self._tasks = 0  # tasks of requests not yet answered
 
     # --- replies ------------------------------------------------------------------------
 
@@ -145,10 +169,19 @@ class Session:
                 raise
 
     def reply(self, unique: int, payload: bytes) -> None:
-        self._write([p.out_header(unique, 0, len(payload)), payload])
+        # the hot path of every request: the header packed here, no helper calls
+        try:
+            os.writev(self.fd, (_pack_out(_OUT_SIZE + len(payload), 0, unique), payload))
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:  # ENOENT: the request was interrupted meanwhile
+                raise
 
     def reply_error(self, unique: int, err: int) -> None:
-        self._write([p.out_header(unique, -err, 0)])
+        try:
+            os.write(self.fd, _pack_out(_OUT_SIZE, -err, unique))
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:
+                raise
 
     def _errno(self, exc: BaseException, opcode: int) -> int:
         """The one place where exceptions become FUSE replies."""
@@ -166,9 +199,18 @@ class Session:
         buf = bytearray(BUFFER_SIZE)
         view = memoryview(buf)
         served = 0
+        # The next request is usually not there yet when a reply is written (a caller
+        # waits for it): waiting in poll(2) first costs one syscall, where a read that
+        # fails with EAGAIN and trio's wait_readable cost a raised exception, an epoll
+        # round and a pass of trio's scheduler (~10 us in all).
+        poller = select.poll()
+        poller.register(self.fd, select.POLLIN)
+        poll = poller.poll
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             while True:
+                if not self._tasks and not poll(IDLE_POLL_MS):
+                    await trio.lowlevel.wait_readable(self.fd)
                 try:
                     n = os.readv(self.fd, [buf])
                 except BlockingIOError:
@@ -201,8 +243,8 @@ class Session:
 
     def _handle(self, data: memoryview) -> bool:
         """Answer (or start answering) one request; False ends the session."""
-        _len, opcode, unique, nodeid, uid, gid, pid, _ext, _pad = p.IN_HEADER.unpack_from(data)
-        body = data[p.IN_HEADER.size :]
+        _len, opcode, unique, nodeid, uid, gid, pid, _ext, _pad = _unpack_in(data)
+        body = data[_IN_SIZE:]
         if self.debug:
             _log_request(opcode, nodeid, pid, body)
         ops = self.ops
@@ -262,6 +304,7 @@ class Session:
 
     async def _run_async(self, handler: object, req: Request) -> None:
         token = trace.request(req.pid, req.uid, req.gid) if req.opcode in _TRACED else None
+        self._tasks += 1
         try:
             payload = await handler(req)  # type: ignore[operator]
         except trio.Cancelled:
@@ -270,6 +313,7 @@ class Session:
             self.reply_error(req.unique, self._errno(exc, req.opcode))
             return
         finally:
+            self._tasks -= 1
             if token is not None:
                 trace.done(token)
         self.reply(req.unique, payload)

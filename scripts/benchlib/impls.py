@@ -4,7 +4,10 @@
 * ``kernel``: ``mount -t overlay``;
 * ``fuse-overlayfs``: the C FUSE implementation (daemonizes itself);
 * ``pyoverlay``: ``.venv/bin/pyoverlay mount`` (background server, recorded in the
-  harness's own ``PYOVERLAY_STATE_DIR``).
+  harness's own ``PYOVERLAY_STATE_DIR``), on its default engine;
+* ``pyoverlay-direct`` and ``pyoverlay-pyfuse3``: the same with ``-o engine=direct``
+  (pyoverlay's own FUSE engine) or ``-o engine=pyfuse3``, so that one run shows the
+  engines side by side (``--impl pyoverlay-direct,pyoverlay-pyfuse3,...``).
 
 ``remount()`` gives an overlay fresh caches (what "cold" means, see docs/performance.md);
 ``native`` has none to drop.
@@ -28,6 +31,13 @@ from .layers import Layers, build_native
 from .util import REPO, BenchError, find_server_pid, force_unmount, proc_status_kib, run, wait_pid_gone
 
 ALL = ["native", "kernel", "fuse-overlayfs", "pyoverlay"]
+#: pyoverlay with its engine named: -o engine=ENGINE (not in ALL: the default run stays as it was)
+ENGINES = {"pyoverlay-direct": "direct", "pyoverlay-pyfuse3": "pyfuse3"}
+KNOWN = ALL + list(ENGINES)
+
+
+def is_pyoverlay(name: str) -> bool:
+    return name == "pyoverlay" or name in ENGINES
 
 
 def available(name: str) -> str | None:
@@ -39,7 +49,7 @@ def available(name: str) -> str | None:
         return None if os.geteuid() == 0 else "needs root"
     if name == "fuse-overlayfs":
         return None if shutil.which("fuse-overlayfs") else "fuse-overlayfs is not installed"
-    if name == "pyoverlay":
+    if is_pyoverlay(name):
         if not os.path.exists("/dev/fuse"):
             return "/dev/fuse is missing"
         return None
@@ -158,13 +168,15 @@ class FuseOverlayfs(Impl):
 class Pyoverlay(Impl):
     name = "pyoverlay"
     options: list[str] = []  # extra -o options (scripts/bench --pyoverlay-options)
+    engine: str | None = None  # -o engine=...; None: the default engine
 
     def __init__(self, layers, base, log):
         super().__init__(layers, base, log)
         self.state_dir = os.path.join(os.path.dirname(self.base), "state")
         os.makedirs(self.state_dir, exist_ok=True)
-        self.logfile = os.path.join(os.path.dirname(self.base), "pyoverlay-server.log")
+        self.logfile = os.path.join(os.path.dirname(self.base), f"{self.name}-server.log")
         self._pid: int | None = None
+        self.served_engine: str | None = None  # from the server's mount record
 
     def cli(self) -> list[str]:
         exe = os.path.join(REPO, ".venv", "bin", "pyoverlay")
@@ -184,16 +196,21 @@ class Pyoverlay(Impl):
             "--log",
             self.logfile,
         ]
-        if self.options:
-            argv += ["-o", ",".join(self.options)]
+        opts = self.options + ([f"engine={self.engine}"] if self.engine else [])
+        if opts:
+            argv += ["-o", ",".join(opts)]
             if "volatile" in self.options:
                 # the previous mount of this run was unmounted cleanly: its upper is whole,
                 # so the kernel's volatile marker may go (what its docs tell users to do)
                 shutil.rmtree(os.path.join(self.work, "work", "incompat"), ignore_errors=True)
         run(argv, env=self.env(), timeout=60)
-        self._pid = server_pid_from_state(self.state_dir, self.merged)
+        rec = mount_record(self.state_dir, self.merged)
+        self._pid = rec["pid"] if rec else None
         if self._pid is None:
             raise BenchError(f"no pyoverlay mount record for {self.merged} in {self.state_dir}")
+        self.served_engine = (rec.get("config") or {}).get("engine")
+        if self.engine and self.served_engine != self.engine:
+            raise BenchError(f"{self.name}: the server runs engine {self.served_engine!r}, not {self.engine!r}")
 
     def server_pid(self) -> int | None:
         return self._pid
@@ -214,8 +231,9 @@ class Pyoverlay(Impl):
         self._pid = None
 
 
-def server_pid_from_state(state_dir: str, merged: str) -> int | None:
-    """The server pid from pyoverlay's mount record (``mount-*.json``, see overlayfs_py/state.py)."""
+def mount_record(state_dir: str, merged: str) -> dict | None:
+    """pyoverlay's mount record of *merged* (``mount-*.json``, see overlayfs_py/state.py):
+    the server's pid and its configuration."""
     mp = os.path.realpath(merged)
     for path in glob.glob(os.path.join(state_dir, "mount-*.json")):
         try:
@@ -224,7 +242,7 @@ def server_pid_from_state(state_dir: str, merged: str) -> int | None:
         except (OSError, ValueError):
             continue
         if data.get("mountpoint") == mp and isinstance(data.get("pid"), int):
-            return data["pid"]
+            return data
     return None
 
 
@@ -243,7 +261,17 @@ def _reap(pid: int | None, what: str) -> None:
     raise BenchError(f"{what} server {pid} does not exit")
 
 
-CLASSES = {c.name: c for c in (Native, Kernel, FuseOverlayfs, Pyoverlay)}
+class PyoverlayDirect(Pyoverlay):
+    name = "pyoverlay-direct"
+    engine = ENGINES[name]
+
+
+class PyoverlayPyfuse3(Pyoverlay):
+    name = "pyoverlay-pyfuse3"
+    engine = ENGINES[name]
+
+
+CLASSES = {c.name: c for c in (Native, Kernel, FuseOverlayfs, Pyoverlay, PyoverlayDirect, PyoverlayPyfuse3)}
 
 
 def make(names: list[str], layers: Layers, base: str, log) -> list[Impl]:

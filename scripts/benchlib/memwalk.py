@@ -14,7 +14,7 @@ import time
 import types
 
 from .base import _walk
-from .impls import FuseOverlayfs, Pyoverlay
+from .impls import CLASSES, is_pyoverlay
 from .report import RSS_TARGET_MIB
 from .util import SanityError, rmtree
 
@@ -64,9 +64,8 @@ def run_memwalk(base: str, run_dir: str, n: int, impl_names: list[str], keep: bo
     root = prepare_tree(base, n, keep, log)
     layers = types.SimpleNamespace(lowers=[os.path.join(root, "lower")])
     out = {"entries": n, "target_mib": RSS_TARGET_MIB, "impls": {}}
-    classes = {"pyoverlay": Pyoverlay, "fuse-overlayfs": FuseOverlayfs}
     for name in impl_names:
-        impl = classes[name](layers, run_dir, log)
+        impl = CLASSES[name](layers, run_dir, log)
         register(impl)
         impl.mount()
         rss0 = impl.rss_kib()
@@ -85,12 +84,12 @@ def run_memwalk(base: str, run_dir: str, n: int, impl_names: list[str], keep: bo
             "rss_after_walk_mib": rss["VmRSS"] / 1024,
             "rss_after_mount_mib": rss0["VmRSS"] / 1024 if rss0 and rss0["VmRSS"] else None,
         }
-        if name == "pyoverlay":
+        if is_pyoverlay(name):
             r["ok"] = peak < RSS_TARGET_MIB
         out["impls"][name] = r
         log(
             f"memwalk {name}: {n} entries walked in {secs:.1f} s, server peak RSS {peak:.1f} MiB"
-            + (f" (target < {RSS_TARGET_MIB} MiB: {'ok' if r.get('ok') else 'MISSED'})" if name == "pyoverlay" else "")
+            + (f" (target < {RSS_TARGET_MIB} MiB: {'ok' if r.get('ok') else 'MISSED'})" if is_pyoverlay(name) else "")
         )
     if not keep:
         rmtree(root)

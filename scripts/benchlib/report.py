@@ -124,6 +124,7 @@ def targets(res, med: dict, rat: dict, geo: dict, impl: str = "pyoverlay") -> li
     if g is not None:
         out.append(
             {
+                "impl": impl,
                 "what": "geomean vs fuse-overlayfs, all workloads",
                 "target": "<= 1.2x (aim < 1.0x)",
                 "measured": g,
@@ -139,14 +140,15 @@ def targets(res, med: dict, rat: dict, geo: dict, impl: str = "pyoverlay") -> li
         if w.name == "seqread_again":
             rf = rat.get("fuse-overlayfs", {}).get(w.name, {}).get(impl)
             ok = ok and (rf is None or rf <= 2.0)
-        out.append({"what": w.name, "target": text, "measured": r, "vs": ref, "ok": ok})
+        out.append({"impl": impl, "what": w.name, "target": text, "measured": r, "vs": ref, "ok": ok})
     return out
 
 
 def targets_table(tg: list[dict]) -> str:
+    several = len({t.get("impl") for t in tg}) > 1
     rows = [
         [
-            t["what"],
+            (f"{t['impl']}: " if several else "") + t["what"],
             t["target"],
             fmt_ratio(t["measured"]) + (f" vs {t['vs']}" if "vs" in t else ""),
             "ok" if t["ok"] else "**MISSED**",

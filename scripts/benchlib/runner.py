@@ -40,10 +40,10 @@ def _sample(ctx: Ctx, w: Workload, impl: Impl, rep: int, res: Results, log) -> N
         timer = threading.Timer(SAMPLE_TIMEOUT, _hung, (impl, w, log))
         timer.daemon = True
         timer.start()
-        prof = ctx.profiler if impl.name == "pyoverlay" else None
+        prof = ctx.profiler if impl.name.startswith("pyoverlay") else None
         pid = impl.server_pid() if prof else None
         if pid:
-            prof.start(w.name, pid)
+            prof.start(w.name if impl.name == "pyoverlay" else f"{w.name}.{impl.name}", pid)
         try:
             value, secs = w.run(ctx, impl, rep)
         finally:

@@ -1,7 +1,8 @@
 """``scripts/bench --transport``: what one FUSE request costs, and where.
 
 Times the smallest requests a caller can make, on one file, round robin over: the
-kernel's overlayfs, fuse-overlayfs, pyoverlay, and ``pyfuse3-null``, a pyfuse3 + trio
+kernel's overlayfs, fuse-overlayfs, pyoverlay on each engine (``pyoverlay-direct``: its
+own /dev/fuse engine; ``pyoverlay-pyfuse3``), and ``pyfuse3-null``, a pyfuse3 + trio
 server whose handlers do nothing (``nullfs.py``):
 
 * ``getxattr``: one synchronous request per call (ENODATA; nothing is cached);
@@ -9,8 +10,9 @@ server whose handlers do nothing (``nullfs.py``):
   everywhere after the first); the read in between is served from the page cache.
 
 pyfuse3-null minus fuse-overlayfs is the cost of pyfuse3's transport (its worker loop on
-trio, Python objects per request); pyoverlay minus pyfuse3-null is pyoverlay's own
-handlers.  Per implementation: the median over the repetitions of the mean time per call.
+trio, Python objects per request); pyoverlay-pyfuse3 minus pyfuse3-null is pyoverlay's own
+handlers; pyoverlay-direct has no such split (engine and handlers are one loop).
+Per implementation: the median over the repetitions of the mean time per call.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import types
 from overlayfs_py.mountinfo import is_mounted
 from overlayfs_py.unmount import try_unmount
 
-from .impls import FuseOverlayfs, Impl, Kernel, Pyoverlay
+from .impls import CLASSES, Impl
 from .util import BenchError
 
 CALLS = {"getxattr": 20000, "open+close": 5000}
@@ -89,13 +91,14 @@ def run_transport(run_dir: str, names: list[str], reps: int, log, register) -> d
     with open(os.path.join(lower, "f"), "wb") as f:
         f.write(b"hello\n")
     layers = types.SimpleNamespace(lowers=[lower])
-    classes = {"kernel": Kernel, "fuse-overlayfs": FuseOverlayfs, "pyoverlay": Pyoverlay, "pyfuse3-null": PyfuseNull}
+    classes = {**CLASSES, "pyfuse3-null": PyfuseNull}
     impls = []
     for n in names:
         impl = classes[n](layers, run_dir, log)
         register(impl)
         impl.mount()
         impls.append(impl)
+    engines = {i.name: i.served_engine for i in impls if getattr(i, "served_engine", None)}
     samples = {i.name: {op: [] for op in CALLS} for i in impls}
     for rep in range(reps):
         order = impls[rep % len(impls) :] + impls[: rep % len(impls)]
@@ -119,6 +122,7 @@ def run_transport(run_dir: str, names: list[str], reps: int, log, register) -> d
     return {
         "calls": CALLS,
         "reps": reps,
+        "engines": engines,  # the engine each pyoverlay server reported in its mount record
         "median_us": med,
         "samples_us": {n: {op: [x * 1e6 for x in v] for op, v in d.items()} for n, d in samples.items()},
     }
@@ -140,11 +144,12 @@ def table(tr: dict) -> str:
             r = f" ({d[op] / ref[op]:.2f}x)" if ref else ""
             cells.append(f"{d[op]:.1f}{r}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    if "pyoverlay" in med and "pyfuse3-null" in med:
+    on_pyfuse3 = next((n for n in ("pyoverlay-pyfuse3", "pyoverlay") if n in med), None)
+    if on_pyfuse3 and "pyfuse3-null" in med:
         parts = []
         for op in CALLS:
-            own = med["pyoverlay"][op] - med["pyfuse3-null"][op]
+            own = med[on_pyfuse3][op] - med["pyfuse3-null"][op]
             tp = f"; pyfuse3's transport {med['pyfuse3-null'][op] - ref[op]:+.1f} us over C" if ref else ""
-            parts.append(f"{op}: pyoverlay's handlers {own:+.1f} us{tp}")
+            parts.append(f"{op}: pyoverlay's handlers ({on_pyfuse3}) {own:+.1f} us{tp}")
         lines += ["", "* " + "\n* ".join(parts)]
     return "\n".join(lines)
