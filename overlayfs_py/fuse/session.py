@@ -258,14 +258,14 @@ class Session:
                 task = ops.asyncs[opcode]
                 if self._nursery is not None:
                     req.body = memoryview(bytes(body))
-                    self._nursery.start_soon(self._run_async, task, req)
+                    self._spawn(task, req)
                     self._spawned = True
                 return True
             except BaseException as exc:
                 err = self._errno(exc, opcode)
                 if opcode == p.LOOKUP and err in (errno.EMFILE, errno.ENFILE) and self._nursery is not None:
                     req.body = memoryview(bytes(body))
-                    self._nursery.start_soon(self._run_async, ops.lookup_waiting, req)
+                    self._spawn(ops.lookup_waiting, req)
                     self._spawned = True
                 else:
                     self.reply_error(unique, err)
@@ -278,7 +278,7 @@ class Session:
         ahandler = ops.asyncs.get(opcode)
         if ahandler is not None and self._nursery is not None:
             req = Request(opcode, unique, nodeid, uid, gid, pid, memoryview(bytes(body)))
-            self._nursery.start_soon(self._run_async, ahandler, req)
+            self._spawn(ahandler, req)
             self._spawned = True
             return True
         if opcode == p.FORGET:
@@ -302,9 +302,17 @@ class Session:
             self.reply_error(unique, errno.ENOSYS)
         return True
 
+    def _spawn(self, handler: object, req: Request) -> None:
+        """Start answering *req* in a task of its own. Counted from now, not from when the
+        task first runs: the loop must not block in poll(2) while a started task waits
+        for its first turn (its reply is what the caller, and so the next request, waits
+        for)."""
+        assert self._nursery is not None
+        self._tasks += 1
+        self._nursery.start_soon(self._run_async, handler, req)
+
     async def _run_async(self, handler: object, req: Request) -> None:
         token = trace.request(req.pid, req.uid, req.gid) if req.opcode in _TRACED else None
-        self._tasks += 1
         try:
             payload = await handler(req)  # type: ignore[operator]
         except trio.Cancelled:
