@@ -38,6 +38,7 @@ import errno
 import logging
 import os
 import stat
+import struct
 from collections.abc import Callable, Iterator
 
 from . import _sys
@@ -52,6 +53,29 @@ DEAD = ("dead",)
 _MODES: dict[int, int] = {}
 #: the name of a node no name leads to yet (an O_TMPFILE file): never a real name
 UNNAMED = b"/"
+
+
+# The record of an object whose node fd was given up: st_dev, st_ino, the S_IFMT bits,
+# then (when the filesystem encodes them) the file handle's type and bytes, which carry
+# the inode's generation. One bytes object of 64 bytes (ext4, xfs, tmpfs) where a tuple of
+# ints, a tuple and bytes took about 270: most nodes of a large walk hold one
+# (docs/performance.md, memory). A handle type above 254 takes 255 and 4 more bytes.
+_RECORD = struct.Struct("=QQB")
+_HANDLE_TYPE = struct.Struct("=i")
+
+
+def object_record(fd: int, with_handle: bool = True) -> bytes:
+    """What the object of *fd* is: device, inode, type and (if *with_handle* and the
+    filesystem has them) its file handle. Equal records: the same object."""
+    st = os.fstat(fd)
+    record = _RECORD.pack(st.st_dev, st.st_ino, stat.S_IFMT(st.st_mode) >> 12)
+    if with_handle:
+        handle = _sys.name_to_handle(fd)
+        if handle is not None:
+            htype, raw = handle
+            kind = bytes((htype,)) if 0 <= htype < 255 else b"\xff" + _HANDLE_TYPE.pack(htype)
+            record += kind + raw
+    return record
 
 
 class Node:
@@ -76,7 +100,6 @@ class Node:
         "aliases",
         "key",
         "_fd",
-        "gone",
         "table",
     )
 
@@ -93,10 +116,10 @@ class Node:
     ) -> None:
         self.id = node_id
         # O_PATH|O_NOFOLLOW fd of the real object serving this node (in ``layer``), held
-        # while in the table's fd cache (-1: not held now; see ``fd``).
-        self._fd = fd
-        # What the object was when the fd was given up: (st_dev, st_ino, S_IFMT, handle).
-        self.gone: tuple | None = None
+        # while in the table's fd cache; once given up, the record of what the object was
+        # (bytes, see ``object_record``: one small object instead of a tuple of five);
+        # -1: neither (see ``fd``).
+        self._fd: int | bytes = fd
         self.table: InodeTable | None = None
         self.parent = parent
         self.name = name
@@ -122,16 +145,24 @@ class Node:
         object (-1 when that cannot be: its name no longer leads to it)."""
         fd = self._fd
         table = self.table
+        if fd.__class__ is int:
+            if fd >= 0 and table is not None:  # type: ignore[operator]
+                table.touch(self)
+            return fd  # type: ignore[return-value]
         if table is None:
-            return fd
-        if fd >= 0:
-            table.touch(self)
-            return fd
+            return -1
         return table.reopen(self)
 
     @property
     def holds_fd(self) -> bool:
-        return self._fd >= 0
+        fd = self._fd
+        return fd.__class__ is int and fd >= 0  # type: ignore[operator]
+
+    @property
+    def gone(self) -> bytes | None:
+        """What the object was when its fd was given up (``object_record``), if it was."""
+        fd = self._fd
+        return fd if fd.__class__ is bytes else None  # type: ignore[return-value]
 
     @property
     def is_dir(self) -> bool:
@@ -246,10 +277,10 @@ class InodeTable:
     def close(self) -> None:
         """Close every node's fd (the mount is going away)."""
         for node in self._nodes.values():
-            if node._fd >= 0:
+            if node.holds_fd:
                 with contextlib.suppress(OSError):
-                    os.close(node._fd)
-                node._fd = -1
+                    os.close(node._fd)  # type: ignore[arg-type]
+            node._fd = -1
             node.table = None
         self._held.clear()
 
@@ -268,7 +299,6 @@ class InodeTable:
 
     def _hold(self, node: Node, fd: int) -> None:
         node._fd = fd
-        node.gone = None
         if node.parent is None:
             return  # the root: always held
         self._held[node.id] = node
@@ -276,11 +306,12 @@ class InodeTable:
         if len(self._held) > self.fd_cap:
             self.evict(len(self._held) - self.fd_cap)
 
-    def _release(self, node: Node) -> None:
-        fd, node._fd = node._fd, -1
+    def _release(self, node: Node, record: bytes | None = None) -> None:
+        """Close the node's fd (if held); *record*: what its object was (else it is -1)."""
+        fd, node._fd = node._fd, record if record is not None else -1
         self._held.pop(node.id, None)
-        if fd >= 0:
-            os.close(fd)
+        if fd.__class__ is int and fd >= 0:  # type: ignore[operator]
+            os.close(fd)  # type: ignore[arg-type]
 
     def evict(self, count: int = 1) -> int:
         """Give up the fds of up to *count* nodes, least recently used first, that a name
@@ -295,24 +326,20 @@ class InodeTable:
             if node.dead or not self.reachable(node):
                 held.move_to_end(node_id)  # kept: scanned again only after the others
                 continue
-            fd = node._fd
             try:
-                st = os.fstat(fd)
-                handle = _sys.name_to_handle(fd)
+                record = object_record(node._fd)  # type: ignore[arg-type]
             except OSError:
-                st, handle = None, None
-            if st is None:
                 self._release(node)
                 continue
-            node.gone = (st.st_dev, st.st_ino, stat.S_IFMT(st.st_mode), handle)
-            self._release(node)
+            self._release(node, record)
             done += 1
         return done
 
     def reopen(self, node: Node) -> int:
         """The fd of a node that gave its up: opened at its name and checked to be the same
         object (device, inode, type, file handle); -1 if it cannot be had that way."""
-        if self._opener is None or node.gone is None or node.dead or not self.reachable(node):
+        gone = node.gone
+        if self._opener is None or gone is None or node.dead or not self.reachable(node):
             return -1
         try:
             fd = self._opener(node)
@@ -324,12 +351,8 @@ class InodeTable:
                 fd = self._opener(node)
             except OSError:
                 return -1
-        dev, ino, fmt, handle = node.gone
         try:
-            st = os.fstat(fd)
-            same = (st.st_dev, st.st_ino, stat.S_IFMT(st.st_mode)) == (dev, ino, fmt) and (
-                handle is None or _sys.name_to_handle(fd) == handle
-            )
+            same = object_record(fd, gone[_RECORD.size :] != b"") == gone
         except OSError:
             same = False
         if not same:
@@ -467,7 +490,8 @@ class InodeTable:
         -1: none (the node's operations then fail with EBADF)."""
         if node._fd != fd:
             self._release(node)
-        node.gone = None
+        else:
+            node._fd = -1  # no record any more, whatever fd is
         if fd >= 0:
             self._hold(node, fd)
 
