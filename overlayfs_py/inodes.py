@@ -38,6 +38,7 @@ import errno
 import logging
 import os
 import stat
+import struct
 from collections.abc import Callable, Iterator
 
 from . import _sys
@@ -50,8 +51,32 @@ ROOT_ID = 1
 # or made in it any more, whatever is at its old name now.
 DEAD = ("dead",)
 _MODES: dict[int, int] = {}
+_CHUNK_BITS = 10  # the table's id map: a dict per 1,024 consecutive node ids
 #: the name of a node no name leads to yet (an O_TMPFILE file): never a real name
 UNNAMED = b"/"
+
+
+# The record of an object whose node fd was given up: st_dev, st_ino, the S_IFMT bits,
+# then (when the filesystem encodes them) the file handle's type and bytes, which carry
+# the inode's generation. One bytes object of 64 bytes (ext4, xfs, tmpfs) where a tuple of
+# ints, a tuple and bytes took about 270: most nodes of a large walk hold one
+# (docs/performance.md, memory). A handle type above 254 takes 255 and 4 more bytes.
+_RECORD = struct.Struct("=QQB")
+_HANDLE_TYPE = struct.Struct("=i")
+
+
+def object_record(fd: int, with_handle: bool = True) -> bytes:
+    """What the object of *fd* is: device, inode, type and (if *with_handle* and the
+    filesystem has them) its file handle. Equal records: the same object."""
+    st = os.fstat(fd)
+    record = _RECORD.pack(st.st_dev, st.st_ino, stat.S_IFMT(st.st_mode) >> 12)
+    if with_handle:
+        handle = _sys.name_to_handle(fd)
+        if handle is not None:
+            htype, raw = handle
+            kind = bytes((htype,)) if 0 <= htype < 255 else b"\xff" + _HANDLE_TYPE.pack(htype)
+            record += kind + raw
+    return record
 
 
 class Node:
@@ -62,6 +87,9 @@ class Node:
     may change ``layer``/``dirs`` of a live node.
     """
 
+    # Twelve slots: 128 bytes a node (pymalloc rounds to 16). The table is a class
+    # attribute (each table makes nodes of a subclass of its own, ``InodeTable._node``),
+    # and the two rarely used containers share one slot (``_rare``).
     __slots__ = (
         "id",
         "parent",
@@ -69,16 +97,15 @@ class Node:
         "mode",
         "layer",
         "dirs",
-        "lpaths",
         "ino",
         "lookups",
         "children",
-        "aliases",
+        "_rare",
         "key",
         "_fd",
-        "gone",
-        "table",
     )
+    #: the table owning this node (None: a node made outside a table)
+    table: InodeTable | None = None
 
     def __init__(
         self,
@@ -93,11 +120,10 @@ class Node:
     ) -> None:
         self.id = node_id
         # O_PATH|O_NOFOLLOW fd of the real object serving this node (in ``layer``), held
-        # while in the table's fd cache (-1: not held now; see ``fd``).
-        self._fd = fd
-        # What the object was when the fd was given up: (st_dev, st_ino, S_IFMT, handle).
-        self.gone: tuple | None = None
-        self.table: InodeTable | None = None
+        # while in the table's fd cache; once given up, the record of what the object was
+        # (bytes, see ``object_record``: one small object instead of a tuple of five);
+        # -1: neither (see ``fd``).
+        self._fd: int | bytes = fd
         self.parent = parent
         self.name = name
         # S_IFMT bits (+ permission bits at lookup time; refreshed by getattr). Interned: a
@@ -105,16 +131,45 @@ class Node:
         self.mode = _MODES.setdefault(mode, mode)
         self.layer = layer
         self.dirs = dirs
-        # Where the object sits inside a *lower* layer that serves it, when a redirect makes
-        # that differ from relpath() (layer index -> path); None: relpath() everywhere.
-        # The three containers are made only when needed: a walk creates one node per
-        # entry, and most are plain files (memory, docs/performance.md).
-        self.lpaths: dict[int, bytes] | None = None
+        # The containers are made only when needed: a walk creates one node per entry, and
+        # most are plain files (memory, docs/performance.md). ``_rare``: None, or
+        # [lpaths, aliases] (see those properties).
+        self._rare: list | None = None
         self.ino = ino  # the st_ino reported for this node
         self.lookups = 0
         self.children: dict[bytes, Node] | None = None
-        self.aliases: list[tuple[Node, bytes]] | None = None  # further (parent, name) links of a shared inode
         self.key: tuple | None = None
+
+    @property
+    def lpaths(self) -> dict[int, bytes] | None:
+        """Where the object sits inside a *lower* layer that serves it, when a redirect makes
+        that differ from relpath() (layer index -> path); None: relpath() everywhere."""
+        rare = self._rare
+        return rare[0] if rare is not None else None
+
+    @lpaths.setter
+    def lpaths(self, value: dict[int, bytes] | None) -> None:
+        self._set_rare(0, value)
+
+    @property
+    def aliases(self) -> list[tuple[Node, bytes]] | None:
+        """Further (parent, name) links of a shared (hard-linked) inode."""
+        rare = self._rare
+        return rare[1] if rare is not None else None
+
+    @aliases.setter
+    def aliases(self, value: list[tuple[Node, bytes]] | None) -> None:
+        self._set_rare(1, value)
+
+    def _set_rare(self, index: int, value: object) -> None:
+        rare = self._rare
+        if rare is None:
+            if value is None:
+                return
+            rare = self._rare = [None, None]
+        rare[index] = value
+        if rare[0] is None and rare[1] is None:
+            self._rare = None
 
     @property
     def fd(self) -> int:
@@ -122,16 +177,24 @@ class Node:
         object (-1 when that cannot be: its name no longer leads to it)."""
         fd = self._fd
         table = self.table
+        if fd.__class__ is int:
+            if fd >= 0 and table is not None:
+                table.touch(self)
+            return fd
         if table is None:
-            return fd
-        if fd >= 0:
-            table.touch(self)
-            return fd
+            return -1
         return table.reopen(self)
 
     @property
     def holds_fd(self) -> bool:
-        return self._fd >= 0
+        fd = self._fd
+        return fd.__class__ is int and fd >= 0
+
+    @property
+    def gone(self) -> bytes | None:
+        """What the object was when its fd was given up (``object_record``), if it was."""
+        fd = self._fd
+        return fd if fd.__class__ is bytes else None
 
     @property
     def is_dir(self) -> bool:
@@ -211,29 +274,49 @@ class InodeTable:
         open files and the server's own); *opener*: opens a node's object at its name
         (O_PATH|O_NOFOLLOW; the table checks it is the object the node had)."""
         self._next_id = ROOT_ID + 1
-        self.root = Node(ROOT_ID, None, b"", root_mode, root_layer, root_dirs, root_ino, root_fd)
+        # The class of this table's nodes: their ``table`` is this one without a slot each.
+        self._node: type[Node] = type("Node", (Node,), {"__slots__": (), "table": self})
+        self.root = self._node(ROOT_ID, None, b"", root_mode, root_layer, root_dirs, root_ino, root_fd)
         self.root.lookups = 1  # the kernel never forgets the root
-        self._nodes: dict[int, Node] = {ROOT_ID: self.root}
+        # id -> node, in chunks of 1,024 consecutive ids (``_CHUNK_BITS``): ids only grow and
+        # nodes come and go by the hundred thousand on a large walk, which kept one big dict
+        # at 20 MiB (its table sized for three times what it held at its last resize) and
+        # briefly 30 during a resize; the chunks hold about 36 bytes a node.
+        self._chunks: dict[int, dict[int, Node]] = {ROOT_ID >> _CHUNK_BITS: {ROOT_ID: self.root}}
+        self._count = 1
         self._by_key: dict[tuple, Node] = {}
         # Nodes holding an fd, least recently used first (the root is never given up).
         self._held: collections.OrderedDict[int, Node] = collections.OrderedDict()
         self.fd_cap = fd_cap
         self._opener = opener
-        self.root.table = self
         # Ids of non-directory nodes, oldest first: the candidates of shed().
         self._age: collections.deque[int] = collections.deque()
 
     def __getitem__(self, node_id: int) -> Node:
-        return self._nodes[node_id]
+        return self._chunks[node_id >> _CHUNK_BITS][node_id]
 
     def get(self, node_id: int) -> Node | None:
-        return self._nodes.get(node_id)
+        chunk = self._chunks.get(node_id >> _CHUNK_BITS)
+        return chunk.get(node_id) if chunk is not None else None
 
     def __len__(self) -> int:
-        return len(self._nodes)
+        return self._count
+
+    def _all(self) -> Iterator[Node]:
+        for chunk in self._chunks.values():
+            yield from chunk.values()
 
     def __iter__(self) -> Iterator[Node]:
-        return iter(list(self._nodes.values()))
+        return iter(list(self._all()))
+
+    def _remove(self, node_id: int) -> Node | None:
+        chunk = self._chunks.get(node_id >> _CHUNK_BITS)
+        node = chunk.pop(node_id, None) if chunk is not None else None
+        if node is not None:
+            self._count -= 1
+            if not chunk:
+                del self._chunks[node_id >> _CHUNK_BITS]
+        return node
 
     def reachable(self, node: Node) -> bool:
         """Whether *node* is still reached by a name (no ancestor was removed or replaced)."""
@@ -244,13 +327,13 @@ class InodeTable:
         return True
 
     def close(self) -> None:
-        """Close every node's fd (the mount is going away)."""
-        for node in self._nodes.values():
-            if node._fd >= 0:
+        """Close every node's fd (the mount is going away): each then has none (-1), and its
+        ``fd`` stays -1 (a node with none never asks its table)."""
+        for node in self._all():
+            if node.holds_fd:
                 with contextlib.suppress(OSError):
-                    os.close(node._fd)
-                node._fd = -1
-            node.table = None
+                    os.close(node._fd)  # type: ignore[arg-type]
+            node._fd = -1
         self._held.clear()
 
     # --- the fd cache ---------------------------------------------------------------------
@@ -268,7 +351,6 @@ class InodeTable:
 
     def _hold(self, node: Node, fd: int) -> None:
         node._fd = fd
-        node.gone = None
         if node.parent is None:
             return  # the root: always held
         self._held[node.id] = node
@@ -276,10 +358,11 @@ class InodeTable:
         if len(self._held) > self.fd_cap:
             self.evict(len(self._held) - self.fd_cap)
 
-    def _release(self, node: Node) -> None:
-        fd, node._fd = node._fd, -1
+    def _release(self, node: Node, record: bytes | None = None) -> None:
+        """Close the node's fd (if held); *record*: what its object was (else it is -1)."""
+        fd, node._fd = node._fd, record if record is not None else -1
         self._held.pop(node.id, None)
-        if fd >= 0:
+        if fd.__class__ is int and fd >= 0:
             os.close(fd)
 
     def evict(self, count: int = 1) -> int:
@@ -295,24 +378,20 @@ class InodeTable:
             if node.dead or not self.reachable(node):
                 held.move_to_end(node_id)  # kept: scanned again only after the others
                 continue
-            fd = node._fd
             try:
-                st = os.fstat(fd)
-                handle = _sys.name_to_handle(fd)
+                record = object_record(node._fd)  # type: ignore[arg-type]
             except OSError:
-                st, handle = None, None
-            if st is None:
                 self._release(node)
                 continue
-            node.gone = (st.st_dev, st.st_ino, stat.S_IFMT(st.st_mode), handle)
-            self._release(node)
+            self._release(node, record)
             done += 1
         return done
 
     def reopen(self, node: Node) -> int:
         """The fd of a node that gave its up: opened at its name and checked to be the same
         object (device, inode, type, file handle); -1 if it cannot be had that way."""
-        if self._opener is None or node.gone is None or node.dead or not self.reachable(node):
+        gone = node.gone
+        if self._opener is None or gone is None or node.dead or not self.reachable(node):
             return -1
         try:
             fd = self._opener(node)
@@ -324,12 +403,8 @@ class InodeTable:
                 fd = self._opener(node)
             except OSError:
                 return -1
-        dev, ino, fmt, handle = node.gone
         try:
-            st = os.fstat(fd)
-            same = (st.st_dev, st.st_ino, stat.S_IFMT(st.st_mode)) == (dev, ino, fmt) and (
-                handle is None or _sys.name_to_handle(fd) == handle
-            )
+            same = object_record(fd, gone[_RECORD.size :] != b"") == gone
         except OSError:
             same = False
         if not same:
@@ -356,15 +431,18 @@ class InodeTable:
         """A new node for *name* in *parent* (lookup count 0: call ``ref`` once the kernel has it).
         *fd*: the node's O_PATH fd of its real object; the table owns it from now on."""
         self.detach(parent, name)
-        node = Node(self._next_id, parent, name, mode, layer, dirs, ino)
-        node.table = self
+        node = self._node(self._next_id, parent, name, mode, layer, dirs, ino)
         if fd >= 0:
             self._hold(node, fd)
         self._next_id += 1
         node.key = key
         if key is not None:
             self._by_key[key] = node
-        self._nodes[node.id] = node
+        chunk = self._chunks.get(node.id >> _CHUNK_BITS)
+        if chunk is None:
+            chunk = self._chunks[node.id >> _CHUNK_BITS] = {}
+        chunk[node.id] = node
+        self._count += 1
         parent._link_child(name, node)
         if not stat.S_ISDIR(mode):
             self._age.append(node.id)
@@ -380,10 +458,10 @@ class InodeTable:
         one prunes its subtree). Only cache is lost: a later lookup makes a new node
         with the same ``st_ino``."""
         out: list[tuple[int, bytes]] = []
-        excess = len(self._nodes) - keep
-        age, nodes = self._age, self._nodes
+        excess = self._count - keep
+        age, get = self._age, self.get
         while excess > 0 and age:
-            node = nodes.get(age.popleft())
+            node = get(age.popleft())
             if node is None or node.parent is None or node.parent.child(node.name) is not node:
                 continue  # gone already, or unlinked but open: nothing to drop
             out.append((node.parent.id, node.name))
@@ -396,7 +474,7 @@ class InodeTable:
         one, and the budget never drops directories). Only cache is lost: the kernel
         forgets them once unused (a process inside one keeps it)."""
         out: list[tuple[int, bytes]] = []
-        for node in self._nodes.values():
+        for node in self._all():
             if len(out) >= count:
                 break
             if node.children or not node.is_dir or node.parent is None or node.parent.child(node.name) is not node:
@@ -467,7 +545,8 @@ class InodeTable:
         -1: none (the node's operations then fail with EBADF)."""
         if node._fd != fd:
             self._release(node)
-        node.gone = None
+        else:
+            node._fd = -1  # no record any more, whatever fd is
         if fd >= 0:
             self._hold(node, fd)
 
@@ -475,7 +554,7 @@ class InodeTable:
         node.lookups += n
 
     def forget(self, node_id: int, n: int) -> None:
-        node = self._nodes.get(node_id)
+        node = self.get(node_id)
         if node is None or node.id == ROOT_ID:
             return
         node.lookups -= n
@@ -490,7 +569,7 @@ class InodeTable:
     def _maybe_drop(self, start: Node) -> None:
         node: Node | None = start
         while node is not None and node.id != ROOT_ID and node.lookups == 0 and not node.children:
-            if self._nodes.pop(node.id, None) is None:
+            if self._remove(node.id) is None:
                 return
             parent = node.parent
             if parent is not None:
@@ -501,8 +580,7 @@ class InodeTable:
             node.aliases = None
             if node.key is not None and self._by_key.get(node.key) is node:
                 del self._by_key[node.key]
-            self._release(node)
-            node.table = None
+            self._release(node)  # its fd is -1 now: it never asks the table again
             node = parent
 
     def _relink(self, node: Node, old: tuple[Node, bytes], new: tuple[Node, bytes]) -> None:

@@ -6,9 +6,12 @@ keeps memory bounded; readdir entries the kernel did not take are dropped at onc
 
 from __future__ import annotations
 
+import gc
 import os
+import tracemalloc
 
 from helpers.core import build_core
+from overlayfs_py.inodes import ROOT_ID
 
 
 def _tree(root, dirs=20, files=50):
@@ -94,5 +97,84 @@ def test_shed_offers_the_oldest_files_once_never_dirs(tmp_path):
         for n in files:
             ov.inodes.forget(n.id, 1)
         assert len(ov.inodes) == 2
+    finally:
+        ov.destroy()
+
+
+def _walk_all(ov, names):
+    """What the kernel does on a walk: look each directory up, list it (READDIRPLUS gives
+    it a node per entry) and keep a reference to everything."""
+    root = ov.inodes.root
+    for name in names:
+        d, _ = ov.lookup(root, name)
+        ov.inodes.ref(d)
+        fh = ov.opendir(d)
+        for _, entry in ov.readdir(fh, 0):
+            if entry.node is not None:
+                ov.inodes.ref(entry.node)
+        ov.release(fh)
+
+
+def test_memory_per_node_of_a_large_walk(tmp_path):
+    """The node table's memory per live node, with most node fds given up as on a walk far
+    beyond RLIMIT_NOFILE (scripts/bench --memwalk: the server must stay under 150 MiB on 1M
+    entries with the 200k node budget; docs/performance.md). Counted by tracemalloc: the
+    node, its name, its id and st_ino ints, the record of its given-up fd and the table's
+    maps; the listing cache is dropped first (it is bounded on its own). The nodes took
+    ~600 bytes each before the compact records, 128-byte nodes and the chunked id map;
+    now ~370."""
+    lower = tmp_path / "lower"
+    dirs = [b"d%d" % d for d in range(3)]
+    for d in dirs:
+        (lower / d.decode()).mkdir(parents=True)
+        for f in range(1000):
+            os.mknod(lower / d.decode() / f"f{f:04d}", 0o100644)
+    (tmp_path / "upper").mkdir()
+    (tmp_path / "work").mkdir()
+    core = build_core([lower], tmp_path / "upper", tmp_path / "work", max_nodes=0)
+    ov = core.view
+    try:
+        ov.inodes.fd_cap = 100  # most nodes give their fd up
+        before_nodes = len(ov.inodes)
+        gc.collect()
+        tracemalloc.start()
+        try:
+            base = tracemalloc.get_traced_memory()[0]
+            _walk_all(ov, dirs)
+            ov.listings.changed()
+            gc.collect()
+            used = tracemalloc.get_traced_memory()[0] - base
+        finally:
+            tracemalloc.stop()
+        nodes = len(ov.inodes) - before_nodes
+        assert nodes == 3003 and ov.inodes.held <= 100
+        assert sum(1 for n in ov.inodes if n.gone is not None) >= 2900
+        assert used / nodes < 450, f"{used / nodes:.0f} bytes per node"
+    finally:
+        core.destroy()
+
+
+def test_id_map_gives_chunks_back(tmp_path):
+    """The table's id map (chunks of consecutive ids) frees what the kernel forgot: after
+    forgetting a 3,000-node walk only the root's chunk is left, and every node is still
+    found by its id while it lives."""
+    lower = tmp_path / "lower"
+    dirs = [b"d%d" % d for d in range(3)]
+    for d in dirs:
+        (lower / d.decode()).mkdir(parents=True)
+        for f in range(1000):
+            (lower / d.decode() / f"f{f}").write_bytes(b"")
+    ov = build_core([lower]).view
+    try:
+        _walk_all(ov, dirs)
+        nodes = list(ov.inodes)
+        assert len(nodes) == len(ov.inodes) == 3004
+        assert all(ov.inodes[n.id] is n and ov.inodes.get(n.id) is n for n in nodes)
+        for n in reversed(nodes):
+            if n.id != ROOT_ID:
+                ov.inodes.forget(n.id, 1)
+        assert len(ov.inodes) == 1 and list(ov.inodes) == [ov.inodes.root]
+        assert ov.inodes.get(nodes[-1].id) is None
+        assert len(ov.inodes._chunks) == 1
     finally:
         ov.destroy()
