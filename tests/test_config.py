@@ -33,6 +33,13 @@ from overlayfs_py.userxattr import plan
 # --------------------------------------------------------------------------
 
 
+@pytest.fixture(autouse=True)
+def _default_engine(monkeypatch):
+    """These tests check the parser against MountConfig's defaults: the engine chosen by the
+    environment (scripts/test's pyfuse3 pass) is not one of them."""
+    monkeypatch.delenv("PYOVERLAY_ENGINE", raising=False)
+
+
 @pytest.fixture
 def root(tmp_path: Path) -> Path:
     """tmp_path with symlinks resolved, so expected messages match realpaths."""
