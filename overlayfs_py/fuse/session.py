@@ -258,15 +258,13 @@ class Session:
                 task = ops.asyncs[opcode]
                 if self._nursery is not None:
                     req.body = memoryview(bytes(body))
-                    self._nursery.start_soon(self._run_async, task, req)
-                    self._spawned = True
+                    self._spawn(task, req)
                 return True
             except BaseException as exc:
                 err = self._errno(exc, opcode)
                 if opcode == p.LOOKUP and err in (errno.EMFILE, errno.ENFILE) and self._nursery is not None:
                     req.body = memoryview(bytes(body))
-                    self._nursery.start_soon(self._run_async, ops.lookup_waiting, req)
-                    self._spawned = True
+                    self._spawn(ops.lookup_waiting, req)
                 else:
                     self.reply_error(unique, err)
                 return True
@@ -277,9 +275,7 @@ class Session:
             return True
         ahandler = ops.asyncs.get(opcode)
         if ahandler is not None and self._nursery is not None:
-            req = Request(opcode, unique, nodeid, uid, gid, pid, memoryview(bytes(body)))
-            self._nursery.start_soon(self._run_async, ahandler, req)
-            self._spawned = True
+            self._spawn(ahandler, Request(opcode, unique, nodeid, uid, gid, pid, memoryview(bytes(body))))
             return True
         if opcode == p.FORGET:
             (nlookup,) = p.FORGET_IN.unpack_from(body)
@@ -302,9 +298,17 @@ class Session:
             self.reply_error(unique, errno.ENOSYS)
         return True
 
+    def _spawn(self, handler: object, req: Request) -> None:
+        """Answer *req* in a task of its own. It counts as running from now on: trio may
+        resume the loop before the task's first step, and the loop must not then sit in
+        poll(2) (``IDLE_POLL_MS``) while the kernel waits for this very reply."""
+        assert self._nursery is not None
+        self._tasks += 1
+        self._spawned = True
+        self._nursery.start_soon(self._run_async, handler, req)
+
     async def _run_async(self, handler: object, req: Request) -> None:
         token = trace.request(req.pid, req.uid, req.gid) if req.opcode in _TRACED else None
-        self._tasks += 1
         try:
             payload = await handler(req)  # type: ignore[operator]
         except trio.Cancelled:
