@@ -263,8 +263,9 @@ class Ops:
             return PLAIN_OPEN, 0
         h = self.ov.handles[fh]
         fd = h.fd  # type: ignore[union-attr]
-        st = os.fstat(fd)
-        obj = (st.st_dev, st.st_ino)
+        # The real object the node serves: it changes only in a copy-up, which moves the
+        # node to the upper layer and keys it by its upper inode (no fstat needed).
+        obj = (node.layer.index, node.key)
         bound = self._backing.get(node.id)
         if bound is not None and bound.opens == 0:  # registered, but bound to no inode now
             del self._idle[node.id]
@@ -292,7 +293,8 @@ class Ops:
         bound.opens += 1
         # Writes through passthrough never reach the core, which watches for copy-ups made
         # for an open and never used (``OpenFile.unused_copy_up``): release compares ctimes.
-        self._backed_fh[fh] = (node.id, st.st_ctime_ns if h.unused_copy_up is not None else None)  # type: ignore[union-attr]
+        ctime = os.fstat(fd).st_ctime_ns if h.unused_copy_up is not None else None  # type: ignore[union-attr]
+        self._backed_fh[fh] = (node.id, ctime)
         return p.FOPEN_PASSTHROUGH | p.FOPEN_NOFLUSH, bound.backing_id
 
     def _register(self, node: Node, fd: int) -> int:
@@ -333,19 +335,14 @@ class Ops:
         return p.OPEN_OUT.pack(fh, flags, backing_id)
 
     def open_now(self, req: Request) -> bytes:
-        """OPEN without a task when it cannot copy up (read-only, no O_TRUNC: the kernel's
-        ovl_open_need_copy_up is false and ``Overlay.open`` never awaits)."""
+        """OPEN without a task when it cannot copy up (read-only, or an object already in
+        the upper layer) and truncates nothing (O_TRUNC of a large file may take a while):
+        ``Overlay.open_now`` never blocks on anything but the open itself."""
         flags, _open_flags = p.OPEN_IN.unpack_from(req.body)
-        if (flags & os.O_ACCMODE) != os.O_RDONLY or flags & os.O_TRUNC:
-            raise NeedsTask
         node = self._node(req.nodeid)
-        coro = self.ov.open(node, flags, self.caller(req))
-        try:
-            coro.send(None)
-        except StopIteration as done:
-            return self._open_out(node, done.value)
-        coro.close()
-        raise RuntimeError("a read-only open awaited")
+        if flags & os.O_TRUNC or self.ov.open_copies_up(node, flags):
+            raise NeedsTask
+        return self._open_out(node, self.ov.open_now(node, flags))
 
     async def open(self, req: Request) -> bytes:
         flags, _open_flags = p.OPEN_IN.unpack_from(req.body)
