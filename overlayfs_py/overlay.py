@@ -204,6 +204,16 @@ class Overlay:
             raise OSError(errno.ENOENT, "no such entry")
         return self._node_for(parent, name, hits), hits[0].st
 
+    def made(self, parent: Node, name: bytes, layer: Layer, pfd: int) -> tuple[Node, os.stat_result]:
+        """``lookup`` of an object the write path has just made at *name* in *layer*'s
+        directory *pfd* of *parent* (the upper one): a lookup would find it there and look
+        no further (a non-directory ends the walk; a new directory has nothing below it: its
+        name was free in the merged view, or it replaced a whiteout and was made opaque),
+        so the layers below are not asked again."""
+        st = _sys.lstat_at(pfd, name)
+        ppath = parent.path_in(layer)
+        return self._node_for(parent, name, [Hit(layer, st, ppath + b"/" + name if ppath else name)]), st
+
     def _node_for(self, parent: Node, name: bytes, hits: list[Hit], prel: bytes | None = None) -> Node:
         """The node for *name* in *parent* found as *hits*; *prel*: the parent's relpath, if
         the caller has it."""
