@@ -455,7 +455,7 @@ class WritePath:
             _sys.futimens_fd(fd, changes.get("atime_ns"), changes.get("mtime_ns"))
         return self.view.getattr(node)
 
-    def write(self, fh: int, offset: int, data: bytes) -> int:
+    def write(self, fh: int, offset: int, data: bytes | memoryview) -> int:
         h = self.handles[fh]
         assert isinstance(h, OpenFile)
         if h.unused_copy_up is not None:

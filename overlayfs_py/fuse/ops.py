@@ -67,6 +67,9 @@ def _two_names(body: memoryview, start: int = 0) -> tuple[bytes, bytes]:
     return first, rest.partition(b"\0")[0]
 
 
+#: LOOKUP of a name that does not exist: node 0, kept by the kernel for TIMEOUT
+_NEGATIVE_ENTRY = p.ENTRY_OUT.pack(0, 0, TIMEOUT, 0, 0, 0, *([0] * 16))
+
 #: backing files kept registered for nodes with no open file (least recently used closed first)
 IDLE_BACKINGS = 8192
 
@@ -195,7 +198,7 @@ class Ops:
             return self._lookup_once(self._node(req.nodeid), _name(req.body))
         except OSError as exc:
             if exc.errno == errno.ENOENT:  # a negative entry the kernel may cache
-                return p.ENTRY_OUT.pack(0, 0, TIMEOUT, 0, 0, 0, *([0] * 16))
+                return _NEGATIVE_ENTRY
             raise
 
     async def lookup_waiting(self, req: Request) -> bytes:
@@ -263,9 +266,10 @@ class Ops:
             return PLAIN_OPEN, 0
         h = self.ov.handles[fh]
         fd = h.fd  # type: ignore[union-attr]
-        # The real object the node serves: it changes only in a copy-up, which moves the
-        # node to the upper layer and keys it by its upper inode (no fstat needed).
-        obj = (node.layer.index, node.key)
+        # The real object a node serves changes only in a copy-up, which moves the node to
+        # the upper layer: its layer tells (no fstat needed; its key does not: an unlinked
+        # or renamed-over node loses its key and keeps its object).
+        obj = node.layer.index
         bound = self._backing.get(node.id)
         if bound is not None and bound.opens == 0:  # registered, but bound to no inode now
             del self._idle[node.id]
@@ -410,8 +414,9 @@ class Ops:
 
     def write(self, req: Request) -> bytes:
         fh, off, size, *_ = p.WRITE_IN.unpack_from(req.body)
+        # the request's own buffer (not copied: written before the next request is read)
         data = req.body[p.WRITE_IN.size : p.WRITE_IN.size + size]
-        return p.WRITE_OUT.pack(self.writes.write(fh, off, bytes(data)), 0)
+        return p.WRITE_OUT.pack(self.writes.write(fh, off, data), 0)
 
     async def fsync(self, req: Request) -> bytes:
         fh, fsync_flags, _pad = p.FSYNC_IN.unpack_from(req.body)

@@ -85,7 +85,7 @@ class NodeBacking:
     """The backing file the kernel binds to one FUSE inode while it has passthrough files."""
 
     backing_id: int
-    obj: tuple[int, object]  # (layer index, node key) of the real file registered (ops.Ops._opened)
+    obj: int  # the index of the layer of the real file registered (ops.Ops._opened)
     opens: int = 0
 
 
