@@ -204,6 +204,16 @@ class Overlay:
             raise OSError(errno.ENOENT, "no such entry")
         return self._node_for(parent, name, hits), hits[0].st
 
+    def made(self, parent: Node, name: bytes, layer: Layer, pfd: int) -> tuple[Node, os.stat_result]:
+        """``lookup`` of an object the write path has just made at *name* in *layer*'s
+        directory *pfd* of *parent* (the upper one): a lookup would find it there and look
+        no further (a non-directory ends the walk; a new directory has nothing below it: its
+        name was free in the merged view, or it replaced a whiteout and was made opaque),
+        so the layers below are not asked again."""
+        st = _sys.lstat_at(pfd, name)
+        ppath = parent.path_in(layer)
+        return self._node_for(parent, name, [Hit(layer, st, ppath + b"/" + name if ppath else name)]), st
+
     def _node_for(self, parent: Node, name: bytes, hits: list[Hit], prel: bytes | None = None) -> Node:
         """The node for *name* in *parent* found as *hits*; *prel*: the parent's relpath, if
         the caller has it."""
@@ -340,22 +350,39 @@ class Overlay:
             raise OSError(errno.EINVAL, "not a symlink")
         return _sys.readlink_fd(node.fd)
 
+    @staticmethod
+    def _open_writes(node: Node, flags: int) -> bool:
+        """The kernel's ovl_open_need_copy_up: write access or O_TRUNC, not a special file."""
+        return ((flags & os.O_ACCMODE) != os.O_RDONLY or bool(flags & os.O_TRUNC)) and (
+            stat.S_ISREG(node.mode) or stat.S_ISLNK(node.mode)
+        )
+
+    def open_copies_up(self, node: Node, flags: int) -> bool:
+        """Whether opening *node* with *flags* may copy it up (may await): an object not in
+        the upper layer yet opened for writing."""
+        return not node.layer.is_upper and self._open_writes(node, flags)
+
     async def open(self, node: Node, flags: int, caller: Caller) -> int:
         if node.is_dir:
             raise OSError(errno.EISDIR, "is a directory")
-        # ovl_open_need_copy_up: write access or O_TRUNC, and not a special file.
-        if ((flags & os.O_ACCMODE) != os.O_RDONLY or flags & os.O_TRUNC) and (
-            stat.S_ISREG(node.mode) or stat.S_ISLNK(node.mode)
-        ):
-            reason = "truncate" if flags & os.O_TRUNC else "open-for-write"
-            copied = await self.writable.copy_up(node, reason)
-        else:
-            copied = False
+        if not self.open_copies_up(node, flags):
+            return self.open_now(node, flags)
+        reason = "truncate" if flags & os.O_TRUNC else "open-for-write"
+        copied = await self.writable.copy_up(node, reason)
         fd = open_real(node, flags & OPEN_PASS)
         h = OpenFile(fd, node, flags)
         if copied and not flags & os.O_TRUNC:  # watch for a copy-up nobody needed
             h.unused_copy_up = (trace.current(), os.fstat(fd).st_size)
         return self.handles.add(h)
+
+    def open_now(self, node: Node, flags: int) -> int:
+        """``open`` when it needs no copy-up (read-only and no O_TRUNC, or a special file,
+        or an object already upper): never awaits, so an engine calls it inline."""
+        if node.is_dir:
+            raise OSError(errno.EISDIR, "is a directory")
+        if self._copyup is None and self._open_writes(node, flags):
+            raise OSError(errno.EROFS, "read-only overlay")
+        return self.handles.add(OpenFile(open_real(node, flags & OPEN_PASS), node, flags))
 
     def read(self, fh: int, offset: int, size: int) -> bytes:
         h = self.handles[fh]

@@ -120,10 +120,16 @@ class WritePath:
             gid = self.owners.stored(_sys.proc_path(pfd), True, pst, self.upper)[1]
         return uid, gid
 
-    def _chown_keep_mode(self, dfd: int, name: bytes, uid: int | None, gid: int | None) -> None:
+    def _chown_keep_mode(
+        self, dfd: int, name: bytes, uid: int | None, gid: int | None, made: int | None = None
+    ) -> None:
         """Give a new object its stored owner (chown, or the override xattr when the server
-        cannot chown); the set-id bits its creator chose stay. Done on an O_PATH fd of the
-        object (its magic link, followed to the object only), never on its name again."""
+        cannot chown); the set-id bits its creator chose stay. Done on an fd of the object
+        (its magic link, followed to the object only), never on its name again: *made*, an
+        fd its maker kept open (a created file), else an O_PATH fd opened here."""
+        if made is not None:
+            self.owners.set_owner(*_sys.fd_xattr_path(made), uid, gid, fresh=True, st=os.fstat(made))
+            return
         fd = _sys.open_node(dfd, name)
         try:
             self.owners.set_owner(*_sys.fd_xattr_path(fd), uid, gid, fresh=True, st=os.fstat(fd))
@@ -137,10 +143,12 @@ class WritePath:
         make: Callable[[int, bytes], None],
         caller: Caller | None,
         opaque: bool = False,
+        made: Callable[[], int | None] | None = None,
     ) -> tuple[Node, os.stat_result]:
         """Create a new object with ``make(dir_fd, name)`` in upper, over a whiteout if there is one.
 
-        The object is given to *caller* (None: a hard link, which keeps its inode's owner)."""
+        The object is given to *caller* (None: a hard link, which keeps its inode's owner).
+        *made*: the fd ``make`` left open on the object, if any (its owner is set through it)."""
         copy, work = self.copy, self.work
         self.listings.changed()
         if len(name) > NAME_MAX:
@@ -157,7 +165,7 @@ class WritePath:
             tmp = work.make(make)
             try:
                 if owner is not None:
-                    self._chown_keep_mode(wfd, tmp, *owner)
+                    self._chown_keep_mode(wfd, tmp, *owner, made() if made is not None else None)
                 tst = _sys.lstat_at(wfd, tmp)
                 if stat.S_ISDIR(tst.st_mode) and os.fstat(pfd).st_mode & stat.S_ISGID:
                     # made in work/, it did not inherit the parent's setgid bit as mkdir there
@@ -182,9 +190,9 @@ class WritePath:
         else:
             make(pfd, name)
             if owner is not None:
-                self._chown_keep_mode(pfd, name, *owner)
+                self._chown_keep_mode(pfd, name, *owner, made() if made is not None else None)
         self.stack.dirfds.forget(copy.upper, _child(parent, name))
-        node, st = self.view.lookup(parent, name)
+        node, st = self.view.made(parent, name, copy.upper, pfd)
         self.trace.emit("create", path=path, kind="link" if caller is None else _kind(st.st_mode))
         return node, st
 
@@ -205,7 +213,7 @@ class WritePath:
             box["fd"] = fd
 
         try:
-            node, st = self._place_new(parent, name, make, caller)
+            node, st = self._place_new(parent, name, make, caller, made=lambda: box.get("fd"))
         except BaseException:
             if "fd" in box:
                 os.close(box["fd"])
@@ -447,7 +455,7 @@ class WritePath:
             _sys.futimens_fd(fd, changes.get("atime_ns"), changes.get("mtime_ns"))
         return self.view.getattr(node)
 
-    def write(self, fh: int, offset: int, data: bytes) -> int:
+    def write(self, fh: int, offset: int, data: bytes | memoryview) -> int:
         h = self.handles[fh]
         assert isinstance(h, OpenFile)
         if h.unused_copy_up is not None:

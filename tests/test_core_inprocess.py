@@ -439,3 +439,40 @@ def test_a_read_only_core_refuses_every_change(tmp_path):
         ov.release(fh)
     finally:
         core.destroy()
+
+
+def test_write_opens_without_a_copy_up(tmp_path):
+    """An open that copies nothing up needs no await (``Overlay.open_now``, which an engine
+    calls inline): a read-only one, or a write open of an object already upper. A read-only
+    overlay still refuses write opens of its upper files (EROFS), as ``open`` does."""
+    for d in ("l1", "upper"):
+        (tmp_path / d).mkdir()
+    (tmp_path / "l1" / "low").write_bytes(b"low\n")
+    (tmp_path / "upper" / "up").write_bytes(b"up\n")
+    core = build_core([tmp_path / "l1"], tmp_path / "upper", tmp_path / "wd")
+    try:
+        m = Mount(core, tmp_path)
+        low, up = m.node("low"), m.node("up")
+        assert m.ov.open_copies_up(low, os.O_WRONLY) and m.ov.open_copies_up(low, os.O_RDONLY | os.O_TRUNC)
+        assert not m.ov.open_copies_up(low, os.O_RDONLY) and not m.ov.open_copies_up(up, os.O_RDWR)
+        fh = m.ov.open_now(up, os.O_WRONLY)
+        m.w.write(fh, 0, b"UP")
+        m.ov.release(fh)
+        assert (tmp_path / "upper" / "up").read_bytes() == b"UP\n"
+        with pytest.raises(IsADirectoryError):
+            m.ov.open_now(m.node(""), os.O_RDONLY)
+    finally:
+        core.destroy()
+    ro = build_core([tmp_path / "l1"], tmp_path / "upper", read_only=True)
+    try:
+        m = Mount(ro, tmp_path)
+        up = m.node("up")
+        for opener in (m.ov.open_now, lambda n, f: trio.run(m.ov.open, n, f, CALLER)):
+            with pytest.raises(OSError) as exc:
+                opener(up, os.O_WRONLY)
+            assert exc.value.errno == errno.EROFS
+        fh = m.ov.open_now(up, os.O_RDONLY)
+        assert m.ov.read(fh, 0, 10) == b"UP\n"
+        m.ov.release(fh)
+    finally:
+        ro.destroy()

@@ -18,6 +18,7 @@ import subprocess
 import sys
 
 import pytest
+import trio
 
 from helpers import mounts
 from overlayfs_py.fuse import proto as p
@@ -230,3 +231,39 @@ def test_setxattr_create_and_replace_flags(tmp_path, monkeypatch):
         os.setxattr(f, "user.new", b"n", os.XATTR_CREATE)
         assert (os.getxattr(f, "user.k"), os.getxattr(f, "user.new")) == (b"w", b"n")
     assert "direct engine: INIT" in (tmp_path / "log").read_text()
+
+
+class _AsyncOps:
+    """One request served in a task (as CREATE or a write OPEN): it answers when released."""
+
+    sync: dict = {}
+
+    def __init__(self) -> None:
+        self.asyncs = {p.CREATE: self.create}
+
+    async def create(self, req) -> bytes:
+        await trio.sleep(0)
+        return b"done"
+
+
+def test_a_spawned_request_task_keeps_the_loop_out_of_its_idle_poll():
+    """The loop waits in poll(2) (IDLE_POLL_MS) only while no task of its own runs. A
+    request handed to a task counts from the moment it is handed over: trio may resume the
+    loop before the task's first step, and the kernel, waiting for that very reply, sends
+    nothing to wake the poll (every CREATE or write OPEN took up to 20 ms)."""
+    r, w = os.pipe()
+    s = Session(w, _AsyncOps(), _Tracer())  # type: ignore[arg-type]
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            s._nursery = nursery
+            assert s._handle(_request(p.CREATE, 7, bytes(16)))
+            assert s._tasks == 1  # what the loop's idle check reads, before the task ran
+        assert s._tasks == 0
+        assert os.read(r, 4096) == p.OUT_HEADER.pack(16 + 4, 0, 7) + b"done"
+
+    try:
+        trio.run(main)
+    finally:
+        os.close(r)
+        os.close(w)

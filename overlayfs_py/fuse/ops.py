@@ -67,6 +67,9 @@ def _two_names(body: memoryview, start: int = 0) -> tuple[bytes, bytes]:
     return first, rest.partition(b"\0")[0]
 
 
+#: LOOKUP of a name that does not exist: node 0, kept by the kernel for TIMEOUT
+_NEGATIVE_ENTRY = p.ENTRY_OUT.pack(0, 0, TIMEOUT, 0, 0, 0, *([0] * 16))
+
 #: backing files kept registered for nodes with no open file (least recently used closed first)
 IDLE_BACKINGS = 8192
 
@@ -195,7 +198,7 @@ class Ops:
             return self._lookup_once(self._node(req.nodeid), _name(req.body))
         except OSError as exc:
             if exc.errno == errno.ENOENT:  # a negative entry the kernel may cache
-                return p.ENTRY_OUT.pack(0, 0, TIMEOUT, 0, 0, 0, *([0] * 16))
+                return _NEGATIVE_ENTRY
             raise
 
     async def lookup_waiting(self, req: Request) -> bytes:
@@ -263,8 +266,10 @@ class Ops:
             return PLAIN_OPEN, 0
         h = self.ov.handles[fh]
         fd = h.fd  # type: ignore[union-attr]
-        st = os.fstat(fd)
-        obj = (st.st_dev, st.st_ino)
+        # The real object a node serves changes only in a copy-up, which moves the node to
+        # the upper layer: its layer tells (no fstat needed; its key does not: an unlinked
+        # or renamed-over node loses its key and keeps its object).
+        obj = node.layer.index
         bound = self._backing.get(node.id)
         if bound is not None and bound.opens == 0:  # registered, but bound to no inode now
             del self._idle[node.id]
@@ -292,7 +297,8 @@ class Ops:
         bound.opens += 1
         # Writes through passthrough never reach the core, which watches for copy-ups made
         # for an open and never used (``OpenFile.unused_copy_up``): release compares ctimes.
-        self._backed_fh[fh] = (node.id, st.st_ctime_ns if h.unused_copy_up is not None else None)  # type: ignore[union-attr]
+        ctime = os.fstat(fd).st_ctime_ns if h.unused_copy_up is not None else None  # type: ignore[union-attr]
+        self._backed_fh[fh] = (node.id, ctime)
         return p.FOPEN_PASSTHROUGH | p.FOPEN_NOFLUSH, bound.backing_id
 
     def _register(self, node: Node, fd: int) -> int:
@@ -333,19 +339,14 @@ class Ops:
         return p.OPEN_OUT.pack(fh, flags, backing_id)
 
     def open_now(self, req: Request) -> bytes:
-        """OPEN without a task when it cannot copy up (read-only, no O_TRUNC: the kernel's
-        ovl_open_need_copy_up is false and ``Overlay.open`` never awaits)."""
+        """OPEN without a task when it cannot copy up (read-only, or an object already in
+        the upper layer) and truncates nothing (O_TRUNC of a large file may take a while):
+        ``Overlay.open_now`` never blocks on anything but the open itself."""
         flags, _open_flags = p.OPEN_IN.unpack_from(req.body)
-        if (flags & os.O_ACCMODE) != os.O_RDONLY or flags & os.O_TRUNC:
-            raise NeedsTask
         node = self._node(req.nodeid)
-        coro = self.ov.open(node, flags, self.caller(req))
-        try:
-            coro.send(None)
-        except StopIteration as done:
-            return self._open_out(node, done.value)
-        coro.close()
-        raise RuntimeError("a read-only open awaited")
+        if flags & os.O_TRUNC or self.ov.open_copies_up(node, flags):
+            raise NeedsTask
+        return self._open_out(node, self.ov.open_now(node, flags))
 
     async def open(self, req: Request) -> bytes:
         flags, _open_flags = p.OPEN_IN.unpack_from(req.body)
@@ -413,8 +414,9 @@ class Ops:
 
     def write(self, req: Request) -> bytes:
         fh, off, size, *_ = p.WRITE_IN.unpack_from(req.body)
+        # the request's own buffer (not copied: written before the next request is read)
         data = req.body[p.WRITE_IN.size : p.WRITE_IN.size + size]
-        return p.WRITE_OUT.pack(self.writes.write(fh, off, bytes(data)), 0)
+        return p.WRITE_OUT.pack(self.writes.write(fh, off, data), 0)
 
     async def fsync(self, req: Request) -> bytes:
         fh, fsync_flags, _pad = p.FSYNC_IN.unpack_from(req.body)

@@ -85,7 +85,7 @@ class NodeBacking:
     """The backing file the kernel binds to one FUSE inode while it has passthrough files."""
 
     backing_id: int
-    obj: tuple[int, int]  # (st_dev, st_ino) of the real file registered
+    obj: int  # the index of the layer of the real file registered (ops.Ops._opened)
     opens: int = 0
 
 

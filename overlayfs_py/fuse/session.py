@@ -57,6 +57,10 @@ _TRACED = frozenset(
     + (p.SETATTR, p.SETXATTR, p.REMOVEXATTR, p.TMPFILE, p.FALLOCATE, p.COPY_FILE_RANGE)
 )
 
+#: the same, for handlers that run inline: an OPEN served inline copies nothing up and
+#: records nothing (one that may copy up is served in a task, which records its process)
+_TRACED_INLINE = _TRACED - {p.OPEN}
+
 #: answered ENOSYS on purpose: the kernel then stops sending them (fc->no_flush, ...)
 _NOT_NEEDED = frozenset((p.FLUSH, p.FSYNCDIR))
 
@@ -251,7 +255,7 @@ class Session:
         handler = ops.sync.get(opcode)
         if handler is not None:
             req = Request(opcode, unique, nodeid, uid, gid, pid, body)
-            token = trace.request(pid, uid, gid) if opcode in _TRACED else None
+            token = trace.request(pid, uid, gid) if opcode in _TRACED_INLINE else None
             try:
                 payload = handler(req)
             except NeedsTask:
@@ -259,14 +263,12 @@ class Session:
                 if self._nursery is not None:
                     req.body = memoryview(bytes(body))
                     self._spawn(task, req)
-                    self._spawned = True
                 return True
             except BaseException as exc:
                 err = self._errno(exc, opcode)
                 if opcode == p.LOOKUP and err in (errno.EMFILE, errno.ENFILE) and self._nursery is not None:
                     req.body = memoryview(bytes(body))
                     self._spawn(ops.lookup_waiting, req)
-                    self._spawned = True
                 else:
                     self.reply_error(unique, err)
                 return True
@@ -277,9 +279,7 @@ class Session:
             return True
         ahandler = ops.asyncs.get(opcode)
         if ahandler is not None and self._nursery is not None:
-            req = Request(opcode, unique, nodeid, uid, gid, pid, memoryview(bytes(body)))
-            self._spawn(ahandler, req)
-            self._spawned = True
+            self._spawn(ahandler, Request(opcode, unique, nodeid, uid, gid, pid, memoryview(bytes(body))))
             return True
         if opcode == p.FORGET:
             (nlookup,) = p.FORGET_IN.unpack_from(body)
@@ -303,12 +303,12 @@ class Session:
         return True
 
     def _spawn(self, handler: object, req: Request) -> None:
-        """Start answering *req* in a task of its own. Counted from now, not from when the
-        task first runs: the loop must not block in poll(2) while a started task waits
-        for its first turn (its reply is what the caller, and so the next request, waits
-        for)."""
+        """Answer *req* in a task of its own. It counts as running from now on: trio may
+        resume the loop before the task's first step, and the loop must not then sit in
+        poll(2) (``IDLE_POLL_MS``) while the kernel waits for this very reply."""
         assert self._nursery is not None
         self._tasks += 1
+        self._spawned = True
         self._nursery.start_soon(self._run_async, handler, req)
 
     async def _run_async(self, handler: object, req: Request) -> None:
