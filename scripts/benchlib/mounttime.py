@@ -78,6 +78,8 @@ class Target:
 
 
 def available(name: str) -> str | None:
+    if name == "kernel" and os.geteuid() != 0:
+        return "needs root (a rootless run: --as-user)"
     if name == "fuse-overlayfs" and not shutil.which("fuse-overlayfs"):
         return "fuse-overlayfs is not installed"
     if name.startswith("pyoverlay") and not os.path.exists("/dev/fuse"):
