@@ -355,20 +355,7 @@ class Operations(pyfuse3.Operations):
     async def readdir(self, fh: FileHandleT, start_id: int, token: ReaddirToken) -> None:
         self.budget.check()  # READDIRPLUS makes a node per entry
         with self._errors("readdir"):
-            entries = self.ov.readdir(fh, start_id)
-            replied = False
-            while True:
-                try:
-                    index, entry = next(entries)
-                except StopIteration:
-                    return
-                except OSError as exc:
-                    # Out of fds for new nodes mid-listing: end this reply here (the kernel
-                    # asks again from the next offset); an error only if nothing was given.
-                    if replied and exc.errno in (errno.EMFILE, errno.ENFILE):
-                        return
-                    raise
-                replied = True
+            for index, entry in self.ov.listing(fh, start_id):
                 attrs = self._attrs(entry.node, entry.st, entry.ino, entry.nlink)
                 if not pyfuse3.readdir_reply(token, entry.name, attrs, index + 1):
                     if entry.node is not None:

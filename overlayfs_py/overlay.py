@@ -426,6 +426,24 @@ class Overlay:
         h.real = not filter_wo
         return [(b".", node.layer), (b"..", node.layer)] + self.stack.list_merged(node.layer_dirs(), filter_wo)
 
+    def listing(self, fh: int, start: int):
+        """``readdir`` for one reply: out of fds for new nodes mid-listing (EMFILE/ENFILE)
+        ends the reply where it is, and the kernel asks again from the next offset; an
+        error only when nothing was given yet. Both engines answer READDIR from this."""
+        entries = self.readdir(fh, start)
+        given = False
+        while True:
+            try:
+                item = next(entries)
+            except StopIteration:
+                return
+            except OSError as exc:
+                if given and exc.errno in (errno.EMFILE, errno.ENFILE):
+                    return
+                raise
+            given = True
+            yield item
+
     def readdir(self, fh: int, start: int):
         """Yield ``(index, Entry)`` from position *start*; the listing is taken at start 0
         (from the listing cache while nothing changed, else merged anew)."""

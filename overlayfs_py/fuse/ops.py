@@ -467,20 +467,9 @@ class Ops:
         fh, off, size, *_ = p.READ_IN.unpack_from(req.body)
         if plus:
             self.budget.check()  # READDIRPLUS makes a node per entry
-        entries = self.ov.readdir(fh, off)
         out: list[bytes] = []
         used = 0
-        while True:
-            try:
-                index, entry = next(entries)
-            except StopIteration:
-                break
-            except OSError as exc:
-                # Out of fds for new nodes mid-listing: end this reply here (the kernel
-                # asks again from the next offset); an error only if nothing was given.
-                if out and exc.errno in (errno.EMFILE, errno.ENFILE):
-                    break
-                raise
+        for index, entry in self.ov.listing(fh, off):
             typ = stat.S_IFMT(entry.st.st_mode) >> 12
             if plus:
                 node = entry.node
