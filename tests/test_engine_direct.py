@@ -182,15 +182,21 @@ def test_engine_option_default_and_unknown(tmp_path, monkeypatch):
 # --- on a real mount ------------------------------------------------------------------------
 
 
+def _layers(tmp_path, data: bytes):
+    """lower/upper/workdir/mountpoint, the lower holding ``f`` (*data*, ``user.k=v``)."""
+    lo, up, wd, mnt = (tmp_path / n for n in ("lo", "up", "wd", "mnt"))
+    for d in (lo, up, wd, mnt):
+        d.mkdir()
+    (lo / "f").write_bytes(data)
+    os.setxattr(lo / "f", "user.k", b"v")
+    return lo, up, wd, mnt
+
+
 @pytest.mark.kernel
 @pytest.mark.fuse
 def test_direct_mount_serves_and_unmounts(tmp_path, monkeypatch):
     monkeypatch.setenv(mounts.ENGINE_ENV, "direct")
-    lo, up, wd, mnt = (tmp_path / n for n in ("lo", "up", "wd", "mnt"))
-    for d in (lo, up, wd, mnt):
-        d.mkdir()
-    (lo / "f").write_bytes(b"lower\n")
-    os.setxattr(lo / "f", "user.k", b"v")
+    lo, up, wd, mnt = _layers(tmp_path, b"lower\n")
     with mounts.PyoverlayMount([lo], mnt, up, wd, log_path=tmp_path / "log") as m:
         row = mounts.mount_entry(mnt)
         assert row is not None and row.fstype == "fuse.pyoverlay"
@@ -214,11 +220,7 @@ def test_direct_mount_serves_and_unmounts(tmp_path, monkeypatch):
 @pytest.mark.fuse
 def test_setxattr_create_and_replace_flags(tmp_path, monkeypatch):
     monkeypatch.setenv(mounts.ENGINE_ENV, "direct")
-    lo, up, wd, mnt = (tmp_path / n for n in ("lo", "up", "wd", "mnt"))
-    for d in (lo, up, wd, mnt):
-        d.mkdir()
-    (lo / "f").write_bytes(b"x")
-    os.setxattr(lo / "f", "user.k", b"v")
+    lo, up, wd, mnt = _layers(tmp_path, b"x")
     with mounts.PyoverlayMount([lo], mnt, up, wd, log_path=tmp_path / "log") as m:
         f = m.path / "f"
         with pytest.raises(OSError) as ei:

@@ -54,6 +54,14 @@ def _copying(work, pid) -> bool:
     return False
 
 
+def _other_requests_complete(mnt):
+    """A lookup, a read, a readdir and a create+write through *mnt* (the test's stack)."""
+    assert os.stat(mnt / "d" / "small").st_size == 11
+    assert (mnt / "d" / "small").read_bytes() == b"small file\n"
+    assert sorted(os.listdir(mnt / "d")) == ["small"]
+    (mnt / "new").write_bytes(b"written meanwhile\n")
+
+
 def test_large_copy_up_does_not_stall_other_requests(tmp_path):
     """While a 512 MiB copy-up is in progress (its temp object sits in work/), other
     processes' lookups, reads, readdirs and writes through the same mount complete."""
@@ -79,11 +87,7 @@ def test_large_copy_up_does_not_stall_other_requests(tmp_path):
             while not _copying(work, pid) and not done.is_set():
                 pass
             assert not done.is_set(), "the copy-up finished before it could be observed"
-            # other requests, from this process, while the copy-up runs
-            assert os.stat(mnt / "d" / "small").st_size == 11
-            assert (mnt / "d" / "small").read_bytes() == b"small file\n"
-            assert sorted(os.listdir(mnt / "d")) == ["small"]
-            (mnt / "new").write_bytes(b"written meanwhile\n")
+            _other_requests_complete(mnt)  # from this process, while the copy-up runs
             still_copying = _copying(work, pid) and not done.is_set()
         finally:
             t.join()
@@ -168,10 +172,7 @@ def test_fsync_does_not_stall_other_requests(tmp_path):
             while not _server_syncing(pid) and not done.is_set():
                 pass
             assert not done.is_set(), "the fsync finished before it could be observed"
-            assert os.stat(mnt / "d" / "small").st_size == 11
-            assert (mnt / "d" / "small").read_bytes() == b"small file\n"
-            assert sorted(os.listdir(mnt / "d")) == ["small"]
-            (mnt / "new").write_bytes(b"written meanwhile\n")
+            _other_requests_complete(mnt)
             still_syncing = _server_syncing(pid) and not done.is_set()
         finally:
             t.join()
