@@ -243,7 +243,7 @@ class Operations(pyfuse3.Operations):
     ) -> tuple[FileInfo, EntryAttributes]:
         log.debug("create %d %r %o", parent_inode, name, mode)
         with self._errors("create", ctx):
-            node, st, fh = await self.writes.create(self._node(parent_inode), name, mode, flags, _caller(ctx))
+            node, st, fh = self.writes.create(self._node(parent_inode), name, mode, flags, _caller(ctx))
             return FileInfo(fh=fh, keep_cache=True), self._entry(node, st)
 
     async def mkdir(self, parent_inode: InodeT, name: FileNameT, mode: ModeT, ctx: RequestContext) -> EntryAttributes:

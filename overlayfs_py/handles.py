@@ -36,14 +36,38 @@ def open_real(node: Node, flags: int) -> int:
         return _sys.reopen(node.fd, flags)
 
 
-@dataclass(eq=False)
 class OpenFile:
-    fd: int
-    node: Node
-    flags: int
-    # (who opened it, size) while a copy-up made for this open has not been used:
-    # cleared by a write or truncate; still set at release -> a copy_up_unused event
-    unused_copy_up: tuple[Request | None, int] | None = None
+    """An open regular file: its real fd (*fd* -1: opened on first use, for an open the
+    kernel serves through a passthrough backing file already bound to the node, where the
+    server may never need one), the node and the open flags."""
+
+    __slots__ = ("_fd", "node", "flags", "unused_copy_up")
+
+    def __init__(
+        self, fd: int, node: Node, flags: int, unused_copy_up: tuple[Request | None, int] | None = None
+    ) -> None:
+        self._fd = fd
+        self.node = node
+        self.flags = flags
+        # (who opened it, size) while a copy-up made for this open has not been used:
+        # cleared by a write or truncate; still set at release -> a copy_up_unused event
+        self.unused_copy_up = unused_copy_up
+
+    @property
+    def fd(self) -> int:
+        """The real fd, opened now if it was not yet (the node's object as it is now)."""
+        if self._fd < 0:
+            self._fd = open_real(self.node, self.flags & OPEN_PASS & ~os.O_TRUNC)
+        return self._fd
+
+    @property
+    def opened(self) -> bool:
+        return self._fd >= 0
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            fd, self._fd = self._fd, -1
+            os.close(fd)
 
 
 @dataclass(eq=False)
@@ -97,6 +121,8 @@ class HandleTable:
         if node.is_dir:
             return
         for h in self.files_of(node):
+            if not h.opened:  # opened on first use: it will open the upper object then
+                continue
             try:
                 fd = open_real(node, h.flags & OPEN_PASS & ~os.O_TRUNC)
             except OSError:
@@ -112,4 +138,4 @@ class HandleTable:
             h = self.pop(fh)
             if isinstance(h, OpenFile):
                 with contextlib.suppress(OSError):
-                    os.close(h.fd)
+                    h.close()

@@ -76,6 +76,13 @@ class DirFdCache:
             os.close(old)
         return fd
 
+    def forget_one(self, layer: Layer, relpath: bytes) -> None:
+        """Drop the cached fd for *relpath* alone (a new object took a name that held none:
+        nothing below it can be cached). O(1), where ``forget`` scans the whole cache."""
+        fd = self._fds.pop((layer.index, relpath), None)
+        if fd is not None:
+            os.close(fd)
+
     def forget(self, layer: Layer, relpath: bytes) -> None:
         """Drop cached fds for *relpath* and everything below it (after a rename/rmdir in *layer*)."""
         prefix = relpath + b"/"

@@ -375,14 +375,17 @@ class Overlay:
             h.unused_copy_up = (trace.current(), os.fstat(fd).st_size)
         return self.handles.add(h)
 
-    def open_now(self, node: Node, flags: int) -> int:
+    def open_now(self, node: Node, flags: int, lazy: bool = False) -> int:
         """``open`` when it needs no copy-up (read-only and no O_TRUNC, or a special file,
-        or an object already upper): never awaits, so an engine calls it inline."""
+        or an object already upper): never awaits, so an engine calls it inline. *lazy*:
+        the real file is opened on first use only (an engine whose kernel reads and writes
+        a backing file itself may never need it)."""
         if node.is_dir:
             raise OSError(errno.EISDIR, "is a directory")
         if self._copyup is None and self._open_writes(node, flags):
             raise OSError(errno.EROFS, "read-only overlay")
-        return self.handles.add(OpenFile(open_real(node, flags & OPEN_PASS), node, flags))
+        fd = -1 if lazy and not flags & os.O_TRUNC else open_real(node, flags & OPEN_PASS)
+        return self.handles.add(OpenFile(fd, node, flags))
 
     def read(self, fh: int, offset: int, size: int) -> bytes:
         h = self.handles[fh]
@@ -403,7 +406,7 @@ class Overlay:
     def release(self, fh: int) -> None:
         h = self.handles.pop(fh)
         if isinstance(h, OpenFile):
-            os.close(h.fd)
+            h.close()
             if h.unused_copy_up is not None:  # opened for write, closed unchanged
                 who, size = h.unused_copy_up
                 self.trace.emit("copy_up_unused", who=who, path=display(h.node.relpath()), bytes=size)

@@ -125,6 +125,7 @@ class Tracer:
         self.seq = 0
         self.dropped = 0
         self.closed = False
+        self.pending = False  # events queued since the sink last emptied the queue
 
     def emit(self, event: str, who: Request | None = None, **fields) -> None:
         """Queue one event; *who* overrides the current request's process."""
@@ -148,6 +149,7 @@ class Tracer:
             rec.update(pid=None, comm=None, uid=None, gid=None, container=None, cpid=None)
         try:
             self.send.send_nowait(rec)
+            self.pending = True
         except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
             self.dropped += 1
 

@@ -118,7 +118,13 @@ class _Reader:
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             async with self.receive:
                 async for line in self.receive:
-                    await self.stream.send_all(line)
+                    lines = [line]  # and all queued behind it: one send per turn
+                    while True:
+                        try:
+                            lines.append(self.receive.receive_nowait())
+                        except (trio.WouldBlock, trio.EndOfChannel):
+                            break
+                    await self.stream.send_all(b"".join(lines))
         with contextlib.suppress(Exception):
             await self.stream.aclose()
 
@@ -155,6 +161,7 @@ class TraceSink:
                 async with self.tracer.receive:
                     async for rec in self.tracer.receive:
                         out = self._deliver(rec, out)
+                        out = self._drain(out)  # all that is queued, in this one turn
                 end = {
                     "v": SCHEMA_VERSION,
                     "event": "end",
@@ -180,6 +187,17 @@ class TraceSink:
             if self.socket_path:
                 with contextlib.suppress(OSError):
                     os.unlink(self.socket_path)
+
+    def _drain(self, out):
+        """Deliver every event queued now without waiting: an engine that serves requests
+        inline gives the sink one turn now and then, and each turn must empty the queue."""
+        while True:
+            try:
+                rec = self.tracer.receive.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel):
+                self.tracer.pending = False
+                return out
+            out = self._deliver(rec, out)
 
     def _deliver(self, rec: dict, out, to_readers: bool = True):
         line = (json.dumps(rec, separators=(",", ":")) + "\n").encode()

@@ -191,16 +191,18 @@ class WritePath:
             make(pfd, name)
             if owner is not None:
                 self._chown_keep_mode(pfd, name, *owner, made() if made is not None else None)
-        self.stack.dirfds.forget(copy.upper, _child(parent, name))
+        self.stack.dirfds.forget_one(copy.upper, _child(parent, name))
         node, st = self.view.made(parent, name, copy.upper, pfd)
         self.trace.emit("create", path=path, kind="link" if caller is None else _kind(st.st_mode))
         return node, st
 
     # --- namespace ----------------------------------------------------------------------------
 
-    async def create(
+    def create(
         self, parent: Node, name: bytes, mode: int, flags: int, caller: Caller
     ) -> tuple[Node, os.stat_result, int]:
+        """A new regular file, open with *flags* (only the parent chain may be copied up:
+        directories, no data, so nothing here waits)."""
         box: dict[str, int] = {}
 
         def make(dfd: int, n: bytes) -> None:
@@ -420,11 +422,22 @@ class WritePath:
 
     # --- attributes and data ------------------------------------------------------------------
 
+    def setattr_waits(self, node: Node, changes: dict[str, Any]) -> bool:
+        """Whether ``setattr`` of *changes* may wait (a copy-up of file data, a truncation):
+        an engine then serves it in a task; otherwise ``setattr_now`` answers at once."""
+        return "size" in changes or not node.layer.is_upper
+
     async def setattr(self, node: Node, changes: dict[str, Any], fh: int | None) -> os.stat_result:
         """Every change goes to the node's own object through its fd: an object renamed
         over or unlinked while open is changed itself (the kernel's overlay does the
         same), never what its name leads to now, and a symlink is never followed."""
         await self.copy.copy_up(node, _setattr_reason(changes))
+        return self.setattr_now(node, changes, fh)
+
+    def setattr_now(self, node: Node, changes: dict[str, Any], fh: int | None) -> os.stat_result:
+        """``setattr`` of a node already in the upper layer (after its copy-up)."""
+        if not node.layer.is_upper:
+            raise OSError(errno.EIO, "setattr_now of an object not copied up")
         fd = node.fd
         if fd < 0:
             raise OSError(errno.EBADF, "no upper object")

@@ -50,7 +50,7 @@ def _open(core: Core, name: str, flags: int) -> int:
 
 
 def _create(core: Core, name: str) -> int:
-    _n, _st, fh = trio.run(core.writes.create, core.view.inodes.root, name.encode(), 0o644, os.O_RDWR, CALLER)
+    _n, _st, fh = core.writes.create(core.view.inodes.root, name.encode(), 0o644, os.O_RDWR, CALLER)
     return fh
 
 

@@ -85,7 +85,7 @@ class Mount:
 
     def create(self, path: str, data: bytes = b"") -> None:
         p, n = self.split(path)
-        _node, _st, fh = trio.run(self.w.create, p, n, 0o644, os.O_WRONLY | os.O_CREAT | os.O_EXCL, CALLER)
+        _node, _st, fh = self.w.create(p, n, 0o644, os.O_WRONLY | os.O_CREAT | os.O_EXCL, CALLER)
         try:
             self.w.write(fh, 0, data)
         finally:

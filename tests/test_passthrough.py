@@ -66,6 +66,7 @@ def _layers():
         "ren": F(b"rename me\n", mtime_ns=T0),
         "ro": F(b"read only first\n", mtime_ns=T0),
         "rocache": F(b"cached before the copy-up\n", mtime_ns=T0),
+        "lazy": BIG(3 * 4096, seed=3, mtime_ns=T0),
     }
     return [l1, l2]
 
@@ -212,6 +213,24 @@ def _data_ops(m: Path, rec) -> None:
                 os.close(fd)
         finally:
             os.close(ro)
+
+    def reopened():
+        # the second open of each finds the node's backing file bound already: the server
+        # opens its own real file only when a request needs it (lseek, fsync, fallocate)
+        out = []
+        for flags in (os.O_RDONLY, os.O_RDONLY, os.O_RDWR, os.O_RDWR):
+            fd = os.open(m / "lazy", flags)
+            try:
+                out += [os.lseek(fd, 0, os.SEEK_HOLE), os.lseek(fd, 4096, os.SEEK_DATA), os.pread(fd, 8, 4096)]
+                os.fsync(fd)
+                if flags == os.O_RDWR:
+                    os.posix_fallocate(fd, 0, 5 * 4096)
+                    out += [os.fstat(fd).st_size, os.lseek(fd, 0, os.SEEK_HOLE)]
+            finally:
+                os.close(fd)
+        return out
+
+    rec.do("reopened: lseek, fsync, fallocate", reopened)
 
     rec.do("ro fd, then a writer", ro_before_copy_up)
     rec.do("after the writer", lambda: (m / "ro").read_bytes())

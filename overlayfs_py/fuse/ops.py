@@ -71,11 +71,32 @@ def _two_names(body: memoryview, start: int = 0) -> tuple[bytes, bytes]:
 _NEGATIVE_ENTRY = p.ENTRY_OUT.pack(0, 0, TIMEOUT, 0, 0, 0, *([0] * 16))
 
 #: backing files kept registered for nodes with no open file (least recently used closed first)
-IDLE_BACKINGS = 8192
+IDLE_BACKINGS = 65536
 
 #: a plain open: the kernel keeps cached pages across opens (pyoverlay owns every change of
 #: the upper layer) and sends no FLUSH
 PLAIN_OPEN = p.FOPEN_KEEP_CACHE | p.FOPEN_NOFLUSH
+
+
+def _setattr_changes(body: memoryview) -> tuple[dict[str, int], int | None]:
+    """SETATTR's changes (``WritePath.setattr``'s spelling) and the file handle it names."""
+    (valid, _pad, fh, size, _lo, atime, mtime, _ct, atimensec, mtimensec, _ctn, mode, _u4, uid, gid, _u5) = (
+        p.SETATTR_IN.unpack_from(body)
+    )
+    changes: dict[str, int] = {}
+    if valid & p.FATTR_SIZE:
+        changes["size"] = size
+    if valid & p.FATTR_MODE:
+        changes["mode"] = mode
+    if valid & p.FATTR_UID:
+        changes["uid"] = uid
+    if valid & p.FATTR_GID:
+        changes["gid"] = gid
+    if valid & p.FATTR_ATIME:  # with ATIME_NOW too: the kernel filled in its time
+        changes["atime_ns"] = atime * 1_000_000_000 + atimensec
+    if valid & p.FATTR_MTIME:
+        changes["mtime_ns"] = mtime * 1_000_000_000 + mtimensec
+    return changes, (fh if valid & p.FATTR_FH else None)
 
 
 class Ops:
@@ -113,6 +134,8 @@ class Ops:
             p.UNLINK: self.unlink,
             p.RMDIR: self.rmdir,
             p.OPEN: self.open_now,
+            p.CREATE: self.create,
+            p.SETATTR: self.setattr_now,
             p.LSEEK: self.lseek,
             p.TMPFILE: self.tmpfile,
             p.FALLOCATE: self.fallocate_now,
@@ -120,7 +143,6 @@ class Ops:
         }
         self.asyncs: dict[int, Callable[[Request], Awaitable[bytes]]] = {
             p.OPEN: self.open,
-            p.CREATE: self.create,
             p.LINK: self.link,
             p.RENAME: self.rename,
             p.RENAME2: self.rename2,
@@ -235,26 +257,19 @@ class Ops:
     def access(self, req: Request) -> bytes:
         return b""  # the kernel checks permissions (default_permissions); else allowed
 
-    async def setattr(self, req: Request) -> bytes:
-        (valid, _pad, fh, size, _lo, atime, mtime, _ct, atimensec, mtimensec, _ctn, mode, _u4, uid, gid, _u5) = (
-            p.SETATTR_IN.unpack_from(req.body)
-        )
-        changes: dict[str, int] = {}
-        if valid & p.FATTR_SIZE:
-            changes["size"] = size
-        if valid & p.FATTR_MODE:
-            changes["mode"] = mode
-        if valid & p.FATTR_UID:
-            changes["uid"] = uid
-        if valid & p.FATTR_GID:
-            changes["gid"] = gid
-        if valid & p.FATTR_ATIME:  # with ATIME_NOW too: the kernel filled in its time
-            changes["atime_ns"] = atime * 1_000_000_000 + atimensec
-        if valid & p.FATTR_MTIME:
-            changes["mtime_ns"] = mtime * 1_000_000_000 + mtimensec
+    def setattr_now(self, req: Request) -> bytes:
+        """SETATTR without a task when nothing in it can wait: a node already in the upper
+        layer, no truncation (``WritePath.setattr_waits``)."""
         node = self._node(req.nodeid)
-        st = await self.writes.setattr(node, changes, fh if valid & p.FATTR_FH else None)
-        return self._node_attr_out(node, st)
+        changes, fh = _setattr_changes(req.body)
+        if self.writes.setattr_waits(node, changes):
+            raise NeedsTask
+        return self._node_attr_out(node, self.writes.setattr_now(node, changes, fh))
+
+    async def setattr(self, req: Request) -> bytes:
+        node = self._node(req.nodeid)
+        changes, fh = _setattr_changes(req.body)
+        return self._node_attr_out(node, await self.writes.setattr(node, changes, fh))
 
     # --- files --------------------------------------------------------------------------
 
@@ -265,7 +280,6 @@ class Ops:
         if not (pt.active or self._backing) or not stat.S_ISREG(node.mode):
             return PLAIN_OPEN, 0
         h = self.ov.handles[fh]
-        fd = h.fd  # type: ignore[union-attr]
         # The real object a node serves changes only in a copy-up, which moves the node to
         # the upper layer: its layer tells (no fstat needed; its key does not: an unlinked
         # or renamed-over node loses its key and keeps its object).
@@ -280,7 +294,7 @@ class Ops:
             if not pt.active:  # refused since (a layer on a stacked filesystem): plain opens
                 return PLAIN_OPEN, 0
             try:
-                backing_id = self._register(node, fd)
+                backing_id = self._register(node, h.fd)  # type: ignore[union-attr]
             except OSError as exc:  # a plain open (Passthrough.register logs a refusal)
                 log.debug("no passthrough for %r: %s", node, exc.strerror)
                 return PLAIN_OPEN, 0
@@ -297,7 +311,7 @@ class Ops:
         bound.opens += 1
         # Writes through passthrough never reach the core, which watches for copy-ups made
         # for an open and never used (``OpenFile.unused_copy_up``): release compares ctimes.
-        ctime = os.fstat(fd).st_ctime_ns if h.unused_copy_up is not None else None  # type: ignore[union-attr]
+        ctime = os.fstat(h.fd).st_ctime_ns if h.unused_copy_up is not None else None  # type: ignore[union-attr]
         self._backed_fh[fh] = (node.id, ctime)
         return p.FOPEN_PASSTHROUGH | p.FOPEN_NOFLUSH, bound.backing_id
 
@@ -346,7 +360,14 @@ class Ops:
         node = self._node(req.nodeid)
         if flags & os.O_TRUNC or self.ov.open_copies_up(node, flags):
             raise NeedsTask
-        return self._open_out(node, self.ov.open_now(node, flags))
+        return self._open_out(node, self.ov.open_now(node, flags, lazy=self._backed_now(node)))
+
+    def _backed_now(self, node: Node) -> bool:
+        """Whether an open of *node* will be served by the backing file already bound to
+        it (``_opened``): then the server needs no real fd of its own for it (reads and
+        writes never reach it), and opens one only if another request asks."""
+        bound = self._backing.get(node.id)
+        return bound is not None and bound.obj == node.layer.index and self.passthrough.active
 
     async def open(self, req: Request) -> bytes:
         flags, _open_flags = p.OPEN_IN.unpack_from(req.body)
@@ -354,10 +375,10 @@ class Ops:
         fh = await self.ov.open(node, flags, self.caller(req))
         return self._open_out(node, fh)
 
-    async def create(self, req: Request) -> bytes:
+    def create(self, req: Request) -> bytes:
         flags, mode, umask, _open_flags = p.CREATE_IN.unpack_from(req.body)
         name = _name(req.body, p.CREATE_IN.size)
-        node, st, fh = await self.writes.create(self._node(req.nodeid), name, mode, flags, self.caller(req, umask))
+        node, st, fh = self.writes.create(self._node(req.nodeid), name, mode, flags, self.caller(req, umask))
         opened = self._open_out(node, fh)
         return self._new_entry(node, st) + opened
 

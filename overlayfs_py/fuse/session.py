@@ -233,7 +233,8 @@ class Session:
                     self._ended("destroy")  # the kernel tears the superblock down
                     break
                 served += 1
-                if self._spawned or served % 32 == 0:  # let started tasks run under load too
+                # let started tasks and the trace sink (events queued) run under load too
+                if self._spawned or self.tracer.pending or served % 32 == 0:
                     self._spawned = False
                     await trio.lowlevel.checkpoint()
             nursery.cancel_scope.cancel()
