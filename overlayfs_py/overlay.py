@@ -204,19 +204,23 @@ class Overlay:
             raise OSError(errno.ENOENT, "no such entry")
         return self._node_for(parent, name, hits), hits[0].st
 
-    def made(self, parent: Node, name: bytes, layer: Layer, pfd: int) -> tuple[Node, os.stat_result]:
+    def made(self, parent: Node, name: bytes, layer: Layer, pfd: int, new: bool = False) -> tuple[Node, os.stat_result]:
         """``lookup`` of an object the write path has just made at *name* in *layer*'s
         directory *pfd* of *parent* (the upper one): a lookup would find it there and look
         no further (a non-directory ends the walk; a new directory has nothing below it: its
         name was free in the merged view, or it replaced a whiteout and was made opaque),
-        so the layers below are not asked again."""
+        so the layers below are not asked again. *new*: a new object (not a new name of
+        one): it has no origin record, so it reports its own st_ino."""
         st = _sys.lstat_at(pfd, name)
         ppath = parent.path_in(layer)
-        return self._node_for(parent, name, [Hit(layer, st, ppath + b"/" + name if ppath else name)]), st
+        hit = Hit(layer, st, ppath + b"/" + name if ppath else name)
+        return self._node_for(parent, name, [hit], ino=st.st_ino if new else None), st
 
-    def _node_for(self, parent: Node, name: bytes, hits: list[Hit], prel: bytes | None = None) -> Node:
+    def _node_for(
+        self, parent: Node, name: bytes, hits: list[Hit], prel: bytes | None = None, ino: int | None = None
+    ) -> Node:
         """The node for *name* in *parent* found as *hits*; *prel*: the parent's relpath, if
-        the caller has it."""
+        the caller has it; *ino*: the st_ino it reports, if the caller knows it."""
         top = hits[0]
         mode = top.st.st_mode
         is_dir = stat.S_ISDIR(mode)
@@ -232,7 +236,8 @@ class Overlay:
             existing.mode = mode
             return existing
         key = None
-        ino = self._st_ino(parent, name, hits)
+        if ino is None:
+            ino = self._st_ino(parent, name, hits)
         if not is_dir and (top.layer.is_upper or self.stack.upper is None):
             key = ("real", top.st.st_dev, top.st.st_ino)
             shared = self.inodes.by_key(key)

@@ -192,7 +192,7 @@ class WritePath:
             if owner is not None:
                 self._chown_keep_mode(pfd, name, *owner, made() if made is not None else None)
         self.stack.dirfds.forget_one(copy.upper, _child(parent, name))
-        node, st = self.view.made(parent, name, copy.upper, pfd)
+        node, st = self.view.made(parent, name, copy.upper, pfd, new=caller is not None)
         self.trace.emit("create", path=path, kind="link" if caller is None else _kind(st.st_mode))
         return node, st
 
