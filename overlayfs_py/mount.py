@@ -144,8 +144,8 @@ def build_overlay(
             raise ValueError("a read-write mount needs its prepared workdir")
         work = wd.work()
 
-        def copied_up(node: Node) -> None:
-            listings.copied_up(node)  # the name is served by upper now
+        def copied_up(node: Node, ino_changed: bool) -> None:
+            listings.copied_up(node, ino_changed)  # the name is served by upper now
             handles.follow_copy_up(node)  # files open on the lower object read the upper one
 
         copyup = CopyUp(
