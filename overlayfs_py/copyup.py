@@ -19,8 +19,9 @@ This module is the only writer of ``Node.layer`` / ``Node.dirs`` after lookup, a
 copied-up node's fd to its upper object. ``CopyUp`` receives everything it uses in its
 constructor: the layer stack, the inode table, the ``Work`` of ``work/``, the tracer, the
 mount's ``Owners``, and two callbacks: ``on_copied_up(node, ino_changed)`` (the listings
-and open files follow) and ``on_ino_changed(node id)`` (the st_ino a node reports changed: the engine
-drops the kernel's cached attributes). A read-only overlay has no ``CopyUp``:
+and open files follow) and ``on_attr_changed(node id)`` (attributes a node reports changed
+behind the kernel's back: a copied-up node's st_ino, its parent's size; the engine drops
+the kernel's cached attributes). A read-only overlay has no ``CopyUp``:
 :func:`writable` turns its absence into EROFS.
 """
 
@@ -109,7 +110,7 @@ class CopyUp:
         *,
         sync: bool = True,
         on_copied_up: Callable[[Node, bool], None] = _nothing2,
-        on_ino_changed: Callable[[int], None] = _nothing,
+        on_attr_changed: Callable[[int], None] = _nothing,
     ) -> None:
         if stack.upper is None:
             raise ValueError("a copy-up needs an upper layer")
@@ -125,7 +126,7 @@ class CopyUp:
         self.limiter = trio.CapacityLimiter(2)
         self.sync = sync  # False with -o volatile: copies are not fsync'ed (the kernel's ovl_should_sync)
         self.on_copied_up = on_copied_up  # (node, its st_ino changed) right after it became upper
-        self.on_ino_changed = on_ino_changed  # called with a node id whose st_ino changed
+        self.on_attr_changed = on_attr_changed  # a node id whose reported attributes changed
 
     async def copy_up(self, node: Node, reason: str) -> bool:
         """``ensure_upper`` for an existing object. A lower object no name leads to any more
@@ -350,6 +351,10 @@ class CopyUp:
         # A copy-up changes nothing in the merged view: give the parent its times back
         # (the kernel does the same: ovl_set_timestamps on the upper parent).
         _sys.futimens_fd(pfd, pst.st_atime_ns, pst.st_mtime_ns)
+        # The new entry may have grown the parent by a block: the kernel's cached size of it
+        # goes then (its ctime, which every link moves, is not refreshed: docs/semantics.md).
+        nst = os.fstat(pfd)
+        parent_grew = (nst.st_size, nst.st_blocks) != (pst.st_size, pst.st_blocks)
         old_layer = node.layer
         ino_changed = False
         node.layer = self.upper
@@ -365,7 +370,9 @@ class CopyUp:
         log.debug("copied up %r from %s", rel, old_layer.label)
         self._refresh_fd(node)
         if ino_changed:
-            self.on_ino_changed(node.id)
+            self.on_attr_changed(node.id)
+        if parent_grew and node.parent is not None:
+            self.on_attr_changed(node.parent.id)
         self.on_copied_up(node, ino_changed)
 
     def _refresh_fd(self, node: Node) -> None:

@@ -517,3 +517,34 @@ def test_a_small_copy_up_needs_no_await(tmp_path):
         assert stale == [root.id]  # its d_ino changed (a broken hard link)
     finally:
         core.destroy()
+
+
+def test_a_copy_up_that_grows_the_parent_drops_its_cached_attributes(tmp_path):
+    """The parent's times are put back after a copy-up, but a new entry can grow the upper
+    directory (ext4: by a block; tmpfs: with every entry): the engine then hears of the
+    parent (attr_changed), so a stat shows the size the kernel's overlay would."""
+    for d in ("l1", "upper"):
+        (tmp_path / d).mkdir()
+    names = [f"a-rather-long-file-name-to-fill-directory-blocks-{i:04d}" for i in range(150)]
+    _write(tmp_path / "l1", {f"d/{n}": b"x" for n in names})
+    changed: list[int] = []
+    core = build_core([tmp_path / "l1"], tmp_path / "upper", tmp_path / "wd", attr_changed=changed.append)
+    try:
+        m = Mount(core, tmp_path)
+        d = m.node("d")
+        grew = 0
+        for n in names:
+            f = m.node(f"d/{n}")
+            if d.layer.is_upper:
+                before = os.stat(tmp_path / "upper" / "d")
+            fh = m.ov.open_copying_now(f, os.O_WRONLY)
+            assert fh is not None
+            m.ov.release(fh)
+            after = os.stat(tmp_path / "upper" / "d")
+            if n != names[0] and (after.st_size, after.st_blocks) != (before.st_size, before.st_blocks):
+                grew += 1
+            assert after.st_mtime_ns == os.stat(tmp_path / "l1" / "d").st_mtime_ns
+        assert grew > 0  # 150 long names outgrow one 4 KiB block
+        assert changed.count(d.id) == grew
+    finally:
+        core.destroy()
