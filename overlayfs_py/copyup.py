@@ -7,18 +7,21 @@ kernel's ``ovl_copy_up_tmpfile``); a directory, symlink or special file under a
 temporary name in ``<workdir>/work``, renamed into place with RENAME_NOREPLACE (leftovers
 there are removed at the next mount). Every step after creating the temporary acts on an
 fd of it (mode, owner, xattrs, origin record, times), and everything read from the
-source comes from one O_PATH fd of the lower object opened without following symlinks:
-no name is looked up twice (workdir.py has the rules for ``work/``). Ancestors are
-copied up first. Large data is copied with ``copy_file_range`` in a worker thread so the
-trio loop keeps serving others, and concurrent openers of one file wait for a single
-copy-up (a per-node ``trio.Lock``).
+source comes from one O_PATH fd of the lower object opened without following symlinks
+(a regular file's reopened for reading through its magic link): no name is looked up
+twice (workdir.py has the rules for ``work/``). Ancestors are copied up first. Large data is copied with
+``copy_file_range`` in a worker thread so the trio loop keeps serving others, and
+concurrent openers of one file wait for a single copy-up (a per-node ``trio.Lock``);
+a small file that no task is copying up can be copied without awaiting at all
+(``copy_up_now``: an engine's inline open, no task and no lock).
 
 This module is the only writer of ``Node.layer`` / ``Node.dirs`` after lookup, and moves a
 copied-up node's fd to its upper object. ``CopyUp`` receives everything it uses in its
 constructor: the layer stack, the inode table, the ``Work`` of ``work/``, the tracer, the
-mount's ``Owners``, and two callbacks: ``on_copied_up(node)`` (the listings and open files
-follow) and ``on_ino_changed(node id)`` (the st_ino a node reports changed: the engine
-drops the kernel's cached attributes). A read-only overlay has no ``CopyUp``:
+mount's ``Owners``, and two callbacks: ``on_copied_up(node, ino_changed)`` (the listings
+and open files follow) and ``on_attr_changed(node id)`` (attributes a node reports changed
+behind the kernel's back: a copied-up node's st_ino, its parent's size; the engine drops
+the kernel's cached attributes). A read-only overlay has no ``CopyUp``:
 :func:`writable` turns its absence into EROFS.
 """
 
@@ -82,6 +85,10 @@ def _nothing(_arg: Any) -> None:
     return None
 
 
+def _nothing2(_arg: Any, _arg2: Any) -> None:
+    return None
+
+
 def writable(copyup: CopyUp | None) -> CopyUp:
     """The copy-up of a writable overlay; EROFS for a read-only one (no upper, ``-o ro``)."""
     if copyup is None:
@@ -102,8 +109,8 @@ class CopyUp:
         owners: Owners,
         *,
         sync: bool = True,
-        on_copied_up: Callable[[Node], None] = _nothing,
-        on_ino_changed: Callable[[int], None] = _nothing,
+        on_copied_up: Callable[[Node, bool], None] = _nothing2,
+        on_attr_changed: Callable[[int], None] = _nothing,
     ) -> None:
         if stack.upper is None:
             raise ValueError("a copy-up needs an upper layer")
@@ -118,8 +125,8 @@ class CopyUp:
         self.uuid = _sys.fs_uuid(stack.lowers[0].fd) if stack.lowers else None
         self.limiter = trio.CapacityLimiter(2)
         self.sync = sync  # False with -o volatile: copies are not fsync'ed (the kernel's ovl_should_sync)
-        self.on_copied_up = on_copied_up  # called with a node right after it became upper
-        self.on_ino_changed = on_ino_changed  # called with a node id whose st_ino changed
+        self.on_copied_up = on_copied_up  # (node, its st_ino changed) right after it became upper
+        self.on_attr_changed = on_attr_changed  # a node id whose reported attributes changed
 
     async def copy_up(self, node: Node, reason: str) -> bool:
         """``ensure_upper`` for an existing object. A lower object no name leads to any more
@@ -155,17 +162,49 @@ class CopyUp:
                 if node.is_dir:
                     self._traced(node, reason, self._copy_up_dir)
                 else:
-                    ev = self._traced_start(node, reason)
-                    try:
-                        await self._copy_up_nondir(node)
-                    except BaseException as exc:
-                        self._traced_end(ev, exc)
-                        raise
-                    self._traced_end(ev, None)
+                    await self._copy_up_nondir(node, reason)
                 return True
         finally:
             if not lock.locked() and lock.statistics().tasks_waiting == 0:
                 self._locks.pop(node.id, None)
+
+    def copy_up_now(self, node: Node, reason: str) -> bool | None:
+        """``copy_up`` without awaiting, for an engine's inline path: a regular file of at
+        most ``THREAD_THRESHOLD`` bytes that no task is copying up (its lock is free), with
+        its ancestors (``ensure_upper_dir_sync``). Nothing else runs meanwhile, so the lock
+        is not needed. None, having done nothing: it must go through ``copy_up`` (a larger
+        file, another kind of object, a copy-up of it in progress, a source that cannot be
+        opened: ``copy_up`` then fails and traces it)."""
+        if node.layer.is_upper:
+            return False
+        if node.id in self._locks or not stat.S_ISREG(node.mode):
+            return None
+        if not self.inodes.reachable(node):
+            raise OSError(errno.EEXIST, "the object's name was removed or replaced")
+        try:
+            sfd, st = self._open_source(node)
+        except OSError:
+            return None  # ``copy_up`` fails the same way, and traces it
+        if not stat.S_ISREG(st.st_mode) or st.st_size > THREAD_THRESHOLD:
+            os.close(sfd)
+            return None
+        try:
+            src = self._readable(sfd)
+        except OSError:
+            return None
+        try:
+            if node.parent is not None:
+                self.ensure_upper_dir_sync(node.parent, "parent")
+            ev = self._traced_start(node, reason, st)
+            try:
+                self._copy_up_file_now(node, src, st)
+            except BaseException as exc:
+                self._traced_end(ev, exc)
+                raise
+            self._traced_end(ev, None)
+            return True
+        finally:
+            os.close(src)
 
     def ensure_upper_dir_sync(self, node: Node, reason: str) -> None:
         """Copy up a directory chain (no data, so no await is needed)."""
@@ -179,13 +218,15 @@ class CopyUp:
 
     # --- trace events ---------------------------------------------------------------------------
 
-    def _traced_start(self, node: Node, reason: str) -> dict[str, Any]:
-        """Emit copy_up_start; returns what copy_up_done/failed will need."""
-        try:
-            st = self._lower_at(node)[2]
-            size = st.st_size if stat.S_ISREG(st.st_mode) else 0
-        except OSError:
-            size = 0
+    def _traced_start(self, node: Node, reason: str, st: os.stat_result | None = None) -> dict[str, Any]:
+        """Emit copy_up_start (*st*: the source's fstat, if the caller has it); returns what
+        copy_up_done/failed will need."""
+        if st is None and not node.is_dir:
+            try:
+                st = self._lower_at(node)[2]
+            except OSError:
+                st = None
+        size = st.st_size if st is not None and stat.S_ISREG(st.st_mode) else 0
         ev: dict[str, Any] = {
             "path": display(node.relpath()),
             "layer": node.layer.label,
@@ -235,23 +276,41 @@ class CopyUp:
             raise
         return fd, st
 
-    def _finish_meta(self, tfd: int, sfd: int, st: os.stat_result, layer: Layer | None = None) -> None:
+    @staticmethod
+    def _readable(sfd: int) -> int:
+        """The regular file of O_PATH *sfd* opened for reading (the inode fstat'ed, not the
+        name again); *sfd* is closed either way."""
+        try:
+            return _sys.reopen(sfd, os.O_RDONLY)
+        finally:
+            os.close(sfd)
+
+    def _finish_meta(
+        self, tfd: int, sfd: int, st: os.stat_result, layer: Layer | None = None, opened: bool = False
+    ) -> os.stat_result:
         """Mode, stored owner, xattrs, origin and times on the temporary *tfd*, read from the
         source *sfd* (whose fstat is *st*); both are fds this copy-up holds, reached through
         their magic links only (a name in work/ or in the lower is never looked up again).
         The stored owner (and mode) of the source in *layer* carries over: chown, or the
         override xattr when the server cannot chown (ownership.Owners.set_owner keeps the
-        set-id bits)."""
-        src = _sys.proc_path(sfd)
-        dst = _sys.proc_path(tfd)
-        uid, gid, mode = self.owners.stored(src, True, st, layer)
-        if not stat.S_ISLNK(st.st_mode):
+        set-id bits). *opened*: both are open files, not O_PATH fds (a regular file's copy):
+        the xattr calls and the chmod then take the fds themselves. Returns the fstat of
+        *tfd* before its times were set."""
+        src_path = _sys.proc_path(sfd)
+        dst_path = _sys.proc_path(tfd)
+        src: bytes | int = sfd if opened else src_path
+        dst: bytes | int = tfd if opened else dst_path
+        uid, gid, mode = self.owners.stored(src_path, True, st, layer)
+        if opened:
+            os.fchmod(tfd, stat.S_IMODE(mode))
+        elif not stat.S_ISLNK(st.st_mode):
             _sys.fchmod_fd(tfd, stat.S_IMODE(mode))
-        self.owners.set_owner(dst, True, uid, gid, fresh=True, st=os.fstat(tfd))
+        tst = os.fstat(tfd)
+        self.owners.set_owner(dst_path, True, uid, gid, fresh=True, st=tst)
         for attr in self._xattr_names(src):
             try:
-                value = os.getxattr(src, attr, follow_symlinks=True)
-                os.setxattr(dst, attr, value, follow_symlinks=True)
+                value = os.getxattr(src, attr)
+                os.setxattr(dst, attr, value)
             except OSError as exc:  # like the kernel, skip what the upper fs refuses
                 if exc.errno not in (errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM, errno.ENODATA, errno.EINVAL):
                     raise
@@ -260,16 +319,18 @@ class CopyUp:
             fh = _sys.name_to_handle(sfd)
             if fh is not None:
                 try:
-                    os.setxattr(dst, self.names.origin, encode_origin(fh[0], fh[1], self.uuid), follow_symlinks=True)
+                    os.setxattr(dst, self.names.origin, encode_origin(fh[0], fh[1], self.uuid))
                 except OSError as exc:
                     if exc.errno not in (errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM):
                         raise
         _sys.futimens_fd(tfd, st.st_atime_ns, st.st_mtime_ns)
+        return tst
 
-    def _xattr_names(self, src_path: bytes) -> list[str]:
-        """Names to carry up from *src_path* (an fd's magic link: followed to the fd's object)."""
+    def _xattr_names(self, src: bytes | int) -> list[str]:
+        """Names to carry up from *src* (an fd's magic link, followed to the fd's object, or
+        an open fd)."""
         try:
-            names = os.listxattr(src_path, follow_symlinks=True)
+            names = os.listxattr(src)
         except OSError as exc:
             if exc.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):
                 return []
@@ -278,9 +339,10 @@ class CopyUp:
         # user names (overlay.overlay.X) are.
         return [n for n in names if self.names.to_user(n) is not None and n != OVERRIDE_XATTR]
 
-    def _install(self, node: Node, tmp: bytes | None, tfd: int, lower_st: os.stat_result) -> None:
-        """Give the temporary (work/<tmp>, or the unnamed file *tfd* when *tmp* is None) its
-        real name in upper, never replacing one; then (only then) the node is upper."""
+    def _install(self, node: Node, tmp: bytes | None, tfd: int, lower_st: os.stat_result, tst: os.stat_result) -> None:
+        """Give the temporary (work/<tmp>, or the unnamed file *tfd* when *tmp* is None; its
+        fstat *tst*) its real name in upper, never replacing one; then (only then) the node
+        is upper."""
         rel = node.relpath()
         prel, _, name = rel.rpartition(b"/")
         pfd = self.stack.dir_fd(self.upper, prel)
@@ -289,23 +351,29 @@ class CopyUp:
         # A copy-up changes nothing in the merged view: give the parent its times back
         # (the kernel does the same: ovl_set_timestamps on the upper parent).
         _sys.futimens_fd(pfd, pst.st_atime_ns, pst.st_mtime_ns)
+        # The new entry may have grown the parent by a block: the kernel's cached size of it
+        # goes then (its ctime, which every link moves, is not refreshed: docs/semantics.md).
+        nst = os.fstat(pfd)
+        parent_grew = (nst.st_size, nst.st_blocks) != (pst.st_size, pst.st_blocks)
         old_layer = node.layer
         ino_changed = False
         node.layer = self.upper
         if node.is_dir:
             node.dirs = (self.upper,) + node.dirs
         else:
-            st = os.fstat(tfd)  # the object installed, whatever the name in upper holds by now
-            self.inodes.rekey(node, ("real", st.st_dev, st.st_ino))
+            # the object installed (*tfd*'s), whatever the name in upper holds by now
+            self.inodes.rekey(node, ("real", tst.st_dev, tst.st_ino))
             if lower_st.st_nlink > 1:
                 # The copy-up broke a lower hard link: the kernel then reports the upper inode.
-                node.ino = st.st_ino
+                node.ino = tst.st_ino
                 ino_changed = True
         log.debug("copied up %r from %s", rel, old_layer.label)
         self._refresh_fd(node)
         if ino_changed:
-            self.on_ino_changed(node.id)
-        self.on_copied_up(node)
+            self.on_attr_changed(node.id)
+        if parent_grew and node.parent is not None:
+            self.on_attr_changed(node.parent.id)
+        self.on_copied_up(node, ino_changed)
 
     def _refresh_fd(self, node: Node) -> None:
         """Point the node's fd at its new upper object, opened in the upper parent's fd (the
@@ -355,44 +423,83 @@ class CopyUp:
             except BaseException:
                 self.work.discard(tmp, tst)
                 raise
-            self._install(node, tmp, tfd, st)
+            self._install(node, tmp, tfd, st, tst)
         finally:
             os.close(tfd)
 
-    async def _copy_up_nondir(self, node: Node) -> None:
-        sfd, st = self._open_source(node)
+    async def _copy_up_nondir(self, node: Node, reason: str) -> None:
+        """A non-directory, traced (copy_up_start once its source is open)."""
         try:
+            fd, st = self._open_source(node)
             if stat.S_ISREG(st.st_mode):
-                await self._copy_up_file(node, sfd, st)
-            else:
-                target = _sys.readlink_fd(sfd) if stat.S_ISLNK(st.st_mode) else None
-                self._copy_up_special(node, sfd, st, target)
-        finally:
-            os.close(sfd)
-
-    async def _copy_up_file(self, node: Node, sfd: int, st: os.stat_result) -> None:
-        """A regular file: data and metadata into an O_TMPFILE file (no name in work/ at
-        all, as the kernel's ovl_copy_up_tmpfile), linked into place; where the upper's
-        filesystem has no O_TMPFILE, a file made O_CREAT|O_EXCL in work/ and renamed."""
-        src = _sys.reopen(sfd, os.O_RDONLY)  # the inode fstat'ed, not the name again
+                fd = self._readable(fd)  # the copy reads everything through this one
+        except BaseException as exc:
+            self._traced_end(self._traced_start(node, reason), exc)
+            raise
+        ev = self._traced_start(node, reason, st)
         try:
-            tmp = None
-            dst = self.work.tmpfile()
-            if dst is None:
-                tmp, dst = self.work.create_file()
             try:
-                try:
-                    if st.st_size > THREAD_THRESHOLD:
-                        await trio.to_thread.run_sync(copy_data, src, dst, st.st_size, self.sync, limiter=self.limiter)
-                    else:
-                        copy_data(src, dst, st.st_size, self.sync)
-                    self._finish_meta(dst, sfd, st, node.layer)
-                except BaseException:
-                    if tmp is not None:
-                        self.work.discard(tmp, os.fstat(dst))
-                    raise
-                self._install(node, tmp, dst, st)
+                if stat.S_ISREG(st.st_mode):
+                    await self._copy_up_file(node, fd, st)
+                else:
+                    target = _sys.readlink_fd(fd) if stat.S_ISLNK(st.st_mode) else None
+                    self._copy_up_special(node, fd, st, target)
             finally:
-                os.close(dst)
+                os.close(fd)
+        except BaseException as exc:
+            self._traced_end(ev, exc)
+            raise
+        self._traced_end(ev, None)
+
+    async def _copy_up_file(self, node: Node, src: int, st: os.stat_result) -> None:
+        """A regular file (*src*: its source open for reading, ``_readable``); data
+        over ``THREAD_THRESHOLD`` bytes is copied in a worker thread."""
+        if st.st_size <= THREAD_THRESHOLD:
+            self._copy_up_file_now(node, src, st)
+            return
+        tmp, dst = self._file_temporary()
+        try:
+            try:
+                await trio.to_thread.run_sync(copy_data, src, dst, st.st_size, self.sync, limiter=self.limiter)
+            except BaseException:
+                self._discard_file(tmp, dst)
+                raise
+            self._finish_file(node, tmp, dst, src, st)
         finally:
-            os.close(src)
+            os.close(dst)
+
+    def _copy_up_file_now(self, node: Node, src: int, st: os.stat_result) -> None:
+        """``_copy_up_file`` of small data, all in this thread (no await)."""
+        tmp, dst = self._file_temporary()
+        try:
+            try:
+                copy_data(src, dst, st.st_size, self.sync)
+            except BaseException:
+                self._discard_file(tmp, dst)
+                raise
+            self._finish_file(node, tmp, dst, src, st)
+        finally:
+            os.close(dst)
+
+    def _file_temporary(self) -> tuple[bytes | None, int]:
+        """Where a regular file's copy is built: an O_TMPFILE file (no name in work/ at all,
+        as the kernel's ovl_copy_up_tmpfile), linked into place by ``_install``; where the
+        upper's filesystem has no O_TMPFILE, a file made O_CREAT|O_EXCL in work/ and renamed.
+        (name in work/ or None, O_RDWR fd)."""
+        dst = self.work.tmpfile()
+        if dst is None:
+            return self.work.create_file()
+        return None, dst
+
+    def _discard_file(self, tmp: bytes | None, dst: int) -> None:
+        if tmp is not None:
+            self.work.discard(tmp, os.fstat(dst))
+
+    def _finish_file(self, node: Node, tmp: bytes | None, dst: int, src: int, st: os.stat_result) -> None:
+        """Metadata of the copied (and synced) data *dst*, read from *src*, then its name."""
+        try:
+            tst = self._finish_meta(dst, src, st, node.layer, opened=True)
+        except BaseException:
+            self._discard_file(tmp, dst)
+            raise
+        self._install(node, tmp, dst, st, tst)

@@ -13,9 +13,11 @@ The kernel keeps listings too when the engine lets it (the direct engine opens
 directories with FOPEN_CACHE_DIR): it drops a directory's cached listing itself after
 the creates, removals, renames and links it sends into that directory, but it cannot
 see a listing change that the server makes as a side effect. Those go to *kernel_stale*
-(the engine's: ``notify_inval_inode`` on the directory with its pages): a copy-up (the
-parent's entry may show another d_ino, a copied-up directory's ``..`` and whiteout
-filtering may change) and a directory moved to another parent (its ``..``).
+(the engine's: ``notify_inval_inode`` on the directory with its pages): a copy-up that
+changes an entry (the parent's entry of a directory, or of a lower file with a second
+hard link, which then reports another d_ino; a copied-up directory's own ``..`` and
+whiteout filtering) and a directory moved to another parent (its ``..``). A file copied
+up keeps its name, type and d_ino: its parent's listing stays right.
 """
 
 from __future__ import annotations
@@ -75,11 +77,13 @@ class ListingCache:
             self._lists.clear()
             self._total = 0
 
-    def copied_up(self, node: Node) -> None:
+    def copied_up(self, node: Node, ino_changed: bool = True) -> None:
         """*node* became upper: every listing here goes, and the kernel's listing of its
-        parent (the entry's d_ino) and, for a directory, its own (``..``, whiteouts)."""
+        parent when the entry changed there (a directory, or *ino_changed*: its d_ino, a
+        broken lower hard link; a file copied up keeps its name, type and d_ino) and, for
+        a directory, its own (``..``, whiteouts)."""
         self.changed()
-        if node.parent is not None:
+        if node.parent is not None and (ino_changed or node.is_dir):
             self.kernel_stale(node.parent.id)
         if node.is_dir:
             self.kernel_stale(node.id)

@@ -63,7 +63,8 @@ def drop_entries(drops: list[tuple[int, bytes]]) -> None:
 
 
 def attr_changed(node_id: int) -> None:
-    """Drop the kernel's cached attributes of a node (its st_ino changed in a copy-up)."""
+    """Drop the kernel's cached attributes of a node (changed in a copy-up: its st_ino, or
+    a parent's size)."""
     with contextlib.suppress(OSError, pyfuse3.FUSEError):  # the kernel no longer knows the node
         pyfuse3.invalidate_inode(node_id, attr_only=True)
 

@@ -110,10 +110,10 @@ def build_overlay(
     """The filesystem core of *cfg*, every object given its collaborators here (and only
     here). A read-write one uses a ``Work`` on (a dup of) the checked ``work/`` fd of *wd*.
     The engine's two ways of telling the kernel's caches are *drop_entries* (the node
-    budget's, ``fs.drop_entries``) and *attr_changed* (a node's st_ino changed in a copy-up,
-    ``fs.attr_changed``), and *listing_changed* (a directory's listing changed behind
-    the kernel's back: ``dircache.ListingCache``); the defaults do nothing (the core used
-    without a kernel)."""
+    budget's, ``fs.drop_entries``) and *attr_changed* (a node's attributes changed in a
+    copy-up: its st_ino, its parent's size; ``fs.attr_changed``), and *listing_changed* (a
+    directory's listing changed behind the kernel's back: ``dircache.ListingCache``); the
+    defaults do nothing (the core used without a kernel)."""
     from .budget import NodeBudget, clamp_node_budget, node_fd_cap
     from .copyup import CopyUp
     from .core import Core
@@ -144,8 +144,8 @@ def build_overlay(
             raise ValueError("a read-write mount needs its prepared workdir")
         work = wd.work()
 
-        def copied_up(node: Node) -> None:
-            listings.copied_up(node)  # the name is served by upper now
+        def copied_up(node: Node, ino_changed: bool) -> None:
+            listings.copied_up(node, ino_changed)  # the name is served by upper now
             handles.follow_copy_up(node)  # files open on the lower object read the upper one
 
         copyup = CopyUp(
@@ -157,7 +157,7 @@ def build_overlay(
             owners,
             sync=not cfg.volatile,
             on_copied_up=copied_up,
-            on_ino_changed=attr_changed,
+            on_attr_changed=attr_changed,
         )
     view = Overlay(stack, names, inodes, handles, listings, owners, tracer, copyup, on_out_of_fds=budget.out_of_fds)
     writes = WritePath(

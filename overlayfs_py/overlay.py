@@ -84,6 +84,11 @@ def _nothing() -> None:
     return None
 
 
+def _open_reason(flags: int) -> str:
+    """Why an open copies up, for the trace."""
+    return "truncate" if flags & os.O_TRUNC else "open-for-write"
+
+
 class Overlay:
     """The merged filesystem's read side: lookups, attributes, listings, data, xattrs."""
 
@@ -372,8 +377,21 @@ class Overlay:
             raise OSError(errno.EISDIR, "is a directory")
         if not self.open_copies_up(node, flags):
             return self.open_now(node, flags)
-        reason = "truncate" if flags & os.O_TRUNC else "open-for-write"
-        copied = await self.writable.copy_up(node, reason)
+        copied = await self.writable.copy_up(node, _open_reason(flags))
+        return self._open_copied(node, flags, copied)
+
+    def open_copying_now(self, node: Node, flags: int) -> int | None:
+        """``open`` of an object it copies up, without awaiting (``CopyUp.copy_up_now``: a
+        small regular file no task is copying up); None, having done nothing, when it
+        cannot be done so: then ``open``."""
+        if node.is_dir:
+            raise OSError(errno.EISDIR, "is a directory")
+        copied = self.writable.copy_up_now(node, _open_reason(flags))
+        if copied is None:
+            return None
+        return self._open_copied(node, flags, copied)
+
+    def _open_copied(self, node: Node, flags: int, copied: bool) -> int:
         fd = open_real(node, flags & OPEN_PASS)
         h = OpenFile(fd, node, flags)
         if copied and not flags & os.O_TRUNC:  # watch for a copy-up nobody needed

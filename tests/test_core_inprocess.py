@@ -476,3 +476,75 @@ def test_write_opens_without_a_copy_up(tmp_path):
         m.ov.release(fh)
     finally:
         ro.destroy()
+
+
+def test_a_small_copy_up_needs_no_await(tmp_path):
+    """A write open of a small lower file copies it up without awaiting
+    (``Overlay.open_copying_now``, which the direct engine calls inline): ancestors first,
+    data and origin as ``open`` would, and the engine's kernel listings dropped only where
+    an entry changed (a copied-up directory and its parent, a broken hard link's parent;
+    not a file's parent). A file too large for the inline path is left alone (None) for
+    ``open``, which copies it up in a task."""
+    from overlayfs_py.copyup import THREAD_THRESHOLD
+
+    for d in ("l1", "upper"):
+        (tmp_path / d).mkdir()
+    _write(tmp_path / "l1", {"d/f": b"small\n", "big": b"x" * (THREAD_THRESHOLD + 1), "h1": b"linked\n"})
+    os.link(tmp_path / "l1" / "h1", tmp_path / "l1" / "h2")
+    stale: list[int] = []
+    core = build_core([tmp_path / "l1"], tmp_path / "upper", tmp_path / "wd", listing_changed=stale.append)
+    try:
+        m = Mount(core, tmp_path)
+        f, d, root = m.node("d/f"), m.node("d"), m.ov.inodes.root
+        fh = m.ov.open_copying_now(f, os.O_WRONLY | os.O_APPEND)
+        assert fh is not None and f.layer.is_upper and d.layer.is_upper
+        m.w.write(fh, 6, b"!")
+        m.ov.release(fh)
+        assert (tmp_path / "upper" / "d" / "f").read_bytes() == b"small\n!"
+        assert (tmp_path / "l1" / "d" / "f").read_bytes() == b"small\n"
+        assert m.origin("d/f") and m.origin("d")
+        assert sorted(stale) == sorted([root.id, d.id])  # the directory's; none for the file
+        big = m.node("big")
+        assert m.ov.open_copying_now(big, os.O_WRONLY) is None
+        assert not big.layer.is_upper and not m.in_upper("big")
+        fh = trio.run(m.ov.open, big, os.O_WRONLY, CALLER)
+        m.ov.release(fh)
+        assert big.layer.is_upper and os.path.getsize(tmp_path / "upper" / "big") == THREAD_THRESHOLD + 1
+        stale.clear()
+        fh = m.ov.open_copying_now(m.node("h1"), os.O_RDWR)
+        assert fh is not None
+        m.ov.release(fh)
+        assert stale == [root.id]  # its d_ino changed (a broken hard link)
+    finally:
+        core.destroy()
+
+
+def test_a_copy_up_that_grows_the_parent_drops_its_cached_attributes(tmp_path):
+    """The parent's times are put back after a copy-up, but a new entry can grow the upper
+    directory (ext4: by a block; tmpfs: with every entry): the engine then hears of the
+    parent (attr_changed), so a stat shows the size the kernel's overlay would."""
+    for d in ("l1", "upper"):
+        (tmp_path / d).mkdir()
+    names = [f"a-rather-long-file-name-to-fill-directory-blocks-{i:04d}" for i in range(150)]
+    _write(tmp_path / "l1", {f"d/{n}": b"x" for n in names})
+    changed: list[int] = []
+    core = build_core([tmp_path / "l1"], tmp_path / "upper", tmp_path / "wd", attr_changed=changed.append)
+    try:
+        m = Mount(core, tmp_path)
+        d = m.node("d")
+        grew = 0
+        for n in names:
+            f = m.node(f"d/{n}")
+            if d.layer.is_upper:
+                before = os.stat(tmp_path / "upper" / "d")
+            fh = m.ov.open_copying_now(f, os.O_WRONLY)
+            assert fh is not None
+            m.ov.release(fh)
+            after = os.stat(tmp_path / "upper" / "d")
+            if n != names[0] and (after.st_size, after.st_blocks) != (before.st_size, before.st_blocks):
+                grew += 1
+            assert after.st_mtime_ns == os.stat(tmp_path / "l1" / "d").st_mtime_ns
+        assert grew > 0  # 150 long names outgrow one 4 KiB block
+        assert changed.count(d.id) == grew
+    finally:
+        core.destroy()

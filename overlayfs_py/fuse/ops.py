@@ -353,12 +353,20 @@ class Ops:
         return p.OPEN_OUT.pack(fh, flags, backing_id)
 
     def open_now(self, req: Request) -> bytes:
-        """OPEN without a task when it cannot copy up (read-only, or an object already in
-        the upper layer) and truncates nothing (O_TRUNC of a large file may take a while):
-        ``Overlay.open_now`` never blocks on anything but the open itself."""
+        """OPEN without a task when it copies up a small file that no task is copying up
+        (``Overlay.open_copying_now``: its data is copied, synced and named here, as a task
+        would, without waiting for anything; an O_TRUNC then truncates that small copy), or
+        when it cannot copy up (read-only, or an object already in the upper layer:
+        ``Overlay.open_now`` never blocks on anything but the open itself) and truncates
+        nothing (O_TRUNC of a large upper file may take a while)."""
         flags, _open_flags = p.OPEN_IN.unpack_from(req.body)
         node = self._node(req.nodeid)
-        if flags & os.O_TRUNC or self.ov.open_copies_up(node, flags):
+        if self.ov.open_copies_up(node, flags):
+            fh = self.ov.open_copying_now(node, flags)
+            if fh is None:
+                raise NeedsTask
+            return self._open_out(node, fh)
+        if flags & os.O_TRUNC:
             raise NeedsTask
         return self._open_out(node, self.ov.open_now(node, flags, lazy=self._backed_now(node)))
 

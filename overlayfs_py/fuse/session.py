@@ -57,10 +57,6 @@ _TRACED = frozenset(
     + (p.SETATTR, p.SETXATTR, p.REMOVEXATTR, p.TMPFILE, p.FALLOCATE, p.COPY_FILE_RANGE)
 )
 
-#: the same, for handlers that run inline: an OPEN served inline copies nothing up and
-#: records nothing (one that may copy up is served in a task, which records its process)
-_TRACED_INLINE = _TRACED - {p.OPEN}
-
 #: answered ENOSYS on purpose: the kernel then stops sending them (fc->no_flush, ...)
 _NOT_NEEDED = frozenset((p.FLUSH, p.FSYNCDIR))
 
@@ -256,7 +252,7 @@ class Session:
         handler = ops.sync.get(opcode)
         if handler is not None:
             req = Request(opcode, unique, nodeid, uid, gid, pid, body)
-            token = trace.request(pid, uid, gid) if opcode in _TRACED_INLINE else None
+            token = trace.request(pid, uid, gid) if opcode in _TRACED else None
             try:
                 payload = handler(req)
             except NeedsTask:

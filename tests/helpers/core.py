@@ -22,17 +22,20 @@ def build_core(
     read_only: bool = False,
     drop_entries: Callable[[list[tuple[int, bytes]]], None] | None = None,
     attr_changed: Callable[[int], None] | None = None,
+    listing_changed: Callable[[int], None] | None = None,
     **options: object,
 ) -> Core:
     """The core of an overlay of *lowers* (top first) and *upper*; a writable one prepares
     *workdir* as a mount does. *userxattr* None: ``user.overlay.*`` unless root (as the
-    planning step decides). *drop_entries*, *attr_changed*: the engine's callbacks (a test
-    records them). Call ``destroy()`` on the result."""
+    planning step decides). *drop_entries*, *attr_changed*, *listing_changed*: the engine's
+    callbacks (a test records them). Call ``destroy()`` on the result."""
     hooks: dict[str, Callable] = {}
     if drop_entries is not None:
         hooks["drop_entries"] = drop_entries
     if attr_changed is not None:
         hooks["attr_changed"] = attr_changed
+    if listing_changed is not None:
+        hooks["listing_changed"] = listing_changed
     if userxattr is None:
         userxattr = os.geteuid() != 0
     cfg = MountConfig(
