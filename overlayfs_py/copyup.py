@@ -351,10 +351,9 @@ class CopyUp:
         # A copy-up changes nothing in the merged view: give the parent its times back
         # (the kernel does the same: ovl_set_timestamps on the upper parent).
         _sys.futimens_fd(pfd, pst.st_atime_ns, pst.st_mtime_ns)
-        # The new entry may have grown the parent by a block: the kernel's cached size of it
-        # goes then (its ctime, which every link moves, is not refreshed: docs/semantics.md).
-        nst = os.fstat(pfd)
-        parent_grew = (nst.st_size, nst.st_blocks) != (pst.st_size, pst.st_blocks)
+        # The link moved the parent's ctime (and may have grown it by a block): the kernel's
+        # cached attributes of the parent go, as the kernel's overlay shows the new ctime at
+        # once; its cached listing stays (the entry kept its name, type and d_ino).
         old_layer = node.layer
         ino_changed = False
         node.layer = self.upper
@@ -371,7 +370,7 @@ class CopyUp:
         self._refresh_fd(node)
         if ino_changed:
             self.on_attr_changed(node.id)
-        if parent_grew and node.parent is not None:
+        if node.parent is not None:
             self.on_attr_changed(node.parent.id)
         self.on_copied_up(node, ino_changed)
 

@@ -18,6 +18,7 @@ request, READDIR after it, with READDIRPLUS_AUTO).
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -106,6 +107,15 @@ def _ops(m: Path, rec) -> None:
     step("mkdir od (opaque)", os.mkdir, m / "od")
     step("hard link", os.link, m / "ln/src", m / "md/linked")
     step("copy-up of one name of two", os.chmod, m / "hl/a", 0o600)
+
+    def parent_ctime_moves(path: Path) -> bool:
+        before = os.stat(path.parent).st_ctime_ns  # cached by the kernel since the listing
+        time.sleep(0.02)  # past the filesystem's timestamp granularity
+        with open(path, "ab") as f:  # a file's copy-up: the upper parent gets a link
+            f.write(b"!")
+        return os.stat(path.parent).st_ctime_ns != before
+
+    step("copy-up of a file: its parent's ctime", parent_ctime_moves, m / "md/bottom")
     rec.do("mkdir p1", os.mkdir, m / "p1")
     rec.do("mkdir p1/sub", os.mkdir, m / "p1/sub")
     rec.do("mkdir p2", os.mkdir, m / "p2")
@@ -120,4 +130,5 @@ def test_listings_after_changes_match_the_kernel(tmp_path):
     run.assert_view()
     # the cases the server must tell the kernel about, as the kernel overlay shows them
     assert run.k.results["after copy-up of one name of two: list hl"]["d_ino differs from st_ino"] == []
+    assert run.k.results["copy-up of a file: its parent's ctime"] is True
     assert run.k.results["after move a dir to another parent: list p2/sub"]["d_ino differs from st_ino"] == []
