@@ -60,6 +60,7 @@ __all__ = [
     "MountConfig",
     "build_config",
     "default_workdir",
+    "known_option",
     "parse_options",
     "split_lowerdir",
     "split_positional_lowers",
@@ -360,6 +361,17 @@ def parse_options(opts: Iterable[str]) -> dict[str, str | bool]:
             else:
                 raise ConfigError(f"unknown mount option {_q(key)}")
     return result
+
+
+def known_option(key: str) -> bool:
+    """Whether :func:`parse_options` knows the option *key* (its value is not checked)."""
+    return (
+        key in _VALUE_KEYS
+        or key in _FLAG_KEYS
+        or key in _IGNORED_FLAGS
+        or key in _KERNEL_CHOICES
+        or key in ("ro", "rw", "nouserxattr")
+    )
 
 
 def default_workdir(upper: str) -> str:

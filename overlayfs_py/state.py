@@ -153,3 +153,36 @@ def forget(mountpoint: str, pid: int) -> None:
                 os.unlink(path)
             except FileNotFoundError:
                 pass
+
+
+def records() -> list[dict]:
+    """Every mount record in the state dir (``pyoverlay mounts``), in mountpoint order; the
+    records of servers that are gone are removed (with their trace sockets) and left out.
+    A record is live while its server runs, wherever its mount is (a rootless podman's
+    mount is in podman's mount namespace, not in the caller's)."""
+    from . import procfs
+
+    d = state_dir()
+    out = []
+    for name in sorted(os.listdir(d)):
+        if not (name.startswith("mount-") and name.endswith(".json")):
+            continue
+        try:
+            with open(os.path.join(d, name)) as f:
+                data = json.load(f)
+        except (OSError, ValueError):
+            continue
+        if (
+            not isinstance(data, dict)
+            or type(data.get("pid")) is not int
+            or not isinstance(data.get("mountpoint"), str)
+        ):
+            continue
+        if data["pid"] <= 0 or _path(data["mountpoint"]) != os.path.join(d, name):
+            continue  # not a record this state dir could have written
+        if not procfs.alive(data["pid"]):
+            forget(data["mountpoint"], data["pid"])
+            continue
+        out.append(data)
+    out.sort(key=lambda r: r["mountpoint"])
+    return out
