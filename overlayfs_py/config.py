@@ -131,11 +131,16 @@ class MountConfig:
     # -o passthrough=auto|on|off: FUSE passthrough of regular files (direct engine; auto: when
     # the kernel lets the server use it; docs/semantics.md, "FUSE passthrough")
     passthrough: str = "auto"
+    # mount flags asked for by mount.fuse.pyoverlay's -o (mount(8), fstab): a subset of
+    # MOUNT_FLAGS, applied to the FUSE mount by both engines (docs/mounting.md)
+    mount_flags: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         # Accept any sequence but store an immutable tuple.
         if not isinstance(self.lowerdirs, tuple):
             object.__setattr__(self, "lowerdirs", tuple(self.lowerdirs))
+        if not isinstance(self.mount_flags, tuple):
+            object.__setattr__(self, "mount_flags", tuple(self.mount_flags))
         for name in ("uidmap", "gidmap"):  # lists (JSON, callers) become tuples of triples
             object.__setattr__(self, name, tuple(tuple(r) for r in getattr(self, name)))
         # Without an upper layer the mount can only be read-only.
@@ -361,6 +366,10 @@ def parse_options(opts: Iterable[str]) -> dict[str, str | bool]:
             else:
                 raise ConfigError(f"unknown mount option {_q(key)}")
     return result
+
+
+#: the generic mount flags the FUSE mount itself can carry (``MountConfig.mount_flags``)
+MOUNT_FLAGS = ("nosuid", "nodev", "noexec", "noatime")
 
 
 def known_option(key: str) -> bool:

@@ -81,6 +81,9 @@ def fuse_options(cfg: MountConfig) -> set[str]:
         opts.update(("suid", "dev"))
     if cfg.read_only:
         opts.add("ro")
+    opts.update(cfg.mount_flags)  # libfuse makes them mount flags
+    if os.geteuid() == 0:
+        opts.difference_update(f[2:] for f in cfg.mount_flags)  # nosuid beats the suid above
     if cfg.debug:
         opts.add("debug")
     return opts

@@ -221,10 +221,12 @@ def test_a_bad_command_line_is_one_line_exit_1(tmp_path, env, args, says):
 
 def test_generic_and_fuse_overlayfs_options_are_accepted(tmp_path, env):
     """mount(8)'s flags and generic options, fstab words, x-* and fuse-overlayfs's options that
-    are pyoverlay's behaviour already; ``fsync=0`` is ``volatile``; ``-o`` given twice;
-    ``-s`` makes an unknown option a warning."""
+    are pyoverlay's behaviour already; nosuid, nodev, noatime become the mount's flags (exec
+    after noexec undoes it); ``fsync=0`` is ``volatile``; ``-o`` given twice; ``-s`` makes an
+    unknown option a warning."""
     lower, upper, work, mnt = _layers(tmp_path)
-    generic = "rw,nodev,nosuid,noatime,defaults,_netdev,nofail,x-systemd.automount,allow_other,default_permissions"
+    generic = "rw,noexec,nodev,nosuid,noatime,exec,defaults,_netdev,nofail,x-systemd.automount"
+    generic += ",allow_other,default_permissions"
     fo = 'context="system_u:object_r:container_file_t:s0",static_nlink,noacl,fsync=0,timeout=1000,,'
     r = _helper(
         "pyoverlay", mnt, "-n", "-v", "-s", "-o", f"{generic},lowerdir={lower}", "-o", f"{fo},upperdir={upper}",
@@ -239,7 +241,10 @@ def test_generic_and_fuse_overlayfs_options_are_accepted(tmp_path, env):
         assert (mnt / "f").read_text() == "lower\n"
         (mnt / "w").write_text("w\n")
         assert (upper / "w").read_text() == "w\n"
-        assert mounts.mount_entry(mnt).source == "pyoverlay"  # SOURCE is the mount's source
+        entry = mounts.mount_entry(mnt)
+        assert entry.source == "pyoverlay"  # SOURCE is the mount's source
+        assert {"nosuid", "nodev", "noatime"} <= set(entry.options.split(","))  # mount flags, applied
+        assert "noexec" not in entry.options.split(",")
     finally:
         subprocess.run(["umount", str(mnt)], capture_output=True)
         _cleanup(mnt, env)
@@ -419,7 +424,7 @@ def test_the_same_fstab_line_with_fuse_overlayfs(tmp_path, env, ns):
     fstab = tmp_path / "fstab"
     fstab.write_text(
         f"pyoverlay {mnt} fuse.pyoverlay lowerdir={lower},upperdir={upper},workdir={work} 0 0\n"
-        f"{FUSE_OVERLAYFS} {mnt2} fuse.fuse-overlayfs lowerdir={lower},upperdir={upper2},workdir={work2} 0 0\n"
+        f"fuse-overlayfs {mnt2} fuse.fuse-overlayfs lowerdir={lower},upperdir={upper2},workdir={work2} 0 0\n"
     )
     r = ns.run("mount", "--fstab", fstab, "-a")
     assert r.returncode == 0, r.stderr
