@@ -238,6 +238,9 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
         from .userxattr import plan
 
         opts = call.options
+        keys = {o.partition("=")[0] for o in opts}
+        if "upperdir" in keys and "workdir" not in keys:  # the kernel's and fuse-overlayfs's rule
+            raise HelperError("upperdir needs a workdir (-o workdir=...)")
         if not any(o.startswith("fsname=") for o in opts):
             opts = _fsname(call.source) + opts
         cfg = build_config(None, None, call.merged, options=opts, debug=call.debug)

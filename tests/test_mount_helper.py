@@ -40,8 +40,7 @@ FUSE_OVERLAYFS = shutil.which("fuse-overlayfs")
 
 @pytest.fixture(autouse=True)
 def _helper_installed():
-    if not HELPER.exists():
-        pytest.skip(f"{HELPER} is missing: run scripts/setup (pip install -e . makes it)")
+    assert HELPER.exists(), f"{HELPER} is missing: run scripts/setup (pip install -e . makes it)"
 
 
 @pytest.fixture
@@ -348,8 +347,7 @@ class PrivateNamespace:
 
 @pytest.fixture
 def ns(env):
-    if not SBIN_HELPER.exists():
-        pytest.skip(f"{SBIN_HELPER} is missing: run scripts/setup as root (it links the helper there)")
+    assert SBIN_HELPER.exists(), f"{SBIN_HELPER} is missing: run scripts/setup as root (it links the helper there)"
     for tool in ("unshare", "nsenter", "mount", "umount"):
         if shutil.which(tool) is None:
             pytest.skip(f"needs {tool}")
