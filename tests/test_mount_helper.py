@@ -448,7 +448,7 @@ def _pyoverlay(*args, env) -> subprocess.CompletedProcess:
     )
 
 
-def test_pyoverlay_mounts_lists_live_mounts_and_drops_dead_ones(tmp_path, env):
+def test_pyoverlay_mounts_lists_live_mounts_and_drops_dead_ones(tmp_path, env, monkeypatch):
     lower, upper, work, mnt = _layers(tmp_path)
     mnt2 = tmp_path / "mnt2"
     mnt2.mkdir()
@@ -474,6 +474,16 @@ def test_pyoverlay_mounts_lists_live_mounts_and_drops_dead_ones(tmp_path, env):
         # a server killed with SIGKILL: its record is dropped (and removed), its mount stays dead
         os.kill(two["pid"], signal.SIGKILL)
         assert _wait_gone(two["pid"])
+        r = _pyoverlay("mounts", "--json", env=env)
+        assert [m["mountpoint"] for m in json.loads(r.stdout)] == [str(mnt)]
+        assert [x["mountpoint"] for x in _records(env)] == [str(mnt)]
+        # a record whose pid now names another process (this one, started at another time)
+        monkeypatch.setenv("PYOVERLAY_STATE_DIR", env["PYOVERLAY_STATE_DIR"])
+        from overlayfs_py import state
+
+        stale = dict(_record(env, mnt), mountpoint=str(tmp_path / "old"), pid=os.getpid(), start_time=1)
+        Path(state._path(stale["mountpoint"])).write_text(json.dumps(stale))
+        assert len(_records(env)) == 2
         r = _pyoverlay("mounts", "--json", env=env)
         assert [m["mountpoint"] for m in json.loads(r.stdout)] == [str(mnt)]
         assert [x["mountpoint"] for x in _records(env)] == [str(mnt)]
