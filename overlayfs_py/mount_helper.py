@@ -154,7 +154,7 @@ def _options(call: Call, raw: list[str]) -> None:
     from .config import _split_options, known_option
 
     for opt in raw:
-        for item in _split_options(opt):
+        for item in _join_quoted(_split_options(opt)):
             if item == "":
                 continue  # containers/storage's ",," (and mount(8)'s leading commas)
             key, eq, value = item.partition("=")
@@ -188,6 +188,22 @@ _FLAG_OF = {
     "nosuid": "nosuid", "suid": "nosuid", "nodev": "nodev", "dev": "nodev", "noexec": "noexec", "exec": "noexec",
     "noatime": "noatime", "atime": "noatime", "relatime": "noatime", "strictatime": "noatime",
 }  # fmt: skip
+
+
+def _join_quoted(items: list[str]) -> list[str]:
+    """containers/storage quotes SELinux labels, whose categories hold commas
+    (``context="system_u:object_r:container_file_t:s0:c1,c2"``): the pieces of a quoted
+    value are put back together."""
+    out: list[str] = []
+    open_quote = False
+    for item in items:
+        if open_quote:
+            out[-1] += "," + item
+            open_quote = item.count('"') % 2 == 0
+        else:
+            out.append(item)
+            open_quote = item.count('"') % 2 == 1
+    return out
 
 
 def _ignored_value(key: str, value: str) -> bool:

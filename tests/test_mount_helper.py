@@ -226,7 +226,7 @@ def test_generic_and_fuse_overlayfs_options_are_accepted(tmp_path, env):
     lower, upper, work, mnt = _layers(tmp_path)
     generic = "rw,noexec,nodev,nosuid,noatime,exec,defaults,_netdev,nofail,x-systemd.automount"
     generic += ",allow_other,default_permissions"
-    fo = 'context="system_u:object_r:container_file_t:s0",static_nlink,noacl,fsync=0,timeout=1000,,'
+    fo = 'context="system_u:object_r:container_file_t:s0:c1,c2",static_nlink,noacl,fsync=0,timeout=1000,,'
     r = _helper(
         "pyoverlay", mnt, "-n", "-v", "-s", "-o", f"{generic},lowerdir={lower}", "-o", f"{fo},upperdir={upper}",
         f"-oworkdir={work},whatever=1", env=env,
@@ -250,6 +250,21 @@ def test_generic_and_fuse_overlayfs_options_are_accepted(tmp_path, env):
     # without -s the same unknown option is refused
     r = _helper("-o", f"lowerdir={lower},upperdir={upper},workdir={work},whatever=1", mnt, env=env)
     assert r.returncode == 1 and "unknown mount option 'whatever'" in r.stderr
+
+
+def test_a_quoted_selinux_label_with_commas(tmp_path, env):
+    """containers/storage's ``context="..."`` (label.FormatMountLabel): MCS categories hold a
+    comma inside the quotes; the label is one option, accepted and ignored."""
+    lower, upper, work, mnt = _layers(tmp_path)
+    label = 'context="system_u:object_r:container_file_t:s0:c123,c456"'
+    r = _helper("-o", f"lowerdir={lower},upperdir={upper},workdir={work},,volatile,{label}", mnt, env=env)
+    try:
+        assert r.returncode == 0, r.stderr
+        assert r.stderr == ""
+        assert (mnt / "f").read_text() == "lower\n"
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True)
+        _cleanup(mnt, env)
 
 
 def test_ro_and_a_lower_only_mount(tmp_path, env):
