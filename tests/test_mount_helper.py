@@ -267,6 +267,35 @@ def test_a_quoted_selinux_label_with_commas(tmp_path, env):
         _cleanup(mnt, env)
 
 
+def test_uidmapping_and_gidmapping_as_with_fuse_overlayfs(tmp_path, env):
+    """containers/storage appends ``uidmapping=``/``gidmapping=`` (fuse-overlayfs's
+    HOST:PRESENTED:COUNT, several ranges joined by ':') for a container with an id map."""
+    lower, upper, work, mnt = _layers(tmp_path)
+    os.chown(lower / "f", 1, 2)
+    maps = "uidmapping=0:100000:1:1:200000:10,gidmapping=0:300000:1:1:400000:10"
+    seen = {}
+    for name, argv in (("pyoverlay", [str(HELPER)]), ("fuse-overlayfs", [FUSE_OVERLAYFS])):
+        if argv[0] is None:
+            continue
+        for d in (upper, work):
+            shutil.rmtree(d)
+            d.mkdir()
+        r = subprocess.run(
+            [*argv, "-o", f"lowerdir={lower},upperdir={upper},workdir={work},,{maps}", str(mnt)],
+            env=env, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        try:
+            assert r.returncode == 0, r.stderr
+            st = os.stat(mnt / "f")
+            seen[name] = (st.st_uid, st.st_gid)
+        finally:
+            subprocess.run(["umount", str(mnt)], capture_output=True)
+            _cleanup(mnt, env)
+    assert seen["pyoverlay"] == (200000, 400001)  # stored 1:2 shown through the second ranges
+    if "fuse-overlayfs" in seen:
+        assert seen["fuse-overlayfs"] == seen["pyoverlay"]
+
+
 def test_ro_and_a_lower_only_mount(tmp_path, env):
     lower, upper, work, mnt = _layers(tmp_path)
     r = _helper("-o", f"lowerdir={lower}:{upper}", mnt, env=env)  # containers/storage's read-only form
