@@ -134,6 +134,10 @@ class MountConfig:
     # mount flags asked for by mount.fuse.pyoverlay's -o (mount(8), fstab): a subset of
     # MOUNT_FLAGS, applied to the FUSE mount by both engines (docs/mounting.md)
     mount_flags: tuple[str, ...] = ()
+    # fuse-overlayfs's squash_to_uid=/squash_to_gid= (squash_to_root: 0, 0): every object is
+    # shown with that owner (ownership.Owners; docs/mounting.md)
+    squash_uid: int | None = None
+    squash_gid: int | None = None
 
     def __post_init__(self) -> None:
         # Accept any sequence but store an immutable tuple.
@@ -282,9 +286,11 @@ _VALUE_KEYS = (
     "max_nodes",
     "engine",
     "passthrough",
+    "squash_to_uid",
+    "squash_to_gid",
 )
 # Our boolean options.
-_FLAG_KEYS = ("userxattr", "allow_other", "default_permissions", "volatile")
+_FLAG_KEYS = ("userxattr", "allow_other", "default_permissions", "volatile", "squash_to_root")
 # FUSE / VFS generic flags: accepted and ignored.
 _IGNORED_FLAGS = frozenset({"suid", "dev", "nosuid", "nodev", "noatime", "relatime", "exec", "noexec"})
 # Kernel overlay options: value -> accepted (and ignored) or not supported.
@@ -307,6 +313,8 @@ def parse_options(opts: Iterable[str]) -> dict[str, str | bool]:
     and a later option overrides an earlier one.  The result holds only the
     options that matter to pyoverlay:
 
+    * ``squash_to_root`` -> True; ``squash_to_uid``, ``squash_to_gid`` -> the value
+      (fuse-overlayfs's; checked by :func:`build_config`);
     * ``lowerdir`` -> the raw spec, still escaped (pass it to
       :func:`split_lowerdir`);
     * ``upperdir``, ``workdir``, ``fsname`` -> the value, unescaped like the
@@ -494,6 +502,8 @@ def build_config(
         volatile=bool(opts.get("volatile", False)),
         engine=_engine(opts.get("engine")),
         passthrough=_passthrough(opts.get("passthrough"), opts.get("engine")),
+        squash_uid=_squash(opts.get("squash_to_uid"), bool(opts.get("squash_to_root")), "squash_to_uid"),
+        squash_gid=_squash(opts.get("squash_to_gid"), bool(opts.get("squash_to_root")), "squash_to_gid"),
     )
     validate(cfg, workdir_may_be_missing=workdir_defaulted)
     return cfg
@@ -517,6 +527,19 @@ def _engine(option) -> str:
     if option not in ENGINES:
         raise ConfigError(f"mount option 'engine' must be one of {', '.join(ENGINES)}, not {option!r}")
     return str(option)
+
+
+def _squash(option, to_root: bool, name: str) -> int | None:
+    """``-o squash_to_uid=N`` / ``squash_to_gid=N`` (an id), else 0 with ``squash_to_root``."""
+    if option is None:
+        return 0 if to_root else None
+    try:
+        n = int(str(option), 10)
+    except ValueError:
+        n = -1
+    if not 0 <= n < 2**32 - 1:
+        raise ConfigError(f"mount option '{name}' must be a uid or gid (0 to 4294967294), not {option!r}")
+    return n
 
 
 PASSTHROUGH_MODES = ("auto", "on", "off")

@@ -140,7 +140,7 @@ def build_overlay(
     tracer = Tracer(container=cfg.container)
     handles = HandleTable()
     listings = ListingCache(kernel_stale=listing_changed)
-    owners = Owners(cfg.uidmap, cfg.gidmap, stack.layers, stack.upper)
+    owners = Owners(cfg.uidmap, cfg.gidmap, stack.layers, stack.upper, squash=(cfg.squash_uid, cfg.squash_gid))
     work = copyup = None
     if cfg.upperdir is not None and not cfg.read_only:
         if wd is None:

@@ -75,9 +75,6 @@ IGNORED_VALUES: dict[str, frozenset[str] | None] = {
 }
 #: fuse-overlayfs's options pyoverlay cannot do: a one-line error
 REFUSED = {
-    "squash_to_root": "every file shown as root's",
-    "squash_to_uid": "every file shown as one uid's",
-    "squash_to_gid": "every file shown as one gid's",
     "xattr_permissions": "ownership and modes kept in xattrs",
     "noxattrs": "xattrs turned off",
     "plugins": "fuse-overlayfs's layer plugins",

@@ -175,8 +175,9 @@ def _layers(tmp_path):
 @pytest.mark.parametrize(
     "opts, says",
     [
-        ("squash_to_root", "'squash_to_root' is not supported"),
-        ("squash_to_uid=0", "'squash_to_uid=0' is not supported"),
+        ("squash_to_uid=x", "mount option 'squash_to_uid' must be a uid or gid"),
+        ("squash_to_gid=-1", "mount option 'squash_to_gid' must be a uid or gid"),
+        ("squash_to_root=1", "mount option 'squash_to_root' takes no value"),
         ("xattr_permissions=2", "'xattr_permissions=2' is not supported"),
         ("plugins=/usr/lib/x.so", "not supported"),
         ("lowerdri=/x", "unknown mount option 'lowerdri'"),
@@ -292,6 +293,52 @@ def test_uidmapping_and_gidmapping_as_with_fuse_overlayfs(tmp_path, env):
             subprocess.run(["umount", str(mnt)], capture_output=True)
             _cleanup(mnt, env)
     assert seen["pyoverlay"] == (200000, 400001)  # stored 1:2 shown through the second ranges
+    if "fuse-overlayfs" in seen:
+        assert seen["fuse-overlayfs"] == seen["pyoverlay"]
+
+
+@pytest.mark.parametrize(
+    "squash, shown",
+    [
+        ("squash_to_root", (0, 0)),
+        ("squash_to_uid=5,squash_to_gid=6", (5, 6)),
+        ("squash_to_root,squash_to_gid=7", (0, 7)),
+    ],
+)
+def test_squash_options_as_with_fuse_overlayfs(tmp_path, env, squash, shown):
+    """fuse-overlayfs's squash_to_root / squash_to_uid / squash_to_gid: every object shown with
+    that owner (a lower file, the root, a new file, a copied-up one); the disk keeps the real
+    owners."""
+    lower, upper, work, mnt = _layers(tmp_path)
+    os.chown(lower / "f", 1, 2)
+    (lower / "g").write_text("g\n")
+    os.chown(lower / "g", 3, 4)
+    seen = {}
+    for name, argv in (("pyoverlay", [str(HELPER)]), ("fuse-overlayfs", [FUSE_OVERLAYFS])):
+        if argv[0] is None:
+            continue
+        for d in (upper, work):
+            shutil.rmtree(d)
+            d.mkdir()
+        r = subprocess.run(
+            [*argv, "-o", f"lowerdir={lower},upperdir={upper},workdir={work},{squash}", str(mnt)],
+            env=env, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        try:
+            assert r.returncode == 0, r.stderr
+            (mnt / "new").write_text("n\n")
+            with open(mnt / "g", "a") as f:  # a copy-up
+                f.write("more\n")
+            owners = {n: (os.stat(mnt / n).st_uid, os.stat(mnt / n).st_gid) for n in ("f", "g", "new", ".")}
+            os.chown(mnt / "f", 1234, 1234)  # passed on; shown squashed all the same
+            owners["f after chown"] = (os.stat(mnt / "f").st_uid, os.stat(mnt / "f").st_gid)
+            seen[name] = owners
+        finally:
+            subprocess.run(["umount", str(mnt)], capture_output=True)
+            _cleanup(mnt, env)
+        assert (os.stat(upper / "g").st_uid, os.stat(upper / "g").st_gid) == (3, 4)  # the disk's owner kept
+        assert (os.stat(upper / "f").st_uid, os.stat(upper / "f").st_gid) == (1234, 1234)
+    assert set(seen["pyoverlay"].values()) == {shown}
     if "fuse-overlayfs" in seen:
         assert seen["fuse-overlayfs"] == seen["pyoverlay"]
 
