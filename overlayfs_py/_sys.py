@@ -421,6 +421,8 @@ def remove_tree_at(dir_fd: int, name: bytes) -> None:
 MS_RDONLY = 1
 MS_NOSUID = 2
 MS_NODEV = 4
+MS_NOEXEC = 8
+MS_NOATIME = 1024
 MNT_DETACH = 2
 
 _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]

@@ -118,6 +118,7 @@ def new_group(
     group.help = help
     group.add_command(mount_cmd)
     group.add_command(umount_cmd)
+    group.add_command(mounts_cmd)
     assert isinstance(group, _Main)
     group.lazy.extend((_register_trace, _register_inspect, *more))
     return group
@@ -318,6 +319,57 @@ def _wait_exit(pid: int, timeout: float) -> bool:
     finally:
         if pidfd is not None:
             os.close(pidfd)
+
+
+def mount_summary(rec: dict) -> dict:
+    """What ``pyoverlay mounts --json`` shows of a state record (state.records)."""
+    cfg = rec.get("config") or {}
+    return {
+        "mountpoint": rec["mountpoint"],
+        "pid": rec["pid"],
+        "engine": cfg.get("engine"),
+        "fsname": cfg.get("fsname"),
+        "lowerdirs": list(cfg.get("lowerdirs") or ()),
+        "upperdir": cfg.get("upperdir"),
+        "workdir": cfg.get("workdir"),
+        "read_only": bool(cfg.get("read_only")),
+        "volatile": bool(cfg.get("volatile")),
+        "container": cfg.get("container"),
+        "trace_socket": rec.get("trace_socket"),
+    }
+
+
+@click.command("mounts")
+@click.option("--json", "as_json", is_flag=True, help="One JSON list of the mounts.")
+def mounts_cmd(as_json):
+    """List the live pyoverlay mounts: mountpoint, server pid, engine, layers, trace socket.
+
+    Read from the mount records (this user's state dir): every mount made by `pyoverlay
+    mount`, mount.fuse.pyoverlay (mount(8), fstab, podman's mount_program) or the runner.
+    Records of servers that are gone are removed. `pyoverlay trace MOUNTPOINT` follows one.
+    """
+    from . import state
+
+    try:
+        found = [mount_summary(r) for r in state.records()]
+    except OSError as e:
+        fail(f"cannot read the mount records: {_one_line(e)}")
+    if as_json:
+        import json
+
+        click.echo(json.dumps(found, indent=2))
+        _done()
+    for m in found:
+        mode = "read-only" if m["read_only"] else "read-write" + (", volatile" if m["volatile"] else "")
+        extra = f", container {m['container']}" if m["container"] else ""
+        click.echo(f"{m['mountpoint']}  (pid {m['pid']}, engine {m['engine']}, {mode}{extra})")
+        for lower in m["lowerdirs"]:
+            click.echo(f"  lower  {lower}")
+        if m["upperdir"]:
+            click.echo(f"  upper  {m['upperdir']}")
+            click.echo(f"  work   {m['workdir']}")
+        click.echo(f"  trace  {m['trace_socket']}")
+    _done()
 
 
 #: the filesystem alone: ``python -m overlayfs_py`` (no containers, no images)

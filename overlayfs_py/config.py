@@ -60,6 +60,7 @@ __all__ = [
     "MountConfig",
     "build_config",
     "default_workdir",
+    "known_option",
     "parse_options",
     "split_lowerdir",
     "split_positional_lowers",
@@ -130,11 +131,20 @@ class MountConfig:
     # -o passthrough=auto|on|off: FUSE passthrough of regular files (direct engine; auto: when
     # the kernel lets the server use it; docs/semantics.md, "FUSE passthrough")
     passthrough: str = "auto"
+    # mount flags asked for by mount.fuse.pyoverlay's -o (mount(8), fstab): a subset of
+    # MOUNT_FLAGS, applied to the FUSE mount by both engines (docs/mounting.md)
+    mount_flags: tuple[str, ...] = ()
+    # fuse-overlayfs's squash_to_uid=/squash_to_gid= (squash_to_root: 0, 0): every object is
+    # shown with that owner (ownership.Owners; docs/mounting.md)
+    squash_uid: int | None = None
+    squash_gid: int | None = None
 
     def __post_init__(self) -> None:
         # Accept any sequence but store an immutable tuple.
         if not isinstance(self.lowerdirs, tuple):
             object.__setattr__(self, "lowerdirs", tuple(self.lowerdirs))
+        if not isinstance(self.mount_flags, tuple):
+            object.__setattr__(self, "mount_flags", tuple(self.mount_flags))
         for name in ("uidmap", "gidmap"):  # lists (JSON, callers) become tuples of triples
             object.__setattr__(self, name, tuple(tuple(r) for r in getattr(self, name)))
         # Without an upper layer the mount can only be read-only.
@@ -276,9 +286,11 @@ _VALUE_KEYS = (
     "max_nodes",
     "engine",
     "passthrough",
+    "squash_to_uid",
+    "squash_to_gid",
 )
 # Our boolean options.
-_FLAG_KEYS = ("userxattr", "allow_other", "default_permissions", "volatile")
+_FLAG_KEYS = ("userxattr", "allow_other", "default_permissions", "volatile", "squash_to_root")
 # FUSE / VFS generic flags: accepted and ignored.
 _IGNORED_FLAGS = frozenset({"suid", "dev", "nosuid", "nodev", "noatime", "relatime", "exec", "noexec"})
 # Kernel overlay options: value -> accepted (and ignored) or not supported.
@@ -301,6 +313,8 @@ def parse_options(opts: Iterable[str]) -> dict[str, str | bool]:
     and a later option overrides an earlier one.  The result holds only the
     options that matter to pyoverlay:
 
+    * ``squash_to_root`` -> True; ``squash_to_uid``, ``squash_to_gid`` -> the value
+      (fuse-overlayfs's; checked by :func:`build_config`);
     * ``lowerdir`` -> the raw spec, still escaped (pass it to
       :func:`split_lowerdir`);
     * ``upperdir``, ``workdir``, ``fsname`` -> the value, unescaped like the
@@ -360,6 +374,21 @@ def parse_options(opts: Iterable[str]) -> dict[str, str | bool]:
             else:
                 raise ConfigError(f"unknown mount option {_q(key)}")
     return result
+
+
+#: the generic mount flags the FUSE mount itself can carry (``MountConfig.mount_flags``)
+MOUNT_FLAGS = ("nosuid", "nodev", "noexec", "noatime")
+
+
+def known_option(key: str) -> bool:
+    """Whether :func:`parse_options` knows the option *key* (its value is not checked)."""
+    return (
+        key in _VALUE_KEYS
+        or key in _FLAG_KEYS
+        or key in _IGNORED_FLAGS
+        or key in _KERNEL_CHOICES
+        or key in ("ro", "rw", "nouserxattr")
+    )
 
 
 def default_workdir(upper: str) -> str:
@@ -473,6 +502,8 @@ def build_config(
         volatile=bool(opts.get("volatile", False)),
         engine=_engine(opts.get("engine")),
         passthrough=_passthrough(opts.get("passthrough"), opts.get("engine")),
+        squash_uid=_squash(opts.get("squash_to_uid"), bool(opts.get("squash_to_root")), "squash_to_uid"),
+        squash_gid=_squash(opts.get("squash_to_gid"), bool(opts.get("squash_to_root")), "squash_to_gid"),
     )
     validate(cfg, workdir_may_be_missing=workdir_defaulted)
     return cfg
@@ -496,6 +527,19 @@ def _engine(option) -> str:
     if option not in ENGINES:
         raise ConfigError(f"mount option 'engine' must be one of {', '.join(ENGINES)}, not {option!r}")
     return str(option)
+
+
+def _squash(option, to_root: bool, name: str) -> int | None:
+    """``-o squash_to_uid=N`` / ``squash_to_gid=N`` (an id), else 0 with ``squash_to_root``."""
+    if option is None:
+        return 0 if to_root else None
+    try:
+        n = int(str(option), 10)
+    except ValueError:
+        n = -1
+    if not 0 <= n < 2**32 - 1:
+        raise ConfigError(f"mount option '{name}' must be a uid or gid (0 to 4294967294), not {option!r}")
+    return n
 
 
 PASSTHROUGH_MODES = ("auto", "on", "off")

@@ -81,6 +81,9 @@ def fuse_options(cfg: MountConfig) -> set[str]:
         opts.update(("suid", "dev"))
     if cfg.read_only:
         opts.add("ro")
+    opts.update(cfg.mount_flags)  # libfuse makes them mount flags
+    if os.geteuid() == 0:
+        opts.difference_update(f[2:] for f in cfg.mount_flags)  # nosuid beats the suid above
     if cfg.debug:
         opts.add("debug")
     return opts
@@ -137,7 +140,7 @@ def build_overlay(
     tracer = Tracer(container=cfg.container)
     handles = HandleTable()
     listings = ListingCache(kernel_stale=listing_changed)
-    owners = Owners(cfg.uidmap, cfg.gidmap, stack.layers, stack.upper)
+    owners = Owners(cfg.uidmap, cfg.gidmap, stack.layers, stack.upper, squash=(cfg.squash_uid, cfg.squash_gid))
     work = copyup = None
     if cfg.upperdir is not None and not cfg.read_only:
         if wd is None:

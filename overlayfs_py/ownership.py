@@ -43,6 +43,7 @@ class Owners:
         upper: Layer | None = None,
         euid: int | None = None,
         on_presenting: Callable[[], None] | None = None,
+        squash: tuple[int | None, int | None] = (None, None),
     ) -> None:
         self.uids = IdMap(uidmap, overflow_id("uid"))
         self.gids = IdMap(gidmap, overflow_id("gid"))
@@ -53,12 +54,16 @@ class Owners:
             layer.index for layer in layers if self.trusts(layer) and _sys.getxattr_at(layer.fd, None, OVERRIDE_XATTR)
         }
         self.groups = {self.egid, *os.getgroups()}
+        # fuse-overlayfs's squash_to_uid/squash_to_gid (squash_to_root: 0, 0): every object
+        # shown with that owner, and a chown that fails is not an error (its do_fchown)
+        self.squash_uid, self.squash_gid = squash
+        self.squashing = squash != (None, None)
         self.on_presenting = on_presenting  # called once when presenting turns on at run time
 
     @property
     def presenting(self) -> bool:
         """Whether replies need more than the disk's uid/gid/mode."""
-        return not self.identity or bool(self.override_layers)
+        return not self.identity or bool(self.override_layers) or self.squashing
 
     def trusts(self, layer: Layer) -> bool:
         """Whether the layer's overrides may be believed: its root belongs to root or to the
@@ -94,6 +99,12 @@ class Owners:
             uid, gid, mode = st.st_uid, st.st_gid, st.st_mode
         else:
             uid, gid, mode = self.stored(path, follow, st, layer)
+        if self.squashing:
+            return (
+                self.uids.present(uid) if self.squash_uid is None else self.squash_uid,
+                self.gids.present(gid) if self.squash_gid is None else self.squash_gid,
+                mode,
+            )
         return self.uids.present(uid), self.gids.present(gid), mode
 
     def store_ids(self, uid: int | None, gid: int | None) -> tuple[int | None, int | None]:
@@ -125,7 +136,25 @@ class Owners:
         the server's and the override records the owner. A chown(2) through the mount is
         always passed on, even to the same owner: the kernel updates ctime and drops set-id
         bits then too. *fresh*: a new object (it has no override yet, a chown to the owner
-        it has is skipped, and chown must not drop the set-id bits its creator chose)."""
+        it has is skipped, and chown must not drop the set-id bits its creator chose).
+        Squashing, a failure is ignored (fuse-overlayfs: the owners shown are the squash's)."""
+        if self.squashing:
+            try:
+                self._set_owner(path, follow, uid, gid, fresh, st)
+            except OSError:
+                pass
+            return
+        self._set_owner(path, follow, uid, gid, fresh, st)
+
+    def _set_owner(
+        self,
+        path: bytes,
+        follow: bool,
+        uid: int | None,
+        gid: int | None,
+        fresh: bool,
+        st: os.stat_result | None,
+    ) -> None:
         path, follow = _target(path, follow)
         if st is None:
             st = os.stat(path, follow_symlinks=follow)

@@ -122,7 +122,15 @@ def trace_socket(mountpoint: str) -> str:
 
 
 def record(mountpoint: str, pid: int, cfg) -> None:
-    data = {"mountpoint": mountpoint, "pid": pid, "config": asdict(cfg), "trace_socket": trace_socket(mountpoint)}
+    from .procfs import process_start_time
+
+    data = {
+        "mountpoint": mountpoint,
+        "pid": pid,
+        "start_time": process_start_time(pid),  # with the pid: this server for good (records())
+        "config": asdict(cfg),
+        "trace_socket": trace_socket(mountpoint),
+    }
     tmp = _path(mountpoint) + f".{pid}.tmp"
     with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600), "w") as f:
         json.dump(data, f)
@@ -153,3 +161,38 @@ def forget(mountpoint: str, pid: int) -> None:
                 os.unlink(path)
             except FileNotFoundError:
                 pass
+
+
+def records() -> list[dict]:
+    """Every mount record in the state dir (``pyoverlay mounts``), in mountpoint order; the
+    records of servers that are gone are removed (with their trace sockets) and left out. A
+    server is its pid and the start time recorded with it: a pid reused since is not it.
+    A record is live while its server runs, wherever its mount is (a rootless podman's
+    mount is in podman's mount namespace, not in the caller's)."""
+    from . import procfs
+
+    d = state_dir()
+    out = []
+    for name in sorted(os.listdir(d)):
+        if not (name.startswith("mount-") and name.endswith(".json")):
+            continue
+        try:
+            with open(os.path.join(d, name)) as f:
+                data = json.load(f)
+        except (OSError, ValueError):
+            continue
+        if (
+            not isinstance(data, dict)
+            or type(data.get("pid")) is not int
+            or not isinstance(data.get("mountpoint"), str)
+        ):
+            continue
+        if data["pid"] <= 0 or _path(data["mountpoint"]) != os.path.join(d, name):
+            continue  # not a record this state dir could have written
+        started = procfs.process_start_time(data["pid"])
+        if started is None or data.get("start_time", started) != started:  # gone, or its pid reused
+            forget(data["mountpoint"], data["pid"])
+            continue
+        out.append(data)
+    out.sort(key=lambda r: r["mountpoint"])
+    return out

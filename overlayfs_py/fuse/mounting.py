@@ -71,6 +71,9 @@ class FuseMount:
         return self.how != GIVEN
 
 
+_MS_FLAGS = {"nosuid": _sys.MS_NOSUID, "nodev": _sys.MS_NODEV, "noexec": _sys.MS_NOEXEC, "noatime": _sys.MS_NOATIME}
+
+
 def mount_options(cfg: MountConfig, fd: int, root_mode: int) -> tuple[int, str]:
     """mount(2) flags and data for *cfg* on /dev/fuse *fd* (the options
     ``mount.fuse_options`` gives libfuse for the pyfuse3 engine)."""
@@ -81,6 +84,8 @@ def mount_options(cfg: MountConfig, fd: int, root_mode: int) -> tuple[int, str]:
     if cfg.allow_other or root:  # a kernel overlay is visible to every user (mount.fuse_options)
         opts.append("allow_other")
     flags = 0 if root else _sys.MS_NOSUID | _sys.MS_NODEV
+    for name in cfg.mount_flags:  # mount.fuse.pyoverlay -o nosuid,nodev,noexec,noatime
+        flags |= _MS_FLAGS[name]
     if cfg.read_only:
         flags |= _sys.MS_RDONLY
     return flags, ",".join(opts)
@@ -101,6 +106,7 @@ def fusermount_options(cfg: MountConfig) -> str:
     if cfg.allow_other:
         opts.append("allow_other")
     opts.append("ro" if cfg.read_only else "rw")
+    opts.extend(cfg.mount_flags)  # fusermount3 takes nosuid, nodev, noexec, noatime from anyone
     return ",".join(opts)
 
 
