@@ -6,6 +6,7 @@ overlay at all, all mounted at once, workload by workload, round robin.
     scripts/bench --memwalk N        # server peak RSS while walking N entries
     scripts/bench --transport        # microseconds per FUSE request, and where they go
     scripts/bench --mount-times      # mount/umount wall times (median of 10), all engines
+    scripts/bench --podman           # `podman run --rm` with each mount_program (median of 10)
 
 Method and results: docs/performance.md. Needs root (kernel overlay mounts).
 Everything it mounts is unmounted and everything it built is deleted (unless --keep)
@@ -128,6 +129,12 @@ def parse_args(argv):
         action="store_true",
         help="separate mode: mount and umount times (median of --reps, default 10) of the "
         "kernel, fuse-overlayfs and pyoverlay's two engines (also part of a normal run)",
+    )
+    p.add_argument(
+        "--podman",
+        action="store_true",
+        help="separate mode: `podman run --rm --network none IMAGE true` with containers/storage's "
+        "mount_program set to fuse-overlayfs and to mount.fuse.pyoverlay (median of --reps, default 10)",
     )
     p.add_argument(
         "--memwalk",
@@ -282,6 +289,8 @@ def main(argv=None) -> int:
         if args.transport
         else "mount-times"
         if args.mount_times
+        else "podman"
+        if args.podman
         else args.mode,
         "started": started.isoformat(),
         "tmpfs": args.tmpfs,
@@ -309,6 +318,10 @@ def main(argv=None) -> int:
                 if i != "native" and not impls_mod.available(i)
             ]
             out["transport"] = run_transport(sess.run_dir, names, args.reps or 5, log, sess.impls.append)
+        elif args.podman:
+            from benchlib.podman import run_podman
+
+            out["podman"] = run_podman(sess.run_dir, args.reps or 10, log)
         elif args.mount_times:
             names = mounttime_mod.main_names(args.impl, log)
             out["mount_times"] = mounttime_mod.run_mounttimes(sess.run_dir, names, args.reps or mounttime_mod.REPS, log)
@@ -337,6 +350,10 @@ def main(argv=None) -> int:
         print(memwalk_table(out["memwalk"]), flush=True)
     if out.get("mount_times"):
         print(mounttime_mod.table(out["mount_times"]), flush=True)
+    if out.get("podman"):
+        from benchlib.podman import table as podman_table
+
+        print(podman_table(out["podman"]), flush=True)
     if out.get("transport"):
         from benchlib.transport import table as transport_table
 
