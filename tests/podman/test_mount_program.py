@@ -1,0 +1,164 @@
+"""pyoverlay as containers/storage's ``mount_program``: real podman (Debian's 4.3, runc),
+as root and as the rootless test user, beside fuse-overlayfs (the baseline) with the
+same steps.
+
+* ``podman run --rm IMAGE sh -c ...`` writes, deletes and renames files; the container sees
+  its root on the mount program's filesystem and its changes; nothing is left mounted or
+  running afterwards;
+* a run without ``--rm``: ``podman diff`` lists the changes, and ``pyoverlay diff`` on the
+  container's upper layer (``podman inspect``: ``GraphDriver.Data.UpperDir``) says the same
+  as podman says with the kernel's overlay (with a mount program podman compares two mounts
+  instead, and reports a directory removed and made again as C, not D).
+
+The arguments podman 4.3 passes a mount program: ``-o lowerdir=L,upperdir=U,workdir=W,,volatile
+MERGED`` for ``run --rm``, ``...,workdir=W, MERGED`` (an empty last item) otherwise, and
+``-o lowerdir=DIFF:EMPTY MERGED`` (no upper: read-only) for the image side of ``podman diff``.
+
+Each environment is private (tests/helpers/podman.py): its own storage.conf,
+containers.conf, registries.conf, policy.json, store and runtime dirs; the image is a
+busybox rootfs imported from a tarball (no registry).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import pytest
+
+from helpers.rootless import VENV_BIN
+
+PROGRAMS = ["fuse-overlayfs", "pyoverlay"]
+FSTYPES = {"fuse-overlayfs": "fuse.fuse-overlayfs", "pyoverlay": "fuse.pyoverlay"}
+
+#: the container's changes: a new file, a deleted file (a whiteout), a renamed file, a
+#: directory removed and made again (opaque), a file changed in place (a copy-up)
+CHANGES = (
+    "echo hello > /new.txt"
+    " && rm /etc/motd"
+    " && mv /etc/group /etc/group.moved"
+    " && rm -r /home/app && mkdir /home/app && echo x > /home/app/f"
+    " && echo more >> /etc/passwd"
+)
+#: then what the container sees
+LOOK = (
+    "cat /new.txt; ls /etc; ls /home/app; tail -n 1 /etc/passwd;"
+    " test -e /etc/motd && echo motd-still-there;"
+    " awk '$5 == \"/\" {print $0}' /proc/self/mountinfo | sed 's/.* - //' | cut -d' ' -f1"
+)
+
+#: what ``podman diff`` says about CHANGES with a mount program (fuse-overlayfs and pyoverlay
+#: alike): containers/storage then compares a mount of the image with a mount of the
+#: container ("naive diff"), so the directory removed and made again is C, not D
+MOUNT_PROGRAM_DIFF = {
+    "A /new.txt",
+    "C /etc",
+    "D /etc/motd",
+    "D /etc/group",
+    "A /etc/group.moved",
+    "C /etc/passwd",
+    "C /home",
+    "C /home/app",
+    "A /home/app/f",
+}
+#: ... and with the kernel's overlay (no mount program): it reads the upper layer itself
+#: (moby's overlay rules, as ``pyoverlay diff`` does), so the opaque directory is D
+KERNEL_DIFF = (MOUNT_PROGRAM_DIFF - {"C /home/app"}) | {"D /home/app"}
+#: what podman leaves out of its diff: the files it puts into every container
+#: (libpod/diff.go, initInodes)
+PODMAN_OWN = {
+    "/dev",
+    "/etc/hostname",
+    "/etc/hosts",
+    "/etc/resolv.conf",
+    "/etc/mtab",
+    "/proc",
+    "/run",
+    "/run/notify",
+    "/run/.containerenv",
+    "/run/secrets",
+    "/sys",
+}
+
+
+def _run(p, image: str, extra=()) -> subprocess.CompletedProcess:
+    return p.podman("run", *extra, image, "sh", "-c", f"{CHANGES} && {{ {LOOK}; }}")
+
+
+def _check_seen(out: str, program: str | None) -> None:
+    """What the container printed (LOOK): its changes, and its root's filesystem type."""
+    *listing, fstype = out.strip("\n").split("\n")
+    want = FSTYPES[program] if program else "overlay"
+    assert fstype == want, f"the container's root is {fstype!r}, not {want}: {out}"
+    assert "motd-still-there" not in listing, out
+    assert listing[0] == "hello" and "group.moved" in listing and "group" not in listing, out
+    assert listing[-1] == "more" and "f" in listing, out
+
+
+def _diff_set(text: str) -> set[str]:
+    return {line.strip() for line in text.splitlines() if line.strip()}
+
+
+def _pyoverlay_diff(p, container: str) -> set[str]:
+    """``pyoverlay diff`` of the container's upper over its image layers (as root: it only
+    reads the layers), without the files podman adds to every container."""
+    upper, lowers = p.upper_of(container), p.lowers_of(container)
+    r = subprocess.run(
+        [VENV_BIN / "pyoverlay", "diff", upper, "--lower", ":".join(map(str, lowers))],
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/bin:/bin", "PYOVERLAY_STATE_DIR": str(p.short / "root-state")},
+    )
+    assert r.returncode == 0, r.stderr
+    return {line for line in _diff_set(r.stdout) if line.split(" ", 1)[1] not in PODMAN_OWN}
+
+
+@pytest.mark.parametrize("program", PROGRAMS)
+def test_root_run_rm_writes_deletes_renames(make_podman, program):
+    p = make_podman(program)
+    image = p.import_busybox()
+    r = _run(p, image, ("--rm",))
+    _check_seen(r.stdout, program)
+    assert p.podman("ps", "-aq").stdout.strip() == ""
+    # podman unmounted it; the server has exited (make_podman's cleanup fails the test if not)
+
+
+@pytest.mark.parametrize("program", [None, *PROGRAMS], ids=["kernel", *PROGRAMS])
+def test_root_podman_diff_and_pyoverlay_diff_agree(make_podman, program):
+    p = make_podman(program)
+    image = p.import_busybox()
+    r = _run(p, image, ("--name", "c1"))
+    _check_seen(r.stdout, program)
+    diff = _diff_set(p.podman("diff", "c1").stdout)
+    assert diff == (MOUNT_PROGRAM_DIFF if program else KERNEL_DIFF), sorted(diff)
+    if program != "fuse-overlayfs":  # its upper has its own opaque markers (docs/podman.md)
+        assert _pyoverlay_diff(p, "c1") == KERNEL_DIFF
+
+
+@pytest.mark.parametrize("program", PROGRAMS)
+def test_rootless_run_rm_writes_deletes_renames(podman_user, make_podman, program):
+    p = make_podman(program, podman_user)
+    image = p.import_busybox()
+    r = _run(p, image, ("--rm",))
+    _check_seen(r.stdout, program)
+    if program == "pyoverlay":
+        # podman ran it as root of its user namespace: the record went to the user's
+        # $XDG_RUNTIME_DIR (no PYOVERLAY_STATE_DIR is set), FUSE was mounted with mount(2)
+        st = (p.runtime_dir / "pyoverlay").stat()
+        assert st.st_uid == podman_user.uid and st.st_mode & 0o777 == 0o700
+        assert "with mount(2)" in p.mount_log()
+
+
+@pytest.mark.parametrize("program", PROGRAMS)
+def test_rootless_podman_diff_and_pyoverlay_diff_agree(podman_user, make_podman, program):
+    p = make_podman(program, podman_user)
+    image = p.import_busybox()
+    r = _run(p, image, ("--name", "c1"))
+    _check_seen(r.stdout, program)
+    diff = _diff_set(p.podman("diff", "c1").stdout)
+    assert diff == MOUNT_PROGRAM_DIFF, sorted(diff)
+    if program == "pyoverlay":
+        upper = p.upper_of("c1")
+        assert os.getxattr(upper / "home" / "app", "user.overlay.opaque") == b"y"  # userxattr
+        assert os.stat(upper / "new.txt").st_uid == podman_user.uid  # root there is the user here
+        assert _pyoverlay_diff(p, "c1") == KERNEL_DIFF
