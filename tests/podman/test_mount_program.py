@@ -21,8 +21,10 @@ busybox rootfs imported from a tarball (no registry).
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
+import time
 
 import pytest
 
@@ -162,3 +164,67 @@ def test_rootless_podman_diff_and_pyoverlay_diff_agree(podman_user, make_podman,
         assert os.getxattr(upper / "home" / "app", "user.overlay.opaque") == b"y"  # userxattr
         assert os.stat(upper / "new.txt").st_uid == podman_user.uid  # root there is the user here
         assert _pyoverlay_diff(p, "c1") == KERNEL_DIFF
+
+
+#: a detached container that makes two changes, then waits to be removed
+_TRACED = "echo x >> /etc/motd && rm /etc/group && touch /done && sleep 600"
+
+
+def _traced_events(r: subprocess.CompletedProcess) -> list[tuple[str, str, str]]:
+    """(event, path, comm) of ``pyoverlay trace --history --json`` lines (run until ``timeout``)."""
+    assert r.returncode in (0, 124, 130), r.stderr  # stopped by timeout -s INT: it was following
+    events = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    return [(e["event"], e.get("path"), e.get("comm")) for e in events if "path" in e]
+
+
+def _start_traced(p) -> str:
+    image = p.import_busybox()
+    p.podman("run", "-d", "--name", "web", image, "sh", "-c", _TRACED)
+    deadline = time.monotonic() + 30
+    while p.podman("exec", "web", "test", "-e", "/done", check=False).returncode != 0:
+        assert time.monotonic() < deadline, "the container did not make its changes"
+        time.sleep(0.1)
+    return p.podman("inspect", "--format", "{{.GraphDriver.Data.MergedDir}}", "web").stdout.strip()
+
+
+EXPECTED_TRACE = [("copy_up_start", "/etc/motd"), ("copy_up_done", "/etc/motd"), ("whiteout_create", "/etc/group")]
+
+
+def test_root_trace_a_podman_container(make_podman):
+    """The mount of a podman container is found by its merged dir (``podman inspect``) and
+    traced: every copy-up and whiteout, with the process that made it."""
+    p = make_podman("pyoverlay")
+    merged = _start_traced(p)
+    r = subprocess.run(
+        ["timeout", "-s", "INT", "3", VENV_BIN / "pyoverlay", "trace", "--history", "--json", merged],
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/bin:/bin", "PYOVERLAY_STATE_DIR": str(p.state)},
+    )
+    events = _traced_events(r)
+    assert [(e, path) for e, path, _ in events if path in ("/etc/motd", "/etc/group")] == EXPECTED_TRACE, events
+    assert ("whiteout_create", "/etc/group", "rm") in events
+
+
+def test_rootless_trace_a_podman_container(podman_user, make_podman):
+    """Rootless, the mount lives in podman's namespaces: ``podman unshare pyoverlay trace``
+    finds its record in the user's $XDG_RUNTIME_DIR/pyoverlay."""
+    p = make_podman("pyoverlay", podman_user)
+    merged = _start_traced(p)
+    r = p.run(
+        "podman",
+        "unshare",
+        "timeout",
+        "-s",
+        "INT",
+        "3",
+        VENV_BIN / "pyoverlay",
+        "trace",
+        "--history",
+        "--json",
+        merged,
+        check=False,
+    )
+    events = _traced_events(r)
+    assert [(e, path) for e, path, _ in events if path in ("/etc/motd", "/etc/group")] == EXPECTED_TRACE, events
+    assert ("whiteout_create", "/etc/group", "rm") in events
