@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import subprocess
 import time
 from pathlib import Path
@@ -257,3 +258,61 @@ def test_root_podman_commit_then_run_the_result(make_podman, program):
         "run", "--rm", "localhost/committed:test", "sh", "-c", "cat /new.txt; test -e /etc/motd && echo motd-back; true"
     )
     assert r.stdout == "hello\n", r.stdout
+
+
+def _layer_entries(top: Path) -> dict[str, str]:
+    """name -> kind of a stored layer's ``diff/`` (whiteouts told apart: ``wh-char`` for a
+    char 0/0 device, ``wh-file`` for an AUFS ``.wh.NAME`` file)."""
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(top):
+        for name in dirnames + filenames:
+            path = os.path.join(dirpath, name)
+            st = os.lstat(path)
+            rel = os.path.relpath(path, top)
+            if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
+                out[rel] = "wh-char"
+            elif name.startswith(".wh.") and stat.S_ISREG(st.st_mode) and st.st_size == 0:
+                out[rel] = "wh-file"
+            else:
+                out[rel] = "dir" if stat.S_ISDIR(st.st_mode) else "file"
+    return out
+
+
+@pytest.mark.parametrize("program", [None, *PROGRAMS], ids=["kernel", *PROGRAMS])
+def test_root_buildah_from_run_commit(make_podman, program):
+    """``buildah from`` / ``run`` / ``commit``: the committed layer holds the step's changes
+    (a new file, a deleted one as a whiteout, a renamed one), nothing of the base's."""
+    _buildah_round_trip(make_podman(program), program)
+
+
+@pytest.mark.parametrize("program", PROGRAMS)
+def test_rootless_buildah_from_run_commit(podman_user, make_podman, program):
+    _buildah_round_trip(make_podman(program, podman_user), program)
+
+
+def _buildah_round_trip(p, program) -> None:
+    image = p.import_busybox()
+    ctr = p.buildah("from", image).stdout.strip()
+    p.buildah(
+        "run",
+        "--network",
+        "none",
+        ctr,
+        "--",
+        "sh",
+        "-c",
+        "echo hello > /new.txt && rm /etc/motd && mv /etc/group /etc/group.moved",
+    )
+    p.buildah("commit", ctr, "localhost/built:test")
+    top = Path(
+        p.podman(
+            "image", "inspect", "--format", "{{.GraphDriver.Data.UpperDir}}", "localhost/built:test"
+        ).stdout.strip()
+    )
+    entries = _layer_entries(top)
+    wh = "wh-file" if program else "wh-char"  # how containers/storage stores a whiteout (above)
+    motd, group = ("etc/.wh.motd", "etc/.wh.group") if program else ("etc/motd", "etc/group")
+    assert entries.get("new.txt") == "file" and entries.get("etc/group.moved") == "file", entries
+    assert entries.get(motd) == wh and entries.get(group) == wh, entries
+    assert "bin/busybox" not in entries and "etc/passwd" not in entries, entries  # the base's
+    assert (top / "new.txt").read_text() == "hello\n"
