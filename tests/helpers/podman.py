@@ -214,6 +214,8 @@ class Podman:
         }
         if self.user is None:
             env["PYOVERLAY_STATE_DIR"] = str(self.state)
+        if os.environ.get(mounts.ENGINE_ENV):  # the engine under test (scripts/test), through podman
+            env[mounts.ENGINE_ENV] = os.environ[mounts.ENGINE_ENV]
         return env
 
     # -- running the tools -------------------------------------------------------------------

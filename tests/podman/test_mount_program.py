@@ -30,6 +30,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import mounts
 from helpers.rootless import VENV_BIN
 
 PROGRAMS = ["fuse-overlayfs", "pyoverlay"]
@@ -150,7 +151,8 @@ def test_rootless_run_rm_writes_deletes_renames(podman_user, make_podman, progra
         # $XDG_RUNTIME_DIR (no PYOVERLAY_STATE_DIR is set), FUSE was mounted with mount(2)
         st = (p.runtime_dir / "pyoverlay").stat()
         assert st.st_uid == podman_user.uid and st.st_mode & 0o777 == 0o700
-        assert "with mount(2)" in p.mount_log()
+        if mounts.engine_name() == "direct":  # its log says how it mounted
+            assert "with mount(2)" in p.mount_log()
 
 
 @pytest.mark.parametrize("program", PROGRAMS)

@@ -223,7 +223,8 @@ def test_userns_root_mounts_records_in_the_users_dir_and_writes_userxattr(user, 
     assert seen["record"] == {"mountpoint": str(mnt), "userxattr": True}, seen
     # umount there: unmounted, the server gone, its record and trace socket too
     assert seen["after"] == {"mounted": False, "server_alive": False, "records": []}, seen
-    assert "with mount(2)" in (user.dir / "server.log").read_text()  # no fusermount3, no host root
+    if mounts.engine_name() == "direct":  # its log says how it mounted: no fusermount3, no host root
+        assert "with mount(2)" in (user.dir / "server.log").read_text()
     if where == "xdg":  # the directory is the user's outside the namespace too
         st = os.stat(user.dir / "runtime" / "pyoverlay")
         assert st.st_uid == user.uid and stat.S_IMODE(st.st_mode) == 0o700
