@@ -269,6 +269,21 @@ class Podman:
         self.podman("import", "--change", 'CMD ["/bin/sh"]', tar, name)
         return name
 
+    def settle(self, timeout: float = 10) -> None:
+        """Wait until no mount program's mount is left under the store: after ``podman run``
+        returns, conmon's ``podman container cleanup`` unmounts the container's layer in a
+        process of its own. (Root only: rootless mounts are in podman's namespace.)"""
+        if self.user is not None:
+            return
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not any(
+                (m := mounts.mount_entry(mp)) is not None and m.fstype.startswith("fuse")
+                for mp in mounts.mounts_under(self.graph)
+            ):
+                return
+            time.sleep(0.05)
+
     # -- where a container's layers are --------------------------------------------------------
     def upper_of(self, container: str) -> Path:
         """The upper directory (containers/storage's ``diff``) of *container*'s layer."""

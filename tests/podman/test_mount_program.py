@@ -134,6 +134,7 @@ def test_root_podman_diff_and_pyoverlay_diff_agree(make_podman, program):
     image = p.import_busybox()
     r = _run(p, image, ("--name", "c1"))
     _check_seen(r.stdout, program)
+    p.settle()  # conmon's cleanup has unmounted the container
     diff = _diff_set(p.podman("diff", "c1").stdout)
     assert diff == (MOUNT_PROGRAM_DIFF if program else KERNEL_DIFF), sorted(diff)
     if program != "fuse-overlayfs":  # its upper has its own opaque markers (docs/podman.md)
@@ -161,6 +162,7 @@ def test_rootless_podman_diff_and_pyoverlay_diff_agree(podman_user, make_podman,
     image = p.import_busybox()
     r = _run(p, image, ("--name", "c1"))
     _check_seen(r.stdout, program)
+    p.settle()  # conmon's cleanup has unmounted the container
     diff = _diff_set(p.podman("diff", "c1").stdout)
     assert diff == MOUNT_PROGRAM_DIFF, sorted(diff)
     if program == "pyoverlay":
