@@ -247,6 +247,8 @@ def test_userns_root_mounts_records_in_the_users_dir_and_writes_userxattr(user, 
 def test_userns_root_with_subordinate_ids_chowns_like_the_kernel(user):
     if not user.subuid_ranges() or shutil.which("newuidmap") is None:
         pytest.skip("needs /etc/subuid ranges for pyoverlay-test and newuidmap (scripts/setup)")
+    if "--map-users" not in subprocess.run(["unshare", "--help"], capture_output=True, text=True).stdout:
+        pytest.skip("needs unshare --map-users (util-linux 2.38 or later)")
     (start, _count), *_ = user.subuid_ranges()
     seen, (lo, up, *_rest, kup, _kwk, _kmnt) = _run_in_ns(user, "xdg", extra_maps=True, env={"CHOWN_TO": "1000"})
     assert seen["uid_map"][:3] == ["0", str(user.uid), "1"] and seen["uid_map"][3:5] == ["1", str(start)], seen
