@@ -26,6 +26,7 @@ from .idmap import OVERRIDE_XATTR, carries_override
 from .inodes import DEAD, InodeTable, Node
 from .layers import Hit, Layer, LayerStack
 from .ownership import Owners
+from .privilege import initial_userns
 from .trace import Tracer, display
 from .whiteout import XattrNames, decode_origin, is_whiteout_at
 
@@ -116,7 +117,8 @@ class Overlay:
         self.trace = tracer
         self._copyup = copyup
         self._on_out_of_fds = on_out_of_fds
-        self._can_open_by_handle = os.geteuid() == 0
+        # open_by_handle_at needs CAP_DAC_READ_SEARCH in the initial user namespace
+        self._can_open_by_handle = os.geteuid() == 0 and initial_userns()
         self._warned_fds = False
 
     @property

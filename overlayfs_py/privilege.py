@@ -3,7 +3,9 @@
 ``privileged()`` decides the private xattr namespace (userxattr.py) and the mode of
 ``work/``: only CAP_SYS_ADMIN in the *initial* user namespace may use ``trusted.*``
 xattrs, so root inside a user namespace counts as unprivileged, as with the kernel,
-which needs ``-o userxattr`` there.
+which needs ``-o userxattr`` there. ``host_root()`` / ``userns_root()`` decide where state
+is kept: root of a user namespace whose uid 0 is an ordinary user outside (podman's
+rootless mount program, ``unshare -Ur``) keeps it in that user's directories (state.py).
 
 ``check_fuse_access(cfg)`` runs before the server is forked: /dev/fuse must be open to
 this user and, when mount(2) is not permitted, libfuse mounts through the setuid
@@ -39,13 +41,51 @@ def effective_caps(status: str | None = None) -> int:
 
 def initial_userns(uid_map: str | None = None) -> bool:
     """Whether this process is in the initial user namespace (the identity map of all ids)."""
+    return _uid_map(uid_map) == [_IDENTITY_MAP]
+
+
+def _uid_map(uid_map: str | None) -> list[list[str]]:
     if uid_map is None:
         try:
             with open("/proc/self/uid_map") as f:
                 uid_map = f.read()
         except FileNotFoundError:  # a kernel without user namespaces
-            return True
-    return [line.split() for line in uid_map.splitlines() if line.strip()] == [_IDENTITY_MAP]
+            uid_map = " ".join(_IDENTITY_MAP)
+    return [line.split() for line in uid_map.splitlines() if line.strip()]
+
+
+def outer_uid(uid: int | None = None, uid_map: str | None = None) -> int | None:
+    """The uid that *uid* (default: the effective uid) is in the parent user namespace
+    (the host's, unless namespaces are nested), per /proc/self/uid_map; None if unmapped."""
+    if uid is None:
+        uid = os.geteuid()
+    for row in _uid_map(uid_map):
+        try:
+            inside, outside, count = (int(v) for v in row)
+        except ValueError:
+            continue
+        if inside <= uid < inside + count:
+            return outside + uid - inside
+    return None
+
+
+def userns_root(uid_map: str | None = None, euid: int | None = None) -> bool:
+    """Root of a user namespace that is not the host's root: uid 0 here, another uid outside
+    (``unshare -Ur`` or ``podman unshare`` as a user; podman runs a rootless mount program
+    so). Such a root may mount FUSE in a mount namespace of its own, but it may not write
+    where host root keeps its state (/run), nor use ``trusted.*`` xattrs."""
+    if (os.geteuid() if euid is None else euid) != 0:
+        return False
+    if uid_map is None:
+        uid_map = "\n".join(" ".join(row) for row in _uid_map(None))  # read once
+    return not initial_userns(uid_map) and outer_uid(0, uid_map) not in (0, None)
+
+
+def host_root() -> bool:
+    """Root whose files are the host root's: uid 0 in the initial user namespace, or in one
+    that maps uid 0 to the host's root (``unshare -Ur`` run by root). Its state belongs in
+    /run, /var/lib; everyone else's (:func:`userns_root` included) in the user's dirs."""
+    return os.geteuid() == 0 and not userns_root()
 
 
 def privileged() -> bool:

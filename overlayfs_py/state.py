@@ -3,7 +3,10 @@
 ``pyoverlay umount`` uses it to find the server to wait for; later tools (trace,
 ps) will use it to find a mount's server. Directory: ``$PYOVERLAY_STATE_DIR``, else
 ``/run/pyoverlay`` for root, else ``$XDG_RUNTIME_DIR/pyoverlay`` (when that directory is
-the user's own and 0700) or ``/tmp/pyoverlay-$UID``.
+the user's own and 0700) or ``/tmp/pyoverlay-$UID``. Root of a user namespace that is an
+ordinary user outside it (``privilege.userns_root``: podman's rootless mount program) is
+not root here: ``$XDG_RUNTIME_DIR/pyoverlay`` or ``/tmp/pyoverlay-$UID`` with the uid it has
+outside, the directories that user has outside the namespace too.
 
 The state dir is trusted (its records name pids to signal, mounts to unmount, trees to
 remove), so it must be the user's: :func:`private_dir` creates it 0700 and refuses one
@@ -97,16 +100,23 @@ def _xdg_runtime_dir() -> str | None:
     return d
 
 
+def default_state_dir() -> str:
+    """Where records go without ``$PYOVERLAY_STATE_DIR`` (only the path; see the module doc).
+    Root of a user namespace whose uid 0 is an ordinary user outside (podman's rootless
+    mount program, ``unshare -Ur``) is that user here: its uid 0 may not write the host's
+    /run, so it gets the user's directory, named by its uid outside."""
+    from .privilege import host_root, outer_uid
+
+    if host_root():
+        return "/run/pyoverlay"
+    if (xdg := _xdg_runtime_dir()) is not None:
+        return os.path.join(xdg, "pyoverlay")
+    uid = outer_uid()
+    return f"/tmp/pyoverlay-{os.geteuid() if uid is None else uid}"
+
+
 def state_dir() -> str:
-    d = os.environ.get("PYOVERLAY_STATE_DIR")
-    if not d:
-        if os.geteuid() == 0:
-            d = "/run/pyoverlay"
-        elif (xdg := _xdg_runtime_dir()) is not None:
-            d = os.path.join(xdg, "pyoverlay")
-        else:
-            d = f"/tmp/pyoverlay-{os.geteuid()}"
-    return private_dir(d, "state dir")
+    return private_dir(os.environ.get("PYOVERLAY_STATE_DIR") or default_state_dir(), "state dir")
 
 
 def _path(mountpoint: str) -> str:

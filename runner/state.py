@@ -36,6 +36,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from overlayfs_py.mountinfo import mounts_under
+from overlayfs_py.privilege import host_root
 from overlayfs_py.state import private_dir, state_dir
 
 from . import _linux
@@ -219,7 +220,7 @@ def data_root() -> str:
     Only the path: :func:`data_dir` and the image store check it before use."""
     d = os.environ.get("PYOVERLAY_DATA_DIR")
     if not d:
-        if os.geteuid() == 0:
+        if host_root():  # not root of a user namespace that is a user outside (podman unshare)
             d = "/var/lib/pyoverlay"
         else:
             base = os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share")

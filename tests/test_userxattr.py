@@ -100,6 +100,20 @@ def test_privilege_facts():
     assert not privilege.initial_userns("0 0 4294967295\n1 1 1\n")
 
 
+def test_user_namespace_root_is_not_host_root():
+    """uid 0 of a namespace that is an ordinary user outside (podman's rootless mount
+    program, ``unshare -Ur``) keeps its state in that user's dirs (state.py)."""
+    podman_like = "         0       1001          1\n         1     100000      65536\n"
+    assert privilege.userns_root(podman_like, euid=0)
+    assert privilege.userns_root("0 1001 1\n", euid=0)
+    assert not privilege.userns_root(podman_like, euid=1000)  # not root there
+    assert not privilege.userns_root("0 0 4294967295\n", euid=0)  # the host's root
+    assert not privilege.userns_root("0 0 1\n", euid=0)  # root's own namespace (unshare -Ur as root)
+    assert privilege.outer_uid(0, podman_like) == 1001
+    assert privilege.outer_uid(1000, podman_like) == 100999
+    assert privilege.outer_uid(70000, podman_like) is None
+
+
 def test_user_allow_other(tmp_path):
     conf = tmp_path / "fuse.conf"
     conf.write_text("# user_allow_other\n#user_allow_other\nmount_max = 1000\n")
