@@ -45,6 +45,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from overlayfs_py import procfs
+
 from . import mounts, rootfs
 from .rootless import VENV_BIN, User
 
@@ -309,11 +311,10 @@ class Podman:
                     cmd = f.read()
                 with open(f"/proc/{d}/environ", "rb") as f:
                     env = f.read()
-                with open(f"/proc/{d}/stat", "rb") as f:
-                    state = f.read().rsplit(b")", 1)[1].split()[0]
+                running = procfs.alive(d)
             except OSError:
                 continue
-            if state != b"Z" and any(k in cmd or k in env for k in keys):
+            if running and any(k in cmd or k in env for k in keys):
                 out.append(int(d))
         return out
 

@@ -149,11 +149,12 @@ def test_rootless_run_rm_writes_deletes_renames(podman_user, make_podman, progra
     _check_seen(r.stdout, program)
     if program == "pyoverlay":
         # podman ran it as root of its user namespace: the record went to the user's
-        # $XDG_RUNTIME_DIR (no PYOVERLAY_STATE_DIR is set), FUSE was mounted with mount(2)
+        # $XDG_RUNTIME_DIR (no PYOVERLAY_STATE_DIR is set); FUSE was mounted with mount(2)
+        # inside that namespace (fusermount3 is not setuid there)
         st = (p.runtime_dir / "pyoverlay").stat()
         assert st.st_uid == podman_user.uid and st.st_mode & 0o777 == 0o700
-        if mounts.engine_name() == "direct":  # its log says how it mounted
-            assert "with mount(2)" in p.mount_log()
+        if mounts.engine_name() == "direct" and "mount-program.args" in p.mount_log():
+            assert "with mount(2)" in p.mount_log()  # the wrapper's server log says so
 
 
 @pytest.mark.parametrize("program", PROGRAMS)

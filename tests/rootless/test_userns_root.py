@@ -40,6 +40,8 @@ from helpers.rootless import VENV_BIN
 #: not, and /tmp is a private tmpfs so /tmp/pyoverlay-UID is the test's)
 _IN_NS = r"""
 import ctypes, hashlib, json, os, stat, subprocess, sys
+from overlayfs_py import procfs
+from overlayfs_py.mountinfo import is_mounted, mounts
 libc = ctypes.CDLL(None, use_errno=True)
 MS_BIND = 4096
 def mount(src, dst, fstype, flags, data):
@@ -61,7 +63,7 @@ if where == "tmp":
         os.chmod(f"/tmp/pyoverlay-{uid_outside}", 0o777)
         r = subprocess.run([pyoverlay, "mount", "--workdir", wk, lo, up, mnt], capture_output=True, text=True)
         out.update(planted_rc=r.returncode, planted_err=r.stderr,
-                   planted_mounted=any(l.split()[4] == mnt for l in open("/proc/self/mountinfo")))
+                   planted_mounted=is_mounted(mnt))
         print(json.dumps(out))
         sys.exit(0)
     expected = f"/tmp/pyoverlay-{uid_outside}"
@@ -92,7 +94,7 @@ def ops(m):
     return sorted(os.listdir(m))
 
 def mounted(m):
-    return any(l.split()[4] == m for l in open("/proc/self/mountinfo"))
+    return is_mounted(m)
 
 argv = [pyoverlay, "mount"]
 if os.environ.get("PYOVERLAY_ENGINE"):
@@ -101,7 +103,7 @@ r = subprocess.run([*argv, "--log", os.path.join(testdir, "server.log"), "--work
                    capture_output=True, text=True)
 if r.returncode != 0:
     sys.exit("pyoverlay mount: " + r.stderr)
-out["fstype"] = [l.split(" - ")[1].split()[0] for l in open("/proc/self/mountinfo") if l.split()[4] == mnt]
+out["fstype"] = [m.fstype for m in mounts() if m.mountpoint == mnt]
 out["listing"] = ops(mnt)
 st = os.stat(expected)
 out["state_dir"] = {"mode": stat.S_IMODE(st.st_mode), "uid": st.st_uid,
@@ -115,11 +117,7 @@ r = subprocess.run([pyoverlay, "umount", mnt], capture_output=True, text=True)
 if r.returncode != 0:
     sys.exit("pyoverlay umount: " + r.stderr)
 def alive(pid):  # a zombie has exited (its parent, init, reaps it)
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
+    return procfs.alive(pid)
 out["after"] = {"mounted": mounted(mnt), "server_alive": alive(pid),
                 "records": sorted(n for n in os.listdir(expected) if not n.startswith("."))}
 if where == "tmp":
