@@ -51,13 +51,17 @@ def mount(src, dst, fstype, flags, data):
 pyoverlay, testdir, lo, up, wk, mnt, kup, kwk, kmnt, where, uid_outside = sys.argv[1:12]
 out = {"euid": os.geteuid(), "uid_map": open("/proc/self/uid_map").read().split()}
 if where == "tmp":
-    # a private /tmp: /tmp/pyoverlay-UID is then the test's; the test's directory is bound
-    # back at its own path
-    keep = os.open(testdir, os.O_PATH | os.O_DIRECTORY)
+    # a private /tmp: /tmp/pyoverlay-UID is then the test's; the test's directory (and the
+    # checkout, when it lives under /tmp: its .venv runs pyoverlay) are bound back at their
+    # own paths
+    checkout = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(pyoverlay))))
+    keep = [(d, os.open(d, os.O_PATH | os.O_DIRECTORY))
+            for d in (testdir, checkout) if d == "/tmp" or d.startswith("/tmp/")]
     mount("tmpfs", "/tmp", "tmpfs", 0, "mode=1777")
-    os.makedirs(testdir)
-    mount(f"/proc/self/fd/{keep}", testdir, None, MS_BIND, None)
-    os.close(keep)
+    for d, fd in keep:
+        os.makedirs(d, exist_ok=True)
+        mount(f"/proc/self/fd/{fd}", d, None, MS_BIND, None)
+        os.close(fd)
     if sys.argv[12:] == ["planted"]:  # someone else's directory in its place: refused
         os.mkdir(f"/tmp/pyoverlay-{uid_outside}", 0o777)
         os.chmod(f"/tmp/pyoverlay-{uid_outside}", 0o777)
