@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -29,6 +30,7 @@ from pathlib import Path
 import pytest
 
 from helpers import mounts
+from helpers.containers import wait_gone
 from overlayfs_py import procfs
 
 pytestmark = [pytest.mark.fuse, pytest.mark.needs_root]
@@ -61,15 +63,6 @@ def _record(env, mnt) -> dict:
     return found[0]
 
 
-def _wait_gone(pid: int, timeout: float = 30) -> bool:
-    deadline = time.monotonic() + timeout
-    while procfs.alive(pid):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
-
-
 def _helper(*args, env, cwd=None, timeout=60) -> subprocess.CompletedProcess:
     return subprocess.run(
         [str(HELPER), *map(str, args)], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout
@@ -82,7 +75,7 @@ def _cleanup(mnt, env) -> None:
     if mounts.is_mounted(mnt):
         mounts.force_unmount(mnt)
     for r in recs:
-        if not _wait_gone(r["pid"], 10):
+        if not wait_gone(r["pid"], 10):
             os.kill(r["pid"], signal.SIGKILL)
 
 
@@ -140,7 +133,7 @@ def test_containers_storage_call_works_as_with_fuse_overlayfs(tmp_path, env):
         (merged / "gone").unlink()
         ours = _tree(merged)
         subprocess.run(["umount", str(merged)], check=True)  # podman unmounts it itself
-        assert _wait_gone(rec["pid"]), "the server did not exit after umount"
+        assert wait_gone(rec["pid"], 30), "the server did not exit after umount"
         assert not [x for x in _records(env) if x["mountpoint"] == str(merged)]
     finally:
         _cleanup(merged, env)
@@ -268,6 +261,30 @@ def test_a_quoted_selinux_label_with_commas(tmp_path, env):
         _cleanup(mnt, env)
 
 
+def _programs() -> list[tuple[str, list[str]]]:
+    """pyoverlay's helper, and fuse-overlayfs where it is installed."""
+    out = [("pyoverlay", [str(HELPER)])]
+    if FUSE_OVERLAYFS is not None:
+        out.append(("fuse-overlayfs", [FUSE_OVERLAYFS]))
+    return out
+
+
+@contextlib.contextmanager
+def _fresh_mount(argv: list[str], opts: str, upper: Path, work: Path, mnt: Path, env):
+    """*argv* (the helper or fuse-overlayfs) mounted with ``-o opts`` on an emptied upper
+    and workdir; unmounted and cleaned up after."""
+    for d in (upper, work):
+        shutil.rmtree(d)
+        d.mkdir()
+    r = subprocess.run([*argv, "-o", opts, str(mnt)], env=env, capture_output=True, text=True, timeout=60)
+    try:
+        assert r.returncode == 0, r.stderr
+        yield
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True)
+        _cleanup(mnt, env)
+
+
 def test_uidmapping_and_gidmapping_as_with_fuse_overlayfs(tmp_path, env):
     """containers/storage appends ``uidmapping=``/``gidmapping=`` (fuse-overlayfs's
     HOST:PRESENTED:COUNT, several ranges joined by ':') for a container with an id map."""
@@ -275,23 +292,10 @@ def test_uidmapping_and_gidmapping_as_with_fuse_overlayfs(tmp_path, env):
     os.chown(lower / "f", 1, 2)
     maps = "uidmapping=0:100000:1:1:200000:10,gidmapping=0:300000:1:1:400000:10"
     seen = {}
-    for name, argv in (("pyoverlay", [str(HELPER)]), ("fuse-overlayfs", [FUSE_OVERLAYFS])):
-        if argv[0] is None:
-            continue
-        for d in (upper, work):
-            shutil.rmtree(d)
-            d.mkdir()
-        r = subprocess.run(
-            [*argv, "-o", f"lowerdir={lower},upperdir={upper},workdir={work},,{maps}", str(mnt)],
-            env=env, capture_output=True, text=True, timeout=60,
-        )  # fmt: skip
-        try:
-            assert r.returncode == 0, r.stderr
+    for name, argv in _programs():
+        with _fresh_mount(argv, f"lowerdir={lower},upperdir={upper},workdir={work},,{maps}", upper, work, mnt, env):
             st = os.stat(mnt / "f")
             seen[name] = (st.st_uid, st.st_gid)
-        finally:
-            subprocess.run(["umount", str(mnt)], capture_output=True)
-            _cleanup(mnt, env)
     assert seen["pyoverlay"] == (200000, 400001)  # stored 1:2 shown through the second ranges
     if "fuse-overlayfs" in seen:
         assert seen["fuse-overlayfs"] == seen["pyoverlay"]
@@ -314,18 +318,8 @@ def test_squash_options_as_with_fuse_overlayfs(tmp_path, env, squash, shown):
     (lower / "g").write_text("g\n")
     os.chown(lower / "g", 3, 4)
     seen = {}
-    for name, argv in (("pyoverlay", [str(HELPER)]), ("fuse-overlayfs", [FUSE_OVERLAYFS])):
-        if argv[0] is None:
-            continue
-        for d in (upper, work):
-            shutil.rmtree(d)
-            d.mkdir()
-        r = subprocess.run(
-            [*argv, "-o", f"lowerdir={lower},upperdir={upper},workdir={work},{squash}", str(mnt)],
-            env=env, capture_output=True, text=True, timeout=60,
-        )  # fmt: skip
-        try:
-            assert r.returncode == 0, r.stderr
+    for name, argv in _programs():
+        with _fresh_mount(argv, f"lowerdir={lower},upperdir={upper},workdir={work},{squash}", upper, work, mnt, env):
             (mnt / "new").write_text("n\n")
             with open(mnt / "g", "a") as f:  # a copy-up
                 f.write("more\n")
@@ -333,9 +327,6 @@ def test_squash_options_as_with_fuse_overlayfs(tmp_path, env, squash, shown):
             os.chown(mnt / "f", 1234, 1234)  # passed on; shown squashed all the same
             owners["f after chown"] = (os.stat(mnt / "f").st_uid, os.stat(mnt / "f").st_gid)
             seen[name] = owners
-        finally:
-            subprocess.run(["umount", str(mnt)], capture_output=True)
-            _cleanup(mnt, env)
         assert (os.stat(upper / "g").st_uid, os.stat(upper / "g").st_gid) == (3, 4)  # the disk's owner kept
         assert (os.stat(upper / "f").st_uid, os.stat(upper / "f").st_gid) == (1234, 1234)
     assert set(seen["pyoverlay"].values()) == {shown}
@@ -463,7 +454,7 @@ def test_mount_t_fuse_pyoverlay_and_umount_ends_the_server(tmp_path, env, ns):
     pid = _record(env, mnt)["pid"]
     r = ns.run("umount", mnt)  # plain umount(8): the kernel ends the connection (ENODEV)
     assert r.returncode == 0, r.stderr
-    assert _wait_gone(pid), "the server did not exit after umount(8)"
+    assert wait_gone(pid, 30), "the server did not exit after umount(8)"
     assert _records(env) == []  # the server removed its record
     assert ns.mount_at(mnt) is None
 
@@ -496,7 +487,7 @@ def test_fstab_lines_through_mount_a_and_mount_merged(tmp_path, env, ns):
     for path in (mnt, mnt2):
         r = ns.run("umount", path)
         assert r.returncode == 0, r.stderr
-    assert all(_wait_gone(pid) for pid in pids)
+    assert all(wait_gone(pid, 30) for pid in pids)
     assert _records(env) == []
 
 
@@ -525,7 +516,7 @@ def test_the_same_fstab_line_with_fuse_overlayfs(tmp_path, env, ns):
     assert ours == theirs
     for path in (mnt, mnt2):
         assert ns.run("umount", path).returncode == 0
-    assert _wait_gone(pid)
+    assert wait_gone(pid, 30)
 
 
 # --------------------------------------------------------------------------
@@ -564,7 +555,7 @@ def test_pyoverlay_mounts_lists_live_mounts_and_drops_dead_ones(tmp_path, env, m
         assert f"  lower  {lower}" in text and f"  upper  {upper}" in text and f"  trace  {one['trace_socket']}" in text
         # a server killed with SIGKILL: its record is dropped (and removed), its mount stays dead
         os.kill(two["pid"], signal.SIGKILL)
-        assert _wait_gone(two["pid"])
+        assert wait_gone(two["pid"], 30)
         r = _pyoverlay("mounts", "--json", env=env)
         assert [m["mountpoint"] for m in json.loads(r.stdout)] == [str(mnt)]
         assert [x["mountpoint"] for x in _records(env)] == [str(mnt)]
