@@ -214,27 +214,37 @@ def test_root_trace_a_podman_container(make_podman):
 
 
 def test_rootless_trace_a_podman_container(podman_user, make_podman):
-    """Rootless, the mount lives in podman's namespaces: ``podman unshare pyoverlay trace``
-    finds its record in the user's $XDG_RUNTIME_DIR/pyoverlay."""
+    """Rootless, the mount lives in podman's namespaces; ``pyoverlay trace MERGED`` run by the
+    same user on the host (not through ``podman unshare``) finds its record in the user's
+    $XDG_RUNTIME_DIR/pyoverlay and follows it."""
     p = make_podman("pyoverlay", podman_user)
     merged = _start_traced(p)
-    r = p.run(
-        "podman",
-        "unshare",
-        "timeout",
-        "-s",
-        "INT",
-        "3",
-        VENV_BIN / "pyoverlay",
-        "trace",
-        "--history",
-        "--json",
-        merged,
-        check=False,
+    assert not mounts.is_mounted(merged)  # not here: in podman's mount namespace
+    env = podman_user.env(p.env())
+    env.pop("PYOVERLAY_STATE_DIR", None)  # the user's default state dir, as podman's mount program had
+    r = subprocess.run(
+        podman_user.argv(["timeout", "-s", "INT", "3", VENV_BIN / "pyoverlay", "trace", "--history", "--json", merged]),
+        capture_output=True,
+        text=True,
+        env=env,
     )
     events = _traced_events(r)
     assert [(e, path) for e, path, _ in events if path in ("/etc/motd", "/etc/group")] == EXPECTED_TRACE, events
     assert ("whiteout_create", "/etc/group", "rm") in events
+    # the same record gives `pyoverlay mounts` and `explain` there
+    r = subprocess.run(
+        podman_user.argv([VENV_BIN / "pyoverlay", "mounts", "--json"]), capture_output=True, text=True, env=env
+    )
+    assert r.returncode == 0, r.stderr
+    found = [m for m in json.loads(r.stdout) if m["mountpoint"] == merged]
+    assert len(found) == 1 and found[0]["upperdir"] == str(p.upper_of("web")), r.stdout
+    r = subprocess.run(
+        podman_user.argv([VENV_BIN / "pyoverlay", "explain", merged, "/etc/motd"]),
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert r.returncode == 0 and "served by upper" in r.stdout, r.stdout + r.stderr
 
 
 #: With a mount program, containers/storage writes the layers it stores from a tar (pull,
