@@ -201,6 +201,16 @@ def test_events_name_each_process(layers, traced):
     assert not [e for e in traced.events if e["event"] == "copy_up_unused"]  # utimes used it
 
 
+def test_a_process_that_execs_is_named_by_its_new_command(layers, traced):
+    """A container's PID 1 is runc's init until it execs the container's command, and the
+    command's first changes come right after: the new name, not the one before the exec."""
+    pid = run("sh", "-c", "echo x > new.txt && exec dd if=/dev/null of=e/h conv=notrunc status=none", cwd=traced.path)
+    traced.finish()
+    by_path = {e["path"]: e for e in traced.events if e["event"] in ("create", "copy_up_done")}
+    assert (by_path["/new.txt"]["pid"], by_path["/new.txt"]["comm"]) == (pid, "sh")
+    assert (by_path["/e/h"]["pid"], by_path["/e/h"]["comm"]) == (pid, "dd")
+
+
 def test_a_failed_copy_up_is_reported(layers, traced):
     # a lower file the server cannot read (a FIFO cannot be opened for data? use a
     # directory that vanished from the lower layer after lookup)
