@@ -1,4 +1,4 @@
-"""pyoverlay demo, in three parts.  Run it through ``scripts/demo`` (which installs everything first).
+"""pyoverlay demo, in four parts.  Run it through ``scripts/demo`` (which installs everything first).
 
 Part 1, a mount: two built-in lower layers plus an empty upper layer are mounted
 with ``pyoverlay mount``; the demo shows where each merged entry comes from, how
@@ -17,6 +17,14 @@ after ``stop`` the demo summarises the trace file and shows ``pyoverlay diff`` a
 
 Part 3, the same image run by an ordinary user (scripts/demo_rootless.py): root inside,
 the user's files in the upper layer, and the kernel's overlay reading that upper.
+
+Part 4, a podman container traced through pyoverlay (scripts/demo_podman.py, root only):
+podman with a private configuration whose ``mount_program`` is ``mount.fuse.pyoverlay``
+runs a container; ``pyoverlay trace --history`` on its merged dir shows its copy-ups and
+whiteouts with the processes that made them, and ``podman diff`` is compared with
+``pyoverlay diff``.
+
+``--part NAME`` (repeatable) runs only some parts: mount, container, rootless, podman.
 
 Everything happens under a temporary directory (container records and data
 included) that is unmounted and removed at the end, whatever happens.
@@ -558,9 +566,10 @@ _EVENT_ROW = re.compile(r"^\d\d:\d\d:\d\d\.\d{3}  (?!--)")  # a row of `pyoverla
 
 class LiveTrace:
     """``pyoverlay ARGS`` (a ``trace``) in the background: a thread prints each line of
-    its output the moment it comes, prefixed with ``[live trace]``."""
+    its output the moment it comes, prefixed with ``[live trace]``.  Its environment is
+    part 2's (:func:`runner_env`) unless *env* is given."""
 
-    def __init__(self, work: Path, *args: str) -> None:
+    def __init__(self, work: Path, *args: str, env: dict[str, str] | None = None) -> None:
         self.lines: list[str] = []
         self.done = False
         self.last = time.monotonic()
@@ -568,7 +577,7 @@ class LiveTrace:
         self.proc = subprocess.Popen(
             pyoverlay(*args),
             cwd=work,
-            env=runner_env(work),
+            env=runner_env(work) if env is None else env,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -844,16 +853,42 @@ def release_mounts(base: Path) -> bool:
     return not mounts_under(base)
 
 
-def main() -> int:
-    base = Path(os.path.realpath(tempfile.mkdtemp(prefix="pyoverlay-demo-")))
-    rc = 1
-    try:
+PARTS = ("mount", "container", "rootless", "podman")
+
+
+def run_part(name: str, base: Path) -> int:
+    if name == "mount":
         say("#### Part 1: mounting layers")
-        rc = mount_part(base)
-        rc = container_part(base) or rc
+        return mount_part(base)
+    if name == "container":
+        return container_part(base)
+    if name == "rootless":
         import demo_rootless
 
-        rc = demo_rootless.part(sys.modules[__name__], base) or rc
+        return demo_rootless.part(sys.modules[__name__], base)
+    import demo_podman
+
+    return demo_podman.part(sys.modules[__name__], base)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(description="Show pyoverlay at work (see the module doc).")
+    ap.add_argument(
+        "--part",
+        dest="parts",
+        action="append",
+        choices=PARTS,
+        help="run only this part (repeatable): mount (1), container (2), rootless (3), podman (4)",
+    )
+    parts = ap.parse_args(argv).parts or list(PARTS)
+    base = Path(os.path.realpath(tempfile.mkdtemp(prefix="pyoverlay-demo-")))
+    rc = 0
+    try:
+        for name in PARTS:
+            if name in parts:
+                rc = run_part(name, base) or rc
     finally:
         heading("Cleaning up")
         if release_mounts(base):

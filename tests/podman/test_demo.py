@@ -1,0 +1,55 @@
+"""The demo's podman part (scripts/demo.py --part podman, scripts/demo_podman.py) runs as
+the README says and shows what it narrates: the container's copy-ups and whiteouts in
+``pyoverlay trace`` with the processes that made them, ``podman diff`` and ``pyoverlay diff``,
+and nothing left behind (no mount, no process, no file of its private store)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from helpers import mounts, podman
+
+DEMO = mounts.REPO_ROOT / "scripts" / "demo.py"
+
+
+def _row(comm: str, event: str, path: str) -> re.Pattern[str]:
+    """A ``[live trace]`` line of the table: *event* on *path* by process *comm*."""
+    return re.compile(
+        rf"^  \[live trace\] \d\d:\d\d:\d\d\.\d{{3}}  {re.escape(comm)}\(\d+\)\s+{event}\s+{re.escape(path)}(\s|$)",
+        re.M,
+    )
+
+
+def test_demo_traces_a_podman_container(tmp_path):
+    reason = podman.skip_reason()
+    if reason:
+        pytest.skip(reason)
+    env = {**os.environ, "TMPDIR": str(tmp_path)}  # the demo makes its directory there
+    env.pop("PYOVERLAY_STATE_DIR", None)
+    r = subprocess.run([sys.executable, DEMO, "--part", "podman"], capture_output=True, text=True, timeout=180, env=env)
+    out = r.stdout
+    assert r.returncode == 0, out + r.stderr
+    assert "#### Part 4: a podman container traced through pyoverlay" in out, out
+    assert "FAILED" not in out, out
+    assert "mounted there: fuse.pyoverlay" in out, out
+    # the history: the container's own shell, then rm; then what podman exec did, live
+    for comm, event, path in (
+        ("sh", "copy_up_start", "/etc/motd"),
+        ("sh", "copy_up_done", "/etc/motd"),
+        ("rm", "whiteout_create", "/etc/group"),
+        ("sh", "copy_up_done", "/etc/passwd"),
+    ):
+        assert _row(comm, event, path).search(out), f"no trace row {comm} {event} {path}:\n{out}"
+    assert re.search(r"^  \[live trace\] .* -- end of trace: \d+ events, 0 dropped", out, re.M), out
+    diffs = out.split("$ podman diff demo-web\n", 1)[1].split("== Stopping it", 1)[0]
+    podman_diff, pyoverlay_diff = diffs.split("$ pyoverlay diff UPPER", 1)
+    for change in ("A /hello.txt", "C /etc/motd", "D /etc/group", "C /etc/passwd"):
+        assert f"    {change}\n" in podman_diff and f"    {change}\n" in pyoverlay_diff, diffs
+    assert "no mount, no process, no file left" in out, out
+    assert not os.listdir(tmp_path), os.listdir(tmp_path)  # the demo removed its directories
+    assert not [m for m in mounts.mounts_under(tmp_path)]
