@@ -173,14 +173,22 @@ def forget(mountpoint: str, pid: int) -> None:
                 pass
 
 
+def server_alive(rec: dict) -> bool:
+    """Whether the server that wrote *rec* still runs: its pid, started at the time
+    recorded with it (a pid reused since is not it; a record without a start time, from
+    an older pyoverlay, goes by the pid alone)."""
+    from . import procfs
+
+    started = procfs.process_start_time(rec["pid"])
+    return started is not None and rec.get("start_time", started) == started
+
+
 def records() -> list[dict]:
     """Every mount record in the state dir (``pyoverlay mounts``), in mountpoint order; the
     records of servers that are gone are removed (with their trace sockets) and left out. A
     server is its pid and the start time recorded with it: a pid reused since is not it.
     A record is live while its server runs, wherever its mount is (a rootless podman's
     mount is in podman's mount namespace, not in the caller's)."""
-    from . import procfs
-
     d = state_dir()
     out = []
     for name in sorted(os.listdir(d)):
@@ -199,8 +207,7 @@ def records() -> list[dict]:
             continue
         if data["pid"] <= 0 or _path(data["mountpoint"]) != os.path.join(d, name):
             continue  # not a record this state dir could have written
-        started = procfs.process_start_time(data["pid"])
-        if started is None or data.get("start_time", started) != started:  # gone, or its pid reused
+        if not server_alive(data):  # gone, or its pid reused
             forget(data["mountpoint"], data["pid"])
             continue
         out.append(data)

@@ -21,8 +21,15 @@ from .tracesummary import HEADER, Filter, Summary, row
 
 def socket_of(target: str) -> str:
     """The live trace socket of a container (a bare name or id is tried as one first, as
-    docker's commands take names) or of a mountpoint."""
-    from .inspect_cli import bare_name
+    docker's commands take names) or of a mountpoint.
+
+    A mountpoint is found by its record in the caller's state dir (a file named after the
+    resolved path), not in the caller's mount table: a rootless podman's mount is in
+    podman's mount namespace only, and on the host its merged dir is an empty directory,
+    yet the same user's ``pyoverlay trace MERGED`` follows it there. The mountpoint itself
+    is never stat'ed (a dead FUSE mount answers ENOTCONN); the record counts only while
+    its server runs (pid and start time)."""
+    from .inspect_cli import _no_touch_realpath, bare_name
     from .resolvers import current
 
     c = current().find_container(target) if bare_name(target) else None
@@ -33,9 +40,13 @@ def socket_of(target: str) -> str:
         if info is None:
             raise click.ClickException(f"container {c.name} has no live mount")
     else:  # a path
-        info = state.lookup(os.path.realpath(target)) if os.path.isdir(target) else None
+        info = state.lookup(_no_touch_realpath(target))
         if info is None:
             raise click.ClickException(f"{target} is neither a pyoverlay mountpoint nor a container")
+    if not state.server_alive(info):
+        raise click.ClickException(
+            f"the server of {info['mountpoint']} (pid {info['pid']}) has exited: it is not a live pyoverlay mount"
+        )
     path = info.get("trace_socket") or state.trace_socket(info["mountpoint"])
     if not os.path.exists(path):
         raise click.ClickException(f"the server of {info['mountpoint']} offers no live trace")
@@ -45,7 +56,14 @@ def socket_of(target: str) -> str:
 def events_from_socket(path: str, history: bool):
     from .tracesink import connect_unix
 
-    sock = connect_unix(path)
+    try:
+        sock = connect_unix(path)
+    except OSError as e:
+        raise click.ClickException(f"cannot connect to the trace socket {path}: {e.strerror or e}") from None
+    return _events(sock, history)
+
+
+def _events(sock, history: bool):
     try:
         sock.sendall(json.dumps({"history": history}).encode() + b"\n")
         f = sock.makefile("rb")

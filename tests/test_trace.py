@@ -414,6 +414,29 @@ def test_trace_errors_are_one_line(tmp_path):
     assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1
 
 
+def test_trace_of_a_mount_whose_server_was_killed_is_one_line(layers, traced):
+    """A server killed with SIGKILL leaves its record and its trace socket behind: trace
+    says the server has exited (one line), neither a traceback from connect() nor silence."""
+    from overlayfs_py import state
+
+    mp = os.path.realpath(traced.path)
+    rec = state.lookup(mp)
+    assert rec is not None and os.path.exists(rec["trace_socket"])
+    os.kill(rec["pid"], 9)
+    traced.proc.wait(timeout=30)
+    mounts.abort_fuse_connection(traced.path)
+    mounts.force_unmount(traced.path)
+    try:
+        assert state.lookup(mp) is not None  # what the server left
+        r = _cli("trace", str(traced.path))
+        assert r.returncode == 1, r.stdout + r.stderr
+        assert r.stderr.strip() == (
+            f"pyoverlay: the server of {mp} (pid {rec['pid']}) has exited: it is not a live pyoverlay mount"
+        ), r.stderr
+    finally:
+        state.forget(mp, rec["pid"])
+
+
 def test_trace_file_must_not_be_inside_the_mount(layers):
     (layers / "mnt").mkdir()
     r = _cli(
