@@ -67,22 +67,26 @@ def current() -> Request | None:
 
 class ProcessInfo:
     """pid -> (command, pid namespace inode, pid inside that namespace). The namespace and
-    the pid in it are cached briefly (a process keeps them for life); the command is read
+    the pid in it are cached briefly (a process keeps them for life). The command is read
     each time, since an exec changes it: a container's PID 1 is runc's init until it execs
-    the container's command, whose first changes come right after."""
+    the container's command, whose first changes come right after. A process that has
+    exited since (the kernel releases a file after its opener is gone) keeps the command
+    it had when last seen."""
 
     TTL = 2.0
 
     def __init__(self) -> None:
         self._own_pidns = _pidns(os.getpid())
-        self._cache: dict[int, tuple[float, int | None, int | None]] = {}
+        self._cache: dict[int, tuple[float, str, int | None, int | None]] = {}
 
     def of(self, pid: int) -> tuple[str, int | None, int | None]:
-        comm = _read(f"/proc/{pid}/comm").strip() or "?"
+        comm = _read(f"/proc/{pid}/comm").strip()
         now = time.monotonic()
         hit = self._cache.get(pid)
         if hit is not None and now - hit[0] < self.TTL:
-            return (comm, *hit[1:])
+            if comm and comm != hit[1]:
+                self._cache[pid] = (hit[0], comm, *hit[2:])
+            return (comm or hit[1], *hit[2:])
         ns = _pidns(pid)
         cpid = None
         if ns is not None and ns != self._own_pidns:
@@ -91,8 +95,8 @@ class ProcessInfo:
                     cpid = int(line.split()[-1])
         if len(self._cache) > 4096:
             self._cache.clear()
-        self._cache[pid] = (now, ns, cpid)
-        return comm, ns, cpid
+        self._cache[pid] = (now, comm or "?", ns, cpid)
+        return comm or "?", ns, cpid
 
     def foreign(self, ns: int | None) -> bool:
         return ns is not None and ns != self._own_pidns

@@ -211,6 +211,26 @@ def test_a_process_that_execs_is_named_by_its_new_command(layers, traced):
     assert (by_path["/e/h"]["pid"], by_path["/e/h"]["comm"]) == (pid, "dd")
 
 
+def _events_so_far(traced) -> list[dict]:
+    """The events the server has written to its trace file by now."""
+    return [json.loads(line) for line in traced.trace_file.read_text().splitlines() if line.endswith("}")]
+
+
+def test_a_process_that_has_exited_keeps_its_name(layers, traced):
+    """copy_up_unused comes with the release of the file, which the kernel sends after the
+    process has exited: it is named as at its open, not '?'."""
+    # sh opens top.txt for writing and exits (reaped by run()); the file is released when
+    # its background child, which inherited the descriptor, exits half a second later
+    pid = run("sh", "-c", "exec 3>>top.txt; sleep 0.5 &", cwd=traced.path)
+    deadline = time.monotonic() + 10
+    while not [e for e in _events_so_far(traced) if e["event"] == "copy_up_unused"]:
+        assert time.monotonic() < deadline, "no copy_up_unused"
+        time.sleep(0.05)
+    traced.finish()
+    unused = [e for e in traced.events if e["event"] == "copy_up_unused"]
+    assert [(e["path"], e["pid"], e["comm"]) for e in unused] == [("/top.txt", pid, "sh")], unused
+
+
 def test_a_failed_copy_up_is_reported(layers, traced):
     # a lower file the server cannot read (a FIFO cannot be opened for data? use a
     # directory that vanished from the lower layer after lookup)
