@@ -22,7 +22,8 @@ Part 4, a podman container traced through pyoverlay (scripts/demo_podman.py, roo
 podman with a private configuration whose ``mount_program`` is ``mount.fuse.pyoverlay``
 runs a container; ``pyoverlay trace --history`` on its merged dir shows its copy-ups and
 whiteouts with the processes that made them, and ``podman diff`` is compared with
-``pyoverlay diff``.
+``pyoverlay diff``.  Then the same with rootless podman as ``pyoverlay-test``, whose
+``pyoverlay trace`` runs on the host while the mount is in podman's mount namespace.
 
 ``--part NAME`` (repeatable) runs only some parts: mount, container, rootless, podman.
 
@@ -567,15 +568,18 @@ _EVENT_ROW = re.compile(r"^\d\d:\d\d:\d\d\.\d{3}  (?!--)")  # a row of `pyoverla
 class LiveTrace:
     """``pyoverlay ARGS`` (a ``trace``) in the background: a thread prints each line of
     its output the moment it comes, prefixed with ``[live trace]``.  Its environment is
-    part 2's (:func:`runner_env`) unless *env* is given."""
+    part 2's (:func:`runner_env`) unless *env* is given; *argv*, a whole command line,
+    replaces ``pyoverlay ARGS``."""
 
-    def __init__(self, work: Path, *args: str, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, work: Path, *args: str, env: dict[str, str] | None = None, argv: list[str] | None = None
+    ) -> None:
         self.lines: list[str] = []
         self.done = False
         self.last = time.monotonic()
         self.news = threading.Condition()
         self.proc = subprocess.Popen(
-            pyoverlay(*args),
+            pyoverlay(*args) if argv is None else argv,
             cwd=work,
             env=runner_env(work) if env is None else env,
             stdin=subprocess.DEVNULL,

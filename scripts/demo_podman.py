@@ -13,14 +13,19 @@ that made it, and a change ``podman exec`` makes while the trace follows. It com
 the container, which ends the trace. Last, everything is removed: the containers, podman's
 private store and run dirs, and the check that no mount or process is left.
 
-Called by scripts/demo.py as root. Nothing of the machine's containers configuration is read
-or written.
+Then the same as the ordinary user ``pyoverlay-test`` (rootless podman: scripts/setup gives it
+subordinate ids), if it can: the mount is in podman's own mount namespace, and the same
+user's ``pyoverlay trace MERGED`` on the host follows it (docs/podman.md).
+
+Called by scripts/demo.py as root (it acts as the user with ``setpriv``). Nothing of the
+machine's containers configuration is read or written.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -79,12 +84,33 @@ def part(demo, base: Path) -> int:
     if why:
         demo.say(f"#### Part 4, a podman container traced through pyoverlay: skipped ({why}).")
         return 0
-    demo.say("#### Part 4: a podman container traced through pyoverlay")
-    started = time.monotonic()
     failures = len(demo.FAILURES)
-    p = podman.Podman(base / "podman", _mount_program(podman))
+    demo.say("#### Part 4: a podman container traced through pyoverlay")
+    _one(demo, podman, base / "podman", None)
+    demo.say()
+    why = podman.skip_reason(rootless=True)
+    if why:
+        demo.say(f"#### Part 4, rootless podman: skipped ({why}).")
+    else:
+        from helpers import rootless
+
+        user = rootless.User()  # its own directory under /tmp/pyoverlay-rootless
+        demo.say(f"#### Part 4, rootless: the same as the ordinary user {user.name} (uid {user.uid})")
+        try:
+            _one(demo, podman, user.dir / "podman", user)
+        finally:
+            left = user.cleanup()
+            if left:
+                demo.failed(f"{user.name} left behind: {', '.join(left)}")
+    return 1 if len(demo.FAILURES) > failures else 0
+
+
+def _one(demo, podman, base: Path, user) -> None:
+    """The whole story with a private podman in *base*, as root (*user* None) or as *user*."""
+    started = time.monotonic()
+    p = podman.Podman(base, _mount_program(podman), user)
     try:
-        _show(demo, p)
+        _show(demo, p, user)
     except (AssertionError, subprocess.TimeoutExpired, OSError) as e:  # a podman command failed
         demo.failed(str(e).strip().splitlines()[0] if str(e).strip() else repr(e))
     finally:
@@ -92,19 +118,18 @@ def part(demo, base: Path) -> int:
         demo.say(f"  $ podman rm -f -t 0 {NAME}")
         rm = p.podman("rm", "-f", "-t", "0", NAME, check=False)
         demo.indent(rm.stdout or rm.stderr or "(no output)")
-        left = p.cleanup()  # every container, then processes, mounts and files under its dirs
+        left = p.cleanup()  # every container, the pause process, then processes, mounts, files
         if left:
             demo.failed(f"podman left behind: {'; '.join(left)}")
         else:
             demo.say(f"  no mount, no process, no file left: removed {p.base} and {p.short}")
-        demo.say(f"  part 4 took {time.monotonic() - started:.1f}s")
-    return 1 if len(demo.FAILURES) > failures else 0
+        demo.say(f"  took {time.monotonic() - started:.1f}s")
 
 
 def _cmd(demo, p, *args: str, show: bool = True) -> subprocess.CompletedProcess:
     """``podman ARGS`` in the private environment; printed with its output when *show*."""
     if show:
-        demo.say("  $ podman " + " ".join(args))
+        demo.say("  $ podman " + shlex.join(args))
     r = p.podman(*args, check=False)
     if show and r.stdout.strip():
         demo.indent(r.stdout)
@@ -113,12 +138,32 @@ def _cmd(demo, p, *args: str, show: bool = True) -> subprocess.CompletedProcess:
     return r
 
 
-def _show(demo, p) -> None:
-    demo.heading(f"A private podman in {p.base}")
+def _pyoverlay(demo, p, user, *args: str) -> list[str]:
+    """``pyoverlay ARGS``, as root or as *user* on the host (not in podman's namespaces)."""
+    argv = demo.pyoverlay(*args)
+    return argv if user is None else user.argv(argv)
+
+
+def _env(p, user) -> dict[str, str]:
+    """pyoverlay's environment: as root the state dir the mount program was given; as the
+    user, the user's own (``$XDG_RUNTIME_DIR/pyoverlay``, as podman's mount program had)."""
+    if user is None:
+        return {**os.environ, "PYOVERLAY_STATE_DIR": str(p.state)}
+    env = user.env(p.env())
+    env.pop("PYOVERLAY_STATE_DIR", None)
+    return env
+
+
+def _show(demo, p, user) -> None:
+    who = "root" if user is None else f"{user.name}, rootless"
+    demo.heading(f"A private podman ({who}) in {p.base}")
     demo.say("  Its own storage.conf (CONTAINERS_STORAGE_CONF): pyoverlay is the overlay driver's mount program")
     demo.indent((p.base / "storage.conf").read_text())
     demo.say("  and its own containers.conf (runc, cgroupfs, default_ulimits = [], as this machine needs),")
     demo.say("  registries.conf, policy.json, HOME and XDG dirs: the system's containers config is not touched.")
+    if user is not None:
+        demo.say(f"  podman runs as {user.name}: in a user namespace of its own (root there is {user.name} here,")
+        demo.say("  uids 1... its /etc/subuid range) and a mount namespace of its own, held by its pause process.")
     demo.say("  The image: a busybox rootfs tarball, imported (no registry is asked).")
     demo.say(f"  $ podman import rootfs.tar {p.import_busybox()}")
 
@@ -136,19 +181,32 @@ def _show(demo, p) -> None:
     upper = p.upper_of(NAME)
     lowers = p.lowers_of(NAME)
     entry = demo.mountinfo.mount_at(merged)
-    demo.say(f"  mounted there: {entry.fstype if entry else 'NOTHING'} (from /proc/self/mountinfo)")
-    if entry is None or entry.fstype != "fuse.pyoverlay":
-        demo.failed(f"{merged} is not a fuse.pyoverlay mount")
-    env = {**os.environ, "PYOVERLAY_STATE_DIR": str(p.state)}  # where the mount program keeps its records
-    demo.say("  pyoverlay's record of the mount (pyoverlay mounts):")
-    r = subprocess.run(demo.pyoverlay("mounts"), env=env, capture_output=True, text=True, timeout=demo.CMD_TIMEOUT)
+    if user is None:
+        demo.say(f"  mounted there: {entry.fstype if entry else 'NOTHING'} (from /proc/self/mountinfo)")
+        if entry is None or entry.fstype != "fuse.pyoverlay":
+            demo.failed(f"{merged} is not a fuse.pyoverlay mount")
+    else:
+        demo.say(f"  on the host: {'a ' + entry.fstype + ' mount' if entry else 'nothing is mounted there'}.")
+        demo.say("  The mount is in podman's mount namespace; podman unshare enters it:")
+        r = _cmd(demo, p, "unshare", "findmnt", "-n", "-o", "FSTYPE,OPTIONS", merged)
+        if entry is not None or not r.stdout.startswith("fuse.pyoverlay "):
+            demo.failed(f"{merged} is not a fuse.pyoverlay mount in podman's namespace only")
+    env = _env(p, user)
+    where = "the state dir the test environment gives it" if user is None else "$XDG_RUNTIME_DIR/pyoverlay"
+    demo.say(f"  pyoverlay's record of the mount ({where}): pyoverlay mounts")
+    r = subprocess.run(
+        _pyoverlay(demo, p, user, "mounts"), env=env, capture_output=True, text=True, timeout=demo.CMD_TIMEOUT
+    )
     demo.indent(r.stdout or r.stderr or "(nothing)")
 
     demo.heading("What it did, and who: pyoverlay trace --history MERGED")
+    if user is not None:
+        demo.say(f"  Run on the host as {user.name}, not inside podman unshare: pyoverlay finds the mount by its")
+        demo.say("  record, and its trace socket is beside the record.")
     demo.say("  --history starts with the server's last 1000 events: the container made its changes")
     demo.say("  before anyone looked.  Then the trace follows live; its lines start with [live trace].")
     demo.say("  $ pyoverlay trace --history MERGED &")
-    live = demo.LiveTrace(p.base, "trace", "--history", merged, env=env)
+    live = demo.LiveTrace(p.base, env=env, argv=_pyoverlay(demo, p, user, "trace", "--history", merged))
     try:
         seen = 0
         for comm, event, path in BEFORE:
@@ -168,7 +226,7 @@ def _show(demo, p) -> None:
         lower = ":".join(map(str, lowers))
         demo.say("  $ pyoverlay diff UPPER --lower LOWERS   (the layers from podman inspect: UpperDir, LowerDir)")
         r = subprocess.run(
-            demo.pyoverlay("diff", str(upper), "--lower", lower),
+            _pyoverlay(demo, p, user, "diff", str(upper), "--lower", lower),
             env=env,
             capture_output=True,
             text=True,
