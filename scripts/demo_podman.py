@@ -108,16 +108,24 @@ def part(demo, base: Path) -> int:
 def _one(demo, podman, base: Path, user) -> None:
     """The whole story with a private podman in *base*, as root (*user* None) or as *user*."""
     started = time.monotonic()
-    p = podman.Podman(base, _mount_program(podman), user)
+    try:
+        p = podman.Podman(base, _mount_program(podman), user)
+    except OSError as e:
+        demo.failed(f"cannot set up a private podman in {base}: {e}")
+        return
     try:
         _show(demo, p, user)
     except (AssertionError, subprocess.TimeoutExpired, OSError) as e:  # a podman command failed
-        demo.failed(str(e).strip().splitlines()[0] if str(e).strip() else repr(e))
+        lines = [line for line in str(e).splitlines() if line.strip()][:2]  # the command, then its error
+        demo.failed(": ".join(lines) or repr(e))
     finally:
         demo.heading("Removing the container and podman's private store")
         demo.say(f"  $ podman rm -f -t 0 {NAME}")
-        rm = p.podman("rm", "-f", "-t", "0", NAME, check=False)
-        demo.indent(rm.stdout or rm.stderr or "(no output)")
+        try:
+            rm = p.podman("rm", "-f", "-t", "0", NAME, check=False)
+            demo.indent(rm.stdout or rm.stderr or "(no output)")
+        except (subprocess.TimeoutExpired, OSError) as e:
+            demo.say(f"  podman rm: {e}")
         left = p.cleanup()  # every container, the pause process, then processes, mounts, files
         if left:
             demo.failed(f"podman left behind: {'; '.join(left)}")
