@@ -256,6 +256,9 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
             raise HelperError("upperdir needs a workdir (-o workdir=...)")
         if not any(o.startswith("fsname=") for o in opts):
             opts = _fsname(call.source) + opts
+        # fuse-overlayfs honours AUFS whiteouts (.wh.NAME) in every layer, and containers/storage
+        # writes the layers it stores from a tar so: on unless -o aufs_whiteouts=off (last wins)
+        opts = ["aufs_whiteouts=on"] + opts
         cfg = build_config(None, None, call.merged, options=opts, debug=call.debug)
         if call.mount_flags:
             cfg = replace(cfg, mount_flags=tuple(call.mount_flags))
