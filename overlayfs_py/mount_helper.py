@@ -12,8 +12,10 @@ own parser, as ``pyoverlay mount -o`` uses), translated (``fsync=0`` is ``volati
 ``debug`` is ``-d``, ``nosuid``/``nodev``/``noexec``/``noatime`` are the mount's flags:
 ``MountConfig.mount_flags``), accepted and ignored (:data:`IGNORED`, each with the reason in
 docs/mounting.md), or refused (:data:`REFUSED`: what pyoverlay cannot do). Empty items are
-skipped. With ``-s`` (sloppy, mount(8)'s convention) an unknown option is ignored with a
-warning instead of refused.
+skipped. ``aufs_whiteouts=on`` is the default here (fuse-overlayfs honours ``.wh.NAME``
+whiteouts in every layer, and containers/storage writes the layers it stores from a tar so);
+``-o aufs_whiteouts=off`` turns it off. With ``-s`` (sloppy, mount(8)'s convention) an
+unknown option is ignored with a warning instead of refused.
 
 The mount itself is ``pyoverlay mount``'s path (plan, checks, then ``start_background``): the
 helper returns once the mount is live; ``-f`` (or ``-d``, as with libfuse and fuse-overlayfs)
