@@ -153,7 +153,8 @@ class WritePath:
         self.listings.changed()
         if len(name) > NAME_MAX:
             raise OSError(errno.ENAMETOOLONG, "name too long")
-        self._check_not_marker(name)
+        if self.stack.aufs:
+            self._check_not_marker(name)
         if self._exists(parent, name) is not None:
             raise OSError(errno.EEXIST, "exists")
         pfd = copy.upper_dir(parent, "create")
@@ -202,7 +203,7 @@ class WritePath:
     def _check_not_marker(self, name: bytes) -> None:
         """With AUFS whiteouts on, a ``.wh.`` name cannot be made through the mount (EINVAL,
         as fuse-overlayfs's create): it would be a marker, not a file."""
-        if self.stack.aufs and is_aufs_marker(name):
+        if is_aufs_marker(name):
             raise OSError(errno.EINVAL, "a .wh. name is a whiteout marker (-o aufs_whiteouts)")
 
     def _drop_upper_marker(self, pfd: int, name: bytes, opaque: bool, path: str) -> None:
@@ -373,7 +374,8 @@ class WritePath:
         dst = self._exists(newparent, newname)
         if len(newname) > NAME_MAX:
             raise OSError(errno.ENAMETOOLONG, "name too long")
-        self._check_not_marker(newname)
+        if self.stack.aufs:
+            self._check_not_marker(newname)
         if src is dst:
             return
         exchange = bool(flags & _sys.RENAME_EXCHANGE)

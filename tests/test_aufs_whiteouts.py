@@ -14,11 +14,13 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from helpers import mounts
+from helpers.rootless import VENV_BIN
 from helpers.stacks import D, F, build_layer
 from helpers.writeops import errname, run_pair
 from overlayfs_py.diff import diff
@@ -343,3 +345,30 @@ def test_diff_reads_markers(tmp_path):
     assert not any(".wh." in p for _, p in on)
     off = {(c.kind, c.path) for c in diff(str(upper), [str(p) for p in lowers])}
     assert ("C", "/etc/motd") in off and ("A", "/up/.wh.u") in off
+
+
+@pytest.mark.fuse
+@pytest.mark.needs_root
+def test_explain_and_diff_follow_the_mount_record(tmp_path, monkeypatch):
+    """``pyoverlay explain MERGED`` and ``pyoverlay diff MERGED`` on a live mount with the
+    option read the markers as the mount does (its record says so); ``--no-aufs-whiteouts``
+    reads them as plain files."""
+    monkeypatch.setenv("PYOVERLAY_STATE_DIR", str(tmp_path / "state"))
+    lowers, upper, work, mnt = _build(tmp_path)
+    env = mounts.pyoverlay_env()
+
+    def cli(*args: str) -> str:
+        r = subprocess.run([VENV_BIN / "pyoverlay", *args], capture_output=True, text=True, env=env, timeout=60)
+        assert r.returncode == 0, r.stderr
+        return r.stdout
+
+    with mounts.PyoverlayMount(lowers, mnt, upper=upper, workdir=work, options=["aufs_whiteouts=on"]):
+        (mnt / "etc/passwd").unlink()
+        said = cli("explain", str(mnt), "/etc/motd")
+        assert f"does not exist — AUFS whiteout .wh.motd in lower1 ({lowers[0]}/etc/.wh.motd)" in said, said
+        assert "served by lower2" in cli("explain", "--no-aufs-whiteouts", str(mnt), "/etc/motd")
+        changes = set(cli("diff", str(mnt)).splitlines())
+        assert {"C /etc", "D /etc/passwd", "D /up/u", "D /up/ud"} <= changes, changes
+        assert not any(".wh." in c for c in changes), changes
+        plain = set(cli("diff", "--no-aufs-whiteouts", str(mnt)).splitlines())
+        assert "A /up/.wh.u" in plain, plain
