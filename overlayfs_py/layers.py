@@ -249,7 +249,12 @@ class LayerStack:
             layer, path = cands[i]
             pdir, _, base = path.rpartition(b"/")
             try:
-                st = _sys.lstat_at(self.dir_fd(layer, pdir), base)
+                dfd = self.dir_fd(layer, pdir)
+            except (FileNotFoundError, NotADirectoryError):
+                i += 1  # no such directory in this layer (a redirect's target): no NAME, no marker
+                continue
+            try:
+                st = _sys.lstat_at(dfd, base)
             except (FileNotFoundError, NotADirectoryError):
                 missed.append((layer, pdir))
                 i += 1
@@ -276,11 +281,12 @@ class LayerStack:
         return hits
 
     def _aufs_whited_out(self, missed: list[tuple[Layer, bytes]], name: bytes) -> bool:
+        """Whether one of the *missed* layer directories (top first) holds ``.wh.NAME``."""
         for layer, pdir in missed:
             try:
                 if aufs_whiteout_at(self.dir_fd(layer, pdir), name):
                     return True
-            except (FileNotFoundError, NotADirectoryError):
+            except (FileNotFoundError, NotADirectoryError):  # gone meanwhile
                 continue
         return False
 
