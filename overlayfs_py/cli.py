@@ -334,6 +334,7 @@ def mount_summary(rec: dict) -> dict:
         "workdir": cfg.get("workdir"),
         "read_only": bool(cfg.get("read_only")),
         "volatile": bool(cfg.get("volatile")),
+        "aufs_whiteouts": bool(cfg.get("aufs_whiteouts")),
         "container": cfg.get("container"),
         "trace_socket": rec.get("trace_socket"),
     }
@@ -361,6 +362,7 @@ def mounts_cmd(as_json):
         _done()
     for m in found:
         mode = "read-only" if m["read_only"] else "read-write" + (", volatile" if m["volatile"] else "")
+        mode += ", aufs whiteouts" if m["aufs_whiteouts"] else ""
         extra = f", container {m['container']}" if m["container"] else ""
         click.echo(f"{m['mountpoint']}  (pid {m['pid']}, engine {m['engine']}, {mode}{extra})")
         for lower in m["lowerdirs"]:

@@ -138,6 +138,10 @@ class MountConfig:
     # shown with that owner (ownership.Owners; docs/mounting.md)
     squash_uid: int | None = None
     squash_gid: int | None = None
+    # -o aufs_whiteouts=on|off: honour AUFS-style ``.wh.NAME`` / ``.wh..wh..opq`` markers in
+    # every layer, as fuse-overlayfs does (off: they are plain files, as in the kernel overlay;
+    # mount.fuse.pyoverlay turns it on; docs/semantics.md, "AUFS whiteouts")
+    aufs_whiteouts: bool = False
 
     def __post_init__(self) -> None:
         # Accept any sequence but store an immutable tuple.
@@ -322,7 +326,8 @@ def parse_options(opts: Iterable[str]) -> dict[str, str | bool]:
       (fuse-overlayfs's ``S:P:N[:S:P:N...]``, parsed by :func:`build_config`);
     * ``ro`` -> True, ``rw`` -> ``'ro': False`` (the last one wins);
     * ``userxattr``, ``allow_other``, ``default_permissions`` -> True;
-      ``nouserxattr`` -> ``'userxattr': False`` (the last one wins).
+      ``nouserxattr`` -> ``'userxattr': False`` (the last one wins);
+    * ``aufs_whiteouts=on|off`` -> True / False (the last one wins).
 
     Accepted and ignored (not in the result): the kernel options
     ``redirect_dir=off|nofollow``, ``index=off``, ``xino=off|auto``,
@@ -349,6 +354,14 @@ def parse_options(opts: Iterable[str]) -> dict[str, str | bool]:
                 if has_value:
                     raise ConfigError(f"mount option '{key}' takes no value")
                 result["userxattr"] = False
+            elif key == "aufs_whiteouts":
+                if value not in ("on", "off"):
+                    raise ConfigError(
+                        f"invalid value {_q(value)} for mount option 'aufs_whiteouts' (expected on|off)"
+                        if has_value
+                        else "mount option 'aufs_whiteouts' needs a value (aufs_whiteouts=on|off)"
+                    )
+                result["aufs_whiteouts"] = value == "on"
             elif key in ("ro", "rw"):
                 if has_value:
                     raise ConfigError(f"mount option '{key}' takes no value")
@@ -387,7 +400,7 @@ def known_option(key: str) -> bool:
         or key in _FLAG_KEYS
         or key in _IGNORED_FLAGS
         or key in _KERNEL_CHOICES
-        or key in ("ro", "rw", "nouserxattr")
+        or key in ("ro", "rw", "nouserxattr", "aufs_whiteouts")
     )
 
 
@@ -504,6 +517,7 @@ def build_config(
         passthrough=_passthrough(opts.get("passthrough"), opts.get("engine")),
         squash_uid=_squash(opts.get("squash_to_uid"), bool(opts.get("squash_to_root")), "squash_to_uid"),
         squash_gid=_squash(opts.get("squash_to_gid"), bool(opts.get("squash_to_root")), "squash_to_gid"),
+        aufs_whiteouts=bool(opts.get("aufs_whiteouts", False)),
     )
     validate(cfg, workdir_may_be_missing=workdir_defaulted)
     return cfg

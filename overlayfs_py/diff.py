@@ -28,6 +28,11 @@ Differences from moby, on purpose:
 * moby knows only ``trusted.overlay.``; an upper written with ``userxattr`` (its private
   xattrs are ``user.overlay.*``) is read with that prefix.
 
+With *aufs* (``--aufs-whiteouts``; a live mount's record turns it on when the mount does),
+AUFS markers count as fuse-overlayfs reads them: in the lower layers through the
+``LayerStack``; in the upper, a ``.wh.NAME`` is ``D NAME`` and a ``.wh..wh..opq`` makes its
+directory opaque (never reported themselves).
+
 ``ignore_identical`` additionally leaves out C entries for regular files whose content,
 mode, uid and gid equal the lower view's file (copied up, e.g. by ``touch``, but
 unchanged) -- never a file below an opaque directory: that one is new, whatever it holds.
@@ -46,7 +51,10 @@ from .whiteout import (
     TRUSTED_PREFIX,
     USER_PREFIX,
     XattrNames,
+    aufs_hidden,
+    aufs_opaque_at,
     has_xwhiteouts,
+    is_aufs_marker,
     is_opaque,
     is_whiteout_at,
 )
@@ -100,18 +108,24 @@ def _private_prefix(names: list[str]) -> str | None:
 
 
 def diff(
-    upper: str, lowers: Sequence[str], *, userxattr: bool | None = None, ignore_identical: bool = False
+    upper: str,
+    lowers: Sequence[str],
+    *,
+    userxattr: bool | None = None,
+    ignore_identical: bool = False,
+    aufs: bool = False,
 ) -> list[Change]:
     """The changes *upper* makes over *lowers* (top lower first), sorted by path.
 
     *userxattr* None: detected from the upper's xattrs (``trusted.overlay.`` when none).
+    *aufs*: honour AUFS ``.wh.`` markers (module doc).
     """
     if userxattr is None:
         userxattr = bool(detect_userxattr(upper))
     names = XattrNames(USER_PREFIX if userxattr else TRUSTED_PREFIX)
-    stack = LayerStack(tuple(lowers), None, names) if lowers else None
+    stack = LayerStack(tuple(lowers), None, names, aufs=aufs) if lowers else None
     try:
-        return _Walk(upper, stack, names, ignore_identical).run()
+        return _Walk(upper, stack, names, ignore_identical, aufs).run()
     finally:
         if stack is not None:
             stack.close()
@@ -123,8 +137,11 @@ Dirs = list[tuple[Layer, bytes]]  # a directory of the lower view: (layer, path 
 class _Walk:
     """One pre-order walk of the upper layer, carrying each directory's lower-view dirs."""
 
-    def __init__(self, upper: str, stack: LayerStack | None, names: XattrNames, ignore_identical: bool) -> None:
+    def __init__(
+        self, upper: str, stack: LayerStack | None, names: XattrNames, ignore_identical: bool, aufs: bool = False
+    ) -> None:
         self.upper = upper
+        self.aufs = aufs
         self.stack = stack
         self.names = names
         self.ignore_identical = ignore_identical
@@ -149,7 +166,10 @@ class _Walk:
         dirs: Dirs = []
         for i, layer in enumerate(self.stack.lowers):  # the roots merge until an opaque one
             dirs.append((layer, b""))
-            if i < len(self.stack.lowers) - 1 and is_opaque(_sys.getxattr_at(layer.fd, None, self.names.opaque)):
+            if i < len(self.stack.lowers) - 1 and (
+                is_opaque(_sys.getxattr_at(layer.fd, None, self.names.opaque))
+                or (self.aufs and aufs_opaque_at(layer.fd, None))
+            ):
                 break
         self.stack.root_lowers = tuple(layer for layer, _ in dirs)
         return dirs
@@ -161,6 +181,11 @@ class _Walk:
             xwhiteouts = has_xwhiteouts(_sys.getxattr_at(dfd, None, self.names.opaque))
             subdirs = []
             for name, _kind in sorted(_sys.listdir_fd(dfd)):
+                if self.aufs and is_aufs_marker(name):
+                    hidden = aufs_hidden(name)  # None: the opaque marker (its directory is judged opaque)
+                    if hidden is not None:
+                        self._record("D", rel + b"/" + hidden if rel else hidden, False)
+                    continue
                 path = rel + b"/" + name if rel else name
                 st = _sys.lstat_at(dfd, name)
                 hits = self.stack.resolve(lower_dirs, name) if lower_dirs and self.stack is not None else []
@@ -175,7 +200,7 @@ class _Walk:
     def _entry(self, dfd: int, name: bytes, path: bytes, st: os.stat_result, hits: list, xwhiteouts: bool) -> None:
         if self._is_whiteout(dfd, name, st, xwhiteouts):
             kind = "D"
-        elif hits and stat.S_ISDIR(st.st_mode) and is_opaque(_sys.getxattr_at(dfd, name, self.names.opaque)):
+        elif hits and stat.S_ISDIR(st.st_mode) and self._is_opaque(dfd, name):
             kind = "D"
             self.opaque_dirs.add(path)
         elif hits:
@@ -188,7 +213,10 @@ class _Walk:
                 kind = "C"
         else:
             kind = "A"
-        if stat.S_ISDIR(st.st_mode):
+        self._record(kind, path, stat.S_ISDIR(st.st_mode))
+
+    def _record(self, kind: str, path: bytes, is_dir: bool) -> None:
+        if is_dir:
             self.changed_dirs.add(path)
         if kind in ("A", "D"):
             parent = path.rpartition(b"/")[0]
@@ -197,6 +225,9 @@ class _Walk:
                 self.changed_dirs.add(parent)
         if kind:
             self.changes.append(Change(kind, "/" + os.fsdecode(path)))
+
+    def _is_opaque(self, dfd: int, name: bytes) -> bool:
+        return is_opaque(_sys.getxattr_at(dfd, name, self.names.opaque)) or (self.aufs and aufs_opaque_at(dfd, name))
 
     def _is_whiteout(self, dfd: int, name: bytes, st: os.stat_result, xwhiteouts: bool) -> bool:
         return is_whiteout_at(dfd, name, st, self.names, xattr=xwhiteouts)

@@ -17,6 +17,10 @@ is not seen:
 Each hidden object names the *nearest* higher layer that hides it (the one that would
 hide it if the layers above were gone), so a chain reads top-down.
 
+With *aufs* (``-o aufs_whiteouts=on`` mounts: their record says so), an AUFS marker
+``.wh.NAME`` in a layer is that layer's whiteout of NAME (named in the answer by its own
+path) and ``.wh..wh..opq`` makes its directory opaque, as the mount sees them.
+
 Redirects (``overlay.redirect``) are not followed: every layer is looked at under the
 same path, and a note says so when a directory on the way carries one.
 """
@@ -32,7 +36,18 @@ from dataclasses import asdict, dataclass, field
 
 from . import _sys
 from .layers import Layer, LayerStack
-from .whiteout import TRUSTED_PREFIX, USER_PREFIX, XattrNames, is_opaque, is_whiteout_at, opaque_value
+from .whiteout import (
+    TRUSTED_PREFIX,
+    USER_PREFIX,
+    XattrNames,
+    aufs_marker_for,
+    aufs_opaque_at,
+    aufs_whiteout_at,
+    is_aufs_marker,
+    is_opaque,
+    is_whiteout_at,
+    opaque_value,
+)
 
 #: how a hidden object is hidden (see the module docstring)
 HOW = ("higher", "whiteout", "opaque", "nondir")
@@ -56,6 +71,7 @@ class LayerObject:
     rdev: str | None = None  # devices, "major:minor"
     opaque: bool = False
     xattr_whiteout: bool = False
+    aufs_marker: bool = False  # the whiteout is an AUFS marker ``.wh.NAME`` (real_path is the marker's)
     origin: bool = False  # carries an overlay.origin record (it was copied up)
     role: str = "hidden"
     hidden_by: str | None = None
@@ -84,15 +100,22 @@ class Explanation:
 
 
 def explain(
-    upper: str | None, lowers: Sequence[str], path: str, *, labels: Sequence[str] | None = None, userxattr: bool = False
+    upper: str | None,
+    lowers: Sequence[str],
+    path: str,
+    *,
+    labels: Sequence[str] | None = None,
+    userxattr: bool = False,
+    aufs: bool = False,
 ) -> Explanation:
     """Explain *path* (a path in the merged view; "/" is the root) over these layers.
 
     *labels* name the layers, upper first when there is one (default: ``upper``,
-    ``lower1``, ``lower2``, ...).
+    ``lower1``, ``lower2``, ...). *aufs*: honour AUFS ``.wh.`` markers (a mount with
+    ``-o aufs_whiteouts=on``).
     """
     names = XattrNames(USER_PREFIX if userxattr else TRUSTED_PREFIX)
-    stack = LayerStack(tuple(lowers), upper, names)
+    stack = LayerStack(tuple(lowers), upper, names, aufs=aufs)
     try:
         if labels is not None:
             if len(labels) != len(stack.layers):
@@ -251,7 +274,10 @@ class _Explainer:
             }
         for o in seen:
             if o.role == "whiteout":
-                return {"how": "whiteout", "at": at, "layer": o.label, "real_path": o.real_path}
+                out = {"how": "whiteout", "at": at, "layer": o.label, "real_path": o.real_path}
+                if o.aufs_marker:
+                    out["marker"] = True
+                return out
         if seen and seen[0].how == "opaque":  # every layer that has it is cut off above
             layer = next(lay for lay in self.stack.layers if lay.label == seen[0].hidden_by)
             real = os.path.join(layer.path, seen[0].at.lstrip("/")) if seen[0].at != "/" else layer.path
@@ -272,6 +298,15 @@ class _Explainer:
         not a directory: symlinks in a layer are never followed)."""
         real = os.path.join(layer.path, os.fsdecode(rel)) if rel else layer.path
         parent, _, name = rel.rpartition(b"/")
+        if self.stack.aufs and rel:
+            if is_aufs_marker(name):
+                note = f"{os.fsdecode(name)} is an AUFS whiteout marker's name: the mount never shows it"
+                if note not in self.notes:
+                    self.notes.append(note)
+                return None
+            marker = self._aufs_marker(layer, parent, name)
+            if marker is not None:
+                return marker
         try:
             if not rel:
                 st, dfd = os.fstat(layer.fd), None
@@ -295,10 +330,23 @@ class _Explainer:
         elif obj.kind == "dir":
             obj.opaque = is_opaque(
                 opaque_value(layer.fd, None, self.names) if dfd is None else opaque_value(dfd, name, self.names)
-            )
+            ) or (self.stack.aufs and aufs_opaque_at(layer.fd if dfd is None else dfd, None if dfd is None else name))
         if layer.is_upper and obj.kind != "whiteout":
             obj.origin = self._xattr(layer, rel, self.names.origin) is not None
         return obj
+
+    def _aufs_marker(self, layer: Layer, parent: bytes, name: bytes) -> LayerObject | None:
+        """The AUFS marker ``.wh.NAME`` in *layer*'s directory *parent*, as a whiteout object
+        (it hides NAME in this layer too, as fuse-overlayfs's lookup does)."""
+        try:
+            if not aufs_whiteout_at(self.stack.dir_fd(layer, parent), name):
+                return None
+        except OSError as exc:
+            if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.EXDEV):
+                return None
+            raise
+        mrel = (parent + b"/" if parent else b"") + aufs_marker_for(name)
+        return LayerObject(layer.label, os.path.join(layer.path, os.fsdecode(mrel)), "whiteout", aufs_marker=True)
 
     def _xattr(self, layer: Layer, rel: bytes, attr: str) -> bytes | None:
         if not rel:
@@ -335,6 +383,8 @@ def describe(obj: LayerObject) -> str:
     if obj.kind == "symlink":
         return f"symlink -> {obj.target}"
     if obj.kind == "whiteout":
+        if obj.aufs_marker:
+            return "whiteout (AUFS marker " + os.path.basename(obj.real_path) + ")"
         return "whiteout (xattr)" if obj.xattr_whiteout else "whiteout"
     if obj.kind in ("chardev", "blockdev"):
         return f"{'char' if obj.kind == 'chardev' else 'block'} device {obj.rdev}"
@@ -386,7 +436,8 @@ def format_text(ex: Explanation) -> str:
         m = ex.missing or {"how": "absent", "at": ex.path}
         if m["how"] == "whiteout":
             where = "" if m["at"] == ex.path else f" at {m['at']}"
-            head = f"{ex.path}: does not exist — whiteout{where} in {m['layer']} ({m['real_path']})"
+            kind = "AUFS whiteout " + os.path.basename(m["real_path"]) if m.get("marker") else "whiteout"
+            head = f"{ex.path}: does not exist — {kind}{where} in {m['layer']} ({m['real_path']})"
         elif m["how"] == "nondir":
             what = _KIND_NAMES.get(m["kind"], m["kind"])
             head = (

@@ -114,15 +114,25 @@ def _no_touch_realpath(path: str) -> str:
 @click.option(
     "--userxattr", is_flag=True, default=None, help="The upper's private xattrs are user.overlay.* (default: detected)."
 )
+@click.option(
+    "--aufs-whiteouts/--no-aufs-whiteouts",
+    "aufs",
+    default=None,
+    help="Honour AUFS .wh.NAME markers in the layers (default: as the live mount does; else off).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def diff_cmd(target, lower, ignore_identical, userxattr, as_json):
+def diff_cmd(target, lower, ignore_identical, userxattr, aufs, as_json):
     """What the upper layer UPPER (or container ID's) changed, as `docker diff` shows it:
     A added, C changed, D deleted. A live pyoverlay mountpoint stands for its upper layer."""
     from .diff import diff
 
     try:
         upper, lowers, xattr_mode = _diff_layers(target, lower)
-        changes = diff(upper, lowers, userxattr=True if userxattr else xattr_mode, ignore_identical=ignore_identical)
+        if aufs is None:
+            aufs = _mount_aufs(upper)
+        changes = diff(
+            upper, lowers, userxattr=True if userxattr else xattr_mode, ignore_identical=ignore_identical, aufs=aufs
+        )
     except InspectError as e:
         fail(e)
     except OSError as e:
@@ -132,6 +142,16 @@ def diff_cmd(target, lower, ignore_identical, userxattr, as_json):
     else:
         for c in changes:
             click.echo(os.fsencode(str(c)) + b"\n", nl=False)
+
+
+def _mount_aufs(upper: str) -> bool:
+    """Whether the live mount whose upper layer is *upper* honours AUFS markers (its record)."""
+    real = os.path.realpath(upper)
+    for rec in _mount_records():
+        cfg = rec.get("config") or {}
+        if cfg.get("upperdir") and os.path.realpath(cfg["upperdir"]) == real:
+            return bool(cfg.get("aufs_whiteouts"))
+    return False
 
 
 def bare_name(target: str) -> bool:
@@ -171,15 +191,21 @@ def _diff_layers(target: str, lower: str | None) -> tuple[str, list[str], bool |
 @click.command("explain")
 @click.argument("target", metavar="MERGED|ID")
 @click.argument("path")
+@click.option(
+    "--aufs-whiteouts/--no-aufs-whiteouts",
+    "aufs",
+    default=None,
+    help="Honour AUFS .wh.NAME markers in the layers (default: as the live mount does; else off).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def explain_cmd(target, path, as_json):
+def explain_cmd(target, path, aufs, as_json):
     """Why PATH looks the way it does in the mount MERGED (or container ID's root): which
     layer serves it, and what every other layer has there. Reads the layers, never the mount."""
     from .explain import explain, format_text
 
     try:
-        upper, lowers, labels, userxattr = _explain_layers(target)
-        ex = explain(upper, lowers, path, labels=labels, userxattr=userxattr)
+        upper, lowers, labels, userxattr, rec_aufs = _explain_layers(target)
+        ex = explain(upper, lowers, path, labels=labels, userxattr=userxattr, aufs=rec_aufs if aufs is None else aufs)
     except InspectError as e:
         fail(e)
     except OSError as e:
@@ -191,19 +217,20 @@ def explain_cmd(target, path, as_json):
 
 
 def _explain_layers(target: str):
-    """(upper, lowers, labels, userxattr) of a live pyoverlay mount or a container."""
+    """(upper, lowers, labels, userxattr, aufs) of a live pyoverlay mount or a container."""
     c = _container(target) if bare_name(target) else None
     if c is not None:
-        return (*_container_layers(c), False)
+        return (*_container_layers(c), False, False)
     mp = _no_touch_realpath(target)
     rec = state.lookup(mp)
     if rec is not None:
+        cfg = rec["config"]
+        aufs = bool(cfg.get("aufs_whiteouts"))
         for c in current().all_containers():  # a container's root: label its init layer
             if c.merged and os.path.realpath(c.merged) == mp and c.upper:
-                return (*_container_layers(c), False)
-        cfg = rec["config"]
-        return cfg.get("upperdir"), list(cfg["lowerdirs"]), None, bool(cfg.get("userxattr"))
+                return (*_container_layers(c), False, aufs)
+        return cfg.get("upperdir"), list(cfg["lowerdirs"]), None, bool(cfg.get("userxattr")), aufs
     c = _container(target)
     if c is None:
         raise InspectError(f"{target} is neither a pyoverlay mountpoint nor a container")
-    return (*_container_layers(c), False)
+    return (*_container_layers(c), False, False)

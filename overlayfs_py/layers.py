@@ -18,7 +18,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from . import _sys
-from .whiteout import XattrNames, has_xwhiteouts, is_opaque, is_whiteout_at, opaque_value, redirect_at
+from .whiteout import (
+    AUFS_PREFIX,
+    XattrNames,
+    aufs_markers,
+    aufs_opaque_at,
+    aufs_whiteout_at,
+    has_xwhiteouts,
+    is_aufs_marker,
+    is_opaque,
+    is_whiteout_at,
+    opaque_value,
+    redirect_at,
+)
 
 log = logging.getLogger(__name__)
 
@@ -99,11 +111,18 @@ class LayerStack:
     """The ordered layers of one mount: ``layers[0]`` is the upper (if any), then the lowers top to bottom."""
 
     def __init__(
-        self, lowerdirs: tuple[str, ...] | list[str], upperdir: str | None, names: XattrNames, init_layer: bool = False
+        self,
+        lowerdirs: tuple[str, ...] | list[str],
+        upperdir: str | None,
+        names: XattrNames,
+        init_layer: bool = False,
+        aufs: bool = False,
     ) -> None:
         """*init_layer*: the top lower is a runner's init layer: label it ``init`` and
-        number the image's layers from ``lower1`` below it."""
+        number the image's layers from ``lower1`` below it. *aufs*: honour AUFS-style
+        ``.wh.`` markers in every layer (``-o aufs_whiteouts=on``; whiteout.py)."""
         self.names = names
+        self.aufs = aufs
         self.layers: list[Layer] = []
         paths = ([upperdir] if upperdir else []) + list(lowerdirs)
         devs: list[int] = []
@@ -140,7 +159,9 @@ class LayerStack:
         dirs: list[Layer] = []
         for i, layer in enumerate(self.layers):
             dirs.append(layer)
-            if i < len(self.layers) - 1 and is_opaque(opaque_value(layer.fd, None, self.names)):
+            if i < len(self.layers) - 1 and (
+                is_opaque(opaque_value(layer.fd, None, self.names)) or (self.aufs and aufs_opaque_at(layer.fd, None))
+            ):
                 break
         self.root_lowers = tuple(layer for layer in dirs if not layer.is_upper)
         return tuple(dirs)
@@ -181,6 +202,8 @@ class LayerStack:
         at (the kernel follows redirects by default): a relative one names a sibling, an
         absolute one a path from the root of each lower layer below.
         """
+        if self.aufs:
+            return self._resolve_aufs(parents, name)
         hits: list[Hit] = []
         cands = [(layer, join(ppath, name)) for layer, ppath in parents]
         i = 0
@@ -207,6 +230,65 @@ class LayerStack:
                 cands[i + 1 :] = self._redirected(cands[i + 1 :], layer, redirect)
             i += 1
         return hits
+
+    def _resolve_aufs(self, parents: Sequence[tuple[Layer, bytes]], name: bytes) -> list[Hit]:
+        """``resolve`` with AUFS markers (fuse-overlayfs's do_lookup_file and load_dir): a
+        ``.wh.NAME`` in a layer hides NAME there and below, and ends a directory merge; a
+        ``.wh..wh..opq`` makes a directory opaque; a marker name itself is never found.
+
+        A marker is looked for only once a layer has NAME: in the layers above it that
+        did not (the ones since the previous hit) and in that layer itself, so a name no
+        layer has costs nothing more than without the option."""
+        if is_aufs_marker(name):
+            return []
+        hits: list[Hit] = []
+        missed: list[tuple[Layer, bytes]] = []  # (layer, parent dir) without NAME since the last hit
+        cands = [(layer, join(ppath, name)) for layer, ppath in parents]
+        i = 0
+        while i < len(cands):
+            layer, path = cands[i]
+            pdir, _, base = path.rpartition(b"/")
+            try:
+                dfd = self.dir_fd(layer, pdir)
+            except (FileNotFoundError, NotADirectoryError):
+                i += 1  # no such directory in this layer (a redirect's target): no NAME, no marker
+                continue
+            try:
+                st = _sys.lstat_at(dfd, base)
+            except (FileNotFoundError, NotADirectoryError):
+                missed.append((layer, pdir))
+                i += 1
+                continue
+            if self._aufs_whited_out(missed, base) or aufs_whiteout_at(self.dir_fd(layer, pdir), base):
+                break  # hidden here (nothing found yet) or the merge ends here
+            missed.clear()
+            dfd = self.dir_fd(layer, pdir)
+            if not stat.S_ISDIR(st.st_mode):
+                if not hits and not is_whiteout_at(dfd, base, st, self.names):
+                    hits.append(Hit(layer, st, path))
+                break
+            hits.append(Hit(layer, st, path))
+            if (
+                layer.index == self.layers[-1].index
+                or is_opaque(opaque_value(dfd, base, self.names))
+                or aufs_opaque_at(dfd, base)
+            ):
+                break
+            redirect = redirect_at(dfd, base, self.names)
+            if redirect:
+                cands[i + 1 :] = self._redirected(cands[i + 1 :], layer, redirect)
+            i += 1
+        return hits
+
+    def _aufs_whited_out(self, missed: list[tuple[Layer, bytes]], name: bytes) -> bool:
+        """Whether one of the *missed* layer directories (top first) holds ``.wh.NAME``."""
+        for layer, pdir in missed:
+            try:
+                if aufs_whiteout_at(self.dir_fd(layer, pdir), name):
+                    return True
+            except (FileNotFoundError, NotADirectoryError):  # gone meanwhile
+                continue
+        return False
 
     def _redirected(self, rest: list[tuple[Layer, bytes]], layer: Layer, redirect: bytes) -> list[tuple[Layer, bytes]]:
         if redirect.startswith(b"/"):
@@ -237,7 +319,12 @@ class LayerStack:
         for layer, path in dirs:
             dfd = self.dir_fd(layer, path)
             check_x = filter_whiteouts and not layer.is_upper and has_xwhiteouts(opaque_value(dfd, None, self.names))
-            for name, kind in _sys.listdir_fd(dfd):
+            names = _sys.listdir_fd(dfd)
+            if self.aufs:  # markers: never listed; what they hide is not listed from here down
+                hidden, _ = aufs_markers(names)
+                seen |= hidden
+                names = [(n, k) for n, k in names if not n.startswith(AUFS_PREFIX)]
+            for name, kind in names:
                 if name in seen:
                     continue
                 seen.add(name)

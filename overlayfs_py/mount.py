@@ -131,7 +131,9 @@ def build_overlay(
     from .write import WritePath
 
     names = XattrNames(cfg.xattr_prefix)
-    stack = LayerStack(cfg.lowerdirs, cfg.upperdir, names, init_layer=cfg.container is not None)
+    stack = LayerStack(
+        cfg.lowerdirs, cfg.upperdir, names, init_layer=cfg.container is not None, aufs=cfg.aufs_whiteouts
+    )
     # Every node holds a descriptor: the budget and the table's cap fit RLIMIT_NOFILE.
     fd_limit = _sys.raise_nofile_limit()
     max_nodes = clamp_node_budget(cfg.max_nodes, fd_limit, stack.dirfds)

@@ -12,8 +12,10 @@ own parser, as ``pyoverlay mount -o`` uses), translated (``fsync=0`` is ``volati
 ``debug`` is ``-d``, ``nosuid``/``nodev``/``noexec``/``noatime`` are the mount's flags:
 ``MountConfig.mount_flags``), accepted and ignored (:data:`IGNORED`, each with the reason in
 docs/mounting.md), or refused (:data:`REFUSED`: what pyoverlay cannot do). Empty items are
-skipped. With ``-s`` (sloppy, mount(8)'s convention) an unknown option is ignored with a
-warning instead of refused.
+skipped. ``aufs_whiteouts=on`` is the default here (fuse-overlayfs honours ``.wh.NAME``
+whiteouts in every layer, and containers/storage writes the layers it stores from a tar so);
+``-o aufs_whiteouts=off`` turns it off. With ``-s`` (sloppy, mount(8)'s convention) an
+unknown option is ignored with a warning instead of refused.
 
 The mount itself is ``pyoverlay mount``'s path (plan, checks, then ``start_background``): the
 helper returns once the mount is live; ``-f`` (or ``-d``, as with libfuse and fuse-overlayfs)
@@ -256,6 +258,9 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
             raise HelperError("upperdir needs a workdir (-o workdir=...)")
         if not any(o.startswith("fsname=") for o in opts):
             opts = _fsname(call.source) + opts
+        # fuse-overlayfs honours AUFS whiteouts (.wh.NAME) in every layer, and containers/storage
+        # writes the layers it stores from a tar so: on unless -o aufs_whiteouts=off (last wins)
+        opts = ["aufs_whiteouts=on"] + opts
         cfg = build_config(None, None, call.merged, options=opts, debug=call.debug)
         if call.mount_flags:
             cfg = replace(cfg, mount_flags=tuple(call.mount_flags))

@@ -12,6 +12,7 @@ extraction) asks :func:`is_whiteout_at` or :func:`is_char_whiteout`.
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 
@@ -142,3 +143,78 @@ def encode_origin(handle_type: int, handle: bytes, uuid: bytes | None) -> bytes:
     """The kernel's origin record for a lower object (what ovl_encode_real_fh writes)."""
     u = (uuid or b"\0" * 16)[:16].ljust(16, b"\0")
     return bytes([0, 0xFB, ORIGIN_HEADER + len(handle), 0, handle_type]) + u + handle
+
+
+# --- AUFS-style whiteouts (-o aufs_whiteouts=on) ---------------------------------------------
+#
+# containers/storage writes a layer it stores from a tar with the whiteouts of the tar (OCI
+# image spec, "Whiteouts"): a deleted NAME is an empty file ``.wh.NAME`` beside it, an opaque
+# directory holds ``.wh..wh..opq``. fuse-overlayfs honours them in every layer (main.c:
+# do_lookup_file, load_dir, is_directory_opaque); the kernel shows them as plain files. With
+# the option on, pyoverlay asks the rules below, and only them:
+#
+# * a name starting with ``.wh.`` is a marker: it is never listed, never found by a lookup
+#   through the mount, and cannot be created through it (EINVAL, as fuse-overlayfs's create);
+# * a marker ``.wh.NAME`` (any file type) in a directory of a layer hides NAME in that layer
+#   and in every layer below (a directory merge ends at that layer);
+# * a directory holding ``.wh..wh..opq`` is opaque, as with ``overlay.opaque=y``.
+#
+# What pyoverlay writes in the upper stays the kernel's format (char 0/0, ``overlay.opaque``);
+# a marker already in the upper is removed when NAME is made there (fuse-overlayfs's
+# delete_whiteout).
+
+AUFS_PREFIX = b".wh."
+AUFS_OPAQUE = b".wh..wh..opq"
+
+
+def is_aufs_marker(name: bytes) -> bool:
+    """Whether *name* is an AUFS marker name (``.wh.X``, ``.wh..wh..opq`` included)."""
+    return name.startswith(AUFS_PREFIX)
+
+
+def aufs_marker_for(name: bytes) -> bytes:
+    """The marker name that hides *name*: ``.wh.NAME``."""
+    return AUFS_PREFIX + name
+
+
+def aufs_hidden(name: bytes) -> bytes | None:
+    """The name a marker *name* hides (None: not a marker, or the opaque marker)."""
+    if not name.startswith(AUFS_PREFIX) or name == AUFS_OPAQUE:
+        return None
+    return name[len(AUFS_PREFIX) :]
+
+
+def _exists_at(dir_fd: int, name: bytes) -> bool:
+    try:
+        _sys.lstat_at(dir_fd, name)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except OSError as exc:
+        if exc.errno == errno.ENAMETOOLONG:  # ".wh." made a valid name too long: no marker
+            return False
+        raise
+    return True
+
+
+def aufs_whiteout_at(dir_fd: int, name: bytes) -> bool:
+    """Whether directory *dir_fd* holds the marker ``.wh.NAME`` (of any file type)."""
+    return _exists_at(dir_fd, AUFS_PREFIX + name)
+
+
+def aufs_opaque_at(dir_fd: int, name: bytes | None) -> bool:
+    """Whether directory *name* in *dir_fd* (None: *dir_fd* itself) holds ``.wh..wh..opq``."""
+    return _exists_at(dir_fd, AUFS_OPAQUE if name is None else name + b"/" + AUFS_OPAQUE)
+
+
+def aufs_markers(names: list[tuple[bytes, int]]) -> tuple[set[bytes], bool]:
+    """From one layer directory's listing: the names its markers hide, and whether it holds
+    the opaque marker (no syscall: the names say it)."""
+    hidden: set[bytes] = set()
+    opaque = False
+    for name, _kind in names:
+        if name.startswith(AUFS_PREFIX):
+            if name == AUFS_OPAQUE:
+                opaque = True
+            else:
+                hidden.add(name[len(AUFS_PREFIX) :])
+    return hidden, opaque

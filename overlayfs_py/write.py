@@ -33,7 +33,7 @@ from .layers import Layer, LayerStack
 from .overlay import NAME_MAX, Caller, Overlay
 from .ownership import Owners
 from .trace import Tracer, display
-from .whiteout import XattrNames, is_whiteout_at, is_whiteout_kind, set_opaque
+from .whiteout import XattrNames, aufs_marker_for, is_aufs_marker, is_whiteout_at, is_whiteout_kind, set_opaque
 from .workdir import Work
 
 #: fallocate and copy_file_range ranges up to this many bytes are served inline by an
@@ -153,6 +153,8 @@ class WritePath:
         self.listings.changed()
         if len(name) > NAME_MAX:
             raise OSError(errno.ENAMETOOLONG, "name too long")
+        if self.stack.aufs:
+            self._check_not_marker(name)
         if self._exists(parent, name) is not None:
             raise OSError(errno.EEXIST, "exists")
         pfd = copy.upper_dir(parent, "create")
@@ -191,10 +193,33 @@ class WritePath:
             make(pfd, name)
             if owner is not None:
                 self._chown_keep_mode(pfd, name, *owner, made() if made is not None else None)
+            if self.stack.aufs:
+                self._drop_upper_marker(pfd, name, opaque, path)
         self.stack.dirfds.forget_one(copy.upper, _child(parent, name))
         node, st = self.view.made(parent, name, copy.upper, pfd, new=caller is not None)
         self.trace.emit("create", path=path, kind="link" if caller is None else _kind(st.st_mode))
         return node, st
+
+    def _check_not_marker(self, name: bytes) -> None:
+        """With AUFS whiteouts on, a ``.wh.`` name cannot be made through the mount (EINVAL,
+        as fuse-overlayfs's create): it would be a marker, not a file."""
+        if is_aufs_marker(name):
+            raise OSError(errno.EINVAL, "a .wh. name is a whiteout marker (-o aufs_whiteouts)")
+
+    def _drop_upper_marker(self, pfd: int, name: bytes, opaque: bool, path: str) -> None:
+        """*name* was just made in the upper directory *pfd*: a marker ``.wh.NAME`` there
+        goes (fuse-overlayfs's delete_whiteout); a new directory that replaced one is made
+        opaque first, as over a whiteout, so that what the marker hid stays hidden."""
+        marker = aufs_marker_for(name)
+        if len(marker) > NAME_MAX or self._upper_entry(pfd, marker) is None:
+            return
+        if opaque:
+            self._make_opaque(pfd, name, path)
+        try:
+            os.unlink(marker, dir_fd=pfd)
+        except FileNotFoundError:
+            pass
+        self.trace.emit("whiteout_remove", path=path)
 
     # --- namespace ----------------------------------------------------------------------------
 
@@ -302,8 +327,10 @@ class WritePath:
         """Remove the whiteouts left in an upper dir that is about to go (it holds nothing else)."""
         fd = _sys.open_beneath(dfd_parent, name, _sys.O_PATH | os.O_DIRECTORY)
         try:
-            for child, _kind in _sys.listdir_fd(fd):
-                if is_whiteout_at(fd, child, _sys.lstat_at(fd, child), None):  # an upper dir: char 0/0 only
+            for child, kind in _sys.listdir_fd(fd):
+                if self.stack.aufs and is_aufs_marker(child) and kind != stat.S_IFDIR:
+                    os.unlink(child, dir_fd=fd)  # a marker (fuse-overlayfs's empty_dir drops them)
+                elif is_whiteout_at(fd, child, _sys.lstat_at(fd, child), None):  # an upper dir: char 0/0 only
                     os.unlink(child, dir_fd=fd)
         finally:
             os.close(fd)
@@ -347,6 +374,8 @@ class WritePath:
         dst = self._exists(newparent, newname)
         if len(newname) > NAME_MAX:
             raise OSError(errno.ENAMETOOLONG, "name too long")
+        if self.stack.aufs:
+            self._check_not_marker(newname)
         if src is dst:
             return
         exchange = bool(flags & _sys.RENAME_EXCHANGE)
@@ -406,6 +435,8 @@ class WritePath:
         _sys.renameat2(opfd, name, npfd, newname, real_flags)
         if cleanup_whiteout:
             os.unlink(name, dir_fd=opfd)
+        if self.stack.aufs and not exchange:
+            self._drop_upper_marker(npfd, newname, False, new_path)
         self.trace.emit("rename", path=old_path, target=new_path, exchange=exchange)
         if real_flags == _sys.RENAME_WHITEOUT:
             self.trace.emit("whiteout_create", path=old_path)

@@ -177,6 +177,8 @@ def _layers(tmp_path):
         ("index=on", "'index=on' is not supported"),
         ("fsync=2", "invalid value for option 'fsync=2'"),
         ("subtype=other", "invalid value"),
+        ("aufs_whiteouts=yes", "invalid value 'yes' for mount option 'aufs_whiteouts' (expected on|off)"),
+        ("aufs_whiteouts", "mount option 'aufs_whiteouts' needs a value"),
     ],
 )
 def test_a_bad_option_is_one_line_exit_1_and_nothing_mounted(tmp_path, env, opts, says):
@@ -283,6 +285,31 @@ def _fresh_mount(argv: list[str], opts: str, upper: Path, work: Path, mnt: Path,
     finally:
         subprocess.run(["umount", str(mnt)], capture_output=True)
         _cleanup(mnt, env)
+
+
+def test_aufs_whiteouts_on_by_default_as_with_fuse_overlayfs(tmp_path, env):
+    """A ``.wh.NAME`` file in a lower layer (as containers/storage stores a layer from a tar)
+    hides NAME below it with the helper, as with fuse-overlayfs; ``aufs_whiteouts=off``
+    makes it a plain file again (the kernel's view), and the record says which."""
+    lower, upper, work, mnt = _layers(tmp_path)
+    top = tmp_path / "top"
+    (top / "etc").mkdir(parents=True)
+    (top / "etc" / ".wh.motd").touch()
+    (lower / "etc").mkdir()
+    (lower / "etc" / "motd").write_text("motd\n")
+    (lower / "etc" / "passwd").write_text("root\n")
+    base = f"lowerdir={top}:{lower},upperdir={upper},workdir={work}"
+    for name, argv in _programs():
+        with _fresh_mount(argv, base, upper, work, mnt, env):
+            assert sorted(os.listdir(mnt / "etc")) == ["passwd"], name
+            assert not os.path.lexists(mnt / "etc" / "motd") and not os.path.lexists(mnt / "etc" / ".wh.motd"), name
+            if name == "pyoverlay":
+                assert _record(env, mnt)["config"]["aufs_whiteouts"] is True
+                listed = json.loads(_pyoverlay("mounts", "--json", env=env).stdout)
+                assert [m["aufs_whiteouts"] for m in listed if m["mountpoint"] == str(mnt)] == [True]
+    with _fresh_mount([str(HELPER)], base + ",aufs_whiteouts=off", upper, work, mnt, env):
+        assert sorted(os.listdir(mnt / "etc")) == [".wh.motd", "motd", "passwd"]
+        assert _record(env, mnt)["config"]["aufs_whiteouts"] is False
 
 
 def test_uidmapping_and_gidmapping_as_with_fuse_overlayfs(tmp_path, env):
@@ -550,8 +577,9 @@ def test_pyoverlay_mounts_lists_live_mounts_and_drops_dead_ones(tmp_path, env, m
         assert one["pid"] == _record(env, mnt)["pid"] and procfs.alive(one["pid"])
         assert one["trace_socket"] == _record(env, mnt)["trace_socket"] and os.path.exists(one["trace_socket"])
         assert two["upperdir"] is None and two["read_only"] is True
+        assert one["aufs_whiteouts"] is True and two["aufs_whiteouts"] is False  # the helper's default
         text = _pyoverlay("mounts", env=env).stdout
-        assert f"{mnt}  (pid {one['pid']}, engine {one['engine']}, read-write, volatile)" in text
+        assert f"{mnt}  (pid {one['pid']}, engine {one['engine']}, read-write, volatile, aufs whiteouts)" in text
         assert f"  lower  {lower}" in text and f"  upper  {upper}" in text and f"  trace  {one['trace_socket']}" in text
         # a server killed with SIGKILL: its record is dropped (and removed), its mount stays dead
         os.kill(two["pid"], signal.SIGKILL)

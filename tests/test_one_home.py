@@ -225,6 +225,7 @@ SECOND_COPIES = [
         "overlayfs_py/whiteout.py",
         "tests/",
     ),
+    ("the AUFS marker names", re.compile(r"b[\"']\.wh\."), "overlayfs_py/whiteout.py", "tests/"),
     (
         "the private xattr prefix",
         re.compile(r"[\"'](trusted|user)\.overlay\.[\"']"),

@@ -18,10 +18,14 @@ import os
 import posixpath
 import tarfile
 
+from overlayfs_py import whiteout
+
 from .core import ImageError
 
-WH = b".wh."
-OPAQUE = b".wh..wh..opq"
+# the marker names (".wh.", ".wh..wh..opq"), whose one home is whiteout.py: a mount with
+# -o aufs_whiteouts=on reads the same names in its layers
+WH = whiteout.AUFS_PREFIX
+OPAQUE = whiteout.AUFS_OPAQUE
 XATTR = "SCHILY.xattr."
 
 
