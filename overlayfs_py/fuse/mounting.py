@@ -31,7 +31,6 @@ import logging
 import os
 import socket
 import stat
-import subprocess
 from dataclasses import dataclass
 
 from .. import _sys, mountinfo, privilege
@@ -157,6 +156,8 @@ def _mount_fusermount(cfg: MountConfig) -> int:
     tool = privilege.fusermount_path()
     if tool is None:
         raise DirectMountFailed(f"{FUSERMOUNT} is missing: install fuse3 (mounting without root needs it)")
+    import subprocess  # here: a mount(2) mount (podman's, every container) starts without it
+
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         env = dict(os.environ)
