@@ -16,6 +16,7 @@ import ctypes
 import errno
 import os
 import stat
+from collections.abc import Iterable
 
 from . import _syscalls
 
@@ -486,3 +487,21 @@ def copy_range(src: int, off_in: int, dst: int, off_out: int, length: int) -> in
             break
         done += os.pwrite(dst, chunk, off_out + done)
     return done
+
+
+class _SigSet(ctypes.Structure):
+    _fields_ = [("val", ctypes.c_ulong * 16)]  # the C library's sigset_t: 1024 bits
+
+
+def signalfd(signals: Iterable[int]) -> int:
+    """``signalfd(2)``: an fd (non-blocking, close-on-exec) that is readable while one of
+    *signals* is pending. The signals must be blocked; nothing needs to read the fd (a
+    signal it reports stays pending for whoever takes it later)."""
+    mask = _SigSet()
+    for sig in signals:
+        mask.val[(sig - 1) // 64] |= 1 << ((sig - 1) % 64)
+    fd = _libc.signalfd(-1, ctypes.byref(mask), os.O_NONBLOCK | os.O_CLOEXEC)
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), "signalfd")
+    return fd

@@ -33,9 +33,7 @@ import os
 import stat
 import time
 from collections.abc import Callable
-from typing import Any
-
-import trio
+from typing import TYPE_CHECKING, Any
 
 from . import _sys
 from .idmap import OVERRIDE_XATTR
@@ -45,6 +43,9 @@ from .ownership import Owners
 from .trace import Tracer, display
 from .whiteout import XattrNames, encode_origin
 from .workdir import Work
+
+if TYPE_CHECKING:  # trio is imported when first used (the server starts serving before)
+    import trio
 
 log = logging.getLogger(__name__)
 
@@ -123,10 +124,19 @@ class CopyUp:
         self.owners = owners
         self._locks: dict[int, trio.Lock] = {}
         self.uuid = _sys.fs_uuid(stack.lowers[0].fd) if stack.lowers else None
-        self.limiter = trio.CapacityLimiter(2)
+        self._limiter: trio.CapacityLimiter | None = None  # made on first use, in trio
         self.sync = sync  # False with -o volatile: copies are not fsync'ed (the kernel's ovl_should_sync)
         self.on_copied_up = on_copied_up  # (node, its st_ino changed) right after it became upper
         self.on_attr_changed = on_attr_changed  # a node id whose reported attributes changed
+
+    @property
+    def limiter(self) -> trio.CapacityLimiter:
+        """At most two data copies in worker threads at a time."""
+        if self._limiter is None:
+            import trio
+
+            self._limiter = trio.CapacityLimiter(2)
+        return self._limiter
 
     async def copy_up(self, node: Node, reason: str) -> bool:
         """``ensure_upper`` for an existing object. A lower object no name leads to any more
@@ -152,7 +162,11 @@ class CopyUp:
         *reason* says why, for the trace (open-for-write, chmod, rename, ...)."""
         if node.layer.is_upper:
             return False
-        lock = self._locks.setdefault(node.id, trio.Lock())
+        import trio
+
+        lock = self._locks.get(node.id)
+        if lock is None:
+            lock = self._locks[node.id] = trio.Lock()
         try:
             async with lock:
                 if node.layer.is_upper:  # another task finished it while we waited
@@ -456,6 +470,8 @@ class CopyUp:
         if st.st_size <= THREAD_THRESHOLD:
             self._copy_up_file_now(node, src, st)
             return
+        import trio
+
         tmp, dst = self._file_temporary()
         try:
             try:

@@ -23,7 +23,7 @@ import signal
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-from . import _sys, state, userxattr
+from . import _sys, state, unixsock, userxattr
 from .config import MountConfig
 from .errors import PyoverlayError
 from .logs import one_line, setup_logging
@@ -32,6 +32,10 @@ from .whiteout import make_whiteout
 from .workdir import WorkDir
 
 if TYPE_CHECKING:
+    import socket
+
+    import trio
+
     from .budget import DropEntries
     from .core import Core
     from .overlay import Overlay
@@ -176,14 +180,15 @@ async def _main(
     overlay: Overlay,
     run: Callable[[], Awaitable[None]],
     stop: Callable[[], None],
+    listener: socket.socket | None = None,
 ) -> None:
     """Serve (*run*: the engine's loop) beside the trace sink until unmounted or signalled
-    (*stop* ends the engine's loop)."""
+    (*stop* ends the engine's loop). *listener*: the trace socket, if bound already."""
     import trio
 
     from .tracesink import TraceSink
 
-    sink = TraceSink(overlay.trace, cfg.trace_file, state.trace_socket(cfg.mountpoint))
+    sink = TraceSink(overlay.trace, cfg.trace_file, state.trace_socket(cfg.mountpoint), listener)
     async with trio.open_nursery() as nursery:
         await nursery.start(sink.run)
 
@@ -347,6 +352,11 @@ def _serve_pyfuse3(cfg: MountConfig, ready_fd: int | None) -> int:
     return 0
 
 
+#: a mount served without trio (``Session.serve_early``) imports it after this long without
+#: a request, or at once when something needs it (docs/performance.md, "Startup")
+EARLY_IDLE_MS = 500
+
+
 def _serve_direct(cfg: MountConfig, ready_fd: int | None) -> int:
     """``serve`` with pyoverlay's own FUSE engine (``-o engine=direct``, overlayfs_py/fuse/).
 
@@ -366,9 +376,14 @@ def _serve_direct(cfg: MountConfig, ready_fd: int | None) -> int:
             wd.close()
         raise
     fd = fm.fd
+    # bound before the caller returns: a reader may connect at once (and wakes the server)
+    socket_path = state.trace_socket(cfg.mountpoint)
+    listener = unixsock.listen(socket_path)
     try:
         _ready(cfg, wd, ready_fd)
     except BaseException:
+        if listener is not None:
+            unixsock.unbind_unix(listener, socket_path)
         direct.unmount_fuse(fm, False)
         if fm.owned:
             os.close(fd)
@@ -381,8 +396,6 @@ def _serve_direct(cfg: MountConfig, ready_fd: int | None) -> int:
     core: Core | None = None
     unmount_clean = False
     try:
-        import trio
-
         from .fuse import ops as direct_ops
         from .fuse import session
 
@@ -412,9 +425,32 @@ def _serve_direct(cfg: MountConfig, ready_fd: int | None) -> int:
         notifier.start(fd)
         ops = direct_ops.Ops(core, direct_passthrough.Passthrough(cfg.passthrough))
         sess = session.Session(fd, ops, core.view.trace)
-        trio.run(_main, cfg, core.view, run, stop)
+        why = "a trace file is written"  # as events come: by trio's sink
+        if cfg.trace_file is None:
+            stop_signal = _sys.signalfd(STOP_SIGNALS)
+            try:
+                wake = [stop_signal] if listener is None else [stop_signal, listener.fileno()]
+                woken = sess.serve_early(wake, EARLY_IDLE_MS)
+            finally:
+                os.close(stop_signal)
+            why = (
+                "a stop signal" if woken == stop_signal
+                else "a trace reader" if woken is not None
+                else "a request that needs a task" if sess.has_deferred
+                else f"the mount ended ({sess.end_reason})" if sess.end_reason is not None
+                else f"idle for {EARLY_IDLE_MS} ms"
+            )  # fmt: skip
+        log.info("direct engine: requests answered before trio: %d; then %s", sess.early_served, why)
+        if sess.end_reason is None or cfg.trace_file is not None:
+            import trio
+
+            sink_listener, listener = listener, None  # the sink's now: it closes and unlinks it
+            trio.run(_main, cfg, core.view, run, stop, sink_listener)
+        # else: unmounted before anything needed trio: no reader came, no file is written
         unmount_clean = True
     finally:
+        if listener is not None:
+            unixsock.unbind_unix(listener, socket_path)
         direct.unmount_fuse(fm, sess is not None and sess.ended_by_kernel)
         if notifier is not None:
             notifier.stop()

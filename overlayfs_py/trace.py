@@ -19,8 +19,10 @@ import contextvars
 import os
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-import trio
+if TYPE_CHECKING:
+    import trio
 
 SCHEMA_VERSION = 1
 
@@ -126,7 +128,13 @@ class Tracer:
     of (processes in another pid namespace than the server's are attributed to it)."""
 
     def __init__(self, capacity: int = 8192, container: str | None = None) -> None:
-        self.send, self.receive = trio.open_memory_channel(capacity)
+        self.capacity = capacity
+        # the channel is opened in trio, by the sink (``receive``); the events of the first
+        # requests, served before trio is imported (docs/performance.md), wait in _early
+        self._send: trio.MemorySendChannel[dict[str, Any]] | None = None
+        self._receive: trio.MemoryReceiveChannel[dict[str, Any]] | None = None
+        self._full: tuple[type[BaseException], ...] = ()
+        self._early: list[dict[str, Any]] = []
         self.container = container
         self.procs = ProcessInfo()
         self.seq = 0
@@ -154,14 +162,38 @@ class Tracer:
             )
         else:
             rec.update(pid=None, comm=None, uid=None, gid=None, container=None, cpid=None)
+        send = self._send
+        if send is None:
+            if len(self._early) < self.capacity:
+                self._early.append(rec)
+                self.pending = True
+            else:
+                self.dropped += 1
+            return
         try:
-            self.send.send_nowait(rec)
+            send.send_nowait(rec)
             self.pending = True
-        except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
+        except self._full:
             self.dropped += 1
+
+    @property
+    def receive(self) -> trio.MemoryReceiveChannel[dict[str, Any]]:
+        """The sink's end of the event channel (opened on first use, in trio)."""
+        if self._receive is None:
+            import trio
+
+            self._send, self._receive = trio.open_memory_channel(self.capacity)
+            self._full = (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError)
+            for rec in self._early:
+                self._send.send_nowait(rec)
+            self._early = []
+            if self.closed:
+                self._send.close()
+        return self._receive
 
     def close(self) -> None:
         """No more events; the sink drains what is queued and writes the ``end`` record."""
         if not self.closed:
             self.closed = True
-            self.send.close()
+            if self._send is not None:
+                self._send.close()

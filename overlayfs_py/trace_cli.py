@@ -54,7 +54,7 @@ def socket_of(target: str) -> str:
 
 
 def events_from_socket(path: str, history: bool):
-    from .tracesink import connect_unix
+    from .unixsock import connect_unix
 
     try:
         sock = connect_unix(path)

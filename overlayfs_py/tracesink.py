@@ -25,52 +25,12 @@ import time
 import trio
 
 from .trace import SCHEMA_VERSION, Tracer
+from .unixsock import listen
 
 log = logging.getLogger(__name__)
 
 READER_QUEUE = 2048
 HISTORY = 1000
-
-
-def _via_dir_fd(path: str):
-    """A unix socket path may be at most 107 bytes: go through /proc/self/fd/N of its
-    directory, so any path works. Returns (short path, dir fd to close)."""
-    dfd = os.open(os.path.dirname(path) or ".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    return f"/proc/self/fd/{dfd}/{os.path.basename(path)}", dfd
-
-
-def bind_unix(path: str) -> socket.socket:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    short, dfd = _via_dir_fd(path)
-    base = os.path.basename(path)
-    try:
-        # A stale socket of an earlier mount goes; unlinkat never follows a symlink, and the
-        # mode is set on the name just bound (AT_SYMLINK_NOFOLLOW), both relative to the
-        # directory fd: nothing is resolved again through the path.
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(base, dir_fd=dfd)
-        sock.bind(short)
-        os.chmod(base, 0o600, dir_fd=dfd, follow_symlinks=False)
-    except BaseException:
-        sock.close()
-        raise
-    finally:
-        os.close(dfd)
-    sock.listen(16)
-    return sock
-
-
-def connect_unix(path: str) -> socket.socket:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    short, dfd = _via_dir_fd(path)
-    try:
-        sock.connect(short)
-    except BaseException:
-        sock.close()
-        raise
-    finally:
-        os.close(dfd)
-    return sock
 
 
 class _Reader:
@@ -130,10 +90,14 @@ class _Reader:
 
 
 class TraceSink:
-    def __init__(self, tracer: Tracer, file: str | None, socket_path: str | None) -> None:
+    def __init__(
+        self, tracer: Tracer, file: str | None, socket_path: str | None, listener: socket.socket | None = None
+    ) -> None:
+        """*listener*: the socket at *socket_path*, bound already (``unixsock.listen``)."""
         self.tracer = tracer
         self.file_path = file
         self.socket_path = socket_path
+        self.listener = listener
         self.readers: set[_Reader] = set()
         self.history: collections.deque[bytes] = collections.deque(maxlen=HISTORY)
         self.running = False
@@ -145,12 +109,10 @@ class TraceSink:
             # O_NOFOLLOW: a symlink planted at the name is refused, never written through.
             fd = os.open(self.file_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
             out = os.fdopen(fd, "wb")
-        listener = None
-        if self.socket_path:
-            try:
-                listener = bind_unix(self.socket_path)
-            except OSError as e:  # the mount works without a live stream
-                log.warning("trace: no live stream (%s: %s)", self.socket_path, e.strerror)
+        listener = self.listener
+        if listener is None and self.socket_path:
+            listener = listen(self.socket_path)
+            if listener is None:
                 self.socket_path = None
         self.running = True
         try:

@@ -21,8 +21,6 @@ import stat
 from collections.abc import Callable
 from typing import Any
 
-import trio
-
 from . import _sys
 from .copyup import CopyUp, writable
 from .dircache import ListingCache
@@ -526,6 +524,8 @@ class WritePath:
     async def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:
         """``fallocate_now`` in a thread: preallocating or zeroing a large range (on a slow
         disk, say) must not stall other requests."""
+        import trio  # first used here: see copyup.py
+
         await trio.to_thread.run_sync(self.fallocate_now, fh, mode, offset, length)
 
     def copy_file_range_now(self, fh_in: int, off_in: int, fh_out: int, off_out: int, length: int, flags: int) -> int:
@@ -541,11 +541,15 @@ class WritePath:
 
     async def copy_file_range(self, fh_in: int, off_in: int, fh_out: int, off_out: int, length: int, flags: int) -> int:
         """``copy_file_range_now`` in a thread: a large copy must not stall other requests."""
+        import trio  # first used here: see copyup.py
+
         return await trio.to_thread.run_sync(self.copy_file_range_now, fh_in, off_in, fh_out, off_out, length, flags)
 
     async def fsync(self, fh: int, datasync: bool) -> None:
         """In a worker thread: syncing a large dirty file takes seconds, and other requests
         go on meanwhile (the kernel keeps the file, so its handle, until fsync returns)."""
+        import trio
+
         h = self.handles[fh]
         if isinstance(h, OpenFile) and not self.volatile:  # volatile: fsync is a no-op, as ovl_fsync
             await trio.to_thread.run_sync(os.fdatasync if datasync else os.fsync, h.fd)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -164,3 +165,116 @@ def test_umount_returns_once_the_server_is_done(tmp_path, engine):
         assert (kmnt / "late").read_bytes() == b"late\n"
         assert sorted(os.listdir(kmnt)) == ["d", "f", "late", "moved"]
         assert os.listdir(kmnt / "d") == ["sub"]
+
+
+# --- the direct engine serves before it imports trio (docs/performance.md, "Startup") ----------
+
+
+def _mount_direct(tmp_path):
+    lower, upper, work, mnt = _layers(tmp_path)
+    (lower / "big").write_bytes(b"b" * (3 << 20))  # copied up in a worker thread: a task
+    log = tmp_path / "server.log"
+    r = _cli("mount", "-o", "engine=direct", "--log", log, lower, upper, mnt, "--workdir", work)
+    assert r.returncode == 0, r.stderr
+    return mnt, log
+
+
+def _why_trio(log: Path) -> str:
+    """What ended the server's serving without trio (its log line; waited for)."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        lines = [ln for ln in log.read_text().splitlines() if "answered before trio: " in ln]
+        if lines:
+            return lines[0].split("; then ", 1)[1]
+        time.sleep(0.02)
+    raise AssertionError(f"no 'answered before trio' line in the log:\n{log.read_text()}")
+
+
+def _record(mnt: Path) -> dict:
+    code = "import json, sys; from overlayfs_py import state; print(json.dumps(state.lookup(sys.argv[1])))"
+    r = subprocess.run(
+        [sys.executable, "-c", code, str(mnt)], env=mounts.pyoverlay_env(), capture_output=True, text=True, timeout=30
+    )
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+@pytest.mark.needs_root
+def test_a_stop_signal_before_trio_unmounts(tmp_path):
+    mnt, log = _mount_direct(tmp_path)
+    try:
+        assert (mnt / "f").read_bytes() == b"lower\n"  # answered without trio
+        pid = _server_pid(mnt)
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        while procfs.alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not procfs.alive(pid)
+        assert not mounts.is_mounted(mnt)
+    finally:
+        if mounts.is_mounted(mnt):
+            mounts.force_unmount(mnt)
+    assert _why_trio(log) == "a stop signal"  # it woke the server at once (signalfd)
+    assert "signal received: unmounting" in log.read_text()
+
+
+@pytest.mark.needs_root
+def test_a_trace_reader_before_trio_gets_what_happened_before(tmp_path):
+    from overlayfs_py.unixsock import connect_unix
+
+    mnt, log = _mount_direct(tmp_path)
+    try:
+        (mnt / "f").write_bytes(b"changed\n")  # a copy-up, answered without trio
+        os.unlink(mnt / "d" / "g")  # a whiteout
+        sock = connect_unix(_record(mnt)["trace_socket"])
+        sock.sendall(b'{"history": true}\n')
+        assert _why_trio(log) == "a trace reader"
+        u = _cli("umount", mnt)
+        assert u.returncode == 0, u.stderr
+    finally:
+        if mounts.is_mounted(mnt):
+            mounts.force_unmount(mnt)
+    sock.settimeout(30)
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    sock.close()
+    events = [(e["event"], e.get("path")) for e in map(json.loads, data.splitlines())]
+    assert ("copy_up_done", "/f") in events and ("whiteout_create", "/d/g") in events, events
+    assert events[-1][0] == "end"
+
+
+@pytest.mark.needs_root
+def test_a_request_that_needs_a_task_before_trio_is_answered(tmp_path):
+    mnt, log = _mount_direct(tmp_path)
+    try:
+        with open(mnt / "big", "r+b") as f:  # a copy-up of 3 MiB: in a worker thread, a task
+            f.write(b"B")
+        assert _why_trio(log) == "a request that needs a task"
+        assert (mnt / "big").read_bytes() == b"B" + b"b" * ((3 << 20) - 1)
+    finally:
+        u = _cli("umount", mnt)
+        if mounts.is_mounted(mnt):
+            mounts.force_unmount(mnt)
+    assert u.returncode == 0, u.stderr
+
+
+@pytest.mark.needs_root
+def test_a_mount_unmounted_before_trio_leaves_nothing(tmp_path):
+    mnt, log = _mount_direct(tmp_path)
+    try:
+        assert sorted(os.listdir(mnt)) == ["big", "d", "f"]
+        sock_path = Path(_record(mnt)["trace_socket"])
+        assert sock_path.exists()
+        pid = _server_pid(mnt)
+        u = _cli("umount", mnt)
+        assert u.returncode == 0, u.stderr
+    finally:
+        if mounts.is_mounted(mnt):
+            mounts.force_unmount(mnt)
+    assert not procfs.alive(pid)
+    assert _why_trio(log) == "the mount ended (disconnected)"  # and trio was never imported
+    assert not sock_path.exists()
+    state_dir = Path(mounts.pyoverlay_env().get("PYOVERLAY_STATE_DIR") or "/run/pyoverlay")
+    for rec in state_dir.glob("mount-*.json"):
+        assert json.loads(rec.read_text()).get("mountpoint") != str(mnt)

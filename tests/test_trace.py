@@ -254,7 +254,7 @@ def _socket_of(mountpoint):
 
 
 def _reader(mountpoint, history=False):
-    from overlayfs_py.tracesink import connect_unix
+    from overlayfs_py.unixsock import connect_unix
 
     s = connect_unix(_socket_of(mountpoint))
     s.sendall(json.dumps({"history": history}).encode() + b"\n")
@@ -301,7 +301,7 @@ N_FILES = 12000
 #: GIL with the writer and could fall behind a fast server): prints "ready" once connected
 _ACTIVE_READER = """
 import json, sys
-from overlayfs_py.tracesink import connect_unix
+from overlayfs_py.unixsock import connect_unix
 s = connect_unix(sys.argv[1])
 s.sendall(json.dumps({"history": True}).encode() + b"\\n")
 print("ready", flush=True)

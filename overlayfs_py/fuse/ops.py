@@ -17,8 +17,6 @@ import stat
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-import trio
-
 from .. import _sys
 from ..budget import FD_WAIT
 from ..core import Core
@@ -226,6 +224,8 @@ class Ops:
     async def lookup_waiting(self, req: Request) -> bytes:
         """LOOKUP out of descriptors for nodes: the kernel was asked to drop some entries;
         their FORGETs come as other requests meanwhile (the session retries here)."""
+        import trio
+
         waited = 0.0
         while True:
             try:

@@ -7,6 +7,11 @@ Errors become replies here and only here. Notifications that take the kernel's d
 locks (inval_entry) are written from a thread of their own: a request being answered may
 hold the lock they wait for. The loop ends when the kernel ends the connection (an
 unmount, DESTROY, a fusectl abort) or when the server cancels it (a signal).
+
+Before ``run``, ``serve_early`` answers the requests the core answers inline (INIT, and
+most others) without trio: importing trio takes 50 ms, and a new mount's first requests
+(podman's, runc's: a short container's all) should not wait for it. A request that needs a
+task waits in ``_deferred`` until trio is imported and ``run`` starts it.
 """
 
 from __future__ import annotations
@@ -17,14 +22,17 @@ import os
 import queue
 import select
 import threading
-
-import trio
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from .. import trace
 from ..trace import Tracer
 from . import proto as p
 from .ops import NeedsTask, Ops, Request
 from .passthrough import Passthrough
+
+if TYPE_CHECKING:
+    import trio
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +166,8 @@ class Session:
         self._spawned = False  # a task was started: the loop yields to it
         self.debug = log.isEnabledFor(logging.DEBUG)  # --debug: one line per request
         self._tasks = 0  # tasks of requests not yet answered
+        self._deferred: list[tuple[object, Request]] = []  # tasks to start once trio runs
+        self.early_served = 0  # requests answered by serve_early
 
     # --- replies ------------------------------------------------------------------------
 
@@ -193,8 +203,53 @@ class Session:
 
     # --- the loop -----------------------------------------------------------------------
 
+    def serve_early(self, wake: Sequence[int], idle_ms: int) -> int | None:
+        """Serve without trio (``run`` takes over) until one of the fds *wake* is readable
+        (a trace reader connects, a stop signal is pending: that fd is returned), a request
+        needs a task (kept for ``run``), no request came for *idle_ms*, or the kernel ends
+        the connection (None then). ``early_served`` counts the requests answered."""
+        os.set_blocking(self.fd, False)
+        buf = bytearray(BUFFER_SIZE)
+        view = memoryview(buf)
+        poller = select.poll()
+        poller.register(self.fd, select.POLLIN)
+        for w in wake:
+            poller.register(w, select.POLLIN)
+        fd = self.fd
+        while not self._deferred and self.end_reason is None:
+            events = poller.poll(idle_ms)
+            if not events:
+                return None
+            for f, _ev in events:
+                if f != fd:
+                    return f
+            try:
+                n = os.readv(fd, [buf])
+            except (BlockingIOError, InterruptedError):
+                continue
+            except OSError as exc:
+                if exc.errno == errno.ENOENT:
+                    continue
+                if exc.errno in (errno.ENODEV, errno.ECONNABORTED):
+                    self._ended("disconnected" if exc.errno == errno.ENODEV else "aborted")
+                    return None
+                raise
+            self.early_served += 1
+            if not self._handle(view[:n]):
+                self._ended("destroy")
+                return None
+        return None
+
+    @property
+    def has_deferred(self) -> bool:
+        return bool(self._deferred)
+
     async def run(self) -> None:
         """Serve until the kernel ends the connection (unmount, abort) or DESTROY."""
+        import trio
+
+        if self.end_reason is not None:  # ended while served early
+            return
         os.set_blocking(self.fd, False)
         buf = bytearray(BUFFER_SIZE)
         view = memoryview(buf)
@@ -208,6 +263,9 @@ class Session:
         poll = poller.poll
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            for handler, req in self._deferred:  # requests that came before trio
+                nursery.start_soon(self._run_async, handler, req)
+            self._deferred = []
             while True:
                 if not self._tasks and not poll(IDLE_POLL_MS):
                     await trio.lowlevel.wait_readable(self.fd)
@@ -256,14 +314,12 @@ class Session:
             try:
                 payload = handler(req)
             except NeedsTask:
-                task = ops.asyncs[opcode]
-                if self._nursery is not None:
-                    req.body = memoryview(bytes(body))
-                    self._spawn(task, req)
+                req.body = memoryview(bytes(body))
+                self._spawn(ops.asyncs[opcode], req)
                 return True
             except BaseException as exc:
                 err = self._errno(exc, opcode)
-                if opcode == p.LOOKUP and err in (errno.EMFILE, errno.ENFILE) and self._nursery is not None:
+                if opcode == p.LOOKUP and err in (errno.EMFILE, errno.ENFILE):
                     req.body = memoryview(bytes(body))
                     self._spawn(ops.lookup_waiting, req)
                 else:
@@ -275,7 +331,7 @@ class Session:
             self.reply(unique, payload)
             return True
         ahandler = ops.asyncs.get(opcode)
-        if ahandler is not None and self._nursery is not None:
+        if ahandler is not None:
             self._spawn(ahandler, Request(opcode, unique, nodeid, uid, gid, pid, memoryview(bytes(body))))
             return True
         if opcode == p.FORGET:
@@ -302,13 +358,18 @@ class Session:
     def _spawn(self, handler: object, req: Request) -> None:
         """Answer *req* in a task of its own. It counts as running from now on: trio may
         resume the loop before the task's first step, and the loop must not then sit in
-        poll(2) (``IDLE_POLL_MS``) while the kernel waits for this very reply."""
-        assert self._nursery is not None
+        poll(2) (``IDLE_POLL_MS``) while the kernel waits for this very reply. Before trio
+        runs (``serve_early``) it waits in ``_deferred``."""
         self._tasks += 1
         self._spawned = True
-        self._nursery.start_soon(self._run_async, handler, req)
+        if self._nursery is None:
+            self._deferred.append((handler, req))
+        else:
+            self._nursery.start_soon(self._run_async, handler, req)
 
     async def _run_async(self, handler: object, req: Request) -> None:
+        import trio
+
         token = trace.request(req.pid, req.uid, req.gid) if req.opcode in _TRACED else None
         try:
             payload = await handler(req)  # type: ignore[operator]
