@@ -71,18 +71,41 @@ class ProcessInfo:
     """pid -> (command, pid namespace inode, pid inside that namespace). The namespace and
     the pid in it are cached briefly (a process keeps them for life). The command is read
     each time, since an exec changes it: a container's PID 1 is runc's init until it execs
-    the container's command, whose first changes come right after. A process that has
-    exited since (the kernel releases a file after its opener is gone) keeps the command
-    it had when last seen."""
+    the container's command, whose first changes come right after. It is read from the
+    process's ``comm`` file kept open (one ``pread`` per event, not an open, read and close:
+    a create of an untar emits one event per file), for the most recent ``OPEN_COMM``
+    processes. A process that has exited since (the kernel releases a file after its opener
+    is gone) keeps the command it had when last seen."""
 
     TTL = 2.0
+    OPEN_COMM = 64
 
     def __init__(self) -> None:
         self._own_pidns = _pidns(os.getpid())
         self._cache: dict[int, tuple[float, str, int | None, int | None]] = {}
+        self._comm_fds: dict[int, int] = {}  # pid -> its /proc/PID/comm, oldest first
+
+    def _comm(self, pid: int) -> str:
+        fd = self._comm_fds.get(pid)
+        if fd is not None:
+            try:
+                return os.pread(fd, 64, 0).decode(errors="replace").strip()
+            except OSError:  # ESRCH: gone (and the pid maybe reused): look again
+                os.close(self._comm_fds.pop(pid))
+        try:
+            fd = os.open(f"/proc/{pid}/comm", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return ""
+        if len(self._comm_fds) >= self.OPEN_COMM:
+            os.close(self._comm_fds.pop(next(iter(self._comm_fds))))
+        self._comm_fds[pid] = fd
+        try:
+            return os.pread(fd, 64, 0).decode(errors="replace").strip()
+        except OSError:
+            return ""
 
     def of(self, pid: int) -> tuple[str, int | None, int | None]:
-        comm = _read(f"/proc/{pid}/comm").strip()
+        comm = self._comm(pid)
         now = time.monotonic()
         hit = self._cache.get(pid)
         if hit is not None and now - hit[0] < self.TTL:
