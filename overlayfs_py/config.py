@@ -295,8 +295,12 @@ _VALUE_KEYS = (
 )
 # Our boolean options.
 _FLAG_KEYS = ("userxattr", "allow_other", "default_permissions", "volatile", "squash_to_root")
-# FUSE / VFS generic flags: accepted and ignored.
-_IGNORED_FLAGS = frozenset({"suid", "dev", "nosuid", "nodev", "noatime", "relatime", "exec", "noexec"})
+# The generic mount flags the FUSE mount carries (MountConfig.mount_flags; MOUNT_FLAGS), and the
+# words that undo them: word -> the flag it sets (the word itself) or clears (the last one wins)
+_FLAG_WORDS = {
+    "nosuid": "nosuid", "suid": "nosuid", "nodev": "nodev", "dev": "nodev", "noexec": "noexec", "exec": "noexec",
+    "noatime": "noatime", "atime": "noatime", "relatime": "noatime", "strictatime": "noatime",
+}  # fmt: skip
 # Kernel overlay options: value -> accepted (and ignored) or not supported.
 _KERNEL_CHOICES: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     # key: (accepted values, known-but-unsupported values)
@@ -332,8 +336,10 @@ def parse_options(opts: Iterable[str]) -> dict[str, str | bool]:
     Accepted and ignored (not in the result): the kernel options
     ``redirect_dir=off|nofollow``, ``index=off``, ``xino=off|auto``,
     ``metacopy=off``, ``nfs_export=off``, ``uuid=on|off|null|auto``,
-    ``verity=off`` and the generic flags suid, dev, nosuid, nodev, noatime,
-    relatime, exec, noexec.
+    ``verity=off``;
+    * the generic flags ``nosuid``, ``nodev``, ``noexec``, ``noatime`` -> ``'mount_flags'``, a
+      tuple of those set (``suid``, ``dev``, ``exec``, ``atime``, ``relatime``, ``strictatime``
+      clear them; the last word wins): the FUSE mount carries them (``MountConfig.mount_flags``).
 
     Raises:
         ConfigError: unknown option, a missing or unexpected value, an
@@ -370,9 +376,12 @@ def parse_options(opts: Iterable[str]) -> dict[str, str | bool]:
                 if has_value:
                     raise ConfigError(f"mount option '{key}' takes no value")
                 result[key] = True
-            elif key in _IGNORED_FLAGS:
+            elif key in _FLAG_WORDS:
                 if has_value:
                     raise ConfigError(f"mount option '{key}' takes no value")
+                flag = _FLAG_WORDS[key]
+                flags = [f for f in result.get("mount_flags", ()) if f != flag]  # type: ignore[union-attr]
+                result["mount_flags"] = tuple(flags + [flag] if key == flag else flags)  # type: ignore[assignment]
             elif key in _KERNEL_CHOICES:
                 accepted, unsupported = _KERNEL_CHOICES[key]
                 if not has_value:
@@ -398,7 +407,7 @@ def known_option(key: str) -> bool:
     return (
         key in _VALUE_KEYS
         or key in _FLAG_KEYS
-        or key in _IGNORED_FLAGS
+        or key in _FLAG_WORDS
         or key in _KERNEL_CHOICES
         or key in ("ro", "rw", "nouserxattr", "aufs_whiteouts")
     )
@@ -518,6 +527,7 @@ def build_config(
         squash_uid=_squash(opts.get("squash_to_uid"), bool(opts.get("squash_to_root")), "squash_to_uid"),
         squash_gid=_squash(opts.get("squash_to_gid"), bool(opts.get("squash_to_root")), "squash_to_gid"),
         aufs_whiteouts=bool(opts.get("aufs_whiteouts", False)),
+        mount_flags=tuple(opts.get("mount_flags", ())),  # type: ignore[arg-type]
     )
     validate(cfg, workdir_may_be_missing=workdir_defaulted)
     return cfg

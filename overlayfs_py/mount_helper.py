@@ -8,10 +8,10 @@ containers/storage runs ``PROG -o lowerdir=L1:L2,upperdir=U,workdir=W,,volatile 
 mount(8) runs ``/sbin/mount.fuse.pyoverlay SOURCE MERGED -o OPTS`` (plus ``-n``, ``-s``,
 ``-v`` as it passes every helper). The options are the kernel's and fuse-overlayfs's
 spellings: each item is either given to :func:`overlayfs_py.config.build_config` (pyoverlay's
-own parser, as ``pyoverlay mount -o`` uses), translated (``fsync=0`` is ``volatile``,
-``debug`` is ``-d``, ``nosuid``/``nodev``/``noexec``/``noatime`` are the mount's flags:
-``MountConfig.mount_flags``), accepted and ignored (:data:`IGNORED`, each with the reason in
-docs/mounting.md), or refused (:data:`REFUSED`: what pyoverlay cannot do). Empty items are
+own parser, as ``pyoverlay mount -o`` uses; ``nosuid``/``nodev``/``noexec``/``noatime``
+among them: the mount's flags, ``MountConfig.mount_flags``), translated (``fsync=0`` is
+``volatile``, ``debug`` is ``-d``), accepted and ignored (:data:`IGNORED`, each with the
+reason in docs/mounting.md), or refused (:data:`REFUSED`: what pyoverlay cannot do). Empty items are
 skipped. ``aufs_whiteouts=on`` is the default here (fuse-overlayfs honours ``.wh.NAME``
 whiteouts in every layer, and containers/storage writes the layers it stores from a tar so);
 ``-o aufs_whiteouts=off`` turns it off. With ``-s`` (sloppy, mount(8)'s convention) an
@@ -28,7 +28,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import NoReturn
 
 from .errors import PyoverlayError
@@ -46,7 +46,7 @@ IGNORED_FLAGS = frozenset(
         "defaults", "auto", "noauto", "user", "users", "nouser", "owner", "group", "_netdev",
         "nofail", "sync", "async", "dirsync", "lazytime", "nolazytime", "silent", "loud",
         "nosymfollow",
-        # access-time flags other than noatime/relatime/strictatime/atime (_FLAG_OF)
+        # access-time flags other than noatime/relatime/strictatime/atime (config's _FLAG_WORDS)
         "diratime", "nodiratime", "norelatime", "nostrictatime",
         # libfuse's tuning flags fuse-overlayfs passes on (pyoverlay's engine has its own)
         "splice_read", "splice_write", "splice_move", "kernel_cache", "auto_cache", "big_writes",
@@ -99,7 +99,6 @@ class Call:
     debug: bool = False
     verbose: bool = False
     sloppy: bool = False
-    mount_flags: list[str] = field(default_factory=list)  # nosuid, nodev, noexec, noatime (the last word wins)
     warnings: list[str] = field(default_factory=list)
 
 
@@ -160,12 +159,6 @@ def _options(call: Call, raw: list[str]) -> None:
             if key == "debug" and not eq:
                 call.debug = True
                 call.foreground = True  # as libfuse's -d
-            elif not eq and key in _FLAG_OF:
-                flag = _FLAG_OF[key]
-                if flag in call.mount_flags:
-                    call.mount_flags.remove(flag)
-                if key == flag:
-                    call.mount_flags.append(flag)
             elif key == "fsync" and eq and value == "0":
                 call.options.append("volatile")  # fuse-overlayfs: volatile is fsync=0
             elif key.startswith("x-") or (key in IGNORED_FLAGS and not eq) or (eq and _ignored_value(key, value)):
@@ -180,13 +173,6 @@ def _options(call: Call, raw: list[str]) -> None:
                 call.warnings.append(f"ignoring unknown mount option {key!r} (-s)")
             else:
                 call.options.append(item)
-
-
-#: mount flags the FUSE mount carries (config.MOUNT_FLAGS), and the words that undo them
-_FLAG_OF = {
-    "nosuid": "nosuid", "suid": "nosuid", "nodev": "nodev", "dev": "nodev", "noexec": "noexec", "exec": "noexec",
-    "noatime": "noatime", "atime": "noatime", "relatime": "noatime", "strictatime": "noatime",
-}  # fmt: skip
 
 
 def _join_quoted(items: list[str]) -> list[str]:
@@ -262,8 +248,6 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
         # writes the layers it stores from a tar so: on unless -o aufs_whiteouts=off (last wins)
         opts = ["aufs_whiteouts=on"] + opts
         cfg = build_config(None, None, call.merged, options=opts, debug=call.debug)
-        if call.mount_flags:
-            cfg = replace(cfg, mount_flags=tuple(call.mount_flags))
         cfg = plan(cfg)
         check_fuse_access(cfg)
         state_dir()

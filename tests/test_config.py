@@ -210,18 +210,42 @@ def test_parse_options_last_wins_and_empty_items() -> None:
         "uuid=null",
         "uuid=auto",
         "verity=off",
-        "suid",
-        "dev",
-        "nosuid",
-        "nodev",
-        "noatime",
-        "relatime",
-        "exec",
-        "noexec",
     ],
 )
 def test_parse_options_accepted_and_ignored(opt: str) -> None:
     assert parse_options([opt]) == {}
+
+
+@pytest.mark.parametrize(
+    ("opts", "flags"),
+    [
+        (["nosuid,nodev"], ("nosuid", "nodev")),
+        (["noexec", "noatime"], ("noexec", "noatime")),
+        (["nosuid,suid"], ()),  # the last word wins
+        (["suid,nosuid"], ("nosuid",)),
+        (["noatime,relatime"], ()),
+        (["noatime,strictatime,noatime"], ("noatime",)),
+        (["dev,exec,atime"], ()),
+        (["nodev,nodev"], ("nodev",)),
+    ],
+)
+def test_parse_options_mount_flags(opts: list[str], flags: tuple[str, ...]) -> None:
+    """The generic flags the FUSE mount carries (``MountConfig.mount_flags``): before, pyoverlay
+    mount accepted and silently ignored them (only mount.fuse.pyoverlay applied them)."""
+    assert parse_options(opts).get("mount_flags", ()) == flags
+
+
+def test_build_config_mount_flags(tmp_path) -> None:
+    for d in ("l", "m"):
+        (tmp_path / d).mkdir()
+    cfg = build_config([str(tmp_path / "l")], None, str(tmp_path / "m"), options=["nosuid,noexec,exec"])
+    assert cfg.mount_flags == ("nosuid",)
+
+
+@pytest.mark.parametrize("opt", ["nosuid=1", "noatime=yes"])
+def test_parse_options_mount_flag_takes_no_value(opt: str) -> None:
+    with pytest.raises(ConfigError, match="takes no value"):
+        parse_options([opt])
 
 
 @pytest.mark.parametrize(

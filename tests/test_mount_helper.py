@@ -248,6 +248,31 @@ def test_generic_and_fuse_overlayfs_options_are_accepted(tmp_path, env):
     assert r.returncode == 1 and "unknown mount option 'whatever'" in r.stderr
 
 
+@pytest.mark.parametrize("engine", ["direct", "pyfuse3"])
+def test_pyoverlay_mount_applies_the_mount_flags_too(tmp_path, env, engine):
+    """``pyoverlay mount -o nosuid,nodev,noexec`` (config.parse_options, shared with the
+    helper): the flags are the FUSE mount's, and noexec is enforced by the kernel. Before,
+    pyoverlay mount accepted them and silently ignored them."""
+    lower, upper, work, mnt = _layers(tmp_path)
+    (lower / "run.sh").write_text("#!/bin/sh\necho ran\n")
+    os.chmod(lower / "run.sh", 0o755)
+    r = subprocess.run(
+        [sys.executable, "-m", "pyoverlay_cli", "mount", "-o", f"engine={engine},nosuid,nodev,noexec,noatime,atime",
+         str(lower), str(upper), str(mnt), "--workdir", str(work)],
+        env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    try:
+        assert r.returncode == 0, r.stderr
+        flags = set(mounts.mount_entry(mnt).options.split(","))
+        assert {"nosuid", "nodev", "noexec"} <= flags and "noatime" not in flags
+        with pytest.raises(PermissionError):  # noexec: execve(2) fails with EACCES
+            subprocess.run([str(mnt / "run.sh")], capture_output=True, timeout=30)
+        assert _record(env, mnt)["config"]["mount_flags"] == ["nosuid", "nodev", "noexec"]
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True)
+        _cleanup(mnt, env)
+
+
 def test_a_quoted_selinux_label_with_commas(tmp_path, env):
     """containers/storage's ``context="..."`` (label.FormatMountLabel): MCS categories hold a
     comma inside the quotes; the label is one option, accepted and ignored."""
