@@ -203,9 +203,9 @@ def _record(mnt: Path) -> dict:
 def test_a_stop_signal_before_trio_unmounts(tmp_path):
     mnt, log = _mount_direct(tmp_path)
     try:
+        pid = _server_pid(mnt)  # (a process of its own: before the requests)
         assert (mnt / "f").read_bytes() == b"lower\n"  # answered without trio
-        pid = _server_pid(mnt)
-        os.kill(pid, signal.SIGTERM)
+        os.kill(pid, signal.SIGTERM)  # well within EARLY_IDLE_MS of the last request
         deadline = time.monotonic() + 30
         while procfs.alive(pid) and time.monotonic() < deadline:
             time.sleep(0.02)
@@ -224,18 +224,25 @@ def test_a_trace_reader_before_trio_gets_what_happened_before(tmp_path):
 
     mnt, log = _mount_direct(tmp_path)
     try:
+        sock_path = _record(mnt)["trace_socket"]  # (a process of its own: before the requests)
         (mnt / "f").write_bytes(b"changed\n")  # a copy-up, answered without trio
         os.unlink(mnt / "d" / "g")  # a whiteout
-        sock = connect_unix(_record(mnt)["trace_socket"])
+        sock = connect_unix(sock_path)  # well within EARLY_IDLE_MS of the last request
         sock.sendall(b'{"history": true}\n')
         assert _why_trio(log) == "a trace reader"
+        # the history comes first, once the sink has taken the reader on: then unmount (a
+        # reader still being taken on when the mount ends gets nothing, by design)
+        sock.settimeout(30)
+        data = b""
+        while data.count(b"\n") < 2:
+            chunk = sock.recv(65536)
+            assert chunk, data
+            data += chunk
         u = _cli("umount", mnt)
         assert u.returncode == 0, u.stderr
     finally:
         if mounts.is_mounted(mnt):
             mounts.force_unmount(mnt)
-    sock.settimeout(30)
-    data = b""
     while chunk := sock.recv(65536):
         data += chunk
     sock.close()
