@@ -7,7 +7,8 @@ What is checked (every name below is one ``Problem.kind``; docs/mounting.md, "Ch
 upper layer", says what each means and what the repair does):
 
 * ``work-orphan``: an entry of ``<workdir>/work`` (a temporary of an interrupted mount;
-  the kernel and pyoverlay empty ``work/`` at mount). Repair: removed.
+  the kernel and pyoverlay empty ``work/`` at mount). Repair: removed. A whiteout there is
+  not one: the kernel keeps one in ``work/`` and makes every whiteout a link to it.
 * ``volatile``: ``work/incompat/volatile`` (the upper of a crashed volatile mount may be
   incomplete; both refuse to mount it). Left for the user.
 * ``index-orphan``: an entry of ``<workdir>/index`` no upper file links any more (a link
@@ -207,6 +208,8 @@ class _Scan:
         if self.work_fd is not None:
             for name, _kind in sorted(_sys.listdir_fd(self.work_fd)):
                 shown = "work/" + os.fsdecode(name)
+                if _kind == 0 and is_char_whiteout(_sys.lstat_at(self.work_fd, name)):
+                    continue  # the kernel's shared whiteout (upper whiteouts are links to it)
                 if name == VOLATILE and self._volatile(name):
                     self.add("volatile", shown, "a volatile mount's marker: the upper may be incomplete after a crash")
                     continue
@@ -304,10 +307,10 @@ class _Scan:
     def _resolve(self, parents, name: bytes) -> list[Hit]:
         try:
             return self.stack.resolve(parents, name)
-        except OSError as exc:
-            if exc.errno in (errno.ENOENT, errno.ENOTDIR):
-                return []
-            raise
+        except OSError as exc:  # e.g. a malformed redirect leading out of a layer (EXDEV)
+            if exc.errno not in (errno.ENOENT, errno.ENOTDIR):
+                self.report.notes.append(f"{_show(name)} in a lower layer: {exc.strerror}")
+            return []
 
     def _lower_has(self, lower_dirs, name: bytes) -> bool:
         return bool(lower_dirs) and bool(self._resolve(lower_dirs, name))
@@ -476,7 +479,7 @@ class _Scan:
             self.add(
                 "redirect-malformed",
                 shown,
-                f"{self.names.redirect} {value!r}: {why} (the kernel fails its lookup: EINVAL)",
+                f"{self.names.redirect} {value!r}: {why} (the kernel fails its lookup)",
                 what,
                 fix,
             )
