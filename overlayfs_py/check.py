@@ -484,6 +484,10 @@ class _Scan:
                 fix,
             )
             return
+        if self.names.prefix == USER_PREFIX:
+            self.report.notes.append(
+                f"{shown}: a kernel overlay with userxattr follows no redirect (EPERM); pyoverlay does"
+            )
         if not self.know_lowers:
             return
         lows = [h for h in hits if not h.layer.is_upper]
