@@ -284,7 +284,7 @@ class _Scan:
             self.keep_fds.append(fd)  # a fix acts through it: closed with the pass
         walk.append((fd, owned, iter(entries)))
 
-    def directory(self, rel: bytes, dfd: int, lower_dirs: list[tuple[Layer, bytes]]):
+    def directory(self, rel: bytes, dfd: int, lower_dirs: list[tuple[Layer, bytes]] | None):
         """Judge every entry of the upper directory *rel* (fd *dfd*); return its subdirectories
         as (path, name, their lower directories)."""
         upper = self.upper
@@ -298,22 +298,35 @@ class _Scan:
                 continue
             self.entry_xattrs(dfd, name, path, st, lower_dirs)
             if stat.S_ISDIR(st.st_mode):
-                hits = self._resolve([(upper, rel), *lower_dirs], name)
-                lows = [(h.layer, h.path) for h in hits if not h.layer.is_upper]
+                # lower_dirs None: not known (a lower layer could not be read above here)
+                hits = None if lower_dirs is None else self._resolve([(upper, rel), *lower_dirs], name)
+                lows = None if hits is None else [(h.layer, h.path) for h in hits if not h.layer.is_upper]
                 self.redirect(dfd, name, rel, path, hits)
                 out.append((path, name, lows))
         return out
 
-    def _resolve(self, parents, name: bytes) -> list[Hit]:
+    def _resolve(self, parents, name: bytes) -> list[Hit] | None:
+        """What the layers have at *name* below *parents* (LayerStack.resolve); None when a
+        lower layer cannot be read there (a malformed redirect leading out of a layer:
+        EXDEV, a path too long: ENAMETOOLONG): then nothing is judged by it."""
         try:
             return self.stack.resolve(parents, name)
-        except OSError as exc:  # e.g. a malformed redirect leading out of a layer (EXDEV)
-            if exc.errno not in (errno.ENOENT, errno.ENOTDIR):
-                self.report.notes.append(f"{_show(name)} in a lower layer: {exc.strerror}")
-            return []
+        except OSError as exc:
+            if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+                return []
+            self.report.notes.append(
+                f"{os.fsdecode(name)!r} not looked up in the lower layers: {exc.strerror} (not judged)"
+            )
+            return None
 
     def _lower_has(self, lower_dirs, name: bytes) -> bool:
-        return bool(lower_dirs) and bool(self._resolve(lower_dirs, name))
+        """Whether a lower layer has *name* (True when that cannot be told: not an orphan)."""
+        if lower_dirs is None:
+            return True
+        if not lower_dirs:
+            return False
+        hits = self._resolve(lower_dirs, name)
+        return hits is None or bool(hits)
 
     def entry_xattrs(self, dfd: int, name: bytes | None, path: bytes, st: os.stat_result, lower_dirs, is_root=False):
         shown = _show(path)
@@ -467,7 +480,7 @@ class _Scan:
 
     # redirects ---------------------------------------------------------------------------
 
-    def redirect(self, dfd: int, name: bytes, rel: bytes, path: bytes, hits: list[Hit]) -> None:
+    def redirect(self, dfd: int, name: bytes, rel: bytes, path: bytes, hits: list[Hit] | None) -> None:
         value = _sys.getxattr_at(dfd, name, self.names.redirect)
         if value is None:
             return
@@ -488,7 +501,7 @@ class _Scan:
             self.report.notes.append(
                 f"{shown}: a kernel overlay with userxattr follows no redirect (EPERM); pyoverlay does"
             )
-        if not self.know_lowers:
+        if not self.know_lowers or hits is None:
             return
         lows = [h for h in hits if not h.layer.is_upper]
         if not lows:
@@ -567,27 +580,29 @@ class _Scan:
         def fix() -> None:
             os.removexattr(_sys.proc_path(pfd, name), self.names.redirect, follow_symlinks=False)
             parent_lows = self._parent_lowers(rel)
-            if parent_lows and self._lower_dir(parent_lows, name):
+            if parent_lows is None or (parent_lows and self._lower_dir(parent_lows, name)):
                 os.setxattr(_sys.proc_path(pfd, name), self.names.opaque, b"y", follow_symlinks=False)
 
         return fix
 
-    def _parent_lowers(self, rel: bytes) -> list[tuple[Layer, bytes]]:
-        """The lower directories of the upper directory *rel*, found again from the root."""
+    def _parent_lowers(self, rel: bytes) -> list[tuple[Layer, bytes]] | None:
+        """The lower directories of the upper directory *rel*, found again from the root
+        (None: not known)."""
         upper = self.upper
         assert upper is not None
         self.stack.merge_root()
         dirs: list[tuple[Layer, bytes]] = [(upper, b""), *((low, b"") for low in self.stack.root_lowers)]
-        cur = b""
         for part in rel.split(b"/") if rel else []:
             hits = self._resolve(dirs, part)
-            cur = join(cur, part)
+            if hits is None:
+                return None
             dirs = [(h.layer, h.path) for h in hits if stat.S_ISDIR(h.st.st_mode)]
         return [(layer, p) for layer, p in dirs if not layer.is_upper]
 
     def _lower_dir(self, lows, name: bytes) -> bool:
+        """Whether a lower directory *name* merges in (True when that cannot be told)."""
         hits = self._resolve(lows, name)
-        return bool(hits) and stat.S_ISDIR(hits[0].st.st_mode)
+        return hits is None or (bool(hits) and stat.S_ISDIR(hits[0].st.st_mode))
 
 
 def _kind_of(st: os.stat_result) -> str:

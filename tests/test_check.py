@@ -271,6 +271,31 @@ def test_duplicate_redirects_are_reported_and_left(tmp_path):
     assert os.getxattr(up / "b", "trusted.overlay.redirect") == b"d"  # untouched
 
 
+def test_a_tree_deeper_than_path_max(tmp_path):
+    """Every upper directory is opened relative to its parent: a tree whose paths pass
+    PATH_MAX is walked; a whiteout at the bottom over a lower file is never called an
+    orphan (and never removed), and an orphan near the top still is."""
+    l1, up, wk = tmp_path / "l1", tmp_path / "up", tmp_path / "wk"
+    deep = "/".join(["d" * 200] * 25)  # about 5 KB
+    build_layer(l1, {f"{deep}/f": F(b"f\n")})
+    build_layer(up, {f"{deep}/f": WH(), f"{deep}/nothere": F(b"", xattrs={"trusted.overlay.opaque": b"y"}), "o": WH()})
+    wk.mkdir()
+    report = check(str(up), str(wk), [str(l1)], userxattr=False, repair=True)
+    assert ("whiteout-orphan", "/o") in _kinds(report)
+    assert ("opaque-bad", "/" + deep + "/nothere") in _kinds(report)
+    assert not any(p.path.endswith("/f") for p in report.problems)
+    assert report.left == [] and report.exit_status() == 1
+    fd = os.open(up, os.O_PATH)
+    for part in deep.split("/"):
+        fd2 = os.open(part, os.O_PATH, dir_fd=fd)
+        os.close(fd)
+        fd = fd2
+    try:
+        assert os.stat("f", dir_fd=fd, follow_symlinks=False).st_rdev == 0  # the whiteout is still there
+    finally:
+        os.close(fd)
+
+
 # --- the workdir ----------------------------------------------------------------------------
 
 
