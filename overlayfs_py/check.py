@@ -256,16 +256,21 @@ class _Scan:
         root_lowers = [(low, b"") for low in self.stack.root_lowers]
         self.entry_xattrs(self.upper_fd, None, b"", os.fstat(self.upper_fd), [], is_root=True)
         walk: list[tuple[int, bool, Iterator]] = []
-        self._enter(walk, self.upper_fd, b"", b".", root_lowers)
-        while walk:
-            fd, owned, entries = walk[-1]
-            nxt = next(entries, None)
-            if nxt is None:
-                walk.pop()
+        try:
+            self._enter(walk, self.upper_fd, b"", b".", root_lowers)
+            while walk:
+                fd, owned, entries = walk[-1]
+                nxt = next(entries, None)
+                if nxt is None:
+                    walk.pop()
+                    if owned:
+                        os.close(fd)
+                    continue
+                self._enter(walk, fd, *nxt)
+        finally:
+            for fd, owned, _entries in walk:
                 if owned:
                     os.close(fd)
-                continue
-            self._enter(walk, fd, *nxt)
 
     def _enter(self, walk: list, parent: int, path: bytes, name: bytes, lows) -> None:
         try:
@@ -276,6 +281,13 @@ class _Scan:
         before = len(self.fixes)
         try:
             entries = self.directory(path, fd, lows)
+        except OSError as exc:  # unreadable (EACCES, say): noted, the rest is checked
+            self.report.notes.append(f"{_show(path)} not checked: {exc.strerror}")
+            if len(self.fixes) == before:
+                os.close(fd)
+            else:
+                self.keep_fds.append(fd)
+            return
         except BaseException:
             os.close(fd)
             raise

@@ -200,6 +200,42 @@ def test_userxattr_upper_is_checked_in_its_namespace(tmp_path):
     assert r.returncode == 8 and r.stderr.startswith("pyoverlay: ") and len(r.stderr.splitlines()) == 1
 
 
+def _cli_in_userns(*args):
+    """The check run as root of a new user namespace (``unshare -Ur``): no CAP_SYS_ADMIN in
+    the initial one, as podman's rootless mount program; the layers stay readable (root's
+    uid is mapped onto itself)."""
+    return subprocess.run(
+        ["unshare", "--user", "--map-root-user", sys.executable, "-m", "pyoverlay_cli", "check", *map(str, args)],
+        cwd=REPO,
+        env=mounts.pyoverlay_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_without_privilege_a_userxattr_upper_is_checked_and_a_trusted_one_refused(tmp_path):
+    lowers, up, wk, expected = _harmless(tmp_path, ns="user")
+    spec = ":".join(map(str, lowers))
+    r = _cli_in_userns("--workdir", wk, "--lower", spec, "--repair", "--json", up)
+    assert r.returncode == 1, r.stdout + r.stderr
+    got = json.loads(r.stdout)
+    assert got["userxattr"] is True  # no record, no private xattr found first: the mount's choice
+    # decoding a file handle needs CAP_DAC_READ_SEARCH in the initial namespace: not judged
+    want = expected - {("origin-dangling", "/od"), ("origin-wrong-type", "/ow")}
+    assert {(p["kind"], p["path"]) for p in got["problems"]} == want
+    assert any("origins not decoded" in n for n in got["notes"])
+    assert os.getxattr(up / "e", "user.overlay.opaque") == b"y"
+    trusted = tmp_path / "t"
+    t_lowers, t_up, t_wk, _ = _harmless(trusted)
+    # recorded as a mount records it (without a record neither the mount nor the check could
+    # see trusted.* there, and both would take the upper for a fresh userxattr one)
+    (t_wk / "pyoverlay.json").write_text('{"userxattr": false}\n')
+    r = _cli_in_userns("--workdir", t_wk, "--lower", ":".join(map(str, t_lowers)), t_up)
+    assert r.returncode == 8 and r.stderr.startswith("pyoverlay: ") and len(r.stderr.splitlines()) == 1
+    assert "run the check as root" in r.stderr, r.stderr
+
+
 # --- problems the kernel fails on: repaired, and then it reads the tree ----------------------
 
 
