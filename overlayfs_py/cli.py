@@ -440,7 +440,8 @@ def check_cmd(upper, workdir, lower, userxattr, repair, force, as_json):
         if not n:
             click.echo(f"{upper}: clean")
         elif repair:
-            click.echo(f"{upper}: {n} problem(s), {n - left if left <= n else 0} repaired, {left} left")
+            done = sum(p.repaired for p in report.problems)
+            click.echo(f"{upper}: {n} problem(s), {done} repaired, {left} left")
         else:
             click.echo(f"{upper}: {n} problem(s) (--repair fixes {sum(p.repair is not None for p in report.problems)})")
     sys.exit(report.exit_status())

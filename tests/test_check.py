@@ -170,6 +170,19 @@ def test_harmless_problems_are_repaired_and_the_kernel_shows_the_same(tmp_path):
 
 
 @pytest.mark.kernel
+@pytest.mark.fuse
+def test_pyoverlay_shows_a_repaired_upper_as_the_kernel_does(tmp_path):
+    lowers, up, wk, _expected = _harmless(tmp_path)
+    assert check(str(up), str(wk), [str(x) for x in lowers], userxattr=False, repair=True).exit_status() == 1
+    kernel = _view(lowers, up, wk, tmp_path / "m1")
+    with mounts.PyoverlayMount(lowers, tmp_path / "m2", upper=up, workdir=wk) as m:
+        ours = snapshot(m.path, ignore_xattr_prefixes=("security.", "user.containers."))
+    ignore = (*VIEW_IGNORE, "dot_d_ino", "dotdot_d_ino")
+    d = diff_snapshots({**kernel, "problems": []}, {**ours, "problems": []}, a_name="kernel", ignore_keys=ignore)
+    assert not d, format_diff(d, "pyoverlay shows the repaired upper otherwise")
+
+
+@pytest.mark.kernel
 def test_userxattr_upper_is_checked_in_its_namespace(tmp_path):
     """An upper written with ``-o userxattr`` (recorded in the workdir): user.overlay.* are
     its private xattrs; trusted.overlay.* there are only noted."""
