@@ -431,24 +431,28 @@ class _Scan:
         is_dir = stat.S_ISDIR(st.st_mode)
         fix = remove
         repair = "xattr removed"
+        kept = ""
         if is_dir and name is not None and self._holds_whiteouts(dfd, name):
             fix = None  # the origin makes the kernel hide these whiteouts: keep it
+            kept = "; kept while the directory holds whiteouts (it makes the kernel hide them)"
         parsed = decode_origin(raw)
         if parsed is None:
-            self.add("origin-malformed", shown, f"{self.names.origin} is not an origin record (ignored)", repair, fix)
+            what = f"{self.names.origin} is not an origin record (ignored){kept}"
+            self.add("origin-malformed", shown, what, repair, fix)
             return
         if not self.know_lowers or not self.decode_ok:
             return
         found = self._decode(*parsed)
         if found is None:
             if self.decode_ok:
-                self.add("origin-dangling", shown, "its file handle decodes in no lower layer (ignored)", repair, fix)
+                what = f"its file handle decodes in no lower layer (ignored){kept}"
+                self.add("origin-dangling", shown, what, repair, fix)
             return
         if stat.S_IFMT(found.st_mode) != stat.S_IFMT(st.st_mode):
             self.add(
                 "origin-wrong-type",
                 shown,
-                f"its origin is {_kind_of(found)}, it is {_kind_of(st)} (the origin is ignored)",
+                f"its origin is {_kind_of(found)}, it is {_kind_of(st)} (the origin is ignored){kept}",
                 repair,
                 fix,
             )
@@ -711,8 +715,13 @@ def check(
             report = p.report
             if first is None:
                 first = report
-            else:  # a later round: only what the earlier fixes uncovered is new
-                first.problems.extend(q for q, _fix in p.fixes)
+            else:  # a later round: what the earlier fixes uncovered or made fixable
+                for q, _fix in p.fixes:
+                    same = [i for i, o in enumerate(first.problems) if (o.kind, o.path) == (q.kind, q.path)]
+                    if same and not first.problems[same[0]].repaired:
+                        first.problems[same[0]] = q  # left before, fixable now
+                    else:
+                        first.problems.append(q)
             first.left, first.notes = report.problems, report.notes
             if not repair or not p.fixes:
                 return first

@@ -320,6 +320,35 @@ def test_duplicate_redirects_are_reported_and_left(tmp_path):
     assert os.getxattr(up / "b", "trusted.overlay.redirect") == b"d"  # untouched
 
 
+def test_an_origin_on_a_directory_stays_while_it_holds_whiteouts(tmp_path):
+    """The kernel hides the whiteouts of a directory of the upper alone only if it has an
+    origin: such an origin is left; once the orphan whiteouts in another directory are
+    removed (the first round), its bad origin goes too (a later round)."""
+    l1, up, wk = tmp_path / "l1", tmp_path / "up", tmp_path / "wk"
+    build_layer(l1, {"keep/x": F(b"x\n")})
+    build_layer(
+        up,
+        {
+            "keep": D(xattrs={"trusted.overlay.origin": b"garbage"}),
+            "keep/x": WH(),
+            "drop": D(xattrs={"trusted.overlay.origin": b"garbage"}),
+            "drop/nothere": WH(),
+        },
+    )
+    wk.mkdir()
+    report = check(str(up), str(wk), [str(l1)], userxattr=False, repair=True)
+    assert [(p.kind, p.path, p.repaired) for p in report.problems] == [
+        ("origin-malformed", "/drop", True),  # kept in the first round (a whiteout), removed in the second
+        ("origin-malformed", "/keep", False),
+        ("whiteout-orphan", "/drop/nothere", True),
+    ]
+    assert "kept while the directory holds whiteouts" in report.problems[1].detail
+    assert [(p.kind, p.path) for p in report.left] == [("origin-malformed", "/keep")]
+    assert report.exit_status() == 4
+    assert os.getxattr(up / "keep", "trusted.overlay.origin") == b"garbage"
+    assert "trusted.overlay.origin" not in os.listxattr(up / "drop")
+
+
 def test_a_tree_deeper_than_path_max(tmp_path):
     """Every upper directory is opened relative to its parent: a tree whose paths pass
     PATH_MAX is walked; a whiteout at the bottom over a lower file is never called an
