@@ -451,16 +451,24 @@ check_cmd.own_error_code = 16  # type: ignore[attr-defined]  # fsck's usage erro
 
 
 def _check_lowers(upper: str, specs: Sequence[str]) -> list[str] | None:
-    """``--lower`` (each L1:L2..., in order), else a container's lowers, else None (unknown)."""
-    from .inspect_cli import InspectError, _lowers_of_upper, _parse_lowers
+    """``--lower`` (each L1:L2..., split as ``mount`` splits them, in order), else a
+    container's lowers, else None (unknown). A given layer is not resolved: a symlink in
+    its place is refused when it is opened (check.py)."""
+    from .config import ConfigError, split_positional_lowers
+    from .inspect_cli import InspectError, _lowers_of_upper
 
+    usage = 16  # fsck's usage error
     if specs:
         out: list[str] = []
         for spec in specs:
             try:
-                out.extend(_parse_lowers(spec))
-            except InspectError as e:
-                raise InspectError(str(e), exit_code=16) from None  # fsck's usage error
+                parts = split_positional_lowers(spec)
+            except ConfigError as e:
+                raise InspectError(str(e), exit_code=usage) from None
+            for p in parts:
+                if not os.path.lexists(p):
+                    raise InspectError(f"lower layer {p!r} does not exist", exit_code=usage)
+                out.append(os.path.abspath(p))
         return out
     try:
         return _lowers_of_upper(os.path.realpath(upper))[0]

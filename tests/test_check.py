@@ -438,6 +438,9 @@ def test_symlinked_layers_are_refused_and_nothing_is_followed(tmp_path):
     r = _cli("--workdir", wk, "--lower", l1, tmp_path / "uplink")
     assert r.returncode == 8 and r.stderr.startswith("pyoverlay: ") and len(r.stderr.splitlines()) == 1
     assert "symlink" in r.stderr
+    os.symlink(l1, tmp_path / "lowlink")
+    r = _cli("--workdir", wk, "--lower", tmp_path / "lowlink", up)
+    assert r.returncode == 8 and "lower layer" in r.stderr and "symlink" in r.stderr, r.stderr
     os.symlink(tmp_path / "elsewhere", wk / "work")  # work/ a symlink: refused, not followed
     (tmp_path / "elsewhere").mkdir()
     (tmp_path / "elsewhere/victim").write_bytes(b"v")
