@@ -16,7 +16,8 @@ upper layer", says what each means and what the repair does):
 * ``record-bad``: ``<workdir>/pyoverlay.json`` unreadable or malformed (the mount refuses
   it). Repair: removed (the mount then goes by the upper's xattrs, as without a record).
 * ``redirect-malformed``: an ``overlay.redirect`` the kernel rejects (empty, a relative one
-  with a ``/``, an empty, ``.`` or ``..`` component): the kernel fails the lookup (EINVAL).
+  with a ``/``, an empty, ``.`` or ``..`` component): the kernel fails the lookup (EINVAL;
+  EACCES for a ``.``/``..`` component).
   ``redirect-dangling``: a redirect to no lower directory (the kernel shows the directory
   alone). Repair of both: the xattr removed and, where a lower directory of the same name
   would now merge in, the directory made opaque (what the mount shows stays the same).
