@@ -425,25 +425,30 @@ def check_cmd(upper, workdir, lower, userxattr, repair, force, as_json):
         fail(e, e.exit_code if e.exit_code == 16 else EXIT_ERROR)
     except OSError as e:
         fail(f"cannot check the layers: {e}", EXIT_ERROR)
+
+    def out(line: str, err: bool = False) -> None:  # names are bytes on disk: print them as such
+        click.echo(os.fsencode(line) + b"\n", nl=False, err=err)
+
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=1))
     else:
         for p in report.problems:
-            click.echo(os.fsencode(str(p)) + b"\n", nl=False)
+            out(str(p))
         if repair:
             for p in report.left:
                 if not any(q.kind == p.kind and q.path == p.path for q in report.problems):
-                    click.echo(os.fsencode(f"{p} (after the repair)") + b"\n", nl=False)
+                    out(f"{p} (after the repair)")
         for note in report.notes:
-            click.echo(f"note: {note}", err=True)
+            out(f"note: {note}", err=True)
         n, left = len(report.problems), len(report.left)
         if not n:
-            click.echo(f"{upper}: clean")
+            out(f"{upper}: clean")
         elif repair:
             done = sum(p.repaired for p in report.problems)
-            click.echo(f"{upper}: {n} problem(s), {done} repaired, {left} left")
+            out(f"{upper}: {n} problem(s), {done} repaired, {left} left")
         else:
-            click.echo(f"{upper}: {n} problem(s) (--repair fixes {sum(p.repair is not None for p in report.problems)})")
+            fixable = sum(p.repair is not None for p in report.problems)
+            out(f"{upper}: {n} problem(s) (--repair fixes {fixable})")
     sys.exit(report.exit_status())
 
 

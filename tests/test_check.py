@@ -529,6 +529,19 @@ def test_cli_usage_and_unknown_lowers(tmp_path):
     assert r.returncode == 16 and r.stderr.startswith("pyoverlay: ") and len(r.stderr.splitlines()) == 1
     r = _cli("--workdir", wk, tmp_path / "no-such-upper")
     assert r.returncode == 8 and r.stderr.startswith("pyoverlay: ") and len(r.stderr.splitlines()) == 1
+    # a name that is not UTF-8 is printed as the bytes it is, in text and in JSON
+    os.mknod(os.path.join(os.fsencode(up), b"caf\xe9"), 0o020000, 0)
+    r = subprocess.run(
+        [sys.executable, "-m", "pyoverlay_cli", "check", "--workdir", str(wk), "--lower", str(l1), str(up)],
+        cwd=REPO,
+        env=mounts.pyoverlay_env(),
+        capture_output=True,
+        timeout=120,
+    )
+    assert r.returncode == 4 and b"whiteout-orphan /caf\xe9: " in r.stdout, r.stdout + r.stderr
+    r = _cli("--workdir", wk, "--lower", l1, "--json", up)
+    assert r.returncode == 4 and "/caf\udce9" in {p["path"] for p in json.loads(r.stdout)["problems"]}
+    os.unlink(os.path.join(os.fsencode(up), b"caf\xe9"))
     # without lowers (none given, no container uses it): what needs them is not judged
     r = _cli("--workdir", wk, up)
     assert r.returncode == 4, r.stdout + r.stderr
