@@ -67,7 +67,7 @@ def _origin(path: Path) -> bytes:
         os.close(fd)
 
 
-def _kinds(report, ns="trusted") -> set[tuple[str, str]]:
+def _kinds(report) -> set[tuple[str, str]]:
     return {(p.kind, p.path) for p in report.problems}
 
 
