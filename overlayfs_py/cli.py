@@ -100,6 +100,10 @@ def _register_inspect(group: click.Group) -> None:
     register(group)
 
 
+def _register_check(group: click.Group) -> None:
+    group.add_command(check_cmd)
+
+
 def new_group(
     resolvers: Resolvers | None = None,
     help: str = "pyoverlay: OverlayFS in userspace, and containers on it.",
@@ -120,7 +124,7 @@ def new_group(
     group.add_command(umount_cmd)
     group.add_command(mounts_cmd)
     assert isinstance(group, _Main)
-    group.lazy.extend((_register_trace, _register_inspect, *more))
+    group.lazy.extend((_register_trace, _register_inspect, _register_check, *more))
     return group
 
 
@@ -379,3 +383,99 @@ main = new_group(help="pyoverlay's filesystem commands (`pyoverlay` has the runn
 
 if __name__ == "__main__":  # pragma: no cover
     main()
+
+
+@click.command("check")
+@click.argument("upper", metavar="UPPER")
+@click.option("--workdir", "workdir", required=True, metavar="WORK", help="The workdir used with UPPER.")
+@click.option(
+    "--lower",
+    "lower",
+    multiple=True,
+    metavar="L1:L2...",
+    help="The lower layers, top first (repeatable; default: those of a container using UPPER).",
+)
+@click.option(
+    "--userxattr/--nouserxattr",
+    "userxattr",
+    default=None,
+    help="The private xattrs are user.overlay.* / trusted.overlay.* (default: as the mount chooses).",
+)
+@click.option("--repair", is_flag=True, help="Fix what is safe to fix, and say what was done.")
+@click.option("--force", is_flag=True, help="Check even though UPPER or WORK is mounted.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def check_cmd(upper, workdir, lower, userxattr, repair, force, as_json):
+    """Check an upper layer and its workdir while nothing has them mounted, as fsck.overlay
+    does: work/ leftovers, orphan whiteouts, bad redirects, origins, opaque and override
+    xattrs. Exit status (fsck's): 0 clean, 1 problems found and all repaired, 4 problems
+    left, 8 the check could not run, 16 a usage error."""
+    import json
+
+    from .check import EXIT_ERROR, CheckError, check, choose_userxattr, in_use
+
+    try:
+        lowers = _check_lowers(upper, lower)
+        if not force:
+            user = in_use(upper, workdir)
+            if user is not None:
+                raise CheckError(f"{upper} or {workdir} is in use by {user}: unmount it first (or --force)")
+        ux = choose_userxattr(upper, workdir, userxattr)
+        report = check(upper, workdir, lowers, userxattr=ux, repair=repair)
+    except PyoverlayError as e:
+        fail(e, e.exit_code if e.exit_code == 16 else EXIT_ERROR)
+    except OSError as e:
+        fail(f"cannot check the layers: {e}", EXIT_ERROR)
+
+    def out(line: str, err: bool = False) -> None:  # names are bytes on disk: print them as such
+        click.echo(os.fsencode(line) + b"\n", nl=False, err=err)
+
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=1))
+    else:
+        for p in report.problems:
+            out(str(p))
+        if repair:
+            for p in report.left:
+                if not any(q.kind == p.kind and q.path == p.path for q in report.problems):
+                    out(f"{p} (after the repair)")
+        for note in report.notes:
+            out(f"note: {note}", err=True)
+        n, left = len(report.problems), len(report.left)
+        if not n:
+            out(f"{upper}: clean")
+        elif repair:
+            done = sum(p.repaired for p in report.problems)
+            out(f"{upper}: {n} problem(s), {done} repaired, {left} left")
+        else:
+            fixable = sum(p.repair is not None for p in report.problems)
+            out(f"{upper}: {n} problem(s) (--repair fixes {fixable})")
+    sys.exit(report.exit_status())
+
+
+check_cmd.own_error_code = 16  # type: ignore[attr-defined]  # fsck's usage error
+
+
+def _check_lowers(upper: str, specs: Sequence[str]) -> list[str] | None:
+    """``--lower`` (each L1:L2..., split as ``mount`` splits them, in order), else a
+    container's lowers, else None (unknown). A given layer is not resolved: a symlink in
+    its place is refused when it is opened (check.py)."""
+    from .config import ConfigError, split_positional_lowers
+    from .inspect_cli import InspectError, _lowers_of_upper
+
+    usage = 16  # fsck's usage error
+    if specs:
+        out: list[str] = []
+        for spec in specs:
+            try:
+                parts = split_positional_lowers(spec)
+            except ConfigError as e:
+                raise InspectError(str(e), exit_code=usage) from None
+            for p in parts:
+                if not os.path.lexists(p):
+                    raise InspectError(f"lower layer {p!r} does not exist", exit_code=usage)
+                out.append(os.path.abspath(p))
+        return out
+    try:
+        return _lowers_of_upper(os.path.realpath(upper))[0]
+    except InspectError:
+        return None
