@@ -343,8 +343,7 @@ class WritePath:
         if is_dir:
             if not node.is_dir:
                 raise OSError(errno.ENOTDIR, "not a directory")
-            listing = self.stack.list_merged(node.layer_dirs(), True)
-            if listing:
+            if not self.stack.is_empty_dir(node.layer_dirs()):
                 raise OSError(errno.ENOTEMPTY, "directory not empty")
         elif node.is_dir:
             raise OSError(errno.EISDIR, "is a directory")
@@ -401,7 +400,7 @@ class WritePath:
             # A target with lower content must be empty in the merged view; a pure-upper
             # one is left to the real rename (after the opaque marking below, as the kernel).
             dst_pure = dst.layer.is_upper and not dst.is_merged
-            if dst.is_dir and not dst_pure and self.stack.list_merged(dst.layer_dirs(), True):
+            if dst.is_dir and not dst_pure and not self.stack.is_empty_dir(dst.layer_dirs()):
                 raise OSError(errno.ENOTEMPTY, "target not empty")
         await copy.ensure_upper(src, "rename")
         if exchange:
