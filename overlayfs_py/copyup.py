@@ -39,7 +39,7 @@ import trio
 
 from . import _sys
 from .idmap import OVERRIDE_XATTR
-from .inodes import InodeTable, Node
+from .inodes import InodeTable, Node, real_key
 from .layers import Layer, LayerStack
 from .ownership import Owners
 from .trace import Tracer, display
@@ -361,7 +361,7 @@ class CopyUp:
             node.dirs = (self.upper,) + node.dirs
         else:
             # the object installed (*tfd*'s), whatever the name in upper holds by now
-            self.inodes.rekey(node, ("real", tst.st_dev, tst.st_ino))
+            self.inodes.rekey(node, real_key(tst.st_dev, tst.st_ino))
             if lower_st.st_nlink > 1:
                 # The copy-up broke a lower hard link: the kernel then reports the upper inode.
                 node.ino = tst.st_ino

@@ -23,7 +23,7 @@ from .copyup import CopyUp, writable
 from .dircache import Listing, ListingCache
 from .handles import OPEN_PASS, DirHandle, HandleTable, OpenFile, open_real
 from .idmap import OVERRIDE_XATTR, carries_override
-from .inodes import DEAD, InodeTable, Node
+from .inodes import DEAD, InodeTable, Node, real_key, split_key
 from .layers import Hit, Layer, LayerStack
 from .ownership import Owners
 from .privilege import initial_userns
@@ -246,18 +246,23 @@ class Overlay:
         if ino is None:
             ino = self._st_ino(parent, name, hits)
         if not is_dir and (top.layer.is_upper or self.stack.upper is None):
-            key = ("real", top.st.st_dev, top.st.st_ino)
-            shared = self.inodes.by_key(key)
-            if shared is not None and shared is not existing:
-                # One inode for every name of a real inode, as the kernel hashes by it, unless
-                # the names report different st_ino: the kernel then has two overlay inodes
-                # too (an upper object copied up without an origin record, as with userxattr
-                # on a symlink or fifo, keeps its lower st_ino only under its first name).
-                if shared.ino == ino:
+            # One inode for every name of a real inode, as the kernel hashes by it, unless
+            # the names report different st_ino: the kernel then has two overlay inodes too
+            # (an upper object copied up without an origin record, as with userxattr on a
+            # symlink or fifo, keeps its lower st_ino only under its first name; the names
+            # found later report the upper st_ino and share the second one). The second
+            # node is keyed ``split_key``; ``InodeTable.peer`` finds one from the other.
+            key = real_key(top.st.st_dev, top.st.st_ino)
+            free = None
+            for k in (key, split_key(key)):
+                shared = self.inodes.by_key(k)
+                if shared is None or shared is existing:
+                    free = k if free is None else free
+                elif shared is not existing and shared.ino == ino:
                     self.inodes.add_alias(shared, parent, name)
                     shared.mode = mode
                     return shared
-                key = None
+            key = free
         # The first hit is in the parent's own layer at the parent's own path (no redirect
         # applies before a first hit): open it in the parent's own fd, no path walk.
         pfd = parent.fd if top.layer is parent.layer and parent.fd >= 0 else None

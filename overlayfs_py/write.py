@@ -28,7 +28,7 @@ from .copyup import CopyUp, writable
 from .dircache import ListingCache
 from .handles import OPEN_PASS, HandleTable, OpenFile
 from .idmap import OVERRIDE_XATTR
-from .inodes import InodeTable, Node
+from .inodes import InodeTable, Node, real_key
 from .layers import Layer, LayerStack
 from .overlay import NAME_MAX, Caller, Overlay
 from .ownership import Owners
@@ -200,6 +200,15 @@ class WritePath:
         self.trace.emit("create", path=path, kind="link" if caller is None else _kind(st.st_mode))
         return node, st
 
+    def _peer_changed(self, node: Node | None) -> None:
+        """*node*'s real object changed (attributes, data, link count): the kernel's cached
+        attributes of its peer (the other node of a real inode whose names report two
+        st_ino, ``InodeTable.peer``) go, as the kernel's overlay shows the real inode's."""
+        if node is not None and node.key is not None:
+            peer = self.inodes.peer(node)
+            if peer is not None:
+                self.copy.on_attr_changed(peer.id)
+
     def _check_not_marker(self, name: bytes) -> None:
         """With AUFS whiteouts on, a ``.wh.`` name cannot be made through the mount (EINVAL,
         as fuse-overlayfs's create): it would be a marker, not a file."""
@@ -278,6 +287,9 @@ class WritePath:
 
         out = self._place_new(parent, name, make, None)
         self.inodes.named(node)  # an O_TMPFILE file's first name
+        self._peer_changed(node)
+        if out[0] is not node:  # the new name found the other node of the inode
+            self._peer_changed(out[0])
         return out
 
     def tmpfile(self, parent: Node, mode: int, flags: int, caller: Caller) -> tuple[Node, os.stat_result, int]:
@@ -299,7 +311,7 @@ class WritePath:
                 st = os.fstat(fd)
                 # the st_ino a lookup of its name will report (Overlay._st_ino: an upper
                 # object without an origin shows its own), so the link finds this node
-                key = ("real", st.st_dev, st.st_ino)
+                key = real_key(st.st_dev, st.st_ino)
                 node = self.inodes.add_unnamed(parent, st.st_mode, self.upper, st.st_ino, key, nfd)
             except BaseException:
                 os.close(nfd)
@@ -360,6 +372,8 @@ class WritePath:
             self._remove_real(pfd, name, is_dir)
         if is_dir:
             self.stack.dirfds.forget(copy.upper, rel)
+        elif in_upper:
+            self._peer_changed(node)  # one link fewer
         self.inodes.detach(parent, name)
 
     async def rename(self, parent: Node, name: bytes, newparent: Node, newname: bytes, flags: int) -> None:
@@ -449,6 +463,8 @@ class WritePath:
         if dst is not None and dst.is_dir:
             self.stack.dirfds.forget(copy.upper, dst.relpath())
         self.inodes.move(src, parent, name, newparent, newname, exchange=dst if exchange else None)
+        if dst is not None and not exchange and not dst.is_dir:
+            self._peer_changed(dst)  # one link fewer
 
     # --- attributes and data ------------------------------------------------------------------
 
@@ -496,6 +512,7 @@ class WritePath:
             self.owners.after_chmod(path, follow, changes["mode"])
         if "atime_ns" in changes or "mtime_ns" in changes:
             _sys.futimens_fd(fd, changes.get("atime_ns"), changes.get("mtime_ns"))
+        self._peer_changed(node)
         return self.view.getattr(node)
 
     def write(self, fh: int, offset: int, data: bytes | memoryview) -> int:
@@ -503,9 +520,9 @@ class WritePath:
         assert isinstance(h, OpenFile)
         if h.unused_copy_up is not None:
             h.unused_copy_up = None
-        if h.flags & os.O_APPEND:
-            return os.write(h.fd, data)
-        return os.pwrite(h.fd, data, offset)
+        n = os.write(h.fd, data) if h.flags & os.O_APPEND else os.pwrite(h.fd, data, offset)
+        self._peer_changed(h.node)  # its size and mtime
+        return n
 
     def _data_handle(self, fh: int) -> OpenFile:
         h = self.handles[fh]
@@ -521,6 +538,7 @@ class WritePath:
         h = self._data_handle(fh)
         h.unused_copy_up = None
         _sys.fallocate(h.fd, mode, offset, length)
+        self._peer_changed(h.node)
 
     async def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:
         """``fallocate_now`` in a thread: preallocating or zeroing a large range (on a slow
@@ -536,7 +554,9 @@ class WritePath:
             raise OSError(errno.EINVAL, "copy_file_range takes no flags")
         src, dst = self._data_handle(fh_in), self._data_handle(fh_out)
         dst.unused_copy_up = None
-        return _sys.copy_range(src.fd, off_in, dst.fd, off_out, length)
+        n = _sys.copy_range(src.fd, off_in, dst.fd, off_out, length)
+        self._peer_changed(dst.node)
+        return n
 
     async def copy_file_range(self, fh_in: int, off_in: int, fh_out: int, off_out: int, length: int, flags: int) -> int:
         """``copy_file_range_now`` in a thread: a large copy must not stall other requests."""
@@ -562,6 +582,7 @@ class WritePath:
             h.unused_copy_up = None
         p, follow = _sys.fd_xattr_path(node.fd)
         os.setxattr(p, self.names.to_real(name), value, flags, follow_symlinks=follow)
+        self._peer_changed(node)
 
     async def removexattr(self, node: Node, name: str) -> None:
         copy = self.copy
@@ -571,6 +592,7 @@ class WritePath:
             h.unused_copy_up = None
         p, follow = _sys.fd_xattr_path(node.fd)
         os.removexattr(p, self.names.to_real(name), follow_symlinks=follow)
+        self._peer_changed(node)
 
 
 def _child(parent: Node, name: bytes) -> bytes:
