@@ -43,7 +43,7 @@ from .inodes import InodeTable, Node, real_key
 from .layers import Layer, LayerStack
 from .ownership import Owners
 from .trace import Tracer, display
-from .whiteout import XattrNames, encode_origin
+from .whiteout import XattrNames, encode_origin, set_impure
 from .workdir import Work
 
 log = logging.getLogger(__name__)
@@ -348,6 +348,7 @@ class CopyUp:
         pfd = self.stack.dir_fd(self.upper, prel)
         pst = os.fstat(pfd)
         self.work.install(tmp, tfd, pfd, name)
+        set_impure(pfd, self.names)  # the parent may now hold an object with an origin
         # A copy-up changes nothing in the merged view: give the parent its times back
         # (the kernel does the same: ovl_set_timestamps on the upper parent).
         _sys.futimens_fd(pfd, pst.st_atime_ns, pst.st_mtime_ns)

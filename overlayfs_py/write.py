@@ -33,7 +33,16 @@ from .layers import Layer, LayerStack
 from .overlay import NAME_MAX, Caller, Overlay
 from .ownership import Owners
 from .trace import Tracer, display
-from .whiteout import XattrNames, aufs_marker_for, is_aufs_marker, is_whiteout_at, is_whiteout_kind, set_opaque
+from .whiteout import (
+    XattrNames,
+    aufs_marker_for,
+    has_origin,
+    is_aufs_marker,
+    is_whiteout_at,
+    is_whiteout_kind,
+    set_impure,
+    set_opaque,
+)
 from .workdir import Work
 
 #: fallocate and copy_file_range ranges up to this many bytes are served inline by an
@@ -287,6 +296,8 @@ class WritePath:
 
         out = self._place_new(parent, name, make, None)
         self.inodes.named(node)  # an O_TMPFILE file's first name
+        if has_origin(node.fd, self.names):  # ovl_link: the new parent may be pure
+            set_impure(parent.fd, self.names)
         self._peer_changed(node)
         if out[0] is not node:  # the new name found the other node of the inode
             self._peer_changed(out[0])
@@ -451,6 +462,11 @@ class WritePath:
         if self.stack.aufs and not exchange:
             self._drop_upper_marker(npfd, newname, False, new_path)
         self.trace.emit("rename", path=old_path, target=new_path, exchange=exchange)
+        if parent is not newparent:  # ovl_rename: an object with an origin into another dir
+            if has_origin(src.fd, self.names):
+                set_impure(npfd, self.names)
+            if exchange and dst is not None and has_origin(dst.fd, self.names):
+                set_impure(opfd, self.names)
         if real_flags == _sys.RENAME_WHITEOUT:
             self.trace.emit("whiteout_create", path=old_path)
         elif not exchange and real_flags == _sys.RENAME_EXCHANGE:  # a whiteout was at the new name
