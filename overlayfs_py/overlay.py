@@ -26,7 +26,7 @@ from .idmap import OVERRIDE_XATTR, carries_override
 from .inodes import DEAD, InodeTable, Node, real_key, split_key
 from .layers import Hit, Layer, LayerStack
 from .ownership import Owners
-from .privilege import initial_userns
+from .privilege import initial_userns, process_privileged
 from .trace import Tracer, display
 from .whiteout import XattrNames, decode_origin, is_whiteout_at
 
@@ -43,6 +43,14 @@ class Caller:
     gid: int = 0
     pid: int = 0
     umask: int = 0o022
+
+
+def may_list_trusted(caller: Caller) -> bool:
+    """Whether *caller* is shown ``trusted.*`` names: with CAP_SYS_ADMIN in the initial user
+    namespace, as the kernel's ``ovl_can_list`` (and ext4) decide; by uid 0 when the caller's
+    process cannot be asked (outside this server's pid namespace, or gone)."""
+    allowed = process_privileged(caller.pid)
+    return caller.uid == 0 if allowed is None else allowed
 
 
 @dataclass
@@ -584,12 +592,16 @@ class Overlay:
 
     def listxattr(self, node: Node, caller: Caller) -> list[str]:
         out = []
+        trusted: bool | None = None
         for real in _sys.listxattr_at(node.fd, None):
             shown = self.names.to_user(real)
             if shown is None or shown == OVERRIDE_XATTR:
                 continue
-            if shown.startswith("trusted.") and caller.uid != 0:
-                continue  # as ext4 lists trusted.* only to CAP_SYS_ADMIN
+            if shown.startswith("trusted."):
+                if trusted is None:
+                    trusted = may_list_trusted(caller)
+                if not trusted:
+                    continue
             out.append(shown)
         return out
 
