@@ -26,7 +26,7 @@ import trio
 from . import _sys
 from .copyup import CopyUp, writable
 from .dircache import ListingCache
-from .handles import OPEN_PASS, HandleTable, OpenFile
+from .handles import OPEN_PASS, DirHandle, HandleTable, OpenFile
 from .idmap import OVERRIDE_XATTR
 from .inodes import InodeTable, Node, real_key
 from .layers import Layer, LayerStack
@@ -584,6 +584,23 @@ class WritePath:
         h = self.handles[fh]
         if isinstance(h, OpenFile) and not self.volatile:  # volatile: fsync is a no-op, as ovl_fsync
             await trio.to_thread.run_sync(os.fdatasync if datasync else os.fsync, h.fd)
+
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        """fsync of a directory: the upper directory is synced, in a worker thread, as the
+        kernel's ``ovl_dir_fsync`` does (a program that fsyncs a directory after creating
+        or renaming in it wants the entry durable); nothing for a directory with no upper
+        part, nor with ``-o volatile``."""
+        h = self.handles[fh]
+        if not isinstance(h, DirHandle) or self.volatile:
+            return
+        node = h.node
+        if not node.layer.is_upper or node.fd < 0:
+            return
+        fd = _sys.reopen(node.fd, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            await trio.to_thread.run_sync(os.fdatasync if datasync else os.fsync, fd)
+        finally:
+            os.close(fd)
 
     # --- xattrs -------------------------------------------------------------------------------
 
