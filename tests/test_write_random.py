@@ -27,7 +27,7 @@ import stat
 import pytest
 
 from helpers.snapshot import diff_snapshots, format_diff
-from helpers.stacks import FIFO, OPQ, T0, T1, T2, WH, D, F, H, L
+from helpers.stacks import FIFO, OPQ, T0, T1, T2, WH, XWH, D, F, H, L
 from helpers.writeops import Side, errname, run_start, subject_label, workdir_problems
 
 pytestmark = [pytest.mark.kernel, pytest.mark.fuse]
@@ -36,7 +36,7 @@ N_OPS = int(os.environ.get("PYOVERLAY_RANDOM_OPS", "300"))
 CHECKPOINT = 50
 SEEDS = [int(s) for s in os.environ["PYOVERLAY_SEED"].split(",")] if os.environ.get("PYOVERLAY_SEED") else [1, 2, 3]
 
-NAMES = ["a", "b", "c", "d", "x", "y", "z", "m", "od", "wd", "hidden", "gone", "new", "n1", "n2", "s", "p", "h1", "h2"]
+NAMES = ["a", "b", "c", "d", "x", "y", "z", "m", "od", "wd", "hidden", "gone", "new", "n1", "n2", "s", "p", "h1", "h2", "k"]
 MODES = [0o644, 0o600, 0o755, 0o700, 0o444, 0o2755, 0o1777, 0o000, 0o640]
 TIMES = [T0, T1, T2, 1_000_000_000_000_000_000]
 
@@ -53,6 +53,8 @@ def _layers():
         "h2": H("h1"),
         "d/d/d/deep": F(b"deep\n", mtime_ns=T2),
         "d": D(mode=0o750, uid=1234, mtime_ns=T1),
+        "xd/gone": F(b"hidden by l2's xattr whiteout\n"),
+        "xd/k": F(b"xd/k from l3\n"),
     }
     l2 = {
         "a/y": WH(),
@@ -65,6 +67,8 @@ def _layers():
         "p": FIFO(mode=0o644),
         "s": L("c", mtime_ns=T0),
         "d/d/m": F(b"merged deep\n"),
+        "xd": OPQ(value=b"x", mtime_ns=T1),  # holds an xattr whiteout (rmdir: ENOTEMPTY)
+        "xd/gone": XWH(),
     }
     l1 = {
         "a/t": F(b"a/t from l1\n", mtime_ns=T2),
