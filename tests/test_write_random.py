@@ -36,7 +36,28 @@ N_OPS = int(os.environ.get("PYOVERLAY_RANDOM_OPS", "300"))
 CHECKPOINT = 50
 SEEDS = [int(s) for s in os.environ["PYOVERLAY_SEED"].split(",")] if os.environ.get("PYOVERLAY_SEED") else [1, 2, 3]
 
-NAMES = ["a", "b", "c", "d", "x", "y", "z", "m", "od", "wd", "hidden", "gone", "new", "n1", "n2", "s", "p", "h1", "h2", "k"]
+NAMES = [
+    "a",
+    "b",
+    "c",
+    "d",
+    "x",
+    "y",
+    "z",
+    "m",
+    "od",
+    "wd",
+    "hidden",
+    "gone",
+    "new",
+    "n1",
+    "n2",
+    "s",
+    "p",
+    "h1",
+    "h2",
+    "k",
+]
 MODES = [0o644, 0o600, 0o755, 0o700, 0o444, 0o2755, 0o1777, 0o000, 0o640]
 TIMES = [T0, T1, T2, 1_000_000_000_000_000_000]
 
