@@ -28,7 +28,7 @@ STRACE = shutil.which("strace")
 
 
 def _layers():
-    return [{"keep": F(b"k\n"), "ldir/a": F(b"a\n")}, {"merged/b": F(b"b\n")}]
+    return [{"keep": F(b"k\n"), "ldir/a": F(b"a\n"), "merged/t": F(b"t\n")}, {"merged/b": F(b"b\n")}]
 
 
 def _fsync_dir(path, datasync=False):
@@ -62,8 +62,7 @@ def _synced(tmp_path, options=()):
     with side.mount("subject") as m:
         st = subprocess.Popen(
             [STRACE, "-f", "-y", "-e", "trace=fsync,fdatasync", "-o", str(out), "-p", str(m.proc.pid)],
-            stderr=subprocess.PIPE,
-            text=True,
+            stderr=subprocess.DEVNULL,
         )
         try:
             _wait_traced(m.proc.pid, st)
