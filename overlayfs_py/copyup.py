@@ -37,11 +37,11 @@ from typing import TYPE_CHECKING, Any
 
 from . import _sys
 from .idmap import OVERRIDE_XATTR
-from .inodes import InodeTable, Node
+from .inodes import InodeTable, Node, real_key
 from .layers import Layer, LayerStack
 from .ownership import Owners
 from .trace import Tracer, display
-from .whiteout import XattrNames, encode_origin
+from .whiteout import XattrNames, encode_origin, set_impure
 from .workdir import Work
 
 if TYPE_CHECKING:  # trio is imported when first used (the server starts serving before)
@@ -362,6 +362,7 @@ class CopyUp:
         pfd = self.stack.dir_fd(self.upper, prel)
         pst = os.fstat(pfd)
         self.work.install(tmp, tfd, pfd, name)
+        set_impure(pfd, self.names)  # the parent may now hold an object with an origin
         # A copy-up changes nothing in the merged view: give the parent its times back
         # (the kernel does the same: ovl_set_timestamps on the upper parent).
         _sys.futimens_fd(pfd, pst.st_atime_ns, pst.st_mtime_ns)
@@ -375,7 +376,7 @@ class CopyUp:
             node.dirs = (self.upper,) + node.dirs
         else:
             # the object installed (*tfd*'s), whatever the name in upper holds by now
-            self.inodes.rekey(node, ("real", tst.st_dev, tst.st_ino))
+            self.inodes.rekey(node, real_key(tst.st_dev, tst.st_ino))
             if lower_st.st_nlink > 1:
                 # The copy-up broke a lower hard link: the kernel then reports the upper inode.
                 node.ino = tst.st_ino

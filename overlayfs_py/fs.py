@@ -327,9 +327,8 @@ class Operations(pyfuse3.Operations):
             await self.writes.fsync(fh, datasync)
 
     async def fsyncdir(self, fh: FileHandleT, datasync: bool) -> None:
-        # Directory changes are made with *at() calls on the real dirs; ENOSYS: the kernel
-        # then treats fsync of a directory as done and stops asking (fc->no_fsyncdir).
-        raise pyfuse3.FUSEError(errno.ENOSYS)
+        with self._errors("fsyncdir"):
+            await self.writes.fsyncdir(fh, datasync)
 
     async def setxattr(self, inode: InodeT, name: XAttrNameT, value: bytes, ctx: RequestContext) -> None:
         with self._errors("setxattr", ctx):

@@ -79,6 +79,17 @@ def object_record(fd: int, with_handle: bool = True) -> bytes:
     return record
 
 
+def real_key(dev: int, ino: int) -> tuple:
+    """The key of the node shared by the names of one real (upper) inode."""
+    return ("real", dev, ino)
+
+
+def split_key(key: tuple) -> tuple:
+    """The key of a real inode's second node: the names that report another st_ino than
+    the first node's (see ``Overlay._node_for``)."""
+    return key[:3] + ("split",)
+
+
 class Node:
     """One object of the merged tree.
 
@@ -416,6 +427,16 @@ class InodeTable:
 
     def by_key(self, key: tuple) -> Node | None:
         return self._by_key.get(key)
+
+    def peer(self, node: Node) -> Node | None:
+        """The other node of *node*'s real inode, if its names are split in two (they report
+        two st_ino): a change to the object through one must drop the kernel's cached
+        attributes of the other (the kernel's overlay stats the real inode every time)."""
+        key = node.key
+        if key is None or key[0] != "real":
+            return None
+        other = self._by_key.get(split_key(key) if len(key) == 3 else key[:3])
+        return other if other is not node else None
 
     def add(
         self,

@@ -307,18 +307,28 @@ class LayerStack:
             return True
         return self.getxattr(layer, relpath, self.names.origin) is not None
 
-    def list_merged(self, dirs: Sequence[tuple[Layer, bytes]], filter_whiteouts: bool) -> list[tuple[bytes, Layer]]:
+    def list_merged(
+        self, dirs: Sequence[tuple[Layer, bytes]], filter_whiteouts: bool, xwhiteouts: bool = True
+    ) -> list[tuple[bytes, Layer]]:
         """The names of a merged directory, each once with the layer listing it, top layer first.
 
         With *filter_whiteouts* (a merged dir), whiteouts are neither listed nor let the
         names they cover through; a zero-size file with the whiteout xattr counts as a
-        whiteout only in a lower directory marked ``opaque=x`` (as the kernel's readdir does).
+        whiteout only in a lower directory marked ``opaque=x`` (as the kernel's readdir does),
+        and never without *xwhiteouts*: the kernel's emptiness check (``ovl_check_empty_dir``
+        for rmdir and rename over a directory) tests only char 0/0 whiteouts, so there an
+        xattr whiteout is an entry (see ``is_empty_dir``).
         """
         seen: set[bytes] = set()
         out: list[tuple[bytes, Layer]] = []
         for layer, path in dirs:
             dfd = self.dir_fd(layer, path)
-            check_x = filter_whiteouts and not layer.is_upper and has_xwhiteouts(opaque_value(dfd, None, self.names))
+            check_x = (
+                filter_whiteouts
+                and xwhiteouts
+                and not layer.is_upper
+                and has_xwhiteouts(opaque_value(dfd, None, self.names))
+            )
             names = _sys.listdir_fd(dfd)
             if self.aufs:  # markers: never listed; what they hide is not listed from here down
                 hidden, _ = aufs_markers(names)
@@ -336,6 +346,18 @@ class LayerStack:
                     continue
                 out.append((name, layer))
         return out
+
+    def is_empty_dir(self, dirs: Sequence[tuple[Layer, bytes]]) -> bool:
+        """Whether rmdir (or a rename over it) finds the merged directory of *dirs* empty.
+
+        As the kernel's ``ovl_check_empty_dir``: char 0/0 whiteouts do not count (nor do the
+        names they hide), but a lower xattr whiteout does, also in an ``opaque=x`` directory
+        whose readdir hides it. The kernel's ``ovl_dir_read_merged`` only flags such files
+        (``check_xwhiteout``) for its readdir (``ovl_iterate``) to test; the emptiness check
+        sees a regular file. So a directory that lists empty may still give ``ENOTEMPTY``
+        (issue 17, item 2; docs/semantics.md, "Whiteouts").
+        """
+        return not self.list_merged(dirs, True, xwhiteouts=False)
 
     def _is_listing_whiteout(self, dfd: int, name: bytes, kind: int, check_x: bool) -> bool:
         if kind == stat.S_IFREG and not check_x:

@@ -23,10 +23,10 @@ from .copyup import CopyUp, writable
 from .dircache import Listing, ListingCache
 from .handles import OPEN_PASS, DirHandle, HandleTable, OpenFile, open_real
 from .idmap import OVERRIDE_XATTR, carries_override
-from .inodes import DEAD, InodeTable, Node
+from .inodes import DEAD, InodeTable, Node, real_key, split_key
 from .layers import Hit, Layer, LayerStack
 from .ownership import Owners
-from .privilege import initial_userns
+from .privilege import initial_userns, process_privileged
 from .trace import Tracer, display
 from .whiteout import XattrNames, decode_origin, is_whiteout_at
 
@@ -43,6 +43,14 @@ class Caller:
     gid: int = 0
     pid: int = 0
     umask: int = 0o022
+
+
+def may_list_trusted(caller: Caller) -> bool:
+    """Whether *caller* is shown ``trusted.*`` names: with CAP_SYS_ADMIN in the initial user
+    namespace, as the kernel's ``ovl_can_list`` (and ext4) decide; by uid 0 when the caller's
+    process cannot be asked (outside this server's pid namespace, or gone)."""
+    allowed = process_privileged(caller.pid)
+    return caller.uid == 0 if allowed is None else allowed
 
 
 @dataclass
@@ -246,18 +254,23 @@ class Overlay:
         if ino is None:
             ino = self._st_ino(parent, name, hits)
         if not is_dir and (top.layer.is_upper or self.stack.upper is None):
-            key = ("real", top.st.st_dev, top.st.st_ino)
-            shared = self.inodes.by_key(key)
-            if shared is not None and shared is not existing:
-                # One inode for every name of a real inode, as the kernel hashes by it, unless
-                # the names report different st_ino: the kernel then has two overlay inodes
-                # too (an upper object copied up without an origin record, as with userxattr
-                # on a symlink or fifo, keeps its lower st_ino only under its first name).
-                if shared.ino == ino:
+            # One inode for every name of a real inode, as the kernel hashes by it, unless
+            # the names report different st_ino: the kernel then has two overlay inodes too
+            # (an upper object copied up without an origin record, as with userxattr on a
+            # symlink or fifo, keeps its lower st_ino only under its first name; the names
+            # found later report the upper st_ino and share the second one). The second
+            # node is keyed ``split_key``; ``InodeTable.peer`` finds one from the other.
+            key = real_key(top.st.st_dev, top.st.st_ino)
+            free = None
+            for k in (key, split_key(key)):
+                shared = self.inodes.by_key(k)
+                if shared is None or shared is existing:
+                    free = k if free is None else free
+                elif shared is not existing and shared.ino == ino:
                     self.inodes.add_alias(shared, parent, name)
                     shared.mode = mode
                     return shared
-                key = None
+            key = free
         # The first hit is in the parent's own layer at the parent's own path (no redirect
         # applies before a first hit): open it in the parent's own fd, no path walk.
         pfd = parent.fd if top.layer is parent.layer and parent.fd >= 0 else None
@@ -579,12 +592,16 @@ class Overlay:
 
     def listxattr(self, node: Node, caller: Caller) -> list[str]:
         out = []
+        trusted: bool | None = None
         for real in _sys.listxattr_at(node.fd, None):
             shown = self.names.to_user(real)
             if shown is None or shown == OVERRIDE_XATTR:
                 continue
-            if shown.startswith("trusted.") and caller.uid != 0:
-                continue  # as ext4 lists trusted.* only to CAP_SYS_ADMIN
+            if shown.startswith("trusted."):
+                if trusted is None:
+                    trusted = may_list_trusted(caller)
+                if not trusted:
+                    continue
             out.append(shown)
         return out
 

@@ -93,6 +93,22 @@ def privileged() -> bool:
     return bool(effective_caps() & (1 << CAP_SYS_ADMIN)) and initial_userns()
 
 
+def process_privileged(pid: int) -> bool | None:
+    """Whether process *pid* (as this server's /proc shows it) has CAP_SYS_ADMIN in the
+    initial user namespace, as ``ns_capable(&init_user_ns, CAP_SYS_ADMIN)`` asks; None when
+    it cannot be told (pid 0: outside this pid namespace; the process is gone)."""
+    if pid <= 0:
+        return None
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            status = f.read()
+        with open(f"/proc/{pid}/uid_map") as f:
+            uid_map = f.read()
+    except OSError:
+        return None
+    return bool(effective_caps(status) & (1 << CAP_SYS_ADMIN)) and initial_userns(uid_map)
+
+
 def can_mount() -> bool:
     """Whether mount(2) of FUSE may be tried (libfuse, and the direct engine's
     fuse/mounting.py): CAP_SYS_ADMIN in this process's user namespace, so root, or root of

@@ -41,6 +41,7 @@ class XattrNames:
         self.whiteout = prefix + "whiteout"
         self.origin = prefix + "origin"
         self.redirect = prefix + "redirect"
+        self.impure = prefix + "impure"
         self.escaped_prefix = prefix + ESCAPE
 
     # The kernel hides every name under the private prefix and shows an escaped
@@ -114,6 +115,31 @@ def set_opaque(dir_fd: int, name: bytes | None, names: XattrNames) -> bool:
         return False
     os.setxattr(_sys.proc_path(dir_fd, name), names.opaque, b"y", follow_symlinks=name is None)
     return True
+
+
+def set_impure(dir_fd: int, names: XattrNames) -> bool:
+    """Mark the upper directory *dir_fd* (its own fd) ``overlay.impure=y``, as the kernel's
+    ``ovl_set_impure`` does when an object with an origin record may now be in it (a copy-up
+    into it, a link or a move of such an object into it): the kernel's readdir of a pure
+    upper directory then looks the entries' origins up for their ``d_ino``. pyoverlay never
+    reads the mark (its ``d_ino`` always equals ``st_ino``); it writes it so that a kernel
+    mounting its upper lists such a directory as it stats it. False if it already was, or
+    the upper filesystem takes no such xattr (the kernel ignores that too)."""
+    if _sys.getxattr_at(dir_fd, None, names.impure) is not None:
+        return False
+    try:
+        os.setxattr(_sys.proc_path(dir_fd, None), names.impure, b"y", follow_symlinks=True)
+    except OSError as exc:
+        if exc.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):
+            return False
+        raise
+    return True
+
+
+def has_origin(fd: int, names: XattrNames) -> bool:
+    """Whether the upper object of *fd* carries an origin record (the kernel's
+    ``ovl_type_origin``)."""
+    return _sys.getxattr_at(fd, None, names.origin) is not None
 
 
 def has_xwhiteouts(value: bytes | None) -> bool:

@@ -24,14 +24,23 @@ from typing import Any
 from . import _sys
 from .copyup import CopyUp, writable
 from .dircache import ListingCache
-from .handles import OPEN_PASS, HandleTable, OpenFile
+from .handles import OPEN_PASS, DirHandle, HandleTable, OpenFile
 from .idmap import OVERRIDE_XATTR
-from .inodes import InodeTable, Node
+from .inodes import InodeTable, Node, real_key
 from .layers import Layer, LayerStack
 from .overlay import NAME_MAX, Caller, Overlay
 from .ownership import Owners
 from .trace import Tracer, display
-from .whiteout import XattrNames, aufs_marker_for, is_aufs_marker, is_whiteout_at, is_whiteout_kind, set_opaque
+from .whiteout import (
+    XattrNames,
+    aufs_marker_for,
+    has_origin,
+    is_aufs_marker,
+    is_whiteout_at,
+    is_whiteout_kind,
+    set_impure,
+    set_opaque,
+)
 from .workdir import Work
 
 #: fallocate and copy_file_range ranges up to this many bytes are served inline by an
@@ -198,6 +207,15 @@ class WritePath:
         self.trace.emit("create", path=path, kind="link" if caller is None else _kind(st.st_mode))
         return node, st
 
+    def _peer_changed(self, node: Node | None) -> None:
+        """*node*'s real object changed (attributes, data, link count): the kernel's cached
+        attributes of its peer (the other node of a real inode whose names report two
+        st_ino, ``InodeTable.peer``) go, as the kernel's overlay shows the real inode's."""
+        if node is not None and node.key is not None:
+            peer = self.inodes.peer(node)
+            if peer is not None:
+                self.copy.on_attr_changed(peer.id)
+
     def _check_not_marker(self, name: bytes) -> None:
         """With AUFS whiteouts on, a ``.wh.`` name cannot be made through the mount (EINVAL,
         as fuse-overlayfs's create): it would be a marker, not a file."""
@@ -276,6 +294,11 @@ class WritePath:
 
         out = self._place_new(parent, name, make, None)
         self.inodes.named(node)  # an O_TMPFILE file's first name
+        if has_origin(node.fd, self.names):  # ovl_link: the new parent may be pure
+            set_impure(parent.fd, self.names)
+        self._peer_changed(node)
+        if out[0] is not node:  # the new name found the other node of the inode
+            self._peer_changed(out[0])
         return out
 
     def tmpfile(self, parent: Node, mode: int, flags: int, caller: Caller) -> tuple[Node, os.stat_result, int]:
@@ -297,7 +320,7 @@ class WritePath:
                 st = os.fstat(fd)
                 # the st_ino a lookup of its name will report (Overlay._st_ino: an upper
                 # object without an origin shows its own), so the link finds this node
-                key = ("real", st.st_dev, st.st_ino)
+                key = real_key(st.st_dev, st.st_ino)
                 node = self.inodes.add_unnamed(parent, st.st_mode, self.upper, st.st_ino, key, nfd)
             except BaseException:
                 os.close(nfd)
@@ -341,8 +364,7 @@ class WritePath:
         if is_dir:
             if not node.is_dir:
                 raise OSError(errno.ENOTDIR, "not a directory")
-            listing = self.stack.list_merged(node.layer_dirs(), True)
-            if listing:
+            if not self.stack.is_empty_dir(node.layer_dirs()):
                 raise OSError(errno.ENOTEMPTY, "directory not empty")
         elif node.is_dir:
             raise OSError(errno.EISDIR, "is a directory")
@@ -359,6 +381,8 @@ class WritePath:
             self._remove_real(pfd, name, is_dir)
         if is_dir:
             self.stack.dirfds.forget(copy.upper, rel)
+        elif in_upper:
+            self._peer_changed(node)  # one link fewer
         self.inodes.detach(parent, name)
 
     async def rename(self, parent: Node, name: bytes, newparent: Node, newname: bytes, flags: int) -> None:
@@ -399,7 +423,7 @@ class WritePath:
             # A target with lower content must be empty in the merged view; a pure-upper
             # one is left to the real rename (after the opaque marking below, as the kernel).
             dst_pure = dst.layer.is_upper and not dst.is_merged
-            if dst.is_dir and not dst_pure and self.stack.list_merged(dst.layer_dirs(), True):
+            if dst.is_dir and not dst_pure and not self.stack.is_empty_dir(dst.layer_dirs()):
                 raise OSError(errno.ENOTEMPTY, "target not empty")
         await copy.ensure_upper(src, "rename")
         if exchange:
@@ -436,6 +460,11 @@ class WritePath:
         if self.stack.aufs and not exchange:
             self._drop_upper_marker(npfd, newname, False, new_path)
         self.trace.emit("rename", path=old_path, target=new_path, exchange=exchange)
+        if parent is not newparent:  # ovl_rename: an object with an origin into another dir
+            if has_origin(src.fd, self.names):
+                set_impure(npfd, self.names)
+            if exchange and dst is not None and has_origin(dst.fd, self.names):
+                set_impure(opfd, self.names)
         if real_flags == _sys.RENAME_WHITEOUT:
             self.trace.emit("whiteout_create", path=old_path)
         elif not exchange and real_flags == _sys.RENAME_EXCHANGE:  # a whiteout was at the new name
@@ -448,6 +477,8 @@ class WritePath:
         if dst is not None and dst.is_dir:
             self.stack.dirfds.forget(copy.upper, dst.relpath())
         self.inodes.move(src, parent, name, newparent, newname, exchange=dst if exchange else None)
+        if dst is not None and not exchange and not dst.is_dir:
+            self._peer_changed(dst)  # one link fewer
 
     # --- attributes and data ------------------------------------------------------------------
 
@@ -495,6 +526,7 @@ class WritePath:
             self.owners.after_chmod(path, follow, changes["mode"])
         if "atime_ns" in changes or "mtime_ns" in changes:
             _sys.futimens_fd(fd, changes.get("atime_ns"), changes.get("mtime_ns"))
+        self._peer_changed(node)
         return self.view.getattr(node)
 
     def write(self, fh: int, offset: int, data: bytes | memoryview) -> int:
@@ -502,9 +534,9 @@ class WritePath:
         assert isinstance(h, OpenFile)
         if h.unused_copy_up is not None:
             h.unused_copy_up = None
-        if h.flags & os.O_APPEND:
-            return os.write(h.fd, data)
-        return os.pwrite(h.fd, data, offset)
+        n = os.write(h.fd, data) if h.flags & os.O_APPEND else os.pwrite(h.fd, data, offset)
+        self._peer_changed(h.node)  # its size and mtime
+        return n
 
     def _data_handle(self, fh: int) -> OpenFile:
         h = self.handles[fh]
@@ -520,6 +552,7 @@ class WritePath:
         h = self._data_handle(fh)
         h.unused_copy_up = None
         _sys.fallocate(h.fd, mode, offset, length)
+        self._peer_changed(h.node)
 
     async def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:
         """``fallocate_now`` in a thread: preallocating or zeroing a large range (on a slow
@@ -537,7 +570,9 @@ class WritePath:
             raise OSError(errno.EINVAL, "copy_file_range takes no flags")
         src, dst = self._data_handle(fh_in), self._data_handle(fh_out)
         dst.unused_copy_up = None
-        return _sys.copy_range(src.fd, off_in, dst.fd, off_out, length)
+        n = _sys.copy_range(src.fd, off_in, dst.fd, off_out, length)
+        self._peer_changed(dst.node)
+        return n
 
     async def copy_file_range(self, fh_in: int, off_in: int, fh_out: int, off_out: int, length: int, flags: int) -> int:
         """``copy_file_range_now`` in a thread: a large copy must not stall other requests."""
@@ -554,6 +589,23 @@ class WritePath:
         if isinstance(h, OpenFile) and not self.volatile:  # volatile: fsync is a no-op, as ovl_fsync
             await trio.to_thread.run_sync(os.fdatasync if datasync else os.fsync, h.fd)
 
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        """fsync of a directory: the upper directory is synced, in a worker thread, as the
+        kernel's ``ovl_dir_fsync`` does (a program that fsyncs a directory after creating
+        or renaming in it wants the entry durable); nothing for a directory with no upper
+        part, nor with ``-o volatile``."""
+        h = self.handles[fh]
+        if not isinstance(h, DirHandle) or self.volatile:
+            return
+        node = h.node
+        if not node.layer.is_upper or node.fd < 0:
+            return
+        fd = _sys.reopen(node.fd, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            await trio.to_thread.run_sync(os.fdatasync if datasync else os.fsync, fd)
+        finally:
+            os.close(fd)
+
     # --- xattrs -------------------------------------------------------------------------------
 
     async def setxattr(self, node: Node, name: str, value: bytes, flags: int = 0) -> None:
@@ -567,6 +619,7 @@ class WritePath:
             h.unused_copy_up = None
         p, follow = _sys.fd_xattr_path(node.fd)
         os.setxattr(p, self.names.to_real(name), value, flags, follow_symlinks=follow)
+        self._peer_changed(node)
 
     async def removexattr(self, node: Node, name: str) -> None:
         copy = self.copy
@@ -576,6 +629,7 @@ class WritePath:
             h.unused_copy_up = None
         p, follow = _sys.fd_xattr_path(node.fd)
         os.removexattr(p, self.names.to_real(name), follow_symlinks=follow)
+        self._peer_changed(node)
 
 
 def _child(parent: Node, name: bytes) -> bytes:

@@ -137,7 +137,7 @@ def test_init_negotiation_sets_init_ext_and_flags2():
 def test_unknown_and_unneeded_opcodes_answer_enosys_and_destroy_ends():
     s, r, w = _session()
     try:
-        for unique, opcode in ((1, 9999), (2, p.FLUSH), (3, p.FSYNCDIR), (4, p.GETLK)):
+        for unique, opcode in ((1, 9999), (2, p.FLUSH), (3, p.BMAP), (4, p.GETLK)):
             assert s._handle(_request(opcode, unique, bytes(16)))
             assert p.OUT_HEADER.unpack(os.read(r, 4096)) == (16, -errno.ENOSYS, unique)
         assert s._handle(_request(p.INTERRUPT, 5, p.INTERRUPT_IN.pack(4)))  # no reply

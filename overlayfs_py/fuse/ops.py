@@ -146,6 +146,7 @@ class Ops:
             p.RENAME2: self.rename2,
             p.SETATTR: self.setattr,
             p.FSYNC: self.fsync,
+            p.FSYNCDIR: self.fsyncdir,
             p.SETXATTR: self.setxattr,
             p.REMOVEXATTR: self.removexattr,
             p.FALLOCATE: self.fallocate,
@@ -450,6 +451,11 @@ class Ops:
     async def fsync(self, req: Request) -> bytes:
         fh, fsync_flags, _pad = p.FSYNC_IN.unpack_from(req.body)
         await self.writes.fsync(fh, bool(fsync_flags & 1))
+        return b""
+
+    async def fsyncdir(self, req: Request) -> bytes:
+        fh, fsync_flags, _pad = p.FSYNC_IN.unpack_from(req.body)
+        await self.writes.fsyncdir(fh, bool(fsync_flags & 1))
         return b""
 
     def release(self, req: Request) -> bytes:

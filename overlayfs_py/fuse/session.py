@@ -66,7 +66,7 @@ _TRACED = frozenset(
 )
 
 #: answered ENOSYS on purpose: the kernel then stops sending them (fc->no_flush, ...)
-_NOT_NEEDED = frozenset((p.FLUSH, p.FSYNCDIR))
+_NOT_NEEDED = frozenset((p.FLUSH,))
 
 #: how long the loop waits for a request in poll(2) itself, while no task of its own is
 #: running, before it hands the wait to trio (trio's other tasks, the trace sink and the
@@ -351,7 +351,7 @@ class Session:
         elif opcode == p.DESTROY:
             self.reply(unique, b"")
             return False
-        else:  # FLUSH, FSYNCDIR on purpose (_NOT_NEEDED); the rest: not served
+        else:  # FLUSH on purpose (_NOT_NEEDED); the rest: not served
             self.reply_error(unique, errno.ENOSYS)
         return True
 
