@@ -594,6 +594,8 @@ class WritePath:
         kernel's ``ovl_dir_fsync`` does (a program that fsyncs a directory after creating
         or renaming in it wants the entry durable); nothing for a directory with no upper
         part, nor with ``-o volatile``."""
+        import trio
+
         h = self.handles[fh]
         if not isinstance(h, DirHandle) or self.volatile:
             return
