@@ -37,6 +37,7 @@ ENGINES = ("direct", "pyfuse3")
 REPO = Path(__file__).resolve().parent.parent
 
 NAME_MAX = 255
+PATH_MAX = 4096  # with the NUL
 LONG = 200  # bytes per level of the deep trees
 DEPTH = 32  # levels: 32 * 201 bytes, well past PATH_MAX
 
@@ -341,16 +342,32 @@ def _diff_cli(upper: Path, lowers: list[Path]) -> subprocess.CompletedProcess:
     )
 
 
-def test_deep_lower_trees(engine, tmp_path):
+def _explain_cli(mnt: Path, path: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "pyoverlay_cli", "explain", "--json", str(mnt), path],
+        cwd=REPO,
+        env=mounts.pyoverlay_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_deep_lower_trees(engine, tmp_path, monkeypatch):
     """Lowers holding trees deeper than PATH_MAX: listing, whiteouts and opaque dirs deep
     down, copy-up of a deep file and of a deep directory chain, renames; then ``pyoverlay
     diff`` and ``explain`` on both uppers agree and do not fail."""
+    monkeypatch.setenv("PYOVERLAY_STATE_DIR", str(tmp_path / "state"))
 
     def ops(m: Path, rec) -> None:
         rec.child("deep", _deep_lower_ops, cwd=m, timeout=300)
         rec.child("side", _side_chain_ops, cwd=m, timeout=300)
 
-    run = run_pair(tmp_path, _lower_layers(), ops, remount=True)
+    def after(m: Path, sr) -> None:
+        if sr.impl == "subject":  # pyoverlay explain of the live mount
+            sr.extra["explain"] = {p: _explain_cli(m, "/" + DEEP + p) for p in ("/both", "/bottom")}
+
+    run = run_pair(tmp_path, _lower_layers(), ops, remount=True, after=after)
     run.assert_results()
     deep = run.k.results["deep"]
     assert deep["lstat wh"] == "ERR:ENOENT" and deep["ls opq"] == ["mine"] and deep["ls ldir"] == []
@@ -372,6 +389,11 @@ def test_deep_lower_trees(engine, tmp_path):
         assert want in changes, want
     assert ("D", "/" + SIDE + "/gone") in changes and ("C", "/" + SIDE) in changes
 
+    for p, r in run.s.extra["explain"].items():
+        assert r.returncode == 0 and r.stderr == "", (p, r.stderr)
+    assert json.loads(run.s.extra["explain"]["/both"].stdout)["missing"]["how"] == "whiteout"
+    assert json.loads(run.s.extra["explain"]["/bottom"].stdout)["copied_up"] is True
+
     # explain a deep whiteout and a deep copied-up file in the subject's upper
     s = run.s.side
     ex = explain(str(s.upper), [str(p) for p in s.lowers], "/" + DEEP + "/both")
@@ -387,6 +409,80 @@ def test_deep_lower_trees_removed_bottom_up(engine, tmp_path):
     run = run_pair(tmp_path, _lower_layers(), ops, remount=True)
     run.assert_results()
     assert run.k.results["remove"]["ls root"] == []
+    run.assert_view()
+    run.assert_upper()
+    run.assert_workdirs()
+    run.assert_remount_stable()
+
+
+# --------------------------------------------------------------------------
+# pjdfstest's PATH_MAX cases (mkdir/03.t, rmdir/03.t, ...), from a test dir
+# --------------------------------------------------------------------------
+
+
+def dirgen_max(complen: int = NAME_MAX // 2) -> str:
+    """pjdfstest's ``dirgen_max``: a relative path of PATH_MAX - 1 bytes made of
+    components of *complen* bytes (the last one cut short)."""
+    comps, total, i = [], 0, 0
+    while total < PATH_MAX - 1:
+        c = (f"c{i:04d}" * complen)[:complen]
+        comps.append(c)
+        total += complen + 1
+        i += 1
+    name = "/".join(comps)[: PATH_MAX - 1]
+    return name[:-1] + "x" if name.endswith("/") else name
+
+
+def _path_max_calls() -> dict:
+    """Whole paths of PATH_MAX - 1 bytes given to each call (from a directory inside the
+    mount, so the path in the layer is longer still), and of PATH_MAX (ENAMETOOLONG)."""
+    st = Steps()
+    os.mkdir("fstest_dir")
+    os.chdir("fstest_dir")
+    nx = dirgen_max()
+    nxx = nx + "x"
+    assert len(nx) == PATH_MAX - 1
+    parent = nx.rpartition("/")[0]
+    done = ""
+    for comp in parent.split("/"):
+        done = f"{done}/{comp}" if done else comp
+        os.mkdir(done)
+    st("mkdir nx", os.mkdir, nx, 0o755)  # mkdir/03.t
+    st("stat nx", os.lstat, nx)
+    st("rmdir nx", os.rmdir, nx)  # rmdir/03.t
+    st("mkdir nxx", os.mkdir, nxx, 0o755)
+    st("rmdir nxx", os.rmdir, nxx)
+    st("create nx", _write, nx, b"x")  # open/03.t
+    st("create nxx", _write, nxx, b"x")
+    st("chmod nx", os.chmod, nx, 0o600)  # chmod/03.t
+    st("chown nx", os.chown, nx, 65534, 65533)  # chown/03.t
+    st("truncate nx", os.truncate, nx, 123)  # truncate/03.t
+    st("stat nx file", os.lstat, nx)
+    st("link nx -> short", os.link, nx, "lnk")  # link/03.t
+    st("link short -> nxx", os.link, "lnk", nxx)
+    st("rename nx -> short", os.rename, nx, "ren")  # rename/02.t
+    st("rename short -> nx", os.rename, "ren", nx)
+    st("rename short -> nxx", os.rename, "lnk", nxx)
+    st("unlink nx", os.unlink, nx)  # unlink/03.t
+    st("unlink nxx", os.unlink, nxx)
+    st("symlink nx", os.symlink, "target", nx)  # symlink/03.t
+    st("readlink nx", os.readlink, nx)
+    st("unlink symlink nx", os.unlink, nx)
+    st("mkfifo nx", os.mkfifo, nx)  # mkfifo/03.t
+    st("unlink fifo nx", os.unlink, nx)
+    os.chdir("..")
+    _rm_below(st, "all")
+    return st.out
+
+
+def test_pjdfstest_path_max_cases(engine, tmp_path):
+    def ops(m: Path, rec) -> None:
+        rec.child("calls", _path_max_calls, cwd=m, timeout=300)
+
+    run = run_pair(tmp_path, [{"x": F(b"x\n")}], ops, remount=True)
+    run.assert_results()
+    calls = run.k.results["calls"]
+    assert calls["mkdir nx"] == calls["rmdir nx"] == "OK" and calls["mkdir nxx"] == "ERR:ENAMETOOLONG"
     run.assert_view()
     run.assert_upper()
     run.assert_workdirs()
