@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 
 from helpers import mounts
+from helpers.snapshot import diff_snapshots, format_diff
 from helpers.stacks import OPQ, T0, T1, WH, D, F
 from helpers.writeops import run_pair
 from overlayfs_py import _sys
@@ -50,6 +51,16 @@ def level(i: int, c: str = "d") -> str:
 
 def chain(depth: int, c: str = "d") -> str:
     return "/".join(level(i, c) for i in range(depth))
+
+
+def assert_kernel_reads_subject_upper(run) -> None:
+    """The kernel, mounting the upper pyoverlay wrote (fresh workdir), shows what it shows
+    over the upper it wrote itself (both after the run)."""
+    side = run.s.side
+    with side.mount("kernel", workdir=side.fresh_workdir()) as m:
+        got = side.view(m)
+    d = diff_snapshots(run.k.remount_view, got, a_name="kernel-upper", b_name="kernel-over-pyoverlay-upper")
+    assert not d, format_diff(d, "the kernel reads pyoverlay's upper differently:")
 
 
 @pytest.fixture(params=ENGINES)
@@ -163,6 +174,16 @@ def _build_through_mount() -> dict:
     st("ls ..", _ls, "..")
     st("read ../sub2/x", _read, "../sub2/x")
     _name_limits(st, "deep")
+    # rm -r (fts, *at calls) of a deep subtree made below the bottom
+    os.mkdir("rmme")
+    os.chdir("rmme")
+    for i in range(20):
+        os.mkdir(level(i, "r"))
+        os.chdir(level(i, "r"))
+        _write("f", b"f")
+    os.chdir("/".join([".."] * 21))
+    st("rm -r rmme", lambda: subprocess.run(["rm", "-r", "rmme"], capture_output=True).returncode)
+    st("lstat rmme", os.lstat, "rmme")
     # a sibling chain of short names, deeper than PATH_MAX by many more levels
     short = [f"{i % 100:02d}" for i in range(1400)]  # 1400 * 3 bytes
     for n in short:
@@ -214,10 +235,12 @@ def test_tree_built_through_the_mount(engine, tmp_path):
     built = run.k.results["build"]
     assert isinstance(built, dict) and not [k for k, v in built.items() if v == "ERR:ENAMETOOLONG" and "256" not in k]
     assert built["deep create 256"] == "ERR:ENAMETOOLONG" and built["deep create 255"] == 4
+    assert built["rm -r rmme"] == 0 and built["lstat rmme"] == "ERR:ENOENT"
     run.assert_view()
     run.assert_upper()
     run.assert_workdirs()
     run.assert_remount_stable()
+    assert_kernel_reads_subject_upper(run)
 
 
 def test_rename_near_the_top_and_removal_bottom_up(engine, tmp_path):
@@ -236,6 +259,7 @@ def test_rename_near_the_top_and_removal_bottom_up(engine, tmp_path):
     run.assert_upper()
     run.assert_workdirs()
     run.assert_remount_stable()
+    assert_kernel_reads_subject_upper(run)
 
 
 def _build_chain() -> dict:
@@ -268,6 +292,8 @@ def _lower_layers():
     l2 = {
         DEEP + "/bottom": F(b"in l2\n", mode=0o640, uid=1234, gid=5678, mtime_ns=T0, xattrs={"user.k": b"v"}),
         DEEP + "/both": F(b"hidden\n"),
+        DEEP + "/xa": F(b"gets an xattr\n", mtime_ns=T0),
+        DEEP + "/lk": F(b"gets a hard link\n", mtime_ns=T0),
         DEEP + "/wh": F(b"hidden by a whiteout\n"),
         DEEP + "/opq/theirs": F(b"hidden by opaque\n"),
         DEEP + "/ldir": D(mode=0o750, uid=1234, mtime_ns=T0),  # lower-only, empty
@@ -291,6 +317,10 @@ def _deep_lower_ops() -> dict:
     st("append bottom (copy-up)", _write, "bottom", b"more\n", os.O_APPEND)
     st("read bottom again", _read, "bottom")
     st("getxattr bottom", os.getxattr, "bottom", "user.k")
+    st("setxattr xa (copy-up)", os.setxattr, "xa", "user.n", b"1")
+    st("getxattr xa", os.getxattr, "xa", "user.n")
+    st("link lk -> lk2 (copy-up)", os.link, "lk", "lk2")
+    st("lstat lk2", os.lstat, "lk2")
     st("unlink both (whiteout)", os.unlink, "both")
     st("rmdir ldir (whiteout)", os.rmdir, "ldir")
     st("rmdir ldir2 (not empty)", os.rmdir, "ldir2")
@@ -372,10 +402,13 @@ def test_deep_lower_trees(engine, tmp_path, monkeypatch):
     deep = run.k.results["deep"]
     assert deep["lstat wh"] == "ERR:ENOENT" and deep["ls opq"] == ["mine"] and deep["ls ldir"] == []
     assert deep["read bottom again"] == b"in l2\nmore\n"
+    assert deep["getxattr xa"] == b"1" and deep["link lk -> lk2 (copy-up)"] == "OK"
+    assert deep["rmdir ldir2"] == "OK" and deep["lstat lk2"]["nlink"] == 2
     run.assert_view()
     run.assert_upper()
     run.assert_workdirs()
     run.assert_remount_stable()
+    assert_kernel_reads_subject_upper(run)
 
     # pyoverlay diff on the upper each side wrote: the same changes, none lost to depth
     got = {}
@@ -413,6 +446,7 @@ def test_deep_lower_trees_removed_bottom_up(engine, tmp_path):
     run.assert_upper()
     run.assert_workdirs()
     run.assert_remount_stable()
+    assert_kernel_reads_subject_upper(run)
 
 
 # --------------------------------------------------------------------------
@@ -487,6 +521,7 @@ def test_pjdfstest_path_max_cases(engine, tmp_path):
     run.assert_upper()
     run.assert_workdirs()
     run.assert_remount_stable()
+    assert_kernel_reads_subject_upper(run)
 
 
 # --------------------------------------------------------------------------
