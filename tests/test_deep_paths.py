@@ -610,3 +610,39 @@ def test_explain_and_diff_never_fail_on_depth_in_process(tmp_path):
     assert not ex.exists and ex.missing["how"] == "whiteout"
     ex = explain(str(tmp_path / "up"), [str(tmp_path / "l1")], "/" + DEEP + "/f")
     assert ex.exists and ex.served.label == "upper"
+
+
+def test_dir_fd_cache_at_any_depth(tmp_path):
+    """``LayerStack.dir_fd`` reaches every level of a deep layer: walking down (the parent's
+    fd cached), jumping straight to the bottom (nothing cached: in pieces), after the cache
+    forgot an ancestor, and with a cache too small to keep the parents."""
+    from helpers.stacks import build_layer
+    from helpers.writeops import open_rel
+    from overlayfs_py.layers import DirFdCache, LayerStack
+    from overlayfs_py.whiteout import XattrNames
+
+    build_layer(tmp_path / "l", {DEEP + "/f": F(b"f\n")})
+    comps = DEEP.encode().split(b"/")
+    paths = [b"/".join(comps[: i + 1]) for i in range(len(comps))]
+    want = {}
+    for p in paths:
+        fd = open_rel(tmp_path / "l", os.fsdecode(p), os.O_PATH | os.O_DIRECTORY)
+        want[p] = os.fstat(fd).st_ino
+        os.close(fd)
+
+    def check(stack, order):
+        layer = stack.layers[0]
+        for p in order:
+            assert os.fstat(stack.dir_fd(layer, p)).st_ino == want[p], len(p)
+            assert stack.lstat(layer, p + b"/f" if p == paths[-1] else p).st_ino > 0
+
+    stack = LayerStack([str(tmp_path / "l")], None, XattrNames())
+    try:
+        check(stack, paths)  # downwards: each long one from its parent's fd
+        stack.dirfds.forget(stack.layers[0], paths[3])  # drops everything below level 3
+        check(stack, [paths[-1], paths[-2], paths[10]])  # nothing cached above: in pieces
+        stack.dirfds.close()
+        stack.dirfds = DirFdCache(capacity=2)  # parents evicted all the time
+        check(stack, paths + paths[::-1])
+    finally:
+        stack.close()
