@@ -484,6 +484,7 @@ def _path_max_calls() -> dict:
     st("mkdir nx", os.mkdir, nx, 0o755)  # mkdir/03.t
     st("stat nx", os.lstat, nx)
     st("rmdir nx", os.rmdir, nx)  # rmdir/03.t
+    st("rmdir nx again", os.rmdir, nx)
     st("mkdir nxx", os.mkdir, nxx, 0o755)
     st("rmdir nxx", os.rmdir, nxx)
     st("create nx", _write, nx, b"x")  # open/03.t
@@ -517,6 +518,7 @@ def test_pjdfstest_path_max_cases(engine, tmp_path):
     run.assert_results()
     calls = run.k.results["calls"]
     assert calls["mkdir nx"] == calls["rmdir nx"] == "OK" and calls["mkdir nxx"] == "ERR:ENAMETOOLONG"
+    assert calls["stat nx"]["mode"] == "0o40755" and calls["rmdir nx again"] == "ERR:ENOENT"
     run.assert_view()
     run.assert_upper()
     run.assert_workdirs()
