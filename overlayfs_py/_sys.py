@@ -451,18 +451,40 @@ O_TMPFILE = getattr(os, "O_TMPFILE", 0o20200000)
 def remove_tree_at(dir_fd: int, name: bytes) -> None:
     """Remove *name* in *dir_fd* and, for a directory, everything below it, without following
     a symlink and without opening anything but directories (O_PATH), so a FIFO or device
-    planted in the tree is only unlinked."""
+    planted in the tree is only unlinked. Any depth: no recursion, one directory fd open at
+    a time; going back up reopens the parent beneath *dir_fd* (``openat2``)."""
     st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
     if not stat.S_ISDIR(st.st_mode):
         os.unlink(name, dir_fd=dir_fd)
         return
+    path = [name]  # the directory being emptied, from dir_fd
     fd = openat2(dir_fd, name, DIR_FLAGS)
     try:
-        for child, _kind in listdir_fd(fd):
-            remove_tree_at(fd, child)
+        todo = [[child for child, _kind in listdir_fd(fd)]]  # names left, per level of path
+        while True:
+            if todo[-1]:
+                child = todo[-1].pop()
+                if stat.S_ISDIR(os.stat(child, dir_fd=fd, follow_symlinks=False).st_mode):
+                    nfd = openat2(fd, child, DIR_FLAGS)
+                    os.close(fd)
+                    fd = nfd
+                    path.append(child)
+                    todo.append([c for c, _kind in listdir_fd(fd)])
+                else:
+                    os.unlink(child, dir_fd=fd)
+                continue
+            os.close(fd)  # empty now: remove it from its parent
+            fd = -1
+            last = path.pop()
+            todo.pop()
+            if not path:
+                os.rmdir(last, dir_fd=dir_fd)
+                return
+            fd = openat2(dir_fd, b"/".join(path), DIR_FLAGS)
+            os.rmdir(last, dir_fd=fd)
     finally:
-        os.close(fd)
-    os.rmdir(name, dir_fd=dir_fd)
+        if fd >= 0:
+            os.close(fd)
 
 
 # --- mounts (the direct FUSE engine's mount(2) and umount2(2)) ---------------------------

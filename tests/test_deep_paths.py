@@ -648,3 +648,34 @@ def test_dir_fd_cache_at_any_depth(tmp_path):
         check(stack, paths + paths[::-1])
     finally:
         stack.close()
+
+
+def test_deep_leftover_in_work_is_removed_at_mount(tmp_path):
+    """A leftover tree in work/ deeper than Python's recursion limit and than PATH_MAX (a
+    symlink and a FIFO at the bottom) is removed at mount, nothing followed: the mount used
+    to fail with "maximum recursion depth exceeded". (The kernel removes at most two levels
+    of work/ leftovers; with more it cannot clean work/ and mounts read-only: pyoverlay has
+    always removed every leftover, and now does at any depth.)"""
+    lower, upper, work, mnt = (tmp_path / n for n in ("l1", "upper", "work", "mnt"))
+    for d in (lower, upper, work / "work"):
+        d.mkdir(parents=True)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep").write_bytes(b"keep\n")
+    fd = os.open(work / "work", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for i in range(2500):
+            os.mkdir(b"x" if i % 2 else b"yy", dir_fd=fd)
+            nfd = os.open(b"x" if i % 2 else b"yy", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            if i % 100 == 0:
+                os.close(os.open(b"f", os.O_CREAT | os.O_WRONLY, 0o600, dir_fd=nfd))
+            os.close(fd)
+            fd = nfd
+        os.symlink(os.fspath(outside), b"link", dir_fd=fd)
+        os.mkfifo(b"fifo", dir_fd=fd)
+    finally:
+        os.close(fd)
+    with mounts.PyoverlayMount([lower], mnt, upper=upper, workdir=work, log_path=tmp_path / "log") as m:
+        assert os.listdir(work / "work") == [], m.log_tail()
+        (mnt / "new").write_bytes(b"new\n")
+    assert (outside / "keep").read_bytes() == b"keep\n" and (upper / "new").read_bytes() == b"new\n"
