@@ -679,3 +679,52 @@ def test_deep_leftover_in_work_is_removed_at_mount(tmp_path):
         assert os.listdir(work / "work") == [], m.log_tail()
         (mnt / "new").write_bytes(b"new\n")
     assert (outside / "keep").read_bytes() == b"keep\n" and (upper / "new").read_bytes() == b"new\n"
+
+
+SHORT_DEPTH = 2000  # one-byte names: past PATH_MAX and past Python's default recursion limit
+SHORT = "/".join(["s"] * SHORT_DEPTH)
+SHORT_MID = "/".join(["s"] * (SHORT_DEPTH // 2))
+
+
+def _short_chain_ops() -> dict:
+    """Copy-up of a 2,000-level lower chain from its bottom, then removal bottom-up."""
+    st = Steps()
+    _down(["s"] * SHORT_DEPTH)
+    st("append f (copy-up of the chain)", _write, "f", b"more\n", os.O_APPEND)
+    st("chmod .", os.chmod, ".", 0o700)
+    st("unlink g", os.unlink, "g")
+    st("mkdir new", os.mkdir, "new")
+    st("ls bottom", _ls)
+    st("rename f -> ../../f2", os.rename, "f", "../../f2")
+    st("rmdir new", os.rmdir, "new")
+    for i in range(SHORT_DEPTH):
+        os.chdir("..")
+        for n in _ls():
+            if n != "s":
+                st(f"unlink {i} {n}", os.unlink, n)
+        st(f"rmdir {i}", os.rmdir, "s")
+    st("ls top", _ls)
+    return st.out
+
+
+def test_lower_chain_deeper_than_the_recursion_limit(engine, tmp_path):
+    """A lower-only chain of 2,000 one-byte levels (merged with the top lower for the first
+    1,000): copy-up of the whole chain from the bottom (it used to fail EIO with the pyfuse3
+    engine: the ancestors were copied up by recursion), then removal level by level."""
+
+    def ops(m: Path, rec) -> None:
+        rec.child("chain", _short_chain_ops, cwd=m, timeout=600)
+
+    layers = [
+        {SHORT_MID + "/mid": F(b"mid\n", mtime_ns=T0)},
+        {SHORT + "/f": F(b"f\n", mtime_ns=T0), SHORT + "/g": F(b"g\n", mtime_ns=T0), "top": F(b"top\n")},
+    ]
+    run = run_pair(tmp_path, layers, ops, remount=True)
+    run.assert_results()
+    chain_results = run.k.results["chain"]
+    assert chain_results["append f (copy-up of the chain)"] == 5 and chain_results["ls top"] == []
+    run.assert_view()
+    run.assert_upper()
+    run.assert_workdirs()
+    run.assert_remount_stable()
+    assert_kernel_reads_subject_upper(run)
