@@ -6,6 +6,10 @@ RESOLVE_NO_XDEV`` relative to the layer's root fd, and the last component is
 always handled with ``AT_SYMLINK_NOFOLLOW`` / ``O_NOFOLLOW``. A layer is
 untrusted input: a symlink in it is data to return, not a path to walk.
 
+A tree may be deeper than one path walk can go (PATH_MAX, 4096 bytes with the NUL): a
+longer path is walked in pieces, each one openat2 call under the same rules from the
+directory the piece before reached (``openat2`` below), so depth has no limit.
+
 Functions raise plain :class:`OSError`; callers decide what an errno means.
 """
 
@@ -41,7 +45,11 @@ RENAME_WHITEOUT = 4
 
 O_PATH = getattr(os, "O_PATH", 0o10000000)
 DIR_FLAGS = O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+RESOLVE_IN_ROOT = 0x10
 _RESOLVE = RESOLVE_NO_SYMLINKS | RESOLVE_BENEATH | RESOLVE_NO_XDEV | RESOLVE_NO_MAGICLINKS
+_PIECEWISE = RESOLVE_NO_SYMLINKS | RESOLVE_BENEATH  # a walk that may be cut at any "/"
+
+PATH_MAX = 4096  # the kernel's limit for one path argument, the NUL included
 
 
 class _OpenHow(ctypes.Structure):
@@ -49,7 +57,14 @@ class _OpenHow(ctypes.Structure):
 
 
 def openat2(dir_fd: int, path: bytes, flags: int, mode: int = 0, resolve: int = _RESOLVE) -> int:
-    """``openat2(2)``: open *path* beneath *dir_fd* without following any symlink."""
+    """``openat2(2)``: open *path* beneath *dir_fd* without following any symlink.
+
+    A *path* of PATH_MAX bytes or more (a deep tree) is opened piece by piece when the
+    walk follows no symlink and stays beneath its start (*resolve* has RESOLVE_BENEATH and
+    RESOLVE_NO_SYMLINKS): the same walk, component for component, in calls the kernel
+    accepts. Otherwise the kernel's ENAMETOOLONG stands."""
+    if len(path) >= PATH_MAX and resolve & _PIECEWISE == _PIECEWISE and not resolve & RESOLVE_IN_ROOT:
+        return _openat2_pieces(dir_fd, path, flags, mode, resolve)
     how = _OpenHow(flags, mode, resolve)
     while True:
         fd = _libc.syscall(SYS_openat2, dir_fd, path, ctypes.byref(how), ctypes.sizeof(how))
@@ -58,6 +73,40 @@ def openat2(dir_fd: int, path: bytes, flags: int, mode: int = 0, resolve: int = 
         err = ctypes.get_errno()
         if err != errno.EINTR and err != errno.EAGAIN:
             raise OSError(err, os.strerror(err), os.fsdecode(path))
+
+
+def path_pieces(path: bytes, limit: int = PATH_MAX - 1) -> list[bytes]:
+    """*path* cut at "/" into pieces of at most *limit* bytes (a single component longer
+    than that stays whole: the kernel answers ENAMETOOLONG for it)."""
+    pieces = []
+    start, n = 0, len(path)
+    while n - start > limit:
+        cut = path.rfind(b"/", start + 1, start + limit + 1)
+        if cut < 0:
+            cut = path.find(b"/", start + limit + 1)
+            if cut < 0:
+                break
+        pieces.append(path[start:cut])
+        start = cut + 1
+    pieces.append(path[start:])
+    return pieces
+
+
+def _openat2_pieces(dir_fd: int, path: bytes, flags: int, mode: int, resolve: int) -> int:
+    """``openat2`` of a path too long for one call: every piece but the last opened as a
+    directory (O_PATH, O_NOFOLLOW) under *resolve*, from the fd the piece before gave."""
+    pieces = path_pieces(path)
+    fd, owned = dir_fd, -1
+    try:
+        for piece in pieces[:-1]:
+            nfd = openat2(fd, piece, DIR_FLAGS, 0, resolve)
+            if owned >= 0:
+                os.close(owned)
+            fd = owned = nfd
+        return openat2(fd, pieces[-1], flags, mode, resolve)
+    finally:
+        if owned >= 0:
+            os.close(owned)
 
 
 def open_dir(dir_fd: int, relpath: bytes) -> int:
@@ -403,18 +452,40 @@ O_TMPFILE = getattr(os, "O_TMPFILE", 0o20200000)
 def remove_tree_at(dir_fd: int, name: bytes) -> None:
     """Remove *name* in *dir_fd* and, for a directory, everything below it, without following
     a symlink and without opening anything but directories (O_PATH), so a FIFO or device
-    planted in the tree is only unlinked."""
+    planted in the tree is only unlinked. Any depth: no recursion, one directory fd open at
+    a time; going back up reopens the parent beneath *dir_fd* (``openat2``)."""
     st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
     if not stat.S_ISDIR(st.st_mode):
         os.unlink(name, dir_fd=dir_fd)
         return
+    path = [name]  # the directory being emptied, from dir_fd
     fd = openat2(dir_fd, name, DIR_FLAGS)
     try:
-        for child, _kind in listdir_fd(fd):
-            remove_tree_at(fd, child)
+        todo = [[child for child, _kind in listdir_fd(fd)]]  # names left, per level of path
+        while True:
+            if todo[-1]:
+                child = todo[-1].pop()
+                if stat.S_ISDIR(os.stat(child, dir_fd=fd, follow_symlinks=False).st_mode):
+                    nfd = openat2(fd, child, DIR_FLAGS)
+                    os.close(fd)
+                    fd = nfd
+                    path.append(child)
+                    todo.append([c for c, _kind in listdir_fd(fd)])
+                else:
+                    os.unlink(child, dir_fd=fd)
+                continue
+            os.close(fd)  # empty now: remove it from its parent
+            fd = -1
+            last = path.pop()
+            todo.pop()
+            if not path:
+                os.rmdir(last, dir_fd=dir_fd)
+                return
+            fd = openat2(dir_fd, b"/".join(path), DIR_FLAGS)
+            os.rmdir(last, dir_fd=fd)
     finally:
-        os.close(fd)
-    os.rmdir(name, dir_fd=dir_fd)
+        if fd >= 0:
+            os.close(fd)
 
 
 # --- mounts (the direct FUSE engine's mount(2) and umount2(2)) ---------------------------

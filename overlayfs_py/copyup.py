@@ -159,7 +159,23 @@ class CopyUp:
 
     async def ensure_upper(self, node: Node, reason: str) -> bool:
         """Make *node* an upper object. Returns True if this call copied it up.
-        *reason* says why, for the trace (open-for-write, chmod, rename, ...)."""
+        *reason* says why, for the trace (open-for-write, chmod, rename, ...).
+
+        The lower ancestors go first, top down, in a loop: a chain may be deeper than
+        Python's recursion limit (a tree deeper than PATH_MAX)."""
+        if node.layer.is_upper:
+            return False
+        chain = []
+        n = node.parent
+        while n is not None and not n.layer.is_upper:
+            chain.append(n)
+            n = n.parent
+        for d in reversed(chain):
+            await self._ensure_one(d, "parent")
+        return await self._ensure_one(node, reason)
+
+    async def _ensure_one(self, node: Node, reason: str) -> bool:
+        """Copy up *node* alone, under its lock (its parent is upper by now)."""
         if node.layer.is_upper:
             return False
         import trio
@@ -171,8 +187,8 @@ class CopyUp:
             async with lock:
                 if node.layer.is_upper:  # another task finished it while we waited
                     return False
-                if node.parent is not None:
-                    await self.ensure_upper(node.parent, "parent")
+                if node.parent is not None and not node.parent.layer.is_upper:
+                    await self.ensure_upper(node.parent, "parent")  # moved meanwhile
                 if node.is_dir:
                     self._traced(node, reason, self._copy_up_dir)
                 else:

@@ -66,6 +66,8 @@ def join(parent: bytes, name: bytes) -> bytes:
 class DirFdCache:
     """A bounded LRU of O_PATH fds for directories inside layers, keyed by (layer index, relpath).
 
+    A miss is one ``openat2`` from the layer root; a path too long for one walk (PATH_MAX)
+    is opened from its parent's fd when that is cached, else in pieces (``_sys.openat2``).
     Returned fds are only valid until the next call into the cache: use them at once.
     """
 
@@ -81,7 +83,14 @@ class DirFdCache:
         if fd is not None:
             self._fds.move_to_end(key)
             return fd
-        fd = _sys.open_dir(layer.fd, relpath)
+        if len(relpath) < _sys.PATH_MAX:
+            fd = _sys.open_dir(layer.fd, relpath)  # one walk from the layer root
+        else:
+            # deeper than one walk may go: one component from the parent when its fd is
+            # here (the usual case, a tree walked downwards), else piece by piece
+            parent, _, name = relpath.rpartition(b"/")
+            pfd = self._fds.get((layer.index, parent))
+            fd = _sys.open_dir(layer.fd if pfd is None else pfd, relpath if pfd is None else name)
         self._fds[key] = fd
         if len(self._fds) > self.capacity:
             _, old = self._fds.popitem(last=False)

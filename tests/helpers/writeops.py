@@ -113,19 +113,50 @@ def errname(e: OSError) -> str:
 # --------------------------------------------------------------------------
 
 
+#: paths at least this long are reached one component at a time (``open_rel``)
+_LONG_PATH = 3000
+
+
+def open_rel(root, rel: str, flags: int = os.O_RDONLY | os.O_DIRECTORY) -> int:
+    """An fd of ``root/rel`` (a directory on the way is never a symlink followed: the
+    layers are built by the tests); a path too long for one call (a deep tree, longer
+    than PATH_MAX) is walked one component at a time."""
+    full = os.path.join(root, rel) if rel else os.fspath(root)
+    if len(full) < _LONG_PATH:
+        return os.open(full, flags | os.O_CLOEXEC)
+    fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    comps = rel.split("/")
+    try:
+        for i, comp in enumerate(comps):
+            last = i == len(comps) - 1
+            nfd = os.open(
+                comp, (flags if last else os.O_PATH | os.O_DIRECTORY) | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd
+            )
+            os.close(fd)
+            fd = nfd
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def walk_nofollow(root):
     """(relpath, lstat) of every object below ``root``, children after
     their dir, never following (nor resolving) a symlink: following one
-    would update its atime."""
+    would update its atime. Works at any depth (``open_rel``)."""
     stack = [""]
     while stack:
         rel = stack.pop()
-        with os.scandir(os.path.join(root, rel) if rel else root) as it:
-            for e in it:
-                r = os.path.join(rel, e.name) if rel else e.name
-                yield r, e.stat(follow_symlinks=False)
-                if e.is_dir(follow_symlinks=False):
-                    stack.append(r)
+        fd = open_rel(root, rel)
+        try:
+            with os.scandir(fd) as it:
+                for e in it:
+                    r = os.path.join(rel, e.name) if rel else e.name
+                    yield r, e.stat(follow_symlinks=False)
+                    if e.is_dir(follow_symlinks=False):
+                        stack.append(r)
+        finally:
+            os.close(fd)
 
 
 def _fix_times(root: Path, cutoff_ns: int, value_ns: int = T_BUILD) -> None:
@@ -134,8 +165,18 @@ def _fix_times(root: Path, cutoff_ns: int, value_ns: int = T_BUILD) -> None:
     children before parents."""
     items = sorted(walk_nofollow(root), key=lambda it: -it[0].count(os.sep))
     for rel, st in items:
-        if st.st_mtime_ns >= cutoff_ns:
-            os.utime(os.path.join(root, rel), ns=(value_ns, value_ns), follow_symlinks=False)
+        if st.st_mtime_ns < cutoff_ns:
+            continue
+        full = os.path.join(root, rel)
+        if len(full) < _LONG_PATH:
+            os.utime(full, ns=(value_ns, value_ns), follow_symlinks=False)
+        else:
+            parent, _, name = rel.rpartition("/")
+            pfd = open_rel(root, parent, os.O_PATH | os.O_DIRECTORY)
+            try:
+                os.utime(name, ns=(value_ns, value_ns), dir_fd=pfd, follow_symlinks=False)
+            finally:
+                os.close(pfd)
     st = os.lstat(root)
     if st.st_mtime_ns >= cutoff_ns:
         os.utime(root, ns=(value_ns, value_ns))
