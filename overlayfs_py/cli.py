@@ -267,7 +267,7 @@ def umount_cmd(merged, timeout):
     """Unmount MERGED (a pyoverlay mount) and wait for its server to exit."""
     from . import state
     from .mountinfo import mounts
-    from .unmount import UnmountError, unmount
+    from .unmount import UnmountError, try_unmount, unmount
 
     mp = _mountpoint_path(merged)
     try:
@@ -283,7 +283,15 @@ def umount_cmd(merged, timeout):
     try:
         unmount(mp)
     except UnmountError as e:
-        fail(f"cannot unmount {merged}: {e}")
+        # a mount whose server is gone (killed: its record stays) is dead for good (every
+        # call fails with ENOTCONN); busy, it is detached instead of left behind
+        if info is None or state.server_alive(info) or not try_unmount(mp, lazy=True):
+            fail(f"cannot unmount {merged}: {e}")
+        click.echo(
+            f"pyoverlay: {merged}: its server (pid {info['pid']}) is gone and the mount is busy:"
+            " detached it (it goes once no process uses it)",
+            err=True,
+        )
     if info is not None:
         if not _wait_exit(info["pid"], timeout):
             fail(f"server {info['pid']} of {merged} did not exit within {timeout:g}s")

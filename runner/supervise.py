@@ -20,7 +20,6 @@ import os
 import selectors
 import signal
 import time
-
 from collections.abc import Callable
 
 from .tty import PtyRelay, raw_mode

@@ -391,3 +391,25 @@ def test_edquot_needs_tmpfs_quota(tmp_path):
         subprocess.run(["umount", str(mp)], check=True)
         pytest.fail("this kernel has tmpfs quota: write the EDQUOT copy-up test (docs/semantics.md, Faults)")
     assert "usrquota" in r.stderr or r.returncode == 32, r.stderr
+
+
+def test_umount_detaches_a_busy_dead_mount(tmp_path):
+    """A process still inside the mount when its server was killed: ``pyoverlay umount``
+    cannot unmount (EBUSY) and detaches it (the server is gone: it can never serve again),
+    saying so; the mount is gone from the namespace at once."""
+    lower, upper, workdir = tmp_path / "lower", tmp_path / "upper", tmp_path / "workdir"
+    for d in (lower, upper, workdir):
+        d.mkdir()
+    (lower / "f").write_bytes(b"f\n")
+    with _mount(lower, tmp_path, upper, workdir, "direct") as m:
+        busy = subprocess.Popen(["sleep", "120"], cwd=m.path)
+        try:
+            os.kill(m.proc.pid, signal.SIGKILL)
+            m.proc.wait(30)
+            r = _pyoverlay("umount", m.path)
+            assert r.returncode == 0, f"pyoverlay umount of a busy dead mount failed: {r.stderr}"
+            assert "is gone and the mount is busy: detached it" in r.stderr, r.stderr
+            assert not mounts.is_mounted(m.path), "the busy dead mount is still there"
+        finally:
+            busy.kill()
+            busy.wait()

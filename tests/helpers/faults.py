@@ -54,6 +54,7 @@ def plant_leftovers(workdir: Path) -> None:
 def remount_and_compare(lowers, upper, workdir, base: Path, engine: str | None = None) -> dict:
     """The next pyoverlay mount (work/ emptied, the view), then the kernel's on the same
     upper and workdir: read-write, and the same view. Returns the view."""
+    workdir = Path(workdir)
     plant_leftovers(workdir)
     with mounts.PyoverlayMount(
         lowers,
