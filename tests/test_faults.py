@@ -309,12 +309,13 @@ def test_sigkill_during_rename_storm(tmp_path, engine):
 # --------------------------------------------------------------------------
 
 
-def _copy_up_on_full_upper(kind: str, tmp_path: Path, lower: Path, engine: str | None) -> dict:
-    """Upper and workdir on a 4 MiB tmpfs; a copy-up of an 8 MiB lower file; then other
-    files are written and read through the same mount. What happened, to compare."""
+def _copy_up_on_full_upper(kind: str, tmp_path: Path, lower: Path, engine: str | None, make_fs=None) -> dict:
+    """Upper and workdir on a small filesystem (a 4 MiB tmpfs, or *make_fs(path)*'s); a
+    copy-up of a lower file larger than the space left; then other files are written and
+    read through the same mount. What happened, to compare."""
     base = tmp_path / kind
     base.mkdir()
-    with mounts.TmpfsMount(base / "fs", size="4m") as fs:
+    with (make_fs or (lambda p: mounts.TmpfsMount(p, size="4m")))(base / "fs") as fs:
         upper, workdir = fs.path / "upper", fs.path / "workdir"
         upper.mkdir()
         workdir.mkdir()
@@ -377,6 +378,58 @@ def test_enospc_during_copy_up_like_the_kernel(tmp_path, engine):
     assert "big" not in py["open O_WRONLY: upper"] and py["open O_WRONLY: work/"] == [], py
     assert py["after"] == {"new": b"new file\n", "old": b"old upper file\nappended\n", "small": b"small\nappended\n"}
     assert py["space back"], py
+    assert py == kernel, f"pyoverlay {py}\nkernel    {kernel}"
+
+
+class Ext4Reserved:
+    """A 64 MiB ext4 image (mounted through a loop device) whose blocks are half reserved
+    for uid/gid 54321 (``tune2fs -m 50 -u -g``): root may use them only with
+    CAP_SYS_RESOURCE, which the kernel's overlay drops for its writes to the upper."""
+
+    def __init__(self, mountpoint: Path):
+        self.path = mountpoint
+        self.image = mountpoint.parent / "ext4.img"
+
+    def __enter__(self):
+        self.path.mkdir()
+        with open(self.image, "wb") as f:
+            f.truncate(64 << 20)
+        for argv in (
+            ["mkfs.ext4", "-q", "-F", "-m", "50", "-O", "^has_journal", str(self.image)],
+            ["tune2fs", "-u", "54321", "-g", "54321", str(self.image)],
+            ["mount", "-o", "loop", str(self.image), str(self.path)],
+        ):
+            r = subprocess.run(argv, capture_output=True, text=True)
+            if r.returncode != 0:
+                pytest.skip(f"cannot make the ext4 upper: {' '.join(argv)}: {r.stderr.strip()}")
+        return self
+
+    def __exit__(self, *exc):
+        if mounts.is_mounted(self.path):
+            subprocess.run(["umount", str(self.path)], check=True)  # the loop device goes with it
+        self.image.unlink()
+        return False
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_reserved_space_is_not_used_like_the_kernel(tmp_path, engine):
+    """The kernel's overlay writes to the upper without CAP_SYS_RESOURCE: a copy-up that
+    fits only in the blocks reserved for others fails with ENOSPC. pyoverlay's server (root,
+    with every capability) must not use them either, nor override disk quotas (EDQUOT:
+    the same capability).
+
+    Where the test runs without CAP_SYS_RESOURCE in its bounding set (this machine's root
+    lacks it) neither side can use the reserved blocks: the test then checks only that the
+    copy-up fails on ext4 as the kernel's does."""
+    lower = tmp_path / "lower"
+    lower.mkdir()
+    (lower / "big").write_bytes(os.urandom(40 * CHUNK))  # > the ~28 MiB free, < the ~60 MiB
+    (lower / "small").write_bytes(b"small\n")
+    os.chmod(lower / "big", 0o644)
+    py = _copy_up_on_full_upper("pyoverlay", tmp_path, lower, engine, Ext4Reserved)
+    kernel = _copy_up_on_full_upper("kernel", tmp_path, lower, None, Ext4Reserved)
+    print(f"pyoverlay: {py}\nkernel:    {kernel}")
+    assert kernel["open O_WRONLY"] == "ENOSPC", kernel
     assert py == kernel, f"pyoverlay {py}\nkernel    {kernel}"
 
 
