@@ -10,6 +10,7 @@ runs)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -89,7 +90,15 @@ def _check_after(rt, cid: str, rec: dict, upper, tmp_path) -> None:
     assert rt.mounts() == [], f"mounts left: {rt.mounts()}"
     assert containers.wait_gone(rec["pid"]), "the container's PID 1 still runs"
     lowers = [rec["init_layer"], *rec["layers"]]
-    remount_and_compare(lowers, upper, default_workdir(str(upper)), tmp_path)
+    view = remount_and_compare(lowers, upper, default_workdir(str(upper)), tmp_path)
+    # /big: the lower file, or it with the line appended: never a torn copy
+    h = hashlib.sha256()
+    with open(os.path.join(rec["layers"][0], "big"), "rb") as f:
+        while b := f.read(1 << 22):
+            h.update(b)
+    whole = ("file", BIG_MB << 20, h.hexdigest())
+    h.update(b"x\n")
+    assert view["big"] in (whole, ("file", (BIG_MB << 20) + 2, h.hexdigest())), view["big"]
     rt.ok("rm", cid)
 
 
