@@ -60,24 +60,29 @@ def _running_record(rt, ref_of, timeout: float = 60) -> dict:
         time.sleep(0.05)
 
 
-def _kill_server_mid_work(rec: dict, upper) -> None:
+def _kill_server_mid_work(rec: dict, upper) -> str:
     """SIGKILL the server as soon as the copy-up is under way (work/ holds something, or
     the server has an fd into it) or, if it was too quick to see, once it is done."""
     work = os.path.join(default_workdir(str(upper)), "work")
     pid = rec["server_pid"]
     deadline = time.monotonic() + 60
+    when = "after 60 s"
     while time.monotonic() < deadline:
         if os.path.exists(upper / "copied"):
+            when = "after the copy-up"
             break
         try:
             if os.listdir(work) or any(
                 os.readlink(f"/proc/{pid}/fd/{fd}").startswith(work + "/") for fd in os.listdir(f"/proc/{pid}/fd")
             ):
+                when = "during the copy-up"
                 break
         except OSError:
             pass
         time.sleep(0.001)
     os.kill(pid, signal.SIGKILL)
+    print(f"server killed {when}")
+    return when
 
 
 def _check_after(rt, cid: str, rec: dict, upper, tmp_path) -> None:
