@@ -35,7 +35,7 @@ from pathlib import Path
 import pytest
 
 from helpers import mounts
-from helpers.faults import remount_and_compare, sha, view_of
+from helpers.faults import remount_and_compare, sha, super_rw, view_of
 from helpers.writeops import errname, workdir_problems
 
 pytestmark = [pytest.mark.kernel, pytest.mark.fuse, pytest.mark.needs_root]
@@ -466,3 +466,30 @@ def test_umount_detaches_a_busy_dead_mount(tmp_path):
         finally:
             busy.kill()
             busy.wait()
+
+
+def test_deep_work_leftovers_kernel_read_only_pyoverlay_cleans(tmp_path):
+    """The one difference in the cleanup of work/ (docs/semantics.md, "Faults"): a tree
+    three levels deep there (never left by either) makes the kernel log "cleanup ...
+    failed" and mount read-only; pyoverlay removes it and mounts read-write."""
+    lower, upper, workdir = tmp_path / "lower", tmp_path / "upper", tmp_path / "workdir"
+    for d in (lower, upper, workdir / "work"):
+        d.mkdir(parents=True)
+    (lower / "f").write_bytes(b"f\n")
+
+    def plant():
+        deep = workdir / "work" / "#d1" / "d2" / "d3"
+        deep.mkdir(parents=True, exist_ok=True)
+        (deep / "f").write_bytes(b"x")
+
+    plant()
+    with mounts.KernelOverlay([lower], tmp_path / "kmnt", upper=upper, workdir=workdir) as k:
+        row = mounts.mount_entry(k.path)
+    assert row is not None and not super_rw(row), f"the kernel mounted it read-write: {row}"
+    plant()
+    with _mount(lower, tmp_path, upper, workdir, "direct") as m:
+        row = mounts.mount_entry(m.path)
+        left = os.listdir(workdir / "work")
+        (m.path / "new").write_bytes(b"new\n")
+    assert row is not None and super_rw(row), row
+    assert left == [], left

@@ -13,6 +13,12 @@ from helpers import mounts
 from helpers.writeops import workdir_problems
 
 
+def super_rw(row) -> bool:
+    """The filesystem of mountinfo row *row* is read-write (its superblock options: the
+    kernel's overlay falls back to a read-only superblock, the mount itself stays rw)."""
+    return row.super_options.split(",")[0] == "rw" and row.options.split(",")[0] == "rw"
+
+
 def sha(path) -> str:
     h = hashlib.sha256()
     with open(path, "rb", buffering=0) as f:
@@ -72,7 +78,7 @@ def remount_and_compare(lowers, upper, workdir, base: Path, engine: str | None =
     with mounts.KernelOverlay(lowers, base / "kmnt", upper=upper, workdir=workdir) as k:
         row = mounts.mount_entry(k.path)
         kview = view_of(k.path)
-    assert row is not None and row.options.split(",")[0] == "rw", f"the kernel mounted it read-only: {row}"
+    assert row is not None and super_rw(row), f"the kernel mounted it read-only: {row}"
     assert kview == view, diff_views(view, kview)
     return view
 
