@@ -43,8 +43,12 @@ def _layer(tmp_path):
 
 
 def _record(rt, cid: str) -> dict:
-    with open(rt.state / "containers" / cid / "state.json") as f:
-        return json.load(f)
+    """The container's state.json ({} while it is being written for the first time)."""
+    try:
+        with open(rt.state / "containers" / cid / "state.json") as f:
+            return json.load(f)
+    except (FileNotFoundError, ValueError):
+        return {}
 
 
 def _running_record(rt, ref_of, timeout: float = 60) -> dict:
