@@ -198,7 +198,7 @@ def mount_cmd(args, workdir, options, foreground, debug, logfile, trace_file, im
         check_fuse_access(cfg)  # /dev/fuse, fusermount3, allow_other: before anything is forked
         state_dir()  # the user's own (0700) before anything is mounted: the server records there
     except PyoverlayError as exc:
-        fail(exc)
+        fail(f"{exc}{_dead_mount_hint(merged, str(exc))}", exc.exit_code)
     if foreground:
         _setup_logging(debug, logfile)
         from .mount import serve
@@ -208,6 +208,26 @@ def mount_cmd(args, workdir, options, foreground, debug, logfile, trace_file, im
         except Exception as exc:  # mount failed: nothing is mounted
             fail(f"cannot mount {cfg.mountpoint}: {_one_line(exc)}")
     _mount_background(cfg, debug, logfile)
+
+
+def _dead_mount_hint(merged: str, msg: str) -> str:
+    """After "MERGED is already a mount point": if that mount is a pyoverlay mount whose
+    recorded server is gone (killed: the dead mount stays, every call on it but a cached
+    stat fails with ENOTCONN), how to remove it; else nothing."""
+    if not msg.endswith("is already a mount point"):
+        return ""
+    from . import state
+    from .mountinfo import mounts
+
+    mp = _mountpoint_path(merged)
+    try:
+        here = [m for m in mounts() if m.mountpoint == mp]
+        rec = state.lookup(mp)
+    except (OSError, PyoverlayError):
+        return ""
+    if not here or here[-1].fstype != PYOVERLAY_FSTYPE or rec is None or state.server_alive(rec):
+        return ""  # not pyoverlay's, not known, or served
+    return f" (its server is gone: 'pyoverlay umount {merged}' removes the dead mount)"
 
 
 def _image_args(ref: str, docker_root: str | None, args: tuple[str, ...], options):

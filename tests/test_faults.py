@@ -493,3 +493,21 @@ def test_deep_work_leftovers_kernel_read_only_pyoverlay_cleans(tmp_path):
         (m.path / "new").write_bytes(b"new\n")
     assert row is not None and super_rw(row), row
     assert left == [], left
+
+
+def test_mount_over_a_dead_mount_says_how_to_remove_it(tmp_path):
+    """``pyoverlay mount`` on the mountpoint of a killed server's dead mount is refused (it
+    is a mount point) with the way out: ``pyoverlay umount``, which then works."""
+    lower, upper, workdir = tmp_path / "lower", tmp_path / "upper", tmp_path / "workdir"
+    for d in (lower, upper, workdir):
+        d.mkdir()
+    with _mount(lower, tmp_path, upper, workdir, "direct") as m:
+        os.kill(m.proc.pid, signal.SIGKILL)
+        m.proc.wait(30)
+        r = _pyoverlay("mount", "--workdir", workdir, lower, upper, m.path)
+        assert r.returncode == 2 and len(r.stderr.splitlines()) == 1, r.stderr
+        assert r.stderr.strip().endswith(
+            f"is already a mount point (its server is gone: 'pyoverlay umount {m.path}' removes the dead mount)"
+        ), r.stderr
+        assert _pyoverlay("umount", m.path).returncode == 0
+        assert not mounts.is_mounted(m.path)
