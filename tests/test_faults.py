@@ -196,6 +196,9 @@ def _tree(root: Path, dirs: int, files: int) -> None:
         p.mkdir(parents=True)
         for f in range(files):
             (p / f"f{f:03d}").write_bytes(b"d%d f%d\n" % (d, f))
+            if f % 3 == 0:  # metadata a copy-up must keep
+                os.chown(p / f"f{f:03d}", 1000 + f, 2000 + d)
+                os.chmod(p / f"f{f:03d}", 0o640)
         (p / "sub").mkdir()
         (p / "sub" / "leaf").write_bytes(b"leaf %d\n" % d)
 
@@ -213,7 +216,7 @@ def test_sigkill_during_rm_r(tmp_path, engine):
             with open(m.path / "tree" / f"d{d:02d}" / "f000", "ab") as f:
                 f.write(b"more\n")
             (m.path / "tree" / f"d{d:02d}" / "new").write_bytes(b"new\n")
-        before = view_of(m.path)
+        before = view_of(m.path, meta=True)
         ops = []
         for d in range(30):
             dp = m.path / "tree" / f"d{d:02d}"
@@ -233,7 +236,7 @@ def test_sigkill_during_rm_r(tmp_path, engine):
         assert w.errors[0] in DEAD, f"rm -r got {w.errors[0]}, want ENOTCONN/ECONNABORTED"
         _dead_mount_checks(m)
     print(f"rm -r: {len(w.done)} of {len(ops)} done, {w.inflight} in flight: {w.errors}")
-    view = remount_and_compare([lower], upper, workdir, tmp_path, engine)
+    view = remount_and_compare([lower], upper, workdir, tmp_path, engine, meta=True)
     done, inflight = set(w.done), w.inflight[0]
     for rel, v in before.items():
         gone = rel in done or any(rel.startswith(d + "/") for d in done)

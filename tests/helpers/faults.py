@@ -27,8 +27,9 @@ def sha(path) -> str:
     return h.hexdigest()
 
 
-def view_of(root: Path) -> dict[str, tuple]:
-    """{relative path: (kind, content)} of the whole tree (symlinks not followed)."""
+def view_of(root: Path, meta: bool = False) -> dict[str, tuple]:
+    """{relative path: (kind, content)} of the whole tree (symlinks not followed); with
+    *meta* each also ends with (mode, uid, gid): a copy-up's metadata is part of it."""
     out: dict[str, tuple] = {}
     for dirpath, dirnames, filenames in os.walk(root):
         for n in dirnames + filenames:
@@ -43,6 +44,8 @@ def view_of(root: Path) -> dict[str, tuple]:
                 out[rel] = ("symlink", os.readlink(p))
             else:
                 out[rel] = ("other", stat.S_IFMT(st.st_mode))
+            if meta:
+                out[rel] += ((stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid),)
     return out
 
 
@@ -57,9 +60,10 @@ def plant_leftovers(workdir: Path) -> None:
     os.mknod(w / "#dead3", stat.S_IFCHR | 0o000, os.makedev(0, 0))
 
 
-def remount_and_compare(lowers, upper, workdir, base: Path, engine: str | None = None) -> dict:
+def remount_and_compare(lowers, upper, workdir, base: Path, engine: str | None = None, meta: bool = False) -> dict:
     """The next pyoverlay mount (work/ emptied, the view), then the kernel's on the same
-    upper and workdir: read-write, and the same view. Returns the view."""
+    upper and workdir: read-write, and the same view, metadata included. Returns the view
+    (with *meta*: each entry ending with (mode, uid, gid), as ``view_of``'s)."""
     workdir = Path(workdir)
     plant_leftovers(workdir)
     with mounts.PyoverlayMount(
@@ -71,16 +75,16 @@ def remount_and_compare(lowers, upper, workdir, base: Path, engine: str | None =
         log_path=base / "srv2.log",
     ) as m2:
         left = sorted(os.listdir(workdir / "work"))
-        view = view_of(m2.path)
+        view = view_of(m2.path, meta=True)
         m2.check_alive()
     assert left == [], f"work/ not emptied by the next mount: {left}"
     assert not workdir_problems(workdir), workdir_problems(workdir)
     with mounts.KernelOverlay(lowers, base / "kmnt", upper=upper, workdir=workdir) as k:
         row = mounts.mount_entry(k.path)
-        kview = view_of(k.path)
+        kview = view_of(k.path, meta=True)
     assert row is not None and super_rw(row), f"the kernel mounted it read-only: {row}"
     assert kview == view, diff_views(view, kview)
-    return view
+    return view if meta else {k: v[:-1] for k, v in view.items()}
 
 
 def diff_views(a: dict, b: dict) -> str:
