@@ -8,7 +8,8 @@ never serves FUSE and never enters the container's namespaces itself:
        ├─ unshare(CLONE_NEWPID) ── fork ──> PID 1 (runner.container) ── execve CMD
        │   setns back to its own pid ns (later children stay on the host)
        ├─ cgroup: create, limits, add PID 1, then "go"
-       ├─ wait: PID 1's pidfd, forwarded signals, the terminal relay
+       ├─ wait: PID 1's pidfd, forwarded signals, the terminal relay, and the server's
+       │  pidfd (if the server dies first, the root is dead: record it, SIGKILL PID 1)
        └─ teardown: unmount, wait for the server, remove the cgroup, record the exit
 
 Every step that creates something registers its undo on an ExitStack, so an error at
