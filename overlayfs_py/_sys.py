@@ -277,6 +277,37 @@ def raise_nofile_limit() -> int:
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
+CAP_SYS_RESOURCE = 24
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+
+
+def lower_effective_cap(cap: int) -> bool:
+    """Take *cap* out of this thread's effective set (it stays permitted), as the kernel's
+    overlay does with CAP_SYS_RESOURCE in the mounter's credentials it acts with ("never
+    override disk quota limits or use reserved space"). Threads started later inherit it:
+    call it before any. True if the capability was effective."""
+    hdr = _CapHeader(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3
+    data = (_CapData * 2)()
+    if _libc.capget(ctypes.byref(hdr), data) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, f"capget: {os.strerror(e)}")
+    word, bit = divmod(cap, 32)
+    if not data[word].effective & (1 << bit):
+        return False
+    data[word].effective &= ~(1 << bit) & 0xFFFFFFFF
+    if _libc.capset(ctypes.byref(hdr), data) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, f"capset: {os.strerror(e)}")
+    return True
+
+
 # --- a node's own fd ---------------------------------------------------------------------
 # Every node holds an O_PATH|O_NOFOLLOW fd of the real object serving it; an operation on
 # an existing object goes through that fd (an *at(fd, "", AT_EMPTY_PATH) call, or the

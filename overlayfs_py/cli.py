@@ -202,7 +202,7 @@ def mount_cmd(args, workdir, options, foreground, debug, logfile, trace_file, im
         check_fuse_access(cfg)  # /dev/fuse, fusermount3, allow_other: before anything is forked
         state_dir()  # the user's own (0700) before anything is mounted: the server records there
     except PyoverlayError as exc:
-        fail(exc)
+        fail(f"{exc}{_dead_mount_hint(merged, str(exc))}", exc.exit_code)
     if foreground:
         _setup_logging(debug, logfile)
         from .mount import serve
@@ -212,6 +212,26 @@ def mount_cmd(args, workdir, options, foreground, debug, logfile, trace_file, im
         except Exception as exc:  # mount failed: nothing is mounted
             fail(f"cannot mount {cfg.mountpoint}: {_one_line(exc)}")
     _mount_background(cfg, debug, logfile)
+
+
+def _dead_mount_hint(merged: str, msg: str) -> str:
+    """After "MERGED is already a mount point": if that mount is a pyoverlay mount whose
+    recorded server is gone (killed: the dead mount stays, every call on it but a cached
+    stat fails with ENOTCONN), how to remove it; else nothing."""
+    if not msg.endswith("is already a mount point"):
+        return ""
+    from . import state
+    from .mountinfo import mounts
+
+    mp = _mountpoint_path(merged)
+    try:
+        here = [m for m in mounts() if m.mountpoint == mp]
+        rec = state.lookup(mp)
+    except (OSError, PyoverlayError):
+        return ""
+    if not here or here[-1].fstype != PYOVERLAY_FSTYPE or rec is None or state.server_alive(rec):
+        return ""  # not pyoverlay's, not known, or served
+    return f" (its server is gone: 'pyoverlay umount {merged}' removes the dead mount)"
 
 
 def _image_args(ref: str, docker_root: str | None, args: tuple[str, ...], options):
@@ -271,7 +291,7 @@ def umount_cmd(merged, timeout):
     """Unmount MERGED (a pyoverlay mount) and wait for its server to exit."""
     from . import state
     from .mountinfo import mounts
-    from .unmount import UnmountError, unmount
+    from .unmount import UnmountError, try_unmount, unmount
 
     mp = _mountpoint_path(merged)
     try:
@@ -287,7 +307,15 @@ def umount_cmd(merged, timeout):
     try:
         unmount(mp)
     except UnmountError as e:
-        fail(f"cannot unmount {merged}: {e}")
+        # a mount whose server is gone (killed: its record stays) is dead for good (every
+        # call fails with ENOTCONN); busy, it is detached instead of left behind
+        if info is None or state.server_alive(info) or not try_unmount(mp, lazy=True):
+            fail(f"cannot unmount {merged}: {e}")
+        click.echo(
+            f"pyoverlay: {merged}: its server (pid {info['pid']}) is gone and the mount is busy:"
+            " detached it (it goes once no process uses it)",
+            err=True,
+        )
     if info is not None:
         if not _wait_exit(info["pid"], timeout):
             fail(f"server {info['pid']} of {merged} did not exit within {timeout:g}s")

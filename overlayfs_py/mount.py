@@ -285,7 +285,10 @@ def serve(cfg: MountConfig, ready_fd: int | None = None) -> int:
     faulthandler.enable()
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # before any thread; until _main's receiver
     _tune_gc()
-    _sys.raise_nofile_limit()
+    _sys.raise_nofile_limit()  # the last use of CAP_SYS_RESOURCE: it goes next
+    # like the kernel's overlay (ovl_fill_super): the upper's quotas and reserved space apply
+    # to what the server writes there; before any thread (capabilities are per thread)
+    _sys.lower_effective_cap(_sys.CAP_SYS_RESOURCE)
     os.umask(0)  # modes of new objects are exactly what the caller asked for
     if cfg.userxattr is None:
         raise ValueError("the mount is not planned: run userxattr.plan(cfg) before serving it")

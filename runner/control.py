@@ -39,6 +39,7 @@ def summary(rec: state.Record | dict) -> dict:
         "status": state.status(r),
         "exit_code": r.exit_code,
         "oom_killed": bool(r.oom_killed),
+        "server_died": r.server_died,
         "pid": r.pid,
         "layers": r.layers,
         "upper": r.upper,
@@ -65,6 +66,8 @@ def status_text(row: dict, now: float) -> str:
         return f"Up {_ago(now - (row['created'] or now))}"
     if st == "exited":
         oom = " (OOM killed)" if row.get("oom_killed") else ""
+        if row.get("server_died"):  # its root's FUSE server ended first: the monitor stopped it
+            oom += " (filesystem server died)"
         return f"Exited ({row['exit_code']}) {_ago(now - (row['finished'] or now))} ago{oom}"
     return st.capitalize()
 

@@ -8,7 +8,8 @@ never serves FUSE and never enters the container's namespaces itself:
        ├─ unshare(CLONE_NEWPID) ── fork ──> PID 1 (runner.container) ── execve CMD
        │   setns back to its own pid ns (later children stay on the host)
        ├─ cgroup: create, limits, add PID 1, then "go"
-       ├─ wait: PID 1's pidfd, forwarded signals, the terminal relay
+       ├─ wait: PID 1's pidfd, forwarded signals, the terminal relay, and the server's
+       │  pidfd (if the server dies first, the root is dead: record it, SIGKILL PID 1)
        └─ teardown: unmount, wait for the server, remove the cgroup, record the exit
 
 Every step that creates something registers its undo on an ExitStack, so an error at
@@ -90,6 +91,8 @@ class Monitor:
         self.pending: list[int] = []  # signals that arrived before the wait loop
         self.rootless = os.geteuid() != 0
         self.ns_fds: list[int] = []  # rootless: the container's user and mount namespaces
+        self.server: int | None = None  # the FUSE server of the container's root (our child)
+        self.server_pidfd: int | None = None  # watched while the container runs
 
     @property
     def record(self) -> state.Record:
@@ -180,6 +183,11 @@ class Monitor:
             cfg = dataclasses.replace(with_storage_maps(cfg, users), fuse_fd=fuse_fd)
         with step("mounting the container's root"):
             server = _start_server(cfg, paths.server_log, holder is not None)
+            self.server = server
+            # watched while the container runs (its death stops the container); opened now,
+            # in the host's pid namespace, and closed before the teardown waits for it
+            self.server_pidfd = os.pidfd_open(server)
+            undo.callback(self._close_server_pidfd)
         if holder is None:
             undo.callback(_unmount, paths.merged, server)
         else:
@@ -337,13 +345,43 @@ class Monitor:
     # --- wait ------------------------------------------------------------------------------
 
     def _wait(self, pid: int, relay: PtyRelay | None) -> int:
-        status = supervise(pid, relay, pending=self.pending, stop_timeout=self.spec.stop_timeout)
+        status = supervise(
+            pid,
+            relay,
+            pending=self.pending,
+            stop_timeout=self.spec.stop_timeout,
+            server_pidfd=self.server_pidfd,
+            on_server_exit=self._server_died,
+        )
         rec = self.record
         rec.pid_reaped = True
         if rec.cgroup:
             with contextlib.suppress(OSError, CgroupError):
                 rec.oom_killed = Cgroup.from_dict(rec.cgroup).oom_killed()
         return exit_code(status)
+
+    def _server_died(self) -> None:
+        """The FUSE server of the container's root exited while the container ran (it was
+        killed, or it crashed): the root is dead, every access fails with ENOTCONN. Record
+        why (``ps`` shows it) and say it; :func:`supervise` then kills the container and the
+        teardown unmounts the dead mount as usual."""
+        how = _exit_text(self.server) if self.server is not None else "exited"
+        rec = self.record
+        rec.server_died = how
+        with contextlib.suppress(OSError, state.StateError):
+            state.save(rec)
+        print(
+            f"pyoverlay: container {rec.label}: the filesystem server of its root (pid {self.server})"
+            f" {how}; stopping the container",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def _close_server_pidfd(self) -> None:
+        if self.server_pidfd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self.server_pidfd)
+            self.server_pidfd = None
 
     # --- endings -----------------------------------------------------------------------------
 
@@ -458,6 +496,24 @@ def _own_root(upper: str, owner: tuple[int, int]) -> None:
     except OSError:
         pass
     os.setxattr(upper, OVERRIDE_XATTR, encode_override(*owner, st.st_mode))
+
+
+def _exit_text(pid: int) -> str:
+    """How our exited child *pid* ended ("was killed by SIGKILL", "exited with status 1"),
+    read without reaping it (the teardown does)."""
+    try:
+        info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        info = None
+    if info is None:
+        return "exited"
+    if info.si_code in (os.CLD_KILLED, os.CLD_DUMPED):
+        try:
+            name = signal.Signals(info.si_status).name
+        except ValueError:
+            name = f"signal {info.si_status}"
+        return f"was killed by {name}"
+    return f"exited with status {info.si_status}"
 
 
 def _unmount(merged: str, server: int, timeout: float = 20.0) -> None:

@@ -113,6 +113,7 @@ _TYPES: dict[str, Any] = {
     "finished": _NUM,
     "pid_reaped": bool,
     "oom_killed": bool,
+    "server_died": str,
     "dead": bool,
 }
 
@@ -154,6 +155,7 @@ class Record:
     finished: float | None = None
     pid_reaped: bool | None = None
     oom_killed: bool | None = None
+    server_died: str | None = None  # how the root's FUSE server ended while the container ran
     dead: bool | None = None  # cleaned up after its monitor died
     extra: dict = field(default_factory=dict)
 

@@ -5,6 +5,12 @@ Watches the process's pidfd, the signals delivered to us (through
 Signals are forwarded through the pidfd, so a recycled pid can never be hit. SIGWINCH
 resizes the container's terminal instead. With *stop_timeout*, SIGTERM/SIGHUP (we are
 being stopped) also arm a SIGKILL after that many seconds, like ``docker stop``.
+
+With *server_pidfd* (the pidfd of the FUSE server of the container's root) the loop also
+watches that process: when it exits while the container still runs, the root is dead
+(every access fails with ENOTCONN), so *on_server_exit* is called once and the container
+is killed (SIGKILL: nothing of its root can run any more, not even a signal handler's
+next exec); the wait then goes on until the container is gone.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import os
 import selectors
 import signal
 import time
+from collections.abc import Callable
 
 from .tty import PtyRelay, raw_mode
 
@@ -36,7 +43,13 @@ def catch_signals(pending: list[int]) -> None:
 
 
 def supervise(
-    pid: int, relay: PtyRelay | None, *, pending: list[int] | None = None, stop_timeout: float | None = None
+    pid: int,
+    relay: PtyRelay | None,
+    *,
+    pending: list[int] | None = None,
+    stop_timeout: float | None = None,
+    server_pidfd: int | None = None,
+    on_server_exit: Callable[[], None] | None = None,
 ) -> int:
     """Wait for our child *pid*; return its raw wait status."""
     pidfd = os.pidfd_open(pid)
@@ -47,6 +60,8 @@ def supervise(
     sel = selectors.DefaultSelector()
     sel.register(pidfd, selectors.EVENT_READ, "exit")
     sel.register(rsig, selectors.EVENT_READ, "signal")
+    if server_pidfd is not None:
+        sel.register(server_pidfd, selectors.EVENT_READ, "server")
     deadline = None
     killed = False
     term = relay is not None and relay.stdin is not None
@@ -80,6 +95,12 @@ def supervise(
                         done = True
                     elif key.data == "signal":
                         signals = list(os.read(rsig, 64))
+                    elif key.data == "server":  # the root's server is gone: stop the container
+                        sel.unregister(key.fd)
+                        if on_server_exit is not None:
+                            on_server_exit()
+                        _send(pidfd, signal.SIGKILL)
+                        killed = True
                     elif relay is not None:  # "tty": registered only with a relay
                         relay.readable(key.fd)
                         if key.fd not in relay.fds():
