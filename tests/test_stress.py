@@ -12,6 +12,10 @@ target holds one of their contents; every source is gone), renames of each proce
 directory over one target directory (one of their modes), and RENAME_NOREPLACE onto one
 name (exactly one process wins, and the target holds the winner's content).
 
+Twice: with the server's descriptors unlimited, and with RLIMIT_NOFILE at 1,024 (no
+CAP_SYS_RESOURCE to raise it), where the node fds held are fewer than the nodes the budget
+keeps, so node fds are given up and reopened throughout.
+
 Leaks: the server logs what it holds on SIGUSR1 (``stats: nodes=... fds=...``,
 docs/architecture.md). The kernel FORGETs an unlinked inode as soon as its last reference
 goes, so once the test has removed the whole tree through the mount (no machine setting
@@ -300,7 +304,27 @@ def _layers_for(base: Path) -> tuple[Path, Path, Path]:
     return lower, upper, work
 
 
-def test_stress_equals_the_kernel_and_leaks_nothing(tmp_path):
+class LimitedMount(mounts.PyoverlayMount):
+    """A server started with RLIMIT_NOFILE at *nofile* and no CAP_SYS_RESOURCE to raise it:
+    fewer node fds (``budget.node_fd_cap``: 768 at 1,024) than the nodes the budget keeps."""
+
+    def __init__(self, *args, nofile: int, **kw) -> None:
+        super().__init__(*args, **kw)
+        self.nofile = nofile
+
+    def argv(self) -> list[str]:
+        limit = f"--nofile={self.nofile}:{self.nofile}"
+        return ["prlimit", limit, "--", "setpriv", "--bounding-set=-sys_resource", "--", *super().argv()]
+
+
+def _open_files_limit(pid: int) -> int:
+    with open(f"/proc/{pid}/limits") as f:
+        line = next(ln for ln in f if ln.startswith("Max open files"))
+    return int(line.split()[3])
+
+
+@pytest.mark.parametrize("nofile", [None, 1024], ids=["fds-unlimited", "fds-1024"])
+def test_stress_equals_the_kernel_and_leaks_nothing(tmp_path, nofile):
     # the kernel: the oracle of the final tree
     lower, upper, work = _layers_for(tmp_path / "kernel")
     with mounts.KernelOverlay([lower], tmp_path / "kernel" / "m", upper, work) as k:
@@ -315,10 +339,15 @@ def test_stress_equals_the_kernel_and_leaks_nothing(tmp_path):
 
     lower, upper, work = _layers_for(tmp_path / "pyoverlay")
     log = tmp_path / "server.log"
-    with mounts.PyoverlayMount(
-        [lower], tmp_path / "p", upper, work, options=[f"max_nodes={BUDGET}"], log_path=log
-    ) as m:
+    opts = {"options": [f"max_nodes={BUDGET}"], "log_path": log}
+    if nofile:
+        mount = LimitedMount([lower], tmp_path / "p", upper, work, nofile=nofile, **opts)
+    else:
+        mount = mounts.PyoverlayMount([lower], tmp_path / "p", upper, work, **opts)
+    with mount as m:
         baseline, fds_before = _stats(m), _fds(m)
+        if nofile:
+            assert m.proc is not None and _open_files_limit(m.proc.pid) == nofile
         assert baseline["nodes"] == 1, baseline  # the root
         _prepare(m.path)
         won = _run_workload(m.path)
