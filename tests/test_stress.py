@@ -48,6 +48,7 @@ FILES = 100  # per process: 1,200 new names, beyond the budget
 LOWER_FILES = 12  # per process, in the lower layer
 DIRS = [f"d{k}" for k in range(4)]  # merged directories (a lower holds them)
 RACES = 4
+DEEP = "deep/a/b/c/d/e"
 MOVES = 60  # per process: a rename storm through the shared directories
 BUDGET = 1000
 WORKER_TIMEOUT = 120.0
@@ -62,6 +63,8 @@ def _build_lower(lower: Path) -> None:
         for j in range(LOWER_FILES):
             (lower / DIRS[j % len(DIRS)] / f"p{i}_l{j}").write_text(f"lower {i} {j}\n")
     (lower / "race").mkdir()
+    (lower / "race" / "log").write_text("lower line\n")  # every process appends to it
+    (lower / DEEP).mkdir(parents=True)  # every process creates in it first: one chain copy-up
     for r in range(RACES):
         if r % 2 == 0:  # half of the targets exist in the lower layer
             (lower / "race" / f"t{r}").write_text(f"lower target {r}\n")
@@ -106,6 +109,8 @@ def _worker(root: str, i: int, barrier, results) -> None:
 
     try:
         barrier.wait(60)
+        do("create deep", (m / DEEP / f"p{i}").write_text, f"{i}\n")  # all copy the chain up at once
+        do("append log", _append, m / "race" / "log", f"line from {i}\n")  # and the same lower file
         for j in range(FILES):  # new files, spread over the shared directories
             do(f"create f{j}", (home(j) / f"p{i}_f{j}").write_text, f"{i}:{j}\n" * (j % 7 + 1))
             if j % 10 == 0:
@@ -193,7 +198,7 @@ def _run_workload(root: Path) -> dict[int, list[int]]:
 
 
 KEYS = ("type", "mode", "uid", "gid", "nlink", "size", "sha256", "target")
-RACE = re.compile(r"race/(t|dt|x|ea|eb)(\d+)$")
+RACE = re.compile(r"race/((t|dt|x|ea|eb)\d+|log)$")
 
 
 def _view(root: Path) -> tuple[dict, dict]:
@@ -209,7 +214,10 @@ def _view(root: Path) -> tuple[dict, dict]:
 
 
 def _check_races(races: dict, root: Path, won: dict[int, list[int]] | None) -> None:
-    """Each race target holds one of the racers' states; a NOREPLACE target the winner's."""
+    """Each race target holds one of the racers' states; a NOREPLACE target the winner's;
+    the file all appended to each line once, in any order."""
+    lines = (root / "race" / "log").read_text().splitlines(keepends=True)
+    assert lines[0] == "lower line\n" and sorted(lines[1:]) == sorted(f"line from {i}\n" for i in range(PROCS))
     for r in range(RACES):
         t = races[f"race/t{r}"]
         assert (root / "race" / f"t{r}").read_text() in {f"race {r} from {i}\n" for i in range(PROCS)}, t
