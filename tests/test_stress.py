@@ -12,9 +12,10 @@ target holds one of their contents; every source is gone), renames of each proce
 directory over one target directory (one of their modes), and RENAME_NOREPLACE onto one
 name (exactly one process wins, and the target holds the winner's content).
 
-Twice: with the server's descriptors unlimited, and with RLIMIT_NOFILE at 1,024 (no
-CAP_SYS_RESOURCE to raise it), where the node fds held are fewer than the nodes the budget
-keeps, so node fds are given up and reopened throughout.
+Three times: with the server's descriptors unlimited, and with RLIMIT_NOFILE at 1,024 and
+at 300 (no CAP_SYS_RESOURCE to raise it), where the node fds held are fewer than the nodes
+the budget keeps, so node fds are given up and reopened throughout (at 300 the node fds
+once took every descriptor the server had: ``budget.node_fd_cap``).
 
 Leaks: the server logs what it holds on SIGUSR1 (``stats: nodes=... fds=...``,
 docs/architecture.md). The kernel FORGETs an unlinked inode as soon as its last reference
@@ -331,7 +332,7 @@ def _open_files_limit(pid: int) -> int:
     return int(line.split()[3])
 
 
-@pytest.mark.parametrize("nofile", [None, 1024], ids=["fds-unlimited", "fds-1024"])
+@pytest.mark.parametrize("nofile", [None, 1024, 300], ids=["fds-unlimited", "fds-1024", "fds-300"])
 def test_stress_equals_the_kernel_and_leaks_nothing(tmp_path, nofile):
     # the kernel: the oracle of the final tree
     lower, upper, work = _layers_for(tmp_path / "kernel")
