@@ -154,6 +154,7 @@ def _worker(root: str, i: int, barrier, results) -> None:
         do("rm dir1", shutil.rmtree, m / "n" / f"p{i}_dir1")
         for j in range(4, FILES, 10):  # and some of their new files replaced
             do(f"recreate f{j}", (home(j) / f"p{i}_f{j}").write_text, f"again {i} {j}\n")
+        moved = m / DIRS[i % len(DIRS)] / f"p{i}_moved"
         where = [cur(j) for j in range(5, FILES, 10)]  # rename storm: round and round
         for k in range(MOVES):
             j = k % len(where)
@@ -162,6 +163,10 @@ def _worker(root: str, i: int, barrier, results) -> None:
                 where[j] = dst
             if k % 6 == 0:
                 do("list", os.listdir, dst.parent)
+            if k % 5 == 0:  # and its directory with its files
+                ddst = m / (DIRS + ["n"])[(i + k // 5 + 1) % (len(DIRS) + 1)] / f"p{i}_moved"
+                if do("move dir", os.rename, moved, ddst) is not False:
+                    moved = ddst
     except Exception as exc:  # a broken barrier, a bug in the workload: reported
         errors.append(f"p{i} {type(exc).__name__}: {exc}")
     results.put((i, errors, won))
