@@ -21,8 +21,9 @@ from .layers import DirFdCache
 log = logging.getLogger(__name__)
 
 # Descriptors kept free of nodes: open files, the trace sink's clients, trio's and pyfuse3's
-# own (the directory fd cache is counted apart).
+# own (the directory fd cache is counted apart): an eighth of the limit, between these.
 FD_HEADROOM = 1024
+FD_HEADROOM_MIN = 64
 # How long a lookup waits for the kernel's FORGETs when nodes have no descriptor left.
 FD_WAIT = 2.0
 
@@ -31,8 +32,9 @@ DropEntries = Callable[[list[tuple[int, bytes]]], None]
 
 def node_fd_cap(fd_limit: int, cache: int) -> int:
     """Node fds held at most (the inode table gives the least recently used up beyond it),
-    so that listings, open files and the server's own descriptors never run out."""
-    return max(256, fd_limit - cache - min(FD_HEADROOM, fd_limit // 8))
+    so that listings, open files and the server's own descriptors never run out: never
+    more than the limit leaves beside the directory fd cache and the headroom."""
+    return max(16, fd_limit - cache - max(FD_HEADROOM_MIN, min(FD_HEADROOM, fd_limit // 8)))
 
 
 def clamp_node_budget(max_nodes: int, fd_limit: int, dirfds: DirFdCache | None = None) -> int:

@@ -75,6 +75,9 @@ class DirFdCache:
         self.capacity = capacity
         self._fds: collections.OrderedDict[tuple[int, bytes], int] = collections.OrderedDict()
 
+    def __len__(self) -> int:
+        return len(self._fds)
+
     def get(self, layer: Layer, relpath: bytes) -> int:
         if not relpath:
             return layer.fd

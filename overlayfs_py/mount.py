@@ -96,6 +96,20 @@ def fuse_options(cfg: MountConfig) -> set[str]:
 #: the signals that unmount. A caller may send one as soon as the mount is live, before
 #: _main's receiver is installed: serve blocks them (in every thread it starts) until then
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+#: the signal that makes the server log what it holds (``server_stats``), blocked as those
+STATS_SIGNAL = signal.SIGUSR1
+
+
+def server_stats(overlay: Overlay) -> dict[str, int]:
+    """What the server holds now: live nodes, the node fds among them, open handles, the
+    directory fd cache, and every descriptor of the process (docs/architecture.md)."""
+    return {
+        "nodes": len(overlay.inodes),
+        "node_fds": overlay.inodes.held,
+        "handles": len(overlay.handles),
+        "dir_fds": len(overlay.stack.dirfds),
+        "fds": len(os.listdir("/proc/self/fd")) - 1,  # less the one listing it
+    }
 
 
 def _no_drops(drops: list[tuple[int, bytes]]) -> None:
@@ -200,7 +214,14 @@ async def _main(
                     stop()
                     return
 
+        async def on_stats():
+            with trio.open_signal_receiver(STATS_SIGNAL) as sigs:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, (STATS_SIGNAL,))
+                async for _ in sigs:
+                    log.info("stats: %s", " ".join(f"{k}={v}" for k, v in server_stats(overlay).items()))
+
         nursery.start_soon(on_signal)
+        nursery.start_soon(on_stats)
         try:
             await run()
         finally:
@@ -283,7 +304,8 @@ def _tune_gc() -> None:
 def serve(cfg: MountConfig, ready_fd: int | None = None) -> int:
     """Mount *cfg* and serve it until unmounted. Returns an exit status."""
     faulthandler.enable()
-    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # before any thread; until _main's receiver
+    # before any thread; until _main's receivers
+    signal.pthread_sigmask(signal.SIG_BLOCK, (*STOP_SIGNALS, STATS_SIGNAL))
     _tune_gc()
     _sys.raise_nofile_limit()  # the last use of CAP_SYS_RESOURCE: it goes next
     # like the kernel's overlay (ovl_fill_super): the upper's quotas and reserved space apply

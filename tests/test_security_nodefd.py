@@ -86,6 +86,10 @@ def test_budget_and_fd_cache_sizes():
     cache = DirFdCache()
     assert clamp_node_budget(0, 1024, cache) == 0  # 0: no budget
     assert 0 < node_fd_cap(1024, cache.capacity) + cache.capacity <= 1024 - 64
+    for limit in (128, 200, 300, 400, 512):  # small limits too: the server's own and open files fit
+        cache = DirFdCache()
+        clamp_node_budget(200_000, limit, cache)
+        assert 16 <= node_fd_cap(limit, cache.capacity) <= limit - cache.capacity - 64, limit
 
 
 def _ident(path) -> tuple[int, int]:
