@@ -452,14 +452,14 @@ def _serve_direct(cfg: MountConfig, ready_fd: int | None) -> int:
         sess = session.Session(fd, ops, core.view.trace)
         why = "a trace file is written"  # as events come: by trio's sink
         if cfg.trace_file is None:
-            stop_signal = _sys.signalfd(STOP_SIGNALS)
+            signalled = _sys.signalfd((*STOP_SIGNALS, STATS_SIGNAL))  # both received in trio
             try:
-                wake = [stop_signal] if listener is None else [stop_signal, listener.fileno()]
+                wake = [signalled] if listener is None else [signalled, listener.fileno()]
                 woken = sess.serve_early(wake, EARLY_IDLE_MS)
             finally:
-                os.close(stop_signal)
+                os.close(signalled)
             why = (
-                "a stop signal" if woken == stop_signal
+                "a signal" if woken == signalled
                 else "a trace reader" if woken is not None
                 else "a request that needs a task" if sess.has_deferred
                 else f"the mount ended ({sess.end_reason})" if sess.end_reason is not None

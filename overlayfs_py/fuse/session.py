@@ -205,7 +205,7 @@ class Session:
 
     def serve_early(self, wake: Sequence[int], idle_ms: int) -> int | None:
         """Serve without trio (``run`` takes over) until one of the fds *wake* is readable
-        (a trace reader connects, a stop signal is pending: that fd is returned), a request
+        (a trace reader connects, a signal is pending: that fd is returned), a request
         needs a task (kept for ``run``), no request came for *idle_ms*, or the kernel ends
         the connection (None then). ``early_served`` counts the requests answered."""
         os.set_blocking(self.fd, False)
