@@ -102,12 +102,14 @@ STATS_SIGNAL = signal.SIGUSR1
 
 def server_stats(overlay: Overlay) -> dict[str, int]:
     """What the server holds now: live nodes, the node fds among them, open handles, the
-    directory fd cache, and every descriptor of the process (docs/architecture.md)."""
+    directory fd cache, the trace's open comm files, and every descriptor of the process
+    (docs/architecture.md)."""
     return {
         "nodes": len(overlay.inodes),
         "node_fds": overlay.inodes.held,
         "handles": len(overlay.handles),
         "dir_fds": len(overlay.stack.dirfds),
+        "comm_fds": overlay.trace.procs.open_files,  # the trace's processes' comm files
         "fds": len(os.listdir("/proc/self/fd")) - 1,  # less the one listing it
     }
 

@@ -74,16 +74,21 @@ class ProcessInfo:
     the container's command, whose first changes come right after. It is read from the
     process's ``comm`` file kept open (one ``pread`` per event, not an open, read and close:
     a create of an untar emits one event per file), for the most recent ``OPEN_COMM``
-    processes. A process that has exited since (the kernel releases a file after its opener
-    is gone) keeps the command it had when last seen."""
+    processes (counted in the server's ``stats:``). A process that has exited since (the
+    kernel releases a file after its opener is gone) keeps the command it had when last seen."""
 
     TTL = 2.0
-    OPEN_COMM = 64
+    OPEN_COMM = 8
 
     def __init__(self) -> None:
         self._own_pidns = _pidns(os.getpid())
         self._cache: dict[int, tuple[float, str, int | None, int | None]] = {}
         self._comm_fds: dict[int, int] = {}  # pid -> its /proc/PID/comm, oldest first
+
+    @property
+    def open_files(self) -> int:
+        """The comm files held open now (at most ``OPEN_COMM``)."""
+        return len(self._comm_fds)
 
     def _comm(self, pid: int) -> str:
         fd = self._comm_fds.get(pid)

@@ -273,8 +273,9 @@ def _fds(m: mounts.PyoverlayMount) -> dict[int, tuple[str, int]]:
 def _leaked(before: dict, now: dict, stats: dict[str, int], layers: list[Path]) -> list[str]:
     """The server's descriptors beyond those it had right after mounting (*before*) that
     are no cache: the directory fd cache may keep directories of the layers, the direct
-    engine one noatime clone of each layer's mount (its root: "/" on a detached mount), and
-    nothing may name a removed object."""
+    engine one noatime clone of each layer's mount (its root: "/" on a detached mount), the
+    trace the comm files of the processes it saw last (``trace.ProcessInfo``), and nothing
+    may name a removed object."""
     roots = {os.stat(p).st_ino for p in layers}
     left = sorted(v for v in before.values())
     extra = []
@@ -285,7 +286,10 @@ def _leaked(before: dict, now: dict, stats: dict[str, int], layers: list[Path]) 
             extra.append(v)
     cached = [v for v in extra if v[0].startswith(tuple(f"{p}/" for p in layers)) and not v[0].endswith("(deleted)")]
     clones = [v for v in extra if v[0] == "/" and v[1] in roots]
-    out = [f"{target} (inode {ino})" for target, ino in extra if (target, ino) not in cached + clones]
+    comms = [v for v in extra if v[0].startswith("/proc/") and v[0].endswith("/comm")]
+    out = [f"{target} (inode {ino})" for target, ino in extra if (target, ino) not in cached + clones + comms]
+    if len(comms) > stats["comm_fds"]:
+        out.append(f"{len(comms)} comm files open, {stats['comm_fds']} held by the trace")
     if len(cached) > stats["dir_fds"]:
         out.append(f"{len(cached)} layer directories open, {stats['dir_fds']} in the directory fd cache")
     if len(clones) > len(layers):
