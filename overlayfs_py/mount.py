@@ -23,7 +23,7 @@ import signal
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-from . import _sys, state, unixsock, userxattr
+from . import _sys, features, state, unixsock, userxattr
 from .config import MountConfig
 from .errors import PyoverlayError
 from .logs import one_line, setup_logging
@@ -170,7 +170,19 @@ def build_overlay(
         )
     view = Overlay(stack, names, inodes, handles, listings, owners, tracer, copyup, on_out_of_fds=budget.out_of_fds)
     writes = WritePath(
-        view, stack, inodes, handles, listings, copyup, owners, names, tracer, work, volatile=cfg.volatile
+        view,
+        stack,
+        inodes,
+        handles,
+        listings,
+        copyup,
+        owners,
+        names,
+        tracer,
+        work,
+        volatile=cfg.volatile,
+        redirect_dir=features.creates_redirects(cfg),
+        redirect_max=features.redirect_max(),
     )
     return Core(view, writes, budget, work)
 
@@ -229,6 +241,7 @@ def start_background(
     """
     if cfg.userxattr is None:
         cfg = userxattr.plan(cfg)
+    cfg = features.resolve(cfg)  # ConfigError on options the kernel refuses together
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:  # the server

@@ -108,9 +108,12 @@ def _load(path: str, dir_fd: int | None = None):
 
 def resolve(cfg: MountConfig, privileged: bool) -> MountConfig:
     """*cfg* with ``userxattr`` decided (True/False, never None)."""
+    from . import features
+
     rec, where = recorded(cfg)
     value = choose(cfg.userxattr, rec, privileged, upper=cfg.upperdir or "", where=where)
-    return cfg if value is cfg.userxattr else dataclasses.replace(cfg, userxattr=value)
+    cfg = cfg if value is cfg.userxattr else dataclasses.replace(cfg, userxattr=value)
+    return features.resolve(cfg)  # the redirect mode depends on the namespace
 
 
 def plan(cfg: MountConfig) -> MountConfig:

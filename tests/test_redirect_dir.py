@@ -1,0 +1,297 @@
+"""redirect_dir=on: a directory with lower content (lower-only or merged) is renamed by
+writing ``overlay.redirect`` on its copied-up upper dir, compared with the kernel overlay
+mounted with the same option (docs/semantics.md, "redirect_dir"): results, merged view
+and upper (the redirect xattrs, whiteouts) after each kind of rename; each side's upper
+remounted by the other; the option's rules (userxattr, the module's defaults).
+
+Both engines: run with PYOVERLAY_ENGINE=direct and =pyfuse3.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from helpers.snapshot import diff_snapshots, format_diff
+from helpers.stacks import T0, T1, T2, D, F, L
+from helpers.writeops import RENAME_EXCHANGE, RENAME_NOREPLACE, renameat2, run_pair
+from overlayfs_py import features
+from overlayfs_py.config import ConfigError, build_config, parse_options
+
+RX = "trusted.overlay.redirect"
+
+
+def _layers():
+    l1 = {
+        "md": D(mtime_ns=T1),  # merged dir (l1 + l2)
+        "md/top": F(b"top\n"),
+        "md/inner": D(mtime_ns=T2),
+        "md/inner/t": F(b"inner top\n"),
+    }
+    l2 = {
+        "ld": D(mode=0o750, uid=1234, mtime_ns=T0),  # lower-only
+        "ld/f": F(b"in lower dir\n", mtime_ns=T1, xattrs={"user.k": b"v"}),
+        "ld/sub/g": F(b"g\n", mtime_ns=T2),
+        "ld/sym": L("f", mtime_ns=T1),
+        "md/bottom": F(b"bottom\n"),
+        "md/inner/b": F(b"inner bottom\n"),
+        "a/b/deep/x": F(b"deep x\n"),
+        "a/b/deep/y/z": F(b"deep z\n"),
+        "q": D(mtime_ns=T0),  # a target parent
+        "tw/f": F(b"twice\n"),  # renamed twice
+        "back/f": F(b"back\n"),  # renamed and back
+        "ov/f": F(b"over an empty dir\n"),  # renamed over an empty lower dir
+        "empty": D(mtime_ns=T1),
+        "old/f": F(b"old\n"),  # renamed, then its old name reused
+        "nest/in/f": F(b"nested\n"),  # contains a renamed dir
+        "nest/g": F(b"nest g\n"),
+        "x1/f": F(b"x1\n"),  # exchanged with x2
+        "x2/f": F(b"x2\n"),
+        "wr/f": F(b"written after the rename\n"),
+        "mvd/sub/f": F(b"mv\n"),
+        "nr": D(),
+        "nr/f": F(b"noreplace\n"),
+    }
+    return [l1, l2]
+
+
+def _read(p):
+    with open(p, "rb") as f:
+        return f.read()
+
+
+def _ls(p):
+    return sorted(os.listdir(p))
+
+
+def _write(p, data):
+    with open(p, "ab") as f:
+        f.write(data)
+
+
+def _ops(m, rec):
+    rec.do("lower-only same parent", os.rename, m / "ld", m / "ld2")
+    rec.do("ls ld2", _ls, m / "ld2")
+    rec.do("ls ld2/sub", _ls, m / "ld2/sub")
+    rec.do("read ld2/f", _read, m / "ld2/f")
+    rec.do("stat ld2", os.lstat, m / "ld2")
+    rec.do("stat ld", os.lstat, m / "ld")
+    rec.do("merged other parent", os.rename, m / "md", m / "q/md2")
+    rec.do("ls q/md2", _ls, m / "q/md2")
+    rec.do("read q/md2/bottom", _read, m / "q/md2/bottom")
+    rec.do("ls q/md2/inner", _ls, m / "q/md2/inner")
+    rec.do("stat md", os.lstat, m / "md")
+    rec.do("deep", os.rename, m / "a/b/deep", m / "q/deep2")
+    rec.do("ls q/deep2/y", _ls, m / "q/deep2/y")
+    rec.do("ls a/b", _ls, m / "a/b")
+    rec.do("twice 1", os.rename, m / "tw", m / "tw2")
+    rec.do("twice 2", os.rename, m / "tw2", m / "q/tw3")
+    rec.do("read q/tw3/f", _read, m / "q/tw3/f")
+    rec.do("back 1", os.rename, m / "back", m / "back2")
+    rec.do("back 2", os.rename, m / "back2", m / "back")
+    rec.do("read back/f", _read, m / "back/f")
+    rec.do("over empty dir", os.rename, m / "ov", m / "empty")
+    rec.do("ls empty", _ls, m / "empty")
+    rec.do("old rename", os.rename, m / "old", m / "old2")
+    rec.do("rmdir old", os.rmdir, m / "old")
+    rec.do("mkdir old", os.mkdir, m / "old")
+    rec.do("create old/n", _write, m / "old/n", b"new\n")
+    rec.do("ls old", _ls, m / "old")
+    rec.do("ls old2", _ls, m / "old2")
+    rec.do("nest inner", os.rename, m / "nest/in", m / "nest/in2")
+    rec.do("nest outer", os.rename, m / "nest", m / "q/nest2")
+    rec.do("ls q/nest2", _ls, m / "q/nest2")
+    rec.do("read q/nest2/in2/f", _read, m / "q/nest2/in2/f")
+    rec.do("exchange", renameat2, m / "x1", m / "x2", RENAME_EXCHANGE)
+    rec.do("read x1/f", _read, m / "x1/f")
+    rec.do("read x2/f", _read, m / "x2/f")
+    rec.do("read wr/f first", _read, m / "wr/f")  # known to the server before the rename
+    rec.do("wr rename", os.rename, m / "wr", m / "q/wr2")
+    rec.do("write q/wr2/f", _write, m / "q/wr2/f", b"appended\n")
+    rec.do("read q/wr2/f", _read, m / "q/wr2/f")
+    rec.do("noreplace", renameat2, m / "nr", m / "q/nr2", RENAME_NOREPLACE)
+    rec.do("rmdir renamed non-empty", os.rmdir, m / "q/nr2")
+    rec.do("unlink in renamed", os.unlink, m / "q/nr2/f")
+    rec.do("rmdir renamed emptied", os.rmdir, m / "q/nr2")
+    rec.do("mv", lambda: subprocess.run(["mv", str(m / "mvd"), str(m / "q/mvd2")], capture_output=True).returncode)
+    rec.do("ls q/mvd2/sub", _ls, m / "q/mvd2/sub")
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    return run_pair(tmp_path_factory.mktemp("redirect"), _layers(), _ops, remount=True, options=["redirect_dir=on"])
+
+
+def _rx(run, p):
+    return (run.kupper(p) or {}).get("xattrs", {}).get(RX)
+
+
+def test_results_match_the_kernel(run):
+    k = run.k.results
+    assert k["lower-only same parent"] == "OK" and k["merged other parent"] == "OK"
+    assert k["stat ld"] == "ERR:ENOENT" and k["rmdir renamed non-empty"] == "ERR:ENOTEMPTY"
+    run.assert_results()
+
+
+def test_redirects_written_as_the_kernel(run):
+    """Relative (same parent), absolute (elsewhere), updated on the second rename, kept on
+    a rename back; whiteouts at the old names; the same upper as the kernel's."""
+    assert _rx(run, "ld2") == b"ld" and _rx(run, "q/md2") == b"/md" and _rx(run, "q/deep2") == b"/a/b/deep"
+    assert _rx(run, "q/tw3") == b"/tw" and _rx(run, "back") == b"back"
+    assert _rx(run, "q/nest2") == b"/nest" and _rx(run, "q/nest2/in2") == b"in"
+    run.assert_upper()
+
+
+def test_view_matches_the_kernel(run):
+    run.assert_view()
+    run.assert_workdirs()
+
+
+def test_remount_stable(run):
+    run.assert_remount_stable()
+
+
+def _cross(run, src, impl, options=("redirect_dir=on",)):
+    """A mount by *impl* of the upper *src* side wrote (fresh workdir): its view."""
+    side = src.side
+    saved = side.options
+    side.options = list(options)
+    try:
+        with side.mount(impl, workdir=side.fresh_workdir()) as m:
+            return side.view(m)
+    finally:
+        side.options = saved
+
+
+def test_each_mounts_the_others_upper(run):
+    """pyoverlay mounts the kernel's upper and the kernel pyoverlay's: the same view."""
+    run._need(run.k, "the remount")
+    run._need(run.s, "the remount")
+    for src, impl in ((run.k, "subject"), (run.s, "kernel")):
+        view = _cross(run, src, impl)
+        d = diff_snapshots(run.k.remount_view, view, a_name="kernel", b_name=f"{impl} on {src.impl}'s upper")
+        assert not d, format_diff(d, f"{impl} on the {src.impl}'s upper:")
+
+
+def test_follow_mount_reads_redirects(run):
+    """redirect_dir=follow (the module default here) on an upper with redirects: the same
+    view as the kernel's follow mount."""
+    kv = _cross(run, run.k, "kernel", ("redirect_dir=follow",))
+    sv = _cross(run, run.s, "subject", ("redirect_dir=follow",))
+    d = diff_snapshots(kv, sv, a_name="kernel", b_name="pyoverlay")
+    assert not d, format_diff(d, "redirect_dir=follow views differ:")
+
+
+# --- without redirect_dir=on: EXDEV, as before ------------------------------------------------
+
+
+def _exdev_ops(m, rec):
+    rec.do("lower dir", os.rename, m / "ld", m / "ld2")
+    rec.do("merged dir", os.rename, m / "md", m / "q/md2")
+
+
+@pytest.mark.parametrize("mode", ["follow", "nofollow", "off"])
+def test_other_modes_refuse_with_exdev(tmp_path, mode):
+    run = run_pair(tmp_path, _layers(), _exdev_ops, options=[f"redirect_dir={mode}"])
+    assert run.k.results["lower dir"] == "ERR:EXDEV"
+    run.assert_results()
+    run.assert_upper()
+
+
+# --- the options ------------------------------------------------------------------------------
+
+
+def test_parse_values():
+    for v in ("on", "follow", "nofollow", "off"):
+        assert parse_options([f"redirect_dir={v}"])["redirect_dir"] == v
+    with pytest.raises(ConfigError, match="expected on|follow|nofollow|off"):
+        parse_options(["redirect_dir=yes"])
+    with pytest.raises(ConfigError, match="needs a value"):
+        parse_options(["redirect_dir"])
+
+
+def _params(tmp_path, redirect_dir, always_follow):
+    d = tmp_path / "params"
+    d.mkdir(exist_ok=True)
+    (d / "redirect_dir").write_text(redirect_dir + "\n")
+    (d / "redirect_always_follow").write_text(always_follow + "\n")
+    return str(d)
+
+
+def test_defaults_from_the_module_parameters(tmp_path):
+    """ovl_redirect_mode_def, and off -> follow/nofollow by redirect_always_follow."""
+    assert features.redirect_default(_params(tmp_path, "Y", "N")) == "on"
+    assert features.redirect_default(_params(tmp_path, "N", "Y")) == "follow"
+    assert features.redirect_default(_params(tmp_path, "N", "N")) == "nofollow"
+    assert features.effective_redirect("off", False, params_dir=_params(tmp_path, "Y", "Y")) == "follow"
+    assert features.effective_redirect("off", False, params_dir=_params(tmp_path, "Y", "N")) == "nofollow"
+    assert features.effective_redirect("", True, params_dir=_params(tmp_path, "Y", "Y")) == "nofollow"
+    machine = features.redirect_default()  # this machine's module (redirect_dir=N here: not on)
+    assert machine == ("on" if features.module_param("redirect_dir", "N") == "Y" else machine)
+
+
+def _stack(tmp_path):
+    for d in ("l", "u", "m"):
+        (tmp_path / d).mkdir()
+    return str(tmp_path / "l"), str(tmp_path / "u"), str(tmp_path / "m")
+
+
+@pytest.mark.parametrize("mode", ["on", "follow", "off"])
+def test_userxattr_conflicts_as_the_kernel(tmp_path, mode):
+    """The kernel refuses userxattr with any redirect_dir but nofollow (EINVAL)."""
+    low, up, mnt = _stack(tmp_path)
+    with pytest.raises(ConfigError, match=f"conflicting options: userxattr,redirect_dir={mode}"):
+        build_config(low, up, mnt, options=[f"userxattr,redirect_dir={mode}"])
+    kernel = subprocess.run(
+        ["mount", "-t", "overlay", "ov", "-o", f"lowerdir={low},upperdir={up},workdir={tmp_path}/w,userxattr,"
+         f"redirect_dir={mode}", mnt],
+        capture_output=True,
+    )  # fmt: skip
+    if kernel.returncode == 0:
+        subprocess.run(["umount", mnt], check=True)
+    assert kernel.returncode != 0
+
+
+def test_userxattr_nofollow_accepted(tmp_path):
+    low, up, mnt = _stack(tmp_path)
+    cfg = build_config(low, up, mnt, options=["userxattr,redirect_dir=nofollow"])
+    assert cfg.redirect_dir == "nofollow" and not features.creates_redirects(cfg)
+    cfg = build_config(low, up, mnt, options=["userxattr"])
+    assert cfg.redirect_dir == "nofollow"
+    cfg = build_config(low, up, mnt, options=["nouserxattr,redirect_dir=on"])
+    assert cfg.redirect_dir == "on" and features.creates_redirects(cfg)
+
+
+def test_cli_refusal_is_one_line(tmp_path):
+    low, up, mnt = _stack(tmp_path)
+    r = subprocess.run(
+        [sys.executable, "-m", "overlayfs_py", "mount", "-o", "userxattr,redirect_dir=on", low, up, mnt],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 2, r
+    assert "conflicting options: userxattr,redirect_dir=on" in r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_mounts_shows_the_mode(tmp_path):
+    """`pyoverlay mounts` shows the effective mode (the text form only when it is not the
+    module's default, as the kernel's mount options)."""
+    low, up, mnt = _stack(tmp_path)
+    env = dict(os.environ, PYOVERLAY_STATE_DIR=str(tmp_path / "state"), XDG_RUNTIME_DIR=str(tmp_path / "state"))
+    py = [sys.executable, "-m", "overlayfs_py"]
+    subprocess.run([*py, "mount", "-o", "redirect_dir=on", low, up, mnt], check=True, env=env, capture_output=True)
+    try:
+        out = subprocess.run([*py, "mounts", "--json"], check=True, env=env, capture_output=True, text=True).stdout
+        text = subprocess.run([*py, "mounts"], check=True, env=env, capture_output=True, text=True).stdout
+    finally:
+        subprocess.run([*py, "umount", mnt], check=True, env=env, capture_output=True)
+    import json
+
+    (m,) = [x for x in json.loads(out) if x["mountpoint"] == mnt]
+    assert m["redirect_dir"] == "on"
+    if features.redirect_default() != "on":
+        assert "redirect_dir=on" in text
