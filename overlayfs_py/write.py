@@ -452,7 +452,7 @@ class WritePath:
             value = self._redirect_for(n, parent is newparent)
             if value is not None:
                 if len(value) > self.redirect_max:  # ovl_get_redirect: userspace moves it
-                    self.trace.emit("rename_exdev", path=display(n.relpath()), target=display(value))
+                    self.trace.emit("rename_exdev", path=display(n.relpath()), target=os.fsdecode(value))
                     raise OSError(errno.EXDEV, "redirect too long")
                 try:
                     os.setxattr(_sys.proc_path(n.fd), self.names.redirect, value, follow_symlinks=True)
@@ -486,11 +486,11 @@ class WritePath:
             os.unlink(name, dir_fd=opfd)
         if self.stack.aufs and not exchange:
             self._drop_upper_marker(npfd, newname, False, new_path)
-        extra: dict[str, Any] = {}
-        if src.id in redirects:  # redirect_dir=on: where its lower content still is
-            extra["redirect"] = display(redirects[src.id])
+        # redirect: the overlay.redirect written on the renamed directory (redirect_dir=on),
+        # where its lower content still is; null when none was written
+        extra: dict[str, Any] = {"redirect": os.fsdecode(redirects[src.id]) if src.id in redirects else None}
         if exchange and dst is not None and dst.id in redirects:
-            extra["target_redirect"] = display(redirects[dst.id])
+            extra["target_redirect"] = os.fsdecode(redirects[dst.id])
         self.trace.emit("rename", path=old_path, target=new_path, exchange=exchange, **extra)
         if parent is not newparent:  # ovl_rename: an object with an origin into another dir
             if has_origin(src.fd, self.names):

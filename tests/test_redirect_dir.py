@@ -295,3 +295,23 @@ def test_mounts_shows_the_mode(tmp_path):
     assert m["redirect_dir"] == "on"
     if features.redirect_default() != "on":
         assert "redirect_dir=on" in text
+
+
+def _impure_dirs(upper):
+    found = set()
+    for dirpath, _dirs, _files in os.walk(upper):
+        try:
+            os.getxattr(dirpath, "trusted.overlay.impure")
+        except OSError:
+            continue
+        found.add(os.path.relpath(dirpath, upper))
+    return found
+
+
+def test_impure_as_the_kernel(run):
+    """overlay.impure on the same upper dirs (the snapshots leave it out): the new parents
+    of moved directories with an origin, the parents of copied-up ones."""
+    run._need(run.s, "the upper")
+    kernel = _impure_dirs(run.k.side.upper)
+    assert {"q", "q/nest2"} <= kernel
+    assert _impure_dirs(run.s.side.upper) == kernel
