@@ -315,3 +315,72 @@ def test_impure_as_the_kernel(run):
     kernel = _impure_dirs(run.k.side.upper)
     assert {"q", "q/nest2"} <= kernel
     assert _impure_dirs(run.s.side.upper) == kernel
+
+
+# --- diff and commit: an OCI layer has no redirects --------------------------------------------
+
+
+def _tree(root):
+    """{path: (type, mode, uid, gid, content or target)} of a directory tree (no xattrs)."""
+    out = {}
+    for dirpath, dirs, files in os.walk(root):
+        for n in dirs + files:
+            p = os.path.join(dirpath, n)
+            st = os.lstat(p)
+            rel = os.path.relpath(p, root)
+            if os.path.islink(p):
+                body = os.readlink(p)
+            elif os.path.isfile(p):
+                body = _read(p)
+            else:
+                body = None
+            out[rel] = (st.st_mode, st.st_uid, st.st_gid, body)
+    return out
+
+
+@pytest.mark.parametrize("side", ["k", "s"])
+def test_layer_tar_writes_redirected_dirs_in_full(run, tmp_path, side):
+    """The upper (the kernel's or pyoverlay's) as a layer tar, with its lowers: extracted
+    and stacked on the lowers (a kernel overlay, no redirect anywhere), it shows the same
+    tree as a kernel mount of the upper with redirect_dir=on."""
+    from helpers.mounts import KernelOverlay
+    from overlayfs_py.whiteout import XattrNames
+    from runner.images.core import ImageError
+    from runner.images.extract import extract
+    from runner.images.layertar import write_layer
+
+    sr = getattr(run, side)
+    run._need(sr, "the upper")
+    lowers = [str(p) for p in sr.side.lowers]
+    tar = tmp_path / "layer.tar"
+    with open(tar, "wb") as f:
+        write_layer(str(sr.side.upper), f, lowers=lowers)
+    with open(tmp_path / "refused.tar", "wb") as f, pytest.raises(ImageError, match="renamed by redirect"):
+        write_layer(str(sr.side.upper), f)
+    layer = tmp_path / "layer"
+    layer.mkdir()
+    with open(tar, "rb") as f:
+        extract(f, str(layer), XattrNames())
+    with KernelOverlay([layer, *lowers], tmp_path / "flat") as m:
+        flat = _tree(m.path)
+    with KernelOverlay(
+        lowers, tmp_path / "orig", upper=sr.side.upper, workdir=sr.side.fresh_workdir(), options=["redirect_dir=on"]
+    ) as m:
+        orig = _tree(m.path)
+    assert "q/md2/bottom" in orig and "ld2/sub/g" in orig
+    assert flat == orig
+
+
+@pytest.mark.parametrize("side", ["k", "s"])
+def test_diff_reports_a_deletion_and_a_full_new_dir(run, side):
+    from overlayfs_py.diff import diff
+
+    sr = getattr(run, side)
+    run._need(sr, "the upper")
+    got = {str(c) for c in diff(str(sr.side.upper), [str(p) for p in sr.side.lowers])}
+    for line in ("D /ld", "A /ld2", "A /ld2/f", "A /ld2/sub", "A /ld2/sub/g", "A /ld2/sym"):
+        assert line in got, (line, sorted(got))
+    for line in ("D /md", "A /q/md2", "A /q/md2/top", "A /q/md2/bottom", "A /q/md2/inner/b", "C /q"):
+        assert line in got, (line, sorted(got))
+    assert "D /empty" in got and "A /empty/f" in got  # renamed over an empty lower dir
+    assert "A /q/nest2/in2/f" in got and "A /q/nest2/g" in got
