@@ -17,6 +17,7 @@ The on-disk encodings (whiteout, opaque) come from ``whiteout.py``.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
@@ -207,6 +208,12 @@ class WritePath:
             make(pfd, name)
             if owner is not None:
                 self._chown_keep_mode(pfd, name, *owner, made() if made is not None else None)
+            if opaque and self.redirect_dir and parent.is_merged:
+                # ovl_create_upper: a new directory in a merged one is made opaque ("just an
+                # optimization") unless the mount allows offline changes to the lowers
+                # (ovl_allow_offline_changes: none of redirect_dir=on, index, metacopy, ...)
+                with contextlib.suppress(OSError):
+                    self._make_opaque(pfd, name, path)
             if self.stack.aufs:
                 self._drop_upper_marker(pfd, name, opaque, path)
         self.stack.dirfds.forget_one(copy.upper, _child(parent, name))

@@ -118,6 +118,7 @@ def _ops(m, rec):
     rec.do("rmdir renamed emptied", os.rmdir, m / "q/nr2")
     rec.do("mv", lambda: subprocess.run(["mv", str(m / "mvd"), str(m / "q/mvd2")], capture_output=True).returncode)
     rec.do("ls q/mvd2/sub", _ls, m / "q/mvd2/sub")
+    rec.do("mkdir in a merged dir", os.mkdir, m / "q/newdir")
 
 
 @pytest.fixture(scope="module")
@@ -143,6 +144,13 @@ def test_redirects_written_as_the_kernel(run):
     assert _rx(run, "q/tw3") == b"/tw" and _rx(run, "back") == b"back"
     assert _rx(run, "q/nest2") == b"/nest" and _rx(run, "q/nest2/in2") == b"in"
     run.assert_upper()
+
+
+def test_new_dir_in_merged_dir_is_opaque(run):
+    """ovl_create_upper: with redirect_dir=on (no offline changes to the lowers allowed) a
+    new directory in a merged one is made opaque."""
+    assert run.kupper("q/newdir")["xattrs"].get("trusted.overlay.opaque") == b"y"
+    run.assert_upper("q/newdir")
 
 
 def test_view_matches_the_kernel(run):
