@@ -101,6 +101,12 @@ def resolve(cfg):
     return dataclasses.replace(cfg, redirect_dir=mode)
 
 
+def follows_redirects(cfg) -> bool:
+    """Whether a mount of *cfg* follows redirects (nofollow: a lookup that would is EPERM)."""
+    mode = cfg.redirect_dir if cfg.userxattr is not None else ""
+    return (mode or effective_redirect("", bool(cfg.userxattr))) != "nofollow"
+
+
 def creates_redirects(cfg) -> bool:
     """Whether a mount of *cfg* writes redirects (renames directories with lower content)."""
     if cfg.upperdir is None or cfg.read_only:

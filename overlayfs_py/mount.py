@@ -138,6 +138,7 @@ def build_overlay(
     stack = LayerStack(
         cfg.lowerdirs, cfg.upperdir, names, init_layer=cfg.container is not None, aufs=cfg.aufs_whiteouts
     )
+    stack.follow_redirects = features.follows_redirects(cfg)
     # Every node holds a descriptor: the budget and the table's cap fit RLIMIT_NOFILE.
     fd_limit = _sys.raise_nofile_limit()
     max_nodes = clamp_node_budget(cfg.max_nodes, fd_limit, stack.dirfds)

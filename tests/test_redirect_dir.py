@@ -392,3 +392,41 @@ def test_diff_reports_a_deletion_and_a_full_new_dir(run, side):
         assert line in got, (line, sorted(got))
     assert "D /empty" in got and "A /empty/f" in got  # renamed over an empty lower dir
     assert "A /q/nest2/in2/f" in got and "A /q/nest2/g" in got
+
+
+def test_nofollow_mount_refuses_redirects(run):
+    """redirect_dir=nofollow on an upper with redirects: a lookup that would follow one is
+    EPERM, as the kernel's ("refusing to follow redirect"), on the kernel's upper and on
+    pyoverlay's."""
+    from helpers.snapshot import snapshot
+
+    def look(src, impl):
+        side = src.side
+        saved, side.options = side.options, ["redirect_dir=nofollow"]
+        out = {}
+        try:
+            with side.mount(impl, workdir=side.fresh_workdir()) as m:
+                for p in ("ld2", "q/md2", "back", "q/nest2", "x1", "old", "b_missing"):
+                    try:
+                        st = os.lstat(m.path / p)
+                        out[p] = "dir" if os.path.isdir(m.path / p) else st.st_mode
+                    except OSError as e:
+                        out[p] = e.errno
+                out["ls /"] = _try(lambda: _ls(m.path))
+                out["ls a/b"] = _try(lambda: _ls(m.path / "a/b"))
+                out["snapshot"] = sorted(snapshot(m.path)["entries"]) if out["ls /"] != 1 else None
+        finally:
+            side.options = saved
+        return out
+
+    kernel = look(run.k, "kernel")
+    assert kernel["ld2"] == 1 and kernel["old"] == "dir"  # EPERM; a plain dir is fine
+    assert look(run.k, "subject") == kernel
+    assert look(run.s, "subject") == kernel
+
+
+def _try(fn):
+    try:
+        return fn()
+    except OSError as e:
+        return e.errno
