@@ -11,8 +11,8 @@ non-directory below a directory) ends the merge.
 from __future__ import annotations
 
 import collections
-import logging
 import errno
+import logging
 import os
 import stat
 from collections.abc import Sequence
