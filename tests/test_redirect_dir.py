@@ -9,6 +9,7 @@ Both engines: run with PYOVERLAY_ENGINE=direct and =pyfuse3.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
@@ -430,3 +431,73 @@ def _try(fn):
         return fn()
     except OSError as e:
         return e.errno
+
+
+# --- check, and a server killed in the middle of redirect renames ------------------------------
+
+
+@pytest.mark.parametrize("side", ["k", "s"])
+def test_check_finds_the_upper_clean(run, side):
+    """`pyoverlay check` judges the redirects either side wrote as consistent."""
+    sr = getattr(run, side)
+    run._need(sr, "the upper")
+    lowers = ":".join(str(p) for p in sr.side.lowers)
+    r = subprocess.run(
+        [sys.executable, "-m", "overlayfs_py", "check", "--lower", lowers, "--workdir", str(sr.side.workdir),
+         str(sr.side.upper)],
+        capture_output=True,
+        text=True,
+    )  # fmt: skip
+    assert r.returncode == 0 and "clean" in r.stdout, r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("engine", ["direct", "pyfuse3"])
+def test_sigkill_during_redirect_renames(tmp_path, engine):
+    """Four threads renaming 600 lower directories by redirect (within their parent, to
+    another one) when the server is killed: the next pyoverlay mount and the kernel's (the
+    same view, read-write) show each directory, with its lower content, at its old or its
+    new name, never at both and never lost."""
+    from test_faults import DEAD, Workers, _dead_mount_checks, _kill_when
+
+    from helpers import mounts
+    from helpers.faults import remount_and_compare
+
+    lower, upper, workdir = tmp_path / "lower", tmp_path / "upper", tmp_path / "workdir"
+    upper.mkdir()
+    workdir.mkdir()
+    (lower / "b").mkdir(parents=True)
+    n = 600
+    for i in range(n):
+        (lower / "a" / f"d{i}" / "sub").mkdir(parents=True)
+        (lower / "a" / f"d{i}" / "sub" / "f").write_bytes(b"dir %d\n" % i)
+
+    def dest(i: int) -> str:
+        return f"a/e{i}" if i % 2 else f"b/e{i}"
+
+    opts = [f"engine={engine}", "redirect_dir=on"]
+    with mounts.PyoverlayMount(
+        [lower], tmp_path / "mnt", upper=upper, workdir=workdir, options=opts, log_path=tmp_path / "srv.log"
+    ) as m:
+        jobs = [
+            [(i, lambda i=i: os.rename(m.path / "a" / f"d{i}", m.path / dest(i))) for i in range(n) if i % 4 == k]
+            for k in range(4)
+        ]
+        w = Workers(jobs)
+        w.start()
+        _kill_when(m, lambda: w.count >= 150, "redirect renames")
+        assert w.join(60), "renames are still blocked 60 s after the server was killed"
+        assert w.inflight, "the renames all finished before the kill: nothing was tested"
+        assert set(w.errors.values()) <= DEAD, f"renames got {w.errors}"
+        _dead_mount_checks(m)
+    view = remount_and_compare([lower], upper, workdir, tmp_path, engine)
+    done, inflight = set(w.done), set(w.inflight.values())
+    for i in range(n):
+        data = b"dir %d\n" % i
+        want = ("file", len(data), hashlib.sha256(data).hexdigest())
+        here = [p for p in (f"a/d{i}", dest(i)) if view.get(f"{p}/sub/f") is not None]
+        assert len(here) == 1, f"directory {i}: found at {here}"
+        assert view[f"{here[0]}/sub/f"] == want, f"directory {i}: {view[f'{here[0]}/sub/f']}"
+        if i in done:
+            assert here == [dest(i)], f"rename {i} (done before the kill) is at {here}"
+        elif i not in inflight:
+            assert here == [f"a/d{i}"], f"directory {i} was never renamed but is at {here}"
