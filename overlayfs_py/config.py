@@ -547,7 +547,16 @@ def build_config(
         redirect_dir=str(opts.get("redirect_dir", "")),
     )
     validate(cfg, workdir_may_be_missing=workdir_defaulted)
-    return features.resolve(cfg)  # when userxattr is known; else userxattr.plan does it
+    return resolve_features(cfg)  # when userxattr is known; else userxattr.plan does it
+
+
+def resolve_features(cfg: MountConfig) -> MountConfig:
+    """*cfg* with the kernel's feature rules applied (features.resolve: the effective
+    ``redirect_dir``); ConfigError where the kernel refuses the options together."""
+    try:
+        return features.resolve(cfg)
+    except features.FeatureConflict as exc:
+        raise ConfigError(str(exc)) from None
 
 
 ENGINES = ("pyfuse3", "direct")

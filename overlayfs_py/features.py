@@ -30,12 +30,21 @@ from __future__ import annotations
 import dataclasses
 import os
 
+from .errors import PyoverlayError
+
 #: the values of ``-o redirect_dir=`` (the kernel's ovl_parameter_redirect_dir)
 REDIRECT_CHOICES = ("on", "follow", "nofollow", "off")
 #: where the kernel's module parameters are
 PARAMS_DIR = "/sys/module/overlay/parameters"
 #: the kernel's default of ``redirect_max`` (an absolute redirect longer is EXDEV)
 REDIRECT_MAX_DEFAULT = 256
+
+
+class FeatureConflict(PyoverlayError):
+    """Options the kernel refuses together (its EINVAL); the message is one line (a usage
+    error, exit status 2, as ConfigError)."""
+
+    exit_code = 2
 
 
 def module_param(name: str, default: str, params_dir: str = PARAMS_DIR) -> str:
@@ -70,18 +79,17 @@ def redirect_max(params_dir: str = PARAMS_DIR) -> int:
 
 def effective_redirect(asked: str, userxattr: bool, *, params_dir: str = PARAMS_DIR) -> str:
     """The redirect mode of a mount that asked for *asked* ("" = not given), the kernel's
-    way (ovl_parse_param, ovl_fs_params_verify). Raises ConfigError where the kernel
-    refuses the mount (EINVAL)."""
-    from .config import ConfigError
-
+    way (ovl_parse_param, ovl_fs_params_verify). Raises where the kernel
+    refuses the mount (EINVAL): FeatureConflict (config.resolve_features makes it a
+    ConfigError)."""
     if asked and asked not in REDIRECT_CHOICES:
-        raise ConfigError(f"invalid value '{asked}' for redirect_dir (expected {'|'.join(REDIRECT_CHOICES)})")
+        raise FeatureConflict(f"invalid value '{asked}' for redirect_dir (expected {'|'.join(REDIRECT_CHOICES)})")
     mode = asked or redirect_default(params_dir)
     if mode == "off":
         mode = "follow" if _yes(module_param("redirect_always_follow", "Y", params_dir)) else "nofollow"
     if userxattr:
         if asked and mode != "nofollow":
-            raise ConfigError(
+            raise FeatureConflict(
                 f"conflicting options: userxattr,redirect_dir={asked} (the kernel refuses them too:"
                 " with userxattr redirects are neither created nor followed; use redirect_dir=nofollow)"
             )
@@ -92,7 +100,7 @@ def effective_redirect(asked: str, userxattr: bool, *, params_dir: str = PARAMS_
 def resolve(cfg):
     """*cfg* (a MountConfig whose ``userxattr`` is decided) with its features resolved: the
     effective ``redirect_dir``. Idempotent; a cfg whose userxattr is still None is returned
-    as is (userxattr.plan resolves it)."""
+    as is (userxattr.plan resolves it). FeatureConflict: use config.resolve_features."""
     if cfg.userxattr is None:
         return cfg
     mode = effective_redirect(cfg.redirect_dir, bool(cfg.userxattr))

@@ -24,7 +24,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from . import _sys, features, state, unixsock, userxattr
-from .config import MountConfig
+from .config import MountConfig, resolve_features
 from .errors import PyoverlayError
 from .logs import one_line, setup_logging
 from .privilege import privileged
@@ -242,7 +242,7 @@ def start_background(
     """
     if cfg.userxattr is None:
         cfg = userxattr.plan(cfg)
-    cfg = features.resolve(cfg)  # ConfigError on options the kernel refuses together
+    cfg = resolve_features(cfg)  # ConfigError on options the kernel refuses together
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:  # the server

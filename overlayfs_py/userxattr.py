@@ -31,7 +31,7 @@ import json
 import os
 import stat
 
-from .config import ConfigError, MountConfig
+from .config import ConfigError, MountConfig, resolve_features
 from .whiteout import prefix_for
 
 RECORD = "pyoverlay.json"
@@ -108,12 +108,10 @@ def _load(path: str, dir_fd: int | None = None):
 
 def resolve(cfg: MountConfig, privileged: bool) -> MountConfig:
     """*cfg* with ``userxattr`` decided (True/False, never None)."""
-    from . import features
-
     rec, where = recorded(cfg)
     value = choose(cfg.userxattr, rec, privileged, upper=cfg.upperdir or "", where=where)
     cfg = cfg if value is cfg.userxattr else dataclasses.replace(cfg, userxattr=value)
-    return features.resolve(cfg)  # the redirect mode depends on the namespace
+    return resolve_features(cfg)  # the redirect mode depends on the namespace
 
 
 def plan(cfg: MountConfig) -> MountConfig:
