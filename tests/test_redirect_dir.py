@@ -55,8 +55,14 @@ def _layers():
         "mvd/sub/f": F(b"mv\n"),
         "nr": D(),
         "nr/f": F(b"noreplace\n"),
+        # absolute redirects of 257 and 256 bytes: the module's redirect_max is 256
+        f"{LONG[0]}/{LONG[1]}/{LONG[2]}x/f": F(b"too long\n"),
+        f"{LONG[0]}/{LONG[1]}/{LONG[2]}/f": F(b"just fits\n"),
     }
     return [l1, l2]
+
+
+LONG = ("L" * 100, "M" * 100, "N" * 53)
 
 
 def _read(p):
@@ -120,6 +126,10 @@ def _ops(m, rec):
     rec.do("mv", lambda: subprocess.run(["mv", str(m / "mvd"), str(m / "q/mvd2")], capture_output=True).returncode)
     rec.do("ls q/mvd2/sub", _ls, m / "q/mvd2/sub")
     rec.do("mkdir in a merged dir", os.mkdir, m / "q/newdir")
+    deep = m / LONG[0] / LONG[1]
+    rec.do("redirect longer than redirect_max", os.rename, deep / (LONG[2] + "x"), m / "q/long")
+    rec.do("redirect of redirect_max bytes", os.rename, deep / LONG[2], m / "q/fits")
+    rec.do("read q/fits/f", _read, m / "q/fits/f")
 
 
 @pytest.fixture(scope="module")
@@ -133,6 +143,7 @@ def _rx(run, p):
 
 def test_results_match_the_kernel(run):
     k = run.k.results
+    assert k["redirect longer than redirect_max"] == "ERR:EXDEV" and k["redirect of redirect_max bytes"] == "OK"
     assert k["lower-only same parent"] == "OK" and k["merged other parent"] == "OK"
     assert k["stat ld"] == "ERR:ENOENT" and k["rmdir renamed non-empty"] == "ERR:ENOTEMPTY"
     run.assert_results()
@@ -185,11 +196,13 @@ def test_each_mounts_the_others_upper(run):
         assert not d, format_diff(d, f"{impl} on the {src.impl}'s upper:")
 
 
-def test_follow_mount_reads_redirects(run):
-    """redirect_dir=follow (the module default here) on an upper with redirects: the same
-    view as the kernel's follow mount."""
-    kv = _cross(run, run.k, "kernel", ("redirect_dir=follow",))
-    sv = _cross(run, run.s, "subject", ("redirect_dir=follow",))
+@pytest.mark.parametrize("mode", ["follow", "off"])
+def test_follow_mount_reads_redirects(run, mode):
+    """redirect_dir=follow (the module default here), and off (follow, as the module's
+    redirect_always_follow is Y here), on an upper with redirects: the same view as the
+    kernel's mount with that option."""
+    kv = _cross(run, run.k, "kernel", (f"redirect_dir={mode}",))
+    sv = _cross(run, run.s, "subject", (f"redirect_dir={mode}",))
     d = diff_snapshots(kv, sv, a_name="kernel", b_name="pyoverlay")
     assert not d, format_diff(d, "redirect_dir=follow views differ:")
 
