@@ -49,6 +49,7 @@ def _layers():
         "old/f": F(b"old\n"),  # renamed, then its old name reused
         "nest/in/f": F(b"nested\n"),  # contains a renamed dir
         "nest/g": F(b"nest g\n"),
+        "anc/child/f": F(b"below a renamed parent\n"),  # moved out of a renamed parent
         "x1/f": F(b"x1\n"),  # exchanged with x2
         "x2/f": F(b"x2\n"),
         "wr/f": F(b"written after the rename\n"),
@@ -112,6 +113,9 @@ def _ops(m, rec):
     rec.do("nest outer", os.rename, m / "nest", m / "q/nest2")
     rec.do("ls q/nest2", _ls, m / "q/nest2")
     rec.do("read q/nest2/in2/f", _read, m / "q/nest2/in2/f")
+    rec.do("anc rename", os.rename, m / "anc", m / "anc2")
+    rec.do("child out of anc2", os.rename, m / "anc2/child", m / "q/child2")
+    rec.do("read q/child2/f", _read, m / "q/child2/f")
     rec.do("exchange", renameat2, m / "x1", m / "x2", RENAME_EXCHANGE)
     rec.do("read x1/f", _read, m / "x1/f")
     rec.do("read x2/f", _read, m / "x2/f")
@@ -155,6 +159,7 @@ def test_redirects_written_as_the_kernel(run):
     assert _rx(run, "ld2") == b"ld" and _rx(run, "q/md2") == b"/md" and _rx(run, "q/deep2") == b"/a/b/deep"
     assert _rx(run, "q/tw3") == b"/tw" and _rx(run, "back") == b"back"
     assert _rx(run, "q/nest2") == b"/nest" and _rx(run, "q/nest2/in2") == b"in"
+    assert _rx(run, "anc2") == b"anc" and _rx(run, "q/child2") == b"/anc/child"  # via the parent's
     run.assert_upper()
 
 
