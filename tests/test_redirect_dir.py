@@ -519,3 +519,72 @@ def test_sigkill_during_redirect_renames(tmp_path, engine):
             assert here == [dest(i)], f"rename {i} (done before the kill) is at {here}"
         elif i not in inflight:
             assert here == [f"a/d{i}"], f"directory {i} was never renamed but is at {here}"
+
+
+# --- the option rules, against the kernel ------------------------------------------------------
+
+
+def _kernel_shows(tmp_path, opts: list[str], upper: bool = True):
+    """Mount a kernel overlay with *opts*: the feature options /proc/mounts shows, or
+    "EINVAL" when the mount is refused."""
+    import tempfile
+
+    base = tempfile.mkdtemp(dir=tmp_path)
+    for d in ("l1", "l2", "u", "w", "m"):
+        os.mkdir(os.path.join(base, d))
+    spec = f"lowerdir={base}/l1:{base}/l2" + (f",upperdir={base}/u,workdir={base}/w" if upper else "")
+    argv = ["mount", "-t", "overlay", "ov", "-o", ",".join([spec, *opts]), f"{base}/m"]
+    r = subprocess.run(argv, capture_output=True)
+    if r.returncode != 0:
+        return "EINVAL"
+    try:
+        with open("/proc/self/mounts") as f:
+            line = next(x for x in f if x.split()[1] == f"{base}/m")
+    finally:
+        subprocess.run(["umount", f"{base}/m"], check=True)
+    keys = ("redirect_dir", "metacopy", "index", "nfs_export")
+    return {k: v for k, _, v in (o.partition("=") for o in line.split()[3].split(",")) if k in keys}
+
+
+def _shown(res: features.Resolved) -> dict:
+    """What the kernel's ovl_show_options prints for *res*: the values not the default."""
+    d = features.defaults()
+    out = {}
+    if res.redirect_dir != d.redirect_dir:
+        out["redirect_dir"] = res.redirect_dir
+    for k in ("index", "nfs_export", "metacopy"):
+        if getattr(res, k) != getattr(d, k):
+            out[k] = "on" if getattr(res, k) else "off"
+    return out
+
+
+def test_option_rules_match_the_kernel(tmp_path):
+    """features.verify (ovl_parse_param + ovl_fs_params_verify) against the kernel: every
+    combination of redirect_dir, metacopy, index, nfs_export and userxattr, with an upper
+    layer, and the redirect modes without one: the same refusals (EINVAL) and the same
+    resulting options."""
+    import itertools
+
+    cases = []
+    for rd, mc, ix, nf, ux in itertools.product(
+        (None, "on", "follow", "nofollow", "off"), (None, True, False), (None, True, False), (None, True, False), (0, 1)
+    ):
+        cases.append(features.Asked(rd, mc, ix, nf, None, bool(ux), True))
+    for rd, mc in itertools.product((None, "on", "follow", "nofollow", "off"), (None, True)):
+        cases.append(features.Asked(rd, mc, upper=False))
+    bad = []
+    for a in cases:
+        opts = [f"redirect_dir={a.redirect_dir}"] if a.redirect_dir else []
+        for k in ("metacopy", "index", "nfs_export"):
+            v = getattr(a, k)
+            if v is not None:
+                opts.append(f"{k}={'on' if v else 'off'}")
+        opts += ["userxattr"] if a.userxattr else []
+        try:
+            want = _shown(features.verify(a))
+        except features.FeatureConflict:
+            want = "EINVAL"
+        got = _kernel_shows(tmp_path, opts, upper=a.upper)
+        if got != want:
+            bad.append(f"{','.join(opts) or '(none)'}{'' if a.upper else ' (no upper)'}: kernel {got}, verify {want}")
+    assert not bad, "\n".join(bad[:30]) + f"\n({len(bad)} of {len(cases)})"
