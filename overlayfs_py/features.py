@@ -19,8 +19,8 @@ The kernel's other rules, for the features still refused by config.py (``metacop
 ``index``, ``nfs_export``, ``verity``), are code too (:func:`verify`, checked against the
 kernel's mounts), in ovl_fs_params_verify's order: verity needs metacopy (an explicit
 metacopy=off conflicts); metacopy needs ``redirect_dir=on`` (both explicit: conflict; an
-explicit redirect_dir turns metacopy off; else redirect_dir becomes on); nfs_export needs index (explicit index=off: conflict
-or nfs_export off); nfs_export excludes metacopy; userxattr excludes an explicit
+explicit redirect_dir turns metacopy off; else redirect_dir becomes on); nfs_export needs
+index (explicit index=off: conflict or nfs_export off); nfs_export excludes metacopy; userxattr excludes an explicit
 metacopy=on and verity. A mount without an upper layer treats ``follow`` as ``on``
 (nothing is created there).
 """
