@@ -18,7 +18,7 @@ from typing import Any, NoReturn
 
 import click
 
-from . import procfs
+from . import features, procfs
 from .config import build_config
 from .errors import PyoverlayError, fail
 from .logs import one_line as _one_line
@@ -367,6 +367,7 @@ def mount_summary(rec: dict) -> dict:
         "read_only": bool(cfg.get("read_only")),
         "volatile": bool(cfg.get("volatile")),
         "aufs_whiteouts": bool(cfg.get("aufs_whiteouts")),
+        "redirect_dir": cfg.get("redirect_dir") or features.redirect_default(),
         "container": cfg.get("container"),
         "trace_socket": rec.get("trace_socket"),
     }
@@ -395,6 +396,8 @@ def mounts_cmd(as_json):
     for m in found:
         mode = "read-only" if m["read_only"] else "read-write" + (", volatile" if m["volatile"] else "")
         mode += ", aufs whiteouts" if m["aufs_whiteouts"] else ""
+        if m["redirect_dir"] != features.redirect_default():  # as the kernel shows its options
+            mode += f", redirect_dir={m['redirect_dir']}"
         extra = f", container {m['container']}" if m["container"] else ""
         click.echo(f"{m['mountpoint']}  (pid {m['pid']}, engine {m['engine']}, {mode}{extra})")
         for lower in m["lowerdirs"]:

@@ -33,9 +33,10 @@ Documented differences from the kernel:
 * A read-only mount with a single lower layer is accepted (the kernel needs
   two lower layers when there is no upper layer).
 * Data-only lower layers (``::``) are refused.
-* Only the kernel's default behaviour is implemented, so ``redirect_dir``,
-  ``index``, ``metacopy``, ``nfs_export``, ``xino`` and ``verity`` are
-  accepted only in their off/default spellings. ``volatile`` is the kernel's.
+* ``redirect_dir`` takes the kernel's four modes (features.py: defaults from the module
+  parameters, the rules between options); ``index``, ``metacopy``, ``nfs_export``,
+  ``xino`` and ``verity`` are accepted only in their off/default spellings.
+  ``volatile`` is the kernel's.
 * Layouts that hang or deadlock a FUSE overlay are refused up front: the
   mountpoint may not be, contain, or lie inside any layer or the workdir, and
   it must be an empty directory that is not already a mount point.
@@ -50,7 +51,9 @@ import stat
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+from . import features
 from .errors import PyoverlayError
+from .features import REDIRECT_CHOICES
 from .idmap import IdMapError, check_ranges, parse_ranges
 from .whiteout import prefix_for
 
@@ -142,6 +145,10 @@ class MountConfig:
     # every layer, as fuse-overlayfs does (off: they are plain files, as in the kernel overlay;
     # mount.fuse.pyoverlay turns it on; docs/semantics.md, "AUFS whiteouts")
     aufs_whiteouts: bool = False
+    # -o redirect_dir=on|follow|nofollow|off: "" = not given (the module's default); once
+    # userxattr is decided, features.resolve stores the effective mode (on|follow|nofollow):
+    # on = rename directories with lower content by writing overlay.redirect
+    redirect_dir: str = ""
 
     def __post_init__(self) -> None:
         # Accept any sequence but store an immutable tuple.
@@ -304,7 +311,6 @@ _FLAG_WORDS = {
 # Kernel overlay options: value -> accepted (and ignored) or not supported.
 _KERNEL_CHOICES: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     # key: (accepted values, known-but-unsupported values)
-    "redirect_dir": (frozenset({"off", "nofollow"}), frozenset({"on", "follow"})),
     "index": (frozenset({"off"}), frozenset({"on"})),
     "xino": (frozenset({"off", "auto"}), frozenset({"on"})),
     "metacopy": (frozenset({"off"}), frozenset({"on"})),
@@ -333,8 +339,10 @@ def parse_options(opts: Iterable[str]) -> dict[str, str | bool]:
       ``nouserxattr`` -> ``'userxattr': False`` (the last one wins);
     * ``aufs_whiteouts=on|off`` -> True / False (the last one wins).
 
+    * ``redirect_dir=on|follow|nofollow|off`` -> the value (features.resolve applies it).
+
     Accepted and ignored (not in the result): the kernel options
-    ``redirect_dir=off|nofollow``, ``index=off``, ``xino=off|auto``,
+    ``index=off``, ``xino=off|auto``,
     ``metacopy=off``, ``nfs_export=off``, ``uuid=on|off|null|auto``,
     ``verity=off``;
     * the generic flags ``nosuid``, ``nodev``, ``noexec``, ``noatime`` -> ``'mount_flags'``, a
@@ -382,6 +390,14 @@ def parse_options(opts: Iterable[str]) -> dict[str, str | bool]:
                 flag = _FLAG_WORDS[key]
                 flags = [f for f in result.get("mount_flags", ()) if f != flag]  # type: ignore[union-attr]
                 result["mount_flags"] = tuple(flags + [flag] if key == flag else flags)  # type: ignore[assignment]
+            elif key == "redirect_dir":  # the kernel's modes (features.py resolves them)
+                if not has_value:
+                    raise ConfigError(f"mount option '{key}' needs a value ({key}=on|follow|nofollow|off)")
+                if value not in REDIRECT_CHOICES:
+                    raise ConfigError(
+                        f"invalid value {_q(value)} for mount option 'redirect_dir' (expected on|follow|nofollow|off)"
+                    )
+                result["redirect_dir"] = value
             elif key in _KERNEL_CHOICES:
                 accepted, unsupported = _KERNEL_CHOICES[key]
                 if not has_value:
@@ -409,7 +425,7 @@ def known_option(key: str) -> bool:
         or key in _FLAG_KEYS
         or key in _FLAG_WORDS
         or key in _KERNEL_CHOICES
-        or key in ("ro", "rw", "nouserxattr", "aufs_whiteouts")
+        or key in ("ro", "rw", "nouserxattr", "aufs_whiteouts", "redirect_dir")
     )
 
 
@@ -528,9 +544,19 @@ def build_config(
         squash_gid=_squash(opts.get("squash_to_gid"), bool(opts.get("squash_to_root")), "squash_to_gid"),
         aufs_whiteouts=bool(opts.get("aufs_whiteouts", False)),
         mount_flags=tuple(opts.get("mount_flags", ())),  # type: ignore[arg-type]
+        redirect_dir=str(opts.get("redirect_dir", "")),
     )
     validate(cfg, workdir_may_be_missing=workdir_defaulted)
-    return cfg
+    return resolve_features(cfg)  # when userxattr is known; else userxattr.plan does it
+
+
+def resolve_features(cfg: MountConfig) -> MountConfig:
+    """*cfg* with the kernel's feature rules applied (features.resolve: the effective
+    ``redirect_dir``); ConfigError where the kernel refuses the options together."""
+    try:
+        return features.resolve(cfg)
+    except features.FeatureConflict as exc:
+        raise ConfigError(str(exc)) from None
 
 
 ENGINES = ("pyfuse3", "direct")

@@ -25,6 +25,12 @@ Differences from moby, on purpose:
   seeing names a higher lower layer has whited out);
 * moby reports every opaque directory as deleted; here one that has nothing below it in
   the lower view (e.g. a new directory renamed into a merged one) is an ordinary A;
+* a directory renamed by redirect (``overlay.redirect``, ``redirect_dir=on``; moby diffs
+  such uppers naively, merged view against lower view) is reported as a new directory in
+  full: ``A`` (or, over a lower directory at its new path, ``D`` as an opaque one) and every
+  object of its merged content (its lower content included, read through
+  :mod:`.merged`) ``A``, or ``C`` where the lower view has that path; its old path is
+  ``D`` by its whiteout, as any;
 * moby knows only ``trusted.overlay.``; an upper written with ``userxattr`` (its private
   xattrs are ``user.overlay.*``) is read with that prefix.
 
@@ -45,7 +51,7 @@ import stat
 from collections.abc import Sequence
 from typing import NamedTuple
 
-from . import _sys
+from . import _sys, merged
 from .layers import Layer, LayerStack
 from .whiteout import (
     TRUSTED_PREFIX,
@@ -124,11 +130,15 @@ def diff(
         userxattr = bool(detect_userxattr(upper))
     names = XattrNames(USER_PREFIX if userxattr else TRUSTED_PREFIX)
     stack = LayerStack(tuple(lowers), None, names, aufs=aufs) if lowers else None
+    walk = _Walk(upper, stack, names, ignore_identical, aufs)
+    walk.lowers = tuple(lowers)
     try:
-        return _Walk(upper, stack, names, ignore_identical, aufs).run()
+        return walk.run()
     finally:
         if stack is not None:
             stack.close()
+        if walk.full is not None:
+            walk.full.close()
 
 
 Dirs = list[tuple[Layer, bytes]]  # a directory of the lower view: (layer, path in it), top first
@@ -148,6 +158,8 @@ class _Walk:
         self.opaque_dirs: set[bytes] = set()  # opaque dirs that replaced a lower dir
         self.changes: list[Change] = []
         self.changed_dirs: set[bytes] = set()
+        self.lowers: tuple[str, ...] = ()
+        self.full: LayerStack | None = None  # upper over lowers: a redirected dir's content
 
     def run(self) -> list[Change]:
         self.root = os.open(self.upper, _sys.DIR_FLAGS)
@@ -189,6 +201,14 @@ class _Walk:
                 path = rel + b"/" + name if rel else name
                 st = _sys.lstat_at(dfd, name)
                 hits = self.stack.resolve(lower_dirs, name) if lower_dirs and self.stack is not None else []
+                if (
+                    stat.S_ISDIR(st.st_mode)
+                    and self.stack is not None
+                    and _sys.getxattr_at(dfd, name, self.names.redirect) is not None
+                    and not self._is_opaque(dfd, name)
+                ):
+                    self._redirected(path, st, hits)
+                    continue
                 self._entry(dfd, name, path, st, hits, xwhiteouts)
                 if stat.S_ISDIR(st.st_mode):
                     lower_dir = hits and stat.S_ISDIR(hits[0].st.st_mode)
@@ -214,6 +234,29 @@ class _Walk:
         else:
             kind = "A"
         self._record(kind, path, stat.S_ISDIR(st.st_mode))
+
+    def _redirected(self, path: bytes, st: os.stat_result, hits: list) -> None:
+        """A directory renamed by redirect: new, with its whole merged content (module doc)."""
+        if self.full is None:
+            self.full = merged.full_stack(self.upper, self.lowers, self.names, self.aufs)
+        dirs = merged.dirs_of(self.full, path)
+        lower_dir = bool(hits) and stat.S_ISDIR(hits[0].st.st_mode)
+        if hits:
+            self.opaque_dirs.add(path)  # like an opaque dir over a lower one: nothing merges
+        self._record("D" if hits else "A", path, True)
+        if dirs is None:
+            return
+        todo = [(path, dirs, [(h.layer, h.path) for h in hits] if lower_dir else None)]
+        while todo:
+            rel, mdirs, ldirs = todo.pop()
+            for name, mhits in merged.entries(self.full, mdirs):
+                child = rel + b"/" + name
+                lhits = self.stack.resolve(ldirs, name) if ldirs and self.stack is not None else []
+                is_dir = stat.S_ISDIR(mhits[0].st.st_mode)
+                self._record("C" if lhits else "A", child, is_dir)
+                if is_dir:
+                    low = [(h.layer, h.path) for h in lhits] if lhits and stat.S_ISDIR(lhits[0].st.st_mode) else None
+                    todo.append((child, [(h.layer, h.path) for h in mhits], low))
 
     def _record(self, kind: str, path: bytes, is_dir: bool) -> None:
         if is_dir:

@@ -22,7 +22,9 @@ With *aufs* (``-o aufs_whiteouts=on`` mounts: their record says so), an AUFS mar
 path) and ``.wh..wh..opq`` makes its directory opaque, as the mount sees them.
 
 Redirects (``overlay.redirect``) are not followed: every layer is looked at under the
-same path, and a note says so when a directory on the way carries one.
+same path, and a note says so when a directory on the way carries one: it was renamed by
+redirect (``redirect_dir=on``), and the note names the lower path its content comes from
+and the lower layers that have a directory there.
 """
 
 from __future__ import annotations
@@ -183,10 +185,7 @@ class _Explainer:
             found.append((layer, obj))
             redirect = self._xattr(layer, rel, self.names.redirect) if obj.kind == "dir" else None
             if redirect is not None:
-                self.notes.append(
-                    f"{at} in {layer.label} has a redirect ({os.fsdecode(redirect)!r}); "
-                    "redirects are not followed here, the mount may merge other lower directories"
-                )
+                self.notes.append(self._redirect_note(layer, rel, at, redirect))
             if layer not in live:
                 obj.how, obj.hidden_by, obj.at = cut.get(layer.index, ("higher", None, at))
                 continue
@@ -207,6 +206,27 @@ class _Explainer:
                 stopped = obj.opaque and layer is not self.stack.layers[-1]
             prev = obj
         return found, served, merging
+
+    def _redirect_note(self, layer: Layer, rel: bytes, at: str, redirect: bytes) -> str:
+        """The note for a directory with ``overlay.redirect``: it was renamed by redirect
+        (a mount with redirect_dir=on wrote it), and where its lower content comes from."""
+        if redirect.startswith(b"/"):
+            target = redirect.strip(b"/")
+        else:
+            parent = rel.rpartition(b"/")[0]
+            target = parent + b"/" + redirect if parent else redirect
+        below = self.stack.layers[self.stack.layers.index(layer) + 1 :]
+        try:
+            has = [x.label for x in below if (o := self._object(x, target)) is not None and o.kind == "dir"]
+        except OSError:
+            has = []
+        source = "/" + os.fsdecode(target)
+        where = f"{', '.join(has)} {'has' if len(has) == 1 else 'have'} it" if has else "no lower layer has it"
+        return (
+            f"{at} in {layer.label} has a redirect ({os.fsdecode(redirect)!r}); it was renamed by redirect"
+            f" (redirect_dir=on): the mount merges into it the lower directories at {source} ({where});"
+            " redirects are not followed here: the layers below are shown at the same path"
+        )
 
     @staticmethod
     def _hide(obj: LayerObject, prev: LayerObject, at: str) -> None:

@@ -11,6 +11,7 @@ non-directory below a directory) ends the merge.
 from __future__ import annotations
 
 import collections
+import errno
 import logging
 import os
 import stat
@@ -156,6 +157,9 @@ class LayerStack:
         self.samefs = len(devs) == 1
         self.dirfds = DirFdCache()
         self.root_lowers: tuple[Layer, ...] = tuple(self.lowers)  # narrowed by an opaque lower root
+        # redirect_dir=nofollow (features.py): a lookup that would follow a redirect into a
+        # lower layer fails with EPERM, as the kernel's ovl_lookup ("refusing to follow")
+        self.follow_redirects = True
 
     def close(self) -> None:
         if hasattr(self, "dirfds"):
@@ -240,6 +244,8 @@ class LayerStack:
             redirect = redirect_at(dfd, base, self.names)
             if redirect:
                 cands[i + 1 :] = self._redirected(cands[i + 1 :], layer, redirect)
+                if cands[i + 1 :] and not self.follow_redirects:
+                    raise PermissionError(errno.EPERM, "refusing to follow a redirect (redirect_dir=nofollow)")
             i += 1
         return hits
 
@@ -289,6 +295,8 @@ class LayerStack:
             redirect = redirect_at(dfd, base, self.names)
             if redirect:
                 cands[i + 1 :] = self._redirected(cands[i + 1 :], layer, redirect)
+                if cands[i + 1 :] and not self.follow_redirects:
+                    raise PermissionError(errno.EPERM, "refusing to follow a redirect (redirect_dir=nofollow)")
             i += 1
         return hits
 

@@ -23,8 +23,8 @@ import signal
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-from . import _sys, state, unixsock, userxattr
-from .config import MountConfig
+from . import _sys, features, state, unixsock, userxattr
+from .config import MountConfig, resolve_features
 from .errors import PyoverlayError
 from .logs import one_line, setup_logging
 from .privilege import privileged
@@ -154,6 +154,7 @@ def build_overlay(
     stack = LayerStack(
         cfg.lowerdirs, cfg.upperdir, names, init_layer=cfg.container is not None, aufs=cfg.aufs_whiteouts
     )
+    stack.follow_redirects = features.follows_redirects(cfg)
     # Every node holds a descriptor: the budget and the table's cap fit RLIMIT_NOFILE.
     fd_limit = _sys.raise_nofile_limit()
     max_nodes = clamp_node_budget(cfg.max_nodes, fd_limit, stack.dirfds)
@@ -186,7 +187,19 @@ def build_overlay(
         )
     view = Overlay(stack, names, inodes, handles, listings, owners, tracer, copyup, on_out_of_fds=budget.out_of_fds)
     writes = WritePath(
-        view, stack, inodes, handles, listings, copyup, owners, names, tracer, work, volatile=cfg.volatile
+        view,
+        stack,
+        inodes,
+        handles,
+        listings,
+        copyup,
+        owners,
+        names,
+        tracer,
+        work,
+        volatile=cfg.volatile,
+        redirect_dir=features.creates_redirects(cfg),
+        redirect_max=features.redirect_max(),
     )
     return Core(view, writes, budget, work)
 
@@ -252,6 +265,7 @@ def start_background(
     """
     if cfg.userxattr is None:
         cfg = userxattr.plan(cfg)
+    cfg = resolve_features(cfg)  # ConfigError on options the kernel refuses together
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:  # the server

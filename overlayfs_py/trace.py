@@ -36,7 +36,7 @@ EVENTS = {
     "whiteout_remove": ("path",),
     "opaque_dir": ("path",),
     "rename_exdev": ("path", "target"),
-    "rename": ("path", "target", "exchange"),
+    "rename": ("path", "target", "exchange", "redirect"),
     "create": ("path", "kind"),
     "error": ("op", "error"),
 }

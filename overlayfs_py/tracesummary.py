@@ -74,6 +74,8 @@ def row(ev: dict) -> str:
         extra = f"  ({ev.get('kind')})"
     elif kind in ("rename_exdev", "rename"):
         extra = f"  -> {ev.get('target')}"
+        if ev.get("redirect"):
+            extra += f"  (redirect {ev['redirect']})"
     elif kind == "error":
         extra = f"  {ev.get('op')}: {ev.get('error')}"
     size = human(ev.get("bytes", ev.get("size"))) if kind.startswith("copy_up") else ""

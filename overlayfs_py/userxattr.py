@@ -31,7 +31,7 @@ import json
 import os
 import stat
 
-from .config import ConfigError, MountConfig
+from .config import ConfigError, MountConfig, resolve_features
 from .whiteout import prefix_for
 
 RECORD = "pyoverlay.json"
@@ -110,7 +110,8 @@ def resolve(cfg: MountConfig, privileged: bool) -> MountConfig:
     """*cfg* with ``userxattr`` decided (True/False, never None)."""
     rec, where = recorded(cfg)
     value = choose(cfg.userxattr, rec, privileged, upper=cfg.upperdir or "", where=where)
-    return cfg if value is cfg.userxattr else dataclasses.replace(cfg, userxattr=value)
+    cfg = cfg if value is cfg.userxattr else dataclasses.replace(cfg, userxattr=value)
+    return resolve_features(cfg)  # the redirect mode depends on the namespace
 
 
 def plan(cfg: MountConfig) -> MountConfig:

@@ -4,7 +4,9 @@ Every change lands in the upper layer; lower layers are never written. Rules fol
 kernel (fs/overlayfs/dir.c, inode.c, xattrs.c) with its default options: a name removed
 while a lower layer still has it leaves a char 0/0 whiteout; a name re-created over a
 whiteout replaces it atomically (RENAME_EXCHANGE through the workdir), a directory made
-that way is opaque; a directory with lower content cannot be renamed (EXDEV).
+that way is opaque; a directory with lower content cannot be renamed (EXDEV), unless the
+mount has ``redirect_dir=on``: it is then copied up (metadata only) and renamed, and
+records where its lower content is in ``overlay.redirect`` (the kernel's ovl_set_redirect).
 
 ``WritePath`` receives its collaborators in its constructor: the read side (``Overlay``,
 for lookups), the layer stack, the inode table, the handle table, the listings, the
@@ -15,6 +17,7 @@ The on-disk encodings (whiteout, opaque) come from ``whiteout.py``.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
@@ -65,6 +68,8 @@ class WritePath:
         work: Work | None,
         *,
         volatile: bool = False,
+        redirect_dir: bool = False,
+        redirect_max: int = 256,
     ) -> None:
         if (copyup is None) != (work is None):
             raise ValueError("a writable overlay needs both its copy-up and its work/")
@@ -79,6 +84,9 @@ class WritePath:
         self.trace = tracer
         self._work = work
         self.volatile = volatile  # -o volatile: fsync is a no-op (the kernel's ovl_fsync)
+        # -o redirect_dir=on: directories with lower content are renamed (features.py)
+        self.redirect_dir = redirect_dir
+        self.redirect_max = redirect_max  # the module's redirect_max: longer absolute ones: EXDEV
 
     # --- helpers ----------------------------------------------------------------------------
 
@@ -200,6 +208,12 @@ class WritePath:
             make(pfd, name)
             if owner is not None:
                 self._chown_keep_mode(pfd, name, *owner, made() if made is not None else None)
+            if opaque and self.redirect_dir and parent.is_merged:
+                # ovl_create_upper: a new directory in a merged one is made opaque ("just an
+                # optimization") unless the mount allows offline changes to the lowers
+                # (ovl_allow_offline_changes: none of redirect_dir=on, index, metacopy, ...)
+                with contextlib.suppress(OSError):
+                    self._make_opaque(pfd, name, path)
             if self.stack.aufs:
                 self._drop_upper_marker(pfd, name, opaque, path)
         self.stack.dirfds.forget_one(copy.upper, _child(parent, name))
@@ -406,9 +420,14 @@ class WritePath:
             raise OSError(errno.EEXIST, "target exists")
         if exchange and dst is None:
             raise OSError(errno.ENOENT, "no target to exchange with")
-        # The kernel without redirect_dir: a directory with lower content cannot move (EXDEV).
+        # A directory with lower content (ovl_type_merge_or_lower) moves only with
+        # redirect_dir=on (ovl_can_move); else EXDEV, and `mv` copies.
+        redirected: list[Node] = []
         for n in (src, dst if exchange else None):
             if n is not None and n.is_dir and (n.is_merged or not n.layer.is_upper):
+                if self.redirect_dir:
+                    redirected.append(n)
+                    continue
                 self.trace.emit(
                     "rename_exdev",
                     path=display(n.relpath()),
@@ -433,6 +452,20 @@ class WritePath:
         old_needs_wo = not exchange and self._lower_has(parent, name)
         npfd = copy.upper_dir(newparent, "rename")
         opfd = parent.fd  # already upper: copying newparent up cannot have moved it
+        # ovl_set_redirect, before the rename (a crash leaves a redirect that names the
+        # directory's own lower place: harmless)
+        redirects: dict[int, bytes] = {}
+        for n in redirected:
+            value = self._redirect_for(n, parent is newparent)
+            if value is not None:
+                if len(value) > self.redirect_max:  # ovl_get_redirect: userspace moves it
+                    self.trace.emit("rename_exdev", path=display(n.relpath()), target=os.fsdecode(value))
+                    raise OSError(errno.EXDEV, "redirect too long")
+                try:
+                    os.setxattr(_sys.proc_path(n.fd), self.names.redirect, value, follow_symlinks=True)
+                except OSError as exc:  # the kernel falls back to EXDEV (a copy by mv)
+                    raise OSError(errno.EXDEV, f"cannot set the redirect: {exc.strerror}") from None
+                redirects[n.id] = value
         nst = self._upper_entry(npfd, newname)
         # ovl_rename's flags: the old name keeps a whiteout when a lower still has it
         # (RENAME_WHITEOUT, or by swapping with a whiteout already at the new name); a
@@ -448,9 +481,10 @@ class WritePath:
         # ovl_rename: a (pure-upper) directory that lands in a merged directory is made
         # opaque, so that lower content of its new name can never merge into it.
         old_path, new_path = display(_child(parent, name)), display(_child(newparent, newname))
-        if src.is_dir and newparent.is_merged:
+        # (a directory with lower content gets its redirect instead)
+        if src.is_dir and newparent.is_merged and src not in redirected:
             self._make_opaque(src.fd, None, new_path)  # the directory itself, via its fd
-        if exchange and dst is not None and dst.is_dir and parent.is_merged:
+        if exchange and dst is not None and dst.is_dir and parent.is_merged and dst not in redirected:
             self._make_opaque(dst.fd, None, old_path)
         if not exchange and nst is not None and stat.S_ISDIR(nst.st_mode) and not dst_pure:
             self._clear_whiteouts(npfd, newname)  # the upper part of an empty merged dir
@@ -459,7 +493,12 @@ class WritePath:
             os.unlink(name, dir_fd=opfd)
         if self.stack.aufs and not exchange:
             self._drop_upper_marker(npfd, newname, False, new_path)
-        self.trace.emit("rename", path=old_path, target=new_path, exchange=exchange)
+        # redirect: the overlay.redirect written on the renamed directory (redirect_dir=on),
+        # where its lower content still is; null when none was written
+        extra: dict[str, Any] = {"redirect": os.fsdecode(redirects[src.id]) if src.id in redirects else None}
+        if exchange and dst is not None and dst.id in redirects:
+            extra["target_redirect"] = os.fsdecode(redirects[dst.id])
+        self.trace.emit("rename", path=old_path, target=new_path, exchange=exchange, **extra)
         if parent is not newparent:  # ovl_rename: an object with an origin into another dir
             if has_origin(src.fd, self.names):
                 set_impure(npfd, self.names)
@@ -476,9 +515,38 @@ class WritePath:
             self.stack.dirfds.forget(copy.upper, old_rel)
         if dst is not None and dst.is_dir:
             self.stack.dirfds.forget(copy.upper, dst.relpath())
+        for n in redirected:  # known objects below it keep their lower paths
+            _pin_lower_paths(n)
         self.inodes.move(src, parent, name, newparent, newname, exchange=dst if exchange else None)
         if dst is not None and not exchange and not dst.is_dir:
             self._peer_changed(dst)  # one link fewer
+
+    def _upper_redirect(self, node: Node) -> bytes | None:
+        if not node.layer.is_upper or node.parent is None:
+            return None
+        return _sys.getxattr_at(node.fd, None, self.names.redirect)
+
+    def _redirect_for(self, node: Node, samedir: bool) -> bytes | None:
+        """The ``overlay.redirect`` the kernel writes on directory *node* (already copied up)
+        renamed within its parent (*samedir*) or elsewhere; None: its redirect stays
+        (ovl_set_redirect). Same parent: the old name (relative); else the absolute path of
+        its lower content, built from each ancestor's redirect or name up to the root or an
+        absolute redirect (ovl_get_redirect)."""
+        current = self._upper_redirect(node)
+        if current and (samedir or current.startswith(b"/")):
+            return None
+        if samedir:
+            return node.name
+        parts: list[bytes] = []
+        n: Node | None = node
+        while n is not None and n.parent is not None:
+            part = self._upper_redirect(n) or n.name
+            parts.append(part)
+            if part.startswith(b"/"):
+                break
+            n = n.parent
+        path = b"/".join(reversed(parts))
+        return path if path.startswith(b"/") else b"/" + path
 
     # --- attributes and data ------------------------------------------------------------------
 
@@ -632,6 +700,19 @@ class WritePath:
         p, follow = _sys.fd_xattr_path(node.fd)
         os.removexattr(p, self.names.to_real(name), follow_symlinks=follow)
         self._peer_changed(node)
+
+
+def _pin_lower_paths(node: Node) -> None:
+    """Before *node* (a directory with lower content) is renamed by redirect: every known
+    object below it that a lower layer serves keeps its lower path (its relpath changes)."""
+    todo = list((node.children or {}).values())
+    while todo:
+        n = todo.pop()
+        lowers = [x for x in (n.layer, *n.dirs) if not x.is_upper]
+        if n.lpaths is None and lowers:
+            old = n.relpath()
+            n.lpaths = {x.index: old for x in lowers}
+        todo.extend((n.children or {}).values())
 
 
 def _child(parent: Node, name: bytes) -> bytes:

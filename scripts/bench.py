@@ -112,6 +112,11 @@ def parse_args(argv):
         "not those of a default mount: say so when quoting them)",
     )
     p.add_argument(
+        "--kernel-options",
+        metavar="OPTS",
+        help="extra -o options for the kernel overlay's mounts, e.g. redirect_dir=on",
+    )
+    p.add_argument(
         "--transport",
         action="store_true",
         help="separate mode: microseconds per FUSE request (getxattr, open+close) on "
@@ -379,6 +384,9 @@ def bench(args, sizes, sess: Session, out: dict) -> Results:
     sess.layers = prepare_layers(os.path.dirname(sess.run_dir), sizes, keep=args.keep, log=log)
     out["layers"] = {k: v for k, v in sess.layers.meta.items() if k != "spec"}
     ctx = Ctx(sess.layers, log)
+    if args.kernel_options:
+        impls_mod.Kernel.options = [o for o in args.kernel_options.split(",") if o]
+        out["kernel_options"] = impls_mod.Kernel.options
     if args.pyoverlay_options:
         impls_mod.Pyoverlay.options = [o for o in args.pyoverlay_options.split(",") if o]
         out["pyoverlay_options"] = impls_mod.Pyoverlay.options

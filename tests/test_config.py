@@ -198,8 +198,6 @@ def test_parse_options_last_wins_and_empty_items() -> None:
 @pytest.mark.parametrize(
     "opt",
     [
-        "redirect_dir=off",
-        "redirect_dir=nofollow",
         "index=off",
         "xino=off",
         "xino=auto",
@@ -214,6 +212,12 @@ def test_parse_options_last_wins_and_empty_items() -> None:
 )
 def test_parse_options_accepted_and_ignored(opt: str) -> None:
     assert parse_options([opt]) == {}
+
+
+@pytest.mark.parametrize("value", ["on", "follow", "nofollow", "off"])
+def test_parse_options_redirect_dir(value: str) -> None:
+    """The kernel's four modes, kept for features.resolve (tests/test_redirect_dir.py)."""
+    assert parse_options([f"redirect_dir={value}"]) == {"redirect_dir": value}
 
 
 @pytest.mark.parametrize(
@@ -251,8 +255,6 @@ def test_parse_options_mount_flag_takes_no_value(opt: str) -> None:
 @pytest.mark.parametrize(
     "opt",
     [
-        "redirect_dir=on",
-        "redirect_dir=follow",
         "index=on",
         "xino=on",
         "metacopy=on",

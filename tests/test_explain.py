@@ -205,6 +205,20 @@ def test_redirect_is_noted(tmp_path):
     assert ex.served.label == "lower1"
     assert ex.notes and "redirect" in ex.notes[0] and "'old'" in ex.notes[0]
     assert "  note: /new in lower1 has a redirect" in format_text(ex)
+    assert "renamed by redirect" in ex.notes[0] and "at /old (lower2 has it)" in ex.notes[0]
+
+
+def test_redirect_rename_explained(tmp_path):
+    """An upper directory renamed by redirect (absolute, elsewhere): the note says where its
+    lower content is and which lower layers have it."""
+    up, l1, l2 = tmp_path / "u", tmp_path / "l1", tmp_path / "l2"
+    build_layer(up, {"q/moved": D(xattrs={"trusted.overlay.redirect": b"/a/b"})})
+    build_layer(l1, {"a/b/x": F(b"x")})
+    build_layer(l2, {"a/b/y": F(b"y"), "c": D()})
+    ex = explain(str(up), [str(l1), str(l2)], "/q/moved")
+    assert ex.served.label == "upper"
+    assert "/q/moved in upper has a redirect ('/a/b'); it was renamed by redirect" in ex.notes[0]
+    assert "at /a/b (lower1, lower2 have it)" in ex.notes[0]
 
 
 # --- the kernel as the oracle of the verdicts ---------------------------------------------

@@ -523,3 +523,19 @@ def test_whiteout_file_on_disk_matches_the_events(layers, traced):
             if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
                 on_disk.add("/" + os.path.relpath(p, layers / "upper"))
     assert created == on_disk == {"/d/f", "/top.txt"}
+
+
+def test_redirect_rename_event(layers):
+    """redirect_dir=on: renaming a lower directory is a `rename` carrying the redirect
+    written (relative in the same parent, absolute elsewhere); without it, rename_exdev."""
+    trace = layers / "trace.jsonl"
+    m = TracedMount(
+        [layers / "l1", layers / "l2"], layers / "mnt", layers / "upper", trace_file=trace, options=["redirect_dir=on"]
+    )
+    with m:
+        os.rename(m.path / "d", m.path / "d2")
+        os.rename(m.path / "d2", m.path / "e" / "d3")
+        events = m.finish()
+    renames = [(e["path"], e["target"], e["redirect"]) for e in events if e["event"] == "rename"]
+    assert renames == [("/d", "/d2", "d"), ("/d2", "/e/d3", "/d")]
+    assert not [e for e in events if e["event"] in ("rename_exdev", "opaque_dir")]

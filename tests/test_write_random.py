@@ -286,6 +286,9 @@ def _diff(a, b, an, bn, limit=40):
 # --------------------------------------------------------------------------
 
 CASES = [(seed, (), N_OPS) for seed in SEEDS] + [(SEEDS[-1], ("userxattr",), N_OPS)]
+# redirect_dir=on: directories with lower content are renamed by redirect (random renames of
+# merged and lower dirs, then everything else on top of them)
+CASES += [(seed, ("redirect_dir=on",), N_OPS) for seed in SEEDS]
 if not os.environ.get("PYOVERLAY_SEED"):
     # the userxattr hard-link corner (docs/semantics.md, "Namespace changes"): a fifo copied
     # up without an origin record, hard-linked and changed through both of its nodes

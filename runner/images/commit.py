@@ -55,14 +55,25 @@ def find_upper(target: str) -> tuple[str, dict | None]:
     return upper, rec
 
 
-def write_tar(upper: str, output: str) -> tuple[str, int]:
-    """The upper as a tar in *output* ("-": stdout), written whole or not at all."""
+def container_lowers(rec: dict | None) -> list[str] | None:
+    """The layers below a container's upper, top first, as its mount stacks them (the init
+    layer over the image's); None without a container record."""
+    if rec is None:
+        return None
+    init = rec.get("init_layer")
+    return ([init] if init else []) + list(rec.get("layers") or [])
+
+
+def write_tar(upper: str, output: str, rec: dict | None = None) -> tuple[str, int]:
+    """The upper as a tar in *output* ("-": stdout), written whole or not at all. With the
+    container's record, a directory renamed by redirect is written in full (layertar)."""
+    lowers = container_lowers(rec)
     if output == "-":
-        return write_layer(upper, sys.stdout.buffer)
+        return write_layer(upper, sys.stdout.buffer, lowers=lowers)
     tmp = f"{output}.tmp-{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
-            res = write_layer(upper, f)
+            res = write_layer(upper, f, lowers=lowers)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, output)
@@ -96,10 +107,10 @@ def commit_image(upper: str, rec: dict | None, name: str, parent: Image | None, 
     with store.writer() as w:
         descs, diff_ids = [], []
 
-        def add_dir(path: str, what: str) -> None:
+        def add_dir(path: str, what: str, lowers: list[str] | None = None) -> None:
             tmp = w.mktemp("tar")
             with open(tmp, "wb") as f:
-                diff_id, size = write_layer(path, f)
+                diff_id, size = write_layer(path, f, lowers=lowers)
             with open(tmp, "rb") as f:
                 desc, fresh = w.add_layer(
                     f, diff_id=diff_id, digest=diff_id, media_type=MEDIA_TAR, size=size, label=what
@@ -126,7 +137,7 @@ def commit_image(upper: str, rec: dict | None, name: str, parent: Image | None, 
             for path in reversed((rec or {}).get("layers") or []):
                 add_dir(path, f"lower layer {path}")
                 history.append({"created": now, "created_by": f"{CREATED_BY} (lower layer {path})"})
-        add_dir(upper, "upper layer")
+        add_dir(upper, "upper layer", container_lowers(rec))
         history.append({"created": now, "created_by": CREATED_BY})
         config.update(created=now, history=history, rootfs={"type": "layers", "diff_ids": diff_ids})
         return w.add_image(dumps(config), descs, [name])

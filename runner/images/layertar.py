@@ -18,8 +18,13 @@ OCI layer tar: the inverse of :mod:`.unpack`.
 * deterministic: entries in byte order of their names, depth first, a directory before
   its contents, PAX format, no atime/ctime, so the same tree gives the same digest.
 
-An upper that uses ``redirect`` or ``metacopy`` xattrs (kernel options redirect_dir=on,
-metacopy=on) cannot be expressed in a layer tar and is refused.
+A directory renamed by redirect (``overlay.redirect``, written with ``redirect_dir=on``)
+has its lower content elsewhere in the lower layers, which a layer tar cannot say: given
+the lower layers (*lowers*: a container's), it is written in full, as moby writes such an
+upper: the directory, ``.wh..wh..opq`` (nothing a lower has at its new path merges in),
+and its whole merged content (lower objects included, read through
+:mod:`overlayfs_py.merged`); its old path has its whiteout already. Without the lower
+layers such an upper is refused, as one with ``metacopy`` xattrs always is.
 """
 
 from __future__ import annotations
@@ -30,9 +35,11 @@ import os
 import stat
 import sys
 import tarfile
+from collections.abc import Sequence
 from typing import BinaryIO
 
-from overlayfs_py import _sys
+from overlayfs_py import _sys, merged
+from overlayfs_py.layers import LayerStack
 from overlayfs_py.whiteout import TRUSTED_PREFIX, USER_PREFIX, XattrNames, is_whiteout_at
 
 from .core import ImageError
@@ -61,9 +68,13 @@ class _Counting(io.BufferedIOBase):
         return self.count
 
 
-def write_layer(src: str, out: BinaryIO, names: XattrNames | None = None) -> tuple[str, int]:
+def write_layer(
+    src: str, out: BinaryIO, names: XattrNames | None = None, lowers: Sequence[str] | None = None
+) -> tuple[str, int]:
     """Write the layer directory *src* to *out* as a tar; returns ``(diff_id, bytes)``.
-    *names*: the private xattr names of the layer (default: detected, ``trusted.``)."""
+    *names*: the private xattr names of the layer (default: detected, ``trusted.``).
+    *lowers*: the layers below *src* (top first), needed for directories renamed by
+    redirect (module doc)."""
     if names is None:
         from overlayfs_py.diff import detect_userxattr
 
@@ -74,7 +85,14 @@ def write_layer(src: str, out: BinaryIO, names: XattrNames | None = None) -> tup
         with tarfile.open(
             fileobj=sink, mode="w|", format=tarfile.PAX_FORMAT, encoding="utf-8", errors="surrogateescape"
         ) as tf:
-            _Writer(tf, root, names).run()
+            writer = _Writer(tf, root, names)
+            try:
+                if lowers is not None:
+                    writer.full = merged.full_stack(src, lowers, names)
+                writer.run()
+            finally:
+                if writer.full is not None:
+                    writer.full.close()
     except OSError as e:
         raise ImageError(f"cannot read the layer {src}: {e}") from None
     finally:
@@ -89,6 +107,7 @@ class _Writer:
         self.names = names
         self.seen: dict[tuple[int, int], str] = {}  # (dev, ino) -> first name, for hard links
         self.sockets = 0
+        self.full: LayerStack | None = None  # the upper over its lowers: for redirected dirs
 
     def run(self) -> None:
         self.tf.addfile(self._info(".", tarfile.DIRTYPE, os.fstat(self.root), self.root, None))
@@ -117,8 +136,35 @@ class _Writer:
                 file=sys.stderr,
             )
 
-    def _entry(self, dfd: int, rel: bytes, name: bytes) -> bytes | None:
-        """Write one entry; return its path when it is a directory to descend into."""
+    def _redirected(self, dfd: int, path: bytes, name: bytes, st: os.stat_result) -> None:
+        """A directory renamed by redirect: itself, opaque, and its whole merged content."""
+        shown = os.fsdecode(path)
+        dirs = merged.dirs_of(self.full, path) if self.full is not None else None
+        if dirs is None:
+            raise ImageError(
+                f"{shown}: a directory renamed by redirect (overlay redirect_dir=on); its content is in"
+                " the lower layers, which are needed to write it as a layer tar (commit the container)"
+            )
+        self.tf.addfile(self._info(shown, tarfile.DIRTYPE, st, dfd, name, in_merged=True))
+        self.tf.addfile(self._bare(_join(path, OPAQUE), tarfile.REGTYPE, st, st.st_mode & 0o777))
+        assert self.full is not None
+        full = self.full
+        todo = [(path, iter(merged.entries(full, dirs)))]
+        while todo:  # pre-order, as run()
+            rel, it = todo[-1]
+            nxt = next(it, None)
+            if nxt is None:
+                todo.pop()
+                continue
+            child, hits = nxt
+            top = hits[0]
+            pdfd = full.dir_fd(top.layer, top.path.rpartition(b"/")[0])
+            if self._entry(pdfd, rel, child, in_merged=True) is not None:
+                todo.append((_joinb(rel, child), iter(merged.entries(full, [(h.layer, h.path) for h in hits]))))
+
+    def _entry(self, dfd: int, rel: bytes, name: bytes, in_merged: bool = False) -> bytes | None:
+        """Write one entry; return its path when it is a directory to descend into.
+        *in_merged*: an object of a redirected directory's merged content (any layer)."""
         path = rel + b"/" + name if rel else name
         st = _sys.lstat_at(dfd, name)
         if self._is_whiteout(dfd, name, st):
@@ -126,9 +172,12 @@ class _Writer:
             self.tf.addfile(info)
             return None
         mode = st.st_mode
+        if stat.S_ISDIR(mode) and not in_merged and _sys.getxattr_at(dfd, name, self.names.redirect) is not None:
+            self._redirected(dfd, path, name, st)
+            return None  # written in full: not walked again
         if stat.S_ISDIR(mode):
-            self.tf.addfile(self._info(os.fsdecode(path), tarfile.DIRTYPE, st, dfd, name))
-            if _sys.getxattr_at(dfd, name, self.names.opaque) == b"y":
+            self.tf.addfile(self._info(os.fsdecode(path), tarfile.DIRTYPE, st, dfd, name, in_merged))
+            if not in_merged and _sys.getxattr_at(dfd, name, self.names.opaque) == b"y":
                 self.tf.addfile(self._bare(_join(path, OPAQUE), tarfile.REGTYPE, st, mode & 0o777))
             return path
         if stat.S_ISSOCK(mode):
@@ -142,7 +191,7 @@ class _Writer:
             return None
         self.seen[key] = os.fsdecode(path)
         if stat.S_ISREG(mode):
-            info = self._info(os.fsdecode(path), tarfile.REGTYPE, st, dfd, name)
+            info = self._info(os.fsdecode(path), tarfile.REGTYPE, st, dfd, name, in_merged)
             fd = _sys.open_beneath(dfd, name, os.O_RDONLY)
             with os.fdopen(fd, "rb") as f:
                 if os.fstat(fd).st_size != st.st_size:
@@ -156,7 +205,7 @@ class _Writer:
             stat.S_IFBLK: tarfile.BLKTYPE,
             stat.S_IFIFO: tarfile.FIFOTYPE,
         }[stat.S_IFMT(mode)]
-        info = self._info(os.fsdecode(path), kind, st, dfd, name)
+        info = self._info(os.fsdecode(path), kind, st, dfd, name, in_merged)
         if kind == tarfile.SYMTYPE:
             info.linkname = os.fsdecode(_sys.readlink_at(dfd, name))
         elif kind in (tarfile.CHRTYPE, tarfile.BLKTYPE):
@@ -177,10 +226,15 @@ class _Writer:
         set_mtime(info, st.st_mtime_ns)
         return info
 
-    def _info(self, name: str, kind: bytes, st: os.stat_result, dfd: int, base: bytes | None) -> tarfile.TarInfo:
-        """A header with the object's owner, mode, mtime and (user-visible) xattrs."""
+    def _info(
+        self, name: str, kind: bytes, st: os.stat_result, dfd: int, base: bytes | None, in_merged: bool = False
+    ) -> tarfile.TarInfo:
+        """A header with the object's owner, mode, mtime and (user-visible) xattrs. A
+        redirect is private in a redirected directory's merged content (followed there)."""
         info = self._bare(name, kind, st, stat.S_IMODE(st.st_mode))
         for real in sorted(_sys.listxattr_at(dfd, base)):
+            if in_merged and real == self.names.redirect:
+                continue
             if real.startswith((self.names.prefix + "redirect", self.names.prefix + "metacopy")):
                 raise ImageError(
                     f"{name}: the upper uses overlay {real} (redirect_dir/metacopy); "
@@ -193,6 +247,10 @@ class _Writer:
             if value is not None:
                 set_xattr(info, shown, value)
         return info
+
+
+def _joinb(parent: bytes, name: bytes) -> bytes:
+    return parent + b"/" + name if parent else name
 
 
 def _join(parent: bytes | str, name: bytes) -> str:

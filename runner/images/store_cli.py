@@ -116,7 +116,7 @@ def commit_cmd(target, output, image, parent, docker_root):
     try:
         upper, rec = commit.find_upper(target)
         if output:
-            diff_id, size = commit.write_tar(upper, output)
+            diff_id, size = commit.write_tar(upper, output, rec)
             click.echo(f"{output}: {diff_id} ({size} bytes)", err=True)
         if image:
             name = commit.new_name(image)

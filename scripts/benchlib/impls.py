@@ -130,9 +130,11 @@ class Native(Impl):
 
 class Kernel(Impl):
     name = "kernel"
+    options: list[str] = []  # extra -o options (scripts/bench --kernel-options)
 
     def _mount(self) -> None:
         opts = f"lowerdir={self.lowerdir},upperdir={self.upper},workdir={self.work}"
+        opts += "".join("," + o for o in self.options)
         run(["mount", "-t", "overlay", "overlay", "-o", opts, self.merged])
 
     def _unmount(self) -> None:

@@ -14,7 +14,7 @@ from .reads import (  # noqa: F401
     WalkCold,
     WalkWarm,
 )
-from .writes import CopyupBig, CopyupSmall, Create, RmTree, SeqWrite, Unlink, Untar, Whiteout
+from .writes import CopyupBig, CopyupSmall, Create, RenameLowerDir, RmTree, SeqWrite, Unlink, Untar, Whiteout
 
 ALL = [
     WalkCold(),
@@ -36,6 +36,7 @@ ALL = [
     SeqWrite(),
     Untar(),
     RmTree(),
+    RenameLowerDir(),
 ]
 BY_NAME = {w.name: w for w in ALL}
 __all__ = ["ALL", "BY_NAME", "Ctx", "Workload"]

@@ -1,4 +1,5 @@
-"""The write workloads: creates, unlinks, whiteouts, copy-ups, big writes, untar, rm -r."""
+"""The write workloads: creates, unlinks, whiteouts, copy-ups, big writes, untar, rm -r,
+the rename of a large lower directory."""
 
 from __future__ import annotations
 
@@ -262,3 +263,38 @@ class RmTree(Workload):
             _expect(False, impl, "rm -rf left the tree behind")
         except OSError as e:
             _expect(e.errno == errno.ENOENT, impl, f"rm_tree: {e}")
+
+
+class RenameLowerDir(Workload):
+    """``mv`` of a large lower directory (tree/dNN: subs x 100 small files) to a new name.
+    Without ``redirect_dir=on`` the overlay answers EXDEV and mv copies the whole tree and
+    removes the old one (whiteouts); with it, the rename is one copy-up of the directory
+    and a redirect. Each rep moves another lower directory; it is moved back after
+    (untimed), so its content stays where the other workloads look for it."""
+
+    name, group, redoable, copyup = "rename_lower_dir", "write", False, True
+
+    def reps(self, ctx):
+        return max(0, min(ctx.sizes.reps, ctx.sizes.tops - 1))  # the last top is create_10k's
+
+    def _paths(self, ctx, impl, rep) -> tuple[str, str]:
+        return os.path.join(impl.merged, "tree", f"d{rep:02d}"), os.path.join(impl.merged, f"renamed{rep}")
+
+    def prepare(self, ctx, impl, rep):
+        src, _ = self._paths(ctx, impl, rep)  # earlier workloads may have removed some
+        ctx.state[("rename_lower_dir", impl.name, rep)] = sum(len(f) for _, _, f in os.walk(src))
+
+    def run(self, ctx, impl, rep):
+        src, dst = self._paths(ctx, impl, rep)
+        _, secs = _timed(run, ["mv", src, dst])
+        return secs, secs
+
+    def check(self, ctx, impl, rep, result):
+        src, dst = self._paths(ctx, impl, rep)
+        n = sum(len(files) for _, _, files in os.walk(dst))
+        want = ctx.state.pop(("rename_lower_dir", impl.name, rep))
+        _expect(not os.path.exists(src) and n == want, impl, f"mv left {n} of {want} files at the new name")
+
+    def after(self, ctx, impl, rep):
+        src, dst = self._paths(ctx, impl, rep)
+        run(["mv", dst, src])
