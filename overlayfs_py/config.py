@@ -34,8 +34,8 @@ Documented differences from the kernel:
   two lower layers when there is no upper layer).
 * Data-only lower layers (``::``) are refused.
 * Only the kernel's default behaviour is implemented, so ``redirect_dir``,
-  ``index``, ``metacopy``, ``nfs_export``, ``xino`` and ``verity`` are
-  accepted only in their off/default spellings. ``volatile`` is the kernel's.
+  ``index``, ``metacopy``, ``nfs_export`` and ``verity`` are
+  accepted only in their off/default spellings (``xino=on|off|auto`` is implemented). ``volatile`` is the kernel's.
 * Layouts that hang or deadlock a FUSE overlay are refused up front: the
   mountpoint may not be, contain, or lie inside any layer or the workdir, and
   it must be an empty directory that is not already a mount point.
@@ -142,6 +142,8 @@ class MountConfig:
     # every layer, as fuse-overlayfs does (off: they are plain files, as in the kernel overlay;
     # mount.fuse.pyoverlay turns it on; docs/semantics.md, "AUFS whiteouts")
     aufs_whiteouts: bool = False
+    # -o xino=on|off|auto (None: the kernel's default, xino_auto_default()); layers.LayerStack
+    xino: str | None = None
 
     def __post_init__(self) -> None:
         # Accept any sequence but store an immutable tuple.
@@ -306,7 +308,7 @@ _KERNEL_CHOICES: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     # key: (accepted values, known-but-unsupported values)
     "redirect_dir": (frozenset({"off", "nofollow"}), frozenset({"on", "follow"})),
     "index": (frozenset({"off"}), frozenset({"on"})),
-    "xino": (frozenset({"off", "auto"}), frozenset({"on"})),
+    "xino": (frozenset({"on", "off", "auto"}), frozenset()),
     "metacopy": (frozenset({"off"}), frozenset({"on"})),
     "nfs_export": (frozenset({"off"}), frozenset({"on"})),
     "uuid": (frozenset({"on", "off", "null", "auto"}), frozenset()),
@@ -331,10 +333,11 @@ def parse_options(opts: Iterable[str]) -> dict[str, str | bool]:
     * ``ro`` -> True, ``rw`` -> ``'ro': False`` (the last one wins);
     * ``userxattr``, ``allow_other``, ``default_permissions`` -> True;
       ``nouserxattr`` -> ``'userxattr': False`` (the last one wins);
-    * ``aufs_whiteouts=on|off`` -> True / False (the last one wins).
+    * ``aufs_whiteouts=on|off`` -> True / False (the last one wins);
+    * ``xino=on|off|auto`` -> the value (the kernel's inode numbering, layers.LayerStack).
 
     Accepted and ignored (not in the result): the kernel options
-    ``redirect_dir=off|nofollow``, ``index=off``, ``xino=off|auto``,
+    ``redirect_dir=off|nofollow``, ``index=off``,
     ``metacopy=off``, ``nfs_export=off``, ``uuid=on|off|null|auto``,
     ``verity=off``;
     * the generic flags ``nosuid``, ``nodev``, ``noexec``, ``noatime`` -> ``'mount_flags'``, a
@@ -393,6 +396,8 @@ def parse_options(opts: Iterable[str]) -> dict[str, str | bool]:
                 if value not in accepted:
                     choices = "|".join(sorted(accepted | unsupported))
                     raise ConfigError(f"invalid value {_q(value)} for mount option '{key}' (expected {choices})")
+                if key == "xino":
+                    result["xino"] = value
             else:
                 raise ConfigError(f"unknown mount option {_q(key)}")
     return result
@@ -527,10 +532,21 @@ def build_config(
         squash_uid=_squash(opts.get("squash_to_uid"), bool(opts.get("squash_to_root")), "squash_to_uid"),
         squash_gid=_squash(opts.get("squash_to_gid"), bool(opts.get("squash_to_root")), "squash_to_gid"),
         aufs_whiteouts=bool(opts.get("aufs_whiteouts", False)),
+        xino=opts.get("xino"),  # type: ignore[arg-type]
         mount_flags=tuple(opts.get("mount_flags", ())),  # type: ignore[arg-type]
     )
     validate(cfg, workdir_may_be_missing=workdir_defaulted)
     return cfg
+
+
+def xino_default() -> str:
+    """The kernel's xino when the options do not say (fs/overlayfs/params.c): ``auto`` if
+    the overlay module's ``xino_auto`` parameter is Y, else ``off``."""
+    try:
+        with open("/sys/module/overlay/parameters/xino_auto") as f:
+            return "auto" if f.read().strip() == "Y" else "off"
+    except OSError:
+        return "off"
 
 
 ENGINES = ("pyfuse3", "direct")

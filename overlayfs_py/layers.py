@@ -34,7 +34,8 @@ from .whiteout import (
 
 log = logging.getLogger(__name__)
 
-XINO_SHIFT = 56  # layers on several filesystems: the layer's fs index goes in the high bits
+XINO_SHIFT = 56  # xino=off, layers on several filesystems: the layer's fs index goes in the high bits
+XINO_MODES = ("on", "off", "auto")
 
 
 @dataclass(eq=False)
@@ -126,12 +127,15 @@ class LayerStack:
         names: XattrNames,
         init_layer: bool = False,
         aufs: bool = False,
+        xino: str = "off",
     ) -> None:
         """*init_layer*: the top lower is a runner's init layer: label it ``init`` and
         number the image's layers from ``lower1`` below it. *aufs*: honour AUFS-style
-        ``.wh.`` markers in every layer (``-o aufs_whiteouts=on``; whiteout.py)."""
+        ``.wh.`` markers in every layer (``-o aufs_whiteouts=on``; whiteout.py). *xino*:
+        ``-o xino=on|off|auto`` (see :meth:`_kernel_xino`)."""
         self.names = names
         self.aufs = aufs
+        self._uuids: dict[int, bytes | None] = {}  # layer index -> its filesystem's UUID
         self.layers: list[Layer] = []
         paths = ([upperdir] if upperdir else []) + list(lowerdirs)
         devs: list[int] = []
@@ -151,6 +155,11 @@ class LayerStack:
         self.upper: Layer | None = self.layers[0] if upperdir else None
         self.lowers = [layer for layer in self.layers if not layer.is_upper]
         self.samefs = len(devs) == 1
+        # the kernel's xino numbering: bits taken from the top of st_ino (0: not in use)
+        self.xino_bits = 0
+        self.kernel_fsid: dict[int, int] = {}  # layer index -> the kernel's fsid (ofs->fs[])
+        if xino != "off" and not self.samefs:
+            self._kernel_xino(xino)
         self.dirfds = DirFdCache()
         self.root_lowers: tuple[Layer, ...] = tuple(self.lowers)  # narrowed by an opaque lower root
 
@@ -175,9 +184,71 @@ class LayerStack:
         self.root_lowers = tuple(layer for layer in dirs if not layer.is_upper)
         return tuple(dirs)
 
+    def _kernel_xino(self, mode: str) -> None:
+        """Number the filesystems and choose the xino bits as the kernel does
+        (fs/overlayfs/super.c, ovl_get_layers and ovl_get_fsid): fsid 0 is the upper's
+        filesystem (reserved even without an upper), each other filesystem gets the next
+        fsid in the order the lowers are given, and ``ilog2(numfs - 1) + 2`` high bits are
+        taken (numfs counts fsid 0). With an upper, ``xino=auto`` falls back to off when a
+        lower filesystem other than the upper's has a null UUID or the UUID of an earlier
+        lower filesystem (ovl_lower_uuid_ok); ``xino=on`` keeps xino then."""
+        fs_devs: list[int] = [self.upper.dev if self.upper is not None else -1]
+        uuids: list[bytes | None] = [self.fs_uuid(self.upper) if self.upper is not None else None]
+        is_lower = [False]
+        bad_uuid = False
+        for layer in self.layers:
+            if layer.is_upper:
+                continue
+            if layer.dev in fs_devs:
+                fsid = fs_devs.index(layer.dev)
+            else:
+                fsid = len(fs_devs)
+                uuid = self.fs_uuid(layer) if self.upper is not None else None
+                if self.upper is not None:
+                    null = uuid is None or not any(uuid)
+                    same = any(is_lower[i] and uuids[i] == uuid for i in range(len(fs_devs)))
+                    bad_uuid = bad_uuid or null or same
+                fs_devs.append(layer.dev)
+                uuids.append(uuid)
+                is_lower.append(False)
+            is_lower[fsid] = True
+            self.kernel_fsid[layer.index] = fsid
+        if mode == "auto" and bad_uuid:
+            self.kernel_fsid = {}
+            return
+        self.xino_bits = (len(fs_devs) - 1).bit_length() - 1 + 2
+
+    def fs_uuid(self, layer: Layer) -> bytes | None:
+        """The UUID of *layer*'s filesystem (FS_IOC_GETFSUUID), None when it has none."""
+        if layer.index not in self._uuids:
+            self._uuids[layer.index] = self._fs_uuid(layer)
+        return self._uuids[layer.index]
+
+    @staticmethod
+    def _fs_uuid(layer: Layer) -> bytes | None:
+        try:
+            fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=layer.fd)
+        except OSError:
+            return None
+        try:
+            return _sys.fs_uuid(fd)
+        finally:
+            os.close(fd)
+
     def xino(self, layer: Layer, ino: int) -> int:
-        """The st_ino the overlay reports for inode *ino* of *layer* (with layers on several
-        filesystems, the layer's filesystem index goes in the high bits)."""
+        """The st_ino the overlay reports for inode *ino* of *layer*.
+
+        With the kernel's xino (``xino=on|auto``, layers on several filesystems;
+        ovl_map_dev_ino, ovl_remap_lower_ino): the layer's fsid shifted to
+        ``64 - xino_bits + 1``; an inode number that already uses the top ``xino_bits``
+        bits is reported as it is (the kernel then reports the layer's own st_dev,
+        which a FUSE mount cannot). Otherwise (``xino=off``): pyoverlay's own
+        numbering, the layer's filesystem index in bits 56+."""
+        if self.xino_bits:
+            shift = 64 - self.xino_bits
+            if ino >> shift:
+                return ino
+            return ino | (self.kernel_fsid.get(layer.index, 0) << (shift + 1))
         if self.samefs or layer.fsid == 0:
             return ino
         return (layer.fsid << XINO_SHIFT) | (ino & ((1 << XINO_SHIFT) - 1))

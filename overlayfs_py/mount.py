@@ -24,7 +24,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from . import _sys, state, unixsock, userxattr
-from .config import MountConfig
+from .config import MountConfig, xino_default
 from .errors import PyoverlayError
 from .logs import one_line, setup_logging
 from .privilege import privileged
@@ -136,7 +136,12 @@ def build_overlay(
 
     names = XattrNames(cfg.xattr_prefix)
     stack = LayerStack(
-        cfg.lowerdirs, cfg.upperdir, names, init_layer=cfg.container is not None, aufs=cfg.aufs_whiteouts
+        cfg.lowerdirs,
+        cfg.upperdir,
+        names,
+        init_layer=cfg.container is not None,
+        aufs=cfg.aufs_whiteouts,
+        xino=cfg.xino or xino_default(),
     )
     # Every node holds a descriptor: the budget and the table's cap fit RLIMIT_NOFILE.
     fd_limit = _sys.raise_nofile_limit()

@@ -511,15 +511,21 @@ class Overlay:
                     yield i, entry
 
     def _dotdot(self, node: Node, real: bool) -> Entry:
-        """``..`` as the kernel lists it (measured): a raw-listed directory whose parent is
-        merged, or a merge-listed one with an upper part, shows the overlay parent's st_ino
-        (ovl_iterate_real, ovl_calc_d_ino); otherwise the raw ``..`` entry of the topmost
-        layer shows through (always so for the root)."""
-        if node.parent is not None and (node.parent.is_merged if real else node.layer.is_upper):
-            st = self.getattr(node.parent)
-            return Entry(b"..", None, st, node.parent.ino, self.nlink(node.parent, st))
+        """``..`` as the kernel lists it (ovl_iterate_real, ovl_cache_update): a raw-listed
+        directory whose parent is merged, or a merge-listed one whose parent is an upper
+        directory with a lower part (an origin: not the root), shows the overlay parent's
+        st_ino; otherwise the raw ``..`` entry of the topmost layer shows through (always so
+        for the root), with xino remapped by the layer of the raw-listed directory itself
+        or by the topmost layer of the merge-listed one's parent (none for an upper one)."""
+        parent = node.parent
+        if parent is not None and (
+            parent.is_merged if real else (parent.parent is not None and parent.layer.is_upper and parent.is_merged)
+        ):
+            st = self.getattr(parent)
+            return Entry(b"..", None, st, parent.ino, self.nlink(parent, st))
         st = _sys.lstat_at(self.stack.dir_fd(node.layer, node.path_in(node.layer)), b"..")
-        return Entry(b"..", None, st, self.stack.xino(node.layer, st.st_ino), st.st_nlink)
+        remap = node.layer if real or parent is None else parent.layer
+        return Entry(b"..", None, st, self.stack.xino(remap, st.st_ino), st.st_nlink)
 
     def _dir_entry(self, parent: Node, name: bytes, layer: Layer, lower_st: dict | None = None) -> Entry | None:
         fast = self._listed_nondir(parent, name, layer, lower_st)
