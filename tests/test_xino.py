@@ -148,10 +148,16 @@ def _fill(lay: Layout) -> None:
     (last / "deep/a").mkdir(parents=True)
     (last / "deep/a/b").write_text("b\n")
     (last / "lowerdir/in").mkdir(parents=True)
+    (l1 / "p").mkdir()  # p merged from lowers only; p/q's top layer is not p's
+    (last / "p/q/r").mkdir(parents=True)
+    (last / "mvdir/deeper").mkdir(parents=True)
+    (last / "mvdir/deeper/f").write_text("f\n")
     for i, low in enumerate(lay.lowers[1:-1], start=2):
         (low / f"mid{i}").write_text("mid\n")
         (low / "d").mkdir(exist_ok=True)
         (low / f"d/m{i}").write_text("m\n")
+        (low / "p/q").mkdir(parents=True)
+        (low / "mvdir").mkdir()
     if lay.upper is not None:
         (lay.upper / "u").write_text("u\n")
         (lay.upper / "ud/w").mkdir(parents=True)
@@ -227,6 +233,22 @@ def test_xino_four_lower_filesystems_take_4_bits(tmp_path, engine):
         with lay.mount("pyoverlay", ["xino=on"], engine) as m:
             _ops(m.path)
         lay.compare(["xino=on"], engine)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_xino_kernel_redirects(tmp_path, engine):
+    """Directories renamed by the kernel with redirect_dir=on (an upper dir with a redirect
+    and an origin on another filesystem), read by both with redirects followed."""
+    with contextlib.ExitStack() as stack:
+        lay = Layout(tmp_path, stack, ["t1", "ext4", "t2"], "ext4")
+        _fill(lay)
+        with lay.mount("kernel", ["xino=on", "redirect_dir=on"]) as m:
+            os.rename(m.path / "mvdir", m.path / "moved")
+            os.rename(m.path / "e", m.path / "ud/e2")
+            os.rename(m.path / "p/q", m.path / "newq")
+        snap = lay.compare(["xino=on"], engine)
+        assert snap["ino moved"] == os.lstat(lay.lowers[1] / "mvdir").st_ino  # its top lower: fsid 0
+        assert snap["ino ud/e2"] >> 61 == 0b100  # the origin's, on t2 (fsid 2)
 
 
 def test_xino_all_layers_on_one_fs_is_not_used(tmp_path):
