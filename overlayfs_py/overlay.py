@@ -184,9 +184,15 @@ class Overlay:
                     return hit.layer, hit.st
             finally:
                 os.close(fd)
-        # Renamed since: decode the handle on each lower filesystem (needs CAP_DAC_READ_SEARCH).
+        # Renamed since: decode the handle on each lower filesystem (needs CAP_DAC_READ_SEARCH),
+        # only on those whose UUID is the record's, as the kernel (ovl_check_origin_fh): a
+        # handle of one filesystem may decode to another object on another.
+        record_uuid = raw[5:21]
         if self._can_open_by_handle:
             for layer in self.stack.lowers:
+                layer_uuid = self.stack.fs_uuid(layer)
+                if any(record_uuid) and layer_uuid is not None and layer_uuid != record_uuid:
+                    continue
                 try:
                     # open_by_handle_at wants a real (not O_PATH) fd on the filesystem.
                     mfd = os.open(_sys.proc_path(layer.fd), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)

@@ -272,6 +272,41 @@ def _loop_ext4(stack: contextlib.ExitStack, base: Path, name: str, fs_uuid: str)
 
 
 @pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("writer", ["kernel", "pyoverlay"])
+def test_xino_origin_found_by_its_filesystem_uuid(tmp_path, engine, writer):
+    """Two lower filesystems that are copies of one image (another UUID): the handle of a
+    copied-up, renamed file decodes on both; the origin is the one on the filesystem whose
+    UUID the record names (ovl_check_origin_fh), which decides the xino fsid."""
+    img_a, img_b = tmp_path / "a.img", tmp_path / "b.img"
+    with open(img_a, "wb") as f:
+        f.truncate(16 << 20)
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-O", "^metadata_csum", str(img_a)], check=True, capture_output=True)
+    mnt_a, mnt_b = tmp_path / "fa", tmp_path / "fb"
+    mnt_a.mkdir()
+    mnt_b.mkdir()
+    subprocess.run(["mount", "-o", "loop", str(img_a), str(mnt_a)], check=True)
+    try:
+        (mnt_a / "A").mkdir()
+        (mnt_a / "B").mkdir()
+        (mnt_a / "A/x").write_text("x\n")
+    finally:
+        subprocess.run(["umount", str(mnt_a)], check=True)
+    subprocess.run(["cp", str(img_a), str(img_b)], check=True)
+    subprocess.run(["tune2fs", "-U", "random", str(img_b)], check=True, capture_output=True)
+    with contextlib.ExitStack() as stack:
+        for img, mnt in ((img_a, mnt_a), (img_b, mnt_b)):
+            subprocess.run(["mount", "-o", "loop", str(img), str(mnt)], check=True)
+            stack.callback(subprocess.run, ["umount", str(mnt)], check=True)
+        lay = Layout(tmp_path, stack, ["t1"], "ext4")
+        lay.lowers = [mnt_a / "B", mnt_b / "A", lay.lowers[0]]  # x is in the second lower
+        with lay.mount(writer, ["xino=on"], engine) as m:
+            os.chmod(m.path / "x", 0o600)
+            os.rename(m.path / "x", m.path / "y")
+        snap = lay.compare(["xino=on"], engine)
+        assert snap["ino y"] >> 61 == 0b100  # fsid 2: the second lower's filesystem
+
+
+@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("bad", ["null", "conflicting"])
 def test_xino_auto_falls_back_on_a_bad_lower_uuid(tmp_path, engine, bad):
     """With an upper, a lower filesystem with a null UUID, or the UUID of another lower
