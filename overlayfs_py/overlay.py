@@ -529,9 +529,13 @@ class Overlay:
         ):
             st = self.getattr(parent)
             return Entry(b"..", None, st, parent.ino, self.nlink(parent, st))
-        st = _sys.lstat_at(self.stack.dir_fd(node.layer, node.path_in(node.layer)), b"..")
+        dfd = self.stack.dir_fd(node.layer, node.path_in(node.layer))
+        st = _sys.lstat_at(dfd, b"..")
+        ino = st.st_ino
+        if parent is None:  # a layer root may be a mount root: its own filesystem's ``..``
+            ino = _sys.raw_dotdot_ino(dfd) or ino
         remap = node.layer if real or parent is None else parent.layer
-        return Entry(b"..", None, st, self.stack.xino(remap, st.st_ino), st.st_nlink)
+        return Entry(b"..", None, st, self.stack.xino(remap, ino), st.st_nlink)
 
     def _dir_entry(self, parent: Node, name: bytes, layer: Layer, lower_st: dict | None = None) -> Entry | None:
         fast = self._listed_nondir(parent, name, layer, lower_st)

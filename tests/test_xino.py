@@ -251,6 +251,21 @@ def test_xino_kernel_redirects(tmp_path, engine):
         assert snap["ino ud/e2"] >> 61 == 0b100  # the origin's, on t2 (fsid 2)
 
 
+@pytest.mark.parametrize("engine", ENGINES)
+def test_xino_lowers_at_mount_roots(tmp_path, engine):
+    """Lowers that are filesystem roots (an upper cannot be: its workdir must be on its
+    mount): the root's ``..`` is what the top lower's readdir lists (that filesystem's own
+    root), not the mountpoint's parent an ``lstat("..")`` reaches."""
+    with contextlib.ExitStack() as stack:
+        lay = Layout(tmp_path, stack, ["t1", "t2"], None)
+        for d in lay.lowers:
+            d.rmdir()
+        lay.lowers = [lay.mounts["t1"], lay.mounts["t2"]]
+        _fill(lay)
+        snap = lay.compare(["xino=on"], engine)
+        assert snap["d_ino ./.."] >> 61 == 0b010  # t1's root (fsid 1)
+
+
 def test_xino_all_layers_on_one_fs_is_not_used(tmp_path):
     """The kernel ignores xino=on when every layer is on one filesystem: real inode numbers."""
     with contextlib.ExitStack() as stack:
