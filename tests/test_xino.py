@@ -147,6 +147,8 @@ def _fill(lay: Layout) -> None:
     (last / "e/sub/z").write_text("z\n")
     (last / "deep/a").mkdir(parents=True)
     (last / "deep/a/b").write_text("b\n")
+    os.symlink("g", last / "sym")
+    (last / "op/inner").mkdir(parents=True)
     (last / "lowerdir/in").mkdir(parents=True)
     (l1 / "p").mkdir()  # p merged from lowers only; p/q's top layer is not p's
     (last / "p/q/r").mkdir(parents=True)
@@ -175,6 +177,11 @@ def _ops(m: Path) -> None:
     (m / "deep/a/b").write_text("b2\n")  # copies up deep and deep/a
     os.rename(m / "mv", m / "ud/mv")
     os.mkdir(m / "newd/sub")  # a pure upper dir under a pure upper dir
+    os.rmdir(m / "op/inner")
+    os.rmdir(m / "op")
+    os.mkdir(m / "op")  # opaque: a pure upper dir over a lower one
+    os.mkdir(m / "op/x")
+    os.lchown(m / "sym", 0, 0)  # a symlink copied up
 
 
 @pytest.mark.parametrize("engine", ENGINES)
