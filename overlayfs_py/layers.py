@@ -191,7 +191,8 @@ class LayerStack:
         fsid in the order the lowers are given, and ``ilog2(numfs - 1) + 2`` high bits are
         taken (numfs counts fsid 0). With an upper, ``xino=auto`` falls back to off when a
         lower filesystem other than the upper's has a null UUID or the UUID of an earlier
-        lower filesystem (ovl_lower_uuid_ok); ``xino=on`` keeps xino then."""
+        lower filesystem (ovl_lower_uuid_ok), or when a lower cannot decode file handles
+        (ovl_lower_dir); ``xino=on`` keeps xino then."""
         fs_devs: list[int] = [self.upper.dev if self.upper is not None else -1]
         uuids: list[bytes | None] = [self.fs_uuid(self.upper) if self.upper is not None else None]
         is_lower = [False]
@@ -213,10 +214,22 @@ class LayerStack:
                 is_lower.append(False)
             is_lower[fsid] = True
             self.kernel_fsid[layer.index] = fsid
+        if mode == "auto" and self.upper is not None and not self._lowers_decode_handles():
+            bad_uuid = True  # ovl_lower_dir: no persistent st_ino, so xino=auto is off
         if mode == "auto" and bad_uuid:
             self.kernel_fsid = {}
             return
         self.xino_bits = (len(fs_devs) - 1).bit_length() - 1 + 2
+
+    def _lowers_decode_handles(self) -> bool:
+        """Whether the kernel could decode file handles on every lower (ovl_can_decode_fh):
+        the mounter holds CAP_DAC_READ_SEARCH (root in the initial user namespace) and each
+        lower filesystem encodes decodable handles (name_to_handle_at succeeds)."""
+        from .privilege import initial_userns
+
+        if os.geteuid() != 0 or not initial_userns():
+            return False
+        return all(_sys.name_to_handle(layer.fd) is not None for layer in self.lowers)
 
     def fs_uuid(self, layer: Layer) -> bytes | None:
         """The UUID of *layer*'s filesystem (FS_IOC_GETFSUUID), None when it has none."""

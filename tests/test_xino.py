@@ -329,14 +329,22 @@ def test_xino_origin_found_by_its_filesystem_uuid(tmp_path, engine, writer):
 
 
 @pytest.mark.parametrize("engine", ENGINES)
-@pytest.mark.parametrize("bad", ["null", "conflicting"])
+@pytest.mark.parametrize("bad", ["null", "conflicting", "no_handles"])
 def test_xino_auto_falls_back_on_a_bad_lower_uuid(tmp_path, engine, bad):
     """With an upper, a lower filesystem with a null UUID, or the UUID of another lower
-    filesystem, turns xino=auto off (ovl_lower_uuid_ok); xino=on stays on."""
+    filesystem (ovl_lower_uuid_ok), or one that cannot decode file handles (ovl_lower_dir:
+    here a kernel overlay, which has a UUID), turns xino=auto off; xino=on stays on."""
     with contextlib.ExitStack() as stack:
         lay = Layout(tmp_path, stack, ["t1", "t2"], "t1")
         u = str(uuidlib.uuid4())
-        extra = [_loop_ext4(stack, tmp_path, "e1", "clear" if bad == "null" else u)]
+        if bad == "no_handles":
+            inner = tmp_path / "inner"
+            for d in ("il", "iu", "iw"):
+                (tmp_path / d).mkdir()
+            stack.enter_context(KernelOverlay([tmp_path / "il"], inner, tmp_path / "iu", tmp_path / "iw"))
+            extra = [inner]
+        else:
+            extra = [_loop_ext4(stack, tmp_path, "e1", "clear" if bad == "null" else u)]
         if bad == "conflicting":
             extra.append(_loop_ext4(stack, tmp_path, "e2", u))
         for i, mnt in enumerate(extra):
