@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 XINO_SHIFT = 56  # xino=off, layers on several filesystems: the layer's fs index goes in the high bits
 XINO_MODES = ("on", "off", "auto")
+NULL_UUID = bytes(16)
 
 
 @dataclass(eq=False)
@@ -158,7 +159,8 @@ class LayerStack:
         # the kernel's xino numbering: bits taken from the top of st_ino (0: not in use)
         self.xino_bits = 0
         self.kernel_fsid: dict[int, int] = {}  # layer index -> the kernel's fsid (ofs->fs[])
-        if xino != "off" and not self.samefs:
+        self.bad_uuid_layers: frozenset[int] = frozenset()  # layer indices (see _kernel_xino)
+        if not self.samefs:
             self._kernel_xino(xino)
         self.dirfds = DirFdCache()
         self.root_lowers: tuple[Layer, ...] = tuple(self.lowers)  # narrowed by an opaque lower root
@@ -189,36 +191,50 @@ class LayerStack:
         (fs/overlayfs/super.c, ovl_get_layers and ovl_get_fsid): fsid 0 is the upper's
         filesystem (reserved even without an upper), each other filesystem gets the next
         fsid in the order the lowers are given, and ``ilog2(numfs - 1) + 2`` high bits are
-        taken (numfs counts fsid 0). With an upper, ``xino=auto`` falls back to off when a
-        lower filesystem other than the upper's has a null UUID or the UUID of an earlier
-        lower filesystem (ovl_lower_uuid_ok), or when a lower cannot decode file handles
-        (ovl_lower_dir); ``xino=on`` keeps xino then."""
-        fs_devs: list[int] = [self.upper.dev if self.upper is not None else -1]
-        uuids: list[bytes | None] = [self.fs_uuid(self.upper) if self.upper is not None else None]
+        taken (numfs counts fsid 0).
+
+        With an upper, a lower filesystem other than the upper's is marked "bad uuid"
+        (ovl_lower_uuid_ok) when its UUID is null (not with ``xino=on``) or that of an
+        earlier lower filesystem (then both are): origin records are never followed into
+        it (``bad_uuid_layers``, ovl_check_origin_fh), and ``xino=auto`` falls back to off,
+        as it does when a lower cannot decode file handles (ovl_lower_dir). ``xino=off``
+        numbers nothing (pyoverlay's own numbering) but marks the same filesystems."""
+        upper = self.upper
+        fs_devs: list[int] = [upper.dev if upper is not None else -1]
+        uuids: list[bytes] = [(self.fs_uuid(upper) or NULL_UUID) if upper is not None else NULL_UUID]
         is_lower = [False]
-        bad_uuid = False
-        for layer in self.layers:
-            if layer.is_upper:
-                continue
+        bad = [False]
+        fsids: dict[int, int] = {}
+        for layer in self.lowers:
             if layer.dev in fs_devs:
                 fsid = fs_devs.index(layer.dev)
             else:
                 fsid = len(fs_devs)
-                uuid = self.fs_uuid(layer) if self.upper is not None else None
-                if self.upper is not None:
-                    null = uuid is None or not any(uuid)
-                    same = any(is_lower[i] and uuids[i] == uuid for i in range(len(fs_devs)))
-                    bad_uuid = bad_uuid or null or same
+                uuid = (self.fs_uuid(layer) or NULL_UUID) if upper is not None else NULL_UUID
+                is_bad = False
+                if upper is not None:
+                    # ovl_allow_offline_changes(): no index, metacopy, redirect_dir=on
+                    # (refused by pyoverlay today: whoever adds one must pass it here)
+                    # and xino != on
+                    if mode != "on" and uuid == NULL_UUID:
+                        is_bad = True
+                    else:
+                        for i in range(len(fs_devs)):
+                            if is_lower[i] and uuids[i] == uuid:
+                                bad[i] = is_bad = True
+                                break
                 fs_devs.append(layer.dev)
                 uuids.append(uuid)
                 is_lower.append(False)
+                bad.append(is_bad)
             is_lower[fsid] = True
-            self.kernel_fsid[layer.index] = fsid
-        if mode == "auto" and self.upper is not None and not self._lowers_decode_handles():
-            bad_uuid = True  # ovl_lower_dir: no persistent st_ino, so xino=auto is off
-        if mode == "auto" and bad_uuid:
-            self.kernel_fsid = {}
+            fsids[layer.index] = fsid
+        self.bad_uuid_layers = frozenset(i for i, f in fsids.items() if f and bad[f])
+        if mode == "off":
             return
+        if mode == "auto" and upper is not None and (any(bad) or not self._lowers_decode_handles()):
+            return
+        self.kernel_fsid = fsids
         self.xino_bits = (len(fs_devs) - 1).bit_length() - 1 + 2
 
     def _lowers_decode_handles(self) -> bool:
@@ -230,6 +246,15 @@ class LayerStack:
         if os.geteuid() != 0 or not initial_userns():
             return False
         return all(_sys.name_to_handle(layer.fd) is not None for layer in self.lowers)
+
+    def origin_in(self, layer: Layer, record_uuid: bytes) -> bool:
+        """Whether an origin record naming *record_uuid* may lead into *layer*, as the kernel
+        decodes it (ovl_check_origin_fh, ovl_decode_real_fh): not into a filesystem marked
+        "bad uuid", and only into one with the record's UUID (where the layer's is known)."""
+        if layer.index in self.bad_uuid_layers:
+            return False
+        own = self.fs_uuid(layer)
+        return own is None or own == record_uuid
 
     def fs_uuid(self, layer: Layer) -> bytes | None:
         """The UUID of *layer*'s filesystem (FS_IOC_GETFSUUID), None when it has none."""

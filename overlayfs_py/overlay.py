@@ -171,9 +171,10 @@ class Overlay:
         if fh is None:
             return None
         htype, handle = fh
+        record_uuid = raw[5:21]
         # The common case: the origin still sits at the same path in a lower layer.
         for hit in self.stack.resolve(parent.layer_dirs()[1:], name)[:1]:
-            if stat.S_ISDIR(hit.st.st_mode):
+            if stat.S_ISDIR(hit.st.st_mode) or not self.stack.origin_in(hit.layer, record_uuid):
                 break
             try:
                 fd = _sys.open_beneath(hit.layer.fd, hit.path, _sys.O_PATH)
@@ -187,11 +188,9 @@ class Overlay:
         # Renamed since: decode the handle on each lower filesystem (needs CAP_DAC_READ_SEARCH),
         # only on those whose UUID is the record's, as the kernel (ovl_check_origin_fh): a
         # handle of one filesystem may decode to another object on another.
-        record_uuid = raw[5:21]
         if self._can_open_by_handle:
             for layer in self.stack.lowers:
-                layer_uuid = self.stack.fs_uuid(layer)
-                if any(record_uuid) and layer_uuid is not None and layer_uuid != record_uuid:
+                if not self.stack.origin_in(layer, record_uuid):
                     continue
                 try:
                     # open_by_handle_at wants a real (not O_PATH) fd on the filesystem.

@@ -358,6 +358,11 @@ def test_xino_auto_falls_back_on_a_bad_lower_uuid(tmp_path, engine, bad):
         p_auto = lay.snap("pyoverlay", ["xino=auto"], engine)
         assert p_auto == lay.snap("pyoverlay", ["xino=off"], engine)
         assert p_auto != lay.compare(["xino=on"], engine)
+        # copy-ups from those filesystems: a "bad uuid" one's origins are not followed
+        with lay.mount("kernel", ["xino=on"]) as m:
+            for i in range(len(extra)):
+                os.chmod(m.path / f"ext{i}", 0o600)
+        lay.compare(["xino=on"], engine)
 
 
 def test_xino_default_follows_the_module_parameter(tmp_path):
