@@ -35,7 +35,8 @@ Documented differences from the kernel:
 * Data-only lower layers (``::``) are refused.
 * Only the kernel's default behaviour is implemented, so ``redirect_dir``,
   ``index``, ``metacopy``, ``nfs_export`` and ``verity`` are
-  accepted only in their off/default spellings (``xino=on|off|auto`` is implemented). ``volatile`` is the kernel's.
+  accepted only in their off/default spellings. ``xino=on|off|auto`` and
+  ``volatile`` are the kernel's.
 * Layouts that hang or deadlock a FUSE overlay are refused up front: the
   mountpoint may not be, contain, or lie inside any layer or the workdir, and
   it must be an empty directory that is not already a mount point.
@@ -142,7 +143,7 @@ class MountConfig:
     # every layer, as fuse-overlayfs does (off: they are plain files, as in the kernel overlay;
     # mount.fuse.pyoverlay turns it on; docs/semantics.md, "AUFS whiteouts")
     aufs_whiteouts: bool = False
-    # -o xino=on|off|auto (None: the kernel's default, xino_auto_default()); layers.LayerStack
+    # -o xino=on|off|auto (None: the kernel's default, xino_default()); layers.LayerStack
     xino: str | None = None
 
     def __post_init__(self) -> None:

@@ -35,7 +35,6 @@ from .whiteout import (
 log = logging.getLogger(__name__)
 
 XINO_SHIFT = 56  # xino=off, layers on several filesystems: the layer's fs index goes in the high bits
-XINO_MODES = ("on", "off", "auto")
 NULL_UUID = bytes(16)
 
 
