@@ -127,10 +127,14 @@ def lstat_at(dir_fd: int, name: bytes) -> os.stat_result:
 def raw_dotdot_ino(dir_fd: int) -> int | None:
     """The ``d_ino`` the directory *dir_fd* (any fd, O_PATH too) lists for ``..``, as its
     filesystem's readdir gives it: at a mount root it is not the inode ``lstat("..")``
-    reaches (that is the mountpoint's parent, on another filesystem). None: not found."""
+    reaches (that is the mountpoint's parent, on another filesystem). None: not found, or
+    the directory cannot be read."""
     import struct
 
-    fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=dir_fd)
+    try:
+        fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=dir_fd)
+    except OSError:
+        return None
     try:
         buf = ctypes.create_string_buffer(32768)
         while True:
