@@ -33,6 +33,7 @@ SYS_openat2 = _syscalls.number("openat2")
 SYS_renameat2 = _syscalls.number("renameat2")
 SYS_open_tree = _syscalls.number("open_tree")
 SYS_mount_setattr = _syscalls.number("mount_setattr")
+SYS_getdents64 = _syscalls.number("getdents64")
 
 RESOLVE_NO_XDEV = 0x01
 RESOLVE_NO_MAGICLINKS = 0x02
@@ -121,6 +122,34 @@ def open_beneath(dir_fd: int, relpath: bytes, flags: int, mode: int = 0) -> int:
 
 def lstat_at(dir_fd: int, name: bytes) -> os.stat_result:
     return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+
+
+def raw_dotdot_ino(dir_fd: int) -> int | None:
+    """The ``d_ino`` the directory *dir_fd* (any fd, O_PATH too) lists for ``..``, as its
+    filesystem's readdir gives it: at a mount root it is not the inode ``lstat("..")``
+    reaches (that is the mountpoint's parent, on another filesystem). None: not found, or
+    the directory cannot be read."""
+    import struct
+
+    try:
+        fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=dir_fd)
+    except OSError:
+        return None
+    try:
+        buf = ctypes.create_string_buffer(32768)
+        while True:
+            n = _libc.syscall(SYS_getdents64, fd, buf, len(buf))
+            if n <= 0:
+                return None
+            raw = buf.raw[:n]
+            off = 0
+            while off < n:
+                d_ino, _off, reclen = struct.unpack_from("=QqH", raw, off)
+                if raw[off + 19 : off + 22] == b"..\0":
+                    return int(d_ino)
+                off += reclen
+    finally:
+        os.close(fd)
 
 
 def proc_path(fd: int, name: bytes | None = None) -> bytes:

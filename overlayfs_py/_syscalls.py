@@ -17,6 +17,7 @@ MACHINE = os.uname().machine
 _TABLE: dict[str, dict[str, int]] = {
     "pivot_root": {"x86_64": 155, "aarch64": 41, "riscv64": 41, "ppc64le": 203, "s390x": 217},
     "renameat2": {"x86_64": 316, "aarch64": 276, "riscv64": 276, "ppc64le": 357, "s390x": 347},
+    "getdents64": {"x86_64": 217, "aarch64": 61, "riscv64": 61, "ppc64le": 202, "s390x": 220},
     "bpf": {"x86_64": 321, "aarch64": 280, "riscv64": 280, "ppc64le": 361, "s390x": 351},
 }
 

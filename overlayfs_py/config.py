@@ -34,9 +34,9 @@ Documented differences from the kernel:
   two lower layers when there is no upper layer).
 * Data-only lower layers (``::``) are refused.
 * ``redirect_dir`` takes the kernel's four modes (features.py: defaults from the module
-  parameters, the rules between options); ``index``, ``metacopy``, ``nfs_export``,
-  ``xino`` and ``verity`` are accepted only in their off/default spellings.
-  ``volatile`` is the kernel's.
+  parameters, the rules between options); ``index``, ``metacopy``, ``nfs_export`` and
+  ``verity`` are accepted only in their off/default spellings. ``xino=on|off|auto`` and
+  ``volatile`` are the kernel's.
 * Layouts that hang or deadlock a FUSE overlay are refused up front: the
   mountpoint may not be, contain, or lie inside any layer or the workdir, and
   it must be an empty directory that is not already a mount point.
@@ -149,6 +149,8 @@ class MountConfig:
     # userxattr is decided, features.resolve stores the effective mode (on|follow|nofollow):
     # on = rename directories with lower content by writing overlay.redirect
     redirect_dir: str = ""
+    # -o xino=on|off|auto (None: the kernel's default, xino_default()); layers.LayerStack
+    xino: str | None = None
 
     def __post_init__(self) -> None:
         # Accept any sequence but store an immutable tuple.
@@ -312,7 +314,7 @@ _FLAG_WORDS = {
 _KERNEL_CHOICES: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     # key: (accepted values, known-but-unsupported values)
     "index": (frozenset({"off"}), frozenset({"on"})),
-    "xino": (frozenset({"off", "auto"}), frozenset({"on"})),
+    "xino": (frozenset({"on", "off", "auto"}), frozenset()),
     "metacopy": (frozenset({"off"}), frozenset({"on"})),
     "nfs_export": (frozenset({"off"}), frozenset({"on"})),
     "uuid": (frozenset({"on", "off", "null", "auto"}), frozenset()),
@@ -337,12 +339,13 @@ def parse_options(opts: Iterable[str]) -> dict[str, str | bool]:
     * ``ro`` -> True, ``rw`` -> ``'ro': False`` (the last one wins);
     * ``userxattr``, ``allow_other``, ``default_permissions`` -> True;
       ``nouserxattr`` -> ``'userxattr': False`` (the last one wins);
-    * ``aufs_whiteouts=on|off`` -> True / False (the last one wins).
+    * ``aufs_whiteouts=on|off`` -> True / False (the last one wins);
+    * ``xino=on|off|auto`` -> the value (the kernel's inode numbering, layers.LayerStack).
 
     * ``redirect_dir=on|follow|nofollow|off`` -> the value (features.resolve applies it).
 
     Accepted and ignored (not in the result): the kernel options
-    ``index=off``, ``xino=off|auto``,
+    ``index=off``,
     ``metacopy=off``, ``nfs_export=off``, ``uuid=on|off|null|auto``,
     ``verity=off``;
     * the generic flags ``nosuid``, ``nodev``, ``noexec``, ``noatime`` -> ``'mount_flags'``, a
@@ -409,6 +412,8 @@ def parse_options(opts: Iterable[str]) -> dict[str, str | bool]:
                 if value not in accepted:
                     choices = "|".join(sorted(accepted | unsupported))
                     raise ConfigError(f"invalid value {_q(value)} for mount option '{key}' (expected {choices})")
+                if key == "xino":
+                    result["xino"] = value
             else:
                 raise ConfigError(f"unknown mount option {_q(key)}")
     return result
@@ -543,6 +548,7 @@ def build_config(
         squash_uid=_squash(opts.get("squash_to_uid"), bool(opts.get("squash_to_root")), "squash_to_uid"),
         squash_gid=_squash(opts.get("squash_to_gid"), bool(opts.get("squash_to_root")), "squash_to_gid"),
         aufs_whiteouts=bool(opts.get("aufs_whiteouts", False)),
+        xino=opts.get("xino"),  # type: ignore[arg-type]
         mount_flags=tuple(opts.get("mount_flags", ())),  # type: ignore[arg-type]
         redirect_dir=str(opts.get("redirect_dir", "")),
     )
@@ -557,6 +563,16 @@ def resolve_features(cfg: MountConfig) -> MountConfig:
         return features.resolve(cfg)
     except features.FeatureConflict as exc:
         raise ConfigError(str(exc)) from None
+
+
+def xino_default() -> str:
+    """The kernel's xino when the options do not say (fs/overlayfs/params.c): ``auto`` if
+    the overlay module's ``xino_auto`` parameter is Y, else ``off``."""
+    try:
+        with open("/sys/module/overlay/parameters/xino_auto") as f:
+            return "auto" if f.read().strip() == "Y" else "off"
+    except OSError:
+        return "off"
 
 
 ENGINES = ("pyfuse3", "direct")

@@ -123,7 +123,7 @@ class CopyUp:
         self.work = work  # temporaries in work/: names, creation, install, discard
         self.owners = owners
         self._locks: dict[int, trio.Lock] = {}
-        self.uuid = _sys.fs_uuid(stack.lowers[0].fd) if stack.lowers else None
+        self.uuid = stack.fs_uuid(stack.lowers[0]) if stack.lowers else None
         self._limiter: trio.CapacityLimiter | None = None  # made on first use, in trio
         self.sync = sync  # False with -o volatile: copies are not fsync'ed (the kernel's ovl_should_sync)
         self.on_copied_up = on_copied_up  # (node, its st_ino changed) right after it became upper
@@ -349,12 +349,17 @@ class CopyUp:
             fh = _sys.name_to_handle(sfd)
             if fh is not None:
                 try:
-                    os.setxattr(dst, self.names.origin, encode_origin(fh[0], fh[1], self.uuid))
+                    os.setxattr(dst, self.names.origin, encode_origin(fh[0], fh[1], self._uuid_of(layer)))
                 except OSError as exc:
                     if exc.errno not in (errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM):
                         raise
         _sys.futimens_fd(tfd, st.st_atime_ns, st.st_mtime_ns)
         return tst
+
+    def _uuid_of(self, layer: Layer | None) -> bytes | None:
+        """The UUID an origin record names: that of the source's filesystem (the kernel's
+        ovl_encode_real_fh), which differs per lower on several filesystems."""
+        return self.stack.fs_uuid(layer) if layer is not None else self.uuid
 
     def _xattr_names(self, src: bytes | int) -> list[str]:
         """Names to carry up from *src* (an fd's magic link, followed to the fd's object, or

@@ -35,7 +35,8 @@ from .whiteout import (
 
 log = logging.getLogger(__name__)
 
-XINO_SHIFT = 56  # layers on several filesystems: the layer's fs index goes in the high bits
+XINO_SHIFT = 56  # xino=off, layers on several filesystems: the layer's fs index goes in the high bits
+NULL_UUID = bytes(16)
 
 
 @dataclass(eq=False)
@@ -130,12 +131,15 @@ class LayerStack:
         names: XattrNames,
         init_layer: bool = False,
         aufs: bool = False,
+        xino: str = "off",
     ) -> None:
         """*init_layer*: the top lower is a runner's init layer: label it ``init`` and
         number the image's layers from ``lower1`` below it. *aufs*: honour AUFS-style
-        ``.wh.`` markers in every layer (``-o aufs_whiteouts=on``; whiteout.py)."""
+        ``.wh.`` markers in every layer (``-o aufs_whiteouts=on``; whiteout.py). *xino*:
+        ``-o xino=on|off|auto`` (see :meth:`_kernel_xino`)."""
         self.names = names
         self.aufs = aufs
+        self._uuids: dict[int, bytes | None] = {}  # layer index -> its filesystem's UUID
         self.layers: list[Layer] = []
         paths = ([upperdir] if upperdir else []) + list(lowerdirs)
         devs: list[int] = []
@@ -155,6 +159,12 @@ class LayerStack:
         self.upper: Layer | None = self.layers[0] if upperdir else None
         self.lowers = [layer for layer in self.layers if not layer.is_upper]
         self.samefs = len(devs) == 1
+        # the kernel's xino numbering: bits taken from the top of st_ino (0: not in use)
+        self.xino_bits = 0
+        self.kernel_fsid: dict[int, int] = {}  # layer index -> the kernel's fsid (ofs->fs[])
+        self.bad_uuid_layers: frozenset[int] = frozenset()  # layer indices (see _kernel_xino)
+        if not self.samefs:
+            self._kernel_xino(xino)
         self.dirfds = DirFdCache()
         self.root_lowers: tuple[Layer, ...] = tuple(self.lowers)  # narrowed by an opaque lower root
         # redirect_dir=nofollow (features.py): a lookup that would follow a redirect into a
@@ -182,9 +192,107 @@ class LayerStack:
         self.root_lowers = tuple(layer for layer in dirs if not layer.is_upper)
         return tuple(dirs)
 
+    def _kernel_xino(self, mode: str) -> None:
+        """Number the filesystems and choose the xino bits as the kernel does
+        (fs/overlayfs/super.c, ovl_get_layers and ovl_get_fsid): fsid 0 is the upper's
+        filesystem (reserved even without an upper), each other filesystem gets the next
+        fsid in the order the lowers are given, and ``ilog2(numfs - 1) + 2`` high bits are
+        taken (numfs counts fsid 0).
+
+        With an upper, a lower filesystem other than the upper's is marked "bad uuid"
+        (ovl_lower_uuid_ok) when its UUID is null (not with ``xino=on``) or that of an
+        earlier lower filesystem (then both are): origin records are never followed into
+        it (``bad_uuid_layers``, ovl_check_origin_fh), and ``xino=auto`` falls back to off,
+        as it does when a lower cannot decode file handles (ovl_lower_dir). ``xino=off``
+        numbers nothing (pyoverlay's own numbering) but marks the same filesystems."""
+        upper = self.upper
+        fs_devs: list[int] = [upper.dev if upper is not None else -1]
+        uuids: list[bytes] = [(self.fs_uuid(upper) or NULL_UUID) if upper is not None else NULL_UUID]
+        is_lower = [False]
+        bad = [False]
+        fsids: dict[int, int] = {}
+        for layer in self.lowers:
+            if layer.dev in fs_devs:
+                fsid = fs_devs.index(layer.dev)
+            else:
+                fsid = len(fs_devs)
+                uuid = (self.fs_uuid(layer) or NULL_UUID) if upper is not None else NULL_UUID
+                is_bad = False
+                if upper is not None:
+                    # ovl_allow_offline_changes(): no index, metacopy, redirect_dir=on
+                    # (refused by pyoverlay today: whoever adds one must pass it here)
+                    # and xino != on
+                    if mode != "on" and uuid == NULL_UUID:
+                        is_bad = True
+                    else:
+                        for i in range(len(fs_devs)):
+                            if is_lower[i] and uuids[i] == uuid:
+                                bad[i] = is_bad = True
+                                break
+                fs_devs.append(layer.dev)
+                uuids.append(uuid)
+                is_lower.append(False)
+                bad.append(is_bad)
+            is_lower[fsid] = True
+            fsids[layer.index] = fsid
+        self.bad_uuid_layers = frozenset(i for i, f in fsids.items() if f and bad[f])
+        if mode == "off":
+            return
+        if mode == "auto" and upper is not None and (any(bad) or not self._lowers_decode_handles()):
+            return
+        self.kernel_fsid = fsids
+        self.xino_bits = (len(fs_devs) - 1).bit_length() - 1 + 2
+
+    def _lowers_decode_handles(self) -> bool:
+        """Whether the kernel could decode file handles on every lower (ovl_can_decode_fh):
+        the mounter holds CAP_DAC_READ_SEARCH (root in the initial user namespace) and each
+        lower filesystem encodes decodable handles (name_to_handle_at succeeds)."""
+        from .privilege import initial_userns
+
+        if os.geteuid() != 0 or not initial_userns():
+            return False
+        return all(_sys.name_to_handle(layer.fd) is not None for layer in self.lowers)
+
+    def origin_in(self, layer: Layer, record_uuid: bytes) -> bool:
+        """Whether an origin record naming *record_uuid* may lead into *layer*, as the kernel
+        decodes it (ovl_check_origin_fh, ovl_decode_real_fh): not into a filesystem marked
+        "bad uuid", and only into one with the record's UUID (where the layer's is known)."""
+        if layer.index in self.bad_uuid_layers:
+            return False
+        own = self.fs_uuid(layer)
+        return own is None or own == record_uuid
+
+    def fs_uuid(self, layer: Layer) -> bytes | None:
+        """The UUID of *layer*'s filesystem (FS_IOC_GETFSUUID), None when it has none."""
+        if layer.index not in self._uuids:
+            self._uuids[layer.index] = self._fs_uuid(layer)
+        return self._uuids[layer.index]
+
+    @staticmethod
+    def _fs_uuid(layer: Layer) -> bytes | None:
+        try:
+            fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=layer.fd)
+        except OSError:
+            return None
+        try:
+            return _sys.fs_uuid(fd)
+        finally:
+            os.close(fd)
+
     def xino(self, layer: Layer, ino: int) -> int:
-        """The st_ino the overlay reports for inode *ino* of *layer* (with layers on several
-        filesystems, the layer's filesystem index goes in the high bits)."""
+        """The st_ino the overlay reports for inode *ino* of *layer*.
+
+        With the kernel's xino (``xino=on|auto``, layers on several filesystems;
+        ovl_map_dev_ino, ovl_remap_lower_ino): the layer's fsid shifted to
+        ``64 - xino_bits + 1``; an inode number that already uses the top ``xino_bits``
+        bits is reported as it is (the kernel then reports the layer's own st_dev,
+        which a FUSE mount cannot). Otherwise (``xino=off``): pyoverlay's own
+        numbering, the layer's filesystem index in bits 56+."""
+        if self.xino_bits:
+            shift = 64 - self.xino_bits
+            if ino >> shift:
+                return ino
+            return ino | (self.kernel_fsid.get(layer.index, 0) << (shift + 1))
         if self.samefs or layer.fsid == 0:
             return ino
         return (layer.fsid << XINO_SHIFT) | (ino & ((1 << XINO_SHIFT) - 1))

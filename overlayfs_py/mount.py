@@ -24,7 +24,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from . import _sys, features, state, unixsock, userxattr
-from .config import MountConfig, resolve_features
+from .config import MountConfig, resolve_features, xino_default
 from .errors import PyoverlayError
 from .logs import one_line, setup_logging
 from .privilege import privileged
@@ -152,7 +152,12 @@ def build_overlay(
 
     names = XattrNames(cfg.xattr_prefix)
     stack = LayerStack(
-        cfg.lowerdirs, cfg.upperdir, names, init_layer=cfg.container is not None, aufs=cfg.aufs_whiteouts
+        cfg.lowerdirs,
+        cfg.upperdir,
+        names,
+        init_layer=cfg.container is not None,
+        aufs=cfg.aufs_whiteouts,
+        xino=cfg.xino or xino_default(),
     )
     stack.follow_redirects = features.follows_redirects(cfg)
     # Every node holds a descriptor: the budget and the table's cap fit RLIMIT_NOFILE.

@@ -171,9 +171,10 @@ class Overlay:
         if fh is None:
             return None
         htype, handle = fh
+        record_uuid = raw[5:21]
         # The common case: the origin still sits at the same path in a lower layer.
         for hit in self.stack.resolve(parent.layer_dirs()[1:], name)[:1]:
-            if stat.S_ISDIR(hit.st.st_mode):
+            if stat.S_ISDIR(hit.st.st_mode) or not self.stack.origin_in(hit.layer, record_uuid):
                 break
             try:
                 fd = _sys.open_beneath(hit.layer.fd, hit.path, _sys.O_PATH)
@@ -184,9 +185,13 @@ class Overlay:
                     return hit.layer, hit.st
             finally:
                 os.close(fd)
-        # Renamed since: decode the handle on each lower filesystem (needs CAP_DAC_READ_SEARCH).
+        # Renamed since: decode the handle on each lower filesystem (needs CAP_DAC_READ_SEARCH),
+        # only on those whose UUID is the record's, as the kernel (ovl_check_origin_fh): a
+        # handle of one filesystem may decode to another object on another.
         if self._can_open_by_handle:
             for layer in self.stack.lowers:
+                if not self.stack.origin_in(layer, record_uuid):
+                    continue
                 try:
                     # open_by_handle_at wants a real (not O_PATH) fd on the filesystem.
                     mfd = os.open(_sys.proc_path(layer.fd), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -511,15 +516,25 @@ class Overlay:
                     yield i, entry
 
     def _dotdot(self, node: Node, real: bool) -> Entry:
-        """``..`` as the kernel lists it (measured): a raw-listed directory whose parent is
-        merged, or a merge-listed one with an upper part, shows the overlay parent's st_ino
-        (ovl_iterate_real, ovl_calc_d_ino); otherwise the raw ``..`` entry of the topmost
-        layer shows through (always so for the root)."""
-        if node.parent is not None and (node.parent.is_merged if real else node.layer.is_upper):
-            st = self.getattr(node.parent)
-            return Entry(b"..", None, st, node.parent.ino, self.nlink(node.parent, st))
-        st = _sys.lstat_at(self.stack.dir_fd(node.layer, node.path_in(node.layer)), b"..")
-        return Entry(b"..", None, st, self.stack.xino(node.layer, st.st_ino), st.st_nlink)
+        """``..`` as the kernel lists it (ovl_iterate_real, ovl_cache_update): a raw-listed
+        directory whose parent is merged, or a merge-listed one whose parent is an upper
+        directory with a lower part (an origin: not the root), shows the overlay parent's
+        st_ino; otherwise the raw ``..`` entry of the topmost layer shows through (always so
+        for the root), with xino remapped by the layer of the raw-listed directory itself
+        or by the topmost layer of the merge-listed one's parent (none for an upper one)."""
+        parent = node.parent
+        if parent is not None and (
+            parent.is_merged if real else (parent.parent is not None and parent.layer.is_upper and parent.is_merged)
+        ):
+            st = self.getattr(parent)
+            return Entry(b"..", None, st, parent.ino, self.nlink(parent, st))
+        dfd = self.stack.dir_fd(node.layer, node.path_in(node.layer))
+        st = _sys.lstat_at(dfd, b"..")
+        ino = st.st_ino
+        if parent is None:  # a layer root may be a mount root: its own filesystem's ``..``
+            ino = _sys.raw_dotdot_ino(dfd) or ino
+        remap = node.layer if real or parent is None else parent.layer
+        return Entry(b"..", None, st, self.stack.xino(remap, ino), st.st_nlink)
 
     def _dir_entry(self, parent: Node, name: bytes, layer: Layer, lower_st: dict | None = None) -> Entry | None:
         fast = self._listed_nondir(parent, name, layer, lower_st)

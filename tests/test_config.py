@@ -199,8 +199,6 @@ def test_parse_options_last_wins_and_empty_items() -> None:
     "opt",
     [
         "index=off",
-        "xino=off",
-        "xino=auto",
         "metacopy=off",
         "nfs_export=off",
         "uuid=on",
@@ -256,7 +254,6 @@ def test_parse_options_mount_flag_takes_no_value(opt: str) -> None:
     "opt",
     [
         "index=on",
-        "xino=on",
         "metacopy=on",
         "nfs_export=on",
         "verity=on",
