@@ -317,7 +317,9 @@ _KERNEL_CHOICES: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     "xino": (frozenset({"on", "off", "auto"}), frozenset()),
     "metacopy": (frozenset({"off"}), frozenset({"on"})),
     "nfs_export": (frozenset({"off"}), frozenset({"on"})),
-    "uuid": (frozenset({"on", "off", "null", "auto"}), frozenset()),
+    # uuid=auto is the kernel's default; on (overlay.uuid, a persistent fsid) and off/null
+    # (null UUIDs written into and matched in origin records) are not done (issue 18)
+    "uuid": (frozenset({"auto"}), frozenset({"on", "off", "null"})),
     "verity": (frozenset({"off"}), frozenset({"on", "require"})),
 }
 
