@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from helpers.mounts import KernelOverlay, PyoverlayMount, TmpfsMount
+from overlayfs_py import _syscalls
 from overlayfs_py.config import ConfigError, build_config, parse_options, xino_default
 
 pytestmark = [pytest.mark.kernel, pytest.mark.fuse]
@@ -30,7 +31,7 @@ pytestmark = [pytest.mark.kernel, pytest.mark.fuse]
 ENGINES = ["direct", "pyfuse3"]
 
 _libc = ctypes.CDLL(None, use_errno=True)
-_SYS_GETDENTS64 = 217  # x86_64
+_SYS_GETDENTS64 = _syscalls.number("getdents64")
 
 
 def _dents(path: Path) -> dict[bytes, int]:
