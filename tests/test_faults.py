@@ -12,9 +12,8 @@
    the same tree.
 2. ENOSPC in the upper filesystem (a small tmpfs) during a copy-up: the writer gets the
    error the kernel gives, no partial file is visible (nor left in upper or work/, nor
-   holding the space), and the mount goes on working.  EDQUOT: see docs/semantics.md
-   "Faults" (this kernel has no tmpfs quota: CONFIG_TMPFS_QUOTA is off), checked by
-   :func:`test_edquot_needs_tmpfs_quota`.
+   holding the space), and the mount goes on working. The same for EDQUOT, over a btrfs
+   qgroup limit (this kernel has no tmpfs, ext4 or XFS quota: docs/semantics.md "Faults").
 
 Both engines (direct, pyfuse3) are run.  The container case is in
 tests/runner/test_run_faults.py.
@@ -24,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import signal
 import stat
 import subprocess
@@ -436,17 +436,63 @@ def test_reserved_space_is_not_used_like_the_kernel(tmp_path, engine):
     assert py == kernel, f"pyoverlay {py}\nkernel    {kernel}"
 
 
-def test_edquot_needs_tmpfs_quota(tmp_path):
-    """EDQUOT needs a quota-enforcing upper: tmpfs ``usrquota`` (CONFIG_TMPFS_QUOTA). The
-    kernel here has none (docs/semantics.md "Faults" says so); if a kernel with it runs
-    this, the test fails to ask for the EDQUOT test to be written."""
-    mp = tmp_path / "q"
-    mp.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,usrquota", "q", str(mp)], capture_output=True, text=True)
-    if r.returncode == 0:
-        subprocess.run(["umount", str(mp)], check=True)
-        pytest.fail("this kernel has tmpfs quota: write the EDQUOT copy-up test (docs/semantics.md, Faults)")
-    assert "usrquota" in r.stderr or r.returncode == 32, r.stderr
+class BtrfsQgroup:
+    """A 256 MiB btrfs image (through a loop device) with quotas on and a subvolume limited
+    to 4 MiB by a qgroup: writes beyond the limit fail with EDQUOT, for root too. The upper
+    and workdir go in the subvolume (``path``). This kernel has no other quota an upper can
+    have here: no tmpfs quota (CONFIG_TMPFS_QUOTA), no ext4 quota format (CONFIG_QFMT_V2),
+    no XFS quota (CONFIG_XFS_QUOTA)."""
+
+    def __init__(self, mountpoint: Path):
+        self.top = mountpoint
+        self.path = mountpoint / "sub"
+        self.image = mountpoint.parent / "btrfs.img"
+
+    def __enter__(self):
+        if shutil.which("mkfs.btrfs") is None or shutil.which("btrfs") is None:
+            pytest.skip("needs btrfs-progs (scripts/setup installs it)")
+        self.top.mkdir()
+        with open(self.image, "wb") as f:
+            f.truncate(256 << 20)
+        for argv in (
+            ["mkfs.btrfs", "-q", "-f", str(self.image)],
+            ["mount", "-o", "loop", str(self.image), str(self.top)],
+            ["btrfs", "quota", "enable", str(self.top)],
+            ["btrfs", "subvolume", "create", str(self.path)],
+            ["btrfs", "qgroup", "limit", "4M", str(self.path)],
+        ):
+            r = subprocess.run(argv, capture_output=True, text=True)
+            if r.returncode != 0:
+                self.__exit__()
+                pytest.skip(f"cannot make the btrfs upper: {' '.join(argv)}: {r.stderr.strip()}")
+        return self
+
+    def __exit__(self, *exc):
+        if mounts.is_mounted(self.top):
+            subprocess.run(["umount", str(self.top)], check=True)  # the loop device goes with it
+        self.image.unlink(missing_ok=True)
+        return False
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_edquot_during_copy_up_like_the_kernel(tmp_path, engine):
+    """A copy-up beyond the upper's quota (a btrfs qgroup limit): EDQUOT, nothing of it in
+    upper or work/, and the mount goes on, as with the kernel's overlay."""
+    lower = tmp_path / "lower"
+    lower.mkdir()
+    (lower / "big").write_bytes(os.urandom(8 * CHUNK))
+    (lower / "small").write_bytes(b"small\n")
+    os.chmod(lower / "big", 0o644)
+    digest = sha(lower / "big")
+    py = _copy_up_on_full_upper("pyoverlay", tmp_path, lower, engine, BtrfsQgroup)
+    kernel = _copy_up_on_full_upper("kernel", tmp_path, lower, None, BtrfsQgroup)
+    print(f"pyoverlay: {py}\nkernel:    {kernel}")
+    assert kernel["open O_WRONLY"] == "EDQUOT", kernel
+    assert py["open O_WRONLY"] == "EDQUOT", py
+    assert py["big seen"] == digest and py["big mode"] == 0o644, py
+    assert "big" not in py["open O_WRONLY: upper"] and py["open O_WRONLY: work/"] == [], py
+    assert py["after"] == {"new": b"new file\n", "old": b"old upper file\nappended\n", "small": b"small\nappended\n"}
+    assert py == kernel, f"pyoverlay {py}\nkernel    {kernel}"
 
 
 def test_umount_detaches_a_busy_dead_mount(tmp_path):
