@@ -347,15 +347,20 @@ class LayerStack:
             hits.append(Hit(layer, st, path))
             if layer.index == self.layers[-1].index or is_opaque(opaque_value(dfd, base, self.names)):
                 break
-            # An absolute redirect continues in the root's lower layers even where the
-            # parent has none left (ovl_lookup switches to the root's lower stack).
-            redirect = redirect_at(dfd, base, self.names)
-            if redirect:
-                cands[i + 1 :] = self._redirected(cands[i + 1 :], layer, redirect)
-                if cands[i + 1 :] and not self.follow_redirects:
-                    raise PermissionError(errno.EPERM, "refusing to follow a redirect (redirect_dir=nofollow)")
+            self._follow_redirect(cands, i, layer, dfd, base)
             i += 1
         return hits
+
+    def _follow_redirect(self, cands: list[tuple[Layer, bytes]], i: int, layer: Layer, dfd: int, base: bytes) -> None:
+        """A directory hit at ``cands[i]`` with ``overlay.redirect``: the layers below are
+        looked at where it says (an absolute redirect continues in the root's lower layers
+        even where the parent has none left: ovl_lookup switches to the root's lower
+        stack); with ``redirect_dir=nofollow`` that is EPERM, as the kernel's lookup."""
+        redirect = redirect_at(dfd, base, self.names)
+        if redirect:
+            cands[i + 1 :] = self._redirected(cands[i + 1 :], layer, redirect)
+            if cands[i + 1 :] and not self.follow_redirects:
+                raise PermissionError(errno.EPERM, "refusing to follow a redirect (redirect_dir=nofollow)")
 
     def _resolve_aufs(self, parents: Sequence[tuple[Layer, bytes]], name: bytes) -> list[Hit]:
         """``resolve`` with AUFS markers (fuse-overlayfs's do_lookup_file and load_dir): a
@@ -400,11 +405,7 @@ class LayerStack:
                 or aufs_opaque_at(dfd, base)
             ):
                 break
-            redirect = redirect_at(dfd, base, self.names)
-            if redirect:
-                cands[i + 1 :] = self._redirected(cands[i + 1 :], layer, redirect)
-                if cands[i + 1 :] and not self.follow_redirects:
-                    raise PermissionError(errno.EPERM, "refusing to follow a redirect (redirect_dir=nofollow)")
+            self._follow_redirect(cands, i, layer, dfd, base)
             i += 1
         return hits
 

@@ -219,6 +219,27 @@ def test_a_stop_signal_before_trio_unmounts(tmp_path):
 
 
 @pytest.mark.needs_root
+def test_a_stats_signal_before_trio_is_answered(tmp_path):
+    """SIGUSR1 (the server's ``stats:`` line) wakes the early loop as a stop signal does."""
+    mnt, log = _mount_direct(tmp_path)
+    try:
+        pid = _server_pid(mnt)  # (a process of its own: before the requests)
+        assert (mnt / "f").read_bytes() == b"lower\n"
+        os.kill(pid, signal.SIGUSR1)  # well within EARLY_IDLE_MS of the last request
+        assert _why_trio(log) == "a signal"
+        deadline = time.monotonic() + 30
+        while "stats: nodes=" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert "stats: nodes=" in log.read_text(), log.read_text()
+        assert procfs.alive(pid) and mounts.is_mounted(mnt)  # only a stats line: it serves on
+        u = _cli("umount", mnt)
+        assert u.returncode == 0, u.stderr
+    finally:
+        if mounts.is_mounted(mnt):
+            mounts.force_unmount(mnt)
+
+
+@pytest.mark.needs_root
 def test_a_trace_reader_before_trio_gets_what_happened_before(tmp_path):
     from overlayfs_py.unixsock import connect_unix
 
