@@ -363,17 +363,111 @@ def _remove_cgroup(path: str) -> None:
 # --------------------------------------------------------------------------
 
 
-def find_leftovers(rt: Runtime, procs_before, cgroups_before) -> list[str]:
+def _env_has(pid: int, marker: bytes) -> bool | None:
+    """Whether *pid*'s environment holds *marker* (None: gone or unreadable)."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            return marker in f.read().split(b"\0")
+    except OSError:
+        return None
+
+
+def descends_from_marked(pid: int, marker: bytes) -> bool:
+    """Whether *pid* or an ancestor carries *marker* in its environment: the runner's
+    processes carry the runtime's state dir; a container's processes get a fresh
+    environment but descend from their monitor, which carries it."""
+    for _ in range(64):  # up the parent chain
+        if _env_has(pid, marker):
+            return True
+        st = proc_stat(pid)
+        if st is None or st.ppid <= 1:
+            return False
+        pid = st.ppid
+    return False
+
+
+def _cgroup_pids(path: str) -> list[int]:
+    try:
+        return [int(p) for p in Path(path, "cgroup.procs").read_text().split()]
+    except (OSError, ValueError):
+        return []
+
+
+def other_runtimes_alive(marker: bytes) -> bool:
+    """Whether a runner of another test runtime (another state dir) is running: then a new
+    empty cgroup of unknown origin may be that runtime's, being set up."""
+    for pid in all_pids():
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                env = f.read().split(b"\0")
+        except OSError:
+            continue
+        if marker not in env and any(e.startswith(b"PYOVERLAY_STATE_DIR=") for e in env):
+            return True
+    return False
+
+
+class _Scope:
+    """What of the machine's new container processes and cgroups belongs to *rt*: its
+    runner processes and their descendants, and the cgroups they are in or that are named
+    by one of its containers. Another test run's containers on the same machine (a second
+    suite, a helper's run) are neither reported nor killed."""
+
+    def __init__(self, rt: Runtime, procs_before, cgroups_before):
+        self.rt, self.procs_before, self.cgroups_before = rt, procs_before, cgroups_before
+        self.known_ids: set[str] = set()
+
+    def note_ids(self) -> None:
+        with contextlib.suppress(OSError):
+            self.known_ids.update(self.rt.state_entries())
+
+    def ours(self, pid: int) -> bool:
+        """A process of this runtime: descends from one of its runner processes, or runs in
+        a root directory under the runtime's dirs (a container whose monitor is gone)."""
+        if descends_from_marked(pid, self.rt.env_marker):
+            return True
+        try:
+            root = os.readlink(f"/proc/{pid}/root")
+        except OSError:
+            return False
+        base = os.path.realpath(self.rt.base).rstrip("/")
+        return root == base or root.startswith(base + "/")
+
+    def procs(self) -> list[int]:
+        return [
+            pid
+            for pid, _start in sorted(set(foreign_pidns_procs()) - set(self.procs_before))
+            if alive(pid) and self.ours(pid)
+        ]
+
+    def cgroups(self) -> list[str]:
+        out = []
+        lone = None
+        for c in sorted(pyoverlay_cgroups() - self.cgroups_before):
+            pids = _cgroup_pids(c)
+            if pids:
+                if any(self.ours(p) for p in pids):
+                    out.append(c)
+            elif os.path.basename(c) in self.known_ids:
+                out.append(c)
+            else:
+                if lone is None:
+                    lone = not other_runtimes_alive(self.rt.env_marker)
+                if lone:
+                    out.append(c)
+        return out
+
+
+def find_leftovers(rt: Runtime, procs_before, cgroups_before, scope: _Scope | None = None) -> list[str]:
     """What the test left behind (empty list: nothing)."""
+    scope = scope or _Scope(rt, procs_before, cgroups_before)
     problems = []
     for m in rt.mounts():
         problems.append(f"mount left: {m}")
-    cg = sorted(pyoverlay_cgroups() - cgroups_before)
-    for c in cg:
+    for c in scope.cgroups():
         problems.append(f"cgroup left: {c}")
-    for pid, _start in sorted(set(foreign_pidns_procs()) - set(procs_before)):
-        if alive(pid):
-            problems.append(f"container process left: {describe_pid(pid)}")
+    for pid in scope.procs():
+        problems.append(f"container process left: {describe_pid(pid)}")
     for pid in procs_with_env(rt.env_marker):
         if alive(pid):
             problems.append(f"runner process left: {describe_pid(pid)}")
@@ -382,25 +476,26 @@ def find_leftovers(rt: Runtime, procs_before, cgroups_before) -> list[str]:
 
 @contextlib.contextmanager
 def leftover_check(rt: Runtime, grace: float = 5.0):
-    procs_before = foreign_pidns_procs()
-    cgroups_before = pyoverlay_cgroups()
+    scope = _Scope(rt, foreign_pidns_procs(), pyoverlay_cgroups())
     yield
+    scope.note_ids()
     deadline = time.monotonic() + grace
     while True:
-        problems = find_leftovers(rt, procs_before, cgroups_before)
+        problems = find_leftovers(rt, scope.procs_before, scope.cgroups_before, scope)
         if not problems or time.monotonic() > deadline:
             break
         time.sleep(0.2)
     # clean up whatever is there, reported or not (a failed test may leave
     # containers running on purpose: they must not disturb the next test)
     problems += rt.remove_all()
+    ours = scope.procs()  # before the runner processes die: the chain still leads to them
     for pid in procs_with_env(rt.env_marker):
         with contextlib.suppress(OSError):
             os.kill(pid, signal.SIGKILL)
-    for pid, _start in set(foreign_pidns_procs()) - set(procs_before):
+    for pid in ours:
         with contextlib.suppress(OSError):
             os.kill(pid, signal.SIGKILL)
-    for c in pyoverlay_cgroups() - cgroups_before:
+    for c in scope.cgroups():
         _remove_cgroup(c)
     for m in sorted(rt.mounts(), key=len, reverse=True):
         mounts.abort_fuse_connection(m)
