@@ -23,7 +23,7 @@ import signal
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-from . import _sys, features, state, unixsock, userxattr
+from . import _sys, features, state, unixsock, userxattr, uuidmode
 from .config import MountConfig, resolve_features, xino_default
 from .errors import PyoverlayError
 from .logs import one_line, setup_logging
@@ -160,6 +160,9 @@ def build_overlay(
         xino=cfg.xino or xino_default(),
     )
     stack.follow_redirects = features.follows_redirects(cfg)
+    # -o uuid=: the overlay's UUID (overlay.uuid on the upper root, written here where the
+    # kernel writes it: also on a read-only mount) and the UUIDs of origin records
+    uuidmode.settle(stack, names, cfg.uuid)
     # Every node holds a descriptor: the budget and the table's cap fit RLIMIT_NOFILE.
     fd_limit = _sys.raise_nofile_limit()
     max_nodes = clamp_node_budget(cfg.max_nodes, fd_limit, stack.dirfds)
