@@ -369,6 +369,7 @@ def _serve_pyfuse3(cfg: MountConfig, ready_fd: int | None) -> int:
     wd = prepare_workdir(cfg)
     try:
         check_whiteouts(cfg, wd)
+        cfg = uuidmode.settle_config(cfg)  # overlay.uuid written before the mount goes live
         core = build_overlay(cfg, wd, drop_entries=fs.drop_entries, attr_changed=fs.attr_changed)
     except BaseException:
         if wd is not None:
@@ -419,6 +420,7 @@ def _serve_direct(cfg: MountConfig, ready_fd: int | None) -> int:
     wd = prepare_workdir(cfg)
     try:
         check_whiteouts(cfg, wd)
+        cfg = uuidmode.settle_config(cfg)  # overlay.uuid written before the mount goes live
         fm = direct.mount_fuse(cfg)  # or the fd handed in (cfg.fuse_fd)
     except BaseException:
         if wd is not None:

@@ -77,19 +77,43 @@ def settle(stack, names: XattrNames, mode: str) -> tuple[str, bytes]:
     """The effective mode and the overlay's UUID (null when it has none) of a mount of
     *stack* that asked for *mode* ("" = not given), as ``ovl_fill_super`` settles them;
     writes ``overlay.uuid`` on the upper root where the kernel does. Records both on the
-    stack (``stack.uuid_mode``, ``stack.overlay_uuid``), which origin records follow."""
+    stack (``stack.uuid_mode``, ``stack.overlay_uuid``), which origin records follow.
+    Settling an effective mode again gives the same mode and UUID."""
     upper = stack.upper
-    mode = asked(mode, upper=upper is not None)
-    uuid = NULL_UUID
     several_fs = upper is None or any(layer.dev != upper.dev for layer in stack.lowers)
-    if mode == "off" and several_fs:
-        log.warning("The uuid=off requires a single fs for lower and upper, falling back to uuid=null")
-        mode = "null"
-    elif mode in ("on", "auto") and upper is not None:
-        mode, uuid = _init_uuid_xattr(upper.fd, names, mode)
+    mode, uuid = _settle(upper.fd if upper is not None else None, several_fs, names, mode)
     stack.uuid_mode = mode
     stack.overlay_uuid = uuid
     return mode, uuid
+
+
+def settle_config(cfg):
+    """*cfg* (a MountConfig whose userxattr is decided) with its effective ``uuid`` mode,
+    settled as the kernel does while mounting: the server calls it before the mount goes
+    live, so ``overlay.uuid`` is on the upper root when ``pyoverlay mount`` returns (and
+    the mount record shows the mode, as ``/proc/mounts`` does the kernel's)."""
+    import dataclasses
+
+    if cfg.upperdir is None:
+        return dataclasses.replace(cfg, uuid=_settle(None, True, XattrNames(cfg.xattr_prefix), cfg.uuid)[0])
+    fd = os.open(cfg.upperdir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        dev = os.fstat(fd).st_dev
+        several_fs = any(os.stat(low).st_dev != dev for low in cfg.lowerdirs)
+        mode = _settle(fd, several_fs, XattrNames(cfg.xattr_prefix), cfg.uuid)[0]
+    finally:
+        os.close(fd)
+    return dataclasses.replace(cfg, uuid=mode)
+
+
+def _settle(upper_fd: int | None, several_fs: bool, names: XattrNames, mode: str) -> tuple[str, bytes]:
+    mode = asked(mode, upper=upper_fd is not None)
+    if mode == "off" and several_fs:
+        log.warning("The uuid=off requires a single fs for lower and upper, falling back to uuid=null")
+        return "null", NULL_UUID
+    if mode in ("on", "auto") and upper_fd is not None:
+        return _init_uuid_xattr(upper_fd, names, mode)
+    return mode, NULL_UUID
 
 
 def _init_uuid_xattr(root_fd: int, names: XattrNames, mode: str) -> tuple[str, bytes]:

@@ -302,3 +302,37 @@ def test_fsid_is_the_kernels():
     (overlay.uuid 5bd2358a-4a53-4ed4-bddd-196c64b119e7, `stat -f` fsid e62c0fe63357e22e)."""
     u = bytes.fromhex("5bd2358a4a534ed4bddd196c64b119e7")
     assert uuidmode.fsid(u) == (0xE62C0FE6, 0x3357E22E)
+
+
+@pytest.mark.parametrize("pre", ["new", "used"])
+def test_written_before_mount_returns_and_listed(tmp_path, pre):
+    """`pyoverlay mount` returns with overlay.uuid already on the upper root (the kernel
+    writes it in mount(2)), and `pyoverlay mounts --json` shows the effective mode, as
+    /proc/mounts shows the kernel's: auto becomes on for a new upper, null for one used
+    before without a UUID; a read-only mount without an upper stays auto."""
+    import json
+
+    for sub in ("l", "l2", "u", "m", "m2"):
+        (tmp_path / sub).mkdir()
+    for name, value in PRE[pre].items():
+        os.setxattr(tmp_path / "u", "trusted.overlay." + name, value)
+    env = dict(os.environ, PYOVERLAY_STATE_DIR=str(tmp_path / "state"), XDG_RUNTIME_DIR=str(tmp_path / "state"))
+    py = [sys.executable, "-m", "overlayfs_py"]
+    low, up, mnt, mnt2 = (str(tmp_path / x) for x in ("l", "u", "m", "m2"))
+    subprocess.run([*py, "mount", "-o", "nouserxattr", low, up, mnt], check=True, env=env, capture_output=True)
+    try:
+        on_disk = _xattr(tmp_path / "u", "trusted.overlay.uuid")
+        subprocess.run([*py, "mount", f"{low}:{tmp_path / 'l2'}", mnt2], check=True, env=env, capture_output=True)
+        try:
+            out = subprocess.run([*py, "mounts", "--json"], check=True, env=env, capture_output=True, text=True).stdout
+        finally:
+            subprocess.run([*py, "umount", mnt2], check=True, env=env, capture_output=True)
+    finally:
+        subprocess.run([*py, "umount", mnt], check=True, env=env, capture_output=True)
+    listed = {m["mountpoint"]: m["uuid"] for m in json.loads(out)}
+    if pre == "new":
+        assert on_disk is not None and len(on_disk) == 16
+        assert listed == {mnt: "on", mnt2: "auto"}
+    else:
+        assert on_disk is None
+        assert listed == {mnt: "null", mnt2: "auto"}
