@@ -17,10 +17,11 @@ and ``ovl_decode_real_fh``), checked against its mounts by tests/test_uuid.py:
   and written there on the first mount: the kernel reports a persistent statfs ``f_fsid``
   derived from it (:func:`fsid`). Origin records as with ``null``. Without an upper layer
   the kernel falls back to ``null``.
-* ``auto`` (the default): ``on`` when the upper root has ``overlay.uuid``, or when the
-  upper is new (its root not marked ``overlay.impure``, which the first copy-up into the
-  root or the first lookup of its merged subdirectories sets); ``null`` for an upper
-  used before without one. Without an upper layer nothing is read or written.
+* ``auto`` (the default): as ``on`` when the upper root has ``overlay.uuid`` (the mode
+  stays ``auto``); becomes ``on`` when the upper is new (its root not marked
+  ``overlay.impure``, which the first copy-up into the root or the first lookup of its
+  merged subdirectories sets); ``null`` for an upper used before without one. Without an
+  upper layer nothing is read or written.
 
 Reading an ``overlay.uuid`` that is not 16 bytes, or failing to write one, falls back to
 ``null`` with a warning, the xattr left as it is (the kernel's ``fail:`` path). The
@@ -130,7 +131,7 @@ def _init_uuid_xattr(root_fd: int, names: XattrNames, mode: str) -> tuple[str, b
                 raise
         else:
             if len(value) == len(NULL_UUID):
-                return "on" if mode == "auto" else mode, value
+                return mode, value  # auto stays auto (the kernel shows no uuid= then)
             raise OSError(errno.ERANGE if len(value) > len(NULL_UUID) else errno.EINVAL, "not a UUID")
         if mode == "auto":
             try:

@@ -304,12 +304,13 @@ def test_fsid_is_the_kernels():
     assert uuidmode.fsid(u) == (0xE62C0FE6, 0x3357E22E)
 
 
-@pytest.mark.parametrize("pre", ["new", "used"])
+@pytest.mark.parametrize("pre", ["new", "used", "with-uuid"])
 def test_written_before_mount_returns_and_listed(tmp_path, pre):
     """`pyoverlay mount` returns with overlay.uuid already on the upper root (the kernel
     writes it in mount(2)), and `pyoverlay mounts --json` shows the effective mode, as
     /proc/mounts shows the kernel's: auto becomes on for a new upper, null for one used
-    before without a UUID; a read-only mount without an upper stays auto."""
+    before without a UUID, stays auto for one with a UUID (the kernel then shows no
+    uuid=); a read-only mount without an upper stays auto."""
     import json
 
     for sub in ("l", "l2", "u", "m", "m2"):
@@ -333,6 +334,9 @@ def test_written_before_mount_returns_and_listed(tmp_path, pre):
     if pre == "new":
         assert on_disk is not None and len(on_disk) == 16
         assert listed == {mnt: "on", mnt2: "auto"}
+    elif pre == "with-uuid":
+        assert on_disk == PRE[pre]["uuid"]
+        assert listed == {mnt: "auto", mnt2: "auto"}
     else:
         assert on_disk is None
         assert listed == {mnt: "null", mnt2: "auto"}
