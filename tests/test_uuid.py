@@ -283,10 +283,37 @@ def test_each_side_follows_the_others_origins(tmp_path):
 # --- the option ------------------------------------------------------------------------------
 
 
+def test_each_side_keeps_the_others_uuid(tmp_path):
+    """The kernel mounts the upper pyoverlay gave a UUID (auto, a new upper) and reports
+    the f_fsid of that UUID; pyoverlay mounts the kernel's and keeps its UUID, which the
+    kernel then reports again (a persistent fsid across both)."""
+    for sub in ("l", "up-k", "up-s", "w1", "w2", "w3", "w4", "m1", "m2", "m3", "m4"):
+        (tmp_path / sub).mkdir()
+    (tmp_path / "l/f").write_bytes(b"x")
+    low, name = [tmp_path / "l"], "trusted.overlay.uuid"
+    with _mount("pyoverlay", low, tmp_path / "m1", tmp_path / "up-s", tmp_path / "w1", []) as m:
+        os.chmod(m.path / "f", 0o600)
+    written = _xattr(tmp_path / "up-s", name)
+    assert written is not None and len(written) == 16
+    with _mount("kernel", low, tmp_path / "m2", tmp_path / "up-s", tmp_path / "w2", []) as m:
+        assert _f_fsid(os.statvfs(m.path)) == uuidmode.fsid(written)
+    assert _xattr(tmp_path / "up-s", name) == written
+    with _mount("kernel", low, tmp_path / "m3", tmp_path / "up-k", tmp_path / "w3", ["uuid=on"]) as m:
+        os.chmod(m.path / "f", 0o600)
+        fsid = _f_fsid(os.statvfs(m.path))
+    kernels = _xattr(tmp_path / "up-k", name)
+    with _mount("pyoverlay", low, tmp_path / "m4", tmp_path / "up-k", tmp_path / "w4", ["uuid=on"]) as m:
+        os.chmod(m.path / "f", 0o644)
+    assert _xattr(tmp_path / "up-k", name) == kernels and uuidmode.fsid(kernels) == fsid
+    with _mount("kernel", low, tmp_path / "m3", tmp_path / "up-k", tmp_path / "w3", []) as m:
+        assert _f_fsid(os.statvfs(m.path)) == fsid
+
+
 def test_bad_value_is_one_line(tmp_path):
+    """A bad uuid= value, and verity=on|require (refused with the reason): one line, exit 2."""
     for sub in ("l", "u", "m"):
         (tmp_path / sub).mkdir()
-    for opt in ("uuid=maybe", "uuid"):
+    for opt in ("uuid=maybe", "uuid", "verity=on", "verity=require"):
         r = subprocess.run(
             [sys.executable, "-m", "overlayfs_py", "mount", "-o", opt, str(tmp_path / "l"), str(tmp_path / "u"),
              str(tmp_path / "m")],
@@ -294,7 +321,10 @@ def test_bad_value_is_one_line(tmp_path):
             text=True,
         )  # fmt: skip
         assert r.returncode == 2, r
-        assert "uuid" in r.stderr and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+        assert opt.partition("=")[0] in r.stderr and "Traceback" not in r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+        if opt.startswith("verity"):
+            assert "fs-verity digests" in r.stderr
 
 
 def test_fsid_is_the_kernels():
