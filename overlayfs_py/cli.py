@@ -368,6 +368,7 @@ def mount_summary(rec: dict) -> dict:
         "volatile": bool(cfg.get("volatile")),
         "aufs_whiteouts": bool(cfg.get("aufs_whiteouts")),
         "redirect_dir": cfg.get("redirect_dir") or features.redirect_default(),
+        "uuid": cfg.get("uuid") or "auto",  # the effective mode (uuidmode.settle_config)
         "container": cfg.get("container"),
         "trace_socket": rec.get("trace_socket"),
     }

@@ -35,8 +35,8 @@ Documented differences from the kernel:
 * Data-only lower layers (``::``) are refused.
 * ``redirect_dir`` takes the kernel's four modes (features.py: defaults from the module
   parameters, the rules between options); ``index``, ``metacopy``, ``nfs_export`` and
-  ``verity`` are accepted only in their off/default spellings. ``xino=on|off|auto`` and
-  ``volatile`` are the kernel's.
+  ``verity`` are accepted only in their off/default spellings. ``xino=on|off|auto``,
+  ``uuid=on|off|null|auto`` (uuidmode.py) and ``volatile`` are the kernel's.
 * Layouts that hang or deadlock a FUSE overlay are refused up front: the
   mountpoint may not be, contain, or lie inside any layer or the workdir, and
   it must be an empty directory that is not already a mount point.
@@ -151,6 +151,9 @@ class MountConfig:
     redirect_dir: str = ""
     # -o xino=on|off|auto (None: the kernel's default, xino_default()); layers.LayerStack
     xino: str | None = None
+    # -o uuid=on|off|null|auto ("": not given, the kernel's default auto); the mount settles
+    # the effective mode from the layers and the upper root (uuidmode.settle)
+    uuid: str = ""
 
     def __post_init__(self) -> None:
         # Accept any sequence but store an immutable tuple.
@@ -317,10 +320,19 @@ _KERNEL_CHOICES: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     "xino": (frozenset({"on", "off", "auto"}), frozenset()),
     "metacopy": (frozenset({"off"}), frozenset({"on"})),
     "nfs_export": (frozenset({"off"}), frozenset({"on"})),
-    # uuid=auto is the kernel's default; on (overlay.uuid, a persistent fsid) and off/null
-    # (null UUIDs written into and matched in origin records) are not done (issue 18)
-    "uuid": (frozenset({"auto"}), frozenset({"on", "off", "null"})),
+    # the kernel's four modes (uuidmode.py): the overlay's own UUID (overlay.uuid on the
+    # upper root) and the UUIDs of origin records
+    "uuid": (frozenset({"on", "off", "null", "auto"}), frozenset()),
     "verity": (frozenset({"off"}), frozenset({"on", "require"})),
+}
+
+# Why a known kernel option value is refused, where "not done" is not the whole story.
+_UNSUPPORTED_WHY = {
+    # the kernel records the fs-verity digest of a metacopy file's lower data in
+    # overlay.metacopy and checks it when the data is opened; pyoverlay neither records
+    # nor checks digests (and a FUSE file has no fs-verity of its own to show)
+    "verity": "option '{key}={value}' is not supported: pyoverlay neither records nor checks"
+    " the fs-verity digests of metacopy files (verity=off only)",
 }
 
 
@@ -343,13 +355,13 @@ def parse_options(opts: Iterable[str]) -> dict[str, str | bool]:
       ``nouserxattr`` -> ``'userxattr': False`` (the last one wins);
     * ``aufs_whiteouts=on|off`` -> True / False (the last one wins);
     * ``xino=on|off|auto`` -> the value (the kernel's inode numbering, layers.LayerStack).
+    * ``uuid=on|off|null|auto`` -> the value (the kernel's UUID modes, uuidmode.py).
 
     * ``redirect_dir=on|follow|nofollow|off`` -> the value (features.resolve applies it).
 
     Accepted and ignored (not in the result): the kernel options
     ``index=off``,
-    ``metacopy=off``, ``nfs_export=off``, ``uuid=on|off|null|auto``,
-    ``verity=off``;
+    ``metacopy=off``, ``nfs_export=off``, ``verity=off``;
     * the generic flags ``nosuid``, ``nodev``, ``noexec``, ``noatime`` -> ``'mount_flags'``, a
       tuple of those set (``suid``, ``dev``, ``exec``, ``atime``, ``relatime``, ``strictatime``
       clear them; the last word wins): the FUSE mount carries them (``MountConfig.mount_flags``).
@@ -409,13 +421,15 @@ def parse_options(opts: Iterable[str]) -> dict[str, str | bool]:
                     raise ConfigError(f"mount option '{key}' needs a value ({key}=...)")
                 if value in unsupported:
                     raise ConfigError(
-                        f"option '{key}={value}' is not supported (pyoverlay implements the kernel defaults)"
+                        _UNSUPPORTED_WHY.get(
+                            key, "option '{key}={value}' is not supported (pyoverlay implements the kernel defaults)"
+                        ).format(key=key, value=value)
                     )
                 if value not in accepted:
                     choices = "|".join(sorted(accepted | unsupported))
                     raise ConfigError(f"invalid value {_q(value)} for mount option '{key}' (expected {choices})")
-                if key == "xino":
-                    result["xino"] = value
+                if key in ("xino", "uuid"):
+                    result[key] = value
             else:
                 raise ConfigError(f"unknown mount option {_q(key)}")
     return result
@@ -553,6 +567,7 @@ def build_config(
         xino=opts.get("xino"),  # type: ignore[arg-type]
         mount_flags=tuple(opts.get("mount_flags", ())),  # type: ignore[arg-type]
         redirect_dir=str(opts.get("redirect_dir", "")),
+        uuid=str(opts.get("uuid", "")),
     )
     validate(cfg, workdir_may_be_missing=workdir_defaulted)
     return resolve_features(cfg)  # when userxattr is known; else userxattr.plan does it

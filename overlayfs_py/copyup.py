@@ -123,7 +123,6 @@ class CopyUp:
         self.work = work  # temporaries in work/: names, creation, install, discard
         self.owners = owners
         self._locks: dict[int, trio.Lock] = {}
-        self.uuid = stack.fs_uuid(stack.lowers[0]) if stack.lowers else None
         self._limiter: trio.CapacityLimiter | None = None  # made on first use, in trio
         self.sync = sync  # False with -o volatile: copies are not fsync'ed (the kernel's ovl_should_sync)
         self.on_copied_up = on_copied_up  # (node, its st_ino changed) right after it became upper
@@ -358,8 +357,13 @@ class CopyUp:
 
     def _uuid_of(self, layer: Layer | None) -> bytes | None:
         """The UUID an origin record names: that of the source's filesystem (the kernel's
-        ovl_encode_real_fh), which differs per lower on several filesystems."""
-        return self.stack.fs_uuid(layer) if layer is not None else self.uuid
+        ovl_encode_real_fh), which differs per lower on several filesystems; null with
+        ``-o uuid=off`` (LayerStack.origin_uuid)."""
+        if layer is None:
+            if not self.stack.lowers:
+                return None
+            layer = self.stack.lowers[0]
+        return self.stack.origin_uuid(layer)
 
     def _xattr_names(self, src: bytes | int) -> list[str]:
         """Names to carry up from *src* (an fd's magic link, followed to the fd's object, or

@@ -170,6 +170,10 @@ class LayerStack:
         # redirect_dir=nofollow (features.py): a lookup that would follow a redirect into a
         # lower layer fails with EPERM, as the kernel's ovl_lookup ("refusing to follow")
         self.follow_redirects = True
+        # -o uuid= as settled at mount (uuidmode.settle): with "off" origin records carry
+        # and match a null UUID; overlay_uuid: the overlay's own (null: none)
+        self.uuid_mode = "auto"
+        self.overlay_uuid = NULL_UUID
 
     def close(self) -> None:
         if hasattr(self, "dirfds"):
@@ -256,11 +260,22 @@ class LayerStack:
     def origin_in(self, layer: Layer, record_uuid: bytes) -> bool:
         """Whether an origin record naming *record_uuid* may lead into *layer*, as the kernel
         decodes it (ovl_check_origin_fh, ovl_decode_real_fh): not into a filesystem marked
-        "bad uuid", and only into one with the record's UUID (where the layer's is known)."""
+        "bad uuid", and only into one with the record's UUID (where the layer's is known).
+        With ``uuid=off`` only a record with a null UUID, into any layer (they are all on
+        one filesystem then)."""
+        if self.uuid_mode == "off":
+            return record_uuid == NULL_UUID
         if layer.index in self.bad_uuid_layers:
             return False
         own = self.fs_uuid(layer)
         return own is None or own == record_uuid
+
+    def origin_uuid(self, layer: Layer) -> bytes:
+        """The UUID an origin record of an object of *layer* carries (ovl_encode_real_fh):
+        its filesystem's, null with ``uuid=off`` (or when the filesystem has none)."""
+        if self.uuid_mode == "off":
+            return NULL_UUID
+        return self.fs_uuid(layer) or NULL_UUID
 
     def fs_uuid(self, layer: Layer) -> bytes | None:
         """The UUID of *layer*'s filesystem (FS_IOC_GETFSUUID), None when it has none."""

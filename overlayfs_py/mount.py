@@ -23,7 +23,7 @@ import signal
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-from . import _sys, features, state, unixsock, userxattr
+from . import _sys, features, state, unixsock, userxattr, uuidmode
 from .config import MountConfig, resolve_features, xino_default
 from .errors import PyoverlayError
 from .logs import one_line, setup_logging
@@ -160,6 +160,9 @@ def build_overlay(
         xino=cfg.xino or xino_default(),
     )
     stack.follow_redirects = features.follows_redirects(cfg)
+    # -o uuid=: the overlay's UUID (overlay.uuid on the upper root, written here where the
+    # kernel writes it: also on a read-only mount) and the UUIDs of origin records
+    uuidmode.settle(stack, names, cfg.uuid)
     # Every node holds a descriptor: the budget and the table's cap fit RLIMIT_NOFILE.
     fd_limit = _sys.raise_nofile_limit()
     max_nodes = clamp_node_budget(cfg.max_nodes, fd_limit, stack.dirfds)
@@ -366,6 +369,7 @@ def _serve_pyfuse3(cfg: MountConfig, ready_fd: int | None) -> int:
     wd = prepare_workdir(cfg)
     try:
         check_whiteouts(cfg, wd)
+        cfg = uuidmode.settle_config(cfg)  # overlay.uuid written before the mount goes live
         core = build_overlay(cfg, wd, drop_entries=fs.drop_entries, attr_changed=fs.attr_changed)
     except BaseException:
         if wd is not None:
@@ -416,6 +420,7 @@ def _serve_direct(cfg: MountConfig, ready_fd: int | None) -> int:
     wd = prepare_workdir(cfg)
     try:
         check_whiteouts(cfg, wd)
+        cfg = uuidmode.settle_config(cfg)  # overlay.uuid written before the mount goes live
         fm = direct.mount_fuse(cfg)  # or the fd handed in (cfg.fuse_fd)
     except BaseException:
         if wd is not None:

@@ -201,12 +201,18 @@ def test_parse_options_last_wins_and_empty_items() -> None:
         "index=off",
         "metacopy=off",
         "nfs_export=off",
-        "uuid=auto",
         "verity=off",
     ],
 )
 def test_parse_options_accepted_and_ignored(opt: str) -> None:
     assert parse_options([opt]) == {}
+
+
+@pytest.mark.parametrize("value", ["on", "off", "null", "auto"])
+def test_parse_options_uuid(value: str) -> None:
+    """The kernel's four uuid modes (uuidmode.py; tests/test_uuid.py): refused before but
+    auto, which was accepted and ignored."""
+    assert parse_options([f"uuid={value}"]) == {"uuid": value}
 
 
 @pytest.mark.parametrize("value", ["on", "follow", "nofollow", "off"])
@@ -253,17 +259,24 @@ def test_parse_options_mount_flag_takes_no_value(opt: str) -> None:
         "index=on",
         "metacopy=on",
         "nfs_export=on",
-        "verity=on",
-        "verity=require",
-        "uuid=on",  # accepted and ignored before: origin records' UUIDs differ from the kernel's
-        "uuid=off",
-        "uuid=null",
     ],
 )
 def test_parse_options_unsupported_kernel_features(opt: str) -> None:
     with pytest.raises(ConfigError) as ei:
         parse_options([f"lowerdir=/a,{opt}"])
     assert str(ei.value) == (f"option '{opt}' is not supported (pyoverlay implements the kernel defaults)")
+
+
+@pytest.mark.parametrize("value", ["on", "require"])
+def test_parse_options_verity_refused_with_the_reason(value: str) -> None:
+    """verity=on|require: the kernel's fs-verity digests of metacopy files, which pyoverlay
+    neither records nor checks: a one-line refusal that says so."""
+    with pytest.raises(ConfigError) as ei:
+        parse_options([f"lowerdir=/a,verity={value}"])
+    assert str(ei.value) == (
+        f"option 'verity={value}' is not supported: pyoverlay neither records nor checks the fs-verity"
+        " digests of metacopy files (verity=off only)"
+    )
 
 
 def test_parse_options_volatile() -> None:

@@ -18,7 +18,7 @@ import pytest
 
 from helpers.snapshot import diff_snapshots, format_diff
 from helpers.stacks import T0, T1, T2, D, F, L
-from helpers.writeops import RENAME_EXCHANGE, RENAME_NOREPLACE, renameat2, run_pair
+from helpers.writeops import RENAME_EXCHANGE, RENAME_NOREPLACE, Recorder, renameat2, run_pair
 from overlayfs_py import features
 from overlayfs_py.config import ConfigError, build_config, parse_options
 
@@ -210,6 +210,77 @@ def test_follow_mount_reads_redirects(run, mode):
     sv = _cross(run, run.s, "subject", (f"redirect_dir={mode}",))
     d = diff_snapshots(kv, sv, a_name="kernel", b_name="pyoverlay")
     assert not d, format_diff(d, "redirect_dir=follow views differ:")
+
+
+@pytest.mark.parametrize("mode", ["follow", "off"])
+def test_follow_mount_reads_the_others_redirects(run, mode):
+    """redirect_dir=follow and off across: the kernel on pyoverlay's upper and pyoverlay on
+    the kernel's, each the view of the kernel's mount of its own upper with that option."""
+    kv = _cross(run, run.k, "kernel", (f"redirect_dir={mode}",))
+    for src, impl in ((run.s, "kernel"), (run.k, "subject")):
+        view = _cross(run, src, impl, (f"redirect_dir={mode}",))
+        d = diff_snapshots(kv, view, a_name="kernel", b_name=f"{impl} on {src.impl}'s upper")
+        assert not d, format_diff(d, f"redirect_dir={mode}: {impl} on the {src.impl}'s upper:")
+
+
+def _ops_without_redirects(m, rec):
+    """Writes by a mount that does not create redirects, on an upper that holds them."""
+    rec.do("rename a redirected dir", os.rename, m / "q/md2", m / "q/md3")
+    rec.do("rename a renamed lower-only dir", os.rename, m / "ld2", m / "ld3")
+    rec.do("rename a dir below a redirected one", os.rename, m / "q/nest2/in2", m / "q/nest2/in3")
+    rec.do("rename a new dir", os.rename, m / "q/newdir", m / "q/newdir2")
+    rec.do("append to a lower file below a redirect", _write, m / "q/md2/bottom", b"more\n")
+    rec.do("read it", _read, m / "q/md2/bottom")
+    rec.do("create in a redirected dir", _write, m / "q/md2/n", b"n\n")
+    rec.do("unlink below a redirect", os.unlink, m / "q/deep2/x")
+    rec.do("rmdir a redirected non-empty dir", os.rmdir, m / "q/tw3")
+    rec.do("rename a file out of a redirected dir", os.rename, m / "q/tw3/f", m / "tw3f")
+    rec.do("rmdir it emptied", os.rmdir, m / "q/tw3")
+    rec.do("mkdir where it was", os.mkdir, m / "q/tw3")
+    rec.do("ls q/tw3", _ls, m / "q/tw3")
+    rec.do("ls q/md2", _ls, m / "q/md2")
+    rec.do("ls q", _ls, m / "q")
+    rec.do("ls /", _ls, m)
+
+
+@pytest.mark.parametrize("mode", ["follow", "off", "nofollow"])
+def test_writes_without_redirects_on_the_others_upper(run, tmp_path, mode):
+    """A mount with redirect_dir=follow, off or nofollow writing on an upper with
+    redirects, each side on a copy of the other's upper and of its own: the same results
+    (EXDEV for a directory that would need a redirect, EPERM where nofollow refuses to
+    follow one) and the same tree as the kernel's on a copy of the same upper."""
+    outcomes = {}
+    for src in (run.k, run.s):
+        run._need(src, "the upper")
+        for impl in ("kernel", "subject"):
+            copy = tmp_path / f"{src.impl}-upper-by-{impl}"
+            subprocess.run(["cp", "-a", str(src.side.upper), str(copy)], check=True)
+            side = src.side
+            saved = side.upper, side.options
+            side.upper, side.options = copy, [f"redirect_dir={mode}"]
+            rec = Recorder(side.t_start)
+            try:
+                with side.mount(impl, workdir=side.fresh_workdir()) as m:
+                    _ops_without_redirects(m.path, rec)
+                    tree = _try(lambda: _tree(m.path))
+            finally:
+                side.upper, side.options = saved
+            outcomes[(src.impl, impl)] = (rec.results, tree)
+    k_results, k_tree = outcomes[("kernel", "kernel")]
+    if mode != "nofollow":
+        assert k_results["rename a redirected dir"] == "ERR:EXDEV"
+        assert k_results["rename a new dir"] == "OK"
+    else:
+        assert k_results["rename a redirected dir"] == "ERR:EPERM"
+    for (src, impl), (results, tree) in outcomes.items():
+        what = f"redirect_dir={mode}: {impl} on a copy of the {src}'s upper"
+        diff = [
+            f"{k}: kernel {k_results[k]!r}, {impl} {results.get(k)!r}"
+            for k in k_results
+            if results.get(k) != k_results[k]
+        ]
+        assert not diff, format_diff(diff, f"{what}: results differ from the kernel on its own upper:")
+        assert tree == k_tree, f"{what}: the tree differs from the kernel's"
 
 
 # --- without redirect_dir=on: EXDEV, as before ------------------------------------------------
