@@ -34,8 +34,8 @@ Documented differences from the kernel:
   two lower layers when there is no upper layer).
 * Data-only lower layers (``::``) are refused.
 * ``redirect_dir`` takes the kernel's four modes (features.py: defaults from the module
-  parameters, the rules between options); ``index``, ``metacopy``, ``nfs_export`` and
-  ``verity`` are accepted only in their off/default spellings. ``xino=on|off|auto`` and
+  parameters, the rules between options), ``index=on|off`` too (index.py); ``metacopy``,
+  ``nfs_export`` and ``verity`` are accepted only in their off/default spellings. ``xino=on|off|auto`` and
   ``volatile`` are the kernel's.
 * Layouts that hang or deadlock a FUSE overlay are refused up front: the
   mountpoint may not be, contain, or lie inside any layer or the workdir, and
@@ -151,6 +151,9 @@ class MountConfig:
     redirect_dir: str = ""
     # -o xino=on|off|auto (None: the kernel's default, xino_default()); layers.LayerStack
     xino: str | None = None
+    # -o index=on|off (None: not given, the module's ``index`` parameter); once userxattr is
+    # decided, features.resolve stores the effective value (index.py; docs/semantics.md, "Index")
+    index: bool | None = None
 
     def __post_init__(self) -> None:
         # Accept any sequence but store an immutable tuple.
@@ -313,7 +316,7 @@ _FLAG_WORDS = {
 # Kernel overlay options: value -> accepted (and ignored) or not supported.
 _KERNEL_CHOICES: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     # key: (accepted values, known-but-unsupported values)
-    "index": (frozenset({"off"}), frozenset({"on"})),
+    "index": (frozenset({"on", "off"}), frozenset()),
     "xino": (frozenset({"on", "off", "auto"}), frozenset()),
     "metacopy": (frozenset({"off"}), frozenset({"on"})),
     "nfs_export": (frozenset({"off"}), frozenset({"on"})),
@@ -345,9 +348,9 @@ def parse_options(opts: Iterable[str]) -> dict[str, str | bool]:
     * ``xino=on|off|auto`` -> the value (the kernel's inode numbering, layers.LayerStack).
 
     * ``redirect_dir=on|follow|nofollow|off`` -> the value (features.resolve applies it).
+    * ``index=on|off`` -> True / False (features.resolve applies it; index.py).
 
     Accepted and ignored (not in the result): the kernel options
-    ``index=off``,
     ``metacopy=off``, ``nfs_export=off``, ``uuid=on|off|null|auto``,
     ``verity=off``;
     * the generic flags ``nosuid``, ``nodev``, ``noexec``, ``noatime`` -> ``'mount_flags'``, a
@@ -356,7 +359,7 @@ def parse_options(opts: Iterable[str]) -> dict[str, str | bool]:
 
     Raises:
         ConfigError: unknown option, a missing or unexpected value, an
-            unsupported kernel feature (``index=on``, ...).
+            unsupported kernel feature (``metacopy=on``, ...).
     """
     result: dict[str, str | bool] = {}
     for opt in opts:
@@ -408,6 +411,12 @@ def parse_options(opts: Iterable[str]) -> dict[str, str | bool]:
                 if not has_value:
                     raise ConfigError(f"mount option '{key}' needs a value ({key}=...)")
                 if value in unsupported:
+                    if key == "nfs_export":
+                        raise ConfigError(
+                            "option 'nfs_export=on' is not supported: a FUSE mount cannot be exported through"
+                            " the kernel's nfsd (pyoverlay implements no FUSE export operations); use index=on"
+                            " for hard links kept together"
+                        )
                     raise ConfigError(
                         f"option '{key}={value}' is not supported (pyoverlay implements the kernel defaults)"
                     )
@@ -416,6 +425,8 @@ def parse_options(opts: Iterable[str]) -> dict[str, str | bool]:
                     raise ConfigError(f"invalid value {_q(value)} for mount option '{key}' (expected {choices})")
                 if key == "xino":
                     result["xino"] = value
+                elif key == "index":
+                    result["index"] = value == "on"
             else:
                 raise ConfigError(f"unknown mount option {_q(key)}")
     return result
@@ -553,6 +564,7 @@ def build_config(
         xino=opts.get("xino"),  # type: ignore[arg-type]
         mount_flags=tuple(opts.get("mount_flags", ())),  # type: ignore[arg-type]
         redirect_dir=str(opts.get("redirect_dir", "")),
+        index=opts.get("index"),  # type: ignore[arg-type]
     )
     validate(cfg, workdir_may_be_missing=workdir_defaulted)
     return resolve_features(cfg)  # when userxattr is known; else userxattr.plan does it

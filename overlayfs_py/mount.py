@@ -50,7 +50,25 @@ def prepare_workdir(cfg: MountConfig) -> WorkDir | None:
     None for a mount without an upper. The caller closes what it returns."""
     if cfg.workdir is None or cfg.read_only:
         return None
-    return WorkDir.prepare(cfg.workdir, volatile=cfg.volatile)
+    wd = WorkDir.prepare(cfg.workdir, volatile=cfg.volatile)
+    if features.indexes(cfg):
+        from . import index
+        from .whiteout import XattrNames
+
+        assert cfg.upperdir is not None
+        try:
+            wd.index_fd = index.prepare(
+                wd.fd,
+                cfg.upperdir,
+                list(cfg.lowerdirs),
+                XattrNames(cfg.xattr_prefix),
+                _sys.fs_uuid,
+                0o000 if os.geteuid() == 0 else 0o700,
+            )
+        except BaseException:
+            wd.close()
+            raise
+    return wd
 
 
 def check_whiteouts(cfg: MountConfig, wd: WorkDir | None) -> None:
@@ -179,6 +197,11 @@ def build_overlay(
             listings.copied_up(node, ino_changed)  # the name is served by upper now
             handles.follow_copy_up(node)  # files open on the lower object read the upper one
 
+        index = None
+        if wd.index_fd >= 0:
+            from .index import Index
+
+            index = Index(os.dup(wd.index_fd), names)
         copyup = CopyUp(
             stack,
             names,
@@ -189,6 +212,7 @@ def build_overlay(
             sync=not cfg.volatile,
             on_copied_up=copied_up,
             on_attr_changed=attr_changed,
+            index=index,
         )
     view = Overlay(stack, names, inodes, handles, listings, owners, tracer, copyup, on_out_of_fds=budget.out_of_fds)
     writes = WritePath(
