@@ -198,7 +198,6 @@ def test_parse_options_last_wins_and_empty_items() -> None:
 @pytest.mark.parametrize(
     "opt",
     [
-        "index=off",
         "metacopy=off",
         "nfs_export=off",
         "uuid=auto",
@@ -250,9 +249,7 @@ def test_parse_options_mount_flag_takes_no_value(opt: str) -> None:
 @pytest.mark.parametrize(
     "opt",
     [
-        "index=on",
         "metacopy=on",
-        "nfs_export=on",
         "verity=on",
         "verity=require",
         "uuid=on",  # accepted and ignored before: origin records' UUIDs differ from the kernel's
