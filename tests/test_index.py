@@ -457,3 +457,45 @@ def test_index_default_and_fallbacks(tmp_path):
     assert cfg.index is True and features.indexes(cfg)
     cfg = userxattr.plan(build_config(str(low), str(up), str(mnt), options=["index=on,ro"]))
     assert not features.indexes(cfg)
+
+
+# --- tracing and explain -------------------------------------------------------------------------
+
+
+def _cli(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "overlayfs_py", *map(str, args)], capture_output=True, text=True, timeout=60
+    )
+
+
+def test_trace_and_explain(tmp_path):
+    """The copy-up of a hard-linked file says ``index`` (its entry), a link of another name
+    to the entry is ``index_link``, the last unlink ``index_remove``; explain notes an
+    indexed upper copy and a lower name served by the index."""
+    import json
+
+    _stack(tmp_path)
+    t = tmp_path
+    os.link(t / "lower/f", t / "lower/h")
+    m, trace = t / "m", t / "trace.jsonl"
+    r = _cli("mount", "--trace", trace, "-o", f"lowerdir={t}/lower,upperdir={t}/upper,workdir={t}/work,index=on", m)
+    assert r.returncode == 0, r.stderr
+    try:
+        os.chmod(m / "f", 0o600)  # copy-up to the index, linked at f
+        ex = json.loads(_cli("explain", "--json", m, "/f").stdout)
+        assert any("indexed copy" in n for n in ex["notes"]), ex
+        ex = json.loads(_cli("explain", "--json", m, "/g").stdout)
+        assert ex["served"]["label"] == "lower1" and any("served by index/" in n for n in ex["notes"]), ex
+        os.rename(m / "g", m / "g2")  # g linked to the entry, then renamed
+        for n in ("f", "g2", "h"):
+            os.unlink(m / n)
+    finally:
+        _umount(m)
+    events = [json.loads(line) for line in trace.read_text().splitlines()]
+    entry = os.listdir(t / "work/index") if (t / "work/index").exists() else []
+    assert entry == []  # the last name took the entry with it
+    done = [e for e in events if e["event"] == "copy_up_done"]
+    assert len(done) == 1 and done[0]["path"] == "/f" and len(done[0]["index"]) > 40
+    links = [(e["path"], e["nlink"]) for e in events if e["event"] == "index_link"]
+    assert links == [("/f", 3), ("/g", 3), ("/h", 1)], links
+    assert [e["path"] for e in events if e["event"] == "index_remove"] == ["/h"]
