@@ -233,7 +233,9 @@ def can_index(cfg) -> bool:
 
     if os.geteuid() != 0 or not initial_userns() or cfg.upperdir is None:
         return False
-    for path in (cfg.upperdir, *cfg.lowerdirs):
+    upper_dev = None
+    lower_fs: dict[int, bytes] = {}  # st_dev -> UUID of each lower filesystem but the upper's
+    for i, path in enumerate((cfg.upperdir, *cfg.lowerdirs)):
         try:
             fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError:
@@ -241,9 +243,16 @@ def can_index(cfg) -> bool:
         try:
             if _sys.name_to_handle(fd) is None:
                 return False
+            dev = os.fstat(fd).st_dev
+            if i == 0:
+                upper_dev = dev
+            elif dev != upper_dev and dev not in lower_fs:
+                lower_fs[dev] = _sys.fs_uuid(fd) or b"\0" * 16
         finally:
             os.close(fd)
-    return True
+    # ovl_lower_uuid_ok with index: two lower filesystems with one UUID (null included)
+    # cannot be told apart by origin records: "falling back to ... index=off"
+    return len(set(lower_fs.values())) == len(lower_fs)
 
 
 def indexes(cfg) -> bool:

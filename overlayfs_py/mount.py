@@ -176,6 +176,7 @@ def build_overlay(
         init_layer=cfg.container is not None,
         aufs=cfg.aufs_whiteouts,
         xino=cfg.xino or xino_default(),
+        index=features.indexes(cfg),
     )
     stack.follow_redirects = features.follows_redirects(cfg)
     # Every node holds a descriptor: the budget and the table's cap fit RLIMIT_NOFILE.

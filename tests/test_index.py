@@ -499,3 +499,38 @@ def test_trace_and_explain(tmp_path):
     links = [(e["path"], e["nlink"]) for e in events if e["event"] == "index_link"]
     assert links == [("/f", 3), ("/g", 3), ("/h", 1)], links
     assert [e["path"] for e in events if e["event"] == "index_remove"] == ["/h"]
+
+
+# --- xino ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("writer", ["kernel", "subject"])
+def test_index_with_xino_keeps_st_ino(tmp_path, writer):
+    """index=on,xino=on, lowers on two tmpfs and the upper's ext4: a hard-linked lower file
+    copied up keeps its lower st_ino (with the xino fsid bits) through every name, as the
+    kernel's; every st_ino and d_ino as the kernel's before and after either side wrote."""
+    import contextlib
+
+    from test_xino import Layout, _diff, _fill, _snapshot
+
+    engine = os.environ.get("PYOVERLAY_ENGINE", "direct")
+    with contextlib.ExitStack() as stack:
+        lay = Layout(tmp_path, stack, ["t1", "ext4", "t2"], "ext4")
+        _fill(lay)
+        opts = ["xino=on", "index=on"]
+        before = lay.compare(opts, engine)
+        with lay.mount("kernel" if writer == "kernel" else "pyoverlay", opts, engine) as m:
+            os.chmod(m.path / "hl1", 0o600)
+            with open(m.path / "hl2", "a") as f:
+                f.write("more\n")
+            live = _snapshot(m.path)
+        # both read the writer's upper with the writer's workdir (its index: a copy of it
+        # would not be linked to the upper files)
+        if writer == "kernel":
+            lay.work_p = lay.work_k
+        else:
+            lay.work_k = lay.work_p
+        after = lay.compare(opts, engine)
+        assert after["ino hl1"] == after["ino hl2"] == before["ino hl1"]
+        assert after["ino hl1"] >> 61 == 0b010  # t1's fsid: the lower inode's number
+        assert not _diff(after, live), "\n".join(_diff(after, live))
