@@ -534,3 +534,44 @@ def test_index_with_xino_keeps_st_ino(tmp_path, writer):
         assert after["ino hl1"] == after["ino hl2"] == before["ino hl1"]
         assert after["ino hl1"] >> 61 == 0b010  # t1's fsid: the lower inode's number
         assert not _diff(after, live), "\n".join(_diff(after, live))
+
+
+# --- diff and commit -------------------------------------------------------------------------------
+
+
+def test_diff_and_layer_tar_of_an_indexed_upper(tmp_path):
+    """The index is in the workdir, never in a layer; the upper's hard links stay hard links
+    in the layer tar; lower names that show an indexed copy without being linked up (the
+    index serves them) are changes in ``diff`` and hard links to the copy in the layer tar,
+    so the layer shows what the mount showed."""
+    import io
+    import tarfile
+
+    from overlayfs_py.diff import diff
+    from runner.images.layertar import write_layer
+
+    _stack(tmp_path)
+    t = tmp_path
+    os.mkdir(t / "lower/sub")
+    os.link(t / "lower/f", t / "lower/sub/h")
+    m = t / "m"
+    r = _mount_cmd(f"lowerdir={t}/lower,upperdir={t}/upper,workdir={t}/work,index=on", m)
+    assert r.returncode == 0, r.stderr
+    try:
+        _write(m / "f", b"new\n")  # f copied up through the index; g and sub/h are not linked
+        os.link(m / "f", m / "f2")  # a hard link within the upper
+        seen = {n: _read(m / n) for n in ("f", "g", "sub/h", "f2")}
+    finally:
+        _umount(m)
+    assert set(seen.values()) == {b"f\nnew\n"}
+    changes = {str(c) for c in diff(str(t / "upper"), [str(t / "lower")])}
+    assert {"C /f", "A /f2", "C /g", "C /sub/h"} <= changes, changes
+    buf = io.BytesIO()
+    write_layer(str(t / "upper"), buf, lowers=[str(t / "lower")])
+    buf.seek(0)
+    with tarfile.open(fileobj=buf) as tf:
+        members = {mb.name: mb for mb in tf.getmembers()}
+    assert not any("index" in n or "work" in n for n in members)
+    assert members["f"].isreg() and members["f2"].islnk() and members["f2"].linkname == "f"
+    assert members["g"].islnk() and members["g"].linkname == "f"
+    assert members["sub/h"].islnk() and members["sub/h"].linkname == "f"
