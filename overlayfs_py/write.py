@@ -385,21 +385,30 @@ class WritePath:
         the node is indexed (``_index_end`` applies)."""
         copy = self.copy
         index = copy.index
-        if index is None or node.is_dir:
+        if index is None or node.is_dir or not self._index_name_up(node, parent, name, reason):
             return False
-        pfd = copy.upper_dir(parent, reason)
-        ust = self._upper_entry(pfd, name)
-        fst = os.fstat(node.fd) if node.fd >= 0 else None
-        if ust is None or fst is None or (ust.st_dev, ust.st_ino) != (fst.st_dev, fst.st_ino):
-            if not copy.copy_up_indexed(node, reason, parent, name):
-                return False
-            fst = os.fstat(node.fd)
+        fst = os.fstat(node.fd)
         lower_nlink = index.indexed.get((fst.st_dev, fst.st_ino))
         if lower_nlink is None:
             return False
         overlay = copy.overlay_nlink(node.fd, lower_nlink)
         index.set_nlink(node.fd, "U", overlay - fst.st_nlink)
         return True
+
+    def _index_name_up(self, node: Node, parent: Node, name: bytes, reason: str) -> bool:
+        """index=on: *name* in *parent*, a name of *node*, in the upper layer: a lower name of
+        a hard-linked lower inode is copied up through the index (or linked to its entry),
+        as the kernel copies up the dentry the operation names. False: no upper object is
+        there for it (not such a file: the caller's plain copy-up applies)."""
+        copy = self.copy
+        if copy.index is None or node.is_dir:
+            return False
+        pfd = copy.upper_dir(parent, reason)
+        ust = self._upper_entry(pfd, name)
+        fst = os.fstat(node.fd) if node.fd >= 0 else None
+        if ust is not None and fst is not None and (ust.st_dev, ust.st_ino) == (fst.st_dev, fst.st_ino):
+            return True
+        return copy.copy_up_indexed(node, reason, parent, name)
 
     def _index_end(self, node: Node, path: bytes) -> None:
         """ovl_nlink_end: an indexed inode whose overlay nlink dropped to 0 loses its index
@@ -505,8 +514,10 @@ class WritePath:
             dst_pure = dst.layer.is_upper and not dst.is_merged
             if dst.is_dir and not dst_pure and not self.stack.is_empty_dir(dst.layer_dirs()):
                 raise OSError(errno.ENOTEMPTY, "target not empty")
-        if copy.index is not None and not src.is_dir:
-            self._index_start(src, parent, name, "rename")  # the source name itself is copied up
+        if copy.index is not None:  # the names the rename is about are the ones copied up
+            self._index_name_up(src, parent, name, "rename")
+            if exchange and dst is not None:
+                self._index_name_up(dst, newparent, newname, "rename")
         dst_indexed = dst is not None and not exchange and self._index_start(dst, newparent, newname, "rename")
         await copy.ensure_upper(src, "rename")
         if exchange:

@@ -23,7 +23,7 @@ import pytest
 from helpers import mounts
 from helpers.snapshot import diff_snapshots, format_diff
 from helpers.stacks import T1, D, F, H
-from helpers.writeops import run_pair
+from helpers.writeops import RENAME_EXCHANGE, renameat2, run_pair
 from overlayfs_py import features
 from overlayfs_py.config import ConfigError, build_config, parse_options
 
@@ -54,6 +54,9 @@ def _layers():
         "o1": F(b"over\n"),  # O: a name renamed over by another file
         "o2": H("o1"),
         "x": F(b"another\n"),
+        "e1": F(b"exchanged\n"),  # E: one name exchanged with a single file
+        "e2": H("e1"),
+        "y": F(b"single too\n"),
         "s": F(b"single\n"),  # one link: a plain copy-up (origin, no index)
     }
     l2 = {"low": F(b"second layer\n"), "low2": H("low")}  # a hard link in a deeper layer
@@ -88,6 +91,7 @@ def _ops(m, rec):
     rec.do("stat w", _sts, m, "w1", "d/w2", "d/w3")
     rec.do("chmod d/c2", os.chmod, m / "d/c2", 0o600)
     rec.do("stat c", _sts, m, "c1", "d/c2")
+    rec.do("stat r1 first", _st, m / "r1")  # r1 is the node's first name, r2 is renamed
     rec.do("rename r2", os.rename, m / "r2", m / "d/r2new")
     rec.do("stat r", _sts, m, "r1", "d/r2new", "r3")
     rec.do("unlink u1", os.unlink, m / "u1")
@@ -103,6 +107,9 @@ def _ops(m, rec):
     rec.do("read m2", _read, m / "m2")
     rec.do("rename x over o1", os.rename, m / "x", m / "o1")
     rec.do("stat o2", _st, m / "o2")
+    rec.do("stat e1 first", _st, m / "e1")  # e1 is the node's first name, e2 is exchanged
+    rec.do("exchange e2", renameat2, m / "y", m / "e2", RENAME_EXCHANGE)
+    rec.do("stat e", _sts, m, "e1", "y")
     rec.do("chmod s", os.chmod, m / "s", 0o640)
     rec.do("write low", _write, m / "low", b"up\n")
     rec.do("read low2", _read, m / "low2")
