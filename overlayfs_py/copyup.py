@@ -197,7 +197,7 @@ class CopyUp:
                     await self.ensure_upper(node.parent, "parent")  # moved meanwhile
                 if node.is_dir:
                     self._traced(node, reason, self._copy_up_dir)
-                elif not self.copy_up_indexed(node, reason):
+                elif not await self.copy_up_indexed_async(node, reason):
                     await self._copy_up_nondir(node, reason)
                 return True
         finally:
@@ -563,34 +563,15 @@ class CopyUp:
         ``index=on`` (ovl_do_copy_up with to_index, then ovl_link_up): built with an origin
         record and linked at ``index/<hex of the record>`` (unless another name of the
         inode put it there already), then linked at the name (*parent*/*name*, by default
-        the node's own). Blocking (the data is copied in this thread). False, having done
-        nothing: not such a file (the plain copy-up applies)."""
-        index = self.index
-        if index is None or node.is_dir:
+        the node's own). Blocking (the data is copied in this thread: the write path's
+        callers that name the name are not async; ``copy_up_indexed_async`` is the copy-up's
+        own). False, having done nothing: not such a file (the plain copy-up applies)."""
+        plan = self._index_plan(node, parent, name)
+        if plan is None:
             return False
-        if parent is None or name is None:
-            parent, name = node.parent, node.name
-        if parent is None:
-            return False
-        hit = self.lower_hit(parent, name)
-        if hit is None or stat.S_ISDIR(hit[1].st_mode) or hit[1].st_nlink <= 1:
-            return False
-        layer, lst, lpath = hit
-        prel, _, lname = lpath.rpartition(b"/")
-        sfd = _sys.open_beneath(self.stack.dir_fd(layer, prel), lname, _sys.O_PATH)
+        parent, name, layer, sfd, st, iname = plan
         try:
-            st = os.fstat(sfd)
-            if stat.S_ISDIR(st.st_mode) or st.st_nlink <= 1:
-                return False
-            from .index import encode_fh, index_name
-
-            rec = encode_fh(sfd, self._uuid_of(layer))
-            if rec is None:
-                return False
-            iname = index_name(rec)
-            self.ensure_upper_dir_sync(parent, "parent")
-            ist = index.entry(iname, st.st_mode)
-            if ist is None:
+            if self._index_missing(iname, st):
                 ev = self._traced_start(node, reason, st)
                 ev["index"] = iname.decode()
                 try:
@@ -603,6 +584,111 @@ class CopyUp:
         finally:
             os.close(sfd)
         return True
+
+    async def copy_up_indexed_async(self, node: Node, reason: str) -> bool:
+        """``copy_up_indexed`` of the node's own name with its data copied in a worker
+        thread when it is large (over ``THREAD_THRESHOLD``), as other copy-ups. Should
+        another name of the inode be copied up meanwhile (a removal through it), its index
+        entry wins and this copy is dropped."""
+        plan = self._index_plan(node, None, None)
+        if plan is None:
+            return False
+        parent, name, layer, sfd, st, iname = plan
+        try:
+            if self._index_missing(iname, st):
+                ev = self._traced_start(node, reason, st)
+                ev["index"] = iname.decode()
+                try:
+                    if stat.S_ISREG(st.st_mode) and st.st_size > THREAD_THRESHOLD:
+                        await self._copy_to_index_threaded(sfd, st, layer, iname)
+                    else:
+                        self._copy_to_index(node, sfd, st, layer, iname)
+                except BaseException as exc:
+                    self._traced_end(ev, exc)
+                    raise
+                self._traced_end(ev, None)
+            if node.parent is not None:  # where the node is now (a rename may have moved it)
+                parent, name = node.parent, node.name
+            self._link_up(node, parent, name, iname, st)
+        finally:
+            os.close(sfd)
+        return True
+
+    def _index_plan(
+        self, node: Node, parent: Node | None, name: bytes | None
+    ) -> tuple[Node, bytes, Layer, int, os.stat_result, bytes] | None:
+        """(parent, name, lower layer, O_PATH fd of the lower object, its fstat, index entry
+        name) of an indexed copy-up of *name* in *parent* (default: the node's own), with
+        the parent copied up; None: not a lower non-directory with several links."""
+        index = self.index
+        if index is None or node.is_dir:
+            return None
+        if parent is None or name is None:
+            parent, name = node.parent, node.name
+        if parent is None:
+            return None
+        hit = self.lower_hit(parent, name)
+        if hit is None or stat.S_ISDIR(hit[1].st_mode) or hit[1].st_nlink <= 1:
+            return None
+        layer, _lst, lpath = hit
+        prel, _, lname = lpath.rpartition(b"/")
+        sfd = _sys.open_beneath(self.stack.dir_fd(layer, prel), lname, _sys.O_PATH)
+        try:
+            st = os.fstat(sfd)
+            if stat.S_ISDIR(st.st_mode) or st.st_nlink <= 1:
+                os.close(sfd)
+                return None
+            from .index import encode_fh, index_name
+
+            rec = encode_fh(sfd, self._uuid_of(layer))
+            if rec is None:
+                os.close(sfd)
+                return None
+            self.ensure_upper_dir_sync(parent, "parent")
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.close(sfd)
+            raise
+        return parent, name, layer, sfd, st, index_name(rec)
+
+    def _index_missing(self, iname: bytes, st: os.stat_result) -> bool:
+        assert self.index is not None
+        return self.index.entry(iname, st.st_mode) is None
+
+    async def _copy_to_index_threaded(self, sfd: int, st: os.stat_result, layer: Layer, iname: bytes) -> None:
+        """``_copy_to_index`` of a large regular file: the data in a worker thread."""
+        import trio
+
+        src = _sys.reopen(sfd, os.O_RDONLY)
+        try:
+            tmp, dst = self._file_temporary()
+            try:
+                try:
+                    await trio.to_thread.run_sync(copy_data, src, dst, st.st_size, self.sync, limiter=self.limiter)
+                    self._finish_meta(dst, src, st, layer, opened=True, indexed=True)
+                except BaseException:
+                    self._discard_file(tmp, dst)
+                    raise
+                self._install_index(tmp, dst, iname, st)
+            finally:
+                os.close(dst)
+        finally:
+            os.close(src)
+
+    def _install_index(self, tmp: bytes | None, fd: int, iname: bytes, st: os.stat_result) -> None:
+        """Link the built copy at index/<iname> with its ``overlay.nlink`` (``U+<links-1>``).
+        An entry made meanwhile (another name's copy-up) wins: this copy is dropped."""
+        index = self.index
+        assert index is not None
+        try:
+            self.work.install(tmp, fd, index.fd, iname)
+        except FileExistsError:
+            return
+        if stat.S_ISLNK(st.st_mode):  # no user xattrs on a symlink: the kernel writes trusted ones only
+            with contextlib.suppress(OSError):
+                index.set_nlink(fd, "U", st.st_nlink - 1)
+        else:
+            index.set_nlink(fd, "U", st.st_nlink - 1)
 
     def lower_hit(self, parent: Node, name: bytes) -> tuple[Layer, os.stat_result, bytes] | None:
         """The lower object *name* in *parent* (the first lower hit), if any."""
@@ -617,8 +703,6 @@ class CopyUp:
     def _copy_to_index(self, node: Node, sfd: int, st: os.stat_result, layer: Layer, iname: bytes) -> None:
         """ovl_copy_up_tmpfile/_workdir to the index dir: the copy, its metadata and origin,
         linked at index/<iname>, then its ``overlay.nlink`` (``U+<links-1>``)."""
-        index = self.index
-        assert index is not None
         if stat.S_ISREG(st.st_mode):
             src = _sys.reopen(sfd, os.O_RDONLY)
             try:
@@ -630,8 +714,7 @@ class CopyUp:
                     except BaseException:
                         self._discard_file(tmp, dst)
                         raise
-                    self.work.install(tmp, dst, index.fd, iname)
-                    index.set_nlink(dst, "U", st.st_nlink - 1)
+                    self._install_index(tmp, dst, iname, st)
                 finally:
                     os.close(dst)
             finally:
@@ -645,12 +728,7 @@ class CopyUp:
             except BaseException:
                 self.work.discard(tmp2, tst)
                 raise
-            self.work.install(tmp2, tfd, index.fd, iname)
-            if not stat.S_ISLNK(st.st_mode):
-                index.set_nlink(tfd, "U", st.st_nlink - 1)
-            else:  # no user xattrs on a symlink: the kernel writes trusted ones only
-                with contextlib.suppress(OSError):
-                    index.set_nlink(tfd, "U", st.st_nlink - 1)
+            self._install_index(tmp2, tfd, iname, st)
         finally:
             os.close(tfd)
 
@@ -674,8 +752,14 @@ class CopyUp:
             set_impure(pfd, self.names)
             index.set_nlink(ifd, "L", overlay - lst.st_nlink)
             pst = os.fstat(pfd)
-            _sys.link_fd(ifd, pfd, name)
-            _sys.futimens_fd(pfd, pst.st_atime_ns, pst.st_mtime_ns)
+            ist = os.fstat(ifd)
+            try:
+                cur = _sys.lstat_at(pfd, name)
+            except FileNotFoundError:
+                cur = None
+            if cur is None or (cur.st_dev, cur.st_ino) != (ist.st_dev, ist.st_ino):
+                _sys.link_fd(ifd, pfd, name)  # EEXIST if another object took the name
+                _sys.futimens_fd(pfd, pst.st_atime_ns, pst.st_mtime_ns)
             tst = os.fstat(ifd)
             index.set_nlink(ifd, "U", overlay - tst.st_nlink)
             index.indexed[(tst.st_dev, tst.st_ino)] = lst.st_nlink
