@@ -16,7 +16,7 @@ module does both, in one place, for the features pyoverlay implements:
   options", the kernel's EINVAL); without one the mode is ``nofollow``.
 
 * ``index=on|off`` (``MountConfig.index``): default from the module's ``index``; off
-  without an upper layer, on a read-only mount, and where the kernel could not decode file
+  without an upper layer (a read-only mount with one keeps it), and where the kernel could not decode file
   handles (:func:`can_index`: not root in the initial user namespace, a layer's filesystem
   without handles), as the kernel falls back. index.py keeps the index (the kernel's
   ``<workdir>/index``): a copy-up of a hard-linked lower file goes there first and is then
@@ -217,7 +217,7 @@ def resolve(cfg):
         upper=upper,
     )
     res = verify(asked)
-    index = res.index and not cfg.read_only and can_index(cfg)
+    index = res.index and cfg.workdir is not None and can_index(cfg)
     if res.redirect_dir == cfg.redirect_dir and index is cfg.index:
         return cfg
     return dataclasses.replace(cfg, redirect_dir=res.redirect_dir, index=index)
@@ -256,8 +256,9 @@ def can_index(cfg) -> bool:
 
 
 def indexes(cfg) -> bool:
-    """Whether a mount of *cfg* keeps the inodes index (``index=on``, resolved)."""
-    return bool(cfg.index) and cfg.userxattr is not None and cfg.upperdir is not None and not cfg.read_only
+    """Whether a mount of *cfg* keeps the inodes index (``index=on``, resolved). A read-only
+    mount with an upper uses it too (its index serves names), as the kernel's ``ro`` does."""
+    return bool(cfg.index) and cfg.userxattr is not None and cfg.upperdir is not None and cfg.workdir is not None
 
 
 def follows_redirects(cfg) -> bool:

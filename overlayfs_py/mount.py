@@ -48,8 +48,8 @@ def prepare_workdir(cfg: MountConfig) -> WorkDir | None:
     either unless it is a directory of the server's own user (checked on the opened fds),
     and empty ``work/`` of an interrupted copy-up's leftovers (the kernel does the same).
     None for a mount without an upper. The caller closes what it returns."""
-    if cfg.workdir is None or cfg.read_only:
-        return None
+    if cfg.workdir is None or (cfg.read_only and not features.indexes(cfg)):
+        return None  # (a read-only mount with index=on reads the index, as the kernel's ro)
     wd = WorkDir.prepare(cfg.workdir, volatile=cfg.volatile)
     if features.indexes(cfg):
         from . import index
@@ -189,6 +189,11 @@ def build_overlay(
     listings = ListingCache(kernel_stale=listing_changed)
     owners = Owners(cfg.uidmap, cfg.gidmap, stack.layers, stack.upper, squash=(cfg.squash_uid, cfg.squash_gid))
     work = copyup = None
+    index = None
+    if wd is not None and wd.index_fd >= 0:
+        from .index import Index
+
+        index = Index(os.dup(wd.index_fd), names)
     if cfg.upperdir is not None and not cfg.read_only:
         if wd is None:
             raise ValueError("a read-write mount needs its prepared workdir")
@@ -198,11 +203,6 @@ def build_overlay(
             listings.copied_up(node, ino_changed)  # the name is served by upper now
             handles.follow_copy_up(node)  # files open on the lower object read the upper one
 
-        index = None
-        if wd.index_fd >= 0:
-            from .index import Index
-
-            index = Index(os.dup(wd.index_fd), names)
         copyup = CopyUp(
             stack,
             names,
@@ -215,7 +215,9 @@ def build_overlay(
             on_attr_changed=attr_changed,
             index=index,
         )
-    view = Overlay(stack, names, inodes, handles, listings, owners, tracer, copyup, on_out_of_fds=budget.out_of_fds)
+    view = Overlay(
+        stack, names, inodes, handles, listings, owners, tracer, copyup, on_out_of_fds=budget.out_of_fds, index=index
+    )
     writes = WritePath(
         view,
         stack,

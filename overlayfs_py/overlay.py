@@ -23,6 +23,7 @@ from .copyup import CopyUp, writable
 from .dircache import Listing, ListingCache
 from .handles import OPEN_PASS, DirHandle, HandleTable, OpenFile, open_real
 from .idmap import OVERRIDE_XATTR, carries_override
+from .index import Index
 from .inodes import DEAD, InodeTable, Node, real_key, split_key
 from .layers import Hit, Layer, LayerStack
 from .ownership import Owners
@@ -113,6 +114,7 @@ class Overlay:
         copyup: CopyUp | None = None,
         *,
         on_out_of_fds: Callable[[], None] = _nothing,
+        index: Index | None = None,
     ) -> None:
         """*copyup*: None for a read-only overlay. *on_out_of_fds*: called when a node
         cannot get its descriptor (the node budget asks the kernel to drop entries)."""
@@ -124,7 +126,8 @@ class Overlay:
         self.owners = owners
         self.trace = tracer
         self._copyup = copyup
-        self.index = copyup.index if copyup is not None else None  # index=on (index.py)
+        # index=on (index.py): the workdir's index, also on a read-only mount with an upper
+        self.index = index if index is not None else (copyup.index if copyup is not None else None)
         self._on_out_of_fds = on_out_of_fds
         # open_by_handle_at needs CAP_DAC_READ_SEARCH in the initial user namespace
         self._can_open_by_handle = os.geteuid() == 0 and initial_userns()

@@ -217,6 +217,17 @@ def test_index_off_mount_of_an_indexed_upper(run):
     assert not d, format_diff(d, "index=off views differ:")
 
 
+def test_read_only_mount_reads_the_index(run):
+    """``ro,index=on`` over an indexed upper: the kernel's read-only mount still serves the
+    names not linked up from the index; so does pyoverlay's."""
+    kv = _cross(run, run.k, "kernel", ("index=on", "ro"))
+    sv = _cross(run, run.k, "subject", ("index=on", "ro"))
+    d = diff_snapshots(kv, sv, a_name="kernel", b_name="pyoverlay")
+    assert not d, format_diff(d, "ro,index=on views differ:")
+    d = diff_snapshots(run.k.remount_view, kv, a_name="kernel rw", b_name="kernel ro")
+    assert not d, format_diff(d, "the kernel's ro view is not its rw one:")
+
+
 def test_index_with_redirect_dir(tmp_path):
     """index=on,redirect_dir=on together: a renamed lower dir holding hard links."""
     layers = [{"dir/a": F(b"a\n"), "dir/b": H("dir/a"), "other": F(b"o\n"), "dir/c": H("other")}]
@@ -451,8 +462,8 @@ def test_nfs_export_refused_with_a_reason():
 
 
 def test_index_default_and_fallbacks(tmp_path):
-    """Default: the module's ``index`` parameter; off without an upper and on a read-only
-    mount (the kernel ignores it there)."""
+    """Default: the module's ``index`` parameter; off without an upper (the kernel ignores
+    it there); a read-only mount with an upper keeps it (its index serves names)."""
     low, up, mnt = tmp_path / "l", tmp_path / "u", tmp_path / "m"
     for d in (low, up, mnt):
         d.mkdir()
@@ -463,6 +474,8 @@ def test_index_default_and_fallbacks(tmp_path):
     cfg = userxattr.plan(build_config(str(low), str(up), str(mnt), options=["index=on"]))
     assert cfg.index is True and features.indexes(cfg)
     cfg = userxattr.plan(build_config(str(low), str(up), str(mnt), options=["index=on,ro"]))
+    assert features.indexes(cfg)
+    cfg = userxattr.plan(build_config(f"{low}:{up}", None, str(mnt), options=["index=on"]))
     assert not features.indexes(cfg)
 
 
