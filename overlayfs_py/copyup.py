@@ -217,8 +217,16 @@ class CopyUp:
             return None
         if not self.inodes.reachable(node):
             raise OSError(errno.EEXIST, "the object's name was removed or replaced")
-        if self.index is not None and self.copy_up_indexed(node, reason):
-            return True
+        if self.index is not None:
+            try:
+                sfd, st = self._open_source(node)
+            except OSError:
+                return None
+            os.close(sfd)
+            if st.st_nlink > 1 and st.st_size > THREAD_THRESHOLD:
+                return None  # a large indexed copy: ``copy_up`` copies it in a worker thread
+            if self.copy_up_indexed(node, reason):
+                return True
         try:
             sfd, st = self._open_source(node)
         except OSError:
