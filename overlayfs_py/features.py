@@ -229,9 +229,8 @@ def can_index(cfg) -> bool:
     user namespace) and every layer's filesystem encodes file handles. Where it cannot, the
     kernel falls back to ``index=off`` (a warning) and so does pyoverlay."""
     from . import _sys
-    from .privilege import initial_userns
 
-    if os.geteuid() != 0 or not initial_userns() or cfg.upperdir is None:
+    if os.geteuid() != 0 or not _initial_userns() or cfg.upperdir is None:
         return False
     upper_dev = None
     lower_fs: dict[int, bytes] = {}  # st_dev -> UUID of each lower filesystem but the upper's
@@ -253,6 +252,17 @@ def can_index(cfg) -> bool:
     # ovl_lower_uuid_ok with index: two lower filesystems with one UUID (null included)
     # cannot be told apart by origin records: "falling back to ... index=off"
     return len(set(lower_fs.values())) == len(lower_fs)
+
+
+def _initial_userns() -> bool:
+    """Whether this process is in the initial user namespace (privilege.initial_userns,
+    which this module cannot import: privilege imports config, which imports this)."""
+    try:
+        with open("/proc/self/uid_map") as f:
+            lines = [line.split() for line in f.read().splitlines() if line.strip()]
+    except FileNotFoundError:  # a kernel without user namespaces
+        return True
+    return lines == [["0", "0", "4294967295"]]
 
 
 def indexes(cfg) -> bool:
