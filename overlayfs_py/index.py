@@ -233,9 +233,10 @@ def prepare(workdir_fd: int, upper: str, lowers: list[str], names: XattrNames, f
         os.close(ufd)
 
 
-def _decode_nlink(rec: bytes, lowers: list[str]) -> int | None:
+def _decode_nlink(rec: bytes, lowers: list[str], mode: int | None = None) -> int | None:
     """The link count of the lower object an origin record names (ovl_check_origin_fh):
-    decoded on each lower filesystem; None when none decodes it (stale)."""
+    decoded on each lower filesystem; None when none decodes it, or (*mode*: the index
+    entry's) when it is of another type ("invalid origin"): stale."""
     from .whiteout import decode_origin
 
     fh = decode_origin(rec)
@@ -253,9 +254,12 @@ def _decode_nlink(rec: bytes, lowers: list[str]) -> int | None:
         finally:
             os.close(mfd)
         try:
-            return os.fstat(fd).st_nlink
+            st = os.fstat(fd)
         finally:
             os.close(fd)
+        if mode is not None and stat.S_IFMT(st.st_mode) != stat.S_IFMT(mode):
+            return None
+        return st.st_nlink
     return None
 
 
@@ -291,7 +295,7 @@ def cleanup(ifd: int, names: XattrNames, lowers: list[str]) -> list[tuple[bytes,
             done.append((name, "stale"))
             continue
         if st.st_nlink == 1:
-            lower_nlink = _decode_nlink(rec, lowers)
+            lower_nlink = _decode_nlink(rec, lowers, st.st_mode)
             if lower_nlink is None:
                 os.unlink(name, dir_fd=ifd)
                 done.append((name, "stale"))

@@ -595,3 +595,50 @@ def test_diff_and_layer_tar_of_an_indexed_upper(tmp_path):
     assert members["f"].isreg() and members["f2"].islnk() and members["f2"].linkname == "f"
     assert members["g"].islnk() and members["g"].linkname == "f"
     assert members["sub/h"].islnk() and members["sub/h"].linkname == "f"
+
+
+@pytest.mark.parametrize("bad", ["whiteout", "symlink"])
+def test_bad_index_entry(tmp_path, bad):
+    """A lower hard link whose index entry is a whiteout: the mount keeps it and the lookup
+    fails with EIO (ovl_lookup_index: "bad index found"); another type with one link: the
+    mount removes it ("invalid origin": stale) and the name shows its lower file."""
+    result = {}
+    for impl in ("kernel", "subject"):
+        base = tmp_path / impl
+        base.mkdir()
+        _stack(base)
+        t = base
+        m = t / "m"
+        opts = f"lowerdir={t}/lower,upperdir={t}/upper,workdir={t}/work,index=on"
+        r = _mount_cmd(opts, m) if impl == "subject" else _kernel_mount(opts, m)
+        assert r.returncode == 0, r.stderr
+        _umount(m)
+        fd = os.open(t / "lower/f", os.O_RDONLY)
+        try:
+            from overlayfs_py.index import encode_fh, index_name
+
+            name = index_name(encode_fh(fd, None) or b"").decode()
+        finally:
+            os.close(fd)
+        p = t / "work/index" / name
+        if bad == "whiteout":
+            os.mknod(p, 0o600 | 0o020000, 0)
+        else:
+            os.symlink("x", p)  # with its records, so the cleanup at mount keeps it
+            os.setxattr(p, OR, bytes.fromhex(name), follow_symlinks=False)
+            os.setxattr(p, NL, b"U+1", follow_symlinks=False)
+        r = _mount_cmd(opts, m) if impl == "subject" else _kernel_mount(opts, m)
+        assert r.returncode == 0, r.stderr
+        out = []
+        try:
+            for n in ("f", "g", "lower-only-file"):
+                try:
+                    os.lstat(m / n)
+                    out.append("OK")
+                except OSError as e:
+                    out.append(os.strerror(e.errno))
+        finally:
+            _umount(m)
+        result[impl] = out
+    assert result["kernel"][0] == (os.strerror(5) if bad == "whiteout" else "OK")  # EIO
+    assert result["subject"] == result["kernel"]
