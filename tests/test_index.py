@@ -642,3 +642,44 @@ def test_bad_index_entry(tmp_path, bad):
         result[impl] = out
     assert result["kernel"][0] == (os.strerror(5) if bad == "whiteout" else "OK")  # EIO
     assert result["subject"] == result["kernel"]
+
+
+def test_concurrent_copy_up_through_two_names(tmp_path):
+    """A large hard-linked file opened for writing through one name (its data copied in a
+    worker thread) while another name is unlinked (which copies it up through the index at
+    once): whichever builds the index entry first, the names stay one inode with the right
+    data and count, and the index holds one entry."""
+    import threading
+
+    _stack(tmp_path)
+    t = tmp_path
+    big = t / "lower/big"
+    data = os.urandom(1 << 20) * 32  # 32 MiB
+    big.write_bytes(data)
+    os.link(big, t / "lower/big2")
+    os.link(big, t / "lower/big3")
+    m = t / "m"
+    r = _mount_cmd(f"lowerdir={t}/lower,upperdir={t}/upper,workdir={t}/work,index=on", m)
+    assert r.returncode == 0, r.stderr
+    errors = []
+
+    def write():
+        try:
+            _write(m / "big", b"tail\n")
+        except OSError as e:
+            errors.append(e)
+
+    try:
+        os.lstat(m / "big2")  # (another name known to the kernel first)
+        th = threading.Thread(target=write)
+        th.start()
+        os.unlink(m / "big2")
+        th.join(timeout=120)
+        assert not errors and not th.is_alive()
+        st, st3 = os.lstat(m / "big"), os.lstat(m / "big3")
+        assert st.st_ino == st3.st_ino and st.st_nlink == 2
+        assert _read(m / "big3") == data + b"tail\n"
+    finally:
+        _umount(m)
+    assert len(os.listdir(t / "work/index")) == 1
+    assert os.listdir(t / "work/work") == []
