@@ -228,6 +228,16 @@ def test_read_only_mount_reads_the_index(run):
     assert not d, format_diff(d, "the kernel's ro view is not its rw one:")
 
 
+def test_index_with_userxattr(tmp_path):
+    """index=on with userxattr (as root: the kernel keeps the index, its records under
+    user.overlay.*): the same results, view, upper and index as the kernel's."""
+    run = run_pair(tmp_path, _layers(), _ops, remount=True, options=["userxattr", "index=on"], after=_after)
+    run.assert_all()
+    run.assert_remount_stable()
+    assert os.getxattr(run.k.side.upper, "user.overlay.origin")
+    assert os.getxattr(run.s.side.upper, "user.overlay.origin")
+
+
 def test_index_with_redirect_dir(tmp_path):
     """index=on,redirect_dir=on together: a renamed lower dir holding hard links."""
     layers = [{"dir/a": F(b"a\n"), "dir/b": H("dir/a"), "other": F(b"o\n"), "dir/c": H("other")}]
