@@ -128,7 +128,7 @@ def verify(asked: Asked, *, params_dir: str = PARAMS_DIR) -> Resolved:
     follow or nofollow by ``redirect_always_follow``) then ovl_fs_params_verify's, in its
     order. Raises FeatureConflict where the kernel refuses the mount (EINVAL).
 
-    pyoverlay implements only redirect_dir (config.py refuses metacopy, index, nfs_export
+    pyoverlay implements redirect_dir and index (config.py refuses metacopy, nfs_export
     and verity other than off), but every rule is here, checked against the kernel's
     mounts (tests/test_redirect_dir.py), for when those features come."""
     d = defaults(params_dir)
