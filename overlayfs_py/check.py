@@ -244,9 +244,30 @@ class _Scan:
             shown = "index/" + os.fsdecode(name)
             if stat.S_ISDIR(st.st_mode):
                 continue  # a directory's index entry (nfs_export): not judged here
+            if not is_char_whiteout(st) and st.st_nlink == 1 and self._index_serves(ifd, name, st.st_mode):
+                continue  # index=on: it still serves lower names (their overlay nlink is above 0)
             if is_char_whiteout(st) or st.st_nlink == 1:
                 what = "a whiteout" if is_char_whiteout(st) else "no upper file links it any more"
                 self.add("index-orphan", shown, what, "removed", lambda n=name: os.unlink(n, dir_fd=ifd))
+
+    def _index_serves(self, ifd: int, name: bytes, mode: int) -> bool:
+        """An index entry no upper name links that the kernel keeps (ovl_verify_index): its
+        name is its origin record, that lower inode still has several links and the
+        entry's ``overlay.nlink`` gives an overlay nlink above 0 (lower names it serves)."""
+        if not self.know_lowers:
+            return False
+        from .index import _decode_nlink, nlink_of, same_fh
+
+        try:
+            rec = bytes.fromhex(name.decode("ascii"))
+        except ValueError:
+            return False
+        if not same_fh(_sys.getxattr_at(ifd, name, self.names.origin), rec):
+            return False
+        lower_nlink = _decode_nlink(rec, [layer.path for layer in self.stack.lowers], mode)
+        if lower_nlink is None:
+            return False
+        return nlink_of(_sys.getxattr_at(ifd, name, self.names.nlink), 1, lower_nlink, 0) > 0
 
     # the upper ---------------------------------------------------------------------------
 

@@ -369,6 +369,7 @@ def mount_summary(rec: dict) -> dict:
         "aufs_whiteouts": bool(cfg.get("aufs_whiteouts")),
         "redirect_dir": cfg.get("redirect_dir") or features.redirect_default(),
         "uuid": cfg.get("uuid") or "auto",  # the effective mode (uuidmode.settle_config)
+        "index": bool(cfg.get("index")),
         "container": cfg.get("container"),
         "trace_socket": rec.get("trace_socket"),
     }
@@ -399,6 +400,8 @@ def mounts_cmd(as_json):
         mode += ", aufs whiteouts" if m["aufs_whiteouts"] else ""
         if m["redirect_dir"] != features.redirect_default():  # as the kernel shows its options
             mode += f", redirect_dir={m['redirect_dir']}"
+        if m["index"] != features.defaults().index:
+            mode += f", index={'on' if m['index'] else 'off'}"
         extra = f", container {m['container']}" if m["container"] else ""
         click.echo(f"{m['mountpoint']}  (pid {m['pid']}, engine {m['engine']}, {mode}{extra})")
         for lower in m["lowerdirs"]:

@@ -34,9 +34,10 @@ Documented differences from the kernel:
   two lower layers when there is no upper layer).
 * Data-only lower layers (``::``) are refused.
 * ``redirect_dir`` takes the kernel's four modes (features.py: defaults from the module
-  parameters, the rules between options); ``index``, ``metacopy``, ``nfs_export`` and
-  ``verity`` are accepted only in their off/default spellings. ``xino=on|off|auto``,
-  ``uuid=on|off|null|auto`` (uuidmode.py) and ``volatile`` are the kernel's.
+  parameters, the rules between options), ``index=on|off`` too (index.py); ``metacopy``,
+  ``nfs_export`` and ``verity`` are accepted only in their off/default spellings.
+  ``xino=on|off|auto``, ``uuid=on|off|null|auto`` (uuidmode.py) and ``volatile`` are the
+  kernel's.
 * Layouts that hang or deadlock a FUSE overlay are refused up front: the
   mountpoint may not be, contain, or lie inside any layer or the workdir, and
   it must be an empty directory that is not already a mount point.
@@ -154,6 +155,9 @@ class MountConfig:
     # -o uuid=on|off|null|auto ("": not given, the kernel's default auto); the mount settles
     # the effective mode from the layers and the upper root (uuidmode.settle)
     uuid: str = ""
+    # -o index=on|off (None: not given, the module's ``index`` parameter); once userxattr is
+    # decided, features.resolve stores the effective value (index.py; docs/semantics.md, "Index")
+    index: bool | None = None
 
     def __post_init__(self) -> None:
         # Accept any sequence but store an immutable tuple.
@@ -316,7 +320,7 @@ _FLAG_WORDS = {
 # Kernel overlay options: value -> accepted (and ignored) or not supported.
 _KERNEL_CHOICES: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     # key: (accepted values, known-but-unsupported values)
-    "index": (frozenset({"off"}), frozenset({"on"})),
+    "index": (frozenset({"on", "off"}), frozenset()),
     "xino": (frozenset({"on", "off", "auto"}), frozenset()),
     "metacopy": (frozenset({"off"}), frozenset({"on"})),
     "nfs_export": (frozenset({"off"}), frozenset({"on"})),
@@ -333,6 +337,11 @@ _UNSUPPORTED_WHY = {
     # nor checks digests (and a FUSE file has no fs-verity of its own to show)
     "verity": "option '{key}={value}' is not supported: pyoverlay neither records nor checks"
     " the fs-verity digests of metacopy files (verity=off only)",
+    # a FUSE mount is exported through nfsd only with the FUSE export operations, which
+    # pyoverlay does not implement (its node ids are not persistent file handles)
+    "nfs_export": "option 'nfs_export=on' is not supported: a FUSE mount cannot be exported through"
+    " the kernel's nfsd (pyoverlay implements no FUSE export operations); use index=on"
+    " for hard links kept together",
 }
 
 
@@ -358,9 +367,9 @@ def parse_options(opts: Iterable[str]) -> dict[str, str | bool]:
     * ``uuid=on|off|null|auto`` -> the value (the kernel's UUID modes, uuidmode.py).
 
     * ``redirect_dir=on|follow|nofollow|off`` -> the value (features.resolve applies it).
+    * ``index=on|off`` -> True / False (features.resolve applies it; index.py).
 
     Accepted and ignored (not in the result): the kernel options
-    ``index=off``,
     ``metacopy=off``, ``nfs_export=off``, ``verity=off``;
     * the generic flags ``nosuid``, ``nodev``, ``noexec``, ``noatime`` -> ``'mount_flags'``, a
       tuple of those set (``suid``, ``dev``, ``exec``, ``atime``, ``relatime``, ``strictatime``
@@ -368,7 +377,7 @@ def parse_options(opts: Iterable[str]) -> dict[str, str | bool]:
 
     Raises:
         ConfigError: unknown option, a missing or unexpected value, an
-            unsupported kernel feature (``index=on``, ...).
+            unsupported kernel feature (``metacopy=on``, ...).
     """
     result: dict[str, str | bool] = {}
     for opt in opts:
@@ -430,6 +439,8 @@ def parse_options(opts: Iterable[str]) -> dict[str, str | bool]:
                     raise ConfigError(f"invalid value {_q(value)} for mount option '{key}' (expected {choices})")
                 if key in ("xino", "uuid"):
                     result[key] = value
+                elif key == "index":
+                    result["index"] = value == "on"
             else:
                 raise ConfigError(f"unknown mount option {_q(key)}")
     return result
@@ -568,6 +579,7 @@ def build_config(
         mount_flags=tuple(opts.get("mount_flags", ())),  # type: ignore[arg-type]
         redirect_dir=str(opts.get("redirect_dir", "")),
         uuid=str(opts.get("uuid", "")),
+        index=opts.get("index"),  # type: ignore[arg-type]
     )
     validate(cfg, workdir_may_be_missing=workdir_defaulted)
     return resolve_features(cfg)  # when userxattr is known; else userxattr.plan does it

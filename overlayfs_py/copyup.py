@@ -27,6 +27,7 @@ the kernel's cached attributes). A read-only overlay has no ``CopyUp``:
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -43,6 +44,9 @@ from .ownership import Owners
 from .trace import Tracer, display
 from .whiteout import XattrNames, encode_origin, set_impure
 from .workdir import Work
+
+if TYPE_CHECKING:
+    from .index import Index
 
 if TYPE_CHECKING:  # trio is imported when first used (the server starts serving before)
     import trio
@@ -112,6 +116,7 @@ class CopyUp:
         sync: bool = True,
         on_copied_up: Callable[[Node, bool], None] = _nothing2,
         on_attr_changed: Callable[[int], None] = _nothing,
+        index: Index | None = None,
     ) -> None:
         if stack.upper is None:
             raise ValueError("a copy-up needs an upper layer")
@@ -127,6 +132,7 @@ class CopyUp:
         self.sync = sync  # False with -o volatile: copies are not fsync'ed (the kernel's ovl_should_sync)
         self.on_copied_up = on_copied_up  # (node, its st_ino changed) right after it became upper
         self.on_attr_changed = on_attr_changed  # a node id whose reported attributes changed
+        self.index = index  # index=on: <workdir>/index (index.py), else None
 
     @property
     def limiter(self) -> trio.CapacityLimiter:
@@ -190,7 +196,7 @@ class CopyUp:
                     await self.ensure_upper(node.parent, "parent")  # moved meanwhile
                 if node.is_dir:
                     self._traced(node, reason, self._copy_up_dir)
-                else:
+                elif not await self.copy_up_indexed_async(node, reason):
                     await self._copy_up_nondir(node, reason)
                 return True
         finally:
@@ -210,6 +216,16 @@ class CopyUp:
             return None
         if not self.inodes.reachable(node):
             raise OSError(errno.EEXIST, "the object's name was removed or replaced")
+        if self.index is not None:
+            try:
+                sfd, st = self._open_source(node)
+            except OSError:
+                return None
+            os.close(sfd)
+            if st.st_nlink > 1 and st.st_size > THREAD_THRESHOLD:
+                return None  # a large indexed copy: ``copy_up`` copies it in a worker thread
+            if self.copy_up_indexed(node, reason):
+                return True
         try:
             sfd, st = self._open_source(node)
         except OSError:
@@ -315,7 +331,13 @@ class CopyUp:
             os.close(sfd)
 
     def _finish_meta(
-        self, tfd: int, sfd: int, st: os.stat_result, layer: Layer | None = None, opened: bool = False
+        self,
+        tfd: int,
+        sfd: int,
+        st: os.stat_result,
+        layer: Layer | None = None,
+        opened: bool = False,
+        indexed: bool = False,
     ) -> os.stat_result:
         """Mode, stored owner, xattrs, origin and times on the temporary *tfd*, read from the
         source *sfd* (whose fstat is *st*); both are fds this copy-up holds, reached through
@@ -343,8 +365,9 @@ class CopyUp:
             except OSError as exc:  # like the kernel, skip what the upper fs refuses
                 if exc.errno not in (errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM, errno.ENODATA, errno.EINVAL):
                     raise
-        # No origin when the copy-up breaks a lower hard link (ovl_copy_up_metadata).
-        if stat.S_ISDIR(st.st_mode) or st.st_nlink == 1:
+        # No origin when the copy-up breaks a lower hard link (ovl_copy_up_metadata); an
+        # indexed copy keeps the link, and has one (ovl_do_copy_up: to_index).
+        if stat.S_ISDIR(st.st_mode) or st.st_nlink == 1 or indexed:
             fh = _sys.name_to_handle(sfd)
             if fh is not None:
                 try:
@@ -544,3 +567,234 @@ class CopyUp:
             self._discard_file(tmp, dst)
             raise
         self._install(node, tmp, dst, st, tst)
+
+    # --- index=on (index.py): hard-linked lower files -------------------------------------------
+
+    def copy_up_indexed(self, node: Node, reason: str, parent: Node | None = None, name: bytes | None = None) -> bool:
+        """The kernel's copy-up of a lower non-directory with more than one link, with
+        ``index=on`` (ovl_do_copy_up with to_index, then ovl_link_up): built with an origin
+        record and linked at ``index/<hex of the record>`` (unless another name of the
+        inode put it there already), then linked at the name (*parent*/*name*, by default
+        the node's own). Blocking (the data is copied in this thread: the write path's
+        callers that name the name are not async; ``copy_up_indexed_async`` is the copy-up's
+        own). False, having done nothing: not such a file (the plain copy-up applies)."""
+        plan = self._index_plan(node, parent, name)
+        if plan is None:
+            return False
+        parent, name, layer, sfd, st, iname = plan
+        try:
+            if self._index_missing(iname, st):
+                ev = self._traced_start(node, reason, st)
+                ev["index"] = iname.decode()
+                try:
+                    self._copy_to_index(node, sfd, st, layer, iname)
+                except BaseException as exc:
+                    self._traced_end(ev, exc)
+                    raise
+                self._traced_end(ev, None)
+            self._link_up(node, parent, name, iname, st)
+        finally:
+            os.close(sfd)
+        return True
+
+    async def copy_up_indexed_async(self, node: Node, reason: str) -> bool:
+        """``copy_up_indexed`` of the node's own name with its data copied in a worker
+        thread when it is large (over ``THREAD_THRESHOLD``), as other copy-ups. Should
+        another name of the inode be copied up meanwhile (a removal through it), its index
+        entry wins and this copy is dropped."""
+        plan = self._index_plan(node, None, None)
+        if plan is None:
+            return False
+        parent, name, layer, sfd, st, iname = plan
+        try:
+            if self._index_missing(iname, st):
+                ev = self._traced_start(node, reason, st)
+                ev["index"] = iname.decode()
+                try:
+                    if stat.S_ISREG(st.st_mode) and st.st_size > THREAD_THRESHOLD:
+                        await self._copy_to_index_threaded(sfd, st, layer, iname)
+                    else:
+                        self._copy_to_index(node, sfd, st, layer, iname)
+                except BaseException as exc:
+                    self._traced_end(ev, exc)
+                    raise
+                self._traced_end(ev, None)
+            if node.parent is not None:  # where the node is now (a rename may have moved it)
+                parent, name = node.parent, node.name
+            self._link_up(node, parent, name, iname, st)
+        finally:
+            os.close(sfd)
+        return True
+
+    def _index_plan(
+        self, node: Node, parent: Node | None, name: bytes | None
+    ) -> tuple[Node, bytes, Layer, int, os.stat_result, bytes] | None:
+        """(parent, name, lower layer, O_PATH fd of the lower object, its fstat, index entry
+        name) of an indexed copy-up of *name* in *parent* (default: the node's own), with
+        the parent copied up; None: not a lower non-directory with several links."""
+        index = self.index
+        if index is None or node.is_dir:
+            return None
+        if parent is None or name is None:
+            parent, name = node.parent, node.name
+        if parent is None:
+            return None
+        hit = self.lower_hit(parent, name)
+        if hit is None or stat.S_ISDIR(hit[1].st_mode) or hit[1].st_nlink <= 1:
+            return None
+        layer, _lst, lpath = hit
+        prel, _, lname = lpath.rpartition(b"/")
+        sfd = _sys.open_beneath(self.stack.dir_fd(layer, prel), lname, _sys.O_PATH)
+        try:
+            st = os.fstat(sfd)
+            if stat.S_ISDIR(st.st_mode) or st.st_nlink <= 1:
+                os.close(sfd)
+                return None
+            from .index import encode_fh, index_name
+
+            rec = encode_fh(sfd, self._uuid_of(layer))
+            if rec is None:
+                os.close(sfd)
+                return None
+            self.ensure_upper_dir_sync(parent, "parent")
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.close(sfd)
+            raise
+        return parent, name, layer, sfd, st, index_name(rec)
+
+    def _index_missing(self, iname: bytes, st: os.stat_result) -> bool:
+        assert self.index is not None
+        return self.index.entry(iname, st.st_mode) is None
+
+    async def _copy_to_index_threaded(self, sfd: int, st: os.stat_result, layer: Layer, iname: bytes) -> None:
+        """``_copy_to_index`` of a large regular file: the data in a worker thread."""
+        import trio
+
+        src = _sys.reopen(sfd, os.O_RDONLY)
+        try:
+            tmp, dst = self._file_temporary()
+            try:
+                try:
+                    await trio.to_thread.run_sync(copy_data, src, dst, st.st_size, self.sync, limiter=self.limiter)
+                    self._finish_meta(dst, src, st, layer, opened=True, indexed=True)
+                except BaseException:
+                    self._discard_file(tmp, dst)
+                    raise
+                self._install_index(tmp, dst, iname, st)
+            finally:
+                os.close(dst)
+        finally:
+            os.close(src)
+
+    def _install_index(self, tmp: bytes | None, fd: int, iname: bytes, st: os.stat_result) -> None:
+        """Link the built copy at index/<iname> with its ``overlay.nlink`` (``U+<links-1>``).
+        An entry made meanwhile (another name's copy-up) wins: this copy is dropped."""
+        index = self.index
+        assert index is not None
+        try:
+            self.work.install(tmp, fd, index.fd, iname)
+        except FileExistsError:
+            return
+        if stat.S_ISLNK(st.st_mode):  # no user xattrs on a symlink: the kernel writes trusted ones only
+            with contextlib.suppress(OSError):
+                index.set_nlink(fd, "U", st.st_nlink - 1)
+        else:
+            index.set_nlink(fd, "U", st.st_nlink - 1)
+
+    def lower_hit(self, parent: Node, name: bytes) -> tuple[Layer, os.stat_result, bytes] | None:
+        """The lower object *name* in *parent* (the first lower hit), if any."""
+        lowers = [(layer, p) for layer, p in parent.layer_dirs() if not layer.is_upper]
+        if not lowers:
+            return None
+        hits = self.stack.resolve(lowers, name)
+        if not hits or hits[0].layer.is_upper:
+            return None
+        return hits[0].layer, hits[0].st, hits[0].path
+
+    def _copy_to_index(self, node: Node, sfd: int, st: os.stat_result, layer: Layer, iname: bytes) -> None:
+        """ovl_copy_up_tmpfile/_workdir to the index dir: the copy, its metadata and origin,
+        linked at index/<iname>, then its ``overlay.nlink`` (``U+<links-1>``)."""
+        if stat.S_ISREG(st.st_mode):
+            src = _sys.reopen(sfd, os.O_RDONLY)
+            try:
+                tmp, dst = self._file_temporary()
+                try:
+                    try:
+                        copy_data(src, dst, st.st_size, self.sync)
+                        self._finish_meta(dst, src, st, layer, opened=True, indexed=True)
+                    except BaseException:
+                        self._discard_file(tmp, dst)
+                        raise
+                    self._install_index(tmp, dst, iname, st)
+                finally:
+                    os.close(dst)
+            finally:
+                os.close(src)
+            return
+        target = _sys.readlink_fd(sfd) if stat.S_ISLNK(st.st_mode) else None
+        tmp2, tfd, tst = self.work.create(st, target)
+        try:
+            try:
+                self._finish_meta(tfd, sfd, st, layer, indexed=True)
+            except BaseException:
+                self.work.discard(tmp2, tst)
+                raise
+            self._install_index(tmp2, tfd, iname, st)
+        finally:
+            os.close(tfd)
+
+    def overlay_nlink(self, fd: int, lower_nlink: int | None) -> int:
+        """The overlay nlink of the indexed inode of *fd* (ovl_get_nlink)."""
+        from .index import nlink_of
+
+        assert self.index is not None
+        upper_nlink = os.fstat(fd).st_nlink
+        return nlink_of(self.index.get_nlink(fd), upper_nlink, lower_nlink, upper_nlink)
+
+    def _link_up(self, node: Node, parent: Node, name: bytes, iname: bytes, lst: os.stat_result) -> None:
+        """ovl_link_up: the index entry linked at *name* in *parent*'s upper dir (the parent
+        impure, ``L+d`` before, ``U+d`` after, the parent's times kept); the node is upper."""
+        index = self.index
+        assert index is not None
+        ifd = index.open(iname)
+        try:
+            pfd = parent.fd
+            overlay = self.overlay_nlink(ifd, lst.st_nlink)
+            set_impure(pfd, self.names)
+            index.set_nlink(ifd, "L", overlay - lst.st_nlink)
+            pst = os.fstat(pfd)
+            ist = os.fstat(ifd)
+            try:
+                cur = _sys.lstat_at(pfd, name)
+            except FileNotFoundError:
+                cur = None
+            if cur is None or (cur.st_dev, cur.st_ino) != (ist.st_dev, ist.st_ino):
+                _sys.link_fd(ifd, pfd, name)  # EEXIST if another object took the name
+                _sys.futimens_fd(pfd, pst.st_atime_ns, pst.st_mtime_ns)
+            tst = os.fstat(ifd)
+            index.set_nlink(ifd, "U", overlay - tst.st_nlink)
+            index.indexed[(tst.st_dev, tst.st_ino)] = lst.st_nlink
+            self.trace.emit("index_link", path=display(_child_path(parent, name)), index=iname.decode(), nlink=overlay)
+            if not node.layer.is_upper:
+                node.layer = self.upper
+                self.inodes.rekey(node, real_key(tst.st_dev, tst.st_ino))
+            self.inodes.set_primary(node, parent, name)
+            self.inodes.pinned.discard(node.id)
+            log.debug("linked up %r from index/%s", name, iname)
+            nfd = _sys.open_node(pfd, name)
+            fst = os.fstat(nfd)
+            if (fst.st_dev, fst.st_ino) != (tst.st_dev, tst.st_ino):  # never expected: we just linked it
+                os.close(nfd)
+                raise OSError(errno.EIO, "the linked index entry changed under the server")
+            self.inodes.set_fd(node, nfd)
+        finally:
+            os.close(ifd)
+        self.on_attr_changed(node.id)
+        self.on_attr_changed(parent.id)
+        self.on_copied_up(node, False)
+
+
+def _child_path(parent: Node, name: bytes) -> bytes:
+    prel = parent.relpath()
+    return prel + b"/" + name if prel else name

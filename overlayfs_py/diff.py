@@ -160,6 +160,7 @@ class _Walk:
         self.changed_dirs: set[bytes] = set()
         self.lowers: tuple[str, ...] = ()
         self.full: LayerStack | None = None  # upper over lowers: a redirected dir's content
+        self.indexed: dict[bytes, bytes] = {}  # index=on: origin record -> an indexed copy's path
 
     def run(self) -> list[Change]:
         self.root = os.open(self.upper, _sys.DIR_FLAGS)
@@ -168,6 +169,10 @@ class _Walk:
             while todo:
                 rel, lower_dirs = todo.pop()
                 todo.extend(reversed(self._dir(rel, lower_dirs)))
+            if self.indexed and self.lowers:  # index=on: names served by an indexed copy
+                self.full = self.full or merged.full_stack(self.upper, self.lowers, self.names, self.aufs)
+                for lower_path, _up in merged.index_served(self.full, self.indexed):
+                    self._record("C", lower_path, False)
         finally:
             os.close(self.root)
         return sorted(self.changes, key=lambda c: os.fsencode(c.path))
@@ -218,6 +223,10 @@ class _Walk:
             os.close(dfd)
 
     def _entry(self, dfd: int, name: bytes, path: bytes, st: os.stat_result, hits: list, xwhiteouts: bool) -> None:
+        if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode) and _sys.getxattr_at(dfd, name, self.names.nlink):
+            origin = _sys.getxattr_at(dfd, name, self.names.origin)
+            if origin is not None:
+                self.indexed.setdefault(origin, path)
         if self._is_whiteout(dfd, name, st, xwhiteouts):
             kind = "D"
         elif hits and stat.S_ISDIR(st.st_mode) and self._is_opaque(dfd, name):

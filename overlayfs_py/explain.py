@@ -109,12 +109,14 @@ def explain(
     labels: Sequence[str] | None = None,
     userxattr: bool = False,
     aufs: bool = False,
+    index: str | None = None,
 ) -> Explanation:
     """Explain *path* (a path in the merged view; "/" is the root) over these layers.
 
     *labels* name the layers, upper first when there is one (default: ``upper``,
     ``lower1``, ``lower2``, ...). *aufs*: honour AUFS ``.wh.`` markers (a mount with
-    ``-o aufs_whiteouts=on``).
+    ``-o aufs_whiteouts=on``). *index*: the mount's ``<workdir>/index`` (``index=on``): a
+    note says when the file's copy is shared through it with other names (index.py).
     """
     names = XattrNames(USER_PREFIX if userxattr else TRUSTED_PREFIX)
     stack = LayerStack(tuple(lowers), upper, names, aufs=aufs)
@@ -124,9 +126,56 @@ def explain(
                 raise ValueError(f"{len(labels)} labels for {len(stack.layers)} layers")
             for layer, label in zip(stack.layers, labels, strict=True):
                 layer.label = label
-        return _Explainer(stack, names).run(normalize(path))
+        ex = _Explainer(stack, names).run(normalize(path))
+        if ex.served is not None and ex.served.kind != "dir" and path.strip("/"):
+            _index_note(stack, names, ex, normalize(path), index)
+        return ex
     finally:
         stack.close()
+
+
+def _index_note(stack: LayerStack, names: XattrNames, ex: Explanation, path: str, index: str | None) -> None:
+    """index=on: an upper file linked from the index (its copy is shared by the names of a
+    lower hard-link set), or a lower name whose index entry serves it through the mount."""
+    from .index import encode_fh, index_name
+
+    served = ex.served
+    assert served is not None
+    layer = next((x for x in stack.layers if x.label == served.label), None)
+    if layer is None:
+        return
+    rel = os.fsencode(path.strip("/"))
+    try:
+        fd = _sys.open_beneath(layer.fd, rel, _sys.O_PATH)
+    except OSError:
+        return
+    try:
+        st = os.fstat(fd)
+        if layer.is_upper:
+            raw = _sys.getxattr_at(fd, None, names.nlink)
+            origin = _sys.getxattr_at(fd, None, names.origin)
+            if raw is not None and origin is not None:
+                ex.notes.append(
+                    f"{path} is an indexed copy (index=on): its upper file is also index/"
+                    f"{os.fsdecode(index_name(origin))} in the workdir, and every name of its lower hard-link"
+                    f" set shows this copy, linked up or not (overlay.nlink {os.fsdecode(raw)})"
+                )
+        elif index is not None and st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
+            rec = encode_fh(fd, stack.fs_uuid(layer))
+            if rec is None:
+                return
+            name = index_name(rec)
+            try:
+                os.lstat(os.path.join(os.fsencode(index), name))
+            except OSError:
+                return
+            ex.notes.append(
+                f"{path} is served by index/{os.fsdecode(name)} in the workdir (index=on): another name of"
+                f" its lower hard-link set was copied up, and the mount shows that copy here too (this"
+                f" {served.label} file shows only with index=off)"
+            )
+    finally:
+        os.close(fd)
 
 
 def normalize(path: str) -> str:

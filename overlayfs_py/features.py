@@ -15,8 +15,18 @@ module does both, in one place, for the features pyoverlay implements:
 * userxattr: an explicit ``redirect_dir`` other than ``nofollow`` is refused ("conflicting
   options", the kernel's EINVAL); without one the mode is ``nofollow``.
 
+* ``index=on|off`` (``MountConfig.index``): default from the module's ``index``; off
+  without an upper layer (a read-only mount with one keeps it), and where the kernel could not decode file
+  handles (:func:`can_index`: not root in the initial user namespace, a layer's filesystem
+  without handles), as the kernel falls back. index.py keeps the index (the kernel's
+  ``<workdir>/index``): a copy-up of a hard-linked lower file goes there first and is then
+  linked at its name, so the links stay together; mount-time checks (``overlay.origin`` on
+  the upper root, ``overlay.upper`` on the index dir) and cleanup are the kernel's.
+  ``nfs_export=on`` is refused by config.py: a FUSE mount is not exportable through the
+  kernel's nfsd export operations.
+
 The kernel's other rules, for the features still refused by config.py (``metacopy``,
-``index``, ``nfs_export``, ``verity``), are code too (:func:`verify`, checked against the
+``nfs_export``, ``verity``), are code too (:func:`verify`, checked against the
 kernel's mounts), in ovl_fs_params_verify's order: verity needs metacopy (an explicit
 metacopy=off conflicts); metacopy needs ``redirect_dir=on`` (both explicit: conflict; an
 explicit redirect_dir turns metacopy off; else redirect_dir becomes on); nfs_export needs
@@ -118,7 +128,7 @@ def verify(asked: Asked, *, params_dir: str = PARAMS_DIR) -> Resolved:
     follow or nofollow by ``redirect_always_follow``) then ovl_fs_params_verify's, in its
     order. Raises FeatureConflict where the kernel refuses the mount (EINVAL).
 
-    pyoverlay implements only redirect_dir (config.py refuses metacopy, index, nfs_export
+    pyoverlay implements redirect_dir and index (config.py refuses metacopy, nfs_export
     and verity other than off), but every rule is here, checked against the kernel's
     mounts (tests/test_redirect_dir.py), for when those features come."""
     d = defaults(params_dir)
@@ -194,14 +204,71 @@ def effective_redirect(asked: str, userxattr: bool, *, upper: bool = True, param
 
 def resolve(cfg):
     """*cfg* (a MountConfig whose ``userxattr`` is decided) with its features resolved: the
-    effective ``redirect_dir``. Idempotent; a cfg whose userxattr is still None is returned
-    as is (userxattr.plan resolves it). FeatureConflict: use config.resolve_features."""
+    effective ``redirect_dir`` and ``index`` (a bool). Idempotent; a cfg whose userxattr is
+    still None is returned as is (userxattr.plan resolves it). FeatureConflict: use
+    config.resolve_features."""
     if cfg.userxattr is None:
         return cfg
-    mode = effective_redirect(cfg.redirect_dir, bool(cfg.userxattr), upper=cfg.upperdir is not None)
-    if mode == cfg.redirect_dir:
+    upper = cfg.upperdir is not None
+    asked = Asked(
+        redirect_dir=cfg.redirect_dir or None,
+        index=cfg.index,
+        userxattr=bool(cfg.userxattr),
+        upper=upper,
+    )
+    res = verify(asked)
+    index = res.index and cfg.workdir is not None and can_index(cfg)
+    if res.redirect_dir == cfg.redirect_dir and index is cfg.index:
         return cfg
-    return dataclasses.replace(cfg, redirect_dir=mode)
+    return dataclasses.replace(cfg, redirect_dir=res.redirect_dir, index=index)
+
+
+def can_index(cfg) -> bool:
+    """Whether the kernel could keep an inodes index for *cfg* (ovl_can_decode_fh on every
+    layer, fs/overlayfs/super.c): the mounter holds CAP_DAC_READ_SEARCH (root in the initial
+    user namespace) and every layer's filesystem encodes file handles. Where it cannot, the
+    kernel falls back to ``index=off`` (a warning) and so does pyoverlay."""
+    from . import _sys
+
+    if os.geteuid() != 0 or not _initial_userns() or cfg.upperdir is None:
+        return False
+    upper_dev = None
+    lower_fs: dict[int, bytes] = {}  # st_dev -> UUID of each lower filesystem but the upper's
+    for i, path in enumerate((cfg.upperdir, *cfg.lowerdirs)):
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            return False
+        try:
+            if _sys.name_to_handle(fd) is None:
+                return False
+            dev = os.fstat(fd).st_dev
+            if i == 0:
+                upper_dev = dev
+            elif dev != upper_dev and dev not in lower_fs:
+                lower_fs[dev] = _sys.fs_uuid(fd) or b"\0" * 16
+        finally:
+            os.close(fd)
+    # ovl_lower_uuid_ok with index: two lower filesystems with one UUID (null included)
+    # cannot be told apart by origin records: "falling back to ... index=off"
+    return len(set(lower_fs.values())) == len(lower_fs)
+
+
+def _initial_userns() -> bool:
+    """Whether this process is in the initial user namespace (privilege.initial_userns,
+    which this module cannot import: privilege imports config, which imports this)."""
+    try:
+        with open("/proc/self/uid_map") as f:
+            lines = [line.split() for line in f.read().splitlines() if line.strip()]
+    except FileNotFoundError:  # a kernel without user namespaces
+        return True
+    return lines == [["0", "0", "4294967295"]]
+
+
+def indexes(cfg) -> bool:
+    """Whether a mount of *cfg* keeps the inodes index (``index=on``, resolved). A read-only
+    mount with an upper uses it too (its index serves names), as the kernel's ``ro`` does."""
+    return bool(cfg.index) and cfg.userxattr is not None and cfg.upperdir is not None and cfg.workdir is not None
 
 
 def follows_redirects(cfg) -> bool:

@@ -300,6 +300,9 @@ class InodeTable:
         self._held: collections.OrderedDict[int, Node] = collections.OrderedDict()
         self.fd_cap = fd_cap
         self._opener = opener
+        # nodes whose fd is not what their name in their layer leads to (index=on: a lower
+        # name served by its index entry): never given up (evict)
+        self.pinned: set[int] = set()
         # Ids of non-directory nodes, oldest first: the candidates of shed().
         self._age: collections.deque[int] = collections.deque()
 
@@ -325,6 +328,7 @@ class InodeTable:
         node = chunk.pop(node_id, None) if chunk is not None else None
         if node is not None:
             self._count -= 1
+            self.pinned.discard(node_id)
             if not chunk:
                 del self._chunks[node_id >> _CHUNK_BITS]
         return node
@@ -386,7 +390,7 @@ class InodeTable:
             if done >= count or not held:
                 break
             node_id, node = next(iter(held.items()))
-            if node.dead or not self.reachable(node):
+            if node.dead or not self.reachable(node) or node_id in self.pinned:
                 held.move_to_end(node_id)  # kept: scanned again only after the others
                 continue
             try:
@@ -515,6 +519,20 @@ class InodeTable:
         if node.name == UNNAMED and node.aliases and node.parent is not None and node.parent.child(UNNAMED) is not node:
             node.parent, node.name = node.aliases.pop(0)
             node.aliases = node.aliases or None
+
+    def set_primary(self, node: Node, parent: Node, name: bytes) -> None:
+        """Make (*parent*, *name*), one of *node*'s names, its own (``relpath``): the name a
+        copy-up linked in the upper layer (index=on, where the names are aliases)."""
+        if node.parent is parent and node.name == name:
+            return
+        aliases = node.aliases or []
+        if not any(p is parent and n == name for p, n in aliases):
+            return
+        rest = [(p, n) for p, n in aliases if not (p is parent and n == name)]
+        if node.parent is not None:
+            rest.insert(0, (node.parent, node.name))
+        node.parent, node.name = parent, name
+        node.aliases = rest or None
 
     def add_alias(self, node: Node, parent: Node, name: bytes) -> None:
         """Another name for a shared (hard-linked) node."""

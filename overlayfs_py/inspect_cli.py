@@ -205,7 +205,15 @@ def explain_cmd(target, path, aufs, as_json):
 
     try:
         upper, lowers, labels, userxattr, rec_aufs = _explain_layers(target)
-        ex = explain(upper, lowers, path, labels=labels, userxattr=userxattr, aufs=rec_aufs if aufs is None else aufs)
+        ex = explain(
+            upper,
+            lowers,
+            path,
+            labels=labels,
+            userxattr=userxattr,
+            aufs=rec_aufs if aufs is None else aufs,
+            index=_index_dir(target),
+        )
     except InspectError as e:
         fail(e)
     except OSError as e:
@@ -214,6 +222,15 @@ def explain_cmd(target, path, aufs, as_json):
         click.echo(json.dumps(ex.to_dict(), indent=1))
     else:
         click.echo(os.fsencode(format_text(ex)) + b"\n", nl=False)
+
+
+def _index_dir(target: str) -> str | None:
+    """The ``<workdir>/index`` of a live pyoverlay mount with index=on, else None."""
+    rec = state.lookup(_no_touch_realpath(target)) if not bare_name(target) else None
+    cfg = rec["config"] if rec is not None else {}
+    if not cfg.get("index") or not cfg.get("workdir"):
+        return None
+    return os.path.join(cfg["workdir"], "index")
 
 
 def _explain_layers(target: str):

@@ -132,11 +132,14 @@ class LayerStack:
         init_layer: bool = False,
         aufs: bool = False,
         xino: str = "off",
+        index: bool = False,
     ) -> None:
         """*init_layer*: the top lower is a runner's init layer: label it ``init`` and
         number the image's layers from ``lower1`` below it. *aufs*: honour AUFS-style
         ``.wh.`` markers in every layer (``-o aufs_whiteouts=on``; whiteout.py). *xino*:
-        ``-o xino=on|off|auto`` (see :meth:`_kernel_xino`)."""
+        ``-o xino=on|off|auto`` (see :meth:`_kernel_xino`). *index*: ``index=on`` (no
+        offline changes to the lowers are allowed: a null UUID is no bad UUID)."""
+        self.index = index
         self.names = names
         self.aufs = aufs
         self._uuids: dict[int, bytes | None] = {}  # layer index -> its filesystem's UUID
@@ -224,9 +227,9 @@ class LayerStack:
                 is_bad = False
                 if upper is not None:
                     # ovl_allow_offline_changes(): no index, metacopy, redirect_dir=on
-                    # (refused by pyoverlay today: whoever adds one must pass it here)
-                    # and xino != on
-                    if mode != "on" and uuid == NULL_UUID:
+                    # (metacopy is refused by pyoverlay today: whoever adds one must pass
+                    # it here) and xino != on
+                    if mode != "on" and not self.index and uuid == NULL_UUID:
                         is_bad = True
                     else:
                         for i in range(len(fs_devs)):

@@ -55,3 +55,56 @@ def _is_dir(hit: Hit) -> bool:
     import stat
 
     return stat.S_ISDIR(hit.st.st_mode)
+
+
+def index_served(stack: LayerStack, indexed: dict[bytes, bytes]) -> list[tuple[bytes, bytes]]:
+    """index=on: the lower names an ``index=on`` mount shows as an indexed upper copy though
+    no upper name links them (index.py: a lookup of such a name is served by the copy's
+    index entry). *indexed*: origin record -> an upper path of the indexed copy (an upper
+    file with ``overlay.nlink``). Returns (lower path, upper path) pairs, sorted: each
+    lower non-directory of the origin's inode that the merged view of *stack* (the upper
+    over its lowers) still takes from that lower layer. Walks the lower layers (only
+    called when the upper has indexed copies)."""
+    import os
+    import stat
+
+    from . import _sys
+    from .index import encode_fh
+
+    if not indexed:
+        return []
+    out: list[tuple[bytes, bytes]] = []
+    for layer in stack.lowers:
+        uuid = stack.fs_uuid(layer)
+        todo = [b""]
+        while todo:
+            rel = todo.pop()
+            try:
+                dfd = _sys.open_dir(layer.fd, rel) if rel else os.dup(layer.fd)
+            except OSError:
+                continue
+            try:
+                for name, _kind in _sys.listdir_fd(dfd):
+                    st = _sys.lstat_at(dfd, name)
+                    path = rel + b"/" + name if rel else name
+                    if stat.S_ISDIR(st.st_mode):
+                        todo.append(path)
+                        continue
+                    if st.st_nlink <= 1:
+                        continue
+                    fd = _sys.open_node(dfd, name)
+                    try:
+                        rec = encode_fh(fd, uuid)
+                    finally:
+                        os.close(fd)
+                    up = indexed.get(rec) if rec is not None else None
+                    if up is None:
+                        continue
+                    parent, _, base = path.rpartition(b"/")
+                    dirs = dirs_of(stack, parent)
+                    hits = stack.resolve(dirs, base) if dirs is not None else []
+                    if hits and hits[0].layer is layer and hits[0].path == path:
+                        out.append((path, up))
+            finally:
+                os.close(dfd)
+    return sorted(out)

@@ -48,9 +48,27 @@ def prepare_workdir(cfg: MountConfig) -> WorkDir | None:
     either unless it is a directory of the server's own user (checked on the opened fds),
     and empty ``work/`` of an interrupted copy-up's leftovers (the kernel does the same).
     None for a mount without an upper. The caller closes what it returns."""
-    if cfg.workdir is None or cfg.read_only:
-        return None
-    return WorkDir.prepare(cfg.workdir, volatile=cfg.volatile)
+    if cfg.workdir is None or (cfg.read_only and not features.indexes(cfg)):
+        return None  # (a read-only mount with index=on reads the index, as the kernel's ro)
+    wd = WorkDir.prepare(cfg.workdir, volatile=cfg.volatile)
+    if features.indexes(cfg):
+        from . import index
+        from .whiteout import XattrNames
+
+        assert cfg.upperdir is not None
+        try:
+            wd.index_fd = index.prepare(
+                wd.fd,
+                cfg.upperdir,
+                list(cfg.lowerdirs),
+                XattrNames(cfg.xattr_prefix),
+                _sys.fs_uuid,
+                0o000 if os.geteuid() == 0 else 0o700,
+            )
+        except BaseException:
+            wd.close()
+            raise
+    return wd
 
 
 def check_whiteouts(cfg: MountConfig, wd: WorkDir | None) -> None:
@@ -158,6 +176,7 @@ def build_overlay(
         init_layer=cfg.container is not None,
         aufs=cfg.aufs_whiteouts,
         xino=cfg.xino or xino_default(),
+        index=features.indexes(cfg),
     )
     stack.follow_redirects = features.follows_redirects(cfg)
     # -o uuid=: the overlay's UUID (overlay.uuid on the upper root, written here where the
@@ -173,6 +192,11 @@ def build_overlay(
     listings = ListingCache(kernel_stale=listing_changed)
     owners = Owners(cfg.uidmap, cfg.gidmap, stack.layers, stack.upper, squash=(cfg.squash_uid, cfg.squash_gid))
     work = copyup = None
+    index = None
+    if wd is not None and wd.index_fd >= 0:
+        from .index import Index
+
+        index = Index(os.dup(wd.index_fd), names)
     if cfg.upperdir is not None and not cfg.read_only:
         if wd is None:
             raise ValueError("a read-write mount needs its prepared workdir")
@@ -192,8 +216,11 @@ def build_overlay(
             sync=not cfg.volatile,
             on_copied_up=copied_up,
             on_attr_changed=attr_changed,
+            index=index,
         )
-    view = Overlay(stack, names, inodes, handles, listings, owners, tracer, copyup, on_out_of_fds=budget.out_of_fds)
+    view = Overlay(
+        stack, names, inodes, handles, listings, owners, tracer, copyup, on_out_of_fds=budget.out_of_fds, index=index
+    )
     writes = WritePath(
         view,
         stack,

@@ -23,6 +23,7 @@ from .copyup import CopyUp, writable
 from .dircache import Listing, ListingCache
 from .handles import OPEN_PASS, DirHandle, HandleTable, OpenFile, open_real
 from .idmap import OVERRIDE_XATTR, carries_override
+from .index import Index
 from .inodes import DEAD, InodeTable, Node, real_key, split_key
 from .layers import Hit, Layer, LayerStack
 from .ownership import Owners
@@ -113,6 +114,7 @@ class Overlay:
         copyup: CopyUp | None = None,
         *,
         on_out_of_fds: Callable[[], None] = _nothing,
+        index: Index | None = None,
     ) -> None:
         """*copyup*: None for a read-only overlay. *on_out_of_fds*: called when a node
         cannot get its descriptor (the node budget asks the kernel to drop entries)."""
@@ -124,6 +126,8 @@ class Overlay:
         self.owners = owners
         self.trace = tracer
         self._copyup = copyup
+        # index=on (index.py): the workdir's index, also on a read-only mount with an upper
+        self.index = index if index is not None else (copyup.index if copyup is not None else None)
         self._on_out_of_fds = on_out_of_fds
         # open_by_handle_at needs CAP_DAC_READ_SEARCH in the initial user namespace
         self._can_open_by_handle = os.geteuid() == 0 and initial_userns()
@@ -138,6 +142,8 @@ class Overlay:
         self.handles.close_all()
         self.inodes.close()
         self.stack.close()
+        if self.index is not None:
+            self.index.close()
 
     # --- identity -------------------------------------------------------------------------
 
@@ -156,7 +162,60 @@ class Overlay:
         origin = self._origin_of(parent, name)
         if origin is not None and origin[1].st_nlink == 1:
             return self.stack.xino(origin[0], origin[1].st_ino)
+        if origin is not None and self._indexed_upper(parent, name, top, origin[1]):
+            return self.stack.xino(origin[0], origin[1].st_ino)  # ovl_getattr: OVL_INDEX
         return top.st.st_ino
+
+    def _indexed_upper(self, parent: Node, name: bytes, top: Hit, origin_st: os.stat_result) -> bool:
+        """index=on: whether the upper non-directory *top* is its origin's index entry
+        (ovl_lookup_index with an upper: the entry must be that inode); if so it is
+        recorded as indexed (its overlay nlink is kept in ``overlay.nlink``)."""
+        index = self.index
+        if index is None:
+            return False
+        from .index import index_name
+
+        pfd = parent.fd if parent.layer.is_upper and parent.fd >= 0 else None
+        if pfd is None:
+            return False
+        raw = _sys.getxattr_at(pfd, name, self.names.origin)
+        if raw is None:
+            return False
+        try:
+            ist = _sys.lstat_at(index.fd, index_name(raw))
+        except OSError:
+            return False
+        if (ist.st_dev, ist.st_ino) != (top.st.st_dev, top.st.st_ino):
+            return False
+        index.indexed[(ist.st_dev, ist.st_ino)] = origin_st.st_nlink
+        return True
+
+    def _index_entry(self, top: Hit) -> tuple[int, os.stat_result] | None:
+        """index=on, a lower non-directory with several links: its index entry (an O_PATH fd
+        and its lstat), which serves it (ovl_lookup_index without an upper); None when it
+        has none; EIO for a whiteout or another type there (the kernel's "bad index")."""
+        index = self.index
+        assert index is not None
+        from .index import encode_fh, index_name
+
+        fd = _sys.open_beneath(top.layer.fd, top.path, _sys.O_PATH)
+        try:
+            rec = encode_fh(fd, self.stack.fs_uuid(top.layer))
+        finally:
+            os.close(fd)
+        if rec is None:
+            return None
+        iname = index_name(rec)
+        ist = index.entry(iname, top.st.st_mode)
+        if ist is None:
+            return None
+        ifd = index.open(iname)
+        fst = os.fstat(ifd)
+        if (fst.st_dev, fst.st_ino) != (ist.st_dev, ist.st_ino):
+            os.close(ifd)
+            raise OSError(errno.ESTALE, "the index entry changed during its lookup")
+        index.indexed[(fst.st_dev, fst.st_ino)] = top.st.st_nlink
+        return ifd, fst
 
     def _origin_of(self, parent: Node, name: bytes) -> tuple[Layer, os.stat_result] | None:
         """The lower object an upper non-directory was copied up from, via its origin record."""
@@ -222,7 +281,15 @@ class Overlay:
         hits = self.stack.resolve(parent.layer_dirs(), name)
         if not hits:
             raise OSError(errno.ENOENT, "no such entry")
-        return self._node_for(parent, name, hits), hits[0].st
+        node = self._node_for(parent, name, hits)
+        if (
+            self.index is not None
+            and not node.is_dir
+            and node.layer is not hits[0].layer
+            or node.id in self.inodes.pinned
+        ):
+            return node, self.getattr(node)  # served by its index entry: its attributes
+        return node, hits[0].st
 
     def made(self, parent: Node, name: bytes, layer: Layer, pfd: int, new: bool = False) -> tuple[Node, os.stat_result]:
         """``lookup`` of an object the write path has just made at *name* in *layer*'s
@@ -258,7 +325,28 @@ class Overlay:
         key = None
         if ino is None:
             ino = self._st_ino(parent, name, hits)
-        if not is_dir and (top.layer.is_upper or self.stack.upper is None):
+        # index=on: the names of a hard-linked lower inode are one node (ovl_hash_bylower),
+        # served by the inode's index entry once it has one
+        lower_links = self.index is not None and not is_dir and not top.layer.is_upper and top.st.st_nlink > 1
+        if lower_links:
+            served = self._index_entry(top)
+            if served is not None:
+                ifd, ist = served
+                key = real_key(ist.st_dev, ist.st_ino)
+                shared = self.inodes.by_key(key)
+                if shared is not None:
+                    os.close(ifd)
+                    if shared is not existing:
+                        self.inodes.add_alias(shared, parent, name)
+                    return shared
+                try:
+                    node = self.inodes.add(parent, name, ist.st_mode, top.layer, dirs, ino, key, ifd)
+                except BaseException:
+                    os.close(ifd)
+                    raise
+                self.inodes.pinned.add(node.id)
+                return node
+        if not is_dir and (top.layer.is_upper or self.stack.upper is None or lower_links):
             # One inode for every name of a real inode, as the kernel hashes by it, unless
             # the names report different st_ino: the kernel then has two overlay inodes too
             # (an upper object copied up without an origin record, as with userxattr on a
@@ -371,6 +459,13 @@ class Overlay:
         # ovl_getattr: "nlink=1 seems to pacify 'find' and other utilities" for merge dirs.
         if node.is_dir and node.is_merged:
             return 1
+        index = self.index
+        if index is not None and not node.is_dir:
+            lower_nlink = index.indexed.get((st.st_dev, st.st_ino))
+            if lower_nlink is not None and node.fd >= 0:  # indexed: the overlay nlink (ovl_get_nlink)
+                from .index import nlink_of
+
+                return nlink_of(index.get_nlink(node.fd), st.st_nlink, lower_nlink, st.st_nlink)
         return st.st_nlink
 
     # --- reading --------------------------------------------------------------------------
@@ -585,6 +680,8 @@ class Overlay:
             if exc.errno in (errno.EMFILE, errno.ENFILE):
                 return self._nodeless_entry(parent, name, layer)
             raise
+        if self.index is not None and node.layer is not layer or node.id in self.inodes.pinned:
+            st = self.getattr(node)  # index=on: served by its index entry (or its upper link)
         return Entry(name, node, st, node.ino, self.nlink(node, st))
 
     def _nodeless_entry(self, parent: Node, name: bytes, layer: Layer) -> Entry | None:

@@ -32,6 +32,10 @@ EVENTS = {
     "copy_up_done": ("path", "layer", "size", "bytes", "duration_ms", "reason"),
     "copy_up_failed": ("path", "layer", "size", "reason", "error"),
     "copy_up_unused": ("path", "bytes"),
+    # index=on: a copy-up of a hard-linked lower file carries ``index`` (its entry's name in
+    # <workdir>/index); a name linked to an existing entry, an entry removed
+    "index_link": ("path", "index", "nlink"),
+    "index_remove": ("path", "index"),
     "whiteout_create": ("path",),
     "whiteout_remove": ("path",),
     "opaque_dir": ("path",),

@@ -42,6 +42,8 @@ class XattrNames:
         self.origin = prefix + "origin"
         self.redirect = prefix + "redirect"
         self.impure = prefix + "impure"
+        self.nlink = prefix + "nlink"  # index=on: the overlay nlink of an indexed inode
+        self.upper = prefix + "upper"  # index=on: the upper root's handle, on the index dir
         self.escaped_prefix = prefix + ESCAPE
 
     # The kernel hides every name under the private prefix and shows an escaped

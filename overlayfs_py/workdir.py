@@ -76,6 +76,7 @@ class WorkDir:
         self.path = path
         self.fd = fd
         self.work_fd = work_fd
+        self.index_fd = -1  # <workdir>/index with index=on (index.prepare), else -1
 
     @classmethod
     def prepare(cls, path: str, *, volatile: bool = False) -> WorkDir:
@@ -140,9 +141,11 @@ class WorkDir:
         return Work(os.dup(self.work_fd))
 
     def close(self) -> None:
-        for fd in (self.work_fd, self.fd):
-            with contextlib.suppress(OSError):
-                os.close(fd)
+        for fd in (self.work_fd, self.fd, self.index_fd):
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self.index_fd = -1
 
 
 _AT_FDCWD = -100

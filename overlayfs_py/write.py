@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 import stat
 from collections.abc import Callable
@@ -45,6 +46,8 @@ from .whiteout import (
     set_opaque,
 )
 from .workdir import Work
+
+log = logging.getLogger(__name__)
 
 #: fallocate and copy_file_range ranges up to this many bytes are served inline by an
 #: engine (a thread hand-off costs more than they do); larger ones in a thread
@@ -208,7 +211,7 @@ class WritePath:
             make(pfd, name)
             if owner is not None:
                 self._chown_keep_mode(pfd, name, *owner, made() if made is not None else None)
-            if opaque and self.redirect_dir and parent.is_merged:
+            if opaque and (self.redirect_dir or self.copy.index is not None) and parent.is_merged:
                 # ovl_create_upper: a new directory in a merged one is made opaque ("just an
                 # optimization") unless the mount allows offline changes to the lowers
                 # (ovl_allow_offline_changes: none of redirect_dir=on, index, metacopy, ...)
@@ -302,6 +305,8 @@ class WritePath:
         if node.is_dir:
             raise OSError(errno.EPERM, "hard link to a directory")
         await copy.copy_up(node, "link")
+        if copy.index is not None and node.parent is not None:
+            self._index_start(node, node.parent, node.name, "link")  # ovl_link: ovl_nlink_start(old)
 
         def make(dfd: int, n: bytes) -> None:
             _sys.link_fd(node.fd, dfd, n)  # the node's own inode, never its name
@@ -370,6 +375,68 @@ class WritePath:
         finally:
             os.close(fd)
 
+    # --- index=on: the overlay nlink of indexed inodes (ovl_nlink_start/end) -------------------
+
+    def _index_start(self, node: Node, parent: Node, name: bytes, reason: str) -> bool:
+        """ovl_nlink_start for *name* in *parent* (a name of *node*) before an operation that
+        changes its link count: a lower name of a hard-linked lower inode is copied up
+        through the index first (the kernel's way of having an inode to keep the count on),
+        then the overlay nlink is stored relative to the upper inode's (``U+d``). True if
+        the node is indexed (``_index_end`` applies)."""
+        copy = self.copy
+        index = copy.index
+        if index is None or node.is_dir or not self._index_name_up(node, parent, name, reason):
+            return False
+        fst = os.fstat(node.fd)
+        lower_nlink = index.indexed.get((fst.st_dev, fst.st_ino))
+        if lower_nlink is None:
+            return False
+        overlay = copy.overlay_nlink(node.fd, lower_nlink)
+        index.set_nlink(node.fd, "U", overlay - fst.st_nlink)
+        return True
+
+    def _index_name_up(self, node: Node, parent: Node, name: bytes, reason: str) -> bool:
+        """index=on: *name* in *parent*, a name of *node*, in the upper layer: a lower name of
+        a hard-linked lower inode is copied up through the index (or linked to its entry),
+        as the kernel copies up the dentry the operation names. False: no upper object is
+        there for it (not such a file: the caller's plain copy-up applies)."""
+        copy = self.copy
+        if copy.index is None or node.is_dir:
+            return False
+        pfd = copy.upper_dir(parent, reason)
+        ust = self._upper_entry(pfd, name)
+        fst = os.fstat(node.fd) if node.fd >= 0 else None
+        if ust is not None and fst is not None and (ust.st_dev, ust.st_ino) == (fst.st_dev, fst.st_ino):
+            return True
+        return copy.copy_up_indexed(node, reason, parent, name)
+
+    def _index_end(self, node: Node, path: bytes) -> None:
+        """ovl_nlink_end: an indexed inode whose overlay nlink dropped to 0 loses its index
+        entry (ovl_cleanup_index; with another upper link left, the kernel's "cleanup linked
+        index" instead: the count is set to the upper links less the index entry)."""
+        from .index import index_name, parse_nlink
+
+        index = self.copy.index
+        assert index is not None
+        fd = node.fd
+        if fd < 0:
+            return
+        st = os.fstat(fd)
+        parsed = parse_nlink(index.get_nlink(fd))
+        if parsed is None or parsed[0] != "U" or st.st_nlink + parsed[1] > 0:
+            return
+        if st.st_nlink != 1:
+            log.warning("cleanup linked index (%r, nlink=%d)", node, st.st_nlink)
+            index.set_nlink(fd, "U", -1)
+            return
+        raw = _sys.getxattr_at(fd, None, self.names.origin)
+        if raw is None:
+            return
+        iname = index_name(raw)
+        if index.remove(iname, st.st_ino):
+            index.indexed.pop((st.st_dev, st.st_ino), None)
+            self.trace.emit("index_remove", path=display(path), index=iname.decode())
+
     def remove(self, parent: Node, name: bytes, is_dir: bool) -> None:
         """unlink (is_dir False) or rmdir (True)."""
         copy, work = self.copy, self.work
@@ -382,6 +449,7 @@ class WritePath:
                 raise OSError(errno.ENOTEMPTY, "directory not empty")
         elif node.is_dir:
             raise OSError(errno.EISDIR, "is a directory")
+        indexed = self._index_start(node, parent, name, "remove")
         need_whiteout = self._lower_has(parent, name)
         pfd = copy.upper_dir(parent, "remove")
         rel = node.relpath()
@@ -398,6 +466,8 @@ class WritePath:
         elif in_upper:
             self._peer_changed(node)  # one link fewer
         self.inodes.detach(parent, name)
+        if indexed:
+            self._index_end(node, _child(parent, name))
 
     async def rename(self, parent: Node, name: bytes, newparent: Node, newname: bytes, flags: int) -> None:
         copy = self.copy
@@ -444,6 +514,11 @@ class WritePath:
             dst_pure = dst.layer.is_upper and not dst.is_merged
             if dst.is_dir and not dst_pure and not self.stack.is_empty_dir(dst.layer_dirs()):
                 raise OSError(errno.ENOTEMPTY, "target not empty")
+        if copy.index is not None:  # the names the rename is about are the ones copied up
+            self._index_name_up(src, parent, name, "rename")
+            if exchange and dst is not None:
+                self._index_name_up(dst, newparent, newname, "rename")
+        dst_indexed = dst is not None and not exchange and self._index_start(dst, newparent, newname, "rename")
         await copy.ensure_upper(src, "rename")
         if exchange:
             assert dst is not None
@@ -520,6 +595,9 @@ class WritePath:
         self.inodes.move(src, parent, name, newparent, newname, exchange=dst if exchange else None)
         if dst is not None and not exchange and not dst.is_dir:
             self._peer_changed(dst)  # one link fewer
+        if dst_indexed:
+            assert dst is not None
+            self._index_end(dst, _child(newparent, newname))
 
     def _upper_redirect(self, node: Node) -> bytes | None:
         if not node.layer.is_upper or node.parent is None:

@@ -198,7 +198,6 @@ def test_parse_options_last_wins_and_empty_items() -> None:
 @pytest.mark.parametrize(
     "opt",
     [
-        "index=off",
         "metacopy=off",
         "nfs_export=off",
         "verity=off",
@@ -256,9 +255,9 @@ def test_parse_options_mount_flag_takes_no_value(opt: str) -> None:
 @pytest.mark.parametrize(
     "opt",
     [
-        "index=on",
         "metacopy=on",
-        "nfs_export=on",
+        "verity=on",
+        "verity=require",
     ],
 )
 def test_parse_options_unsupported_kernel_features(opt: str) -> None:

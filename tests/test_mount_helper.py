@@ -180,7 +180,7 @@ def _layers(tmp_path):
         ("xattr_permissions=2", "'xattr_permissions=2' is not supported"),
         ("plugins=/usr/lib/x.so", "not supported"),
         ("lowerdri=/x", "unknown mount option 'lowerdri'"),
-        ("index=on", "'index=on' is not supported"),
+        ("nfs_export=on", "'nfs_export=on' is not supported"),
         ("fsync=2", "invalid value for option 'fsync=2'"),
         ("subtype=other", "invalid value"),
         ("aufs_whiteouts=yes", "invalid value 'yes' for mount option 'aufs_whiteouts' (expected on|off)"),

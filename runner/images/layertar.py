@@ -108,6 +108,8 @@ class _Writer:
         self.seen: dict[tuple[int, int], str] = {}  # (dev, ino) -> first name, for hard links
         self.sockets = 0
         self.full: LayerStack | None = None  # the upper over its lowers: for redirected dirs
+        # index=on: origin record -> the first upper path of an indexed copy (overlay.nlink)
+        self.indexed: dict[bytes, bytes] = {}
 
     def run(self) -> None:
         self.tf.addfile(self._info(".", tarfile.DIRTYPE, os.fstat(self.root), self.root, None))
@@ -130,11 +132,29 @@ class _Writer:
         finally:
             for _, fd in stack:
                 os.close(fd)
+        if self.indexed and self.full is not None:
+            self._index_served()
         if self.sockets:
             print(
                 f"pyoverlay: warning: {self.sockets} sockets left out of the layer (tar has no socket entries)",
                 file=sys.stderr,
             )
+
+    def _index_served(self) -> None:
+        """index=on: the lower names of an indexed copy that no upper name links (the mount
+        shows the copy there: merged.index_served) are hard links to it in the layer, after
+        everything else (sorted)."""
+        assert self.full is not None
+        for lower_path, upper_path in merged.index_served(self.full, self.indexed):
+            parent, _, base = upper_path.rpartition(b"/")
+            pfd = _sys.open_dir(self.root, parent) if parent else os.dup(self.root)
+            try:
+                st = _sys.lstat_at(pfd, base)
+            finally:
+                os.close(pfd)
+            info = self._bare(os.fsdecode(lower_path), tarfile.LNKTYPE, st, stat.S_IMODE(st.st_mode))
+            info.linkname = self.seen.get((st.st_dev, st.st_ino), os.fsdecode(upper_path))
+            self.tf.addfile(info)
 
     def _redirected(self, dfd: int, path: bytes, name: bytes, st: os.stat_result) -> None:
         """A directory renamed by redirect: itself, opaque, and its whole merged content."""
@@ -190,6 +210,10 @@ class _Writer:
             self.tf.addfile(info)
             return None
         self.seen[key] = os.fsdecode(path)
+        if st.st_nlink > 1 and not in_merged and _sys.getxattr_at(dfd, name, self.names.nlink) is not None:
+            origin = _sys.getxattr_at(dfd, name, self.names.origin)
+            if origin is not None:
+                self.indexed.setdefault(origin, path)
         if stat.S_ISREG(mode):
             info = self._info(os.fsdecode(path), tarfile.REGTYPE, st, dfd, name, in_merged)
             fd = _sys.open_beneath(dfd, name, os.O_RDONLY)

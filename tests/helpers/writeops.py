@@ -341,8 +341,9 @@ def workdir_problems(workdir: Path) -> list[str]:
         names = sorted(os.listdir(workdir))
     except OSError as e:
         return [f"cannot list workdir {workdir}: {errname(e)}"]
-    if [n for n in names if n != "pyoverlay.json"] != ["work"]:
-        out.append(f"workdir holds {names}, want only ['work']")
+    # index/: the inodes index of an index=on mount (the kernel's and pyoverlay's alike)
+    if [n for n in names if n not in ("pyoverlay.json", "index")] != ["work"]:
+        out.append(f"workdir holds {names}, want only ['work'] (and index/ with index=on)")
     w = workdir / "work"
     if not w.is_dir() or w.is_symlink():
         return out + ["workdir/work is missing or not a directory"]
