@@ -256,8 +256,6 @@ def test_parse_options_mount_flag_takes_no_value(opt: str) -> None:
     "opt",
     [
         "metacopy=on",
-        "verity=on",
-        "verity=require",
     ],
 )
 def test_parse_options_unsupported_kernel_features(opt: str) -> None:
