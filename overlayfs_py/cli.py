@@ -368,6 +368,7 @@ def mount_summary(rec: dict) -> dict:
         "volatile": bool(cfg.get("volatile")),
         "aufs_whiteouts": bool(cfg.get("aufs_whiteouts")),
         "redirect_dir": cfg.get("redirect_dir") or features.redirect_default(),
+        "metacopy": cfg.get("metacopy") or features.metacopy_default(),
         "container": cfg.get("container"),
         "trace_socket": rec.get("trace_socket"),
     }
@@ -398,6 +399,8 @@ def mounts_cmd(as_json):
         mode += ", aufs whiteouts" if m["aufs_whiteouts"] else ""
         if m["redirect_dir"] != features.redirect_default():  # as the kernel shows its options
             mode += f", redirect_dir={m['redirect_dir']}"
+        if m["metacopy"] == "on":  # the kernel shows metacopy=on only
+            mode += ", metacopy=on"
         extra = f", container {m['container']}" if m["container"] else ""
         click.echo(f"{m['mountpoint']}  (pid {m['pid']}, engine {m['engine']}, {mode}{extra})")
         for lower in m["lowerdirs"]:

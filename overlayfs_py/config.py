@@ -151,6 +151,10 @@ class MountConfig:
     redirect_dir: str = ""
     # -o xino=on|off|auto (None: the kernel's default, xino_default()); layers.LayerStack
     xino: str | None = None
+    # -o metacopy=on|off: "" = not given (the module's default); features.resolve stores the
+    # effective value (on|off) once userxattr is decided: on = chmod, chown, utimes, xattrs,
+    # renames and links of a lower regular file copy up its metadata only (copyup.py)
+    metacopy: str = ""
 
     def __post_init__(self) -> None:
         # Accept any sequence but store an immutable tuple.
@@ -315,7 +319,7 @@ _KERNEL_CHOICES: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     # key: (accepted values, known-but-unsupported values)
     "index": (frozenset({"off"}), frozenset({"on"})),
     "xino": (frozenset({"on", "off", "auto"}), frozenset()),
-    "metacopy": (frozenset({"off"}), frozenset({"on"})),
+    "metacopy": (frozenset({"on", "off"}), frozenset()),
     "nfs_export": (frozenset({"off"}), frozenset({"on"})),
     # uuid=auto is the kernel's default; on (overlay.uuid, a persistent fsid) and off/null
     # (null UUIDs written into and matched in origin records) are not done (issue 18)
@@ -345,10 +349,10 @@ def parse_options(opts: Iterable[str]) -> dict[str, str | bool]:
     * ``xino=on|off|auto`` -> the value (the kernel's inode numbering, layers.LayerStack).
 
     * ``redirect_dir=on|follow|nofollow|off`` -> the value (features.resolve applies it).
+    * ``metacopy=on|off`` -> the value (features.resolve applies it with the kernel's rules).
 
     Accepted and ignored (not in the result): the kernel options
-    ``index=off``,
-    ``metacopy=off``, ``nfs_export=off``, ``uuid=on|off|null|auto``,
+    ``index=off``, ``nfs_export=off``, ``uuid=on|off|null|auto``,
     ``verity=off``;
     * the generic flags ``nosuid``, ``nodev``, ``noexec``, ``noatime`` -> ``'mount_flags'``, a
       tuple of those set (``suid``, ``dev``, ``exec``, ``atime``, ``relatime``, ``strictatime``
@@ -414,8 +418,8 @@ def parse_options(opts: Iterable[str]) -> dict[str, str | bool]:
                 if value not in accepted:
                     choices = "|".join(sorted(accepted | unsupported))
                     raise ConfigError(f"invalid value {_q(value)} for mount option '{key}' (expected {choices})")
-                if key == "xino":
-                    result["xino"] = value
+                if key in ("xino", "metacopy"):
+                    result[key] = value
             else:
                 raise ConfigError(f"unknown mount option {_q(key)}")
     return result
@@ -553,6 +557,7 @@ def build_config(
         xino=opts.get("xino"),  # type: ignore[arg-type]
         mount_flags=tuple(opts.get("mount_flags", ())),  # type: ignore[arg-type]
         redirect_dir=str(opts.get("redirect_dir", "")),
+        metacopy=str(opts.get("metacopy", "")),
     )
     validate(cfg, workdir_may_be_missing=workdir_defaulted)
     return resolve_features(cfg)  # when userxattr is known; else userxattr.plan does it

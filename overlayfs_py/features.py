@@ -194,14 +194,36 @@ def effective_redirect(asked: str, userxattr: bool, *, upper: bool = True, param
 
 def resolve(cfg):
     """*cfg* (a MountConfig whose ``userxattr`` is decided) with its features resolved: the
-    effective ``redirect_dir``. Idempotent; a cfg whose userxattr is still None is returned
-    as is (userxattr.plan resolves it). FeatureConflict: use config.resolve_features."""
+    effective ``redirect_dir`` and ``metacopy`` (on|off). Idempotent; a cfg whose userxattr
+    is still None is returned as is (userxattr.plan resolves it). FeatureConflict: use
+    config.resolve_features."""
     if cfg.userxattr is None:
         return cfg
-    mode = effective_redirect(cfg.redirect_dir, bool(cfg.userxattr), upper=cfg.upperdir is not None)
-    if mode == cfg.redirect_dir:
+    asked = Asked(
+        redirect_dir=cfg.redirect_dir or None,
+        metacopy={"on": True, "off": False}.get(cfg.metacopy),
+        userxattr=bool(cfg.userxattr),
+        upper=cfg.upperdir is not None,
+    )
+    got = verify(asked)
+    metacopy = "on" if got.metacopy else "off"
+    if got.redirect_dir == cfg.redirect_dir and metacopy == cfg.metacopy:
         return cfg
-    return dataclasses.replace(cfg, redirect_dir=mode)
+    return dataclasses.replace(cfg, redirect_dir=got.redirect_dir, metacopy=metacopy)
+
+
+def metacopy_default(params_dir: str = PARAMS_DIR) -> str:
+    """The module's ``metacopy`` (on|off): what a mount that does not name it gets, before
+    the rules between the options."""
+    return "on" if _yes(module_param("metacopy", "N", params_dir)) else "off"
+
+
+def metacopy(cfg) -> bool:
+    """Whether a mount of *cfg* has metacopy on: metacopy files are followed (off: a lookup
+    that meets one is EPERM) and, on a writable mount, made by metadata copy-ups."""
+    if cfg.userxattr is None:
+        return False
+    return resolve(cfg).metacopy == "on"
 
 
 def follows_redirects(cfg) -> bool:

@@ -29,6 +29,7 @@ from .whiteout import (
     is_aufs_marker,
     is_opaque,
     is_whiteout_at,
+    metacopy_at,
     opaque_value,
     redirect_at,
 )
@@ -59,6 +60,9 @@ class Hit:
     layer: Layer
     st: os.stat_result
     path: bytes
+    # a metacopy file (``overlay.metacopy``): the regular file below that holds its data
+    # (the kernel's "lowerdata"); None for every other object
+    data: Hit | None = None
 
 
 def join(parent: bytes, name: bytes) -> bytes:
@@ -170,6 +174,9 @@ class LayerStack:
         # redirect_dir=nofollow (features.py): a lookup that would follow a redirect into a
         # lower layer fails with EPERM, as the kernel's ovl_lookup ("refusing to follow")
         self.follow_redirects = True
+        # -o metacopy=on: a metacopy file's data is looked up below it; off: a lookup that
+        # meets one is EPERM, as the kernel's ("refusing to follow metacopy origin")
+        self.metacopy = False
 
     def close(self) -> None:
         if hasattr(self, "dirfds"):
@@ -342,7 +349,7 @@ class LayerStack:
                 continue
             if not stat.S_ISDIR(st.st_mode):
                 if not hits and not is_whiteout_at(dfd, base, st, self.names):
-                    hits.append(Hit(layer, st, path))
+                    hits.append(self._nondir_hit(cands, i, dfd, base, st))
                 break  # a whiteout or a non-directory ends the walk (and a dir merge)
             hits.append(Hit(layer, st, path))
             if layer.index == self.layers[-1].index or is_opaque(opaque_value(dfd, base, self.names)):
@@ -350,6 +357,48 @@ class LayerStack:
             self._follow_redirect(cands, i, layer, dfd, base)
             i += 1
         return hits
+
+    def _nondir_hit(self, cands: list[tuple[Layer, bytes]], i: int, dfd: int, base: bytes, st: os.stat_result) -> Hit:
+        """The hit of the non-directory found at ``cands[i]`` (*base* in *dfd*, lstat *st*);
+        a metacopy file carries the hit of its data file (``Hit.data``)."""
+        layer, path = cands[i]
+        hit = Hit(layer, st, path)
+        if metacopy_at(dfd, base, st, self.names):
+            hit.data = self._lowerdata(cands[i + 1 :], layer, dfd, base)
+        return hit
+
+    def _lowerdata(self, rest: list[tuple[Layer, bytes]], layer: Layer, dfd: int, base: bytes) -> Hit:
+        """The data file of the metacopy file *base* in *dfd* of *layer*, as the kernel's
+        ovl_lookup finds it: in the layers below (*rest*), at the path its
+        ``overlay.redirect`` names (relative: a sibling; absolute: from the lower roots), past
+        further metacopy files (each redirecting again), until a regular file without the
+        xattr. A whiteout, nothing, or another kind of object: EIO ("metacopy with no lower
+        data found"); with ``metacopy=off`` anything found below: EPERM ("refusing to follow
+        metacopy origin")."""
+        no_data = "metacopy with no lower data found"
+        while True:
+            redirect = _sys.getxattr_at(dfd, base, self.names.redirect)
+            if redirect:
+                rest = self._redirected(rest, layer, redirect)
+            for j, (low, lpath) in enumerate(rest):
+                pdir, _, lbase = lpath.rpartition(b"/")
+                try:
+                    ldfd = self.dir_fd(low, pdir)
+                    lst = _sys.lstat_at(ldfd, lbase)
+                except (FileNotFoundError, NotADirectoryError):
+                    continue
+                if not stat.S_ISDIR(lst.st_mode) and is_whiteout_at(ldfd, lbase, lst, self.names):
+                    raise OSError(errno.EIO, no_data)
+                if not self.metacopy:
+                    raise PermissionError(errno.EPERM, "refusing to follow metacopy origin (metacopy=off)")
+                if not stat.S_ISREG(lst.st_mode):
+                    raise OSError(errno.EIO, no_data)
+                if not metacopy_at(ldfd, lbase, lst, self.names):
+                    return Hit(low, lst, lpath)
+                layer, dfd, base, rest = low, ldfd, lbase, rest[j + 1 :]  # another metacopy file
+                break
+            else:
+                raise OSError(errno.EIO, no_data)
 
     def _follow_redirect(self, cands: list[tuple[Layer, bytes]], i: int, layer: Layer, dfd: int, base: bytes) -> None:
         """A directory hit at ``cands[i]`` with ``overlay.redirect``: the layers below are
@@ -396,7 +445,7 @@ class LayerStack:
             dfd = self.dir_fd(layer, pdir)
             if not stat.S_ISDIR(st.st_mode):
                 if not hits and not is_whiteout_at(dfd, base, st, self.names):
-                    hits.append(Hit(layer, st, path))
+                    hits.append(self._nondir_hit(cands, i, dfd, base, st))
                 break
             hits.append(Hit(layer, st, path))
             if (

@@ -160,6 +160,7 @@ def build_overlay(
         xino=cfg.xino or xino_default(),
     )
     stack.follow_redirects = features.follows_redirects(cfg)
+    stack.metacopy = features.metacopy(cfg)
     # Every node holds a descriptor: the budget and the table's cap fit RLIMIT_NOFILE.
     fd_limit = _sys.raise_nofile_limit()
     max_nodes = clamp_node_budget(cfg.max_nodes, fd_limit, stack.dirfds)
@@ -187,6 +188,7 @@ def build_overlay(
             tracer,
             owners,
             sync=not cfg.volatile,
+            metacopy=stack.metacopy,
             on_copied_up=copied_up,
             on_attr_changed=attr_changed,
         )

@@ -28,7 +28,7 @@ from .layers import Hit, Layer, LayerStack
 from .ownership import Owners
 from .privilege import initial_userns, process_privileged
 from .trace import Tracer, display
-from .whiteout import XattrNames, decode_origin, is_whiteout_at
+from .whiteout import XattrNames, decode_origin, is_whiteout_at, metacopy_at
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +91,18 @@ def new_inode_table(stack: LayerStack, fd_cap: int = 1 << 62) -> InodeTable:
 
 def _nothing() -> None:
     return None
+
+
+_STAT_FIELDS = tuple(n for n in dir(os.stat_result) if n.startswith("st_"))
+
+
+def with_blocks(st: os.stat_result, blocks: int) -> os.stat_result:
+    """*st* reporting *blocks* (a metacopy file: its data file's st_blocks, as ovl_getattr)."""
+    if st.st_blocks == blocks:
+        return st
+    extra = {n: getattr(st, n) for n in _STAT_FIELDS}
+    extra["st_blocks"] = blocks
+    return os.stat_result(tuple(st), extra)
 
 
 def _open_reason(flags: int) -> str:
@@ -222,7 +234,11 @@ class Overlay:
         hits = self.stack.resolve(parent.layer_dirs(), name)
         if not hits:
             raise OSError(errno.ENOENT, "no such entry")
-        return self._node_for(parent, name, hits), hits[0].st
+        top = hits[0]
+        node = self._node_for(parent, name, hits)
+        if top.data is not None:  # a metacopy file: the blocks of its data (ovl_getattr)
+            return node, with_blocks(top.st, top.data.st.st_blocks)
+        return node, top.st
 
     def made(self, parent: Node, name: bytes, layer: Layer, pfd: int, new: bool = False) -> tuple[Node, os.stat_result]:
         """``lookup`` of an object the write path has just made at *name* in *layer*'s
@@ -232,6 +248,8 @@ class Overlay:
         so the layers below are not asked again. *new*: a new object (not a new name of
         one): it has no origin record, so it reports its own st_ino."""
         st = _sys.lstat_at(pfd, name)
+        if metacopy_at(pfd, name, st, self.names):  # a new name of a metacopy file: its data below
+            return self.lookup(parent, name)
         ppath = parent.path_in(layer)
         hit = Hit(layer, st, ppath + b"/" + name if ppath else name)
         return self._node_for(parent, name, [hit], ino=st.st_ino if new else None), st
@@ -246,10 +264,12 @@ class Overlay:
         is_dir = stat.S_ISDIR(mode)
         dirs = tuple(h.layer for h in hits) if is_dir else ()
         existing = parent.child(name)
+        data = (top.data.layer, top.data.path) if top.data is not None else None
         if (
             existing is not None
             and existing.layer is top.layer
             and existing.dirs == dirs
+            and existing.lowerdata == data
             and stat.S_IFMT(existing.mode) == stat.S_IFMT(mode)
             and self._same_object(existing, top)
         ):
@@ -271,7 +291,7 @@ class Overlay:
                 shared = self.inodes.by_key(k)
                 if shared is None or shared is existing:
                     free = k if free is None else free
-                elif shared is not existing and shared.ino == ino:
+                elif shared is not existing and shared.ino == ino and shared.lowerdata == data:
                     self.inodes.add_alias(shared, parent, name)
                     shared.mode = mode
                     return shared
@@ -285,6 +305,8 @@ class Overlay:
         except BaseException:
             os.close(fd)
             raise
+        if data is not None:
+            node.lowerdata = data
         rel = None
         for h in hits:
             if not h.layer.is_upper:
@@ -355,9 +377,13 @@ class Overlay:
     # --- attributes -----------------------------------------------------------------------
 
     def getattr(self, node: Node) -> os.stat_result:
-        """fstat of the node's own fd: its object even when unlinked or renamed over."""
+        """fstat of the node's own fd: its object even when unlinked or renamed over. A
+        metacopy file reports the st_blocks of its data file (the kernel's ovl_getattr)."""
         st = os.fstat(node.fd)
         node.mode = st.st_mode
+        data = node.lowerdata
+        if data is not None:
+            return with_blocks(st, self.stack.lstat(*data).st_blocks)
         return st
 
     def presented_owner(self, node: Node | None, st: os.stat_result) -> tuple[int, int, int]:
@@ -389,15 +415,15 @@ class Overlay:
 
     def open_copies_up(self, node: Node, flags: int) -> bool:
         """Whether opening *node* with *flags* may copy it up (may await): an object not in
-        the upper layer yet opened for writing."""
-        return not node.layer.is_upper and self._open_writes(node, flags)
+        the upper layer yet, or a metacopy file (its data), opened for writing."""
+        return (not node.layer.is_upper or node.lowerdata is not None) and self._open_writes(node, flags)
 
     async def open(self, node: Node, flags: int, caller: Caller) -> int:
         if node.is_dir:
             raise OSError(errno.EISDIR, "is a directory")
         if not self.open_copies_up(node, flags):
             return self.open_now(node, flags)
-        copied = await self.writable.copy_up(node, _open_reason(flags))
+        copied = await self.writable.copy_up(node, _open_reason(flags), data=True)
         return self._open_copied(node, flags, copied)
 
     def open_copying_now(self, node: Node, flags: int) -> int | None:
@@ -406,7 +432,7 @@ class Overlay:
         cannot be done so: then ``open``."""
         if node.is_dir:
             raise OSError(errno.EISDIR, "is a directory")
-        copied = self.writable.copy_up_now(node, _open_reason(flags))
+        copied = self.writable.copy_up_now(node, _open_reason(flags), data=True)
         if copied is None:
             return None
         return self._open_copied(node, flags, copied)
@@ -571,6 +597,11 @@ class Overlay:
                 return None
             if stat.S_ISDIR(st.st_mode) or is_whiteout_at(dfd, name, st, self.names):
                 return None
+            try:
+                if metacopy_at(dfd, name, st, self.names):
+                    return None  # its data file is found by a full lookup
+            except OSError:
+                return None  # a malformed record: the full lookup fails the kernel's way
             if lower_st is not None and not layer.is_upper:
                 lower_st[name] = st  # a lower object never changes while mounted
         # without a redirect above it, ppath is the parent's relpath: _node_for need not walk it again

@@ -302,6 +302,14 @@ class WritePath:
         if node.is_dir:
             raise OSError(errno.EPERM, "hard link to a directory")
         await copy.copy_up(node, "link")
+        if node.lowerdata is not None:
+            # ovl_link -> ovl_set_link_redirect: the new name finds the data through an
+            # absolute redirect (unless the file has one already)
+            value = self._redirect_for(node, False)
+            if value is not None:
+                if len(value) > self.redirect_max:
+                    raise OSError(errno.EXDEV, "redirect too long")
+                os.setxattr(_sys.proc_path(node.fd), self.names.redirect, value, follow_symlinks=True)
 
         def make(dfd: int, n: bytes) -> None:
             _sys.link_fd(node.fd, dfd, n)  # the node's own inode, never its name
@@ -448,6 +456,11 @@ class WritePath:
         if exchange:
             assert dst is not None
             await copy.ensure_upper(dst, "rename")
+        # a metacopy file (its data below) is renamed by redirect too: ovl_rename's
+        # ovl_set_redirect for ovl_type_merge_or_lower (a non-dir without upper data)
+        for n in (src, dst if exchange else None):
+            if n is not None and not n.is_dir and n.lowerdata is not None:
+                redirected.append(n)
         opfd = copy.upper_dir(parent, "rename")
         old_needs_wo = not exchange and self._lower_has(parent, name)
         npfd = copy.upper_dir(newparent, "rename")
@@ -559,7 +572,8 @@ class WritePath:
         """Every change goes to the node's own object through its fd: an object renamed
         over or unlinked while open is changed itself (the kernel's overlay does the
         same), never what its name leads to now, and a symlink is never followed."""
-        await self.copy.copy_up(node, _setattr_reason(changes))
+        # a truncation needs the data of a metacopy file (ovl_setattr: ovl_copy_up_with_data)
+        await self.copy.copy_up(node, _setattr_reason(changes), data="size" in changes)
         return self.setattr_now(node, changes, fh)
 
     def setattr_now(self, node: Node, changes: dict[str, Any], fh: int | None) -> os.stat_result:

@@ -280,6 +280,11 @@ class Ops:
         pt = self.passthrough
         if not (pt.active or self._backing) or not stat.S_ISREG(node.mode):
             return PLAIN_OPEN, 0
+        plain = [o for o in self.ov.handles.fhs_of(node) if o != fh and o not in self._backed_fh]
+        if node.lowerdata is not None or plain:
+            # a metacopy file: plain opens until its data copy-up, and after it while a
+            # plain open of it lasts (the kernel refuses passthrough beside cached I/O: EIO)
+            return PLAIN_OPEN, 0
         h = self.ov.handles[fh]
         # The real object a node serves changes only in a copy-up, which moves the node to
         # the upper layer: its layer tells (no fstat needed; its key does not: an unlinked
