@@ -667,7 +667,8 @@ class CopyUp:
         dst_st = os.fstat(dst)
         ev = self._traced_start(node, reason, os.fstat(dsrc))
         ev["size"] = dst_st.st_size
-        ev["layer"] = data[0].label
+        ev["layer"] = data[0].label  # where the data comes from
+        ev["data_only"] = True  # the metadata was copied up before
         return ev, dst, dsrc, (dst_st, _sys.getxattr_at(dst, None, CAPS_XATTR))
 
     def _data_finish(self, node: Node, dst: int, kept: tuple[os.stat_result, bytes | None]) -> None:

@@ -199,7 +199,6 @@ def test_parse_options_last_wins_and_empty_items() -> None:
     "opt",
     [
         "index=off",
-        "metacopy=off",
         "nfs_export=off",
         "uuid=auto",
         "verity=off",
@@ -207,6 +206,12 @@ def test_parse_options_last_wins_and_empty_items() -> None:
 )
 def test_parse_options_accepted_and_ignored(opt: str) -> None:
     assert parse_options([opt]) == {}
+
+
+@pytest.mark.parametrize("value", ["on", "off"])
+def test_parse_options_metacopy(value: str) -> None:
+    """Kept for features.resolve (tests/test_metacopy.py)."""
+    assert parse_options([f"metacopy={value}"]) == {"metacopy": value}
 
 
 @pytest.mark.parametrize("value", ["on", "follow", "nofollow", "off"])
@@ -251,7 +256,6 @@ def test_parse_options_mount_flag_takes_no_value(opt: str) -> None:
     "opt",
     [
         "index=on",
-        "metacopy=on",
         "nfs_export=on",
         "verity=on",
         "verity=require",

@@ -364,3 +364,110 @@ def test_mounts_shows_metacopy(tmp_path):
     finally:
         subprocess.run([*py, "umount", mnt], check=True, env=env, capture_output=True)
     assert "metacopy=on" in text and "redirect_dir=on" in text
+
+
+# --- tracing, explain, diff and the layer tar ------------------------------------------------------
+
+
+def test_trace_events(tmp_path):
+    """A metadata copy-up is one copy-up of 0 bytes with ``metadata``; the data copy-up
+    later is its own, with ``data_only`` and the layer the data comes from."""
+    import json
+
+    from helpers import mounts
+
+    low, up = tmp_path / "low", tmp_path / "up"
+    low.mkdir()
+    up.mkdir()
+    (low / "f").write_bytes(b"x" * 5000)
+    trace = tmp_path / "trace.jsonl"
+
+    class Traced(mounts.PyoverlayMount):
+        def argv(self):
+            argv = super().argv()
+            i = argv.index("mount") + 1
+            return argv[:i] + ["--trace", str(trace)] + argv[i:]
+
+    with Traced([low], tmp_path / "mnt", up, options=["metacopy=on"]) as m:
+        os.chmod(m.path / "f", 0o600)
+        _append(m.path / "f", b"y")
+    events = [json.loads(line) for line in trace.read_text().splitlines()]
+    done = [e for e in events if e["event"] == "copy_up_done"]
+    assert [(e["reason"], e["bytes"], e.get("metadata"), e.get("data_only"), e["layer"]) for e in done] == [
+        ("chmod", 0, True, None, "lower1"),
+        ("open-for-write", 5000, None, True, "lower1"),
+    ]
+
+
+def test_explain_names_the_data_layer(run):
+    from overlayfs_py.explain import explain, format_text
+
+    for sr in (run.k, run.s):
+        run._need(sr, "the upper")
+        lowers = [str(p) for p in sr.side.lowers]
+        ex = explain(str(sr.side.upper), lowers, "/q/mc4")
+        assert ex.served is not None and ex.served.label == "upper" and ex.served.metacopy
+        assert ex.data_from == "lower2" and ex.data_path == os.path.join(lowers[1], "d/mc2")
+        assert "data from lower2" in format_text(ex)
+        ex = explain(str(sr.side.upper), lowers, "/wr")
+        assert ex.data_from is None and not ex.served.metacopy
+
+
+@pytest.mark.parametrize("side", ["k", "s"])
+def test_layer_tar_writes_metacopy_files_with_their_data(run, tmp_path, side):
+    """The upper as a layer tar, with its lowers: extracted and stacked on the lowers (no
+    metacopy anywhere), the same tree as a kernel metacopy=on mount of the upper."""
+    from helpers.mounts import KernelOverlay
+    from overlayfs_py.whiteout import XattrNames
+    from runner.images.core import ImageError
+    from runner.images.extract import extract
+    from runner.images.layertar import write_layer
+
+    sr = getattr(run, side)
+    run._need(sr, "the upper")
+    lowers = [str(p) for p in sr.side.lowers]
+    tar = tmp_path / "layer.tar"
+    with open(tar, "wb") as f:
+        write_layer(str(sr.side.upper), f, lowers=lowers)
+    with open(tmp_path / "refused.tar", "wb") as f, pytest.raises(ImageError, match="lower layers"):
+        write_layer(str(sr.side.upper), f)
+    layer = tmp_path / "layer"
+    layer.mkdir()
+    with open(tar, "rb") as f:
+        extract(f, str(layer), XattrNames())
+    with KernelOverlay([layer, *lowers], tmp_path / "flat") as m:
+        flat = _tree(m.path)
+    with KernelOverlay(
+        lowers, tmp_path / "orig", upper=sr.side.upper, workdir=sr.side.fresh_workdir(), options=["metacopy=on"]
+    ) as m:
+        orig = _tree(m.path)
+    assert orig["chmod"][3] == b"chmod me\n" * 100 and orig["q/mc4"][0] & 0o777 == 0o640
+    assert flat == orig
+
+
+def _tree(root):
+    out = {}
+    for dirpath, dirs, files in os.walk(root):
+        for n in dirs + files:
+            p = os.path.join(dirpath, n)
+            st = os.lstat(p)
+            body = _read(p) if os.path.isfile(p) and not os.path.islink(p) else None
+            out[os.path.relpath(p, root)] = (st.st_mode, st.st_uid, st.st_gid, body)
+    return out
+
+
+@pytest.mark.parametrize("side", ["k", "s"])
+def test_diff(run, side):
+    """Metacopy files are changes (C; a renamed one A, its old path D); with
+    ignore_identical a chown'ed or chmod'ed one stays, a utime'd one with the same data
+    and mode goes."""
+    from overlayfs_py.diff import diff
+
+    sr = getattr(run, side)
+    run._need(sr, "the upper")
+    lowers = [str(p) for p in sr.side.lowers]
+    got = {str(c) for c in diff(str(sr.side.upper), lowers)}
+    for line in ("C /chmod", "C /chown", "C /utime", "A /mv2", "D /mv", "A /q/mc4", "D /d/mc2", "A /q/ln2"):
+        assert line in got, (line, sorted(got))
+    same = {str(c) for c in diff(str(sr.side.upper), lowers, ignore_identical=True)}
+    assert "C /chmod" in same and "C /chown" in same and "C /utime" not in same and "C /sx" not in same
