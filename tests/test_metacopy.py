@@ -471,3 +471,15 @@ def test_diff(run, side):
         assert line in got, (line, sorted(got))
     same = {str(c) for c in diff(str(sr.side.upper), lowers, ignore_identical=True)}
     assert "C /chmod" in same and "C /chown" in same and "C /utime" not in same and "C /sx" not in same
+
+
+@pytest.mark.parametrize("side", ["k", "s"])
+def test_check_keeps_metacopy_redirects(run, side):
+    """`pyoverlay check` of a metacopy upper: the redirect of a renamed metacopy file leads
+    to its data (not an ignored redirect to remove)."""
+    from overlayfs_py.check import check
+
+    sr = getattr(run, side)
+    run._need(sr, "the upper")
+    report = check(str(sr.side.upper), str(sr.side.fresh_workdir()), [str(p) for p in sr.side.lowers], userxattr=False)
+    assert not [p for p in report.problems if p.kind == "redirect-ignored"], report.problems

@@ -289,6 +289,9 @@ CASES = [(seed, (), N_OPS) for seed in SEEDS] + [(SEEDS[-1], ("userxattr",), N_O
 # redirect_dir=on: directories with lower content are renamed by redirect (random renames of
 # merged and lower dirs, then everything else on top of them)
 CASES += [(seed, ("redirect_dir=on",), N_OPS) for seed in SEEDS]
+# metacopy=on: chmod, chown, utimes, xattrs, renames and links of lower files copy up their
+# metadata only; later writes and truncations copy the data (and renames of such files redirect)
+CASES += [(seed, ("metacopy=on",), N_OPS) for seed in SEEDS]
 if not os.environ.get("PYOVERLAY_SEED"):
     # the userxattr hard-link corner (docs/semantics.md, "Namespace changes"): a fifo copied
     # up without an origin record, hard-linked and changed through both of its nodes
