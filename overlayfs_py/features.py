@@ -14,9 +14,14 @@ module does both, in one place, for the features pyoverlay implements:
   (``ovl_redirect_mode_def``).
 * userxattr: an explicit ``redirect_dir`` other than ``nofollow`` is refused ("conflicting
   options", the kernel's EINVAL); without one the mode is ``nofollow``.
+* ``metacopy=on|off`` (``MountConfig.metacopy``, resolved to ``on``/``off`` by
+  :func:`resolve`): ``on`` copies up the metadata only of a lower regular file changed by
+  anything but a write of its data (copyup.py) and follows metacopy files to their data
+  (layers.py); ``off`` refuses to follow them (EPERM). Without the option: the module's
+  ``metacopy`` parameter. ``metacopy=on`` turns ``redirect_dir`` on; userxattr refuses it.
 
-The kernel's other rules, for the features still refused by config.py (``metacopy``,
-``index``, ``nfs_export``, ``verity``), are code too (:func:`verify`, checked against the
+The kernel's other rules, for the features still refused by config.py (``index``,
+``nfs_export``, ``verity``), are code too (:func:`verify`, checked against the
 kernel's mounts), in ovl_fs_params_verify's order: verity needs metacopy (an explicit
 metacopy=off conflicts); metacopy needs ``redirect_dir=on`` (both explicit: conflict; an
 explicit redirect_dir turns metacopy off; else redirect_dir becomes on); nfs_export needs
@@ -118,7 +123,7 @@ def verify(asked: Asked, *, params_dir: str = PARAMS_DIR) -> Resolved:
     follow or nofollow by ``redirect_always_follow``) then ovl_fs_params_verify's, in its
     order. Raises FeatureConflict where the kernel refuses the mount (EINVAL).
 
-    pyoverlay implements only redirect_dir (config.py refuses metacopy, index, nfs_export
+    pyoverlay implements redirect_dir and metacopy (config.py refuses index, nfs_export
     and verity other than off), but every rule is here, checked against the kernel's
     mounts (tests/test_redirect_dir.py), for when those features come."""
     d = defaults(params_dir)
