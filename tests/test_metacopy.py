@@ -24,7 +24,7 @@ import time
 import pytest
 
 from helpers.snapshot import diff_snapshots, format_diff
-from helpers.stacks import T0, T1, T2, WH, D, F
+from helpers.stacks import T0, T1, T2, WH, D, F, H
 from helpers.writeops import run_pair
 from overlayfs_py import features
 from overlayfs_py.config import ConfigError, build_config, parse_options
@@ -62,6 +62,8 @@ def _layers():
         "m/f": F(b"in a merged dir\n", mtime_ns=T1),
         "empty": F(b"", mtime_ns=T1),
         "sgid": F(b"set-id bits kept\n", mode=0o2755, mtime_ns=T1),
+        "hl": F(b"hard-linked in the lower\n", mtime_ns=T1),
+        "hl2": H("hl"),
     }
     return [l1, l2]
 
@@ -141,6 +143,11 @@ def _ops(m, rec):
     rec.do("chmod sgid", os.chmod, m / "sgid", 0o2750)
     rec.do("write sgid", _append, m / "sgid", b"x\n")
     rec.do("stat sgid", lambda: oct(os.lstat(m / "sgid").st_mode))
+    rec.do("chmod hl", os.chmod, m / "hl", 0o600)  # breaks the lower link (no index): no origin
+    rec.do("read hl", _read, m / "hl")
+    rec.do("hl and hl2 differ now", lambda: os.lstat(m / "hl").st_ino != os.lstat(m / "hl2").st_ino)
+    rec.do("write hl2", _append, m / "hl2", b"+\n")
+    rec.do("read hl after", _read, m / "hl")
 
 
 @pytest.fixture(scope="module")
@@ -159,8 +166,9 @@ def test_results_match_the_kernel(run):
 def test_metadata_only_copy_ups(run):
     """The kernel's upper: sparse files of the lower size with an empty overlay.metacopy
     (and an origin), redirects on renamed ones; written or truncated ones lost it."""
-    for p in ("chmod", "chown", "utime", "sx", "rx", "mv2", "q/mvd2", "q/mc4", "ln", "m/f", "empty"):
+    for p in ("chmod", "chown", "utime", "sx", "rx", "mv2", "q/mvd2", "q/mc4", "ln", "m/f", "empty", "hl"):
         assert _x(run, p, MC) == b"", p
+    assert _x(run, "hl", ORIGIN) is None
     assert _x(run, "chmod", ORIGIN) is not None
     assert _x(run, "mv2", RX) == b"mv" and _x(run, "q/mvd2", RX) == b"/d/mvd" and _x(run, "q/mc4", RX) == b"/d/mc2"
     assert _x(run, "ln", RX) == b"/ln"
