@@ -571,6 +571,10 @@ class Overlay:
         except OSError as exc:
             if exc.errno in (errno.EMFILE, errno.ENFILE):
                 return self._nodeless_entry(parent, name, layer)
+            if exc.errno in (errno.EPERM, errno.EIO) and not self._readdir_looks_up(parent, layer):
+                # a metacopy file that cannot be followed (metacopy=off, no data below):
+                # the kernel lists it with its own d_ino, not looking it up (ovl_calc_d_ino)
+                return self._nodeless_entry(parent, name, layer)
             if exc.errno != errno.ENOENT:
                 raise
             # Listed but not found: a whiteout the kernel's readdir shows too (in a raw
@@ -617,6 +621,16 @@ class Overlay:
                 return self._nodeless_entry(parent, name, layer)
             raise
         return Entry(name, node, st, node.ino, self.nlink(node, st))
+
+    def _readdir_looks_up(self, parent: Node, layer: Layer) -> bool:
+        """Whether the kernel's readdir of *parent* looks up an entry listed by *layer*
+        (ovl_calc_d_ino): with xino, or an upper entry of an impure directory. A failed
+        lookup there fails the listing (ovl_cache_update), elsewhere the entry is listed."""
+        if self.stack.xino_bits:
+            return True
+        if not layer.is_upper:
+            return False
+        return _sys.getxattr_at(self.stack.dir_fd(layer, parent.path_in(layer)), None, self.names.impure) is not None
 
     def _nodeless_entry(self, parent: Node, name: bytes, layer: Layer) -> Entry | None:
         """Out of descriptors for a new node: the entry is listed without one (READDIRPLUS

@@ -239,6 +239,8 @@ def _middle_ops(m, rec):
     rec.do("read d2/c", _read, m / "d2/c")
     rec.do("read x/abs", _read, m / "x/abs")
     rec.do("ls", lambda: sorted(os.listdir(m)))
+    for name in ("nodata", "bad", "wh"):
+        rec.do(f"stat broken/{name}", os.lstat, m / "broken" / name)
     rec.do("stat a", _blocks, m / "a")
     rec.do("chmod a", os.chmod, m / "a", 0o640)
     rec.do("write b2", _append, m / "b2", b"+\n")
@@ -263,12 +265,17 @@ def _middle_layers():
         "d2/c": F(bytes(7), mode=0o604, mtime_ns=T1, xattrs={MC: b""}),
         "x/abs": F(bytes(5), mtime_ns=T1, xattrs={MC: b"", RX: b"/orig"}),
         "orig": WH(),
+        "broken/nodata": F(bytes(3), mtime_ns=T1, xattrs={MC: b""}),  # no data file below
+        "broken/bad": F(bytes(3), mtime_ns=T1, xattrs={MC: b"\x01"}),  # a malformed record
+        "broken/wh": F(bytes(3), mtime_ns=T1, xattrs={MC: b""}),
     }
     low = {
         "a": F(b"a data\n" * 1000, mtime_ns=T0),
         "b": F(b"b data\n", mtime_ns=T0),
         "d/c": F(b"c data\n", mtime_ns=T0),
         "orig": F(b"orig\n", mtime_ns=T0),
+        "broken/bad": F(b"bad\n", mtime_ns=T0),
+        "broken/wh": WH(),
     }
     return [mid, low]
 
@@ -279,6 +286,7 @@ def test_kernel_metacopy_middle_layer(tmp_path):
     run = run_pair(tmp_path, _middle_layers(), _middle_ops, options=["metacopy=on"])
     assert run.k.results["read b2"] == b"b data\n" and run.k.results["read d2/c"] == b"c data\n"
     assert run.k.results["read x/abs"] == b"orig\n"
+    assert run.k.results["stat broken/nodata"] == "ERR:EIO" and run.k.results["stat broken/bad"] == "ERR:EIO"
     run.assert_results()
     run.assert_view()
     run.assert_upper()
