@@ -469,9 +469,20 @@ class LayerStack:
         return False
 
     def _redirected(self, rest: list[tuple[Layer, bytes]], layer: Layer, redirect: bytes) -> list[tuple[Layer, bytes]]:
+        """Where the layers below *layer* are looked at after *redirect*. An absolute one
+        is walked from the root's lower layers below *layer* component by component, as
+        the kernel's ovl_lookup_layer does: a directory on the way with its own redirect
+        (another mount's rename, in a middle layer) moves the layers below it too."""
         if redirect.startswith(b"/"):
-            target = redirect.strip(b"/")
-            return [(low, target) for low in self.root_lowers if low.index > layer.index]
+            parts = [p for p in redirect.split(b"/") if p]
+            dirs = [(low, b"") for low in self.root_lowers if low.index > layer.index]
+            if not parts:
+                return []
+            for part in parts[:-1]:
+                if not dirs:
+                    return []
+                dirs = [(h.layer, h.path) for h in self.resolve(dirs, part) if stat.S_ISDIR(h.st.st_mode)]
+            return [(low, join(p, parts[-1])) for low, p in dirs]
         return [(low, join(p.rpartition(b"/")[0], redirect)) for low, p in rest]
 
     def real_dir_filters_whiteouts(self, layer: Layer, relpath: bytes) -> bool:

@@ -249,6 +249,8 @@ def _middle_ops(m, rec):
     rec.do("read c3", _read, m / "c3")
     rec.do("write c3", _append, m / "c3", b"+\n")
     rec.do("read c3 after", _read, m / "c3")
+    rec.do("rename d2/e", os.rename, m / "d2/e", m / "e3")
+    rec.do("read e3", _read, m / "e3")
 
 
 def _middle_layers():
@@ -263,6 +265,7 @@ def _middle_layers():
         "d": WH(),
         "d2": D(mtime_ns=T1, xattrs={RX: b"d"}),
         "d2/c": F(bytes(7), mode=0o604, mtime_ns=T1, xattrs={MC: b""}),
+        "d2/e": F(bytes(7), mode=0o604, mtime_ns=T1, xattrs={MC: b""}),
         "x/abs": F(bytes(5), mtime_ns=T1, xattrs={MC: b"", RX: b"/orig"}),
         "orig": WH(),
         "broken/nodata": F(bytes(3), mtime_ns=T1, xattrs={MC: b""}),  # no data file below
@@ -273,6 +276,7 @@ def _middle_layers():
         "a": F(b"a data\n" * 1000, mtime_ns=T0),
         "b": F(b"b data\n", mtime_ns=T0),
         "d/c": F(b"c data\n", mtime_ns=T0),
+        "d/e": F(b"e data\n", mtime_ns=T0),
         "orig": F(b"orig\n", mtime_ns=T0),
         "broken/bad": F(b"bad\n", mtime_ns=T0),
         "broken/wh": WH(),
@@ -283,13 +287,14 @@ def _middle_layers():
 def test_kernel_metacopy_middle_layer(tmp_path):
     """A metacopy file in a middle lower layer (relative, absolute and directory
     redirects): read through it, copied up from its data file, as the kernel."""
-    run = run_pair(tmp_path, _middle_layers(), _middle_ops, options=["metacopy=on"])
+    run = run_pair(tmp_path, _middle_layers(), _middle_ops, remount=True, options=["metacopy=on"])
     assert run.k.results["read b2"] == b"b data\n" and run.k.results["read d2/c"] == b"c data\n"
     assert run.k.results["read x/abs"] == b"orig\n"
     assert run.k.results["stat broken/nodata"] == "ERR:EIO" and run.k.results["stat broken/bad"] == "ERR:EIO"
     run.assert_results()
     run.assert_view()
     run.assert_upper()
+    run.assert_remount_stable()  # c3's absolute redirect passes d2's redirect in the middle layer
 
 
 # --- crash during a data copy-up -------------------------------------------------------------------
