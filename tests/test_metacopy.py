@@ -504,3 +504,34 @@ def test_check_keeps_metacopy_redirects(run, side):
     run._need(sr, "the upper")
     report = check(str(sr.side.upper), str(sr.side.fresh_workdir()), [str(p) for p in sr.side.lowers], userxattr=False)
     assert not [p for p in report.problems if p.kind == "redirect-ignored"], report.problems
+
+
+def test_metadata_copy_up_under_an_open_file(tmp_path):
+    """A file open for reading (through FUSE passthrough, with the direct engine as root)
+    while its metadata is copied up: later opens for reading and writing work (the node
+    bound to the lower file is replaced: ESTALE and a new lookup), and read the data."""
+    from helpers import mounts
+
+    low, up, work = (tmp_path / n for n in ("low", "up", "work"))
+    for p in (low, up, work):
+        p.mkdir()
+    (low / "f").write_bytes(b"hello world\n")
+    with mounts.subject_mount([low], tmp_path / "mnt", upper=up, workdir=work, options=["metacopy=on"],
+                              log_path=tmp_path / "log") as m:  # fmt: skip
+        r1 = os.open(m.path / "f", os.O_RDONLY)
+        try:
+            assert os.pread(r1, 5, 0) == b"hello"
+            os.chmod(m.path / "f", 0o600)
+            r2 = os.open(m.path / "f", os.O_RDONLY)
+            try:
+                assert os.pread(r2, 5, 0) == b"hello"
+                w = os.open(m.path / "f", os.O_WRONLY)
+                os.pwrite(w, b"J", 0)
+                os.close(w)
+                assert os.pread(r2, 5, 0) == b"Jello"
+            finally:
+                os.close(r2)
+        finally:
+            os.close(r1)
+        assert (m.path / "f").read_bytes() == b"Jello world\n"
+    assert os.getxattr(up / "f", ORIGIN) and MC not in os.listxattr(up / "f")
