@@ -15,6 +15,15 @@ concurrent openers of one file wait for a single copy-up (a per-node ``trio.Lock
 a small file that no task is copying up can be copied without awaiting at all
 (``copy_up_now``: an engine's inline open, no task and no lock).
 
+With ``-o metacopy=on`` a regular file copied up for anything but writing its data (chmod,
+chown, utimes, xattrs, rename, link) gets its metadata only, as the kernel's metacopy
+copy-up: the ``O_TMPFILE`` file is truncated to the source's size (no data blocks),
+carries an empty ``overlay.metacopy`` and is linked into place; ``Node.lowerdata`` keeps
+reading the data file below. The first ``data=True`` copy-up (an open for writing, a
+truncation) copies the data into that upper file in place and removes the xattr last, so a
+crash halfway leaves the metacopy file as it was (the kernel's
+ovl_copy_up_meta_inode_data).
+
 This module is the only writer of ``Node.layer`` / ``Node.dirs`` after lookup, and moves a
 copied-up node's fd to its upper object. ``CopyUp`` receives everything it uses in its
 constructor: the layer stack, the inode table, the ``Work`` of ``work/``, the tracer, the

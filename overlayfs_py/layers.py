@@ -5,7 +5,9 @@ of the layers and a bounded cache of directory fds inside them; it never writes.
 Precedence follows the kernel (fs/overlayfs/namei.c, ovl_lookup): walk the layers
 from the top; a whiteout ends the walk with "not found"; a non-directory is the
 answer and hides everything below; directories merge until an opaque one (or a
-non-directory below a directory) ends the merge.
+non-directory below a directory) ends the merge. A metacopy file (``overlay.metacopy``,
+-o metacopy=on) is the answer too, and the walk goes on below it for its data file
+(``Hit.data``: the kernel's lowerdata).
 """
 
 from __future__ import annotations
