@@ -138,11 +138,14 @@ class LayerStack:
         init_layer: bool = False,
         aufs: bool = False,
         xino: str = "off",
+        offline_changes: bool = True,
     ) -> None:
         """*init_layer*: the top lower is a runner's init layer: label it ``init`` and
         number the image's layers from ``lower1`` below it. *aufs*: honour AUFS-style
         ``.wh.`` markers in every layer (``-o aufs_whiteouts=on``; whiteout.py). *xino*:
-        ``-o xino=on|off|auto`` (see :meth:`_kernel_xino`)."""
+        ``-o xino=on|off|auto`` (see :meth:`_kernel_xino`). *offline_changes*: the kernel's
+        ovl_allow_offline_changes (with an upper): False when the mount uses a feature that
+        follows lower inodes of upper non-directories (``metacopy``, ``redirect_dir=on``)."""
         self.names = names
         self.aufs = aufs
         self._uuids: dict[int, bytes | None] = {}  # layer index -> its filesystem's UUID
@@ -169,6 +172,7 @@ class LayerStack:
         self.xino_bits = 0
         self.kernel_fsid: dict[int, int] = {}  # layer index -> the kernel's fsid (ofs->fs[])
         self.bad_uuid_layers: frozenset[int] = frozenset()  # layer indices (see _kernel_xino)
+        self.offline_changes = offline_changes
         if not self.samefs:
             self._kernel_xino(xino)
         self.dirfds = DirFdCache()
@@ -228,10 +232,10 @@ class LayerStack:
                 uuid = (self.fs_uuid(layer) or NULL_UUID) if upper is not None else NULL_UUID
                 is_bad = False
                 if upper is not None:
-                    # ovl_allow_offline_changes(): no index, metacopy, redirect_dir=on
-                    # (refused by pyoverlay today: whoever adds one must pass it here)
-                    # and xino != on
-                    if mode != "on" and uuid == NULL_UUID:
+                    # ovl_allow_offline_changes(): no index (refused by pyoverlay today:
+                    # whoever adds it must pass it here), metacopy, redirect_dir=on, and
+                    # xino != on
+                    if self.offline_changes and mode != "on" and uuid == NULL_UUID:
                         is_bad = True
                     else:
                         for i in range(len(fs_devs)):

@@ -158,6 +158,8 @@ def build_overlay(
         init_layer=cfg.container is not None,
         aufs=cfg.aufs_whiteouts,
         xino=cfg.xino or xino_default(),
+        # ovl_allow_offline_changes: no metacopy, no redirect_dir=on (read-only mounts too)
+        offline_changes=not (features.metacopy(cfg) or features.resolve(cfg).redirect_dir == "on"),
     )
     stack.follow_redirects = features.follows_redirects(cfg)
     stack.metacopy = features.metacopy(cfg)
