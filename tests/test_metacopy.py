@@ -343,6 +343,11 @@ def test_sigkill_during_data_copy_up(tmp_path):
     with mounts.KernelOverlay([low], kmnt, upper=up, workdir=tmp_path / "work2", options=["metacopy=on"]):
         assert (kmnt / "f").read_bytes() == data
         assert oct(os.stat(kmnt / "f").st_mode) == oct(0o100600)
+    with mounts.subject_mount([low], tmp_path / "mnt2", upper=up, workdir=work, options=["metacopy=on"],
+                              log_path=tmp_path / "log2") as m:  # fmt: skip
+        assert (m.path / "f").read_bytes() == data  # the next pyoverlay mount: the same
+        _append(m.path / "f", b"x")
+    assert MC not in os.listxattr(up / "f") and os.stat(up / "f").st_size == len(data) + 1
 
 
 # --- the options ------------------------------------------------------------------------------
