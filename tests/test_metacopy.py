@@ -423,6 +423,14 @@ def test_trace_events(tmp_path):
         ("chmod", 0, True, None, "lower1"),
         ("open-for-write", 5000, None, True, "lower1"),
     ]
+    from overlayfs_py.tracesummary import Summary, row
+
+    summary = Summary()
+    for e in events:
+        summary.add(e)
+    assert summary.as_dict()["metadata_only_copy_ups"] == 1
+    assert "copy-ups: 2 (4.9 KiB, 1 metadata only)" in summary.text(), summary.text()
+    assert "metadata only" in row(done[0]) and "data of a metacopy file" in row(done[1])
 
 
 def test_explain_names_the_data_layer(run):
