@@ -548,3 +548,30 @@ def test_metadata_copy_up_under_an_open_file(tmp_path):
             os.close(r1)
         assert (m.path / "f").read_bytes() == b"Jello world\n"
     assert os.getxattr(up / "f", ORIGIN) and MC not in os.listxattr(up / "f")
+
+
+@pytest.mark.parametrize("option", ["metacopy=on", "metacopy=off"])
+def test_lowers_only_mount_of_a_metacopy_layer(tmp_path, option):
+    """A read-only stack (no upper) whose top layer holds the kernel's metacopy files: the
+    same view as the kernel's with the same option (off: EPERM, listings as the kernel's)."""
+    from helpers import mounts
+    from helpers.snapshot import snapshot
+    from helpers.stacks import build_layer
+
+    layers = []
+    for i, spec in enumerate(_middle_layers()):
+        spec = {k: v for k, v in spec.items() if not k.startswith("broken")}
+        layers.append(build_layer(tmp_path / f"l{i + 1}", spec))
+    views = {}
+    for impl in ("kernel", "subject"):
+        mnt = tmp_path / f"m-{impl}"
+        if impl == "kernel":
+            cm = mounts.KernelOverlay(layers, mnt, options=[option])
+        else:
+            cm = mounts.subject_mount(layers, mnt, options=[option], log_path=tmp_path / "log")
+        with cm as m:
+            views[impl] = snapshot(m.path)
+    if option == "metacopy=on":
+        assert views["kernel"]["entries"]["b2"]["size"] == 7
+    d = diff_snapshots(views["kernel"], views["subject"], a_name="kernel", b_name="pyoverlay", ignore_keys=("ino",))
+    assert not d, format_diff(d, f"{option}, no upper:")
