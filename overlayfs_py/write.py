@@ -568,6 +568,18 @@ class WritePath:
         an engine then serves it in a task; otherwise ``setattr_now`` answers at once."""
         return "size" in changes or not node.layer.is_upper
 
+    def setattr_copying_now(self, node: Node, changes: dict[str, Any]) -> bool:
+        """For an engine's inline path, when ``setattr_waits``: with ``metacopy=on``, copy
+        up the metadata of a lower regular file without awaiting (no data to copy:
+        ``CopyUp.copy_up_now``), so that ``setattr_now`` can follow. False, having done
+        nothing, when that cannot be done so (then ``setattr`` in a task)."""
+        copy = self._copyup
+        if copy is None or not copy.metacopy or "size" in changes or node.layer.is_upper:
+            return False
+        if not stat.S_ISREG(node.mode):
+            return False
+        return copy.copy_up_now(node, _setattr_reason(changes)) is not None
+
     async def setattr(self, node: Node, changes: dict[str, Any], fh: int | None) -> os.stat_result:
         """Every change goes to the node's own object through its fd: an object renamed
         over or unlinked while open is changed itself (the kernel's overlay does the

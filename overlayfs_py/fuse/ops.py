@@ -264,7 +264,7 @@ class Ops:
         layer, no truncation (``WritePath.setattr_waits``)."""
         node = self._node(req.nodeid)
         changes, fh = _setattr_changes(req.body)
-        if self.writes.setattr_waits(node, changes):
+        if self.writes.setattr_waits(node, changes) and not self.writes.setattr_copying_now(node, changes):
             raise NeedsTask
         return self._node_attr_out(node, self.writes.setattr_now(node, changes, fh))
 
