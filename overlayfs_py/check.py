@@ -27,9 +27,9 @@ upper layer", says what each means and what the repair does):
   ``redirect-duplicate``: two redirects, or a redirect and a merged directory, reach the
   same lower directory. Left (which one is wrong is not known; fsck.overlay asks).
 * ``redirect-ignored``, ``opaque-bad``, ``whiteout-xattr-bad``: an ``overlay.redirect`` on a
-  non-directory, an ``overlay.opaque`` other than ``y``/``x`` or on a non-directory, an
-  ``overlay.whiteout`` on anything but an empty regular file: ignored by the kernel.
-  Repair: the xattr removed.
+  non-directory (but a metacopy file: ``metacopy=on``, where it leads to the file's data),
+  an ``overlay.opaque`` other than ``y``/``x`` or on a non-directory, an ``overlay.whiteout``
+  on anything but an empty regular file: ignored by the kernel. Repair: the xattr removed.
 * ``whiteout-orphan``: a whiteout whose name no lower layer has below it (fsck.overlay's
   orphan whiteout; the kernel lists it raw in a directory of the upper alone). Repair: removed.
 * ``origin-malformed`` (not a ``struct ovl_fb``), ``origin-dangling`` (a file handle no lower
@@ -417,7 +417,7 @@ class _Scan:
             if not is_dir or value not in (b"y", b"x"):
                 what = f"on {_kind_of(st)}" if not is_dir else f"value {value!r} (want 'y', or 'x')"
                 self.add("opaque-bad", shown, f"{names.opaque} {what}: ignored", "xattr removed", remover(names.opaque))
-        if names.redirect in attrs and not is_dir:
+        if names.redirect in attrs and not is_dir and names.metacopy not in attrs:
             self.add(
                 "redirect-ignored",
                 shown,

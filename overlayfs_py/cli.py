@@ -370,6 +370,7 @@ def mount_summary(rec: dict) -> dict:
         "redirect_dir": cfg.get("redirect_dir") or features.redirect_default(),
         "uuid": cfg.get("uuid") or "auto",  # the effective mode (uuidmode.settle_config)
         "index": bool(cfg.get("index")),
+        "metacopy": cfg.get("metacopy") or features.metacopy_default(),
         "container": cfg.get("container"),
         "trace_socket": rec.get("trace_socket"),
     }
@@ -402,6 +403,8 @@ def mounts_cmd(as_json):
             mode += f", redirect_dir={m['redirect_dir']}"
         if m["index"] != features.defaults().index:
             mode += f", index={'on' if m['index'] else 'off'}"
+        if m["metacopy"] == "on":  # the kernel shows metacopy=on only
+            mode += ", metacopy=on"
         extra = f", container {m['container']}" if m["container"] else ""
         click.echo(f"{m['mountpoint']}  (pid {m['pid']}, engine {m['engine']}, {mode}{extra})")
         for lower in m["lowerdirs"]:

@@ -158,6 +158,10 @@ class MountConfig:
     # -o index=on|off (None: not given, the module's ``index`` parameter); once userxattr is
     # decided, features.resolve stores the effective value (index.py; docs/semantics.md, "Index")
     index: bool | None = None
+    # -o metacopy=on|off: "" = not given (the module's default); features.resolve stores the
+    # effective value (on|off) once userxattr is decided: on = chmod, chown, utimes, xattrs,
+    # renames and links of a lower regular file copy up its metadata only (copyup.py)
+    metacopy: str = ""
 
     def __post_init__(self) -> None:
         # Accept any sequence but store an immutable tuple.
@@ -322,7 +326,7 @@ _KERNEL_CHOICES: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     # key: (accepted values, known-but-unsupported values)
     "index": (frozenset({"on", "off"}), frozenset()),
     "xino": (frozenset({"on", "off", "auto"}), frozenset()),
-    "metacopy": (frozenset({"off"}), frozenset({"on"})),
+    "metacopy": (frozenset({"on", "off"}), frozenset()),
     "nfs_export": (frozenset({"off"}), frozenset({"on"})),
     # the kernel's four modes (uuidmode.py): the overlay's own UUID (overlay.uuid on the
     # upper root) and the UUIDs of origin records
@@ -368,9 +372,10 @@ def parse_options(opts: Iterable[str]) -> dict[str, str | bool]:
 
     * ``redirect_dir=on|follow|nofollow|off`` -> the value (features.resolve applies it).
     * ``index=on|off`` -> True / False (features.resolve applies it; index.py).
+    * ``metacopy=on|off`` -> the value (features.resolve applies it with the kernel's rules).
 
     Accepted and ignored (not in the result): the kernel options
-    ``metacopy=off``, ``nfs_export=off``, ``verity=off``;
+    ``nfs_export=off``, ``verity=off``;
     * the generic flags ``nosuid``, ``nodev``, ``noexec``, ``noatime`` -> ``'mount_flags'``, a
       tuple of those set (``suid``, ``dev``, ``exec``, ``atime``, ``relatime``, ``strictatime``
       clear them; the last word wins): the FUSE mount carries them (``MountConfig.mount_flags``).
@@ -437,7 +442,7 @@ def parse_options(opts: Iterable[str]) -> dict[str, str | bool]:
                 if value not in accepted:
                     choices = "|".join(sorted(accepted | unsupported))
                     raise ConfigError(f"invalid value {_q(value)} for mount option '{key}' (expected {choices})")
-                if key in ("xino", "uuid"):
+                if key in ("xino", "uuid", "metacopy"):
                     result[key] = value
                 elif key == "index":
                     result["index"] = value == "on"
@@ -580,6 +585,7 @@ def build_config(
         redirect_dir=str(opts.get("redirect_dir", "")),
         uuid=str(opts.get("uuid", "")),
         index=opts.get("index"),  # type: ignore[arg-type]
+        metacopy=str(opts.get("metacopy", "")),
     )
     validate(cfg, workdir_may_be_missing=workdir_defaulted)
     return resolve_features(cfg)  # when userxattr is known; else userxattr.plan does it

@@ -15,6 +15,15 @@ concurrent openers of one file wait for a single copy-up (a per-node ``trio.Lock
 a small file that no task is copying up can be copied without awaiting at all
 (``copy_up_now``: an engine's inline open, no task and no lock).
 
+With ``-o metacopy=on`` a regular file copied up for anything but writing its data (chmod,
+chown, utimes, xattrs, rename, link) gets its metadata only, as the kernel's metacopy
+copy-up: the ``O_TMPFILE`` file is truncated to the source's size (no data blocks),
+carries an empty ``overlay.metacopy`` and is linked into place; ``Node.lowerdata`` keeps
+reading the data file below. The first ``data=True`` copy-up (an open for writing, a
+truncation) copies the data into that upper file in place and removes the xattr last, so a
+crash halfway leaves the metacopy file as it was (the kernel's
+ovl_copy_up_meta_inode_data).
+
 This module is the only writer of ``Node.layer`` / ``Node.dirs`` after lookup, and moves a
 copied-up node's fd to its upper object. ``CopyUp`` receives everything it uses in its
 constructor: the layer stack, the inode table, the ``Work`` of ``work/``, the tracer, the
@@ -54,6 +63,7 @@ if TYPE_CHECKING:  # trio is imported when first used (the server starts serving
 log = logging.getLogger(__name__)
 
 THREAD_THRESHOLD = 1 << 20  # copy data in a worker thread above this size
+CAPS_XATTR = "security.capability"
 
 
 def copy_data(src: int, dst: int, size: int, sync: bool = True) -> int:
@@ -114,6 +124,7 @@ class CopyUp:
         owners: Owners,
         *,
         sync: bool = True,
+        metacopy: bool = False,
         on_copied_up: Callable[[Node, bool], None] = _nothing2,
         on_attr_changed: Callable[[int], None] = _nothing,
         index: Index | None = None,
@@ -133,6 +144,10 @@ class CopyUp:
         self.on_copied_up = on_copied_up  # (node, its st_ino changed) right after it became upper
         self.on_attr_changed = on_attr_changed  # a node id whose reported attributes changed
         self.index = index  # index=on: <workdir>/index (index.py), else None
+        # -o metacopy=on: a regular file copied up for anything but writing its data gets
+        # its metadata only (the kernel's ovl_need_meta_copy_up); ``data=True`` copy-ups
+        # (an open for writing, a truncation) copy the data too
+        self.metacopy = metacopy
 
     @property
     def limiter(self) -> trio.CapacityLimiter:
@@ -143,13 +158,15 @@ class CopyUp:
             self._limiter = trio.CapacityLimiter(2)
         return self._limiter
 
-    async def copy_up(self, node: Node, reason: str) -> bool:
+    async def copy_up(self, node: Node, reason: str, data: bool = False) -> bool:
         """``ensure_upper`` for an existing object. A lower object no name leads to any more
         (unlinked or renamed over while open) cannot be copied up: its name is taken by a
-        whiteout or another object, and the kernel fails the same way (EEXIST)."""
+        whiteout or another object, and the kernel fails the same way (EEXIST). *data*: the
+        caller writes the file's data (an open for writing, a truncation): a metacopy file
+        gets its data too (``metacopy=on``; otherwise every copy-up copies the data)."""
         if not node.layer.is_upper and not self.inodes.reachable(node):
             raise OSError(errno.EEXIST, "the object's name was removed or replaced")
-        return await self.ensure_upper(node, reason)
+        return await self.ensure_upper(node, reason, data)
 
     def upper_dir(self, node: Node, reason: str) -> int:
         """The upper dir fd of directory *node* (its own fd: the directory itself, never
@@ -162,13 +179,14 @@ class CopyUp:
             raise OSError(errno.EBADF, "no upper object")
         return node.fd
 
-    async def ensure_upper(self, node: Node, reason: str) -> bool:
-        """Make *node* an upper object. Returns True if this call copied it up.
-        *reason* says why, for the trace (open-for-write, chmod, rename, ...).
+    async def ensure_upper(self, node: Node, reason: str, data: bool = False) -> bool:
+        """Make *node* an upper object (with its data, if *data*: see ``copy_up``). Returns
+        True if this call copied it (or its data) up. *reason* says why, for the trace
+        (open-for-write, chmod, rename, ...).
 
         The lower ancestors go first, top down, in a loop: a chain may be deeper than
         Python's recursion limit (a tree deeper than PATH_MAX)."""
-        if node.layer.is_upper:
+        if node.layer.is_upper and not (data and node.lowerdata is not None):
             return False
         chain = []
         n = node.parent
@@ -177,11 +195,15 @@ class CopyUp:
             n = n.parent
         for d in reversed(chain):
             await self._ensure_one(d, "parent")
-        return await self._ensure_one(node, reason)
+        return await self._ensure_one(node, reason, data)
 
-    async def _ensure_one(self, node: Node, reason: str) -> bool:
+    def _done(self, node: Node, data: bool) -> bool:
+        """Whether *node* needs no (more) copy-up: upper, with its data when *data*."""
+        return node.layer.is_upper and not (data and node.lowerdata is not None)
+
+    async def _ensure_one(self, node: Node, reason: str, data: bool = False) -> bool:
         """Copy up *node* alone, under its lock (its parent is upper by now)."""
-        if node.layer.is_upper:
+        if self._done(node, data):
             return False
         import trio
 
@@ -190,30 +212,44 @@ class CopyUp:
             lock = self._locks[node.id] = trio.Lock()
         try:
             async with lock:
-                if node.layer.is_upper:  # another task finished it while we waited
+                if self._done(node, data):  # another task finished it while we waited
                     return False
+                if node.layer.is_upper:  # a metacopy file: its data (ovl_copy_up_meta_inode_data)
+                    await self._copy_up_data(node, reason)
+                    return True
                 if node.parent is not None and not node.parent.layer.is_upper:
                     await self.ensure_upper(node.parent, "parent")  # moved meanwhile
                 if node.is_dir:
                     self._traced(node, reason, self._copy_up_dir)
-                elif not await self.copy_up_indexed_async(node, reason):
-                    await self._copy_up_nondir(node, reason)
+                elif await self.copy_up_indexed_async(node, reason):
+                    if data and node.lowerdata is not None:  # linked up to a metacopy index entry
+                        await self._copy_up_data(node, reason)
+                else:
+                    await self._copy_up_nondir(node, reason, data)
                 return True
         finally:
             if not lock.locked() and lock.statistics().tasks_waiting == 0:
                 self._locks.pop(node.id, None)
 
-    def copy_up_now(self, node: Node, reason: str) -> bool | None:
+    def copy_up_now(self, node: Node, reason: str, data: bool = False) -> bool | None:
         """``copy_up`` without awaiting, for an engine's inline path: a regular file of at
         most ``THREAD_THRESHOLD`` bytes that no task is copying up (its lock is free), with
         its ancestors (``ensure_upper_dir_sync``). Nothing else runs meanwhile, so the lock
         is not needed. None, having done nothing: it must go through ``copy_up`` (a larger
         file, another kind of object, a copy-up of it in progress, a source that cannot be
-        opened: ``copy_up`` then fails and traces it)."""
-        if node.layer.is_upper:
+        opened: ``copy_up`` then fails and traces it). *data*: as ``copy_up``'s."""
+        if self._done(node, data):
             return False
         if node.id in self._locks or not stat.S_ISREG(node.mode):
             return None
+        if node.layer.is_upper:  # a metacopy file's data
+            try:
+                if self.stack.lstat(*node.lowerdata).st_size > THREAD_THRESHOLD:  # type: ignore[misc]
+                    return None
+            except OSError:
+                return None
+            self._copy_up_data_now(node, reason)
+            return True
         if not self.inodes.reachable(node):
             raise OSError(errno.EEXIST, "the object's name was removed or replaced")
         if self.index is not None:
@@ -225,12 +261,15 @@ class CopyUp:
             if st.st_nlink > 1 and st.st_size > THREAD_THRESHOLD:
                 return None  # a large indexed copy: ``copy_up`` copies it in a worker thread
             if self.copy_up_indexed(node, reason):
+                if data and node.lowerdata is not None:  # linked up to a metacopy index entry
+                    return self.copy_up_now(node, reason, data)  # its data (or None: a task's)
                 return True
+        meta = self._meta_only(node, data)
         try:
             sfd, st = self._open_source(node)
         except OSError:
             return None  # ``copy_up`` fails the same way, and traces it
-        if not stat.S_ISREG(st.st_mode) or st.st_size > THREAD_THRESHOLD:
+        if not stat.S_ISREG(st.st_mode) or (st.st_size > THREAD_THRESHOLD and not meta):
             os.close(sfd)
             return None
         try:
@@ -240,9 +279,12 @@ class CopyUp:
         try:
             if node.parent is not None:
                 self.ensure_upper_dir_sync(node.parent, "parent")
-            ev = self._traced_start(node, reason, st)
+            ev = self._traced_start(node, reason, st, meta)
             try:
-                self._copy_up_file_now(node, src, st)
+                if meta:
+                    self._copy_up_meta(node, src, st)
+                else:
+                    self._copy_up_file_now(node, src, st)
             except BaseException as exc:
                 self._traced_end(ev, exc)
                 raise
@@ -250,6 +292,11 @@ class CopyUp:
             return True
         finally:
             os.close(src)
+
+    def _meta_only(self, node: Node, data: bool) -> bool:
+        """Whether a copy-up of lower *node* copies its metadata only (the kernel's
+        ovl_need_meta_copy_up: metacopy=on, a regular file, not for writing its data)."""
+        return self.metacopy and not data and stat.S_ISREG(node.mode)
 
     def ensure_upper_dir_sync(self, node: Node, reason: str) -> None:
         """Copy up a directory chain (no data, so no await is needed)."""
@@ -263,21 +310,25 @@ class CopyUp:
 
     # --- trace events ---------------------------------------------------------------------------
 
-    def _traced_start(self, node: Node, reason: str, st: os.stat_result | None = None) -> dict[str, Any]:
-        """Emit copy_up_start (*st*: the source's fstat, if the caller has it); returns what
-        copy_up_done/failed will need."""
+    def _traced_start(
+        self, node: Node, reason: str, st: os.stat_result | None = None, meta: bool = False
+    ) -> dict[str, Any]:
+        """Emit copy_up_start (*st*: the source's fstat, if the caller has it; *meta*: a
+        metadata-only copy-up, 0 bytes); returns what copy_up_done/failed will need."""
         if st is None and not node.is_dir:
             try:
                 st = self._lower_at(node)[2]
             except OSError:
                 st = None
-        size = st.st_size if st is not None and stat.S_ISREG(st.st_mode) else 0
+        size = st.st_size if st is not None and stat.S_ISREG(st.st_mode) and not meta else 0
         ev: dict[str, Any] = {
             "path": display(node.relpath()),
             "layer": node.layer.label,
             "size": size,
             "reason": reason,
         }
+        if meta:
+            ev["metadata"] = True
         self.trace.emit("copy_up_start", **ev)
         ev["t0"] = time.monotonic()
         return ev
@@ -489,19 +540,23 @@ class CopyUp:
         finally:
             os.close(tfd)
 
-    async def _copy_up_nondir(self, node: Node, reason: str) -> None:
+    async def _copy_up_nondir(self, node: Node, reason: str, data: bool = False) -> None:
         """A non-directory, traced (copy_up_start once its source is open)."""
+        meta = self._meta_only(node, data)
         try:
             fd, st = self._open_source(node)
             if stat.S_ISREG(st.st_mode):
                 fd = self._readable(fd)  # the copy reads everything through this one
         except BaseException as exc:
-            self._traced_end(self._traced_start(node, reason), exc)
+            self._traced_end(self._traced_start(node, reason, meta=meta), exc)
             raise
-        ev = self._traced_start(node, reason, st)
+        meta = meta and stat.S_ISREG(st.st_mode)
+        ev = self._traced_start(node, reason, st, meta)
         try:
             try:
-                if stat.S_ISREG(st.st_mode):
+                if meta:
+                    self._copy_up_meta(node, fd, st)
+                elif stat.S_ISREG(st.st_mode):
                     await self._copy_up_file(node, fd, st)
                 else:
                     target = _sys.readlink_fd(fd) if stat.S_ISLNK(st.st_mode) else None
@@ -515,7 +570,8 @@ class CopyUp:
 
     async def _copy_up_file(self, node: Node, src: int, st: os.stat_result) -> None:
         """A regular file (*src*: its source open for reading, ``_readable``); data
-        over ``THREAD_THRESHOLD`` bytes is copied in a worker thread."""
+        over ``THREAD_THRESHOLD`` bytes is copied in a worker thread. A lower metacopy file
+        (made by the kernel in a middle layer) has its data read from its data file."""
         if st.st_size <= THREAD_THRESHOLD:
             self._copy_up_file_now(node, src, st)
             return
@@ -524,7 +580,12 @@ class CopyUp:
         tmp, dst = self._file_temporary()
         try:
             try:
-                await trio.to_thread.run_sync(copy_data, src, dst, st.st_size, self.sync, limiter=self.limiter)
+                dsrc = self._data_source(node, src)
+                try:
+                    await trio.to_thread.run_sync(copy_data, dsrc, dst, st.st_size, self.sync, limiter=self.limiter)
+                finally:
+                    if dsrc != src:
+                        os.close(dsrc)
             except BaseException:
                 self._discard_file(tmp, dst)
                 raise
@@ -537,13 +598,138 @@ class CopyUp:
         tmp, dst = self._file_temporary()
         try:
             try:
-                copy_data(src, dst, st.st_size, self.sync)
+                dsrc = self._data_source(node, src)
+                try:
+                    copy_data(dsrc, dst, st.st_size, self.sync)
+                finally:
+                    if dsrc != src:
+                        os.close(dsrc)
             except BaseException:
                 self._discard_file(tmp, dst)
                 raise
             self._finish_file(node, tmp, dst, src, st)
         finally:
             os.close(dst)
+
+    def _data_source(self, node: Node, src: int) -> int:
+        """Where the data of *node* is read: *src* (its own object, open), or its data file
+        opened for reading when it is a metacopy file."""
+        data = node.lowerdata
+        if data is None:
+            return src
+        return _sys.open_beneath(data[0].fd, data[1], os.O_RDONLY)
+
+    # --- metacopy (-o metacopy=on) ----------------------------------------------------------------
+
+    def _copy_up_meta(self, node: Node, src: int, st: os.stat_result) -> None:
+        """A regular file's metadata only (the kernel's metacopy copy-up): an O_TMPFILE file
+        (or one in work/) of the source's size with no data (sparse: ovl_set_size), its mode,
+        owner, xattrs, origin and times, and an empty ``overlay.metacopy`` (no fs-verity
+        digest: ovl_set_metacopy_xattr), linked into place. Its data is still read from the
+        file below (``Node.lowerdata``: the source's, or the source itself) until
+        ``_copy_up_data``."""
+        lowerdata = node.lowerdata or (node.layer, node.path_in(node.layer))
+        tmp, dst = self._file_temporary()
+        try:
+            try:
+                os.ftruncate(dst, st.st_size)
+                tst = self._finish_meta(dst, src, st, node.layer, opened=True)
+                # no fsync: as the kernel, only data copy-ups are synced with metacopy=on
+                # ("we want to avoid fsync on all meta copyup that will hurt performance
+                # of workloads such as chown -R"; ovl_copy_up_one's metadata_fsync)
+                os.setxattr(dst, self.names.metacopy, b"")
+            except BaseException:
+                self._discard_file(tmp, dst)
+                raise
+            old = node.lowerdata
+            node.lowerdata = lowerdata  # before the node is upper: its readers follow it
+            try:
+                self._install(node, tmp, dst, st, tst)
+            except BaseException:
+                if not node.layer.is_upper:
+                    node.lowerdata = old
+                raise
+        finally:
+            os.close(dst)
+
+    async def _copy_up_data(self, node: Node, reason: str) -> None:
+        """The data of metacopy file *node* (upper), traced as its own copy-up: large data
+        in a worker thread."""
+        import trio
+
+        ev, dst, dsrc, kept = self._data_start(node, reason)
+        size = kept[0].st_size
+        try:
+            try:
+                if size > THREAD_THRESHOLD:
+                    await trio.to_thread.run_sync(copy_data, dsrc, dst, size, self.sync, limiter=self.limiter)
+                else:
+                    copy_data(dsrc, dst, size, self.sync)
+                self._data_finish(node, dst, kept)
+            finally:
+                os.close(dst)
+                os.close(dsrc)
+        except BaseException as exc:
+            self._traced_end(ev, exc)
+            raise
+        self._traced_end(ev, None)
+
+    def _copy_up_data_now(self, node: Node, reason: str) -> None:
+        """``_copy_up_data`` of small data, in this thread."""
+        ev, dst, dsrc, kept = self._data_start(node, reason)
+        size = kept[0].st_size
+        try:
+            try:
+                copy_data(dsrc, dst, size, self.sync)
+                self._data_finish(node, dst, kept)
+            finally:
+                os.close(dst)
+                os.close(dsrc)
+        except BaseException as exc:
+            self._traced_end(ev, exc)
+            raise
+        self._traced_end(ev, None)
+
+    def _data_start(
+        self, node: Node, reason: str
+    ) -> tuple[dict[str, Any], int, int, tuple[os.stat_result, bytes | None]]:
+        """Open both ends of a metacopy file's data copy-up: the upper file itself for
+        writing (the kernel copies into it in place: until ``overlay.metacopy`` goes, its
+        data is never read, so a crash halfway leaves the metacopy file as it was) and the
+        data file for reading. (trace event, dst fd, src fd, (dst's fstat, its
+        security.capability))."""
+        data = node.lowerdata
+        assert data is not None
+        dsrc = _sys.open_beneath(data[0].fd, data[1], os.O_RDONLY)
+        try:
+            dst = _sys.reopen(node.fd, os.O_WRONLY)
+        except BaseException:
+            os.close(dsrc)
+            raise
+        dst_st = os.fstat(dst)
+        ev = self._traced_start(node, reason, os.fstat(dsrc))
+        ev["size"] = dst_st.st_size
+        ev["layer"] = data[0].label  # where the data comes from
+        ev["data_only"] = True  # the metadata was copied up before
+        return ev, dst, dsrc, (dst_st, _sys.getxattr_at(dst, None, CAPS_XATTR))
+
+    def _data_finish(self, node: Node, dst: int, kept: tuple[os.stat_result, bytes | None]) -> None:
+        """The data is in (and synced): remove ``overlay.metacopy``, the commit point; the
+        node's readers now read the upper file."""
+        before, caps = kept
+        # Writing the data dropped security.capability (and set-id bits without
+        # CAP_FSETID): restored, as the kernel's ovl_copy_up_meta_inode_data does
+        if caps is not None and _sys.getxattr_at(dst, None, CAPS_XATTR) is None:
+            os.setxattr(dst, CAPS_XATTR, caps)
+        if os.fstat(dst).st_mode != before.st_mode:
+            os.fchmod(dst, stat.S_IMODE(before.st_mode))
+        os.removexattr(dst, self.names.metacopy)
+        _sys.futimens_fd(dst, before.st_atime_ns, before.st_mtime_ns)  # the copy itself changes no times
+        if self.sync:
+            os.fsync(dst)
+        node.lowerdata = None
+        self.on_attr_changed(node.id)
+        self.on_copied_up(node, False)
 
     def _file_temporary(self) -> tuple[bytes | None, int]:
         """Where a regular file's copy is built: an O_TMPFILE file (no name in work/ at all,
@@ -566,7 +752,14 @@ class CopyUp:
         except BaseException:
             self._discard_file(tmp, dst)
             raise
-        self._install(node, tmp, dst, st, tst)
+        old = node.lowerdata
+        node.lowerdata = None  # a lower metacopy file: its data is in the copy now
+        try:
+            self._install(node, tmp, dst, st, tst)
+        except BaseException:
+            if not node.layer.is_upper:
+                node.lowerdata = old
+            raise
 
     # --- index=on (index.py): hard-linked lower files -------------------------------------------
 

@@ -130,6 +130,8 @@ def diff(
         userxattr = bool(detect_userxattr(upper))
     names = XattrNames(USER_PREFIX if userxattr else TRUSTED_PREFIX)
     stack = LayerStack(tuple(lowers), None, names, aufs=aufs) if lowers else None
+    if stack is not None:
+        stack.metacopy = True  # metacopy files in the lowers (the kernel's) are followed
     walk = _Walk(upper, stack, names, ignore_identical, aufs)
     walk.lowers = tuple(lowers)
     try:
@@ -248,6 +250,7 @@ class _Walk:
         """A directory renamed by redirect: new, with its whole merged content (module doc)."""
         if self.full is None:
             self.full = merged.full_stack(self.upper, self.lowers, self.names, self.aufs)
+            self.full.metacopy = True
         dirs = merged.dirs_of(self.full, path)
         lower_dir = bool(hits) and stat.S_ISDIR(hits[0].st.st_mode)
         if hits:
@@ -299,6 +302,10 @@ class _Walk:
             return False
         if (st.st_mode, st.st_uid, st.st_gid, st.st_size) != (low.st_mode, low.st_uid, low.st_gid, low.st_size):
             return False
+        if _sys.getxattr_at(self.root, path, self.names.metacopy) is not None:
+            # a metacopy file (metacopy=on): its data is the lower file's at its path, unless
+            # it was renamed (a redirect): then it is reported
+            return _sys.getxattr_at(self.root, path, self.names.redirect) is None
         a = _sys.open_beneath(self.root, path, os.O_RDONLY)
         try:
             b = _sys.open_beneath(hit.layer.fd, hit.path, os.O_RDONLY)

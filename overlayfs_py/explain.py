@@ -75,6 +75,7 @@ class LayerObject:
     xattr_whiteout: bool = False
     aufs_marker: bool = False  # the whiteout is an AUFS marker ``.wh.NAME`` (real_path is the marker's)
     origin: bool = False  # carries an overlay.origin record (it was copied up)
+    metacopy: bool = False  # a metacopy file (overlay.metacopy): its data is in a layer below
     role: str = "hidden"
     hidden_by: str | None = None
     how: str | None = None
@@ -94,6 +95,9 @@ class Explanation:
     copied_up: bool = False
     copied_up_from: str | None = None
     merges: list[str] = field(default_factory=list)  # directories: contributing layers, top first
+    # a metacopy file (metacopy=on): the layer whose file still holds its data, and that file
+    data_from: str | None = None
+    data_path: str | None = None
     layers: list[LayerObject] = field(default_factory=list)  # every layer with an object, top first
     notes: list[str] = field(default_factory=list)
 
@@ -312,6 +316,8 @@ class _Explainer:
         if upper is not None and served.label == upper.label and path != "/":
             ex.copied_up_from = self._copied_from(seen, served, merging)
             ex.copied_up = served.origin or ex.copied_up_from is not None
+        if served.metacopy:
+            self._data_note(ex, os.fsencode(path.lstrip("/")))
         return ex
 
     @staticmethod
@@ -402,7 +408,34 @@ class _Explainer:
             ) or (self.stack.aufs and aufs_opaque_at(layer.fd if dfd is None else dfd, None if dfd is None else name))
         if layer.is_upper and obj.kind != "whiteout":
             obj.origin = self._xattr(layer, rel, self.names.origin) is not None
+        if obj.kind == "file" and dfd is not None:
+            obj.metacopy = self._xattr(layer, rel, self.names.metacopy) is not None
         return obj
+
+    def _data_note(self, ex: Explanation, rel: bytes) -> None:
+        """A served metacopy file: where its data comes from (the kernel's lookup of its
+        data file: below its layer, at the path its own redirect names, past further
+        metacopy files; redirects of directories above are not followed here)."""
+        served = ex.served
+        assert served is not None
+        layer = next(lay for lay in self.stack.layers if lay.label == served.label)
+        parent, _, name = rel.rpartition(b"/")
+        rest = [(low, rel) for low in self.stack.layers if low.index > layer.index]
+        self.stack.metacopy = True
+        try:
+            hit = self.stack._lowerdata(rest, layer, self.stack.dir_fd(layer, parent), name)
+        except OSError as exc:
+            ex.notes.append(
+                f"{ex.path} is a metacopy file, but its data file is not found below {layer.label} "
+                f"({os.strerror(exc.errno or errno.EIO)}): the mount fails to look it up"
+            )
+            return
+        ex.data_from = hit.layer.label
+        ex.data_path = os.path.join(hit.layer.path, os.fsdecode(hit.path))
+        ex.notes.append(
+            f"{ex.path} is a metacopy file (metacopy=on copied up its metadata only): its data still comes "
+            f"from {hit.layer.label} ({ex.data_path}) until it is opened for writing or truncated"
+        )
 
     def _aufs_marker(self, layer: Layer, parent: bytes, name: bytes) -> LayerObject | None:
         """The AUFS marker ``.wh.NAME`` in *layer*'s directory *parent*, as a whiteout object
@@ -499,6 +532,8 @@ def format_text(ex: Explanation) -> str:
             extra.append(f"copied up from {ex.copied_up_from}" if ex.copied_up_from else "copied up")
         if len(ex.merges) > 1:
             extra.append("merges " + ", ".join(ex.merges))
+        if ex.data_from:
+            extra.append(f"data from {ex.data_from}")
         if extra:
             head += " — " + "; ".join(extra)
     else:

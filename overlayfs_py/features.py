@@ -14,10 +14,14 @@ module does both, in one place, for the features pyoverlay implements:
   (``ovl_redirect_mode_def``).
 * userxattr: an explicit ``redirect_dir`` other than ``nofollow`` is refused ("conflicting
   options", the kernel's EINVAL); without one the mode is ``nofollow``.
-
+* ``metacopy=on|off`` (``MountConfig.metacopy``, resolved to ``on``/``off`` by
+  :func:`resolve`): ``on`` copies up the metadata only of a lower regular file changed by
+  anything but a write of its data (copyup.py) and follows metacopy files to their data
+  (layers.py); ``off`` refuses to follow them (EPERM). Without the option: the module's
+  ``metacopy`` parameter. ``metacopy=on`` turns ``redirect_dir`` on; userxattr refuses it.
 * ``index=on|off`` (``MountConfig.index``): default from the module's ``index``; off
-  without an upper layer (a read-only mount with one keeps it), and where the kernel could not decode file
-  handles (:func:`can_index`: not root in the initial user namespace, a layer's filesystem
+  without an upper layer (a read-only mount with one keeps it), and where the kernel could
+  not decode file handles (:func:`can_index`: not root in the initial user namespace, a layer's filesystem
   without handles), as the kernel falls back. index.py keeps the index (the kernel's
   ``<workdir>/index``): a copy-up of a hard-linked lower file goes there first and is then
   linked at its name, so the links stay together; mount-time checks (``overlay.origin`` on
@@ -25,8 +29,8 @@ module does both, in one place, for the features pyoverlay implements:
   ``nfs_export=on`` is refused by config.py: a FUSE mount is not exportable through the
   kernel's nfsd export operations.
 
-The kernel's other rules, for the features still refused by config.py (``metacopy``,
-``nfs_export``, ``verity``), are code too (:func:`verify`, checked against the
+The kernel's other rules, for the features still refused by config.py
+(``nfs_export``, ``verity``), are code too (:func:`verify`, checked against the
 kernel's mounts), in ovl_fs_params_verify's order: verity needs metacopy (an explicit
 metacopy=off conflicts); metacopy needs ``redirect_dir=on`` (both explicit: conflict; an
 explicit redirect_dir turns metacopy off; else redirect_dir becomes on); nfs_export needs
@@ -128,7 +132,7 @@ def verify(asked: Asked, *, params_dir: str = PARAMS_DIR) -> Resolved:
     follow or nofollow by ``redirect_always_follow``) then ovl_fs_params_verify's, in its
     order. Raises FeatureConflict where the kernel refuses the mount (EINVAL).
 
-    pyoverlay implements redirect_dir and index (config.py refuses metacopy, nfs_export
+    pyoverlay implements redirect_dir, metacopy and index (config.py refuses nfs_export
     and verity other than off), but every rule is here, checked against the kernel's
     mounts (tests/test_redirect_dir.py), for when those features come."""
     d = defaults(params_dir)
@@ -204,23 +208,25 @@ def effective_redirect(asked: str, userxattr: bool, *, upper: bool = True, param
 
 def resolve(cfg):
     """*cfg* (a MountConfig whose ``userxattr`` is decided) with its features resolved: the
-    effective ``redirect_dir`` and ``index`` (a bool). Idempotent; a cfg whose userxattr is
-    still None is returned as is (userxattr.plan resolves it). FeatureConflict: use
-    config.resolve_features."""
+    effective ``redirect_dir``, ``metacopy`` (on|off) and ``index`` (a bool). Idempotent; a
+    cfg whose userxattr is still None is returned as is (userxattr.plan resolves it).
+    FeatureConflict: use config.resolve_features."""
     if cfg.userxattr is None:
         return cfg
     upper = cfg.upperdir is not None
     asked = Asked(
         redirect_dir=cfg.redirect_dir or None,
+        metacopy={"on": True, "off": False}.get(cfg.metacopy),
         index=cfg.index,
         userxattr=bool(cfg.userxattr),
         upper=upper,
     )
     res = verify(asked)
+    metacopy = "on" if res.metacopy else "off"
     index = res.index and cfg.workdir is not None and can_index(cfg)
-    if res.redirect_dir == cfg.redirect_dir and index is cfg.index:
+    if res.redirect_dir == cfg.redirect_dir and metacopy == cfg.metacopy and index is cfg.index:
         return cfg
-    return dataclasses.replace(cfg, redirect_dir=res.redirect_dir, index=index)
+    return dataclasses.replace(cfg, redirect_dir=res.redirect_dir, metacopy=metacopy, index=index)
 
 
 def can_index(cfg) -> bool:
@@ -269,6 +275,20 @@ def indexes(cfg) -> bool:
     """Whether a mount of *cfg* keeps the inodes index (``index=on``, resolved). A read-only
     mount with an upper uses it too (its index serves names), as the kernel's ``ro`` does."""
     return bool(cfg.index) and cfg.userxattr is not None and cfg.upperdir is not None and cfg.workdir is not None
+
+
+def metacopy_default(params_dir: str = PARAMS_DIR) -> str:
+    """The module's ``metacopy`` (on|off): what a mount that does not name it gets, before
+    the rules between the options."""
+    return "on" if _yes(module_param("metacopy", "N", params_dir)) else "off"
+
+
+def metacopy(cfg) -> bool:
+    """Whether a mount of *cfg* has metacopy on: metacopy files are followed (off: a lookup
+    that meets one is EPERM) and, on a writable mount, made by metadata copy-ups."""
+    if cfg.userxattr is None:
+        return False
+    return resolve(cfg).metacopy == "on"
 
 
 def follows_redirects(cfg) -> bool:

@@ -8,6 +8,7 @@ opening (``open_real``).
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import stat
 from dataclasses import dataclass
@@ -28,12 +29,27 @@ def open_real(node: Node, flags: int) -> int:
     non-blocking, never waiting for a FIFO's other end."""
     if not stat.S_ISREG(node.mode):
         flags |= os.O_NONBLOCK
+    data = node.lowerdata
+    if data is not None:  # a metacopy file: its data is read from the file below
+        if (flags & os.O_ACCMODE) != os.O_RDONLY or flags & os.O_TRUNC:
+            raise OSError(errno.EIO, "a metacopy file opened for writing before its data copy-up")
+        return _open_lowerdata(data, flags)
     # Like the kernel's ovl_open_realfile: real files are opened with O_NOATIME, so
     # reading through the overlay does not touch a lower file's atime.
     try:
         return _sys.reopen(node.fd, flags | os.O_NOATIME)
     except PermissionError:
         return _sys.reopen(node.fd, flags)
+
+
+def _open_lowerdata(data: tuple[Layer, bytes], flags: int) -> int:
+    """The data file of a metacopy file (layer, path), opened for reading beneath its layer
+    (never following a symlink), with O_NOATIME where allowed (ovl_open_realfile)."""
+    layer, path = data
+    try:
+        return _sys.open_beneath(layer.fd, path, flags | os.O_NOATIME)
+    except PermissionError:
+        return _sys.open_beneath(layer.fd, path, flags)
 
 
 class OpenFile:
@@ -114,6 +130,10 @@ class HandleTable:
             assert isinstance(h, OpenFile)
             out.append(h)
         return out
+
+    def fhs_of(self, node: Node) -> set[int]:
+        """The handles of the files open on *node*."""
+        return self._open_by_node.get(node.id, set())
 
     def follow_copy_up(self, node: Node) -> None:
         """After a copy-up, files opened read-only on the lower object read the upper one

@@ -144,7 +144,7 @@ class Node:
         self.dirs = dirs
         # The containers are made only when needed: a walk creates one node per entry, and
         # most are plain files (memory, docs/performance.md). ``_rare``: None, or
-        # [lpaths, aliases] (see those properties).
+        # [lpaths, aliases, lowerdata] (see those properties).
         self._rare: list | None = None
         self.ino = ino  # the st_ino reported for this node
         self.lookups = 0
@@ -172,14 +172,26 @@ class Node:
     def aliases(self, value: list[tuple[Node, bytes]] | None) -> None:
         self._set_rare(1, value)
 
+    @property
+    def lowerdata(self) -> tuple[Layer, bytes] | None:
+        """A metacopy file (``overlay.metacopy``, -o metacopy=on): the layer and path of the
+        regular file below that holds its data (the kernel's lowerdata), read for it until
+        its data is copied up; None: the node's own object holds its data."""
+        rare = self._rare
+        return rare[2] if rare is not None else None
+
+    @lowerdata.setter
+    def lowerdata(self, value: tuple[Layer, bytes] | None) -> None:
+        self._set_rare(2, value)
+
     def _set_rare(self, index: int, value: object) -> None:
         rare = self._rare
         if rare is None:
             if value is None:
                 return
-            rare = self._rare = [None, None]
+            rare = self._rare = [None, None, None]
         rare[index] = value
-        if rare[0] is None and rare[1] is None:
+        if rare[0] is None and rare[1] is None and rare[2] is None:
             self._rare = None
 
     @property

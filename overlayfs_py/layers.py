@@ -5,7 +5,9 @@ of the layers and a bounded cache of directory fds inside them; it never writes.
 Precedence follows the kernel (fs/overlayfs/namei.c, ovl_lookup): walk the layers
 from the top; a whiteout ends the walk with "not found"; a non-directory is the
 answer and hides everything below; directories merge until an opaque one (or a
-non-directory below a directory) ends the merge.
+non-directory below a directory) ends the merge. A metacopy file (``overlay.metacopy``,
+-o metacopy=on) is the answer too, and the walk goes on below it for its data file
+(``Hit.data``: the kernel's lowerdata).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from .whiteout import (
     is_aufs_marker,
     is_opaque,
     is_whiteout_at,
+    metacopy_at,
     opaque_value,
     redirect_at,
 )
@@ -59,6 +62,9 @@ class Hit:
     layer: Layer
     st: os.stat_result
     path: bytes
+    # a metacopy file (``overlay.metacopy``): the regular file below that holds its data
+    # (the kernel's "lowerdata"); None for every other object
+    data: Hit | None = None
 
 
 def join(parent: bytes, name: bytes) -> bytes:
@@ -133,12 +139,15 @@ class LayerStack:
         aufs: bool = False,
         xino: str = "off",
         index: bool = False,
+        offline_changes: bool = True,
     ) -> None:
         """*init_layer*: the top lower is a runner's init layer: label it ``init`` and
         number the image's layers from ``lower1`` below it. *aufs*: honour AUFS-style
         ``.wh.`` markers in every layer (``-o aufs_whiteouts=on``; whiteout.py). *xino*:
-        ``-o xino=on|off|auto`` (see :meth:`_kernel_xino`). *index*: ``index=on`` (no
-        offline changes to the lowers are allowed: a null UUID is no bad UUID)."""
+        ``-o xino=on|off|auto`` (see :meth:`_kernel_xino`). *index*: ``index=on``.
+        *offline_changes*: the kernel's ovl_allow_offline_changes (with an upper): False when
+        the mount uses a feature that follows lower inodes of upper non-directories
+        (``metacopy``, ``redirect_dir=on``, ``index``): then a null UUID is no bad UUID."""
         self.index = index
         self.names = names
         self.aufs = aufs
@@ -166,6 +175,7 @@ class LayerStack:
         self.xino_bits = 0
         self.kernel_fsid: dict[int, int] = {}  # layer index -> the kernel's fsid (ofs->fs[])
         self.bad_uuid_layers: frozenset[int] = frozenset()  # layer indices (see _kernel_xino)
+        self.offline_changes = offline_changes
         if not self.samefs:
             self._kernel_xino(xino)
         self.dirfds = DirFdCache()
@@ -177,6 +187,9 @@ class LayerStack:
         # and match a null UUID; overlay_uuid: the overlay's own (null: none)
         self.uuid_mode = "auto"
         self.overlay_uuid = NULL_UUID
+        # -o metacopy=on: a metacopy file's data is looked up below it; off: a lookup that
+        # meets one is EPERM, as the kernel's ("refusing to follow metacopy origin")
+        self.metacopy = False
 
     def close(self) -> None:
         if hasattr(self, "dirfds"):
@@ -226,10 +239,9 @@ class LayerStack:
                 uuid = (self.fs_uuid(layer) or NULL_UUID) if upper is not None else NULL_UUID
                 is_bad = False
                 if upper is not None:
-                    # ovl_allow_offline_changes(): no index, metacopy, redirect_dir=on
-                    # (metacopy is refused by pyoverlay today: whoever adds one must pass
-                    # it here) and xino != on
-                    if mode != "on" and not self.index and uuid == NULL_UUID:
+                    # ovl_allow_offline_changes(): no index, metacopy, redirect_dir=on,
+                    # and xino != on
+                    if self.offline_changes and not self.index and mode != "on" and uuid == NULL_UUID:
                         is_bad = True
                     else:
                         for i in range(len(fs_devs)):
@@ -360,7 +372,7 @@ class LayerStack:
                 continue
             if not stat.S_ISDIR(st.st_mode):
                 if not hits and not is_whiteout_at(dfd, base, st, self.names):
-                    hits.append(Hit(layer, st, path))
+                    hits.append(self._nondir_hit(cands, i, dfd, base, st))
                 break  # a whiteout or a non-directory ends the walk (and a dir merge)
             hits.append(Hit(layer, st, path))
             if layer.index == self.layers[-1].index or is_opaque(opaque_value(dfd, base, self.names)):
@@ -368,6 +380,48 @@ class LayerStack:
             self._follow_redirect(cands, i, layer, dfd, base)
             i += 1
         return hits
+
+    def _nondir_hit(self, cands: list[tuple[Layer, bytes]], i: int, dfd: int, base: bytes, st: os.stat_result) -> Hit:
+        """The hit of the non-directory found at ``cands[i]`` (*base* in *dfd*, lstat *st*);
+        a metacopy file carries the hit of its data file (``Hit.data``)."""
+        layer, path = cands[i]
+        hit = Hit(layer, st, path)
+        if metacopy_at(dfd, base, st, self.names):
+            hit.data = self._lowerdata(cands[i + 1 :], layer, dfd, base)
+        return hit
+
+    def _lowerdata(self, rest: list[tuple[Layer, bytes]], layer: Layer, dfd: int, base: bytes) -> Hit:
+        """The data file of the metacopy file *base* in *dfd* of *layer*, as the kernel's
+        ovl_lookup finds it: in the layers below (*rest*), at the path its
+        ``overlay.redirect`` names (relative: a sibling; absolute: from the lower roots), past
+        further metacopy files (each redirecting again), until a regular file without the
+        xattr. A whiteout, nothing, or another kind of object: EIO ("metacopy with no lower
+        data found"); with ``metacopy=off`` anything found below: EPERM ("refusing to follow
+        metacopy origin")."""
+        no_data = "metacopy with no lower data found"
+        while True:
+            redirect = _sys.getxattr_at(dfd, base, self.names.redirect)
+            if redirect:
+                rest = self._redirected(rest, layer, redirect)
+            for j, (low, lpath) in enumerate(rest):
+                pdir, _, lbase = lpath.rpartition(b"/")
+                try:
+                    ldfd = self.dir_fd(low, pdir)
+                    lst = _sys.lstat_at(ldfd, lbase)
+                except (FileNotFoundError, NotADirectoryError):
+                    continue
+                if not stat.S_ISDIR(lst.st_mode) and is_whiteout_at(ldfd, lbase, lst, self.names):
+                    raise OSError(errno.EIO, no_data)
+                if not self.metacopy:
+                    raise PermissionError(errno.EPERM, "refusing to follow metacopy origin (metacopy=off)")
+                if not stat.S_ISREG(lst.st_mode):
+                    raise OSError(errno.EIO, no_data)
+                if not metacopy_at(ldfd, lbase, lst, self.names):
+                    return Hit(low, lst, lpath)
+                layer, dfd, base, rest = low, ldfd, lbase, rest[j + 1 :]  # another metacopy file
+                break
+            else:
+                raise OSError(errno.EIO, no_data)
 
     def _follow_redirect(self, cands: list[tuple[Layer, bytes]], i: int, layer: Layer, dfd: int, base: bytes) -> None:
         """A directory hit at ``cands[i]`` with ``overlay.redirect``: the layers below are
@@ -414,7 +468,7 @@ class LayerStack:
             dfd = self.dir_fd(layer, pdir)
             if not stat.S_ISDIR(st.st_mode):
                 if not hits and not is_whiteout_at(dfd, base, st, self.names):
-                    hits.append(Hit(layer, st, path))
+                    hits.append(self._nondir_hit(cands, i, dfd, base, st))
                 break
             hits.append(Hit(layer, st, path))
             if (
@@ -438,9 +492,20 @@ class LayerStack:
         return False
 
     def _redirected(self, rest: list[tuple[Layer, bytes]], layer: Layer, redirect: bytes) -> list[tuple[Layer, bytes]]:
+        """Where the layers below *layer* are looked at after *redirect*. An absolute one
+        is walked from the root's lower layers below *layer* component by component, as
+        the kernel's ovl_lookup_layer does: a directory on the way with its own redirect
+        (another mount's rename, in a middle layer) moves the layers below it too."""
         if redirect.startswith(b"/"):
-            target = redirect.strip(b"/")
-            return [(low, target) for low in self.root_lowers if low.index > layer.index]
+            parts = [p for p in redirect.split(b"/") if p]
+            dirs = [(low, b"") for low in self.root_lowers if low.index > layer.index]
+            if not parts:
+                return []
+            for part in parts[:-1]:
+                if not dirs:
+                    return []
+                dirs = [(h.layer, h.path) for h in self.resolve(dirs, part) if stat.S_ISDIR(h.st.st_mode)]
+            return [(low, join(p, parts[-1])) for low, p in dirs]
         return [(low, join(p.rpartition(b"/")[0], redirect)) for low, p in rest]
 
     def real_dir_filters_whiteouts(self, layer: Layer, relpath: bytes) -> bool:

@@ -22,6 +22,7 @@ def full_stack(upper: str, lowers: Sequence[str], names: XattrNames, aufs: bool 
     """A stack of *upper* over *lowers* whose root merges as a mount's does."""
     stack = LayerStack(tuple(lowers), upper, names, aufs=aufs)
     stack.merge_root()
+    stack.metacopy = True  # metacopy files are followed to their data (metacopy=on)
     return stack
 
 

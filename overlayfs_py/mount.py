@@ -177,8 +177,11 @@ def build_overlay(
         aufs=cfg.aufs_whiteouts,
         xino=cfg.xino or xino_default(),
         index=features.indexes(cfg),
+        # ovl_allow_offline_changes: no metacopy, no redirect_dir=on (read-only mounts too)
+        offline_changes=not (features.metacopy(cfg) or features.resolve(cfg).redirect_dir == "on"),
     )
     stack.follow_redirects = features.follows_redirects(cfg)
+    stack.metacopy = features.metacopy(cfg)
     # -o uuid=: the overlay's UUID (overlay.uuid on the upper root, written here where the
     # kernel writes it: also on a read-only mount) and the UUIDs of origin records
     uuidmode.settle(stack, names, cfg.uuid)
@@ -214,6 +217,7 @@ def build_overlay(
             tracer,
             owners,
             sync=not cfg.volatile,
+            metacopy=stack.metacopy,
             on_copied_up=copied_up,
             on_attr_changed=attr_changed,
             index=index,

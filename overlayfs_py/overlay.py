@@ -29,7 +29,7 @@ from .layers import Hit, Layer, LayerStack
 from .ownership import Owners
 from .privilege import initial_userns, process_privileged
 from .trace import Tracer, display
-from .whiteout import XattrNames, decode_origin, is_whiteout_at
+from .whiteout import XattrNames, decode_origin, is_whiteout_at, metacopy_at
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +92,18 @@ def new_inode_table(stack: LayerStack, fd_cap: int = 1 << 62) -> InodeTable:
 
 def _nothing() -> None:
     return None
+
+
+_STAT_FIELDS = tuple(n for n in dir(os.stat_result) if n.startswith("st_"))
+
+
+def with_blocks(st: os.stat_result, blocks: int) -> os.stat_result:
+    """*st* reporting *blocks* (a metacopy file: its data file's st_blocks, as ovl_getattr)."""
+    if st.st_blocks == blocks:
+        return st
+    extra = {n: getattr(st, n) for n in _STAT_FIELDS}
+    extra["st_blocks"] = blocks
+    return os.stat_result(tuple(st), extra)
 
 
 def _open_reason(flags: int) -> str:
@@ -217,6 +229,16 @@ class Overlay:
         index.indexed[(fst.st_dev, fst.st_ino)] = top.st.st_nlink
         return ifd, fst
 
+    def _is_metacopy(self, fd: int) -> bool:
+        """Whether the file of *fd* carries ``overlay.metacopy`` (its data is below it)."""
+        try:
+            os.getxattr(_sys.proc_path(fd), self.names.metacopy)
+        except OSError as exc:
+            if exc.errno in (errno.ENODATA, errno.EOPNOTSUPP):
+                return False
+            raise
+        return True
+
     def _origin_of(self, parent: Node, name: bytes) -> tuple[Layer, os.stat_result] | None:
         """The lower object an upper non-directory was copied up from, via its origin record."""
         upper = self.stack.upper
@@ -281,15 +303,13 @@ class Overlay:
         hits = self.stack.resolve(parent.layer_dirs(), name)
         if not hits:
             raise OSError(errno.ENOENT, "no such entry")
+        top = hits[0]
         node = self._node_for(parent, name, hits)
-        if (
-            self.index is not None
-            and not node.is_dir
-            and node.layer is not hits[0].layer
-            or node.id in self.inodes.pinned
-        ):
+        if self.index is not None and not node.is_dir and node.layer is not top.layer or node.id in self.inodes.pinned:
             return node, self.getattr(node)  # served by its index entry: its attributes
-        return node, hits[0].st
+        if top.data is not None:  # a metacopy file: the blocks of its data (ovl_getattr)
+            return node, with_blocks(top.st, top.data.st.st_blocks)
+        return node, top.st
 
     def made(self, parent: Node, name: bytes, layer: Layer, pfd: int, new: bool = False) -> tuple[Node, os.stat_result]:
         """``lookup`` of an object the write path has just made at *name* in *layer*'s
@@ -299,6 +319,8 @@ class Overlay:
         so the layers below are not asked again. *new*: a new object (not a new name of
         one): it has no origin record, so it reports its own st_ino."""
         st = _sys.lstat_at(pfd, name)
+        if metacopy_at(pfd, name, st, self.names):  # a new name of a metacopy file: its data below
+            return self.lookup(parent, name)
         ppath = parent.path_in(layer)
         hit = Hit(layer, st, ppath + b"/" + name if ppath else name)
         return self._node_for(parent, name, [hit], ino=st.st_ino if new else None), st
@@ -313,10 +335,12 @@ class Overlay:
         is_dir = stat.S_ISDIR(mode)
         dirs = tuple(h.layer for h in hits) if is_dir else ()
         existing = parent.child(name)
+        data = (top.data.layer, top.data.path) if top.data is not None else None
         if (
             existing is not None
             and existing.layer is top.layer
             and existing.dirs == dirs
+            and existing.lowerdata == data
             and stat.S_IFMT(existing.mode) == stat.S_IFMT(mode)
             and self._same_object(existing, top)
         ):
@@ -345,6 +369,12 @@ class Overlay:
                     os.close(ifd)
                     raise
                 self.inodes.pinned.add(node.id)
+                if stat.S_ISREG(ist.st_mode) and self._is_metacopy(ifd):
+                    # a metacopy index entry (the kernel's, with metacopy=on): its data is
+                    # the lower file it serves (ovl_lookup_index keeps the lower as lowerdata)
+                    if not self.stack.metacopy:
+                        raise OSError(errno.EPERM, "refusing to follow a metacopy index entry (metacopy=off)")
+                    node.lowerdata = (top.layer, top.path)
                 return node
         if not is_dir and (top.layer.is_upper or self.stack.upper is None or lower_links):
             # One inode for every name of a real inode, as the kernel hashes by it, unless
@@ -359,7 +389,7 @@ class Overlay:
                 shared = self.inodes.by_key(k)
                 if shared is None or shared is existing:
                     free = k if free is None else free
-                elif shared is not existing and shared.ino == ino:
+                elif shared is not existing and shared.ino == ino and shared.lowerdata == data:
                     self.inodes.add_alias(shared, parent, name)
                     shared.mode = mode
                     return shared
@@ -373,6 +403,8 @@ class Overlay:
         except BaseException:
             os.close(fd)
             raise
+        if data is not None:
+            node.lowerdata = data
         rel = None
         for h in hits:
             if not h.layer.is_upper:
@@ -443,9 +475,13 @@ class Overlay:
     # --- attributes -----------------------------------------------------------------------
 
     def getattr(self, node: Node) -> os.stat_result:
-        """fstat of the node's own fd: its object even when unlinked or renamed over."""
+        """fstat of the node's own fd: its object even when unlinked or renamed over. A
+        metacopy file reports the st_blocks of its data file (the kernel's ovl_getattr)."""
         st = os.fstat(node.fd)
         node.mode = st.st_mode
+        data = node.lowerdata
+        if data is not None:
+            return with_blocks(st, self.stack.lstat(*data).st_blocks)
         return st
 
     def presented_owner(self, node: Node | None, st: os.stat_result) -> tuple[int, int, int]:
@@ -484,15 +520,15 @@ class Overlay:
 
     def open_copies_up(self, node: Node, flags: int) -> bool:
         """Whether opening *node* with *flags* may copy it up (may await): an object not in
-        the upper layer yet opened for writing."""
-        return not node.layer.is_upper and self._open_writes(node, flags)
+        the upper layer yet, or a metacopy file (its data), opened for writing."""
+        return (not node.layer.is_upper or node.lowerdata is not None) and self._open_writes(node, flags)
 
     async def open(self, node: Node, flags: int, caller: Caller) -> int:
         if node.is_dir:
             raise OSError(errno.EISDIR, "is a directory")
         if not self.open_copies_up(node, flags):
             return self.open_now(node, flags)
-        copied = await self.writable.copy_up(node, _open_reason(flags))
+        copied = await self.writable.copy_up(node, _open_reason(flags), data=True)
         return self._open_copied(node, flags, copied)
 
     def open_copying_now(self, node: Node, flags: int) -> int | None:
@@ -501,7 +537,7 @@ class Overlay:
         cannot be done so: then ``open``."""
         if node.is_dir:
             raise OSError(errno.EISDIR, "is a directory")
-        copied = self.writable.copy_up_now(node, _open_reason(flags))
+        copied = self.writable.copy_up_now(node, _open_reason(flags), data=True)
         if copied is None:
             return None
         return self._open_copied(node, flags, copied)
@@ -640,6 +676,10 @@ class Overlay:
         except OSError as exc:
             if exc.errno in (errno.EMFILE, errno.ENFILE):
                 return self._nodeless_entry(parent, name, layer)
+            if exc.errno in (errno.EPERM, errno.EIO) and not self._readdir_looks_up(parent, layer):
+                # a metacopy file that cannot be followed (metacopy=off, no data below):
+                # the kernel lists it with its own d_ino, not looking it up (ovl_calc_d_ino)
+                return self._nodeless_entry(parent, name, layer)
             if exc.errno != errno.ENOENT:
                 raise
             # Listed but not found: a whiteout the kernel's readdir shows too (in a raw
@@ -666,6 +706,11 @@ class Overlay:
                 return None
             if stat.S_ISDIR(st.st_mode) or is_whiteout_at(dfd, name, st, self.names):
                 return None
+            try:
+                if metacopy_at(dfd, name, st, self.names):
+                    return None  # its data file is found by a full lookup
+            except OSError:
+                return None  # a malformed record: the full lookup fails the kernel's way
             if lower_st is not None and not layer.is_upper:
                 lower_st[name] = st  # a lower object never changes while mounted
         # without a redirect above it, ppath is the parent's relpath: _node_for need not walk it again
@@ -683,6 +728,16 @@ class Overlay:
         if self.index is not None and node.layer is not layer or node.id in self.inodes.pinned:
             st = self.getattr(node)  # index=on: served by its index entry (or its upper link)
         return Entry(name, node, st, node.ino, self.nlink(node, st))
+
+    def _readdir_looks_up(self, parent: Node, layer: Layer) -> bool:
+        """Whether the kernel's readdir of *parent* looks up an entry listed by *layer*
+        (ovl_calc_d_ino): with xino, or an upper entry of an impure directory. A failed
+        lookup there fails the listing (ovl_cache_update), elsewhere the entry is listed."""
+        if self.stack.xino_bits:
+            return True
+        if not layer.is_upper:
+            return False
+        return _sys.getxattr_at(self.stack.dir_fd(layer, parent.path_in(layer)), None, self.names.impure) is not None
 
     def _nodeless_entry(self, parent: Node, name: bytes, layer: Layer) -> Entry | None:
         """Out of descriptors for a new node: the entry is listed without one (READDIRPLUS

@@ -64,6 +64,10 @@ def row(ev: dict) -> str:
     extra = ""
     if kind.startswith("copy_up"):
         bits: list[str | None] = [ev.get("reason"), f"from {ev['layer']}" if ev.get("layer") else None]
+        if ev.get("metadata"):
+            bits.append("metadata only")  # metacopy=on: the data is still read from below
+        elif ev.get("data_only"):
+            bits.append("data of a metacopy file")
         if ev.get("duration_ms") is not None:
             bits.append(f"{ev['duration_ms']:.1f} ms")
         if ev.get("error"):
@@ -92,6 +96,7 @@ class Summary:
     by_dir: dict = field(default_factory=lambda: collections.defaultdict(lambda: [0, 0]))
     copy_ups: list = field(default_factory=list)  # (bytes, path, who)
     unused: list = field(default_factory=list)  # (path, bytes, who)
+    metadata_only: int = 0  # copy_up_done events of metadata-only copy-ups (metacopy=on)
     dropped_server: int = 0
     dropped_reader: int = 0
 
@@ -110,6 +115,7 @@ class Summary:
                 table[key][0] += 1
                 table[key][1] += n
             self.copy_ups.append((n, ev.get("path", ""), who(ev)))
+            self.metadata_only += bool(ev.get("metadata"))
         elif kind == "copy_up_unused":
             self.unused.append((ev.get("path", ""), ev.get("bytes", 0), who(ev)))
 
@@ -117,6 +123,7 @@ class Summary:
         return {
             "counts": dict(self.counts),
             "copy_up_bytes": sum(b for b, _, _ in self.copy_ups),
+            "metadata_only_copy_ups": self.metadata_only,
             "by_process": {k: {"copy_ups": v[0], "bytes": v[1]} for k, v in self.by_process.items()},
             "by_directory": {k: {"copy_ups": v[0], "bytes": v[1]} for k, v in self.by_dir.items()},
             "largest": [{"path": p, "bytes": b, "process": w} for b, p, w in self.largest()],
@@ -130,8 +137,9 @@ class Summary:
     def text(self) -> str:
         c = self.counts
         total = sum(b for b, _, _ in self.copy_ups)
+        meta = f", {self.metadata_only} metadata only" if self.metadata_only else ""
         out = [
-            f"copy-ups: {c['copy_up_done']} ({human(total)}), failed: {c['copy_up_failed']}; "
+            f"copy-ups: {c['copy_up_done']} ({human(total)}{meta}), failed: {c['copy_up_failed']}; "
             f"whiteouts: {c['whiteout_create']} created, {c['whiteout_remove']} removed; "
             f"opaque dirs: {c['opaque_dir']}; EXDEV renames: {c['rename_exdev']}; "
             f"new objects: {c['create']}; errors: {c['error']}"

@@ -44,6 +44,7 @@ class XattrNames:
         self.impure = prefix + "impure"
         self.nlink = prefix + "nlink"  # index=on: the overlay nlink of an indexed inode
         self.upper = prefix + "upper"  # index=on: the upper root's handle, on the index dir
+        self.metacopy = prefix + "metacopy"
         self.escaped_prefix = prefix + ESCAPE
 
     # The kernel hides every name under the private prefix and shows an escaped
@@ -152,6 +153,27 @@ def redirect_at(dir_fd: int, name: bytes, names: XattrNames) -> bytes | None:
     """The ``overlay.redirect`` of directory *name* in *dir_fd*: where the layers below
     continue (relative: a sibling; absolute: a path from the lower roots)."""
     return _sys.getxattr_at(dir_fd, name, names.redirect)
+
+
+# --- metacopy records (struct ovl_metacopy) ---------------------------------------------------
+
+METACOPY_MIN = 4  # version, len, flags, digest_algo (OVL_METACOPY_MIN_SIZE)
+METACOPY_MAX = 4 + 64  # with the largest fs-verity digest (OVL_METACOPY_MAX_SIZE)
+
+
+def metacopy_at(dir_fd: int, name: bytes | None, st: os.stat_result, names: XattrNames) -> bool:
+    """Whether regular file *name* in *dir_fd* (lstat *st*) is a metacopy file: its data is
+    in a layer below (the kernel's ovl_check_metacopy_xattr). The kernel writes the xattr
+    empty (no fs-verity digest); a value is ``struct ovl_metacopy`` (version 0, its own
+    length, flags, digest algorithm, digest). A malformed one is EIO, as the kernel's."""
+    if not stat.S_ISREG(st.st_mode):
+        return False
+    raw = _sys.getxattr_at(dir_fd, name, names.metacopy)
+    if raw is None:
+        return False
+    if raw and not (METACOPY_MIN <= len(raw) <= METACOPY_MAX and raw[0] == 0 and raw[1] == len(raw)):
+        raise OSError(errno.EIO, "invalid metacopy xattr")
+    return True
 
 
 # --- origin records (struct ovl_fb) ---------------------------------------------------------

@@ -307,6 +307,14 @@ class WritePath:
         await copy.copy_up(node, "link")
         if copy.index is not None and node.parent is not None:
             self._index_start(node, node.parent, node.name, "link")  # ovl_link: ovl_nlink_start(old)
+        if node.lowerdata is not None:
+            # ovl_link -> ovl_set_link_redirect: the new name finds the data through an
+            # absolute redirect (unless the file has one already)
+            value = self._redirect_for(node, False)
+            if value is not None:
+                if len(value) > self.redirect_max:
+                    raise OSError(errno.EXDEV, "redirect too long")
+                os.setxattr(_sys.proc_path(node.fd), self.names.redirect, value, follow_symlinks=True)
 
         def make(dfd: int, n: bytes) -> None:
             _sys.link_fd(node.fd, dfd, n)  # the node's own inode, never its name
@@ -523,6 +531,11 @@ class WritePath:
         if exchange:
             assert dst is not None
             await copy.ensure_upper(dst, "rename")
+        # a metacopy file (its data below) is renamed by redirect too: ovl_rename's
+        # ovl_set_redirect for ovl_type_merge_or_lower (a non-dir without upper data)
+        for n in (src, dst if exchange else None):
+            if n is not None and not n.is_dir and n.lowerdata is not None:
+                redirected.append(n)
         opfd = copy.upper_dir(parent, "rename")
         old_needs_wo = not exchange and self._lower_has(parent, name)
         npfd = copy.upper_dir(newparent, "rename")
@@ -633,11 +646,24 @@ class WritePath:
         an engine then serves it in a task; otherwise ``setattr_now`` answers at once."""
         return "size" in changes or not node.layer.is_upper
 
+    def setattr_copying_now(self, node: Node, changes: dict[str, Any]) -> bool:
+        """For an engine's inline path, when ``setattr_waits``: with ``metacopy=on``, copy
+        up the metadata of a lower regular file without awaiting (no data to copy:
+        ``CopyUp.copy_up_now``), so that ``setattr_now`` can follow. False, having done
+        nothing, when that cannot be done so (then ``setattr`` in a task)."""
+        copy = self._copyup
+        if copy is None or not copy.metacopy or "size" in changes or node.layer.is_upper:
+            return False
+        if not stat.S_ISREG(node.mode):
+            return False
+        return copy.copy_up_now(node, _setattr_reason(changes)) is not None
+
     async def setattr(self, node: Node, changes: dict[str, Any], fh: int | None) -> os.stat_result:
         """Every change goes to the node's own object through its fd: an object renamed
         over or unlinked while open is changed itself (the kernel's overlay does the
         same), never what its name leads to now, and a symlink is never followed."""
-        await self.copy.copy_up(node, _setattr_reason(changes))
+        # a truncation needs the data of a metacopy file (ovl_setattr: ovl_copy_up_with_data)
+        await self.copy.copy_up(node, _setattr_reason(changes), data="size" in changes)
         return self.setattr_now(node, changes, fh)
 
     def setattr_now(self, node: Node, changes: dict[str, Any], fh: int | None) -> os.stat_result:

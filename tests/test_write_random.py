@@ -346,6 +346,9 @@ OPTION_SETS: list[tuple[tuple[str, ...], list[int]]] = [
     ((), SEEDS),
     (("userxattr",), SEEDS[-1:]),
     (("redirect_dir=on",), FEATURE_SEEDS),
+    # metacopy=on: chmod, chown, utimes, xattrs, renames and links of lower files copy up
+    # their metadata only; later writes and truncations copy the data
+    (("metacopy=on",), SEEDS),
     (("redirect_dir=on", "metacopy=on", "index=on"), FEATURE_SEEDS),
 ]
 # index=on (root only: file handles): hard links of the lowers copied up through the index

@@ -413,3 +413,25 @@ def test_xino_bad_value_cli(tmp_path):
     assert r.returncode != 0
     assert "Traceback" not in r.stderr and "xino" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("feature", ["metacopy=on", "redirect_dir=on"])
+def test_null_uuid_lower_allowed_with_features(tmp_path, engine, feature):
+    """With metacopy=on or redirect_dir=on (no offline changes to the lowers allowed:
+    ovl_allow_offline_changes), a lower filesystem with a null UUID is not "bad uuid":
+    xino=auto stays on, and origins into it are followed, as the kernel's."""
+    with contextlib.ExitStack() as stack:
+        lay = Layout(tmp_path, stack, ["t1", "t2"], "t1")
+        mnt = _loop_ext4(stack, tmp_path, "e1", "clear")
+        d = mnt / "x0"
+        d.mkdir()
+        (d / "ext0").write_text("e\n")
+        lay.lowers.append(d)
+        _fill(lay)
+        k_auto = lay.snap("kernel", ["xino=auto", feature])
+        assert k_auto != lay.snap("kernel", ["xino=off", feature])  # the oracle: auto stayed on
+        assert lay.compare(["xino=auto", feature], engine) == k_auto
+        with lay.mount("kernel", ["xino=auto", feature]) as m:
+            os.chmod(m.path / "ext0", 0o600)
+        lay.compare(["xino=auto", feature], engine)

@@ -16,6 +16,7 @@ import os
 import stat
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import NoReturn
 
 from .. import _sys
 from ..budget import FD_WAIT
@@ -263,7 +264,7 @@ class Ops:
         layer, no truncation (``WritePath.setattr_waits``)."""
         node = self._node(req.nodeid)
         changes, fh = _setattr_changes(req.body)
-        if self.writes.setattr_waits(node, changes):
+        if self.writes.setattr_waits(node, changes) and not self.writes.setattr_copying_now(node, changes):
             raise NeedsTask
         return self._node_attr_out(node, self.writes.setattr_now(node, changes, fh))
 
@@ -286,6 +287,13 @@ class Ops:
         # or renamed-over node loses its key and keeps its object).
         obj = node.layer.index
         bound = self._backing.get(node.id)
+        if node.lowerdata is not None and bound is not None and bound.opens:
+            self._stale(node, fh)  # metadata copied up under open passthrough files: as below
+        plain = [o for o in self.ov.handles.fhs_of(node) if o != fh and o not in self._backed_fh]
+        if node.lowerdata is not None or plain:
+            # a metacopy file: plain opens until its data copy-up, and after it while a
+            # plain open of it lasts (the kernel refuses passthrough beside cached I/O: EIO)
+            return PLAIN_OPEN, 0
         if bound is not None and bound.opens == 0:  # registered, but bound to no inode now
             del self._idle[node.id]
             if bound.obj != obj or not pt.active:  # copied up since: the kernel may take the new file
@@ -301,20 +309,24 @@ class Ops:
                 return PLAIN_OPEN, 0
             bound = self._backing[node.id] = NodeBacking(backing_id, obj)
         elif bound.obj != obj:
-            # A copy-up while passthrough files of the lower object are open: the kernel keeps
-            # this inode bound to the lower file, so no open of the upper one can be answered
-            # on it. Its names lead to a new node from now on; ESTALE makes the kernel look
-            # the name up again (LOOKUP_REVAL) and open that node.
-            self.ov.handles[fh].unused_copy_up = None  # type: ignore[union-attr]
-            self.ov.release(fh)
-            self.inodes.unhash(node)
-            raise OSError(errno.ESTALE, "the node was copied up under open passthrough files")
+            self._stale(node, fh)
         bound.opens += 1
         # Writes through passthrough never reach the core, which watches for copy-ups made
         # for an open and never used (``OpenFile.unused_copy_up``): release compares ctimes.
         ctime = os.fstat(h.fd).st_ctime_ns if h.unused_copy_up is not None else None  # type: ignore[union-attr]
         self._backed_fh[fh] = (node.id, ctime)
         return p.FOPEN_PASSTHROUGH | p.FOPEN_NOFLUSH, bound.backing_id
+
+    def _stale(self, node: Node, fh: int) -> NoReturn:
+        """A copy-up while passthrough files of the lower object are open: the kernel keeps
+        this inode bound to the lower file, so no open of the upper one (nor a plain open
+        of a metacopy file) can be answered on it. Its names lead to a new node from now
+        on; ESTALE makes the kernel look the name up again (LOOKUP_REVAL) and open that
+        node."""
+        self.ov.handles[fh].unused_copy_up = None  # type: ignore[union-attr]
+        self.ov.release(fh)
+        self.inodes.unhash(node)
+        raise OSError(errno.ESTALE, "the node was copied up under open passthrough files")
 
     def _register(self, node: Node, fd: int) -> int:
         """A backing id for the real file open as *fd*. The kernel opens each passthrough

@@ -23,8 +23,10 @@ has its lower content elsewhere in the lower layers, which a layer tar cannot sa
 the lower layers (*lowers*: a container's), it is written in full, as moby writes such an
 upper: the directory, ``.wh..wh..opq`` (nothing a lower has at its new path merges in),
 and its whole merged content (lower objects included, read through
-:mod:`overlayfs_py.merged`); its old path has its whiteout already. Without the lower
-layers such an upper is refused, as one with ``metacopy`` xattrs always is.
+:mod:`overlayfs_py.merged`); its old path has its whiteout already. A metacopy file (``overlay.metacopy``, written
+with ``metacopy=on``: only its metadata was copied up) is written with the data of its data
+file in the lower layers, as a mount reads it. Without the lower layers such uppers are
+refused.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from typing import BinaryIO
 from overlayfs_py import _sys, merged
 from overlayfs_py.layers import LayerStack
 from overlayfs_py.whiteout import TRUSTED_PREFIX, USER_PREFIX, XattrNames, is_whiteout_at
+from overlayfs_py.whiteout import metacopy_at as is_metacopy
 
 from .core import ImageError
 from .tarformat import OPAQUE, WH, set_mtime, set_xattr
@@ -89,6 +92,7 @@ def write_layer(
             try:
                 if lowers is not None:
                     writer.full = merged.full_stack(src, lowers, names)
+                    writer.full.metacopy = True  # metacopy files are written with their data
                 writer.run()
             finally:
                 if writer.full is not None:
@@ -216,7 +220,7 @@ class _Writer:
                 self.indexed.setdefault(origin, path)
         if stat.S_ISREG(mode):
             info = self._info(os.fsdecode(path), tarfile.REGTYPE, st, dfd, name, in_merged)
-            fd = _sys.open_beneath(dfd, name, os.O_RDONLY)
+            fd = self._data(dfd, rel, name, st)
             with os.fdopen(fd, "rb") as f:
                 if os.fstat(fd).st_size != st.st_size:
                     raise ImageError(f"{os.fsdecode(path)} changed while being read")
@@ -236,6 +240,19 @@ class _Writer:
             info.devmajor, info.devminor = os.major(st.st_rdev), os.minor(st.st_rdev)
         self.tf.addfile(info)
         return None
+
+    def _data(self, dfd: int, rel: bytes, name: bytes, st: os.stat_result) -> int:
+        """The regular file *name* in *dfd* (merged path *rel*/*name*) opened for its data: a
+        metacopy file's is its data file in the lower layers (the mount's lookup of it)."""
+        if not is_metacopy(dfd, name, st, self.names):
+            return _sys.open_beneath(dfd, name, os.O_RDONLY)
+        assert self.full is not None  # _info refused the file without the lower layers
+        dirs = merged.dirs_of(self.full, rel)
+        hits = self.full.resolve(dirs, name) if dirs is not None else []
+        data = hits[0].data if hits else None
+        if data is None:
+            raise ImageError(f"{_join(rel, name)}: a metacopy file whose data file is not in the lower layers")
+        return _sys.open_beneath(data.layer.fd, data.path, os.O_RDONLY)
 
     def _is_whiteout(self, dfd: int, name: bytes, st: os.stat_result) -> bool:
         return is_whiteout_at(dfd, name, st, self.names)
@@ -260,10 +277,12 @@ class _Writer:
             if in_merged and real == self.names.redirect:
                 continue
             if real.startswith((self.names.prefix + "redirect", self.names.prefix + "metacopy")):
-                raise ImageError(
-                    f"{name}: the upper uses overlay {real} (redirect_dir/metacopy); "
-                    "that cannot be written as a layer tar"
-                )
+                if self.full is None:
+                    raise ImageError(
+                        f"{name}: the upper uses overlay {real} (redirect_dir/metacopy); its data is in the"
+                        " lower layers, which are needed to write it as a layer tar (commit the container)"
+                    )
+                continue  # written in full (a redirected directory, a metacopy file's data)
             shown = self.names.to_user(real)
             if shown is None or (shown == real and shown.startswith((TRUSTED_PREFIX, USER_PREFIX))):
                 continue  # private (of this overlay, or of the other namespace)

@@ -14,7 +14,18 @@ from .reads import (  # noqa: F401
     WalkCold,
     WalkWarm,
 )
-from .writes import CopyupBig, CopyupSmall, Create, RenameLowerDir, RmTree, SeqWrite, Unlink, Untar, Whiteout
+from .writes import (
+    ChownR,
+    CopyupBig,
+    CopyupSmall,
+    Create,
+    RenameLowerDir,
+    RmTree,
+    SeqWrite,
+    Unlink,
+    Untar,
+    Whiteout,
+)
 
 ALL = [
     WalkCold(),
@@ -37,6 +48,7 @@ ALL = [
     Untar(),
     RmTree(),
     RenameLowerDir(),
+    ChownR(),
 ]
 BY_NAME = {w.name: w for w in ALL}
 __all__ = ["ALL", "BY_NAME", "Ctx", "Workload"]

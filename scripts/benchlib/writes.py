@@ -298,3 +298,35 @@ class RenameLowerDir(Workload):
     def after(self, ctx, impl, rep):
         src, dst = self._paths(ctx, impl, rep)
         run(["mv", dst, src])
+
+
+class ChownR(Workload):
+    """``chown -R`` of a lower directory ``tree/dNN`` (subs x 100 small files), a new owner
+    each time: what a container build's ``RUN chown -R`` does on an image. Every file is
+    copied up: with its data by default, its metadata only with ``metacopy=on`` (kernel,
+    pyoverlay). Each rep takes another lower directory (from the last: ``rename_lower_dir``
+    takes them from the first); nothing is undone (the files stay copied up)."""
+
+    name, group, redoable, copyup = "chown_r", "write", False, True
+
+    def reps(self, ctx):
+        return max(0, min(ctx.sizes.reps, ctx.sizes.tops - 1))  # the last top is create_10k's
+
+    def _path(self, ctx, impl, rep) -> str:
+        return os.path.join(impl.merged, "tree", f"d{ctx.sizes.tops - 2 - rep:02d}")
+
+    def prepare(self, ctx, impl, rep):
+        pass
+
+    def run(self, ctx, impl, rep):
+        _, secs = _timed(run, ["chown", "-R", f"{4242 + rep}:{4242 + rep}", self._path(ctx, impl, rep)])
+        return secs, secs
+
+    def check(self, ctx, impl, rep, result):
+        bad = [
+            os.path.join(d, f)
+            for d, _, files in os.walk(self._path(ctx, impl, rep))
+            for f in files
+            if os.lstat(os.path.join(d, f)).st_uid != 4242 + rep
+        ]
+        _expect(not bad, impl, f"chown -R left {len(bad)} files with another owner")
