@@ -693,3 +693,62 @@ def test_concurrent_copy_up_through_two_names(tmp_path):
         _umount(m)
     assert len(os.listdir(t / "work/index")) == 1
     assert os.listdir(t / "work/work") == []
+
+
+def test_index_with_metacopy(tmp_path):
+    """index=on,metacopy=on together: the same results and views as the kernel's, and each
+    side mounts the other's upper+work with the same view. The kernel puts a metacopy file
+    in index/ for a chmod of a hard-linked lower file; pyoverlay copies its data there
+    (docs/semantics.md, "metacopy"), so its upper is not compared. Reading the kernel's
+    upper takes the data of a metacopy index entry from the lower file it serves, and a
+    write through a name not linked up yet copies it."""
+    opts = ("index=on", "metacopy=on")
+    run = run_pair(tmp_path, _layers(), _ops, remount=True, options=list(opts))
+    run.assert_results()
+    run.assert_view()
+    run.assert_remount_stable()
+    kidx = run.k.side.workdir / "index"
+    assert any("trusted.overlay.metacopy" in os.listxattr(kidx / n) for n in os.listdir(kidx)), (
+        "the kernel made no metacopy index entry: the test no longer covers reading one"
+    )
+    kv = _cross(run, run.k, "subject", opts)
+    d = diff_snapshots(run.k.remount_view, kv, a_name="kernel", b_name="pyoverlay on the kernel's upper")
+    assert not d, format_diff(d, "pyoverlay on the kernel's upper:")
+    sv = _cross(run, run.s, "kernel", opts)
+    d = diff_snapshots(run.k.remount_view, sv, a_name="kernel", b_name="kernel on pyoverlay's upper")
+    assert not d, format_diff(d, "the kernel on pyoverlay's upper:")
+
+
+def test_write_through_a_metacopy_index_entry(tmp_path):
+    """A kernel-made metacopy index entry (index=on,metacopy=on, a chmod through one name of
+    a lower hard link): pyoverlay reads the other name's data from the lower file, and a
+    write through that name copies the data into the shared inode, as the kernel does."""
+    _stack(tmp_path)
+    base = tmp_path
+    opts = f"lowerdir={base / 'lower'},upperdir={base / 'upper'},workdir={base / 'work'},index=on,metacopy=on"
+    r = _kernel_mount(opts, base / "m")
+    assert r.returncode == 0, r.stderr
+    try:
+        os.chmod(base / "m/f", 0o600)
+    finally:
+        _umount(base / "m")
+    idx = base / "work/index"
+    (entry,) = os.listdir(idx)
+    assert "trusted.overlay.metacopy" in os.listxattr(idx / entry)
+    r = _mount_cmd(opts, base / "m")
+    assert r.returncode == 0, r.stderr
+    try:
+        assert _read(base / "m/g") == b"f\n"
+        assert oct(os.stat(base / "m/g").st_mode & 0o777) == oct(0o600)
+        _write(base / "m/g", b"more\n")
+        assert _read(base / "m/f") == b"f\nmore\n"
+    finally:
+        _umount(base / "m")
+    assert "trusted.overlay.metacopy" not in os.listxattr(idx / entry)
+    assert _read(idx / entry) == b"f\nmore\n"
+    r = _kernel_mount(opts, base / "m")
+    assert r.returncode == 0, r.stderr
+    try:
+        assert _read(base / "m/f") == b"f\nmore\n" and _read(base / "m/g") == b"f\nmore\n"
+    finally:
+        _umount(base / "m")
