@@ -61,9 +61,15 @@ def _register_store(group: click.Group) -> None:
     register(group)
 
 
+def _register_api(group: click.Group) -> None:
+    from runner.api.cli import register
+
+    register(group)
+
+
 main = new_group(
     Resolvers(find_container=_find_container, all_containers=_all_containers, find_image=_find_image),
-    more=(_register_runner, _register_images, _register_store),
+    more=(_register_runner, _register_images, _register_store, _register_api),
 )
 
 __all__ = ["main"]

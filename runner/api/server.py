@@ -1,0 +1,366 @@
+"""The HTTP layer of ``pyoverlay serve``: requests, responses, routing, listeners.
+
+Threads, not an event loop: every connection has its own thread (``ThreadingMixIn``), so a
+handler may block (wait for a container, follow its logs, relay an attached terminal)
+without stalling the others, and a hijacked connection is a plain socket the handler owns.
+
+A handler is ``def handler(req: Request) -> None``; it answers with one of ``req.json``,
+``req.error``, ``req.empty``, ``req.stream_start`` + ``req.stream_write`` (chunked), or
+``req.hijack`` (attach, exec start: the raw socket after the HTTP upgrade). Raising
+``ApiError`` answers dockerd's way (``{"message": "..."}`` with the status).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import socket
+import socketserver
+import threading
+from collections.abc import Callable, Iterable
+from http.server import BaseHTTPRequestHandler
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
+
+from ..errors import RunnerError
+
+log = logging.getLogger(__name__)
+
+#: the API version this server speaks (the docker CLI 20.10 asks for 1.41; docker-py
+#: negotiates down to what /version says)
+API_VERSION = "1.41"
+MIN_API_VERSION = "1.24"
+_VERSION_PREFIX = re.compile(r"^/v(\d+\.\d+)(/.*)$")
+
+
+class ApiError(RunnerError):
+    """An error answered as dockerd does: *status* and ``{"message": message}``."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def not_found(what: str) -> ApiError:
+    return ApiError(404, what)
+
+
+class Request:
+    """One HTTP request, and the means to answer it (exactly once)."""
+
+    def __init__(self, handler: _Handler, method: str, path: str, version: str | None, query: dict[str, list[str]]):
+        self._h = handler
+        self.method = method
+        self.path = path  # without the version prefix
+        self.version = version  # "1.41" or None (no prefix)
+        self.query = query
+        self.params: dict[str, str] = {}  # from the route's {name} parts
+        self.headers = handler.headers
+        self.answered = False
+        self._chunked = False
+        self._head = method == "HEAD"  # headers only
+        self.server: ApiServer = handler.server.api  # type: ignore[attr-defined]
+
+    # --- reading ----------------------------------------------------------------------------
+    def arg(self, name: str, default: str | None = None) -> str | None:
+        v = self.query.get(name)
+        return v[-1] if v else default
+
+    def flag(self, name: str, default: bool = False) -> bool:
+        """A boolean query parameter, as dockerd reads them ("1", "true", "True"; "0",
+        "false", "" are false)."""
+        v = self.arg(name)
+        if v is None:
+            return default
+        return v.lower() not in ("", "0", "false", "no")
+
+    def body(self, limit: int = 1 << 20) -> bytes:
+        """The request body (Content-Length or chunked), at most *limit* bytes (413 beyond)."""
+        te = (self.headers.get("Transfer-Encoding") or "").lower()
+        if "chunked" in te:
+            out = bytearray()
+            for chunk in self.body_chunks():
+                out += chunk
+                if len(out) > limit:
+                    raise ApiError(413, "request body too large")
+            return bytes(out)
+        n = int(self.headers.get("Content-Length") or 0)
+        if n > limit:
+            raise ApiError(413, "request body too large")
+        return self._h.rfile.read(n) if n else b""
+
+    def body_chunks(self) -> Iterable[bytes]:
+        """The body as it arrives (for uploads: image archives, ``cp`` into a container)."""
+        rfile = self._h.rfile
+        te = (self.headers.get("Transfer-Encoding") or "").lower()
+        if "chunked" not in te:
+            left = int(self.headers.get("Content-Length") or 0)
+            while left > 0:
+                b = rfile.read(min(left, 1 << 16))
+                if not b:
+                    raise ApiError(400, "request body ended early")
+                left -= len(b)
+                yield b
+            return
+        while True:
+            line = rfile.readline(1024)
+            if not line:
+                raise ApiError(400, "request body ended early")
+            size = int(line.split(b";")[0].strip() or b"0", 16)
+            if size == 0:
+                while rfile.readline(1024) not in (b"\r\n", b"\n", b""):
+                    pass  # trailers
+                return
+            data = rfile.read(size)
+            rfile.readline(1024)
+            yield data
+
+    def json_body(self) -> Any:
+        raw = self.body()
+        if not raw.strip():
+            return {}
+        try:
+            return json.loads(raw)
+        except ValueError as e:
+            raise ApiError(400, f"invalid JSON body: {e}") from None
+
+    # --- answering ----------------------------------------------------------------------------
+    def _start(self, status: int, headers: dict[str, str]) -> None:
+        if self.answered:
+            raise RuntimeError("request answered twice")
+        self.answered = True
+        h = self._h
+        h.send_response(status)
+        h.send_header("Api-Version", API_VERSION)
+        h.send_header("Docker-Experimental", "false")
+        h.send_header("Ostype", "linux")
+        h.send_header("Server", f"pyoverlay (Docker Engine API {API_VERSION})")
+        for k, v in headers.items():
+            h.send_header(k, v)
+        h.end_headers()
+
+    def json(self, obj: Any, status: int = 200) -> None:
+        data = json.dumps(obj).encode() + b"\n"
+        self._start(status, {"Content-Type": "application/json", "Content-Length": str(len(data))})
+        if not self._head:
+            self._h.wfile.write(data)
+
+    def text(self, text: str, status: int = 200, content_type: str = "text/plain; charset=utf-8") -> None:
+        data = text.encode()
+        self._start(status, {"Content-Type": content_type, "Content-Length": str(len(data))})
+        if not self._head:
+            self._h.wfile.write(data)
+
+    def empty(self, status: int = 204) -> None:
+        self._start(status, {"Content-Length": "0"} if status != 204 else {})
+
+    def error(self, status: int, message: str) -> None:
+        self.json({"message": message}, status)
+
+    def stream_start(self, content_type: str = "application/json", status: int = 200) -> None:
+        """Start a chunked response (logs, events, image pulls' progress)."""
+        self._chunked = True
+        self._start(status, {"Content-Type": content_type, "Transfer-Encoding": "chunked"})
+
+    def stream_write(self, data: bytes) -> None:
+        if data:
+            w = self._h.wfile
+            w.write(b"%x\r\n%s\r\n" % (len(data), data))
+            w.flush()
+
+    def stream_end(self) -> None:
+        if self._chunked:
+            self._h.wfile.write(b"0\r\n\r\n")
+            self._h.wfile.flush()
+            self._chunked = False
+
+    def hijack(self, content_type: str = "application/vnd.docker.raw-stream") -> socket.socket:
+        """Answer the upgrade (``101 UPGRADED`` when the client asked for ``Upgrade: tcp``,
+        else ``200`` as older clients expect) and hand over the raw socket: the caller owns
+        it; the server closes it after the handler returns."""
+        upgrade = (self.headers.get("Upgrade") or "").lower() == "tcp"
+        headers = {"Content-Type": content_type}
+        if upgrade:
+            headers.update({"Connection": "Upgrade", "Upgrade": "tcp"})
+        self._start(101 if upgrade else 200, headers)
+        self._h.wfile.flush()
+        self._h.close_connection = True
+        return self._h.connection
+
+
+Handler = Callable[[Request], None]
+
+
+class Router:
+    """Routes ``(method, pattern)``; a pattern's ``{name}`` part matches one path segment
+    (``{name:path}``: the rest, slashes included — image names hold slashes). Routers of
+    endpoint groups are combined with ``include``."""
+
+    def __init__(self) -> None:
+        self._routes: list[tuple[str, re.Pattern[str], Handler]] = []
+
+    def include(self, other: Router) -> None:
+        self._routes.extend(other._routes)
+
+    def add(self, method: str, pattern: str, handler: Handler) -> None:
+        rx = "^"
+        for part in re.split(r"(\{[a-z_]+(?::path)?\})", pattern):
+            if part.startswith("{"):
+                name, _, kind = part[1:-1].partition(":")
+                rx += f"(?P<{name}>.+)" if kind == "path" else f"(?P<{name}>[^/]+)"
+            else:
+                rx += re.escape(part)
+        self._routes.append((method, re.compile(rx + "$"), handler))
+
+    def route(self, method: str, pattern: str) -> Callable[[Handler], Handler]:
+        def deco(fn: Handler) -> Handler:
+            self.add(method, pattern, fn)
+            return fn
+
+        return deco
+
+    def match(self, method: str, path: str) -> tuple[Handler, dict[str, str]] | None:
+        """The handler and its path parameters; ApiError 405 when the path exists with
+        another method; None: no such path."""
+        other = False
+        for m, rx, fn in self._routes:
+            hit = rx.match(path)
+            if hit is None:
+                continue
+            if m == method or (method == "HEAD" and m == "GET"):
+                return fn, {k: unquote(v) for k, v in hit.groupdict().items()}
+            other = True
+        if other:
+            raise ApiError(405, f"method {method} not allowed for {path}")
+        return None
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive, as the docker CLI expects
+    server_version = "pyoverlay"
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base's name
+        log.debug("%s " + format, self.client_address or "unix", *args)
+
+    def _dispatch(self) -> None:
+        split = urlsplit(self.path)
+        path, version = split.path, None
+        m = _VERSION_PREFIX.match(path)
+        if m:
+            version, path = m.group(1), m.group(2)
+        req = Request(self, self.command, path, version, parse_qs(split.query, keep_blank_values=True))
+        api: ApiServer = self.server.api  # type: ignore[attr-defined]
+        try:
+            if version is not None and _vtuple(version) > _vtuple(API_VERSION):
+                raise ApiError(
+                    400, f"client version {version} is too new. Maximum supported API version is {API_VERSION}"
+                )
+            if version is not None and _vtuple(version) < _vtuple(MIN_API_VERSION):
+                raise ApiError(
+                    400,
+                    f"client version {version} is too old. Minimum supported API version is {MIN_API_VERSION},"
+                    " please upgrade your client to a newer version",
+                )
+            found = api.router.match(self.command, path)
+            if found is None:
+                raise ApiError(404, "page not found")
+            fn, req.params = found
+            fn(req)
+            if not req.answered:
+                req.empty(204)
+            req.stream_end()
+        except ApiError as e:
+            self._fail(req, e.status, e.message)
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+        except Exception as e:  # a bug: dockerd answers 500 with the message
+            log.exception("%s %s failed", self.command, self.path)
+            self._fail(req, 500, f"{type(e).__name__}: {e}")
+        with contextlib.suppress(OSError):
+            self.wfile.flush()
+
+    def _fail(self, req: Request, status: int, message: str) -> None:
+        if req.answered:  # too late for a status: end the connection
+            self.close_connection = True
+            return
+        with contextlib.suppress(OSError):
+            req.error(status, message)
+
+    do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = _dispatch  # noqa: N815
+
+
+def _vtuple(v: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in v.split("."))
+
+
+class _UnixServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    daemon_threads = True
+    allow_reuse_address = False
+
+    def get_request(self):
+        conn, _ = self.socket.accept()
+        return conn, ("unix", 0)  # BaseHTTPRequestHandler logs client_address[0]
+
+
+class _TcpServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+
+class ApiServer:
+    """The listeners (unix sockets, TCP addresses) of one service, one router, and the
+    service's state (*context*: what handlers need: the image store, the containers)."""
+
+    def __init__(self, router: Router, context: Any = None):
+        self.router = router
+        self.context = context
+        self._servers: list[socketserver.BaseServer] = []
+        self._threads: list[threading.Thread] = []
+
+    def listen_unix(self, path: str, mode: int = 0o660, gid: int | None = None) -> None:
+        """A unix socket at *path* (a stale socket there is replaced; anything else is
+        refused), *mode* and group *gid* set before the first connection is accepted."""
+        with contextlib.suppress(FileNotFoundError):
+            st = os.lstat(path)
+            import stat as stat_
+
+            if not stat_.S_ISSOCK(st.st_mode):
+                raise OSError(f"{path} exists and is not a socket")
+            os.unlink(path)
+        old = os.umask(0o177)
+        try:
+            srv = _UnixServer(path, _Handler, bind_and_activate=True)
+        finally:
+            os.umask(old)
+        os.chmod(path, mode)
+        if gid is not None:
+            os.chown(path, -1, gid)
+        self._add(srv)
+
+    def listen_tcp(self, host: str, port: int, ssl_context: Any = None) -> None:
+        srv = _TcpServer((host, port), _Handler, bind_and_activate=True)
+        if ssl_context is not None:
+            srv.socket = ssl_context.wrap_socket(srv.socket, server_side=True)
+        self._add(srv)
+
+    def _add(self, srv: socketserver.BaseServer) -> None:
+        srv.api = self  # type: ignore[attr-defined]
+        self._servers.append(srv)
+
+    def serve_forever(self) -> None:
+        """Serve every listener until ``shutdown``."""
+        for srv in self._servers:
+            t = threading.Thread(target=srv.serve_forever, name=f"listener-{srv}", daemon=True)
+            t.start()
+            self._threads.append(t)
+        for t in self._threads:
+            t.join()
+
+    def shutdown(self) -> None:
+        for srv in self._servers:
+            srv.shutdown()
+            srv.server_close()
