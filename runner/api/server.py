@@ -149,9 +149,15 @@ class Request:
         if not self._head:
             self._h.wfile.write(data)
 
-    def text(self, text: str, status: int = 200, content_type: str = "text/plain; charset=utf-8") -> None:
+    def text(
+        self,
+        text: str,
+        status: int = 200,
+        content_type: str = "text/plain; charset=utf-8",
+        headers: dict[str, str] | None = None,
+    ) -> None:
         data = text.encode()
-        self._start(status, {"Content-Type": content_type, "Content-Length": str(len(data))})
+        self._start(status, {"Content-Type": content_type, "Content-Length": str(len(data)), **(headers or {})})
         if not self._head:
             self._h.wfile.write(data)
 
@@ -301,6 +307,9 @@ class _UnixServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     daemon_threads = True
     allow_reuse_address = False
 
+    def handle_error(self, request, client_address) -> None:
+        log.debug("a connection ended with an error", exc_info=True)
+
     def get_request(self):
         conn, _ = self.socket.accept()
         return conn, ("unix", 0)  # BaseHTTPRequestHandler logs client_address[0]
@@ -309,6 +318,22 @@ class _UnixServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
 class _TcpServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
     daemon_threads = True
     allow_reuse_address = True
+
+    def finish_request(self, request, client_address) -> None:
+        import ssl
+
+        if isinstance(request, ssl.SSLSocket):  # the handshake in the connection's thread
+            request.settimeout(30)
+            try:
+                request.do_handshake()
+            except (OSError, ssl.SSLError) as e:  # no client certificate, a wrong one...
+                log.info("TLS handshake with %s failed: %s", client_address, e)
+                return
+            request.settimeout(None)
+        super().finish_request(request, client_address)
+
+    def handle_error(self, request, client_address) -> None:
+        log.debug("connection from %s ended with an error", client_address, exc_info=True)
 
 
 class ApiServer:
@@ -320,6 +345,9 @@ class ApiServer:
         self.context = context
         self._servers: list[socketserver.BaseServer] = []
         self._threads: list[threading.Thread] = []
+        self._sockets: list[tuple[str, int]] = []
+        #: what ``docker info`` warns about (a TCP listener without TLS...)
+        self.warnings: list[str] = []
 
     def listen_unix(self, path: str, mode: int = 0o660, gid: int | None = None) -> None:
         """A unix socket at *path* (a stale socket there is replaced; anything else is
@@ -336,15 +364,27 @@ class ApiServer:
             srv = _UnixServer(path, _Handler, bind_and_activate=True)
         finally:
             os.umask(old)
-        os.chmod(path, mode)
+        self._sockets.append((path, os.lstat(path).st_ino))
         if gid is not None:
             os.chown(path, -1, gid)
+        os.chmod(path, mode)
         self._add(srv)
+
+    def remove_sockets(self) -> None:
+        """Remove the unix sockets this service made (not one another has put there since)."""
+        for path, ino in self._sockets:
+            with contextlib.suppress(OSError):
+                if os.lstat(path).st_ino == ino:
+                    os.unlink(path)
+        self._sockets.clear()
+        for srv in self._servers:
+            with contextlib.suppress(OSError):
+                srv.server_close()
 
     def listen_tcp(self, host: str, port: int, ssl_context: Any = None) -> None:
         srv = _TcpServer((host, port), _Handler, bind_and_activate=True)
         if ssl_context is not None:
-            srv.socket = ssl_context.wrap_socket(srv.socket, server_side=True)
+            srv.socket = ssl_context.wrap_socket(srv.socket, server_side=True, do_handshake_on_connect=False)
         self._add(srv)
 
     def _add(self, srv: socketserver.BaseServer) -> None:
