@@ -62,8 +62,10 @@ def find(ref: str) -> Image:
         parse_reference(ref)
     except ImageError:
         raise ApiError(404, f"No such image: {ref}") from None
+    r = parse_reference(ref)
     try:
-        return store().resolve(_familiar(ref))
+        # a bare hex string may be an id prefix or a name: the store tries both
+        return store().resolve(ref if r.id_prefix is not None else _familiar(ref))
     except NotFound:
         raise ApiError(404, f"No such image: {ref}") from None
     except ImageError as e:

@@ -124,6 +124,14 @@ def _mem_total() -> int:
     return 0
 
 
+def _sysctl(name: str) -> bool:
+    try:
+        with open(f"/proc/sys/{name}") as f:
+            return f.read().strip() == "1"
+    except OSError:
+        return False
+
+
 def _cgroup_version() -> str:
     return "2" if os.path.exists("/sys/fs/cgroup/cgroup.controllers") else "1"
 
@@ -185,9 +193,9 @@ def info(req: Request) -> None:
             "CPUShares": True,
             "CPUSet": True,
             "PidsLimit": True,
-            "IPv4Forwarding": False,
-            "BridgeNfIptables": False,
-            "BridgeNfIp6tables": False,
+            "IPv4Forwarding": _sysctl("net/ipv4/ip_forward"),
+            "BridgeNfIptables": _sysctl("net/bridge/bridge-nf-call-iptables"),
+            "BridgeNfIp6tables": _sysctl("net/bridge/bridge-nf-call-ip6tables"),
             "Debug": False,
             "NFd": len(os.listdir("/proc/self/fd")),
             "OomKillDisable": False,
