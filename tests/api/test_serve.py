@@ -184,20 +184,21 @@ def test_stale_socket_is_replaced(rt, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "args",
+    ("args", "why"),
     [
-        ["-H", "ftp://x"],
-        ["-H", "tcp://127.0.0.1:notaport"],
-        ["-H", "unix://relative/path"],
-        ["--tlsverify", "-H", "tcp://127.0.0.1:2376"],
-        ["--tlscert", "/nonexistent"],
-        ["-G", "no-such-group-xyz", "-H", "unix:///tmp/never-made.sock"],
+        (["-H", "ftp://x"], "'ftp' is not supported"),
+        (["-H", "tcp://127.0.0.1:notaport"], "is not a number"),
+        (["-H", "unix://relative/path"], "must be absolute"),
+        (["--tlsverify", "-H", "tcp://127.0.0.1:2376"], "--tlsverify needs --tlscacert, --tlscert, --tlskey"),
+        (["--tlscert", "/nonexistent"], "need --tlsverify"),
+        (["-G", "no-such-group-xyz", "-H", "unix:///tmp/never-made.sock"], "no such group"),
     ],
 )
-def test_bad_options_one_line_nonzero(rt, args):
+def test_bad_options_one_line_nonzero(rt, args, why):
     r = _serve(rt, *args)
     assert r.returncode != 0
     assert r.stderr.count("\n") == 1 and r.stderr.startswith("pyoverlay: "), r.stderr
+    assert why in r.stderr
     assert not os.path.exists("/tmp/never-made.sock")
 
 
