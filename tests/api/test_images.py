@@ -197,3 +197,33 @@ def test_images_filters(service, tarball):
     assert (since == []) == (before == [])
     r = service.docker("images", "--filter", "bogus=1")
     assert r.returncode == 1 and "invalid filter" in r.stderr
+
+
+@pytest.mark.timeout(300)
+def test_archives_round_trip_with_a_real_dockerd(service, tarball, tmp_path):
+    """``docker save`` from the service loads into a real (private) dockerd with the same
+    image id and config; a real dockerd's ``docker save`` loads into the service with its id."""
+    from helpers import dockerd
+
+    missing = dockerd.missing_binaries()
+    if missing:
+        pytest.skip(f"docker is not installed here (missing: {', '.join(missing)})")
+    ours = _import(service, tarball, "ours:1", 'CMD ["sh", "-c", "echo ours"]', "ENV X=1")
+    saved = service.docker_ok("save", "ours:1", text=False).stdout
+    base = tmp_path / "d"
+    base.mkdir()
+    try:
+        with dockerd.LiveDocker(base) as d:
+            out = d.docker("load", input=saved).stdout.decode()
+            assert "Loaded image: ours:1" in out
+            info = json.loads(d.docker("image", "inspect", "ours:1").stdout)[0]
+            assert info["Id"] == ours
+            assert info["Config"]["Cmd"] == ["sh", "-c", "echo ours"] and "X=1" in info["Config"]["Env"]
+            d.docker("import", "-c", 'CMD ["true"]', "-", "theirs:1", input=tarball.read_bytes())
+            theirs = d.docker("image", "inspect", "-f", "{{.Id}}", "theirs:1").stdout.decode().strip()
+            theirs_saved = d.docker("save", "theirs:1").stdout
+    except dockerd.Unavailable as e:
+        pytest.skip(f"no live dockerd: {e}")
+    r = service.docker_ok("load", input=theirs_saved, text=False)
+    assert b"Loaded image: theirs:1" in r.stdout
+    assert service.docker_ok("inspect", "--format", "{{.Id}}", "theirs:1").stdout.strip() == theirs
