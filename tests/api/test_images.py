@@ -227,3 +227,16 @@ def test_archives_round_trip_with_a_real_dockerd(service, tarball, tmp_path):
     r = service.docker_ok("load", input=theirs_saved, text=False)
     assert b"Loaded image: theirs:1" in r.stdout
     assert service.docker_ok("inspect", "--format", "{{.Id}}", "theirs:1").stdout.strip() == theirs
+
+
+def test_import_message_and_bad_changes(service, tarball):
+    r = service.docker_ok("import", "--message", "from the test", tarball, "msg:1")
+    iid = r.stdout.strip()
+    hist = service.docker_ok("history", "--format", "{{.Comment}}", "msg:1").stdout.strip()
+    assert hist == "from the test"
+    assert service.docker_ok("inspect", "--format", "{{.Comment}}", iid).stdout.strip() == "from the test"
+    r = service.docker("import", "--change", "RUN echo no", tarball, "bad:1")
+    assert r.returncode == 1 and "RUN is not a valid change command" in r.stderr
+    r = service.docker("import", "--change", "ENV", tarball, "bad:2")
+    assert r.returncode == 1 and "ENV requires at least one argument" in r.stderr
+    assert service.docker_ok("images", "--format", "{{.Repository}}").stdout.split() == ["msg"]
