@@ -63,6 +63,8 @@ class Request:
         self.answered = False
         self._chunked = False
         self._head = method == "HEAD"  # headers only
+        self._body = "unread"  # unread | reading | done
+        self._hijacked = False
         self.server: ApiServer = handler.server.api  # type: ignore[attr-defined]
 
     # --- reading ----------------------------------------------------------------------------
@@ -80,6 +82,7 @@ class Request:
 
     def body(self, limit: int = 1 << 20) -> bytes:
         """The request body (Content-Length or chunked), at most *limit* bytes (413 beyond)."""
+        self._body = "reading"
         te = (self.headers.get("Transfer-Encoding") or "").lower()
         if "chunked" in te:
             out = bytearray()
@@ -87,14 +90,18 @@ class Request:
                 out += chunk
                 if len(out) > limit:
                     raise ApiError(413, "request body too large")
+            self._body = "done"
             return bytes(out)
         n = int(self.headers.get("Content-Length") or 0)
         if n > limit:
             raise ApiError(413, "request body too large")
-        return self._h.rfile.read(n) if n else b""
+        data = self._h.rfile.read(n) if n else b""
+        self._body = "done"
+        return data
 
     def body_chunks(self) -> Iterable[bytes]:
         """The body as it arrives (for uploads: image archives, ``cp`` into a container)."""
+        self._body = "reading"
         rfile = self._h.rfile
         te = (self.headers.get("Transfer-Encoding") or "").lower()
         if "chunked" not in te:
@@ -105,6 +112,7 @@ class Request:
                     raise ApiError(400, "request body ended early")
                 left -= len(b)
                 yield b
+            self._body = "done"
             return
         while True:
             line = rfile.readline(1024)
@@ -114,10 +122,35 @@ class Request:
             if size == 0:
                 while rfile.readline(1024) not in (b"\r\n", b"\n", b""):
                     pass  # trailers
+                self._body = "done"
                 return
             data = rfile.read(size)
             rfile.readline(1024)
             yield data
+
+    def drain(self, limit: int = 1 << 30) -> None:
+        """Read what the handler left of the body (an error answered before an upload was
+        read: the client is still sending it, and on a kept-alive connection the rest would
+        be taken for the next request). A body half read, or above *limit*: the connection
+        is closed instead."""
+        if self._hijacked or self._body == "done":
+            return
+        if self._body == "reading":
+            self._h.close_connection = True
+            return
+        te = (self.headers.get("Transfer-Encoding") or "").lower()
+        try:
+            if "chunked" not in te and int(self.headers.get("Content-Length") or 0) > limit:
+                self._h.close_connection = True
+                return
+            n = 0
+            for chunk in self.body_chunks():
+                n += len(chunk)
+                if n > limit:
+                    self._h.close_connection = True
+                    return
+        except (ApiError, ValueError, OSError):
+            self._h.close_connection = True
 
     def json_body(self) -> Any:
         raw = self.body()
@@ -192,6 +225,7 @@ class Request:
         headers = {"Content-Type": content_type}
         if upgrade:
             headers.update({"Connection": "Upgrade", "Upgrade": "tcp"})
+        self._hijacked = True
         self._start(101 if upgrade else 200, headers)
         self._h.wfile.flush()
         self._h.close_connection = True
@@ -279,6 +313,7 @@ class _Handler(BaseHTTPRequestHandler):
             if not req.answered:
                 req.empty(204)
             req.stream_end()
+            req.drain()
         except ApiError as e:
             self._fail(req, e.status, e.message)
         except (BrokenPipeError, ConnectionResetError):
@@ -294,6 +329,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             return
         with contextlib.suppress(OSError):
+            req.drain()  # the client may still be sending its upload: read it first
             req.error(status, message)
 
     do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = _dispatch  # noqa: N815

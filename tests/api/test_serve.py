@@ -445,3 +445,28 @@ def test_roots_default_socket_dir_is_searchable_by_the_socket_group(tmp_path):
     os.chmod(state, 0o755)  # readable by others: still closed on use
     private_dir(str(state), "state dir")
     assert stat.S_IMODE(os.stat(state).st_mode) == 0o700
+
+
+def test_an_error_before_the_upload_is_read_keeps_the_connection_usable(service):
+    """An upload refused before its body is read (a bad ``--change``): the body is read
+    and dropped, so the client can send it whole (no broken pipe) and the next request on
+    the kept-alive connection is answered."""
+    body = b"x" * 200_000
+    s = socket.socket(socket.AF_UNIX)
+    s.settimeout(30)
+    s.connect(str(service.sock))
+    try:
+        s.sendall(
+            b"POST /v1.41/images/create?fromSrc=-&changes=RUN%%20no HTTP/1.1\r\nHost: d\r\n"
+            b"Content-Type: application/x-tar\r\nContent-Length: %d\r\n\r\n%s"
+            b"GET /_ping HTTP/1.1\r\nHost: d\r\nConnection: close\r\n\r\n" % (len(body), body)
+        )
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    finally:
+        s.close()
+    first, _, rest = data.partition(b"\r\n\r\n")
+    assert first.startswith(b"HTTP/1.1 400"), first
+    assert b"RUN is not a valid change command" in rest
+    assert b"HTTP/1.1 200" in rest and rest.endswith(b"OK"), rest[-300:]
