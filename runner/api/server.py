@@ -372,6 +372,10 @@ class _TcpServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
         log.debug("connection from %s ended with an error", client_address, exc_info=True)
 
 
+class _TcpServer6(_TcpServer):
+    address_family = socket.AF_INET6
+
+
 class ApiServer:
     """The listeners (unix sockets, TCP addresses) of one service, one router, and the
     service's state (*context*: what handlers need: the image store, the containers)."""
@@ -418,7 +422,8 @@ class ApiServer:
                 srv.server_close()
 
     def listen_tcp(self, host: str, port: int, ssl_context: Any = None) -> None:
-        srv = _TcpServer((host, port), _Handler, bind_and_activate=True)
+        cls: type[_TcpServer] = _TcpServer6 if ":" in host else _TcpServer
+        srv = cls((host, port), _Handler, bind_and_activate=True)
         if ssl_context is not None:
             srv.socket = ssl_context.wrap_socket(srv.socket, server_side=True, do_handshake_on_connect=False)
         self._add(srv)

@@ -470,3 +470,27 @@ def test_an_error_before_the_upload_is_read_keeps_the_connection_usable(service)
     assert first.startswith(b"HTTP/1.1 400"), first
     assert b"RUN is not a valid change command" in rest
     assert b"HTTP/1.1 200" in rest and rest.endswith(b"OK"), rest[-300:]
+
+
+def test_tcp_on_ipv6_loopback(rt, tmp_path):
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+            port = s.getsockname()[1]
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    with containers.leftover_check(rt):
+        svc = api.Service(rt, tmp_path / "svc" / "docker.sock", extra_args=("-H", f"tcp://[::1]:{port}"))
+        try:
+            r = subprocess.run(
+                [api.DOCKER, "-H", f"tcp://[::1]:{port}", "version", "--format", "{{.Server.Os}}"],
+                env={**svc.env(), "DOCKER_HOST": ""},
+                capture_output=True,
+                text=True,
+                timeout=60,
+                stdin=subprocess.DEVNULL,
+            )
+            assert r.returncode == 0 and r.stdout.strip() == "linux", r.stderr
+        finally:
+            svc.stop()
+        assert f"tcp://[::1]:{port} has no TLS" in svc.output()
