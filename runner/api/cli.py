@@ -20,7 +20,6 @@ SIGTERM and SIGINT end it cleanly: its sockets are removed.
 from __future__ import annotations
 
 import contextlib
-import errno
 import grp
 import ipaddress
 import os
@@ -132,24 +131,18 @@ def is_loopback(host: str, port: int) -> bool:
 
 
 def check_socket_free(path: str) -> None:
-    """Refuse a socket another live service answers on; remove a stale one."""
+    """Refuse a socket another live service answers on, or a path that is not a socket
+    (checked again, under a lock, when the socket is made: ApiServer.listen_unix)."""
+    from .server import _answers
+
     try:
         st = os.lstat(path)
     except FileNotFoundError:
         return
     if not stat.S_ISSOCK(st.st_mode):
         raise ServeError(f"{path} exists and is not a socket; refusing to replace it")
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(5)
-    try:
-        s.connect(path)
-    except OSError as e:
-        if e.errno not in (errno.ECONNREFUSED, errno.ENOENT):
-            raise ServeError(f"cannot tell whether a service answers on {path}: {e.strerror}") from None
-        return  # stale: listen_unix replaces it
-    finally:
-        s.close()
-    raise ServeError(f"another service is already listening on {path}; stop it first")
+    if _answers(path):
+        raise ServeError(f"another service is already listening on {path}; stop it first")
 
 
 def socket_dir(path: str, default: bool, gid: int | None) -> None:

@@ -372,6 +372,27 @@ class _TcpServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
         log.debug("connection from %s ended with an error", client_address, exc_info=True)
 
 
+class SocketInUse(RunnerError):
+    """A unix socket path another service answers on (or that is not a socket)."""
+
+
+def _answers(path: str) -> bool:
+    """Whether something accepts connections on the unix socket *path*."""
+    import errno
+
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(5)
+    try:
+        s.connect(path)
+        return True
+    except OSError as e:
+        if e.errno in (errno.ECONNREFUSED, errno.ENOENT):
+            return False
+        raise SocketInUse(f"cannot tell whether a service answers on {path}: {e.strerror}") from None
+    finally:
+        s.close()
+
+
 class _TcpServer6(_TcpServer):
     address_family = socket.AF_INET6
 
@@ -390,21 +411,32 @@ class ApiServer:
         self.warnings: list[str] = []
 
     def listen_unix(self, path: str, mode: int = 0o660, gid: int | None = None) -> None:
-        """A unix socket at *path* (a stale socket there is replaced; anything else is
-        refused), *mode* and group *gid* set before the first connection is accepted."""
-        with contextlib.suppress(FileNotFoundError):
-            st = os.lstat(path)
-            import stat as stat_
+        """A unix socket at *path*, *mode* and group *gid* set before the first connection
+        is accepted. A socket another live service answers on is refused (SocketInUse); a
+        stale one (nobody answers) is replaced; anything else there is refused. Check and
+        bind happen under a lock on the directory, so two services starting at once cannot
+        both take the path."""
+        import fcntl
+        import stat as stat_
 
-            if not stat_.S_ISSOCK(st.st_mode):
-                raise OSError(f"{path} exists and is not a socket")
-            os.unlink(path)
-        old = os.umask(0o177)
+        dfd = os.open(os.path.dirname(path) or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
-            srv = _UnixServer(path, _Handler, bind_and_activate=True)
+            fcntl.flock(dfd, fcntl.LOCK_EX)
+            with contextlib.suppress(FileNotFoundError):
+                st = os.lstat(path)
+                if not stat_.S_ISSOCK(st.st_mode):
+                    raise SocketInUse(f"{path} exists and is not a socket; refusing to replace it")
+                if _answers(path):
+                    raise SocketInUse(f"another service is already listening on {path}; stop it first")
+                os.unlink(path)
+            old = os.umask(0o177)
+            try:
+                srv = _UnixServer(path, _Handler, bind_and_activate=True)
+            finally:
+                os.umask(old)
+            self._sockets.append((path, os.lstat(path).st_ino))
         finally:
-            os.umask(old)
-        self._sockets.append((path, os.lstat(path).st_ino))
+            os.close(dfd)  # and the lock
         if gid is not None:
             os.chown(path, -1, gid)
         os.chmod(path, mode)
