@@ -240,3 +240,24 @@ def test_import_message_and_bad_changes(service, tarball):
     r = service.docker("import", "--change", "ENV", tarball, "bad:2")
     assert r.returncode == 1 and "ENV requires at least one argument" in r.stderr
     assert service.docker_ok("images", "--format", "{{.Repository}}").stdout.split() == ["msg"]
+
+
+def test_gzipped_import_saves_the_uncompressed_layer(service, tarball, tmp_path):
+    """A gzip'd tarball is stored as imported; ``docker save`` writes the uncompressed
+    layer.tar whose digest is the diff id, and loading it back gives the same image."""
+    import gzip
+
+    gz = tmp_path / "busybox.tar.gz"
+    gz.write_bytes(gzip.compress(tarball.read_bytes()))
+    iid = _import(service, gz, "gz:1")
+    diff_id = json.loads(service.docker_ok("inspect", "gz:1").stdout)[0]["RootFS"]["Layers"][0]
+    assert diff_id == "sha256:" + hashlib.sha256(tarball.read_bytes()).hexdigest()
+    data = service.docker_ok("save", iid, text=False).stdout
+    with tarfile.open(fileobj=io.BytesIO(data)) as tf:
+        manifest = json.load(tf.extractfile("manifest.json"))
+        assert manifest[0]["RepoTags"] == ["gz:1"]  # saved by id: all its names
+        layer = tf.extractfile(manifest[0]["Layers"][0]).read()
+    assert layer == tarball.read_bytes()
+    service.docker_ok("rmi", "gz:1")
+    service.docker_ok("load", input=data, text=False)
+    assert service.docker_ok("inspect", "--format", "{{.Id}}", "gz:1").stdout.strip() == iid
