@@ -494,3 +494,11 @@ def test_tcp_on_ipv6_loopback(rt, tmp_path):
         finally:
             svc.stop()
         assert f"tcp://[::1]:{port} has no TLS" in svc.output()
+
+
+def test_docker_inspect_of_nothing_says_no_such_object(service):
+    """``docker inspect NAME`` tries containers, images, networks, volumes, plugins...: the
+    501s of what pyoverlay does not implement let it go on, as dockerd's 404s do."""
+    r = service.docker("inspect", "nothing-by-that-name")
+    assert r.returncode == 1
+    assert "No such object: nothing-by-that-name" in r.stderr, r.stderr
