@@ -78,7 +78,10 @@ def check_private_fd(fd: int, path: str, what: str) -> None:
     mode = stat.S_IMODE(st.st_mode)
     if mode & 0o022:
         raise StateDirError(f"the {what} {path} is writable by other users (mode {mode:04o}); refusing to use it")
-    if mode != 0o700:
+    # 0710: search (no read) for the directory's group only, kept as docker keeps
+    # /var/lib/docker: ``pyoverlay serve`` as root gives /run/pyoverlay to the group
+    # ``pyoverlay`` so that its members reach the API socket in it (runner/api/cli.py)
+    if mode not in (0o700, 0o710):
         os.fchmod(fd, 0o700)
 
 

@@ -63,6 +63,8 @@ class Request:
         self.answered = False
         self._chunked = False
         self._head = method == "HEAD"  # headers only
+        self._body = "unread"  # unread | reading | done
+        self._hijacked = False
         self.server: ApiServer = handler.server.api  # type: ignore[attr-defined]
 
     # --- reading ----------------------------------------------------------------------------
@@ -80,6 +82,7 @@ class Request:
 
     def body(self, limit: int = 1 << 20) -> bytes:
         """The request body (Content-Length or chunked), at most *limit* bytes (413 beyond)."""
+        self._body = "reading"
         te = (self.headers.get("Transfer-Encoding") or "").lower()
         if "chunked" in te:
             out = bytearray()
@@ -87,14 +90,18 @@ class Request:
                 out += chunk
                 if len(out) > limit:
                     raise ApiError(413, "request body too large")
+            self._body = "done"
             return bytes(out)
         n = int(self.headers.get("Content-Length") or 0)
         if n > limit:
             raise ApiError(413, "request body too large")
-        return self._h.rfile.read(n) if n else b""
+        data = self._h.rfile.read(n) if n else b""
+        self._body = "done"
+        return data
 
     def body_chunks(self) -> Iterable[bytes]:
         """The body as it arrives (for uploads: image archives, ``cp`` into a container)."""
+        self._body = "reading"
         rfile = self._h.rfile
         te = (self.headers.get("Transfer-Encoding") or "").lower()
         if "chunked" not in te:
@@ -105,6 +112,7 @@ class Request:
                     raise ApiError(400, "request body ended early")
                 left -= len(b)
                 yield b
+            self._body = "done"
             return
         while True:
             line = rfile.readline(1024)
@@ -114,10 +122,35 @@ class Request:
             if size == 0:
                 while rfile.readline(1024) not in (b"\r\n", b"\n", b""):
                     pass  # trailers
+                self._body = "done"
                 return
             data = rfile.read(size)
             rfile.readline(1024)
             yield data
+
+    def drain(self, limit: int = 1 << 30) -> None:
+        """Read what the handler left of the body (an error answered before an upload was
+        read: the client is still sending it, and on a kept-alive connection the rest would
+        be taken for the next request). A body half read, or above *limit*: the connection
+        is closed instead."""
+        if self._hijacked or self._body == "done":
+            return
+        if self._body == "reading":
+            self._h.close_connection = True
+            return
+        te = (self.headers.get("Transfer-Encoding") or "").lower()
+        try:
+            if "chunked" not in te and int(self.headers.get("Content-Length") or 0) > limit:
+                self._h.close_connection = True
+                return
+            n = 0
+            for chunk in self.body_chunks():
+                n += len(chunk)
+                if n > limit:
+                    self._h.close_connection = True
+                    return
+        except (ApiError, ValueError, OSError):
+            self._h.close_connection = True
 
     def json_body(self) -> Any:
         raw = self.body()
@@ -149,9 +182,15 @@ class Request:
         if not self._head:
             self._h.wfile.write(data)
 
-    def text(self, text: str, status: int = 200, content_type: str = "text/plain; charset=utf-8") -> None:
+    def text(
+        self,
+        text: str,
+        status: int = 200,
+        content_type: str = "text/plain; charset=utf-8",
+        headers: dict[str, str] | None = None,
+    ) -> None:
         data = text.encode()
-        self._start(status, {"Content-Type": content_type, "Content-Length": str(len(data))})
+        self._start(status, {"Content-Type": content_type, "Content-Length": str(len(data)), **(headers or {})})
         if not self._head:
             self._h.wfile.write(data)
 
@@ -186,6 +225,7 @@ class Request:
         headers = {"Content-Type": content_type}
         if upgrade:
             headers.update({"Connection": "Upgrade", "Upgrade": "tcp"})
+        self._hijacked = True
         self._start(101 if upgrade else 200, headers)
         self._h.wfile.flush()
         self._h.close_connection = True
@@ -273,6 +313,7 @@ class _Handler(BaseHTTPRequestHandler):
             if not req.answered:
                 req.empty(204)
             req.stream_end()
+            req.drain()
         except ApiError as e:
             self._fail(req, e.status, e.message)
         except (BrokenPipeError, ConnectionResetError):
@@ -288,6 +329,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             return
         with contextlib.suppress(OSError):
+            req.drain()  # the client may still be sending its upload: read it first
             req.error(status, message)
 
     do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = _dispatch  # noqa: N815
@@ -301,6 +343,9 @@ class _UnixServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     daemon_threads = True
     allow_reuse_address = False
 
+    def handle_error(self, request, client_address) -> None:
+        log.debug("a connection ended with an error", exc_info=True)
+
     def get_request(self):
         conn, _ = self.socket.accept()
         return conn, ("unix", 0)  # BaseHTTPRequestHandler logs client_address[0]
@@ -309,6 +354,47 @@ class _UnixServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
 class _TcpServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
     daemon_threads = True
     allow_reuse_address = True
+
+    def finish_request(self, request, client_address) -> None:
+        import ssl
+
+        if isinstance(request, ssl.SSLSocket):  # the handshake in the connection's thread
+            request.settimeout(30)
+            try:
+                request.do_handshake()
+            except (OSError, ssl.SSLError) as e:  # no client certificate, a wrong one...
+                log.info("TLS handshake with %s failed: %s", client_address, e)
+                return
+            request.settimeout(None)
+        super().finish_request(request, client_address)
+
+    def handle_error(self, request, client_address) -> None:
+        log.debug("connection from %s ended with an error", client_address, exc_info=True)
+
+
+class SocketInUse(RunnerError):
+    """A unix socket path another service answers on (or that is not a socket)."""
+
+
+def _answers(path: str) -> bool:
+    """Whether something accepts connections on the unix socket *path*."""
+    import errno
+
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(5)
+    try:
+        s.connect(path)
+        return True
+    except OSError as e:
+        if e.errno in (errno.ECONNREFUSED, errno.ENOENT):
+            return False
+        raise SocketInUse(f"cannot tell whether a service answers on {path}: {e.strerror}") from None
+    finally:
+        s.close()
+
+
+class _TcpServer6(_TcpServer):
+    address_family = socket.AF_INET6
 
 
 class ApiServer:
@@ -320,31 +406,58 @@ class ApiServer:
         self.context = context
         self._servers: list[socketserver.BaseServer] = []
         self._threads: list[threading.Thread] = []
+        self._sockets: list[tuple[str, int]] = []
+        #: what ``docker info`` warns about (a TCP listener without TLS...)
+        self.warnings: list[str] = []
 
     def listen_unix(self, path: str, mode: int = 0o660, gid: int | None = None) -> None:
-        """A unix socket at *path* (a stale socket there is replaced; anything else is
-        refused), *mode* and group *gid* set before the first connection is accepted."""
-        with contextlib.suppress(FileNotFoundError):
-            st = os.lstat(path)
-            import stat as stat_
+        """A unix socket at *path*, *mode* and group *gid* set before the first connection
+        is accepted. A socket another live service answers on is refused (SocketInUse); a
+        stale one (nobody answers) is replaced; anything else there is refused. Check and
+        bind happen under a lock on the directory, so two services starting at once cannot
+        both take the path."""
+        import fcntl
+        import stat as stat_
 
-            if not stat_.S_ISSOCK(st.st_mode):
-                raise OSError(f"{path} exists and is not a socket")
-            os.unlink(path)
-        old = os.umask(0o177)
+        dfd = os.open(os.path.dirname(path) or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
-            srv = _UnixServer(path, _Handler, bind_and_activate=True)
+            fcntl.flock(dfd, fcntl.LOCK_EX)
+            with contextlib.suppress(FileNotFoundError):
+                st = os.lstat(path)
+                if not stat_.S_ISSOCK(st.st_mode):
+                    raise SocketInUse(f"{path} exists and is not a socket; refusing to replace it")
+                if _answers(path):
+                    raise SocketInUse(f"another service is already listening on {path}; stop it first")
+                os.unlink(path)
+            old = os.umask(0o177)
+            try:
+                srv = _UnixServer(path, _Handler, bind_and_activate=True)
+            finally:
+                os.umask(old)
+            self._sockets.append((path, os.lstat(path).st_ino))
         finally:
-            os.umask(old)
-        os.chmod(path, mode)
+            os.close(dfd)  # and the lock
         if gid is not None:
             os.chown(path, -1, gid)
+        os.chmod(path, mode)
         self._add(srv)
 
+    def remove_sockets(self) -> None:
+        """Remove the unix sockets this service made (not one another has put there since)."""
+        for path, ino in self._sockets:
+            with contextlib.suppress(OSError):
+                if os.lstat(path).st_ino == ino:
+                    os.unlink(path)
+        self._sockets.clear()
+        for srv in self._servers:
+            with contextlib.suppress(OSError):
+                srv.server_close()
+
     def listen_tcp(self, host: str, port: int, ssl_context: Any = None) -> None:
-        srv = _TcpServer((host, port), _Handler, bind_and_activate=True)
+        cls: type[_TcpServer] = _TcpServer6 if ":" in host else _TcpServer
+        srv = cls((host, port), _Handler, bind_and_activate=True)
         if ssl_context is not None:
-            srv.socket = ssl_context.wrap_socket(srv.socket, server_side=True)
+            srv.socket = ssl_context.wrap_socket(srv.socket, server_side=True, do_handshake_on_connect=False)
         self._add(srv)
 
     def _add(self, srv: socketserver.BaseServer) -> None:

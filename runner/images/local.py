@@ -335,6 +335,65 @@ class Writer:
         index = {"schemaVersion": 2, "mediaType": INDEX_MEDIA, "manifests": keep}
         self._install(json.dumps(index, indent=1).encode(), os.path.join(self.store.root, "index.json"))
 
+    def untag(self, name: str) -> bool:
+        """Remove the name *name* (False: no image has it). The image keeps its other names,
+        or stays as an untagged image."""
+        old = self.store.index()
+        hit = [d for d in old if _name(d) == name]
+        if not hit:
+            return False
+        keep = [d for d in old if _name(d) != name]
+        cfg = self.store.config_of(hit[0]["digest"])
+        if not any(self.store.config_of(d["digest"]) == cfg for d in keep):
+            keep.append({k: v for k, v in hit[0].items() if k != "annotations"})
+        self._write_index(keep)
+        return True
+
+    def remove_image(self, config_digest: str, keep_layers: set[str] = frozenset()) -> list[str]:  # type: ignore[assignment]
+        """Remove the image *config_digest* (all its names) and the blobs and layer
+        directories no other image uses (nor *keep_layers*: layer dirs containers use).
+        Returns the diff ids of the layer directories removed."""
+        old = self.store.index()
+        keep = [d for d in old if self.store.config_of(d["digest"]) != config_digest]
+        if len(keep) == len(old):
+            return []
+        self._write_index(keep)
+        used_blobs: set[str] = set()
+        used_layers: set[str] = set()
+        for d in keep:
+            used_blobs.add(d["digest"])
+            with contextlib.suppress(ImageError):
+                manifest = self.store.read_json(d["digest"])
+                cfg = self.store._config_digest(manifest, d["digest"])
+                used_blobs.add(cfg)
+                used_blobs.update(x["digest"] for x in manifest.get("layers") or [] if is_digest(x.get("digest")))
+                ids = (self.store.read_json(cfg).get("rootfs") or {}).get("diff_ids") or []
+                used_layers.update(i for i in ids if is_digest(i))
+        gone: list[str] = []
+        for d in old:
+            if d in keep:
+                continue
+            with contextlib.suppress(ImageError):
+                manifest = self.store.read_json(d["digest"])
+                cfg = self.store._config_digest(manifest, d["digest"])
+                ids = (self.store.read_json(cfg).get("rootfs") or {}).get("diff_ids") or []
+                blobs = [d["digest"], cfg, *(x.get("digest") for x in manifest.get("layers") or [])]
+                for layer in ids:
+                    path = self.store.layer_dir(layer) if is_digest(layer) else None
+                    if path and layer not in used_layers and path not in keep_layers and os.path.isdir(path):
+                        tmp = self.mktemp("gone")
+                        os.rename(path, tmp)  # out of sight at once; removed with tmp/
+                        gone.append(layer)
+                for b in blobs:
+                    if is_digest(b) and b not in used_blobs:
+                        with contextlib.suppress(FileNotFoundError):
+                            os.unlink(self.store.blob_path(b))
+        return gone
+
+    def _write_index(self, manifests: list[dict]) -> None:
+        index = {"schemaVersion": 2, "mediaType": INDEX_MEDIA, "manifests": manifests}
+        self._install(json.dumps(index, indent=1).encode(), os.path.join(self.store.root, "index.json"))
+
 
 def _name(desc: dict) -> str | None:
     return (desc.get("annotations") or {}).get(REF_NAME)
