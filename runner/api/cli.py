@@ -25,6 +25,7 @@ def build_router():
 
     router = Router()
     router.include(system.router)
+    router.include(__import__(f"{__package__}.ctl", fromlist=["router"]).router)  # ps, stop, rm, cp, events...
     return router
 
 
