@@ -426,6 +426,10 @@ def list_containers(req: Request) -> None:
     if not show_all and "status" not in f and "exited" not in f:
         recs = [r for r in recs if api_state(r) == "running"]
     recs = [r for r in recs if _ps_match(r, f)]
+    for key, keep in (("before", lambda c, t: c < t), ("since", lambda c, t: c > t)):
+        for ref in f.get(key, []):
+            t = find(ref).get("created") or 0
+            recs = [r for r in recs if keep(r.get("created") or 0, t)]
     try:
         limit = int(req.arg("limit") or -1)
     except ValueError:

@@ -158,6 +158,9 @@ def test_export_holds_the_merged_tree(service, rt, web):
     assert r2.returncode == 0, r2.stderr
     with tarfile.open(fileobj=io.BytesIO(r2.stdout)) as tf:
         assert tf.extractfile("etc/motd").read() == b"exported\n"
+    deadline = time.monotonic() + 30  # the private mount goes when the request ends
+    while rt.mounts() and time.monotonic() < deadline:
+        time.sleep(0.1)
     assert rt.mounts() == []
 
 
