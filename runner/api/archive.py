@@ -41,7 +41,7 @@ from overlayfs_py import _sys
 
 from .. import state
 from . import events
-from .ctl import _attrs, api_state, find, lowers_of
+from .records import api_state, attrs, find, lowers_of
 from .server import ApiError, Request, Router
 
 router = Router()
@@ -73,6 +73,11 @@ def container_root(rec: dict) -> Iterator[tuple[int, str]]:
     """``(fd, path)`` of the container's merged root: its live mount, or a private mount
     of its layers while it is not running (module doc). The fd is ``O_RDONLY`` on the
     directory; closed on exit."""
+    if api_state(rec) == "dead":  # its monitor vanished: do its teardown first (control.py)
+        from .. import control
+
+        control.cleanup_dead(rec)
+        rec = state.load(rec["id"]) or rec
     merged = rec.get("merged")
     if api_state(rec) == "running" and merged and state.mounts_under(merged):
         fd = os.open(merged, _DIR_RD | os.O_NOFOLLOW)
@@ -81,6 +86,10 @@ def container_root(rec: dict) -> Iterator[tuple[int, str]]:
         finally:
             os.close(fd)
         return
+    if api_state(rec) == "running":  # a rootless container's mount is in its own namespaces only
+        raise ApiError(
+            501, "not implemented: cp and export of a running container whose root is not mounted on the host"
+        )
     upper, workdir = rec.get("upper"), rec.get("workdir")
     if not upper or not workdir or not os.path.isdir(upper) or not rec.get("data_dir"):
         raise ApiError(409, f"container {rec['id'][:12]} has no root filesystem yet (never started)")
@@ -390,7 +399,7 @@ def export(req: Request) -> None:
             tt.add(root_fd, name, name)
         tf.close()
         out.flush()
-    events.publish("container", "export", rec["id"], _attrs(rec))
+    events.publish("container", "export", rec["id"], attrs(rec))
 
 
 # --- archive: GET, HEAD, PUT ---------------------------------------------------------------------
@@ -434,7 +443,7 @@ def archive_get(req: Request) -> None:
             out.flush()
         finally:
             t.close()
-    events.publish("container", "archive-path", rec["id"], _attrs(rec))
+    events.publish("container", "archive-path", rec["id"], attrs(rec))
 
 
 class _BodyReader(io.RawIOBase):
@@ -490,7 +499,7 @@ def archive_put(req: Request) -> None:
             raise ApiError(400, f"not a tar archive: {e}") from None
         with tf:
             Extractor(root_fd, dest, no_overwrite, copy_uidgid).run(tf)
-    events.publish("container", "extract-to-dir", rec["id"], _attrs(rec))
+    events.publish("container", "extract-to-dir", rec["id"], attrs(rec))
     req.empty(200)
 
 

@@ -26,42 +26,27 @@ from typing import Any
 
 from .. import _linux as L
 from .. import control, state
-from . import events
+from . import archive, events, events_http
+from .records import (
+    api_of,
+    api_state,
+    attrs,
+    find,
+    image_of,
+    labels_of,
+    lowers_of,
+    parse_filters,
+    parse_time,
+    spec_of,
+)
 from .server import ApiError, Request, Router
 
 router = Router()
+router.include(archive.router)  # docker cp, docker export
+router.include(events_http.router)  # GET /events
 
 #: dockerd's zero time (a container never started or never finished)
 ZERO_TIME = "0001-01-01T00:00:00Z"
-
-
-# --- finding containers ----------------------------------------------------------------------
-
-
-def find(ref: str) -> dict:
-    """The record *ref* names as dockerd looks containers up: full id, then name (with or
-    without its leading "/"), then a unique id prefix. 404 "No such container: REF"."""
-    try:
-        recs = state.all_records()
-    except state.StateError as e:
-        raise ApiError(500, str(e)) from None
-    name = ref[1:] if ref.startswith("/") else ref
-    for r in recs:
-        if r["id"] == ref:
-            return r
-    for r in recs:
-        if name and r.get("name") == name:
-            return r
-    hits = [r for r in recs if ref and r["id"].startswith(ref)] if all(c in "0123456789abcdef" for c in ref) else []
-    if len(hits) == 1:
-        return hits[0]
-    if len(hits) > 1:
-        raise ApiError(409, f"Multiple IDs found with provided prefix: {ref}")
-    raise ApiError(404, f"No such container: {ref}")
-
-
-def reload(rec: dict) -> dict:
-    return state.load(rec["id"]) or rec
 
 
 # --- what dockerd shows of a container --------------------------------------------------------
@@ -102,11 +87,6 @@ def human_duration(seconds: float) -> str:
     return f"{int(seconds / 3600) // 24 // 365} years"
 
 
-def api_state(rec: dict) -> str:
-    """dockerd's State.Status: created | running | exited | dead."""
-    return state.status(rec)
-
-
 def started_at(rec: dict) -> float | None:
     v = rec.get("started")
     if isinstance(v, (int, float)):
@@ -127,35 +107,12 @@ def status_text(rec: dict, now: float | None = None) -> str:
     return "Created"
 
 
-def _api(rec: dict) -> dict:
-    v = rec.get("api")
-    return v if isinstance(v, dict) else {}
-
-
-def image_of(rec: dict) -> tuple[str, str]:
-    """(Image as given, image id) of a container; ("", "") for one run on bare layers."""
-    img = rec.get("image") or {}
-    cfg = _api(rec).get("Config") or {}
-    ref = cfg.get("Image") or img.get("ref") or ""
-    return ref, img.get("id") or ""
-
-
-def labels_of(rec: dict) -> dict:
-    labels = (_api(rec).get("Config") or {}).get("Labels")
-    return labels if isinstance(labels, dict) else {}
-
-
-def _spec(rec: dict) -> dict:
-    s = rec.get("spec")
-    return s if isinstance(s, dict) else {}
-
-
 def config_of(rec: dict) -> dict:
     """The container's Config: the API's own (``rec["api"]["Config"]``), else built."""
-    given = _api(rec).get("Config")
+    given = api_of(rec).get("Config")
     if isinstance(given, dict):
         return given
-    spec = _spec(rec)
+    spec = spec_of(rec)
     ref, _ = image_of(rec)
     return {
         "Hostname": rec.get("hostname") or rec["id"][:12],
@@ -179,10 +136,10 @@ def config_of(rec: dict) -> dict:
 
 
 def host_config_of(rec: dict) -> dict:
-    given = _api(rec).get("HostConfig")
+    given = api_of(rec).get("HostConfig")
     if isinstance(given, dict):
         return given
-    spec = _spec(rec)
+    spec = spec_of(rec)
     limits = spec.get("limits") or {}
     cpus = limits.get("cpus")
     return {
@@ -200,15 +157,9 @@ def host_config_of(rec: dict) -> dict:
     }
 
 
-def lowers_of(rec: dict) -> list[str]:
-    """The layers under the upper, top first, as the container's mount stacks them."""
-    init = rec.get("init_layer")
-    return ([init] if init and os.path.isdir(init) else []) + list(rec.get("layers") or [])
-
-
 def mounts_of(rec: dict) -> list[dict]:
     out = []
-    for v in _spec(rec).get("volumes") or []:
+    for v in spec_of(rec).get("volumes") or []:
         parts = v.split(":")
         if len(parts) >= 2:
             out.append(
@@ -339,28 +290,6 @@ def inspect(rec: dict, size: bool = False) -> dict:
 # --- filters -----------------------------------------------------------------------------------
 
 
-def parse_filters(req: Request) -> dict[str, list[str]]:
-    """``filters``: ``{"name": {"web": true}}`` (the docker CLI) or ``{"name": ["web"]}``."""
-    raw = req.arg("filters")
-    if not raw:
-        return {}
-    try:
-        obj = json.loads(raw)
-    except ValueError:
-        raise ApiError(400, f"invalid filter: {raw!r} is not JSON") from None
-    if not isinstance(obj, dict):
-        raise ApiError(400, "invalid filter: not a JSON object")
-    out: dict[str, list[str]] = {}
-    for k, v in obj.items():
-        if isinstance(v, dict):
-            out[k] = [str(x) for x, on in v.items() if on]
-        elif isinstance(v, list):
-            out[k] = [str(x) for x in v]
-        else:
-            raise ApiError(400, f"invalid filter {k!r}")
-    return out
-
-
 _PS_FILTERS = {"id", "name", "status", "ancestor", "exited", "label", "before", "since"}
 
 
@@ -483,21 +412,13 @@ def top(req: Request) -> None:
 # --- stop, kill, rm, prune -----------------------------------------------------------------------
 
 
-def _attrs(rec: dict, **more: str) -> dict[str, str]:
-    ref, image_id = image_of(rec)
-    out = {"name": rec.get("name") or rec["id"][:12], "image": ref or image_id}
-    out.update({k: str(v) for k, v in labels_of(rec).items()})
-    out.update(more)
-    return out
-
-
 def stop_timeout(rec: dict, given: str | None) -> float:
     if given not in (None, ""):
         try:
             return max(0.0, float(given))
         except ValueError:
             raise ApiError(400, f"invalid t: {given!r}") from None
-    v = _spec(rec).get("stop_timeout")
+    v = spec_of(rec).get("stop_timeout")
     return float(v) if isinstance(v, (int, float)) else 10.0
 
 
@@ -510,12 +431,12 @@ def stop(req: Request) -> None:
     if st != "running":
         req.empty(304)  # dockerd: "container already stopped"
         return
-    events.publish("container", "kill", rec["id"], _attrs(rec, signal=str(int(signal.SIGTERM))))
+    events.publish("container", "kill", rec["id"], attrs(rec, signal=str(int(signal.SIGTERM))))
     try:
         control.stop(rec, stop_timeout(rec, req.arg("t")))
     except control.ControlError as e:
         raise ApiError(500, f"Cannot stop container {req.params['id']}: {e}") from None
-    events.publish("container", "stop", rec["id"], _attrs(rec))
+    events.publish("container", "stop", rec["id"], attrs(rec))
     req.empty(204)
 
 
@@ -535,7 +456,7 @@ def kill(req: Request) -> None:
         control.kill(rec, sig)
     except control.ControlError:
         raise ApiError(409, f"Container {rec['id']} is not running") from None
-    events.publish("container", "kill", rec["id"], _attrs(rec, signal=str(sig)))
+    events.publish("container", "kill", rec["id"], attrs(rec, signal=str(sig)))
     req.empty(204)
 
 
@@ -548,12 +469,12 @@ def remove(rec: dict, force: bool) -> None:
             " or force remove",
         )
     if st == "running":
-        events.publish("container", "kill", rec["id"], _attrs(rec, signal=str(int(signal.SIGKILL))))
+        events.publish("container", "kill", rec["id"], attrs(rec, signal=str(int(signal.SIGKILL))))
     try:
         control.remove(rec, force=True)
     except control.ControlError as e:
         raise ApiError(500, f"Could not remove container {rec['id']}: {e}") from None
-    events.publish("container", "destroy", rec["id"], _attrs(rec))
+    events.publish("container", "destroy", rec["id"], attrs(rec))
 
 
 @router.route("DELETE", "/containers/{id}")
@@ -563,31 +484,6 @@ def delete(req: Request) -> None:
         raise ApiError(501, "not implemented: links (rm --link)")
     remove(rec, req.flag("force"))
     req.empty(204)
-
-
-def parse_time(value: str, now: float | None = None) -> float:
-    """A time as dockerd takes it in filters and ``since``/``until``: unix seconds
-    ("1700000000", "1700000000.5"), a duration before now ("10m", "1h30m"), or RFC 3339."""
-    import re
-
-    now = time.time() if now is None else now
-    v = value.strip()
-    if re.fullmatch(r"-?\d+(\.\d+)?", v):
-        return float(v)
-    m = re.fullmatch(r"((\d+(\.\d+)?)(h|ms|m|s|us|ns))+", v)
-    if m:
-        total = 0.0
-        unit = {"h": 3600, "m": 60, "s": 1, "ms": 1e-3, "us": 1e-6, "ns": 1e-9}
-        for num, _frac, u in re.findall(r"(\d+(\.\d+)?)(h|ms|m|s|us|ns)", v):
-            total += float(num) * unit[u]
-        return now - total
-    try:
-        dt = datetime.datetime.fromisoformat(v.replace("Z", "+00:00"))
-    except ValueError:
-        raise ApiError(400, f"invalid time {value!r}") from None
-    if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=datetime.UTC)
-    return dt.timestamp()
 
 
 @router.route("POST", "/containers/prune")
@@ -608,12 +504,12 @@ def prune(req: Request) -> None:
             continue
         if "label!" in f and _label_match(labels, f["label!"]):
             continue
-        size = _tree_size(rec.get("upper")) if not _spec(rec).get("upper_given") else 0
+        size = _tree_size(rec.get("upper")) if not spec_of(rec).get("upper_given") else 0
         try:
             control.remove(rec, force=False)
         except control.ControlError:
             continue  # started or gone meanwhile
-        events.publish("container", "destroy", rec["id"], _attrs(rec))
+        events.publish("container", "destroy", rec["id"], attrs(rec))
         deleted.append(rec["id"])
         space += size
     events.publish("container", "prune", "", {"reclaimed": str(space)})
@@ -742,7 +638,7 @@ def commit(req: Request) -> None:
             img = commit_image(upper, rec, name, parent, LocalStore(local_root()), log=log.append, edit=edit)
         except (ImageError, OSError) as e:
             raise ApiError(500, f"commit: {e}") from None
-    events.publish("container", "commit", rec["id"], _attrs(rec, comment=req.arg("comment") or ""))
+    events.publish("container", "commit", rec["id"], attrs(rec, comment=req.arg("comment") or ""))
     req.json({"Id": img.id}, 201)
 
 
@@ -853,13 +749,3 @@ def trace(req: Request) -> None:
                 req.stream_write(out)
     finally:
         sock.close()
-
-
-def _include_others() -> None:
-    from . import archive, events_http
-
-    router.include(archive.router)
-    router.include(events_http.router)
-
-
-_include_others()

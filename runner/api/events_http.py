@@ -12,7 +12,7 @@ import socket
 import time
 
 from . import events
-from .ctl import parse_filters, parse_time
+from .records import parse_filters, parse_time
 from .server import ApiError, Request, Router
 
 router = Router()
