@@ -31,7 +31,7 @@ def find(ref: str) -> dict:
     if len(hits) == 1:
         return hits[0]
     if len(hits) > 1:
-        raise ApiError(409, f"Multiple IDs found with provided prefix: {ref}")
+        raise ApiError(400, f"multiple IDs found with provided prefix: {ref}")
     raise ApiError(404, f"No such container: {ref}")
 
 

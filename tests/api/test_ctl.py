@@ -44,6 +44,10 @@ def test_ps_lists_the_cli_containers(service, rt, web):
     assert service.docker_ok("ps", "-aq", "--filter", "status=exited").stdout.split() == [done[:12]]
     assert service.docker_ok("ps", "-aq", "--filter", "name=web").stdout.split() == [web[:12]]
     assert service.docker_ok("ps", "-aq", "--filter", "ancestor=busybox").stdout.split() == [done[:12], web[:12]]
+    assert service.docker_ok("ps", "-aq", "--filter", "exited=0").stdout.split() == [done[:12]]
+    assert service.docker_ok("ps", "-q", "--filter", "before=done").stdout.split() == [web[:12]]
+    sized = service.docker_ok("ps", "-s", "--filter", "name=web", "--format", "{{.Size}}").stdout
+    assert "virtual" in sized, sized
     rt.ok("rm", done)
 
 
@@ -72,6 +76,8 @@ def test_top_lists_httpd(service, web):
     head, *rows = r.stdout.splitlines()
     assert "PID" in head.split() and "CMD" in head.split()
     assert any(row.rstrip().endswith("httpd -f") for row in rows), r.stdout
+    aux = service.docker_ok("top", "web", "aux").stdout.splitlines()
+    assert aux[0].split()[:2] == ["USER", "PID"] and len(aux) == 2 and aux[1].endswith("httpd -f")
     stopped = service.docker("top", "nope")
     assert stopped.returncode == 1 and "No such container: nope" in stopped.stderr
 
@@ -83,6 +89,7 @@ def test_stop_and_kill(service, rt, image):
         assert service.docker_ok("stop", "-t", "1", "web").stdout.strip() == "web"
         code = service.docker_ok("inspect", "-f", "{{.State.Status}} {{.State.ExitCode}}", web).stdout.split()
         assert code[0] == "exited" and code[1] in ("143", "137")
+        assert service.docker_ok("stop", "web").stdout.strip() == "web"  # already stopped: 304
         again = service.docker("kill", "web")
         assert again.returncode == 1 and f"Container {web} is not running" in again.stderr
         time.sleep(0.5)  # the trap is set up
@@ -191,3 +198,28 @@ def test_docker_py(service, rt, web):
         assert client.containers.list(all=True) == []
     finally:
         client.close()
+
+
+def test_an_ambiguous_id_prefix_is_refused(service, rt):
+    """Two records whose ids share a prefix (written as a monitor writes them: exited
+    containers of no image): the prefix is refused, the names and full ids work."""
+    ids = ["abc" + "0" * 60 + "1", "abc" + "0" * 60 + "2"]
+    for n, cid in enumerate(ids):
+        d = rt.state / "containers" / cid
+        d.mkdir(parents=True, mode=0o700)
+        rec = {
+            "id": cid,
+            "name": f"a{n}",
+            "command": ["true"],
+            "status": "exited",
+            "created": time.time(),
+            "exit_code": 0,
+            "finished": time.time(),
+        }
+        (d / "state.json").write_text(json.dumps(rec))
+    r = service.docker("inspect", "--type", "container", "abc")
+    assert r.returncode == 1 and "multiple IDs found with provided prefix: abc" in r.stderr
+    assert service.docker_ok("inspect", "-f", "{{.Name}}", ids[1]).stdout.strip() == "/a1"
+    assert set(service.docker_ok("ps", "-aq", "--no-trunc").stdout.split()) == set(ids)
+    assert service.docker_ok("rm", "a0", ids[1]).stdout.split() == ["a0", ids[1]]
+    assert rt.state_entries() == []
