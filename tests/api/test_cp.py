@@ -144,6 +144,16 @@ def test_docker_py_archives_and_hostile_tars(service, rt, web, tmp_path):
         assert not (tmp_path / "pwned").exists()
         inside = rt.ok("exec", "web", "cat", str(tmp_path / "pwned")).stdout
         assert inside == "pwned\n"
+        # hard links: to a member of the same tar, kept; to a path climbing out, refused
+        hl = tarfile.TarInfo("hl")
+        hl.type, hl.linkname = tarfile.LNKTYPE, "orig"
+        c.put_archive("/tmp", _tar(_file("orig", b"linked\n"), (hl, None)))
+        assert rt.ok("exec", "web", "sh", "-c", "cat /tmp/hl; stat -c %h /tmp/orig").stdout.split() == ["linked", "2"]
+        out = tarfile.TarInfo("out")
+        out.type, out.linkname = tarfile.LNKTYPE, "../../../../etc/passwd"
+        with pytest.raises(docker.errors.APIError) as e:
+            c.put_archive("/tmp", _tar((out, None)))
+        assert e.value.status_code == 400
         # the stat header of a symlink names its target resolved in the container
         rt.ok("exec", "web", "sh", "-c", "ln -s ../../etc/motd /tmp/m")
         _chunks, st = c.get_archive("/tmp/m")
