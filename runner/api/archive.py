@@ -183,7 +183,7 @@ class _Target:
         except OSError:
             os.close(self.dir_fd)
             raise _not_found(path, rec) from None
-        self.arcname = base if base else posixpath.basename(d.rstrip("/")) or "/"
+        self.arcname = base if base else posixpath.basename(d.rstrip("/")) or "/"  # "/": names "/bin", as dockerd
         self.root_fd = root_fd
         self.path = path
 

@@ -34,6 +34,12 @@ def test_cp_a_file_and_a_dir_out(service, rt, web, tmp_path):
     service.docker_ok("cp", "web:/data", tmp_path / "data")
     assert (tmp_path / "data" / "a").read_text() == "one\n"
     assert (tmp_path / "data" / "sub" / "b").read_text() == "two\n"
+    (tmp_path / "dot").mkdir()
+    service.docker_ok("cp", "web:/data/.", tmp_path / "dot")  # the directory's content
+    assert sorted(os.listdir(tmp_path / "dot")) == ["a", "sub"]
+    service.docker_ok("cp", "web:/", tmp_path / "whole")
+    assert (tmp_path / "whole" / "data" / "sub" / "b").read_text() == "two\n"
+    assert (tmp_path / "whole" / "bin" / "busybox").stat().st_size > 100000
     missing = service.docker("cp", "web:/nope", tmp_path / "x")
     assert missing.returncode == 1 and "No such container:path: web:/nope" in missing.stderr  # as with dockerd
 

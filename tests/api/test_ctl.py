@@ -122,6 +122,8 @@ def test_rm_refuses_a_running_container_without_force(service, rt, web):
 def test_container_prune_removes_only_stopped_ones(service, rt, web):
     done = rt.detach("--name", "done", "--image", "busybox:latest", "sh", "-c", "echo data > /big")
     rt.wait_status("done")
+    young = service.docker_ok("container", "prune", "-f", "--filter", "until=1h")  # made before an hour ago
+    assert done not in young.stdout and rt.find(done) is not None
     r = service.docker_ok("container", "prune", "-f")
     assert done in r.stdout.split()
     assert "Total reclaimed space:" in r.stdout
