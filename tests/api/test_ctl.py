@@ -149,6 +149,11 @@ def test_commit_then_run_the_image(service, rt, web):
         "run", "--rm", "--image", "snap:1", "sh", "-c", "cat /etc/motd; echo $MARK; test -e /bin/vi || echo no-vi"
     )
     assert out.stdout.split() == ["committed", "yes", "no-vi"]
+    # untagged, with a new default command, from the stopped container
+    service.docker_ok("stop", "-t", "0", "web")
+    untagged = service.docker_ok("commit", "-c", 'CMD ["cat", "/etc/motd"]', "web").stdout.strip()
+    assert untagged.startswith("sha256:") and untagged != img_id
+    assert rt.ok("run", "--rm", "--image", untagged).stdout == "committed\n"
 
 
 def test_export_holds_the_merged_tree(service, rt, web):
