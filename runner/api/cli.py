@@ -58,11 +58,12 @@ def default_socket() -> str:
 
 
 def build_router():
-    from . import images, system
+    from . import ctl, images, system
     from .server import Router
 
     router = Router()
     router.include(images.router)
+    router.include(ctl.router)  # ps, inspect, stop, rm, diff, commit, cp, export, events
     router.include(system.router)  # last: its catch-alls answer what no module serves
     return router
 

@@ -100,8 +100,18 @@ def new_name(ref: str) -> str:
     return f"{familiar_name(r.name)}:{r.tag}"
 
 
-def commit_image(upper: str, rec: dict | None, name: str, parent: Image | None, store: LocalStore, log=None) -> Image:
-    """Store the image "parent (or the container's lowers) + *upper*" as *name*."""
+def commit_image(
+    upper: str,
+    rec: dict | None,
+    name: str | None,
+    parent: Image | None,
+    store: LocalStore,
+    log=None,
+    edit=None,
+) -> Image:
+    """Store the image "parent (or the container's lowers) + *upper*" as *name* (None:
+    untagged, as ``docker commit CONTAINER`` without a repository). *edit*: called with the
+    new config before it is stored (the API's ``--change``, ``--author``, ``--message``)."""
     log = log or (lambda msg: print(msg, file=sys.stderr))
     now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
     with store.writer() as w:
@@ -140,7 +150,9 @@ def commit_image(upper: str, rec: dict | None, name: str, parent: Image | None, 
         add_dir(upper, "upper layer", container_lowers(rec))
         history.append({"created": now, "created_by": CREATED_BY})
         config.update(created=now, history=history, rootfs={"type": "layers", "diff_ids": diff_ids})
-        return w.add_image(dumps(config), descs, [name])
+        if edit is not None:
+            edit(config)
+        return w.add_image(dumps(config), descs, [name] if name else [])
 
 
 def _arch() -> str:
