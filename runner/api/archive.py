@@ -415,7 +415,7 @@ def archive_head(req: Request) -> None:
             header = t.stat_header()
         finally:
             t.close()
-    req._start(200, {"X-Docker-Container-Path-Stat": header, "Content-Length": "0"})
+    req.empty(200, {"X-Docker-Container-Path-Stat": header})
 
 
 @router.route("GET", "/containers/{id}/archive")
@@ -426,16 +426,8 @@ def archive_get(req: Request) -> None:
         t = _Target(root_fd, path, rec)
         try:
             header = t.stat_header()
-            req._start(
-                200,
-                {
-                    "Content-Type": "application/x-tar",
-                    "Transfer-Encoding": "chunked",
-                    "X-Docker-Container-Path-Stat": header,
-                },
-            )
-            req._chunked = True
-            if req._head:
+            req.stream_start("application/x-tar", headers={"X-Docker-Container-Path-Stat": header})
+            if req.is_head:
                 return
             tf, out = _tar_stream(req)
             TreeTar(tf).add(t.dir_fd, t.name, t.arcname, t.st if t.name else None)

@@ -730,7 +730,7 @@ def trace(req: Request) -> None:
         sock = connect_unix(path)
     except OSError as e:
         raise ApiError(500, f"cannot connect to the trace socket: {e}") from None
-    conn = req._h.connection
+    conn = req.connection
     try:
         sock.sendall(json.dumps({"history": req.flag("history")}).encode() + b"\n")
         req.stream_start("application/json")

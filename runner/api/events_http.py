@@ -77,8 +77,8 @@ def get_events(req: Request) -> None:
         t = ev["timeNano"] / 1e9
         if t >= since and (until is None or t <= until) and _match(ev, f):
             req.stream_write(_public(ev))
-    conn = req._h.connection
-    req._h.wfile.flush()
+    conn = req.connection
+    req.flush()
     while until is None or time.time() < until:
         wait = 1.0 if until is None else max(0.0, min(1.0, until - time.time()))
         seq, new = events.bus.since(seq, wait)

@@ -194,16 +194,33 @@ class Request:
         if not self._head:
             self._h.wfile.write(data)
 
-    def empty(self, status: int = 204) -> None:
-        self._start(status, {"Content-Length": "0"} if status != 204 else {})
+    def empty(self, status: int = 204, headers: dict[str, str] | None = None) -> None:
+        self._start(status, ({"Content-Length": "0"} if status != 204 else {}) | (headers or {}))
 
     def error(self, status: int, message: str) -> None:
         self.json({"message": message}, status)
 
-    def stream_start(self, content_type: str = "application/json", status: int = 200) -> None:
-        """Start a chunked response (logs, events, image pulls' progress)."""
-        self._chunked = True
-        self._start(status, {"Content-Type": content_type, "Transfer-Encoding": "chunked"})
+    def stream_start(
+        self, content_type: str = "application/json", status: int = 200, headers: dict[str, str] | None = None
+    ) -> None:
+        """Start a chunked response (logs, events, image pulls' progress; *headers*: more
+        of them). A HEAD request gets the headers only: check ``is_head`` before writing."""
+        self._chunked = not self._head
+        self._start(status, {"Content-Type": content_type, "Transfer-Encoding": "chunked", **(headers or {})})
+
+    @property
+    def connection(self) -> socket.socket:
+        """The client's socket, to watch for a client that went away during a stream (not
+        to write to: answers go through the methods above)."""
+        return self._h.connection
+
+    def flush(self) -> None:
+        self._h.wfile.flush()
+
+    @property
+    def is_head(self) -> bool:
+        """A HEAD request: headers only, no body."""
+        return self._head
 
     def stream_write(self, data: bytes) -> None:
         if data:
