@@ -1,4 +1,4 @@
-"""pyoverlay demo, in four parts.  Run it through ``scripts/demo`` (which installs everything first).
+"""pyoverlay demo, in five parts.  Run it through ``scripts/demo`` (which installs everything first).
 
 Part 1, a mount: two built-in lower layers plus an empty upper layer are mounted
 with ``pyoverlay mount``; the demo shows where each merged entry comes from, how
@@ -25,7 +25,12 @@ whiteouts with the processes that made them, and ``podman diff`` is compared wit
 ``pyoverlay diff``.  Then the same with rootless podman as ``pyoverlay-test``, whose
 ``pyoverlay trace`` runs on the host while the mount is in podman's mount namespace.
 
-``--part NAME`` (repeatable) runs only some parts: mount, container, rootless, podman.
+Part 5, the docker CLI through ``pyoverlay serve`` (scripts/demo_api.py, root only): the
+service answers the Docker Engine API on a private socket; ``docker import``, then
+``docker run -d`` and ``docker run -it ... sh`` side by side, ``ps -aef --forest`` showing
+both under the service, then ``docker ps``, ``exec`` and ``diff``.
+
+``--part NAME`` (repeatable) runs only some parts: mount, container, rootless, podman, api.
 
 Everything happens under a temporary directory (container records and data
 included) that is unmounted and removed at the end, whatever happens.
@@ -857,7 +862,7 @@ def release_mounts(base: Path) -> bool:
     return not mounts_under(base)
 
 
-PARTS = ("mount", "container", "rootless", "podman")
+PARTS = ("mount", "container", "rootless", "podman", "api")
 
 
 def run_part(name: str, base: Path) -> int:
@@ -870,9 +875,13 @@ def run_part(name: str, base: Path) -> int:
         import demo_rootless
 
         return demo_rootless.part(sys.modules[__name__], base)
-    import demo_podman
+    if name == "podman":
+        import demo_podman
 
-    return demo_podman.part(sys.modules[__name__], base)
+        return demo_podman.part(sys.modules[__name__], base)
+    import demo_api
+
+    return demo_api.part(sys.modules[__name__], base)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -884,7 +893,7 @@ def main(argv: list[str] | None = None) -> int:
         dest="parts",
         action="append",
         choices=PARTS,
-        help="run only this part (repeatable): mount (1), container (2), rootless (3), podman (4)",
+        help="run only this part (repeatable): mount (1), container (2), rootless (3), podman (4), api (5)",
     )
     parts = ap.parse_args(argv).parts or list(PARTS)
     base = Path(os.path.realpath(tempfile.mkdtemp(prefix="pyoverlay-demo-")))

@@ -1,0 +1,35 @@
+"""The demo's API part (scripts/demo.py --part api, scripts/demo_api.py) runs as the README
+says and shows the seed's scene: ``docker run -d`` and ``docker run -it`` through
+``pyoverlay serve``, both under the service in ``ps --forest``, and nothing left behind."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from helpers import mounts
+
+DEMO = mounts.REPO_ROOT / "scripts" / "demo.py"
+
+
+def test_demo_runs_docker_containers_through_the_service(tmp_path):
+    env = {**os.environ, "TMPDIR": str(tmp_path)}  # the demo makes its directory there
+    env.pop("PYOVERLAY_STATE_DIR", None)
+    env.pop("PYOVERLAY_DATA_DIR", None)
+    r = subprocess.run([sys.executable, DEMO, "--part", "api"], capture_output=True, text=True, timeout=300, env=env)
+    out = r.stdout
+    assert r.returncode == 0, out + r.stderr
+    assert "FAILED" not in out, out
+    assert "#### Part 5: the docker CLI drives pyoverlay: pyoverlay serve\n" in out, out
+    assert "I am pid 1" in out, out
+    tree = out.split("On the host: ps -aef --forest")[1].split("The service is the parent")[0]
+    lines = [line for line in tree.splitlines() if line.strip() and "PID" not in line]
+    assert "pyoverlay serve" in lines[0], tree  # the service first, everything else below it
+    assert any("httpd -f" in line for line in lines[1:]) and any(line.rstrip().endswith(" sh") for line in lines[1:]), (
+        tree
+    )
+    assert "docker run -it returned 7" in out, out
+    assert "C /etc/motd" in out.split("diff shell")[1], out
+    assert "nothing mounted; removed" in out, out
+    assert not mounts.mounts_under(tmp_path)
