@@ -695,18 +695,35 @@ def test_concurrent_copy_up_through_two_names(tmp_path):
     assert os.listdir(t / "work/work") == []
 
 
+def _index_norm(view: dict) -> list:
+    """An index dir's entries compared across the two sides (their names are the origin
+    handles of different lower inodes): type, links, ``overlay.nlink`` and whether it is a
+    metacopy file (``overlay.metacopy``)."""
+    return sorted((v[0], v[1], v[2].get(NL), MC in v[2]) for n, v in view.items() if not n.startswith("#"))
+
+
+MC = "trusted.overlay.metacopy"
+
+
 def test_index_with_metacopy(tmp_path):
-    """index=on,metacopy=on together: the same results and views as the kernel's, and each
-    side mounts the other's upper+work with the same view. The kernel puts a metacopy file
-    in index/ for a chmod of a hard-linked lower file; pyoverlay copies its data there
-    (docs/semantics.md, "metacopy"), so its upper is not compared. Reading the kernel's
-    upper takes the data of a metacopy index entry from the lower file it serves, and a
-    write through a name not linked up yet copies it."""
+    """index=on,metacopy=on together: the same results, views, uppers and index dirs as the
+    kernel's, and each side mounts the other's upper+work with the same view. The indexed
+    copy-up of a chmod, a link, a rename, an exchange or an unlink of a hard-linked lower
+    file is a metacopy file in index/ (sparse, ``overlay.metacopy``, origin, nlink), the
+    names renamed or linked get the kernel's absolute redirects; a write copies the data in
+    place. Reading the kernel's upper takes the data of a metacopy index entry from the
+    lower file it serves, and a write through a name not linked up yet copies it."""
     opts = ("index=on", "metacopy=on")
-    run = run_pair(tmp_path, _layers(), _ops, remount=True, options=list(opts))
+    run = run_pair(tmp_path, _layers(), _ops, remount=True, options=list(opts), after=_after)
     run.assert_results()
     run.assert_view()
     run.assert_remount_stable()
+    run.assert_upper()
+    kl, sl = _index_norm(run.k.extra["index_live"]), _index_norm(run.s.extra["index_live"])
+    assert kl == sl
+    assert any(mc for *_x, mc in kl), "the kernel made no metacopy index entry: the test covers none"
+    ke, se = _index_norm(_index_view(run.k.side.workdir)), _index_norm(_index_view(run.s.side.workdir))
+    assert ke == se
     kidx = run.k.side.workdir / "index"
     assert any("trusted.overlay.metacopy" in os.listxattr(kidx / n) for n in os.listdir(kidx)), (
         "the kernel made no metacopy index entry: the test no longer covers reading one"
