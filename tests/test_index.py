@@ -769,3 +769,124 @@ def test_write_through_a_metacopy_index_entry(tmp_path):
         assert _read(base / "m/f") == b"f\nmore\n" and _read(base / "m/g") == b"f\nmore\n"
     finally:
         _umount(base / "m")
+
+
+BIG_MB = int(os.environ.get("PYOVERLAY_CONCURRENCY_MB", "256"))
+
+
+@pytest.mark.parametrize("op", ["unlink", "rename"])
+def test_indexed_copy_up_does_not_stall_other_requests(tmp_path, op):
+    """An unlink or a rename of one name of a large hard-linked lower file copies the file
+    up through the index first (ovl_nlink_start); its data is copied in a worker thread,
+    as any large copy-up's: while it is in progress (its unnamed file in work/ is open in
+    the server: observed before and after), another process's stat, read and readdir of
+    other files in the same mount complete (in another directory: the kernel's VFS holds
+    the directory of the names an unlink or rename changes locked during the request).
+    Then the operation is done as the kernel's: the other name keeps the data, the index
+    has the one entry."""
+    import threading
+
+    from test_write_concurrency import _copying
+
+    t = tmp_path
+    for d in ("lower", "lower/d", "lower/h", "upper", "work", "m"):
+        (t / d).mkdir()
+    chunk = os.urandom(1 << 20)
+    with open(t / "lower/h/big", "wb") as f:
+        for _ in range(BIG_MB):
+            f.write(chunk)
+    os.link(t / "lower/h/big", t / "lower/h/big2")
+    (t / "lower/d/small").write_bytes(b"small file\n")
+    m = t / "m"
+    with mounts.PyoverlayMount(
+        [t / "lower"], m, t / "upper", t / "work", options=["index=on"], log_path=t / "server.log"
+    ) as mnt:
+        pid = mnt.proc.pid
+        os.lstat(m / "h/big2")  # (looked up before: the operation itself is what waits)
+        done = threading.Event()
+        errors: list[OSError] = []
+
+        def operate():
+            try:
+                if op == "unlink":
+                    os.unlink(m / "h/big2")
+                else:
+                    os.rename(m / "h/big2", m / "h/moved")
+            except OSError as exc:  # reported below
+                errors.append(exc)
+            finally:
+                done.set()
+
+        th = threading.Thread(target=operate)
+        th.start()
+        try:
+            while not _copying(t / "work", pid) and not done.is_set():
+                time.sleep(0.001)
+            assert not done.is_set(), "the indexed copy-up finished before it could be observed"
+            assert os.stat(m / "d/small").st_size == 11
+            assert _read(m / "d/small") == b"small file\n"
+            assert sorted(os.listdir(m / "d")) == ["small"]
+            still_copying = _copying(t / "work", pid) and not done.is_set()
+        finally:
+            th.join(timeout=300)
+        assert not errors, errors
+        assert still_copying, "the other requests were answered only after the copy-up had finished"
+        names = {"unlink": ["h/big"], "rename": ["h/big", "h/moved"]}[op]
+        sts = [os.lstat(m / n) for n in names]
+        assert {st.st_ino for st in sts} == {os.lstat(t / "lower/h/big").st_ino}
+        assert all(st.st_nlink == len(names) for st in sts)
+        assert not os.path.lexists(m / "h/big2")
+        with open(m / names[-1], "rb") as f:
+            assert f.read(1 << 20) == chunk
+    (entry,) = os.listdir(t / "work/index")
+    assert os.stat(t / "work/index" / entry).st_size == BIG_MB << 20
+    assert os.listdir(t / "work/work") == []
+
+
+def test_concurrent_indexed_copy_ups_of_two_names(tmp_path):
+    """Two names of one large hard-linked lower file, in two directories, unlinked and
+    renamed at the same time (each copies the file up through the index, its data in a
+    worker thread, under the inode's copy-up lock): one index entry, the third name keeps
+    the data and the right count, nothing left in work/."""
+    import threading
+
+    t = tmp_path
+    for d in ("lower", "lower/a", "lower/b", "upper", "work", "m"):
+        (t / d).mkdir()
+    data = os.urandom(1 << 20) * 32  # 32 MiB
+    (t / "lower/big").write_bytes(data)
+    os.link(t / "lower/big", t / "lower/a/big2")
+    os.link(t / "lower/big", t / "lower/b/big3")
+    m = t / "m"
+    with mounts.PyoverlayMount(
+        [t / "lower"], m, t / "upper", t / "work", options=["index=on"], log_path=t / "server.log"
+    ):
+        for n in ("big", "a/big2", "b/big3"):
+            os.lstat(m / n)
+        barrier = threading.Barrier(2)
+        errors: list[OSError] = []
+
+        def run(fn, *args):
+            try:
+                barrier.wait()
+                fn(*args)
+            except OSError as exc:
+                errors.append(exc)
+
+        ths = [
+            threading.Thread(target=run, args=(os.unlink, m / "a/big2")),
+            threading.Thread(target=run, args=(os.rename, m / "b/big3", m / "b/moved")),
+        ]
+        for th in ths:
+            th.start()
+        for th in ths:
+            th.join(timeout=300)
+        assert not errors, errors
+        st, st2 = os.lstat(m / "big"), os.lstat(m / "b/moved")
+        assert st.st_ino == st2.st_ino and st.st_nlink == 2 == st2.st_nlink
+        assert not os.path.lexists(m / "a/big2") and not os.path.lexists(m / "b/big3")
+        assert _read(m / "big") == data
+        _write(m / "b/moved", b"tail\n")
+        assert _read(m / "big") == data + b"tail\n"
+    assert len(os.listdir(t / "work/index")) == 1
+    assert os.listdir(t / "work/work") == []
