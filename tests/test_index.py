@@ -167,8 +167,8 @@ def test_index_dir_matches_the_kernel(run):
     def norm(view):
         return sorted((v[0], v[1], v[2].get(NL)) for v in view.values())
 
-    # ("#..." names: the kernel builds its temporaries and its shared whiteout in index/ with
-    # index=on, pyoverlay in work/; the next mount removes them either way)
+    # ("#..." names: temporaries, and the kernel's shared whiteout, which pyoverlay does not
+    # make; the next mount removes them either way)
     k = {n: v for n, v in run.k.extra["index_live"].items() if not n.startswith("#")}
     s = run.s.extra["index_live"]
     assert k and norm(k) == norm(s)
@@ -396,6 +396,8 @@ def test_crash_during_indexed_copy_up(tmp_path):
         time.sleep(0.05)
     entries = os.listdir(t / "work/index") if (t / "work/index").exists() else []
     for n in entries:  # whatever is there is complete: its origin and nlink written
+        if n.startswith("#"):  # a temporary (index/ is also the work dir: the next mount removes it)
+            continue
         p = t / "work/index" / n
         assert os.getxattr(p, OR).hex() == n
     r = _mount_cmd(opts, m)
@@ -406,6 +408,7 @@ def test_crash_during_indexed_copy_up(tmp_path):
     finally:
         _umount(m)
     assert not [n for n in os.listdir(t / "work/work")]
+    assert not [n for n in os.listdir(t / "work/index") if n.startswith("#")]
     k = _kernel_mount(opts, m)
     assert k.returncode == 0, k.stderr
     try:
@@ -774,19 +777,31 @@ def test_write_through_a_metacopy_index_entry(tmp_path):
 BIG_MB = int(os.environ.get("PYOVERLAY_CONCURRENCY_MB", "256"))
 
 
+def _building(workdir: Path, pid: int) -> bool:
+    """The server holds a file open in ``index/``: a copy-up's unnamed (``O_TMPFILE``) file,
+    which with index=on is built there, as the kernel builds its temporaries in the index
+    dir ("index dir will act also as workdir")."""
+    prefix = str(workdir / "index") + "/#"
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}").startswith(prefix):
+                return True
+        except OSError:
+            continue
+    return False
+
+
 @pytest.mark.parametrize("op", ["unlink", "rename"])
 def test_indexed_copy_up_does_not_stall_other_requests(tmp_path, op):
     """An unlink or a rename of one name of a large hard-linked lower file copies the file
     up through the index first (ovl_nlink_start); its data is copied in a worker thread,
-    as any large copy-up's: while it is in progress (its unnamed file in work/ is open in
+    as any large copy-up's: while it is in progress (its unnamed file in index/ is open in
     the server: observed before and after), another process's stat, read and readdir of
     other files in the same mount complete (in another directory: the kernel's VFS holds
     the directory of the names an unlink or rename changes locked during the request).
     Then the operation is done as the kernel's: the other name keeps the data, the index
     has the one entry."""
     import threading
-
-    from test_write_concurrency import _copying
 
     t = tmp_path
     for d in ("lower", "lower/d", "lower/h", "upper", "work", "m"):
@@ -820,13 +835,13 @@ def test_indexed_copy_up_does_not_stall_other_requests(tmp_path, op):
         th = threading.Thread(target=operate)
         th.start()
         try:
-            while not _copying(t / "work", pid) and not done.is_set():
+            while not _building(t / "work", pid) and not done.is_set():
                 time.sleep(0.001)
             assert not done.is_set(), "the indexed copy-up finished before it could be observed"
             assert os.stat(m / "d/small").st_size == 11
             assert _read(m / "d/small") == b"small file\n"
             assert sorted(os.listdir(m / "d")) == ["small"]
-            still_copying = _copying(t / "work", pid) and not done.is_set()
+            still_copying = _building(t / "work", pid) and not done.is_set()
         finally:
             th.join(timeout=300)
         assert not errors, errors
