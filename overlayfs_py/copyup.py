@@ -824,7 +824,7 @@ class CopyUp:
                 ev["index"] = iname.decode()
                 try:
                     if not meta and stat.S_ISREG(st.st_mode) and st.st_size > THREAD_THRESHOLD:
-                        await self._copy_to_index_threaded(sfd, st, layer, iname)
+                        await self._copy_to_index_threaded(node, sfd, st, layer, iname)
                     else:
                         self._copy_to_index(node, sfd, st, layer, iname, meta)
                 except BaseException as exc:
@@ -919,8 +919,11 @@ class CopyUp:
         assert self.index is not None
         return self.index.entry(iname, st.st_mode) is None
 
-    async def _copy_to_index_threaded(self, sfd: int, st: os.stat_result, layer: Layer, iname: bytes) -> None:
-        """``_copy_to_index`` of a large regular file: the data in a worker thread."""
+    async def _copy_to_index_threaded(
+        self, node: Node, sfd: int, st: os.stat_result, layer: Layer, iname: bytes
+    ) -> None:
+        """``_copy_to_index`` of a large regular file: the data in a worker thread (read from
+        the data file of a lower metacopy file)."""
         import trio
 
         src = _sys.reopen(sfd, os.O_RDONLY)
@@ -928,7 +931,12 @@ class CopyUp:
             tmp, dst = self._file_temporary()
             try:
                 try:
-                    await trio.to_thread.run_sync(copy_data, src, dst, st.st_size, self.sync, limiter=self.limiter)
+                    dsrc = self._data_source(node, src)
+                    try:
+                        await trio.to_thread.run_sync(copy_data, dsrc, dst, st.st_size, self.sync, limiter=self.limiter)
+                    finally:
+                        if dsrc != src:
+                            os.close(dsrc)
                     self._finish_meta(dst, src, st, layer, opened=True, indexed=True)
                 except BaseException:
                     self._discard_file(tmp, dst)
