@@ -5,7 +5,8 @@ in upper, so a crash never leaves a partial object under its real name: a regula
 as an unnamed ``O_TMPFILE`` file on the upper's filesystem, linked into place (the
 kernel's ``ovl_copy_up_tmpfile``); a directory, symlink or special file under a
 temporary name in ``<workdir>/work``, renamed into place with RENAME_NOREPLACE (leftovers
-there are removed at the next mount). Every step after creating the temporary acts on an
+there are removed at the next mount; with ``-o index=on`` that directory is
+``<workdir>/index``, as the kernel's). Every step after creating the temporary acts on an
 fd of it (mode, owner, xattrs, origin record, times), and everything read from the
 source comes from one O_PATH fd of the lower object opened without following symlinks
 (a regular file's reopened for reading through its magic link): no name is looked up
@@ -22,7 +23,13 @@ carries an empty ``overlay.metacopy`` and is linked into place; ``Node.lowerdata
 reading the data file below. The first ``data=True`` copy-up (an open for writing, a
 truncation) copies the data into that upper file in place and removes the xattr last, so a
 crash halfway leaves the metacopy file as it was (the kernel's
-ovl_copy_up_meta_inode_data).
+ovl_copy_up_meta_inode_data). With ``index=on`` too, the index entry of a hard-linked lower
+file copied up so is such a metacopy file, and every name linked to it shares its data
+copy-up.
+
+With ``index=on`` a link, rename or unlink of a lower name of a hard-linked lower file copies
+that name up through the index first (``link_up_indexed``: under the node's lock, large data
+in a worker thread, so the write path awaits it before its own bookkeeping).
 
 This module is the only writer of ``Node.layer`` / ``Node.dirs`` after lookup, and moves a
 copied-up node's fd to its upper object. ``CopyUp`` receives everything it uses in its
