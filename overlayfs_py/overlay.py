@@ -410,6 +410,13 @@ class Overlay:
                 elif shared is not existing and shared.ino == ino and self._same_data(shared.lowerdata, top):
                     self.inodes.add_alias(shared, parent, name)
                     shared.mode = mode
+                    if top.layer.is_upper and not shared.layer.is_upper and shared.id in self.inodes.pinned:
+                        # index=on: a node served by its index entry (a lower name looked up
+                        # first) and an upper name linked to that entry: the inode is upper,
+                        # as after a link-up (CopyUp._link_up), and this name leads to it
+                        shared.layer = top.layer
+                        self.inodes.set_primary(shared, parent, name)
+                        self.inodes.pinned.discard(shared.id)
                     return shared
             key = free
         # The first hit is in the parent's own layer at the parent's own path (no redirect

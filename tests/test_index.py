@@ -905,3 +905,36 @@ def test_concurrent_indexed_copy_ups_of_two_names(tmp_path):
         assert _read(m / "big") == data + b"tail\n"
     assert len(os.listdir(t / "work/index")) == 1
     assert os.listdir(t / "work/work") == []
+
+
+def test_names_of_a_metacopy_entry_stay_one_inode(tmp_path):
+    """index=on,metacopy=on: a chmod through one name of a hard-linked lower file links it up
+    to a metacopy index entry. After a remount, the name still served by the entry is looked
+    up first, then the linked-up one (whose data is the same lower inode under another
+    name): they are one inode, and unlinking both removes the entry, as in the kernel."""
+    _stack(tmp_path)
+    base = tmp_path
+    os.link(base / "lower/f", base / "lower/h")
+    opts = f"lowerdir={base / 'lower'},upperdir={base / 'upper'},workdir={base / 'work'},index=on,metacopy=on"
+    r = _mount_cmd(opts, base / "m")
+    assert r.returncode == 0, r.stderr
+    try:
+        os.chmod(base / "m/g", 0o600)
+    finally:
+        _umount(base / "m")
+    (entry,) = os.listdir(base / "work/index")
+    assert MC in os.listxattr(base / "work/index" / entry)
+    r = _mount_cmd(opts, base / "m")
+    assert r.returncode == 0, r.stderr
+    try:
+        sf = os.lstat(base / "m/f")  # served by the index entry
+        sg = os.lstat(base / "m/g")  # linked up: data below at lower/g
+        assert sf.st_ino == sg.st_ino and sf.st_nlink == sg.st_nlink == 3
+        os.unlink(base / "m/g")
+        os.unlink(base / "m/h")
+        assert os.lstat(base / "m/f").st_nlink == 1
+        os.unlink(base / "m/f")
+        left = os.listdir(base / "work/index")
+    finally:
+        _umount(base / "m")
+    assert left == []
