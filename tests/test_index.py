@@ -791,14 +791,14 @@ def _building(workdir: Path, pid: int) -> bool:
     return False
 
 
-@pytest.mark.parametrize("op", ["unlink", "rename"])
+@pytest.mark.parametrize("op", ["unlink", "rename", "link"])
 def test_indexed_copy_up_does_not_stall_other_requests(tmp_path, op):
-    """An unlink or a rename of one name of a large hard-linked lower file copies the file
+    """An unlink, a rename or a link of one name of a large hard-linked lower file copies the file
     up through the index first (ovl_nlink_start); its data is copied in a worker thread,
     as any large copy-up's: while it is in progress (its unnamed file in index/ is open in
     the server: observed before and after), another process's stat, read and readdir of
     other files in the same mount complete (in another directory: the kernel's VFS holds
-    the directory of the names an unlink or rename changes locked during the request).
+    the directory of the names an unlink, rename or link changes locked during the request).
     Then the operation is done as the kernel's: the other name keeps the data, the index
     has the one entry."""
     import threading
@@ -825,8 +825,10 @@ def test_indexed_copy_up_does_not_stall_other_requests(tmp_path, op):
             try:
                 if op == "unlink":
                     os.unlink(m / "h/big2")
-                else:
+                elif op == "rename":
                     os.rename(m / "h/big2", m / "h/moved")
+                else:
+                    os.link(m / "h/big2", m / "h/linked")
             except OSError as exc:  # reported below
                 errors.append(exc)
             finally:
@@ -846,11 +848,11 @@ def test_indexed_copy_up_does_not_stall_other_requests(tmp_path, op):
             th.join(timeout=300)
         assert not errors, errors
         assert still_copying, "the other requests were answered only after the copy-up had finished"
-        names = {"unlink": ["h/big"], "rename": ["h/big", "h/moved"]}[op]
+        names = {"unlink": ["h/big"], "rename": ["h/big", "h/moved"], "link": ["h/big", "h/big2", "h/linked"]}[op]
         sts = [os.lstat(m / n) for n in names]
         assert {st.st_ino for st in sts} == {os.lstat(t / "lower/h/big").st_ino}
         assert all(st.st_nlink == len(names) for st in sts)
-        assert not os.path.lexists(m / "h/big2")
+        assert os.path.lexists(m / "h/big2") == (op == "link")
         with open(m / names[-1], "rb") as f:
             assert f.read(1 << 20) == chunk
     (entry,) = os.listdir(t / "work/index")
