@@ -940,3 +940,33 @@ def test_names_of_a_metacopy_entry_stay_one_inode(tmp_path):
     finally:
         _umount(base / "m")
     assert left == []
+
+
+@pytest.mark.parametrize("impl", ["kernel", "subject"])
+def test_metacopy_index_entry_then_write_through_another_name(tmp_path, impl):
+    """index=on,metacopy=on: a chmod through one name makes a metacopy index entry (no data
+    copied); a write through another name, not linked up, copies the data into that inode in
+    place: every name reads it, the entry is no metacopy file any more. The same for the
+    kernel and pyoverlay (each run on its own stack, compared with what the kernel does)."""
+    _stack(tmp_path)
+    base = tmp_path
+    opts = f"lowerdir={base / 'lower'},upperdir={base / 'upper'},workdir={base / 'work'},index=on,metacopy=on"
+    mount = _kernel_mount if impl == "kernel" else _mount_cmd
+    r = mount(opts, base / "m")
+    assert r.returncode == 0, r.stderr
+    idx = base / "work/index"
+    try:
+        os.chmod(base / "m/f", 0o600)
+        (entry,) = [n for n in os.listdir(idx) if not n.startswith("#")]
+        assert MC in os.listxattr(idx / entry) and os.stat(idx / entry).st_size == 2
+        assert _read(base / "m/g") == b"f\n"
+        _write(base / "m/g", b"more\n")
+        assert _read(base / "m/f") == b"f\nmore\n" == _read(base / "m/g")
+        st_f, st_g = os.lstat(base / "m/f"), os.lstat(base / "m/g")
+        assert st_f.st_ino == st_g.st_ino and st_f.st_nlink == 2
+        assert oct(st_g.st_mode & 0o777) == oct(0o600)
+    finally:
+        _umount(base / "m")
+    assert MC not in os.listxattr(idx / entry)
+    assert _read(idx / entry) == b"f\nmore\n"
+    assert _read(base / "lower/g") == b"f\n"
