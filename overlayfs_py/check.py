@@ -8,7 +8,8 @@ upper layer", says what each means and what the repair does):
 
 * ``work-orphan``: an entry of ``<workdir>/work`` (a temporary of an interrupted mount;
   the kernel and pyoverlay empty ``work/`` at mount). Repair: removed. A whiteout there is
-  not one: the kernel keeps one in ``work/`` and makes every whiteout a link to it.
+  not one: the kernel keeps one in ``work/`` and makes every whiteout a link to it. With
+  ``index=on`` the index dir is the work dir: its ``#`` names are such temporaries too.
 * ``volatile``: ``work/incompat/volatile`` (the upper of a crashed volatile mount may be
   incomplete; both refuse to mount it). Left for the user.
 * ``index-orphan``: an entry of ``<workdir>/index`` no upper file links any more (a link
@@ -242,6 +243,17 @@ class _Scan:
         for name, _kind in sorted(_sys.listdir_fd(ifd)):
             st = _sys.lstat_at(ifd, name)
             shown = "index/" + os.fsdecode(name)
+            if name.startswith(b"#"):  # index=on: the index dir is also the work dir (workdir.py)
+                if is_char_whiteout(st):
+                    continue  # the kernel's shared whiteout, as in work/
+                self.add(
+                    "work-orphan",
+                    shown,
+                    "left by an interrupted mount (with index=on, temporaries are built in index/)",
+                    "removed",
+                    lambda n=name: _sys.remove_tree_at(ifd, n),
+                )
+                continue
             if stat.S_ISDIR(st.st_mode):
                 continue  # a directory's index entry (nfs_export): not judged here
             if not is_char_whiteout(st) and st.st_nlink == 1 and self._index_serves(ifd, name, st.st_mode):

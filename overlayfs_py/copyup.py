@@ -5,7 +5,8 @@ in upper, so a crash never leaves a partial object under its real name: a regula
 as an unnamed ``O_TMPFILE`` file on the upper's filesystem, linked into place (the
 kernel's ``ovl_copy_up_tmpfile``); a directory, symlink or special file under a
 temporary name in ``<workdir>/work``, renamed into place with RENAME_NOREPLACE (leftovers
-there are removed at the next mount). Every step after creating the temporary acts on an
+there are removed at the next mount; with ``-o index=on`` that directory is
+``<workdir>/index``, as the kernel's). Every step after creating the temporary acts on an
 fd of it (mode, owner, xattrs, origin record, times), and everything read from the
 source comes from one O_PATH fd of the lower object opened without following symlinks
 (a regular file's reopened for reading through its magic link): no name is looked up
@@ -22,7 +23,13 @@ carries an empty ``overlay.metacopy`` and is linked into place; ``Node.lowerdata
 reading the data file below. The first ``data=True`` copy-up (an open for writing, a
 truncation) copies the data into that upper file in place and removes the xattr last, so a
 crash halfway leaves the metacopy file as it was (the kernel's
-ovl_copy_up_meta_inode_data).
+ovl_copy_up_meta_inode_data). With ``index=on`` too, the index entry of a hard-linked lower
+file copied up so is such a metacopy file, and every name linked to it shares its data
+copy-up.
+
+With ``index=on`` a link, rename or unlink of a lower name of a hard-linked lower file copies
+that name up through the index first (``link_up_indexed``: under the node's lock, large data
+in a worker thread, so the write path awaits it before its own bookkeeping).
 
 This module is the only writer of ``Node.layer`` / ``Node.dirs`` after lookup, and moves a
 copied-up node's fd to its upper object. ``CopyUp`` receives everything it uses in its
@@ -205,11 +212,7 @@ class CopyUp:
         """Copy up *node* alone, under its lock (its parent is upper by now)."""
         if self._done(node, data):
             return False
-        import trio
-
-        lock = self._locks.get(node.id)
-        if lock is None:
-            lock = self._locks[node.id] = trio.Lock()
+        lock = self._lock_of(node)
         try:
             async with lock:
                 if self._done(node, data):  # another task finished it while we waited
@@ -221,15 +224,27 @@ class CopyUp:
                     await self.ensure_upper(node.parent, "parent")  # moved meanwhile
                 if node.is_dir:
                     self._traced(node, reason, self._copy_up_dir)
-                elif await self.copy_up_indexed_async(node, reason):
+                elif await self.copy_up_indexed_async(node, reason, data):
                     if data and node.lowerdata is not None:  # linked up to a metacopy index entry
                         await self._copy_up_data(node, reason)
                 else:
                     await self._copy_up_nondir(node, reason, data)
                 return True
         finally:
-            if not lock.locked() and lock.statistics().tasks_waiting == 0:
-                self._locks.pop(node.id, None)
+            self._unlock(node, lock)
+
+    def _lock_of(self, node: Node) -> trio.Lock:
+        """The per-node lock of copy-ups (made on first use, dropped by ``_unlock``)."""
+        import trio
+
+        lock = self._locks.get(node.id)
+        if lock is None:
+            lock = self._locks[node.id] = trio.Lock()
+        return lock
+
+    def _unlock(self, node: Node, lock: trio.Lock) -> None:
+        if not lock.locked() and lock.statistics().tasks_waiting == 0 and self._locks.get(node.id) is lock:
+            self._locks.pop(node.id, None)
 
     def copy_up_now(self, node: Node, reason: str, data: bool = False) -> bool | None:
         """``copy_up`` without awaiting, for an engine's inline path: a regular file of at
@@ -258,9 +273,9 @@ class CopyUp:
             except OSError:
                 return None
             os.close(sfd)
-            if st.st_nlink > 1 and st.st_size > THREAD_THRESHOLD:
+            if st.st_nlink > 1 and st.st_size > THREAD_THRESHOLD and not self._meta_only(node, data):
                 return None  # a large indexed copy: ``copy_up`` copies it in a worker thread
-            if self.copy_up_indexed(node, reason):
+            if self.copy_up_indexed(node, reason, data=data):
                 if data and node.lowerdata is not None:  # linked up to a metacopy index entry
                     return self.copy_up_now(node, reason, data)  # its data (or None: a task's)
                 return True
@@ -763,68 +778,118 @@ class CopyUp:
 
     # --- index=on (index.py): hard-linked lower files -------------------------------------------
 
-    def copy_up_indexed(self, node: Node, reason: str, parent: Node | None = None, name: bytes | None = None) -> bool:
+    def copy_up_indexed(
+        self, node: Node, reason: str, parent: Node | None = None, name: bytes | None = None, data: bool = False
+    ) -> bool:
         """The kernel's copy-up of a lower non-directory with more than one link, with
         ``index=on`` (ovl_do_copy_up with to_index, then ovl_link_up): built with an origin
         record and linked at ``index/<hex of the record>`` (unless another name of the
         inode put it there already), then linked at the name (*parent*/*name*, by default
-        the node's own). Blocking (the data is copied in this thread: the write path's
-        callers that name the name are not async; ``copy_up_indexed_async`` is the copy-up's
-        own). False, having done nothing: not such a file (the plain copy-up applies)."""
+        the node's own). With ``metacopy=on`` and not *data* (a chmod, chown, utimes,
+        xattr, link, rename or unlink: ovl_need_meta_copy_up), the entry is a metacopy file
+        (metadata only; ``Node.lowerdata`` is the lower file) as the kernel makes it.
+        Blocking (data is copied in this thread: an engine's inline path, for small files
+        and metadata-only copies; ``copy_up_indexed_async`` copies large data in a worker
+        thread). False, having done nothing: not such a file (the plain copy-up applies)."""
         plan = self._index_plan(node, parent, name)
         if plan is None:
             return False
-        parent, name, layer, sfd, st, iname = plan
+        parent, name, layer, sfd, st, iname, lowerdata = plan
+        meta = self._meta_only(node, data) and stat.S_ISREG(st.st_mode)
         try:
             if self._index_missing(iname, st):
-                ev = self._traced_start(node, reason, st)
+                ev = self._traced_start(node, reason, st, meta)
                 ev["index"] = iname.decode()
                 try:
-                    self._copy_to_index(node, sfd, st, layer, iname)
+                    self._copy_to_index(node, sfd, st, layer, iname, meta)
                 except BaseException as exc:
                     self._traced_end(ev, exc)
                     raise
                 self._traced_end(ev, None)
-            self._link_up(node, parent, name, iname, st)
+            self._link_up(node, parent, name, iname, st, lowerdata)
         finally:
             os.close(sfd)
         return True
 
-    async def copy_up_indexed_async(self, node: Node, reason: str) -> bool:
-        """``copy_up_indexed`` of the node's own name with its data copied in a worker
-        thread when it is large (over ``THREAD_THRESHOLD``), as other copy-ups. Should
-        another name of the inode be copied up meanwhile (a removal through it), its index
-        entry wins and this copy is dropped."""
-        plan = self._index_plan(node, None, None)
+    async def copy_up_indexed_async(
+        self, node: Node, reason: str, data: bool = False, parent: Node | None = None, name: bytes | None = None
+    ) -> bool:
+        """``copy_up_indexed`` with its data copied in a worker thread when it is large
+        (over ``THREAD_THRESHOLD``), as other copy-ups. The caller holds the node's lock
+        (``_ensure_one``, ``link_up_indexed``). Should another name of the inode be copied
+        up meanwhile (a removal through it), its index entry wins and this copy is dropped.
+        Without *parent*/*name*: the node's own name, wherever it is after the copy."""
+        own = parent is None or name is None
+        plan = self._index_plan(node, parent, name)
         if plan is None:
             return False
-        parent, name, layer, sfd, st, iname = plan
+        parent, name, layer, sfd, st, iname, lowerdata = plan
+        meta = self._meta_only(node, data) and stat.S_ISREG(st.st_mode)
         try:
             if self._index_missing(iname, st):
-                ev = self._traced_start(node, reason, st)
+                ev = self._traced_start(node, reason, st, meta)
                 ev["index"] = iname.decode()
                 try:
-                    if stat.S_ISREG(st.st_mode) and st.st_size > THREAD_THRESHOLD:
-                        await self._copy_to_index_threaded(sfd, st, layer, iname)
+                    if not meta and stat.S_ISREG(st.st_mode) and st.st_size > THREAD_THRESHOLD:
+                        await self._copy_to_index_threaded(node, sfd, st, layer, iname)
                     else:
-                        self._copy_to_index(node, sfd, st, layer, iname)
+                        self._copy_to_index(node, sfd, st, layer, iname, meta)
                 except BaseException as exc:
                     self._traced_end(ev, exc)
                     raise
                 self._traced_end(ev, None)
-            if node.parent is not None:  # where the node is now (a rename may have moved it)
+            if own and node.parent is not None:  # where the node is now (a rename may have moved it)
                 parent, name = node.parent, node.name
-            self._link_up(node, parent, name, iname, st)
+            self._link_up(node, parent, name, iname, st, lowerdata)
         finally:
             os.close(sfd)
         return True
+
+    def index_copy_waits(self, node: Node, parent: Node, name: bytes) -> bool:
+        """Whether the indexed copy-up of *name* in *parent* (a lower name of hard-linked
+        *node*, for a link, rename or unlink) may wait: a task is copying the node up (its
+        lock is taken), or its index entry is still to be built with more than
+        ``THREAD_THRESHOLD`` bytes of data. Then ``link_up_indexed`` serves it in a task;
+        otherwise ``copy_up_indexed`` may (no await). Looks only."""
+        if node.id in self._locks:
+            return True
+        if self.index is None or node.is_dir:
+            return False
+        hit = self.lower_hit(parent, name)
+        if hit is None or not stat.S_ISREG(hit[1].st_mode) or hit[1].st_nlink <= 1:
+            return False
+        # (an index entry may exist already: the task then only links it)
+        return not self._meta_only(node, False) and hit[1].st_size > THREAD_THRESHOLD
+
+    async def link_up_indexed(self, node: Node, reason: str, parent: Node, name: bytes) -> bool:
+        """The write path's indexed copy-up of *name* in *parent* (ovl_copy_up of the dentry
+        a link, rename or unlink names: ovl_nlink_start), under the node's lock (one copy-up
+        of an inode at a time; another name's copy-up that finished meanwhile left its
+        index entry, which this one then only links). The data of a large file is copied in
+        a worker thread: the server serves other requests meanwhile. False, having done
+        nothing: not such a name any more (gone, or taken by another object meanwhile: the
+        caller looks it up again)."""
+        lock = self._lock_of(node)
+        try:
+            async with lock:
+                pfd = self.upper_dir(parent, "parent")
+                try:
+                    cur = _sys.lstat_at(pfd, name)
+                except FileNotFoundError:
+                    cur = None
+                if cur is not None:  # linked up meanwhile, or another object's name now
+                    return False
+                return await self.copy_up_indexed_async(node, reason, False, parent, name)
+        finally:
+            self._unlock(node, lock)
 
     def _index_plan(
         self, node: Node, parent: Node | None, name: bytes | None
-    ) -> tuple[Node, bytes, Layer, int, os.stat_result, bytes] | None:
+    ) -> tuple[Node, bytes, Layer, int, os.stat_result, bytes, tuple[Layer, bytes]] | None:
         """(parent, name, lower layer, O_PATH fd of the lower object, its fstat, index entry
-        name) of an indexed copy-up of *name* in *parent* (default: the node's own), with
-        the parent copied up; None: not a lower non-directory with several links."""
+        name, where its data is: (layer, path)) of an indexed copy-up of *name* in *parent*
+        (default: the node's own), with the parent copied up; None: not a lower
+        non-directory with several links."""
         index = self.index
         if index is None or node.is_dir:
             return None
@@ -836,6 +901,7 @@ class CopyUp:
         if hit is None or stat.S_ISDIR(hit[1].st_mode) or hit[1].st_nlink <= 1:
             return None
         layer, _lst, lpath = hit
+        lowerdata = node.lowerdata or (layer, lpath)  # (a lower metacopy file: its data below)
         prel, _, lname = lpath.rpartition(b"/")
         sfd = _sys.open_beneath(self.stack.dir_fd(layer, prel), lname, _sys.O_PATH)
         try:
@@ -854,14 +920,17 @@ class CopyUp:
             with contextlib.suppress(OSError):
                 os.close(sfd)
             raise
-        return parent, name, layer, sfd, st, index_name(rec)
+        return parent, name, layer, sfd, st, index_name(rec), lowerdata
 
     def _index_missing(self, iname: bytes, st: os.stat_result) -> bool:
         assert self.index is not None
         return self.index.entry(iname, st.st_mode) is None
 
-    async def _copy_to_index_threaded(self, sfd: int, st: os.stat_result, layer: Layer, iname: bytes) -> None:
-        """``_copy_to_index`` of a large regular file: the data in a worker thread."""
+    async def _copy_to_index_threaded(
+        self, node: Node, sfd: int, st: os.stat_result, layer: Layer, iname: bytes
+    ) -> None:
+        """``_copy_to_index`` of a large regular file: the data in a worker thread (read from
+        the data file of a lower metacopy file)."""
         import trio
 
         src = _sys.reopen(sfd, os.O_RDONLY)
@@ -869,7 +938,12 @@ class CopyUp:
             tmp, dst = self._file_temporary()
             try:
                 try:
-                    await trio.to_thread.run_sync(copy_data, src, dst, st.st_size, self.sync, limiter=self.limiter)
+                    dsrc = self._data_source(node, src)
+                    try:
+                        await trio.to_thread.run_sync(copy_data, dsrc, dst, st.st_size, self.sync, limiter=self.limiter)
+                    finally:
+                        if dsrc != src:
+                            os.close(dsrc)
                     self._finish_meta(dst, src, st, layer, opened=True, indexed=True)
                 except BaseException:
                     self._discard_file(tmp, dst)
@@ -905,17 +979,31 @@ class CopyUp:
             return None
         return hits[0].layer, hits[0].st, hits[0].path
 
-    def _copy_to_index(self, node: Node, sfd: int, st: os.stat_result, layer: Layer, iname: bytes) -> None:
+    def _copy_to_index(
+        self, node: Node, sfd: int, st: os.stat_result, layer: Layer, iname: bytes, meta: bool = False
+    ) -> None:
         """ovl_copy_up_tmpfile/_workdir to the index dir: the copy, its metadata and origin,
-        linked at index/<iname>, then its ``overlay.nlink`` (``U+<links-1>``)."""
+        linked at index/<iname>, then its ``overlay.nlink`` (``U+<links-1>``). *meta*: a
+        regular file's metadata only (``_copy_up_meta``'s file: sparse, no fsync, an empty
+        ``overlay.metacopy``), the kernel's metacopy index entry."""
         if stat.S_ISREG(st.st_mode):
             src = _sys.reopen(sfd, os.O_RDONLY)
             try:
                 tmp, dst = self._file_temporary()
                 try:
                     try:
-                        copy_data(src, dst, st.st_size, self.sync)
+                        if meta:
+                            os.ftruncate(dst, st.st_size)
+                        else:
+                            dsrc = self._data_source(node, src)
+                            try:
+                                copy_data(dsrc, dst, st.st_size, self.sync)
+                            finally:
+                                if dsrc != src:
+                                    os.close(dsrc)
                         self._finish_meta(dst, src, st, layer, opened=True, indexed=True)
+                        if meta:
+                            os.setxattr(dst, self.names.metacopy, b"")
                     except BaseException:
                         self._discard_file(tmp, dst)
                         raise
@@ -945,9 +1033,18 @@ class CopyUp:
         upper_nlink = os.fstat(fd).st_nlink
         return nlink_of(self.index.get_nlink(fd), upper_nlink, lower_nlink, upper_nlink)
 
-    def _link_up(self, node: Node, parent: Node, name: bytes, iname: bytes, lst: os.stat_result) -> None:
+    def _link_up(
+        self,
+        node: Node,
+        parent: Node,
+        name: bytes,
+        iname: bytes,
+        lst: os.stat_result,
+        lowerdata: tuple[Layer, bytes] | None = None,
+    ) -> None:
         """ovl_link_up: the index entry linked at *name* in *parent*'s upper dir (the parent
-        impure, ``L+d`` before, ``U+d`` after, the parent's times kept); the node is upper."""
+        impure, ``L+d`` before, ``U+d`` after, the parent's times kept); the node is upper.
+        A metacopy entry's data stays *lowerdata* (the lower file) until its data copy-up."""
         index = self.index
         assert index is not None
         ifd = index.open(iname)
@@ -970,6 +1067,12 @@ class CopyUp:
             index.indexed[(tst.st_dev, tst.st_ino)] = lst.st_nlink
             self.trace.emit("index_link", path=display(_child_path(parent, name)), index=iname.decode(), nlink=overlay)
             if not node.layer.is_upper:
+                if (
+                    node.lowerdata is None
+                    and lowerdata is not None
+                    and _sys.getxattr_at(ifd, None, self.names.metacopy) is not None
+                ):
+                    node.lowerdata = lowerdata  # before the node is upper: its readers follow it
                 node.layer = self.upper
                 self.inodes.rekey(node, real_key(tst.st_dev, tst.st_ino))
             self.inodes.set_primary(node, parent, name)

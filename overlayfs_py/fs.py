@@ -272,7 +272,7 @@ class Operations(pyfuse3.Operations):
 
     async def unlink(self, parent_inode: InodeT, name: FileNameT, ctx: RequestContext) -> None:
         with self._errors("unlink", ctx):
-            self.writes.remove(self._node(parent_inode), name, is_dir=False)
+            await self.writes.remove_async(self._node(parent_inode), name, is_dir=False)
 
     async def rmdir(self, parent_inode: InodeT, name: FileNameT, ctx: RequestContext) -> None:
         with self._errors("rmdir", ctx):

@@ -325,6 +325,24 @@ class Overlay:
         hit = Hit(layer, st, ppath + b"/" + name if ppath else name)
         return self._node_for(parent, name, [hit], ino=st.st_ino if new else None), st
 
+    def _same_data(self, lowerdata: tuple[Layer, bytes] | None, top: Hit) -> bool:
+        """Whether a node's data file (``Node.lowerdata``) is the one *top* (a hit of one of
+        its names) reads: the same place, or, for a name of a hard-linked lower file (index=on:
+        its metacopy index entry linked at several names), the same lower inode by another
+        name."""
+        data = top.data
+        if lowerdata is None or data is None:
+            return lowerdata is None and data is None
+        if (lowerdata[0], lowerdata[1]) == (data.layer, data.path):
+            return True
+        if lowerdata[0] is not data.layer or data.st.st_nlink <= 1:
+            return False
+        try:
+            st = self.stack.lstat(*lowerdata)
+        except OSError:
+            return False
+        return (st.st_dev, st.st_ino) == (data.st.st_dev, data.st.st_ino)
+
     def _node_for(
         self, parent: Node, name: bytes, hits: list[Hit], prel: bytes | None = None, ino: int | None = None
     ) -> Node:
@@ -340,7 +358,7 @@ class Overlay:
             existing is not None
             and existing.layer is top.layer
             and existing.dirs == dirs
-            and existing.lowerdata == data
+            and self._same_data(existing.lowerdata, top)
             and stat.S_IFMT(existing.mode) == stat.S_IFMT(mode)
             and self._same_object(existing, top)
         ):
@@ -389,9 +407,16 @@ class Overlay:
                 shared = self.inodes.by_key(k)
                 if shared is None or shared is existing:
                     free = k if free is None else free
-                elif shared is not existing and shared.ino == ino and shared.lowerdata == data:
+                elif shared is not existing and shared.ino == ino and self._same_data(shared.lowerdata, top):
                     self.inodes.add_alias(shared, parent, name)
                     shared.mode = mode
+                    if top.layer.is_upper and not shared.layer.is_upper and shared.id in self.inodes.pinned:
+                        # index=on: a node served by its index entry (a lower name looked up
+                        # first) and an upper name linked to that entry: the inode is upper,
+                        # as after a link-up (CopyUp._link_up), and this name leads to it
+                        shared.layer = top.layer
+                        self.inodes.set_primary(shared, parent, name)
+                        self.inodes.pinned.discard(shared.id)
                     return shared
             key = free
         # The first hit is in the parent's own layer at the parent's own path (no redirect

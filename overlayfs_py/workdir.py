@@ -137,8 +137,12 @@ class WorkDir:
 
     def work(self) -> Work:
         """A ``Work`` on its own dup of the ``work/`` fd (the overlay outlives this object,
-        which the server closes once mounted); ``Work.close`` closes it."""
-        return Work(os.dup(self.work_fd))
+        which the server closes once mounted); ``Work.close`` closes it. With ``index=on``
+        the index dir is that directory, as the kernel's (ovl_get_indexdir: "index dir will
+        act also as workdir"): temporaries and whiteouts are made in ``index/`` under
+        ``#`` names, which the index cleanup at mount (the kernel's or pyoverlay's)
+        removes after a crash."""
+        return Work(os.dup(self.index_fd if self.index_fd >= 0 else self.work_fd))
 
     def close(self) -> None:
         for fd in (self.work_fd, self.fd, self.index_fd):

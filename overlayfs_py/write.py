@@ -403,6 +403,76 @@ class WritePath:
         index.set_nlink(node.fd, "U", overlay - fst.st_nlink)
         return True
 
+    def _index_linked(self, node: Node, parent: Node, name: bytes) -> bool:
+        """Whether *name* in *parent* (a name of non-directory *node*) is in the upper layer
+        as the node's own upper object (linked up already, or an upper file)."""
+        if not parent.layer.is_upper or parent.fd < 0 or node.fd < 0:
+            return False
+        ust = self._upper_entry(parent.fd, name)
+        if ust is None:
+            return False
+        fst = os.fstat(node.fd)
+        return (ust.st_dev, ust.st_ino) == (fst.st_dev, fst.st_ino)
+
+    def _index_pending(self, parent: Node, name: bytes) -> Node | None:
+        """index=on: the node of *name* in *parent* when that name still has to be copied up
+        through the index (a lower name of a hard-linked lower non-directory, not linked up
+        yet); None otherwise (no such name, a directory, an upper name...)."""
+        copy = self._copyup
+        if copy is None or copy.index is None:
+            return None
+        node = self._exists(parent, name)
+        if node is None or node.is_dir or self._index_linked(node, parent, name):
+            return None
+        hit = copy.lower_hit(parent, name)
+        if hit is None or stat.S_ISDIR(hit[1].st_mode) or hit[1].st_nlink <= 1:
+            return None
+        return node
+
+    def index_waits(self, names: list[tuple[Node, bytes]]) -> bool:
+        """Whether the indexed copy-up of one of *names* (``(parent, name)``: the names an
+        unlink or rename changes) may wait: a large data copy, or a task copying that inode
+        up. An engine then serves the request in a task (``remove_async``); otherwise the
+        inline ``remove`` copies what is needed at once (metadata, small data)."""
+        copy = self._copyup
+        if copy is None or copy.index is None:
+            return False
+        for parent, name in names:
+            node = self._index_pending(parent, name)
+            if node is not None and copy.index_copy_waits(node, parent, name):
+                return True
+        return False
+
+    async def _index_names_up(self, names: list[tuple[Node, bytes]], reason: str) -> bool:
+        """index=on: the names an operation changes copied up through the index first (the
+        kernel's ovl_copy_up of the dentry it names, ovl_nlink_start), each under its
+        node's lock, a large file's data in a worker thread (``CopyUp.link_up_indexed``), so
+        that the server serves others meanwhile. Returns whether anything was awaited (the
+        caller then looks its names up again: they may have changed meanwhile)."""
+        copy = self._copyup
+        if copy is None or copy.index is None:
+            return False
+        waited = False
+        for _ in range(64):  # each pass copies or finds linked; a name changing under it tries again
+            again = False
+            for parent, name in names:
+                node = self._index_pending(parent, name)
+                if node is None:
+                    continue
+                waited = True
+                await copy.link_up_indexed(node, reason, parent, name)
+                again = True
+            if not again:
+                break
+        return waited
+
+    async def remove_async(self, parent: Node, name: bytes, is_dir: bool) -> None:
+        """``remove``, the indexed copy-up of the name it removes awaited first (large data
+        in a worker thread: see ``index_waits``); ``remove`` then finds it linked up."""
+        if not is_dir:
+            await self._index_names_up([(parent, name)], "remove")
+        self.remove(parent, name, is_dir)
+
     def _index_name_up(self, node: Node, parent: Node, name: bytes, reason: str) -> bool:
         """index=on: *name* in *parent*, a name of *node*, in the upper layer: a lower name of
         a hard-linked lower inode is copied up through the index (or linked to its entry),
@@ -523,6 +593,12 @@ class WritePath:
             if dst.is_dir and not dst_pure and not self.stack.is_empty_dir(dst.layer_dirs()):
                 raise OSError(errno.ENOTEMPTY, "target not empty")
         if copy.index is not None:  # the names the rename is about are the ones copied up
+            names = [(parent, name)] + ([(newparent, newname)] if dst is not None else [])
+            if await self._index_names_up(names, "rename") and (
+                self._exists(parent, name) is not src or self._exists(newparent, newname) is not dst
+            ):
+                # a name changed while its copy-up was awaited: the rename starts over
+                return await self.rename(parent, name, newparent, newname, flags)
             self._index_name_up(src, parent, name, "rename")
             if exchange and dst is not None:
                 self._index_name_up(dst, newparent, newname, "rename")
@@ -617,6 +693,17 @@ class WritePath:
             return None
         return _sys.getxattr_at(node.fd, None, self.names.redirect)
 
+    def _lower_hardlinked(self, node: Node) -> bool:
+        """A non-directory whose lower file has several links: its redirect is absolute even
+        within its directory, as its upper links may be in several (the kernel's
+        ovl_need_absolute_redirect)."""
+        if node.is_dir or node.lowerdata is None:
+            return False
+        try:
+            return self.stack.lstat(*node.lowerdata).st_nlink > 1
+        except OSError:
+            return False
+
     def _redirect_for(self, node: Node, samedir: bool) -> bytes | None:
         """The ``overlay.redirect`` the kernel writes on directory *node* (already copied up)
         renamed within its parent (*samedir*) or elsewhere; None: its redirect stays
@@ -624,9 +711,10 @@ class WritePath:
         its lower content, built from each ancestor's redirect or name up to the root or an
         absolute redirect (ovl_get_redirect)."""
         current = self._upper_redirect(node)
-        if current and (samedir or current.startswith(b"/")):
+        absolute = not samedir or self._lower_hardlinked(node)  # ovl_need_absolute_redirect
+        if current and (not absolute or current.startswith(b"/")):
             return None
-        if samedir:
+        if not absolute:
             return node.name
         parts: list[bytes] = []
         n: Node | None = node

@@ -396,6 +396,9 @@ def test_workdir_leftovers_are_removed_without_following_symlinks(tmp_path):
             "work/evil": L(str(outside)),  # removed as a symlink, never followed
             "index/00fb1d": F(b"no upper file links it"),
             "index/00fb1e": WH(),
+            "index/#4": F(b"half an indexed copy-up"),  # index=on: index/ is also the work dir
+            "index/#5/deep": F(b"x"),
+            "index/#6": WH(),  # the kernel's shared whiteout there: fine
         },
     )
     os.link(up / "a", wk / "index/00fbaa")  # an index entry still linked from the upper: fine
@@ -407,11 +410,13 @@ def test_workdir_leftovers_are_removed_without_following_symlinks(tmp_path):
         ("work-orphan", "work/evil"),
         ("index-orphan", "index/00fb1d"),
         ("index-orphan", "index/00fb1e"),
+        ("work-orphan", "index/#4"),
+        ("work-orphan", "index/#5"),
         ("record-bad", "pyoverlay.json"),
     }
     r = _cli("--workdir", wk, "--lower", l1, "--repair", up)
     assert r.returncode == 1, r.stdout + r.stderr
-    assert os.listdir(wk / "work") == ["#3"] and os.listdir(wk / "index") == ["00fbaa"]
+    assert os.listdir(wk / "work") == ["#3"] and sorted(os.listdir(wk / "index")) == ["#6", "00fbaa"]
     assert not (wk / "pyoverlay.json").exists()
     assert sorted(os.listdir(outside)) == ["keep", "zz"]  # nothing outside touched
     assert _cli("--workdir", wk, "--lower", l1, up).returncode == 0

@@ -167,8 +167,8 @@ def test_index_dir_matches_the_kernel(run):
     def norm(view):
         return sorted((v[0], v[1], v[2].get(NL)) for v in view.values())
 
-    # ("#..." names: the kernel builds its temporaries and its shared whiteout in index/ with
-    # index=on, pyoverlay in work/; the next mount removes them either way)
+    # ("#..." names: temporaries, and the kernel's shared whiteout, which pyoverlay does not
+    # make; the next mount removes them either way)
     k = {n: v for n, v in run.k.extra["index_live"].items() if not n.startswith("#")}
     s = run.s.extra["index_live"]
     assert k and norm(k) == norm(s)
@@ -396,6 +396,8 @@ def test_crash_during_indexed_copy_up(tmp_path):
         time.sleep(0.05)
     entries = os.listdir(t / "work/index") if (t / "work/index").exists() else []
     for n in entries:  # whatever is there is complete: its origin and nlink written
+        if n.startswith("#"):  # a temporary (index/ is also the work dir: the next mount removes it)
+            continue
         p = t / "work/index" / n
         assert os.getxattr(p, OR).hex() == n
     r = _mount_cmd(opts, m)
@@ -406,6 +408,7 @@ def test_crash_during_indexed_copy_up(tmp_path):
     finally:
         _umount(m)
     assert not [n for n in os.listdir(t / "work/work")]
+    assert not [n for n in os.listdir(t / "work/index") if n.startswith("#")]
     k = _kernel_mount(opts, m)
     assert k.returncode == 0, k.stderr
     try:
@@ -695,18 +698,35 @@ def test_concurrent_copy_up_through_two_names(tmp_path):
     assert os.listdir(t / "work/work") == []
 
 
+def _index_norm(view: dict) -> list:
+    """An index dir's entries compared across the two sides (their names are the origin
+    handles of different lower inodes): type, links, ``overlay.nlink`` and whether it is a
+    metacopy file (``overlay.metacopy``)."""
+    return sorted((v[0], v[1], v[2].get(NL), MC in v[2]) for n, v in view.items() if not n.startswith("#"))
+
+
+MC = "trusted.overlay.metacopy"
+
+
 def test_index_with_metacopy(tmp_path):
-    """index=on,metacopy=on together: the same results and views as the kernel's, and each
-    side mounts the other's upper+work with the same view. The kernel puts a metacopy file
-    in index/ for a chmod of a hard-linked lower file; pyoverlay copies its data there
-    (docs/semantics.md, "metacopy"), so its upper is not compared. Reading the kernel's
-    upper takes the data of a metacopy index entry from the lower file it serves, and a
-    write through a name not linked up yet copies it."""
+    """index=on,metacopy=on together: the same results, views, uppers and index dirs as the
+    kernel's, and each side mounts the other's upper+work with the same view. The indexed
+    copy-up of a chmod, a link, a rename, an exchange or an unlink of a hard-linked lower
+    file is a metacopy file in index/ (sparse, ``overlay.metacopy``, origin, nlink), the
+    names renamed or linked get the kernel's absolute redirects; a write copies the data in
+    place. Reading the kernel's upper takes the data of a metacopy index entry from the
+    lower file it serves, and a write through a name not linked up yet copies it."""
     opts = ("index=on", "metacopy=on")
-    run = run_pair(tmp_path, _layers(), _ops, remount=True, options=list(opts))
+    run = run_pair(tmp_path, _layers(), _ops, remount=True, options=list(opts), after=_after)
     run.assert_results()
     run.assert_view()
     run.assert_remount_stable()
+    run.assert_upper()
+    kl, sl = _index_norm(run.k.extra["index_live"]), _index_norm(run.s.extra["index_live"])
+    assert kl == sl
+    assert any(mc for *_x, mc in kl), "the kernel made no metacopy index entry: the test covers none"
+    ke, se = _index_norm(_index_view(run.k.side.workdir)), _index_norm(_index_view(run.s.side.workdir))
+    assert ke == se
     kidx = run.k.side.workdir / "index"
     assert any("trusted.overlay.metacopy" in os.listxattr(kidx / n) for n in os.listdir(kidx)), (
         "the kernel made no metacopy index entry: the test no longer covers reading one"
@@ -752,3 +772,201 @@ def test_write_through_a_metacopy_index_entry(tmp_path):
         assert _read(base / "m/f") == b"f\nmore\n" and _read(base / "m/g") == b"f\nmore\n"
     finally:
         _umount(base / "m")
+
+
+BIG_MB = int(os.environ.get("PYOVERLAY_CONCURRENCY_MB", "256"))
+
+
+def _building(workdir: Path, pid: int) -> bool:
+    """The server holds a file open in ``index/``: a copy-up's unnamed (``O_TMPFILE``) file,
+    which with index=on is built there, as the kernel builds its temporaries in the index
+    dir ("index dir will act also as workdir")."""
+    prefix = str(workdir / "index") + "/#"
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}").startswith(prefix):
+                return True
+        except OSError:
+            continue
+    return False
+
+
+@pytest.mark.parametrize("op", ["unlink", "rename", "link"])
+def test_indexed_copy_up_does_not_stall_other_requests(tmp_path, op):
+    """An unlink, a rename or a link of one name of a large hard-linked lower file copies the file
+    up through the index first (ovl_nlink_start); its data is copied in a worker thread,
+    as any large copy-up's: while it is in progress (its unnamed file in index/ is open in
+    the server: observed before and after), another process's stat, read and readdir of
+    other files in the same mount complete (in another directory: the kernel's VFS holds
+    the directory of the names an unlink, rename or link changes locked during the request).
+    Then the operation is done as the kernel's: the other name keeps the data, the index
+    has the one entry."""
+    import threading
+
+    t = tmp_path
+    for d in ("lower", "lower/d", "lower/h", "upper", "work", "m"):
+        (t / d).mkdir()
+    chunk = os.urandom(1 << 20)
+    with open(t / "lower/h/big", "wb") as f:
+        for _ in range(BIG_MB):
+            f.write(chunk)
+    os.link(t / "lower/h/big", t / "lower/h/big2")
+    (t / "lower/d/small").write_bytes(b"small file\n")
+    m = t / "m"
+    with mounts.PyoverlayMount(
+        [t / "lower"], m, t / "upper", t / "work", options=["index=on"], log_path=t / "server.log"
+    ) as mnt:
+        pid = mnt.proc.pid
+        os.lstat(m / "h/big2")  # (looked up before: the operation itself is what waits)
+        done = threading.Event()
+        errors: list[OSError] = []
+
+        def operate():
+            try:
+                if op == "unlink":
+                    os.unlink(m / "h/big2")
+                elif op == "rename":
+                    os.rename(m / "h/big2", m / "h/moved")
+                else:
+                    os.link(m / "h/big2", m / "h/linked")
+            except OSError as exc:  # reported below
+                errors.append(exc)
+            finally:
+                done.set()
+
+        th = threading.Thread(target=operate)
+        th.start()
+        try:
+            while not _building(t / "work", pid) and not done.is_set():
+                time.sleep(0.001)
+            assert not done.is_set(), "the indexed copy-up finished before it could be observed"
+            assert os.stat(m / "d/small").st_size == 11
+            assert _read(m / "d/small") == b"small file\n"
+            assert sorted(os.listdir(m / "d")) == ["small"]
+            still_copying = _building(t / "work", pid) and not done.is_set()
+        finally:
+            th.join(timeout=300)
+        assert not errors, errors
+        assert still_copying, "the other requests were answered only after the copy-up had finished"
+        names = {"unlink": ["h/big"], "rename": ["h/big", "h/moved"], "link": ["h/big", "h/big2", "h/linked"]}[op]
+        sts = [os.lstat(m / n) for n in names]
+        assert {st.st_ino for st in sts} == {os.lstat(t / "lower/h/big").st_ino}
+        assert all(st.st_nlink == len(names) for st in sts)
+        assert os.path.lexists(m / "h/big2") == (op == "link")
+        with open(m / names[-1], "rb") as f:
+            assert f.read(1 << 20) == chunk
+    (entry,) = os.listdir(t / "work/index")
+    assert os.stat(t / "work/index" / entry).st_size == BIG_MB << 20
+    assert os.listdir(t / "work/work") == []
+
+
+def test_concurrent_indexed_copy_ups_of_two_names(tmp_path):
+    """Two names of one large hard-linked lower file, in two directories, unlinked and
+    renamed at the same time (each copies the file up through the index, its data in a
+    worker thread, under the inode's copy-up lock): one index entry, the third name keeps
+    the data and the right count, nothing left in work/."""
+    import threading
+
+    t = tmp_path
+    for d in ("lower", "lower/a", "lower/b", "upper", "work", "m"):
+        (t / d).mkdir()
+    data = os.urandom(1 << 20) * 32  # 32 MiB
+    (t / "lower/big").write_bytes(data)
+    os.link(t / "lower/big", t / "lower/a/big2")
+    os.link(t / "lower/big", t / "lower/b/big3")
+    m = t / "m"
+    with mounts.PyoverlayMount(
+        [t / "lower"], m, t / "upper", t / "work", options=["index=on"], log_path=t / "server.log"
+    ):
+        for n in ("big", "a/big2", "b/big3"):
+            os.lstat(m / n)
+        barrier = threading.Barrier(2)
+        errors: list[OSError] = []
+
+        def run(fn, *args):
+            try:
+                barrier.wait()
+                fn(*args)
+            except OSError as exc:
+                errors.append(exc)
+
+        ths = [
+            threading.Thread(target=run, args=(os.unlink, m / "a/big2")),
+            threading.Thread(target=run, args=(os.rename, m / "b/big3", m / "b/moved")),
+        ]
+        for th in ths:
+            th.start()
+        for th in ths:
+            th.join(timeout=300)
+        assert not errors, errors
+        st, st2 = os.lstat(m / "big"), os.lstat(m / "b/moved")
+        assert st.st_ino == st2.st_ino and st.st_nlink == 2 == st2.st_nlink
+        assert not os.path.lexists(m / "a/big2") and not os.path.lexists(m / "b/big3")
+        assert _read(m / "big") == data
+        _write(m / "b/moved", b"tail\n")
+        assert _read(m / "big") == data + b"tail\n"
+    assert len(os.listdir(t / "work/index")) == 1
+    assert os.listdir(t / "work/work") == []
+
+
+def test_names_of_a_metacopy_entry_stay_one_inode(tmp_path):
+    """index=on,metacopy=on: a chmod through one name of a hard-linked lower file links it up
+    to a metacopy index entry. After a remount, the name still served by the entry is looked
+    up first, then the linked-up one (whose data is the same lower inode under another
+    name): they are one inode, and unlinking both removes the entry, as in the kernel."""
+    _stack(tmp_path)
+    base = tmp_path
+    os.link(base / "lower/f", base / "lower/h")
+    opts = f"lowerdir={base / 'lower'},upperdir={base / 'upper'},workdir={base / 'work'},index=on,metacopy=on"
+    r = _mount_cmd(opts, base / "m")
+    assert r.returncode == 0, r.stderr
+    try:
+        os.chmod(base / "m/g", 0o600)
+    finally:
+        _umount(base / "m")
+    (entry,) = os.listdir(base / "work/index")
+    assert MC in os.listxattr(base / "work/index" / entry)
+    r = _mount_cmd(opts, base / "m")
+    assert r.returncode == 0, r.stderr
+    try:
+        sf = os.lstat(base / "m/f")  # served by the index entry
+        sg = os.lstat(base / "m/g")  # linked up: data below at lower/g
+        assert sf.st_ino == sg.st_ino and sf.st_nlink == sg.st_nlink == 3
+        os.unlink(base / "m/g")
+        os.unlink(base / "m/h")
+        assert os.lstat(base / "m/f").st_nlink == 1
+        os.unlink(base / "m/f")
+        left = os.listdir(base / "work/index")
+    finally:
+        _umount(base / "m")
+    assert left == []
+
+
+@pytest.mark.parametrize("impl", ["kernel", "subject"])
+def test_metacopy_index_entry_then_write_through_another_name(tmp_path, impl):
+    """index=on,metacopy=on: a chmod through one name makes a metacopy index entry (no data
+    copied); a write through another name, not linked up, copies the data into that inode in
+    place: every name reads it, the entry is no metacopy file any more. The same for the
+    kernel and pyoverlay (each run on its own stack, compared with what the kernel does)."""
+    _stack(tmp_path)
+    base = tmp_path
+    opts = f"lowerdir={base / 'lower'},upperdir={base / 'upper'},workdir={base / 'work'},index=on,metacopy=on"
+    mount = _kernel_mount if impl == "kernel" else _mount_cmd
+    r = mount(opts, base / "m")
+    assert r.returncode == 0, r.stderr
+    idx = base / "work/index"
+    try:
+        os.chmod(base / "m/f", 0o600)
+        (entry,) = [n for n in os.listdir(idx) if not n.startswith("#")]
+        assert MC in os.listxattr(idx / entry) and os.stat(idx / entry).st_size == 2
+        assert _read(base / "m/g") == b"f\n"
+        _write(base / "m/g", b"more\n")
+        assert _read(base / "m/f") == b"f\nmore\n" == _read(base / "m/g")
+        st_f, st_g = os.lstat(base / "m/f"), os.lstat(base / "m/g")
+        assert st_f.st_ino == st_g.st_ino and st_f.st_nlink == 2
+        assert oct(st_g.st_mode & 0o777) == oct(0o600)
+    finally:
+        _umount(base / "m")
+    assert MC not in os.listxattr(idx / entry)
+    assert _read(idx / entry) == b"f\nmore\n"
+    assert _read(base / "lower/g") == b"f\n"

@@ -143,6 +143,7 @@ class Ops:
         self.asyncs: dict[int, Callable[[Request], Awaitable[bytes]]] = {
             p.OPEN: self.open,
             p.LINK: self.link,
+            p.UNLINK: self.unlink_async,
             p.RENAME: self.rename,
             p.RENAME2: self.rename2,
             p.SETATTR: self.setattr,
@@ -424,7 +425,14 @@ class Ops:
         return self._new_entry(node, st)
 
     def unlink(self, req: Request) -> bytes:
-        self.writes.remove(self._node(req.nodeid), _name(req.body), is_dir=False)
+        parent, name = self._node(req.nodeid), _name(req.body)
+        if self.writes.index_waits([(parent, name)]):  # index=on: a large copy-up first
+            raise NeedsTask
+        self.writes.remove(parent, name, is_dir=False)
+        return b""
+
+    async def unlink_async(self, req: Request) -> bytes:
+        await self.writes.remove_async(self._node(req.nodeid), _name(req.body), is_dir=False)
         return b""
 
     def rmdir(self, req: Request) -> bytes:
