@@ -20,11 +20,15 @@ def default_socket() -> str:
 
 
 def build_router():
-    from . import system
+    from . import containers, system
+    from . import exec as exec_
     from .server import Router
 
     router = Router()
     router.include(system.router)
+    router.include(containers.router)
+    router.include(exec_.router)
+    router.include(containers.fallback_router)  # last: inspect/stop/rm until their own module
     return router
 
 
