@@ -59,6 +59,7 @@ def test_create_is_a_created_record_then_start_and_wait(service, image, rt):
     service.docker_ok("start", "later")
     assert service.docker("wait", "later").stdout.strip() == "4"
     assert service.docker_ok("logs", "later").stdout == "hello\n"
+    assert rt.ok("logs", "later").stdout == "hello\n"  # the CLI reads the same log
     rt.ok("rm", "later")
 
 
@@ -111,7 +112,8 @@ def _ppid(pid: int) -> int:
 
 
 def test_monitor_is_the_services_child_and_survives_its_restart(service, image, rt, tmp_path):
-    service.docker_ok("run", "-d", "--name", "web", image, "httpd", "-f", "-p", "8080")
+    service.docker_ok("run", "-d", "--name", "web", image, "sh", "-c", "echo ready; exec httpd -f -p 8080")
+    _wait_for(lambda: service.docker("logs", "web").stdout == "ready\n", what="web's first line")
     rec = next(r for r in _ps_all(rt) if r["name"] == "web")
     state = json.loads((rt.state / "containers" / rec["id"] / "state.json").read_text())
     monitor, pid1 = state["monitor_pid"], state["pid"]
@@ -122,6 +124,9 @@ def test_monitor_is_the_services_child_and_survives_its_restart(service, image, 
     assert os.path.exists(f"/proc/{pid1}")  # the container runs on without the service
     svc2 = api.Service(rt, tmp_path / "svc2" / "docker.sock")
     try:
+        assert svc2.docker_ok("logs", "web").stdout == "ready\n"
+        svc2.docker_ok("exec", "web", "sh", "-c", "echo from-exec >/proc/1/fd/1")  # into web's log
+        _wait_for(lambda: svc2.docker("logs", "web").stdout == "ready\nfrom-exec\n", what="the new line")
         ps = svc2.docker_ok("exec", "web", "ps").stdout
         first = [line.split() for line in ps.splitlines()[1:]][0]
         assert first[0] == "1" and "httpd" in " ".join(first)
@@ -152,3 +157,150 @@ def test_docker_py_run_remove_detach_logs_wait(service, image, rt):
     finally:
         client.close()
     assert _ps_all(rt) == []
+
+
+class _Pty:
+    """The docker CLI on a real terminal (a pty of the test's; its controlling terminal)."""
+
+    def __init__(self, service, *args, rows: int = 24, cols: int = 80):
+        import fcntl
+        import pty
+        import struct
+        import subprocess
+        import termios
+        import threading
+
+        self.master, slave = pty.openpty()
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+        def ctty():
+            fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+        self.proc = subprocess.Popen(
+            [api.DOCKER, *args],
+            stdin=slave,
+            stdout=slave,
+            stderr=slave,
+            env=service.env(),
+            start_new_session=True,
+            preexec_fn=ctty,
+        )
+        os.close(slave)
+        self.out = b""
+        self._lock = threading.Lock()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        while True:
+            try:
+                data = os.read(self.master, 4096)
+            except OSError:
+                return
+            if not data:
+                return
+            with self._lock:
+                self.out += data
+
+    def text(self) -> str:
+        with self._lock:
+            return self.out.decode(errors="replace")
+
+    def send(self, s: str) -> None:
+        os.write(self.master, s.encode())
+
+    def resize(self, rows: int, cols: int) -> None:
+        import fcntl
+        import struct
+        import termios
+
+        fcntl.ioctl(self.master, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+    def expect(self, what: str, timeout: float = 60) -> None:
+        try:
+            _wait_for(lambda: what in self.text(), timeout, what=repr(what))
+        except AssertionError:
+            raise AssertionError(f"{what!r} not seen; the terminal shows:\n{self.text()}") from None
+
+    def close(self) -> int:
+        import subprocess
+
+        try:
+            code = self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            code = self.proc.wait(10)
+        os.close(self.master)
+        return code
+
+
+def test_run_it_under_a_pty_with_resize(service, image, rt):
+    t = _Pty(service, "run", "-it", "--rm", image, "sh")
+    try:
+        t.send("echo h''i; stty size\n")
+        t.expect("hi\r\n24 80")
+        t.resize(30, 100)  # the CLI sees SIGWINCH and resizes the container's terminal
+        deadline = time.monotonic() + 60
+        while "30 100" not in t.text() and time.monotonic() < deadline:
+            t.send("stty size\n")
+            time.sleep(0.5)
+        assert "30 100" in t.text(), t.text()
+        t.send("exit 5\n")
+    finally:
+        code = t.close()
+    assert code == 5, t.text()
+    assert _ps_all(rt) == []
+
+
+def test_attach_to_a_running_it_container(service, image, rt):
+    service.docker_ok("run", "-dit", "--name", "box", image, "sh")
+    t = _Pty(service, "attach", "box")
+    try:
+        t.send("echo at''tached\n")
+        t.expect("attached")
+        t.send("exit 7\n")
+    finally:
+        code = t.close()
+    assert code == 7, t.text()
+    assert service.docker_ok("wait", "box").stdout.strip() == "7"
+    rt.ok("rm", "box")
+
+
+def test_run_i_passes_stdin_and_closes_it(service, image, rt):
+    r = service.docker("run", "-i", "--rm", image, "sh", "-c", "cat; echo done", input="from stdin\n")
+    assert r.returncode == 0, r
+    assert r.stdout == "from stdin\ndone\n"
+
+
+def test_create_options_reach_the_container(service, image, rt, tmp_path):
+    vol = tmp_path / "vol"
+    vol.mkdir()
+    (vol / "f").write_text("from the host\n")
+    vol.chmod(0o777)  # -u 1:1 writes there
+    script = (
+        "echo $$; hostname; cat /data/f; echo w > /data/g; touch /x 2>/dev/null || echo read-only; "
+        "echo $ENV_A; pwd; id -u; grep -c : /proc/net/dev"
+    )
+    r = service.docker_ok(
+        *("run", "--name", "opts", "--hostname", "hh", "--read-only", "-v", f"{vol}:/data", "-m", "64m"),
+        *("--pids-limit", "50", "--cpus", "0.5", "--init", "-e", "ENV_A=a", "-w", "/tmp", "-u", "1:1"),
+        *("--cap-drop", "CHOWN", "--entrypoint", "sh", image, "-c", script),
+    )
+    # --init: the command is PID 2 under the init; network "default" runs as none: only lo
+    assert r.stdout.split() == ["2", "hh", "from", "the", "host", "read-only", "a", "/tmp", "1", "1"]
+    assert (vol / "g").read_text() == "w\n"
+    rec = next(x for x in _ps_all(rt) if x["name"] == "opts")
+    saved = json.loads((rt.state / "containers" / rec["id"] / "state.json").read_text())
+    assert saved["spec"]["limits"] == {"memory": 64 * 1024 * 1024, "pids": 50, "cpus": 0.5}
+    assert saved["spec"]["read_only"] and saved["spec"]["init"]
+    assert 0 not in saved["spec"]["caps"]  # CAP_CHOWN dropped
+    assert saved["api"]["HostConfig"]["PidsLimit"] == 50  # the config as given, for inspect
+    assert saved["api"]["Config"]["Hostname"] == "hh"
+    rt.ok("rm", "opts")
+
+
+def test_start_a_attaches_to_a_created_container(service, image, rt):
+    service.docker_ok("create", "--name", "sa", image, "sh", "-c", "echo first; exit 9")
+    r = service.docker("start", "-a", "sa")
+    assert r.returncode == 9, r
+    assert r.stdout == "first\n"
+    rt.ok("rm", "sa")
