@@ -233,20 +233,35 @@ class _Pty:
         return code
 
 
+def _until(t: _Pty, send: str, want: str, timeout: float = 60) -> None:
+    """Send *send* until *want* shows (the CLI sizes the terminal just after start: a
+    command typed before that sees the pty's first size)."""
+    deadline = time.monotonic() + timeout
+    while want not in t.text() and time.monotonic() < deadline:
+        t.send(send)
+        time.sleep(0.5)
+    assert want in t.text(), t.text()
+
+
+def _rm_all(rt) -> None:
+    for r in _ps_all(rt):
+        rt.cli("rm", "-f", r["id"])
+
+
 def test_run_it_under_a_pty_with_resize(service, image, rt):
     t = _Pty(service, "run", "-it", "--rm", image, "sh")
     try:
+        t.expect("# ")  # the shell's prompt: it runs on the container's terminal
         t.send("echo h''i; stty size\n")
-        t.expect("hi\r\n24 80")
+        t.expect("hi\r\n")
+        _until(t, "stty size\n", "\n24 80\r\n")
         t.resize(30, 100)  # the CLI sees SIGWINCH and resizes the container's terminal
-        deadline = time.monotonic() + 60
-        while "30 100" not in t.text() and time.monotonic() < deadline:
-            t.send("stty size\n")
-            time.sleep(0.5)
-        assert "30 100" in t.text(), t.text()
+        _until(t, "stty size\n", "\n30 100\r\n")
         t.send("exit 5\n")
     finally:
         code = t.close()
+        if code != 5:
+            _rm_all(rt)
     assert code == 5, t.text()
     assert _ps_all(rt) == []
 
@@ -260,6 +275,8 @@ def test_attach_to_a_running_it_container(service, image, rt):
         t.send("exit 7\n")
     finally:
         code = t.close()
+        if code != 7:
+            _rm_all(rt)
     assert code == 7, t.text()
     assert service.docker_ok("wait", "box").stdout.strip() == "7"
     rt.ok("rm", "box")
