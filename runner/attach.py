@@ -214,11 +214,11 @@ class AttachRelay:
                 self._log([{"log": rest.decode("utf-8", "surrogateescape"), "stream": stream, "time": _now()}])
                 rest.clear()
         for fd in list(self.clients):
-            self._drop(fd)
+            self._drop(fd, flush=False)
 
     def close(self) -> None:
         for fd in list(self.clients):
-            self._drop(fd)
+            self._drop(fd, flush=False)
         with contextlib.suppress(OSError):
             self.listener.close()
         unlink(self.data_dir)
@@ -281,9 +281,12 @@ class AttachRelay:
         except OSError:
             data = b""
         if not data:
-            self._drop(fd)
+            self._drop(fd, flush=False)
             return
-        for kind, payload in reader.feed(data):
+        self._frames(reader.feed(data))
+
+    def _frames(self, frames: list[tuple[int, bytes]]) -> None:
+        for kind, payload in frames:
             if kind == STDIN and self.stdin_fd is not None:
                 _write_all(self.stdin_fd, payload)
             elif kind == CLOSE_STDIN and self.stdin_fd is not None and self.stdin_once and self.master is None:
@@ -295,8 +298,16 @@ class AttachRelay:
                 with contextlib.suppress(OSError):
                     fcntl.ioctl(self.master, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
 
-    def _drop(self, fd: int) -> None:
-        conn, _ = self.clients.pop(fd)
+    def _drop(self, fd: int, flush: bool = True) -> None:
+        """Forget the client *fd*; with *flush*, what it sent and was not read yet is
+        acted on first (a client that sends a resize and closes at once is dropped when
+        the output copied to it fails, maybe before its frame was read)."""
+        conn, reader = self.clients.pop(fd)
+        if flush:
+            with contextlib.suppress(OSError):
+                conn.setblocking(False)
+                while data := conn.recv(65536):
+                    self._frames(reader.feed(data))
         with contextlib.suppress(OSError):
             conn.shutdown(socket.SHUT_RDWR)
         conn.close()

@@ -605,8 +605,19 @@ def resize(req: Request) -> None:
         raise ApiError(500, f"cannot reach the container's monitor: {e}") from None
     with s:
         s.sendall(attach.frame(attach.RESIZE, _winsize(h, w)))
+        _done_with(s)
     events.publish("container", "resize", rec.id, {"height": str(h), "width": str(w), "name": rec.label})
     req.empty(200)
+
+
+def _done_with(s: socket.socket) -> None:
+    """End our side and wait until the monitor has read everything (it closes on our
+    end): the request is answered once the resize is done."""
+    with contextlib.suppress(OSError):
+        s.shutdown(socket.SHUT_WR)
+        s.settimeout(10)
+        while s.recv(65536):
+            pass  # the container's output, copied to every client: not ours
 
 
 def _dims(req: Request) -> tuple[int, int]:

@@ -66,3 +66,20 @@ def test_exec_in_a_stopped_container_is_refused(service, image, rt):
     r = service.docker("exec", "done", "true")
     assert r.returncode != 0 and "is not running" in r.stderr
     rt.ok("rm", "done")
+
+
+def test_exec_it_under_a_pty(service, web):
+    from helpers.apipty import Pty, until
+
+    t = Pty(service, "exec", "-it", web, "sh")
+    try:
+        t.expect("# ")
+        t.send("tty\n")
+        t.expect("/dev/pts/")
+        until(t, "stty size\n", "\n24 80\r\n")
+        t.resize(33, 111)  # POST /exec/{id}/resize
+        until(t, "stty size\n", "\n33 111\r\n")
+        t.send("exit 3\n")
+    finally:
+        code = t.close()
+    assert code == 3, t.text()

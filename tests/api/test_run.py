@@ -12,26 +12,47 @@ import time
 import pytest
 
 from helpers import api
-
-
-def _wait_for(pred, timeout: float = 60, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
+from helpers.apipty import Pty as _Pty
+from helpers.apipty import until as _until
+from helpers.apipty import wait_for as _wait_for
 
 
 def _ps_all(rt) -> list[dict]:
     return json.loads(rt.ok("ps", "-a", "--json").stdout)
 
 
+def _zombie_children(pid: int) -> list[int]:
+    out = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat") as f:
+                    fields = f.read().rpartition(")")[2].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid and fields[0] == "Z":
+                out.append(int(name))
+    return out
+
+
 def test_run_rm_prints_pid_1_and_leaves_nothing(service, image, rt):
     r = service.docker_ok("run", "--rm", image, "sh", "-c", "echo $$")
     assert r.stdout == "1\n"
     assert _ps_all(rt) == []
+    # the service reaps the monitors it started: no zombie child stays
+    _wait_for(lambda: not _zombie_children(service.proc.pid), what="the monitor to be reaped")
+
+
+def test_network_default_is_none_and_host_is_the_hosts(service, image, rt):
+    import socket
+
+    for mode in ("default", "bridge", "none"):
+        r = service.docker_ok("run", "--rm", "--network", mode, image, "sh", "-c", "grep -c : /proc/net/dev")
+        assert r.stdout == "1\n", mode  # only lo
+    r = service.docker_ok("run", "--rm", "--network", "host", image, "hostname")
+    assert r.stdout == socket.gethostname() + "\n"
+    r = service.docker("run", "--rm", "--network", "container:x", image, "true")
+    assert r.returncode != 0 and "not implemented" in r.stderr
 
 
 def test_run_exit_status_and_stderr_are_the_containers(service, image, rt):
@@ -90,6 +111,9 @@ def test_detached_logs_tail_timestamps_follow(service, image, rt):
     stamped = service.docker_ok("logs", "-t", "talk").stdout.splitlines()[0]
     stamp, _, text = stamped.partition(" ")
     assert text == "line1" and stamp.endswith("Z") and stamp[:4].isdigit()
+    future, past = str(int(time.time()) + 3600), "1"
+    assert service.docker_ok("logs", "--since", future, "talk").stdout == ""
+    assert service.docker_ok("logs", "--until", past, "talk").stdout == ""
     followed = service.docker_ok("logs", "-f", "talk", timeout=120).stdout
     assert followed.endswith("late\n")  # -f returns once the container has exited
     assert service.docker_ok("wait", "talk").stdout.strip() == "0"
@@ -157,90 +181,6 @@ def test_docker_py_run_remove_detach_logs_wait(service, image, rt):
     finally:
         client.close()
     assert _ps_all(rt) == []
-
-
-class _Pty:
-    """The docker CLI on a real terminal (a pty of the test's; its controlling terminal)."""
-
-    def __init__(self, service, *args, rows: int = 24, cols: int = 80):
-        import fcntl
-        import pty
-        import struct
-        import subprocess
-        import termios
-        import threading
-
-        self.master, slave = pty.openpty()
-        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
-
-        def ctty():
-            fcntl.ioctl(0, termios.TIOCSCTTY, 0)
-
-        self.proc = subprocess.Popen(
-            [api.DOCKER, *args],
-            stdin=slave,
-            stdout=slave,
-            stderr=slave,
-            env=service.env(),
-            start_new_session=True,
-            preexec_fn=ctty,
-        )
-        os.close(slave)
-        self.out = b""
-        self._lock = threading.Lock()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self):
-        while True:
-            try:
-                data = os.read(self.master, 4096)
-            except OSError:
-                return
-            if not data:
-                return
-            with self._lock:
-                self.out += data
-
-    def text(self) -> str:
-        with self._lock:
-            return self.out.decode(errors="replace")
-
-    def send(self, s: str) -> None:
-        os.write(self.master, s.encode())
-
-    def resize(self, rows: int, cols: int) -> None:
-        import fcntl
-        import struct
-        import termios
-
-        fcntl.ioctl(self.master, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
-
-    def expect(self, what: str, timeout: float = 60) -> None:
-        try:
-            _wait_for(lambda: what in self.text(), timeout, what=repr(what))
-        except AssertionError:
-            raise AssertionError(f"{what!r} not seen; the terminal shows:\n{self.text()}") from None
-
-    def close(self) -> int:
-        import subprocess
-
-        try:
-            code = self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            code = self.proc.wait(10)
-        os.close(self.master)
-        return code
-
-
-def _until(t: _Pty, send: str, want: str, timeout: float = 60) -> None:
-    """Send *send* until *want* shows (the CLI sizes the terminal just after start: a
-    command typed before that sees the pty's first size)."""
-    deadline = time.monotonic() + timeout
-    while want not in t.text() and time.monotonic() < deadline:
-        t.send(send)
-        time.sleep(0.5)
-    assert want in t.text(), t.text()
 
 
 def _rm_all(rt) -> None:
