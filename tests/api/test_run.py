@@ -77,6 +77,9 @@ def test_create_is_a_created_record_then_start_and_wait(service, image, rt):
     rows = _ps_all(rt)
     assert [(row["id"], row["status"]) for row in rows] == [(cid, "created")]
     assert "Created" in rt.ok("ps", "-a").stdout
+    taken = service.docker("create", "--name", "later", image, "true")
+    assert taken.returncode != 0
+    assert f'The container name "/later" is already in use by container "{cid}"' in taken.stderr
     service.docker_ok("start", "later")
     assert service.docker("wait", "later").stdout.strip() == "4"
     assert service.docker_ok("logs", "later").stdout == "hello\n"
@@ -261,3 +264,13 @@ def test_start_a_attaches_to_a_created_container(service, image, rt):
     assert r.returncode == 9, r
     assert r.stdout == "first\n"
     rt.ok("rm", "sa")
+
+
+def test_attach_with_stdin_to_a_detached_container(service, image, rt):
+    service.docker_ok(
+        *("run", "-di", "--name", "quiet", image, "sh", "-c"),
+        "read line; echo got $line; echo to-err >&2; exit 4",
+    )
+    r = service.docker("attach", "quiet", input="hello\n")
+    assert (r.returncode, r.stdout, r.stderr) == (4, "got hello\n", "to-err\n")
+    rt.ok("rm", "quiet")
