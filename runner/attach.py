@@ -26,10 +26,12 @@ import datetime
 import fcntl
 import json
 import os
+import queue
 import select
 import socket
 import struct
 import termios
+import threading
 
 STDIN, STDOUT, STDERR, CLOSE_STDIN, RESIZE = 0, 1, 2, 3, 4
 SOCKET_NAME = "attach.sock"
@@ -182,6 +184,7 @@ class AttachRelay:
             self.stdin_fd = stdio.parent.get("stdin")
             for fd in self.outputs:
                 os.set_blocking(fd, False)
+        self._stdin_q: queue.SimpleQueue[bytes | None] | None = None
         self.log_fd = os.open(
             os.path.join(data_dir, LOG_NAME),
             os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC,
@@ -222,7 +225,11 @@ class AttachRelay:
         with contextlib.suppress(OSError):
             self.listener.close()
         unlink(self.data_dir)
-        for ofd in [*self.outputs, self.log_fd, self.stdin_fd]:
+        stdin = self.stdin_fd
+        if self._stdin_q is not None and stdin is not None:
+            self._stdin_q.put(None)  # the writer closes it
+            stdin = None
+        for ofd in [*self.outputs, self.log_fd, stdin]:
             if ofd is not None and ofd != self.master:
                 with contextlib.suppress(OSError):
                     os.close(ofd)
@@ -288,15 +295,33 @@ class AttachRelay:
     def _frames(self, frames: list[tuple[int, bytes]]) -> None:
         for kind, payload in frames:
             if kind == STDIN and self.stdin_fd is not None:
-                _write_all(self.stdin_fd, payload)
+                self._stdin(payload)
             elif kind == CLOSE_STDIN and self.stdin_fd is not None and self.stdin_once and self.master is None:
-                with contextlib.suppress(OSError):
-                    os.close(self.stdin_fd)
+                self._stdin(None)  # closed by the writer once what came before is written
                 self.stdin_fd = None
             elif kind == RESIZE and self.master is not None and len(payload) == 4:
                 rows, cols = struct.unpack(">HH", payload)
                 with contextlib.suppress(OSError):
                     fcntl.ioctl(self.master, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+    def _stdin(self, data: bytes | None) -> None:
+        """Input for the container (None: close its stdin), written by a thread of its
+        own: a container that writes while not reading (``cat``) must not stop the loop
+        that empties its stdout."""
+        if self._stdin_q is None:
+            self._stdin_q = queue.SimpleQueue()
+            fd, q = self.stdin_fd, self._stdin_q
+            assert fd is not None
+
+            def writer() -> None:
+                while (chunk := q.get()) is not None:
+                    _write_all(fd, chunk)
+                if fd != self.master:
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
+
+            threading.Thread(target=writer, daemon=True, name="stdin").start()
+        self._stdin_q.put(data)
 
     def _drop(self, fd: int, flush: bool = True) -> None:
         """Forget the client *fd*; with *flush*, what it sent and was not read yet is
@@ -323,7 +348,10 @@ def _write_all(fd: int, data: bytes) -> None:
         try:
             n = os.write(fd, view)
         except BlockingIOError:
-            select.select([], [fd], [], 30)
+            try:
+                select.select([], [fd], [], 30)
+            except (OSError, ValueError):  # closed meanwhile
+                return
             continue
         except OSError:
             return

@@ -274,3 +274,10 @@ def test_attach_with_stdin_to_a_detached_container(service, image, rt):
     r = service.docker("attach", "quiet", input="hello\n")
     assert (r.returncode, r.stdout, r.stderr) == (4, "got hello\n", "to-err\n")
     rt.ok("rm", "quiet")
+
+
+def test_run_i_streams_a_large_stdin_through_cat(service, image, rt):
+    data = "".join(f"{i:07d}\n" for i in range(256 * 1024))  # 2 MiB: more than any pipe holds
+    r = service.docker("run", "-i", "--rm", image, "cat", input=data, timeout=180)
+    assert r.returncode == 0, r.stderr
+    assert len(r.stdout) == len(data) and r.stdout == data
