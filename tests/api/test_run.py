@@ -281,3 +281,52 @@ def test_run_i_streams_a_large_stdin_through_cat(service, image, rt):
     r = service.docker("run", "-i", "--rm", image, "cat", input=data, timeout=180)
     assert r.returncode == 0, r.stderr
     assert len(r.stdout) == len(data) and r.stdout == data
+
+
+def test_events_of_create_start_exec_die_restart(rt, image, tmp_path, monkeypatch):
+    """The service's event bus (what ``GET /events`` serves) sees the run's events. The
+    service runs in this process here, so that its bus can be read directly."""
+    import subprocess
+    import threading
+
+    from helpers import containers
+    from runner.api import cli as apicli
+    from runner.api import events
+    from runner.api.server import ApiServer
+
+    for k, v in rt.env.items():
+        monkeypatch.setenv(k, v)
+    sock = tmp_path / "ev.sock"
+    config = tmp_path / "docker-config"
+    config.mkdir()
+    denv = {"PATH": os.environ["PATH"], "HOME": str(config), "DOCKER_HOST": f"unix://{sock}"}
+    denv["DOCKER_CONFIG"] = str(config)
+
+    def docker(*args):
+        r = subprocess.run([api.DOCKER, *args], env=denv, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r
+        return r
+
+    seq = events.bus.seq
+    with containers.leftover_check(rt):
+        server = ApiServer(apicli.build_router())
+        server.listen_unix(str(sock))
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        try:
+            cid = docker("run", "-d", "--name", "ev", image, "sleep", "300").stdout.strip()
+            assert subprocess.run([api.DOCKER, "exec", "ev", "sh", "-c", "exit 2"], env=denv).returncode == 2
+            docker("restart", "-t", "1", "ev")
+            docker("stop", "-t", "1", "ev")
+            _wait_for(lambda: [e for e in events.bus.since(seq, 0)[1] if e["Action"] == "die"][1:], what="2 dies")
+        finally:
+            server.shutdown()
+            rt.cli("rm", "-f", "ev")
+    evs = [e for e in events.bus.since(seq, 0)[1] if e["Actor"]["ID"] == cid]
+    actions = [e["Action"] for e in evs]
+    assert actions[:2] == ["create", "start"]
+    assert "exec_create: sh -c exit 2" in actions and "exec_start: sh -c exit 2" in actions
+    assert [e["Actor"]["Attributes"]["exitCode"] for e in evs if e["Action"] == "exec_die"] == ["2"]
+    dies = [e["Actor"]["Attributes"]["exitCode"] for e in evs if e["Action"] == "die"]
+    assert len(dies) == 2 and set(dies) <= {"137", "143"}
+    assert actions.index("restart") > actions.index("die")
+    assert actions.count("start") == 2
