@@ -165,7 +165,9 @@ class Monitor:
                 prev = state.load_record(plan.cid)
                 if prev is None:
                     raise RunError(f"no such container: {plan.cid}")
-                if state.status(prev) == "running":
+                if state.status(prev) == "running" or (
+                    prev.status == "created" and L.alive(prev.monitor_pid, prev.monitor_start)
+                ):  # running, or another monitor is starting it
                     raise RunError(f"container {prev.label} is already running")
                 self.previous = prev
                 rec.created, rec.extra = prev.created, dict(prev.extra)

@@ -299,7 +299,7 @@ class Children:
 
     def __init__(self) -> None:
         self.lock = threading.Condition()
-        self.procs: dict[str, subprocess.Popen] = {}
+        self.procs: dict[str, subprocess.Popen | None] = {}  # None: being started
         self.exits: dict[str, int] = {}
         self.waiters: dict[str, list[_Waiter]] = {}
         self.adopted = False
@@ -352,6 +352,25 @@ class Children:
 
     def start(self, cid: str) -> None:
         rec = _find(cid)
+        cid = rec.id
+        with self.lock:
+            deadline = time.monotonic() + 60
+            while cid in self.procs:  # a monitor of ours: starting (None), running, or ending
+                if self.procs[cid] is None or state.status(_find(cid)) == "running":
+                    raise _NotModified()
+                if time.monotonic() > deadline:
+                    raise ApiError(409, f"container {rec.label} is still stopping")
+                self.lock.wait(0.25)  # its exit is recorded: the reaper forgets it soon
+            self.procs[cid] = None  # reserved while starting
+        try:
+            self._start(rec)
+        except BaseException:
+            with self.lock:
+                if self.procs.get(cid) is None:
+                    self.procs.pop(cid, None)
+            raise
+
+    def _start(self, rec: state.Record) -> None:
         cid = rec.id
         st = state.status(rec)
         if st == "running":
