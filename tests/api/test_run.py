@@ -330,3 +330,16 @@ def test_events_of_create_start_exec_die_restart(rt, image, tmp_path, monkeypatc
     assert len(dies) == 2 and set(dies) <= {"137", "143"}
     assert actions.index("restart") > actions.index("die")
     assert actions.count("start") == 2
+
+
+def test_attach_logs_replays_the_output(service, image, rt):
+    service.docker_ok("run", "--name", "said", image, "sh", "-c", "echo one; echo two >&2")
+    client = service.client()
+    try:
+        out = client.api.attach("said", stdout=True, stderr=True, stream=False, logs=True)
+        assert out == b"one\ntwo\n"
+        out = client.api.attach("said", stdout=False, stderr=True, stream=False, logs=True)
+        assert out == b"two\n"
+    finally:
+        client.close()
+    rt.ok("rm", "said")
