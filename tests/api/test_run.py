@@ -105,7 +105,7 @@ def test_detached_logs_tail_timestamps_follow(service, image, rt):
         "-c",
         "for i in 1 2 3; do echo line$i; done; echo e >&2; sleep 2; echo late",
     )
-    _wait_for(lambda: "line3" in service.docker("logs", "talk").stdout, what="the first lines")
+    _wait_for(lambda: service.docker("logs", "talk").stderr == "e\n", what="the first lines")
     r = service.docker_ok("logs", "talk")
     assert r.stdout.startswith("line1\nline2\nline3\n")
     assert "e\n" in r.stderr and "e" not in r.stdout.split()
