@@ -671,6 +671,7 @@ def attach_(req: Request) -> None:
     elif st != "running" and st != "created":
         raise ApiError(409, "You cannot attach to a stopped container, start it first")
     conn = req.hijack()
+    headers_read(conn)
     events.publish("container", "attach", rec.id, {"name": rec.label})
     if req.flag("logs"):
         for entry in _log_entries(rec.id):
@@ -694,6 +695,26 @@ def attach_(req: Request) -> None:
     if sock is None:
         return
     _relay(req, conn, sock, want_stdin, streams, tty)
+
+
+def headers_read(conn: socket.socket, timeout: float = 2.0) -> None:
+    """After the upgrade answer, wait (a little) until the client has read it: a client
+    that reads the answer's head through a buffer and then takes the raw socket (docker-py)
+    loses stream bytes that arrived with the head. On a unix socket the send queue
+    (TIOCOUTQ) is empty once the peer has read everything."""
+    import fcntl
+    import struct
+    import termios
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            left = struct.unpack("i", fcntl.ioctl(conn.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0]
+        except OSError:
+            return
+        if left == 0:
+            return
+        time.sleep(0.002)
 
 
 def _client_closed(conn: socket.socket) -> bool:

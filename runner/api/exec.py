@@ -28,7 +28,7 @@ from typing import Any
 
 from .. import attach, state
 from . import events
-from .containers import _dims, _find
+from .containers import _dims, _find, headers_read
 from .server import ApiError, Request, Router
 
 router = Router()
@@ -219,6 +219,7 @@ def exec_start(req: Request) -> None:
         req.empty(200)
         return
     conn = req.hijack()
+    headers_read(conn)
     try:
         if inst.tty:
             _relay_tty(req, conn, inst)
