@@ -3,6 +3,7 @@ container's command), with -u, -e, -w, its exit status, stdin, and a TTY."""
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
@@ -83,3 +84,31 @@ def test_exec_it_under_a_pty(service, web):
     finally:
         code = t.close()
     assert code == 3, t.text()
+
+
+def _ppid(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rpartition(")")[2].split()[1])
+
+
+def _pids_running(argv: bytes) -> list[int]:
+    out = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/cmdline", "rb") as f:
+                    if f.read() == argv:
+                        out.append(int(name))
+            except OSError:
+                pass
+    return out
+
+
+def test_exec_process_descends_from_the_service(service, web):
+    service.docker_ok("exec", "-d", web, "sleep", "1234")
+    deadline = time.monotonic() + 60
+    while not (pids := _pids_running(b"sleep\x001234\x00")) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert len(pids) == 1
+    helper = _ppid(pids[0])  # the runner's exec path (pyoverlay exec), the service's child
+    assert _ppid(helper) == service.proc.pid
