@@ -445,9 +445,13 @@ def rm_cmd(refs, force):
 @click.command("logs")
 @click.argument("ref")
 def logs_cmd(ref):
-    """Output of a container started with -d."""
+    """Output of a container started with -d (or through the API: its log's lines, stdout
+    and stderr as they were written)."""
     rec = _find(ref)
     if not rec.get("data_dir"):
+        return
+    if "api" in rec:
+        _api_logs(rec["id"])
         return
     path = os.path.join(state.container_dir(rec["id"]), "output.log")
     try:
@@ -458,6 +462,28 @@ def logs_cmd(ref):
         pass
     except OSError as e:
         fail(f"cannot read {path}: {e.strerror}", 1)
+
+
+def _api_logs(cid: str) -> None:
+    """The json-file log the monitor of an API-started container writes (runner/attach.py)."""
+    from .attach import LOG_NAME
+
+    path = os.path.join(state.container_dir(cid), LOG_NAME)
+    try:
+        f = open(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC), "rb")  # noqa: SIM115
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        fail(f"cannot read {path}: {e.strerror}", 1)
+    with f:
+        for line in f:
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            out = sys.stdout if entry.get("stream") == "stdout" else sys.stderr
+            out.buffer.write(str(entry.get("log", "")).encode("utf-8", "surrogateescape"))
+            out.flush()
 
 
 def _each(refs, action) -> None:

@@ -39,14 +39,14 @@ from overlayfs_py.errors import PyoverlayError
 from overlayfs_py.logs import one_line
 
 from . import _linux as L
-from . import container, state, userns
+from . import attach, container, state, userns
 from .cgroups import Cgroup, CgroupError, create_rootless
 from .errors import RunnerError
 from .init import exit_code
 from .plan import RunPlan, UsernsPlan, device_rules_needed, generate_name, with_storage_maps
 from .plan import build as build_plan
 from .spec import RunSpec
-from .supervise import catch_signals, supervise
+from .supervise import Relay, catch_signals, supervise
 from .tty import PtyRelay, recv_master
 
 __all__ = ["Monitor", "RunError", "generate_name"]
@@ -81,9 +81,24 @@ def step(name: str):
         raise RunError(f"{name}: {one_line(e)}") from None
 
 
+@dataclasses.dataclass
+class ApiStart:
+    """A container created through the API (runner/api/containers.py) being started by
+    the service: its record exists (status "created", or "exited" for a restart), its
+    stdio goes to the attach socket and the log (runner/attach.py), and PID 1 waits for
+    the service's go (read from *go_fd*) once the attach socket listens, so that every
+    client attached before ``start`` sees the first byte of output."""
+
+    cid: str
+    go_fd: int
+    stdin_once: bool = False
+
+
 class Monitor:
-    def __init__(self, spec: RunSpec, notify_fd: int | None = None):
+    def __init__(self, spec: RunSpec, notify_fd: int | None = None, api: ApiStart | None = None):
         self.spec = spec
+        self.api = api
+        self.previous: state.Record | None = None  # api: the record before this start
         self.notify_fd = notify_fd  # run -d: tell the waiting CLI "ok ID" / "err CODE MSG"
         self.detach = notify_fd is not None
         self.started = False  # CMD was executed: from here on the exit is recorded
@@ -106,7 +121,9 @@ class Monitor:
     def run(self) -> int:
         catch_signals(self.pending)
         try:  # decide everything and check everything; nothing is created yet
-            plan = build_plan(self.spec, detach=self.detach, rootless=self.rootless)
+            plan = build_plan(
+                self.spec, detach=self.detach, rootless=self.rootless, cid=self.api.cid if self.api else None
+            )
         except _ERRORS as e:
             return self._failed(_code(e), str(e))
         except OSError as e:
@@ -141,14 +158,28 @@ class Monitor:
             # container (root's execve adds the inheritable set to the permitted one)
             L.clear_inheritable_caps()
         with step("reserving the name"), state.locked():
-            if state.name_taken(plan.name):
+            if state.name_taken(plan.name) not in (None, plan.cid):
                 raise RunError(f"the container name {plan.name!r} is already in use")
-            self.rec = plan.record()
+            rec = plan.record()
+            if self.api is not None:  # the record the API created (or the last run's)
+                prev = state.load_record(plan.cid)
+                if prev is None:
+                    raise RunError(f"no such container: {plan.cid}")
+                if state.status(prev) == "running" or (
+                    prev.status == "created" and L.alive(prev.monitor_pid, prev.monitor_start)
+                ):  # running, or another monitor is starting it
+                    raise RunError(f"container {prev.label} is already running")
+                self.previous = prev
+                rec.created, rec.extra = prev.created, dict(prev.extra)
+            self.rec = rec
             state.save(self.rec)
         undo.callback(self._forget_if_failed)
         with step(f"creating the data directory {paths.data}"):
             state.data_dir()  # <data root>/containers, private
-            os.mkdir(paths.data, 0o700)  # private, as its parents (docs/runner.md, "Security model")
+            if self.api is not None and os.path.isdir(paths.data):
+                _clear_init_layer(paths.data)  # a restart: the upper layer and the log stay
+            else:
+                os.mkdir(paths.data, 0o700)  # private, as its parents (docs/runner.md, "Security model")
         if paths.output_log is not None:
             with step("redirecting output to the container's log"):
                 _redirect_output(paths.output_log)
@@ -235,6 +266,12 @@ class Monitor:
         spec = self.spec
         go_r, go_w = os.pipe()
         err_r, err_w = os.pipe()
+        stdio = listener = None
+        if self.api is not None:  # pipes (or the pty) and the attach socket, not our stdio
+            stdio = attach.Stdio(spec.tty, spec.interactive)
+            listener = attach.listen(plan.paths.data)
+            undo.callback(attach.unlink, plan.paths.data)
+            undo.callback(listener.close)
         tty_parent = tty_child = None
         if spec.tty:
             tty_parent, tty_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -252,6 +289,8 @@ class Monitor:
             if child == 0:
                 os.close(go_w)
                 os.close(err_r)
+                if stdio is not None:
+                    stdio.install()
                 container.main(launch)  # never returns
             return child
 
@@ -276,6 +315,8 @@ class Monitor:
         os.close(err_w)
         if tty_child:
             tty_child.close()
+        if stdio is not None:
+            stdio.close_child_ends()
         undo.callback(_reap, pid)
         r = self.record
         r.pid, r.pid_start, r.pidns = pid, L.process_start_time(pid), L.ns_inode(pid, "pid")
@@ -284,6 +325,9 @@ class Monitor:
             if cg is not None:
                 cg.add(pid)
             state.save(r)
+            if self.api is not None:  # the service connects what was attached before start
+                self._notify_line("ready")
+                _wait_go(self.api.go_fd)
             os.write(go_w, b"go")
         finally:
             os.close(go_w)
@@ -296,13 +340,21 @@ class Monitor:
                 err = {"code": container.EXIT_RUNNER, "msg": msg.strip()}
             raise RunError(err["msg"], exit_code=err["code"])
         self.started = True
-        relay = None
+        relay: Relay | None = None
+        master = None
         if tty_parent is not None:  # spec.tty
             master = recv_master(tty_parent)
             tty_parent.close()
+        if stdio is not None and listener is not None:
+            once = self.api.stdin_once if self.api else False
+            arelay = attach.AttachRelay(listener, plan.paths.data, stdio, master, once)
+            undo.callback(arelay.close)
+            relay = arelay
+        elif master is not None:
             stdin = 0 if spec.interactive and not self.detach else None
-            relay = PtyRelay(master, stdin, 1)
-            undo.callback(relay.close)
+            prelay = PtyRelay(master, stdin, 1)
+            undo.callback(prelay.close)
+            relay = prelay
         return pid, relay
 
     # --- rootless ----------------------------------------------------------------------------
@@ -344,7 +396,7 @@ class Monitor:
 
     # --- wait ------------------------------------------------------------------------------
 
-    def _wait(self, pid: int, relay: PtyRelay | None) -> int:
+    def _wait(self, pid: int, relay: Relay | None) -> int:
         status = supervise(
             pid,
             relay,
@@ -393,9 +445,25 @@ class Monitor:
         return code
 
     def _forget_if_failed(self) -> None:
-        if not self.started and self.rec is not None:  # never ran: leave no trace (record, data dir)
+        if self.started or self.rec is None:
+            return
+        if self.api is not None and self.previous is not None and not self.spec.remove:
+            # a start through the API that failed: the container stays as it was (docker
+            # keeps a created container whose command was not found), its data dir too
+            prev = self.previous
+            if os.path.isdir(self.record.data_dir or ""):
+                prev.data_dir = self.record.data_dir
             with contextlib.suppress(OSError, state.StateError):
-                state.remove(self.rec)
+                state.save(prev)
+            return
+        with contextlib.suppress(OSError, state.StateError):  # never ran: leave no trace (record, data dir)
+            state.remove(self.rec)
+
+    def _notify_line(self, msg: str) -> None:
+        """One line to the service, the pipe kept open (the final ``ok``/``err`` follows)."""
+        if self.notify_fd is not None:
+            with contextlib.suppress(OSError):
+                os.write(self.notify_fd, (msg + "\n").encode())
 
     def _notify(self, msg: str) -> None:
         if self.notify_fd is not None:
@@ -403,6 +471,24 @@ class Monitor:
                 os.write(self.notify_fd, (msg + "\n").encode())
                 os.close(self.notify_fd)
             self.notify_fd = None
+
+
+def _wait_go(fd: int) -> None:
+    """The service's go (one byte; its end, if it died meanwhile, is a go too)."""
+    with contextlib.suppress(OSError):
+        os.read(fd, 1)
+    with contextlib.suppress(OSError):
+        os.close(fd)
+
+
+def _clear_init_layer(data: str) -> None:
+    """A restart through the API: the init layer is built again (the upper layer, the
+    container's log and its /etc files stay or are rewritten)."""
+    fd = os.open(data, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        state.rmtree_at(fd, "init")
+    finally:
+        os.close(fd)
 
 
 def _print_summary(path: str | None) -> None:

@@ -154,7 +154,7 @@ def build(spec: RunSpec, *, detach: bool = False, cid: str | None = None, rootle
             raise PlanError(f"lower layer {layer!r} is not a directory")
 
     name = spec.name
-    if name and state.name_taken(name):
+    if name and state.name_taken(name) not in (None, cid):  # a created container starting keeps its name
         raise PlanError(f"the container name {name!r} is already in use")
     name = name or generate_name()
     hostname = spec.hostname or (socket.gethostname() if spec.network == "host" else cid[:12])

@@ -376,10 +376,13 @@ def all_records() -> list[dict]:
 
 
 def status(rec: Record | dict) -> str:
-    """created | running | exited | dead (its monitor is gone without recording an exit)."""
+    """created | running | exited | dead (its monitor is gone without recording an exit).
+    A record created by the API and not started yet has no monitor: "created"."""
     if isinstance(rec, Record):
         rec = rec.to_dict()
     st = rec.get("status", "created")
+    if st == "created" and rec.get("monitor_pid") is None:
+        return st  # created through the API (runner/api/containers.py): no monitor yet
     if st in ("created", "running") and not _linux.alive(rec.get("monitor_pid"), rec.get("monitor_start")):
         return "dead"
     return st

@@ -21,8 +21,22 @@ import selectors
 import signal
 import time
 from collections.abc import Callable
+from typing import Protocol
 
-from .tty import PtyRelay, raw_mode
+from .tty import raw_mode
+
+
+class Relay(Protocol):
+    """What the loop drives: the terminal relay (runner/tty.py) or the attach relay
+    (runner/attach.py)."""
+
+    stdin: int | None
+
+    def fds(self) -> list[int]: ...
+    def readable(self, fd: int) -> None: ...
+    def resize(self) -> None: ...
+    def drain(self) -> None: ...
+
 
 FORWARD = (
     signal.SIGINT,
@@ -44,7 +58,7 @@ def catch_signals(pending: list[int]) -> None:
 
 def supervise(
     pid: int,
-    relay: PtyRelay | None,
+    relay: Relay | None,
     *,
     pending: list[int] | None = None,
     stop_timeout: float | None = None,
@@ -67,9 +81,9 @@ def supervise(
     term = relay is not None and relay.stdin is not None
     try:
         with raw_mode(0) if term else contextlib.nullcontext():
+            watched: set[int] = set()
             if relay:
-                for fd in relay.fds():
-                    sel.register(fd, selectors.EVENT_READ, "tty")
+                _sync(sel, relay, watched)
                 relay.resize()
             signals = list(pending or ())
             done = False
@@ -101,10 +115,9 @@ def supervise(
                             on_server_exit()
                         _send(pidfd, signal.SIGKILL)
                         killed = True
-                    elif relay is not None:  # "tty": registered only with a relay
+                    elif relay is not None and key.fd in watched:  # "tty" (not dropped this round)
                         relay.readable(key.fd)
-                        if key.fd not in relay.fds():
-                            sel.unregister(key.fd)
+                        _sync(sel, relay, watched)
             if relay:
                 relay.drain()
     finally:
@@ -115,6 +128,18 @@ def supervise(
         for fd in (pidfd, rsig, wsig):
             os.close(fd)
     return os.waitpid(pid, 0)[1]
+
+
+def _sync(sel: selectors.BaseSelector, relay, watched: set[int]) -> None:
+    """Watch exactly the relay's fds (an attach relay gains and loses clients)."""
+    now = set(relay.fds())
+    for fd in watched - now:
+        with contextlib.suppress(KeyError, ValueError, OSError):
+            sel.unregister(fd)
+    for fd in now - watched:
+        sel.register(fd, selectors.EVENT_READ, "tty")
+    watched.clear()
+    watched.update(now)
 
 
 def _send(pidfd: int, sig: int) -> None:

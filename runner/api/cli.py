@@ -58,11 +58,14 @@ def default_socket() -> str:
 
 
 def build_router():
-    from . import ctl, images, system
+    from . import containers, ctl, images, system
+    from . import exec as exec_
     from .server import Router
 
     router = Router()
     router.include(images.router)
+    router.include(containers.router)  # create, start, attach, wait, logs, restart
+    router.include(exec_.router)
     router.include(ctl.router)  # ps, inspect, stop, rm, diff, commit, cp, export, events
     router.include(system.router)  # last: its catch-alls answer what no module serves
     return router
