@@ -16,6 +16,7 @@ runs, and the machine's docker configuration is not read or written.
 from __future__ import annotations
 
 import os
+import re
 import select
 import shlex
 import signal
@@ -28,7 +29,7 @@ DOCKER = "/usr/bin/docker"  # Debian's docker.io CLI (API 1.41)
 IMAGE = "busybox:demo"
 SHELL_INPUT = (
     "echo hello from $(hostname), I am pid $$",
-    "echo from the shell > /etc/motd",
+    "echo from the shell > /etc/motd",  # a new file: the image's etc has no motd
 )
 READY_WAIT = 30
 
@@ -103,6 +104,15 @@ def _tarball(base: Path, dest: Path) -> Path:
     return dest
 
 
+_ESCAPES = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def _printable(raw: bytes) -> str:
+    """Terminal output without its escape sequences (the shell asks for the cursor
+    position) and carriage returns."""
+    return _ESCAPES.sub("", raw.decode(errors="replace")).replace("\r", "").strip()
+
+
 def _descendants(pid: int) -> list[int]:
     """*pid* and every process below it (by /proc's ppid)."""
     children: dict[int, list[int]] = {}
@@ -123,6 +133,33 @@ def _descendants(pid: int) -> list[int]:
     return out
 
 
+def _with_roles(forest: str, service: int) -> str:
+    """The ``ps --forest`` lines with each process's part: the service, a monitor (its
+    child), a FUSE server (a monitor's child on the host) or a container's PID 1 (a
+    monitor's child in a pid namespace of its own)."""
+    host_ns = os.readlink("/proc/self/ns/pid")
+    out = []
+    for line in forest.splitlines():
+        fields = line.split(None, 2)
+        role = ""
+        if len(fields) >= 2 and fields[0].isdigit():
+            pid, ppid = int(fields[0]), int(fields[1])
+            try:
+                ns = os.readlink(f"/proc/{pid}/ns/pid")
+            except OSError:
+                ns = host_ns
+            if pid == service:
+                role = "the service"
+            elif ppid == service:
+                role = "a monitor"
+            elif ns != host_ns:
+                role = "the container's PID 1"
+            else:
+                role = "its FUSE server"
+        out.append(f"{line}    <- {role}" if role else line)
+    return "\n".join(out)
+
+
 class Terminal:
     """``docker run -it ...`` on a pseudo-terminal the demo types into."""
 
@@ -134,9 +171,11 @@ class Terminal:
         os.close(slave)
         self.output = b""
 
-    def expect(self, what: bytes, timeout: float = READY_WAIT) -> bool:
+    def _until(self, done, timeout: float) -> bool:
+        """Read the terminal until ``done(output)`` holds (True), or *timeout* or the end of
+        the output (whether it holds then)."""
         deadline = time.monotonic() + timeout
-        while what not in self.output:
+        while not done(self.output):
             left = deadline - time.monotonic()
             if left <= 0:
                 return False
@@ -145,11 +184,18 @@ class Terminal:
                 try:
                     data = os.read(self.master, 4096)
                 except OSError:
-                    return what in self.output
+                    data = b""
                 if not data:
-                    return what in self.output
+                    return done(self.output)
                 self.output += data
         return True
+
+    def expect(self, what: bytes, timeout: float = READY_WAIT) -> bool:
+        return self._until(lambda out: what in out, timeout)
+
+    def expect_count(self, what: bytes, n: int, timeout: float = READY_WAIT) -> bool:
+        """Wait until *what* has appeared *n* times (a prompt after a command)."""
+        return self._until(lambda out: out.count(what) >= n, timeout)
 
     def type(self, line: str) -> None:
         os.write(self.master, line.encode() + b"\r")
@@ -219,11 +265,13 @@ def _show(demo, svc: Service, work: Path) -> None:
     try:
         if not term.expect(b"# "):
             raise AssertionError("the interactive shell showed no prompt")
-        for line in SHELL_INPUT:
-            term.type(line)
+        term.type(SHELL_INPUT[0])
         if not term.expect(b"I am pid 1"):
             raise AssertionError("the shell did not answer (it should be pid 1 in its container)")
-        demo.indent(term.output.decode(errors="replace").replace("\r", "").strip(), "    | ")
+        term.type(SHELL_INPUT[1])
+        if not term.expect_count(b"# ", 3):
+            raise AssertionError("the shell did not come back to its prompt")
+        demo.indent(_printable(term.output), "    | ")
 
         demo.heading("On the host: ps -aef --forest, from the service down")
         pids = _descendants(svc.proc.pid)
@@ -233,7 +281,7 @@ def _show(demo, svc: Service, work: Path) -> None:
             text=True,
             timeout=30,
         )
-        demo.indent(r.stdout.rstrip())
+        demo.indent(_with_roles(r.stdout.rstrip(), svc.proc.pid))
         demo.say("  The service is the parent of one monitor per container (as dockerd's shims); each")
         demo.say("  monitor has its FUSE server (on the host, outside the container) and the container's")
         demo.say("  PID 1: httpd in one, sh in the other.")
@@ -257,5 +305,5 @@ def _show(demo, svc: Service, work: Path) -> None:
     _cmd(demo, svc, "exec", "web", "ps")
     _cmd(demo, svc, "diff", "shell")
     diff = svc.docker("diff", "shell").stdout.split("\n")
-    if "C /etc/motd" not in diff:
-        demo.failed("docker diff shell does not show C /etc/motd")
+    if "A /etc/motd" not in diff:
+        demo.failed("docker diff shell does not show A /etc/motd")

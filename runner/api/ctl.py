@@ -137,8 +137,13 @@ def config_of(rec: dict) -> dict:
 
 def host_config_of(rec: dict) -> dict:
     given = api_of(rec).get("HostConfig")
-    if isinstance(given, dict):
-        return given
+    if isinstance(given, dict):  # as the client sent it, with what dockerd fills in
+        host = dict(given)
+        if not (host.get("LogConfig") or {}).get("Type"):
+            host["LogConfig"] = {"Type": "json-file", "Config": {}}
+        if not (host.get("RestartPolicy") or {}).get("Name"):
+            host["RestartPolicy"] = {"Name": "no", "MaximumRetryCount": 0}
+        return host
     spec = spec_of(rec)
     limits = spec.get("limits") or {}
     cpus = limits.get("cpus")

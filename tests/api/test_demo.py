@@ -24,12 +24,14 @@ def test_demo_runs_docker_containers_through_the_service(tmp_path):
     assert "#### Part 5: the docker CLI drives pyoverlay: pyoverlay serve\n" in out, out
     assert "I am pid 1" in out, out
     tree = out.split("On the host: ps -aef --forest")[1].split("The service is the parent")[0]
-    lines = [line for line in tree.splitlines() if line.strip() and "PID" not in line]
+    lines = tree.split("PID  PPID")[1].splitlines()[1:]  # the rows after ps's header
+    lines = [line for line in lines if line.strip()]
     assert "pyoverlay serve" in lines[0], tree  # the service first, everything else below it
-    assert any("httpd -f" in line for line in lines[1:]) and any(line.rstrip().endswith(" sh") for line in lines[1:]), (
-        tree
-    )
+    pid1 = [line for line in lines[1:] if line.endswith("<- the container's PID 1")]
+    assert len(pid1) == 2 and "httpd -f" in pid1[0] and "\\_ sh " in pid1[1], tree
+    assert sum(line.endswith("<- a monitor") for line in lines) == 2, tree
+    assert sum(line.endswith("<- its FUSE server") for line in lines) == 2, tree
     assert "docker run -it returned 7" in out, out
-    assert "C /etc/motd" in out.split("diff shell")[1], out
+    assert "A /etc/motd" in out.split("diff shell")[1], out
     assert "nothing mounted; removed" in out, out
     assert not mounts.mounts_under(tmp_path)
