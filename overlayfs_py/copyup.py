@@ -49,7 +49,7 @@ import logging
 import os
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from . import _sys
@@ -672,30 +672,27 @@ class CopyUp:
         in a worker thread."""
         import trio
 
-        ev, dst, dsrc, kept = self._data_start(node, reason)
-        size = kept[0].st_size
-        try:
-            try:
-                if size > THREAD_THRESHOLD:
-                    await trio.to_thread.run_sync(copy_data, dsrc, dst, size, self.sync, limiter=self.limiter)
-                else:
-                    copy_data(dsrc, dst, size, self.sync)
-                self._data_finish(node, dst, kept)
-            finally:
-                os.close(dst)
-                os.close(dsrc)
-        except BaseException as exc:
-            self._traced_end(ev, exc)
-            raise
-        self._traced_end(ev, None)
+        with self._data_copy(node, reason) as (dsrc, dst, size):
+            if size > THREAD_THRESHOLD:
+                await trio.to_thread.run_sync(copy_data, dsrc, dst, size, self.sync, limiter=self.limiter)
+            else:
+                copy_data(dsrc, dst, size, self.sync)
 
     def _copy_up_data_now(self, node: Node, reason: str) -> None:
         """``_copy_up_data`` of small data, in this thread."""
+        with self._data_copy(node, reason) as (dsrc, dst, size):
+            copy_data(dsrc, dst, size, self.sync)
+
+    @contextlib.contextmanager
+    def _data_copy(self, node: Node, reason: str) -> Iterator[tuple[int, int, int]]:
+        """A metacopy file's data copy-up around the copy itself (the body: (source fd,
+        destination fd, size)): opened and traced before, finished (``overlay.metacopy``
+        removed) after a body that did not fail, the fds closed, the trace's end event
+        with the failure if any."""
         ev, dst, dsrc, kept = self._data_start(node, reason)
-        size = kept[0].st_size
         try:
             try:
-                copy_data(dsrc, dst, size, self.sync)
+                yield dsrc, dst, kept[0].st_size
                 self._data_finish(node, dst, kept)
             finally:
                 os.close(dst)

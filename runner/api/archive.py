@@ -42,7 +42,7 @@ from overlayfs_py import _sys
 from .. import state
 from . import events
 from .records import api_state, attrs, find, lowers_of
-from .server import ApiError, Request, Router
+from .server import ApiError, ChunkWriter, Request, Router
 
 router = Router()
 
@@ -241,29 +241,6 @@ def go_mode(mode: int) -> int:
 # --- writing a tree as a tar ---------------------------------------------------------------------
 
 
-class _ChunkWriter(io.RawIOBase):
-    """A write-only file whose bytes go to the client as chunks of about 64 KiB."""
-
-    def __init__(self, req: Request) -> None:
-        super().__init__()
-        self.req = req
-        self.buf = bytearray()
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, data, /) -> int:
-        self.buf += data
-        if len(self.buf) >= 1 << 16:
-            self.flush()
-        return len(data)
-
-    def flush(self) -> None:
-        if self.buf:
-            self.req.stream_write(bytes(self.buf))
-            self.buf.clear()
-
-
 class TreeTar:
     """Writes objects beneath directory fds to a tar: no symlink followed, no other
     filesystem entered, hard links within the tar kept as links."""
@@ -378,7 +355,7 @@ class _Exact(io.RawIOBase):
 
 
 def _tar_stream(req: Request):
-    out = _ChunkWriter(req)
+    out = ChunkWriter(req)
     tf = tarfile.open(  # noqa: SIM115 - closed by the caller once the tree is written
         fileobj=out, mode="w|", format=tarfile.PAX_FORMAT, encoding="utf-8", errors="surrogateescape"
     )

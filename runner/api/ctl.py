@@ -27,6 +27,7 @@ from typing import Any
 from .. import _linux as L
 from .. import control, state
 from . import archive, events, events_http
+from . import changes as changes_
 from .records import (
     api_of,
     api_state,
@@ -543,68 +544,6 @@ def changes(req: Request) -> None:
 
 
 #: the Dockerfile instructions ``commit --change`` accepts, as dockerd
-_CHANGES = ("CMD", "ENTRYPOINT", "ENV", "EXPOSE", "LABEL", "ONBUILD", "USER", "VOLUME", "WORKDIR", "STOPSIGNAL")
-
-
-def apply_changes(cfg: dict, changes: list[str]) -> None:
-    """``docker commit --change 'CMD ["x"]'``: Dockerfile instructions on the config."""
-    for line in changes:
-        line = line.strip()
-        if not line:
-            continue
-        word, _, rest = line.partition(" ")
-        word, rest = word.upper(), rest.strip()
-        if word not in _CHANGES:
-            raise ApiError(400, f"{word} is not a valid change command")
-
-        def argv(text: str) -> list[str]:
-            if text.startswith("["):
-                try:
-                    v = json.loads(text)
-                except ValueError:
-                    v = None
-                if isinstance(v, list) and all(isinstance(x, str) for x in v):
-                    return v
-            return ["/bin/sh", "-c", text]
-
-        if word == "CMD":
-            cfg["Cmd"] = argv(rest)
-        elif word == "ENTRYPOINT":
-            cfg["Entrypoint"] = argv(rest)
-        elif word == "WORKDIR":
-            cfg["WorkingDir"] = rest
-        elif word == "USER":
-            cfg["User"] = rest
-        elif word == "STOPSIGNAL":
-            cfg["StopSignal"] = rest
-        elif word in ("ENV", "LABEL"):
-            pairs: list[tuple[str, str]] = []
-            toks = shlex.split(rest)
-            if word == "ENV" and len(toks) >= 2 and "=" not in toks[0]:
-                pairs = [(toks[0], " ".join(toks[1:]))]
-            else:
-                for t in toks:
-                    k, eq, v = t.partition("=")
-                    if not eq:
-                        raise ApiError(400, f"{word} needs KEY=VALUE: {line!r}")
-                    pairs.append((k, v))
-            if word == "ENV":
-                env = [e for e in cfg.get("Env") or [] if e.split("=", 1)[0] not in {k for k, _ in pairs}]
-                cfg["Env"] = env + [f"{k}={v}" for k, v in pairs]
-            else:
-                cfg["Labels"] = {**(cfg.get("Labels") or {}), **dict(pairs)}
-        elif word == "EXPOSE":
-            cfg["ExposedPorts"] = {
-                **(cfg.get("ExposedPorts") or {}),
-                **{(p if "/" in p else p + "/tcp"): {} for p in rest.split()},
-            }
-        elif word == "VOLUME":
-            vols = json.loads(rest) if rest.startswith("[") else rest.split()
-            cfg["Volumes"] = {**(cfg.get("Volumes") or {}), **{v: {} for v in vols}}
-        elif word == "ONBUILD":
-            cfg["OnBuild"] = [*(cfg.get("OnBuild") or []), rest]
-
-
 _commit_lock = threading.Lock()
 
 
@@ -654,7 +593,7 @@ def _commit_edit(body: Any, req: Request):
     changes: list[str] = []
     for c in req.query.get("changes") or []:
         changes += c.splitlines()
-    apply_changes({}, changes)  # the check
+    changes_.apply({}, changes)  # the check
     comment, author = req.arg("comment") or "", req.arg("author") or ""
 
     def edit(cfg: dict) -> None:
@@ -663,7 +602,7 @@ def _commit_edit(body: Any, req: Request):
             for k, v in body.items():
                 if v not in (None, "", [], {}):
                     inner[k] = v
-        apply_changes(inner, changes)
+        changes_.apply(inner, changes)
         if author:
             cfg["author"] = author
         if comment:

@@ -21,7 +21,6 @@ import hashlib
 import json
 import os
 import platform
-import shlex
 import tarfile
 import tempfile
 import time
@@ -31,13 +30,13 @@ from ..images import ImageError, local_root
 from ..images.core import Image, parse_reference
 from ..images.local import LocalStore, dumps
 from ..images.streams import MEDIA_TAR, decompress, sha256_digest
+from . import changes as changes_
 from . import events
-from .server import ApiError, Request, Router
+from .server import ApiError, ChunkWriter, Request, Router
 
 router = Router()
 
 #: docker import's ``--change`` instructions
-_CHANGES = ("CMD", "ENTRYPOINT", "ENV", "EXPOSE", "LABEL", "ONBUILD", "STOPSIGNAL", "USER", "VOLUME", "WORKDIR")
 
 
 # --- the store -------------------------------------------------------------------------------
@@ -536,88 +535,13 @@ def create(req: Request) -> None:
         except ImageError as e:
             raise ApiError(400, str(e)) from None
     changes = req.query.get("changes", [])
-    config_part = _apply_changes(changes)
+    config_part = changes_.apply({}, changes)
     message = req.arg("message") or ""
     with _spooled(req) as path:
         img = _import_rootfs(path, name, config_part, message)
     events.publish("image", "import", img.id, {"name": name or img.id})
     req.stream_start("application/json")
     req.stream_write(_json_line({"status": img.id}))
-
-
-def _apply_changes(changes: list[str]) -> dict:
-    """docker import's ``--change`` lines (Dockerfile instructions) as an image config."""
-    cfg: dict[str, Any] = {}
-    for raw in changes:
-        for line in raw.splitlines():
-            line = line.strip()
-            if not line:
-                continue
-            word, _, rest = line.partition(" ")
-            word, rest = word.upper(), rest.strip()
-            if word not in _CHANGES:
-                raise ApiError(400, f"{word} is not a valid change command")
-            if word in ("CMD", "ENTRYPOINT"):
-                cfg["Cmd" if word == "CMD" else "Entrypoint"] = _exec_form(rest, word)
-            elif word == "ENV":
-                env = cfg.setdefault("Env", [])
-                for k, v in _pairs(rest, word):
-                    env[:] = [e for e in env if e.split("=", 1)[0] != k] + [f"{k}={v}"]
-            elif word == "LABEL":
-                cfg.setdefault("Labels", {}).update(dict(_pairs(rest, word)))
-            elif word == "EXPOSE":
-                for p in rest.split():
-                    cfg.setdefault("ExposedPorts", {})[p if "/" in p else f"{p}/tcp"] = {}
-            elif word == "VOLUME":
-                vols = _json_list(rest) if rest.startswith("[") else rest.split()
-                for v in vols:
-                    cfg.setdefault("Volumes", {})[v] = {}
-            elif word == "ONBUILD":
-                cfg.setdefault("OnBuild", []).append(rest)
-            elif word == "STOPSIGNAL":
-                cfg["StopSignal"] = rest
-            elif word == "USER":
-                cfg["User"] = rest
-            elif word == "WORKDIR":
-                cfg["WorkingDir"] = rest if rest.startswith("/") else "/" + rest
-    return cfg
-
-
-def _json_list(s: str) -> list[str]:
-    try:
-        v = json.loads(s)
-    except ValueError:
-        raise ApiError(400, f"invalid JSON in change {s!r}") from None
-    if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
-        raise ApiError(400, f"invalid change {s!r}: expected a JSON list of strings")
-    return v
-
-
-def _exec_form(rest: str, word: str) -> list[str]:
-    if rest.startswith("["):
-        with contextlib.suppress(ApiError):
-            return _json_list(rest)
-    if not rest:
-        raise ApiError(400, f"{word} requires at least one argument")
-    return ["/bin/sh", "-c", rest]
-
-
-def _pairs(rest: str, word: str) -> list[tuple[str, str]]:
-    try:
-        words = shlex.split(rest)
-    except ValueError as e:
-        raise ApiError(400, f"{word}: {e}") from None
-    if not words:
-        raise ApiError(400, f"{word} requires at least one argument")
-    if "=" not in words[0]:  # ENV KEY VALUE...
-        return [(words[0], " ".join(words[1:]))]
-    out = []
-    for w in words:
-        k, eq, v = w.partition("=")
-        if not eq or not k:
-            raise ApiError(400, f"{word}: {w!r} is not KEY=VALUE")
-        out.append((k, v))
-    return out
 
 
 def _arch() -> str:
@@ -698,25 +622,6 @@ def save_many(req: Request) -> None:
     _save(req, names)
 
 
-class _ChunkWriter:
-    """A write-only file over a chunked response (tarfile's stream mode writes to it)."""
-
-    def __init__(self, req: Request) -> None:
-        self.req = req
-        self.buf = bytearray()
-
-    def write(self, data) -> int:
-        self.buf += data
-        if len(self.buf) >= 1 << 16:
-            self.flush()
-        return len(data)
-
-    def flush(self) -> None:
-        if self.buf:
-            self.req.stream_write(bytes(self.buf))
-            self.buf.clear()
-
-
 def _save(req: Request, refs: list[str]) -> None:
     """A docker-save archive (the format docker 20.10 writes and every docker loads:
     ``manifest.json``, ``repositories``, ``<id>.json`` configs, ``<v1 id>/layer.tar``)."""
@@ -742,7 +647,7 @@ def _save(req: Request, refs: list[str]) -> None:
             raise ApiError(500, f"image {img.short_id}: its manifest and config disagree on the layers")
         plans.append((img, names, descs))
     req.stream_start("application/x-tar")
-    out = _ChunkWriter(req)
+    out = ChunkWriter(req)
     manifest_json: list[dict] = []
     repositories: dict[str, dict[str, str]] = {}
     written: set[str] = set()

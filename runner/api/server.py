@@ -13,6 +13,7 @@ A handler is ``def handler(req: Request) -> None``; it answers with one of ``req
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import os
@@ -247,6 +248,30 @@ class Request:
         self._h.wfile.flush()
         self._h.close_connection = True
         return self._h.connection
+
+
+class ChunkWriter(io.RawIOBase):
+    """A write-only file over a chunked response (``req.stream_start`` first): its bytes
+    go to the client in chunks of about 64 KiB (tarfile's stream mode writes to it)."""
+
+    def __init__(self, req: Request) -> None:
+        super().__init__()
+        self.req = req
+        self.buf = bytearray()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data, /) -> int:
+        self.buf += data
+        if len(self.buf) >= 1 << 16:
+            self.flush()
+        return len(data)
+
+    def flush(self) -> None:
+        if self.buf:
+            self.req.stream_write(bytes(self.buf))
+            self.buf.clear()
 
 
 Handler = Callable[[Request], None]
