@@ -119,6 +119,12 @@ def _pidfd(rec: state.Record) -> int | None:
     return fd
 
 
+def pid1_fd(rec: state.Record | dict) -> int | None:
+    """A pidfd on running container *rec*'s PID 1 (checked against its recorded start
+    time), or None if it is gone: to signal it, or to ``setns`` into its namespaces."""
+    return _pidfd(state.Record.of(rec))
+
+
 def kill(rec: state.Record | dict, sig: int) -> None:
     rec = state.Record.of(rec)
     if state.status(rec) != "running":

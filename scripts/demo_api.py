@@ -25,6 +25,8 @@ import tarfile
 import time
 from pathlib import Path
 
+from overlayfs_py import procfs
+
 DOCKER = "/usr/bin/docker"  # Debian's docker.io CLI (API 1.41)
 IMAGE = "busybox:demo"
 SHELL_INPUT = (
@@ -120,9 +122,8 @@ def _descendants(pid: int) -> list[int]:
         if not d.isdigit():
             continue
         try:
-            with open(f"/proc/{d}/stat", "rb") as f:
-                ppid = int(f.read().rsplit(b")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
+            ppid = procfs.stat(d).ppid
+        except OSError:
             continue
         children.setdefault(ppid, []).append(int(d))
     out, todo = [], [pid]

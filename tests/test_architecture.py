@@ -40,7 +40,14 @@ ALLOWED_CYCLES: set[frozenset[str]] = set()
 #: Exception classes that are not user-facing errors: an OSError that carries an errno
 #: back to a FUSE reply (never printed as a message).
 #: The direct engine's NeedsTask: a synchronous handler's "serve this in a task" signal.
-NOT_USER_ERRORS = {"overlayfs_py.workdir.Replaced", "overlayfs_py.fuse.ops.NeedsTask"}
+#: The API service's control flow: AnsweredElsewhere (a child process answered the
+#: request), containers._NotModified (a start that finds the container running: 304).
+NOT_USER_ERRORS = {
+    "overlayfs_py.workdir.Replaced",
+    "overlayfs_py.fuse.ops.NeedsTask",
+    "runner.api.server.AnsweredElsewhere",
+    "runner.api.containers._NotModified",
+}
 
 
 # --- the module graph ---------------------------------------------------------------------

@@ -26,6 +26,7 @@ import datetime
 import errno
 import io
 import json
+import logging
 import os
 import posixpath
 import shutil
@@ -42,8 +43,9 @@ from overlayfs_py import _sys
 from .. import state
 from . import events
 from .records import api_state, attrs, find, lowers_of
-from .server import ApiError, ChunkWriter, Request, Router
+from .server import AnsweredElsewhere, ApiError, ChunkWriter, Request, Router
 
+log = logging.getLogger(__name__)
 router = Router()
 
 _IN_ROOT = _sys.RESOLVE_IN_ROOT | _sys.RESOLVE_NO_MAGICLINKS | _sys.RESOLVE_NO_XDEV
@@ -126,8 +128,90 @@ def container_root(rec: dict) -> Iterator[tuple[int, str]]:
                 os.rmdir(mnt)
 
 
+def _mount_on_host(rec: dict) -> bool:
+    """Whether the root of running container *rec* is mounted where the service sees it
+    (root's containers); a rootless container's mount exists only in its own namespaces."""
+    merged = rec.get("merged")
+    return bool(merged and state.mounts_under(merged))
+
+
+@contextlib.contextmanager
+def _root(req: Request, rec: dict, event: str) -> Iterator[int]:
+    """The container's root fd for a handler's body, which must answer the request itself;
+    then *event* is published. A running rootless container's mount is reachable only from
+    inside its user namespace (FUSE refuses the processes of other namespaces, the
+    service's included): the body then runs in a child of this thread that has joined the
+    container's user and mount namespaces (``setns`` through its PID 1's pidfd: the child
+    is root there, as the container's root, and its ``/`` is the container's root). The
+    child answers on the connection; this thread waits for it, and the connection is
+    closed after (``AnsweredElsewhere``)."""
+    if api_state(rec) == "running" and not _mount_on_host(rec):
+        yield from _root_in_child(req, rec, event)
+        return
+    with container_root(rec) as (root_fd, _p):
+        yield root_fd
+    events.publish("container", event, rec["id"], attrs(rec))
+
+
+def _root_in_child(req: Request, rec: dict, event: str) -> Iterator[int]:
+    from .. import _linux as L
+    from .. import control
+
+    _proc()  # opened before the fork: the host's /proc, for the child too
+    pidfd = control.pid1_fd(rec)
+    if pidfd is None:
+        raise ApiError(409, f"Container {rec['id']} is not running")
+    try:
+        pid = os.fork()
+    except BaseException:
+        os.close(pidfd)
+        raise
+    if pid == 0:  # the child: one thread (setns into a user namespace needs that)
+        code = 1
+        req.close_after()  # the service closes the connection after the child's answer
+        try:
+            try:
+                L.setns(pidfd, L.CLONE_NEWUSER | L.CLONE_NEWNS)
+                root = os.open("/", _DIR_RD)  # setns(CLONE_NEWNS) made / the container's root
+            except OSError as e:
+                raise ApiError(500, f"cannot enter the namespaces of {rec['id'][:12]}: {e.strerror}") from None
+            yield root
+            req.stream_end()
+            code = 0
+        except ApiError as e:
+            if not req.answered:
+                req.error(e.status, e.message)
+        except BaseException:  # noqa: BLE001 - the child answers what it can, then exits
+            log.exception("%s in the namespaces of %s failed", event, rec["id"][:12])
+            if not req.answered:
+                with contextlib.suppress(BaseException):
+                    req.error(500, "the copy inside the container failed")
+        finally:
+            with contextlib.suppress(BaseException):
+                req.flush()
+            os._exit(code)
+    os.close(pidfd)
+    _, status = os.waitpid(pid, 0)
+    if os.waitstatus_to_exitcode(status) == 0:
+        events.publish("container", event, rec["id"], attrs(rec))
+    raise AnsweredElsewhere()
+
+
+_proc_fd: int | None = None
+
+
+def _proc() -> int:
+    """A directory fd of the host's /proc (opened once): magic links of this process's fds
+    (``self/fd/N`` relative to it) work also in a child that has joined a container's
+    mount namespace, whose /proc is the container's pid namespace's."""
+    global _proc_fd
+    if _proc_fd is None:
+        _proc_fd = os.open("/proc", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    return _proc_fd
+
+
 def _fd_path(fd: int) -> str:
-    return os.readlink(f"/proc/self/fd/{fd}")
+    return os.readlink(f"self/fd/{fd}", dir_fd=_proc())
 
 
 def _in_container(root_fd: int, fd: int) -> str:
@@ -368,7 +452,7 @@ def _tar_stream(req: Request):
 @router.route("GET", "/containers/{id}/export")
 def export(req: Request) -> None:
     rec = find(req.params["id"])
-    with container_root(rec) as (root_fd, _path):
+    with _root(req, rec, "export") as root_fd:
         req.stream_start("application/x-tar")
         tf, out = _tar_stream(req)
         tt = TreeTar(tf)
@@ -376,7 +460,6 @@ def export(req: Request) -> None:
             tt.add(root_fd, name, name)
         tf.close()
         out.flush()
-    events.publish("container", "export", rec["id"], attrs(rec))
 
 
 # --- archive: GET, HEAD, PUT ---------------------------------------------------------------------
@@ -386,20 +469,20 @@ def export(req: Request) -> None:
 def archive_head(req: Request) -> None:
     rec = find(req.params["id"])
     path = req.arg("path") or ""
-    with container_root(rec) as (root_fd, _p):
+    with _root(req, rec, "archive-path") as root_fd:
         t = _Target(root_fd, path, rec)
         try:
             header = t.stat_header()
         finally:
             t.close()
-    req.empty(200, {"X-Docker-Container-Path-Stat": header})
+        req.empty(200, {"X-Docker-Container-Path-Stat": header})
 
 
 @router.route("GET", "/containers/{id}/archive")
 def archive_get(req: Request) -> None:
     rec = find(req.params["id"])
     path = req.arg("path") or ""
-    with container_root(rec) as (root_fd, _p):
+    with _root(req, rec, "archive-path") as root_fd:
         t = _Target(root_fd, path, rec)
         try:
             header = t.stat_header()
@@ -412,7 +495,6 @@ def archive_get(req: Request) -> None:
             out.flush()
         finally:
             t.close()
-    events.publish("container", "archive-path", rec["id"], attrs(rec))
 
 
 class _BodyReader(io.RawIOBase):
@@ -446,7 +528,7 @@ def archive_put(req: Request) -> None:
         raise ApiError(403, "container rootfs is marked read-only")
     no_overwrite = req.flag("noOverwriteDirNonDir")
     copy_uidgid = req.flag("copyUIDGID")
-    with container_root(rec) as (root_fd, _p):
+    with _root(req, rec, "extract-to-dir") as root_fd:
         d, base = _split(path)
         full = posixpath.join(d, base) if base else d
         try:
@@ -468,8 +550,7 @@ def archive_put(req: Request) -> None:
             raise ApiError(400, f"not a tar archive: {e}") from None
         with tf:
             Extractor(root_fd, dest, no_overwrite, copy_uidgid).run(tf)
-    events.publish("container", "extract-to-dir", rec["id"], attrs(rec))
-    req.empty(200)
+        req.empty(200)
 
 
 class Extractor:
@@ -483,6 +564,11 @@ class Extractor:
         self.copy_uidgid = copy_uidgid
         self.dir_times: list[tuple[str, int]] = []
         self.can_chown = os.geteuid() == 0
+
+    def _owner(self, m: tarfile.TarInfo) -> tuple[int, int]:
+        """The owner a member gets: its own with ``copyUIDGID`` (``docker cp -a``), else the
+        container's root, as dockerd's extraction gives (its ``ChownOpts``)."""
+        return (m.uid, m.gid) if self.copy_uidgid else (0, 0)
 
     def run(self, tf: tarfile.TarFile) -> None:
         try:
@@ -603,18 +689,18 @@ class Extractor:
             if stat.S_ISLNK(st.st_mode):
                 if self.can_chown:
                     with contextlib.suppress(OSError):
-                        os.chown(name, m.uid, m.gid, dir_fd=pfd, follow_symlinks=False)
+                        os.chown(name, *self._owner(m), dir_fd=pfd, follow_symlinks=False)
                 with contextlib.suppress(OSError):
                     os.utime(name, ns=(mtime, mtime), dir_fd=pfd, follow_symlinks=False)
                 return
-            via = f"/proc/self/fd/{fd}"  # the inode itself (a magic link), not a path walk
+            via, proc = f"self/fd/{fd}", _proc()  # the inode itself (a magic link), not a path walk
             if self.can_chown:
                 with contextlib.suppress(OSError):
-                    os.chown(via, m.uid, m.gid)
-            os.chmod(via, mode)  # after chown, which clears setuid bits
+                    os.chown(via, *self._owner(m), dir_fd=proc)
+            os.chmod(via, mode, dir_fd=proc)  # after chown, which clears setuid bits
             if m.isdir():
                 self.dir_times.append((path, mtime))
             else:
-                os.utime(via, ns=(mtime, mtime))
+                os.utime(via, ns=(mtime, mtime), dir_fd=proc)
         finally:
             os.close(fd)

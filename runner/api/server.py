@@ -46,6 +46,12 @@ class ApiError(RunnerError):
         self.message = message
 
 
+class AnsweredElsewhere(Exception):  # noqa: N818 - a signal to the dispatcher, not an error
+    """Raised by a handler whose answer another process wrote on the connection (a child
+    that joined a container's namespaces, runner/api/archive.py): nothing more is sent
+    and the connection is closed (what was read and written on it is that process's)."""
+
+
 def not_found(what: str) -> ApiError:
     return ApiError(404, what)
 
@@ -64,6 +70,7 @@ class Request:
         self.answered = False
         self._chunked = False
         self._head = method == "HEAD"  # headers only
+        self._close = False  # "Connection: close" in the answer
         self._body = "unread"  # unread | reading | done
         self._hijacked = False
         self.server: ApiServer = handler.server.api  # type: ignore[attr-defined]
@@ -175,6 +182,8 @@ class Request:
         h.send_header("Server", f"pyoverlay (Docker Engine API {API_VERSION})")
         for k, v in headers.items():
             h.send_header(k, v)
+        if self._close:
+            h.send_header("Connection", "close")
         h.end_headers()
 
     def json(self, obj: Any, status: int = 200) -> None:
@@ -217,6 +226,11 @@ class Request:
 
     def flush(self) -> None:
         self._h.wfile.flush()
+
+    def close_after(self) -> None:
+        """Say in the answer (not started yet) that the connection ends with it: a client
+        then opens a new one for its next request instead of finding this one closed."""
+        self._close = True
 
     @property
     def is_head(self) -> bool:
@@ -356,6 +370,9 @@ class _Handler(BaseHTTPRequestHandler):
                 req.empty(204)
             req.stream_end()
             req.drain()
+        except AnsweredElsewhere:
+            self.close_connection = True
+            return
         except ApiError as e:
             self._fail(req, e.status, e.message)
         except (BrokenPipeError, ConnectionResetError):

@@ -11,10 +11,11 @@ import time
 
 import pytest
 
-from helpers import api
+from helpers import api, containers
 from helpers.apipty import Pty as _Pty
 from helpers.apipty import until as _until
 from helpers.apipty import wait_for as _wait_for
+from overlayfs_py import procfs
 
 
 def _ps_all(rt) -> list[dict]:
@@ -25,12 +26,8 @@ def _zombie_children(pid: int) -> list[int]:
     out = []
     for name in os.listdir("/proc"):
         if name.isdigit():
-            try:
-                with open(f"/proc/{name}/stat") as f:
-                    fields = f.read().rpartition(")")[2].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid and fields[0] == "Z":
+            st = containers.proc_stat(int(name))
+            if st is not None and st.ppid == pid and st.state == "Z":
                 out.append(int(name))
     return out
 
@@ -134,8 +131,7 @@ def test_restart_runs_the_command_again_on_the_same_upper(service, image, rt):
 
 
 def _ppid(pid: int) -> int:
-    with open(f"/proc/{pid}/stat") as f:
-        return int(f.read().rpartition(")")[2].split()[1])
+    return procfs.stat(pid).ppid
 
 
 def test_monitor_is_the_services_child_and_survives_its_restart(service, image, rt, tmp_path):

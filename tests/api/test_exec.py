@@ -8,6 +8,8 @@ import time
 
 import pytest
 
+from overlayfs_py import procfs
+
 
 @pytest.fixture
 def web(service, image, rt):
@@ -87,8 +89,7 @@ def test_exec_it_under_a_pty(service, web):
 
 
 def _ppid(pid: int) -> int:
-    with open(f"/proc/{pid}/stat") as f:
-        return int(f.read().rpartition(")")[2].split()[1])
+    return procfs.stat(pid).ppid
 
 
 def _pids_running(argv: bytes) -> list[int]:
