@@ -389,6 +389,8 @@ class _Handler(BaseHTTPRequestHandler):
             return
         with contextlib.suppress(OSError):
             req.drain()  # the client may still be sending its upload: read it first
+            if self.close_connection:  # it could not be read: say the connection ends here
+                req.close_after()
             req.error(status, message)
 
     do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = _dispatch  # noqa: N815
