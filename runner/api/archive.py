@@ -465,21 +465,10 @@ def export(req: Request) -> None:
 # --- archive: GET, HEAD, PUT ---------------------------------------------------------------------
 
 
-@router.route("HEAD", "/containers/{id}/archive")
-def archive_head(req: Request) -> None:
-    rec = find(req.params["id"])
-    path = req.arg("path") or ""
-    with _root(req, rec, "archive-path") as root_fd:
-        t = _Target(root_fd, path, rec)
-        try:
-            header = t.stat_header()
-        finally:
-            t.close()
-        req.empty(200, {"X-Docker-Container-Path-Stat": header})
-
-
 @router.route("GET", "/containers/{id}/archive")
 def archive_get(req: Request) -> None:
+    """``docker cp CTR:PATH`` (GET) and its stat (HEAD, routed here too: the same header,
+    no body)."""
     rec = find(req.params["id"])
     path = req.arg("path") or ""
     with _root(req, rec, "archive-path") as root_fd:
