@@ -22,6 +22,7 @@ from overlayfs_py.resolvers import ContainerView, Resolvers
 from . import control, state
 from .cgroups import Limits, parse_size
 from .errors import EXIT_RUNNER, RunnerError
+from .net.ports import parse_add_host, parse_dns, parse_publishes
 from .spec import (
     RunSpec,
     SpecError,
@@ -163,6 +164,17 @@ def register(main: click.Group) -> None:
 @click.option("-u", "--user", metavar="UID[:GID]", help="User (name or id) and group inside.")
 @click.option("-h", "--hostname", help="Hostname (default: the short container id).")
 @click.option("--net", "--network", "network", default="none", show_default=True, help="none (only lo) or host.")
+@click.option(
+    "-p",
+    "--publish",
+    multiple=True,
+    metavar="[IP:][HOST:]CTR[/tcp|udp]",
+    help="Publish a container's port on the host.",
+)
+@click.option("--dns", multiple=True, metavar="IP", help="A name server for the container's /etc/resolv.conf.")
+@click.option(
+    "--add-host", "add_hosts", multiple=True, metavar="NAME:IP", help="A line for the container's /etc/hosts."
+)
 @click.option("-v", "--volume", "volumes", multiple=True, metavar="HOST:CTR[:ro]", help="Bind mount.")
 @click.option("--read-only", is_flag=True, help="Mount the container's root read-only.")
 @click.option("-m", "--memory", metavar="SIZE", help="Memory limit (e.g. 64m, 1g).")
@@ -211,6 +223,9 @@ def run_cmd(
     user,
     hostname,
     network,
+    publish,
+    dns,
+    add_hosts,
     volumes,
     read_only,
     memory,
@@ -261,6 +276,9 @@ def run_cmd(
             hostname=hostname,
             image=img,
             network=parse_network(network),
+            publish=parse_publishes(publish),
+            dns=tuple(parse_dns(d) for d in dns),
+            add_hosts=tuple(parse_add_host(h) for h in add_hosts),
             volumes=[parse_volume(v) for v in volumes],
             read_only=read_only,
             limits=Limits(memory=parse_size(memory) if memory else None, pids=pids_limit, cpus=cpus),

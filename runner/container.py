@@ -61,6 +61,9 @@ class Launch:
     err_fd: int
     tty_sock: int | None
     winsize: bytes | None
+    #: a network namespace the monitor prepared (bridge, rootless network): PID 1 joins
+    #: it instead of unsharing an empty one
+    net_fd: int | None = None
 
 
 @contextlib.contextmanager
@@ -105,13 +108,17 @@ def _setup_and_exec(launch: Launch) -> None:
     plan = launch.plan
     spec = plan.spec
     L.prctl(L.PR_SET_PDEATHSIG, signal.SIGKILL)
-    _sys.close_fds_except(launch.go_fd, launch.err_fd, launch.tty_sock)
+    _sys.close_fds_except(launch.go_fd, launch.err_fd, launch.tty_sock, launch.net_fd)
     if os.read(launch.go_fd, 2) != b"go":
         os._exit(EXIT_RUNNER)  # the monitor gave up before starting us
     os.close(launch.go_fd)
 
     flags = L.CLONE_NEWNS | L.CLONE_NEWUTS | L.CLONE_NEWIPC
-    if spec.network == "none":
+    if launch.net_fd is not None:
+        with step("joining the container's network namespace"):
+            L.setns(launch.net_fd, L.CLONE_NEWNET)
+            os.close(launch.net_fd)
+    elif spec.network != "host":
         flags |= L.CLONE_NEWNET
     with step("creating the namespaces"):
         L.unshare(flags)
@@ -146,7 +153,7 @@ def _setup_and_exec(launch: Launch) -> None:
 
     with step(f"setting the hostname {plan.hostname}"):
         socket.sethostname(plan.hostname)
-    if spec.network == "none":
+    if spec.network != "host":
         with step("bringing lo up"):
             rootfs.loopback_up()
     os.umask(0o022)

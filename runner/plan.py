@@ -153,6 +153,8 @@ def build(spec: RunSpec, *, detach: bool = False, cid: str | None = None, rootle
         if not os.path.isdir(layer):
             raise PlanError(f"lower layer {layer!r} is not a directory")
 
+    if spec.network == "bridge":  # issue 20, being built
+        raise PlanError("bridge networking is not implemented yet (use --network none or host)")
     name = spec.name
     if name and state.name_taken(name) not in (None, cid):  # a created container starting keeps its name
         raise PlanError(f"the container name {name!r} is already in use")

@@ -12,9 +12,13 @@ import re
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from .cgroups import Limits
 from .errors import RunnerError
+
+if TYPE_CHECKING:
+    from .net.ports import PortMapping
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
@@ -115,6 +119,9 @@ class RunSpec:
     user: str | None = None
     hostname: str | None = None
     network: str = "none"
+    publish: tuple[PortMapping, ...] = ()  # -p (runner/net/ports.py)
+    dns: tuple[str, ...] = ()  # --dns
+    add_hosts: tuple[tuple[str, str], ...] = ()  # --add-host NAME:IP
     volumes: list[Volume] = field(default_factory=list)
     read_only: bool = False
     limits: Limits = field(default_factory=Limits)
@@ -199,10 +206,15 @@ def parse_caps(names: list[str]) -> frozenset[int]:
     return frozenset(parse_cap(n) for n in names)
 
 
+NETWORKS = ("bridge", "none", "host")
+
+
 def parse_network(net: str) -> str:
-    if net in ("none", "host"):
+    if net == "default":
+        return "bridge"
+    if net in NETWORKS:
         return net
-    raise SpecError(f"network {net!r} is not supported (use none or host)")
+    raise SpecError(f"network {net!r} is not supported (use bridge, none or host)")
 
 
 def check_workdir(path: str) -> str:
