@@ -106,6 +106,7 @@ _TYPES: dict[str, Any] = {
     "server_start": int,  # clock ticks (procfs.process_start_time)
     "cgroup": dict,
     "rootless": dict,
+    "net": dict,
     "pid": int,
     "pid_start": int,  # clock ticks (procfs.process_start_time)
     "pidns": int,
@@ -148,6 +149,10 @@ class Record:
     server_start: int | None = None
     cgroup: dict | None = None  # runner.cgroups.Cgroup.to_dict()
     rootless: RootlessInfo | None = None
+    # the container's network once set up (runner/net): {"mode": "bridge" | "slirp4netns",
+    # "address": "A.B.C.D", "prefix_len": N, "gateway": ..., "mac": ..., "bridge": NAME,
+    # "ports": [PortMapping.to_dict(), with the host port actually bound]}
+    net: dict | None = None
     pid: int | None = None  # PID 1, on the host
     pid_start: int | None = None
     pidns: int | None = None
