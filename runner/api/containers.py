@@ -32,6 +32,7 @@ import time
 
 from .. import attach, control, state
 from ..cgroups import Limits
+from ..net.ports import PortMapping, parse_add_host, parse_dns, parse_publishes
 from ..spec import (
     RunSpec,
     SpecError,
@@ -65,6 +66,9 @@ def spec_to_dict(spec: RunSpec) -> dict:
         "user": spec.user,
         "hostname": spec.hostname,
         "network": spec.network,
+        "publish": [p.to_dict() for p in spec.publish],
+        "dns": list(spec.dns),
+        "add_hosts": [list(h) for h in spec.add_hosts],
         "volumes": [[v.host, v.target, v.read_only] for v in spec.volumes],
         "read_only": spec.read_only,
         "limits": {"memory": spec.limits.memory, "pids": spec.limits.pids, "cpus": spec.limits.cpus},
@@ -92,6 +96,9 @@ def spec_from_dict(d: dict) -> RunSpec:
         user=d.get("user"),
         hostname=d.get("hostname"),
         network=d.get("network") or "none",
+        publish=tuple(PortMapping.from_dict(p) for p in d.get("publish") or []),
+        dns=tuple(d.get("dns") or []),
+        add_hosts=tuple((str(n), str(ip)) for n, ip in d.get("add_hosts") or []),
         volumes=[Volume(h, t, bool(ro)) for h, t, ro in d.get("volumes") or []],
         read_only=bool(d.get("read_only")),
         limits=Limits(**(d.get("limits") or {})),
@@ -109,14 +116,12 @@ def spec_from_dict(d: dict) -> RunSpec:
 #: HostConfig fields that change what a container is and that pyoverlay does not do: a
 #: request that sets one is refused (501), never run without it
 _UNSUPPORTED_HOST = {
-    "PortBindings": "port publishing (-p) needs bridge networking, which is not implemented yet",
-    "PublishAllPorts": "port publishing (-P) needs bridge networking, which is not implemented yet",
     "Mounts": "--mount is not implemented: use -v HOST:CONTAINER[:ro]",
     "VolumesFrom": "--volumes-from is not implemented",
     "Links": "--link is not implemented",
     "Devices": "--device is not implemented",
-    "Dns": "--dns is not implemented",
-    "ExtraHosts": "--add-host is not implemented",
+    "DnsOptions": "--dns-option is not implemented",
+    "DnsSearch": "--dns-search is not implemented",
     "Sysctls": "--sysctl is not implemented",
     "Ulimits": "--ulimit is not implemented",
     "SecurityOpt": "--security-opt is not implemented",
@@ -141,8 +146,6 @@ def _unsupported(host: dict, config: dict) -> str | None:
         v = host.get(key)
         if not v or v in _IGNORED_VALUES.get(key, ()):
             continue
-        if key == "PortBindings" and not any(v.values()):
-            continue
         return why
     policy = (host.get("RestartPolicy") or {}).get("Name") or ""
     if policy not in ("", "no"):
@@ -154,11 +157,37 @@ def _unsupported(host: dict, config: dict) -> str | None:
 
 def _network(mode: str | None) -> str:
     mode = mode or "default"
-    if mode in ("default", "bridge", "none"):
-        return "none"  # no bridge network yet (issue 20): docs/api.md
-    if mode == "host":
-        return "host"
-    raise ApiError(501, f"network mode {mode!r} is not implemented (none, host; default runs as none)")
+    if mode in ("default", "bridge"):
+        return "bridge"
+    if mode in ("none", "host"):
+        return mode
+    if mode.startswith("container:"):
+        raise ApiError(501, f"not implemented: network mode {mode!r} (bridge, host, none)")
+    raise ApiError(404, f"network {mode} not found")
+
+
+def _publish(cfg: dict, host: dict, run: dict) -> tuple[PortMapping, ...]:
+    """HostConfig.PortBindings (``{"80/tcp": [{"HostIp": "", "HostPort": "8080"}]}``, as
+    the CLI expands ``-p``), and with PublishAllPorts every exposed port on a free one."""
+    texts: list[str] = []
+    bindings = host.get("PortBindings") or {}
+    if not isinstance(bindings, dict):
+        raise ApiError(400, "invalid PortBindings: expected an object")
+    for port, binds in bindings.items():
+        ctr, _, proto = str(port).partition("/")
+        for b in binds or [{}]:
+            b = b if isinstance(b, dict) else {}
+            ip, hp = str(b.get("HostIp") or ""), str(b.get("HostPort") or "")
+            ip = f"[{ip}]" if ":" in ip else ip
+            texts.append(f"{ip}:{hp}:{ctr}/{proto or 'tcp'}" if ip else f"{hp}:{ctr}/{proto or 'tcp'}")
+    if host.get("PublishAllPorts"):
+        exposed = {**(run.get("ExposedPorts") or {}), **(cfg.get("ExposedPorts") or {})}
+        for port in exposed:
+            if port not in bindings:
+                ctr, _, proto = str(port).partition("/")
+                texts.append(f"{ctr}/{proto or 'tcp'}")
+    # ":80/tcp" (no host port) is docker's "a free port"
+    return parse_publishes([t[1:] if t.startswith(":") else t for t in texts])
 
 
 def _strs(v) -> list[str]:
@@ -217,6 +246,9 @@ def _spec_from_config(cfg: dict, host: dict, name: str | None) -> RunSpec:
             hostname=cfg.get("Hostname") or None,
             image={"ref": ref, "id": img.id, "source": img.source},
             network=_network(host.get("NetworkMode")),
+            publish=_publish(cfg, host, run),
+            dns=tuple(parse_dns(d) for d in _strs(host.get("Dns"))),
+            add_hosts=tuple(parse_add_host(h) for h in _strs(host.get("ExtraHosts"))),
             volumes=[parse_volume(b) for b in host.get("Binds") or []],
             read_only=bool(host.get("ReadonlyRootfs")),
             limits=Limits(memory=memory, pids=pids, cpus=nano / 1e9 if nano else None),

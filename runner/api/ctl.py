@@ -150,7 +150,7 @@ def host_config_of(rec: dict) -> dict:
     cpus = limits.get("cpus")
     return {
         "Binds": list(spec.get("volumes") or []) or None,
-        "NetworkMode": spec.get("network") or "none",
+        "NetworkMode": {"bridge": "default"}.get(spec.get("network") or "none", spec.get("network") or "none"),
         "RestartPolicy": {"Name": "no", "MaximumRetryCount": 0},
         "AutoRemove": bool(spec.get("remove")),
         "ReadonlyRootfs": bool(spec.get("read_only")),
@@ -181,20 +181,53 @@ def mounts_of(rec: dict) -> list[dict]:
     return out
 
 
+def _net_of(rec: dict) -> dict:
+    """The running container's network (the record's ``net``, runner/net), else {}."""
+    net = rec.get("net")
+    return net if isinstance(net, dict) and api_state(rec) == "running" else {}
+
+
 def _network_settings(rec: dict) -> dict:
     mode = host_config_of(rec).get("NetworkMode") or "none"
+    name = "bridge" if mode == "default" else mode
+    net = _net_of(rec)
+    ports: dict[str, list[dict] | None] = {}
+    for p in net.get("ports") or []:
+        ports.setdefault(f"{p['container_port']}/{p['proto']}", []).append(  # type: ignore[union-attr]
+            {"HostIp": p["host_ip"] or "0.0.0.0", "HostPort": str(p["host_port"])}
+        )
+    endpoint = {
+        "NetworkID": net.get("bridge") or name,
+        "EndpointID": rec["id"] if net else "",
+        "Gateway": net.get("gateway") or "",
+        "IPAddress": net.get("address") or "",
+        "IPPrefixLen": int(net.get("prefix_len") or 0),
+        "MacAddress": net.get("mac") or "",
+    }
     return {
-        "Bridge": "",
+        "Bridge": net.get("bridge") or "",
         "SandboxID": "",
         "HairpinMode": False,
-        "Ports": {},
+        "Ports": ports,
         "SandboxKey": "",
-        "Gateway": "",
-        "IPAddress": "",
-        "IPPrefixLen": 0,
-        "MacAddress": "",
-        "Networks": {mode: {"NetworkID": mode, "EndpointID": "", "Gateway": "", "IPAddress": "", "MacAddress": ""}},
+        "Gateway": endpoint["Gateway"],
+        "IPAddress": endpoint["IPAddress"],
+        "IPPrefixLen": endpoint["IPPrefixLen"],
+        "MacAddress": endpoint["MacAddress"],
+        "Networks": {name: endpoint},
     }
+
+
+def _ps_ports(rec: dict) -> list[dict]:
+    return [
+        {
+            "IP": p["host_ip"] or "0.0.0.0",
+            "PrivatePort": p["container_port"],
+            "PublicPort": p["host_port"],
+            "Type": p["proto"],
+        }
+        for p in _net_of(rec).get("ports") or []
+    ]
 
 
 def ps_entry(rec: dict, size: bool = False) -> dict:
@@ -207,7 +240,7 @@ def ps_entry(rec: dict, size: bool = False) -> dict:
         "ImageID": image_id,
         "Command": shlex.join(cmd),
         "Created": int(rec.get("created") or 0),
-        "Ports": [],
+        "Ports": _ps_ports(rec),
         "Labels": labels_of(rec),
         "State": api_state(rec),
         "Status": status_text(rec),
