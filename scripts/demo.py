@@ -1,4 +1,4 @@
-"""pyoverlay demo, in five parts.  Run it through ``scripts/demo`` (which installs everything first).
+"""pyoverlay demo, in six parts.  Run it through ``scripts/demo`` (which installs everything first).
 
 Part 1, a mount: two built-in lower layers plus an empty upper layer are mounted
 with ``pyoverlay mount``; the demo shows where each merged entry comes from, how
@@ -30,7 +30,13 @@ service answers the Docker Engine API on a private socket; ``docker import``, th
 ``docker run -d`` and ``docker run -it ... sh`` side by side, ``ps -aef --forest`` showing
 both under the service, then ``docker ps``, ``exec`` and ``diff``.
 
-``--part NAME`` (repeatable) runs only some parts: mount, container, rootless, podman, api.
+Part 6, a container that serves (scripts/demo_serve.py, root only): a busybox httpd on
+pyoverlay's bridge with ``-p 127.0.0.1:PORT:80``; curl on the host visits it while the
+live trace shows the copy-up its CGI causes; ``ps`` shows the port, ``exec`` its eth0,
+seccomp filter and cgroup namespace; after ``stop`` the port is closed.
+
+``--part NAME`` (repeatable) runs only some parts: mount, container, rootless, podman, api,
+serve.
 
 Everything happens under a temporary directory (container records and data
 included) that is unmounted and removed at the end, whatever happens.
@@ -862,7 +868,7 @@ def release_mounts(base: Path) -> bool:
     return not mounts_under(base)
 
 
-PARTS = ("mount", "container", "rootless", "podman", "api")
+PARTS = ("mount", "container", "rootless", "podman", "api", "serve")
 
 
 def run_part(name: str, base: Path) -> int:
@@ -879,6 +885,10 @@ def run_part(name: str, base: Path) -> int:
         import demo_podman
 
         return demo_podman.part(sys.modules[__name__], base)
+    if name == "serve":
+        import demo_serve
+
+        return demo_serve.part(sys.modules[__name__], base)
     import demo_api
 
     return demo_api.part(sys.modules[__name__], base)
@@ -893,7 +903,7 @@ def main(argv: list[str] | None = None) -> int:
         dest="parts",
         action="append",
         choices=PARTS,
-        help="run only this part (repeatable): mount (1), container (2), rootless (3), podman (4), api (5)",
+        help="run only this part (repeatable): mount (1), container (2), rootless (3), podman (4), api (5), serve (6)",
     )
     parts = ap.parse_args(argv).parts or list(PARTS)
     base = Path(os.path.realpath(tempfile.mkdtemp(prefix="pyoverlay-demo-")))
