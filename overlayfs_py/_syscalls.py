@@ -19,6 +19,7 @@ _TABLE: dict[str, dict[str, int]] = {
     "renameat2": {"x86_64": 316, "aarch64": 276, "riscv64": 276, "ppc64le": 357, "s390x": 347},
     "getdents64": {"x86_64": 217, "aarch64": 61, "riscv64": 61, "ppc64le": 202, "s390x": 220},
     "bpf": {"x86_64": 321, "aarch64": 280, "riscv64": 280, "ppc64le": 361, "s390x": 351},
+    "seccomp": {"x86_64": 317, "aarch64": 277, "riscv64": 277, "ppc64le": 358, "s390x": 348},
 }
 
 #: the unified table (Linux 5.1+, asm-generic numbering on every architecture)

@@ -119,6 +119,30 @@ def set_no_new_privs() -> None:
     prctl(PR_SET_NO_NEW_PRIVS, 1)
 
 
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+
+PR_SET_SECCOMP = 22
+SECCOMP_MODE_FILTER = 2
+SECCOMP_SET_MODE_FILTER = 1
+
+
+def seccomp_set_filter(program: bytes, flags: int = 0) -> None:
+    """Load a classic BPF seccomp program (``struct sock_filter`` entries, 8 bytes each)
+    into the calling thread: prctl(PR_SET_SECCOMP), or seccomp(2) when *flags* are given."""
+    buf = ctypes.create_string_buffer(program, len(program))
+    prog = _SockFprog(len(program) // 8, ctypes.cast(buf, ctypes.c_void_p))
+    if flags:
+        nr = _syscalls.number("seccomp")
+        res = _libc.syscall(
+            ctypes.c_long(nr), ctypes.c_uint(SECCOMP_SET_MODE_FILTER), ctypes.c_uint(flags), ctypes.byref(prog)
+        )
+    else:
+        res = _libc.prctl(ctypes.c_int(PR_SET_SECCOMP), ctypes.c_ulong(SECCOMP_MODE_FILTER), ctypes.byref(prog), 0, 0)
+    _check(res, "seccomp")
+
+
 def alive(pid: int | None, start_time: int | None) -> TypeGuard[int]:
     """*pid* is the process that started at *start_time* (not a recycled pid) and runs."""
     return bool(pid and start_time is not None and process_start_time(pid) == start_time)

@@ -184,6 +184,13 @@ def register(main: click.Group) -> None:
 @click.option("--cap-add", multiple=True, metavar="CAP", help="Keep a capability beyond docker's default set.")
 @click.option("--cap-drop", multiple=True, metavar="CAP", help="Drop a capability (ALL for all).")
 @click.option(
+    "--security-opt",
+    "security_opts",
+    multiple=True,
+    metavar="OPT",
+    help="seccomp=unconfined|FILE (docker's JSON profile; default: docker's), no-new-privileges.",
+)
+@click.option(
     "--stop-timeout",
     type=float,
     default=10.0,
@@ -234,6 +241,7 @@ def run_cmd(
     privileged,
     cap_add,
     cap_drop,
+    security_opts,
     stop_timeout,
     trace_file,
     trace_summary,
@@ -289,6 +297,7 @@ def run_cmd(
             trace_file=_trace_file(trace_file),
             trace_summary=trace_summary,
             userns_map=userns_map or _userns_map_default(),
+            **_security(security_opts),
         )
     except (SpecError, ValueError) as e:
         fail(e, EXIT_RUNNER)
@@ -300,6 +309,14 @@ def run_cmd(
     if detach:
         sys.exit(_run_detached(spec))
     sys.exit(Monitor(spec).run())
+
+
+def _security(opts) -> dict:
+    """--security-opt as RunSpec fields (a profile FILE is read now, as docker's CLI does)."""
+    from .seccomp import parse_security_opts
+
+    sec = parse_security_opts(list(opts))
+    return {"seccomp": sec.seccomp, "no_new_privileges": sec.no_new_privileges}
 
 
 def _userns_map_default() -> str:

@@ -36,7 +36,7 @@ from overlayfs_py import _sys
 
 from . import _linux as L
 from . import init as pid1
-from . import rootfs
+from . import rootfs, seccomp
 from .errors import RunnerError
 from .spec import SpecError, build_env, resolve_user
 from .userns import setgroups_allowed  # imported now: exec calls it inside the container
@@ -172,6 +172,10 @@ def _setup_and_exec(launch: Launch) -> None:
             if launch.tty_sock is not None:
                 os.close(launch.tty_sock)
             L.set_comm("init")
+            # the reaper runs under the container's filter too, as docker's init does
+            if spec.no_new_privs():
+                L.set_no_new_privs()
+            seccomp.install(plan.seccomp)
             pid1.reap_and_forward(child)  # never returns
     become(
         ids,
@@ -179,11 +183,12 @@ def _setup_and_exec(launch: Launch) -> None:
         spec.argv,
         spec.workdir,
         spec.caps(),
-        not spec.privileged,
+        spec.no_new_privs(),
         launch.err_fd,
         tty_sock=launch.tty_sock,
         winsize=launch.winsize,
         stdin_null=not spec.interactive,
+        seccomp_filter=plan.seccomp,
     )
 
 
@@ -207,8 +212,10 @@ def become(
     tty_sock: int | None,
     winsize: bytes | None,
     stdin_null: bool,
+    seccomp_filter: seccomp.Filter | None = None,
 ) -> None:
-    """The last steps, shared with ``pyoverlay exec``: terminal, privileges, exec."""
+    """The last steps, shared with ``pyoverlay exec``: terminal, privileges, exec (the
+    seccomp filter is loaded last, right before ``execve``: runner/seccomp)."""
     if tty_sock is not None:
         master, slave = os.openpty()
         if winsize:
@@ -236,6 +243,8 @@ def become(
             except (OSError, ValueError):
                 pass
     signal.pthread_sigmask(signal.SIG_SETMASK, [])
+    with step("loading the seccomp filter"):
+        seccomp.install(seccomp_filter)
     execvpe(argv, env)
 
 

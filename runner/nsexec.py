@@ -20,7 +20,7 @@ import os
 import socket
 
 from . import _linux as L
-from . import container, state
+from . import container, seccomp, state
 from .cgroups import Cgroup
 from .errors import RunnerError
 from .init import exit_code
@@ -148,6 +148,7 @@ def _child(fds, cg, rec, sp, argv, env, user, workdir, tty, interactive, err_w, 
             tty_sock=tty_sock,
             winsize=container.winsize_of(0) if tty else None,
             stdin_null=not interactive,
+            seccomp_filter=seccomp.Filter.from_record(sp.seccomp),
         )
     except RunnerError as e:  # its one line (-u nosuch: docker's wording) and its status
         code = e.exit_code

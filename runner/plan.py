@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from overlayfs_py.config import MountConfig, default_workdir
 
 from . import _linux as L
-from . import initlayer, state, userns
+from . import initlayer, seccomp, state, userns
 from .cgroups import Cgroup, CgroupError, CgroupPlan, check_rootless
 from .errors import RunnerError
 from .spec import RunSpec, new_id, resolve_user
@@ -106,6 +106,7 @@ class RunPlan:
     userns: UsernsPlan | None
     cgroup: CgroupPlan | None  # root: what Cgroup.plan decided (rootless: None)
     cgroup_optional: bool  # no limits and no device rules to hold: none is fine
+    seccomp: seccomp.Filter | None = None  # the compiled program PID 1 loads (None: unconfined)
 
     def record(self) -> state.Record:
         """The container's record as first saved (status "created")."""
@@ -128,7 +129,7 @@ class RunPlan:
                 user=spec.user,
                 tty=spec.tty,
                 caps=sorted(caps) if caps is not None else None,
-                no_new_privs=not spec.privileged,
+                no_new_privs=spec.no_new_privs(),
                 network=spec.network,
                 read_only=spec.read_only,
                 init=spec.init,
@@ -137,6 +138,8 @@ class RunPlan:
                 limits={"memory": spec.limits.memory, "pids": spec.limits.pids, "cpus": spec.limits.cpus},
                 remove=spec.remove,
                 stop_timeout=spec.stop_timeout,
+                seccomp=self.seccomp.to_record() if self.seccomp is not None else None,
+                security_opt=seccomp.security_opt_of(spec.seccomp, spec.no_new_privileges),
             ),
         )
 
@@ -202,6 +205,7 @@ def build(spec: RunSpec, *, detach: bool = False, cid: str | None = None, rootle
         cfg = with_storage_maps(cfg, users)
 
     cg, optional = _cgroup(spec, cid, rootless)
+    filt = seccomp.compile_filter(spec.seccomp_profile(), spec.caps())  # SeccompError: exit 125
     return RunPlan(
         spec=spec,
         cid=cid,
@@ -216,6 +220,7 @@ def build(spec: RunSpec, *, detach: bool = False, cid: str | None = None, rootle
         userns=users,
         cgroup=cg,
         cgroup_optional=optional,
+        seccomp=filt,
     )
 
 

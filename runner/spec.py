@@ -133,12 +133,21 @@ class RunSpec:
     trace_summary: bool = False  # --trace-summary
     image: dict | None = None  # --image: {"ref", "id", "source"}
     userns_map: str = "auto"  # rootless: auto | subid | single (runner/userns.py)
+    seccomp: str = "default"  # --security-opt seccomp=: default | unconfined | a profile's JSON text
+    no_new_privileges: bool = False  # --security-opt no-new-privileges (also with --privileged)
 
     def caps(self) -> frozenset[int] | None:
         """Capabilities to keep in the bounding set; None keeps them all."""
         if self.privileged:
             return None
         return (DOCKER_DEFAULT_CAPS | self.cap_add) - self.cap_drop
+
+    def no_new_privs(self) -> bool:
+        return not self.privileged or self.no_new_privileges
+
+    def seccomp_profile(self) -> str:
+        """The seccomp profile to compile (runner/seccomp): --privileged is unconfined, as docker."""
+        return "unconfined" if self.privileged else self.seccomp
 
 
 def new_id() -> str:

@@ -71,6 +71,8 @@ class ExecDefaults:
     limits: dict = field(default_factory=dict)  # memory, pids, cpus
     remove: bool = False
     stop_timeout: float = 10.0
+    seccomp: dict | None = None  # the compiled filter exec loads too (runner/seccomp Filter.to_record)
+    security_opt: list[str] | None = None  # --security-opt as docker's inspect shows it
 
 
 @dataclass

@@ -30,7 +30,7 @@ import sys
 import threading
 import time
 
-from .. import attach, control, state
+from .. import attach, control, seccomp, state
 from ..cgroups import Limits
 from ..net.ports import PortMapping, parse_add_host, parse_dns, parse_publishes
 from ..spec import (
@@ -78,6 +78,8 @@ def spec_to_dict(spec: RunSpec) -> dict:
         "stop_timeout": spec.stop_timeout,
         "image": spec.image,
         "userns_map": spec.userns_map,
+        "seccomp": spec.seccomp,
+        "no_new_privileges": spec.no_new_privileges,
     }
 
 
@@ -108,6 +110,8 @@ def spec_from_dict(d: dict) -> RunSpec:
         stop_timeout=float(d.get("stop_timeout") or 10.0),
         image=d.get("image"),
         userns_map=d.get("userns_map") or "auto",
+        seccomp=d.get("seccomp") or "default",
+        no_new_privileges=bool(d.get("no_new_privileges")),
     )
 
 
@@ -124,7 +128,6 @@ _UNSUPPORTED_HOST = {
     "DnsSearch": "--dns-search is not implemented",
     "Sysctls": "--sysctl is not implemented",
     "Ulimits": "--ulimit is not implemented",
-    "SecurityOpt": "--security-opt is not implemented",
     "IpcMode": "--ipc is not implemented",
     "PidMode": "--pid is not implemented",
     "UTSMode": "--uts is not implemented",
@@ -231,7 +234,7 @@ def _spec_from_config(cfg: dict, host: dict, name: str | None) -> RunSpec:
     pids = pids if isinstance(pids, int) and pids > 0 else None
     nano = host.get("NanoCpus") or 0
     try:
-        return RunSpec(
+        spec = RunSpec(
             layers=tuple(img.layers),
             argv=argv,
             name=check_name(name) if name else None,
@@ -257,9 +260,22 @@ def _spec_from_config(cfg: dict, host: dict, name: str | None) -> RunSpec:
             cap_drop=parse_caps(list(host.get("CapDrop") or [])),
             stop_timeout=float(cfg.get("StopTimeout") or 10),
             userns_map=_userns_map(),
+            **_security(host.get("SecurityOpt")),
         )
+        # the profile compiled now too: a profile libseccomp refuses fails the create (400)
+        seccomp.compile_filter(spec.seccomp_profile(), spec.caps())
+        return spec
     except (SpecError, ValueError) as e:
         raise ApiError(400, str(e)) from None
+
+
+def _security(opts) -> dict:
+    """HostConfig.SecurityOpt: the docker CLI has read a seccomp=FILE and sends its JSON
+    text (``seccomp={...}``); ``unconfined``; ``no-new-privileges`` (runner/seccomp)."""
+    if opts is not None and not (isinstance(opts, list) and all(isinstance(o, str) for o in opts)):
+        raise SpecError("HostConfig.SecurityOpt: expected a list of strings")
+    sec = seccomp.parse_security_opts(opts or [], inline_only=True)
+    return {"seccomp": sec.seccomp, "no_new_privileges": sec.no_new_privileges}
 
 
 def _userns_map() -> str:

@@ -155,6 +155,7 @@ def host_config_of(rec: dict) -> dict:
         "AutoRemove": bool(spec.get("remove")),
         "ReadonlyRootfs": bool(spec.get("read_only")),
         "Privileged": spec.get("caps", []) is None,
+        "SecurityOpt": spec.get("security_opt") or None,
         "Init": bool(spec.get("init")),
         "Memory": int(limits.get("memory") or 0),
         "PidsLimit": limits.get("pids"),

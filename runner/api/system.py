@@ -245,7 +245,8 @@ def info(req: Request) -> None:
             "ContainerdCommit": commit,
             "RuncCommit": commit,
             "InitCommit": commit,
-            "SecurityOptions": ["name=rootless"] + (["name=cgroupns"] if cgv == "2" else []) if rootless else [],
+            "SecurityOptions": ["name=seccomp,profile=default"]  # dockerd's order: seccomp first
+            + (["name=rootless"] + (["name=cgroupns"] if cgv == "2" else []) if rootless else []),
             "Warnings": warnings or None,
         }
     )
