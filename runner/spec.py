@@ -214,7 +214,18 @@ def parse_network(net: str) -> str:
         return "bridge"
     if net in NETWORKS:
         return net
+    if net == "slirp4netns" or net.startswith("slirp4netns:"):  # rootless only (the plan says so)
+        from .net.slirp import parse_options
+
+        parse_options(net)
+        return net
     raise SpecError(f"network {net!r} is not supported (use bridge, none or host)")
+
+
+def default_network() -> str:
+    """``--network``'s default: bridge for an ordinary user (slirp4netns, as rootless podman),
+    none for root until the root bridge lands (issue 20)."""
+    return "bridge" if os.geteuid() != 0 else "none"
 
 
 def check_workdir(path: str) -> str:
