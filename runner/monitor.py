@@ -20,7 +20,9 @@ container's user namespace and the FUSE mount inside it (runner/userns.py); the 
 is forked on that fd in the host's namespaces; then the monitor joins the holder's user
 and mount namespaces, unshares the pid namespace there and forks PID 1. It stays in that
 user namespace (there is no way back) and forks nothing else; teardown detaches its copy
-of the mount instead of running fusermount3.
+of the mount instead of running fusermount3. A rootless ``bridge`` network: the holder
+also unshares the network namespace, and the monitor starts slirp4netns on it (and
+publishes ``-p``) before it joins anything (runner/net/slirp.py); PID 1 joins it.
 """
 
 from __future__ import annotations

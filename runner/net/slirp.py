@@ -37,7 +37,7 @@ import time
 from dataclasses import dataclass
 
 from ..errors import RunnerError
-from ..spec import SpecError
+from ..spec import SpecError, parse_slirp_options
 from .ports import PortMapping
 
 BINARY = "slirp4netns"
@@ -51,8 +51,6 @@ TAP = "tap0"
 TUN = "/dev/net/tun"  # slirp4netns opens it in the container's namespace, as the user
 SOCKET_NAME = "slirp4netns.sock"
 LOG_NAME = "slirp4netns.log"
-#: ``--network slirp4netns:OPTS`` (podman's spelling); the only option taken
-OPTIONS = ("allow_host_loopback",)
 
 
 class SlirpError(RunnerError):
@@ -86,21 +84,9 @@ def is_slirp_network(network: str) -> bool:
     return network == "slirp4netns" or network.startswith("slirp4netns:")
 
 
-def parse_options(network: str) -> dict[str, bool]:
-    """``slirp4netns[:allow_host_loopback=true|false]`` -> its options (SpecError)."""
-    _, _, text = network.partition(":")
-    out = {"allow_host_loopback": False}
-    for item in filter(None, text.split(",")):
-        key, sep, value = item.partition("=")
-        if key not in OPTIONS or (sep and value.lower() not in ("true", "false")):
-            raise SpecError(f"invalid --network option {item!r}: slirp4netns takes allow_host_loopback=true|false")
-        out[key] = not sep or value.lower() == "true"
-    return out
-
-
 def plan(network: str, ports: tuple[PortMapping, ...], data_dir: str) -> SlirpPlan:
     """A rootless run's network (``bridge`` or ``slirp4netns[:OPTS]``). Reads only."""
-    opts = parse_options(network) if is_slirp_network(network) else {"allow_host_loopback": False}
+    opts = parse_slirp_options(network) if is_slirp_network(network) else {"allow_host_loopback": False}
     binary = shutil.which(BINARY)
     if binary is None:
         raise SpecError(
