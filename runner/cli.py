@@ -29,6 +29,7 @@ from .spec import (
     apply_image,
     check_name,
     check_workdir,
+    default_network,
     parse_caps,
     parse_env,
     parse_network,
@@ -163,7 +164,14 @@ def register(main: click.Group) -> None:
 )
 @click.option("-u", "--user", metavar="UID[:GID]", help="User (name or id) and group inside.")
 @click.option("-h", "--hostname", help="Hostname (default: the short container id).")
-@click.option("--net", "--network", "network", default="none", show_default=True, help="none (only lo) or host.")
+@click.option(
+    "--net",
+    "--network",
+    "network",
+    default=None,
+    help="bridge (rootless: slirp4netns; the default for an ordinary user), none (only lo, root's default), "
+    "host, or slirp4netns[:allow_host_loopback=true] (rootless).",
+)
 @click.option(
     "-p",
     "--publish",
@@ -283,7 +291,7 @@ def run_cmd(
             user=user,
             hostname=hostname,
             image=img,
-            network=parse_network(network),
+            network=parse_network(network) if network else default_network(),
             publish=parse_publishes(publish),
             dns=tuple(parse_dns(d) for d in dns),
             add_hosts=tuple(parse_add_host(h) for h in add_hosts),

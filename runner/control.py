@@ -48,7 +48,18 @@ def summary(rec: state.Record | dict) -> dict:
         "finished": r.finished,
         "hostname": r.hostname,
         "image": r.image,
+        "ports": ports_of(r),
     }
+
+
+def ports_of(r: state.Record) -> list[str]:
+    """A running container's published ports as docker ps shows them
+    (``127.0.0.1:8080->80/tcp``), from its record's network (runner/net)."""
+    from .net.ports import PortMapping
+
+    if not r.net or state.status(r) != "running":
+        return []
+    return [str(PortMapping.from_dict(p)) for p in r.net.get("ports") or []]
 
 
 def _ago(seconds: float) -> str:
@@ -73,7 +84,7 @@ def status_text(row: dict, now: float) -> str:
 
 
 def ps_table(rows: list[dict], now: float) -> str:
-    head = ("CONTAINER ID", "NAME", "COMMAND", "STATUS", "PID", "LAYERS", "UPPER")
+    head = ("CONTAINER ID", "NAME", "COMMAND", "STATUS", "PID", "LAYERS", "UPPER", "PORTS")
     lines = [head]
     for r in rows:
         cmd = shlex.join(r["command"])
@@ -87,6 +98,7 @@ def ps_table(rows: list[dict], now: float) -> str:
                 str(r["pid"] or "") if r["status"] == "running" else "-",
                 str(len(r["layers"])),
                 r["upper"] or "",
+                ", ".join(r.get("ports") or []),
             )
         )
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]

@@ -20,7 +20,9 @@ container's user namespace and the FUSE mount inside it (runner/userns.py); the 
 is forked on that fd in the host's namespaces; then the monitor joins the holder's user
 and mount namespaces, unshares the pid namespace there and forks PID 1. It stays in that
 user namespace (there is no way back) and forks nothing else; teardown detaches its copy
-of the mount instead of running fusermount3.
+of the mount instead of running fusermount3. A rootless ``bridge`` network: the holder
+also unshares the network namespace, and the monitor starts slirp4netns on it (and
+publishes ``-p``) before it joins anything (runner/net/slirp.py); PID 1 joins it.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from . import attach, container, state, userns
 from .cgroups import Cgroup, CgroupError, create_rootless
 from .errors import RunnerError
 from .init import exit_code
+from .net import slirp
 from .plan import RunPlan, UsernsPlan, device_rules_needed, generate_name, with_storage_maps
 from .plan import build as build_plan
 from .spec import RunSpec
@@ -106,6 +109,7 @@ class Monitor:
         self.pending: list[int] = []  # signals that arrived before the wait loop
         self.rootless = os.geteuid() != 0
         self.ns_fds: list[int] = []  # rootless: the container's user and mount namespaces
+        self.net_fd: int | None = None  # rootless network: the namespace PID 1 joins
         self.server: int | None = None  # the FUSE server of the container's root (our child)
         self.server_pidfd: int | None = None  # watched while the container runs
 
@@ -208,7 +212,9 @@ class Monitor:
         holder = None
         if plan.userns is not None:
             with step("creating the user namespace"):
-                holder, fuse_fd, users = self._userns_mount(undo, plan.userns, paths.merged)
+                holder, fuse_fd, users = self._userns_mount(
+                    undo, plan.userns, paths.merged, net=plan.rootless_net is not None
+                )
             if users.note:
                 print(f"pyoverlay: note: {users.note}", file=sys.stderr)
             cfg = dataclasses.replace(with_storage_maps(cfg, users), fuse_fd=fuse_fd)
@@ -225,6 +231,8 @@ class Monitor:
             undo.callback(self._teardown_rootless, holder, paths.merged, server)
             with step("joining the user namespace"):
                 self.ns_fds = list(holder.namespaces())
+            if plan.rootless_net is not None:  # while the holder lives: slirp4netns joins by its /proc paths
+                self._rootless_net(undo, plan.rootless_net, holder)
             holder.release()
             self.record.rootless = state.RootlessInfo(
                 map=users.maps.mode,
@@ -281,6 +289,7 @@ class Monitor:
             err_fd=err_w,
             tty_sock=tty_child.fileno() if tty_child else None,
             winsize=container.winsize_of(0) if spec.tty else None,
+            net_fd=self.net_fd,
         )
 
         def fork_pid1() -> int:
@@ -313,6 +322,7 @@ class Monitor:
                 os.close(own_pidns)
         os.close(go_r)
         os.close(err_w)
+        self._close_net_fd()  # PID 1 has it
         if tty_child:
             tty_child.close()
         if stdio is not None:
@@ -359,12 +369,12 @@ class Monitor:
 
     # --- rootless ----------------------------------------------------------------------------
 
-    def _userns_mount(self, undo: contextlib.ExitStack, users: UsernsPlan, merged: str):
+    def _userns_mount(self, undo: contextlib.ExitStack, users: UsernsPlan, merged: str, net: bool = False):
         """The holder (runner/userns.py): the container's user namespace (as *users*
-        plans it) and its FUSE mount. With ``--userns-map auto``, a failing newuidmap
-        falls back to a single-id map. Returns the holder, the /dev/fuse fd and the user
-        namespace used."""
-        holder = userns.Holder(users.maps)
+        plans it) and its FUSE mount (and, with *net*, its network namespace). With
+        ``--userns-map auto``, a failing newuidmap falls back to a single-id map. Returns
+        the holder, the /dev/fuse fd and the user namespace used."""
+        holder = userns.Holder(users.maps, net)
         undo.callback(holder.kill)
         try:
             return holder, holder.mount(merged), users
@@ -374,9 +384,31 @@ class Monitor:
                 raise RunError(str(e)) from None
             note = f"{e}; using a single-id map (only root inside the container)"
         users = users.with_maps(userns.Plan("single", users.maps.uid, users.maps.gid), note)
-        holder = userns.Holder(users.maps)
+        holder = userns.Holder(users.maps, net)
         undo.callback(holder.kill)
         return holder, holder.mount(merged), users
+
+    def _rootless_net(self, undo: contextlib.ExitStack, net: slirp.SlirpPlan, holder: userns.Holder) -> None:
+        """slirp4netns on the holder's network namespace, started from the host's
+        namespaces as the user (runner/net/slirp.py); then the published ports. It ends
+        with the monitor (its exit fd), whatever way the monitor ends."""
+        with step("opening the container's network namespace"):
+            self.net_fd = holder.netns()
+        undo.callback(self._close_net_fd)
+        s = slirp.Slirp(net)
+        undo.callback(s.stop)
+        with step(f"starting {slirp.BINARY}"):
+            s.start(holder.ns_path("user"), holder.ns_path("net"))
+        if net.ports:
+            with step("publishing the ports"):
+                s.publish()
+        self.record.net = s.record()
+
+    def _close_net_fd(self) -> None:
+        if self.net_fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self.net_fd)
+            self.net_fd = None
 
     def _close_ns_fds(self) -> None:
         for fd in self.ns_fds:

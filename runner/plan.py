@@ -31,6 +31,7 @@ from . import _linux as L
 from . import initlayer, seccomp, state, userns
 from .cgroups import Cgroup, CgroupError, CgroupPlan, check_rootless
 from .errors import RunnerError
+from .net import slirp
 from .spec import RunSpec, new_id, resolve_user
 
 #: sethostname(2) refuses longer names (HOST_NAME_MAX)
@@ -107,6 +108,7 @@ class RunPlan:
     cgroup: CgroupPlan | None  # root: what Cgroup.plan decided (rootless: None)
     cgroup_optional: bool  # no limits and no device rules to hold: none is fine
     seccomp: seccomp.Filter | None = None  # the compiled program PID 1 loads (None: unconfined)
+    rootless_net: slirp.SlirpPlan | None = None  # rootless bridge: slirp4netns (runner/net/slirp.py)
 
     def record(self) -> state.Record:
         """The container's record as first saved (status "created")."""
@@ -156,8 +158,10 @@ def build(spec: RunSpec, *, detach: bool = False, cid: str | None = None, rootle
         if not os.path.isdir(layer):
             raise PlanError(f"lower layer {layer!r} is not a directory")
 
-    if spec.network == "bridge":  # issue 20, being built
+    if spec.network == "bridge" and not rootless:  # issue 20, being built
         raise PlanError("bridge networking is not implemented yet (use --network none or host)")
+    if slirp.is_slirp_network(spec.network) and not rootless:
+        raise PlanError("--network slirp4netns is for rootless runs (use bridge, none or host)")
     name = spec.name
     if name and state.name_taken(name) not in (None, cid):  # a created container starting keeps its name
         raise PlanError(f"the container name {name!r} is already in use")
@@ -168,6 +172,7 @@ def build(spec: RunSpec, *, detach: bool = False, cid: str | None = None, rootle
 
     paths = _paths(spec, cid, detach)
     volumes = _volumes(spec)
+    net = _rootless_net(spec, paths.data) if rootless else None
 
     users = None
     if rootless:
@@ -183,9 +188,12 @@ def build(spec: RunSpec, *, detach: bool = False, cid: str | None = None, rootle
     ]  # /dev is a tmpfs
     upper_now = paths.upper if paths.upper_given and os.path.isdir(paths.upper) else None
     init = initlayer.plan(spec.layers, upper_now, rootless, needed)
+    texts = _etc_texts(hostname, spec.network)
+    if net is not None:
+        texts = slirp.etc_texts(texts, spec.dns, spec.add_hosts)
     etc = tuple(
         EtcFile("/" + rel, os.path.join(paths.data, os.path.basename(rel)), text)
-        for rel, text in _etc_texts(hostname, spec.network).items()
+        for rel, text in texts.items()
         if rel in init.usable
     )
 
@@ -221,7 +229,18 @@ def build(spec: RunSpec, *, detach: bool = False, cid: str | None = None, rootle
         cgroup=cg,
         cgroup_optional=optional,
         seccomp=filt,
+        rootless_net=net,
     )
+
+
+def _rootless_net(spec: RunSpec, data: str) -> slirp.SlirpPlan | None:
+    """A rootless run's network: ``bridge`` (the default) and ``slirp4netns[:OPTS]`` are
+    slirp4netns; none and host need nothing (and publish nothing)."""
+    if spec.network == "bridge" or slirp.is_slirp_network(spec.network):
+        return slirp.plan(spec.network, spec.publish, data)
+    if spec.publish:
+        raise PlanError(f"-p needs a network of the container's own (not --network {spec.network})")
+    return None
 
 
 def with_storage_maps(cfg: MountConfig, users: UsernsPlan) -> MountConfig:

@@ -223,7 +223,32 @@ def parse_network(net: str) -> str:
         return "bridge"
     if net in NETWORKS:
         return net
+    if net == "slirp4netns" or net.startswith("slirp4netns:"):  # rootless only (the plan says so)
+        parse_slirp_options(net)
+        return net
     raise SpecError(f"network {net!r} is not supported (use bridge, none or host)")
+
+
+#: ``--network slirp4netns:OPTS`` (podman's spelling; runner/net/slirp.py): the options taken
+SLIRP_OPTIONS = ("allow_host_loopback",)
+
+
+def parse_slirp_options(network: str) -> dict[str, bool]:
+    """``slirp4netns[:allow_host_loopback=true|false]`` -> its options (SpecError)."""
+    _, _, text = network.partition(":")
+    out = {"allow_host_loopback": False}
+    for item in filter(None, text.split(",")):
+        key, sep, value = item.partition("=")
+        if key not in SLIRP_OPTIONS or (sep and value.lower() not in ("true", "false")):
+            raise SpecError(f"invalid --network option {item!r}: slirp4netns takes allow_host_loopback=true|false")
+        out[key] = not sep or value.lower() == "true"
+    return out
+
+
+def default_network() -> str:
+    """``--network``'s default: bridge for an ordinary user (slirp4netns, as rootless podman),
+    none for root until the root bridge lands (issue 20)."""
+    return "bridge" if os.geteuid() != 0 else "none"
 
 
 def check_workdir(path: str) -> str:

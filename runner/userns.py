@@ -197,8 +197,9 @@ def check_machine() -> None:
 class Holder:
     """The process that owns the container's user namespace until the monitor joins it."""
 
-    def __init__(self, plan: Plan):
+    def __init__(self, plan: Plan, net: bool = False):
         self.plan = plan
+        self.net = net  # also a network namespace, owned by the user namespace (runner/net/slirp.py)
         self.pid: int | None = None
         self.sock: socket.socket | None = None
 
@@ -208,7 +209,7 @@ class Holder:
         pid = os.fork()
         if pid == 0:
             parent.close()
-            _holder_main(child, merged)  # never returns
+            _holder_main(child, merged, self.net)  # never returns
         child.close()
         self.pid, self.sock = pid, parent
         msg = _recv_line(parent)
@@ -242,6 +243,14 @@ class Holder:
             os.close(user)
             raise
         return user, mnt
+
+    def ns_path(self, kind: str) -> str:
+        """``/proc/PID/ns/KIND`` of the holder (valid while it lives: before :meth:`release`)."""
+        return f"/proc/{self.pid}/ns/{kind}"
+
+    def netns(self) -> int:
+        """An fd on the holder's network namespace (close it)."""
+        return os.open(self.ns_path("net"), os.O_RDONLY | os.O_CLOEXEC)
 
     def release(self) -> None:
         """Let the holder exit (closing our end is its signal) and reap it."""
@@ -301,7 +310,7 @@ class MapFailed(UsernsError):
     """newuidmap/newgidmap failed (the caller may retry with a single-id map)."""
 
 
-def _holder_main(sock: socket.socket, merged: str) -> None:
+def _holder_main(sock: socket.socket, merged: str, net: bool) -> None:
     """The holder (a child of the monitor). Never returns."""
     step = "unshare(CLONE_NEWUSER)"
     try:
@@ -316,8 +325,8 @@ def _holder_main(sock: socket.socket, merged: str) -> None:
         step = "setresuid(0) in the user namespace"
         os.setresgid(0, 0, 0)
         os.setresuid(0, 0, 0)
-        step = "unshare(CLONE_NEWNS)"
-        L.unshare(L.CLONE_NEWNS)
+        step = "unshare(CLONE_NEWNS|CLONE_NEWNET)" if net else "unshare(CLONE_NEWNS)"
+        L.unshare(L.CLONE_NEWNS | (L.CLONE_NEWNET if net else 0))
         L.mount(None, "/", None, L.MS_REC | L.MS_PRIVATE)
         step = "open /dev/fuse"
         fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)

@@ -67,8 +67,10 @@ def test_names_and_network_and_workdir():
         with pytest.raises(SpecError):
             spec.check_name(bad)
     assert spec.parse_network("host") == "host"
-    with pytest.raises(SpecError):
-        spec.parse_network("bridge")
+    assert spec.parse_network("bridge") == "bridge"
+    for bad in ("macvlan", "slirp4netns:mtu=9"):
+        with pytest.raises(SpecError):
+            spec.parse_network(bad)
     assert spec.check_workdir("/a/./b/") == "/a/b"
     with pytest.raises(SpecError):
         spec.check_workdir("rel")
