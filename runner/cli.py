@@ -29,6 +29,7 @@ from .spec import (
     check_name,
     check_workdir,
     parse_caps,
+    parse_cgroupns,
     parse_env,
     parse_network,
     parse_volume,
@@ -164,6 +165,12 @@ def register(main: click.Group) -> None:
 @click.option("-h", "--hostname", help="Hostname (default: the short container id).")
 @click.option("--net", "--network", "network", default="none", show_default=True, help="none (only lo) or host.")
 @click.option("-v", "--volume", "volumes", multiple=True, metavar="HOST:CTR[:ro]", help="Bind mount.")
+@click.option(
+    "--cgroupns",
+    metavar="private|host",
+    help="Cgroup namespace: private (own, /proc/self/cgroup shows /) or host "
+    "(default as dockerd: private on cgroup v2, host on v1/hybrid).",
+)
 @click.option("--read-only", is_flag=True, help="Mount the container's root read-only.")
 @click.option("-m", "--memory", metavar="SIZE", help="Memory limit (e.g. 64m, 1g).")
 @click.option("--pids-limit", type=int, metavar="N", help="Maximum number of processes.")
@@ -212,6 +219,7 @@ def run_cmd(
     hostname,
     network,
     volumes,
+    cgroupns,
     read_only,
     memory,
     pids_limit,
@@ -271,6 +279,7 @@ def run_cmd(
             trace_file=_trace_file(trace_file),
             trace_summary=trace_summary,
             userns_map=userns_map or _userns_map_default(),
+            cgroupns=parse_cgroupns(cgroupns) if cgroupns is not None else None,
         )
     except (SpecError, ValueError) as e:
         fail(e, EXIT_RUNNER)

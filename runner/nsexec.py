@@ -5,8 +5,8 @@ The caller keeps its own namespaces except its pid namespace *for children*:
 1. check PID 1 is still the recorded process (pid + start time), open its
    ``/proc/PID/ns/*`` fds;
 2. ``setns`` the pid namespace (applies to children only), fork;
-3. the child joins the container's cgroup (host paths still visible), then ipc, uts,
-   net and, last, mnt (its root and cwd become the container's);
+3. the child joins the container's cgroup (host paths still visible), then its cgroup
+   namespace, ipc, uts, net and, last, mnt (its root and cwd become the container's);
 4. then the same final steps as PID 1 (:func:`runner.container.become`): terminal,
    capabilities, no_new_privs, user, working directory, ``execve``.
 
@@ -50,7 +50,7 @@ def exec_in(
     sp = rec.spec or state.ExecDefaults()
     fds = {}
     try:
-        names = [ns for ns, _ in L.NAMESPACES] + (["user"] if rec.rootless else [])
+        names = [ns for ns, _ in L.NAMESPACES] + ["cgroup"] + (["user"] if rec.rootless else [])
         for ns in names:
             fds[ns] = os.open(f"/proc/{pid1}/ns/{ns}", os.O_RDONLY | os.O_CLOEXEC)
         if not L.alive(pid1, rec.pid_start):  # it may have died while we opened
@@ -127,6 +127,7 @@ def _child(fds, cg, rec, sp, argv, env, user, workdir, tty, interactive, err_w, 
         L.clear_inheritable_caps()
         if cg is not None:
             cg.add(os.getpid())
+        L.setns(fds["cgroup"], L.CLONE_NEWCGROUP)  # after the cgroup: rooted where PID 1's is
         for ns, flag in L.NAMESPACES:
             if ns != "pid":
                 L.setns(fds[ns], flag)

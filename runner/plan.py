@@ -29,7 +29,7 @@ from overlayfs_py.config import MountConfig, default_workdir
 
 from . import _linux as L
 from . import initlayer, state, userns
-from .cgroups import Cgroup, CgroupError, CgroupPlan, check_rootless
+from .cgroups import Cgroup, CgroupError, CgroupPlan, check_rootless, default_cgroupns
 from .errors import RunnerError
 from .spec import RunSpec, new_id, resolve_user
 
@@ -106,6 +106,7 @@ class RunPlan:
     userns: UsernsPlan | None
     cgroup: CgroupPlan | None  # root: what Cgroup.plan decided (rootless: None)
     cgroup_optional: bool  # no limits and no device rules to hold: none is fine
+    cgroupns: str = "host"  # "private": PID 1 unshares its cgroup namespace (docs/runner.md)
 
     def record(self) -> state.Record:
         """The container's record as first saved (status "created")."""
@@ -137,6 +138,7 @@ class RunPlan:
                 limits={"memory": spec.limits.memory, "pids": spec.limits.pids, "cpus": spec.limits.cpus},
                 remove=spec.remove,
                 stop_timeout=spec.stop_timeout,
+                cgroupns=self.cgroupns,
             ),
         )
 
@@ -214,6 +216,7 @@ def build(spec: RunSpec, *, detach: bool = False, cid: str | None = None, rootle
         userns=users,
         cgroup=cg,
         cgroup_optional=optional,
+        cgroupns=spec.cgroupns or default_cgroupns(),
     )
 
 
@@ -389,7 +392,7 @@ def _cgroup(spec: RunSpec, cid: str, rootless: bool) -> tuple[CgroupPlan | None,
     # cannot be made (read-only cgroupfs) is done without
     optional = spec.privileged and not spec.limits.any()
     try:  # docker's device rules, unless --privileged (every device, as docker)
-        return Cgroup.plan(cid, spec.limits, devices=not spec.privileged), optional
+        return Cgroup.plan(cid, spec.limits, devices=not spec.privileged, every_hierarchy=True), optional
     except CgroupError as e:
         if spec.limits.any():
             raise

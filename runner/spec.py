@@ -126,6 +126,7 @@ class RunSpec:
     trace_summary: bool = False  # --trace-summary
     image: dict | None = None  # --image: {"ref", "id", "source"}
     userns_map: str = "auto"  # rootless: auto | subid | single (runner/userns.py)
+    cgroupns: str | None = None  # --cgroupns private | host; None: the host's default (plan.py)
 
     def caps(self) -> frozenset[int] | None:
         """Capabilities to keep in the bounding set; None keeps them all."""
@@ -203,6 +204,15 @@ def parse_network(net: str) -> str:
     if net in ("none", "host"):
         return net
     raise SpecError(f"network {net!r} is not supported (use none or host)")
+
+
+def parse_cgroupns(mode: str) -> str:
+    """``--cgroupns private|host`` (runner/cgroups.py CGROUPNS_MODES)."""
+    from .cgroups import CGROUPNS_MODES
+
+    if mode not in CGROUPNS_MODES:
+        raise SpecError(f"invalid --cgroupns value {mode!r}: expected private or host")
+    return mode
 
 
 def check_workdir(path: str) -> str:

@@ -71,6 +71,7 @@ class ExecDefaults:
     limits: dict = field(default_factory=dict)  # memory, pids, cpus
     remove: bool = False
     stop_timeout: float = 10.0
+    cgroupns: str | None = None  # "private" | "host" (None: a record from before issue 20)
 
 
 @dataclass

@@ -31,7 +31,7 @@ import threading
 import time
 
 from .. import attach, control, state
-from ..cgroups import Limits
+from ..cgroups import CGROUPNS_MODES, Limits, default_cgroupns
 from ..spec import (
     RunSpec,
     SpecError,
@@ -74,6 +74,7 @@ def spec_to_dict(spec: RunSpec) -> dict:
         "stop_timeout": spec.stop_timeout,
         "image": spec.image,
         "userns_map": spec.userns_map,
+        "cgroupns": spec.cgroupns,
     }
 
 
@@ -101,6 +102,7 @@ def spec_from_dict(d: dict) -> RunSpec:
         stop_timeout=float(d.get("stop_timeout") or 10.0),
         image=d.get("image"),
         userns_map=d.get("userns_map") or "auto",
+        cgroupns=d.get("cgroupns") or None,
     )
 
 
@@ -159,6 +161,16 @@ def _network(mode: str | None) -> str:
     if mode == "host":
         return "host"
     raise ApiError(501, f"network mode {mode!r} is not implemented (none, host; default runs as none)")
+
+
+def _cgroupns(mode) -> str:
+    """HostConfig.CgroupnsMode: "private", "host", or "" (the daemon's default, which
+    dockerd writes back into the container's HostConfig: so does create)."""
+    if mode in (None, ""):
+        return default_cgroupns()
+    if mode not in CGROUPNS_MODES:
+        raise ApiError(400, f"invalid cgroup namespace mode: {mode}")
+    return mode
 
 
 def _strs(v) -> list[str]:
@@ -225,6 +237,7 @@ def _spec_from_config(cfg: dict, host: dict, name: str | None) -> RunSpec:
             cap_drop=parse_caps(list(host.get("CapDrop") or [])),
             stop_timeout=float(cfg.get("StopTimeout") or 10),
             userns_map=_userns_map(),
+            cgroupns=_cgroupns(host.get("CgroupnsMode")),
         )
     except (SpecError, ValueError) as e:
         raise ApiError(400, str(e)) from None
@@ -248,6 +261,7 @@ def create(req: Request) -> None:
     spec = _spec_from_config(body, host, name)
     cid = new_id()
     config = {k: v for k, v in body.items() if k not in ("HostConfig", "NetworkingConfig")}
+    host = {**host, "CgroupnsMode": spec.cgroupns}  # inspect shows the mode used, as dockerd
     rec = state.Record(
         id=cid,
         name=spec.name,
