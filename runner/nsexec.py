@@ -127,7 +127,9 @@ def _child(fds, cg, rec, sp, argv, env, user, workdir, tty, interactive, err_w, 
         L.clear_inheritable_caps()
         if cg is not None:
             cg.add(os.getpid())
-        L.setns(fds["cgroup"], L.CLONE_NEWCGROUP)  # after the cgroup: rooted where PID 1's is
+        if not _same_ns(fds["cgroup"], "/proc/self/ns/cgroup"):  # --cgroupns host: ours already
+            # (joining even one's own is EPERM without CAP_SYS_ADMIN over its owner: rootless)
+            L.setns(fds["cgroup"], L.CLONE_NEWCGROUP)  # after the cgroup: rooted where PID 1's is
         for ns, flag in L.NAMESPACES:
             if ns != "pid":
                 L.setns(fds[ns], flag)
@@ -156,6 +158,11 @@ def _child(fds, cg, rec, sp, argv, env, user, workdir, tty, interactive, err_w, 
     except BaseException as e:  # noqa: BLE001
         container.report(err_w, code, f"exec failed: {container.describe(e)}")
     os._exit(code)
+
+
+def _same_ns(fd: int, path: str) -> bool:
+    a, b = os.fstat(fd), os.stat(path)
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
 def _read_all(fd: int) -> str:

@@ -264,14 +264,18 @@ def test_rootless_runs_with_a_private_namespace_and_read_only_binds(user, opts):
         assert listing.split() == _v1_names()
 
 
-def test_rootless_exec_joins_the_private_namespace(user):
+@pytest.mark.parametrize("mode", ["private", "host"])
+def test_rootless_exec_joins_the_containers_namespace(user, mode):
+    """host: exec is in that namespace already (joining it again would be EPERM: the user has
+    no CAP_SYS_ADMIN over the host's)."""
     img = rootless.busybox_image(user, "busybox", owned_by_user=False)
-    r = user.pyoverlay("run", "-d", "--name", "cg", "--cgroupns", "private", img, "sleep", "300")
+    r = user.pyoverlay("run", "-d", "--name", "cg", "--cgroupns", mode, img, "sleep", "300")
     assert r.returncode == 0, r.stderr
     try:
         pid1 = user.pyoverlay("exec", "cg", "readlink", "/proc/1/ns/cgroup")
         mine = user.pyoverlay("exec", "cg", "readlink", "/proc/self/ns/cgroup")
         assert pid1.returncode == mine.returncode == 0, (pid1.stderr, mine.stderr)
-        assert mine.stdout == pid1.stdout != _host_cgroupns() + "\n"
+        assert mine.stdout == pid1.stdout
+        assert (mine.stdout == _host_cgroupns() + "\n") == (mode == "host")
     finally:
         user.pyoverlay("rm", "-f", "cg")
