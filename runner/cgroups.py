@@ -133,8 +133,14 @@ class Layout:
         return f"v1 controllers: {v1}; {v2}"
 
 
+#: tests: "v2" makes :func:`detect` see a hybrid host's cgroup2 tree only (as on a unified
+#: host: limits, cgroup namespace default and /sys/fs/cgroup of v2), unset: the real layout
+LAYOUT_ENV = "PYOVERLAY_CGROUP_LAYOUT"
+
+
 def detect(mountinfo: str | None = None) -> Layout:
-    """The cgroup layout described by /proc/self/mountinfo (or the given text)."""
+    """The cgroup layout described by /proc/self/mountinfo (or the given text;
+    ``$PYOVERLAY_CGROUP_LAYOUT=v2`` applies to the real one only)."""
     v1: dict[str, str] = {}
     hierarchies: dict[str, str] = {}  # mount point -> what it holds (a bind of one counts once)
     v2_root = None
@@ -151,6 +157,8 @@ def detect(mountinfo: str | None = None) -> Layout:
                     held.append(opt)
             if held and ",".join(held) not in hierarchies.values():
                 hierarchies[m.mountpoint] = ",".join(held)
+    if mountinfo is None and v2_root is not None and os.environ.get(LAYOUT_ENV) == "v2":
+        v1, hierarchies = {}, {}
     controllers: frozenset[str] = frozenset()
     if v2_root is not None:
         try:

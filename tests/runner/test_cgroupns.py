@@ -196,6 +196,36 @@ def test_every_v1_hierarchy_gets_the_containers_cgroup_and_loses_it(rt, img):
     assert containers.cgroups_of(cid) == []
 
 
+V2_SCRIPT = (
+    "readlink /proc/self/ns/cgroup; echo ==; cat /proc/self/cgroup; echo ==;"
+    " grep ' /sys/fs/cgroup' /proc/self/mountinfo; echo ==; ls /sys/fs/cgroup; mkdir /sys/fs/cgroup/x; echo 1 > /sys/fs/cgroup/cgroup.procs; true"
+)
+
+
+@pytest.mark.usefixtures("_no_leftovers")
+@pytest.mark.parametrize("opts", [(), ("--cgroupns", "host")], ids=["default", "host"])
+def test_v2_layout_on_the_hybrid_hosts_cgroup2_tree(rt, img, opts):
+    """$PYOVERLAY_CGROUP_LAYOUT=v2: this hybrid host's (empty) cgroup2 tree used as a
+    unified host's. The default is then private; /sys/fs/cgroup is one read-only cgroup2
+    mount: rooted at the container's cgroup (private), the whole tree (host, as runc)."""
+    layout = detect()
+    if layout.v2_root is None:
+        pytest.skip("no cgroup2 mount here")
+    r = rt.run("--rm", *opts, img.spec, "sh", "-c", V2_SCRIPT, env={"PYOVERLAY_CGROUP_LAYOUT": "v2"})
+    assert r.returncode == 0, describe(r)
+    ns, cgroup, mountinfo, listing = r.stdout.split("==\n")
+    private = not opts
+    assert (ns.strip() != _host_cgroupns()) == private
+    unified = _lines(cgroup)[""]
+    assert unified == "/" if private else unified.startswith("/pyoverlay/"), cgroup
+    (row,) = _cgroup_mounts(mountinfo)
+    assert row[row.index("-") + 1] == "cgroup2" and row[3] == "/" and row[5].split(",")[0] == "ro", row
+    assert "cgroup.procs" in listing.split()
+    assert ("pyoverlay" in listing.split()) == (not private)  # host: the host's tree, its pyoverlay/ too
+    errors = r.stderr.splitlines()
+    assert len(errors) == 2 and all("Read-only file system" in e for e in errors), r.stderr
+
+
 # --- exec -----------------------------------------------------------------------------------------
 
 
