@@ -198,7 +198,8 @@ def test_every_v1_hierarchy_gets_the_containers_cgroup_and_loses_it(rt, img):
 
 V2_SCRIPT = (
     "readlink /proc/self/ns/cgroup; echo ==; cat /proc/self/cgroup; echo ==;"
-    " grep ' /sys/fs/cgroup' /proc/self/mountinfo; echo ==; ls /sys/fs/cgroup; mkdir /sys/fs/cgroup/x; echo 1 > /sys/fs/cgroup/cgroup.procs; true"
+    " grep ' /sys/fs/cgroup' /proc/self/mountinfo; echo ==; ls /sys/fs/cgroup;"
+    " mkdir /sys/fs/cgroup/x; echo 1 > /sys/fs/cgroup/cgroup.procs; true"
 )
 
 
