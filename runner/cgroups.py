@@ -25,6 +25,7 @@ whoever launched it.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import re
@@ -118,6 +119,9 @@ class Layout:
     v1: dict[str, str]  # controller -> mount point of its hierarchy
     v2_root: str | None  # cgroup2 mount point
     v2_controllers: frozenset[str]  # from <v2_root>/cgroup.controllers
+    #: every v1 hierarchy: (mount point, what it holds: "memory", "cpu,cpuacct",
+    #: "name=systemd"), in mountinfo's order
+    v1_hierarchies: tuple[tuple[str, str], ...] = ()
 
     def describe(self) -> str:
         v1 = ", ".join(sorted(self.v1)) or "none"
@@ -129,17 +133,32 @@ class Layout:
         return f"v1 controllers: {v1}; {v2}"
 
 
+#: tests: "v2" makes :func:`detect` see a hybrid host's cgroup2 tree only (as on a unified
+#: host: limits, cgroup namespace default and /sys/fs/cgroup of v2), unset: the real layout
+LAYOUT_ENV = "PYOVERLAY_CGROUP_LAYOUT"
+
+
 def detect(mountinfo: str | None = None) -> Layout:
-    """The cgroup layout described by /proc/self/mountinfo (or the given text)."""
+    """The cgroup layout described by /proc/self/mountinfo (or the given text;
+    ``$PYOVERLAY_CGROUP_LAYOUT=v2`` applies to the real one only)."""
     v1: dict[str, str] = {}
+    hierarchies: dict[str, str] = {}  # mount point -> what it holds (a bind of one counts once)
     v2_root = None
     for m in mounts() if mountinfo is None else parse_mountinfo(mountinfo):
         if m.fstype == "cgroup2" and v2_root is None:
             v2_root = m.mountpoint
         elif m.fstype == "cgroup":
+            held = []
             for opt in m.super_options.split(","):
                 if opt and opt not in _MOUNT_FLAGS and "=" not in opt:
                     v1.setdefault(opt, m.mountpoint)
+                    held.append(opt)
+                elif opt.startswith("name="):
+                    held.append(opt)
+            if held and ",".join(held) not in hierarchies.values():
+                hierarchies[m.mountpoint] = ",".join(held)
+    if mountinfo is None and v2_root is not None and os.environ.get(LAYOUT_ENV) == "v2":
+        v1, hierarchies = {}, {}
     controllers: frozenset[str] = frozenset()
     if v2_root is not None:
         try:
@@ -148,7 +167,74 @@ def detect(mountinfo: str | None = None) -> Layout:
         except OSError:
             pass
     mode = "hybrid" if v1 and v2_root else "v1" if v1 else "v2" if v2_root else "none"
-    return Layout(mode, v1, v2_root, controllers)
+    return Layout(mode, v1, v2_root, controllers, tuple(hierarchies.items()))
+
+
+# --- the cgroup namespace ------------------------------------------------------------------------
+
+CGROUPNS_MODES = ("private", "host")
+
+
+def default_cgroupns(layout: Layout | None = None) -> str:
+    """dockerd's default ``--cgroupns``: ``private`` on a cgroup v2 (unified) host,
+    ``host`` on v1 or hybrid (moby daemon/config: DefaultCgroupNamespaceMode). The one
+    place the host's mode decides it (run, serve's create, ``docker info``)."""
+    layout = layout or detect()
+    return "private" if layout.mode == "v2" else "host"
+
+
+def cgroup_version(layout: Layout | None = None) -> str:
+    """``docker info``'s CgroupVersion: "2" on a unified host, else "1"."""
+    return "2" if (layout or detect()).mode == "v2" else "1"
+
+
+@dataclass(frozen=True)
+class CgroupMount:
+    """One mount of the container's ``/sys/fs/cgroup`` (docs/runner.md, "Cgroup namespace")."""
+
+    name: str  # under /sys/fs/cgroup: "memory", "cpu,cpuacct", "systemd"; "" for cgroup2 itself
+    fstype: str  # "cgroup" (a v1 hierarchy) | "cgroup2"
+    data: str  # v1: what the hierarchy holds ("memory", "name=systemd"); cgroup2: ""
+    source: str  # the container's own cgroup directory in it, on the host
+
+
+def _own_paths(proc_cgroup: str) -> dict[str, str]:
+    """/proc/PID/cgroup as {hierarchy ("memory", "cpu,cpuacct", "name=systemd", "" for v2): path}."""
+    out = {}
+    for line in proc_cgroup.splitlines():
+        _, held, path = line.split(":", 2) if line.count(":") >= 2 else ("", "", "")
+        if path.startswith("/"):
+            out[held] = path
+    return out
+
+
+def container_mounts(own_dirs: frozenset[str] | None, layout: Layout | None = None, pid: str = "self"):
+    """What the container's ``/sys/fs/cgroup`` shows, read from ``/proc/PID/cgroup`` before
+    its cgroup namespace is made (runc reads the same): on v1 or hybrid one mount per v1
+    hierarchy in which the process is in one of *own_dirs* (the container's cgroup; a
+    hierarchy it was not put in would show the caller's cgroup, or the host's root), on
+    v2 the cgroup2 tree; the unified tree of a hybrid host is left out, as runc does.
+    *own_dirs* None (a rootless container without a cgroup): every hierarchy, at the
+    caller's own cgroup (what its user may see anyway)."""
+    layout = layout or detect()
+    own = _own_paths(_read(f"/proc/{pid}/cgroup") or "")
+
+    def where(mountpoint: str, held: str) -> str | None:
+        path = own.get(held)
+        if path is None:
+            return None
+        d = os.path.join(mountpoint, path.lstrip("/")).rstrip("/")
+        return d if own_dirs is None or d in own_dirs else None
+
+    if layout.mode == "v2" and layout.v2_root is not None:
+        d = where(layout.v2_root, "")
+        return (CgroupMount("", "cgroup2", "", d),) if d else ()
+    out = []
+    for mountpoint, held in layout.v1_hierarchies:
+        d = where(mountpoint, held)
+        if d is not None:
+            out.append(CgroupMount(os.path.basename(mountpoint), "cgroup", held, d))
+    return tuple(out)
 
 
 def _check_component(what: str, value: str) -> None:
@@ -179,13 +265,22 @@ class Cgroup:
 
     @classmethod
     def plan(
-        cls, name: str, limits: Limits, layout: Layout | None = None, parent: str = "pyoverlay", devices: bool = False
+        cls,
+        name: str,
+        limits: Limits,
+        layout: Layout | None = None,
+        parent: str = "pyoverlay",
+        devices: bool = False,
+        every_hierarchy: bool = False,
     ) -> CgroupPlan:
         """Decide the cgroup's directories without creating anything: CgroupError (or
         ValueError for a bad name) when the layout cannot give what is asked. *devices*:
         restrict device access to DEVICE_RULES (docker's defaults): the v1 ``devices``
         controller where there is one, else a BPF device program on the cgroup v2
-        directory."""
+        directory. *every_hierarchy*: a directory in every other v1 hierarchy too
+        (cpuacct, cpuset, freezer, name=systemd...), as docker makes, so that the
+        container's /sys/fs/cgroup shows its own cgroup in each; those are made when
+        possible (:meth:`CgroupPlan.create`), never required."""
         _check_component("name", name)
         _check_component("parent", parent)
         layout = layout or detect()
@@ -217,7 +312,14 @@ class Cgroup:
             raise CgroupError(
                 f"cannot create cgroup {name}: no cgroup hierarchy with memory, pids or cpu; {layout.describe()}"
             )
-        return CgroupPlan(name, paths, limits, devices, tuple(v2_used), layout.v2_root)
+        optional = []
+        if every_hierarchy:
+            for mountpoint, held in layout.v1_hierarchies:
+                d = os.path.join(mountpoint, parent, name)
+                if d not in paths.values() and held not in paths:
+                    paths[held] = d
+                    optional.append(held)
+        return CgroupPlan(name, paths, limits, devices, tuple(v2_used), layout.v2_root, tuple(optional))
 
     @classmethod
     def create(
@@ -343,17 +445,26 @@ class CgroupPlan:
     devices: bool  # restrict device access (DEVICE_RULES)
     v2_enable: tuple[str, ...]  # controllers to enable in cgroup.subtree_control
     v2_root: str | None
+    optional: tuple[str, ...] = ()  # keys of paths made when possible (every_hierarchy)
 
     def create(self) -> Cgroup:
         """mkdir every directory, write the limits and the device rules; on failure
-        remove what was made and raise CgroupError."""
+        remove what was made and raise CgroupError. An optional directory that cannot
+        be made is left out of the cgroup."""
         cg, created = Cgroup(self.name, dict(self.paths)), []
         unified = self.paths.get("unified")
         enable = " ".join("+" + c for c in self.v2_enable)
+        optional = {self.paths[k] for k in self.optional}
         try:
             if self.v2_enable and self.v2_root is not None:  # v2 controllers come with a v2 root
                 _write(os.path.join(self.v2_root, "cgroup.subtree_control"), enable)
             for d in cg._dirs():
+                if d in optional:
+                    if _make_optional(d):
+                        created.append(d)
+                    else:
+                        cg.paths = {k: v for k, v in cg.paths.items() if v != d}
+                    continue
                 os.makedirs(os.path.dirname(d), exist_ok=True)
                 if self.v2_enable and d == unified:
                     _write(os.path.join(os.path.dirname(d), "cgroup.subtree_control"), enable)
@@ -377,6 +488,34 @@ class CgroupPlan:
                 raise
             raise CgroupError(f"cannot create cgroup {e.filename}: {e.strerror}") from None
         return cg
+
+
+def _make_optional(d: str) -> bool:
+    """mkdir *d* (and its parent) in a hierarchy no limit needs; a v1 cpuset directory gets
+    its parent's cpus and mems (a new one has none, and no process may join it), as runc
+    does. False (nothing left) if that cannot be done."""
+    parent = os.path.dirname(d)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        _inherit_cpuset(parent)
+        os.mkdir(d)
+    except OSError:
+        return False
+    try:
+        _inherit_cpuset(d)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.rmdir(d)
+        return False
+    return True
+
+
+def _inherit_cpuset(d: str) -> None:
+    for f in ("cpuset.cpus", "cpuset.mems"):
+        mine = _read(os.path.join(d, f))
+        if mine is not None and not mine.strip():
+            with open(os.path.join(d, f), "w") as out:
+                out.write(_read(os.path.join(os.path.dirname(d), f)) or "")
 
 
 def _own_cgroup_v2() -> str | None:

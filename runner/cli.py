@@ -31,6 +31,7 @@ from .spec import (
     check_workdir,
     default_network,
     parse_caps,
+    parse_cgroupns,
     parse_env,
     parse_network,
     parse_volume,
@@ -184,6 +185,12 @@ def register(main: click.Group) -> None:
     "--add-host", "add_hosts", multiple=True, metavar="NAME:IP", help="A line for the container's /etc/hosts."
 )
 @click.option("-v", "--volume", "volumes", multiple=True, metavar="HOST:CTR[:ro]", help="Bind mount.")
+@click.option(
+    "--cgroupns",
+    metavar="private|host",
+    help="Cgroup namespace: private (own, /proc/self/cgroup shows /) or host "
+    "(default as dockerd: private on cgroup v2, host on v1/hybrid).",
+)
 @click.option("--read-only", is_flag=True, help="Mount the container's root read-only.")
 @click.option("-m", "--memory", metavar="SIZE", help="Memory limit (e.g. 64m, 1g).")
 @click.option("--pids-limit", type=int, metavar="N", help="Maximum number of processes.")
@@ -242,6 +249,7 @@ def run_cmd(
     dns,
     add_hosts,
     volumes,
+    cgroupns,
     read_only,
     memory,
     pids_limit,
@@ -306,6 +314,7 @@ def run_cmd(
             trace_summary=trace_summary,
             userns_map=userns_map or _userns_map_default(),
             **_security(security_opts),
+            cgroupns=parse_cgroupns(cgroupns) if cgroupns is not None else None,
         )
     except (SpecError, ValueError) as e:
         fail(e, EXIT_RUNNER)

@@ -5,7 +5,7 @@ monitor unshared CLONE_NEWPID for its children). Steps, in order (docs/runner.md
 
 1. die with the monitor (PR_SET_PDEATHSIG) and wait for "go" (the monitor has put
    us in the cgroup by then, so everything we start is counted);
-2. unshare mount, uts, ipc (and net) namespaces;
+2. unshare mount, uts, ipc (and net, and with ``--cgroupns private`` cgroup) namespaces;
 3. build the root (:mod:`runner.rootfs`) and ``pivot_root`` into it;
 4. hostname, ``lo`` up;
 5. with ``--init``: fork CMD as PID 2 and become the reaper (:mod:`runner.init`);
@@ -35,8 +35,8 @@ from typing import TYPE_CHECKING
 from overlayfs_py import _sys
 
 from . import _linux as L
+from . import cgroups, rootfs, seccomp
 from . import init as pid1
-from . import rootfs, seccomp
 from .errors import RunnerError
 from .spec import SpecError, build_env, resolve_user
 from .userns import setgroups_allowed  # imported now: exec calls it inside the container
@@ -113,6 +113,8 @@ def _setup_and_exec(launch: Launch) -> None:
         os._exit(EXIT_RUNNER)  # the monitor gave up before starting us
     os.close(launch.go_fd)
 
+    # the monitor has put us in our cgroup before "go": a new cgroup namespace is rooted there
+    cgroup_fs = cgroup_view(plan)
     flags = L.CLONE_NEWNS | L.CLONE_NEWUTS | L.CLONE_NEWIPC
     if launch.net_fd is not None:
         with step("joining the container's network namespace"):
@@ -120,6 +122,8 @@ def _setup_and_exec(launch: Launch) -> None:
             os.close(launch.net_fd)
     elif spec.network != "host":
         flags |= L.CLONE_NEWNET
+    if plan.cgroupns == "private":
+        flags |= L.CLONE_NEWCGROUP
     with step("creating the namespaces"):
         L.unshare(flags)
 
@@ -135,6 +139,8 @@ def _setup_and_exec(launch: Launch) -> None:
             rootfs.mount_dev(root_fd, bind_devices=plan.rootless)
         with step("mounting /sys"):
             rootfs.mount_sys(root_fd)
+        with step("mounting /sys/fs/cgroup"):
+            rootfs.mount_cgroup(root_fd, cgroup_fs, plan.cgroupns == "private", plan.rootless)
         for f in plan.etc_files:
             with step(f"mounting {f.target}"):
                 rootfs.bind(root_fd, f.source, f.target, False, must_exist=False)
@@ -190,6 +196,17 @@ def _setup_and_exec(launch: Launch) -> None:
         stdin_null=not spec.interactive,
         seccomp_filter=plan.seccomp,
     )
+
+
+def cgroup_view(plan: RunPlan) -> tuple[cgroups.CgroupMount, ...]:
+    """What /sys/fs/cgroup will show (:func:`runner.cgroups.container_mounts`), read while
+    /proc/self/cgroup still names the host's paths: the hierarchies our cgroup is in
+    (rootless, without a cgroup of its own: the user's own cgroups)."""
+    own = None if plan.rootless else frozenset(plan.cgroup.paths.values() if plan.cgroup else ())
+    try:
+        return cgroups.container_mounts(own)
+    except (OSError, ValueError):  # an unreadable /proc/self/mountinfo: nothing to show
+        return ()
 
 
 def read_text(path: str) -> str:

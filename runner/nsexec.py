@@ -5,8 +5,8 @@ The caller keeps its own namespaces except its pid namespace *for children*:
 1. check PID 1 is still the recorded process (pid + start time), open its
    ``/proc/PID/ns/*`` fds;
 2. ``setns`` the pid namespace (applies to children only), fork;
-3. the child joins the container's cgroup (host paths still visible), then ipc, uts,
-   net and, last, mnt (its root and cwd become the container's);
+3. the child joins the container's cgroup (host paths still visible), then its cgroup
+   namespace, ipc, uts, net and, last, mnt (its root and cwd become the container's);
 4. then the same final steps as PID 1 (:func:`runner.container.become`): terminal,
    capabilities, no_new_privs, user, working directory, ``execve``.
 
@@ -50,7 +50,7 @@ def exec_in(
     sp = rec.spec or state.ExecDefaults()
     fds = {}
     try:
-        names = [ns for ns, _ in L.NAMESPACES] + (["user"] if rec.rootless else [])
+        names = [ns for ns, _ in L.NAMESPACES] + ["cgroup"] + (["user"] if rec.rootless else [])
         for ns in names:
             fds[ns] = os.open(f"/proc/{pid1}/ns/{ns}", os.O_RDONLY | os.O_CLOEXEC)
         if not L.alive(pid1, rec.pid_start):  # it may have died while we opened
@@ -127,6 +127,9 @@ def _child(fds, cg, rec, sp, argv, env, user, workdir, tty, interactive, err_w, 
         L.clear_inheritable_caps()
         if cg is not None:
             cg.add(os.getpid())
+        if not _same_ns(fds["cgroup"], "/proc/self/ns/cgroup"):  # --cgroupns host: ours already
+            # (joining even one's own is EPERM without CAP_SYS_ADMIN over its owner: rootless)
+            L.setns(fds["cgroup"], L.CLONE_NEWCGROUP)  # after the cgroup: rooted where PID 1's is
         for ns, flag in L.NAMESPACES:
             if ns != "pid":
                 L.setns(fds[ns], flag)
@@ -156,6 +159,11 @@ def _child(fds, cg, rec, sp, argv, env, user, workdir, tty, interactive, err_w, 
     except BaseException as e:  # noqa: BLE001
         container.report(err_w, code, f"exec failed: {container.describe(e)}")
     os._exit(code)
+
+
+def _same_ns(fd: int, path: str) -> bool:
+    a, b = os.fstat(fd), os.stat(path)
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
 def _read_all(fd: int) -> str:

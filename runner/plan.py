@@ -29,7 +29,7 @@ from overlayfs_py.config import MountConfig, default_workdir
 
 from . import _linux as L
 from . import initlayer, seccomp, state, userns
-from .cgroups import Cgroup, CgroupError, CgroupPlan, check_rootless
+from .cgroups import Cgroup, CgroupError, CgroupPlan, check_rootless, default_cgroupns
 from .errors import RunnerError
 from .net import slirp
 from .spec import RunSpec, new_id, resolve_user
@@ -109,6 +109,7 @@ class RunPlan:
     cgroup_optional: bool  # no limits and no device rules to hold: none is fine
     seccomp: seccomp.Filter | None = None  # the compiled program PID 1 loads (None: unconfined)
     rootless_net: slirp.SlirpPlan | None = None  # rootless bridge: slirp4netns (runner/net/slirp.py)
+    cgroupns: str = "host"  # "private": PID 1 unshares its cgroup namespace (docs/runner.md)
 
     def record(self) -> state.Record:
         """The container's record as first saved (status "created")."""
@@ -142,6 +143,7 @@ class RunPlan:
                 stop_timeout=spec.stop_timeout,
                 seccomp=self.seccomp.to_record() if self.seccomp is not None else None,
                 security_opt=seccomp.security_opt_of(spec.seccomp, spec.no_new_privileges),
+                cgroupns=self.cgroupns,
             ),
         )
 
@@ -230,6 +232,7 @@ def build(spec: RunSpec, *, detach: bool = False, cid: str | None = None, rootle
         cgroup_optional=optional,
         seccomp=filt,
         rootless_net=net,
+        cgroupns=spec.cgroupns or default_cgroupns(),
     )
 
 
@@ -415,7 +418,7 @@ def _cgroup(spec: RunSpec, cid: str, rootless: bool) -> tuple[CgroupPlan | None,
     # cannot be made (read-only cgroupfs) is done without
     optional = spec.privileged and not spec.limits.any()
     try:  # docker's device rules, unless --privileged (every device, as docker)
-        return Cgroup.plan(cid, spec.limits, devices=not spec.privileged), optional
+        return Cgroup.plan(cid, spec.limits, devices=not spec.privileged, every_hierarchy=True), optional
     except CgroupError as e:
         if spec.limits.any():
             raise

@@ -15,6 +15,7 @@ path inside the container instead (:func:`runner.container.step`, ``mounting vol
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
@@ -26,6 +27,7 @@ from . import _linux as L
 from .errors import RunnerError
 
 if TYPE_CHECKING:
+    from .cgroups import CgroupMount
     from .plan import VolumeMount
 
 RESOLVE_IN_ROOT = 0x10
@@ -164,6 +166,62 @@ def mount_sys(root_fd: int) -> None:
         except PermissionError:  # sharing the host's net ns without owning it: bind it
             L.mount("/sys", t.path, None, L.MS_BIND | L.MS_REC)
             _remount_ro(root_fd, "sys", _NOSUID_NODEV_NOEXEC)
+
+
+def mount_cgroup(root_fd: int, mounts: tuple[CgroupMount, ...], private: bool, rootless: bool) -> None:
+    """``/sys/fs/cgroup``, read-only, as runc shows it (docs/runner.md, "Cgroup namespace").
+    v1 or hybrid: a tmpfs holding one directory per hierarchy: with a private cgroup
+    namespace the hierarchy itself mounted there (its root is the container's cgroup),
+    else a bind of the container's own directory in it. v2: the cgroup2 tree mounted
+    there (bound at the container's directory where it cannot be mounted). Rootless
+    (no v1 hierarchy can be mounted in a user namespace): binds only, and anything
+    refused leaves ``/sys/fs/cgroup`` as sysfs shows it."""
+    try:
+        _mount_cgroup(root_fd, mounts, private and not rootless, rootless)
+    except OSError:
+        if not rootless:
+            raise
+        with Target(root_fd, "sys/fs/cgroup", must_exist=False) as t:
+            if t.ok:  # the tmpfs (or cgroup2 bind) and all below it; EINVAL if none was made
+                with contextlib.suppress(OSError):
+                    L.umount2(t.path, L.MNT_DETACH)
+
+
+_CGROUP_FLAGS = _NOSUID_NODEV_NOEXEC | L.MS_RDONLY
+
+
+def _mount_cgroup(root_fd: int, mounts: tuple[CgroupMount, ...], private: bool, rootless: bool) -> None:
+    with Target(root_fd, "sys/fs/cgroup", must_exist=False) as t:
+        if not t.ok:
+            return  # a kernel without cgroups: nothing to show
+        if mounts and mounts[0].fstype == "cgroup2":
+            try:
+                L.mount("cgroup2", t.path, "cgroup2", _CGROUP_FLAGS)
+                return
+            except PermissionError:  # a cgroup namespace it does not own (rootless, host mode)
+                pass
+            L.mount(mounts[0].source, t.path, None, L.MS_BIND | L.MS_REC)
+        else:
+            L.mount("tmpfs", t.path, "tmpfs", _NOSUID_NODEV_NOEXEC, "mode=755")
+    if mounts and mounts[0].fstype == "cgroup2":
+        _remount_ro(root_fd, "sys/fs/cgroup", _NOSUID_NODEV_NOEXEC)
+        return
+    with Target(root_fd, "sys/fs/cgroup") as top:  # the tmpfs (a fresh lookup)
+        for m in mounts:
+            os.mkdir(m.name, 0o755, dir_fd=top.fd)
+            target = f"{top.path}/{m.name}"
+            if private:  # runc: source "systemd" for the systemd hierarchy, else "cgroup"
+                source = "systemd" if m.data == "name=systemd" else "cgroup"
+                L.mount(source, target, "cgroup", _CGROUP_FLAGS, m.data)
+            else:
+                L.mount(m.source, target, None, L.MS_BIND)
+                _remount_ro(root_fd, f"sys/fs/cgroup/{m.name}", _NOSUID_NODEV_NOEXEC)
+        for m in mounts:  # co-mounted controllers: cpu -> cpu,cpuacct (as runc links them)
+            if "," in m.name:
+                for ctl in m.name.split(","):
+                    if ctl not in {x.name for x in mounts}:
+                        os.symlink(m.name, ctl, dir_fd=top.fd)
+    _remount_ro(root_fd, "sys/fs/cgroup", _NOSUID_NODEV_NOEXEC)
 
 
 def bind(root_fd: int, source: str, target: str, read_only: bool, *, must_exist: bool = True) -> bool:

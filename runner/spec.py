@@ -131,6 +131,7 @@ class RunSpec:
     userns_map: str = "auto"  # rootless: auto | subid | single (runner/userns.py)
     seccomp: str = "default"  # --security-opt seccomp=: default | unconfined | a profile's JSON text
     no_new_privileges: bool = False  # --security-opt no-new-privileges (also with --privileged)
+    cgroupns: str | None = None  # --cgroupns private | host; None: the host's default (plan.py)
 
     def caps(self) -> frozenset[int] | None:
         """Capabilities to keep in the bounding set; None keeps them all."""
@@ -245,6 +246,15 @@ def default_network() -> str:
     """``--network``'s default: bridge for an ordinary user (slirp4netns, as rootless podman),
     none for root until the root bridge lands (issue 20)."""
     return "bridge" if os.geteuid() != 0 else "none"
+
+
+def parse_cgroupns(mode: str) -> str:
+    """``--cgroupns private|host`` (runner/cgroups.py CGROUPNS_MODES)."""
+    from .cgroups import CGROUPNS_MODES
+
+    if mode not in CGROUPNS_MODES:
+        raise SpecError(f"invalid --cgroupns value {mode!r}: expected private or host")
+    return mode
 
 
 def check_workdir(path: str) -> str:

@@ -73,6 +73,7 @@ class ExecDefaults:
     stop_timeout: float = 10.0
     seccomp: dict | None = None  # the compiled filter exec loads too (runner/seccomp Filter.to_record)
     security_opt: list[str] | None = None  # --security-opt as docker's inspect shows it
+    cgroupns: str | None = None  # "private" | "host" (None: a record from before issue 20)
 
 
 @dataclass

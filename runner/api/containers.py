@@ -31,7 +31,7 @@ import threading
 import time
 
 from .. import attach, control, seccomp, state
-from ..cgroups import Limits
+from ..cgroups import CGROUPNS_MODES, Limits, default_cgroupns
 from ..net.ports import PortMapping, parse_add_host, parse_dns, parse_publishes
 from ..spec import (
     RunSpec,
@@ -80,6 +80,7 @@ def spec_to_dict(spec: RunSpec) -> dict:
         "userns_map": spec.userns_map,
         "seccomp": spec.seccomp,
         "no_new_privileges": spec.no_new_privileges,
+        "cgroupns": spec.cgroupns,
     }
 
 
@@ -112,6 +113,7 @@ def spec_from_dict(d: dict) -> RunSpec:
         userns_map=d.get("userns_map") or "auto",
         seccomp=d.get("seccomp") or "default",
         no_new_privileges=bool(d.get("no_new_privileges")),
+        cgroupns=d.get("cgroupns") or None,
     )
 
 
@@ -193,6 +195,16 @@ def _publish(cfg: dict, host: dict, run: dict) -> tuple[PortMapping, ...]:
     return parse_publishes([t[1:] if t.startswith(":") else t for t in texts])
 
 
+def _cgroupns(mode) -> str:
+    """HostConfig.CgroupnsMode: "private", "host", or "" (the daemon's default, which
+    dockerd writes back into the container's HostConfig: so does create)."""
+    if mode in (None, ""):
+        return default_cgroupns()
+    if mode not in CGROUPNS_MODES:
+        raise ApiError(400, f"invalid cgroup namespace mode: {mode}")
+    return mode
+
+
 def _strs(v) -> list[str]:
     if v is None:
         return []
@@ -261,6 +273,7 @@ def _spec_from_config(cfg: dict, host: dict, name: str | None) -> RunSpec:
             stop_timeout=float(cfg.get("StopTimeout") or 10),
             userns_map=_userns_map(),
             **_security(host.get("SecurityOpt")),
+            cgroupns=_cgroupns(host.get("CgroupnsMode")),
         )
         # the profile compiled now too: a profile libseccomp refuses fails the create (400)
         seccomp.compile_filter(spec.seccomp_profile(), spec.caps())
@@ -296,6 +309,7 @@ def create(req: Request) -> None:
     spec = _spec_from_config(body, host, name)
     cid = new_id()
     config = {k: v for k, v in body.items() if k not in ("HostConfig", "NetworkingConfig")}
+    host = {**host, "CgroupnsMode": spec.cgroupns}  # inspect shows the mode used, as dockerd
     rec = state.Record(
         id=cid,
         name=spec.name,

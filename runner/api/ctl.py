@@ -160,6 +160,7 @@ def host_config_of(rec: dict) -> dict:
         "Memory": int(limits.get("memory") or 0),
         "PidsLimit": limits.get("pids"),
         "NanoCpus": int(cpus * 1e9) if cpus else 0,
+        "CgroupnsMode": spec.get("cgroupns") or "",
         "LogConfig": {"Type": "json-file", "Config": {}},
     }
 

@@ -133,7 +133,9 @@ def _sysctl(name: str) -> bool:
 
 
 def _cgroup_version() -> str:
-    return "2" if os.path.exists("/sys/fs/cgroup/cgroup.controllers") else "1"
+    from ..cgroups import cgroup_version
+
+    return cgroup_version()
 
 
 def _daemon_id(root: str) -> str:
@@ -245,8 +247,11 @@ def info(req: Request) -> None:
             "ContainerdCommit": commit,
             "RuncCommit": commit,
             "InitCommit": commit,
-            "SecurityOptions": ["name=seccomp,profile=default"]  # dockerd's order: seccomp first
-            + (["name=rootless"] + (["name=cgroupns"] if cgv == "2" else []) if rootless else []),
+            # dockerd's order: seccomp first; name=cgroupns when its default cgroup namespace
+            # mode is private (v2)
+            "SecurityOptions": ["name=seccomp,profile=default"]
+            + (["name=rootless"] if rootless else [])
+            + (["name=cgroupns"] if cgv == "2" else []),
             "Warnings": warnings or None,
         }
     )
