@@ -163,7 +163,14 @@ def register(main: click.Group) -> None:
 )
 @click.option("-u", "--user", metavar="UID[:GID]", help="User (name or id) and group inside.")
 @click.option("-h", "--hostname", help="Hostname (default: the short container id).")
-@click.option("--net", "--network", "network", default="none", show_default=True, help="none (only lo) or host.")
+@click.option(
+    "--net",
+    "--network",
+    "network",
+    default=None,
+    help="bridge (root's default: the pyoverlay0 bridge, NAT, -p), none (only lo) or host."
+    " Default: $PYOVERLAY_NETWORK, else bridge as root and none rootless.",
+)
 @click.option(
     "-p",
     "--publish",
@@ -275,7 +282,7 @@ def run_cmd(
             user=user,
             hostname=hostname,
             image=img,
-            network=parse_network(network),
+            network=parse_network(network or default_network()),
             publish=parse_publishes(publish),
             dns=tuple(parse_dns(d) for d in dns),
             add_hosts=tuple(parse_add_host(h) for h in add_hosts),
@@ -360,6 +367,12 @@ def _run_detached(spec: RunSpec) -> int:
         return int(status)
     click.echo("pyoverlay: the container monitor exited before starting the container", err=True)
     return EXIT_RUNNER
+
+
+def default_network() -> str:
+    """``--network``'s default: $PYOVERLAY_NETWORK, else docker's bridge as root (none
+    for an ordinary user, who cannot make a bridge)."""
+    return os.environ.get("PYOVERLAY_NETWORK") or ("bridge" if os.geteuid() == 0 else "none")
 
 
 def _find(ref: str) -> dict:

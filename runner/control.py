@@ -23,6 +23,8 @@ from . import _linux as L
 from . import state
 from .cgroups import Cgroup, CgroupError
 from .errors import RunnerError
+from .net import bridge as netbridge
+from .net.ports import PortMapping
 
 
 class ControlError(RunnerError):
@@ -32,6 +34,7 @@ class ControlError(RunnerError):
 def summary(rec: state.Record | dict) -> dict:
     """What ``ps`` shows of a record (``ps --json``'s keys)."""
     r = state.Record.of(rec)
+    running = state.status(r) == "running"
     return {
         "id": r.id,
         "name": r.name,
@@ -48,6 +51,11 @@ def summary(rec: state.Record | dict) -> dict:
         "finished": r.finished,
         "hostname": r.hostname,
         "image": r.image,
+        "network": r.spec.network if r.spec is not None else None,
+        # the bridge's address and the published ports (host port as bound), as docker
+        # shows them: only while the container runs
+        "address": (r.net or {}).get("address") if running else None,
+        "ports": [str(PortMapping.from_dict(p)) for p in (r.net or {}).get("ports", [])] if running else [],
     }
 
 
@@ -73,7 +81,7 @@ def status_text(row: dict, now: float) -> str:
 
 
 def ps_table(rows: list[dict], now: float) -> str:
-    head = ("CONTAINER ID", "NAME", "COMMAND", "STATUS", "PID", "LAYERS", "UPPER")
+    head = ("CONTAINER ID", "NAME", "COMMAND", "STATUS", "PID", "LAYERS", "UPPER", "ADDRESS", "PORTS")
     lines = [head]
     for r in rows:
         cmd = shlex.join(r["command"])
@@ -87,6 +95,8 @@ def ps_table(rows: list[dict], now: float) -> str:
                 str(r["pid"] or "") if r["status"] == "running" else "-",
                 str(len(r["layers"])),
                 r["upper"] or "",
+                r.get("address") or ("-" if r.get("ports") else ""),
+                ", ".join(r.get("ports") or []),
             )
         )
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
@@ -201,11 +211,25 @@ def cleanup_dead(rec: state.Record | dict) -> None:
             cg = Cgroup.from_dict(rec.cgroup)
             cg.kill_all()
             cg.remove()
+    release_network(rec)
     rec.status, rec.finished, rec.dead = "exited", time.time(), True
     if rec.spec is not None and rec.spec.remove:
         state.remove(rec)
     else:
         state.save(rec)
+
+
+def release_network(rec: state.Record) -> None:
+    """The container's address, its veth and (if it was the last) the bridge and its
+    NAT rules: what its monitor would have released (runner/net/bridge.py). The proxy of
+    its ports died with the monitor (PR_SET_PDEATHSIG); it is killed here if not."""
+    net = rec.net or {}
+    proxy, start = net.get("proxy_pid"), net.get("proxy_start")
+    if L.alive(proxy, start):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proxy, signal.SIGKILL)
+    with contextlib.suppress(RunnerError, OSError):
+        netbridge.detach_record(rec.net, rec.id)
 
 
 def remove(rec: state.Record | dict, force: bool) -> None:
@@ -218,6 +242,8 @@ def remove(rec: state.Record | dict, force: bool) -> None:
     elif st == "dead":
         cleanup_dead(rec)
     rec = state.load_record(rec.id) or rec
+    if state.status(rec) != "running":
+        release_network(rec)  # a lease left by a monitor that died (idempotent)
     try:
         state.remove(rec)
     except state.StateError as e:

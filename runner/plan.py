@@ -31,6 +31,8 @@ from . import _linux as L
 from . import initlayer, state, userns
 from .cgroups import Cgroup, CgroupError, CgroupPlan, check_rootless
 from .errors import RunnerError
+from .net import bridge as netbridge
+from .net import files as netfiles
 from .spec import RunSpec, new_id, resolve_user
 
 #: sethostname(2) refuses longer names (HOST_NAME_MAX)
@@ -106,6 +108,22 @@ class RunPlan:
     userns: UsernsPlan | None
     cgroup: CgroupPlan | None  # root: what Cgroup.plan decided (rootless: None)
     cgroup_optional: bool  # no limits and no device rules to hold: none is fine
+    bridge: netbridge.BridgeConfig | None = None  # --network bridge: the bridge to attach to
+    warnings: tuple[str, ...] = ()  # said on stderr before the container starts
+
+    @property
+    def hosts_file(self) -> EtcFile | None:
+        return next((f for f in self.etc_files if f.target == "/etc/hosts"), None)
+
+    def hosts_text(self, address: str) -> str:
+        """/etc/hosts once the bridge has given the container *address*."""
+        return netfiles.hosts_text(
+            self.hostname,
+            self.spec.network,
+            self.spec.add_hosts,
+            address=address,
+            gateway=self.bridge.gateway if self.bridge else None,
+        )
 
     def record(self) -> state.Record:
         """The container's record as first saved (status "created")."""
@@ -153,8 +171,7 @@ def build(spec: RunSpec, *, detach: bool = False, cid: str | None = None, rootle
         if not os.path.isdir(layer):
             raise PlanError(f"lower layer {layer!r} is not a directory")
 
-    if spec.network == "bridge":  # issue 20, being built
-        raise PlanError("bridge networking is not implemented yet (use --network none or host)")
+    bridge, warnings = _network(spec, rootless)
     name = spec.name
     if name and state.name_taken(name) not in (None, cid):  # a created container starting keeps its name
         raise PlanError(f"the container name {name!r} is already in use")
@@ -182,7 +199,7 @@ def build(spec: RunSpec, *, detach: bool = False, cid: str | None = None, rootle
     init = initlayer.plan(spec.layers, upper_now, rootless, needed)
     etc = tuple(
         EtcFile("/" + rel, os.path.join(paths.data, os.path.basename(rel)), text)
-        for rel, text in _etc_texts(hostname, spec.network).items()
+        for rel, text in _etc_texts(hostname, spec, bridge).items()
         if rel in init.usable
     )
 
@@ -216,7 +233,27 @@ def build(spec: RunSpec, *, detach: bool = False, cid: str | None = None, rootle
         userns=users,
         cgroup=cg,
         cgroup_optional=optional,
+        bridge=bridge,
+        warnings=warnings,
     )
+
+
+def _network(spec: RunSpec, rootless: bool) -> tuple[netbridge.BridgeConfig | None, tuple[str, ...]]:
+    """The bridge to attach to (``--network bridge``), and docker's warnings."""
+    if spec.network == "none" and spec.publish:
+        # docker: "conflicting options: port publishing and the container type network mode"
+        raise PlanError("conflicting options: port publishing (-p) and --network none")
+    if spec.network == "host":
+        warn = ("WARNING: Published ports are discarded when using host network mode",) if spec.publish else ()
+        return None, warn
+    if spec.network != "bridge":
+        return None, ()
+    if rootless:
+        raise PlanError("bridge networking needs root (use --network none or host)")
+    try:
+        return netbridge.config(), ()
+    except netbridge.NetError as e:
+        raise PlanError(str(e)) from None
 
 
 def with_storage_maps(cfg: MountConfig, users: UsernsPlan) -> MountConfig:
@@ -363,14 +400,30 @@ def _volumes(spec: RunSpec) -> tuple[VolumeMount, ...]:
     return tuple(sorted(out, key=lambda v: v.target.count("/")))
 
 
-def _etc_texts(hostname: str, network: str) -> dict[str, str]:
-    files = {"etc/hostname": f"{hostname}\n"}
-    if network == "host":
-        files["etc/hosts"] = _host_file("/etc/hosts")
-    else:
-        files["etc/hosts"] = f"127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.0.1\t{hostname}\n"
-    files["etc/resolv.conf"] = _host_file("/etc/resolv.conf")
-    return files
+def _etc_texts(hostname: str, spec: RunSpec, bridge: netbridge.BridgeConfig | None) -> dict[str, str]:
+    """/etc/hostname, /etc/hosts (on a bridge without the container's own address yet:
+    the monitor writes it again once it has one) and /etc/resolv.conf
+    (runner/net/files.py)."""
+    # host-gateway: the bridge's address (the default bridge's with another network)
+    gateway = bridge.gateway if bridge else _default_gateway()
+    return {
+        "etc/hostname": f"{hostname}\n",
+        "etc/hosts": netfiles.hosts_text(
+            hostname,
+            spec.network,
+            spec.add_hosts,
+            gateway=gateway,
+            host_text=_host_file("/etc/hosts") if spec.network == "host" else "",
+        ),
+        "etc/resolv.conf": netfiles.resolv_text(_host_file("/etc/resolv.conf"), spec.network, spec.dns),
+    }
+
+
+def _default_gateway() -> str:
+    try:
+        return netbridge.config().gateway
+    except netbridge.NetError:
+        return netbridge.BridgeConfig(netbridge.DEFAULT_BRIDGE, netbridge.DEFAULT_SUBNET).gateway
 
 
 def _host_file(path: str) -> str:
