@@ -263,16 +263,15 @@ class Monitor:
             return None
         me = os.getpid()
         with step(f"connecting the container to bridge {cfg.name}"):
-            att = netbridge.attach(cfg, plan.cid, me, L.process_start_time(me))
+            att = netbridge.attach(cfg, plan.cid, me, L.process_start_time(me) or 0)
         undo.callback(netbridge.detach, cfg.name, cfg.subnet, plan.cid)
         undo.callback(att.close_ns)
         self.net_attachment = att
         net = att.to_dict()
         hosts = plan.hosts_file
         if hosts is not None:
-            with step("writing /etc/hosts"):
-                with open(hosts.source, "w") as out:
-                    out.write(plan.hosts_text(att.address))
+            with step("writing /etc/hosts"), open(hosts.source, "w") as out:
+                out.write(plan.hosts_text(att.address))
         if self.spec.publish:
             with step("publishing ports"):
                 published = netproxy.bind(self.spec.publish)

@@ -230,13 +230,12 @@ def attach(cfg: BridgeConfig, cid: str, owner_pid: int, owner_start: int) -> Att
     *owner_pid* started at *owner_start* (the monitor). On an error nothing is left."""
     veth = veth_name(cid)
     with _locked(cfg) as leases:
+        _purge_stale(leases)
         if leases.subnet != cfg.subnet and leases.leases:
             raise NetError(
-                f"bridge {cfg.name} is in use with subnet {leases.subnet}, not {cfg.subnet}: "
-                "stop its containers first"
+                f"bridge {cfg.name} is in use with subnet {leases.subnet}, not {cfg.subnet}: stop its containers first"
             )
         leases.subnet = cfg.subnet
-        _purge_stale(leases)
         for old in leases.owned(cid):  # a restart whose last monitor died
             _drop(leases, old)
         links.delete_link(veth)

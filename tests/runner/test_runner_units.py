@@ -67,8 +67,9 @@ def test_names_and_network_and_workdir():
         with pytest.raises(SpecError):
             spec.check_name(bad)
     assert spec.parse_network("host") == "host"
+    assert spec.parse_network("bridge") == spec.parse_network("default") == "bridge"
     with pytest.raises(SpecError):
-        spec.parse_network("bridge")
+        spec.parse_network("nosuchnet")
     assert spec.check_workdir("/a/./b/") == "/a/b"
     with pytest.raises(SpecError):
         spec.check_workdir("rel")
