@@ -158,7 +158,7 @@ class Proxy:
                         self._udp_reply(*obj)
                     else:
                         self._pump(obj)
-                except OSError:
+                except OSError:  # one connection or datagram failed, never the proxy
                     if kind == "conn":
                         self._close(obj)
             self._udp_expire()
@@ -271,12 +271,18 @@ class Proxy:
                 data, client = pub.sock.recvfrom(65535)
             except (BlockingIOError, InterruptedError):
                 return
+            except OSError:
+                return
             key = (pub.sock.fileno(), client)
             entry = self.udp.get(key)
             if entry is None:
                 up = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
                 up.setblocking(False)
-                up.connect((self.address, pub.mapping.container_port))
+                try:
+                    up.connect((self.address, pub.mapping.container_port))
+                except OSError:
+                    up.close()
+                    continue
                 self.sel.register(up, selectors.EVENT_READ, ("udp-reply", (pub, client, up)))
                 entry = (up, time.monotonic())
             up = entry[0]

@@ -191,6 +191,17 @@ def test_host_port_0_is_a_free_port_and_recorded(brt, www):
     brt.ok("rm", "-f", cid)
 
 
+def test_proxy_relays_a_large_file_intact(brt, www, tmp_path):
+    data = os.urandom(3 * 1024 * 1024 + 17)
+    (www / "big.bin").write_bytes(data)
+    cid = httpd(brt, www, "-p", "127.0.0.1:8080:80")
+    http_get(brt, "http://127.0.0.1:8080/index.html")  # up
+    out = tmp_path / "got.bin"
+    brt.ns.run("wget", "-q", "-T", "60", "-t", "1", "-O", str(out), "http://127.0.0.1:8080/big.bin", timeout=120)
+    assert out.read_bytes() == data
+    brt.ok("rm", "-f", cid)
+
+
 def test_proxy_does_not_stall_on_an_idle_connection(brt, www):
     cid = httpd(brt, www, "-p", "127.0.0.1:8080:80")
     assert http_get(brt, "http://127.0.0.1:8080/index.html") == PAGE
