@@ -57,6 +57,8 @@ def assert_nothing_left(rt) -> None:
     assert ns.links() == ["lo"], f"links left in the namespace: {ns.links()}"
     assert ns.addresses() == ["127.0.0.1/8"], ns.addresses()
     assert "pyoverlay" not in ns.nft_tables(), ns.nft_tables()
+    rules = ns.run("iptables-save").stdout
+    assert "PYOVERLAY" not in rules, rules
     assert not leases(rt), leases(rt)
 
 
@@ -266,10 +268,13 @@ def test_two_containers_reach_each_other_by_address(brt, www):
     brt.ok("rm", "-f", web)
 
 
-def test_outbound_nat_masquerades_with_the_hosts_address(brt, tmp_path):
+@pytest.mark.parametrize("firewall", ["nft", "iptables"])
+def test_outbound_nat_masquerades_with_the_hosts_address(brt, tmp_path, firewall):
     # "the outside": a second private namespace at 192.0.2.2, linked to the test's
     # namespace (the host, 192.0.2.1), with no route back to the bridge's subnet: only a
     # masqueraded connection can be answered
+    if firewall == "iptables":  # the fallback where nft is missing
+        brt.env["PYOVERLAY_NO_NFT"] = "1"
     outside = netns.NetNS()
     server = None
     try:
@@ -288,6 +293,8 @@ def test_outbound_nat_masquerades_with_the_hosts_address(brt, tmp_path):
         r = brt.run("--rm", brt.image, "sh", "-c", GET_IN_CONTAINER.format(addr="192.0.2.2", port=8000, path="/"))
         assert r.returncode == 0, describe(r)
         assert body(r.stdout) == "192.0.2.1", "the outside must see the host's address (masquerade)"
+        if firewall == "iptables":
+            assert "pyoverlay" not in brt.ns.nft_tables()
     finally:
         if server is not None:
             server.kill()
