@@ -14,3 +14,7 @@ class RunnerError(PyoverlayError):
     """A one-line error of the runner; exits 125 unless another status is given."""
 
     exit_code = EXIT_RUNNER
+
+
+class SpecError(RunnerError):
+    """A user error in the run options (one line; runner/spec.py and runner/net/ports.py)."""

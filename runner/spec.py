@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from .cgroups import Limits
-from .errors import RunnerError
+from .errors import SpecError
 
 if TYPE_CHECKING:
     from .net.ports import PortMapping
@@ -90,10 +90,6 @@ DOCKER_DEFAULT_CAPS = frozenset(
 
 _NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]*$")
 _ENV_KEY_RE = re.compile(r"^[^=\0]+$")
-
-
-class SpecError(RunnerError):
-    """A user error in the run options (one line)."""
 
 
 @dataclass(frozen=True)
