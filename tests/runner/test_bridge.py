@@ -173,6 +173,8 @@ def test_published_port_serves_the_containers_file(brt, www):
     head, line = brt.ok("ps").stdout.splitlines()
     assert head.split()[-2:] == ["ADDRESS", "PORTS"], head
     assert line.split()[-2:] == ["10.203.0.2", "127.0.0.1:8080->80/tcp"], line
+    # exec joins the container's network namespace
+    assert containers.interfaces(brt.ok("exec", cid, "cat", "/proc/net/dev").stdout) == ["lo", "eth0"]
     # the host sees the bridge, the veth and the rules while the container runs
     assert "pyoverlay0" in brt.ns.links() and any(n.startswith("pyov" + cid[:11]) for n in brt.ns.links())
     assert "table ip pyoverlay" in brt.ns.nft_tables()
@@ -362,3 +364,14 @@ def test_sigkilled_monitor_is_cleaned_at_the_next_run(brt, www):
     assert not leases(brt)
     assert not veths(brt)
     brt.ok("rm", cid)
+
+
+def test_failed_start_releases_the_network(brt, www):
+    # the command is not found after the network was set up: everything is undone
+    # (the fixture checks the namespace), and the port can be published again
+    r = brt.run("-p", "127.0.0.1:8080:80", brt.image, "no-such-command")
+    assert r.returncode == 127, describe(r)
+    assert brt.state_entries() == [] and not leases(brt)
+    cid = httpd(brt, www, "-p", "127.0.0.1:8080:80")
+    assert http_get(brt, "http://127.0.0.1:8080/index.html") == PAGE
+    brt.ok("rm", "-f", cid)
