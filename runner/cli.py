@@ -170,8 +170,9 @@ def register(main: click.Group) -> None:
     "--network",
     "network",
     default=None,
-    help="bridge (rootless: slirp4netns; the default for an ordinary user), none (only lo, root's default), "
-    "host, or slirp4netns[:allow_host_loopback=true] (rootless).",
+    help="bridge (the default: as root the pyoverlay0 bridge with NAT and -p; for an ordinary user "
+    "slirp4netns), none (only lo), host, or slirp4netns[:allow_host_loopback=true] (rootless)."
+    " Default: $PYOVERLAY_NETWORK, else bridge.",
 )
 @click.option(
     "-p",
@@ -299,7 +300,7 @@ def run_cmd(
             user=user,
             hostname=hostname,
             image=img,
-            network=parse_network(network) if network else default_network(),
+            network=parse_network(network or default_network()),
             publish=parse_publishes(publish),
             dns=tuple(parse_dns(d) for d in dns),
             add_hosts=tuple(parse_add_host(h) for h in add_hosts),

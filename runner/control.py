@@ -23,6 +23,8 @@ from . import _linux as L
 from . import state
 from .cgroups import Cgroup, CgroupError
 from .errors import RunnerError
+from .net import bridge as netbridge
+from .net.ports import PortMapping
 
 
 class ControlError(RunnerError):
@@ -32,6 +34,7 @@ class ControlError(RunnerError):
 def summary(rec: state.Record | dict) -> dict:
     """What ``ps`` shows of a record (``ps --json``'s keys)."""
     r = state.Record.of(rec)
+    running = state.status(r) == "running"
     return {
         "id": r.id,
         "name": r.name,
@@ -48,6 +51,10 @@ def summary(rec: state.Record | dict) -> dict:
         "finished": r.finished,
         "hostname": r.hostname,
         "image": r.image,
+        "network": r.spec.network if r.spec is not None else None,
+        # the container's own address and the published ports (host port as bound), as
+        # docker shows them: only while the container runs
+        "address": (r.net or {}).get("address") if running else None,
         "ports": ports_of(r),
     }
 
@@ -55,7 +62,6 @@ def summary(rec: state.Record | dict) -> dict:
 def ports_of(r: state.Record) -> list[str]:
     """A running container's published ports as docker ps shows them
     (``127.0.0.1:8080->80/tcp``), from its record's network (runner/net)."""
-    from .net.ports import PortMapping
 
     if not r.net or state.status(r) != "running":
         return []
@@ -84,7 +90,7 @@ def status_text(row: dict, now: float) -> str:
 
 
 def ps_table(rows: list[dict], now: float) -> str:
-    head = ("CONTAINER ID", "NAME", "COMMAND", "STATUS", "PID", "LAYERS", "UPPER", "PORTS")
+    head = ("CONTAINER ID", "NAME", "COMMAND", "STATUS", "PID", "LAYERS", "UPPER", "ADDRESS", "PORTS")
     lines = [head]
     for r in rows:
         cmd = shlex.join(r["command"])
@@ -98,6 +104,7 @@ def ps_table(rows: list[dict], now: float) -> str:
                 str(r["pid"] or "") if r["status"] == "running" else "-",
                 str(len(r["layers"])),
                 r["upper"] or "",
+                r.get("address") or ("-" if r.get("ports") else ""),
                 ", ".join(r.get("ports") or []),
             )
         )
@@ -213,11 +220,25 @@ def cleanup_dead(rec: state.Record | dict) -> None:
             cg = Cgroup.from_dict(rec.cgroup)
             cg.kill_all()
             cg.remove()
+    release_network(rec)
     rec.status, rec.finished, rec.dead = "exited", time.time(), True
     if rec.spec is not None and rec.spec.remove:
         state.remove(rec)
     else:
         state.save(rec)
+
+
+def release_network(rec: state.Record) -> None:
+    """The container's address, its veth and (if it was the last) the bridge and its
+    NAT rules: what its monitor would have released (runner/net/bridge.py). The proxy of
+    its ports died with the monitor (PR_SET_PDEATHSIG); it is killed here if not."""
+    net = rec.net or {}
+    proxy, start = net.get("proxy_pid"), net.get("proxy_start")
+    if L.alive(proxy, start):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proxy, signal.SIGKILL)
+    with contextlib.suppress(RunnerError, OSError):
+        netbridge.detach_record(rec.net, rec.id)
 
 
 def remove(rec: state.Record | dict, force: bool) -> None:
@@ -230,6 +251,8 @@ def remove(rec: state.Record | dict, force: bool) -> None:
     elif st == "dead":
         cleanup_dead(rec)
     rec = state.load_record(rec.id) or rec
+    if state.status(rec) != "running":
+        release_network(rec)  # a lease left by a monitor that died (idempotent)
     try:
         state.remove(rec)
     except state.StateError as e:

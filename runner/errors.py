@@ -17,4 +17,4 @@ class RunnerError(PyoverlayError):
 
 
 class SpecError(RunnerError):
-    """A user error in the run options (one line)."""
+    """A user error in the run options (one line; runner/spec.py and runner/net/ports.py)."""

@@ -45,6 +45,8 @@ from . import attach, container, state, userns
 from .cgroups import Cgroup, CgroupError, create_rootless
 from .errors import RunnerError
 from .init import exit_code
+from .net import bridge as netbridge
+from .net import proxy as netproxy
 from .net import slirp
 from .plan import RunPlan, UsernsPlan, device_rules_needed, generate_name, with_storage_maps
 from .plan import build as build_plan
@@ -112,6 +114,7 @@ class Monitor:
         self.net_fd: int | None = None  # rootless network: the namespace PID 1 joins
         self.server: int | None = None  # the FUSE server of the container's root (our child)
         self.server_pidfd: int | None = None  # watched while the container runs
+        self.net_attachment: netbridge.Attachment | None = None  # --network bridge
 
     @property
     def record(self) -> state.Record:
@@ -157,6 +160,8 @@ class Monitor:
 
     def _execute(self, plan: RunPlan, undo: contextlib.ExitStack):
         paths = plan.paths
+        for warning in plan.warnings:
+            print(warning, file=sys.stderr)
         with step("clearing inherited capabilities"):
             # inheritable/ambient capabilities handed down by our caller must not reach the
             # container (root's execve adds the inheritable set to the permitted one)
@@ -252,8 +257,41 @@ class Monitor:
             undo.callback(cg.remove)
             self.record.cgroup = cg.to_dict()
 
+        net_fd = self._network(undo, plan)
+
         with step("starting the container"):
-            return self._spawn(undo, plan, cg)
+            return self._spawn(undo, plan, cg, net_fd)
+
+    def _network(self, undo: contextlib.ExitStack, plan: RunPlan) -> int | None:
+        """``--network bridge``: the container's network namespace, configured and on the
+        bridge (runner/net/bridge.py), /etc/hosts with its address, and the proxy of its
+        published ports (runner/net/proxy.py). Returns the namespace's fd for PID 1."""
+        cfg = plan.bridge
+        if cfg is None:
+            return None
+        me = os.getpid()
+        with step(f"connecting the container to bridge {cfg.name}"):
+            att = netbridge.attach(cfg, plan.cid, me, L.process_start_time(me) or 0)
+        undo.callback(netbridge.detach, cfg.name, cfg.subnet, plan.cid)
+        undo.callback(att.close_ns)
+        self.net_attachment = att
+        net = att.to_dict()
+        hosts = plan.hosts_file
+        if hosts is not None:
+            with step("writing /etc/hosts"), open(hosts.source, "w") as out:
+                out.write(plan.hosts_text(att.address))
+        if self.spec.publish:
+            with step("publishing ports"):
+                published = netproxy.bind(self.spec.publish)
+                try:
+                    proxy = netproxy.start(published, att.address)
+                finally:
+                    netproxy.close(published)
+            undo.callback(netproxy.stop, proxy)
+            net["ports"] = [p.mapping.to_dict() for p in published]
+            net["proxy_pid"], net["proxy_start"] = proxy, L.process_start_time(proxy)
+        self.record.net = net
+        return att.ns_fd
 
     def _cgroup(self, plan: RunPlan):
         limits = self.spec.limits
@@ -270,7 +308,7 @@ class Monitor:
                 raise RunError(device_rules_needed(e)) from None
             raise
 
-    def _spawn(self, undo: contextlib.ExitStack, plan: RunPlan, cg):
+    def _spawn(self, undo: contextlib.ExitStack, plan: RunPlan, cg, net_fd: int | None = None):
         spec = self.spec
         go_r, go_w = os.pipe()
         err_r, err_w = os.pipe()
@@ -289,7 +327,7 @@ class Monitor:
             err_fd=err_w,
             tty_sock=tty_child.fileno() if tty_child else None,
             winsize=container.winsize_of(0) if spec.tty else None,
-            net_fd=self.net_fd,
+            net_fd=net_fd if net_fd is not None else self.net_fd,  # bridge, or rootless
         )
 
         def fork_pid1() -> int:
@@ -323,6 +361,8 @@ class Monitor:
         os.close(go_r)
         os.close(err_w)
         self._close_net_fd()  # PID 1 has it
+        if self.net_attachment is not None:  # PID 1 holds the namespace now (it dies with PID 1)
+            self.net_attachment.close_ns()
         if tty_child:
             tty_child.close()
         if stdio is not None:

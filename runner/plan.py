@@ -18,6 +18,7 @@ step and, for a mount, the path inside the container.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import secrets
 import socket
@@ -31,6 +32,8 @@ from . import _linux as L
 from . import initlayer, seccomp, state, userns
 from .cgroups import Cgroup, CgroupError, CgroupPlan, check_rootless, default_cgroupns
 from .errors import RunnerError
+from .net import bridge as netbridge
+from .net import files as netfiles
 from .net import slirp
 from .spec import RunSpec, new_id, resolve_user
 
@@ -110,6 +113,22 @@ class RunPlan:
     seccomp: seccomp.Filter | None = None  # the compiled program PID 1 loads (None: unconfined)
     rootless_net: slirp.SlirpPlan | None = None  # rootless bridge: slirp4netns (runner/net/slirp.py)
     cgroupns: str = "host"  # "private": PID 1 unshares its cgroup namespace (docs/runner.md)
+    bridge: netbridge.BridgeConfig | None = None  # --network bridge: the bridge to attach to
+    warnings: tuple[str, ...] = ()  # said on stderr before the container starts
+
+    @property
+    def hosts_file(self) -> EtcFile | None:
+        return next((f for f in self.etc_files if f.target == "/etc/hosts"), None)
+
+    def hosts_text(self, address: str) -> str:
+        """/etc/hosts once the bridge has given the container *address*."""
+        return netfiles.hosts_text(
+            self.hostname,
+            self.spec.network,
+            self.spec.add_hosts,
+            address=address,
+            gateway=self.bridge.gateway if self.bridge else None,
+        )
 
     def record(self) -> state.Record:
         """The container's record as first saved (status "created")."""
@@ -160,10 +179,7 @@ def build(spec: RunSpec, *, detach: bool = False, cid: str | None = None, rootle
         if not os.path.isdir(layer):
             raise PlanError(f"lower layer {layer!r} is not a directory")
 
-    if spec.network == "bridge" and not rootless:  # issue 20, being built
-        raise PlanError("bridge networking is not implemented yet (use --network none or host)")
-    if slirp.is_slirp_network(spec.network) and not rootless:
-        raise PlanError("--network slirp4netns is for rootless runs (use bridge, none or host)")
+    bridge, warnings = _network(spec, rootless)
     name = spec.name
     if name and state.name_taken(name) not in (None, cid):  # a created container starting keeps its name
         raise PlanError(f"the container name {name!r} is already in use")
@@ -190,9 +206,12 @@ def build(spec: RunSpec, *, detach: bool = False, cid: str | None = None, rootle
     ]  # /dev is a tmpfs
     upper_now = paths.upper if paths.upper_given and os.path.isdir(paths.upper) else None
     init = initlayer.plan(spec.layers, upper_now, rootless, needed)
-    texts = _etc_texts(hostname, spec.network)
-    if net is not None:
-        texts = slirp.etc_texts(texts, spec.dns, spec.add_hosts)
+    if net is not None:  # slirp4netns: its DNS forwarder, host-gateway is 10.0.2.2
+        texts = slirp.etc_texts(
+            _etc_texts(hostname, dataclasses.replace(spec, add_hosts=()), None), spec.dns, spec.add_hosts
+        )
+    else:
+        texts = _etc_texts(hostname, spec, bridge)
     etc = tuple(
         EtcFile("/" + rel, os.path.join(paths.data, os.path.basename(rel)), text)
         for rel, text in texts.items()
@@ -233,6 +252,8 @@ def build(spec: RunSpec, *, detach: bool = False, cid: str | None = None, rootle
         seccomp=filt,
         rootless_net=net,
         cgroupns=spec.cgroupns or default_cgroupns(),
+        bridge=bridge,
+        warnings=warnings,
     )
 
 
@@ -241,9 +262,26 @@ def _rootless_net(spec: RunSpec, data: str) -> slirp.SlirpPlan | None:
     slirp4netns; none and host need nothing (and publish nothing)."""
     if spec.network == "bridge" or slirp.is_slirp_network(spec.network):
         return slirp.plan(spec.network, spec.publish, data)
-    if spec.publish:
-        raise PlanError(f"-p needs a network of the container's own (not --network {spec.network})")
     return None
+
+
+def _network(spec: RunSpec, rootless: bool) -> tuple[netbridge.BridgeConfig | None, tuple[str, ...]]:
+    """The bridge to attach to (root's ``--network bridge``), and docker's warnings.
+    An ordinary user's bridge is slirp4netns (:func:`_rootless_net`)."""
+    if spec.network == "none" and spec.publish:
+        # docker: "conflicting options: port publishing and the container type network mode"
+        raise PlanError("conflicting options: port publishing (-p) and --network none")
+    if spec.network == "host":
+        warn = ("WARNING: Published ports are discarded when using host network mode",) if spec.publish else ()
+        return None, warn
+    if slirp.is_slirp_network(spec.network) and not rootless:
+        raise PlanError("--network slirp4netns is for rootless runs (use bridge, none or host)")
+    if spec.network != "bridge" or rootless:
+        return None, ()
+    try:
+        return netbridge.config(), ()
+    except netbridge.NetError as e:
+        raise PlanError(str(e)) from None
 
 
 def with_storage_maps(cfg: MountConfig, users: UsernsPlan) -> MountConfig:
@@ -390,14 +428,30 @@ def _volumes(spec: RunSpec) -> tuple[VolumeMount, ...]:
     return tuple(sorted(out, key=lambda v: v.target.count("/")))
 
 
-def _etc_texts(hostname: str, network: str) -> dict[str, str]:
-    files = {"etc/hostname": f"{hostname}\n"}
-    if network == "host":
-        files["etc/hosts"] = _host_file("/etc/hosts")
-    else:
-        files["etc/hosts"] = f"127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.0.1\t{hostname}\n"
-    files["etc/resolv.conf"] = _host_file("/etc/resolv.conf")
-    return files
+def _etc_texts(hostname: str, spec: RunSpec, bridge: netbridge.BridgeConfig | None) -> dict[str, str]:
+    """/etc/hostname, /etc/hosts (on a bridge without the container's own address yet:
+    the monitor writes it again once it has one) and /etc/resolv.conf
+    (runner/net/files.py)."""
+    # host-gateway: the bridge's address (the default bridge's with another network)
+    gateway = bridge.gateway if bridge else _default_gateway()
+    return {
+        "etc/hostname": f"{hostname}\n",
+        "etc/hosts": netfiles.hosts_text(
+            hostname,
+            spec.network,
+            spec.add_hosts,
+            gateway=gateway,
+            host_text=_host_file("/etc/hosts") if spec.network == "host" else "",
+        ),
+        "etc/resolv.conf": netfiles.resolv_text(_host_file("/etc/resolv.conf"), spec.network, spec.dns),
+    }
+
+
+def _default_gateway() -> str:
+    try:
+        return netbridge.config().gateway
+    except netbridge.NetError:
+        return netbridge.BridgeConfig(netbridge.DEFAULT_BRIDGE, netbridge.DEFAULT_SUBNET).gateway
 
 
 def _host_file(path: str) -> str:

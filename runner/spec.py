@@ -242,10 +242,14 @@ def parse_slirp_options(network: str) -> dict[str, bool]:
     return out
 
 
+#: ``--network``'s default when none is given (tests set ``none``)
+NETWORK_ENV = "PYOVERLAY_NETWORK"
+
+
 def default_network() -> str:
-    """``--network``'s default: bridge for an ordinary user (slirp4netns, as rootless podman),
-    none for root until the root bridge lands (issue 20)."""
-    return "bridge" if os.geteuid() != 0 else "none"
+    """``--network``'s default: ``$PYOVERLAY_NETWORK``, else docker's ``bridge`` (as root
+    the pyoverlay0 bridge, for an ordinary user slirp4netns, as rootless podman)."""
+    return os.environ.get(NETWORK_ENV) or "bridge"
 
 
 def parse_cgroupns(mode: str) -> str:

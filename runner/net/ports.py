@@ -2,7 +2,7 @@
 
 Pure parsing, no side effects: ``-p [IP:][HOST:]CTR[/tcp|udp]`` (ranges ``A-B`` on both
 sides, of the same length), ``--dns IP``, ``--add-host NAME:IP``. Every error is a
-:class:`runner.spec.SpecError` one-liner (exit status 125).
+:class:`runner.errors.SpecError` one-liner (exit status 125).
 """
 
 from __future__ import annotations

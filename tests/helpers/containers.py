@@ -82,6 +82,10 @@ class Runtime:
         self.env["PYOVERLAY_DATA_DIR"] = str(self.data)
         # a variable that must NOT leak into containers
         self.env["PYOVERLAY_TEST_HOST_ONLY"] = "leaked"
+        # --network's default: none, not root's bridge, which would make the bridge, its
+        # nftables table and ip_forward on the host; the network tests run their runtime
+        # in a private network namespace (helpers/netns.py) with the real default
+        self.env["PYOVERLAY_NETWORK"] = "none"
 
     @property
     def env_marker(self) -> bytes:

@@ -289,7 +289,7 @@ def test_missing_layer_is_125_and_leaves_nothing(rt, img, tmp_path, layers):
     "opts",
     [
         ["--bogus-option"],
-        ["--net", "bridge"],
+        ["--net", "nosuchnet"],
         ["-m", "lots"],
         ["--pids-limit", "x"],
         ["--cpus", "many"],

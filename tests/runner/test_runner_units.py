@@ -67,8 +67,8 @@ def test_names_and_network_and_workdir():
         with pytest.raises(SpecError):
             spec.check_name(bad)
     assert spec.parse_network("host") == "host"
-    assert spec.parse_network("bridge") == "bridge"
-    for bad in ("macvlan", "slirp4netns:mtu=9"):
+    assert spec.parse_network("bridge") == spec.parse_network("default") == "bridge"
+    for bad in ("macvlan", "slirp4netns:mtu=9", "nosuchnet"):
         with pytest.raises(SpecError):
             spec.parse_network(bad)
     assert spec.check_workdir("/a/./b/") == "/a/b"
