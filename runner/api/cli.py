@@ -58,7 +58,7 @@ def default_socket() -> str:
 
 
 def build_router():
-    from . import containers, ctl, images, system
+    from . import containers, ctl, images, networks, system
     from . import exec as exec_
     from .server import Router
 
@@ -67,6 +67,7 @@ def build_router():
     router.include(containers.router)  # create, start, attach, wait, logs, restart
     router.include(exec_.router)
     router.include(ctl.router)  # ps, inspect, stop, rm, diff, commit, cp, export, events
+    router.include(networks.router)  # network ls / inspect (create, rm...: system's 501)
     router.include(system.router)  # last: its catch-alls answer what no module serves
     return router
 

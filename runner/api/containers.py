@@ -39,6 +39,7 @@ from ..spec import (
     Volume,
     check_name,
     check_workdir,
+    default_network,
     new_id,
     parse_caps,
     parse_volume,
@@ -162,7 +163,9 @@ def _unsupported(host: dict, config: dict) -> str | None:
 
 def _network(mode: str | None) -> str:
     mode = mode or "default"
-    if mode in ("default", "bridge"):
+    if mode == "default":  # docker's bridge, unless $PYOVERLAY_NETWORK says otherwise
+        return default_network()
+    if mode == "bridge":
         return "bridge"
     if mode in ("none", "host"):
         return mode

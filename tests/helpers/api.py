@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from helpers import mounts
-from helpers.containers import Runtime, pyoverlay_cmd
+from helpers.containers import Runtime
 
 #: Debian's docker.io CLI (20.10, API 1.41), the one the issue names; another docker on
 #: PATH (a newer one in /usr/local/bin) is not used
@@ -48,7 +48,7 @@ class Service:
         e.update(env or {})
         self._logf = open(self.log, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            [*pyoverlay_cmd(), "serve", "-H", self.host, *extra_args],
+            rt.argv("serve", "-H", self.host, *extra_args),  # a NetnsRuntime's: in its namespace
             env=e,
             cwd=mounts.REPO_ROOT,
             stdin=subprocess.DEVNULL,

@@ -14,6 +14,7 @@ of the NAT test).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -84,6 +85,29 @@ def link(a: NetNS, b: NetNS, addr_a: str, addr_b: str, name: str = "vout") -> No
     a.run("ip", "link", "add", name, "type", "veth", "peer", "name", f"{name}-p", "netns", b.path)
     a.sh(f"ip addr add {addr_a}/24 dev {name} && ip link set {name} up")
     b.sh(f"ip addr add {addr_b}/24 dev {name}-p && ip link set {name}-p up")
+
+
+def leases(rt: NetnsRuntime, bridge_name: str = "pyoverlay0") -> dict:
+    """The bridge's allocator leases in *rt*'s namespace (runner/net/bridge.py)."""
+    from runner.net import bridge
+
+    try:
+        with open(bridge.leases_path(bridge_name, os.stat(rt.ns.path).st_ino)) as f:
+            return json.load(f)["leases"]
+    except FileNotFoundError:
+        return {}
+
+
+def assert_nothing_left(rt: NetnsRuntime) -> None:
+    """No link but lo, no address, no nft table or iptables chain of pyoverlay's and no
+    lease in *rt*'s namespace."""
+    ns = rt.ns
+    assert ns.links() == ["lo"], f"links left in the namespace: {ns.links()}"
+    assert ns.addresses() == ["127.0.0.1/8"], ns.addresses()
+    assert "pyoverlay" not in ns.nft_tables(), ns.nft_tables()
+    rules = ns.run("iptables-save").stdout
+    assert "PYOVERLAY" not in rules, rules
+    assert not leases(rt), leases(rt)
 
 
 class NetnsRuntime(Runtime):

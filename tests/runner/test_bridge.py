@@ -21,7 +21,6 @@ import pytest
 
 from helpers import containers, netns
 from helpers.containers import describe
-from runner.net import bridge
 
 pytestmark = [pytest.mark.fuse, pytest.mark.needs_root]
 
@@ -53,22 +52,8 @@ def www(tmp_path):
     return d
 
 
-def assert_nothing_left(rt) -> None:
-    ns = rt.ns
-    assert ns.links() == ["lo"], f"links left in the namespace: {ns.links()}"
-    assert ns.addresses() == ["127.0.0.1/8"], ns.addresses()
-    assert "pyoverlay" not in ns.nft_tables(), ns.nft_tables()
-    rules = ns.run("iptables-save").stdout
-    assert "PYOVERLAY" not in rules, rules
-    assert not leases(rt), leases(rt)
-
-
-def leases(rt) -> dict:
-    try:
-        with open(bridge.leases_path("pyoverlay0", os.stat(rt.ns.path).st_ino)) as f:
-            return json.load(f)["leases"]
-    except FileNotFoundError:
-        return {}
+assert_nothing_left = netns.assert_nothing_left
+leases = netns.leases
 
 
 def veths(rt) -> list[str]:

@@ -1,0 +1,147 @@
+"""Networks through ``pyoverlay serve``: ``docker run -p`` on the bridge, ``docker port``,
+``ps``'s ports, inspect's NetworkSettings, ``docker network ls/inspect``, ``--dns`` and
+``--add-host`` (the docker CLI and docker-py). The service runs in a private network
+namespace (tests/helpers/netns.py), so the bridge, its firewall table and ip_forward are
+that namespace's own; test traffic goes to its loopback only."""
+
+from __future__ import annotations
+
+import json
+import socket
+
+import pytest
+
+from helpers import api, containers, netns
+from helpers.apipty import wait_for
+
+PAGE = "served through pyoverlay serve\n"
+
+
+@pytest.fixture
+def ns():
+    n = netns.NetNS()
+    try:
+        yield n
+    finally:
+        n.close()
+
+
+@pytest.fixture
+def nrt(tmp_path, ns):
+    return netns.NetnsRuntime(tmp_path / "rt", ns)
+
+
+@pytest.fixture
+def nsvc(nrt, tmp_path):
+    why = api.docker_missing()
+    if why:
+        pytest.fail(why)
+    with containers.leftover_check(nrt):
+        svc = api.Service(nrt, tmp_path / "svc" / "docker.sock")
+        try:
+            yield svc
+        finally:
+            svc.stop()
+    netns.assert_nothing_left(nrt)
+
+
+@pytest.fixture
+def nimage(nrt, images) -> str:
+    api.store_image(nrt, images.bare.layers[0], "busybox:latest")
+    return "busybox:latest"
+
+
+@pytest.fixture
+def www(tmp_path):
+    d = tmp_path / "www"
+    d.mkdir()
+    (d / "index.html").write_text(PAGE)
+    return d
+
+
+def fetch(ns: netns.NetNS, port: int, check: bool = True):
+    return ns.run("curl", "-sS", "--max-time", "10", f"http://127.0.0.1:{port}/", check=check)
+
+
+def free_port(ns: netns.NetNS) -> int:
+    """A port free in the namespace (nothing listens there but what the test starts)."""
+    with socket.socket() as s:  # any number is free in a fresh namespace; one the host has free
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_docker_run_publishes_a_port_on_the_bridge(nsvc, nimage, ns, www):
+    port = free_port(ns)
+    nsvc.docker_ok(
+        "run", "-d", "--name", "web", "-p", f"127.0.0.1:{port}:80", "-v", f"{www}:/www:ro",
+        nimage, "httpd", "-f", "-p", "80", "-h", "/www",
+    )  # fmt: skip
+    wait_for(lambda: fetch(ns, port, check=False).returncode == 0, what="httpd answering")
+    assert fetch(ns, port).stdout == PAGE
+
+    ps = nsvc.docker_ok("ps", "--format", "{{.Names}} {{.Ports}}").stdout
+    assert f"web 127.0.0.1:{port}->80/tcp" in ps, ps
+    assert nsvc.docker_ok("port", "web").stdout.strip() == f"80/tcp -> 127.0.0.1:{port}"
+    info = json.loads(nsvc.docker_ok("inspect", "web").stdout)[0]
+    ip = info["NetworkSettings"]["IPAddress"]
+    assert ip.startswith("10.203."), info["NetworkSettings"]
+    assert info["NetworkSettings"]["Networks"]["bridge"]["IPAddress"] == ip
+    assert info["NetworkSettings"]["Ports"] == {"80/tcp": [{"HostIp": "127.0.0.1", "HostPort": str(port)}]}
+    # the container's own address, on the namespace's bridge
+    assert ns.run("curl", "-sS", "--max-time", "10", f"http://{ip}/").stdout == PAGE
+
+    names = nsvc.docker_ok("network", "ls", "--format", "{{.Name}} {{.Driver}}").stdout.split("\n")
+    assert {"bridge bridge", "host host", "none null"} <= set(names), names
+    net = json.loads(nsvc.docker_ok("network", "inspect", "bridge").stdout)[0]
+    assert net["IPAM"]["Config"] == [{"Subnet": "10.203.0.0/16", "Gateway": "10.203.0.1"}]
+    assert [c["IPv4Address"] for c in net["Containers"].values()] == [f"{ip}/16"]
+    r = nsvc.docker("network", "create", "mine")
+    assert r.returncode != 0 and "not implement" in r.stderr, r.stderr
+
+    nsvc.docker_ok("stop", "-t", "1", "web")
+    assert fetch(ns, port, check=False).returncode != 0, "the published port is still open after stop"
+    assert nsvc.docker_ok("port", "web").stdout.strip() == ""
+    nsvc.docker_ok("rm", "web")
+
+
+def test_free_host_port_and_network_modes(nsvc, nimage, ns, www):
+    nsvc.docker_ok(
+        "run", "-d", "--name", "any", "-p", "80", "-v", f"{www}:/www:ro", nimage, "httpd", "-f", "-h", "/www"
+    )
+    mapped = nsvc.docker_ok("port", "any", "80").stdout.strip()
+    assert mapped.startswith("0.0.0.0:"), mapped
+    port = int(mapped.rsplit(":", 1)[1])
+    wait_for(lambda: fetch(ns, port, check=False).returncode == 0, what="httpd answering")
+    nsvc.docker_ok("rm", "-f", "any")
+
+    out = nsvc.docker_ok("run", "--rm", "--network", "none", nimage, "ip", "-o", "link").stdout
+    assert "eth0" not in out and "lo" in out, out
+    # dockerd's 404 (the docker CLI takes any 404 of create for a missing image and tries
+    # a pull, as with dockerd; docker-py shows the message)
+    import docker
+
+    client = nsvc.client()
+    try:
+        with pytest.raises(docker.errors.NotFound, match="network nosuch not found"):
+            client.containers.create(nimage, "true", network="nosuch")
+    finally:
+        client.close()
+    r = nsvc.docker("run", "--rm", "--network", "none", "-p", "80", nimage, "true")
+    assert r.returncode == 125 and "port publishing" in r.stderr, r.stderr
+
+
+def test_docker_py_dns_and_extra_hosts(nsvc, nimage):
+    client = nsvc.client()
+    try:
+        out = client.containers.run(
+            nimage,
+            ["sh", "-c", "cat /etc/resolv.conf /etc/hosts; ip -4 -o addr show eth0"],
+            dns=["192.0.2.53"],
+            extra_hosts={"db": "192.0.2.7"},
+            remove=True,
+        ).decode()
+    finally:
+        client.close()
+    assert "nameserver 192.0.2.53" in out, out
+    assert "192.0.2.7\tdb" in out, out
+    assert "inet 10.203." in out, out
