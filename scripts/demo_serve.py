@@ -96,7 +96,7 @@ def serve(d, work: Path) -> None:
     d.heading("Running httpd on the bridge, its port 80 published on the host's 127.0.0.1")
     r = d.show_cmd(
         work,
-        "run", "-d", "--name", NAME, "-p", f"127.0.0.1:{port}:80",
+        "run", "-d", "--name", NAME, "-p", f"127.0.0.1:{port}:80", "--cgroupns", "private",
         "web:app:base", "httpd", "-f", "-v", "-p", "80", "-h", "/www",
     )  # fmt: skip
     if r.returncode != 0:
@@ -106,7 +106,8 @@ def serve(d, work: Path) -> None:
     if f"127.0.0.1:{port}->80/tcp" not in r.stdout:
         d.failed(f"ps does not show the published port 127.0.0.1:{port}->80/tcp")
     d.say()
-    d.say("  Inside: its own eth0 on the bridge, docker's seccomp filter (mode 2), its own cgroup namespace.")
+    d.say("  Inside: its own eth0 on the bridge, docker's seccomp filter (mode 2), and with")
+    d.say("  --cgroupns private its own cgroup namespace (its cgroups are / to it).")
     r = d.show_cmd(
         work,
         "exec",
@@ -119,6 +120,8 @@ def serve(d, work: Path) -> None:
         d.failed("exec: the container has no IPv4 address on eth0")
     if not re.search(r"^Seccomp:\s+2$", r.stdout, re.M):
         d.failed("exec: the container is not under a seccomp filter")
+    if not re.search(r"^\d+:[^:]*:/$", r.stdout, re.M):
+        d.failed("exec: the container's cgroups are not / in its cgroup namespace")
 
     d.say()
     d.say("  Follow its copy-ups live while the host visits it:")
@@ -144,7 +147,7 @@ def serve(d, work: Path) -> None:
             if not r.stdout.startswith(f"visit number {n}, served by {cid[:12]}"):
                 d.failed(f"visit {n}: unexpected answer {r.stdout.strip()!r}")
             if n == 1:
-                got = live.wait_for(re.compile(rf"\[{cid[:12]}:\d+\]\s+copy-up\s+/www/visits(\s|$)"), seen)
+                got = live.wait_for(re.compile(rf"\[{cid[:12]}:\d+\]\s+copy_up_done\s+/www/visits\s"), seen)
                 if got is None:
                     d.failed("the live trace did not show the copy-up of /www/visits")
         d.say("  (the second visit copied nothing: the counter is in the upper layer already)")
@@ -153,7 +156,8 @@ def serve(d, work: Path) -> None:
         if "C /www/visits" not in r.stdout.splitlines():
             d.failed("diff does not list C /www/visits")
         d.say()
-        d.say("  httpd's own log (-v), through pyoverlay logs: the visits came from the bridge's address.")
+        d.say("  httpd's own log (-v), through pyoverlay logs: visits come from the bridge's address,")
+        d.say("  where the port's proxy connects from.")
         d.show_cmd(work, "logs", NAME)
 
         d.heading("Stopping it: the published port closes")

@@ -29,7 +29,7 @@ def test_demo_serves_a_published_port_while_traced(tmp_path):
     assert "<h1>hello from a pyoverlay container</h1>" in out, out
     assert "visit number 1, served by" in out and "visit number 2, served by" in out, out
     live = [line for line in out.splitlines() if line.startswith("  [live trace] ")]
-    assert any("copy-up" in line and "/www/visits" in line for line in live), out
+    assert any("copy_up_done" in line and "/www/visits" in line for line in live), out
     assert "C /www/visits" in out, out
     assert "nothing listens on 127.0.0.1:" in out, out
     assert "nothing mounted; removed" in out, out
