@@ -481,7 +481,7 @@ def describe_caps(mask: int) -> str:
 def first_run(work: Path, cids: list[str]) -> bool:
     """Run the demo script in a container; True if it succeeded.  Its id (read from its
     cgroup) goes to *cids*."""
-    args = ["run", "--rm", "--upper", "upper", "--hostname", "demo", "app:base", "sh", "-c"]
+    args = ["run", "--rm", "--upper", "upper", "--hostname", "demo", "--network", "none", "app:base", "sh", "-c"]
     heading(f"Running a container: pyoverlay {shlex.join(args)} SCRIPT")
     say("  SCRIPT:")
     indent(CONTAINER_SCRIPT, "    > ")
