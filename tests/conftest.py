@@ -133,3 +133,33 @@ def lab(tmp_path_factory) -> Lab:
         d = lab.base / "stacks" / name
         if d.exists() and not mounts.mounts_under(d):
             subprocess.run(["rm", "-rf", "--one-file-system", str(d)])
+
+
+@pytest.fixture
+def user():
+    """The ordinary user ``pyoverlay-test`` with a fresh directory of its own
+    (tests/helpers/rootless.py); the test fails if it leaves one of the user's mounts or
+    processes behind (they are removed either way)."""
+    from helpers import rootless
+
+    reason = rootless.skip_reason()
+    if reason:
+        pytest.skip(reason)
+    u = rootless.User()
+    yield u
+    left = u.cleanup()
+    if left:
+        pytest.fail(f"the test left behind: {', '.join(left)}")
+
+
+@pytest.fixture
+def ns():
+    """A private network namespace with only ``lo`` (tests/helpers/netns.py): what a test
+    does to bridges, firewall tables and ip_forward there leaves the machine untouched."""
+    from helpers import netns
+
+    n = netns.NetNS()
+    try:
+        yield n
+    finally:
+        n.close()

@@ -18,15 +18,6 @@ PAGE = "served through pyoverlay serve\n"
 
 
 @pytest.fixture
-def ns():
-    n = netns.NetNS()
-    try:
-        yield n
-    finally:
-        n.close()
-
-
-@pytest.fixture
 def nrt(tmp_path, ns):
     return netns.NetnsRuntime(tmp_path / "rt", ns)
 
@@ -53,10 +44,7 @@ def nimage(nrt, images) -> str:
 
 @pytest.fixture
 def www(tmp_path):
-    d = tmp_path / "www"
-    d.mkdir()
-    (d / "index.html").write_text(PAGE)
-    return d
+    return netns.web_root(tmp_path / "www", PAGE)
 
 
 def fetch(ns: netns.NetNS, port: int, check: bool = True):

@@ -327,19 +327,6 @@ def test_tls_with_client_certificates_in_a_private_netns(rt, tmp_path):
 # --- users ---------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def user():
-    why = rootless.skip_reason()
-    if why:
-        pytest.skip(why)
-    u = rootless.User()
-    try:
-        yield u
-    finally:
-        left = u.cleanup()
-        assert not left, f"the test left things behind: {left}"
-
-
 def test_another_user_cannot_use_roots_socket(rt, user):
     """The socket is 0660 root:root (no group pyoverlay here): EACCES for anyone else, even
     in a directory everyone may enter."""

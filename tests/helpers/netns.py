@@ -87,6 +87,13 @@ def link(a: NetNS, b: NetNS, addr_a: str, addr_b: str, name: str = "vout") -> No
     b.sh(f"ip addr add {addr_b}/24 dev {name}-p && ip link set {name}-p up")
 
 
+def web_root(d: Path, page: str) -> Path:
+    """A directory for busybox ``httpd -h``: *page* as its index.html."""
+    d.mkdir()
+    (d / "index.html").write_text(page)
+    return d
+
+
 def leases(rt: NetnsRuntime, bridge_name: str = "pyoverlay0") -> dict:
     """The bridge's allocator leases in *rt*'s namespace (runner/net/bridge.py)."""
     from runner.net import bridge

@@ -33,13 +33,9 @@ def make_podman(tmp_path):
 
 
 @pytest.fixture
-def podman_user():
-    """The rootless test user (tests/rootless/conftest.py's ``user``), for podman."""
+def podman_user(request):
+    """The rootless test user (tests/conftest.py's ``user``), for podman."""
     reason = podman.skip_reason(rootless=True)
     if reason:
         pytest.skip(reason)
-    u = rootless.User()
-    yield u
-    left = u.cleanup()
-    if left:
-        pytest.fail(f"the test left behind: {', '.join(left)}")
+    yield request.getfixturevalue("user")

@@ -28,15 +28,6 @@ PAGE = "served from the container\n"
 
 
 @pytest.fixture
-def ns():
-    n = netns.NetNS()
-    try:
-        yield n
-    finally:
-        n.close()
-
-
-@pytest.fixture
 def brt(tmp_path, ns):
     rt = netns.NetnsRuntime(tmp_path / "rt", ns)
     with containers.leftover_check(rt):
@@ -46,10 +37,7 @@ def brt(tmp_path, ns):
 
 @pytest.fixture
 def www(tmp_path):
-    d = tmp_path / "www"
-    d.mkdir()
-    (d / "index.html").write_text(PAGE)
-    return d
+    return netns.web_root(tmp_path / "www", PAGE)
 
 
 assert_nothing_left = netns.assert_nothing_left

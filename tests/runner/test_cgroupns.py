@@ -260,18 +260,6 @@ def test_bad_value_is_one_line_and_125(rt, img, value):
 # --- rootless -------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def user():
-    reason = rootless.skip_reason()
-    if reason:
-        pytest.skip(reason)
-    u = rootless.User()
-    yield u
-    left = u.cleanup()
-    if left:
-        pytest.fail(f"the test left behind: {', '.join(left)}")
-
-
 @pytest.mark.parametrize(
     "opts", [(), ("--cgroupns", "private"), ("--cgroupns", "host")], ids=["default", "private", "host"]
 )

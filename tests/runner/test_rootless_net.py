@@ -24,7 +24,6 @@ from pathlib import Path
 
 import pytest
 
-from helpers import rootless
 from helpers.rootless import VENV_BIN, busybox_image
 from runner.net import slirp
 from runner.net.ports import parse_publishes
@@ -37,18 +36,10 @@ pytestmark = pytest.mark.slow
 TOKEN = "served-from-the-container-7f3a"
 
 
-@pytest.fixture
-def user():
-    reason = rootless.skip_reason()
-    if reason:
-        pytest.skip(reason)
+@pytest.fixture(autouse=True)
+def _slirp4netns():
     if slirp.shutil.which(slirp.BINARY) is None:
-        pytest.skip("needs slirp4netns (scripts/setup installs it)")
-    u = rootless.User()
-    yield u
-    left = u.cleanup()
-    if left:
-        pytest.fail(f"the test left behind: {', '.join(left)}")
+        pytest.fail("slirp4netns is missing (scripts/setup installs it)")
 
 
 @pytest.fixture
