@@ -23,6 +23,7 @@ class Mount:
     fstype: str
     source: str
     super_options: str
+    root: str = "/"  # the mount's root within its filesystem (a bind's subtree)
 
 
 def parse(text: str) -> list[Mount]:
@@ -39,7 +40,9 @@ def parse(text: str) -> list[Mount]:
             continue
         source = unescape(parts[sep + 2]) if len(parts) > sep + 2 else ""
         super_options = parts[sep + 3] if len(parts) > sep + 3 else ""
-        out.append(Mount(parts[2], unescape(parts[4]), parts[5], parts[sep + 1], source, super_options))
+        out.append(
+            Mount(parts[2], unescape(parts[4]), parts[5], parts[sep + 1], source, super_options, unescape(parts[3]))
+        )
     return out
 
 

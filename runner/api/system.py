@@ -265,7 +265,7 @@ def images_version() -> str:
 
 #: dockerd's endpoint groups pyoverlay serve does not implement: path prefix -> what
 UNIMPLEMENTED = {
-    "/networks": "networks",
+    "/networks": "network changes (create, rm, connect, disconnect, prune)",  # ls, inspect: networks.py
     "/volumes": "volumes",
     "/build": "image builds (docker build)",
     "/swarm": "swarm mode",

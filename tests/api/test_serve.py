@@ -118,7 +118,7 @@ def test_ping_get_and_head_with_dockerds_headers(service):
 @pytest.mark.parametrize(
     ("args", "what"),
     [
-        (["network", "ls"], "networks"),
+        (["network", "create", "n1"], "network changes"),
         (["volume", "create", "v1"], "volumes"),
         (["search", "busybox"], "image search"),
         (["plugin", "ls"], "plugins"),
@@ -131,9 +131,9 @@ def test_unimplemented_endpoints_answer_501_clearly(service, args, what):
 
 
 def test_unimplemented_is_501_and_unknown_is_404(service):
-    status, _, body = _raw(service.sock, b"GET /v1.41/networks HTTP/1.1\r\nHost: d\r\nConnection: close\r\n\r\n")
+    status, _, body = _raw(service.sock, b"GET /v1.41/volumes HTTP/1.1\r\nHost: d\r\nConnection: close\r\n\r\n")
     assert status.startswith(b"HTTP/1.1 501")
-    assert json.loads(body)["message"].startswith("pyoverlay serve does not implement networks")
+    assert json.loads(body)["message"].startswith("pyoverlay serve does not implement volumes")
     status, _, body = _raw(service.sock, b"GET /v1.41/no/such/thing HTTP/1.1\r\nHost: d\r\nConnection: close\r\n\r\n")
     assert status.startswith(b"HTTP/1.1 404") and json.loads(body) == {"message": "page not found"}
 

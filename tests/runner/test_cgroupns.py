@@ -18,6 +18,7 @@ import pytest
 
 from helpers import containers, rootless
 from helpers.containers import describe
+from overlayfs_py import mountinfo
 from runner.cgroups import cgroup_version, default_cgroupns, detect
 
 pytestmark = pytest.mark.timeout(180)
@@ -41,10 +42,13 @@ def _lines(text: str) -> dict[str, str]:
     return dict(line.split(":", 2)[1:] for line in text.splitlines() if line.count(":") >= 2)
 
 
-def _cgroup_mounts(mountinfo: str) -> list[list[str]]:
-    """mountinfo lines (split) at or under /sys/fs/cgroup."""
-    rows = [line.split() for line in mountinfo.splitlines()]
-    return [r for r in rows if len(r) > 5 and (r[4] == "/sys/fs/cgroup" or r[4].startswith("/sys/fs/cgroup/"))]
+def _cgroup_mounts(text: str) -> list[mountinfo.Mount]:
+    """The mounts at or under /sys/fs/cgroup in a mountinfo *text*."""
+    return [
+        m
+        for m in mountinfo.parse(text)
+        if m.mountpoint == "/sys/fs/cgroup" or m.mountpoint.startswith("/sys/fs/cgroup/")
+    ]
 
 
 def _v1_names() -> list[str]:
@@ -143,19 +147,18 @@ def test_sys_fs_cgroup_is_runcs_v1_layout_read_only(rt, img, mode):
     _need_v1()
     r = rt.run("--rm", "--cgroupns", mode, img.spec, "sh", "-c", MOUNTS_AND_WRITES)
     assert r.returncode == 0, describe(r)
-    hostname, mountinfo, listing, _ = r.stdout.split("==\n")
-    rows = _cgroup_mounts(mountinfo)
+    hostname, info, listing, _ = r.stdout.split("==\n")
+    rows = _cgroup_mounts(info)
     top, subs = rows[0], rows[1:]
-    assert top[4] == "/sys/fs/cgroup" and top[top.index("-") + 1] == "tmpfs"
-    assert sorted(row[4].rsplit("/", 1)[1] for row in subs) == _v1_names()
+    assert top.mountpoint == "/sys/fs/cgroup" and top.fstype == "tmpfs"
+    assert sorted(row.mountpoint.rsplit("/", 1)[1] for row in subs) == _v1_names()
     assert listing.split() == _v1_names()
     for row in rows:
-        assert row[5].split(",")[0] == "ro", row
-        assert {"nosuid", "nodev", "noexec"} <= set(row[5].split(",")), row
+        assert row.options.split(",")[0] == "ro", row
+        assert {"nosuid", "nodev", "noexec"} <= set(row.options.split(",")), row
     for row in subs:
-        assert row[row.index("-") + 1] == "cgroup", row
-        root = row[3]
-        assert root == "/" if mode == "private" else root.startswith(f"/pyoverlay/{hostname.strip()}"), row
+        assert row.fstype == "cgroup", row
+        assert row.root == "/" if mode == "private" else row.root.startswith(f"/pyoverlay/{hostname.strip()}"), row
     errors = r.stderr.splitlines()
     assert len(errors) == 4 and all("Read-only file system" in e for e in errors), r.stderr
 
@@ -214,13 +217,13 @@ def test_v2_layout_on_the_hybrid_hosts_cgroup2_tree(rt, img, opts):
         pytest.skip("no cgroup2 mount here")
     r = rt.run("--rm", *opts, img.spec, "sh", "-c", V2_SCRIPT, env={"PYOVERLAY_CGROUP_LAYOUT": "v2"})
     assert r.returncode == 0, describe(r)
-    ns, cgroup, mountinfo, listing = r.stdout.split("==\n")
+    ns, cgroup, info, listing = r.stdout.split("==\n")
     private = not opts
     assert (ns.strip() != _host_cgroupns()) == private
     unified = _lines(cgroup)[""]
     assert unified == "/" if private else unified.startswith("/pyoverlay/"), cgroup
-    (row,) = _cgroup_mounts(mountinfo)
-    assert row[row.index("-") + 1] == "cgroup2" and row[3] == "/" and row[5].split(",")[0] == "ro", row
+    (row,) = _cgroup_mounts(info)
+    assert row.fstype == "cgroup2" and row.root == "/" and row.options.split(",")[0] == "ro", row
     assert "cgroup.procs" in listing.split()
     assert ("pyoverlay" in listing.split()) == (not private)  # host: the host's tree, its pyoverlay/ too
     errors = r.stderr.splitlines()
