@@ -795,18 +795,25 @@ class CopyUp:
         meta = self._meta_only(node, data) and stat.S_ISREG(st.st_mode)
         try:
             if self._index_missing(iname, st):
-                ev = self._traced_start(node, reason, st, meta)
-                ev["index"] = iname.decode()
-                try:
+                with self._traced_index_build(node, reason, st, meta, iname):
                     self._copy_to_index(node, sfd, st, layer, iname, meta)
-                except BaseException as exc:
-                    self._traced_end(ev, exc)
-                    raise
-                self._traced_end(ev, None)
             self._link_up(node, parent, name, iname, st, lowerdata)
         finally:
             os.close(sfd)
         return True
+
+    @contextlib.contextmanager
+    def _traced_index_build(self, node: Node, reason: str, st: os.stat_result, meta: bool, iname: bytes):
+        """The trace's start and end of building an index entry around the block (its
+        error, if it raises): shared by the inline and the threaded indexed copy-up."""
+        ev = self._traced_start(node, reason, st, meta)
+        ev["index"] = iname.decode()
+        try:
+            yield
+        except BaseException as exc:
+            self._traced_end(ev, exc)
+            raise
+        self._traced_end(ev, None)
 
     async def copy_up_indexed_async(
         self, node: Node, reason: str, data: bool = False, parent: Node | None = None, name: bytes | None = None
@@ -824,17 +831,11 @@ class CopyUp:
         meta = self._meta_only(node, data) and stat.S_ISREG(st.st_mode)
         try:
             if self._index_missing(iname, st):
-                ev = self._traced_start(node, reason, st, meta)
-                ev["index"] = iname.decode()
-                try:
+                with self._traced_index_build(node, reason, st, meta, iname):
                     if not meta and stat.S_ISREG(st.st_mode) and st.st_size > THREAD_THRESHOLD:
                         await self._copy_to_index_threaded(node, sfd, st, layer, iname)
                     else:
                         self._copy_to_index(node, sfd, st, layer, iname, meta)
-                except BaseException as exc:
-                    self._traced_end(ev, exc)
-                    raise
-                self._traced_end(ev, None)
             if own and node.parent is not None:  # where the node is now (a rename may have moved it)
                 parent, name = node.parent, node.name
             self._link_up(node, parent, name, iname, st, lowerdata)
