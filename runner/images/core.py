@@ -48,7 +48,8 @@ class Image:
         return self.id.removeprefix("sha256:")[:12]
 
     def run_config(self) -> dict:
-        """The parts of the image config ``run`` uses: Cmd, Entrypoint, Env, WorkingDir, User."""
+        """The parts of the image config ``run`` uses: Cmd, Entrypoint, Env, WorkingDir, User,
+        ExposedPorts (``-P``)."""
         c = self.config.get("config") or self.config.get("container_config") or {}
         return {
             "Cmd": c.get("Cmd") or [],
@@ -56,6 +57,7 @@ class Image:
             "Env": c.get("Env") or [],
             "WorkingDir": c.get("WorkingDir") or "",
             "User": c.get("User") or "",
+            "ExposedPorts": c.get("ExposedPorts") or {},
         }
 
 

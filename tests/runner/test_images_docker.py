@@ -129,6 +129,7 @@ def test_every_reference_form_resolves(ds, form):
         "Env": [dockerstore.PATH_ENV, "FOO=bar", "GREETING=hello"],
         "WorkingDir": "/data",
         "User": "app",
+        "ExposedPorts": {},
     }
 
 
