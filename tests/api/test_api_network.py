@@ -7,7 +7,9 @@ that namespace's own; test traffic goes to its loopback only."""
 from __future__ import annotations
 
 import json
+import os
 import socket
+import subprocess
 
 import pytest
 
@@ -133,3 +135,46 @@ def test_docker_py_dns_and_extra_hosts(nsvc, nimage):
     assert "nameserver 192.0.2.53" in out, out
     assert "192.0.2.7\tdb" in out, out
     assert "inet 10.203." in out, out
+
+
+def test_publish_all_maps_the_images_exposed_ports(nsvc, ns, images, tmp_path, www):
+    """-P: every port the image exposes (docker import --change "EXPOSE 80") on a free
+    host port, shown by docker port and answered there."""
+    tarball = api.busybox_tarball(images.bare.layers[0], tmp_path / "busybox.tar")
+    nsvc.docker_ok("import", "--change", "EXPOSE 80", "--change", 'CMD ["httpd", "-f", "-h", "/www"]', tarball, "web:1")
+    nsvc.docker_ok("run", "-d", "--name", "all", "-P", "-v", f"{www}:/www:ro", "web:1")
+    mapped = nsvc.docker_ok("port", "all").stdout.strip()
+    assert mapped.startswith("80/tcp -> 0.0.0.0:"), mapped
+    port = int(mapped.rsplit(":", 1)[1])
+    wait_for(lambda: fetch(ns, port, check=False).returncode == 0, what="httpd answering")
+    assert fetch(ns, port).stdout == PAGE
+    nsvc.docker_ok("rm", "-f", "all")
+
+
+def test_users_service_publishes_through_slirp4netns(user, images):
+    """An ordinary user's service: its containers' bridge is slirp4netns, and -p is
+    forwarded by it on the host's loopback (nothing of the host's network changes)."""
+    www = netns.web_root(user.dir / "www", PAGE)
+    os.chown(www, user.uid, user.gid)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with api.UserService(user) as us:
+        us.docker_ok("import", us.tar(images.bare.layers[0]), "bb:1")
+        us.docker_ok(
+            "run", "-d", "--name", "web", "-p", f"127.0.0.1:{port}:80", "-v", f"{www}:/www:ro",
+            "bb:1", "httpd", "-f", "-p", "80", "-h", "/www",
+        )  # fmt: skip
+        url = f"http://127.0.0.1:{port}/"
+
+        def get(check: bool = True) -> subprocess.CompletedProcess:
+            return subprocess.run(["curl", "-sS", "--max-time", "10", url], capture_output=True, text=True, check=check)
+
+        wait_for(lambda: get(check=False).returncode == 0, what="httpd answering through slirp4netns")
+        assert get().stdout == PAGE
+        assert f"127.0.0.1:{port}->80/tcp" in us.docker_ok("ps", "--format", "{{.Ports}}").stdout
+        assert us.docker_ok("port", "web").stdout.strip() == f"80/tcp -> 127.0.0.1:{port}"
+        assert us.docker_ok("inspect", "-f", "{{.NetworkSettings.IPAddress}}", "web").stdout.strip() == "10.0.2.100"
+        us.docker_ok("stop", "-t", "1", "web")
+        assert get(check=False).returncode != 0, "the published port is still open after stop"
+        us.docker_ok("rm", "web")

@@ -5,7 +5,6 @@ host, and a tar's members cannot climb out of the container."""
 
 from __future__ import annotations
 
-import contextlib
 import io
 import os
 import tarfile
@@ -183,50 +182,18 @@ def test_cp_in_gives_root_ownership_unless_a(service, rt, web, tmp_path):
     assert out == ["0:0", "1234:2345"]
 
 
-def test_cp_and_export_of_a_running_rootless_container(images, tmp_path):
+def test_cp_and_export_of_a_running_rootless_container(images, user):
     """An ordinary user's service, a running (rootless) container: its mount exists only in
     its own namespaces, where FUSE lets only its user namespace in, so the copy runs in a
     child of the service that joined them. Out, in (landing in its upper layer, owned by
     the container's root), export, diff; the connection is closed after each such answer
     and the docker CLI goes on with a new one."""
-    import signal
-    import subprocess
 
-    from helpers import api, rootless
+    from helpers import api
 
-    why = rootless.skip_reason()
-    if why:
-        pytest.skip(why)
-    user = rootless.User()
-    proc = None
-    try:
-        runtime = user.dir / "xdg"
-        runtime.mkdir(mode=0o700)
-        os.chown(runtime, user.uid, user.gid)
-        sock = runtime / "pyoverlay" / "docker.sock"
-        tar = api.busybox_tarball(images.bare.layers[0], user.dir / "busybox.tar")
-        os.chown(tar, user.uid, user.gid)
-        env = {"XDG_RUNTIME_DIR": str(runtime), "DOCKER_CONFIG": str(user.dir / "docker-config")}
-        proc = subprocess.Popen(
-            user.argv([rootless.VENV_BIN / "pyoverlay", "serve"]),
-            env=user.env(env),
-            cwd=user.dir,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        deadline = time.monotonic() + 60
-        while not os.path.exists(sock):
-            assert proc.poll() is None and time.monotonic() < deadline
-            time.sleep(0.1)
-
-        def docker(*args):
-            r = user.run([api.DOCKER, *map(str, args)], env={**env, "DOCKER_HOST": f"unix://{sock}"})
-            assert r.returncode == 0, f"docker {args}: {r.stdout}{r.stderr}"
-            return r
-
-        docker("import", tar, "bb:1")
+    with api.UserService(user) as us:
+        docker = us.docker_ok
+        docker("import", us.tar(images.bare.layers[0]), "bb:1")
         docker("run", "-d", "--name", "w", "bb:1", "sleep", "600")
         out = user.dir / "out"
         out.mkdir()
@@ -242,15 +209,8 @@ def test_cp_and_export_of_a_running_rootless_container(images, tmp_path):
         assert docker("exec", "w", "cat", "/tmp/in.txt").stdout == "into a rootless container\n"
         assert "A /tmp/in.txt" in docker("diff", "w").stdout.splitlines()
         exported = user.run(
-            ["sh", "-c", f"{api.DOCKER} export w | tar -t"], env={**env, "DOCKER_HOST": f"unix://{sock}"}
+            ["sh", "-c", f"{api.DOCKER} export w | tar -t"], env={**us.env, "DOCKER_HOST": f"unix://{us.sock}"}
         )
         names = exported.stdout.split()
         assert "bin/busybox" in names and "tmp/in.txt" in names, exported.stderr
         docker("rm", "-f", "w")
-    finally:
-        if proc is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(30)
-        left = user.cleanup()
-        assert not left, f"the test left things behind: {left}"

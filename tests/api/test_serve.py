@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import api, containers, rootless
+from helpers import api, containers
 from helpers.containers import pyoverlay_cmd
 from helpers.mounts import REPO_ROOT
 
@@ -358,42 +358,18 @@ def test_another_user_cannot_use_roots_socket(rt, user):
 def test_ordinary_users_own_service_is_rootless(user, images):
     """``pyoverlay serve`` as an ordinary user: the default socket in its XDG_RUNTIME_DIR
     (0600 in a 0700 dir), its own images; a tarball with a device node is refused."""
-    runtime = user.dir / "xdg"
-    runtime.mkdir(mode=0o700)
-    os.chown(runtime, user.uid, user.gid)
-    sock = runtime / "pyoverlay" / "docker.sock"
-    tar = api.busybox_tarball(images.bare.layers[0], user.dir / "busybox.tar")
-    os.chown(tar, user.uid, user.gid)
-    env = {"XDG_RUNTIME_DIR": str(runtime), "DOCKER_CONFIG": str(user.dir / "docker-config")}
-    proc = subprocess.Popen(
-        user.argv([rootless.VENV_BIN / "pyoverlay", "serve"]),
-        env=user.env(env),
-        cwd=user.dir,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    try:
-        deadline = time.monotonic() + 60
-        while not os.path.exists(sock):
-            assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
+    with api.UserService(user, output=subprocess.PIPE) as us:
+        sock = us.sock
         st = os.stat(sock)
         assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (user.uid, 0o600)
         assert stat.S_IMODE(os.stat(sock.parent).st_mode) == 0o700
-
-        def docker(*args, **kw):
-            return user.run([api.DOCKER, *args], env={**env, "DOCKER_HOST": f"unix://{sock}"}, **kw)
-
-        r = docker("version", "--format", "{{.Server.APIVersion}}")
+        r = us.docker("version", "--format", "{{.Server.APIVersion}}")
         assert r.returncode == 0 and r.stdout.strip() == "1.41", r.stderr
-        r = docker("import", tar, "userbb:1")
+        r = us.docker("import", us.tar(images.bare.layers[0]), "userbb:1")
         assert r.returncode == 0, r.stderr
-        r = docker("images", "--format", "{{.Repository}}:{{.Tag}}")
+        r = us.docker("images", "--format", "{{.Repository}}:{{.Tag}}")
         assert r.returncode == 0 and r.stdout.split() == ["userbb:1"], r.stderr
-        info = docker("info", "--format", "{{json .SecurityOptions}} {{.DockerRootDir}}")
+        info = us.docker("info", "--format", "{{json .SecurityOptions}} {{.DockerRootDir}}")
         assert "name=rootless" in info.stdout and str(user.data_dir) in info.stdout
         # a device node in an import tarball: refused for an ordinary user
         dev = user.dir / "dev.tar"
@@ -404,12 +380,8 @@ def test_ordinary_users_own_service_is_rootless(user, images):
             ti.devmajor, ti.devminor = 1, 3
             tf.addfile(ti)
         os.chown(dev, user.uid, user.gid)
-        r = docker("import", dev, "dev:1")
+        r = us.docker("import", dev, "dev:1")
         assert r.returncode == 1 and "device nodes need root" in r.stderr, r.stdout + r.stderr
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(30)
     assert not os.path.lexists(sock)
 
 

@@ -156,3 +156,63 @@ def which_docker_py() -> str | None:
 
 
 __all__ = ["DOCKER", "Service", "busybox_tarball", "docker_missing", "shutil", "store_image", "which_docker_py"]
+
+
+class UserService:
+    """``pyoverlay serve`` run by the ordinary test user (a ``helpers.rootless.User``) on
+    its default socket, ``$XDG_RUNTIME_DIR/pyoverlay/docker.sock`` (a private runtime dir
+    under the user's test dir): its containers are rootless. ``with UserService(user) as
+    us: us.docker(...)``; ``us.tar(rootfs)`` is a busybox tarball the user may read. The
+    service is stopped (SIGTERM to its session) when the block ends."""
+
+    def __init__(self, user, output=subprocess.DEVNULL):
+        from helpers import rootless
+
+        self.user = user
+        self.runtime = user.dir / "xdg"
+        self.runtime.mkdir(mode=0o700)
+        os.chown(self.runtime, user.uid, user.gid)
+        self.sock = self.runtime / "pyoverlay" / "docker.sock"
+        self.env = {"XDG_RUNTIME_DIR": str(self.runtime), "DOCKER_CONFIG": str(user.dir / "docker-config")}
+        self.proc = subprocess.Popen(
+            user.argv([rootless.VENV_BIN / "pyoverlay", "serve"]),
+            env=user.env(self.env),
+            cwd=user.dir,
+            stdin=subprocess.DEVNULL,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def __enter__(self) -> UserService:
+        deadline = time.monotonic() + 60
+        while not os.path.exists(self.sock):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                out = self.proc.stdout.read().decode() if self.proc.stdout else ""
+                self.stop()
+                raise AssertionError(f"the user's pyoverlay serve did not start: {out}")
+            time.sleep(0.1)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGTERM)
+        self.proc.wait(30)
+
+    def tar(self, rootfs: Path) -> Path:
+        tar = busybox_tarball(rootfs, self.user.dir / "busybox.tar")
+        os.chown(tar, self.user.uid, self.user.gid)
+        return tar
+
+    def docker(self, *args, **kw) -> subprocess.CompletedProcess:
+        """The docker CLI as the user, against the user's service."""
+        return self.user.run([DOCKER, *map(str, args)], env={**self.env, "DOCKER_HOST": f"unix://{self.sock}"}, **kw)
+
+    def docker_ok(self, *args, **kw) -> subprocess.CompletedProcess:
+        r = self.docker(*args, **kw)
+        assert r.returncode == 0, f"docker {args}: exit {r.returncode}\n{r.stdout}{r.stderr}"
+        return r
