@@ -22,15 +22,8 @@ def rt(tmp_path) -> containers.Runtime:
 
 @pytest.fixture
 def service(rt, tmp_path):
-    why = api.docker_missing()
-    if why:
-        pytest.fail(why)  # setup installs it: a missing CLI is a broken machine, not a skip
-    with containers.leftover_check(rt):
-        svc = api.Service(rt, tmp_path / "svc" / "docker.sock")
-        try:
-            yield svc
-        finally:
-            svc.stop()
+    with api.running(rt, tmp_path / "svc" / "docker.sock") as svc:
+        yield svc
 
 
 @pytest.fixture

@@ -4,24 +4,13 @@ says and shows the seed's scene: ``docker run -d`` and ``docker run -it`` throug
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
-from helpers import mounts
-
-DEMO = mounts.REPO_ROOT / "scripts" / "demo.py"
+from helpers import demo, mounts
 
 
 def test_demo_runs_docker_containers_through_the_service(tmp_path):
-    env = {**os.environ, "TMPDIR": str(tmp_path)}  # the demo makes its directory there
-    env.pop("PYOVERLAY_STATE_DIR", None)
-    env.pop("PYOVERLAY_DATA_DIR", None)
     # in a private network namespace: the demo's containers are on the bridge, which (with
     # its firewall table and ip_forward) is then that namespace's, not the machine's
-    script = 'ip link set lo up && exec "$@"'
-    argv = ["unshare", "--net", "--", "sh", "-c", script, "sh", sys.executable, str(DEMO), "--part", "api"]
-    r = subprocess.run(argv, capture_output=True, text=True, timeout=300, env=env)
+    r = demo.run_part("api", tmp_path, private_net=True)
     out = r.stdout
     assert r.returncode == 0, out + r.stderr
     assert "FAILED" not in out, out

@@ -13,7 +13,7 @@ import subprocess
 
 import pytest
 
-from helpers import api, containers, netns
+from helpers import api, netns
 from helpers.apipty import wait_for
 
 PAGE = "served through pyoverlay serve\n"
@@ -26,15 +26,8 @@ def nrt(tmp_path, ns):
 
 @pytest.fixture
 def nsvc(nrt, tmp_path):
-    why = api.docker_missing()
-    if why:
-        pytest.fail(why)
-    with containers.leftover_check(nrt):
-        svc = api.Service(nrt, tmp_path / "svc" / "docker.sock")
-        try:
-            yield svc
-        finally:
-            svc.stop()
+    with api.running(nrt, tmp_path / "svc" / "docker.sock") as svc:
+        yield svc
     netns.assert_nothing_left(nrt)
 
 

@@ -158,6 +158,26 @@ def which_docker_py() -> str | None:
 __all__ = ["DOCKER", "Service", "busybox_tarball", "docker_missing", "shutil", "store_image", "which_docker_py"]
 
 
+@contextlib.contextmanager
+def running(rt: Runtime, sock: Path):
+    """A :class:`Service` on *sock* for the block, with the runner's leftover check (no
+    container, mount, cgroup or process of *rt*'s left); the docker CLI must be there
+    (setup installs it: a missing CLI is a broken machine, not a skip)."""
+    import pytest
+
+    from helpers import containers
+
+    why = docker_missing()
+    if why:
+        pytest.fail(why)
+    with containers.leftover_check(rt):
+        svc = Service(rt, sock)
+        try:
+            yield svc
+        finally:
+            svc.stop()
+
+
 class UserService:
     """``pyoverlay serve`` run by the ordinary test user (a ``helpers.rootless.User``) on
     its default socket, ``$XDG_RUNTIME_DIR/pyoverlay/docker.sock`` (a private runtime dir

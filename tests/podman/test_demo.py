@@ -8,14 +8,10 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
-import sys
 
 import pytest
 
-from helpers import mounts, podman
-
-DEMO = mounts.REPO_ROOT / "scripts" / "demo.py"
+from helpers import demo, mounts, podman
 
 
 def _row(comm: str, event: str, path: str) -> re.Pattern[str]:
@@ -32,9 +28,7 @@ def test_demo_traces_a_podman_container(tmp_path):
     reason = podman.skip_reason()
     if reason:
         pytest.skip(reason)
-    env = {**os.environ, "TMPDIR": str(tmp_path)}  # the demo makes its directory there
-    env.pop("PYOVERLAY_STATE_DIR", None)
-    r = subprocess.run([sys.executable, DEMO, "--part", "podman"], capture_output=True, text=True, timeout=180, env=env)
+    r = demo.run_part("podman", tmp_path, timeout=180)
     out = r.stdout
     assert r.returncode == 0, out + r.stderr
     assert "FAILED" not in out, out

@@ -6,22 +6,11 @@ own and the machine's network is not touched."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
-from helpers import mounts
-
-DEMO = mounts.REPO_ROOT / "scripts" / "demo.py"
+from helpers import demo, mounts
 
 
 def test_demo_serves_a_published_port_while_traced(tmp_path):
-    env = {**os.environ, "TMPDIR": str(tmp_path)}  # the demo makes its directory there
-    env.pop("PYOVERLAY_STATE_DIR", None)
-    env.pop("PYOVERLAY_DATA_DIR", None)
-    script = 'ip link set lo up && exec "$@"'
-    argv = ["unshare", "--net", "--", "sh", "-c", script, "sh", sys.executable, str(DEMO), "--part", "serve"]
-    r = subprocess.run(argv, capture_output=True, text=True, timeout=300, env=env)
+    r = demo.run_part("serve", tmp_path, private_net=True)
     out = r.stdout
     assert r.returncode == 0, out + r.stderr
     assert "FAILED" not in out, out
