@@ -590,23 +590,28 @@ class CopyUp:
         if st.st_size <= THREAD_THRESHOLD:
             self._copy_up_file_now(node, src, st)
             return
-        import trio
-
         tmp, dst = self._file_temporary()
         try:
             try:
-                dsrc = self._data_source(node, src)
-                try:
-                    await trio.to_thread.run_sync(copy_data, dsrc, dst, st.st_size, self.sync, limiter=self.limiter)
-                finally:
-                    if dsrc != src:
-                        os.close(dsrc)
+                await self._copy_data_threaded(node, src, dst, st.st_size)
             except BaseException:
                 self._discard_file(tmp, dst)
                 raise
             self._finish_file(node, tmp, dst, src, st)
         finally:
             os.close(dst)
+
+    async def _copy_data_threaded(self, node: Node, src: int, dst: int, size: int) -> None:
+        """*size* bytes of *src*'s data (its data file's, for a lower metacopy file) to
+        *dst*, in a worker thread: the server answers other requests meanwhile."""
+        import trio
+
+        dsrc = self._data_source(node, src)
+        try:
+            await trio.to_thread.run_sync(copy_data, dsrc, dst, size, self.sync, limiter=self.limiter)
+        finally:
+            if dsrc != src:
+                os.close(dsrc)
 
     def _copy_up_file_now(self, node: Node, src: int, st: os.stat_result) -> None:
         """``_copy_up_file`` of small data, all in this thread (no await)."""
@@ -929,19 +934,12 @@ class CopyUp:
     ) -> None:
         """``_copy_to_index`` of a large regular file: the data in a worker thread (read from
         the data file of a lower metacopy file)."""
-        import trio
-
         src = _sys.reopen(sfd, os.O_RDONLY)
         try:
             tmp, dst = self._file_temporary()
             try:
                 try:
-                    dsrc = self._data_source(node, src)
-                    try:
-                        await trio.to_thread.run_sync(copy_data, dsrc, dst, st.st_size, self.sync, limiter=self.limiter)
-                    finally:
-                        if dsrc != src:
-                            os.close(dsrc)
+                    await self._copy_data_threaded(node, src, dst, st.st_size)
                     self._finish_meta(dst, src, st, layer, opened=True, indexed=True)
                 except BaseException:
                     self._discard_file(tmp, dst)
