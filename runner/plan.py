@@ -206,12 +206,7 @@ def build(spec: RunSpec, *, detach: bool = False, cid: str | None = None, rootle
     ]  # /dev is a tmpfs
     upper_now = paths.upper if paths.upper_given and os.path.isdir(paths.upper) else None
     init = initlayer.plan(spec.layers, upper_now, rootless, needed)
-    if net is not None:  # slirp4netns: its DNS forwarder, host-gateway is 10.0.2.2
-        texts = slirp.etc_texts(
-            _etc_texts(hostname, dataclasses.replace(spec, add_hosts=()), None), spec.dns, spec.add_hosts
-        )
-    else:
-        texts = _etc_texts(hostname, spec, bridge)
+    texts = _etc_texts(hostname, spec, bridge, net is not None)
     etc = tuple(
         EtcFile("/" + rel, os.path.join(paths.data, os.path.basename(rel)), text)
         for rel, text in texts.items()
@@ -286,7 +281,6 @@ def _network(spec: RunSpec, rootless: bool) -> tuple[netbridge.BridgeConfig | No
 
 def with_storage_maps(cfg: MountConfig, users: UsernsPlan) -> MountConfig:
     """The server's id maps for the user namespace *users* (runner/userns.py, Plan.storage_map)."""
-    import dataclasses
 
     return dataclasses.replace(
         cfg,
@@ -428,22 +422,29 @@ def _volumes(spec: RunSpec) -> tuple[VolumeMount, ...]:
     return tuple(sorted(out, key=lambda v: v.target.count("/")))
 
 
-def _etc_texts(hostname: str, spec: RunSpec, bridge: netbridge.BridgeConfig | None) -> dict[str, str]:
+def _etc_texts(hostname: str, spec: RunSpec, bridge: netbridge.BridgeConfig | None, slirp_net: bool) -> dict[str, str]:
     """/etc/hostname, /etc/hosts (on a bridge without the container's own address yet:
     the monitor writes it again once it has one) and /etc/resolv.conf
-    (runner/net/files.py)."""
-    # host-gateway: the bridge's address (the default bridge's with another network)
-    gateway = bridge.gateway if bridge else _default_gateway()
+    (runner/net/files.py). A rootless bridge (slirp4netns) has its address, its gateway
+    (the host, for host-gateway) and its DNS forwarder known now."""
+    network, address = spec.network, None
+    resolvers: tuple[str, ...] = ()
+    if slirp_net:
+        network, address, resolvers = "bridge", slirp.ADDRESS, (slirp.DNS,)
+        gateway = slirp.GATEWAY
+    else:  # host-gateway: the bridge's address (the default bridge's with another network)
+        gateway = bridge.gateway if bridge else _default_gateway()
     return {
         "etc/hostname": f"{hostname}\n",
         "etc/hosts": netfiles.hosts_text(
             hostname,
-            spec.network,
+            network,
             spec.add_hosts,
+            address=address,
             gateway=gateway,
-            host_text=_host_file("/etc/hosts") if spec.network == "host" else "",
+            host_text=_host_file("/etc/hosts") if network == "host" else "",
         ),
-        "etc/resolv.conf": netfiles.resolv_text(_host_file("/etc/resolv.conf"), spec.network, spec.dns),
+        "etc/resolv.conf": netfiles.resolv_text(_host_file("/etc/resolv.conf"), network, spec.dns, resolvers=resolvers),
     }
 
 

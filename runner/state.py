@@ -153,8 +153,9 @@ class Record:
     cgroup: dict | None = None  # runner.cgroups.Cgroup.to_dict()
     rootless: RootlessInfo | None = None
     # the container's network once set up (runner/net): {"mode": "bridge" | "slirp4netns",
-    # "address": "A.B.C.D", "prefix_len": N, "gateway": ..., "mac": ..., "bridge": NAME,
-    # "ports": [PortMapping.to_dict(), with the host port actually bound]}
+    # "address": "A.B.C.D", "prefix_len": N, "gateway": ..., "ports": [PortMapping.to_dict(),
+    # with the host port actually bound]}; the bridge's also "mac", "bridge", "subnet",
+    # "veth", "proxy_pid", "proxy_start"; slirp4netns's its pid and DNS (runner/net/*.py)
     net: dict | None = None
     pid: int | None = None  # PID 1, on the host
     pid_start: int | None = None

@@ -44,15 +44,20 @@ def _is_loopback(server: str) -> bool:
         return False
 
 
-def resolv_text(host_text: str, network: str, dns: tuple[str, ...] | list[str] = ()) -> str:
+def resolv_text(
+    host_text: str, network: str, dns: tuple[str, ...] | list[str] = (), *, resolvers: tuple[str, ...] = ()
+) -> str:
     """/etc/resolv.conf: the host's (its search and options lines kept); on a bridge
-    without the host's loopback resolvers, docker's fallback if none is left;
-    ``--dns`` replaces the name servers."""
+    without the host's loopback resolvers, docker's fallback if none is left, or the
+    network's own *resolvers* (slirp4netns's forwarder); ``--dns`` replaces the name
+    servers."""
     lines = host_text.splitlines()
     servers = [ln.split()[1] for ln in lines if ln.split()[:1] == ["nameserver"] and len(ln.split()) > 1]
     others = [ln for ln in lines if ln.split()[:1] != ["nameserver"]]
     if dns:
         servers = list(dns)
+    elif resolvers:
+        servers = list(resolvers)
     elif network == "bridge":
         servers = [s for s in servers if not _is_loopback(s)] or list(FALLBACK_DNS)
     else:  # none, host: the host's file as it is

@@ -101,18 +101,6 @@ def plan(network: str, ports: tuple[PortMapping, ...], data_dir: str) -> SlirpPl
     return SlirpPlan(binary, opts["allow_host_loopback"], ports, data_dir)
 
 
-def etc_texts(files: dict[str, str], dns: tuple[str, ...], add_hosts: tuple[tuple[str, str], ...]) -> dict[str, str]:
-    """/etc/resolv.conf (slirp's DNS, or ``--dns``) and /etc/hosts (``--add-host``;
-    ``host-gateway`` is the host as the container reaches it, 10.0.2.2)."""
-    out = dict(files)
-    out["etc/resolv.conf"] = "".join(f"nameserver {ip}\n" for ip in (dns or (DNS,)))
-    if add_hosts:
-        out["etc/hosts"] = out.get("etc/hosts", "") + "".join(
-            f"{GATEWAY if ip == 'host-gateway' else ip}\t{name}\n" for name, ip in add_hosts
-        )
-    return out
-
-
 class Slirp:
     """slirp4netns attached to a container's network namespace (a child of the monitor)."""
 
