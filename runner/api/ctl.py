@@ -383,10 +383,7 @@ def _ps_match(rec: dict, f: dict[str, list[str]]) -> bool:
 
 @router.route("GET", "/containers/json")
 def list_containers(req: Request) -> None:
-    f = parse_filters(req)
-    for k in f:
-        if k not in _PS_FILTERS:
-            raise ApiError(400, f"invalid filter '{k}'")
+    f = parse_filters(req, _PS_FILTERS)
     show_all = req.flag("all")
     try:
         recs = state.all_records()
@@ -529,10 +526,7 @@ def delete(req: Request) -> None:
 
 @router.route("POST", "/containers/prune")
 def prune(req: Request) -> None:
-    f = parse_filters(req)
-    for k in f:
-        if k not in ("until", "label", "label!"):
-            raise ApiError(400, f"invalid filter '{k}'")
+    f = parse_filters(req, ("until", "label", "label!"))
     until = min((parse_time(u) for u in f.get("until", [])), default=None)
     deleted, space = [], 0
     for rec in state.all_records():

@@ -61,10 +61,7 @@ def _gone(conn: socket.socket) -> bool:
 
 @router.route("GET", "/events")
 def get_events(req: Request) -> None:
-    f = parse_filters(req)
-    for k in f:
-        if k not in _FILTERS:
-            raise ApiError(400, f"invalid filter '{k}'")
+    f = parse_filters(req, _FILTERS)
     now = time.time()
     since = parse_time(req.arg("since") or "", now) if req.arg("since") else None
     until = parse_time(req.arg("until") or "", now) if req.arg("until") else None

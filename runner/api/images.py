@@ -32,6 +32,7 @@ from ..images.local import LocalStore, dumps
 from ..images.streams import MEDIA_TAR, decompress, sha256_digest
 from . import changes as changes_
 from . import events
+from .records import parse_filters
 from .server import ApiError, ChunkWriter, Request, Router
 
 router = Router()
@@ -134,28 +135,6 @@ def _manifest_desc(st: LocalStore, img: Image) -> dict:
     raise ApiError(404, f"No such image: {img.id}")
 
 
-def _filters(req: Request) -> dict[str, list[str]]:
-    """dockerd's ``filters`` (``{"k": {"v": true}}``, or the old ``{"k": ["v"]}``)."""
-    raw = req.arg("filters")
-    if not raw:
-        return {}
-    try:
-        doc = json.loads(raw)
-    except ValueError:
-        raise ApiError(400, f"invalid filter: {raw!r}") from None
-    if not isinstance(doc, dict):
-        raise ApiError(400, "invalid filter: not a JSON object")
-    out: dict[str, list[str]] = {}
-    for k, v in doc.items():
-        if isinstance(v, dict):
-            out[k] = [x for x, on in v.items() if on]
-        elif isinstance(v, list):
-            out[k] = [str(x) for x in v]
-        else:
-            raise ApiError(400, f"invalid filter {k!r}")
-    return out
-
-
 def _bool_filter(values: list[str], key: str) -> bool | None:
     if not values:
         return None
@@ -204,10 +183,7 @@ def _summary(img: Image) -> dict:
 
 @router.route("GET", "/images/json")
 def list_images(req: Request) -> None:
-    f = _filters(req)
-    for k in f:
-        if k not in ("dangling", "reference", "before", "since", "label"):
-            raise ApiError(400, f"invalid filter '{k}'")
+    f = parse_filters(req, ("dangling", "reference", "before", "since", "label"))
     imgs = all_images()
     dangling = _bool_filter(f.get("dangling", []), "dangling")
     if dangling is not None:
@@ -443,10 +419,7 @@ def remove(req: Request) -> None:
 
 @router.route("POST", "/images/prune")
 def prune(req: Request) -> None:
-    f = _filters(req)
-    for k in f:
-        if k not in ("dangling", "until", "label", "label!"):
-            raise ApiError(400, f"invalid filter '{k}'")
+    f = parse_filters(req, ("dangling", "until", "label", "label!"))
     dangling_only = _bool_filter(f.get("dangling", []), "dangling")
     dangling_only = True if dangling_only is None else dangling_only
     until = min((_until(v) for v in f.get("until", [])), default=None)

@@ -81,8 +81,9 @@ def attrs(rec: dict, **more: str) -> dict[str, str]:
     return out
 
 
-def parse_filters(req: Request) -> dict[str, list[str]]:
-    """``filters``: ``{"name": {"web": true}}`` (the docker CLI) or ``{"name": ["web"]}``."""
+def parse_filters(req: Request, allowed: tuple[str, ...] | set[str] | None = None) -> dict[str, list[str]]:
+    """``filters``: ``{"name": {"web": true}}`` (the docker CLI) or ``{"name": ["web"]}``;
+    a key not in *allowed* (when given) is dockerd's 400 ``invalid filter 'KEY'``."""
     raw = req.arg("filters")
     if not raw:
         return {}
@@ -100,6 +101,10 @@ def parse_filters(req: Request) -> dict[str, list[str]]:
             out[k] = [str(x) for x in v]
         else:
             raise ApiError(400, f"invalid filter {k!r}")
+    if allowed is not None:
+        for k in out:
+            if k not in allowed:
+                raise ApiError(400, f"invalid filter '{k}'")
     return out
 
 
