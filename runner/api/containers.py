@@ -45,7 +45,7 @@ from ..spec import (
     parse_volume,
 )
 from . import events
-from .server import ApiError, Request, Router
+from .server import ApiError, Request, Router, peer_closed
 
 router = Router()
 
@@ -660,10 +660,9 @@ def _watch_client(req: Request, stop: threading.Event) -> None:
     while not stop.is_set():
         try:
             r, _, _ = select.select([conn], [], [], 0.5)
-            if r and conn.recv(1, socket.MSG_PEEK) == b"":
-                stop.set()
-                return
         except (OSError, ValueError):
+            r = [conn]
+        if r and peer_closed(conn):
             stop.set()
             return
         if r:
@@ -744,7 +743,7 @@ def attach_(req: Request) -> None:
         return
     if waiter is not None:
         while not waiter.ready.wait(0.5):
-            if _client_closed(conn):
+            if peer_closed(conn):
                 children.drop_waiter(rec.id, waiter)
                 return
         sock = waiter.sock
@@ -776,14 +775,6 @@ def headers_read(conn: socket.socket, timeout: float = 2.0) -> None:
         if left == 0:
             return
         time.sleep(0.002)
-
-
-def _client_closed(conn: socket.socket) -> bool:
-    try:
-        r, _, _ = select.select([conn], [], [], 0)
-        return bool(r) and conn.recv(1, socket.MSG_PEEK) == b""
-    except OSError:
-        return True
 
 
 def _relay(req: Request, conn: socket.socket, mon: socket.socket, want_stdin: bool, streams, tty: bool) -> None:

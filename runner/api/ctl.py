@@ -40,7 +40,7 @@ from .records import (
     parse_time,
     spec_of,
 )
-from .server import ApiError, Request, Router
+from .server import ApiError, Request, Router, peer_closed
 
 router = Router()
 router.include(archive.router)  # docker cp, docker export
@@ -674,19 +674,6 @@ def _userxattr(upper: str) -> bool:
     return bool(detect_userxattr(upper))
 
 
-def _closed(conn) -> bool:
-    """Whether the client has gone (EOF on its socket)."""
-    try:
-        r, _, _ = select.select([conn], [], [], 0)
-        if not r:
-            return False
-        import socket as socket_
-
-        return conn.recv(1, socket_.MSG_PEEK | socket_.MSG_DONTWAIT) == b""
-    except (OSError, ValueError):
-        return True
-
-
 @router.route("GET", "/pyoverlay/containers/{id}/trace")
 def trace(req: Request) -> None:
     from overlayfs_py import state as mstate
@@ -710,7 +697,7 @@ def trace(req: Request) -> None:
         buf = b""
         while True:
             r, _, _ = select.select([sock, conn], [], [], 1.0)
-            if conn in r and _closed(conn):
+            if conn in r and peer_closed(conn):
                 return
             if sock in r:
                 data = sock.recv(65536)

@@ -7,13 +7,11 @@ id prefix or name), ``event`` (the action), ``image``, ``label``."""
 from __future__ import annotations
 
 import json
-import select
-import socket
 import time
 
 from . import events
 from .records import parse_filters, parse_time
-from .server import ApiError, Request, Router
+from .server import ApiError, Request, Router, peer_closed
 
 router = Router()
 
@@ -51,14 +49,6 @@ def _public(ev: dict) -> bytes:
     return json.dumps({k: v for k, v in ev.items() if not k.startswith("_")}).encode() + b"\n"
 
 
-def _gone(conn: socket.socket) -> bool:
-    try:
-        r, _, _ = select.select([conn], [], [], 0)
-        return bool(r) and conn.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
-    except (OSError, ValueError):
-        return True
-
-
 @router.route("GET", "/events")
 def get_events(req: Request) -> None:
     f = parse_filters(req, _FILTERS)
@@ -84,5 +74,5 @@ def get_events(req: Request) -> None:
                 return
             if _match(ev, f):
                 req.stream_write(_public(ev))
-        if _gone(conn):
+        if peer_closed(conn):
             return

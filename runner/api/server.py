@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import re
+import select
 import socket
 import socketserver
 import threading
@@ -35,6 +36,16 @@ log = logging.getLogger(__name__)
 API_VERSION = "1.41"
 MIN_API_VERSION = "1.24"
 _VERSION_PREFIX = re.compile(r"^/v(\d+\.\d+)(/.*)$")
+
+
+def peer_closed(conn: socket.socket) -> bool:
+    """Whether the client has closed its end (EOF waiting on *conn*, or *conn* broken):
+    a streaming or waiting handler stops then. Never blocks, never consumes data."""
+    try:
+        r, _, _ = select.select([conn], [], [], 0)
+        return bool(r) and conn.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except (OSError, ValueError):
+        return True
 
 
 class ApiError(RunnerError):
