@@ -27,11 +27,12 @@ import fcntl
 import json
 import os
 import queue
-import select
 import socket
 import struct
 import termios
 import threading
+
+from .tty import write_all
 
 STDIN, STDOUT, STDERR, CLOSE_STDIN, RESIZE = 0, 1, 2, 3, 4
 SOCKET_NAME = "attach.sock"
@@ -315,7 +316,7 @@ class AttachRelay:
 
             def writer() -> None:
                 while (chunk := q.get()) is not None:
-                    _write_all(fd, chunk)
+                    write_all(fd, chunk)
                 if fd != self.master:
                     with contextlib.suppress(OSError):
                         os.close(fd)
@@ -340,19 +341,3 @@ class AttachRelay:
 
 def _now() -> str:
     return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        try:
-            n = os.write(fd, view)
-        except BlockingIOError:
-            try:
-                select.select([], [fd], [], 30)
-            except (OSError, ValueError):  # closed meanwhile
-                return
-            continue
-        except OSError:
-            return
-        view = view[n:]

@@ -71,7 +71,7 @@ class PtyRelay:
         if not data:
             self.stdin = None  # caller's stdin closed: stop forwarding, keep the container
             return
-        _write_all(self.master, data)
+        write_all(self.master, data)
 
     def _pump_out(self) -> None:
         while True:
@@ -84,7 +84,7 @@ class PtyRelay:
             if not data:
                 self.master_open = False
                 return
-            _write_all(self.stdout, data)
+            write_all(self.stdout, data)
 
     def resize(self) -> None:
         if self.stdin is not None:
@@ -102,14 +102,19 @@ class PtyRelay:
             os.close(self.master)
 
 
-def _write_all(fd: int, data: bytes) -> None:
+def write_all(fd: int, data: bytes) -> None:
+    """All of *data* to *fd*, non-blocking or not (waiting while it is full); nothing more
+    once its reader is gone or it was closed meanwhile (no one to deliver to)."""
     view = memoryview(data)
     while view:
         try:
             n = os.write(fd, view)
         except BlockingIOError:
-            select.select([], [fd], [])
+            try:
+                select.select([], [fd], [], 30)
+            except (OSError, ValueError):  # closed meanwhile
+                return
             continue
         except OSError:
-            return  # the reader is gone; nothing to deliver to
+            return
         view = view[n:]

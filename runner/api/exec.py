@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .. import attach, state
+from ..tty import write_all
 from . import events
 from .containers import _dims, _find, headers_read
 from .server import ApiError, Request, Router
@@ -319,7 +320,7 @@ def _relay_tty(req: Request, conn: socket.socket, inst: ExecInstance) -> None:
     master = inst.master
     assert master is not None and inst.proc is not None
     if inst.stdin:
-        _stdin_pump(req, lambda d: attach._write_all(master, d), lambda: None)
+        _stdin_pump(req, lambda d: write_all(master, d), lambda: None)
     while True:
         try:
             data = os.read(master, 65536)
