@@ -781,14 +781,7 @@ def _building(workdir: Path, pid: int) -> bool:
     """The server holds a file open in ``index/``: a copy-up's unnamed (``O_TMPFILE``) file,
     which with index=on is built there, as the kernel builds its temporaries in the index
     dir ("index dir will act also as workdir")."""
-    prefix = str(workdir / "index") + "/#"
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            if os.readlink(f"/proc/{pid}/fd/{fd}").startswith(prefix):
-                return True
-        except OSError:
-            continue
-    return False
+    return mounts.holds_file_under(pid, str(workdir / "index") + "/#")
 
 
 @pytest.mark.parametrize("op", ["unlink", "rename", "link"])

@@ -44,14 +44,7 @@ def _copying(work, pid) -> bool:
     unnamed O_TMPFILE file there, as the kernel does) a server fd open on one."""
     if _work_entries(work):
         return True
-    prefix = str(work / "work") + "/"
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            if os.readlink(f"/proc/{pid}/fd/{fd}").startswith(prefix):
-                return True
-        except OSError:
-            continue
-    return False
+    return mounts.holds_file_under(pid, str(work / "work") + "/")
 
 
 def _other_requests_complete(mnt):

@@ -73,6 +73,18 @@ def mounts_under(prefix) -> list[str]:
 FUSECTL = Path("/sys/fs/fuse/connections")
 
 
+def holds_file_under(pid: int, prefix: str) -> bool:
+    """Whether process *pid* has an fd open on a path starting with *prefix* (a server
+    building a copy in its workdir or index dir: an unnamed O_TMPFILE file shows there)."""
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}").startswith(prefix):
+                return True
+        except OSError:
+            continue
+    return False
+
+
 def abort_fuse_connection(path) -> bool:
     """Abort the FUSE connection of the mount at ``path`` (pending and future
     requests fail with ENOTCONN).  Mounts fusectl if needed.  True if done."""
